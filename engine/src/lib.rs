@@ -1,0 +1,1 @@
+//! The dnsfence data plane: the sans-IO per-query core and the per-core shards around it.

@@ -1,0 +1,2 @@
+//! dnsfence-loadgen: open-loop DNS load generator and bundled upstream.
+fn main() {}

@@ -1,0 +1,2 @@
+//! FQDN pattern matcher.
+#![forbid(unsafe_code)]
