@@ -1,0 +1,541 @@
+//! The compiled automaton: one trie over reversed labels for every pattern of a rule set.
+//!
+//! Nodes are reached from the root by the name's labels right to left (`com`, `cilium`, ...).
+//! Each node may carry
+//! - a *terminal* rule set: patterns that end exactly here (`cilium.io`, `*.cilium.io`),
+//! - a *subtree* rule set: `**.` patterns whose suffix ends here (one or more labels remain),
+//! - an *any* child: the next label is a whole-label `*`,
+//! - *glob* children: the next label is a glob such as `api-*`.
+//!
+//! Exact children live in one open-addressing table keyed by (parent, label), so a lookup step
+//! costs one hash and one or two probes whatever the number of patterns. The trie is a tree: a
+//! node is reached by one path only, so a lookup visits each node at most once even when globs
+//! open several paths.
+
+use std::collections::HashMap;
+use std::ops::ControlFlow;
+
+use crate::name::Name;
+use crate::pattern::{Label, Pattern, Shape, glob_match};
+
+/// A caller-chosen tag for a pattern (a policy rule, a selector). Lookups report the tags of the
+/// patterns that match.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct RuleId(pub u32);
+
+const NONE: u32 = u32::MAX;
+
+#[derive(Debug, Clone, Copy)]
+struct Node {
+    /// Rule set of patterns ending here, or `NONE`.
+    terminal: u32,
+    /// Rule set of `**.` patterns ending here, or `NONE`.
+    subtree: u32,
+    /// Child through a whole-label `*`, or `NONE`.
+    any: u32,
+    /// Range of this node's glob edges in `Matcher::globs`.
+    globs_start: u32,
+    globs_len: u32,
+}
+
+impl Node {
+    const EMPTY: Node = Node {
+        terminal: NONE,
+        subtree: NONE,
+        any: NONE,
+        globs_start: 0,
+        globs_len: 0,
+    };
+}
+
+#[derive(Debug, Clone, Copy)]
+struct GlobEdge {
+    /// Glob bytes in `Matcher::bytes`.
+    off: u32,
+    len: u32,
+    child: u32,
+}
+
+/// A slot of the exact-edge table. `child == NONE` marks an empty slot.
+#[derive(Debug, Clone, Copy)]
+struct Slot {
+    parent: u32,
+    child: u32,
+    /// Label bytes in `Matcher::bytes` (labels are stored once however many edges use them).
+    label_off: u32,
+    label_len: u8,
+}
+
+const EMPTY_SLOT: Slot = Slot {
+    parent: 0,
+    child: NONE,
+    label_off: 0,
+    label_len: 0,
+};
+
+/// Collects patterns with their rule ids, then compiles them into a [`Matcher`].
+#[derive(Debug, Default, Clone)]
+pub struct MatcherBuilder {
+    entries: Vec<(Pattern, RuleId)>,
+}
+
+impl MatcherBuilder {
+    /// An empty builder.
+    pub fn new() -> MatcherBuilder {
+        MatcherBuilder::default()
+    }
+
+    /// Adds `pattern`, tagged `rule`. The same pattern may be added with several rules.
+    pub fn add(&mut self, pattern: Pattern, rule: RuleId) -> &mut MatcherBuilder {
+        self.entries.push((pattern, rule));
+        self
+    }
+
+    /// Number of patterns added so far.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether no pattern was added.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Compiles every pattern into one automaton.
+    pub fn build(&self) -> Matcher {
+        Compiler::default().compile(&self.entries)
+    }
+}
+
+/// Build-time state: hash maps that the frozen [`Matcher`] replaces with flat arrays.
+#[derive(Default)]
+struct Compiler {
+    nodes: Vec<Node>,
+    bytes: Vec<u8>,
+    /// Interned label and glob bytes → offset in `bytes`.
+    interned: HashMap<Box<[u8]>, u32>,
+    /// (parent, label offset, label length) → child.
+    exact: HashMap<(u32, u32, u8), u32>,
+    /// node → (glob offset, glob length, child), in insertion order.
+    globs: HashMap<u32, Vec<(u32, u32, u32)>>,
+    /// node → rules of its terminal / subtree set.
+    terminal_rules: HashMap<u32, Vec<RuleId>>,
+    subtree_rules: HashMap<u32, Vec<RuleId>>,
+}
+
+impl Compiler {
+    fn intern(&mut self, bytes: &[u8]) -> u32 {
+        if let Some(&off) = self.interned.get(bytes) {
+            return off;
+        }
+        let off = u32::try_from(self.bytes.len()).expect("pattern bytes exceed 4 GiB");
+        self.bytes.extend_from_slice(bytes);
+        self.interned.insert(bytes.into(), off);
+        off
+    }
+
+    fn new_node(&mut self) -> u32 {
+        let id = u32::try_from(self.nodes.len()).expect("more than 2^32 trie nodes");
+        assert!(id != NONE, "more than 2^32 - 1 trie nodes");
+        self.nodes.push(Node::EMPTY);
+        id
+    }
+
+    fn child(&mut self, parent: u32, label: &Label) -> u32 {
+        match label {
+            Label::Any => {
+                let any = self.nodes[parent as usize].any;
+                if any != NONE {
+                    return any;
+                }
+                let child = self.new_node();
+                self.nodes[parent as usize].any = child;
+                child
+            }
+            Label::Literal(bytes) => {
+                // Literal labels come from validated patterns: at most 255 bytes, checked there.
+                let key = (parent, self.intern(bytes), bytes.len().min(255) as u8);
+                if let Some(&child) = self.exact.get(&key) {
+                    return child;
+                }
+                let child = self.new_node();
+                self.exact.insert(key, child);
+                child
+            }
+            Label::Glob(bytes) => {
+                let (off, len) = (self.intern(bytes), bytes.len() as u32);
+                if let Some(edges) = self.globs.get(&parent)
+                    && let Some(&(_, _, child)) =
+                        edges.iter().find(|&&(o, l, _)| (o, l) == (off, len))
+                {
+                    return child;
+                }
+                let child = self.new_node();
+                self.globs
+                    .entry(parent)
+                    .or_default()
+                    .push((off, len, child));
+                child
+            }
+        }
+    }
+
+    fn compile(mut self, entries: &[(Pattern, RuleId)]) -> Matcher {
+        let root = self.new_node();
+        let mut all_rules = Vec::new();
+        let mut max_rule = None;
+        for (pattern, rule) in entries {
+            max_rule = max_rule.max(Some(rule.0));
+            match pattern.shape() {
+                Shape::All => all_rules.push(*rule),
+                Shape::Labels { subdomains, labels } => {
+                    let mut node = root;
+                    for label in labels.iter().rev() {
+                        node = self.child(node, label);
+                    }
+                    let sets = if *subdomains {
+                        &mut self.subtree_rules
+                    } else {
+                        &mut self.terminal_rules
+                    };
+                    sets.entry(node).or_default().push(*rule);
+                }
+            }
+        }
+
+        let mut sets = RuleSets::default();
+        let all = sets.intern(all_rules);
+        for (node, rules) in std::mem::take(&mut self.terminal_rules) {
+            self.nodes[node as usize].terminal = sets.intern(rules);
+        }
+        for (node, rules) in std::mem::take(&mut self.subtree_rules) {
+            self.nodes[node as usize].subtree = sets.intern(rules);
+        }
+
+        let mut glob_edges = Vec::new();
+        let mut glob_nodes: Vec<_> = std::mem::take(&mut self.globs).into_iter().collect();
+        glob_nodes.sort_unstable_by_key(|(node, _)| *node);
+        for (node, edges) in glob_nodes {
+            let n = &mut self.nodes[node as usize];
+            n.globs_start = glob_edges.len() as u32;
+            n.globs_len = edges.len() as u32;
+            for (off, len, child) in edges {
+                glob_edges.push(GlobEdge { off, len, child });
+            }
+        }
+
+        // Exact edges: open addressing, linear probing, load factor at most 3/4. The slot count
+        // need not be a power of two: the index comes from a multiply-shift of the hash.
+        let capacity = (self.exact.len() * 4 / 3 + 1).max(1);
+        let mut slots = vec![EMPTY_SLOT; capacity];
+        let mut exact: Vec<_> = self
+            .exact
+            .iter()
+            .map(|(&(p, o, l), &c)| (p, o, l, c))
+            .collect();
+        exact.sort_unstable();
+        for (parent, off, len, child) in exact {
+            let label = &self.bytes[off as usize..off as usize + usize::from(len)];
+            let mut i = slot_index(edge_hash(parent, label), capacity);
+            while slots[i].child != NONE {
+                i = if i + 1 == capacity { 0 } else { i + 1 };
+            }
+            slots[i] = Slot {
+                parent,
+                child,
+                label_off: off,
+                label_len: len,
+            };
+        }
+
+        Matcher {
+            nodes: self.nodes.into_boxed_slice(),
+            slots: slots.into_boxed_slice(),
+            globs: glob_edges.into_boxed_slice(),
+            bytes: self.bytes.into_boxed_slice(),
+            set_ranges: sets.ranges.into_boxed_slice(),
+            set_rules: sets.rules.into_boxed_slice(),
+            all,
+            patterns: entries.len(),
+            max_rule,
+        }
+    }
+}
+
+/// Interned, deduplicated rule sets: a set id is an index into `ranges`.
+#[derive(Default)]
+struct RuleSets {
+    ranges: Vec<(u32, u32)>,
+    rules: Vec<RuleId>,
+    index: HashMap<Vec<RuleId>, u32>,
+}
+
+impl RuleSets {
+    fn intern(&mut self, mut rules: Vec<RuleId>) -> u32 {
+        if rules.is_empty() {
+            return NONE;
+        }
+        rules.sort_unstable();
+        rules.dedup();
+        if let Some(&id) = self.index.get(&rules) {
+            return id;
+        }
+        let id = self.ranges.len() as u32;
+        self.ranges
+            .push((self.rules.len() as u32, rules.len() as u32));
+        self.rules.extend_from_slice(&rules);
+        self.index.insert(rules, id);
+        id
+    }
+}
+
+/// FxHash-style mixing of the parent node and the label bytes.
+#[inline]
+fn edge_hash(parent: u32, label: &[u8]) -> u64 {
+    const K: u64 = 0xf135_7aea_2e62_a9c5;
+    let mut h = (u64::from(parent) << 8 | label.len() as u64).wrapping_mul(K);
+    let mut chunks = label.chunks_exact(8);
+    for chunk in &mut chunks {
+        let word = u64::from_le_bytes(chunk.try_into().expect("8-byte chunk"));
+        h = (h ^ word).wrapping_mul(K).rotate_left(26);
+    }
+    let rest = chunks.remainder();
+    if !rest.is_empty() {
+        let mut buf = [0u8; 8];
+        buf[..rest.len()].copy_from_slice(rest);
+        h = (h ^ u64::from_le_bytes(buf))
+            .wrapping_mul(K)
+            .rotate_left(26);
+    }
+    h.wrapping_mul(K)
+}
+
+#[inline]
+fn slot_index(hash: u64, capacity: usize) -> usize {
+    (((hash >> 32) * capacity as u64) >> 32) as usize
+}
+
+/// A compiled set of patterns. Immutable; lookups never allocate.
+#[derive(Debug, Clone)]
+pub struct Matcher {
+    nodes: Box<[Node]>,
+    slots: Box<[Slot]>,
+    globs: Box<[GlobEdge]>,
+    bytes: Box<[u8]>,
+    set_ranges: Box<[(u32, u32)]>,
+    set_rules: Box<[RuleId]>,
+    /// Rule set of match-all patterns, or `NONE`.
+    all: u32,
+    patterns: usize,
+    max_rule: Option<u32>,
+}
+
+impl Default for Matcher {
+    fn default() -> Matcher {
+        MatcherBuilder::new().build()
+    }
+}
+
+impl Matcher {
+    /// Whether any pattern matches `name`.
+    pub fn is_match(&self, name: &Name) -> bool {
+        self.walk(name, &mut |_| ControlFlow::Break(())).is_break()
+    }
+
+    /// Calls `f` with the rule id of every pattern that matches `name`. An id may be reported
+    /// more than once when several of its patterns match.
+    pub fn for_each_match(&self, name: &Name, mut f: impl FnMut(RuleId)) {
+        let _ = self.walk(name, &mut |set| {
+            for &rule in self.set(set) {
+                f(rule);
+            }
+            ControlFlow::Continue(())
+        });
+    }
+
+    /// Replaces the contents of `out` with the rule ids of the patterns that match `name`.
+    /// Allocation-free when `out` came from [`Matcher::rule_set`] (or has seen these ids before).
+    pub fn lookup_into(&self, name: &Name, out: &mut RuleSet) {
+        out.clear();
+        self.for_each_match(name, |rule| {
+            out.insert(rule);
+        });
+    }
+
+    /// The matching rule ids, sorted and deduplicated. Allocates; for tools and tests.
+    pub fn matches(&self, name: &Name) -> Vec<RuleId> {
+        let mut rules = Vec::new();
+        self.for_each_match(name, |rule| rules.push(rule));
+        rules.sort_unstable();
+        rules.dedup();
+        rules
+    }
+
+    /// Convenience: whether a name given in text form matches. Invalid names match nothing.
+    pub fn is_match_text(&self, name: &str) -> bool {
+        Name::from_text(name).is_ok_and(|name| self.is_match(&name))
+    }
+
+    /// Convenience: whether an uncompressed wire-format name matches. Invalid names match nothing.
+    pub fn is_match_wire(&self, name: &[u8]) -> bool {
+        Name::from_wire(name).is_ok_and(|name| self.is_match(&name))
+    }
+
+    /// An empty [`RuleSet`] with room for every rule id of this matcher.
+    pub fn rule_set(&self) -> RuleSet {
+        RuleSet::with_max_rule(self.max_rule.unwrap_or(0))
+    }
+
+    /// Number of patterns compiled in.
+    pub fn pattern_count(&self) -> usize {
+        self.patterns
+    }
+
+    /// Number of trie nodes.
+    pub fn node_count(&self) -> usize {
+        self.nodes.len()
+    }
+
+    /// Heap bytes held by the compiled automaton.
+    pub fn heap_bytes(&self) -> usize {
+        use std::mem::size_of_val;
+        size_of_val(&*self.nodes)
+            + size_of_val(&*self.slots)
+            + size_of_val(&*self.globs)
+            + size_of_val(&*self.bytes)
+            + size_of_val(&*self.set_ranges)
+            + size_of_val(&*self.set_rules)
+    }
+
+    fn set(&self, set: u32) -> &[RuleId] {
+        let (start, len) = self.set_ranges[set as usize];
+        &self.set_rules[start as usize..(start + len) as usize]
+    }
+
+    /// Visits the rule set of every pattern matching `name`, until `f` breaks.
+    fn walk(&self, name: &Name, f: &mut impl FnMut(u32) -> ControlFlow<()>) -> ControlFlow<()> {
+        if self.all != NONE {
+            f(self.all)?;
+        }
+        if name.is_root() {
+            return ControlFlow::Continue(());
+        }
+        self.walk_from(name, 0, name.label_count(), f)
+    }
+
+    /// Visits matches below `node`, which was reached with `remaining` labels of `name` left.
+    fn walk_from(
+        &self,
+        name: &Name,
+        node: u32,
+        remaining: usize,
+        f: &mut impl FnMut(u32) -> ControlFlow<()>,
+    ) -> ControlFlow<()> {
+        let n = self.nodes[node as usize];
+        if remaining == 0 {
+            if n.terminal != NONE {
+                f(n.terminal)?;
+            }
+            return ControlFlow::Continue(());
+        }
+        if n.subtree != NONE {
+            f(n.subtree)?;
+        }
+        let label = name.label(remaining - 1);
+        if let Some(child) = self.exact_child(node, label) {
+            self.walk_from(name, child, remaining - 1, f)?;
+        }
+        if n.any != NONE {
+            self.walk_from(name, n.any, remaining - 1, f)?;
+        }
+        let start = n.globs_start as usize;
+        for edge in &self.globs[start..start + n.globs_len as usize] {
+            let glob = &self.bytes[edge.off as usize..(edge.off + edge.len) as usize];
+            if glob_match(glob, label) {
+                self.walk_from(name, edge.child, remaining - 1, f)?;
+            }
+        }
+        ControlFlow::Continue(())
+    }
+
+    #[inline]
+    fn exact_child(&self, parent: u32, label: &[u8]) -> Option<u32> {
+        let capacity = self.slots.len();
+        let mut i = slot_index(edge_hash(parent, label), capacity);
+        loop {
+            let slot = &self.slots[i];
+            if slot.child == NONE {
+                return None;
+            }
+            if slot.parent == parent
+                && usize::from(slot.label_len) == label.len()
+                && &self.bytes[slot.label_off as usize..][..label.len()] == label
+            {
+                return Some(slot.child);
+            }
+            i = if i + 1 == capacity { 0 } else { i + 1 };
+        }
+    }
+}
+
+/// A reusable set of rule ids: a bitset for membership plus the ids in insertion order.
+#[derive(Debug, Clone, Default)]
+pub struct RuleSet {
+    bits: Vec<u64>,
+    ids: Vec<RuleId>,
+}
+
+impl RuleSet {
+    /// An empty set that holds ids up to `max_rule` without allocating.
+    pub fn with_max_rule(max_rule: u32) -> RuleSet {
+        let words = max_rule as usize / 64 + 1;
+        RuleSet {
+            bits: vec![0; words],
+            ids: Vec::with_capacity(words * 64),
+        }
+    }
+
+    /// Empties the set, keeping its memory.
+    pub fn clear(&mut self) {
+        for id in self.ids.drain(..) {
+            self.bits[id.0 as usize / 64] = 0;
+        }
+    }
+
+    /// Adds `rule`; returns whether it was new.
+    pub fn insert(&mut self, rule: RuleId) -> bool {
+        let (word, bit) = (rule.0 as usize / 64, rule.0 % 64);
+        if word >= self.bits.len() {
+            self.bits.resize(word + 1, 0);
+        }
+        let mask = 1u64 << bit;
+        if self.bits[word] & mask != 0 {
+            return false;
+        }
+        self.bits[word] |= mask;
+        self.ids.push(rule);
+        true
+    }
+
+    /// Whether `rule` is in the set.
+    pub fn contains(&self, rule: RuleId) -> bool {
+        self.bits
+            .get(rule.0 as usize / 64)
+            .is_some_and(|w| w & (1u64 << (rule.0 % 64)) != 0)
+    }
+
+    /// The ids, in the order they were first inserted.
+    pub fn as_slice(&self) -> &[RuleId] {
+        &self.ids
+    }
+
+    /// Number of ids.
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    /// Whether the set is empty.
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+}
