@@ -1,1 +1,32 @@
-fn main() {}
+//! `dnsfence`: the agent, the standalone HA proxy, and the command-line tools.
+
+mod match_cmd;
+mod policy_cmd;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// FQDN egress policy enforcement through DNS.
+#[derive(Debug, Parser)]
+#[command(name = "dnsfence", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Would this pattern set match this name? (matchPattern semantics, Cilium v1.19)
+    Match(match_cmd::MatchArgs),
+    /// Validate policy files, or check what a policy allows for an endpoint.
+    Policy(policy_cmd::PolicyArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Match(args) => match_cmd::run(&args),
+        Command::Policy(args) => policy_cmd::run(&args),
+    }
+}
