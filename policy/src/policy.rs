@@ -1,0 +1,862 @@
+//! CiliumNetworkPolicy / CiliumClusterwideNetworkPolicy documents: parsing and validation.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use dnsfence_matcher::{Pattern, PatternKind};
+
+use crate::error::{LoadError, LoadErrorKind, LoadErrors};
+use crate::selector::{self, LabelSelector, NAMESPACE_LABEL};
+use crate::yaml::{self, Diag, Node, index, join, line};
+
+/// The reason attached to every unsupported field of a policy.
+const HINT: &str = " (dnsfence enforces toFQDNs, toEndpoints and toPorts with DNS rules only)";
+
+const DOC_FIELDS: &[&str] = &["apiVersion", "kind", "metadata", "spec", "specs", "status"];
+/// `labels` and `annotations` are accepted and ignored, as are the fields the API server adds.
+const METADATA_FIELDS: &[&str] = &[
+    "name",
+    "namespace",
+    "labels",
+    "annotations",
+    "uid",
+    "resourceVersion",
+    "generation",
+    "creationTimestamp",
+    "managedFields",
+];
+const SPEC_FIELDS: &[&str] = &["endpointSelector", "description", "egress"];
+const EGRESS_FIELDS: &[&str] = &["toEndpoints", "toFQDNs", "toPorts"];
+const PORT_RULE_FIELDS: &[&str] = &["ports", "rules"];
+const PORT_FIELDS: &[&str] = &["port", "protocol", "endPort"];
+const L7_FIELDS: &[&str] = &["dns"];
+const NAME_FIELDS: &[&str] = &["matchName", "matchPattern"];
+
+/// The transport of a DNS query.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Hash)]
+pub enum Proto {
+    /// DNS over UDP.
+    Udp,
+    /// DNS over TCP.
+    Tcp,
+}
+
+/// The `protocol` of a `toPorts` port.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Hash, PartialOrd, Ord)]
+pub enum PortProtocol {
+    /// `TCP`.
+    Tcp,
+    /// `UDP`.
+    Udp,
+    /// `SCTP`.
+    Sctp,
+    /// `ANY` (the default): TCP, UDP and SCTP.
+    Any,
+}
+
+impl PortProtocol {
+    /// Whether this protocol covers a DNS query over `proto`.
+    pub fn covers(self, proto: Proto) -> bool {
+        matches!(
+            (self, proto),
+            (PortProtocol::Any, _)
+                | (PortProtocol::Tcp, Proto::Tcp)
+                | (PortProtocol::Udp, Proto::Udp)
+        )
+    }
+
+    /// Lowercase name: `tcp`, `udp`, `sctp`, `any`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PortProtocol::Tcp => "tcp",
+            PortProtocol::Udp => "udp",
+            PortProtocol::Sctp => "sctp",
+            PortProtocol::Any => "any",
+        }
+    }
+}
+
+/// A port or port range with its protocol, from `toPorts[].ports[]`.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Hash, PartialOrd, Ord)]
+pub struct PortProto {
+    /// First port.
+    pub port: u16,
+    /// Last port (equal to `port` without `endPort`).
+    pub end_port: u16,
+    /// Protocol.
+    pub proto: PortProtocol,
+}
+
+impl PortProto {
+    /// Whether this entry covers `port` over `proto`.
+    pub fn covers(&self, port: u16, proto: Proto) -> bool {
+        (self.port..=self.end_port).contains(&port) && self.proto.covers(proto)
+    }
+}
+
+impl fmt::Display for PortProto {
+    /// `443/tcp`, or `8000-8080/tcp` for a range.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.end_port == self.port {
+            write!(f, "{}/{}", self.port, self.proto.as_str())
+        } else {
+            write!(f, "{}-{}/{}", self.port, self.end_port, self.proto.as_str())
+        }
+    }
+}
+
+/// Which kind of policy.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Hash)]
+pub enum PolicyKind {
+    /// `CiliumNetworkPolicy`: confined to its namespace.
+    Namespaced,
+    /// `CiliumClusterwideNetworkPolicy`.
+    Clusterwide,
+}
+
+impl PolicyKind {
+    /// The Kubernetes kind.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PolicyKind::Namespaced => "CiliumNetworkPolicy",
+            PolicyKind::Clusterwide => "CiliumClusterwideNetworkPolicy",
+        }
+    }
+}
+
+/// One validated policy document.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    /// CNP or CCNP.
+    pub kind: PolicyKind,
+    /// `metadata.name`.
+    pub name: String,
+    /// `metadata.namespace` (default `default`) of a CNP; `None` for a CCNP.
+    pub namespace: Option<String>,
+    /// The file it came from.
+    pub file: PathBuf,
+    /// The line its document starts at.
+    pub line: usize,
+    /// `spec` followed by `specs[]`.
+    pub specs: Vec<Spec>,
+}
+
+/// One rule (`spec` or an item of `specs`).
+#[derive(Debug, Clone)]
+pub struct Spec {
+    /// `endpointSelector`, with a CNP's namespace already required.
+    pub selector: LabelSelector,
+    /// `egress[]`.
+    pub egress: Vec<EgressRule>,
+}
+
+impl Spec {
+    /// Whether the spec puts the endpoints it selects under egress default-deny (Cilium: it has
+    /// at least one egress rule; `egress: [{}]` denies all egress).
+    pub fn enforces_egress(&self) -> bool {
+        !self.egress.is_empty()
+    }
+}
+
+/// One item of `egress`.
+#[derive(Debug, Clone)]
+pub enum EgressRule {
+    /// `{}`: allows nothing (but selects the endpoint for egress enforcement).
+    Nothing,
+    /// `toFQDNs` (L3/L4 layer), with the ports it opens.
+    Fqdn(FqdnRule),
+    /// `toPorts` with `rules.dns` (DNS layer), optionally restricted by `toEndpoints`.
+    Dns(DnsRule),
+}
+
+/// A `toFQDNs` rule.
+#[derive(Debug, Clone)]
+pub struct FqdnRule {
+    /// The `matchName` / `matchPattern` selectors.
+    pub selectors: Vec<Pattern>,
+    /// Ports opened to the resolved addresses; empty = all ports.
+    pub ports: Vec<PortProto>,
+}
+
+/// A DNS-layer rule.
+#[derive(Debug, Clone)]
+pub struct DnsRule {
+    /// `toEndpoints` selectors (a CNP's namespace added where they name none); `None` = any
+    /// destination.
+    pub to_endpoints: Option<Vec<LabelSelector>>,
+    /// The `toPorts` entries, each with `rules.dns`.
+    pub ports: Vec<DnsPorts>,
+}
+
+/// One `toPorts` entry of a DNS-layer rule.
+#[derive(Debug, Clone)]
+pub struct DnsPorts {
+    /// The ports the rule covers.
+    pub ports: Vec<PortProto>,
+    /// `rules.dns[]`; empty (`dns: []`) allows every name.
+    pub names: Vec<Pattern>,
+}
+
+/// Counts of a loaded policy set, for `dnsfence policy validate`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Summary {
+    /// Files read.
+    pub files: usize,
+    /// Policy documents.
+    pub policies: usize,
+    /// Egress rules.
+    pub rules: usize,
+    /// `matchName` / `matchPattern` entries (DNS and toFQDNs).
+    pub patterns: usize,
+}
+
+/// Every policy of a load, validated.
+#[derive(Debug, Clone, Default)]
+pub struct PolicySet {
+    /// The policies, in file and document order.
+    pub policies: Vec<Policy>,
+    /// The files read, in order.
+    pub files: Vec<PathBuf>,
+}
+
+impl PolicySet {
+    /// Loads policy files and directories. A directory contributes its `*.yaml` / `*.yml`
+    /// files sorted by name, not recursively; names starting with `.` are skipped (so a mounted
+    /// ConfigMap's `..data` is not read twice). All problems are collected.
+    pub fn load(paths: &[PathBuf]) -> Result<PolicySet, LoadErrors> {
+        let mut errors = Vec::new();
+        let mut set = PolicySet::default();
+        for file in expand_paths(paths, &mut errors) {
+            match std::fs::read_to_string(&file) {
+                Ok(text) => set.parse_file(&file, &text, &mut errors),
+                Err(e) => errors.push(LoadError::new(&file, 0, LoadErrorKind::Io(e.to_string()))),
+            }
+        }
+        set.check_duplicates(&mut errors);
+        if errors.is_empty() {
+            Ok(set)
+        } else {
+            Err(LoadErrors(errors))
+        }
+    }
+
+    /// Parses `text` as if read from `file` (for tests and in-memory sources).
+    pub fn from_yaml(file: &Path, text: &str) -> Result<PolicySet, LoadErrors> {
+        let mut errors = Vec::new();
+        let mut set = PolicySet::default();
+        set.parse_file(file, text, &mut errors);
+        set.check_duplicates(&mut errors);
+        if errors.is_empty() {
+            Ok(set)
+        } else {
+            Err(LoadErrors(errors))
+        }
+    }
+
+    /// Counts for a one-line summary.
+    pub fn summary(&self) -> Summary {
+        let mut s = Summary {
+            files: self.files.len(),
+            policies: self.policies.len(),
+            ..Summary::default()
+        };
+        for rule in self
+            .policies
+            .iter()
+            .flat_map(|p| &p.specs)
+            .flat_map(|s| &s.egress)
+        {
+            s.rules += 1;
+            s.patterns += match rule {
+                EgressRule::Nothing => 0,
+                EgressRule::Fqdn(r) => r.selectors.len(),
+                EgressRule::Dns(r) => r.ports.iter().map(|p| p.names.len()).sum(),
+            };
+        }
+        s
+    }
+
+    fn parse_file(&mut self, file: &Path, text: &str, errors: &mut Vec<LoadError>) {
+        self.files.push(file.to_path_buf());
+        let first_error = errors.len();
+        let mut diag = Diag { file, errors };
+        for doc in yaml::parse_documents(&mut diag, text) {
+            if yaml::is_null(&doc) {
+                continue; // an empty document (`---` at the end of a file)
+            }
+            if let Some(policy) = parse_policy(&mut diag, &doc) {
+                self.policies.push(policy);
+            }
+        }
+        // Report in line order (a stable sort keeps the order of errors on one line).
+        errors[first_error..].sort_by_key(|e| e.line);
+    }
+
+    fn check_duplicates(&self, errors: &mut Vec<LoadError>) {
+        let mut seen: HashMap<(PolicyKind, Option<&str>, &str), &Policy> = HashMap::new();
+        for p in &self.policies {
+            let key = (p.kind, p.namespace.as_deref(), p.name.as_str());
+            if let Some(first) = seen.get(&key) {
+                let ns = p
+                    .namespace
+                    .as_deref()
+                    .map(|ns| format!("{ns}/"))
+                    .unwrap_or_default();
+                errors.push(LoadError::new(
+                    &p.file,
+                    p.line,
+                    LoadErrorKind::Invalid {
+                        field: "metadata.name".to_string(),
+                        reason: format!(
+                            "duplicate {} {ns}{} (first at {}:{})",
+                            p.kind.as_str(),
+                            p.name,
+                            first.file.display(),
+                            first.line
+                        ),
+                    },
+                ));
+            } else {
+                seen.insert(key, p);
+            }
+        }
+    }
+}
+
+/// Files named by `paths`, directories expanded (sorted, non-recursive, `*.yaml` / `*.yml`).
+fn expand_paths(paths: &[PathBuf], errors: &mut Vec<LoadError>) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    for path in paths {
+        if !path.is_dir() {
+            files.push(path.clone());
+            continue;
+        }
+        let entries = match std::fs::read_dir(path) {
+            Ok(entries) => entries,
+            Err(e) => {
+                errors.push(LoadError::new(path, 0, LoadErrorKind::Io(e.to_string())));
+                continue;
+            }
+        };
+        let mut found: Vec<PathBuf> = entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| {
+                let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+                !name.starts_with('.')
+                    && (name.ends_with(".yaml") || name.ends_with(".yml"))
+                    && p.is_file()
+            })
+            .collect();
+        if found.is_empty() {
+            errors.push(LoadError::new(path, 0, LoadErrorKind::EmptyDirectory));
+        }
+        found.sort();
+        files.extend(found);
+    }
+    files
+}
+
+fn missing(diag: &mut Diag<'_>, at: &Node<'_>, field: String) {
+    diag.push(line(at), LoadErrorKind::Missing { field });
+}
+
+fn parse_policy(diag: &mut Diag<'_>, doc: &Node<'_>) -> Option<Policy> {
+    let before = diag.errors.len();
+    // apiVersion and kind first: a document of another kind gets one error, not one per field.
+    let (api, kind) = match &doc.data {
+        saphyr::YamlData::Mapping(_) => (
+            doc.data.as_mapping_get("apiVersion"),
+            doc.data.as_mapping_get("kind"),
+        ),
+        _ => {
+            diag.invalid(
+                doc,
+                "",
+                format!(
+                    "expected a policy document (a mapping), found {}",
+                    yaml::kind(doc)
+                ),
+            );
+            return None;
+        }
+    };
+    match api {
+        None => missing(diag, doc, "apiVersion".into()),
+        Some(v) => {
+            if let Some(api) = diag.string(v, "apiVersion")
+                && api != "cilium.io/v2"
+            {
+                diag.invalid(
+                    v,
+                    "apiVersion",
+                    format!("{api:?}: expected \"cilium.io/v2\""),
+                );
+            }
+        }
+    }
+    let kind = match kind {
+        None => {
+            missing(diag, doc, "kind".into());
+            None
+        }
+        Some(v) => match diag.string(v, "kind").as_deref() {
+            Some("CiliumNetworkPolicy") => Some(PolicyKind::Namespaced),
+            Some("CiliumClusterwideNetworkPolicy") => Some(PolicyKind::Clusterwide),
+            Some(other) => {
+                diag.invalid(
+                    v,
+                    "kind",
+                    format!(
+                        "{other:?}: expected CiliumNetworkPolicy or CiliumClusterwideNetworkPolicy"
+                    ),
+                );
+                None
+            }
+            None => None,
+        },
+    };
+    if diag.errors.len() != before {
+        return None;
+    }
+    let kind = kind?;
+    let fields = diag.mapping(doc, "", DOC_FIELDS, "")?;
+    let Some(meta) = fields.get("metadata") else {
+        missing(diag, doc, "metadata".into());
+        return None;
+    };
+    let meta_node = meta;
+    let meta = diag.mapping(meta, "metadata", METADATA_FIELDS, "")?;
+    let name = match meta.get("name") {
+        Some(n) => diag.string(n, "metadata.name"),
+        None => {
+            missing(diag, meta_node, "metadata.name".into());
+            None
+        }
+    };
+    let namespace = match (kind, meta.get_non_null("namespace")) {
+        (PolicyKind::Namespaced, None) => Some("default".to_string()),
+        (PolicyKind::Namespaced, Some(ns)) => diag.string(ns, "metadata.namespace"),
+        (PolicyKind::Clusterwide, None) => None,
+        (PolicyKind::Clusterwide, Some(ns)) => {
+            diag.invalid(
+                ns,
+                "metadata.namespace",
+                "a CiliumClusterwideNetworkPolicy is not namespaced",
+            );
+            None
+        }
+    };
+    let mut specs = Vec::new();
+    let spec = fields.get_non_null("spec");
+    let list = fields.get_non_null("specs");
+    if spec.is_none() && list.is_none() {
+        missing(diag, doc, "spec".into());
+    }
+    if let Some(spec) = spec
+        && let Some(s) = parse_spec(
+            diag,
+            spec,
+            fields.key("spec").unwrap_or(spec),
+            "spec",
+            namespace.as_deref(),
+        )
+    {
+        specs.push(s);
+    }
+    if let Some(list) = list {
+        for (i, item) in diag
+            .sequence(list, "specs")
+            .unwrap_or_default()
+            .iter()
+            .enumerate()
+        {
+            if let Some(s) = parse_spec(diag, item, item, &index("specs", i), namespace.as_deref())
+            {
+                specs.push(s);
+            }
+        }
+    }
+    if diag.errors.len() != before {
+        return None;
+    }
+    Some(Policy {
+        kind,
+        name: name?,
+        namespace,
+        file: diag.file.to_path_buf(),
+        line: line(doc),
+        specs,
+    })
+}
+
+fn parse_spec(
+    diag: &mut Diag<'_>,
+    node: &Node<'_>,
+    at: &Node<'_>,
+    path: &str,
+    namespace: Option<&str>,
+) -> Option<Spec> {
+    let before = diag.errors.len();
+    let fields = diag.mapping(node, path, SPEC_FIELDS, HINT)?;
+    if let Some(d) = fields.get_non_null("description") {
+        diag.string(d, &join(path, "description"));
+    }
+    let sel_path = join(path, "endpointSelector");
+    let selector = match fields.get("endpointSelector") {
+        None => {
+            missing(diag, at, sel_path);
+            None
+        }
+        Some(sel) => selector::parse(diag, sel, &sel_path).and_then(|mut s| {
+            if let Some(ns) = namespace {
+                if s.requires_other_value(NAMESPACE_LABEL, ns) {
+                    diag.invalid(
+                        sel,
+                        &sel_path,
+                        format!(
+                            "selects another namespace than the policy's own ({ns}); a \
+                             CiliumNetworkPolicy only selects endpoints of its namespace"
+                        ),
+                    );
+                    return None;
+                }
+                s.require(NAMESPACE_LABEL, ns);
+            }
+            Some(s)
+        }),
+    };
+    let mut egress = Vec::new();
+    if let Some(list) = fields.get_non_null("egress") {
+        let egress_path = join(path, "egress");
+        for (i, item) in diag
+            .sequence(list, &egress_path)
+            .unwrap_or_default()
+            .iter()
+            .enumerate()
+        {
+            if let Some(rule) = parse_egress(diag, item, &index(&egress_path, i), namespace) {
+                egress.push(rule);
+            }
+        }
+    }
+    if diag.errors.len() != before {
+        return None;
+    }
+    Some(Spec {
+        selector: selector?,
+        egress,
+    })
+}
+
+/// A parsed `toPorts` entry before the rule is classified.
+struct PortRule<'n, 'a> {
+    node: &'n Node<'a>,
+    path: String,
+    ports: Vec<PortProto>,
+    /// `rules.dns`: `Some(empty)` for `dns: []`.
+    dns: Option<Vec<Pattern>>,
+}
+
+fn parse_egress(
+    diag: &mut Diag<'_>,
+    node: &Node<'_>,
+    path: &str,
+    namespace: Option<&str>,
+) -> Option<EgressRule> {
+    let before = diag.errors.len();
+    let fields = diag.mapping(node, path, EGRESS_FIELDS, HINT)?;
+
+    let to_endpoints = fields.get("toEndpoints").map(|list| {
+        let list_path = join(path, "toEndpoints");
+        let mut out = Vec::new();
+        let items = diag.sequence(list, &list_path).unwrap_or_default();
+        if items.is_empty() && !yaml::is_null(list) {
+            diag.invalid(list, &list_path, "empty list (use [{}] for every endpoint)");
+        }
+        for (i, item) in items.iter().enumerate() {
+            if let Some(mut sel) = selector::parse(diag, item, &index(&list_path, i)) {
+                // Cilium: a CNP's peer selectors are confined to its namespace unless they
+                // name a namespace themselves.
+                if let Some(ns) = namespace
+                    && !sel.has_key(NAMESPACE_LABEL)
+                {
+                    sel.require(NAMESPACE_LABEL, ns);
+                }
+                out.push(sel);
+            }
+        }
+        out
+    });
+
+    let to_fqdns = fields.get("toFQDNs").map(|list| {
+        let list_path = join(path, "toFQDNs");
+        let items = diag.sequence(list, &list_path).unwrap_or_default();
+        if items.is_empty() && !yaml::is_null(list) {
+            diag.invalid(list, &list_path, "empty list");
+        }
+        items
+            .iter()
+            .enumerate()
+            .filter_map(|(i, item)| parse_name_selector(diag, item, &index(&list_path, i)))
+            .collect::<Vec<_>>()
+    });
+
+    let mut port_rules = Vec::new();
+    if let Some(list) = fields.get_non_null("toPorts") {
+        let list_path = join(path, "toPorts");
+        for (i, item) in diag
+            .sequence(list, &list_path)
+            .unwrap_or_default()
+            .iter()
+            .enumerate()
+        {
+            if let Some(rule) = parse_port_rule(diag, item, index(&list_path, i)) {
+                port_rules.push(rule);
+            }
+        }
+    }
+    if diag.errors.len() != before {
+        return None;
+    }
+
+    if let Some(selectors) = to_fqdns {
+        if fields.get("toEndpoints").is_some() {
+            diag.invalid(
+                node,
+                path,
+                "toFQDNs cannot be combined with toEndpoints (Cilium rejects it too)",
+            );
+            return None;
+        }
+        let mut ports = Vec::new();
+        for rule in port_rules {
+            if rule.dns.is_some() {
+                diag.invalid(
+                    rule.node,
+                    &join(&rule.path, "rules"),
+                    "rules.dns on a toFQDNs rule is not supported (put DNS rules on a rule \
+                     towards the DNS server)",
+                );
+                return None;
+            }
+            ports.extend(rule.ports);
+        }
+        ports.sort_unstable();
+        ports.dedup();
+        return Some(EgressRule::Fqdn(FqdnRule { selectors, ports }));
+    }
+
+    if to_endpoints.is_none() && port_rules.is_empty() {
+        if fields.get("toPorts").is_some() {
+            diag.invalid(node, path, "toPorts is empty");
+            return None;
+        }
+        return Some(EgressRule::Nothing);
+    }
+    if port_rules.is_empty() {
+        diag.invalid(
+            node,
+            path,
+            "toEndpoints without toPorts rules.dns is a plain L3 allow, which dnsfence does not \
+             enforce (it enforces toFQDNs, toEndpoints and toPorts with DNS rules only)",
+        );
+        return None;
+    }
+    let mut ports = Vec::new();
+    for rule in port_rules {
+        match rule.dns {
+            Some(names) => ports.push(DnsPorts {
+                ports: rule.ports,
+                names,
+            }),
+            None => diag.invalid(
+                rule.node,
+                &rule.path,
+                "toPorts without rules.dns (outside a toFQDNs rule) is a plain L4 allow, which \
+                 dnsfence does not enforce (it enforces toFQDNs, toEndpoints and toPorts with \
+                 DNS rules only)",
+            ),
+        }
+    }
+    if diag.errors.len() != before {
+        return None;
+    }
+    Some(EgressRule::Dns(DnsRule {
+        to_endpoints,
+        ports,
+    }))
+}
+
+fn parse_port_rule<'n, 'a>(
+    diag: &mut Diag<'_>,
+    node: &'n Node<'a>,
+    path: String,
+) -> Option<PortRule<'n, 'a>> {
+    let before = diag.errors.len();
+    let fields = diag.mapping(node, &path, PORT_RULE_FIELDS, HINT)?;
+    let ports_path = join(&path, "ports");
+    let mut ports = Vec::new();
+    match fields.get_non_null("ports") {
+        None => missing(diag, node, ports_path.clone()),
+        Some(list) => {
+            let items = diag.sequence(list, &ports_path).unwrap_or_default();
+            if items.is_empty() {
+                diag.invalid(list, &ports_path, "empty list");
+            }
+            for (i, item) in items.iter().enumerate() {
+                if let Some(p) = parse_port(diag, item, &index(&ports_path, i)) {
+                    ports.push(p);
+                }
+            }
+        }
+    }
+    let mut dns = None;
+    if let Some(rules) = fields.get("rules") {
+        let rules_path = join(&path, "rules");
+        let rf = diag.mapping(rules, &rules_path, L7_FIELDS, HINT)?;
+        if diag.errors.len() != before {
+            return None; // `http:` and the like: no need to also say that `dns` is missing
+        }
+        let dns_path = join(&rules_path, "dns");
+        match rf.get_non_null("dns") {
+            None => missing(diag, rules, dns_path),
+            Some(list) => {
+                let names = diag
+                    .sequence(list, &dns_path)
+                    .unwrap_or_default()
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(i, item)| parse_name_selector(diag, item, &index(&dns_path, i)))
+                    .collect();
+                dns = Some(names);
+            }
+        }
+    }
+    if diag.errors.len() != before {
+        return None;
+    }
+    ports.sort_unstable();
+    ports.dedup();
+    Some(PortRule {
+        node,
+        path,
+        ports,
+        dns,
+    })
+}
+
+fn parse_port(diag: &mut Diag<'_>, node: &Node<'_>, path: &str) -> Option<PortProto> {
+    let fields = diag.mapping(node, path, PORT_FIELDS, HINT)?;
+    let port_path = join(path, "port");
+    let Some(port_node) = fields.get("port") else {
+        missing(diag, node, port_path);
+        return None;
+    };
+    let port = port_number(diag, port_node, &port_path)?;
+    let end_port = match fields.get_non_null("endPort") {
+        None => port,
+        Some(n) => {
+            let end_path = join(path, "endPort");
+            let end = port_number(diag, n, &end_path)?;
+            if end < port {
+                diag.invalid(n, &end_path, format!("{end} is below port {port}"));
+                return None;
+            }
+            end
+        }
+    };
+    let proto = match fields.get_non_null("protocol") {
+        None => PortProtocol::Any,
+        Some(n) => {
+            let proto_path = join(path, "protocol");
+            match diag.string(n, &proto_path)?.as_str() {
+                "TCP" => PortProtocol::Tcp,
+                "UDP" => PortProtocol::Udp,
+                "SCTP" => PortProtocol::Sctp,
+                "ANY" => PortProtocol::Any,
+                other => {
+                    diag.invalid(
+                        n,
+                        &proto_path,
+                        format!("unsupported protocol {other:?} (expected TCP, UDP, SCTP or ANY)"),
+                    );
+                    return None;
+                }
+            }
+        }
+    };
+    Some(PortProto {
+        port,
+        end_port,
+        proto,
+    })
+}
+
+/// A port number 1-65535, given as a string (Cilium's form) or an integer.
+fn port_number(diag: &mut Diag<'_>, node: &Node<'_>, path: &str) -> Option<u16> {
+    use saphyr::{Scalar, YamlData};
+    let value: Result<i64, String> = match &node.data {
+        YamlData::Value(Scalar::Integer(i)) => Ok(*i),
+        YamlData::Value(Scalar::String(s)) => {
+            if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
+                s.parse::<i64>()
+                    .map_err(|_| format!("port {s:?} is out of range 1-65535"))
+            } else {
+                Err(format!(
+                    "named port {s:?} is not supported (use a port number)"
+                ))
+            }
+        }
+        _ => Err(format!(
+            "expected a port number, found {}",
+            yaml::kind(node)
+        )),
+    };
+    match value {
+        Ok(n) if (1..=65535).contains(&n) => Some(n as u16),
+        Ok(0) => {
+            diag.invalid(
+                node,
+                path,
+                "port 0 (every port) is not supported: list the ports",
+            );
+            None
+        }
+        Ok(n) => {
+            diag.invalid(node, path, format!("port {n} is out of range 1-65535"));
+            None
+        }
+        Err(reason) => {
+            diag.invalid(node, path, reason);
+            None
+        }
+    }
+}
+
+/// `{matchName: ...}` or `{matchPattern: ...}`.
+fn parse_name_selector(diag: &mut Diag<'_>, node: &Node<'_>, path: &str) -> Option<Pattern> {
+    let fields = diag.mapping(node, path, NAME_FIELDS, HINT)?;
+    let (key, kind) = match (fields.get("matchName"), fields.get("matchPattern")) {
+        (Some(_), Some(_)) => {
+            diag.invalid(node, path, "set only one of matchName and matchPattern");
+            return None;
+        }
+        (Some(_), None) => ("matchName", PatternKind::Name),
+        (None, Some(_)) => ("matchPattern", PatternKind::Pattern),
+        (None, None) => {
+            diag.invalid(node, path, "needs matchName or matchPattern");
+            return None;
+        }
+    };
+    let value = fields.get(key)?;
+    let field = join(path, key);
+    let text = diag.string(value, &field)?;
+    match Pattern::parse_as(&text, kind) {
+        Ok(p) => Some(p),
+        Err(error) => {
+            diag.push(line(value), LoadErrorKind::Pattern { field, error });
+            None
+        }
+    }
+}

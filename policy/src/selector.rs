@@ -1,0 +1,206 @@
+//! Kubernetes label selectors (`matchLabels`, `matchExpressions`) as Cilium evaluates them.
+
+use std::collections::BTreeMap;
+
+use crate::yaml::{Diag, Node, index, join};
+
+/// Label key Cilium gives every pod: its namespace.
+pub const NAMESPACE_LABEL: &str = "io.kubernetes.pod.namespace";
+
+/// An endpoint's labels (keys without a `k8s:` / `any:` source prefix).
+pub type Labels = BTreeMap<String, String>;
+
+/// One requirement of a selector.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Requirement {
+    /// The key has one of these values (`matchLabels` is `In` with one value).
+    In(String, Vec<String>),
+    /// The key is absent or has none of these values.
+    NotIn(String, Vec<String>),
+    /// The key is present.
+    Exists(String),
+    /// The key is absent.
+    DoesNotExist(String),
+}
+
+impl Requirement {
+    fn key(&self) -> &str {
+        match self {
+            Requirement::In(k, _)
+            | Requirement::NotIn(k, _)
+            | Requirement::Exists(k)
+            | Requirement::DoesNotExist(k) => k,
+        }
+    }
+
+    fn matches(&self, labels: &Labels) -> bool {
+        match self {
+            Requirement::In(k, values) => labels.get(k).is_some_and(|v| values.contains(v)),
+            Requirement::NotIn(k, values) => labels.get(k).is_none_or(|v| !values.contains(v)),
+            Requirement::Exists(k) => labels.contains_key(k),
+            Requirement::DoesNotExist(k) => !labels.contains_key(k),
+        }
+    }
+}
+
+/// A label selector: every requirement must hold. The empty selector selects everything.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
+pub struct LabelSelector {
+    requirements: Vec<Requirement>,
+}
+
+impl LabelSelector {
+    /// Whether `labels` satisfy every requirement.
+    pub fn matches(&self, labels: &Labels) -> bool {
+        self.requirements.iter().all(|r| r.matches(labels))
+    }
+
+    /// Whether some requirement is about `key`.
+    pub fn has_key(&self, key: &str) -> bool {
+        self.requirements.iter().any(|r| r.key() == key)
+    }
+
+    /// Whether some `In` requirement on `key` excludes `value`.
+    pub(crate) fn requires_other_value(&self, key: &str, value: &str) -> bool {
+        self.requirements.iter().any(|r| match r {
+            Requirement::In(k, values) => k == key && !values.iter().any(|v| v == value),
+            _ => false,
+        })
+    }
+
+    /// Adds the requirement `key == value`.
+    pub fn require(&mut self, key: &str, value: &str) {
+        self.requirements
+            .push(Requirement::In(key.to_string(), vec![value.to_string()]));
+    }
+}
+
+/// Strips Cilium's `k8s:` / `any:` label source; `None` for another source (`reserved:`, ...),
+/// which the endpoints dnsfence knows never carry.
+pub(crate) fn normalize_key(key: &str) -> Option<&str> {
+    match key.split_once(':') {
+        None => Some(key),
+        Some(("k8s" | "any", rest)) => Some(rest),
+        Some(_) => None,
+    }
+}
+
+const SELECTOR_FIELDS: &[&str] = &["matchLabels", "matchExpressions"];
+const EXPRESSION_FIELDS: &[&str] = &["key", "operator", "values"];
+
+/// Parses a label selector; problems are reported and yield `None`.
+pub(crate) fn parse(diag: &mut Diag<'_>, node: &Node<'_>, field: &str) -> Option<LabelSelector> {
+    let before = diag.errors.len();
+    let fields = diag.mapping(node, field, SELECTOR_FIELDS, "")?;
+    let mut selector = LabelSelector::default();
+    if let Some(labels) = fields.get_non_null("matchLabels") {
+        let path = join(field, "matchLabels");
+        for (key, value) in diag.string_map(labels, &path) {
+            if let Some(key) = checked_key(diag, labels, &path, &key) {
+                selector
+                    .requirements
+                    .push(Requirement::In(key, vec![value]));
+            }
+        }
+    }
+    if let Some(exprs) = fields.get_non_null("matchExpressions") {
+        let path = join(field, "matchExpressions");
+        for (i, expr) in diag
+            .sequence(exprs, &path)
+            .unwrap_or_default()
+            .iter()
+            .enumerate()
+        {
+            if let Some(r) = parse_expression(diag, expr, &index(&path, i)) {
+                selector.requirements.push(r);
+            }
+        }
+    }
+    (diag.errors.len() == before).then_some(selector)
+}
+
+fn checked_key(diag: &mut Diag<'_>, node: &Node<'_>, field: &str, key: &str) -> Option<String> {
+    match normalize_key(key) {
+        Some(k) if !k.is_empty() => Some(k.to_string()),
+        Some(_) => {
+            diag.invalid(node, field, "empty label key");
+            None
+        }
+        None => {
+            diag.invalid(
+                node,
+                field,
+                format!(
+                    "label {key:?}: only k8s: and any: label sources are supported \
+                     (dnsfence endpoints carry Kubernetes-style labels only)"
+                ),
+            );
+            None
+        }
+    }
+}
+
+fn parse_expression(diag: &mut Diag<'_>, node: &Node<'_>, field: &str) -> Option<Requirement> {
+    let fields = diag.mapping(node, field, EXPRESSION_FIELDS, "")?;
+    let Some(key_node) = fields.get("key") else {
+        diag.push(
+            crate::yaml::line(node),
+            crate::LoadErrorKind::Missing {
+                field: join(field, "key"),
+            },
+        );
+        return None;
+    };
+    let key_path = join(field, "key");
+    let key = diag.string(key_node, &key_path)?;
+    let key = checked_key(diag, key_node, &key_path, &key)?;
+    let Some(op_node) = fields.get("operator") else {
+        diag.push(
+            crate::yaml::line(node),
+            crate::LoadErrorKind::Missing {
+                field: join(field, "operator"),
+            },
+        );
+        return None;
+    };
+    let op_path = join(field, "operator");
+    let op = diag.string(op_node, &op_path)?;
+    let values_path = join(field, "values");
+    let mut values = Vec::new();
+    if let Some(v) = fields.get_non_null("values") {
+        for (i, item) in diag.sequence(v, &values_path)?.iter().enumerate() {
+            values.push(diag.string(item, &index(&values_path, i))?);
+        }
+    }
+    let values_node = fields.get("values").unwrap_or(node);
+    match op.as_str() {
+        "In" | "NotIn" if values.is_empty() => {
+            diag.invalid(
+                values_node,
+                &values_path,
+                format!("operator {op} needs at least one value"),
+            );
+            None
+        }
+        "Exists" | "DoesNotExist" if !values.is_empty() => {
+            diag.invalid(
+                values_node,
+                &values_path,
+                format!("operator {op} takes no values"),
+            );
+            None
+        }
+        "In" => Some(Requirement::In(key, values)),
+        "NotIn" => Some(Requirement::NotIn(key, values)),
+        "Exists" => Some(Requirement::Exists(key)),
+        "DoesNotExist" => Some(Requirement::DoesNotExist(key)),
+        _ => {
+            diag.invalid(
+                op_node,
+                &op_path,
+                format!("unknown operator {op:?} (expected In, NotIn, Exists or DoesNotExist)"),
+            );
+            None
+        }
+    }
+}

@@ -1,0 +1,436 @@
+//! The compiled, immutable view the data plane queries per DNS packet.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+
+use dnsfence_matcher::{Matcher, MatcherBuilder, Name, RuleId, RuleSet};
+
+use crate::endpoints::{Endpoint, Endpoints, canonical_cgroup, canonical_ip};
+use crate::policy::{EgressRule, PolicySet, PortProto, Proto};
+use crate::selector::LabelSelector;
+
+/// A workload of the snapshot's endpoint registry: an index, valid for that snapshot only.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub struct EndpointId(pub u32);
+
+/// The DNS-layer verdict for one query.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum DnsVerdict {
+    /// A DNS rule of a policy selecting the endpoint allows the name: forward it.
+    Allow,
+    /// The endpoint is under egress policy and no DNS rule allows the query: refuse it.
+    Deny,
+    /// No egress policy selects the endpoint: everything is allowed (Cilium semantics).
+    Unrestricted,
+}
+
+const NO_GROUP: u32 = u32::MAX;
+
+#[derive(Debug)]
+struct EndpointEntry {
+    /// `namespace/name`.
+    name: Box<str>,
+    /// Index into `Snapshot::groups`, or `NO_GROUP` when unrestricted.
+    group: u32,
+}
+
+/// Which DNS servers a DNS entry applies to.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Servers {
+    /// No L3 selector: any destination.
+    Any,
+    /// `toEndpoints`: the registered endpoints (bitset by `EndpointId`) they select.
+    Endpoints(Box<[u64]>),
+}
+
+impl Servers {
+    fn contains(&self, server: Option<EndpointId>) -> bool {
+        match self {
+            Servers::Any => true,
+            Servers::Endpoints(bits) => server.is_some_and(|ep| {
+                bits.get(ep.0 as usize / 64)
+                    .is_some_and(|w| w & (1u64 << (ep.0 % 64)) != 0)
+            }),
+        }
+    }
+}
+
+/// The names a DNS entry allows.
+#[derive(Debug)]
+enum Names {
+    /// `dns: []` somewhere in the entry: every name.
+    All,
+    /// One matcher for every pattern of the entry.
+    Matcher(Matcher),
+}
+
+/// All DNS rules of a group that share their ports and their L3 part, compiled together.
+#[derive(Debug)]
+struct DnsEntry {
+    ports: Box<[PortProto]>,
+    servers: Servers,
+    names: Names,
+}
+
+/// Endpoints selected by exactly the same specs share one group (like Cilium identities).
+#[derive(Debug)]
+struct Group {
+    dns: Box<[DnsEntry]>,
+    /// Every toFQDNs selector of the group, tagged with its rule's `RuleId`.
+    fqdn: Matcher,
+}
+
+/// Counts of a snapshot, for logs and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct SnapshotStats {
+    /// Registered endpoints.
+    pub endpoints: usize,
+    /// Endpoints under egress policy.
+    pub restricted: usize,
+    /// Distinct groups (sets of applicable specs).
+    pub groups: usize,
+    /// toFQDNs rules (`RuleId`s).
+    pub fqdn_rules: usize,
+}
+
+/// The compiled policy and endpoint registry. Immutable; shared as `Arc<Snapshot>`.
+///
+/// Queries never allocate or lock, and their cost does not depend on the number of patterns:
+/// a verdict is a hash lookup for the endpoint's group, a scan of the group's few DNS entries,
+/// and one matcher lookup per entry that covers the query's server and port.
+#[derive(Debug)]
+pub struct Snapshot {
+    generation: u64,
+    endpoints: Box<[EndpointEntry]>,
+    by_ip: HashMap<IpAddr, EndpointId>,
+    by_cgroup: HashMap<Box<str>, EndpointId>,
+    groups: Box<[Group]>,
+    rule_ports: Box<[Box<[PortProto]>]>,
+}
+
+impl Default for Snapshot {
+    fn default() -> Snapshot {
+        Snapshot::empty()
+    }
+}
+
+impl Snapshot {
+    /// No endpoints, no policy.
+    pub fn empty() -> Snapshot {
+        Snapshot {
+            generation: 0,
+            endpoints: Box::new([]),
+            by_ip: HashMap::new(),
+            by_cgroup: HashMap::new(),
+            groups: Box::new([]),
+            rule_ports: Box::new([]),
+        }
+    }
+
+    /// Compiles validated policies against an endpoint registry.
+    pub fn compile(policies: &PolicySet, endpoints: &Endpoints) -> Snapshot {
+        compile(policies, &endpoints.endpoints)
+    }
+
+    /// The endpoint that owns source address `ip` (IPv4-mapped IPv6 is looked up as IPv4).
+    pub fn endpoint_by_ip(&self, ip: IpAddr) -> Option<EndpointId> {
+        self.by_ip.get(&canonical_ip(ip)).copied()
+    }
+
+    /// The endpoint of a cgroup path below the cgroup root (leading/trailing `/` ignored).
+    pub fn endpoint_by_cgroup(&self, cgroup_path: &str) -> Option<EndpointId> {
+        self.by_cgroup.get(canonical_cgroup(cgroup_path)).copied()
+    }
+
+    /// The endpoint named `namespace/name`, or `name` when only one namespace has it.
+    pub fn endpoint_by_name(&self, name: &str) -> Option<EndpointId> {
+        if name.contains('/') {
+            return self.endpoints().find(|&ep| self.endpoint_name(ep) == name);
+        }
+        let mut found = self.endpoints().filter(|&ep| {
+            self.endpoint_name(ep)
+                .rsplit_once('/')
+                .is_some_and(|(_, n)| n == name)
+        });
+        let first = found.next()?;
+        found.next().is_none().then_some(first)
+    }
+
+    /// `namespace/name` of `ep` (empty for an id this snapshot does not know).
+    pub fn endpoint_name(&self, ep: EndpointId) -> &str {
+        self.endpoints.get(ep.0 as usize).map_or("", |e| &e.name)
+    }
+
+    /// Every endpoint, in registry order.
+    pub fn endpoints(&self) -> impl Iterator<Item = EndpointId> + '_ {
+        (0..self.endpoints.len() as u32).map(EndpointId)
+    }
+
+    /// Whether some egress policy selects `ep` (then its egress is default-deny). An unknown
+    /// id counts as restricted.
+    pub fn is_restricted(&self, ep: EndpointId) -> bool {
+        self.endpoints
+            .get(ep.0 as usize)
+            .is_none_or(|e| e.group != NO_GROUP)
+    }
+
+    /// DNS layer: may `ep` resolve `name` via server `server` (the original destination of the
+    /// query) over `proto`? An id this snapshot does not know is denied.
+    pub fn dns_verdict(
+        &self,
+        ep: EndpointId,
+        server: SocketAddr,
+        proto: Proto,
+        name: &Name,
+    ) -> DnsVerdict {
+        self.verdict(ep, Some(server.ip()), server.port(), proto, name)
+    }
+
+    /// Like [`Snapshot::dns_verdict`] with the L3 part (`toEndpoints`) of DNS rules not
+    /// checked: whether *some* server the policy allows on `port` would get the query. For
+    /// tools (`dnsfence policy check` without `--server`), not the data plane.
+    pub fn dns_verdict_any_server(
+        &self,
+        ep: EndpointId,
+        port: u16,
+        proto: Proto,
+        name: &Name,
+    ) -> DnsVerdict {
+        self.verdict(ep, None, port, proto, name)
+    }
+
+    fn verdict(
+        &self,
+        ep: EndpointId,
+        server_ip: Option<IpAddr>,
+        port: u16,
+        proto: Proto,
+        name: &Name,
+    ) -> DnsVerdict {
+        let Some(entry) = self.endpoints.get(ep.0 as usize) else {
+            return DnsVerdict::Deny;
+        };
+        let Some(group) = self.groups.get(entry.group as usize) else {
+            return DnsVerdict::Unrestricted;
+        };
+        // The endpoint owning the server address, looked up once and only when needed.
+        let mut server: Option<Option<EndpointId>> = None;
+        for dns in group.dns.iter() {
+            if !dns.ports.iter().any(|p| p.covers(port, proto)) {
+                continue;
+            }
+            if let Some(ip) = server_ip
+                && let Servers::Endpoints(_) = dns.servers
+            {
+                let owner = *server.get_or_insert_with(|| self.endpoint_by_ip(ip));
+                if !dns.servers.contains(owner) {
+                    continue;
+                }
+            }
+            let allowed = match &dns.names {
+                Names::All => true,
+                Names::Matcher(m) => m.is_match(name),
+            };
+            if allowed {
+                return DnsVerdict::Allow;
+            }
+        }
+        DnsVerdict::Deny
+    }
+
+    /// L3/L4 layer: the toFQDNs rules of policies selecting `ep` whose selectors match `name`
+    /// (`out` is cleared first). Returns false when none. An unrestricted endpoint has no
+    /// rules (check [`Snapshot::is_restricted`] or the DNS verdict first).
+    pub fn fqdn_rules(&self, ep: EndpointId, name: &Name, out: &mut RuleSet) -> bool {
+        out.clear();
+        let Some(group) = self
+            .endpoints
+            .get(ep.0 as usize)
+            .and_then(|e| self.groups.get(e.group as usize))
+        else {
+            return false;
+        };
+        group.fqdn.lookup_into(name, out);
+        !out.is_empty()
+    }
+
+    /// A scratch set with room for every toFQDNs rule id, so that `fqdn_rules` never allocates.
+    pub fn rule_set(&self) -> RuleSet {
+        RuleSet::with_max_rule(self.rule_ports.len().saturating_sub(1) as u32)
+    }
+
+    /// The ports a toFQDNs rule opens; an empty slice means every port.
+    pub fn rule_ports(&self, rule: RuleId) -> &[PortProto] {
+        self.rule_ports.get(rule.0 as usize).map_or(&[], |p| p)
+    }
+
+    /// The generation the loader or caller gave this snapshot.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// Sets the generation (before the snapshot is shared).
+    pub fn set_generation(&mut self, generation: u64) {
+        self.generation = generation;
+    }
+
+    /// Counts, for logs and metrics.
+    pub fn stats(&self) -> SnapshotStats {
+        SnapshotStats {
+            endpoints: self.endpoints.len(),
+            restricted: self
+                .endpoints
+                .iter()
+                .filter(|e| e.group != NO_GROUP)
+                .count(),
+            groups: self.groups.len(),
+            fqdn_rules: self.rule_ports.len(),
+        }
+    }
+}
+
+/// One egress-enforcing spec with the ids of its toFQDNs rules.
+struct FlatSpec<'p> {
+    selector: &'p LabelSelector,
+    rules: &'p [EgressRule],
+    /// `RuleId` of each rule (meaningful for toFQDNs rules only).
+    rule_ids: Vec<u32>,
+    /// Servers of each DNS rule.
+    servers: Vec<Servers>,
+}
+
+fn servers_of(to: Option<&[LabelSelector]>, endpoints: &[Endpoint]) -> Servers {
+    let Some(selectors) = to else {
+        return Servers::Any;
+    };
+    let mut bits = vec![0u64; endpoints.len().div_ceil(64)];
+    for (i, ep) in endpoints.iter().enumerate() {
+        if selectors.iter().any(|s| s.matches(&ep.labels)) {
+            bits[i / 64] |= 1 << (i % 64);
+        }
+    }
+    Servers::Endpoints(bits.into_boxed_slice())
+}
+
+fn compile(policies: &PolicySet, endpoints: &[Endpoint]) -> Snapshot {
+    let mut rule_ports: Vec<Box<[PortProto]>> = Vec::new();
+    let mut specs = Vec::new();
+    for spec in policies.policies.iter().flat_map(|p| &p.specs) {
+        if !spec.enforces_egress() {
+            continue;
+        }
+        let mut rule_ids = Vec::with_capacity(spec.egress.len());
+        let mut servers = Vec::with_capacity(spec.egress.len());
+        for rule in &spec.egress {
+            rule_ids.push(rule_ports.len() as u32);
+            match rule {
+                EgressRule::Fqdn(f) => {
+                    rule_ports.push(f.ports.clone().into_boxed_slice());
+                    servers.push(Servers::Any);
+                }
+                EgressRule::Dns(d) => {
+                    servers.push(servers_of(d.to_endpoints.as_deref(), endpoints));
+                }
+                EgressRule::Nothing => servers.push(Servers::Any),
+            }
+        }
+        specs.push(FlatSpec {
+            selector: &spec.selector,
+            rules: &spec.egress,
+            rule_ids,
+            servers,
+        });
+    }
+
+    let mut group_of: HashMap<Vec<u32>, u32> = HashMap::new();
+    let mut groups = Vec::new();
+    let mut entries = Vec::with_capacity(endpoints.len());
+    let mut by_ip = HashMap::new();
+    let mut by_cgroup = HashMap::new();
+    for (i, ep) in endpoints.iter().enumerate() {
+        let id = EndpointId(i as u32);
+        let selecting: Vec<u32> = specs
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.selector.matches(&ep.labels))
+            .map(|(j, _)| j as u32)
+            .collect();
+        let group = if selecting.is_empty() {
+            NO_GROUP
+        } else {
+            *group_of.entry(selecting).or_insert_with_key(|selecting| {
+                groups.push(compile_group(&specs, selecting));
+                (groups.len() - 1) as u32
+            })
+        };
+        entries.push(EndpointEntry {
+            name: format!("{}/{}", ep.namespace, ep.name).into_boxed_str(),
+            group,
+        });
+        for ip in &ep.ips {
+            by_ip.insert(*ip, id);
+        }
+        if let Some(cg) = &ep.cgroup {
+            by_cgroup.insert(cg.clone().into_boxed_str(), id);
+        }
+    }
+    Snapshot {
+        generation: 0,
+        endpoints: entries.into_boxed_slice(),
+        by_ip,
+        by_cgroup,
+        groups: groups.into_boxed_slice(),
+        rule_ports: rule_ports.into_boxed_slice(),
+    }
+}
+
+fn compile_group(specs: &[FlatSpec<'_>], selecting: &[u32]) -> Group {
+    // (ports, servers) → (allows every name, builder of its patterns)
+    let mut index: HashMap<(Vec<PortProto>, Servers), usize> = HashMap::new();
+    let mut dns: Vec<(Vec<PortProto>, Servers, bool, MatcherBuilder)> = Vec::new();
+    let mut fqdn = MatcherBuilder::new();
+    for &s in selecting {
+        let spec = &specs[s as usize];
+        for (r, rule) in spec.rules.iter().enumerate() {
+            match rule {
+                EgressRule::Nothing => {}
+                EgressRule::Fqdn(f) => {
+                    for p in &f.selectors {
+                        fqdn.add(p.clone(), RuleId(spec.rule_ids[r]));
+                    }
+                }
+                EgressRule::Dns(d) => {
+                    for ports in &d.ports {
+                        let key = (ports.ports.clone(), spec.servers[r].clone());
+                        let slot = *index.entry(key).or_insert_with_key(|(p, sv)| {
+                            dns.push((p.clone(), sv.clone(), false, MatcherBuilder::new()));
+                            dns.len() - 1
+                        });
+                        let entry = &mut dns[slot];
+                        if ports.names.is_empty() {
+                            entry.2 = true;
+                        }
+                        for p in &ports.names {
+                            entry.3.add(p.clone(), RuleId(0));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    Group {
+        dns: dns
+            .into_iter()
+            .map(|(ports, servers, all, builder)| DnsEntry {
+                ports: ports.into_boxed_slice(),
+                servers,
+                names: if all {
+                    Names::All
+                } else {
+                    Names::Matcher(builder.build())
+                },
+            })
+            .collect(),
+        fqdn: fqdn.build(),
+    }
+}

@@ -1,0 +1,466 @@
+//! Error paths: each file under `testdata/bad*/` lists the errors it must produce, exactly, as
+//! `# expect: LINE: reason` lines (`FILE` in a reason stands for the file's own path).
+
+use std::path::{Path, PathBuf};
+
+use crate::{Endpoints, LoadErrors, PolicySet};
+
+fn testdata(dir: &str) -> Vec<PathBuf> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("testdata")
+        .join(dir);
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    files.sort();
+    assert!(!files.is_empty(), "no test files in {}", dir.display());
+    files
+}
+
+fn check_expectations(file: &Path, result: Result<(), LoadErrors>) -> Option<String> {
+    let text = std::fs::read_to_string(file).unwrap();
+    let shown = file.display().to_string();
+    let expected: Vec<String> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("# expect: "))
+        .map(|l| format!("{shown}:{}", l.replace("FILE", &shown)))
+        .collect();
+    assert!(!expected.is_empty(), "{shown}: no `# expect:` line");
+    let got: Vec<String> = match result {
+        Ok(()) => Vec::new(),
+        Err(e) => e.errors().iter().map(ToString::to_string).collect(),
+    };
+    (got != expected).then(|| {
+        format!(
+            "{shown}\n  expected:\n    {}\n  got:\n    {}",
+            expected.join("\n    "),
+            got.join("\n    ")
+        )
+    })
+}
+
+#[test]
+fn bad_policy_files_report_every_error_at_its_line() {
+    let failures: Vec<String> = testdata("bad")
+        .iter()
+        .filter_map(|f| check_expectations(f, PolicySet::load(std::slice::from_ref(f)).map(|_| ())))
+        .collect();
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn bad_endpoints_files_report_every_error_at_its_line() {
+    let failures: Vec<String> = testdata("bad-endpoints")
+        .iter()
+        .filter_map(|f| check_expectations(f, Endpoints::load(f).map(|_| ())))
+        .collect();
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+mod semantics {
+    use std::net::{IpAddr, SocketAddr};
+    use std::path::Path;
+
+    use dnsfence_matcher::Name;
+
+    use crate::{DnsVerdict, Endpoints, PolicySet, Proto, Snapshot};
+
+    const ENDPOINTS: &str = r#"
+endpoints:
+- {name: uploader, namespace: team-a, labels: {app: uploader, tier: web}, ips: ["10.0.1.5", "fd00::5"], cgroup: /workloads/uploader}
+- {name: other, namespace: team-a, labels: {app: other}, ips: ["10.0.1.6"]}
+- {name: uploader, namespace: team-b, labels: {app: uploader}, ips: ["10.0.2.5"]}
+- {name: batch, namespace: team-b, labels: {app: batch, tier: jobs}, ips: ["10.0.2.6"]}
+- {name: kube-dns, namespace: kube-system, labels: {k8s-app: kube-dns}, ips: ["10.96.0.10"]}
+- {name: local-dns, namespace: team-a, labels: {app: dns}, ips: ["10.0.1.53"]}
+"#;
+
+    const SPEC_EXAMPLE: &str = include_str!("../testdata/spec-example.yaml");
+
+    fn snapshot(policies: &str) -> Snapshot {
+        let p =
+            PolicySet::from_yaml(Path::new("p.yaml"), policies).unwrap_or_else(|e| panic!("{e}"));
+        let e = Endpoints::from_yaml(Path::new("e.yaml"), ENDPOINTS).unwrap();
+        Snapshot::compile(&p, &e)
+    }
+
+    /// `ep` is `namespace/name`; `server` is `ip:port`.
+    fn dns(s: &Snapshot, ep: &str, server: &str, proto: Proto, name: &str) -> DnsVerdict {
+        let id = s.endpoint_by_name(ep).unwrap();
+        s.dns_verdict(
+            id,
+            server.parse().unwrap(),
+            proto,
+            &Name::from_text(name).unwrap(),
+        )
+    }
+
+    /// The ports toFQDNs rules open for `name`, as `443/tcp,...` (`*` = all), or `None`.
+    fn fqdn(s: &Snapshot, ep: &str, name: &str) -> Option<String> {
+        let id = s.endpoint_by_name(ep).unwrap();
+        let mut set = s.rule_set();
+        if !s.fqdn_rules(id, &Name::from_text(name).unwrap(), &mut set) {
+            return None;
+        }
+        let mut ports: Vec<String> = Vec::new();
+        for &rule in set.as_slice() {
+            let p = s.rule_ports(rule);
+            if p.is_empty() {
+                ports.push("*".into());
+            }
+            ports.extend(p.iter().map(ToString::to_string));
+        }
+        ports.sort();
+        ports.dedup();
+        Some(ports.join(","))
+    }
+
+    use DnsVerdict::{Allow, Deny, Unrestricted};
+    use Proto::{Tcp, Udp};
+
+    #[test]
+    fn spec_example_verdicts() {
+        let s = snapshot(SPEC_EXAMPLE);
+        let kdns = "10.96.0.10:53";
+        let cases = [
+            ("team-a/uploader", kdns, Udp, "bbc.co.uk", Allow),
+            ("team-a/uploader", kdns, Tcp, "BBC.co.uk.", Allow),
+            ("team-a/uploader", kdns, Udp, "api.stripe.com", Allow),
+            ("team-a/uploader", "8.8.8.8:53", Udp, "bbc.co.uk", Deny), // not kube-dns
+            ("team-a/uploader", "10.0.1.53:53", Udp, "bbc.co.uk", Deny), // registered, wrong labels
+            ("team-a/uploader", "10.96.0.10:5353", Udp, "bbc.co.uk", Deny), // wrong port
+            ("team-a/other", kdns, Udp, "bbc.co.uk", Unrestricted),    // not selected
+            ("team-b/uploader", kdns, Udp, "bbc.co.uk", Unrestricted), // CNP confined to team-a
+        ];
+        for (ep, server, proto, name, want) in cases {
+            assert_eq!(
+                dns(&s, ep, server, proto, name),
+                want,
+                "{ep} {server} {proto:?} {name}"
+            );
+        }
+        let fqdn_cases = [
+            ("bbc.co.uk", None),
+            ("api.stripe.com", Some("443/tcp")),
+            ("API.Stripe.com.", Some("443/tcp")),
+            ("x.s3.amazonaws.com", Some("443/tcp")),
+            ("s3.amazonaws.com", None),
+            ("a.b.s3.amazonaws.com", None),
+        ];
+        for (name, want) in fqdn_cases {
+            assert_eq!(fqdn(&s, "team-a/uploader", name).as_deref(), want, "{name}");
+        }
+        assert_eq!(fqdn(&s, "team-a/other", "api.stripe.com"), None);
+        assert!(s.is_restricted(s.endpoint_by_name("team-a/uploader").unwrap()));
+        assert!(!s.is_restricted(s.endpoint_by_name("team-a/other").unwrap()));
+    }
+
+    /// A CCNP selecting with `selector` that allows all names on UDP/53 to any server.
+    fn ccnp_selecting(selector: &str) -> String {
+        format!(
+            "apiVersion: cilium.io/v2\nkind: CiliumClusterwideNetworkPolicy\nmetadata: {{name: sel}}\n\
+             spec:\n  endpointSelector: {selector}\n  egress:\n  - toPorts: [{{ports: [{{port: \"53\", protocol: UDP}}], rules: {{dns: [{{matchName: ok.com}}]}}}}]\n"
+        )
+    }
+
+    #[test]
+    fn selection_by_labels_and_expressions() {
+        // (selector, endpoints it must select, in ENDPOINTS order)
+        let all = [
+            "team-a/uploader",
+            "team-a/other",
+            "team-b/uploader",
+            "team-b/batch",
+            "kube-system/kube-dns",
+            "team-a/local-dns",
+        ];
+        let cases: &[(&str, &[&str])] = &[
+            ("{}", &all),
+            (
+                "{matchLabels: {app: uploader}}",
+                &["team-a/uploader", "team-b/uploader"],
+            ),
+            (
+                "{matchLabels: {\"k8s:app\": uploader, tier: web}}",
+                &["team-a/uploader"],
+            ),
+            (
+                "{matchLabels: {\"any:io.kubernetes.pod.namespace\": team-b}}",
+                &["team-b/uploader", "team-b/batch"],
+            ),
+            (
+                "{matchExpressions: [{key: app, operator: In, values: [batch, other]}]}",
+                &["team-a/other", "team-b/batch"],
+            ),
+            (
+                "{matchExpressions: [{key: app, operator: NotIn, values: [uploader]}]}",
+                &[
+                    "team-a/other",
+                    "team-b/batch",
+                    "kube-system/kube-dns",
+                    "team-a/local-dns",
+                ],
+            ),
+            (
+                "{matchExpressions: [{key: tier, operator: Exists}]}",
+                &["team-a/uploader", "team-b/batch"],
+            ),
+            (
+                "{matchExpressions: [{key: tier, operator: DoesNotExist}, {key: app, operator: Exists}]}",
+                &["team-a/other", "team-b/uploader", "team-a/local-dns"],
+            ),
+            (
+                "{matchLabels: {app: uploader}, matchExpressions: [{key: tier, operator: DoesNotExist}]}",
+                &["team-b/uploader"],
+            ),
+        ];
+        for (selector, want) in cases {
+            let s = snapshot(&ccnp_selecting(selector));
+            let got: Vec<&str> = s
+                .endpoints()
+                .filter(|&ep| s.is_restricted(ep))
+                .map(|ep| s.endpoint_name(ep))
+                .collect();
+            assert_eq!(&got, want, "{selector}");
+            for ep in all {
+                let v = dns(&s, ep, "1.1.1.1:53", Udp, "ok.com");
+                assert_eq!(v == Allow, want.contains(&ep), "{selector} {ep}");
+                let v = dns(&s, ep, "1.1.1.1:53", Udp, "no.com");
+                assert_eq!(
+                    v,
+                    if want.contains(&ep) {
+                        Deny
+                    } else {
+                        Unrestricted
+                    },
+                    "{selector} {ep}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn namespace_confinement_of_cnp_selectors() {
+        // Without a namespace: the CNP's own. toEndpoints [{}] in a CNP: endpoints of its
+        // namespace; in a CCNP: every registered endpoint.
+        let s = snapshot(
+            r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: any-peer}          # namespace: default
+spec:
+  endpointSelector: {}
+---
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: local, namespace: team-a}
+spec:
+  endpointSelector: {matchLabels: {app: uploader}}
+  egress:
+  - toEndpoints: [{}]
+    toPorts: [{ports: [{port: "53"}], rules: {dns: []}}]
+---
+apiVersion: cilium.io/v2
+kind: CiliumClusterwideNetworkPolicy
+metadata: {name: batch}
+spec:
+  endpointSelector: {matchLabels: {app: batch}}
+  egress:
+  - toEndpoints: [{}]
+    toPorts: [{ports: [{port: "53"}], rules: {dns: []}}]
+"#,
+        );
+        let up = "team-a/uploader";
+        assert_eq!(dns(&s, up, "10.0.1.53:53", Udp, "x.com"), Allow); // team-a peer
+        assert_eq!(dns(&s, up, "10.96.0.10:53", Udp, "x.com"), Deny); // kube-system peer
+        assert_eq!(dns(&s, up, "9.9.9.9:53", Udp, "x.com"), Deny); // unregistered
+        let batch = "team-b/batch";
+        assert_eq!(dns(&s, batch, "10.0.1.53:53", Udp, "x.com"), Allow);
+        assert_eq!(dns(&s, batch, "10.96.0.10:53", Tcp, "x.com"), Allow);
+        assert_eq!(dns(&s, batch, "[fd00::5]:53", Udp, "x.com"), Allow);
+        assert_eq!(dns(&s, batch, "9.9.9.9:53", Udp, "x.com"), Deny);
+        // A policy without egress rules selects nothing for egress.
+        assert_eq!(
+            dns(&s, "team-b/uploader", "9.9.9.9:53", Udp, "x.com"),
+            Unrestricted
+        );
+    }
+
+    #[test]
+    fn dns_port_and_protocol_coverage() {
+        let s = snapshot(
+            r#"
+apiVersion: cilium.io/v2
+kind: CiliumClusterwideNetworkPolicy
+metadata: {name: ports}
+spec:
+  endpointSelector: {matchLabels: {app: uploader}}
+  egress:
+  - toPorts:
+    - ports: [{port: "53", protocol: UDP}]
+      rules: {dns: [{matchName: udp.com}]}
+    - ports: [{port: 53, protocol: TCP}]
+      rules: {dns: [{matchName: tcp.com}]}
+    - ports: [{port: "5300", endPort: 5399}]
+      rules: {dns: [{matchPattern: "*.range.com"}]}
+    - ports: [{port: "853", protocol: SCTP}]
+      rules: {dns: []}
+"#,
+        );
+        let ep = "team-a/uploader";
+        let cases = [
+            ("1.1.1.1:53", Udp, "udp.com", Allow),
+            ("1.1.1.1:53", Tcp, "udp.com", Deny),
+            ("1.1.1.1:53", Tcp, "tcp.com", Allow),
+            ("1.1.1.1:53", Udp, "tcp.com", Deny),
+            ("1.1.1.1:5300", Udp, "a.range.com", Allow),
+            ("1.1.1.1:5399", Tcp, "a.range.com", Allow),
+            ("1.1.1.1:5400", Tcp, "a.range.com", Deny),
+            ("1.1.1.1:5350", Tcp, "range.com", Deny),
+            ("1.1.1.1:853", Udp, "any.com", Deny), // SCTP covers neither UDP nor TCP
+        ];
+        for (server, proto, name, want) in cases {
+            assert_eq!(
+                dns(&s, ep, server, proto, name),
+                want,
+                "{server} {proto:?} {name}"
+            );
+        }
+    }
+
+    #[test]
+    fn specs_form_multiple_documents_and_default_deny() {
+        let s = snapshot(
+            r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: two-specs, namespace: team-b}
+specs:
+- endpointSelector: {matchLabels: {app: batch}}
+  egress:
+  - toPorts: [{ports: [{port: "53"}], rules: {dns: [{matchPattern: "*.a.com"}]}}]
+  - toFQDNs: [{matchPattern: "**.a.com"}]
+- endpointSelector: {matchLabels: {app: uploader}}
+  egress: [{}]
+---
+---
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: more, namespace: team-b}
+spec:
+  endpointSelector: {matchLabels: {app: batch}}
+  egress:
+  - toPorts: [{ports: [{port: "53"}], rules: {dns: [{matchName: b.com}]}}]
+  - toFQDNs: [{matchName: b.com}, {matchName: x.a.com}]
+    toPorts: [{ports: [{port: "443", protocol: TCP}, {port: "8000", endPort: 8080, protocol: TCP}]}]
+"#,
+        );
+        let b = "team-b/batch";
+        assert_eq!(dns(&s, b, "1.1.1.1:53", Udp, "x.a.com"), Allow);
+        assert_eq!(dns(&s, b, "1.1.1.1:53", Udp, "b.com"), Allow);
+        assert_eq!(dns(&s, b, "1.1.1.1:53", Udp, "a.com"), Deny);
+        assert_eq!(fqdn(&s, b, "y.z.a.com").as_deref(), Some("*"));
+        assert_eq!(
+            fqdn(&s, b, "x.a.com").as_deref(),
+            Some("*,443/tcp,8000-8080/tcp")
+        );
+        assert_eq!(
+            fqdn(&s, b, "b.com").as_deref(),
+            Some("443/tcp,8000-8080/tcp")
+        );
+        assert_eq!(fqdn(&s, b, "a.com"), None);
+        // `egress: [{}]`: selected, nothing allowed.
+        let u = "team-b/uploader";
+        assert_eq!(dns(&s, u, "1.1.1.1:53", Udp, "b.com"), Deny);
+        assert_eq!(fqdn(&s, u, "b.com"), None);
+        let summary = PolicySet::from_yaml(Path::new("p"), "---\n")
+            .unwrap()
+            .summary();
+        assert_eq!(summary.policies, 0);
+    }
+
+    #[test]
+    fn registry_lookups_and_shared_groups() {
+        let s = snapshot(&ccnp_selecting("{matchLabels: {app: uploader}}"));
+        let up = s.endpoint_by_name("team-a/uploader").unwrap();
+        let ip = |t: &str| t.parse::<IpAddr>().unwrap();
+        assert_eq!(s.endpoint_by_ip(ip("10.0.1.5")), Some(up));
+        assert_eq!(s.endpoint_by_ip(ip("::ffff:10.0.1.5")), Some(up));
+        assert_eq!(s.endpoint_by_ip(ip("fd00::5")), Some(up));
+        assert_eq!(s.endpoint_by_ip(ip("10.0.1.7")), None);
+        assert_eq!(s.endpoint_by_cgroup("/workloads/uploader"), Some(up));
+        assert_eq!(s.endpoint_by_cgroup("workloads/uploader/"), Some(up));
+        assert_eq!(s.endpoint_by_cgroup("/workloads"), None);
+        assert_eq!(s.endpoint_name(up), "team-a/uploader");
+        assert_eq!(
+            s.endpoint_by_name("other"),
+            s.endpoint_by_name("team-a/other")
+        );
+        assert_eq!(s.endpoint_by_name("uploader"), None, "ambiguous");
+        // Both uploaders are selected by the same spec: one compiled group.
+        let stats = s.stats();
+        assert_eq!((stats.endpoints, stats.restricted, stats.groups), (6, 2, 1));
+        // Unknown ids fail closed.
+        let bogus = crate::EndpointId(999);
+        let server: SocketAddr = "1.1.1.1:53".parse().unwrap();
+        assert_eq!(
+            s.dns_verdict(bogus, server, Udp, &Name::from_text("ok.com").unwrap()),
+            Deny
+        );
+        assert_eq!(s.endpoint_name(bogus), "");
+        let empty = Snapshot::empty();
+        assert_eq!(empty.endpoints().count(), 0);
+        assert_eq!(empty.rule_ports(dnsfence_matcher::RuleId(0)), &[]);
+    }
+
+    #[test]
+    fn snapshot_is_send_and_sync() {
+        fn check<T: Send + Sync>() {}
+        check::<Snapshot>();
+        check::<std::sync::Arc<Snapshot>>();
+    }
+
+    #[test]
+    fn ten_thousand_patterns_compile_and_answer() {
+        use std::fmt::Write;
+        let mut doc = String::from(
+            "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: big, namespace: team-a}\n\
+             spec:\n  endpointSelector: {}\n  egress:\n  - toPorts:\n    - ports: [{port: \"53\"}]\n      rules:\n        dns:\n",
+        );
+        for i in 0..5_000 {
+            writeln!(doc, "        - matchPattern: \"*.svc{i}.example.com\"").unwrap();
+        }
+        doc.push_str("  - toFQDNs:\n");
+        for i in 0..5_000 {
+            writeln!(doc, "    - matchName: \"host{i}.example.org\"").unwrap();
+        }
+        doc.push_str("    toPorts: [{ports: [{port: \"443\", protocol: TCP}]}]\n");
+        let p = PolicySet::from_yaml(Path::new("big.yaml"), &doc).unwrap();
+        assert_eq!(p.summary().patterns, 10_000);
+        let s = snapshot(&doc);
+        assert_eq!(s.stats().groups, 1, "all team-a endpoints share one group");
+        for ep in ["team-a/uploader", "team-a/other", "team-a/local-dns"] {
+            assert_eq!(
+                dns(&s, ep, "1.1.1.1:53", Udp, "a.svc4999.example.com"),
+                Allow
+            );
+            assert_eq!(dns(&s, ep, "1.1.1.1:53", Udp, "a.svc0.example.com"), Allow);
+            assert_eq!(dns(&s, ep, "1.1.1.1:53", Udp, "svc17.example.com"), Deny);
+            assert_eq!(
+                dns(&s, ep, "1.1.1.1:53", Udp, "a.svc5000.example.com"),
+                Deny
+            );
+            assert_eq!(
+                fqdn(&s, ep, "host4321.example.org").as_deref(),
+                Some("443/tcp")
+            );
+            assert_eq!(fqdn(&s, ep, "host5000.example.org"), None);
+        }
+        assert_eq!(
+            dns(&s, "team-b/batch", "1.1.1.1:53", Udp, "x.com"),
+            Unrestricted
+        );
+    }
+}
