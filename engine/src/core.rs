@@ -1,0 +1,825 @@
+//! The sans-IO core of a shard: every per-query decision, no sockets, no clock.
+//!
+//! A [`Core`] is driven by its shard:
+//! 1. feed inputs: [`Core::handle_client`], [`Core::handle_upstream`] (each with the current
+//!    time) and [`Core::handle_timeout`];
+//! 2. call [`Core::commit_allows`] once per batch: it writes the allow entries that answers of
+//!    this batch need, in one batch, and only then makes those answers transmittable;
+//! 3. drain [`Core::poll_transmit`] into the sockets and [`Core::poll_record`] into the
+//!    consumer queue;
+//! 4. sleep until [`Core::poll_timeout`] or the next packet.
+//!
+//! Outcomes are counted in [`Stats`]; nothing in here allocates once its tables are warm (the
+//! pending table, the ID maps and the output arena are sized at construction).
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dnsfence_matcher::{MAX_WIRE_LEN, Name, RuleSet};
+use dnsfence_policy::{DnsVerdict, EndpointId, Proto, Snapshot};
+
+use crate::allow::{AllowEntry, AllowSink};
+use crate::wire::{self, Addresses, Query, Rcode};
+
+/// What to do with queries from sources the endpoint registry does not know.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UnknownSource {
+    /// Answer them with the reject rcode (the default).
+    Deny,
+    /// Forward them, unrestricted and unrecorded in the allow table.
+    Allow,
+}
+
+/// The knobs of a core; every one is a flag of `dnsfence agent`.
+#[derive(Debug, Clone)]
+pub struct CoreConfig {
+    /// The upstream server; answers from any other address are dropped.
+    pub upstream: SocketAddr,
+    /// The DNS server a query is taken to be addressed to when the datapath does not say
+    /// (policy DNS rules are written for port 53 of the cluster's DNS server).
+    pub policy_server: SocketAddr,
+    /// Number of upstream UDP sockets (random source ports) the shard opened.
+    pub upstream_sockets: u16,
+    /// After this long without an answer the client gets SERVFAIL.
+    pub upstream_timeout: Duration,
+    /// The rcode for denied names: REFUSED or NXDOMAIN.
+    pub reject_rcode: Rcode,
+    /// Floor for the TTL of allow entries, in seconds.
+    pub min_ttl: u32,
+    /// Queries from unknown sources.
+    pub unknown_source: UnknownSource,
+    /// Most queries in flight upstream at once; beyond it new queries get SERVFAIL.
+    pub max_pending: usize,
+    /// Most (endpoint, address) entries this shard remembers as written; beyond it the
+    /// memory is cleared (which costs extra writes, never correctness).
+    pub allow_cache_entries: usize,
+    /// Seed of the ID generator (take it from the OS; tests fix it).
+    pub seed: u64,
+}
+
+impl CoreConfig {
+    /// Defaults for an upstream, as `dnsfence agent` uses them.
+    pub fn new(upstream: SocketAddr) -> CoreConfig {
+        CoreConfig {
+            upstream,
+            policy_server: SocketAddr::new(upstream.ip(), 53),
+            upstream_sockets: 4,
+            upstream_timeout: Duration::from_secs(5),
+            reject_rcode: Rcode::Refused,
+            min_ttl: 0,
+            unknown_source: UnknownSource::Deny,
+            max_pending: 8192,
+            allow_cache_entries: 65536,
+            seed: 0x5eed,
+        }
+    }
+}
+
+/// Who asked: where the answer goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Client {
+    /// A UDP client at this address.
+    Udp(SocketAddr),
+    /// A TCP client connection of the shard.
+    Tcp {
+        /// The shard's connection id.
+        conn: u32,
+        /// The client's address.
+        peer: SocketAddr,
+    },
+}
+
+impl Client {
+    fn addr(&self) -> SocketAddr {
+        match *self {
+            Client::Udp(addr) | Client::Tcp { peer: addr, .. } => addr,
+        }
+    }
+
+    fn proto(&self) -> Proto {
+        match self {
+            Client::Udp(_) => Proto::Udp,
+            Client::Tcp { .. } => Proto::Tcp,
+        }
+    }
+}
+
+/// Where a transmit goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Destination {
+    /// To a client.
+    Client(Client),
+    /// To the upstream from UDP socket `socket`.
+    UpstreamUdp {
+        /// The shard's upstream socket index.
+        socket: u16,
+    },
+    /// To the upstream over the shard's TCP connection.
+    UpstreamTcp,
+}
+
+/// A datagram or TCP message to send. The bytes stay valid until the next call on the core.
+#[derive(Debug)]
+pub struct Transmit<'a> {
+    /// Where to.
+    pub to: Destination,
+    /// The DNS message (no TCP length prefix).
+    pub data: &'a [u8],
+}
+
+/// What became of a query, as the flow log records it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Forwarded and answered by the upstream.
+    Forward,
+    /// Refused by policy (REFUSED or NXDOMAIN written).
+    Refuse,
+    /// Refused: the source is not a known endpoint.
+    RefuseUnknownSource,
+    /// The upstream did not answer in time; SERVFAIL written.
+    Timeout,
+    /// Malformed; FORMERR/NOTIMP written or dropped.
+    Malformed,
+    /// No room (pending table full) or the allow write failed; SERVFAIL written.
+    Overload,
+}
+
+/// A record for the consumer: an observation of addresses or a flow.
+#[derive(Debug, Clone)]
+pub enum Record {
+    /// Addresses learned for a name an endpoint may reach.
+    Addresses(IpUpdate),
+    /// One query's outcome.
+    Flow(Flow),
+}
+
+/// Addresses learned from an allowed answer (the FQDN cache's input and the agent's sync).
+#[derive(Debug, Clone)]
+pub struct IpUpdate {
+    /// When the answer arrived.
+    pub at: Instant,
+    /// The endpoint that asked.
+    pub endpoint: EndpointId,
+    /// The question name.
+    pub name: Name,
+    /// The addresses on the CNAME chain.
+    pub addresses: Addresses,
+    /// TTL used for the allow entries (the chain's minimum, raised to `min_ttl`).
+    pub ttl: u32,
+    /// Up to eight matching `toFQDNs` rule ids (`rules_total` says how many matched).
+    pub rules: [u32; 8],
+    /// Number of matching rules.
+    pub rules_total: usize,
+}
+
+/// One query's outcome.
+#[derive(Debug, Clone)]
+pub struct Flow {
+    /// When the verdict was given.
+    pub at: Instant,
+    /// The client's address.
+    pub client: SocketAddr,
+    /// The endpoint, when known.
+    pub endpoint: Option<EndpointId>,
+    /// The question name when it is a valid name (else the root).
+    pub name: Name,
+    /// Question type.
+    pub qtype: u16,
+    /// Verdict.
+    pub verdict: Verdict,
+    /// The rcode the client got (None when dropped).
+    pub rcode: Option<u8>,
+    /// Time from query to answer for forwarded queries.
+    pub upstream_latency: Option<Duration>,
+}
+
+/// Counters of one core. Every input ends in exactly one of the `client_*` / `upstream_*`
+/// outcome counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Client queries received.
+    pub queries: u64,
+    /// Queries forwarded upstream.
+    pub forwarded: u64,
+    /// Queries refused by policy.
+    pub refused: u64,
+    /// Queries refused because the source is unknown.
+    pub refused_unknown_source: u64,
+    /// Malformed queries answered FORMERR/NOTIMP.
+    pub malformed_answered: u64,
+    /// Malformed queries dropped (no readable header).
+    pub malformed_dropped: u64,
+    /// Queries answered SERVFAIL because the pending table was full.
+    pub pending_full: u64,
+    /// Queries answered SERVFAIL after the upstream timeout.
+    pub timeouts: u64,
+    /// Upstream answers relayed to clients.
+    pub answered: u64,
+    /// Upstream answers relayed with TC set (client retries over TCP).
+    pub truncated: u64,
+    /// Upstream datagrams from an address other than the upstream.
+    pub upstream_wrong_source: u64,
+    /// Upstream datagrams that are not well-formed answers.
+    pub upstream_malformed: u64,
+    /// Upstream answers with no query in flight under their ID.
+    pub upstream_unknown_id: u64,
+    /// Upstream answers whose question differs from the query's.
+    pub upstream_wrong_question: u64,
+    /// Answers whose records could not be parsed (client got SERVFAIL).
+    pub answer_malformed: u64,
+    /// Address records in answers that were not on the question's CNAME chain (ignored).
+    pub off_chain_records: u64,
+    /// Allow entries written.
+    pub allow_writes: u64,
+    /// Allow write batches.
+    pub allow_batches: u64,
+    /// Allow write batches that failed (their answers became SERVFAIL).
+    pub allow_write_failures: u64,
+    /// Records dropped because the record queue was full.
+    pub records_dropped: u64,
+}
+
+const NO_SLOT: u32 = u32::MAX;
+/// Question bytes kept per pending query: a name of up to 255 bytes, type and class.
+const QUESTION_MAX: usize = MAX_WIRE_LEN + 4;
+/// Most records buffered between two drains by the shard.
+const RECORD_BUFFER: usize = 4096;
+
+#[derive(Clone)]
+struct Pending {
+    in_use: bool,
+    client: Client,
+    client_id: u16,
+    client_flags: u16,
+    question: [u8; QUESTION_MAX],
+    question_len: u16,
+    name_len: u16,
+    qtype: u16,
+    endpoint: Option<EndpointId>,
+    /// Whether answers must go through the allow table (a known, restricted endpoint).
+    enforce: bool,
+    snapshot: Option<Arc<Snapshot>>,
+    upstream: Destination,
+    upstream_id: u16,
+    sent_at: Instant,
+    /// Neighbours in the in-flight list (oldest first), `NO_SLOT` at the ends.
+    prev: u32,
+    next: u32,
+}
+
+/// An answer waiting for its allow entries to be written.
+struct Held {
+    to: Client,
+    start: usize,
+    len: usize,
+    /// Needed to turn it into SERVFAIL if the write fails.
+    pending: Pending,
+}
+
+/// Output arena: transmits are byte ranges of one buffer, which is reset when all are drained.
+#[derive(Default)]
+struct Outbox {
+    bytes: Vec<u8>,
+    ready: std::collections::VecDeque<(Destination, usize, usize)>,
+}
+
+impl Outbox {
+    fn with_capacity(bytes: usize) -> Outbox {
+        Outbox {
+            bytes: Vec::with_capacity(bytes),
+            ready: std::collections::VecDeque::with_capacity(1024),
+        }
+    }
+
+    /// Appends `data`, returning its range.
+    fn push_bytes(&mut self, data: &[u8]) -> (usize, usize) {
+        let start = self.bytes.len();
+        self.bytes.extend_from_slice(data);
+        (start, data.len())
+    }
+
+}
+
+/// The per-shard query engine. See the module documentation for the call order.
+pub struct Core {
+    config: CoreConfig,
+    snapshot: Arc<Snapshot>,
+    pending: Vec<Pending>,
+    free: Vec<u32>,
+    /// Per upstream channel (UDP sockets, then TCP): upstream ID → pending slot.
+    ids: Vec<Box<[u32]>>,
+    /// In-flight slots, oldest first: the timeout is the same for all, so the head expires
+    /// first. Linked through the slots themselves, so answering unlinks in O(1).
+    oldest: u32,
+    newest: u32,
+    outbox: Outbox,
+    held: Vec<Held>,
+    writes: Vec<AllowEntry>,
+    /// (endpoint, address) → expiry known to be in the allow table.
+    written: HashMap<(EndpointId, IpAddr), Instant>,
+    records: std::collections::VecDeque<Record>,
+    rules: RuleSet,
+    rng: u64,
+    stats: Stats,
+}
+
+impl Core {
+    /// A core over `snapshot`.
+    ///
+    /// # Panics
+    /// If `config.max_pending` is not below 65536 (an upstream ID must stay free for every
+    /// query in flight) or `config.upstream_sockets` is 0.
+    pub fn new(config: CoreConfig, snapshot: Arc<Snapshot>) -> Core {
+        assert!(config.max_pending < 65536, "max_pending must be below 65536");
+        assert!(config.upstream_sockets > 0, "at least one upstream socket");
+        let channels = usize::from(config.upstream_sockets) + 1;
+        let template = Pending {
+            in_use: false,
+            client: Client::Udp(config.upstream),
+            client_id: 0,
+            client_flags: 0,
+            question: [0; QUESTION_MAX],
+            question_len: 0,
+            name_len: 0,
+            qtype: 0,
+            endpoint: None,
+            enforce: false,
+            snapshot: None,
+            upstream: Destination::UpstreamTcp,
+            upstream_id: 0,
+            sent_at: Instant::now(),
+            prev: NO_SLOT,
+            next: NO_SLOT,
+        };
+        let pending = vec![template; config.max_pending];
+        let free = (0..config.max_pending as u32).rev().collect();
+        let ids = (0..channels).map(|_| vec![NO_SLOT; 65536].into_boxed_slice()).collect();
+        let rules = snapshot.rule_set();
+        Core {
+            rng: config.seed | 1,
+            written: HashMap::with_capacity(config.allow_cache_entries),
+            oldest: NO_SLOT,
+            newest: NO_SLOT,
+            held: Vec::with_capacity(256),
+            writes: Vec::with_capacity(1024),
+            records: std::collections::VecDeque::with_capacity(RECORD_BUFFER),
+            outbox: Outbox::with_capacity(1 << 20),
+            config,
+            snapshot,
+            pending,
+            free,
+            ids,
+            rules,
+            stats: Stats::default(),
+        }
+    }
+
+    /// Replaces the policy snapshot for new queries; queries in flight keep theirs.
+    pub fn set_snapshot(&mut self, snapshot: Arc<Snapshot>) {
+        self.rules = snapshot.rule_set();
+        self.snapshot = snapshot;
+    }
+
+    /// The snapshot new queries are judged by.
+    pub fn snapshot(&self) -> &Arc<Snapshot> {
+        &self.snapshot
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    /// Queries in flight upstream.
+    pub fn in_flight(&self) -> usize {
+        self.config.max_pending - self.free.len()
+    }
+
+    /// xorshift64*: IDs need to be unpredictable to off-path attackers only together with the
+    /// random source ports; the seed comes from the OS.
+    fn next_random(&mut self) -> u64 {
+        let mut x = self.rng;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.rng = x;
+        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    /// A query from a client. `server` is the address the client sent it to when the datapath
+    /// knows it (eBPF redirection); otherwise the configured policy server is assumed.
+    pub fn handle_client(
+        &mut self,
+        now: Instant,
+        client: Client,
+        server: Option<SocketAddr>,
+        packet: &[u8],
+    ) {
+        self.stats.queries += 1;
+        let query = match wire::parse_query(packet) {
+            Ok(query) => query,
+            Err(e) => {
+                self.malformed(now, client, packet, e);
+                return;
+            }
+        };
+        let name = Name::from_wire(query.name_wire(packet));
+        let endpoint = self.snapshot.endpoint_by_ip(client.addr().ip());
+        let verdict = match endpoint {
+            None => match self.config.unknown_source {
+                UnknownSource::Deny => None,
+                UnknownSource::Allow => Some(DnsVerdict::Unrestricted),
+            },
+            Some(ep) => Some(match &name {
+                // Names outside the policy alphabet match no pattern: denied, unless the
+                // endpoint is unrestricted.
+                Err(_) => match self.snapshot.dns_verdict(ep, self.policy_server(server), client.proto(), &Name::root()) {
+                    DnsVerdict::Unrestricted => DnsVerdict::Unrestricted,
+                    _ => DnsVerdict::Deny,
+                },
+                Ok(name) => {
+                    self.snapshot.dns_verdict(ep, self.policy_server(server), client.proto(), name)
+                }
+            }),
+        };
+        let flow_name = name.clone().unwrap_or_else(|_| Name::root());
+        match verdict {
+            None | Some(DnsVerdict::Deny) => {
+                let (counted, flow) = if verdict.is_none() {
+                    (&mut self.stats.refused_unknown_source, Verdict::RefuseUnknownSource)
+                } else {
+                    (&mut self.stats.refused, Verdict::Refuse)
+                };
+                *counted += 1;
+                let rcode = self.config.reject_rcode;
+                let (start, len) = self.outbox.push_bytes(packet);
+                let reply = &mut self.outbox.bytes[start..start + len];
+                let len = wire::write_reply(reply, &query, rcode, true);
+                self.outbox.bytes.truncate(start + len);
+                self.outbox.ready.push_back((Destination::Client(client), start, len));
+                self.record_flow(now, client, endpoint, flow_name, query.qtype, flow, Some(rcode as u8), None);
+            }
+            Some(verdict) => {
+                let enforce = verdict == DnsVerdict::Allow;
+                self.forward(now, client, endpoint, enforce, &query, packet);
+            }
+        }
+    }
+
+    fn policy_server(&self, server: Option<SocketAddr>) -> SocketAddr {
+        server.unwrap_or(self.config.policy_server)
+    }
+
+    fn malformed(&mut self, now: Instant, client: Client, packet: &[u8], e: wire::QueryError) {
+        match e.rcode() {
+            None => {
+                self.stats.malformed_dropped += 1;
+                self.record_flow(now, client, None, Name::root(), 0, Verdict::Malformed, None, None);
+            }
+            Some(rcode) => {
+                self.stats.malformed_answered += 1;
+                let (start, _) = self.outbox.push_bytes(&packet[..wire::HEADER_LEN]);
+                let len = wire::write_header_reply(&mut self.outbox.bytes[start..], rcode);
+                self.outbox.ready.push_back((Destination::Client(client), start, len));
+                self.record_flow(now, client, None, Name::root(), 0, Verdict::Malformed, Some(rcode as u8), None);
+            }
+        }
+    }
+
+    fn forward(
+        &mut self,
+        now: Instant,
+        client: Client,
+        endpoint: Option<EndpointId>,
+        enforce: bool,
+        query: &Query,
+        packet: &[u8],
+    ) {
+        let Some(slot) = self.free.pop() else {
+            self.stats.pending_full += 1;
+            let (start, len) = self.outbox.push_bytes(packet);
+            let len = wire::write_reply(&mut self.outbox.bytes[start..start + len], query, Rcode::ServFail, true);
+            self.outbox.bytes.truncate(start + len);
+            self.outbox.ready.push_back((Destination::Client(client), start, len));
+            let name = Name::from_wire(query.name_wire(packet)).unwrap_or_else(|_| Name::root());
+            self.record_flow(now, client, endpoint, name, query.qtype, Verdict::Overload, Some(Rcode::ServFail as u8), None);
+            return;
+        };
+        // TCP clients are forwarded over TCP (their answers may not fit a datagram).
+        let (channel, upstream) = match client {
+            Client::Tcp { .. } => (usize::from(self.config.upstream_sockets), Destination::UpstreamTcp),
+            Client::Udp(_) => {
+                let socket = (self.next_random() % u64::from(self.config.upstream_sockets.max(1))) as u16;
+                (usize::from(socket), Destination::UpstreamUdp { socket })
+            }
+        };
+        let mut upstream_id = (self.next_random() >> 16) as u16;
+        while self.ids[channel][usize::from(upstream_id)] != NO_SLOT {
+            upstream_id = (self.next_random() >> 16) as u16;
+        }
+        self.ids[channel][usize::from(upstream_id)] = slot;
+
+        let question = &packet[wire::HEADER_LEN..query.question_end];
+        let p = &mut self.pending[slot as usize];
+        p.in_use = true;
+        p.client = client;
+        p.client_id = query.id;
+        p.client_flags = query.flags;
+        p.question[..question.len()].copy_from_slice(question);
+        p.question_len = question.len() as u16;
+        p.name_len = query.name_len as u16;
+        p.qtype = query.qtype;
+        p.endpoint = endpoint;
+        p.enforce = enforce;
+        p.snapshot = Some(Arc::clone(&self.snapshot));
+        p.upstream = upstream;
+        p.upstream_id = upstream_id;
+        p.sent_at = now;
+        p.prev = self.newest;
+        p.next = NO_SLOT;
+        match self.newest {
+            NO_SLOT => self.oldest = slot,
+            newest => self.pending[newest as usize].next = slot,
+        }
+        self.newest = slot;
+
+        let (start, len) = self.outbox.push_bytes(packet);
+        wire::set_id(&mut self.outbox.bytes[start..start + len], upstream_id);
+        self.outbox.ready.push_back((upstream, start, len));
+        self.stats.forwarded += 1;
+    }
+
+    /// A datagram on upstream UDP socket `socket` from `from`.
+    pub fn handle_upstream(&mut self, now: Instant, socket: u16, from: SocketAddr, packet: &[u8]) {
+        if from != self.config.upstream {
+            self.stats.upstream_wrong_source += 1;
+            return;
+        }
+        if socket >= self.config.upstream_sockets {
+            self.stats.upstream_unknown_id += 1;
+            return;
+        }
+        self.handle_answer(now, usize::from(socket), packet);
+    }
+
+    /// A message from the upstream over the shard's TCP connection.
+    pub fn handle_upstream_tcp(&mut self, now: Instant, packet: &[u8]) {
+        self.handle_answer(now, usize::from(self.config.upstream_sockets), packet);
+    }
+
+    fn handle_answer(&mut self, now: Instant, channel: usize, packet: &[u8]) {
+        let answer = match wire::parse_answer(packet) {
+            Ok(answer) => answer,
+            Err(_) => {
+                self.stats.upstream_malformed += 1;
+                return;
+            }
+        };
+        let slot = self.ids[channel][usize::from(answer.id)];
+        if slot == NO_SLOT {
+            self.stats.upstream_unknown_id += 1;
+            return;
+        }
+        let p = &self.pending[slot as usize];
+        let name_len = usize::from(p.name_len);
+        let client_name = &p.question[..name_len];
+        let qtype = u16::from_be_bytes([p.question[name_len], p.question[name_len + 1]]);
+        let qclass = u16::from_be_bytes([p.question[name_len + 2], p.question[name_len + 3]]);
+        if !wire::names_equal(answer.name_wire(packet), client_name)
+            || answer.qtype != qtype
+            || answer.qclass != qclass
+        {
+            // Someone guessed the ID but not the question: keep waiting for the real answer.
+            self.stats.upstream_wrong_question += 1;
+            return;
+        }
+        self.ids[channel][usize::from(answer.id)] = NO_SLOT;
+        let pending = self.release_slot(slot);
+
+        // What the client gets: the upstream's answer with its ID and spelling.
+        let (start, len) = self.outbox.push_bytes(packet);
+        {
+            let reply = &mut self.outbox.bytes[start..start + len];
+            wire::set_id(reply, pending.client_id);
+            wire::restore_question_case(reply, &answer, &pending.question[..name_len]);
+        }
+        if answer.truncated() {
+            self.stats.truncated += 1;
+        }
+        let latency = now.saturating_duration_since(pending.sent_at);
+        let name = Name::from_wire(&pending.question[..name_len]).unwrap_or_else(|_| Name::root());
+
+        let mut held = false;
+        if pending.enforce && answer.rcode() == 0 && !answer.truncated() {
+            match wire::collect_addresses(packet, &answer) {
+                Err(_) => {
+                    self.stats.answer_malformed += 1;
+                    self.outbox.bytes.truncate(start);
+                    self.servfail(now, &pending, Verdict::Overload);
+                    return;
+                }
+                Ok(addresses) => {
+                    self.stats.off_chain_records += addresses.off_chain as u64;
+                    held = self.learn(now, &pending, &name, &addresses);
+                }
+            }
+        }
+        self.stats.answered += 1;
+        if held {
+            self.held.push(Held { to: pending.client, start, len, pending: pending.clone() });
+        } else {
+            self.outbox.ready.push_back((Destination::Client(pending.client), start, len));
+        }
+        let rcode = Some(answer.rcode());
+        self.record_flow(now, pending.client, pending.endpoint, name, pending.qtype, Verdict::Forward, rcode, Some(latency));
+    }
+
+    /// Queues the allow entries an allowed answer needs; returns whether any write is needed
+    /// before the answer may be released.
+    fn learn(&mut self, now: Instant, pending: &Pending, name: &Name, addresses: &Addresses) -> bool {
+        let (Some(endpoint), Some(snapshot)) = (pending.endpoint, pending.snapshot.as_ref()) else {
+            return false;
+        };
+        if addresses.ips().is_empty() || !snapshot.fqdn_rules(endpoint, name, &mut self.rules) {
+            return false;
+        }
+        let ttl = addresses.min_ttl.max(self.config.min_ttl);
+        let expires = now + Duration::from_secs(u64::from(ttl));
+        let mut needed = false;
+        for &ip in addresses.ips() {
+            let known = self.written.get(&(endpoint, ip)).copied();
+            // Rewrite only what is missing or would expire before half the new TTL has run.
+            let fresh = known.is_some_and(|at| at >= now + Duration::from_secs(u64::from(ttl) / 2));
+            if !fresh {
+                self.writes.push(AllowEntry { endpoint, ip, expires });
+                needed = true;
+            }
+        }
+        let mut rules = [0u32; 8];
+        for (dst, rule) in rules.iter_mut().zip(self.rules.as_slice()) {
+            *dst = rule.0;
+        }
+        self.push_record(Record::Addresses(IpUpdate {
+            at: now,
+            endpoint,
+            name: name.clone(),
+            addresses: *addresses,
+            ttl,
+            rules,
+            rules_total: self.rules.len(),
+        }));
+        needed
+    }
+
+    /// Writes the allow entries queued by this batch's answers in one call, then releases
+    /// those answers. When the write fails their clients get SERVFAIL instead: an answer is
+    /// never released before its addresses are allowed.
+    pub fn commit_allows(&mut self, now: Instant, table: &mut dyn AllowSink) {
+        if self.writes.is_empty() && self.held.is_empty() {
+            return;
+        }
+        self.stats.allow_batches += 1;
+        let ok = self.writes.is_empty() || table.write(&self.writes).is_ok();
+        if ok {
+            self.stats.allow_writes += self.writes.len() as u64;
+            if self.written.len() + self.writes.len() > self.config.allow_cache_entries {
+                self.written.clear();
+            }
+            for w in &self.writes {
+                self.written.insert((w.endpoint, w.ip), w.expires);
+            }
+        } else {
+            self.stats.allow_write_failures += 1;
+        }
+        self.writes.clear();
+        let held = std::mem::take(&mut self.held);
+        for h in &held {
+            if ok {
+                self.outbox.ready.push_back((Destination::Client(h.to), h.start, h.len));
+            } else {
+                self.stats.answered -= 1;
+                self.servfail(now, &h.pending, Verdict::Overload);
+            }
+        }
+        self.held = held;
+        self.held.clear();
+    }
+
+    /// Expires queries whose upstream did not answer in time.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        while self.oldest != NO_SLOT {
+            let slot = self.oldest;
+            let p = &self.pending[slot as usize];
+            if p.sent_at + self.config.upstream_timeout > now {
+                break;
+            }
+            let channel = match p.upstream {
+                Destination::UpstreamUdp { socket } => usize::from(socket),
+                _ => usize::from(self.config.upstream_sockets),
+            };
+            self.ids[channel][usize::from(p.upstream_id)] = NO_SLOT;
+            let pending = self.release_slot(slot);
+            self.stats.timeouts += 1;
+            self.servfail(now, &pending, Verdict::Timeout);
+        }
+    }
+
+    /// When [`Core::handle_timeout`] next has work.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        (self.oldest != NO_SLOT)
+            .then(|| self.pending[self.oldest as usize].sent_at + self.config.upstream_timeout)
+    }
+
+    fn release_slot(&mut self, slot: u32) -> Pending {
+        let (prev, next) = (self.pending[slot as usize].prev, self.pending[slot as usize].next);
+        match prev {
+            NO_SLOT => self.oldest = next,
+            prev => self.pending[prev as usize].next = next,
+        }
+        match next {
+            NO_SLOT => self.newest = prev,
+            next => self.pending[next as usize].prev = prev,
+        }
+        let p = &mut self.pending[slot as usize];
+        p.in_use = false;
+        let taken = p.clone();
+        p.snapshot = None;
+        self.free.push(slot);
+        taken
+    }
+
+    fn servfail(&mut self, now: Instant, p: &Pending, verdict: Verdict) {
+        let start = self.outbox.bytes.len();
+        self.outbox.bytes.resize(start + wire::HEADER_LEN + usize::from(p.question_len), 0);
+        let len = wire::write_reply_from_question(
+            &mut self.outbox.bytes[start..],
+            p.client_id,
+            p.client_flags,
+            &p.question[..usize::from(p.question_len)],
+            Rcode::ServFail,
+        );
+        self.outbox.ready.push_back((Destination::Client(p.client), start, len));
+        let name = Name::from_wire(&p.question[..usize::from(p.name_len)]).unwrap_or_else(|_| Name::root());
+        self.record_flow(now, p.client, p.endpoint, name, p.qtype, verdict, Some(Rcode::ServFail as u8), None);
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn record_flow(
+        &mut self,
+        at: Instant,
+        client: Client,
+        endpoint: Option<EndpointId>,
+        name: Name,
+        qtype: u16,
+        verdict: Verdict,
+        rcode: Option<u8>,
+        upstream_latency: Option<Duration>,
+    ) {
+        self.push_record(Record::Flow(Flow {
+            at,
+            client: client.addr(),
+            endpoint,
+            name,
+            qtype,
+            verdict,
+            rcode,
+            upstream_latency,
+        }));
+    }
+
+    fn push_record(&mut self, record: Record) {
+        if self.records.len() == RECORD_BUFFER {
+            self.stats.records_dropped += 1;
+            return;
+        }
+        self.records.push_back(record);
+    }
+
+    /// The next message to send, if any. Its bytes stay valid until the next call on the core.
+    pub fn poll_transmit(&mut self) -> Option<Transmit<'_>> {
+        match self.outbox.ready.pop_front() {
+            Some((to, start, len)) => {
+                Some(Transmit { to, data: &self.outbox.bytes[start..start + len] })
+            }
+            None => {
+                // Nothing refers to the arena any more: reuse it from the start.
+                if self.held.is_empty() {
+                    self.outbox.bytes.clear();
+                }
+                None
+            }
+        }
+    }
+
+    /// The next record for the consumer, if any.
+    pub fn poll_record(&mut self) -> Option<Record> {
+        self.records.pop_front()
+    }
+
+    /// Counts a record the shard could not queue to the consumer.
+    pub fn record_dropped(&mut self) {
+        self.stats.records_dropped += 1;
+    }
+}

@@ -1,0 +1,701 @@
+//! Zero-copy DNS wire format: just what the data path needs, on borrowed bytes.
+//!
+//! - [`parse_query`]: header and question of a client query, structurally validated.
+//! - [`write_reply`]: a header-and-question answer (REFUSED, NXDOMAIN, SERVFAIL, FORMERR)
+//!   written in place over the query's own buffer.
+//! - [`parse_answer`]: an upstream answer's header and question, then [`collect_addresses`]:
+//!   the A/AAAA records on the CNAME chain of the question, and the chain's minimum TTL.
+//!
+//! Every length and count is checked before use; malformed input is an error value naming
+//! what was wrong, never a panic. Nothing here allocates.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use dnsfence_matcher::MAX_WIRE_LEN;
+
+/// Length of the DNS header.
+pub const HEADER_LEN: usize = 12;
+/// Record type A.
+pub const TYPE_A: u16 = 1;
+/// Record type CNAME.
+pub const TYPE_CNAME: u16 = 5;
+/// Record type AAAA.
+pub const TYPE_AAAA: u16 = 28;
+/// Record type OPT (EDNS0).
+pub const TYPE_OPT: u16 = 41;
+/// Class IN.
+pub const CLASS_IN: u16 = 1;
+
+/// Response codes dnsfence writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Rcode {
+    /// No error.
+    NoError = 0,
+    /// The query could not be interpreted.
+    FormErr = 1,
+    /// The server failed (upstream timeout or unreachable).
+    ServFail = 2,
+    /// The name does not exist (the `--reject-rcode nxdomain` answer to a denied query).
+    NxDomain = 3,
+    /// The operation is not implemented (opcodes other than QUERY).
+    NotImp = 4,
+    /// Refused by policy.
+    Refused = 5,
+}
+
+const QR: u16 = 0x8000;
+const OPCODE_MASK: u16 = 0x7800;
+const AA: u16 = 0x0400;
+const TC: u16 = 0x0200;
+const RD: u16 = 0x0100;
+const RA: u16 = 0x0080;
+const RCODE_MASK: u16 = 0x000F;
+
+/// Why a query was not accepted. Each is a counted verdict of the core.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QueryError {
+    /// Shorter than a DNS header: dropped, there is no ID to answer.
+    ShortHeader,
+    /// The QR bit is set: this is a response, not a query.
+    ResponseBit,
+    /// The opcode is not QUERY (answered NOTIMP).
+    Opcode,
+    /// QDCOUNT is not 1.
+    QuestionCount,
+    /// The question name is malformed (bad label length, compression, too long, truncated).
+    BadName,
+    /// The packet ends inside the question's type or class.
+    ShortQuestion,
+    /// The question class is not a defined class.
+    UnknownClass,
+}
+
+impl QueryError {
+    /// The rcode to answer with, or `None` when the packet must be dropped.
+    pub fn rcode(self) -> Option<Rcode> {
+        match self {
+            QueryError::ShortHeader => None,
+            QueryError::Opcode => Some(Rcode::NotImp),
+            _ => Some(Rcode::FormErr),
+        }
+    }
+}
+
+fn u16_at(packet: &[u8], at: usize) -> Option<u16> {
+    Some(u16::from_be_bytes([*packet.get(at)?, *packet.get(at + 1)?]))
+}
+
+fn u32_at(packet: &[u8], at: usize) -> Option<u32> {
+    let b = packet.get(at..at + 4)?;
+    Some(u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+}
+
+/// The ID of a packet at least [`HEADER_LEN`] bytes long.
+pub fn id(packet: &[u8]) -> Option<u16> {
+    (packet.len() >= HEADER_LEN).then(|| u16_at(packet, 0)).flatten()
+}
+
+/// Overwrites the ID of a packet at least two bytes long.
+pub fn set_id(packet: &mut [u8], id: u16) {
+    packet[..2].copy_from_slice(&id.to_be_bytes());
+}
+
+/// A structurally valid query: header and question.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Query {
+    /// The client's ID.
+    pub id: u16,
+    /// The header flags word.
+    pub flags: u16,
+    /// Question type.
+    pub qtype: u16,
+    /// Question class.
+    pub qclass: u16,
+    /// Length of the question name in wire form (it starts at [`HEADER_LEN`]).
+    pub name_len: usize,
+    /// Offset just after the question (name, type, class).
+    pub question_end: usize,
+    /// Offset and length of a well-formed EDNS0 OPT record that is the only additional record
+    /// (and nothing else follows the question), kept in replies written in place.
+    pub opt: Option<(usize, usize)>,
+}
+
+impl Query {
+    /// The question name's wire bytes as the client spelled them.
+    pub fn name_wire<'p>(&self, packet: &'p [u8]) -> &'p [u8] {
+        &packet[HEADER_LEN..HEADER_LEN + self.name_len]
+    }
+
+    /// Whether the client asked for recursion.
+    pub fn recursion_desired(&self) -> bool {
+        self.flags & RD != 0
+    }
+}
+
+/// Validates the length bytes of an uncompressed name at `at`; returns its length.
+fn uncompressed_name_len(packet: &[u8], at: usize) -> Option<usize> {
+    let mut pos = at;
+    loop {
+        let len = *packet.get(pos)?;
+        if len == 0 {
+            return Some(pos + 1 - at);
+        }
+        if len & 0xC0 != 0 {
+            return None;
+        }
+        pos += 1 + usize::from(len);
+        if pos - at + 1 > MAX_WIRE_LEN {
+            return None;
+        }
+    }
+}
+
+/// Parses the header and question of a client query.
+pub fn parse_query(packet: &[u8]) -> Result<Query, QueryError> {
+    if packet.len() < HEADER_LEN {
+        return Err(QueryError::ShortHeader);
+    }
+    let field = |at| u16_at(packet, at).unwrap_or(0);
+    let (id, flags, qdcount) = (field(0), field(2), field(4));
+    if flags & QR != 0 {
+        return Err(QueryError::ResponseBit);
+    }
+    if flags & OPCODE_MASK != 0 {
+        return Err(QueryError::Opcode);
+    }
+    if qdcount != 1 {
+        return Err(QueryError::QuestionCount);
+    }
+    let name_len = uncompressed_name_len(packet, HEADER_LEN).ok_or(QueryError::BadName)?;
+    let after_name = HEADER_LEN + name_len;
+    let (Some(qtype), Some(qclass)) = (u16_at(packet, after_name), u16_at(packet, after_name + 2))
+    else {
+        return Err(QueryError::ShortQuestion);
+    };
+    // IN, CH, HS, NONE, ANY are defined; anything else is not a class.
+    if !matches!(qclass, 1 | 3 | 4 | 254 | 255) {
+        return Err(QueryError::UnknownClass);
+    }
+    let question_end = after_name + 4;
+    let opt = find_lone_opt(packet, question_end);
+    Ok(Query { id, flags, qtype, qclass, name_len, question_end, opt })
+}
+
+/// An OPT record that is the only record after the question, or `None`.
+fn find_lone_opt(packet: &[u8], question_end: usize) -> Option<(usize, usize)> {
+    let (an, ns, ar) = (u16_at(packet, 6)?, u16_at(packet, 8)?, u16_at(packet, 10)?);
+    if an != 0 || ns != 0 || ar != 1 {
+        return None;
+    }
+    // Root owner name, type OPT, class (UDP size), TTL (ext-rcode, version, flags), RDLENGTH.
+    if *packet.get(question_end)? != 0 || u16_at(packet, question_end + 1)? != TYPE_OPT {
+        return None;
+    }
+    let rdlen = usize::from(u16_at(packet, question_end + 9)?);
+    let len = 11 + rdlen;
+    (question_end + len == packet.len()).then_some((question_end, len))
+}
+
+/// Rewrites `packet` (holding `query`) in place into a reply with `rcode`: same ID and
+/// question, QR set, RD copied, RA set when `recursion_available`, no records except the
+/// query's own EDNS0 OPT record when it had a lone one (RFC 6891 §7). Returns the reply length.
+pub fn write_reply(packet: &mut [u8], query: &Query, rcode: Rcode, recursion_available: bool) -> usize {
+    let mut flags = QR | (query.flags & RD) | rcode as u16;
+    if recursion_available {
+        flags |= RA;
+    }
+    packet[2..4].copy_from_slice(&flags.to_be_bytes());
+    packet[4..6].copy_from_slice(&1u16.to_be_bytes());
+    packet[6..10].fill(0);
+    let mut len = query.question_end;
+    match query.opt {
+        Some((at, opt_len)) => {
+            packet[10..12].copy_from_slice(&1u16.to_be_bytes());
+            // Extended rcode and version 0; keep the DO bit, clear the other flags.
+            let flags_at = at + 5;
+            packet[flags_at] = 0;
+            packet[flags_at + 1] = 0;
+            packet[flags_at + 2] &= 0x80;
+            packet[flags_at + 3] = 0;
+            debug_assert_eq!(at, len);
+            len += opt_len;
+        }
+        None => packet[10..12].fill(0),
+    }
+    len
+}
+
+/// Writes a FORMERR/NOTIMP reply over a packet whose question could not be trusted: the header
+/// only, all counts zero. `packet` must be at least [`HEADER_LEN`] bytes long.
+pub fn write_header_reply(packet: &mut [u8], rcode: Rcode) -> usize {
+    let flags = u16_at(packet, 2).unwrap_or(0);
+    let flags = QR | (flags & (OPCODE_MASK | RD)) | rcode as u16;
+    packet[2..4].copy_from_slice(&flags.to_be_bytes());
+    packet[4..12].fill(0);
+    HEADER_LEN
+}
+
+/// Writes a reply from a stored question (header + question, no records) into `out`.
+/// `question` is the question name's wire form followed by type and class.
+pub fn write_reply_from_question(
+    out: &mut [u8],
+    id: u16,
+    client_flags: u16,
+    question: &[u8],
+    rcode: Rcode,
+) -> usize {
+    let flags = QR | RA | (client_flags & RD) | rcode as u16;
+    out[0..2].copy_from_slice(&id.to_be_bytes());
+    out[2..4].copy_from_slice(&flags.to_be_bytes());
+    out[4..6].copy_from_slice(&1u16.to_be_bytes());
+    out[6..12].fill(0);
+    out[HEADER_LEN..HEADER_LEN + question.len()].copy_from_slice(question);
+    HEADER_LEN + question.len()
+}
+
+/// Why an upstream answer was not accepted. Each is a counted verdict.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AnswerError {
+    /// Shorter than a header, or the QR bit is clear.
+    NotAResponse,
+    /// QDCOUNT is not 1 or the question is malformed.
+    BadQuestion,
+    /// A record of the answer section is malformed (truncated, bad name, pointer loop).
+    BadRecord,
+}
+
+/// The header and question of an upstream answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Answer {
+    /// The upstream-facing ID.
+    pub id: u16,
+    /// Header flags.
+    pub flags: u16,
+    /// Question type and class.
+    pub qtype: u16,
+    /// Question class.
+    pub qclass: u16,
+    /// Question name length (uncompressed, at [`HEADER_LEN`]).
+    pub name_len: usize,
+    /// Offset just after the question.
+    pub question_end: usize,
+    /// ANCOUNT.
+    pub answers: u16,
+}
+
+impl Answer {
+    /// The response code (low four bits; extended rcodes are not looked at).
+    pub fn rcode(&self) -> u8 {
+        (self.flags & RCODE_MASK) as u8
+    }
+
+    /// Whether the TC bit is set.
+    pub fn truncated(&self) -> bool {
+        self.flags & TC != 0
+    }
+
+    /// Whether the AA bit is set.
+    pub fn authoritative(&self) -> bool {
+        self.flags & AA != 0
+    }
+
+    /// The question name's wire bytes.
+    pub fn name_wire<'p>(&self, packet: &'p [u8]) -> &'p [u8] {
+        &packet[HEADER_LEN..HEADER_LEN + self.name_len]
+    }
+}
+
+/// Parses an upstream answer's header and question (uncompressed, as every server writes it).
+pub fn parse_answer(packet: &[u8]) -> Result<Answer, AnswerError> {
+    if packet.len() < HEADER_LEN {
+        return Err(AnswerError::NotAResponse);
+    }
+    let field = |at| u16_at(packet, at).unwrap_or(0);
+    let (id, flags, qdcount, answers) = (field(0), field(2), field(4), field(6));
+    if flags & QR == 0 {
+        return Err(AnswerError::NotAResponse);
+    }
+    if qdcount != 1 {
+        return Err(AnswerError::BadQuestion);
+    }
+    let name_len = uncompressed_name_len(packet, HEADER_LEN).ok_or(AnswerError::BadQuestion)?;
+    let after = HEADER_LEN + name_len;
+    let (Some(qtype), Some(qclass)) = (u16_at(packet, after), u16_at(packet, after + 2)) else {
+        return Err(AnswerError::BadQuestion);
+    };
+    Ok(Answer { id, flags, qtype, qclass, name_len, question_end: after + 4, answers })
+}
+
+/// Case-insensitive comparison of two uncompressed wire names.
+pub fn names_equal(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.eq_ignore_ascii_case(b)
+}
+
+/// A name decompressed into a fixed buffer, lowercased.
+#[derive(Clone, Copy)]
+struct FlatName {
+    buf: [u8; MAX_WIRE_LEN],
+    len: usize,
+}
+
+impl FlatName {
+    fn bytes(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+}
+
+/// Reads a possibly compressed name at `at`. Pointers must point strictly backwards (which
+/// also rules out loops). Returns the name and the offset after it in the record.
+fn read_name(packet: &[u8], at: usize) -> Option<(FlatName, usize)> {
+    let mut name = FlatName { buf: [0; MAX_WIRE_LEN], len: 0 };
+    let mut pos = at;
+    let mut end = None;
+    // Every pointer must go to a smaller offset than the one it sits at.
+    let mut limit = at;
+    loop {
+        let len = *packet.get(pos)?;
+        match len & 0xC0 {
+            0x00 => {
+                if name.len + 1 + usize::from(len) > MAX_WIRE_LEN {
+                    return None;
+                }
+                let label = packet.get(pos..pos + 1 + usize::from(len))?;
+                for (dst, &b) in name.buf[name.len..].iter_mut().zip(label) {
+                    *dst = b.to_ascii_lowercase();
+                }
+                name.len += label.len();
+                if len == 0 {
+                    return Some((name, end.unwrap_or(pos + 1)));
+                }
+                pos += label.len();
+            }
+            0xC0 => {
+                let target = usize::from(u16_at(packet, pos)? & 0x3FFF);
+                if target >= limit {
+                    return None;
+                }
+                end.get_or_insert(pos + 2);
+                limit = target;
+                pos = target;
+            }
+            _ => return None,
+        }
+    }
+}
+
+/// Most addresses [`collect_addresses`] keeps from one answer.
+pub const MAX_ADDRESSES: usize = 32;
+/// Most CNAME hops followed.
+pub const MAX_CHAIN: usize = 16;
+/// Most answer records looked at.
+const MAX_RECORDS: usize = 64;
+
+/// The addresses found on the CNAME chain of an answer's question.
+#[derive(Debug, Clone, Copy)]
+pub struct Addresses {
+    ips: [IpAddr; MAX_ADDRESSES],
+    count: usize,
+    /// Minimum TTL over the chain's CNAME records and the address records, in seconds.
+    pub min_ttl: u32,
+    /// CNAME hops followed.
+    pub chain: usize,
+    /// Address records of the answer section that were not on the chain (ignored).
+    pub off_chain: usize,
+    /// Addresses beyond [`MAX_ADDRESSES`] (ignored).
+    pub overflow: usize,
+}
+
+impl Default for Addresses {
+    fn default() -> Addresses {
+        Addresses {
+            ips: [IpAddr::V4(Ipv4Addr::UNSPECIFIED); MAX_ADDRESSES],
+            count: 0,
+            min_ttl: u32::MAX,
+            chain: 0,
+            off_chain: 0,
+            overflow: 0,
+        }
+    }
+}
+
+impl Addresses {
+    /// The addresses, in answer order, without duplicates.
+    pub fn ips(&self) -> &[IpAddr] {
+        &self.ips[..self.count]
+    }
+
+    fn push(&mut self, ip: IpAddr) {
+        if self.ips().contains(&ip) {
+            return;
+        }
+        if self.count == MAX_ADDRESSES {
+            self.overflow += 1;
+            return;
+        }
+        self.ips[self.count] = ip;
+        self.count += 1;
+    }
+}
+
+#[derive(Clone, Copy)]
+struct Record {
+    owner_at: usize,
+    rtype: u16,
+    ttl: u32,
+    rdata_at: usize,
+    rdlen: usize,
+}
+
+/// Follows the CNAME chain from the question of `answer` through the answer section and
+/// collects the A and AAAA records owned by the names on it. Records owned by other names —
+/// extra addresses an upstream (or an attacker) adds — are counted and ignored.
+pub fn collect_addresses(packet: &[u8], answer: &Answer) -> Result<Addresses, AnswerError> {
+    let mut records = [Record { owner_at: 0, rtype: 0, ttl: 0, rdata_at: 0, rdlen: 0 }; MAX_RECORDS];
+    let mut count = 0;
+    let mut pos = answer.question_end;
+    for _ in 0..answer.answers {
+        let (_, after_owner) = read_name(packet, pos).ok_or(AnswerError::BadRecord)?;
+        let rtype = u16_at(packet, after_owner).ok_or(AnswerError::BadRecord)?;
+        let rclass = u16_at(packet, after_owner + 2).ok_or(AnswerError::BadRecord)?;
+        let ttl = u32_at(packet, after_owner + 4).ok_or(AnswerError::BadRecord)?;
+        let rdlen = usize::from(u16_at(packet, after_owner + 8).ok_or(AnswerError::BadRecord)?);
+        let rdata_at = after_owner + 10;
+        if rdata_at + rdlen > packet.len() {
+            return Err(AnswerError::BadRecord);
+        }
+        if rclass == CLASS_IN && matches!(rtype, TYPE_A | TYPE_AAAA | TYPE_CNAME) {
+            if count == MAX_RECORDS {
+                break;
+            }
+            // A TTL with the top bit set is treated as zero (RFC 2181 §8).
+            let ttl = if ttl > i32::MAX as u32 { 0 } else { ttl };
+            records[count] = Record { owner_at: pos, rtype, ttl, rdata_at, rdlen };
+            count += 1;
+        }
+        pos = rdata_at + rdlen;
+    }
+    let records = &records[..count];
+
+    let mut out = Addresses::default();
+    let mut target = FlatName { buf: [0; MAX_WIRE_LEN], len: answer.name_len };
+    target.buf[..answer.name_len].copy_from_slice(answer.name_wire(packet));
+    target.buf[..answer.name_len].make_ascii_lowercase();
+    let mut on_chain = [false; MAX_RECORDS];
+    let mut chain_ttl = u32::MAX;
+    loop {
+        // A name with a CNAME has no other data (RFC 1034 §3.6.2): follow the alias, or else
+        // collect the target's own addresses.
+        let mut alias = None;
+        for (i, r) in records.iter().enumerate() {
+            if r.rtype != TYPE_CNAME {
+                continue;
+            }
+            let (owner, _) = read_name(packet, r.owner_at).ok_or(AnswerError::BadRecord)?;
+            if owner.bytes() == target.bytes() {
+                let (name, _) = read_name(packet, r.rdata_at).ok_or(AnswerError::BadRecord)?;
+                alias = Some((i, r.ttl, name));
+                break;
+            }
+        }
+        if let Some((i, ttl, name)) = alias {
+            if out.chain == MAX_CHAIN || name.bytes() == target.bytes() {
+                break;
+            }
+            on_chain[i] = true;
+            chain_ttl = chain_ttl.min(ttl);
+            out.chain += 1;
+            target = name;
+            continue;
+        }
+        for (i, r) in records.iter().enumerate() {
+            let (owner, _) = read_name(packet, r.owner_at).ok_or(AnswerError::BadRecord)?;
+            if owner.bytes() != target.bytes() {
+                continue;
+            }
+            match r.rtype {
+                TYPE_A if r.rdlen == 4 => {
+                    let b = &packet[r.rdata_at..r.rdata_at + 4];
+                    out.push(IpAddr::V4(Ipv4Addr::new(b[0], b[1], b[2], b[3])));
+                }
+                TYPE_AAAA if r.rdlen == 16 => {
+                    let mut b = [0u8; 16];
+                    b.copy_from_slice(&packet[r.rdata_at..r.rdata_at + 16]);
+                    out.push(IpAddr::V6(Ipv6Addr::from(b)));
+                }
+                _ => continue,
+            }
+            out.min_ttl = out.min_ttl.min(r.ttl);
+            on_chain[i] = true;
+        }
+        break;
+    }
+    out.off_chain = records
+        .iter()
+        .zip(on_chain)
+        .filter(|(r, on)| !on && matches!(r.rtype, TYPE_A | TYPE_AAAA))
+        .count();
+    if out.count > 0 {
+        out.min_ttl = out.min_ttl.min(chain_ttl);
+    } else {
+        out.min_ttl = 0;
+    }
+    Ok(out)
+}
+
+/// Copies the client's spelling of the question name over the answer's (same name, other
+/// case: 0x20). `client_name` must equal the answer's question name case-insensitively.
+pub fn restore_question_case(packet: &mut [u8], answer: &Answer, client_name: &[u8]) {
+    debug_assert!(names_equal(answer.name_wire(packet), client_name));
+    packet[HEADER_LEN..HEADER_LEN + answer.name_len].copy_from_slice(client_name);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn query(name: &[u8], qtype: u16) -> Vec<u8> {
+        let mut q = vec![0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
+        q.extend_from_slice(name);
+        q.extend_from_slice(&qtype.to_be_bytes());
+        q.extend_from_slice(&CLASS_IN.to_be_bytes());
+        q
+    }
+
+    #[test]
+    fn parses_a_query() {
+        let q = query(b"\x03WwW\x07example\x03com\x00", TYPE_A);
+        let p = parse_query(&q).unwrap();
+        assert_eq!(p.id, 0x1234);
+        assert_eq!(p.qtype, TYPE_A);
+        assert_eq!(p.name_wire(&q), b"\x03WwW\x07example\x03com\x00");
+        assert_eq!(p.question_end, q.len());
+        assert!(p.recursion_desired());
+        assert_eq!(p.opt, None);
+    }
+
+    #[test]
+    fn malformed_queries() {
+        assert_eq!(parse_query(&[0; 11]), Err(QueryError::ShortHeader));
+        let good = query(b"\x01a\x00", TYPE_A);
+        let mut r = good.clone();
+        r[2] |= 0x80;
+        assert_eq!(parse_query(&r), Err(QueryError::ResponseBit));
+        let mut r = good.clone();
+        r[2] |= 0x10;
+        assert_eq!(parse_query(&r), Err(QueryError::Opcode));
+        let mut r = good.clone();
+        r[5] = 2;
+        assert_eq!(parse_query(&r), Err(QueryError::QuestionCount));
+        r[5] = 0;
+        assert_eq!(parse_query(&r), Err(QueryError::QuestionCount));
+        assert_eq!(parse_query(&good[..good.len() - 1]), Err(QueryError::ShortQuestion));
+        assert_eq!(parse_query(&good[..13]), Err(QueryError::BadName));
+        // Compression pointer in the question: a loop to itself and a forward pointer.
+        let mut l = query(b"\xc0\x0c", TYPE_A);
+        assert_eq!(parse_query(&l), Err(QueryError::BadName));
+        l = query(b"\xc0\x20", TYPE_A);
+        assert_eq!(parse_query(&l), Err(QueryError::BadName));
+        // Reserved label type, label running off the end.
+        assert_eq!(parse_query(&query(b"\x41a\x00", TYPE_A)), Err(QueryError::BadName));
+        assert_eq!(parse_query(&query(b"\x3fab\x00", TYPE_A)), Err(QueryError::BadName));
+        let mut long = Vec::new();
+        for _ in 0..5 {
+            long.push(63);
+            long.extend_from_slice(&[b'a'; 63]);
+        }
+        long.push(0);
+        assert_eq!(parse_query(&query(&long, TYPE_A)), Err(QueryError::BadName));
+        let mut c = good.clone();
+        let n = c.len();
+        c[n - 1] = 9;
+        assert_eq!(parse_query(&c), Err(QueryError::UnknownClass));
+    }
+
+    #[test]
+    fn reply_in_place_keeps_id_question_and_opt() {
+        let mut q = query(b"\x03Foo\x03com\x00", TYPE_AAAA);
+        q[11] = 1; // ARCOUNT 1
+        q.extend_from_slice(&[0, 0, 41, 0x10, 0, 0, 0, 0x80, 0x00, 0, 0]);
+        let p = parse_query(&q).unwrap();
+        assert!(p.opt.is_some());
+        let mut buf = q.clone();
+        let len = write_reply(&mut buf, &p, Rcode::Refused, true);
+        let r = &buf[..len];
+        assert_eq!(r.len(), q.len());
+        assert_eq!(&r[0..2], &[0x12, 0x34]);
+        assert_eq!(r[3] & 0x0f, 5);
+        assert_eq!(r[2] & 0x80, 0x80);
+        assert_eq!(r[2] & 0x01, 0x01, "RD copied");
+        assert_eq!(r[3] & 0x80, 0x80, "RA");
+        assert_eq!(&r[12..p.question_end], &q[12..p.question_end]);
+        assert_eq!(&r[10..12], &[0, 1]);
+        // Without OPT: header + question only.
+        let q = query(b"\x03foo\x00", TYPE_A);
+        let p = parse_query(&q).unwrap();
+        let mut buf = q.clone();
+        assert_eq!(write_reply(&mut buf, &p, Rcode::NxDomain, false), q.len());
+        assert_eq!(buf[3], 3);
+    }
+
+    fn answer_packet(question: &[u8], records: &[(&[u8], u16, u32, &[u8])]) -> Vec<u8> {
+        let mut p = vec![0xab, 0xcd, 0x81, 0x80, 0, 1, 0, records.len() as u8, 0, 0, 0, 0];
+        p.extend_from_slice(question);
+        p.extend_from_slice(&[0, 1, 0, 1]);
+        for (owner, rtype, ttl, rdata) in records {
+            p.extend_from_slice(owner);
+            p.extend_from_slice(&rtype.to_be_bytes());
+            p.extend_from_slice(&CLASS_IN.to_be_bytes());
+            p.extend_from_slice(&ttl.to_be_bytes());
+            p.extend_from_slice(&(rdata.len() as u16).to_be_bytes());
+            p.extend_from_slice(rdata);
+        }
+        p
+    }
+
+    #[test]
+    fn follows_the_cname_chain_only() {
+        let q = b"\x03WWW\x01x\x00";
+        let p = answer_packet(
+            q,
+            &[
+                (b"\xc0\x0c", TYPE_CNAME, 300, b"\x01b\x01y\x00"),
+                // Off-chain address: must be ignored.
+                (b"\x04evil\x00", TYPE_A, 9999, &[6, 6, 6, 6]),
+                (b"\x01B\x01Y\x00", TYPE_A, 60, &[192, 0, 2, 1]),
+                (b"\x01b\x01y\x00", TYPE_AAAA, 120, &[0x20, 1, 0xd, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]),
+                (b"\x01b\x01y\x00", TYPE_A, 60, &[192, 0, 2, 1]),
+            ],
+        );
+        let a = parse_answer(&p).unwrap();
+        let addrs = collect_addresses(&p, &a).unwrap();
+        assert_eq!(addrs.ips().len(), 2);
+        assert_eq!(addrs.ips()[0], "192.0.2.1".parse::<IpAddr>().unwrap());
+        assert_eq!(addrs.min_ttl, 60);
+        assert_eq!(addrs.chain, 1);
+        assert_eq!(addrs.off_chain, 1);
+    }
+
+    #[test]
+    fn cname_loops_and_bad_pointers_end_cleanly() {
+        let q = b"\x01a\x00";
+        let p = answer_packet(
+            q,
+            &[(b"\x01a\x00", TYPE_CNAME, 5, b"\x01b\x00"), (b"\x01b\x00", TYPE_CNAME, 5, b"\x01a\x00")],
+        );
+        let a = parse_answer(&p).unwrap();
+        let addrs = collect_addresses(&p, &a).unwrap();
+        assert_eq!(addrs.ips().len(), 0);
+        assert!(addrs.chain <= MAX_CHAIN);
+        // A pointer to itself in an owner name.
+        let mut p = answer_packet(q, &[(b"\xc0\x00", TYPE_A, 5, &[1, 2, 3, 4])]);
+        let at = HEADER_LEN + q.len() + 4;
+        p[at + 1] = at as u8;
+        let a = parse_answer(&p).unwrap();
+        assert_eq!(collect_addresses(&p, &a).unwrap_err(), AnswerError::BadRecord);
+        // Truncated rdata.
+        let p = answer_packet(q, &[(b"\x01a\x00", TYPE_A, 5, &[1, 2, 3, 4])]);
+        let a = parse_answer(&p[..p.len() - 1]).unwrap();
+        assert_eq!(collect_addresses(&p[..p.len() - 1], &a).unwrap_err(), AnswerError::BadRecord);
+    }
+}

@@ -1,0 +1,493 @@
+//! The sans-IO core driven with a virtual clock: every per-query behaviour of the data plane,
+//! including each kind of bad input, without a socket.
+
+mod common;
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use dnsfence_engine::allow::{AllowEntry, AllowError, AllowSink, UserspaceAllowTable};
+use dnsfence_engine::core::{Client, Core, CoreConfig, Destination, Record, UnknownSource};
+use dnsfence_engine::wire::{self, Rcode, TYPE_A, TYPE_AAAA, TYPE_CNAME};
+use dnsfence_policy::EndpointId;
+
+const UPSTREAM: &str = "127.0.0.53:53";
+
+fn upstream() -> SocketAddr {
+    UPSTREAM.parse().unwrap()
+}
+
+fn config() -> CoreConfig {
+    let mut c = CoreConfig::new(upstream());
+    c.upstream_timeout = Duration::from_secs(2);
+    c.max_pending = 64;
+    c
+}
+
+struct Harness {
+    core: Core,
+    table: UserspaceAllowTable,
+    t0: Instant,
+}
+
+impl Harness {
+    fn new(config: CoreConfig) -> Harness {
+        Harness {
+            core: Core::new(config, Arc::new(test_snapshot())),
+            table: UserspaceAllowTable::new(1 << 16),
+            t0: Instant::now(),
+        }
+    }
+
+    fn at(&self, ms: u64) -> Instant {
+        self.t0 + Duration::from_millis(ms)
+    }
+
+    /// Commits allow entries and drains every transmit.
+    fn drain(&mut self, ms: u64) -> Vec<(Destination, Vec<u8>)> {
+        let now = self.at(ms);
+        self.core.commit_allows(now, &mut &self.table);
+        self.transmits()
+    }
+
+    fn transmits(&mut self) -> Vec<(Destination, Vec<u8>)> {
+        let mut out = Vec::new();
+        while let Some(t) = self.core.poll_transmit() {
+            out.push((t.to, t.data.to_vec()));
+        }
+        out
+    }
+
+    fn query(&mut self, ms: u64, from: &str, packet: &[u8]) -> Vec<(Destination, Vec<u8>)> {
+        self.core.handle_client(self.at(ms), Client::Udp(from.parse().unwrap()), None, packet);
+        self.drain(ms)
+    }
+
+    /// Sends `packet` from the client and returns the forwarded query and its socket.
+    fn forward(&mut self, ms: u64, packet: &[u8]) -> (u16, Vec<u8>) {
+        let out = self.query(ms, CLIENT, packet);
+        assert_eq!(out.len(), 1, "{out:?}");
+        match &out[0] {
+            (Destination::UpstreamUdp { socket }, bytes) => (*socket, bytes.clone()),
+            other => panic!("expected a forward, got {other:?}"),
+        }
+    }
+
+    fn answer(&mut self, ms: u64, socket: u16, packet: &[u8]) -> Vec<(Destination, Vec<u8>)> {
+        self.core.handle_upstream(self.at(ms), socket, upstream(), packet);
+        self.drain(ms)
+    }
+}
+
+fn to_client(out: &[(Destination, Vec<u8>)]) -> &[u8] {
+    assert_eq!(out.len(), 1, "{out:?}");
+    assert_eq!(out[0].0, Destination::Client(Client::Udp(CLIENT.parse().unwrap())));
+    &out[0].1
+}
+
+fn rcode(packet: &[u8]) -> u8 {
+    packet[3] & 0x0f
+}
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+const EP: EndpointId = EndpointId(0);
+
+#[test]
+fn denied_name_is_refused_in_place_and_never_forwarded() {
+    let mut h = Harness::new(config());
+    let q = query(0xbeef, "Evil.Example.COM", TYPE_A);
+    let out = h.query(0, CLIENT, &q);
+    let reply = to_client(&out);
+    assert_eq!(rcode(reply), Rcode::Refused as u8);
+    assert_eq!(&reply[0..2], &[0xbe, 0xef]);
+    assert_eq!(&reply[12..], &q[12..], "same question, same spelling");
+    assert_eq!(reply[2] & 0x80, 0x80, "QR");
+    assert_eq!(reply[3] & 0x80, 0x80, "RA");
+    assert_eq!(h.core.stats().refused, 1);
+    assert_eq!(h.core.stats().forwarded, 0);
+}
+
+#[test]
+fn reject_rcode_nxdomain() {
+    let mut c = config();
+    c.reject_rcode = Rcode::NxDomain;
+    let mut h = Harness::new(c);
+    let out = h.query(0, CLIENT, &query(1, "evil.example.com", TYPE_A));
+    assert_eq!(rcode(to_client(&out)), Rcode::NxDomain as u8);
+}
+
+#[test]
+fn allowed_name_is_forwarded_and_answer_released_after_its_allow_write() {
+    let mut h = Harness::new(config());
+    let q = query(0x1234, "wWw.AlLoWeD.TeSt", TYPE_A);
+    let (socket, fwd) = h.forward(0, &q);
+    assert_ne!(&fwd[0..2], &q[0..2], "fresh upstream ID (1 in 65536 flake chance)");
+    assert_eq!(&fwd[2..], &q[2..], "query otherwise unchanged, 0x20 spelling kept");
+
+    // The upstream answers with a lowercased question.
+    let upstream_id = u16::from_be_bytes([fwd[0], fwd[1]]);
+    let ans = answer(upstream_id, "www.allowed.test", TYPE_A, &[("www.allowed.test", TYPE_A, 300, &rdata_a("127.1.2.3"))]);
+    h.core.handle_upstream(h.at(5), socket, upstream(), &ans);
+    // Before the batch's allow write, nothing may be sent.
+    assert!(h.transmits().is_empty(), "answer released before its allow entry");
+    assert!(!h.table.is_allowed(EP, ip("127.1.2.3"), h.at(5)));
+    let out = h.drain(5);
+    assert!(h.table.is_allowed(EP, ip("127.1.2.3"), h.at(6)));
+    let reply = to_client(&out);
+    assert_eq!(&reply[0..2], &[0x12, 0x34], "client ID restored");
+    assert_eq!(&reply[12..12 + 18], &q[12..12 + 18], "client 0x20 spelling restored");
+    assert_eq!(rcode(reply), 0);
+    // Entry expires with the TTL.
+    assert!(h.table.is_allowed(EP, ip("127.1.2.3"), h.at(299_000)));
+    assert!(!h.table.is_allowed(EP, ip("127.1.2.3"), h.at(300_010)));
+
+    let records: Vec<Record> = std::iter::from_fn(|| h.core.poll_record()).collect();
+    let update = records
+        .iter()
+        .find_map(|r| match r {
+            Record::Addresses(u) => Some(u),
+            _ => None,
+        })
+        .expect("an IP update");
+    assert_eq!(update.endpoint, EP);
+    assert_eq!(update.name.to_string(), "www.allowed.test.");
+    assert_eq!(update.addresses.ips(), &[ip("127.1.2.3")]);
+    assert_eq!(update.ttl, 300);
+    assert!(update.rules_total >= 1);
+}
+
+#[test]
+fn unchanged_address_sets_cost_no_write() {
+    let mut h = Harness::new(config());
+    for i in 0..5u64 {
+        let (socket, fwd) = h.forward(i * 10, &query(7, "a.allowed.test", TYPE_A));
+        let id = u16::from_be_bytes([fwd[0], fwd[1]]);
+        let ans = answer(id, "a.allowed.test", TYPE_A, &[("a.allowed.test", TYPE_A, 600, &rdata_a("127.0.0.9"))]);
+        let out = h.answer(i * 10 + 1, socket, &ans);
+        assert_eq!(to_client(&out)[0..2], [0, 7]);
+    }
+    assert_eq!(h.core.stats().allow_writes, 1, "only the first answer needed a write");
+    // A new address for the same name is written.
+    let (socket, fwd) = h.forward(100, &query(8, "a.allowed.test", TYPE_A));
+    let id = u16::from_be_bytes([fwd[0], fwd[1]]);
+    let ans = answer(id, "a.allowed.test", TYPE_A, &[("a.allowed.test", TYPE_A, 600, &rdata_a("127.0.0.9")), ("a.allowed.test", TYPE_A, 600, &rdata_a("127.0.0.10"))]);
+    h.answer(101, socket, &ans);
+    assert_eq!(h.core.stats().allow_writes, 2);
+}
+
+#[test]
+fn cname_chain_is_followed_and_off_chain_records_never_allowed() {
+    let mut h = Harness::new(config());
+    let (socket, fwd) = h.forward(0, &query(9, "svc.allowed.test", TYPE_AAAA));
+    let id = u16::from_be_bytes([fwd[0], fwd[1]]);
+    let ans = answer(
+        id,
+        "svc.allowed.test",
+        TYPE_AAAA,
+        &[
+            ("svc.allowed.test", TYPE_CNAME, 120, &rdata_name("edge.cdn.example")),
+            ("victim.bank.example", TYPE_A, 9999, &rdata_a("127.6.6.6")),
+            ("edge.cdn.example", TYPE_CNAME, 60, &rdata_name("node.cdn.example")),
+            ("node.cdn.example", TYPE_AAAA, 300, &rdata_aaaa("fd00::1")),
+            ("svc.allowed.test", TYPE_A, 300, &rdata_a("127.0.0.7")),
+        ],
+    );
+    let out = h.answer(1, socket, &ans);
+    let reply = to_client(&out);
+    assert_eq!(&reply[12..], &ans[12..], "answer passed through unchanged");
+    assert!(h.table.is_allowed(EP, ip("fd00::1"), h.at(59_000)));
+    assert!(!h.table.is_allowed(EP, ip("fd00::1"), h.at(60_001)), "TTL is the chain minimum");
+    assert!(!h.table.is_allowed(EP, ip("127.6.6.6"), h.at(2)), "off-chain record allowed");
+    // The alias's own A record is on the chain's first name only before the CNAME is followed:
+    // a name that has a CNAME has no other data, so it is ignored too.
+    assert_eq!(h.core.stats().off_chain_records, 2);
+}
+
+#[test]
+fn min_ttl_raises_short_ttls() {
+    let mut c = config();
+    c.min_ttl = 3600;
+    let mut h = Harness::new(c);
+    let (socket, fwd) = h.forward(0, &query(9, "x.allowed.test", TYPE_A));
+    let id = u16::from_be_bytes([fwd[0], fwd[1]]);
+    let ans = answer(id, "x.allowed.test", TYPE_A, &[("x.allowed.test", TYPE_A, 5, &rdata_a("127.0.0.5"))]);
+    h.answer(1, socket, &ans);
+    assert!(h.table.is_allowed(EP, ip("127.0.0.5"), h.at(3_000_000)));
+}
+
+#[test]
+fn dns_allowed_but_not_fqdn_allowed_needs_no_write() {
+    // api.stripe.com is allowed at the DNS layer only (no toFQDNs selector in the test policy).
+    let mut h = Harness::new(config());
+    let (socket, fwd) = h.forward(0, &query(3, "api.stripe.com", TYPE_A));
+    let id = u16::from_be_bytes([fwd[0], fwd[1]]);
+    let ans = answer(id, "api.stripe.com", TYPE_A, &[("api.stripe.com", TYPE_A, 60, &rdata_a("127.0.0.3"))]);
+    h.core.handle_upstream(h.at(1), socket, upstream(), &ans);
+    let out = h.transmits();
+    assert_eq!(rcode(to_client(&out)), 0, "released without waiting");
+    assert!(!h.table.is_allowed(EP, ip("127.0.0.3"), h.at(2)));
+}
+
+#[test]
+fn spoofed_answers_are_dropped_and_the_real_one_still_accepted() {
+    let mut h = Harness::new(config());
+    let (socket, fwd) = h.forward(0, &query(0x4242, "s.allowed.test", TYPE_A));
+    let id = u16::from_be_bytes([fwd[0], fwd[1]]);
+    let evil = [("s.allowed.test", TYPE_A, 300, &rdata_a("127.6.6.6")[..])];
+    // Wrong source address.
+    let spoof = answer(id, "s.allowed.test", TYPE_A, &evil);
+    h.core.handle_upstream(h.at(1), socket, "127.0.0.66:53".parse().unwrap(), &spoof);
+    // Wrong ID.
+    let spoof = answer(id.wrapping_add(1), "s.allowed.test", TYPE_A, &evil);
+    h.core.handle_upstream(h.at(1), socket, upstream(), &spoof);
+    // Right ID on the wrong socket.
+    let other = (socket + 1) % 4;
+    h.core.handle_upstream(h.at(1), other, upstream(), &answer(id, "s.allowed.test", TYPE_A, &evil));
+    // Right ID, wrong question.
+    let spoof = answer(id, "t.allowed.test", TYPE_A, &evil);
+    h.core.handle_upstream(h.at(1), socket, upstream(), &spoof);
+    // Right ID, wrong type.
+    let spoof = answer(id, "s.allowed.test", TYPE_AAAA, &evil);
+    h.core.handle_upstream(h.at(1), socket, upstream(), &spoof);
+    // Not a response at all.
+    h.core.handle_upstream(h.at(1), socket, upstream(), &query(id, "s.allowed.test", TYPE_A));
+    assert!(h.drain(1).is_empty());
+    let s = h.core.stats();
+    assert_eq!(s.upstream_wrong_source, 1);
+    assert_eq!(s.upstream_unknown_id, 2);
+    assert_eq!(s.upstream_wrong_question, 2);
+    assert_eq!(s.upstream_malformed, 1);
+    assert!(!h.table.is_allowed(EP, ip("127.6.6.6"), h.at(2)));
+
+    let real = answer(id, "s.allowed.test", TYPE_A, &[("s.allowed.test", TYPE_A, 300, &rdata_a("127.0.0.8"))]);
+    let out = h.answer(2, socket, &real);
+    assert_eq!(&to_client(&out)[0..2], &[0x42, 0x42]);
+    // A duplicate of the real answer finds nothing in flight.
+    assert!(h.answer(3, socket, &real).is_empty());
+    assert_eq!(h.core.stats().upstream_unknown_id, 3);
+}
+
+#[test]
+fn upstream_timeout_answers_servfail_never_silence() {
+    let mut h = Harness::new(config());
+    let q = query(0x0102, "slow.allowed.test", TYPE_A);
+    h.forward(0, &q);
+    h.core.handle_timeout(h.at(1999));
+    assert!(h.drain(1999).is_empty());
+    assert_eq!(h.core.poll_timeout(), Some(h.at(2000)));
+    h.core.handle_timeout(h.at(2000));
+    let out = h.drain(2000);
+    let reply = to_client(&out);
+    assert_eq!(rcode(reply), Rcode::ServFail as u8);
+    assert_eq!(&reply[0..2], &[1, 2]);
+    assert_eq!(&reply[12..], &q[12..]);
+    assert_eq!(h.core.stats().timeouts, 1);
+    assert_eq!(h.core.in_flight(), 0);
+}
+
+#[test]
+fn malformed_queries_are_counted_verdicts_and_the_next_query_is_served() {
+    let mut h = Harness::new(config());
+    let good = query(0x0a0b, "ok.allowed.test", TYPE_A);
+    let mut cases: Vec<(&str, Vec<u8>, Option<u8>)> = vec![
+        ("empty", vec![], None),
+        ("short header", good[..11].to_vec(), None),
+        ("header only", good[..12].to_vec(), Some(1)),
+    ];
+    let mut response = good.clone();
+    response[2] |= 0x80;
+    cases.push(("response bit", response, Some(1)));
+    let mut qd2 = good.clone();
+    qd2[5] = 2;
+    cases.push(("qdcount 2", qd2, Some(1)));
+    let mut qd0 = good.clone();
+    qd0[5] = 0;
+    cases.push(("qdcount 0", qd0, Some(1)));
+    let mut bad_label = good.clone();
+    bad_label[12] = 0x3f;
+    cases.push(("label runs off the end", bad_label, Some(1)));
+    let mut reserved = good.clone();
+    reserved[12] = 0x80;
+    cases.push(("reserved label type", reserved, Some(1)));
+    let mut looped = good[..12].to_vec();
+    looped.extend_from_slice(&[0xc0, 0x0c, 0, 1, 0, 1]);
+    cases.push(("compression loop", looped, Some(1)));
+    let mut forward = good[..12].to_vec();
+    forward.extend_from_slice(&[0xc0, 0x12, 0, 1, 0, 1, 1, b'a', 0]);
+    cases.push(("forward pointer", forward, Some(1)));
+    let mut class = good.clone();
+    let n = class.len();
+    class[n - 1] = 7;
+    cases.push(("unknown class", class, Some(1)));
+    let mut opcode = good.clone();
+    opcode[2] |= 0x20;
+    cases.push(("opcode update", opcode, Some(4)));
+    let mut long = good[..12].to_vec();
+    for _ in 0..5 {
+        long.push(60);
+        long.extend_from_slice(&[b'a'; 60]);
+    }
+    long.extend_from_slice(&[0, 0, 1, 0, 1]);
+    cases.push(("name over 255", long, Some(1)));
+
+    for (what, packet, expect) in &cases {
+        let out = h.query(0, CLIENT, packet);
+        match expect {
+            None => assert!(out.is_empty(), "{what}: {out:?}"),
+            Some(rc) => {
+                let reply = to_client(&out);
+                assert_eq!(rcode(reply), *rc, "{what}");
+                assert_eq!(&reply[0..2], &packet[0..2], "{what}: same ID");
+            }
+        }
+    }
+    let s = *h.core.stats();
+    assert_eq!(s.malformed_dropped, 2);
+    assert_eq!(s.malformed_answered as usize, cases.len() - 2);
+    assert_eq!(s.forwarded, 0, "nothing malformed reached the upstream");
+    h.forward(1, &good);
+}
+
+#[test]
+fn names_outside_the_policy_alphabet_are_refused() {
+    let mut h = Harness::new(config());
+    // A structurally valid name with a space and a star: no pattern can match it.
+    let out = h.query(0, CLIENT, &query(5, "a b.allowed.test", TYPE_A));
+    assert_eq!(rcode(to_client(&out)), Rcode::Refused as u8);
+    let out = h.query(0, CLIENT, &query(5, "*.allowed.test", TYPE_A));
+    assert_eq!(rcode(to_client(&out)), Rcode::Refused as u8);
+    // The unrestricted endpoint may resolve it.
+    let out = h.query(0, OPEN_CLIENT, &query(5, "a b.allowed.test", TYPE_A));
+    assert!(matches!(out[0].0, Destination::UpstreamUdp { .. }));
+}
+
+#[test]
+fn unknown_sources_by_flag() {
+    let mut h = Harness::new(config());
+    let out = h.query(0, "127.9.9.9:1000", &query(5, "x.allowed.test", TYPE_A));
+    assert_eq!(rcode(&out[0].1), Rcode::Refused as u8);
+    assert_eq!(h.core.stats().refused_unknown_source, 1);
+
+    let mut c = config();
+    c.unknown_source = UnknownSource::Allow;
+    let mut h = Harness::new(c);
+    let out = h.query(0, "127.9.9.9:1000", &query(5, "anything.example", TYPE_A));
+    assert!(matches!(out[0].0, Destination::UpstreamUdp { .. }));
+}
+
+#[test]
+fn unrestricted_endpoint_is_forwarded_without_allow_writes() {
+    let mut h = Harness::new(config());
+    let out = h.query(0, OPEN_CLIENT, &query(5, "anything.example", TYPE_A));
+    let (Destination::UpstreamUdp { socket }, fwd) = &out[0] else { panic!("{out:?}") };
+    let id = u16::from_be_bytes([fwd[0], fwd[1]]);
+    let ans = answer(id, "anything.example", TYPE_A, &[("anything.example", TYPE_A, 60, &rdata_a("127.0.0.4"))]);
+    h.core.handle_upstream(h.at(1), *socket, upstream(), &ans);
+    assert_eq!(h.transmits().len(), 1);
+    assert_eq!(h.core.stats().allow_writes, 0);
+}
+
+#[test]
+fn truncated_answers_pass_through_untouched() {
+    let mut h = Harness::new(config());
+    let (socket, fwd) = h.forward(0, &query(0x77, "big.allowed.test", TYPE_A));
+    let id = u16::from_be_bytes([fwd[0], fwd[1]]);
+    let mut ans = answer(id, "big.allowed.test", TYPE_A, &[]);
+    ans[2] |= 0x02; // TC
+    let out = h.answer(1, socket, &ans);
+    let reply = to_client(&out);
+    assert_eq!(&reply[2..], &ans[2..]);
+    assert_eq!(h.core.stats().truncated, 1);
+}
+
+#[test]
+fn pending_table_full_answers_servfail_and_memory_stays_bounded() {
+    let mut h = Harness::new(config());
+    // A flood of unique names, never answered: at most max_pending (64) in flight.
+    let mut servfail = 0;
+    for i in 0..1000u16 {
+        let out = h.query(0, CLIENT, &query(i, &format!("n{i}.allowed.test"), TYPE_A));
+        if let (Destination::Client(_), reply) = &out[0] {
+            assert_eq!(rcode(reply), Rcode::ServFail as u8);
+            servfail += 1;
+        }
+    }
+    assert_eq!(servfail, 1000 - 64);
+    assert_eq!(h.core.in_flight(), 64);
+    assert_eq!(h.core.stats().pending_full, 936);
+    h.core.handle_timeout(h.at(2000));
+    assert_eq!(h.drain(2000).len(), 64);
+    assert_eq!(h.core.in_flight(), 0);
+    h.forward(2001, &query(1, "again.allowed.test", TYPE_A));
+}
+
+struct FailingSink;
+
+impl AllowSink for FailingSink {
+    fn write(&mut self, _: &[AllowEntry]) -> Result<(), AllowError> {
+        Err(AllowError::Full { capacity: 0 })
+    }
+}
+
+#[test]
+fn failed_allow_write_turns_the_answer_into_servfail() {
+    let mut h = Harness::new(config());
+    let (socket, fwd) = h.forward(0, &query(0x99, "w.allowed.test", TYPE_A));
+    let id = u16::from_be_bytes([fwd[0], fwd[1]]);
+    let ans = answer(id, "w.allowed.test", TYPE_A, &[("w.allowed.test", TYPE_A, 60, &rdata_a("127.0.0.2"))]);
+    h.core.handle_upstream(h.at(1), socket, upstream(), &ans);
+    h.core.commit_allows(h.at(1), &mut FailingSink);
+    let out = h.transmits();
+    assert_eq!(rcode(to_client(&out)), Rcode::ServFail as u8);
+    assert_eq!(h.core.stats().allow_write_failures, 1);
+}
+
+#[test]
+fn in_flight_queries_keep_their_snapshot() {
+    let mut h = Harness::new(config());
+    let (socket, fwd) = h.forward(0, &query(0x31, "k.allowed.test", TYPE_A));
+    // The new policy allows nothing; the query in flight still completes under the old one.
+    h.core.set_snapshot(Arc::new(deny_all_snapshot()));
+    let id = u16::from_be_bytes([fwd[0], fwd[1]]);
+    let ans = answer(id, "k.allowed.test", TYPE_A, &[("k.allowed.test", TYPE_A, 60, &rdata_a("127.0.0.31"))]);
+    let out = h.answer(1, socket, &ans);
+    assert_eq!(rcode(to_client(&out)), 0);
+    assert!(h.table.is_allowed(EP, ip("127.0.0.31"), h.at(2)));
+    // New queries see the new snapshot.
+    let out = h.query(2, CLIENT, &query(0x32, "k.allowed.test", TYPE_A));
+    assert_eq!(rcode(to_client(&out)), Rcode::Refused as u8);
+}
+
+#[test]
+fn tcp_clients_are_forwarded_over_tcp() {
+    let mut h = Harness::new(config());
+    let client = Client::Tcp { conn: 7, peer: CLIENT.parse().unwrap() };
+    h.core.handle_client(h.at(0), client, None, &query(0x55, "t.allowed.test", TYPE_A));
+    let out = h.drain(0);
+    assert_eq!(out[0].0, Destination::UpstreamTcp);
+    let id = u16::from_be_bytes([out[0].1[0], out[0].1[1]]);
+    let ans = answer(id, "t.allowed.test", TYPE_A, &[("t.allowed.test", TYPE_A, 60, &rdata_a("127.0.0.55"))]);
+    h.core.handle_upstream_tcp(h.at(1), &ans);
+    let out = h.drain(1);
+    assert_eq!(out[0].0, Destination::Client(client));
+    assert_eq!(&out[0].1[0..2], &[0, 0x55]);
+}
+
+#[test]
+fn edns_opt_is_kept_in_refusals_and_forwarded() {
+    let mut h = Harness::new(config());
+    let q = with_opt(query(0x66, "evil.example", TYPE_A));
+    let out = h.query(0, CLIENT, &q);
+    let reply = to_client(&out);
+    assert_eq!(reply.len(), q.len());
+    assert_eq!(&reply[10..12], &[0, 1]);
+    let q = with_opt(query(0x67, "e.allowed.test", TYPE_A));
+    let (_, fwd) = h.forward(0, &q);
+    assert_eq!(&fwd[2..], &q[2..]);
+    assert!(wire::parse_query(&fwd).unwrap().opt.is_some());
+}

@@ -1,0 +1,99 @@
+//! Steady state allocates nothing: a counting global allocator watches the core answer
+//! thousands of allowed, denied and malformed queries after a warm-up.
+
+mod common;
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use common::*;
+use dnsfence_engine::allow::UserspaceAllowTable;
+use dnsfence_engine::core::{Client, Core, CoreConfig, Destination};
+use dnsfence_engine::wire::TYPE_A;
+
+struct Counting;
+
+static ALLOCATIONS: AtomicUsize = AtomicUsize::new(0);
+
+// SAFETY: forwards every call to the system allocator unchanged; only counts them.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: same contract as our caller's.
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: same contract as our caller's.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: same contract as our caller's.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+#[test]
+fn steady_state_queries_do_not_allocate() {
+    let upstream = "127.0.0.53:53".parse().unwrap();
+    let mut config = CoreConfig::new(upstream);
+    config.max_pending = 1024;
+    let mut core = Core::new(config, Arc::new(test_snapshot()));
+    let table = UserspaceAllowTable::new(1 << 16);
+    let client = Client::Udp(CLIENT.parse().unwrap());
+    let t0 = Instant::now();
+
+    // Pre-built packets: allowed names (answered), denied names, malformed packets.
+    let names: Vec<String> = (0..64).map(|i| format!("host{i}.allowed.test")).collect();
+    let queries: Vec<Vec<u8>> = names.iter().map(|n| query(7, n, TYPE_A)).collect();
+    let denied = query(8, "evil.example.com", TYPE_A);
+    let mut malformed = query(9, "x.allowed.test", TYPE_A);
+    malformed[5] = 2;
+    let mut answers: Vec<Vec<u8>> = Vec::new();
+    let mut out = Vec::with_capacity(64);
+    let mut run = |core: &mut Core, rounds: usize, answers: &mut Vec<Vec<u8>>| {
+        for round in 0..rounds {
+            let now = t0 + Duration::from_millis(round as u64);
+            for (i, q) in queries.iter().enumerate() {
+                core.handle_client(now, client, None, q);
+                core.handle_client(now, client, None, &denied);
+                core.handle_client(now, client, None, &malformed);
+                out.clear();
+                while let Some(t) = core.poll_transmit() {
+                    if let Destination::UpstreamUdp { socket } = t.to {
+                        let id = u16::from_be_bytes([t.data[0], t.data[1]]);
+                        out.push((socket, id));
+                    }
+                }
+                for &(socket, id) in &out {
+                    // Answer buffers are reused across rounds: only the ID changes.
+                    if answers.len() <= i {
+                        let ip = format!("127.0.1.{i}");
+                        answers.push(answer(id, &names[i], TYPE_A, &[(&names[i], TYPE_A, 3600, &rdata_a(&ip))]));
+                    }
+                    answers[i][0..2].copy_from_slice(&id.to_be_bytes());
+                    core.handle_upstream(now, socket, upstream, &answers[i]);
+                }
+                core.handle_timeout(now);
+                core.commit_allows(now, &mut &table);
+                while core.poll_transmit().is_some() {}
+                while core.poll_record().is_some() {}
+            }
+        }
+    };
+
+    run(&mut core, 20, &mut answers);
+    let before = ALLOCATIONS.load(Ordering::Relaxed);
+    run(&mut core, 100, &mut answers);
+    let allocated = ALLOCATIONS.load(Ordering::Relaxed) - before;
+    let s = core.stats();
+    assert_eq!(s.answered, 120 * 64);
+    assert_eq!(s.refused, 120 * 64);
+    assert_eq!(s.malformed_answered, 120 * 64);
+    assert_eq!(allocated, 0, "{allocated} allocations for {} queries", 100 * 64 * 3);
+}
