@@ -1,7 +1,18 @@
 //! `dnsfence policy validate|check` (shared/spec/interfaces.md).
+//!
+//! Exit codes: 0 when valid / checked; 1 when a policy or endpoints file has problems (one
+//! `FILE:LINE: reason` line each on stderr); 2 for a wrong invocation (unknown endpoint).
 
-use std::path::PathBuf;
+use std::io::{self, Write};
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+
+use anyhow::{Context, Result, bail};
+use dnsfence_matcher::{Name, RuleSet};
+use dnsfence_policy::{
+    DnsVerdict, EndpointId, Endpoints, LoadErrors, PolicySet, PortProto, Proto, Snapshot,
+};
 
 /// Arguments of `dnsfence policy`.
 #[derive(Debug, clap::Args)]
@@ -13,22 +24,246 @@ pub struct PolicyArgs {
 #[derive(Debug, clap::Subcommand)]
 enum PolicyCommand {
     /// Validate CiliumNetworkPolicy / CiliumClusterwideNetworkPolicy files or directories.
+    ///
+    /// A directory contributes its *.yaml and *.yml files, sorted by name, not recursively
+    /// (names starting with '.' skipped). Prints a one-line summary and exits 0 when valid;
+    /// otherwise prints one `FILE:LINE: reason` line per problem on stderr and exits 1.
     Validate {
         /// Files or directories of CNP/CCNP YAML.
-        #[arg(required = true)]
+        #[arg(required = true, value_name = "PATH")]
         paths: Vec<PathBuf>,
+        /// Also validate this endpoints file.
+        #[arg(long, value_name = "FILE")]
+        endpoints: Option<PathBuf>,
     },
+    /// What does the policy allow an endpoint to resolve, and to reach?
+    ///
+    /// Prints `QNAME<TAB>dns=allow|deny<TAB>fqdn=allow|deny[<TAB>ports=443/tcp,...]` per
+    /// name: dns= is the DNS-layer verdict (is the query forwarded), fqdn= whether the answer's
+    /// addresses would become reachable, and ports= on which ports (`any` = every port). An
+    /// endpoint selected by no egress policy is unrestricted: `dns=allow fqdn=allow ports=any`
+    /// (and a note on stderr).
+    Check {
+        /// Policy file or directory. Repeatable.
+        #[arg(long = "policy", required = true, value_name = "PATH")]
+        policies: Vec<PathBuf>,
+        /// The endpoints file.
+        #[arg(long, value_name = "FILE")]
+        endpoints: PathBuf,
+        /// The querying endpoint: `namespace/name`, or `name` when unique.
+        #[arg(long, value_name = "NAME")]
+        endpoint: String,
+        /// Destination port of the DNS query.
+        #[arg(long, default_value_t = 53)]
+        port: u16,
+        /// Transport of the DNS query.
+        #[arg(long, value_enum, default_value = "udp")]
+        proto: ProtoArg,
+        /// Address of the DNS server the query is sent to; rules with toEndpoints apply only
+        /// when it belongs to an endpoint they select. Without it, toEndpoints is not checked
+        /// (dns=allow then means: some server the policy allows would get the query).
+        #[arg(long, value_name = "IP")]
+        server: Option<IpAddr>,
+        /// Names to check.
+        #[arg(required = true, value_name = "QNAME")]
+        names: Vec<String>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum ProtoArg {
+    Udp,
+    Tcp,
 }
 
 /// Runs `dnsfence policy ...`.
 pub fn run(args: &PolicyArgs) -> ExitCode {
-    match &args.command {
-        PolicyCommand::Validate { paths } => {
-            eprintln!(
-                "dnsfence policy validate: not implemented yet ({} paths)",
-                paths.len()
-            );
-            ExitCode::FAILURE
+    let result = match &args.command {
+        PolicyCommand::Validate { paths, endpoints } => validate(paths, endpoints.as_ref()),
+        PolicyCommand::Check {
+            policies,
+            endpoints,
+            endpoint,
+            port,
+            proto,
+            server,
+            names,
+        } => {
+            let proto = match proto {
+                ProtoArg::Udp => Proto::Udp,
+                ProtoArg::Tcp => Proto::Tcp,
+            };
+            check(policies, endpoints, endpoint, *port, proto, *server, names)
+        }
+    };
+    match result {
+        Ok(code) => code,
+        // A closed stdout (`| head`) is the reader's choice, not a failure.
+        Err(e)
+            if e.downcast_ref::<io::Error>().map(io::Error::kind)
+                == Some(io::ErrorKind::BrokenPipe) =>
+        {
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("dnsfence policy: {e:#}");
+            ExitCode::from(2)
         }
     }
+}
+
+/// Prints every problem, one `FILE:LINE: reason` a line, on stderr; exit 1.
+fn report(errors: &LoadErrors) -> ExitCode {
+    let mut err = io::stderr().lock();
+    for e in errors.errors() {
+        let _ = writeln!(err, "{e}");
+    }
+    ExitCode::FAILURE
+}
+
+fn validate(paths: &[PathBuf], endpoints: Option<&PathBuf>) -> Result<ExitCode> {
+    let policies = PolicySet::load(paths);
+    let endpoints = endpoints.map(|p| Endpoints::load(p)).transpose();
+    let (policies, endpoints) = match (policies, endpoints) {
+        (Ok(p), Ok(e)) => (p, e),
+        (p, e) => {
+            let mut all = LoadErrors::default();
+            all.0.extend(p.err().map(|e| e.0).unwrap_or_default());
+            all.0.extend(e.err().map(|e| e.0).unwrap_or_default());
+            return Ok(report(&all));
+        }
+    };
+    let s = policies.summary();
+    let mut line = format!(
+        "ok: {} {}, {} {}, {} {}, {} {}",
+        thousands(s.files),
+        plural(s.files, "file", "files"),
+        thousands(s.policies),
+        plural(s.policies, "policy", "policies"),
+        thousands(s.rules),
+        plural(s.rules, "rule", "rules"),
+        thousands(s.patterns),
+        plural(s.patterns, "pattern", "patterns"),
+    );
+    if let Some(e) = endpoints {
+        let n = e.endpoints.len();
+        line.push_str(&format!(
+            ", {} {}",
+            thousands(n),
+            plural(n, "endpoint", "endpoints")
+        ));
+    }
+    writeln!(io::stdout().lock(), "{line}")?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn check(
+    policy_paths: &[PathBuf],
+    endpoints_path: &Path,
+    endpoint: &str,
+    port: u16,
+    proto: Proto,
+    server: Option<IpAddr>,
+    names: &[String],
+) -> Result<ExitCode> {
+    let snapshot = match dnsfence_policy::load(policy_paths, Some(endpoints_path)) {
+        Ok(s) => s,
+        Err(errors) => return Ok(report(&errors)),
+    };
+    let Some(ep) = snapshot.endpoint_by_name(endpoint) else {
+        let known = snapshot
+            .endpoints()
+            .map(|ep| snapshot.endpoint_name(ep))
+            .filter(|n| n.rsplit_once('/').is_some_and(|(_, name)| name == endpoint))
+            .collect::<Vec<_>>();
+        if known.len() > 1 {
+            bail!(
+                "endpoint {endpoint:?} is ambiguous: {}; use namespace/name",
+                known.join(", ")
+            );
+        }
+        bail!("no endpoint {endpoint:?} in {}", endpoints_path.display());
+    };
+    if !snapshot.is_restricted(ep) {
+        eprintln!(
+            "note: no egress policy selects {}: its egress is unrestricted",
+            snapshot.endpoint_name(ep)
+        );
+    }
+    let mut out = io::stdout().lock();
+    let mut rules = snapshot.rule_set();
+    for qname in names {
+        let line = match Name::from_text(qname) {
+            Ok(name) => verdict_line(&snapshot, ep, port, proto, server, &name, &mut rules),
+            Err(e) => {
+                eprintln!("note: {qname:?} is not a valid name ({e}): it matches nothing");
+                "dns=deny\tfqdn=deny".to_string()
+            }
+        };
+        writeln!(out, "{qname}\t{line}").context("writing to stdout")?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn verdict_line(
+    snapshot: &Snapshot,
+    ep: EndpointId,
+    port: u16,
+    proto: Proto,
+    server: Option<IpAddr>,
+    name: &Name,
+    rules: &mut RuleSet,
+) -> String {
+    let dns = match server {
+        Some(ip) => snapshot.dns_verdict(ep, SocketAddr::new(ip, port), proto, name),
+        None => snapshot.dns_verdict_any_server(ep, port, proto, name),
+    };
+    match dns {
+        DnsVerdict::Unrestricted => return "dns=allow\tfqdn=allow\tports=any".to_string(),
+        DnsVerdict::Allow | DnsVerdict::Deny => {}
+    }
+    let dns = if dns == DnsVerdict::Allow {
+        "allow"
+    } else {
+        "deny"
+    };
+    if !snapshot.fqdn_rules(ep, name, rules) {
+        return format!("dns={dns}\tfqdn=deny");
+    }
+    let mut ports: Vec<PortProto> = Vec::new();
+    let mut any = false;
+    for &rule in rules.as_slice() {
+        let p = snapshot.rule_ports(rule);
+        any |= p.is_empty();
+        ports.extend_from_slice(p);
+    }
+    let ports = if any {
+        "any".to_string()
+    } else {
+        ports.sort_unstable();
+        ports.dedup();
+        ports
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    format!("dns={dns}\tfqdn=allow\tports={ports}")
+}
+
+fn plural(n: usize, one: &'static str, many: &'static str) -> &'static str {
+    if n == 1 { one } else { many }
+}
+
+/// `10004` → `10,004`.
+fn thousands(n: usize) -> String {
+    let digits = n.to_string();
+    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
 }

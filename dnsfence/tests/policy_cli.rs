@@ -1,0 +1,228 @@
+//! `dnsfence policy validate|check` as users and scripts call them (shared/spec/interfaces.md).
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+fn dnsfence(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_dnsfence"))
+        .args(args)
+        .output()
+        .expect("spawn dnsfence")
+}
+
+fn testdata(name: &str) -> String {
+    format!("{}/../policy/testdata/{name}", env!("CARGO_MANIFEST_DIR"))
+}
+
+fn text(bytes: &[u8]) -> &str {
+    std::str::from_utf8(bytes).unwrap()
+}
+
+#[test]
+fn validate_good_file_prints_summary() {
+    let out = dnsfence(&["policy", "validate", &testdata("spec-example.yaml")]);
+    assert_eq!(text(&out.stderr), "");
+    assert_eq!(
+        text(&out.stdout),
+        "ok: 1 file, 1 policy, 2 rules, 3 patterns\n"
+    );
+    assert!(out.status.success());
+}
+
+#[test]
+fn validate_directory_reads_yaml_and_yml_only() {
+    let out = dnsfence(&[
+        "policy",
+        "validate",
+        &testdata("good"),
+        "--endpoints",
+        &testdata("spec-example-endpoints.yaml"),
+    ]);
+    assert_eq!(text(&out.stderr), "");
+    assert_eq!(
+        text(&out.stdout),
+        "ok: 2 files, 3 policies, 4 rules, 4 patterns, 4 endpoints\n"
+    );
+    assert!(out.status.success());
+}
+
+#[test]
+fn validate_counts_with_thousands_separators() {
+    let dir = std::env::temp_dir().join(format!("dnsfence-policy-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut doc = String::from(
+        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: big}\nspec:\n  \
+         endpointSelector: {}\n  egress:\n  - toFQDNs:\n",
+    );
+    for i in 0..10_004 {
+        doc.push_str(&format!("    - matchName: host{i}.example.com\n"));
+    }
+    let file: PathBuf = dir.join("big.yaml");
+    std::fs::write(&file, doc).unwrap();
+    let out = dnsfence(&["policy", "validate", file.to_str().unwrap()]);
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert_eq!(
+        text(&out.stdout),
+        "ok: 1 file, 1 policy, 1 rule, 10,004 patterns\n"
+    );
+    assert!(out.status.success());
+}
+
+#[test]
+fn validate_bad_file_lists_every_problem_and_exits_1() {
+    let file = testdata("bad/unsupported-fields.yaml");
+    let out = dnsfence(&["policy", "validate", &file]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(text(&out.stdout), "");
+    let hint = "unsupported field (dnsfence enforces toFQDNs, toEndpoints and toPorts with DNS rules only)";
+    let want: String = [
+        (17, "spec.egress[1].toCIDRSet"),
+        (18, "spec.egress[2].toEntities"),
+        (23, "spec.egress[3].toPorts[0].rules.http"),
+        (24, "spec.egress[3].toPorts[0].serverNames"),
+        (25, "spec.ingress"),
+        (27, "spec.egressDeny"),
+    ]
+    .iter()
+    .map(|(line, field)| format!("{file}:{line}: {field}: {hint}\n"))
+    .collect();
+    assert_eq!(text(&out.stderr), want);
+}
+
+#[test]
+fn validate_missing_path_and_bad_endpoints_exit_1() {
+    let missing = testdata("does-not-exist.yaml");
+    let out = dnsfence(&["policy", "validate", &missing]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).starts_with(&format!("{missing}:0: cannot read: ")));
+
+    let endpoints = testdata("bad-endpoints/duplicates-and-bad-ips.yaml");
+    let out = dnsfence(&[
+        "policy",
+        "validate",
+        &testdata("spec-example.yaml"),
+        "--endpoints",
+        &endpoints,
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let first = text(&out.stderr).lines().next().unwrap();
+    assert_eq!(
+        first,
+        format!(
+            "{endpoints}:13: endpoints[2].name: duplicate endpoint default/a (first at line 7)"
+        )
+    );
+}
+
+fn check(extra: &[&str], names: &[&str]) -> Output {
+    let policy = testdata("spec-example.yaml");
+    let endpoints = testdata("spec-example-endpoints.yaml");
+    let mut args = vec![
+        "policy",
+        "check",
+        "--policy",
+        &policy,
+        "--endpoints",
+        &endpoints,
+    ];
+    args.extend_from_slice(extra);
+    args.extend_from_slice(names);
+    dnsfence(&args)
+}
+
+#[test]
+fn check_spec_example_documented_verdicts() {
+    let out = check(
+        &["--endpoint", "team-a/uploader"],
+        &[
+            "bbc.co.uk",
+            "api.stripe.com",
+            "x.s3.amazonaws.com",
+            "s3.amazonaws.com",
+            "API.Stripe.COM.",
+        ],
+    );
+    assert_eq!(text(&out.stderr), "");
+    assert_eq!(
+        text(&out.stdout),
+        "bbc.co.uk\tdns=allow\tfqdn=deny\n\
+         api.stripe.com\tdns=allow\tfqdn=allow\tports=443/tcp\n\
+         x.s3.amazonaws.com\tdns=allow\tfqdn=allow\tports=443/tcp\n\
+         s3.amazonaws.com\tdns=allow\tfqdn=deny\n\
+         API.Stripe.COM.\tdns=allow\tfqdn=allow\tports=443/tcp\n"
+    );
+    assert!(out.status.success());
+}
+
+#[test]
+fn check_server_port_and_proto() {
+    let ep = ["--endpoint", "team-a/uploader"];
+    let cases: &[(&[&str], &str)] = &[
+        (&["--server", "10.96.0.10"], "dns=allow"), // kube-dns
+        (&["--server", "8.8.8.8"], "dns=deny"),     // not selected by toEndpoints
+        (&["--server", "10.96.0.10", "--proto", "tcp"], "dns=allow"), // protocol ANY
+        (&["--port", "5353"], "dns=deny"),
+    ];
+    for (extra, want) in cases {
+        let args: Vec<&str> = ep.iter().chain(extra.iter()).copied().collect();
+        let out = check(&args, &["bbc.co.uk"]);
+        assert_eq!(
+            text(&out.stdout),
+            format!("bbc.co.uk\t{want}\tfqdn=deny\n"),
+            "{extra:?}"
+        );
+        assert!(out.status.success());
+    }
+}
+
+#[test]
+fn check_unrestricted_endpoint_allows_everything() {
+    // team-b/uploader carries app=uploader but the CNP is confined to team-a.
+    let out = check(&["--endpoint", "team-b/uploader"], &["bbc.co.uk"]);
+    assert_eq!(
+        text(&out.stdout),
+        "bbc.co.uk\tdns=allow\tfqdn=allow\tports=any\n"
+    );
+    assert_eq!(
+        text(&out.stderr),
+        "note: no egress policy selects team-b/uploader: its egress is unrestricted\n"
+    );
+    assert!(out.status.success());
+}
+
+#[test]
+fn check_unknown_or_ambiguous_endpoint_exits_2() {
+    let out = check(&["--endpoint", "nobody"], &["a.com"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(text(&out.stdout), "");
+    let out = check(&["--endpoint", "uploader"], &["a.com"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("ambiguous"),
+        "{}",
+        text(&out.stderr)
+    );
+    // A unique bare name works.
+    let out = check(&["--endpoint", "other"], &["a.com"]);
+    assert!(out.status.success());
+}
+
+#[test]
+fn check_with_invalid_policy_reports_and_exits_1() {
+    let bad = testdata("bad/bad-ports.yaml");
+    let endpoints = testdata("spec-example-endpoints.yaml");
+    let out = dnsfence(&[
+        "policy",
+        "check",
+        "--policy",
+        &bad,
+        "--endpoints",
+        &endpoints,
+        "--endpoint",
+        "other",
+        "a.com",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(text(&out.stdout), "");
+    assert_eq!(text(&out.stderr).lines().count(), 7);
+}
