@@ -1,0 +1,770 @@
+//! The TCP side of a shard, shared by both backends: the listener, client connections and the
+//! pipelined upstream connection, as nonblocking sockets driven by readiness.
+//!
+//! The backend supplies readiness through a [`Poller`] (epoll registrations, or one-shot
+//! io_uring poll requests) and calls [`TcpSide::on_ready`] for each token that became ready.
+
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::{AsRawFd, RawFd};
+use std::time::{Duration, Instant};
+
+use super::sys::{Interest, READ, WRITE};
+use super::tcp::{FrameDecoder, OutBuf};
+use super::{ConnId, Event, IoConfig, IoStats, sockets};
+
+/// Token kinds (bits 40..48 of a token).
+const KIND_LISTENER: u64 = 1;
+const KIND_CLIENT: u64 = 2;
+const KIND_UPSTREAM: u64 = 3;
+/// Tokens of this module use the low 48 bits; backends may use the upper 16.
+pub(crate) const TOKEN_MASK: u64 = (1 << 48) - 1;
+
+fn token(kind: u64, gen_: u16, slot: u16) -> u64 {
+    (kind << 40) | (u64::from(gen_) << 16) | u64::from(slot)
+}
+
+fn conn_id(gen_: u16, slot: u16) -> ConnId {
+    (u32::from(gen_) << 16) | u32::from(slot)
+}
+
+/// Readiness registration for the TCP sockets, implemented by each backend.
+pub(crate) trait Poller {
+    /// Makes the backend report `want` readiness of `fd` with `token`; `state` is this
+    /// registration's backend-specific state (starts at 0), updated.
+    fn sync(
+        &mut self,
+        fd: RawFd,
+        token: u64,
+        want: Interest,
+        state: &mut Interest,
+    ) -> io::Result<()>;
+    /// `fd` is about to be closed: drop its registration.
+    fn forget(&mut self, fd: RawFd, token: u64, state: &mut Interest);
+}
+
+/// Reads at most this many times per connection per readiness (fairness between connections).
+const READS_PER_READY: usize = 4;
+/// Accepts at most this many connections per listener readiness.
+const ACCEPTS_PER_READY: usize = 64;
+
+#[derive(Debug)]
+struct ClientConn {
+    stream: Option<TcpStream>,
+    peer: SocketAddr,
+    gen_: u16,
+    dec: FrameDecoder,
+    out: OutBuf,
+    /// Messages delivered and not answered yet.
+    outstanding: usize,
+    last_progress: Instant,
+    /// Backend registration state.
+    state: Interest,
+    /// The peer closed its side: answer what is outstanding, then close.
+    eof: bool,
+    /// Output is waiting for writability (a write was short).
+    write_blocked: bool,
+    /// In the dirty list (output to write at flush).
+    dirty: bool,
+}
+
+#[derive(Debug)]
+struct UpstreamConn {
+    stream: Option<TcpStream>,
+    connecting: bool,
+    gen_: u16,
+    dec: FrameDecoder,
+    out: OutBuf,
+    state: Interest,
+    write_blocked: bool,
+}
+
+/// Listener, client connections and the upstream connection of one shard.
+#[derive(Debug)]
+pub(crate) struct TcpSide {
+    listener: Option<TcpListener>,
+    listener_state: Interest,
+    conns: Vec<ClientConn>,
+    free: Vec<u16>,
+    live: usize,
+    dirty: Vec<ConnId>,
+    resume: Vec<ConnId>,
+    closed: Vec<ConnId>,
+    upstream: UpstreamConn,
+    upstream_addr: SocketAddr,
+    idle: Duration,
+    max_conns: usize,
+    pipeline: usize,
+    max_message: usize,
+    max_out: usize,
+    next_sweep: Instant,
+}
+
+/// Why a client connection is closed (for the counters).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum CloseReason {
+    Normal,
+    Framing,
+    Idle,
+    Overflow,
+}
+
+impl TcpSide {
+    pub(crate) fn new(config: &IoConfig, listener: Option<TcpListener>) -> Self {
+        Self {
+            listener,
+            listener_state: 0,
+            conns: Vec::new(),
+            free: Vec::new(),
+            live: 0,
+            dirty: Vec::new(),
+            resume: Vec::new(),
+            closed: Vec::new(),
+            upstream: UpstreamConn {
+                stream: None,
+                connecting: false,
+                gen_: 0,
+                dec: FrameDecoder::new(65535),
+                out: OutBuf::new(config.max_upstream_tcp_queue),
+                state: 0,
+                write_blocked: false,
+            },
+            upstream_addr: config.upstream,
+            idle: config.tcp_idle_timeout,
+            max_conns: config.max_tcp_conns,
+            pipeline: config.max_tcp_pipeline,
+            max_message: config.max_tcp_message,
+            max_out: config.max_tcp_out_bytes,
+            next_sweep: Instant::now(),
+        }
+    }
+
+    /// Registers the listener with the poller.
+    pub(crate) fn start(&mut self, poller: &mut dyn Poller) -> io::Result<()> {
+        if let Some(l) = &self.listener {
+            poller.sync(
+                l.as_raw_fd(),
+                token(KIND_LISTENER, 0, 0),
+                READ,
+                &mut self.listener_state,
+            )?;
+        }
+        Ok(())
+    }
+
+    /// The registration state of the connection behind `token`, for a backend that must
+    /// update it when a one-shot readiness request fires. None for stale tokens.
+    #[allow(dead_code)] // TEMP: used by the io_uring backend
+    pub(crate) fn state_mut(&mut self, token: u64) -> Option<&mut Interest> {
+        let (kind, gen_, slot) = split(token);
+        match kind {
+            KIND_LISTENER => Some(&mut self.listener_state),
+            KIND_CLIENT => {
+                let c = self.conns.get_mut(usize::from(slot))?;
+                (c.gen_ == gen_ && c.stream.is_some()).then_some(&mut c.state)
+            }
+            KIND_UPSTREAM => {
+                let u = &mut self.upstream;
+                (u.gen_ == gen_ && u.stream.is_some()).then_some(&mut u.state)
+            }
+            _ => None,
+        }
+    }
+
+    /// When the backend should wake up next for the idle sweep (None: no connections).
+    pub(crate) fn next_deadline(&self) -> Option<Instant> {
+        (self.live > 0).then_some(self.next_sweep)
+    }
+
+    /// Whether events are waiting to be delivered without any readiness (closes, resumed
+    /// connections with buffered messages).
+    pub(crate) fn has_pending(&self) -> bool {
+        !self.closed.is_empty() || !self.resume.is_empty()
+    }
+
+    /// Delivers what needs no readiness: buffered messages of connections that were paused
+    /// by the pipeline limit and may go on, and connection closes.
+    pub(crate) fn deliver_pending(
+        &mut self,
+        now: Instant,
+        poller: &mut dyn Poller,
+        stats: &mut IoStats,
+        on_event: &mut dyn FnMut(Event<'_>),
+    ) -> usize {
+        let mut n = 0;
+        while let Some(id) = self.resume.pop() {
+            let Some(slot) = self.live_slot(id) else {
+                continue;
+            };
+            n += self.deliver_client(slot, now, poller, stats, on_event);
+        }
+        for id in self.closed.drain(..) {
+            on_event(Event::TcpClientClosed { conn: id });
+            n += 1;
+        }
+        n
+    }
+
+    fn live_slot(&self, id: ConnId) -> Option<u16> {
+        let slot = (id & 0xffff) as u16;
+        let c = self.conns.get(usize::from(slot))?;
+        (c.stream.is_some() && c.gen_ == (id >> 16) as u16).then_some(slot)
+    }
+
+    /// Handles readiness `ready` of the socket behind `token`; returns the events delivered.
+    pub(crate) fn on_ready(
+        &mut self,
+        token: u64,
+        ready: Interest,
+        now: Instant,
+        poller: &mut dyn Poller,
+        stats: &mut IoStats,
+        on_event: &mut dyn FnMut(Event<'_>),
+    ) -> usize {
+        let (kind, gen_, slot) = split(token);
+        match kind {
+            KIND_LISTENER => {
+                self.accept(now, poller, stats);
+                0
+            }
+            KIND_CLIENT => {
+                let Some(slot) = self.live_slot(conn_id(gen_, slot)) else {
+                    return 0;
+                };
+                self.client_ready(slot, ready, now, poller, stats, on_event)
+            }
+            KIND_UPSTREAM if gen_ == self.upstream.gen_ && self.upstream.stream.is_some() => {
+                self.upstream_ready(ready, poller, stats, on_event)
+            }
+            _ => 0,
+        }
+    }
+
+    fn accept(&mut self, now: Instant, poller: &mut dyn Poller, stats: &mut IoStats) {
+        for _ in 0..ACCEPTS_PER_READY {
+            let Some(listener) = &self.listener else {
+                return;
+            };
+            let (stream, peer) = match listener.accept() {
+                Ok(s) => s,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                // ECONNABORTED, EMFILE, ...: try again at the next readiness.
+                Err(_) => break,
+            };
+            if self.live >= self.max_conns {
+                stats.tcp_limit_rejected += 1;
+                drop(stream);
+                continue;
+            }
+            if stream.set_nonblocking(true).is_err() {
+                continue;
+            }
+            let _ = stream.set_nodelay(true);
+            let slot = match self.free.pop() {
+                Some(s) => s,
+                None => {
+                    let s = self.conns.len() as u16;
+                    self.conns.push(ClientConn {
+                        stream: None,
+                        peer,
+                        gen_: 0,
+                        dec: FrameDecoder::new(self.max_message),
+                        out: OutBuf::new(self.max_out),
+                        outstanding: 0,
+                        last_progress: now,
+                        state: 0,
+                        eof: false,
+                        write_blocked: false,
+                        dirty: false,
+                    });
+                    s
+                }
+            };
+            let c = &mut self.conns[usize::from(slot)];
+            c.stream = Some(stream);
+            c.peer = peer;
+            c.dec.reset();
+            c.out.clear();
+            c.outstanding = 0;
+            c.last_progress = now;
+            c.state = 0;
+            c.eof = false;
+            c.write_blocked = false;
+            c.dirty = false;
+            if self.live == 0 {
+                self.next_sweep = now + self.sweep_interval();
+            }
+            self.live += 1;
+            stats.tcp_accepted += 1;
+            self.sync_client(slot, poller, stats);
+        }
+        if let Some(l) = &self.listener {
+            // One-shot pollers need re-arming; epoll keeps the registration.
+            let _ = poller.sync(
+                l.as_raw_fd(),
+                token(KIND_LISTENER, 0, 0),
+                READ,
+                &mut self.listener_state,
+            );
+        }
+    }
+
+    fn sweep_interval(&self) -> Duration {
+        (self.idle / 4).clamp(Duration::from_millis(10), Duration::from_secs(1))
+    }
+
+    fn client_ready(
+        &mut self,
+        slot: u16,
+        ready: Interest,
+        now: Instant,
+        poller: &mut dyn Poller,
+        stats: &mut IoStats,
+        on_event: &mut dyn FnMut(Event<'_>),
+    ) -> usize {
+        let c = &mut self.conns[usize::from(slot)];
+        if ready & WRITE != 0 && c.write_blocked {
+            c.write_blocked = false;
+            if !self.write_client(slot, now, poller, stats) {
+                return 0;
+            }
+        }
+        let c = &mut self.conns[usize::from(slot)];
+        if ready & READ != 0 && !c.eof && c.outstanding < self.pipeline {
+            let Some(stream) = c.stream.as_mut() else {
+                return 0;
+            };
+            for _ in 0..READS_PER_READY {
+                let spare = c.dec.spare();
+                if spare.is_empty() {
+                    break;
+                }
+                let want = spare.len();
+                match stream.read(spare) {
+                    Ok(0) => {
+                        c.eof = true;
+                        break;
+                    }
+                    Ok(n) => {
+                        c.dec.commit(n);
+                        if n < want {
+                            break;
+                        }
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(_) => {
+                        self.close_client(slot, CloseReason::Normal, poller, stats);
+                        return 0;
+                    }
+                }
+            }
+        }
+        self.deliver_client(slot, now, poller, stats, on_event)
+    }
+
+    /// Delivers the complete messages buffered on `slot` (up to the pipeline limit), then
+    /// closes or re-registers the connection as its state requires.
+    fn deliver_client(
+        &mut self,
+        slot: u16,
+        now: Instant,
+        poller: &mut dyn Poller,
+        stats: &mut IoStats,
+        on_event: &mut dyn FnMut(Event<'_>),
+    ) -> usize {
+        let mut n = 0;
+        let c = &mut self.conns[usize::from(slot)];
+        let conn = conn_id(c.gen_, slot);
+        let mut framing_error = false;
+        while c.outstanding < self.pipeline {
+            match c.dec.next_frame() {
+                Ok(Some(data)) => {
+                    c.outstanding += 1;
+                    c.last_progress = now;
+                    stats.tcp_rx_messages += 1;
+                    on_event(Event::TcpClientMessage {
+                        conn,
+                        peer: c.peer,
+                        data,
+                    });
+                    n += 1;
+                }
+                Ok(None) => break,
+                Err(_) => {
+                    framing_error = true;
+                    break;
+                }
+            }
+        }
+        if framing_error {
+            stats.tcp_framing_errors += 1;
+            self.close_client(slot, CloseReason::Framing, poller, stats);
+        } else if c.eof && c.outstanding == 0 && c.out.is_empty() {
+            self.close_client(slot, CloseReason::Normal, poller, stats);
+        } else {
+            self.sync_client(slot, poller, stats);
+        }
+        n
+    }
+
+    fn sync_client(&mut self, slot: u16, poller: &mut dyn Poller, stats: &mut IoStats) {
+        let c = &mut self.conns[usize::from(slot)];
+        let Some(stream) = &c.stream else {
+            return;
+        };
+        let mut want = 0;
+        if !c.eof && c.outstanding < self.pipeline {
+            want |= READ;
+        }
+        if c.write_blocked {
+            want |= WRITE;
+        }
+        let tok = token(KIND_CLIENT, c.gen_, slot);
+        if poller
+            .sync(stream.as_raw_fd(), tok, want, &mut c.state)
+            .is_err()
+        {
+            self.close_client(slot, CloseReason::Normal, poller, stats);
+        }
+    }
+
+    fn close_client(
+        &mut self,
+        slot: u16,
+        reason: CloseReason,
+        poller: &mut dyn Poller,
+        stats: &mut IoStats,
+    ) {
+        let c = &mut self.conns[usize::from(slot)];
+        let Some(stream) = c.stream.take() else {
+            return;
+        };
+        poller.forget(
+            stream.as_raw_fd(),
+            token(KIND_CLIENT, c.gen_, slot),
+            &mut c.state,
+        );
+        drop(stream);
+        self.closed.push(conn_id(c.gen_, slot));
+        c.gen_ = c.gen_.wrapping_add(1);
+        c.dec.reset();
+        c.out.clear();
+        c.state = 0;
+        self.free.push(slot);
+        self.live -= 1;
+        stats.tcp_closed += 1;
+        match reason {
+            CloseReason::Idle => stats.tcp_idle_closed += 1,
+            CloseReason::Overflow => stats.tcp_out_overflow += 1,
+            CloseReason::Normal | CloseReason::Framing => {}
+        }
+    }
+
+    /// Writes the pending output of `slot`; false if the connection was closed.
+    fn write_client(
+        &mut self,
+        slot: u16,
+        now: Instant,
+        poller: &mut dyn Poller,
+        stats: &mut IoStats,
+    ) -> bool {
+        let c = &mut self.conns[usize::from(slot)];
+        let Some(stream) = c.stream.as_mut() else {
+            return false;
+        };
+        match write_out(stream, &mut c.out) {
+            Ok(progress) => {
+                if progress {
+                    c.last_progress = now;
+                }
+                c.write_blocked = !c.out.is_empty();
+                if c.eof && c.outstanding == 0 && c.out.is_empty() {
+                    self.close_client(slot, CloseReason::Normal, poller, stats);
+                    return false;
+                }
+                self.sync_client(slot, poller, stats);
+                true
+            }
+            Err(_) => {
+                self.close_client(slot, CloseReason::Normal, poller, stats);
+                false
+            }
+        }
+    }
+
+    /// Queues an answer on a client connection.
+    pub(crate) fn send_client(
+        &mut self,
+        id: ConnId,
+        data: &[u8],
+        poller: &mut dyn Poller,
+        stats: &mut IoStats,
+    ) {
+        let Some(slot) = self.live_slot(id) else {
+            stats.tcp_send_stale += 1;
+            return;
+        };
+        let c = &mut self.conns[usize::from(slot)];
+        let was_paused = c.outstanding >= self.pipeline;
+        c.outstanding = c.outstanding.saturating_sub(1);
+        match c.out.push_frame(data) {
+            Ok(()) => stats.tcp_tx_messages += 1,
+            Err(super::tcp::OutError::TooLong) => {
+                stats.send_dropped += 1;
+                return;
+            }
+            Err(super::tcp::OutError::Overflow) => {
+                self.close_client(slot, CloseReason::Overflow, poller, stats);
+                return;
+            }
+        }
+        if !c.dirty {
+            c.dirty = true;
+            self.dirty.push(id);
+        }
+        if was_paused && c.outstanding < self.pipeline {
+            self.resume.push(id);
+        }
+    }
+
+    /// Queues a message for the upstream, connecting first if needed.
+    pub(crate) fn send_upstream(
+        &mut self,
+        data: &[u8],
+        poller: &mut dyn Poller,
+        stats: &mut IoStats,
+    ) {
+        if self.upstream.stream.is_none() {
+            match sockets::upstream_tcp(self.upstream_addr) {
+                Ok(stream) => {
+                    let u = &mut self.upstream;
+                    u.stream = Some(stream);
+                    u.connecting = true;
+                    u.dec.reset();
+                    u.out.clear();
+                    u.state = 0;
+                    u.write_blocked = false;
+                    self.sync_upstream(poller, stats);
+                }
+                Err(_) => {
+                    stats.upstream_tcp_errors += 1;
+                    stats.upstream_tcp_dropped += 1;
+                    return;
+                }
+            }
+        }
+        match self.upstream.out.push_frame(data) {
+            Ok(()) => stats.tcp_tx_messages += 1,
+            Err(_) => stats.upstream_tcp_dropped += 1,
+        }
+    }
+
+    fn sync_upstream(&mut self, poller: &mut dyn Poller, stats: &mut IoStats) {
+        let u = &mut self.upstream;
+        let Some(stream) = &u.stream else {
+            return;
+        };
+        let want = if u.connecting {
+            WRITE
+        } else if u.write_blocked {
+            READ | WRITE
+        } else {
+            READ
+        };
+        let tok = token(KIND_UPSTREAM, u.gen_, 0);
+        if poller
+            .sync(stream.as_raw_fd(), tok, want, &mut u.state)
+            .is_err()
+        {
+            self.close_upstream(poller, stats);
+        }
+    }
+
+    fn close_upstream(&mut self, poller: &mut dyn Poller, stats: &mut IoStats) {
+        let u = &mut self.upstream;
+        let Some(stream) = u.stream.take() else {
+            return;
+        };
+        poller.forget(
+            stream.as_raw_fd(),
+            token(KIND_UPSTREAM, u.gen_, 0),
+            &mut u.state,
+        );
+        stats.upstream_tcp_errors += u64::from(u.connecting || !u.out.is_empty());
+        u.gen_ = u.gen_.wrapping_add(1);
+        u.connecting = false;
+        u.dec.reset();
+        u.out.clear();
+        u.state = 0;
+    }
+
+    fn upstream_ready(
+        &mut self,
+        ready: Interest,
+        poller: &mut dyn Poller,
+        stats: &mut IoStats,
+        on_event: &mut dyn FnMut(Event<'_>),
+    ) -> usize {
+        let u = &mut self.upstream;
+        if u.connecting {
+            if ready & WRITE == 0 {
+                self.sync_upstream(poller, stats);
+                return 0;
+            }
+            let ok = matches!(u.stream.as_ref().map(TcpStream::take_error), Some(Ok(None)))
+                && u.stream.as_ref().is_some_and(|s| s.peer_addr().is_ok());
+            if !ok {
+                stats.upstream_tcp_dropped += 1;
+                self.close_upstream(poller, stats);
+                return 0;
+            }
+            u.connecting = false;
+            stats.upstream_tcp_connects += 1;
+            if self.write_upstream(poller, stats) {
+                self.sync_upstream(poller, stats);
+            }
+            return 0;
+        }
+        if ready & WRITE != 0 && u.write_blocked && !self.write_upstream(poller, stats) {
+            return 0;
+        }
+        let u = &mut self.upstream;
+        let mut n = 0;
+        if ready & READ != 0 {
+            let Some(stream) = u.stream.as_mut() else {
+                return 0;
+            };
+            let mut broken = false;
+            for _ in 0..READS_PER_READY {
+                let spare = u.dec.spare();
+                if spare.is_empty() {
+                    break;
+                }
+                let want = spare.len();
+                match stream.read(spare) {
+                    Ok(0) => {
+                        broken = true;
+                        break;
+                    }
+                    Ok(k) => {
+                        u.dec.commit(k);
+                        if k < want {
+                            break;
+                        }
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(_) => {
+                        broken = true;
+                        break;
+                    }
+                }
+            }
+            loop {
+                match u.dec.next_frame() {
+                    Ok(Some(data)) => {
+                        stats.tcp_rx_messages += 1;
+                        on_event(Event::TcpUpstreamMessage { data });
+                        n += 1;
+                    }
+                    Ok(None) => break,
+                    Err(_) => {
+                        stats.tcp_framing_errors += 1;
+                        broken = true;
+                        break;
+                    }
+                }
+            }
+            if broken {
+                self.close_upstream(poller, stats);
+                return n;
+            }
+        }
+        self.sync_upstream(poller, stats);
+        n
+    }
+
+    /// Writes the upstream output; false if the connection was closed.
+    fn write_upstream(&mut self, poller: &mut dyn Poller, stats: &mut IoStats) -> bool {
+        let u = &mut self.upstream;
+        let Some(stream) = u.stream.as_mut() else {
+            return false;
+        };
+        match write_out(stream, &mut u.out) {
+            Ok(_) => {
+                u.write_blocked = !u.out.is_empty();
+                true
+            }
+            Err(_) => {
+                self.close_upstream(poller, stats);
+                false
+            }
+        }
+    }
+
+    /// Writes all queued TCP output (one `write` per connection with output).
+    pub(crate) fn flush(&mut self, now: Instant, poller: &mut dyn Poller, stats: &mut IoStats) {
+        let mut dirty = std::mem::take(&mut self.dirty);
+        for &id in &dirty {
+            let Some(slot) = self.live_slot(id) else {
+                continue;
+            };
+            let c = &mut self.conns[usize::from(slot)];
+            c.dirty = false;
+            if !c.write_blocked {
+                self.write_client(slot, now, poller, stats);
+            }
+        }
+        dirty.clear();
+        self.dirty = dirty;
+        let u = &self.upstream;
+        if u.stream.is_some()
+            && !u.connecting
+            && !u.write_blocked
+            && !u.out.is_empty()
+            && self.write_upstream(poller, stats)
+        {
+            self.sync_upstream(poller, stats);
+        }
+    }
+
+    /// Closes client connections idle for longer than the timeout (checked a few times per
+    /// timeout period).
+    pub(crate) fn sweep(&mut self, now: Instant, poller: &mut dyn Poller, stats: &mut IoStats) {
+        if self.live == 0 || now < self.next_sweep {
+            return;
+        }
+        self.next_sweep = now + self.sweep_interval();
+        for slot in 0..self.conns.len() {
+            let c = &self.conns[slot];
+            if c.stream.is_some() && now.duration_since(c.last_progress) >= self.idle {
+                self.close_client(slot as u16, CloseReason::Idle, poller, stats);
+            }
+        }
+    }
+}
+
+fn split(token: u64) -> (u64, u16, u16) {
+    let token = token & TOKEN_MASK;
+    (token >> 40, (token >> 16) as u16, token as u16)
+}
+
+/// Writes as much of `out` as the socket takes; Ok(whether anything was written).
+fn write_out(stream: &mut TcpStream, out: &mut OutBuf) -> io::Result<bool> {
+    let mut progress = false;
+    while !out.is_empty() {
+        match stream.write(out.pending()) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => {
+                out.consume(n);
+                progress = true;
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(progress)
+}

@@ -1,0 +1,258 @@
+//! UDP I/O on real loopback sockets, on both backends.
+
+mod io_support;
+
+use std::net::{SocketAddr, UdpSocket};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread;
+use std::time::Duration;
+
+use dnsfence_engine::io::{self, Backend, BackendChoice, IoError, ShardIo};
+use io_support::*;
+
+fn client(like: SocketAddr) -> UdpSocket {
+    let s = UdpSocket::bind(any_port_like(like)).unwrap();
+    s.set_read_timeout(Some(DEADLINE)).unwrap();
+    s
+}
+
+fn client_round_trip(listen: &str, choice: BackendChoice) {
+    let mut io = open(&config(listen, no_upstream()), choice);
+    let server = io.local_addr();
+    assert_ne!(server.port(), 0);
+    let clients: Vec<_> = (0..50).map(|_| client(server)).collect();
+    for (i, c) in clients.iter().enumerate() {
+        c.send_to(format!("query {i}").as_bytes(), server).unwrap();
+    }
+    let evs = poll_n(&mut io, clients.len());
+    assert_eq!(evs.len(), clients.len());
+    for ev in &evs {
+        let Ev::Client(peer, data) = ev else {
+            panic!("unexpected {ev:?}")
+        };
+        let mut answer = b"answer to ".to_vec();
+        answer.extend_from_slice(data);
+        io.send_client_udp(*peer, &answer);
+    }
+    io.flush().unwrap();
+    for (i, c) in clients.iter().enumerate() {
+        let mut buf = [0; 100];
+        let (n, from) = c.recv_from(&mut buf).unwrap();
+        assert_eq!(from, server);
+        assert_eq!(&buf[..n], format!("answer to query {i}").as_bytes());
+    }
+    assert_eq!(io.stats().udp_rx, 50);
+    assert_eq!(io.stats().udp_tx, 50);
+}
+
+#[test]
+fn client_datagrams_round_trip_ipv4() {
+    for_each_backend(|b| client_round_trip("127.0.0.1:0", b));
+}
+
+#[test]
+fn client_datagrams_round_trip_ipv6() {
+    for_each_backend(|b| client_round_trip("[::1]:0", b));
+}
+
+/// A UDP echo server on loopback, stopped on drop.
+struct Echo {
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl Echo {
+    fn start() -> Self {
+        let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
+        let addr = s.local_addr().unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop2 = stop.clone();
+        let thread = thread::spawn(move || {
+            let mut buf = [0; 65536];
+            while !stop2.load(Ordering::Relaxed) {
+                if let Ok((n, from)) = s.recv_from(&mut buf) {
+                    let _ = s.send_to(&buf[..n], from);
+                }
+            }
+        });
+        Self {
+            addr,
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Echo {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+#[test]
+fn upstream_sockets_round_trip_and_filter_other_sources() {
+    let echo = Echo::start();
+    for_each_backend(|b| {
+        let mut io = open(&config("127.0.0.1:0", echo.addr), b);
+        // Each upstream socket has its own ephemeral port.
+        let ports: std::collections::HashSet<_> = (0..4)
+            .map(|i| io.upstream_local_addr(i).unwrap().port())
+            .collect();
+        assert_eq!(ports.len(), 4);
+        assert!(io.upstream_local_addr(4).is_none());
+        for i in 0..4u16 {
+            io.send_upstream_udp(i, format!("to upstream {i}").as_bytes());
+        }
+        io.flush().unwrap();
+        let mut evs = poll_n(&mut io, 4);
+        evs.sort_by_key(|e| match e {
+            Ev::Upstream(s, ..) => *s,
+            _ => u16::MAX,
+        });
+        for (i, ev) in evs.iter().enumerate() {
+            assert_eq!(
+                *ev,
+                Ev::Upstream(i as u16, echo.addr, format!("to upstream {i}").into_bytes())
+            );
+        }
+
+        // A datagram from another source to an upstream socket is dropped by the kernel
+        // (connected socket). Send it first, then a real answer: only the answer arrives.
+        let rogue = UdpSocket::bind("127.0.0.1:0").unwrap();
+        rogue
+            .send_to(b"spoofed answer", io.upstream_local_addr(0).unwrap())
+            .unwrap();
+        io.send_upstream_udp(0, b"genuine");
+        io.flush().unwrap();
+        let evs = poll_n(&mut io, 1);
+        assert_eq!(evs, [Ev::Upstream(0, echo.addr, b"genuine".to_vec())]);
+    });
+}
+
+#[test]
+fn batches_500_datagrams() {
+    for_each_backend(|b| {
+        let mut io = open(&config("127.0.0.1:0", no_upstream()), b);
+        let server = io.local_addr();
+        let clients: Vec<_> = (0..5).map(|_| client(server)).collect();
+        for i in 0..500u32 {
+            clients[i as usize % 5]
+                .send_to(&i.to_be_bytes(), server)
+                .unwrap();
+        }
+        let evs = poll_n(&mut io, 500);
+        assert_eq!(evs.len(), 500);
+        let rx_batches = io.stats().udp_rx_batches;
+        assert!(rx_batches <= 250, "{rx_batches} receive batches for 500");
+        for ev in &evs {
+            let Ev::Client(peer, data) = ev else {
+                panic!("unexpected {ev:?}")
+            };
+            io.send_client_udp(*peer, data);
+        }
+        let before = io.stats().udp_tx_batches;
+        io.flush().unwrap();
+        let tx_batches = io.stats().udp_tx_batches - before;
+        assert!(tx_batches <= 2, "{tx_batches} send batches for 500");
+        let mut got = 0;
+        for c in &clients {
+            for _ in 0..100 {
+                let mut buf = [0; 8];
+                let n = c.recv(&mut buf).unwrap();
+                assert_eq!(n, 4);
+                got += 1;
+            }
+        }
+        assert_eq!(got, 500);
+        assert_eq!(io.stats().udp_tx, 500);
+    });
+}
+
+#[test]
+fn two_opens_share_the_listen_address() {
+    for_each_backend(|b| {
+        let mut first = open(&config("127.0.0.1:0", no_upstream()), b);
+        let addr = first.local_addr();
+        let mut second = open(&config(&addr.to_string(), no_upstream()), b);
+        assert_eq!(second.local_addr(), addr);
+        let clients: Vec<_> = (0..64).map(|_| client(addr)).collect();
+        for c in &clients {
+            c.send_to(b"hello", addr).unwrap();
+        }
+        let (mut n1, mut n2) = (0, 0);
+        let start = std::time::Instant::now();
+        while n1 + n2 < 64 {
+            assert!(start.elapsed() < DEADLINE, "got {n1} + {n2}");
+            n1 += first
+                .poll(Some(Duration::from_millis(10)), &mut |_| {})
+                .unwrap();
+            n2 += second
+                .poll(Some(Duration::from_millis(10)), &mut |_| {})
+                .unwrap();
+        }
+        assert_eq!(n1 + n2, 64);
+        assert!(n1 > 0 && n2 > 0, "SO_REUSEPORT spread: {n1} / {n2}");
+    });
+}
+
+#[test]
+fn listen_address_taken_without_reuseport_is_a_typed_error() {
+    for_each_backend(|b| {
+        let plain = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let addr = plain.local_addr().unwrap();
+        match io::open(&config(&addr.to_string(), no_upstream()), b) {
+            Err(IoError::ListenAddrInUse { addr: a, proto }) => {
+                assert_eq!((a, proto), (addr, "udp"));
+            }
+            Err(e) => panic!("wrong error {e}"),
+            Ok(_) => panic!("open succeeded on a taken address"),
+        }
+
+        let plain = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = plain.local_addr().unwrap();
+        let err = io::open(&config(&addr.to_string(), no_upstream()), b)
+            .err()
+            .expect("open succeeded on a taken TCP address");
+        assert!(
+            matches!(err, IoError::ListenAddrInUse { proto: "tcp", .. }),
+            "{err}"
+        );
+        assert!(err.to_string().contains("SO_REUSEPORT"));
+    });
+}
+
+#[test]
+#[ignore = "TEMP: io_uring backend not in yet"]
+fn auto_picks_uring_here() {
+    let io = io::open(&config("127.0.0.1:0", no_upstream()), BackendChoice::Auto).unwrap();
+    assert_eq!(io.backend(), Backend::Uring);
+}
+
+fn refused() -> std::io::Result<()> {
+    Err(std::io::Error::from_raw_os_error(libc::EPERM))
+}
+
+#[test]
+fn auto_falls_back_to_mmsg_when_uring_is_refused() {
+    let c = config("127.0.0.1:0", no_upstream());
+    let mut io = io::open_with_probe(&c, BackendChoice::Auto, refused).unwrap();
+    assert_eq!(io.backend(), Backend::Mmsg);
+    // And it works.
+    let server = io.local_addr();
+    let cl = client(server);
+    cl.send_to(b"ping", server).unwrap();
+    let evs = poll_n(&mut io, 1);
+    assert!(matches!(&evs[0], Ev::Client(_, d) if d == b"ping"));
+
+    match io::open_with_probe(&c, BackendChoice::Uring, refused) {
+        Err(IoError::UringRefused(_)) => {}
+        Err(e) => panic!("wrong error {e}"),
+        Ok(_) => panic!("explicit uring succeeded though refused"),
+    }
+}
