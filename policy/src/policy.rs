@@ -552,6 +552,8 @@ fn parse_spec(
 /// A parsed `toPorts` entry before the rule is classified.
 struct PortRule<'n, 'a> {
     node: &'n Node<'a>,
+    /// The `rules` key, when present.
+    rules_key: Option<&'n Node<'a>>,
     path: String,
     ports: Vec<PortProto>,
     /// `rules.dns`: `Some(empty)` for `dns: []`.
@@ -633,7 +635,7 @@ fn parse_egress(
         for rule in port_rules {
             if rule.dns.is_some() {
                 diag.invalid(
-                    rule.node,
+                    rule.rules_key.unwrap_or(rule.node),
                     &join(&rule.path, "rules"),
                     "rules.dns on a toFQDNs rule is not supported (put DNS rules on a rule \
                      towards the DNS server)",
@@ -740,6 +742,7 @@ fn parse_port_rule<'n, 'a>(
     ports.dedup();
     Some(PortRule {
         node,
+        rules_key: fields.key("rules"),
         path,
         ports,
         dns,

@@ -464,3 +464,44 @@ spec:
         );
     }
 }
+
+#[test]
+fn load_collects_policy_and_endpoint_errors_and_reads_directories() {
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata");
+    let good = crate::load(
+        &[data.join("good")],
+        Some(&data.join("spec-example-endpoints.yaml")),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(good.endpoints().count(), 4);
+    assert_eq!(good.generation(), 0);
+    let set = PolicySet::load(&[data.join("good")]).unwrap();
+    assert_eq!(set.files.len(), 2, "notes.txt is not read: {:?}", set.files);
+
+    let errors = crate::load(
+        &[data.join("bad/bad-ports.yaml")],
+        Some(&data.join("bad-endpoints/bad-fields.yaml")),
+    )
+    .unwrap_err();
+    let files: Vec<&str> = errors
+        .errors()
+        .iter()
+        .map(|e| e.file.file_name().unwrap().to_str().unwrap())
+        .collect();
+    assert_eq!(files.iter().filter(|f| **f == "bad-ports.yaml").count(), 7);
+    assert_eq!(files.iter().filter(|f| **f == "bad-fields.yaml").count(), 6);
+    assert_eq!(errors.to_string().lines().count(), 13);
+
+    let empty = std::env::temp_dir().join(format!("dnsfence-policy-empty-{}", std::process::id()));
+    std::fs::create_dir_all(&empty).unwrap();
+    std::fs::write(empty.join(".hidden.yaml"), "not: read").unwrap();
+    let errors = PolicySet::load(std::slice::from_ref(&empty)).unwrap_err();
+    std::fs::remove_dir_all(&empty).unwrap();
+    assert_eq!(
+        errors.to_string(),
+        format!(
+            "{}:0: no *.yaml or *.yml files in directory",
+            empty.display()
+        )
+    );
+}
