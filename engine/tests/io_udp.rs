@@ -228,7 +228,6 @@ fn listen_address_taken_without_reuseport_is_a_typed_error() {
 }
 
 #[test]
-#[ignore = "TEMP: io_uring backend not in yet"]
 fn auto_picks_uring_here() {
     let io = io::open(&config("127.0.0.1:0", no_upstream()), BackendChoice::Auto).unwrap();
     assert_eq!(io.backend(), Backend::Uring);

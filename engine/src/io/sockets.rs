@@ -267,7 +267,6 @@ impl RawSockAddr {
 
 /// Parses a socket address from the bytes the kernel wrote (io_uring multishot `recvmsg`
 /// puts the name in the buffer).
-#[allow(dead_code)] // TEMP: used by the io_uring backend
 pub(crate) fn parse_sockaddr(b: &[u8]) -> Option<SocketAddr> {
     let family = i32::from(u16::from_ne_bytes(b.get(0..2)?.try_into().ok()?));
     let port = u16::from_be_bytes(b.get(2..4)?.try_into().ok()?);

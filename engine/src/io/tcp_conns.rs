@@ -154,7 +154,6 @@ impl TcpSide {
 
     /// The registration state of the connection behind `token`, for a backend that must
     /// update it when a one-shot readiness request fires. None for stale tokens.
-    #[allow(dead_code)] // TEMP: used by the io_uring backend
     pub(crate) fn state_mut(&mut self, token: u64) -> Option<&mut Interest> {
         let (kind, gen_, slot) = split(token);
         match kind {

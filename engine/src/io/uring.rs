@@ -1,50 +1,829 @@
-//! io_uring backend (in progress).
+//! The io_uring backend: one ring per shard (raw `io-uring` crate, no runtime).
+//!
+//! - **Receive**: one multishot `RecvMsg` (`IORING_RECV_MULTISHOT`) per UDP socket, taking
+//!   buffers from a provided buffer ring: group 0 for the listen socket, group 1 shared by the
+//!   upstream sockets (so a flood of clients cannot starve upstream answers of buffers). Each
+//!   completion carries one datagram, laid out by the kernel as `io_uring_recvmsg_out`, the
+//!   source address, then the payload. After the callback for it returns, the buffer goes
+//!   back to the ring (one entry write and a release store of the tail). When the kernel ends
+//!   a multishot (no `IORING_CQE_F_MORE`: buffers ran out (`ENOBUFS`), an error, a cancel) it
+//!   is re-armed at once, counted in [`IoStats::uring_rearms`].
+//! - **Send**: every `send_*` copies the datagram into a free send slot (payload, `iovec`,
+//!   `msghdr`, destination address) and pushes a `SendMsg` SQE; [`ShardIo::flush`] submits
+//!   them all with one `io_uring_enter`. The slot is free again when its completion is reaped.
+//!   No free slot: the datagram is dropped and counted ([`IoStats::send_dropped`]).
+//! - **Wait**: `io_uring_enter` with `IORING_ENTER_EXT_ARG` and a timespec (submit and wait
+//!   for one completion, or until the timeout).
+//! - **TCP**: the nonblocking-socket code shared with the mmsg backend (`tcp_conns`), driven
+//!   by one-shot `IORING_OP_POLL_ADD` requests per socket and direction; a closed socket's
+//!   armed polls are cancelled with `IORING_OP_ASYNC_CANCEL`.
+//!
+//! # The submission contract
+//!
+//! Pushing an SQE is `unsafe` because the kernel uses the memory it points to after the push,
+//! asynchronously: **every buffer, `msghdr`, `iovec` and address an SQE points to must stay
+//! valid, and must not be written by us, until that SQE's final completion has been reaped.**
+//! This module keeps it like so:
+//!
+//! - the receive `msghdr` and the provided buffers live in heap/mmap memory owned by
+//!   [`UringIo`] that never moves; a provided buffer is ours only between the completion that
+//!   hands it out and its return to the ring;
+//! - a send slot is taken from the free list before its SQE is built and goes back only when
+//!   the completion with its `user_data` is reaped;
+//! - poll and cancel SQEs point to no memory;
+//! - on drop, every multishot receive is cancelled and the ring is drained until no
+//!   operation is in flight; if that does not finish in time, the memory is leaked instead of
+//!   freed.
 
-use std::net::SocketAddr;
-use std::time::Duration;
+use std::cell::UnsafeCell;
+use std::io;
+use std::net::{SocketAddr, UdpSocket};
+use std::os::fd::{AsRawFd, RawFd};
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::time::{Duration, Instant};
 
+use io_uring::types::{BufRingEntry, Fd, RecvMsgOut, SubmitArgs, Timespec};
+use io_uring::{IoUring, cqueue, opcode, squeue};
+
+use super::sockets::{self, BufferSizes, RawSockAddr, parse_sockaddr};
+use super::sys::{self, Interest, READ, WRITE};
+use super::tcp_conns::{Poller, TOKEN_MASK, TcpSide};
 use super::{Backend, ConnId, Event, IoConfig, IoError, IoStats, ShardIo};
 
-/// The io_uring backend.
+/// `user_data` kinds (top byte); the low bits say which socket, slot or TCP token.
+const UD_KIND: u64 = 0xff << 56;
+const UD_RECV: u64 = 1 << 56;
+const UD_SEND: u64 = 2 << 56;
+const UD_POLL_READ: u64 = 3 << 56;
+const UD_POLL_WRITE: u64 = 4 << 56;
+const UD_CANCEL: u64 = 5 << 56;
+
+/// Buffer group of the listen socket and of the upstream sockets.
+const BGID_CLIENT: u16 = 0;
+const BGID_UPSTREAM: u16 = 1;
+
+/// Size of the header the kernel puts in front of a multishot `recvmsg` buffer.
+const RECVMSG_OUT: usize = 16;
+
+/// An anonymous private mapping, page-aligned, unmapped on drop.
+struct Mmap {
+    ptr: NonNull<u8>,
+    len: usize,
+    /// Leave the mapping in place on drop (the kernel may still use it).
+    leak: bool,
+}
+
+impl Mmap {
+    fn new(len: usize) -> io::Result<Self> {
+        // SAFETY: an anonymous private mapping at a kernel-chosen address aliases nothing.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let ptr = NonNull::new(p.cast()).ok_or_else(|| io::Error::from(io::ErrorKind::Other))?;
+        Ok(Self {
+            ptr,
+            len,
+            leak: false,
+        })
+    }
+}
+
+impl Drop for Mmap {
+    fn drop(&mut self) {
+        if self.leak {
+            return;
+        }
+        // SAFETY: `ptr`/`len` are exactly the mapping made in `new`; nothing refers to it any
+        // more (the owner guarantees the kernel is done with it, see the module doc).
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+    }
+}
+
+/// A provided buffer ring: `entries` buffers of `buf_size` bytes lent to the kernel.
+struct BufRing {
+    /// Ring entries (page-aligned, at the start of `map`), then the buffers.
+    map: Mmap,
+    ring: NonNull<BufRingEntry>,
+    bufs: NonNull<u8>,
+    entries: u16,
+    buf_size: usize,
+    /// Our copy of the tail: buffers published so far.
+    tail: u16,
+}
+
+impl BufRing {
+    /// Maps and registers a ring of `entries` (a power of two) buffers for group `bgid`,
+    /// all of them given to the kernel.
+    fn new(ring: &IoUring, bgid: u16, entries: u16, buf_size: usize) -> io::Result<Self> {
+        let ring_bytes =
+            (usize::from(entries) * size_of::<BufRingEntry>()).next_multiple_of(page_size());
+        let map = Mmap::new(ring_bytes + usize::from(entries) * buf_size)?;
+        let ring_ptr = map.ptr.cast::<BufRingEntry>();
+        // SAFETY: `ring_bytes` is within the mapping.
+        let bufs = unsafe { map.ptr.add(ring_bytes) };
+        // SAFETY: the ring memory is ours, page-aligned and zeroed (tail 0); it lives in
+        // `map`, which outlives the registration (unregistered in `UringIo::drop`, or leaked).
+        unsafe {
+            ring.submitter().register_buf_ring_with_flags(
+                map.ptr.as_ptr() as u64,
+                entries,
+                bgid,
+                0,
+            )?
+        };
+        let mut r = Self {
+            map,
+            ring: ring_ptr,
+            bufs,
+            entries,
+            buf_size,
+            tail: 0,
+        };
+        for bid in 0..entries {
+            r.push(bid);
+        }
+        r.publish();
+        Ok(r)
+    }
+
+    /// Writes buffer `bid` into the entry at our tail (not yet visible to the kernel).
+    fn push(&mut self, bid: u16) {
+        let idx = usize::from(self.tail & (self.entries - 1));
+        // SAFETY: `idx` < entries, inside the ring mapping. The kernel reads entries only
+        // between its head and the published tail; the entry at our (unpublished) tail is
+        // not among them, so nothing reads it while we write it. The setters do not touch
+        // the shared tail field that overlays entry 0.
+        let entry = unsafe { &mut *self.ring.as_ptr().add(idx) };
+        // SAFETY: `bid` < entries, so the buffer is inside the mapping.
+        let addr = unsafe { self.bufs.as_ptr().add(usize::from(bid) * self.buf_size) };
+        entry.set_addr(addr as u64);
+        entry.set_len(self.buf_size as u32);
+        entry.set_bid(bid);
+        self.tail = self.tail.wrapping_add(1);
+    }
+
+    /// Makes the pushed entries visible to the kernel.
+    fn publish(&self) {
+        // SAFETY: `ring` is the first entry of a live, initialised ring; `tail` gives the
+        // address of its tail field, a naturally aligned u16 that the kernel only reads, so
+        // accessing it atomically is sound.
+        let tail =
+            unsafe { AtomicU16::from_ptr(BufRingEntry::tail(self.ring.as_ptr()).cast_mut()) };
+        tail.store(self.tail, Ordering::Release);
+    }
+
+    /// Buffer `bid`, first `len` bytes.
+    ///
+    /// # Safety
+    ///
+    /// The kernel must have handed `bid` to us (a completion named it) and it must not have
+    /// been given back yet, so the kernel does not write it.
+    unsafe fn buf(&self, bid: u16, len: usize) -> &[u8] {
+        let len = len.min(self.buf_size);
+        let bid = usize::from(bid % self.entries);
+        // SAFETY: in bounds of the mapping; owned by us per the caller's guarantee, and
+        // initialised (mapped zeroed, then written by the kernel).
+        unsafe { std::slice::from_raw_parts(self.bufs.as_ptr().add(bid * self.buf_size), len) }
+    }
+
+    /// Gives buffer `bid` back to the kernel.
+    fn recycle(&mut self, bid: u16) {
+        self.push(bid % self.entries);
+        self.publish();
+    }
+}
+
+fn page_size() -> usize {
+    // SAFETY: sysconf takes no pointers.
+    let p = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    usize::try_from(p).unwrap_or(4096).max(4096)
+}
+
+/// One UDP send in flight: its header, iovec and destination (payload in `SendSlots::data`).
+struct SendSlot {
+    hdr: libc::msghdr,
+    iov: libc::iovec,
+    addr: RawSockAddr,
+}
+
+/// Send slots: headers in `slots`, payloads in `data` (slot `i` at `i * size`).
+struct SendSlots {
+    slots: Box<[UnsafeCell<SendSlot>]>,
+    data: Mmap,
+    size: usize,
+    free: Vec<u16>,
+}
+
+/// The receive `msghdr` template (only its name and control lengths matter to the kernel).
+struct RecvHdr(Box<UnsafeCell<libc::msghdr>>);
+
+// SAFETY: the raw pointers inside (`msghdr`/`iovec` fields) point only into memory owned by
+// the same `UringIo` (its mappings and boxes, which do not move when it moves); the ring is
+// not tied to a thread (no SINGLE_ISSUER); nothing is shared between threads.
+unsafe impl Send for SendSlots {}
+// SAFETY: as for `SendSlots`: the header's pointers are null (lengths only).
+unsafe impl Send for RecvHdr {}
+// SAFETY: the ring and buffer pointers refer to this value's own mapping, moved with it.
+unsafe impl Send for BufRing {}
+
+/// The io_uring backend of one shard.
 pub struct UringIo {
-    stats: IoStats,
+    // Field order matters: the ring is dropped (closed) before the memory it used.
+    ring: IoUring,
+    client_bufs: BufRing,
+    upstream_bufs: BufRing,
+    recv_hdr: RecvHdr,
+    send: SendSlots,
+    listen: UdpSocket,
     local: SocketAddr,
+    upstream: Vec<UdpSocket>,
+    /// Whether the multishot receive of socket `i` (0: listen, `1 + j`: upstream `j`) is armed.
+    armed: Vec<bool>,
+    sub: SubmitState,
+    cqes: Vec<cqueue::Entry>,
+    budget: usize,
+    max_payload: usize,
+    tcp: TcpSide,
+    stats: IoStats,
+}
+
+/// Submission bookkeeping: whether send SQEs wait for a submit, and submits forced by a full
+/// queue that carried sends (added to [`IoStats::udp_tx_batches`]).
+#[derive(Default)]
+struct SubmitState {
+    sends: bool,
+    forced_batches: u64,
+}
+
+/// Pushes `entry`, submitting to make room if the queue is full; false if it could not.
+///
+/// # Safety
+///
+/// The submission contract (module doc): what `entry` points to stays valid and untouched
+/// until its final completion is reaped.
+unsafe fn try_push(ring: &mut IoUring, entry: &squeue::Entry, sub: &mut SubmitState) -> bool {
+    for _ in 0..3 {
+        // SAFETY: the caller keeps the submission contract for `entry`.
+        if unsafe { ring.submission().push(entry) }.is_ok() {
+            return true;
+        }
+        if ring.submit().is_ok() && sub.sends {
+            sub.forced_batches += 1;
+            sub.sends = false;
+        }
+    }
+    false
+}
+
+/// The ring as the TCP side's poller: one-shot poll requests per direction.
+struct UringPoller<'a> {
+    ring: &'a mut IoUring,
+    sub: &'a mut SubmitState,
+}
+
+impl Poller for UringPoller<'_> {
+    fn sync(
+        &mut self,
+        fd: RawFd,
+        token: u64,
+        want: Interest,
+        state: &mut Interest,
+    ) -> io::Result<()> {
+        for (dir, mask, ud) in [
+            (READ, libc::POLLIN, UD_POLL_READ),
+            (WRITE, libc::POLLOUT, UD_POLL_WRITE),
+        ] {
+            if want & dir != 0 && *state & dir == 0 {
+                let e = opcode::PollAdd::new(Fd(fd), mask as u32)
+                    .build()
+                    .user_data(ud | (token & TOKEN_MASK));
+                // SAFETY: a poll SQE points to no memory.
+                if !unsafe { try_push(self.ring, &e, self.sub) } {
+                    return Err(io::Error::from_raw_os_error(libc::EBUSY));
+                }
+                *state |= dir;
+            }
+        }
+        Ok(())
+    }
+
+    fn forget(&mut self, _fd: RawFd, token: u64, state: &mut Interest) {
+        for (dir, ud) in [(READ, UD_POLL_READ), (WRITE, UD_POLL_WRITE)] {
+            if *state & dir != 0 {
+                let e = opcode::AsyncCancel::new(ud | (token & TOKEN_MASK))
+                    .build()
+                    .user_data(UD_CANCEL);
+                // SAFETY: a cancel SQE points to no memory. If it cannot be queued the poll
+                // stays armed until the ring goes; its completion is then ignored as stale.
+                unsafe { try_push(self.ring, &e, self.sub) };
+            }
+        }
+        *state = 0;
+    }
 }
 
 impl UringIo {
-    /// Sets up the ring and the sockets.
-    pub fn new(_config: &IoConfig) -> Result<Self, IoError> {
-        Err(IoError::UringRefused(std::io::Error::from_raw_os_error(
-            libc::ENOSYS,
-        )))
+    /// Sets up the ring, its buffer rings and the sockets. `IoError::UringRefused` when the
+    /// kernel or a seccomp filter refuses io_uring.
+    pub fn new(config: &IoConfig) -> Result<Self, IoError> {
+        config.validate()?;
+        let ring = IoUring::builder()
+            .setup_cqsize(config.uring_entries * 4)
+            .setup_coop_taskrun()
+            .build(config.uring_entries)
+            .map_err(super::uring_error)?;
+        if !ring.params().is_feature_ext_arg() || !ring.params().is_feature_nodrop() {
+            return Err(IoError::UringRefused(io::Error::from_raw_os_error(
+                libc::ENOSYS,
+            )));
+        }
+        let setup = |op| move |source| IoError::UringSetup { op, source };
+        let buf_size = RECVMSG_OUT + RawSockAddr::CAPACITY as usize + config.max_udp_payload;
+        let client_bufs = BufRing::new(&ring, BGID_CLIENT, config.uring_recv_buffers, buf_size)
+            .map_err(setup("register_buf_ring"))?;
+        let upstream_bufs = BufRing::new(&ring, BGID_UPSTREAM, config.uring_recv_buffers, buf_size)
+            .map_err(setup("register_buf_ring"))?;
+        let mut hdr = sys::zeroed_msghdr();
+        hdr.msg_namelen = RawSockAddr::CAPACITY;
+        let slots = config.send_queue;
+        let send = SendSlots {
+            slots: (0..slots)
+                .map(|_| {
+                    UnsafeCell::new(SendSlot {
+                        hdr: sys::zeroed_msghdr(),
+                        iov: libc::iovec {
+                            iov_base: std::ptr::null_mut(),
+                            iov_len: 0,
+                        },
+                        addr: RawSockAddr::zeroed(),
+                    })
+                })
+                .collect(),
+            data: Mmap::new(slots * config.max_udp_payload).map_err(setup("mmap"))?,
+            size: config.max_udp_payload,
+            free: (0..slots as u16).rev().collect(),
+        };
+
+        let sizes = BufferSizes {
+            recv: config.recv_buffer_bytes,
+            send: config.send_buffer_bytes,
+        };
+        let listen = sockets::bind_listen(config.listen, config.tcp, sizes)?;
+        let upstream = (0..config.upstream_sockets)
+            .map(|_| sockets::upstream_udp(config.upstream, sizes))
+            .collect::<Result<Vec<_>, _>>()?;
+        let budget = config.batch * 8;
+        let mut io = Self {
+            ring,
+            client_bufs,
+            upstream_bufs,
+            recv_hdr: RecvHdr(Box::new(UnsafeCell::new(hdr))),
+            send,
+            armed: vec![false; 1 + upstream.len()],
+            listen: listen.udp,
+            local: listen.addr,
+            upstream,
+            sub: SubmitState::default(),
+            cqes: Vec::with_capacity(budget),
+            budget,
+            max_payload: config.max_udp_payload,
+            tcp: TcpSide::new(config, listen.tcp),
+            stats: IoStats::default(),
+        };
+        io.arm_receives(false);
+        let mut poller = UringPoller {
+            ring: &mut io.ring,
+            sub: &mut io.sub,
+        };
+        io.tcp.start(&mut poller).map_err(setup("poll listener"))?;
+        io.ring.submit().map_err(setup("io_uring_enter"))?;
+        Ok(io)
     }
+
+    fn socket_fd(&self, idx: usize) -> RawFd {
+        if idx == 0 {
+            self.listen.as_raw_fd()
+        } else {
+            self.upstream[idx - 1].as_raw_fd()
+        }
+    }
+
+    /// Pushes a multishot receive for every socket that has none.
+    fn arm_receives(&mut self, rearm: bool) {
+        for idx in 0..self.armed.len() {
+            if self.armed[idx] {
+                continue;
+            }
+            let bgid = if idx == 0 { BGID_CLIENT } else { BGID_UPSTREAM };
+            let e = opcode::RecvMsgMulti::new(
+                Fd(self.socket_fd(idx)),
+                self.recv_hdr.0.get().cast_const(),
+                bgid,
+            )
+            .build()
+            .user_data(UD_RECV | idx as u64);
+            // SAFETY: the msghdr lives in a box owned by `self` until drop, which cancels and
+            // drains this receive first; buffers come from the registered group.
+            let ok = unsafe { try_push(&mut self.ring, &e, &mut self.sub) };
+            if ok {
+                self.armed[idx] = true;
+                if rearm {
+                    self.stats.uring_rearms += 1;
+                }
+            }
+        }
+    }
+
+    /// Moves the forced-submit count into the stats.
+    fn sync_stats(&mut self) {
+        self.stats.udp_tx_batches += std::mem::take(&mut self.sub.forced_batches);
+    }
+
+    /// The poller view of the ring, for the TCP side.
+    fn poller(&mut self) -> (UringPoller<'_>, &mut TcpSide, &mut IoStats) {
+        (
+            UringPoller {
+                ring: &mut self.ring,
+                sub: &mut self.sub,
+            },
+            &mut self.tcp,
+            &mut self.stats,
+        )
+    }
+
+    fn queue_send(&mut self, idx: usize, to: Option<SocketAddr>, data: &[u8]) {
+        if data.len() > self.max_payload {
+            self.stats.send_dropped += 1;
+            return;
+        }
+        let Some(slot) = self.send.free.pop() else {
+            self.stats.send_dropped += 1;
+            return;
+        };
+        let s = usize::from(slot);
+        // SAFETY: slot `s` is free (off the free list only now), so no SQE uses its payload
+        // area, which lies inside the mapping (`s * size + len <= slots * size`).
+        let payload = unsafe { self.send.data.ptr.as_ptr().add(s * self.send.size) };
+        // SAFETY: `payload` has room for `data.len() <= size` bytes; the regions are distinct.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), payload, data.len()) };
+        let cell = self.send.slots[s].get();
+        // SAFETY: the slot is free, so neither the kernel nor any reference uses it; we are
+        // the only writer, through the UnsafeCell's pointer.
+        let hdr_ptr = unsafe {
+            let slot = &mut *cell;
+            slot.iov = libc::iovec {
+                iov_base: payload.cast(),
+                iov_len: data.len(),
+            };
+            slot.hdr = sys::zeroed_msghdr();
+            if let Some(to) = to {
+                slot.hdr.msg_namelen = slot.addr.set(to);
+                slot.hdr.msg_name = slot.addr.as_mut_ptr();
+            }
+            slot.hdr.msg_iov = &mut slot.iov;
+            slot.hdr.msg_iovlen = 1;
+            &raw const slot.hdr
+        };
+        let e = opcode::SendMsg::new(Fd(self.socket_fd(idx)), hdr_ptr)
+            .build()
+            .user_data(UD_SEND | u64::from(slot));
+        // SAFETY: the slot (header, iovec, address, payload) stays untouched until the
+        // completion with this user_data is reaped, which is when it goes back on the free
+        // list; drop waits for it.
+        let pushed = unsafe { try_push(&mut self.ring, &e, &mut self.sub) };
+        if pushed {
+            self.sub.sends = true;
+            self.stats.udp_tx += 1;
+        } else {
+            self.send.free.push(slot);
+            self.stats.send_dropped += 1;
+        }
+    }
+
+    /// Handles one completion; returns the events delivered.
+    fn complete(
+        &mut self,
+        cqe: &cqueue::Entry,
+        now: Instant,
+        on_event: &mut dyn FnMut(Event<'_>),
+    ) -> usize {
+        let ud = cqe.user_data();
+        let (res, flags) = (cqe.result(), cqe.flags());
+        match ud & UD_KIND {
+            UD_RECV => {
+                let idx = (ud & !UD_KIND) as usize;
+                let n = self.complete_recv(idx, res, flags, on_event);
+                if !cqueue::more(flags) && idx < self.armed.len() {
+                    self.armed[idx] = false;
+                }
+                n
+            }
+            UD_SEND => {
+                let slot = (ud & !UD_KIND) as u16;
+                if res < 0 {
+                    self.stats.send_errors += 1;
+                }
+                self.send.free.push(slot);
+                0
+            }
+            UD_POLL_READ | UD_POLL_WRITE => {
+                let dir = if ud & UD_KIND == UD_POLL_READ {
+                    READ
+                } else {
+                    WRITE
+                };
+                let token = ud & TOKEN_MASK;
+                let Some(state) = self.tcp.state_mut(token) else {
+                    return 0;
+                };
+                *state &= !dir;
+                if res == -libc::ECANCELED {
+                    return 0;
+                }
+                let (mut poller, tcp, stats) = self.poller();
+                tcp.on_ready(token, dir, now, &mut poller, stats, on_event)
+            }
+            _ => 0,
+        }
+    }
+
+    fn complete_recv(
+        &mut self,
+        idx: usize,
+        res: i32,
+        flags: u32,
+        on_event: &mut dyn FnMut(Event<'_>),
+    ) -> usize {
+        if res < 0 {
+            match -res {
+                libc::ENOBUFS => self.stats.uring_enobufs += 1,
+                libc::ECANCELED => {}
+                _ => self.stats.udp_rx_errors += 1,
+            }
+            return 0;
+        }
+        let Some(bid) = cqueue::buffer_select(flags) else {
+            self.stats.udp_rx_errors += 1;
+            return 0;
+        };
+        let bufs = if idx == 0 {
+            &mut self.client_bufs
+        } else {
+            &mut self.upstream_bufs
+        };
+        // SAFETY: this completion handed buffer `bid` to us; it goes back to the ring only
+        // below, after the last use of `buf`.
+        let buf = unsafe { bufs.buf(bid, res as usize) };
+        // SAFETY: the template header is only read, never written after setup.
+        let hdr = unsafe { &*self.recv_hdr.0.get() };
+        let mut n = 0;
+        match RecvMsgOut::parse(buf, hdr) {
+            Ok(out) if !out.is_payload_truncated() && !out.is_name_data_truncated() => {
+                match parse_sockaddr(out.name_data()) {
+                    Some(from) => {
+                        self.stats.udp_rx += 1;
+                        n = 1;
+                        let data = out.payload_data();
+                        on_event(if idx == 0 {
+                            Event::ClientDatagram { peer: from, data }
+                        } else {
+                            Event::UpstreamDatagram {
+                                socket: (idx - 1) as u16,
+                                from,
+                                data,
+                            }
+                        });
+                    }
+                    None => self.stats.udp_rx_errors += 1,
+                }
+            }
+            Ok(_) => self.stats.udp_rx_truncated += 1,
+            Err(()) => self.stats.udp_rx_errors += 1,
+        }
+        bufs.recycle(bid);
+        n
+    }
+}
+
+/// Whether an `io_uring_enter` error only means "nothing this time".
+fn is_transient(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::ETIME | libc::EINTR | libc::EBUSY | libc::EAGAIN)
+    )
 }
 
 impl ShardIo for UringIo {
     fn poll(
         &mut self,
-        _: Option<Duration>,
-        _: &mut dyn FnMut(Event<'_>),
+        timeout: Option<Duration>,
+        on_event: &mut dyn FnMut(Event<'_>),
     ) -> Result<usize, IoError> {
-        Ok(0)
+        let now = Instant::now();
+        let mut n = 0;
+        if self.tcp.has_pending() {
+            let (mut poller, tcp, stats) = self.poller();
+            n += tcp.deliver_pending(now, &mut poller, stats, on_event);
+        }
+        self.arm_receives(true);
+        let mut timeout = if n > 0 { Some(Duration::ZERO) } else { timeout };
+        if let Some(deadline) = self.tcp.next_deadline() {
+            let until = deadline.saturating_duration_since(now);
+            timeout = Some(timeout.map_or(until, |t| t.min(until)));
+        }
+        let sends = self.sub.sends;
+        let r = if !self.ring.completion().is_empty() || timeout == Some(Duration::ZERO) {
+            self.ring.submit()
+        } else {
+            self.stats.waits += 1;
+            match timeout {
+                None => self.ring.submit_and_wait(1),
+                Some(t) => {
+                    let ts = Timespec::from(t);
+                    let args = SubmitArgs::new().timespec(&ts);
+                    self.ring.submitter().submit_with_args(1, &args)
+                }
+            }
+        };
+        match r {
+            Ok(_) => {
+                if sends {
+                    self.stats.udp_tx_batches += 1;
+                    self.sub.sends = false;
+                }
+            }
+            Err(e) if is_transient(&e) => {}
+            Err(source) => {
+                return Err(IoError::Poll {
+                    op: "io_uring_enter",
+                    source,
+                });
+            }
+        }
+
+        let now = Instant::now();
+        let mut cqes = std::mem::take(&mut self.cqes);
+        cqes.clear();
+        cqes.extend(self.ring.completion().take(self.budget));
+        let rx_before = self.stats.udp_rx;
+        for cqe in &cqes {
+            n += self.complete(cqe, now, on_event);
+        }
+        self.cqes = cqes;
+        if self.stats.udp_rx > rx_before {
+            self.stats.udp_rx_batches += 1;
+        }
+        self.arm_receives(true);
+        let (mut poller, tcp, stats) = self.poller();
+        tcp.sweep(now, &mut poller, stats);
+        n += tcp.deliver_pending(now, &mut poller, stats, on_event);
+        self.sync_stats();
+        Ok(n)
     }
-    fn send_client_udp(&mut self, _: SocketAddr, _: &[u8]) {}
-    fn send_client_tcp(&mut self, _: ConnId, _: &[u8]) {}
-    fn send_upstream_udp(&mut self, _: u16, _: &[u8]) {}
-    fn send_upstream_tcp(&mut self, _: &[u8]) {}
+
+    fn send_client_udp(&mut self, peer: SocketAddr, data: &[u8]) {
+        self.queue_send(0, Some(peer), data);
+    }
+
+    fn send_client_tcp(&mut self, conn: ConnId, data: &[u8]) {
+        let (mut poller, tcp, stats) = self.poller();
+        tcp.send_client(conn, data, &mut poller, stats);
+    }
+
+    fn send_upstream_udp(&mut self, socket: u16, data: &[u8]) {
+        if usize::from(socket) >= self.upstream.len() {
+            self.stats.send_dropped += 1;
+            return;
+        }
+        self.queue_send(1 + usize::from(socket), None, data);
+    }
+
+    fn send_upstream_tcp(&mut self, data: &[u8]) {
+        let (mut poller, tcp, stats) = self.poller();
+        tcp.send_upstream(data, &mut poller, stats);
+    }
+
     fn flush(&mut self) -> Result<(), IoError> {
+        let now = Instant::now();
+        let (mut poller, tcp, stats) = self.poller();
+        tcp.flush(now, &mut poller, stats);
+        if !self.ring.submission().is_empty() {
+            let sends = self.sub.sends;
+            match self.ring.submit() {
+                Ok(_) => {
+                    if sends {
+                        self.stats.udp_tx_batches += 1;
+                        self.sub.sends = false;
+                    }
+                }
+                // Left in the queue; the next poll submits it.
+                Err(e) if is_transient(&e) => {}
+                Err(source) => {
+                    return Err(IoError::Poll {
+                        op: "io_uring_enter",
+                        source,
+                    });
+                }
+            }
+        }
+        self.sync_stats();
         Ok(())
     }
+
     fn backend(&self) -> Backend {
         Backend::Uring
     }
+
     fn stats(&self) -> &IoStats {
         &self.stats
     }
+
     fn local_addr(&self) -> SocketAddr {
         self.local
     }
-    fn upstream_local_addr(&self, _: u16) -> Option<SocketAddr> {
-        None
+
+    fn upstream_local_addr(&self, socket: u16) -> Option<SocketAddr> {
+        self.upstream.get(usize::from(socket))?.local_addr().ok()
+    }
+}
+
+impl Drop for UringIo {
+    /// Cancels the multishot receives and waits (bounded) until no operation that uses our
+    /// memory is in flight; if that does not happen, leaks the memory rather than free it
+    /// under the kernel.
+    fn drop(&mut self) {
+        for idx in 0..self.armed.len() {
+            if self.armed[idx] {
+                let e = opcode::AsyncCancel::new(UD_RECV | idx as u64)
+                    .build()
+                    .user_data(UD_CANCEL);
+                // SAFETY: a cancel SQE points to no memory.
+                unsafe { try_push(&mut self.ring, &e, &mut self.sub) };
+            }
+        }
+        let slots = self.send.slots.len();
+        let mut idle = false;
+        for _ in 0..200 {
+            idle = !self.armed.iter().any(|&a| a) && self.send.free.len() == slots;
+            if idle {
+                break;
+            }
+            let ts = Timespec::from(Duration::from_millis(10));
+            let args = SubmitArgs::new().timespec(&ts);
+            let _ = self.ring.submitter().submit_with_args(1, &args);
+            for cqe in self.ring.completion() {
+                let ud = cqe.user_data();
+                match ud & UD_KIND {
+                    UD_RECV if !cqueue::more(cqe.flags()) => {
+                        if let Some(a) = self.armed.get_mut((ud & !UD_KIND) as usize) {
+                            *a = false;
+                        }
+                    }
+                    UD_SEND => self.send.free.push((ud & !UD_KIND) as u16),
+                    _ => {}
+                }
+            }
+        }
+        if idle {
+            let submitter = self.ring.submitter();
+            let _ = submitter.unregister_buf_ring(BGID_CLIENT);
+            let _ = submitter.unregister_buf_ring(BGID_UPSTREAM);
+        } else {
+            self.client_bufs.map.leak = true;
+            self.upstream_bufs.map.leak = true;
+            self.send.data.leak = true;
+            std::mem::forget(std::mem::take(&mut self.send.slots));
+            let hdr = Box::new(UnsafeCell::new(sys::zeroed_msghdr()));
+            std::mem::forget(std::mem::replace(&mut self.recv_hdr.0, hdr));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buf_ring_hands_out_and_takes_back() {
+        let ring = IoUring::new(8).unwrap();
+        let mut r = BufRing::new(&ring, 7, 4, 64).unwrap();
+        assert_eq!(r.tail, 4);
+        // SAFETY: no receive uses this ring, so no buffer is in the kernel's hands.
+        let b = unsafe { r.buf(2, 100) };
+        assert_eq!(b.len(), 64);
+        r.recycle(2);
+        assert_eq!(r.tail, 5);
+        ring.submitter().unregister_buf_ring(7).unwrap();
     }
 }

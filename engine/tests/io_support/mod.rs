@@ -39,8 +39,7 @@ impl From<Event<'_>> for Ev {
 
 /// Runs `body` once per backend (io_uring, then mmsg), naming the backend if it panics.
 pub fn for_each_backend(body: impl Fn(BackendChoice)) {
-    #[allow(clippy::single_element_loop)] // TEMP: io_uring backend not in yet
-    for choice in [BackendChoice::Mmsg] {
+    for choice in [BackendChoice::Uring, BackendChoice::Mmsg] {
         eprintln!("--- backend {choice:?}");
         body(choice);
     }
