@@ -212,6 +212,12 @@ pub fn run(
         outstanding: 0,
         seq: 0,
     };
+    // Kernel receive timestamps make latencies exact however late the loop reads them, so
+    // that while sending the loop need not wake up for every answer.
+    let stamped = client
+        .sockets
+        .iter()
+        .all(|s| sys::enable_rx_timestamps(s.as_fd()).is_ok());
     let mut pfds: Vec<libc::pollfd> = client
         .sockets
         .iter()
@@ -232,6 +238,9 @@ pub fn run(
     sys::set_timer_slack(1_000);
     let cpu_start = sys::process_cpu_time();
     let start = Instant::now();
+    let realtime_start = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
     let scenario = Scenario::start(config.actions.clone(), start);
     let now_ns = || start.elapsed().as_nanos() as u64;
 
@@ -324,7 +333,15 @@ pub fn run(
                 .map_or(end + timeout_ns, |f| f.sent_ns + timeout_ns),
         };
         let sleep = Duration::from_nanos(wake_ns.saturating_sub(now)).min(MAX_SLEEP);
-        let ready = sys::poll(&mut pfds, Some(sleep)).unwrap_or(0);
+        let ready = if send_end_ns.is_none() && stamped {
+            // Sleep until the next send, then collect whatever arrived meanwhile.
+            if !sleep.is_zero() {
+                let _ = sys::poll(&mut [], Some(sleep));
+            }
+            sys::poll(&mut pfds, Some(Duration::ZERO)).unwrap_or(0)
+        } else {
+            sys::poll(&mut pfds, Some(sleep)).unwrap_or(0)
+        };
 
         // 5. Read answers.
         if ready > 0 {
@@ -337,14 +354,13 @@ pub fn run(
                     let n = recv.recv(client.sockets[socket].as_fd()).unwrap_or(0);
                     let now = now_ns();
                     for i in 0..n {
-                        on_datagram(
-                            &mut client,
-                            socket,
-                            recv.packet(i),
-                            queries,
-                            now,
-                            &mut stats,
-                        );
+                        let stamp = recv.timestamp(i);
+                        let at = if stamp > realtime_start {
+                            (stamp - realtime_start).min(now)
+                        } else {
+                            now
+                        };
+                        on_datagram(&mut client, socket, recv.packet(i), queries, at, &mut stats);
                     }
                     if n < recv.capacity() {
                         break;

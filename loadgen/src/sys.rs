@@ -53,10 +53,16 @@ fn empty_mmsghdr() -> libc::mmsghdr {
     unsafe { mem::zeroed() }
 }
 
+/// Control-message room per datagram (as u64 words, for alignment): enough for one
+/// `SCM_TIMESTAMPNS` (a cmsghdr and a timespec).
+const CTRL_WORDS: usize = 8;
+
 /// Receive buffers for up to `capacity` datagrams per `recvmmsg` call.
 pub struct RecvBatch {
     buf_size: usize,
     bufs: Vec<u8>,
+    ctrl: Vec<u64>,
+    stamps: Vec<u64>,
     lens: Vec<usize>,
     flags: Vec<libc::c_int>,
     names: Vec<RawAddr>,
@@ -71,6 +77,8 @@ impl RecvBatch {
         Self {
             buf_size,
             bufs: vec![0; capacity * buf_size],
+            ctrl: vec![0; capacity * CTRL_WORDS],
+            stamps: vec![0; capacity],
             lens: vec![0; capacity],
             flags: vec![0; capacity],
             names: vec![RawAddr::none(); capacity],
@@ -108,8 +116,9 @@ impl RecvBatch {
             hdr.msg_hdr.msg_namelen = mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
             hdr.msg_hdr.msg_iov = &mut self.iovs[i];
             hdr.msg_hdr.msg_iovlen = 1;
-            hdr.msg_hdr.msg_control = std::ptr::null_mut();
-            hdr.msg_hdr.msg_controllen = 0;
+            let ctrl = &mut self.ctrl[i * CTRL_WORDS..(i + 1) * CTRL_WORDS];
+            hdr.msg_hdr.msg_control = ctrl.as_mut_ptr().cast();
+            hdr.msg_hdr.msg_controllen = mem::size_of_val(ctrl) as _;
             hdr.msg_hdr.msg_flags = 0;
             hdr.msg_len = 0;
         }
@@ -132,6 +141,7 @@ impl RecvBatch {
                     self.lens[i] = self.hdrs[i].msg_len as usize;
                     self.flags[i] = self.hdrs[i].msg_hdr.msg_flags;
                     self.names[i].len = self.hdrs[i].msg_hdr.msg_namelen;
+                    self.stamps[i] = rx_timestamp(&self.hdrs[i].msg_hdr);
                 }
                 return Ok(n);
             }
@@ -158,9 +168,67 @@ impl RecvBatch {
         self.flags[i] & libc::MSG_TRUNC != 0
     }
 
+    /// The kernel's receive time of datagram `i` (CLOCK_REALTIME, ns since the epoch), when
+    /// the socket has [`enable_rx_timestamps`]; 0 otherwise.
+    pub fn timestamp(&self, i: usize) -> u64 {
+        self.stamps[i]
+    }
+
     /// The source address of datagram `i`.
     pub fn addr(&self, i: usize) -> &RawAddr {
         &self.names[i]
+    }
+}
+
+/// `SO_TIMESTAMPNS` (`SO_TIMESTAMPNS_OLD`, with a 64-bit `timespec` on 64-bit targets) in
+/// asm-generic/socket.h, which x86, arm and riscv use; the libc crate does not export it for
+/// Linux/glibc.
+const SO_TIMESTAMPNS: libc::c_int = 35;
+const SCM_TIMESTAMPNS: libc::c_int = SO_TIMESTAMPNS;
+
+/// The `SCM_TIMESTAMPNS` of a received message header, or 0.
+fn rx_timestamp(hdr: &libc::msghdr) -> u64 {
+    // SAFETY: `hdr` was filled by recvmmsg: msg_control points to our control buffer and
+    // msg_controllen is the length the kernel wrote, so CMSG_FIRSTHDR/CMSG_NXTHDR stay inside it.
+    let mut cmsg = unsafe { libc::CMSG_FIRSTHDR(hdr) };
+    while !cmsg.is_null() {
+        // SAFETY: `cmsg` is non-null and was returned by CMSG_FIRSTHDR/NXTHDR for `hdr`.
+        let c = unsafe { &*cmsg };
+        if c.cmsg_level == libc::SOL_SOCKET
+            && c.cmsg_type == SCM_TIMESTAMPNS
+            && c.cmsg_len as usize
+                >= mem::size_of::<libc::cmsghdr>() + mem::size_of::<libc::timespec>()
+        {
+            // SAFETY: the length check above guarantees a whole timespec after the header;
+            // it may be unaligned, hence read_unaligned.
+            let ts =
+                unsafe { std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast::<libc::timespec>()) };
+            return (ts.tv_sec as u64).saturating_mul(1_000_000_000) + ts.tv_nsec as u64;
+        }
+        // SAFETY: as above; returns null after the last header.
+        cmsg = unsafe { libc::CMSG_NXTHDR(hdr, cmsg) };
+    }
+    0
+}
+
+/// Asks the kernel to stamp every received datagram with its arrival time
+/// (`SO_TIMESTAMPNS`, read back with [`RecvBatch::timestamp`]).
+pub fn enable_rx_timestamps(fd: BorrowedFd<'_>) -> io::Result<()> {
+    let on: libc::c_int = 1;
+    // SAFETY: `on` is a live c_int and its size is passed; the fd is valid for the borrow.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_TIMESTAMPNS,
+            (&on as *const libc::c_int).cast(),
+            mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
     }
 }
 

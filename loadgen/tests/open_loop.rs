@@ -50,3 +50,29 @@ fn stalled_server_shows_as_timeouts_not_as_a_lower_rate() {
     assert!(report["max_send_lag_us"].as_u64().unwrap() < 200_000);
     assert_eq!(upstream.terminate(), Some(0));
 }
+
+#[test]
+fn latency_matches_a_known_server_delay() {
+    let upstream = UpstreamProcess::start(&["--delay-ms", "100"]);
+    let queries = query_file("delay", "a.example A\n");
+    let server = upstream.addr.to_string();
+    let report = run_json(
+        &[
+            "--server",
+            &server,
+            "--queries",
+            queries.to_str().unwrap(),
+            "--rate",
+            "100",
+            "--duration",
+            "1",
+        ],
+        Duration::from_secs(10),
+    );
+    assert_eq!(u(&report, "answered"), 100);
+    let latency = &report["latency_us"];
+    let p50 = u(latency, "p50");
+    assert!((100_000..=115_000).contains(&p50), "{latency}");
+    assert!(u(latency, "max") < 200_000, "{latency}");
+    assert_eq!(upstream.terminate(), Some(0));
+}
