@@ -54,13 +54,18 @@ pub struct UserspaceAllowTable {
 impl UserspaceAllowTable {
     /// An empty table holding at most `capacity` entries.
     pub fn new(capacity: usize) -> UserspaceAllowTable {
-        UserspaceAllowTable { entries: RwLock::new(HashMap::new()), capacity }
+        UserspaceAllowTable {
+            entries: RwLock::new(HashMap::new()),
+            capacity,
+        }
     }
 
     /// Whether `endpoint` may reach `ip` at `now`.
     pub fn is_allowed(&self, endpoint: EndpointId, ip: IpAddr, now: Instant) -> bool {
         let entries = self.entries.read().unwrap_or_else(|e| e.into_inner());
-        entries.get(&(endpoint, ip)).is_some_and(|&expires| expires > now)
+        entries
+            .get(&(endpoint, ip))
+            .is_some_and(|&expires| expires > now)
     }
 
     /// Number of entries, expired ones included until the next sweep.
@@ -89,7 +94,9 @@ impl UserspaceAllowTable {
             match entries.get_mut(&(e.endpoint, e.ip)) {
                 Some(expires) => *expires = (*expires).max(e.expires),
                 None if len >= self.capacity => {
-                    return Err(AllowError::Full { capacity: self.capacity });
+                    return Err(AllowError::Full {
+                        capacity: self.capacity,
+                    });
                 }
                 None => {
                     entries.insert((e.endpoint, e.ip), e.expires);

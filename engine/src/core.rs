@@ -147,6 +147,9 @@ pub enum Verdict {
 }
 
 /// A record for the consumer: an observation of addresses or a flow.
+// Records travel by value through fixed slots of a bounded queue: boxing the larger variant
+// would cost an allocation per answer.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone)]
 pub enum Record {
     /// Addresses learned for a name an endpoint may reach.
@@ -299,7 +302,6 @@ impl Outbox {
         self.bytes.extend_from_slice(data);
         (start, data.len())
     }
-
 }
 
 /// The per-shard query engine. See the module documentation for the call order.
@@ -332,7 +334,10 @@ impl Core {
     /// If `config.max_pending` is not below 65536 (an upstream ID must stay free for every
     /// query in flight) or `config.upstream_sockets` is 0.
     pub fn new(config: CoreConfig, snapshot: Arc<Snapshot>) -> Core {
-        assert!(config.max_pending < 65536, "max_pending must be below 65536");
+        assert!(
+            config.max_pending < 65536,
+            "max_pending must be below 65536"
+        );
         assert!(config.upstream_sockets > 0, "at least one upstream socket");
         let channels = usize::from(config.upstream_sockets) + 1;
         let template = Pending {
@@ -355,7 +360,9 @@ impl Core {
         };
         let pending = vec![template; config.max_pending];
         let free = (0..config.max_pending as u32).rev().collect();
-        let ids = (0..channels).map(|_| vec![NO_SLOT; 65536].into_boxed_slice()).collect();
+        let ids = (0..channels)
+            .map(|_| vec![NO_SLOT; 65536].into_boxed_slice())
+            .collect();
         let rules = snapshot.rule_set();
         Core {
             rng: config.seed | 1,
@@ -435,12 +442,18 @@ impl Core {
             Some(ep) => Some(match &name {
                 // Names outside the policy alphabet match no pattern: denied, unless the
                 // endpoint is unrestricted.
-                Err(_) => match self.snapshot.dns_verdict(ep, self.policy_server(server), client.proto(), &Name::root()) {
+                Err(_) => match self.snapshot.dns_verdict(
+                    ep,
+                    self.policy_server(server),
+                    client.proto(),
+                    &Name::root(),
+                ) {
                     DnsVerdict::Unrestricted => DnsVerdict::Unrestricted,
                     _ => DnsVerdict::Deny,
                 },
                 Ok(name) => {
-                    self.snapshot.dns_verdict(ep, self.policy_server(server), client.proto(), name)
+                    self.snapshot
+                        .dns_verdict(ep, self.policy_server(server), client.proto(), name)
                 }
             }),
         };
@@ -448,7 +461,10 @@ impl Core {
         match verdict {
             None | Some(DnsVerdict::Deny) => {
                 let (counted, flow) = if verdict.is_none() {
-                    (&mut self.stats.refused_unknown_source, Verdict::RefuseUnknownSource)
+                    (
+                        &mut self.stats.refused_unknown_source,
+                        Verdict::RefuseUnknownSource,
+                    )
                 } else {
                     (&mut self.stats.refused, Verdict::Refuse)
                 };
@@ -458,8 +474,19 @@ impl Core {
                 let reply = &mut self.outbox.bytes[start..start + len];
                 let len = wire::write_reply(reply, &query, rcode, true);
                 self.outbox.bytes.truncate(start + len);
-                self.outbox.ready.push_back((Destination::Client(client), start, len));
-                self.record_flow(now, client, endpoint, flow_name, query.qtype, flow, Some(rcode as u8), None);
+                self.outbox
+                    .ready
+                    .push_back((Destination::Client(client), start, len));
+                self.record_flow(
+                    now,
+                    client,
+                    endpoint,
+                    flow_name,
+                    query.qtype,
+                    flow,
+                    Some(rcode as u8),
+                    None,
+                );
             }
             Some(verdict) => {
                 let enforce = verdict == DnsVerdict::Allow;
@@ -476,14 +503,34 @@ impl Core {
         match e.rcode() {
             None => {
                 self.stats.malformed_dropped += 1;
-                self.record_flow(now, client, None, Name::root(), 0, Verdict::Malformed, None, None);
+                self.record_flow(
+                    now,
+                    client,
+                    None,
+                    Name::root(),
+                    0,
+                    Verdict::Malformed,
+                    None,
+                    None,
+                );
             }
             Some(rcode) => {
                 self.stats.malformed_answered += 1;
                 let (start, _) = self.outbox.push_bytes(&packet[..wire::HEADER_LEN]);
                 let len = wire::write_header_reply(&mut self.outbox.bytes[start..], rcode);
-                self.outbox.ready.push_back((Destination::Client(client), start, len));
-                self.record_flow(now, client, None, Name::root(), 0, Verdict::Malformed, Some(rcode as u8), None);
+                self.outbox
+                    .ready
+                    .push_back((Destination::Client(client), start, len));
+                self.record_flow(
+                    now,
+                    client,
+                    None,
+                    Name::root(),
+                    0,
+                    Verdict::Malformed,
+                    Some(rcode as u8),
+                    None,
+                );
             }
         }
     }
@@ -500,18 +547,38 @@ impl Core {
         let Some(slot) = self.free.pop() else {
             self.stats.pending_full += 1;
             let (start, len) = self.outbox.push_bytes(packet);
-            let len = wire::write_reply(&mut self.outbox.bytes[start..start + len], query, Rcode::ServFail, true);
+            let len = wire::write_reply(
+                &mut self.outbox.bytes[start..start + len],
+                query,
+                Rcode::ServFail,
+                true,
+            );
             self.outbox.bytes.truncate(start + len);
-            self.outbox.ready.push_back((Destination::Client(client), start, len));
+            self.outbox
+                .ready
+                .push_back((Destination::Client(client), start, len));
             let name = Name::from_wire(query.name_wire(packet)).unwrap_or_else(|_| Name::root());
-            self.record_flow(now, client, endpoint, name, query.qtype, Verdict::Overload, Some(Rcode::ServFail as u8), None);
+            self.record_flow(
+                now,
+                client,
+                endpoint,
+                name,
+                query.qtype,
+                Verdict::Overload,
+                Some(Rcode::ServFail as u8),
+                None,
+            );
             return;
         };
         // TCP clients are forwarded over TCP (their answers may not fit a datagram).
         let (channel, upstream) = match client {
-            Client::Tcp { .. } => (usize::from(self.config.upstream_sockets), Destination::UpstreamTcp),
+            Client::Tcp { .. } => (
+                usize::from(self.config.upstream_sockets),
+                Destination::UpstreamTcp,
+            ),
             Client::Udp(_) => {
-                let socket = (self.next_random() % u64::from(self.config.upstream_sockets.max(1))) as u16;
+                let socket =
+                    (self.next_random() % u64::from(self.config.upstream_sockets.max(1))) as u16;
                 (usize::from(socket), Destination::UpstreamUdp { socket })
             }
         };
@@ -628,17 +695,39 @@ impl Core {
         }
         self.stats.answered += 1;
         if held {
-            self.held.push(Held { to: pending.client, start, len, pending: pending.clone() });
+            self.held.push(Held {
+                to: pending.client,
+                start,
+                len,
+                pending: pending.clone(),
+            });
         } else {
-            self.outbox.ready.push_back((Destination::Client(pending.client), start, len));
+            self.outbox
+                .ready
+                .push_back((Destination::Client(pending.client), start, len));
         }
         let rcode = Some(answer.rcode());
-        self.record_flow(now, pending.client, pending.endpoint, name, pending.qtype, Verdict::Forward, rcode, Some(latency));
+        self.record_flow(
+            now,
+            pending.client,
+            pending.endpoint,
+            name,
+            pending.qtype,
+            Verdict::Forward,
+            rcode,
+            Some(latency),
+        );
     }
 
     /// Queues the allow entries an allowed answer needs; returns whether any write is needed
     /// before the answer may be released.
-    fn learn(&mut self, now: Instant, pending: &Pending, name: &Name, addresses: &Addresses) -> bool {
+    fn learn(
+        &mut self,
+        now: Instant,
+        pending: &Pending,
+        name: &Name,
+        addresses: &Addresses,
+    ) -> bool {
         let (Some(endpoint), Some(snapshot)) = (pending.endpoint, pending.snapshot.as_ref()) else {
             return false;
         };
@@ -653,7 +742,11 @@ impl Core {
             // Rewrite only what is missing or would expire before half the new TTL has run.
             let fresh = known.is_some_and(|at| at >= now + Duration::from_secs(u64::from(ttl) / 2));
             if !fresh {
-                self.writes.push(AllowEntry { endpoint, ip, expires });
+                self.writes.push(AllowEntry {
+                    endpoint,
+                    ip,
+                    expires,
+                });
                 needed = true;
             }
         }
@@ -697,7 +790,9 @@ impl Core {
         let held = std::mem::take(&mut self.held);
         for h in &held {
             if ok {
-                self.outbox.ready.push_back((Destination::Client(h.to), h.start, h.len));
+                self.outbox
+                    .ready
+                    .push_back((Destination::Client(h.to), h.start, h.len));
             } else {
                 self.stats.answered -= 1;
                 self.servfail(now, &h.pending, Verdict::Overload);
@@ -733,7 +828,10 @@ impl Core {
     }
 
     fn release_slot(&mut self, slot: u32) -> Pending {
-        let (prev, next) = (self.pending[slot as usize].prev, self.pending[slot as usize].next);
+        let (prev, next) = (
+            self.pending[slot as usize].prev,
+            self.pending[slot as usize].next,
+        );
         match prev {
             NO_SLOT => self.oldest = next,
             prev => self.pending[prev as usize].next = next,
@@ -752,7 +850,9 @@ impl Core {
 
     fn servfail(&mut self, now: Instant, p: &Pending, verdict: Verdict) {
         let start = self.outbox.bytes.len();
-        self.outbox.bytes.resize(start + wire::HEADER_LEN + usize::from(p.question_len), 0);
+        self.outbox
+            .bytes
+            .resize(start + wire::HEADER_LEN + usize::from(p.question_len), 0);
         let len = wire::write_reply_from_question(
             &mut self.outbox.bytes[start..],
             p.client_id,
@@ -760,9 +860,21 @@ impl Core {
             &p.question[..usize::from(p.question_len)],
             Rcode::ServFail,
         );
-        self.outbox.ready.push_back((Destination::Client(p.client), start, len));
-        let name = Name::from_wire(&p.question[..usize::from(p.name_len)]).unwrap_or_else(|_| Name::root());
-        self.record_flow(now, p.client, p.endpoint, name, p.qtype, verdict, Some(Rcode::ServFail as u8), None);
+        self.outbox
+            .ready
+            .push_back((Destination::Client(p.client), start, len));
+        let name = Name::from_wire(&p.question[..usize::from(p.name_len)])
+            .unwrap_or_else(|_| Name::root());
+        self.record_flow(
+            now,
+            p.client,
+            p.endpoint,
+            name,
+            p.qtype,
+            verdict,
+            Some(Rcode::ServFail as u8),
+            None,
+        );
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -800,9 +912,10 @@ impl Core {
     /// The next message to send, if any. Its bytes stay valid until the next call on the core.
     pub fn poll_transmit(&mut self) -> Option<Transmit<'_>> {
         match self.outbox.ready.pop_front() {
-            Some((to, start, len)) => {
-                Some(Transmit { to, data: &self.outbox.bytes[start..start + len] })
-            }
+            Some((to, start, len)) => Some(Transmit {
+                to,
+                data: &self.outbox.bytes[start..start + len],
+            }),
             None => {
                 // Nothing refers to the arena any more: reuse it from the start.
                 if self.held.is_empty() {

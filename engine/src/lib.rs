@@ -1,5 +1,4 @@
 //! The dnsfence data plane: the sans-IO per-query core and the per-core shards around it.
 pub mod allow;
 pub mod core;
-pub mod io;
 pub mod wire;

@@ -93,7 +93,9 @@ fn u32_at(packet: &[u8], at: usize) -> Option<u32> {
 
 /// The ID of a packet at least [`HEADER_LEN`] bytes long.
 pub fn id(packet: &[u8]) -> Option<u16> {
-    (packet.len() >= HEADER_LEN).then(|| u16_at(packet, 0)).flatten()
+    (packet.len() >= HEADER_LEN)
+        .then(|| u16_at(packet, 0))
+        .flatten()
 }
 
 /// Overwrites the ID of a packet at least two bytes long.
@@ -179,7 +181,15 @@ pub fn parse_query(packet: &[u8]) -> Result<Query, QueryError> {
     }
     let question_end = after_name + 4;
     let opt = find_lone_opt(packet, question_end);
-    Ok(Query { id, flags, qtype, qclass, name_len, question_end, opt })
+    Ok(Query {
+        id,
+        flags,
+        qtype,
+        qclass,
+        name_len,
+        question_end,
+        opt,
+    })
 }
 
 /// An OPT record that is the only record after the question, or `None`.
@@ -200,7 +210,12 @@ fn find_lone_opt(packet: &[u8], question_end: usize) -> Option<(usize, usize)> {
 /// Rewrites `packet` (holding `query`) in place into a reply with `rcode`: same ID and
 /// question, QR set, RD copied, RA set when `recursion_available`, no records except the
 /// query's own EDNS0 OPT record when it had a lone one (RFC 6891 §7). Returns the reply length.
-pub fn write_reply(packet: &mut [u8], query: &Query, rcode: Rcode, recursion_available: bool) -> usize {
+pub fn write_reply(
+    packet: &mut [u8],
+    query: &Query,
+    rcode: Rcode,
+    recursion_available: bool,
+) -> usize {
     let mut flags = QR | (query.flags & RD) | rcode as u16;
     if recursion_available {
         flags |= RA;
@@ -324,7 +339,15 @@ pub fn parse_answer(packet: &[u8]) -> Result<Answer, AnswerError> {
     let (Some(qtype), Some(qclass)) = (u16_at(packet, after), u16_at(packet, after + 2)) else {
         return Err(AnswerError::BadQuestion);
     };
-    Ok(Answer { id, flags, qtype, qclass, name_len, question_end: after + 4, answers })
+    Ok(Answer {
+        id,
+        flags,
+        qtype,
+        qclass,
+        name_len,
+        question_end: after + 4,
+        answers,
+    })
 }
 
 /// Case-insensitive comparison of two uncompressed wire names.
@@ -348,7 +371,10 @@ impl FlatName {
 /// Reads a possibly compressed name at `at`. Pointers must point strictly backwards (which
 /// also rules out loops). Returns the name and the offset after it in the record.
 fn read_name(packet: &[u8], at: usize) -> Option<(FlatName, usize)> {
-    let mut name = FlatName { buf: [0; MAX_WIRE_LEN], len: 0 };
+    let mut name = FlatName {
+        buf: [0; MAX_WIRE_LEN],
+        len: 0,
+    };
     let mut pos = at;
     let mut end = None;
     // Every pointer must go to a smaller offset than the one it sits at.
@@ -451,7 +477,13 @@ struct Record {
 /// collects the A and AAAA records owned by the names on it. Records owned by other names —
 /// extra addresses an upstream (or an attacker) adds — are counted and ignored.
 pub fn collect_addresses(packet: &[u8], answer: &Answer) -> Result<Addresses, AnswerError> {
-    let mut records = [Record { owner_at: 0, rtype: 0, ttl: 0, rdata_at: 0, rdlen: 0 }; MAX_RECORDS];
+    let mut records = [Record {
+        owner_at: 0,
+        rtype: 0,
+        ttl: 0,
+        rdata_at: 0,
+        rdlen: 0,
+    }; MAX_RECORDS];
     let mut count = 0;
     let mut pos = answer.question_end;
     for _ in 0..answer.answers {
@@ -470,7 +502,13 @@ pub fn collect_addresses(packet: &[u8], answer: &Answer) -> Result<Addresses, An
             }
             // A TTL with the top bit set is treated as zero (RFC 2181 §8).
             let ttl = if ttl > i32::MAX as u32 { 0 } else { ttl };
-            records[count] = Record { owner_at: pos, rtype, ttl, rdata_at, rdlen };
+            records[count] = Record {
+                owner_at: pos,
+                rtype,
+                ttl,
+                rdata_at,
+                rdlen,
+            };
             count += 1;
         }
         pos = rdata_at + rdlen;
@@ -478,7 +516,10 @@ pub fn collect_addresses(packet: &[u8], answer: &Answer) -> Result<Addresses, An
     let records = &records[..count];
 
     let mut out = Addresses::default();
-    let mut target = FlatName { buf: [0; MAX_WIRE_LEN], len: answer.name_len };
+    let mut target = FlatName {
+        buf: [0; MAX_WIRE_LEN],
+        len: answer.name_len,
+    };
     target.buf[..answer.name_len].copy_from_slice(answer.name_wire(packet));
     target.buf[..answer.name_len].make_ascii_lowercase();
     let mut on_chain = [false; MAX_RECORDS];
@@ -589,7 +630,10 @@ mod tests {
         assert_eq!(parse_query(&r), Err(QueryError::QuestionCount));
         r[5] = 0;
         assert_eq!(parse_query(&r), Err(QueryError::QuestionCount));
-        assert_eq!(parse_query(&good[..good.len() - 1]), Err(QueryError::ShortQuestion));
+        assert_eq!(
+            parse_query(&good[..good.len() - 1]),
+            Err(QueryError::ShortQuestion)
+        );
         assert_eq!(parse_query(&good[..13]), Err(QueryError::BadName));
         // Compression pointer in the question: a loop to itself and a forward pointer.
         let mut l = query(b"\xc0\x0c", TYPE_A);
@@ -597,8 +641,14 @@ mod tests {
         l = query(b"\xc0\x20", TYPE_A);
         assert_eq!(parse_query(&l), Err(QueryError::BadName));
         // Reserved label type, label running off the end.
-        assert_eq!(parse_query(&query(b"\x41a\x00", TYPE_A)), Err(QueryError::BadName));
-        assert_eq!(parse_query(&query(b"\x3fab\x00", TYPE_A)), Err(QueryError::BadName));
+        assert_eq!(
+            parse_query(&query(b"\x41a\x00", TYPE_A)),
+            Err(QueryError::BadName)
+        );
+        assert_eq!(
+            parse_query(&query(b"\x3fab\x00", TYPE_A)),
+            Err(QueryError::BadName)
+        );
         let mut long = Vec::new();
         for _ in 0..5 {
             long.push(63);
@@ -639,7 +689,20 @@ mod tests {
     }
 
     fn answer_packet(question: &[u8], records: &[(&[u8], u16, u32, &[u8])]) -> Vec<u8> {
-        let mut p = vec![0xab, 0xcd, 0x81, 0x80, 0, 1, 0, records.len() as u8, 0, 0, 0, 0];
+        let mut p = vec![
+            0xab,
+            0xcd,
+            0x81,
+            0x80,
+            0,
+            1,
+            0,
+            records.len() as u8,
+            0,
+            0,
+            0,
+            0,
+        ];
         p.extend_from_slice(question);
         p.extend_from_slice(&[0, 1, 0, 1]);
         for (owner, rtype, ttl, rdata) in records {
@@ -663,7 +726,12 @@ mod tests {
                 // Off-chain address: must be ignored.
                 (b"\x04evil\x00", TYPE_A, 9999, &[6, 6, 6, 6]),
                 (b"\x01B\x01Y\x00", TYPE_A, 60, &[192, 0, 2, 1]),
-                (b"\x01b\x01y\x00", TYPE_AAAA, 120, &[0x20, 1, 0xd, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]),
+                (
+                    b"\x01b\x01y\x00",
+                    TYPE_AAAA,
+                    120,
+                    &[0x20, 1, 0xd, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1],
+                ),
                 (b"\x01b\x01y\x00", TYPE_A, 60, &[192, 0, 2, 1]),
             ],
         );
@@ -681,7 +749,10 @@ mod tests {
         let q = b"\x01a\x00";
         let p = answer_packet(
             q,
-            &[(b"\x01a\x00", TYPE_CNAME, 5, b"\x01b\x00"), (b"\x01b\x00", TYPE_CNAME, 5, b"\x01a\x00")],
+            &[
+                (b"\x01a\x00", TYPE_CNAME, 5, b"\x01b\x00"),
+                (b"\x01b\x00", TYPE_CNAME, 5, b"\x01a\x00"),
+            ],
         );
         let a = parse_answer(&p).unwrap();
         let addrs = collect_addresses(&p, &a).unwrap();
@@ -692,10 +763,16 @@ mod tests {
         let at = HEADER_LEN + q.len() + 4;
         p[at + 1] = at as u8;
         let a = parse_answer(&p).unwrap();
-        assert_eq!(collect_addresses(&p, &a).unwrap_err(), AnswerError::BadRecord);
+        assert_eq!(
+            collect_addresses(&p, &a).unwrap_err(),
+            AnswerError::BadRecord
+        );
         // Truncated rdata.
         let p = answer_packet(q, &[(b"\x01a\x00", TYPE_A, 5, &[1, 2, 3, 4])]);
         let a = parse_answer(&p[..p.len() - 1]).unwrap();
-        assert_eq!(collect_addresses(&p[..p.len() - 1], &a).unwrap_err(), AnswerError::BadRecord);
+        assert_eq!(
+            collect_addresses(&p[..p.len() - 1], &a).unwrap_err(),
+            AnswerError::BadRecord
+        );
     }
 }

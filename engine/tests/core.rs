@@ -61,7 +61,12 @@ impl Harness {
     }
 
     fn query(&mut self, ms: u64, from: &str, packet: &[u8]) -> Vec<(Destination, Vec<u8>)> {
-        self.core.handle_client(self.at(ms), Client::Udp(from.parse().unwrap()), None, packet);
+        self.core.handle_client(
+            self.at(ms),
+            Client::Udp(from.parse().unwrap()),
+            None,
+            packet,
+        );
         self.drain(ms)
     }
 
@@ -76,14 +81,18 @@ impl Harness {
     }
 
     fn answer(&mut self, ms: u64, socket: u16, packet: &[u8]) -> Vec<(Destination, Vec<u8>)> {
-        self.core.handle_upstream(self.at(ms), socket, upstream(), packet);
+        self.core
+            .handle_upstream(self.at(ms), socket, upstream(), packet);
         self.drain(ms)
     }
 }
 
 fn to_client(out: &[(Destination, Vec<u8>)]) -> &[u8] {
     assert_eq!(out.len(), 1, "{out:?}");
-    assert_eq!(out[0].0, Destination::Client(Client::Udp(CLIENT.parse().unwrap())));
+    assert_eq!(
+        out[0].0,
+        Destination::Client(Client::Udp(CLIENT.parse().unwrap()))
+    );
     &out[0].1
 }
 
@@ -126,21 +135,41 @@ fn allowed_name_is_forwarded_and_answer_released_after_its_allow_write() {
     let mut h = Harness::new(config());
     let q = query(0x1234, "wWw.AlLoWeD.TeSt", TYPE_A);
     let (socket, fwd) = h.forward(0, &q);
-    assert_ne!(&fwd[0..2], &q[0..2], "fresh upstream ID (1 in 65536 flake chance)");
-    assert_eq!(&fwd[2..], &q[2..], "query otherwise unchanged, 0x20 spelling kept");
+    assert_ne!(
+        &fwd[0..2],
+        &q[0..2],
+        "fresh upstream ID (1 in 65536 flake chance)"
+    );
+    assert_eq!(
+        &fwd[2..],
+        &q[2..],
+        "query otherwise unchanged, 0x20 spelling kept"
+    );
 
     // The upstream answers with a lowercased question.
     let upstream_id = u16::from_be_bytes([fwd[0], fwd[1]]);
-    let ans = answer(upstream_id, "www.allowed.test", TYPE_A, &[("www.allowed.test", TYPE_A, 300, &rdata_a("127.1.2.3"))]);
+    let ans = answer(
+        upstream_id,
+        "www.allowed.test",
+        TYPE_A,
+        &[("www.allowed.test", TYPE_A, 300, &rdata_a("127.1.2.3"))],
+    );
     h.core.handle_upstream(h.at(5), socket, upstream(), &ans);
     // Before the batch's allow write, nothing may be sent.
-    assert!(h.transmits().is_empty(), "answer released before its allow entry");
+    assert!(
+        h.transmits().is_empty(),
+        "answer released before its allow entry"
+    );
     assert!(!h.table.is_allowed(EP, ip("127.1.2.3"), h.at(5)));
     let out = h.drain(5);
     assert!(h.table.is_allowed(EP, ip("127.1.2.3"), h.at(6)));
     let reply = to_client(&out);
     assert_eq!(&reply[0..2], &[0x12, 0x34], "client ID restored");
-    assert_eq!(&reply[12..12 + 18], &q[12..12 + 18], "client 0x20 spelling restored");
+    assert_eq!(
+        &reply[12..12 + 18],
+        &q[12..12 + 18],
+        "client 0x20 spelling restored"
+    );
     assert_eq!(rcode(reply), 0);
     // Entry expires with the TTL.
     assert!(h.table.is_allowed(EP, ip("127.1.2.3"), h.at(299_000)));
@@ -167,15 +196,32 @@ fn unchanged_address_sets_cost_no_write() {
     for i in 0..5u64 {
         let (socket, fwd) = h.forward(i * 10, &query(7, "a.allowed.test", TYPE_A));
         let id = u16::from_be_bytes([fwd[0], fwd[1]]);
-        let ans = answer(id, "a.allowed.test", TYPE_A, &[("a.allowed.test", TYPE_A, 600, &rdata_a("127.0.0.9"))]);
+        let ans = answer(
+            id,
+            "a.allowed.test",
+            TYPE_A,
+            &[("a.allowed.test", TYPE_A, 600, &rdata_a("127.0.0.9"))],
+        );
         let out = h.answer(i * 10 + 1, socket, &ans);
         assert_eq!(to_client(&out)[0..2], [0, 7]);
     }
-    assert_eq!(h.core.stats().allow_writes, 1, "only the first answer needed a write");
+    assert_eq!(
+        h.core.stats().allow_writes,
+        1,
+        "only the first answer needed a write"
+    );
     // A new address for the same name is written.
     let (socket, fwd) = h.forward(100, &query(8, "a.allowed.test", TYPE_A));
     let id = u16::from_be_bytes([fwd[0], fwd[1]]);
-    let ans = answer(id, "a.allowed.test", TYPE_A, &[("a.allowed.test", TYPE_A, 600, &rdata_a("127.0.0.9")), ("a.allowed.test", TYPE_A, 600, &rdata_a("127.0.0.10"))]);
+    let ans = answer(
+        id,
+        "a.allowed.test",
+        TYPE_A,
+        &[
+            ("a.allowed.test", TYPE_A, 600, &rdata_a("127.0.0.9")),
+            ("a.allowed.test", TYPE_A, 600, &rdata_a("127.0.0.10")),
+        ],
+    );
     h.answer(101, socket, &ans);
     assert_eq!(h.core.stats().allow_writes, 2);
 }
@@ -190,9 +236,19 @@ fn cname_chain_is_followed_and_off_chain_records_never_allowed() {
         "svc.allowed.test",
         TYPE_AAAA,
         &[
-            ("svc.allowed.test", TYPE_CNAME, 120, &rdata_name("edge.cdn.example")),
+            (
+                "svc.allowed.test",
+                TYPE_CNAME,
+                120,
+                &rdata_name("edge.cdn.example"),
+            ),
             ("victim.bank.example", TYPE_A, 9999, &rdata_a("127.6.6.6")),
-            ("edge.cdn.example", TYPE_CNAME, 60, &rdata_name("node.cdn.example")),
+            (
+                "edge.cdn.example",
+                TYPE_CNAME,
+                60,
+                &rdata_name("node.cdn.example"),
+            ),
             ("node.cdn.example", TYPE_AAAA, 300, &rdata_aaaa("fd00::1")),
             ("svc.allowed.test", TYPE_A, 300, &rdata_a("127.0.0.7")),
         ],
@@ -201,8 +257,14 @@ fn cname_chain_is_followed_and_off_chain_records_never_allowed() {
     let reply = to_client(&out);
     assert_eq!(&reply[12..], &ans[12..], "answer passed through unchanged");
     assert!(h.table.is_allowed(EP, ip("fd00::1"), h.at(59_000)));
-    assert!(!h.table.is_allowed(EP, ip("fd00::1"), h.at(60_001)), "TTL is the chain minimum");
-    assert!(!h.table.is_allowed(EP, ip("127.6.6.6"), h.at(2)), "off-chain record allowed");
+    assert!(
+        !h.table.is_allowed(EP, ip("fd00::1"), h.at(60_001)),
+        "TTL is the chain minimum"
+    );
+    assert!(
+        !h.table.is_allowed(EP, ip("127.6.6.6"), h.at(2)),
+        "off-chain record allowed"
+    );
     // The alias's own A record is on the chain's first name only before the CNAME is followed:
     // a name that has a CNAME has no other data, so it is ignored too.
     assert_eq!(h.core.stats().off_chain_records, 2);
@@ -215,7 +277,12 @@ fn min_ttl_raises_short_ttls() {
     let mut h = Harness::new(c);
     let (socket, fwd) = h.forward(0, &query(9, "x.allowed.test", TYPE_A));
     let id = u16::from_be_bytes([fwd[0], fwd[1]]);
-    let ans = answer(id, "x.allowed.test", TYPE_A, &[("x.allowed.test", TYPE_A, 5, &rdata_a("127.0.0.5"))]);
+    let ans = answer(
+        id,
+        "x.allowed.test",
+        TYPE_A,
+        &[("x.allowed.test", TYPE_A, 5, &rdata_a("127.0.0.5"))],
+    );
     h.answer(1, socket, &ans);
     assert!(h.table.is_allowed(EP, ip("127.0.0.5"), h.at(3_000_000)));
 }
@@ -226,7 +293,12 @@ fn dns_allowed_but_not_fqdn_allowed_needs_no_write() {
     let mut h = Harness::new(config());
     let (socket, fwd) = h.forward(0, &query(3, "api.stripe.com", TYPE_A));
     let id = u16::from_be_bytes([fwd[0], fwd[1]]);
-    let ans = answer(id, "api.stripe.com", TYPE_A, &[("api.stripe.com", TYPE_A, 60, &rdata_a("127.0.0.3"))]);
+    let ans = answer(
+        id,
+        "api.stripe.com",
+        TYPE_A,
+        &[("api.stripe.com", TYPE_A, 60, &rdata_a("127.0.0.3"))],
+    );
     h.core.handle_upstream(h.at(1), socket, upstream(), &ans);
     let out = h.transmits();
     assert_eq!(rcode(to_client(&out)), 0, "released without waiting");
@@ -241,13 +313,19 @@ fn spoofed_answers_are_dropped_and_the_real_one_still_accepted() {
     let evil = [("s.allowed.test", TYPE_A, 300, &rdata_a("127.6.6.6")[..])];
     // Wrong source address.
     let spoof = answer(id, "s.allowed.test", TYPE_A, &evil);
-    h.core.handle_upstream(h.at(1), socket, "127.0.0.66:53".parse().unwrap(), &spoof);
+    h.core
+        .handle_upstream(h.at(1), socket, "127.0.0.66:53".parse().unwrap(), &spoof);
     // Wrong ID.
     let spoof = answer(id.wrapping_add(1), "s.allowed.test", TYPE_A, &evil);
     h.core.handle_upstream(h.at(1), socket, upstream(), &spoof);
     // Right ID on the wrong socket.
     let other = (socket + 1) % 4;
-    h.core.handle_upstream(h.at(1), other, upstream(), &answer(id, "s.allowed.test", TYPE_A, &evil));
+    h.core.handle_upstream(
+        h.at(1),
+        other,
+        upstream(),
+        &answer(id, "s.allowed.test", TYPE_A, &evil),
+    );
     // Right ID, wrong question.
     let spoof = answer(id, "t.allowed.test", TYPE_A, &evil);
     h.core.handle_upstream(h.at(1), socket, upstream(), &spoof);
@@ -255,7 +333,12 @@ fn spoofed_answers_are_dropped_and_the_real_one_still_accepted() {
     let spoof = answer(id, "s.allowed.test", TYPE_AAAA, &evil);
     h.core.handle_upstream(h.at(1), socket, upstream(), &spoof);
     // Not a response at all.
-    h.core.handle_upstream(h.at(1), socket, upstream(), &query(id, "s.allowed.test", TYPE_A));
+    h.core.handle_upstream(
+        h.at(1),
+        socket,
+        upstream(),
+        &query(id, "s.allowed.test", TYPE_A),
+    );
     assert!(h.drain(1).is_empty());
     let s = h.core.stats();
     assert_eq!(s.upstream_wrong_source, 1);
@@ -264,7 +347,12 @@ fn spoofed_answers_are_dropped_and_the_real_one_still_accepted() {
     assert_eq!(s.upstream_malformed, 1);
     assert!(!h.table.is_allowed(EP, ip("127.6.6.6"), h.at(2)));
 
-    let real = answer(id, "s.allowed.test", TYPE_A, &[("s.allowed.test", TYPE_A, 300, &rdata_a("127.0.0.8"))]);
+    let real = answer(
+        id,
+        "s.allowed.test",
+        TYPE_A,
+        &[("s.allowed.test", TYPE_A, 300, &rdata_a("127.0.0.8"))],
+    );
     let out = h.answer(2, socket, &real);
     assert_eq!(&to_client(&out)[0..2], &[0x42, 0x42]);
     // A duplicate of the real answer finds nothing in flight.
@@ -384,9 +472,16 @@ fn unknown_sources_by_flag() {
 fn unrestricted_endpoint_is_forwarded_without_allow_writes() {
     let mut h = Harness::new(config());
     let out = h.query(0, OPEN_CLIENT, &query(5, "anything.example", TYPE_A));
-    let (Destination::UpstreamUdp { socket }, fwd) = &out[0] else { panic!("{out:?}") };
+    let (Destination::UpstreamUdp { socket }, fwd) = &out[0] else {
+        panic!("{out:?}")
+    };
     let id = u16::from_be_bytes([fwd[0], fwd[1]]);
-    let ans = answer(id, "anything.example", TYPE_A, &[("anything.example", TYPE_A, 60, &rdata_a("127.0.0.4"))]);
+    let ans = answer(
+        id,
+        "anything.example",
+        TYPE_A,
+        &[("anything.example", TYPE_A, 60, &rdata_a("127.0.0.4"))],
+    );
     h.core.handle_upstream(h.at(1), *socket, upstream(), &ans);
     assert_eq!(h.transmits().len(), 1);
     assert_eq!(h.core.stats().allow_writes, 0);
@@ -439,7 +534,12 @@ fn failed_allow_write_turns_the_answer_into_servfail() {
     let mut h = Harness::new(config());
     let (socket, fwd) = h.forward(0, &query(0x99, "w.allowed.test", TYPE_A));
     let id = u16::from_be_bytes([fwd[0], fwd[1]]);
-    let ans = answer(id, "w.allowed.test", TYPE_A, &[("w.allowed.test", TYPE_A, 60, &rdata_a("127.0.0.2"))]);
+    let ans = answer(
+        id,
+        "w.allowed.test",
+        TYPE_A,
+        &[("w.allowed.test", TYPE_A, 60, &rdata_a("127.0.0.2"))],
+    );
     h.core.handle_upstream(h.at(1), socket, upstream(), &ans);
     h.core.commit_allows(h.at(1), &mut FailingSink);
     let out = h.transmits();
@@ -454,7 +554,12 @@ fn in_flight_queries_keep_their_snapshot() {
     // The new policy allows nothing; the query in flight still completes under the old one.
     h.core.set_snapshot(Arc::new(deny_all_snapshot()));
     let id = u16::from_be_bytes([fwd[0], fwd[1]]);
-    let ans = answer(id, "k.allowed.test", TYPE_A, &[("k.allowed.test", TYPE_A, 60, &rdata_a("127.0.0.31"))]);
+    let ans = answer(
+        id,
+        "k.allowed.test",
+        TYPE_A,
+        &[("k.allowed.test", TYPE_A, 60, &rdata_a("127.0.0.31"))],
+    );
     let out = h.answer(1, socket, &ans);
     assert_eq!(rcode(to_client(&out)), 0);
     assert!(h.table.is_allowed(EP, ip("127.0.0.31"), h.at(2)));
@@ -466,12 +571,25 @@ fn in_flight_queries_keep_their_snapshot() {
 #[test]
 fn tcp_clients_are_forwarded_over_tcp() {
     let mut h = Harness::new(config());
-    let client = Client::Tcp { conn: 7, peer: CLIENT.parse().unwrap() };
-    h.core.handle_client(h.at(0), client, None, &query(0x55, "t.allowed.test", TYPE_A));
+    let client = Client::Tcp {
+        conn: 7,
+        peer: CLIENT.parse().unwrap(),
+    };
+    h.core.handle_client(
+        h.at(0),
+        client,
+        None,
+        &query(0x55, "t.allowed.test", TYPE_A),
+    );
     let out = h.drain(0);
     assert_eq!(out[0].0, Destination::UpstreamTcp);
     let id = u16::from_be_bytes([out[0].1[0], out[0].1[1]]);
-    let ans = answer(id, "t.allowed.test", TYPE_A, &[("t.allowed.test", TYPE_A, 60, &rdata_a("127.0.0.55"))]);
+    let ans = answer(
+        id,
+        "t.allowed.test",
+        TYPE_A,
+        &[("t.allowed.test", TYPE_A, 60, &rdata_a("127.0.0.55"))],
+    );
     h.core.handle_upstream_tcp(h.at(1), &ans);
     let out = h.drain(1);
     assert_eq!(out[0].0, Destination::Client(client));

@@ -74,7 +74,12 @@ fn steady_state_queries_do_not_allocate() {
                     // Answer buffers are reused across rounds: only the ID changes.
                     if answers.len() <= i {
                         let ip = format!("127.0.1.{i}");
-                        answers.push(answer(id, &names[i], TYPE_A, &[(&names[i], TYPE_A, 3600, &rdata_a(&ip))]));
+                        answers.push(answer(
+                            id,
+                            &names[i],
+                            TYPE_A,
+                            &[(&names[i], TYPE_A, 3600, &rdata_a(&ip))],
+                        ));
                     }
                     answers[i][0..2].copy_from_slice(&id.to_be_bytes());
                     core.handle_upstream(now, socket, upstream, &answers[i]);
@@ -95,5 +100,10 @@ fn steady_state_queries_do_not_allocate() {
     assert_eq!(s.answered, 120 * 64);
     assert_eq!(s.refused, 120 * 64);
     assert_eq!(s.malformed_answered, 120 * 64);
-    assert_eq!(allocated, 0, "{allocated} allocations for {} queries", 100 * 64 * 3);
+    assert_eq!(
+        allocated,
+        0,
+        "{allocated} allocations for {} queries",
+        100 * 64 * 3
+    );
 }

@@ -14,7 +14,11 @@ pub const OPEN_CLIENT: &str = "127.0.0.20:40000";
 /// Wire form of a dotted name (labels taken as given, any bytes).
 pub fn name_wire(name: &str) -> Vec<u8> {
     let mut out = Vec::new();
-    for label in name.trim_end_matches('.').split('.').filter(|l| !l.is_empty()) {
+    for label in name
+        .trim_end_matches('.')
+        .split('.')
+        .filter(|l| !l.is_empty())
+    {
         out.push(label.len() as u8);
         out.extend_from_slice(label.as_bytes());
     }
@@ -133,9 +137,15 @@ pub fn write_dir(tag: &str, files: &[(&str, &str)]) -> PathBuf {
 }
 
 fn snapshot_of(policy: &str) -> Snapshot {
-    let dir = write_dir("policy", &[("policy.yaml", policy), ("endpoints.yaml", ENDPOINTS)]);
-    let snapshot = dnsfence_policy::load(&[dir.join("policy.yaml")], Some(&dir.join("endpoints.yaml")))
-        .unwrap_or_else(|e| panic!("test policy: {e}"));
+    let dir = write_dir(
+        "policy",
+        &[("policy.yaml", policy), ("endpoints.yaml", ENDPOINTS)],
+    );
+    let snapshot = dnsfence_policy::load(
+        &[dir.join("policy.yaml")],
+        Some(&dir.join("endpoints.yaml")),
+    )
+    .unwrap_or_else(|e| panic!("test policy: {e}"));
     let _ = std::fs::remove_dir_all(&dir);
     snapshot
 }
