@@ -1,4 +1,5 @@
 //! The dnsfence data plane: the sans-IO per-query core and the per-core shards around it.
 pub mod allow;
 pub mod core;
+pub mod io;
 pub mod wire;
