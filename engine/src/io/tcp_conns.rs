@@ -445,6 +445,9 @@ impl TcpSide {
             token(KIND_CLIENT, c.gen_, slot),
             &mut c.state,
         );
+        // Shut down explicitly: an io_uring poll still armed holds a reference to the socket
+        // until its cancel is submitted, so dropping the descriptor alone may not close it yet.
+        let _ = stream.shutdown(std::net::Shutdown::Both);
         drop(stream);
         self.closed.push(conn_id(c.gen_, slot));
         c.gen_ = c.gen_.wrapping_add(1);
@@ -591,6 +594,7 @@ impl TcpSide {
             token(KIND_UPSTREAM, u.gen_, 0),
             &mut u.state,
         );
+        let _ = stream.shutdown(std::net::Shutdown::Both);
         stats.upstream_tcp_errors += u64::from(u.connecting || !u.out.is_empty());
         u.gen_ = u.gen_.wrapping_add(1);
         u.connecting = false;
