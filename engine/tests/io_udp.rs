@@ -255,3 +255,27 @@ fn auto_falls_back_to_mmsg_when_uring_is_refused() {
         Ok(_) => panic!("explicit uring succeeded though refused"),
     }
 }
+
+#[test]
+fn uring_rearms_multishot_receive_after_running_out_of_buffers() {
+    let mut c = config("127.0.0.1:0", no_upstream());
+    c.uring_recv_buffers = 4;
+    let mut io = open(&c, BackendChoice::Uring);
+    let server = io.local_addr();
+    let cl = client(server);
+    for i in 0..100u32 {
+        cl.send_to(&i.to_be_bytes(), server).unwrap();
+    }
+    let evs = poll_n(&mut io, 100);
+    let got: Vec<u32> = evs
+        .iter()
+        .map(|e| match e {
+            Ev::Client(_, d) => u32::from_be_bytes(d[..4].try_into().unwrap()),
+            other => panic!("unexpected {other:?}"),
+        })
+        .collect();
+    assert_eq!(got, (0..100).collect::<Vec<_>>(), "lost or reordered");
+    let s = io.stats();
+    assert!(s.uring_enobufs >= 1, "{s:?}");
+    assert!(s.uring_rearms >= 1, "{s:?}");
+}
