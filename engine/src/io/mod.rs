@@ -377,6 +377,12 @@ pub enum Io {
     Mmsg(Box<MmsgIo>),
 }
 
+/// A shard's I/O may be opened on one thread and moved to the shard's thread.
+const _: () = {
+    const fn assert_send<T: Send>() {}
+    assert_send::<Io>();
+};
+
 macro_rules! dispatch {
     ($self:ident, $io:ident => $e:expr) => {
         match $self {
