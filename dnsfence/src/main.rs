@@ -1,9 +1,14 @@
 //! `dnsfence`: the agent, the standalone HA proxy, and the command-line tools.
 
+mod agent;
 mod match_cmd;
+mod metrics;
 mod policy_cmd;
 
 use std::process::ExitCode;
+
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use clap::{Parser, Subcommand};
 
@@ -21,6 +26,8 @@ enum Command {
     Match(match_cmd::MatchArgs),
     /// Validate policy files, or check what a policy allows for an endpoint.
     Policy(policy_cmd::PolicyArgs),
+    /// Run the complete single-process proxy (policy, shards, metrics).
+    Agent(Box<agent::AgentArgs>),
 }
 
 fn main() -> ExitCode {
@@ -28,5 +35,12 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Match(args) => match_cmd::run(&args),
         Command::Policy(args) => policy_cmd::run(&args),
+        Command::Agent(args) => match agent::run(&args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("dnsfence agent: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
     }
 }

@@ -1,5 +1,7 @@
 //! The dnsfence data plane: the sans-IO per-query core and the per-core shards around it.
 pub mod allow;
+pub mod consumer;
 pub mod core;
 pub mod io;
+pub mod shard;
 pub mod wire;

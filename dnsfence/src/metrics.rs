@@ -1,0 +1,186 @@
+//! Prometheus metrics over plain HTTP (`GET /metrics`), served by one thread.
+
+use std::fmt::Write as _;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crossbeam_queue::ArrayQueue;
+use dnsfence_engine::allow::UserspaceAllowTable;
+use dnsfence_engine::consumer::Observations;
+use dnsfence_engine::core::{Record, Stats};
+use dnsfence_engine::shard::{PolicyHandle, ShardStatus};
+
+/// What the metrics page reads.
+pub struct State {
+    /// Per-shard published status.
+    pub shards: Vec<Arc<ShardStatus>>,
+    /// Consumer aggregates.
+    pub observations: Arc<Mutex<Observations>>,
+    /// Current policy.
+    pub policy: Arc<PolicyHandle>,
+    /// Userspace allow table.
+    pub allow_entries: Arc<UserspaceAllowTable>,
+    /// Rejected policy reloads.
+    pub reload_errors: Arc<AtomicU64>,
+    /// The record queue (its length is a gauge).
+    pub records_queued: Arc<ArrayQueue<Record>>,
+}
+
+/// Binds `addr` and serves until `stop` is set.
+pub fn serve(addr: SocketAddr, state: State, stop: Arc<AtomicBool>) -> std::io::Result<()> {
+    let listener = TcpListener::bind(addr)?;
+    listener.set_nonblocking(true)?;
+    std::thread::Builder::new()
+        .name("dnsfence-metrics".into())
+        .spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((mut stream, _)) => {
+                        let _ = stream.set_nonblocking(false);
+                        let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
+                        let mut request = [0u8; 1024];
+                        let n = stream.read(&mut request).unwrap_or(0);
+                        let ok = request[..n].starts_with(b"GET /metrics");
+                        let (status, body) = if ok {
+                            ("200 OK", render(&state))
+                        } else {
+                            ("404 Not Found", "try GET /metrics\n".to_owned())
+                        };
+                        let _ = write!(
+                            stream,
+                            "HTTP/1.0 {status}\r\nContent-Type: text/plain; version=0.0.4\r\n\
+                         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                            body.len()
+                        );
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(50)),
+                }
+            }
+        })?;
+    Ok(())
+}
+
+/// A counter of [`Stats`]: metric name, help text, accessor.
+type Counter = (&'static str, &'static str, fn(&Stats) -> u64);
+
+/// The Prometheus text exposition of every counter.
+pub fn render(state: &State) -> String {
+    let mut out = String::new();
+    let stats: Vec<Stats> = state
+        .shards
+        .iter()
+        .map(|s| *s.stats.lock().unwrap_or_else(|e| e.into_inner()))
+        .collect();
+    let counters: &[Counter] = &[
+        ("queries", "Client queries received", |s| s.queries),
+        ("forwarded", "Queries forwarded upstream", |s| s.forwarded),
+        ("refused", "Queries refused by policy", |s| s.refused),
+        (
+            "refused_unknown_source",
+            "Queries refused: unknown source",
+            |s| s.refused_unknown_source,
+        ),
+        (
+            "malformed_answered",
+            "Malformed queries answered FORMERR/NOTIMP",
+            |s| s.malformed_answered,
+        ),
+        ("malformed_dropped", "Malformed queries dropped", |s| {
+            s.malformed_dropped
+        }),
+        (
+            "pending_full",
+            "Queries answered SERVFAIL: pending table full",
+            |s| s.pending_full,
+        ),
+        (
+            "timeouts",
+            "Queries answered SERVFAIL after the upstream timeout",
+            |s| s.timeouts,
+        ),
+        ("answered", "Upstream answers relayed", |s| s.answered),
+        ("truncated", "Truncated answers relayed", |s| s.truncated),
+        (
+            "upstream_wrong_source",
+            "Upstream datagrams from a wrong source",
+            |s| s.upstream_wrong_source,
+        ),
+        ("upstream_malformed", "Malformed upstream answers", |s| {
+            s.upstream_malformed
+        }),
+        (
+            "upstream_unknown_id",
+            "Upstream answers with no query in flight",
+            |s| s.upstream_unknown_id,
+        ),
+        (
+            "upstream_wrong_question",
+            "Upstream answers with a wrong question",
+            |s| s.upstream_wrong_question,
+        ),
+        ("answer_malformed", "Answers with unparsable records", |s| {
+            s.answer_malformed
+        }),
+        (
+            "off_chain_records",
+            "Address records off the CNAME chain (ignored)",
+            |s| s.off_chain_records,
+        ),
+        ("allow_writes", "Allow entries written", |s| s.allow_writes),
+        ("allow_write_failures", "Failed allow write batches", |s| {
+            s.allow_write_failures
+        }),
+        (
+            "records_dropped",
+            "Records dropped: consumer queue full",
+            |s| s.records_dropped,
+        ),
+    ];
+    for (name, help, get) in counters {
+        let _ = writeln!(out, "# HELP dnsfence_{name}_total {help}.");
+        let _ = writeln!(out, "# TYPE dnsfence_{name}_total counter");
+        for (i, s) in stats.iter().enumerate() {
+            let _ = writeln!(out, "dnsfence_{name}_total{{shard=\"{i}\"}} {}", get(s));
+        }
+    }
+    let obs = state.observations.lock().unwrap_or_else(|e| e.into_inner());
+    let _ = writeln!(out, "# TYPE dnsfence_fqdn_cache_entries gauge");
+    let _ = writeln!(out, "dnsfence_fqdn_cache_entries {}", obs.cache.len());
+    let _ = writeln!(out, "# TYPE dnsfence_ip_updates_total counter");
+    let _ = writeln!(out, "dnsfence_ip_updates_total {}", obs.ip_updates);
+    drop(obs);
+    let _ = writeln!(out, "# TYPE dnsfence_allow_entries gauge");
+    let _ = writeln!(out, "dnsfence_allow_entries {}", state.allow_entries.len());
+    let _ = writeln!(out, "# TYPE dnsfence_policy_generation gauge");
+    let _ = writeln!(
+        out,
+        "dnsfence_policy_generation {}",
+        state.policy.load().generation()
+    );
+    let _ = writeln!(out, "# TYPE dnsfence_policy_reload_errors_total counter");
+    let _ = writeln!(
+        out,
+        "dnsfence_policy_reload_errors_total {}",
+        state.reload_errors.load(Ordering::Relaxed)
+    );
+    let _ = writeln!(out, "# TYPE dnsfence_record_queue_length gauge");
+    let _ = writeln!(
+        out,
+        "dnsfence_record_queue_length {}",
+        state.records_queued.len()
+    );
+    for (i, s) in state.shards.iter().enumerate() {
+        let backend = *s.backend.lock().unwrap_or_else(|e| e.into_inner());
+        let cpu = *s.cpu.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = writeln!(
+            out,
+            "dnsfence_shard_info{{shard=\"{i}\",backend=\"{}\",cpu=\"{}\"}} 1",
+            backend.map_or("none".to_owned(), |b| format!("{b:?}").to_lowercase()),
+            cpu.map_or("none".to_owned(), |c| c.to_string())
+        );
+    }
+    out
+}

@@ -1,0 +1,202 @@
+//! Shards: one thread per core, each a thin I/O shell around a [`Core`].
+//!
+//! The loop of a shard: wait for packets (or the next timeout), feed every received packet to
+//! the core, expire timeouts, commit the batch's allow entries, send everything the core has
+//! ready in one flush, hand records to the consumer queue, repeat. A policy reload is noticed
+//! by comparing one atomic generation per loop.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_queue::ArrayQueue;
+use dnsfence_policy::Snapshot;
+
+use crate::allow::AllowSink;
+use crate::core::{Client, Core, CoreConfig, Destination, Record, Stats};
+use crate::io::{self, Backend, BackendChoice, Event, Io, IoConfig, IoError, ShardIo};
+
+/// The current policy snapshot, shared by the control plane and every shard.
+///
+/// Shards read one atomic per loop; the lock is taken only when the generation changed.
+#[derive(Debug)]
+pub struct PolicyHandle {
+    generation: AtomicU64,
+    current: Mutex<Arc<Snapshot>>,
+}
+
+impl PolicyHandle {
+    /// A handle holding `snapshot`.
+    pub fn new(snapshot: Arc<Snapshot>) -> PolicyHandle {
+        PolicyHandle {
+            generation: AtomicU64::new(1),
+            current: Mutex::new(snapshot),
+        }
+    }
+
+    /// Swaps in a new snapshot; shards pick it up before their next batch.
+    pub fn store(&self, snapshot: Arc<Snapshot>) {
+        *self.current.lock().unwrap_or_else(|e| e.into_inner()) = snapshot;
+        self.generation.fetch_add(1, Ordering::Release);
+    }
+
+    /// The current snapshot.
+    pub fn load(&self) -> Arc<Snapshot> {
+        Arc::clone(&self.current.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Bumped by every [`PolicyHandle::store`].
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+}
+
+/// What a running shard publishes for metrics (refreshed about every 100 ms).
+#[derive(Debug, Default)]
+pub struct ShardStatus {
+    /// The core's counters.
+    pub stats: Mutex<Stats>,
+    /// The I/O backend in use.
+    pub backend: Mutex<Option<Backend>>,
+    /// The CPU the shard is pinned to, if any.
+    pub cpu: Mutex<Option<usize>>,
+    /// Loop iterations (batches).
+    pub batches: AtomicU64,
+}
+
+/// Everything a shard needs to start.
+pub struct ShardConfig {
+    /// Index of the shard (for thread names).
+    pub index: usize,
+    /// Per-query behaviour.
+    pub core: CoreConfig,
+    /// Sockets and batching.
+    pub io: IoConfig,
+    /// io_uring, mmsg or automatic.
+    pub backend: BackendChoice,
+    /// Pin the thread to this CPU.
+    pub cpu: Option<usize>,
+    /// Where the shard writes allow entries.
+    pub allow: Box<dyn AllowSink + Send>,
+    /// Policy.
+    pub policy: Arc<PolicyHandle>,
+    /// Records for the consumer.
+    pub records: Arc<ArrayQueue<Record>>,
+    /// Set to stop; the shard drains its in-flight queries (bounded by the upstream timeout).
+    pub stop: Arc<AtomicBool>,
+    /// Published counters.
+    pub status: Arc<ShardStatus>,
+}
+
+/// Why a shard could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ShardError {
+    /// Its sockets or ring could not be set up.
+    #[error(transparent)]
+    Io(#[from] IoError),
+    /// Its thread could not be started.
+    #[error("cannot start shard thread: {0}")]
+    Spawn(#[source] std::io::Error),
+}
+
+/// Opens the shard's sockets on the calling thread (so errors such as a taken port surface
+/// before anything runs), then starts its thread.
+pub fn spawn(config: ShardConfig) -> Result<JoinHandle<()>, ShardError> {
+    let io = io::open(&config.io, config.backend)?;
+    *config
+        .status
+        .backend
+        .lock()
+        .unwrap_or_else(|e| e.into_inner()) = Some(io.backend());
+    let name = format!("dnsfence-shard-{}", config.index);
+    std::thread::Builder::new()
+        .name(name)
+        .spawn(move || run(config, io))
+        .map_err(ShardError::Spawn)
+}
+
+fn run(mut config: ShardConfig, mut io: Io) {
+    if let Some(cpu) = config.cpu {
+        let pinned = core_affinity::set_for_current(core_affinity::CoreId { id: cpu });
+        *config.status.cpu.lock().unwrap_or_else(|e| e.into_inner()) = pinned.then_some(cpu);
+    }
+    let mut generation = config.policy.generation();
+    let mut core = Core::new(config.core.clone(), config.policy.load());
+    let mut published = Instant::now();
+    let mut stopping: Option<Instant> = None;
+    loop {
+        let now = Instant::now();
+        if config.stop.load(Ordering::Relaxed) && stopping.is_none() {
+            stopping = Some(now);
+        }
+        if let Some(since) = stopping
+            && (core.in_flight() == 0 || now.duration_since(since) > config.core.upstream_timeout)
+        {
+            break;
+        }
+        let g = config.policy.generation();
+        if g != generation {
+            generation = g;
+            core.set_snapshot(config.policy.load());
+        }
+        // Sleep until a packet, the next timeout, or 100 ms (to notice stop and publish).
+        let wait = core
+            .poll_timeout()
+            .map_or(Duration::from_millis(100), |t| {
+                t.saturating_duration_since(now)
+            })
+            .min(Duration::from_millis(100));
+        let polled = io.poll(Some(wait), &mut |event| {
+            let now = Instant::now();
+            match event {
+                Event::ClientDatagram { peer, data } => {
+                    core.handle_client(now, Client::Udp(peer), None, data)
+                }
+                Event::UpstreamDatagram { socket, from, data } => {
+                    core.handle_upstream(now, socket, from, data)
+                }
+                Event::TcpClientMessage { conn, peer, data } => {
+                    core.handle_client(now, Client::Tcp { conn, peer }, None, data)
+                }
+                Event::TcpUpstreamMessage { data } => core.handle_upstream_tcp(now, data),
+                Event::TcpClientClosed { .. } => {}
+            }
+        });
+        if polled.is_err() {
+            // Transient errors (ENOBUFS, EINTR) are counted by the I/O layer; keep serving.
+            std::thread::yield_now();
+        }
+        let now = Instant::now();
+        core.handle_timeout(now);
+        core.commit_allows(now, config.allow.as_mut());
+        while let Some(t) = core.poll_transmit() {
+            match t.to {
+                Destination::Client(Client::Udp(peer)) => io.send_client_udp(peer, t.data),
+                Destination::Client(Client::Tcp { conn, .. }) => io.send_client_tcp(conn, t.data),
+                Destination::UpstreamUdp { socket } => io.send_upstream_udp(socket, t.data),
+                Destination::UpstreamTcp => io.send_upstream_tcp(t.data),
+            }
+        }
+        let _ = io.flush();
+        while let Some(record) = core.poll_record() {
+            if config.records.push(record).is_err() {
+                core.record_dropped();
+            }
+        }
+        config.status.batches.fetch_add(1, Ordering::Relaxed);
+        if now.duration_since(published) >= Duration::from_millis(100) {
+            published = now;
+            *config
+                .status
+                .stats
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()) = *core.stats();
+        }
+    }
+    *config
+        .status
+        .stats
+        .lock()
+        .unwrap_or_else(|e| e.into_inner()) = *core.stats();
+}
