@@ -233,6 +233,7 @@ fn plan(args: &AgentArgs) -> Result<Plan> {
             UnknownFlag::Allow => UnknownSource::Allow,
         };
         core.max_pending = args.max_pending;
+        core.flow_records = args.flow_log.is_some();
         if !(1..65536).contains(&core.max_pending) {
             bail!("--max-pending must be in 1..65535");
         }

@@ -57,6 +57,9 @@ pub struct CoreConfig {
     pub allow_cache_entries: usize,
     /// Seed of the ID generator (take it from the OS; tests fix it).
     pub seed: u64,
+    /// Emit a [`Flow`] record per query (for the flow log). Off, the per-query cost is the
+    /// counters only; address observations are emitted either way.
+    pub flow_records: bool,
 }
 
 impl CoreConfig {
@@ -73,6 +76,7 @@ impl CoreConfig {
             max_pending: 8192,
             allow_cache_entries: 65536,
             seed: 0x5eed,
+            flow_records: false,
         }
     }
 }
@@ -272,13 +276,12 @@ struct Pending {
     next: u32,
 }
 
-/// An answer waiting for its allow entries to be written.
+/// An answer waiting for its allow entries to be written; its pending slot stays taken
+/// until then (it holds the client and the question, for SERVFAIL if the write fails).
 struct Held {
-    to: Client,
+    slot: u32,
     start: usize,
     len: usize,
-    /// Needed to turn it into SERVFAIL if the write fails.
-    pending: Pending,
 }
 
 /// Output arena: transmits are byte ranges of one buffer, which is reset when all are drained.
@@ -457,7 +460,6 @@ impl Core {
                 }
             }),
         };
-        let flow_name = name.clone().unwrap_or_else(|_| Name::root());
         match verdict {
             None | Some(DnsVerdict::Deny) => {
                 let (counted, flow) = if verdict.is_none() {
@@ -481,7 +483,7 @@ impl Core {
                     now,
                     client,
                     endpoint,
-                    flow_name,
+                    query.name_wire(packet),
                     query.qtype,
                     flow,
                     Some(rcode as u8),
@@ -503,16 +505,7 @@ impl Core {
         match e.rcode() {
             None => {
                 self.stats.malformed_dropped += 1;
-                self.record_flow(
-                    now,
-                    client,
-                    None,
-                    Name::root(),
-                    0,
-                    Verdict::Malformed,
-                    None,
-                    None,
-                );
+                self.record_flow(now, client, None, &[], 0, Verdict::Malformed, None, None);
             }
             Some(rcode) => {
                 self.stats.malformed_answered += 1;
@@ -525,7 +518,7 @@ impl Core {
                     now,
                     client,
                     None,
-                    Name::root(),
+                    &[],
                     0,
                     Verdict::Malformed,
                     Some(rcode as u8),
@@ -557,12 +550,11 @@ impl Core {
             self.outbox
                 .ready
                 .push_back((Destination::Client(client), start, len));
-            let name = Name::from_wire(query.name_wire(packet)).unwrap_or_else(|_| Name::root());
             self.record_flow(
                 now,
                 client,
                 endpoint,
-                name,
+                query.name_wire(packet),
                 query.qtype,
                 Verdict::Overload,
                 Some(Rcode::ServFail as u8),
@@ -651,9 +643,12 @@ impl Core {
         }
         let p = &self.pending[slot as usize];
         let name_len = usize::from(p.name_len);
-        let client_name = &p.question[..name_len];
-        let qtype = u16::from_be_bytes([p.question[name_len], p.question[name_len + 1]]);
-        let qclass = u16::from_be_bytes([p.question[name_len + 2], p.question[name_len + 3]]);
+        let question = &p.question[..usize::from(p.question_len)];
+        let (client_name, rest) = question.split_at(name_len);
+        let (qtype, qclass) = (
+            u16::from_be_bytes([rest[0], rest[1]]),
+            u16::from_be_bytes([rest[2], rest[3]]),
+        );
         if !wire::names_equal(answer.name_wire(packet), client_name)
             || answer.qtype != qtype
             || answer.qclass != qclass
@@ -663,84 +658,92 @@ impl Core {
             return;
         }
         self.ids[channel][usize::from(answer.id)] = NO_SLOT;
-        let pending = self.release_slot(slot);
+        self.unlink(slot);
 
         // What the client gets: the upstream's answer with its ID and spelling.
+        let p = &self.pending[slot as usize];
         let (start, len) = self.outbox.push_bytes(packet);
-        {
-            let reply = &mut self.outbox.bytes[start..start + len];
-            wire::set_id(reply, pending.client_id);
-            wire::restore_question_case(reply, &answer, &pending.question[..name_len]);
-        }
+        let reply = &mut self.outbox.bytes[start..start + len];
+        wire::set_id(reply, p.client_id);
+        wire::restore_question_case(reply, &answer, &p.question[..name_len]);
         if answer.truncated() {
             self.stats.truncated += 1;
         }
-        let latency = now.saturating_duration_since(pending.sent_at);
-        let name = Name::from_wire(&pending.question[..name_len]).unwrap_or_else(|_| Name::root());
+        let (client, endpoint, enforce) = (p.client, p.endpoint, p.enforce);
+        let latency = now.saturating_duration_since(p.sent_at);
 
         let mut held = false;
-        if pending.enforce && answer.rcode() == 0 && !answer.truncated() {
+        if enforce && answer.rcode() == 0 && !answer.truncated() {
             match wire::collect_addresses(packet, &answer) {
                 Err(_) => {
                     self.stats.answer_malformed += 1;
                     self.outbox.bytes.truncate(start);
-                    self.servfail(now, &pending, Verdict::Overload);
+                    self.servfail(now, slot, Verdict::Overload);
+                    self.free_slot(slot);
                     return;
                 }
                 Ok(addresses) => {
                     self.stats.off_chain_records += addresses.off_chain as u64;
-                    held = self.learn(now, &pending, &name, &addresses);
+                    held = self.learn(now, slot, &addresses);
                 }
             }
         }
         self.stats.answered += 1;
+        let p = &self.pending[slot as usize];
+        if self.config.flow_records {
+            let name_wire = &p.question[..name_len];
+            let qtype = p.qtype;
+            // Copy out the name before `record_flow` borrows `self` mutably.
+            let mut wire_copy = [0u8; MAX_WIRE_LEN];
+            wire_copy[..name_len].copy_from_slice(name_wire);
+            self.record_flow(
+                now,
+                client,
+                endpoint,
+                &wire_copy[..name_len],
+                qtype,
+                Verdict::Forward,
+                Some(answer.rcode()),
+                Some(latency),
+            );
+        }
         if held {
-            self.held.push(Held {
-                to: pending.client,
-                start,
-                len,
-                pending: pending.clone(),
-            });
+            // The slot stays taken until the write is committed (bounding held answers).
+            self.held.push(Held { slot, start, len });
         } else {
             self.outbox
                 .ready
-                .push_back((Destination::Client(pending.client), start, len));
+                .push_back((Destination::Client(client), start, len));
+            self.free_slot(slot);
         }
-        let rcode = Some(answer.rcode());
-        self.record_flow(
-            now,
-            pending.client,
-            pending.endpoint,
-            name,
-            pending.qtype,
-            Verdict::Forward,
-            rcode,
-            Some(latency),
-        );
     }
 
-    /// Queues the allow entries an allowed answer needs; returns whether any write is needed
-    /// before the answer may be released.
-    fn learn(
-        &mut self,
-        now: Instant,
-        pending: &Pending,
-        name: &Name,
-        addresses: &Addresses,
-    ) -> bool {
-        let (Some(endpoint), Some(snapshot)) = (pending.endpoint, pending.snapshot.as_ref()) else {
+    /// Queues the allow entries the answer to `slot` needs; returns whether any write is
+    /// needed before the answer may be released.
+    fn learn(&mut self, now: Instant, slot: u32, addresses: &Addresses) -> bool {
+        let p = &self.pending[slot as usize];
+        let (Some(endpoint), Some(snapshot)) = (p.endpoint, p.snapshot.as_ref()) else {
             return false;
         };
-        if addresses.ips().is_empty() || !snapshot.fqdn_rules(endpoint, name, &mut self.rules) {
+        if addresses.ips().is_empty() {
+            return false;
+        }
+        let Ok(name) = Name::from_wire(&p.question[..usize::from(p.name_len)]) else {
+            return false;
+        };
+        if !snapshot.fqdn_rules(endpoint, &name, &mut self.rules) {
             return false;
         }
         let ttl = addresses.min_ttl.max(self.config.min_ttl);
         let expires = now + Duration::from_secs(u64::from(ttl));
+        let refresh_before = now + Duration::from_secs(u64::from(ttl) / 2);
         let mut needed = false;
         for &ip in addresses.ips() {
-            let known = self.written.get(&(endpoint, ip)).copied();
             // Rewrite only what is missing or would expire before half the new TTL has run.
-            let fresh = known.is_some_and(|at| at >= now + Duration::from_secs(u64::from(ttl) / 2));
+            let fresh = self
+                .written
+                .get(&(endpoint, ip))
+                .is_some_and(|&at| at >= refresh_before);
             if !fresh {
                 self.writes.push(AllowEntry {
                     endpoint,
@@ -750,6 +753,10 @@ impl Core {
                 needed = true;
             }
         }
+        if !needed {
+            // Nothing changed: the consumer already holds this observation.
+            return false;
+        }
         let mut rules = [0u32; 8];
         for (dst, rule) in rules.iter_mut().zip(self.rules.as_slice()) {
             *dst = rule.0;
@@ -757,13 +764,13 @@ impl Core {
         self.push_record(Record::Addresses(IpUpdate {
             at: now,
             endpoint,
-            name: name.clone(),
+            name,
             addresses: *addresses,
             ttl,
             rules,
             rules_total: self.rules.len(),
         }));
-        needed
+        true
     }
 
     /// Writes the allow entries queued by this batch's answers in one call, then releases
@@ -787,19 +794,20 @@ impl Core {
             self.stats.allow_write_failures += 1;
         }
         self.writes.clear();
-        let held = std::mem::take(&mut self.held);
-        for h in &held {
+        let mut held = std::mem::take(&mut self.held);
+        for h in held.drain(..) {
             if ok {
+                let client = self.pending[h.slot as usize].client;
                 self.outbox
                     .ready
-                    .push_back((Destination::Client(h.to), h.start, h.len));
+                    .push_back((Destination::Client(client), h.start, h.len));
             } else {
                 self.stats.answered -= 1;
-                self.servfail(now, &h.pending, Verdict::Overload);
+                self.servfail(now, h.slot, Verdict::Overload);
             }
+            self.free_slot(h.slot);
         }
         self.held = held;
-        self.held.clear();
     }
 
     /// Expires queries whose upstream did not answer in time.
@@ -815,9 +823,10 @@ impl Core {
                 _ => usize::from(self.config.upstream_sockets),
             };
             self.ids[channel][usize::from(p.upstream_id)] = NO_SLOT;
-            let pending = self.release_slot(slot);
+            self.unlink(slot);
             self.stats.timeouts += 1;
-            self.servfail(now, &pending, Verdict::Timeout);
+            self.servfail(now, slot, Verdict::Timeout);
+            self.free_slot(slot);
         }
     }
 
@@ -827,7 +836,8 @@ impl Core {
             .then(|| self.pending[self.oldest as usize].sent_at + self.config.upstream_timeout)
     }
 
-    fn release_slot(&mut self, slot: u32) -> Pending {
+    /// Takes `slot` out of the in-flight list (it is answered or expired).
+    fn unlink(&mut self, slot: u32) {
         let (prev, next) = (
             self.pending[slot as usize].prev,
             self.pending[slot as usize].next,
@@ -840,41 +850,50 @@ impl Core {
             NO_SLOT => self.newest = prev,
             next => self.pending[next as usize].prev = prev,
         }
-        let p = &mut self.pending[slot as usize];
-        p.in_use = false;
-        let taken = p.clone();
-        p.snapshot = None;
-        self.free.push(slot);
-        taken
     }
 
-    fn servfail(&mut self, now: Instant, p: &Pending, verdict: Verdict) {
+    /// Returns `slot` to the free list, dropping its snapshot reference.
+    fn free_slot(&mut self, slot: u32) {
+        let p = &mut self.pending[slot as usize];
+        p.in_use = false;
+        p.snapshot = None;
+        self.free.push(slot);
+    }
+
+    /// Queues a SERVFAIL for the query in `slot`, built from its stored question.
+    fn servfail(&mut self, now: Instant, slot: u32, verdict: Verdict) {
+        let p = &self.pending[slot as usize];
         let start = self.outbox.bytes.len();
+        let question = &p.question[..usize::from(p.question_len)];
         self.outbox
             .bytes
-            .resize(start + wire::HEADER_LEN + usize::from(p.question_len), 0);
+            .resize(start + wire::HEADER_LEN + question.len(), 0);
         let len = wire::write_reply_from_question(
             &mut self.outbox.bytes[start..],
             p.client_id,
             p.client_flags,
-            &p.question[..usize::from(p.question_len)],
+            question,
             Rcode::ServFail,
         );
+        let (client, endpoint, qtype) = (p.client, p.endpoint, p.qtype);
         self.outbox
             .ready
-            .push_back((Destination::Client(p.client), start, len));
-        let name = Name::from_wire(&p.question[..usize::from(p.name_len)])
-            .unwrap_or_else(|_| Name::root());
-        self.record_flow(
-            now,
-            p.client,
-            p.endpoint,
-            name,
-            p.qtype,
-            verdict,
-            Some(Rcode::ServFail as u8),
-            None,
-        );
+            .push_back((Destination::Client(client), start, len));
+        if self.config.flow_records {
+            let mut wire_copy = [0u8; MAX_WIRE_LEN];
+            let name_len = usize::from(p.name_len);
+            wire_copy[..name_len].copy_from_slice(&p.question[..name_len]);
+            self.record_flow(
+                now,
+                client,
+                endpoint,
+                &wire_copy[..name_len],
+                qtype,
+                verdict,
+                Some(Rcode::ServFail as u8),
+                None,
+            );
+        }
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -883,12 +902,16 @@ impl Core {
         at: Instant,
         client: Client,
         endpoint: Option<EndpointId>,
-        name: Name,
+        name_wire: &[u8],
         qtype: u16,
         verdict: Verdict,
         rcode: Option<u8>,
         upstream_latency: Option<Duration>,
     ) {
+        if !self.config.flow_records {
+            return;
+        }
+        let name = Name::from_wire(name_wire).unwrap_or_else(|_| Name::root());
         self.push_record(Record::Flow(Flow {
             at,
             client: client.addr(),

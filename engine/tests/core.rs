@@ -609,3 +609,46 @@ fn edns_opt_is_kept_in_refusals_and_forwarded() {
     assert_eq!(&fwd[2..], &q[2..]);
     assert!(wire::parse_query(&fwd).unwrap().opt.is_some());
 }
+
+#[test]
+fn flow_records_only_when_asked_for() {
+    let mut h = Harness::new(config());
+    h.query(0, CLIENT, &query(1, "evil.example.com", TYPE_A));
+    assert!(h.core.poll_record().is_none(), "no flow records by default");
+
+    let mut c = config();
+    c.flow_records = true;
+    let mut h = Harness::new(c);
+    h.query(0, CLIENT, &query(1, "Evil.Example.com", TYPE_A));
+    h.query(0, CLIENT, &[0u8; 5]);
+    let (socket, fwd) = h.forward(0, &query(2, "f.allowed.test", TYPE_A));
+    let id = u16::from_be_bytes([fwd[0], fwd[1]]);
+    let ans = answer(
+        id,
+        "f.allowed.test",
+        TYPE_A,
+        &[("f.allowed.test", TYPE_A, 60, &rdata_a("127.0.0.12"))],
+    );
+    h.answer(7, socket, &ans);
+    let flows: Vec<_> = std::iter::from_fn(|| h.core.poll_record())
+        .filter_map(|r| match r {
+            Record::Flow(f) => Some(f),
+            Record::Addresses(_) => None,
+        })
+        .collect();
+    let summary: Vec<_> = flows
+        .iter()
+        .map(|f| (f.name.to_string(), f.verdict, f.rcode))
+        .collect();
+    use dnsfence_engine::core::Verdict;
+    assert_eq!(
+        summary,
+        [
+            ("evil.example.com.".to_owned(), Verdict::Refuse, Some(5)),
+            (".".to_owned(), Verdict::Malformed, None),
+            ("f.allowed.test.".to_owned(), Verdict::Forward, Some(0)),
+        ]
+    );
+    assert_eq!(flows[2].upstream_latency, Some(Duration::from_millis(7)));
+    assert_eq!(flows[2].endpoint, Some(EP));
+}
