@@ -1,0 +1,207 @@
+//! Issue #3 acceptance, the process: its io_uring and pinned shard threads, start-up errors,
+//! two agents on one port, SIGTERM.
+
+use std::net::UdpSocket;
+use std::time::{Duration, Instant};
+
+use dnsfence_tests::dns::{self, TYPE_A, rcode};
+use dnsfence_tests::upstream::{FakeMode, FakeUpstream};
+use dnsfence_tests::{Agent, AgentConfig, IoBackend, both_backends, dig, free_addr};
+
+const T: Duration = Duration::from_secs(3);
+
+both_backends! {
+    shards_pinned_one_cpu_each => shards_pinned,
+    listen_port_taken_exits_1_with_one_line => port_taken,
+    sigterm_exits_0 => sigterm,
+}
+
+/// The `anon_inode:[io_uring]` links among the process's file descriptors.
+fn io_uring_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("read /proc/PID/fd")
+        .flatten()
+        .filter_map(|e| std::fs::read_link(e.path()).ok())
+        .filter(|l| l.to_string_lossy() == "anon_inode:[io_uring]")
+        .count()
+}
+
+/// (comm, Cpus_allowed_list) of every thread.
+fn threads(pid: u32) -> Vec<(String, String)> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .expect("read /proc/PID/task")
+        .flatten()
+        .map(|t| {
+            let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+            let status = t.path().join("status").display().to_string();
+            let cpus =
+                dnsfence_tests::proc_status_of(&status, "Cpus_allowed_list").unwrap_or_default();
+            (comm.trim().to_owned(), cpus)
+        })
+        .collect()
+}
+
+fn shards_pinned(io: IoBackend) {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if cpus < 2 {
+        eprintln!("skipped: needs 2 CPUs, this machine has {cpus}");
+        return;
+    }
+    let fake = FakeUpstream::start(FakeMode::Answer);
+    let agent = Agent::start(&AgentConfig::new(io, fake.addr).shards(2, Some("0,1")));
+    let pid = agent.process.pid();
+    let uring = io_uring_fds(pid);
+    match io {
+        IoBackend::Uring => assert!(uring >= 1, "no io_uring fd with --io uring"),
+        IoBackend::Mmsg => assert_eq!(uring, 0, "io_uring fds with --io mmsg"),
+    }
+    // The kernel keeps 15 bytes of a thread name: `dnsfence-shard-N` reads `dnsfence-shard-`.
+    let all = threads(pid);
+    let mut shards: Vec<String> = all
+        .iter()
+        .filter(|(comm, _)| comm.starts_with("dnsfence-shard"))
+        .map(|(_, cpus)| cpus.clone())
+        .collect();
+    shards.sort();
+    assert_eq!(shards, ["0", "1"], "shard threads and their CPUs: {all:?}");
+    // Pinning shows in the metrics too, with the backend in use.
+    let text = agent.metrics_text();
+    for shard in 0..2 {
+        let line = format!(
+            "dnsfence_shard_info{{shard=\"{shard}\",backend=\"{}\",cpu=\"{shard}\"}} 1",
+            io.flag()
+        );
+        assert!(text.contains(&line), "missing {line:?} in\n{text}");
+    }
+    let r = dig(agent.addr, &["www.allowed.test"]);
+    assert_eq!(r.status, "NOERROR", "{}", r.output);
+}
+
+fn port_taken(io: IoBackend) {
+    let squatter = UdpSocket::bind("127.0.0.1:0").expect("bind plain UDP socket");
+    let mut config = AgentConfig::new(io, free_addr());
+    config.listen = Some(squatter.local_addr().expect("addr"));
+    let mut agent = Agent::spawn(&config);
+    let status = agent
+        .process
+        .wait_timeout(Duration::from_secs(10))
+        .expect("agent kept running on a taken port");
+    assert_eq!(status.code(), Some(1), "{}", agent.process.stderr());
+    let stderr = agent.process.stderr();
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "exactly one line on stderr: {stderr:?}");
+    assert!(
+        lines[0].contains(&squatter.local_addr().unwrap().to_string()),
+        "names the address: {stderr:?}"
+    );
+}
+
+#[test]
+fn invalid_or_unreadable_policy_exits_1_with_file_line_reason() {
+    let fake = FakeUpstream::start(FakeMode::Answer);
+    let cases = [
+        // An unsupported field on line 11.
+        (
+            dnsfence_tests::POLICY.replace(
+                "  - toFQDNs:",
+                "  - toCIDRSet: [{cidr: 10.0.0.0/8}]\n  - toFQDNs:",
+            ),
+            Some(11),
+        ),
+        // A YAML syntax error.
+        ("apiVersion: cilium.io/v2\nkind: [\n".to_owned(), None),
+        // A pattern with an invalid character, line 10.
+        (
+            dnsfence_tests::POLICY.replace("*.allowed.test\"}, {", "bad!name\"}, {"),
+            Some(10),
+        ),
+    ];
+    for (policy, line) in cases {
+        let mut config = AgentConfig::new(IoBackend::Mmsg, fake.addr);
+        config.policy = policy;
+        let mut agent = Agent::spawn(&config);
+        let status = agent
+            .process
+            .wait_timeout(Duration::from_secs(10))
+            .expect("agent started with an invalid policy");
+        let stderr = agent.process.stderr();
+        assert_eq!(status.code(), Some(1), "{stderr}");
+        let prefix = format!("{}:", agent.policy_path.display());
+        let located = stderr.lines().find_map(|l| {
+            let rest = &l[l.find(&prefix)? + prefix.len()..];
+            let (n, reason) = rest.split_once(": ")?;
+            Some((n.parse::<u32>().ok()?, reason.to_owned()))
+        });
+        let (n, reason) = located.unwrap_or_else(|| panic!("no FILE:LINE: reason in {stderr:?}"));
+        assert!(!reason.trim().is_empty(), "{stderr}");
+        if let Some(line) = line {
+            assert_eq!(n, line, "{stderr}");
+        }
+    }
+    // Unreadable: a path that does not exist.
+    let mut config = AgentConfig::new(IoBackend::Mmsg, fake.addr);
+    config.extra = vec![
+        "--policy".into(),
+        "/nonexistent/dnsfence/policy.yaml".into(),
+    ];
+    let mut agent = Agent::spawn(&config);
+    let status = agent
+        .process
+        .wait_timeout(Duration::from_secs(10))
+        .expect("agent started without its policy");
+    let stderr = agent.process.stderr();
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("/nonexistent/dnsfence/policy.yaml:"),
+        "names the file: {stderr}"
+    );
+}
+
+#[test]
+fn two_agents_share_a_port() {
+    let fake = FakeUpstream::start(FakeMode::Answer);
+    let first = Agent::start(&AgentConfig::new(IoBackend::Uring, fake.addr));
+    let mut second_config = AgentConfig::new(IoBackend::Mmsg, fake.addr);
+    second_config.listen = Some(first.addr);
+    let second = Agent::start(&second_config);
+    let mut agents = [first, second];
+    // Queries from many source ports are spread over both; every one is answered.
+    for i in 0..50u16 {
+        let q = dns::query(i, "www.allowed.test", TYPE_A, None);
+        let raw = dns::udp_exchange(agents[0].addr, &q, T).expect("answer");
+        assert_eq!(dns::rcode(&raw), rcode::NOERROR);
+    }
+    for a in &mut agents {
+        a.process.assert_running();
+        let status = a.process.terminate(Duration::from_secs(5));
+        assert_eq!(
+            status.and_then(|s| s.code()),
+            Some(0),
+            "{}",
+            a.process.stderr()
+        );
+    }
+}
+
+fn sigterm(io: IoBackend) {
+    let fake = FakeUpstream::start(FakeMode::Answer);
+    let mut agent = Agent::start(&AgentConfig::new(io, fake.addr).shards(2, None));
+    for proto in ["+notcp", "+tcp"] {
+        assert_eq!(
+            dig(agent.addr, &[proto, "www.allowed.test"]).status,
+            "NOERROR"
+        );
+    }
+    // A TCP client still connected must not hold the exit up.
+    let _idle = dns::tcp_connect(agent.addr, T);
+    let start = Instant::now();
+    let status = agent.process.terminate(Duration::from_secs(3));
+    let took = start.elapsed();
+    let stderr = agent.process.stderr();
+    assert_eq!(
+        status.and_then(|s| s.code()),
+        Some(0),
+        "exit after SIGTERM ({took:?}): {stderr}"
+    );
+    assert!(took < Duration::from_secs(2), "SIGTERM took {took:?}");
+}
