@@ -1,0 +1,232 @@
+//! Issue #3 acceptance, bad input over real sockets: short datagrams, malformed queries,
+//! lying TCP frames, and a flood of unique names; the agent must keep serving throughout.
+
+use std::io::Write;
+use std::net::{Shutdown, SocketAddr};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use dnsfence_tests::dns::{self, TYPE_A, rcode};
+use dnsfence_tests::upstream::{Bundled, FakeMode, FakeUpstream};
+use dnsfence_tests::{Agent, AgentConfig, IoBackend, TempDir, bin, both_backends, poll_until};
+
+const T: Duration = Duration::from_secs(3);
+
+both_backends! {
+    short_datagrams_dropped_agent_keeps_serving => short_datagrams,
+    malformed_queries_get_formerr => formerr,
+    lying_tcp_frames_close_the_connection => lying_tcp_frames,
+    unique_name_flood_keeps_memory_bounded => unique_name_flood,
+}
+
+/// The agent answers a normal query (allowed: NOERROR over UDP and TCP).
+fn still_serving(addr: SocketAddr) {
+    let q = dns::query(0x600d, "www.allowed.test", TYPE_A, None);
+    let udp = dns::udp_exchange(addr, &q, T).expect("UDP answer");
+    assert_eq!(dns::rcode(&udp), rcode::NOERROR);
+    let tcp = dns::tcp_exchange(addr, &q, T).expect("TCP answer");
+    assert_eq!(dns::rcode(&tcp), rcode::NOERROR);
+}
+
+fn short_datagrams(io: IoBackend) {
+    let fake = FakeUpstream::start(FakeMode::Answer);
+    let agent = Agent::start(&AgentConfig::new(io, fake.addr));
+    let s = dns::udp_client(T);
+    let q = dns::query(0x1234, "www.allowed.test", TYPE_A, None);
+    let bad: [&[u8]; 3] = [&[], &[0x12], &q[..11]];
+    for packet in bad {
+        s.send_to(packet, agent.addr).expect("send");
+        let reply = dns::recv_reply(&s, Duration::from_millis(300));
+        assert!(reply.is_none(), "reply to a {}-byte datagram", packet.len());
+    }
+    // The next query on the same socket is answered.
+    s.send_to(&q, agent.addr).expect("send");
+    let reply = dns::recv_reply(&s, T).expect("answer after the short datagrams");
+    assert_eq!(&reply[..2], &[0x12, 0x34]);
+    assert_eq!(dns::rcode(&reply), rcode::NOERROR);
+    let dropped = poll_until(T, || {
+        let n = agent.metric_sum("dnsfence_malformed_dropped_total");
+        (n >= 3.0).then_some(n)
+    });
+    assert_eq!(dropped, Some(3.0), "dnsfence_malformed_dropped_total");
+    assert_eq!(fake.names(), ["www.allowed.test"]);
+    still_serving(agent.addr);
+}
+
+/// Malformed queries with a readable header, and the rcode each must get.
+fn malformed() -> Vec<(&'static str, Vec<u8>, u8)> {
+    let good = dns::query(0x4242, "www.allowed.test", TYPE_A, None);
+    let mut two_questions = good.clone();
+    two_questions[5] = 2;
+    two_questions.extend_from_slice(&good[12..]);
+    let mut no_question = good.clone();
+    no_question[5] = 0;
+    // The question name is a compression pointer to itself.
+    let mut pointer_loop = good[..12].to_vec();
+    pointer_loop.extend_from_slice(&[0xc0, 0x0c, 0, 1, 0, 1]);
+    // A pointer chain that loops through two pointers.
+    let mut pointer_loop2 = good[..12].to_vec();
+    pointer_loop2.extend_from_slice(&[0xc0, 0x0e, 0xc0, 0x0c, 0, 1, 0, 1]);
+    let mut response = good.clone();
+    response[2] |= 0x80;
+    let mut label_too_long = good[..12].to_vec();
+    label_too_long.push(64);
+    label_too_long.extend_from_slice(&[b'a'; 64]);
+    label_too_long.extend_from_slice(&[0, 0, 1, 0, 1]);
+    let truncated_question = good[..good.len() - 3].to_vec();
+    let mut opcode = good.clone();
+    opcode[2] |= 2 << 3; // STATUS
+    vec![
+        ("QDCOUNT=2", two_questions, rcode::FORMERR),
+        ("QDCOUNT=0", no_question, rcode::FORMERR),
+        ("compression loop", pointer_loop, rcode::FORMERR),
+        (
+            "compression loop via two pointers",
+            pointer_loop2,
+            rcode::FORMERR,
+        ),
+        ("response bit", response, rcode::FORMERR),
+        ("label of 64", label_too_long, rcode::FORMERR),
+        ("question cut short", truncated_question, rcode::FORMERR),
+        ("opcode STATUS", opcode, 4), // NOTIMP
+    ]
+}
+
+fn formerr(io: IoBackend) {
+    let fake = FakeUpstream::start(FakeMode::Answer);
+    let agent = Agent::start(&AgentConfig::new(io, fake.addr));
+    let cases = malformed();
+    for (what, packet, want) in &cases {
+        let reply = dns::udp_exchange(agent.addr, packet, T)
+            .unwrap_or_else(|| panic!("{what}: no reply over UDP"));
+        assert_eq!(&reply[..2], &[0x42, 0x42], "{what}: ID kept");
+        assert_eq!(dns::rcode(&reply), *want, "{what}: rcode over UDP");
+        assert_ne!(reply[2] & 0x80, 0, "{what}: QR set");
+    }
+    // Over one TCP connection, one after the other: each answered, the connection stays up.
+    let mut conn = dns::tcp_connect(agent.addr, T);
+    for (what, packet, want) in &cases {
+        dns::tcp_send(&mut conn, packet).expect("send");
+        let reply = dns::tcp_recv(&mut conn).unwrap_or_else(|| panic!("{what}: no TCP reply"));
+        assert_eq!(dns::rcode(&reply), *want, "{what}: rcode over TCP");
+    }
+    let good = dns::query(7, "www.allowed.test", TYPE_A, None);
+    dns::tcp_send(&mut conn, &good).expect("send");
+    let reply = dns::tcp_recv(&mut conn).expect("answer on the same connection");
+    assert_eq!(dns::rcode(&reply), rcode::NOERROR);
+    // Nothing malformed went upstream.
+    assert_eq!(fake.names(), ["www.allowed.test"]);
+    let answered = poll_until(T, || {
+        let n = agent.metric_sum("dnsfence_malformed_answered_total");
+        (n >= (2 * cases.len()) as f64).then_some(n)
+    });
+    assert_eq!(answered, Some((2 * cases.len()) as f64));
+}
+
+fn lying_tcp_frames(io: IoBackend) {
+    let fake = FakeUpstream::start(FakeMode::Answer);
+    let agent = Agent::start(&AgentConfig::new(io, fake.addr).args(&["--tcp-idle-timeout", "1s"]));
+    let q = dns::query(0x7777, "www.allowed.test", TYPE_A, None);
+
+    // Claims 300 bytes, sends 20, then stops: closed by the idle timeout.
+    let mut stalled = dns::tcp_connect(agent.addr, T);
+    stalled.write_all(&[0x01, 0x2c]).expect("write");
+    stalled.write_all(&q[..20]).expect("write");
+    // Claims fewer bytes than the query has: the cut message is FORMERR (or dropped), the
+    // rest is read as the next frame's length and never completes.
+    let mut short = dns::tcp_connect(agent.addr, T);
+    let mut framed = ((q.len() - 6) as u16).to_be_bytes().to_vec();
+    framed.extend_from_slice(&q);
+    short.write_all(&framed).expect("write");
+    // A zero-length frame, then silence.
+    let mut empty = dns::tcp_connect(agent.addr, T);
+    empty.write_all(&[0, 0]).expect("write");
+    // Stops mid-frame and closes its side: the agent closes at once, without the timeout.
+    let mut half = dns::tcp_connect(agent.addr, T);
+    half.write_all(&(q.len() as u16).to_be_bytes())
+        .expect("write");
+    half.write_all(&q[..q.len() / 2]).expect("write");
+    half.shutdown(Shutdown::Write).expect("shutdown");
+    let start = Instant::now();
+    assert!(
+        dns::tcp_closed(&mut half, Duration::from_millis(900)),
+        "half-closed mid-frame"
+    );
+    assert!(start.elapsed() < Duration::from_millis(900));
+
+    // Meanwhile everyone else is served.
+    still_serving(agent.addr);
+    for (what, conn) in [
+        ("stalled mid-frame", &mut stalled),
+        ("short length", &mut short),
+        ("zero length", &mut empty),
+    ] {
+        assert!(
+            dns::tcp_closed(conn, Duration::from_secs(4)),
+            "{what}: connection still open after the 1 s idle timeout"
+        );
+    }
+    still_serving(agent.addr);
+    assert!(fake.names().iter().all(|n| n == "www.allowed.test"));
+}
+
+fn unique_name_flood(io: IoBackend) {
+    const NAMES: usize = 20_000;
+    let up = Bundled::start(&["--prefix4", "198.18.0.0/15"]);
+    let agent = Agent::start(&AgentConfig::new(io, up.addr));
+    let dir = TempDir::new("flood");
+    let warm: String = (0..500)
+        .map(|i| format!("warm-{i}.allowed.test A\n"))
+        .collect();
+    let flood: String = (0..NAMES)
+        .map(|i| format!("u{i}-{:x}.allowed.test A\n", fastrand::u64(..)))
+        .collect();
+    let warm = dir.write("warm.txt", &warm);
+    let flood = dir.write("flood.txt", &flood);
+    let run = |file: &std::path::Path, rate: usize, secs: f64| -> serde_json::Value {
+        let out = Command::new(bin("dnsfence-loadgen"))
+            .arg("--server")
+            .arg(agent.addr.to_string())
+            .arg("--queries")
+            .arg(file)
+            .args(["--rate", &rate.to_string(), "--duration", &secs.to_string()])
+            .args(["--timeout", "1000", "--json", "--quiet"])
+            .output()
+            .expect("run loadgen");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("loadgen JSON")
+    };
+    run(&warm, 1000, 0.5);
+    let before = agent.process.rss_kib();
+    let report = run(&flood, 10_000, 2.0);
+    let after = agent.process.rss_kib();
+    let sent = report["sent"].as_u64().unwrap_or(0);
+    let answered = report["answered"].as_u64().unwrap_or(0);
+    let noerror = report["rcodes"]["NOERROR"].as_u64().unwrap_or(0);
+    eprintln!(
+        "{io:?}: {sent} unique names sent, {answered} answered ({noerror} NOERROR), RSS {before} -> {after} KiB"
+    );
+    assert!(sent as usize >= NAMES, "sent {sent}");
+    assert!(answered * 100 >= sent * 95, "answered {answered} of {sent}");
+    assert!(
+        after < before + 64 * 1024,
+        "RSS grew from {before} KiB to {after} KiB for {NAMES} unique names"
+    );
+    // The same names again: nothing new to remember, so no growth beyond noise (no per-query
+    // leak).
+    let report = run(&flood, 10_000, 2.0);
+    let again = agent.process.rss_kib();
+    eprintln!("{io:?}: replay of the same names: RSS {after} -> {again} KiB");
+    assert!(report["answered"].as_u64().unwrap_or(0) * 100 >= sent * 95);
+    assert!(
+        again < after + 8 * 1024,
+        "RSS grew from {after} KiB to {again} KiB replaying {NAMES} known names"
+    );
+    let mut a = agent;
+    a.process.assert_running();
+    still_serving(a.addr);
+}

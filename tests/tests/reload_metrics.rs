@@ -1,0 +1,160 @@
+//! Issue #3 acceptance: hot reload of the policy file (good and broken edits) and the metrics
+//! page's per-shard query counters.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use dnsfence_tests::dns::{self, TYPE_A, rcode};
+use dnsfence_tests::upstream::{FakeMode, FakeUpstream};
+use dnsfence_tests::{Agent, AgentConfig, IoBackend, both_backends, dig, poll_until};
+
+const T: Duration = Duration::from_secs(3);
+
+both_backends! {
+    hot_reload_allows_then_keeps_last_good_policy => hot_reload,
+    per_shard_query_counters_add_up => per_shard_counters,
+}
+
+/// Replaces `path` atomically (write a sibling, rename over), so the agent never reads half a
+/// file.
+fn replace_file(path: &Path, text: &str) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).expect("write");
+    std::fs::rename(&tmp, path).expect("rename");
+}
+
+fn hot_reload(io: IoBackend) {
+    let fake = FakeUpstream::start(FakeMode::Answer);
+    let agent =
+        Agent::start(&AgentConfig::new(io, fake.addr).args(&["--reload-interval", "200ms"]));
+    let name = "www.later.test";
+    let r = dig(agent.addr, &[name]);
+    assert_eq!(r.status, "REFUSED", "{}", r.output);
+
+    // A good edit: the denied name becomes allowed within about 2 s.
+    let allowing = dnsfence_tests::POLICY.replace(
+        r#"{matchName: "allowed.test"}"#,
+        r#"{matchName: "allowed.test"}, {matchPattern: "*.later.test"}"#,
+    );
+    assert_ne!(allowing, dnsfence_tests::POLICY);
+    let edited = Instant::now();
+    replace_file(&agent.policy_path, &allowing);
+    let took = poll_until(Duration::from_secs(3), || {
+        (dig(agent.addr, &["+tries=1", "+time=1", name]).status == "NOERROR")
+            .then(|| edited.elapsed())
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "still refused 3 s after the edit: {}",
+            agent.process.stderr()
+        )
+    });
+    assert!(took < Duration::from_secs(2), "reload took {took:?}");
+    assert!(fake.names().contains(&name.to_owned()));
+
+    // A broken edit: logged, counted, and the last good policy stays in force.
+    replace_file(&agent.policy_path, "apiVersion: cilium.io/v2\nkind: [\n");
+    let logged = poll_until(Duration::from_secs(3), || {
+        agent
+            .process
+            .stderr()
+            .contains("policy reload rejected")
+            .then_some(())
+    });
+    assert!(
+        logged.is_some(),
+        "no reload error logged: {}",
+        agent.process.stderr()
+    );
+    let stderr = agent.process.stderr();
+    assert!(
+        stderr.contains(&format!("{}:", agent.policy_path.display())),
+        "the error names the file: {stderr}"
+    );
+    for proto in ["+notcp", "+tcp"] {
+        assert_eq!(dig(agent.addr, &[proto, name]).status, "NOERROR", "{proto}");
+        assert_eq!(
+            dig(agent.addr, &[proto, "www.denied.test"]).status,
+            "REFUSED"
+        );
+    }
+    let text = agent.metrics_text();
+    let errors = dns::metric_values(&text, "dnsfence_policy_reload_errors_total");
+    assert_eq!(errors, [(String::new(), 1.0)], "{text}");
+    let generation = dns::metric_values(&text, "dnsfence_policy_generation");
+    assert_eq!(generation, [(String::new(), 2.0)], "{text}");
+    let mut agent = agent;
+    agent.process.assert_running();
+}
+
+fn per_shard_counters(io: IoBackend) {
+    const UDP: u64 = 120;
+    const TCP: u64 = 10;
+    let fake = FakeUpstream::start(FakeMode::Answer);
+    let agent = Agent::start(&AgentConfig::new(io, fake.addr).shards(2, None));
+    // Counters are published about every 100 ms: wait until the readiness probes show and the
+    // value holds still.
+    let probes = agent.probes_answered as f64;
+    let mut last = -1.0;
+    let baseline = poll_until(T, || {
+        std::thread::sleep(Duration::from_millis(150));
+        let now = agent.metric_sum("dnsfence_queries_total");
+        let stable = now == last && now >= probes;
+        last = now;
+        stable.then_some(now)
+    })
+    .expect("queries_total settles after start");
+
+    // Each UDP query from its own socket (own source port), so SO_REUSEPORT spreads them.
+    for i in 0..UDP {
+        let name = if i % 3 == 0 {
+            "www.denied.test"
+        } else {
+            "www.allowed.test"
+        };
+        let q = dns::query(i as u16, name, TYPE_A, None);
+        let reply = dns::udp_exchange(agent.addr, &q, T).expect("answer");
+        assert!(matches!(
+            dns::rcode(&reply),
+            rcode::NOERROR | rcode::REFUSED
+        ));
+    }
+    let mut conn = dns::tcp_connect(agent.addr, T);
+    for i in 0..TCP {
+        dns::tcp_send(
+            &mut conn,
+            &dns::query(i as u16, "www.allowed.test", TYPE_A, None),
+        )
+        .expect("send");
+        dns::tcp_recv(&mut conn).expect("TCP answer");
+    }
+    let want = baseline + (UDP + TCP) as f64;
+    let per_shard = poll_until(T, || {
+        let v = agent.metric("dnsfence_queries_total");
+        let sum: f64 = v.iter().map(|(_, n)| n).sum();
+        (sum == want).then_some(v)
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "dnsfence_queries_total does not add up to {want}: {:?}",
+            agent.metric("dnsfence_queries_total")
+        )
+    });
+    let labels: Vec<&str> = per_shard.iter().map(|(l, _)| l.as_str()).collect();
+    assert_eq!(labels, [r#"shard="0""#, r#"shard="1""#]);
+    assert!(
+        per_shard.iter().all(|(_, n)| *n > 0.0),
+        "both shards took queries: {per_shard:?}"
+    );
+    // The outcome counters account for every query too.
+    let text = agent.metrics_text();
+    let sum = |m: &str| -> f64 { dns::metric_values(&text, m).iter().map(|(_, v)| v).sum() };
+    let refused = sum("dnsfence_refused_total");
+    let forwarded = sum("dnsfence_forwarded_total");
+    assert_eq!(
+        refused + forwarded,
+        want,
+        "refused {refused} + forwarded {forwarded}"
+    );
+    assert_eq!(forwarded, fake.names().len() as f64);
+}
