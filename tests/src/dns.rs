@@ -53,9 +53,14 @@ pub fn udp_client(timeout: Duration) -> UdpSocket {
     s
 }
 
-/// Sends `packet` from a fresh socket and returns the first reply within `timeout`.
+/// Sends `packet` from a fresh socket (::1 for an IPv6 server) and returns the first reply
+/// within `timeout`.
 pub fn udp_exchange(server: SocketAddr, packet: &[u8], timeout: Duration) -> Option<Vec<u8>> {
-    let s = udp_client(timeout);
+    let s = if server.is_ipv6() {
+        UdpSocket::bind("[::1]:0").expect("bind client socket")
+    } else {
+        udp_client(timeout)
+    };
     s.send_to(packet, server).ok()?;
     recv_reply(&s, timeout)
 }

@@ -24,11 +24,16 @@ pub struct Bundled {
 }
 
 impl Bundled {
-    /// Starts it on a free port with extra flags and waits until it answers.
+    /// Starts it on an ephemeral port with extra flags and waits until it answers.
     pub fn start(extra: &[&str]) -> Bundled {
+        Bundled::start_on("127.0.0.1:0".parse().expect("address"), extra)
+    }
+
+    /// Starts it on `listen` (port 0: any) and waits until it answers.
+    pub fn start_on(listen: SocketAddr, extra: &[&str]) -> Bundled {
         let dir = TempDir::new("upstream");
         let mut cmd = Command::new(bin("dnsfence-loadgen"));
-        cmd.args(["upstream", "--listen", "127.0.0.1:0"])
+        cmd.args(["upstream", "--listen", &listen.to_string()])
             .args(extra);
         let mut process = Process::spawn("loadgen-upstream", cmd, dir.path());
         let mut addr = None;

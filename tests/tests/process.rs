@@ -14,6 +14,7 @@ both_backends! {
     shards_pinned_one_cpu_each => shards_pinned,
     listen_port_taken_exits_1_with_one_line => port_taken,
     sigterm_exits_0 => sigterm,
+    sigterm_answers_in_flight_then_exits_0 => sigterm_in_flight,
 }
 
 /// The `anon_inode:[io_uring]` links among the process's file descriptors.
@@ -78,9 +79,15 @@ fn shards_pinned(io: IoBackend) {
 }
 
 fn port_taken(io: IoBackend) {
-    let squatter = UdpSocket::bind("127.0.0.1:0").expect("bind plain UDP socket");
+    let udp = UdpSocket::bind("127.0.0.1:0").expect("bind plain UDP socket");
+    let tcp = std::net::TcpListener::bind("127.0.0.1:0").expect("bind plain TCP listener");
+    port_taken_by(io, udp.local_addr().expect("addr"));
+    port_taken_by(io, tcp.local_addr().expect("addr"));
+}
+
+fn port_taken_by(io: IoBackend, taken: std::net::SocketAddr) {
     let mut config = AgentConfig::new(io, free_addr());
-    config.listen = Some(squatter.local_addr().expect("addr"));
+    config.listen = Some(taken);
     let mut agent = Agent::spawn(&config);
     let status = agent
         .process
@@ -91,7 +98,7 @@ fn port_taken(io: IoBackend) {
     let lines: Vec<&str> = stderr.lines().collect();
     assert_eq!(lines.len(), 1, "exactly one line on stderr: {stderr:?}");
     assert!(
-        lines[0].contains(&squatter.local_addr().unwrap().to_string()),
+        lines[0].contains(&taken.to_string()),
         "names the address: {stderr:?}"
     );
 }
@@ -204,4 +211,33 @@ fn sigterm(io: IoBackend) {
         "exit after SIGTERM ({took:?}): {stderr}"
     );
     assert!(took < Duration::from_secs(2), "SIGTERM took {took:?}");
+}
+
+fn sigterm_in_flight(io: IoBackend) {
+    // A query in flight to an upstream that never answers: the drain answers it SERVFAIL at
+    // the upstream timeout, then the agent exits 0.
+    let fake = FakeUpstream::start(FakeMode::Silent);
+    let mut agent =
+        Agent::start(&AgentConfig::new(io, fake.addr).args(&["--upstream-timeout", "1s"]));
+    let client = dns::udp_client(T);
+    let q = dns::query(0x1f1f, "www.allowed.test", TYPE_A, None);
+    client.send_to(&q, agent.addr).expect("send");
+    dnsfence_tests::poll_until(T, || (!fake.names().is_empty()).then_some(()))
+        .expect("query reached the upstream");
+    let start = Instant::now();
+    agent.process.signal("TERM");
+    let reply = dns::recv_reply(&client, T).expect("silence for a query in flight at SIGTERM");
+    assert_eq!(dns::rcode(&reply), rcode::SERVFAIL);
+    let status = agent.process.wait_timeout(Duration::from_secs(3));
+    let took = start.elapsed();
+    assert_eq!(
+        status.and_then(|s| s.code()),
+        Some(0),
+        "{}",
+        agent.process.stderr()
+    );
+    assert!(
+        took < Duration::from_secs(2),
+        "drain took {took:?} (timeout 1s)"
+    );
 }

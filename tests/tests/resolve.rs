@@ -6,7 +6,9 @@ use std::time::{Duration, Instant};
 
 use dnsfence_tests::dns::{self, TYPE_A, rcode};
 use dnsfence_tests::upstream::{Bundled, FakeMode, FakeUpstream, Knot};
-use dnsfence_tests::{Agent, AgentConfig, IoBackend, both_backends, dig, poll_until};
+use dnsfence_tests::{
+    Agent, AgentConfig, IoBackend, both_backends, dig, free_addr, free_port, poll_until,
+};
 
 const T: Duration = Duration::from_secs(3);
 
@@ -20,6 +22,11 @@ both_backends! {
     edns0_queries => edns0,
     upstream_rcodes_relayed => upstream_rcodes,
     silent_upstream_gets_servfail => silent_upstream,
+    upstream_without_tcp_gets_servfail => upstream_without_tcp,
+    upstream_restart_tcp_reconnects => upstream_restart,
+    tcp_pipelined_queries_all_answered => tcp_pipelined,
+    unknown_source_refused_unless_allowed => unknown_source,
+    ipv6_listen => ipv6_listen,
 }
 
 fn allowed_and_denied(io: IoBackend) {
@@ -44,6 +51,13 @@ fn allowed_and_denied(io: IoBackend) {
             assert_eq!(r.question, format!("{name}."), "question kept");
         }
     }
+    // Names outside the policy alphabet match no pattern, not even under an allowed suffix.
+    for name in ["*.allowed.test", "a b.allowed.test", "x/y.allowed.test"] {
+        let q = dns::query(0x2a2a, name, TYPE_A, None);
+        let raw = dns::udp_exchange(agent.addr, &q, T).expect("reply");
+        assert_eq!(dns::rcode(&raw), rcode::REFUSED, "{name:?}");
+        assert_eq!(&raw[12..q.len()], &q[12..], "{name:?}: question kept");
+    }
     // Only the allowed names reached the upstream, once per query.
     let names = fake.names();
     let mut sorted = names.clone();
@@ -58,10 +72,10 @@ fn allowed_and_denied(io: IoBackend) {
         ],
         "upstream saw {names:?}"
     );
-    // Counters are published about every 100 ms; 8 denied queries plus the readiness probes.
+    // Counters are published about every 100 ms; 11 denied queries plus the readiness probes.
     let refused = poll_until(T, || {
         let n = agent.metric_sum("dnsfence_refused_total");
-        (n >= 8.0).then_some(n)
+        (n >= 11.0).then_some(n)
     });
     assert!(
         refused.is_some(),
@@ -297,4 +311,123 @@ fn silent_upstream(io: IoBackend) {
         (n >= 2.0).then_some(n)
     });
     assert_eq!(timeouts, Some(2.0));
+}
+
+fn upstream_without_tcp(io: IoBackend) {
+    let up = Bundled::start(&["--no-tcp"]);
+    let agent = Agent::start(&AgentConfig::new(io, up.addr).args(&["--upstream-timeout", "1s"]));
+    let q = dns::query(0x0bad, "www.allowed.test", TYPE_A, None);
+    let start = Instant::now();
+    let raw = dns::tcp_exchange(agent.addr, &q, Duration::from_secs(4))
+        .expect("silence instead of SERVFAIL when the upstream refuses TCP");
+    assert_eq!(dns::rcode(&raw), rcode::SERVFAIL);
+    assert!(
+        start.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        start.elapsed()
+    );
+    // UDP is unaffected.
+    let raw = dns::udp_exchange(agent.addr, &q, T).expect("UDP answer");
+    assert_eq!(dns::rcode(&raw), rcode::NOERROR);
+}
+
+fn upstream_restart(io: IoBackend) {
+    let addr = free_addr();
+    let up = Bundled::start_on(addr, &[]);
+    let agent = Agent::start(&AgentConfig::new(io, addr).args(&["--upstream-timeout", "1s"]));
+    assert_eq!(
+        dig(agent.addr, &["+tcp", "a.allowed.test"]).status,
+        "NOERROR"
+    );
+    // The upstream goes away (its TCP connection with it) and comes back on the same port.
+    drop(up);
+    let _up = Bundled::start_on(addr, &[]);
+    for i in 0..3 {
+        let name = format!("b{i}.allowed.test");
+        let r = dig(agent.addr, &["+tcp", &name]);
+        assert_eq!(
+            r.status, "NOERROR",
+            "TCP query {i} after the restart: {}",
+            r.output
+        );
+    }
+    assert_eq!(dig(agent.addr, &["c.allowed.test"]).status, "NOERROR");
+}
+
+fn tcp_pipelined(io: IoBackend) {
+    let up = Bundled::start(&[]);
+    let agent = Agent::start(&AgentConfig::new(io, up.addr));
+    let mut conn = dns::tcp_connect(agent.addr, T);
+    // 20 queries in one write: allowed ones (delayed upstream) and denied ones interleaved.
+    let mut batch = Vec::new();
+    for i in 0..20u16 {
+        let name = if i % 2 == 0 {
+            format!("delay-{}-p{i}.allowed.test", 40 - i)
+        } else {
+            format!("p{i}.denied.test")
+        };
+        let q = dns::query(i, &name, TYPE_A, None);
+        batch.extend_from_slice(&(q.len() as u16).to_be_bytes());
+        batch.extend_from_slice(&q);
+    }
+    std::io::Write::write_all(&mut conn, &batch).expect("write");
+    let mut got = Vec::new();
+    for _ in 0..20 {
+        let r = dns::tcp_recv(&mut conn).expect("an answer per query");
+        got.push((u16::from_be_bytes([r[0], r[1]]), dns::rcode(&r)));
+    }
+    got.sort();
+    let want: Vec<(u16, u8)> = (0..20)
+        .map(|i| {
+            (
+                i,
+                if i % 2 == 0 {
+                    rcode::NOERROR
+                } else {
+                    rcode::REFUSED
+                },
+            )
+        })
+        .collect();
+    assert_eq!(got, want);
+}
+
+fn unknown_source(io: IoBackend) {
+    let fake = FakeUpstream::start(FakeMode::Answer);
+    let q = dns::query(0x0a0a, "www.allowed.test", TYPE_A, None);
+    let from_stranger = |agent: &Agent| {
+        // 127.0.0.2 is in no endpoint.
+        let s = std::net::UdpSocket::bind("127.0.0.2:0").expect("bind 127.0.0.2");
+        s.send_to(&q, agent.addr).expect("send");
+        dns::recv_reply(&s, T).expect("reply")
+    };
+    let agent = Agent::start(&AgentConfig::new(io, fake.addr));
+    assert_eq!(dns::rcode(&from_stranger(&agent)), rcode::REFUSED);
+    assert!(fake.names().is_empty(), "{:?}", fake.names());
+    let counted = poll_until(T, || {
+        (agent.metric_sum("dnsfence_refused_unknown_source_total") >= 1.0).then_some(())
+    });
+    assert!(counted.is_some());
+    let open = Agent::start(&AgentConfig::new(io, fake.addr).args(&["--unknown-source", "allow"]));
+    assert_eq!(dns::rcode(&from_stranger(&open)), rcode::NOERROR);
+    assert_eq!(fake.names(), ["www.allowed.test"]);
+}
+
+fn ipv6_listen(io: IoBackend) {
+    let fake = FakeUpstream::start(FakeMode::Answer);
+    let mut config = AgentConfig::new(io, fake.addr);
+    config.listen = Some(std::net::SocketAddr::from((
+        std::net::Ipv6Addr::LOCALHOST,
+        free_port(),
+    )));
+    let agent = Agent::start(&config);
+    for proto in ["+notcp", "+tcp"] {
+        let r = dig(agent.addr, &[proto, "www.allowed.test"]);
+        assert_eq!(r.status, "NOERROR", "{}", r.output);
+        assert_eq!(r.rdata("A"), ["192.0.2.53"]);
+        assert_eq!(
+            dig(agent.addr, &[proto, "www.denied.test"]).status,
+            "REFUSED"
+        );
+    }
 }
