@@ -82,15 +82,23 @@ impl fmt::Display for PatternError {
 
 impl std::error::Error for PatternError {}
 
-/// One label of a pattern, as the trie stores it.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub(crate) enum Label {
-    /// Matches exactly these (lowercased) bytes.
-    Literal(Box<[u8]>),
+/// What one label of a pattern matches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum LabelKind {
+    /// Exactly its (lowercased) bytes.
+    Literal,
     /// A label made only of stars: any one label.
     Any,
-    /// A label with stars among other characters; runs of stars collapsed to one.
-    Glob(Box<[u8]>),
+    /// A label with stars among other characters.
+    Glob,
+}
+
+/// One label of a pattern: a byte range of the normalised text and its kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Label {
+    start: u8,
+    end: u8,
+    pub(crate) kind: LabelKind,
 }
 
 /// The shape a pattern compiles to.
@@ -156,36 +164,67 @@ impl Pattern {
             }
         }
         // Only ASCII is left, so byte operations are character operations from here on.
-        let lower = trimmed.to_ascii_lowercase();
-        let body = lower.strip_suffix('.').unwrap_or(&lower);
+        let mut text = String::with_capacity(trimmed.len() + 1);
+        text.extend(trimmed.chars().map(|c| c.to_ascii_lowercase()));
+        if !text.ends_with('.') {
+            text.push('.');
+        }
+        let body_len = text.len() - 1;
         let empty_label = || PatternError::EmptyLabel {
             pattern: input.to_owned(),
         };
-        if body.is_empty() {
+        if body_len == 0 {
             return Err(empty_label());
         }
-        let normalized: Box<str> = format!("{body}.").into();
-        if body.bytes().all(|b| b == b'*') {
+        let body = &text.as_bytes()[..body_len];
+        if body.iter().all(|&b| b == b'*') {
             return Ok(Pattern {
-                normalized,
+                normalized: text.into(),
                 shape: Shape::All,
             });
         }
-        let (subdomains, rest) = match body.strip_prefix("**.") {
-            Some(rest) => (true, rest),
-            None => (false, body),
-        };
-        let mut labels = Vec::new();
-        for label in rest.split('.') {
+        let subdomains = body.starts_with(b"**.");
+        let first = if subdomains { 3 } else { 0 };
+        let mut labels =
+            Vec::with_capacity(body[first..].iter().filter(|&&b| b == b'.').count() + 1);
+        let mut start = first;
+        for (i, &b) in body
+            .iter()
+            .enumerate()
+            .skip(first)
+            .chain([(body_len, &b'.')])
+        {
+            if b != b'.' {
+                continue;
+            }
+            let label = &body[start..i];
             if label.is_empty() {
                 return Err(empty_label());
             }
-            labels.push(compile_label(label.as_bytes()));
+            let kind = if label.iter().all(|&b| b == b'*') {
+                LabelKind::Any
+            } else if label.contains(&b'*') {
+                LabelKind::Glob
+            } else {
+                LabelKind::Literal
+            };
+            // The text is at most 256 bytes, so offsets fit a byte.
+            labels.push(Label {
+                start: start as u8,
+                end: i as u8,
+                kind,
+            });
+            start = i + 1;
         }
         Ok(Pattern {
-            normalized,
+            normalized: text.into(),
             shape: Shape::Labels { subdomains, labels },
         })
+    }
+
+    /// The bytes of `label`, one of this pattern's labels.
+    pub(crate) fn label_bytes(&self, label: &Label) -> &[u8] {
+        &self.normalized.as_bytes()[usize::from(label.start)..usize::from(label.end)]
     }
 
     /// The pattern trimmed, lowercased, with a trailing dot.
@@ -230,20 +269,14 @@ fn escape(pattern: &str, group: &str) -> String {
         .replace('*', &format!("{group}*"))
 }
 
-fn compile_label(label: &[u8]) -> Label {
-    if label.iter().all(|&b| b == b'*') {
-        return Label::Any;
-    }
-    if !label.contains(&b'*') {
-        return Label::Literal(label.into());
-    }
-    let mut glob = Vec::with_capacity(label.len());
+/// A glob label with runs of stars collapsed to one (`a**b` behaves as `a*b`).
+pub(crate) fn collapse_stars(label: &[u8], out: &mut Vec<u8>) {
+    out.clear();
     for &b in label {
-        if !(b == b'*' && glob.last() == Some(&b'*')) {
-            glob.push(b);
+        if !(b == b'*' && out.last() == Some(&b'*')) {
+            out.push(b);
         }
     }
-    Label::Glob(glob.into())
 }
 
 /// Whether `label` (lowercased name bytes, no `*`) matches `glob` (stars collapsed).

@@ -16,7 +16,7 @@ use std::collections::HashMap;
 use std::ops::ControlFlow;
 
 use crate::name::Name;
-use crate::pattern::{Label, Pattern, Shape, glob_match};
+use crate::pattern::{LabelKind, Pattern, Shape, collapse_stars, glob_match};
 
 /// A caller-chosen tag for a pattern (a policy rule, a selector). Lookups report the tags of the
 /// patterns that match.
@@ -33,9 +33,11 @@ struct Node {
     subtree: u32,
     /// Child through a whole-label `*`, or `NONE`.
     any: u32,
-    /// Range of this node's glob edges in `Matcher::globs`.
+    /// Range of this node's glob edges in `Matcher::globs`: first the `globs_star` globs that
+    /// start with `*`, then the others sorted by their first byte.
     globs_start: u32,
     globs_len: u32,
+    globs_star: u32,
 }
 
 impl Node {
@@ -45,6 +47,7 @@ impl Node {
         any: NONE,
         globs_start: 0,
         globs_len: 0,
+        globs_star: 0,
     };
 }
 
@@ -107,20 +110,65 @@ impl MatcherBuilder {
     }
 }
 
+/// FxHash: a fast, non-cryptographic hasher for build-time maps (keys come from the policy
+/// author, not from the network).
+#[derive(Default, Clone, Copy)]
+struct FxHasher(u64);
+
+impl std::hash::Hasher for FxHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        let mut chunks = bytes.chunks_exact(8);
+        for chunk in &mut chunks {
+            self.add(u64::from_le_bytes(chunk.try_into().expect("8-byte chunk")));
+        }
+        for &b in chunks.remainder() {
+            self.add(u64::from(b));
+        }
+    }
+    fn write_u8(&mut self, i: u8) {
+        self.add(u64::from(i));
+    }
+    fn write_u32(&mut self, i: u32) {
+        self.add(u64::from(i));
+    }
+    fn write_u64(&mut self, i: u64) {
+        self.add(i);
+    }
+    fn write_usize(&mut self, i: usize) {
+        self.add(i as u64);
+    }
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+impl FxHasher {
+    #[inline]
+    fn add(&mut self, word: u64) {
+        self.0 = (self.0.rotate_left(5) ^ word).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+}
+
+type FxMap<K, V> = HashMap<K, V, std::hash::BuildHasherDefault<FxHasher>>;
+
 /// Build-time state: hash maps that the frozen [`Matcher`] replaces with flat arrays.
 #[derive(Default)]
 struct Compiler {
     nodes: Vec<Node>,
     bytes: Vec<u8>,
     /// Interned label and glob bytes → offset in `bytes`.
-    interned: HashMap<Box<[u8]>, u32>,
+    interned: FxMap<Box<[u8]>, u32>,
     /// (parent, label offset, label length) → child.
-    exact: HashMap<(u32, u32, u8), u32>,
-    /// node → (glob offset, glob length, child), in insertion order.
-    globs: HashMap<u32, Vec<(u32, u32, u32)>>,
-    /// node → rules of its terminal / subtree set.
-    terminal_rules: HashMap<u32, Vec<RuleId>>,
-    subtree_rules: HashMap<u32, Vec<RuleId>>,
+    exact: FxMap<(u32, u32, u8), u32>,
+    /// (node, glob offset, glob length, child), in insertion order.
+    globs: Vec<(u32, u32, u32, u32)>,
+    /// (node, glob offset, glob length) → child, to share glob edges.
+    glob_index: FxMap<(u32, u32, u32), u32>,
+    /// (node, rule) of patterns ending at node; of `**.` patterns ending at node.
+    terminal_rules: Vec<(u32, RuleId)>,
+    subtree_rules: Vec<(u32, RuleId)>,
+    /// Scratch for collapsing stars.
+    scratch: Vec<u8>,
 }
 
 impl Compiler {
@@ -141,9 +189,9 @@ impl Compiler {
         id
     }
 
-    fn child(&mut self, parent: u32, label: &Label) -> u32 {
-        match label {
-            Label::Any => {
+    fn child(&mut self, parent: u32, kind: LabelKind, bytes: &[u8]) -> u32 {
+        match kind {
+            LabelKind::Any => {
                 let any = self.nodes[parent as usize].any;
                 if any != NONE {
                     return any;
@@ -152,8 +200,8 @@ impl Compiler {
                 self.nodes[parent as usize].any = child;
                 child
             }
-            Label::Literal(bytes) => {
-                // Literal labels come from validated patterns: at most 255 bytes, checked there.
+            LabelKind::Literal => {
+                // Labels of validated patterns are at most 255 bytes.
                 let key = (parent, self.intern(bytes), bytes.len().min(255) as u8);
                 if let Some(&child) = self.exact.get(&key) {
                     return child;
@@ -162,19 +210,17 @@ impl Compiler {
                 self.exact.insert(key, child);
                 child
             }
-            Label::Glob(bytes) => {
-                let (off, len) = (self.intern(bytes), bytes.len() as u32);
-                if let Some(edges) = self.globs.get(&parent)
-                    && let Some(&(_, _, child)) =
-                        edges.iter().find(|&&(o, l, _)| (o, l) == (off, len))
-                {
+            LabelKind::Glob => {
+                let mut glob = std::mem::take(&mut self.scratch);
+                collapse_stars(bytes, &mut glob);
+                let key = (parent, self.intern(&glob), glob.len() as u32);
+                self.scratch = glob;
+                if let Some(&child) = self.glob_index.get(&key) {
                     return child;
                 }
                 let child = self.new_node();
-                self.globs
-                    .entry(parent)
-                    .or_default()
-                    .push((off, len, child));
+                self.glob_index.insert(key, child);
+                self.globs.push((key.0, key.1, key.2, child));
                 child
             }
         }
@@ -191,37 +237,58 @@ impl Compiler {
                 Shape::Labels { subdomains, labels } => {
                     let mut node = root;
                     for label in labels.iter().rev() {
-                        node = self.child(node, label);
+                        node = self.child(node, label.kind, pattern.label_bytes(label));
                     }
                     let sets = if *subdomains {
                         &mut self.subtree_rules
                     } else {
                         &mut self.terminal_rules
                     };
-                    sets.entry(node).or_default().push(*rule);
+                    sets.push((node, *rule));
                 }
             }
         }
 
         let mut sets = RuleSets::default();
-        let all = sets.intern(all_rules);
-        for (node, rules) in std::mem::take(&mut self.terminal_rules) {
-            self.nodes[node as usize].terminal = sets.intern(rules);
-        }
-        for (node, rules) in std::mem::take(&mut self.subtree_rules) {
-            self.nodes[node as usize].subtree = sets.intern(rules);
+        let all = sets.intern(&mut all_rules);
+        for subtree in [false, true] {
+            let list = if subtree {
+                &mut self.subtree_rules
+            } else {
+                &mut self.terminal_rules
+            };
+            list.sort_unstable();
+            let mut rules = Vec::new();
+            for group in list.chunk_by(|a, b| a.0 == b.0) {
+                rules.clear();
+                rules.extend(group.iter().map(|&(_, rule)| rule));
+                let set = sets.intern(&mut rules);
+                let node = &mut self.nodes[group[0].0 as usize];
+                if subtree {
+                    node.subtree = set;
+                } else {
+                    node.terminal = set;
+                }
+            }
         }
 
-        let mut glob_edges = Vec::new();
-        let mut glob_nodes: Vec<_> = std::mem::take(&mut self.globs).into_iter().collect();
-        glob_nodes.sort_unstable_by_key(|(node, _)| *node);
-        for (node, edges) in glob_nodes {
-            let n = &mut self.nodes[node as usize];
+        // Glob edges, grouped by node; within a node the globs that start with a star come
+        // first, the others are sorted by their first byte so a lookup can binary-search them.
+        let bytes = &self.bytes;
+        let first = |off: u32| bytes[off as usize];
+        self.globs
+            .sort_by_key(|&(node, off, _, _)| (node, first(off) != b'*', first(off)));
+        let mut glob_edges = Vec::with_capacity(self.globs.len());
+        for group in self.globs.chunk_by(|a, b| a.0 == b.0) {
+            let n = &mut self.nodes[group[0].0 as usize];
             n.globs_start = glob_edges.len() as u32;
-            n.globs_len = edges.len() as u32;
-            for (off, len, child) in edges {
-                glob_edges.push(GlobEdge { off, len, child });
-            }
+            n.globs_len = group.len() as u32;
+            n.globs_star = group.iter().filter(|g| first(g.1) == b'*').count() as u32;
+            glob_edges.extend(group.iter().map(|&(_, off, len, child)| GlobEdge {
+                off,
+                len,
+                child,
+            }));
         }
 
         // Exact edges: open addressing, linear probing, load factor at most 3/4. The slot count
@@ -267,24 +334,24 @@ impl Compiler {
 struct RuleSets {
     ranges: Vec<(u32, u32)>,
     rules: Vec<RuleId>,
-    index: HashMap<Vec<RuleId>, u32>,
+    index: FxMap<Vec<RuleId>, u32>,
 }
 
 impl RuleSets {
-    fn intern(&mut self, mut rules: Vec<RuleId>) -> u32 {
+    fn intern(&mut self, rules: &mut Vec<RuleId>) -> u32 {
         if rules.is_empty() {
             return NONE;
         }
         rules.sort_unstable();
         rules.dedup();
-        if let Some(&id) = self.index.get(&rules) {
+        if let Some(&id) = self.index.get(rules.as_slice()) {
             return id;
         }
         let id = self.ranges.len() as u32;
         self.ranges
             .push((self.rules.len() as u32, rules.len() as u32));
-        self.rules.extend_from_slice(&rules);
-        self.index.insert(rules, id);
+        self.rules.extend_from_slice(rules);
+        self.index.insert(rules.clone(), id);
         id
     }
 }
@@ -449,7 +516,13 @@ impl Matcher {
             self.walk_from(name, n.any, remaining - 1, f)?;
         }
         let start = n.globs_start as usize;
-        for edge in &self.globs[start..start + n.globs_len as usize] {
+        let globs = &self.globs[start..start + n.globs_len as usize];
+        let (starred, sorted) = globs.split_at(n.globs_star as usize);
+        // Globs that start with a literal byte can only match labels that start with it.
+        let first = label[0];
+        let from = sorted.partition_point(|e| self.bytes[e.off as usize] < first);
+        let to = from + sorted[from..].partition_point(|e| self.bytes[e.off as usize] == first);
+        for edge in starred.iter().chain(&sorted[from..to]) {
             let glob = &self.bytes[edge.off as usize..(edge.off + edge.len) as usize];
             if glob_match(glob, label) {
                 self.walk_from(name, edge.child, remaining - 1, f)?;

@@ -185,3 +185,48 @@ fn match_name_rejects_stars() {
     assert!(Pattern::parse_name("*.cilium.io").is_err());
     assert!(Pattern::parse_name("cilium.io").is_ok());
 }
+
+#[test]
+fn many_globs_at_one_node_agree_with_the_regexes() {
+    // Hundreds of mid-label globs under one domain: the lookup only tries the globs whose
+    // first byte can match, so check every kind of first byte against the reference.
+    let mut patterns = Vec::new();
+    for i in 0..300 {
+        let c = char::from(b'a' + (i % 26) as u8);
+        patterns.push(match i % 4 {
+            0 => format!("{c}{i}-*.svc.example.com"),
+            1 => format!("*-{c}{i}.svc.example.com"),
+            2 => format!("{c}*{i}.svc.example.com"),
+            _ => format!("*{c}*.svc.example.com"),
+        });
+    }
+    let mut builder = MatcherBuilder::new();
+    let mut regexes = Vec::new();
+    for (i, p) in patterns.iter().enumerate() {
+        let parsed = Pattern::parse(p).unwrap();
+        regexes.push(regex::Regex::new(&parsed.to_anchored_regex()).unwrap());
+        builder.add(parsed, RuleId(i as u32));
+    }
+    let matcher = builder.build();
+    for i in 0..400 {
+        let c = char::from(b'a' + (i % 26) as u8);
+        for name in [
+            format!("{c}{i}-x.svc.example.com"),
+            format!("y-{c}{i}.svc.example.com"),
+            format!("{c}zz{i}.svc.example.com"),
+            format!("0{c}0.svc.example.com"),
+            format!("{i}.svc.example.com"),
+        ] {
+            let n = Name::from_text(&name).unwrap();
+            let fqdn = n.to_string();
+            let expect: Vec<u32> = regexes
+                .iter()
+                .enumerate()
+                .filter(|(_, re)| re.is_match(&fqdn))
+                .map(|(i, _)| i as u32)
+                .collect();
+            let got: Vec<u32> = matcher.matches(&n).into_iter().map(|r| r.0).collect();
+            assert_eq!(got, expect, "{name}");
+        }
+    }
+}
