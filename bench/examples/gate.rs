@@ -1,0 +1,603 @@
+//! The CI performance gate: instruction counts of the hot paths under callgrind, compared with
+//! committed baselines (`bench/gate/baselines.txt`). See `BENCHMARKING.md` at the repository
+//! root.
+//!
+//! ```text
+//! gate check [--baselines FILE] [--tolerance PCT] [--update] [--only NAME,...] [--jobs N]
+//! gate run NAME ITERS      # the workload alone (what `check` runs under valgrind)
+//! gate list                # the workload names
+//! ```
+//!
+//! `check` runs `valgrind --tool=callgrind --collect-atstart=no
+//! --toggle-collect=*gate_measured*` on this same executable with `run NAME ITERS` for every
+//! workload, so only the measured loop is counted (setup, policy compilation and warm-up are
+//! not), reads the `totals:` line, divides by ITERS and compares with the baseline: more than
+//! `--tolerance` percent (default 5) above it fails (exit 1). `--update` rewrites the baselines
+//! file with the measured figures instead.
+//!
+//! Instruction counts do not depend on machine load, so the gate is stable on noisy CI runners;
+//! they do depend on the code, the compiler version and the profile (`[profile.gate]`).
+
+use std::collections::BTreeMap;
+use std::hint::black_box;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dnsfence_bench::{build, patterns, queries, to_wire};
+use dnsfence_engine::allow::UserspaceAllowTable;
+use dnsfence_engine::core::{Client, Core, CoreConfig, Destination};
+use dnsfence_engine::wire::{self, CLASS_IN, TYPE_A, TYPE_AAAA};
+use dnsfence_matcher::{Matcher, Name};
+use dnsfence_policy::{Endpoints, PolicySet, Snapshot};
+
+/// Pattern-set seed, as in the criterion benches and `lookup_loop`.
+const SEED: u64 = 0x00d5_fe5e;
+
+/// The workloads: name, iterations counted, what one iteration is.
+const WORKLOADS: &[(&str, u64, &str)] = &[
+    (
+        "matcher/is_match/10",
+        4 * 4096,
+        "one `is_match` on a parsed `Name`, 10 patterns",
+    ),
+    (
+        "matcher/is_match/10k",
+        4 * 4096,
+        "one `is_match` on a parsed `Name`, 10k patterns",
+    ),
+    (
+        "matcher/wire+is_match/10",
+        4 * 4096,
+        "`Name::from_wire` + `is_match`, 10 patterns",
+    ),
+    (
+        "matcher/wire+is_match/10k",
+        4 * 4096,
+        "`Name::from_wire` + `is_match`, 10k patterns",
+    ),
+    (
+        "wire/parse_query+from_wire",
+        4 * 4096,
+        "`wire::parse_query` + `Name::from_wire`",
+    ),
+    (
+        "core/denied",
+        8192,
+        "`handle_client` (denied) + `poll_transmit` drain",
+    ),
+    (
+        "core/allowed",
+        8192,
+        "`handle_client` (allowed) + `handle_upstream` + `commit_allows` + drains",
+    ),
+];
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        Some("run") => {
+            let (Some(name), Some(iters)) = (args.get(1), args.get(2)) else {
+                usage();
+            };
+            let iters: u64 = iters.parse().unwrap_or_else(|_| usage());
+            run(name, iters);
+        }
+        Some("list") => {
+            for (name, iters, what) in WORKLOADS {
+                println!("{name}\t{iters}\t{what}");
+            }
+        }
+        Some("check") => std::process::exit(check(&args[1..])),
+        _ => usage(),
+    }
+}
+
+fn usage() -> ! {
+    eprintln!(
+        "usage: gate check [--baselines FILE] [--tolerance PCT] [--update] [--only NAME,...] [--jobs N]\n       gate run NAME ITERS\n       gate list"
+    );
+    std::process::exit(2);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Workloads
+
+/// One prepared workload; `step(i)` is one iteration.
+trait Workload {
+    fn step(&mut self, i: usize);
+}
+
+/// The only function callgrind counts (`--toggle-collect=*gate_measured*`): everything it calls
+/// is counted, inlined or not. Never inlined, so its symbol exists in the optimised binary.
+#[inline(never)]
+fn gate_measured(w: &mut dyn Workload, iters: u64) {
+    for i in 0..iters as usize {
+        w.step(black_box(i));
+    }
+}
+
+fn run(name: &str, iters: u64) {
+    let mut w: Box<dyn Workload> = match name {
+        "matcher/is_match/10" => Box::new(MatchName::new(10)),
+        "matcher/is_match/10k" => Box::new(MatchName::new(10_000)),
+        "matcher/wire+is_match/10" => Box::new(MatchWire::new(10)),
+        "matcher/wire+is_match/10k" => Box::new(MatchWire::new(10_000)),
+        "wire/parse_query+from_wire" => Box::new(ParseQuery::new()),
+        "core/denied" => Box::new(CoreDenied::new()),
+        "core/allowed" => Box::new(CoreAllowed::new()),
+        _ => {
+            eprintln!("gate: unknown workload {name} (see `gate list`)");
+            std::process::exit(2);
+        }
+    };
+    // Warm-up outside the counted function: tables, caches and lazily sized buffers settle.
+    for i in 0..iters.min(4096) as usize {
+        w.step(i);
+    }
+    gate_measured(w.as_mut(), iters);
+}
+
+struct MatchName {
+    matcher: Matcher,
+    names: Vec<Name>,
+    hits: usize,
+}
+
+impl MatchName {
+    fn new(n: usize) -> MatchName {
+        let ps = patterns(n, SEED);
+        let q = queries(&ps, 4096, SEED + 1);
+        MatchName {
+            matcher: build(&ps),
+            names: q.names,
+            hits: 0,
+        }
+    }
+}
+
+impl Workload for MatchName {
+    fn step(&mut self, i: usize) {
+        let name = &self.names[i % self.names.len()];
+        self.hits += usize::from(self.matcher.is_match(black_box(name)));
+    }
+}
+
+struct MatchWire {
+    matcher: Matcher,
+    wire: Vec<Vec<u8>>,
+    hits: usize,
+}
+
+impl MatchWire {
+    fn new(n: usize) -> MatchWire {
+        let ps = patterns(n, SEED);
+        let q = queries(&ps, 4096, SEED + 1);
+        MatchWire {
+            matcher: build(&ps),
+            wire: q.wire,
+            hits: 0,
+        }
+    }
+}
+
+impl Workload for MatchWire {
+    fn step(&mut self, i: usize) {
+        let wire = &self.wire[i % self.wire.len()];
+        if let Ok(name) = Name::from_wire(black_box(wire)) {
+            self.hits += usize::from(self.matcher.is_match(&name));
+        }
+    }
+}
+
+/// A client query packet (RD set) for `name`, with an EDNS0 OPT record when `edns`.
+fn query_packet(id: u16, name: &str, qtype: u16, edns: bool) -> Vec<u8> {
+    let mut q = id.to_be_bytes().to_vec();
+    q.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, u8::from(edns)]);
+    q.extend_from_slice(&to_wire(name));
+    q.extend_from_slice(&qtype.to_be_bytes());
+    q.extend_from_slice(&CLASS_IN.to_be_bytes());
+    if edns {
+        q.extend_from_slice(&[0, 0, 41, 0x04, 0xd0, 0, 0, 0, 0, 0, 0]);
+    }
+    q
+}
+
+struct ParseQuery {
+    packets: Vec<Vec<u8>>,
+    labels: usize,
+}
+
+impl ParseQuery {
+    fn new() -> ParseQuery {
+        let ps = patterns(10_000, SEED);
+        let q = queries(&ps, 4096, SEED + 1);
+        let packets = q
+            .text
+            .iter()
+            .enumerate()
+            .map(|(i, t)| {
+                let qtype = if i % 3 == 0 { TYPE_AAAA } else { TYPE_A };
+                query_packet(i as u16, t, qtype, i % 2 == 0)
+            })
+            .collect();
+        ParseQuery { packets, labels: 0 }
+    }
+}
+
+impl Workload for ParseQuery {
+    fn step(&mut self, i: usize) {
+        let packet = &self.packets[i % self.packets.len()];
+        if let Ok(query) = wire::parse_query(black_box(packet))
+            && let Ok(name) = Name::from_wire(query.name_wire(packet))
+        {
+            self.labels += name.label_count();
+        }
+    }
+}
+
+/// The engine tests' policy: endpoint `client` (127.0.0.10) may resolve `*.allowed.test` and
+/// `api.stripe.com`, and reach `*.allowed.test` on 443/TCP.
+const POLICY: &str = r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: client-egress, namespace: default}
+spec:
+  endpointSelector: {matchLabels: {app: client}}
+  egress:
+  - toPorts:
+    - ports: [{port: "53", protocol: ANY}]
+      rules:
+        dns: [{matchPattern: "*.allowed.test"}, {matchName: "api.stripe.com"}]
+  - toFQDNs: [{matchPattern: "*.allowed.test"}]
+    toPorts: [{ports: [{port: "443", protocol: TCP}]}]
+"#;
+
+const ENDPOINTS: &str = r#"
+endpoints:
+- name: client
+  namespace: default
+  labels: {app: client}
+  ips: ["127.0.0.10", "::1"]
+- name: open
+  namespace: default
+  labels: {app: open}
+  ips: ["127.0.0.20"]
+"#;
+
+const CLIENT: &str = "127.0.0.10:40000";
+const UPSTREAM: &str = "127.0.0.53:53";
+
+/// A core over the test policy, with its ID generator seeded (the default seed is fixed).
+fn test_core() -> Core {
+    let policies = PolicySet::from_yaml(Path::new("gate-policy.yaml"), POLICY)
+        .unwrap_or_else(|e| panic!("gate policy: {e}"));
+    let endpoints = Endpoints::from_yaml(Path::new("gate-endpoints.yaml"), ENDPOINTS)
+        .unwrap_or_else(|e| panic!("gate endpoints: {e}"));
+    let snapshot = Snapshot::compile(&policies, &endpoints);
+    let mut config = CoreConfig::new(UPSTREAM.parse().unwrap());
+    config.max_pending = 1024;
+    Core::new(config, Arc::new(snapshot))
+}
+
+struct CoreDenied {
+    core: Core,
+    client: Client,
+    packets: Vec<Vec<u8>>,
+    t0: Instant,
+    sent: usize,
+}
+
+impl CoreDenied {
+    fn new() -> CoreDenied {
+        let packets = (0..64)
+            .map(|i| query_packet(i, &format!("host{i}.denied.example.com"), TYPE_A, false))
+            .collect();
+        CoreDenied {
+            core: test_core(),
+            client: Client::Udp(CLIENT.parse().unwrap()),
+            packets,
+            t0: Instant::now(),
+            sent: 0,
+        }
+    }
+}
+
+impl Workload for CoreDenied {
+    fn step(&mut self, i: usize) {
+        let now = self.t0 + Duration::from_micros(i as u64);
+        let packet = &self.packets[i % self.packets.len()];
+        self.core.handle_client(now, self.client, None, packet);
+        while let Some(t) = self.core.poll_transmit() {
+            self.sent += t.data.len();
+        }
+        while self.core.poll_record().is_some() {}
+    }
+}
+
+struct CoreAllowed {
+    core: Core,
+    client: Client,
+    upstream: SocketAddr,
+    table: UserspaceAllowTable,
+    queries: Vec<Vec<u8>>,
+    answers: Vec<Vec<u8>>,
+    t0: Instant,
+    sent: usize,
+}
+
+/// An answer (QR, RD, RA) to `name`/A with one A record (compressed owner), TTL 3600.
+fn answer_packet(name: &str, ip: [u8; 4]) -> Vec<u8> {
+    let mut p = vec![0, 0, 0x81, 0x80, 0, 1, 0, 1, 0, 0, 0, 0];
+    p.extend_from_slice(&to_wire(name));
+    p.extend_from_slice(&TYPE_A.to_be_bytes());
+    p.extend_from_slice(&CLASS_IN.to_be_bytes());
+    p.extend_from_slice(&[0xc0, 0x0c]);
+    p.extend_from_slice(&TYPE_A.to_be_bytes());
+    p.extend_from_slice(&CLASS_IN.to_be_bytes());
+    p.extend_from_slice(&3600u32.to_be_bytes());
+    p.extend_from_slice(&4u16.to_be_bytes());
+    p.extend_from_slice(&ip);
+    p
+}
+
+impl CoreAllowed {
+    fn new() -> CoreAllowed {
+        let names: Vec<String> = (0..64).map(|i| format!("host{i}.allowed.test")).collect();
+        CoreAllowed {
+            core: test_core(),
+            client: Client::Udp(CLIENT.parse().unwrap()),
+            upstream: UPSTREAM.parse().unwrap(),
+            table: UserspaceAllowTable::new(1 << 16),
+            queries: names
+                .iter()
+                .enumerate()
+                .map(|(i, n)| query_packet(i as u16, n, TYPE_A, false))
+                .collect(),
+            answers: names
+                .iter()
+                .enumerate()
+                .map(|(i, n)| answer_packet(n, [127, 0, 1, i as u8]))
+                .collect(),
+            t0: Instant::now(),
+            sent: 0,
+        }
+    }
+}
+
+impl Workload for CoreAllowed {
+    fn step(&mut self, i: usize) {
+        let now = self.t0 + Duration::from_micros(i as u64);
+        let k = i % self.queries.len();
+        self.core
+            .handle_client(now, self.client, None, &self.queries[k]);
+        let mut forwarded = None;
+        while let Some(t) = self.core.poll_transmit() {
+            if let Destination::UpstreamUdp { socket } = t.to {
+                forwarded = Some((socket, u16::from_be_bytes([t.data[0], t.data[1]])));
+            }
+        }
+        let Some((socket, id)) = forwarded else {
+            panic!("gate: the allowed query was not forwarded");
+        };
+        let answer = &mut self.answers[k];
+        answer[0..2].copy_from_slice(&id.to_be_bytes());
+        self.core
+            .handle_upstream(now, socket, self.upstream, answer);
+        self.core.handle_timeout(now);
+        self.core.commit_allows(now, &mut &self.table);
+        while let Some(t) = self.core.poll_transmit() {
+            self.sent += t.data.len();
+        }
+        while self.core.poll_record().is_some() {}
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The check: run every workload under callgrind, compare with the baselines
+
+struct Options {
+    baselines: PathBuf,
+    tolerance: f64,
+    update: bool,
+    only: Option<Vec<String>>,
+    jobs: usize,
+}
+
+fn parse_options(args: &[String]) -> Options {
+    let mut o = Options {
+        baselines: PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/gate/baselines.txt")),
+        tolerance: 5.0,
+        update: false,
+        only: None,
+        jobs: std::thread::available_parallelism().map_or(1, |n| n.get()),
+    };
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let mut value = || it.next().cloned().unwrap_or_else(|| usage());
+        match a.as_str() {
+            "--baselines" => o.baselines = PathBuf::from(value()),
+            "--tolerance" => o.tolerance = value().parse().unwrap_or_else(|_| usage()),
+            "--update" => o.update = true,
+            "--only" => o.only = Some(value().split(',').map(str::to_owned).collect()),
+            "--jobs" => o.jobs = value().parse().unwrap_or_else(|_| usage()),
+            _ => usage(),
+        }
+    }
+    o
+}
+
+/// Baselines: `NAME INSTRUCTIONS-PER-ITERATION` a line, `#` comments.
+fn read_baselines(path: &Path) -> BTreeMap<String, f64> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return BTreeMap::new();
+    };
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            Some((f.next()?.to_owned(), f.next()?.parse().ok()?))
+        })
+        .collect()
+}
+
+/// Runs one workload under callgrind; returns instructions per iteration.
+fn measure(exe: &Path, dir: &Path, name: &str, iters: u64) -> Result<f64, String> {
+    let out = dir.join(format!("callgrind.{}.out", name.replace('/', "_")));
+    let result = Command::new("valgrind")
+        .arg("--tool=callgrind")
+        .arg(format!("--callgrind-out-file={}", out.display()))
+        .args([
+            "--collect-atstart=no",
+            "--toggle-collect=*gate_measured*",
+            "--dump-line=no",
+        ])
+        .arg(exe)
+        .args(["run", name, &iters.to_string()])
+        .output()
+        .map_err(|e| format!("cannot start valgrind: {e} (install valgrind)"))?;
+    if !result.status.success() {
+        return Err(format!(
+            "{name}: valgrind failed ({}):\n{}",
+            result.status,
+            String::from_utf8_lossy(&result.stderr)
+        ));
+    }
+    let text = std::fs::read_to_string(&out).map_err(|e| format!("{}: {e}", out.display()))?;
+    let _ = std::fs::remove_file(&out);
+    let total: u64 = text
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("totals:")
+                .or_else(|| l.strip_prefix("summary:"))
+        })
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .ok_or_else(|| format!("{name}: no totals in callgrind output"))?;
+    if total == 0 {
+        return Err(format!(
+            "{name}: callgrind counted nothing: is `gate_measured` in the symbol table?"
+        ));
+    }
+    Ok(total as f64 / iters as f64)
+}
+
+fn check(args: &[String]) -> i32 {
+    let o = parse_options(args);
+    let exe = std::env::current_exe().expect("own path");
+    let dir = std::env::temp_dir().join(format!("dnsfence-gate-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let selected: Vec<(&str, u64, &str)> = WORKLOADS
+        .iter()
+        .copied()
+        .filter(|(n, ..)| {
+            o.only
+                .as_ref()
+                .is_none_or(|only| only.iter().any(|x| x == n))
+        })
+        .collect();
+
+    // At most `jobs` valgrind processes at once.
+    let mut measured: Vec<(&str, Result<f64, String>)> = Vec::new();
+    for chunk in selected.chunks(o.jobs.max(1)) {
+        let results: Vec<_> = std::thread::scope(|s| {
+            let handles: Vec<_> = chunk
+                .iter()
+                .map(|&(name, iters, _)| {
+                    let (exe, dir) = (&exe, &dir);
+                    s.spawn(move || (name, measure(exe, dir, name, iters)))
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        measured.extend(results);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+
+    let baselines = read_baselines(&o.baselines);
+    let mut failed = 0;
+    println!(
+        "| workload | baseline Ir/iter | measured Ir/iter | change | verdict (tolerance +{}%) |",
+        o.tolerance
+    );
+    println!("| --- | ---: | ---: | ---: | --- |");
+    for (name, r) in &measured {
+        let now = match r {
+            Ok(v) => *v,
+            Err(e) => {
+                eprintln!("gate: {e}");
+                failed += 1;
+                println!("| {name} | | | | ERROR |");
+                continue;
+            }
+        };
+        let (base, change, verdict) = match baselines.get(*name) {
+            None => ("-".to_owned(), "-".to_owned(), "new (no baseline)"),
+            Some(&b) => {
+                let pct = (now / b - 1.0) * 100.0;
+                let verdict = if pct > o.tolerance {
+                    failed += 1;
+                    "REGRESSION"
+                } else if pct < -o.tolerance {
+                    "improved: update the baseline"
+                } else {
+                    "ok"
+                };
+                (format!("{b:.1}"), format!("{pct:+.2}%"), verdict)
+            }
+        };
+        println!("| {name} | {base} | {now:.1} | {change} | {verdict} |");
+    }
+
+    if o.update {
+        if measured.iter().any(|(_, r)| r.is_err()) {
+            eprintln!("gate: not updating the baselines: some workloads failed");
+            return 1;
+        }
+        let mut all = baselines;
+        for (name, r) in &measured {
+            all.insert((*name).to_owned(), *r.as_ref().unwrap());
+        }
+        let mut text = String::from(
+            "# Instructions per iteration of each gate workload (callgrind Ir, [profile.gate]).\n\
+             # Regenerate: bench/gate/run.sh --update ; commit with the reason for the change.\n",
+        );
+        text.push_str(&format!("# toolchain: {}\n", toolchain()));
+        for (name, iters, what) in WORKLOADS {
+            if let Some(v) = all.get(*name) {
+                text.push_str(&format!("# {name}: {what} ({iters} iterations)\n"));
+                text.push_str(&format!("{name} {v:.1}\n"));
+            }
+        }
+        std::fs::write(&o.baselines, text).expect("write baselines");
+        println!("\ngate: baselines written to {}", o.baselines.display());
+        return 0;
+    }
+    if failed > 0 {
+        println!(
+            "\ngate: FAILED: {failed} workload(s) above their baseline by more than {}% \
+             (or errors). If the change is intended, run bench/gate/run.sh --update and commit \
+             bench/gate/baselines.txt with the reason (see BENCHMARKING.md).",
+            o.tolerance
+        );
+        1
+    } else {
+        println!("\ngate: ok");
+        0
+    }
+}
+
+/// `rustc --version` and `valgrind --version`, for the baselines file header.
+fn toolchain() -> String {
+    let version = |cmd: &str| {
+        Command::new(cmd)
+            .arg("--version")
+            .output()
+            .ok()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+            .unwrap_or_else(|| format!("{cmd}: unknown"))
+    };
+    format!("{}; {}", version("rustc"), version("valgrind"))
+}
