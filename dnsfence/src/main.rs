@@ -1,6 +1,7 @@
 //! `dnsfence`: the agent, the standalone HA proxy, and the command-line tools.
 
 mod agent;
+mod demo;
 mod match_cmd;
 mod metrics;
 mod policy_cmd;
@@ -28,6 +29,8 @@ enum Command {
     Policy(policy_cmd::PolicyArgs),
     /// Run the complete single-process proxy (policy, shards, metrics).
     Agent(Box<agent::AgentArgs>),
+    /// Prove it: load, SIGKILL and restart of an agent, and the verdict counts, on loopback.
+    Demo(demo::DemoArgs),
 }
 
 fn main() -> ExitCode {
@@ -35,6 +38,14 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Match(args) => match_cmd::run(&args),
         Command::Policy(args) => policy_cmd::run(&args),
+        Command::Demo(args) => match demo::run(&args) {
+            Ok(true) => ExitCode::SUCCESS,
+            Ok(false) => ExitCode::FAILURE,
+            Err(e) => {
+                eprintln!("dnsfence demo: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Agent(args) => match agent::run(&args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
