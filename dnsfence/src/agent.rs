@@ -130,6 +130,9 @@ pub struct AgentArgs {
     /// Capacity of the userspace allow table (--no-bpf).
     #[arg(long, default_value_t = 1 << 20)]
     pub allow_entries: usize,
+    /// Most (endpoint, name) entries of the FQDN cache (the consumer's; oldest evicted beyond).
+    #[arg(long, default_value_t = 65536)]
+    pub fqdn_cache_entries: usize,
     /// Capacity of the shard → consumer record queue.
     #[arg(long, default_value_t = 65536)]
     pub record_queue: usize,
@@ -302,6 +305,25 @@ pub fn run(args: &AgentArgs) -> Result<()> {
     }
     let records = Arc::new(ArrayQueue::new(args.record_queue.max(1)));
     let table = Arc::new(UserspaceAllowTable::new(args.allow_entries));
+    // Everything that can fail on a taken port or a bad path, before any shard joins the
+    // listen port's SO_REUSEPORT group (where it would take a share of the queries).
+    let metrics_listener = match args.no_metrics {
+        true => None,
+        false => Some(
+            metrics::bind(args.metrics_listen)
+                .with_context(|| format!("metrics listener {}", args.metrics_listen))?,
+        ),
+    };
+    let flow_log: Option<Box<dyn std::io::Write + Send>> = match &args.flow_log {
+        None => None,
+        Some(path) => Some(Box::new(std::io::BufWriter::new(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .with_context(|| format!("flow log {}", path.display()))?,
+        ))),
+    };
 
     let mut statuses = Vec::new();
     let mut threads = Vec::new();
@@ -337,16 +359,6 @@ pub fn run(args: &AgentArgs) -> Result<()> {
 
     let observations = Arc::new(Mutex::new(Observations::default()));
     let consumer_stop = Arc::new(AtomicBool::new(false));
-    let flow_log: Option<Box<dyn std::io::Write + Send>> = match &args.flow_log {
-        None => None,
-        Some(path) => Some(Box::new(std::io::BufWriter::new(
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(path)
-                .with_context(|| format!("flow log {}", path.display()))?,
-        ))),
-    };
     let consumer = {
         let (records, observations, stop) = (
             Arc::clone(&records),
@@ -354,17 +366,17 @@ pub fn run(args: &AgentArgs) -> Result<()> {
             Arc::clone(&consumer_stop),
         );
         let config = ConsumerConfig {
-            cache_entries: 1 << 20,
+            cache_entries: args.fqdn_cache_entries.max(1),
             flow_log,
         };
         std::thread::Builder::new()
-            .name("dnsfence-consumer".into())
+            .name("dnsf-consumer".into())
             .spawn(move || consumer::run(records, observations, config, stop))
             .context("consumer thread")?
     };
 
     let reload_errors = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    if !args.no_metrics {
+    if let Some(listener) = metrics_listener {
         let state = metrics::State {
             shards: statuses.clone(),
             observations: Arc::clone(&observations),
@@ -373,8 +385,7 @@ pub fn run(args: &AgentArgs) -> Result<()> {
             reload_errors: Arc::clone(&reload_errors),
             records_queued: Arc::clone(&records),
         };
-        metrics::serve(args.metrics_listen, state, Arc::clone(&stop))
-            .with_context(|| format!("metrics listener {}", args.metrics_listen))?;
+        metrics::serve(listener, state, Arc::clone(&stop)).context("metrics thread")?;
     }
     let backend = statuses[0]
         .backend

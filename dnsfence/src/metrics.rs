@@ -3,6 +3,7 @@
 use std::fmt::Write as _;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener};
+
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -29,12 +30,17 @@ pub struct State {
     pub records_queued: Arc<ArrayQueue<Record>>,
 }
 
-/// Binds `addr` and serves until `stop` is set.
-pub fn serve(addr: SocketAddr, state: State, stop: Arc<AtomicBool>) -> std::io::Result<()> {
+/// Binds the metrics listener (before anything else starts, so a taken port fails early).
+pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     let listener = TcpListener::bind(addr)?;
     listener.set_nonblocking(true)?;
+    Ok(listener)
+}
+
+/// Serves `listener` until `stop` is set.
+pub fn serve(listener: TcpListener, state: State, stop: Arc<AtomicBool>) -> std::io::Result<()> {
     std::thread::Builder::new()
-        .name("dnsfence-metrics".into())
+        .name("dnsf-metrics".into())
         .spawn(move || {
             while !stop.load(Ordering::Relaxed) {
                 match listener.accept() {

@@ -11,7 +11,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crossbeam_queue::ArrayQueue;
-use dnsfence_matcher::Name;
 use dnsfence_policy::EndpointId;
 
 use crate::core::{Record, Verdict};
@@ -28,8 +27,8 @@ pub struct CacheEntry {
 /// Aggregates the consumer keeps.
 #[derive(Debug, Default)]
 pub struct Observations {
-    /// (endpoint, name) → addresses.
-    pub cache: HashMap<(EndpointId, Name), CacheEntry>,
+    /// (endpoint, name in text form with its trailing dot) → addresses.
+    pub cache: HashMap<(EndpointId, Box<str>), CacheEntry>,
     /// Flow records seen, by verdict.
     pub flows_forwarded: u64,
     /// Denied queries seen.
@@ -111,7 +110,7 @@ fn apply(obs: &mut Observations, record: &Record, cache_entries: usize) {
         },
         Record::Addresses(update) => {
             obs.ip_updates += 1;
-            let key = (update.endpoint, update.name.clone());
+            let key = (update.endpoint, Box::<str>::from(update.name.to_string()));
             if !obs.cache.contains_key(&key) && obs.cache.len() >= cache_entries {
                 make_room(obs, update.at, cache_entries);
             }

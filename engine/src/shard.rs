@@ -109,7 +109,8 @@ pub fn spawn(config: ShardConfig) -> Result<JoinHandle<()>, ShardError> {
         .backend
         .lock()
         .unwrap_or_else(|e| e.into_inner()) = Some(io.backend());
-    let name = format!("dnsfence-shard-{}", config.index);
+    // Linux keeps 15 bytes of a thread name: `dnsf-shard-NNN` fits.
+    let name = format!("dnsf-shard-{}", config.index);
     std::thread::Builder::new()
         .name(name)
         .spawn(move || run(config, io))

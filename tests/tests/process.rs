@@ -56,11 +56,11 @@ fn shards_pinned(io: IoBackend) {
         IoBackend::Uring => assert!(uring >= 1, "no io_uring fd with --io uring"),
         IoBackend::Mmsg => assert_eq!(uring, 0, "io_uring fds with --io mmsg"),
     }
-    // The kernel keeps 15 bytes of a thread name: `dnsfence-shard-N` reads `dnsfence-shard-`.
+    // Shard threads are named `dnsf-shard-N` (the kernel keeps 15 bytes of a name).
     let all = threads(pid);
     let mut shards: Vec<String> = all
         .iter()
-        .filter(|(comm, _)| comm.starts_with("dnsfence-shard"))
+        .filter(|(comm, _)| comm.starts_with("dnsf-shard-"))
         .map(|(_, cpus)| cpus.clone())
         .collect();
     shards.sort();
