@@ -14,6 +14,20 @@ pub(crate) const fn is_name_byte(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b == b'-' || b == b'_'
 }
 
+/// Each byte's lowercase form when it is a name byte, 0 when it is not: one load per byte
+/// validates and case-folds a label.
+const FOLD: [u8; 256] = {
+    let mut table = [0u8; 256];
+    let mut b = 0;
+    while b < 256 {
+        if is_name_byte(b as u8) {
+            table[b] = (b as u8).to_ascii_lowercase();
+        }
+        b += 1;
+    }
+    table
+};
+
 /// Why a name cannot be matched. Invalid names match no pattern, not even `*`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NameError {
@@ -82,6 +96,15 @@ impl Name {
     /// the number of bytes it took (the root label included). Bytes after it are not looked at.
     pub fn parse_wire_prefix(bytes: &[u8]) -> Result<(Name, usize), NameError> {
         let mut name = Name::root();
+        let used = name.parse_wire_into(bytes)?;
+        Ok((name, used))
+    }
+
+    /// Parses into `self` (which must be the root), returning the bytes used: no move of the
+    /// name's 400 bytes on the way out.
+    #[inline]
+    fn parse_wire_into(&mut self, bytes: &[u8]) -> Result<usize, NameError> {
+        let name = self;
         let mut pos = 0usize;
         loop {
             let Some(&len) = bytes.get(pos) else {
@@ -90,7 +113,7 @@ impl Name {
             if len == 0 {
                 name.wire[pos] = 0;
                 name.len = (pos + 1) as u8;
-                return Ok((name, pos + 1));
+                return Ok(pos + 1);
             }
             if len & 0xC0 != 0 {
                 return Err(NameError::BadLabelType(len));
@@ -110,8 +133,8 @@ impl Name {
 
     /// Parses a whole uncompressed wire-format name; nothing may follow its root label.
     pub fn from_wire(bytes: &[u8]) -> Result<Name, NameError> {
-        let (name, used) = Name::parse_wire_prefix(bytes)?;
-        if used != bytes.len() {
+        let mut name = Name::root();
+        if name.parse_wire_into(bytes)? != bytes.len() {
             return Err(NameError::TrailingBytes);
         }
         Ok(name)
@@ -152,14 +175,14 @@ impl Name {
             return Err(NameError::LabelTooLong);
         }
         self.wire[pos] = label.len() as u8;
-        for (dst, &b) in self.wire[pos + 1..pos + 1 + label.len()]
-            .iter_mut()
-            .zip(label)
-        {
-            if !is_name_byte(b) {
+        let dst = &mut self.wire[pos + 1..pos + 1 + label.len()];
+        for i in 0..dst.len() {
+            let b = label[i];
+            let folded = FOLD[usize::from(b)];
+            if folded == 0 {
                 return Err(NameError::InvalidByte(b));
             }
-            *dst = b.to_ascii_lowercase();
+            dst[i] = folded;
         }
         // At most 127 labels fit in 255 bytes, so this index is in range.
         self.starts[usize::from(self.labels)] = pos as u8;

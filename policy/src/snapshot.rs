@@ -102,10 +102,20 @@ pub struct SnapshotStats {
 pub struct Snapshot {
     generation: u64,
     endpoints: Box<[EndpointEntry]>,
-    by_ip: HashMap<IpAddr, EndpointId>,
+    /// Source addresses (IPv4 as IPv4-mapped IPv6) sorted, for a binary search per query:
+    /// no hashing, and a few cache lines for the endpoints of a node.
+    by_ip: Box<[(u128, EndpointId)]>,
     by_cgroup: HashMap<Box<str>, EndpointId>,
     groups: Box<[Group]>,
     rule_ports: Box<[Box<[PortProto]>]>,
+}
+
+/// The lookup key of a source address: IPv4 and IPv4-mapped IPv6 as the mapped form.
+fn ip_key(ip: IpAddr) -> u128 {
+    match canonical_ip(ip) {
+        IpAddr::V4(v4) => u128::from(v4.to_ipv6_mapped()),
+        IpAddr::V6(v6) => u128::from(v6),
+    }
 }
 
 impl Default for Snapshot {
@@ -120,7 +130,7 @@ impl Snapshot {
         Snapshot {
             generation: 0,
             endpoints: Box::new([]),
-            by_ip: HashMap::new(),
+            by_ip: Box::new([]),
             by_cgroup: HashMap::new(),
             groups: Box::new([]),
             rule_ports: Box::new([]),
@@ -134,7 +144,11 @@ impl Snapshot {
 
     /// The endpoint that owns source address `ip` (IPv4-mapped IPv6 is looked up as IPv4).
     pub fn endpoint_by_ip(&self, ip: IpAddr) -> Option<EndpointId> {
-        self.by_ip.get(&canonical_ip(ip)).copied()
+        let key = ip_key(ip);
+        self.by_ip
+            .binary_search_by_key(&key, |&(k, _)| k)
+            .ok()
+            .map(|i| self.by_ip[i].1)
     }
 
     /// The endpoint of a cgroup path below the cgroup root (leading/trailing `/` ignored).
@@ -345,7 +359,7 @@ fn compile(policies: &PolicySet, endpoints: &[Endpoint]) -> Snapshot {
     let mut group_of: HashMap<Vec<u32>, u32> = HashMap::new();
     let mut groups = Vec::new();
     let mut entries = Vec::with_capacity(endpoints.len());
-    let mut by_ip = HashMap::new();
+    let mut by_ip = Vec::new();
     let mut by_cgroup = HashMap::new();
     for (i, ep) in endpoints.iter().enumerate() {
         let id = EndpointId(i as u32);
@@ -368,16 +382,19 @@ fn compile(policies: &PolicySet, endpoints: &[Endpoint]) -> Snapshot {
             group,
         });
         for ip in &ep.ips {
-            by_ip.insert(*ip, id);
+            by_ip.push((ip_key(*ip), id));
         }
         if let Some(cg) = &ep.cgroup {
             by_cgroup.insert(cg.clone().into_boxed_str(), id);
         }
     }
+    // Addresses are unique across endpoints (the loader checks); keep the first if not.
+    by_ip.sort_by_key(|&(k, _)| k);
+    by_ip.dedup_by_key(|&mut (k, _)| k);
     Snapshot {
         generation: 0,
         endpoints: entries.into_boxed_slice(),
-        by_ip,
+        by_ip: by_ip.into_boxed_slice(),
         by_cgroup,
         groups: groups.into_boxed_slice(),
         rule_ports: rule_ports.into_boxed_slice(),
