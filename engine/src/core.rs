@@ -323,9 +323,13 @@ pub struct Core {
     held: Vec<Held>,
     writes: Vec<AllowEntry>,
     /// (endpoint, address) → expiry known to be in the allow table.
-    written: HashMap<(EndpointId, IpAddr), Instant>,
+    /// Seeded foldhash: fast, and keys partly chosen by upstream answers cannot be aimed at
+    /// one bucket without the per-process seed.
+    written: HashMap<(EndpointId, IpAddr), Instant, foldhash::fast::RandomState>,
     records: std::collections::VecDeque<Record>,
     rules: RuleSet,
+    /// Scratch for the addresses of one answer (boxed: moved in and out without a copy).
+    addresses: Option<Box<Addresses>>,
     rng: u64,
     stats: Stats,
 }
@@ -369,7 +373,10 @@ impl Core {
         let rules = snapshot.rule_set();
         Core {
             rng: config.seed | 1,
-            written: HashMap::with_capacity(config.allow_cache_entries),
+            written: HashMap::with_capacity_and_hasher(
+                config.allow_cache_entries,
+                foldhash::fast::RandomState::default(),
+            ),
             oldest: NO_SLOT,
             newest: NO_SLOT,
             held: Vec::with_capacity(256),
@@ -382,6 +389,7 @@ impl Core {
             free,
             ids,
             rules,
+            addresses: Some(Box::default()),
             stats: Stats::default(),
         }
     }
@@ -674,18 +682,20 @@ impl Core {
 
         let mut held = false;
         if enforce && answer.rcode() == 0 && !answer.truncated() {
-            match wire::collect_addresses(packet, &answer) {
-                Err(_) => {
-                    self.stats.answer_malformed += 1;
-                    self.outbox.bytes.truncate(start);
-                    self.servfail(now, slot, Verdict::Overload);
-                    self.free_slot(slot);
-                    return;
-                }
-                Ok(addresses) => {
-                    self.stats.off_chain_records += addresses.off_chain as u64;
-                    held = self.learn(now, slot, &addresses);
-                }
+            // The scratch is taken out for the call and put back: no copy, no allocation.
+            let mut addresses = self.addresses.take().unwrap_or_default();
+            let collected = wire::collect_addresses(packet, &answer, &mut addresses);
+            if collected.is_ok() {
+                self.stats.off_chain_records += addresses.off_chain as u64;
+                held = self.learn(now, slot, &addresses);
+            }
+            self.addresses = Some(addresses);
+            if collected.is_err() {
+                self.stats.answer_malformed += 1;
+                self.outbox.bytes.truncate(start);
+                self.servfail(now, slot, Verdict::Overload);
+                self.free_slot(slot);
+                return;
             }
         }
         self.stats.answered += 1;

@@ -410,6 +410,70 @@ fn read_name(packet: &[u8], at: usize) -> Option<(FlatName, usize)> {
     }
 }
 
+/// The offset after the (possibly compressed) name at `at`, with the same checks as
+/// [`read_name`] but nothing copied.
+fn skip_name(packet: &[u8], at: usize) -> Option<usize> {
+    let mut pos = at;
+    let mut total = 0usize;
+    loop {
+        let len = *packet.get(pos)?;
+        match len & 0xC0 {
+            0x00 => {
+                total += 1 + usize::from(len);
+                if total > MAX_WIRE_LEN || pos + 1 + usize::from(len) > packet.len() {
+                    return None;
+                }
+                if len == 0 {
+                    return Some(pos + 1);
+                }
+                pos += 1 + usize::from(len);
+            }
+            // The pointer ends the name in the record; where it leads is checked when the
+            // name is compared.
+            0xC0 => return (pos + 1 < packet.len()).then_some(pos + 2),
+            _ => return None,
+        }
+    }
+}
+
+/// Whether the (possibly compressed) name at `at` equals `target` (lowercased wire form),
+/// ignoring case, without copying it. `None` when the name is malformed.
+fn name_is(packet: &[u8], at: usize, target: &[u8]) -> Option<bool> {
+    let mut pos = at;
+    let mut limit = at;
+    let mut matched = 0usize;
+    let mut equal = true;
+    loop {
+        let len = *packet.get(pos)?;
+        match len & 0xC0 {
+            0x00 => {
+                let label = packet.get(pos..pos + 1 + usize::from(len))?;
+                if matched + label.len() > MAX_WIRE_LEN {
+                    return None;
+                }
+                equal = equal
+                    && target
+                        .get(matched..matched + label.len())
+                        .is_some_and(|t| t.eq_ignore_ascii_case(label));
+                matched += label.len();
+                if len == 0 {
+                    return Some(equal && matched == target.len());
+                }
+                pos += label.len();
+            }
+            0xC0 => {
+                let ptr = usize::from(u16_at(packet, pos)? & 0x3FFF);
+                if ptr >= limit {
+                    return None;
+                }
+                limit = ptr;
+                pos = ptr;
+            }
+            _ => return None,
+        }
+    }
+}
+
 /// Most addresses [`collect_addresses`] keeps from one answer.
 pub const MAX_ADDRESSES: usize = 32;
 /// Most CNAME hops followed.
@@ -446,6 +510,14 @@ impl Default for Addresses {
 }
 
 impl Addresses {
+    fn reset(&mut self) {
+        self.count = 0;
+        self.min_ttl = u32::MAX;
+        self.chain = 0;
+        self.off_chain = 0;
+        self.overflow = 0;
+    }
+
     /// The addresses, in answer order, without duplicates.
     pub fn ips(&self) -> &[IpAddr] {
         &self.ips[..self.count]
@@ -464,30 +536,34 @@ impl Addresses {
     }
 }
 
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Default)]
 struct Record {
-    owner_at: usize,
+    owner_at: u16,
     rtype: u16,
     ttl: u32,
-    rdata_at: usize,
-    rdlen: usize,
+    rdata_at: u16,
+    rdlen: u16,
 }
 
 /// Follows the CNAME chain from the question of `answer` through the answer section and
-/// collects the A and AAAA records owned by the names on it. Records owned by other names —
-/// extra addresses an upstream (or an attacker) adds — are counted and ignored.
-pub fn collect_addresses(packet: &[u8], answer: &Answer) -> Result<Addresses, AnswerError> {
-    let mut records = [Record {
-        owner_at: 0,
-        rtype: 0,
-        ttl: 0,
-        rdata_at: 0,
-        rdlen: 0,
-    }; MAX_RECORDS];
+/// collects into `out` (reset first) the A and AAAA records owned by the chain's last name.
+/// Records owned by other names — extra addresses an upstream (or an attacker) adds — are
+/// counted and ignored. Nothing is allocated or copied but the addresses.
+pub fn collect_addresses(
+    packet: &[u8],
+    answer: &Answer,
+    out: &mut Addresses,
+) -> Result<(), AnswerError> {
+    out.reset();
+    // Messages are at most 65535 bytes, so offsets fit 16 bits.
+    if packet.len() > usize::from(u16::MAX) {
+        return Err(AnswerError::BadRecord);
+    }
+    let mut records = [Record::default(); MAX_RECORDS];
     let mut count = 0;
     let mut pos = answer.question_end;
     for _ in 0..answer.answers {
-        let (_, after_owner) = read_name(packet, pos).ok_or(AnswerError::BadRecord)?;
+        let after_owner = skip_name(packet, pos).ok_or(AnswerError::BadRecord)?;
         let rtype = u16_at(packet, after_owner).ok_or(AnswerError::BadRecord)?;
         let rclass = u16_at(packet, after_owner + 2).ok_or(AnswerError::BadRecord)?;
         let ttl = u32_at(packet, after_owner + 4).ok_or(AnswerError::BadRecord)?;
@@ -503,11 +579,11 @@ pub fn collect_addresses(packet: &[u8], answer: &Answer) -> Result<Addresses, An
             // A TTL with the top bit set is treated as zero (RFC 2181 §8).
             let ttl = if ttl > i32::MAX as u32 { 0 } else { ttl };
             records[count] = Record {
-                owner_at: pos,
+                owner_at: pos as u16,
                 rtype,
                 ttl,
-                rdata_at,
-                rdlen,
+                rdata_at: rdata_at as u16,
+                rdlen: rdlen as u16,
             };
             count += 1;
         }
@@ -515,7 +591,6 @@ pub fn collect_addresses(packet: &[u8], answer: &Answer) -> Result<Addresses, An
     }
     let records = &records[..count];
 
-    let mut out = Addresses::default();
     let mut target = FlatName {
         buf: [0; MAX_WIRE_LEN],
         len: answer.name_len,
@@ -524,48 +599,52 @@ pub fn collect_addresses(packet: &[u8], answer: &Answer) -> Result<Addresses, An
     target.buf[..answer.name_len].make_ascii_lowercase();
     let mut on_chain = [false; MAX_RECORDS];
     let mut chain_ttl = u32::MAX;
+    let owned = |r: &Record, target: &FlatName| {
+        name_is(packet, usize::from(r.owner_at), target.bytes()).ok_or(AnswerError::BadRecord)
+    };
     loop {
         // A name with a CNAME has no other data (RFC 1034 §3.6.2): follow the alias, or else
         // collect the target's own addresses.
         let mut alias = None;
         for (i, r) in records.iter().enumerate() {
-            if r.rtype != TYPE_CNAME {
-                continue;
-            }
-            let (owner, _) = read_name(packet, r.owner_at).ok_or(AnswerError::BadRecord)?;
-            if owner.bytes() == target.bytes() {
-                let (name, _) = read_name(packet, r.rdata_at).ok_or(AnswerError::BadRecord)?;
-                alias = Some((i, r.ttl, name));
+            if r.rtype == TYPE_CNAME && owned(r, &target)? {
+                alias = Some(i);
                 break;
             }
         }
-        if let Some((i, ttl, name)) = alias {
+        if let Some(i) = alias {
+            let r = records[i];
+            let (name, _) =
+                read_name(packet, usize::from(r.rdata_at)).ok_or(AnswerError::BadRecord)?;
             if out.chain == MAX_CHAIN || name.bytes() == target.bytes() {
                 break;
             }
             on_chain[i] = true;
-            chain_ttl = chain_ttl.min(ttl);
+            chain_ttl = chain_ttl.min(r.ttl);
             out.chain += 1;
             target = name;
             continue;
         }
         for (i, r) in records.iter().enumerate() {
-            let (owner, _) = read_name(packet, r.owner_at).ok_or(AnswerError::BadRecord)?;
-            if owner.bytes() != target.bytes() {
-                continue;
-            }
-            match r.rtype {
-                TYPE_A if r.rdlen == 4 => {
-                    let b = &packet[r.rdata_at..r.rdata_at + 4];
-                    out.push(IpAddr::V4(Ipv4Addr::new(b[0], b[1], b[2], b[3])));
-                }
-                TYPE_AAAA if r.rdlen == 16 => {
+            let at = usize::from(r.rdata_at);
+            let ip = match (r.rtype, r.rdlen) {
+                (TYPE_A, 4) => IpAddr::V4(Ipv4Addr::new(
+                    packet[at],
+                    packet[at + 1],
+                    packet[at + 2],
+                    packet[at + 3],
+                )),
+                (TYPE_AAAA, 16) => {
                     let mut b = [0u8; 16];
-                    b.copy_from_slice(&packet[r.rdata_at..r.rdata_at + 16]);
-                    out.push(IpAddr::V6(Ipv6Addr::from(b)));
+                    b.copy_from_slice(&packet[at..at + 16]);
+                    IpAddr::V6(Ipv6Addr::from(b))
                 }
                 _ => continue,
+            };
+            if !owned(r, &target)? {
+                continue;
             }
+            out.push(ip);
             out.min_ttl = out.min_ttl.min(r.ttl);
             on_chain[i] = true;
         }
@@ -581,7 +660,7 @@ pub fn collect_addresses(packet: &[u8], answer: &Answer) -> Result<Addresses, An
     } else {
         out.min_ttl = 0;
     }
-    Ok(out)
+    Ok(())
 }
 
 /// Copies the client's spelling of the question name over the answer's (same name, other
@@ -736,7 +815,8 @@ mod tests {
             ],
         );
         let a = parse_answer(&p).unwrap();
-        let addrs = collect_addresses(&p, &a).unwrap();
+        let mut addrs = Addresses::default();
+        collect_addresses(&p, &a, &mut addrs).unwrap();
         assert_eq!(addrs.ips().len(), 2);
         assert_eq!(addrs.ips()[0], "192.0.2.1".parse::<IpAddr>().unwrap());
         assert_eq!(addrs.min_ttl, 60);
@@ -755,7 +835,8 @@ mod tests {
             ],
         );
         let a = parse_answer(&p).unwrap();
-        let addrs = collect_addresses(&p, &a).unwrap();
+        let mut addrs = Addresses::default();
+        collect_addresses(&p, &a, &mut addrs).unwrap();
         assert_eq!(addrs.ips().len(), 0);
         assert!(addrs.chain <= MAX_CHAIN);
         // A pointer to itself in an owner name.
@@ -764,14 +845,14 @@ mod tests {
         p[at + 1] = at as u8;
         let a = parse_answer(&p).unwrap();
         assert_eq!(
-            collect_addresses(&p, &a).unwrap_err(),
+            collect_addresses(&p, &a, &mut Addresses::default()).unwrap_err(),
             AnswerError::BadRecord
         );
         // Truncated rdata.
         let p = answer_packet(q, &[(b"\x01a\x00", TYPE_A, 5, &[1, 2, 3, 4])]);
         let a = parse_answer(&p[..p.len() - 1]).unwrap();
         assert_eq!(
-            collect_addresses(&p[..p.len() - 1], &a).unwrap_err(),
+            collect_addresses(&p[..p.len() - 1], &a, &mut Addresses::default()).unwrap_err(),
             AnswerError::BadRecord
         );
     }
