@@ -453,15 +453,8 @@ impl Core {
             Some(ep) => Some(match &name {
                 // Names outside the policy alphabet match no pattern: denied, unless the
                 // endpoint is unrestricted.
-                Err(_) => match self.snapshot.dns_verdict(
-                    ep,
-                    self.policy_server(server),
-                    client.proto(),
-                    &Name::root(),
-                ) {
-                    DnsVerdict::Unrestricted => DnsVerdict::Unrestricted,
-                    _ => DnsVerdict::Deny,
-                },
+                Err(_) if self.snapshot.is_restricted(ep) => DnsVerdict::Deny,
+                Err(_) => DnsVerdict::Unrestricted,
                 Ok(name) => {
                     self.snapshot
                         .dns_verdict(ep, self.policy_server(server), client.proto(), name)
