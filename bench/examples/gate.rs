@@ -444,6 +444,13 @@ fn read_baselines(path: &Path) -> BTreeMap<String, f64> {
         .collect()
 }
 
+/// glibc picks memcpy/memset/memcmp variants by CPU feature (AVX2, ERMS, ...), and they are
+/// 5-15 % of some workloads' instructions: the counts would depend on the runner's CPU. This
+/// masks every optional feature glibc dispatches on, so the baseline SSE2 variants run on any
+/// x86-64 (masking a feature the CPU lacks changes nothing). Other architectures ignore it.
+const GLIBC_TUNABLES: &str = "glibc.cpu.hwcaps=-AVX_Fast_Unaligned_Load,-AVX2,-AVX,-ERMS,-FSRM,\
+-AVX512F,-AVX512VL,-AVX512BW,-AVX512DQ,-EVEX,-SSSE3,-SSE4_1,-SSE4_2,-MOVBE,-BMI2,-LZCNT,-POPCNT,-RTM";
+
 /// Runs one workload under callgrind; returns instructions per iteration.
 fn measure(exe: &Path, dir: &Path, name: &str, iters: u64) -> Result<f64, String> {
     let out = dir.join(format!("callgrind.{}.out", name.replace('/', "_")));
@@ -457,6 +464,7 @@ fn measure(exe: &Path, dir: &Path, name: &str, iters: u64) -> Result<f64, String
         ])
         .arg(exe)
         .args(["run", name, &iters.to_string()])
+        .env("GLIBC_TUNABLES", GLIBC_TUNABLES)
         .output()
         .map_err(|e| format!("cannot start valgrind: {e} (install valgrind)"))?;
     if !result.status.success() {
