@@ -3,9 +3,7 @@
 
 mod common;
 
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -13,30 +11,8 @@ use dnsfence_engine::allow::UserspaceAllowTable;
 use dnsfence_engine::core::{Client, Core, CoreConfig, Destination};
 use dnsfence_engine::wire::TYPE_A;
 
-struct Counting;
-
-static ALLOCATIONS: AtomicUsize = AtomicUsize::new(0);
-
-// SAFETY: forwards every call to the system allocator unchanged; only counts them.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
-        // SAFETY: same contract as our caller's.
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: same contract as our caller's.
-        unsafe { System.dealloc(ptr, layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
-        // SAFETY: same contract as our caller's.
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
-
 #[global_allocator]
-static GLOBAL: Counting = Counting;
+static GLOBAL: dnsfence_testkit::CountingAllocator = dnsfence_testkit::CountingAllocator;
 
 #[test]
 fn steady_state_queries_do_not_allocate() {
@@ -93,9 +69,9 @@ fn steady_state_queries_do_not_allocate() {
     };
 
     run(&mut core, 20, &mut answers);
-    let before = ALLOCATIONS.load(Ordering::Relaxed);
+    let before = dnsfence_testkit::allocations();
     run(&mut core, 100, &mut answers);
-    let allocated = ALLOCATIONS.load(Ordering::Relaxed) - before;
+    let allocated = dnsfence_testkit::allocations() - before;
     let s = core.stats();
     assert_eq!(s.answered, 120 * 64);
     assert_eq!(s.refused, 120 * 64);

@@ -1,34 +1,9 @@
 //! Lookups allocate nothing: a counting global allocator watches a warm lookup loop.
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicUsize, Ordering};
-
 use dnsfence_matcher::{MatcherBuilder, Name, Pattern, RuleId};
 
-struct Counting;
-
-static ALLOCATIONS: AtomicUsize = AtomicUsize::new(0);
-
-// SAFETY: forwards every call to the system allocator unchanged; only counts them.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
-        // SAFETY: same contract as our caller's.
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: same contract as our caller's.
-        unsafe { System.dealloc(ptr, layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
-        // SAFETY: same contract as our caller's.
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
-
 #[global_allocator]
-static GLOBAL: Counting = Counting;
+static GLOBAL: dnsfence_testkit::CountingAllocator = dnsfence_testkit::CountingAllocator;
 
 #[test]
 fn lookups_do_not_allocate() {
@@ -65,7 +40,7 @@ fn lookups_do_not_allocate() {
     let mut set = matcher.rule_set();
     let mut hits = 0usize;
 
-    let before = ALLOCATIONS.load(Ordering::Relaxed);
+    let before = dnsfence_testkit::allocations();
     for _ in 0..1000 {
         for wire in &wires {
             let name = Name::from_wire(wire).unwrap();
@@ -76,7 +51,7 @@ fn lookups_do_not_allocate() {
             hits += usize::from(matcher.is_match_text("host999.example.com"));
         }
     }
-    let after = ALLOCATIONS.load(Ordering::Relaxed);
+    let after = dnsfence_testkit::allocations();
     assert!(hits > 0);
     assert_eq!(
         after - before,

@@ -1,37 +1,13 @@
 //! Snapshot queries allocate nothing: a counting global allocator watches a warm query loop.
 
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use dnsfence_matcher::Name;
 use dnsfence_policy::{DnsVerdict, Endpoints, PolicySet, Proto, Snapshot};
 
-struct Counting;
-
-static ALLOCATIONS: AtomicUsize = AtomicUsize::new(0);
-
-// SAFETY: forwards every call to the system allocator unchanged; only counts them.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
-        // SAFETY: same contract as our caller's.
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: same contract as our caller's.
-        unsafe { System.dealloc(ptr, layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
-        // SAFETY: same contract as our caller's.
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
-
 #[global_allocator]
-static GLOBAL: Counting = Counting;
+static GLOBAL: dnsfence_testkit::CountingAllocator = dnsfence_testkit::CountingAllocator;
 
 #[test]
 fn queries_do_not_allocate() {
@@ -49,7 +25,7 @@ fn queries_do_not_allocate() {
     let mut rules = snapshot.rule_set();
     let source = "fd00::5".parse().unwrap();
 
-    let before = ALLOCATIONS.load(Ordering::Relaxed);
+    let before = dnsfence_testkit::allocations();
     let mut allowed = 0;
     for _ in 0..100 {
         for name in &names {
@@ -65,7 +41,7 @@ fn queries_do_not_allocate() {
             assert_eq!(v, DnsVerdict::Unrestricted);
         }
     }
-    let after = ALLOCATIONS.load(Ordering::Relaxed);
+    let after = dnsfence_testkit::allocations();
     assert_eq!(after - before, 0, "queries allocated");
     assert_eq!(uploader, snapshot.endpoint_by_ip(source).unwrap());
     assert_eq!(allowed, 100 * (4 + 2));
