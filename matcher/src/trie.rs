@@ -515,6 +515,10 @@ impl Matcher {
         if n.any != NONE {
             self.walk_from(name, n.any, remaining - 1, f)?;
         }
+        if n.globs_len == 0 {
+            // Most nodes have no glob edges.
+            return ControlFlow::Continue(());
+        }
         let start = n.globs_start as usize;
         let globs = &self.globs[start..start + n.globs_len as usize];
         let (starred, sorted) = globs.split_at(n.globs_star as usize);
