@@ -279,3 +279,41 @@ fn uring_rearms_multishot_receive_after_running_out_of_buffers() {
     assert!(s.uring_enobufs >= 1, "{s:?}");
     assert!(s.uring_rearms >= 1, "{s:?}");
 }
+
+/// The shard pattern: opened on one thread (datagrams may already arrive), then moved to
+/// another that polls, answers and drops it (io_uring: the ring is bound to the thread that
+/// first uses it, not to the one that opened it).
+#[test]
+fn opened_on_one_thread_served_and_dropped_on_another() {
+    for_each_backend(|b| {
+        let io = open(&config("127.0.0.1:0", no_upstream()), b);
+        let server = io.local_addr();
+        let cl = client(server);
+        for i in 0..10u32 {
+            cl.send_to(&i.to_be_bytes(), server).unwrap();
+        }
+        let served = thread::spawn(move || {
+            let mut io = io;
+            let evs = poll_n(&mut io, 10);
+            for ev in &evs {
+                let Ev::Client(peer, data) = ev else {
+                    panic!("unexpected {ev:?}")
+                };
+                io.send_client_udp(*peer, data);
+            }
+            io.flush().unwrap();
+            // Dropped here, sends possibly still in flight: drop waits for them.
+            drop(io);
+            evs.len()
+        })
+        .join()
+        .unwrap();
+        assert_eq!(served, 10);
+        for i in 0..10u32 {
+            let mut buf = [0; 16];
+            let (n, from) = cl.recv_from(&mut buf).unwrap();
+            assert_eq!(from, server);
+            assert_eq!(&buf[..n], &i.to_be_bytes());
+        }
+    });
+}

@@ -27,15 +27,14 @@
 //! - TCP data lives in per-connection input buffers ([`tcp::FrameDecoder`]) and bounded output
 //!   buffers ([`tcp::OutBuf`]); the slots are reused, with their capacity, when connections
 //!   come and go.
-//! - `send_*` copy the message: into a send slot (io_uring: the slot, its `msghdr`, `iovec`
-//!   and address stay untouched until the send's completion arrives) or into the per-socket
-//!   send queue (mmsg). The caller's buffer is free as soon as `send_*` returns.
+//! - `send_*` copy the message: into a send slot (io_uring: the slot's payload and address stay
+//!   untouched until the send's completion arrives) or into the per-socket send queue (mmsg). The caller's buffer is free as soon as `send_*` returns.
 //!
 //! Nothing on the per-packet path allocates once buffers have grown to their working size.
 //!
 //! ## What is batched
 //!
-//! - Receive: one multishot `RecvMsg` per UDP socket keeps delivering datagrams without any
+//! - Receive: one multishot receive per UDP socket keeps delivering datagrams without any
 //!   new submission (io_uring); one `recvmmsg` of up to [`IoConfig::batch`] datagrams per
 //!   readable socket per poll (mmsg).
 //! - Send: UDP sends are queued until [`ShardIo::flush`], which makes one `io_uring_enter` for
@@ -377,7 +376,8 @@ pub enum Io {
     Mmsg(Box<MmsgIo>),
 }
 
-/// A shard's I/O may be opened on one thread and moved to the shard's thread.
+/// A shard's I/O may be opened on one thread and moved to the shard's thread. (io_uring: the
+/// thread that first polls or flushes becomes the ring's only submitter; see [`uring`].)
 const _: () = {
     const fn assert_send<T: Send>() {}
     assert_send::<Io>();

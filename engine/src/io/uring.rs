@@ -1,19 +1,40 @@
 //! The io_uring backend: one ring per shard (raw `io-uring` crate, no runtime).
 //!
-//! - **Receive**: one multishot `RecvMsg` (`IORING_RECV_MULTISHOT`) per UDP socket, taking
-//!   buffers from a provided buffer ring: group 0 for the listen socket, group 1 shared by the
-//!   upstream sockets (so a flood of clients cannot starve upstream answers of buffers). Each
-//!   completion carries one datagram, laid out by the kernel as `io_uring_recvmsg_out`, the
-//!   source address, then the payload. After the callback for it returns, the buffer goes
-//!   back to the ring (one entry write and a release store of the tail). When the kernel ends
-//!   a multishot (no `IORING_CQE_F_MORE`: buffers ran out (`ENOBUFS`), an error, a cancel) it
-//!   is re-armed at once, counted in [`IoStats::uring_rearms`].
-//! - **Send**: every `send_*` copies the datagram into a free send slot (payload, `iovec`,
-//!   `msghdr`, destination address) and pushes a `SendMsg` SQE; [`ShardIo::flush`] submits
+//! - **Ring**: created with `IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN` (kernel
+//!   6.1+; `COOP_TASKRUN` before that) and `IORING_SETUP_R_DISABLED`. [`UringIo::new`] (called
+//!   on whatever thread opens the shard) sets everything up and queues the first SQEs but
+//!   submits nothing; the first [`ShardIo::poll`] or [`ShardIo::flush`] enables the ring
+//!   (`IORING_REGISTER_ENABLE_RINGS`), which makes the calling thread, the shard's, its only
+//!   submitter. This matters for cost: the kernel runs a request's completion work (the
+//!   `recvmsg` of a multishot receive, say) as task work of the task that submitted it, so a
+//!   ring first submitted from the opening thread has that thread woken for every batch of
+//!   datagrams, then the shard thread woken for the completions. With `DEFER_TASKRUN` the work
+//!   waits, batched, until the shard thread asks for completions (`io_uring_enter` with
+//!   `GETEVENTS`), and nothing interrupts it in between.
+//! - **Files**: the UDP sockets are registered files (0: listen, `1 + j`: upstream `j`), so
+//!   SQEs on them skip the per-request file lookup and reference count.
+//! - **Receive**: one multishot receive per UDP socket, taking buffers from a provided buffer
+//!   ring: group 0 for the listen socket, group 1 shared by the upstream sockets (so a flood of
+//!   clients cannot starve upstream answers of buffers). The listen socket uses `RecvMsg`
+//!   (`IORING_RECV_MULTISHOT`): each completion carries one datagram, laid out by the kernel
+//!   as `io_uring_recvmsg_out`, the source address, then the payload. The upstream sockets
+//!   are connected, so their source is known: a plain multishot `Recv` puts the payload alone
+//!   in the buffer (no `msghdr` to copy, no address). After the callback for a datagram
+//!   returns, its buffer goes back to the ring (one entry write and a release store of the
+//!   tail). When the kernel ends a multishot (no `IORING_CQE_F_MORE`: buffers ran out
+//!   (`ENOBUFS`), an error, a cancel) it is re-armed at once, counted in
+//!   [`IoStats::uring_rearms`].
+//! - **Send**: every `send_*` copies the datagram into a free send slot (payload, destination
+//!   address) and pushes a `Send` SQE (`IORING_OP_SEND` with the destination in `addr2`, i.e.
+//!   `sendto`: no `msghdr`/`iovec` for the kernel to copy in); [`ShardIo::flush`] submits
 //!   them all with one `io_uring_enter`. The slot is free again when its completion is reaped.
-//!   No free slot: the datagram is dropped and counted ([`IoStats::send_dropped`]).
-//! - **Wait**: `io_uring_enter` with `IORING_ENTER_EXT_ARG` and a timespec (submit and wait
-//!   for one completion, or until the timeout).
+//!   No free slot: the datagram is dropped and counted ([`IoStats::send_dropped`]). (Measured
+//!   against the alternatives: `SendMsg` costs an extra `msghdr` copy and import per datagram;
+//!   one `sendmmsg` per socket at flush would cost up to `1 + upstream_sockets` syscalls per
+//!   flush instead of one `io_uring_enter`, for a per-datagram cost no lower than `Send`;
+//!   `SendZc` does not pay off for DNS-sized datagrams.)
+//! - **Wait**: `io_uring_enter` with `GETEVENTS`, `IORING_ENTER_EXT_ARG` and a timespec
+//!   (submit, run the deferred completion work, wait for one completion or the timeout).
 //! - **TCP**: the nonblocking-socket code shared with the mmsg backend (`tcp_conns`), driven
 //!   by one-shot `IORING_OP_POLL_ADD` requests per socket and direction; a closed socket's
 //!   armed polls are cancelled with `IORING_OP_ASYNC_CANCEL`.
@@ -43,7 +64,7 @@ use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::{Duration, Instant};
 
-use io_uring::types::{BufRingEntry, Fd, RecvMsgOut, SubmitArgs, Timespec};
+use io_uring::types::{BufRingEntry, Fd, Fixed, RecvMsgOut, SubmitArgs, Timespec};
 use io_uring::{IoUring, cqueue, opcode, squeue};
 
 use super::sockets::{self, BufferSizes, RawSockAddr, parse_sockaddr};
@@ -210,10 +231,8 @@ fn page_size() -> usize {
     usize::try_from(p).unwrap_or(4096).max(4096)
 }
 
-/// One UDP send in flight: its header, iovec and destination (payload in `SendSlots::data`).
+/// One UDP send in flight: its destination (payload in `SendSlots::data`).
 struct SendSlot {
-    hdr: libc::msghdr,
-    iov: libc::iovec,
     addr: RawSockAddr,
 }
 
@@ -228,9 +247,10 @@ struct SendSlots {
 /// The receive `msghdr` template (only its name and control lengths matter to the kernel).
 struct RecvHdr(Box<UnsafeCell<libc::msghdr>>);
 
-// SAFETY: the raw pointers inside (`msghdr`/`iovec` fields) point only into memory owned by
-// the same `UringIo` (its mappings and boxes, which do not move when it moves); the ring is
-// not tied to a thread (no SINGLE_ISSUER); nothing is shared between threads.
+// SAFETY: the only raw pointer is the payload mapping, owned by this value and moved with it;
+// nothing is shared between threads. (The ring may be moved too: it is bound to a thread only
+// when first enabled, and a submission from another thread after that fails with `EEXIST`,
+// it does not touch memory.)
 unsafe impl Send for SendSlots {}
 // SAFETY: as for `SendSlots`: the header's pointers are null (lengths only).
 unsafe impl Send for RecvHdr {}
@@ -245,9 +265,12 @@ pub struct UringIo {
     upstream_bufs: BufRing,
     recv_hdr: RecvHdr,
     send: SendSlots,
-    listen: UdpSocket,
+    /// The UDP listen socket (fixed file 0; the upstream sockets are `1..`).
+    _listen: UdpSocket,
     local: SocketAddr,
     upstream: Vec<UdpSocket>,
+    /// The peer of each upstream socket (connected: the only source the kernel lets in).
+    upstream_peers: Vec<SocketAddr>,
     /// Whether the multishot receive of socket `i` (0: listen, `1 + j`: upstream `j`) is armed.
     armed: Vec<bool>,
     sub: SubmitState,
@@ -264,6 +287,54 @@ pub struct UringIo {
 struct SubmitState {
     sends: bool,
     forced_batches: u64,
+    /// Whether the ring was enabled (it is created disabled; see [`SubmitState::enable`]).
+    enabled: bool,
+}
+
+impl SubmitState {
+    /// Enables the ring on first use: the calling thread becomes its only submitter (with
+    /// `IORING_SETUP_SINGLE_ISSUER`), the one that runs its task work.
+    fn enable(&mut self, ring: &IoUring) -> io::Result<()> {
+        if !self.enabled {
+            ring.submitter().register_enable_rings()?;
+            self.enabled = true;
+        }
+        Ok(())
+    }
+
+    /// Submits the queued SQEs (enabling the ring first if needed).
+    fn submit(&mut self, ring: &IoUring) -> io::Result<usize> {
+        self.enable(ring)?;
+        ring.submit()
+    }
+}
+
+/// Creates the ring, disabled. Preferred: `SINGLE_ISSUER | DEFER_TASKRUN` (completion work runs
+/// only inside our `io_uring_enter`, in the shard thread, batched); fallback for kernels older
+/// than 6.1: `COOP_TASKRUN`.
+///
+/// `TASKRUN_FLAG`: the kernel sets `IORING_SQ_TASKRUN` while completion work is pending, and a
+/// plain submit then also runs it (the crate adds `GETEVENTS`).
+fn build_ring(config: &IoConfig) -> Result<IoUring, IoError> {
+    let r = IoUring::builder()
+        .setup_cqsize(config.uring_entries * 4)
+        .setup_single_issuer()
+        .setup_defer_taskrun()
+        .setup_taskrun_flag()
+        .setup_r_disabled()
+        .build(config.uring_entries);
+    match r {
+        Ok(ring) => return Ok(ring),
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
+        Err(e) => return Err(super::uring_error(e)),
+    }
+    IoUring::builder()
+        .setup_cqsize(config.uring_entries * 4)
+        .setup_coop_taskrun()
+        .setup_taskrun_flag()
+        .setup_r_disabled()
+        .build(config.uring_entries)
+        .map_err(super::uring_error)
 }
 
 /// Pushes `entry`, submitting to make room if the queue is full; false if it could not.
@@ -278,7 +349,7 @@ unsafe fn try_push(ring: &mut IoUring, entry: &squeue::Entry, sub: &mut SubmitSt
         if unsafe { ring.submission().push(entry) }.is_ok() {
             return true;
         }
-        if ring.submit().is_ok() && sub.sends {
+        if sub.submit(ring).is_ok() && sub.sends {
             sub.forced_batches += 1;
             sub.sends = false;
         }
@@ -338,11 +409,7 @@ impl UringIo {
     /// kernel or a seccomp filter refuses io_uring.
     pub fn new(config: &IoConfig) -> Result<Self, IoError> {
         config.validate()?;
-        let ring = IoUring::builder()
-            .setup_cqsize(config.uring_entries * 4)
-            .setup_coop_taskrun()
-            .build(config.uring_entries)
-            .map_err(super::uring_error)?;
+        let ring = build_ring(config)?;
         if !ring.params().is_feature_ext_arg() || !ring.params().is_feature_nodrop() {
             return Err(IoError::UringRefused(io::Error::from_raw_os_error(
                 libc::ENOSYS,
@@ -361,11 +428,6 @@ impl UringIo {
             slots: (0..slots)
                 .map(|_| {
                     UnsafeCell::new(SendSlot {
-                        hdr: sys::zeroed_msghdr(),
-                        iov: libc::iovec {
-                            iov_base: std::ptr::null_mut(),
-                            iov_len: 0,
-                        },
                         addr: RawSockAddr::zeroed(),
                     })
                 })
@@ -383,6 +445,19 @@ impl UringIo {
         let upstream = (0..config.upstream_sockets)
             .map(|_| sockets::upstream_udp(config.upstream, sizes))
             .collect::<Result<Vec<_>, _>>()?;
+        let upstream_peers = upstream
+            .iter()
+            .map(|s| s.peer_addr())
+            .collect::<io::Result<Vec<_>>>()
+            .map_err(setup("getpeername"))?;
+        // Fixed file `i` is socket `i` (0: listen, `1 + j`: upstream `j`): no file lookup and
+        // reference count per SQE.
+        let fds: Vec<RawFd> = std::iter::once(listen.udp.as_raw_fd())
+            .chain(upstream.iter().map(AsRawFd::as_raw_fd))
+            .collect();
+        ring.submitter()
+            .register_files(&fds)
+            .map_err(setup("register_files"))?;
         let budget = config.batch * 8;
         let mut io = Self {
             ring,
@@ -391,9 +466,10 @@ impl UringIo {
             recv_hdr: RecvHdr(Box::new(UnsafeCell::new(hdr))),
             send,
             armed: vec![false; 1 + upstream.len()],
-            listen: listen.udp,
+            _listen: listen.udp,
             local: listen.addr,
             upstream,
+            upstream_peers,
             sub: SubmitState::default(),
             cqes: Vec::with_capacity(budget),
             budget,
@@ -407,16 +483,9 @@ impl UringIo {
             sub: &mut io.sub,
         };
         io.tcp.start(&mut poller).map_err(setup("poll listener"))?;
-        io.ring.submit().map_err(setup("io_uring_enter"))?;
+        // Not submitted here: the first `poll` or `flush` enables the ring and submits, from
+        // the thread that owns the shard.
         Ok(io)
-    }
-
-    fn socket_fd(&self, idx: usize) -> RawFd {
-        if idx == 0 {
-            self.listen.as_raw_fd()
-        } else {
-            self.upstream[idx - 1].as_raw_fd()
-        }
     }
 
     /// Pushes a multishot receive for every socket that has none.
@@ -425,13 +494,15 @@ impl UringIo {
             if self.armed[idx] {
                 continue;
             }
-            let bgid = if idx == 0 { BGID_CLIENT } else { BGID_UPSTREAM };
-            let e = opcode::RecvMsgMulti::new(
-                Fd(self.socket_fd(idx)),
-                self.recv_hdr.0.get().cast_const(),
-                bgid,
-            )
-            .build()
+            let fd = Fixed(idx as u32);
+            let e = if idx == 0 {
+                opcode::RecvMsgMulti::new(fd, self.recv_hdr.0.get().cast_const(), BGID_CLIENT)
+                    .build()
+            } else {
+                // Connected sockets: the source is known, so a plain multishot recv (no
+                // `msghdr`, no address copy) will do.
+                opcode::RecvMulti::new(fd, BGID_UPSTREAM).build()
+            }
             .user_data(UD_RECV | idx as u64);
             // SAFETY: the msghdr lives in a box owned by `self` until drop, which cancels and
             // drains this receive first; buffers come from the registered group.
@@ -477,27 +548,18 @@ impl UringIo {
         let payload = unsafe { self.send.data.ptr.as_ptr().add(s * self.send.size) };
         // SAFETY: `payload` has room for `data.len() <= size` bytes; the regions are distinct.
         unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), payload, data.len()) };
-        let cell = self.send.slots[s].get();
-        // SAFETY: the slot is free, so neither the kernel nor any reference uses it; we are
-        // the only writer, through the UnsafeCell's pointer.
-        let hdr_ptr = unsafe {
-            let slot = &mut *cell;
-            slot.iov = libc::iovec {
-                iov_base: payload.cast(),
-                iov_len: data.len(),
-            };
-            slot.hdr = sys::zeroed_msghdr();
-            if let Some(to) = to {
-                slot.hdr.msg_namelen = slot.addr.set(to);
-                slot.hdr.msg_name = slot.addr.as_mut_ptr();
-            }
-            slot.hdr.msg_iov = &mut slot.iov;
-            slot.hdr.msg_iovlen = 1;
-            &raw const slot.hdr
-        };
-        let e = opcode::SendMsg::new(Fd(self.socket_fd(idx)), hdr_ptr)
-            .build()
-            .user_data(UD_SEND | u64::from(slot));
+        let mut op = opcode::Send::new(Fixed(idx as u32), payload.cast_const(), data.len() as u32);
+        if let Some(to) = to {
+            let cell = self.send.slots[s].get();
+            // SAFETY: the slot is free, so neither the kernel nor any reference uses it; we
+            // are the only writer, through the UnsafeCell's pointer.
+            let addr = unsafe { &mut *cell };
+            let len = addr.addr.set(to);
+            op = op
+                .dest_addr(addr.addr.as_mut_ptr().cast_const().cast())
+                .dest_addr_len(len);
+        }
+        let e = op.build().user_data(UD_SEND | u64::from(slot));
         // SAFETY: the slot (header, iovec, address, payload) stays untouched until the
         // completion with this user_data is reaped, which is when it goes back on the free
         // list; drop waits for it.
@@ -577,41 +639,48 @@ impl UringIo {
             self.stats.udp_rx_errors += 1;
             return 0;
         };
-        let bufs = if idx == 0 {
-            &mut self.client_bufs
-        } else {
-            &mut self.upstream_bufs
-        };
-        // SAFETY: this completion handed buffer `bid` to us; it goes back to the ring only
-        // below, after the last use of `buf`.
-        let buf = unsafe { bufs.buf(bid, res as usize) };
-        // SAFETY: the template header is only read, never written after setup.
-        let hdr = unsafe { &*self.recv_hdr.0.get() };
+        let len = res as usize;
         let mut n = 0;
-        match RecvMsgOut::parse(buf, hdr) {
-            Ok(out) if !out.is_payload_truncated() && !out.is_name_data_truncated() => {
-                match parse_sockaddr(out.name_data()) {
-                    Some(from) => {
-                        self.stats.udp_rx += 1;
-                        n = 1;
-                        let data = out.payload_data();
-                        on_event(if idx == 0 {
-                            Event::ClientDatagram { peer: from, data }
-                        } else {
-                            Event::UpstreamDatagram {
-                                socket: (idx - 1) as u16,
-                                from,
-                                data,
-                            }
-                        });
+        if idx == 0 {
+            // SAFETY: this completion handed buffer `bid` to us; it goes back to the ring only
+            // below, after the last use of `buf`.
+            let buf = unsafe { self.client_bufs.buf(bid, len) };
+            // SAFETY: the template header is only read, never written after setup.
+            let hdr = unsafe { &*self.recv_hdr.0.get() };
+            match RecvMsgOut::parse(buf, hdr) {
+                Ok(out) if !out.is_payload_truncated() && !out.is_name_data_truncated() => {
+                    match parse_sockaddr(out.name_data()) {
+                        Some(peer) => {
+                            self.stats.udp_rx += 1;
+                            n = 1;
+                            let data = out.payload_data();
+                            on_event(Event::ClientDatagram { peer, data });
+                        }
+                        None => self.stats.udp_rx_errors += 1,
                     }
-                    None => self.stats.udp_rx_errors += 1,
                 }
+                Ok(_) => self.stats.udp_rx_truncated += 1,
+                Err(()) => self.stats.udp_rx_errors += 1,
             }
-            Ok(_) => self.stats.udp_rx_truncated += 1,
-            Err(()) => self.stats.udp_rx_errors += 1,
+            self.client_bufs.recycle(bid);
+        } else {
+            // A plain receive: the buffer holds the payload alone. The buffer is larger than
+            // `max_payload`, so a longer datagram shows as a longer result.
+            if len > self.max_payload {
+                self.stats.udp_rx_truncated += 1;
+            } else {
+                // SAFETY: as above: buffer `bid` is ours until the recycle below.
+                let data = unsafe { self.upstream_bufs.buf(bid, len) };
+                self.stats.udp_rx += 1;
+                n = 1;
+                on_event(Event::UpstreamDatagram {
+                    socket: (idx - 1) as u16,
+                    from: self.upstream_peers[idx - 1],
+                    data,
+                });
+            }
+            self.upstream_bufs.recycle(bid);
         }
-        bufs.recycle(bid);
         n
     }
 }
@@ -642,8 +711,16 @@ impl ShardIo for UringIo {
             let until = deadline.saturating_duration_since(now);
             timeout = Some(timeout.map_or(until, |t| t.min(until)));
         }
+        self.sub
+            .enable(&self.ring)
+            .map_err(|source| IoError::Poll {
+                op: "io_uring_register(ENABLE_RINGS)",
+                source,
+            })?;
         let sends = self.sub.sends;
         let r = if !self.ring.completion().is_empty() || timeout == Some(Duration::ZERO) {
+            // Submits, and runs pending task work if the kernel flagged some (`submit` adds
+            // GETEVENTS when IORING_SQ_TASKRUN is set).
             self.ring.submit()
         } else {
             self.stats.waits += 1;
@@ -720,7 +797,7 @@ impl ShardIo for UringIo {
         tcp.flush(now, &mut poller, stats);
         if !self.ring.submission().is_empty() {
             let sends = self.sub.sends;
-            match self.ring.submit() {
+            match self.sub.submit(&self.ring) {
                 Ok(_) => {
                     if sends {
                         self.stats.udp_tx_batches += 1;
@@ -763,6 +840,13 @@ impl Drop for UringIo {
     /// memory is in flight; if that does not happen, leaks the memory rather than free it
     /// under the kernel.
     fn drop(&mut self) {
+        if !self.sub.enabled {
+            // Never enabled: nothing was submitted, the kernel holds none of our memory.
+            let submitter = self.ring.submitter();
+            let _ = submitter.unregister_buf_ring(BGID_CLIENT);
+            let _ = submitter.unregister_buf_ring(BGID_UPSTREAM);
+            return;
+        }
         for idx in 0..self.armed.len() {
             if self.armed[idx] {
                 let e = opcode::AsyncCancel::new(UD_RECV | idx as u64)
@@ -781,7 +865,12 @@ impl Drop for UringIo {
             }
             let ts = Timespec::from(Duration::from_millis(10));
             let args = SubmitArgs::new().timespec(&ts);
-            let _ = self.ring.submitter().submit_with_args(1, &args);
+            let r = self.ring.submitter().submit_with_args(1, &args);
+            if matches!(&r, Err(e) if e.raw_os_error() == Some(libc::EEXIST)) {
+                // Dropped on a thread that is not the ring's submitter: it cannot wait here,
+                // so the memory is leaked below.
+                break;
+            }
             for cqe in self.ring.completion() {
                 let ud = cqe.user_data();
                 match ud & UD_KIND {
