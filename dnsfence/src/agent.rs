@@ -133,6 +133,9 @@ pub struct AgentArgs {
     /// Most (endpoint, name) entries of the FQDN cache (the consumer's; oldest evicted beyond).
     #[arg(long, default_value_t = 65536)]
     pub fqdn_cache_entries: usize,
+    /// Most addresses the FQDN cache keeps per (endpoint, name).
+    #[arg(long, default_value_t = 256)]
+    pub max_ips_per_name: usize,
     /// Capacity of the shard → consumer record queue.
     #[arg(long, default_value_t = 65536)]
     pub record_queue: usize,
@@ -367,6 +370,7 @@ pub fn run(args: &AgentArgs) -> Result<()> {
         );
         let config = ConsumerConfig {
             cache_entries: args.fqdn_cache_entries.max(1),
+            max_ips_per_name: args.max_ips_per_name.max(1),
             flow_log,
         };
         std::thread::Builder::new()

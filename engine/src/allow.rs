@@ -10,13 +10,13 @@ use std::net::IpAddr;
 use std::sync::RwLock;
 use std::time::Instant;
 
-use dnsfence_policy::EndpointId;
+use dnsfence_policy::EndpointKey;
 
 /// One allow entry: `endpoint` may connect to `ip` until `expires`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AllowEntry {
-    /// The endpoint.
-    pub endpoint: EndpointId,
+    /// The endpoint (its stable key: entries outlive policy reloads).
+    pub endpoint: EndpointKey,
     /// The address it may reach.
     pub ip: IpAddr,
     /// Until when (the answer's TTL, raised to `--min-ttl`).
@@ -47,7 +47,7 @@ pub trait AllowSink {
 /// new entries (never per query; most answers need no write at all).
 #[derive(Debug)]
 pub struct UserspaceAllowTable {
-    entries: RwLock<HashMap<(EndpointId, IpAddr), Instant>>,
+    entries: RwLock<HashMap<(EndpointKey, IpAddr), Instant>>,
     capacity: usize,
 }
 
@@ -61,7 +61,7 @@ impl UserspaceAllowTable {
     }
 
     /// Whether `endpoint` may reach `ip` at `now`.
-    pub fn is_allowed(&self, endpoint: EndpointId, ip: IpAddr, now: Instant) -> bool {
+    pub fn is_allowed(&self, endpoint: EndpointKey, ip: IpAddr, now: Instant) -> bool {
         let entries = self.entries.read().unwrap_or_else(|e| e.into_inner());
         entries
             .get(&(endpoint, ip))

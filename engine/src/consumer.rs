@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crossbeam_queue::ArrayQueue;
-use dnsfence_policy::EndpointId;
+use dnsfence_policy::EndpointKey;
 
 use crate::core::{Record, Verdict};
 
@@ -28,7 +28,7 @@ pub struct CacheEntry {
 #[derive(Debug, Default)]
 pub struct Observations {
     /// (endpoint, name in text form with its trailing dot) → addresses.
-    pub cache: HashMap<(EndpointId, Box<str>), CacheEntry>,
+    pub cache: HashMap<(EndpointKey, Box<str>), CacheEntry>,
     /// Flow records seen, by verdict.
     pub flows_forwarded: u64,
     /// Denied queries seen.
@@ -43,12 +43,17 @@ pub struct Observations {
     pub ip_updates: u64,
     /// Cache entries evicted because the cache was full.
     pub cache_evictions: u64,
+    /// Addresses dropped from an entry beyond the per-name limit.
+    pub addresses_evicted: u64,
 }
 
 /// How the consumer runs.
 pub struct ConsumerConfig {
-    /// Most (endpoint, name) entries kept; the oldest is evicted beyond.
+    /// Most (endpoint, name) entries kept; beyond it expired entries, then arbitrary ones,
+    /// are evicted (an eighth of the cache at a time).
     pub cache_entries: usize,
+    /// Most addresses kept per (endpoint, name); the soonest to expire go first.
+    pub max_ips_per_name: usize,
     /// Where flow records go, one JSON line each (None: not logged).
     pub flow_log: Option<Box<dyn Write + Send>>,
 }
@@ -66,14 +71,20 @@ pub fn run(
         {
             let mut obs = observations.lock().unwrap_or_else(|e| e.into_inner());
             while let Some(record) = queue.pop() {
-                apply(&mut obs, &record, config.cache_entries);
+                apply(
+                    &mut obs,
+                    &record,
+                    config.cache_entries,
+                    config.max_ips_per_name,
+                );
                 if let (Record::Flow(flow), Some(log)) = (&record, config.flow_log.as_mut()) {
                     let _ = writeln!(
                         log,
                         r#"{{"t_ms":{},"client":"{}","endpoint":{},"name":"{}","qtype":{},"verdict":"{:?}","rcode":{},"upstream_us":{}}}"#,
                         flow.at.saturating_duration_since(started).as_millis(),
                         flow.client,
-                        flow.endpoint.map_or(-1, |e| i64::from(e.0)),
+                        flow.endpoint
+                            .map_or_else(|| "null".to_owned(), |e| format!("\"{:016x}\"", e.0)),
                         flow.name,
                         flow.qtype,
                         flow.verdict,
@@ -99,7 +110,7 @@ pub fn run(
     }
 }
 
-fn apply(obs: &mut Observations, record: &Record, cache_entries: usize) {
+fn apply(obs: &mut Observations, record: &Record, cache_entries: usize, max_ips_per_name: usize) {
     match record {
         Record::Flow(flow) => match flow.verdict {
             Verdict::Forward => obs.flows_forwarded += 1,
@@ -120,9 +131,25 @@ fn apply(obs: &mut Observations, record: &Record, cache_entries: usize) {
             });
             entry.last_seen = update.at;
             let expires = update.at + Duration::from_secs(u64::from(update.ttl));
+            // Expired addresses go; a name that keeps answering with new addresses (an
+            // attacker's authoritative server can) keeps at most `max_ips_per_name`, dropping
+            // the ones that expire first (Cilium: --tofqdns-endpoint-max-ip-per-hostname).
+            entry.addresses.retain(|_, e| *e > update.at);
             for &ip in update.addresses.ips() {
                 let e = entry.addresses.entry(ip).or_insert(expires);
                 *e = (*e).max(expires);
+            }
+            while entry.addresses.len() > max_ips_per_name {
+                let Some(first) = entry
+                    .addresses
+                    .iter()
+                    .min_by_key(|(_, e)| **e)
+                    .map(|(ip, _)| *ip)
+                else {
+                    break;
+                };
+                entry.addresses.remove(&first);
+                obs.addresses_evicted += 1;
             }
         }
     }
@@ -143,4 +170,76 @@ fn make_room(obs: &mut Observations, now: Instant, cache_entries: usize) {
         }
     }
     obs.cache_evictions += (before - obs.cache.len()) as u64;
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use dnsfence_matcher::Name;
+    use dnsfence_policy::EndpointKey;
+
+    use super::*;
+    use crate::core::IpUpdate;
+    use crate::wire::Addresses;
+
+    fn update(at: Instant, ips: &[std::net::IpAddr], ttl: u32) -> Record {
+        let mut addresses = Addresses::default();
+        for &ip in ips {
+            addresses.push(ip);
+        }
+        Record::Addresses(IpUpdate {
+            at,
+            endpoint: EndpointKey(7),
+            name: Name::from_text("x.attacker.test").unwrap(),
+            addresses,
+            ttl,
+            rules: [0; 8],
+            rules_total: 1,
+        })
+    }
+
+    #[test]
+    fn a_name_keeps_a_bounded_number_of_addresses() {
+        let mut obs = Observations::default();
+        let t0 = Instant::now();
+        // 100 answers with 32 fresh addresses each, long TTL: capped at 64 per name.
+        for i in 0..100u32 {
+            let ips: Vec<_> = (0..32u32)
+                .map(|j| std::net::IpAddr::from((i * 32 + j).to_be_bytes()))
+                .collect();
+            apply(
+                &mut obs,
+                &update(t0 + Duration::from_millis(u64::from(i)), &ips, 3600),
+                16,
+                64,
+            );
+        }
+        assert_eq!(obs.cache.len(), 1);
+        let entry = obs.cache.values().next().unwrap();
+        assert_eq!(entry.addresses.len(), 64);
+        assert_eq!(obs.addresses_evicted, 100 * 32 - 64);
+        // Expired addresses are dropped at the next update of the name.
+        let later = t0 + Duration::from_secs(7200);
+        let ip = std::net::IpAddr::from([10, 0, 0, 1]);
+        apply(&mut obs, &update(later, &[ip], 60), 16, 64);
+        let entry = obs.cache.values().next().unwrap();
+        assert_eq!(entry.addresses.keys().copied().collect::<Vec<_>>(), [ip]);
+    }
+
+    #[test]
+    fn the_cache_holds_at_most_its_capacity() {
+        let mut obs = Observations::default();
+        let t0 = Instant::now();
+        for i in 0..1000u32 {
+            let Record::Addresses(mut u) = update(t0, &[std::net::IpAddr::from([10, 0, 0, 1])], 60)
+            else {
+                unreachable!()
+            };
+            u.name = Name::from_text(&format!("n{i}.attacker.test")).unwrap();
+            apply(&mut obs, &Record::Addresses(u), 100, 8);
+            assert!(obs.cache.len() <= 100);
+        }
+        assert!(obs.cache_evictions >= 900);
+    }
 }

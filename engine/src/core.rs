@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use dnsfence_matcher::{MAX_WIRE_LEN, Name, RuleSet};
-use dnsfence_policy::{DnsVerdict, EndpointId, Proto, Snapshot};
+use dnsfence_policy::{DnsVerdict, EndpointId, EndpointKey, Proto, Snapshot};
 
 use crate::allow::{AllowEntry, AllowSink};
 use crate::wire::{self, Addresses, Query, Rcode};
@@ -167,8 +167,8 @@ pub enum Record {
 pub struct IpUpdate {
     /// When the answer arrived.
     pub at: Instant,
-    /// The endpoint that asked.
-    pub endpoint: EndpointId,
+    /// The endpoint that asked (stable key).
+    pub endpoint: EndpointKey,
     /// The question name.
     pub name: Name,
     /// The addresses on the CNAME chain.
@@ -188,8 +188,8 @@ pub struct Flow {
     pub at: Instant,
     /// The client's address.
     pub client: SocketAddr,
-    /// The endpoint, when known.
-    pub endpoint: Option<EndpointId>,
+    /// The endpoint (stable key), when known.
+    pub endpoint: Option<EndpointKey>,
     /// The question name when it is a valid name (else the root).
     pub name: Name,
     /// Question type.
@@ -264,7 +264,9 @@ struct Pending {
     question_len: u16,
     name_len: u16,
     qtype: u16,
+    /// The endpoint in the pending query's own snapshot, and its stable key.
     endpoint: Option<EndpointId>,
+    key: Option<EndpointKey>,
     /// Whether answers must go through the allow table (a known, restricted endpoint).
     enforce: bool,
     snapshot: Option<Arc<Snapshot>>,
@@ -325,7 +327,7 @@ pub struct Core {
     /// (endpoint, address) → expiry known to be in the allow table.
     /// Seeded foldhash: fast, and keys partly chosen by upstream answers cannot be aimed at
     /// one bucket without the per-process seed.
-    written: HashMap<(EndpointId, IpAddr), Instant, foldhash::fast::RandomState>,
+    written: HashMap<(EndpointKey, IpAddr), Instant, foldhash::fast::RandomState>,
     records: std::collections::VecDeque<Record>,
     rules: RuleSet,
     /// Scratch for the addresses of one answer (boxed: moved in and out without a copy).
@@ -357,6 +359,7 @@ impl Core {
             name_len: 0,
             qtype: 0,
             endpoint: None,
+            key: None,
             enforce: false,
             snapshot: None,
             upstream: Destination::UpstreamTcp,
@@ -445,6 +448,7 @@ impl Core {
         };
         let name = Name::from_wire(query.name_wire(packet));
         let endpoint = self.snapshot.endpoint_by_ip(client.addr().ip());
+        let key = endpoint.map(|ep| self.snapshot.endpoint_key(ep));
         let verdict = match endpoint {
             None => match self.config.unknown_source {
                 UnknownSource::Deny => None,
@@ -483,7 +487,7 @@ impl Core {
                 self.record_flow(
                     now,
                     client,
-                    endpoint,
+                    key,
                     query.name_wire(packet),
                     query.qtype,
                     flow,
@@ -493,7 +497,7 @@ impl Core {
             }
             Some(verdict) => {
                 let enforce = verdict == DnsVerdict::Allow;
-                self.forward(now, client, endpoint, enforce, &query, packet);
+                self.forward(now, client, endpoint.zip(key), enforce, &query, packet);
             }
         }
     }
@@ -533,7 +537,7 @@ impl Core {
         &mut self,
         now: Instant,
         client: Client,
-        endpoint: Option<EndpointId>,
+        endpoint: Option<(EndpointId, EndpointKey)>,
         enforce: bool,
         query: &Query,
         packet: &[u8],
@@ -554,7 +558,7 @@ impl Core {
             self.record_flow(
                 now,
                 client,
-                endpoint,
+                endpoint.map(|(_, key)| key),
                 query.name_wire(packet),
                 query.qtype,
                 Verdict::Overload,
@@ -591,7 +595,8 @@ impl Core {
         p.question_len = question.len() as u16;
         p.name_len = query.name_len as u16;
         p.qtype = query.qtype;
-        p.endpoint = endpoint;
+        p.endpoint = endpoint.map(|(ep, _)| ep);
+        p.key = endpoint.map(|(_, key)| key);
         p.enforce = enforce;
         p.snapshot = Some(Arc::clone(&self.snapshot));
         p.upstream = upstream;
@@ -670,7 +675,7 @@ impl Core {
         if answer.truncated() {
             self.stats.truncated += 1;
         }
-        let (client, endpoint, enforce) = (p.client, p.endpoint, p.enforce);
+        let (client, key, enforce) = (p.client, p.key, p.enforce);
         let latency = now.saturating_duration_since(p.sent_at);
 
         let mut held = false;
@@ -702,7 +707,7 @@ impl Core {
             self.record_flow(
                 now,
                 client,
-                endpoint,
+                key,
                 &wire_copy[..name_len],
                 qtype,
                 Verdict::Forward,
@@ -725,7 +730,8 @@ impl Core {
     /// needed before the answer may be released.
     fn learn(&mut self, now: Instant, slot: u32, addresses: &Addresses) -> bool {
         let p = &self.pending[slot as usize];
-        let (Some(endpoint), Some(snapshot)) = (p.endpoint, p.snapshot.as_ref()) else {
+        let (Some(endpoint), Some(key), Some(snapshot)) = (p.endpoint, p.key, p.snapshot.as_ref())
+        else {
             return false;
         };
         if addresses.ips().is_empty() {
@@ -745,11 +751,11 @@ impl Core {
             // Rewrite only what is missing or would expire before half the new TTL has run.
             let fresh = self
                 .written
-                .get(&(endpoint, ip))
+                .get(&(key, ip))
                 .is_some_and(|&at| at >= refresh_before);
             if !fresh {
                 self.writes.push(AllowEntry {
-                    endpoint,
+                    endpoint: key,
                     ip,
                     expires,
                 });
@@ -766,7 +772,7 @@ impl Core {
         }
         self.push_record(Record::Addresses(IpUpdate {
             at: now,
-            endpoint,
+            endpoint: key,
             name,
             addresses: *addresses,
             ttl,
@@ -878,7 +884,7 @@ impl Core {
             question,
             Rcode::ServFail,
         );
-        let (client, endpoint, qtype) = (p.client, p.endpoint, p.qtype);
+        let (client, key, qtype) = (p.client, p.key, p.qtype);
         self.outbox
             .ready
             .push_back((Destination::Client(client), start, len));
@@ -889,7 +895,7 @@ impl Core {
             self.record_flow(
                 now,
                 client,
-                endpoint,
+                key,
                 &wire_copy[..name_len],
                 qtype,
                 verdict,
@@ -904,7 +910,7 @@ impl Core {
         &mut self,
         at: Instant,
         client: Client,
-        endpoint: Option<EndpointId>,
+        endpoint: Option<EndpointKey>,
         name_wire: &[u8],
         qtype: u16,
         verdict: Verdict,

@@ -523,7 +523,7 @@ impl Addresses {
         &self.ips[..self.count]
     }
 
-    fn push(&mut self, ip: IpAddr) {
+    pub(crate) fn push(&mut self, ip: IpAddr) {
         if self.ips().contains(&ip) {
             return;
         }

@@ -11,7 +11,7 @@ use common::*;
 use dnsfence_engine::allow::{AllowEntry, AllowError, AllowSink, UserspaceAllowTable};
 use dnsfence_engine::core::{Client, Core, CoreConfig, Destination, Record, UnknownSource};
 use dnsfence_engine::wire::{self, Rcode, TYPE_A, TYPE_AAAA, TYPE_CNAME};
-use dnsfence_policy::EndpointId;
+use dnsfence_policy::EndpointKey;
 
 const UPSTREAM: &str = "127.0.0.53:53";
 
@@ -104,7 +104,9 @@ fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
 }
 
-const EP: EndpointId = EndpointId(0);
+fn ep() -> EndpointKey {
+    EndpointKey::of("default", "client")
+}
 
 #[test]
 fn denied_name_is_refused_in_place_and_never_forwarded() {
@@ -160,9 +162,9 @@ fn allowed_name_is_forwarded_and_answer_released_after_its_allow_write() {
         h.transmits().is_empty(),
         "answer released before its allow entry"
     );
-    assert!(!h.table.is_allowed(EP, ip("127.1.2.3"), h.at(5)));
+    assert!(!h.table.is_allowed(ep(), ip("127.1.2.3"), h.at(5)));
     let out = h.drain(5);
-    assert!(h.table.is_allowed(EP, ip("127.1.2.3"), h.at(6)));
+    assert!(h.table.is_allowed(ep(), ip("127.1.2.3"), h.at(6)));
     let reply = to_client(&out);
     assert_eq!(&reply[0..2], &[0x12, 0x34], "client ID restored");
     assert_eq!(
@@ -172,8 +174,8 @@ fn allowed_name_is_forwarded_and_answer_released_after_its_allow_write() {
     );
     assert_eq!(rcode(reply), 0);
     // Entry expires with the TTL.
-    assert!(h.table.is_allowed(EP, ip("127.1.2.3"), h.at(299_000)));
-    assert!(!h.table.is_allowed(EP, ip("127.1.2.3"), h.at(300_010)));
+    assert!(h.table.is_allowed(ep(), ip("127.1.2.3"), h.at(299_000)));
+    assert!(!h.table.is_allowed(ep(), ip("127.1.2.3"), h.at(300_010)));
 
     let records: Vec<Record> = std::iter::from_fn(|| h.core.poll_record()).collect();
     let update = records
@@ -183,7 +185,7 @@ fn allowed_name_is_forwarded_and_answer_released_after_its_allow_write() {
             _ => None,
         })
         .expect("an IP update");
-    assert_eq!(update.endpoint, EP);
+    assert_eq!(update.endpoint, ep());
     assert_eq!(update.name.to_string(), "www.allowed.test.");
     assert_eq!(update.addresses.ips(), &[ip("127.1.2.3")]);
     assert_eq!(update.ttl, 300);
@@ -256,13 +258,13 @@ fn cname_chain_is_followed_and_off_chain_records_never_allowed() {
     let out = h.answer(1, socket, &ans);
     let reply = to_client(&out);
     assert_eq!(&reply[12..], &ans[12..], "answer passed through unchanged");
-    assert!(h.table.is_allowed(EP, ip("fd00::1"), h.at(59_000)));
+    assert!(h.table.is_allowed(ep(), ip("fd00::1"), h.at(59_000)));
     assert!(
-        !h.table.is_allowed(EP, ip("fd00::1"), h.at(60_001)),
+        !h.table.is_allowed(ep(), ip("fd00::1"), h.at(60_001)),
         "TTL is the chain minimum"
     );
     assert!(
-        !h.table.is_allowed(EP, ip("127.6.6.6"), h.at(2)),
+        !h.table.is_allowed(ep(), ip("127.6.6.6"), h.at(2)),
         "off-chain record allowed"
     );
     // The alias's own A record is on the chain's first name only before the CNAME is followed:
@@ -284,7 +286,7 @@ fn min_ttl_raises_short_ttls() {
         &[("x.allowed.test", TYPE_A, 5, &rdata_a("127.0.0.5"))],
     );
     h.answer(1, socket, &ans);
-    assert!(h.table.is_allowed(EP, ip("127.0.0.5"), h.at(3_000_000)));
+    assert!(h.table.is_allowed(ep(), ip("127.0.0.5"), h.at(3_000_000)));
 }
 
 #[test]
@@ -302,7 +304,7 @@ fn dns_allowed_but_not_fqdn_allowed_needs_no_write() {
     h.core.handle_upstream(h.at(1), socket, upstream(), &ans);
     let out = h.transmits();
     assert_eq!(rcode(to_client(&out)), 0, "released without waiting");
-    assert!(!h.table.is_allowed(EP, ip("127.0.0.3"), h.at(2)));
+    assert!(!h.table.is_allowed(ep(), ip("127.0.0.3"), h.at(2)));
 }
 
 #[test]
@@ -345,7 +347,7 @@ fn spoofed_answers_are_dropped_and_the_real_one_still_accepted() {
     assert_eq!(s.upstream_unknown_id, 2);
     assert_eq!(s.upstream_wrong_question, 2);
     assert_eq!(s.upstream_malformed, 1);
-    assert!(!h.table.is_allowed(EP, ip("127.6.6.6"), h.at(2)));
+    assert!(!h.table.is_allowed(ep(), ip("127.6.6.6"), h.at(2)));
 
     let real = answer(
         id,
@@ -562,7 +564,7 @@ fn in_flight_queries_keep_their_snapshot() {
     );
     let out = h.answer(1, socket, &ans);
     assert_eq!(rcode(to_client(&out)), 0);
-    assert!(h.table.is_allowed(EP, ip("127.0.0.31"), h.at(2)));
+    assert!(h.table.is_allowed(ep(), ip("127.0.0.31"), h.at(2)));
     // New queries see the new snapshot.
     let out = h.query(2, CLIENT, &query(0x32, "k.allowed.test", TYPE_A));
     assert_eq!(rcode(to_client(&out)), Rcode::Refused as u8);
@@ -650,5 +652,75 @@ fn flow_records_only_when_asked_for() {
         ]
     );
     assert_eq!(flows[2].upstream_latency, Some(Duration::from_millis(7)));
-    assert_eq!(flows[2].endpoint, Some(EP));
+    assert_eq!(flows[2].endpoint, Some(ep()));
+}
+
+#[test]
+fn allow_entries_follow_the_workload_across_a_reload_that_renumbers_endpoints() {
+    // Two restricted workloads; the reload lists them in the other order, so their
+    // `EndpointId`s swap. Allow entries and the shard's memory of them must follow the
+    // workload (its `EndpointKey`), never the index.
+    let endpoints = |first: (&str, &str), second: (&str, &str)| {
+        format!(
+            "endpoints:\n- name: {}\n  labels: {{app: client}}\n  ips: [\"{}\"]\n- name: {}\n  labels: {{app: client}}\n  ips: [\"{}\"]\n",
+            first.0, first.1, second.0, second.1
+        )
+    };
+    let snapshot = |eps: &str| {
+        let dir = write_dir(
+            "reorder",
+            &[("policy.yaml", POLICY), ("endpoints.yaml", eps)],
+        );
+        let s = dnsfence_policy::load(
+            &[dir.join("policy.yaml")],
+            Some(&dir.join("endpoints.yaml")),
+        )
+        .unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        Arc::new(s)
+    };
+    let payments = ("payments", "127.0.0.30");
+    let untrusted = ("untrusted", "127.0.0.31");
+    let mut h = Harness::new(config());
+    h.core
+        .set_snapshot(snapshot(&endpoints(payments, untrusted)));
+    let ask = |h: &mut Harness, ms: u64, from: &str, id: u16| {
+        let out = h.query(ms, from, &query(id, "pay.allowed.test", TYPE_A));
+        let (Destination::UpstreamUdp { socket }, fwd) = &out[0] else {
+            panic!("{out:?}")
+        };
+        let upstream_id = u16::from_be_bytes([fwd[0], fwd[1]]);
+        let ans = answer(
+            upstream_id,
+            "pay.allowed.test",
+            TYPE_A,
+            &[("pay.allowed.test", TYPE_A, 600, &rdata_a("127.0.0.77"))],
+        );
+        h.core.handle_upstream(h.at(ms), *socket, upstream(), &ans);
+        h.drain(ms)
+    };
+    ask(&mut h, 0, "127.0.0.30:1000", 1);
+    let key = |who: (&str, &str)| EndpointKey::of("default", who.0);
+    assert!(h.table.is_allowed(key(payments), ip("127.0.0.77"), h.at(1)));
+    assert!(
+        !h.table
+            .is_allowed(key(untrusted), ip("127.0.0.77"), h.at(1))
+    );
+
+    h.core
+        .set_snapshot(snapshot(&endpoints(untrusted, payments)));
+    assert!(
+        !h.table
+            .is_allowed(key(untrusted), ip("127.0.0.77"), h.at(2)),
+        "the reload handed payments' entry to untrusted"
+    );
+    // untrusted now resolves the name itself: its own entry must be written (the shard must
+    // not take payments' entry, now under the same index, for untrusted's).
+    let writes = h.core.stats().allow_writes;
+    ask(&mut h, 3, "127.0.0.31:1000", 2);
+    assert_eq!(h.core.stats().allow_writes, writes + 1);
+    assert!(
+        h.table
+            .is_allowed(key(untrusted), ip("127.0.0.77"), h.at(4))
+    );
 }

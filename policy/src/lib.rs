@@ -24,7 +24,7 @@ pub use policy::{
     PortProtocol, Proto, Spec, Summary,
 };
 pub use selector::{LabelSelector, Labels, NAMESPACE_LABEL};
-pub use snapshot::{DnsVerdict, EndpointId, Snapshot, SnapshotStats};
+pub use snapshot::{DnsVerdict, EndpointId, EndpointKey, Snapshot, SnapshotStats};
 
 /// Loads policy files/directories and (optionally) an endpoints file, and compiles them.
 /// Errors of both are collected; nothing is compiled when there is any.

@@ -10,8 +10,27 @@ use crate::policy::{EgressRule, PolicySet, PortProto, Proto};
 use crate::selector::LabelSelector;
 
 /// A workload of the snapshot's endpoint registry: an index, valid for that snapshot only.
+/// Anything that outlives a snapshot (allow entries, caches, records) uses [`EndpointKey`].
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
 pub struct EndpointId(pub u32);
+
+/// The stable identity of a workload across reloads and processes: a 64-bit FNV-1a hash of
+/// `namespace/name`. A reload that reorders the endpoints file renumbers [`EndpointId`]s but
+/// keeps every key, so allow entries never pass from one workload to another.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, PartialOrd, Ord)]
+pub struct EndpointKey(pub u64);
+
+impl EndpointKey {
+    /// The key of the endpoint `namespace/name`.
+    pub fn of(namespace: &str, name: &str) -> EndpointKey {
+        let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+        let bytes = namespace.bytes().chain(*b"/").chain(name.bytes());
+        for b in bytes {
+            hash = (hash ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+        }
+        EndpointKey(hash)
+    }
+}
 
 /// The DNS-layer verdict for one query.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -30,6 +49,8 @@ const NO_GROUP: u32 = u32::MAX;
 struct EndpointEntry {
     /// `namespace/name`.
     name: Box<str>,
+    /// Stable identity.
+    key: EndpointKey,
     /// Index into `Snapshot::groups`, or `NO_GROUP` when unrestricted.
     group: u32,
 }
@@ -173,6 +194,13 @@ impl Snapshot {
     /// `namespace/name` of `ep` (empty for an id this snapshot does not know).
     pub fn endpoint_name(&self, ep: EndpointId) -> &str {
         self.endpoints.get(ep.0 as usize).map_or("", |e| &e.name)
+    }
+
+    /// The stable key of `ep` (see [`EndpointKey`]); `EndpointKey(0)` for an unknown id.
+    pub fn endpoint_key(&self, ep: EndpointId) -> EndpointKey {
+        self.endpoints
+            .get(ep.0 as usize)
+            .map_or(EndpointKey(0), |e| e.key)
     }
 
     /// Every endpoint, in registry order.
@@ -379,6 +407,7 @@ fn compile(policies: &PolicySet, endpoints: &[Endpoint]) -> Snapshot {
         };
         entries.push(EndpointEntry {
             name: format!("{}/{}", ep.namespace, ep.name).into_boxed_str(),
+            key: EndpointKey::of(&ep.namespace, &ep.name),
             group,
         });
         for ip in &ep.ips {
