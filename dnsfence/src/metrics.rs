@@ -98,6 +98,11 @@ pub fn render(state: &State) -> String {
             s.malformed_dropped
         }),
         (
+            "responses_dropped",
+            "Responses (QR set) dropped unanswered",
+            |s| s.responses_dropped,
+        ),
+        (
             "pending_full",
             "Queries answered SERVFAIL: pending table full",
             |s| s.pending_full,

@@ -218,6 +218,8 @@ pub struct Stats {
     pub malformed_answered: u64,
     /// Malformed queries dropped (no readable header).
     pub malformed_dropped: u64,
+    /// Responses (QR set) received on the listen socket, dropped unanswered.
+    pub responses_dropped: u64,
     /// Queries answered SERVFAIL because the pending table was full.
     pub pending_full: u64,
     /// Queries answered SERVFAIL after the upstream timeout.
@@ -509,7 +511,11 @@ impl Core {
     fn malformed(&mut self, now: Instant, client: Client, packet: &[u8], e: wire::QueryError) {
         match e.rcode() {
             None => {
-                self.stats.malformed_dropped += 1;
+                if e == wire::QueryError::ResponseBit {
+                    self.stats.responses_dropped += 1;
+                } else {
+                    self.stats.malformed_dropped += 1;
+                }
                 self.record_flow(now, client, None, &[], 0, Verdict::Malformed, None, None);
             }
             Some(rcode) => {

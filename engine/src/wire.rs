@@ -57,7 +57,9 @@ const RCODE_MASK: u16 = 0x000F;
 pub enum QueryError {
     /// Shorter than a DNS header: dropped, there is no ID to answer.
     ShortHeader,
-    /// The QR bit is set: this is a response, not a query.
+    /// The QR bit is set: this is a response, not a query. Dropped, never answered: answering
+    /// a response invites a reflection loop (two servers on one SO_REUSEPORT port, or a
+    /// spoofed source), which is why DNS servers ignore them.
     ResponseBit,
     /// The opcode is not QUERY (answered NOTIMP).
     Opcode,
@@ -75,7 +77,7 @@ impl QueryError {
     /// The rcode to answer with, or `None` when the packet must be dropped.
     pub fn rcode(self) -> Option<Rcode> {
         match self {
-            QueryError::ShortHeader => None,
+            QueryError::ShortHeader | QueryError::ResponseBit => None,
             QueryError::Opcode => Some(Rcode::NotImp),
             _ => Some(Rcode::FormErr),
         }
