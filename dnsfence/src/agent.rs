@@ -157,10 +157,11 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         "m" => value * 60.0,
         _ => return Err(format!("invalid duration unit in {s:?} (use ms, s or m)")),
     };
-    if !secs.is_finite() || secs < 0.0 {
-        return Err(format!("invalid duration {s:?}"));
+    // Durations are timeouts and intervals: from a millisecond to an hour.
+    if !(0.001..=3600.0).contains(&secs) {
+        return Err(format!("duration {s:?} out of range (1ms to 60m)"));
     }
-    Ok(Duration::from_secs_f64(secs))
+    Duration::try_from_secs_f64(secs).map_err(|e| format!("invalid duration {s:?}: {e}"))
 }
 
 /// A list of CPUs from `--cpus`.
@@ -240,6 +241,7 @@ fn plan(args: &AgentArgs) -> Result<Plan> {
         };
         core.max_pending = args.max_pending;
         core.flow_records = args.flow_log.is_some();
+        core.max_udp_payload = io.max_udp_payload.min(usize::from(u16::MAX)) as u16;
         if !(1..65536).contains(&core.max_pending) {
             bail!("--max-pending must be in 1..65535");
         }
@@ -467,6 +469,9 @@ mod tests {
         assert_eq!(parse_duration("2"), Ok(Duration::from_secs(2)));
         assert_eq!(parse_duration("1m"), Ok(Duration::from_secs(60)));
         assert!(parse_duration("5h").is_err());
+        assert!(parse_duration("100000000000000000000").is_err());
+        assert!(parse_duration("0").is_err());
+        assert!(parse_duration("61m").is_err());
         assert!(parse_duration("x").is_err());
     }
 

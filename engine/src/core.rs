@@ -57,6 +57,9 @@ pub struct CoreConfig {
     pub allow_cache_entries: usize,
     /// Seed of the ID generator (take it from the OS; tests fix it).
     pub seed: u64,
+    /// Largest UDP answer the shard's sockets receive; the EDNS0 payload size of forwarded
+    /// queries is lowered to it.
+    pub max_udp_payload: u16,
     /// Emit a [`Flow`] record per query (for the flow log). Off, the per-query cost is the
     /// counters only; address observations are emitted either way.
     pub flow_records: bool,
@@ -76,6 +79,7 @@ impl CoreConfig {
             max_pending: 8192,
             allow_cache_entries: 65536,
             seed: 0x5eed,
+            max_udp_payload: 4096,
             flow_records: false,
         }
     }
@@ -236,6 +240,8 @@ pub struct Stats {
     pub upstream_unknown_id: u64,
     /// Upstream answers whose question differs from the query's.
     pub upstream_wrong_question: u64,
+    /// Queries given up (SERVFAIL) after several answers with their ID but another question.
+    pub spoofing_suspected: u64,
     /// Answers whose records could not be parsed (client got SERVFAIL).
     pub answer_malformed: u64,
     /// Address records in answers that were not on the question's CNAME chain (ignored).
@@ -253,6 +259,11 @@ pub struct Stats {
 const NO_SLOT: u32 = u32::MAX;
 /// Question bytes kept per pending query: a name of up to 255 bytes, type and class.
 const QUESTION_MAX: usize = MAX_WIRE_LEN + 4;
+/// Answers with a query's ID but the wrong question after which the query is abandoned.
+const MAX_MISMATCHES: u8 = 3;
+/// Most queries [`Core::handle_timeout`] expires per call, so one call's SERVFAILs fit the
+/// shard's send queue; the rest go on the next call (the deadline is already due).
+const MAX_EXPIRED_PER_CALL: usize = 512;
 /// Most records buffered between two drains by the shard.
 const RECORD_BUFFER: usize = 4096;
 
@@ -275,6 +286,8 @@ struct Pending {
     upstream: Destination,
     upstream_id: u16,
     sent_at: Instant,
+    /// Answers with this query's ID but another question.
+    mismatches: u8,
     /// Neighbours in the in-flight list (oldest first), `NO_SLOT` at the ends.
     prev: u32,
     next: u32,
@@ -343,7 +356,8 @@ impl Core {
     ///
     /// # Panics
     /// If `config.max_pending` is not below 65536 (an upstream ID must stay free for every
-    /// query in flight) or `config.upstream_sockets` is 0.
+    /// query in flight), `config.upstream_sockets` is 0, or `config.upstream_timeout` is over
+    /// a day.
     pub fn new(config: CoreConfig, snapshot: Arc<Snapshot>) -> Core {
         assert!(
             config.max_pending < 65536,
@@ -367,6 +381,7 @@ impl Core {
             upstream: Destination::UpstreamTcp,
             upstream_id: 0,
             sent_at: Instant::now(),
+            mismatches: 0,
             prev: NO_SLOT,
             next: NO_SLOT,
         };
@@ -608,6 +623,7 @@ impl Core {
         p.upstream = upstream;
         p.upstream_id = upstream_id;
         p.sent_at = now;
+        p.mismatches = 0;
         p.prev = self.newest;
         p.next = NO_SLOT;
         match self.newest {
@@ -617,7 +633,13 @@ impl Core {
         self.newest = slot;
 
         let (start, len) = self.outbox.push_bytes(packet);
-        wire::set_id(&mut self.outbox.bytes[start..start + len], upstream_id);
+        let fwd = &mut self.outbox.bytes[start..start + len];
+        wire::set_id(fwd, upstream_id);
+        if let Some((at, _)) = query.opt {
+            // The upstream sizes its answer by the client's EDNS0 payload size; a larger
+            // answer than the shard can receive would be lost (and the client time out).
+            wire::clamp_edns_payload(fwd, at, self.config.max_udp_payload);
+        }
         self.outbox.ready.push_back((upstream, start, len));
         self.stats.forwarded += 1;
     }
@@ -665,8 +687,19 @@ impl Core {
             || answer.qtype != qtype
             || answer.qclass != qclass
         {
-            // Someone guessed the ID but not the question: keep waiting for the real answer.
+            // Someone guessed the ID but not the question. Keep waiting for the real answer,
+            // but not forever: a real upstream never does this, so after a few such answers
+            // the query is given up (SERVFAIL) rather than left open to more guesses.
             self.stats.upstream_wrong_question += 1;
+            let p = &mut self.pending[slot as usize];
+            p.mismatches += 1;
+            if p.mismatches >= MAX_MISMATCHES {
+                self.stats.spoofing_suspected += 1;
+                self.ids[channel][usize::from(answer.id)] = NO_SLOT;
+                self.unlink(slot);
+                self.servfail(now, slot, Verdict::Overload);
+                self.free_slot(slot);
+            }
             return;
         }
         self.ids[channel][usize::from(answer.id)] = NO_SLOT;
@@ -827,7 +860,9 @@ impl Core {
 
     /// Expires queries whose upstream did not answer in time.
     pub fn handle_timeout(&mut self, now: Instant) {
-        while self.oldest != NO_SLOT {
+        let mut expired = 0;
+        while self.oldest != NO_SLOT && expired < MAX_EXPIRED_PER_CALL {
+            expired += 1;
             let slot = self.oldest;
             let p = &self.pending[slot as usize];
             if p.sent_at + self.config.upstream_timeout > now {

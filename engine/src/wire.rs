@@ -243,6 +243,19 @@ pub fn write_reply(
     len
 }
 
+/// Lowers the UDP payload size of the OPT record at `opt_at` (as found by [`parse_query`]) to
+/// `max` when it advertises more.
+pub fn clamp_edns_payload(packet: &mut [u8], opt_at: usize, max: u16) {
+    // Root owner (1 byte), TYPE (2), then CLASS carries the payload size.
+    let at = opt_at + 3;
+    if let Some(field) = packet.get_mut(at..at + 2) {
+        let size = u16::from_be_bytes([field[0], field[1]]);
+        if size > max {
+            field.copy_from_slice(&max.to_be_bytes());
+        }
+    }
+}
+
 /// Writes a FORMERR/NOTIMP reply over a packet whose question could not be trusted: the header
 /// only, all counts zero. `packet` must be at least [`HEADER_LEN`] bytes long.
 pub fn write_header_reply(packet: &mut [u8], rcode: Rcode) -> usize {
@@ -616,8 +629,12 @@ pub fn collect_addresses(
         }
         if let Some(i) = alias {
             let r = records[i];
-            let (name, _) =
+            let (name, end) =
                 read_name(packet, usize::from(r.rdata_at)).ok_or(AnswerError::BadRecord)?;
+            // The alias must lie within its record's data.
+            if end > usize::from(r.rdata_at) + usize::from(r.rdlen) {
+                return Err(AnswerError::BadRecord);
+            }
             if out.chain == MAX_CHAIN || name.bytes() == target.bytes() {
                 break;
             }

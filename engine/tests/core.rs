@@ -725,3 +725,41 @@ fn allow_entries_follow_the_workload_across_a_reload_that_renumbers_endpoints() 
             .is_allowed(key(untrusted), ip("127.0.0.77"), h.at(4))
     );
 }
+
+#[test]
+fn edns_payload_size_is_clamped_to_what_the_shard_receives() {
+    let mut c = config();
+    c.max_udp_payload = 1232;
+    let mut h = Harness::new(c);
+    let mut q = with_opt(query(0x68, "big.allowed.test", TYPE_A));
+    let n = q.len();
+    q[n - 8..n - 6].copy_from_slice(&8192u16.to_be_bytes());
+    let (_, fwd) = h.forward(0, &q);
+    assert_eq!(&fwd[n - 8..n - 6], &1232u16.to_be_bytes());
+    // A smaller size is left alone.
+    let q = with_opt(query(0x69, "small.allowed.test", TYPE_A));
+    let mut small = q.clone();
+    let n = small.len();
+    small[n - 8..n - 6].copy_from_slice(&512u16.to_be_bytes());
+    let (_, fwd) = h.forward(0, &small);
+    assert_eq!(&fwd[n - 8..n - 6], &512u16.to_be_bytes());
+}
+
+#[test]
+fn repeated_wrong_question_answers_give_the_query_up() {
+    let mut h = Harness::new(config());
+    let q = query(0x70, "g.allowed.test", TYPE_A);
+    let (socket, fwd) = h.forward(0, &q);
+    let id = u16::from_be_bytes([fwd[0], fwd[1]]);
+    let evil = [("guess.allowed.test", TYPE_A, 300, &rdata_a("127.6.6.6")[..])];
+    for i in 0..2 {
+        let spoof = answer(id, &format!("guess{i}.allowed.test"), TYPE_A, &evil);
+        assert!(h.answer(1, socket, &spoof).is_empty());
+    }
+    let spoof = answer(id, "guess2.allowed.test", TYPE_A, &evil);
+    let out = h.answer(1, socket, &spoof);
+    assert_eq!(rcode(to_client(&out)), Rcode::ServFail as u8);
+    assert_eq!(h.core.stats().spoofing_suspected, 1);
+    assert_eq!(h.core.in_flight(), 0);
+    assert!(!h.table.is_allowed(ep(), ip("127.6.6.6"), h.at(2)));
+}
