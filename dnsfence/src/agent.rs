@@ -137,7 +137,7 @@ pub struct AgentArgs {
     #[arg(long, default_value_t = 256)]
     pub max_ips_per_name: usize,
     /// Capacity of the shard → consumer record queue.
-    #[arg(long, default_value_t = 65536)]
+    #[arg(long, default_value_t = 8192)]
     pub record_queue: usize,
 }
 
@@ -277,6 +277,41 @@ fn load(args: &AgentArgs, generation: u64) -> Result<Snapshot> {
     Ok(snapshot)
 }
 
+/// Refuses combinations that would quietly widen enforcement (before anything starts).
+fn refuse_unenforceable(args: &AgentArgs, snapshot: &Snapshot) -> Result<()> {
+    let without_ips = snapshot.stats().without_ips;
+    if without_ips > 0 && matches!(args.unknown_source, UnknownFlag::Allow) {
+        bail!(
+            "{without_ips} endpoints have no source address (cgroup only) and cannot be \
+             recognised without the eBPF datapath; with --unknown-source allow they would be \
+             unrestricted: give them ips, or use --unknown-source deny"
+        );
+    }
+    Ok(())
+}
+
+/// Says, once the agent serves, what this configuration does not enforce.
+fn warn_about_limits(args: &AgentArgs, snapshot: &Snapshot) {
+    let stats = snapshot.stats();
+    if stats.without_ips > 0 {
+        eprintln!(
+            "dnsfence agent: warning: {} endpoints have no source address (cgroup only); without \
+             the eBPF datapath their queries are refused as unknown sources",
+            stats.without_ips
+        );
+    }
+    if stats.fqdn_rules > 0 {
+        eprintln!(
+            "dnsfence agent: warning: --no-bpf: {} toFQDNs rules are tracked in the userspace \
+             allow table but no connection filter enforces them",
+            stats.fqdn_rules
+        );
+    }
+    if args.state_dir.is_some() {
+        eprintln!("dnsfence agent: warning: --state-dir is not used yet (no state is persisted)");
+    }
+}
+
 /// The latest modification time among the policy and endpoint paths (directories included).
 fn fingerprint(args: &AgentArgs) -> Vec<(PathBuf, Option<SystemTime>)> {
     let mut out = Vec::new();
@@ -303,6 +338,7 @@ fn fingerprint(args: &AgentArgs) -> Vec<(PathBuf, Option<SystemTime>)> {
 pub fn run(args: &AgentArgs) -> Result<()> {
     let plan = plan(args)?;
     let snapshot = load(args, 1).context("cannot load policy")?;
+    refuse_unenforceable(args, &snapshot)?;
     let policy = Arc::new(PolicyHandle::new(Arc::new(snapshot)));
     let stop = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
@@ -404,13 +440,20 @@ pub fn run(args: &AgentArgs) -> Result<()> {
         backend.unwrap_or_default(),
         args.upstream
     );
+    warn_about_limits(args, &policy.load());
 
-    // Control loop: hot reload and expiry sweeps until a signal arrives.
+    // Control loop: hot reload and expiry sweeps until a signal arrives or a shard dies.
     let mut seen = fingerprint(args);
+    let mut changed: Option<Vec<(PathBuf, Option<SystemTime>)>> = None;
     let mut generation = 1;
     let mut last_check = Instant::now();
+    let mut failed = None;
     while !stop.load(Ordering::Relaxed) {
         std::thread::sleep(Duration::from_millis(50));
+        if let Some(i) = threads.iter().position(|t| t.is_finished()) {
+            failed = Some(i);
+            break;
+        }
         if last_check.elapsed() < args.reload_interval {
             continue;
         }
@@ -418,10 +461,23 @@ pub fn run(args: &AgentArgs) -> Result<()> {
         table.sweep(Instant::now());
         let now = fingerprint(args);
         if now == seen {
+            changed = None;
             continue;
         }
+        // Load only once the files have stopped changing for one interval: an editor or a
+        // config-map update caught half-written could otherwise parse as a smaller, valid
+        // policy and leave endpoints unrestricted until the next tick.
+        if changed.as_ref() != Some(&now) {
+            changed = Some(now);
+            continue;
+        }
+        let loaded = load(args, generation + 1);
+        if fingerprint(args) != now {
+            continue; // changed while loading: try again next interval
+        }
         seen = now;
-        match load(args, generation + 1) {
+        changed = None;
+        match loaded {
             Ok(snapshot) => {
                 generation += 1;
                 policy.store(Arc::new(snapshot));
@@ -436,14 +492,19 @@ pub fn run(args: &AgentArgs) -> Result<()> {
         }
     }
 
-    eprintln!("dnsfence agent: stopping; draining in-flight queries");
+    if failed.is_none() {
+        eprintln!("dnsfence agent: stopping; draining in-flight queries");
+    }
     shard_stop.store(true, Ordering::Relaxed);
     for t in threads {
         let _ = t.join();
     }
     consumer_stop.store(true, Ordering::Relaxed);
     let _ = consumer.join();
-    Ok(())
+    match failed {
+        Some(i) => bail!("shard {i} stopped unexpectedly; exiting so a supervisor restarts us"),
+        None => Ok(()),
+    }
 }
 
 /// The userspace table shared by all shards.

@@ -103,6 +103,11 @@ pub fn render(state: &State) -> String {
             |s| s.responses_dropped,
         ),
         (
+            "spoofing_suspected",
+            "Queries given up after repeated answers with their ID but another question",
+            |s| s.spoofing_suspected,
+        ),
+        (
             "pending_full",
             "Queries answered SERVFAIL: pending table full",
             |s| s.pending_full,

@@ -51,6 +51,8 @@ struct EndpointEntry {
     name: Box<str>,
     /// Stable identity.
     key: EndpointKey,
+    /// Whether the endpoint has source addresses (else only its cgroup identifies it).
+    has_ips: bool,
     /// Index into `Snapshot::groups`, or `NO_GROUP` when unrestricted.
     group: u32,
 }
@@ -112,6 +114,8 @@ pub struct SnapshotStats {
     pub groups: usize,
     /// toFQDNs rules (`RuleId`s).
     pub fqdn_rules: usize,
+    /// Endpoints with no source address (recognised by cgroup only).
+    pub without_ips: usize,
 }
 
 /// The compiled policy and endpoint registry. Immutable; shared as `Arc<Snapshot>`.
@@ -327,6 +331,7 @@ impl Snapshot {
                 .count(),
             groups: self.groups.len(),
             fqdn_rules: self.rule_ports.len(),
+            without_ips: self.endpoints.iter().filter(|e| !e.has_ips).count(),
         }
     }
 }
@@ -408,6 +413,7 @@ fn compile(policies: &PolicySet, endpoints: &[Endpoint]) -> Snapshot {
         entries.push(EndpointEntry {
             name: format!("{}/{}", ep.namespace, ep.name).into_boxed_str(),
             key: EndpointKey::of(&ep.namespace, &ep.name),
+            has_ips: !ep.ips.is_empty(),
             group,
         });
         for ip in &ep.ips {
