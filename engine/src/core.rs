@@ -282,7 +282,8 @@ struct Pending {
     key: Option<EndpointKey>,
     /// Whether answers must go through the allow table (a known, restricted endpoint).
     enforce: bool,
-    snapshot: Option<Arc<Snapshot>>,
+    /// Generation of the snapshot the query was judged by (see `Core::in_use`).
+    generation: u64,
     upstream: Destination,
     upstream_id: u16,
     sent_at: Instant,
@@ -328,6 +329,14 @@ impl Outbox {
 pub struct Core {
     config: CoreConfig,
     snapshot: Arc<Snapshot>,
+    /// Generation of `snapshot` (bumped by each `set_snapshot`).
+    generation: u64,
+    /// Queries in flight judged by `snapshot`.
+    in_flight_current: u32,
+    /// Earlier snapshots that queries in flight still use, with their count. Pending queries
+    /// refer to snapshots by generation, so forwarding and answering touch no reference count
+    /// shared with other shards.
+    in_use: std::collections::VecDeque<(u64, Arc<Snapshot>, u32)>,
     pending: Vec<Pending>,
     free: Vec<u32>,
     /// Per upstream channel (UDP sockets, then TCP): upstream ID → pending slot.
@@ -377,7 +386,7 @@ impl Core {
             endpoint: None,
             key: None,
             enforce: false,
-            snapshot: None,
+            generation: 0,
             upstream: Destination::UpstreamTcp,
             upstream_id: 0,
             sent_at: Instant::now(),
@@ -404,6 +413,9 @@ impl Core {
             records: std::collections::VecDeque::with_capacity(RECORD_BUFFER),
             outbox: Outbox::with_capacity(1 << 20),
             config,
+            in_use: std::collections::VecDeque::new(),
+            in_flight_current: 0,
+            generation: 0,
             snapshot,
             pending,
             free,
@@ -417,7 +429,26 @@ impl Core {
     /// Replaces the policy snapshot for new queries; queries in flight keep theirs.
     pub fn set_snapshot(&mut self, snapshot: Arc<Snapshot>) {
         self.rules = snapshot.rule_set();
-        self.snapshot = snapshot;
+        let old = std::mem::replace(&mut self.snapshot, snapshot);
+        if self.in_flight_current > 0 {
+            self.in_use
+                .push_back((self.generation, old, self.in_flight_current));
+        }
+        self.in_flight_current = 0;
+        self.generation += 1;
+    }
+
+    /// Counts a query off snapshot `generation`; an earlier snapshot is released when its
+    /// last query is done.
+    fn release_generation(&mut self, generation: u64) {
+        if generation == self.generation {
+            self.in_flight_current -= 1;
+        } else if let Some(i) = self.in_use.iter().position(|(g, _, _)| *g == generation) {
+            self.in_use[i].2 -= 1;
+            if self.in_use[i].2 == 0 {
+                self.in_use.remove(i);
+            }
+        }
     }
 
     /// The snapshot new queries are judged by.
@@ -619,7 +650,7 @@ impl Core {
         p.endpoint = endpoint.map(|(ep, _)| ep);
         p.key = endpoint.map(|(_, key)| key);
         p.enforce = enforce;
-        p.snapshot = Some(Arc::clone(&self.snapshot));
+        p.generation = self.generation;
         p.upstream = upstream;
         p.upstream_id = upstream_id;
         p.sent_at = now;
@@ -631,6 +662,7 @@ impl Core {
             newest => self.pending[newest as usize].next = slot,
         }
         self.newest = slot;
+        self.in_flight_current += 1;
 
         let (start, len) = self.outbox.push_bytes(packet);
         let fwd = &mut self.outbox.bytes[start..start + len];
@@ -769,9 +801,16 @@ impl Core {
     /// needed before the answer may be released.
     fn learn(&mut self, now: Instant, slot: u32, addresses: &Addresses) -> bool {
         let p = &self.pending[slot as usize];
-        let (Some(endpoint), Some(key), Some(snapshot)) = (p.endpoint, p.key, p.snapshot.as_ref())
-        else {
+        let (Some(endpoint), Some(key)) = (p.endpoint, p.key) else {
             return false;
+        };
+        let snapshot = if p.generation == self.generation {
+            &self.snapshot
+        } else {
+            match self.in_use.iter().find(|(g, _, _)| *g == p.generation) {
+                Some((_, snapshot, _)) => snapshot,
+                None => return false,
+            }
         };
         if addresses.ips().is_empty() {
             return false;
@@ -906,8 +945,9 @@ impl Core {
     fn free_slot(&mut self, slot: u32) {
         let p = &mut self.pending[slot as usize];
         p.in_use = false;
-        p.snapshot = None;
+        let generation = p.generation;
         self.free.push(slot);
+        self.release_generation(generation);
     }
 
     /// Queues a SERVFAIL for the query in `slot`, built from its stored question.

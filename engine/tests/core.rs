@@ -763,3 +763,25 @@ fn repeated_wrong_question_answers_give_the_query_up() {
     assert_eq!(h.core.in_flight(), 0);
     assert!(!h.table.is_allowed(ep(), ip("127.6.6.6"), h.at(2)));
 }
+
+#[test]
+fn an_old_snapshot_is_released_when_its_last_query_is_done() {
+    let old = Arc::new(test_snapshot());
+    let mut h = Harness::new(config());
+    h.core.set_snapshot(Arc::clone(&old));
+    let (socket, fwd) = h.forward(0, &query(0x41, "o.allowed.test", TYPE_A));
+    h.core.set_snapshot(Arc::new(deny_all_snapshot()));
+    assert!(
+        Arc::strong_count(&old) > 1,
+        "the query in flight keeps its snapshot"
+    );
+    let id = u16::from_be_bytes([fwd[0], fwd[1]]);
+    let ans = answer(
+        id,
+        "o.allowed.test",
+        TYPE_A,
+        &[("o.allowed.test", TYPE_A, 60, &rdata_a("127.0.0.41"))],
+    );
+    h.answer(1, socket, &ans);
+    assert_eq!(Arc::strong_count(&old), 1, "released after the answer");
+}
