@@ -38,6 +38,9 @@ struct Node {
     globs_start: u32,
     globs_len: u32,
     globs_star: u32,
+    /// Then `globs_suffix` globs that start with `*` but end with a literal byte, sorted by
+    /// their last byte; the rest start with a literal byte, sorted by it.
+    globs_suffix: u32,
 }
 
 impl Node {
@@ -48,6 +51,7 @@ impl Node {
         globs_start: 0,
         globs_len: 0,
         globs_star: 0,
+        globs_suffix: 0,
     };
 }
 
@@ -272,18 +276,27 @@ impl Compiler {
             }
         }
 
-        // Glob edges, grouped by node; within a node the globs that start with a star come
-        // first, the others are sorted by their first byte so a lookup can binary-search them.
+        // Glob edges, grouped by node. Within a node: globs with a star at both ends (tried
+        // on every label), then star-first globs sorted by their last byte, then the others
+        // sorted by their first byte, so a lookup binary-searches the two sorted runs for
+        // the globs that can match its label.
         let bytes = &self.bytes;
         let first = |off: u32| bytes[off as usize];
+        let last = |off: u32, len: u32| bytes[(off + len - 1) as usize];
+        let class = |off: u32, len: u32| match (first(off) == b'*', last(off, len) == b'*') {
+            (true, true) => (0, 0),
+            (true, false) => (1, last(off, len)),
+            (false, _) => (2, first(off)),
+        };
         self.globs
-            .sort_by_key(|&(node, off, _, _)| (node, first(off) != b'*', first(off)));
+            .sort_by_key(|&(node, off, len, _)| (node, class(off, len)));
         let mut glob_edges = Vec::with_capacity(self.globs.len());
         for group in self.globs.chunk_by(|a, b| a.0 == b.0) {
             let n = &mut self.nodes[group[0].0 as usize];
             n.globs_start = glob_edges.len() as u32;
             n.globs_len = group.len() as u32;
-            n.globs_star = group.iter().filter(|g| first(g.1) == b'*').count() as u32;
+            n.globs_star = group.iter().filter(|g| class(g.1, g.2).0 == 0).count() as u32;
+            n.globs_suffix = group.iter().filter(|g| class(g.1, g.2).0 == 1).count() as u32;
             glob_edges.extend(group.iter().map(|&(_, off, len, child)| GlobEdge {
                 off,
                 len,
@@ -498,7 +511,7 @@ impl Matcher {
         remaining: usize,
         f: &mut impl FnMut(u32) -> ControlFlow<()>,
     ) -> ControlFlow<()> {
-        let n = self.nodes[node as usize];
+        let n = &self.nodes[node as usize];
         if remaining == 0 {
             if n.terminal != NONE {
                 f(n.terminal)?;
@@ -521,12 +534,15 @@ impl Matcher {
         }
         let start = n.globs_start as usize;
         let globs = &self.globs[start..start + n.globs_len as usize];
-        let (starred, sorted) = globs.split_at(n.globs_star as usize);
-        // Globs that start with a literal byte can only match labels that start with it.
-        let first = label[0];
-        let from = sorted.partition_point(|e| self.bytes[e.off as usize] < first);
-        let to = from + sorted[from..].partition_point(|e| self.bytes[e.off as usize] == first);
-        for edge in starred.iter().chain(&sorted[from..to]) {
+        let (starred, rest) = globs.split_at(n.globs_star as usize);
+        let (by_last, by_first) = rest.split_at(n.globs_suffix as usize);
+        // Names have no empty labels, so `label` has a first and a last byte.
+        let bytes = &self.bytes[..];
+        let candidates = starred
+            .iter()
+            .chain(bucket(by_last, bytes, last_byte, label[label.len() - 1]))
+            .chain(bucket(by_first, bytes, first_byte, label[0]));
+        for edge in candidates {
             let glob = &self.bytes[edge.off as usize..(edge.off + edge.len) as usize];
             if glob_match(glob, label) {
                 self.walk_from(name, edge.child, remaining - 1, f)?;
@@ -553,6 +569,28 @@ impl Matcher {
             i = if i + 1 == capacity { 0 } else { i + 1 };
         }
     }
+}
+
+/// The first byte of a glob edge's glob.
+fn first_byte(bytes: &[u8], e: &GlobEdge) -> u8 {
+    bytes[e.off as usize]
+}
+
+/// The last byte of a glob edge's glob.
+fn last_byte(bytes: &[u8], e: &GlobEdge) -> u8 {
+    bytes[(e.off + e.len - 1) as usize]
+}
+
+/// The run of `sorted` (ordered by `key`) whose key is `byte`.
+fn bucket<'a>(
+    sorted: &'a [GlobEdge],
+    bytes: &[u8],
+    key: fn(&[u8], &GlobEdge) -> u8,
+    byte: u8,
+) -> &'a [GlobEdge] {
+    let from = sorted.partition_point(|e| key(bytes, e) < byte);
+    let to = from + sorted[from..].partition_point(|e| key(bytes, e) == byte);
+    &sorted[from..to]
 }
 
 /// A reusable set of rule ids: a bitset for membership plus the ids in insertion order.
