@@ -12,6 +12,7 @@ use crossbeam_queue::ArrayQueue;
 use dnsfence_engine::allow::UserspaceAllowTable;
 use dnsfence_engine::consumer::Observations;
 use dnsfence_engine::core::{Record, Stats};
+use dnsfence_engine::io::IoStats;
 use dnsfence_engine::shard::{PolicyHandle, ShardStatus};
 
 /// What the metrics page reads.
@@ -68,6 +69,9 @@ pub fn serve(listener: TcpListener, state: State, stop: Arc<AtomicBool>) -> std:
         })?;
     Ok(())
 }
+
+/// A counter of [`IoStats`]: metric name, help text, accessor.
+type IoCounter = (&'static str, &'static str, fn(&IoStats) -> u64);
 
 /// A counter of [`Stats`]: metric name, help text, accessor.
 type Counter = (&'static str, &'static str, fn(&Stats) -> u64);
@@ -160,6 +164,61 @@ pub fn render(state: &State) -> String {
         let _ = writeln!(out, "# TYPE dnsfence_{name}_total counter");
         for (i, s) in stats.iter().enumerate() {
             let _ = writeln!(out, "dnsfence_{name}_total{{shard=\"{i}\"}} {}", get(s));
+        }
+    }
+    let io: Vec<IoStats> = state
+        .shards
+        .iter()
+        .map(|s| s.io.lock().unwrap_or_else(|e| e.into_inner()).clone())
+        .collect();
+    let io_counters: &[IoCounter] = &[
+        ("udp_rx", "Datagrams received (clients and upstream)", |s| {
+            s.udp_rx
+        }),
+        ("udp_tx", "Datagrams sent", |s| s.udp_tx),
+        (
+            "udp_rx_truncated",
+            "Datagrams dropped: larger than the receive buffer",
+            |s| s.udp_rx_truncated,
+        ),
+        ("udp_rx_errors", "Receive errors", |s| s.udp_rx_errors),
+        ("send_errors", "Sends the kernel rejected", |s| {
+            s.send_errors
+        }),
+        (
+            "send_dropped",
+            "Sends dropped before the kernel (queue or buffer full)",
+            |s| s.send_dropped,
+        ),
+        ("tcp_accepted", "TCP client connections accepted", |s| {
+            s.tcp_accepted
+        }),
+        (
+            "tcp_limit_rejected",
+            "TCP connections closed at once: connection limit",
+            |s| s.tcp_limit_rejected,
+        ),
+        (
+            "tcp_framing_errors",
+            "TCP connections closed: bad frame length",
+            |s| s.tcp_framing_errors,
+        ),
+        (
+            "tcp_idle_closed",
+            "TCP connections closed: idle timeout",
+            |s| s.tcp_idle_closed,
+        ),
+        (
+            "upstream_tcp_errors",
+            "Upstream TCP connection errors",
+            |s| s.upstream_tcp_errors,
+        ),
+    ];
+    for (name, help, get) in io_counters {
+        let _ = writeln!(out, "# HELP dnsfence_io_{name}_total {help}.");
+        let _ = writeln!(out, "# TYPE dnsfence_io_{name}_total counter");
+        for (i, s) in io.iter().enumerate() {
+            let _ = writeln!(out, "dnsfence_io_{name}_total{{shard=\"{i}\"}} {}", get(s));
         }
     }
     let obs = state.observations.lock().unwrap_or_else(|e| e.into_inner());

@@ -15,7 +15,7 @@ use dnsfence_policy::Snapshot;
 
 use crate::allow::AllowSink;
 use crate::core::{Client, Core, CoreConfig, Destination, Record, Stats};
-use crate::io::{self, Backend, BackendChoice, Event, Io, IoConfig, IoError, ShardIo};
+use crate::io::{self, Backend, BackendChoice, Event, Io, IoConfig, IoError, IoStats, ShardIo};
 
 /// The current policy snapshot, shared by the control plane and every shard.
 ///
@@ -57,6 +57,8 @@ impl PolicyHandle {
 pub struct ShardStatus {
     /// The core's counters.
     pub stats: Mutex<Stats>,
+    /// The I/O layer's counters.
+    pub io: Mutex<IoStats>,
     /// The I/O backend in use.
     pub backend: Mutex<Option<Backend>>,
     /// The CPU the shard is pinned to, if any.
@@ -171,15 +173,7 @@ fn run(mut config: ShardConfig, mut io: Io) {
         let now = Instant::now();
         core.handle_timeout(now);
         core.commit_allows(now, config.allow.as_mut());
-        while let Some(t) = core.poll_transmit() {
-            match t.to {
-                Destination::Client(Client::Udp(peer)) => io.send_client_udp(peer, t.data),
-                Destination::Client(Client::Tcp { conn, .. }) => io.send_client_tcp(conn, t.data),
-                Destination::UpstreamUdp { socket } => io.send_upstream_udp(socket, t.data),
-                Destination::UpstreamTcp => io.send_upstream_tcp(t.data),
-            }
-        }
-        let _ = io.flush();
+        send(&mut core, &mut io);
         while let Some(record) = core.poll_record() {
             if config.records.push(record).is_err() {
                 core.record_dropped();
@@ -188,16 +182,33 @@ fn run(mut config: ShardConfig, mut io: Io) {
         config.status.batches.fetch_add(1, Ordering::Relaxed);
         if now.duration_since(published) >= Duration::from_millis(100) {
             published = now;
-            *config
-                .status
-                .stats
-                .lock()
-                .unwrap_or_else(|e| e.into_inner()) = *core.stats();
+            publish(&config.status, &core, &io);
         }
     }
-    *config
-        .status
-        .stats
-        .lock()
-        .unwrap_or_else(|e| e.into_inner()) = *core.stats();
+    // Past the drain deadline, what is still in flight gets SERVFAIL rather than silence.
+    let beyond = Instant::now() + Duration::from_secs(2 * 86_400);
+    while core.in_flight() > 0 {
+        core.handle_timeout(beyond);
+        send(&mut core, &mut io);
+    }
+    publish(&config.status, &core, &io);
+}
+
+/// Hands everything the core has ready to the sockets, in one flush.
+fn send(core: &mut Core, io: &mut Io) {
+    while let Some(t) = core.poll_transmit() {
+        match t.to {
+            Destination::Client(Client::Udp(peer)) => io.send_client_udp(peer, t.data),
+            Destination::Client(Client::Tcp { conn, .. }) => io.send_client_tcp(conn, t.data),
+            Destination::UpstreamUdp { socket } => io.send_upstream_udp(socket, t.data),
+            Destination::UpstreamTcp => io.send_upstream_tcp(t.data),
+        }
+    }
+    let _ = io.flush();
+}
+
+/// Copies the core's and the I/O layer's counters where the metrics thread reads them.
+fn publish(status: &ShardStatus, core: &Core, io: &Io) {
+    *status.stats.lock().unwrap_or_else(|e| e.into_inner()) = *core.stats();
+    *status.io.lock().unwrap_or_else(|e| e.into_inner()) = io.stats().clone();
 }

@@ -157,4 +157,9 @@ fn per_shard_counters(io: IoBackend) {
         "refused {refused} + forwarded {forwarded}"
     );
     assert_eq!(forwarded, fake.names().len() as f64);
+    // The I/O layer's counters are published too: every UDP query came in as a datagram
+    // (upstream answers add more) and every TCP query on an accepted connection.
+    let udp_rx = sum("dnsfence_io_udp_rx_total");
+    assert!(udp_rx >= UDP as f64, "dnsfence_io_udp_rx_total {udp_rx}");
+    assert!(sum("dnsfence_io_tcp_accepted_total") >= 1.0);
 }
