@@ -93,6 +93,9 @@ pub struct AgentArgs {
     /// Floor for allow-entry TTLs, in seconds.
     #[arg(long, default_value_t = 0)]
     pub min_ttl: u32,
+    /// Ceiling for allow-entry TTLs, in seconds.
+    #[arg(long, default_value_t = 86_400)]
+    pub max_ttl: u32,
     /// Queries from unknown sources.
     #[arg(long, value_enum, default_value = "deny")]
     pub unknown_source: UnknownFlag,
@@ -208,6 +211,9 @@ fn plan(args: &AgentArgs) -> Result<Plan> {
     let shards = args
         .shards
         .unwrap_or(args.cpus.as_ref().map_or(available, |c| c.0.len()));
+    if args.listen.port() == 0 && shards > 1 {
+        bail!("--listen with port 0 gives each shard its own port: name a port, or use --shards 1");
+    }
     if shards == 0 {
         bail!("--shards must be at least 1");
     }
@@ -235,6 +241,7 @@ fn plan(args: &AgentArgs) -> Result<Plan> {
             RejectFlag::Nxdomain => Rcode::NxDomain,
         };
         core.min_ttl = args.min_ttl;
+        core.max_ttl = args.max_ttl;
         core.unknown_source = match args.unknown_source {
             UnknownFlag::Deny => UnknownSource::Deny,
             UnknownFlag::Allow => UnknownSource::Allow,

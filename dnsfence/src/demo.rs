@@ -91,6 +91,11 @@ fn terminate(pid: u32) {
         .status();
 }
 
+/// `s` as one single-quoted shell word (a `'` inside becomes `'\''`).
+fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
 /// A free loopback port (UDP and TCP are both needed; the race with other programs is
 /// accepted for a demo).
 fn free_port() -> Result<u16> {
@@ -229,13 +234,13 @@ fn run_in(args: &DemoArgs, exe: &Path, loadgen: &Path, dir: &Path) -> Result<boo
 
     // The restart runs from the loadgen's scenario, in the background, and records its PID.
     let restart_pid = dir.join("agent-a2.pid");
-    let quoted: Vec<String> = agent_args.iter().map(|a| format!("'{a}'")).collect();
+    let quoted: Vec<String> = agent_args.iter().map(|a| shell_quote(a)).collect();
     let restart = format!(
-        "'{}' {} > '{}' 2>&1 & echo $! > '{}'",
-        exe.display(),
+        "{} {} > {} 2>&1 & echo $! > {}",
+        shell_quote(&exe.display().to_string()),
         quoted.join(" "),
-        dir.join("agent-a2.log").display(),
-        restart_pid.display()
+        shell_quote(&dir.join("agent-a2.log").display().to_string()),
+        shell_quote(&restart_pid.display().to_string())
     );
     println!(
         "dnsfence demo: upstream {upstream}, agents A (pid {}) and B (pid {}) on {listen}",
@@ -397,4 +402,20 @@ fn report(allowed: &Value, denied: &Value, restarted_served: bool) -> bool {
         }
     );
     holds
+}
+
+#[cfg(test)]
+mod tests {
+    use super::shell_quote;
+
+    #[test]
+    fn shell_quoting_survives_quotes() {
+        let tricky = "/tmp/it's $(here)";
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!("printf %s {}", shell_quote(tricky)))
+            .output()
+            .unwrap();
+        assert_eq!(String::from_utf8(out.stdout).unwrap(), tricky);
+    }
 }

@@ -1,4 +1,5 @@
 //! `dnsfence`: the agent, the standalone HA proxy, and the command-line tools.
+#![forbid(unsafe_code)]
 
 mod agent;
 mod demo;

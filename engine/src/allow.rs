@@ -4,6 +4,7 @@
 //! the shard hands them to an [`AllowSink`] once per batch, before any of those answers is sent.
 //! [`UserspaceAllowTable`] is the sink of `--no-bpf` mode; the eBPF map sink implements the
 //! same trait.
+#![forbid(unsafe_code)]
 
 use std::collections::HashMap;
 use std::net::IpAddr;

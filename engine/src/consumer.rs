@@ -2,6 +2,7 @@
 //! cache, the aggregate counters and the flow log.
 //!
 //! Shards never wait for it: the queue is bounded and a full queue is counted by the shard.
+#![forbid(unsafe_code)]
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -37,7 +38,7 @@ pub struct Observations {
     pub flows_timeout: u64,
     /// Malformed queries seen.
     pub flows_malformed: u64,
-    /// Queries answered SERVFAIL for lack of room or a failed allow write.
+    /// Queries answered SERVFAIL for lack of room, a failed allow write, or an unusable answer.
     pub flows_overload: u64,
     /// Address observations seen.
     pub ip_updates: u64,
@@ -117,7 +118,7 @@ fn apply(obs: &mut Observations, record: &Record, cache_entries: usize, max_ips_
             Verdict::Refuse | Verdict::RefuseUnknownSource => obs.flows_refused += 1,
             Verdict::Timeout => obs.flows_timeout += 1,
             Verdict::Malformed => obs.flows_malformed += 1,
-            Verdict::Overload => obs.flows_overload += 1,
+            Verdict::Overload | Verdict::BadAnswer => obs.flows_overload += 1,
         },
         Record::Addresses(update) => {
             obs.ip_updates += 1;

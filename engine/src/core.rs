@@ -11,6 +11,7 @@
 //!
 //! Outcomes are counted in [`Stats`]; nothing in here allocates once its tables are warm (the
 //! pending table, the ID maps and the output arena are sized at construction).
+#![forbid(unsafe_code)]
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -48,6 +49,9 @@ pub struct CoreConfig {
     pub reject_rcode: Rcode,
     /// Floor for the TTL of allow entries, in seconds.
     pub min_ttl: u32,
+    /// Ceiling for the TTL of allow entries, in seconds (an answer with a 68-year TTL must
+    /// not pin its addresses in the allow table).
+    pub max_ttl: u32,
     /// Queries from unknown sources.
     pub unknown_source: UnknownSource,
     /// Most queries in flight upstream at once; beyond it new queries get SERVFAIL.
@@ -75,6 +79,7 @@ impl CoreConfig {
             upstream_timeout: Duration::from_secs(5),
             reject_rcode: Rcode::Refused,
             min_ttl: 0,
+            max_ttl: 86_400,
             unknown_source: UnknownSource::Deny,
             max_pending: 8192,
             allow_cache_entries: 65536,
@@ -152,6 +157,9 @@ pub enum Verdict {
     Malformed,
     /// No room (pending table full) or the allow write failed; SERVFAIL written.
     Overload,
+    /// The upstream's answer could not be used (unparsable records, or repeated answers
+    /// with the query's ID but another question); SERVFAIL written.
+    BadAnswer,
 }
 
 /// A record for the consumer: an observation of addresses or a flow.
@@ -206,8 +214,10 @@ pub struct Flow {
     pub upstream_latency: Option<Duration>,
 }
 
-/// Counters of one core. Every input ends in exactly one of the `client_*` / `upstream_*`
-/// outcome counters.
+/// Counters of one core. Every client query ends in exactly one of `forwarded`, `refused`,
+/// `refused_unknown_source`, `malformed_answered`, `malformed_dropped`, `responses_dropped`
+/// or `pending_full`; every forwarded one in `answered`, `timeouts`, `answer_malformed`,
+/// `spoofing_suspected` or an allow-write failure.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Stats {
     /// Client queries received.
@@ -246,6 +256,8 @@ pub struct Stats {
     pub answer_malformed: u64,
     /// Address records in answers that were not on the question's CNAME chain (ignored).
     pub off_chain_records: u64,
+    /// Addresses beyond the 32 kept from one answer (not allowed).
+    pub addresses_overflow: u64,
     /// Allow entries written.
     pub allow_writes: u64,
     /// Allow write batches.
@@ -269,7 +281,6 @@ const RECORD_BUFFER: usize = 4096;
 
 #[derive(Clone)]
 struct Pending {
-    in_use: bool,
     client: Client,
     client_id: u16,
     client_flags: u16,
@@ -375,7 +386,6 @@ impl Core {
         assert!(config.upstream_sockets > 0, "at least one upstream socket");
         let channels = usize::from(config.upstream_sockets) + 1;
         let template = Pending {
-            in_use: false,
             client: Client::Udp(config.upstream),
             client_id: 0,
             client_flags: 0,
@@ -639,7 +649,6 @@ impl Core {
 
         let question = &packet[wire::HEADER_LEN..query.question_end];
         let p = &mut self.pending[slot as usize];
-        p.in_use = true;
         p.client = client;
         p.client_id = query.id;
         p.client_flags = query.flags;
@@ -729,7 +738,7 @@ impl Core {
                 self.stats.spoofing_suspected += 1;
                 self.ids[channel][usize::from(answer.id)] = NO_SLOT;
                 self.unlink(slot);
-                self.servfail(now, slot, Verdict::Overload);
+                self.servfail(now, slot, Verdict::BadAnswer);
                 self.free_slot(slot);
             }
             return;
@@ -756,13 +765,14 @@ impl Core {
             let collected = wire::collect_addresses(packet, &answer, &mut addresses);
             if collected.is_ok() {
                 self.stats.off_chain_records += addresses.off_chain as u64;
+                self.stats.addresses_overflow += addresses.overflow as u64;
                 held = self.learn(now, slot, &addresses);
             }
             self.addresses = Some(addresses);
             if collected.is_err() {
                 self.stats.answer_malformed += 1;
                 self.outbox.bytes.truncate(start);
-                self.servfail(now, slot, Verdict::Overload);
+                self.servfail(now, slot, Verdict::BadAnswer);
                 self.free_slot(slot);
                 return;
             }
@@ -821,7 +831,10 @@ impl Core {
         if !snapshot.fqdn_rules(endpoint, &name, &mut self.rules) {
             return false;
         }
-        let ttl = addresses.min_ttl.max(self.config.min_ttl);
+        let ttl = addresses
+            .min_ttl
+            .max(self.config.min_ttl)
+            .min(self.config.max_ttl.max(self.config.min_ttl));
         let expires = now + Duration::from_secs(u64::from(ttl));
         let refresh_before = now + Duration::from_secs(u64::from(ttl) / 2);
         let mut needed = false;
@@ -944,7 +957,6 @@ impl Core {
     /// Returns `slot` to the free list, dropping its snapshot reference.
     fn free_slot(&mut self, slot: u32) {
         let p = &mut self.pending[slot as usize];
-        p.in_use = false;
         let generation = p.generation;
         self.free.push(slot);
         self.release_generation(generation);

@@ -4,6 +4,7 @@
 //! the core, expire timeouts, commit the batch's allow entries, send everything the core has
 //! ready in one flush, hand records to the consumer queue, repeat. A policy reload is noticed
 //! by comparing one atomic generation per loop.
+#![forbid(unsafe_code)]
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};

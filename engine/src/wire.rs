@@ -8,6 +8,7 @@
 //!
 //! Every length and count is checked before use; malformed input is an error value naming
 //! what was wrong, never a panic. Nothing here allocates.
+#![forbid(unsafe_code)]
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 

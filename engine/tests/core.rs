@@ -785,3 +785,24 @@ fn an_old_snapshot_is_released_when_its_last_query_is_done() {
     h.answer(1, socket, &ans);
     assert_eq!(Arc::strong_count(&old), 1, "released after the answer");
 }
+
+#[test]
+fn max_ttl_caps_huge_ttls() {
+    let mut h = Harness::new(config());
+    let (socket, fwd) = h.forward(0, &query(9, "y.allowed.test", TYPE_A));
+    let id = u16::from_be_bytes([fwd[0], fwd[1]]);
+    let ans = answer(
+        id,
+        "y.allowed.test",
+        TYPE_A,
+        &[(
+            "y.allowed.test",
+            TYPE_A,
+            i32::MAX as u32,
+            &rdata_a("127.0.0.6"),
+        )],
+    );
+    h.answer(1, socket, &ans);
+    assert!(h.table.is_allowed(ep(), ip("127.0.0.6"), h.at(86_000_000)));
+    assert!(!h.table.is_allowed(ep(), ip("127.0.0.6"), h.at(86_400_002)));
+}
