@@ -70,11 +70,19 @@ pub fn serve(listener: TcpListener, state: State, stop: Arc<AtomicBool>) -> std:
     Ok(())
 }
 
-/// A counter of [`IoStats`]: metric name, help text, accessor.
-type IoCounter = (&'static str, &'static str, fn(&IoStats) -> u64);
+/// A per-shard counter of `T`: metric name, help text, accessor.
+type Counter<T> = (&'static str, &'static str, fn(&T) -> u64);
 
-/// A counter of [`Stats`]: metric name, help text, accessor.
-type Counter = (&'static str, &'static str, fn(&Stats) -> u64);
+/// Writes each counter as `{prefix}{name}_total{shard="i"}` over the shards' values.
+fn per_shard<T>(out: &mut String, prefix: &str, counters: &[Counter<T>], shards: &[T]) {
+    for (name, help, get) in counters {
+        let _ = writeln!(out, "# HELP {prefix}{name}_total {help}.");
+        let _ = writeln!(out, "# TYPE {prefix}{name}_total counter");
+        for (i, s) in shards.iter().enumerate() {
+            let _ = writeln!(out, "{prefix}{name}_total{{shard=\"{i}\"}} {}", get(s));
+        }
+    }
+}
 
 /// The Prometheus text exposition of every counter.
 pub fn render(state: &State) -> String {
@@ -84,7 +92,7 @@ pub fn render(state: &State) -> String {
         .iter()
         .map(|s| *s.stats.lock().unwrap_or_else(|e| e.into_inner()))
         .collect();
-    let counters: &[Counter] = &[
+    let counters: &[Counter<Stats>] = &[
         ("queries", "Client queries received", |s| s.queries),
         ("forwarded", "Queries forwarded upstream", |s| s.forwarded),
         ("refused", "Queries refused by policy", |s| s.refused),
@@ -159,19 +167,13 @@ pub fn render(state: &State) -> String {
             |s| s.records_dropped,
         ),
     ];
-    for (name, help, get) in counters {
-        let _ = writeln!(out, "# HELP dnsfence_{name}_total {help}.");
-        let _ = writeln!(out, "# TYPE dnsfence_{name}_total counter");
-        for (i, s) in stats.iter().enumerate() {
-            let _ = writeln!(out, "dnsfence_{name}_total{{shard=\"{i}\"}} {}", get(s));
-        }
-    }
+    per_shard(&mut out, "dnsfence_", counters, &stats);
     let io: Vec<IoStats> = state
         .shards
         .iter()
         .map(|s| s.io.lock().unwrap_or_else(|e| e.into_inner()).clone())
         .collect();
-    let io_counters: &[IoCounter] = &[
+    let io_counters: &[Counter<IoStats>] = &[
         ("udp_rx", "Datagrams received (clients and upstream)", |s| {
             s.udp_rx
         }),
@@ -214,13 +216,7 @@ pub fn render(state: &State) -> String {
             |s| s.upstream_tcp_errors,
         ),
     ];
-    for (name, help, get) in io_counters {
-        let _ = writeln!(out, "# HELP dnsfence_io_{name}_total {help}.");
-        let _ = writeln!(out, "# TYPE dnsfence_io_{name}_total counter");
-        for (i, s) in io.iter().enumerate() {
-            let _ = writeln!(out, "dnsfence_io_{name}_total{{shard=\"{i}\"}} {}", get(s));
-        }
-    }
+    per_shard(&mut out, "dnsfence_io_", io_counters, &io);
     let obs = state.observations.lock().unwrap_or_else(|e| e.into_inner());
     let _ = writeln!(out, "# TYPE dnsfence_fqdn_cache_entries gauge");
     let _ = writeln!(out, "dnsfence_fqdn_cache_entries {}", obs.cache.len());
