@@ -109,6 +109,10 @@ pub struct AgentArgs {
     /// (policy DNS rules name port 53 of the cluster DNS). Default: the upstream's IP, port 53.
     #[arg(long, value_name = "ADDR:PORT")]
     pub policy_server: Option<SocketAddr>,
+    /// Randomise the letter case of forwarded names and accept only answers that echo it
+    /// (DNS 0x20): needs an upstream that preserves case, as CoreDNS, unbound and BIND do.
+    #[arg(long)]
+    pub upstream_0x20: bool,
     /// Upstream UDP sockets per shard (random source ports).
     #[arg(long, default_value_t = 4)]
     pub upstream_sockets: u16,
@@ -248,6 +252,7 @@ fn plan(args: &AgentArgs) -> Result<Plan> {
         };
         core.max_pending = args.max_pending;
         core.flow_records = args.flow_log.is_some();
+        core.upstream_0x20 = args.upstream_0x20;
         core.max_udp_payload = io.max_udp_payload.min(usize::from(u16::MAX)) as u16;
         if !(1..65536).contains(&core.max_pending) {
             bail!("--max-pending must be in 1..65535");

@@ -64,6 +64,10 @@ pub struct CoreConfig {
     /// Largest UDP answer the shard's sockets receive; the EDNS0 payload size of forwarded
     /// queries is lowered to it.
     pub max_udp_payload: u16,
+    /// Randomise the case of forwarded question names and accept only answers that echo it
+    /// exactly (DNS 0x20): more spoofing resistance, for upstreams that preserve case (most
+    /// recursive resolvers do; one that does not would see every answer rejected).
+    pub upstream_0x20: bool,
     /// Emit a [`Flow`] record per query (for the flow log). Off, the per-query cost is the
     /// counters only; address observations are emitted either way.
     pub flow_records: bool,
@@ -85,6 +89,7 @@ impl CoreConfig {
             allow_cache_entries: 65536,
             seed: 0x5eed,
             max_udp_payload: 4096,
+            upstream_0x20: false,
             flow_records: false,
         }
     }
@@ -300,6 +305,8 @@ struct Pending {
     sent_at: Instant,
     /// Answers with this query's ID but another question.
     mismatches: u8,
+    /// Seed of the 0x20 spelling sent upstream (with `upstream_0x20`).
+    case_seed: u64,
     /// Neighbours in the in-flight list (oldest first), `NO_SLOT` at the ends.
     prev: u32,
     next: u32,
@@ -401,6 +408,7 @@ impl Core {
             upstream_id: 0,
             sent_at: Instant::now(),
             mismatches: 0,
+            case_seed: 0,
             prev: NO_SLOT,
             next: NO_SLOT,
         };
@@ -673,9 +681,21 @@ impl Core {
         self.newest = slot;
         self.in_flight_current += 1;
 
+        let case_seed = if self.config.upstream_0x20 {
+            self.next_random()
+        } else {
+            0
+        };
+        self.pending[slot as usize].case_seed = case_seed;
         let (start, len) = self.outbox.push_bytes(packet);
         let fwd = &mut self.outbox.bytes[start..start + len];
         wire::set_id(fwd, upstream_id);
+        if self.config.upstream_0x20 {
+            wire::apply_0x20(
+                &mut fwd[wire::HEADER_LEN..wire::HEADER_LEN + query.name_len],
+                case_seed,
+            );
+        }
         if let Some((at, _)) = query.opt {
             // The upstream sizes its answer by the client's EDNS0 payload size; a larger
             // answer than the shard can receive would be lost (and the client time out).
@@ -724,7 +744,15 @@ impl Core {
             u16::from_be_bytes([rest[0], rest[1]]),
             u16::from_be_bytes([rest[2], rest[3]]),
         );
+        let spelled_as_sent = !self.config.upstream_0x20 || {
+            let mut sent = [0u8; MAX_WIRE_LEN];
+            let sent = &mut sent[..client_name.len()];
+            sent.copy_from_slice(client_name);
+            wire::apply_0x20(sent, p.case_seed);
+            answer.name_wire(packet) == sent
+        };
         if !wire::names_equal(answer.name_wire(packet), client_name)
+            || !spelled_as_sent
             || answer.qtype != qtype
             || answer.qclass != qclass
         {

@@ -366,6 +366,32 @@ pub fn parse_answer(packet: &[u8]) -> Result<Answer, AnswerError> {
     })
 }
 
+/// Sets the case of every letter of an uncompressed wire name from `seed` (DNS 0x20,
+/// draft-vixie-dnsext-dns0x20): a resolver that echoes the question exactly proves it saw this
+/// query, so an off-path spoofer must guess one more bit per letter. Length bytes are left
+/// alone (they are below `A`).
+pub fn apply_0x20(name: &mut [u8], seed: u64) {
+    let mut bits = seed;
+    let mut used = 0;
+    for b in name.iter_mut().filter(|b| b.is_ascii_alphabetic()) {
+        if used == 64 {
+            // splitmix64 step: a fresh word for the next 64 letters.
+            bits = bits.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = bits;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            bits = z ^ (z >> 31);
+            used = 0;
+        }
+        *b = if bits >> used & 1 == 1 {
+            b.to_ascii_uppercase()
+        } else {
+            b.to_ascii_lowercase()
+        };
+        used += 1;
+    }
+}
+
 /// Case-insensitive comparison of two uncompressed wire names.
 pub fn names_equal(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.eq_ignore_ascii_case(b)

@@ -806,3 +806,34 @@ fn max_ttl_caps_huge_ttls() {
     assert!(h.table.is_allowed(ep(), ip("127.0.0.6"), h.at(86_000_000)));
     assert!(!h.table.is_allowed(ep(), ip("127.0.0.6"), h.at(86_400_002)));
 }
+
+#[test]
+fn upstream_0x20_accepts_only_the_spelling_it_sent() {
+    let mut c = config();
+    c.upstream_0x20 = true;
+    let mut h = Harness::new(c);
+    let name = "averyveryverylongnamewithmanyletters.allowed.test";
+    let q = query(0x7e, name, TYPE_A);
+    let (socket, fwd) = h.forward(0, &q);
+    let sent = &fwd[12..12 + name.len() + 2];
+    assert!(sent.eq_ignore_ascii_case(&q[12..12 + name.len() + 2]));
+    assert_ne!(
+        sent,
+        &q[12..12 + name.len() + 2],
+        "case randomised (2^-44 flake)"
+    );
+    let id = u16::from_be_bytes([fwd[0], fwd[1]]);
+    let records = [(name, TYPE_A, 60, &rdata_a("127.0.0.44")[..])];
+    // An answer with the client's spelling (what a spoofer who saw the client's query, but not
+    // ours, would send) is not accepted.
+    let wrong = answer(id, name, TYPE_A, &records);
+    assert!(h.answer(1, socket, &wrong).is_empty());
+    assert_eq!(h.core.stats().upstream_wrong_question, 1);
+    // The real answer echoes our spelling; the client gets its own back.
+    let mut real = wrong.clone();
+    real[12..12 + sent.len()].copy_from_slice(sent);
+    let out = h.answer(2, socket, &real);
+    let reply = to_client(&out);
+    assert_eq!(rcode(reply), 0);
+    assert_eq!(&reply[12..12 + sent.len()], &q[12..12 + sent.len()]);
+}

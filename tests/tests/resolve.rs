@@ -15,6 +15,7 @@ const T: Duration = Duration::from_secs(3);
 both_backends! {
     allowed_answered_denied_refused_and_never_forwarded => allowed_and_denied,
     knot_upstream_answers_and_counts => knot_upstream,
+    upstream_0x20_against_knot => upstream_0x20,
     mixed_case_spelling_kept => mixed_case,
     reject_rcode_nxdomain => reject_nxdomain,
     cname_chain_passes_through => cname_chain,
@@ -81,6 +82,27 @@ fn allowed_and_denied(io: IoBackend) {
         refused.is_some(),
         "refused counter {}",
         agent.metric_sum("dnsfence_refused_total")
+    );
+}
+
+/// With `--upstream-0x20` the agent sends its own letter case upstream and accepts only answers
+/// that echo it; knot does, so everything resolves as before, over UDP and TCP.
+fn upstream_0x20(io: IoBackend) {
+    let knot = Knot::start();
+    let agent = Agent::start(&AgentConfig::new(io, knot.addr).args(&["--upstream-0x20"]));
+    for proto in ["+notcp", "+tcp"] {
+        let r = dig(agent.addr, &[proto, "WwW.AlLoWeD.TeSt", "A"]);
+        assert_eq!(r.status, "NOERROR", "{}", r.output);
+        assert_eq!(r.rdata("A"), ["192.0.2.8"], "{}", r.output);
+        assert!(
+            r.output.contains("WwW.AlLoWeD.TeSt."),
+            "client spelling: {}",
+            r.output
+        );
+    }
+    assert_eq!(
+        agent.metric_sum("dnsfence_upstream_wrong_question_total"),
+        0.0
     );
 }
 
