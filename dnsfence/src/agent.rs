@@ -119,6 +119,9 @@ pub struct AgentArgs {
     /// Most queries in flight upstream per shard.
     #[arg(long, default_value_t = 8192)]
     pub max_pending: usize,
+    /// Most queries in flight per endpoint per shard (unknown sources count as one).
+    #[arg(long, default_value_t = 4096)]
+    pub max_pending_per_endpoint: usize,
     /// Datagrams per receive batch.
     #[arg(long, default_value_t = 64)]
     pub batch: usize,
@@ -251,6 +254,7 @@ fn plan(args: &AgentArgs) -> Result<Plan> {
             UnknownFlag::Allow => UnknownSource::Allow,
         };
         core.max_pending = args.max_pending;
+        core.max_pending_per_endpoint = args.max_pending_per_endpoint.max(1);
         core.flow_records = args.flow_log.is_some();
         core.upstream_0x20 = args.upstream_0x20;
         core.max_udp_payload = io.max_udp_payload.min(usize::from(u16::MAX)) as u16;

@@ -56,6 +56,9 @@ pub struct CoreConfig {
     pub unknown_source: UnknownSource,
     /// Most queries in flight upstream at once; beyond it new queries get SERVFAIL.
     pub max_pending: usize,
+    /// Most of those one endpoint may hold (unknown sources count as one endpoint), so a
+    /// workload querying names that never answer cannot starve the others.
+    pub max_pending_per_endpoint: usize,
     /// Most (endpoint, address) entries this shard remembers as written; beyond it the
     /// memory is cleared (which costs extra writes, never correctness).
     pub allow_cache_entries: usize,
@@ -86,6 +89,7 @@ impl CoreConfig {
             max_ttl: 86_400,
             unknown_source: UnknownSource::Deny,
             max_pending: 8192,
+            max_pending_per_endpoint: 4096,
             allow_cache_entries: 65536,
             seed: 0x5eed,
             max_udp_payload: 4096,
@@ -239,7 +243,8 @@ pub struct Stats {
     pub malformed_dropped: u64,
     /// Responses (QR set) received on the listen socket, dropped unanswered.
     pub responses_dropped: u64,
-    /// Queries answered SERVFAIL because the pending table was full.
+    /// Queries answered SERVFAIL because the pending table, or the endpoint's share of it,
+    /// was full.
     pub pending_full: u64,
     /// Queries answered SERVFAIL after the upstream timeout.
     pub timeouts: u64,
@@ -351,6 +356,10 @@ pub struct Core {
     generation: u64,
     /// Queries in flight judged by `snapshot`.
     in_flight_current: u32,
+    /// Queries in flight per endpoint of `snapshot`, by `EndpointId`; the last entry counts
+    /// unknown sources. Queries of an earlier snapshot are not counted here (the share is
+    /// approximate across a reload).
+    in_flight_by_endpoint: Vec<u32>,
     /// Earlier snapshots that queries in flight still use, with their count. Pending queries
     /// refer to snapshots by generation, so forwarding and answering touch no reference count
     /// shared with other shards.
@@ -433,6 +442,7 @@ impl Core {
             config,
             in_use: std::collections::VecDeque::new(),
             in_flight_current: 0,
+            in_flight_by_endpoint: vec![0; snapshot.stats().endpoints + 1],
             generation: 0,
             snapshot,
             pending,
@@ -454,6 +464,9 @@ impl Core {
         }
         self.in_flight_current = 0;
         self.generation += 1;
+        self.in_flight_by_endpoint.clear();
+        self.in_flight_by_endpoint
+            .resize(self.snapshot.stats().endpoints + 1, 0);
     }
 
     /// Counts a query off snapshot `generation`; an earlier snapshot is released when its
@@ -612,7 +625,12 @@ impl Core {
         query: &Query,
         packet: &[u8],
     ) {
-        let Some(slot) = self.free.pop() else {
+        let unknown = self.in_flight_by_endpoint.len() - 1;
+        let bucket = endpoint.map_or(unknown, |(ep, _)| (ep.0 as usize).min(unknown));
+        let endpoint_full =
+            self.in_flight_by_endpoint[bucket] as usize >= self.config.max_pending_per_endpoint;
+        let slot = if endpoint_full { None } else { self.free.pop() };
+        let Some(slot) = slot else {
             self.stats.pending_full += 1;
             let (start, len) = self.outbox.push_bytes(packet);
             let len = wire::write_reply(
@@ -680,6 +698,7 @@ impl Core {
         }
         self.newest = slot;
         self.in_flight_current += 1;
+        self.in_flight_by_endpoint[bucket] += 1;
 
         let case_seed = if self.config.upstream_0x20 {
             self.next_random()
@@ -986,6 +1005,13 @@ impl Core {
     fn free_slot(&mut self, slot: u32) {
         let p = &mut self.pending[slot as usize];
         let generation = p.generation;
+        if generation == self.generation {
+            let unknown = self.in_flight_by_endpoint.len() - 1;
+            let bucket = p
+                .endpoint
+                .map_or(unknown, |ep| (ep.0 as usize).min(unknown));
+            self.in_flight_by_endpoint[bucket] -= 1;
+        }
         self.free.push(slot);
         self.release_generation(generation);
     }

@@ -837,3 +837,36 @@ fn upstream_0x20_accepts_only_the_spelling_it_sent() {
     assert_eq!(rcode(reply), 0);
     assert_eq!(&reply[12..12 + sent.len()], &q[12..12 + sent.len()]);
 }
+
+#[test]
+fn one_endpoint_cannot_take_the_whole_pending_table() {
+    let mut c = config();
+    c.max_pending = 64;
+    c.max_pending_per_endpoint = 16;
+    let mut h = Harness::new(c);
+    // `client` floods names its upstream never answers: 16 in flight, then SERVFAIL.
+    let mut servfail = 0;
+    for i in 0..40u16 {
+        let out = h.query(
+            0,
+            CLIENT,
+            &query(i, &format!("slow{i}.allowed.test"), TYPE_A),
+        );
+        if matches!(out[0].0, Destination::Client(_)) {
+            assert_eq!(rcode(&out[0].1), Rcode::ServFail as u8);
+            servfail += 1;
+        }
+    }
+    assert_eq!(servfail, 24);
+    assert_eq!(h.core.in_flight(), 16);
+    // Another endpoint still gets through.
+    let out = h.query(0, OPEN_CLIENT, &query(1, "anything.example", TYPE_A));
+    assert!(
+        matches!(out[0].0, Destination::UpstreamUdp { .. }),
+        "{out:?}"
+    );
+    // After the timeouts the flooding endpoint has its share back.
+    h.core.handle_timeout(h.at(2000));
+    h.drain(2000);
+    h.forward(2001, &query(99, "again.allowed.test", TYPE_A));
+}
