@@ -238,36 +238,7 @@ impl Workload for ParseQuery {
     }
 }
 
-/// The engine tests' policy: endpoint `client` (127.0.0.10) may resolve `*.allowed.test` and
-/// `api.stripe.com`, and reach `*.allowed.test` on 443/TCP.
-const POLICY: &str = r#"
-apiVersion: cilium.io/v2
-kind: CiliumNetworkPolicy
-metadata: {name: client-egress, namespace: default}
-spec:
-  endpointSelector: {matchLabels: {app: client}}
-  egress:
-  - toPorts:
-    - ports: [{port: "53", protocol: ANY}]
-      rules:
-        dns: [{matchPattern: "*.allowed.test"}, {matchName: "api.stripe.com"}]
-  - toFQDNs: [{matchPattern: "*.allowed.test"}]
-    toPorts: [{ports: [{port: "443", protocol: TCP}]}]
-"#;
-
-const ENDPOINTS: &str = r#"
-endpoints:
-- name: client
-  namespace: default
-  labels: {app: client}
-  ips: ["127.0.0.10", "::1"]
-- name: open
-  namespace: default
-  labels: {app: open}
-  ips: ["127.0.0.20"]
-"#;
-
-const CLIENT: &str = "127.0.0.10:40000";
+use dnsfence_testkit::fixtures::{CLIENT, ENDPOINTS, POLICY};
 const UPSTREAM: &str = "127.0.0.53:53";
 
 /// A core over the test policy, with its ID generator seeded (the default seed is fixed).

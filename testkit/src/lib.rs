@@ -1,5 +1,7 @@
 //! Test support shared by dnsfence's crates (a dev-dependency only).
 //!
+//! - [`fixtures`]: the policy and endpoints the engine's tests and the callgrind gate share.
+//!
 //! [`CountingAllocator`] proves "no allocation per query": install it as the test binary's
 //! global allocator, warm the code up, then compare [`allocations`] before and after a loop.
 //!
@@ -11,6 +13,8 @@
 //! hot_loop();
 //! assert_eq!(dnsfence_testkit::allocations() - before, 0);
 //! ```
+
+pub mod fixtures;
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};

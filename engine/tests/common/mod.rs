@@ -1,15 +1,12 @@
 //! Helpers shared by the engine's tests: hand-built DNS messages and test policies.
-#![allow(dead_code)]
+// Each test binary uses a different subset of these helpers.
+#![allow(dead_code, unused_imports)]
 
 use std::path::PathBuf;
 
 use dnsfence_engine::wire::CLASS_IN;
 use dnsfence_policy::Snapshot;
-
-/// The restricted test endpoint's address.
-pub const CLIENT: &str = "127.0.0.10:40000";
-/// An endpoint no policy selects.
-pub const OPEN_CLIENT: &str = "127.0.0.20:40000";
+pub use dnsfence_testkit::fixtures::{CLIENT, ENDPOINTS, OPEN_CLIENT, POLICY};
 
 /// Wire form of a dotted name (labels taken as given, any bytes).
 pub fn name_wire(name: &str) -> Vec<u8> {
@@ -78,36 +75,6 @@ pub fn rdata_aaaa(ip: &str) -> Vec<u8> {
 pub fn rdata_name(name: &str) -> Vec<u8> {
     name_wire(name)
 }
-
-/// The test policy: endpoint `client` (127.0.0.10) may resolve `*.allowed.test` and
-/// `api.stripe.com` on port 53 and reach `*.allowed.test` on 443/TCP; `open` (127.0.0.20) is
-/// selected by no policy.
-pub const POLICY: &str = r#"
-apiVersion: cilium.io/v2
-kind: CiliumNetworkPolicy
-metadata: {name: client-egress, namespace: default}
-spec:
-  endpointSelector: {matchLabels: {app: client}}
-  egress:
-  - toPorts:
-    - ports: [{port: "53", protocol: ANY}]
-      rules:
-        dns: [{matchPattern: "*.allowed.test"}, {matchName: "api.stripe.com"}]
-  - toFQDNs: [{matchPattern: "*.allowed.test"}]
-    toPorts: [{ports: [{port: "443", protocol: TCP}]}]
-"#;
-
-pub const ENDPOINTS: &str = r#"
-endpoints:
-- name: client
-  namespace: default
-  labels: {app: client}
-  ips: ["127.0.0.10", "::1"]
-- name: open
-  namespace: default
-  labels: {app: open}
-  ips: ["127.0.0.20"]
-"#;
 
 /// The same endpoints under a policy that allows no name.
 pub const DENY_ALL: &str = r#"
