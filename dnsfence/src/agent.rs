@@ -218,6 +218,14 @@ fn plan(args: &AgentArgs) -> Result<Plan> {
     let shards = args
         .shards
         .unwrap_or(args.cpus.as_ref().map_or(available, |c| c.0.len()));
+    if args.listen.ip().is_unspecified() {
+        bail!(
+            "--listen {}: name the address to serve on (e.g. 127.0.0.1 or the node's DNS \
+             address); a wildcard socket may answer from another local address than the client \
+             asked, which clients drop",
+            args.listen
+        );
+    }
     if args.listen.port() == 0 && shards > 1 {
         bail!("--listen with port 0 gives each shard its own port: name a port, or use --shards 1");
     }

@@ -1,12 +1,12 @@
 //! Issue #3 acceptance, the process: its io_uring and pinned shard threads, start-up errors,
 //! two agents on one port, SIGTERM.
 
-use std::net::UdpSocket;
+use std::net::{SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
 
 use dnsfence_tests::dns::{self, TYPE_A, rcode};
 use dnsfence_tests::upstream::{FakeMode, FakeUpstream};
-use dnsfence_tests::{Agent, AgentConfig, IoBackend, both_backends, dig, free_addr};
+use dnsfence_tests::{Agent, AgentConfig, IoBackend, both_backends, dig, free_addr, free_port};
 
 const T: Duration = Duration::from_secs(3);
 
@@ -162,6 +162,22 @@ fn invalid_or_unreadable_policy_exits_1_with_file_line_reason() {
         stderr.contains("/nonexistent/dnsfence/policy.yaml:"),
         "names the file: {stderr}"
     );
+}
+
+#[test]
+fn wildcard_listen_is_refused_with_one_line() {
+    let fake = FakeUpstream::start(FakeMode::Answer);
+    let mut config = AgentConfig::new(IoBackend::Mmsg, fake.addr);
+    config.listen = Some(SocketAddr::from(([0, 0, 0, 0], free_port())));
+    let mut agent = Agent::spawn(&config);
+    let status = agent
+        .process
+        .wait_timeout(Duration::from_secs(10))
+        .expect("agent started on a wildcard address");
+    let stderr = agent.process.stderr();
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("name the address"), "{stderr}");
 }
 
 #[test]
