@@ -157,6 +157,11 @@ pub fn render(state: &State) -> String {
             "Address records off the CNAME chain (ignored)",
             |s| s.off_chain_records,
         ),
+        (
+            "addresses_overflow",
+            "Addresses beyond the 32 kept per answer (not allowed)",
+            |s| s.addresses_overflow,
+        ),
         ("allow_writes", "Allow entries written", |s| s.allow_writes),
         ("allow_write_failures", "Failed allow write batches", |s| {
             s.allow_write_failures

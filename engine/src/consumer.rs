@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use crossbeam_queue::ArrayQueue;
 use dnsfence_policy::EndpointKey;
 
-use crate::core::{Record, Verdict};
+use crate::core::{Flow, Record, Verdict};
 
 /// One FQDN cache entry: addresses an endpoint learned for a name.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -67,48 +67,72 @@ pub fn run(
     stop: Arc<AtomicBool>,
 ) {
     let started = Instant::now();
+    let mut batch = Vec::with_capacity(BATCH);
+    let mut unflushed = false;
     loop {
-        let mut batch = 0;
-        {
-            let mut obs = observations.lock().unwrap_or_else(|e| e.into_inner());
-            while let Some(record) = queue.pop() {
-                apply(
-                    &mut obs,
-                    &record,
-                    config.cache_entries,
-                    config.max_ips_per_name,
-                );
-                if let (Record::Flow(flow), Some(log)) = (&record, config.flow_log.as_mut()) {
-                    let _ = writeln!(
-                        log,
-                        r#"{{"t_ms":{},"client":"{}","endpoint":{},"name":"{}","qtype":{},"verdict":"{:?}","rcode":{},"upstream_us":{}}}"#,
-                        flow.at.saturating_duration_since(started).as_millis(),
-                        flow.client,
-                        flow.endpoint
-                            .map_or_else(|| "null".to_owned(), |e| format!("\"{:016x}\"", e.0)),
-                        flow.name,
-                        flow.qtype,
-                        flow.verdict,
-                        flow.rcode.map_or(-1, i32::from),
-                        flow.upstream_latency.map_or(-1, |d| d.as_micros() as i64),
-                    );
-                }
-                batch += 1;
-                if batch == 4096 {
-                    break;
-                }
+        batch.clear();
+        while batch.len() < BATCH {
+            match queue.pop() {
+                Some(record) => batch.push(record),
+                None => break,
             }
         }
-        if batch == 0 {
+        if batch.is_empty() {
+            // Idle: make what was logged visible, then wait a little.
+            if unflushed && let Some(log) = config.flow_log.as_mut() {
+                let _ = log.flush();
+                unflushed = false;
+            }
             if stop.load(Ordering::Relaxed) && queue.is_empty() {
                 break;
             }
             std::thread::sleep(Duration::from_millis(2));
+            continue;
+        }
+        {
+            // The lock covers the aggregates only, so a metrics scrape never waits on the log.
+            let mut obs = observations.lock().unwrap_or_else(|e| e.into_inner());
+            for record in &batch {
+                apply(
+                    &mut obs,
+                    record,
+                    config.cache_entries,
+                    config.max_ips_per_name,
+                );
+            }
+        }
+        if let Some(log) = config.flow_log.as_mut() {
+            for record in &batch {
+                if let Record::Flow(flow) = record {
+                    write_flow(log, flow, started);
+                    unflushed = true;
+                }
+            }
         }
     }
     if let Some(log) = config.flow_log.as_mut() {
         let _ = log.flush();
     }
+}
+
+/// Records taken off the queue per round.
+const BATCH: usize = 1024;
+
+/// One flow record as a JSON line.
+fn write_flow(log: &mut dyn Write, flow: &Flow, started: Instant) {
+    let _ = writeln!(
+        log,
+        r#"{{"t_ms":{},"client":"{}","endpoint":{},"name":"{}","qtype":{},"verdict":"{:?}","rcode":{},"upstream_us":{}}}"#,
+        flow.at.saturating_duration_since(started).as_millis(),
+        flow.client,
+        flow.endpoint
+            .map_or_else(|| "null".to_owned(), |e| format!("\"{:016x}\"", e.0)),
+        flow.name,
+        flow.qtype,
+        flow.verdict,
+        flow.rcode.map_or(-1, i32::from),
+        flow.upstream_latency.map_or(-1, |d| d.as_micros() as i64),
+    );
 }
 
 fn apply(obs: &mut Observations, record: &Record, cache_entries: usize, max_ips_per_name: usize) {

@@ -163,3 +163,39 @@ fn per_shard_counters(io: IoBackend) {
     assert!(udp_rx >= UDP as f64, "dnsfence_io_udp_rx_total {udp_rx}");
     assert!(sum("dnsfence_io_tcp_accepted_total") >= 1.0);
 }
+
+/// `--flow-log` gets one JSON line per query, visible while the agent runs.
+#[test]
+fn flow_log_has_a_line_per_query() {
+    let fake = FakeUpstream::start(FakeMode::Answer);
+    let log = std::env::temp_dir().join(format!("dnsfence-flow-{}.jsonl", std::process::id()));
+    let _ = std::fs::remove_file(&log);
+    let log_arg = log.display().to_string();
+    let agent =
+        Agent::start(&AgentConfig::new(IoBackend::Mmsg, fake.addr).args(&["--flow-log", &log_arg]));
+    for (id, name) in [(1u16, "Flow.Allowed.Test"), (2, "flow.denied.test")] {
+        let q = dns::query(id, name, TYPE_A, None);
+        dns::udp_exchange(agent.addr, &q, T).expect("answer");
+    }
+    let lines = poll_until(T, || {
+        let text = std::fs::read_to_string(&log).ok()?;
+        let flows: Vec<serde_json::Value> = text
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .filter(|v: &serde_json::Value| v["name"].as_str() != Some("probe.allowed.test."))
+            .filter(|v| v["name"].as_str().is_some_and(|n| n.starts_with("flow.")))
+            .collect();
+        (flows.len() == 2).then_some(flows)
+    })
+    .unwrap_or_else(|| panic!("flow log: {:?}", std::fs::read_to_string(&log)));
+    assert_eq!(lines[0]["name"], "flow.allowed.test.");
+    assert_eq!(lines[0]["verdict"], "Forward");
+    assert_eq!(lines[0]["rcode"], 0);
+    assert!(lines[0]["upstream_us"].as_i64().unwrap() >= 0);
+    assert!(lines[0]["endpoint"].is_string());
+    assert_eq!(lines[1]["name"], "flow.denied.test.");
+    assert_eq!(lines[1]["verdict"], "Refuse");
+    assert_eq!(lines[1]["rcode"], i64::from(rcode::REFUSED));
+    drop(agent);
+    let _ = std::fs::remove_file(&log);
+}
