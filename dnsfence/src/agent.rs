@@ -301,7 +301,10 @@ fn load(args: &AgentArgs, generation: u64) -> Result<Snapshot> {
     Ok(snapshot)
 }
 
-/// Refuses combinations that would quietly widen enforcement (before anything starts).
+/// Reload ticks a changing policy may stay unsettled before it is loaded anyway.
+const MAX_UNSETTLED: u32 = 5;
+
+/// Refuses combinations that would quietly widen enforcement (at start and at every reload).
 fn refuse_unenforceable(args: &AgentArgs, snapshot: &Snapshot) -> Result<()> {
     let without_ips = snapshot.stats().without_ips;
     if without_ips > 0 && matches!(args.unknown_source, UnknownFlag::Allow) {
@@ -469,6 +472,7 @@ pub fn run(args: &AgentArgs) -> Result<()> {
     // Control loop: hot reload and expiry sweeps until a signal arrives or a shard dies.
     let mut seen = fingerprint(args);
     let mut changed: Option<Vec<(PathBuf, Option<SystemTime>)>> = None;
+    let mut unsettled = 0u32;
     let mut generation = 1;
     let mut last_check = Instant::now();
     let mut failed = None;
@@ -491,21 +495,40 @@ pub fn run(args: &AgentArgs) -> Result<()> {
         // Load only once the files have stopped changing for one interval: an editor or a
         // config-map update caught half-written could otherwise parse as a smaller, valid
         // policy and leave endpoints unrestricted until the next tick.
-        if changed.as_ref() != Some(&now) {
+        // A file rewritten more often than the interval would never settle: after
+        // MAX_UNSETTLED ticks it is loaded anyway (a broken read is rejected like any edit).
+        if changed.as_ref() != Some(&now) && unsettled < MAX_UNSETTLED {
             changed = Some(now);
+            unsettled += 1;
             continue;
         }
         let loaded = load(args, generation + 1);
-        if fingerprint(args) != now {
+        if fingerprint(args) != now && unsettled < MAX_UNSETTLED {
+            unsettled += 1;
             continue; // changed while loading: try again next interval
+        }
+        if unsettled >= MAX_UNSETTLED {
+            eprintln!("dnsfence agent: policy files keep changing; loading them as they are now");
         }
         seen = now;
         changed = None;
+        unsettled = 0;
+        // What would widen enforcement is refused at reload as at start.
+        let loaded = loaded.and_then(|snapshot| {
+            refuse_unenforceable(args, &snapshot)?;
+            Ok(snapshot)
+        });
         match loaded {
             Ok(snapshot) => {
                 generation += 1;
+                let before = policy.load().stats();
+                let after = snapshot.stats();
                 policy.store(Arc::new(snapshot));
                 eprintln!("dnsfence agent: policy reloaded (generation {generation})");
+                if (before.without_ips, before.fqdn_rules) != (after.without_ips, after.fqdn_rules)
+                {
+                    warn_about_limits(args, &policy.load());
+                }
             }
             Err(e) => {
                 reload_errors.fetch_add(1, Ordering::Relaxed);

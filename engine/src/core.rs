@@ -400,6 +400,10 @@ impl Core {
             "max_pending must be below 65536"
         );
         assert!(config.upstream_sockets > 0, "at least one upstream socket");
+        assert!(
+            config.upstream_timeout <= Duration::from_secs(86_400),
+            "upstream_timeout above a day"
+        );
         let channels = usize::from(config.upstream_sockets) + 1;
         let template = Pending {
             client: Client::Udp(config.upstream),

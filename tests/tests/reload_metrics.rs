@@ -199,3 +199,32 @@ fn flow_log_has_a_line_per_query() {
     drop(agent);
     let _ = std::fs::remove_file(&log);
 }
+
+/// A reload that would leave a cgroup-only endpoint unrestricted (`--unknown-source allow`
+/// cannot recognise it without eBPF) is rejected like a broken edit, as it is at start.
+#[test]
+fn reload_refuses_what_start_refuses() {
+    let fake = FakeUpstream::start(FakeMode::Answer);
+    let agent = Agent::start(&AgentConfig::new(IoBackend::Mmsg, fake.addr).args(&[
+        "--reload-interval",
+        "200ms",
+        "--unknown-source",
+        "allow",
+    ]));
+    let mut endpoints = std::fs::read_to_string(&agent.endpoints_path).unwrap();
+    endpoints.push_str("- name: cgroup-only\n  namespace: default\n  cgroup: kubepods/pod1\n");
+    std::fs::write(&agent.endpoints_path, endpoints).unwrap();
+    let rejected = poll_until(Duration::from_secs(5), || {
+        let text = agent.metrics_text();
+        let errors = dns::metric_values(&text, "dnsfence_policy_reload_errors_total");
+        (errors == [(String::new(), 1.0)]).then_some(text)
+    })
+    .unwrap_or_else(|| panic!("reload not rejected: {}", agent.process.stderr()));
+    let generation = dns::metric_values(&rejected, "dnsfence_policy_generation");
+    assert_eq!(generation, [(String::new(), 1.0)]);
+    assert!(
+        agent.process.stderr().contains("cgroup only"),
+        "{}",
+        agent.process.stderr()
+    );
+}
