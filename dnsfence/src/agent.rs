@@ -232,8 +232,6 @@ fn plan(args: &AgentArgs) -> Result<Plan> {
     if shards == 0 {
         bail!("--shards must be at least 1");
     }
-    let mut seed = [0u8; 8];
-    getrandom_seed(&mut seed);
     let mut plan = Plan {
         shards: Vec::with_capacity(shards),
         backend: match args.io {
@@ -272,25 +270,25 @@ fn plan(args: &AgentArgs) -> Result<Plan> {
         if let Some(server) = args.policy_server {
             core.policy_server = server;
         }
-        core.seed = u64::from_le_bytes(seed) ^ (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        core.seed = os_random_key()?;
         let cpu = args.cpus.as_ref().map(|cpus| cpus.0[i % cpus.0.len()]);
         plan.shards.push((io, core, cpu));
     }
     Ok(plan)
 }
 
-/// Seeds from the kernel's random pool.
-fn getrandom_seed(out: &mut [u8; 8]) {
+/// A 128-bit secret from the kernel's random pool (the key of a shard's ID generator).
+fn os_random_key() -> Result<[u64; 2]> {
     use std::io::Read;
-    if std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(out))
-        .is_err()
-    {
-        let now = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .unwrap_or_default();
-        *out = (now.as_nanos() as u64 ^ u64::from(std::process::id())).to_le_bytes();
-    }
+    let mut bytes = [0u8; 16];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .context("read /dev/urandom (upstream IDs must be unpredictable)")?;
+    let (a, b) = bytes.split_at(8);
+    Ok([
+        u64::from_le_bytes(a.try_into().expect("8 bytes")),
+        u64::from_le_bytes(b.try_into().expect("8 bytes")),
+    ])
 }
 
 /// Loads policy and endpoints into a snapshot; errors are `FILE:LINE: reason` lines.

@@ -63,7 +63,7 @@ pub struct CoreConfig {
     /// memory is cleared (which costs extra writes, never correctness).
     pub allow_cache_entries: usize,
     /// Seed of the ID generator (take it from the OS; tests fix it).
-    pub seed: u64,
+    pub seed: [u64; 2],
     /// Largest UDP answer the shard's sockets receive; the EDNS0 payload size of forwarded
     /// queries is lowered to it.
     pub max_udp_payload: u16,
@@ -91,7 +91,7 @@ impl CoreConfig {
             max_pending: 8192,
             max_pending_per_endpoint: 4096,
             allow_cache_entries: 65536,
-            seed: 0x5eed,
+            seed: [0x5eed, 0x5eed_5eed],
             max_udp_payload: 4096,
             upstream_0x20: false,
             flow_records: false,
@@ -281,6 +281,40 @@ pub struct Stats {
 const NO_SLOT: u32 = u32::MAX;
 /// Question bytes kept per pending query: a name of up to 255 bytes, type and class.
 const QUESTION_MAX: usize = MAX_WIRE_LEN + 4;
+/// SipHash-2-4 (Aumasson and Bernstein) of one 64-bit word under a 128-bit key.
+fn siphash24(key: [u64; 2], word: u64) -> u64 {
+    let mut v = [
+        key[0] ^ 0x736f_6d65_7073_6575,
+        key[1] ^ 0x646f_7261_6e64_6f6d,
+        key[0] ^ 0x6c79_6765_6e65_7261,
+        key[1] ^ 0x7465_6462_7974_6573,
+    ];
+    let round = |v: &mut [u64; 4]| {
+        v[0] = v[0].wrapping_add(v[1]);
+        v[1] = v[1].rotate_left(13) ^ v[0];
+        v[0] = v[0].rotate_left(32);
+        v[2] = v[2].wrapping_add(v[3]);
+        v[3] = v[3].rotate_left(16) ^ v[2];
+        v[0] = v[0].wrapping_add(v[3]);
+        v[3] = v[3].rotate_left(21) ^ v[0];
+        v[2] = v[2].wrapping_add(v[1]);
+        v[1] = v[1].rotate_left(17) ^ v[2];
+        v[2] = v[2].rotate_left(32);
+    };
+    // The message is the 8 bytes of `word`, then the final block carrying the length (8).
+    for block in [word, 8u64 << 56] {
+        v[3] ^= block;
+        round(&mut v);
+        round(&mut v);
+        v[0] ^= block;
+    }
+    v[2] ^= 0xff;
+    for _ in 0..4 {
+        round(&mut v);
+    }
+    v[0] ^ v[1] ^ v[2] ^ v[3]
+}
+
 /// Answers with a query's ID but the wrong question after which the query is abandoned.
 const MAX_MISMATCHES: u8 = 3;
 /// Most queries [`Core::handle_timeout`] expires per call, so one call's SERVFAILs fit the
@@ -383,7 +417,9 @@ pub struct Core {
     rules: RuleSet,
     /// Scratch for the addresses of one answer (boxed: moved in and out without a copy).
     addresses: Option<Box<Addresses>>,
-    rng: u64,
+    /// Key and counter of the ID generator (SipHash-2-4 of a counter under a secret key).
+    rng_key: [u64; 2],
+    rng_counter: u64,
     stats: Stats,
 }
 
@@ -432,7 +468,8 @@ impl Core {
             .collect();
         let rules = snapshot.rule_set();
         Core {
-            rng: config.seed | 1,
+            rng_key: config.seed,
+            rng_counter: 0,
             written: HashMap::with_capacity_and_hasher(
                 config.allow_cache_entries,
                 foldhash::fast::RandomState::default(),
@@ -501,15 +538,12 @@ impl Core {
         self.config.max_pending - self.free.len()
     }
 
-    /// xorshift64*: IDs need to be unpredictable to off-path attackers only together with the
-    /// random source ports; the seed comes from the OS.
+    /// The next value of a keyed PRF (SipHash-2-4 of a counter under the secret `seed`): upstream
+    /// IDs, socket choices and 0x20 spellings reveal nothing about the ones to come, even to
+    /// someone who sees many of them (a plain PRNG's output gives its state away).
     fn next_random(&mut self) -> u64 {
-        let mut x = self.rng;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.rng = x;
-        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
+        self.rng_counter = self.rng_counter.wrapping_add(1);
+        siphash24(self.rng_key, self.rng_counter)
     }
 
     /// A query from a client. `server` is the address the client sent it to when the datapath
@@ -1117,5 +1151,37 @@ impl Core {
     /// Counts a record the shard could not queue to the consumer.
     pub fn record_dropped(&mut self) {
         self.stats.records_dropped += 1;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::siphash24;
+
+    #[test]
+    #[allow(deprecated)] // std's SipHasher is SipHash-2-4: the reference here.
+    fn siphash24_matches_std() {
+        use std::hash::Hasher;
+        for (k0, k1, m) in [
+            (0, 0, 0),
+            (
+                0x0706_0504_0302_0100,
+                0x0f0e_0d0c_0b0a_0908,
+                0x0706_0504_0302_0100,
+            ),
+            (u64::MAX, 7, 12345u64),
+        ] {
+            let mut h = std::hash::SipHasher::new_with_keys(k0, k1);
+            h.write(&m.to_le_bytes());
+            assert_eq!(siphash24([k0, k1], m), h.finish());
+        }
+        // The reference test vector: key 00..0f, message 00..07.
+        assert_eq!(
+            siphash24(
+                [0x0706_0504_0302_0100, 0x0f0e_0d0c_0b0a_0908],
+                0x0706_0504_0302_0100
+            ),
+            0x93f5_f579_9a93_2462
+        );
     }
 }
