@@ -344,6 +344,8 @@ struct Pending {
     sent_at: Instant,
     /// Answers with this query's ID but another question.
     mismatches: u8,
+    /// Index into `Core::in_flight_by_endpoint` this query is counted under.
+    bucket: u32,
     /// Seed of the 0x20 spelling sent upstream (with `upstream_0x20`).
     case_seed: u64,
     /// Neighbours in the in-flight list (oldest first), `NO_SLOT` at the ends.
@@ -391,8 +393,7 @@ pub struct Core {
     /// Queries in flight judged by `snapshot`.
     in_flight_current: u32,
     /// Queries in flight per endpoint of `snapshot`, by `EndpointId`; the last entry counts
-    /// unknown sources. Queries of an earlier snapshot are not counted here (the share is
-    /// approximate across a reload).
+    /// unknown sources. A reload recounts the queries in flight under the new numbering.
     in_flight_by_endpoint: Vec<u32>,
     /// Earlier snapshots that queries in flight still use, with their count. Pending queries
     /// refer to snapshots by generation, so forwarding and answering touch no reference count
@@ -457,6 +458,7 @@ impl Core {
             upstream_id: 0,
             sent_at: Instant::now(),
             mismatches: 0,
+            bucket: 0,
             case_seed: 0,
             prev: NO_SLOT,
             next: NO_SLOT,
@@ -505,9 +507,33 @@ impl Core {
         }
         self.in_flight_current = 0;
         self.generation += 1;
+        self.recount_endpoint_shares();
+    }
+
+    /// Rebuilds the per-endpoint counts for the current snapshot's numbering: every query in
+    /// flight (and every held answer, whose slot is still taken) is counted again under its
+    /// workload's new `EndpointId`, found by its stable key. O(queries in flight), per reload.
+    fn recount_endpoint_shares(&mut self) {
+        let unknown = self.snapshot.stats().endpoints;
         self.in_flight_by_endpoint.clear();
-        self.in_flight_by_endpoint
-            .resize(self.snapshot.stats().endpoints + 1, 0);
+        self.in_flight_by_endpoint.resize(unknown + 1, 0);
+        let mut recount = |p: &mut Pending| {
+            let bucket = p
+                .key
+                .and_then(|key| self.snapshot.endpoint_by_key(key))
+                .map_or(unknown, |ep| (ep.0 as usize).min(unknown));
+            p.bucket = bucket as u32;
+            self.in_flight_by_endpoint[bucket] += 1;
+        };
+        let mut slot = self.oldest;
+        while slot != NO_SLOT {
+            let p = &mut self.pending[slot as usize];
+            slot = p.next;
+            recount(p);
+        }
+        for h in &self.held {
+            recount(&mut self.pending[h.slot as usize]);
+        }
     }
 
     /// Counts a query off snapshot `generation`; an earlier snapshot is released when its
@@ -737,6 +763,7 @@ impl Core {
         self.newest = slot;
         self.in_flight_current += 1;
         self.in_flight_by_endpoint[bucket] += 1;
+        self.pending[slot as usize].bucket = bucket as u32;
 
         let case_seed = if self.config.upstream_0x20 {
             self.next_random()
@@ -1043,13 +1070,8 @@ impl Core {
     fn free_slot(&mut self, slot: u32) {
         let p = &mut self.pending[slot as usize];
         let generation = p.generation;
-        if generation == self.generation {
-            let unknown = self.in_flight_by_endpoint.len() - 1;
-            let bucket = p
-                .endpoint
-                .map_or(unknown, |ep| (ep.0 as usize).min(unknown));
-            self.in_flight_by_endpoint[bucket] -= 1;
-        }
+        let bucket = p.bucket as usize;
+        self.in_flight_by_endpoint[bucket] -= 1;
         self.free.push(slot);
         self.release_generation(generation);
     }

@@ -870,3 +870,31 @@ fn one_endpoint_cannot_take_the_whole_pending_table() {
     h.drain(2000);
     h.forward(2001, &query(99, "again.allowed.test", TYPE_A));
 }
+
+#[test]
+fn a_reload_does_not_renew_an_endpoints_share() {
+    let mut c = config();
+    c.max_pending = 64;
+    c.max_pending_per_endpoint = 4;
+    let mut h = Harness::new(c);
+    for round in 0..4u16 {
+        for i in 0..10u16 {
+            let id = round * 10 + i;
+            h.query(
+                0,
+                CLIENT,
+                &query(id, &format!("s{id}.allowed.test"), TYPE_A),
+            );
+        }
+        // The same policy again: the flooding endpoint keeps its count.
+        h.core.set_snapshot(Arc::new(test_snapshot()));
+    }
+    assert_eq!(h.core.in_flight(), 4);
+    // All expire; the share is whole again.
+    h.core.handle_timeout(h.at(2000));
+    h.drain(2000);
+    assert_eq!(h.core.in_flight(), 0);
+    for i in 0..4u16 {
+        h.forward(2001, &query(100 + i, &format!("t{i}.allowed.test"), TYPE_A));
+    }
+}

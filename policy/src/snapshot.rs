@@ -130,6 +130,8 @@ pub struct Snapshot {
     /// Source addresses (IPv4 as IPv4-mapped IPv6) sorted, for a binary search per query:
     /// no hashing, and a few cache lines for the endpoints of a node.
     by_ip: Box<[(u128, EndpointId)]>,
+    /// Stable keys sorted, for finding a workload again after a reload.
+    by_key: Box<[(EndpointKey, EndpointId)]>,
     by_cgroup: HashMap<Box<str>, EndpointId>,
     groups: Box<[Group]>,
     rule_ports: Box<[Box<[PortProto]>]>,
@@ -156,6 +158,7 @@ impl Snapshot {
             generation: 0,
             endpoints: Box::new([]),
             by_ip: Box::new([]),
+            by_key: Box::new([]),
             by_cgroup: HashMap::new(),
             groups: Box::new([]),
             rule_ports: Box::new([]),
@@ -198,6 +201,14 @@ impl Snapshot {
     /// `namespace/name` of `ep` (empty for an id this snapshot does not know).
     pub fn endpoint_name(&self, ep: EndpointId) -> &str {
         self.endpoints.get(ep.0 as usize).map_or("", |e| &e.name)
+    }
+
+    /// The endpoint with stable key `key` in this snapshot, if it is registered.
+    pub fn endpoint_by_key(&self, key: EndpointKey) -> Option<EndpointId> {
+        self.by_key
+            .binary_search_by_key(&key, |&(k, _)| k)
+            .ok()
+            .map(|i| self.by_key[i].1)
     }
 
     /// The stable key of `ep` (see [`EndpointKey`]); `EndpointKey(0)` for an unknown id.
@@ -426,10 +437,17 @@ fn compile(policies: &PolicySet, endpoints: &[Endpoint]) -> Snapshot {
     // Addresses are unique across endpoints (the loader checks); keep the first if not.
     by_ip.sort_by_key(|&(k, _)| k);
     by_ip.dedup_by_key(|&mut (k, _)| k);
+    let mut by_key: Vec<_> = entries
+        .iter()
+        .enumerate()
+        .map(|(i, e)| (e.key, EndpointId(i as u32)))
+        .collect();
+    by_key.sort_unstable_by_key(|&(k, _)| k);
     Snapshot {
         generation: 0,
         endpoints: entries.into_boxed_slice(),
         by_ip: by_ip.into_boxed_slice(),
+        by_key: by_key.into_boxed_slice(),
         by_cgroup,
         groups: groups.into_boxed_slice(),
         rule_ports: rule_ports.into_boxed_slice(),
