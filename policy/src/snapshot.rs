@@ -14,21 +14,26 @@ use crate::selector::LabelSelector;
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
 pub struct EndpointId(pub u32);
 
-/// The stable identity of a workload across reloads and processes: a 64-bit FNV-1a hash of
-/// `namespace/name`. A reload that reorders the endpoints file renumbers [`EndpointId`]s but
-/// keeps every key, so allow entries never pass from one workload to another.
+/// The stable identity of a workload across reloads and processes: the first 64 bits of the
+/// SHA-256 of `namespace/name`. A reload that reorders the endpoints file renumbers
+/// [`EndpointId`]s but keeps every key, so allow entries never pass from one workload to
+/// another; and a workload cannot pick a name whose key equals another's (a second preimage
+/// of 64 bits), as it could with a fast non-cryptographic hash.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, PartialOrd, Ord)]
 pub struct EndpointKey(pub u64);
 
 impl EndpointKey {
     /// The key of the endpoint `namespace/name`.
     pub fn of(namespace: &str, name: &str) -> EndpointKey {
-        let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-        let bytes = namespace.bytes().chain(*b"/").chain(name.bytes());
-        for b in bytes {
-            hash = (hash ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
-        }
-        EndpointKey(hash)
+        use sha2::{Digest, Sha256};
+        let digest = Sha256::new()
+            .chain_update(namespace.as_bytes())
+            .chain_update(b"/")
+            .chain_update(name.as_bytes())
+            .finalize();
+        let mut first = [0u8; 8];
+        first.copy_from_slice(&digest[..8]);
+        EndpointKey(u64::from_be_bytes(first))
     }
 }
 
@@ -502,5 +507,18 @@ fn compile_group(specs: &[FlatSpec<'_>], selecting: &[u32]) -> Group {
             })
             .collect(),
         fqdn: fqdn.build(),
+    }
+}
+
+#[cfg(test)]
+mod key_tests {
+    use super::EndpointKey;
+
+    #[test]
+    fn endpoint_keys_are_sha256_prefixes() {
+        // `printf default/client | sha256sum`: 6844d0909128ccbf...
+        let key = EndpointKey::of("default", "client");
+        assert_eq!(key.0, 0x6844_d090_9128_ccbf);
+        assert_ne!(key, EndpointKey::of("default", "client2"));
     }
 }
