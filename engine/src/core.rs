@@ -780,9 +780,14 @@ impl Core {
                 case_seed,
             );
         }
-        if let Some((at, _)) = query.opt {
-            // The upstream sizes its answer by the client's EDNS0 payload size; a larger
-            // answer than the shard can receive would be lost (and the client time out).
+        // The upstream sizes its answer by the client's EDNS0 payload size; a larger answer
+        // than the shard can receive would be lost (and the client time out).
+        let opt = match query.opt {
+            Some((at, _)) => Some(at),
+            None if packet[10..12] != [0, 0] => wire::find_opt(packet, query.question_end),
+            None => None,
+        };
+        if let Some(at) = opt {
             wire::clamp_edns_payload(fwd, at, self.config.max_udp_payload);
         }
         self.outbox.ready.push_back((upstream, start, len));

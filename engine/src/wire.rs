@@ -244,6 +244,27 @@ pub fn write_reply(
     len
 }
 
+/// The offset of the first OPT record in the additional section of a message whose question
+/// ends at `question_end`, walking every record before it; `None` when there is none or the
+/// records are malformed.
+pub fn find_opt(packet: &[u8], question_end: usize) -> Option<usize> {
+    let (an, ns, ar) = (u16_at(packet, 6)?, u16_at(packet, 8)?, u16_at(packet, 10)?);
+    let mut pos = question_end;
+    for i in 0..u32::from(an) + u32::from(ns) + u32::from(ar) {
+        let after_owner = skip_name(packet, pos)?;
+        let rtype = u16_at(packet, after_owner)?;
+        let rdlen = usize::from(u16_at(packet, after_owner + 8)?);
+        if i >= u32::from(an) + u32::from(ns) && rtype == TYPE_OPT {
+            return Some(pos);
+        }
+        pos = after_owner + 10 + rdlen;
+        if pos > packet.len() {
+            return None;
+        }
+    }
+    None
+}
+
 /// Lowers the UDP payload size of the OPT record at `opt_at` (as found by [`parse_query`]) to
 /// `max` when it advertises more.
 pub fn clamp_edns_payload(packet: &mut [u8], opt_at: usize, max: u16) {

@@ -898,3 +898,23 @@ fn a_reload_does_not_renew_an_endpoints_share() {
         h.forward(2001, &query(100 + i, &format!("t{i}.allowed.test"), TYPE_A));
     }
 }
+
+#[test]
+fn edns_payload_is_clamped_when_opt_is_not_the_only_additional_record() {
+    let mut c = config();
+    c.max_udp_payload = 1232;
+    let mut h = Harness::new(c);
+    // Question, then ARCOUNT 2: an OPT advertising 65535 and a TSIG-like dummy record.
+    let mut q = query(0x71, "two.allowed.test", TYPE_A);
+    q[11] = 2;
+    let opt_at = q.len();
+    q.extend_from_slice(&[0, 0, 41, 0xff, 0xff, 0, 0, 0, 0, 0, 0]);
+    q.extend_from_slice(&[0, 0, 16, 0, 1, 0, 0, 0, 0, 0, 1, b'x']);
+    let (_, fwd) = h.forward(0, &q);
+    assert_eq!(&fwd[opt_at + 3..opt_at + 5], &1232u16.to_be_bytes());
+    assert_eq!(
+        &fwd[opt_at + 11..],
+        &q[opt_at + 11..],
+        "the other record untouched"
+    );
+}

@@ -31,6 +31,7 @@ proptest! {
     #[test]
     fn random_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..600)) {
         let _ = wire::parse_query(&bytes);
+        let _ = wire::find_opt(&bytes, 12.min(bytes.len()));
         if let Ok(a) = wire::parse_answer(&bytes) {
             let mut out = Addresses::default();
             let _ = wire::collect_addresses(&bytes, &a, &mut out);
