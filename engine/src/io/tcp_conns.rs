@@ -45,6 +45,41 @@ pub(crate) trait Poller {
 
 /// Reads at most this many times per connection per readiness (fairness between connections).
 const READS_PER_READY: usize = 4;
+
+/// How reading a ready connection into its frame decoder ended.
+enum Filled {
+    /// Everything readable now was read (or the buffer or the read budget is full).
+    Drained,
+    /// The peer closed its side.
+    Eof,
+    /// A read failed.
+    Failed,
+}
+
+/// Reads what `stream` has ready into `dec`: at most `READS_PER_READY` reads, stopping at a
+/// short read, a full buffer or `WouldBlock`.
+fn fill(stream: &mut TcpStream, dec: &mut FrameDecoder) -> Filled {
+    for _ in 0..READS_PER_READY {
+        let spare = dec.spare();
+        if spare.is_empty() {
+            break;
+        }
+        let want = spare.len();
+        match stream.read(spare) {
+            Ok(0) => return Filled::Eof,
+            Ok(n) => {
+                dec.commit(n);
+                if n < want {
+                    break;
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => return Filled::Failed,
+        }
+    }
+    Filled::Drained
+}
 /// Accepts at most this many connections per listener readiness.
 const ACCEPTS_PER_READY: usize = 64;
 
@@ -334,29 +369,12 @@ impl TcpSide {
             let Some(stream) = c.stream.as_mut() else {
                 return 0;
             };
-            for _ in 0..READS_PER_READY {
-                let spare = c.dec.spare();
-                if spare.is_empty() {
-                    break;
-                }
-                let want = spare.len();
-                match stream.read(spare) {
-                    Ok(0) => {
-                        c.eof = true;
-                        break;
-                    }
-                    Ok(n) => {
-                        c.dec.commit(n);
-                        if n < want {
-                            break;
-                        }
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(_) => {
-                        self.close_client(slot, CloseReason::Normal, poller, stats);
-                        return 0;
-                    }
+            match fill(stream, &mut c.dec) {
+                Filled::Drained => {}
+                Filled::Eof => c.eof = true,
+                Filled::Failed => {
+                    self.close_client(slot, CloseReason::Normal, poller, stats);
+                    return 0;
                 }
             }
         }
@@ -639,32 +657,8 @@ impl TcpSide {
             let Some(stream) = u.stream.as_mut() else {
                 return 0;
             };
-            let mut broken = false;
-            for _ in 0..READS_PER_READY {
-                let spare = u.dec.spare();
-                if spare.is_empty() {
-                    break;
-                }
-                let want = spare.len();
-                match stream.read(spare) {
-                    Ok(0) => {
-                        broken = true;
-                        break;
-                    }
-                    Ok(k) => {
-                        u.dec.commit(k);
-                        if k < want {
-                            break;
-                        }
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(_) => {
-                        broken = true;
-                        break;
-                    }
-                }
-            }
+            // The upstream closing its side is as final as an error: nothing more will come.
+            let mut broken = !matches!(fill(stream, &mut u.dec), Filled::Drained);
             loop {
                 match u.dec.next_frame() {
                     Ok(Some(data)) => {
