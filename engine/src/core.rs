@@ -877,7 +877,7 @@ impl Core {
         if answer.truncated() {
             self.stats.truncated += 1;
         }
-        let (client, key, enforce) = (p.client, p.key, p.enforce);
+        let (client, enforce) = (p.client, p.enforce);
         let latency = now.saturating_duration_since(p.sent_at);
 
         let mut held = false;
@@ -900,24 +900,13 @@ impl Core {
             }
         }
         self.stats.answered += 1;
-        let p = &self.pending[slot as usize];
-        if self.config.flow_records {
-            let name_wire = &p.question[..name_len];
-            let qtype = p.qtype;
-            // Copy out the name before `record_flow` borrows `self` mutably.
-            let mut wire_copy = [0u8; MAX_WIRE_LEN];
-            wire_copy[..name_len].copy_from_slice(name_wire);
-            self.record_flow(
-                now,
-                client,
-                key,
-                &wire_copy[..name_len],
-                qtype,
-                Verdict::Forward,
-                Some(answer.rcode()),
-                Some(latency),
-            );
-        }
+        self.record_slot_flow(
+            now,
+            slot,
+            Verdict::Forward,
+            Some(answer.rcode()),
+            Some(latency),
+        );
         if held {
             // The slot stays taken until the write is committed (bounding held answers).
             self.held.push(Held { slot, start, len });
@@ -1101,25 +1090,39 @@ impl Core {
             question,
             Rcode::ServFail,
         );
-        let (client, key, qtype) = (p.client, p.key, p.qtype);
+        let client = p.client;
         self.outbox
             .ready
             .push_back((Destination::Client(client), start, len));
-        if self.config.flow_records {
-            let mut wire_copy = [0u8; MAX_WIRE_LEN];
-            let name_len = usize::from(p.name_len);
-            wire_copy[..name_len].copy_from_slice(&p.question[..name_len]);
-            self.record_flow(
-                now,
-                client,
-                key,
-                &wire_copy[..name_len],
-                qtype,
-                verdict,
-                Some(Rcode::ServFail as u8),
-                None,
-            );
+        self.record_slot_flow(now, slot, verdict, Some(Rcode::ServFail as u8), None);
+    }
+
+    /// Records the flow of the query in `slot` (when flow records are on).
+    fn record_slot_flow(
+        &mut self,
+        at: Instant,
+        slot: u32,
+        verdict: Verdict,
+        rcode: Option<u8>,
+        upstream_latency: Option<Duration>,
+    ) {
+        if !self.config.flow_records {
+            return;
         }
+        let p = &self.pending[slot as usize];
+        let name = Name::from_wire(&p.question[..usize::from(p.name_len)])
+            .unwrap_or_else(|_| Name::root());
+        let flow = Flow {
+            at,
+            client: p.client.addr(),
+            endpoint: p.key,
+            name,
+            qtype: p.qtype,
+            verdict,
+            rcode,
+            upstream_latency,
+        };
+        self.push_record(Record::Flow(flow));
     }
 
     #[allow(clippy::too_many_arguments)]
