@@ -27,7 +27,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use dnsfence_bench::{build, patterns, queries, to_wire};
-use dnsfence_engine::allow::UserspaceAllowTable;
+use dnsfence_engine::allow::{LedgerConfig, UserspaceAllowTable};
 use dnsfence_engine::core::{Client, Core, CoreConfig, Destination};
 use dnsfence_engine::wire::{self, CLASS_IN, TYPE_A, TYPE_AAAA};
 use dnsfence_matcher::{Matcher, Name};
@@ -321,7 +321,7 @@ impl CoreAllowed {
             core: test_core(),
             client: Client::Udp(CLIENT.parse().unwrap()),
             upstream: UPSTREAM.parse().unwrap(),
-            table: UserspaceAllowTable::new(1 << 16),
+            table: UserspaceAllowTable::new(LedgerConfig::default()),
             queries: names
                 .iter()
                 .enumerate()

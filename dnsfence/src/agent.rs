@@ -9,7 +9,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, Result, bail};
 use crossbeam_queue::ArrayQueue;
-use dnsfence_engine::allow::{AllowSink, UserspaceAllowTable};
+use dnsfence_engine::allow::LedgerConfig;
 use dnsfence_engine::consumer::{self, ConsumerConfig, Observations};
 use dnsfence_engine::core::{CoreConfig, UnknownSource};
 use dnsfence_engine::io::{BackendChoice, IoConfig};
@@ -17,6 +17,7 @@ use dnsfence_engine::shard::{self, PolicyHandle, ShardConfig, ShardStatus};
 use dnsfence_engine::wire::Rcode;
 use dnsfence_policy::Snapshot;
 
+use crate::enforce::Enforcer;
 use crate::metrics;
 
 /// I/O backend flag values.
@@ -51,17 +52,18 @@ pub enum UnknownFlag {
 /// Flags of `dnsfence agent` (shared/spec/interfaces.md; every tunable is a flag).
 #[derive(Debug, clap::Args)]
 pub struct AgentArgs {
-    /// Address to serve DNS on (UDP and TCP, SO_REUSEPORT).
-    #[arg(long, value_name = "ADDR:PORT")]
-    pub listen: SocketAddr,
+    /// Address to serve DNS on (UDP and TCP, SO_REUSEPORT); in eBPF mode, where redirected
+    /// DNS goes.
+    #[arg(long, value_name = "ADDR:PORT", required_unless_present = "uninstall")]
+    pub listen: Option<SocketAddr>,
     /// Upstream DNS server.
-    #[arg(long, value_name = "ADDR:PORT")]
-    pub upstream: SocketAddr,
+    #[arg(long, value_name = "ADDR:PORT", required_unless_present = "uninstall")]
+    pub upstream: Option<SocketAddr>,
     /// Upstream timeout before SERVFAIL (e.g. 5s, 800ms).
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     pub upstream_timeout: Duration,
     /// CiliumNetworkPolicy / CiliumClusterwideNetworkPolicy files or directories.
-    #[arg(long, value_name = "PATH", required = true)]
+    #[arg(long, value_name = "PATH", required_unless_present = "uninstall")]
     pub policy: Vec<PathBuf>,
     /// Endpoints file.
     #[arg(long, value_name = "FILE")]
@@ -72,10 +74,15 @@ pub struct AgentArgs {
     /// Where the eBPF programs and maps are pinned.
     #[arg(long, value_name = "DIR", default_value = "/sys/fs/bpf/dnsfence")]
     pub bpf_pin: PathBuf,
-    /// Run without eBPF: userspace verdicts and allow table only (unprivileged).
+    /// Run without eBPF: userspace verdicts and allow table only (unprivileged); nothing
+    /// redirects DNS or filters connections.
     #[arg(long)]
     pub no_bpf: bool,
-    /// cgroup v2 mount to attach to.
+    /// Detach the eBPF programs and remove everything pinned under --bpf-pin, then exit.
+    #[arg(long, conflicts_with = "no_bpf")]
+    pub uninstall: bool,
+    /// cgroup v2 hierarchy to attach to (cgroup2 is mounted there if it is not one); endpoint
+    /// cgroup paths are relative to it.
     #[arg(long, value_name = "DIR", default_value = "/sys/fs/cgroup")]
     pub cgroup_root: PathBuf,
     /// Number of shard threads (default: one per CPU of --cpus, or per available CPU).
@@ -90,8 +97,10 @@ pub struct AgentArgs {
     /// Answer to denied names.
     #[arg(long, value_enum, default_value = "refused")]
     pub reject_rcode: RejectFlag,
-    /// Floor for allow-entry TTLs, in seconds.
-    #[arg(long, default_value_t = 0)]
+    /// Floor for allow-entry TTLs, in seconds: an answer with TTL 0 (or a few seconds) must
+    /// leave its client time to connect. Entries live 1.5 × max(TTL, floor): never shorter
+    /// than the client's cached answer.
+    #[arg(long, default_value_t = 60)]
     pub min_ttl: u32,
     /// Ceiling for allow-entry TTLs, in seconds.
     #[arg(long, default_value_t = 86_400)]
@@ -137,9 +146,17 @@ pub struct AgentArgs {
     /// How often policy and endpoint files are checked for changes.
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
     pub reload_interval: Duration,
-    /// Capacity of the userspace allow table (--no-bpf).
+    /// Capacity of the allow table: the eBPF allow map's size, or the userspace table's.
     #[arg(long, default_value_t = 1 << 20)]
     pub allow_entries: usize,
+    /// Most allow entries one endpoint may hold; beyond it, answers that need new entries get
+    /// SERVFAIL (counted), so one workload cannot fill the table for the others.
+    #[arg(long, default_value_t = 1 << 16)]
+    pub max_allow_per_endpoint: usize,
+    /// Most allow entries one (endpoint, name) may hold (a name answering fresh addresses
+    /// every time cannot take its endpoint's whole quota).
+    #[arg(long, default_value_t = 256)]
+    pub max_allow_per_name: usize,
     /// Most (endpoint, name) entries of the FQDN cache (the consumer's; oldest evicted beyond).
     #[arg(long, default_value_t = 65536)]
     pub fqdn_cache_entries: usize,
@@ -203,36 +220,43 @@ pub fn parse_cpus(s: &str) -> Result<CpuList, String> {
 
 /// The agent's runtime plan: flags resolved and checked once.
 struct Plan {
+    listen: SocketAddr,
+    upstream: SocketAddr,
     shards: Vec<(IoConfig, CoreConfig, Option<usize>)>,
     backend: BackendChoice,
 }
 
 fn plan(args: &AgentArgs) -> Result<Plan> {
-    if !args.no_bpf {
+    let (Some(listen), Some(upstream)) = (args.listen, args.upstream) else {
+        bail!("--listen and --upstream are required");
+    };
+    if args.allow_entries > u32::MAX as usize {
         bail!(
-            "the eBPF datapath is not available in this build; run with --no-bpf (userspace \
-             verdicts and allow table)"
+            "--allow-entries must fit the allow map (at most {})",
+            u32::MAX
         );
     }
     let available = std::thread::available_parallelism().map_or(1, |n| n.get());
     let shards = args
         .shards
         .unwrap_or(args.cpus.as_ref().map_or(available, |c| c.0.len()));
-    if args.listen.ip().is_unspecified() {
+    if listen.ip().is_unspecified() {
         bail!(
             "--listen {}: name the address to serve on (e.g. 127.0.0.1 or the node's DNS \
              address); a wildcard socket may answer from another local address than the client \
              asked, which clients drop",
-            args.listen
+            listen
         );
     }
-    if args.listen.port() == 0 && shards > 1 {
+    if listen.port() == 0 && shards > 1 {
         bail!("--listen with port 0 gives each shard its own port: name a port, or use --shards 1");
     }
     if shards == 0 {
         bail!("--shards must be at least 1");
     }
     let mut plan = Plan {
+        listen,
+        upstream,
         shards: Vec::with_capacity(shards),
         backend: match args.io {
             IoFlag::Auto => BackendChoice::Auto,
@@ -241,12 +265,12 @@ fn plan(args: &AgentArgs) -> Result<Plan> {
         },
     };
     for i in 0..shards {
-        let mut io = IoConfig::new(args.listen, args.upstream);
+        let mut io = IoConfig::new(listen, upstream);
         io.upstream_sockets = args.upstream_sockets;
         io.batch = args.batch;
         io.tcp_idle_timeout = args.tcp_idle_timeout;
         io.max_tcp_conns = args.max_tcp_conns;
-        let mut core = CoreConfig::new(args.upstream);
+        let mut core = CoreConfig::new(upstream);
         core.upstream_sockets = args.upstream_sockets;
         core.upstream_timeout = args.upstream_timeout;
         core.reject_rcode = match args.reject_rcode {
@@ -305,7 +329,7 @@ const MAX_UNSETTLED: u32 = 5;
 /// Refuses combinations that would quietly widen enforcement (at start and at every reload).
 fn refuse_unenforceable(args: &AgentArgs, snapshot: &Snapshot) -> Result<()> {
     let without_ips = snapshot.stats().without_ips;
-    if without_ips > 0 && matches!(args.unknown_source, UnknownFlag::Allow) {
+    if args.no_bpf && without_ips > 0 && matches!(args.unknown_source, UnknownFlag::Allow) {
         bail!(
             "{without_ips} endpoints have no source address (cgroup only) and cannot be \
              recognised without the eBPF datapath; with --unknown-source allow they would be \
@@ -318,14 +342,25 @@ fn refuse_unenforceable(args: &AgentArgs, snapshot: &Snapshot) -> Result<()> {
 /// Says, once the agent serves, what this configuration does not enforce.
 fn warn_about_limits(args: &AgentArgs, snapshot: &Snapshot) {
     let stats = snapshot.stats();
-    if stats.without_ips > 0 {
+    if !args.no_bpf {
+        eprintln!(
+            "dnsfence agent: eBPF datapath: DNS of {} cgroup endpoints redirected from {}, \
+             egress of {} restricted endpoints filtered by the allow map ({} toFQDNs rules, \
+             port-aware); maps pinned under {}",
+            snapshot.cgroups().count(),
+            args.cgroup_root.display(),
+            stats.restricted,
+            stats.fqdn_rules,
+            args.bpf_pin.display()
+        );
+    } else if stats.without_ips > 0 {
         eprintln!(
             "dnsfence agent: warning: {} endpoints have no source address (cgroup only); without \
              the eBPF datapath their queries are refused as unknown sources",
             stats.without_ips
         );
     }
-    if stats.fqdn_rules > 0 {
+    if args.no_bpf && stats.fqdn_rules > 0 {
         eprintln!(
             "dnsfence agent: warning: --no-bpf: {} toFQDNs rules are tracked in the userspace \
              allow table but no connection filter enforces them",
@@ -361,16 +396,41 @@ fn fingerprint(args: &AgentArgs) -> Vec<(PathBuf, Option<SystemTime>)> {
 
 /// Runs the agent until SIGTERM/SIGINT, then drains and exits 0.
 pub fn run(args: &AgentArgs) -> Result<()> {
+    if args.uninstall {
+        let detached = dnsfence_datapath::Datapath::uninstall(&args.bpf_pin)?;
+        eprintln!(
+            "dnsfence agent: uninstalled: {detached} programs detached, {} removed",
+            args.bpf_pin.display()
+        );
+        return Ok(());
+    }
     let plan = plan(args)?;
     let snapshot = load(args, 1).context("cannot load policy")?;
     refuse_unenforceable(args, &snapshot)?;
     let policy = Arc::new(PolicyHandle::new(Arc::new(snapshot)));
+    let ledger = LedgerConfig {
+        capacity: args.allow_entries.max(1),
+        per_endpoint: args.max_allow_per_endpoint.max(1),
+        per_name: args.max_allow_per_name.max(1),
+    };
+    let enforcer = Arc::new(if args.no_bpf {
+        Enforcer::userspace(ledger)
+    } else {
+        let install = dnsfence_datapath::InstallConfig {
+            pin_dir: args.bpf_pin.clone(),
+            cgroup_root: args.cgroup_root.clone(),
+            allow_entries: args.allow_entries as u32,
+        };
+        Enforcer::bpf(&install, &[plan.listen], ledger)?
+    });
+    for line in enforcer.apply(&policy.load())? {
+        eprintln!("dnsfence agent: {line}");
+    }
     let stop = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         signal_hook::flag::register(signal, Arc::clone(&stop)).context("signal handler")?;
     }
     let records = Arc::new(ArrayQueue::new(args.record_queue.max(1)));
-    let table = Arc::new(UserspaceAllowTable::new(args.allow_entries));
     // Everything that can fail on a taken port or a bad path, before any shard joins the
     // listen port's SO_REUSEPORT group (where it would take a share of the queries).
     let metrics_listener = match args.no_metrics {
@@ -398,7 +458,8 @@ pub fn run(args: &AgentArgs) -> Result<()> {
     for (index, (io, core, cpu)) in plan.shards.into_iter().enumerate() {
         let status = Arc::new(ShardStatus::default());
         statuses.push(Arc::clone(&status));
-        let allow: Box<dyn AllowSink + Send> = Box::new(SharedTable(Arc::clone(&table)));
+        let allow = enforcer.sink();
+        let origin = enforcer.origin(&args.bpf_pin)?;
         let config = ShardConfig {
             index,
             core,
@@ -406,6 +467,7 @@ pub fn run(args: &AgentArgs) -> Result<()> {
             backend: plan.backend,
             cpu,
             allow,
+            origin,
             policy: Arc::clone(&policy),
             records: Arc::clone(&records),
             stop: Arc::clone(&shard_stop),
@@ -418,7 +480,7 @@ pub fn run(args: &AgentArgs) -> Result<()> {
                 for t in threads {
                     let _ = t.join();
                 }
-                bail!("cannot listen on {}: {e}", args.listen);
+                bail!("cannot listen on {}: {e}", plan.listen);
             }
         }
     }
@@ -448,7 +510,7 @@ pub fn run(args: &AgentArgs) -> Result<()> {
             shards: statuses.clone(),
             observations: Arc::clone(&observations),
             policy: Arc::clone(&policy),
-            allow_entries: Arc::clone(&table),
+            enforcer: Arc::clone(&enforcer),
             reload_errors: Arc::clone(&reload_errors),
             records_queued: Arc::clone(&records),
         };
@@ -461,9 +523,9 @@ pub fn run(args: &AgentArgs) -> Result<()> {
         .map(|b| format!("{b:?}"));
     eprintln!(
         "dnsfence agent: serving {} with {shard_count} shards ({}), upstream {}",
-        args.listen,
+        plan.listen,
         backend.unwrap_or_default(),
-        args.upstream
+        plan.upstream
     );
     warn_about_limits(args, &policy.load());
 
@@ -484,7 +546,7 @@ pub fn run(args: &AgentArgs) -> Result<()> {
             continue;
         }
         last_check = Instant::now();
-        table.sweep(Instant::now());
+        enforcer.tick(&policy.load());
         let now = fingerprint(args);
         if now == seen {
             changed = None;
@@ -523,6 +585,10 @@ pub fn run(args: &AgentArgs) -> Result<()> {
                 let after = snapshot.stats();
                 policy.store(Arc::new(snapshot));
                 eprintln!("dnsfence agent: policy reloaded (generation {generation})");
+                match enforcer.apply(&policy.load()) {
+                    Ok(lines) => lines.iter().for_each(|l| eprintln!("dnsfence agent: {l}")),
+                    Err(e) => eprintln!("dnsfence agent: datapath update failed: {e:#}"),
+                }
                 if (before.without_ips, before.fqdn_rules) != (after.without_ips, after.fqdn_rules)
                 {
                     warn_about_limits(args, &policy.load());
@@ -549,18 +615,6 @@ pub fn run(args: &AgentArgs) -> Result<()> {
     match failed {
         Some(i) => bail!("shard {i} stopped unexpectedly; exiting so a supervisor restarts us"),
         None => Ok(()),
-    }
-}
-
-/// The userspace table shared by all shards.
-struct SharedTable(Arc<UserspaceAllowTable>);
-
-impl AllowSink for SharedTable {
-    fn write(
-        &mut self,
-        entries: &[dnsfence_engine::allow::AllowEntry],
-    ) -> Result<(), dnsfence_engine::allow::AllowError> {
-        self.0.insert(entries)
     }
 }
 

@@ -3,6 +3,7 @@
 
 mod agent;
 mod demo;
+mod enforce;
 mod match_cmd;
 mod metrics;
 mod policy_cmd;

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crossbeam_queue::ArrayQueue;
-use dnsfence_engine::allow::UserspaceAllowTable;
+
 use dnsfence_engine::consumer::Observations;
 use dnsfence_engine::core::{Record, Stats};
 use dnsfence_engine::io::IoStats;
@@ -24,7 +24,7 @@ pub struct State {
     /// Current policy.
     pub policy: Arc<PolicyHandle>,
     /// Userspace allow table.
-    pub allow_entries: Arc<UserspaceAllowTable>,
+    pub enforcer: Arc<crate::enforce::Enforcer>,
     /// Rejected policy reloads.
     pub reload_errors: Arc<AtomicU64>,
     /// The record queue (its length is a gauge).
@@ -229,7 +229,41 @@ pub fn render(state: &State) -> String {
     let _ = writeln!(out, "dnsfence_ip_updates_total {}", obs.ip_updates);
     drop(obs);
     let _ = writeln!(out, "# TYPE dnsfence_allow_entries gauge");
-    let _ = writeln!(out, "dnsfence_allow_entries {}", state.allow_entries.len());
+    let allow = state.enforcer.allow_stats();
+    let _ = writeln!(out, "dnsfence_allow_entries {}", allow.entries);
+    let _ = writeln!(out, "# TYPE dnsfence_allow_refused_total counter");
+    for (reason, n) in [
+        ("full", allow.full),
+        ("endpoint_quota", allow.endpoint_quota),
+        ("name_quota", allow.name_quota),
+        ("map_error", allow.map_errors),
+    ] {
+        let _ = writeln!(
+            out,
+            "dnsfence_allow_refused_total{{reason=\"{reason}\"}} {n}"
+        );
+    }
+    let _ = writeln!(out, "# TYPE dnsfence_allow_removed_total counter");
+    for (reason, n) in [
+        ("expired", allow.expired),
+        ("revoked", allow.revoked),
+        ("unjustified", allow.unjustified),
+    ] {
+        let _ = writeln!(
+            out,
+            "dnsfence_allow_removed_total{{reason=\"{reason}\"}} {n}"
+        );
+    }
+    let datapath = state.enforcer.datapath_stats();
+    if !datapath.is_empty() {
+        let _ = writeln!(out, "# TYPE dnsfence_datapath_events_total counter");
+        for (event, n) in datapath {
+            let _ = writeln!(
+                out,
+                "dnsfence_datapath_events_total{{event=\"{event}\"}} {n}"
+            );
+        }
+    }
     let _ = writeln!(out, "# TYPE dnsfence_policy_generation gauge");
     let _ = writeln!(
         out,

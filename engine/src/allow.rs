@@ -1,77 +1,709 @@
-//! The allow table: which endpoint may reach which address until when.
+//! Allow entries: which endpoint may reach which address, on which ports, until when.
 //!
-//! Shards do not write it per answer: the core queues the entries a batch of answers needs and
-//! the shard hands them to an [`AllowSink`] once per batch, before any of those answers is sent.
-//! [`UserspaceAllowTable`] is the sink of `--no-bpf` mode; the eBPF map sink implements the
-//! same trait.
+//! Shards do not write them per answer: the core collects the entries of a batch of answers
+//! in an [`AllowBatch`] (one group per held answer) and the shard hands the batch to an
+//! [`AllowSink`] once, before any of those answers is sent. Each group is written whole or
+//! not at all; a group that fails turns its answer into SERVFAIL.
+//!
+//! Both sinks keep their books in a [`Ledger`]: the userspace table of `--no-bpf` mode is a
+//! ledger alone; the eBPF sink (the `dnsfence-datapath` crate) mirrors every ledger change
+//! into the pinned allow map under the same lock. The ledger owns the semantics:
+//! - **expiry only grows**: an entry lives until the latest expiry any answer gave it;
+//! - **justified by policy**: an entry is written, and kept, only while the newest snapshot
+//!   the ledger was given still lets its endpoint reach one of its names on its port spec
+//!   ([`Ledger::revoke`] prunes at a reload; writes judged by an older snapshot are
+//!   re-judged, so a query in flight across a reload cannot write what the new policy forbids);
+//! - **bounded per workload**: a node-wide capacity, a per-endpoint and a per-name quota, so
+//!   one workload resolving random names cannot fill the table for the others;
+//! - **swept in slices**: expired entries leave through a heap, a bounded number per call.
 #![forbid(unsafe_code)]
 
-use std::collections::HashMap;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
 use std::net::IpAddr;
-use std::sync::RwLock;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use dnsfence_policy::EndpointKey;
+use dnsfence_matcher::{Name, RuleSet};
+use dnsfence_policy::{EndpointKey, PortProto, PortProtocol, Snapshot};
 
-/// One allow entry: `endpoint` may connect to `ip` until `expires`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct AllowEntry {
-    /// The endpoint (its stable key: entries outlive policy reloads).
-    pub endpoint: EndpointKey,
-    /// The address it may reach.
-    pub ip: IpAddr,
-    /// Until when (the answer's TTL, raised to `--min-ttl`).
-    pub expires: Instant,
+/// A port range and the transport protocols it applies to, as the datapath stores it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PortSpec {
+    /// First port.
+    pub lo: u16,
+    /// Last port.
+    pub hi: u16,
+    /// Protocol bits: [`PortSpec::TCP`], [`PortSpec::UDP`], [`PortSpec::SCTP`].
+    pub protos: u8,
 }
 
-/// Why an allow write failed.
-#[derive(Debug, thiserror::Error)]
+impl PortSpec {
+    /// TCP.
+    pub const TCP: u8 = 1;
+    /// UDP.
+    pub const UDP: u8 = 2;
+    /// SCTP.
+    pub const SCTP: u8 = 4;
+    /// Every port over every protocol (a toFQDNs rule without `toPorts`).
+    pub const ALL: PortSpec = PortSpec {
+        lo: 0,
+        hi: u16::MAX,
+        protos: PortSpec::TCP | PortSpec::UDP | PortSpec::SCTP,
+    };
+
+    /// The spec of a policy port entry (`ANY` is TCP, UDP and SCTP, as in Cilium).
+    pub fn of(p: &PortProto) -> PortSpec {
+        PortSpec {
+            lo: p.port,
+            hi: p.end_port,
+            protos: match p.proto {
+                PortProtocol::Tcp => PortSpec::TCP,
+                PortProtocol::Udp => PortSpec::UDP,
+                PortProtocol::Sctp => PortSpec::SCTP,
+                PortProtocol::Any => PortSpec::TCP | PortSpec::UDP | PortSpec::SCTP,
+            },
+        }
+    }
+
+    /// Whether the spec covers `port` over protocol bit `proto`.
+    pub fn covers(&self, port: u16, proto: u8) -> bool {
+        self.protos & proto != 0 && (self.lo..=self.hi).contains(&port)
+    }
+}
+
+/// The identity of an allow entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AllowKey {
+    /// The endpoint (its stable key: entries outlive policy reloads).
+    pub endpoint: EndpointKey,
+    /// The address it may reach (IPv4-mapped IPv6 is stored as IPv4).
+    pub ip: IpAddr,
+    /// On which ports.
+    pub ports: PortSpec,
+}
+
+/// One allow entry of a batch: `key` until `expires`, justified by the batch's name `name`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AllowEntry {
+    /// What is allowed.
+    pub key: AllowKey,
+    /// Until when (at least the answer's TTL, raised to `--min-ttl`).
+    pub expires: Instant,
+    /// Index of the question name in [`AllowBatch::names`].
+    pub name: u32,
+}
+
+/// The entries one answer needs, written together or not at all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AllowGroup {
+    /// Range of [`AllowBatch::entries`].
+    pub start: u32,
+    /// End of the range (exclusive).
+    pub end: u32,
+    /// Set by the sink: whether the group was written (or needed nothing).
+    pub ok: bool,
+}
+
+/// Allow entries of one shard batch, grouped by answer. Sized once; cleared per batch.
+#[derive(Debug, Default)]
+pub struct AllowBatch {
+    /// Every entry.
+    pub entries: Vec<AllowEntry>,
+    /// The question names the entries refer to.
+    pub names: Vec<Name>,
+    /// One group per answer.
+    pub groups: Vec<AllowGroup>,
+}
+
+impl AllowBatch {
+    /// A batch with room for `entries` entries without allocating.
+    pub fn with_capacity(entries: usize) -> AllowBatch {
+        AllowBatch {
+            entries: Vec::with_capacity(entries),
+            names: Vec::with_capacity(entries / 4 + 1),
+            groups: Vec::with_capacity(entries / 4 + 1),
+        }
+    }
+
+    /// Whether nothing is queued.
+    pub fn is_empty(&self) -> bool {
+        self.groups.is_empty()
+    }
+
+    /// Empties the batch, keeping its memory.
+    pub fn clear(&mut self) {
+        self.entries.clear();
+        self.names.clear();
+        self.groups.clear();
+    }
+
+    /// Starts the group of an answer for question `name`; returns the group's index.
+    pub fn begin_group(&mut self, name: &Name) -> usize {
+        self.names.push(name.clone());
+        let start = self.entries.len() as u32;
+        self.groups.push(AllowGroup {
+            start,
+            end: start,
+            ok: false,
+        });
+        self.groups.len() - 1
+    }
+
+    /// Adds an entry to the group begun last.
+    pub fn push(&mut self, key: AllowKey, expires: Instant) {
+        let name = (self.names.len() - 1) as u32;
+        self.entries.push(AllowEntry { key, expires, name });
+        if let Some(g) = self.groups.last_mut() {
+            g.end = self.entries.len() as u32;
+        }
+    }
+
+    /// Drops the group begun last when it got no entries; returns whether it was dropped.
+    pub fn discard_empty_group(&mut self) -> bool {
+        match self.groups.last() {
+            Some(g) if g.start == g.end => {
+                self.groups.pop();
+                self.names.pop();
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// The entries of group `g`.
+    pub fn group_entries(&self, g: usize) -> &[AllowEntry] {
+        let group = self.groups[g];
+        &self.entries[group.start as usize..group.end as usize]
+    }
+}
+
+/// Why an allow group was not written.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AllowError {
-    /// The table is full.
+    /// The node-wide table is full.
     #[error("allow table full ({capacity} entries)")]
     Full {
         /// Its capacity.
         capacity: usize,
     },
+    /// The endpoint holds its quota of entries.
+    #[error("endpoint allow quota reached ({quota} entries)")]
+    EndpointQuota {
+        /// The quota.
+        quota: usize,
+    },
+    /// The name holds its quota of entries for this endpoint.
+    #[error("per-name allow quota reached ({quota} entries)")]
+    NameQuota {
+        /// The quota.
+        quota: usize,
+    },
     /// The kernel refused a map update.
     #[error("allow map update failed: {0}")]
-    Map(#[source] std::io::Error),
+    Map(String),
 }
 
 /// Where allow entries are written: the userspace table or the eBPF map.
 pub trait AllowSink {
-    /// Writes every entry or fails; an entry already present gets the later expiry.
-    fn write(&mut self, entries: &[AllowEntry]) -> Result<(), AllowError>;
+    /// Writes each group of `batch` whole or not at all, setting its `ok`; an entry already
+    /// present keeps the later of its two expiries.
+    fn write(&mut self, now: Instant, batch: &mut AllowBatch);
 }
 
-/// The allow table of `--no-bpf` mode, shared by all shards: a lock taken once per batch of
-/// new entries (never per query; most answers need no write at all).
-#[derive(Debug)]
-pub struct UserspaceAllowTable {
-    entries: RwLock<HashMap<(EndpointKey, IpAddr), Instant>>,
-    capacity: usize,
+/// Bounds of a [`Ledger`]; each is a flag of `dnsfence agent`.
+#[derive(Debug, Clone, Copy)]
+pub struct LedgerConfig {
+    /// Most entries on the node (the allow map's size).
+    pub capacity: usize,
+    /// Most entries one endpoint may hold.
+    pub per_endpoint: usize,
+    /// Most entries one (endpoint, name) may hold (a name answering fresh addresses each
+    /// time cannot take the endpoint's whole quota).
+    pub per_name: usize,
 }
 
-impl UserspaceAllowTable {
-    /// An empty table holding at most `capacity` entries.
-    pub fn new(capacity: usize) -> UserspaceAllowTable {
-        UserspaceAllowTable {
-            entries: RwLock::new(HashMap::new()),
-            capacity,
+impl Default for LedgerConfig {
+    fn default() -> LedgerConfig {
+        LedgerConfig {
+            capacity: 1 << 20,
+            per_endpoint: 1 << 16,
+            per_name: 256,
+        }
+    }
+}
+
+/// Counters of a ledger.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LedgerStats {
+    /// Entries now held.
+    pub entries: usize,
+    /// Entries created.
+    pub created: u64,
+    /// Entries whose expiry a write extended.
+    pub extended: u64,
+    /// Groups refused at the node-wide capacity.
+    pub full: u64,
+    /// Groups refused at an endpoint's quota.
+    pub endpoint_quota: u64,
+    /// Groups refused at a name's quota.
+    pub name_quota: u64,
+    /// Groups refused because the map write failed.
+    pub map_errors: u64,
+    /// Entries not written because the newest policy does not justify them.
+    pub unjustified: u64,
+    /// Entries removed by a reload.
+    pub revoked: u64,
+    /// Entries removed on expiry.
+    pub expired: u64,
+}
+
+/// Interned question names: entries refer to names by index, with a count of references.
+#[derive(Debug, Default)]
+struct NameTable {
+    index: HashMap<(EndpointKey, Box<[u8]>), u32>,
+    names: Vec<Option<(EndpointKey, Name, u32)>>,
+    free: Vec<u32>,
+}
+
+impl NameTable {
+    fn find(&self, endpoint: EndpointKey, name: &Name) -> Option<u32> {
+        // The key borrows nothing: a boxed copy per lookup is acceptable on the write path
+        // (writes happen for new addresses only, never per query).
+        self.index.get(&(endpoint, Box::from(name.wire()))).copied()
+    }
+
+    fn refs(&self, id: u32) -> u32 {
+        self.names
+            .get(id as usize)
+            .and_then(|n| n.as_ref())
+            .map_or(0, |n| n.2)
+    }
+
+    fn acquire(&mut self, endpoint: EndpointKey, name: &Name) -> u32 {
+        if let Some(id) = self.find(endpoint, name) {
+            if let Some(n) = self.names[id as usize].as_mut() {
+                n.2 += 1;
+            }
+            return id;
+        }
+        let entry = Some((endpoint, name.clone(), 1));
+        let id = match self.free.pop() {
+            Some(id) => {
+                self.names[id as usize] = entry;
+                id
+            }
+            None => {
+                self.names.push(entry);
+                (self.names.len() - 1) as u32
+            }
+        };
+        self.index.insert((endpoint, Box::from(name.wire())), id);
+        id
+    }
+
+    fn release(&mut self, id: u32) {
+        let Some(n) = self.names.get_mut(id as usize).and_then(|n| n.as_mut()) else {
+            return;
+        };
+        n.2 -= 1;
+        if n.2 == 0 {
+            let (endpoint, name, _) = self.names[id as usize].take().expect("present");
+            self.index.remove(&(endpoint, Box::from(name.wire())));
+            self.free.push(id);
         }
     }
 
-    /// Whether `endpoint` may reach `ip` at `now`.
-    pub fn is_allowed(&self, endpoint: EndpointKey, ip: IpAddr, now: Instant) -> bool {
-        let entries = self.entries.read().unwrap_or_else(|e| e.into_inner());
-        entries
-            .get(&(endpoint, ip))
-            .is_some_and(|&expires| expires > now)
+    fn name(&self, id: u32) -> Option<&Name> {
+        self.names.get(id as usize)?.as_ref().map(|n| &n.1)
+    }
+}
+
+const NO_NAME: u32 = u32::MAX;
+
+#[derive(Debug, Clone, Copy)]
+struct Slot {
+    expires: Instant,
+    /// Up to two names that justify the entry (the most recent first).
+    names: [u32; 2],
+}
+
+/// One change a group makes, for a sink to mirror (and to undo if it cannot).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Change {
+    /// The entry.
+    pub key: AllowKey,
+    /// Its expiry after the change.
+    pub expires: Instant,
+    /// Its expiry before (None: the entry is new).
+    pub previous: Option<Instant>,
+}
+
+/// The books of the allow entries of one process. See the module documentation.
+#[derive(Debug)]
+pub struct Ledger {
+    config: LedgerConfig,
+    entries: HashMap<AllowKey, Slot>,
+    per_endpoint: HashMap<EndpointKey, u32>,
+    names: NameTable,
+    /// (expiry, key) of every write; stale items (extended or removed entries) are skipped.
+    expiries: BinaryHeap<Reverse<(Instant, AllowKey)>>,
+    snapshot: Option<Arc<Snapshot>>,
+    rules: RuleSet,
+    stats: LedgerStats,
+}
+
+impl Ledger {
+    /// An empty ledger.
+    pub fn new(config: LedgerConfig) -> Ledger {
+        Ledger {
+            config,
+            entries: HashMap::new(),
+            per_endpoint: HashMap::new(),
+            names: NameTable::default(),
+            expiries: BinaryHeap::new(),
+            snapshot: None,
+            rules: RuleSet::with_max_rule(0),
+            stats: LedgerStats::default(),
+        }
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> LedgerStats {
+        LedgerStats {
+            entries: self.entries.len(),
+            ..self.stats
+        }
+    }
+
+    /// The entries now held, with their expiry.
+    pub fn iter(&self) -> impl Iterator<Item = (&AllowKey, Instant)> + '_ {
+        self.entries.iter().map(|(k, s)| (k, s.expires))
+    }
+
+    /// Whether `endpoint` may reach `ip` on `port` over protocol bit `proto` at `now`.
+    pub fn is_allowed(
+        &self,
+        endpoint: EndpointKey,
+        ip: IpAddr,
+        port: u16,
+        proto: u8,
+        now: Instant,
+    ) -> bool {
+        let ip = canonical(ip);
+        self.entries.iter().any(|(k, s)| {
+            k.endpoint == endpoint && k.ip == ip && k.ports.covers(port, proto) && s.expires > now
+        })
+    }
+
+    /// Whether `name`, for `endpoint`, justifies `ports` under the ledger's snapshot. Without
+    /// a snapshot (none given yet) everything the core asks for is justified.
+    fn justified(&mut self, endpoint: EndpointKey, name: &Name, ports: PortSpec) -> bool {
+        let Some(snapshot) = &self.snapshot else {
+            return true;
+        };
+        let Some(ep) = snapshot.endpoint_by_key(endpoint) else {
+            return false;
+        };
+        if !snapshot.is_restricted(ep) || !snapshot.fqdn_rules(ep, name, &mut self.rules) {
+            return false;
+        }
+        self.rules.as_slice().iter().any(|&rule| {
+            let opened = snapshot.rule_ports(rule);
+            if opened.is_empty() {
+                ports == PortSpec::ALL
+            } else {
+                opened.iter().any(|p| PortSpec::of(p) == ports)
+            }
+        })
+    }
+
+    /// Whether `endpoint` is enforced and `ports` is one of its port specs under the
+    /// ledger's snapshot (the check for entries restored without names).
+    fn spec_justified(&self, endpoint: EndpointKey, ports: PortSpec) -> bool {
+        let Some(snapshot) = &self.snapshot else {
+            return true;
+        };
+        snapshot.endpoint_by_key(endpoint).is_some_and(|ep| {
+            snapshot.is_restricted(ep)
+                && snapshot
+                    .fqdn_ports(ep)
+                    .iter()
+                    .any(|p| PortSpec::of(p) == ports)
+        })
+    }
+
+    /// Plans group `g` of `batch`: the changes it makes, or why it cannot be written.
+    /// Entries the newest snapshot does not justify are left out (and counted). Nothing
+    /// changes until [`Ledger::commit`].
+    pub fn plan(
+        &mut self,
+        batch: &AllowBatch,
+        g: usize,
+        changes: &mut Vec<Change>,
+    ) -> Result<(), AllowError> {
+        changes.clear();
+        let mut new_total = 0usize;
+        let mut new_for: Vec<(EndpointKey, usize)> = Vec::new();
+        let mut new_for_name: Vec<(EndpointKey, u32, usize)> = Vec::new();
+        for e in batch.group_entries(g) {
+            let key = AllowKey {
+                ip: canonical(e.key.ip),
+                ..e.key
+            };
+            let name = &batch.names[e.name as usize];
+            if !self.justified(key.endpoint, name, key.ports) {
+                self.stats.unjustified += 1;
+                continue;
+            }
+            if changes.iter().any(|c| c.key == key) {
+                continue;
+            }
+            match self.entries.get(&key) {
+                Some(slot) => {
+                    if e.expires > slot.expires {
+                        changes.push(Change {
+                            key,
+                            expires: e.expires,
+                            previous: Some(slot.expires),
+                        });
+                    }
+                }
+                None => {
+                    new_total += 1;
+                    match new_for.iter_mut().find(|(k, _)| *k == key.endpoint) {
+                        Some((_, n)) => *n += 1,
+                        None => new_for.push((key.endpoint, 1)),
+                    }
+                    match new_for_name
+                        .iter_mut()
+                        .find(|(k, n, _)| *k == key.endpoint && *n == e.name)
+                    {
+                        Some((_, _, n)) => *n += 1,
+                        None => new_for_name.push((key.endpoint, e.name, 1)),
+                    }
+                    changes.push(Change {
+                        key,
+                        expires: e.expires,
+                        previous: None,
+                    });
+                }
+            }
+        }
+        if self.entries.len() + new_total > self.config.capacity {
+            self.stats.full += 1;
+            return Err(AllowError::Full {
+                capacity: self.config.capacity,
+            });
+        }
+        for (endpoint, n) in new_for {
+            let held = self.per_endpoint.get(&endpoint).copied().unwrap_or(0) as usize;
+            if held + n > self.config.per_endpoint {
+                self.stats.endpoint_quota += 1;
+                return Err(AllowError::EndpointQuota {
+                    quota: self.config.per_endpoint,
+                });
+            }
+        }
+        for (endpoint, name, n) in new_for_name {
+            let name = &batch.names[name as usize];
+            let held = self
+                .names
+                .find(endpoint, name)
+                .map_or(0, |id| self.names.refs(id)) as usize;
+            if held + n > self.config.per_name {
+                self.stats.name_quota += 1;
+                return Err(AllowError::NameQuota {
+                    quota: self.config.per_name,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies what [`Ledger::plan`] planned for group `g` (after the sink mirrored it).
+    pub fn commit(&mut self, batch: &AllowBatch, g: usize, changes: &[Change]) {
+        let name = batch
+            .group_entries(g)
+            .first()
+            .map(|e| &batch.names[e.name as usize]);
+        for c in changes {
+            match self.entries.get_mut(&c.key) {
+                Some(slot) => {
+                    slot.expires = slot.expires.max(c.expires);
+                    self.stats.extended += 1;
+                    // Remember this name too (it may be the one a reload keeps).
+                    if let Some(name) = name {
+                        let known = slot
+                            .names
+                            .iter()
+                            .any(|&id| self.names.name(id).is_some_and(|n| n == name));
+                        if !known && slot.names[1] == NO_NAME {
+                            slot.names[1] = self.names.acquire(c.key.endpoint, name);
+                        }
+                    }
+                }
+                None => {
+                    let id = name.map_or(NO_NAME, |n| self.names.acquire(c.key.endpoint, n));
+                    self.entries.insert(
+                        c.key,
+                        Slot {
+                            expires: c.expires,
+                            names: [id, NO_NAME],
+                        },
+                    );
+                    *self.per_endpoint.entry(c.key.endpoint).or_insert(0) += 1;
+                    self.stats.created += 1;
+                }
+            }
+            self.expiries.push(Reverse((c.expires, c.key)));
+        }
+        // Stale heap items pile up when entries are extended: compact now and then.
+        if self.expiries.len() > 2 * self.entries.len() + 1024 {
+            self.expiries = self
+                .entries
+                .iter()
+                .map(|(k, s)| Reverse((s.expires, *k)))
+                .collect();
+        }
+    }
+
+    /// Takes in an entry found in a pinned map at start (names unknown: kept while its
+    /// endpoint is enforced and its port spec is still one of the endpoint's, see
+    /// [`Ledger::revoke`]).
+    pub fn restore(&mut self, key: AllowKey, expires: Instant) {
+        let key = AllowKey {
+            ip: canonical(key.ip),
+            ..key
+        };
+        if self.entries.contains_key(&key) {
+            return;
+        }
+        self.entries.insert(
+            key,
+            Slot {
+                expires,
+                names: [NO_NAME, NO_NAME],
+            },
+        );
+        *self.per_endpoint.entry(key.endpoint).or_insert(0) += 1;
+        self.expiries.push(Reverse((expires, key)));
+    }
+
+    /// Counts a group whose map write failed (its plan was not committed).
+    pub fn map_failed(&mut self) {
+        self.stats.map_errors += 1;
+    }
+
+    fn remove(&mut self, key: &AllowKey) -> bool {
+        let Some(slot) = self.entries.remove(key) else {
+            return false;
+        };
+        for id in slot.names {
+            if id != NO_NAME {
+                self.names.release(id);
+            }
+        }
+        if let Some(n) = self.per_endpoint.get_mut(&key.endpoint) {
+            *n -= 1;
+            if *n == 0 {
+                self.per_endpoint.remove(&key.endpoint);
+            }
+        }
+        true
+    }
+
+    /// Takes `snapshot` as the newest policy: removes every entry it does not justify
+    /// (appending their keys to `removed`), and judges every later write by it.
+    pub fn revoke(&mut self, snapshot: Arc<Snapshot>, removed: &mut Vec<AllowKey>) {
+        self.rules = snapshot.rule_set();
+        self.snapshot = Some(snapshot);
+        let keys: Vec<(AllowKey, [u32; 2])> =
+            self.entries.iter().map(|(k, s)| (*k, s.names)).collect();
+        for (key, names) in keys {
+            let justified = if names == [NO_NAME, NO_NAME] {
+                self.spec_justified(key.endpoint, key.ports)
+            } else {
+                names.iter().any(|&id| {
+                    let Some(name) = self.names.name(id).cloned() else {
+                        return false;
+                    };
+                    self.justified(key.endpoint, &name, key.ports)
+                })
+            };
+            if !justified && self.remove(&key) {
+                self.stats.revoked += 1;
+                removed.push(key);
+            }
+        }
+    }
+
+    /// Removes up to `budget` entries expired at `now`, appending their keys to `removed`;
+    /// returns how many. Cost: O(budget × log n), never a pass over the whole table.
+    pub fn sweep(&mut self, now: Instant, budget: usize, removed: &mut Vec<AllowKey>) -> usize {
+        let mut n = 0;
+        while n < budget {
+            let Some(Reverse((expires, key))) = self.expiries.peek().copied() else {
+                break;
+            };
+            if expires > now {
+                break;
+            }
+            self.expiries.pop();
+            // Skip stale items: the entry was removed or extended since.
+            if self.entries.get(&key).is_some_and(|s| s.expires <= now) && self.remove(&key) {
+                self.stats.expired += 1;
+                removed.push(key);
+                n += 1;
+            }
+        }
+        n
+    }
+}
+
+/// IPv4-mapped IPv6 addresses are the IPv4 address (the datapath stores both alike).
+pub fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+/// The allow table of `--no-bpf` mode, shared by all shards: a [`Ledger`] behind a lock
+/// taken once per batch that has new entries (never per query; most answers need no write).
+#[derive(Debug)]
+pub struct UserspaceAllowTable {
+    ledger: Mutex<Ledger>,
+}
+
+impl UserspaceAllowTable {
+    /// An empty table with these bounds.
+    pub fn new(config: LedgerConfig) -> UserspaceAllowTable {
+        UserspaceAllowTable {
+            ledger: Mutex::new(Ledger::new(config)),
+        }
+    }
+
+    /// The ledger, locked.
+    pub fn ledger(&self) -> std::sync::MutexGuard<'_, Ledger> {
+        self.ledger.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether `endpoint` may reach `ip` on `port` over protocol bit `proto` at `now`.
+    pub fn is_allowed(
+        &self,
+        endpoint: EndpointKey,
+        ip: IpAddr,
+        port: u16,
+        proto: u8,
+        now: Instant,
+    ) -> bool {
+        self.ledger().is_allowed(endpoint, ip, port, proto, now)
     }
 
     /// Number of entries, expired ones included until the next sweep.
     pub fn len(&self) -> usize {
-        self.entries.read().unwrap_or_else(|e| e.into_inner()).len()
+        self.ledger().stats().entries
     }
 
     /// Whether the table is empty.
@@ -79,37 +711,33 @@ impl UserspaceAllowTable {
         self.len() == 0
     }
 
-    /// Removes entries expired at `now`; returns how many.
-    pub fn sweep(&self, now: Instant) -> usize {
-        let mut entries = self.entries.write().unwrap_or_else(|e| e.into_inner());
-        let before = entries.len();
-        entries.retain(|_, expires| *expires > now);
-        before - entries.len()
+    /// Removes up to `budget` entries expired at `now`; returns how many.
+    pub fn sweep(&self, now: Instant, budget: usize) -> usize {
+        let mut removed = Vec::new();
+        self.ledger().sweep(now, budget, &mut removed)
     }
 
-    /// Writes `batch` (see [`AllowSink::write`]).
-    pub fn insert(&self, batch: &[AllowEntry]) -> Result<(), AllowError> {
-        let mut entries = self.entries.write().unwrap_or_else(|e| e.into_inner());
-        for e in batch {
-            let len = entries.len();
-            match entries.get_mut(&(e.endpoint, e.ip)) {
-                Some(expires) => *expires = (*expires).max(e.expires),
-                None if len >= self.capacity => {
-                    return Err(AllowError::Full {
-                        capacity: self.capacity,
-                    });
-                }
-                None => {
-                    entries.insert((e.endpoint, e.ip), e.expires);
-                }
-            }
-        }
-        Ok(())
+    /// Takes a new policy snapshot: entries it does not justify are removed.
+    pub fn revoke(&self, snapshot: Arc<Snapshot>) -> usize {
+        let mut removed = Vec::new();
+        self.ledger().revoke(snapshot, &mut removed);
+        removed.len()
     }
 }
 
 impl AllowSink for &UserspaceAllowTable {
-    fn write(&mut self, entries: &[AllowEntry]) -> Result<(), AllowError> {
-        self.insert(entries)
+    fn write(&mut self, _now: Instant, batch: &mut AllowBatch) {
+        let mut ledger = self.ledger();
+        let mut changes = Vec::new();
+        for g in 0..batch.groups.len() {
+            let ok = ledger.plan(batch, g, &mut changes).is_ok();
+            if ok {
+                ledger.commit(batch, g, &changes);
+            }
+            batch.groups[g].ok = ok;
+        }
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -14,14 +14,14 @@
 #![forbid(unsafe_code)]
 
 use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use dnsfence_matcher::{MAX_WIRE_LEN, Name, RuleSet};
 use dnsfence_policy::{DnsVerdict, EndpointId, EndpointKey, Proto, Snapshot};
 
-use crate::allow::{AllowEntry, AllowSink};
+use crate::allow::{AllowBatch, AllowKey, AllowSink, PortSpec};
 use crate::wire::{self, Addresses, Query, Rcode};
 
 /// What to do with queries from sources the endpoint registry does not know.
@@ -359,6 +359,18 @@ struct Held {
     slot: u32,
     start: usize,
     len: usize,
+    /// Its group in `Core::batch`.
+    group: usize,
+}
+
+/// Where a redirected query came from, as the datapath recorded it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Origin {
+    /// The endpoint whose cgroup sent it, when the datapath knows it (then it takes
+    /// precedence over the source address).
+    pub endpoint: Option<EndpointKey>,
+    /// The DNS server the client addressed.
+    pub server: SocketAddr,
 }
 
 /// Output arena: transmits are byte ranges of one buffer, which is reset when all are drained.
@@ -409,11 +421,16 @@ pub struct Core {
     newest: u32,
     outbox: Outbox,
     held: Vec<Held>,
-    writes: Vec<AllowEntry>,
-    /// (endpoint, address) → expiry known to be in the allow table.
+    batch: AllowBatch,
+    /// Allow entry → expiry known to be in the allow table (cleared at a reload, which may
+    /// have revoked entries).
     /// Seeded foldhash: fast, and keys partly chosen by upstream answers cannot be aimed at
     /// one bucket without the per-process seed.
-    written: HashMap<(EndpointKey, IpAddr), Instant, foldhash::fast::RandomState>,
+    written: HashMap<AllowKey, Instant, foldhash::fast::RandomState>,
+    /// Scratch: the distinct port specs of one answer's matching rules.
+    specs: Vec<PortSpec>,
+    /// The batch group `learn` began last.
+    held_group: usize,
     records: std::collections::VecDeque<Record>,
     rules: RuleSet,
     /// Scratch for the addresses of one answer (boxed: moved in and out without a copy).
@@ -479,7 +496,9 @@ impl Core {
             oldest: NO_SLOT,
             newest: NO_SLOT,
             held: Vec::with_capacity(256),
-            writes: Vec::with_capacity(1024),
+            batch: AllowBatch::with_capacity(1024),
+            specs: Vec::with_capacity(64),
+            held_group: 0,
             records: std::collections::VecDeque::with_capacity(RECORD_BUFFER),
             outbox: Outbox::with_capacity(1 << 20),
             config,
@@ -508,6 +527,8 @@ impl Core {
         self.in_flight_current = 0;
         self.generation += 1;
         self.recount_endpoint_shares();
+        // The reload may have revoked entries this shard remembers as written.
+        self.written.clear();
     }
 
     /// Rebuilds the per-endpoint counts for the current snapshot's numbering: every query in
@@ -572,13 +593,14 @@ impl Core {
         siphash24(self.rng_key, self.rng_counter)
     }
 
-    /// A query from a client. `server` is the address the client sent it to when the datapath
-    /// knows it (eBPF redirection); otherwise the configured policy server is assumed.
+    /// A query from a client. `origin` is what the datapath (eBPF redirection) recorded of
+    /// it: the endpoint that sent it and the server it addressed; without it, the endpoint
+    /// is found by source address and the configured policy server is assumed.
     pub fn handle_client(
         &mut self,
         now: Instant,
         client: Client,
-        server: Option<SocketAddr>,
+        origin: Option<Origin>,
         packet: &[u8],
     ) {
         self.stats.queries += 1;
@@ -590,7 +612,13 @@ impl Core {
             }
         };
         let name = Name::from_wire(query.name_wire(packet));
-        let endpoint = self.snapshot.endpoint_by_ip(client.addr().ip());
+        let server = origin.map(|o| o.server);
+        let endpoint = match origin.and_then(|o| o.endpoint) {
+            // The datapath names the sending cgroup's endpoint; one the snapshot does not
+            // (yet, or any longer) know is an unknown source.
+            Some(key) => self.snapshot.endpoint_by_key(key),
+            None => self.snapshot.endpoint_by_ip(client.addr().ip()),
+        };
         let key = endpoint.map(|ep| self.snapshot.endpoint_key(ep));
         let verdict = match endpoint {
             None => match self.config.unknown_source {
@@ -909,7 +937,13 @@ impl Core {
         );
         if held {
             // The slot stays taken until the write is committed (bounding held answers).
-            self.held.push(Held { slot, start, len });
+            let group = self.held_group;
+            self.held.push(Held {
+                slot,
+                start,
+                len,
+                group,
+            });
         } else {
             self.outbox
                 .ready
@@ -946,25 +980,44 @@ impl Core {
             .min_ttl
             .max(self.config.min_ttl)
             .min(self.config.max_ttl.max(self.config.min_ttl));
-        let expires = now + Duration::from_secs(u64::from(ttl));
-        let refresh_before = now + Duration::from_secs(u64::from(ttl) / 2);
-        let mut needed = false;
-        for &ip in addresses.ips() {
-            // Rewrite only what is missing or would expire before half the new TTL has run.
-            let fresh = self
-                .written
-                .get(&(key, ip))
-                .is_some_and(|&at| at >= refresh_before);
-            if !fresh {
-                self.writes.push(AllowEntry {
-                    endpoint: key,
-                    ip,
-                    expires,
-                });
-                needed = true;
+        // The entry must outlive the client's cached answer (now + ttl). It is written with
+        // half a TTL of headroom, so answers of the next half TTL (an authoritative upstream
+        // repeats the same TTL) find it fresh enough and need no write.
+        let needed_until = now + Duration::from_secs(u64::from(ttl));
+        let expires = now + Duration::from_secs(u64::from(ttl) + u64::from(ttl) / 2);
+        // The port specs of the matching rules (a rule without toPorts opens every port).
+        self.specs.clear();
+        for &rule in self.rules.as_slice() {
+            let ports = snapshot.rule_ports(rule);
+            if ports.is_empty() {
+                self.specs.push(PortSpec::ALL);
+            }
+            for p in ports {
+                self.specs.push(PortSpec::of(p));
             }
         }
-        if !needed {
+        self.specs.sort_unstable();
+        self.specs.dedup();
+        self.held_group = self.batch.begin_group(&name);
+        for &ip in addresses.ips() {
+            let ip = crate::allow::canonical(ip);
+            for &ports in &self.specs {
+                let entry = AllowKey {
+                    endpoint: key,
+                    ip,
+                    ports,
+                };
+                // Rewrite only what is missing or would expire before the client's cache.
+                let fresh = self
+                    .written
+                    .get(&entry)
+                    .is_some_and(|&at| at >= needed_until);
+                if !fresh {
+                    self.batch.push(entry, expires);
+                }
+            }
+        }
+        if self.batch.discard_empty_group() {
             // Nothing changed: the consumer already holds this observation.
             return false;
         }
@@ -988,25 +1041,30 @@ impl Core {
     /// those answers. When the write fails their clients get SERVFAIL instead: an answer is
     /// never released before its addresses are allowed.
     pub fn commit_allows(&mut self, now: Instant, table: &mut dyn AllowSink) {
-        if self.writes.is_empty() && self.held.is_empty() {
+        if self.batch.is_empty() && self.held.is_empty() {
             return;
         }
         self.stats.allow_batches += 1;
-        let ok = self.writes.is_empty() || table.write(&self.writes).is_ok();
-        if ok {
-            self.stats.allow_writes += self.writes.len() as u64;
-            if self.written.len() + self.writes.len() > self.config.allow_cache_entries {
-                self.written.clear();
-            }
-            for w in &self.writes {
-                self.written.insert((w.endpoint, w.ip), w.expires);
-            }
-        } else {
-            self.stats.allow_write_failures += 1;
+        if !self.batch.is_empty() {
+            table.write(now, &mut self.batch);
         }
-        self.writes.clear();
+        if self.written.len() + self.batch.entries.len() > self.config.allow_cache_entries {
+            self.written.clear();
+        }
+        for g in 0..self.batch.groups.len() {
+            if self.batch.groups[g].ok {
+                let entries = self.batch.group_entries(g);
+                self.stats.allow_writes += entries.len() as u64;
+                for w in entries {
+                    self.written.insert(w.key, w.expires);
+                }
+            } else {
+                self.stats.allow_write_failures += 1;
+            }
+        }
         let mut held = std::mem::take(&mut self.held);
         for h in held.drain(..) {
+            let ok = self.batch.groups.get(h.group).is_some_and(|g| g.ok);
             if ok {
                 let client = self.pending[h.slot as usize].client;
                 self.outbox
@@ -1019,6 +1077,7 @@ impl Core {
             self.free_slot(h.slot);
         }
         self.held = held;
+        self.batch.clear();
     }
 
     /// Expires queries whose upstream did not answer in time.

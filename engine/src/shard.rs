@@ -12,10 +12,12 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_queue::ArrayQueue;
-use dnsfence_policy::Snapshot;
+use std::net::SocketAddr;
+
+use dnsfence_policy::{Proto, Snapshot};
 
 use crate::allow::AllowSink;
-use crate::core::{Client, Core, CoreConfig, Destination, Record, Stats};
+use crate::core::{Client, Core, CoreConfig, Destination, Origin, Record, Stats};
 use crate::io::{self, Backend, BackendChoice, Event, Io, IoConfig, IoError, IoStats, ShardIo};
 
 /// The current policy snapshot, shared by the control plane and every shard.
@@ -53,6 +55,13 @@ impl PolicyHandle {
     }
 }
 
+/// Where a shard learns who sent a redirected query and which server it addressed: the
+/// datapath's origin map in eBPF mode. Asked once per client query.
+pub trait OriginSource: Send {
+    /// The origin of a query from `client` over `proto`, if the datapath recorded one.
+    fn origin(&mut self, client: SocketAddr, proto: Proto) -> Option<Origin>;
+}
+
 /// What a running shard publishes for metrics (refreshed about every 100 ms).
 #[derive(Debug, Default)]
 pub struct ShardStatus {
@@ -66,6 +75,8 @@ pub struct ShardStatus {
     pub cpu: Mutex<Option<usize>>,
     /// Loop iterations (batches).
     pub batches: AtomicU64,
+    /// The policy generation the shard judges new queries by.
+    pub generation: AtomicU64,
 }
 
 /// Everything a shard needs to start.
@@ -82,6 +93,8 @@ pub struct ShardConfig {
     pub cpu: Option<usize>,
     /// Where the shard writes allow entries.
     pub allow: Box<dyn AllowSink + Send>,
+    /// Who sent redirected queries (eBPF mode); None: endpoints by source address only.
+    pub origin: Option<Box<dyn OriginSource>>,
     /// Policy.
     pub policy: Arc<PolicyHandle>,
     /// Records for the consumer.
@@ -127,6 +140,11 @@ fn run(mut config: ShardConfig, mut io: Io) {
     }
     let mut generation = config.policy.generation();
     let mut core = Core::new(config.core.clone(), config.policy.load());
+    config
+        .status
+        .generation
+        .store(generation, Ordering::Release);
+    let mut origins = config.origin.take();
     let mut published = Instant::now();
     let mut stopping: Option<Instant> = None;
     loop {
@@ -143,6 +161,7 @@ fn run(mut config: ShardConfig, mut io: Io) {
         if g != generation {
             generation = g;
             core.set_snapshot(config.policy.load());
+            config.status.generation.store(g, Ordering::Release);
         }
         // Sleep until a packet, the next timeout, or 100 ms (to notice stop and publish).
         let wait = core
@@ -155,13 +174,15 @@ fn run(mut config: ShardConfig, mut io: Io) {
             let now = Instant::now();
             match event {
                 Event::ClientDatagram { peer, data } => {
-                    core.handle_client(now, Client::Udp(peer), None, data)
+                    let origin = origins.as_mut().and_then(|o| o.origin(peer, Proto::Udp));
+                    core.handle_client(now, Client::Udp(peer), origin, data)
                 }
                 Event::UpstreamDatagram { socket, from, data } => {
                     core.handle_upstream(now, socket, from, data)
                 }
                 Event::TcpClientMessage { conn, peer, data } => {
-                    core.handle_client(now, Client::Tcp { conn, peer }, None, data)
+                    let origin = origins.as_mut().and_then(|o| o.origin(peer, Proto::Tcp));
+                    core.handle_client(now, Client::Tcp { conn, peer }, origin, data)
                 }
                 Event::TcpUpstreamMessage { data } => core.handle_upstream_tcp(now, data),
                 Event::TcpClientClosed { .. } => {}

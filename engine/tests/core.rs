@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
-use dnsfence_engine::allow::{AllowEntry, AllowError, AllowSink, UserspaceAllowTable};
+use dnsfence_engine::allow::{AllowBatch, AllowSink, LedgerConfig, PortSpec, UserspaceAllowTable};
 use dnsfence_engine::core::{Client, Core, CoreConfig, Destination, Record, UnknownSource};
 use dnsfence_engine::wire::{self, Rcode, TYPE_A, TYPE_AAAA, TYPE_CNAME};
 use dnsfence_policy::EndpointKey;
@@ -36,7 +36,7 @@ impl Harness {
     fn new(config: CoreConfig) -> Harness {
         Harness {
             core: Core::new(config, Arc::new(test_snapshot())),
-            table: UserspaceAllowTable::new(1 << 16),
+            table: UserspaceAllowTable::new(LedgerConfig::default()),
             t0: Instant::now(),
         }
     }
@@ -162,9 +162,9 @@ fn allowed_name_is_forwarded_and_answer_released_after_its_allow_write() {
         h.transmits().is_empty(),
         "answer released before its allow entry"
     );
-    assert!(!h.table.is_allowed(ep(), ip("127.1.2.3"), h.at(5)));
+    assert!(!allowed_443(&h.table, ep(), ip("127.1.2.3"), h.at(5)));
     let out = h.drain(5);
-    assert!(h.table.is_allowed(ep(), ip("127.1.2.3"), h.at(6)));
+    assert!(allowed_443(&h.table, ep(), ip("127.1.2.3"), h.at(6)));
     let reply = to_client(&out);
     assert_eq!(&reply[0..2], &[0x12, 0x34], "client ID restored");
     assert_eq!(
@@ -173,9 +173,19 @@ fn allowed_name_is_forwarded_and_answer_released_after_its_allow_write() {
         "client 0x20 spelling restored"
     );
     assert_eq!(rcode(reply), 0);
-    // Entry expires with the TTL.
-    assert!(h.table.is_allowed(ep(), ip("127.1.2.3"), h.at(299_000)));
-    assert!(!h.table.is_allowed(ep(), ip("127.1.2.3"), h.at(300_010)));
+    // The entry outlives the client's cached answer by half a TTL of headroom (so repeated
+    // answers within that half need no write), then expires.
+    assert!(allowed_443(&h.table, ep(), ip("127.1.2.3"), h.at(449_000)));
+    assert!(!allowed_443(&h.table, ep(), ip("127.1.2.3"), h.at(450_010)));
+    // Only on the port the toFQDNs rule opens.
+    assert!(
+        !h.table
+            .is_allowed(ep(), ip("127.1.2.3"), 80, PortSpec::TCP, h.at(6))
+    );
+    assert!(
+        !h.table
+            .is_allowed(ep(), ip("127.1.2.3"), 443, PortSpec::UDP, h.at(6))
+    );
 
     let records: Vec<Record> = std::iter::from_fn(|| h.core.poll_record()).collect();
     let update = records
@@ -258,13 +268,13 @@ fn cname_chain_is_followed_and_off_chain_records_never_allowed() {
     let out = h.answer(1, socket, &ans);
     let reply = to_client(&out);
     assert_eq!(&reply[12..], &ans[12..], "answer passed through unchanged");
-    assert!(h.table.is_allowed(ep(), ip("fd00::1"), h.at(59_000)));
+    assert!(allowed_443(&h.table, ep(), ip("fd00::1"), h.at(89_000)));
     assert!(
-        !h.table.is_allowed(ep(), ip("fd00::1"), h.at(60_001)),
+        !allowed_443(&h.table, ep(), ip("fd00::1"), h.at(90_001)),
         "TTL is the chain minimum"
     );
     assert!(
-        !h.table.is_allowed(ep(), ip("127.6.6.6"), h.at(2)),
+        !allowed_443(&h.table, ep(), ip("127.6.6.6"), h.at(2)),
         "off-chain record allowed"
     );
     // The alias's own A record is on the chain's first name only before the CNAME is followed:
@@ -286,7 +296,12 @@ fn min_ttl_raises_short_ttls() {
         &[("x.allowed.test", TYPE_A, 5, &rdata_a("127.0.0.5"))],
     );
     h.answer(1, socket, &ans);
-    assert!(h.table.is_allowed(ep(), ip("127.0.0.5"), h.at(3_000_000)));
+    assert!(allowed_443(
+        &h.table,
+        ep(),
+        ip("127.0.0.5"),
+        h.at(3_000_000)
+    ));
 }
 
 #[test]
@@ -304,7 +319,7 @@ fn dns_allowed_but_not_fqdn_allowed_needs_no_write() {
     h.core.handle_upstream(h.at(1), socket, upstream(), &ans);
     let out = h.transmits();
     assert_eq!(rcode(to_client(&out)), 0, "released without waiting");
-    assert!(!h.table.is_allowed(ep(), ip("127.0.0.3"), h.at(2)));
+    assert!(!allowed_443(&h.table, ep(), ip("127.0.0.3"), h.at(2)));
 }
 
 #[test]
@@ -347,7 +362,7 @@ fn spoofed_answers_are_dropped_and_the_real_one_still_accepted() {
     assert_eq!(s.upstream_unknown_id, 2);
     assert_eq!(s.upstream_wrong_question, 2);
     assert_eq!(s.upstream_malformed, 1);
-    assert!(!h.table.is_allowed(ep(), ip("127.6.6.6"), h.at(2)));
+    assert!(!allowed_443(&h.table, ep(), ip("127.6.6.6"), h.at(2)));
 
     let real = answer(
         id,
@@ -527,9 +542,22 @@ fn pending_table_full_answers_servfail_and_memory_stays_bounded() {
 struct FailingSink;
 
 impl AllowSink for FailingSink {
-    fn write(&mut self, _: &[AllowEntry]) -> Result<(), AllowError> {
-        Err(AllowError::Full { capacity: 0 })
+    fn write(&mut self, _: Instant, batch: &mut AllowBatch) {
+        for g in &mut batch.groups {
+            g.ok = false;
+        }
     }
+}
+
+/// Whether the table lets `endpoint` reach `ip` on 443/TCP (the port the fixture's toFQDNs
+/// rule opens).
+fn allowed_443(
+    table: &UserspaceAllowTable,
+    endpoint: dnsfence_policy::EndpointKey,
+    ip: std::net::IpAddr,
+    at: Instant,
+) -> bool {
+    table.is_allowed(endpoint, ip, 443, PortSpec::TCP, at)
 }
 
 #[test]
@@ -565,7 +593,7 @@ fn in_flight_queries_keep_their_snapshot() {
     );
     let out = h.answer(1, socket, &ans);
     assert_eq!(rcode(to_client(&out)), 0);
-    assert!(h.table.is_allowed(ep(), ip("127.0.0.31"), h.at(2)));
+    assert!(allowed_443(&h.table, ep(), ip("127.0.0.31"), h.at(2)));
     // New queries see the new snapshot.
     let out = h.query(2, CLIENT, &query(0x32, "k.allowed.test", TYPE_A));
     assert_eq!(rcode(to_client(&out)), Rcode::Refused as u8);
@@ -702,17 +730,23 @@ fn allow_entries_follow_the_workload_across_a_reload_that_renumbers_endpoints() 
     };
     ask(&mut h, 0, "127.0.0.30:1000", 1);
     let key = |who: (&str, &str)| EndpointKey::of("default", who.0);
-    assert!(h.table.is_allowed(key(payments), ip("127.0.0.77"), h.at(1)));
-    assert!(
-        !h.table
-            .is_allowed(key(untrusted), ip("127.0.0.77"), h.at(1))
-    );
+    assert!(allowed_443(
+        &h.table,
+        key(payments),
+        ip("127.0.0.77"),
+        h.at(1)
+    ));
+    assert!(!allowed_443(
+        &h.table,
+        key(untrusted),
+        ip("127.0.0.77"),
+        h.at(1)
+    ));
 
     h.core
         .set_snapshot(snapshot(&endpoints(untrusted, payments)));
     assert!(
-        !h.table
-            .is_allowed(key(untrusted), ip("127.0.0.77"), h.at(2)),
+        !allowed_443(&h.table, key(untrusted), ip("127.0.0.77"), h.at(2)),
         "the reload handed payments' entry to untrusted"
     );
     // untrusted now resolves the name itself: its own entry must be written (the shard must
@@ -720,10 +754,12 @@ fn allow_entries_follow_the_workload_across_a_reload_that_renumbers_endpoints() 
     let writes = h.core.stats().allow_writes;
     ask(&mut h, 3, "127.0.0.31:1000", 2);
     assert_eq!(h.core.stats().allow_writes, writes + 1);
-    assert!(
-        h.table
-            .is_allowed(key(untrusted), ip("127.0.0.77"), h.at(4))
-    );
+    assert!(allowed_443(
+        &h.table,
+        key(untrusted),
+        ip("127.0.0.77"),
+        h.at(4)
+    ));
 }
 
 #[test]
@@ -761,7 +797,7 @@ fn repeated_wrong_question_answers_give_the_query_up() {
     assert_eq!(rcode(to_client(&out)), Rcode::ServFail as u8);
     assert_eq!(h.core.stats().spoofing_suspected, 1);
     assert_eq!(h.core.in_flight(), 0);
-    assert!(!h.table.is_allowed(ep(), ip("127.6.6.6"), h.at(2)));
+    assert!(!allowed_443(&h.table, ep(), ip("127.6.6.6"), h.at(2)));
 }
 
 #[test]
@@ -803,8 +839,19 @@ fn max_ttl_caps_huge_ttls() {
         )],
     );
     h.answer(1, socket, &ans);
-    assert!(h.table.is_allowed(ep(), ip("127.0.0.6"), h.at(86_000_000)));
-    assert!(!h.table.is_allowed(ep(), ip("127.0.0.6"), h.at(86_400_002)));
+    // 86,400 s plus half of it as headroom.
+    assert!(allowed_443(
+        &h.table,
+        ep(),
+        ip("127.0.0.6"),
+        h.at(129_000_000)
+    ));
+    assert!(!allowed_443(
+        &h.table,
+        ep(),
+        ip("127.0.0.6"),
+        h.at(129_600_002)
+    ));
 }
 
 #[test]

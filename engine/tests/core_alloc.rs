@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
-use dnsfence_engine::allow::UserspaceAllowTable;
+use dnsfence_engine::allow::{LedgerConfig, UserspaceAllowTable};
 use dnsfence_engine::core::{Client, Core, CoreConfig, Destination};
 use dnsfence_engine::wire::TYPE_A;
 
@@ -20,7 +20,7 @@ fn steady_state_queries_do_not_allocate() {
     let mut config = CoreConfig::new(upstream);
     config.max_pending = 1024;
     let mut core = Core::new(config, Arc::new(test_snapshot()));
-    let table = UserspaceAllowTable::new(1 << 16);
+    let table = UserspaceAllowTable::new(LedgerConfig::default());
     let client = Client::Udp(CLIENT.parse().unwrap());
     let t0 = Instant::now();
 

@@ -89,6 +89,13 @@ pub struct PortProto {
 }
 
 impl PortProto {
+    /// Every port over any protocol (a toFQDNs rule without `toPorts`).
+    pub const ALL: PortProto = PortProto {
+        port: 0,
+        end_port: u16::MAX,
+        proto: PortProtocol::Any,
+    };
+
     /// Whether this entry covers `port` over `proto`.
     pub fn covers(&self, port: u16, proto: Proto) -> bool {
         (self.port..=self.end_port).contains(&port) && self.proto.covers(proto)

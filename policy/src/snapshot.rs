@@ -106,6 +106,9 @@ struct Group {
     dns: Box<[DnsEntry]>,
     /// Every toFQDNs selector of the group, tagged with its rule's `RuleId`.
     fqdn: Matcher,
+    /// The distinct port entries of the group's toFQDNs rules, sorted (a rule without
+    /// `toPorts` contributes every port over any protocol): the datapath's port specs.
+    fqdn_ports: Box<[PortProto]>,
 }
 
 /// Counts of a snapshot, for logs and metrics.
@@ -321,6 +324,22 @@ impl Snapshot {
         RuleSet::with_max_rule(self.rule_ports.len().saturating_sub(1) as u32)
     }
 
+    /// The distinct port entries of the toFQDNs rules of policies selecting `ep`, sorted; a
+    /// rule without `toPorts` appears as [`PortProto::ALL`]. Empty for an unrestricted or
+    /// unknown endpoint. These are the datapath's port specs of the endpoint.
+    pub fn fqdn_ports(&self, ep: EndpointId) -> &[PortProto] {
+        self.endpoints
+            .get(ep.0 as usize)
+            .and_then(|e| self.groups.get(e.group as usize))
+            .map_or(&[], |g| &g.fqdn_ports)
+    }
+
+    /// Endpoints with a cgroup, as `(cgroup path, endpoint)` (canonical paths, see
+    /// [`Snapshot::endpoint_by_cgroup`]).
+    pub fn cgroups(&self) -> impl Iterator<Item = (&str, EndpointId)> + '_ {
+        self.by_cgroup.iter().map(|(path, &ep)| (&**path, ep))
+    }
+
     /// The ports a toFQDNs rule opens; an empty slice means every port.
     pub fn rule_ports(&self, rule: RuleId) -> &[PortProto] {
         self.rule_ports.get(rule.0 as usize).map_or(&[], |p| p)
@@ -464,6 +483,7 @@ fn compile_group(specs: &[FlatSpec<'_>], selecting: &[u32]) -> Group {
     let mut index: HashMap<(Vec<PortProto>, Servers), usize> = HashMap::new();
     let mut dns: Vec<(Vec<PortProto>, Servers, bool, MatcherBuilder)> = Vec::new();
     let mut fqdn = MatcherBuilder::new();
+    let mut fqdn_ports = Vec::new();
     for &s in selecting {
         let spec = &specs[s as usize];
         for (r, rule) in spec.rules.iter().enumerate() {
@@ -472,6 +492,11 @@ fn compile_group(specs: &[FlatSpec<'_>], selecting: &[u32]) -> Group {
                 EgressRule::Fqdn(f) => {
                     for p in &f.selectors {
                         fqdn.add(p.clone(), RuleId(spec.rule_ids[r]));
+                    }
+                    if f.ports.is_empty() {
+                        fqdn_ports.push(PortProto::ALL);
+                    } else {
+                        fqdn_ports.extend_from_slice(&f.ports);
                     }
                 }
                 EgressRule::Dns(d) => {
@@ -507,6 +532,11 @@ fn compile_group(specs: &[FlatSpec<'_>], selecting: &[u32]) -> Group {
             })
             .collect(),
         fqdn: fqdn.build(),
+        fqdn_ports: {
+            fqdn_ports.sort_unstable();
+            fqdn_ports.dedup();
+            fqdn_ports.into_boxed_slice()
+        },
     }
 }
 

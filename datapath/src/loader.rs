@@ -1,0 +1,410 @@
+//! Loading, attaching and pinning the programs; opening, reusing and removing the maps.
+//!
+//! Layout under `--bpf-pin` (default `/sys/fs/bpf/dnsfence`):
+//! - `maps-v<ABI>/<map>`: the maps, pinned by name. A restarted agent reuses them as they
+//!   are (allow entries are not flushed); a new layout gets a new directory.
+//! - `links/<program>@<n>`: one pinned bpf_link per program, attached at the cgroup root.
+//!   Pinned links keep the programs attached with no process alive. An upgrade attaches the
+//!   new programs first, then unpins (detaches) the older links: enforcement never pauses.
+use std::fs;
+use std::io;
+use std::net::SocketAddr;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use aya::maps::{Array, HashMap, MapData, PerCpuArray};
+use aya::programs::links::{FdLink, PinnedLink};
+use aya::programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr};
+use aya::{Ebpf, EbpfLoader};
+use dnsfence_engine::allow::{LedgerConfig, PortSpec};
+use dnsfence_policy::Snapshot;
+
+use crate::maps::{self, Addr, Config, EP_ENFORCE, Endpoint, MAX_SPECS, Spec, Stat, names};
+use crate::sink::BpfAllow;
+use crate::sys;
+
+/// The object built from `ebpf/dnsfence.bpf.c` (checked current by `ebpf/build.sh --check`).
+static OBJECT: &[u8] = aya::include_bytes_aligned!("../../ebpf/dnsfence.bpf.o");
+
+/// The programs of the object, each attached once at the cgroup root.
+pub const PROGRAMS: [&str; 9] = [
+    "df_connect4",
+    "df_connect6",
+    "df_sendmsg4",
+    "df_sendmsg6",
+    "df_recvmsg4",
+    "df_recvmsg6",
+    "df_getpeername4",
+    "df_getpeername6",
+    "df_egress",
+];
+
+/// Why the datapath could not be set up or changed.
+#[derive(Debug, thiserror::Error)]
+pub enum DatapathError {
+    /// A filesystem step failed (creating a directory, mounting, reading a cgroup).
+    #[error("{what} {path}: {source}")]
+    Fs {
+        /// What was being done.
+        what: &'static str,
+        /// Where.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// The pin directory is not on a bpffs.
+    #[error("{0} is not on a bpf filesystem (mount -t bpf bpf /sys/fs/bpf)")]
+    NotBpffs(PathBuf),
+    /// Loading the object or a program failed (the verifier's log, or no permission).
+    #[error("loading the BPF object: {0}")]
+    Load(String),
+    /// Attaching or pinning a program failed.
+    #[error("attaching {program}: {reason}")]
+    Attach {
+        /// The program.
+        program: &'static str,
+        /// Why.
+        reason: String,
+    },
+    /// A map operation failed.
+    #[error("map {map}: {reason}")]
+    Map {
+        /// The map.
+        map: &'static str,
+        /// Why.
+        reason: String,
+    },
+}
+
+fn fs_err<'p>(what: &'static str, path: &'p Path) -> impl FnOnce(io::Error) -> DatapathError + 'p {
+    move |source| DatapathError::Fs {
+        what,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn map_err(map: &'static str) -> impl FnOnce(aya::maps::MapError) -> DatapathError {
+    move |e| DatapathError::Map {
+        map,
+        reason: e.to_string(),
+    }
+}
+
+/// Where and how to install.
+#[derive(Debug, Clone)]
+pub struct InstallConfig {
+    /// The bpffs directory for maps and links.
+    pub pin_dir: PathBuf,
+    /// The cgroup v2 hierarchy to attach at (mounted there when it is not one).
+    pub cgroup_root: PathBuf,
+    /// Size of the allow map (node-wide capacity).
+    pub allow_entries: u32,
+}
+
+/// The maps directory of a pin directory.
+pub fn maps_dir(pin_dir: &Path) -> PathBuf {
+    pin_dir.join(format!("maps-v{}", maps::ABI))
+}
+
+fn links_dir(pin_dir: &Path) -> PathBuf {
+    pin_dir.join("links")
+}
+
+/// Makes sure `root` is a cgroup v2 mount (mounting one there when it is an empty or new
+/// directory).
+pub fn ensure_cgroup2(root: &Path) -> Result<(), DatapathError> {
+    fs::create_dir_all(root).map_err(fs_err("creating", root))?;
+    if sys::fs_magic(root).map_err(fs_err("statfs", root))? == sys::CGROUP2_MAGIC {
+        return Ok(());
+    }
+    sys::mount("cgroup2", root).map_err(fs_err("mounting cgroup2 at", root))
+}
+
+/// Makes sure `pin_dir` is on a bpffs (mounting /sys/fs/bpf when the pin directory is below
+/// it and nothing is mounted there).
+fn ensure_bpffs(pin_dir: &Path) -> Result<(), DatapathError> {
+    let mut existing = pin_dir;
+    while !existing.exists() {
+        existing = existing.parent().unwrap_or(Path::new("/"));
+    }
+    if sys::fs_magic(existing).map_err(fs_err("statfs", existing))? == sys::BPF_FS_MAGIC {
+        return Ok(());
+    }
+    let default = Path::new("/sys/fs/bpf");
+    if pin_dir.starts_with(default) && existing == default {
+        sys::mount("bpf", default).map_err(fs_err("mounting bpffs at", default))?;
+        return Ok(());
+    }
+    Err(DatapathError::NotBpffs(pin_dir.to_path_buf()))
+}
+
+/// The cgroup id of a cgroup v2 directory: its inode number.
+pub fn cgroup_id(path: &Path) -> io::Result<u64> {
+    Ok(fs::metadata(path)?.ino())
+}
+
+/// The loaded, attached datapath and handles on its maps.
+pub struct Datapath {
+    /// Keeps the programs loaded while this process runs (the pinned links keep them after).
+    _ebpf: Ebpf,
+    pin_dir: PathBuf,
+    cgroup_root: PathBuf,
+    config: Array<MapData, Config>,
+    endpoints: HashMap<MapData, u64, Endpoint>,
+    stats: PerCpuArray<MapData, u64>,
+    allow: Option<HashMap<MapData, maps::AllowMapKey, u64>>,
+}
+
+impl std::fmt::Debug for Datapath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Datapath")
+            .field("pin_dir", &self.pin_dir)
+            .field("cgroup_root", &self.cgroup_root)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What `sync_endpoints` did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct EndpointSync {
+    /// Endpoints written (cgroup found).
+    pub written: usize,
+    /// Stale endpoints removed from the map.
+    pub removed: usize,
+    /// Endpoints whose cgroup directory does not exist (yet): not redirected or enforced
+    /// until it does (the next sync picks it up).
+    pub missing: Vec<String>,
+    /// Endpoints with more than `MAX_SPECS` distinct port specs: the extra specs are not
+    /// opened (fail closed).
+    pub too_many_specs: Vec<String>,
+}
+
+impl Datapath {
+    /// Loads the programs (reusing pinned maps), attaches them at the cgroup root, pins the
+    /// links, and detaches what an earlier install left attached.
+    pub fn install(config: &InstallConfig) -> Result<Datapath, DatapathError> {
+        ensure_cgroup2(&config.cgroup_root)?;
+        ensure_bpffs(&config.pin_dir)?;
+        let maps_dir = maps_dir(&config.pin_dir);
+        let links_dir = links_dir(&config.pin_dir);
+        for dir in [&config.pin_dir, &maps_dir, &links_dir] {
+            fs::create_dir_all(dir).map_err(fs_err("creating", dir))?;
+        }
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(&maps_dir)
+            .map_max_entries(names::ALLOW, config.allow_entries.max(1))
+            .load(OBJECT)
+            .map_err(|e| DatapathError::Load(format!("{e:#}")))?;
+        let cgroup = fs::File::open(&config.cgroup_root)
+            .map_err(fs_err("opening cgroup", &config.cgroup_root))?;
+        let old_links = pinned_links(&links_dir)?;
+        let stamp = sys::boottime_ns();
+        for program in PROGRAMS {
+            let link = attach(&mut ebpf, program, &cgroup)?;
+            let path = links_dir.join(format!("{program}@{stamp}"));
+            link.pin(&path).map_err(|e| DatapathError::Attach {
+                program,
+                reason: format!("pinning at {}: {e}", path.display()),
+            })?;
+        }
+        // The new programs enforce: now detach the old ones.
+        for path in old_links {
+            unpin_link(&path)?;
+        }
+        let config_map = take(&mut ebpf, names::CONFIG)?;
+        let endpoints = take(&mut ebpf, names::ENDPOINTS)?;
+        let stats = take(&mut ebpf, names::STATS)?;
+        let allow = take(&mut ebpf, names::ALLOW)?;
+        Ok(Datapath {
+            config: Array::try_from(config_map).map_err(map_err(names::CONFIG))?,
+            endpoints: HashMap::try_from(endpoints).map_err(map_err(names::ENDPOINTS))?,
+            stats: PerCpuArray::try_from(stats).map_err(map_err(names::STATS))?,
+            allow: Some(HashMap::try_from(allow).map_err(map_err(names::ALLOW))?),
+            _ebpf: ebpf,
+            pin_dir: config.pin_dir.clone(),
+            cgroup_root: config.cgroup_root.clone(),
+        })
+    }
+
+    /// Detaches every program and removes every pin under `pin_dir`. Returns how many links
+    /// were detached. Nothing pinned is not an error.
+    pub fn uninstall(pin_dir: &Path) -> Result<usize, DatapathError> {
+        let links_dir = links_dir(pin_dir);
+        let mut detached = 0;
+        if links_dir.exists() {
+            for path in pinned_links(&links_dir)? {
+                unpin_link(&path)?;
+                detached += 1;
+            }
+        }
+        if pin_dir.exists() {
+            // Maps are unpinned by removing their files; they are freed once no program or
+            // process holds them.
+            fs::remove_dir_all(pin_dir).map_err(fs_err("removing", pin_dir))?;
+        }
+        Ok(detached)
+    }
+
+    /// The pin directory.
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
+    }
+
+    /// Tells the programs where the proxy listens (redirect target for each family).
+    pub fn set_proxy(&mut self, listen: &[SocketAddr]) -> Result<(), DatapathError> {
+        let mut c = Config::default();
+        for addr in listen {
+            c.port = addr.port();
+            match addr {
+                SocketAddr::V4(v4) => {
+                    c.proxy4 = Addr::of((*v4.ip()).into());
+                    c.has4 = 1;
+                }
+                SocketAddr::V6(v6) => {
+                    c.proxy6 = Addr::of((*v6.ip()).into());
+                    c.has6 = 1;
+                }
+            }
+        }
+        self.config.set(0, c, 0).map_err(map_err(names::CONFIG))
+    }
+
+    /// Makes the endpoints map match `snapshot`: each endpoint with a cgroup gets its cgroup
+    /// id, its key, whether it is enforced and the port specs of its toFQDNs rules; entries
+    /// of endpoints no longer there are removed.
+    pub fn sync_endpoints(&mut self, snapshot: &Snapshot) -> Result<EndpointSync, DatapathError> {
+        let mut sync = EndpointSync::default();
+        let mut wanted = std::collections::HashMap::new();
+        for (path, ep) in snapshot.cgroups() {
+            let name = snapshot.endpoint_name(ep).to_string();
+            let dir = self.cgroup_root.join(path.trim_start_matches('/'));
+            let Ok(id) = cgroup_id(&dir) else {
+                sync.missing.push(name);
+                continue;
+            };
+            let ports = snapshot.fqdn_ports(ep);
+            if ports.len() > MAX_SPECS {
+                sync.too_many_specs.push(name);
+            }
+            let mut value = Endpoint {
+                key: snapshot.endpoint_key(ep).0,
+                flags: if snapshot.is_restricted(ep) {
+                    EP_ENFORCE
+                } else {
+                    0
+                },
+                nspecs: ports.len().min(MAX_SPECS) as u32,
+                specs: [Spec::default(); MAX_SPECS],
+            };
+            for (dst, p) in value.specs.iter_mut().zip(ports) {
+                *dst = PortSpec::of(p).into();
+            }
+            wanted.insert(id, value);
+        }
+        let present: Vec<u64> = self.endpoints.keys().filter_map(Result::ok).collect();
+        for id in present {
+            if !wanted.contains_key(&id) {
+                self.endpoints
+                    .remove(&id)
+                    .map_err(map_err(names::ENDPOINTS))?;
+                sync.removed += 1;
+            }
+        }
+        for (id, value) in wanted {
+            if self.endpoints.get(&id, 0).ok() != Some(value) {
+                self.endpoints
+                    .insert(id, value, 0)
+                    .map_err(map_err(names::ENDPOINTS))?;
+            }
+            sync.written += 1;
+        }
+        Ok(sync)
+    }
+
+    /// The programs' counters, summed over CPUs.
+    pub fn stats(&self) -> Vec<(Stat, u64)> {
+        Stat::ALL
+            .iter()
+            .map(|&s| {
+                let n = self
+                    .stats
+                    .get(&(s as u32), 0)
+                    .map(|v| v.iter().sum())
+                    .unwrap_or(0);
+                (s, n)
+            })
+            .collect()
+    }
+
+    /// The allow-map sink shared by the shards (call once): its ledger is seeded with the
+    /// entries already in the pinned map, which stay as they are.
+    pub fn allow_sink(&mut self, config: LedgerConfig) -> Result<BpfAllow, DatapathError> {
+        let map = self.allow.take().ok_or(DatapathError::Map {
+            map: names::ALLOW,
+            reason: "sink already taken".into(),
+        })?;
+        BpfAllow::new(map, config)
+    }
+}
+
+fn take(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, DatapathError> {
+    ebpf.take_map(name).ok_or(DatapathError::Map {
+        map: name,
+        reason: "not in the object".into(),
+    })
+}
+
+fn attach(
+    ebpf: &mut Ebpf,
+    program: &'static str,
+    cgroup: &fs::File,
+) -> Result<FdLink, DatapathError> {
+    let err = |reason: String| DatapathError::Attach { program, reason };
+    let prog = ebpf
+        .program_mut(program)
+        .ok_or_else(|| err("not in the object".into()))?;
+    if program == "df_egress" {
+        let skb: &mut CgroupSkb = prog.try_into().map_err(|e| err(format!("{e}")))?;
+        skb.load().map_err(|e| err(format!("{e:#}")))?;
+        let id = skb
+            .attach(
+                cgroup,
+                CgroupSkbAttachType::Egress,
+                CgroupAttachMode::Single,
+            )
+            .map_err(|e| err(format!("{e:#}")))?;
+        let link = skb.take_link(id).map_err(|e| err(format!("{e}")))?;
+        FdLink::try_from(link).map_err(|e| err(format!("{e}")))
+    } else {
+        let sa: &mut CgroupSockAddr = prog.try_into().map_err(|e| err(format!("{e}")))?;
+        sa.load().map_err(|e| err(format!("{e:#}")))?;
+        let id = sa
+            .attach(cgroup, CgroupAttachMode::Single)
+            .map_err(|e| err(format!("{e:#}")))?;
+        let link = sa.take_link(id).map_err(|e| err(format!("{e}")))?;
+        FdLink::try_from(link).map_err(|e| err(format!("{e}")))
+    }
+}
+
+fn pinned_links(dir: &Path) -> Result<Vec<PathBuf>, DatapathError> {
+    let mut out = Vec::new();
+    for entry in fs::read_dir(dir).map_err(fs_err("reading", dir))? {
+        let entry = entry.map_err(fs_err("reading", dir))?;
+        out.push(entry.path());
+    }
+    out.sort();
+    Ok(out)
+}
+
+fn unpin_link(path: &Path) -> Result<(), DatapathError> {
+    let link = PinnedLink::from_pin(path).map_err(|e| DatapathError::Map {
+        map: "links",
+        reason: format!("opening {}: {e}", path.display()),
+    })?;
+    // Unpinning drops the last reference once `fd` goes: the link detaches.
+    let fd = link.unpin().map_err(fs_err("unpinning", path))?;
+    drop(fd);
+    Ok(())
+}

@@ -1,0 +1,323 @@
+//! The pinned maps' key and value types, mirrored from `ebpf/dnsfence.h` (`#[repr(C)]`, the
+//! same field order, explicit zeroed padding). aya checks key and value sizes when a map is
+//! opened; the tests below pin the sizes to the header's.
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+
+use dnsfence_engine::allow::{AllowKey, PortSpec};
+use dnsfence_policy::EndpointKey;
+
+/// Version of the map layouts; pinned maps live under `<bpf-pin>/maps-v<ABI>/`.
+pub const ABI: u32 = 1;
+/// Port specs per endpoint in `df_endpoints` (`DF_MAX_SPECS`).
+pub const MAX_SPECS: usize = 8;
+/// `DF_EP_ENFORCE`: the endpoint is selected by an egress policy (default deny).
+pub const EP_ENFORCE: u32 = 1;
+
+/// The names of the maps in the object.
+pub mod names {
+    /// `df_config`.
+    pub const CONFIG: &str = "df_config";
+    /// `df_endpoints`.
+    pub const ENDPOINTS: &str = "df_endpoints";
+    /// `df_allow`.
+    pub const ALLOW: &str = "df_allow";
+    /// `df_sock_dst`.
+    pub const SOCK_DST: &str = "df_sock_dst";
+    /// `df_origin`.
+    pub const ORIGIN: &str = "df_origin";
+    /// `df_stats`.
+    pub const STATS: &str = "df_stats";
+    /// Every map.
+    pub const ALL: [&str; 6] = [CONFIG, ENDPOINTS, ALLOW, SOCK_DST, ORIGIN, STATS];
+}
+
+/// `struct df_addr`: 16 bytes in network order, IPv4 as IPv4-mapped IPv6.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct Addr(pub [u8; 16]);
+
+impl Addr {
+    /// The map form of an address.
+    pub fn of(ip: IpAddr) -> Addr {
+        Addr(match ip {
+            IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+            IpAddr::V6(v6) => v6.octets(),
+        })
+    }
+
+    /// The address (IPv4-mapped as IPv4).
+    pub fn ip(&self) -> IpAddr {
+        let v6 = Ipv6Addr::from(self.0);
+        v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4)
+    }
+}
+
+/// `struct df_spec`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct Spec {
+    /// First port.
+    pub lo: u16,
+    /// Last port.
+    pub hi: u16,
+    /// `DF_PROTO_*` bits (the same as [`PortSpec`]'s).
+    pub protos: u8,
+    /// Zero.
+    pub pad: [u8; 3],
+}
+
+impl From<PortSpec> for Spec {
+    fn from(p: PortSpec) -> Spec {
+        Spec {
+            lo: p.lo,
+            hi: p.hi,
+            protos: p.protos,
+            pad: [0; 3],
+        }
+    }
+}
+
+impl From<Spec> for PortSpec {
+    fn from(s: Spec) -> PortSpec {
+        PortSpec {
+            lo: s.lo,
+            hi: s.hi,
+            protos: s.protos,
+        }
+    }
+}
+
+/// `struct df_config`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Config {
+    /// The IPv4 proxy address (mapped), valid when `has4`.
+    pub proxy4: Addr,
+    /// The IPv6 proxy address, valid when `has6`.
+    pub proxy6: Addr,
+    /// The proxy port.
+    pub port: u16,
+    /// Whether `proxy4` is set.
+    pub has4: u8,
+    /// Whether `proxy6` is set.
+    pub has6: u8,
+    /// Zero.
+    pub pad: u32,
+}
+
+/// `struct df_endpoint`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Endpoint {
+    /// The stable `EndpointKey`.
+    pub key: u64,
+    /// `DF_EP_*` bits.
+    pub flags: u32,
+    /// Specs in use.
+    pub nspecs: u32,
+    /// The port specs of the endpoint's toFQDNs rules.
+    pub specs: [Spec; MAX_SPECS],
+}
+
+/// `struct df_allow_key`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct AllowMapKey {
+    /// The `EndpointKey`.
+    pub endpoint: u64,
+    /// The address.
+    pub addr: Addr,
+    /// The port spec.
+    pub spec: Spec,
+}
+
+impl From<&AllowKey> for AllowMapKey {
+    fn from(k: &AllowKey) -> AllowMapKey {
+        AllowMapKey {
+            endpoint: k.endpoint.0,
+            addr: Addr::of(k.ip),
+            spec: k.ports.into(),
+        }
+    }
+}
+
+impl From<&AllowMapKey> for AllowKey {
+    fn from(k: &AllowMapKey) -> AllowKey {
+        AllowKey {
+            endpoint: EndpointKey(k.endpoint),
+            ip: k.addr.ip(),
+            ports: k.spec.into(),
+        }
+    }
+}
+
+/// `struct df_dst`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Dst {
+    /// The server's address.
+    pub addr: Addr,
+    /// Its port.
+    pub port: u16,
+    /// Zero.
+    pub pad: [u16; 3],
+}
+
+/// `struct df_origin_key`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct OriginKey {
+    /// The client's address as the proxy sees it.
+    pub addr: Addr,
+    /// Its port.
+    pub port: u16,
+    /// `IPPROTO_UDP` or `IPPROTO_TCP`.
+    pub proto: u8,
+    /// Zero.
+    pub pad: [u8; 5],
+}
+
+impl OriginKey {
+    /// The key of a client address.
+    pub fn of(client: SocketAddr, proto: u8) -> OriginKey {
+        OriginKey {
+            addr: Addr::of(client.ip()),
+            port: client.port(),
+            proto,
+            pad: [0; 5],
+        }
+    }
+}
+
+/// `struct df_origin`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct OriginValue {
+    /// The `EndpointKey` (0: a process of no endpoint).
+    pub endpoint: u64,
+    /// The endpoint's cgroup id.
+    pub cgroup: u64,
+    /// The server the client addressed.
+    pub server: Addr,
+    /// Its port.
+    pub server_port: u16,
+    /// Zero.
+    pub pad: [u16; 3],
+}
+
+/// `enum df_stat`: indices of `df_stats`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u32)]
+pub enum Stat {
+    /// DNS sockets rewritten to the proxy.
+    Redirected = 0,
+    /// connect() refused.
+    ConnectDenied,
+    /// sendmsg() refused.
+    SendmsgDenied,
+    /// Packets dropped by the egress backstop.
+    SkbDenied,
+    /// Origin entries written.
+    Origins,
+    /// DNS refused: no proxy address for the family.
+    NoProxy,
+    /// Connections allowed by an allow entry.
+    Allowed,
+}
+
+impl Stat {
+    /// Every counter, in index order.
+    pub const ALL: [Stat; 7] = [
+        Stat::Redirected,
+        Stat::ConnectDenied,
+        Stat::SendmsgDenied,
+        Stat::SkbDenied,
+        Stat::Origins,
+        Stat::NoProxy,
+        Stat::Allowed,
+    ];
+
+    /// The counter's metric-friendly name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Stat::Redirected => "redirected",
+            Stat::ConnectDenied => "connect_denied",
+            Stat::SendmsgDenied => "sendmsg_denied",
+            Stat::SkbDenied => "skb_denied",
+            Stat::Origins => "origins",
+            Stat::NoProxy => "no_proxy",
+            Stat::Allowed => "allowed",
+        }
+    }
+}
+
+// SAFETY: each type is #[repr(C)], made of integers and byte arrays only, with every byte a
+// field (padding is explicit): any bit pattern is valid and no byte is uninitialised.
+unsafe impl aya::Pod for Addr {}
+// SAFETY: as above.
+unsafe impl aya::Pod for Spec {}
+// SAFETY: as above.
+unsafe impl aya::Pod for Config {}
+// SAFETY: as above.
+unsafe impl aya::Pod for Endpoint {}
+// SAFETY: as above.
+unsafe impl aya::Pod for AllowMapKey {}
+// SAFETY: as above.
+unsafe impl aya::Pod for Dst {}
+// SAFETY: as above.
+unsafe impl aya::Pod for OriginKey {}
+// SAFETY: as above.
+unsafe impl aya::Pod for OriginValue {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::mem::{align_of, size_of};
+
+    /// Sizes from `ebpf/dnsfence.h` (checked against the object's BTF by `btf_sizes_match`).
+    #[test]
+    fn sizes_match_the_header() {
+        assert_eq!(size_of::<Addr>(), 16);
+        assert_eq!(size_of::<Spec>(), 8);
+        assert_eq!(size_of::<Config>(), 40);
+        assert_eq!(size_of::<Endpoint>(), 16 + 8 * MAX_SPECS);
+        assert_eq!(size_of::<AllowMapKey>(), 32);
+        assert_eq!(size_of::<Dst>(), 24);
+        assert_eq!(size_of::<OriginKey>(), 24);
+        assert_eq!(size_of::<OriginValue>(), 40);
+        assert!(align_of::<AllowMapKey>() <= 8);
+    }
+
+    /// The header's constants are the ones compiled into the object this crate embeds.
+    #[test]
+    fn header_constants_match() {
+        let header = include_str!("../../ebpf/dnsfence.h");
+        let define = |name: &str| -> u32 {
+            let line = header
+                .lines()
+                .find(|l| l.starts_with(&format!("#define {name} ")))
+                .unwrap_or_else(|| panic!("{name} not in dnsfence.h"));
+            line.split_whitespace().nth(2).unwrap().parse().unwrap()
+        };
+        assert_eq!(define("DF_ABI"), ABI);
+        assert_eq!(define("DF_MAX_SPECS") as usize, MAX_SPECS);
+        assert_eq!(define("DF_EP_ENFORCE"), EP_ENFORCE);
+        assert_eq!(define("DF_PROTO_TCP") as u8, PortSpec::TCP);
+        assert_eq!(define("DF_PROTO_UDP") as u8, PortSpec::UDP);
+        assert_eq!(define("DF_PROTO_SCTP") as u8, PortSpec::SCTP);
+    }
+
+    #[test]
+    fn addresses_round_trip_mapped() {
+        for ip in ["127.0.0.1", "::1", "2001:db8::53", "192.0.2.53"] {
+            let ip: IpAddr = ip.parse().unwrap();
+            assert_eq!(Addr::of(ip).ip(), ip);
+        }
+        let v4: IpAddr = "192.0.2.53".parse().unwrap();
+        assert_eq!(
+            Addr::of(v4).0[10..],
+            [0xff, 0xff, 192, 0, 2, 53],
+            "IPv4 as ::ffff:a.b.c.d"
+        );
+    }
+}

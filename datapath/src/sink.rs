@@ -1,0 +1,178 @@
+//! The allow-map sink: the engine's [`Ledger`] mirrored into the pinned `df_allow` map.
+//!
+//! Shards share one [`BpfAllow`]; its lock is taken once per batch that has new entries
+//! (never per query). Each group of a batch is planned by the ledger, written to the map
+//! entry by entry, and committed; if the kernel refuses one update, the group's earlier
+//! updates are undone, so a group is in the map whole or not at all.
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use aya::maps::{HashMap, MapData};
+use dnsfence_engine::allow::{
+    AllowBatch, AllowKey, AllowSink, Change, Ledger, LedgerConfig, LedgerStats,
+};
+use dnsfence_policy::Snapshot;
+
+use crate::loader::DatapathError;
+use crate::maps::{AllowMapKey, names};
+use crate::sys;
+
+/// Converts between `Instant` and the programs' clock (CLOCK_BOOTTIME ns).
+#[derive(Debug, Clone, Copy)]
+struct Clock {
+    instant: Instant,
+    boot_ns: u64,
+}
+
+impl Clock {
+    fn now() -> Clock {
+        Clock {
+            instant: Instant::now(),
+            boot_ns: sys::boottime_ns(),
+        }
+    }
+
+    fn to_boot_ns(self, at: Instant) -> u64 {
+        match at.checked_duration_since(self.instant) {
+            Some(ahead) => self.boot_ns.saturating_add(ahead.as_nanos() as u64),
+            None => self
+                .boot_ns
+                .saturating_sub(self.instant.duration_since(at).as_nanos() as u64),
+        }
+    }
+
+    fn to_instant(self, boot_ns: u64) -> Instant {
+        if boot_ns >= self.boot_ns {
+            self.instant + Duration::from_nanos(boot_ns - self.boot_ns)
+        } else {
+            self.instant
+                .checked_sub(Duration::from_nanos(self.boot_ns - boot_ns))
+                .unwrap_or(self.instant)
+        }
+    }
+}
+
+struct Inner {
+    ledger: Ledger,
+    map: HashMap<MapData, AllowMapKey, u64>,
+    changes: Vec<Change>,
+    removed: Vec<AllowKey>,
+}
+
+/// The allow sink of eBPF mode. Cloning shares it.
+#[derive(Clone)]
+pub struct BpfAllow {
+    inner: Arc<Mutex<Inner>>,
+}
+
+impl std::fmt::Debug for BpfAllow {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BpfAllow").finish_non_exhaustive()
+    }
+}
+
+impl BpfAllow {
+    /// A sink over the pinned allow map; what the map holds is taken into the ledger.
+    pub fn new(
+        map: HashMap<MapData, AllowMapKey, u64>,
+        config: LedgerConfig,
+    ) -> Result<BpfAllow, DatapathError> {
+        let mut ledger = Ledger::new(config);
+        let clock = Clock::now();
+        for item in map.iter() {
+            let (k, expires) = item.map_err(|e| DatapathError::Map {
+                map: names::ALLOW,
+                reason: e.to_string(),
+            })?;
+            ledger.restore(AllowKey::from(&k), clock.to_instant(expires));
+        }
+        Ok(BpfAllow {
+            inner: Arc::new(Mutex::new(Inner {
+                ledger,
+                map,
+                changes: Vec::new(),
+                removed: Vec::new(),
+            })),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The ledger's counters.
+    pub fn stats(&self) -> LedgerStats {
+        self.lock().ledger.stats()
+    }
+
+    /// Takes a new policy snapshot: entries it does not justify leave the map now.
+    pub fn revoke(&self, snapshot: Arc<Snapshot>) -> usize {
+        let mut guard = self.lock();
+        let inner = &mut *guard;
+        inner.removed.clear();
+        inner.ledger.revoke(snapshot, &mut inner.removed);
+        for k in &inner.removed {
+            let _ = inner.map.remove(&AllowMapKey::from(k));
+        }
+        inner.removed.len()
+    }
+
+    /// Removes up to `budget` expired entries (a slice: the shards' writes wait at most one
+    /// slice). Returns how many.
+    pub fn sweep(&self, budget: usize) -> usize {
+        let mut guard = self.lock();
+        let inner = &mut *guard;
+        inner.removed.clear();
+        let n = inner
+            .ledger
+            .sweep(Instant::now(), budget, &mut inner.removed);
+        for k in &inner.removed {
+            let _ = inner.map.remove(&AllowMapKey::from(k));
+        }
+        n
+    }
+}
+
+impl AllowSink for BpfAllow {
+    fn write(&mut self, _now: Instant, batch: &mut AllowBatch) {
+        let clock = Clock::now();
+        let mut guard = self.lock();
+        let inner = &mut *guard;
+        for g in 0..batch.groups.len() {
+            if inner.ledger.plan(batch, g, &mut inner.changes).is_err() {
+                batch.groups[g].ok = false;
+                continue;
+            }
+            let mut failed_at = None;
+            for (i, c) in inner.changes.iter().enumerate() {
+                let key = AllowMapKey::from(&c.key);
+                if inner
+                    .map
+                    .insert(key, clock.to_boot_ns(c.expires), 0)
+                    .is_err()
+                {
+                    failed_at = Some(i);
+                    break;
+                }
+            }
+            match failed_at {
+                None => {
+                    inner.ledger.commit(batch, g, &inner.changes);
+                    batch.groups[g].ok = true;
+                }
+                Some(i) => {
+                    // Undo this group's earlier updates: the map holds all of it or none.
+                    for c in &inner.changes[..i] {
+                        let key = AllowMapKey::from(&c.key);
+                        let _ = match c.previous {
+                            Some(prev) => inner.map.insert(key, clock.to_boot_ns(prev), 0),
+                            None => inner.map.remove(&key),
+                        };
+                    }
+                    inner.ledger.map_failed();
+                    batch.groups[g].ok = false;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,170 @@
+//! Where allow entries go and who enforces them: the userspace table of `--no-bpf`, or the
+//! eBPF datapath (programs attached at `--cgroup-root`, maps pinned under `--bpf-pin`).
+//! The agent talks to one [`Enforcer`] at start, at each reload and on each tick.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use dnsfence_datapath::{BpfAllow, BpfOrigins, Datapath, EndpointSync, InstallConfig};
+use dnsfence_engine::allow::{AllowSink, LedgerConfig, LedgerStats, UserspaceAllowTable};
+use dnsfence_engine::shard::OriginSource;
+use dnsfence_policy::Snapshot;
+
+/// Expired entries removed per tick (a slice: a shard's write waits at most for one).
+const SWEEP_BUDGET: usize = 4096;
+
+/// The enforcement backend of a running agent.
+pub enum Enforcer {
+    /// `--no-bpf`: allow entries are kept (and revoked, and expired) but nothing filters
+    /// connections.
+    Userspace(Arc<UserspaceAllowTable>),
+    /// The eBPF datapath.
+    Bpf {
+        /// The loaded programs and the maps the control plane writes.
+        datapath: Box<Mutex<Datapath>>,
+        /// The allow-map sink the shards share.
+        allow: BpfAllow,
+    },
+}
+
+impl Enforcer {
+    /// The userspace table.
+    pub fn userspace(config: LedgerConfig) -> Enforcer {
+        Enforcer::Userspace(Arc::new(UserspaceAllowTable::new(config)))
+    }
+
+    /// Installs (or re-attaches to) the datapath and loads `snapshot` into it.
+    pub fn bpf(
+        install: &InstallConfig,
+        listen: &[SocketAddr],
+        ledger: LedgerConfig,
+    ) -> Result<Enforcer> {
+        let mut datapath = Datapath::install(install).with_context(|| {
+            format!(
+                "eBPF datapath (pins under {}, cgroup root {}; needs root or CAP_BPF + \
+                 CAP_NET_ADMIN + CAP_SYS_ADMIN; --no-bpf runs without it)",
+                install.pin_dir.display(),
+                install.cgroup_root.display()
+            )
+        })?;
+        datapath.set_proxy(listen)?;
+        let allow = datapath.allow_sink(ledger)?;
+        Ok(Enforcer::Bpf {
+            datapath: Box::new(Mutex::new(datapath)),
+            allow,
+        })
+    }
+
+    /// A sink for one shard.
+    pub fn sink(&self) -> Box<dyn AllowSink + Send> {
+        match self {
+            Enforcer::Userspace(table) => Box::new(SharedTable(Arc::clone(table))),
+            Enforcer::Bpf { allow, .. } => Box::new(allow.clone()),
+        }
+    }
+
+    /// An origin lookup for one shard (eBPF mode only).
+    pub fn origin(&self, pin_dir: &Path) -> Result<Option<Box<dyn OriginSource>>> {
+        match self {
+            Enforcer::Userspace(_) => Ok(None),
+            Enforcer::Bpf { .. } => Ok(Some(Box::new(BpfOrigins::open(pin_dir)?))),
+        }
+    }
+
+    /// Applies a new snapshot: revokes the entries it no longer justifies and (eBPF) updates
+    /// the endpoints map. Returns a line for the log when something is worth saying.
+    pub fn apply(&self, snapshot: &Arc<Snapshot>) -> Result<Vec<String>> {
+        let mut lines = Vec::new();
+        let revoked = match self {
+            Enforcer::Userspace(table) => table.revoke(Arc::clone(snapshot)),
+            Enforcer::Bpf { datapath, allow } => {
+                // Revoke first: a narrowing reload closes before the endpoint map changes.
+                let revoked = allow.revoke(Arc::clone(snapshot));
+                let sync = datapath
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .sync_endpoints(snapshot)?;
+                lines.extend(describe_sync(&sync));
+                revoked
+            }
+        };
+        if revoked > 0 {
+            lines.push(format!(
+                "{revoked} allow entries revoked (no longer justified by policy)"
+            ));
+        }
+        Ok(lines)
+    }
+
+    /// Periodic work: one slice of the expiry sweep; (eBPF) endpoints whose cgroup appeared.
+    pub fn tick(&self, snapshot: &Snapshot) {
+        match self {
+            Enforcer::Userspace(table) => {
+                table.sweep(Instant::now(), SWEEP_BUDGET);
+            }
+            Enforcer::Bpf { datapath, allow } => {
+                allow.sweep(SWEEP_BUDGET);
+                let _ = datapath
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .sync_endpoints(snapshot);
+            }
+        }
+    }
+
+    /// The allow entries' counters.
+    pub fn allow_stats(&self) -> LedgerStats {
+        match self {
+            Enforcer::Userspace(table) => table.ledger().stats(),
+            Enforcer::Bpf { allow, .. } => allow.stats(),
+        }
+    }
+
+    /// The datapath programs' counters (eBPF mode).
+    pub fn datapath_stats(&self) -> Vec<(&'static str, u64)> {
+        match self {
+            Enforcer::Userspace(_) => Vec::new(),
+            Enforcer::Bpf { datapath, .. } => datapath
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .stats()
+                .into_iter()
+                .map(|(s, n)| (s.name(), n))
+                .collect(),
+        }
+    }
+}
+
+fn describe_sync(sync: &EndpointSync) -> Vec<String> {
+    let mut lines = Vec::new();
+    if !sync.missing.is_empty() {
+        lines.push(format!(
+            "warning: the cgroups of {} endpoints do not exist yet (not redirected or \
+             enforced until they do): {}",
+            sync.missing.len(),
+            sync.missing.join(", ")
+        ));
+    }
+    if !sync.too_many_specs.is_empty() {
+        lines.push(format!(
+            "warning: {} endpoints have more than {} distinct toFQDNs port entries; the rest \
+             stay closed: {}",
+            sync.too_many_specs.len(),
+            dnsfence_datapath::maps::MAX_SPECS,
+            sync.too_many_specs.join(", ")
+        ));
+    }
+    lines
+}
+
+/// The userspace table shared by all shards.
+struct SharedTable(Arc<UserspaceAllowTable>);
+
+impl AllowSink for SharedTable {
+    fn write(&mut self, now: Instant, batch: &mut dnsfence_engine::allow::AllowBatch) {
+        (&*self.0).write(now, batch)
+    }
+}

@@ -1,0 +1,511 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * dnsfence datapath, attached at the cgroup v2 root (--cgroup-root). One program per hook:
+ *
+ *  connect4/6, sendmsg4/6   DNS (port 53, UDP or TCP) of an endpoint goes to the proxy; the
+ *                           server it addressed is remembered per socket (sock_dst). Any other
+ *                           destination of an enforced endpoint needs an unexpired allow entry
+ *                           covering (address, protocol, port), else EPERM.
+ *  recvmsg4/6, getpeername4/6
+ *                           answers from the proxy appear to come from the server the socket
+ *                           addressed.
+ *  cgroup_skb/egress        records who sent each packet that reaches the proxy (origin: the
+ *                           proxy's view of the client -> endpoint and server asked), and is
+ *                           the backstop for what bypasses the socket hooks: new TCP
+ *                           connections (SYN), raw sockets, other protocols.
+ *
+ * A process belongs to the endpoint whose cgroup is its nearest ancestor (or own) cgroup in
+ * the endpoints map. Processes of no endpoint are not touched. Built with Debian clang from
+ * UAPI headers only (ebpf/build.sh); the stripped object is committed beside this file.
+ */
+#include <linux/bpf.h>
+#include <linux/if_ether.h>
+#include <linux/in.h>
+#include <linux/in6.h>
+#include <linux/ip.h>
+#include <linux/ipv6.h>
+#include <linux/socket.h>
+#include <linux/tcp.h>
+#include <linux/udp.h>
+
+#include "dnsfence.h"
+
+#define SEC(name) __attribute__((section(name), used))
+#undef __always_inline
+#define __always_inline inline __attribute__((always_inline))
+#define __uint(name, val) int(*name)[val]
+#define __type(name, val) typeof(val) *name
+
+#define LIBBPF_PIN_BY_NAME 1
+#define AF_INET 2
+#define AF_INET6 10
+
+/* Helpers, by number (no libbpf headers needed). */
+static void *(*bpf_map_lookup_elem)(void *map, const void *key) = (void *)BPF_FUNC_map_lookup_elem;
+static long (*bpf_map_update_elem)(void *map, const void *key, const void *value,
+				   __u64 flags) = (void *)BPF_FUNC_map_update_elem;
+static __u64 (*bpf_get_socket_cookie)(void *ctx) = (void *)BPF_FUNC_get_socket_cookie;
+static __u64 (*bpf_get_current_ancestor_cgroup_id)(int level) =
+	(void *)BPF_FUNC_get_current_ancestor_cgroup_id;
+static __u64 (*bpf_skb_ancestor_cgroup_id)(struct __sk_buff *skb, int level) =
+	(void *)BPF_FUNC_skb_ancestor_cgroup_id;
+static __u64 (*bpf_ktime_get_boot_ns)(void) = (void *)BPF_FUNC_ktime_get_boot_ns;
+static long (*bpf_skb_load_bytes)(const void *skb, __u32 offset, void *to,
+				  __u32 len) = (void *)BPF_FUNC_skb_load_bytes;
+static struct bpf_sock *(*bpf_sk_fullsock)(struct bpf_sock *sk) = (void *)BPF_FUNC_sk_fullsock;
+
+#define bpf_htons(x) __builtin_bswap16(x)
+#define bpf_ntohs(x) __builtin_bswap16(x)
+#define bpf_htonl(x) __builtin_bswap32(x)
+
+char LICENSE[] SEC("license") = "GPL";
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct df_config);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} df_config SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__type(key, __u64);
+	__type(value, struct df_endpoint);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} df_endpoints SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 1048576);
+	__type(key, struct df_allow_key);
+	__type(value, __u64);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} df_allow SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, __u64);
+	__type(value, struct df_dst);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} df_sock_dst SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct df_origin_key);
+	__type(value, struct df_origin);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} df_origin SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, DF_STAT_MAX);
+	__type(key, __u32);
+	__type(value, __u64);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} df_stats SEC(".maps");
+
+static __always_inline void count(__u32 stat)
+{
+	__u64 *v = bpf_map_lookup_elem(&df_stats, &stat);
+	if (v)
+		*v += 1;
+}
+
+static __always_inline void addr_from4(struct df_addr *a, __u32 ip4)
+{
+	a->w[0] = 0;
+	a->w[1] = 0;
+	a->w[2] = bpf_htonl(0xffff);
+	a->w[3] = ip4;
+}
+
+static __always_inline int addr_is_mapped4(const struct df_addr *a)
+{
+	return a->w[0] == 0 && a->w[1] == 0 && a->w[2] == bpf_htonl(0xffff);
+}
+
+static __always_inline int addr_eq(const struct df_addr *a, const struct df_addr *b)
+{
+	return a->w[0] == b->w[0] && a->w[1] == b->w[1] && a->w[2] == b->w[2] && a->w[3] == b->w[3];
+}
+
+static __always_inline struct df_config *config(void)
+{
+	__u32 zero = 0;
+	return bpf_map_lookup_elem(&df_config, &zero);
+}
+
+/* The endpoint of the calling task: its deepest ancestor cgroup in the endpoints map. */
+static __always_inline struct df_endpoint *current_endpoint(__u64 *cgroup)
+{
+	struct df_endpoint *found = 0;
+#pragma unroll
+	for (int level = 1; level <= DF_MAX_DEPTH; level++) {
+		__u64 id = bpf_get_current_ancestor_cgroup_id(level);
+		if (!id)
+			break;
+		struct df_endpoint *ep = bpf_map_lookup_elem(&df_endpoints, &id);
+		if (ep) {
+			found = ep;
+			*cgroup = id;
+		}
+	}
+	return found;
+}
+
+/* The endpoint of the socket that sent skb. */
+static __always_inline struct df_endpoint *skb_endpoint(struct __sk_buff *skb, __u64 *cgroup)
+{
+	struct df_endpoint *found = 0;
+#pragma unroll
+	for (int level = 1; level <= DF_MAX_DEPTH; level++) {
+		__u64 id = bpf_skb_ancestor_cgroup_id(skb, level);
+		if (!id)
+			break;
+		struct df_endpoint *ep = bpf_map_lookup_elem(&df_endpoints, &id);
+		if (ep) {
+			found = ep;
+			*cgroup = id;
+		}
+	}
+	return found;
+}
+
+static __always_inline __u8 proto_bit(__u32 protocol)
+{
+	if (protocol == IPPROTO_TCP)
+		return DF_PROTO_TCP;
+	if (protocol == IPPROTO_UDP)
+		return DF_PROTO_UDP;
+	if (protocol == IPPROTO_SCTP)
+		return DF_PROTO_SCTP;
+	return 0;
+}
+
+/* Whether ep may reach (addr, port) over proto now: some spec of ep covering the port and
+ * protocol has an unexpired allow entry for addr. */
+static __always_inline int allowed(const struct df_endpoint *ep, const struct df_addr *addr,
+				   __u16 port, __u8 proto)
+{
+	struct df_allow_key k = {};
+	__u64 now = bpf_ktime_get_boot_ns();
+
+	k.endpoint = ep->key;
+	k.addr = *addr;
+#pragma unroll
+	for (int i = 0; i < DF_MAX_SPECS; i++) {
+		if (i >= ep->nspecs)
+			break;
+		struct df_spec spec = ep->specs[i];
+		if (!(spec.protos & proto) || port < spec.lo || port > spec.hi)
+			continue;
+		k.spec = spec;
+		__u64 *expires = bpf_map_lookup_elem(&df_allow, &k);
+		if (expires && *expires > now) {
+			count(DF_STAT_ALLOWED);
+			return 1;
+		}
+	}
+	return 0;
+}
+
+/* The proxy address for a destination of this family (IPv4-mapped destinations of an IPv6
+ * socket go to the IPv4 proxy in mapped form). */
+static __always_inline const struct df_addr *proxy_for(const struct df_config *cfg,
+							const struct df_addr *dst)
+{
+	if (addr_is_mapped4(dst))
+		return cfg->has4 ? &cfg->proxy4 : 0;
+	return cfg->has6 ? &cfg->proxy6 : 0;
+}
+
+enum verdict { PASS, REDIRECT, DENY };
+
+/* The decision of connect/sendmsg for a destination. On REDIRECT *to is the proxy. */
+static __always_inline enum verdict decide(void *ctx, const struct df_endpoint *ep,
+					   const struct df_addr *dst, __u16 port, __u32 protocol,
+					   const struct df_addr **to, __u16 *to_port)
+{
+	struct df_config *cfg = config();
+	__u8 proto = proto_bit(protocol);
+
+	if (cfg) {
+		const struct df_addr *proxy = proxy_for(cfg, dst);
+		if (proxy && addr_eq(dst, proxy) && port == cfg->port)
+			return PASS; /* DNS sent to the proxy itself is always allowed */
+		if (port == 53 && (proto == DF_PROTO_UDP || proto == DF_PROTO_TCP)) {
+			if (!proxy) {
+				count(DF_STAT_NO_PROXY);
+				return (ep->flags & DF_EP_ENFORCE) ? DENY : PASS;
+			}
+			struct df_dst orig = {};
+			__u64 cookie = bpf_get_socket_cookie(ctx);
+			orig.addr = *dst;
+			orig.port = port;
+			bpf_map_update_elem(&df_sock_dst, &cookie, &orig, BPF_ANY);
+			*to = proxy;
+			*to_port = cfg->port;
+			count(DF_STAT_REDIRECTED);
+			return REDIRECT;
+		}
+	} else if (port == 53 && (ep->flags & DF_EP_ENFORCE)) {
+		return DENY; /* no proxy configured: DNS of an enforced endpoint fails closed */
+	}
+	if (!(ep->flags & DF_EP_ENFORCE))
+		return PASS;
+	return allowed(ep, dst, port, proto) ? PASS : DENY;
+}
+
+static __always_inline int sock_addr4(struct bpf_sock_addr *ctx, __u32 denied_stat)
+{
+	__u64 cgroup = 0;
+	struct df_endpoint *ep = current_endpoint(&cgroup);
+	if (!ep)
+		return 1;
+	struct df_addr dst;
+	const struct df_addr *to = 0;
+	__u16 to_port = 0;
+	addr_from4(&dst, ctx->user_ip4);
+	__u16 port = bpf_ntohs((__u16)ctx->user_port);
+	switch (decide(ctx, ep, &dst, port, ctx->protocol, &to, &to_port)) {
+	case PASS:
+		return 1;
+	case REDIRECT:
+		if (to) {
+			ctx->user_ip4 = to->w[3];
+			ctx->user_port = bpf_htons(to_port);
+		}
+		return 1;
+	default:
+		count(denied_stat);
+		return 0;
+	}
+}
+
+static __always_inline int sock_addr6(struct bpf_sock_addr *ctx, __u32 denied_stat)
+{
+	__u64 cgroup = 0;
+	struct df_endpoint *ep = current_endpoint(&cgroup);
+	if (!ep)
+		return 1;
+	struct df_addr dst;
+	const struct df_addr *to = 0;
+	__u16 to_port = 0;
+	dst.w[0] = ctx->user_ip6[0];
+	dst.w[1] = ctx->user_ip6[1];
+	dst.w[2] = ctx->user_ip6[2];
+	dst.w[3] = ctx->user_ip6[3];
+	__u16 port = bpf_ntohs((__u16)ctx->user_port);
+	switch (decide(ctx, ep, &dst, port, ctx->protocol, &to, &to_port)) {
+	case PASS:
+		return 1;
+	case REDIRECT:
+		if (to) {
+			ctx->user_ip6[0] = to->w[0];
+			ctx->user_ip6[1] = to->w[1];
+			ctx->user_ip6[2] = to->w[2];
+			ctx->user_ip6[3] = to->w[3];
+			ctx->user_port = bpf_htons(to_port);
+		}
+		return 1;
+	default:
+		count(denied_stat);
+		return 0;
+	}
+}
+
+SEC("cgroup/connect4")
+int df_connect4(struct bpf_sock_addr *ctx)
+{
+	return sock_addr4(ctx, DF_STAT_CONNECT_DENIED);
+}
+
+SEC("cgroup/connect6")
+int df_connect6(struct bpf_sock_addr *ctx)
+{
+	return sock_addr6(ctx, DF_STAT_CONNECT_DENIED);
+}
+
+SEC("cgroup/sendmsg4")
+int df_sendmsg4(struct bpf_sock_addr *ctx)
+{
+	return sock_addr4(ctx, DF_STAT_SENDMSG_DENIED);
+}
+
+SEC("cgroup/sendmsg6")
+int df_sendmsg6(struct bpf_sock_addr *ctx)
+{
+	return sock_addr6(ctx, DF_STAT_SENDMSG_DENIED);
+}
+
+/* Answers from the proxy to a redirected socket: show the server the socket addressed. */
+static __always_inline const struct df_dst *restore_lookup(void *ctx, const struct df_addr *src,
+							   __u16 port)
+{
+	struct df_config *cfg = config();
+	if (!cfg || port != cfg->port)
+		return 0;
+	const struct df_addr *proxy = proxy_for(cfg, src);
+	if (!proxy || !addr_eq(src, proxy))
+		return 0;
+	__u64 cookie = bpf_get_socket_cookie(ctx);
+	return bpf_map_lookup_elem(&df_sock_dst, &cookie);
+}
+
+static __always_inline int restore4(struct bpf_sock_addr *ctx)
+{
+	struct df_addr src;
+	addr_from4(&src, ctx->user_ip4);
+	const struct df_dst *orig = restore_lookup(ctx, &src, bpf_ntohs((__u16)ctx->user_port));
+	if (orig && addr_is_mapped4(&orig->addr)) {
+		ctx->user_ip4 = orig->addr.w[3];
+		ctx->user_port = bpf_htons(orig->port);
+	}
+	return 1;
+}
+
+static __always_inline int restore6(struct bpf_sock_addr *ctx)
+{
+	struct df_addr src;
+	src.w[0] = ctx->user_ip6[0];
+	src.w[1] = ctx->user_ip6[1];
+	src.w[2] = ctx->user_ip6[2];
+	src.w[3] = ctx->user_ip6[3];
+	const struct df_dst *orig = restore_lookup(ctx, &src, bpf_ntohs((__u16)ctx->user_port));
+	if (orig) {
+		ctx->user_ip6[0] = orig->addr.w[0];
+		ctx->user_ip6[1] = orig->addr.w[1];
+		ctx->user_ip6[2] = orig->addr.w[2];
+		ctx->user_ip6[3] = orig->addr.w[3];
+		ctx->user_port = bpf_htons(orig->port);
+	}
+	return 1;
+}
+
+SEC("cgroup/recvmsg4")
+int df_recvmsg4(struct bpf_sock_addr *ctx)
+{
+	return restore4(ctx);
+}
+
+SEC("cgroup/recvmsg6")
+int df_recvmsg6(struct bpf_sock_addr *ctx)
+{
+	return restore6(ctx);
+}
+
+SEC("cgroup/getpeername4")
+int df_getpeername4(struct bpf_sock_addr *ctx)
+{
+	return restore4(ctx);
+}
+
+SEC("cgroup/getpeername6")
+int df_getpeername6(struct bpf_sock_addr *ctx)
+{
+	return restore6(ctx);
+}
+
+/* The egress backstop and the origin recorder. */
+SEC("cgroup_skb/egress")
+int df_egress(struct __sk_buff *skb)
+{
+	__u64 cgroup = 0;
+	struct df_endpoint *ep = skb_endpoint(skb, &cgroup);
+	if (!ep)
+		return 1;
+
+	struct df_addr src = {}, dst = {};
+	__u32 protocol;
+	__u32 l4;
+	if (skb->protocol == bpf_htons(ETH_P_IP)) {
+		struct iphdr ip;
+		if (bpf_skb_load_bytes(skb, 0, &ip, sizeof(ip)))
+			return (ep->flags & DF_EP_ENFORCE) ? 0 : 1;
+		addr_from4(&src, ip.saddr);
+		addr_from4(&dst, ip.daddr);
+		protocol = ip.protocol;
+		l4 = (__u32)ip.ihl * 4;
+		/* Later fragments carry no ports; the first one was judged. */
+		if (ip.frag_off & bpf_htons(0x1fff))
+			return 1;
+	} else if (skb->protocol == bpf_htons(ETH_P_IPV6)) {
+		struct ipv6hdr ip6;
+		if (bpf_skb_load_bytes(skb, 0, &ip6, sizeof(ip6)))
+			return (ep->flags & DF_EP_ENFORCE) ? 0 : 1;
+		__builtin_memcpy(&src, &ip6.saddr, 16);
+		__builtin_memcpy(&dst, &ip6.daddr, 16);
+		protocol = ip6.nexthdr; /* extension headers: judged as their own protocol */
+		l4 = sizeof(ip6);
+	} else {
+		return 1;
+	}
+
+	__u16 ports[2] = {0, 0};
+	__u8 tcp_flags = 0;
+	if (protocol == IPPROTO_TCP || protocol == IPPROTO_UDP) {
+		if (bpf_skb_load_bytes(skb, l4, ports, sizeof(ports)))
+			return (ep->flags & DF_EP_ENFORCE) ? 0 : 1;
+		if (protocol == IPPROTO_TCP && bpf_skb_load_bytes(skb, l4 + 13, &tcp_flags, 1))
+			return (ep->flags & DF_EP_ENFORCE) ? 0 : 1;
+	}
+	__u16 sport = bpf_ntohs(ports[0]);
+	__u16 dport = bpf_ntohs(ports[1]);
+
+	struct df_config *cfg = config();
+	if (cfg && (protocol == IPPROTO_TCP || protocol == IPPROTO_UDP)) {
+		const struct df_addr *proxy = proxy_for(cfg, &dst);
+		if (proxy && addr_eq(&dst, proxy) && dport == cfg->port) {
+			/* A query on its way to the proxy: say who sent it and to whom. Recorded
+			 * before the packet can reach the proxy's socket. */
+			if (protocol == IPPROTO_UDP || (tcp_flags & 0x02)) {
+				struct df_origin_key k = {};
+				struct df_origin o = {};
+				__u64 cookie = bpf_get_socket_cookie(skb);
+				struct df_dst *orig = bpf_map_lookup_elem(&df_sock_dst, &cookie);
+				k.addr = src;
+				k.port = sport;
+				k.proto = (__u8)protocol;
+				o.endpoint = ep->key;
+				o.cgroup = cgroup;
+				if (orig) {
+					o.server = orig->addr;
+					o.server_port = orig->port;
+				} else {
+					o.server = dst;
+					o.server_port = dport;
+				}
+				bpf_map_update_elem(&df_origin, &k, &o, BPF_ANY);
+				count(DF_STAT_ORIGINS);
+			}
+			return 1;
+		}
+	}
+	if (!(ep->flags & DF_EP_ENFORCE))
+		return 1;
+
+	struct bpf_sock *sk = skb->sk;
+	if (sk)
+		sk = bpf_sk_fullsock(sk);
+	if (protocol == IPPROTO_TCP) {
+		/* New connections only (SYN without ACK): established ones survive expiry. */
+		if (!(tcp_flags & 0x02) || (tcp_flags & 0x10))
+			return 1;
+	} else if (protocol == IPPROTO_UDP) {
+		/* Datagram sockets were judged by connect/sendmsg; raw ones are judged here. */
+		if (sk && sk->type == 2 /* SOCK_DGRAM */)
+			return 1;
+	} else {
+		count(DF_STAT_SKB_DENIED);
+		return 0;
+	}
+	if (allowed(ep, &dst, dport, proto_bit(protocol)))
+		return 1;
+	count(DF_STAT_SKB_DENIED);
+	return 0;
+}

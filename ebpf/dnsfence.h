@@ -1,0 +1,103 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/*
+ * dnsfence datapath: the layouts of the pinned maps, shared by the BPF programs
+ * (dnsfence.bpf.c) and the loader (datapath/src/maps.rs mirrors every struct with a
+ * #[repr(C)] type and tests its size). Change a layout here, bump DF_ABI there and here.
+ *
+ * Conventions: every address is 16 bytes, IPv4 as IPv4-mapped IPv6 (::ffff:a.b.c.d), in
+ * network byte order; ports are in host byte order; all padding is explicit and zero.
+ */
+#ifndef DNSFENCE_H
+#define DNSFENCE_H
+
+#include <linux/types.h>
+
+/* Version of the map layouts: pinned maps live under <bpf-pin>/maps-v<DF_ABI>/. */
+#define DF_ABI 1
+
+/* Port specs (toPorts entries of toFQDNs rules) an endpoint may have; more fail closed. */
+#define DF_MAX_SPECS 8
+/* Cgroup levels below the attach point searched for an endpoint's cgroup. */
+#define DF_MAX_DEPTH 16
+
+/* Protocol bits of a port spec. */
+#define DF_PROTO_TCP 1
+#define DF_PROTO_UDP 2
+#define DF_PROTO_SCTP 4
+
+/* df_endpoint.flags */
+#define DF_EP_ENFORCE 1 /* selected by an egress policy: default deny */
+
+struct df_addr {
+	__u32 w[4]; /* network order; IPv4 in w[3] with w[2] = htonl(0xffff) */
+};
+
+/* A port range and the protocols it applies to. */
+struct df_spec {
+	__u16 lo;
+	__u16 hi;
+	__u8 protos;
+	__u8 pad[3];
+};
+
+/* config[0]: where redirected DNS goes (the proxies' shared listen address). */
+struct df_config {
+	struct df_addr proxy4; /* valid when has4 */
+	struct df_addr proxy6; /* valid when has6 */
+	__u16 port;
+	__u8 has4;
+	__u8 has6;
+	__u32 pad;
+};
+
+/* endpoints: cgroup id (inode of the cgroup v2 directory) -> endpoint. */
+struct df_endpoint {
+	__u64 key; /* EndpointKey: stable across reloads and processes */
+	__u32 flags;
+	__u32 nspecs;
+	struct df_spec specs[DF_MAX_SPECS];
+};
+
+/* allow: (endpoint, address, spec) -> expiry (CLOCK_BOOTTIME ns). */
+struct df_allow_key {
+	__u64 endpoint;
+	struct df_addr addr;
+	struct df_spec spec;
+};
+
+/* sock_dst: socket cookie -> the DNS server a redirected socket addressed. */
+struct df_dst {
+	struct df_addr addr;
+	__u16 port;
+	__u16 pad[3];
+};
+
+/* origin: a redirected client as the proxy sees it -> who it is and whom it asked. */
+struct df_origin_key {
+	struct df_addr addr;
+	__u16 port;
+	__u8 proto; /* IPPROTO_UDP or IPPROTO_TCP */
+	__u8 pad[5];
+};
+
+struct df_origin {
+	__u64 endpoint; /* EndpointKey */
+	__u64 cgroup;   /* the endpoint's cgroup id */
+	struct df_addr server;
+	__u16 server_port;
+	__u16 pad[3];
+};
+
+/* stats: per-CPU counters, by index. */
+enum df_stat {
+	DF_STAT_REDIRECTED = 0,    /* DNS sockets rewritten to the proxy */
+	DF_STAT_CONNECT_DENIED,    /* connect() refused (EPERM) */
+	DF_STAT_SENDMSG_DENIED,    /* sendmsg() refused (EPERM) */
+	DF_STAT_SKB_DENIED,        /* packets dropped by the egress backstop */
+	DF_STAT_ORIGINS,           /* origin entries written */
+	DF_STAT_NO_PROXY,          /* DNS refused: no proxy address for the family */
+	DF_STAT_ALLOWED,           /* connections allowed by an allow entry */
+	DF_STAT_MAX,
+};
+
+#endif

@@ -1,0 +1,248 @@
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dnsfence_matcher::Name;
+use dnsfence_policy::{EndpointKey, Endpoints, PolicySet, Snapshot};
+
+use super::*;
+
+const POLICY: &str = r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: p, namespace: default}
+spec:
+  endpointSelector: {matchLabels: {app: client}}
+  egress:
+  - toFQDNs: [{matchPattern: "*.allowed.test"}]
+    toPorts: [{ports: [{port: "443", protocol: TCP}]}]
+  - toFQDNs: [{matchName: "any.allowed.test"}]
+"#;
+
+const ENDPOINTS: &str = r#"
+endpoints:
+- {name: client, namespace: default, labels: {app: client}, ips: ["127.0.0.10"]}
+- {name: other, namespace: default, labels: {app: client}, ips: ["127.0.0.11"]}
+"#;
+
+fn snapshot(policy: &str) -> Arc<Snapshot> {
+    let set = PolicySet::from_yaml(std::path::Path::new("p.yaml"), policy).unwrap();
+    let eps = Endpoints::from_yaml(std::path::Path::new("e.yaml"), ENDPOINTS).unwrap();
+    Arc::new(Snapshot::compile(&set, &eps))
+}
+
+fn client() -> EndpointKey {
+    EndpointKey::of("default", "client")
+}
+
+fn other() -> EndpointKey {
+    EndpointKey::of("default", "other")
+}
+
+const HTTPS: PortSpec = PortSpec {
+    lo: 443,
+    hi: 443,
+    protos: PortSpec::TCP,
+};
+
+fn key(endpoint: EndpointKey, ip: &str, ports: PortSpec) -> AllowKey {
+    AllowKey {
+        endpoint,
+        ip: ip.parse().unwrap(),
+        ports,
+    }
+}
+
+/// A batch with one group per (name, entries).
+fn batch(groups: &[(&str, Vec<AllowKey>)], expires: Instant) -> AllowBatch {
+    let mut b = AllowBatch::with_capacity(64);
+    for (name, keys) in groups {
+        b.begin_group(&Name::from_text(name).unwrap());
+        for k in keys {
+            b.push(*k, expires);
+        }
+    }
+    b
+}
+
+fn write(table: &UserspaceAllowTable, b: &mut AllowBatch) -> Vec<bool> {
+    let mut sink = table;
+    sink.write(Instant::now(), b);
+    b.groups.iter().map(|g| g.ok).collect()
+}
+
+#[test]
+fn expiry_only_grows() {
+    let table = UserspaceAllowTable::new(LedgerConfig::default());
+    let t0 = Instant::now();
+    let k = key(client(), "127.0.0.5", HTTPS);
+    write(
+        &table,
+        &mut batch(
+            &[("a.allowed.test", vec![k])],
+            t0 + Duration::from_secs(100),
+        ),
+    );
+    write(
+        &table,
+        &mut batch(&[("a.allowed.test", vec![k])], t0 + Duration::from_secs(10)),
+    );
+    let ip: IpAddr = "127.0.0.5".parse().unwrap();
+    assert!(table.is_allowed(
+        client(),
+        ip,
+        443,
+        PortSpec::TCP,
+        t0 + Duration::from_secs(99)
+    ));
+    // IPv4-mapped IPv6 is the same entry.
+    let mapped: IpAddr = "::ffff:127.0.0.5".parse().unwrap();
+    assert!(table.is_allowed(client(), mapped, 443, PortSpec::TCP, t0));
+    assert_eq!(table.len(), 1);
+}
+
+#[test]
+fn endpoint_quota_refuses_only_that_endpoints_group() {
+    let config = LedgerConfig {
+        capacity: 100,
+        per_endpoint: 3,
+        per_name: 100,
+    };
+    let table = UserspaceAllowTable::new(config);
+    let exp = Instant::now() + Duration::from_secs(60);
+    let flood: Vec<_> = (1..=4)
+        .map(|i| key(client(), &format!("127.0.1.{i}"), HTTPS))
+        .collect();
+    let mut b = batch(
+        &[
+            ("a.allowed.test", flood[..2].to_vec()),
+            ("b.allowed.test", flood[2..].to_vec()),
+            ("c.allowed.test", vec![key(other(), "127.0.2.1", HTTPS)]),
+        ],
+        exp,
+    );
+    // The second group would take `client` to 4 entries: refused whole; `other` unaffected.
+    assert_eq!(write(&table, &mut b), vec![true, false, true]);
+    assert_eq!(table.len(), 3);
+    assert_eq!(table.ledger().stats().endpoint_quota, 1);
+    let now = Instant::now();
+    let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+    assert!(!table.is_allowed(client(), ip("127.0.1.3"), 443, PortSpec::TCP, now));
+    assert!(table.is_allowed(other(), ip("127.0.2.1"), 443, PortSpec::TCP, now));
+}
+
+#[test]
+fn name_quota_and_capacity() {
+    let config = LedgerConfig {
+        capacity: 3,
+        per_endpoint: 100,
+        per_name: 2,
+    };
+    let table = UserspaceAllowTable::new(config);
+    let exp = Instant::now() + Duration::from_secs(60);
+    let k = |i: u8| key(client(), &format!("127.0.3.{i}"), HTTPS);
+    let mut b = batch(
+        &[
+            ("a.allowed.test", vec![k(1), k(2)]),
+            ("a.allowed.test", vec![k(3)]),
+            ("b.allowed.test", vec![k(4)]),
+            ("c.allowed.test", vec![k(5)]),
+        ],
+        exp,
+    );
+    assert_eq!(write(&table, &mut b), vec![true, false, true, false]);
+    let stats = table.ledger().stats();
+    assert_eq!((stats.name_quota, stats.full, stats.entries), (1, 1, 3));
+}
+
+#[test]
+fn reload_revokes_what_the_new_policy_does_not_justify() {
+    let table = UserspaceAllowTable::new(LedgerConfig::default());
+    table.revoke(snapshot(POLICY));
+    let exp = Instant::now() + Duration::from_secs(60);
+    let mut b = batch(
+        &[
+            ("a.allowed.test", vec![key(client(), "127.0.4.1", HTTPS)]),
+            (
+                "any.allowed.test",
+                vec![key(client(), "127.0.4.2", PortSpec::ALL)],
+            ),
+            // Not justified: port 80 is opened by no rule; evil.test by no selector.
+            (
+                "a.allowed.test",
+                vec![key(
+                    client(),
+                    "127.0.4.3",
+                    PortSpec {
+                        lo: 80,
+                        hi: 80,
+                        protos: PortSpec::TCP,
+                    },
+                )],
+            ),
+            ("evil.test", vec![key(client(), "127.0.4.4", PortSpec::ALL)]),
+        ],
+        exp,
+    );
+    write(&table, &mut b);
+    assert_eq!(table.len(), 2, "{:?}", table.ledger().stats());
+    assert_eq!(table.ledger().stats().unjustified, 2);
+    // The new policy keeps only the pattern rule: the any-port entry of `any.allowed.test`
+    // (a name the pattern also matches, but on 443 only) goes, the 443 one stays.
+    let narrower = POLICY.replace("  - toFQDNs: [{matchName: \"any.allowed.test\"}]\n", "");
+    assert_eq!(table.revoke(snapshot(&narrower)), 1);
+    let now = Instant::now();
+    let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+    assert!(table.is_allowed(client(), ip("127.0.4.1"), 443, PortSpec::TCP, now));
+    assert!(!table.is_allowed(client(), ip("127.0.4.2"), 22, PortSpec::TCP, now));
+    // A policy without the endpoint's rules revokes everything of it.
+    let none = POLICY.replace("*.allowed.test", "*.elsewhere.test");
+    let none = none.replace("any.allowed.test", "any.elsewhere.test");
+    assert_eq!(table.revoke(snapshot(&none)), 1);
+    assert!(table.is_empty());
+    // And later writes are judged by it (a query in flight across the reload).
+    let mut late = batch(
+        &[("a.allowed.test", vec![key(client(), "127.0.4.1", HTTPS)])],
+        exp,
+    );
+    write(&table, &mut late);
+    assert!(table.is_empty());
+}
+
+#[test]
+fn sweep_removes_expired_entries_in_slices() {
+    let table = UserspaceAllowTable::new(LedgerConfig::default());
+    let t0 = Instant::now();
+    let keys: Vec<_> = (0..10)
+        .map(|i| key(client(), &format!("127.0.5.{i}"), HTTPS))
+        .collect();
+    write(
+        &table,
+        &mut batch(
+            &[("a.allowed.test", keys[..6].to_vec())],
+            t0 + Duration::from_secs(1),
+        ),
+    );
+    write(
+        &table,
+        &mut batch(
+            &[("b.allowed.test", keys[6..].to_vec())],
+            t0 + Duration::from_secs(9),
+        ),
+    );
+    // Extending one short entry keeps it past the first sweep (its stale heap item is skipped).
+    write(
+        &table,
+        &mut batch(
+            &[("c.allowed.test", vec![keys[0]])],
+            t0 + Duration::from_secs(9),
+        ),
+    );
+    let later = t0 + Duration::from_secs(5);
+    assert_eq!(table.sweep(later, 2), 2);
+    assert_eq!(table.sweep(later, 100), 3);
+    assert_eq!(table.sweep(later, 100), 0);
+    assert_eq!(table.len(), 5);
+    assert_eq!(table.sweep(t0 + Duration::from_secs(10), 100), 5);
+    assert!(table.is_empty());
+}
