@@ -73,6 +73,11 @@ const WORKLOADS: &[(&str, u64, &str)] = &[
         8192,
         "`handle_client` (allowed) + `handle_upstream` + `commit_allows` + drains",
     ),
+    (
+        "core/allowed-fresh",
+        8192,
+        "as core/allowed, each answer a fresh address: every answer writes an allow entry",
+    ),
 ];
 
 fn main() {
@@ -127,7 +132,8 @@ fn run(name: &str, iters: u64) {
         "matcher/wire+is_match/10k" => Box::new(MatchWire::new(10_000)),
         "wire/parse_query+from_wire" => Box::new(ParseQuery::new()),
         "core/denied" => Box::new(CoreDenied::new()),
-        "core/allowed" => Box::new(CoreAllowed::new()),
+        "core/allowed" => Box::new(CoreAllowed::new(false)),
+        "core/allowed-fresh" => Box::new(CoreAllowed::new(true)),
         _ => {
             eprintln!("gate: unknown workload {name} (see `gate list`)");
             std::process::exit(2);
@@ -297,6 +303,8 @@ struct CoreAllowed {
     answers: Vec<Vec<u8>>,
     t0: Instant,
     sent: usize,
+    /// Give each answer an address never seen before (the allow-write path every time).
+    fresh: bool,
 }
 
 /// An answer (QR, RD, RA) to `name`/A with one A record (compressed owner), TTL 3600.
@@ -315,7 +323,7 @@ fn answer_packet(name: &str, ip: [u8; 4]) -> Vec<u8> {
 }
 
 impl CoreAllowed {
-    fn new() -> CoreAllowed {
+    fn new(fresh: bool) -> CoreAllowed {
         let names: Vec<String> = (0..64).map(|i| format!("host{i}.allowed.test")).collect();
         CoreAllowed {
             core: test_core(),
@@ -334,6 +342,7 @@ impl CoreAllowed {
                 .collect(),
             t0: Instant::now(),
             sent: 0,
+            fresh,
         }
     }
 }
@@ -355,6 +364,11 @@ impl Workload for CoreAllowed {
         };
         let answer = &mut self.answers[k];
         answer[0..2].copy_from_slice(&id.to_be_bytes());
+        if self.fresh {
+            // 10.0.0.0/8 by iteration: a new (endpoint, address) entry per answer.
+            let at = answer.len() - 4;
+            answer[at..].copy_from_slice(&(0x0a00_0000 | i as u32).to_be_bytes());
+        }
         self.core
             .handle_upstream(now, socket, self.upstream, answer);
         self.core.handle_timeout(now);

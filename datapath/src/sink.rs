@@ -140,7 +140,7 @@ impl AllowSink for BpfAllow {
         let inner = &mut *guard;
         for g in 0..batch.groups.len() {
             if inner.ledger.plan(batch, g, &mut inner.changes).is_err() {
-                batch.groups[g].ok = false;
+                batch.settle_group(g, false, &[]);
                 continue;
             }
             let mut failed_at = None;
@@ -158,7 +158,7 @@ impl AllowSink for BpfAllow {
             match failed_at {
                 None => {
                     inner.ledger.commit(batch, g, &inner.changes);
-                    batch.groups[g].ok = true;
+                    batch.settle_group(g, true, inner.ledger.planned_justified());
                 }
                 Some(i) => {
                     // Undo this group's earlier updates: the map holds all of it or none.
@@ -170,7 +170,7 @@ impl AllowSink for BpfAllow {
                         };
                     }
                     inner.ledger.map_failed();
-                    batch.groups[g].ok = false;
+                    batch.settle_group(g, false, &[]);
                 }
             }
         }

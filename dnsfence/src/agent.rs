@@ -583,12 +583,16 @@ pub fn run(args: &AgentArgs) -> Result<()> {
                 generation += 1;
                 let before = policy.load().stats();
                 let after = snapshot.stats();
-                policy.store(Arc::new(snapshot));
-                eprintln!("dnsfence agent: policy reloaded (generation {generation})");
-                match enforcer.apply(&policy.load()) {
+                // The allow entries follow the new policy before the shards do: a name the
+                // reload allows is then written as soon as a shard forwards it, and a name it
+                // removes is no longer written even by a shard still on the old snapshot.
+                let snapshot = Arc::new(snapshot);
+                match enforcer.apply(&snapshot) {
                     Ok(lines) => lines.iter().for_each(|l| eprintln!("dnsfence agent: {l}")),
                     Err(e) => eprintln!("dnsfence agent: datapath update failed: {e:#}"),
                 }
+                policy.store(snapshot);
+                eprintln!("dnsfence agent: policy reloaded (generation {generation})");
                 if (before.without_ips, before.fqdn_rules) != (after.without_ips, after.fqdn_rules)
                 {
                     warn_about_limits(args, &policy.load());

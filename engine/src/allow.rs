@@ -92,6 +92,10 @@ pub struct AllowEntry {
     pub expires: Instant,
     /// Index of the question name in [`AllowBatch::names`].
     pub name: u32,
+    /// Set by the sink: the entry is in the table (written now, or already there with a
+    /// later expiry). False for entries the newest policy does not justify, and for every
+    /// entry of a group that failed.
+    pub written: bool,
 }
 
 /// The entries one answer needs, written together or not at all.
@@ -153,21 +157,14 @@ impl AllowBatch {
     /// Adds an entry to the group begun last.
     pub fn push(&mut self, key: AllowKey, expires: Instant) {
         let name = (self.names.len() - 1) as u32;
-        self.entries.push(AllowEntry { key, expires, name });
+        self.entries.push(AllowEntry {
+            key,
+            expires,
+            name,
+            written: false,
+        });
         if let Some(g) = self.groups.last_mut() {
             g.end = self.entries.len() as u32;
-        }
-    }
-
-    /// Drops the group begun last when it got no entries; returns whether it was dropped.
-    pub fn discard_empty_group(&mut self) -> bool {
-        match self.groups.last() {
-            Some(g) if g.start == g.end => {
-                self.groups.pop();
-                self.names.pop();
-                true
-            }
-            _ => false,
         }
     }
 
@@ -175,6 +172,17 @@ impl AllowBatch {
     pub fn group_entries(&self, g: usize) -> &[AllowEntry] {
         let group = self.groups[g];
         &self.entries[group.start as usize..group.end as usize]
+    }
+
+    /// Marks group `g` written or not, and its entries: the justified ones when `ok`, none
+    /// otherwise (see [`AllowEntry::written`]). Sinks call it after writing a group.
+    pub fn settle_group(&mut self, g: usize, ok: bool, justified: &[bool]) {
+        let group = self.groups[g];
+        self.groups[g].ok = ok;
+        let entries = &mut self.entries[group.start as usize..group.end as usize];
+        for (i, e) in entries.iter_mut().enumerate() {
+            e.written = ok && justified.get(i).copied().unwrap_or(false);
+        }
     }
 }
 
@@ -350,6 +358,8 @@ pub struct Ledger {
     expiries: BinaryHeap<Reverse<(Instant, AllowKey)>>,
     snapshot: Option<Arc<Snapshot>>,
     rules: RuleSet,
+    /// Per entry of the group planned last: whether the policy justifies it.
+    justified_scratch: Vec<bool>,
     stats: LedgerStats,
 }
 
@@ -364,6 +374,7 @@ impl Ledger {
             expiries: BinaryHeap::new(),
             snapshot: None,
             rules: RuleSet::with_max_rule(0),
+            justified_scratch: Vec::new(),
             stats: LedgerStats::default(),
         }
     }
@@ -443,6 +454,7 @@ impl Ledger {
         changes: &mut Vec<Change>,
     ) -> Result<(), AllowError> {
         changes.clear();
+        self.justified_scratch.clear();
         let mut new_total = 0usize;
         let mut new_for: Vec<(EndpointKey, usize)> = Vec::new();
         let mut new_for_name: Vec<(EndpointKey, u32, usize)> = Vec::new();
@@ -452,7 +464,9 @@ impl Ledger {
                 ..e.key
             };
             let name = &batch.names[e.name as usize];
-            if !self.justified(key.endpoint, name, key.ports) {
+            let justified = self.justified(key.endpoint, name, key.ports);
+            self.justified_scratch.push(justified);
+            if !justified {
                 self.stats.unjustified += 1;
                 continue;
             }
@@ -519,6 +533,12 @@ impl Ledger {
             }
         }
         Ok(())
+    }
+
+    /// Per entry of the group planned last, whether the policy justified it (for
+    /// [`AllowBatch::settle_group`]).
+    pub fn planned_justified(&self) -> &[bool] {
+        &self.justified_scratch
     }
 
     /// Applies what [`Ledger::plan`] planned for group `g` (after the sink mirrored it).
@@ -734,7 +754,7 @@ impl AllowSink for &UserspaceAllowTable {
             if ok {
                 ledger.commit(batch, g, &changes);
             }
-            batch.groups[g].ok = ok;
+            batch.settle_group(g, ok, ledger.planned_justified());
         }
     }
 }

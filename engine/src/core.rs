@@ -998,7 +998,9 @@ impl Core {
         }
         self.specs.sort_unstable();
         self.specs.dedup();
-        self.held_group = self.batch.begin_group(&name);
+        // The group (and its copy of the name) is begun at the first entry needed: answers
+        // that need no write, the steady state, cost no copy.
+        let mut group = None;
         for &ip in addresses.ips() {
             let ip = crate::allow::canonical(ip);
             for &ports in &self.specs {
@@ -1013,14 +1015,18 @@ impl Core {
                     .get(&entry)
                     .is_some_and(|&at| at >= needed_until);
                 if !fresh {
+                    if group.is_none() {
+                        group = Some(self.batch.begin_group(&name));
+                    }
                     self.batch.push(entry, expires);
                 }
             }
         }
-        if self.batch.discard_empty_group() {
+        let Some(group) = group else {
             // Nothing changed: the consumer already holds this observation.
             return false;
-        }
+        };
+        self.held_group = group;
         let mut rules = [0u32; 8];
         for (dst, rule) in rules.iter_mut().zip(self.rules.as_slice()) {
             *dst = rule.0;
@@ -1053,9 +1059,8 @@ impl Core {
         }
         for g in 0..self.batch.groups.len() {
             if self.batch.groups[g].ok {
-                let entries = self.batch.group_entries(g);
-                self.stats.allow_writes += entries.len() as u64;
-                for w in entries {
+                for w in self.batch.group_entries(g).iter().filter(|w| w.written) {
+                    self.stats.allow_writes += 1;
                     self.written.insert(w.key, w.expires);
                 }
             } else {

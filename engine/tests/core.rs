@@ -543,8 +543,8 @@ struct FailingSink;
 
 impl AllowSink for FailingSink {
     fn write(&mut self, _: Instant, batch: &mut AllowBatch) {
-        for g in &mut batch.groups {
-            g.ok = false;
+        for g in 0..batch.groups.len() {
+            batch.settle_group(g, false, &[]);
         }
     }
 }

@@ -7,6 +7,7 @@
 //! 127.0.0.1 only and every wait is bounded.
 #![forbid(unsafe_code)]
 
+pub mod bpf;
 pub mod dns;
 pub mod upstream;
 
@@ -439,6 +440,8 @@ pub struct AgentConfig {
     pub extra: Vec<String>,
     /// `--listen` (default: a free port).
     pub listen: Option<SocketAddr>,
+    /// eBPF mode: `--bpf-pin` and `--cgroup-root` (None: `--no-bpf`).
+    pub bpf: Option<(PathBuf, PathBuf)>,
 }
 
 impl AgentConfig {
@@ -453,6 +456,7 @@ impl AgentConfig {
             endpoints: ENDPOINTS.to_owned(),
             extra: Vec::new(),
             listen: None,
+            bpf: None,
         }
     }
 
@@ -470,7 +474,7 @@ impl AgentConfig {
     }
 }
 
-/// A running `dnsfence agent --no-bpf` (killed on drop).
+/// A running `dnsfence agent` (`--no-bpf` unless configured for eBPF; killed on drop).
 #[derive(Debug)]
 pub struct Agent {
     /// The process.
@@ -498,8 +502,19 @@ impl Agent {
         let addr = config.listen.unwrap_or_else(free_addr);
         let metrics = free_addr();
         let mut cmd = Command::new(bin("dnsfence"));
-        cmd.args(["agent", "--no-bpf"])
-            .arg("--listen")
+        cmd.arg("agent");
+        match &config.bpf {
+            None => {
+                cmd.arg("--no-bpf");
+            }
+            Some((pin, cgroup_root)) => {
+                cmd.arg("--bpf-pin")
+                    .arg(pin)
+                    .arg("--cgroup-root")
+                    .arg(cgroup_root);
+            }
+        }
+        cmd.arg("--listen")
             .arg(addr.to_string())
             .arg("--upstream")
             .arg(config.upstream.to_string())

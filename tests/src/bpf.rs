@@ -1,0 +1,195 @@
+//! The eBPF datapath's test environment: a cgroup v2 subtree with client cgroups, a bpffs
+//! pin directory, blackhole routes for the test DNS servers 192.0.2.53 and 2001:db8::53 (so a DNS query that escaped redirection
+//! can never leave the machine), and clients run inside a cgroup (dig, a connect probe).
+//!
+//! These tests need root (CI runs them as root). Without root they fail with the reason,
+//! unless `DNSFENCE_SKIP_ROOT_TESTS=1` is set, in which case they print that they skipped.
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Mutex;
+
+use crate::dns::{DigResult, parse_dig};
+
+/// Where the tests mount their cgroup v2 hierarchy when the host has none mounted there.
+const CGROUP2_MOUNT: &str = "/run/dnsfence-test-cgroup2";
+
+/// Serialises the datapath tests of one test binary (they share the blackhole route).
+pub static EXCLUSIVE: Mutex<()> = Mutex::new(());
+
+/// Whether this process may use BPF, cgroups and routes; prints and returns false when the
+/// tests are explicitly skipped, panics with the reason otherwise.
+pub fn require_root(test: &str) -> bool {
+    // SAFETY-free check: /proc/self/status says the effective uid.
+    let euid = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(2).map(str::to_owned))
+        })
+        .unwrap_or_default();
+    if euid == "0" {
+        return true;
+    }
+    if std::env::var_os("DNSFENCE_SKIP_ROOT_TESTS").is_some() {
+        eprintln!("SKIPPED {test}: needs root (DNSFENCE_SKIP_ROOT_TESTS is set)");
+        return false;
+    }
+    panic!(
+        "{test} needs root (BPF, cgroups, routes): run as root (CI does), or set \
+         DNSFENCE_SKIP_ROOT_TESTS=1 to skip it knowingly"
+    );
+}
+
+fn run(cmd: &str, args: &[&str]) -> std::process::Output {
+    Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("run {cmd}: {e}"))
+}
+
+/// A cgroup v2 subtree, a pin directory and the blackhole routes, removed on drop.
+#[derive(Debug)]
+pub struct Env {
+    /// The agent's `--cgroup-root` (a fresh directory in the cgroup v2 hierarchy).
+    pub cgroup_root: PathBuf,
+    /// The agent's `--bpf-pin`.
+    pub pin: PathBuf,
+    routes_added: Vec<&'static str>,
+}
+
+impl Env {
+    /// Sets up a subtree with the client cgroups `clients` (created below the root).
+    pub fn new(tag: &str, clients: &[&str]) -> Env {
+        let mount = Path::new(CGROUP2_MOUNT);
+        std::fs::create_dir_all(mount).expect("cgroup2 mount point");
+        let mounted = std::fs::read_to_string("/proc/mounts")
+            .unwrap_or_default()
+            .lines()
+            .any(|l| l.split_whitespace().nth(1) == Some(CGROUP2_MOUNT));
+        if !mounted {
+            let out = run("mount", &["-t", "cgroup2", "none", CGROUP2_MOUNT]);
+            assert!(out.status.success(), "mount cgroup2: {out:?}");
+        }
+        let id = format!("dnsfence-{tag}-{}", std::process::id());
+        let cgroup_root = mount.join(&id);
+        for c in clients {
+            std::fs::create_dir_all(cgroup_root.join(c)).expect("client cgroup");
+        }
+        let pin = PathBuf::from("/sys/fs/bpf").join(&id);
+        let mut routes_added = Vec::new();
+        // Host routes only: the machine's own network may be TEST-NET-1 (CI VMs use
+        // 192.0.2.0/24 for eth0), where a /24 blackhole would clash with the link route.
+        for (family, prefix) in [("-4", "192.0.2.53/32"), ("-6", "2001:db8::53/128")] {
+            let out = run("ip", &[family, "route", "add", "blackhole", prefix]);
+            if out.status.success() {
+                routes_added.push(prefix);
+            } else {
+                // Already there (left by someone else): fine, it is what we need.
+                let shown = run("ip", &[family, "route", "show", "type", "blackhole"]);
+                assert!(
+                    String::from_utf8_lossy(&shown.stdout).contains(prefix),
+                    "cannot add the blackhole route {prefix}: {out:?}"
+                );
+            }
+        }
+        Env {
+            cgroup_root,
+            pin,
+            routes_added,
+        }
+    }
+
+    /// The cgroup directory of a client.
+    pub fn cgroup(&self, client: &str) -> PathBuf {
+        self.cgroup_root.join(client)
+    }
+
+    /// Runs `program args...` inside the cgroup of `client` (or outside every client cgroup
+    /// with None), returning its output.
+    pub fn run_in(
+        &self,
+        client: Option<&str>,
+        program: &str,
+        args: &[&str],
+    ) -> std::process::Output {
+        let procs = match client {
+            Some(c) => self.cgroup(c).join("cgroup.procs"),
+            None => PathBuf::from("/dev/null"),
+        };
+        Command::new("sh")
+            .arg("-c")
+            .arg("echo $$ > \"$0\" && exec \"$@\"")
+            .arg(procs)
+            .arg(program)
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| panic!("run {program}: {e}"))
+    }
+
+    /// dig from inside a client's cgroup.
+    pub fn dig(&self, client: Option<&str>, server: SocketAddr, args: &[&str]) -> DigResult {
+        let at = format!("@{}", server.ip());
+        let port = server.port().to_string();
+        let mut all = vec![
+            at.as_str(),
+            "-p",
+            port.as_str(),
+            "+time=2",
+            "+tries=1",
+            "+nocookie",
+        ];
+        all.extend_from_slice(args);
+        let out = self.run_in(client, "dig", &all);
+        parse_dig(&String::from_utf8_lossy(&out.stdout))
+    }
+
+    /// A TCP connect from inside a client's cgroup: `Ok(())`, or the error's text
+    /// (`PermissionError` when the datapath refused it).
+    pub fn connect(&self, client: Option<&str>, to: SocketAddr) -> Result<(), String> {
+        const PROBE: &str = "import socket,sys\n\
+try:\n    socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=2).close()\n    print('connected')\n\
+except Exception as e:\n    print(type(e).__name__, e)\n";
+        let ip = to.ip().to_string();
+        let port = to.port().to_string();
+        let out = self.run_in(client, "python3", &["-c", PROBE, &ip, &port]);
+        let text = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        if text == "connected" {
+            Ok(())
+        } else {
+            Err(format!("{text}{}", String::from_utf8_lossy(&out.stderr)))
+        }
+    }
+
+    /// Programs attached at the cgroup root, as `bpftool cgroup show` lists them.
+    pub fn attached(&self) -> String {
+        let out = run(
+            "bpftool",
+            &["cgroup", "show", &self.cgroup_root.display().to_string()],
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        // Best effort: detach and unpin whatever a failed test left, then remove the tree.
+        let _ = Command::new(crate::bin("dnsfence"))
+            .args(["agent", "--uninstall", "--bpf-pin"])
+            .arg(&self.pin)
+            .output();
+        if let Ok(dir) = std::fs::read_dir(&self.cgroup_root) {
+            for entry in dir.flatten() {
+                if entry.path().is_dir() {
+                    let _ = std::fs::remove_dir(entry.path());
+                }
+            }
+        }
+        let _ = std::fs::remove_dir(&self.cgroup_root);
+        for prefix in &self.routes_added {
+            let family = if prefix.contains(':') { "-6" } else { "-4" };
+            let _ = run("ip", &[family, "route", "del", "blackhole", prefix]);
+        }
+    }
+}

@@ -1,0 +1,255 @@
+//! The eBPF datapath, end to end (root; real cgroups, real kernel, real clients):
+//! redirection of DNS sent to 192.0.2.53 from two client cgroups in one network namespace
+//! with one source address, per-cgroup policy, the port-aware egress filter, revocation on
+//! reload, expiry, quotas, survival of a kill -9, reuse of the pinned maps by a restarted
+//! agent, and `--uninstall`.
+use std::net::{IpAddr, SocketAddr, TcpListener};
+use std::time::Duration;
+
+use dnsfence_tests::bpf::{EXCLUSIVE, Env, require_root};
+use dnsfence_tests::upstream::Bundled;
+use dnsfence_tests::{Agent, AgentConfig, IoBackend, poll_until};
+
+const POLICY: &str = r#"apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: a-egress, namespace: default}
+spec:
+  endpointSelector: {matchLabels: {app: a}}
+  egress:
+  - toPorts:
+    - ports: [{port: "53", protocol: ANY}]
+      rules:
+        dns: [{matchPattern: "*.allowed.test"}, {matchName: "dnsonly.test"}, {matchPattern: "*.flood.test"}]
+  - toFQDNs: [{matchPattern: "*.allowed.test"}, {matchPattern: "*.flood.test"}]
+    toPorts: [{ports: [{port: "443", protocol: TCP}]}]
+---
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: b-egress, namespace: default}
+spec:
+  endpointSelector: {matchLabels: {app: b}}
+  egress:
+  - toPorts:
+    - ports: [{port: "53", protocol: ANY}]
+      rules:
+        dns: [{matchPattern: "*.other.test"}]
+  - toFQDNs: [{matchPattern: "*.other.test"}]
+"#;
+
+const ENDPOINTS: &str = r#"endpoints:
+- {name: a, namespace: default, labels: {app: a}, cgroup: a}
+- {name: b, namespace: default, labels: {app: b}, cgroup: b}
+"#;
+
+/// The DNS server the clients address: TEST-NET-1, blackholed; only redirection answers.
+fn server() -> SocketAddr {
+    "192.0.2.53:53".parse().unwrap()
+}
+
+/// Listeners on an address's ports 443 and 80, so that a refused connect is the filter's
+/// doing, never a closed port.
+fn listen(ip: IpAddr) -> Vec<TcpListener> {
+    [443, 80]
+        .iter()
+        .map(|&p| TcpListener::bind((ip, p)).unwrap_or_else(|e| panic!("listen {ip}:{p}: {e}")))
+        .collect()
+}
+
+fn resolve(env: &Env, client: &str, name: &str, tcp: bool) -> IpAddr {
+    let mut args = vec![name, "A"];
+    if tcp {
+        args.push("+tcp");
+    }
+    let r = env.dig(Some(client), server(), &args);
+    assert_eq!(
+        r.status, "NOERROR",
+        "{client} resolving {name}: {}",
+        r.output
+    );
+    assert!(
+        r.output.contains("SERVER: 192.0.2.53#53(192.0.2.53)"),
+        "the client sees the server it asked: {}",
+        r.output
+    );
+    r.rdata("A")
+        .last()
+        .unwrap_or_else(|| panic!("no A record: {}", r.output))
+        .parse()
+        .expect("address")
+}
+
+fn denied(result: Result<(), String>) -> bool {
+    matches!(&result, Err(e) if e.contains("PermissionError"))
+}
+
+fn agent_config(env: &Env, upstream: SocketAddr, extra: &[&str]) -> AgentConfig {
+    let mut config = AgentConfig::new(IoBackend::Uring, upstream).args(extra);
+    config.policy = POLICY.to_owned();
+    config.endpoints = ENDPOINTS.to_owned();
+    config.bpf = Some((env.pin.clone(), env.cgroup_root.clone()));
+    config
+}
+
+#[test]
+fn redirects_and_enforces_per_cgroup_through_reload_kill_and_uninstall() {
+    if !require_root("datapath") {
+        return;
+    }
+    let _serial = EXCLUSIVE.lock().unwrap_or_else(|e| e.into_inner());
+    let env = Env::new("e2e", &["a", "b", "a/nested"]);
+    // Answers: one A record per name in 127.77/16 with TTL 1 (raised by --min-ttl).
+    let upstream = Bundled::start(&["--ttl", "1", "--ips", "1", "--prefix4", "127.77.0.0/16"]);
+    let config = agent_config(
+        &env,
+        upstream.addr,
+        &[
+            "--min-ttl",
+            "30",
+            "--reload-interval",
+            "200ms",
+            "--max-allow-per-endpoint",
+            "40",
+        ],
+    );
+    let mut agent = Agent::start(&config);
+
+    // An allowed name resolves through the redirect, over UDP and TCP, and its address is
+    // reachable on the allowed port only.
+    let www = resolve(&env, "a", "www.allowed.test", false);
+    let tcp = resolve(&env, "a", "tcp.allowed.test", true);
+    let _l = [listen(www), listen(tcp)];
+    assert_eq!(env.connect(Some("a"), SocketAddr::new(www, 443)), Ok(()));
+    assert_eq!(env.connect(Some("a"), SocketAddr::new(tcp, 443)), Ok(()));
+    assert!(denied(env.connect(Some("a"), SocketAddr::new(www, 80))));
+    // A process in a descendant cgroup belongs to the endpoint.
+    assert_eq!(
+        env.connect(Some("a/nested"), SocketAddr::new(www, 443)),
+        Ok(())
+    );
+
+    // A denied name: REFUSED, UDP and TCP.
+    for tcp in [false, true] {
+        let args: &[&str] = if tcp {
+            &["evil.test", "+tcp"]
+        } else {
+            &["evil.test"]
+        };
+        assert_eq!(env.dig(Some("a"), server(), args).status, "REFUSED");
+    }
+    // Allowed by the DNS rules but not by toFQDNs: resolves, stays unreachable.
+    let dns_only = resolve(&env, "a", "dnsonly.test", false);
+    let _l2 = listen(dns_only);
+    assert!(denied(
+        env.connect(Some("a"), SocketAddr::new(dns_only, 443))
+    ));
+    // An address never resolved is unreachable.
+    let never: IpAddr = "127.77.250.250".parse().unwrap();
+    let _l3 = listen(never);
+    assert!(denied(env.connect(Some("a"), SocketAddr::new(never, 443))));
+    // The target of a CNAME chain is reachable.
+    let chained = resolve(&env, "a", "cname-2-c.allowed.test", false);
+    let _l4 = listen(chained);
+    assert_eq!(
+        env.connect(Some("a"), SocketAddr::new(chained, 443)),
+        Ok(())
+    );
+
+    // The other cgroup, same netns and source address, gets its own policy.
+    assert_eq!(
+        env.dig(Some("b"), server(), &["www.allowed.test"]).status,
+        "REFUSED"
+    );
+    let other = resolve(&env, "b", "svc.other.test", false);
+    let _l5 = listen(other);
+    assert_eq!(
+        env.connect(Some("b"), SocketAddr::new(other, 80)),
+        Ok(()),
+        "any port"
+    );
+    assert!(denied(env.connect(Some("b"), SocketAddr::new(www, 443))));
+    // A process outside both cgroups is untouched: not redirected (the blackhole eats its
+    // query) and not filtered.
+    assert_eq!(env.dig(None, server(), &["www.allowed.test"]).status, "");
+    assert_eq!(env.connect(None, SocketAddr::new(never, 80)), Ok(()));
+
+    // A flood of unique names hits a's quota (40 entries) while b keeps resolving.
+    let mut servfail = 0;
+    for i in 0..50 {
+        let r = env.dig(Some("a"), server(), &[&format!("n{i}.flood.test")]);
+        servfail += usize::from(r.status == "SERVFAIL");
+    }
+    assert!(servfail >= 5, "quota reached: {servfail} SERVFAIL of 50");
+    resolve(&env, "b", "after-flood.other.test", false);
+    assert!(
+        agent
+            .metrics_text()
+            .contains("dnsfence_allow_refused_total{reason=\"endpoint_quota\"}")
+    );
+
+    // A policy edit that removes the name revokes its addresses within one reload.
+    let edited = POLICY.replace(
+        "  - toFQDNs: [{matchPattern: \"*.allowed.test\"}, {matchPattern: \"*.flood.test\"}]",
+        "  - toFQDNs: [{matchPattern: \"*.flood.test\"}]",
+    );
+    assert_ne!(edited, POLICY);
+    std::fs::write(&agent.policy_path, edited).unwrap();
+    let revoked = poll_until(Duration::from_secs(5), || {
+        denied(env.connect(Some("a"), SocketAddr::new(www, 443))).then_some(())
+    });
+    assert!(
+        revoked.is_some(),
+        "revoked within a reload: {}",
+        agent.process.stderr()
+    );
+    // Until the name resolves again under the restored policy, it stays unreachable.
+    assert_eq!(resolve(&env, "a", "www.allowed.test", false), www);
+    assert!(denied(env.connect(Some("a"), SocketAddr::new(www, 443))));
+    std::fs::write(&agent.policy_path, POLICY).unwrap();
+    poll_until(Duration::from_secs(5), || {
+        resolve(&env, "a", "www.allowed.test", false);
+        env.connect(Some("a"), SocketAddr::new(www, 443)).ok()
+    })
+    .expect("reachable again once the restored policy lets an answer write it");
+
+    // kill -9: enforcement continues unchanged; the maps stay pinned.
+    agent.process.signal("KILL");
+    agent.process.wait_timeout(Duration::from_secs(5));
+    assert!(env.pin.join("maps-v1/df_allow").exists());
+    assert_eq!(env.connect(Some("a"), SocketAddr::new(www, 443)), Ok(()));
+    assert!(denied(env.connect(Some("a"), SocketAddr::new(www, 80))));
+    assert!(denied(env.connect(Some("a"), SocketAddr::new(never, 443))));
+
+    // A restarted agent reuses the maps: the entry is still there, and DNS works again.
+    // (--min-ttl 2 from now on: entries of new answers live 3 s.)
+    let mut config2 = agent_config(&env, upstream.addr, &["--min-ttl", "2"]);
+    config2.listen = Some(agent.addr);
+    let agent2 = Agent::start(&config2);
+    assert_eq!(env.connect(Some("a"), SocketAddr::new(www, 443)), Ok(()));
+    assert!(agent2.metric_sum("dnsfence_allow_entries") >= 1.0);
+
+    // Expiry: a fresh name's entry lives 1.5 × max(TTL 1, floor 2) = 3 s; a connection
+    // established before it expires survives.
+    let short = resolve(&env, "a", "short.allowed.test", false);
+    let _l6 = listen(short);
+    assert_eq!(env.connect(Some("a"), SocketAddr::new(short, 443)), Ok(()));
+    let expired = poll_until(Duration::from_secs(8), || {
+        denied(env.connect(Some("a"), SocketAddr::new(short, 443))).then_some(())
+    });
+    assert!(expired.is_some(), "entry expired");
+
+    // --uninstall leaves nothing attached or pinned, and nothing redirected or filtered.
+    drop(agent2);
+    let out = std::process::Command::new(dnsfence_tests::bin("dnsfence"))
+        .args(["agent", "--uninstall", "--bpf-pin"])
+        .arg(&env.pin)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert!(!env.pin.exists());
+    assert!(!env.attached().contains("df_"), "{}", env.attached());
+    assert_eq!(env.connect(Some("a"), SocketAddr::new(www, 80)), Ok(()));
+    assert_eq!(
+        env.dig(Some("a"), server(), &["www.allowed.test"]).status,
+        ""
+    );
+}
