@@ -423,7 +423,9 @@ pub fn run(args: &AgentArgs) -> Result<()> {
         }
     }
 
-    let observations = Arc::new(Mutex::new(Observations::default()));
+    let observations = Arc::new(Mutex::new(Observations::with_cache_capacity(
+        args.fqdn_cache_entries.max(1),
+    )));
     let consumer_stop = Arc::new(AtomicBool::new(false));
     let consumer = {
         let (records, observations, stop) = (
