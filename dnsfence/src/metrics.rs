@@ -26,10 +26,22 @@ pub struct State {
     pub policy: Arc<PolicyHandle>,
     /// Userspace allow table.
     pub allow_entries: Arc<UserspaceAllowTable>,
-    /// Rejected policy reloads.
-    pub reload_errors: Arc<AtomicU64>,
+    /// Policy and endpoint reloads.
+    pub reload: Arc<ReloadStatus>,
     /// The record queue (its length is a gauge).
     pub records_queued: Arc<ArrayQueue<Record>>,
+}
+
+/// Where policy and endpoint reloads stand (written by the control loop).
+#[derive(Debug, Default)]
+pub struct ReloadStatus {
+    /// File versions rejected so far (each reported once).
+    pub errors: AtomicU64,
+    /// Files whose version on disk is rejected now (their last good version, or a fail-closed
+    /// stand-in, is in force).
+    pub rejected: AtomicU64,
+    /// Files changed on disk and not loaded yet (still changing).
+    pub pending: AtomicU64,
 }
 
 /// Binds the metrics listener (before anything else starts, so a taken port fails early).
@@ -295,12 +307,34 @@ pub fn render(state: &State) -> String {
         "dnsfence_policy_generation {}",
         state.policy.load().generation()
     );
-    let _ = writeln!(out, "# TYPE dnsfence_policy_reload_errors_total counter");
-    let _ = writeln!(
-        out,
-        "dnsfence_policy_reload_errors_total {}",
-        state.reload_errors.load(Ordering::Relaxed)
+    let reload = &state.reload;
+    let (rejected, pending) = (
+        reload.rejected.load(Ordering::Relaxed),
+        reload.pending.load(Ordering::Relaxed),
     );
+    let policy_gauges: [(&str, &str, u64); 5] = [
+        (
+            "dnsfence_policy_reload_errors_total",
+            "counter",
+            reload.errors.load(Ordering::Relaxed),
+        ),
+        (
+            "dnsfence_policy_stale",
+            "gauge",
+            u64::from(rejected + pending > 0),
+        ),
+        ("dnsfence_policy_files_rejected", "gauge", rejected),
+        ("dnsfence_policy_files_pending", "gauge", pending),
+        (
+            "dnsfence_policy_fail_closed_endpoints",
+            "gauge",
+            state.policy.load().stats().fail_closed as u64,
+        ),
+    ];
+    for (name, kind, value) in policy_gauges {
+        let _ = writeln!(out, "# TYPE {name} {kind}");
+        let _ = writeln!(out, "{name} {value}");
+    }
     let _ = writeln!(out, "# TYPE dnsfence_record_queue_length gauge");
     let _ = writeln!(
         out,
@@ -331,7 +365,7 @@ mod tests {
             observations: Arc::default(),
             policy: Arc::new(PolicyHandle::new(Arc::new(Snapshot::empty()))),
             allow_entries: Arc::new(UserspaceAllowTable::new(16)),
-            reload_errors: Arc::default(),
+            reload: Arc::default(),
             records_queued: Arc::new(ArrayQueue::new(1)),
         }
     }
