@@ -100,6 +100,9 @@ fn policy_churn_never_fails_open() {
     }
     stop.store(true, Ordering::Relaxed);
     let writes = writes.join().expect("writer");
+    eprintln!(
+        "churn: {writes} writes; {denied} denied and {allowed} allowed names asked; {wrong} wrong"
+    );
     // The file is whole again (the writer's last write finished).
     assert!(
         writes as f64 >= churn_time().as_secs_f64() * 15.0,
