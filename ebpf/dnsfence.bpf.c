@@ -417,8 +417,7 @@ int df_egress(struct __sk_buff *skb)
 {
 	__u64 cgroup = 0;
 	struct df_endpoint *ep = skb_endpoint(skb, &cgroup);
-	if (!ep)
-		return 1;
+	__u32 enforce = ep && (ep->flags & DF_EP_ENFORCE);
 
 	struct df_addr src = {}, dst = {};
 	__u32 protocol;
@@ -426,7 +425,7 @@ int df_egress(struct __sk_buff *skb)
 	if (skb->protocol == bpf_htons(ETH_P_IP)) {
 		struct iphdr ip;
 		if (bpf_skb_load_bytes(skb, 0, &ip, sizeof(ip)))
-			return (ep->flags & DF_EP_ENFORCE) ? 0 : 1;
+			return enforce ? 0 : 1;
 		addr_from4(&src, ip.saddr);
 		addr_from4(&dst, ip.daddr);
 		protocol = ip.protocol;
@@ -437,7 +436,7 @@ int df_egress(struct __sk_buff *skb)
 	} else if (skb->protocol == bpf_htons(ETH_P_IPV6)) {
 		struct ipv6hdr ip6;
 		if (bpf_skb_load_bytes(skb, 0, &ip6, sizeof(ip6)))
-			return (ep->flags & DF_EP_ENFORCE) ? 0 : 1;
+			return enforce ? 0 : 1;
 		__builtin_memcpy(&src, &ip6.saddr, 16);
 		__builtin_memcpy(&dst, &ip6.daddr, 16);
 		protocol = ip6.nexthdr; /* extension headers: judged as their own protocol */
@@ -450,9 +449,9 @@ int df_egress(struct __sk_buff *skb)
 	__u8 tcp_flags = 0;
 	if (protocol == IPPROTO_TCP || protocol == IPPROTO_UDP) {
 		if (bpf_skb_load_bytes(skb, l4, ports, sizeof(ports)))
-			return (ep->flags & DF_EP_ENFORCE) ? 0 : 1;
+			return enforce ? 0 : 1;
 		if (protocol == IPPROTO_TCP && bpf_skb_load_bytes(skb, l4 + 13, &tcp_flags, 1))
-			return (ep->flags & DF_EP_ENFORCE) ? 0 : 1;
+			return enforce ? 0 : 1;
 	}
 	__u16 sport = bpf_ntohs(ports[0]);
 	__u16 dport = bpf_ntohs(ports[1]);
@@ -461,8 +460,10 @@ int df_egress(struct __sk_buff *skb)
 	if (cfg && (protocol == IPPROTO_TCP || protocol == IPPROTO_UDP)) {
 		const struct df_addr *proxy = proxy_for(cfg, &dst);
 		if (proxy && addr_eq(&dst, proxy) && dport == cfg->port) {
-			/* A query on its way to the proxy: say who sent it and to whom. Recorded
-			 * before the packet can reach the proxy's socket. */
+			/* A query on its way to the proxy: say who sent it (endpoint 0: a process
+			 * of no endpoint, so a stale entry of an earlier socket on this port is
+			 * overwritten) and to whom. Recorded before the packet can reach the
+			 * proxy's socket. */
 			if (protocol == IPPROTO_UDP || (tcp_flags & 0x02)) {
 				struct df_origin_key k = {};
 				struct df_origin o = {};
@@ -471,8 +472,8 @@ int df_egress(struct __sk_buff *skb)
 				k.addr = src;
 				k.port = sport;
 				k.proto = (__u8)protocol;
-				o.endpoint = ep->key;
-				o.cgroup = cgroup;
+				o.endpoint = ep ? ep->key : 0;
+				o.cgroup = ep ? cgroup : 0;
 				if (orig) {
 					o.server = orig->addr;
 					o.server_port = orig->port;
@@ -486,7 +487,7 @@ int df_egress(struct __sk_buff *skb)
 			return 1;
 		}
 	}
-	if (!(ep->flags & DF_EP_ENFORCE))
+	if (!enforce || !ep)
 		return 1;
 
 	struct bpf_sock *sk = skb->sk;

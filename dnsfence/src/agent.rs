@@ -2,10 +2,10 @@
 //! metrics). Flags are resolved once into a [`Plan`]; the plan is what runs.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use crossbeam_queue::ArrayQueue;
@@ -15,7 +15,8 @@ use dnsfence_engine::core::{CoreConfig, UnknownSource};
 use dnsfence_engine::io::{BackendChoice, IoConfig};
 use dnsfence_engine::shard::{self, PolicyHandle, ShardConfig, ShardStatus};
 use dnsfence_engine::wire::Rcode;
-use dnsfence_policy::Snapshot;
+use dnsfence_policy::reload::{Outcome, Sources};
+use dnsfence_policy::{Endpoints, Snapshot};
 
 use crate::enforce::Enforcer;
 use crate::metrics;
@@ -143,7 +144,9 @@ pub struct AgentArgs {
     /// Append one JSON line per query to this file.
     #[arg(long, value_name = "FILE")]
     pub flow_log: Option<PathBuf>,
-    /// How often policy and endpoint files are checked for changes.
+    /// How often policy and endpoint files are checked for changes. A changed file loads once
+    /// it is the same at two checks in a row (one it keeps changing never replaces the last
+    /// good state).
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
     pub reload_interval: Duration,
     /// Capacity of the allow table: the eBPF allow map's size, or the userspace table's.
@@ -315,26 +318,15 @@ fn os_random_key() -> Result<[u64; 2]> {
     ])
 }
 
-/// Loads policy and endpoints into a snapshot; errors are `FILE:LINE: reason` lines.
-fn load(args: &AgentArgs, generation: u64) -> Result<Snapshot> {
-    let mut snapshot = dnsfence_policy::load(&args.policy, args.endpoints.as_deref())
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    snapshot.set_generation(generation);
-    Ok(snapshot)
-}
-
-/// Reload ticks a changing policy may stay unsettled before it is loaded anyway.
-const MAX_UNSETTLED: u32 = 5;
-
-/// Refuses combinations that would quietly widen enforcement (at start and at every reload).
-fn refuse_unenforceable(args: &AgentArgs, snapshot: &Snapshot) -> Result<()> {
-    let without_ips = snapshot.stats().without_ips;
+/// Refuses combinations that would quietly widen enforcement (at start and at every reload
+/// of the endpoints): `without_ips` endpoints recognised by cgroup only.
+fn refuse_unenforceable(args: &AgentArgs, without_ips: usize) -> Result<(), String> {
     if args.no_bpf && without_ips > 0 && matches!(args.unknown_source, UnknownFlag::Allow) {
-        bail!(
+        return Err(format!(
             "{without_ips} endpoints have no source address (cgroup only) and cannot be \
              recognised without the eBPF datapath; with --unknown-source allow they would be \
              unrestricted: give them ips, or use --unknown-source deny"
-        );
+        ));
     }
     Ok(())
 }
@@ -372,26 +364,19 @@ fn warn_about_limits(args: &AgentArgs, snapshot: &Snapshot) {
     }
 }
 
-/// The latest modification time among the policy and endpoint paths (directories included).
-fn fingerprint(args: &AgentArgs) -> Vec<(PathBuf, Option<SystemTime>)> {
-    let mut out = Vec::new();
-    let mut add = |p: &Path| {
-        out.push((
-            p.to_path_buf(),
-            p.metadata().and_then(|m| m.modified()).ok(),
-        ))
-    };
-    for path in args.policy.iter().chain(args.endpoints.iter()) {
-        add(path);
-        if let Ok(dir) = std::fs::read_dir(path) {
-            let mut entries: Vec<_> = dir.flatten().map(|e| e.path()).collect();
-            entries.sort();
-            for e in entries {
-                add(&e);
-            }
+/// What is in force instead of a rejected file version, for the log.
+fn outcome_text(outcome: Outcome) -> &'static str {
+    match outcome {
+        Outcome::KeptLastGood => "its last good version stays in force",
+        Outcome::PartlyLoaded => {
+            "its valid documents load; the endpoints its invalid documents select are denied \
+             everything"
         }
+        Outcome::FailedClosed => {
+            "it never loaded: every endpoint it could concern is denied everything"
+        }
+        Outcome::KeptLastGoodEndpoints => "the last good endpoint registry stays in force",
     }
-    out
 }
 
 /// Runs the agent until SIGTERM/SIGINT, then drains and exits 0.
@@ -405,8 +390,11 @@ pub fn run(args: &AgentArgs) -> Result<()> {
         return Ok(());
     }
     let plan = plan(args)?;
-    let snapshot = load(args, 1).context("cannot load policy")?;
-    refuse_unenforceable(args, &snapshot)?;
+    let (mut sources, mut snapshot) = Sources::load(&args.policy, args.endpoints.as_deref())
+        .map_err(|e| anyhow::anyhow!("{e}"))
+        .context("cannot load policy")?;
+    snapshot.set_generation(1);
+    refuse_unenforceable(args, snapshot.stats().without_ips).map_err(anyhow::Error::msg)?;
     let policy = Arc::new(PolicyHandle::new(Arc::new(snapshot)));
     let ledger = LedgerConfig {
         capacity: args.allow_entries.max(1),
@@ -485,7 +473,9 @@ pub fn run(args: &AgentArgs) -> Result<()> {
         }
     }
 
-    let observations = Arc::new(Mutex::new(Observations::default()));
+    let observations = Arc::new(Mutex::new(Observations::with_cache_capacity(
+        args.fqdn_cache_entries.max(1),
+    )));
     let consumer_stop = Arc::new(AtomicBool::new(false));
     let consumer = {
         let (records, observations, stop) = (
@@ -504,14 +494,14 @@ pub fn run(args: &AgentArgs) -> Result<()> {
             .context("consumer thread")?
     };
 
-    let reload_errors = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let reload = Arc::new(metrics::ReloadStatus::default());
     if let Some(listener) = metrics_listener {
         let state = metrics::State {
             shards: statuses.clone(),
             observations: Arc::clone(&observations),
             policy: Arc::clone(&policy),
             enforcer: Arc::clone(&enforcer),
-            reload_errors: Arc::clone(&reload_errors),
+            reload: Arc::clone(&reload),
             records_queued: Arc::clone(&records),
         };
         metrics::serve(listener, state, Arc::clone(&stop)).context("metrics thread")?;
@@ -530,9 +520,12 @@ pub fn run(args: &AgentArgs) -> Result<()> {
     warn_about_limits(args, &policy.load());
 
     // Control loop: hot reload and expiry sweeps until a signal arrives or a shard dies.
-    let mut seen = fingerprint(args);
-    let mut changed: Option<Vec<(PathBuf, Option<SystemTime>)>> = None;
-    let mut unsettled = 0u32;
+    // Each file reloads on its own and only as one consistent, settled version; what cannot
+    // be used is reported and never widens enforcement (dnsfence_policy::reload).
+    let accept = |endpoints: &Endpoints| {
+        let without_ips = endpoints.endpoints.iter().filter(|e| e.ips.is_empty());
+        refuse_unenforceable(args, without_ips.count())
+    };
     let mut generation = 1;
     let mut last_check = Instant::now();
     let mut failed = None;
@@ -547,64 +540,50 @@ pub fn run(args: &AgentArgs) -> Result<()> {
         }
         last_check = Instant::now();
         enforcer.tick(&policy.load());
-        let now = fingerprint(args);
-        if now == seen {
-            changed = None;
-            continue;
+        let report = sources.check(&accept);
+        for rejection in &report.rejections {
+            reload.errors.fetch_add(1, Ordering::Relaxed);
+            eprintln!(
+                "dnsfence agent: policy reload rejected {}: {}:\n{}",
+                rejection.file.display(),
+                outcome_text(rejection.outcome),
+                rejection.errors
+            );
         }
-        // Load only once the files have stopped changing for one interval: an editor or a
-        // config-map update caught half-written could otherwise parse as a smaller, valid
-        // policy and leave endpoints unrestricted until the next tick.
-        // A file rewritten more often than the interval would never settle: after
-        // MAX_UNSETTLED ticks it is loaded anyway (a broken read is rejected like any edit).
-        if changed.as_ref() != Some(&now) && unsettled < MAX_UNSETTLED {
-            changed = Some(now);
-            unsettled += 1;
-            continue;
-        }
-        let loaded = load(args, generation + 1);
-        if fingerprint(args) != now && unsettled < MAX_UNSETTLED {
-            unsettled += 1;
-            continue; // changed while loading: try again next interval
-        }
-        if unsettled >= MAX_UNSETTLED {
-            eprintln!("dnsfence agent: policy files keep changing; loading them as they are now");
-        }
-        seen = now;
-        changed = None;
-        unsettled = 0;
-        // What would widen enforcement is refused at reload as at start.
-        let loaded = loaded.and_then(|snapshot| {
-            refuse_unenforceable(args, &snapshot)?;
-            Ok(snapshot)
-        });
-        match loaded {
-            Ok(snapshot) => {
-                generation += 1;
-                let before = policy.load().stats();
-                let after = snapshot.stats();
-                // The allow entries follow the new policy before the shards do: a name the
-                // reload allows is then written as soon as a shard forwards it, and a name it
-                // removes is no longer written even by a shard still on the old snapshot.
-                let snapshot = Arc::new(snapshot);
-                match enforcer.apply(&snapshot) {
-                    Ok(lines) => lines.iter().for_each(|l| eprintln!("dnsfence agent: {l}")),
-                    Err(e) => eprintln!("dnsfence agent: datapath update failed: {e:#}"),
-                }
-                policy.store(snapshot);
-                eprintln!("dnsfence agent: policy reloaded (generation {generation})");
-                if (before.without_ips, before.fqdn_rules) != (after.without_ips, after.fqdn_rules)
-                {
-                    warn_about_limits(args, &policy.load());
-                }
+        if let Some(mut snapshot) = report.snapshot {
+            generation += 1;
+            snapshot.set_generation(generation);
+            let before = policy.load().stats();
+            let after = snapshot.stats();
+            // The allow entries follow the new policy before the shards do: a name the
+            // reload allows is then written as soon as a shard forwards it, and a name it
+            // removes is no longer written even by a shard still on the old snapshot.
+            let snapshot = Arc::new(snapshot);
+            match enforcer.apply(&snapshot) {
+                Ok(lines) => lines.iter().for_each(|l| eprintln!("dnsfence agent: {l}")),
+                Err(e) => eprintln!("dnsfence agent: datapath update failed: {e:#}"),
             }
-            Err(e) => {
-                reload_errors.fetch_add(1, Ordering::Relaxed);
-                eprintln!(
-                    "dnsfence agent: policy reload rejected, keeping generation {generation}:\n{e:#}"
-                );
+            policy.store(snapshot);
+            eprintln!(
+                "dnsfence agent: policy reloaded (generation {generation}){}",
+                match after.fail_closed {
+                    0 => String::new(),
+                    n => format!(
+                        "; {n} endpoints denied everything: a policy selecting them failed to load"
+                    ),
+                }
+            );
+            if (before.without_ips, before.fqdn_rules) != (after.without_ips, after.fqdn_rules) {
+                warn_about_limits(args, &policy.load());
             }
         }
+        let status = sources.status();
+        reload
+            .rejected
+            .store(status.rejected as u64, Ordering::Relaxed);
+        reload
+            .pending
+            .store(status.pending as u64, Ordering::Relaxed);
     }
 
     if failed.is_none() {

@@ -1,12 +1,13 @@
-//! Prometheus metrics over plain HTTP (`GET /metrics`), served by one thread.
+//! Prometheus metrics over plain HTTP (`GET /metrics`): an acceptor thread and one short-lived
+//! thread per connection, bounded in number and time, so idle clients cannot stall a scrape.
 
 use std::fmt::Write as _;
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crossbeam_queue::ArrayQueue;
 
@@ -23,12 +24,24 @@ pub struct State {
     pub observations: Arc<Mutex<Observations>>,
     /// Current policy.
     pub policy: Arc<PolicyHandle>,
-    /// Userspace allow table.
+    /// Where allow entries go (userspace table or eBPF maps).
     pub enforcer: Arc<crate::enforce::Enforcer>,
-    /// Rejected policy reloads.
-    pub reload_errors: Arc<AtomicU64>,
+    /// Policy and endpoint reloads.
+    pub reload: Arc<ReloadStatus>,
     /// The record queue (its length is a gauge).
     pub records_queued: Arc<ArrayQueue<Record>>,
+}
+
+/// Where policy and endpoint reloads stand (written by the control loop).
+#[derive(Debug, Default)]
+pub struct ReloadStatus {
+    /// File versions rejected so far (each reported once).
+    pub errors: AtomicU64,
+    /// Files whose version on disk is rejected now (their last good version, or a fail-closed
+    /// stand-in, is in force).
+    pub rejected: AtomicU64,
+    /// Files changed on disk and not loaded yet (still changing).
+    pub pending: AtomicU64,
 }
 
 /// Binds the metrics listener (before anything else starts, so a taken port fails early).
@@ -38,36 +51,94 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     Ok(listener)
 }
 
-/// Serves `listener` until `stop` is set.
+/// Most connections served at once. One more evicts the oldest (its reader is shut down), so
+/// idle or trickling clients can delay a scrape by one accept at most, never stall it.
+pub const MAX_CONNECTIONS: usize = 32;
+/// How long a connection may take to send its request line and to take the reply.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The connections being served: an id and a handle to shut each down.
+type Active = Arc<Mutex<std::collections::VecDeque<(u64, TcpStream)>>>;
+
+/// Serves `listener` until `stop` is set: one acceptor thread, and one short-lived thread per
+/// connection (at most [`MAX_CONNECTIONS`]; each gets [`REQUEST_TIMEOUT`] to send its request).
 pub fn serve(listener: TcpListener, state: State, stop: Arc<AtomicBool>) -> std::io::Result<()> {
+    let state = Arc::new(state);
+    let active: Active = Arc::default();
     std::thread::Builder::new()
         .name("dnsf-metrics".into())
         .spawn(move || {
+            let mut next_id = 0u64;
             while !stop.load(Ordering::Relaxed) {
-                match listener.accept() {
-                    Ok((mut stream, _)) => {
-                        let _ = stream.set_nonblocking(false);
-                        let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
-                        let mut request = [0u8; 1024];
-                        let n = stream.read(&mut request).unwrap_or(0);
-                        let ok = request[..n].starts_with(b"GET /metrics");
-                        let (status, body) = if ok {
-                            ("200 OK", render(&state))
-                        } else {
-                            ("404 Not Found", "try GET /metrics\n".to_owned())
-                        };
-                        let _ = write!(
-                            stream,
-                            "HTTP/1.0 {status}\r\nContent-Type: text/plain; version=0.0.4\r\n\
-                         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                            body.len()
-                        );
+                let stream = match listener.accept() {
+                    Ok((stream, _)) => stream,
+                    Err(_) => {
+                        std::thread::sleep(Duration::from_millis(10));
+                        continue;
                     }
-                    Err(_) => std::thread::sleep(Duration::from_millis(50)),
+                };
+                let id = next_id;
+                next_id += 1;
+                {
+                    let mut active = active.lock().unwrap_or_else(|e| e.into_inner());
+                    while active.len() >= MAX_CONNECTIONS {
+                        if let Some((_, oldest)) = active.pop_front() {
+                            let _ = oldest.shutdown(Shutdown::Both);
+                        }
+                    }
+                    match stream.try_clone() {
+                        Ok(handle) => active.push_back((id, handle)),
+                        Err(_) => continue,
+                    }
+                }
+                let (state, mine) = (Arc::clone(&state), Arc::clone(&active));
+                let spawned = std::thread::Builder::new()
+                    .name("dnsf-metrics-conn".into())
+                    .spawn(move || {
+                        answer(stream, &state);
+                        let mut mine = mine.lock().unwrap_or_else(|e| e.into_inner());
+                        mine.retain(|(i, _)| *i != id);
+                    });
+                if spawned.is_err() {
+                    let mut active = active.lock().unwrap_or_else(|e| e.into_inner());
+                    active.retain(|(i, _)| *i != id);
                 }
             }
         })?;
     Ok(())
+}
+
+/// Reads one request (within [`REQUEST_TIMEOUT`]) and answers it.
+fn answer(mut stream: TcpStream, state: &State) {
+    let deadline = Instant::now() + REQUEST_TIMEOUT;
+    let _ = stream.set_nonblocking(false);
+    let _ = stream.set_write_timeout(Some(REQUEST_TIMEOUT));
+    let mut request = [0u8; 1024];
+    let mut n = 0;
+    // Until the end of the headers, a full buffer, the peer's end, or the deadline.
+    while n < request.len() && !request[..n].windows(4).any(|w| w == b"\r\n\r\n") {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() || stream.set_read_timeout(Some(left)).is_err() {
+            return;
+        }
+        match stream.read(&mut request[n..]) {
+            Ok(0) => break,
+            Ok(read) => n += read,
+            Err(_) => return,
+        }
+    }
+    let ok = request[..n].starts_with(b"GET /metrics");
+    let (status, body) = if ok {
+        ("200 OK", render(state))
+    } else {
+        ("404 Not Found", "try GET /metrics\n".to_owned())
+    };
+    let _ = write!(
+        stream,
+        "HTTP/1.0 {status}\r\nContent-Type: text/plain; version=0.0.4\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
 }
 
 /// A per-shard counter of `T`: metric name, help text, accessor.
@@ -270,12 +341,34 @@ pub fn render(state: &State) -> String {
         "dnsfence_policy_generation {}",
         state.policy.load().generation()
     );
-    let _ = writeln!(out, "# TYPE dnsfence_policy_reload_errors_total counter");
-    let _ = writeln!(
-        out,
-        "dnsfence_policy_reload_errors_total {}",
-        state.reload_errors.load(Ordering::Relaxed)
+    let reload = &state.reload;
+    let (rejected, pending) = (
+        reload.rejected.load(Ordering::Relaxed),
+        reload.pending.load(Ordering::Relaxed),
     );
+    let policy_gauges: [(&str, &str, u64); 5] = [
+        (
+            "dnsfence_policy_reload_errors_total",
+            "counter",
+            reload.errors.load(Ordering::Relaxed),
+        ),
+        (
+            "dnsfence_policy_stale",
+            "gauge",
+            u64::from(rejected + pending > 0),
+        ),
+        ("dnsfence_policy_files_rejected", "gauge", rejected),
+        ("dnsfence_policy_files_pending", "gauge", pending),
+        (
+            "dnsfence_policy_fail_closed_endpoints",
+            "gauge",
+            state.policy.load().stats().fail_closed as u64,
+        ),
+    ];
+    for (name, kind, value) in policy_gauges {
+        let _ = writeln!(out, "# TYPE {name} {kind}");
+        let _ = writeln!(out, "{name} {value}");
+    }
     let _ = writeln!(out, "# TYPE dnsfence_record_queue_length gauge");
     let _ = writeln!(
         out,
@@ -293,4 +386,60 @@ pub fn render(state: &State) -> String {
         );
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dnsfence_policy::Snapshot;
+
+    fn state() -> State {
+        State {
+            shards: Vec::new(),
+            observations: Arc::default(),
+            policy: Arc::new(PolicyHandle::new(Arc::new(Snapshot::empty()))),
+            enforcer: Arc::new(crate::enforce::Enforcer::userspace(
+                dnsfence_engine::allow::LedgerConfig::default(),
+            )),
+            reload: Arc::default(),
+            records_queued: Arc::new(ArrayQueue::new(1)),
+        }
+    }
+
+    fn scrape(addr: SocketAddr) -> std::io::Result<String> {
+        let mut s = TcpStream::connect(addr)?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")?;
+        let mut text = String::new();
+        s.read_to_string(&mut text)?;
+        Ok(text)
+    }
+
+    /// Idle connections (open, nothing sent) neither stall a scrape nor pile up: up to the cap
+    /// they are served side by side, beyond it the oldest is shut down.
+    #[test]
+    fn idle_connections_do_not_stall_a_scrape() {
+        let listener = bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        serve(listener, state(), Arc::clone(&stop)).unwrap();
+        for idle in [50, 4 * MAX_CONNECTIONS] {
+            let conns: Vec<TcpStream> = (0..idle)
+                .map(|_| TcpStream::connect(addr).unwrap())
+                .collect();
+            // Let the acceptor take them all before the scrape.
+            std::thread::sleep(Duration::from_millis(300));
+            let started = Instant::now();
+            let text = scrape(addr).unwrap();
+            let took = started.elapsed();
+            assert!(text.starts_with("HTTP/1.0 200 OK"), "{text}");
+            assert!(text.contains("dnsfence_policy_generation 0"), "{text}");
+            assert!(
+                took < Duration::from_secs(1),
+                "{idle} idle: scrape took {took:?}"
+            );
+            drop(conns);
+        }
+        stop.store(true, Ordering::Relaxed);
+    }
 }

@@ -48,6 +48,23 @@ pub struct Observations {
     pub addresses_evicted: u64,
 }
 
+impl Observations {
+    /// Empty aggregates with the FQDN cache allocated once for its cap, so that no insert ever
+    /// pays a whole-table reallocation and rehash (a latency cliff of tens of milliseconds at
+    /// 10⁵–10⁶ entries). The cache never holds more than `cache_entries` (see
+    /// [`ConsumerConfig::cache_entries`]), but evictions leave tombstones, and the standard
+    /// table reallocates when tombstones use up its room while more than half of its capacity
+    /// is live: room for twice the cap keeps it at its first size for good. Only the control
+    /// bytes are touched up front; bucket pages become resident as entries land. The per-name
+    /// address sets stay small (`max_ips_per_name`) and grow on demand.
+    pub fn with_cache_capacity(cache_entries: usize) -> Observations {
+        Observations {
+            cache: HashMap::with_capacity(cache_entries.saturating_mul(2).saturating_add(2)),
+            ..Observations::default()
+        }
+    }
+}
+
 /// How the consumer runs.
 pub struct ConsumerConfig {
     /// Most (endpoint, name) entries kept; beyond it expired entries, then arbitrary ones,
@@ -250,6 +267,40 @@ mod tests {
         apply(&mut obs, &update(later, &[ip], 60), 16, 64);
         let entry = obs.cache.values().next().unwrap();
         assert_eq!(entry.addresses.keys().copied().collect::<Vec<_>>(), [ip]);
+    }
+
+    #[test]
+    fn a_cache_sized_at_start_never_rehashes() {
+        const CAP: usize = 1000;
+        let mut obs = Observations::with_cache_capacity(CAP);
+        let capacity = obs.cache.capacity();
+        assert!(capacity >= CAP);
+        let mut last = capacity;
+        let t0 = Instant::now();
+        // Fill to the cap, then keep going through 200 caps' worth of unique names (evictions
+        // all along): the table is never rehashed. (Sized for the cap alone, it reallocates
+        // after about 115 caps' worth, once tombstones use up its room.)
+        for i in 0..200 * CAP as u32 {
+            let Record::Addresses(mut u) =
+                update(t0, &[std::net::IpAddr::from(i.to_be_bytes())], 60)
+            else {
+                unreachable!()
+            };
+            u.name = Name::from_text(&format!("n{i}.flood.test")).unwrap();
+            apply(&mut obs, &Record::Addresses(u), CAP, 8);
+            assert!(obs.cache.len() <= CAP);
+            // `capacity()` is live entries plus the room left before the next rehash: it drops
+            // as evictions leave tombstones, rises by one when an insert reuses a tombstone,
+            // and would jump at a rehash (in place: back to the first value; into a bigger
+            // allocation: above it).
+            let now = obs.cache.capacity();
+            assert!(
+                now <= last + 1 && now <= capacity,
+                "rehash at insert {i}: capacity {last} -> {now}"
+            );
+            last = now;
+        }
+        assert!(obs.cache_evictions > 0);
     }
 
     #[test]

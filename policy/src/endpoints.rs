@@ -50,6 +50,9 @@ impl Endpoints {
 
     /// Parses `text` as if read from `file`.
     pub fn from_yaml(file: &Path, text: &str) -> Result<Endpoints, LoadErrors> {
+        if let Some(empty) = crate::policy::empty_file(file, text) {
+            return Err(LoadErrors(vec![empty]));
+        }
         let mut errors = Vec::new();
         let endpoints = parse(
             &mut Diag {

@@ -14,6 +14,20 @@ pub enum LoadErrorKind {
     /// A directory holds no `*.yaml` / `*.yml` file (reported at line 0).
     #[error("no *.yaml or *.yml files in directory")]
     EmptyDirectory,
+    /// The file holds nothing, not even a comment (reported at line 0). A zero-byte file is
+    /// what a writer that truncates before it writes leaves for a moment, so it never counts
+    /// as "no policy": a file that removes every policy says so with a comment.
+    #[error(
+        "empty file: taken for one caught half-written; to remove every policy or endpoint, \
+         leave a comment (e.g. `# none`) or remove the file"
+    )]
+    Empty,
+    /// The file changed while it was read, at every try (reported at line 0).
+    #[error("the file kept changing while it was read")]
+    Unstable,
+    /// The file is not UTF-8 (reported at line 0).
+    #[error("not UTF-8 text")]
+    NotUtf8,
     /// The YAML itself is malformed.
     #[error("YAML syntax error: {0}")]
     Syntax(String),

@@ -11,6 +11,7 @@
 mod endpoints;
 mod error;
 mod policy;
+pub mod reload;
 mod selector;
 mod snapshot;
 mod yaml;
@@ -20,8 +21,8 @@ use std::path::{Path, PathBuf};
 pub use endpoints::{Endpoint, Endpoints};
 pub use error::{LoadError, LoadErrorKind, LoadErrors};
 pub use policy::{
-    DnsPorts, DnsRule, EgressRule, FqdnRule, Policy, PolicyKind, PolicySet, PortProto,
-    PortProtocol, Proto, Spec, Summary,
+    DnsPorts, DnsRule, EgressRule, FileVerdict, FqdnRule, Policy, PolicyKind, PolicySet, PortProto,
+    PortProtocol, Proto, Spec, Summary, parse_policy_file,
 };
 pub use selector::{LabelSelector, Labels, NAMESPACE_LABEL};
 pub use snapshot::{DnsVerdict, EndpointId, EndpointKey, Snapshot, SnapshotStats};

@@ -286,6 +286,10 @@ impl PolicySet {
 
     fn parse_file(&mut self, file: &Path, text: &str, errors: &mut Vec<LoadError>) {
         self.files.push(file.to_path_buf());
+        if let Some(empty) = empty_file(file, text) {
+            errors.push(empty);
+            return;
+        }
         let first_error = errors.len();
         let mut diag = Diag { file, errors };
         for doc in yaml::parse_documents(&mut diag, text) {
@@ -301,8 +305,26 @@ impl PolicySet {
     }
 
     fn check_duplicates(&self, errors: &mut Vec<LoadError>) {
+        errors.extend(self.duplicates().into_iter().map(|(_, e)| e));
+    }
+
+    /// Removes every policy that repeats the kind, namespace and name of an earlier one, and
+    /// returns each with the error that reports it.
+    pub fn remove_duplicates(&mut self) -> Vec<(Policy, LoadError)> {
+        let found = self.duplicates();
+        let mut removed = Vec::with_capacity(found.len());
+        for (i, error) in found.into_iter().rev() {
+            removed.push((self.policies.remove(i), error));
+        }
+        removed.reverse();
+        removed
+    }
+
+    /// Index and error of each policy that repeats an earlier one's kind, namespace and name.
+    fn duplicates(&self) -> Vec<(usize, LoadError)> {
+        let mut out = Vec::new();
         let mut seen: HashMap<(PolicyKind, Option<&str>, &str), &Policy> = HashMap::new();
-        for p in &self.policies {
+        for (i, p) in self.policies.iter().enumerate() {
             let key = (p.kind, p.namespace.as_deref(), p.name.as_str());
             if let Some(first) = seen.get(&key) {
                 let ns = p
@@ -310,29 +332,209 @@ impl PolicySet {
                     .as_deref()
                     .map(|ns| format!("{ns}/"))
                     .unwrap_or_default();
-                errors.push(LoadError::new(
-                    &p.file,
-                    p.line,
-                    LoadErrorKind::Invalid {
-                        field: "metadata.name".to_string(),
-                        reason: format!(
-                            "duplicate {} {ns}{} (first at {}:{})",
-                            p.kind.as_str(),
-                            p.name,
-                            first.file.display(),
-                            first.line
-                        ),
-                    },
+                out.push((
+                    i,
+                    LoadError::new(
+                        &p.file,
+                        p.line,
+                        LoadErrorKind::Invalid {
+                            field: "metadata.name".to_string(),
+                            reason: format!(
+                                "duplicate {} {ns}{} (first at {}:{})",
+                                p.kind.as_str(),
+                                p.name,
+                                first.file.display(),
+                                first.line
+                            ),
+                        },
+                    ),
                 ));
             } else {
                 seen.insert(key, p);
             }
         }
+        out
     }
 }
 
+/// The error of a file that holds nothing at all (see [`LoadErrorKind::Empty`]).
+pub(crate) fn empty_file(file: &Path, text: &str) -> Option<LoadError> {
+    text.trim()
+        .is_empty()
+        .then(|| LoadError::new(file, 0, LoadErrorKind::Empty))
+}
+
+/// What one policy file yields on its own: hot reload weighs each file separately, so that a
+/// bad file harms only the endpoints it concerns.
+#[derive(Debug, Clone)]
+pub enum FileVerdict {
+    /// Every document validated. No document at all (a file of comments) is an explicit
+    /// "no policy".
+    Valid(Vec<Policy>),
+    /// Some documents failed, and every endpoint selector of each failed document could still
+    /// be read: the valid documents apply, and the endpoints the failed ones select are denied
+    /// everything (`fail_closed`).
+    Partial {
+        /// The documents that validated.
+        policies: Vec<Policy>,
+        /// One selector per spec of each failed document (a CNP's namespace required).
+        fail_closed: Vec<LabelSelector>,
+        /// What is wrong.
+        errors: LoadErrors,
+    },
+    /// The file cannot be used at all: empty, not YAML (a truncated or half-written file
+    /// usually is not), or a failed document whose selectors cannot be read.
+    Unusable {
+        /// The endpoints the file could concern: one selector per namespace its documents
+        /// name when every document names one (CNPs), else the empty selector (every endpoint).
+        scope: Vec<LabelSelector>,
+        /// What is wrong.
+        errors: LoadErrors,
+    },
+}
+
+/// Validates one policy file's text on its own (see [`FileVerdict`]).
+pub fn parse_policy_file(file: &Path, text: &str) -> FileVerdict {
+    let everything = || vec![LabelSelector::default()];
+    if let Some(empty) = empty_file(file, text) {
+        return FileVerdict::Unusable {
+            scope: everything(),
+            errors: LoadErrors(vec![empty]),
+        };
+    }
+    let mut errors = Vec::new();
+    let mut diag = Diag {
+        file,
+        errors: &mut errors,
+    };
+    let docs = yaml::parse_documents(&mut diag, text);
+    if !diag.errors.is_empty() {
+        return FileVerdict::Unusable {
+            scope: everything(),
+            errors: LoadErrors(errors),
+        };
+    }
+    let docs: Vec<_> = docs.into_iter().filter(|d| !yaml::is_null(d)).collect();
+    let mut policies = Vec::new();
+    let mut fail_closed = Vec::new();
+    let mut unreadable = false;
+    for doc in &docs {
+        match parse_policy(&mut diag, doc) {
+            Some(policy) => policies.push(policy),
+            None => match selectors_of(file, doc) {
+                Some(selectors) => fail_closed.extend(selectors),
+                None => unreadable = true,
+            },
+        }
+    }
+    errors.sort_by_key(|e| e.line);
+    let errors = LoadErrors(errors);
+    if unreadable {
+        let scope = docs
+            .iter()
+            .map(|doc| namespace_of(file, doc).map(|ns| namespace_selector(&ns)))
+            .collect::<Option<Vec<_>>>()
+            .unwrap_or_else(everything);
+        FileVerdict::Unusable { scope, errors }
+    } else if errors.is_empty() {
+        FileVerdict::Valid(policies)
+    } else {
+        FileVerdict::Partial {
+            policies,
+            fail_closed,
+            errors,
+        }
+    }
+}
+
+/// The selector of every endpoint of namespace `ns`.
+fn namespace_selector(ns: &str) -> LabelSelector {
+    let mut s = LabelSelector::default();
+    s.require(NAMESPACE_LABEL, ns);
+    s
+}
+
+/// The kind of a failed document and, for a CNP, its namespace: `default` when its metadata
+/// names none, `None` when it has no metadata mapping (a document cut short may have lost
+/// it); `None` overall when the kind or a namespace it names cannot be read.
+fn kind_and_namespace(file: &Path, doc: &Node<'_>) -> Option<(PolicyKind, Option<String>)> {
+    let kind = match doc.data.as_mapping_get("kind").and_then(yaml::scalar_str) {
+        Some("CiliumNetworkPolicy") => PolicyKind::Namespaced,
+        Some("CiliumClusterwideNetworkPolicy") => PolicyKind::Clusterwide,
+        _ => return None,
+    };
+    if kind == PolicyKind::Clusterwide {
+        return Some((kind, None));
+    }
+    let mut scratch = Vec::new();
+    let mut diag = Diag {
+        file,
+        errors: &mut scratch,
+    };
+    let ns = match doc.data.as_mapping_get("metadata") {
+        Some(meta) if meta.data.as_mapping().is_some() => {
+            match meta.data.as_mapping_get("namespace") {
+                None => Some("default".to_string()),
+                Some(n) if yaml::is_null(n) => Some("default".to_string()),
+                Some(n) => Some(diag.string(n, "metadata.namespace")?),
+            }
+        }
+        _ => None,
+    };
+    scratch.is_empty().then_some((kind, ns))
+}
+
+/// The namespace a failed document is confined to: a CNP's; `None` for a CCNP or a document
+/// whose kind or namespace cannot be read.
+fn namespace_of(file: &Path, doc: &Node<'_>) -> Option<String> {
+    kind_and_namespace(file, doc)?.1
+}
+
+/// The endpoint selectors of a document that failed validation (one per spec, a CNP's
+/// namespace required when it can be read; else in every namespace), when every one of them
+/// can still be read.
+fn selectors_of(file: &Path, doc: &Node<'_>) -> Option<Vec<LabelSelector>> {
+    let (_, namespace) = kind_and_namespace(file, doc)?;
+    let mut specs: Vec<&Node<'_>> = Vec::new();
+    if let Some(spec) = doc
+        .data
+        .as_mapping_get("spec")
+        .filter(|n| !yaml::is_null(n))
+    {
+        specs.push(spec);
+    }
+    if let Some(list) = doc
+        .data
+        .as_mapping_get("specs")
+        .filter(|n| !yaml::is_null(n))
+    {
+        specs.extend(list.data.as_sequence()?.iter());
+    }
+    if specs.is_empty() {
+        return None;
+    }
+    let mut scratch = Vec::new();
+    let mut diag = Diag {
+        file,
+        errors: &mut scratch,
+    };
+    let mut out = Vec::with_capacity(specs.len());
+    for spec in specs {
+        let node = spec.data.as_mapping_get("endpointSelector")?;
+        let mut selector = selector::parse(&mut diag, node, "endpointSelector")?;
+        if let Some(ns) = &namespace {
+            if selector.requires_other_value(NAMESPACE_LABEL, ns) {
+                return None;
+            }
+            selector.require(NAMESPACE_LABEL, ns);
+        }
+        out.push(selector);
+    }
+    scratch.is_empty().then_some(out)
+}
+
 /// Files named by `paths`, directories expanded (sorted, non-recursive, `*.yaml` / `*.yml`).
-fn expand_paths(paths: &[PathBuf], errors: &mut Vec<LoadError>) -> Vec<PathBuf> {
+pub(crate) fn expand_paths(paths: &[PathBuf], errors: &mut Vec<LoadError>) -> Vec<PathBuf> {
     let mut files = Vec::new();
     for path in paths {
         if !path.is_dir() {

@@ -124,6 +124,8 @@ pub struct SnapshotStats {
     pub fqdn_rules: usize,
     /// Endpoints with no source address (recognised by cgroup only).
     pub without_ips: usize,
+    /// Endpoints denied everything because a policy that selects them failed to load.
+    pub fail_closed: usize,
 }
 
 /// The compiled policy and endpoint registry. Immutable; shared as `Arc<Snapshot>`.
@@ -142,6 +144,9 @@ pub struct Snapshot {
     by_key: Box<[(EndpointKey, EndpointId)]>,
     by_cgroup: HashMap<Box<str>, EndpointId>,
     groups: Box<[Group]>,
+    /// The group that allows nothing (endpoints selected by a policy that failed to load), if
+    /// any endpoint is in it.
+    deny_all: u32,
     rule_ports: Box<[Box<[PortProto]>]>,
 }
 
@@ -169,13 +174,25 @@ impl Snapshot {
             by_key: Box::new([]),
             by_cgroup: HashMap::new(),
             groups: Box::new([]),
+            deny_all: NO_GROUP,
             rule_ports: Box::new([]),
         }
     }
 
     /// Compiles validated policies against an endpoint registry.
     pub fn compile(policies: &PolicySet, endpoints: &Endpoints) -> Snapshot {
-        compile(policies, &endpoints.endpoints)
+        compile(policies, &endpoints.endpoints, &[])
+    }
+
+    /// Like [`Snapshot::compile`], and every endpoint one of `fail_closed` selects is denied
+    /// everything (DNS and toFQDNs), whatever the policies say: the endpoints of a policy that
+    /// failed to load.
+    pub fn compile_fail_closed(
+        policies: &PolicySet,
+        endpoints: &Endpoints,
+        fail_closed: &[LabelSelector],
+    ) -> Snapshot {
+        compile(policies, &endpoints.endpoints, fail_closed)
     }
 
     /// The endpoint that owns source address `ip` (IPv4-mapped IPv6 is looked up as IPv4).
@@ -367,6 +384,11 @@ impl Snapshot {
             groups: self.groups.len(),
             fqdn_rules: self.rule_ports.len(),
             without_ips: self.endpoints.iter().filter(|e| !e.has_ips).count(),
+            fail_closed: self
+                .endpoints
+                .iter()
+                .filter(|e| e.group != NO_GROUP && e.group == self.deny_all)
+                .count(),
         }
     }
 }
@@ -394,7 +416,11 @@ fn servers_of(to: Option<&[LabelSelector]>, endpoints: &[Endpoint]) -> Servers {
     Servers::Endpoints(bits.into_boxed_slice())
 }
 
-fn compile(policies: &PolicySet, endpoints: &[Endpoint]) -> Snapshot {
+fn compile(
+    policies: &PolicySet,
+    endpoints: &[Endpoint],
+    fail_closed: &[LabelSelector],
+) -> Snapshot {
     let mut rule_ports: Vec<Box<[PortProto]>> = Vec::new();
     let mut specs = Vec::new();
     for spec in policies.policies.iter().flat_map(|p| &p.specs) {
@@ -429,15 +455,27 @@ fn compile(policies: &PolicySet, endpoints: &[Endpoint]) -> Snapshot {
     let mut entries = Vec::with_capacity(endpoints.len());
     let mut by_ip = Vec::new();
     let mut by_cgroup = HashMap::new();
+    let mut deny_all = NO_GROUP;
     for (i, ep) in endpoints.iter().enumerate() {
         let id = EndpointId(i as u32);
+        let failed = fail_closed.iter().any(|s| s.matches(&ep.labels));
         let selecting: Vec<u32> = specs
             .iter()
             .enumerate()
             .filter(|(_, s)| s.selector.matches(&ep.labels))
             .map(|(j, _)| j as u32)
             .collect();
-        let group = if selecting.is_empty() {
+        let group = if failed {
+            if deny_all == NO_GROUP {
+                groups.push(Group {
+                    dns: Box::new([]),
+                    fqdn: MatcherBuilder::new().build(),
+                    fqdn_ports: Box::new([]),
+                });
+                deny_all = (groups.len() - 1) as u32;
+            }
+            deny_all
+        } else if selecting.is_empty() {
             NO_GROUP
         } else {
             *group_of.entry(selecting).or_insert_with_key(|selecting| {
@@ -474,6 +512,7 @@ fn compile(policies: &PolicySet, endpoints: &[Endpoint]) -> Snapshot {
         by_key: by_key.into_boxed_slice(),
         by_cgroup,
         groups: groups.into_boxed_slice(),
+        deny_all,
         rule_ports: rule_ports.into_boxed_slice(),
     }
 }

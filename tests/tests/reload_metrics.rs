@@ -164,6 +164,27 @@ fn per_shard_counters(io: IoBackend) {
     assert!(sum("dnsfence_io_tcp_accepted_total") >= 1.0);
 }
 
+/// Idle connections to the metrics listener (open, nothing sent) do not stall a scrape.
+#[test]
+fn idle_metrics_connections_do_not_stall_a_scrape() {
+    let fake = FakeUpstream::start(FakeMode::Answer);
+    let agent = Agent::start(&AgentConfig::new(IoBackend::Mmsg, fake.addr));
+    let _ = agent.metrics_text(); // the listener is up
+    let idle: Vec<std::net::TcpStream> = (0..50)
+        .map(|_| std::net::TcpStream::connect(agent.metrics).expect("connect"))
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let started = Instant::now();
+    let text = dns::http_get(agent.metrics, "/metrics").expect("scrape");
+    let took = started.elapsed();
+    assert!(text.contains("dnsfence_policy_generation 1"), "{text}");
+    assert!(
+        took < Duration::from_secs(1),
+        "scrape took {took:?} with 50 idle connections"
+    );
+    drop(idle);
+}
+
 /// `--flow-log` gets one JSON line per query, visible while the agent runs.
 #[test]
 fn flow_log_has_a_line_per_query() {
