@@ -143,6 +143,10 @@ pub struct AgentArgs {
     /// that does not read and goes over it is closed.
     #[arg(long, default_value_t = 128 * 1024)]
     pub max_tcp_out_bytes: usize,
+    /// SO_RCVBUF and SO_SNDBUF of each TCP client connection, in bytes (the kernel doubles
+    /// them): the kernel memory one connection can hold.
+    #[arg(long, default_value_t = 64 * 1024)]
+    pub tcp_socket_buffer_bytes: usize,
     /// Queries of one TCP connection in flight at once; the connection is not read beyond.
     #[arg(long, default_value_t = 32)]
     pub max_tcp_pipeline: usize,
@@ -265,6 +269,7 @@ fn plan(args: &AgentArgs) -> Result<Plan> {
         io.max_tcp_message = args.max_tcp_message;
         io.max_tcp_out_bytes = args.max_tcp_out_bytes;
         io.max_tcp_pipeline = args.max_tcp_pipeline;
+        io.tcp_socket_buffer_bytes = args.tcp_socket_buffer_bytes;
         let mut core = CoreConfig::new(args.upstream);
         core.upstream_sockets = args.upstream_sockets;
         core.upstream_timeout = args.upstream_timeout;

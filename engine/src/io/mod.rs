@@ -160,10 +160,13 @@ pub struct IoConfig {
     /// Bytes queued for the upstream TCP connection (also while it connects); messages over it
     /// are dropped (counted in [`IoStats::upstream_tcp_dropped`]).
     pub max_upstream_tcp_queue: usize,
-    /// `SO_RCVBUF` asked for on every socket (best effort).
+    /// `SO_RCVBUF` asked for on every UDP socket (best effort).
     pub recv_buffer_bytes: usize,
-    /// `SO_SNDBUF` asked for on every socket (best effort).
+    /// `SO_SNDBUF` asked for on every UDP socket (best effort).
     pub send_buffer_bytes: usize,
+    /// `SO_RCVBUF` and `SO_SNDBUF` of the TCP listener, inherited by every client connection
+    /// (the kernel doubles them): bounds the kernel memory a connection can hold.
+    pub tcp_socket_buffer_bytes: usize,
     /// UDP sends that may be queued between flushes (mmsg: per socket, flushed early when
     /// full; io_uring: send slots in flight, further sends dropped and counted).
     pub send_queue: usize,
@@ -192,6 +195,7 @@ impl IoConfig {
             max_upstream_tcp_queue: 1024 * 1024,
             recv_buffer_bytes: 8 * 1024 * 1024,
             send_buffer_bytes: 8 * 1024 * 1024,
+            tcp_socket_buffer_bytes: 64 * 1024,
             send_queue: 1024,
             uring_entries: 1024,
             uring_recv_buffers: 512,
