@@ -255,6 +255,40 @@ fn connection_limit_evicts_the_connection_idle_longest() {
     });
 }
 
+/// At the limit, a connection waiting for an answer is passed over for an idle one, even a
+/// younger one: a client whose query is in flight upstream keeps its connection.
+#[test]
+fn eviction_spares_a_connection_waiting_for_its_answer() {
+    for_each_backend(|b| {
+        let mut io = open_tcp(b, |c| c.max_tcp_conns = 2);
+        let mut waiting = connect(&io);
+        waiting.write_all(&framed(&msg(1, 0))).unwrap();
+        let evs = poll_n(&mut io, 1);
+        let [Ev::TcpClient(waiting_conn, ..)] = evs[..] else {
+            panic!("unexpected {evs:?}")
+        };
+        let mut idle = connect(&io);
+        let start = std::time::Instant::now();
+        while io.stats().tcp_accepted < 2 {
+            assert!(start.elapsed() < DEADLINE, "{:?}", io.stats());
+            io.poll(Some(Duration::from_millis(20)), &mut |_| {})
+                .unwrap();
+        }
+        let _third = connect(&io);
+        let evs = poll_n(&mut io, 1);
+        assert!(
+            matches!(evs[..], [Ev::TcpClosed(c)] if c != waiting_conn),
+            "{evs:?}"
+        );
+        assert_eq!(io.stats().tcp_evicted, 1);
+        expect_closed(&mut idle);
+        // The answer still reaches the client that waited for it.
+        io.send_client_tcp(waiting_conn, &msg(1, 5));
+        io.flush().unwrap();
+        assert_eq!(read_frame(&mut waiting), msg(1, 5));
+    });
+}
+
 /// A client socket bound to `source` (a loopback address) connected to the shard.
 fn connect_from(io: &Io, source: [u8; 4]) -> TcpStream {
     let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();

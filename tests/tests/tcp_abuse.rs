@@ -4,6 +4,8 @@
 
 use std::io::Write;
 use std::net::{SocketAddr, TcpStream};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use dnsfence_tests::dns::{self, TYPE_A, rcode};
@@ -18,6 +20,7 @@ both_backends! {
     idle_connections_from_ten_addresses_leave_tcp_answered => from_ten_addresses,
     idle_connections_past_the_limit_evict_the_idle_longest => from_many_addresses,
     trickled_frame_is_closed_at_the_idle_timeout => trickle,
+    reconnecting_flood_leaves_tcp_answered => reconnecting_flood,
 }
 
 /// A TCP connection from `source` (a loopback address) to the agent, or None if the connect
@@ -149,4 +152,69 @@ fn trickle(io: IoBackend) {
         (n >= 1.0).then_some(n)
     });
     assert_eq!(idle, Some(1.0), "dnsfence_io_tcp_idle_closed_total");
+}
+
+fn reconnecting_flood(io: IoBackend) {
+    // An attacker on 32 addresses that keeps opening connections (64 per address, its oldest
+    // dropped as it opens more): past the limit every new one evicts another. For 3 s a
+    // legitimate client asks over a fresh connection every 50 ms.
+    let fake = FakeUpstream::start(FakeMode::Answer);
+    let agent = Agent::start(&AgentConfig::new(io, fake.addr));
+    let stop = Arc::new(AtomicBool::new(false));
+    let opened = Arc::new(AtomicUsize::new(0));
+    let attacker = {
+        let (stop, opened, to) = (stop.clone(), opened.clone(), agent.addr);
+        std::thread::spawn(move || {
+            let mut open: Vec<std::collections::VecDeque<TcpStream>> =
+                (0..32).map(|_| Default::default()).collect();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            for i in 0..200_000 {
+                if stop.load(Ordering::Relaxed) || Instant::now() > deadline {
+                    break;
+                }
+                let a = i % 32;
+                if open[a].len() >= 64 {
+                    open[a].pop_front();
+                }
+                if let Some(s) = connect_from([127, 0, 0, 2 + a as u8], to) {
+                    open[a].push_back(s);
+                    opened.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        })
+    };
+    let start = Instant::now();
+    let (mut asked, mut answered) = (0u32, 0u32);
+    // Let the attacker fill the table first.
+    while opened.load(Ordering::Relaxed) < 1024 && start.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let flood_start = Instant::now();
+    while flood_start.elapsed() < Duration::from_secs(3) {
+        asked += 1;
+        let q = dns::query(asked as u16, "www.allowed.test", TYPE_A, None);
+        if dns::tcp_exchange(agent.addr, &q, Duration::from_secs(1))
+            .is_some_and(|r| dns::rcode(&r) == rcode::NOERROR)
+        {
+            answered += 1;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let during = opened.load(Ordering::Relaxed);
+    stop.store(true, Ordering::Relaxed);
+    attacker.join().expect("attacker thread");
+    let evicted = agent.metric_sum("dnsfence_io_tcp_evicted_total");
+    eprintln!(
+        "{io:?}: {answered} of {asked} legitimate TCP queries answered; attacker opened {during} \
+         connections, {evicted} evicted"
+    );
+    assert!(
+        during >= 2048,
+        "the attacker opened only {during} connections"
+    );
+    assert!(
+        answered * 100 >= asked * 95,
+        "{answered} of {asked} legitimate TCP queries answered"
+    );
+    assert!(evicted > 0.0);
 }

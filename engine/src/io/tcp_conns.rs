@@ -39,6 +39,10 @@ fn conn_id(gen_: u64, slot: u16) -> ConnId {
 /// The end of the idle-order list.
 const NIL: u16 = u16::MAX;
 
+/// How many of the connections longest without progress eviction looks through for one that
+/// is not waiting for an answer (bounded: an accept never walks the whole list).
+const EVICTION_SCAN: usize = 32;
+
 /// Readiness registration for the TCP sockets, implemented by each backend.
 pub(crate) trait Poller {
     /// Makes the backend report `want` readiness of `fd` with `token`; `state` is this
@@ -304,6 +308,25 @@ impl TcpSide {
         self.newest = slot;
     }
 
+    /// The connection to evict at the connection limit: among the [`EVICTION_SCAN`] that have
+    /// gone longest without progress, the oldest that owes its client nothing (no query
+    /// waiting for an answer, no output waiting), else the oldest of all. None without
+    /// connections.
+    fn eviction_victim(&self) -> Option<u16> {
+        let mut slot = self.oldest;
+        for _ in 0..EVICTION_SCAN {
+            if slot == NIL {
+                break;
+            }
+            let c = &self.conns[usize::from(slot)];
+            if c.outstanding == 0 && c.out.is_empty() {
+                return Some(slot);
+            }
+            slot = c.newer;
+        }
+        (self.oldest != NIL).then_some(self.oldest)
+    }
+
     /// Takes `slot` out of the idle order.
     fn unlink(&mut self, slot: u16) {
         let (older, newer) = {
@@ -377,14 +400,14 @@ impl TcpSide {
                 continue;
             }
             if self.live >= self.max_conns {
-                // Make room by closing the connection that has gone longest without progress:
-                // idle connections cannot lock legitimate clients out.
-                if self.oldest == NIL {
+                // Make room by closing a connection that has gone long without progress: idle
+                // connections cannot lock legitimate clients out.
+                let Some(victim) = self.eviction_victim() else {
                     stats.tcp_limit_rejected += 1;
                     drop(stream);
                     continue;
-                }
-                self.close_client(self.oldest, CloseReason::Evicted, poller, stats);
+                };
+                self.close_client(victim, CloseReason::Evicted, poller, stats);
             }
             let _ = stream.set_nodelay(true);
             let slot = match self.free.pop() {
