@@ -138,9 +138,28 @@ pub struct AgentArgs {
     /// TCP client idle timeout.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub tcp_idle_timeout: Duration,
-    /// TCP client connections per shard.
+    /// TCP client connections per shard; at the limit a new connection evicts the one that
+    /// has gone longest without progress.
     #[arg(long, default_value_t = 1024)]
     pub max_tcp_conns: usize,
+    /// TCP client connections per source address per shard; more are closed at once.
+    #[arg(long, default_value_t = 64)]
+    pub max_tcp_conns_per_source: usize,
+    /// Largest DNS message a TCP client may send, in bytes (12..=65535); a longer frame ends
+    /// the connection. Each connection's input buffer grows to at most this plus 2.
+    #[arg(long, default_value_t = 65535)]
+    pub max_tcp_message: usize,
+    /// Bytes of answers buffered per TCP connection beyond what the kernel took; a client
+    /// that does not read and goes over it is closed.
+    #[arg(long, default_value_t = 128 * 1024)]
+    pub max_tcp_out_bytes: usize,
+    /// SO_RCVBUF and SO_SNDBUF of each TCP client connection, in bytes (the kernel doubles
+    /// them): the kernel memory one connection can hold.
+    #[arg(long, default_value_t = 64 * 1024)]
+    pub tcp_socket_buffer_bytes: usize,
+    /// Queries of one TCP connection in flight at once; the connection is not read beyond.
+    #[arg(long, default_value_t = 32)]
+    pub max_tcp_pipeline: usize,
     /// Append one JSON line per query to this file.
     #[arg(long, value_name = "FILE")]
     pub flow_log: Option<PathBuf>,
@@ -273,6 +292,11 @@ fn plan(args: &AgentArgs) -> Result<Plan> {
         io.batch = args.batch;
         io.tcp_idle_timeout = args.tcp_idle_timeout;
         io.max_tcp_conns = args.max_tcp_conns;
+        io.max_tcp_conns_per_source = args.max_tcp_conns_per_source;
+        io.max_tcp_message = args.max_tcp_message;
+        io.max_tcp_out_bytes = args.max_tcp_out_bytes;
+        io.max_tcp_pipeline = args.max_tcp_pipeline;
+        io.tcp_socket_buffer_bytes = args.tcp_socket_buffer_bytes;
         let mut core = CoreConfig::new(upstream);
         core.upstream_sockets = args.upstream_sockets;
         core.upstream_timeout = args.upstream_timeout;

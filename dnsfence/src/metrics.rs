@@ -277,8 +277,18 @@ pub fn render(state: &State) -> String {
             |s| s.tcp_limit_rejected,
         ),
         (
+            "tcp_source_limit_rejected",
+            "TCP connections closed at once: per-source connection limit",
+            |s| s.tcp_source_limit_rejected,
+        ),
+        (
+            "tcp_evicted",
+            "TCP connections closed to make room at the connection limit (longest idle)",
+            |s| s.tcp_evicted,
+        ),
+        (
             "tcp_framing_errors",
-            "TCP connections closed: bad frame length",
+            "TCP connections ended by a frame that is not a query (bad length, QR set)",
             |s| s.tcp_framing_errors,
         ),
         (

@@ -107,7 +107,7 @@ pub enum Client {
     /// A TCP client connection of the shard.
     Tcp {
         /// The shard's connection id.
-        conn: u32,
+        conn: crate::io::ConnId,
         /// The client's address.
         peer: SocketAddr,
     },

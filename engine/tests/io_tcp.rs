@@ -147,46 +147,101 @@ fn frame_lying_about_its_length_is_closed_at_the_idle_timeout() {
     });
 }
 
+/// A valid query, then in the same write a frame that cannot be a query: the query is
+/// delivered and its answer written before the connection closes (at once, not at the idle
+/// timeout).
+fn answered_then_closed(b: BackendChoice, bad: &[u8], what: &str) {
+    let mut io = open_tcp(b, |c| c.max_tcp_message = 512);
+    let mut client = connect(&io);
+    let mut wire = framed(&msg(1, 0));
+    wire.extend_from_slice(bad);
+    client.write_all(&wire).unwrap();
+    let start = std::time::Instant::now();
+    let evs = poll_n(&mut io, 1);
+    let [Ev::TcpClient(conn, _, ref data)] = evs[..] else {
+        panic!("{what}: unexpected {evs:?}")
+    };
+    assert_eq!(*data, msg(1, 0), "{what}");
+    // Nothing after the bad frame is delivered, and the connection waits for its answer.
+    let more = poll_until(&mut io, |_| start.elapsed() > Duration::from_millis(100));
+    assert!(more.is_empty(), "{what}: {more:?}");
+    assert_eq!(io.stats().tcp_framing_errors, 1, "{what}");
+    io.send_client_tcp(conn, &msg(2, 3));
+    io.flush().unwrap();
+    assert_eq!(read_frame(&mut client), msg(2, 3), "{what}: answer owed");
+    let evs = poll_n(&mut io, 1);
+    assert_eq!(evs, [Ev::TcpClosed(conn)], "{what}");
+    expect_closed(&mut client);
+    assert!(
+        start.elapsed() < Duration::from_secs(2),
+        "{what}: closed only after {:?} (idle timeout 5 s)",
+        start.elapsed()
+    );
+}
+
 #[test]
-fn bad_frame_lengths_close_the_connection() {
+fn bad_frame_after_a_query_gets_the_answer_then_closes() {
     for_each_backend(|b| {
-        let mut io = open_tcp(b, |c| c.max_tcp_message = 512);
-        for (i, len) in [0u16, 11, 513].into_iter().enumerate() {
-            let mut client = connect(&io);
-            // A good query first: it is delivered before the bad frame closes.
-            let mut wire = framed(&msg(1, 0));
-            wire.extend(len.to_be_bytes());
-            wire.extend(vec![0; usize::from(len)]);
-            client.write_all(&wire).unwrap();
-            let evs = poll_until(&mut io, |e| e.iter().any(|e| matches!(e, Ev::TcpClosed(_))));
-            assert!(
-                matches!(&evs[0], Ev::TcpClient(_, _, d) if *d == msg(1, 0)),
-                "{evs:?}"
-            );
-            assert_eq!(io.stats().tcp_framing_errors, i as u64 + 1);
-            expect_closed(&mut client);
+        for len in [0u16, 1, 5, 11, 513] {
+            let mut bad = len.to_be_bytes().to_vec();
+            bad.extend(vec![0; usize::from(len)]);
+            answered_then_closed(b, &bad, &format!("length {len}"));
         }
+        // A frame with QR set is a response, not a query: never delivered, never answered.
+        let mut response = msg(3, 8);
+        response[2] = 0x80;
+        answered_then_closed(b, &framed(&response), "response frame");
     });
 }
 
 #[test]
-fn connection_limit_accepts_and_closes_the_extra() {
+fn garbage_frame_with_qr_set_closes_at_once() {
+    for_each_backend(|b| {
+        let mut io = open_tcp(b, |_| {});
+        let mut client = connect(&io);
+        // 65535 bytes of 0xff: a "header" with QR set and nothing that could be answered.
+        client.write_all(&framed(&vec![0xff; 65535])).unwrap();
+        let start = std::time::Instant::now();
+        let evs = poll_n(&mut io, 1);
+        assert!(matches!(evs[..], [Ev::TcpClosed(_)]), "{evs:?}");
+        assert!(start.elapsed() < Duration::from_secs(2));
+        assert_eq!(io.stats().tcp_framing_errors, 1);
+        assert_eq!(io.stats().tcp_rx_messages, 0);
+        expect_closed(&mut client);
+    });
+}
+
+#[test]
+fn connection_limit_evicts_the_connection_idle_longest() {
     for_each_backend(|b| {
         let mut io = open_tcp(b, |c| c.max_tcp_conns = 2);
         let mut first = connect(&io);
         let mut second = connect(&io);
-        let mut third = connect(&io);
         let start = std::time::Instant::now();
-        while io.stats().tcp_limit_rejected == 0 {
+        while io.stats().tcp_accepted < 2 {
             assert!(start.elapsed() < DEADLINE, "{:?}", io.stats());
             io.poll(Some(Duration::from_millis(20)), &mut |_| {})
                 .unwrap();
         }
-        assert_eq!(io.stats().tcp_accepted, 2);
-        expect_closed(&mut third);
-        // The first two still work.
+        // The first makes progress: the second is now the one idle longest.
         first.write_all(&framed(&msg(1, 0))).unwrap();
-        second.write_all(&framed(&msg(2, 0))).unwrap();
+        let evs = poll_n(&mut io, 1);
+        let [Ev::TcpClient(first_conn, ..)] = evs[..] else {
+            panic!("unexpected {evs:?}")
+        };
+        io.send_client_tcp(first_conn, &msg(1, 0));
+        io.flush().unwrap();
+        assert_eq!(read_frame(&mut first), msg(1, 0));
+        let mut third = connect(&io);
+        let evs = poll_n(&mut io, 1);
+        assert!(matches!(evs[..], [Ev::TcpClosed(_)]), "{evs:?}");
+        assert_eq!(io.stats().tcp_evicted, 1);
+        assert_eq!(io.stats().tcp_limit_rejected, 0);
+        assert_eq!(io.stats().tcp_accepted, 3);
+        expect_closed(&mut second);
+        // The first and the newcomer work.
+        first.write_all(&framed(&msg(2, 0))).unwrap();
+        third.write_all(&framed(&msg(3, 0))).unwrap();
         let evs = poll_n(&mut io, 2);
         for ev in evs {
             let Ev::TcpClient(conn, _, data) = ev else {
@@ -195,8 +250,126 @@ fn connection_limit_accepts_and_closes_the_extra() {
             io.send_client_tcp(conn, &data);
         }
         io.flush().unwrap();
-        assert_eq!(read_frame(&mut first), msg(1, 0));
-        assert_eq!(read_frame(&mut second), msg(2, 0));
+        assert_eq!(read_frame(&mut first), msg(2, 0));
+        assert_eq!(read_frame(&mut third), msg(3, 0));
+    });
+}
+
+/// At the limit, a connection waiting for an answer is passed over for an idle one, even a
+/// younger one: a client whose query is in flight upstream keeps its connection.
+#[test]
+fn eviction_spares_a_connection_waiting_for_its_answer() {
+    for_each_backend(|b| {
+        let mut io = open_tcp(b, |c| c.max_tcp_conns = 2);
+        let mut waiting = connect(&io);
+        waiting.write_all(&framed(&msg(1, 0))).unwrap();
+        let evs = poll_n(&mut io, 1);
+        let [Ev::TcpClient(waiting_conn, ..)] = evs[..] else {
+            panic!("unexpected {evs:?}")
+        };
+        let mut idle = connect(&io);
+        let start = std::time::Instant::now();
+        while io.stats().tcp_accepted < 2 {
+            assert!(start.elapsed() < DEADLINE, "{:?}", io.stats());
+            io.poll(Some(Duration::from_millis(20)), &mut |_| {})
+                .unwrap();
+        }
+        let _third = connect(&io);
+        let evs = poll_n(&mut io, 1);
+        assert!(
+            matches!(evs[..], [Ev::TcpClosed(c)] if c != waiting_conn),
+            "{evs:?}"
+        );
+        assert_eq!(io.stats().tcp_evicted, 1);
+        expect_closed(&mut idle);
+        // The answer still reaches the client that waited for it.
+        io.send_client_tcp(waiting_conn, &msg(1, 5));
+        io.flush().unwrap();
+        assert_eq!(read_frame(&mut waiting), msg(1, 5));
+    });
+}
+
+/// A client socket bound to `source` (a loopback address) connected to the shard.
+fn connect_from(io: &Io, source: [u8; 4]) -> TcpStream {
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    s.bind(&SocketAddr::from((source, 0)).into()).unwrap();
+    s.connect(&io.local_addr().into()).unwrap();
+    let s: TcpStream = s.into();
+    s.set_read_timeout(Some(DEADLINE)).unwrap();
+    s.set_nodelay(true).unwrap();
+    s
+}
+
+#[test]
+fn per_source_limit_closes_the_extra_from_that_address_only() {
+    for_each_backend(|b| {
+        let mut io = open_tcp(b, |c| c.max_tcp_conns_per_source = 2);
+        let mut a1 = connect_from(&io, [127, 0, 0, 1]);
+        let mut a2 = connect_from(&io, [127, 0, 0, 1]);
+        let mut a3 = connect_from(&io, [127, 0, 0, 1]);
+        let mut other = connect_from(&io, [127, 0, 0, 2]);
+        let start = std::time::Instant::now();
+        while io.stats().tcp_accepted + io.stats().tcp_source_limit_rejected < 4 {
+            assert!(start.elapsed() < DEADLINE, "{:?}", io.stats());
+            io.poll(Some(Duration::from_millis(20)), &mut |_| {})
+                .unwrap();
+        }
+        assert_eq!(io.stats().tcp_source_limit_rejected, 1);
+        assert_eq!(io.stats().tcp_accepted, 3);
+        expect_closed(&mut a3);
+        for (i, c) in [&mut a1, &mut a2, &mut other].into_iter().enumerate() {
+            c.write_all(&framed(&msg(i as u16, 0))).unwrap();
+            let evs = poll_n(&mut io, 1);
+            let [Ev::TcpClient(conn, _, ref data)] = evs[..] else {
+                panic!("unexpected {evs:?}")
+            };
+            io.send_client_tcp(conn, data);
+            io.flush().unwrap();
+            assert_eq!(read_frame(c), msg(i as u16, 0));
+        }
+        // Once one closes, that address may connect again.
+        drop(a1);
+        let evs = poll_n(&mut io, 1);
+        assert!(matches!(evs[..], [Ev::TcpClosed(_)]), "{evs:?}");
+        let mut again = connect_from(&io, [127, 0, 0, 1]);
+        again.write_all(&framed(&msg(9, 0))).unwrap();
+        let evs = poll_n(&mut io, 1);
+        assert!(matches!(evs[..], [Ev::TcpClient(..)]), "{evs:?}");
+        assert_eq!(io.stats().tcp_source_limit_rejected, 1);
+    });
+}
+
+/// Bytes that never complete a frame do not count as progress: a connection trickling a
+/// frame one byte at a time is closed at the idle timeout, although bytes keep coming.
+#[test]
+fn trickled_bytes_do_not_reset_the_idle_timeout() {
+    for_each_backend(|b| {
+        let mut io = open_tcp(b, |c| c.tcp_idle_timeout = Duration::from_millis(300));
+        let mut client = connect(&io);
+        client.write_all(&[0x01]).unwrap();
+        let start = std::time::Instant::now();
+        let mut evs = Vec::new();
+        let mut sent = 1;
+        while evs.is_empty() {
+            assert!(start.elapsed() < DEADLINE, "never closed; {:?}", io.stats());
+            // One byte every 50 ms of a 300-byte frame: it never completes in time.
+            if start.elapsed() >= Duration::from_millis(50 * sent) && client.write_all(&[0]).is_ok()
+            {
+                sent += 1;
+            }
+            io.poll(Some(Duration::from_millis(10)), &mut |e| {
+                evs.push(Ev::from(e))
+            })
+            .unwrap();
+        }
+        assert!(matches!(evs[..], [Ev::TcpClosed(_)]), "{evs:?}");
+        assert!(sent >= 5, "only {sent} bytes trickled before the close");
+        assert!(
+            start.elapsed() < Duration::from_millis(900),
+            "{:?}",
+            start.elapsed()
+        );
+        assert_eq!(io.stats().tcp_idle_closed, 1);
     });
 }
 

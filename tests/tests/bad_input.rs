@@ -16,6 +16,8 @@ both_backends! {
     short_datagrams_dropped_agent_keeps_serving => short_datagrams,
     malformed_queries_get_formerr => formerr,
     lying_tcp_frames_close_the_connection => lying_tcp_frames,
+    query_followed_by_a_bad_frame_is_answered_then_closed => query_then_bad_frame,
+    garbage_64k_frames_get_formerr_or_close => garbage_64k_frames,
     unique_name_flood_keeps_memory_bounded => unique_name_flood,
 }
 
@@ -179,6 +181,84 @@ fn lying_tcp_frames(io: IoBackend) {
     }
     still_serving(agent.addr);
     assert!(fake.names().iter().all(|n| n == "www.allowed.test"));
+}
+
+/// A valid query and, in the same segment, a frame that cannot be a query (shorter than a DNS
+/// header, or a response): the query is answered, then the connection is closed (issue 13
+/// item 5: before, the close came first and the answer was lost).
+fn query_then_bad_frame(io: IoBackend) {
+    let fake = FakeUpstream::start(FakeMode::Answer);
+    let agent = Agent::start(&AgentConfig::new(io, fake.addr));
+    let mut response = dns::query(0x0bad, "www.allowed.test", TYPE_A, None);
+    response[2] |= 0x80;
+    let mut cases: Vec<(String, Vec<u8>)> = [0u16, 1, 5]
+        .into_iter()
+        .map(|len| {
+            let mut bad = len.to_be_bytes().to_vec();
+            bad.resize(2 + usize::from(len), 0);
+            (format!("frame of length {len}"), bad)
+        })
+        .collect();
+    let mut framed_response = (response.len() as u16).to_be_bytes().to_vec();
+    framed_response.extend_from_slice(&response);
+    cases.push(("response frame (QR set)".into(), framed_response));
+    for (i, (what, bad)) in cases.iter().enumerate() {
+        for name in ["www.allowed.test", "denied.example"] {
+            let id = 0x5100 + i as u16;
+            let q = dns::query(id, name, TYPE_A, None);
+            let mut segment = (q.len() as u16).to_be_bytes().to_vec();
+            segment.extend_from_slice(&q);
+            segment.extend_from_slice(bad);
+            let mut conn = dns::tcp_connect(agent.addr, T);
+            conn.write_all(&segment).expect("write");
+            let reply = dns::tcp_recv(&mut conn)
+                .unwrap_or_else(|| panic!("{name} followed by a {what}: no answer"));
+            assert_eq!(&reply[..2], &id.to_be_bytes(), "{what}");
+            let want = if name == "denied.example" {
+                rcode::REFUSED
+            } else {
+                rcode::NOERROR
+            };
+            assert_eq!(dns::rcode(&reply), want, "{name} followed by a {what}");
+            assert!(
+                dns::tcp_closed(&mut conn, Duration::from_secs(2)),
+                "{what}: connection left open"
+            );
+        }
+    }
+    still_serving(agent.addr);
+}
+
+/// 64 KB frames of garbage: with QR set (a "response") the connection is closed at once; with
+/// a readable query header (QR clear, QDCOUNT 0) the answer is FORMERR and the connection stays.
+fn garbage_64k_frames(io: IoBackend) {
+    let fake = FakeUpstream::start(FakeMode::Answer);
+    let agent = Agent::start(&AgentConfig::new(io, fake.addr));
+    let mut conn = dns::tcp_connect(agent.addr, T);
+    dns::tcp_send(&mut conn, &vec![0xff; 65535]).expect("send");
+    let start = Instant::now();
+    assert!(
+        dns::tcp_closed(&mut conn, Duration::from_secs(2)),
+        "64 KB of 0xff: connection left open"
+    );
+    assert!(start.elapsed() < Duration::from_secs(2));
+
+    let mut conn = dns::tcp_connect(agent.addr, T);
+    let mut garbage: Vec<u8> = (0..65535u32).map(|i| (i * 7 + 3) as u8).collect();
+    garbage[..12].copy_from_slice(&[0x12, 0x34, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+    dns::tcp_send(&mut conn, &garbage).expect("send");
+    let reply = dns::tcp_recv(&mut conn).expect("FORMERR for a 64 KB frame with a header");
+    assert_eq!(&reply[..2], &[0x12, 0x34]);
+    assert_eq!(dns::rcode(&reply), rcode::FORMERR);
+    let q = dns::query(0x600d, "www.allowed.test", TYPE_A, None);
+    dns::tcp_send(&mut conn, &q).expect("send");
+    let reply = dns::tcp_recv(&mut conn).expect("answer on the same connection");
+    assert_eq!(dns::rcode(&reply), rcode::NOERROR);
+    let framing = poll_until(T, || {
+        let n = agent.metric_sum("dnsfence_io_tcp_framing_errors_total");
+        (n >= 1.0).then_some(n)
+    });
+    assert_eq!(framing, Some(1.0), "dnsfence_io_tcp_framing_errors_total");
 }
 
 fn unique_name_flood(io: IoBackend) {

@@ -12,9 +12,9 @@ use super::tcp_conns::{Poller, TOKEN_MASK, TcpSide};
 use super::{Backend, ConnId, Event, IoConfig, IoError, IoStats, ShardIo};
 
 /// Token of the UDP listen socket; upstream socket `i` is `TOKEN_UPSTREAM + i`. TCP tokens
-/// (from `tcp_conns`) have zero in the upper 16 bits.
-const TOKEN_LISTEN: u64 = 1 << 48;
-const TOKEN_UPSTREAM: u64 = 2 << 48;
+/// (from `tcp_conns`) have zero in the top 8 bits.
+const TOKEN_LISTEN: u64 = 1 << 56;
+const TOKEN_UPSTREAM: u64 = 2 << 56;
 
 /// Receive scratch: `batch` datagram buffers and the headers pointing into them.
 struct RxBatch {
@@ -155,7 +155,11 @@ impl MmsgIo {
             recv: config.recv_buffer_bytes,
             send: config.send_buffer_bytes,
         };
-        let listen = sockets::bind_listen(config.listen, config.tcp, sizes)?;
+        let tcp_sizes = BufferSizes {
+            recv: config.tcp_socket_buffer_bytes,
+            send: config.tcp_socket_buffer_bytes,
+        };
+        let listen = sockets::bind_listen(config.listen, config.tcp, sizes, tcp_sizes)?;
         let upstream = (0..config.upstream_sockets)
             .map(|_| sockets::upstream_udp(config.upstream, sizes))
             .collect::<Result<Vec<_>, _>>()?;

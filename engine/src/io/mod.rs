@@ -49,6 +49,13 @@
 //! `IORING_OP_POLL_ADD` requests (io_uring). DNS over TCP is a small part of the traffic; the
 //! framing ([`tcp`]) is sans-IO and unit-tested on its own.
 //!
+//! Client connections are bounded per source address ([`IoConfig::max_tcp_conns_per_source`])
+//! and in number ([`IoConfig::max_tcp_conns`]: at the limit the connection longest without
+//! progress is evicted); progress is a complete frame or written output, so trickled bytes do
+//! not keep a connection alive. A [`ConnId`] is never reused, so an answer owed to a closed
+//! connection is dropped, never delivered to the next one in its slot. A frame that cannot be
+//! a query ends the input; what was asked before it is answered, then the connection closes.
+//!
 //! ## Counters
 //!
 //! [`IoStats`] counts what the I/O layer did and dropped; the shard reads it with
@@ -67,9 +74,12 @@ use std::time::Duration;
 pub use mmsg::MmsgIo;
 pub use uring::UringIo;
 
-/// Identifies one TCP client connection of a shard. Stale ids (of closed connections) are
-/// recognised and ignored: the id carries a generation next to the slot.
-pub type ConnId = u32;
+/// Identifies one TCP client connection of a shard: its slot (low 16 bits) and a generation
+/// drawn from a 48-bit per-shard counter (never reused within the life of a process in any
+/// realistic time). Ids of closed connections are recognised and ignored: an answer owed to a
+/// closed connection is dropped (counted in [`IoStats::tcp_send_stale`]), never delivered to a
+/// later connection in the same slot.
+pub type ConnId = u64;
 
 /// One thing that happened on the shard's sockets. Data borrows the backend's receive buffer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -97,7 +107,7 @@ pub enum Event<'a> {
         conn: ConnId,
         /// The client's address.
         peer: SocketAddr,
-        /// The message, at least 12 bytes (a DNS header).
+        /// The message, at least 12 bytes (a DNS header) with the QR bit clear.
         data: &'a [u8],
     },
     /// One complete DNS message from the upstream over TCP.
@@ -105,9 +115,9 @@ pub enum Event<'a> {
         /// The message, at least 12 bytes (a DNS header).
         data: &'a [u8],
     },
-    /// A TCP client connection went away (closed, idle timeout, framing error, limit).
+    /// A TCP client connection went away (closed, idle timeout, framing error, evicted).
     TcpClientClosed {
-        /// The connection; its id is not reused for a while (generation counter).
+        /// The connection; its id is never reused (see [`ConnId`]).
         conn: ConnId,
     },
 }
@@ -131,9 +141,13 @@ pub struct IoConfig {
     /// A TCP client connection with no complete message (and nothing written) for this long is
     /// closed, so a client that stops mid-frame is closed after it.
     pub tcp_idle_timeout: Duration,
-    /// TCP client connections per shard; over it, a new connection is accepted and closed at
-    /// once (counted in [`IoStats::tcp_limit_rejected`]).
+    /// TCP client connections per shard; at the limit, a new connection evicts the one that
+    /// has gone longest without progress (counted in [`IoStats::tcp_evicted`]).
     pub max_tcp_conns: usize,
+    /// TCP client connections per source address per shard; over it, a new connection from
+    /// that address is accepted and closed at once (counted in
+    /// [`IoStats::tcp_source_limit_rejected`]).
+    pub max_tcp_conns_per_source: usize,
     /// Queries of one TCP connection delivered and not yet answered; at the limit the
     /// connection is not read until answers go out.
     pub max_tcp_pipeline: usize,
@@ -146,10 +160,13 @@ pub struct IoConfig {
     /// Bytes queued for the upstream TCP connection (also while it connects); messages over it
     /// are dropped (counted in [`IoStats::upstream_tcp_dropped`]).
     pub max_upstream_tcp_queue: usize,
-    /// `SO_RCVBUF` asked for on every socket (best effort).
+    /// `SO_RCVBUF` asked for on every UDP socket (best effort).
     pub recv_buffer_bytes: usize,
-    /// `SO_SNDBUF` asked for on every socket (best effort).
+    /// `SO_SNDBUF` asked for on every UDP socket (best effort).
     pub send_buffer_bytes: usize,
+    /// `SO_RCVBUF` and `SO_SNDBUF` of the TCP listener, inherited by every client connection
+    /// (the kernel doubles them): bounds the kernel memory a connection can hold.
+    pub tcp_socket_buffer_bytes: usize,
     /// UDP sends that may be queued between flushes (mmsg: per socket, flushed early when
     /// full; io_uring: send slots in flight, further sends dropped and counted).
     pub send_queue: usize,
@@ -171,12 +188,14 @@ impl IoConfig {
             tcp: true,
             tcp_idle_timeout: Duration::from_secs(10),
             max_tcp_conns: 1024,
+            max_tcp_conns_per_source: 64,
             max_tcp_pipeline: 32,
             max_tcp_message: 65535,
-            max_tcp_out_bytes: 256 * 1024,
+            max_tcp_out_bytes: 128 * 1024,
             max_upstream_tcp_queue: 1024 * 1024,
             recv_buffer_bytes: 8 * 1024 * 1024,
             send_buffer_bytes: 8 * 1024 * 1024,
+            tcp_socket_buffer_bytes: 64 * 1024,
             send_queue: 1024,
             uring_entries: 1024,
             uring_recv_buffers: 512,
@@ -197,6 +216,10 @@ impl IoConfig {
         if self.max_tcp_conns > 65535 {
             return bad("max_tcp_conns must be at most 65535");
         }
+        if self.max_tcp_conns_per_source == 0 {
+            return bad("max_tcp_conns_per_source must be at least 1");
+        }
+
         if self.max_tcp_pipeline == 0 {
             return bad("max_tcp_pipeline must be at least 1");
         }
@@ -315,9 +338,16 @@ pub struct IoStats {
     pub tcp_accepted: u64,
     /// TCP client connections closed (all reasons, not counting limit rejections).
     pub tcp_closed: u64,
-    /// TCP client connections accepted and closed at once because of `max_tcp_conns`.
+    /// TCP client connections accepted and closed at once because `max_tcp_conns` is 0.
     pub tcp_limit_rejected: u64,
-    /// TCP connections closed for a bad frame length (below 12 or above the limit).
+    /// TCP client connections accepted and closed at once: their source address already had
+    /// `max_tcp_conns_per_source` connections.
+    pub tcp_source_limit_rejected: u64,
+    /// TCP client connections closed to make room for a new one at `max_tcp_conns` (the one
+    /// longest without progress).
+    pub tcp_evicted: u64,
+    /// TCP client connections ended by a frame that cannot be a query: a length below 12 or
+    /// above the limit, or the QR bit set (closed once earlier queries are answered).
     pub tcp_framing_errors: u64,
     /// TCP client connections closed by the idle timeout.
     pub tcp_idle_closed: u64,

@@ -88,7 +88,8 @@ fn bind_shared(
     Ok(socket)
 }
 
-/// Binds the UDP listen socket and (when `tcp`) the TCP listener on `addr`, both with
+/// Binds the UDP listen socket (buffers `sizes`) and (when `tcp`) the TCP listener (buffers
+/// `tcp_sizes`, which every accepted connection inherits) on `addr`, both with
 /// `SO_REUSEPORT` so that other shards and the standalone proxy can bind the same address.
 /// With port 0, UDP gets a kernel-chosen port and TCP is bound to the same one.
 ///
@@ -97,6 +98,7 @@ pub fn bind_listen(
     addr: SocketAddr,
     tcp: bool,
     sizes: BufferSizes,
+    tcp_sizes: BufferSizes,
 ) -> Result<ListenSockets, IoError> {
     // With port 0 the TCP port chosen for UDP may be taken: try a few ports.
     let tries = if addr.port() == 0 { 16 } else { 1 };
@@ -119,7 +121,8 @@ pub fn bind_listen(
                 addr: bound,
             });
         }
-        match bind_shared(bound, Type::STREAM, Protocol::TCP, "tcp", sizes) {
+        // Accepted connections inherit the listener's buffer sizes.
+        match bind_shared(bound, Type::STREAM, Protocol::TCP, "tcp", tcp_sizes) {
             Ok(listener) => {
                 listener
                     .listen(1024)
@@ -293,6 +296,28 @@ pub(crate) fn parse_sockaddr(b: &[u8]) -> Option<SocketAddr> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tcp_listener_gets_its_own_buffer_sizes() {
+        let big = BufferSizes {
+            recv: 1 << 20,
+            send: 1 << 20,
+        };
+        let small = BufferSizes {
+            recv: 32 * 1024,
+            send: 32 * 1024,
+        };
+        let l = bind_listen("127.0.0.1:0".parse().unwrap(), true, big, small).unwrap();
+        let tcp = l.tcp.expect("listener");
+        let _client = std::net::TcpStream::connect(l.addr).unwrap();
+        let (conn, _) = tcp.accept().unwrap();
+        let conn = socket2::SockRef::from(&conn);
+        // The kernel doubles what it is asked for (bookkeeping overhead).
+        assert_eq!(conn.recv_buffer_size().unwrap(), 64 * 1024);
+        assert_eq!(conn.send_buffer_size().unwrap(), 64 * 1024);
+        let udp = socket2::SockRef::from(&l.udp);
+        assert!(udp.recv_buffer_size().unwrap() > 64 * 1024);
+    }
 
     #[test]
     fn raw_addr_round_trips() {

@@ -3,16 +3,26 @@
 //! Every message is preceded by its length as a big-endian `u16`. A connection carries any
 //! number of messages in both directions; [`FrameDecoder`] hands each one out as soon as its
 //! last byte is in, so the shard can answer out of order. Frames whose length is below 12
-//! (the DNS header; this includes 0) or above the configured maximum are not delivered: the
-//! connection is closed and the framing error counted — nothing useful, not even the ID of
-//! an answer, can be made of them, and RFC 7766 lets a server close such a connection.
+//! (the DNS header; this includes 0) or above the configured maximum are not delivered: they
+//! end the connection's input and the framing error is counted — nothing useful, not even the
+//! ID of an answer, can be made of them, and RFC 7766 lets a server close such a connection.
+//! (The connection code answers what came before such a frame, then closes.)
 //! [`OutBuf`] holds length-prefixed output up to a byte limit.
+//!
+//! Memory: both buffers start empty and grow on demand, the input to the largest frame seen
+//! (at most 2 + the maximum message), the output to its limit, never beyond; a connection's
+//! buffers are kept for the next connection in its slot, shrunk back to
+//! [`INITIAL_INPUT`] / [`KEEP_OUTPUT`] bytes when they grew larger ([`FrameDecoder::release`],
+//! [`OutBuf::release`]). Serving ordinary queries allocates nothing once a slot is warm.
 
 /// The length of a DNS header: no frame shorter than this is delivered.
 pub const MIN_MESSAGE: usize = 12;
 
 /// Initial size of a connection's input buffer; it grows to the largest frame seen.
-const INITIAL_INPUT: usize = 4096;
+pub const INITIAL_INPUT: usize = 4096;
+
+/// Output capacity a connection slot keeps across connections (more is given back on close).
+pub const KEEP_OUTPUT: usize = 16 * 1024;
 
 /// A frame length that is not acceptable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -55,6 +65,20 @@ impl FrameDecoder {
         self.end = 0;
     }
 
+    /// Like [`reset`](Self::reset), and gives back the buffer if a large frame grew it past
+    /// [`INITIAL_INPUT`] (one allocation at the next use, only after large frames).
+    pub fn release(&mut self) {
+        self.reset();
+        if self.buf.capacity() > INITIAL_INPUT {
+            self.buf = Vec::new();
+        }
+    }
+
+    /// Bytes of memory held by the buffer.
+    pub fn capacity(&self) -> usize {
+        self.buf.capacity()
+    }
+
     /// Bytes received and not yet taken as messages.
     pub fn buffered(&self) -> usize {
         self.end - self.start
@@ -84,6 +108,8 @@ impl FrameDecoder {
             self.start = 0;
             let want = need.max(INITIAL_INPUT.min(2 + self.max_message));
             if self.buf.len() < want {
+                // Exactly what is needed: the capacity never exceeds 2 + max message.
+                self.buf.reserve_exact(want - self.buf.len());
                 self.buf.resize(want, 0);
             }
         }
@@ -159,6 +185,12 @@ impl OutBuf {
             self.buf.drain(..self.start);
             self.start = 0;
         }
+        let need = self.buf.len() + 2 + msg.len();
+        if need > self.buf.capacity() {
+            // Grow by doubling, but never past the limit (what is pending never exceeds it).
+            let target = need.max(self.buf.capacity() * 2).min(self.limit.max(need));
+            self.buf.reserve_exact(target - self.buf.len());
+        }
         self.buf.extend_from_slice(&len.to_be_bytes());
         self.buf.extend_from_slice(msg);
         Ok(())
@@ -187,6 +219,20 @@ impl OutBuf {
     pub fn clear(&mut self) {
         self.buf.clear();
         self.start = 0;
+    }
+
+    /// Like [`clear`](Self::clear), and gives back the buffer if it grew past
+    /// [`KEEP_OUTPUT`].
+    pub fn release(&mut self) {
+        self.clear();
+        if self.buf.capacity() > KEEP_OUTPUT {
+            self.buf = Vec::new();
+        }
+    }
+
+    /// Bytes of memory held by the buffer.
+    pub fn capacity(&self) -> usize {
+        self.buf.capacity()
     }
 }
 

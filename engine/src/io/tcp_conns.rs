@@ -4,8 +4,9 @@
 //! The backend supplies readiness through a [`Poller`] (epoll registrations, or one-shot
 //! io_uring poll requests) and calls [`TcpSide::on_ready`] for each token that became ready.
 
+use std::collections::HashMap;
 use std::io::{self, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, RawFd};
 use std::time::{Duration, Instant};
 
@@ -13,20 +14,34 @@ use super::sys::{Interest, READ, WRITE};
 use super::tcp::{FrameDecoder, OutBuf};
 use super::{ConnId, Event, IoConfig, IoStats, sockets};
 
-/// Token kinds (bits 40..48 of a token).
+/// Token kinds (bits 48..56 of a token).
 const KIND_LISTENER: u64 = 1;
 const KIND_CLIENT: u64 = 2;
 const KIND_UPSTREAM: u64 = 3;
-/// Tokens of this module use the low 48 bits; backends may use the upper 16.
-pub(crate) const TOKEN_MASK: u64 = (1 << 48) - 1;
+/// Tokens of this module use the low 56 bits; backends may use the top 8.
+pub(crate) const TOKEN_MASK: u64 = (1 << 56) - 1;
 
-fn token(kind: u64, gen_: u16, slot: u16) -> u64 {
-    (kind << 40) | (u64::from(gen_) << 16) | u64::from(slot)
+/// Connection generations are drawn from a per-shard counter of this many bits: at a million
+/// accepts a second it would take nine years to come back to a value, so a [`ConnId`] never
+/// names two connections in the life of a process.
+const GEN_BITS: u32 = 48;
+
+/// A readiness token: kind, the low 32 bits of the generation, slot. (Readiness of a closed
+/// connection arrives within a poll or two of its close, not 2^32 accepts later.)
+fn token(kind: u64, gen_: u64, slot: u16) -> u64 {
+    (kind << 48) | ((gen_ & 0xffff_ffff) << 16) | u64::from(slot)
 }
 
-fn conn_id(gen_: u16, slot: u16) -> ConnId {
-    (u32::from(gen_) << 16) | u32::from(slot)
+fn conn_id(gen_: u64, slot: u16) -> ConnId {
+    (gen_ << 16) | u64::from(slot)
 }
+
+/// The end of the idle-order list.
+const NIL: u16 = u16::MAX;
+
+/// How many of the connections longest without progress eviction looks through for one that
+/// is not waiting for an answer (bounded: an accept never walks the whole list).
+const EVICTION_SCAN: usize = 32;
 
 /// Readiness registration for the TCP sockets, implemented by each backend.
 pub(crate) trait Poller {
@@ -87,12 +102,18 @@ const ACCEPTS_PER_READY: usize = 64;
 struct ClientConn {
     stream: Option<TcpStream>,
     peer: SocketAddr,
-    gen_: u16,
+    /// Generation (unique per shard, see [`GEN_BITS`]); 0 while the slot is free.
+    gen_: u64,
     dec: FrameDecoder,
     out: OutBuf,
     /// Messages delivered and not answered yet.
     outstanding: usize,
+    /// Last complete message received or output written (bytes of an incomplete frame do
+    /// not count, so trickling a frame does not keep a connection alive).
     last_progress: Instant,
+    /// Neighbours in the idle order (least recent progress first), `NIL` at the ends.
+    older: u16,
+    newer: u16,
     /// Backend registration state.
     state: Interest,
     /// The peer closed its side: answer what is outstanding, then close.
@@ -107,7 +128,7 @@ struct ClientConn {
 struct UpstreamConn {
     stream: Option<TcpStream>,
     connecting: bool,
-    gen_: u16,
+    gen_: u64,
     dec: FrameDecoder,
     out: OutBuf,
     state: Interest,
@@ -122,6 +143,15 @@ pub(crate) struct TcpSide {
     conns: Vec<ClientConn>,
     free: Vec<u16>,
     live: usize,
+    /// The next connection generation.
+    next_gen: u64,
+    /// Live connections, least recent progress first: the idle sweep and eviction take from
+    /// the front.
+    oldest: u16,
+    newest: u16,
+    /// Live connections per source address (sized at start: no allocation when serving).
+    per_source: HashMap<IpAddr, u32, foldhash::fast::RandomState>,
+    max_per_source: u32,
     dirty: Vec<ConnId>,
     resume: Vec<ConnId>,
     closed: Vec<ConnId>,
@@ -142,6 +172,7 @@ enum CloseReason {
     Framing,
     Idle,
     Overflow,
+    Evicted,
 }
 
 impl TcpSide {
@@ -152,6 +183,15 @@ impl TcpSide {
             conns: Vec::new(),
             free: Vec::new(),
             live: 0,
+            next_gen: 1,
+            oldest: NIL,
+            newest: NIL,
+            // Twice the most keys ever held, so removals never force a resize.
+            per_source: HashMap::with_capacity_and_hasher(
+                2 * config.max_tcp_conns + 2,
+                foldhash::fast::RandomState::default(),
+            ),
+            max_per_source: u32::try_from(config.max_tcp_conns_per_source).unwrap_or(u32::MAX),
             dirty: Vec::new(),
             resume: Vec::new(),
             closed: Vec::new(),
@@ -194,12 +234,12 @@ impl TcpSide {
         match kind {
             KIND_LISTENER => Some(&mut self.listener_state),
             KIND_CLIENT => {
-                let c = self.conns.get_mut(usize::from(slot))?;
-                (c.gen_ == gen_ && c.stream.is_some()).then_some(&mut c.state)
+                let slot = self.token_slot(gen_, slot)?;
+                Some(&mut self.conns[usize::from(slot)].state)
             }
             KIND_UPSTREAM => {
                 let u = &mut self.upstream;
-                (u.gen_ == gen_ && u.stream.is_some()).then_some(&mut u.state)
+                (u.gen_ & 0xffff_ffff == gen_ && u.stream.is_some()).then_some(&mut u.state)
             }
             _ => None,
         }
@@ -242,7 +282,68 @@ impl TcpSide {
     fn live_slot(&self, id: ConnId) -> Option<u16> {
         let slot = (id & 0xffff) as u16;
         let c = self.conns.get(usize::from(slot))?;
-        (c.stream.is_some() && c.gen_ == (id >> 16) as u16).then_some(slot)
+        (c.stream.is_some() && c.gen_ == id >> 16).then_some(slot)
+    }
+
+    /// The live slot a readiness token (low 32 bits of the generation) names.
+    fn token_slot(&self, gen32: u64, slot: u16) -> Option<u16> {
+        let c = self.conns.get(usize::from(slot))?;
+        (c.stream.is_some() && c.gen_ & 0xffff_ffff == gen32).then_some(slot)
+    }
+
+    /// Moves `slot` to the recent end of the idle order (or puts it there, when `linked` is
+    /// false) and records progress at `now`.
+    fn touch(&mut self, slot: u16, now: Instant, linked: bool) {
+        if linked {
+            self.unlink(slot);
+        }
+        let c = &mut self.conns[usize::from(slot)];
+        c.last_progress = now;
+        c.older = self.newest;
+        c.newer = NIL;
+        match self.newest {
+            NIL => self.oldest = slot,
+            n => self.conns[usize::from(n)].newer = slot,
+        }
+        self.newest = slot;
+    }
+
+    /// The connection to evict at the connection limit: among the [`EVICTION_SCAN`] that have
+    /// gone longest without progress, the oldest that owes its client nothing (no query
+    /// waiting for an answer, no output waiting), else the oldest of all. None without
+    /// connections.
+    fn eviction_victim(&self) -> Option<u16> {
+        let mut slot = self.oldest;
+        for _ in 0..EVICTION_SCAN {
+            if slot == NIL {
+                break;
+            }
+            let c = &self.conns[usize::from(slot)];
+            if c.outstanding == 0 && c.out.is_empty() {
+                return Some(slot);
+            }
+            slot = c.newer;
+        }
+        (self.oldest != NIL).then_some(self.oldest)
+    }
+
+    /// Takes `slot` out of the idle order.
+    fn unlink(&mut self, slot: u16) {
+        let (older, newer) = {
+            let c = &self.conns[usize::from(slot)];
+            (c.older, c.newer)
+        };
+        match older {
+            NIL => self.oldest = newer,
+            o => self.conns[usize::from(o)].newer = newer,
+        }
+        match newer {
+            NIL => self.newest = older,
+            n => self.conns[usize::from(n)].older = older,
+        }
+        let c = &mut self.conns[usize::from(slot)];
+        c.older = NIL;
+        c.newer = NIL;
     }
 
     /// Handles readiness `ready` of the socket behind `token`; returns the events delivered.
@@ -262,12 +363,14 @@ impl TcpSide {
                 0
             }
             KIND_CLIENT => {
-                let Some(slot) = self.live_slot(conn_id(gen_, slot)) else {
+                let Some(slot) = self.token_slot(gen_, slot) else {
                     return 0;
                 };
                 self.client_ready(slot, ready, now, poller, stats, on_event)
             }
-            KIND_UPSTREAM if gen_ == self.upstream.gen_ && self.upstream.stream.is_some() => {
+            KIND_UPSTREAM
+                if gen_ == self.upstream.gen_ & 0xffff_ffff && self.upstream.stream.is_some() =>
+            {
                 self.upstream_ready(ready, poller, stats, on_event)
             }
             _ => 0,
@@ -286,13 +389,25 @@ impl TcpSide {
                 // ECONNABORTED, EMFILE, ...: try again at the next readiness.
                 Err(_) => break,
             };
-            if self.live >= self.max_conns {
-                stats.tcp_limit_rejected += 1;
+            if stream.set_nonblocking(true).is_err() {
+                continue;
+            }
+            let source = peer.ip().to_canonical();
+            let from_source = self.per_source.get(&source).copied().unwrap_or(0);
+            if from_source >= self.max_per_source {
+                stats.tcp_source_limit_rejected += 1;
                 drop(stream);
                 continue;
             }
-            if stream.set_nonblocking(true).is_err() {
-                continue;
+            if self.live >= self.max_conns {
+                // Make room by closing a connection that has gone long without progress: idle
+                // connections cannot lock legitimate clients out.
+                let Some(victim) = self.eviction_victim() else {
+                    stats.tcp_limit_rejected += 1;
+                    drop(stream);
+                    continue;
+                };
+                self.close_client(victim, CloseReason::Evicted, poller, stats);
             }
             let _ = stream.set_nodelay(true);
             let slot = match self.free.pop() {
@@ -307,6 +422,8 @@ impl TcpSide {
                         out: OutBuf::new(self.max_out),
                         outstanding: 0,
                         last_progress: now,
+                        older: NIL,
+                        newer: NIL,
                         state: 0,
                         eof: false,
                         write_blocked: false,
@@ -315,17 +432,21 @@ impl TcpSide {
                     s
                 }
             };
+            let gen_ = self.next_gen;
+            self.next_gen = ((self.next_gen + 1) & ((1 << GEN_BITS) - 1)).max(1);
             let c = &mut self.conns[usize::from(slot)];
             c.stream = Some(stream);
             c.peer = peer;
+            c.gen_ = gen_;
             c.dec.reset();
             c.out.clear();
             c.outstanding = 0;
-            c.last_progress = now;
             c.state = 0;
             c.eof = false;
             c.write_blocked = false;
             c.dirty = false;
+            *self.per_source.entry(source).or_insert(0) += 1;
+            self.touch(slot, now, false);
             if self.live == 0 {
                 self.next_sweep = now + self.sweep_interval();
             }
@@ -383,6 +504,12 @@ impl TcpSide {
 
     /// Delivers the complete messages buffered on `slot` (up to the pipeline limit), then
     /// closes or re-registers the connection as its state requires.
+    ///
+    /// A frame that cannot be a query (a length below a DNS header or above the limit, or
+    /// the QR bit set: a response, never answered) ends the input: nothing after it is read,
+    /// the counter is bumped, and the connection is closed once the answers to the messages
+    /// delivered before it are written (RFC 7766 lets a server close; answering those first
+    /// means a valid query is never lost to the garbage that follows it).
     fn deliver_client(
         &mut self,
         slot: u16,
@@ -397,9 +524,8 @@ impl TcpSide {
         let mut framing_error = false;
         while c.outstanding < self.pipeline {
             match c.dec.next_frame() {
-                Ok(Some(data)) => {
+                Ok(Some(data)) if data[2] & 0x80 == 0 => {
                     c.outstanding += 1;
-                    c.last_progress = now;
                     stats.tcp_rx_messages += 1;
                     on_event(Event::TcpClientMessage {
                         conn,
@@ -409,7 +535,7 @@ impl TcpSide {
                     n += 1;
                 }
                 Ok(None) => break,
-                Err(_) => {
+                Ok(Some(_)) | Err(_) => {
                     framing_error = true;
                     break;
                 }
@@ -417,9 +543,20 @@ impl TcpSide {
         }
         if framing_error {
             stats.tcp_framing_errors += 1;
-            self.close_client(slot, CloseReason::Framing, poller, stats);
-        } else if c.eof && c.outstanding == 0 && c.out.is_empty() {
-            self.close_client(slot, CloseReason::Normal, poller, stats);
+            c.eof = true;
+            c.dec.reset();
+        }
+        if n > 0 {
+            self.touch(slot, now, true);
+        }
+        let c = &self.conns[usize::from(slot)];
+        if c.eof && c.outstanding == 0 && c.out.is_empty() {
+            let reason = if framing_error {
+                CloseReason::Framing
+            } else {
+                CloseReason::Normal
+            };
+            self.close_client(slot, reason, poller, stats);
         } else {
             self.sync_client(slot, poller, stats);
         }
@@ -468,16 +605,26 @@ impl TcpSide {
         let _ = stream.shutdown(std::net::Shutdown::Both);
         drop(stream);
         self.closed.push(conn_id(c.gen_, slot));
-        c.gen_ = c.gen_.wrapping_add(1);
-        c.dec.reset();
-        c.out.clear();
+        c.gen_ = 0;
+        // Keep a small buffer for the next connection; give back what a large frame grew.
+        c.dec.release();
+        c.out.release();
         c.state = 0;
+        let source = c.peer.ip().to_canonical();
+        if let Some(count) = self.per_source.get_mut(&source) {
+            *count -= 1;
+            if *count == 0 {
+                self.per_source.remove(&source);
+            }
+        }
+        self.unlink(slot);
         self.free.push(slot);
         self.live -= 1;
         stats.tcp_closed += 1;
         match reason {
             CloseReason::Idle => stats.tcp_idle_closed += 1,
             CloseReason::Overflow => stats.tcp_out_overflow += 1,
+            CloseReason::Evicted => stats.tcp_evicted += 1,
             CloseReason::Normal | CloseReason::Framing => {}
         }
     }
@@ -496,10 +643,11 @@ impl TcpSide {
         };
         match write_out(stream, &mut c.out) {
             Ok(progress) => {
-                if progress {
-                    c.last_progress = now;
-                }
                 c.write_blocked = !c.out.is_empty();
+                if progress {
+                    self.touch(slot, now, true);
+                }
+                let c = &self.conns[usize::from(slot)];
                 if c.eof && c.outstanding == 0 && c.out.is_empty() {
                     self.close_client(slot, CloseReason::Normal, poller, stats);
                     return false;
@@ -614,7 +762,7 @@ impl TcpSide {
         );
         let _ = stream.shutdown(std::net::Shutdown::Both);
         stats.upstream_tcp_errors += u64::from(u.connecting || !u.out.is_empty());
-        u.gen_ = u.gen_.wrapping_add(1);
+        u.gen_ = u.gen_.wrapping_add(1) & 0xffff_ffff;
         u.connecting = false;
         u.dec.reset();
         u.out.clear();
@@ -734,18 +882,21 @@ impl TcpSide {
             return;
         }
         self.next_sweep = now + self.sweep_interval();
-        for slot in 0..self.conns.len() {
-            let c = &self.conns[slot];
-            if c.stream.is_some() && now.duration_since(c.last_progress) >= self.idle {
-                self.close_client(slot as u16, CloseReason::Idle, poller, stats);
+        // The idle order is the order of last progress: stop at the first that is not idle.
+        while self.oldest != NIL {
+            let slot = self.oldest;
+            if now.duration_since(self.conns[usize::from(slot)].last_progress) < self.idle {
+                break;
             }
+            self.close_client(slot, CloseReason::Idle, poller, stats);
         }
     }
 }
 
-fn split(token: u64) -> (u64, u16, u16) {
+/// (kind, low 32 bits of the generation, slot) of a token.
+fn split(token: u64) -> (u64, u64, u16) {
     let token = token & TOKEN_MASK;
-    (token >> 40, (token >> 16) as u16, token as u16)
+    (token >> 48, (token >> 16) & 0xffff_ffff, token as u16)
 }
 
 /// Writes as much of `out` as the socket takes; Ok(whether anything was written).

@@ -441,7 +441,11 @@ impl UringIo {
             recv: config.recv_buffer_bytes,
             send: config.send_buffer_bytes,
         };
-        let listen = sockets::bind_listen(config.listen, config.tcp, sizes)?;
+        let tcp_sizes = BufferSizes {
+            recv: config.tcp_socket_buffer_bytes,
+            send: config.tcp_socket_buffer_bytes,
+        };
+        let listen = sockets::bind_listen(config.listen, config.tcp, sizes, tcp_sizes)?;
         let upstream = (0..config.upstream_sockets)
             .map(|_| sockets::upstream_udp(config.upstream, sizes))
             .collect::<Result<Vec<_>, _>>()?;
