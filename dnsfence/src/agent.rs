@@ -54,9 +54,10 @@ pub enum UnknownFlag {
 #[derive(Debug, clap::Args)]
 pub struct AgentArgs {
     /// Address to serve DNS on (UDP and TCP, SO_REUSEPORT); in eBPF mode, where redirected
-    /// DNS goes.
+    /// DNS goes. Repeat it for one IPv4 and one IPv6 address (same port): each gets its own
+    /// shards, and IPv6 DNS of workloads is redirected to the IPv6 one.
     #[arg(long, value_name = "ADDR:PORT", required_unless_present = "uninstall")]
-    pub listen: Option<SocketAddr>,
+    pub listen: Vec<SocketAddr>,
     /// Upstream DNS server.
     #[arg(long, value_name = "ADDR:PORT", required_unless_present = "uninstall")]
     pub upstream: Option<SocketAddr>,
@@ -242,16 +243,27 @@ pub fn parse_cpus(s: &str) -> Result<CpuList, String> {
 
 /// The agent's runtime plan: flags resolved and checked once.
 struct Plan {
-    listen: SocketAddr,
+    listen: Vec<SocketAddr>,
     upstream: SocketAddr,
     shards: Vec<(IoConfig, CoreConfig, Option<usize>)>,
     backend: BackendChoice,
 }
 
 fn plan(args: &AgentArgs) -> Result<Plan> {
-    let (Some(listen), Some(upstream)) = (args.listen, args.upstream) else {
+    let (false, Some(upstream)) = (args.listen.is_empty(), args.upstream) else {
         bail!("--listen and --upstream are required");
     };
+    let listens = args.listen.clone();
+    let families = (
+        listens.iter().filter(|a| a.is_ipv4()).count(),
+        listens.iter().filter(|a| a.is_ipv6()).count(),
+    );
+    if families.0 > 1 || families.1 > 1 {
+        bail!("--listen: at most one IPv4 and one IPv6 address");
+    }
+    if listens.iter().any(|a| a.port() != listens[0].port()) {
+        bail!("--listen: both addresses need the same port (the redirect target's port)");
+    }
     if args.allow_entries > u32::MAX as usize {
         bail!(
             "--allow-entries must fit the allow map (at most {})",
@@ -262,31 +274,39 @@ fn plan(args: &AgentArgs) -> Result<Plan> {
     let shards = args
         .shards
         .unwrap_or(args.cpus.as_ref().map_or(available, |c| c.0.len()));
-    if listen.ip().is_unspecified() {
-        bail!(
-            "--listen {}: name the address to serve on (e.g. 127.0.0.1 or the node's DNS \
+    for &listen in &listens {
+        if listen.ip().is_unspecified() {
+            bail!(
+                "--listen {}: name the address to serve on (e.g. 127.0.0.1 or the node's DNS \
              address); a wildcard socket may answer from another local address than the client \
              asked, which clients drop",
-            listen
-        );
-    }
-    if listen.port() == 0 && shards > 1 {
-        bail!("--listen with port 0 gives each shard its own port: name a port, or use --shards 1");
+                listen
+            );
+        }
+        if listen.port() == 0 && (shards > 1 || listens.len() > 1) {
+            bail!(
+                "--listen with port 0 gives each shard its own port: name a port, or use --shards 1"
+            );
+        }
     }
     if shards == 0 {
         bail!("--shards must be at least 1");
     }
     let mut plan = Plan {
-        listen,
+        listen: listens.clone(),
         upstream,
-        shards: Vec::with_capacity(shards),
+        shards: Vec::with_capacity(shards * listens.len()),
         backend: match args.io {
             IoFlag::Auto => BackendChoice::Auto,
             IoFlag::Uring => BackendChoice::Uring,
             IoFlag::Mmsg => BackendChoice::Mmsg,
         },
     };
-    for i in 0..shards {
+    // Each listen address gets `shards` shards; shard i of each is pinned like the others' i.
+    for (listen, i) in listens
+        .iter()
+        .flat_map(|&l| (0..shards).map(move |i| (l, i)))
+    {
         let mut io = IoConfig::new(listen, upstream);
         io.upstream_sockets = args.upstream_sockets;
         io.batch = args.batch;
@@ -326,6 +346,15 @@ fn plan(args: &AgentArgs) -> Result<Plan> {
         plan.shards.push((io, core, cpu));
     }
     Ok(plan)
+}
+
+/// The listen addresses, for messages.
+fn listen_text(listen: &[SocketAddr]) -> String {
+    listen
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(" and ")
 }
 
 /// A 128-bit secret from the kernel's random pool (the key of a shard's ID generator).
@@ -433,7 +462,7 @@ pub fn run(args: &AgentArgs) -> Result<()> {
             cgroup_root: args.cgroup_root.clone(),
             allow_entries: args.allow_entries as u32,
         };
-        Enforcer::bpf(&install, &[plan.listen], ledger)?
+        Enforcer::bpf(&install, &plan.listen, ledger)?
     });
     for line in enforcer.apply(&policy.load())? {
         eprintln!("dnsfence agent: {line}");
@@ -492,7 +521,7 @@ pub fn run(args: &AgentArgs) -> Result<()> {
                 for t in threads {
                     let _ = t.join();
                 }
-                bail!("cannot listen on {}: {e}", plan.listen);
+                bail!("cannot listen on {}: {e}", listen_text(&plan.listen));
             }
         }
     }
@@ -537,7 +566,7 @@ pub fn run(args: &AgentArgs) -> Result<()> {
         .map(|b| format!("{b:?}"));
     eprintln!(
         "dnsfence agent: serving {} with {shard_count} shards ({}), upstream {}",
-        plan.listen,
+        listen_text(&plan.listen),
         backend.unwrap_or_default(),
         plan.upstream
     );

@@ -49,14 +49,14 @@ fn run(cmd: &str, args: &[&str]) -> std::process::Output {
         .unwrap_or_else(|e| panic!("run {cmd}: {e}"))
 }
 
-/// A cgroup v2 subtree, a pin directory and the blackhole routes, removed on drop.
+/// A cgroup v2 subtree and a pin directory (removed on drop), and the blackhole routes
+/// (kept).
 #[derive(Debug)]
 pub struct Env {
     /// The agent's `--cgroup-root` (a fresh directory in the cgroup v2 hierarchy).
     pub cgroup_root: PathBuf,
     /// The agent's `--bpf-pin`.
     pub pin: PathBuf,
-    routes_added: Vec<&'static str>,
 }
 
 impl Env {
@@ -78,27 +78,15 @@ impl Env {
             std::fs::create_dir_all(cgroup_root.join(c)).expect("client cgroup");
         }
         let pin = PathBuf::from("/sys/fs/bpf").join(&id);
-        let mut routes_added = Vec::new();
         // Host routes only: the machine's own network may be TEST-NET-1 (CI VMs use
         // 192.0.2.0/24 for eth0), where a /24 blackhole would clash with the link route.
-        for (family, prefix) in [("-4", "192.0.2.53/32"), ("-6", "2001:db8::53/128")] {
-            let out = run("ip", &[family, "route", "add", "blackhole", prefix]);
-            if out.status.success() {
-                routes_added.push(prefix);
-            } else {
-                // Already there (left by someone else): fine, it is what we need.
-                let shown = run("ip", &[family, "route", "show", "type", "blackhole"]);
-                assert!(
-                    String::from_utf8_lossy(&shown.stdout).contains(prefix),
-                    "cannot add the blackhole route {prefix}: {out:?}"
-                );
-            }
+        // They stay after the test: removing them while another test (or process) relies on
+        // them could let a query escape to the machine's real network.
+        for (family, host) in [("-4", "192.0.2.53"), ("-6", "2001:db8::53")] {
+            let out = run("ip", &[family, "route", "replace", "blackhole", host]);
+            assert!(out.status.success(), "blackhole route {host}: {out:?}");
         }
-        Env {
-            cgroup_root,
-            pin,
-            routes_added,
-        }
+        Env { cgroup_root, pin }
     }
 
     /// The cgroup directory of a client.
@@ -162,6 +150,20 @@ except Exception as e:\n    print(type(e).__name__, e)\n";
         }
     }
 
+    /// Makes `ip` a local address (on `lo`) until the guard drops, so a test can listen on
+    /// an address an upstream answered.
+    pub fn local_address(&self, ip: std::net::IpAddr) -> LocalAddress {
+        let (family, cidr) = match ip {
+            std::net::IpAddr::V4(_) => ("-4", format!("{ip}/32")),
+            std::net::IpAddr::V6(_) => ("-6", format!("{ip}/128")),
+        };
+        let out = run("ip", &[family, "addr", "add", &cidr, "dev", "lo"]);
+        assert!(out.status.success(), "ip addr add {cidr}: {out:?}");
+        // IPv6 addresses pass duplicate address detection first (none on lo, but wait for it).
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        LocalAddress { family, cidr }
+    }
+
     /// Programs attached at the cgroup root, as `bpftool cgroup show` lists them.
     pub fn attached(&self) -> String {
         let out = run(
@@ -169,6 +171,19 @@ except Exception as e:\n    print(type(e).__name__, e)\n";
             &["cgroup", "show", &self.cgroup_root.display().to_string()],
         );
         String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+/// An address added to `lo`, removed on drop.
+#[derive(Debug)]
+pub struct LocalAddress {
+    family: &'static str,
+    cidr: String,
+}
+
+impl Drop for LocalAddress {
+    fn drop(&mut self) {
+        let _ = run("ip", &[self.family, "addr", "del", &self.cidr, "dev", "lo"]);
     }
 }
 
@@ -187,9 +202,5 @@ impl Drop for Env {
             }
         }
         let _ = std::fs::remove_dir(&self.cgroup_root);
-        for prefix in &self.routes_added {
-            let family = if prefix.contains(':') { "-6" } else { "-4" };
-            let _ = run("ip", &[family, "route", "del", "blackhole", prefix]);
-        }
     }
 }

@@ -46,6 +46,11 @@ fn server() -> SocketAddr {
     "192.0.2.53:53".parse().unwrap()
 }
 
+/// Its IPv6 twin (documentation prefix, blackholed).
+fn server6() -> SocketAddr {
+    "[2001:db8::53]:53".parse().unwrap()
+}
+
 /// Listeners on an address's ports 443 and 80, so that a refused connect is the filter's
 /// doing, never a closed port.
 fn listen(ip: IpAddr) -> Vec<TcpListener> {
@@ -98,8 +103,20 @@ fn redirects_and_enforces_per_cgroup_through_reload_kill_and_uninstall() {
     let _serial = EXCLUSIVE.lock().unwrap_or_else(|e| e.into_inner());
     let env = Env::new("e2e", &["a", "b", "a/nested"]);
     // Answers: one A record per name in 127.77/16 with TTL 1 (raised by --min-ttl).
-    let upstream = Bundled::start(&["--ttl", "1", "--ips", "1", "--prefix4", "127.77.0.0/16"]);
-    let config = agent_config(
+    let upstream = Bundled::start(&[
+        "--ttl",
+        "1",
+        "--ips",
+        "1",
+        "--prefix4",
+        "127.77.0.0/16",
+        "--prefix6",
+        "fd00:77::/64",
+    ]);
+    // One IPv4 and one IPv6 listen address on one port: IPv6 DNS goes to the second.
+    let port = dnsfence_tests::free_port();
+    let listen6 = format!("[::1]:{port}");
+    let mut config = agent_config(
         &env,
         upstream.addr,
         &[
@@ -109,8 +126,11 @@ fn redirects_and_enforces_per_cgroup_through_reload_kill_and_uninstall() {
             "200ms",
             "--max-allow-per-endpoint",
             "40",
+            "--listen",
+            &listen6,
         ],
     );
+    config.listen = Some(SocketAddr::from(([127, 0, 0, 1], port)));
     let mut agent = Agent::start(&config);
 
     // An allowed name resolves through the redirect, over UDP and TCP, and its address is
@@ -153,6 +173,24 @@ fn redirects_and_enforces_per_cgroup_through_reload_kill_and_uninstall() {
         env.connect(Some("a"), SocketAddr::new(chained, 443)),
         Ok(())
     );
+
+    // IPv6: DNS to 2001:db8::53 (blackholed) is redirected to the IPv6 listen address, and
+    // the AAAA answer's address is reachable on 443 only; an IPv4-mapped destination on a
+    // dual-stack socket is judged as the IPv4 address it is.
+    let r = env.dig(Some("a"), server6(), &["www.allowed.test", "AAAA"]);
+    assert_eq!(r.status, "NOERROR", "{}", r.output);
+    assert!(r.output.contains("SERVER: 2001:db8::53#53"), "{}", r.output);
+    let v6: IpAddr = r.rdata("AAAA")[0].parse().unwrap();
+    let _addr = env.local_address(v6);
+    let _l6 = listen(v6);
+    assert_eq!(env.connect(Some("a"), SocketAddr::new(v6, 443)), Ok(()));
+    assert!(denied(env.connect(Some("a"), SocketAddr::new(v6, 80))));
+    let IpAddr::V4(www4) = www else {
+        panic!("IPv4")
+    };
+    let mapped = IpAddr::V6(www4.to_ipv6_mapped());
+    assert!(denied(env.connect(Some("a"), SocketAddr::new(mapped, 80))));
+    assert_eq!(env.connect(Some("a"), SocketAddr::new(mapped, 443)), Ok(()));
 
     // The other cgroup, same netns and source address, gets its own policy.
     assert_eq!(
@@ -221,7 +259,11 @@ fn redirects_and_enforces_per_cgroup_through_reload_kill_and_uninstall() {
 
     // A restarted agent reuses the maps: the entry is still there, and DNS works again.
     // (--min-ttl 2 from now on: entries of new answers live 3 s.)
-    let mut config2 = agent_config(&env, upstream.addr, &["--min-ttl", "2"]);
+    let mut config2 = agent_config(
+        &env,
+        upstream.addr,
+        &["--min-ttl", "2", "--listen", &listen6],
+    );
     config2.listen = Some(agent.addr);
     let agent2 = Agent::start(&config2);
     assert_eq!(env.connect(Some("a"), SocketAddr::new(www, 443)), Ok(()));
