@@ -272,12 +272,54 @@ fn redirects_and_enforces_per_cgroup_through_reload_kill_and_uninstall() {
     // Expiry: a fresh name's entry lives 1.5 × max(TTL 1, floor 2) = 3 s; a connection
     // established before it expires survives.
     let short = resolve(&env, "a", "short.allowed.test", false);
-    let _l6 = listen(short);
+    let short_listeners = listen(short);
     assert_eq!(env.connect(Some("a"), SocketAddr::new(short, 443)), Ok(()));
+    // A connection opened now, used after the entry expired.
+    let established = std::thread::spawn({
+        let (procs, ip) = (env.cgroup("a").join("cgroup.procs"), short.to_string());
+        move || {
+            const HOLD: &str = "import socket,sys,time\n\
+s = socket.create_connection((sys.argv[1], 443), timeout=2)\n\
+time.sleep(5)\n\
+s.sendall(b'still-here')\n\
+print('sent')\n";
+            std::process::Command::new("sh")
+                .args(["-c", "echo $$ > \"$0\" && exec python3 -c \"$1\" \"$2\""])
+                .arg(procs)
+                .arg(HOLD)
+                .arg(ip)
+                .output()
+                .expect("python3")
+        }
+    });
     let expired = poll_until(Duration::from_secs(8), || {
         denied(env.connect(Some("a"), SocketAddr::new(short, 443))).then_some(())
     });
     assert!(expired.is_some(), "entry expired");
+    let out = established.join().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "sent",
+        "an established connection survives expiry: {out:?}"
+    );
+    // The bytes arrived: find the connection that carried them.
+    let listener = &short_listeners[0];
+    listener.set_nonblocking(true).unwrap();
+    let mut carried = false;
+    while let Ok((mut conn, _)) = listener.accept() {
+        use std::io::Read;
+        conn.set_nonblocking(false).unwrap();
+        conn.set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        let mut buf = [0u8; 16];
+        if let Ok(n) = conn.read(&mut buf) {
+            carried |= &buf[..n] == b"still-here";
+        }
+    }
+    assert!(
+        carried,
+        "the established connection's bytes arrived after expiry"
+    );
 
     // --uninstall leaves nothing attached or pinned, and nothing redirected or filtered.
     drop(agent2);
