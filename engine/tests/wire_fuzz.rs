@@ -38,7 +38,8 @@ proptest! {
         }
         if let Ok(q) = wire::parse_query(&bytes) {
             let mut buf = bytes.clone();
-            let len = wire::write_reply(&mut buf, &q, wire::Rcode::Refused, true);
+            let edns = wire::query_edns(&bytes, &q);
+            let len = wire::write_reply(&mut buf, &q, wire::Rcode::Refused, true, edns);
             prop_assert!(len <= bytes.len());
             prop_assert!(wire::parse_answer(&buf[..len]).is_ok());
         }

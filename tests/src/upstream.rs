@@ -180,6 +180,8 @@ pub enum FakeMode {
     Answer,
     /// Reads every query and never answers.
     Silent,
+    /// Answers like `Answer`, this many milliseconds late (UDP; TCP answers at once).
+    Delay(u64),
 }
 
 /// An in-process upstream on UDP and TCP (one port) that records the names it is asked.
@@ -188,6 +190,8 @@ pub struct FakeUpstream {
     /// Its address.
     pub addr: SocketAddr,
     names: Arc<Mutex<Vec<String>>>,
+    packets: Arc<Mutex<Vec<Vec<u8>>>>,
+    udp: UdpSocket,
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
 }
@@ -207,16 +211,33 @@ impl FakeUpstream {
             .expect("timeout");
         tcp.set_nonblocking(true).expect("nonblocking");
         let names = Arc::new(Mutex::new(Vec::new()));
+        let packets = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
+        let udp_clone = udp.try_clone().expect("clone fake upstream socket");
         let udp_thread = {
-            let (names, stop) = (Arc::clone(&names), Arc::clone(&stop));
+            let (names, packets, stop) =
+                (Arc::clone(&names), Arc::clone(&packets), Arc::clone(&stop));
             std::thread::spawn(move || {
                 let mut buf = [0u8; 4096];
+                let udp = Arc::new(udp);
                 while !stop.load(Ordering::Relaxed) {
                     let Ok((n, peer)) = udp.recv_from(&mut buf) else {
                         continue;
                     };
-                    if let Some(reply) = handle(&buf[..n], mode, &names) {
+                    packets
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .push(buf[..n].to_vec());
+                    let Some(reply) = handle(&buf[..n], mode, &names) else {
+                        continue;
+                    };
+                    if let FakeMode::Delay(ms) = mode {
+                        let udp = Arc::clone(&udp);
+                        std::thread::spawn(move || {
+                            std::thread::sleep(Duration::from_millis(ms));
+                            let _ = udp.send_to(&reply, peer);
+                        });
+                    } else {
                         let _ = udp.send_to(&reply, peer);
                     }
                 }
@@ -245,6 +266,8 @@ impl FakeUpstream {
         FakeUpstream {
             addr,
             names,
+            packets,
+            udp: udp_clone,
             stop,
             threads: vec![udp_thread, tcp_thread],
         }
@@ -253,6 +276,20 @@ impl FakeUpstream {
     /// The names asked so far, lowercased, in arrival order.
     pub fn names(&self) -> Vec<String> {
         self.names.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Every UDP datagram received so far, as received.
+    pub fn packets(&self) -> Vec<Vec<u8>> {
+        self.packets
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Its UDP socket: what is sent from it has the upstream's own address and port (the
+    /// spoofing test forges answers with it).
+    pub fn udp_socket(&self) -> &UdpSocket {
+        &self.udp
     }
 }
 
