@@ -207,6 +207,11 @@ pub fn render(state: &State) -> String {
             |s| s.upstream_resent,
         ),
         (
+            "upstream_socket_overrun",
+            "Queries sent on a retiring upstream socket: every socket was retiring (raise --upstream-sockets)",
+            |s| s.upstream_socket_overrun,
+        ),
+        (
             "upstream_unreachable",
             "Queries answered SERVFAIL at once: ICMP unreachable from the upstream",
             |s| s.upstream_unreachable,

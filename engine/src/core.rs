@@ -310,6 +310,10 @@ pub struct Stats {
     pub upstream_socket_replace_failed: u64,
     /// Queries re-sent from a replacement socket (their socket was replaced before the answer).
     pub upstream_resent: u64,
+    /// Queries sent on a retiring socket because every upstream socket was retiring (more
+    /// queries in flight than `upstream_sockets` × `upstream_socket_queries` cover: raise
+    /// `--upstream-sockets`). Such a port lives past its quota, at most `RETIRE_GRACE` more.
+    pub upstream_socket_overrun: u64,
     /// Queries answered SERVFAIL at once because the upstream socket reported an ICMP error
     /// (port unreachable: `ECONNREFUSED`).
     pub upstream_unreachable: u64,
@@ -928,10 +932,16 @@ impl Core {
         if self.retiring == 0 {
             return drawn;
         }
-        (0..n)
+        match (0..n)
             .map(|i| (drawn + i) % n)
             .find(|&i| self.sockets[usize::from(i)].retiring.is_none())
-            .unwrap_or(drawn)
+        {
+            Some(socket) => socket,
+            None => {
+                self.stats.upstream_socket_overrun += 1;
+                drawn
+            }
+        }
     }
 
     /// Counts a query sent from `socket`; at its quota the socket retires (takes no new

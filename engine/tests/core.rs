@@ -1017,6 +1017,7 @@ fn a_retiring_socket_is_replaced_after_a_grace_and_its_queries_resent() {
     h.answer(1, 0, &echo_answer(&fast, "127.0.0.49"));
     // With all sockets retiring, a new query still goes out (on the retiring one).
     let (_, third) = h.forward(2, &query(3, "third.allowed.test", TYPE_A));
+    assert_eq!(h.core.stats().upstream_socket_overrun, 1);
     h.core.handle_timeout(h.at(100));
     assert_eq!(h.core.poll_replace(), None, "within the grace");
     h.core.handle_timeout(h.at(600));

@@ -182,6 +182,9 @@ pub enum FakeMode {
     Silent,
     /// Answers like `Answer`, this many milliseconds late (UDP; TCP answers at once).
     Delay(u64),
+    /// Answers like `Answer` with the question lowercased (a server that does not preserve
+    /// case, which defeats DNS 0x20).
+    Lowercase,
 }
 
 /// An in-process upstream on UDP and TCP (one port) that records the names it is asked.
@@ -365,6 +368,9 @@ fn handle(query: &[u8], mode: FakeMode, names: &Mutex<Vec<String>>) -> Option<Ve
         return None;
     }
     let mut reply = query[..question_end].to_vec();
+    if mode == FakeMode::Lowercase {
+        reply[12..].make_ascii_lowercase();
+    }
     reply[2] = 0x80 | 0x04 | (query[2] & 0x01); // QR, AA, RD copied
     reply[3] = 0x80; // RA, NOERROR
     reply[6..12].copy_from_slice(&[0, u8::from(qtype == dns::TYPE_A), 0, 0, 0, 0]);

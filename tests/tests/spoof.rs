@@ -15,6 +15,7 @@ both_backends! {
     forged_answers_with_every_id_never_reach_the_client => forged_answers,
     closed_upstream_port_gets_servfail_at_once => closed_upstream_port,
     forwarded_queries_carry_only_a_minimal_opt => forwarded_records,
+    upstream_that_does_not_preserve_case_gets_0x20_switched_off => case_fallback,
 }
 
 /// The answer an off-path attacker forges for `name`: every field right but the ID it
@@ -181,4 +182,52 @@ fn forwarded_records(io: IoBackend) {
         &reply[question_end..],
         &[0, 0, 41, 0x10, 0, 0, 0, 0x80, 0, 0, 0]
     );
+}
+
+/// An upstream that lowercases questions: the first 4 queries fail at once (SERVFAIL, not a
+/// timeout), then 0x20 is off for it, which is counted and logged once, and queries are
+/// answered. (0x20 is on by default: on the old code all six were answered.)
+fn case_fallback(io: IoBackend) {
+    let fake = FakeUpstream::start(FakeMode::Lowercase);
+    let agent = Agent::start(&AgentConfig::new(io, fake.addr));
+    let mut rcodes = Vec::new();
+    for i in 0..7u16 {
+        let q = dns::query(0x300 + i, &format!("Case{i}.Allowed.Test"), TYPE_A, None);
+        let start = Instant::now();
+        let reply = dns::udp_exchange(agent.addr, &q, Duration::from_secs(3)).expect("reply");
+        assert!(
+            start.elapsed() < Duration::from_secs(1),
+            "{:?}",
+            start.elapsed()
+        );
+        rcodes.push(dns::rcode(&reply));
+    }
+    let (s, n) = (rcode::SERVFAIL, rcode::NOERROR);
+    assert_eq!(rcodes, [s, s, s, s, n, n, n]);
+    assert_eq!(
+        poll_until(Duration::from_secs(2), || {
+            let n = agent.metric_sum("dnsfence_upstream_0x20_disabled_total");
+            (n > 0.0).then_some(n)
+        }),
+        Some(1.0)
+    );
+    let logged = poll_until(Duration::from_secs(2), || {
+        let err = agent.process.stderr();
+        err.contains("does not preserve the letter case")
+            .then_some(err)
+    })
+    .expect("logged");
+    assert_eq!(
+        logged.matches("does not preserve the letter case").count(),
+        1
+    );
+    // The names went upstream in 0x20 spellings, then as the client spelled them.
+    let names: Vec<String> = fake
+        .packets()
+        .iter()
+        .filter(|p| p.len() > 18 && p[12] == 5 && p[13..17].eq_ignore_ascii_case(b"case"))
+        .map(|p| String::from_utf8_lossy(&p[13..18]).into_owned())
+        .collect();
+    assert_eq!(names.len(), 7, "{names:?}");
+    assert_eq!(&names[4..], ["Case4", "Case5", "Case6"]);
 }
