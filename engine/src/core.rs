@@ -785,7 +785,14 @@ impl Core {
             Some(rcode) => {
                 self.stats.malformed_answered += 1;
                 let (start, _) = self.outbox.push_bytes(&packet[..wire::HEADER_LEN]);
-                let len = wire::write_header_reply(&mut self.outbox.bytes[start..], rcode);
+                let mut len = wire::write_header_reply(&mut self.outbox.bytes[start..], rcode);
+                // A minimal OPT when the query's records can be walked to one.
+                if let Some(edns) = wire::malformed_query_edns(packet) {
+                    let opt = wire::opt_record(self.reply_edns(edns));
+                    self.outbox.bytes.extend_from_slice(&opt);
+                    self.outbox.bytes[start + 11] = 1;
+                    len += wire::OPT_LEN;
+                }
                 self.outbox
                     .ready
                     .push_back((Destination::Client(client), start, len));

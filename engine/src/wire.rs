@@ -231,6 +231,11 @@ pub fn query_edns(packet: &[u8], query: &Query) -> Option<Edns> {
         None if u16_at(packet, 10)? != 0 => find_opt(packet, query.question_end)?,
         None => return None,
     };
+    edns_at(packet, at)
+}
+
+/// The EDNS0 parameters of the OPT record at `at`.
+fn edns_at(packet: &[u8], at: usize) -> Option<Edns> {
     Some(Edns {
         payload: u16_at(packet, at + 3)?,
         dnssec_ok: *packet.get(at + 7)? & 0x80 != 0,
@@ -308,6 +313,23 @@ pub fn clamp_edns_payload(packet: &mut [u8], opt_at: usize, max: u16) {
             field.copy_from_slice(&max.to_be_bytes());
         }
     }
+}
+
+/// The EDNS0 parameters of a query [`parse_query`] refused, when its records can still be
+/// walked: no question (QDCOUNT 0), or one uncompressed question whatever its class or the
+/// opcode. `None` when it has no OPT or its layout cannot be trusted (a FORMERR for a broken
+/// question then goes without OPT, as RFC 6891 §7 allows for a message it cannot parse).
+pub fn malformed_query_edns(packet: &[u8]) -> Option<Edns> {
+    let question_end = match u16_at(packet, 4)? {
+        0 => HEADER_LEN,
+        1 => HEADER_LEN + uncompressed_name_len(packet, HEADER_LEN)? + 4,
+        _ => return None,
+    };
+    if u16_at(packet, 10)? == 0 || question_end > packet.len() {
+        return None;
+    }
+    let at = find_opt(packet, question_end)?;
+    edns_at(packet, at)
 }
 
 /// Writes a FORMERR/NOTIMP reply over a packet whose question could not be trusted: the header

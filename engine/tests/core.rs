@@ -1253,6 +1253,43 @@ fn forwarded_queries_carry_no_record_but_a_minimal_opt() {
 }
 
 #[test]
+fn formerr_and_notimp_carry_a_minimal_opt_when_the_opt_can_be_found() {
+    let mut h = Harness::new(config());
+    let minimal = [0, 0, 41, 0x10, 0, 0, 0, 0x80, 0, 0, 0];
+    let opt_with_cookie = |mut q: Vec<u8>| {
+        q[11] = 1;
+        q.extend_from_slice(&[0, 0, 41, 0x04, 0xd0, 0, 0, 0x80, 0, 0, 12]);
+        q.extend_from_slice(&[0, 10, 0, 8, 1, 2, 3, 4, 5, 6, 7, 8]);
+        q
+    };
+    // Unknown class, opcode STATUS (NOTIMP), no question: the OPT is found.
+    let mut class = opt_with_cookie(query(1, "a.allowed.test", TYPE_A));
+    class[12 + 16 + 3] = 9;
+    let mut opcode = opt_with_cookie(query(2, "a.allowed.test", TYPE_A));
+    opcode[2] |= 0x10;
+    let mut none = query(3, "x", TYPE_A);
+    none.truncate(12);
+    none[5] = 0;
+    let none = opt_with_cookie(none);
+    for (q, rc) in [
+        (class, Rcode::FormErr),
+        (opcode, Rcode::NotImp),
+        (none, Rcode::FormErr),
+    ] {
+        let reply = to_client(&h.query(0, CLIENT, &q)).to_vec();
+        assert_eq!(rcode(&reply), rc as u8);
+        assert_eq!(reply.len(), 12 + 11, "{reply:02x?}");
+        assert_eq!(&reply[4..12], &[0, 0, 0, 0, 0, 0, 0, 1]);
+        assert_eq!(&reply[12..], &minimal);
+    }
+    // Two questions: the layout cannot be trusted, the header alone.
+    let mut two = opt_with_cookie(query(4, "a.allowed.test", TYPE_A));
+    two[5] = 2;
+    let reply = to_client(&h.query(0, CLIENT, &two)).to_vec();
+    assert_eq!((rcode(&reply), reply.len()), (Rcode::FormErr as u8, 12));
+}
+
+#[test]
 fn local_replies_carry_a_minimal_opt_without_the_clients_cookie() {
     let mut c = config();
     c.upstream_timeout = Duration::from_millis(100);

@@ -182,6 +182,17 @@ fn forwarded_records(io: IoBackend) {
         &reply[question_end..],
         &[0, 0, 41, 0x10, 0, 0, 0, 0x80, 0, 0, 0]
     );
+    // A FORMERR (undefined class): the header and the same minimal OPT.
+    let mut q = with_records(0x79, name);
+    q[12 + dns::name_wire(name).len() + 3] = 9;
+    let reply = dns::udp_exchange(agent.addr, &q, Duration::from_secs(3)).expect("reply");
+    assert_eq!(dns::rcode(&reply), rcode::FORMERR);
+    assert_eq!(
+        &reply[4..],
+        &[
+            0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 41, 0x10, 0, 0, 0, 0x80, 0, 0, 0
+        ]
+    );
 }
 
 /// An upstream that lowercases questions: the first 4 queries fail at once (SERVFAIL, not a
