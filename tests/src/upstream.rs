@@ -180,7 +180,8 @@ pub enum FakeMode {
     Answer,
     /// Reads every query and never answers.
     Silent,
-    /// Answers like `Answer`, this many milliseconds late (UDP; TCP answers at once).
+    /// Answers like `Answer`; names whose first label starts with `slow` this many
+    /// milliseconds late (UDP; TCP answers at once).
     Delay(u64),
     /// Answers like `Answer` with the question lowercased (a server that does not preserve
     /// case, which defeats DNS 0x20).
@@ -234,7 +235,10 @@ impl FakeUpstream {
                     let Some(reply) = handle(&buf[..n], mode, &names) else {
                         continue;
                     };
-                    if let FakeMode::Delay(ms) = mode {
+                    let slow = buf
+                        .get(13..17)
+                        .is_some_and(|l| l.eq_ignore_ascii_case(b"slow"));
+                    if let (FakeMode::Delay(ms), true) = (mode, slow) {
                         let udp = Arc::clone(&udp);
                         std::thread::spawn(move || {
                             std::thread::sleep(Duration::from_millis(ms));
