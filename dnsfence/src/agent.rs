@@ -32,6 +32,19 @@ pub enum IoFlag {
     Mmsg,
 }
 
+/// DNS 0x20 toward the upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Case0x20Flag {
+    /// On, switched off for an upstream that answers a few queries in another spelling
+    /// before it has ever echoed one exactly (it does not preserve case); logged once.
+    Auto,
+    /// On, whatever the upstream does (one that does not preserve case gets no answer
+    /// accepted).
+    On,
+    /// Off: names go upstream as the client spelled them.
+    Off,
+}
+
 /// Rcode for denied names.
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
 pub enum RejectFlag {
@@ -121,12 +134,21 @@ pub struct AgentArgs {
     #[arg(long, value_name = "ADDR:PORT")]
     pub policy_server: Option<SocketAddr>,
     /// Randomise the letter case of forwarded names and accept only answers that echo it
-    /// (DNS 0x20): needs an upstream that preserves case, as CoreDNS, unbound and BIND do.
-    #[arg(long)]
-    pub upstream_0x20: bool,
+    /// (DNS 0x20; CoreDNS, unbound and BIND preserve case): one more bit per letter for an
+    /// off-path spoofer to guess.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub upstream_0x20: Case0x20Flag,
     /// Upstream UDP sockets per shard (random source ports).
     #[arg(long, default_value_t = 4)]
     pub upstream_sockets: u16,
+    /// Queries an upstream UDP socket sends before it is replaced by one on a fresh random
+    /// port (0: never).
+    #[arg(long, default_value_t = 256)]
+    pub upstream_socket_queries: u32,
+    /// Answers with unknown IDs on one upstream socket after which it is taken as under
+    /// attack and replaced at once, its queries re-sent from the new port (0: never).
+    #[arg(long, default_value_t = 32)]
+    pub upstream_unknown_id_burst: u32,
     /// Most queries in flight upstream per shard.
     #[arg(long, default_value_t = 8192)]
     pub max_pending: usize,
@@ -333,7 +355,10 @@ fn plan(args: &AgentArgs) -> Result<Plan> {
         core.max_pending = args.max_pending;
         core.max_pending_per_endpoint = args.max_pending_per_endpoint.max(1);
         core.flow_records = args.flow_log.is_some();
-        core.upstream_0x20 = args.upstream_0x20;
+        core.upstream_0x20 = args.upstream_0x20 != Case0x20Flag::Off;
+        core.upstream_0x20_fallback = args.upstream_0x20 == Case0x20Flag::Auto;
+        core.upstream_socket_queries = args.upstream_socket_queries;
+        core.upstream_unknown_id_burst = args.upstream_unknown_id_burst;
         core.max_udp_payload = io.max_udp_payload.min(usize::from(u16::MAX)) as u16;
         if !(1..65536).contains(&core.max_pending) {
             bail!("--max-pending must be in 1..65535");
@@ -582,8 +607,25 @@ pub fn run(args: &AgentArgs) -> Result<()> {
     let mut generation = 1;
     let mut last_check = Instant::now();
     let mut failed = None;
+    let mut case_logged = false;
     while !stop.load(Ordering::Relaxed) {
         std::thread::sleep(Duration::from_millis(50));
+        if !case_logged
+            && statuses.iter().any(|s| {
+                s.stats
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .upstream_0x20_disabled
+                    != 0
+            })
+        {
+            case_logged = true;
+            eprintln!(
+                "dnsfence agent: upstream {} does not preserve the letter case of questions: \
+                 DNS 0x20 switched off for it (--upstream-0x20 on keeps it)",
+                plan.upstream
+            );
+        }
         if let Some(i) = threads.iter().position(|t| t.is_finished()) {
             failed = Some(i);
             break;

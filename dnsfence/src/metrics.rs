@@ -242,6 +242,61 @@ pub fn render(state: &State) -> String {
             "Records dropped: consumer queue full",
             |s| s.records_dropped,
         ),
+        (
+            "upstream_case_mismatch",
+            "Upstream answers matching the question but not its 0x20 spelling",
+            |s| s.upstream_case_mismatch,
+        ),
+        (
+            "case_mismatch_failed",
+            "Queries answered SERVFAIL: answer in another spelling from an upstream not known to preserve case",
+            |s| s.case_mismatch_failed,
+        ),
+        (
+            "upstream_0x20_disabled",
+            "1 when DNS 0x20 was switched off: the upstream does not preserve case",
+            |s| s.upstream_0x20_disabled,
+        ),
+        (
+            "upstream_sockets_rotated",
+            "Upstream sockets replaced by a fresh random port",
+            |s| s.upstream_sockets_rotated,
+        ),
+        (
+            "upstream_sockets_attacked",
+            "Upstream sockets replaced early after a burst of answers with unknown IDs",
+            |s| s.upstream_sockets_attacked,
+        ),
+        (
+            "upstream_socket_replace_failed",
+            "Upstream socket replacements that failed (old socket kept)",
+            |s| s.upstream_socket_replace_failed,
+        ),
+        (
+            "upstream_resent",
+            "Queries re-sent from a replacement upstream socket",
+            |s| s.upstream_resent,
+        ),
+        (
+            "upstream_socket_overrun",
+            "Queries sent on a retiring upstream socket: every socket was retiring (raise --upstream-sockets)",
+            |s| s.upstream_socket_overrun,
+        ),
+        (
+            "upstream_unreachable",
+            "Queries answered SERVFAIL at once: ICMP unreachable from the upstream",
+            |s| s.upstream_unreachable,
+        ),
+        (
+            "client_sends_dropped",
+            "Messages to clients dropped by the I/O layer",
+            |s| s.client_sends_dropped,
+        ),
+        (
+            "upstream_sends_dropped",
+            "Messages to the upstream dropped by the I/O layer",
+            |s| s.upstream_sends_dropped,
+        ),
     ];
     per_shard(&mut out, "dnsfence_", counters, &stats);
     let io: Vec<IoStats> = state

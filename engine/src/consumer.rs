@@ -159,7 +159,9 @@ fn apply(obs: &mut Observations, record: &Record, cache_entries: usize, max_ips_
             Verdict::Refuse | Verdict::RefuseUnknownSource => obs.flows_refused += 1,
             Verdict::Timeout => obs.flows_timeout += 1,
             Verdict::Malformed => obs.flows_malformed += 1,
-            Verdict::Overload | Verdict::BadAnswer => obs.flows_overload += 1,
+            Verdict::Overload | Verdict::BadAnswer | Verdict::Unreachable => {
+                obs.flows_overload += 1
+            }
         },
         Record::Addresses(update) => {
             obs.ip_updates += 1;

@@ -22,7 +22,7 @@ use dnsfence_matcher::{MAX_WIRE_LEN, Name, RuleSet};
 use dnsfence_policy::{DnsVerdict, EndpointId, EndpointKey, Proto, Snapshot};
 
 use crate::allow::{AllowBatch, AllowKey, AllowSink, PortSpec};
-use crate::wire::{self, Addresses, Query, Rcode};
+use crate::wire::{self, Addresses, Edns, Query, Rcode};
 
 /// What to do with queries from sources the endpoint registry does not know.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,6 +43,14 @@ pub struct CoreConfig {
     pub policy_server: SocketAddr,
     /// Number of upstream UDP sockets (random source ports) the shard opened.
     pub upstream_sockets: u16,
+    /// Queries one upstream UDP socket sends before it is retired and replaced by a socket
+    /// on a fresh random port (see [`Core::poll_replace`]), so that an off-path spoofer never
+    /// learns a port for long. 0: never rotate.
+    pub upstream_socket_queries: u32,
+    /// Answers with no query in flight under their ID on one upstream socket after which the
+    /// socket counts as under attack: it is replaced at once and its queries re-sent from the
+    /// new port. 0: never.
+    pub upstream_unknown_id_burst: u32,
     /// After this long without an answer the client gets SERVFAIL.
     pub upstream_timeout: Duration,
     /// The rcode for denied names: REFUSED or NXDOMAIN.
@@ -69,8 +77,13 @@ pub struct CoreConfig {
     pub max_udp_payload: u16,
     /// Randomise the case of forwarded question names and accept only answers that echo it
     /// exactly (DNS 0x20): more spoofing resistance, for upstreams that preserve case (most
-    /// recursive resolvers do; one that does not would see every answer rejected).
+    /// recursive resolvers do).
     pub upstream_0x20: bool,
+    /// With `upstream_0x20`: when the upstream answers [`CASE_FALLBACK_AFTER`] queries with
+    /// the right ID and name but another spelling before it ever echoed one exactly, it does
+    /// not preserve case: 0x20 is switched off for it (counted in
+    /// [`Stats::upstream_0x20_disabled`]). Once one answer echoed the spelling, never.
+    pub upstream_0x20_fallback: bool,
     /// Emit a [`Flow`] record per query (for the flow log). Off, the per-query cost is the
     /// counters only; address observations are emitted either way.
     pub flow_records: bool,
@@ -83,6 +96,8 @@ impl CoreConfig {
             upstream,
             policy_server: SocketAddr::new(upstream.ip(), 53),
             upstream_sockets: 4,
+            upstream_socket_queries: 256,
+            upstream_unknown_id_burst: 32,
             upstream_timeout: Duration::from_secs(5),
             reject_rcode: Rcode::Refused,
             min_ttl: 0,
@@ -93,7 +108,8 @@ impl CoreConfig {
             allow_cache_entries: 65536,
             seed: [0x5eed, 0x5eed_5eed],
             max_udp_payload: 4096,
-            upstream_0x20: false,
+            upstream_0x20: true,
+            upstream_0x20_fallback: true,
             flow_records: false,
         }
     }
@@ -169,6 +185,8 @@ pub enum Verdict {
     /// The upstream's answer could not be used (unparsable records, or repeated answers
     /// with the query's ID but another question); SERVFAIL written.
     BadAnswer,
+    /// The upstream is unreachable (an ICMP error on the upstream socket); SERVFAIL written.
+    Unreachable,
 }
 
 /// A record for the consumer: an observation of addresses or a flow.
@@ -226,7 +244,8 @@ pub struct Flow {
 /// Counters of one core. Every client query ends in exactly one of `forwarded`, `refused`,
 /// `refused_unknown_source`, `malformed_answered`, `malformed_dropped`, `responses_dropped`
 /// or `pending_full`; every forwarded one in `answered`, `timeouts`, `answer_malformed`,
-/// `spoofing_suspected` or an allow-write failure.
+/// `spoofing_suspected`, `case_mismatch_failed`, `upstream_unreachable` or an allow-write
+/// failure. Every answer the I/O layer could not send is counted in `client_sends_dropped`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Stats {
     /// Client queries received.
@@ -276,6 +295,33 @@ pub struct Stats {
     pub allow_write_failures: u64,
     /// Records dropped because the record queue was full.
     pub records_dropped: u64,
+    /// Answers whose question matched except for the 0x20 spelling sent.
+    pub upstream_case_mismatch: u64,
+    /// Queries answered SERVFAIL at once because the upstream answered them in another
+    /// spelling before it had ever echoed one exactly (it may not preserve case).
+    pub case_mismatch_failed: u64,
+    /// 1 once 0x20 was switched off for the upstream (it does not preserve case).
+    pub upstream_0x20_disabled: u64,
+    /// Upstream sockets replaced by a fresh random port (after their query quota, or early).
+    pub upstream_sockets_rotated: u64,
+    /// Upstream sockets retired early: a burst of answers with unknown IDs (an attack).
+    pub upstream_sockets_attacked: u64,
+    /// Socket replacements the I/O layer could not do (the old socket stays in use).
+    pub upstream_socket_replace_failed: u64,
+    /// Queries re-sent from a replacement socket (their socket was replaced before the answer).
+    pub upstream_resent: u64,
+    /// Queries sent on a retiring socket because every upstream socket was retiring (more
+    /// queries in flight than `upstream_sockets` × `upstream_socket_queries` cover: raise
+    /// `--upstream-sockets`). Such a port lives past its quota, at most `RETIRE_GRACE` more.
+    pub upstream_socket_overrun: u64,
+    /// Queries answered SERVFAIL at once because the upstream socket reported an ICMP error
+    /// (port unreachable: `ECONNREFUSED`).
+    pub upstream_unreachable: u64,
+    /// Messages to clients the I/O layer dropped (queue or buffer full, send error, closed
+    /// connection).
+    pub client_sends_dropped: u64,
+    /// Messages to the upstream the I/O layer dropped.
+    pub upstream_sends_dropped: u64,
 }
 
 const NO_SLOT: u32 = u32::MAX;
@@ -317,6 +363,11 @@ fn siphash24(key: [u64; 2], word: u64) -> u64 {
 
 /// Answers with a query's ID but the wrong question after which the query is abandoned.
 const MAX_MISMATCHES: u8 = 3;
+/// Answers in another spelling (and none exact) after which 0x20 is off for the upstream.
+pub const CASE_FALLBACK_AFTER: u32 = 4;
+/// How long a socket past its query quota waits for its queries' answers before it is
+/// replaced anyway (what is still in flight is then re-sent from the new socket).
+const RETIRE_GRACE: Duration = Duration::from_millis(500);
 /// Most queries [`Core::handle_timeout`] expires per call, so one call's SERVFAILs fit the
 /// shard's send queue; the rest go on the next call (the deadline is already due).
 const MAX_EXPIRED_PER_CALL: usize = 512;
@@ -346,11 +397,30 @@ struct Pending {
     mismatches: u8,
     /// Index into `Core::in_flight_by_endpoint` this query is counted under.
     bucket: u32,
-    /// Seed of the 0x20 spelling sent upstream (with `upstream_0x20`).
+    /// Seed of the 0x20 spelling sent upstream, when `case_applied`.
     case_seed: u64,
+    /// Whether the query went upstream in a 0x20 spelling.
+    case_applied: bool,
+    /// The query's EDNS0 parameters (payload clamped), forwarded in a minimal OPT record.
+    edns: Option<Edns>,
     /// Neighbours in the in-flight list (oldest first), `NO_SLOT` at the ends.
     prev: u32,
     next: u32,
+}
+
+/// One upstream UDP socket's life as the core sees it (the I/O layer owns the socket).
+#[derive(Debug, Clone, Copy, Default)]
+struct UpSocket {
+    /// Queries sent from it since it was opened.
+    sent: u32,
+    /// Queries in flight on it.
+    in_flight: u32,
+    /// Answers with unknown IDs received on it since it was opened.
+    unknown: u32,
+    /// Since when it takes no new queries (quota spent or under attack).
+    retiring: Option<Instant>,
+    /// Whether its replacement was queued for the shard.
+    replace_queued: bool,
 }
 
 /// An answer waiting for its allow entries to be written; its pending slot stays taken
@@ -438,6 +508,17 @@ pub struct Core {
     /// Key and counter of the ID generator (SipHash-2-4 of a counter under a secret key).
     rng_key: [u64; 2],
     rng_counter: u64,
+    /// The upstream UDP sockets' lives, by index.
+    sockets: Vec<UpSocket>,
+    /// Sockets retiring (some `UpSocket::retiring` is set).
+    retiring: usize,
+    /// Sockets the shard should replace (drained by `poll_replace`).
+    replace: Vec<u16>,
+    /// Answers that echoed the 0x20 spelling exactly, and that did not (same ID and name).
+    case_exact: u64,
+    case_other: u32,
+    /// 0x20 switched off for the upstream (it does not preserve case).
+    case_off: bool,
     stats: Stats,
 }
 
@@ -477,6 +558,8 @@ impl Core {
             mismatches: 0,
             bucket: 0,
             case_seed: 0,
+            case_applied: false,
+            edns: None,
             prev: NO_SLOT,
             next: NO_SLOT,
         };
@@ -486,6 +569,7 @@ impl Core {
             .map(|_| vec![NO_SLOT; 65536].into_boxed_slice())
             .collect();
         let rules = snapshot.rule_set();
+        let config_sockets = config.upstream_sockets;
         Core {
             rng_key: config.seed,
             rng_counter: 0,
@@ -512,6 +596,12 @@ impl Core {
             ids,
             rules,
             addresses: Some(Box::default()),
+            sockets: vec![UpSocket::default(); usize::from(config_sockets)],
+            retiring: 0,
+            replace: Vec::with_capacity(usize::from(config_sockets)),
+            case_exact: 0,
+            case_other: 0,
+            case_off: false,
             stats: Stats::default(),
         }
     }
@@ -672,12 +762,14 @@ impl Core {
         rcode: Rcode,
         verdict: Verdict,
     ) {
+        let edns = wire::query_edns(packet, query).map(|e| self.reply_edns(e));
         let (start, len) = self.outbox.push_bytes(packet);
         let len = wire::write_reply(
             &mut self.outbox.bytes[start..start + len],
             query,
             rcode,
             true,
+            edns,
         );
         self.outbox.bytes.truncate(start + len);
         self.outbox
@@ -694,6 +786,14 @@ impl Core {
             Some(rcode as u8),
             None,
         );
+    }
+
+    /// The OPT record of a locally generated reply: our own payload size, the client's DO bit.
+    fn reply_edns(&self, query: Edns) -> Edns {
+        Edns {
+            payload: self.config.max_udp_payload,
+            dnssec_ok: query.dnssec_ok,
+        }
     }
 
     fn policy_server(&self, server: Option<SocketAddr>) -> SocketAddr {
@@ -713,7 +813,14 @@ impl Core {
             Some(rcode) => {
                 self.stats.malformed_answered += 1;
                 let (start, _) = self.outbox.push_bytes(&packet[..wire::HEADER_LEN]);
-                let len = wire::write_header_reply(&mut self.outbox.bytes[start..], rcode);
+                let mut len = wire::write_header_reply(&mut self.outbox.bytes[start..], rcode);
+                // A minimal OPT when the query's records can be walked to one.
+                if let Some(edns) = wire::malformed_query_edns(packet) {
+                    let opt = wire::opt_record(self.reply_edns(edns));
+                    self.outbox.bytes.extend_from_slice(&opt);
+                    self.outbox.bytes[start + 11] = 1;
+                    len += wire::OPT_LEN;
+                }
                 self.outbox
                     .ready
                     .push_back((Destination::Client(client), start, len));
@@ -752,6 +859,8 @@ impl Core {
             self.reply_in_place(now, client, key, query, packet, servfail, Verdict::Overload);
             return;
         };
+        // One PRF output for the socket (its upper half) and the ID (bits 16..32).
+        let random = self.next_random();
         // TCP clients are forwarded over TCP (their answers may not fit a datagram).
         let (channel, upstream) = match client {
             Client::Tcp { .. } => (
@@ -759,12 +868,11 @@ impl Core {
                 Destination::UpstreamTcp,
             ),
             Client::Udp(_) => {
-                let socket =
-                    (self.next_random() % u64::from(self.config.upstream_sockets.max(1))) as u16;
+                let socket = self.pick_socket(random >> 32);
                 (usize::from(socket), Destination::UpstreamUdp { socket })
             }
         };
-        let mut upstream_id = (self.next_random() >> 16) as u16;
+        let mut upstream_id = (random >> 16) as u16;
         while self.ids[channel][usize::from(upstream_id)] != NO_SLOT {
             upstream_id = (self.next_random() >> 16) as u16;
         }
@@ -798,33 +906,170 @@ impl Core {
         self.in_flight_by_endpoint[bucket] += 1;
         self.pending[slot as usize].bucket = bucket as u32;
 
-        let case_seed = if self.config.upstream_0x20 {
-            self.next_random()
-        } else {
-            0
-        };
-        self.pending[slot as usize].case_seed = case_seed;
-        let (start, len) = self.outbox.push_bytes(packet);
-        let fwd = &mut self.outbox.bytes[start..start + len];
-        wire::set_id(fwd, upstream_id);
-        if self.config.upstream_0x20 {
-            wire::apply_0x20(
-                &mut fwd[wire::HEADER_LEN..wire::HEADER_LEN + query.name_len],
-                case_seed,
-            );
+        let case_applied = self.config.upstream_0x20 && !self.case_off;
+        let case_seed = if case_applied { self.next_random() } else { 0 };
+        // The upstream sizes its answer by the EDNS0 payload size; a larger answer than the
+        // shard can receive would be lost (and the client time out).
+        let max_payload = self.config.max_udp_payload;
+        let edns = wire::query_edns(packet, query).map(|e| Edns {
+            payload: e.payload.min(max_payload),
+            dnssec_ok: e.dnssec_ok,
+        });
+        let p = &mut self.pending[slot as usize];
+        p.case_seed = case_seed;
+        p.case_applied = case_applied;
+        p.edns = edns;
+        self.push_upstream_query(slot, Some(&packet[..query.question_end]));
+        if let Destination::UpstreamUdp { socket } = upstream {
+            self.socket_sent(now, socket);
         }
-        // The upstream sizes its answer by the client's EDNS0 payload size; a larger answer
-        // than the shard can receive would be lost (and the client time out).
-        let opt = match query.opt {
-            Some((at, _)) => Some(at),
-            None if packet[10..12] != [0, 0] => wire::find_opt(packet, query.question_end),
-            None => None,
-        };
-        if let Some(at) = opt {
-            wire::clamp_edns_payload(fwd, at, self.config.max_udp_payload);
-        }
-        self.outbox.ready.push_back((upstream, start, len));
         self.stats.forwarded += 1;
+    }
+
+    /// Queues the upstream copy of the query in `slot`: its upstream ID, its question in the
+    /// spelling sent, and no record but a minimal OPT when the client sent one (no client
+    /// cookie, option or stray record goes upstream). `client` is the client's header and
+    /// question when at hand (one copy), else they are rebuilt from the slot (a re-send).
+    fn push_upstream_query(&mut self, slot: u32, client: Option<&[u8]>) {
+        let p = &self.pending[slot as usize];
+        let start = self.outbox.bytes.len();
+        match client {
+            Some(header_and_question) => self.outbox.bytes.extend_from_slice(header_and_question),
+            None => {
+                self.outbox.bytes.extend_from_slice(&[0; wire::HEADER_LEN]);
+                let question = &p.question[..usize::from(p.question_len)];
+                self.outbox.bytes.extend_from_slice(question);
+            }
+        }
+        let header = wire::one_question_header(p.upstream_id, p.client_flags, p.edns.is_some());
+        if let Ok(dst) = <&mut [u8; wire::HEADER_LEN]>::try_from(
+            &mut self.outbox.bytes[start..][..wire::HEADER_LEN],
+        ) {
+            *dst = header;
+        }
+        if let Some(edns) = p.edns {
+            self.outbox.bytes.extend_from_slice(&wire::opt_record(edns));
+        }
+        let len = self.outbox.bytes.len() - start;
+        if p.case_applied {
+            let at = start + wire::HEADER_LEN;
+            let name = &mut self.outbox.bytes[at..at + usize::from(p.name_len)];
+            wire::apply_0x20(name, p.case_seed);
+        }
+        self.outbox.ready.push_back((p.upstream, start, len));
+    }
+
+    /// A random upstream socket that is not retiring (the next one in service when the draw
+    /// falls on a retiring one; when all are retiring, the draw).
+    fn pick_socket(&mut self, random: u64) -> u16 {
+        let n = self.config.upstream_sockets;
+        let drawn = (random % u64::from(n)) as u16;
+        if self.retiring == 0 {
+            return drawn;
+        }
+        match (0..n)
+            .map(|i| (drawn + i) % n)
+            .find(|&i| self.sockets[usize::from(i)].retiring.is_none())
+        {
+            Some(socket) => socket,
+            None => {
+                self.stats.upstream_socket_overrun += 1;
+                drawn
+            }
+        }
+    }
+
+    /// Counts a query sent from `socket`; at its quota the socket retires (takes no new
+    /// queries, and is replaced once its queries are answered or `RETIRE_GRACE` passed).
+    fn socket_sent(&mut self, now: Instant, socket: u16) {
+        let quota = self.config.upstream_socket_queries;
+        let s = &mut self.sockets[usize::from(socket)];
+        s.sent += 1;
+        s.in_flight += 1;
+        if quota != 0 && s.sent >= quota && s.retiring.is_none() {
+            s.retiring = Some(now);
+            self.retiring += 1;
+        }
+    }
+
+    /// Asks the shard to replace `socket` (once), retiring it if it was not.
+    fn queue_replace(&mut self, now: Instant, socket: u16) {
+        let s = &mut self.sockets[usize::from(socket)];
+        if s.replace_queued {
+            return;
+        }
+        s.replace_queued = true;
+        if s.retiring.is_none() {
+            s.retiring = Some(now);
+            self.retiring += 1;
+        }
+        self.replace.push(socket);
+    }
+
+    /// The next upstream UDP socket the shard should close and replace by a fresh socket on a
+    /// new random port (same index), then report with [`Core::upstream_replaced`] before
+    /// draining transmits.
+    pub fn poll_replace(&mut self) -> Option<u16> {
+        self.replace.pop()
+    }
+
+    /// The shard replaced upstream socket `socket` (`ok`), or could not (then the old one
+    /// stays in service). After a replacement the queries still in flight on it are re-sent
+    /// from the new port, with the same ID and spelling: their answers would go to the closed
+    /// port.
+    pub fn upstream_replaced(&mut self, socket: u16, ok: bool) {
+        let Some(s) = self.sockets.get_mut(usize::from(socket)) else {
+            return;
+        };
+        if s.retiring.is_some() {
+            self.retiring -= 1;
+        }
+        *s = UpSocket {
+            in_flight: s.in_flight,
+            ..UpSocket::default()
+        };
+        if !ok {
+            self.stats.upstream_socket_replace_failed += 1;
+            return;
+        }
+        self.stats.upstream_sockets_rotated += 1;
+        let mut slot = self.oldest;
+        while slot != NO_SLOT {
+            let p = &self.pending[slot as usize];
+            let next = p.next;
+            if p.upstream == (Destination::UpstreamUdp { socket }) {
+                self.push_upstream_query(slot, None);
+                self.sockets[usize::from(socket)].sent += 1;
+                self.stats.upstream_resent += 1;
+            }
+            slot = next;
+        }
+    }
+
+    /// The upstream UDP socket `socket` reported an ICMP error (`ECONNREFUSED`: nothing
+    /// listens on the upstream's port, or it is unreachable): every query in flight on it
+    /// gets SERVFAIL now instead of at the timeout. The error does not say which query it was
+    /// for, and all of them went to the same upstream.
+    pub fn handle_upstream_error(&mut self, now: Instant, socket: u16) {
+        let mut slot = self.oldest;
+        while slot != NO_SLOT {
+            let p = &self.pending[slot as usize];
+            let next = p.next;
+            if p.upstream == (Destination::UpstreamUdp { socket }) {
+                self.ids[usize::from(socket)][usize::from(p.upstream_id)] = NO_SLOT;
+                self.unlink(slot);
+                self.stats.upstream_unreachable += 1;
+                self.servfail(now, slot, Verdict::Unreachable);
+                self.free_slot(slot);
+            }
+            slot = next;
+        }
+    }
+
+    /// Counts messages the I/O layer dropped since the last call.
+    pub fn sends_dropped(&mut self, client: u64, upstream: u64) {
+        self.stats.client_sends_dropped += client;
+        self.stats.upstream_sends_dropped += upstream;
     }
 
     /// A datagram on upstream UDP socket `socket` from `from`.
@@ -856,6 +1101,7 @@ impl Core {
         let slot = self.ids[channel][usize::from(answer.id)];
         if slot == NO_SLOT {
             self.stats.upstream_unknown_id += 1;
+            self.unknown_id(now, channel);
             return;
         }
         let p = &self.pending[slot as usize];
@@ -866,32 +1112,25 @@ impl Core {
             u16::from_be_bytes([rest[0], rest[1]]),
             u16::from_be_bytes([rest[2], rest[3]]),
         );
-        let spelled_as_sent = !self.config.upstream_0x20 || {
-            let mut sent = [0u8; MAX_WIRE_LEN];
-            let sent = &mut sent[..client_name.len()];
-            sent.copy_from_slice(client_name);
-            wire::apply_0x20(sent, p.case_seed);
-            answer.name_wire(packet) == sent
-        };
         if !wire::names_equal(answer.name_wire(packet), client_name)
-            || !spelled_as_sent
             || answer.qtype != qtype
             || answer.qclass != qclass
         {
-            // Someone guessed the ID but not the question. Keep waiting for the real answer,
-            // but not forever: a real upstream never does this, so after a few such answers
-            // the query is given up (SERVFAIL) rather than left open to more guesses.
-            self.stats.upstream_wrong_question += 1;
-            let p = &mut self.pending[slot as usize];
-            p.mismatches += 1;
-            if p.mismatches >= MAX_MISMATCHES {
-                self.stats.spoofing_suspected += 1;
-                self.ids[channel][usize::from(answer.id)] = NO_SLOT;
-                self.unlink(slot);
-                self.servfail(now, slot, Verdict::BadAnswer);
-                self.free_slot(slot);
-            }
+            self.wrong_question(now, channel, answer.id, slot);
             return;
+        }
+        if p.case_applied {
+            if !wire::is_0x20_spelling(answer.name_wire(packet), client_name, p.case_seed) {
+                self.stats.upstream_case_mismatch += 1;
+                if self.case_exact > 0 {
+                    // The upstream preserves case: this answer did not come from it.
+                    self.wrong_question(now, channel, answer.id, slot);
+                } else {
+                    self.case_not_echoed(now, channel, answer.id, slot);
+                }
+                return;
+            }
+            self.case_exact += 1;
         }
         self.ids[channel][usize::from(answer.id)] = NO_SLOT;
         self.unlink(slot);
@@ -949,6 +1188,65 @@ impl Core {
                 .ready
                 .push_back((Destination::Client(client), start, len));
             self.free_slot(slot);
+        }
+    }
+
+    /// An answer with the ID of the query in `slot` but another question. Someone guessed the
+    /// ID but not the question. Keep waiting for the real answer, but not forever: a real
+    /// upstream never does this, so after a few such answers the query is given up (SERVFAIL)
+    /// rather than left open to more guesses.
+    fn wrong_question(&mut self, now: Instant, channel: usize, id: u16, slot: u32) {
+        self.stats.upstream_wrong_question += 1;
+        let p = &mut self.pending[slot as usize];
+        p.mismatches += 1;
+        if p.mismatches >= MAX_MISMATCHES {
+            self.stats.spoofing_suspected += 1;
+            self.give_up(now, channel, id, slot, Verdict::BadAnswer);
+        }
+    }
+
+    /// An answer with the right ID and name in another spelling than the 0x20 one sent, from
+    /// an upstream that has never echoed a spelling exactly: it may not preserve case. The
+    /// query is answered SERVFAIL now (its real answer, if this was it, will not come again),
+    /// and after [`CASE_FALLBACK_AFTER`] such answers 0x20 is switched off for the upstream.
+    ///
+    /// A spoofer cannot use this to switch 0x20 off cheaply: each such answer needs the right
+    /// ID on the right socket (1 in 65,536 per guess, on a port that changes every few hundred
+    /// queries and early under a burst of wrong IDs), all of them before the upstream's first
+    /// real answer; one exact echo disables the fallback for the life of the process.
+    fn case_not_echoed(&mut self, now: Instant, channel: usize, id: u16, slot: u32) {
+        self.case_other = self.case_other.saturating_add(1);
+        if self.config.upstream_0x20_fallback
+            && !self.case_off
+            && self.case_other >= CASE_FALLBACK_AFTER
+        {
+            self.case_off = true;
+            self.stats.upstream_0x20_disabled = 1;
+        }
+        self.stats.case_mismatch_failed += 1;
+        self.give_up(now, channel, id, slot, Verdict::BadAnswer);
+    }
+
+    /// Ends the query in `slot` (upstream ID `id` on `channel`) with SERVFAIL.
+    fn give_up(&mut self, now: Instant, channel: usize, id: u16, slot: u32, verdict: Verdict) {
+        self.ids[channel][usize::from(id)] = NO_SLOT;
+        self.unlink(slot);
+        self.servfail(now, slot, verdict);
+        self.free_slot(slot);
+    }
+
+    /// Counts an answer with an unknown ID on `channel`; a burst of them on one UDP socket
+    /// means someone is guessing IDs at its port: the socket is replaced at once (its
+    /// queries re-sent from the new port), which costs the guesser the port it found.
+    fn unknown_id(&mut self, now: Instant, channel: usize) {
+        let burst = self.config.upstream_unknown_id_burst;
+        let Some(s) = self.sockets.get_mut(channel) else {
+            return;
+        };
+        s.unknown = s.unknown.saturating_add(1);
+        if burst != 0 && s.unknown == burst {
+            self.stats.upstream_sockets_attacked += 1;
+            self.queue_replace(now, channel as u16);
         }
     }
 
@@ -1099,11 +1397,16 @@ impl Core {
                 Destination::UpstreamUdp { socket } => usize::from(socket),
                 _ => usize::from(self.config.upstream_sockets),
             };
-            self.ids[channel][usize::from(p.upstream_id)] = NO_SLOT;
-            self.unlink(slot);
             self.stats.timeouts += 1;
-            self.servfail(now, slot, Verdict::Timeout);
-            self.free_slot(slot);
+            self.give_up(now, channel, p.upstream_id, slot, Verdict::Timeout);
+        }
+        if self.retiring > 0 {
+            for socket in 0..self.config.upstream_sockets {
+                let s = &self.sockets[usize::from(socket)];
+                if !s.replace_queued && s.retiring.is_some_and(|t| t + RETIRE_GRACE <= now) {
+                    self.queue_replace(now, socket);
+                }
+            }
         }
     }
 
@@ -1113,12 +1416,21 @@ impl Core {
             .then(|| self.pending[self.oldest as usize].sent_at + self.config.upstream_timeout)
     }
 
-    /// Takes `slot` out of the in-flight list (it is answered or expired).
+    /// Takes `slot` out of the in-flight list (it is answered or expired). A retiring socket
+    /// whose last query this was is queued for replacement.
     fn unlink(&mut self, slot: u32) {
         let (prev, next) = (
             self.pending[slot as usize].prev,
             self.pending[slot as usize].next,
         );
+        if let Destination::UpstreamUdp { socket } = self.pending[slot as usize].upstream {
+            let s = &mut self.sockets[usize::from(socket)];
+            s.in_flight -= 1;
+            if s.in_flight == 0 && !s.replace_queued && s.retiring.is_some() {
+                s.replace_queued = true;
+                self.replace.push(socket);
+            }
+        }
         match prev {
             NO_SLOT => self.oldest = next,
             prev => self.pending[prev as usize].next = next,
@@ -1144,15 +1456,18 @@ impl Core {
         let p = &self.pending[slot as usize];
         let start = self.outbox.bytes.len();
         let question = &p.question[..usize::from(p.question_len)];
+        let edns = p.edns.map(|e| self.reply_edns(e));
+        let opt_len = if edns.is_some() { wire::OPT_LEN } else { 0 };
         self.outbox
             .bytes
-            .resize(start + wire::HEADER_LEN + question.len(), 0);
+            .resize(start + wire::HEADER_LEN + question.len() + opt_len, 0);
         let len = wire::write_reply_from_question(
             &mut self.outbox.bytes[start..],
             p.client_id,
             p.client_flags,
             question,
             Rcode::ServFail,
+            edns,
         );
         let client = p.client;
         self.outbox

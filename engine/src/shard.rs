@@ -147,6 +147,7 @@ fn run(mut config: ShardConfig, mut io: Io) {
     let mut origins = config.origin.take();
     let mut published = Instant::now();
     let mut stopping: Option<Instant> = None;
+    let mut drops = Drops::default();
     loop {
         let now = Instant::now();
         if config.stop.load(Ordering::Relaxed) && stopping.is_none() {
@@ -184,6 +185,7 @@ fn run(mut config: ShardConfig, mut io: Io) {
                     let origin = origins.as_mut().and_then(|o| o.origin(peer, Proto::Tcp));
                     core.handle_client(now, Client::Tcp { conn, peer }, origin, data)
                 }
+                Event::UpstreamUnreachable { socket } => core.handle_upstream_error(now, socket),
                 Event::TcpUpstreamMessage { data } => core.handle_upstream_tcp(now, data),
                 Event::TcpClientClosed { .. } => {}
             }
@@ -195,7 +197,9 @@ fn run(mut config: ShardConfig, mut io: Io) {
         let now = Instant::now();
         core.handle_timeout(now);
         core.commit_allows(now, config.allow.as_mut());
+        replace_sockets(&mut core, &mut io);
         send(&mut core, &mut io);
+        drops.account(&mut core, &io);
         while let Some(record) = core.poll_record() {
             if config.records.push(record).is_err() {
                 core.record_dropped();
@@ -213,7 +217,36 @@ fn run(mut config: ShardConfig, mut io: Io) {
         core.handle_timeout(beyond);
         send(&mut core, &mut io);
     }
+    drops.account(&mut core, &io);
     publish(&config.status, &core, &io);
+}
+
+/// Replaces the upstream sockets the core retired (quota spent, or a burst of unknown IDs):
+/// before the transmits are drained, so that re-sent queries go out from the new sockets.
+fn replace_sockets(core: &mut Core, io: &mut Io) {
+    while let Some(socket) = core.poll_replace() {
+        let ok = io.replace_upstream_udp(socket).is_ok();
+        core.upstream_replaced(socket, ok);
+    }
+}
+
+/// The I/O layer's drop counters as last handed to the core.
+#[derive(Default)]
+struct Drops {
+    client: u64,
+    upstream: u64,
+}
+
+impl Drops {
+    /// Hands the sends the I/O layer dropped since the last call to the core's stats.
+    fn account(&mut self, core: &mut Core, io: &Io) {
+        let s = io.stats();
+        let (client, upstream) = (s.client_sends_dropped, s.upstream_sends_dropped);
+        if (client, upstream) != (self.client, self.upstream) {
+            core.sends_dropped(client - self.client, upstream - self.upstream);
+            (self.client, self.upstream) = (client, upstream);
+        }
+    }
 }
 
 /// Hands everything the core has ready to the sockets, in one flush.

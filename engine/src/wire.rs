@@ -210,14 +210,55 @@ fn find_lone_opt(packet: &[u8], question_end: usize) -> Option<(usize, usize)> {
     (question_end + len == packet.len()).then_some((question_end, len))
 }
 
+/// The EDNS0 parameters of a query that replies and forwarded copies carry over: nothing
+/// else of the client's OPT record (no cookie, no unknown option) is ever echoed or forwarded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Edns {
+    /// The UDP payload size (the OPT record's class).
+    pub payload: u16,
+    /// The DO bit (RFC 3225: copied into the reply).
+    pub dnssec_ok: bool,
+}
+
+/// Length of a minimal OPT record: root owner, type, class, TTL, empty RDATA.
+pub const OPT_LEN: usize = 11;
+
+/// The EDNS0 parameters of `query` (in `packet`): from its lone OPT record, else from the first
+/// OPT record of its additional section. `None` when it has none.
+pub fn query_edns(packet: &[u8], query: &Query) -> Option<Edns> {
+    let at = match query.opt {
+        Some((at, _)) => at,
+        None if u16_at(packet, 10)? != 0 => find_opt(packet, query.question_end)?,
+        None => return None,
+    };
+    edns_at(packet, at)
+}
+
+/// The EDNS0 parameters of the OPT record at `at`.
+fn edns_at(packet: &[u8], at: usize) -> Option<Edns> {
+    Some(Edns {
+        payload: u16_at(packet, at + 3)?,
+        dnssec_ok: *packet.get(at + 7)? & 0x80 != 0,
+    })
+}
+
+/// Writes a minimal OPT record (version 0, extended rcode 0, only the DO bit) at the start of
+/// `out`, which must hold [`OPT_LEN`] bytes. Returns [`OPT_LEN`].
+pub fn write_opt(out: &mut [u8], edns: Edns) -> usize {
+    out[..OPT_LEN].copy_from_slice(&opt_record(edns));
+    OPT_LEN
+}
+
 /// Rewrites `packet` (holding `query`) in place into a reply with `rcode`: same ID and
-/// question, QR set, RD copied, RA set when `recursion_available`, no records except the
-/// query's own EDNS0 OPT record when it had a lone one (RFC 6891 §7). Returns the reply length.
+/// question, QR set, RD copied, RA set when `recursion_available`, no records except a minimal
+/// OPT record (see [`write_opt`]) when the query had one (`edns`, from [`query_edns`]; RFC 6891
+/// §7). Returns the reply length.
 pub fn write_reply(
     packet: &mut [u8],
     query: &Query,
     rcode: Rcode,
     recursion_available: bool,
+    edns: Option<Edns>,
 ) -> usize {
     let mut flags = QR | (query.flags & RD) | rcode as u16;
     if recursion_available {
@@ -226,22 +267,18 @@ pub fn write_reply(
     packet[2..4].copy_from_slice(&flags.to_be_bytes());
     packet[4..6].copy_from_slice(&1u16.to_be_bytes());
     packet[6..10].fill(0);
-    let mut len = query.question_end;
-    match query.opt {
-        Some((at, opt_len)) => {
+    let len = query.question_end;
+    match edns {
+        // A query with an OPT record has at least OPT_LEN bytes after its question.
+        Some(edns) if packet.len() >= len + OPT_LEN => {
             packet[10..12].copy_from_slice(&1u16.to_be_bytes());
-            // Extended rcode and version 0; keep the DO bit, clear the other flags.
-            let flags_at = at + 5;
-            packet[flags_at] = 0;
-            packet[flags_at + 1] = 0;
-            packet[flags_at + 2] &= 0x80;
-            packet[flags_at + 3] = 0;
-            debug_assert_eq!(at, len);
-            len += opt_len;
+            len + write_opt(&mut packet[len..], edns)
         }
-        None => packet[10..12].fill(0),
+        _ => {
+            packet[10..12].fill(0);
+            len
+        }
     }
-    len
 }
 
 /// The offset of the first OPT record in the additional section of a message whose question
@@ -278,6 +315,23 @@ pub fn clamp_edns_payload(packet: &mut [u8], opt_at: usize, max: u16) {
     }
 }
 
+/// The EDNS0 parameters of a query [`parse_query`] refused, when its records can still be
+/// walked: no question (QDCOUNT 0), or one uncompressed question whatever its class or the
+/// opcode. `None` when it has no OPT or its layout cannot be trusted (a FORMERR for a broken
+/// question then goes without OPT, as RFC 6891 §7 allows for a message it cannot parse).
+pub fn malformed_query_edns(packet: &[u8]) -> Option<Edns> {
+    let question_end = match u16_at(packet, 4)? {
+        0 => HEADER_LEN,
+        1 => HEADER_LEN + uncompressed_name_len(packet, HEADER_LEN)? + 4,
+        _ => return None,
+    };
+    if u16_at(packet, 10)? == 0 || question_end > packet.len() {
+        return None;
+    }
+    let at = find_opt(packet, question_end)?;
+    edns_at(packet, at)
+}
+
 /// Writes a FORMERR/NOTIMP reply over a packet whose question could not be trusted: the header
 /// only, all counts zero. `packet` must be at least [`HEADER_LEN`] bytes long.
 pub fn write_header_reply(packet: &mut [u8], rcode: Rcode) -> usize {
@@ -288,22 +342,55 @@ pub fn write_header_reply(packet: &mut [u8], rcode: Rcode) -> usize {
     HEADER_LEN
 }
 
-/// Writes a reply from a stored question (header + question, no records) into `out`.
-/// `question` is the question name's wire form followed by type and class.
+/// Writes a reply from a stored question (header + question, and a minimal OPT record when
+/// `edns` is given) into `out`, which must hold them. `question` is the question name's wire
+/// form followed by type and class.
 pub fn write_reply_from_question(
     out: &mut [u8],
     id: u16,
     client_flags: u16,
     question: &[u8],
     rcode: Rcode,
+    edns: Option<Edns>,
 ) -> usize {
     let flags = QR | RA | (client_flags & RD) | rcode as u16;
-    out[0..2].copy_from_slice(&id.to_be_bytes());
-    out[2..4].copy_from_slice(&flags.to_be_bytes());
-    out[4..6].copy_from_slice(&1u16.to_be_bytes());
-    out[6..12].fill(0);
-    out[HEADER_LEN..HEADER_LEN + question.len()].copy_from_slice(question);
-    HEADER_LEN + question.len()
+    write_query_from_question(out, id, flags, question, edns)
+}
+
+/// The header of a message with one question and no records but an optional OPT record.
+#[inline(always)]
+pub fn one_question_header(id: u16, flags: u16, opt: bool) -> [u8; HEADER_LEN] {
+    let [i0, i1] = id.to_be_bytes();
+    let [f0, f1] = flags.to_be_bytes();
+    [i0, i1, f0, f1, 0, 1, 0, 0, 0, 0, 0, u8::from(opt)]
+}
+
+/// A minimal OPT record (version 0, extended rcode 0, only the DO bit).
+#[inline(always)]
+pub fn opt_record(edns: Edns) -> [u8; OPT_LEN] {
+    let [p0, p1] = edns.payload.to_be_bytes();
+    let flags = if edns.dnssec_ok { 0x80 } else { 0 };
+    [0, 0, TYPE_OPT as u8, p0, p1, 0, 0, flags, 0, 0, 0]
+}
+
+/// Writes a message with one question and no records but an optional minimal OPT record:
+/// a forwarded query (no record of the client's other than its EDNS0 parameters goes
+/// upstream) or a locally generated reply. `out` must hold `HEADER_LEN + question.len()`
+/// bytes, plus [`OPT_LEN`] with `edns`. Returns the length written.
+pub fn write_query_from_question(
+    out: &mut [u8],
+    id: u16,
+    flags: u16,
+    question: &[u8],
+    edns: Option<Edns>,
+) -> usize {
+    out[..HEADER_LEN].copy_from_slice(&one_question_header(id, flags, edns.is_some()));
+    let len = HEADER_LEN + question.len();
+    out[HEADER_LEN..len].copy_from_slice(question);
+    match edns {
+        Some(edns) => len + write_opt(&mut out[len..], edns),
+        None => len,
+    }
 }
 
 /// Why an upstream answer was not accepted. Each is a counted verdict.
@@ -387,30 +474,137 @@ pub fn parse_answer(packet: &[u8]) -> Result<Answer, AnswerError> {
     })
 }
 
+/// The case bits of a 0x20 spelling for the 64-byte block `block` of a name: the seed for the
+/// first, splitmix64 steps from it for the next ones (names longer than 64 bytes).
+#[inline(always)]
+fn case_word(seed: u64, block: usize) -> u64 {
+    let mut bits = seed;
+    for _ in 0..block {
+        bits = bits.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = bits;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        bits = z ^ (z >> 31);
+    }
+    bits
+}
+
+/// Eight name bytes (little-endian in `w`) in their 0x20 spelling: in every letter byte, bit 5
+/// (set: lowercase) becomes the complement of bit 5 of the same byte of `case`; other bytes
+/// (length bytes are at most 63, below every letter; digits, `-`, `_`, bytes >= 0x80) stay.
+/// Eight bytes per step: a few instructions per byte on the allowed path, twice per query.
+#[inline(always)]
+fn spell8(w: u64, case: u64) -> u64 {
+    const LOW7: u64 = 0x7f7f_7f7f_7f7f_7f7f;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    const BIT5: u64 = 0x2020_2020_2020_2020;
+    let lower = w | BIT5;
+    let t = lower & LOW7;
+    // Per byte (no carry: t <= 0x7f): t + 0x1f >= 0x80 iff t >= 'a'; t + 0x05 >= 0x80 iff
+    // t > 'z'; and the byte itself below 0x80.
+    let letter = t.wrapping_add(0x1f1f_1f1f_1f1f_1f1f)
+        & !t.wrapping_add(0x0505_0505_0505_0505)
+        & !lower
+        & HIGH;
+    let letter5 = letter >> 2;
+    (w & !letter5) | (!case & letter5)
+}
+
+/// The little-endian word of `b[at..at + 8]`.
+#[inline(always)]
+fn word_at(b: &[u8], at: usize) -> u64 {
+    // Through an array (a plain load), not `copy_from_slice` (a `memcpy` call when not inlined).
+    let bytes: [u8; 8] = b[at..at + 8].try_into().unwrap_or([0; 8]);
+    u64::from_le_bytes(bytes)
+}
+
+/// Stores `w` little-endian at `b[at..at + 8]` (a plain store).
+#[inline(always)]
+fn set_word_at(b: &mut [u8], at: usize, w: u64) {
+    if let Ok(dst) = <&mut [u8; 8]>::try_from(&mut b[at..at + 8]) {
+        *dst = w.to_le_bytes();
+    }
+}
+
+/// The last `k` (1..=7) bytes of `b` as a little-endian word, zero-padded: one load of the
+/// last eight bytes when there are eight, else byte by byte.
+#[inline(always)]
+fn tail_word(b: &[u8], k: usize) -> u64 {
+    let n = b.len();
+    if n >= 8 {
+        word_at(b, n - 8) >> (8 * (8 - k))
+    } else {
+        let mut w = 0u64;
+        for j in 0..k {
+            w |= u64::from(b[n - k + j]) << (8 * j);
+        }
+        w
+    }
+}
+
+/// The case word of 8-byte chunk `c` of a name: byte `j` of chunk `c` of a 64-byte block
+/// takes its case from bit `(8j + 5 + c) % 64` of the block's word (one bit per position).
+#[inline(always)]
+fn chunk_case(seed: u64, word: &mut u64, c: usize) -> u64 {
+    if c >= 8 && c.is_multiple_of(8) {
+        *word = case_word(seed, c / 8);
+    }
+    word.rotate_right(c as u32 & 7)
+}
+
 /// Sets the case of every letter of an uncompressed wire name from `seed` (DNS 0x20,
 /// draft-vixie-dnsext-dns0x20): a resolver that echoes the question exactly proves it saw this
 /// query, so an off-path spoofer must guess one more bit per letter. Length bytes are left
 /// alone (they are below `A`).
 pub fn apply_0x20(name: &mut [u8], seed: u64) {
-    let mut bits = seed;
-    let mut used = 0;
-    for b in name.iter_mut().filter(|b| b.is_ascii_alphabetic()) {
-        if used == 64 {
-            // splitmix64 step: a fresh word for the next 64 letters.
-            bits = bits.wrapping_add(0x9e37_79b9_7f4a_7c15);
-            let mut z = bits;
-            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-            bits = z ^ (z >> 31);
-            used = 0;
-        }
-        *b = if bits >> used & 1 == 1 {
-            b.to_ascii_uppercase()
-        } else {
-            b.to_ascii_lowercase()
-        };
-        used += 1;
+    let n = name.len();
+    let mut word = seed;
+    let (mut at, mut c) = (0, 0);
+    while at + 8 <= n {
+        let spelled = spell8(word_at(name, at), chunk_case(seed, &mut word, c));
+        set_word_at(name, at, spelled);
+        at += 8;
+        c += 1;
     }
+    let k = n - at;
+    if k > 0 {
+        let spelled = spell8(tail_word(name, k), chunk_case(seed, &mut word, c));
+        if n >= 8 {
+            // Rewrite the last eight bytes: the ones before the tail as they are.
+            let shift = 8 * (8 - k);
+            let last = word_at(name, n - 8);
+            let merged = (last & ((1u64 << shift) - 1)) | (spelled << shift);
+            set_word_at(name, n - 8, merged);
+        } else {
+            for j in 0..k {
+                name[at + j] = (spelled >> (8 * j)) as u8;
+            }
+        }
+    }
+}
+
+/// Whether `received` is exactly `name` (any case) in the 0x20 spelling of `seed`, i.e. what
+/// [`apply_0x20`] makes of it; without a copy.
+pub fn is_0x20_spelling(received: &[u8], name: &[u8], seed: u64) -> bool {
+    let n = name.len();
+    if received.len() != n {
+        return false;
+    }
+    let mut word = seed;
+    let mut differ = 0u64;
+    let (mut at, mut c) = (0, 0);
+    while at + 8 <= n {
+        let case = chunk_case(seed, &mut word, c);
+        differ |= word_at(received, at) ^ spell8(word_at(name, at), case);
+        at += 8;
+        c += 1;
+    }
+    let k = n - at;
+    if k > 0 {
+        let case = chunk_case(seed, &mut word, c);
+        differ |= tail_word(received, k) ^ spell8(tail_word(name, k), case);
+    }
+    differ == 0
 }
 
 /// Case-insensitive comparison of two uncompressed wire names.
@@ -431,8 +625,14 @@ impl FlatName {
     }
 }
 
+/// Most compression pointers followed in one name. Pointers must also point strictly
+/// backwards (which rules out loops), but a 64 KiB message could still chain thousands of
+/// them; no real name needs more than a handful.
+pub const MAX_POINTER_HOPS: usize = 128;
+
 /// Reads a possibly compressed name at `at`. Pointers must point strictly backwards (which
-/// also rules out loops). Returns the name and the offset after it in the record.
+/// also rules out loops), at most [`MAX_POINTER_HOPS`] of them. Returns the name and the
+/// offset after it in the record.
 fn read_name(packet: &[u8], at: usize) -> Option<(FlatName, usize)> {
     let mut name = FlatName {
         buf: [0; MAX_WIRE_LEN],
@@ -442,6 +642,7 @@ fn read_name(packet: &[u8], at: usize) -> Option<(FlatName, usize)> {
     let mut end = None;
     // Every pointer must go to a smaller offset than the one it sits at.
     let mut limit = at;
+    let mut hops = 0;
     loop {
         let len = *packet.get(pos)?;
         match len & 0xC0 {
@@ -461,7 +662,8 @@ fn read_name(packet: &[u8], at: usize) -> Option<(FlatName, usize)> {
             }
             0xC0 => {
                 let target = usize::from(u16_at(packet, pos)? & 0x3FFF);
-                if target >= limit {
+                hops += 1;
+                if target >= limit || hops > MAX_POINTER_HOPS {
                     return None;
                 }
                 end.get_or_insert(pos + 2);
@@ -504,6 +706,7 @@ fn skip_name(packet: &[u8], at: usize) -> Option<usize> {
 fn name_is(packet: &[u8], at: usize, target: &[u8]) -> Option<bool> {
     let mut pos = at;
     let mut limit = at;
+    let mut hops = 0;
     let mut matched = 0usize;
     let mut equal = true;
     loop {
@@ -526,7 +729,8 @@ fn name_is(packet: &[u8], at: usize, target: &[u8]) -> Option<bool> {
             }
             0xC0 => {
                 let ptr = usize::from(u16_at(packet, pos)? & 0x3FFF);
-                if ptr >= limit {
+                hops += 1;
+                if ptr >= limit || hops > MAX_POINTER_HOPS {
                     return None;
                 }
                 limit = ptr;
@@ -815,8 +1019,16 @@ mod tests {
         q.extend_from_slice(&[0, 0, 41, 0x10, 0, 0, 0, 0x80, 0x00, 0, 0]);
         let p = parse_query(&q).unwrap();
         assert!(p.opt.is_some());
+        let edns = query_edns(&q, &p);
+        assert_eq!(
+            edns,
+            Some(Edns {
+                payload: 0x1000,
+                dnssec_ok: true
+            })
+        );
         let mut buf = q.clone();
-        let len = write_reply(&mut buf, &p, Rcode::Refused, true);
+        let len = write_reply(&mut buf, &p, Rcode::Refused, true, edns);
         let r = &buf[..len];
         assert_eq!(r.len(), q.len());
         assert_eq!(&r[0..2], &[0x12, 0x34]);
@@ -830,8 +1042,123 @@ mod tests {
         let q = query(b"\x03foo\x00", TYPE_A);
         let p = parse_query(&q).unwrap();
         let mut buf = q.clone();
-        assert_eq!(write_reply(&mut buf, &p, Rcode::NxDomain, false), q.len());
+        assert_eq!(query_edns(&q, &p), None);
+        assert_eq!(
+            write_reply(&mut buf, &p, Rcode::NxDomain, false, None),
+            q.len()
+        );
         assert_eq!(buf[3], 3);
+    }
+
+    #[test]
+    fn replies_carry_a_minimal_opt_without_the_clients_options() {
+        // OPT with a client cookie (option 10, 8 bytes), version 1, payload 1232, DO clear.
+        let mut q = query(b"\x03foo\x00", TYPE_A);
+        q[11] = 1;
+        q.extend_from_slice(&[0, 0, 41, 0x04, 0xd0, 0, 1, 0, 0, 0, 12]);
+        q.extend_from_slice(&[0, 10, 0, 8, 1, 2, 3, 4, 5, 6, 7, 8]);
+        let p = parse_query(&q).unwrap();
+        let edns = query_edns(&q, &p).unwrap();
+        assert_eq!(edns.payload, 1232);
+        assert!(!edns.dnssec_ok);
+        let mut buf = q.clone();
+        let len = write_reply(&mut buf, &p, Rcode::Refused, true, Some(edns));
+        assert_eq!(len, p.question_end + OPT_LEN, "no option echoed");
+        assert_eq!(
+            &buf[p.question_end..len],
+            &[0, 0, 41, 0x04, 0xd0, 0, 0, 0, 0, 0, 0]
+        );
+        // An OPT that is not the lone additional record is found too, and dropped the same way.
+        let mut q = query(b"\x03foo\x00", TYPE_A);
+        q[11] = 2;
+        q.extend_from_slice(b"\x01x\x00\x00\x10\x00\x01\x00\x00\x00\x00\x00\x01\x00");
+        q.extend_from_slice(&[0, 0, 41, 0x10, 0, 0, 0, 0x80, 0, 0, 0]);
+        let p = parse_query(&q).unwrap();
+        assert_eq!(p.opt, None);
+        let edns = query_edns(&q, &p).unwrap();
+        assert!(edns.dnssec_ok);
+        let mut out = vec![0; HEADER_LEN + 9 + OPT_LEN];
+        let question = &q[HEADER_LEN..p.question_end];
+        let len =
+            write_reply_from_question(&mut out, 7, 0x0100, question, Rcode::ServFail, Some(edns));
+        assert_eq!(len, out.len());
+        assert_eq!(&out[10..12], &[0, 1]);
+        assert_eq!(
+            &out[len - OPT_LEN..],
+            &[0, 0, 41, 0x10, 0, 0, 0, 0x80, 0, 0, 0]
+        );
+    }
+
+    #[test]
+    fn the_0x20_check_agrees_with_the_spelling() {
+        let name = b"\x05Hello\x24averyveryverylongnamewithmanyletters\x1dmorethansixtyfourlettersinall\x04TEST\x00";
+        for seed in [0u64, 1, 0xdead_beef, u64::MAX] {
+            let mut spelled = name.to_vec();
+            apply_0x20(&mut spelled, seed);
+            assert!(names_equal(&spelled, name));
+            assert!(is_0x20_spelling(&spelled, name, seed));
+            assert!(is_0x20_spelling(&spelled, &name.to_ascii_lowercase(), seed));
+            // Any other case of any letter, or another length, is not it.
+            for i in [1, 40, 70, 75] {
+                let mut other = spelled.clone();
+                other[i] ^= 0x20;
+                assert!(
+                    !is_0x20_spelling(&other, name, seed),
+                    "seed {seed} byte {i}"
+                );
+            }
+            assert!(!is_0x20_spelling(&spelled[..10], &name[..11], seed));
+            // Length bytes and non-letters are kept.
+            assert_eq!(spelled[0], 5);
+            assert_eq!(spelled[6], 0x24);
+        }
+        let mut a = name.to_vec();
+        let mut b = name.to_vec();
+        apply_0x20(&mut a, 1);
+        apply_0x20(&mut b, 2);
+        assert_ne!(a, b);
+    }
+
+    /// An answer whose A record's owner is a chain of `hops` pointers, each to the one
+    /// before, the first to the question name (kept in the RDATA of a TXT record).
+    fn pointer_chain_answer(hops: usize) -> Vec<u8> {
+        let q = b"\x01a\x00";
+        let mut p = answer_packet(q, &[]);
+        p[7] = 2;
+        let txt_at = p.len();
+        p.extend_from_slice(b"\x01z\x00\x00\x10\x00\x01\x00\x00\x00\x05");
+        p.extend_from_slice(&((2 * hops) as u16).to_be_bytes());
+        let chain_at = txt_at + 13;
+        for i in 0..hops {
+            let target = if i == 0 {
+                HEADER_LEN
+            } else {
+                chain_at + 2 * (i - 1)
+            };
+            p.extend_from_slice(&(0xc000 | target as u16).to_be_bytes());
+        }
+        p.extend_from_slice(&(0xc000 | (chain_at + 2 * (hops - 1)) as u16).to_be_bytes());
+        p.extend_from_slice(&[0, 1, 0, 1, 0, 0, 0, 5, 0, 4, 192, 0, 2, 9]);
+        p
+    }
+
+    #[test]
+    fn pointer_chains_are_bounded_in_hops() {
+        // 100 chained pointers plus the owner's own: followed, the address collected.
+        let p = pointer_chain_answer(100);
+        let a = parse_answer(&p).unwrap();
+        let mut addrs = Addresses::default();
+        collect_addresses(&p, &a, &mut addrs).unwrap();
+        assert_eq!(addrs.ips(), &["192.0.2.9".parse::<IpAddr>().unwrap()]);
+        // 200 (each strictly backwards, so no loop): refused, not walked to the end.
+        let p = pointer_chain_answer(200);
+        let a = parse_answer(&p).unwrap();
+        assert_eq!(
+            collect_addresses(&p, &a, &mut Addresses::default()).unwrap_err(),
+            AnswerError::BadRecord
+        );
+        assert!(read_name(&p, p.len() - 16).is_none());
+        assert!(read_name(&pointer_chain_answer(100), 12 + 7 + 13 + 200).is_some());
     }
 
     fn answer_packet(question: &[u8], records: &[(&[u8], u16, u32, &[u8])]) -> Vec<u8> {

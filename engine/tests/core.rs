@@ -19,10 +19,13 @@ fn upstream() -> SocketAddr {
     UPSTREAM.parse().unwrap()
 }
 
+/// The tests' configuration. DNS 0x20 (on by default) is off here so that hand-built answers
+/// may spell the question in lowercase; the 0x20 tests switch it on.
 fn config() -> CoreConfig {
     let mut c = CoreConfig::new(upstream());
     c.upstream_timeout = Duration::from_secs(2);
     c.max_pending = 64;
+    c.upstream_0x20 = false;
     c
 }
 
@@ -854,11 +857,50 @@ fn max_ttl_caps_huge_ttls() {
     ));
 }
 
+/// The answer the upstream would send to forwarded query `fwd`: its ID and question as sent
+/// (case kept), one A record.
+fn echo_answer(fwd: &[u8], ip_addr: &str) -> Vec<u8> {
+    let q = wire::parse_query(fwd).unwrap();
+    let mut a = answer(0, "x", TYPE_A, &[]);
+    a.truncate(12);
+    a[0..2].copy_from_slice(&fwd[0..2]);
+    a[7] = 1;
+    a.extend_from_slice(&fwd[12..q.question_end]);
+    a.extend_from_slice(&[0xc0, 0x0c, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4]);
+    a.extend_from_slice(&rdata_a(ip_addr));
+    a
+}
+
+/// The same answer with the question spelled as the client did.
+fn with_spelling(answer: &[u8], spelled: &[u8]) -> Vec<u8> {
+    let mut a = answer.to_vec();
+    a[12..12 + spelled.len()].copy_from_slice(spelled);
+    a
+}
+
+#[test]
+fn upstream_0x20_is_on_by_default() {
+    let c = CoreConfig::new(upstream());
+    assert!(c.upstream_0x20 && c.upstream_0x20_fallback);
+    assert!(c.upstream_socket_queries > 0 && c.upstream_socket_queries <= 512);
+    assert!(c.upstream_unknown_id_burst > 0);
+}
+
 #[test]
 fn upstream_0x20_accepts_only_the_spelling_it_sent() {
     let mut c = config();
     c.upstream_0x20 = true;
     let mut h = Harness::new(c);
+    // A first exchange shows the upstream preserves case.
+    let (socket, fwd) = h.forward(0, &query(1, "first.allowed.test", TYPE_A));
+    assert_eq!(
+        rcode(to_client(&h.answer(
+            0,
+            socket,
+            &echo_answer(&fwd, "127.0.0.43")
+        ))),
+        0
+    );
     let name = "averyveryverylongnamewithmanyletters.allowed.test";
     let q = query(0x7e, name, TYPE_A);
     let (socket, fwd) = h.forward(0, &q);
@@ -869,20 +911,280 @@ fn upstream_0x20_accepts_only_the_spelling_it_sent() {
         &q[12..12 + name.len() + 2],
         "case randomised (2^-44 flake)"
     );
-    let id = u16::from_be_bytes([fwd[0], fwd[1]]);
-    let records = [(name, TYPE_A, 60, &rdata_a("127.0.0.44")[..])];
+    let real = echo_answer(&fwd, "127.0.0.44");
     // An answer with the client's spelling (what a spoofer who saw the client's query, but not
-    // ours, would send) is not accepted.
-    let wrong = answer(id, name, TYPE_A, &records);
+    // ours, would send) is not accepted, and the query still waits for the real one.
+    let wrong = with_spelling(&real, &q[12..12 + sent.len()]);
     assert!(h.answer(1, socket, &wrong).is_empty());
     assert_eq!(h.core.stats().upstream_wrong_question, 1);
+    assert_eq!(h.core.stats().upstream_case_mismatch, 1);
     // The real answer echoes our spelling; the client gets its own back.
-    let mut real = wrong.clone();
-    real[12..12 + sent.len()].copy_from_slice(sent);
     let out = h.answer(2, socket, &real);
     let reply = to_client(&out);
     assert_eq!(rcode(reply), 0);
     assert_eq!(&reply[12..12 + sent.len()], &q[12..12 + sent.len()]);
+    assert_eq!(h.core.stats().upstream_0x20_disabled, 0);
+}
+
+#[test]
+fn upstream_that_does_not_preserve_case_falls_back_after_a_few_answers() {
+    let mut c = config();
+    c.upstream_0x20 = true;
+    let mut h = Harness::new(c);
+    let lower = |fwd: &[u8]| {
+        let mut a = echo_answer(fwd, "127.0.0.45");
+        a[12..].make_ascii_lowercase();
+        a
+    };
+    // Until the fallback each such answer is a SERVFAIL at once (not a 2 s timeout).
+    for i in 0..dnsfence_engine::core::CASE_FALLBACK_AFTER {
+        let name = format!("mixedcase{i}.allowed.test");
+        let (socket, fwd) = h.forward(u64::from(i), &query(i as u16, &name, TYPE_A));
+        assert_ne!(
+            &fwd[12..20],
+            b"\x0amixedca",
+            "sent in 0x20 case (2^-7 flake)"
+        );
+        let out = h.answer(u64::from(i), socket, &lower(&fwd));
+        assert_eq!(rcode(to_client(&out)), Rcode::ServFail as u8);
+    }
+    let s = h.core.stats();
+    assert_eq!(
+        s.case_mismatch_failed,
+        u64::from(dnsfence_engine::core::CASE_FALLBACK_AFTER)
+    );
+    assert_eq!(s.upstream_0x20_disabled, 1);
+    // Now names go as the client spelled them, and lowercase answers are accepted.
+    let q = query(9, "lowercase.allowed.test", TYPE_A);
+    let (socket, fwd) = h.forward(10, &q);
+    assert_eq!(&fwd[12..], &q[12..]);
+    assert_eq!(rcode(to_client(&h.answer(10, socket, &lower(&fwd)))), 0);
+}
+
+#[test]
+fn one_exact_echo_disables_the_fallback_for_good() {
+    let mut c = config();
+    c.upstream_0x20 = true;
+    let mut h = Harness::new(c);
+    let (socket, fwd) = h.forward(0, &query(1, "exact.allowed.test", TYPE_A));
+    h.answer(0, socket, &echo_answer(&fwd, "127.0.0.46"));
+    // A spoofer who guesses IDs but not the spelling: never switches 0x20 off, never answers.
+    for i in 0..20u16 {
+        let name = format!("target{i}.allowed.test");
+        let q = query(i, &name, TYPE_A);
+        let (socket, fwd) = h.forward(1, &q);
+        let forged = with_spelling(&echo_answer(&fwd, "6.6.6.6"), &q[12..12 + name.len() + 2]);
+        assert!(
+            h.answer(1, socket, &forged).is_empty(),
+            "forgery {i} accepted"
+        );
+    }
+    let s = h.core.stats();
+    assert_eq!(s.upstream_0x20_disabled, 0);
+    assert_eq!(s.case_mismatch_failed, 0);
+    assert_eq!(s.upstream_case_mismatch, 20);
+    assert!(!allowed_443(&h.table, ep(), ip("6.6.6.6"), h.at(2)));
+}
+
+#[test]
+fn upstream_0x20_on_without_fallback_never_switches_off() {
+    let mut c = config();
+    c.upstream_0x20 = true;
+    c.upstream_0x20_fallback = false;
+    let mut h = Harness::new(c);
+    for i in 0..10u16 {
+        let (socket, fwd) = h.forward(0, &query(i, &format!("n{i}.allowed.test"), TYPE_A));
+        let mut a = echo_answer(&fwd, "127.0.0.47");
+        a[12..].make_ascii_lowercase();
+        h.answer(0, socket, &a);
+    }
+    assert_eq!(h.core.stats().upstream_0x20_disabled, 0);
+    let (_, fwd) = h.forward(0, &query(99, "stillmixed.allowed.test", TYPE_A));
+    assert_ne!(&fwd[12..24], b"\x0astillmixe", "still 0x20 (2^-10 flake)");
+}
+
+/// Replaces every socket the core asks to, as the shard does; returns the transmits after.
+fn replace_all(h: &mut Harness, ok: bool) -> (Vec<u16>, Vec<(Destination, Vec<u8>)>) {
+    let mut replaced = Vec::new();
+    while let Some(socket) = h.core.poll_replace() {
+        h.core.upstream_replaced(socket, ok);
+        replaced.push(socket);
+    }
+    (replaced, h.transmits())
+}
+
+#[test]
+fn upstream_sockets_rotate_after_their_query_quota() {
+    let mut c = config();
+    c.upstream_sockets = 2;
+    c.upstream_socket_queries = 3;
+    let mut h = Harness::new(c);
+    let mut fwds = Vec::new();
+    // Six queries fill both sockets' quota; no socket takes a fourth.
+    for i in 0..6u16 {
+        fwds.push(h.forward(0, &query(i, &format!("r{i}.allowed.test"), TYPE_A)));
+    }
+    for socket in 0..2 {
+        assert_eq!(fwds.iter().filter(|(s, _)| *s == socket).count(), 3);
+    }
+    // Nothing is replaced while its queries are in flight (their answers come to this port).
+    assert_eq!(h.core.poll_replace(), None);
+    for (socket, fwd) in &fwds[..5] {
+        h.answer(1, *socket, &echo_answer(fwd, "127.0.0.48"));
+    }
+    let last = fwds[5].0;
+    let (replaced, out) = replace_all(&mut h, true);
+    assert_eq!(replaced, vec![1 - last], "the drained socket only");
+    assert!(out.is_empty(), "nothing to re-send");
+    // The last answer drains the other one.
+    h.answer(1, last, &echo_answer(&fwds[5].1, "127.0.0.48"));
+    assert_eq!(replace_all(&mut h, true).0, vec![last]);
+    assert_eq!(h.core.stats().upstream_sockets_rotated, 2);
+    assert_eq!(h.core.stats().upstream_resent, 0);
+    // Both are back in service with a fresh quota.
+    let mut used = [0; 2];
+    for i in 0..6u16 {
+        used[usize::from(
+            h.forward(2, &query(i, &format!("s{i}.allowed.test"), TYPE_A))
+                .0,
+        )] += 1;
+    }
+    assert_eq!(used, [3, 3]);
+}
+
+#[test]
+fn a_retiring_socket_is_replaced_after_a_grace_and_its_queries_resent() {
+    let mut c = config();
+    c.upstream_sockets = 1;
+    c.upstream_socket_queries = 2;
+    c.upstream_0x20 = true;
+    let mut h = Harness::new(c);
+    let (_, slow) = h.forward(0, &query(1, "slow.allowed.test", TYPE_A));
+    let (_, fast) = h.forward(0, &query(2, "fast.allowed.test", TYPE_A));
+    h.answer(1, 0, &echo_answer(&fast, "127.0.0.49"));
+    // With all sockets retiring, a new query still goes out (on the retiring one).
+    let (_, third) = h.forward(2, &query(3, "third.allowed.test", TYPE_A));
+    assert_eq!(h.core.stats().upstream_socket_overrun, 1);
+    h.core.handle_timeout(h.at(100));
+    assert_eq!(h.core.poll_replace(), None, "within the grace");
+    h.core.handle_timeout(h.at(600));
+    let (replaced, out) = replace_all(&mut h, true);
+    assert_eq!(replaced, vec![0]);
+    // The queries in flight go again from the new socket: same ID, same spelling.
+    let resent: Vec<&Vec<u8>> = out.iter().map(|(_, b)| b).collect();
+    assert_eq!(resent, vec![&slow, &third]);
+    assert!(
+        out.iter()
+            .all(|(d, _)| *d == Destination::UpstreamUdp { socket: 0 })
+    );
+    assert_eq!(h.core.stats().upstream_resent, 2);
+    // And their answers (to the new port) are accepted.
+    assert_eq!(
+        rcode(to_client(&h.answer(
+            700,
+            0,
+            &echo_answer(&slow, "127.0.0.50")
+        ))),
+        0
+    );
+}
+
+#[test]
+fn a_failed_replacement_keeps_the_old_socket_in_service() {
+    let mut c = config();
+    c.upstream_sockets = 1;
+    c.upstream_socket_queries = 1;
+    let mut h = Harness::new(c);
+    let (_, fwd) = h.forward(0, &query(1, "one.allowed.test", TYPE_A));
+    h.answer(0, 0, &echo_answer(&fwd, "127.0.0.51"));
+    let (replaced, out) = replace_all(&mut h, false);
+    assert_eq!((replaced, out.len()), (vec![0], 0));
+    assert_eq!(h.core.stats().upstream_socket_replace_failed, 1);
+    h.forward(1, &query(2, "two.allowed.test", TYPE_A));
+}
+
+#[test]
+fn a_burst_of_unknown_ids_retires_the_socket_at_once() {
+    let mut c = config();
+    c.upstream_sockets = 2;
+    c.upstream_unknown_id_burst = 32;
+    c.upstream_0x20 = true;
+    let mut h = Harness::new(c);
+    let q = query(1, "target.allowed.test", TYPE_A);
+    let (socket, fwd) = h.forward(0, &q);
+    let id = u16::from_be_bytes([fwd[0], fwd[1]]);
+    // A spoofer walks the ID space on that socket's port, in the client's spelling.
+    let client_question = &q[12..];
+    let forge = |guess: u16| {
+        let mut forged = with_spelling(&echo_answer(&fwd, "6.6.6.6"), client_question);
+        forged[0..2].copy_from_slice(&guess.to_be_bytes());
+        forged
+    };
+    let mut guesses = (0..=u16::MAX).filter(|&g| g != id);
+    for guess in guesses.by_ref().take(31) {
+        assert!(h.answer(1, socket, &forge(guess)).is_empty());
+    }
+    assert_eq!(
+        h.core.poll_replace(),
+        None,
+        "31 stray answers are tolerated"
+    );
+    assert!(
+        h.answer(1, socket, &forge(guesses.next().unwrap()))
+            .is_empty()
+    );
+    assert_eq!(h.core.stats().upstream_unknown_id, 32);
+    assert_eq!(h.core.stats().upstream_sockets_attacked, 1);
+    // Retired: no new query goes there, and it is replaced now, its query re-sent.
+    let (other, _) = h.forward(2, &query(2, "other.allowed.test", TYPE_A));
+    assert_ne!(other, socket);
+    let (replaced, out) = replace_all(&mut h, true);
+    assert_eq!(replaced, vec![socket]);
+    assert_eq!(
+        out,
+        vec![(Destination::UpstreamUdp { socket }, fwd.clone())]
+    );
+    // The real answer (to the new port) wins.
+    let out = h.answer(3, socket, &echo_answer(&fwd, "127.0.0.52"));
+    assert_eq!(rcode(to_client(&out)), 0);
+    assert!(allowed_443(&h.table, ep(), ip("127.0.0.52"), h.at(4)));
+    assert!(!allowed_443(&h.table, ep(), ip("6.6.6.6"), h.at(4)));
+}
+
+#[test]
+fn an_icmp_unreachable_fails_that_sockets_queries_at_once() {
+    let mut c = config();
+    c.upstream_sockets = 2;
+    let mut h = Harness::new(c);
+    let mut fwds = Vec::new();
+    for i in 0..8u16 {
+        fwds.push(h.forward(0, &query(i, &format!("u{i}.allowed.test"), TYPE_A)));
+    }
+    let on = |s: u16| fwds.iter().filter(|(x, _)| *x == s).count();
+    h.core.handle_upstream_error(h.at(1), 0);
+    let out = h.drain(1);
+    assert_eq!(out.len(), on(0));
+    assert!(out.iter().all(|(_, r)| rcode(r) == Rcode::ServFail as u8));
+    assert_eq!(h.core.stats().upstream_unreachable, on(0) as u64);
+    assert_eq!(h.core.in_flight(), on(1));
+    // The other socket's queries are untouched and still answered.
+    let (socket, fwd) = fwds.iter().find(|(s, _)| *s == 1).unwrap();
+    assert_eq!(
+        rcode(to_client(&h.answer(
+            2,
+            *socket,
+            &echo_answer(fwd, "127.0.0.53")
+        ))),
+        0
+    );
+}
+
+#[test]
+fn dropped_sends_are_counted_in_the_core() {
+    let mut h = Harness::new(config());
+    h.core.sends_dropped(3, 2);
+    assert_eq!(h.core.stats().client_sends_dropped, 3);
+    assert_eq!(h.core.stats().upstream_sends_dropped, 2);
 }
 
 #[test]
@@ -959,9 +1261,114 @@ fn edns_payload_is_clamped_when_opt_is_not_the_only_additional_record() {
     q.extend_from_slice(&[0, 0, 16, 0, 1, 0, 0, 0, 0, 0, 1, b'x']);
     let (_, fwd) = h.forward(0, &q);
     assert_eq!(&fwd[opt_at + 3..opt_at + 5], &1232u16.to_be_bytes());
+    assert_eq!(fwd.len(), opt_at + 11, "the other record is not forwarded");
+    assert_eq!(&fwd[10..12], &[0, 1]);
+}
+
+#[test]
+fn forwarded_queries_carry_no_record_but_a_minimal_opt() {
+    let mut h = Harness::new(config());
+    // An answer and an authority record (a query has no business carrying them), then an
+    // additional A record and an OPT with a client cookie and DO set.
+    let mut q = query(0x72, "rec.allowed.test", TYPE_A);
+    let question_end = q.len();
+    q[7] = 1;
+    q[9] = 1;
+    q[11] = 2;
+    for _ in 0..3 {
+        q.extend_from_slice(&[0xc0, 0x0c, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4, 6, 6, 6, 6]);
+    }
+    q.truncate(q.len() - 16);
+    q.extend_from_slice(&[0xc0, 0x0c, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4, 6, 6, 6, 6]);
+    q.extend_from_slice(&[0, 0, 41, 0x04, 0xd0, 0, 0, 0x80, 0, 0, 12]);
+    q.extend_from_slice(&[0, 10, 0, 8, 1, 2, 3, 4, 5, 6, 7, 8]);
+    let (_, fwd) = h.forward(0, &q);
+    assert_eq!(&fwd[4..12], &[0, 1, 0, 0, 0, 0, 0, 1]);
+    assert_eq!(&fwd[12..question_end], &q[12..question_end]);
     assert_eq!(
-        &fwd[opt_at + 11..],
-        &q[opt_at + 11..],
-        "the other record untouched"
+        &fwd[question_end..],
+        &[0, 0, 41, 0x04, 0xd0, 0, 0, 0x80, 0, 0, 0],
+        "one minimal OPT: payload and DO kept, cookie dropped"
     );
+    // Without OPT: no record at all.
+    let mut q = query(0x73, "rec2.allowed.test", TYPE_A);
+    q[11] = 1;
+    q.extend_from_slice(&[0xc0, 0x0c, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4, 6, 6, 6, 6]);
+    let (_, fwd) = h.forward(0, &q);
+    assert_eq!(fwd.len(), q.len() - 16);
+    assert_eq!(&fwd[6..12], &[0; 6]);
+}
+
+#[test]
+fn formerr_and_notimp_carry_a_minimal_opt_when_the_opt_can_be_found() {
+    let mut h = Harness::new(config());
+    let minimal = [0, 0, 41, 0x10, 0, 0, 0, 0x80, 0, 0, 0];
+    let opt_with_cookie = |mut q: Vec<u8>| {
+        q[11] = 1;
+        q.extend_from_slice(&[0, 0, 41, 0x04, 0xd0, 0, 0, 0x80, 0, 0, 12]);
+        q.extend_from_slice(&[0, 10, 0, 8, 1, 2, 3, 4, 5, 6, 7, 8]);
+        q
+    };
+    // Unknown class, opcode STATUS (NOTIMP), no question: the OPT is found.
+    let mut class = opt_with_cookie(query(1, "a.allowed.test", TYPE_A));
+    class[12 + 16 + 3] = 9;
+    let mut opcode = opt_with_cookie(query(2, "a.allowed.test", TYPE_A));
+    opcode[2] |= 0x10;
+    let mut none = query(3, "x", TYPE_A);
+    none.truncate(12);
+    none[5] = 0;
+    let none = opt_with_cookie(none);
+    for (q, rc) in [
+        (class, Rcode::FormErr),
+        (opcode, Rcode::NotImp),
+        (none, Rcode::FormErr),
+    ] {
+        let reply = to_client(&h.query(0, CLIENT, &q)).to_vec();
+        assert_eq!(rcode(&reply), rc as u8);
+        assert_eq!(reply.len(), 12 + 11, "{reply:02x?}");
+        assert_eq!(&reply[4..12], &[0, 0, 0, 0, 0, 0, 0, 1]);
+        assert_eq!(&reply[12..], &minimal);
+    }
+    // Two questions: the layout cannot be trusted, the header alone.
+    let mut two = opt_with_cookie(query(4, "a.allowed.test", TYPE_A));
+    two[5] = 2;
+    let reply = to_client(&h.query(0, CLIENT, &two)).to_vec();
+    assert_eq!((rcode(&reply), reply.len()), (Rcode::FormErr as u8, 12));
+}
+
+#[test]
+fn local_replies_carry_a_minimal_opt_without_the_clients_cookie() {
+    let mut c = config();
+    c.upstream_timeout = Duration::from_millis(100);
+    let mut h = Harness::new(c);
+    let cookie_opt = |mut q: Vec<u8>| {
+        q[11] = 1;
+        q.extend_from_slice(&[0, 0, 41, 0x04, 0xd0, 0, 0, 0, 0, 0, 12]);
+        q.extend_from_slice(&[0, 10, 0, 8, 1, 2, 3, 4, 5, 6, 7, 8]);
+        q
+    };
+    let minimal = [0, 0, 41, 0x10, 0, 0, 0, 0, 0, 0, 0];
+    // REFUSED written in place.
+    let q = cookie_opt(query(0x74, "evil.example", TYPE_A));
+    let reply = to_client(&h.query(0, CLIENT, &q)).to_vec();
+    assert_eq!(rcode(&reply), Rcode::Refused as u8);
+    assert_eq!(&reply[10..12], &[0, 1]);
+    assert_eq!(&reply[reply.len() - 11..], &minimal);
+    assert_eq!(reply.len(), q.len() - 12);
+    // SERVFAIL from the pending table (timeout).
+    let q = cookie_opt(query(0x75, "late.allowed.test", TYPE_A));
+    h.forward(0, &q);
+    h.core.handle_timeout(h.at(200));
+    let out = h.drain(200);
+    let reply = to_client(&out);
+    assert_eq!(rcode(reply), Rcode::ServFail as u8);
+    assert_eq!(&reply[10..12], &[0, 1]);
+    assert_eq!(&reply[reply.len() - 11..], &minimal);
+    assert_eq!(reply.len(), q.len() - 12);
+    // No OPT in the query, none in the reply.
+    let q = query(0x76, "late2.allowed.test", TYPE_A);
+    h.forward(300, &q);
+    h.core.handle_timeout(h.at(500));
+    let out = h.drain(500);
+    assert_eq!(to_client(&out).len(), q.len());
 }

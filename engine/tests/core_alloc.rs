@@ -43,10 +43,14 @@ fn steady_state_queries_do_not_allocate() {
                 while let Some(t) = core.poll_transmit() {
                     if let Destination::UpstreamUdp { socket } = t.to {
                         let id = u16::from_be_bytes([t.data[0], t.data[1]]);
-                        out.push((socket, id));
+                        // The upstream echoes the 0x20 spelling of the question.
+                        let mut spelled = [0u8; 32];
+                        let n = (t.data.len() - 12).min(32);
+                        spelled[..n].copy_from_slice(&t.data[12..12 + n]);
+                        out.push((socket, id, spelled));
                     }
                 }
-                for &(socket, id) in &out {
+                for &(socket, id, spelled) in &out {
                     // Answer buffers are reused across rounds: only the ID changes.
                     if answers.len() <= i {
                         let ip = format!("127.0.1.{i}");
@@ -58,6 +62,8 @@ fn steady_state_queries_do_not_allocate() {
                         ));
                     }
                     answers[i][0..2].copy_from_slice(&id.to_be_bytes());
+                    let name_len = names[i].len() + 2;
+                    answers[i][12..12 + name_len].copy_from_slice(&spelled[..name_len]);
                     core.handle_upstream(now, socket, upstream, &answers[i]);
                 }
                 core.handle_timeout(now);

@@ -317,3 +317,85 @@ fn opened_on_one_thread_served_and_dropped_on_another() {
         }
     });
 }
+
+#[test]
+fn replaced_upstream_socket_gets_a_fresh_port_and_the_old_one_is_closed() {
+    let echo = Echo::start();
+    for_each_backend(|b| {
+        let mut io = open(&config("127.0.0.1:0", echo.addr), b);
+        let mut seen = std::collections::HashSet::new();
+        let mut old = io.upstream_local_addr(1).unwrap();
+        seen.insert(old.port());
+        // Several replacements in a row: each new socket receives, the old port is gone.
+        for round in 0..5u8 {
+            io.replace_upstream_udp(1).unwrap();
+            let new = io.upstream_local_addr(1).unwrap();
+            assert!(seen.insert(new.port()), "port {} reused", new.port());
+            // The old port is closed: binding it again works (nothing holds it). With
+            // io_uring the cancelled receive lets go of it when the kernel has run the cancel.
+            let start = std::time::Instant::now();
+            while UdpSocket::bind(old).is_err() {
+                assert!(start.elapsed() < DEADLINE, "old port {old} still open");
+                io.poll(Some(Duration::from_millis(5)), &mut |e| panic!("{e:?}"))
+                    .unwrap();
+            }
+            let msg = [b'r', round];
+            io.send_upstream_udp(1, &msg);
+            io.flush().unwrap();
+            let evs = poll_n(&mut io, 1);
+            assert_eq!(evs, [Ev::Upstream(1, echo.addr, msg.to_vec())]);
+            old = new;
+        }
+        assert_eq!(io.stats().upstream_sockets_replaced, 5);
+        // The other sockets were not touched.
+        io.send_upstream_udp(0, b"zero");
+        io.flush().unwrap();
+        assert_eq!(
+            poll_n(&mut io, 1),
+            [Ev::Upstream(0, echo.addr, b"zero".to_vec())]
+        );
+        assert!(io.replace_upstream_udp(4).is_err());
+    });
+}
+
+#[test]
+fn icmp_port_unreachable_is_reported_at_once() {
+    for_each_backend(|b| {
+        // A port nothing listens on: the kernel answers with ICMP port unreachable.
+        let closed = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let upstream = closed.local_addr().unwrap();
+        drop(closed);
+        let mut io = open(&config("127.0.0.1:0", upstream), b);
+        let start = std::time::Instant::now();
+        io.send_upstream_udp(2, b"anyone there?");
+        io.flush().unwrap();
+        let evs = poll_until(&mut io, |e| e.contains(&Ev::Unreachable(2)));
+        assert!(
+            start.elapsed() < Duration::from_millis(100),
+            "{:?}",
+            start.elapsed()
+        );
+        assert!(evs.iter().all(|e| *e == Ev::Unreachable(2)), "{evs:?}");
+        // A second query on the same socket is reported again (by its send or its receive).
+        io.send_upstream_udp(2, b"still?");
+        io.flush().unwrap();
+        poll_until(&mut io, |e| e.contains(&Ev::Unreachable(2)));
+    });
+}
+
+#[test]
+fn every_dropped_send_is_counted_by_direction() {
+    for_each_backend(|b| {
+        let mut c = config("127.0.0.1:0", no_upstream());
+        c.max_udp_payload = 512;
+        let mut io = open(&c, b);
+        let peer = "127.0.0.1:9".parse().unwrap();
+        io.send_client_udp(peer, &[0; 600]);
+        io.send_upstream_udp(0, &[0; 600]);
+        io.send_upstream_udp(9, b"no such socket");
+        io.send_client_tcp(12345, b"no such connection");
+        io.flush().unwrap();
+        let s = io.stats();
+        assert_eq!((s.client_sends_dropped, s.upstream_sends_dropped), (2, 2));
+    });
+}

@@ -32,13 +32,15 @@ proptest! {
     fn random_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..600)) {
         let _ = wire::parse_query(&bytes);
         let _ = wire::find_opt(&bytes, 12.min(bytes.len()));
+        let _ = wire::malformed_query_edns(&bytes);
         if let Ok(a) = wire::parse_answer(&bytes) {
             let mut out = Addresses::default();
             let _ = wire::collect_addresses(&bytes, &a, &mut out);
         }
         if let Ok(q) = wire::parse_query(&bytes) {
             let mut buf = bytes.clone();
-            let len = wire::write_reply(&mut buf, &q, wire::Rcode::Refused, true);
+            let edns = wire::query_edns(&bytes, &q);
+            let len = wire::write_reply(&mut buf, &q, wire::Rcode::Refused, true, edns);
             prop_assert!(len <= bytes.len());
             prop_assert!(wire::parse_answer(&buf[..len]).is_ok());
         }

@@ -576,3 +576,45 @@ impl Agent {
         self.metric(name).iter().map(|(_, v)| v).sum()
     }
 }
+
+/// The local ports of process `pid`'s UDP sockets connected to `peer` (IPv4), read from
+/// `/proc/<pid>/fd` (socket inodes) and `/proc/net/udp`: what an attacker who can list
+/// sockets (or scan ports) learns about the agent's upstream source ports.
+pub fn udp_ports_connected_to(pid: u32, peer: SocketAddr) -> Vec<u16> {
+    let SocketAddr::V4(peer) = peer else {
+        panic!("IPv4 only: {peer}")
+    };
+    let mut inodes = std::collections::HashSet::new();
+    if let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) {
+        for entry in dir.flatten() {
+            let Ok(target) = std::fs::read_link(entry.path()) else {
+                continue;
+            };
+            let target = target.to_string_lossy().into_owned();
+            if let Some(inode) = target
+                .strip_prefix("socket:[")
+                .and_then(|t| t.strip_suffix(']'))
+            {
+                inodes.insert(inode.to_owned());
+            }
+        }
+    }
+    let remote = format!(
+        "{:08X}:{:04X}",
+        u32::from_le_bytes(peer.ip().octets()),
+        peer.port()
+    );
+    let table = std::fs::read_to_string(format!("/proc/{pid}/net/udp")).unwrap_or_default();
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let (local, rem, inode) = (f.get(1)?, f.get(2)?, f.get(9)?);
+            if *rem != remote || !inodes.contains(*inode) {
+                return None;
+            }
+            u16::from_str_radix(local.rsplit(':').next()?, 16).ok()
+        })
+        .collect()
+}

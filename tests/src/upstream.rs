@@ -180,6 +180,12 @@ pub enum FakeMode {
     Answer,
     /// Reads every query and never answers.
     Silent,
+    /// Answers like `Answer`; names whose first label starts with `slow` this many
+    /// milliseconds late (UDP; TCP answers at once).
+    Delay(u64),
+    /// Answers like `Answer` with the question lowercased (a server that does not preserve
+    /// case, which defeats DNS 0x20).
+    Lowercase,
 }
 
 /// An in-process upstream on UDP and TCP (one port) that records the names it is asked.
@@ -188,6 +194,8 @@ pub struct FakeUpstream {
     /// Its address.
     pub addr: SocketAddr,
     names: Arc<Mutex<Vec<String>>>,
+    packets: Arc<Mutex<Vec<Vec<u8>>>>,
+    udp: UdpSocket,
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
 }
@@ -207,16 +215,36 @@ impl FakeUpstream {
             .expect("timeout");
         tcp.set_nonblocking(true).expect("nonblocking");
         let names = Arc::new(Mutex::new(Vec::new()));
+        let packets = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
+        let udp_clone = udp.try_clone().expect("clone fake upstream socket");
         let udp_thread = {
-            let (names, stop) = (Arc::clone(&names), Arc::clone(&stop));
+            let (names, packets, stop) =
+                (Arc::clone(&names), Arc::clone(&packets), Arc::clone(&stop));
             std::thread::spawn(move || {
                 let mut buf = [0u8; 4096];
+                let udp = Arc::new(udp);
                 while !stop.load(Ordering::Relaxed) {
                     let Ok((n, peer)) = udp.recv_from(&mut buf) else {
                         continue;
                     };
-                    if let Some(reply) = handle(&buf[..n], mode, &names) {
+                    packets
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .push(buf[..n].to_vec());
+                    let Some(reply) = handle(&buf[..n], mode, &names) else {
+                        continue;
+                    };
+                    let slow = buf
+                        .get(13..17)
+                        .is_some_and(|l| l.eq_ignore_ascii_case(b"slow"));
+                    if let (FakeMode::Delay(ms), true) = (mode, slow) {
+                        let udp = Arc::clone(&udp);
+                        std::thread::spawn(move || {
+                            std::thread::sleep(Duration::from_millis(ms));
+                            let _ = udp.send_to(&reply, peer);
+                        });
+                    } else {
                         let _ = udp.send_to(&reply, peer);
                     }
                 }
@@ -245,6 +273,8 @@ impl FakeUpstream {
         FakeUpstream {
             addr,
             names,
+            packets,
+            udp: udp_clone,
             stop,
             threads: vec![udp_thread, tcp_thread],
         }
@@ -253,6 +283,20 @@ impl FakeUpstream {
     /// The names asked so far, lowercased, in arrival order.
     pub fn names(&self) -> Vec<String> {
         self.names.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Every UDP datagram received so far, as received.
+    pub fn packets(&self) -> Vec<Vec<u8>> {
+        self.packets
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Its UDP socket: what is sent from it has the upstream's own address and port (the
+    /// spoofing test forges answers with it).
+    pub fn udp_socket(&self) -> &UdpSocket {
+        &self.udp
     }
 }
 
@@ -328,6 +372,9 @@ fn handle(query: &[u8], mode: FakeMode, names: &Mutex<Vec<String>>) -> Option<Ve
         return None;
     }
     let mut reply = query[..question_end].to_vec();
+    if mode == FakeMode::Lowercase {
+        reply[12..].make_ascii_lowercase();
+    }
     reply[2] = 0x80 | 0x04 | (query[2] & 0x01); // QR, AA, RD copied
     reply[3] = 0x80; // RA, NOERROR
     reply[6..12].copy_from_slice(&[0, u8::from(qtype == dns::TYPE_A), 0, 0, 0, 0]);

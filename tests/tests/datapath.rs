@@ -102,16 +102,20 @@ fn redirects_and_enforces_per_cgroup_through_reload_kill_and_uninstall() {
     }
     let _serial = EXCLUSIVE.lock().unwrap_or_else(|e| e.into_inner());
     let env = Env::new("e2e", &["a", "b", "a/nested"]);
-    // Answers: one A record per name in 127.77/16 with TTL 1 (raised by --min-ttl).
+    // Answers: one A record per name in 127.N/16 with TTL 1 (raised by --min-ttl).
+    // Answer prefixes of this process (another run of this test may be listening on the
+    // addresses of its own at the same time).
+    let net = 20 + std::process::id() % 200;
+    let (prefix4, prefix6) = (format!("127.{net}.0.0/16"), format!("fd00:77:{net}::/64"));
     let upstream = Bundled::start(&[
         "--ttl",
         "1",
         "--ips",
         "1",
         "--prefix4",
-        "127.77.0.0/16",
+        &prefix4,
         "--prefix6",
-        "fd00:77::/64",
+        &prefix6,
     ]);
     // One IPv4 and one IPv6 listen address on one port: IPv6 DNS goes to the second.
     let port = dnsfence_tests::free_port();
@@ -163,7 +167,7 @@ fn redirects_and_enforces_per_cgroup_through_reload_kill_and_uninstall() {
         env.connect(Some("a"), SocketAddr::new(dns_only, 443))
     ));
     // An address never resolved is unreachable.
-    let never: IpAddr = "127.77.250.250".parse().unwrap();
+    let never: IpAddr = format!("127.{net}.250.250").parse().unwrap();
     let _l3 = listen(never);
     assert!(denied(env.connect(Some("a"), SocketAddr::new(never, 443))));
     // The target of a CNAME chain is reachable.

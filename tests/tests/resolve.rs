@@ -89,7 +89,7 @@ fn allowed_and_denied(io: IoBackend) {
 /// that echo it; knot does, so everything resolves as before, over UDP and TCP.
 fn upstream_0x20(io: IoBackend) {
     let knot = Knot::start();
-    let agent = Agent::start(&AgentConfig::new(io, knot.addr).args(&["--upstream-0x20"]));
+    let agent = Agent::start(&AgentConfig::new(io, knot.addr).args(&["--upstream-0x20", "on"]));
     for proto in ["+notcp", "+tcp"] {
         let r = dig(agent.addr, &[proto, "WwW.AlLoWeD.TeSt", "A"]);
         assert_eq!(r.status, "NOERROR", "{}", r.output);
@@ -214,18 +214,22 @@ fn cname_chain(io: IoBackend) {
         let direct = dig(up.addr, &[proto, name]);
         let r = dig(agent.addr, &[proto, name]);
         assert_eq!(r.status, "NOERROR", "{}", r.output);
+        // The bundled upstream spells CNAME targets as it was asked, and the agent asks in a
+        // 0x20 spelling: names compare case-insensitively.
+        let cnames: Vec<String> = r.rdata("CNAME").iter().map(|c| c.to_lowercase()).collect();
         assert_eq!(
-            r.rdata("CNAME"),
+            cnames,
             [
-                "cname-2-Chain.allowed.test.",
-                "cname-1-Chain.allowed.test.",
-                "cname-0-Chain.allowed.test."
+                "cname-2-chain.allowed.test.",
+                "cname-1-chain.allowed.test.",
+                "cname-0-chain.allowed.test."
             ],
             "{}",
             r.output
         );
         assert_eq!(r.rdata("A").len(), 1, "{}", r.output);
-        assert_eq!(r.answers, direct.answers);
+        let lower = |answers: &[dnsfence_tests::dns::Rr]| format!("{answers:?}").to_lowercase();
+        assert_eq!(lower(&r.answers), lower(&direct.answers));
     }
 }
 

@@ -116,6 +116,12 @@ pub struct MmsgIo {
     listen: UdpSocket,
     local: SocketAddr,
     upstream: Vec<UdpSocket>,
+    /// The upstream and socket buffer sizes, for replacement sockets.
+    upstream_addr: SocketAddr,
+    sizes: BufferSizes,
+    /// Upstream sockets whose send reported the upstream unreachable (the error is consumed
+    /// by the send, so the next poll reports it).
+    unreachable: Vec<u16>,
     rx: RxBatch,
     /// Index 0: the listen socket; `1 + i`: upstream socket `i`.
     tx: Vec<TxQueue>,
@@ -189,7 +195,10 @@ impl MmsgIo {
             events: vec![libc::epoll_event { events: 0, u64: 0 }; 256],
             listen: listen.udp,
             local: listen.addr,
+            unreachable: Vec::with_capacity(upstream.len()),
             upstream,
+            upstream_addr: config.upstream,
+            sizes,
             rx: RxBatch::new(config.batch, config.max_udp_payload),
             tx: (0..queues)
                 .map(|_| TxQueue {
@@ -217,9 +226,13 @@ impl MmsgIo {
         let n = match self.rx.recv(socket) {
             Ok(n) => n,
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return 0,
-            Err(_) => {
+            Err(e) => {
                 // e.g. ECONNREFUSED on an upstream socket after an ICMP error.
                 self.stats.udp_rx_errors += 1;
+                if let (Some(socket), true) = (which, super::is_unreachable(&e)) {
+                    on_event(Event::UpstreamUnreachable { socket });
+                    return 1;
+                }
                 return 0;
             }
         };
@@ -240,9 +253,19 @@ impl MmsgIo {
         delivered
     }
 
+    /// Counts `n` datagrams of queue `q` (0: clients, else upstream) dropped.
+    fn dropped(&mut self, q: usize, n: u64) {
+        self.stats.send_dropped += n;
+        if q == 0 {
+            self.stats.client_sends_dropped += n;
+        } else {
+            self.stats.upstream_sends_dropped += n;
+        }
+    }
+
     fn queue(&mut self, q: usize, to: Option<SocketAddr>, data: &[u8]) {
         if data.len() > self.max_payload {
-            self.stats.send_dropped += 1;
+            self.dropped(q, 1);
             return;
         }
         if self.tx[q].msgs.len() >= self.send_queue {
@@ -292,6 +315,7 @@ impl MmsgIo {
             });
         }
         let mut at = 0;
+        let (mut dropped, mut failed, mut unreachable) = (0, 0, false);
         while at < hdrs.len() {
             // SAFETY: each header points at its own address in `msgs` and its own iovec in
             // `iovs`, each iovec at its payload inside `data`; all are borrowed here and not
@@ -303,24 +327,36 @@ impl MmsgIo {
                     self.stats.udp_tx += n as u64;
                     at += n.max(1);
                     if n == 0 {
-                        self.stats.send_dropped += 1;
+                        dropped += 1;
                     }
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    self.stats.send_dropped += (hdrs.len() - at) as u64;
+                    dropped += (hdrs.len() - at) as u64;
                     break;
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(_) => {
+                Err(e) => {
                     // The first remaining datagram failed (bad address, ICMP error pending on
                     // a connected socket, too large): skip it and go on.
-                    self.stats.send_errors += 1;
+                    unreachable |= super::is_unreachable(&e);
+                    failed += 1;
                     at += 1;
                 }
             }
         }
         msgs.clear();
         data.clear();
+        self.stats.send_errors += failed;
+        self.dropped(q, dropped);
+        if q == 0 {
+            self.stats.client_sends_dropped += failed;
+        } else {
+            self.stats.upstream_sends_dropped += failed;
+            let socket = (q - 1) as u16;
+            if unreachable && !self.unreachable.contains(&socket) {
+                self.unreachable.push(socket);
+            }
+        }
     }
 }
 
@@ -332,6 +368,10 @@ impl ShardIo for MmsgIo {
     ) -> Result<usize, IoError> {
         let now = Instant::now();
         let mut n = 0;
+        for socket in self.unreachable.drain(..) {
+            on_event(Event::UpstreamUnreachable { socket });
+            n += 1;
+        }
         if self.tcp.has_pending() {
             n += self.tcp.deliver_pending(
                 now,
@@ -398,7 +438,7 @@ impl ShardIo for MmsgIo {
 
     fn send_upstream_udp(&mut self, socket: u16, data: &[u8]) {
         if usize::from(socket) >= self.upstream.len() {
-            self.stats.send_dropped += 1;
+            self.dropped(1, 1);
             return;
         }
         self.queue(1 + usize::from(socket), None, data);
@@ -435,5 +475,30 @@ impl ShardIo for MmsgIo {
 
     fn upstream_local_addr(&self, socket: u16) -> Option<SocketAddr> {
         self.upstream.get(usize::from(socket))?.local_addr().ok()
+    }
+
+    fn replace_upstream_udp(&mut self, socket: u16) -> Result<(), IoError> {
+        let i = usize::from(socket);
+        if i >= self.upstream.len() {
+            return Err(IoError::InvalidConfig("no such upstream socket"));
+        }
+        let fresh = sockets::upstream_udp(self.upstream_addr, self.sizes)?;
+        let token = TOKEN_UPSTREAM + u64::from(socket);
+        let mut state = 0;
+        self.epoll
+            .sync(fresh.as_raw_fd(), token, sys::READ, &mut state)
+            .map_err(|source| IoError::Poll {
+                op: "epoll_ctl",
+                source,
+            })?;
+        let old = std::mem::replace(&mut self.upstream[i], fresh);
+        // Closing removes it from the epoll set; delete first all the same (no event of it
+        // may be reported under the token the new socket now has).
+        let mut state = sys::READ;
+        let _ = self.epoll.sync(old.as_raw_fd(), token, 0, &mut state);
+        drop(old);
+        self.unreachable.retain(|&s| s != socket);
+        self.stats.upstream_sockets_replaced += 1;
+        Ok(())
     }
 }

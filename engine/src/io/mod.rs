@@ -8,8 +8,10 @@
 //! Each shard has:
 //!
 //! - a UDP listen socket and a TCP listener on [`IoConfig::listen`];
-//! - [`IoConfig::upstream_sockets`] UDP sockets bound to kernel-chosen ephemeral ports and
-//!   `connect()`ed to [`IoConfig::upstream`] (the kernel drops datagrams from any other source);
+//! - [`IoConfig::upstream_sockets`] UDP sockets bound to kernel-chosen (random) ephemeral
+//!   ports and `connect()`ed to [`IoConfig::upstream`] (the kernel drops datagrams from any
+//!   other source), each replaced by a fresh one when the core asks
+//!   ([`ShardIo::replace_upstream_udp`]: port rotation against off-path spoofing);
 //! - at most one pipelined TCP connection to the upstream, opened lazily;
 //! - one readiness source: an io_uring ([`uring`]) or an epoll instance ([`mmsg`]).
 //!
@@ -100,6 +102,13 @@ pub enum Event<'a> {
         from: SocketAddr,
         /// The datagram's payload.
         data: &'a [u8],
+    },
+    /// Upstream UDP socket `socket` reported that the upstream is unreachable (an ICMP port or
+    /// host unreachable turned into `ECONNREFUSED`/`EHOSTUNREACH`/`ENETUNREACH` on the
+    /// connected socket, by a receive or a send).
+    UpstreamUnreachable {
+        /// Index of the upstream socket.
+        socket: u16,
     },
     /// One complete DNS message from a TCP client (2-byte length prefix already stripped).
     TcpClientMessage {
@@ -328,6 +337,13 @@ pub struct IoStats {
     pub send_errors: u64,
     /// Sends dropped before the kernel: queue full, socket buffer full, message too large.
     pub send_dropped: u64,
+    /// Messages to clients dropped (queue or socket buffer full, too large, send error,
+    /// closed TCP connection): every drop of an answer, whatever counter above also has it.
+    pub client_sends_dropped: u64,
+    /// Messages to the upstream dropped (UDP or TCP), likewise.
+    pub upstream_sends_dropped: u64,
+    /// Upstream UDP sockets closed and replaced by a fresh one (new random port).
+    pub upstream_sockets_replaced: u64,
     /// Multishot receives re-armed after the kernel ended them.
     pub uring_rearms: u64,
     /// Multishot receives ended because the buffer ring was empty (`ENOBUFS`).
@@ -396,6 +412,19 @@ pub trait ShardIo {
     fn local_addr(&self) -> SocketAddr;
     /// The local address of upstream UDP socket `socket`.
     fn upstream_local_addr(&self, socket: u16) -> Option<SocketAddr>;
+    /// Closes upstream UDP socket `socket` and puts a fresh one in its place (same index, new
+    /// kernel-chosen random port, connected to the upstream). Sends queued for it and not yet
+    /// flushed go from the new socket; answers to the old port are lost. On error the old
+    /// socket stays.
+    fn replace_upstream_udp(&mut self, socket: u16) -> Result<(), IoError>;
+}
+
+/// Whether a socket error on a connected upstream UDP socket is an ICMP unreachable.
+pub(crate) fn is_unreachable(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::ECONNREFUSED | libc::EHOSTUNREACH | libc::ENETUNREACH)
+    )
 }
 
 /// A shard's I/O, whichever backend: enum dispatch, no virtual calls.
@@ -456,6 +485,9 @@ impl ShardIo for Io {
     }
     fn upstream_local_addr(&self, socket: u16) -> Option<SocketAddr> {
         dispatch!(self, io => io.upstream_local_addr(socket))
+    }
+    fn replace_upstream_udp(&mut self, socket: u16) -> Result<(), IoError> {
+        dispatch!(self, io => io.replace_upstream_udp(socket))
     }
 }
 

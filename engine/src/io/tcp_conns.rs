@@ -672,6 +672,7 @@ impl TcpSide {
     ) {
         let Some(slot) = self.live_slot(id) else {
             stats.tcp_send_stale += 1;
+            stats.client_sends_dropped += 1;
             return;
         };
         let c = &mut self.conns[usize::from(slot)];
@@ -681,9 +682,11 @@ impl TcpSide {
             Ok(()) => stats.tcp_tx_messages += 1,
             Err(super::tcp::OutError::TooLong) => {
                 stats.send_dropped += 1;
+                stats.client_sends_dropped += 1;
                 return;
             }
             Err(super::tcp::OutError::Overflow) => {
+                stats.client_sends_dropped += 1;
                 self.close_client(slot, CloseReason::Overflow, poller, stats);
                 return;
             }
@@ -719,13 +722,17 @@ impl TcpSide {
                 Err(_) => {
                     stats.upstream_tcp_errors += 1;
                     stats.upstream_tcp_dropped += 1;
+                    stats.upstream_sends_dropped += 1;
                     return;
                 }
             }
         }
         match self.upstream.out.push_frame(data) {
             Ok(()) => stats.tcp_tx_messages += 1,
-            Err(_) => stats.upstream_tcp_dropped += 1,
+            Err(_) => {
+                stats.upstream_tcp_dropped += 1;
+                stats.upstream_sends_dropped += 1;
+            }
         }
     }
 
@@ -786,6 +793,7 @@ impl TcpSide {
                 && u.stream.as_ref().is_some_and(|s| s.peer_addr().is_ok());
             if !ok {
                 stats.upstream_tcp_dropped += 1;
+                stats.upstream_sends_dropped += 1;
                 self.close_upstream(poller, stats);
                 return 0;
             }

@@ -80,6 +80,11 @@ const UD_POLL_READ: u64 = 3 << 56;
 const UD_POLL_WRITE: u64 = 4 << 56;
 const UD_CANCEL: u64 = 5 << 56;
 
+/// The `user_data` of socket `idx`'s multishot receive of generation `gen_`.
+fn recv_user_data(idx: usize, gen_: u32) -> u64 {
+    UD_RECV | u64::from(gen_ & 0xff_ffff) << 32 | idx as u64
+}
+
 /// Buffer group of the listen socket and of the upstream sockets.
 const BGID_CLIENT: u16 = 0;
 const BGID_UPSTREAM: u16 = 1;
@@ -231,9 +236,11 @@ fn page_size() -> usize {
     usize::try_from(p).unwrap_or(4096).max(4096)
 }
 
-/// One UDP send in flight: its destination (payload in `SendSlots::data`).
+/// One UDP send in flight: its destination (payload in `SendSlots::data`) and the fixed file
+/// it goes out on (0: listen, `1 + j`: upstream `j`), to attribute a failed completion.
 struct SendSlot {
     addr: RawSockAddr,
+    file: usize,
 }
 
 /// Send slots: headers in `slots`, payloads in `data` (slot `i` at `i * size`).
@@ -273,6 +280,14 @@ pub struct UringIo {
     upstream_peers: Vec<SocketAddr>,
     /// Whether the multishot receive of socket `i` (0: listen, `1 + j`: upstream `j`) is armed.
     armed: Vec<bool>,
+    /// Generation of socket `i`'s receive, bumped when the socket is replaced: it is part of
+    /// the receive's `user_data`, so the cancelled receive of a replaced socket is told apart.
+    recv_gen: Vec<u32>,
+    /// Receives of replaced sockets cancelled and not yet finished (drop waits for them).
+    cancelling: usize,
+    /// The upstream and socket buffer sizes, for replacement sockets.
+    upstream_addr: SocketAddr,
+    sizes: BufferSizes,
     sub: SubmitState,
     cqes: Vec<cqueue::Entry>,
     budget: usize,
@@ -429,6 +444,7 @@ impl UringIo {
                 .map(|_| {
                     UnsafeCell::new(SendSlot {
                         addr: RawSockAddr::zeroed(),
+                        file: 0,
                     })
                 })
                 .collect(),
@@ -470,6 +486,10 @@ impl UringIo {
             recv_hdr: RecvHdr(Box::new(UnsafeCell::new(hdr))),
             send,
             armed: vec![false; 1 + upstream.len()],
+            recv_gen: vec![0; 1 + upstream.len()],
+            cancelling: 0,
+            upstream_addr: config.upstream,
+            sizes,
             _listen: listen.udp,
             local: listen.addr,
             upstream,
@@ -507,7 +527,7 @@ impl UringIo {
                 // `msghdr`, no address copy) will do.
                 opcode::RecvMulti::new(fd, BGID_UPSTREAM).build()
             }
-            .user_data(UD_RECV | idx as u64);
+            .user_data(recv_user_data(idx, self.recv_gen[idx]));
             // SAFETY: the msghdr lives in a box owned by `self` until drop, which cancels and
             // drains this receive first; buffers come from the registered group.
             let ok = unsafe { try_push(&mut self.ring, &e, &mut self.sub) };
@@ -537,13 +557,28 @@ impl UringIo {
         )
     }
 
+    /// Counts a datagram for fixed file `idx` (0: clients, else upstream) dropped.
+    fn dropped(&mut self, idx: usize) {
+        self.stats.send_dropped += 1;
+        self.count_drop(idx);
+    }
+
+    /// Counts a message lost on fixed file `idx` by direction.
+    fn count_drop(&mut self, idx: usize) {
+        if idx == 0 {
+            self.stats.client_sends_dropped += 1;
+        } else {
+            self.stats.upstream_sends_dropped += 1;
+        }
+    }
+
     fn queue_send(&mut self, idx: usize, to: Option<SocketAddr>, data: &[u8]) {
         if data.len() > self.max_payload {
-            self.stats.send_dropped += 1;
+            self.dropped(idx);
             return;
         }
         let Some(slot) = self.send.free.pop() else {
-            self.stats.send_dropped += 1;
+            self.dropped(idx);
             return;
         };
         let s = usize::from(slot);
@@ -553,11 +588,12 @@ impl UringIo {
         // SAFETY: `payload` has room for `data.len() <= size` bytes; the regions are distinct.
         unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), payload, data.len()) };
         let mut op = opcode::Send::new(Fixed(idx as u32), payload.cast_const(), data.len() as u32);
+        let cell = self.send.slots[s].get();
+        // SAFETY: the slot is free, so neither the kernel nor any reference uses it; we are
+        // the only writer, through the UnsafeCell's pointer.
+        let addr = unsafe { &mut *cell };
+        addr.file = idx;
         if let Some(to) = to {
-            let cell = self.send.slots[s].get();
-            // SAFETY: the slot is free, so neither the kernel nor any reference uses it; we
-            // are the only writer, through the UnsafeCell's pointer.
-            let addr = unsafe { &mut *cell };
             let len = addr.addr.set(to);
             op = op
                 .dest_addr(addr.addr.as_mut_ptr().cast_const().cast())
@@ -573,7 +609,7 @@ impl UringIo {
             self.stats.udp_tx += 1;
         } else {
             self.send.free.push(slot);
-            self.stats.send_dropped += 1;
+            self.dropped(idx);
         }
     }
 
@@ -588,7 +624,21 @@ impl UringIo {
         let (res, flags) = (cqe.result(), cqe.flags());
         match ud & UD_KIND {
             UD_RECV => {
-                let idx = (ud & !UD_KIND) as usize;
+                let idx = (ud & 0xffff_ffff) as usize;
+                if idx < self.recv_gen.len()
+                    && (ud >> 32) & 0xff_ffff != u64::from(self.recv_gen[idx] & 0xff_ffff)
+                {
+                    // The cancelled receive of a replaced socket: give its buffer back.
+                    if res >= 0
+                        && let Some(bid) = cqueue::buffer_select(flags)
+                    {
+                        self.upstream_bufs.recycle(bid);
+                    }
+                    if !cqueue::more(flags) {
+                        self.cancelling = self.cancelling.saturating_sub(1);
+                    }
+                    return 0;
+                }
                 let n = self.complete_recv(idx, res, flags, on_event);
                 if !cqueue::more(flags) && idx < self.armed.len() {
                     self.armed[idx] = false;
@@ -597,11 +647,23 @@ impl UringIo {
             }
             UD_SEND => {
                 let slot = (ud & !UD_KIND) as u16;
+                let mut n = 0;
                 if res < 0 {
                     self.stats.send_errors += 1;
+                    // SAFETY: the send's completion is reaped, so the kernel is done with the
+                    // slot and nothing else refers to it until it is back on the free list.
+                    let file = unsafe { &*self.send.slots[usize::from(slot)].get() }.file;
+                    self.count_drop(file);
+                    let err = io::Error::from_raw_os_error(-res);
+                    if file > 0 && super::is_unreachable(&err) {
+                        n = 1;
+                        on_event(Event::UpstreamUnreachable {
+                            socket: (file - 1) as u16,
+                        });
+                    }
                 }
                 self.send.free.push(slot);
-                0
+                n
             }
             UD_POLL_READ | UD_POLL_WRITE => {
                 let dir = if ud & UD_KIND == UD_POLL_READ {
@@ -635,7 +697,15 @@ impl UringIo {
             match -res {
                 libc::ENOBUFS => self.stats.uring_enobufs += 1,
                 libc::ECANCELED => {}
-                _ => self.stats.udp_rx_errors += 1,
+                e => {
+                    self.stats.udp_rx_errors += 1;
+                    if idx > 0 && super::is_unreachable(&io::Error::from_raw_os_error(e)) {
+                        on_event(Event::UpstreamUnreachable {
+                            socket: (idx - 1) as u16,
+                        });
+                        return 1;
+                    }
+                }
             }
             return 0;
         }
@@ -784,7 +854,7 @@ impl ShardIo for UringIo {
 
     fn send_upstream_udp(&mut self, socket: u16, data: &[u8]) {
         if usize::from(socket) >= self.upstream.len() {
-            self.stats.send_dropped += 1;
+            self.dropped(1);
             return;
         }
         self.queue_send(1 + usize::from(socket), None, data);
@@ -837,6 +907,52 @@ impl ShardIo for UringIo {
     fn upstream_local_addr(&self, socket: u16) -> Option<SocketAddr> {
         self.upstream.get(usize::from(socket))?.local_addr().ok()
     }
+
+    /// Cancels the old socket's multishot receive (its final completion is recognised by the
+    /// generation in its `user_data` and only gives buffers back), points fixed file `1 + j`
+    /// at the new socket with one `IORING_REGISTER_FILES_UPDATE`, and arms the new receive.
+    /// Sends already submitted on the old socket hold their own reference to it.
+    fn replace_upstream_udp(&mut self, socket: u16) -> Result<(), IoError> {
+        let j = usize::from(socket);
+        if j >= self.upstream.len() {
+            return Err(IoError::InvalidConfig("no such upstream socket"));
+        }
+        let idx = 1 + j;
+        let fresh = sockets::upstream_udp(self.upstream_addr, self.sizes)?;
+        let peer = fresh.peer_addr().map_err(|source| IoError::UringSetup {
+            op: "getpeername",
+            source,
+        })?;
+        self.ring
+            .submitter()
+            .register_files_update(idx as u32, &[fresh.as_raw_fd()])
+            .map_err(|source| IoError::UringSetup {
+                op: "register_files_update",
+                source,
+            })?;
+        if self.armed[idx] {
+            let e = opcode::AsyncCancel::new(recv_user_data(idx, self.recv_gen[idx]))
+                .build()
+                .user_data(UD_CANCEL);
+            // SAFETY: a cancel SQE points to no memory.
+            unsafe { try_push(&mut self.ring, &e, &mut self.sub) };
+            self.cancelling += 1;
+            self.armed[idx] = false;
+            // Submitted now, so that the old socket closes without waiting for the next poll
+            // (queued sends go along; a transient error leaves them for the next poll).
+            let sends = self.sub.sends;
+            if self.sub.submit(&self.ring).is_ok() && sends {
+                self.stats.udp_tx_batches += 1;
+                self.sub.sends = false;
+            }
+        }
+        self.recv_gen[idx] = self.recv_gen[idx].wrapping_add(1);
+        self.upstream[j] = fresh;
+        self.upstream_peers[j] = peer;
+        self.arm_receives(false);
+        self.stats.upstream_sockets_replaced += 1;
+        Ok(())
+    }
 }
 
 impl Drop for UringIo {
@@ -853,7 +969,7 @@ impl Drop for UringIo {
         }
         for idx in 0..self.armed.len() {
             if self.armed[idx] {
-                let e = opcode::AsyncCancel::new(UD_RECV | idx as u64)
+                let e = opcode::AsyncCancel::new(recv_user_data(idx, self.recv_gen[idx]))
                     .build()
                     .user_data(UD_CANCEL);
                 // SAFETY: a cancel SQE points to no memory.
@@ -863,7 +979,9 @@ impl Drop for UringIo {
         let slots = self.send.slots.len();
         let mut idle = false;
         for _ in 0..200 {
-            idle = !self.armed.iter().any(|&a| a) && self.send.free.len() == slots;
+            idle = !self.armed.iter().any(|&a| a)
+                && self.cancelling == 0
+                && self.send.free.len() == slots;
             if idle {
                 break;
             }
@@ -879,8 +997,13 @@ impl Drop for UringIo {
                 let ud = cqe.user_data();
                 match ud & UD_KIND {
                     UD_RECV if !cqueue::more(cqe.flags()) => {
-                        if let Some(a) = self.armed.get_mut((ud & !UD_KIND) as usize) {
-                            *a = false;
+                        let idx = (ud & 0xffff_ffff) as usize;
+                        if idx < self.recv_gen.len()
+                            && ud == recv_user_data(idx, self.recv_gen[idx])
+                        {
+                            self.armed[idx] = false;
+                        } else {
+                            self.cancelling = self.cancelling.saturating_sub(1);
                         }
                     }
                     UD_SEND => self.send.free.push((ud & !UD_KIND) as u16),

@@ -16,6 +16,7 @@ pub const DEADLINE: Duration = Duration::from_secs(10);
 pub enum Ev {
     Client(SocketAddr, Vec<u8>),
     Upstream(u16, SocketAddr, Vec<u8>),
+    Unreachable(u16),
     TcpClient(ConnId, SocketAddr, Vec<u8>),
     TcpUpstream(Vec<u8>),
     TcpClosed(ConnId),
@@ -31,6 +32,7 @@ impl From<Event<'_>> for Ev {
             Event::TcpClientMessage { conn, peer, data } => {
                 Ev::TcpClient(conn, peer, data.to_vec())
             }
+            Event::UpstreamUnreachable { socket } => Ev::Unreachable(socket),
             Event::TcpUpstreamMessage { data } => Ev::TcpUpstream(data.to_vec()),
             Event::TcpClientClosed { conn } => Ev::TcpClosed(conn),
         }
