@@ -53,6 +53,13 @@ pub enum DatapathError {
         #[source]
         source: io::Error,
     },
+    /// The cgroup root is neither in a cgroup v2 hierarchy nor an empty directory.
+    #[error(
+        "{0} is not a cgroup v2 hierarchy and not empty (cgroup v1 or other files there): pass \
+         --cgroup-root with a cgroup v2 directory (e.g. /sys/fs/cgroup/unified on a hybrid \
+         host) or an empty directory to mount one on"
+    )]
+    NotCgroup2(PathBuf),
     /// The pin directory is not on a bpffs.
     #[error("{0} is not on a bpf filesystem (mount -t bpf bpf /sys/fs/bpf)")]
     NotBpffs(PathBuf),
@@ -112,12 +119,20 @@ fn links_dir(pin_dir: &Path) -> PathBuf {
     pin_dir.join("links")
 }
 
-/// Makes sure `root` is a cgroup v2 mount (mounting one there when it is an empty or new
-/// directory).
+/// Makes sure `root` is in a cgroup v2 hierarchy, mounting one there when it is a new or
+/// empty directory. Anything else (a cgroup v1 tmpfs such as `/sys/fs/cgroup` on a hybrid
+/// host, a directory with files) is refused rather than mounted over.
 pub fn ensure_cgroup2(root: &Path) -> Result<(), DatapathError> {
     fs::create_dir_all(root).map_err(fs_err("creating", root))?;
     if sys::fs_magic(root).map_err(fs_err("statfs", root))? == sys::CGROUP2_MAGIC {
         return Ok(());
+    }
+    let empty = fs::read_dir(root)
+        .map_err(fs_err("reading", root))?
+        .next()
+        .is_none();
+    if !empty {
+        return Err(DatapathError::NotCgroup2(root.to_path_buf()));
     }
     sys::mount("cgroup2", root).map_err(fs_err("mounting cgroup2 at", root))
 }
@@ -407,4 +422,21 @@ fn unpin_link(path: &Path) -> Result<(), DatapathError> {
     let fd = link.unpin().map_err(fs_err("unpinning", path))?;
     drop(fd);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A directory that is neither cgroup2 nor empty is refused, never mounted over (this
+    /// runs without root: the refusal comes before any mount).
+    #[test]
+    fn a_non_empty_non_cgroup2_root_is_refused() {
+        let dir = std::env::temp_dir().join(format!("dnsfence-cg-refuse-{}", std::process::id()));
+        fs::create_dir_all(dir.join("cpu")).unwrap();
+        let err = ensure_cgroup2(&dir).unwrap_err();
+        assert!(matches!(err, DatapathError::NotCgroup2(_)), "{err}");
+        assert!(err.to_string().contains("not a cgroup v2 hierarchy"));
+        fs::remove_dir_all(&dir).unwrap();
+    }
 }
