@@ -10,6 +10,7 @@
 #   redirected  the loadgen inside the endpoint's cgroup sends to 192.0.2.53:53 (blackholed);
 #               the BPF programs rewrite it to the proxy, which finds the endpoint through
 #               the origin map
+# Then the direct runs again against the same agent with --no-bpf (no origin lookup).
 # For each: CPU-µs per answered query of the agent (utime+stime delta from /proc) and of the
 # loadgen (its own getrusage): BPF programs' time is charged to the process whose syscall ran them;
 # answered, lost, p99, and allow-map writes per query (map-update syscalls: the shard writes
@@ -126,3 +127,22 @@ for rep in $(seq "$REPS"); do
 done
 echo
 echo "datapath counters: $(curl -s "http://$METRICS/metrics" | grep '^dnsfence_datapath_events_total' | tr '\n' ' ')"
+# The same direct load against the agent without eBPF (no origin lookup per query): what the
+# eBPF mode costs the proxy itself.
+kill "$agent"; wait "$agent" 2>/dev/null || true
+taskset -c "$CPU_PROXY" "$BIN/dnsfence" agent --no-bpf --listen 127.0.0.1:$PORT --upstream 127.0.0.1:$UP_PORT \
+  --policy "$WORK/policy.yaml" --endpoints "$WORK/endpoints.yaml" --shards 1 --cpus "$CPU_PROXY" \
+  --metrics-listen $METRICS > "$WORK/agent-nobpf.log" 2>&1 &
+agent=$!
+pids+=($agent)
+for _ in $(seq 50); do
+  dig +short +time=1 +tries=1 @127.0.0.1 -p $PORT h1.allowed.test > /dev/null 2>&1 && break
+  sleep 0.2
+done
+echo
+echo "| mode | sent | answered | lost | agent CPU-µs/q | loadgen CPU-µs/q | p99 µs | allow writes/q |"
+echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+run_one direct > /dev/null
+for rep in $(seq "$REPS"); do
+  run_one direct | sed 's/^| direct |/| direct, --no-bpf agent |/'
+done
