@@ -422,19 +422,15 @@ fn parse_options(args: &[String]) -> Options {
     o
 }
 
-/// Baselines: `NAME INSTRUCTIONS-PER-ITERATION` a line, `#` comments.
-fn read_baselines(path: &Path) -> BTreeMap<String, f64> {
-    let Ok(text) = std::fs::read_to_string(path) else {
-        return BTreeMap::new();
-    };
-    text.lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.starts_with('#'))
-        .filter_map(|l| {
-            let mut f = l.split_whitespace();
-            Some((f.next()?.to_owned(), f.next()?.parse().ok()?))
-        })
-        .collect()
+/// The baselines file: missing or unreadable is an error unless `--update` writes it anew.
+fn read_baselines(path: &Path, update: bool) -> Result<BTreeMap<String, f64>, String> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => {
+            dnsfence_bench::parse_baselines(&text).map_err(|e| format!("{}: {e}", path.display()))
+        }
+        Err(_) if update => Ok(BTreeMap::new()),
+        Err(e) => Err(format!("cannot read the baselines {}: {e}", path.display())),
+    }
 }
 
 /// glibc picks memcpy/memset/memcmp variants by CPU feature (AVX2, ERMS, ...), and they are
@@ -490,6 +486,30 @@ fn check(args: &[String]) -> i32 {
     let exe = std::env::current_exe().expect("own path");
     let dir = std::env::temp_dir().join(format!("dnsfence-gate-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
+    if let Some(only) = &o.only
+        && let Some(unknown) = only
+            .iter()
+            .find(|n| WORKLOADS.iter().all(|w| w.0 != n.as_str()))
+    {
+        eprintln!("gate: unknown workload {unknown} (see `gate list`)");
+        return 2;
+    }
+    // Read (and check) the baselines before spending minutes under valgrind.
+    let baselines = match read_baselines(&o.baselines, o.update) {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("gate: FAILED: {e}");
+            return 1;
+        }
+    };
+    if let Some(stale) = baselines
+        .keys()
+        .find(|n| WORKLOADS.iter().all(|w| w.0 != n.as_str()))
+        && !o.update
+    {
+        eprintln!("gate: FAILED: a baseline names no workload: {stale} (run --update)");
+        return 1;
+    }
     let selected: Vec<(&str, u64, &str)> = WORKLOADS
         .iter()
         .copied()
@@ -517,7 +537,6 @@ fn check(args: &[String]) -> i32 {
     }
     let _ = std::fs::remove_dir_all(&dir);
 
-    let baselines = read_baselines(&o.baselines);
     let mut failed = 0;
     println!(
         "| workload | baseline Ir/iter | measured Ir/iter | change | verdict (tolerance +{}%) |",
@@ -535,7 +554,11 @@ fn check(args: &[String]) -> i32 {
             }
         };
         let (base, change, verdict) = match baselines.get(*name) {
-            None => ("-".to_owned(), "-".to_owned(), "new (no baseline)"),
+            None if o.update => ("-".to_owned(), "-".to_owned(), "new (no baseline)"),
+            None => {
+                failed += 1;
+                ("-".to_owned(), "-".to_owned(), "NO BASELINE (run --update)")
+            }
             Some(&b) => {
                 let pct = (now / b - 1.0) * 100.0;
                 let verdict = if pct > o.tolerance {

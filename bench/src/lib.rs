@@ -503,6 +503,58 @@ pub fn cilium_regex_set(patterns: &[Pattern]) -> regex::RegexSet {
         .expect("reference regex set compiles")
 }
 
+/// Parses the callgrind gate's baselines file (`NAME INSTRUCTIONS-PER-ITERATION` a line,
+/// `#` comments, blank lines). Any other line is an error naming its number: a gate that
+/// silently skipped a workload whose baseline it could not read would pass whatever the code
+/// did.
+pub fn parse_baselines(text: &str) -> Result<std::collections::BTreeMap<String, f64>, String> {
+    let mut out = std::collections::BTreeMap::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let value = match fields.as_slice() {
+            [_, v] => v.parse::<f64>().ok().filter(|v| v.is_finite() && *v > 0.0),
+            _ => None,
+        };
+        let Some(value) = value else {
+            return Err(format!(
+                "line {}: {line:?} is not `NAME INSTRUCTIONS` (a positive number)",
+                i + 1
+            ));
+        };
+        if out.insert(fields[0].to_owned(), value).is_some() {
+            return Err(format!("line {}: {} listed twice", i + 1, fields[0]));
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod baseline_tests {
+    use super::parse_baselines;
+
+    #[test]
+    fn baselines_parse_or_fail_with_the_line() {
+        let ok = parse_baselines("# c\n\ncore/denied 1722.8\nmatcher/x 5\n").unwrap();
+        assert_eq!(ok.len(), 2);
+        assert_eq!(ok["core/denied"], 1722.8);
+        for bad in [
+            "core/denied\n",
+            "core/denied 1722.8 extra\n",
+            "core/denied lots\n",
+            "core/denied -3\n",
+            "core/denied NaN\n",
+            "a 1\na 2\n",
+        ] {
+            let e = parse_baselines(bad).unwrap_err();
+            assert!(e.starts_with("line "), "{bad:?}: {e}");
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -266,19 +266,45 @@ pub struct LedgerStats {
     pub expired: u64,
 }
 
-/// Interned question names: entries refer to names by index, with a count of references.
+/// An interned name: its endpoint, wire bytes and number of references.
+type InternedName = (EndpointKey, Box<[u8]>, u32);
+
+/// Interned question names (per endpoint): entries refer to names by index, with a count of
+/// references. Looked up by the name's wire bytes without copying them; a new name costs one
+/// allocation (its bytes), a known one none.
 #[derive(Debug, Default)]
 struct NameTable {
-    index: HashMap<(EndpointKey, Box<[u8]>), u32>,
-    names: Vec<Option<(EndpointKey, Name, u32)>>,
+    index: hashbrown::HashTable<u32>,
+    names: Vec<Option<InternedName>>,
     free: Vec<u32>,
+    hasher: foldhash::fast::RandomState,
 }
 
 impl NameTable {
+    fn with_capacity(n: usize) -> NameTable {
+        NameTable {
+            index: hashbrown::HashTable::with_capacity(n),
+            names: Vec::with_capacity(n),
+            free: Vec::new(),
+            hasher: foldhash::fast::RandomState::default(),
+        }
+    }
+
+    fn hash(&self, endpoint: EndpointKey, wire: &[u8]) -> u64 {
+        use std::hash::BuildHasher;
+        self.hasher.hash_one((endpoint, wire))
+    }
+
     fn find(&self, endpoint: EndpointKey, name: &Name) -> Option<u32> {
-        // The key borrows nothing: a boxed copy per lookup is acceptable on the write path
-        // (writes happen for new addresses only, never per query).
-        self.index.get(&(endpoint, Box::from(name.wire()))).copied()
+        let wire = name.wire();
+        let names = &self.names;
+        self.index
+            .find(self.hash(endpoint, wire), |&id| {
+                names[id as usize]
+                    .as_ref()
+                    .is_some_and(|(e, w, _)| *e == endpoint && **w == *wire)
+            })
+            .copied()
     }
 
     fn refs(&self, id: u32) -> u32 {
@@ -295,7 +321,7 @@ impl NameTable {
             }
             return id;
         }
-        let entry = Some((endpoint, name.clone(), 1));
+        let entry = Some((endpoint, Box::from(name.wire()), 1));
         let id = match self.free.pop() {
             Some(id) => {
                 self.names[id as usize] = entry;
@@ -306,7 +332,13 @@ impl NameTable {
                 (self.names.len() - 1) as u32
             }
         };
-        self.index.insert((endpoint, Box::from(name.wire())), id);
+        let hash = self.hash(endpoint, name.wire());
+        let (names, hasher) = (&self.names, &self.hasher);
+        self.index.insert_unique(hash, id, |&other| {
+            use std::hash::BuildHasher;
+            let (e, w, _) = names[other as usize].as_ref().expect("indexed names exist");
+            hasher.hash_one((*e, &**w))
+        });
         id
     }
 
@@ -316,14 +348,27 @@ impl NameTable {
         };
         n.2 -= 1;
         if n.2 == 0 {
-            let (endpoint, name, _) = self.names[id as usize].take().expect("present");
-            self.index.remove(&(endpoint, Box::from(name.wire())));
+            let (endpoint, wire, _) = self.names[id as usize].take().expect("present");
+            let hash = self.hash(endpoint, &wire);
+            if let Ok(entry) = self.index.find_entry(hash, |&other| other == id) {
+                entry.remove();
+            }
             self.free.push(id);
         }
     }
 
-    fn name(&self, id: u32) -> Option<&Name> {
-        self.names.get(id as usize)?.as_ref().map(|n| &n.1)
+    /// The name `id` stands for (rebuilt from its wire bytes: for reloads, not the write path).
+    fn name(&self, id: u32) -> Option<Name> {
+        let (_, wire, _) = self.names.get(id as usize)?.as_ref()?;
+        Name::from_wire(wire).ok()
+    }
+
+    /// Whether `id` stands for `name`.
+    fn is(&self, id: u32, name: &Name) -> bool {
+        self.names
+            .get(id as usize)
+            .and_then(|n| n.as_ref())
+            .is_some_and(|(_, w, _)| **w == *name.wire())
     }
 }
 
@@ -360,21 +405,29 @@ pub struct Ledger {
     rules: RuleSet,
     /// Per entry of the group planned last: whether the policy justifies it.
     justified_scratch: Vec<bool>,
+    /// Scratch of `plan`: new entries per endpoint, and per (endpoint, name).
+    new_for: Vec<(EndpointKey, usize)>,
+    new_for_name: Vec<(EndpointKey, u32, usize)>,
     stats: LedgerStats,
 }
 
 impl Ledger {
     /// An empty ledger.
     pub fn new(config: LedgerConfig) -> Ledger {
+        // Sized at start for the capacity (pages are touched only as entries land), so no
+        // write ever pays a whole-table rehash under the lock the shards share.
+        let room = config.capacity.min(1 << 22);
         Ledger {
             config,
-            entries: HashMap::new(),
-            per_endpoint: HashMap::new(),
-            names: NameTable::default(),
-            expiries: BinaryHeap::new(),
+            entries: HashMap::with_capacity(room),
+            per_endpoint: HashMap::with_capacity(1024),
+            names: NameTable::with_capacity(room),
+            expiries: BinaryHeap::with_capacity(2 * room + 1024),
             snapshot: None,
             rules: RuleSet::with_max_rule(0),
-            justified_scratch: Vec::new(),
+            justified_scratch: Vec::with_capacity(64),
+            new_for: Vec::with_capacity(64),
+            new_for_name: Vec::with_capacity(64),
             stats: LedgerStats::default(),
         }
     }
@@ -456,8 +509,10 @@ impl Ledger {
         changes.clear();
         self.justified_scratch.clear();
         let mut new_total = 0usize;
-        let mut new_for: Vec<(EndpointKey, usize)> = Vec::new();
-        let mut new_for_name: Vec<(EndpointKey, u32, usize)> = Vec::new();
+        let mut new_for = std::mem::take(&mut self.new_for);
+        let mut new_for_name = std::mem::take(&mut self.new_for_name);
+        new_for.clear();
+        new_for_name.clear();
         for e in batch.group_entries(g) {
             let key = AllowKey {
                 ip: canonical(e.key.ip),
@@ -504,13 +559,27 @@ impl Ledger {
                 }
             }
         }
+        let result = self.check_bounds(batch, new_total, &new_for, &new_for_name);
+        self.new_for = new_for;
+        self.new_for_name = new_for_name;
+        result
+    }
+
+    /// The bounds a group's new entries must fit: node-wide, per endpoint, per name.
+    fn check_bounds(
+        &mut self,
+        batch: &AllowBatch,
+        new_total: usize,
+        new_for: &[(EndpointKey, usize)],
+        new_for_name: &[(EndpointKey, u32, usize)],
+    ) -> Result<(), AllowError> {
         if self.entries.len() + new_total > self.config.capacity {
             self.stats.full += 1;
             return Err(AllowError::Full {
                 capacity: self.config.capacity,
             });
         }
-        for (endpoint, n) in new_for {
+        for &(endpoint, n) in new_for {
             let held = self.per_endpoint.get(&endpoint).copied().unwrap_or(0) as usize;
             if held + n > self.config.per_endpoint {
                 self.stats.endpoint_quota += 1;
@@ -519,7 +588,7 @@ impl Ledger {
                 });
             }
         }
-        for (endpoint, name, n) in new_for_name {
+        for &(endpoint, name, n) in new_for_name {
             let name = &batch.names[name as usize];
             let held = self
                 .names
@@ -554,10 +623,7 @@ impl Ledger {
                     self.stats.extended += 1;
                     // Remember this name too (it may be the one a reload keeps).
                     if let Some(name) = name {
-                        let known = slot
-                            .names
-                            .iter()
-                            .any(|&id| self.names.name(id).is_some_and(|n| n == name));
+                        let known = slot.names.iter().any(|&id| self.names.is(id, name));
                         if !known && slot.names[1] == NO_NAME {
                             slot.names[1] = self.names.acquire(c.key.endpoint, name);
                         }
@@ -645,7 +711,7 @@ impl Ledger {
                 self.spec_justified(key.endpoint, key.ports)
             } else {
                 names.iter().any(|&id| {
-                    let Some(name) = self.names.name(id).cloned() else {
+                    let Some(name) = self.names.name(id) else {
                         return false;
                     };
                     self.justified(key.endpoint, &name, key.ports)

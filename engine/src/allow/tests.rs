@@ -246,3 +246,39 @@ fn sweep_removes_expired_entries_in_slices() {
     assert_eq!(table.sweep(t0 + Duration::from_secs(10), 100), 5);
     assert!(table.is_empty());
 }
+
+#[test]
+fn tables_sized_at_start_never_rehash_up_to_the_capacity() {
+    let config = LedgerConfig {
+        capacity: 5000,
+        per_endpoint: 5000,
+        per_name: 5000,
+    };
+    let table = UserspaceAllowTable::new(config);
+    let before = {
+        let l = table.ledger();
+        (
+            l.entries.capacity(),
+            l.names.index.capacity(),
+            l.expiries.capacity(),
+        )
+    };
+    let exp = Instant::now() + Duration::from_secs(60);
+    for i in 0..5000u32 {
+        let ip = std::net::Ipv4Addr::from(0x0a00_0000 | i);
+        let k = key(client(), &ip.to_string(), HTTPS);
+        let name = format!("n{i}.allowed.test");
+        assert_eq!(
+            write(&table, &mut batch(&[(&name, vec![k])], exp)),
+            vec![true]
+        );
+    }
+    let l = table.ledger();
+    assert_eq!(l.stats().entries, 5000);
+    let after = (
+        l.entries.capacity(),
+        l.names.index.capacity(),
+        l.expiries.capacity(),
+    );
+    assert_eq!(before, after, "a table grew (rehashed) below its capacity");
+}
