@@ -74,14 +74,14 @@ fn validate_bad_file_lists_every_problem_and_exits_1() {
     let out = dnsfence(&["policy", "validate", &file]);
     assert_eq!(out.status.code(), Some(1));
     assert_eq!(text(&out.stdout), "");
-    let hint = "unsupported field (dnsfence enforces toFQDNs, toEndpoints and toPorts with DNS rules only)";
+    let hint = "unsupported field (dnsfence enforces toFQDNs, toEndpoints, toCIDR, toCIDRSet and \
+                toPorts in egress, and toCIDR, toCIDRSet, toEndpoints and toPorts in egressDeny)";
     let want: String = [
-        (17, "spec.egress[1].toCIDRSet"),
-        (18, "spec.egress[2].toEntities"),
-        (23, "spec.egress[3].toPorts[0].rules.http"),
-        (24, "spec.egress[3].toPorts[0].serverNames"),
-        (25, "spec.ingress"),
-        (27, "spec.egressDeny"),
+        (17, "spec.egress[2].toEntities"),
+        (22, "spec.egress[3].toPorts[0].rules.http"),
+        (23, "spec.egress[3].toPorts[0].serverNames"),
+        (24, "spec.ingress"),
+        (27, "spec.egressDeny[0].toEntities"),
     ]
     .iter()
     .map(|(line, field)| format!("{file}:{line}: {field}: {hint}\n"))

@@ -8,6 +8,7 @@
 //! `toEndpoints`). Anything else is rejected, never ignored.
 #![forbid(unsafe_code)]
 
+pub mod cidr;
 mod endpoints;
 mod error;
 mod policy;
@@ -21,7 +22,8 @@ use std::path::{Path, PathBuf};
 pub use endpoints::{Endpoint, Endpoints};
 pub use error::{LoadError, LoadErrorKind, LoadErrors};
 pub use policy::{
-    DnsPorts, DnsRule, EgressRule, FileVerdict, FqdnRule, Policy, PolicyKind, PolicySet, PortProto,
+    DnsPorts, DnsRule, EgressRule, FileVerdict, FqdnRule, L3Rule, L3Target, Policy, PolicyKind,
+    PolicySet, PortProto,
     PortProtocol, Proto, Spec, Summary, parse_policy_file,
 };
 pub use selector::{LabelSelector, Labels, NAMESPACE_LABEL};

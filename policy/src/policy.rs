@@ -6,12 +6,14 @@ use std::path::{Path, PathBuf};
 
 use dnsfence_matcher::{Pattern, PatternKind};
 
+use crate::cidr::{Cidr, CidrBlock};
 use crate::error::{LoadError, LoadErrorKind, LoadErrors};
 use crate::selector::{self, LabelSelector, NAMESPACE_LABEL};
 use crate::yaml::{self, Diag, Node, index, join, line};
 
 /// The reason attached to every unsupported field of a policy.
-const HINT: &str = " (dnsfence enforces toFQDNs, toEndpoints and toPorts with DNS rules only)";
+const HINT: &str = " (dnsfence enforces toFQDNs, toEndpoints, toCIDR, toCIDRSet and toPorts \
+                     in egress, and toCIDR, toCIDRSet, toEndpoints and toPorts in egressDeny)";
 
 const DOC_FIELDS: &[&str] = &["apiVersion", "kind", "metadata", "spec", "specs", "status"];
 /// `labels` and `annotations` are accepted and ignored, as are the fields the API server adds.
@@ -26,8 +28,10 @@ const METADATA_FIELDS: &[&str] = &[
     "creationTimestamp",
     "managedFields",
 ];
-const SPEC_FIELDS: &[&str] = &["endpointSelector", "description", "egress"];
-const EGRESS_FIELDS: &[&str] = &["toEndpoints", "toFQDNs", "toPorts"];
+const SPEC_FIELDS: &[&str] = &["endpointSelector", "description", "egress", "egressDeny"];
+const EGRESS_FIELDS: &[&str] = &["toEndpoints", "toFQDNs", "toPorts", "toCIDR", "toCIDRSet"];
+const DENY_FIELDS: &[&str] = &["toEndpoints", "toPorts", "toCIDR", "toCIDRSet"];
+const CIDR_SET_FIELDS: &[&str] = &["cidr", "except"];
 const PORT_RULE_FIELDS: &[&str] = &["ports", "rules"];
 const PORT_FIELDS: &[&str] = &["port", "protocol", "endPort"];
 const L7_FIELDS: &[&str] = &["dns"];
@@ -156,13 +160,16 @@ pub struct Spec {
     pub selector: LabelSelector,
     /// `egress[]`.
     pub egress: Vec<EgressRule>,
+    /// `egressDeny[]`: what is denied whatever the allow rules say.
+    pub egress_deny: Vec<L3Rule>,
 }
 
 impl Spec {
     /// Whether the spec puts the endpoints it selects under egress default-deny (Cilium: it has
     /// at least one egress rule; `egress: [{}]` denies all egress).
     pub fn enforces_egress(&self) -> bool {
-        !self.egress.is_empty()
+        // Cilium: default deny is on for a direction that has rules, deny rules included.
+        !self.egress.is_empty() || !self.egress_deny.is_empty()
     }
 }
 
@@ -175,6 +182,29 @@ pub enum EgressRule {
     Fqdn(FqdnRule),
     /// `toPorts` with `rules.dns` (DNS layer), optionally restricted by `toEndpoints`.
     Dns(DnsRule),
+    /// An L3/L4 allow: `toCIDR` / `toCIDRSet` / `toEndpoints` (without DNS rules), or
+    /// `toPorts` alone (every destination on those ports).
+    L3(L3Rule),
+}
+
+/// Where an L3 rule applies.
+#[derive(Debug, Clone)]
+pub enum L3Target {
+    /// No L3 selector (`toPorts` only): every destination.
+    Any,
+    /// `toCIDR` / `toCIDRSet`.
+    Cidrs(Vec<CidrBlock>),
+    /// `toEndpoints`: the addresses of the registered endpoints they select.
+    Endpoints(Vec<LabelSelector>),
+}
+
+/// An L3/L4 rule (allow in `egress`, deny in `egressDeny`).
+#[derive(Debug, Clone)]
+pub struct L3Rule {
+    /// The destinations.
+    pub to: L3Target,
+    /// The ports; empty = all ports.
+    pub ports: Vec<PortProto>,
 }
 
 /// A `toFQDNs` rule.
@@ -279,6 +309,7 @@ impl PolicySet {
                 EgressRule::Nothing => 0,
                 EgressRule::Fqdn(r) => r.selectors.len(),
                 EgressRule::Dns(r) => r.ports.iter().map(|p| p.names.len()).sum(),
+                EgressRule::L3(_) => 0,
             };
         }
         s
@@ -744,8 +775,22 @@ fn parse_spec(
             .iter()
             .enumerate()
         {
-            if let Some(rule) = parse_egress(diag, item, &index(&egress_path, i), namespace) {
-                egress.push(rule);
+            if let Some(rules) = parse_egress(diag, item, &index(&egress_path, i), namespace) {
+                egress.extend(rules);
+            }
+        }
+    }
+    let mut egress_deny = Vec::new();
+    if let Some(list) = fields.get_non_null("egressDeny") {
+        let deny_path = join(path, "egressDeny");
+        for (i, item) in diag
+            .sequence(list, &deny_path)
+            .unwrap_or_default()
+            .iter()
+            .enumerate()
+        {
+            if let Some(rule) = parse_deny(diag, item, &index(&deny_path, i), namespace) {
+                egress_deny.push(rule);
             }
         }
     }
@@ -755,6 +800,7 @@ fn parse_spec(
     Some(Spec {
         selector: selector?,
         egress,
+        egress_deny,
     })
 }
 
@@ -769,36 +815,176 @@ struct PortRule<'n, 'a> {
     dns: Option<Vec<Pattern>>,
 }
 
+/// `toEndpoints` selectors (a CNP's namespace added where they name none).
+fn parse_to_endpoints(
+    diag: &mut Diag<'_>,
+    list: &Node<'_>,
+    path: &str,
+    namespace: Option<&str>,
+) -> Vec<LabelSelector> {
+    let list_path = join(path, "toEndpoints");
+    let mut out = Vec::new();
+    let items = diag.sequence(list, &list_path).unwrap_or_default();
+    if items.is_empty() && !yaml::is_null(list) {
+        diag.invalid(list, &list_path, "empty list (use [{}] for every endpoint)");
+    }
+    for (i, item) in items.iter().enumerate() {
+        if let Some(mut sel) = selector::parse(diag, item, &index(&list_path, i)) {
+            // Cilium: a CNP's peer selectors are confined to its namespace unless they
+            // name a namespace themselves.
+            if let Some(ns) = namespace
+                && !sel.has_key(NAMESPACE_LABEL)
+            {
+                sel.require(NAMESPACE_LABEL, ns);
+            }
+            out.push(sel);
+        }
+    }
+    out
+}
+
+/// `toCIDR` and `toCIDRSet` of a rule, as blocks (None when the rule has neither).
+fn parse_cidrs(
+    diag: &mut Diag<'_>,
+    fields: &yaml::Fields<'_, '_>,
+    path: &str,
+) -> Option<Vec<CidrBlock>> {
+    let (plain, set) = (fields.get("toCIDR"), fields.get("toCIDRSet"));
+    if plain.is_none() && set.is_none() {
+        return None;
+    }
+    let mut blocks = Vec::new();
+    let prefix = |diag: &mut Diag<'_>, node: &Node<'_>, at: &str| -> Option<Cidr> {
+        let text = diag.string(node, at)?;
+        match Cidr::parse(text.trim()) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                diag.invalid(node, at, e);
+                None
+            }
+        }
+    };
+    if let Some(list) = plain {
+        let list_path = join(path, "toCIDR");
+        let items = diag.sequence(list, &list_path).unwrap_or_default();
+        if items.is_empty() {
+            diag.invalid(list, &list_path, "empty list");
+        }
+        for (i, item) in items.iter().enumerate() {
+            if let Some(cidr) = prefix(diag, item, &index(&list_path, i)) {
+                blocks.push(CidrBlock {
+                    cidr,
+                    except: Vec::new(),
+                });
+            }
+        }
+    }
+    if let Some(list) = set {
+        let list_path = join(path, "toCIDRSet");
+        let items = diag.sequence(list, &list_path).unwrap_or_default();
+        if items.is_empty() {
+            diag.invalid(list, &list_path, "empty list");
+        }
+        for (i, item) in items.iter().enumerate() {
+            let item_path = index(&list_path, i);
+            let Some(f) = diag.mapping(item, &item_path, CIDR_SET_FIELDS, HINT) else {
+                continue;
+            };
+            let Some(cidr_node) = f.get("cidr") else {
+                missing(diag, item, join(&item_path, "cidr"));
+                continue;
+            };
+            let Some(cidr) = prefix(diag, cidr_node, &join(&item_path, "cidr")) else {
+                continue;
+            };
+            let mut except = Vec::new();
+            if let Some(ex) = f.get_non_null("except") {
+                let ex_path = join(&item_path, "except");
+                for (j, e) in diag.sequence(ex, &ex_path).unwrap_or_default().iter().enumerate() {
+                    let at = index(&ex_path, j);
+                    if let Some(e_cidr) = prefix(diag, e, &at) {
+                        if !cidr.contains(&e_cidr) {
+                            diag.invalid(e, &at, format!("{e_cidr} is not inside {cidr}"));
+                            continue;
+                        }
+                        except.push(e_cidr);
+                    }
+                }
+            }
+            blocks.push(CidrBlock { cidr, except });
+        }
+    }
+    Some(blocks)
+}
+
+/// One `egressDeny` item: an L3 target (or none: every destination) and ports.
+fn parse_deny(
+    diag: &mut Diag<'_>,
+    node: &Node<'_>,
+    path: &str,
+    namespace: Option<&str>,
+) -> Option<L3Rule> {
+    let before = diag.errors.len();
+    let fields = diag.mapping(node, path, DENY_FIELDS, HINT)?;
+    let cidrs = parse_cidrs(diag, &fields, path);
+    let endpoints = fields
+        .get("toEndpoints")
+        .map(|list| parse_to_endpoints(diag, list, path, namespace));
+    let mut ports = Vec::new();
+    if let Some(list) = fields.get_non_null("toPorts") {
+        let list_path = join(path, "toPorts");
+        for (i, item) in diag
+            .sequence(list, &list_path)
+            .unwrap_or_default()
+            .iter()
+            .enumerate()
+        {
+            if let Some(rule) = parse_port_rule(diag, item, index(&list_path, i)) {
+                if rule.dns.is_some() {
+                    diag.invalid(
+                        rule.rules_key.unwrap_or(rule.node),
+                        &join(&rule.path, "rules"),
+                        "L7 rules in egressDeny are not allowed (Cilium rejects them too)",
+                    );
+                }
+                ports.extend(rule.ports);
+            }
+        }
+    }
+    if diag.errors.len() != before {
+        return None;
+    }
+    let to = match (cidrs, endpoints) {
+        (Some(_), Some(_)) => {
+            diag.invalid(node, path, "toCIDR/toCIDRSet cannot be combined with toEndpoints");
+            return None;
+        }
+        (Some(blocks), None) => L3Target::Cidrs(blocks),
+        (None, Some(sel)) => L3Target::Endpoints(sel),
+        (None, None) if ports.is_empty() => {
+            diag.invalid(node, path, "an egressDeny rule needs a destination or toPorts");
+            return None;
+        }
+        (None, None) => L3Target::Any,
+    };
+    ports.sort_unstable();
+    ports.dedup();
+    Some(L3Rule { to, ports })
+}
+
 fn parse_egress(
     diag: &mut Diag<'_>,
     node: &Node<'_>,
     path: &str,
     namespace: Option<&str>,
-) -> Option<EgressRule> {
+) -> Option<Vec<EgressRule>> {
     let before = diag.errors.len();
     let fields = diag.mapping(node, path, EGRESS_FIELDS, HINT)?;
+    let cidrs = parse_cidrs(diag, &fields, path);
 
-    let to_endpoints = fields.get("toEndpoints").map(|list| {
-        let list_path = join(path, "toEndpoints");
-        let mut out = Vec::new();
-        let items = diag.sequence(list, &list_path).unwrap_or_default();
-        if items.is_empty() && !yaml::is_null(list) {
-            diag.invalid(list, &list_path, "empty list (use [{}] for every endpoint)");
-        }
-        for (i, item) in items.iter().enumerate() {
-            if let Some(mut sel) = selector::parse(diag, item, &index(&list_path, i)) {
-                // Cilium: a CNP's peer selectors are confined to its namespace unless they
-                // name a namespace themselves.
-                if let Some(ns) = namespace
-                    && !sel.has_key(NAMESPACE_LABEL)
-                {
-                    sel.require(NAMESPACE_LABEL, ns);
-                }
-                out.push(sel);
-            }
-        }
-        out
-    });
+    let to_endpoints = fields
+        .get("toEndpoints")
+        .map(|list| parse_to_endpoints(diag, list, path, namespace));
 
     let to_fqdns = fields.get("toFQDNs").map(|list| {
         let list_path = join(path, "toFQDNs");
@@ -831,6 +1017,15 @@ fn parse_egress(
         return None;
     }
 
+    if cidrs.is_some() && (to_fqdns.is_some() || to_endpoints.is_some()) {
+        diag.invalid(
+            node,
+            path,
+            "toCIDR/toCIDRSet cannot be combined with toFQDNs or toEndpoints (one L3 selector \
+             per rule, as in Cilium)",
+        );
+        return None;
+    }
     if let Some(selectors) = to_fqdns {
         if fields.get("toEndpoints").is_some() {
             diag.invalid(
@@ -855,48 +1050,67 @@ fn parse_egress(
         }
         ports.sort_unstable();
         ports.dedup();
-        return Some(EgressRule::Fqdn(FqdnRule { selectors, ports }));
+        return Some(vec![EgressRule::Fqdn(FqdnRule { selectors, ports })]);
     }
 
-    if to_endpoints.is_none() && port_rules.is_empty() {
+    if cidrs.is_none() && to_endpoints.is_none() && port_rules.is_empty() {
         if fields.get("toPorts").is_some() {
             diag.invalid(node, path, "toPorts is empty");
             return None;
         }
-        return Some(EgressRule::Nothing);
+        return Some(vec![EgressRule::Nothing]);
     }
-    if port_rules.is_empty() {
-        diag.invalid(
-            node,
-            path,
-            "toEndpoints without toPorts rules.dns is a plain L3 allow, which dnsfence does not \
-             enforce (it enforces toFQDNs, toEndpoints and toPorts with DNS rules only)",
-        );
-        return None;
-    }
-    let mut ports = Vec::new();
+    // `toPorts` entries with DNS rules make a DNS-layer rule (the DNS traffic itself is
+    // redirected to the proxy); the others, with the L3 selector, an L3/L4 allow.
+    let mut dns_ports = Vec::new();
+    let mut l4_ports = Vec::new();
+    let mut plain_entries = 0;
     for rule in port_rules {
         match rule.dns {
-            Some(names) => ports.push(DnsPorts {
+            Some(names) => dns_ports.push(DnsPorts {
                 ports: rule.ports,
                 names,
             }),
-            None => diag.invalid(
-                rule.node,
-                &rule.path,
-                "toPorts without rules.dns (outside a toFQDNs rule) is a plain L4 allow, which \
-                 dnsfence does not enforce (it enforces toFQDNs, toEndpoints and toPorts with \
-                 DNS rules only)",
-            ),
+            None => {
+                plain_entries += 1;
+                l4_ports.extend(rule.ports);
+            }
         }
+    }
+    if cidrs.is_some() && !dns_ports.is_empty() {
+        diag.invalid(
+            node,
+            path,
+            "rules.dns under toCIDR/toCIDRSet (a DNS server named by address) is not supported: \
+             name it with toEndpoints, or put the DNS rule on a rule without an L3 selector",
+        );
+        return None;
     }
     if diag.errors.len() != before {
         return None;
     }
-    Some(EgressRule::Dns(DnsRule {
-        to_endpoints,
-        ports,
-    }))
+    let mut out = Vec::new();
+    if !dns_ports.is_empty() {
+        out.push(EgressRule::Dns(DnsRule {
+            to_endpoints: to_endpoints.clone(),
+            ports: dns_ports,
+        }));
+    }
+    // An L3 selector without toPorts, or toPorts entries without DNS rules: an L3/L4 allow.
+    if plain_entries > 0 || (out.is_empty() && (cidrs.is_some() || to_endpoints.is_some())) {
+        l4_ports.sort_unstable();
+        l4_ports.dedup();
+        let to = match (cidrs, to_endpoints) {
+            (Some(blocks), _) => L3Target::Cidrs(blocks),
+            (None, Some(sel)) => L3Target::Endpoints(sel),
+            (None, None) => L3Target::Any,
+        };
+        out.push(EgressRule::L3(L3Rule {
+            to,
+            ports: l4_ports,
+        }));
+    }
+    Some(out)
 }
 
 fn parse_port_rule<'n, 'a>(

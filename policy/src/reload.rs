@@ -664,7 +664,7 @@ mod tests {
         ));
         // An unsupported field: the selector still reads, so only its endpoints fail closed.
         let bad = cnp("a", "team-a", "a")
-            .replace("  - toPorts:", "  - toCIDR: [10.0.0.0/8]\n  - toPorts:");
+            .replace("  - toPorts:", "  - toEntities: [world]\n  - toPorts:");
         let two = format!("{}---\n{bad}", cnp("b", "team-b", "b"));
         let FileVerdict::Partial {
             policies,

@@ -6,7 +6,8 @@ use std::net::{IpAddr, SocketAddr};
 use dnsfence_matcher::{Matcher, MatcherBuilder, Name, RuleId, RuleSet};
 
 use crate::endpoints::{Endpoint, Endpoints, canonical_cgroup, canonical_ip};
-use crate::policy::{EgressRule, PolicySet, PortProto, Proto};
+use crate::cidr::{Cidr, CidrBlock, L3Entry, compile_table};
+use crate::policy::{EgressRule, L3Rule, L3Target, PolicySet, PortProto, PortProtocol, Proto};
 use crate::selector::LabelSelector;
 
 /// A workload of the snapshot's endpoint registry: an index, valid for that snapshot only.
@@ -109,6 +110,8 @@ struct Group {
     /// The distinct port entries of the group's toFQDNs rules, sorted (a rule without
     /// `toPorts` contributes every port over any protocol): the datapath's port specs.
     fqdn_ports: Box<[PortProto]>,
+    /// The group's L3/L4 rules (allow and `egressDeny`) as a longest-prefix-match table.
+    l3: Box<[L3Entry]>,
 }
 
 /// Counts of a snapshot, for logs and metrics.
@@ -351,6 +354,41 @@ impl Snapshot {
             .map_or(&[], |g| &g.fqdn_ports)
     }
 
+    /// The L3/L4 table of `ep` (toCIDR, toCIDRSet, toEndpoints and toPorts-only rules, and
+    /// egressDeny): the longest prefix containing a destination gives the ports allowed and
+    /// denied there. Empty for an unrestricted or unknown endpoint.
+    pub fn l3_table(&self, ep: EndpointId) -> &[L3Entry] {
+        self.endpoints
+            .get(ep.0 as usize)
+            .and_then(|e| self.groups.get(e.group as usize))
+            .map_or(&[], |g| &g.l3)
+    }
+
+    /// L3/L4 verdict for `ep` reaching `ip:port` over `proto` by its L3 rules alone:
+    /// `Some(false)` when an egressDeny covers it, `Some(true)` when an allow covers it and
+    /// no deny does, None otherwise (then only a toFQDNs entry could allow it).
+    pub fn l3_verdict(&self, ep: EndpointId, ip: IpAddr, port: u16, proto: PortProtocol) -> Option<bool> {
+        let host = Cidr::host(ip);
+        let entry = self
+            .l3_table(ep)
+            .iter()
+            .filter(|e| e.cidr.contains(&host))
+            .max_by_key(|e| e.cidr.len)?;
+        let covers = |ports: &[PortProto]| {
+            ports.iter().any(|p| {
+                (p.port..=p.end_port).contains(&port)
+                    && (p.proto == PortProtocol::Any || p.proto == proto)
+            })
+        };
+        if covers(&entry.deny) {
+            Some(false)
+        } else if covers(&entry.allow) {
+            Some(true)
+        } else {
+            None
+        }
+    }
+
     /// Endpoints with a cgroup, as `(cgroup path, endpoint)` (canonical paths, see
     /// [`Snapshot::endpoint_by_cgroup`]).
     pub fn cgroups(&self) -> impl Iterator<Item = (&str, EndpointId)> + '_ {
@@ -397,6 +435,7 @@ impl Snapshot {
 struct FlatSpec<'p> {
     selector: &'p LabelSelector,
     rules: &'p [EgressRule],
+    deny: &'p [L3Rule],
     /// `RuleId` of each rule (meaningful for toFQDNs rules only).
     rule_ids: Vec<u32>,
     /// Servers of each DNS rule.
@@ -439,12 +478,13 @@ fn compile(
                 EgressRule::Dns(d) => {
                     servers.push(servers_of(d.to_endpoints.as_deref(), endpoints));
                 }
-                EgressRule::Nothing => servers.push(Servers::Any),
+                EgressRule::Nothing | EgressRule::L3(_) => servers.push(Servers::Any),
             }
         }
         specs.push(FlatSpec {
             selector: &spec.selector,
             rules: &spec.egress,
+            deny: &spec.egress_deny,
             rule_ids,
             servers,
         });
@@ -471,6 +511,7 @@ fn compile(
                     dns: Box::new([]),
                     fqdn: MatcherBuilder::new().build(),
                     fqdn_ports: Box::new([]),
+                    l3: Box::new([]),
                 });
                 deny_all = (groups.len() - 1) as u32;
             }
@@ -479,7 +520,7 @@ fn compile(
             NO_GROUP
         } else {
             *group_of.entry(selecting).or_insert_with_key(|selecting| {
-                groups.push(compile_group(&specs, selecting));
+                groups.push(compile_group(&specs, selecting, endpoints));
                 (groups.len() - 1) as u32
             })
         };
@@ -517,7 +558,38 @@ fn compile(
     }
 }
 
-fn compile_group(specs: &[FlatSpec<'_>], selecting: &[u32]) -> Group {
+/// The prefixes an L3 target stands for: CIDR blocks as given, every address for no
+/// selector, the host prefixes of the registered endpoints a `toEndpoints` selects.
+fn blocks_of(to: &L3Target, endpoints: &[Endpoint]) -> Vec<CidrBlock> {
+    let block = |cidr| CidrBlock {
+        cidr,
+        except: Vec::new(),
+    };
+    match to {
+        L3Target::Any => vec![block(Cidr::ALL4), block(Cidr::ALL6)],
+        L3Target::Cidrs(blocks) => blocks.clone(),
+        L3Target::Endpoints(selectors) => endpoints
+            .iter()
+            .filter(|ep| selectors.iter().any(|s| s.matches(&ep.labels)))
+            .flat_map(|ep| ep.ips.iter().map(|&ip| block(Cidr::host(ip))))
+            .collect(),
+    }
+}
+
+fn compile_group(specs: &[FlatSpec<'_>], selecting: &[u32], endpoints: &[Endpoint]) -> Group {
+    let mut l3_allow = Vec::new();
+    let mut l3_deny = Vec::new();
+    for &s in selecting {
+        let spec = &specs[s as usize];
+        for rule in spec.rules {
+            if let EgressRule::L3(r) = rule {
+                l3_allow.push((blocks_of(&r.to, endpoints), r.ports.clone()));
+            }
+        }
+        for r in spec.deny {
+            l3_deny.push((blocks_of(&r.to, endpoints), r.ports.clone()));
+        }
+    }
     // (ports, servers) → (allows every name, builder of its patterns)
     let mut index: HashMap<(Vec<PortProto>, Servers), usize> = HashMap::new();
     let mut dns: Vec<(Vec<PortProto>, Servers, bool, MatcherBuilder)> = Vec::new();
@@ -527,7 +599,7 @@ fn compile_group(specs: &[FlatSpec<'_>], selecting: &[u32]) -> Group {
         let spec = &specs[s as usize];
         for (r, rule) in spec.rules.iter().enumerate() {
             match rule {
-                EgressRule::Nothing => {}
+                EgressRule::Nothing | EgressRule::L3(_) => {}
                 EgressRule::Fqdn(f) => {
                     for p in &f.selectors {
                         fqdn.add(p.clone(), RuleId(spec.rule_ids[r]));
@@ -576,6 +648,7 @@ fn compile_group(specs: &[FlatSpec<'_>], selecting: &[u32]) -> Group {
             fqdn_ports.dedup();
             fqdn_ports.into_boxed_slice()
         },
+        l3: compile_table(&l3_allow, &l3_deny).into_boxed_slice(),
     }
 }
 

@@ -415,6 +415,79 @@ spec:
         assert_eq!(empty.rule_ports(dnsfence_matcher::RuleId(0)), &[]);
     }
 
+    /// L3/L4 verdict of `ep` to `ip:port/proto` (None: no L3 rule decides).
+    fn l3(s: &Snapshot, ep: &str, ip: &str, port: u16, proto: crate::PortProtocol) -> Option<bool> {
+        let id = s.endpoint_by_name(ep).unwrap();
+        s.l3_verdict(id, ip.parse().unwrap(), port, proto)
+    }
+
+    #[test]
+    fn l3_rules_cidrs_exceptions_peers_ports_and_deny() {
+        use crate::PortProtocol::{Tcp, Udp};
+        let s = snapshot(
+            r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: l3, namespace: team-a}
+spec:
+  endpointSelector: {matchLabels: {app: uploader}}
+  egress:
+  - toCIDRSet: [{cidr: 10.0.0.0/8, except: [10.1.0.0/16]}]
+    toPorts: [{ports: [{port: "5432", protocol: TCP}]}]
+  - toCIDR: [192.168.7.7, "2001:db8::/32"]
+  - toPorts: [{ports: [{port: "123", protocol: UDP}]}]
+  - toEndpoints: [{matchLabels: {app: other}}]
+    toPorts: [{ports: [{port: "6379", endPort: 6380, protocol: TCP}]}]
+  egressDeny:
+  - toCIDR: [10.9.0.0/16]
+  - toCIDR: [192.168.7.7/32]
+    toPorts: [{ports: [{port: "22"}]}]
+"#,
+        );
+        let ep = "team-a/uploader";
+        assert_eq!(l3(&s, ep, "10.2.3.4", 5432, Tcp), Some(true));
+        assert_eq!(l3(&s, ep, "10.2.3.4", 5433, Tcp), None, "port");
+        assert_eq!(l3(&s, ep, "10.2.3.4", 5432, Udp), None, "protocol");
+        assert_eq!(l3(&s, ep, "10.1.3.4", 5432, Tcp), None, "except");
+        assert_eq!(l3(&s, ep, "10.9.3.4", 5432, Tcp), Some(false), "egressDeny wins");
+        assert_eq!(l3(&s, ep, "192.168.7.7", 443, Tcp), Some(true), "no toPorts: any port");
+        assert_eq!(l3(&s, ep, "192.168.7.7", 22, Tcp), Some(false), "denied port");
+        assert_eq!(l3(&s, ep, "::ffff:192.168.7.7", 443, Tcp), Some(true), "mapped");
+        assert_eq!(l3(&s, ep, "2001:db8::9", 1, Udp), Some(true));
+        assert_eq!(l3(&s, ep, "8.8.8.8", 123, Udp), Some(true), "toPorts only: any address");
+        assert_eq!(l3(&s, ep, "8.8.8.8", 124, Udp), None);
+        // toEndpoints: the peer's registered address, on its ports.
+        // (10.0.1.6 is also in 10.0.0.0/8, open on 5432 only.)
+        let peer = "10.0.1.6";
+        assert_eq!(l3(&s, ep, peer, 6380, Tcp), Some(true));
+        assert_eq!(l3(&s, ep, peer, 6381, Tcp), None);
+        assert_eq!(l3(&s, ep, peer, 5432, Tcp), Some(true));
+        // The other namespace's endpoints are not peers of a CNP's toEndpoints.
+        assert_eq!(l3(&s, ep, "10.0.2.5", 6380, Tcp), None, "not a peer: 10/8 opens 5432 only");
+        assert_eq!(l3(&s, ep, "10.0.2.5", 5432, Tcp), Some(true));
+    }
+
+    #[test]
+    fn egress_deny_alone_puts_the_endpoint_under_default_deny() {
+        let s = snapshot(
+            r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: deny-only, namespace: team-a}
+spec:
+  endpointSelector: {matchLabels: {app: uploader}}
+  egressDeny:
+  - toCIDR: [10.9.0.0/16]
+"#,
+        );
+        let id = s.endpoint_by_name("team-a/uploader").unwrap();
+        assert!(s.is_restricted(id));
+        assert_eq!(
+            l3(&s, "team-a/uploader", "10.9.0.1", 80, crate::PortProtocol::Tcp),
+            Some(false)
+        );
+    }
+
     #[test]
     fn snapshot_is_send_and_sync() {
         fn check<T: Send + Sync>() {}

@@ -1,0 +1,251 @@
+//! IP prefixes (`toCIDR`, `toCIDRSet`) and the disjoint prefix table the datapath looks up.
+
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use crate::policy::PortProto;
+
+/// An IP prefix with its host bits cleared. IPv4 prefixes stay IPv4.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, PartialOrd, Ord)]
+pub struct Cidr {
+    /// The network address.
+    pub addr: IpAddr,
+    /// The prefix length (0-32 for IPv4, 0-128 for IPv6).
+    pub len: u8,
+}
+
+impl Cidr {
+    /// Parses `10.0.0.0/8`, `2001:db8::/32`, or a bare address (a host prefix). Host bits set
+    /// in the address are an error (`10.0.0.1/8` is not a network), as Cilium's API rejects.
+    pub fn parse(text: &str) -> Result<Cidr, String> {
+        let (addr, len) = match text.split_once('/') {
+            Some((a, l)) => (a, Some(l)),
+            None => (text, None),
+        };
+        let addr: IpAddr = addr
+            .parse()
+            .map_err(|_| format!("{text:?} is not an IP prefix"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let len = match len {
+            None => max,
+            Some(l) => l
+                .parse::<u8>()
+                .ok()
+                .filter(|&l| l <= max)
+                .ok_or_else(|| format!("{text:?}: prefix length must be 0 to {max}"))?,
+        };
+        let cidr = Cidr { addr, len }.normalised();
+        if cidr.addr != addr {
+            return Err(format!(
+                "{text:?} has host bits set (the network is {})",
+                cidr
+            ));
+        }
+        Ok(cidr)
+    }
+
+    /// Every IPv4 address.
+    pub const ALL4: Cidr = Cidr {
+        addr: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        len: 0,
+    };
+    /// Every IPv6 address.
+    pub const ALL6: Cidr = Cidr {
+        addr: IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+        len: 0,
+    };
+
+    /// A host prefix.
+    pub fn host(ip: IpAddr) -> Cidr {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
+            v4 => v4,
+        };
+        Cidr {
+            addr: ip,
+            len: if ip.is_ipv4() { 32 } else { 128 },
+        }
+    }
+
+    fn bits(&self) -> (u128, u32) {
+        match self.addr {
+            IpAddr::V4(v4) => (u128::from(u32::from(v4)) << 96, 32),
+            IpAddr::V6(v6) => (u128::from(v6), 128),
+        }
+    }
+
+    fn mask(len: u8) -> u128 {
+        if len == 0 { 0 } else { u128::MAX << (128 - u32::from(len)) }
+    }
+
+    fn normalised(self) -> Cidr {
+        let (bits, width) = self.bits();
+        let kept = bits & Cidr::mask(self.len);
+        let addr = match self.addr {
+            IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::from((kept >> 96) as u32)),
+            IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::from(kept)),
+        };
+        let _ = width;
+        Cidr { addr, len: self.len }
+    }
+
+    /// Whether `self` contains `other` (same family, at most as long, same leading bits).
+    pub fn contains(&self, other: &Cidr) -> bool {
+        if self.addr.is_ipv4() != other.addr.is_ipv4() || self.len > other.len {
+            return false;
+        }
+        let mask = Cidr::mask(self.len);
+        (self.bits().0 & mask) == (other.bits().0 & mask)
+    }
+
+    /// Whether `self` contains the address `ip` (IPv4-mapped IPv6 as IPv4).
+    pub fn contains_ip(&self, ip: IpAddr) -> bool {
+        self.contains(&Cidr::host(ip))
+    }
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.len)
+    }
+}
+
+/// A `toCIDRSet` entry (or a `toCIDR` one, without exceptions).
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct CidrBlock {
+    /// The prefix.
+    pub cidr: Cidr,
+    /// `except`: prefixes inside it that the block does not cover.
+    pub except: Vec<Cidr>,
+}
+
+impl CidrBlock {
+    /// Whether the block covers every address of `p` (p inside the prefix and inside no
+    /// exception). For prefixes of one disjoint table this is also "covers any address of p".
+    pub fn covers(&self, p: &Cidr) -> bool {
+        self.cidr.contains(p) && !self.except.iter().any(|e| e.contains(p))
+    }
+}
+
+/// One entry of an endpoint's L3 table: for every address whose longest matching prefix is
+/// `cidr`, the ports allowed and the ports denied (`egressDeny` wins).
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct L3Entry {
+    /// The prefix.
+    pub cidr: Cidr,
+    /// Ports allowed (an L3 rule without `toPorts` contributes [`PortProto::ALL`]).
+    pub allow: Vec<PortProto>,
+    /// Ports denied.
+    pub deny: Vec<PortProto>,
+}
+
+/// Compiles allow and deny rules (each: blocks and ports, empty ports = all) into a table of
+/// prefixes where the longest match of any address gives its verdict: every rule prefix and
+/// exception becomes an entry carrying the ports of every rule that covers it.
+pub fn compile_table(
+    allow: &[(Vec<CidrBlock>, Vec<PortProto>)],
+    deny: &[(Vec<CidrBlock>, Vec<PortProto>)],
+) -> Vec<L3Entry> {
+    let mut prefixes: Vec<Cidr> = allow
+        .iter()
+        .chain(deny)
+        .flat_map(|(blocks, _)| blocks)
+        .flat_map(|b| std::iter::once(b.cidr).chain(b.except.iter().copied()))
+        .collect();
+    prefixes.sort_unstable();
+    prefixes.dedup();
+    let ports_of = |rules: &[(Vec<CidrBlock>, Vec<PortProto>)], p: &Cidr| {
+        let mut out: Vec<PortProto> = Vec::new();
+        for (blocks, ports) in rules {
+            if blocks.iter().any(|b| b.covers(p)) {
+                if ports.is_empty() {
+                    out.push(PortProto::ALL);
+                } else {
+                    out.extend_from_slice(ports);
+                }
+            }
+        }
+        out.sort_unstable();
+        out.dedup();
+        if out.contains(&PortProto::ALL) {
+            out = vec![PortProto::ALL];
+        }
+        out
+    };
+    prefixes
+        .into_iter()
+        .map(|cidr| L3Entry {
+            allow: ports_of(allow, &cidr),
+            deny: ports_of(deny, &cidr),
+            cidr,
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::PortProtocol;
+
+    fn c(s: &str) -> Cidr {
+        Cidr::parse(s).unwrap()
+    }
+
+    #[test]
+    fn parse_and_contain() {
+        assert_eq!(c("10.0.0.0/8").to_string(), "10.0.0.0/8");
+        assert_eq!(c("1.2.3.4"), Cidr::host("1.2.3.4".parse().unwrap()));
+        assert_eq!(c("2001:db8::/32").len, 32);
+        assert!(Cidr::parse("10.0.0.1/8").unwrap_err().contains("host bits"));
+        assert!(Cidr::parse("10.0.0.0/33").is_err());
+        assert!(Cidr::parse("nope").is_err());
+        assert!(c("10.0.0.0/8").contains(&c("10.1.0.0/16")));
+        assert!(!c("10.1.0.0/16").contains(&c("10.0.0.0/8")));
+        assert!(!c("0.0.0.0/0").contains(&c("::/0")));
+        assert!(c("0.0.0.0/0").contains_ip("::ffff:1.2.3.4".parse().unwrap()));
+    }
+
+    #[test]
+    fn longest_match_carries_every_covering_rule_minus_exceptions() {
+        let p443 = PortProto {
+            port: 443,
+            end_port: 443,
+            proto: PortProtocol::Tcp,
+        };
+        let p53 = PortProto {
+            port: 53,
+            end_port: 53,
+            proto: PortProtocol::Udp,
+        };
+        let allow = vec![
+            (
+                vec![CidrBlock {
+                    cidr: c("10.0.0.0/8"),
+                    except: vec![c("10.1.0.0/16")],
+                }],
+                vec![p443],
+            ),
+            (
+                vec![CidrBlock {
+                    cidr: c("10.1.2.0/24"),
+                    except: vec![],
+                }],
+                vec![p53],
+            ),
+        ];
+        let deny = vec![(
+            vec![CidrBlock {
+                cidr: c("10.9.0.0/16"),
+                except: vec![],
+            }],
+            vec![],
+        )];
+        let t = compile_table(&allow, &deny);
+        let at = |s: &str| t.iter().find(|e| e.cidr == c(s)).unwrap().clone();
+        assert_eq!(at("10.0.0.0/8").allow, vec![p443]);
+        assert_eq!(at("10.1.0.0/16").allow, vec![], "the exception shadows the parent");
+        assert_eq!(at("10.1.2.0/24").allow, vec![p53], "not the excepted rule's 443");
+        assert_eq!(at("10.9.0.0/16").allow, vec![p443], "inherits 443");
+        assert_eq!(at("10.9.0.0/16").deny, vec![PortProto::ALL]);
+    }
+}
