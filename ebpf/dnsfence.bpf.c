@@ -86,6 +86,15 @@ struct {
 } df_allow SEC(".maps");
 
 struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, 65536);
+	__type(key, struct df_cidr_key);
+	__type(value, struct df_cidr_val);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} df_cidr SEC(".maps");
+
+struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, 65536);
 	__type(key, __u64);
@@ -214,6 +223,51 @@ static __always_inline int allowed(const struct df_endpoint *ep, const struct df
 	return 0;
 }
 
+static __always_inline int spec_covers(const struct df_spec *spec, __u16 port, __u8 proto)
+{
+	return (spec->protos & proto) && port >= spec->lo && port <= spec->hi;
+}
+
+/* The endpoint's L3/L4 rules for (addr, port, proto): -1 denied (egressDeny), 1 allowed,
+ * 0 no rule decides. */
+static __always_inline int l3_verdict(const struct df_endpoint *ep, const struct df_addr *addr,
+				      __u16 port, __u8 proto)
+{
+	struct df_cidr_key k = {};
+	k.prefixlen = 64 + 128;
+	__builtin_memcpy(k.endpoint, &ep->key, 8);
+	__builtin_memcpy(k.addr, addr, 16);
+	struct df_cidr_val *v = bpf_map_lookup_elem(&df_cidr, &k);
+	if (!v)
+		return 0;
+#pragma unroll
+	for (int i = 0; i < DF_MAX_L3_SPECS; i++) {
+		if (i < v->ndeny && spec_covers(&v->deny[i], port, proto))
+			return -1;
+	}
+#pragma unroll
+	for (int i = 0; i < DF_MAX_L3_SPECS; i++) {
+		if (i < v->nallow && spec_covers(&v->allow[i], port, proto))
+			return 1;
+	}
+	return 0;
+}
+
+/* Whether an enforced endpoint may reach (addr, port, proto): not denied by an egressDeny,
+ * and allowed by an L3 rule or an unexpired toFQDNs allow entry. */
+static __always_inline int permitted(const struct df_endpoint *ep, const struct df_addr *addr,
+				     __u16 port, __u8 proto)
+{
+	int l3 = l3_verdict(ep, addr, port, proto);
+	if (l3 < 0)
+		return 0;
+	if (l3 > 0) {
+		count(DF_STAT_ALLOWED);
+		return 1;
+	}
+	return allowed(ep, addr, port, proto);
+}
+
 /* The proxy address for a destination of this family (IPv4-mapped destinations of an IPv6
  * socket go to the IPv4 proxy in mapped form). */
 static __always_inline const struct df_addr *proxy_for(const struct df_config *cfg,
@@ -258,7 +312,7 @@ static __always_inline enum verdict decide(void *ctx, const struct df_endpoint *
 	}
 	if (!(ep->flags & DF_EP_ENFORCE))
 		return PASS;
-	return allowed(ep, dst, port, proto) ? PASS : DENY;
+	return permitted(ep, dst, port, proto) ? PASS : DENY;
 }
 
 static __always_inline int sock_addr4(struct bpf_sock_addr *ctx, __u32 denied_stat)
@@ -505,7 +559,7 @@ int df_egress(struct __sk_buff *skb)
 		count(DF_STAT_SKB_DENIED);
 		return 0;
 	}
-	if (allowed(ep, &dst, dport, proto_bit(protocol)))
+	if (permitted(ep, &dst, dport, proto_bit(protocol)))
 		return 1;
 	count(DF_STAT_SKB_DENIED);
 	return 0;

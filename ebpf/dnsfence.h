@@ -13,10 +13,13 @@
 #include <linux/types.h>
 
 /* Version of the map layouts: pinned maps live under <bpf-pin>/maps-v<DF_ABI>/. */
-#define DF_ABI 1
+#define DF_ABI 2
 
 /* Port specs (toPorts entries of toFQDNs rules) an endpoint may have; more fail closed. */
 #define DF_MAX_SPECS 8
+/* Port specs allowed, and denied, per L3 prefix entry (more: allow fails closed, deny
+ * becomes every port). */
+#define DF_MAX_L3_SPECS 4
 /* Cgroup levels below the attach point searched for an endpoint's cgroup. */
 #define DF_MAX_DEPTH 16
 
@@ -63,6 +66,24 @@ struct df_allow_key {
 	__u64 endpoint;
 	struct df_addr addr;
 	struct df_spec spec;
+};
+
+/* cidr (LPM trie): (endpoint, address prefix) -> the ports the endpoint's L3 rules allow and
+ * deny there. prefixlen counts the 64 endpoint bits plus the address prefix (IPv4 prefixes
+ * are mapped: 64 + 96 + len). The longest match is the verdict; deny wins over allow and
+ * over allow entries. */
+struct df_cidr_key {
+	__u32 prefixlen;
+	__u8 endpoint[8]; /* the EndpointKey's bytes in host order */
+	__u8 addr[16];
+};
+
+struct df_cidr_val {
+	__u8 nallow;
+	__u8 ndeny;
+	__u8 pad[6];
+	struct df_spec allow[DF_MAX_L3_SPECS];
+	struct df_spec deny[DF_MAX_L3_SPECS];
 };
 
 /* sock_dst: socket cookie -> the DNS server a redirected socket addressed. */

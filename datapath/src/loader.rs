@@ -12,6 +12,7 @@ use std::net::SocketAddr;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
+use aya::maps::lpm_trie::{Key, LpmTrie};
 use aya::maps::{Array, HashMap, MapData, PerCpuArray};
 use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr};
@@ -19,7 +20,10 @@ use aya::{Ebpf, EbpfLoader};
 use dnsfence_engine::allow::{LedgerConfig, PortSpec};
 use dnsfence_policy::Snapshot;
 
-use crate::maps::{self, Addr, Config, EP_ENFORCE, Endpoint, MAX_SPECS, Spec, Stat, names};
+use crate::maps::{
+    self, Addr, CidrData, CidrValue, Config, EP_ENFORCE, Endpoint, MAX_L3_SPECS, MAX_SPECS, Spec,
+    Stat, names,
+};
 use crate::sink::BpfAllow;
 use crate::sys;
 
@@ -169,6 +173,7 @@ pub struct Datapath {
     config: Array<MapData, Config>,
     endpoints: HashMap<MapData, u64, Endpoint>,
     stats: PerCpuArray<MapData, u64>,
+    cidr: LpmTrie<MapData, CidrData, CidrValue>,
     allow: Option<HashMap<MapData, maps::AllowMapKey, u64>>,
 }
 
@@ -194,6 +199,11 @@ pub struct EndpointSync {
     /// Endpoints with more than `MAX_SPECS` distinct port specs: the extra specs are not
     /// opened (fail closed).
     pub too_many_specs: Vec<String>,
+    /// L3 prefix entries written (all endpoints).
+    pub l3_entries: usize,
+    /// Endpoints with an L3 prefix carrying more than `MAX_L3_SPECS` port entries: extra
+    /// allowed ports stay closed, extra denied ones make the prefix deny every port.
+    pub too_many_l3_specs: Vec<String>,
 }
 
 impl Datapath {
@@ -232,7 +242,9 @@ impl Datapath {
         let endpoints = take(&mut ebpf, names::ENDPOINTS)?;
         let stats = take(&mut ebpf, names::STATS)?;
         let allow = take(&mut ebpf, names::ALLOW)?;
+        let cidr = take(&mut ebpf, names::CIDR)?;
         Ok(Datapath {
+            cidr: LpmTrie::try_from(cidr).map_err(map_err(names::CIDR))?,
             config: Array::try_from(config_map).map_err(map_err(names::CONFIG))?,
             endpoints: HashMap::try_from(endpoints).map_err(map_err(names::ENDPOINTS))?,
             stats: PerCpuArray::try_from(stats).map_err(map_err(names::STATS))?,
@@ -292,6 +304,7 @@ impl Datapath {
     pub fn sync_endpoints(&mut self, snapshot: &Snapshot) -> Result<EndpointSync, DatapathError> {
         let mut sync = EndpointSync::default();
         let mut wanted = std::collections::HashMap::new();
+        let mut wanted_l3 = std::collections::HashMap::new();
         for (path, ep) in snapshot.cgroups() {
             let name = snapshot.endpoint_name(ep).to_string();
             let dir = self.cgroup_root.join(path.trim_start_matches('/'));
@@ -317,6 +330,16 @@ impl Datapath {
                 *dst = PortSpec::of(p).into();
             }
             wanted.insert(id, value);
+            let mut truncated = false;
+            for entry in snapshot.l3_table(ep) {
+                let (key, value, cut) = l3_map_entry(value.key, entry);
+                truncated |= cut;
+                wanted_l3.insert(key, value);
+            }
+            if truncated {
+                sync.too_many_l3_specs
+                    .push(snapshot.endpoint_name(ep).to_string());
+            }
         }
         let present: Vec<u64> = self.endpoints.keys().filter_map(Result::ok).collect();
         for id in present {
@@ -327,6 +350,17 @@ impl Datapath {
                 sync.removed += 1;
             }
         }
+        // L3 entries first (a new endpoint is enforced only once its endpoints entry lands,
+        // and by then its L3 allows are in place); stale ones go after.
+        for (&(len, data), value) in &wanted_l3 {
+            let key = Key::new(len, data);
+            if self.cidr.get(&key, 0).ok() != Some(*value) {
+                self.cidr
+                    .insert(&key, *value, 0)
+                    .map_err(map_err(names::CIDR))?;
+            }
+        }
+        sync.l3_entries = wanted_l3.len();
         for (id, value) in wanted {
             if self.endpoints.get(&id, 0).ok() != Some(value) {
                 self.endpoints
@@ -334,6 +368,12 @@ impl Datapath {
                     .map_err(map_err(names::ENDPOINTS))?;
             }
             sync.written += 1;
+        }
+        let present: Vec<Key<CidrData>> = self.cidr.keys().filter_map(Result::ok).collect();
+        for key in present {
+            if !wanted_l3.contains_key(&(key.prefix_len(), key.data())) {
+                self.cidr.remove(&key).map_err(map_err(names::CIDR))?;
+            }
         }
         Ok(sync)
     }
@@ -362,6 +402,37 @@ impl Datapath {
         })?;
         BpfAllow::new(map, config)
     }
+}
+
+/// The `df_cidr` entry of one L3 table entry of an endpoint: (prefixlen, data), the value,
+/// and whether port entries had to be cut (allow: closed; deny: every port denied).
+fn l3_map_entry(
+    endpoint: u64,
+    entry: &dnsfence_policy::cidr::L3Entry,
+) -> ((u32, CidrData), CidrValue, bool) {
+    let len = u32::from(entry.cidr.len) + if entry.cidr.addr.is_ipv4() { 96 } else { 0 };
+    let data = CidrData {
+        endpoint: endpoint.to_ne_bytes(),
+        addr: Addr::of(entry.cidr.addr),
+    };
+    let mut value = CidrValue::default();
+    let mut cut = false;
+    for (dst, p) in value.allow.iter_mut().zip(&entry.allow) {
+        *dst = PortSpec::of(p).into();
+    }
+    value.nallow = entry.allow.len().min(MAX_L3_SPECS) as u8;
+    cut |= entry.allow.len() > MAX_L3_SPECS;
+    if entry.deny.len() > MAX_L3_SPECS {
+        value.deny[0] = PortSpec::ALL.into();
+        value.ndeny = 1;
+        cut = true;
+    } else {
+        for (dst, p) in value.deny.iter_mut().zip(&entry.deny) {
+            *dst = PortSpec::of(p).into();
+        }
+        value.ndeny = entry.deny.len() as u8;
+    }
+    ((64 + len, data), value, cut)
 }
 
 fn take(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, DatapathError> {

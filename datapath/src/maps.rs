@@ -7,9 +7,11 @@ use dnsfence_engine::allow::{AllowKey, PortSpec};
 use dnsfence_policy::EndpointKey;
 
 /// Version of the map layouts; pinned maps live under `<bpf-pin>/maps-v<ABI>/`.
-pub const ABI: u32 = 1;
+pub const ABI: u32 = 2;
 /// Port specs per endpoint in `df_endpoints` (`DF_MAX_SPECS`).
 pub const MAX_SPECS: usize = 8;
+/// Port specs allowed, and denied, per L3 prefix entry (`DF_MAX_L3_SPECS`).
+pub const MAX_L3_SPECS: usize = 4;
 /// `DF_EP_ENFORCE`: the endpoint is selected by an egress policy (default deny).
 pub const EP_ENFORCE: u32 = 1;
 
@@ -23,12 +25,14 @@ pub mod names {
     pub const ALLOW: &str = "df_allow";
     /// `df_sock_dst`.
     pub const SOCK_DST: &str = "df_sock_dst";
+    /// `df_cidr`.
+    pub const CIDR: &str = "df_cidr";
     /// `df_origin`.
     pub const ORIGIN: &str = "df_origin";
     /// `df_stats`.
     pub const STATS: &str = "df_stats";
     /// Every map.
-    pub const ALL: [&str; 6] = [CONFIG, ENDPOINTS, ALLOW, SOCK_DST, ORIGIN, STATS];
+    pub const ALL: [&str; 7] = [CONFIG, ENDPOINTS, ALLOW, SOCK_DST, ORIGIN, STATS, CIDR];
 }
 
 /// `struct df_addr`: 16 bytes in network order, IPv4 as IPv4-mapped IPv6.
@@ -151,6 +155,32 @@ impl From<&AllowMapKey> for AllowKey {
     }
 }
 
+/// The data of a `struct df_cidr_key` (aya's `lpm_trie::Key` adds the `prefixlen`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct CidrData {
+    /// The `EndpointKey`'s bytes in host order.
+    pub endpoint: [u8; 8],
+    /// The prefix's address.
+    pub addr: Addr,
+}
+
+/// `struct df_cidr_val`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CidrValue {
+    /// Allow specs in use.
+    pub nallow: u8,
+    /// Deny specs in use.
+    pub ndeny: u8,
+    /// Zero.
+    pub pad: [u8; 6],
+    /// Ports allowed.
+    pub allow: [Spec; MAX_L3_SPECS],
+    /// Ports denied.
+    pub deny: [Spec; MAX_L3_SPECS],
+}
+
 /// `struct df_dst`.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -265,6 +295,10 @@ unsafe impl aya::Pod for AllowMapKey {}
 // SAFETY: as above.
 unsafe impl aya::Pod for Dst {}
 // SAFETY: as above.
+unsafe impl aya::Pod for CidrData {}
+// SAFETY: as above.
+unsafe impl aya::Pod for CidrValue {}
+// SAFETY: as above.
 unsafe impl aya::Pod for OriginKey {}
 // SAFETY: as above.
 unsafe impl aya::Pod for OriginValue {}
@@ -285,6 +319,9 @@ mod tests {
         assert_eq!(size_of::<Dst>(), 24);
         assert_eq!(size_of::<OriginKey>(), 24);
         assert_eq!(size_of::<OriginValue>(), 40);
+        // df_cidr_key is 4 + 24 (no padding: the data is bytes), df_cidr_val 8 + 2 * 4 * 8.
+        assert_eq!(size_of::<aya::maps::lpm_trie::Key<CidrData>>(), 28);
+        assert_eq!(size_of::<CidrValue>(), 8 + 2 * 8 * MAX_L3_SPECS);
         assert!(align_of::<AllowMapKey>() <= 8);
     }
 
@@ -301,6 +338,7 @@ mod tests {
         };
         assert_eq!(define("DF_ABI"), ABI);
         assert_eq!(define("DF_MAX_SPECS") as usize, MAX_SPECS);
+        assert_eq!(define("DF_MAX_L3_SPECS") as usize, MAX_L3_SPECS);
         assert_eq!(define("DF_EP_ENFORCE"), EP_ENFORCE);
         assert_eq!(define("DF_PROTO_TCP") as u8, PortSpec::TCP);
         assert_eq!(define("DF_PROTO_UDP") as u8, PortSpec::UDP);

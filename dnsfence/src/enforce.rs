@@ -148,6 +148,15 @@ fn describe_sync(sync: &EndpointSync) -> Vec<String> {
             sync.missing.join(", ")
         ));
     }
+    if !sync.too_many_l3_specs.is_empty() {
+        lines.push(format!(
+            "warning: {} endpoints have an address prefix with more than {} port entries \
+             (extra allowed ports stay closed, extra denied ones deny every port): {}",
+            sync.too_many_l3_specs.len(),
+            dnsfence_datapath::maps::MAX_L3_SPECS,
+            sync.too_many_l3_specs.join(", ")
+        ));
+    }
     if !sync.too_many_specs.is_empty() {
         lines.push(format!(
             "warning: {} endpoints have more than {} distinct toFQDNs port entries; the rest \

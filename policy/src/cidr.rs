@@ -75,7 +75,11 @@ impl Cidr {
     }
 
     fn mask(len: u8) -> u128 {
-        if len == 0 { 0 } else { u128::MAX << (128 - u32::from(len)) }
+        if len == 0 {
+            0
+        } else {
+            u128::MAX << (128 - u32::from(len))
+        }
     }
 
     fn normalised(self) -> Cidr {
@@ -86,7 +90,10 @@ impl Cidr {
             IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::from(kept)),
         };
         let _ = width;
-        Cidr { addr, len: self.len }
+        Cidr {
+            addr,
+            len: self.len,
+        }
     }
 
     /// Whether `self` contains `other` (same family, at most as long, same leading bits).
@@ -243,8 +250,16 @@ mod tests {
         let t = compile_table(&allow, &deny);
         let at = |s: &str| t.iter().find(|e| e.cidr == c(s)).unwrap().clone();
         assert_eq!(at("10.0.0.0/8").allow, vec![p443]);
-        assert_eq!(at("10.1.0.0/16").allow, vec![], "the exception shadows the parent");
-        assert_eq!(at("10.1.2.0/24").allow, vec![p53], "not the excepted rule's 443");
+        assert_eq!(
+            at("10.1.0.0/16").allow,
+            vec![],
+            "the exception shadows the parent"
+        );
+        assert_eq!(
+            at("10.1.2.0/24").allow,
+            vec![p53],
+            "not the excepted rule's 443"
+        );
         assert_eq!(at("10.9.0.0/16").allow, vec![p443], "inherits 443");
         assert_eq!(at("10.9.0.0/16").deny, vec![PortProto::ALL]);
     }

@@ -900,7 +900,12 @@ fn parse_cidrs(
             let mut except = Vec::new();
             if let Some(ex) = f.get_non_null("except") {
                 let ex_path = join(&item_path, "except");
-                for (j, e) in diag.sequence(ex, &ex_path).unwrap_or_default().iter().enumerate() {
+                for (j, e) in diag
+                    .sequence(ex, &ex_path)
+                    .unwrap_or_default()
+                    .iter()
+                    .enumerate()
+                {
                     let at = index(&ex_path, j);
                     if let Some(e_cidr) = prefix(diag, e, &at) {
                         if !cidr.contains(&e_cidr) {
@@ -956,13 +961,21 @@ fn parse_deny(
     }
     let to = match (cidrs, endpoints) {
         (Some(_), Some(_)) => {
-            diag.invalid(node, path, "toCIDR/toCIDRSet cannot be combined with toEndpoints");
+            diag.invalid(
+                node,
+                path,
+                "toCIDR/toCIDRSet cannot be combined with toEndpoints",
+            );
             return None;
         }
         (Some(blocks), None) => L3Target::Cidrs(blocks),
         (None, Some(sel)) => L3Target::Endpoints(sel),
         (None, None) if ports.is_empty() => {
-            diag.invalid(node, path, "an egressDeny rule needs a destination or toPorts");
+            diag.invalid(
+                node,
+                path,
+                "an egressDeny rule needs a destination or toPorts",
+            );
             return None;
         }
         (None, None) => L3Target::Any,

@@ -5,8 +5,8 @@ use std::net::{IpAddr, SocketAddr};
 
 use dnsfence_matcher::{Matcher, MatcherBuilder, Name, RuleId, RuleSet};
 
-use crate::endpoints::{Endpoint, Endpoints, canonical_cgroup, canonical_ip};
 use crate::cidr::{Cidr, CidrBlock, L3Entry, compile_table};
+use crate::endpoints::{Endpoint, Endpoints, canonical_cgroup, canonical_ip};
 use crate::policy::{EgressRule, L3Rule, L3Target, PolicySet, PortProto, PortProtocol, Proto};
 use crate::selector::LabelSelector;
 
@@ -367,7 +367,13 @@ impl Snapshot {
     /// L3/L4 verdict for `ep` reaching `ip:port` over `proto` by its L3 rules alone:
     /// `Some(false)` when an egressDeny covers it, `Some(true)` when an allow covers it and
     /// no deny does, None otherwise (then only a toFQDNs entry could allow it).
-    pub fn l3_verdict(&self, ep: EndpointId, ip: IpAddr, port: u16, proto: PortProtocol) -> Option<bool> {
+    pub fn l3_verdict(
+        &self,
+        ep: EndpointId,
+        ip: IpAddr,
+        port: u16,
+        proto: PortProtocol,
+    ) -> Option<bool> {
         let host = Cidr::host(ip);
         let entry = self
             .l3_table(ep)

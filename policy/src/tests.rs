@@ -449,12 +449,32 @@ spec:
         assert_eq!(l3(&s, ep, "10.2.3.4", 5433, Tcp), None, "port");
         assert_eq!(l3(&s, ep, "10.2.3.4", 5432, Udp), None, "protocol");
         assert_eq!(l3(&s, ep, "10.1.3.4", 5432, Tcp), None, "except");
-        assert_eq!(l3(&s, ep, "10.9.3.4", 5432, Tcp), Some(false), "egressDeny wins");
-        assert_eq!(l3(&s, ep, "192.168.7.7", 443, Tcp), Some(true), "no toPorts: any port");
-        assert_eq!(l3(&s, ep, "192.168.7.7", 22, Tcp), Some(false), "denied port");
-        assert_eq!(l3(&s, ep, "::ffff:192.168.7.7", 443, Tcp), Some(true), "mapped");
+        assert_eq!(
+            l3(&s, ep, "10.9.3.4", 5432, Tcp),
+            Some(false),
+            "egressDeny wins"
+        );
+        assert_eq!(
+            l3(&s, ep, "192.168.7.7", 443, Tcp),
+            Some(true),
+            "no toPorts: any port"
+        );
+        assert_eq!(
+            l3(&s, ep, "192.168.7.7", 22, Tcp),
+            Some(false),
+            "denied port"
+        );
+        assert_eq!(
+            l3(&s, ep, "::ffff:192.168.7.7", 443, Tcp),
+            Some(true),
+            "mapped"
+        );
         assert_eq!(l3(&s, ep, "2001:db8::9", 1, Udp), Some(true));
-        assert_eq!(l3(&s, ep, "8.8.8.8", 123, Udp), Some(true), "toPorts only: any address");
+        assert_eq!(
+            l3(&s, ep, "8.8.8.8", 123, Udp),
+            Some(true),
+            "toPorts only: any address"
+        );
         assert_eq!(l3(&s, ep, "8.8.8.8", 124, Udp), None);
         // toEndpoints: the peer's registered address, on its ports.
         // (10.0.1.6 is also in 10.0.0.0/8, open on 5432 only.)
@@ -463,7 +483,11 @@ spec:
         assert_eq!(l3(&s, ep, peer, 6381, Tcp), None);
         assert_eq!(l3(&s, ep, peer, 5432, Tcp), Some(true));
         // The other namespace's endpoints are not peers of a CNP's toEndpoints.
-        assert_eq!(l3(&s, ep, "10.0.2.5", 6380, Tcp), None, "not a peer: 10/8 opens 5432 only");
+        assert_eq!(
+            l3(&s, ep, "10.0.2.5", 6380, Tcp),
+            None,
+            "not a peer: 10/8 opens 5432 only"
+        );
         assert_eq!(l3(&s, ep, "10.0.2.5", 5432, Tcp), Some(true));
     }
 
@@ -483,7 +507,13 @@ spec:
         let id = s.endpoint_by_name("team-a/uploader").unwrap();
         assert!(s.is_restricted(id));
         assert_eq!(
-            l3(&s, "team-a/uploader", "10.9.0.1", 80, crate::PortProtocol::Tcp),
+            l3(
+                &s,
+                "team-a/uploader",
+                "10.9.0.1",
+                80,
+                crate::PortProtocol::Tcp
+            ),
             Some(false)
         );
     }

@@ -256,7 +256,10 @@ fn redirects_and_enforces_per_cgroup_through_reload_kill_and_uninstall() {
     // kill -9: enforcement continues unchanged; the maps stay pinned.
     agent.process.signal("KILL");
     agent.process.wait_timeout(Duration::from_secs(5));
-    assert!(env.pin.join("maps-v1/df_allow").exists());
+    let pinned = std::fs::read_dir(&env.pin).unwrap().flatten().any(|d| {
+        d.file_name().to_string_lossy().starts_with("maps-v") && d.path().join("df_allow").exists()
+    });
+    assert!(pinned, "the allow map stays pinned");
     assert_eq!(env.connect(Some("a"), SocketAddr::new(www, 443)), Ok(()));
     assert!(denied(env.connect(Some("a"), SocketAddr::new(www, 80))));
     assert!(denied(env.connect(Some("a"), SocketAddr::new(never, 443))));
@@ -340,4 +343,94 @@ print('sent')\n";
         env.dig(Some("a"), server(), &["www.allowed.test"]).status,
         ""
     );
+}
+
+/// Listeners on `ip` at `ports`.
+fn listen_on(ip: IpAddr, ports: &[u16]) -> Vec<TcpListener> {
+    ports
+        .iter()
+        .map(|&p| TcpListener::bind((ip, p)).unwrap_or_else(|e| panic!("listen {ip}:{p}: {e}")))
+        .collect()
+}
+
+#[test]
+fn l3_rules_cidrs_peers_ports_and_egress_deny_over_fqdn() {
+    if !require_root("datapath") {
+        return;
+    }
+    let _serial = EXCLUSIVE.lock().unwrap_or_else(|e| e.into_inner());
+    let env = Env::new("l3", &["a"]);
+    let net = 20 + (std::process::id() + 100) % 200;
+    let prefix4 = format!("127.{net}.0.0/16");
+    let upstream = Bundled::start(&["--ttl", "60", "--ips", "1", "--prefix4", &prefix4]);
+    // The address the upstream gives `denied-by-cidr.allowed.test`: an egressDeny covers it.
+    let asked = dnsfence_tests::dig(upstream.addr, &["denied-by-cidr.allowed.test", "A"]);
+    let deny_ip: IpAddr = asked.rdata("A")[0].parse().unwrap();
+    let policy = format!(
+        r#"apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {{name: a-l3, namespace: default}}
+spec:
+  endpointSelector: {{matchLabels: {{app: a}}}}
+  egress:
+  - toPorts:
+    - ports: [{{port: "53", protocol: ANY}}]
+      rules:
+        dns: [{{matchPattern: "*.allowed.test"}}]
+  - toFQDNs: [{{matchPattern: "*.allowed.test"}}]
+    toPorts: [{{ports: [{{port: "443", protocol: TCP}}]}}]
+  - toCIDRSet: [{{cidr: 127.{net}.200.0/24, except: [127.{net}.200.128/25]}}]
+    toPorts: [{{ports: [{{port: "8443", protocol: TCP}}]}}]
+  - toEndpoints: [{{matchLabels: {{app: db}}}}]
+    toPorts: [{{ports: [{{port: "5432", protocol: TCP}}]}}]
+  egressDeny:
+  - toCIDR: ["{deny_ip}/32"]
+"#
+    );
+    let endpoints = format!(
+        "endpoints:\n\
+         - {{name: a, namespace: default, labels: {{app: a}}, cgroup: a}}\n\
+         - {{name: db, namespace: default, labels: {{app: db}}, ips: [\"127.{net}.201.1\"]}}\n"
+    );
+    let mut config = agent_config(&env, upstream.addr, &[]);
+    config.policy = policy;
+    config.endpoints = endpoints;
+    let _agent = Agent::start(&config);
+
+    let ip = |s: String| -> IpAddr { s.parse().unwrap() };
+    let (inside, excepted) = (
+        ip(format!("127.{net}.200.1")),
+        ip(format!("127.{net}.200.200")),
+    );
+    let peer = ip(format!("127.{net}.201.1"));
+    let _l = [
+        listen_on(inside, &[8443, 8444]),
+        listen_on(excepted, &[8443]),
+        listen_on(peer, &[5432, 5433]),
+    ];
+    // toCIDRSet on 8443/TCP, minus its exception.
+    assert_eq!(
+        env.connect(Some("a"), SocketAddr::new(inside, 8443)),
+        Ok(())
+    );
+    assert!(denied(
+        env.connect(Some("a"), SocketAddr::new(inside, 8444))
+    ));
+    assert!(denied(
+        env.connect(Some("a"), SocketAddr::new(excepted, 8443))
+    ));
+    // toEndpoints as L3: the peer's registered address, on its port only.
+    assert_eq!(env.connect(Some("a"), SocketAddr::new(peer, 5432)), Ok(()));
+    assert!(denied(env.connect(Some("a"), SocketAddr::new(peer, 5433))));
+    // An egressDeny CIDR stays unreachable though a toFQDNs answer points into it...
+    let resolved = resolve(&env, "a", "denied-by-cidr.allowed.test", false);
+    assert_eq!(resolved, deny_ip);
+    let _l2 = listen(deny_ip);
+    assert!(denied(
+        env.connect(Some("a"), SocketAddr::new(deny_ip, 443))
+    ));
+    // ...while another name's answer is reachable as usual.
+    let fine = resolve(&env, "a", "fine.allowed.test", false);
+    let _l3 = listen(fine);
+    assert_eq!(env.connect(Some("a"), SocketAddr::new(fine, 443)), Ok(()));
 }
