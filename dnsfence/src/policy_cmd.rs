@@ -64,10 +64,45 @@ enum PolicyCommand {
         /// (dns=allow then means: some server the policy allows would get the query).
         #[arg(long, value_name = "IP")]
         server: Option<IpAddr>,
+        /// L3/L4 destinations to check, `ADDR:PORT/PROTO` (`10.0.0.5:5432/tcp`,
+        /// `[2001:db8::1]:443/tcp`; proto tcp, udp or sctp). Prints
+        /// `TARGET<TAB>l3=allow|deny<TAB>by=RULE` per destination, RULE one of `egressDeny`,
+        /// `l3-rule` (toCIDR, toCIDRSet, toEndpoints, toPorts only), `default-deny` (only a
+        /// toFQDNs answer could open it) or `unrestricted`. Repeatable.
+        #[arg(long = "to", value_name = "ADDR:PORT/PROTO", value_parser = parse_target)]
+        to: Vec<Target>,
         /// Names to check.
-        #[arg(required = true, value_name = "QNAME")]
+        #[arg(required_unless_present = "to", value_name = "QNAME")]
         names: Vec<String>,
     },
+}
+
+/// A `--to` destination.
+#[derive(Debug, Clone)]
+struct Target {
+    text: String,
+    addr: SocketAddr,
+    proto: dnsfence_policy::PortProtocol,
+}
+
+fn parse_target(s: &str) -> Result<Target, String> {
+    let (addr, proto) = s
+        .rsplit_once('/')
+        .ok_or_else(|| format!("{s:?}: expected ADDR:PORT/PROTO, e.g. 10.0.0.5:5432/tcp"))?;
+    let addr: SocketAddr = addr
+        .parse()
+        .map_err(|_| format!("{s:?}: {addr:?} is not ADDR:PORT"))?;
+    let proto = match proto.to_ascii_lowercase().as_str() {
+        "tcp" => dnsfence_policy::PortProtocol::Tcp,
+        "udp" => dnsfence_policy::PortProtocol::Udp,
+        "sctp" => dnsfence_policy::PortProtocol::Sctp,
+        other => return Err(format!("{s:?}: protocol {other:?} (tcp, udp or sctp)")),
+    };
+    Ok(Target {
+        text: s.to_owned(),
+        addr,
+        proto,
+    })
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -87,13 +122,16 @@ pub fn run(args: &PolicyArgs) -> ExitCode {
             port,
             proto,
             server,
+            to,
             names,
         } => {
             let proto = match proto {
                 ProtoArg::Udp => Proto::Udp,
                 ProtoArg::Tcp => Proto::Tcp,
             };
-            check(policies, endpoints, endpoint, *port, proto, *server, names)
+            check(
+                policies, endpoints, endpoint, *port, proto, *server, to, names,
+            )
         }
     };
     match result {
@@ -157,6 +195,7 @@ fn validate(paths: &[PathBuf], endpoints: Option<&PathBuf>) -> Result<ExitCode> 
     Ok(ExitCode::SUCCESS)
 }
 
+#[allow(clippy::too_many_arguments)]
 fn check(
     policy_paths: &[PathBuf],
     endpoints_path: &Path,
@@ -164,6 +203,7 @@ fn check(
     port: u16,
     proto: Proto,
     server: Option<IpAddr>,
+    targets: &[Target],
     names: &[String],
 ) -> Result<ExitCode> {
     let snapshot = match dnsfence_policy::load(policy_paths, Some(endpoints_path)) {
@@ -201,6 +241,18 @@ fn check(
             }
         };
         writeln!(out, "{qname}\t{line}").context("writing to stdout")?;
+    }
+    for t in targets {
+        let (verdict, by) = if !snapshot.is_restricted(ep) {
+            ("allow", "unrestricted")
+        } else {
+            match snapshot.l3_verdict(ep, t.addr.ip(), t.addr.port(), t.proto) {
+                Some(false) => ("deny", "egressDeny"),
+                Some(true) => ("allow", "l3-rule"),
+                None => ("deny", "default-deny"),
+            }
+        };
+        writeln!(out, "{}\tl3={verdict}\tby={by}", t.text).context("writing to stdout")?;
     }
     Ok(ExitCode::SUCCESS)
 }

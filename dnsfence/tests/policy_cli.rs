@@ -226,3 +226,66 @@ fn check_with_invalid_policy_reports_and_exits_1() {
     assert_eq!(text(&out.stdout), "");
     assert_eq!(text(&out.stderr).lines().count(), 7);
 }
+
+#[test]
+fn check_l3_destinations_say_which_rule_decides() {
+    let dir = std::env::temp_dir().join(format!("dnsfence-l3-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let policy = dir.join("p.yaml");
+    std::fs::write(
+        &policy,
+        r#"apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: db, namespace: team-a}
+spec:
+  endpointSelector: {matchLabels: {app: uploader}}
+  egress:
+  - toCIDRSet: [{cidr: 10.0.0.0/8, except: [10.66.0.0/16]}]
+    toPorts: [{ports: [{port: "5432", protocol: TCP}]}]
+  egressDeny:
+  - toCIDR: [10.9.0.0/16]
+"#,
+    )
+    .unwrap();
+    let endpoints = testdata("spec-example-endpoints.yaml");
+    let out = dnsfence(&[
+        "policy",
+        "check",
+        "--policy",
+        policy.to_str().unwrap(),
+        "--endpoints",
+        &endpoints,
+        "--endpoint",
+        "team-a/uploader",
+        "--to",
+        "10.0.0.5:5432/tcp",
+        "--to",
+        "10.0.0.5:5433/tcp",
+        "--to",
+        "10.66.0.5:5432/tcp",
+        "--to",
+        "10.9.0.5:5432/tcp",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stdout),
+        "10.0.0.5:5432/tcp\tl3=allow\tby=l3-rule\n\
+         10.0.0.5:5433/tcp\tl3=deny\tby=default-deny\n\
+         10.66.0.5:5432/tcp\tl3=deny\tby=default-deny\n\
+         10.9.0.5:5432/tcp\tl3=deny\tby=egressDeny\n"
+    );
+    let bad = dnsfence(&[
+        "policy",
+        "check",
+        "--policy",
+        policy.to_str().unwrap(),
+        "--endpoints",
+        &endpoints,
+        "--endpoint",
+        "team-a/uploader",
+        "--to",
+        "10.0.0.5:5432",
+    ]);
+    assert_eq!(bad.status.code(), Some(2));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
