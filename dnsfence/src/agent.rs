@@ -473,6 +473,12 @@ pub fn run(args: &AgentArgs) -> Result<()> {
         .context("cannot load policy")?;
     snapshot.set_generation(1);
     refuse_unenforceable(args, snapshot.stats().without_ips).map_err(anyhow::Error::msg)?;
+    // Accepted but not enforced (ingress sections, host policies): said once per note.
+    let mut noted = std::collections::HashSet::new();
+    for note in sources.notes() {
+        eprintln!("dnsfence agent: {note}");
+        noted.insert(note);
+    }
     let policy = Arc::new(PolicyHandle::new(Arc::new(snapshot)));
     let ledger = LedgerConfig {
         capacity: args.allow_entries.max(1),
@@ -659,6 +665,11 @@ pub fn run(args: &AgentArgs) -> Result<()> {
                 Err(e) => eprintln!("dnsfence agent: datapath update failed: {e:#}"),
             }
             policy.store(snapshot);
+            for note in sources.notes() {
+                if noted.insert(note.clone()) {
+                    eprintln!("dnsfence agent: {note}");
+                }
+            }
             eprintln!(
                 "dnsfence agent: policy reloaded (generation {generation}){}",
                 match after.fail_closed {

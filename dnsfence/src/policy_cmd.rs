@@ -171,6 +171,9 @@ fn validate(paths: &[PathBuf], endpoints: Option<&PathBuf>) -> Result<ExitCode> 
             return Ok(report(&all));
         }
     };
+    for note in policies.notes() {
+        eprintln!("{note}");
+    }
     let s = policies.summary();
     let mut line = format!(
         "ok: {} {}, {} {}, {} {}, {} {}",

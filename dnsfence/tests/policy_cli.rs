@@ -77,11 +77,10 @@ fn validate_bad_file_lists_every_problem_and_exits_1() {
     let hint = "unsupported field (dnsfence enforces toFQDNs, toEndpoints, toCIDR, toCIDRSet and \
                 toPorts in egress, and toCIDR, toCIDRSet, toEndpoints and toPorts in egressDeny)";
     let want: String = [
-        (17, "spec.egress[2].toEntities"),
-        (22, "spec.egress[3].toPorts[0].rules.http"),
-        (23, "spec.egress[3].toPorts[0].serverNames"),
-        (24, "spec.ingress"),
-        (27, "spec.egressDeny[0].toEntities"),
+        (16, "spec.egress[2].toEntities"),
+        (21, "spec.egress[3].toPorts[0].rules.http"),
+        (22, "spec.egress[3].toPorts[0].serverNames"),
+        (26, "spec.egressDeny[0].toEntities"),
     ]
     .iter()
     .map(|(line, field)| format!("{file}:{line}: {field}: {hint}\n"))
@@ -287,5 +286,31 @@ spec:
         "10.0.0.5:5432",
     ]);
     assert_eq!(bad.status.code(), Some(2));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn validate_accepts_ingress_and_says_it_is_not_enforced() {
+    let dir = std::env::temp_dir().join(format!("dnsfence-ingress-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let policy = dir.join("p.yaml");
+    std::fs::write(
+        &policy,
+        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: x}\nspec:\n  \
+         endpointSelector: {}\n  ingress:\n  - fromEntities: [world]\n  egress:\n  - toFQDNs: \
+         [{matchName: a.example}]\n",
+    )
+    .unwrap();
+    let out = dnsfence(&["policy", "validate", policy.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stderr),
+        format!(
+            "{}:6: note: spec.ingress: not enforced: dnsfence enforces egress only (ingress is \
+             the CNI's job)\n",
+            policy.display()
+        )
+    );
+    assert!(text(&out.stdout).starts_with("ok: 1 file, 1 policy"));
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -28,7 +28,15 @@ const METADATA_FIELDS: &[&str] = &[
     "creationTimestamp",
     "managedFields",
 ];
-const SPEC_FIELDS: &[&str] = &["endpointSelector", "description", "egress", "egressDeny"];
+const SPEC_FIELDS: &[&str] = &[
+    "endpointSelector",
+    "description",
+    "egress",
+    "egressDeny",
+    "ingress",
+    "ingressDeny",
+    "nodeSelector",
+];
 const EGRESS_FIELDS: &[&str] = &["toEndpoints", "toFQDNs", "toPorts", "toCIDR", "toCIDRSet"];
 const DENY_FIELDS: &[&str] = &["toEndpoints", "toPorts", "toCIDR", "toCIDRSet"];
 const CIDR_SET_FIELDS: &[&str] = &["cidr", "except"];
@@ -151,6 +159,9 @@ pub struct Policy {
     pub line: usize,
     /// `spec` followed by `specs[]`.
     pub specs: Vec<Spec>,
+    /// What the document holds that dnsfence accepts but does not enforce (`ingress`, host
+    /// policies), as (line, text): reported, never silently widened.
+    pub notes: Vec<(usize, String)>,
 }
 
 /// One rule (`spec` or an item of `specs`).
@@ -258,6 +269,19 @@ pub struct PolicySet {
 }
 
 impl PolicySet {
+    /// What the policies hold that dnsfence accepts but does not enforce, as
+    /// `FILE:LINE: text` lines (see [`Policy::notes`]).
+    pub fn notes(&self) -> Vec<String> {
+        self.policies
+            .iter()
+            .flat_map(|p| {
+                p.notes
+                    .iter()
+                    .map(move |(line, text)| format!("{}:{line}: note: {text}", p.file.display()))
+            })
+            .collect()
+    }
+
     /// Loads policy files and directories. A directory contributes its `*.yaml` / `*.yml`
     /// files sorted by name, not recursively; names starting with `.` are skipped (so a mounted
     /// ConfigMap's `..data` is not read twice). All problems are collected.
@@ -688,6 +712,7 @@ fn parse_policy(diag: &mut Diag<'_>, doc: &Node<'_>) -> Option<Policy> {
         }
     };
     let mut specs = Vec::new();
+    let mut notes = Vec::new();
     let spec = fields.get_non_null("spec");
     let list = fields.get_non_null("specs");
     if spec.is_none() && list.is_none() {
@@ -700,6 +725,7 @@ fn parse_policy(diag: &mut Diag<'_>, doc: &Node<'_>) -> Option<Policy> {
             fields.key("spec").unwrap_or(spec),
             "spec",
             namespace.as_deref(),
+            &mut notes,
         )
     {
         specs.push(s);
@@ -711,8 +737,8 @@ fn parse_policy(diag: &mut Diag<'_>, doc: &Node<'_>) -> Option<Policy> {
             .iter()
             .enumerate()
         {
-            if let Some(s) = parse_spec(diag, item, item, &index("specs", i), namespace.as_deref())
-            {
+            let path = index("specs", i);
+            if let Some(s) = parse_spec(diag, item, item, &path, namespace.as_deref(), &mut notes) {
                 specs.push(s);
             }
         }
@@ -727,6 +753,7 @@ fn parse_policy(diag: &mut Diag<'_>, doc: &Node<'_>) -> Option<Policy> {
         file: diag.file.to_path_buf(),
         line: line(doc),
         specs,
+        notes,
     })
 }
 
@@ -736,11 +763,42 @@ fn parse_spec(
     at: &Node<'_>,
     path: &str,
     namespace: Option<&str>,
+    notes: &mut Vec<(usize, String)>,
 ) -> Option<Spec> {
     let before = diag.errors.len();
     let fields = diag.mapping(node, path, SPEC_FIELDS, HINT)?;
     if let Some(d) = fields.get_non_null("description") {
         diag.string(d, &join(path, "description"));
+    }
+    for field in ["ingress", "ingressDeny"] {
+        if let Some(key) = fields.key(field) {
+            notes.push((
+                line(key),
+                format!(
+                    "{}: not enforced: dnsfence enforces egress only (ingress is the CNI's job)",
+                    join(path, field)
+                ),
+            ));
+        }
+    }
+    if let Some(key) = fields.key("nodeSelector") {
+        if fields.get("endpointSelector").is_some() {
+            diag.invalid(
+                key,
+                &join(path, "nodeSelector"),
+                "a spec has either endpointSelector or nodeSelector",
+            );
+            return None;
+        }
+        // A host policy selects nodes, not workloads: nothing of it applies to endpoints.
+        notes.push((
+            line(key),
+            format!(
+                "{}: a host policy: not enforced by dnsfence (it selects nodes, not workloads)",
+                join(path, "nodeSelector")
+            ),
+        ));
+        return None;
     }
     let sel_path = join(path, "endpointSelector");
     let selector = match fields.get("endpointSelector") {

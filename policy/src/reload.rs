@@ -487,6 +487,20 @@ impl Sources {
         report
     }
 
+    /// What the policies in force hold that dnsfence accepts but does not enforce, as
+    /// `FILE:LINE: note: text` lines.
+    pub fn notes(&self) -> Vec<String> {
+        let set = PolicySet {
+            policies: self
+                .files
+                .iter()
+                .flat_map(|(_, f)| f.policies.iter().cloned())
+                .collect(),
+            files: Vec::new(),
+        };
+        set.notes()
+    }
+
     /// Compiles what is in force. A policy that repeats another's kind, namespace and name is
     /// left out and the endpoints it selects are denied everything.
     fn assemble(&mut self) -> Snapshot {

@@ -492,6 +492,50 @@ spec:
     }
 
     #[test]
+    fn ingress_and_host_policies_are_accepted_and_reported_not_enforced() {
+        let text = r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: both, namespace: team-a}
+spec:
+  endpointSelector: {matchLabels: {app: uploader}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {app: other}}]
+  egress:
+  - toFQDNs: [{matchName: api.stripe.com}]
+---
+apiVersion: cilium.io/v2
+kind: CiliumClusterwideNetworkPolicy
+metadata: {name: host}
+spec:
+  nodeSelector: {matchLabels: {node: a}}
+  ingressDeny:
+  - fromEntities: [world]
+"#;
+        let p = PolicySet::from_yaml(Path::new("p.yaml"), text).unwrap_or_else(|e| panic!("{e}"));
+        let notes = p.notes();
+        assert_eq!(notes.len(), 3, "{notes:?}");
+        assert!(notes[0].starts_with("p.yaml:7: note: spec.ingress: not enforced"));
+        assert!(notes[1].contains("spec.ingressDeny: not enforced"));
+        assert!(notes[2].contains("spec.nodeSelector: a host policy"));
+        // The egress part works; the host policy selects no workload.
+        let e = Endpoints::from_yaml(Path::new("e.yaml"), ENDPOINTS).unwrap();
+        let s = Snapshot::compile(&p, &e);
+        let name = Name::from_text("api.stripe.com").unwrap();
+        let server: SocketAddr = "10.96.0.10:53".parse().unwrap();
+        let up = s.endpoint_by_name("team-a/uploader").unwrap();
+        assert_eq!(
+            s.dns_verdict(up, server, Proto::Udp, &name),
+            DnsVerdict::Deny
+        );
+        let batch = s.endpoint_by_name("team-b/batch").unwrap();
+        assert!(
+            !s.is_restricted(batch),
+            "the host policy selects no endpoint"
+        );
+    }
+
+    #[test]
     fn egress_deny_alone_puts_the_endpoint_under_default_deny() {
         let s = snapshot(
             r#"

@@ -109,10 +109,7 @@ fn invalid_or_unreadable_policy_exits_1_with_file_line_reason() {
     let cases = [
         // An unsupported field on line 11.
         (
-            dnsfence_tests::POLICY.replace(
-                "  - toFQDNs:",
-                "  - toCIDRSet: [{cidr: 10.0.0.0/8}]\n  - toFQDNs:",
-            ),
+            dnsfence_tests::POLICY.replace("  - toFQDNs:", "  - toEntities: [world]\n  - toFQDNs:"),
             Some(11),
         ),
         // A YAML syntax error.
