@@ -422,6 +422,13 @@ int df_egress(struct __sk_buff *skb)
 	struct df_addr src = {}, dst = {};
 	__u32 protocol;
 	__u32 l4;
+	__u16 frag = 0;
+	/* Raw sockets (SOCK_RAW) pass no connect/sendmsg hook: every packet of theirs is judged
+	 * here, whatever its TCP flags or fragment offset. */
+	struct bpf_sock *sk = skb->sk;
+	if (sk)
+		sk = bpf_sk_fullsock(sk);
+	__u32 raw = sk && sk->type == 3 /* SOCK_RAW */;
 	if (skb->protocol == bpf_htons(ETH_P_IP)) {
 		struct iphdr ip;
 		if (bpf_skb_load_bytes(skb, 0, &ip, sizeof(ip)))
@@ -430,9 +437,7 @@ int df_egress(struct __sk_buff *skb)
 		addr_from4(&dst, ip.daddr);
 		protocol = ip.protocol;
 		l4 = (__u32)ip.ihl * 4;
-		/* Later fragments carry no ports; the first one was judged. */
-		if (ip.frag_off & bpf_htons(0x1fff))
-			return 1;
+		frag = ip.frag_off & bpf_htons(0x1fff);
 	} else if (skb->protocol == bpf_htons(ETH_P_IPV6)) {
 		struct ipv6hdr ip6;
 		if (bpf_skb_load_bytes(skb, 0, &ip6, sizeof(ip6)))
@@ -442,6 +447,16 @@ int df_egress(struct __sk_buff *skb)
 		protocol = ip6.nexthdr; /* extension headers: judged as their own protocol */
 		l4 = sizeof(ip6);
 	} else {
+		return 1;
+	}
+
+	/* Later fragments carry no ports; the first one was judged (a raw socket's are not:
+	 * it can write any offset, so an enforced endpoint's raw fragments are refused). */
+	if (frag) {
+		if (enforce && raw) {
+			count(DF_STAT_SKB_DENIED);
+			return 0;
+		}
 		return 1;
 	}
 
@@ -490,12 +505,11 @@ int df_egress(struct __sk_buff *skb)
 	if (!enforce || !ep)
 		return 1;
 
-	struct bpf_sock *sk = skb->sk;
-	if (sk)
-		sk = bpf_sk_fullsock(sk);
 	if (protocol == IPPROTO_TCP) {
-		/* New connections only (SYN without ACK): established ones survive expiry. */
-		if (!(tcp_flags & 0x02) || (tcp_flags & 0x10))
+		/* New connections only (SYN without ACK): established ones survive expiry. A raw
+		 * socket has no connection: all its segments are judged (an ACK or RST written by
+		 * hand would otherwise reach any address). */
+		if (!raw && (!(tcp_flags & 0x02) || (tcp_flags & 0x10)))
 			return 1;
 	} else if (protocol == IPPROTO_UDP) {
 		/* Datagram sockets were judged by connect/sendmsg; raw ones are judged here. */

@@ -86,12 +86,15 @@ impl Env {
             if out.status.success() {
                 routes_added.push(prefix);
             } else {
-                // Already there (left by someone else): fine, it is what we need.
+                // Already there (left by someone else): fine, it is what we need. `ip`
+                // prints host routes without their /32 or /128.
                 let shown = run("ip", &[family, "route", "show", "type", "blackhole"]);
-                assert!(
-                    String::from_utf8_lossy(&shown.stdout).contains(prefix),
-                    "cannot add the blackhole route {prefix}: {out:?}"
-                );
+                let host = prefix.split('/').next().unwrap_or(prefix);
+                let present = String::from_utf8_lossy(&shown.stdout).lines().any(|l| {
+                    let dst = l.split_whitespace().nth(1).unwrap_or("");
+                    dst == prefix || dst == host
+                });
+                assert!(present, "cannot add the blackhole route {prefix}: {out:?}");
             }
         }
         Env {
