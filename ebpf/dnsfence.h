@@ -65,7 +65,8 @@ struct df_allow_key {
 	struct df_spec spec;
 };
 
-/* sock_dst: socket cookie -> the DNS server a redirected socket addressed. */
+/* sock_srv (socket-local storage) and, read only for sockets of earlier programs, sock_dst
+ * (socket cookie ->): the DNS server a redirected socket addressed. */
 struct df_dst {
 	struct df_addr addr;
 	__u16 port;
@@ -95,7 +96,8 @@ enum df_stat {
 	DF_STAT_SENDMSG_DENIED,    /* sendmsg() refused (EPERM) */
 	DF_STAT_SKB_DENIED,        /* packets dropped by the egress backstop */
 	DF_STAT_ORIGINS,           /* origin entries written */
-	DF_STAT_NO_PROXY,          /* DNS refused: no proxy address for the family */
+	DF_STAT_NO_PROXY,          /* DNS refused: no proxy address for the family (or no
+	                            * memory for the socket's redirect state) */
 	DF_STAT_ALLOWED,           /* connections allowed by an allow entry */
 	DF_STAT_MAX,
 };

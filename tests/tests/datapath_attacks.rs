@@ -197,15 +197,13 @@ fn a_restart_with_a_narrower_policy_revokes_restored_entries() {
 /// Moves the calling process into a cgroup, so one script can act as two workloads.
 const MOVE: &str = "def move(cg):\n    open(cg + '/cgroup.procs', 'w').write(str(os.getpid()))\n";
 
-/// Finding (open): `df_sock_dst` is an LRU map keyed by socket cookie, shared by every
-/// endpoint. A workload (b) creating sockets that send to port 53 evicts the entries of
-/// another workload's (a) long-lived resolver socket: its queries are then judged against
-/// the proxy's address instead of the server it asked (REFUSED), and its answers are not
-/// restored (they come from the proxy; a resolver that checks the source drops them).
-/// Unprivileged, about 3 s of tiny datagrams. Fix: per-socket storage
-/// (`BPF_MAP_TYPE_SK_STORAGE`) instead of a node-wide LRU.
+/// `df_sock_dst` was an LRU map keyed by socket cookie, shared by every endpoint: a
+/// workload (b) creating sockets that send to port 53 (unprivileged, about 3 s of tiny
+/// datagrams) evicted the entry of another workload's (a) long-lived resolver socket, whose
+/// queries were then judged against the proxy's address instead of the server it asked
+/// (REFUSED) and whose answers came back unrestored (from the proxy). The server asked now
+/// lives in socket-local storage (`df_sock_srv`).
 #[test]
-#[ignore = "open finding: another endpoint can evict a's redirect state (df_sock_dst LRU)"]
 fn another_endpoint_cannot_evict_a_resolver_sockets_redirect_state() {
     if !require_root("datapath_attacks") {
         return;
