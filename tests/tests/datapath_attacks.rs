@@ -229,14 +229,12 @@ print(before, '/', ask('v2.allowed.test'))\n"
     );
 }
 
-/// Finding (open): `df_origin` is an LRU map (65,536 entries) written at a TCP connection's
-/// SYN only, and read by the proxy per query (userspace lookups do not refresh LRU entries).
-/// A workload (b) sending from many source ports and loopback addresses evicts the origin
-/// of another workload's (a) open TCP connection to the proxy: a's next query on it is
-/// judged as an unknown source (REFUSED). Fix: look the origin up once per TCP connection
-/// (at accept) and keep it with the connection; size the map for the UDP window.
+/// `df_origin` is an LRU map (65,536 entries) written at a TCP connection's SYN only. A
+/// workload (b) sending from many source ports and loopback addresses evicts the origin of
+/// another workload's (a) open TCP connection to the proxy; the proxy looked it up per query,
+/// so a's next query on that connection was judged as an unknown source's (REFUSED). A shard
+/// now keeps each connection's origin from its first query.
 #[test]
-#[ignore = "open finding: another endpoint can evict the origin of a's TCP connection"]
 fn another_endpoint_cannot_evict_the_origin_of_a_tcp_connection() {
     if !require_root("datapath_attacks") {
         return;
