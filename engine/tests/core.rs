@@ -838,7 +838,13 @@ fn max_ttl_caps_huge_ttls() {
             &rdata_a("127.0.0.6"),
         )],
     );
-    h.answer(1, socket, &ans);
+    let out = h.answer(1, socket, &ans);
+    // The client may not cache the address longer than its entry lives: the answer's TTL
+    // is lowered to the cap (it used to reach the client as 68 years, the entry 36 hours).
+    let reply = to_client(&out);
+    let ttl_at = reply.len() - 4 - 2 - 4;
+    assert_eq!(reply[ttl_at..ttl_at + 4], 86_400u32.to_be_bytes());
+    assert_eq!(h.core.stats().ttl_clamped, 1);
     // 86,400 s plus half of it as headroom.
     assert!(allowed_443(
         &h.table,
