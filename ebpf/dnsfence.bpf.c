@@ -500,7 +500,9 @@ int df_egress(struct __sk_buff *skb)
 	__u16 dport = bpf_ntohs(ports[1]);
 
 	struct df_config *cfg = config();
-	if (cfg && (protocol == IPPROTO_TCP || protocol == IPPROTO_UDP)) {
+	/* A raw socket writes any source port: it could claim another socket's origin. Its
+	 * packets to the proxy record nothing and are judged like the rest of its packets. */
+	if (cfg && !raw && (protocol == IPPROTO_TCP || protocol == IPPROTO_UDP)) {
 		const struct df_addr *proxy = proxy_for(cfg, &dst);
 		if (proxy && addr_eq(&dst, proxy) && dport == cfg->port) {
 			/* A query on its way to the proxy: say who sent it (endpoint 0: a process

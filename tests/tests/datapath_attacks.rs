@@ -114,6 +114,15 @@ ip=struct.pack('!BBHHHBBH4s4s',0x45,0,20+len(data),0x1234,1,64,17,0,socket.inet_
 try:\n    s.sendto(ip+data,(sys.argv[1],0)); print('sent')\n\
 except Exception as e:\n    print(type(e).__name__)\n";
 
+/// Sends one hand-written UDP datagram (a DNS query header) from source port 4444 to
+/// argv[1]:argv[2] through a raw socket.
+const RAW_UDP: &str = "import socket,struct,sys\n\
+s=socket.socket(socket.AF_INET,socket.SOCK_RAW,socket.IPPROTO_UDP)\n\
+q=struct.pack('!HHHHHH',7,0x100,0,0,0,0)\n\
+dg=struct.pack('!HHHH',4444,int(sys.argv[2]),8+len(q),0)+q\n\
+try:\n    s.sendto(dg,(sys.argv[1],0)); print('sent')\n\
+except Exception as e:\n    print(type(e).__name__)\n";
+
 #[test]
 fn raw_sockets_of_an_enforced_endpoint_are_judged_packet_by_packet() {
     if !require_root("datapath_attacks") {
@@ -143,6 +152,14 @@ fn raw_sockets_of_an_enforced_endpoint_are_judged_packet_by_packet() {
         python(&env, Some("a"), RAW_FRAGMENT, &[never]),
         "PermissionError"
     );
+    // A raw socket writes any source port, so it could record another socket's origin at
+    // the proxy: its packets to the proxy record nothing and are judged like the others.
+    let proxy_ip = agent.addr.ip().to_string();
+    let proxy_port = agent.addr.port().to_string();
+    assert_eq!(
+        python(&env, Some("a"), RAW_UDP, &[&proxy_ip, &proxy_port]),
+        "PermissionError"
+    );
     // Processes of no endpoint are untouched.
     assert_eq!(raw(None, never, "443", "16"), "sent");
     assert_eq!(python(&env, None, RAW_FRAGMENT, &[never]), "sent");
@@ -151,7 +168,7 @@ fn raw_sockets_of_an_enforced_endpoint_are_judged_packet_by_packet() {
         .into_iter()
         .find(|(labels, _)| labels == "event=\"skb_denied\"")
         .map(|(_, v)| v);
-    assert!(skb_denied >= Some(6.0), "{skb_denied:?}");
+    assert!(skb_denied >= Some(7.0), "{skb_denied:?}");
 }
 
 fn denied(env: &Env, client: &str, to: SocketAddr) -> bool {
