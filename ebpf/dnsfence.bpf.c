@@ -457,6 +457,18 @@ int df_egress(struct __sk_buff *skb)
 	if (sk)
 		sk = bpf_sk_fullsock(sk);
 	__u32 raw = sk && sk->type == 3 /* SOCK_RAW */;
+	/* A raw socket made before its process joined an enforced endpoint's cgroup is still
+	 * the sender's: raw packets leave in the sender's context, so judge them by the
+	 * sending task's endpoint when the socket's cgroup has none. */
+	if (raw && !enforce) {
+		__u64 task_cgroup = 0;
+		struct df_endpoint *task_ep = current_endpoint(&task_cgroup);
+		if (task_ep && (task_ep->flags & DF_EP_ENFORCE)) {
+			ep = task_ep;
+			cgroup = task_cgroup;
+			enforce = 1;
+		}
+	}
 	if (skb->protocol == bpf_htons(ETH_P_IP)) {
 		struct iphdr ip;
 		if (bpf_skb_load_bytes(skb, 0, &ip, sizeof(ip)))

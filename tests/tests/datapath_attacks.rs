@@ -56,9 +56,10 @@ fn agent_config(env: &Env, upstream: SocketAddr, extra: &[&str]) -> AgentConfig 
     config
 }
 
-/// A two-endpoint environment, a local upstream (TTL 300, answers in 127.77/16) and an agent.
+/// The cgroups a (endpoint a), b (endpoint b) and c (no endpoint) below a fresh cgroup root,
+/// a local upstream (TTL 300, answers in 127.77/16) and an agent.
 fn start(tag: &str) -> (Env, Bundled, Agent) {
-    let env = Env::new(tag, &["a", "b"]);
+    let env = Env::new(tag, &["a", "b", "c"]);
     let upstream = Bundled::start(&["--ttl", "300", "--prefix4", "127.77.0.0/16"]);
     let agent = Agent::start(&agent_config(&env, upstream.addr, &[]));
     (env, upstream, agent)
@@ -160,6 +161,25 @@ fn raw_sockets_of_an_enforced_endpoint_are_judged_packet_by_packet() {
         python(&env, Some("a"), RAW_UDP, &[&proxy_ip, &proxy_port]),
         "PermissionError"
     );
+    // A raw socket made before its process joined a's cgroup (in c, of no endpoint) is
+    // judged by its sender's endpoint: the egress program used to see only the socket's.
+    let moved = format!(
+        "import os,socket,struct,sys\n{MOVE}\
+s=socket.socket(socket.AF_INET,socket.SOCK_RAW,socket.IPPROTO_TCP)\n\
+move(sys.argv[1])\n\
+try:\n    s.sendto(struct.pack('!HHIIBBHHH',4444,443,1,1,5<<4,16,1024,0,0),(sys.argv[2],0)); print('sent')\n\
+except Exception as e:\n    print(type(e).__name__)\n"
+    );
+    let a = env.cgroup("a").display().to_string();
+    assert_eq!(
+        python(&env, Some("c"), &moved, &[&a, never]),
+        "PermissionError"
+    );
+    assert_eq!(
+        raw(Some("c"), never, "443", "16"),
+        "sent",
+        "c is no endpoint"
+    );
     // Processes of no endpoint are untouched.
     assert_eq!(raw(None, never, "443", "16"), "sent");
     assert_eq!(python(&env, None, RAW_FRAGMENT, &[never]), "sent");
@@ -168,7 +188,7 @@ fn raw_sockets_of_an_enforced_endpoint_are_judged_packet_by_packet() {
         .into_iter()
         .find(|(labels, _)| labels == "event=\"skb_denied\"")
         .map(|(_, v)| v);
-    assert!(skb_denied >= Some(7.0), "{skb_denied:?}");
+    assert!(skb_denied >= Some(8.0), "{skb_denied:?}");
 }
 
 fn denied(env: &Env, client: &str, to: SocketAddr) -> bool {
