@@ -53,6 +53,8 @@ static __u64 (*bpf_ktime_get_boot_ns)(void) = (void *)BPF_FUNC_ktime_get_boot_ns
 static long (*bpf_skb_load_bytes)(const void *skb, __u32 offset, void *to,
 				  __u32 len) = (void *)BPF_FUNC_skb_load_bytes;
 static struct bpf_sock *(*bpf_sk_fullsock)(struct bpf_sock *sk) = (void *)BPF_FUNC_sk_fullsock;
+static void *(*bpf_sk_storage_get)(void *map, void *sk, void *value,
+				   __u64 flags) = (void *)BPF_FUNC_sk_storage_get;
 
 #define bpf_htons(x) __builtin_bswap16(x)
 #define bpf_ntohs(x) __builtin_bswap16(x)
@@ -94,6 +96,8 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } df_cidr SEC(".maps");
 
+/* Read only, for sockets redirected by programs of before df_sock_srv (an upgrade in place
+ * keeps their answers restored); nothing writes it any more. */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, 65536);
@@ -101,6 +105,27 @@ struct {
 	__type(value, struct df_dst);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } df_sock_dst SEC(".maps");
+
+/* The server a redirected socket addressed, stored in the socket itself: it lives and dies
+ * with the socket, and no other socket's churn can evict it (a node-wide LRU keyed by
+ * cookie could be flushed by any workload creating sockets). */
+struct {
+	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, struct df_dst);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} df_sock_srv SEC(".maps");
+
+/* The server sk addressed, if it was redirected. */
+static __always_inline struct df_dst *sock_server(void *ctx, struct bpf_sock *sk)
+{
+	struct df_dst *d = bpf_sk_storage_get(&df_sock_srv, sk, 0, 0);
+	if (d)
+		return d;
+	__u64 cookie = bpf_get_socket_cookie(ctx);
+	return bpf_map_lookup_elem(&df_sock_dst, &cookie);
+}
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
@@ -281,7 +306,7 @@ static __always_inline const struct df_addr *proxy_for(const struct df_config *c
 enum verdict { PASS, REDIRECT, DENY };
 
 /* The decision of connect/sendmsg for a destination. On REDIRECT *to is the proxy. */
-static __always_inline enum verdict decide(void *ctx, const struct df_endpoint *ep,
+static __always_inline enum verdict decide(struct bpf_sock *sk, const struct df_endpoint *ep,
 					   const struct df_addr *dst, __u16 port, __u32 protocol,
 					   const struct df_addr **to, __u16 *to_port)
 {
@@ -297,11 +322,15 @@ static __always_inline enum verdict decide(void *ctx, const struct df_endpoint *
 				count(DF_STAT_NO_PROXY);
 				return (ep->flags & DF_EP_ENFORCE) ? DENY : PASS;
 			}
-			struct df_dst orig = {};
-			__u64 cookie = bpf_get_socket_cookie(ctx);
-			orig.addr = *dst;
-			orig.port = port;
-			bpf_map_update_elem(&df_sock_dst, &cookie, &orig, BPF_ANY);
+			struct df_dst *orig = bpf_sk_storage_get(&df_sock_srv, sk, 0,
+								 BPF_SK_STORAGE_GET_F_CREATE);
+			if (!orig) {
+				/* Nowhere to say whom it asked: refuse rather than misjudge. */
+				count(DF_STAT_NO_PROXY);
+				return DENY;
+			}
+			orig->addr = *dst;
+			orig->port = port;
 			*to = proxy;
 			*to_port = cfg->port;
 			count(DF_STAT_REDIRECTED);
@@ -326,7 +355,7 @@ static __always_inline int sock_addr4(struct bpf_sock_addr *ctx, __u32 denied_st
 	__u16 to_port = 0;
 	addr_from4(&dst, ctx->user_ip4);
 	__u16 port = bpf_ntohs((__u16)ctx->user_port);
-	switch (decide(ctx, ep, &dst, port, ctx->protocol, &to, &to_port)) {
+	switch (decide(ctx->sk, ep, &dst, port, ctx->protocol, &to, &to_port)) {
 	case PASS:
 		return 1;
 	case REDIRECT:
@@ -355,7 +384,7 @@ static __always_inline int sock_addr6(struct bpf_sock_addr *ctx, __u32 denied_st
 	dst.w[2] = ctx->user_ip6[2];
 	dst.w[3] = ctx->user_ip6[3];
 	__u16 port = bpf_ntohs((__u16)ctx->user_port);
-	switch (decide(ctx, ep, &dst, port, ctx->protocol, &to, &to_port)) {
+	switch (decide(ctx->sk, ep, &dst, port, ctx->protocol, &to, &to_port)) {
 	case PASS:
 		return 1;
 	case REDIRECT:
@@ -398,8 +427,8 @@ int df_sendmsg6(struct bpf_sock_addr *ctx)
 }
 
 /* Answers from the proxy to a redirected socket: show the server the socket addressed. */
-static __always_inline const struct df_dst *restore_lookup(void *ctx, const struct df_addr *src,
-							   __u16 port)
+static __always_inline const struct df_dst *restore_lookup(struct bpf_sock_addr *ctx,
+							   const struct df_addr *src, __u16 port)
 {
 	struct df_config *cfg = config();
 	if (!cfg || port != cfg->port)
@@ -407,8 +436,7 @@ static __always_inline const struct df_dst *restore_lookup(void *ctx, const stru
 	const struct df_addr *proxy = proxy_for(cfg, src);
 	if (!proxy || !addr_eq(src, proxy))
 		return 0;
-	__u64 cookie = bpf_get_socket_cookie(ctx);
-	return bpf_map_lookup_elem(&df_sock_dst, &cookie);
+	return sock_server(ctx, ctx->sk);
 }
 
 static __always_inline int restore4(struct bpf_sock_addr *ctx)
@@ -476,6 +504,25 @@ int df_egress(struct __sk_buff *skb)
 	struct df_addr src = {}, dst = {};
 	__u32 protocol;
 	__u32 l4;
+	__u16 frag = 0;
+	/* Raw sockets (SOCK_RAW) pass no connect/sendmsg hook: every packet of theirs is judged
+	 * here, whatever its TCP flags or fragment offset. */
+	struct bpf_sock *sk = skb->sk;
+	if (sk)
+		sk = bpf_sk_fullsock(sk);
+	__u32 raw = sk && sk->type == 3 /* SOCK_RAW */;
+	/* A raw socket made before its process joined an enforced endpoint's cgroup is still
+	 * the sender's: raw packets leave in the sender's context, so judge them by the
+	 * sending task's endpoint when the socket's cgroup has none. */
+	if (raw && !enforce) {
+		__u64 task_cgroup = 0;
+		struct df_endpoint *task_ep = current_endpoint(&task_cgroup);
+		if (task_ep && (task_ep->flags & DF_EP_ENFORCE)) {
+			ep = task_ep;
+			cgroup = task_cgroup;
+			enforce = 1;
+		}
+	}
 	if (skb->protocol == bpf_htons(ETH_P_IP)) {
 		struct iphdr ip;
 		if (bpf_skb_load_bytes(skb, 0, &ip, sizeof(ip)))
@@ -484,9 +531,7 @@ int df_egress(struct __sk_buff *skb)
 		addr_from4(&dst, ip.daddr);
 		protocol = ip.protocol;
 		l4 = (__u32)ip.ihl * 4;
-		/* Later fragments carry no ports; the first one was judged. */
-		if (ip.frag_off & bpf_htons(0x1fff))
-			return 1;
+		frag = ip.frag_off & bpf_htons(0x1fff);
 	} else if (skb->protocol == bpf_htons(ETH_P_IPV6)) {
 		struct ipv6hdr ip6;
 		if (bpf_skb_load_bytes(skb, 0, &ip6, sizeof(ip6)))
@@ -496,6 +541,16 @@ int df_egress(struct __sk_buff *skb)
 		protocol = ip6.nexthdr; /* extension headers: judged as their own protocol */
 		l4 = sizeof(ip6);
 	} else {
+		return 1;
+	}
+
+	/* Later fragments carry no ports; the first one was judged (a raw socket's are not:
+	 * it can write any offset, so an enforced endpoint's raw fragments are refused). */
+	if (frag) {
+		if (enforce && raw) {
+			count(DF_STAT_SKB_DENIED);
+			return 0;
+		}
 		return 1;
 	}
 
@@ -511,7 +566,9 @@ int df_egress(struct __sk_buff *skb)
 	__u16 dport = bpf_ntohs(ports[1]);
 
 	struct df_config *cfg = config();
-	if (cfg && (protocol == IPPROTO_TCP || protocol == IPPROTO_UDP)) {
+	/* A raw socket writes any source port: it could claim another socket's origin. Its
+	 * packets to the proxy record nothing and are judged like the rest of its packets. */
+	if (cfg && !raw && (protocol == IPPROTO_TCP || protocol == IPPROTO_UDP)) {
 		const struct df_addr *proxy = proxy_for(cfg, &dst);
 		if (proxy && addr_eq(&dst, proxy) && dport == cfg->port) {
 			/* A query on its way to the proxy: say who sent it (endpoint 0: a process
@@ -521,8 +578,7 @@ int df_egress(struct __sk_buff *skb)
 			if (protocol == IPPROTO_UDP || (tcp_flags & 0x02)) {
 				struct df_origin_key k = {};
 				struct df_origin o = {};
-				__u64 cookie = bpf_get_socket_cookie(skb);
-				struct df_dst *orig = bpf_map_lookup_elem(&df_sock_dst, &cookie);
+				struct df_dst *orig = sk ? sock_server(skb, sk) : 0;
 				k.addr = src;
 				k.port = sport;
 				k.proto = (__u8)protocol;
@@ -544,12 +600,11 @@ int df_egress(struct __sk_buff *skb)
 	if (!enforce || !ep)
 		return 1;
 
-	struct bpf_sock *sk = skb->sk;
-	if (sk)
-		sk = bpf_sk_fullsock(sk);
 	if (protocol == IPPROTO_TCP) {
-		/* New connections only (SYN without ACK): established ones survive expiry. */
-		if (!(tcp_flags & 0x02) || (tcp_flags & 0x10))
+		/* New connections only (SYN without ACK): established ones survive expiry. A raw
+		 * socket has no connection: all its segments are judged (an ACK or RST written by
+		 * hand would otherwise reach any address). */
+		if (!raw && (!(tcp_flags & 0x02) || (tcp_flags & 0x10)))
 			return 1;
 	} else if (protocol == IPPROTO_UDP) {
 		/* Datagram sockets were judged by connect/sendmsg; raw ones are judged here. */

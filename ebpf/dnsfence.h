@@ -86,7 +86,8 @@ struct df_cidr_val {
 	struct df_spec deny[DF_MAX_L3_SPECS];
 };
 
-/* sock_dst: socket cookie -> the DNS server a redirected socket addressed. */
+/* sock_srv (socket-local storage) and, read only for sockets of earlier programs, sock_dst
+ * (socket cookie ->): the DNS server a redirected socket addressed. */
 struct df_dst {
 	struct df_addr addr;
 	__u16 port;
@@ -116,7 +117,8 @@ enum df_stat {
 	DF_STAT_SENDMSG_DENIED,    /* sendmsg() refused (EPERM) */
 	DF_STAT_SKB_DENIED,        /* packets dropped by the egress backstop */
 	DF_STAT_ORIGINS,           /* origin entries written */
-	DF_STAT_NO_PROXY,          /* DNS refused: no proxy address for the family */
+	DF_STAT_NO_PROXY,          /* DNS refused: no proxy address for the family (or no
+	                            * memory for the socket's redirect state) */
 	DF_STAT_ALLOWED,           /* connections allowed by an allow entry */
 	DF_STAT_MAX,
 };

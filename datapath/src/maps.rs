@@ -23,16 +23,20 @@ pub mod names {
     pub const ENDPOINTS: &str = "df_endpoints";
     /// `df_allow`.
     pub const ALLOW: &str = "df_allow";
-    /// `df_sock_dst`.
+    /// `df_sock_dst` (read only: redirect state of sockets of programs before `df_sock_srv`).
     pub const SOCK_DST: &str = "df_sock_dst";
     /// `df_cidr`.
     pub const CIDR: &str = "df_cidr";
+    /// `df_sock_srv` (socket-local storage: the server a redirected socket addressed).
+    pub const SOCK_SRV: &str = "df_sock_srv";
     /// `df_origin`.
     pub const ORIGIN: &str = "df_origin";
     /// `df_stats`.
     pub const STATS: &str = "df_stats";
     /// Every map.
-    pub const ALL: [&str; 7] = [CONFIG, ENDPOINTS, ALLOW, SOCK_DST, ORIGIN, STATS, CIDR];
+    pub const ALL: [&str; 8] = [
+        CONFIG, ENDPOINTS, ALLOW, SOCK_DST, SOCK_SRV, ORIGIN, STATS, CIDR,
+    ];
 }
 
 /// `struct df_addr`: 16 bytes in network order, IPv4 as IPv4-mapped IPv6.

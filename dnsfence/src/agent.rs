@@ -117,7 +117,9 @@ pub struct AgentArgs {
     /// than the client's cached answer.
     #[arg(long, default_value_t = 60)]
     pub min_ttl: u32,
-    /// Ceiling for allow-entry TTLs, in seconds.
+    /// Ceiling for allow-entry TTLs, in seconds. Answers that write allow entries carry no
+    /// TTL above it (higher ones are lowered to it), so a client never caches an address
+    /// longer than its entry lives.
     #[arg(long, default_value_t = 86_400)]
     pub max_ttl: u32,
     /// Queries from unknown sources.

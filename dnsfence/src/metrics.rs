@@ -233,6 +233,11 @@ pub fn render(state: &State) -> String {
             "Addresses beyond the 32 kept per answer (not allowed)",
             |s| s.addresses_overflow,
         ),
+        (
+            "ttl_clamped",
+            "Enforced answers whose TTLs were lowered to --max-ttl",
+            |s| s.ttl_clamped,
+        ),
         ("allow_writes", "Allow entries written", |s| s.allow_writes),
         ("allow_write_failures", "Failed allow write batches", |s| {
             s.allow_write_failures

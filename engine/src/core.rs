@@ -287,6 +287,9 @@ pub struct Stats {
     pub off_chain_records: u64,
     /// Addresses beyond the 32 kept from one answer (not allowed).
     pub addresses_overflow: u64,
+    /// Enforced answers whose TTLs were lowered to `max(max_ttl, min_ttl)` (their allow
+    /// entries cannot outlive that, so the client must not cache longer).
+    pub ttl_clamped: u64,
     /// Allow entries written.
     pub allow_writes: u64,
     /// Allow write batches.
@@ -1156,6 +1159,15 @@ impl Core {
                 self.stats.off_chain_records += addresses.off_chain as u64;
                 self.stats.addresses_overflow += addresses.overflow as u64;
                 held = self.learn(now, slot, &addresses);
+                // The entries live 1.5 × at most the cap: the client must not cache the
+                // addresses longer than the cap (else its connections fail while its
+                // answer is still fresh).
+                let cap = self.config.max_ttl.max(self.config.min_ttl);
+                if addresses.min_ttl > cap {
+                    self.stats.ttl_clamped += 1;
+                    let reply = &mut self.outbox.bytes[start..start + len];
+                    wire::clamp_ttls(reply, &answer, cap);
+                }
             }
             self.addresses = Some(addresses);
             if collected.is_err() {

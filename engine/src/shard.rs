@@ -62,6 +62,44 @@ pub trait OriginSource: Send {
     fn origin(&mut self, client: SocketAddr, proto: Proto) -> Option<Origin>;
 }
 
+/// The origin of each TCP client connection, looked up at its first query and kept for the
+/// connection's life. The datapath records it once, at the SYN, in an LRU map that other
+/// workloads' traffic to the proxy can flush; a long-lived connection must not lose its
+/// endpoint (its later queries would be judged as an unknown source's) when that happens.
+/// One entry per connection slot, sized at start: no allocation per query.
+struct ConnOrigins {
+    slots: Vec<Option<(io::ConnId, Origin)>>,
+}
+
+impl ConnOrigins {
+    fn new(max_conns: usize) -> ConnOrigins {
+        ConnOrigins {
+            slots: vec![None; max_conns.min(1 << 16)],
+        }
+    }
+
+    /// The origin of connection `conn` from `peer`: the one seen at its first query that
+    /// had one, else what the datapath says now.
+    fn get(
+        &mut self,
+        source: &mut dyn OriginSource,
+        conn: io::ConnId,
+        peer: SocketAddr,
+    ) -> Option<Origin> {
+        let slot = self.slots.get_mut(io::conn_slot(conn));
+        if let Some(Some((id, origin))) = slot.as_deref()
+            && *id == conn
+        {
+            return Some(*origin);
+        }
+        let origin = source.origin(peer, Proto::Tcp)?;
+        if let Some(slot) = slot {
+            *slot = Some((conn, origin));
+        }
+        Some(origin)
+    }
+}
+
 /// What a running shard publishes for metrics (refreshed about every 100 ms).
 #[derive(Debug, Default)]
 pub struct ShardStatus {
@@ -145,6 +183,11 @@ fn run(mut config: ShardConfig, mut io: Io) {
         .generation
         .store(generation, Ordering::Release);
     let mut origins = config.origin.take();
+    let mut conn_origins = ConnOrigins::new(if origins.is_some() {
+        config.io.max_tcp_conns
+    } else {
+        0
+    });
     let mut published = Instant::now();
     let mut stopping: Option<Instant> = None;
     let mut drops = Drops::default();
@@ -182,7 +225,9 @@ fn run(mut config: ShardConfig, mut io: Io) {
                     core.handle_upstream(now, socket, from, data)
                 }
                 Event::TcpClientMessage { conn, peer, data } => {
-                    let origin = origins.as_mut().and_then(|o| o.origin(peer, Proto::Tcp));
+                    let origin = origins
+                        .as_mut()
+                        .and_then(|o| conn_origins.get(o.as_mut(), conn, peer));
                     core.handle_client(now, Client::Tcp { conn, peer }, origin, data)
                 }
                 Event::UpstreamUnreachable { socket } => core.handle_upstream_error(now, socket),

@@ -934,6 +934,29 @@ pub fn collect_addresses(
     Ok(())
 }
 
+/// Lowers to `cap` every TTL of the answer section above it (TTLs with the top bit set,
+/// which mean zero, are left alone). The answer's allow entries live at most 1.5 × `cap`, so
+/// a client must not cache its addresses longer than `cap`. `answer` is the parse of
+/// `packet`; a record that does not fit ends the walk (the packet was validated before).
+pub fn clamp_ttls(packet: &mut [u8], answer: &Answer, cap: u32) {
+    let mut pos = answer.question_end;
+    for _ in 0..answer.answers {
+        let Some(after_owner) = skip_name(packet, pos) else {
+            return;
+        };
+        let (Some(ttl), Some(rdlen)) = (
+            u32_at(packet, after_owner + 4),
+            u16_at(packet, after_owner + 8),
+        ) else {
+            return;
+        };
+        if ttl > cap && ttl <= i32::MAX as u32 {
+            packet[after_owner + 4..after_owner + 8].copy_from_slice(&cap.to_be_bytes());
+        }
+        pos = after_owner + 10 + usize::from(rdlen);
+    }
+}
+
 /// Copies the client's spelling of the question name over the answer's (same name, other
 /// case: 0x20). `client_name` must equal the answer's question name case-insensitively.
 pub fn restore_question_case(packet: &mut [u8], answer: &Answer, client_name: &[u8]) {
@@ -1216,6 +1239,43 @@ mod tests {
         assert_eq!(addrs.min_ttl, 60);
         assert_eq!(addrs.chain, 1);
         assert_eq!(addrs.off_chain, 1);
+    }
+
+    #[test]
+    fn ttls_above_the_cap_are_lowered_in_the_answer_section() {
+        let q = b"\x01a\x00";
+        let mut p = answer_packet(
+            q,
+            &[
+                (b"\xc0\x0c", TYPE_CNAME, 604_800, b"\x01b\x00"),
+                (b"\x01b\x00", TYPE_A, 90_000, &[192, 0, 2, 1]),
+                (b"\x01b\x00", TYPE_A, 60, &[192, 0, 2, 2]),
+                (b"\x01b\x00", TYPE_A, 0x8000_0000, &[192, 0, 2, 3]),
+            ],
+        );
+        let a = parse_answer(&p).unwrap();
+        clamp_ttls(&mut p, &a, 86_400);
+        let a = parse_answer(&p).unwrap();
+        let mut addrs = Addresses::default();
+        collect_addresses(&p, &a, &mut addrs).unwrap();
+        assert_eq!(addrs.ips().len(), 3);
+        // TTL fields: owner, type and class before each; records of 15, 17 and 17 bytes.
+        let qe = a.question_end;
+        let ttls: Vec<u32> = [qe + 6, qe + 15 + 7, qe + 32 + 7]
+            .iter()
+            .map(|&at| u32_at(&p, at).unwrap())
+            .collect();
+        assert_eq!(ttls, [86_400, 86_400, 60]);
+        let tail = &p[p.len() - 4 - 2 - 4..p.len() - 4 - 2];
+        assert_eq!(
+            tail,
+            0x8000_0000u32.to_be_bytes(),
+            "top bit set: left alone"
+        );
+        assert_eq!(
+            addrs.min_ttl, 0,
+            "a TTL with the top bit set still means zero"
+        );
     }
 
     #[test]

@@ -166,7 +166,11 @@ fn parse(diag: &mut Diag<'_>, text: &str) -> Vec<Endpoint> {
                 let cpath = join(&path, "cgroup");
                 let text = diag.string(c, &cpath)?;
                 let canon = canonical_cgroup(&text);
-                if canon.is_empty() || canon.split('/').any(|seg| seg.is_empty() || seg == "..") {
+                if canon.is_empty()
+                    || canon
+                        .split('/')
+                        .any(|seg| seg.is_empty() || seg == "." || seg == "..")
+                {
                     diag.invalid(c, &cpath, format!("invalid cgroup path {text:?}"));
                     return None;
                 }

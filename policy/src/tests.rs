@@ -636,8 +636,8 @@ fn load_collects_policy_and_endpoint_errors_and_reads_directories() {
         .map(|e| e.file.file_name().unwrap().to_str().unwrap())
         .collect();
     assert_eq!(files.iter().filter(|f| **f == "bad-ports.yaml").count(), 7);
-    assert_eq!(files.iter().filter(|f| **f == "bad-fields.yaml").count(), 6);
-    assert_eq!(errors.to_string().lines().count(), 13);
+    assert_eq!(files.iter().filter(|f| **f == "bad-fields.yaml").count(), 8);
+    assert_eq!(errors.to_string().lines().count(), 15);
 
     let empty = std::env::temp_dir().join(format!("dnsfence-policy-empty-{}", std::process::id()));
     std::fs::create_dir_all(&empty).unwrap();

@@ -187,6 +187,19 @@ impl Drop for LocalAddress {
     }
 }
 
+/// Removes a cgroup and its descendants, deepest first (a cgroup with children cannot be
+/// removed: a flat pass left `a` behind whenever `a/nested` existed).
+fn remove_cgroup_tree(dir: &Path) {
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for entry in entries.flatten() {
+            if entry.path().is_dir() {
+                remove_cgroup_tree(&entry.path());
+            }
+        }
+    }
+    let _ = std::fs::remove_dir(dir);
+}
+
 impl Drop for Env {
     fn drop(&mut self) {
         // Best effort: detach and unpin whatever a failed test left, then remove the tree.
@@ -194,13 +207,6 @@ impl Drop for Env {
             .args(["agent", "--uninstall", "--bpf-pin"])
             .arg(&self.pin)
             .output();
-        if let Ok(dir) = std::fs::read_dir(&self.cgroup_root) {
-            for entry in dir.flatten() {
-                if entry.path().is_dir() {
-                    let _ = std::fs::remove_dir(entry.path());
-                }
-            }
-        }
-        let _ = std::fs::remove_dir(&self.cgroup_root);
+        remove_cgroup_tree(&self.cgroup_root);
     }
 }

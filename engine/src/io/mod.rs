@@ -83,6 +83,13 @@ pub use uring::UringIo;
 /// later connection in the same slot.
 pub type ConnId = u64;
 
+/// The connection slot `conn` names (`0..max_tcp_conns`): the ids of one slot differ in
+/// their generation only, so a table per slot holding the id it was filled for is never
+/// mistaken for a later connection's.
+pub fn conn_slot(conn: ConnId) -> usize {
+    (conn & 0xffff) as usize
+}
+
 /// One thing that happened on the shard's sockets. Data borrows the backend's receive buffer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Event<'a> {

@@ -32,6 +32,7 @@ fn token(kind: u64, gen_: u64, slot: u16) -> u64 {
     (kind << 48) | ((gen_ & 0xffff_ffff) << 16) | u64::from(slot)
 }
 
+/// The id of a connection: generation above, slot in the low 16 bits ([`super::conn_slot`]).
 fn conn_id(gen_: u64, slot: u16) -> ConnId {
     (gen_ << 16) | u64::from(slot)
 }

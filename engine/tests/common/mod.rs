@@ -103,7 +103,7 @@ pub fn write_dir(tag: &str, files: &[(&str, &str)]) -> PathBuf {
     dir
 }
 
-fn snapshot_of(policy: &str) -> Snapshot {
+pub fn snapshot_of(policy: &str) -> Snapshot {
     let dir = write_dir(
         "policy",
         &[("policy.yaml", policy), ("endpoints.yaml", ENDPOINTS)],
