@@ -373,12 +373,17 @@ impl NameTable {
 }
 
 const NO_NAME: u32 = u32::MAX;
+/// Names remembered per allow entry.
+const NAMES_PER_ENTRY: usize = 4;
 
 #[derive(Debug, Clone, Copy)]
 struct Slot {
     expires: Instant,
-    /// Up to two names that justify the entry (the most recent first).
-    names: [u32; 2],
+    /// Up to `NAMES_PER_ENTRY` names that justify the entry (the first ones seen; a further
+    /// name is not remembered, so a reload dropping all the remembered ones revokes the
+    /// entry even if that further name still justifies it: fail closed, until it is answered
+    /// again).
+    names: [u32; NAMES_PER_ENTRY],
 }
 
 /// One change a group makes, for a sink to mirror (and to undo if it cannot).
@@ -624,8 +629,9 @@ impl Ledger {
                     // Remember this name too (it may be the one a reload keeps).
                     if let Some(name) = name {
                         let known = slot.names.iter().any(|&id| self.names.is(id, name));
-                        if !known && slot.names[1] == NO_NAME {
-                            slot.names[1] = self.names.acquire(c.key.endpoint, name);
+                        if !known && let Some(free) = slot.names.iter_mut().find(|n| **n == NO_NAME)
+                        {
+                            *free = self.names.acquire(c.key.endpoint, name);
                         }
                     }
                 }
@@ -635,7 +641,11 @@ impl Ledger {
                         c.key,
                         Slot {
                             expires: c.expires,
-                            names: [id, NO_NAME],
+                            names: {
+                                let mut names = [NO_NAME; NAMES_PER_ENTRY];
+                                names[0] = id;
+                                names
+                            },
                         },
                     );
                     *self.per_endpoint.entry(c.key.endpoint).or_insert(0) += 1;
@@ -669,7 +679,7 @@ impl Ledger {
             key,
             Slot {
                 expires,
-                names: [NO_NAME, NO_NAME],
+                names: [NO_NAME; NAMES_PER_ENTRY],
             },
         );
         *self.per_endpoint.entry(key.endpoint).or_insert(0) += 1;
@@ -704,10 +714,10 @@ impl Ledger {
     pub fn revoke(&mut self, snapshot: Arc<Snapshot>, removed: &mut Vec<AllowKey>) {
         self.rules = snapshot.rule_set();
         self.snapshot = Some(snapshot);
-        let keys: Vec<(AllowKey, [u32; 2])> =
+        let keys: Vec<(AllowKey, [u32; NAMES_PER_ENTRY])> =
             self.entries.iter().map(|(k, s)| (*k, s.names)).collect();
         for (key, names) in keys {
-            let justified = if names == [NO_NAME, NO_NAME] {
+            let justified = if names == [NO_NAME; NAMES_PER_ENTRY] {
                 self.spec_justified(key.endpoint, key.ports)
             } else {
                 names.iter().any(|&id| {

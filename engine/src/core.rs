@@ -499,7 +499,10 @@ pub struct Core {
     /// have revoked entries).
     /// Seeded foldhash: fast, and keys partly chosen by upstream answers cannot be aimed at
     /// one bucket without the per-process seed.
-    written: HashMap<AllowKey, Instant, foldhash::fast::RandomState>,
+    /// Keyed also by a hash of the justifying name: a second name answering an address the
+    /// first one already opened is still written, so the ledger learns it (a reload that
+    /// drops the first name must not revoke what the second one justifies).
+    written: HashMap<(AllowKey, u64), Instant, foldhash::fast::RandomState>,
     /// Scratch: the distinct port specs of one answer's matching rules.
     specs: Vec<PortSpec>,
     /// The batch group `learn` began last.
@@ -1311,6 +1314,10 @@ impl Core {
         // The group (and its copy of the name) is begun at the first entry needed: answers
         // that need no write, the steady state, cost no copy.
         let mut group = None;
+        let name_hash = {
+            use std::hash::BuildHasher;
+            self.written.hasher().hash_one(name.wire())
+        };
         for &ip in addresses.ips() {
             let ip = crate::allow::canonical(ip);
             for &ports in &self.specs {
@@ -1322,7 +1329,7 @@ impl Core {
                 // Rewrite only what is missing or would expire before the client's cache.
                 let fresh = self
                     .written
-                    .get(&entry)
+                    .get(&(entry, name_hash))
                     .is_some_and(|&at| at >= needed_until);
                 if !fresh {
                     if group.is_none() {
@@ -1369,9 +1376,16 @@ impl Core {
         }
         for g in 0..self.batch.groups.len() {
             if self.batch.groups[g].ok {
+                let name_hash = {
+                    use std::hash::BuildHasher;
+                    let group = self.batch.groups[g];
+                    let first = &self.batch.entries[group.start as usize];
+                    let name = &self.batch.names[first.name as usize];
+                    self.written.hasher().hash_one(name.wire())
+                };
                 for w in self.batch.group_entries(g).iter().filter(|w| w.written) {
                     self.stats.allow_writes += 1;
-                    self.written.insert(w.key, w.expires);
+                    self.written.insert((w.key, name_hash), w.expires);
                 }
             } else {
                 self.stats.allow_write_failures += 1;

@@ -1379,18 +1379,11 @@ fn local_replies_carry_a_minimal_opt_without_the_clients_cookie() {
     assert_eq!(to_client(&out).len(), q.len());
 }
 
-/// Finding (open): an allow entry remembers the names that justified it only when a write
-/// happened, and at most two of them. A shard that already wrote an address for one name
-/// does not write it again for a second name answering the same address (its memory of
-/// written entries ignores names, and no IpUpdate is recorded either), so a reload removing
-/// the first name revokes the entry although the second still justifies it: the client
-/// holding a fresh answer for the second name is refused until it resolves it again (up to
-/// the TTL). Shared addresses (CDNs, virtual hosts) make this common. Fix: let a new
-/// (name, address) pair reach the ledger even when the entry is fresh (the shard's memory
-/// keyed by name too, the write then costing no map update when no expiry grows), with room
-/// for more than two names, or judge unnamed survivors against the FQDN cache at reload.
+/// Review finding (fixed): an address answered for two names is written for each (the
+/// shard's memory of written entries is keyed by name too), so the ledger remembers both and
+/// a reload that drops the first name keeps what the second still justifies. Failed when
+/// the memory ignored names (the second answer never reached the ledger).
 #[test]
-#[ignore = "open finding: a reload revokes an entry another still-allowed name justifies"]
 fn a_reload_keeps_an_address_another_allowed_name_answered() {
     // The test policy with a second toFQDNs name on 443/TCP.
     let two_names = POLICY
