@@ -87,6 +87,16 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } df_allow SEC(".maps");
 
+/* Written and read by userspace only (the loader sizes it like df_allow). */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 1048576);
+	__type(key, struct df_allow_key);
+	__type(value, struct df_name);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} df_allow_names SEC(".maps");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
 	__uint(max_entries, 65536);

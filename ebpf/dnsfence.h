@@ -86,6 +86,13 @@ struct df_cidr_val {
 	struct df_spec deny[DF_MAX_L3_SPECS];
 };
 
+/* allow_names (userspace only): an allow entry -> the question name that justified it (wire
+ * form), so a restarted agent can judge restored entries by name against a changed policy. */
+struct df_name {
+	__u8 len;
+	__u8 wire[255];
+};
+
 /* sock_srv (socket-local storage) and, read only for sockets of earlier programs, sock_dst
  * (socket cookie ->): the DNS server a redirected socket addressed. */
 struct df_dst {

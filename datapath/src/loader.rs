@@ -175,6 +175,7 @@ pub struct Datapath {
     stats: PerCpuArray<MapData, u64>,
     cidr: LpmTrie<MapData, CidrData, CidrValue>,
     allow: Option<HashMap<MapData, maps::AllowMapKey, u64>>,
+    allow_names: Option<HashMap<MapData, maps::AllowMapKey, maps::NameValue>>,
 }
 
 impl std::fmt::Debug for Datapath {
@@ -220,6 +221,7 @@ impl Datapath {
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&maps_dir)
             .map_max_entries(names::ALLOW, config.allow_entries.max(1))
+            .map_max_entries(names::ALLOW_NAMES, config.allow_entries.max(1))
             .load(OBJECT)
             .map_err(|e| DatapathError::Load(format!("{e:#}")))?;
         let cgroup = fs::File::open(&config.cgroup_root)
@@ -243,12 +245,14 @@ impl Datapath {
         let stats = take(&mut ebpf, names::STATS)?;
         let allow = take(&mut ebpf, names::ALLOW)?;
         let cidr = take(&mut ebpf, names::CIDR)?;
+        let allow_names = take(&mut ebpf, names::ALLOW_NAMES)?;
         Ok(Datapath {
             cidr: LpmTrie::try_from(cidr).map_err(map_err(names::CIDR))?,
             config: Array::try_from(config_map).map_err(map_err(names::CONFIG))?,
             endpoints: HashMap::try_from(endpoints).map_err(map_err(names::ENDPOINTS))?,
             stats: PerCpuArray::try_from(stats).map_err(map_err(names::STATS))?,
             allow: Some(HashMap::try_from(allow).map_err(map_err(names::ALLOW))?),
+            allow_names: Some(HashMap::try_from(allow_names).map_err(map_err(names::ALLOW_NAMES))?),
             _ebpf: ebpf,
             pin_dir: config.pin_dir.clone(),
             cgroup_root: config.cgroup_root.clone(),
@@ -396,11 +400,13 @@ impl Datapath {
     /// The allow-map sink shared by the shards (call once): its ledger is seeded with the
     /// entries already in the pinned map, which stay as they are.
     pub fn allow_sink(&mut self, config: LedgerConfig) -> Result<BpfAllow, DatapathError> {
-        let map = self.allow.take().ok_or(DatapathError::Map {
-            map: names::ALLOW,
-            reason: "sink already taken".into(),
-        })?;
-        BpfAllow::new(map, config)
+        let (Some(map), Some(names_map)) = (self.allow.take(), self.allow_names.take()) else {
+            return Err(DatapathError::Map {
+                map: names::ALLOW,
+                reason: "sink already taken".into(),
+            });
+        };
+        BpfAllow::new(map, names_map, config)
     }
 }
 

@@ -27,6 +27,8 @@ pub mod names {
     pub const SOCK_DST: &str = "df_sock_dst";
     /// `df_cidr`.
     pub const CIDR: &str = "df_cidr";
+    /// `df_allow_names`.
+    pub const ALLOW_NAMES: &str = "df_allow_names";
     /// `df_sock_srv` (socket-local storage: the server a redirected socket addressed).
     pub const SOCK_SRV: &str = "df_sock_srv";
     /// `df_origin`.
@@ -34,8 +36,16 @@ pub mod names {
     /// `df_stats`.
     pub const STATS: &str = "df_stats";
     /// Every map.
-    pub const ALL: [&str; 8] = [
-        CONFIG, ENDPOINTS, ALLOW, SOCK_DST, SOCK_SRV, ORIGIN, STATS, CIDR,
+    pub const ALL: [&str; 9] = [
+        CONFIG,
+        ENDPOINTS,
+        ALLOW,
+        ALLOW_NAMES,
+        SOCK_DST,
+        SOCK_SRV,
+        ORIGIN,
+        STATS,
+        CIDR,
     ];
 }
 
@@ -185,6 +195,33 @@ pub struct CidrValue {
     pub deny: [Spec; MAX_L3_SPECS],
 }
 
+/// `struct df_name`: a question name in wire form.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NameValue {
+    /// Bytes used.
+    pub len: u8,
+    /// The name.
+    pub wire: [u8; 255],
+}
+
+impl NameValue {
+    /// The value of a name (None if its wire form does not fit, which a valid name always does).
+    pub fn of(wire: &[u8]) -> Option<NameValue> {
+        let mut v = NameValue {
+            len: u8::try_from(wire.len()).ok()?,
+            wire: [0; 255],
+        };
+        v.wire.get_mut(..wire.len())?.copy_from_slice(wire);
+        Some(v)
+    }
+
+    /// The wire bytes.
+    pub fn bytes(&self) -> &[u8] {
+        &self.wire[..usize::from(self.len)]
+    }
+}
+
 /// `struct df_dst`.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -301,6 +338,8 @@ unsafe impl aya::Pod for Dst {}
 // SAFETY: as above.
 unsafe impl aya::Pod for CidrData {}
 // SAFETY: as above.
+unsafe impl aya::Pod for NameValue {}
+// SAFETY: as above.
 unsafe impl aya::Pod for CidrValue {}
 // SAFETY: as above.
 unsafe impl aya::Pod for OriginKey {}
@@ -323,6 +362,7 @@ mod tests {
         assert_eq!(size_of::<Dst>(), 24);
         assert_eq!(size_of::<OriginKey>(), 24);
         assert_eq!(size_of::<OriginValue>(), 40);
+        assert_eq!(size_of::<NameValue>(), 256);
         // df_cidr_key is 4 + 24 (no padding: the data is bytes), df_cidr_val 8 + 2 * 4 * 8.
         assert_eq!(size_of::<aya::maps::lpm_trie::Key<CidrData>>(), 28);
         assert_eq!(size_of::<CidrValue>(), 8 + 2 * 8 * MAX_L3_SPECS);

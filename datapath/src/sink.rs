@@ -14,7 +14,7 @@ use dnsfence_engine::allow::{
 use dnsfence_policy::Snapshot;
 
 use crate::loader::DatapathError;
-use crate::maps::{AllowMapKey, names};
+use crate::maps::{AllowMapKey, NameValue, names};
 use crate::sys;
 
 /// Converts between `Instant` and the programs' clock (CLOCK_BOOTTIME ns).
@@ -55,6 +55,9 @@ impl Clock {
 struct Inner {
     ledger: Ledger,
     map: HashMap<MapData, AllowMapKey, u64>,
+    /// The name that justified each entry (its first), kept beside the map so that a
+    /// restarted agent judges restored entries by name.
+    names: HashMap<MapData, AllowMapKey, NameValue>,
     changes: Vec<Change>,
     removed: Vec<AllowKey>,
 }
@@ -75,6 +78,7 @@ impl BpfAllow {
     /// A sink over the pinned allow map; what the map holds is taken into the ledger.
     pub fn new(
         map: HashMap<MapData, AllowMapKey, u64>,
+        names_map: HashMap<MapData, AllowMapKey, NameValue>,
         config: LedgerConfig,
     ) -> Result<BpfAllow, DatapathError> {
         let mut ledger = Ledger::new(config);
@@ -84,12 +88,17 @@ impl BpfAllow {
                 map: names::ALLOW,
                 reason: e.to_string(),
             })?;
-            ledger.restore(AllowKey::from(&k), clock.to_instant(expires));
+            let name = names_map
+                .get(&k, 0)
+                .ok()
+                .and_then(|n| dnsfence_matcher::Name::from_wire(n.bytes()).ok());
+            ledger.restore(AllowKey::from(&k), clock.to_instant(expires), name.as_ref());
         }
         Ok(BpfAllow {
             inner: Arc::new(Mutex::new(Inner {
                 ledger,
                 map,
+                names: names_map,
                 changes: Vec::new(),
                 removed: Vec::new(),
             })),
@@ -113,6 +122,7 @@ impl BpfAllow {
         inner.ledger.revoke(snapshot, &mut inner.removed);
         for k in &inner.removed {
             let _ = inner.map.remove(&AllowMapKey::from(k));
+            let _ = inner.names.remove(&AllowMapKey::from(k));
         }
         inner.removed.len()
     }
@@ -128,6 +138,7 @@ impl BpfAllow {
             .sweep(Instant::now(), budget, &mut inner.removed);
         for k in &inner.removed {
             let _ = inner.map.remove(&AllowMapKey::from(k));
+            let _ = inner.names.remove(&AllowMapKey::from(k));
         }
         n
     }
@@ -157,6 +168,17 @@ impl AllowSink for BpfAllow {
             }
             match failed_at {
                 None => {
+                    // New entries get their name beside them (best effort: an entry without
+                    // one is judged by its port spec alone after a restart).
+                    let name = batch
+                        .group_entries(g)
+                        .first()
+                        .map(|e| &batch.names[e.name as usize]);
+                    if let Some(value) = name.and_then(|n| NameValue::of(n.wire())) {
+                        for c in inner.changes.iter().filter(|c| c.previous.is_none()) {
+                            let _ = inner.names.insert(AllowMapKey::from(&c.key), value, 0);
+                        }
+                    }
                     inner.ledger.commit(batch, g, &inner.changes);
                     batch.settle_group(g, true, inner.ledger.planned_justified());
                 }

@@ -664,10 +664,11 @@ impl Ledger {
         }
     }
 
-    /// Takes in an entry found in a pinned map at start (names unknown: kept while its
-    /// endpoint is enforced and its port spec is still one of the endpoint's, see
-    /// [`Ledger::revoke`]).
-    pub fn restore(&mut self, key: AllowKey, expires: Instant) {
+    /// Takes in an entry found in a pinned map at start, with the name that justified it when
+    /// the map beside it kept one (then it is judged like any entry); without a name it is
+    /// kept while its endpoint is enforced and its port spec is still one of the endpoint's
+    /// (see [`Ledger::revoke`]).
+    pub fn restore(&mut self, key: AllowKey, expires: Instant, name: Option<&Name>) {
         let key = AllowKey {
             ip: canonical(key.ip),
             ..key
@@ -675,13 +676,11 @@ impl Ledger {
         if self.entries.contains_key(&key) {
             return;
         }
-        self.entries.insert(
-            key,
-            Slot {
-                expires,
-                names: [NO_NAME; NAMES_PER_ENTRY],
-            },
-        );
+        let mut names = [NO_NAME; NAMES_PER_ENTRY];
+        if let Some(name) = name {
+            names[0] = self.names.acquire(key.endpoint, name);
+        }
+        self.entries.insert(key, Slot { expires, names });
         *self.per_endpoint.entry(key.endpoint).or_insert(0) += 1;
         self.expiries.push(Reverse((expires, key)));
     }

@@ -195,14 +195,12 @@ fn denied(env: &Env, client: &str, to: SocketAddr) -> bool {
     matches!(env.connect(Some(client), to), Err(e) if e.contains("PermissionError"))
 }
 
-/// Finding (open): entries restored from the pinned map at start have no names, and are kept
-/// while their port spec is still one of the endpoint's. An agent restarted with a policy
-/// that drops a name (another toFQDNs name keeping 443/TCP open) leaves the dropped name's
-/// addresses reachable until their entries expire: up to 1.5 × `--max-ttl` (36 h at the
-/// defaults). A live reload revokes them at once. Fix: persist the justifying names beside
-/// the map (a pinned name table, or a state file), so a restart can judge restored entries.
+/// Review finding (fixed): entries restored from the pinned map at start were judged by port
+/// spec alone, so an agent restarted with a policy that drops a name (another toFQDNs name
+/// keeping 443/TCP open) left the dropped name's addresses reachable until they expired (up
+/// to 1.5 × `--max-ttl`). The justifying name now lives beside each entry in the pinned
+/// `df_allow_names`, so a restarted agent judges restored entries by name.
 #[test]
-#[ignore = "open finding: restored allow entries survive a narrowing policy across a restart"]
 fn a_restart_with_a_narrower_policy_revokes_restored_entries() {
     if !require_root("datapath_attacks") {
         return;
