@@ -354,6 +354,7 @@ fn plan(args: &AgentArgs) -> Result<Plan> {
             UnknownFlag::Deny => UnknownSource::Deny,
             UnknownFlag::Allow => UnknownSource::Allow,
         };
+        core.require_origin = !args.no_bpf;
         core.max_pending = args.max_pending;
         core.max_pending_per_endpoint = args.max_pending_per_endpoint.max(1);
         core.flow_records = args.flow_log.is_some();

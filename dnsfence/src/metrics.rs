@@ -173,6 +173,11 @@ pub fn render(state: &State) -> String {
             |s| s.refused_unknown_source,
         ),
         (
+            "origin_missing",
+            "Queries with no datapath origin record (eBPF mode; refused as unidentified)",
+            |s| s.origin_missing,
+        ),
+        (
             "malformed_answered",
             "Malformed queries answered FORMERR/NOTIMP",
             |s| s.malformed_answered,

@@ -62,6 +62,10 @@ pub struct CoreConfig {
     pub max_ttl: u32,
     /// Queries from unknown sources.
     pub unknown_source: UnknownSource,
+    /// eBPF mode: every query that reaches the proxy through this node's hooks has an origin
+    /// record; one without (evicted under a flood, or sent around the hooks) is refused as
+    /// unidentified whatever `unknown_source` says (it could be any workload's).
+    pub require_origin: bool,
     /// Most queries in flight upstream at once; beyond it new queries get SERVFAIL.
     pub max_pending: usize,
     /// Most of those one endpoint may hold (unknown sources count as one endpoint), so a
@@ -103,6 +107,7 @@ impl CoreConfig {
             min_ttl: 0,
             max_ttl: 86_400,
             unknown_source: UnknownSource::Deny,
+            require_origin: false,
             max_pending: 8192,
             max_pending_per_endpoint: 4096,
             allow_cache_entries: 65536,
@@ -256,6 +261,9 @@ pub struct Stats {
     pub refused: u64,
     /// Queries refused because the source is unknown.
     pub refused_unknown_source: u64,
+    /// Queries with no origin record in eBPF mode (refused as unidentified; also counted in
+    /// `refused_unknown_source`).
+    pub origin_missing: u64,
     /// Malformed queries answered FORMERR/NOTIMP.
     pub malformed_answered: u64,
     /// Malformed queries dropped (no readable header).
@@ -709,7 +717,14 @@ impl Core {
         };
         let name = Name::from_wire(query.name_wire(packet));
         let server = origin.map(|o| o.server);
+        // eBPF mode: no origin record means the sender cannot be told (any workload could
+        // have sent it): no endpoint, and refused whatever --unknown-source says.
+        let unidentified = self.config.require_origin && origin.is_none();
+        if unidentified {
+            self.stats.origin_missing += 1;
+        }
         let endpoint = match origin.and_then(|o| o.endpoint) {
+            _ if unidentified => None,
             // The datapath names the sending cgroup's endpoint; one the snapshot does not
             // (yet, or any longer) know is an unknown source.
             Some(key) => self.snapshot.endpoint_by_key(key),
@@ -717,6 +732,7 @@ impl Core {
         };
         let key = endpoint.map(|ep| self.snapshot.endpoint_key(ep));
         let verdict = match endpoint {
+            None if unidentified => None,
             None => match self.config.unknown_source {
                 UnknownSource::Deny => None,
                 UnknownSource::Allow => Some(DnsVerdict::Unrestricted),

@@ -1421,3 +1421,42 @@ fn a_reload_keeps_an_address_another_allowed_name_answered() {
         "cdn.kept.test's fresh answer lost its address"
     );
 }
+
+/// eBPF mode (review finding E): a query the datapath recorded no origin for is refused even
+/// with `--unknown-source allow`, and not judged by its source address either: any workload
+/// could have sent it.
+#[test]
+fn queries_without_an_origin_are_refused_in_ebpf_mode() {
+    use dnsfence_engine::core::Origin;
+    let mut c = config();
+    c.unknown_source = UnknownSource::Allow;
+    c.require_origin = true;
+    let mut h = Harness::new(c);
+    // From the fixture endpoint's own address, with no origin: refused, never forwarded.
+    h.core.handle_client(
+        h.at(0),
+        Client::Udp(CLIENT.parse().unwrap()),
+        None,
+        &query(0x61, "www.allowed.test", TYPE_A),
+    );
+    let out = h.drain(0);
+    assert_eq!(out.len(), 1, "{out:?}");
+    assert_eq!(rcode(to_client(&out)), Rcode::Refused as u8);
+    assert_eq!(h.core.stats().origin_missing, 1);
+    // With an origin naming no endpoint, --unknown-source allow applies (forwarded).
+    let origin = Origin {
+        endpoint: None,
+        server: "192.0.2.53:53".parse().unwrap(),
+    };
+    h.core.handle_client(
+        h.at(1),
+        Client::Udp("127.0.0.99:5555".parse().unwrap()),
+        Some(origin),
+        &query(0x62, "anything.test", TYPE_A),
+    );
+    let out = h.drain(1);
+    assert!(
+        matches!(out[0].0, Destination::UpstreamUdp { .. }),
+        "{out:?}"
+    );
+}
