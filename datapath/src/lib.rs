@@ -13,6 +13,8 @@ pub mod origin;
 pub mod sink;
 mod sys;
 
-pub use loader::{Datapath, DatapathError, EndpointSync, InstallConfig, cgroup_id, ensure_cgroup2};
+pub use loader::{
+    Datapath, DatapathError, EndpointSync, InstallConfig, PinLock, cgroup_id, ensure_cgroup2,
+};
 pub use origin::BpfOrigins;
 pub use sink::BpfAllow;

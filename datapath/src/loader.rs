@@ -64,6 +64,17 @@ pub enum DatapathError {
          host) or an empty directory to mount one on"
     )]
     NotCgroup2(PathBuf),
+    /// Another process (an agent, or an uninstall) holds the pin directory.
+    #[error(
+        "{pin} is in use by another dnsfence process{holder}: one agent per --bpf-pin (stop it \
+         first, or give this one another --bpf-pin)"
+    )]
+    Busy {
+        /// The pin directory.
+        pin: PathBuf,
+        /// ` (pid N)` when known.
+        holder: String,
+    },
     /// The pin directory is not on a bpffs.
     #[error("{0} is not on a bpf filesystem (mount -t bpf bpf /sys/fs/bpf)")]
     NotBpffs(PathBuf),
@@ -159,6 +170,59 @@ fn ensure_bpffs(pin_dir: &Path) -> Result<(), DatapathError> {
     Err(DatapathError::NotBpffs(pin_dir.to_path_buf()))
 }
 
+/// Where the lock of a pin directory lives (bpffs holds no regular files): a file under
+/// `/run/dnsfence/` named after the pin directory.
+fn lock_path(pin_dir: &Path) -> PathBuf {
+    let name: String = pin_dir
+        .to_string_lossy()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect();
+    Path::new("/run/dnsfence").join(format!("pin{name}.lock"))
+}
+
+/// An exclusive hold on a pin directory for the life of the process (the kernel drops it
+/// when the process exits, however it exits: no stale lock after a kill -9).
+#[derive(Debug)]
+pub struct PinLock {
+    _file: fs::File,
+}
+
+impl PinLock {
+    /// Takes the lock of `pin_dir`, or says who holds it.
+    pub fn take(pin_dir: &Path) -> Result<PinLock, DatapathError> {
+        use std::io::{Read, Seek, Write};
+        let path = lock_path(pin_dir);
+        if let Some(dir) = path.parent() {
+            fs::create_dir_all(dir).map_err(fs_err("creating", dir))?;
+        }
+        let mut file = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(fs_err("opening", &path))?;
+        if file.try_lock().is_err() {
+            let mut pid = String::new();
+            let _ = file.read_to_string(&mut pid);
+            let pid = pid.trim();
+            return Err(DatapathError::Busy {
+                pin: pin_dir.to_path_buf(),
+                holder: if pid.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (pid {pid})")
+                },
+            });
+        }
+        let _ = file.set_len(0);
+        let _ = file.rewind();
+        let _ = write!(file, "{}", std::process::id());
+        Ok(PinLock { _file: file })
+    }
+}
+
 /// The cgroup id of a cgroup v2 directory: its inode number.
 pub fn cgroup_id(path: &Path) -> io::Result<u64> {
     Ok(fs::metadata(path)?.ino())
@@ -168,6 +232,8 @@ pub fn cgroup_id(path: &Path) -> io::Result<u64> {
 pub struct Datapath {
     /// Keeps the programs loaded while this process runs (the pinned links keep them after).
     _ebpf: Ebpf,
+    /// This process's hold on the pin directory.
+    _lock: PinLock,
     pin_dir: PathBuf,
     cgroup_root: PathBuf,
     config: Array<MapData, Config>,
@@ -211,6 +277,7 @@ impl Datapath {
     /// Loads the programs (reusing pinned maps), attaches them at the cgroup root, pins the
     /// links, and detaches what an earlier install left attached.
     pub fn install(config: &InstallConfig) -> Result<Datapath, DatapathError> {
+        let lock = PinLock::take(&config.pin_dir)?;
         ensure_cgroup2(&config.cgroup_root)?;
         ensure_bpffs(&config.pin_dir)?;
         let maps_dir = maps_dir(&config.pin_dir);
@@ -254,6 +321,7 @@ impl Datapath {
             allow: Some(HashMap::try_from(allow).map_err(map_err(names::ALLOW))?),
             allow_names: Some(HashMap::try_from(allow_names).map_err(map_err(names::ALLOW_NAMES))?),
             _ebpf: ebpf,
+            _lock: lock,
             pin_dir: config.pin_dir.clone(),
             cgroup_root: config.cgroup_root.clone(),
         })
@@ -262,6 +330,8 @@ impl Datapath {
     /// Detaches every program and removes every pin under `pin_dir`. Returns how many links
     /// were detached. Nothing pinned is not an error.
     pub fn uninstall(pin_dir: &Path) -> Result<usize, DatapathError> {
+        // Not while an agent enforces from it: it would keep serving with nothing enforced.
+        let _lock = PinLock::take(pin_dir)?;
         let links_dir = links_dir(pin_dir);
         let mut detached = 0;
         if links_dir.exists() {

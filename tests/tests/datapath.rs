@@ -434,3 +434,49 @@ spec:
     let _l3 = listen(fine);
     assert_eq!(env.connect(Some("a"), SocketAddr::new(fine, 443)), Ok(()));
 }
+
+#[test]
+fn one_agent_per_pin_directory_and_no_uninstall_under_a_running_agent() {
+    if !require_root("datapath") {
+        return;
+    }
+    let _serial = EXCLUSIVE.lock().unwrap_or_else(|e| e.into_inner());
+    let env = Env::new("lock", &["a", "b"]);
+    let upstream = Bundled::start(&["--ttl", "60", "--ips", "1"]);
+    let config = agent_config(&env, upstream.addr, &[]);
+    let agent = Agent::start(&config);
+    // A second agent on the same pins would take over redirection and the maps' books.
+    let mut second = Agent::spawn(&agent_config(&env, upstream.addr, &[]));
+    let status = second
+        .process
+        .wait_timeout(Duration::from_secs(10))
+        .expect("the second agent exits");
+    assert_eq!(status.code(), Some(1));
+    let pid = format!("(pid {})", agent.process.pid());
+    assert!(
+        second
+            .process
+            .stderr()
+            .contains("in use by another dnsfence process")
+            && second.process.stderr().contains(&pid),
+        "{}",
+        second.process.stderr()
+    );
+    // --uninstall refuses while the agent enforces from the pins.
+    let out = std::process::Command::new(dnsfence_tests::bin("dnsfence"))
+        .args(["agent", "--uninstall", "--bpf-pin"])
+        .arg(&env.pin)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains(&pid));
+    assert!(env.attached().contains("df_"), "still attached");
+    // Once the agent is gone (kill -9 included), the pins are free again.
+    drop(agent);
+    let out = std::process::Command::new(dnsfence_tests::bin("dnsfence"))
+        .args(["agent", "--uninstall", "--bpf-pin"])
+        .arg(&env.pin)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+}
