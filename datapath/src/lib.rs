@@ -18,3 +18,4 @@ pub use loader::{
 };
 pub use origin::BpfOrigins;
 pub use sink::BpfAllow;
+pub use sys::DirWatch;

@@ -452,6 +452,27 @@ impl Datapath {
         Ok(sync)
     }
 
+    /// The directories to watch so that an endpoint's cgroup is known the moment it appears
+    /// (or is recreated, with a new id): every existing directory from the cgroup root down
+    /// to each endpoint cgroup's parent, and the endpoint cgroups themselves (for their
+    /// children).
+    pub fn watch_dirs(&self, snapshot: &Snapshot) -> Vec<PathBuf> {
+        let mut dirs = vec![self.cgroup_root.clone()];
+        for (path, _) in snapshot.cgroups() {
+            let mut dir = self.cgroup_root.clone();
+            for part in path.trim_start_matches('/').split('/') {
+                dir.push(part);
+                if !dir.is_dir() {
+                    break;
+                }
+                dirs.push(dir.clone());
+            }
+        }
+        dirs.sort();
+        dirs.dedup();
+        dirs
+    }
+
     /// The programs' counters, summed over CPUs.
     pub fn stats(&self) -> Vec<(Stat, u64)> {
         Stat::ALL

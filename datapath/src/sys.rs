@@ -1,5 +1,5 @@
 //! The few syscalls of the datapath that aya does not make: the boot clock, filesystem
-//! magic numbers, mounting cgroup2 and bpffs. Every `unsafe` of the crate besides the `Pod`
+//! magic numbers, mounting cgroup2 and bpffs, inotify on cgroup directories. Every `unsafe` of the crate besides the `Pod`
 //! impls of `maps.rs` is here.
 use std::ffi::CString;
 use std::io;
@@ -60,4 +60,76 @@ pub fn mount(fstype: &str, target: &Path) -> io::Result<()> {
         return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// An inotify instance watching directories for entries created or removed (cgroup
+/// directories appearing under an endpoint's parent).
+#[derive(Debug)]
+pub struct DirWatch {
+    fd: std::os::fd::OwnedFd,
+}
+
+impl DirWatch {
+    /// A new instance (close-on-exec).
+    pub fn new() -> io::Result<DirWatch> {
+        use std::os::fd::FromRawFd;
+        // SAFETY: inotify_init1 takes flags only and returns a new fd or -1.
+        let fd = unsafe { libc::inotify_init1(libc::IN_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` is a fresh descriptor this process owns and nothing else closes.
+        Ok(DirWatch {
+            fd: unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) },
+        })
+    }
+
+    /// Watches `dir` for entries created, removed or moved (adding a directory twice is
+    /// harmless: the kernel keeps one watch).
+    pub fn add(&self, dir: &Path) -> io::Result<()> {
+        use std::os::fd::AsRawFd;
+        let c = c_path(dir)?;
+        let mask = libc::IN_CREATE | libc::IN_DELETE | libc::IN_MOVED_TO | libc::IN_MOVED_FROM;
+        // SAFETY: the fd is a live inotify instance and `c` a NUL-terminated path.
+        let wd = unsafe { libc::inotify_add_watch(self.fd.as_raw_fd(), c.as_ptr(), mask) };
+        if wd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Blocks until at least one event arrives, or `timeout_ms` passes; returns whether
+    /// events arrived (their contents are drained and not needed: any change means "sync").
+    pub fn wait(&self, timeout_ms: i32) -> io::Result<bool> {
+        use std::os::fd::AsRawFd;
+        let mut pfd = libc::pollfd {
+            fd: self.fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: `pfd` is one valid pollfd for the duration of the call.
+        let n = unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            return if e.kind() == io::ErrorKind::Interrupted {
+                Ok(false)
+            } else {
+                Err(e)
+            };
+        }
+        if n == 0 {
+            return Ok(false);
+        }
+        let mut buf = [0u8; 4096];
+        // SAFETY: `buf` is writable for its length; the fd is readable (poll said so); a
+        // short or failed read only loses events that were "something changed" anyway.
+        let _ = unsafe {
+            libc::read(
+                self.fd.as_raw_fd(),
+                buf.as_mut_ptr().cast::<libc::c_void>(),
+                buf.len(),
+            )
+        };
+        Ok(true)
+    }
 }

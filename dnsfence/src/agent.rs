@@ -501,6 +501,8 @@ pub fn run(args: &AgentArgs) -> Result<()> {
     for line in enforcer.apply(&policy.load())? {
         eprintln!("dnsfence agent: {line}");
     }
+    let watch_stop = Arc::new(AtomicBool::new(false));
+    let cgroup_watch = enforcer.watch_cgroups(Arc::clone(&policy), Arc::clone(&watch_stop));
     let stop = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         signal_hook::flag::register(signal, Arc::clone(&stop)).context("signal handler")?;
@@ -704,6 +706,10 @@ pub fn run(args: &AgentArgs) -> Result<()> {
     }
     consumer_stop.store(true, Ordering::Relaxed);
     let _ = consumer.join();
+    watch_stop.store(true, Ordering::Relaxed);
+    if let Some(w) = cgroup_watch {
+        let _ = w.join();
+    }
     match failed {
         Some(i) => bail!("shard {i} stopped unexpectedly; exiting so a supervisor restarts us"),
         None => Ok(()),

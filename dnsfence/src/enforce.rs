@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use dnsfence_datapath::{BpfAllow, BpfOrigins, Datapath, EndpointSync, InstallConfig};
@@ -113,6 +113,67 @@ impl Enforcer {
                     .sync_endpoints(snapshot);
             }
         }
+    }
+
+    /// eBPF mode: a thread that syncs the endpoints map the moment a directory appears or
+    /// goes under the cgroups of the endpoints (a service restart recreates its cgroup with
+    /// a new id: without this it would be unprotected until the next tick). Runs until
+    /// `stop`; None in userspace mode or when inotify is unavailable (then ticks only).
+    pub fn watch_cgroups(
+        self: &Arc<Self>,
+        policy: Arc<dnsfence_engine::shard::PolicyHandle>,
+        stop: Arc<std::sync::atomic::AtomicBool>,
+    ) -> Option<std::thread::JoinHandle<()>> {
+        use std::sync::atomic::Ordering;
+        let Enforcer::Bpf { .. } = **self else {
+            return None;
+        };
+        let watch = match dnsfence_datapath::DirWatch::new() {
+            Ok(w) => w,
+            Err(e) => {
+                eprintln!(
+                    "dnsfence agent: warning: inotify unavailable ({e}): new cgroups are \
+                     picked up at each --reload-interval only"
+                );
+                return None;
+            }
+        };
+        let me = Arc::clone(self);
+        std::thread::Builder::new()
+            .name("dnsf-cgwatch".into())
+            .spawn(move || {
+                let Enforcer::Bpf { datapath, .. } = &*me else {
+                    return;
+                };
+                let mut generation = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    let g = policy.generation();
+                    if g != generation {
+                        generation = g;
+                        let dirs = datapath
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .watch_dirs(&policy.load());
+                        for dir in dirs {
+                            let _ = watch.add(&dir);
+                        }
+                    }
+                    match watch.wait(200) {
+                        Ok(true) => {
+                            let snapshot = policy.load();
+                            let mut dp = datapath.lock().unwrap_or_else(|e| e.into_inner());
+                            let _ = dp.sync_endpoints(&snapshot);
+                            // Directories that appeared may hold endpoint cgroups to come.
+                            for dir in dp.watch_dirs(&snapshot) {
+                                let _ = watch.add(&dir);
+                            }
+                        }
+                        Ok(false) => {}
+                        Err(_) => std::thread::sleep(Duration::from_millis(200)),
+                    }
+                }
+            })
+            .ok()
     }
 
     /// The allow entries' counters.

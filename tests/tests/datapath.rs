@@ -480,3 +480,34 @@ fn one_agent_per_pin_directory_and_no_uninstall_under_a_running_agent() {
         .unwrap();
     assert!(out.status.success(), "{out:?}");
 }
+
+#[test]
+fn a_cgroup_created_or_recreated_after_start_is_enforced_at_once() {
+    if !require_root("datapath") {
+        return;
+    }
+    let _serial = EXCLUSIVE.lock().unwrap_or_else(|e| e.into_inner());
+    let env = Env::new("late", &["a"]);
+    let upstream = Bundled::start(&["--ttl", "60", "--ips", "1"]);
+    // Ticks far apart: only the cgroup watch can pick the new cgroup up in time.
+    let mut config = agent_config(&env, upstream.addr, &["--reload-interval", "60s"]);
+    config
+        .endpoints
+        .push_str("- {name: late, namespace: default, labels: {app: a}, cgroup: svc/late}\n");
+    let _agent = Agent::start(&config);
+    let target = SocketAddr::from(([127, 0, 0, 1], dnsfence_tests::free_port()));
+    let _l = TcpListener::bind(target).unwrap();
+    let late = env.cgroup("svc").join("late");
+    for round in 0..2 {
+        // Created (round 0: its parent too), or recreated with a new id (round 1).
+        std::fs::create_dir_all(&late).unwrap();
+        let enforced = poll_until(Duration::from_millis(500), || {
+            denied(env.connect(Some("svc/late"), target)).then_some(())
+        });
+        assert!(
+            enforced.is_some(),
+            "round {round}: the new cgroup was not enforced within 0.5 s"
+        );
+        std::fs::remove_dir(&late).unwrap();
+    }
+}
