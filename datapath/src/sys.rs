@@ -79,9 +79,8 @@ impl DirWatch {
             return Err(io::Error::last_os_error());
         }
         // SAFETY: `fd` is a fresh descriptor this process owns and nothing else closes.
-        Ok(DirWatch {
-            fd: unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) },
-        })
+        let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+        Ok(DirWatch { fd })
     }
 
     /// Watches `dir` for entries created, removed or moved (adding a directory twice is
