@@ -597,10 +597,9 @@ int df_egress(struct __sk_buff *skb)
 				if (orig) {
 					o.server = orig->addr;
 					o.server_port = orig->port;
-				} else {
-					o.server = dst;
-					o.server_port = dport;
 				}
+				/* else: sent to the proxy's own address, no server to judge by (port
+				 * 0): the proxy takes its configured policy server. */
 				bpf_map_update_elem(&df_origin, &k, &o, BPF_ANY);
 				count(DF_STAT_ORIGINS);
 			}

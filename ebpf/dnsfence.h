@@ -113,7 +113,7 @@ struct df_origin {
 	__u64 endpoint; /* EndpointKey */
 	__u64 cgroup;   /* the endpoint's cgroup id */
 	struct df_addr server;
-	__u16 server_port;
+	__u16 server_port; /* 0: sent to the proxy itself, not redirected */
 	__u16 pad[3];
 };
 

@@ -44,7 +44,8 @@ impl BpfOrigins {
         let v = self.map.get(&OriginKey::of(client, proto), 0).ok()?;
         Some(Origin {
             endpoint: (v.endpoint != 0).then_some(EndpointKey(v.endpoint)),
-            server: SocketAddr::new(v.server.ip(), v.server_port),
+            // Port 0: the client addressed the proxy itself (nothing was redirected).
+            server: (v.server_port != 0).then(|| SocketAddr::new(v.server.ip(), v.server_port)),
         })
     }
 }

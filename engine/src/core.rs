@@ -450,8 +450,10 @@ pub struct Origin {
     /// The endpoint whose cgroup sent it, when the datapath knows it (then it takes
     /// precedence over the source address).
     pub endpoint: Option<EndpointKey>,
-    /// The DNS server the client addressed.
-    pub server: SocketAddr,
+    /// The DNS server the client addressed; None when it sent the query to the proxy's own
+    /// address (then DNS rules are judged against the configured policy server, as for a
+    /// query that arrived without eBPF).
+    pub server: Option<SocketAddr>,
 }
 
 /// Output arena: transmits are byte ranges of one buffer, which is reset when all are drained.
@@ -716,7 +718,7 @@ impl Core {
             }
         };
         let name = Name::from_wire(query.name_wire(packet));
-        let server = origin.map(|o| o.server);
+        let server = origin.and_then(|o| o.server);
         // eBPF mode: no origin record means the sender cannot be told (any workload could
         // have sent it): no endpoint, and refused whatever --unknown-source says.
         let unidentified = self.config.require_origin && origin.is_none();

@@ -1446,7 +1446,7 @@ fn queries_without_an_origin_are_refused_in_ebpf_mode() {
     // With an origin naming no endpoint, --unknown-source allow applies (forwarded).
     let origin = Origin {
         endpoint: None,
-        server: "192.0.2.53:53".parse().unwrap(),
+        server: Some("192.0.2.53:53".parse().unwrap()),
     };
     h.core.handle_client(
         h.at(1),

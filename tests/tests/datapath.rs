@@ -151,6 +151,12 @@ fn redirects_and_enforces_per_cgroup_through_reload_kill_and_uninstall() {
         Ok(())
     );
 
+    // DNS sent to the proxy's own address (not redirected) is judged like redirected DNS
+    // (against the policy server on port 53, not the proxy's port).
+    let direct = env.dig(Some("a"), agent.addr, &["www.allowed.test"]);
+    assert_eq!(direct.status, "NOERROR", "{}", direct.output);
+    assert_eq!(env.dig(Some("a"), agent.addr, &["evil.test"]).status, "REFUSED");
+
     // A denied name: REFUSED, UDP and TCP.
     for tcp in [false, true] {
         let args: &[&str] = if tcp {
