@@ -242,6 +242,8 @@ pub struct Datapath {
     cidr: LpmTrie<MapData, CidrData, CidrValue>,
     allow: Option<HashMap<MapData, maps::AllowMapKey, u64>>,
     allow_names: Option<HashMap<MapData, maps::AllowMapKey, maps::NameValue>>,
+    /// The allow map's real size (a reused pinned map keeps the size it was created with).
+    allow_capacity: u32,
 }
 
 impl std::fmt::Debug for Datapath {
@@ -311,6 +313,13 @@ impl Datapath {
         let endpoints = take(&mut ebpf, names::ENDPOINTS)?;
         let stats = take(&mut ebpf, names::STATS)?;
         let allow = take(&mut ebpf, names::ALLOW)?;
+        let allow_capacity = match &allow {
+            aya::maps::Map::HashMap(data) => data
+                .info()
+                .map(|i| i.max_entries())
+                .unwrap_or(config.allow_entries),
+            _ => config.allow_entries,
+        };
         let cidr = take(&mut ebpf, names::CIDR)?;
         let allow_names = take(&mut ebpf, names::ALLOW_NAMES)?;
         Ok(Datapath {
@@ -322,6 +331,7 @@ impl Datapath {
             allow_names: Some(HashMap::try_from(allow_names).map_err(map_err(names::ALLOW_NAMES))?),
             _ebpf: ebpf,
             _lock: lock,
+            allow_capacity,
             pin_dir: config.pin_dir.clone(),
             cgroup_root: config.cgroup_root.clone(),
         })
@@ -488,9 +498,17 @@ impl Datapath {
             .collect()
     }
 
+    /// The allow map's real size: the pinned map's when one was reused (a pinned map keeps
+    /// the size it was created with; `--uninstall` and a restart resize it).
+    pub fn allow_capacity(&self) -> u32 {
+        self.allow_capacity
+    }
+
     /// The allow-map sink shared by the shards (call once): its ledger is seeded with the
-    /// entries already in the pinned map, which stay as they are.
-    pub fn allow_sink(&mut self, config: LedgerConfig) -> Result<BpfAllow, DatapathError> {
+    /// entries already in the pinned map, which stay as they are. The ledger's capacity is
+    /// never above the map's.
+    pub fn allow_sink(&mut self, mut config: LedgerConfig) -> Result<BpfAllow, DatapathError> {
+        config.capacity = config.capacity.min(self.allow_capacity as usize);
         let (Some(map), Some(names_map)) = (self.allow.take(), self.allow_names.take()) else {
             return Err(DatapathError::Map {
                 map: names::ALLOW,

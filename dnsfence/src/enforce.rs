@@ -51,6 +51,15 @@ impl Enforcer {
             )
         })?;
         datapath.set_proxy(listen)?;
+        if (datapath.allow_capacity() as usize) < ledger.capacity {
+            eprintln!(
+                "dnsfence agent: warning: the pinned allow map holds {} entries, fewer than \
+                 --allow-entries {}: it was created with that size and is reused as it is \
+                 (run `dnsfence agent --uninstall` while no agent runs to recreate it)",
+                datapath.allow_capacity(),
+                ledger.capacity
+            );
+        }
         let allow = datapath.allow_sink(ledger)?;
         Ok(Enforcer::Bpf {
             datapath: Box::new(Mutex::new(datapath)),

@@ -155,7 +155,10 @@ fn redirects_and_enforces_per_cgroup_through_reload_kill_and_uninstall() {
     // (against the policy server on port 53, not the proxy's port).
     let direct = env.dig(Some("a"), agent.addr, &["www.allowed.test"]);
     assert_eq!(direct.status, "NOERROR", "{}", direct.output);
-    assert_eq!(env.dig(Some("a"), agent.addr, &["evil.test"]).status, "REFUSED");
+    assert_eq!(
+        env.dig(Some("a"), agent.addr, &["evil.test"]).status,
+        "REFUSED"
+    );
 
     // A denied name: REFUSED, UDP and TCP.
     for tcp in [false, true] {
@@ -516,4 +519,47 @@ fn a_cgroup_created_or_recreated_after_start_is_enforced_at_once() {
         );
         std::fs::remove_dir(&late).unwrap();
     }
+}
+
+#[test]
+fn a_reused_smaller_allow_map_is_reported_and_bounds_the_ledger() {
+    if !require_root("datapath") {
+        return;
+    }
+    let _serial = EXCLUSIVE.lock().unwrap_or_else(|e| e.into_inner());
+    let env = Env::new("resize", &["a"]);
+    let upstream = Bundled::start(&["--ttl", "60", "--ips", "1"]);
+    let mut first = Agent::start(&agent_config(
+        &env,
+        upstream.addr,
+        &["--allow-entries", "4"],
+    ));
+    first.process.signal("KILL");
+    first.process.wait_timeout(Duration::from_secs(5));
+    let mut config = agent_config(&env, upstream.addr, &["--allow-entries", "4096"]);
+    config.listen = Some(first.addr);
+    let second = Agent::start(&config);
+    assert!(
+        second
+            .process
+            .stderr()
+            .contains("the pinned allow map holds 4 entries, fewer than --allow-entries 4096"),
+        "{}",
+        second.process.stderr()
+    );
+    // The ledger is bounded by the map: the fifth name is refused as `full`, never as a
+    // failed map update.
+    for i in 0..5 {
+        env.dig(Some("a"), server(), &[&format!("n{i}.allowed.test")]);
+    }
+    let text = second.metrics_text();
+    let refused = |reason: &str| {
+        dnsfence_tests::dns::metric_values(&text, "dnsfence_allow_refused_total")
+            .iter()
+            .filter(|(labels, _)| labels.contains(reason))
+            .map(|(_, v)| *v)
+            .sum::<f64>()
+    };
+    assert!(refused("full") >= 1.0, "{text}");
+    assert_eq!(refused("map_error"), 0.0, "{text}");
 }
