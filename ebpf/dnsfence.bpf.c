@@ -548,8 +548,32 @@ int df_egress(struct __sk_buff *skb)
 			return enforce ? 0 : 1;
 		__builtin_memcpy(&src, &ip6.saddr, 16);
 		__builtin_memcpy(&dst, &ip6.daddr, 16);
-		protocol = ip6.nexthdr; /* extension headers: judged as their own protocol */
+		protocol = ip6.nexthdr;
 		l4 = sizeof(ip6);
+		/* Walk a few extension headers (hop-by-hop, routing, destination options, AH,
+		 * fragment) to the transport header; a chain longer than that is judged as the
+		 * extension header it stops at (refused for an enforced endpoint). */
+#pragma unroll
+		for (int i = 0; i < 4; i++) {
+			__u8 ext[4];
+			if (protocol != IPPROTO_HOPOPTS && protocol != IPPROTO_ROUTING &&
+			    protocol != IPPROTO_DSTOPTS && protocol != IPPROTO_AH &&
+			    protocol != IPPROTO_FRAGMENT)
+				break;
+			if (bpf_skb_load_bytes(skb, l4, ext, sizeof(ext)))
+				return enforce ? 0 : 1;
+			__u32 next = ext[0];
+			if (protocol == IPPROTO_FRAGMENT) {
+				/* Offset (13 bits) in bytes 2-3: a later fragment has no ports. */
+				frag = (((__u16)ext[2] << 8) | ext[3]) & 0xfff8;
+				l4 += 8;
+			} else if (protocol == IPPROTO_AH) {
+				l4 += ((__u32)ext[1] + 2) * 4;
+			} else {
+				l4 += ((__u32)ext[1] + 1) * 8;
+			}
+			protocol = next;
+		}
 	} else {
 		return 1;
 	}

@@ -198,6 +198,32 @@ fn redirects_and_enforces_per_cgroup_through_reload_kill_and_uninstall() {
     let _l6 = listen(v6);
     assert_eq!(env.connect(Some("a"), SocketAddr::new(v6, 443)), Ok(()));
     assert!(denied(env.connect(Some("a"), SocketAddr::new(v6, 80))));
+    // A connection whose packets carry an IPv6 destination-options header is judged by its
+    // transport header, like any other.
+    const DSTOPTS: &str = "import socket,sys\n\
+s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)\n\
+s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_DSTOPTS, bytes([0, 0, 1, 4, 0, 0, 0, 0]))\n\
+s.settimeout(2)\n\
+try:\n    s.connect((sys.argv[1], int(sys.argv[2]))); print('connected')\n\
+except Exception as e:\n    print(type(e).__name__, e)\n";
+    let probe = |port: &str| {
+        let out = env.run_in(
+            Some("a"),
+            "python3",
+            &["-c", DSTOPTS, &v6.to_string(), port],
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    assert_eq!(
+        probe("443"),
+        "connected",
+        "extension header on an allowed port"
+    );
+    assert!(
+        probe("80").starts_with("PermissionError"),
+        "and still judged"
+    );
+
     let IpAddr::V4(www4) = www else {
         panic!("IPv4")
     };
