@@ -100,12 +100,17 @@ pub struct AgentArgs {
     /// cgroup paths are relative to it.
     #[arg(long, value_name = "DIR", default_value = "/sys/fs/cgroup")]
     pub cgroup_root: PathBuf,
-    /// Number of shard threads (default: one per CPU of --cpus, or per available CPU).
+    /// Number of shard threads (default: one per CPU of --cpus, or per CPU the process may
+    /// run on).
     #[arg(long)]
     pub shards: Option<usize>,
     /// CPUs to pin shards to, e.g. `0,2-3` (shard i gets the i-th CPU, round robin).
+    /// Default: the CPUs of the process's affinity mask (taskset, cgroup cpuset).
     #[arg(long, value_name = "LIST", value_parser = parse_cpus)]
     pub cpus: Option<CpuList>,
+    /// Do not pin shard threads to CPUs (without --cpus, they are pinned by default).
+    #[arg(long, conflicts_with = "cpus")]
+    pub no_pin: bool,
     /// I/O backend.
     #[arg(long = "io", value_enum, default_value = "auto")]
     pub io: IoFlag,
@@ -295,9 +300,17 @@ fn plan(args: &AgentArgs) -> Result<Plan> {
         );
     }
     let available = std::thread::available_parallelism().map_or(1, |n| n.get());
+    // Pinned by default: to --cpus, else to the CPUs of the affinity mask.
+    let cpus: Option<Vec<usize>> = match (&args.cpus, args.no_pin) {
+        (Some(list), _) => Some(list.0.clone()),
+        (None, true) => None,
+        (None, false) => core_affinity::get_core_ids()
+            .map(|ids| ids.into_iter().map(|c| c.id).collect::<Vec<_>>())
+            .filter(|ids| !ids.is_empty()),
+    };
     let shards = args
         .shards
-        .unwrap_or(args.cpus.as_ref().map_or(available, |c| c.0.len()));
+        .unwrap_or(cpus.as_ref().map_or(available, Vec::len));
     for &listen in &listens {
         if listen.ip().is_unspecified() {
             bail!(
@@ -370,7 +383,7 @@ fn plan(args: &AgentArgs) -> Result<Plan> {
             core.policy_server = server;
         }
         core.seed = os_random_key()?;
-        let cpu = args.cpus.as_ref().map(|cpus| cpus.0[i % cpus.0.len()]);
+        let cpu = cpus.as_ref().map(|cpus| cpus[i % cpus.len()]);
         plan.shards.push((io, core, cpu));
     }
     Ok(plan)
@@ -532,6 +545,17 @@ pub fn run(args: &AgentArgs) -> Result<()> {
     let mut threads = Vec::new();
     let shard_stop = Arc::new(AtomicBool::new(false));
     let shard_count = plan.shards.len();
+    let placement = match plan.shards.iter().all(|(_, _, cpu)| cpu.is_none()) {
+        true => "not pinned".to_owned(),
+        false => format!(
+            "on CPUs {}",
+            plan.shards
+                .iter()
+                .map(|(_, _, cpu)| cpu.map_or("-".to_owned(), |c| c.to_string()))
+                .collect::<Vec<_>>()
+                .join(",")
+        ),
+    };
     for (index, (io, core, cpu)) in plan.shards.into_iter().enumerate() {
         let status = Arc::new(ShardStatus::default());
         statuses.push(Arc::clone(&status));
@@ -601,7 +625,7 @@ pub fn run(args: &AgentArgs) -> Result<()> {
         .unwrap_or_else(|e| e.into_inner())
         .map(|b| format!("{b:?}"));
     eprintln!(
-        "dnsfence agent: serving {} with {shard_count} shards ({}), upstream {}",
+        "dnsfence agent: serving {} with {shard_count} shards ({}, {placement}), upstream {}",
         listen_text(&plan.listen),
         backend.unwrap_or_default(),
         plan.upstream

@@ -442,6 +442,8 @@ pub struct AgentConfig {
     pub listen: Option<SocketAddr>,
     /// eBPF mode: `--bpf-pin` and `--cgroup-root` (None: `--no-bpf`).
     pub bpf: Option<(PathBuf, PathBuf)>,
+    /// Without `cpus`: leave the agent's default pinning on (else `--no-pin` is passed).
+    pub pin_default: bool,
 }
 
 impl AgentConfig {
@@ -457,6 +459,7 @@ impl AgentConfig {
             extra: Vec::new(),
             listen: None,
             bpf: None,
+            pin_default: false,
         }
     }
 
@@ -528,8 +531,16 @@ impl Agent {
             .arg(config.io.flag())
             .arg("--metrics-listen")
             .arg(metrics.to_string());
-        if let Some(cpus) = &config.cpus {
-            cmd.arg("--cpus").arg(cpus);
+        // Tests run many agents at once on a small machine: unpinned unless a test pins
+        // (with --cpus, or the agent's default pinning with `pin_default`).
+        match &config.cpus {
+            Some(cpus) => {
+                cmd.arg("--cpus").arg(cpus);
+            }
+            None if !config.pin_default => {
+                cmd.arg("--no-pin");
+            }
+            None => {}
         }
         cmd.args(&config.extra);
         let process = Process::spawn("dnsfence-agent", cmd, dir.path());

@@ -78,6 +78,33 @@ fn shards_pinned(io: IoBackend) {
     assert_eq!(r.status, "NOERROR", "{}", r.output);
 }
 
+#[test]
+fn shards_are_pinned_by_default_one_per_cpu_of_the_affinity_mask() {
+    let fake = FakeUpstream::start(FakeMode::Answer);
+    // One shard per CPU this test process may use (the agent inherits the mask), no --cpus
+    // and no --no-pin: the agent pins them itself.
+    let mask: Vec<usize> =
+        (0..std::thread::available_parallelism().map_or(1, |n| n.get())).collect();
+    let mut config = AgentConfig::new(IoBackend::Mmsg, fake.addr).shards(mask.len(), None);
+    config.pin_default = true;
+    let agent = Agent::start(&config);
+    let all = threads(agent.process.pid());
+    let mut shards: Vec<String> = all
+        .iter()
+        .filter(|(comm, _)| comm.starts_with("dnsf-shard-"))
+        .map(|(_, cpus)| cpus.clone())
+        .collect();
+    shards.sort();
+    let want: Vec<String> = mask.iter().map(|c| c.to_string()).collect();
+    assert_eq!(shards, want, "each shard on its own CPU: {all:?}");
+    let placement = format!("on CPUs {}", want.join(","));
+    assert!(
+        agent.process.stderr().contains(&placement),
+        "{}",
+        agent.process.stderr()
+    );
+}
+
 fn port_taken(io: IoBackend) {
     let udp = UdpSocket::bind("127.0.0.1:0").expect("bind plain UDP socket");
     let tcp = std::net::TcpListener::bind("127.0.0.1:0").expect("bind plain TCP listener");
