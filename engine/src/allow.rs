@@ -413,6 +413,8 @@ pub struct Ledger {
     /// Scratch of `plan`: new entries per endpoint, and per (endpoint, name).
     new_for: Vec<(EndpointKey, usize)>,
     new_for_name: Vec<(EndpointKey, u32, usize)>,
+    /// Scratch of `apply`.
+    changes_scratch: Vec<Change>,
     stats: LedgerStats,
 }
 
@@ -433,6 +435,7 @@ impl Ledger {
             justified_scratch: Vec::with_capacity(64),
             new_for: Vec::with_capacity(64),
             new_for_name: Vec::with_capacity(64),
+            changes_scratch: Vec::with_capacity(64),
             stats: LedgerStats::default(),
         }
     }
@@ -685,6 +688,20 @@ impl Ledger {
         self.expiries.push(Reverse((expires, key)));
     }
 
+    /// Plans and commits every group of `batch` with nothing to mirror (the userspace
+    /// table), settling each group. Allocates nothing once warm.
+    pub fn apply(&mut self, batch: &mut AllowBatch) {
+        let mut changes = std::mem::take(&mut self.changes_scratch);
+        for g in 0..batch.groups.len() {
+            let ok = self.plan(batch, g, &mut changes).is_ok();
+            if ok {
+                self.commit(batch, g, &changes);
+            }
+            batch.settle_group(g, ok, self.planned_justified());
+        }
+        self.changes_scratch = changes;
+    }
+
     /// Counts a group whose map write failed (its plan was not committed).
     pub fn map_failed(&mut self) {
         self.stats.map_errors += 1;
@@ -822,15 +839,7 @@ impl UserspaceAllowTable {
 
 impl AllowSink for &UserspaceAllowTable {
     fn write(&mut self, _now: Instant, batch: &mut AllowBatch) {
-        let mut ledger = self.ledger();
-        let mut changes = Vec::new();
-        for g in 0..batch.groups.len() {
-            let ok = ledger.plan(batch, g, &mut changes).is_ok();
-            if ok {
-                ledger.commit(batch, g, &changes);
-            }
-            batch.settle_group(g, ok, ledger.planned_justified());
-        }
+        self.ledger().apply(batch);
     }
 }
 

@@ -14,8 +14,11 @@ use dnsfence_engine::wire::TYPE_A;
 #[global_allocator]
 static GLOBAL: dnsfence_testkit::CountingAllocator = dnsfence_testkit::CountingAllocator;
 
-#[test]
-fn steady_state_queries_do_not_allocate() {
+/// Drives the core through `warm` then `measured` rounds of 64 allowed, 64 denied and 64
+/// malformed queries; with `fresh`, every answer carries an address never seen before and a
+/// 60 s TTL, so every answer goes through the allow write (ledger, batch, shard memory).
+/// Returns the allocations of the measured rounds, the stats and the allow table's size.
+fn drive(fresh: bool) -> (u64, dnsfence_engine::core::Stats, usize) {
     let upstream = "127.0.0.53:53".parse().unwrap();
     let mut config = CoreConfig::new(upstream);
     config.max_pending = 1024;
@@ -32,8 +35,8 @@ fn steady_state_queries_do_not_allocate() {
     malformed[5] = 2;
     let mut answers: Vec<Vec<u8>> = Vec::new();
     let mut out = Vec::with_capacity(64);
-    let mut run = |core: &mut Core, rounds: usize, answers: &mut Vec<Vec<u8>>| {
-        for round in 0..rounds {
+    let mut run = |core: &mut Core, rounds: usize, answers: &mut Vec<Vec<u8>>, first: usize| {
+        for round in first..first + rounds {
             let now = t0 + Duration::from_millis(round as u64);
             for (i, q) in queries.iter().enumerate() {
                 core.handle_client(now, client, None, q);
@@ -62,6 +65,13 @@ fn steady_state_queries_do_not_allocate() {
                         ));
                     }
                     answers[i][0..2].copy_from_slice(&id.to_be_bytes());
+                    if fresh {
+                        // A new address per answer (10/8 by a counter), TTL 60.
+                        let n = answers[i].len();
+                        let fresh_ip = 0x0a00_0000 | (round as u32 * 64 + i as u32);
+                        answers[i][n - 4..].copy_from_slice(&fresh_ip.to_be_bytes());
+                        answers[i][n - 10..n - 6].copy_from_slice(&60u32.to_be_bytes());
+                    }
                     let name_len = names[i].len() + 2;
                     answers[i][12..12 + name_len].copy_from_slice(&spelled[..name_len]);
                     core.handle_upstream(now, socket, upstream, &answers[i]);
@@ -74,11 +84,23 @@ fn steady_state_queries_do_not_allocate() {
         }
     };
 
-    run(&mut core, 20, &mut answers);
+    run(&mut core, 20, &mut answers, 0);
     let before = dnsfence_testkit::allocations();
-    run(&mut core, 100, &mut answers);
+    run(&mut core, 100, &mut answers, 20);
     let allocated = dnsfence_testkit::allocations() - before;
-    let s = core.stats();
+    (allocated as u64, *core.stats(), table.len())
+}
+
+/// One test (the counter is process-wide and libtest allocates in its own threads): the
+/// steady state, then the allow-write path.
+#[test]
+fn steady_state_and_the_allow_write_path_do_not_allocate() {
+    steady_state_queries_do_not_allocate();
+    fresh_addresses_through_the_allow_write_path_do_not_allocate();
+}
+
+fn steady_state_queries_do_not_allocate() {
+    let (allocated, s, _) = drive(false);
     assert_eq!(s.answered, 120 * 64);
     assert_eq!(s.refused, 120 * 64);
     assert_eq!(s.malformed_answered, 120 * 64);
@@ -87,5 +109,21 @@ fn steady_state_queries_do_not_allocate() {
         0,
         "{allocated} allocations for {} queries",
         100 * 64 * 3
+    );
+}
+
+/// The allow-write path itself (issue 11: measured, not skipped): every answer a new
+/// address, written through the ledger, allocates nothing either (tables sized at start;
+/// names interned once).
+fn fresh_addresses_through_the_allow_write_path_do_not_allocate() {
+    let (allocated, s, entries) = drive(true);
+    assert_eq!(s.answered, 120 * 64);
+    assert_eq!(s.allow_writes, 120 * 64, "every answer wrote its entry");
+    assert_eq!(entries, 120 * 64);
+    assert_eq!(
+        allocated,
+        0,
+        "{allocated} allocations for {} answers each writing an allow entry",
+        100 * 64
     );
 }
