@@ -383,6 +383,27 @@ pub fn proc_status_of(path: &str, field: &str) -> Option<String> {
     })
 }
 
+/// Runs `dnsfence-loadgen` against `server` with the queries of `file` at `rate` qps for
+/// `secs` seconds (1 s answer timeout) and returns its JSON report (`sent`, `answered`,
+/// `rcodes`, the per-second `timeline` with `p99_us`, ...). Panics when it fails.
+pub fn loadgen(server: SocketAddr, file: &Path, rate: u64, secs: f64) -> serde_json::Value {
+    let out = Command::new(bin("dnsfence-loadgen"))
+        .arg("--server")
+        .arg(server.to_string())
+        .arg("--queries")
+        .arg(file)
+        .args(["--rate", &rate.to_string(), "--duration", &secs.to_string()])
+        .args(["--timeout", "1000", "--json", "--quiet"])
+        .output()
+        .expect("run loadgen");
+    assert!(
+        out.status.success(),
+        "loadgen: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("loadgen JSON")
+}
+
 /// The CPUs in a kernel CPU list (`0-3,8`), as in `Cpus_allowed_list`.
 pub fn parse_cpu_list(list: &str) -> Vec<usize> {
     let mut cpus = Vec::new();

@@ -3,12 +3,11 @@
 
 use std::io::Write;
 use std::net::{Shutdown, SocketAddr};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use dnsfence_tests::dns::{self, TYPE_A, rcode};
 use dnsfence_tests::upstream::{Bundled, FakeMode, FakeUpstream};
-use dnsfence_tests::{Agent, AgentConfig, IoBackend, TempDir, bin, both_backends, poll_until};
+use dnsfence_tests::{Agent, AgentConfig, IoBackend, TempDir, both_backends, loadgen, poll_until};
 
 const T: Duration = Duration::from_secs(3);
 
@@ -300,23 +299,7 @@ fn unique_name_flood(io: IoBackend) {
         .collect();
     let warm = dir.write("warm.txt", &warm);
     let flood = dir.write("flood.txt", &flood);
-    let run = |file: &std::path::Path, rate: usize, secs: f64| -> serde_json::Value {
-        let out = Command::new(bin("dnsfence-loadgen"))
-            .arg("--server")
-            .arg(agent.addr.to_string())
-            .arg("--queries")
-            .arg(file)
-            .args(["--rate", &rate.to_string(), "--duration", &secs.to_string()])
-            .args(["--timeout", "1000", "--json", "--quiet"])
-            .output()
-            .expect("run loadgen");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).expect("loadgen JSON")
-    };
+    let run = |file: &std::path::Path, rate: u64, secs: f64| loadgen(agent.addr, file, rate, secs);
     run(&warm, 1000, 0.5);
     let before = agent.process.rss_kib();
     let report = run(&flood, 10_000, 2.0);
