@@ -371,6 +371,12 @@ pub fn render(state: &State) -> String {
     let obs = state.observations.lock().unwrap_or_else(|e| e.into_inner());
     let _ = writeln!(out, "# TYPE dnsfence_fqdn_cache_entries gauge");
     let _ = writeln!(out, "dnsfence_fqdn_cache_entries {}", obs.cache.len());
+    let _ = writeln!(out, "# TYPE dnsfence_fqdn_cache_evictions_total counter");
+    let _ = writeln!(
+        out,
+        "dnsfence_fqdn_cache_evictions_total {}",
+        obs.cache_evictions
+    );
     let _ = writeln!(out, "# TYPE dnsfence_ip_updates_total counter");
     let _ = writeln!(out, "dnsfence_ip_updates_total {}", obs.ip_updates);
     drop(obs);

@@ -383,6 +383,61 @@ pub fn proc_status_of(path: &str, field: &str) -> Option<String> {
     })
 }
 
+/// Runs `dnsfence-loadgen` against `server` with the queries of `file` at `rate` qps for
+/// `secs` seconds (1 s answer timeout) and returns its JSON report (`sent`, `answered`,
+/// `rcodes`, the per-second `timeline` with `p99_us`, ...). Panics when it fails.
+pub fn loadgen(server: SocketAddr, file: &Path, rate: u64, secs: f64) -> serde_json::Value {
+    let out = Command::new(bin("dnsfence-loadgen"))
+        .arg("--server")
+        .arg(server.to_string())
+        .arg("--queries")
+        .arg(file)
+        .args(["--rate", &rate.to_string(), "--duration", &secs.to_string()])
+        .args(["--timeout", "1000", "--json", "--quiet"])
+        .output()
+        .expect("run loadgen");
+    assert!(
+        out.status.success(),
+        "loadgen: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("loadgen JSON")
+}
+
+/// The CPUs in a kernel CPU list (`0-3,8`), as in `Cpus_allowed_list`.
+pub fn parse_cpu_list(list: &str) -> Vec<usize> {
+    let mut cpus = Vec::new();
+    for part in list.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let mut ends = part.splitn(2, '-').map(|n| n.parse::<usize>().ok());
+        match (ends.next().flatten(), ends.next()) {
+            (Some(a), None) => cpus.push(a),
+            (Some(a), Some(Some(b))) => cpus.extend(a..=b),
+            _ => {}
+        }
+    }
+    cpus
+}
+
+/// Whether this test process may run on every CPU of `cpus` (a test that pins threads to
+/// them). When not, says so on stderr as `SKIPPED {test}: needs CPUs ...` and returns false.
+/// The line is written to the process's stderr directly, not through `eprintln!`, so that
+/// `cargo test` shows it even though the test passes (it captures the output of passing
+/// tests): a skipped test never passes silently.
+pub fn require_cpus(test: &str, cpus: &[usize]) -> bool {
+    let allowed = proc_status_of("/proc/self/status", "Cpus_allowed_list").unwrap_or_default();
+    let have = parse_cpu_list(&allowed);
+    if cpus.iter().all(|c| have.contains(c)) {
+        return true;
+    }
+    use std::io::Write;
+    let _ = writeln!(
+        std::io::stderr(),
+        "SKIPPED {test}: needs {} CPUs ({cpus:?}), this process may use CPUs {allowed:?}",
+        cpus.len()
+    );
+    false
+}
+
 impl Drop for Process {
     fn drop(&mut self) {
         if self.try_status().is_none() {
@@ -628,4 +683,16 @@ pub fn udp_ports_connected_to(pid: u32, peer: SocketAddr) -> Vec<u16> {
             u16::from_str_radix(local.rsplit(':').next()?, 16).ok()
         })
         .collect()
+}
+
+#[cfg(test)]
+mod unit {
+    use super::parse_cpu_list;
+
+    #[test]
+    fn cpu_lists() {
+        assert_eq!(parse_cpu_list("0-3,8"), [0, 1, 2, 3, 8]);
+        assert_eq!(parse_cpu_list("1"), [1]);
+        assert_eq!(parse_cpu_list(""), [0usize; 0]);
+    }
 }

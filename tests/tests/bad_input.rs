@@ -3,12 +3,11 @@
 
 use std::io::Write;
 use std::net::{Shutdown, SocketAddr};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use dnsfence_tests::dns::{self, TYPE_A, rcode};
 use dnsfence_tests::upstream::{Bundled, FakeMode, FakeUpstream};
-use dnsfence_tests::{Agent, AgentConfig, IoBackend, TempDir, bin, both_backends, poll_until};
+use dnsfence_tests::{Agent, AgentConfig, IoBackend, TempDir, both_backends, loadgen, poll_until};
 
 const T: Duration = Duration::from_secs(3);
 
@@ -261,10 +260,36 @@ fn garbage_64k_frames(io: IoBackend) {
     assert_eq!(framing, Some(1.0), "dnsfence_io_tcp_framing_errors_total");
 }
 
+/// RSS growth allowed for the flood, and for its replay, in KiB.
+const FLOOD_RSS_KIB: u64 = 12 * 1024;
+const FLOOD_REPLAY_RSS_KIB: u64 = 6 * 1024;
+
+/// The caps of the flood run: small, so that 20k unique names exceed every one of them.
+const FLOOD_CACHE: usize = 1000;
+const FLOOD_ALLOW_PER_ENDPOINT: usize = 2000;
+const FLOOD_ALLOW_ENTRIES: usize = 4000;
+const FLOOD_MAX_PENDING: usize = 128;
+
+/// A flood of unique allowed names (each matches the policy's toFQDNs rule, so each answer
+/// wants an allow entry) against an agent with small caps: the FQDN cache, the endpoint's
+/// allow quota and the pending table are each exceeded (the upstream holds answers 20 ms, so
+/// 10k qps keeps about 200 queries in flight), which the metrics show; memory stays within a
+/// tight bound, and replaying the same names adds nothing.
 fn unique_name_flood(io: IoBackend) {
     const NAMES: usize = 20_000;
-    let up = Bundled::start(&["--prefix4", "198.18.0.0/15"]);
-    let agent = Agent::start(&AgentConfig::new(io, up.addr));
+    let up = Bundled::start(&["--prefix4", "198.18.0.0/15", "--delay-ms", "20"]);
+    let caps = [
+        ("--fqdn-cache-entries", FLOOD_CACHE),
+        ("--max-allow-per-endpoint", FLOOD_ALLOW_PER_ENDPOINT),
+        ("--allow-entries", FLOOD_ALLOW_ENTRIES),
+        ("--max-pending", FLOOD_MAX_PENDING),
+    ];
+    let args: Vec<String> = caps
+        .iter()
+        .flat_map(|(flag, n)| [flag.to_string(), n.to_string()])
+        .collect();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let agent = Agent::start(&AgentConfig::new(io, up.addr).args(&args));
     let dir = TempDir::new("flood");
     let warm: String = (0..500)
         .map(|i| format!("warm-{i}.allowed.test A\n"))
@@ -274,23 +299,7 @@ fn unique_name_flood(io: IoBackend) {
         .collect();
     let warm = dir.write("warm.txt", &warm);
     let flood = dir.write("flood.txt", &flood);
-    let run = |file: &std::path::Path, rate: usize, secs: f64| -> serde_json::Value {
-        let out = Command::new(bin("dnsfence-loadgen"))
-            .arg("--server")
-            .arg(agent.addr.to_string())
-            .arg("--queries")
-            .arg(file)
-            .args(["--rate", &rate.to_string(), "--duration", &secs.to_string()])
-            .args(["--timeout", "1000", "--json", "--quiet"])
-            .output()
-            .expect("run loadgen");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).expect("loadgen JSON")
-    };
+    let run = |file: &std::path::Path, rate: u64, secs: f64| loadgen(agent.addr, file, rate, secs);
     run(&warm, 1000, 0.5);
     let before = agent.process.rss_kib();
     let report = run(&flood, 10_000, 2.0);
@@ -298,13 +307,50 @@ fn unique_name_flood(io: IoBackend) {
     let sent = report["sent"].as_u64().unwrap_or(0);
     let answered = report["answered"].as_u64().unwrap_or(0);
     let noerror = report["rcodes"]["NOERROR"].as_u64().unwrap_or(0);
+    let servfail = report["rcodes"]["SERVFAIL"].as_u64().unwrap_or(0);
     eprintln!(
-        "{io:?}: {sent} unique names sent, {answered} answered ({noerror} NOERROR), RSS {before} -> {after} KiB"
+        "{io:?}: {sent} unique names sent, {answered} answered ({noerror} NOERROR, {servfail} SERVFAIL), RSS {before} -> {after} KiB"
     );
     assert!(sent as usize >= NAMES, "sent {sent}");
     assert!(answered * 100 >= sent * 95, "answered {answered} of {sent}");
+
+    // Every cap was reached, and none exceeded.
+    let metric = |name: &str| agent.metric_sum(name);
+    let cache = metric("dnsfence_fqdn_cache_entries");
+    let evictions = metric("dnsfence_fqdn_cache_evictions_total");
+    let entries = metric("dnsfence_allow_entries");
+    let quota = metric("dnsfence_allow_refused_total{reason=\"endpoint_quota\"}");
+    let pending_full = metric("dnsfence_pending_full_total");
+    eprintln!(
+        "{io:?}: FQDN cache {cache} entries, {evictions} evicted; {entries} allow entries, \
+         {quota} refused by the endpoint quota; {pending_full} SERVFAIL for a full pending table"
+    );
     assert!(
-        after < before + 64 * 1024,
+        cache <= FLOOD_CACHE as f64,
+        "FQDN cache over its cap: {cache}"
+    );
+    assert!(
+        evictions >= FLOOD_CACHE as f64,
+        "the FQDN cache (cap {FLOOD_CACHE}) was not overrun: {evictions} evictions"
+    );
+    assert_eq!(
+        entries, FLOOD_ALLOW_PER_ENDPOINT as f64,
+        "allow entries: the endpoint's quota must be full and not exceeded"
+    );
+    assert!(
+        quota >= 1000.0,
+        "the allow quota refused only {quota} answers"
+    );
+    assert!(
+        pending_full >= 100.0,
+        "the pending table (cap {FLOOD_MAX_PENDING}) overflowed only {pending_full} times"
+    );
+    assert!(
+        noerror > 0 && servfail > 0,
+        "{noerror} NOERROR, {servfail} SERVFAIL"
+    );
+    assert!(
+        after < before + FLOOD_RSS_KIB,
         "RSS grew from {before} KiB to {after} KiB for {NAMES} unique names"
     );
     // The same names again: nothing new to remember, so no growth beyond noise (no per-query
@@ -313,11 +359,21 @@ fn unique_name_flood(io: IoBackend) {
     let again = agent.process.rss_kib();
     eprintln!("{io:?}: replay of the same names: RSS {after} -> {again} KiB");
     assert!(report["answered"].as_u64().unwrap_or(0) * 100 >= sent * 95);
+    assert_eq!(metric("dnsfence_allow_entries"), entries);
     assert!(
-        again < after + 8 * 1024,
+        again < after + FLOOD_REPLAY_RSS_KIB,
         "RSS grew from {after} KiB to {again} KiB replaying {NAMES} known names"
     );
     let mut a = agent;
     a.process.assert_running();
-    still_serving(a.addr);
+    // Still serving: a name that needs no allow entry (no toFQDNs rule matches it) is
+    // answered, over UDP and TCP; one that would need a new entry gets SERVFAIL (quota full).
+    let q = dns::query(0x600d, "allowed.test", TYPE_A, None);
+    let udp = dns::udp_exchange(a.addr, &q, T).expect("UDP answer");
+    assert_eq!(dns::rcode(&udp), rcode::NOERROR);
+    let tcp = dns::tcp_exchange(a.addr, &q, T).expect("TCP answer");
+    assert_eq!(dns::rcode(&tcp), rcode::NOERROR);
+    let q = dns::query(0x600e, "new.allowed.test", TYPE_A, None);
+    let udp = dns::udp_exchange(a.addr, &q, T).expect("UDP answer");
+    assert_eq!(dns::rcode(&udp), rcode::SERVFAIL);
 }

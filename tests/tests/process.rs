@@ -43,9 +43,7 @@ fn threads(pid: u32) -> Vec<(String, String)> {
 }
 
 fn shards_pinned(io: IoBackend) {
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    if cpus < 2 {
-        eprintln!("skipped: needs 2 CPUs, this machine has {cpus}");
+    if !dnsfence_tests::require_cpus(&format!("shards_pinned({io:?})"), &[0, 1]) {
         return;
     }
     let fake = FakeUpstream::start(FakeMode::Answer);
