@@ -517,6 +517,8 @@ pub struct Core {
     specs: Vec<PortSpec>,
     /// The batch group `learn` began last.
     held_group: usize,
+    /// Address observations of this batch's answers, by group, recorded once written.
+    updates: Vec<(usize, IpUpdate)>,
     records: std::collections::VecDeque<Record>,
     rules: RuleSet,
     /// Scratch for the addresses of one answer (boxed: moved in and out without a copy).
@@ -599,6 +601,7 @@ impl Core {
             batch: AllowBatch::with_capacity(1024),
             specs: Vec::with_capacity(64),
             held_group: 0,
+            updates: Vec::with_capacity(256),
             records: std::collections::VecDeque::with_capacity(RECORD_BUFFER),
             outbox: Outbox::with_capacity(1 << 20),
             config,
@@ -1366,15 +1369,20 @@ impl Core {
         for (dst, rule) in rules.iter_mut().zip(self.rules.as_slice()) {
             *dst = rule.0;
         }
-        self.push_record(Record::Addresses(IpUpdate {
-            at: now,
-            endpoint: key,
-            name,
-            addresses: *addresses,
-            ttl,
-            rules,
-            rules_total: self.rules.len(),
-        }));
+        // Recorded once the write succeeded (commit_allows): the FQDN cache must not hold
+        // addresses whose entries a quota refused.
+        self.updates.push((
+            group,
+            IpUpdate {
+                at: now,
+                endpoint: key,
+                name,
+                addresses: *addresses,
+                ttl,
+                rules,
+                rules_total: self.rules.len(),
+            },
+        ));
         true
     }
 
@@ -1409,6 +1417,13 @@ impl Core {
                 self.stats.allow_write_failures += 1;
             }
         }
+        let mut updates = std::mem::take(&mut self.updates);
+        for (g, update) in updates.drain(..) {
+            if self.batch.groups.get(g).is_some_and(|g| g.ok) {
+                self.push_record(Record::Addresses(update));
+            }
+        }
+        self.updates = updates;
         let mut held = std::mem::take(&mut self.held);
         for h in held.drain(..) {
             let ok = self.batch.groups.get(h.group).is_some_and(|g| g.ok);

@@ -579,6 +579,12 @@ fn failed_allow_write_turns_the_answer_into_servfail() {
     let out = h.transmits();
     assert_eq!(rcode(to_client(&out)), Rcode::ServFail as u8);
     assert_eq!(h.core.stats().allow_write_failures, 1);
+    // The FQDN cache is not told of addresses whose entries were not written.
+    let records: Vec<Record> = std::iter::from_fn(|| h.core.poll_record()).collect();
+    assert!(
+        !records.iter().any(|r| matches!(r, Record::Addresses(_))),
+        "{records:?}"
+    );
 }
 
 #[test]
