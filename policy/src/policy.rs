@@ -40,9 +40,28 @@ const SPEC_FIELDS: &[&str] = &[
 const EGRESS_FIELDS: &[&str] = &["toEndpoints", "toFQDNs", "toPorts", "toCIDR", "toCIDRSet"];
 const DENY_FIELDS: &[&str] = &["toEndpoints", "toPorts", "toCIDR", "toCIDRSet"];
 const CIDR_SET_FIELDS: &[&str] = &["cidr", "except"];
-const PORT_RULE_FIELDS: &[&str] = &["ports", "rules"];
+const PORT_RULE_FIELDS: &[&str] = &[
+    "ports",
+    "rules",
+    // L7 / TLS: accepted, never enforced; the entry allows nothing (see `PortRule::l7`).
+    "serverNames",
+    "listener",
+    "originatingTLS",
+    "terminatingTLS",
+];
 const PORT_FIELDS: &[&str] = &["port", "protocol", "endPort"];
-const L7_FIELDS: &[&str] = &["dns"];
+const L7_FIELDS: &[&str] = &["dns", "http", "kafka", "l7proto", "l7"];
+/// What `PortRule::l7` names: port-rule fields and `rules` kinds dnsfence cannot enforce.
+const UNENFORCED_L7: &[&str] = &[
+    "serverNames",
+    "listener",
+    "originatingTLS",
+    "terminatingTLS",
+    "http",
+    "kafka",
+    "l7proto",
+    "l7",
+];
 const NAME_FIELDS: &[&str] = &["matchName", "matchPattern"];
 
 /// The transport of a DNS query.
@@ -833,7 +852,8 @@ fn parse_spec(
             .iter()
             .enumerate()
         {
-            if let Some(rules) = parse_egress(diag, item, &index(&egress_path, i), namespace) {
+            let at = index(&egress_path, i);
+            if let Some(rules) = parse_egress(diag, item, &at, namespace, notes) {
                 egress.extend(rules);
             }
         }
@@ -871,6 +891,9 @@ struct PortRule<'n, 'a> {
     ports: Vec<PortProto>,
     /// `rules.dns`: `Some(empty)` for `dns: []`.
     dns: Option<Vec<Pattern>>,
+    /// The L7/TLS part dnsfence cannot enforce (`rules.http`, `serverNames`, ...), with its
+    /// line: the entry then allows nothing (its traffic stays denied), and a note says so.
+    l7: Option<(usize, String)>,
 }
 
 /// `toEndpoints` selectors (a CNP's namespace added where they name none).
@@ -1048,6 +1071,7 @@ fn parse_egress(
     node: &Node<'_>,
     path: &str,
     namespace: Option<&str>,
+    notes: &mut Vec<(usize, String)>,
 ) -> Option<Vec<EgressRule>> {
     let before = diag.errors.len();
     let fields = diag.mapping(node, path, EGRESS_FIELDS, HINT)?;
@@ -1086,6 +1110,27 @@ fn parse_egress(
     }
     if diag.errors.len() != before {
         return None;
+    }
+    // Entries with an L7 part dnsfence cannot enforce allow nothing: reported, then left out
+    // (fail closed for their traffic), while the rest of the policy works.
+    let had_ports = !port_rules.is_empty();
+    port_rules.retain(|rule| match &rule.l7 {
+        None => true,
+        Some((line, what)) => {
+            notes.push((
+                *line,
+                format!(
+                    "{}.{what}: not enforced by dnsfence (L7): this toPorts entry allows \
+                     nothing, its traffic stays denied",
+                    rule.path
+                ),
+            ));
+            false
+        }
+    });
+    if had_ports && port_rules.is_empty() {
+        // Every entry was L7: the rule allows nothing (never "every port").
+        return Some(vec![EgressRule::Nothing]);
     }
 
     if cidrs.is_some() && (to_fqdns.is_some() || to_endpoints.is_some()) {
@@ -1208,14 +1253,26 @@ fn parse_port_rule<'n, 'a>(
         }
     }
     let mut dns = None;
+    // TLS / listener fields of the entry itself.
+    let mut l7 = UNENFORCED_L7
+        .iter()
+        .find_map(|k| fields.key(k).map(|key| (line(key), (*k).to_string())));
     if let Some(rules) = fields.get("rules") {
         let rules_path = join(&path, "rules");
         let rf = diag.mapping(rules, &rules_path, L7_FIELDS, HINT)?;
         if diag.errors.len() != before {
-            return None; // `http:` and the like: no need to also say that `dns` is missing
+            return None;
+        }
+        if let Some(found) = UNENFORCED_L7
+            .iter()
+            .find_map(|k| rf.key(k).map(|key| (line(key), format!("rules.{k}"))))
+        {
+            l7.get_or_insert(found);
         }
         let dns_path = join(&rules_path, "dns");
         match rf.get_non_null("dns") {
+            // `rules: {http: ...}`: no DNS rules, and the entry is left out anyway.
+            None if l7.is_some() => {}
             None => missing(diag, rules, dns_path),
             Some(list) => {
                 let names = diag
@@ -1240,6 +1297,7 @@ fn parse_port_rule<'n, 'a>(
         path,
         ports,
         dns,
+        l7,
     })
 }
 

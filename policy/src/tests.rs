@@ -536,6 +536,69 @@ spec:
     }
 
     #[test]
+    fn an_l7_rule_fails_closed_for_its_traffic_and_the_rest_of_the_policy_works() {
+        let text = r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: l7, namespace: team-a}
+spec:
+  endpointSelector: {matchLabels: {app: uploader}}
+  egress:
+  - toFQDNs: [{matchName: api.stripe.com}]
+    toPorts:
+    - ports: [{port: "443", protocol: TCP}]
+      rules:
+        http: [{method: GET}]
+    - ports: [{port: "80", protocol: TCP}]
+  - toFQDNs: [{matchName: tls.example.com}]
+    toPorts:
+    - ports: [{port: "443", protocol: TCP}]
+      serverNames: [tls.example.com]
+  - toCIDR: [10.7.0.0/16]
+    toPorts:
+    - ports: [{port: "8080", protocol: TCP}]
+      rules:
+        kafka: [{topic: t}]
+"#;
+        let p = PolicySet::from_yaml(Path::new("p.yaml"), text).unwrap_or_else(|e| panic!("{e}"));
+        let notes = p.notes();
+        assert_eq!(notes.len(), 3, "{notes:?}");
+        assert!(
+            notes[0].contains("rules.http: not enforced by dnsfence (L7)"),
+            "{notes:?}"
+        );
+        assert!(notes[1].contains("serverNames: not enforced"), "{notes:?}");
+        let e = Endpoints::from_yaml(Path::new("e.yaml"), ENDPOINTS).unwrap();
+        let s = Snapshot::compile(&p, &e);
+        let ep = s.endpoint_by_name("team-a/uploader").unwrap();
+        let mut rules = s.rule_set();
+        // api.stripe.com keeps its plain 80/TCP entry; the HTTP-filtered 443 opens nothing.
+        let stripe = Name::from_text("api.stripe.com").unwrap();
+        assert!(s.fqdn_rules(ep, &stripe, &mut rules));
+        let ports: Vec<_> = rules
+            .as_slice()
+            .iter()
+            .flat_map(|&r| s.rule_ports(r).to_vec())
+            .collect();
+        assert_eq!(ports.len(), 1, "{ports:?}");
+        assert_eq!((ports[0].port, ports[0].end_port), (80, 80));
+        // A rule whose only entry is L7 allows nothing: never "every port".
+        let tls = Name::from_text("tls.example.com").unwrap();
+        assert!(!s.fqdn_rules(ep, &tls, &mut rules));
+        assert_eq!(
+            l3(
+                &s,
+                "team-a/uploader",
+                "10.7.1.1",
+                8080,
+                crate::PortProtocol::Tcp
+            ),
+            None
+        );
+        assert!(s.is_restricted(ep));
+    }
+
+    #[test]
     fn egress_deny_alone_puts_the_endpoint_under_default_deny() {
         let s = snapshot(
             r#"
