@@ -108,6 +108,17 @@ pub struct AgentArgs {
     /// Default: the CPUs of the process's affinity mask (taskset, cgroup cpuset).
     #[arg(long, value_name = "LIST", value_parser = parse_cpus)]
     pub cpus: Option<CpuList>,
+    /// The cluster's pod and service ranges (repeatable): `toEntities: cluster` covers them
+    /// (with the node and the registered endpoints), `world` excludes them.
+    #[arg(long, value_name = "CIDR", value_parser = parse_cidr)]
+    pub cluster_cidr: Vec<dnsfence_policy::cidr::Cidr>,
+    /// The node's own addresses besides loopback (repeatable): `toEntities: host`.
+    #[arg(long, value_name = "IP", value_parser = parse_cidr)]
+    pub node_ip: Vec<dnsfence_policy::cidr::Cidr>,
+    /// The Kubernetes API server's addresses (repeatable): `toEntities: kube-apiserver`
+    /// (without it, that entity allows nothing).
+    #[arg(long, value_name = "CIDR", value_parser = parse_cidr)]
+    pub kube_apiserver: Vec<dnsfence_policy::cidr::Cidr>,
     /// Do not pin shard threads to CPUs (without --cpus, they are pinned by default).
     #[arg(long, conflicts_with = "cpus")]
     pub no_pin: bool,
@@ -241,6 +252,11 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         return Err(format!("duration {s:?} out of range (1ms to 60m)"));
     }
     Duration::try_from_secs_f64(secs).map_err(|e| format!("invalid duration {s:?}: {e}"))
+}
+
+/// Parses a prefix or an address (`10.0.0.0/8`, `192.0.2.7`).
+fn parse_cidr(s: &str) -> Result<dnsfence_policy::cidr::Cidr, String> {
+    dnsfence_policy::cidr::Cidr::parse(s)
 }
 
 /// A list of CPUs from `--cpus`.
@@ -484,9 +500,16 @@ pub fn run(args: &AgentArgs) -> Result<()> {
         return Ok(());
     }
     let plan = plan(args)?;
-    let (mut sources, mut snapshot) = Sources::load(&args.policy, args.endpoints.as_deref())
+    let (mut sources, _) = Sources::load(&args.policy, args.endpoints.as_deref())
         .map_err(|e| anyhow::anyhow!("{e}"))
         .context("cannot load policy")?;
+    let mut node = dnsfence_policy::cidr::NodeFacts {
+        cluster: args.cluster_cidr.clone(),
+        kube_apiserver: args.kube_apiserver.clone(),
+        ..Default::default()
+    };
+    node.host.extend(args.node_ip.iter().copied());
+    let mut snapshot = sources.set_node(node);
     snapshot.set_generation(1);
     refuse_unenforceable(args, snapshot.stats().without_ips).map_err(anyhow::Error::msg)?;
     // Accepted but not enforced (ingress sections, host policies): said once per note.

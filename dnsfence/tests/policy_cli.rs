@@ -74,11 +74,12 @@ fn validate_bad_file_lists_every_problem_and_exits_1() {
     let out = dnsfence(&["policy", "validate", &file]);
     assert_eq!(out.status.code(), Some(1));
     assert_eq!(text(&out.stdout), "");
-    let hint = "unsupported field (dnsfence enforces toFQDNs, toEndpoints, toCIDR, toCIDRSet and \
-                toPorts in egress, and toCIDR, toCIDRSet, toEndpoints and toPorts in egressDeny)";
+    let hint = "unsupported field (dnsfence enforces toFQDNs, toEndpoints, toCIDR, toCIDRSet, \
+                toEntities and toPorts in egress, and toCIDR, toCIDRSet, toEndpoints, toEntities \
+                and toPorts in egressDeny)";
     let want: String = [
-        (14, "spec.egress[2].toEntities"),
-        (24, "spec.egressDeny[0].toEntities"),
+        (14, "spec.egress[2].toServices"),
+        (24, "spec.egressDeny[0].toServices"),
     ]
     .iter()
     .map(|(line, field)| format!("{file}:{line}: {field}: {hint}\n"))

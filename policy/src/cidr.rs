@@ -117,6 +117,70 @@ impl fmt::Display for Cidr {
     }
 }
 
+/// A `toEntities` name (Cilium's reserved identities).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub enum Entity {
+    /// `all`: every address.
+    All,
+    /// `world`: every address outside the cluster (not the node, not a registered endpoint,
+    /// not a `--cluster-cidr`).
+    World,
+    /// `world-ipv4`.
+    WorldV4,
+    /// `world-ipv6`.
+    WorldV6,
+    /// `cluster`: the node, the registered endpoints and the `--cluster-cidr` prefixes.
+    Cluster,
+    /// `host`: the node itself (loopback and `--node-ip`).
+    Host,
+    /// `kube-apiserver`: the `--kube-apiserver` prefixes (nothing without them).
+    KubeApiserver,
+    /// `remote-node`, `init`, `health`, `unmanaged`, `ingress`: identities dnsfence cannot
+    /// tell; the rule allows nothing for them (fail closed).
+    Unknown,
+}
+
+impl Entity {
+    /// Parses an entity name; None for a name Cilium does not define.
+    pub fn parse(name: &str) -> Option<Entity> {
+        Some(match name {
+            "all" => Entity::All,
+            "world" => Entity::World,
+            "world-ipv4" => Entity::WorldV4,
+            "world-ipv6" => Entity::WorldV6,
+            "cluster" => Entity::Cluster,
+            "host" => Entity::Host,
+            "kube-apiserver" => Entity::KubeApiserver,
+            "remote-node" | "init" | "health" | "unmanaged" | "ingress" => Entity::Unknown,
+            _ => return None,
+        })
+    }
+}
+
+/// What the node knows of itself and its cluster, for `toEntities` (flags of the agent).
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct NodeFacts {
+    /// `--cluster-cidr`: pod and service ranges of the cluster.
+    pub cluster: Vec<Cidr>,
+    /// The node's own addresses: loopback, plus `--node-ip`.
+    pub host: Vec<Cidr>,
+    /// `--kube-apiserver`.
+    pub kube_apiserver: Vec<Cidr>,
+}
+
+impl Default for NodeFacts {
+    fn default() -> NodeFacts {
+        NodeFacts {
+            cluster: Vec::new(),
+            host: vec![
+                Cidr::parse("127.0.0.0/8").expect("valid"),
+                Cidr::parse("::1/128").expect("valid"),
+            ],
+            kube_apiserver: Vec::new(),
+        }
+    }
+}
+
 /// A `toCIDRSet` entry (or a `toCIDR` one, without exceptions).
 #[derive(Clone, PartialEq, Eq, Debug)]
 pub struct CidrBlock {

@@ -6,14 +6,15 @@ use std::path::{Path, PathBuf};
 
 use dnsfence_matcher::{Pattern, PatternKind};
 
-use crate::cidr::{Cidr, CidrBlock};
+use crate::cidr::{Cidr, CidrBlock, Entity};
 use crate::error::{LoadError, LoadErrorKind, LoadErrors};
 use crate::selector::{self, LabelSelector, NAMESPACE_LABEL};
 use crate::yaml::{self, Diag, Node, index, join, line};
 
 /// The reason attached to every unsupported field of a policy.
-const HINT: &str = " (dnsfence enforces toFQDNs, toEndpoints, toCIDR, toCIDRSet and toPorts \
-                     in egress, and toCIDR, toCIDRSet, toEndpoints and toPorts in egressDeny)";
+const HINT: &str = " (dnsfence enforces toFQDNs, toEndpoints, toCIDR, toCIDRSet, toEntities \
+                     and toPorts in egress, and toCIDR, toCIDRSet, toEndpoints, toEntities and \
+                     toPorts in egressDeny)";
 
 const DOC_FIELDS: &[&str] = &["apiVersion", "kind", "metadata", "spec", "specs", "status"];
 /// `labels` and `annotations` are accepted and ignored, as are the fields the API server adds.
@@ -37,8 +38,21 @@ const SPEC_FIELDS: &[&str] = &[
     "ingressDeny",
     "nodeSelector",
 ];
-const EGRESS_FIELDS: &[&str] = &["toEndpoints", "toFQDNs", "toPorts", "toCIDR", "toCIDRSet"];
-const DENY_FIELDS: &[&str] = &["toEndpoints", "toPorts", "toCIDR", "toCIDRSet"];
+const EGRESS_FIELDS: &[&str] = &[
+    "toEndpoints",
+    "toFQDNs",
+    "toPorts",
+    "toCIDR",
+    "toCIDRSet",
+    "toEntities",
+];
+const DENY_FIELDS: &[&str] = &[
+    "toEndpoints",
+    "toPorts",
+    "toCIDR",
+    "toCIDRSet",
+    "toEntities",
+];
 const CIDR_SET_FIELDS: &[&str] = &["cidr", "except"];
 const PORT_RULE_FIELDS: &[&str] = &[
     "ports",
@@ -226,6 +240,8 @@ pub enum L3Target {
     Cidrs(Vec<CidrBlock>),
     /// `toEndpoints`: the addresses of the registered endpoints they select.
     Endpoints(Vec<LabelSelector>),
+    /// `toEntities`.
+    Entities(Vec<Entity>),
 }
 
 /// An L3/L4 rule (allow in `egress`, deny in `egressDeny`).
@@ -867,7 +883,8 @@ fn parse_spec(
             .iter()
             .enumerate()
         {
-            if let Some(rule) = parse_deny(diag, item, &index(&deny_path, i), namespace) {
+            let at = index(&deny_path, i);
+            if let Some(rule) = parse_deny(diag, item, &at, namespace, notes) {
                 egress_deny.push(rule);
             }
         }
@@ -1003,16 +1020,55 @@ fn parse_cidrs(
     Some(blocks)
 }
 
+/// `toEntities` of a rule (None when absent); names dnsfence cannot tell get a note.
+fn parse_entities(
+    diag: &mut Diag<'_>,
+    fields: &yaml::Fields<'_, '_>,
+    path: &str,
+    notes: &mut Vec<(usize, String)>,
+) -> Option<Vec<Entity>> {
+    let list = fields.get("toEntities")?;
+    let list_path = join(path, "toEntities");
+    let items = diag.sequence(list, &list_path).unwrap_or_default();
+    if items.is_empty() {
+        diag.invalid(list, &list_path, "empty list");
+    }
+    let mut out = Vec::new();
+    for (i, item) in items.iter().enumerate() {
+        let at = index(&list_path, i);
+        let Some(name) = diag.string(item, &at) else {
+            continue;
+        };
+        match Entity::parse(&name) {
+            Some(Entity::Unknown) => {
+                notes.push((
+                    line(item),
+                    format!(
+                        "{at}: entity {name:?} is not known to dnsfence: it allows nothing here \
+                         (fail closed)"
+                    ),
+                ));
+                out.push(Entity::Unknown);
+            }
+            Some(e) => out.push(e),
+            None => diag.invalid(item, &at, format!("unknown entity {name:?}")),
+        }
+    }
+    Some(out)
+}
+
 /// One `egressDeny` item: an L3 target (or none: every destination) and ports.
 fn parse_deny(
     diag: &mut Diag<'_>,
     node: &Node<'_>,
     path: &str,
     namespace: Option<&str>,
+    notes: &mut Vec<(usize, String)>,
 ) -> Option<L3Rule> {
     let before = diag.errors.len();
     let fields = diag.mapping(node, path, DENY_FIELDS, HINT)?;
     let cidrs = parse_cidrs(diag, &fields, path);
+    let entities = parse_entities(diag, &fields, path, notes);
     let endpoints = fields
         .get("toEndpoints")
         .map(|list| parse_to_endpoints(diag, list, path, namespace));
@@ -1040,18 +1096,20 @@ fn parse_deny(
     if diag.errors.len() != before {
         return None;
     }
-    let to = match (cidrs, endpoints) {
-        (Some(_), Some(_)) => {
-            diag.invalid(
-                node,
-                path,
-                "toCIDR/toCIDRSet cannot be combined with toEndpoints",
-            );
-            return None;
-        }
-        (Some(blocks), None) => L3Target::Cidrs(blocks),
-        (None, Some(sel)) => L3Target::Endpoints(sel),
-        (None, None) if ports.is_empty() => {
+    let selectors = [cidrs.is_some(), endpoints.is_some(), entities.is_some()];
+    if selectors.iter().filter(|&&s| s).count() > 1 {
+        diag.invalid(
+            node,
+            path,
+            "one L3 selector per rule (toCIDR/toCIDRSet, toEndpoints or toEntities)",
+        );
+        return None;
+    }
+    let to = match (cidrs, endpoints, entities) {
+        (Some(blocks), _, _) => L3Target::Cidrs(blocks),
+        (_, Some(sel), _) => L3Target::Endpoints(sel),
+        (_, _, Some(e)) => L3Target::Entities(e),
+        (None, None, None) if ports.is_empty() => {
             diag.invalid(
                 node,
                 path,
@@ -1059,7 +1117,7 @@ fn parse_deny(
             );
             return None;
         }
-        (None, None) => L3Target::Any,
+        (None, None, None) => L3Target::Any,
     };
     ports.sort_unstable();
     ports.dedup();
@@ -1076,6 +1134,7 @@ fn parse_egress(
     let before = diag.errors.len();
     let fields = diag.mapping(node, path, EGRESS_FIELDS, HINT)?;
     let cidrs = parse_cidrs(diag, &fields, path);
+    let entities = parse_entities(diag, &fields, path, notes);
 
     let to_endpoints = fields
         .get("toEndpoints")
@@ -1133,12 +1192,17 @@ fn parse_egress(
         return Some(vec![EgressRule::Nothing]);
     }
 
-    if cidrs.is_some() && (to_fqdns.is_some() || to_endpoints.is_some()) {
+    let l3_selectors = [
+        cidrs.is_some(),
+        entities.is_some(),
+        to_fqdns.is_some() || to_endpoints.is_some(),
+    ];
+    if l3_selectors.iter().filter(|&&s| s).count() > 1 {
         diag.invalid(
             node,
             path,
-            "toCIDR/toCIDRSet cannot be combined with toFQDNs or toEndpoints (one L3 selector \
-             per rule, as in Cilium)",
+            "toCIDR/toCIDRSet, toEntities and toFQDNs/toEndpoints cannot be combined (one L3 \
+             selector per rule, as in Cilium)",
         );
         return None;
     }
@@ -1169,7 +1233,7 @@ fn parse_egress(
         return Some(vec![EgressRule::Fqdn(FqdnRule { selectors, ports })]);
     }
 
-    if cidrs.is_none() && to_endpoints.is_none() && port_rules.is_empty() {
+    if cidrs.is_none() && entities.is_none() && to_endpoints.is_none() && port_rules.is_empty() {
         if fields.get("toPorts").is_some() {
             diag.invalid(node, path, "toPorts is empty");
             return None;
@@ -1193,12 +1257,13 @@ fn parse_egress(
             }
         }
     }
-    if cidrs.is_some() && !dns_ports.is_empty() {
+    if (cidrs.is_some() || entities.is_some()) && !dns_ports.is_empty() {
         diag.invalid(
             node,
             path,
-            "rules.dns under toCIDR/toCIDRSet (a DNS server named by address) is not supported: \
-             name it with toEndpoints, or put the DNS rule on a rule without an L3 selector",
+            "rules.dns under toCIDR/toCIDRSet/toEntities (a DNS server named by address) is not \
+             supported: name it with toEndpoints, or put the DNS rule on a rule without an L3 \
+             selector",
         );
         return None;
     }
@@ -1213,13 +1278,15 @@ fn parse_egress(
         }));
     }
     // An L3 selector without toPorts, or toPorts entries without DNS rules: an L3/L4 allow.
-    if plain_entries > 0 || (out.is_empty() && (cidrs.is_some() || to_endpoints.is_some())) {
+    let has_l3 = cidrs.is_some() || entities.is_some() || to_endpoints.is_some();
+    if plain_entries > 0 || (out.is_empty() && has_l3) {
         l4_ports.sort_unstable();
         l4_ports.dedup();
-        let to = match (cidrs, to_endpoints) {
-            (Some(blocks), _) => L3Target::Cidrs(blocks),
-            (None, Some(sel)) => L3Target::Endpoints(sel),
-            (None, None) => L3Target::Any,
+        let to = match (cidrs, entities, to_endpoints) {
+            (Some(blocks), _, _) => L3Target::Cidrs(blocks),
+            (_, Some(e), _) => L3Target::Entities(e),
+            (_, _, Some(sel)) => L3Target::Endpoints(sel),
+            (None, None, None) => L3Target::Any,
         };
         out.push(EgressRule::L3(L3Rule {
             to,

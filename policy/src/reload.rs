@@ -247,6 +247,8 @@ pub struct Sources {
     duplicates: Vec<LoadError>,
     /// Directories that could not be listed at the last check.
     list_errors: Vec<LoadError>,
+    /// What the node knows of itself and its cluster (`toEntities`).
+    node: crate::cidr::NodeFacts,
 }
 
 /// Checks an endpoint registry before it goes in force (the agent refuses registries it could
@@ -309,6 +311,7 @@ impl Sources {
             endpoints,
             duplicates: Vec::new(),
             list_errors: Vec::new(),
+            node: crate::cidr::NodeFacts::default(),
         };
         let snapshot = sources.assemble();
         errors.extend(sources.duplicates.iter().cloned());
@@ -487,6 +490,13 @@ impl Sources {
         report
     }
 
+    /// Takes what the node knows of itself and its cluster (flags of the agent) and returns
+    /// the snapshot of what is in force compiled with it.
+    pub fn set_node(&mut self, node: crate::cidr::NodeFacts) -> Snapshot {
+        self.node = node;
+        self.assemble()
+    }
+
     /// What the policies in force hold that dnsfence accepts but does not enforce, as
     /// `FILE:LINE: note: text` lines.
     pub fn notes(&self) -> Vec<String> {
@@ -518,7 +528,7 @@ impl Sources {
         }
         let empty = Endpoints::default();
         let endpoints = self.endpoints.as_ref().map_or(&empty, |e| &e.endpoints);
-        Snapshot::compile_fail_closed(&set, endpoints, &fail_closed)
+        Snapshot::compile_on(&set, endpoints, &fail_closed, &self.node)
     }
 }
 
@@ -677,8 +687,10 @@ mod tests {
             FileVerdict::Unusable { scope, .. } if scope == [LabelSelector::default()]
         ));
         // An unsupported field: the selector still reads, so only its endpoints fail closed.
-        let bad = cnp("a", "team-a", "a")
-            .replace("  - toPorts:", "  - toEntities: [world]\n  - toPorts:");
+        let bad = cnp("a", "team-a", "a").replace(
+            "  - toPorts:",
+            "  - toServices: [{k8sService: {serviceName: x, namespace: y}}]\n  - toPorts:",
+        );
         let two = format!("{}---\n{bad}", cnp("b", "team-b", "b"));
         let FileVerdict::Partial {
             policies,
@@ -777,8 +789,10 @@ mod tests {
         assert_eq!(verdict(&s, "team-b/b", "x.b.test"), DnsVerdict::Allow);
 
         // b gets an unsupported field: its endpoint is denied everything.
-        let bad = cnp("b", "team-b", "b")
-            .replace("  - toPorts:", "  - toEntities: [world]\n  - toPorts:");
+        let bad = cnp("b", "team-b", "b").replace(
+            "  - toPorts:",
+            "  - toServices: [{k8sService: {serviceName: x, namespace: y}}]\n  - toPorts:",
+        );
         put(&b, &bad);
         let report = settle(&mut sources);
         assert_eq!(report.rejections[0].outcome, Outcome::PartlyLoaded);

@@ -5,7 +5,7 @@ use std::net::{IpAddr, SocketAddr};
 
 use dnsfence_matcher::{Matcher, MatcherBuilder, Name, RuleId, RuleSet};
 
-use crate::cidr::{Cidr, CidrBlock, L3Entry, compile_table};
+use crate::cidr::{Cidr, CidrBlock, Entity, L3Entry, NodeFacts, compile_table};
 use crate::endpoints::{Endpoint, Endpoints, canonical_cgroup, canonical_ip};
 use crate::policy::{EgressRule, L3Rule, L3Target, PolicySet, PortProto, PortProtocol, Proto};
 use crate::selector::LabelSelector;
@@ -184,7 +184,18 @@ impl Snapshot {
 
     /// Compiles validated policies against an endpoint registry.
     pub fn compile(policies: &PolicySet, endpoints: &Endpoints) -> Snapshot {
-        compile(policies, &endpoints.endpoints, &[])
+        compile(policies, &endpoints.endpoints, &[], &NodeFacts::default())
+    }
+
+    /// Like [`Snapshot::compile_fail_closed`], with what the node knows of itself and its
+    /// cluster (`toEntities`).
+    pub fn compile_on(
+        policies: &PolicySet,
+        endpoints: &Endpoints,
+        fail_closed: &[LabelSelector],
+        node: &NodeFacts,
+    ) -> Snapshot {
+        compile(policies, &endpoints.endpoints, fail_closed, node)
     }
 
     /// Like [`Snapshot::compile`], and every endpoint one of `fail_closed` selects is denied
@@ -195,7 +206,12 @@ impl Snapshot {
         endpoints: &Endpoints,
         fail_closed: &[LabelSelector],
     ) -> Snapshot {
-        compile(policies, &endpoints.endpoints, fail_closed)
+        compile(
+            policies,
+            &endpoints.endpoints,
+            fail_closed,
+            &NodeFacts::default(),
+        )
     }
 
     /// The endpoint that owns source address `ip` (IPv4-mapped IPv6 is looked up as IPv4).
@@ -465,6 +481,7 @@ fn compile(
     policies: &PolicySet,
     endpoints: &[Endpoint],
     fail_closed: &[LabelSelector],
+    node: &NodeFacts,
 ) -> Snapshot {
     let mut rule_ports: Vec<Box<[PortProto]>> = Vec::new();
     let mut specs = Vec::new();
@@ -526,7 +543,7 @@ fn compile(
             NO_GROUP
         } else {
             *group_of.entry(selecting).or_insert_with_key(|selecting| {
-                groups.push(compile_group(&specs, selecting, endpoints));
+                groups.push(compile_group(&specs, selecting, endpoints, node));
                 (groups.len() - 1) as u32
             })
         };
@@ -566,12 +583,45 @@ fn compile(
 
 /// The prefixes an L3 target stands for: CIDR blocks as given, every address for no
 /// selector, the host prefixes of the registered endpoints a `toEndpoints` selects.
-fn blocks_of(to: &L3Target, endpoints: &[Endpoint]) -> Vec<CidrBlock> {
+fn blocks_of(to: &L3Target, endpoints: &[Endpoint], node: &NodeFacts) -> Vec<CidrBlock> {
     let block = |cidr| CidrBlock {
         cidr,
         except: Vec::new(),
     };
+    let registered = || {
+        endpoints
+            .iter()
+            .flat_map(|ep| ep.ips.iter().map(|&ip| Cidr::host(ip)))
+            .collect::<Vec<_>>()
+    };
+    // Inside the cluster: the node, the registered endpoints, the cluster ranges.
+    let cluster = || {
+        let mut all = registered();
+        all.extend(node.cluster.iter().copied());
+        all.extend(node.host.iter().copied());
+        all
+    };
+    let world = |family: Cidr| CidrBlock {
+        cidr: family,
+        except: cluster()
+            .into_iter()
+            .filter(|c| family.contains(c))
+            .collect(),
+    };
     match to {
+        L3Target::Entities(entities) => entities
+            .iter()
+            .flat_map(|e| match e {
+                Entity::All => vec![block(Cidr::ALL4), block(Cidr::ALL6)],
+                Entity::World => vec![world(Cidr::ALL4), world(Cidr::ALL6)],
+                Entity::WorldV4 => vec![world(Cidr::ALL4)],
+                Entity::WorldV6 => vec![world(Cidr::ALL6)],
+                Entity::Cluster => cluster().into_iter().map(block).collect(),
+                Entity::Host => node.host.iter().copied().map(block).collect(),
+                Entity::KubeApiserver => node.kube_apiserver.iter().copied().map(block).collect(),
+                Entity::Unknown => Vec::new(),
+            })
+            .collect(),
         L3Target::Any => vec![block(Cidr::ALL4), block(Cidr::ALL6)],
         L3Target::Cidrs(blocks) => blocks.clone(),
         L3Target::Endpoints(selectors) => endpoints
@@ -582,18 +632,23 @@ fn blocks_of(to: &L3Target, endpoints: &[Endpoint]) -> Vec<CidrBlock> {
     }
 }
 
-fn compile_group(specs: &[FlatSpec<'_>], selecting: &[u32], endpoints: &[Endpoint]) -> Group {
+fn compile_group(
+    specs: &[FlatSpec<'_>],
+    selecting: &[u32],
+    endpoints: &[Endpoint],
+    node: &NodeFacts,
+) -> Group {
     let mut l3_allow = Vec::new();
     let mut l3_deny = Vec::new();
     for &s in selecting {
         let spec = &specs[s as usize];
         for rule in spec.rules {
             if let EgressRule::L3(r) = rule {
-                l3_allow.push((blocks_of(&r.to, endpoints), r.ports.clone()));
+                l3_allow.push((blocks_of(&r.to, endpoints, node), r.ports.clone()));
             }
         }
         for r in spec.deny {
-            l3_deny.push((blocks_of(&r.to, endpoints), r.ports.clone()));
+            l3_deny.push((blocks_of(&r.to, endpoints, node), r.ports.clone()));
         }
     }
     // (ports, servers) → (allows every name, builder of its patterns)

@@ -599,6 +599,75 @@ spec:
     }
 
     #[test]
+    fn to_entities_all_world_cluster_host_apiserver_and_unknown() {
+        use crate::PortProtocol::Tcp;
+        use crate::cidr::{Cidr, NodeFacts};
+        let text = r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: ent, namespace: team-a}
+spec:
+  endpointSelector: {matchLabels: {app: uploader}}
+  egress:
+  - toEntities: [world]
+    toPorts: [{ports: [{port: "443", protocol: TCP}]}]
+  - toEntities: [cluster]
+    toPorts: [{ports: [{port: "8080", protocol: TCP}]}]
+  - toEntities: [host]
+    toPorts: [{ports: [{port: "9100", protocol: TCP}]}]
+  - toEntities: [kube-apiserver]
+    toPorts: [{ports: [{port: "6443", protocol: TCP}]}]
+  - toEntities: [remote-node]
+  egressDeny:
+  - toEntities: [all]
+    toPorts: [{ports: [{port: "25", protocol: TCP}]}]
+"#;
+        let p = PolicySet::from_yaml(Path::new("p.yaml"), text).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(p.notes().len(), 1, "{:?}", p.notes());
+        assert!(p.notes()[0].contains("\"remote-node\" is not known to dnsfence"));
+        let e = Endpoints::from_yaml(Path::new("e.yaml"), ENDPOINTS).unwrap();
+        let node = NodeFacts {
+            cluster: vec![Cidr::parse("10.0.0.0/8").unwrap()],
+            kube_apiserver: vec![Cidr::parse("192.0.2.10").unwrap()],
+            ..NodeFacts::default()
+        };
+        let s = Snapshot::compile_on(&p, &e, &[], &node);
+        let ep = "team-a/uploader";
+        // world: outside the cluster ranges, the node and the registered endpoints.
+        assert_eq!(l3(&s, ep, "8.8.8.8", 443, Tcp), Some(true));
+        assert_eq!(l3(&s, ep, "2001:db8::1", 443, Tcp), Some(true));
+        assert_eq!(
+            l3(&s, ep, "10.9.9.9", 443, Tcp),
+            None,
+            "a cluster range is not world"
+        );
+        assert_eq!(
+            l3(&s, ep, "127.0.0.1", 443, Tcp),
+            None,
+            "the node is not world"
+        );
+        // cluster: ranges, registered endpoints, the node.
+        assert_eq!(l3(&s, ep, "10.9.9.9", 8080, Tcp), Some(true));
+        assert_eq!(l3(&s, ep, "10.0.1.6", 8080, Tcp), Some(true));
+        assert_eq!(l3(&s, ep, "8.8.8.8", 8080, Tcp), None);
+        // host, kube-apiserver.
+        assert_eq!(l3(&s, ep, "127.0.0.1", 9100, Tcp), Some(true));
+        assert_eq!(l3(&s, ep, "192.0.2.10", 6443, Tcp), Some(true));
+        // egressDeny all on 25 wins everywhere.
+        assert_eq!(l3(&s, ep, "8.8.8.8", 25, Tcp), Some(false));
+        // Without --kube-apiserver, that entity allows nothing; without --cluster-cidr the
+        // ranges are world.
+        let bare = Snapshot::compile(&p, &e);
+        assert_eq!(l3(&bare, ep, "192.0.2.10", 6443, Tcp), None);
+        assert_eq!(l3(&bare, ep, "10.9.9.9", 443, Tcp), Some(true));
+        assert_eq!(
+            l3(&bare, ep, "10.0.1.6", 443, Tcp),
+            None,
+            "registered: not world"
+        );
+    }
+
+    #[test]
     fn egress_deny_alone_puts_the_endpoint_under_default_deny() {
         let s = snapshot(
             r#"

@@ -134,7 +134,10 @@ fn invalid_or_unreadable_policy_exits_1_with_file_line_reason() {
     let cases = [
         // An unsupported field on line 11.
         (
-            dnsfence_tests::POLICY.replace("  - toFQDNs:", "  - toEntities: [world]\n  - toFQDNs:"),
+            dnsfence_tests::POLICY.replace(
+                "  - toFQDNs:",
+                "  - toServices: [{k8sService: {serviceName: x, namespace: y}}]\n  - toFQDNs:",
+            ),
             Some(11),
         ),
         // A YAML syntax error.

@@ -203,7 +203,10 @@ fn a_bad_policy_fails_closed_only_for_what_it_selects() {
     // other.yaml gets an unsupported field on line 7: `other` is refused everything.
     write(
         &other,
-        &OTHER.replace("  - toPorts:", "  - toEntities: [world]\n  - toPorts:"),
+        &OTHER.replace(
+            "  - toPorts:",
+            "  - toServices: [{k8sService: {serviceName: x, namespace: y}}]\n  - toPorts:",
+        ),
     );
     until_answer(
         other_ip,
@@ -213,7 +216,7 @@ fn a_bad_policy_fails_closed_only_for_what_it_selects() {
         "broken policy",
     );
     let stderr = agent.process.stderr();
-    let located = format!("{}:7: spec.egress[0].toEntities", other.display());
+    let located = format!("{}:7: spec.egress[0].toServices", other.display());
     assert!(stderr.contains(&located), "no {located:?} in {stderr}");
     assert!(stderr.contains("denied everything"), "{stderr}");
     assert_eq!(metric(&agent, "dnsfence_policy_fail_closed_endpoints"), 1.0);
