@@ -415,10 +415,14 @@ impl Datapath {
             }
             wanted.insert(id, value);
             let mut truncated = false;
-            for entry in snapshot.l3_table(ep) {
+            let table = snapshot.l3_table(ep);
+            for entry in table {
                 let (key, value, cut) = l3_map_entry(value.key, entry);
                 truncated |= cut;
                 wanted_l3.insert(key, value);
+            }
+            if let Some((key, value)) = ipv4_shadow(value.key, table) {
+                wanted_l3.entry(key).or_insert(value);
             }
             if truncated {
                 sync.too_many_l3_specs
@@ -517,6 +521,34 @@ impl Datapath {
         };
         BpfAllow::new(map, names_map, config)
     }
+}
+
+/// In the trie IPv4 prefixes sit under `::ffff:0:0/96`, inside IPv6 prefixes such as `::/0`,
+/// but an IPv6 rule decides nothing for IPv4 (the policy's table keeps the families apart).
+/// When some IPv6 entry of `table` contains that region, an empty entry at `0.0.0.0/0` (no
+/// ports allowed or denied) stops IPv4 lookups from reaching it; the caller keeps a real
+/// `0.0.0.0/0` entry of the table where there is one.
+fn ipv4_shadow(
+    endpoint: u64,
+    table: &[dnsfence_policy::cidr::L3Entry],
+) -> Option<((u32, CidrData), CidrValue)> {
+    use dnsfence_policy::cidr::{Cidr, L3Entry};
+    let mapped = Cidr {
+        addr: std::net::Ipv4Addr::UNSPECIFIED.to_ipv6_mapped().into(),
+        len: 96,
+    };
+    table
+        .iter()
+        .any(|e| e.cidr.addr.is_ipv6() && e.cidr.contains(&mapped))
+        .then(|| {
+            let empty = L3Entry {
+                cidr: Cidr::ALL4,
+                allow: Vec::new(),
+                deny: Vec::new(),
+            };
+            let (key, value, _) = l3_map_entry(endpoint, &empty);
+            (key, value)
+        })
 }
 
 /// The `df_cidr` entry of one L3 table entry of an endpoint: (prefixlen, data), the value,

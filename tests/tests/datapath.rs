@@ -589,3 +589,59 @@ fn a_reused_smaller_allow_map_is_reported_and_bounds_the_ledger() {
     assert!(refused("full") >= 1.0, "{text}");
     assert_eq!(refused("map_error"), 0.0, "{text}");
 }
+
+/// An IPv6 L3 prefix covers no IPv4 destination: in the `df_cidr` trie IPv4 prefixes live
+/// at `::ffff:0:0/96` and below, inside `::/0`, so an IPv6 rule short enough to contain that
+/// region must not decide for IPv4 (review2: `toCIDR: ::/0` opened every IPv4 address, and
+/// `egressDeny: ::/0` closed IPv4 addresses the policy allows). `policy check --to` agrees.
+#[test]
+fn an_ipv6_prefix_decides_nothing_for_ipv4() {
+    if !require_root("datapath") {
+        return;
+    }
+    let _serial = EXCLUSIVE.lock().unwrap_or_else(|e| e.into_inner());
+    let env = Env::new("l3v6", &["a", "b"]);
+    let net = 20 + (std::process::id() + 150) % 200;
+    let upstream = Bundled::start(&["--ttl", "60"]);
+    let policy = format!(
+        r#"apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {{name: a-v6, namespace: default}}
+spec:
+  endpointSelector: {{matchLabels: {{app: a}}}}
+  egress:
+  - toCIDR: ["::/0"]
+    toPorts: [{{ports: [{{port: "9443", protocol: TCP}}]}}]
+---
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {{name: b-v6, namespace: default}}
+spec:
+  endpointSelector: {{matchLabels: {{app: b}}}}
+  egress:
+  - toCIDR: ["127.{net}.0.0/16"]
+    toPorts: [{{ports: [{{port: "9443", protocol: TCP}}]}}]
+  egressDeny:
+  - toCIDR: ["::/0"]
+"#
+    );
+    let endpoints = "endpoints:\n\
+         - {name: a, namespace: default, labels: {app: a}, cgroup: a}\n\
+         - {name: b, namespace: default, labels: {app: b}, cgroup: b}\n";
+    let mut config = agent_config(&env, upstream.addr, &[]);
+    config.policy = policy;
+    config.endpoints = endpoints.into();
+    let _agent = Agent::start(&config);
+    let v4: IpAddr = format!("127.{net}.9.1").parse().unwrap();
+    let _l = listen_on(v4, &[9443]);
+    let to = SocketAddr::new(v4, 9443);
+    assert!(
+        denied(env.connect(Some("a"), to)),
+        "::/0 must not allow IPv4 {to}"
+    );
+    assert_eq!(
+        env.connect(Some("b"), to),
+        Ok(()),
+        "egressDeny ::/0 must not deny IPv4 {to}"
+    );
+}
