@@ -171,9 +171,12 @@ fn ensure_bpffs(pin_dir: &Path) -> Result<(), DatapathError> {
 }
 
 /// Where the lock of a pin directory lives (bpffs holds no regular files): a file under
-/// `/run/dnsfence/` named after the pin directory.
+/// `/run/dnsfence/` named after the pin directory, absolute and in normal form (a trailing
+/// slash, `//` or `./` spell the same directory, so they are the same lock).
 fn lock_path(pin_dir: &Path) -> PathBuf {
-    let name: String = pin_dir
+    let absolute = std::path::absolute(pin_dir).unwrap_or_else(|_| pin_dir.to_path_buf());
+    let normal: PathBuf = absolute.components().collect();
+    let name: String = normal
         .to_string_lossy()
         .chars()
         .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })

@@ -506,6 +506,19 @@ fn one_agent_per_pin_directory_and_no_uninstall_under_a_running_agent() {
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     assert!(String::from_utf8_lossy(&out.stderr).contains(&pid));
     assert!(env.attached().contains("df_"), "still attached");
+    // The same directory spelled otherwise is the same lock (review2: a trailing slash
+    // took another lock file and uninstalled under the running agent).
+    let pin = env.pin.to_string_lossy().into_owned();
+    let parent = env.pin.parent().unwrap().to_string_lossy().into_owned();
+    let name = env.pin.file_name().unwrap().to_string_lossy().into_owned();
+    for spelling in [format!("{pin}/"), format!("{parent}//./{name}")] {
+        let out = std::process::Command::new(dnsfence_tests::bin("dnsfence"))
+            .args(["agent", "--uninstall", "--bpf-pin", &spelling])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1), "{spelling}: {out:?}");
+        assert!(env.attached().contains("df_"), "{spelling}: still attached");
+    }
     // Once the agent is gone (kill -9 included), the pins are free again.
     drop(agent);
     let out = std::process::Command::new(dnsfence_tests::bin("dnsfence"))
