@@ -247,6 +247,8 @@ pub struct Datapath {
     allow_names: Option<HashMap<MapData, maps::AllowMapKey, maps::NameValue>>,
     /// The allow map's real size (a reused pinned map keeps the size it was created with).
     allow_capacity: u32,
+    /// The generation of the newest snapshot synced: an older one is not synced over it.
+    synced_generation: u64,
 }
 
 impl std::fmt::Debug for Datapath {
@@ -335,6 +337,7 @@ impl Datapath {
             _ebpf: ebpf,
             _lock: lock,
             allow_capacity,
+            synced_generation: 0,
             pin_dir: config.pin_dir.clone(),
             cgroup_root: config.cgroup_root.clone(),
         })
@@ -387,9 +390,17 @@ impl Datapath {
 
     /// Makes the endpoints map match `snapshot`: each endpoint with a cgroup gets its cgroup
     /// id, its key, whether it is enforced and the port specs of its toFQDNs rules; entries
-    /// of endpoints no longer there are removed.
+    /// of endpoints no longer there are removed. A snapshot of an older generation than the
+    /// newest one synced changes nothing.
     pub fn sync_endpoints(&mut self, snapshot: &Snapshot) -> Result<EndpointSync, DatapathError> {
         let mut sync = EndpointSync::default();
+        // A caller may hold a snapshot a reload has already replaced (the cgroup watcher
+        // loads the published one, which a reload publishes only after syncing the new one):
+        // syncing it would undo the reload until the next sync.
+        if snapshot.generation() < self.synced_generation {
+            return Ok(sync);
+        }
+        self.synced_generation = snapshot.generation();
         let mut wanted = std::collections::HashMap::new();
         let mut wanted_l3 = std::collections::HashMap::new();
         for (path, ep) in snapshot.cgroups() {

@@ -658,3 +658,64 @@ spec:
         "egressDeny ::/0 must not deny IPv4 {to}"
     );
 }
+
+/// The agent's cgroup watcher syncs the maps with the snapshot it loaded, which can be the
+/// one a reload is replacing: the reload syncs the new snapshot before publishing it, so a
+/// watcher event in between synced the old one after it (review2: a new egressDeny was
+/// undone until the next tick). An older generation than the last synced one is ignored.
+#[test]
+fn an_older_snapshot_does_not_undo_a_newer_sync() {
+    use dnsfence_datapath::{Datapath, InstallConfig};
+    use dnsfence_policy::{Endpoints, PolicySet, Snapshot};
+    use std::path::Path;
+    if !require_root("datapath") {
+        return;
+    }
+    let _serial = EXCLUSIVE.lock().unwrap_or_else(|e| e.into_inner());
+    let env = Env::new("gen", &["a"]);
+    let net = 20 + (std::process::id() + 170) % 200;
+    let endpoints = "endpoints:\n- {name: a, namespace: default, labels: {app: a}, cgroup: a}\n";
+    let snapshot = |deny: &str, generation| {
+        let text = format!(
+            r#"apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {{name: a, namespace: default}}
+spec:
+  endpointSelector: {{matchLabels: {{app: a}}}}
+  egress:
+  - toCIDR: ["127.{net}.9.0/24"]
+    toPorts: [{{ports: [{{port: "9443", protocol: TCP}}]}}]
+{deny}"#
+        );
+        let p = PolicySet::from_yaml(Path::new("p.yaml"), &text).unwrap();
+        let e = Endpoints::from_yaml(Path::new("e.yaml"), endpoints).unwrap();
+        let mut s = Snapshot::compile(&p, &e);
+        s.set_generation(generation);
+        s
+    };
+    let old = snapshot("", 1);
+    let new = snapshot(
+        &format!("  egressDeny:\n  - toCIDR: [\"127.{net}.9.1/32\"]\n"),
+        2,
+    );
+    let mut dp = Datapath::install(&InstallConfig {
+        pin_dir: env.pin.clone(),
+        cgroup_root: env.cgroup_root.clone(),
+        allow_entries: 1024,
+    })
+    .unwrap();
+    let v4: IpAddr = format!("127.{net}.9.1").parse().unwrap();
+    let _l = listen_on(v4, &[9443]);
+    let to = SocketAddr::new(v4, 9443);
+    dp.sync_endpoints(&old).unwrap();
+    assert_eq!(env.connect(Some("a"), to), Ok(()));
+    dp.sync_endpoints(&new).unwrap();
+    assert!(denied(env.connect(Some("a"), to)), "the reload's deny");
+    // The watcher, holding the snapshot the reload replaced.
+    dp.sync_endpoints(&old).unwrap();
+    assert!(
+        denied(env.connect(Some("a"), to)),
+        "an older snapshot undid the deny"
+    );
+    drop(dp);
+}
