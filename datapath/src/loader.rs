@@ -171,9 +171,12 @@ fn ensure_bpffs(pin_dir: &Path) -> Result<(), DatapathError> {
 }
 
 /// Where the lock of a pin directory lives (bpffs holds no regular files): a file under
-/// `/run/dnsfence/` named after the pin directory.
+/// `/run/dnsfence/` named after the pin directory, absolute and in normal form (a trailing
+/// slash, `//` or `./` spell the same directory, so they are the same lock).
 fn lock_path(pin_dir: &Path) -> PathBuf {
-    let name: String = pin_dir
+    let absolute = std::path::absolute(pin_dir).unwrap_or_else(|_| pin_dir.to_path_buf());
+    let normal: PathBuf = absolute.components().collect();
+    let name: String = normal
         .to_string_lossy()
         .chars()
         .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
@@ -244,6 +247,8 @@ pub struct Datapath {
     allow_names: Option<HashMap<MapData, maps::AllowMapKey, maps::NameValue>>,
     /// The allow map's real size (a reused pinned map keeps the size it was created with).
     allow_capacity: u32,
+    /// The generation of the newest snapshot synced: an older one is not synced over it.
+    synced_generation: u64,
 }
 
 impl std::fmt::Debug for Datapath {
@@ -332,6 +337,7 @@ impl Datapath {
             _ebpf: ebpf,
             _lock: lock,
             allow_capacity,
+            synced_generation: 0,
             pin_dir: config.pin_dir.clone(),
             cgroup_root: config.cgroup_root.clone(),
         })
@@ -384,9 +390,17 @@ impl Datapath {
 
     /// Makes the endpoints map match `snapshot`: each endpoint with a cgroup gets its cgroup
     /// id, its key, whether it is enforced and the port specs of its toFQDNs rules; entries
-    /// of endpoints no longer there are removed.
+    /// of endpoints no longer there are removed. A snapshot of an older generation than the
+    /// newest one synced changes nothing.
     pub fn sync_endpoints(&mut self, snapshot: &Snapshot) -> Result<EndpointSync, DatapathError> {
         let mut sync = EndpointSync::default();
+        // A caller may hold a snapshot a reload has already replaced (the cgroup watcher
+        // loads the published one, which a reload publishes only after syncing the new one):
+        // syncing it would undo the reload until the next sync.
+        if snapshot.generation() < self.synced_generation {
+            return Ok(sync);
+        }
+        self.synced_generation = snapshot.generation();
         let mut wanted = std::collections::HashMap::new();
         let mut wanted_l3 = std::collections::HashMap::new();
         for (path, ep) in snapshot.cgroups() {
@@ -415,10 +429,14 @@ impl Datapath {
             }
             wanted.insert(id, value);
             let mut truncated = false;
-            for entry in snapshot.l3_table(ep) {
+            let table = snapshot.l3_table(ep);
+            for entry in table {
                 let (key, value, cut) = l3_map_entry(value.key, entry);
                 truncated |= cut;
                 wanted_l3.insert(key, value);
+            }
+            if let Some((key, value)) = ipv4_shadow(value.key, table) {
+                wanted_l3.entry(key).or_insert(value);
             }
             if truncated {
                 sync.too_many_l3_specs
@@ -517,6 +535,34 @@ impl Datapath {
         };
         BpfAllow::new(map, names_map, config)
     }
+}
+
+/// In the trie IPv4 prefixes sit under `::ffff:0:0/96`, inside IPv6 prefixes such as `::/0`,
+/// but an IPv6 rule decides nothing for IPv4 (the policy's table keeps the families apart).
+/// When some IPv6 entry of `table` contains that region, an empty entry at `0.0.0.0/0` (no
+/// ports allowed or denied) stops IPv4 lookups from reaching it; the caller keeps a real
+/// `0.0.0.0/0` entry of the table where there is one.
+fn ipv4_shadow(
+    endpoint: u64,
+    table: &[dnsfence_policy::cidr::L3Entry],
+) -> Option<((u32, CidrData), CidrValue)> {
+    use dnsfence_policy::cidr::{Cidr, L3Entry};
+    let mapped = Cidr {
+        addr: std::net::Ipv4Addr::UNSPECIFIED.to_ipv6_mapped().into(),
+        len: 96,
+    };
+    table
+        .iter()
+        .any(|e| e.cidr.addr.is_ipv6() && e.cidr.contains(&mapped))
+        .then(|| {
+            let empty = L3Entry {
+                cidr: Cidr::ALL4,
+                allow: Vec::new(),
+                deny: Vec::new(),
+            };
+            let (key, value, _) = l3_map_entry(endpoint, &empty);
+            (key, value)
+        })
 }
 
 /// The `df_cidr` entry of one L3 table entry of an endpoint: (prefixlen, data), the value,

@@ -41,6 +41,16 @@ impl Cidr {
                 cidr
             ));
         }
+        // An IPv4-mapped IPv6 prefix is the IPv4 prefix it maps (destinations are judged
+        // that way: `host` maps them too), so it decides for IPv4 here and in the datapath.
+        if let (IpAddr::V6(v6), true) = (cidr.addr, cidr.len >= 96)
+            && let Some(v4) = v6.to_ipv4_mapped()
+        {
+            return Ok(Cidr {
+                addr: IpAddr::V4(v4),
+                len: cidr.len - 96,
+            });
+        }
         Ok(cidr)
     }
 
@@ -274,6 +284,15 @@ mod tests {
         assert!(!c("10.1.0.0/16").contains(&c("10.0.0.0/8")));
         assert!(!c("0.0.0.0/0").contains(&c("::/0")));
         assert!(c("0.0.0.0/0").contains_ip("::ffff:1.2.3.4".parse().unwrap()));
+        assert_eq!(
+            c("::ffff:10.0.0.0/104"),
+            c("10.0.0.0/8"),
+            "mapped prefixes are IPv4"
+        );
+        assert_eq!(c("::ffff:1.2.3.4"), c("1.2.3.4/32"));
+        assert!(c("::ffff:10.0.0.0/104").contains_ip("10.1.2.3".parse().unwrap()));
+        assert_eq!(c("::ffff:0:0/96"), Cidr::ALL4);
+        assert!(c("::/80").addr.is_ipv6());
     }
 
     #[test]

@@ -506,6 +506,19 @@ fn one_agent_per_pin_directory_and_no_uninstall_under_a_running_agent() {
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     assert!(String::from_utf8_lossy(&out.stderr).contains(&pid));
     assert!(env.attached().contains("df_"), "still attached");
+    // The same directory spelled otherwise is the same lock (review2: a trailing slash
+    // took another lock file and uninstalled under the running agent).
+    let pin = env.pin.to_string_lossy().into_owned();
+    let parent = env.pin.parent().unwrap().to_string_lossy().into_owned();
+    let name = env.pin.file_name().unwrap().to_string_lossy().into_owned();
+    for spelling in [format!("{pin}/"), format!("{parent}//./{name}")] {
+        let out = std::process::Command::new(dnsfence_tests::bin("dnsfence"))
+            .args(["agent", "--uninstall", "--bpf-pin", &spelling])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1), "{spelling}: {out:?}");
+        assert!(env.attached().contains("df_"), "{spelling}: still attached");
+    }
     // Once the agent is gone (kill -9 included), the pins are free again.
     drop(agent);
     let out = std::process::Command::new(dnsfence_tests::bin("dnsfence"))
@@ -588,4 +601,121 @@ fn a_reused_smaller_allow_map_is_reported_and_bounds_the_ledger() {
     };
     assert!(refused("full") >= 1.0, "{text}");
     assert_eq!(refused("map_error"), 0.0, "{text}");
+}
+
+/// An IPv6 L3 prefix covers no IPv4 destination: in the `df_cidr` trie IPv4 prefixes live
+/// at `::ffff:0:0/96` and below, inside `::/0`, so an IPv6 rule short enough to contain that
+/// region must not decide for IPv4 (review2: `toCIDR: ::/0` opened every IPv4 address, and
+/// `egressDeny: ::/0` closed IPv4 addresses the policy allows). `policy check --to` agrees.
+#[test]
+fn an_ipv6_prefix_decides_nothing_for_ipv4() {
+    if !require_root("datapath") {
+        return;
+    }
+    let _serial = EXCLUSIVE.lock().unwrap_or_else(|e| e.into_inner());
+    let env = Env::new("l3v6", &["a", "b"]);
+    let net = 20 + (std::process::id() + 150) % 200;
+    let upstream = Bundled::start(&["--ttl", "60"]);
+    let policy = format!(
+        r#"apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {{name: a-v6, namespace: default}}
+spec:
+  endpointSelector: {{matchLabels: {{app: a}}}}
+  egress:
+  - toCIDR: ["::/0"]
+    toPorts: [{{ports: [{{port: "9443", protocol: TCP}}]}}]
+---
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {{name: b-v6, namespace: default}}
+spec:
+  endpointSelector: {{matchLabels: {{app: b}}}}
+  egress:
+  - toCIDR: ["127.{net}.0.0/16"]
+    toPorts: [{{ports: [{{port: "9443", protocol: TCP}}]}}]
+  egressDeny:
+  - toCIDR: ["::/0"]
+"#
+    );
+    let endpoints = "endpoints:\n\
+         - {name: a, namespace: default, labels: {app: a}, cgroup: a}\n\
+         - {name: b, namespace: default, labels: {app: b}, cgroup: b}\n";
+    let mut config = agent_config(&env, upstream.addr, &[]);
+    config.policy = policy;
+    config.endpoints = endpoints.into();
+    let _agent = Agent::start(&config);
+    let v4: IpAddr = format!("127.{net}.9.1").parse().unwrap();
+    let _l = listen_on(v4, &[9443]);
+    let to = SocketAddr::new(v4, 9443);
+    assert!(
+        denied(env.connect(Some("a"), to)),
+        "::/0 must not allow IPv4 {to}"
+    );
+    assert_eq!(
+        env.connect(Some("b"), to),
+        Ok(()),
+        "egressDeny ::/0 must not deny IPv4 {to}"
+    );
+}
+
+/// The agent's cgroup watcher syncs the maps with the snapshot it loaded, which can be the
+/// one a reload is replacing: the reload syncs the new snapshot before publishing it, so a
+/// watcher event in between synced the old one after it (review2: a new egressDeny was
+/// undone until the next tick). An older generation than the last synced one is ignored.
+#[test]
+fn an_older_snapshot_does_not_undo_a_newer_sync() {
+    use dnsfence_datapath::{Datapath, InstallConfig};
+    use dnsfence_policy::{Endpoints, PolicySet, Snapshot};
+    use std::path::Path;
+    if !require_root("datapath") {
+        return;
+    }
+    let _serial = EXCLUSIVE.lock().unwrap_or_else(|e| e.into_inner());
+    let env = Env::new("gen", &["a"]);
+    let net = 20 + (std::process::id() + 170) % 200;
+    let endpoints = "endpoints:\n- {name: a, namespace: default, labels: {app: a}, cgroup: a}\n";
+    let snapshot = |deny: &str, generation| {
+        let text = format!(
+            r#"apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {{name: a, namespace: default}}
+spec:
+  endpointSelector: {{matchLabels: {{app: a}}}}
+  egress:
+  - toCIDR: ["127.{net}.9.0/24"]
+    toPorts: [{{ports: [{{port: "9443", protocol: TCP}}]}}]
+{deny}"#
+        );
+        let p = PolicySet::from_yaml(Path::new("p.yaml"), &text).unwrap();
+        let e = Endpoints::from_yaml(Path::new("e.yaml"), endpoints).unwrap();
+        let mut s = Snapshot::compile(&p, &e);
+        s.set_generation(generation);
+        s
+    };
+    let old = snapshot("", 1);
+    let new = snapshot(
+        &format!("  egressDeny:\n  - toCIDR: [\"127.{net}.9.1/32\"]\n"),
+        2,
+    );
+    let mut dp = Datapath::install(&InstallConfig {
+        pin_dir: env.pin.clone(),
+        cgroup_root: env.cgroup_root.clone(),
+        allow_entries: 1024,
+    })
+    .unwrap();
+    let v4: IpAddr = format!("127.{net}.9.1").parse().unwrap();
+    let _l = listen_on(v4, &[9443]);
+    let to = SocketAddr::new(v4, 9443);
+    dp.sync_endpoints(&old).unwrap();
+    assert_eq!(env.connect(Some("a"), to), Ok(()));
+    dp.sync_endpoints(&new).unwrap();
+    assert!(denied(env.connect(Some("a"), to)), "the reload's deny");
+    // The watcher, holding the snapshot the reload replaced.
+    dp.sync_endpoints(&old).unwrap();
+    assert!(
+        denied(env.connect(Some("a"), to)),
+        "an older snapshot undid the deny"
+    );
+    drop(dp);
 }
