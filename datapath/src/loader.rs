@@ -123,6 +123,8 @@ pub struct InstallConfig {
     pub cgroup_root: PathBuf,
     /// Size of the allow map (node-wide capacity).
     pub allow_entries: u32,
+    /// Size of the L3 prefix trie (all endpoints' toCIDR/toEndpoints/toEntities prefixes).
+    pub l3_entries: u32,
 }
 
 /// The maps directory of a pin directory.
@@ -275,6 +277,9 @@ pub struct EndpointSync {
     pub too_many_specs: Vec<String>,
     /// L3 prefix entries written (all endpoints).
     pub l3_entries: usize,
+    /// Endpoints whose L3 entries did not fit in the trie: enforced with nothing allowed but
+    /// DNS (fail closed) until they fit.
+    pub l3_failed_closed: usize,
     /// Endpoints with an L3 prefix carrying more than `MAX_L3_SPECS` port entries: extra
     /// allowed ports stay closed, extra denied ones make the prefix deny every port.
     pub too_many_l3_specs: Vec<String>,
@@ -296,6 +301,7 @@ impl Datapath {
             .default_map_pin_directory(&maps_dir)
             .map_max_entries(names::ALLOW, config.allow_entries.max(1))
             .map_max_entries(names::ALLOW_NAMES, config.allow_entries.max(1))
+            .map_max_entries(names::CIDR, config.l3_entries.max(1))
             .load(OBJECT)
             .map_err(|e| DatapathError::Load(format!("{e:#}")))?;
         let cgroup = fs::File::open(&config.cgroup_root)
@@ -453,17 +459,26 @@ impl Datapath {
             }
         }
         // L3 entries first (a new endpoint is enforced only once its endpoints entry lands,
-        // and by then its L3 allows are in place); stale ones go after.
+        // and by then its L3 allows are in place); stale ones go after. An endpoint whose
+        // entries do not all fit (the trie is full) fails closed: its L3 entries are removed
+        // and it is enforced with no port spec, so only DNS to the proxy passes; it is never
+        // left out of the endpoints map (that would leave it unenforced).
+        let mut degraded = std::collections::HashSet::new();
         for (&(len, data), value) in &wanted_l3 {
             let key = Key::new(len, data);
-            if self.cidr.get(&key, 0).ok() != Some(*value) {
-                self.cidr
-                    .insert(&key, *value, 0)
-                    .map_err(map_err(names::CIDR))?;
+            if self.cidr.get(&key, 0).ok() != Some(*value)
+                && self.cidr.insert(&key, *value, 0).is_err()
+            {
+                degraded.insert(u64::from_ne_bytes(data.endpoint));
             }
         }
         sync.l3_entries = wanted_l3.len();
-        for (id, value) in wanted {
+        for (id, mut value) in wanted {
+            if degraded.contains(&value.key) {
+                value.flags = EP_ENFORCE;
+                value.nspecs = 0;
+                sync.l3_failed_closed += 1;
+            }
             if self.endpoints.get(&id, 0).ok() != Some(value) {
                 self.endpoints
                     .insert(id, value, 0)
@@ -473,7 +488,8 @@ impl Datapath {
         }
         let present: Vec<Key<CidrData>> = self.cidr.keys().filter_map(Result::ok).collect();
         for key in present {
-            if !wanted_l3.contains_key(&(key.prefix_len(), key.data())) {
+            let stale = !wanted_l3.contains_key(&(key.prefix_len(), key.data()));
+            if stale || degraded.contains(&u64::from_ne_bytes(key.data().endpoint)) {
                 self.cidr.remove(&key).map_err(map_err(names::CIDR))?;
             }
         }

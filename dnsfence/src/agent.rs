@@ -212,6 +212,11 @@ pub struct AgentArgs {
     /// Capacity of the allow table: the eBPF allow map's size, or the userspace table's.
     #[arg(long, default_value_t = 1 << 20)]
     pub allow_entries: usize,
+    /// Size of the L3 prefix map: the (endpoint, prefix) pairs of every endpoint's toCIDR,
+    /// toCIDRSet, toEndpoints and toEntities rules. An endpoint whose entries do not fit is
+    /// denied everything but DNS until they do (logged).
+    #[arg(long, default_value_t = 65536)]
+    pub l3_entries: u32,
     /// Most allow entries one endpoint may hold; beyond it, answers that need new entries get
     /// SERVFAIL (counted), so one workload cannot fill the table for the others.
     #[arg(long, default_value_t = 1 << 16)]
@@ -531,6 +536,7 @@ pub fn run(args: &AgentArgs) -> Result<()> {
             pin_dir: args.bpf_pin.clone(),
             cgroup_root: args.cgroup_root.clone(),
             allow_entries: args.allow_entries as u32,
+            l3_entries: args.l3_entries,
         };
         Enforcer::bpf(&install, &plan.listen, ledger)?
     });

@@ -218,6 +218,13 @@ fn describe_sync(sync: &EndpointSync) -> Vec<String> {
             sync.missing.join(", ")
         ));
     }
+    if sync.l3_failed_closed > 0 {
+        lines.push(format!(
+            "warning: the L3 prefix map is full: {} endpoints are denied everything but DNS \
+             until their entries fit (fewer toCIDR/toEndpoints prefixes, or fewer endpoints)",
+            sync.l3_failed_closed
+        ));
+    }
     if !sync.too_many_l3_specs.is_empty() {
         lines.push(format!(
             "warning: {} endpoints have an address prefix with more than {} port entries \

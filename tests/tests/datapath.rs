@@ -702,6 +702,7 @@ spec:
         pin_dir: env.pin.clone(),
         cgroup_root: env.cgroup_root.clone(),
         allow_entries: 1024,
+        l3_entries: 1024,
     })
     .unwrap();
     let v4: IpAddr = format!("127.{net}.9.1").parse().unwrap();
@@ -718,4 +719,41 @@ spec:
         "an older snapshot undid the deny"
     );
     drop(dp);
+}
+
+#[test]
+fn an_endpoint_whose_l3_entries_do_not_fit_fails_closed() {
+    if !require_root("datapath") {
+        return;
+    }
+    let _serial = EXCLUSIVE.lock().unwrap_or_else(|e| e.into_inner());
+    let env = Env::new("l3full", &["a"]);
+    let upstream = Bundled::start(&["--ttl", "60", "--ips", "1"]);
+    let net = 20 + (std::process::id() + 50) % 200;
+    // Three prefixes for a, a trie of two.
+    let mut config = agent_config(&env, upstream.addr, &["--l3-entries", "2"]);
+    // (Into a's policy, the first document.)
+    config.policy = config.policy.replacen(
+        "\n---\n",
+        &format!("\n  - toCIDR: [127.{net}.1.0/24, 127.{net}.2.0/24, 127.{net}.3.0/24]\n---\n"),
+        1,
+    );
+    let agent = Agent::start(&config);
+    assert!(
+        agent
+            .process
+            .stderr()
+            .contains("the L3 prefix map is full: 1 endpoints are denied"),
+        "{}",
+        agent.process.stderr()
+    );
+    let inside: IpAddr = format!("127.{net}.1.1").parse().unwrap();
+    let _l = listen_on(inside, &[80]);
+    // Enforced, nothing allowed: never left unenforced because its entries did not fit.
+    assert!(denied(env.connect(Some("a"), SocketAddr::new(inside, 80))));
+    // DNS still goes to the proxy.
+    assert_eq!(
+        env.dig(Some("a"), server(), &["evil.test"]).status,
+        "REFUSED"
+    );
 }
