@@ -16,8 +16,19 @@ const HINT: &str = " (dnsfence enforces toFQDNs, toEndpoints, toCIDR, toCIDRSet,
                      and toPorts in egress, and toCIDR, toCIDRSet, toEndpoints, toEntities and \
                      toPorts in egressDeny)";
 
-const DOC_FIELDS: &[&str] = &["apiVersion", "kind", "metadata", "spec", "specs", "status"];
-/// `labels` and `annotations` are accepted and ignored, as are the fields the API server adds.
+/// A top-level `description` (outside `spec`, where the schema has none; Cilium's own examples
+/// put it there) is accepted and ignored, as the API server prunes it.
+const DOC_FIELDS: &[&str] = &[
+    "apiVersion",
+    "kind",
+    "metadata",
+    "spec",
+    "specs",
+    "status",
+    "description",
+];
+/// `labels` and `annotations` are accepted and ignored, as are the fields the API server adds
+/// and a misplaced `description` (pruned by the API server, like a top-level one).
 const METADATA_FIELDS: &[&str] = &[
     "name",
     "namespace",
@@ -28,6 +39,7 @@ const METADATA_FIELDS: &[&str] = &[
     "generation",
     "creationTimestamp",
     "managedFields",
+    "description",
 ];
 const SPEC_FIELDS: &[&str] = &[
     "endpointSelector",
