@@ -329,9 +329,14 @@ fn plan(args: &AgentArgs) -> Result<Plan> {
             .map(|ids| ids.into_iter().map(|c| c.id).collect::<Vec<_>>())
             .filter(|ids| !ids.is_empty()),
     };
-    let shards = args
-        .shards
-        .unwrap_or(cpus.as_ref().map_or(available, Vec::len));
+    // One shard per CPU of the mask, but never more than the CPU quota allows
+    // (`available_parallelism` reads cgroup cpu.max: a pod limited to 2 CPUs on a 64-CPU node
+    // gets 2 shards, pinned to the first 2 CPUs of its mask).
+    let shards = args.shards.unwrap_or(match (&args.cpus, &cpus) {
+        (Some(list), _) => list.0.len(),
+        (None, Some(mask)) => mask.len().min(available),
+        (None, None) => available,
+    });
     for &listen in &listens {
         if listen.ip().is_unspecified() {
             bail!(
