@@ -235,7 +235,80 @@ pub fn compile_table(
         .collect();
     prefixes.sort_unstable();
     prefixes.dedup();
-    let ports_of = |rules: &[(Vec<CidrBlock>, Vec<PortProto>)], p: &Cidr| {
+    let allow_index = BlockIndex::new(allow);
+    let deny_index = BlockIndex::new(deny);
+    prefixes
+        .into_iter()
+        .map(|cidr| L3Entry {
+            allow: allow_index.ports_covering(allow, &cidr),
+            deny: deny_index.ports_covering(deny, &cidr),
+            cidr,
+        })
+        .collect()
+}
+
+/// The blocks of a rule list by their prefix, so the blocks containing a prefix are found by
+/// looking up its ancestors (at most 33 or 129 lookups) instead of scanning every block: a
+/// table of n prefixes compiles in O(n × width), not O(n²).
+struct BlockIndex {
+    /// (is IPv4, length, network bits) -> (rule, block) indices.
+    by_prefix: std::collections::HashMap<(bool, u8, u128), Vec<(usize, usize)>>,
+}
+
+impl BlockIndex {
+    fn new(rules: &[(Vec<CidrBlock>, Vec<PortProto>)]) -> BlockIndex {
+        let mut by_prefix: std::collections::HashMap<_, Vec<_>> = std::collections::HashMap::new();
+        for (r, (blocks, _)) in rules.iter().enumerate() {
+            for (b, block) in blocks.iter().enumerate() {
+                let c = block.cidr;
+                by_prefix
+                    .entry((c.addr.is_ipv4(), c.len, c.bits().0))
+                    .or_default()
+                    .push((r, b));
+            }
+        }
+        BlockIndex { by_prefix }
+    }
+
+    /// The ports of every rule with a block that covers `p` (inside it, in no exception).
+    fn ports_covering(
+        &self,
+        rules: &[(Vec<CidrBlock>, Vec<PortProto>)],
+        p: &Cidr,
+    ) -> Vec<PortProto> {
+        let (bits, _) = p.bits();
+        let mut covering = Vec::new();
+        for len in 0..=p.len {
+            let key = (p.addr.is_ipv4(), len, bits & Cidr::mask(len));
+            for &(r, b) in self.by_prefix.get(&key).into_iter().flatten() {
+                if rules[r].0[b].covers(p) && !covering.contains(&r) {
+                    covering.push(r);
+                }
+            }
+        }
+        covering.sort_unstable();
+        let mut out: Vec<PortProto> = Vec::new();
+        for r in covering {
+            let ports = &rules[r].1;
+            if ports.is_empty() {
+                out.push(PortProto::ALL);
+            } else {
+                out.extend_from_slice(ports);
+            }
+        }
+        out.sort_unstable();
+        out.dedup();
+        if out.contains(&PortProto::ALL) {
+            out = vec![PortProto::ALL];
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// The naive definition the index must agree with: every rule whose blocks cover `p`.
+    fn naive(rules: &[(Vec<CidrBlock>, Vec<PortProto>)], p: &Cidr) -> Vec<PortProto> {
         let mut out: Vec<PortProto> = Vec::new();
         for (blocks, ports) in rules {
             if blocks.iter().any(|b| b.covers(p)) {
@@ -252,19 +325,63 @@ pub fn compile_table(
             out = vec![PortProto::ALL];
         }
         out
-    };
-    prefixes
-        .into_iter()
-        .map(|cidr| L3Entry {
-            allow: ports_of(allow, &cidr),
-            deny: ports_of(deny, &cidr),
-            cidr,
-        })
-        .collect()
-}
+    }
 
-#[cfg(test)]
-mod tests {
+    #[test]
+    fn the_index_agrees_with_a_scan_of_every_block() {
+        use crate::policy::PortProtocol;
+        // Pseudo-random nested and overlapping prefixes of both families, with exceptions.
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for round in 0..30 {
+            let mut rules = Vec::new();
+            for r in 0..6 {
+                let mut blocks = Vec::new();
+                for _ in 0..(next() % 5) {
+                    let v4 = next() % 3 != 0;
+                    let len = (next() % if v4 { 33 } else { 129 }) as u8;
+                    let raw = u128::from(next()) << 64 | u128::from(next());
+                    let addr = if v4 {
+                        IpAddr::V4(Ipv4Addr::from((raw >> 96) as u32 & 0x0a0f_ffff))
+                    } else {
+                        IpAddr::V6(Ipv6Addr::from(raw & !(u128::MAX >> 20) | 0x2001 << 112))
+                    };
+                    let cidr = Cidr { addr, len }.normalised();
+                    let except = (0..next() % 3)
+                        .map(|_| {
+                            Cidr {
+                                addr,
+                                len: (len + (next() % 8) as u8).min(if v4 { 32 } else { 128 }),
+                            }
+                            .normalised()
+                        })
+                        .collect();
+                    blocks.push(CidrBlock { cidr, except });
+                }
+                let ports = if r % 3 == 0 {
+                    vec![]
+                } else {
+                    vec![PortProto {
+                        port: (r * 100 + round) as u16,
+                        end_port: (r * 100 + round) as u16,
+                        proto: PortProtocol::Tcp,
+                    }]
+                };
+                rules.push((blocks, ports));
+            }
+            let (allow, deny) = rules.split_at(4);
+            for e in compile_table(allow, deny) {
+                assert_eq!(e.allow, naive(allow, &e.cidr), "allow at {}", e.cidr);
+                assert_eq!(e.deny, naive(deny, &e.cidr), "deny at {}", e.cidr);
+            }
+        }
+    }
+
     use super::*;
     use crate::policy::PortProtocol;
 
