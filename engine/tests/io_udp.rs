@@ -214,8 +214,17 @@ fn listen_address_taken_without_reuseport_is_a_typed_error() {
             Ok(_) => panic!("open succeeded on a taken address"),
         }
 
-        let plain = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = plain.local_addr().unwrap();
+        // A TCP port whose UDP twin is free (a random TCP port's UDP number can belong to
+        // another process, and then the UDP error comes first): take both, free the UDP one.
+        let (plain, addr) = loop {
+            let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
+            let addr = udp.local_addr().unwrap();
+            if let Ok(tcp) = std::net::TcpListener::bind(addr) {
+                drop(udp);
+                break (tcp, addr);
+            }
+        };
+        let _keep = &plain;
         let err = io::open(&config(&addr.to_string(), no_upstream()), b)
             .err()
             .expect("open succeeded on a taken TCP address");
