@@ -71,6 +71,15 @@ enum PolicyCommand {
         /// toFQDNs answer could open it) or `unrestricted`. Repeatable.
         #[arg(long = "to", value_name = "ADDR:PORT/PROTO", value_parser = parse_target)]
         to: Vec<Target>,
+        /// As the agent's flags of the same names: what `toEntities` resolves to.
+        #[arg(long, value_name = "CIDR", value_parser = dnsfence_policy::cidr::Cidr::parse)]
+        cluster_cidr: Vec<dnsfence_policy::cidr::Cidr>,
+        /// As the agent's `--node-ip`.
+        #[arg(long, value_name = "IP", value_parser = dnsfence_policy::cidr::Cidr::parse)]
+        node_ip: Vec<dnsfence_policy::cidr::Cidr>,
+        /// As the agent's `--kube-apiserver`.
+        #[arg(long, value_name = "CIDR", value_parser = dnsfence_policy::cidr::Cidr::parse)]
+        kube_apiserver: Vec<dnsfence_policy::cidr::Cidr>,
         /// Names to check.
         #[arg(required_unless_present = "to", value_name = "QNAME")]
         names: Vec<String>,
@@ -123,14 +132,23 @@ pub fn run(args: &PolicyArgs) -> ExitCode {
             proto,
             server,
             to,
+            cluster_cidr,
+            node_ip,
+            kube_apiserver,
             names,
         } => {
             let proto = match proto {
                 ProtoArg::Udp => Proto::Udp,
                 ProtoArg::Tcp => Proto::Tcp,
             };
+            let mut node = dnsfence_policy::cidr::NodeFacts {
+                cluster: cluster_cidr.clone(),
+                kube_apiserver: kube_apiserver.clone(),
+                ..Default::default()
+            };
+            node.host.extend(node_ip.iter().copied());
             check(
-                policies, endpoints, endpoint, *port, proto, *server, to, names,
+                policies, endpoints, endpoint, *port, proto, *server, to, &node, names,
             )
         }
     };
@@ -207,9 +225,10 @@ fn check(
     proto: Proto,
     server: Option<IpAddr>,
     targets: &[Target],
+    node: &dnsfence_policy::cidr::NodeFacts,
     names: &[String],
 ) -> Result<ExitCode> {
-    let snapshot = match dnsfence_policy::load(policy_paths, Some(endpoints_path)) {
+    let snapshot = match dnsfence_policy::load_on(policy_paths, Some(endpoints_path), node) {
         Ok(s) => s,
         Err(errors) => return Ok(report(&errors)),
     };

@@ -313,3 +313,42 @@ fn validate_accepts_ingress_and_says_it_is_not_enforced() {
     assert!(text(&out.stdout).starts_with("ok: 1 file, 1 policy"));
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn check_resolves_entities_with_the_agents_node_flags() {
+    let dir = std::env::temp_dir().join(format!("dnsfence-ent-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let policy = dir.join("p.yaml");
+    std::fs::write(
+        &policy,
+        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: w, namespace: \
+         team-a}\nspec:\n  endpointSelector: {matchLabels: {app: uploader}}\n  egress:\n  - \
+         toEntities: [world]\n    toPorts: [{ports: [{port: \"443\", protocol: TCP}]}]\n",
+    )
+    .unwrap();
+    let endpoints = testdata("spec-example-endpoints.yaml");
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "policy",
+            "check",
+            "--policy",
+            policy.to_str().unwrap(),
+            "--endpoints",
+            &endpoints,
+            "--endpoint",
+            "team-a/uploader",
+            "--to",
+            "10.9.9.9:443/tcp",
+        ];
+        args.extend_from_slice(extra);
+        let out = dnsfence(&args);
+        text(&out.stdout).to_string()
+    };
+    assert_eq!(run(&[]), "10.9.9.9:443/tcp\tl3=allow\tby=l3-rule\n");
+    assert_eq!(
+        run(&["--cluster-cidr", "10.0.0.0/8"]),
+        "10.9.9.9:443/tcp\tl3=deny\tby=default-deny\n",
+        "a cluster range is not world"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}

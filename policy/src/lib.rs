@@ -34,10 +34,19 @@ pub fn load(
     policy_paths: &[PathBuf],
     endpoints_path: Option<&Path>,
 ) -> Result<Snapshot, LoadErrors> {
+    load_on(policy_paths, endpoints_path, &cidr::NodeFacts::default())
+}
+
+/// Like [`load`], with what the node knows of itself and its cluster (`toEntities`).
+pub fn load_on(
+    policy_paths: &[PathBuf],
+    endpoints_path: Option<&Path>,
+    node: &cidr::NodeFacts,
+) -> Result<Snapshot, LoadErrors> {
     let policies = PolicySet::load(policy_paths);
     let endpoints = endpoints_path.map(Endpoints::load).transpose();
     match (policies, endpoints) {
-        (Ok(p), Ok(e)) => Ok(Snapshot::compile(&p, &e.unwrap_or_default())),
+        (Ok(p), Ok(e)) => Ok(Snapshot::compile_on(&p, &e.unwrap_or_default(), &[], node)),
         (p, e) => {
             let mut errors = Vec::new();
             if let Err(LoadErrors(pe)) = p {
