@@ -540,7 +540,12 @@ pub fn policy_yaml(text: &str) -> bool {
     let file = Path::new("fuzz.yaml");
     let policies = PolicySet::from_yaml(file, text);
     let endpoints = Endpoints::from_yaml(file, text);
-    let lines = text.lines().count() + 1;
+    // Lines as YAML counts them: a CR alone breaks a line too (found by libFuzzer: "\r\r!"
+    // has its error on line 3, where `str::lines` sees one line); plus one for an error at
+    // the end of the text.
+    let breaks =
+        text.matches('\n').count() + text.matches('\r').count() - text.matches("\r\n").count();
+    let lines = breaks + 2;
     for errors in [policies.as_ref().err(), endpoints.as_ref().err()]
         .into_iter()
         .flatten()
@@ -963,6 +968,8 @@ mod tests {
             "{",
             "a: *b",
             "[[[[[[[[[[[[[[",
+            // libFuzzer (coverage-guided, fuzz/artifacts): bare CR line breaks.
+            "\r\r!",
         ] {
             policy_yaml(text);
         }
