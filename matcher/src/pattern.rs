@@ -4,7 +4,8 @@ use std::fmt;
 
 use crate::name::is_name_byte;
 
-/// Longest pattern accepted, in characters, after trimming (Cilium's `MaxLength=255`).
+/// Longest pattern accepted, in characters, after trimming and not counting a trailing dot
+/// (Cilium's `MaxLength=255`).
 pub const MAX_PATTERN_LEN: usize = 255;
 
 /// Which field a pattern came from: they differ only in whether `*` is allowed.
@@ -142,7 +143,10 @@ impl Pattern {
             });
         }
         let len = trimmed.chars().count();
-        if len > MAX_PATTERN_LEN {
+        // A trailing dot is not counted: normalisation adds one, and the normalised form of
+        // a 255-character pattern must parse again (libFuzzer, `pattern_parse`, found a
+        // 255-character pattern whose normalised form was refused as 256).
+        if len - usize::from(trimmed.ends_with('.')) > MAX_PATTERN_LEN {
             return Err(PatternError::TooLong {
                 pattern: input.to_owned(),
                 len,
@@ -367,6 +371,11 @@ mod tests {
             PatternError::TooLong { len: 256, .. }
         ));
         assert!(Pattern::parse(&"a".repeat(255)).is_ok());
+        // Its normalised form (with the trailing dot) parses again; a 256th character before
+        // the dot does not.
+        let p = Pattern::parse(&"a".repeat(255)).unwrap();
+        assert_eq!(Pattern::parse(p.as_str()).unwrap(), p);
+        assert!(Pattern::parse(&format!("{}.", "a".repeat(256))).is_err());
     }
 
     #[test]
