@@ -4,7 +4,7 @@
 //!
 //! These tests need root (CI runs them as root). Without root they fail with the reason,
 //! unless `DNSFENCE_SKIP_ROOT_TESTS=1` is set, in which case they print that they skipped.
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Mutex;
@@ -13,6 +13,32 @@ use crate::dns::{DigResult, parse_dig};
 
 /// Where the tests mount their cgroup v2 hierarchy when the host has none mounted there.
 const CGROUP2_MOUNT: &str = "/run/dnsfence-test-cgroup2";
+
+/// The DNS server the clients address: TEST-NET-1, blackholed; only redirection answers.
+pub fn server() -> SocketAddr {
+    "192.0.2.53:53".parse().expect("address")
+}
+
+/// Two endpoints of the datapath tests, `a` and `b`, recognised by cgroup only.
+pub const TWO_ENDPOINTS: &str = r#"endpoints:
+- {name: a, namespace: default, labels: {app: a}, cgroup: a}
+- {name: b, namespace: default, labels: {app: b}, cgroup: b}
+"#;
+
+/// An agent in eBPF mode on `env`'s pins and cgroup root, with these files and flags.
+pub fn agent_config(
+    env: &Env,
+    upstream: SocketAddr,
+    policy: &str,
+    endpoints: &str,
+    extra: &[&str],
+) -> crate::AgentConfig {
+    let mut config = crate::AgentConfig::new(crate::IoBackend::Uring, upstream).args(extra);
+    config.policy = policy.to_owned();
+    config.endpoints = endpoints.to_owned();
+    config.bpf = Some((env.pin.clone(), env.cgroup_root.clone()));
+    config
+}
 
 /// Serialises the datapath tests of one test binary (they share the blackhole route).
 pub static EXCLUSIVE: Mutex<()> = Mutex::new(());
@@ -162,6 +188,36 @@ except Exception as e:\n    print(type(e).__name__, e)\n";
         // IPv6 addresses pass duplicate address detection first (none on lo, but wait for it).
         std::thread::sleep(std::time::Duration::from_millis(50));
         LocalAddress { family, cidr }
+    }
+
+    /// Resolves `name` from inside a client's cgroup through the redirect (dig to
+    /// [`server`], `extra` added: `AAAA`, `+tcp`): asserts NOERROR and that the client sees
+    /// the server it asked; returns the last address of the answer's `rtype` records.
+    pub fn resolve(&self, client: &str, name: &str, rtype: &str, extra: &[&str]) -> IpAddr {
+        let mut args = vec![name, rtype];
+        args.extend_from_slice(extra);
+        let r = self.dig(Some(client), server(), &args);
+        assert_eq!(
+            r.status, "NOERROR",
+            "{client} resolving {name}: {}",
+            r.output
+        );
+        assert!(
+            r.output.contains("SERVER: 192.0.2.53#53(192.0.2.53)"),
+            "the client sees the server it asked: {}",
+            r.output
+        );
+        r.rdata(rtype)
+            .last()
+            .unwrap_or_else(|| panic!("no {rtype} record: {}", r.output))
+            .parse()
+            .expect("address")
+    }
+
+    /// Whether a TCP connect from inside a client's cgroup was refused by the datapath
+    /// (`EPERM`, as opposed to connected or failed otherwise).
+    pub fn denied(&self, client: Option<&str>, to: SocketAddr) -> bool {
+        matches!(self.connect(client, to), Err(e) if e.contains("PermissionError"))
     }
 
     /// Programs attached at the cgroup root, as `bpftool cgroup show` lists them.

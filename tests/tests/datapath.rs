@@ -6,9 +6,9 @@
 use std::net::{IpAddr, SocketAddr, TcpListener};
 use std::time::Duration;
 
-use dnsfence_tests::bpf::{EXCLUSIVE, Env, require_root};
+use dnsfence_tests::bpf::{self, EXCLUSIVE, Env, TWO_ENDPOINTS, require_root, server};
 use dnsfence_tests::upstream::Bundled;
-use dnsfence_tests::{Agent, AgentConfig, IoBackend, poll_until};
+use dnsfence_tests::{Agent, AgentConfig, poll_until};
 
 const POLICY: &str = r#"apiVersion: cilium.io/v2
 kind: CiliumNetworkPolicy
@@ -36,16 +36,6 @@ spec:
   - toFQDNs: [{matchPattern: "*.other.test"}]
 "#;
 
-const ENDPOINTS: &str = r#"endpoints:
-- {name: a, namespace: default, labels: {app: a}, cgroup: a}
-- {name: b, namespace: default, labels: {app: b}, cgroup: b}
-"#;
-
-/// The DNS server the clients address: TEST-NET-1, blackholed; only redirection answers.
-fn server() -> SocketAddr {
-    "192.0.2.53:53".parse().unwrap()
-}
-
 /// Its IPv6 twin (documentation prefix, blackholed).
 fn server6() -> SocketAddr {
     "[2001:db8::53]:53".parse().unwrap()
@@ -54,45 +44,15 @@ fn server6() -> SocketAddr {
 /// Listeners on an address's ports 443 and 80, so that a refused connect is the filter's
 /// doing, never a closed port.
 fn listen(ip: IpAddr) -> Vec<TcpListener> {
-    [443, 80]
-        .iter()
-        .map(|&p| TcpListener::bind((ip, p)).unwrap_or_else(|e| panic!("listen {ip}:{p}: {e}")))
-        .collect()
+    listen_on(ip, &[443, 80])
 }
 
 fn resolve(env: &Env, client: &str, name: &str, tcp: bool) -> IpAddr {
-    let mut args = vec![name, "A"];
-    if tcp {
-        args.push("+tcp");
-    }
-    let r = env.dig(Some(client), server(), &args);
-    assert_eq!(
-        r.status, "NOERROR",
-        "{client} resolving {name}: {}",
-        r.output
-    );
-    assert!(
-        r.output.contains("SERVER: 192.0.2.53#53(192.0.2.53)"),
-        "the client sees the server it asked: {}",
-        r.output
-    );
-    r.rdata("A")
-        .last()
-        .unwrap_or_else(|| panic!("no A record: {}", r.output))
-        .parse()
-        .expect("address")
-}
-
-fn denied(result: Result<(), String>) -> bool {
-    matches!(&result, Err(e) if e.contains("PermissionError"))
+    env.resolve(client, name, "A", if tcp { &["+tcp"] } else { &[] })
 }
 
 fn agent_config(env: &Env, upstream: SocketAddr, extra: &[&str]) -> AgentConfig {
-    let mut config = AgentConfig::new(IoBackend::Uring, upstream).args(extra);
-    config.policy = POLICY.to_owned();
-    config.endpoints = ENDPOINTS.to_owned();
-    config.bpf = Some((env.pin.clone(), env.cgroup_root.clone()));
-    config
+    bpf::agent_config(env, upstream, POLICY, TWO_ENDPOINTS, extra)
 }
 
 #[test]
@@ -144,7 +104,7 @@ fn redirects_and_enforces_per_cgroup_through_reload_kill_and_uninstall() {
     let _l = [listen(www), listen(tcp)];
     assert_eq!(env.connect(Some("a"), SocketAddr::new(www, 443)), Ok(()));
     assert_eq!(env.connect(Some("a"), SocketAddr::new(tcp, 443)), Ok(()));
-    assert!(denied(env.connect(Some("a"), SocketAddr::new(www, 80))));
+    assert!(env.denied(Some("a"), SocketAddr::new(www, 80)));
     // A process in a descendant cgroup belongs to the endpoint.
     assert_eq!(
         env.connect(Some("a/nested"), SocketAddr::new(www, 443)),
@@ -172,13 +132,11 @@ fn redirects_and_enforces_per_cgroup_through_reload_kill_and_uninstall() {
     // Allowed by the DNS rules but not by toFQDNs: resolves, stays unreachable.
     let dns_only = resolve(&env, "a", "dnsonly.test", false);
     let _l2 = listen(dns_only);
-    assert!(denied(
-        env.connect(Some("a"), SocketAddr::new(dns_only, 443))
-    ));
+    assert!(env.denied(Some("a"), SocketAddr::new(dns_only, 443)));
     // An address never resolved is unreachable.
     let never: IpAddr = format!("127.{net}.250.250").parse().unwrap();
     let _l3 = listen(never);
-    assert!(denied(env.connect(Some("a"), SocketAddr::new(never, 443))));
+    assert!(env.denied(Some("a"), SocketAddr::new(never, 443)));
     // The target of a CNAME chain is reachable.
     let chained = resolve(&env, "a", "cname-2-c.allowed.test", false);
     let _l4 = listen(chained);
@@ -197,7 +155,7 @@ fn redirects_and_enforces_per_cgroup_through_reload_kill_and_uninstall() {
     let _addr = env.local_address(v6);
     let _l6 = listen(v6);
     assert_eq!(env.connect(Some("a"), SocketAddr::new(v6, 443)), Ok(()));
-    assert!(denied(env.connect(Some("a"), SocketAddr::new(v6, 80))));
+    assert!(env.denied(Some("a"), SocketAddr::new(v6, 80)));
     // A connection whose packets carry an IPv6 destination-options header is judged by its
     // transport header, like any other.
     const DSTOPTS: &str = "import socket,sys\n\
@@ -228,7 +186,7 @@ except Exception as e:\n    print(type(e).__name__, e)\n";
         panic!("IPv4")
     };
     let mapped = IpAddr::V6(www4.to_ipv6_mapped());
-    assert!(denied(env.connect(Some("a"), SocketAddr::new(mapped, 80))));
+    assert!(env.denied(Some("a"), SocketAddr::new(mapped, 80)));
     assert_eq!(env.connect(Some("a"), SocketAddr::new(mapped, 443)), Ok(()));
 
     // The other cgroup, same netns and source address, gets its own policy.
@@ -243,7 +201,7 @@ except Exception as e:\n    print(type(e).__name__, e)\n";
         Ok(()),
         "any port"
     );
-    assert!(denied(env.connect(Some("b"), SocketAddr::new(www, 443))));
+    assert!(env.denied(Some("b"), SocketAddr::new(www, 443)));
     // A process outside both cgroups is untouched: not redirected (the blackhole eats its
     // query) and not filtered.
     assert_eq!(env.dig(None, server(), &["www.allowed.test"]).status, "");
@@ -271,7 +229,8 @@ except Exception as e:\n    print(type(e).__name__, e)\n";
     assert_ne!(edited, POLICY);
     std::fs::write(&agent.policy_path, edited).unwrap();
     let revoked = poll_until(Duration::from_secs(5), || {
-        denied(env.connect(Some("a"), SocketAddr::new(www, 443))).then_some(())
+        env.denied(Some("a"), SocketAddr::new(www, 443))
+            .then_some(())
     });
     assert!(
         revoked.is_some(),
@@ -280,7 +239,7 @@ except Exception as e:\n    print(type(e).__name__, e)\n";
     );
     // Until the name resolves again under the restored policy, it stays unreachable.
     assert_eq!(resolve(&env, "a", "www.allowed.test", false), www);
-    assert!(denied(env.connect(Some("a"), SocketAddr::new(www, 443))));
+    assert!(env.denied(Some("a"), SocketAddr::new(www, 443)));
     std::fs::write(&agent.policy_path, POLICY).unwrap();
     poll_until(Duration::from_secs(5), || {
         resolve(&env, "a", "www.allowed.test", false);
@@ -296,8 +255,8 @@ except Exception as e:\n    print(type(e).__name__, e)\n";
     });
     assert!(pinned, "the allow map stays pinned");
     assert_eq!(env.connect(Some("a"), SocketAddr::new(www, 443)), Ok(()));
-    assert!(denied(env.connect(Some("a"), SocketAddr::new(www, 80))));
-    assert!(denied(env.connect(Some("a"), SocketAddr::new(never, 443))));
+    assert!(env.denied(Some("a"), SocketAddr::new(www, 80)));
+    assert!(env.denied(Some("a"), SocketAddr::new(never, 443)));
 
     // A restarted agent reuses the maps: the entry is still there, and DNS works again.
     // (--min-ttl 2 from now on: entries of new answers live 3 s.)
@@ -335,7 +294,8 @@ print('sent')\n";
         }
     });
     let expired = poll_until(Duration::from_secs(8), || {
-        denied(env.connect(Some("a"), SocketAddr::new(short, 443))).then_some(())
+        env.denied(Some("a"), SocketAddr::new(short, 443))
+            .then_some(())
     });
     assert!(expired.is_some(), "entry expired");
     let out = established.join().unwrap();
@@ -448,22 +408,16 @@ spec:
         env.connect(Some("a"), SocketAddr::new(inside, 8443)),
         Ok(())
     );
-    assert!(denied(
-        env.connect(Some("a"), SocketAddr::new(inside, 8444))
-    ));
-    assert!(denied(
-        env.connect(Some("a"), SocketAddr::new(excepted, 8443))
-    ));
+    assert!(env.denied(Some("a"), SocketAddr::new(inside, 8444)));
+    assert!(env.denied(Some("a"), SocketAddr::new(excepted, 8443)));
     // toEndpoints as L3: the peer's registered address, on its port only.
     assert_eq!(env.connect(Some("a"), SocketAddr::new(peer, 5432)), Ok(()));
-    assert!(denied(env.connect(Some("a"), SocketAddr::new(peer, 5433))));
+    assert!(env.denied(Some("a"), SocketAddr::new(peer, 5433)));
     // An egressDeny CIDR stays unreachable though a toFQDNs answer points into it...
     let resolved = resolve(&env, "a", "denied-by-cidr.allowed.test", false);
     assert_eq!(resolved, deny_ip);
     let _l2 = listen(deny_ip);
-    assert!(denied(
-        env.connect(Some("a"), SocketAddr::new(deny_ip, 443))
-    ));
+    assert!(env.denied(Some("a"), SocketAddr::new(deny_ip, 443)));
     // ...while another name's answer is reachable as usual.
     let fine = resolve(&env, "a", "fine.allowed.test", false);
     let _l3 = listen(fine);
@@ -550,7 +504,7 @@ fn a_cgroup_created_or_recreated_after_start_is_enforced_at_once() {
         // Created (round 0: its parent too), or recreated with a new id (round 1).
         std::fs::create_dir_all(&late).unwrap();
         let enforced = poll_until(Duration::from_millis(500), || {
-            denied(env.connect(Some("svc/late"), target)).then_some(())
+            env.denied(Some("svc/late"), target).then_some(())
         });
         assert!(
             enforced.is_some(),
@@ -648,10 +602,7 @@ spec:
     let v4: IpAddr = format!("127.{net}.9.1").parse().unwrap();
     let _l = listen_on(v4, &[9443]);
     let to = SocketAddr::new(v4, 9443);
-    assert!(
-        denied(env.connect(Some("a"), to)),
-        "::/0 must not allow IPv4 {to}"
-    );
+    assert!(env.denied(Some("a"), to), "::/0 must not allow IPv4 {to}");
     assert_eq!(
         env.connect(Some("b"), to),
         Ok(()),
@@ -711,11 +662,11 @@ spec:
     dp.sync_endpoints(&old).unwrap();
     assert_eq!(env.connect(Some("a"), to), Ok(()));
     dp.sync_endpoints(&new).unwrap();
-    assert!(denied(env.connect(Some("a"), to)), "the reload's deny");
+    assert!(env.denied(Some("a"), to), "the reload's deny");
     // The watcher, holding the snapshot the reload replaced.
     dp.sync_endpoints(&old).unwrap();
     assert!(
-        denied(env.connect(Some("a"), to)),
+        env.denied(Some("a"), to),
         "an older snapshot undid the deny"
     );
     drop(dp);
@@ -750,7 +701,7 @@ fn an_endpoint_whose_l3_entries_do_not_fit_fails_closed() {
     let inside: IpAddr = format!("127.{net}.1.1").parse().unwrap();
     let _l = listen_on(inside, &[80]);
     // Enforced, nothing allowed: never left unenforced because its entries did not fit.
-    assert!(denied(env.connect(Some("a"), SocketAddr::new(inside, 80))));
+    assert!(env.denied(Some("a"), SocketAddr::new(inside, 80)));
     // DNS still goes to the proxy.
     assert_eq!(
         env.dig(Some("a"), server(), &["evil.test"]).status,

@@ -5,12 +5,12 @@
 //! Tests marked `#[ignore]` demonstrate open findings of the datapath review (they fail on
 //! the code as it is; each says why and what would fix it). Run them with
 //! `cargo test -p dnsfence-tests --test datapath_attacks -- --include-ignored`.
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::process::Output;
 
-use dnsfence_tests::bpf::{EXCLUSIVE, Env, require_root};
+use dnsfence_tests::bpf::{self, EXCLUSIVE, Env, TWO_ENDPOINTS, require_root};
 use dnsfence_tests::upstream::Bundled;
-use dnsfence_tests::{Agent, AgentConfig, IoBackend};
+use dnsfence_tests::{Agent, AgentConfig};
 
 const POLICY: &str = r#"apiVersion: cilium.io/v2
 kind: CiliumNetworkPolicy
@@ -38,22 +38,8 @@ spec:
   - toFQDNs: [{matchPattern: "*.other.test"}]
 "#;
 
-const ENDPOINTS: &str = r#"endpoints:
-- {name: a, namespace: default, labels: {app: a}, cgroup: a}
-- {name: b, namespace: default, labels: {app: b}, cgroup: b}
-"#;
-
-/// The blackholed DNS server the clients address.
-fn server() -> SocketAddr {
-    "192.0.2.53:53".parse().unwrap()
-}
-
 fn agent_config(env: &Env, upstream: SocketAddr, extra: &[&str]) -> AgentConfig {
-    let mut config = AgentConfig::new(IoBackend::Uring, upstream).args(extra);
-    config.policy = POLICY.to_owned();
-    config.endpoints = ENDPOINTS.to_owned();
-    config.bpf = Some((env.pin.clone(), env.cgroup_root.clone()));
-    config
+    bpf::agent_config(env, upstream, POLICY, TWO_ENDPOINTS, extra)
 }
 
 /// The cgroups a (endpoint a), b (endpoint b) and c (no endpoint) below a fresh cgroup root,
@@ -70,20 +56,6 @@ fn as_a_then_b(env: &Env, script: &str) -> String {
     let a = env.cgroup("a").display().to_string();
     let b = env.cgroup("b").display().to_string();
     python(env, None, script, &[&a, &b])
-}
-
-fn resolve(env: &Env, client: &str, name: &str) -> IpAddr {
-    let r = env.dig(Some(client), server(), &[name, "A"]);
-    assert_eq!(
-        r.status, "NOERROR",
-        "{client} resolving {name}: {}",
-        r.output
-    );
-    r.rdata("A")
-        .last()
-        .unwrap_or_else(|| panic!("no A record: {}", r.output))
-        .parse()
-        .expect("address")
 }
 
 /// Runs a Python snippet inside a client's cgroup (None: outside every client cgroup).
@@ -131,7 +103,7 @@ fn raw_sockets_of_an_enforced_endpoint_are_judged_packet_by_packet() {
     }
     let _serial = EXCLUSIVE.lock().unwrap_or_else(|e| e.into_inner());
     let (env, _upstream, agent) = start("raw");
-    let allowed = resolve(&env, "a", "www.allowed.test").to_string();
+    let allowed = env.resolve("a", "www.allowed.test", "A", &[]).to_string();
     let never = "127.77.250.250";
     let raw = |client, dst: &str, port: &str, flags: &str| {
         python(&env, client, RAW_TCP, &[dst, port, flags])
@@ -191,10 +163,6 @@ except Exception as e:\n    print(type(e).__name__)\n"
     assert!(skb_denied >= Some(8.0), "{skb_denied:?}");
 }
 
-fn denied(env: &Env, client: &str, to: SocketAddr) -> bool {
-    matches!(env.connect(Some(client), to), Err(e) if e.contains("PermissionError"))
-}
-
 /// Review finding (fixed): entries restored from the pinned map at start were judged by port
 /// spec alone, so an agent restarted with a policy that drops a name (another toFQDNs name
 /// keeping 443/TCP open) left the dropped name's addresses reachable until they expired (up
@@ -207,9 +175,9 @@ fn a_restart_with_a_narrower_policy_revokes_restored_entries() {
     }
     let _serial = EXCLUSIVE.lock().unwrap_or_else(|e| e.into_inner());
     let (env, upstream, mut agent) = start("restart");
-    let www = SocketAddr::new(resolve(&env, "a", "www.allowed.test"), 443);
+    let www = SocketAddr::new(env.resolve("a", "www.allowed.test", "A", &[]), 443);
     let _l = std::net::TcpListener::bind(www).expect("listen");
-    assert!(!denied(&env, "a", www));
+    assert!(!env.denied(Some("a"), www));
     agent.process.signal("KILL");
     agent
         .process
@@ -224,7 +192,7 @@ fn a_restart_with_a_narrower_policy_revokes_restored_entries() {
     narrower.listen = Some(agent.addr);
     let _agent2 = Agent::start(&narrower);
     assert!(
-        denied(&env, "a", www),
+        env.denied(Some("a"), www),
         "www.allowed.test is no longer a toFQDNs name of a: its address must be closed"
     );
 }
