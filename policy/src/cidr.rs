@@ -287,44 +287,38 @@ impl BlockIndex {
             }
         }
         covering.sort_unstable();
-        let mut out: Vec<PortProto> = Vec::new();
-        for r in covering {
-            let ports = &rules[r].1;
-            if ports.is_empty() {
-                out.push(PortProto::ALL);
-            } else {
-                out.extend_from_slice(ports);
-            }
-        }
-        out.sort_unstable();
-        out.dedup();
-        if out.contains(&PortProto::ALL) {
-            out = vec![PortProto::ALL];
-        }
-        out
+        union_ports(covering.into_iter().map(|r| rules[r].1.as_slice()))
     }
+}
+
+/// The ports a set of matching rules allows together: the sorted union of their
+/// ports, where a rule without ports allows every port (the union is then `ALL`).
+fn union_ports<'a>(rules: impl Iterator<Item = &'a [PortProto]>) -> Vec<PortProto> {
+    let mut out: Vec<PortProto> = Vec::new();
+    for ports in rules {
+        if ports.is_empty() {
+            return vec![PortProto::ALL];
+        }
+        out.extend_from_slice(ports);
+    }
+    out.sort_unstable();
+    out.dedup();
+    if out.contains(&PortProto::ALL) {
+        out = vec![PortProto::ALL];
+    }
+    out
 }
 
 #[cfg(test)]
 mod tests {
     /// The naive definition the index must agree with: every rule whose blocks cover `p`.
     fn naive(rules: &[(Vec<CidrBlock>, Vec<PortProto>)], p: &Cidr) -> Vec<PortProto> {
-        let mut out: Vec<PortProto> = Vec::new();
-        for (blocks, ports) in rules {
-            if blocks.iter().any(|b| b.covers(p)) {
-                if ports.is_empty() {
-                    out.push(PortProto::ALL);
-                } else {
-                    out.extend_from_slice(ports);
-                }
-            }
-        }
-        out.sort_unstable();
-        out.dedup();
-        if out.contains(&PortProto::ALL) {
-            out = vec![PortProto::ALL];
-        }
-        out
+        super::union_ports(
+            rules
+                .iter()
+                .filter(|(blocks, _)| blocks.iter().any(|b| b.covers(p)))
+                .map(|(_, ports)| ports.as_slice()),
+        )
     }
 
     #[test]
