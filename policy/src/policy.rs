@@ -49,7 +49,9 @@ const SPEC_FIELDS: &[&str] = &[
     "ingress",
     "ingressDeny",
     "nodeSelector",
+    "enableDefaultDeny",
 ];
+const DEFAULT_DENY_FIELDS: &[&str] = &["ingress", "egress"];
 const EGRESS_FIELDS: &[&str] = &[
     "toEndpoints",
     "toFQDNs",
@@ -218,14 +220,30 @@ pub struct Spec {
     pub egress: Vec<EgressRule>,
     /// `egressDeny[]`: what is denied whatever the allow rules say.
     pub egress_deny: Vec<L3Rule>,
+    /// `enableDefaultDeny.egress` when the spec sets it.
+    pub egress_default_deny: Option<bool>,
 }
 
 impl Spec {
-    /// Whether the spec puts the endpoints it selects under egress default-deny (Cilium: it has
-    /// at least one egress rule; `egress: [{}]` denies all egress).
-    pub fn enforces_egress(&self) -> bool {
-        // Cilium: default deny is on for a direction that has rules, deny rules included.
+    /// Whether the spec has egress rules (allow or deny).
+    fn has_egress_rules(&self) -> bool {
         !self.egress.is_empty() || !self.egress_deny.is_empty()
+    }
+
+    /// Whether the spec puts the endpoints it selects under egress default-deny. Cilium: the
+    /// spec's `enableDefaultDeny.egress` when set, else whether it has egress rules, deny rules
+    /// included (`egress: [{}]` denies all egress). An endpoint is under default deny when any
+    /// spec selecting it asks for it.
+    pub fn enforces_egress(&self) -> bool {
+        self.egress_default_deny
+            .unwrap_or_else(|| self.has_egress_rules())
+    }
+
+    /// Whether the spec matters for egress at all: it asks for default deny, or it has rules
+    /// (with `enableDefaultDeny.egress: false`, its allows add nothing to a default-allow
+    /// endpoint, but its `egressDeny` and DNS rules still restrict it).
+    pub fn concerns_egress(&self) -> bool {
+        self.enforces_egress() || self.has_egress_rules()
     }
 }
 
@@ -871,6 +889,10 @@ fn parse_spec(
             Some(s)
         }),
     };
+    let egress_default_deny = fields
+        .get_non_null("enableDefaultDeny")
+        .and_then(|n| parse_default_deny(diag, n, &join(path, "enableDefaultDeny")));
+    let default_allow = egress_default_deny == Some(false);
     let mut egress = Vec::new();
     if let Some(list) = fields.get_non_null("egress") {
         let egress_path = join(path, "egress");
@@ -881,7 +903,7 @@ fn parse_spec(
             .enumerate()
         {
             let at = index(&egress_path, i);
-            if let Some(rules) = parse_egress(diag, item, &at, namespace, notes) {
+            if let Some(rules) = parse_egress(diag, item, &at, namespace, default_allow, notes) {
                 egress.extend(rules);
             }
         }
@@ -908,7 +930,33 @@ fn parse_spec(
         selector: selector?,
         egress,
         egress_deny,
+        egress_default_deny,
     })
+}
+
+/// `enableDefaultDeny`: `{ingress: bool, egress: bool}`; returns `egress` when set (ingress is
+/// not enforced by dnsfence, so its value only has to be a boolean).
+fn parse_default_deny(diag: &mut Diag<'_>, node: &Node<'_>, path: &str) -> Option<bool> {
+    let fields = diag.mapping(node, path, DEFAULT_DENY_FIELDS, "")?;
+    let mut egress = None;
+    for key in DEFAULT_DENY_FIELDS {
+        let Some(value) = fields.get_non_null(key) else {
+            continue;
+        };
+        match &value.data {
+            saphyr::YamlData::Value(saphyr::Scalar::Boolean(b)) => {
+                if *key == "egress" {
+                    egress = Some(*b);
+                }
+            }
+            _ => diag.invalid(
+                value,
+                &join(path, key),
+                format!("expected true or false, found {}", yaml::kind(value)),
+            ),
+        }
+    }
+    egress
 }
 
 /// A parsed `toPorts` entry before the rule is classified.
@@ -1136,11 +1184,15 @@ fn parse_deny(
     Some(L3Rule { to, ports })
 }
 
+/// One `egress` item. `default_allow`: the spec sets `enableDefaultDeny.egress: false`, so
+/// an entry dnsfence cannot enforce (L7) is rejected instead of allowing nothing: under default
+/// allow, "nothing more" would leave its traffic open where Cilium filters it.
 fn parse_egress(
     diag: &mut Diag<'_>,
     node: &Node<'_>,
     path: &str,
     namespace: Option<&str>,
+    default_allow: bool,
     notes: &mut Vec<(usize, String)>,
 ) -> Option<Vec<EgressRule>> {
     let before = diag.errors.len();
@@ -1185,6 +1237,17 @@ fn parse_egress(
     // Entries with an L7 part dnsfence cannot enforce allow nothing: reported, then left out
     // (fail closed for their traffic), while the rest of the policy works.
     let had_ports = !port_rules.is_empty();
+    if default_allow && let Some(rule) = port_rules.iter().find(|r| r.l7.is_some()) {
+        let (_, what) = rule.l7.as_ref().expect("found");
+        diag.invalid(
+            rule.node,
+            &format!("{}.{what}", rule.path),
+            "an L7 entry under enableDefaultDeny.egress: false cannot be enforced: dnsfence \
+             cannot filter its traffic by L7, and the endpoint's default allow would let it \
+             all through",
+        );
+        return None;
+    }
     port_rules.retain(|rule| match &rule.l7 {
         None => true,
         Some((line, what)) => {

@@ -112,6 +112,10 @@ struct Group {
     fqdn_ports: Box<[PortProto]>,
     /// The group's L3/L4 rules (allow and `egressDeny`) as a longest-prefix-match table.
     l3: Box<[L3Entry]>,
+    /// Whether some selecting spec asks for egress default deny. Without it (every selecting
+    /// spec sets `enableDefaultDeny.egress: false`), the L3 table allows every address and
+    /// the DNS rules judge only the queries they cover; `egressDeny` still wins.
+    default_deny: bool,
 }
 
 /// Counts of a snapshot, for logs and metrics.
@@ -316,6 +320,7 @@ impl Snapshot {
         };
         // The endpoint owning the server address, looked up once and only when needed.
         let mut server: Option<Option<EndpointId>> = None;
+        let mut covered = false;
         for dns in group.dns.iter() {
             if !dns.ports.iter().any(|p| p.covers(port, proto)) {
                 continue;
@@ -328,6 +333,7 @@ impl Snapshot {
                     continue;
                 }
             }
+            covered = true;
             let allowed = match &dns.names {
                 Names::All => true,
                 Names::Matcher(m) => m.is_match(name),
@@ -336,7 +342,12 @@ impl Snapshot {
                 return DnsVerdict::Allow;
             }
         }
-        DnsVerdict::Deny
+        if group.default_deny || covered {
+            DnsVerdict::Deny
+        } else {
+            // Default allow, and no DNS rule is about this query.
+            DnsVerdict::Unrestricted
+        }
     }
 
     /// L3/L4 layer: the toFQDNs rules of policies selecting `ep` whose selectors match `name`
@@ -458,6 +469,8 @@ struct FlatSpec<'p> {
     selector: &'p LabelSelector,
     rules: &'p [EgressRule],
     deny: &'p [L3Rule],
+    /// Whether the spec asks for egress default deny.
+    default_deny: bool,
     /// `RuleId` of each rule (meaningful for toFQDNs rules only).
     rule_ids: Vec<u32>,
     /// Servers of each DNS rule.
@@ -486,7 +499,7 @@ fn compile(
     let mut rule_ports: Vec<Box<[PortProto]>> = Vec::new();
     let mut specs = Vec::new();
     for spec in policies.policies.iter().flat_map(|p| &p.specs) {
-        if !spec.enforces_egress() {
+        if !spec.concerns_egress() {
             continue;
         }
         let mut rule_ids = Vec::with_capacity(spec.egress.len());
@@ -508,6 +521,7 @@ fn compile(
             selector: &spec.selector,
             rules: &spec.egress,
             deny: &spec.egress_deny,
+            default_deny: spec.enforces_egress(),
             rule_ids,
             servers,
         });
@@ -535,6 +549,7 @@ fn compile(
                     fqdn: MatcherBuilder::new().build(),
                     fqdn_ports: Box::new([]),
                     l3: Box::new([]),
+                    default_deny: true,
                 });
                 deny_all = (groups.len() - 1) as u32;
             }
@@ -543,8 +558,13 @@ fn compile(
             NO_GROUP
         } else {
             *group_of.entry(selecting).or_insert_with_key(|selecting| {
-                groups.push(compile_group(&specs, selecting, endpoints, node));
-                (groups.len() - 1) as u32
+                match compile_group(&specs, selecting, endpoints, node) {
+                    Some(g) => {
+                        groups.push(g);
+                        (groups.len() - 1) as u32
+                    }
+                    None => NO_GROUP,
+                }
             })
         };
         entries.push(EndpointEntry {
@@ -632,14 +652,27 @@ fn blocks_of(to: &L3Target, endpoints: &[Endpoint], node: &NodeFacts) -> Vec<Cid
     }
 }
 
+/// The group of the endpoints `selecting` selects; `None` when nothing restricts them (no spec
+/// asks for default deny, and none has an `egressDeny` or DNS rule): they stay unrestricted.
 fn compile_group(
     specs: &[FlatSpec<'_>],
     selecting: &[u32],
     endpoints: &[Endpoint],
     node: &NodeFacts,
-) -> Group {
+) -> Option<Group> {
+    let default_deny = selecting.iter().any(|&s| specs[s as usize].default_deny);
+    let restricts = |s: &FlatSpec<'_>| {
+        !s.deny.is_empty() || s.rules.iter().any(|r| matches!(r, EgressRule::Dns(_)))
+    };
+    if !default_deny && !selecting.iter().any(|&s| restricts(&specs[s as usize])) {
+        return None;
+    }
     let mut l3_allow = Vec::new();
     let mut l3_deny = Vec::new();
+    if !default_deny {
+        // Default allow: every address, less what egressDeny denies.
+        l3_allow.push((blocks_of(&L3Target::Any, endpoints, node), Vec::new()));
+    }
     for &s in selecting {
         let spec = &specs[s as usize];
         for rule in spec.rules {
@@ -690,7 +723,8 @@ fn compile_group(
             }
         }
     }
-    Group {
+    Some(Group {
+        default_deny,
         dns: dns
             .into_iter()
             .map(|(ports, servers, all, builder)| DnsEntry {
@@ -710,7 +744,7 @@ fn compile_group(
             fqdn_ports.into_boxed_slice()
         },
         l3: compile_table(&l3_allow, &l3_deny).into_boxed_slice(),
-    }
+    })
 }
 
 #[cfg(test)]

@@ -694,6 +694,136 @@ spec:
         );
     }
 
+    /// Cilium's `enableDefaultDeny`: a spec with `egress: false` adds its rules without putting
+    /// the endpoints it selects under default deny; any selecting spec that keeps default deny
+    /// puts them under it; `egress: true` without rules does too.
+    #[test]
+    fn enable_default_deny_false_adds_rules_without_default_deny() {
+        use crate::PortProtocol::Tcp;
+        let s = snapshot(
+            r#"
+apiVersion: cilium.io/v2
+kind: CiliumClusterwideNetworkPolicy
+metadata: {name: broad}
+spec:
+  endpointSelector: {}
+  enableDefaultDeny: {egress: false, ingress: false}
+  egress:
+  - toCIDR: [10.7.0.0/16]
+  - toEndpoints: [{matchLabels: {k8s-app: kube-dns, io.kubernetes.pod.namespace: kube-system}}]
+    toPorts: [{ports: [{port: "53", protocol: UDP}], rules: {dns: [{matchPattern: "*.ok.com"}]}}]
+  egressDeny:
+  - toCIDR: [169.254.169.254/32]
+---
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: strict, namespace: team-b}
+spec:
+  endpointSelector: {matchLabels: {app: batch}}
+  egress:
+  - toFQDNs: [{matchName: api.ok.com}]
+---
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: quiet, namespace: team-a}
+spec:
+  endpointSelector: {matchLabels: {app: other}}
+  enableDefaultDeny: {egress: false}
+  egress:
+  - toCIDR: [10.8.0.0/16]
+---
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: lock, namespace: team-b}
+spec:
+  endpointSelector: {matchLabels: {app: uploader}}
+  enableDefaultDeny: {egress: true}
+"#,
+        );
+        let kdns = "10.96.0.10:53";
+        // Selected by the default-allow policy only: everything but the denied address, and
+        // the DNS rule still judges the queries it covers (those to kube-dns).
+        let up = "team-a/uploader";
+        assert!(s.is_restricted(s.endpoint_by_name(up).unwrap()));
+        assert_eq!(l3(&s, up, "8.8.8.8", 443, Tcp), Some(true));
+        assert_eq!(l3(&s, up, "169.254.169.254", 80, Tcp), Some(false));
+        assert_eq!(dns(&s, up, kdns, Udp, "a.ok.com"), Allow);
+        assert_eq!(dns(&s, up, kdns, Udp, "evil.com"), Deny);
+        assert_eq!(dns(&s, up, "8.8.8.8:53", Udp, "evil.com"), Unrestricted);
+        // Also selected by a policy that keeps default deny: default deny, with both
+        // policies' rules (and the broad policy's egressDeny).
+        let batch = "team-b/batch";
+        assert!(s.is_restricted(s.endpoint_by_name(batch).unwrap()));
+        assert_eq!(l3(&s, batch, "8.8.8.8", 443, Tcp), None);
+        assert_eq!(l3(&s, batch, "10.7.0.1", 443, Tcp), Some(true));
+        assert_eq!(l3(&s, batch, "169.254.169.254", 80, Tcp), Some(false));
+        assert_eq!(dns(&s, batch, kdns, Udp, "a.ok.com"), Allow);
+        assert_eq!(dns(&s, batch, "8.8.8.8:53", Udp, "a.ok.com"), Deny);
+        assert_eq!(fqdn(&s, batch, "api.ok.com").as_deref(), Some("*"));
+        // `enableDefaultDeny: {egress: true}` without rules: default deny, nothing allowed.
+        let locked = "team-b/uploader";
+        assert!(s.is_restricted(s.endpoint_by_name(locked).unwrap()));
+        assert_eq!(l3(&s, locked, "8.8.8.8", 443, Tcp), None);
+        assert_eq!(l3(&s, locked, "169.254.169.254", 80, Tcp), Some(false));
+        assert_eq!(dns(&s, locked, kdns, Udp, "a.ok.com"), Allow);
+        assert_eq!(dns(&s, locked, kdns, Udp, "evil.com"), Deny);
+        // Without the broad policy, a default-allow policy with plain allows only restricts
+        // nothing: the endpoint is not enforced.
+        let quiet = PolicySet::from_yaml(
+            Path::new("q.yaml"),
+            r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: quiet, namespace: team-a}
+spec:
+  endpointSelector: {matchLabels: {app: other}}
+  enableDefaultDeny: {egress: false}
+  egress:
+  - toCIDR: [10.8.0.0/16]
+  - toFQDNs: [{matchName: api.ok.com}]
+"#,
+        )
+        .unwrap();
+        let e = Endpoints::from_yaml(Path::new("e.yaml"), ENDPOINTS).unwrap();
+        let q = Snapshot::compile(&quiet, &e);
+        let other = q.endpoint_by_name("team-a/other").unwrap();
+        assert!(!q.is_restricted(other));
+        assert_eq!(dns(&q, "team-a/other", kdns, Udp, "evil.com"), Unrestricted);
+    }
+
+    /// Under `enableDefaultDeny.egress: false` an L7 entry cannot fail closed (the endpoint is
+    /// default allow), so it is rejected; a non-boolean value is rejected too.
+    #[test]
+    fn enable_default_deny_rejects_what_it_cannot_keep_closed() {
+        let text = r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: l7, namespace: team-a}
+spec:
+  endpointSelector: {}
+  enableDefaultDeny: {egress: false, ingress: "no"}
+  egress:
+  - toFQDNs: [{matchName: api.ok.com}]
+    toPorts:
+    - ports: [{port: "443", protocol: TCP}]
+      rules: {http: [{method: GET}]}
+"#;
+        let err = PolicySet::from_yaml(Path::new("p.yaml"), text)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("p.yaml:7: spec.enableDefaultDeny.ingress: expected true or false"),
+            "{err}"
+        );
+        assert!(
+            err.contains(
+                "p.yaml:11: spec.egress[0].toPorts[0].rules.http: an L7 entry under \
+                 enableDefaultDeny.egress: false cannot be enforced"
+            ),
+            "{err}"
+        );
+    }
+
     #[test]
     fn snapshot_is_send_and_sync() {
         fn check<T: Send + Sync>() {}

@@ -26,7 +26,6 @@ const UNSUPPORTED: &[(&str, &str)] = &[
     ("toGroups", ".toGroups: unsupported field"),
     ("toRequires", ".toRequires: unsupported field"),
     ("toNodes", ".toNodes: unsupported field"),
-    ("enableDefaultDeny", ".enableDefaultDeny: unsupported field"),
     // Selecting Cilium's reserved identities (`reserved:health`, `reserved:init`, ...).
     ("reserved: labels", ": label \"reserved:"),
     // `port: 0`, Cilium's "every port" wildcard.
