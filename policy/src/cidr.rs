@@ -167,6 +167,18 @@ impl Entity {
     }
 }
 
+impl Entity {
+    /// The entity a `reserved:NAME` label selects in an endpoint selector (Cilium's reserved
+    /// identities carry these labels); None for a name that is no reserved identity.
+    pub fn reserved(name: &str) -> Option<Entity> {
+        match name {
+            "host" | "world" | "world-ipv4" | "world-ipv6" | "kube-apiserver" | "remote-node"
+            | "init" | "health" | "unmanaged" | "ingress" => Entity::parse(name),
+            _ => None,
+        }
+    }
+}
+
 /// What the node knows of itself and its cluster, for `toEntities` (flags of the agent).
 #[derive(Clone, PartialEq, Eq, Debug)]
 pub struct NodeFacts {

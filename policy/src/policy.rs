@@ -811,6 +811,7 @@ fn parse_policy(diag: &mut Diag<'_>, doc: &Node<'_>) -> Option<Policy> {
     if diag.errors.len() != before {
         return None;
     }
+    notes.sort_by_key(|&(line, _)| line);
     Some(Policy {
         kind,
         name: name?,
@@ -872,6 +873,7 @@ fn parse_spec(
             None
         }
         Some(sel) => selector::parse(diag, sel, &sel_path).and_then(|mut s| {
+            note_reserved(&s, sel, &sel_path, notes);
             if let Some(ns) = namespace {
                 if s.requires_other_value(NAMESPACE_LABEL, ns) {
                     diag.invalid(
@@ -973,12 +975,15 @@ struct PortRule<'n, 'a> {
     l7: Option<(usize, String)>,
 }
 
-/// `toEndpoints` selectors (a CNP's namespace added where they name none).
+/// `toEndpoints` selectors (a CNP's namespace added where they name none). A lone
+/// `reserved:NAME` label selects the entity `NAME` (as in Cilium); other `reserved:` labels
+/// get a note.
 fn parse_to_endpoints(
     diag: &mut Diag<'_>,
     list: &Node<'_>,
     path: &str,
     namespace: Option<&str>,
+    notes: &mut Vec<(usize, String)>,
 ) -> Vec<LabelSelector> {
     let list_path = join(path, "toEndpoints");
     let mut out = Vec::new();
@@ -987,7 +992,27 @@ fn parse_to_endpoints(
         diag.invalid(list, &list_path, "empty list (use [{}] for every endpoint)");
     }
     for (i, item) in items.iter().enumerate() {
-        if let Some(mut sel) = selector::parse(diag, item, &index(&list_path, i)) {
+        let at = index(&list_path, i);
+        if let Some(mut sel) = selector::parse(diag, item, &at) {
+            if let Some(name) = sel.reserved_identity() {
+                let why = match Entity::reserved(name) {
+                    Some(Entity::Unknown) => Some("an identity dnsfence cannot tell"),
+                    Some(_) => None,
+                    None => Some("no reserved identity dnsfence knows"),
+                };
+                if let Some(why) = why {
+                    notes.push((
+                        line(item),
+                        format!(
+                            "{at}: reserved:{name} is {why}: it allows nothing here (fail closed)"
+                        ),
+                    ));
+                }
+                // An entity: no namespace to confine it to.
+                out.push(sel);
+                continue;
+            }
+            note_reserved(&sel, item, &at, notes);
             // Cilium: a CNP's peer selectors are confined to its namespace unless they
             // name a namespace themselves.
             if let Some(ns) = namespace
@@ -999,6 +1024,20 @@ fn parse_to_endpoints(
         }
     }
     out
+}
+
+/// A note for a selector with `reserved:` requirements that does not name one identity: no
+/// registered endpoint carries such a label, so each is judged as the label being absent.
+fn note_reserved(sel: &LabelSelector, item: &Node<'_>, at: &str, notes: &mut Vec<(usize, String)>) {
+    if let Some(key) = sel.reserved_keys().next() {
+        notes.push((
+            line(item),
+            format!(
+                "{at}: {key}: dnsfence endpoints carry no reserved: labels, so this \
+                 requirement is judged as the label being absent"
+            ),
+        ));
+    }
 }
 
 /// `toCIDR` and `toCIDRSet` of a rule, as blocks (None when the rule has neither).
@@ -1131,7 +1170,7 @@ fn parse_deny(
     let entities = parse_entities(diag, &fields, path, notes);
     let endpoints = fields
         .get("toEndpoints")
-        .map(|list| parse_to_endpoints(diag, list, path, namespace));
+        .map(|list| parse_to_endpoints(diag, list, path, namespace, notes));
     let mut ports = Vec::new();
     if let Some(list) = fields.get_non_null("toPorts") {
         let list_path = join(path, "toPorts");
@@ -1202,7 +1241,7 @@ fn parse_egress(
 
     let to_endpoints = fields
         .get("toEndpoints")
-        .map(|list| parse_to_endpoints(diag, list, path, namespace));
+        .map(|list| parse_to_endpoints(diag, list, path, namespace, notes));
 
     let to_fqdns = fields.get("toFQDNs").map(|list| {
         let list_path = join(path, "toFQDNs");
@@ -1347,6 +1386,20 @@ fn parse_egress(
     }
     let mut out = Vec::new();
     if !dns_ports.is_empty() {
+        if let Some(sel) = to_endpoints
+            .iter()
+            .flatten()
+            .find(|s| s.reserved_identity().is_some())
+        {
+            notes.push((
+                line(node),
+                format!(
+                    "{path}: reserved:{} as a DNS server: dnsfence judges DNS servers by \
+                     registered endpoint only, so this selector matches no server (fail closed)",
+                    sel.reserved_identity().unwrap_or_default()
+                ),
+            ));
+        }
         out.push(EgressRule::Dns(DnsRule {
             to_endpoints: to_endpoints.clone(),
             ports: dns_ports,

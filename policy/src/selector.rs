@@ -68,12 +68,37 @@ impl LabelSelector {
         })
     }
 
+    /// The `reserved:` label keys the selector has requirements on (`reserved:host`, ...).
+    pub fn reserved_keys(&self) -> impl Iterator<Item = &str> + '_ {
+        self.requirements
+            .iter()
+            .map(Requirement::key)
+            .filter(|k| k.starts_with(RESERVED))
+    }
+
+    /// The reserved identity the selector names, when it is exactly one `reserved:NAME: ""`
+    /// label (Cilium's spelling of an entity in an endpoint selector): `NAME`.
+    pub fn reserved_identity(&self) -> Option<&str> {
+        match self.requirements.as_slice() {
+            [Requirement::In(k, values)] if values.iter().all(String::is_empty) => {
+                k.strip_prefix(RESERVED)
+            }
+            _ => None,
+        }
+    }
+
     /// Adds the requirement `key == value`.
     pub fn require(&mut self, key: &str, value: &str) {
         self.requirements
             .push(Requirement::In(key.to_string(), vec![value.to_string()]));
     }
 }
+
+/// The source of Cilium's reserved identities' labels (`reserved:host`, `reserved:world`, ...).
+/// Policy selectors keep it in the key: no endpoint of the registry carries such a label (the
+/// endpoints file refuses the source), so a requirement on it is judged as the label being
+/// absent, and `toEndpoints` maps a lone `reserved:NAME` to the entity `NAME`.
+pub(crate) const RESERVED: &str = "reserved:";
 
 /// Strips Cilium's `k8s:` / `any:` label source; `None` for another source (`reserved:`, ...),
 /// which the endpoints dnsfence knows never carry.
@@ -120,6 +145,9 @@ pub(crate) fn parse(diag: &mut Diag<'_>, node: &Node<'_>, field: &str) -> Option
 }
 
 fn checked_key(diag: &mut Diag<'_>, node: &Node<'_>, field: &str, key: &str) -> Option<String> {
+    if key.len() > RESERVED.len() && key.starts_with(RESERVED) {
+        return Some(key.to_string());
+    }
     match normalize_key(key) {
         Some(k) if !k.is_empty() => Some(k.to_string()),
         Some(_) => {
@@ -131,8 +159,8 @@ fn checked_key(diag: &mut Diag<'_>, node: &Node<'_>, field: &str, key: &str) -> 
                 node,
                 field,
                 format!(
-                    "label {key:?}: only k8s: and any: label sources are supported \
-                     (dnsfence endpoints carry Kubernetes-style labels only)"
+                    "label {key:?}: only k8s:, any: and reserved: label sources are \
+                     supported (dnsfence endpoints carry Kubernetes-style labels only)"
                 ),
             );
             None

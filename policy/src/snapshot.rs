@@ -628,27 +628,36 @@ fn blocks_of(to: &L3Target, endpoints: &[Endpoint], node: &NodeFacts) -> Vec<Cid
             .filter(|c| family.contains(c))
             .collect(),
     };
+    let entity = |e: &Entity| match e {
+        Entity::All => vec![block(Cidr::ALL4), block(Cidr::ALL6)],
+        Entity::World => vec![world(Cidr::ALL4), world(Cidr::ALL6)],
+        Entity::WorldV4 => vec![world(Cidr::ALL4)],
+        Entity::WorldV6 => vec![world(Cidr::ALL6)],
+        Entity::Cluster => cluster().into_iter().map(block).collect(),
+        Entity::Host => node.host.iter().copied().map(block).collect(),
+        Entity::KubeApiserver => node.kube_apiserver.iter().copied().map(block).collect(),
+        Entity::Unknown => Vec::new(),
+    };
     match to {
-        L3Target::Entities(entities) => entities
-            .iter()
-            .flat_map(|e| match e {
-                Entity::All => vec![block(Cidr::ALL4), block(Cidr::ALL6)],
-                Entity::World => vec![world(Cidr::ALL4), world(Cidr::ALL6)],
-                Entity::WorldV4 => vec![world(Cidr::ALL4)],
-                Entity::WorldV6 => vec![world(Cidr::ALL6)],
-                Entity::Cluster => cluster().into_iter().map(block).collect(),
-                Entity::Host => node.host.iter().copied().map(block).collect(),
-                Entity::KubeApiserver => node.kube_apiserver.iter().copied().map(block).collect(),
-                Entity::Unknown => Vec::new(),
-            })
-            .collect(),
+        L3Target::Entities(entities) => entities.iter().flat_map(entity).collect(),
         L3Target::Any => vec![block(Cidr::ALL4), block(Cidr::ALL6)],
         L3Target::Cidrs(blocks) => blocks.clone(),
-        L3Target::Endpoints(selectors) => endpoints
-            .iter()
-            .filter(|ep| selectors.iter().any(|s| s.matches(&ep.labels)))
-            .flat_map(|ep| ep.ips.iter().map(|&ip| block(Cidr::host(ip))))
-            .collect(),
+        L3Target::Endpoints(selectors) => {
+            // `reserved:NAME` alone selects the entity NAME (nothing for an unknown name).
+            let mut out: Vec<CidrBlock> = selectors
+                .iter()
+                .filter_map(|s| s.reserved_identity())
+                .filter_map(Entity::reserved)
+                .flat_map(|e| entity(&e))
+                .collect();
+            out.extend(
+                endpoints
+                    .iter()
+                    .filter(|ep| selectors.iter().any(|s| s.matches(&ep.labels)))
+                    .flat_map(|ep| ep.ips.iter().map(|&ip| block(Cidr::host(ip)))),
+            );
+            out
+        }
     }
 }
 

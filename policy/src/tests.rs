@@ -516,8 +516,9 @@ spec:
         let notes = p.notes();
         assert_eq!(notes.len(), 3, "{notes:?}");
         assert!(notes[0].starts_with("p.yaml:7: note: spec.ingress: not enforced"));
-        assert!(notes[1].contains("spec.ingressDeny: not enforced"));
-        assert!(notes[2].contains("spec.nodeSelector: a host policy"));
+        // In line order: the host policy's nodeSelector comes first.
+        assert!(notes[1].contains("spec.nodeSelector: a host policy"));
+        assert!(notes[2].contains("spec.ingressDeny: not enforced"));
         // The egress part works; the host policy selects no workload.
         let e = Endpoints::from_yaml(Path::new("e.yaml"), ENDPOINTS).unwrap();
         let s = Snapshot::compile(&p, &e);
@@ -822,6 +823,93 @@ spec:
             ),
             "{err}"
         );
+    }
+
+    /// `reserved:` label sources: in `toEndpoints`, a lone `reserved:NAME` selects the entity
+    /// NAME (also in a CNP, whose namespace is not added to it); unknown or mixed ones get a
+    /// note and allow nothing; in an `endpointSelector` they select no dnsfence endpoint.
+    #[test]
+    fn reserved_labels_select_entities_and_nothing_else() {
+        use crate::PortProtocol::Tcp;
+        use crate::cidr::{Cidr, NodeFacts};
+        let text = r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: res, namespace: team-a}
+spec:
+  endpointSelector: {matchLabels: {app: uploader}}
+  egress:
+  - toEndpoints: [{matchLabels: {"reserved:host": ""}}]
+    toPorts: [{ports: [{port: "9100", protocol: TCP}]}]
+  - toEndpoints: [{matchLabels: {"reserved:world": ""}}, {matchLabels: {app: other}}]
+    toPorts: [{ports: [{port: "443", protocol: TCP}]}]
+  - toEndpoints: [{matchLabels: {"reserved:kube-apiserver": ""}}]
+    toPorts: [{ports: [{port: "6443", protocol: TCP}]}]
+  - toEndpoints: [{matchLabels: {"reserved:remote-node": ""}}]
+  - toEndpoints: [{matchLabels: {"reserved:bogus": ""}}]
+  - toEndpoints: [{matchLabels: {"reserved:host": "", app: other}}]
+    toPorts: [{ports: [{port: "7000", protocol: TCP}]}]
+  - toEndpoints: [{matchLabels: {"reserved:host": ""}}]
+    toPorts: [{ports: [{port: "53", protocol: UDP}], rules: {dns: [{matchPattern: "*"}]}}]
+  egressDeny:
+  - toEndpoints: [{matchLabels: {"reserved:world": ""}}]
+    toPorts: [{ports: [{port: "25", protocol: TCP}]}]
+---
+apiVersion: cilium.io/v2
+kind: CiliumClusterwideNetworkPolicy
+metadata: {name: health}
+spec:
+  endpointSelector: {matchLabels: {"reserved:health": ""}}
+  egress:
+  - toEntities: [all]
+"#;
+        let p = PolicySet::from_yaml(Path::new("p.yaml"), text).unwrap_or_else(|e| panic!("{e}"));
+        let notes = p.notes();
+        let expected = [
+            "p.yaml:14: note: spec.egress[3].toEndpoints[0]: reserved:remote-node is an identity \
+             dnsfence cannot tell",
+            "p.yaml:15: note: spec.egress[4].toEndpoints[0]: reserved:bogus is no reserved \
+             identity dnsfence knows",
+            "p.yaml:16: note: spec.egress[5].toEndpoints[0]: reserved:host: dnsfence endpoints \
+             carry no reserved: labels",
+            "p.yaml:18: note: spec.egress[6]: reserved:host as a DNS server",
+            "p.yaml:28: note: spec.endpointSelector: reserved:health: dnsfence endpoints carry \
+             no reserved: labels",
+        ];
+        assert_eq!(notes.len(), expected.len(), "{notes:#?}");
+        for (note, want) in notes.iter().zip(expected) {
+            assert!(
+                note.starts_with(want),
+                "{note}\n  does not start with\n{want}"
+            );
+        }
+        let e = Endpoints::from_yaml(Path::new("e.yaml"), ENDPOINTS).unwrap();
+        let node = NodeFacts {
+            kube_apiserver: vec![Cidr::parse("192.0.2.10").unwrap()],
+            ..NodeFacts::default()
+        };
+        let s = Snapshot::compile_on(&p, &e, &[], &node);
+        let ep = "team-a/uploader";
+        assert_eq!(l3(&s, ep, "127.0.0.1", 9100, Tcp), Some(true), "host");
+        assert_eq!(l3(&s, ep, "::1", 9100, Tcp), Some(true), "host");
+        assert_eq!(l3(&s, ep, "8.8.8.8", 9100, Tcp), None);
+        assert_eq!(l3(&s, ep, "8.8.8.8", 443, Tcp), Some(true), "world");
+        assert_eq!(l3(&s, ep, "2001:db8::1", 443, Tcp), Some(true), "world");
+        assert_eq!(
+            l3(&s, ep, "127.0.0.1", 443, Tcp),
+            None,
+            "the node is not world"
+        );
+        assert_eq!(l3(&s, ep, "10.0.1.6", 443, Tcp), Some(true), "the k8s peer");
+        assert_eq!(l3(&s, ep, "192.0.2.10", 6443, Tcp), Some(true), "apiserver");
+        assert_eq!(l3(&s, ep, "8.8.8.8", 25, Tcp), Some(false), "deny world");
+        assert_eq!(l3(&s, ep, "127.0.0.1", 7000, Tcp), None, "mixed: nothing");
+        assert_eq!(l3(&s, ep, "10.0.1.6", 7000, Tcp), None, "mixed: nothing");
+        // The DNS rule towards reserved:host matches no server.
+        assert_eq!(dns(&s, ep, "127.0.0.1:53", Udp, "a.com"), Deny);
+        // reserved:health selects no dnsfence endpoint.
+        let batch = s.endpoint_by_name("team-b/batch").unwrap();
+        assert!(!s.is_restricted(batch));
     }
 
     #[test]
