@@ -78,7 +78,7 @@ fn validate_bad_file_lists_every_problem_and_exits_1() {
                 toEntities and toPorts in egress, and toCIDR, toCIDRSet, toEndpoints, toEntities \
                 and toPorts in egressDeny)";
     let want: String = [
-        (14, "spec.egress[2].toServices"),
+        (14, "spec.egress[2].toGroups"),
         (24, "spec.egressDeny[0].toServices"),
     ]
     .iter()

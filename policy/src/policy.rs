@@ -59,7 +59,14 @@ const EGRESS_FIELDS: &[&str] = &[
     "toCIDR",
     "toCIDRSet",
     "toEntities",
+    // Accepted, never enforced: the rule allows nothing (see `parse_egress`).
+    "toServices",
+    "authentication",
+    "auth",
 ];
+const SERVICE_FIELDS: &[&str] = &["k8sService", "k8sServiceSelector"];
+const K8S_SERVICE_FIELDS: &[&str] = &["serviceName", "namespace"];
+const SERVICE_SELECTOR_FIELDS: &[&str] = &["selector", "namespace"];
 const DENY_FIELDS: &[&str] = &[
     "toEndpoints",
     "toPorts",
@@ -1063,10 +1070,7 @@ fn parse_cidrs(
     };
     if let Some(list) = plain {
         let list_path = join(path, "toCIDR");
-        let items = diag.sequence(list, &list_path).unwrap_or_default();
-        if items.is_empty() {
-            diag.invalid(list, &list_path, "empty list");
-        }
+        let items = diag.non_empty_sequence(list, &list_path);
         for (i, item) in items.iter().enumerate() {
             if let Some(cidr) = prefix(diag, item, &index(&list_path, i)) {
                 blocks.push(CidrBlock {
@@ -1078,10 +1082,7 @@ fn parse_cidrs(
     }
     if let Some(list) = set {
         let list_path = join(path, "toCIDRSet");
-        let items = diag.sequence(list, &list_path).unwrap_or_default();
-        if items.is_empty() {
-            diag.invalid(list, &list_path, "empty list");
-        }
+        let items = diag.non_empty_sequence(list, &list_path);
         for (i, item) in items.iter().enumerate() {
             let item_path = index(&list_path, i);
             let Some(f) = diag.mapping(item, &item_path, CIDR_SET_FIELDS, HINT) else {
@@ -1128,10 +1129,7 @@ fn parse_entities(
 ) -> Option<Vec<Entity>> {
     let list = fields.get("toEntities")?;
     let list_path = join(path, "toEntities");
-    let items = diag.sequence(list, &list_path).unwrap_or_default();
-    if items.is_empty() {
-        diag.invalid(list, &list_path, "empty list");
-    }
+    let items = diag.non_empty_sequence(list, &list_path);
     let mut out = Vec::new();
     for (i, item) in items.iter().enumerate() {
         let at = index(&list_path, i);
@@ -1224,9 +1222,152 @@ fn parse_deny(
 }
 
 /// One `egress` item. `default_allow`: the spec sets `enableDefaultDeny.egress: false`, so
-/// an entry dnsfence cannot enforce (L7) is rejected instead of allowing nothing: under default
-/// allow, "nothing more" would leave its traffic open where Cilium filters it.
+/// an entry dnsfence cannot enforce (L7, mutual authentication) is rejected instead of allowing
+/// nothing: under default allow, "nothing more" would leave its traffic open where Cilium
+/// filters it. A rule that needs what dnsfence cannot do (`toServices` before a Kubernetes
+/// source knows services, mutual authentication) is validated, reported, and allows nothing:
+/// fail closed for that rule only.
 fn parse_egress(
+    diag: &mut Diag<'_>,
+    node: &Node<'_>,
+    path: &str,
+    namespace: Option<&str>,
+    default_allow: bool,
+    notes: &mut Vec<(usize, String)>,
+) -> Option<Vec<EgressRule>> {
+    let before = diag.errors.len();
+    let rules = parse_egress_rules(diag, node, path, namespace, default_allow, notes);
+    let services = parse_services(diag, node, path);
+    let auth = parse_auth(diag, node, path);
+    if diag.errors.len() != before {
+        return None;
+    }
+    let rules = rules?;
+    if let Some((at, what)) = auth {
+        if default_allow {
+            diag.invalid(
+                node,
+                &what,
+                "mutual authentication under enableDefaultDeny.egress: false cannot be \
+                 enforced: dnsfence cannot authenticate, and the endpoint's default allow would \
+                 let the traffic through",
+            );
+            return None;
+        }
+        notes.push((
+            at,
+            format!(
+                "{what}: dnsfence cannot do mutual authentication: this rule allows nothing, \
+                 its traffic stays denied (fail closed)"
+            ),
+        ));
+        return Some(vec![EgressRule::Nothing]);
+    }
+    if let Some((at, what)) = services {
+        notes.push((
+            at,
+            format!(
+                "{}: {what} is not known to dnsfence (no Kubernetes source of services yet): \
+                 this rule allows nothing, its traffic stays denied (fail closed)",
+                join(path, "toServices")
+            ),
+        ));
+        return Some(vec![EgressRule::Nothing]);
+    }
+    Some(rules)
+}
+
+/// `toServices` of an egress rule, validated: its line and what it names, for the note.
+fn parse_services(diag: &mut Diag<'_>, node: &Node<'_>, path: &str) -> Option<(usize, String)> {
+    let list = node.data.as_mapping_get("toServices")?;
+    let list_path = join(path, "toServices");
+    let items = diag.non_empty_sequence(list, &list_path);
+    let mut named = Vec::new();
+    for (i, item) in items.iter().enumerate() {
+        let at = index(&list_path, i);
+        let Some(f) = diag.mapping(item, &at, SERVICE_FIELDS, "") else {
+            continue;
+        };
+        match (f.get("k8sService"), f.get("k8sServiceSelector")) {
+            (Some(svc), None) => {
+                let svc_path = join(&at, "k8sService");
+                let Some(sf) = diag.mapping(svc, &svc_path, K8S_SERVICE_FIELDS, "") else {
+                    continue;
+                };
+                let name = match sf.get("serviceName") {
+                    Some(n) => diag.string(n, &join(&svc_path, "serviceName")),
+                    None => {
+                        missing(diag, svc, join(&svc_path, "serviceName"));
+                        None
+                    }
+                };
+                let ns = sf
+                    .get_non_null("namespace")
+                    .and_then(|n| diag.string(n, &join(&svc_path, "namespace")));
+                if let Some(name) = name {
+                    named.push(match ns {
+                        Some(ns) => format!("service {ns}/{name}"),
+                        None => format!("service {name}"),
+                    });
+                }
+            }
+            (None, Some(sel)) => {
+                let sel_path = join(&at, "k8sServiceSelector");
+                let Some(sf) = diag.mapping(sel, &sel_path, SERVICE_SELECTOR_FIELDS, "") else {
+                    continue;
+                };
+                match sf.get("selector") {
+                    Some(s) => {
+                        selector::parse(diag, s, &join(&sel_path, "selector"));
+                    }
+                    None => missing(diag, sel, join(&sel_path, "selector")),
+                }
+                if let Some(n) = sf.get_non_null("namespace") {
+                    diag.string(n, &join(&sel_path, "namespace"));
+                }
+                named.push("a service selector".to_string());
+            }
+            _ => diag.invalid(item, &at, "needs one of k8sService and k8sServiceSelector"),
+        }
+    }
+    let at = node
+        .data
+        .as_mapping()
+        .and_then(|m| m.keys().find(|k| yaml::scalar_str(k) == Some("toServices")))
+        .map_or(line(list), line);
+    Some((at, named.join(", ")))
+}
+
+/// `authentication` (or `auth`, its older spelling) of an egress rule, validated: when it asks
+/// for mutual authentication, its line and `path.field: value` for the note.
+fn parse_auth(diag: &mut Diag<'_>, node: &Node<'_>, path: &str) -> Option<(usize, String)> {
+    for (key, field) in [("authentication", "mode"), ("auth", "type")] {
+        let Some(value) = node.data.as_mapping_get(key) else {
+            continue;
+        };
+        let at = join(path, key);
+        let Some(f) = diag.mapping(value, &at, &[field], "") else {
+            continue;
+        };
+        let field_path = join(&at, field);
+        let Some(v) = f.get(field) else {
+            missing(diag, value, field_path);
+            continue;
+        };
+        let Some(mode) = diag.string(v, &field_path) else {
+            continue;
+        };
+        // `mode: disabled`: no authentication asked, the rule works as written.
+        if !(key == "authentication" && mode == "disabled") {
+            return Some((line(v), format!("{field_path}: {mode}")));
+        }
+    }
+    None
+}
+
+/// The rules of one `egress` item, but for `toServices` and `authentication` (see
+/// [`parse_egress`]).
+fn parse_egress_rules(
     diag: &mut Diag<'_>,
     node: &Node<'_>,
     path: &str,
@@ -1310,13 +1451,14 @@ fn parse_egress(
         cidrs.is_some(),
         entities.is_some(),
         to_fqdns.is_some() || to_endpoints.is_some(),
+        fields.get("toServices").is_some(),
     ];
     if l3_selectors.iter().filter(|&&s| s).count() > 1 {
         diag.invalid(
             node,
             path,
-            "toCIDR/toCIDRSet, toEntities and toFQDNs/toEndpoints cannot be combined (one L3 \
-             selector per rule, as in Cilium)",
+            "toCIDR/toCIDRSet, toEntities, toServices and toFQDNs/toEndpoints cannot be \
+             combined (one L3 selector per rule, as in Cilium)",
         );
         return None;
     }
@@ -1505,7 +1647,17 @@ fn parse_port(diag: &mut Diag<'_>, node: &Node<'_>, path: &str) -> Option<PortPr
     };
     let port = port_number(diag, port_node, &port_path)?;
     let end_port = match fields.get_non_null("endPort") {
+        // Cilium: port 0 is every port.
+        None if port == 0 => u16::MAX,
         None => port,
+        Some(n) if port == 0 => {
+            diag.invalid(
+                n,
+                &join(path, "endPort"),
+                "port 0 already means every port: endPort needs a port from 1",
+            );
+            return None;
+        }
         Some(n) => {
             let end_path = join(path, "endPort");
             let end = port_number(diag, n, &end_path)?;
@@ -1543,7 +1695,7 @@ fn parse_port(diag: &mut Diag<'_>, node: &Node<'_>, path: &str) -> Option<PortPr
     })
 }
 
-/// A port number 1-65535, given as a string (Cilium's form) or an integer.
+/// A port number 0-65535 (0: every port), given as a string (Cilium's form) or an integer.
 fn port_number(diag: &mut Diag<'_>, node: &Node<'_>, path: &str) -> Option<u16> {
     use saphyr::{Scalar, YamlData};
     let value: Result<i64, String> = match &node.data {
@@ -1551,7 +1703,7 @@ fn port_number(diag: &mut Diag<'_>, node: &Node<'_>, path: &str) -> Option<u16> 
         YamlData::Value(Scalar::String(s)) => {
             if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
                 s.parse::<i64>()
-                    .map_err(|_| format!("port {s:?} is out of range 1-65535"))
+                    .map_err(|_| format!("port {s:?} is out of range 0-65535"))
             } else {
                 Err(format!(
                     "named port {s:?} is not supported (use a port number)"
@@ -1564,17 +1716,9 @@ fn port_number(diag: &mut Diag<'_>, node: &Node<'_>, path: &str) -> Option<u16> 
         )),
     };
     match value {
-        Ok(n) if (1..=65535).contains(&n) => Some(n as u16),
-        Ok(0) => {
-            diag.invalid(
-                node,
-                path,
-                "port 0 (every port) is not supported: list the ports",
-            );
-            None
-        }
+        Ok(n) if (0..=65535).contains(&n) => Some(n as u16),
         Ok(n) => {
-            diag.invalid(node, path, format!("port {n} is out of range 1-65535"));
+            diag.invalid(node, path, format!("port {n} is out of range 0-65535"));
             None
         }
         Err(reason) => {

@@ -689,7 +689,7 @@ mod tests {
         // An unsupported field: the selector still reads, so only its endpoints fail closed.
         let bad = cnp("a", "team-a", "a").replace(
             "  - toPorts:",
-            "  - toServices: [{k8sService: {serviceName: x, namespace: y}}]\n  - toPorts:",
+            "  - toGroups: [{aws: {securityGroupsIds: [sg-1]}}]\n  - toPorts:",
         );
         let two = format!("{}---\n{bad}", cnp("b", "team-b", "b"));
         let FileVerdict::Partial {
@@ -791,7 +791,7 @@ mod tests {
         // b gets an unsupported field: its endpoint is denied everything.
         let bad = cnp("b", "team-b", "b").replace(
             "  - toPorts:",
-            "  - toServices: [{k8sService: {serviceName: x, namespace: y}}]\n  - toPorts:",
+            "  - toGroups: [{aws: {securityGroupsIds: [sg-1]}}]\n  - toPorts:",
         );
         put(&b, &bad);
         let report = settle(&mut sources);

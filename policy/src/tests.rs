@@ -912,6 +912,125 @@ spec:
         assert!(!s.is_restricted(batch));
     }
 
+    /// `port: "0"` is every port (Cilium's wildcard), for L3 rules, toFQDNs and DNS rules.
+    #[test]
+    fn port_zero_is_every_port() {
+        use crate::PortProtocol::{Tcp, Udp as U};
+        let s = snapshot(
+            r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: zero, namespace: team-a}
+spec:
+  endpointSelector: {matchLabels: {app: uploader}}
+  egress:
+  - toCIDR: [10.7.0.0/16]
+    toPorts: [{ports: [{port: "0", protocol: TCP}]}]
+  - toFQDNs: [{matchName: api.ok.com}]
+    toPorts: [{ports: [{port: 0, protocol: UDP}]}]
+  - toPorts: [{ports: [{port: "0", protocol: UDP}], rules: {dns: [{matchName: a.ok.com}]}}]
+"#,
+        );
+        let ep = "team-a/uploader";
+        assert_eq!(l3(&s, ep, "10.7.0.1", 1, Tcp), Some(true));
+        assert_eq!(l3(&s, ep, "10.7.0.1", 65535, Tcp), Some(true));
+        assert_eq!(l3(&s, ep, "10.7.0.1", 53, U), None, "TCP only");
+        assert_eq!(fqdn(&s, ep, "api.ok.com").as_deref(), Some("0-65535/udp"));
+        assert_eq!(dns(&s, ep, "10.96.0.10:5353", Udp, "a.ok.com"), Allow);
+        assert_eq!(dns(&s, ep, "10.96.0.10:53", Proto::Tcp, "a.ok.com"), Deny);
+    }
+
+    /// `toServices` (services are not known until a Kubernetes source exists) and mutual
+    /// authentication (dnsfence cannot do it) load with a note, and their rule allows nothing
+    /// while the rest of the policy works. `authentication.mode: disabled` asks for nothing.
+    #[test]
+    fn to_services_and_authentication_fail_closed_for_their_rule_only() {
+        use crate::PortProtocol::Tcp;
+        let text = r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: svc, namespace: team-a}
+spec:
+  endpointSelector: {matchLabels: {app: uploader}}
+  egress:
+  - toServices:
+    - k8sService: {serviceName: db, namespace: team-a}
+    - k8sServiceSelector: {selector: {matchLabels: {external: "yes"}}}
+    toPorts: [{ports: [{port: "5432", protocol: TCP}]}]
+  - toEndpoints: [{matchLabels: {app: other}}]
+    authentication: {mode: required}
+  - toCIDR: [10.7.0.0/16]
+    auth: {type: "null"}
+  - toCIDR: [10.8.0.0/16]
+    authentication: {mode: disabled}
+  - toFQDNs: [{matchName: api.ok.com}]
+"#;
+        let p = PolicySet::from_yaml(Path::new("p.yaml"), text).unwrap_or_else(|e| panic!("{e}"));
+        let notes = p.notes();
+        let expected = [
+            "p.yaml:8: note: spec.egress[0].toServices: service team-a/db, a service selector \
+             is not known to dnsfence (no Kubernetes source of services yet): this rule allows \
+             nothing",
+            "p.yaml:13: note: spec.egress[1].authentication.mode: required: dnsfence cannot do \
+             mutual authentication: this rule allows nothing",
+            "p.yaml:15: note: spec.egress[2].auth.type: null: dnsfence cannot do mutual",
+        ];
+        assert_eq!(notes.len(), expected.len(), "{notes:#?}");
+        for (note, want) in notes.iter().zip(expected) {
+            assert!(
+                note.starts_with(want),
+                "{note}\n  does not start with\n{want}"
+            );
+        }
+        let e = Endpoints::from_yaml(Path::new("e.yaml"), ENDPOINTS).unwrap();
+        let s = Snapshot::compile(&p, &e);
+        let ep = "team-a/uploader";
+        // toServices + toPorts must not become "every destination on 5432".
+        assert_eq!(l3(&s, ep, "8.8.8.8", 5432, Tcp), None);
+        assert_eq!(l3(&s, ep, "10.0.1.6", 80, Tcp), None, "auth: nothing");
+        assert_eq!(l3(&s, ep, "10.7.0.1", 80, Tcp), None, "auth: nothing");
+        assert_eq!(l3(&s, ep, "10.8.0.1", 80, Tcp), Some(true), "disabled");
+        assert_eq!(fqdn(&s, ep, "api.ok.com").as_deref(), Some("*"));
+        assert!(s.is_restricted(s.endpoint_by_name(ep).unwrap()));
+        // Validated like any field; mixed with another L3 selector, as Cilium refuses; and not
+        // under default allow, where "nothing" would let the traffic through.
+        let bad = r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: svc, namespace: team-a}
+spec:
+  endpointSelector: {}
+  egress:
+  - toServices: [{k8sService: {namespace: x}}]
+  - toServices: [{k8sService: {serviceName: a}}]
+    toCIDR: [10.0.0.0/8]
+  - authentication: {mode: 3}
+---
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: open, namespace: team-a}
+spec:
+  endpointSelector: {}
+  enableDefaultDeny: {egress: false}
+  egress:
+  - toCIDR: [10.0.0.0/8]
+    authentication: {mode: required}
+"#;
+        let err = PolicySet::from_yaml(Path::new("b.yaml"), bad)
+            .unwrap_err()
+            .to_string();
+        for want in [
+            "b.yaml:8: spec.egress[0].toServices[0].k8sService.serviceName: required field missing",
+            "b.yaml:9: spec.egress[1]: toCIDR/toCIDRSet, toEntities, toServices and \
+             toFQDNs/toEndpoints cannot be combined",
+            "b.yaml:11: spec.egress[2].authentication.mode: expected a string",
+            "b.yaml:20: spec.egress[0].authentication.mode: required: mutual authentication \
+             under enableDefaultDeny.egress: false cannot be enforced",
+        ] {
+            assert!(err.contains(want), "no {want:?} in\n{err}");
+        }
+    }
+
     #[test]
     fn snapshot_is_send_and_sync() {
         fn check<T: Send + Sync>() {}

@@ -111,6 +111,20 @@ impl Diag<'_> {
         }
     }
 
+    /// The items of a list that must not be empty; an empty list, or a node that is no list,
+    /// is reported (and yields no items).
+    pub(crate) fn non_empty_sequence<'n, 'a>(
+        &mut self,
+        node: &'n Node<'a>,
+        field: &str,
+    ) -> &'n [Node<'a>] {
+        let items = self.sequence(node, field).unwrap_or_default();
+        if items.is_empty() {
+            self.invalid(node, field, "empty list");
+        }
+        items
+    }
+
     /// A string scalar; `None` (reported) otherwise.
     pub(crate) fn string(&mut self, node: &Node<'_>, field: &str) -> Option<String> {
         match scalar_str(node) {

@@ -16,18 +16,11 @@ use dnsfence_policy::{
 /// with error lines that each contain one of these texts: a regression in a supported field
 /// (toFQDNs, toEndpoints, toCIDR, ...) makes an error line outside this list and fails the test.
 const UNSUPPORTED: &[(&str, &str)] = &[
-    // Kubernetes Service backends: need the Service registry of the Kubernetes source.
-    ("toServices", ".toServices: unsupported field"),
     // ICMP type matching.
     ("icmps", ".icmps: unsupported field"),
-    // Mutual authentication (`auth` is its older spelling, still in Cilium's example).
-    ("auth", ".auth: unsupported field"),
-    ("authentication", ".authentication: unsupported field"),
     ("toGroups", ".toGroups: unsupported field"),
     ("toRequires", ".toRequires: unsupported field"),
     ("toNodes", ".toNodes: unsupported field"),
-    // `port: 0`, Cilium's "every port" wildcard.
-    ("port 0", "port 0 (every port) is not supported"),
 ];
 
 /// Files that are invalid upstream, with the error they must get: Kubernetes would refuse them
@@ -39,7 +32,7 @@ const INVALID_UPSTREAM: &[(&str, &str)] = &[(
 
 /// At least this many corpus files validate (policy/README.md records the count; raise it
 /// when a feature of `UNSUPPORTED` lands).
-const MIN_VALID: usize = 69;
+const MIN_VALID: usize = 73;
 
 /// A small registry for the compiled verdicts: the workloads the examples select, kube-dns,
 /// and one endpoint no example selects.
@@ -354,4 +347,40 @@ fn sni_example_fails_closed() {
         l3(&s, "default/my-service", "1.1.1.1", 443, PortProtocol::Tcp),
         None
     );
+}
+
+/// The examples of what dnsfence accepts but cannot enforce load with a note, and the rule
+/// allows nothing: `toServices` (no Kubernetes source of services yet), mutual authentication,
+/// and a `port: "0"` (every port) entry with a `listener` (L7).
+#[test]
+fn services_auth_and_listener_examples_load_and_fail_closed() {
+    let notes = |relative: &str| {
+        let path = corpus_root().join(relative);
+        let text = std::fs::read_to_string(&path).unwrap();
+        PolicySet::from_yaml(Path::new(relative), &text)
+            .unwrap_or_else(|e| panic!("{relative} should validate:\n{e}"))
+            .notes()
+            .join("\n")
+    };
+    let p = "cilium/examples/policies/";
+    let services = notes(&format!("{p}l3/service/service.yaml"));
+    assert!(
+        services.contains("toServices: service default/myservice is not known to dnsfence"),
+        "{services}"
+    );
+    let auth = notes(&format!("{p}auth/auth.yaml"));
+    assert!(
+        auth.contains("auth.type: null: dnsfence cannot do mutual authentication"),
+        "{auth}"
+    );
+    let listener = notes(&format!("{p}l4/wildcard_port_listener.yaml"));
+    assert!(listener.contains("listener: not enforced"), "{listener}");
+    let s = snapshot(&format!("{p}l4/wildcard_port_listener.yaml"));
+    assert!(s.is_restricted(ep(&s, "default/my-service")));
+    for port in [80, 443, 8080] {
+        assert_eq!(
+            l3(&s, "default/my-service", "8.8.8.8", port, PortProtocol::Tcp),
+            None
+        );
+    }
 }

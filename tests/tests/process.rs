@@ -136,7 +136,7 @@ fn invalid_or_unreadable_policy_exits_1_with_file_line_reason() {
         (
             dnsfence_tests::POLICY.replace(
                 "  - toFQDNs:",
-                "  - toServices: [{k8sService: {serviceName: x, namespace: y}}]\n  - toFQDNs:",
+                "  - toGroups: [{aws: {securityGroupsIds: [sg-1]}}]\n  - toFQDNs:",
             ),
             Some(11),
         ),

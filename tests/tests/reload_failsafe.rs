@@ -205,7 +205,7 @@ fn a_bad_policy_fails_closed_only_for_what_it_selects() {
         &other,
         &OTHER.replace(
             "  - toPorts:",
-            "  - toServices: [{k8sService: {serviceName: x, namespace: y}}]\n  - toPorts:",
+            "  - toGroups: [{aws: {securityGroupsIds: [sg-1]}}]\n  - toPorts:",
         ),
     );
     until_answer(
@@ -216,7 +216,7 @@ fn a_bad_policy_fails_closed_only_for_what_it_selects() {
         "broken policy",
     );
     let stderr = agent.process.stderr();
-    let located = format!("{}:7: spec.egress[0].toServices", other.display());
+    let located = format!("{}:7: spec.egress[0].toGroups", other.display());
     assert!(stderr.contains(&located), "no {located:?} in {stderr}");
     assert!(stderr.contains("denied everything"), "{stderr}");
     assert_eq!(metric(&agent, "dnsfence_policy_fail_closed_endpoints"), 1.0);
