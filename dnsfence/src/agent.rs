@@ -71,8 +71,10 @@ pub struct AgentArgs {
     /// shards, and IPv6 DNS of workloads is redirected to the IPv6 one.
     #[arg(long, value_name = "ADDR:PORT", required_unless_present = "uninstall")]
     pub listen: Vec<SocketAddr>,
-    /// Upstream DNS server.
-    #[arg(long, value_name = "ADDR:PORT", required_unless_present = "uninstall")]
+    /// Upstream DNS server. Default (eBPF mode only): each query goes to the server its
+    /// workload addressed, as the redirect recorded it; a query sent to the proxy's own
+    /// address then has no server and gets SERVFAIL.
+    #[arg(long, value_name = "ADDR:PORT")]
     pub upstream: Option<SocketAddr>,
     /// Upstream timeout before SERVFAIL (e.g. 5s, 800ms).
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
@@ -148,7 +150,8 @@ pub struct AgentArgs {
     #[arg(long)]
     pub no_metrics: bool,
     /// The DNS server queries are taken to be addressed to when the datapath does not say
-    /// (policy DNS rules name port 53 of the cluster DNS). Default: the upstream's IP, port 53.
+    /// (policy DNS rules name port 53 of the cluster DNS). Default: the upstream's IP, port 53
+    /// (without `--upstream`: the first `--listen` IP, port 53).
     #[arg(long, value_name = "ADDR:PORT")]
     pub policy_server: Option<SocketAddr>,
     /// Randomise the letter case of forwarded names and accept only answers that echo it
@@ -294,15 +297,23 @@ pub fn parse_cpus(s: &str) -> Result<CpuList, String> {
 /// The agent's runtime plan: flags resolved and checked once.
 struct Plan {
     listen: Vec<SocketAddr>,
-    upstream: SocketAddr,
+    /// None: the server each query's workload addressed.
+    upstream: Option<SocketAddr>,
     shards: Vec<(IoConfig, CoreConfig, Option<usize>)>,
     backend: BackendChoice,
 }
 
 fn plan(args: &AgentArgs) -> Result<Plan> {
-    let (false, Some(upstream)) = (args.listen.is_empty(), args.upstream) else {
-        bail!("--listen and --upstream are required");
-    };
+    if args.listen.is_empty() {
+        bail!("--listen is required");
+    }
+    let upstream = args.upstream;
+    if upstream.is_none() && args.no_bpf {
+        bail!(
+            "--upstream is required with --no-bpf (without the eBPF redirect the proxy cannot \
+             tell which server a query was addressed to)"
+        );
+    }
     let listens = args.listen.clone();
     let families = (
         listens.iter().filter(|a| a.is_ipv4()).count(),
@@ -370,7 +381,9 @@ fn plan(args: &AgentArgs) -> Result<Plan> {
         .iter()
         .flat_map(|&l| (0..shards).map(move |i| (l, i)))
     {
-        let mut io = IoConfig::new(listen, upstream);
+        // Without --upstream: unconnected upstream sockets, each query to its own server.
+        let mut io = IoConfig::new(listen, upstream.unwrap_or(listen));
+        io.upstream = upstream;
         io.upstream_sockets = args.upstream_sockets;
         io.batch = args.batch;
         io.tcp_idle_timeout = args.tcp_idle_timeout;
@@ -380,7 +393,8 @@ fn plan(args: &AgentArgs) -> Result<Plan> {
         io.max_tcp_out_bytes = args.max_tcp_out_bytes;
         io.max_tcp_pipeline = args.max_tcp_pipeline;
         io.tcp_socket_buffer_bytes = args.tcp_socket_buffer_bytes;
-        let mut core = CoreConfig::new(upstream);
+        let mut core = CoreConfig::new(upstream.unwrap_or(listen));
+        core.upstream = upstream;
         core.upstream_sockets = args.upstream_sockets;
         core.upstream_timeout = args.upstream_timeout;
         core.reject_rcode = match args.reject_rcode {
@@ -413,6 +427,14 @@ fn plan(args: &AgentArgs) -> Result<Plan> {
         plan.shards.push((io, core, cpu));
     }
     Ok(plan)
+}
+
+/// The upstream, for messages.
+fn upstream_text(upstream: Option<SocketAddr>) -> String {
+    match upstream {
+        Some(upstream) => upstream.to_string(),
+        None => "(the server each workload addressed)".to_owned(),
+    }
 }
 
 /// The listen addresses, for messages.
@@ -662,7 +684,7 @@ pub fn run(args: &AgentArgs) -> Result<()> {
         "dnsfence agent: serving {} with {shard_count} shards ({}, {placement}), upstream {}",
         listen_text(&plan.listen),
         backend.unwrap_or_default(),
-        plan.upstream
+        upstream_text(plan.upstream)
     );
     warn_about_limits(args, &policy.load());
 
@@ -692,7 +714,7 @@ pub fn run(args: &AgentArgs) -> Result<()> {
             eprintln!(
                 "dnsfence agent: upstream {} does not preserve the letter case of questions: \
                  DNS 0x20 switched off for it (--upstream-0x20 on keeps it)",
-                plan.upstream
+                upstream_text(plan.upstream)
             );
         }
         if let Some(i) = threads.iter().position(|t| t.is_finished()) {

@@ -201,6 +201,11 @@ pub fn render(state: &State) -> String {
             |s| s.pending_full,
         ),
         (
+            "no_upstream",
+            "Allowed queries answered SERVFAIL: no --upstream and the client addressed the proxy itself",
+            |s| s.no_upstream,
+        ),
+        (
             "timeouts",
             "Queries answered SERVFAIL after the upstream timeout",
             |s| s.timeouts,
@@ -209,7 +214,7 @@ pub fn render(state: &State) -> String {
         ("truncated", "Truncated answers relayed", |s| s.truncated),
         (
             "upstream_wrong_source",
-            "Upstream datagrams from a wrong source",
+            "Upstream answers from another server than their query went to",
             |s| s.upstream_wrong_source,
         ),
         ("upstream_malformed", "Malformed upstream answers", |s| {
@@ -264,7 +269,7 @@ pub fn render(state: &State) -> String {
         ),
         (
             "upstream_0x20_disabled",
-            "1 when DNS 0x20 was switched off: the upstream does not preserve case",
+            "Upstream servers DNS 0x20 was switched off for, per shard (they do not preserve case)",
             |s| s.upstream_0x20_disabled,
         ),
         (

@@ -36,8 +36,11 @@ pub enum UnknownSource {
 /// The knobs of a core; every one is a flag of `dnsfence agent`.
 #[derive(Debug, Clone)]
 pub struct CoreConfig {
-    /// The upstream server; answers from any other address are dropped.
-    pub upstream: SocketAddr,
+    /// The upstream server; answers from any other address are dropped. None: each query
+    /// goes to the server its client addressed, as the datapath recorded it
+    /// ([`Origin::server`]); a query without one (sent to the proxy's own address, or
+    /// without eBPF) has nowhere to go and gets SERVFAIL ([`Stats::no_upstream`]).
+    pub upstream: Option<SocketAddr>,
     /// The DNS server a query is taken to be addressed to when the datapath does not say
     /// (policy DNS rules are written for port 53 of the cluster's DNS server).
     pub policy_server: SocketAddr,
@@ -97,7 +100,7 @@ impl CoreConfig {
     /// Defaults for an upstream, as `dnsfence agent` uses them.
     pub fn new(upstream: SocketAddr) -> CoreConfig {
         CoreConfig {
-            upstream,
+            upstream: Some(upstream),
             policy_server: SocketAddr::new(upstream.ip(), 53),
             upstream_sockets: 4,
             upstream_socket_queries: 256,
@@ -154,13 +157,45 @@ impl Client {
 pub enum Destination {
     /// To a client.
     Client(Client),
-    /// To the upstream from UDP socket `socket`.
+    /// To an upstream server from UDP socket `socket`.
     UpstreamUdp {
         /// The shard's upstream socket index.
         socket: u16,
+        /// The server ([`CoreConfig::upstream`], or the one the client addressed).
+        server: SocketAddr,
     },
-    /// To the upstream over the shard's TCP connection.
-    UpstreamTcp,
+    /// To an upstream server over the shard's TCP connection to it.
+    UpstreamTcp {
+        /// The server.
+        server: SocketAddr,
+    },
+}
+
+impl Destination {
+    /// The upstream UDP socket of an upstream destination sent over UDP.
+    fn udp_socket(&self) -> Option<u16> {
+        match *self {
+            Destination::UpstreamUdp { socket, .. } => Some(socket),
+            _ => None,
+        }
+    }
+
+    /// The upstream server of an upstream destination.
+    fn server(&self) -> Option<SocketAddr> {
+        match *self {
+            Destination::UpstreamUdp { server, .. } | Destination::UpstreamTcp { server } => {
+                Some(server)
+            }
+            Destination::Client(_) => None,
+        }
+    }
+}
+
+/// Whether `a` and `b` name one server: address (an IPv4-mapped IPv6 address is its IPv4
+/// address) and port; IPv6 flow labels, which a sender chooses, do not count.
+#[inline]
+pub fn same_server(a: SocketAddr, b: SocketAddr) -> bool {
+    a == b || (a.port() == b.port() && a.ip().to_canonical() == b.ip().to_canonical())
 }
 
 /// A datagram or TCP message to send. The bytes stay valid until the next call on the core.
@@ -279,8 +314,12 @@ pub struct Stats {
     pub answered: u64,
     /// Upstream answers relayed with TC set (client retries over TCP).
     pub truncated: u64,
-    /// Upstream datagrams from an address other than the upstream.
+    /// Upstream messages from an address other than the server their query went to (with a
+    /// fixed upstream: other than the upstream).
     pub upstream_wrong_source: u64,
+    /// Allowed queries answered SERVFAIL because there was no server to forward them to: no
+    /// `upstream` is configured and the client addressed the proxy itself.
+    pub no_upstream: u64,
     /// Upstream datagrams that are not well-formed answers.
     pub upstream_malformed: u64,
     /// Upstream answers with no query in flight under their ID.
@@ -311,7 +350,8 @@ pub struct Stats {
     /// Queries answered SERVFAIL at once because the upstream answered them in another
     /// spelling before it had ever echoed one exactly (it may not preserve case).
     pub case_mismatch_failed: u64,
-    /// 1 once 0x20 was switched off for the upstream (it does not preserve case).
+    /// Upstream servers 0x20 was switched off for (they do not preserve case): 0 or 1 with a
+    /// fixed upstream.
     pub upstream_0x20_disabled: u64,
     /// Upstream sockets replaced by a fresh random port (after their query quota, or early).
     pub upstream_sockets_rotated: u64,
@@ -412,12 +452,30 @@ struct Pending {
     case_seed: u64,
     /// Whether the query went upstream in a 0x20 spelling.
     case_applied: bool,
+    /// Its server's entry in `Core::case` when it was sent (checked again at the answer:
+    /// the entry may have gone to another server since).
+    case: u8,
     /// The query's EDNS0 parameters (payload clamped), forwarded in a minimal OPT record.
     edns: Option<Edns>,
     /// Neighbours in the in-flight list (oldest first), `NO_SLOT` at the ends.
     prev: u32,
     next: u32,
 }
+
+/// What the answers of one upstream server said of its letter case (DNS 0x20).
+#[derive(Debug, Clone, Copy)]
+struct CaseState {
+    server: SocketAddr,
+    /// Answers that echoed the 0x20 spelling exactly, and that did not (same ID and name).
+    exact: u64,
+    other: u32,
+    /// 0x20 switched off for this server (it does not preserve case).
+    off: bool,
+}
+
+/// Upstream servers whose 0x20 behaviour a core remembers. Beyond it the oldest entry is
+/// reused: a forgotten server starts again with 0x20 on and its fallback armed.
+pub const CASE_SERVERS: usize = 16;
 
 /// One upstream UDP socket's life as the core sees it (the I/O layer owns the socket).
 #[derive(Debug, Clone, Copy, Default)]
@@ -532,11 +590,12 @@ pub struct Core {
     retiring: usize,
     /// Sockets the shard should replace (drained by `poll_replace`).
     replace: Vec<u16>,
-    /// Answers that echoed the 0x20 spelling exactly, and that did not (same ID and name).
-    case_exact: u64,
-    case_other: u32,
-    /// 0x20 switched off for the upstream (it does not preserve case).
-    case_off: bool,
+    /// What each upstream server's answers said of its letter case (one entry with a fixed
+    /// upstream; with each query sent to the server its client addressed, the
+    /// [`CASE_SERVERS`] most recently seen servers).
+    case: Vec<CaseState>,
+    /// The entry of `case` the next new server takes when it is full (round robin).
+    case_next: usize,
     stats: Stats,
 }
 
@@ -559,7 +618,7 @@ impl Core {
         );
         let channels = usize::from(config.upstream_sockets) + 1;
         let template = Pending {
-            client: Client::Udp(config.upstream),
+            client: Client::Udp(SocketAddr::from(([0, 0, 0, 0], 0))),
             client_id: 0,
             client_flags: 0,
             question: [0; QUESTION_MAX],
@@ -570,13 +629,16 @@ impl Core {
             key: None,
             enforce: false,
             generation: 0,
-            upstream: Destination::UpstreamTcp,
+            upstream: Destination::UpstreamTcp {
+                server: SocketAddr::from(([0, 0, 0, 0], 0)),
+            },
             upstream_id: 0,
             sent_at: Instant::now(),
             mismatches: 0,
             bucket: 0,
             case_seed: 0,
             case_applied: false,
+            case: 0,
             edns: None,
             prev: NO_SLOT,
             next: NO_SLOT,
@@ -588,6 +650,7 @@ impl Core {
             .collect();
         let rules = snapshot.rule_set();
         let config_sockets = config.upstream_sockets;
+        let config_upstream = config.upstream;
         Core {
             rng_key: config.seed,
             rng_counter: 0,
@@ -618,9 +681,17 @@ impl Core {
             sockets: vec![UpSocket::default(); usize::from(config_sockets)],
             retiring: 0,
             replace: Vec::with_capacity(usize::from(config_sockets)),
-            case_exact: 0,
-            case_other: 0,
-            case_off: false,
+            case: {
+                let mut case = Vec::with_capacity(CASE_SERVERS);
+                case.extend(config_upstream.map(|server| CaseState {
+                    server,
+                    exact: 0,
+                    other: 0,
+                    off: false,
+                }));
+                case
+            },
+            case_next: 0,
             stats: Stats::default(),
         }
     }
@@ -769,7 +840,8 @@ impl Core {
             }
             Some(verdict) => {
                 let enforce = verdict == DnsVerdict::Allow;
-                self.forward(now, client, endpoint.zip(key), enforce, &query, packet);
+                let to = self.config.upstream.or(server);
+                self.forward(now, client, endpoint.zip(key), enforce, to, &query, packet);
             }
         }
     }
@@ -865,15 +937,34 @@ impl Core {
         }
     }
 
+    /// Forwards an allowed query to `server`: the fixed upstream, else the server the client
+    /// addressed; None (no upstream, and the client addressed the proxy itself): SERVFAIL.
+    #[allow(clippy::too_many_arguments)]
     fn forward(
         &mut self,
         now: Instant,
         client: Client,
         endpoint: Option<(EndpointId, EndpointKey)>,
         enforce: bool,
+        server: Option<SocketAddr>,
         query: &Query,
         packet: &[u8],
     ) {
+        let key = endpoint.map(|(_, key)| key);
+        let Some(server) = server else {
+            self.stats.no_upstream += 1;
+            let servfail = Rcode::ServFail;
+            self.reply_in_place(
+                now,
+                client,
+                key,
+                query,
+                packet,
+                servfail,
+                Verdict::Unreachable,
+            );
+            return;
+        };
         let unknown = self.in_flight_by_endpoint.len() - 1;
         let bucket = endpoint.map_or(unknown, |(ep, _)| (ep.0 as usize).min(unknown));
         let endpoint_full =
@@ -881,7 +972,6 @@ impl Core {
         let slot = if endpoint_full { None } else { self.free.pop() };
         let Some(slot) = slot else {
             self.stats.pending_full += 1;
-            let key = endpoint.map(|(_, key)| key);
             let servfail = Rcode::ServFail;
             self.reply_in_place(now, client, key, query, packet, servfail, Verdict::Overload);
             return;
@@ -892,11 +982,14 @@ impl Core {
         let (channel, upstream) = match client {
             Client::Tcp { .. } => (
                 usize::from(self.config.upstream_sockets),
-                Destination::UpstreamTcp,
+                Destination::UpstreamTcp { server },
             ),
             Client::Udp(_) => {
                 let socket = self.pick_socket(random >> 32);
-                (usize::from(socket), Destination::UpstreamUdp { socket })
+                (
+                    usize::from(socket),
+                    Destination::UpstreamUdp { socket, server },
+                )
             }
         };
         let mut upstream_id = (random >> 16) as u16;
@@ -933,7 +1026,12 @@ impl Core {
         self.in_flight_by_endpoint[bucket] += 1;
         self.pending[slot as usize].bucket = bucket as u32;
 
-        let case_applied = self.config.upstream_0x20 && !self.case_off;
+        // With a fixed upstream its entry is the only one.
+        let case = match self.config.upstream {
+            Some(_) => 0,
+            None => self.case_index(server),
+        };
+        let case_applied = self.config.upstream_0x20 && !self.case[case].off;
         let case_seed = if case_applied { self.next_random() } else { 0 };
         // The upstream sizes its answer by the EDNS0 payload size; a larger answer than the
         // shard can receive would be lost (and the client time out).
@@ -945,9 +1043,10 @@ impl Core {
         let p = &mut self.pending[slot as usize];
         p.case_seed = case_seed;
         p.case_applied = case_applied;
+        p.case = case as u8;
         p.edns = edns;
         self.push_upstream_query(slot, Some(&packet[..query.question_end]));
-        if let Destination::UpstreamUdp { socket } = upstream {
+        if let Some(socket) = upstream.udp_socket() {
             self.socket_sent(now, socket);
         }
         self.stats.forwarded += 1;
@@ -1004,6 +1103,27 @@ impl Core {
                 drawn
             }
         }
+    }
+
+    /// The entry of `case` for `server`, taken (and reset) when the server is new to it.
+    fn case_index(&mut self, server: SocketAddr) -> usize {
+        if let Some(i) = self.case.iter().position(|c| same_server(c.server, server)) {
+            return i;
+        }
+        let fresh = CaseState {
+            server,
+            exact: 0,
+            other: 0,
+            off: false,
+        };
+        if self.case.len() < CASE_SERVERS {
+            self.case.push(fresh);
+            return self.case.len() - 1;
+        }
+        let i = self.case_next;
+        self.case_next = (i + 1) % CASE_SERVERS;
+        self.case[i] = fresh;
+        i
     }
 
     /// Counts a query sent from `socket`; at its quota the socket retires (takes no new
@@ -1064,7 +1184,7 @@ impl Core {
         while slot != NO_SLOT {
             let p = &self.pending[slot as usize];
             let next = p.next;
-            if p.upstream == (Destination::UpstreamUdp { socket }) {
+            if p.upstream.udp_socket() == Some(socket) {
                 self.push_upstream_query(slot, None);
                 self.sockets[usize::from(socket)].sent += 1;
                 self.stats.upstream_resent += 1;
@@ -1073,16 +1193,19 @@ impl Core {
         }
     }
 
-    /// The upstream UDP socket `socket` reported an ICMP error (`ECONNREFUSED`: nothing
-    /// listens on the upstream's port, or it is unreachable): every query in flight on it
-    /// gets SERVFAIL now instead of at the timeout. The error does not say which query it was
-    /// for, and all of them went to the same upstream.
-    pub fn handle_upstream_error(&mut self, now: Instant, socket: u16) {
+    /// The upstream UDP socket `socket` reported that `server` is unreachable (an ICMP error
+    /// on a connected socket: `ECONNREFUSED`, nothing listens on the server's port, or it is
+    /// unreachable; or a failed send to it): every query in flight on that socket to that
+    /// server gets SERVFAIL now instead of at the timeout. The error does not say which query
+    /// it was for, and all of them went to the same server.
+    pub fn handle_upstream_error(&mut self, now: Instant, socket: u16, server: SocketAddr) {
         let mut slot = self.oldest;
         while slot != NO_SLOT {
             let p = &self.pending[slot as usize];
             let next = p.next;
-            if p.upstream == (Destination::UpstreamUdp { socket }) {
+            if p.upstream.udp_socket() == Some(socket)
+                && p.upstream.server().is_some_and(|s| same_server(s, server))
+            {
                 self.ids[usize::from(socket)][usize::from(p.upstream_id)] = NO_SLOT;
                 self.unlink(slot);
                 self.stats.upstream_unreachable += 1;
@@ -1101,7 +1224,11 @@ impl Core {
 
     /// A datagram on upstream UDP socket `socket` from `from`.
     pub fn handle_upstream(&mut self, now: Instant, socket: u16, from: SocketAddr, packet: &[u8]) {
-        if from != self.config.upstream {
+        if self
+            .config
+            .upstream
+            .is_some_and(|u| u != from && !same_server(u, from))
+        {
             self.stats.upstream_wrong_source += 1;
             return;
         }
@@ -1109,15 +1236,18 @@ impl Core {
             self.stats.upstream_unknown_id += 1;
             return;
         }
-        self.handle_answer(now, usize::from(socket), packet);
+        self.handle_answer(now, usize::from(socket), from, packet);
     }
 
-    /// A message from the upstream over the shard's TCP connection.
-    pub fn handle_upstream_tcp(&mut self, now: Instant, packet: &[u8]) {
-        self.handle_answer(now, usize::from(self.config.upstream_sockets), packet);
+    /// A message over the shard's TCP connection to upstream server `from`.
+    pub fn handle_upstream_tcp(&mut self, now: Instant, from: SocketAddr, packet: &[u8]) {
+        let channel = usize::from(self.config.upstream_sockets);
+        self.handle_answer(now, channel, from, packet);
     }
 
-    fn handle_answer(&mut self, now: Instant, channel: usize, packet: &[u8]) {
+    /// An answer on `channel` from `from`: it must hold the ID of a query in flight on that
+    /// channel, sent to `from`, and its question.
+    fn handle_answer(&mut self, now: Instant, channel: usize, from: SocketAddr, packet: &[u8]) {
         let answer = match wire::parse_answer(packet) {
             Ok(answer) => answer,
             Err(_) => {
@@ -1132,6 +1262,17 @@ impl Core {
             return;
         }
         let p = &self.pending[slot as usize];
+        // (With a fixed upstream every query went to it, and `from` was checked against it.)
+        if self.config.upstream.is_none()
+            && !p.upstream.server().is_some_and(|s| same_server(s, from))
+        {
+            // The ID of a query sent to another server (unconnected sockets, when each query
+            // goes to the server its client addressed): not the answer, and counted against
+            // the socket like an unknown ID (someone is guessing at its port).
+            self.stats.upstream_wrong_source += 1;
+            self.unknown_id(now, channel);
+            return;
+        }
         let name_len = usize::from(p.name_len);
         let question = &p.question[..usize::from(p.question_len)];
         let (client_name, rest) = question.split_at(name_len);
@@ -1147,17 +1288,29 @@ impl Core {
             return;
         }
         if p.case_applied {
-            if !wire::is_0x20_spelling(answer.name_wire(packet), client_name, p.case_seed) {
+            let echoed = wire::is_0x20_spelling(answer.name_wire(packet), client_name, p.case_seed);
+            let case = match usize::from(p.case) {
+                _ if self.config.upstream.is_some() => 0,
+                c if self
+                    .case
+                    .get(c)
+                    .is_some_and(|e| same_server(e.server, from)) =>
+                {
+                    c
+                }
+                _ => self.case_index(from),
+            };
+            if !echoed {
                 self.stats.upstream_case_mismatch += 1;
-                if self.case_exact > 0 {
+                if self.case[case].exact > 0 {
                     // The upstream preserves case: this answer did not come from it.
                     self.wrong_question(now, channel, answer.id, slot);
                 } else {
-                    self.case_not_echoed(now, channel, answer.id, slot);
+                    self.case_not_echoed(now, channel, answer.id, slot, case);
                 }
                 return;
             }
-            self.case_exact += 1;
+            self.case[case].exact += 1;
         }
         self.ids[channel][usize::from(answer.id)] = NO_SLOT;
         self.unlink(slot);
@@ -1250,14 +1403,12 @@ impl Core {
     /// ID on the right socket (1 in 65,536 per guess, on a port that changes every few hundred
     /// queries and early under a burst of wrong IDs), all of them before the upstream's first
     /// real answer; one exact echo disables the fallback for the life of the process.
-    fn case_not_echoed(&mut self, now: Instant, channel: usize, id: u16, slot: u32) {
-        self.case_other = self.case_other.saturating_add(1);
-        if self.config.upstream_0x20_fallback
-            && !self.case_off
-            && self.case_other >= CASE_FALLBACK_AFTER
-        {
-            self.case_off = true;
-            self.stats.upstream_0x20_disabled = 1;
+    fn case_not_echoed(&mut self, now: Instant, channel: usize, id: u16, slot: u32, case: usize) {
+        let c = &mut self.case[case];
+        c.other = c.other.saturating_add(1);
+        if self.config.upstream_0x20_fallback && !c.off && c.other >= CASE_FALLBACK_AFTER {
+            c.off = true;
+            self.stats.upstream_0x20_disabled += 1;
         }
         self.stats.case_mismatch_failed += 1;
         self.give_up(now, channel, id, slot, Verdict::BadAnswer);
@@ -1453,7 +1604,7 @@ impl Core {
                 break;
             }
             let channel = match p.upstream {
-                Destination::UpstreamUdp { socket } => usize::from(socket),
+                Destination::UpstreamUdp { socket, .. } => usize::from(socket),
                 _ => usize::from(self.config.upstream_sockets),
             };
             self.stats.timeouts += 1;
@@ -1482,7 +1633,7 @@ impl Core {
             self.pending[slot as usize].prev,
             self.pending[slot as usize].next,
         );
-        if let Destination::UpstreamUdp { socket } = self.pending[slot as usize].upstream {
+        if let Some(socket) = self.pending[slot as usize].upstream.udp_socket() {
             let s = &mut self.sockets[usize::from(socket)];
             s.in_flight -= 1;
             if s.in_flight == 0 && !s.replace_queued && s.retiring.is_some() {

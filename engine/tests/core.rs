@@ -78,7 +78,7 @@ impl Harness {
         let out = self.query(ms, CLIENT, packet);
         assert_eq!(out.len(), 1, "{out:?}");
         match &out[0] {
-            (Destination::UpstreamUdp { socket }, bytes) => (*socket, bytes.clone()),
+            (Destination::UpstreamUdp { socket, .. }, bytes) => (*socket, bytes.clone()),
             other => panic!("expected a forward, got {other:?}"),
         }
     }
@@ -493,7 +493,7 @@ fn unknown_sources_by_flag() {
 fn unrestricted_endpoint_is_forwarded_without_allow_writes() {
     let mut h = Harness::new(config());
     let out = h.query(0, OPEN_CLIENT, &query(5, "anything.example", TYPE_A));
-    let (Destination::UpstreamUdp { socket }, fwd) = &out[0] else {
+    let (Destination::UpstreamUdp { socket, .. }, fwd) = &out[0] else {
         panic!("{out:?}")
     };
     let id = u16::from_be_bytes([fwd[0], fwd[1]]);
@@ -622,7 +622,7 @@ fn tcp_clients_are_forwarded_over_tcp() {
         &query(0x55, "t.allowed.test", TYPE_A),
     );
     let out = h.drain(0);
-    assert_eq!(out[0].0, Destination::UpstreamTcp);
+    assert_eq!(out[0].0, Destination::UpstreamTcp { server: upstream() });
     let id = u16::from_be_bytes([out[0].1[0], out[0].1[1]]);
     let ans = answer(
         id,
@@ -630,7 +630,7 @@ fn tcp_clients_are_forwarded_over_tcp() {
         TYPE_A,
         &[("t.allowed.test", TYPE_A, 60, &rdata_a("127.0.0.55"))],
     );
-    h.core.handle_upstream_tcp(h.at(1), &ans);
+    h.core.handle_upstream_tcp(h.at(1), upstream(), &ans);
     let out = h.drain(1);
     assert_eq!(out[0].0, Destination::Client(client));
     assert_eq!(&out[0].1[0..2], &[0, 0x55]);
@@ -724,7 +724,7 @@ fn allow_entries_follow_the_workload_across_a_reload_that_renumbers_endpoints() 
         .set_snapshot(snapshot(&endpoints(payments, untrusted)));
     let ask = |h: &mut Harness, ms: u64, from: &str, id: u16| {
         let out = h.query(ms, from, &query(id, "pay.allowed.test", TYPE_A));
-        let (Destination::UpstreamUdp { socket }, fwd) = &out[0] else {
+        let (Destination::UpstreamUdp { socket, .. }, fwd) = &out[0] else {
             panic!("{out:?}")
         };
         let upstream_id = u16::from_be_bytes([fwd[0], fwd[1]]);
@@ -883,6 +883,13 @@ fn echo_answer(fwd: &[u8], ip_addr: &str) -> Vec<u8> {
     a
 }
 
+/// The answer of an upstream that does not preserve case: [`echo_answer`] lowercased.
+fn lower(fwd: &[u8]) -> Vec<u8> {
+    let mut a = echo_answer(fwd, "127.0.0.45");
+    a[12..].make_ascii_lowercase();
+    a
+}
+
 /// The same answer with the question spelled as the client did.
 fn with_spelling(answer: &[u8], spelled: &[u8]) -> Vec<u8> {
     let mut a = answer.to_vec();
@@ -943,11 +950,6 @@ fn upstream_that_does_not_preserve_case_falls_back_after_a_few_answers() {
     let mut c = config();
     c.upstream_0x20 = true;
     let mut h = Harness::new(c);
-    let lower = |fwd: &[u8]| {
-        let mut a = echo_answer(fwd, "127.0.0.45");
-        a[12..].make_ascii_lowercase();
-        a
-    };
     // Until the fallback each such answer is a SERVFAIL at once (not a 2 s timeout).
     for i in 0..dnsfence_engine::core::CASE_FALLBACK_AFTER {
         let name = format!("mixedcase{i}.allowed.test");
@@ -1085,10 +1087,11 @@ fn a_retiring_socket_is_replaced_after_a_grace_and_its_queries_resent() {
     // The queries in flight go again from the new socket: same ID, same spelling.
     let resent: Vec<&Vec<u8>> = out.iter().map(|(_, b)| b).collect();
     assert_eq!(resent, vec![&slow, &third]);
-    assert!(
-        out.iter()
-            .all(|(d, _)| *d == Destination::UpstreamUdp { socket: 0 })
-    );
+    assert!(out.iter().all(|(d, _)| *d
+        == Destination::UpstreamUdp {
+            socket: 0,
+            server: upstream()
+        }));
     assert_eq!(h.core.stats().upstream_resent, 2);
     // And their answers (to the new port) are accepted.
     assert_eq!(
@@ -1154,7 +1157,13 @@ fn a_burst_of_unknown_ids_retires_the_socket_at_once() {
     assert_eq!(replaced, vec![socket]);
     assert_eq!(
         out,
-        vec![(Destination::UpstreamUdp { socket }, fwd.clone())]
+        vec![(
+            Destination::UpstreamUdp {
+                socket,
+                server: upstream()
+            },
+            fwd.clone()
+        )]
     );
     // The real answer (to the new port) wins.
     let out = h.answer(3, socket, &echo_answer(&fwd, "127.0.0.52"));
@@ -1173,7 +1182,7 @@ fn an_icmp_unreachable_fails_that_sockets_queries_at_once() {
         fwds.push(h.forward(0, &query(i, &format!("u{i}.allowed.test"), TYPE_A)));
     }
     let on = |s: u16| fwds.iter().filter(|(x, _)| *x == s).count();
-    h.core.handle_upstream_error(h.at(1), 0);
+    h.core.handle_upstream_error(h.at(1), 0, upstream());
     let out = h.drain(1);
     assert_eq!(out.len(), on(0));
     assert!(out.iter().all(|(_, r)| rcode(r) == Rcode::ServFail as u8));
@@ -1465,4 +1474,192 @@ fn queries_without_an_origin_are_refused_in_ebpf_mode() {
         matches!(out[0].0, Destination::UpstreamUdp { .. }),
         "{out:?}"
     );
+}
+
+/// Without a fixed upstream, each query goes to the server its client addressed (the origin
+/// the datapath recorded), and only that server's answer is accepted.
+mod original_destination {
+    use super::*;
+    use dnsfence_engine::core::Origin;
+
+    const A: &str = "127.0.0.77:53";
+    const B: &str = "[fd00::78]:53";
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    fn harness() -> Harness {
+        let mut c = config();
+        c.upstream = None;
+        c.require_origin = true;
+        Harness::new(c)
+    }
+
+    fn origin(server: Option<&str>) -> Option<Origin> {
+        Some(Origin {
+            endpoint: Some(ep()),
+            server: server.map(addr),
+        })
+    }
+
+    /// Sends a query addressed to `server` (None: to the proxy itself) and drains.
+    fn ask(
+        h: &mut Harness,
+        ms: u64,
+        server: Option<&str>,
+        packet: &[u8],
+    ) -> Vec<(Destination, Vec<u8>)> {
+        let client = Client::Udp(CLIENT.parse().unwrap());
+        h.core
+            .handle_client(h.at(ms), client, origin(server), packet);
+        h.drain(ms)
+    }
+
+    fn answer_from(
+        h: &mut Harness,
+        ms: u64,
+        socket: u16,
+        from: &str,
+        packet: &[u8],
+    ) -> Vec<(Destination, Vec<u8>)> {
+        h.core.handle_upstream(h.at(ms), socket, addr(from), packet);
+        h.drain(ms)
+    }
+
+    #[test]
+    fn each_query_goes_to_the_server_its_client_addressed() {
+        let mut h = harness();
+        let mut sent = Vec::new();
+        for (id, server) in [(1, A), (2, B)] {
+            let out = ask(
+                &mut h,
+                0,
+                Some(server),
+                &query(id, "www.allowed.test", TYPE_A),
+            );
+            assert_eq!(out.len(), 1, "{out:?}");
+            let Destination::UpstreamUdp { socket, server: to } = out[0].0 else {
+                panic!("{out:?}")
+            };
+            assert_eq!(to, addr(server));
+            sent.push((socket, to, out[0].1.clone()));
+        }
+        // B's answer to A's query (right socket and ID, wrong server): not accepted, counted
+        // against the socket; A's own answer is.
+        let (socket, _, fwd) = &sent[0];
+        assert!(answer_from(&mut h, 1, *socket, B, &echo_answer(fwd, "127.0.0.10")).is_empty());
+        assert_eq!(h.core.stats().upstream_wrong_source, 1);
+        let out = answer_from(&mut h, 2, *socket, A, &echo_answer(fwd, "127.0.0.10"));
+        assert_eq!(rcode(to_client(&out)), 0);
+        let (socket, _, fwd) = &sent[1];
+        let out = answer_from(&mut h, 3, *socket, B, &echo_answer(fwd, "127.0.0.11"));
+        assert_eq!(rcode(to_client(&out)), 0);
+        assert_eq!(h.core.stats().answered, 2);
+        // An IPv4-mapped source is the IPv4 server.
+        let out = ask(
+            &mut h,
+            4,
+            Some(A),
+            &query(3, "v4mapped.allowed.test", TYPE_A),
+        );
+        let Destination::UpstreamUdp { socket, .. } = out[0].0 else {
+            panic!("{out:?}")
+        };
+        let reply = echo_answer(&out[0].1, "127.0.0.12");
+        let out = answer_from(&mut h, 5, socket, "[::ffff:127.0.0.77]:53", &reply);
+        assert_eq!(rcode(to_client(&out)), 0);
+    }
+
+    #[test]
+    fn tcp_queries_go_to_the_addressed_server_and_only_its_answer_counts() {
+        let mut h = harness();
+        let client = Client::Tcp {
+            conn: 7,
+            peer: CLIENT.parse().unwrap(),
+        };
+        h.core.handle_client(
+            h.at(0),
+            client,
+            origin(Some(B)),
+            &query(9, "t.allowed.test", TYPE_A),
+        );
+        let out = h.drain(0);
+        assert_eq!(out[0].0, Destination::UpstreamTcp { server: addr(B) });
+        let reply = echo_answer(&out[0].1, "127.0.0.13");
+        h.core.handle_upstream_tcp(h.at(1), addr(A), &reply);
+        assert!(h.drain(1).is_empty());
+        h.core.handle_upstream_tcp(h.at(2), addr(B), &reply);
+        let out = h.drain(2);
+        assert_eq!(out[0].0, Destination::Client(client));
+        assert_eq!(rcode(&out[0].1), 0);
+    }
+
+    #[test]
+    fn a_query_to_the_proxy_itself_has_no_server_and_gets_servfail() {
+        let mut h = harness();
+        let out = ask(&mut h, 0, None, &query(5, "www.allowed.test", TYPE_A));
+        assert_eq!(rcode(to_client(&out)), Rcode::ServFail as u8);
+        assert_eq!(h.core.stats().no_upstream, 1);
+        assert_eq!(h.core.stats().forwarded, 0);
+        // A denied name is still refused, not SERVFAIL.
+        let out = ask(&mut h, 1, None, &query(6, "evil.example.com", TYPE_A));
+        assert_eq!(rcode(to_client(&out)), Rcode::Refused as u8);
+    }
+
+    #[test]
+    fn an_unreachable_server_fails_only_its_own_queries() {
+        let mut h = harness();
+        let mut on = std::collections::HashMap::<u16, Vec<&str>>::new();
+        for i in 0..8u16 {
+            let server = if i % 2 == 0 { A } else { B };
+            let out = ask(
+                &mut h,
+                0,
+                Some(server),
+                &query(i, &format!("u{i}.allowed.test"), TYPE_A),
+            );
+            let Destination::UpstreamUdp { socket, .. } = out[0].0 else {
+                panic!("{out:?}")
+            };
+            on.entry(socket).or_default().push(server);
+        }
+        let (&socket, servers) = on.iter().find(|(_, s)| s.contains(&A)).unwrap();
+        let failing = servers.iter().filter(|s| **s == A).count();
+        h.core.handle_upstream_error(h.at(1), socket, addr(A));
+        let out = h.drain(1);
+        assert_eq!(out.len(), failing, "{out:?}");
+        assert_eq!(h.core.in_flight(), 8 - failing);
+    }
+
+    #[test]
+    fn dns_0x20_falls_back_per_server() {
+        let mut c = config();
+        c.upstream = None;
+        c.upstream_0x20 = true;
+        let mut h = Harness::new(c);
+        // Server A does not preserve case: 0x20 goes off for A after a few answers.
+        for i in 0..dnsfence_engine::core::CASE_FALLBACK_AFTER {
+            let name = format!("mixedcase{i}.allowed.test");
+            let out = ask(&mut h, 0, Some(A), &query(i as u16, &name, TYPE_A));
+            let Destination::UpstreamUdp { socket, .. } = out[0].0 else {
+                panic!("{out:?}")
+            };
+            let out = answer_from(&mut h, 0, socket, A, &lower(&out[0].1));
+            assert_eq!(rcode(to_client(&out)), Rcode::ServFail as u8);
+        }
+        assert_eq!(h.core.stats().upstream_0x20_disabled, 1);
+        let plain = query(20, "lowercase.allowed.test", TYPE_A);
+        let out = ask(&mut h, 1, Some(A), &plain);
+        assert_eq!(&out[0].1[12..], &plain[12..], "A: as the client spelled it");
+        // Server B still gets the randomised spelling.
+        let name = "averyveryverylongnamewithmanyletters.allowed.test";
+        let q = query(21, name, TYPE_A);
+        let out = ask(&mut h, 1, Some(B), &q);
+        assert_ne!(
+            &out[0].1[12..12 + name.len() + 2],
+            &q[12..12 + name.len() + 2],
+            "B: case randomised (2^-44 flake)"
+        );
+    }
 }

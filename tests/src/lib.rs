@@ -481,8 +481,8 @@ pub const ENDPOINTS: &str = r#"endpoints:
 pub struct AgentConfig {
     /// `--io`.
     pub io: IoBackend,
-    /// `--upstream`.
-    pub upstream: SocketAddr,
+    /// `--upstream` (None: not given; each query goes to the server its workload addressed).
+    pub upstream: Option<SocketAddr>,
     /// `--shards`.
     pub shards: usize,
     /// `--cpus`.
@@ -506,7 +506,7 @@ impl AgentConfig {
     pub fn new(io: IoBackend, upstream: SocketAddr) -> AgentConfig {
         AgentConfig {
             io,
-            upstream,
+            upstream: Some(upstream),
             shards: 1,
             cpus: None,
             policy: POLICY.to_owned(),
@@ -572,11 +572,11 @@ impl Agent {
                     .arg(cgroup_root);
             }
         }
-        cmd.arg("--listen")
-            .arg(addr.to_string())
-            .arg("--upstream")
-            .arg(config.upstream.to_string())
-            .arg("--policy")
+        cmd.arg("--listen").arg(addr.to_string());
+        if let Some(upstream) = config.upstream {
+            cmd.arg("--upstream").arg(upstream.to_string());
+        }
+        cmd.arg("--policy")
             .arg(&policy_path)
             .arg("--endpoints")
             .arg(&endpoints_path)

@@ -210,6 +210,17 @@ impl FakeUpstream {
                 break (udp, tcp);
             }
         };
+        FakeUpstream::serve(udp, tcp, mode)
+    }
+
+    /// Starts it on `addr` (UDP and TCP), e.g. port 53 of a loopback address (root).
+    pub fn start_on(addr: SocketAddr, mode: FakeMode) -> FakeUpstream {
+        let udp = UdpSocket::bind(addr).unwrap_or_else(|e| panic!("bind {addr}/udp: {e}"));
+        let tcp = TcpListener::bind(addr).unwrap_or_else(|e| panic!("bind {addr}/tcp: {e}"));
+        FakeUpstream::serve(udp, tcp, mode)
+    }
+
+    fn serve(udp: UdpSocket, tcp: TcpListener, mode: FakeMode) -> FakeUpstream {
         let addr = udp.local_addr().expect("addr");
         udp.set_read_timeout(Some(Duration::from_millis(50)))
             .expect("timeout");

@@ -117,11 +117,13 @@ pub struct MmsgIo {
     local: SocketAddr,
     upstream: Vec<UdpSocket>,
     /// The upstream and socket buffer sizes, for replacement sockets.
-    upstream_addr: SocketAddr,
+    upstream_addr: Option<SocketAddr>,
+    /// Whether the (unconnected) upstream sockets are IPv6 (dual-stack).
+    upstream_v6: bool,
     sizes: BufferSizes,
-    /// Upstream sockets whose send reported the upstream unreachable (the error is consumed
-    /// by the send, so the next poll reports it).
-    unreachable: Vec<u16>,
+    /// Upstream sockets whose send reported a server unreachable (the error is consumed by
+    /// the send, so the next poll reports it).
+    unreachable: Vec<(u16, SocketAddr)>,
     rx: RxBatch,
     /// Index 0: the listen socket; `1 + i`: upstream socket `i`.
     tx: Vec<TxQueue>,
@@ -196,6 +198,10 @@ impl MmsgIo {
             listen: listen.udp,
             local: listen.addr,
             unreachable: Vec::with_capacity(upstream.len()),
+            upstream_v6: upstream
+                .first()
+                .and_then(|s| s.local_addr().ok())
+                .is_some_and(|a| a.is_ipv6()),
             upstream,
             upstream_addr: config.upstream,
             sizes,
@@ -229,8 +235,10 @@ impl MmsgIo {
             Err(e) => {
                 // e.g. ECONNREFUSED on an upstream socket after an ICMP error.
                 self.stats.udp_rx_errors += 1;
-                if let (Some(socket), true) = (which, super::is_unreachable(&e)) {
-                    on_event(Event::UpstreamUnreachable { socket });
+                if let (Some(socket), Some(server), true) =
+                    (which, self.upstream_addr, super::is_unreachable(&e))
+                {
+                    on_event(Event::UpstreamUnreachable { socket, server });
                     return 1;
                 }
                 return 0;
@@ -247,7 +255,11 @@ impl MmsgIo {
             delivered += 1;
             on_event(match which {
                 None => Event::ClientDatagram { peer: from, data },
-                Some(socket) => Event::UpstreamDatagram { socket, from, data },
+                Some(socket) => Event::UpstreamDatagram {
+                    socket,
+                    from: super::canonical(from),
+                    data,
+                },
             });
         }
         delivered
@@ -315,7 +327,8 @@ impl MmsgIo {
             });
         }
         let mut at = 0;
-        let (mut dropped, mut failed, mut unreachable) = (0, 0, false);
+        let (mut dropped, mut failed) = (0, 0);
+        let mut unreachable = None;
         while at < hdrs.len() {
             // SAFETY: each header points at its own address in `msgs` and its own iovec in
             // `iovs`, each iovec at its payload inside `data`; all are borrowed here and not
@@ -338,7 +351,11 @@ impl MmsgIo {
                 Err(e) => {
                     // The first remaining datagram failed (bad address, ICMP error pending on
                     // a connected socket, too large): skip it and go on.
-                    unreachable |= super::is_unreachable(&e);
+                    if q > 0 && super::is_unreachable(&e) {
+                        // Connected: the peer; else the datagram's destination.
+                        let (addr, len, _, _) = &msgs[at];
+                        unreachable = self.upstream_addr.or_else(|| addr.get(*len));
+                    }
                     failed += 1;
                     at += 1;
                 }
@@ -353,8 +370,10 @@ impl MmsgIo {
         } else {
             self.stats.upstream_sends_dropped += failed;
             let socket = (q - 1) as u16;
-            if unreachable && !self.unreachable.contains(&socket) {
-                self.unreachable.push(socket);
+            if let Some(server) = unreachable.map(super::canonical)
+                && !self.unreachable.contains(&(socket, server))
+            {
+                self.unreachable.push((socket, server));
             }
         }
     }
@@ -368,8 +387,8 @@ impl ShardIo for MmsgIo {
     ) -> Result<usize, IoError> {
         let now = Instant::now();
         let mut n = 0;
-        for socket in self.unreachable.drain(..) {
-            on_event(Event::UpstreamUnreachable { socket });
+        for (socket, server) in self.unreachable.drain(..) {
+            on_event(Event::UpstreamUnreachable { socket, server });
             n += 1;
         }
         if self.tcp.has_pending() {
@@ -436,17 +455,21 @@ impl ShardIo for MmsgIo {
             .send_client(conn, data, &mut EpollPoller(&self.epoll), &mut self.stats);
     }
 
-    fn send_upstream_udp(&mut self, socket: u16, data: &[u8]) {
+    fn send_upstream_udp(&mut self, socket: u16, server: SocketAddr, data: &[u8]) {
         if usize::from(socket) >= self.upstream.len() {
             self.dropped(1, 1);
             return;
         }
-        self.queue(1 + usize::from(socket), None, data);
+        let to = match self.upstream_addr {
+            Some(_) => None,
+            None => Some(sockets::upstream_dest(self.upstream_v6, server)),
+        };
+        self.queue(1 + usize::from(socket), to, data);
     }
 
-    fn send_upstream_tcp(&mut self, data: &[u8]) {
+    fn send_upstream_tcp(&mut self, server: SocketAddr, data: &[u8]) {
         self.tcp
-            .send_upstream(data, &mut EpollPoller(&self.epoll), &mut self.stats);
+            .send_upstream(server, data, &mut EpollPoller(&self.epoll), &mut self.stats);
     }
 
     fn flush(&mut self) -> Result<(), IoError> {
@@ -497,7 +520,7 @@ impl ShardIo for MmsgIo {
         let mut state = sys::READ;
         let _ = self.epoll.sync(old.as_raw_fd(), token, 0, &mut state);
         drop(old);
-        self.unreachable.retain(|&s| s != socket);
+        self.unreachable.retain(|&(s, _)| s != socket);
         self.stats.upstream_sockets_replaced += 1;
         Ok(())
     }

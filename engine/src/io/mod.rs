@@ -11,8 +11,13 @@
 //! - [`IoConfig::upstream_sockets`] UDP sockets bound to kernel-chosen (random) ephemeral
 //!   ports and `connect()`ed to [`IoConfig::upstream`] (the kernel drops datagrams from any
 //!   other source), each replaced by a fresh one when the core asks
-//!   ([`ShardIo::replace_upstream_udp`]: port rotation against off-path spoofing);
-//! - at most one pipelined TCP connection to the upstream, opened lazily;
+//!   ([`ShardIo::replace_upstream_udp`]: port rotation against off-path spoofing). Without a
+//!   fixed upstream (each query goes to the server its client addressed) the sockets are not
+//!   connected: dual-stack IPv6 sockets (IPv4 servers as IPv4-mapped addresses; IPv4 only
+//!   where the host has no IPv6) that send to each datagram's server and report each
+//!   datagram's source, which the core checks against the server its query went to;
+//! - pipelined TCP connections to the upstream servers, opened lazily: one with a fixed
+//!   upstream, else at most [`UPSTREAM_TCP_SERVERS`] at a time, one per server;
 //! - one readiness source: an io_uring ([`uring`]) or an epoll instance ([`mmsg`]).
 //!
 //! The shard loop is: [`ShardIo::poll`] (which hands every ready message to a callback as an
@@ -100,22 +105,25 @@ pub enum Event<'a> {
         /// The datagram's payload.
         data: &'a [u8],
     },
-    /// A datagram on upstream UDP socket `socket` (sockets are `connect()`ed to the upstream,
-    /// each with a random ephemeral source port).
+    /// A datagram on upstream UDP socket `socket` (each with a random ephemeral source port).
     UpstreamDatagram {
         /// Index of the upstream socket, `0..upstream_sockets`.
         socket: u16,
-        /// The source address (always the upstream: the socket is connected).
+        /// The source address (with a fixed upstream always the upstream: the socket is
+        /// connected; an IPv4-mapped source is given as IPv4).
         from: SocketAddr,
         /// The datagram's payload.
         data: &'a [u8],
     },
-    /// Upstream UDP socket `socket` reported that the upstream is unreachable (an ICMP port or
+    /// Upstream UDP socket `socket` reported that `server` is unreachable (an ICMP port or
     /// host unreachable turned into `ECONNREFUSED`/`EHOSTUNREACH`/`ENETUNREACH` on the
-    /// connected socket, by a receive or a send).
+    /// connected socket, by a receive or a send; or, unconnected, a send to `server` that
+    /// failed).
     UpstreamUnreachable {
         /// Index of the upstream socket.
         socket: u16,
+        /// The server.
+        server: SocketAddr,
     },
     /// One complete DNS message from a TCP client (2-byte length prefix already stripped).
     TcpClientMessage {
@@ -126,8 +134,10 @@ pub enum Event<'a> {
         /// The message, at least 12 bytes (a DNS header) with the QR bit clear.
         data: &'a [u8],
     },
-    /// One complete DNS message from the upstream over TCP.
+    /// One complete DNS message from an upstream server over TCP.
     TcpUpstreamMessage {
+        /// The server the connection goes to.
+        from: SocketAddr,
         /// The message, at least 12 bytes (a DNS header).
         data: &'a [u8],
     },
@@ -144,8 +154,9 @@ pub struct IoConfig {
     /// Address of the UDP listen socket and the TCP listener (port 0: a kernel-chosen port,
     /// the same for UDP and TCP; see [`ShardIo::local_addr`]).
     pub listen: SocketAddr,
-    /// The upstream resolver.
-    pub upstream: SocketAddr,
+    /// The upstream resolver; None: each query goes to the server its client addressed
+    /// (unconnected upstream sockets, see the module doc).
+    pub upstream: Option<SocketAddr>,
     /// Number of connected upstream UDP sockets (each with its own random source port).
     pub upstream_sockets: u16,
     /// Datagrams per `recvmmsg` (mmsg) and the scale of the per-poll budget.
@@ -197,7 +208,7 @@ impl IoConfig {
     pub fn new(listen: SocketAddr, upstream: SocketAddr) -> Self {
         Self {
             listen,
-            upstream,
+            upstream: Some(upstream),
             upstream_sockets: 4,
             batch: 64,
             max_udp_payload: 4096,
@@ -404,11 +415,12 @@ pub trait ShardIo {
     /// Queues a message to a TCP client (adds the length prefix); dropped if the connection
     /// is gone. Also counts the message as answered for the pipeline limit.
     fn send_client_tcp(&mut self, conn: ConnId, data: &[u8]);
-    /// Queues a datagram on upstream socket `socket` (`0..upstream_sockets`).
-    fn send_upstream_udp(&mut self, socket: u16, data: &[u8]);
-    /// Queues a message on the shard's pipelined TCP connection to the upstream, connecting it
+    /// Queues a datagram to `server` on upstream socket `socket` (`0..upstream_sockets`).
+    /// A connected socket sends to its peer, which is `server`.
+    fn send_upstream_udp(&mut self, socket: u16, server: SocketAddr, data: &[u8]);
+    /// Queues a message on the shard's pipelined TCP connection to `server`, connecting it
     /// if needed; messages sent before it is up are queued (bounded).
-    fn send_upstream_tcp(&mut self, data: &[u8]);
+    fn send_upstream_tcp(&mut self, server: SocketAddr, data: &[u8]);
     /// Submits all queued sends in as few syscalls as possible.
     fn flush(&mut self) -> Result<(), IoError>;
     /// The backend in use.
@@ -424,6 +436,28 @@ pub trait ShardIo {
     /// flushed go from the new socket; answers to the old port are lost. On error the old
     /// socket stays.
     fn replace_upstream_udp(&mut self, socket: u16) -> Result<(), IoError>;
+}
+
+/// Upstream servers a shard keeps TCP connections to at once (when each query goes to the
+/// server its client addressed); a message for another server takes the place of a
+/// connection with no query outstanding, else it is dropped (counted in
+/// [`IoStats::upstream_tcp_dropped`]).
+pub const UPSTREAM_TCP_SERVERS: usize = 8;
+
+/// An address as it is compared: an IPv4-mapped IPv6 address as IPv4, no flow label.
+pub(crate) fn canonical(addr: SocketAddr) -> SocketAddr {
+    match addr {
+        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::from((v4, v6.port())),
+            None => SocketAddr::V6(std::net::SocketAddrV6::new(
+                *v6.ip(),
+                v6.port(),
+                0,
+                v6.scope_id(),
+            )),
+        },
+        v4 => v4,
+    }
 }
 
 /// Whether a socket error on a connected upstream UDP socket is an ICMP unreachable.
@@ -472,11 +506,11 @@ impl ShardIo for Io {
     fn send_client_tcp(&mut self, conn: ConnId, data: &[u8]) {
         dispatch!(self, io => io.send_client_tcp(conn, data))
     }
-    fn send_upstream_udp(&mut self, socket: u16, data: &[u8]) {
-        dispatch!(self, io => io.send_upstream_udp(socket, data))
+    fn send_upstream_udp(&mut self, socket: u16, server: SocketAddr, data: &[u8]) {
+        dispatch!(self, io => io.send_upstream_udp(socket, server, data))
     }
-    fn send_upstream_tcp(&mut self, data: &[u8]) {
-        dispatch!(self, io => io.send_upstream_tcp(data))
+    fn send_upstream_tcp(&mut self, server: SocketAddr, data: &[u8]) {
+        dispatch!(self, io => io.send_upstream_tcp(server, data))
     }
     fn flush(&mut self) -> Result<(), IoError> {
         dispatch!(self, io => io.flush())

@@ -127,6 +127,8 @@ struct ClientConn {
 
 #[derive(Debug)]
 struct UpstreamConn {
+    /// The server this slot connects to (None: the slot was never used).
+    server: Option<SocketAddr>,
     stream: Option<TcpStream>,
     connecting: bool,
     gen_: u64,
@@ -134,6 +136,8 @@ struct UpstreamConn {
     out: OutBuf,
     state: Interest,
     write_blocked: bool,
+    /// Messages sent on this connection and not answered (DNS over TCP: one answer each).
+    outstanding: usize,
 }
 
 /// Listener, client connections and the upstream connection of one shard.
@@ -156,8 +160,11 @@ pub(crate) struct TcpSide {
     dirty: Vec<ConnId>,
     resume: Vec<ConnId>,
     closed: Vec<ConnId>,
-    upstream: UpstreamConn,
-    upstream_addr: SocketAddr,
+    /// Connections to upstream servers: one with a fixed upstream, else up to
+    /// [`super::UPSTREAM_TCP_SERVERS`], one per server.
+    upstream: Vec<UpstreamConn>,
+    /// The fixed upstream (None: each message names its server).
+    upstream_addr: Option<SocketAddr>,
     idle: Duration,
     max_conns: usize,
     pipeline: usize,
@@ -196,15 +203,23 @@ impl TcpSide {
             dirty: Vec::new(),
             resume: Vec::new(),
             closed: Vec::new(),
-            upstream: UpstreamConn {
-                stream: None,
-                connecting: false,
-                gen_: 0,
-                dec: FrameDecoder::new(65535),
-                out: OutBuf::new(config.max_upstream_tcp_queue),
-                state: 0,
-                write_blocked: false,
-            },
+            upstream: (0..if config.upstream.is_some() {
+                1
+            } else {
+                super::UPSTREAM_TCP_SERVERS
+            })
+                .map(|_| UpstreamConn {
+                    server: config.upstream,
+                    stream: None,
+                    connecting: false,
+                    gen_: 0,
+                    dec: FrameDecoder::new(65535),
+                    out: OutBuf::new(config.max_upstream_tcp_queue),
+                    state: 0,
+                    write_blocked: false,
+                    outstanding: 0,
+                })
+                .collect(),
             upstream_addr: config.upstream,
             idle: config.tcp_idle_timeout,
             max_conns: config.max_tcp_conns,
@@ -239,7 +254,7 @@ impl TcpSide {
                 Some(&mut self.conns[usize::from(slot)].state)
             }
             KIND_UPSTREAM => {
-                let u = &mut self.upstream;
+                let u = self.upstream.get_mut(usize::from(slot))?;
                 (u.gen_ & 0xffff_ffff == gen_ && u.stream.is_some()).then_some(&mut u.state)
             }
             _ => None,
@@ -370,9 +385,12 @@ impl TcpSide {
                 self.client_ready(slot, ready, now, poller, stats, on_event)
             }
             KIND_UPSTREAM
-                if gen_ == self.upstream.gen_ & 0xffff_ffff && self.upstream.stream.is_some() =>
+                if self
+                    .upstream
+                    .get(usize::from(slot))
+                    .is_some_and(|u| gen_ == u.gen_ & 0xffff_ffff && u.stream.is_some()) =>
             {
-                self.upstream_ready(ready, poller, stats, on_event)
+                self.upstream_ready(usize::from(slot), ready, poller, stats, on_event)
             }
             _ => 0,
         }
@@ -701,24 +719,63 @@ impl TcpSide {
         }
     }
 
-    /// Queues a message for the upstream, connecting first if needed.
+    /// The connection slot for messages to `server`: its own, else an unused one, else one
+    /// that owes no answer (closed to make room); None when every slot is busy with another
+    /// server.
+    fn upstream_slot(
+        &mut self,
+        server: SocketAddr,
+        poller: &mut dyn Poller,
+        stats: &mut IoStats,
+    ) -> Option<usize> {
+        if self.upstream_addr.is_some() {
+            return Some(0);
+        }
+        let same = |u: &UpstreamConn| u.server.is_some_and(|s| super::canonical(s) == server);
+        let server = super::canonical(server);
+        if let Some(i) = self.upstream.iter().position(same) {
+            return Some(i);
+        }
+        let i = self
+            .upstream
+            .iter()
+            .position(|u| u.stream.is_none())
+            .or_else(|| {
+                self.upstream
+                    .iter()
+                    .position(|u| u.outstanding == 0 && u.out.is_empty() && !u.connecting)
+            })?;
+        self.close_upstream(i, poller, stats);
+        self.upstream[i].server = Some(server);
+        Some(i)
+    }
+
+    /// Queues a message for `server`, connecting first if needed.
     pub(crate) fn send_upstream(
         &mut self,
+        server: SocketAddr,
         data: &[u8],
         poller: &mut dyn Poller,
         stats: &mut IoStats,
     ) {
-        if self.upstream.stream.is_none() {
-            match sockets::upstream_tcp(self.upstream_addr) {
+        let Some(i) = self.upstream_slot(server, poller, stats) else {
+            stats.upstream_tcp_dropped += 1;
+            stats.upstream_sends_dropped += 1;
+            return;
+        };
+        if self.upstream[i].stream.is_none() {
+            let addr = self.upstream[i].server.unwrap_or(server);
+            match sockets::upstream_tcp(addr) {
                 Ok(stream) => {
-                    let u = &mut self.upstream;
+                    let u = &mut self.upstream[i];
                     u.stream = Some(stream);
                     u.connecting = true;
                     u.dec.reset();
                     u.out.clear();
                     u.state = 0;
                     u.write_blocked = false;
-                    self.sync_upstream(poller, stats);
+                    u.outstanding = 0;
+                    self.sync_upstream(i, poller, stats);
                 }
                 Err(_) => {
                     stats.upstream_tcp_errors += 1;
@@ -728,8 +785,12 @@ impl TcpSide {
                 }
             }
         }
-        match self.upstream.out.push_frame(data) {
-            Ok(()) => stats.tcp_tx_messages += 1,
+        let u = &mut self.upstream[i];
+        match u.out.push_frame(data) {
+            Ok(()) => {
+                stats.tcp_tx_messages += 1;
+                u.outstanding += 1;
+            }
             Err(_) => {
                 stats.upstream_tcp_dropped += 1;
                 stats.upstream_sends_dropped += 1;
@@ -737,8 +798,8 @@ impl TcpSide {
         }
     }
 
-    fn sync_upstream(&mut self, poller: &mut dyn Poller, stats: &mut IoStats) {
-        let u = &mut self.upstream;
+    fn sync_upstream(&mut self, i: usize, poller: &mut dyn Poller, stats: &mut IoStats) {
+        let u = &mut self.upstream[i];
         let Some(stream) = &u.stream else {
             return;
         };
@@ -749,23 +810,23 @@ impl TcpSide {
         } else {
             READ
         };
-        let tok = token(KIND_UPSTREAM, u.gen_, 0);
+        let tok = token(KIND_UPSTREAM, u.gen_, i as u16);
         if poller
             .sync(stream.as_raw_fd(), tok, want, &mut u.state)
             .is_err()
         {
-            self.close_upstream(poller, stats);
+            self.close_upstream(i, poller, stats);
         }
     }
 
-    fn close_upstream(&mut self, poller: &mut dyn Poller, stats: &mut IoStats) {
-        let u = &mut self.upstream;
+    fn close_upstream(&mut self, i: usize, poller: &mut dyn Poller, stats: &mut IoStats) {
+        let u = &mut self.upstream[i];
         let Some(stream) = u.stream.take() else {
             return;
         };
         poller.forget(
             stream.as_raw_fd(),
-            token(KIND_UPSTREAM, u.gen_, 0),
+            token(KIND_UPSTREAM, u.gen_, i as u16),
             &mut u.state,
         );
         let _ = stream.shutdown(std::net::Shutdown::Both);
@@ -775,19 +836,21 @@ impl TcpSide {
         u.dec.reset();
         u.out.clear();
         u.state = 0;
+        u.outstanding = 0;
     }
 
     fn upstream_ready(
         &mut self,
+        i: usize,
         ready: Interest,
         poller: &mut dyn Poller,
         stats: &mut IoStats,
         on_event: &mut dyn FnMut(Event<'_>),
     ) -> usize {
-        let u = &mut self.upstream;
+        let u = &mut self.upstream[i];
         if u.connecting {
             if ready & WRITE == 0 {
-                self.sync_upstream(poller, stats);
+                self.sync_upstream(i, poller, stats);
                 return 0;
             }
             let ok = matches!(u.stream.as_ref().map(TcpStream::take_error), Some(Ok(None)))
@@ -795,23 +858,23 @@ impl TcpSide {
             if !ok {
                 stats.upstream_tcp_dropped += 1;
                 stats.upstream_sends_dropped += 1;
-                self.close_upstream(poller, stats);
+                self.close_upstream(i, poller, stats);
                 return 0;
             }
             u.connecting = false;
             stats.upstream_tcp_connects += 1;
-            if self.write_upstream(poller, stats) {
-                self.sync_upstream(poller, stats);
+            if self.write_upstream(i, poller, stats) {
+                self.sync_upstream(i, poller, stats);
             }
             return 0;
         }
-        if ready & WRITE != 0 && u.write_blocked && !self.write_upstream(poller, stats) {
+        if ready & WRITE != 0 && u.write_blocked && !self.write_upstream(i, poller, stats) {
             return 0;
         }
-        let u = &mut self.upstream;
+        let u = &mut self.upstream[i];
         let mut n = 0;
         if ready & READ != 0 {
-            let Some(stream) = u.stream.as_mut() else {
+            let (Some(stream), Some(from)) = (u.stream.as_mut(), u.server) else {
                 return 0;
             };
             // The upstream closing its side is as final as an error: nothing more will come.
@@ -820,7 +883,8 @@ impl TcpSide {
                 match u.dec.next_frame() {
                     Ok(Some(data)) => {
                         stats.tcp_rx_messages += 1;
-                        on_event(Event::TcpUpstreamMessage { data });
+                        u.outstanding = u.outstanding.saturating_sub(1);
+                        on_event(Event::TcpUpstreamMessage { from, data });
                         n += 1;
                     }
                     Ok(None) => break,
@@ -832,17 +896,17 @@ impl TcpSide {
                 }
             }
             if broken {
-                self.close_upstream(poller, stats);
+                self.close_upstream(i, poller, stats);
                 return n;
             }
         }
-        self.sync_upstream(poller, stats);
+        self.sync_upstream(i, poller, stats);
         n
     }
 
-    /// Writes the upstream output; false if the connection was closed.
-    fn write_upstream(&mut self, poller: &mut dyn Poller, stats: &mut IoStats) -> bool {
-        let u = &mut self.upstream;
+    /// Writes connection `i`'s upstream output; false if the connection was closed.
+    fn write_upstream(&mut self, i: usize, poller: &mut dyn Poller, stats: &mut IoStats) -> bool {
+        let u = &mut self.upstream[i];
         let Some(stream) = u.stream.as_mut() else {
             return false;
         };
@@ -852,7 +916,7 @@ impl TcpSide {
                 true
             }
             Err(_) => {
-                self.close_upstream(poller, stats);
+                self.close_upstream(i, poller, stats);
                 false
             }
         }
@@ -873,14 +937,16 @@ impl TcpSide {
         }
         dirty.clear();
         self.dirty = dirty;
-        let u = &self.upstream;
-        if u.stream.is_some()
-            && !u.connecting
-            && !u.write_blocked
-            && !u.out.is_empty()
-            && self.write_upstream(poller, stats)
-        {
-            self.sync_upstream(poller, stats);
+        for i in 0..self.upstream.len() {
+            let u = &self.upstream[i];
+            if u.stream.is_some()
+                && !u.connecting
+                && !u.write_blocked
+                && !u.out.is_empty()
+                && self.write_upstream(i, poller, stats)
+            {
+                self.sync_upstream(i, poller, stats);
+            }
         }
     }
 
