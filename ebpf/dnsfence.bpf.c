@@ -12,7 +12,8 @@
  *  cgroup_skb/egress        records who sent each packet that reaches the proxy (origin: the
  *                           proxy's view of the client -> endpoint and server asked), and is
  *                           the backstop for what bypasses the socket hooks: new TCP
- *                           connections (SYN), raw sockets, other protocols.
+ *                           connections (SYN), raw sockets, other protocols; and judges ICMP
+ *                           and ICMPv6 by type (icmps rules, L3 rules without ports).
  *
  * A process belongs to the endpoint whose cgroup is its nearest ancestor (or own) cgroup in
  * the endpoints map. Processes of no endpoint are not touched. Built with Debian clang from
@@ -351,6 +352,10 @@ static __always_inline enum verdict decide(struct bpf_sock *sk, const struct df_
 	}
 	if (!(ep->flags & DF_EP_ENFORCE))
 		return PASS;
+	/* A ping socket's connect has no ICMP type to judge: its packets are judged one by one,
+	 * by type, in the egress program. */
+	if (protocol == IPPROTO_ICMP || protocol == IPPROTO_ICMPV6)
+		return PASS;
 	return permitted(ep, dst, port, proto) ? PASS : DENY;
 }
 
@@ -643,6 +648,20 @@ int df_egress(struct __sk_buff *skb)
 		/* Datagram sockets were judged by connect/sendmsg; raw ones are judged here. */
 		if (sk && sk->type == 2 /* SOCK_DGRAM */)
 			return 1;
+	} else if ((protocol == IPPROTO_ICMP && skb->protocol == bpf_htons(ETH_P_IP)) ||
+		   (protocol == IPPROTO_ICMPV6 && skb->protocol == bpf_htons(ETH_P_IPV6))) {
+		/* ICMP of any socket (ping, raw) is judged per packet by its type, which the
+		 * specs of icmps rules carry where a port would be. */
+		__u8 type;
+		if (bpf_skb_load_bytes(skb, l4, &type, 1)) {
+			count(DF_STAT_SKB_DENIED);
+			return 0;
+		}
+		__u8 bit = protocol == IPPROTO_ICMP ? DF_PROTO_ICMP : DF_PROTO_ICMPV6;
+		if (permitted(ep, &dst, type, bit))
+			return 1;
+		count(DF_STAT_SKB_DENIED);
+		return 0;
 	} else {
 		count(DF_STAT_SKB_DENIED);
 		return 0;

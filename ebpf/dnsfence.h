@@ -18,15 +18,17 @@
 /* Port specs (toPorts entries of toFQDNs rules) an endpoint may have; more fail closed. */
 #define DF_MAX_SPECS 8
 /* Port specs allowed, and denied, per L3 prefix entry (more: allow fails closed, deny
- * becomes every port). */
+ * becomes everything). */
 #define DF_MAX_L3_SPECS 4
 /* Cgroup levels below the attach point searched for an endpoint's cgroup. */
 #define DF_MAX_DEPTH 16
 
-/* Protocol bits of a port spec. */
+/* Protocol bits of a port spec. For the ICMP bits the spec's range is of ICMP types. */
 #define DF_PROTO_TCP 1
 #define DF_PROTO_UDP 2
 #define DF_PROTO_SCTP 4
+#define DF_PROTO_ICMP 8
+#define DF_PROTO_ICMPV6 16
 
 /* df_endpoint.flags */
 #define DF_EP_ENFORCE 1 /* selected by an egress policy: default deny */

@@ -600,7 +600,7 @@ fn l3_map_entry(
     value.nallow = entry.allow.len().min(MAX_L3_SPECS) as u8;
     cut |= entry.allow.len() > MAX_L3_SPECS;
     if entry.deny.len() > MAX_L3_SPECS {
-        value.deny[0] = PortSpec::ALL.into();
+        value.deny[0] = PortSpec::of(&dnsfence_policy::PortProto::EVERY).into();
         value.ndeny = 1;
         cut = true;
     } else {

@@ -387,6 +387,8 @@ mod tests {
         assert_eq!(define("DF_PROTO_TCP") as u8, PortSpec::TCP);
         assert_eq!(define("DF_PROTO_UDP") as u8, PortSpec::UDP);
         assert_eq!(define("DF_PROTO_SCTP") as u8, PortSpec::SCTP);
+        assert_eq!(define("DF_PROTO_ICMP") as u8, PortSpec::ICMP);
+        assert_eq!(define("DF_PROTO_ICMPV6") as u8, PortSpec::ICMPV6);
     }
 
     #[test]

@@ -65,7 +65,8 @@ enum PolicyCommand {
         #[arg(long, value_name = "IP")]
         server: Option<IpAddr>,
         /// L3/L4 destinations to check, `ADDR:PORT/PROTO` (`10.0.0.5:5432/tcp`,
-        /// `[2001:db8::1]:443/tcp`; proto tcp, udp or sctp). Prints
+        /// `[2001:db8::1]:443/tcp`; proto tcp, udp or sctp; or icmp / icmpv6 with the ICMP
+        /// type as PORT: `10.0.0.5:8/icmp` is an echo request). Prints
         /// `TARGET<TAB>l3=allow|deny<TAB>by=RULE` per destination, RULE one of `egressDeny`,
         /// `l3-rule` (toCIDR, toCIDRSet, toEndpoints, toPorts only), `default-deny` (only a
         /// toFQDNs answer could open it) or `unrestricted`. Repeatable.
@@ -101,12 +102,27 @@ fn parse_target(s: &str) -> Result<Target, String> {
     let addr: SocketAddr = addr
         .parse()
         .map_err(|_| format!("{s:?}: {addr:?} is not ADDR:PORT"))?;
+    use dnsfence_policy::PortProtocol;
     let proto = match proto.to_ascii_lowercase().as_str() {
-        "tcp" => dnsfence_policy::PortProtocol::Tcp,
-        "udp" => dnsfence_policy::PortProtocol::Udp,
-        "sctp" => dnsfence_policy::PortProtocol::Sctp,
-        other => return Err(format!("{s:?}: protocol {other:?} (tcp, udp or sctp)")),
+        "tcp" => PortProtocol::Tcp,
+        "udp" => PortProtocol::Udp,
+        "sctp" => PortProtocol::Sctp,
+        "icmp" if addr.is_ipv4() => PortProtocol::Icmp,
+        "icmpv6" if addr.is_ipv6() => PortProtocol::Icmp6,
+        "icmp" | "icmpv6" => {
+            return Err(format!(
+                "{s:?}: icmp goes with an IPv4 address, icmpv6 with an IPv6 one"
+            ));
+        }
+        other => {
+            return Err(format!(
+                "{s:?}: protocol {other:?} (tcp, udp, sctp, icmp or icmpv6)"
+            ));
+        }
     };
+    if matches!(proto, PortProtocol::Icmp | PortProtocol::Icmp6) && addr.port() > 255 {
+        return Err(format!("{s:?}: an ICMP type is 0-255"));
+    }
     Ok(Target {
         text: s.to_owned(),
         addr,

@@ -75,8 +75,8 @@ fn validate_bad_file_lists_every_problem_and_exits_1() {
     assert_eq!(out.status.code(), Some(1));
     assert_eq!(text(&out.stdout), "");
     let hint = "unsupported field (dnsfence enforces toFQDNs, toEndpoints, toCIDR, toCIDRSet, \
-                toEntities and toPorts in egress, and toCIDR, toCIDRSet, toEndpoints, toEntities \
-                and toPorts in egressDeny)";
+                toEntities, toPorts and icmps in egress, and toCIDR, toCIDRSet, toEndpoints, \
+                toEntities, toPorts and icmps in egressDeny)";
     let want: String = [
         (14, "spec.egress[2].toGroups"),
         (24, "spec.egressDeny[0].toServices"),
@@ -240,6 +240,9 @@ spec:
   egress:
   - toCIDRSet: [{cidr: 10.0.0.0/8, except: [10.66.0.0/16]}]
     toPorts: [{ports: [{port: "5432", protocol: TCP}]}]
+  - toCIDR: [10.77.0.0/16]
+    icmps: [{fields: [{type: 8}, {type: "128", family: IPv6}]}]
+  - toCIDR: [10.78.0.0/16]
   egressDeny:
   - toCIDR: [10.9.0.0/16]
 "#,
@@ -263,6 +266,14 @@ spec:
         "10.66.0.5:5432/tcp",
         "--to",
         "10.9.0.5:5432/tcp",
+        "--to",
+        "10.77.0.5:8/icmp",
+        "--to",
+        "10.77.0.5:13/icmp",
+        "--to",
+        "10.78.0.5:13/icmp",
+        "--to",
+        "10.0.0.5:8/icmp",
     ]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_eq!(
@@ -270,7 +281,11 @@ spec:
         "10.0.0.5:5432/tcp\tl3=allow\tby=l3-rule\n\
          10.0.0.5:5433/tcp\tl3=deny\tby=default-deny\n\
          10.66.0.5:5432/tcp\tl3=deny\tby=default-deny\n\
-         10.9.0.5:5432/tcp\tl3=deny\tby=egressDeny\n"
+         10.9.0.5:5432/tcp\tl3=deny\tby=egressDeny\n\
+         10.77.0.5:8/icmp\tl3=allow\tby=l3-rule\n\
+         10.77.0.5:13/icmp\tl3=deny\tby=default-deny\n\
+         10.78.0.5:13/icmp\tl3=allow\tby=l3-rule\n\
+         10.0.0.5:8/icmp\tl3=deny\tby=default-deny\n"
     );
     let bad = dnsfence(&[
         "policy",

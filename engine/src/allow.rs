@@ -34,7 +34,8 @@ pub struct PortSpec {
     pub lo: u16,
     /// Last port.
     pub hi: u16,
-    /// Protocol bits: [`PortSpec::TCP`], [`PortSpec::UDP`], [`PortSpec::SCTP`].
+    /// Protocol bits: [`PortSpec::TCP`], [`PortSpec::UDP`], [`PortSpec::SCTP`],
+    /// [`PortSpec::ICMP`], [`PortSpec::ICMPV6`] (for the ICMP bits, `lo..=hi` are types).
     pub protos: u8,
 }
 
@@ -45,6 +46,10 @@ impl PortSpec {
     pub const UDP: u8 = 2;
     /// SCTP.
     pub const SCTP: u8 = 4;
+    /// ICMP (the spec's range is of ICMP types).
+    pub const ICMP: u8 = 8;
+    /// ICMPv6 (the spec's range is of ICMPv6 types).
+    pub const ICMPV6: u8 = 16;
     /// Every port over every protocol (a toFQDNs rule without `toPorts`).
     pub const ALL: PortSpec = PortSpec {
         lo: 0,
@@ -62,6 +67,15 @@ impl PortSpec {
                 PortProtocol::Udp => PortSpec::UDP,
                 PortProtocol::Sctp => PortSpec::SCTP,
                 PortProtocol::Any => PortSpec::TCP | PortSpec::UDP | PortSpec::SCTP,
+                PortProtocol::Icmp => PortSpec::ICMP,
+                PortProtocol::Icmp6 => PortSpec::ICMPV6,
+                PortProtocol::Every => {
+                    PortSpec::TCP
+                        | PortSpec::UDP
+                        | PortSpec::SCTP
+                        | PortSpec::ICMP
+                        | PortSpec::ICMPV6
+                }
             },
         }
     }

@@ -226,7 +226,8 @@ impl CidrBlock {
 pub struct L3Entry {
     /// The prefix.
     pub cidr: Cidr,
-    /// Ports allowed (an L3 rule without `toPorts` contributes [`PortProto::ALL`]).
+    /// Ports allowed (an L3 rule without `toPorts` or `icmps` contributes
+    /// [`PortProto::EVERY`]).
     pub allow: Vec<PortProto>,
     /// Ports denied.
     pub deny: Vec<PortProto>,
@@ -304,20 +305,18 @@ impl BlockIndex {
 }
 
 /// The ports a set of matching rules allows together: the sorted union of their
-/// ports, where a rule without ports allows every port (the union is then `ALL`).
+/// ports, where a rule without ports allows everything, ICMP included (the union is then
+/// `EVERY`).
 fn union_ports<'a>(rules: impl Iterator<Item = &'a [PortProto]>) -> Vec<PortProto> {
     let mut out: Vec<PortProto> = Vec::new();
     for ports in rules {
         if ports.is_empty() {
-            return vec![PortProto::ALL];
+            return vec![PortProto::EVERY];
         }
         out.extend_from_slice(ports);
     }
     out.sort_unstable();
     out.dedup();
-    if out.contains(&PortProto::ALL) {
-        out = vec![PortProto::ALL];
-    }
     out
 }
 
@@ -467,6 +466,6 @@ mod tests {
             "not the excepted rule's 443"
         );
         assert_eq!(at("10.9.0.0/16").allow, vec![p443], "inherits 443");
-        assert_eq!(at("10.9.0.0/16").deny, vec![PortProto::ALL]);
+        assert_eq!(at("10.9.0.0/16").deny, vec![PortProto::EVERY]);
     }
 }

@@ -12,9 +12,9 @@ use crate::selector::{self, LabelSelector, NAMESPACE_LABEL};
 use crate::yaml::{self, Diag, Node, index, join, line};
 
 /// The reason attached to every unsupported field of a policy.
-const HINT: &str = " (dnsfence enforces toFQDNs, toEndpoints, toCIDR, toCIDRSet, toEntities \
-                     and toPorts in egress, and toCIDR, toCIDRSet, toEndpoints, toEntities and \
-                     toPorts in egressDeny)";
+const HINT: &str = " (dnsfence enforces toFQDNs, toEndpoints, toCIDR, toCIDRSet, toEntities, \
+                     toPorts and icmps in egress, and toCIDR, toCIDRSet, toEndpoints, \
+                     toEntities, toPorts and icmps in egressDeny)";
 
 /// A top-level `description` (outside `spec`, where the schema has none; Cilium's own examples
 /// put it there) is accepted and ignored, as the API server prunes it.
@@ -59,17 +59,21 @@ const EGRESS_FIELDS: &[&str] = &[
     "toCIDR",
     "toCIDRSet",
     "toEntities",
+    "icmps",
     // Accepted, never enforced: the rule allows nothing (see `parse_egress`).
     "toServices",
     "authentication",
     "auth",
 ];
+const ICMP_RULE_FIELDS: &[&str] = &["fields"];
+const ICMP_FIELDS: &[&str] = &["type", "family"];
 const SERVICE_FIELDS: &[&str] = &["k8sService", "k8sServiceSelector"];
 const K8S_SERVICE_FIELDS: &[&str] = &["serviceName", "namespace"];
 const SERVICE_SELECTOR_FIELDS: &[&str] = &["selector", "namespace"];
 const DENY_FIELDS: &[&str] = &[
     "toEndpoints",
     "toPorts",
+    "icmps",
     "toCIDR",
     "toCIDRSet",
     "toEntities",
@@ -119,6 +123,13 @@ pub enum PortProtocol {
     Sctp,
     /// `ANY` (the default): TCP, UDP and SCTP.
     Any,
+    /// ICMP (`icmps` with `family: IPv4`): the "ports" are ICMP types.
+    Icmp,
+    /// ICMPv6 (`icmps` with `family: IPv6`): the "ports" are ICMPv6 types.
+    Icmp6,
+    /// Every protocol, ICMP included: an L3 rule without `toPorts` or `icmps`
+    /// ([`PortProto::EVERY`]).
+    Every,
 }
 
 impl PortProtocol {
@@ -126,19 +137,34 @@ impl PortProtocol {
     pub fn covers(self, proto: Proto) -> bool {
         matches!(
             (self, proto),
-            (PortProtocol::Any, _)
+            (PortProtocol::Any | PortProtocol::Every, _)
                 | (PortProtocol::Tcp, Proto::Tcp)
                 | (PortProtocol::Udp, Proto::Udp)
         )
     }
 
-    /// Lowercase name: `tcp`, `udp`, `sctp`, `any`.
+    /// Whether this protocol covers packets of protocol `other` (`Tcp`, `Udp`, `Sctp`,
+    /// `Icmp` or `Icmp6`): `ANY` is TCP, UDP and SCTP, as in Cilium.
+    pub fn includes(self, other: PortProtocol) -> bool {
+        self == other
+            || self == PortProtocol::Every
+            || (self == PortProtocol::Any
+                && matches!(
+                    other,
+                    PortProtocol::Tcp | PortProtocol::Udp | PortProtocol::Sctp
+                ))
+    }
+
+    /// Lowercase name: `tcp`, `udp`, `sctp`, `any`, `icmp`, `icmpv6`, `all`.
     pub fn as_str(self) -> &'static str {
         match self {
             PortProtocol::Tcp => "tcp",
             PortProtocol::Udp => "udp",
             PortProtocol::Sctp => "sctp",
             PortProtocol::Any => "any",
+            PortProtocol::Icmp => "icmp",
+            PortProtocol::Icmp6 => "icmpv6",
+            PortProtocol::Every => "all",
         }
     }
 }
@@ -161,6 +187,27 @@ impl PortProto {
         end_port: u16::MAX,
         proto: PortProtocol::Any,
     };
+
+    /// Everything, ICMP included: what an L3 rule without `toPorts` or `icmps` allows (or an
+    /// `egressDeny` without them denies) in the L3 table.
+    pub const EVERY: PortProto = PortProto {
+        port: 0,
+        end_port: u16::MAX,
+        proto: PortProtocol::Every,
+    };
+
+    /// An ICMP (`v6` false) or ICMPv6 type.
+    pub fn icmp(v6: bool, icmp_type: u8) -> PortProto {
+        PortProto {
+            port: u16::from(icmp_type),
+            end_port: u16::from(icmp_type),
+            proto: if v6 {
+                PortProtocol::Icmp6
+            } else {
+                PortProtocol::Icmp
+            },
+        }
+    }
 
     /// Whether this entry covers `port` over `proto`.
     pub fn covers(&self, port: u16, proto: Proto) -> bool {
@@ -1120,6 +1167,88 @@ fn parse_cidrs(
     Some(blocks)
 }
 
+/// `icmps` of a rule as ICMP / ICMPv6 type entries (None when absent). Cilium refuses
+/// `icmps` beside `toPorts` in one rule; so does dnsfence.
+fn parse_icmps(
+    diag: &mut Diag<'_>,
+    fields: &yaml::Fields<'_, '_>,
+    node: &Node<'_>,
+    path: &str,
+) -> Option<Vec<PortProto>> {
+    use saphyr::{Scalar, YamlData};
+    let list = fields.get("icmps")?;
+    let list_path = join(path, "icmps");
+    if fields.get_non_null("toPorts").is_some() {
+        diag.invalid(
+            node,
+            path,
+            "icmps and toPorts cannot be combined in one rule (Cilium refuses it too): use \
+             two rules",
+        );
+    }
+    let mut out = Vec::new();
+    for (i, rule) in diag.non_empty_sequence(list, &list_path).iter().enumerate() {
+        let rule_path = index(&list_path, i);
+        let Some(rf) = diag.mapping(rule, &rule_path, ICMP_RULE_FIELDS, "") else {
+            continue;
+        };
+        let fields_path = join(&rule_path, "fields");
+        let Some(items) = rf.get("fields") else {
+            missing(diag, rule, fields_path);
+            continue;
+        };
+        for (j, item) in diag
+            .non_empty_sequence(items, &fields_path)
+            .iter()
+            .enumerate()
+        {
+            let at = index(&fields_path, j);
+            let Some(f) = diag.mapping(item, &at, ICMP_FIELDS, "") else {
+                continue;
+            };
+            let v6 = match f.get_non_null("family") {
+                None => false,
+                Some(n) => match diag.string(n, &join(&at, "family")).as_deref() {
+                    Some("IPv4") => false,
+                    Some("IPv6") => true,
+                    Some(other) => {
+                        diag.invalid(
+                            n,
+                            &join(&at, "family"),
+                            format!("unknown family {other:?} (expected IPv4 or IPv6)"),
+                        );
+                        continue;
+                    }
+                    None => continue,
+                },
+            };
+            let type_path = join(&at, "type");
+            let Some(t) = f.get("type") else {
+                missing(diag, item, type_path);
+                continue;
+            };
+            let number = match &t.data {
+                YamlData::Value(Scalar::Integer(n)) => Some(*n),
+                YamlData::Value(Scalar::String(s)) if s.bytes().all(|b| b.is_ascii_digit()) => {
+                    s.parse::<i64>().ok()
+                }
+                _ => None,
+            };
+            match number.and_then(|n| u8::try_from(n).ok()) {
+                Some(n) => out.push(PortProto::icmp(v6, n)),
+                None => diag.invalid(
+                    t,
+                    &type_path,
+                    "expected an ICMP type number 0-255 (type names are not supported)",
+                ),
+            }
+        }
+    }
+    out.sort_unstable();
+    out.dedup();
+    Some(out)
+}
+
 /// `toEntities` of a rule (None when absent); names dnsfence cannot tell get a note.
 fn parse_entities(
     diag: &mut Diag<'_>,
@@ -1166,6 +1295,7 @@ fn parse_deny(
     let fields = diag.mapping(node, path, DENY_FIELDS, HINT)?;
     let cidrs = parse_cidrs(diag, &fields, path);
     let entities = parse_entities(diag, &fields, path, notes);
+    let icmps = parse_icmps(diag, &fields, node, path);
     let endpoints = fields
         .get("toEndpoints")
         .map(|list| parse_to_endpoints(diag, list, path, namespace, notes));
@@ -1190,6 +1320,7 @@ fn parse_deny(
             }
         }
     }
+    ports.extend(icmps.into_iter().flatten());
     if diag.errors.len() != before {
         return None;
     }
@@ -1210,7 +1341,7 @@ fn parse_deny(
             diag.invalid(
                 node,
                 path,
-                "an egressDeny rule needs a destination or toPorts",
+                "an egressDeny rule needs a destination, toPorts or icmps",
             );
             return None;
         }
@@ -1379,6 +1510,7 @@ fn parse_egress_rules(
     let fields = diag.mapping(node, path, EGRESS_FIELDS, HINT)?;
     let cidrs = parse_cidrs(diag, &fields, path);
     let entities = parse_entities(diag, &fields, path, notes);
+    let icmps = parse_icmps(diag, &fields, node, path);
 
     let to_endpoints = fields
         .get("toEndpoints")
@@ -1484,12 +1616,18 @@ fn parse_egress_rules(
             }
             ports.extend(rule.ports);
         }
+        ports.extend(icmps.into_iter().flatten());
         ports.sort_unstable();
         ports.dedup();
         return Some(vec![EgressRule::Fqdn(FqdnRule { selectors, ports })]);
     }
 
-    if cidrs.is_none() && entities.is_none() && to_endpoints.is_none() && port_rules.is_empty() {
+    if cidrs.is_none()
+        && entities.is_none()
+        && to_endpoints.is_none()
+        && port_rules.is_empty()
+        && icmps.is_none()
+    {
         if fields.get("toPorts").is_some() {
             diag.invalid(node, path, "toPorts is empty");
             return None;
@@ -1501,6 +1639,11 @@ fn parse_egress_rules(
     let mut dns_ports = Vec::new();
     let mut l4_ports = Vec::new();
     let mut plain_entries = 0;
+    if let Some(types) = icmps {
+        // ICMP types are the L4 part of the rule, like a toPorts entry without DNS rules.
+        plain_entries += 1;
+        l4_ports.extend(types);
+    }
     for rule in port_rules {
         match rule.dns {
             Some(names) => dns_ports.push(DnsPorts {

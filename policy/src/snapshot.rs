@@ -391,7 +391,8 @@ impl Snapshot {
             .map_or(&[], |g| &g.l3)
     }
 
-    /// L3/L4 verdict for `ep` reaching `ip:port` over `proto` by its L3 rules alone:
+    /// L3/L4 verdict for `ep` reaching `ip:port` over `proto` (for `Icmp` / `Icmp6`, `port` is
+    /// the message type) by its L3 rules alone:
     /// `Some(false)` when an egressDeny covers it, `Some(true)` when an allow covers it and
     /// no deny does, None otherwise (then only a toFQDNs entry could allow it).
     pub fn l3_verdict(
@@ -408,10 +409,9 @@ impl Snapshot {
             .filter(|e| e.cidr.contains(&host))
             .max_by_key(|e| e.cidr.len)?;
         let covers = |ports: &[PortProto]| {
-            ports.iter().any(|p| {
-                (p.port..=p.end_port).contains(&port)
-                    && (p.proto == PortProtocol::Any || p.proto == proto)
-            })
+            ports
+                .iter()
+                .any(|p| (p.port..=p.end_port).contains(&port) && p.proto.includes(proto))
         };
         if covers(&entry.deny) {
             Some(false)

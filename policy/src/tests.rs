@@ -1031,6 +1031,80 @@ spec:
         }
     }
 
+    /// `icmps`: ICMP / ICMPv6 types as the L4 part of a rule (allow and deny); an L3 rule
+    /// without `toPorts` allows ICMP too, `protocol: ANY` does not (it is TCP, UDP, SCTP).
+    #[test]
+    fn icmps_allow_and_deny_icmp_types() {
+        use crate::PortProtocol::{Icmp, Icmp6, Tcp};
+        let s = snapshot(
+            r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: icmp, namespace: team-a}
+spec:
+  endpointSelector: {matchLabels: {app: uploader}}
+  egress:
+  - toCIDR: [10.7.0.0/16, "2001:db8::/32"]
+    icmps: [{fields: [{type: 8, family: IPv4}, {type: "128", family: IPv6}]}]
+  - toCIDR: [10.8.0.0/16]
+  - toCIDR: [10.9.0.0/16]
+    toPorts: [{ports: [{port: "0", protocol: ANY}]}]
+  - icmps: [{fields: [{type: 3}]}]
+  - toFQDNs: [{matchName: api.ok.com}]
+    icmps: [{fields: [{type: 8}]}]
+  egressDeny:
+  - toCIDR: [10.8.9.0/24]
+    icmps: [{fields: [{type: 8}]}]
+"#,
+        );
+        let ep = "team-a/uploader";
+        assert_eq!(l3(&s, ep, "10.7.0.1", 8, Icmp), Some(true), "echo");
+        assert_eq!(l3(&s, ep, "10.7.0.1", 13, Icmp), None, "timestamp");
+        assert_eq!(l3(&s, ep, "10.7.0.1", 8, Tcp), None, "not TCP port 8");
+        assert_eq!(l3(&s, ep, "2001:db8::1", 128, Icmp6), Some(true));
+        assert_eq!(l3(&s, ep, "2001:db8::1", 8, Icmp6), None);
+        assert_eq!(l3(&s, ep, "10.8.0.1", 13, Icmp), Some(true), "L3 only: all");
+        assert_eq!(l3(&s, ep, "10.8.0.1", 443, Tcp), Some(true));
+        assert_eq!(l3(&s, ep, "10.9.0.1", 8, Icmp), None, "ANY is not ICMP");
+        assert_eq!(l3(&s, ep, "10.9.0.1", 443, Tcp), Some(true));
+        assert_eq!(
+            l3(&s, ep, "8.8.8.8", 3, Icmp),
+            Some(true),
+            "no L3: anywhere"
+        );
+        assert_eq!(l3(&s, ep, "8.8.8.8", 3, Icmp6), None, "family");
+        assert_eq!(l3(&s, ep, "10.8.9.1", 8, Icmp), Some(false), "denied echo");
+        assert_eq!(l3(&s, ep, "10.8.9.1", 13, Icmp), Some(true));
+        assert_eq!(fqdn(&s, ep, "api.ok.com").as_deref(), Some("8/icmp"));
+
+        let bad = r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: icmp, namespace: team-a}
+spec:
+  endpointSelector: {}
+  egress:
+  - toCIDR: [10.0.0.0/8]
+    icmps: [{fields: [{type: 8}]}]
+    toPorts: [{ports: [{port: "80"}]}]
+  - icmps: [{fields: [{type: EchoRequest}, {type: 300}, {type: 8, family: IPv5}]}]
+  - icmps: [{fields: []}]
+"#;
+        let err = PolicySet::from_yaml(Path::new("b.yaml"), bad)
+            .unwrap_err()
+            .to_string();
+        for want in [
+            "b.yaml:8: spec.egress[0]: icmps and toPorts cannot be combined",
+            "b.yaml:11: spec.egress[1].icmps[0].fields[0].type: expected an ICMP type number \
+             0-255 (type names are not supported)",
+            "b.yaml:11: spec.egress[1].icmps[0].fields[1].type: expected an ICMP type number",
+            "b.yaml:11: spec.egress[1].icmps[0].fields[2].family: unknown family \"IPv5\"",
+            "b.yaml:12: spec.egress[2].icmps[0].fields: empty list",
+        ] {
+            assert!(err.contains(want), "no {want:?} in\n{err}");
+        }
+    }
+
     #[test]
     fn snapshot_is_send_and_sync() {
         fn check<T: Send + Sync>() {}

@@ -16,8 +16,6 @@ use dnsfence_policy::{
 /// with error lines that each contain one of these texts: a regression in a supported field
 /// (toFQDNs, toEndpoints, toCIDR, ...) makes an error line outside this list and fails the test.
 const UNSUPPORTED: &[(&str, &str)] = &[
-    // ICMP type matching.
-    ("icmps", ".icmps: unsupported field"),
     ("toGroups", ".toGroups: unsupported field"),
     ("toRequires", ".toRequires: unsupported field"),
     ("toNodes", ".toNodes: unsupported field"),
@@ -32,7 +30,7 @@ const INVALID_UPSTREAM: &[(&str, &str)] = &[(
 
 /// At least this many corpus files validate (policy/README.md records the count; raise it
 /// when a feature of `UNSUPPORTED` lands).
-const MIN_VALID: usize = 73;
+const MIN_VALID: usize = 74;
 
 /// A small registry for the compiled verdicts: the workloads the examples select, kube-dns,
 /// and one endpoint no example selects.
@@ -383,4 +381,16 @@ fn services_auth_and_listener_examples_load_and_fail_closed() {
             None
         );
     }
+}
+
+/// Cilium's ICMP example: echo requests (IPv4 type 8, IPv6 type 128) to anywhere, nothing else.
+#[test]
+fn icmp_example_allows_echo_requests_only() {
+    let s = snapshot("cilium/examples/policies/l4/icmp.yaml");
+    let at = |to: &str, t: u16, proto| l3(&s, "default/my-service", to, t, proto);
+    assert_eq!(at("8.8.8.8", 8, PortProtocol::Icmp), Some(true));
+    assert_eq!(at("2001:db8::1", 128, PortProtocol::Icmp6), Some(true));
+    assert_eq!(at("8.8.8.8", 13, PortProtocol::Icmp), None);
+    assert_eq!(at("2001:db8::1", 8, PortProtocol::Icmp6), None);
+    assert_eq!(at("8.8.8.8", 8, PortProtocol::Tcp), None);
 }

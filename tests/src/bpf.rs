@@ -214,6 +214,63 @@ except Exception as e:\n    print(type(e).__name__, e)\n";
             .expect("address")
     }
 
+    /// An ICMP (IPv4 address) or ICMPv6 message of type `icmp_type` (an echo request: 8, or
+    /// 128 for ICMPv6, with an id and sequence) sent from a raw socket inside a client's
+    /// cgroup: `Ok(true)` when an echo reply came back, `Ok(false)` when it was sent but no
+    /// reply came (within 2 s), or the error's text (`PermissionError` when the datapath
+    /// refused it).
+    pub fn icmp(
+        &self,
+        client: Option<&str>,
+        to: std::net::IpAddr,
+        icmp_type: u8,
+    ) -> Result<bool, String> {
+        const PROBE: &str = r#"import os, socket, struct, sys, time
+v6 = ':' in sys.argv[1]
+s = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_RAW,
+                  socket.IPPROTO_ICMPV6 if v6 else socket.IPPROTO_ICMP)
+ident = os.getpid() & 0xffff
+msg = struct.pack('!BBHHH', int(sys.argv[2]), 0, 0, ident, 1) + b'dnsfence'
+if not v6:  # the kernel computes the ICMPv6 checksum, not the ICMP one
+    x = sum(struct.unpack('!%dH' % (len(msg) // 2), msg))
+    x = (x >> 16) + (x & 0xffff)
+    x += x >> 16
+    msg = msg[:2] + struct.pack('!H', ~x & 0xffff) + msg[4:]
+try:
+    s.sendto(msg, (sys.argv[1], 0))
+except Exception as e:
+    print(type(e).__name__, e)
+    sys.exit()
+s.settimeout(0.2)
+end = time.time() + 2
+while time.time() < end:
+    try:
+        data = s.recv(2048)
+    except socket.timeout:
+        continue
+    if not v6:
+        data = data[(data[0] & 15) * 4:]
+    if data[0] == (129 if v6 else 0) and struct.unpack('!H', data[4:6])[0] == ident:
+        print('reply')
+        sys.exit()
+print('no reply')
+"#;
+        let ip = to.to_string();
+        let t = icmp_type.to_string();
+        let out = self.run_in(client, "python3", &["-c", PROBE, &ip, &t]);
+        match String::from_utf8_lossy(&out.stdout).trim() {
+            "reply" => Ok(true),
+            "no reply" => Ok(false),
+            text => Err(format!("{text}{}", String::from_utf8_lossy(&out.stderr))),
+        }
+    }
+
+    /// Whether an ICMP message from inside a client's cgroup was refused by the datapath
+    /// (`EPERM`).
+    pub fn icmp_denied(&self, client: Option<&str>, to: std::net::IpAddr, icmp_type: u8) -> bool {
+        matches!(self.icmp(client, to, icmp_type), Err(e) if e.contains("PermissionError"))
+    }
+
     /// Whether a TCP connect from inside a client's cgroup was refused by the datapath
     /// (`EPERM`, as opposed to connected or failed otherwise).
     pub fn denied(&self, client: Option<&str>, to: SocketAddr) -> bool {

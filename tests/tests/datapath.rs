@@ -708,3 +708,67 @@ fn an_endpoint_whose_l3_entries_do_not_fit_fails_closed() {
         "REFUSED"
     );
 }
+
+/// `icmps` in the egress program: ICMP and ICMPv6 of an enforced endpoint are judged by type
+/// against its L3 table (they used to be refused whatever the policy said). An L3 rule
+/// without ports allows ICMP, `toPorts` with protocol ANY does not, an `egressDeny` with
+/// `icmps` wins, and an endpoint no policy selects is not touched.
+#[test]
+fn icmp_by_type_from_icmps_and_l3_rules() {
+    if !require_root("datapath") {
+        return;
+    }
+    let _serial = EXCLUSIVE.lock().unwrap_or_else(|e| e.into_inner());
+    let env = Env::new("icmp", &["a", "b"]);
+    let net = 20 + (std::process::id() + 175) % 200;
+    let upstream = Bundled::start(&["--ttl", "60"]);
+    let policy = format!(
+        r#"apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {{name: a-icmp, namespace: default}}
+spec:
+  endpointSelector: {{matchLabels: {{app: a}}}}
+  egress:
+  - toCIDR: ["127.{net}.210.0/24", "::1/128"]
+    icmps: [{{fields: [{{type: 8}}, {{type: 128, family: IPv6}}]}}]
+  - toCIDR: ["127.{net}.211.0/24"]
+  - toCIDR: ["127.{net}.212.0/24"]
+    toPorts: [{{ports: [{{port: "0", protocol: ANY}}]}}]
+  egressDeny:
+  - toCIDR: ["127.{net}.211.128/25"]
+    icmps: [{{fields: [{{type: 8}}]}}]
+"#
+    );
+    let mut config = agent_config(&env, upstream.addr, &[]);
+    config.policy = policy;
+    config.endpoints = TWO_ENDPOINTS.into();
+    let _agent = Agent::start(&config);
+    let ip = |s: String| -> IpAddr { s.parse().unwrap() };
+    let echo_ok = |client, to: IpAddr, t| {
+        assert_eq!(
+            env.icmp(Some(client), to, t),
+            Ok(true),
+            "{client} -> {to} type {t}"
+        );
+    };
+    let refused = |client, to: IpAddr, t| {
+        assert!(
+            env.icmp_denied(Some(client), to, t),
+            "{client} -> {to} type {t}: {:?}",
+            env.icmp(Some(client), to, t)
+        );
+    };
+    // icmps: echo requests (v4 and v6) only.
+    echo_ok("a", ip(format!("127.{net}.210.1")), 8);
+    refused("a", ip(format!("127.{net}.210.1")), 13);
+    echo_ok("a", "::1".parse().unwrap(), 128);
+    refused("a", "::1".parse().unwrap(), 139);
+    // An L3 rule without ports: everything, ICMP included, less what egressDeny denies.
+    echo_ok("a", ip(format!("127.{net}.211.1")), 8);
+    refused("a", ip(format!("127.{net}.211.200")), 8);
+    // Every port over ANY is TCP, UDP and SCTP: not ICMP. No rule at all: refused.
+    refused("a", ip(format!("127.{net}.212.1")), 8);
+    refused("a", ip(format!("127.{net}.213.1")), 8);
+    // An endpoint no policy selects.
+    echo_ok("b", ip(format!("127.{net}.213.1")), 8);
+}
