@@ -772,3 +772,70 @@ spec:
     // An endpoint no policy selects.
     echo_ok("b", ip(format!("127.{net}.213.1")), 8);
 }
+
+/// `enableDefaultDeny: {egress: false}` in eBPF mode: an endpoint selected only by such a
+/// policy keeps reaching everything (TCP, ICMP) but what its `egressDeny` denies, and its DNS
+/// rule still judges the queries it covers; an endpoint also selected by a policy with
+/// default deny is enforced as usual.
+#[test]
+fn default_allow_policies_deny_only_what_they_deny() {
+    if !require_root("datapath") {
+        return;
+    }
+    let _serial = EXCLUSIVE.lock().unwrap_or_else(|e| e.into_inner());
+    let env = Env::new("defallow", &["a", "b"]);
+    let net = 20 + (std::process::id() + 125) % 200;
+    let upstream = Bundled::start(&["--ttl", "60"]);
+    let policy = format!(
+        r#"apiVersion: cilium.io/v2
+kind: CiliumClusterwideNetworkPolicy
+metadata: {{name: broad}}
+spec:
+  endpointSelector: {{}}
+  enableDefaultDeny: {{egress: false}}
+  egress:
+  - toPorts:
+    - ports: [{{port: "53", protocol: ANY}}]
+      rules:
+        dns: [{{matchPattern: "*.allowed.test"}}]
+  egressDeny:
+  - toCIDR: ["127.{net}.66.0/24"]
+---
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {{name: b-strict, namespace: default}}
+spec:
+  endpointSelector: {{matchLabels: {{app: b}}}}
+  egress:
+  - toCIDR: ["127.{net}.65.0/24"]
+    toPorts: [{{ports: [{{port: "9443", protocol: TCP}}]}}]
+"#
+    );
+    let mut config = agent_config(&env, upstream.addr, &[]);
+    config.policy = policy;
+    config.endpoints = TWO_ENDPOINTS.into();
+    let _agent = Agent::start(&config);
+    let ip = |s: String| -> IpAddr { s.parse().unwrap() };
+    let (open, denied) = (ip(format!("127.{net}.65.1")), ip(format!("127.{net}.66.1")));
+    let _l = [listen_on(open, &[9443, 9444]), listen_on(denied, &[9443])];
+    // a: default allow, less the egressDeny prefix.
+    assert_eq!(env.connect(Some("a"), SocketAddr::new(open, 9444)), Ok(()));
+    assert_eq!(env.icmp(Some("a"), open, 8), Ok(true));
+    assert!(env.denied(Some("a"), SocketAddr::new(denied, 9443)));
+    assert!(env.icmp_denied(Some("a"), denied, 8));
+    // Its DNS rule still judges the DNS it covers (every server on port 53 here).
+    assert_eq!(
+        env.dig(Some("a"), server(), &["www.allowed.test", "A"])
+            .status,
+        "NOERROR"
+    );
+    assert_eq!(
+        env.dig(Some("a"), server(), &["www.other.test", "A"])
+            .status,
+        "REFUSED"
+    );
+    // b: also selected by a default-deny policy: its own rule, and the broad deny.
+    assert_eq!(env.connect(Some("b"), SocketAddr::new(open, 9443)), Ok(()));
+    assert!(env.denied(Some("b"), SocketAddr::new(open, 9444)));
+    assert!(env.denied(Some("b"), SocketAddr::new(denied, 9443)));
+}
