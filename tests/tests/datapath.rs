@@ -771,6 +771,58 @@ spec:
     refused("a", ip(format!("127.{net}.213.1")), 8);
     // An endpoint no policy selects.
     echo_ok("b", ip(format!("127.{net}.213.1")), 8);
+    // A ping socket (SOCK_DGRAM, IPPROTO_ICMP): its connect() passes the connect hook (it has
+    // no type to judge), its packets are judged by type.
+    let _ping = PingGroupRange::allow_root();
+    assert_eq!(
+        ping_socket(&env, "a", ip(format!("127.{net}.210.1"))),
+        "reply"
+    );
+    assert!(
+        ping_socket(&env, "a", ip(format!("127.{net}.213.1"))).contains("PermissionError"),
+        "no rule: the echo is refused"
+    );
+}
+
+/// An echo request from a connected ping socket inside `client`'s cgroup: `reply`, or what
+/// went wrong.
+fn ping_socket(env: &Env, client: &str, to: IpAddr) -> String {
+    const PROBE: &str = r#"import socket, struct, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_ICMP)
+s.settimeout(2)
+try:
+    s.connect((sys.argv[1], 0))
+    s.send(struct.pack('!BBHHH', 8, 0, 0, 0, 1) + b'dnsfence')
+    print('reply' if s.recv(2048)[0] == 0 else 'other')
+except Exception as e:
+    print(type(e).__name__, e)
+"#;
+    let out = env.run_in(Some(client), "python3", &["-c", PROBE, &to.to_string()]);
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout).trim(),
+        String::from_utf8_lossy(&out.stderr).trim()
+    )
+}
+
+/// `net.ipv4.ping_group_range` widened to let root open ping sockets (the default, `1 0`,
+/// lets no group), put back on drop.
+struct PingGroupRange(String);
+
+impl PingGroupRange {
+    const PATH: &str = "/proc/sys/net/ipv4/ping_group_range";
+
+    fn allow_root() -> PingGroupRange {
+        let old = std::fs::read_to_string(Self::PATH).expect("ping_group_range");
+        std::fs::write(Self::PATH, "0 0").expect("set ping_group_range");
+        PingGroupRange(old)
+    }
+}
+
+impl Drop for PingGroupRange {
+    fn drop(&mut self) {
+        let _ = std::fs::write(Self::PATH, self.0.trim());
+    }
 }
 
 /// `enableDefaultDeny: {egress: false}` in eBPF mode: an endpoint selected only by such a
