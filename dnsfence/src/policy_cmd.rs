@@ -59,9 +59,10 @@ enum PolicyCommand {
         /// Transport of the DNS query.
         #[arg(long, value_enum, default_value = "udp")]
         proto: ProtoArg,
-        /// Address of the DNS server the query is sent to; rules with toEndpoints apply only
-        /// when it belongs to an endpoint they select. Without it, toEndpoints is not checked
-        /// (dns=allow then means: some server the policy allows would get the query).
+        /// Address of the DNS server the query is sent to; DNS rules with an L3 selector
+        /// (toEndpoints, toCIDR, toCIDRSet, toEntities) apply only when it is one they name.
+        /// Without it, their L3 part is not checked (dns=allow then means: some server the
+        /// policy allows would get the query).
         #[arg(long, value_name = "IP")]
         server: Option<IpAddr>,
         /// L3/L4 destinations to check, `ADDR:PORT/PROTO` (`10.0.0.5:5432/tcp`,

@@ -204,7 +204,7 @@ impl Default for NodeFacts {
 }
 
 /// A `toCIDRSet` entry (or a `toCIDR` one, without exceptions).
-#[derive(Clone, PartialEq, Eq, Debug)]
+#[derive(Clone, PartialEq, Eq, Hash, Debug)]
 pub struct CidrBlock {
     /// The prefix.
     pub cidr: Cidr,

@@ -349,9 +349,9 @@ pub struct FqdnRule {
 /// A DNS-layer rule.
 #[derive(Debug, Clone)]
 pub struct DnsRule {
-    /// `toEndpoints` selectors (a CNP's namespace added where they name none); `None` = any
-    /// destination.
-    pub to_endpoints: Option<Vec<LabelSelector>>,
+    /// The DNS servers it applies to: `toEndpoints` (a CNP's namespace added where they name
+    /// none), `toCIDR`/`toCIDRSet` or `toEntities`; `None` = any destination.
+    pub to: Option<L3Target>,
     /// The `toPorts` entries, each with `rules.dns`.
     pub ports: Vec<DnsPorts>,
 }
@@ -1656,53 +1656,29 @@ fn parse_egress_rules(
             }
         }
     }
-    if (cidrs.is_some() || entities.is_some()) && !dns_ports.is_empty() {
-        diag.invalid(
-            node,
-            path,
-            "rules.dns under toCIDR/toCIDRSet/toEntities (a DNS server named by address) is not \
-             supported: name it with toEndpoints, or put the DNS rule on a rule without an L3 \
-             selector",
-        );
-        return None;
-    }
     if diag.errors.len() != before {
         return None;
     }
+    let to = match (cidrs, entities, to_endpoints) {
+        (Some(blocks), _, _) => Some(L3Target::Cidrs(blocks)),
+        (_, Some(e), _) => Some(L3Target::Entities(e)),
+        (_, _, Some(sel)) => Some(L3Target::Endpoints(sel)),
+        (None, None, None) => None,
+    };
     let mut out = Vec::new();
     if !dns_ports.is_empty() {
-        if let Some(sel) = to_endpoints
-            .iter()
-            .flatten()
-            .find(|s| s.reserved_identity().is_some())
-        {
-            notes.push((
-                line(node),
-                format!(
-                    "{path}: reserved:{} as a DNS server: dnsfence judges DNS servers by \
-                     registered endpoint only, so this selector matches no server (fail closed)",
-                    sel.reserved_identity().unwrap_or_default()
-                ),
-            ));
-        }
+        // The DNS servers the rule names (by registered endpoint, address or entity).
         out.push(EgressRule::Dns(DnsRule {
-            to_endpoints: to_endpoints.clone(),
+            to: to.clone(),
             ports: dns_ports,
         }));
     }
     // An L3 selector without toPorts, or toPorts entries without DNS rules: an L3/L4 allow.
-    let has_l3 = cidrs.is_some() || entities.is_some() || to_endpoints.is_some();
-    if plain_entries > 0 || (out.is_empty() && has_l3) {
+    if plain_entries > 0 || (out.is_empty() && to.is_some()) {
         l4_ports.sort_unstable();
         l4_ports.dedup();
-        let to = match (cidrs, entities, to_endpoints) {
-            (Some(blocks), _, _) => L3Target::Cidrs(blocks),
-            (_, Some(e), _) => L3Target::Entities(e),
-            (_, _, Some(sel)) => L3Target::Endpoints(sel),
-            (None, None, None) => L3Target::Any,
-        };
         out.push(EgressRule::L3(L3Rule {
-            to,
+            to: to.unwrap_or(L3Target::Any),
             ports: l4_ports,
         }));
     }

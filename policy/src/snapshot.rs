@@ -68,18 +68,34 @@ struct EndpointEntry {
 enum Servers {
     /// No L3 selector: any destination.
     Any,
-    /// `toEndpoints`: the registered endpoints (bitset by `EndpointId`) they select.
-    Endpoints(Box<[u64]>),
+    /// The servers an L3 selector names.
+    Named {
+        /// `toEndpoints`: the registered endpoints (bitset by `EndpointId`) it selects.
+        endpoints: Box<[u64]>,
+        /// `toCIDR`/`toCIDRSet`, `toEntities`, and the entities of `reserved:` selectors, as
+        /// prefixes (usually a few; scanned only for a server no endpoint bit matched).
+        prefixes: Box<[CidrBlock]>,
+    },
 }
 
 impl Servers {
-    fn contains(&self, server: Option<EndpointId>) -> bool {
+    /// Whether the server at `ip`, owned by registered endpoint `owner`, is one of these.
+    fn contains(&self, owner: Option<EndpointId>, ip: IpAddr) -> bool {
         match self {
             Servers::Any => true,
-            Servers::Endpoints(bits) => server.is_some_and(|ep| {
-                bits.get(ep.0 as usize / 64)
-                    .is_some_and(|w| w & (1u64 << (ep.0 % 64)) != 0)
-            }),
+            Servers::Named {
+                endpoints,
+                prefixes,
+            } => {
+                owner.is_some_and(|ep| {
+                    endpoints
+                        .get(ep.0 as usize / 64)
+                        .is_some_and(|w| w & (1u64 << (ep.0 % 64)) != 0)
+                }) || (!prefixes.is_empty() && {
+                    let host = Cidr::host(ip);
+                    prefixes.iter().any(|b| b.covers(&host))
+                })
+            }
         }
     }
 }
@@ -326,10 +342,10 @@ impl Snapshot {
                 continue;
             }
             if let Some(ip) = server_ip
-                && let Servers::Endpoints(_) = dns.servers
+                && let Servers::Named { .. } = dns.servers
             {
                 let owner = *server.get_or_insert_with(|| self.endpoint_by_ip(ip));
-                if !dns.servers.contains(owner) {
+                if !dns.servers.contains(owner, ip) {
                     continue;
                 }
             }
@@ -477,17 +493,28 @@ struct FlatSpec<'p> {
     servers: Vec<Servers>,
 }
 
-fn servers_of(to: Option<&[LabelSelector]>, endpoints: &[Endpoint]) -> Servers {
-    let Some(selectors) = to else {
+/// The DNS servers a DNS rule's L3 selector names: registered endpoints by bit, the rest
+/// (CIDRs, entities, `reserved:` identities) as prefixes.
+fn servers_of(to: Option<&L3Target>, endpoints: &[Endpoint], node: &NodeFacts) -> Servers {
+    let Some(to) = to else {
         return Servers::Any;
     };
     let mut bits = vec![0u64; endpoints.len().div_ceil(64)];
-    for (i, ep) in endpoints.iter().enumerate() {
-        if selectors.iter().any(|s| s.matches(&ep.labels)) {
-            bits[i / 64] |= 1 << (i % 64);
+    let prefixes = match to {
+        L3Target::Endpoints(selectors) => {
+            for (i, ep) in endpoints.iter().enumerate() {
+                if selectors.iter().any(|s| s.matches(&ep.labels)) {
+                    bits[i / 64] |= 1 << (i % 64);
+                }
+            }
+            reserved_blocks(selectors, endpoints, node)
         }
+        other => blocks_of(other, endpoints, node),
+    };
+    Servers::Named {
+        endpoints: bits.into_boxed_slice(),
+        prefixes: prefixes.into_boxed_slice(),
     }
-    Servers::Endpoints(bits.into_boxed_slice())
 }
 
 fn compile(
@@ -512,7 +539,7 @@ fn compile(
                     servers.push(Servers::Any);
                 }
                 EgressRule::Dns(d) => {
-                    servers.push(servers_of(d.to_endpoints.as_deref(), endpoints));
+                    servers.push(servers_of(d.to.as_ref(), endpoints, node));
                 }
                 EgressRule::Nothing | EgressRule::L3(_) => servers.push(Servers::Any),
             }
@@ -601,6 +628,24 @@ fn compile(
     }
 }
 
+/// The prefixes of the `reserved:NAME` selectors among `selectors`: a lone one selects the
+/// entity NAME (nothing for an unknown name).
+fn reserved_blocks(
+    selectors: &[LabelSelector],
+    endpoints: &[Endpoint],
+    node: &NodeFacts,
+) -> Vec<CidrBlock> {
+    let entities: Vec<Entity> = selectors
+        .iter()
+        .filter_map(|s| s.reserved_identity())
+        .filter_map(Entity::reserved)
+        .collect();
+    if entities.is_empty() {
+        return Vec::new();
+    }
+    blocks_of(&L3Target::Entities(entities), endpoints, node)
+}
+
 /// The prefixes an L3 target stands for: CIDR blocks as given, every address for no
 /// selector, the host prefixes of the registered endpoints a `toEndpoints` selects.
 fn blocks_of(to: &L3Target, endpoints: &[Endpoint], node: &NodeFacts) -> Vec<CidrBlock> {
@@ -643,13 +688,7 @@ fn blocks_of(to: &L3Target, endpoints: &[Endpoint], node: &NodeFacts) -> Vec<Cid
         L3Target::Any => vec![block(Cidr::ALL4), block(Cidr::ALL6)],
         L3Target::Cidrs(blocks) => blocks.clone(),
         L3Target::Endpoints(selectors) => {
-            // `reserved:NAME` alone selects the entity NAME (nothing for an unknown name).
-            let mut out: Vec<CidrBlock> = selectors
-                .iter()
-                .filter_map(|s| s.reserved_identity())
-                .filter_map(Entity::reserved)
-                .flat_map(|e| entity(&e))
-                .collect();
+            let mut out = reserved_blocks(selectors, endpoints, node);
             out.extend(
                 endpoints
                     .iter()

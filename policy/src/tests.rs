@@ -872,7 +872,6 @@ spec:
              identity dnsfence knows",
             "p.yaml:16: note: spec.egress[5].toEndpoints[0]: reserved:host: dnsfence endpoints \
              carry no reserved: labels",
-            "p.yaml:18: note: spec.egress[6]: reserved:host as a DNS server",
             "p.yaml:28: note: spec.endpointSelector: reserved:health: dnsfence endpoints carry \
              no reserved: labels",
         ];
@@ -905,8 +904,9 @@ spec:
         assert_eq!(l3(&s, ep, "8.8.8.8", 25, Tcp), Some(false), "deny world");
         assert_eq!(l3(&s, ep, "127.0.0.1", 7000, Tcp), None, "mixed: nothing");
         assert_eq!(l3(&s, ep, "10.0.1.6", 7000, Tcp), None, "mixed: nothing");
-        // The DNS rule towards reserved:host matches no server.
-        assert_eq!(dns(&s, ep, "127.0.0.1:53", Udp, "a.com"), Deny);
+        // The DNS rule towards reserved:host: the node's addresses are its servers.
+        assert_eq!(dns(&s, ep, "127.0.0.1:53", Udp, "a.com"), Allow);
+        assert_eq!(dns(&s, ep, "10.96.0.10:53", Udp, "a.com"), Deny);
         // reserved:health selects no dnsfence endpoint.
         let batch = s.endpoint_by_name("team-b/batch").unwrap();
         assert!(!s.is_restricted(batch));
@@ -1103,6 +1103,57 @@ spec:
         ] {
             assert!(err.contains(want), "no {want:?} in\n{err}");
         }
+    }
+
+    /// DNS rules under `toCIDR`/`toCIDRSet` and `toEntities` judge the server the query was
+    /// addressed to by address (and `toEndpoints` beside a `reserved:` entity by both).
+    #[test]
+    fn dns_rules_towards_cidrs_and_entities() {
+        use crate::cidr::{Cidr, NodeFacts};
+        let text = r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: dns-by-address, namespace: team-a}
+spec:
+  endpointSelector: {matchLabels: {app: uploader}}
+  egress:
+  - toCIDRSet: [{cidr: 10.53.0.0/16, except: [10.53.9.0/24]}]
+    toPorts: [{ports: [{port: "53", protocol: UDP}], rules: {dns: [{matchName: cidr.ok.com}]}}]
+  - toEntities: [host]
+    toPorts: [{ports: [{port: "53", protocol: ANY}], rules: {dns: [{matchName: host.ok.com}]}}]
+  - toEndpoints: [{matchLabels: {"reserved:kube-apiserver": ""}}, {matchLabels: {app: dns}}]
+    toPorts: [{ports: [{port: "53", protocol: UDP}], rules: {dns: [{matchName: mixed.ok.com}]}}]
+"#;
+        let p = PolicySet::from_yaml(Path::new("p.yaml"), text).unwrap_or_else(|e| panic!("{e}"));
+        assert!(p.notes().is_empty(), "{:?}", p.notes());
+        let e = Endpoints::from_yaml(Path::new("e.yaml"), ENDPOINTS).unwrap();
+        let node = NodeFacts {
+            host: vec![Cidr::parse("192.0.2.7").unwrap()],
+            kube_apiserver: vec![Cidr::parse("192.0.2.10").unwrap()],
+            ..NodeFacts::default()
+        };
+        let s = Snapshot::compile_on(&p, &e, &[], &node);
+        let ep = "team-a/uploader";
+        let cases = [
+            ("10.53.1.1:53", "cidr.ok.com", Allow),
+            ("10.53.9.1:53", "cidr.ok.com", Deny), // the exception
+            ("10.54.1.1:53", "cidr.ok.com", Deny),
+            ("10.53.1.1:53", "host.ok.com", Deny), // not the node
+            ("192.0.2.7:53", "host.ok.com", Allow),
+            ("192.0.2.7:53", "cidr.ok.com", Deny),
+            ("192.0.2.10:53", "mixed.ok.com", Allow), // reserved:kube-apiserver
+            ("10.0.1.53:53", "mixed.ok.com", Allow),  // the registered app=dns endpoint
+            ("10.96.0.10:53", "mixed.ok.com", Deny),
+        ];
+        for (server, name, want) in cases {
+            assert_eq!(dns(&s, ep, server, Udp, name), want, "{server} {name}");
+        }
+        assert_eq!(dns(&s, ep, "192.0.2.7:53", Tcp, "host.ok.com"), Allow);
+        assert_eq!(
+            dns(&s, ep, "10.53.1.1:53", Tcp, "cidr.ok.com"),
+            Deny,
+            "UDP only"
+        );
     }
 
     #[test]
