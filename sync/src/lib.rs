@@ -7,6 +7,8 @@
 //!   closed.
 //! - [`proto`]: the agent ↔ proxy protocol over the agent socket: framing, the versioned
 //!   message types, an incremental decoder and an encoder into a reused buffer.
+//! - [`conn`]: the agent socket: a listener that admits only its own user or root
+//!   (`SO_PEERCRED`), and a client connecting with capped, jittered backoff.
 //! - [`replay`]: the bounded buffer of observations and flow records the proxy holds until
 //!   the agent acknowledges them; overflow counted, unacknowledged batches re-sent after a
 //!   reconnect.
@@ -46,7 +48,8 @@
 //!    with it at once; `Ok(None)` → refuse every query until the agent sends one;
 //!    `Err(e)` → print `e` (one line), refuse until the agent sends one (fail closed).
 //! 2. A sync thread (one blocking control thread; never a shard) connects to
-//!    `--agent-socket` with backoff, sends [`proto::Hello`], and loops: read with
+//!    `--agent-socket` with [`conn::connect_with_backoff`] (a stop flag set at SIGTERM),
+//!    sends [`proto::Hello`], and loops: read with
 //!    [`proto::Decoder::read_from`] and [`proto::Decoder::decode`] (a read timeout of about
 //!    one heartbeat interval on the socket, so it also gets to send). On a
 //!    `PolicySnapshot`: compile it (the same code as the agent), `save` it, swap it in,
@@ -58,9 +61,11 @@
 //!    (`Kind::FQDN_CACHE`) now and then and at SIGTERM.
 //!
 //! **Agent** (`dnsfence agent`):
-//! 1. An accept thread on `--agent-socket` (mode 0600, stale socket file removed, peer
-//!    credentials checked: same uid or root), one thread per connection (there are at most
-//!    a proxy and a few observers).
+//! 1. [`conn::AgentListener::bind`] on `--agent-socket` (mode 0600, a stale socket file
+//!    removed, a live one an error) and an accept thread calling
+//!    [`conn::AgentListener::accept`] (peers of another user than the agent's or root are
+//!    closed and counted: export [`conn::AgentListener::rejected`] as a metric); one thread
+//!    per connection (there are at most a proxy and a few observers).
 //! 2. After the peer's Hello, send the current [`proto::PolicySnapshot`] (a version that
 //!    grows on every reload, across reconnects) and another after every reload; treat the
 //!    peer as current when its `SnapshotAck` carries the newest version.
@@ -76,6 +81,7 @@
 //! (own it in the sync thread, or put it behind a mutex held only for a push).
 #![forbid(unsafe_code)]
 
+pub mod conn;
 pub mod proto;
 pub mod replay;
 pub mod state;
