@@ -71,11 +71,17 @@ pub struct AgentArgs {
     /// shards, and IPv6 DNS of workloads is redirected to the IPv6 one.
     #[arg(long, value_name = "ADDR:PORT", required_unless_present = "uninstall")]
     pub listen: Vec<SocketAddr>,
-    /// Upstream DNS server. Default (eBPF mode only): each query goes to the server its
-    /// workload addressed, as the redirect recorded it; a query sent to the proxy's own
-    /// address then has no server and gets SERVFAIL.
+    /// Upstream DNS server: every query goes there. Default (eBPF mode only): each query goes
+    /// to the server its workload addressed, as the redirect recorded it, when that server is
+    /// one of the --dns-server ones (a query to another server is refused: its answers would
+    /// open egress); a query sent to the proxy's own address has no server (SERVFAIL).
     #[arg(long, value_name = "ADDR:PORT")]
     pub upstream: Option<SocketAddr>,
+    /// Without --upstream: a DNS server workloads may use, trusted to answer for them
+    /// (repeatable; e.g. the cluster DNS service address, the node's resolver). Default: the
+    /// nameservers of /etc/resolv.conf, port 53.
+    #[arg(long, value_name = "ADDR:PORT", conflicts_with = "upstream")]
+    pub dns_server: Vec<SocketAddr>,
     /// Upstream timeout before SERVFAIL (e.g. 5s, 800ms).
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     pub upstream_timeout: Duration,
@@ -297,8 +303,10 @@ pub fn parse_cpus(s: &str) -> Result<CpuList, String> {
 /// The agent's runtime plan: flags resolved and checked once.
 struct Plan {
     listen: Vec<SocketAddr>,
-    /// None: the server each query's workload addressed.
-    upstream: Option<SocketAddr>,
+    /// The upstream servers, and whether each query goes to the one its workload addressed
+    /// (else every query goes to the first).
+    upstreams: Vec<SocketAddr>,
+    addressed: bool,
     shards: Vec<(IoConfig, CoreConfig, Option<usize>)>,
     backend: BackendChoice,
 }
@@ -307,13 +315,32 @@ fn plan(args: &AgentArgs) -> Result<Plan> {
     if args.listen.is_empty() {
         bail!("--listen is required");
     }
-    let upstream = args.upstream;
-    if upstream.is_none() && args.no_bpf {
-        bail!(
+    let (upstreams, addressed) = match args.upstream {
+        Some(upstream) => (vec![upstream], false),
+        None if args.no_bpf => bail!(
             "--upstream is required with --no-bpf (without the eBPF redirect the proxy cannot \
              tell which server a query was addressed to)"
-        );
-    }
+        ),
+        None => {
+            let servers = match args.dns_server.is_empty() {
+                false => args.dns_server.clone(),
+                true => resolv_conf_servers(RESOLV_CONF)?,
+            };
+            if servers.is_empty() {
+                bail!(
+                    "no DNS server to forward to: {RESOLV_CONF} names none; give --upstream, \
+                     or --dns-server for each server workloads may use"
+                );
+            }
+            if servers.len() > dnsfence_engine::io::MAX_UPSTREAMS {
+                bail!(
+                    "--dns-server: at most {} servers",
+                    dnsfence_engine::io::MAX_UPSTREAMS
+                );
+            }
+            (servers, true)
+        }
+    };
     let listens = args.listen.clone();
     let families = (
         listens.iter().filter(|a| a.is_ipv4()).count(),
@@ -368,7 +395,8 @@ fn plan(args: &AgentArgs) -> Result<Plan> {
     }
     let mut plan = Plan {
         listen: listens.clone(),
-        upstream,
+        upstreams: upstreams.clone(),
+        addressed,
         shards: Vec::with_capacity(shards * listens.len()),
         backend: match args.io {
             IoFlag::Auto => BackendChoice::Auto,
@@ -381,9 +409,9 @@ fn plan(args: &AgentArgs) -> Result<Plan> {
         .iter()
         .flat_map(|&l| (0..shards).map(move |i| (l, i)))
     {
-        // Without --upstream: unconnected upstream sockets, each query to its own server.
-        let mut io = IoConfig::new(listen, upstream.unwrap_or(listen));
-        io.upstream = upstream;
+        // Each server gets its own connected sockets (and TCP connection).
+        let mut io = IoConfig::new(listen, upstreams[0]);
+        io.upstreams = upstreams.clone();
         io.upstream_sockets = args.upstream_sockets;
         io.batch = args.batch;
         io.tcp_idle_timeout = args.tcp_idle_timeout;
@@ -393,8 +421,12 @@ fn plan(args: &AgentArgs) -> Result<Plan> {
         io.max_tcp_out_bytes = args.max_tcp_out_bytes;
         io.max_tcp_pipeline = args.max_tcp_pipeline;
         io.tcp_socket_buffer_bytes = args.tcp_socket_buffer_bytes;
-        let mut core = CoreConfig::new(upstream.unwrap_or(listen));
-        core.upstream = upstream;
+        let mut core = CoreConfig::new(match addressed {
+            false => upstreams[0],
+            true => SocketAddr::new(listen.ip(), 53),
+        });
+        core.upstreams = upstreams.clone();
+        core.addressed = addressed;
         core.upstream_sockets = args.upstream_sockets;
         core.upstream_timeout = args.upstream_timeout;
         core.reject_rcode = match args.reject_rcode {
@@ -429,11 +461,47 @@ fn plan(args: &AgentArgs) -> Result<Plan> {
     Ok(plan)
 }
 
+/// Where the node's resolvers are listed.
+const RESOLV_CONF: &str = "/etc/resolv.conf";
+
+/// The `nameserver` addresses of a resolv.conf, port 53 (a scope suffix `%eth0` is dropped;
+/// the proxy forwards to link-local servers only when named with --dns-server).
+fn resolv_conf_servers(path: &str) -> Result<Vec<SocketAddr>> {
+    let text = std::fs::read_to_string(path).with_context(|| {
+        format!("read {path} for the DNS servers to trust (give --dns-server or --upstream)")
+    })?;
+    Ok(parse_resolv_conf(&text))
+}
+
+fn parse_resolv_conf(text: &str) -> Vec<SocketAddr> {
+    let mut servers = Vec::new();
+    for line in text.lines() {
+        let mut words = line.split_whitespace();
+        if words.next() != Some("nameserver") {
+            continue;
+        }
+        let Some(addr) = words.next() else { continue };
+        let addr = addr.split('%').next().unwrap_or(addr);
+        if let Ok(ip) = addr.parse::<std::net::IpAddr>() {
+            let server = SocketAddr::new(ip, 53);
+            if !servers.contains(&server) {
+                servers.push(server);
+            }
+        }
+    }
+    servers
+}
+
 /// The upstream, for messages.
-fn upstream_text(upstream: Option<SocketAddr>) -> String {
-    match upstream {
-        Some(upstream) => upstream.to_string(),
-        None => "(the server each workload addressed)".to_owned(),
+fn upstream_text(upstreams: &[SocketAddr], addressed: bool) -> String {
+    let list = upstreams
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ");
+    match addressed {
+        false => list,
+        true => format!("(the server each workload addressed, if one of: {list})"),
     }
 }
 
@@ -684,7 +752,7 @@ pub fn run(args: &AgentArgs) -> Result<()> {
         "dnsfence agent: serving {} with {shard_count} shards ({}, {placement}), upstream {}",
         listen_text(&plan.listen),
         backend.unwrap_or_default(),
-        upstream_text(plan.upstream)
+        upstream_text(&plan.upstreams, plan.addressed)
     );
     warn_about_limits(args, &policy.load());
 
@@ -714,7 +782,7 @@ pub fn run(args: &AgentArgs) -> Result<()> {
             eprintln!(
                 "dnsfence agent: upstream {} does not preserve the letter case of questions: \
                  DNS 0x20 switched off for it (--upstream-0x20 on keeps it)",
-                upstream_text(plan.upstream)
+                upstream_text(&plan.upstreams, plan.addressed)
             );
         }
         if let Some(i) = threads.iter().position(|t| t.is_finished()) {
@@ -811,6 +879,19 @@ mod tests {
         assert!(parse_duration("0").is_err());
         assert!(parse_duration("61m").is_err());
         assert!(parse_duration("x").is_err());
+    }
+
+    #[test]
+    fn resolv_conf() {
+        let text = "# generated\nsearch example.test\nnameserver 127.0.0.53\n\
+                    nameserver fe80::1%eth0\nnameserver 10.0.0.2 # x\nnameserver 127.0.0.53\n\
+                    nameserver bogus\noptions edns0\n";
+        let want: Vec<SocketAddr> = ["127.0.0.53:53", "[fe80::1]:53", "10.0.0.2:53"]
+            .iter()
+            .map(|s| s.parse().unwrap())
+            .collect();
+        assert_eq!(parse_resolv_conf(text), want);
+        assert!(parse_resolv_conf("").is_empty());
     }
 
     #[test]

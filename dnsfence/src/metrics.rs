@@ -206,6 +206,11 @@ pub fn render(state: &State) -> String {
             |s| s.no_upstream,
         ),
         (
+            "untrusted_server",
+            "Allowed queries refused: no --upstream and the client addressed a server not given by --dns-server",
+            |s| s.untrusted_server,
+        ),
+        (
             "timeouts",
             "Queries answered SERVFAIL after the upstream timeout",
             |s| s.timeouts,
@@ -214,7 +219,7 @@ pub fn render(state: &State) -> String {
         ("truncated", "Truncated answers relayed", |s| s.truncated),
         (
             "upstream_wrong_source",
-            "Upstream answers from another server than their query went to",
+            "Upstream answers from another address than their socket's server",
             |s| s.upstream_wrong_source,
         ),
         ("upstream_malformed", "Malformed upstream answers", |s| {

@@ -36,15 +36,20 @@ pub enum UnknownSource {
 /// The knobs of a core; every one is a flag of `dnsfence agent`.
 #[derive(Debug, Clone)]
 pub struct CoreConfig {
-    /// The upstream server; answers from any other address are dropped. None: each query
-    /// goes to the server its client addressed, as the datapath recorded it
-    /// ([`Origin::server`]); a query without one (sent to the proxy's own address, or
-    /// without eBPF) has nowhere to go and gets SERVFAIL ([`Stats::no_upstream`]).
-    pub upstream: Option<SocketAddr>,
+    /// The upstream servers, each with `upstream_sockets` sockets (socket `k` is server
+    /// `k / upstream_sockets`'s); an answer from another address than its socket's server is
+    /// dropped. Without `addressed`, every query goes to the first.
+    pub upstreams: Vec<SocketAddr>,
+    /// Each query goes to the server its client addressed ([`Origin::server`], eBPF
+    /// redirection) when that server is one of `upstreams` (the servers trusted to answer);
+    /// one addressed to another server is refused with the reject rcode
+    /// ([`Stats::untrusted_server`]), one with no addressed server (sent to the proxy itself)
+    /// gets SERVFAIL ([`Stats::no_upstream`]).
+    pub addressed: bool,
     /// The DNS server a query is taken to be addressed to when the datapath does not say
     /// (policy DNS rules are written for port 53 of the cluster's DNS server).
     pub policy_server: SocketAddr,
-    /// Number of upstream UDP sockets (random source ports) the shard opened.
+    /// Upstream UDP sockets (random source ports) the shard opened per server.
     pub upstream_sockets: u16,
     /// Queries one upstream UDP socket sends before it is retired and replaced by a socket
     /// on a fresh random port (see [`Core::poll_replace`]), so that an off-path spoofer never
@@ -100,7 +105,8 @@ impl CoreConfig {
     /// Defaults for an upstream, as `dnsfence agent` uses them.
     pub fn new(upstream: SocketAddr) -> CoreConfig {
         CoreConfig {
-            upstream: Some(upstream),
+            upstreams: vec![upstream],
+            addressed: false,
             policy_server: SocketAddr::new(upstream.ip(), 53),
             upstream_sockets: 4,
             upstream_socket_queries: 256,
@@ -157,45 +163,22 @@ impl Client {
 pub enum Destination {
     /// To a client.
     Client(Client),
-    /// To an upstream server from UDP socket `socket`.
+    /// To an upstream server from UDP socket `socket` (connected to it).
     UpstreamUdp {
         /// The shard's upstream socket index.
         socket: u16,
-        /// The server ([`CoreConfig::upstream`], or the one the client addressed).
-        server: SocketAddr,
     },
     /// To an upstream server over the shard's TCP connection to it.
     UpstreamTcp {
-        /// The server.
-        server: SocketAddr,
+        /// The server's index in [`CoreConfig::upstreams`].
+        server: u16,
     },
-}
-
-impl Destination {
-    /// The upstream UDP socket of an upstream destination sent over UDP.
-    fn udp_socket(&self) -> Option<u16> {
-        match *self {
-            Destination::UpstreamUdp { socket, .. } => Some(socket),
-            _ => None,
-        }
-    }
-
-    /// The upstream server of an upstream destination.
-    fn server(&self) -> Option<SocketAddr> {
-        match *self {
-            Destination::UpstreamUdp { server, .. } | Destination::UpstreamTcp { server } => {
-                Some(server)
-            }
-            Destination::Client(_) => None,
-        }
-    }
 }
 
 /// Whether `a` and `b` name one server: address (an IPv4-mapped IPv6 address is its IPv4
 /// address) and port; IPv6 flow labels, which a sender chooses, do not count.
-#[inline]
 pub fn same_server(a: SocketAddr, b: SocketAddr) -> bool {
-    a == b || (a.port() == b.port() && a.ip().to_canonical() == b.ip().to_canonical())
+    a.port() == b.port() && a.ip().to_canonical() == b.ip().to_canonical()
 }
 
 /// A datagram or TCP message to send. The bytes stay valid until the next call on the core.
@@ -314,12 +297,14 @@ pub struct Stats {
     pub answered: u64,
     /// Upstream answers relayed with TC set (client retries over TCP).
     pub truncated: u64,
-    /// Upstream messages from an address other than the server their query went to (with a
-    /// fixed upstream: other than the upstream).
+    /// Upstream datagrams from an address other than their socket's server.
     pub upstream_wrong_source: u64,
-    /// Allowed queries answered SERVFAIL because there was no server to forward them to: no
-    /// `upstream` is configured and the client addressed the proxy itself.
+    /// Allowed queries answered SERVFAIL because they had no server to go to (`addressed`,
+    /// and the client addressed the proxy itself).
     pub no_upstream: u64,
+    /// Allowed queries refused because the server their client addressed is not one of the
+    /// trusted `upstreams` (`addressed`): its answers would open egress.
+    pub untrusted_server: u64,
     /// Upstream datagrams that are not well-formed answers.
     pub upstream_malformed: u64,
     /// Upstream answers with no query in flight under their ID.
@@ -350,8 +335,7 @@ pub struct Stats {
     /// Queries answered SERVFAIL at once because the upstream answered them in another
     /// spelling before it had ever echoed one exactly (it may not preserve case).
     pub case_mismatch_failed: u64,
-    /// Upstream servers 0x20 was switched off for (they do not preserve case): 0 or 1 with a
-    /// fixed upstream.
+    /// Upstream servers 0x20 was switched off for (they do not preserve case).
     pub upstream_0x20_disabled: u64,
     /// Upstream sockets replaced by a fresh random port (after their query quota, or early).
     pub upstream_sockets_rotated: u64,
@@ -452,9 +436,6 @@ struct Pending {
     case_seed: u64,
     /// Whether the query went upstream in a 0x20 spelling.
     case_applied: bool,
-    /// Its server's entry in `Core::case` when it was sent (checked again at the answer:
-    /// the entry may have gone to another server since).
-    case: u8,
     /// The query's EDNS0 parameters (payload clamped), forwarded in a minimal OPT record.
     edns: Option<Edns>,
     /// Neighbours in the in-flight list (oldest first), `NO_SLOT` at the ends.
@@ -463,9 +444,8 @@ struct Pending {
 }
 
 /// What the answers of one upstream server said of its letter case (DNS 0x20).
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Default)]
 struct CaseState {
-    server: SocketAddr,
     /// Answers that echoed the 0x20 spelling exactly, and that did not (same ID and name).
     exact: u64,
     other: u32,
@@ -473,13 +453,11 @@ struct CaseState {
     off: bool,
 }
 
-/// Upstream servers whose 0x20 behaviour a core remembers. Beyond it the oldest entry is
-/// reused: a forgotten server starts again with 0x20 on and its fallback armed.
-pub const CASE_SERVERS: usize = 16;
-
 /// One upstream UDP socket's life as the core sees it (the I/O layer owns the socket).
 #[derive(Debug, Clone, Copy, Default)]
 struct UpSocket {
+    /// The index of its server in `CoreConfig::upstreams`.
+    server: u16,
     /// Queries sent from it since it was opened.
     sent: u32,
     /// Queries in flight on it.
@@ -590,12 +568,8 @@ pub struct Core {
     retiring: usize,
     /// Sockets the shard should replace (drained by `poll_replace`).
     replace: Vec<u16>,
-    /// What each upstream server's answers said of its letter case (one entry with a fixed
-    /// upstream; with each query sent to the server its client addressed, the
-    /// [`CASE_SERVERS`] most recently seen servers).
+    /// What each upstream server's answers said of its letter case (DNS 0x20), by server.
     case: Vec<CaseState>,
-    /// The entry of `case` the next new server takes when it is full (round robin).
-    case_next: usize,
     stats: Stats,
 }
 
@@ -613,12 +587,18 @@ impl Core {
         );
         assert!(config.upstream_sockets > 0, "at least one upstream socket");
         assert!(
+            !config.upstreams.is_empty() && config.upstreams.len() < usize::from(u16::MAX),
+            "at least one upstream server"
+        );
+        assert!(
             config.upstream_timeout <= Duration::from_secs(86_400),
             "upstream_timeout above a day"
         );
-        let channels = usize::from(config.upstream_sockets) + 1;
+        let sockets = config.upstreams.len() * usize::from(config.upstream_sockets);
+        assert!(sockets < usize::from(u16::MAX), "too many upstream sockets");
+        let channels = sockets + 1;
         let template = Pending {
-            client: Client::Udp(SocketAddr::from(([0, 0, 0, 0], 0))),
+            client: Client::Udp(config.upstreams[0]),
             client_id: 0,
             client_flags: 0,
             question: [0; QUESTION_MAX],
@@ -629,16 +609,13 @@ impl Core {
             key: None,
             enforce: false,
             generation: 0,
-            upstream: Destination::UpstreamTcp {
-                server: SocketAddr::from(([0, 0, 0, 0], 0)),
-            },
+            upstream: Destination::UpstreamTcp { server: 0 },
             upstream_id: 0,
             sent_at: Instant::now(),
             mismatches: 0,
             bucket: 0,
             case_seed: 0,
             case_applied: false,
-            case: 0,
             edns: None,
             prev: NO_SLOT,
             next: NO_SLOT,
@@ -649,8 +626,8 @@ impl Core {
             .map(|_| vec![NO_SLOT; 65536].into_boxed_slice())
             .collect();
         let rules = snapshot.rule_set();
+        let config_servers = config.upstreams.len();
         let config_sockets = config.upstream_sockets;
-        let config_upstream = config.upstream;
         Core {
             rng_key: config.seed,
             rng_counter: 0,
@@ -678,20 +655,15 @@ impl Core {
             ids,
             rules,
             addresses: Some(Box::default()),
-            sockets: vec![UpSocket::default(); usize::from(config_sockets)],
+            sockets: (0..sockets)
+                .map(|k| UpSocket {
+                    server: (k / usize::from(config_sockets)) as u16,
+                    ..UpSocket::default()
+                })
+                .collect(),
             retiring: 0,
-            replace: Vec::with_capacity(usize::from(config_sockets)),
-            case: {
-                let mut case = Vec::with_capacity(CASE_SERVERS);
-                case.extend(config_upstream.map(|server| CaseState {
-                    server,
-                    exact: 0,
-                    other: 0,
-                    off: false,
-                }));
-                case
-            },
-            case_next: 0,
+            replace: Vec::with_capacity(sockets),
+            case: vec![CaseState::default(); config_servers],
             stats: Stats::default(),
         }
     }
@@ -840,8 +812,23 @@ impl Core {
             }
             Some(verdict) => {
                 let enforce = verdict == DnsVerdict::Allow;
-                let to = self.config.upstream.or(server);
-                self.forward(now, client, endpoint.zip(key), enforce, to, &query, packet);
+                let upstream = match self.config.addressed {
+                    false => Ok(0),
+                    true => self.addressed_upstream(server),
+                };
+                match upstream {
+                    Ok(upstream) => {
+                        let ep = endpoint.zip(key);
+                        self.forward(now, client, ep, enforce, upstream, &query, packet);
+                    }
+                    Err(rcode) => {
+                        let flow = match rcode {
+                            Rcode::ServFail => Verdict::Unreachable,
+                            _ => Verdict::Refuse,
+                        };
+                        self.reply_in_place(now, client, key, &query, packet, rcode, flow);
+                    }
+                }
             }
         }
     }
@@ -937,8 +924,30 @@ impl Core {
         }
     }
 
-    /// Forwards an allowed query to `server`: the fixed upstream, else the server the client
-    /// addressed; None (no upstream, and the client addressed the proxy itself): SERVFAIL.
+    /// The index of the server a query addressed to `server` goes to (`addressed`): it must
+    /// be one of the trusted upstreams (else the reject rcode: a server the workload chose
+    /// could answer anything, and its answers would open egress); a query addressed to the
+    /// proxy itself has none (SERVFAIL).
+    fn addressed_upstream(&mut self, server: Option<SocketAddr>) -> Result<u16, Rcode> {
+        let Some(server) = server else {
+            self.stats.no_upstream += 1;
+            return Err(Rcode::ServFail);
+        };
+        match self
+            .config
+            .upstreams
+            .iter()
+            .position(|&u| same_server(u, server))
+        {
+            Some(i) => Ok(i as u16),
+            None => {
+                self.stats.untrusted_server += 1;
+                Err(self.config.reject_rcode)
+            }
+        }
+    }
+
+    /// Forwards an allowed query to upstream server `upstream` (an index).
     #[allow(clippy::too_many_arguments)]
     fn forward(
         &mut self,
@@ -946,25 +955,10 @@ impl Core {
         client: Client,
         endpoint: Option<(EndpointId, EndpointKey)>,
         enforce: bool,
-        server: Option<SocketAddr>,
+        upstream: u16,
         query: &Query,
         packet: &[u8],
     ) {
-        let key = endpoint.map(|(_, key)| key);
-        let Some(server) = server else {
-            self.stats.no_upstream += 1;
-            let servfail = Rcode::ServFail;
-            self.reply_in_place(
-                now,
-                client,
-                key,
-                query,
-                packet,
-                servfail,
-                Verdict::Unreachable,
-            );
-            return;
-        };
         let unknown = self.in_flight_by_endpoint.len() - 1;
         let bucket = endpoint.map_or(unknown, |(ep, _)| (ep.0 as usize).min(unknown));
         let endpoint_full =
@@ -972,6 +966,7 @@ impl Core {
         let slot = if endpoint_full { None } else { self.free.pop() };
         let Some(slot) = slot else {
             self.stats.pending_full += 1;
+            let key = endpoint.map(|(_, key)| key);
             let servfail = Rcode::ServFail;
             self.reply_in_place(now, client, key, query, packet, servfail, Verdict::Overload);
             return;
@@ -979,17 +974,14 @@ impl Core {
         // One PRF output for the socket (its upper half) and the ID (bits 16..32).
         let random = self.next_random();
         // TCP clients are forwarded over TCP (their answers may not fit a datagram).
-        let (channel, upstream) = match client {
+        let (channel, destination) = match client {
             Client::Tcp { .. } => (
-                usize::from(self.config.upstream_sockets),
-                Destination::UpstreamTcp { server },
+                self.sockets.len(),
+                Destination::UpstreamTcp { server: upstream },
             ),
             Client::Udp(_) => {
-                let socket = self.pick_socket(random >> 32);
-                (
-                    usize::from(socket),
-                    Destination::UpstreamUdp { socket, server },
-                )
+                let socket = self.pick_socket(random >> 32, upstream);
+                (usize::from(socket), Destination::UpstreamUdp { socket })
             }
         };
         let mut upstream_id = (random >> 16) as u16;
@@ -1011,7 +1003,7 @@ impl Core {
         p.key = endpoint.map(|(_, key)| key);
         p.enforce = enforce;
         p.generation = self.generation;
-        p.upstream = upstream;
+        p.upstream = destination;
         p.upstream_id = upstream_id;
         p.sent_at = now;
         p.mismatches = 0;
@@ -1026,12 +1018,7 @@ impl Core {
         self.in_flight_by_endpoint[bucket] += 1;
         self.pending[slot as usize].bucket = bucket as u32;
 
-        // With a fixed upstream its entry is the only one.
-        let case = match self.config.upstream {
-            Some(_) => 0,
-            None => self.case_index(server),
-        };
-        let case_applied = self.config.upstream_0x20 && !self.case[case].off;
+        let case_applied = self.config.upstream_0x20 && !self.case[usize::from(upstream)].off;
         let case_seed = if case_applied { self.next_random() } else { 0 };
         // The upstream sizes its answer by the EDNS0 payload size; a larger answer than the
         // shard can receive would be lost (and the client time out).
@@ -1043,10 +1030,9 @@ impl Core {
         let p = &mut self.pending[slot as usize];
         p.case_seed = case_seed;
         p.case_applied = case_applied;
-        p.case = case as u8;
         p.edns = edns;
         self.push_upstream_query(slot, Some(&packet[..query.question_end]));
-        if let Some(socket) = upstream.udp_socket() {
+        if let Destination::UpstreamUdp { socket } = destination {
             self.socket_sent(now, socket);
         }
         self.stats.forwarded += 1;
@@ -1085,16 +1071,17 @@ impl Core {
         self.outbox.ready.push_back((p.upstream, start, len));
     }
 
-    /// A random upstream socket that is not retiring (the next one in service when the draw
-    /// falls on a retiring one; when all are retiring, the draw).
-    fn pick_socket(&mut self, random: u64) -> u16 {
+    /// A random socket of upstream server `server` that is not retiring (the next one in
+    /// service when the draw falls on a retiring one; when all are retiring, the draw).
+    fn pick_socket(&mut self, random: u64, server: u16) -> u16 {
         let n = self.config.upstream_sockets;
-        let drawn = (random % u64::from(n)) as u16;
+        let base = server * n;
+        let drawn = base + (random % u64::from(n)) as u16;
         if self.retiring == 0 {
             return drawn;
         }
         match (0..n)
-            .map(|i| (drawn + i) % n)
+            .map(|i| base + (drawn - base + i) % n)
             .find(|&i| self.sockets[usize::from(i)].retiring.is_none())
         {
             Some(socket) => socket,
@@ -1103,27 +1090,6 @@ impl Core {
                 drawn
             }
         }
-    }
-
-    /// The entry of `case` for `server`, taken (and reset) when the server is new to it.
-    fn case_index(&mut self, server: SocketAddr) -> usize {
-        if let Some(i) = self.case.iter().position(|c| same_server(c.server, server)) {
-            return i;
-        }
-        let fresh = CaseState {
-            server,
-            exact: 0,
-            other: 0,
-            off: false,
-        };
-        if self.case.len() < CASE_SERVERS {
-            self.case.push(fresh);
-            return self.case.len() - 1;
-        }
-        let i = self.case_next;
-        self.case_next = (i + 1) % CASE_SERVERS;
-        self.case[i] = fresh;
-        i
     }
 
     /// Counts a query sent from `socket`; at its quota the socket retires (takes no new
@@ -1172,6 +1138,7 @@ impl Core {
             self.retiring -= 1;
         }
         *s = UpSocket {
+            server: s.server,
             in_flight: s.in_flight,
             ..UpSocket::default()
         };
@@ -1184,7 +1151,7 @@ impl Core {
         while slot != NO_SLOT {
             let p = &self.pending[slot as usize];
             let next = p.next;
-            if p.upstream.udp_socket() == Some(socket) {
+            if p.upstream == (Destination::UpstreamUdp { socket }) {
                 self.push_upstream_query(slot, None);
                 self.sockets[usize::from(socket)].sent += 1;
                 self.stats.upstream_resent += 1;
@@ -1193,19 +1160,16 @@ impl Core {
         }
     }
 
-    /// The upstream UDP socket `socket` reported that `server` is unreachable (an ICMP error
-    /// on a connected socket: `ECONNREFUSED`, nothing listens on the server's port, or it is
-    /// unreachable; or a failed send to it): every query in flight on that socket to that
-    /// server gets SERVFAIL now instead of at the timeout. The error does not say which query
-    /// it was for, and all of them went to the same server.
-    pub fn handle_upstream_error(&mut self, now: Instant, socket: u16, server: SocketAddr) {
+    /// The upstream UDP socket `socket` reported an ICMP error (`ECONNREFUSED`: nothing
+    /// listens on the upstream's port, or it is unreachable): every query in flight on it
+    /// gets SERVFAIL now instead of at the timeout. The error does not say which query it was
+    /// for, and all of them went to the same upstream.
+    pub fn handle_upstream_error(&mut self, now: Instant, socket: u16) {
         let mut slot = self.oldest;
         while slot != NO_SLOT {
             let p = &self.pending[slot as usize];
             let next = p.next;
-            if p.upstream.udp_socket() == Some(socket)
-                && p.upstream.server().is_some_and(|s| same_server(s, server))
-            {
+            if p.upstream == (Destination::UpstreamUdp { socket }) {
                 self.ids[usize::from(socket)][usize::from(p.upstream_id)] = NO_SLOT;
                 self.unlink(slot);
                 self.stats.upstream_unreachable += 1;
@@ -1224,30 +1188,31 @@ impl Core {
 
     /// A datagram on upstream UDP socket `socket` from `from`.
     pub fn handle_upstream(&mut self, now: Instant, socket: u16, from: SocketAddr, packet: &[u8]) {
-        if self
-            .config
-            .upstream
-            .is_some_and(|u| u != from && !same_server(u, from))
-        {
-            self.stats.upstream_wrong_source += 1;
-            return;
-        }
-        if socket >= self.config.upstream_sockets {
+        if usize::from(socket) >= self.sockets.len() {
             self.stats.upstream_unknown_id += 1;
             return;
         }
-        self.handle_answer(now, usize::from(socket), from, packet);
+        let server = self.sockets[usize::from(socket)].server;
+        let expected = self.config.upstreams[usize::from(server)];
+        if from != expected && !same_server(from, expected) {
+            self.stats.upstream_wrong_source += 1;
+            return;
+        }
+        self.handle_answer(now, usize::from(socket), server, packet);
     }
 
-    /// A message over the shard's TCP connection to upstream server `from`.
-    pub fn handle_upstream_tcp(&mut self, now: Instant, from: SocketAddr, packet: &[u8]) {
-        let channel = usize::from(self.config.upstream_sockets);
-        self.handle_answer(now, channel, from, packet);
+    /// A message over the shard's TCP connection to upstream server `server` (an index).
+    pub fn handle_upstream_tcp(&mut self, now: Instant, server: u16, packet: &[u8]) {
+        if usize::from(server) >= self.config.upstreams.len() {
+            self.stats.upstream_wrong_source += 1;
+            return;
+        }
+        self.handle_answer(now, self.sockets.len(), server, packet);
     }
 
-    /// An answer on `channel` from `from`: it must hold the ID of a query in flight on that
-    /// channel, sent to `from`, and its question.
-    fn handle_answer(&mut self, now: Instant, channel: usize, from: SocketAddr, packet: &[u8]) {
+    /// An answer on `channel` from upstream server `server`: it must hold the ID of a query
+    /// in flight on that channel, sent to that server, and its question.
+    fn handle_answer(&mut self, now: Instant, channel: usize, server: u16, packet: &[u8]) {
         let answer = match wire::parse_answer(packet) {
             Ok(answer) => answer,
             Err(_) => {
@@ -1262,15 +1227,11 @@ impl Core {
             return;
         }
         let p = &self.pending[slot as usize];
-        // (With a fixed upstream every query went to it, and `from` was checked against it.)
-        if self.config.upstream.is_none()
-            && !p.upstream.server().is_some_and(|s| same_server(s, from))
+        if let Destination::UpstreamTcp { server: sent_to } = p.upstream
+            && sent_to != server
         {
-            // The ID of a query sent to another server (unconnected sockets, when each query
-            // goes to the server its client addressed): not the answer, and counted against
-            // the socket like an unknown ID (someone is guessing at its port).
+            // Over TCP the ID space is shared by the servers' connections.
             self.stats.upstream_wrong_source += 1;
-            self.unknown_id(now, channel);
             return;
         }
         let name_len = usize::from(p.name_len);
@@ -1288,29 +1249,17 @@ impl Core {
             return;
         }
         if p.case_applied {
-            let echoed = wire::is_0x20_spelling(answer.name_wire(packet), client_name, p.case_seed);
-            let case = match usize::from(p.case) {
-                _ if self.config.upstream.is_some() => 0,
-                c if self
-                    .case
-                    .get(c)
-                    .is_some_and(|e| same_server(e.server, from)) =>
-                {
-                    c
-                }
-                _ => self.case_index(from),
-            };
-            if !echoed {
+            if !wire::is_0x20_spelling(answer.name_wire(packet), client_name, p.case_seed) {
                 self.stats.upstream_case_mismatch += 1;
-                if self.case[case].exact > 0 {
+                if self.case[usize::from(server)].exact > 0 {
                     // The upstream preserves case: this answer did not come from it.
                     self.wrong_question(now, channel, answer.id, slot);
                 } else {
-                    self.case_not_echoed(now, channel, answer.id, slot, case);
+                    self.case_not_echoed(now, channel, answer.id, slot, server);
                 }
                 return;
             }
-            self.case[case].exact += 1;
+            self.case[usize::from(server)].exact += 1;
         }
         self.ids[channel][usize::from(answer.id)] = NO_SLOT;
         self.unlink(slot);
@@ -1403,8 +1352,8 @@ impl Core {
     /// ID on the right socket (1 in 65,536 per guess, on a port that changes every few hundred
     /// queries and early under a burst of wrong IDs), all of them before the upstream's first
     /// real answer; one exact echo disables the fallback for the life of the process.
-    fn case_not_echoed(&mut self, now: Instant, channel: usize, id: u16, slot: u32, case: usize) {
-        let c = &mut self.case[case];
+    fn case_not_echoed(&mut self, now: Instant, channel: usize, id: u16, slot: u32, server: u16) {
+        let c = &mut self.case[usize::from(server)];
         c.other = c.other.saturating_add(1);
         if self.config.upstream_0x20_fallback && !c.off && c.other >= CASE_FALLBACK_AFTER {
             c.off = true;
@@ -1604,14 +1553,14 @@ impl Core {
                 break;
             }
             let channel = match p.upstream {
-                Destination::UpstreamUdp { socket, .. } => usize::from(socket),
-                _ => usize::from(self.config.upstream_sockets),
+                Destination::UpstreamUdp { socket } => usize::from(socket),
+                _ => self.sockets.len(),
             };
             self.stats.timeouts += 1;
             self.give_up(now, channel, p.upstream_id, slot, Verdict::Timeout);
         }
         if self.retiring > 0 {
-            for socket in 0..self.config.upstream_sockets {
+            for socket in 0..self.sockets.len() as u16 {
                 let s = &self.sockets[usize::from(socket)];
                 if !s.replace_queued && s.retiring.is_some_and(|t| t + RETIRE_GRACE <= now) {
                     self.queue_replace(now, socket);
@@ -1633,7 +1582,7 @@ impl Core {
             self.pending[slot as usize].prev,
             self.pending[slot as usize].next,
         );
-        if let Some(socket) = self.pending[slot as usize].upstream.udp_socket() {
+        if let Destination::UpstreamUdp { socket } = self.pending[slot as usize].upstream {
             let s = &mut self.sockets[usize::from(socket)];
             s.in_flight -= 1;
             if s.in_flight == 0 && !s.replace_queued && s.retiring.is_some() {

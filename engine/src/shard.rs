@@ -230,11 +230,9 @@ fn run(mut config: ShardConfig, mut io: Io) {
                         .and_then(|o| conn_origins.get(o.as_mut(), conn, peer));
                     core.handle_client(now, Client::Tcp { conn, peer }, origin, data)
                 }
-                Event::UpstreamUnreachable { socket, server } => {
-                    core.handle_upstream_error(now, socket, server)
-                }
-                Event::TcpUpstreamMessage { from, data } => {
-                    core.handle_upstream_tcp(now, from, data)
+                Event::UpstreamUnreachable { socket } => core.handle_upstream_error(now, socket),
+                Event::TcpUpstreamMessage { server, data } => {
+                    core.handle_upstream_tcp(now, server, data)
                 }
                 Event::TcpClientClosed { .. } => {}
             }
@@ -304,9 +302,7 @@ fn send(core: &mut Core, io: &mut Io) {
         match t.to {
             Destination::Client(Client::Udp(peer)) => io.send_client_udp(peer, t.data),
             Destination::Client(Client::Tcp { conn, .. }) => io.send_client_tcp(conn, t.data),
-            Destination::UpstreamUdp { socket, server } => {
-                io.send_upstream_udp(socket, server, t.data)
-            }
+            Destination::UpstreamUdp { socket } => io.send_upstream_udp(socket, t.data),
             Destination::UpstreamTcp { server } => io.send_upstream_tcp(server, t.data),
         }
     }

@@ -78,7 +78,7 @@ impl Harness {
         let out = self.query(ms, CLIENT, packet);
         assert_eq!(out.len(), 1, "{out:?}");
         match &out[0] {
-            (Destination::UpstreamUdp { socket, .. }, bytes) => (*socket, bytes.clone()),
+            (Destination::UpstreamUdp { socket }, bytes) => (*socket, bytes.clone()),
             other => panic!("expected a forward, got {other:?}"),
         }
     }
@@ -493,7 +493,7 @@ fn unknown_sources_by_flag() {
 fn unrestricted_endpoint_is_forwarded_without_allow_writes() {
     let mut h = Harness::new(config());
     let out = h.query(0, OPEN_CLIENT, &query(5, "anything.example", TYPE_A));
-    let (Destination::UpstreamUdp { socket, .. }, fwd) = &out[0] else {
+    let (Destination::UpstreamUdp { socket }, fwd) = &out[0] else {
         panic!("{out:?}")
     };
     let id = u16::from_be_bytes([fwd[0], fwd[1]]);
@@ -622,7 +622,7 @@ fn tcp_clients_are_forwarded_over_tcp() {
         &query(0x55, "t.allowed.test", TYPE_A),
     );
     let out = h.drain(0);
-    assert_eq!(out[0].0, Destination::UpstreamTcp { server: upstream() });
+    assert_eq!(out[0].0, Destination::UpstreamTcp { server: 0 });
     let id = u16::from_be_bytes([out[0].1[0], out[0].1[1]]);
     let ans = answer(
         id,
@@ -630,7 +630,7 @@ fn tcp_clients_are_forwarded_over_tcp() {
         TYPE_A,
         &[("t.allowed.test", TYPE_A, 60, &rdata_a("127.0.0.55"))],
     );
-    h.core.handle_upstream_tcp(h.at(1), upstream(), &ans);
+    h.core.handle_upstream_tcp(h.at(1), 0, &ans);
     let out = h.drain(1);
     assert_eq!(out[0].0, Destination::Client(client));
     assert_eq!(&out[0].1[0..2], &[0, 0x55]);
@@ -724,7 +724,7 @@ fn allow_entries_follow_the_workload_across_a_reload_that_renumbers_endpoints() 
         .set_snapshot(snapshot(&endpoints(payments, untrusted)));
     let ask = |h: &mut Harness, ms: u64, from: &str, id: u16| {
         let out = h.query(ms, from, &query(id, "pay.allowed.test", TYPE_A));
-        let (Destination::UpstreamUdp { socket, .. }, fwd) = &out[0] else {
+        let (Destination::UpstreamUdp { socket }, fwd) = &out[0] else {
             panic!("{out:?}")
         };
         let upstream_id = u16::from_be_bytes([fwd[0], fwd[1]]);
@@ -883,13 +883,6 @@ fn echo_answer(fwd: &[u8], ip_addr: &str) -> Vec<u8> {
     a
 }
 
-/// The answer of an upstream that does not preserve case: [`echo_answer`] lowercased.
-fn lower(fwd: &[u8]) -> Vec<u8> {
-    let mut a = echo_answer(fwd, "127.0.0.45");
-    a[12..].make_ascii_lowercase();
-    a
-}
-
 /// The same answer with the question spelled as the client did.
 fn with_spelling(answer: &[u8], spelled: &[u8]) -> Vec<u8> {
     let mut a = answer.to_vec();
@@ -950,6 +943,11 @@ fn upstream_that_does_not_preserve_case_falls_back_after_a_few_answers() {
     let mut c = config();
     c.upstream_0x20 = true;
     let mut h = Harness::new(c);
+    let lower = |fwd: &[u8]| {
+        let mut a = echo_answer(fwd, "127.0.0.45");
+        a[12..].make_ascii_lowercase();
+        a
+    };
     // Until the fallback each such answer is a SERVFAIL at once (not a 2 s timeout).
     for i in 0..dnsfence_engine::core::CASE_FALLBACK_AFTER {
         let name = format!("mixedcase{i}.allowed.test");
@@ -1087,11 +1085,10 @@ fn a_retiring_socket_is_replaced_after_a_grace_and_its_queries_resent() {
     // The queries in flight go again from the new socket: same ID, same spelling.
     let resent: Vec<&Vec<u8>> = out.iter().map(|(_, b)| b).collect();
     assert_eq!(resent, vec![&slow, &third]);
-    assert!(out.iter().all(|(d, _)| *d
-        == Destination::UpstreamUdp {
-            socket: 0,
-            server: upstream()
-        }));
+    assert!(
+        out.iter()
+            .all(|(d, _)| *d == Destination::UpstreamUdp { socket: 0 })
+    );
     assert_eq!(h.core.stats().upstream_resent, 2);
     // And their answers (to the new port) are accepted.
     assert_eq!(
@@ -1157,13 +1154,7 @@ fn a_burst_of_unknown_ids_retires_the_socket_at_once() {
     assert_eq!(replaced, vec![socket]);
     assert_eq!(
         out,
-        vec![(
-            Destination::UpstreamUdp {
-                socket,
-                server: upstream()
-            },
-            fwd.clone()
-        )]
+        vec![(Destination::UpstreamUdp { socket }, fwd.clone())]
     );
     // The real answer (to the new port) wins.
     let out = h.answer(3, socket, &echo_answer(&fwd, "127.0.0.52"));
@@ -1182,7 +1173,7 @@ fn an_icmp_unreachable_fails_that_sockets_queries_at_once() {
         fwds.push(h.forward(0, &query(i, &format!("u{i}.allowed.test"), TYPE_A)));
     }
     let on = |s: u16| fwds.iter().filter(|(x, _)| *x == s).count();
-    h.core.handle_upstream_error(h.at(1), 0, upstream());
+    h.core.handle_upstream_error(h.at(1), 0);
     let out = h.drain(1);
     assert_eq!(out.len(), on(0));
     assert!(out.iter().all(|(_, r)| rcode(r) == Rcode::ServFail as u8));
@@ -1476,9 +1467,10 @@ fn queries_without_an_origin_are_refused_in_ebpf_mode() {
     );
 }
 
-/// Without a fixed upstream, each query goes to the server its client addressed (the origin
-/// the datapath recorded), and only that server's answer is accepted.
-mod original_destination {
+/// eBPF mode without `--upstream`: each query goes to the server its client addressed when
+/// that server is a trusted one (each with its own connected sockets), and only that
+/// server's answer is accepted.
+mod addressed_servers {
     use super::*;
     use dnsfence_engine::core::Origin;
 
@@ -1489,31 +1481,36 @@ mod original_destination {
         s.parse().unwrap()
     }
 
-    fn harness() -> Harness {
+    fn harness(case: bool) -> Harness {
         let mut c = config();
-        c.upstream = None;
+        c.upstreams = vec![addr(A), addr(B)];
+        c.addressed = true;
         c.require_origin = true;
+        c.upstream_0x20 = case;
         Harness::new(c)
     }
 
-    fn origin(server: Option<&str>) -> Option<Origin> {
-        Some(Origin {
-            endpoint: Some(ep()),
-            server: server.map(addr),
-        })
-    }
-
-    /// Sends a query addressed to `server` (None: to the proxy itself) and drains.
+    /// A query addressed to `server` (None: to the proxy itself), drained.
     fn ask(
         h: &mut Harness,
         ms: u64,
         server: Option<&str>,
         packet: &[u8],
     ) -> Vec<(Destination, Vec<u8>)> {
+        let origin = Origin {
+            endpoint: Some(ep()),
+            server: server.map(addr),
+        };
         let client = Client::Udp(CLIENT.parse().unwrap());
-        h.core
-            .handle_client(h.at(ms), client, origin(server), packet);
+        h.core.handle_client(h.at(ms), client, Some(origin), packet);
         h.drain(ms)
+    }
+
+    fn forwarded(out: &[(Destination, Vec<u8>)]) -> (u16, Vec<u8>) {
+        match out {
+            [(Destination::UpstreamUdp { socket }, bytes)] => (*socket, bytes.clone()),
+            other => panic!("expected one forward, got {other:?}"),
+        }
     }
 
     fn answer_from(
@@ -1528,136 +1525,116 @@ mod original_destination {
     }
 
     #[test]
-    fn each_query_goes_to_the_server_its_client_addressed() {
-        let mut h = harness();
-        let mut sent = Vec::new();
-        for (id, server) in [(1, A), (2, B)] {
+    fn each_query_goes_to_its_servers_own_sockets() {
+        let mut h = harness(false);
+        for i in 0..32u16 {
+            let (server, range) = if i % 2 == 0 { (A, 0..4) } else { (B, 4..8) };
             let out = ask(
                 &mut h,
                 0,
                 Some(server),
-                &query(id, "www.allowed.test", TYPE_A),
+                &query(i, &format!("q{i}.allowed.test"), TYPE_A),
             );
-            assert_eq!(out.len(), 1, "{out:?}");
-            let Destination::UpstreamUdp { socket, server: to } = out[0].0 else {
-                panic!("{out:?}")
-            };
-            assert_eq!(to, addr(server));
-            sent.push((socket, to, out[0].1.clone()));
+            let (socket, fwd) = forwarded(&out);
+            assert!(range.contains(&socket), "{server}: socket {socket}");
+            // The other server's address on this socket: dropped; its own: answered.
+            let other = if server == A { B } else { A };
+            assert!(
+                answer_from(&mut h, 1, socket, other, &echo_answer(&fwd, "127.0.0.10")).is_empty()
+            );
+            let out = answer_from(&mut h, 1, socket, server, &echo_answer(&fwd, "127.0.0.10"));
+            assert_eq!(rcode(to_client(&out)), 0);
         }
-        // B's answer to A's query (right socket and ID, wrong server): not accepted, counted
-        // against the socket; A's own answer is.
-        let (socket, _, fwd) = &sent[0];
-        assert!(answer_from(&mut h, 1, *socket, B, &echo_answer(fwd, "127.0.0.10")).is_empty());
-        assert_eq!(h.core.stats().upstream_wrong_source, 1);
-        let out = answer_from(&mut h, 2, *socket, A, &echo_answer(fwd, "127.0.0.10"));
-        assert_eq!(rcode(to_client(&out)), 0);
-        let (socket, _, fwd) = &sent[1];
-        let out = answer_from(&mut h, 3, *socket, B, &echo_answer(fwd, "127.0.0.11"));
-        assert_eq!(rcode(to_client(&out)), 0);
-        assert_eq!(h.core.stats().answered, 2);
-        // An IPv4-mapped source is the IPv4 server.
+        assert_eq!(h.core.stats().upstream_wrong_source, 32);
+        // An IPv4-mapped address is the IPv4 server.
         let out = ask(
             &mut h,
-            4,
-            Some(A),
-            &query(3, "v4mapped.allowed.test", TYPE_A),
+            2,
+            Some("[::ffff:127.0.0.77]:53"),
+            &query(99, "m.allowed.test", TYPE_A),
         );
-        let Destination::UpstreamUdp { socket, .. } = out[0].0 else {
-            panic!("{out:?}")
-        };
-        let reply = echo_answer(&out[0].1, "127.0.0.12");
-        let out = answer_from(&mut h, 5, socket, "[::ffff:127.0.0.77]:53", &reply);
-        assert_eq!(rcode(to_client(&out)), 0);
+        assert!(forwarded(&out).0 < 4);
+    }
+
+    /// Review finding: a workload's own DNS server must not get to answer for a toFQDNs name
+    /// (its answer would open egress to any address it names).
+    #[test]
+    fn a_server_the_workload_chose_is_refused_and_never_asked() {
+        let mut h = harness(false);
+        let out = ask(
+            &mut h,
+            0,
+            Some("198.51.100.66:53"),
+            &query(5, "api.allowed.test", TYPE_A),
+        );
+        assert_eq!(rcode(to_client(&out)), Rcode::Refused as u8);
+        let s = h.core.stats();
+        assert_eq!((s.untrusted_server, s.forwarded), (1, 0));
     }
 
     #[test]
-    fn tcp_queries_go_to_the_addressed_server_and_only_its_answer_counts() {
-        let mut h = harness();
+    fn a_query_to_the_proxy_itself_has_no_server_and_gets_servfail() {
+        let mut h = harness(false);
+        let out = ask(&mut h, 0, None, &query(5, "www.allowed.test", TYPE_A));
+        assert_eq!(rcode(to_client(&out)), Rcode::ServFail as u8);
+        assert_eq!(h.core.stats().no_upstream, 1);
+        // A denied name is still refused, whatever the server.
+        let out = ask(&mut h, 1, Some(A), &query(6, "evil.example.com", TYPE_A));
+        assert_eq!(rcode(to_client(&out)), Rcode::Refused as u8);
+        assert_eq!(h.core.stats().forwarded, 0);
+    }
+
+    #[test]
+    fn tcp_goes_to_the_servers_connection_and_only_its_answer_counts() {
+        let mut h = harness(false);
         let client = Client::Tcp {
             conn: 7,
             peer: CLIENT.parse().unwrap(),
         };
+        let origin = Origin {
+            endpoint: Some(ep()),
+            server: Some(addr(B)),
+        };
         h.core.handle_client(
             h.at(0),
             client,
-            origin(Some(B)),
+            Some(origin),
             &query(9, "t.allowed.test", TYPE_A),
         );
         let out = h.drain(0);
-        assert_eq!(out[0].0, Destination::UpstreamTcp { server: addr(B) });
+        assert_eq!(out[0].0, Destination::UpstreamTcp { server: 1 });
         let reply = echo_answer(&out[0].1, "127.0.0.13");
-        h.core.handle_upstream_tcp(h.at(1), addr(A), &reply);
+        h.core.handle_upstream_tcp(h.at(1), 0, &reply);
         assert!(h.drain(1).is_empty());
-        h.core.handle_upstream_tcp(h.at(2), addr(B), &reply);
+        h.core.handle_upstream_tcp(h.at(2), 1, &reply);
         let out = h.drain(2);
         assert_eq!(out[0].0, Destination::Client(client));
         assert_eq!(rcode(&out[0].1), 0);
     }
 
     #[test]
-    fn a_query_to_the_proxy_itself_has_no_server_and_gets_servfail() {
-        let mut h = harness();
-        let out = ask(&mut h, 0, None, &query(5, "www.allowed.test", TYPE_A));
-        assert_eq!(rcode(to_client(&out)), Rcode::ServFail as u8);
-        assert_eq!(h.core.stats().no_upstream, 1);
-        assert_eq!(h.core.stats().forwarded, 0);
-        // A denied name is still refused, not SERVFAIL.
-        let out = ask(&mut h, 1, None, &query(6, "evil.example.com", TYPE_A));
-        assert_eq!(rcode(to_client(&out)), Rcode::Refused as u8);
-    }
-
-    #[test]
-    fn an_unreachable_server_fails_only_its_own_queries() {
-        let mut h = harness();
-        let mut on = std::collections::HashMap::<u16, Vec<&str>>::new();
-        for i in 0..8u16 {
-            let server = if i % 2 == 0 { A } else { B };
-            let out = ask(
-                &mut h,
-                0,
-                Some(server),
-                &query(i, &format!("u{i}.allowed.test"), TYPE_A),
-            );
-            let Destination::UpstreamUdp { socket, .. } = out[0].0 else {
-                panic!("{out:?}")
-            };
-            on.entry(socket).or_default().push(server);
-        }
-        let (&socket, servers) = on.iter().find(|(_, s)| s.contains(&A)).unwrap();
-        let failing = servers.iter().filter(|s| **s == A).count();
-        h.core.handle_upstream_error(h.at(1), socket, addr(A));
-        let out = h.drain(1);
-        assert_eq!(out.len(), failing, "{out:?}");
-        assert_eq!(h.core.in_flight(), 8 - failing);
-    }
-
-    #[test]
     fn dns_0x20_falls_back_per_server() {
-        let mut c = config();
-        c.upstream = None;
-        c.upstream_0x20 = true;
-        let mut h = Harness::new(c);
-        // Server A does not preserve case: 0x20 goes off for A after a few answers.
+        let mut h = harness(true);
+        // A does not preserve case: 0x20 goes off for A after a few answers.
         for i in 0..dnsfence_engine::core::CASE_FALLBACK_AFTER {
             let name = format!("mixedcase{i}.allowed.test");
-            let out = ask(&mut h, 0, Some(A), &query(i as u16, &name, TYPE_A));
-            let Destination::UpstreamUdp { socket, .. } = out[0].0 else {
-                panic!("{out:?}")
-            };
-            let out = answer_from(&mut h, 0, socket, A, &lower(&out[0].1));
+            let (socket, fwd) =
+                forwarded(&ask(&mut h, 0, Some(A), &query(i as u16, &name, TYPE_A)));
+            let mut lower = echo_answer(&fwd, "127.0.0.45");
+            lower[12..].make_ascii_lowercase();
+            let out = answer_from(&mut h, 0, socket, A, &lower);
             assert_eq!(rcode(to_client(&out)), Rcode::ServFail as u8);
         }
         assert_eq!(h.core.stats().upstream_0x20_disabled, 1);
         let plain = query(20, "lowercase.allowed.test", TYPE_A);
-        let out = ask(&mut h, 1, Some(A), &plain);
-        assert_eq!(&out[0].1[12..], &plain[12..], "A: as the client spelled it");
-        // Server B still gets the randomised spelling.
+        let (_, fwd) = forwarded(&ask(&mut h, 1, Some(A), &plain));
+        assert_eq!(&fwd[12..], &plain[12..], "A: as the client spelled it");
+        // B still gets the randomised spelling.
         let name = "averyveryverylongnamewithmanyletters.allowed.test";
         let q = query(21, name, TYPE_A);
-        let out = ask(&mut h, 1, Some(B), &q);
+        let (_, fwd) = forwarded(&ask(&mut h, 1, Some(B), &q));
         assert_ne!(
-            &out[0].1[12..12 + name.len() + 2],
+            &fwd[12..12 + name.len() + 2],
             &q[12..12 + name.len() + 2],
             "B: case randomised (2^-44 flake)"
         );

@@ -44,7 +44,7 @@ fn drive(fresh: bool) -> (u64, dnsfence_engine::core::Stats, usize) {
                 core.handle_client(now, client, None, &malformed);
                 out.clear();
                 while let Some(t) = core.poll_transmit() {
-                    if let Destination::UpstreamUdp { socket, .. } = t.to {
+                    if let Destination::UpstreamUdp { socket } = t.to {
                         let id = u16::from_be_bytes([t.data[0], t.data[1]]);
                         // The upstream echoes the 0x20 spelling of the question.
                         let mut spelled = [0u8; 32];

@@ -430,12 +430,6 @@ fn pipeline_limit_holds_queries_until_answers_go_out() {
 
 /// A TCP echo server on loopback that serves connections until the test ends.
 fn tcp_echo() -> SocketAddr {
-    tcp_server(true)
-}
-
-/// A TCP server on loopback that reads what each connection sends and, with `echo`, writes it
-/// back (else never answers).
-fn tcp_server(echo: bool) -> SocketAddr {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap();
     thread::spawn(move || {
@@ -444,7 +438,7 @@ fn tcp_server(echo: bool) -> SocketAddr {
             thread::spawn(move || {
                 let mut buf = [0; 4096];
                 while let Ok(n) = s.read(&mut buf) {
-                    if n == 0 || (echo && s.write_all(&buf[..n]).is_err()) {
+                    if n == 0 || s.write_all(&buf[..n]).is_err() {
                         return;
                     }
                 }
@@ -461,19 +455,17 @@ fn upstream_tcp_connects_lazily_and_pipelines() {
         let mut io = open(&config("127.0.0.1:0", echo), b);
         // Queued while the connection is being set up.
         for id in 0..3 {
-            io.send_upstream_tcp(echo, &msg(id, 50));
+            io.send_upstream_tcp(0, &msg(id, 50));
         }
         io.flush().unwrap();
         let evs = poll_n(&mut io, 3);
-        let want: Vec<_> = (0..3)
-            .map(|id| Ev::TcpUpstream(echo, msg(id, 50)))
-            .collect();
+        let want: Vec<_> = (0..3).map(|id| Ev::TcpUpstream(0, msg(id, 50))).collect();
         assert_eq!(evs, want);
         assert_eq!(io.stats().upstream_tcp_connects, 1);
         // Same connection for more.
-        io.send_upstream_tcp(echo, &msg(9, 0));
+        io.send_upstream_tcp(0, &msg(9, 0));
         io.flush().unwrap();
-        assert_eq!(poll_n(&mut io, 1), [Ev::TcpUpstream(echo, msg(9, 0))]);
+        assert_eq!(poll_n(&mut io, 1), [Ev::TcpUpstream(0, msg(9, 0))]);
         assert_eq!(io.stats().upstream_tcp_connects, 1);
     });
 }
@@ -487,7 +479,7 @@ fn upstream_tcp_connection_refused_is_counted() {
         .unwrap();
     for_each_backend(|b| {
         let mut io = open(&config("127.0.0.1:0", dead), b);
-        io.send_upstream_tcp(dead, &msg(1, 0));
+        io.send_upstream_tcp(0, &msg(1, 0));
         io.flush().unwrap();
         let start = std::time::Instant::now();
         while io.stats().upstream_tcp_errors == 0 {
@@ -500,57 +492,30 @@ fn upstream_tcp_connection_refused_is_counted() {
     });
 }
 
-/// Without a fixed upstream: one connection per server, each answer tagged with its server;
-/// past `UPSTREAM_TCP_SERVERS` a new server takes the place of a connection that owes no
-/// answer, and is dropped (counted) while every connection owes one.
+/// One TCP connection per upstream server; each answer is tagged with its server.
 #[test]
-fn upstream_tcp_without_a_fixed_upstream_keeps_a_connection_per_server() {
-    let n = dnsfence_engine::io::UPSTREAM_TCP_SERVERS;
-    let echoes: Vec<SocketAddr> = (0..=n).map(|_| tcp_echo()).collect();
-    let silent: Vec<SocketAddr> = (0..=n).map(|_| tcp_server(false)).collect();
+fn upstream_tcp_keeps_a_connection_per_server() {
+    let (one, two) = (tcp_echo(), tcp_echo());
     for_each_backend(|b| {
-        let mut c = config("127.0.0.1:0", echoes[0]);
-        c.upstream = None;
+        let mut c = config("127.0.0.1:0", one);
+        c.upstreams = vec![one, two];
         let mut io = open(&c, b);
-        for (i, &server) in echoes[..n].iter().enumerate() {
-            io.send_upstream_tcp(server, &msg(i as u16, 10));
-            io.send_upstream_tcp(server, &msg(100 + i as u16, 10));
-        }
+        io.send_upstream_tcp(1, &msg(1, 10));
+        io.send_upstream_tcp(0, &msg(2, 10));
+        io.send_upstream_tcp(1, &msg(3, 10));
+        io.send_upstream_tcp(7, &msg(4, 10));
         io.flush().unwrap();
-        let mut evs = poll_n(&mut io, 2 * n);
-        let mut want: Vec<Ev> = echoes[..n]
-            .iter()
-            .enumerate()
-            .flat_map(|(i, &s)| {
-                [
-                    Ev::TcpUpstream(s, msg(i as u16, 10)),
-                    Ev::TcpUpstream(s, msg(100 + i as u16, 10)),
-                ]
-            })
-            .collect();
-        let key = |e: &Ev| format!("{e:?}");
-        evs.sort_by_key(key);
-        want.sort_by_key(key);
-        assert_eq!(evs, want);
-        assert_eq!(io.stats().upstream_tcp_connects, n as u64);
-        // One more server: it takes the place of an idle connection.
-        io.send_upstream_tcp(echoes[n], &msg(77, 0));
-        io.flush().unwrap();
-        assert_eq!(poll_n(&mut io, 1), [Ev::TcpUpstream(echoes[n], msg(77, 0))]);
-        assert_eq!(io.stats().upstream_tcp_connects, n as u64 + 1);
-        // Every connection owes an answer: a message for yet another server is dropped.
-        for (i, &server) in silent[..n].iter().enumerate() {
-            io.send_upstream_tcp(server, &msg(200 + i as u16, 0));
-            io.flush().unwrap();
-        }
-        let start = std::time::Instant::now();
-        while io.stats().upstream_tcp_connects < 2 * n as u64 + 1 {
-            assert!(start.elapsed() < DEADLINE, "{:?}", io.stats());
-            io.poll(Some(Duration::from_millis(10)), &mut |e| panic!("{e:?}"))
-                .unwrap();
-        }
-        let dropped = io.stats().upstream_tcp_dropped;
-        io.send_upstream_tcp(silent[n], &msg(300, 0));
-        assert_eq!(io.stats().upstream_tcp_dropped, dropped + 1);
+        let mut evs = poll_n(&mut io, 3);
+        evs.sort_by_key(|e| format!("{e:?}"));
+        assert_eq!(
+            evs,
+            [
+                Ev::TcpUpstream(0, msg(2, 10)),
+                Ev::TcpUpstream(1, msg(1, 10)),
+                Ev::TcpUpstream(1, msg(3, 10)),
+            ]
+        );
+        let s = io.stats();
+        assert_eq!((s.upstream_tcp_connects, s.upstream_tcp_dropped), (2, 1));
     });
 }

@@ -111,7 +111,7 @@ fn upstream_sockets_round_trip_and_filter_other_sources() {
         assert_eq!(ports.len(), 4);
         assert!(io.upstream_local_addr(4).is_none());
         for i in 0..4u16 {
-            io.send_upstream_udp(i, echo.addr, format!("to upstream {i}").as_bytes());
+            io.send_upstream_udp(i, format!("to upstream {i}").as_bytes());
         }
         io.flush().unwrap();
         let mut evs = poll_n(&mut io, 4);
@@ -132,7 +132,7 @@ fn upstream_sockets_round_trip_and_filter_other_sources() {
         rogue
             .send_to(b"spoofed answer", io.upstream_local_addr(0).unwrap())
             .unwrap();
-        io.send_upstream_udp(0, echo.addr, b"genuine");
+        io.send_upstream_udp(0, b"genuine");
         io.flush().unwrap();
         let evs = poll_n(&mut io, 1);
         assert_eq!(evs, [Ev::Upstream(0, echo.addr, b"genuine".to_vec())]);
@@ -353,7 +353,7 @@ fn replaced_upstream_socket_gets_a_fresh_port_and_the_old_one_is_closed() {
                     .unwrap();
             }
             let msg = [b'r', round];
-            io.send_upstream_udp(1, echo.addr, &msg);
+            io.send_upstream_udp(1, &msg);
             io.flush().unwrap();
             let evs = poll_n(&mut io, 1);
             assert_eq!(evs, [Ev::Upstream(1, echo.addr, msg.to_vec())]);
@@ -361,7 +361,7 @@ fn replaced_upstream_socket_gets_a_fresh_port_and_the_old_one_is_closed() {
         }
         assert_eq!(io.stats().upstream_sockets_replaced, 5);
         // The other sockets were not touched.
-        io.send_upstream_udp(0, echo.addr, b"zero");
+        io.send_upstream_udp(0, b"zero");
         io.flush().unwrap();
         assert_eq!(
             poll_n(&mut io, 1),
@@ -380,22 +380,19 @@ fn icmp_port_unreachable_is_reported_at_once() {
         drop(closed);
         let mut io = open(&config("127.0.0.1:0", upstream), b);
         let start = std::time::Instant::now();
-        io.send_upstream_udp(2, upstream, b"anyone there?");
+        io.send_upstream_udp(2, b"anyone there?");
         io.flush().unwrap();
-        let evs = poll_until(&mut io, |e| e.contains(&Ev::Unreachable(2, upstream)));
+        let evs = poll_until(&mut io, |e| e.contains(&Ev::Unreachable(2)));
         assert!(
             start.elapsed() < Duration::from_millis(100),
             "{:?}",
             start.elapsed()
         );
-        assert!(
-            evs.iter().all(|e| *e == Ev::Unreachable(2, upstream)),
-            "{evs:?}"
-        );
+        assert!(evs.iter().all(|e| *e == Ev::Unreachable(2)), "{evs:?}");
         // A second query on the same socket is reported again (by its send or its receive).
-        io.send_upstream_udp(2, upstream, b"still?");
+        io.send_upstream_udp(2, b"still?");
         io.flush().unwrap();
-        poll_until(&mut io, |e| e.contains(&Ev::Unreachable(2, upstream)));
+        poll_until(&mut io, |e| e.contains(&Ev::Unreachable(2)));
     });
 }
 
@@ -407,8 +404,8 @@ fn every_dropped_send_is_counted_by_direction() {
         let mut io = open(&c, b);
         let peer = "127.0.0.1:9".parse().unwrap();
         io.send_client_udp(peer, &[0; 600]);
-        io.send_upstream_udp(0, no_upstream(), &[0; 600]);
-        io.send_upstream_udp(9, no_upstream(), b"no such socket");
+        io.send_upstream_udp(0, &[0; 600]);
+        io.send_upstream_udp(9, b"no such socket");
         io.send_client_tcp(12345, b"no such connection");
         io.flush().unwrap();
         let s = io.stats();
@@ -416,55 +413,43 @@ fn every_dropped_send_is_counted_by_direction() {
     });
 }
 
-/// Without a fixed upstream the sockets are unconnected: one socket sends to servers of both
-/// families, and each datagram comes with its real source (IPv4 as IPv4), from any sender,
-/// so that the core can check it against the server its query went to.
+/// Several upstream servers: each gets its own connected sockets (socket `k` is server
+/// `k / upstream_sockets`'s), so no port is shared between servers and each still drops
+/// datagrams from anyone else; a replacement stays with its server.
 #[test]
-fn unconnected_upstream_sockets_send_to_each_server_and_report_sources() {
+fn each_upstream_server_has_its_own_connected_sockets() {
     let v4 = Echo::start();
     let v6 = Echo::start_on("[::1]:0");
     for_each_backend(|b| {
         let mut c = config("127.0.0.1:0", v4.addr);
-        c.upstream = None;
+        c.upstreams = vec![v4.addr, v6.addr];
+        c.upstream_sockets = 2;
         let mut io = open(&c, b);
-        let servers = [v4.addr, v6.addr, v4.addr, v6.addr];
-        for (i, server) in servers.iter().enumerate() {
-            io.send_upstream_udp(0, *server, format!("to {i}").as_bytes());
+        assert!(io.upstream_local_addr(4).is_none());
+        for socket in 0..4u16 {
+            io.send_upstream_udp(socket, format!("to {socket}").as_bytes());
         }
         io.flush().unwrap();
-        let mut got: Vec<(Vec<u8>, SocketAddr)> = poll_n(&mut io, 4)
-            .into_iter()
-            .map(|e| match e {
-                Ev::Upstream(0, from, data) => (data, from),
-                other => panic!("unexpected {other:?}"),
+        let mut evs = poll_n(&mut io, 4);
+        evs.sort_by_key(|e| format!("{e:?}"));
+        let want: Vec<Ev> = (0..4u16)
+            .map(|k| {
+                let server = if k < 2 { v4.addr } else { v6.addr };
+                Ev::Upstream(k, server, format!("to {k}").into_bytes())
             })
             .collect();
-        got.sort();
-        let want: Vec<(Vec<u8>, SocketAddr)> = servers
-            .iter()
-            .enumerate()
-            .map(|(i, s)| (format!("to {i}").into_bytes(), *s))
-            .collect();
-        assert_eq!(got, want);
-        // A replacement socket is unconnected too.
-        io.replace_upstream_udp(0).unwrap();
-        io.send_upstream_udp(0, v6.addr, b"after");
+        assert_eq!(evs, want);
+        // A replacement stays connected to its server: a datagram from anyone else is
+        // dropped by the kernel (were it not, it would be the first event below).
+        io.replace_upstream_udp(3).unwrap();
+        let rogue = UdpSocket::bind("[::1]:0").unwrap();
+        let port = io.upstream_local_addr(3).unwrap().port();
+        rogue.send_to(b"spoofed", ("::1", port)).unwrap();
+        io.send_upstream_udp(3, b"after");
         io.flush().unwrap();
         assert_eq!(
             poll_n(&mut io, 1),
-            [Ev::Upstream(0, v6.addr, b"after".to_vec())]
-        );
-        // Any sender reaches it, with its own address.
-        let port = io.upstream_local_addr(0).unwrap().port();
-        let rogue = UdpSocket::bind("127.0.0.1:0").unwrap();
-        rogue.send_to(b"rogue", ("127.0.0.1", port)).unwrap();
-        assert_eq!(
-            poll_n(&mut io, 1),
-            [Ev::Upstream(
-                0,
-                rogue.local_addr().unwrap(),
-                b"rogue".to_vec()
-            )]
+            [Ev::Upstream(3, v6.addr, b"after".to_vec())]
         );
     });
 }

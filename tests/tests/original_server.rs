@@ -1,7 +1,8 @@
 //! Without `--upstream` (eBPF mode), each query goes to the DNS server its workload
-//! addressed, as the redirect recorded it: UDP and TCP, IPv4 and IPv6, both I/O backends
-//! (root; real cgroups, real kernel, dig inside a cgroup, servers on port 53 of local
-//! addresses).
+//! addressed, as the redirect recorded it, when that server is a trusted one
+//! (`--dns-server`): UDP and TCP, IPv4 and IPv6, both I/O backends; a server the workload
+//! chose is refused and never asked (root; real cgroups, real kernel, dig inside a cgroup,
+//! servers on port 53 of local addresses).
 use std::net::SocketAddr;
 use std::process::Command;
 use std::time::Duration;
@@ -38,6 +39,8 @@ fn without_upstream_each_query_goes_to_the_server_its_workload_addressed() {
     let one = FakeUpstream::start_on(addr("127.0.0.77:53"), FakeMode::Answer);
     let two = FakeUpstream::start_on(addr("127.0.0.78:53"), FakeMode::Answer);
     let six = FakeUpstream::start_on(addr("[fd00:53::53]:53"), FakeMode::Answer);
+    // The workload's own server: it would answer anything (and open egress to it).
+    let rogue = FakeUpstream::start_on(addr("127.0.0.79:53"), FakeMode::Answer);
     let seen = |u: &FakeUpstream, name: &str| u.names().iter().any(|n| n == name);
 
     for io in [IoBackend::Uring, IoBackend::Mmsg] {
@@ -48,7 +51,16 @@ fn without_upstream_each_query_goes_to_the_server_its_workload_addressed() {
             one.addr,
             POLICY,
             TWO_ENDPOINTS,
-            &["--listen", &v6_listen],
+            &[
+                "--listen",
+                &v6_listen,
+                "--dns-server",
+                "127.0.0.77:53",
+                "--dns-server",
+                "127.0.0.78:53",
+                "--dns-server",
+                "[fd00:53::53]:53",
+            ],
         );
         config.io = io;
         config.upstream = None;
@@ -84,6 +96,16 @@ fn without_upstream_each_query_goes_to_the_server_its_workload_addressed() {
             assert!(seen(&six, &name) && !seen(&one, &name) && !seen(&two, &name));
         }
 
+        // A server that is not a trusted one: refused, and never asked.
+        let name = format!("rogue-{tag}.allowed.test");
+        for extra in [&[][..], &["+tcp"][..]] {
+            let mut args = vec![name.as_str(), "A"];
+            args.extend_from_slice(extra);
+            let r = env.dig(Some("a"), rogue.addr, &args);
+            assert_eq!(r.status, "REFUSED", "{io:?} {extra:?}: {}", r.output);
+        }
+        assert!(rogue.names().is_empty(), "{:?}", rogue.names());
+
         // A denied name reaches no server.
         let name = format!("evil-{tag}.denied.test");
         let r = env.dig(Some("a"), one.addr, &[&name, "A"]);
@@ -100,12 +122,16 @@ fn without_upstream_each_query_goes_to_the_server_its_workload_addressed() {
         });
         assert!(counted.is_some(), "{}", agent.metrics_text());
 
+        let counted = poll_until(Duration::from_secs(5), || {
+            (agent.metric_sum("dnsfence_untrusted_server_total") == 2.0).then_some(())
+        });
+        assert!(counted.is_some(), "{}", agent.metrics_text());
         agent.process.terminate(Duration::from_secs(10));
         assert!(
-            agent
-                .process
-                .stderr()
-                .contains("upstream (the server each workload addressed)"),
+            agent.process.stderr().contains(
+                "(the server each workload addressed, if one of: 127.0.0.77:53, \
+                 127.0.0.78:53, [fd00:53::53]:53)"
+            ),
             "{}",
             agent.process.stderr()
         );

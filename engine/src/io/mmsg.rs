@@ -116,14 +116,13 @@ pub struct MmsgIo {
     listen: UdpSocket,
     local: SocketAddr,
     upstream: Vec<UdpSocket>,
-    /// The upstream and socket buffer sizes, for replacement sockets.
-    upstream_addr: Option<SocketAddr>,
-    /// Whether the (unconnected) upstream sockets are IPv6 (dual-stack).
-    upstream_v6: bool,
+    /// The server of each upstream socket and the socket buffer sizes, for replacement
+    /// sockets.
+    upstream_addr: Vec<SocketAddr>,
     sizes: BufferSizes,
-    /// Upstream sockets whose send reported a server unreachable (the error is consumed by
-    /// the send, so the next poll reports it).
-    unreachable: Vec<(u16, SocketAddr)>,
+    /// Upstream sockets whose send reported the upstream unreachable (the error is consumed
+    /// by the send, so the next poll reports it).
+    unreachable: Vec<u16>,
     rx: RxBatch,
     /// Index 0: the listen socket; `1 + i`: upstream socket `i`.
     tx: Vec<TxQueue>,
@@ -168,8 +167,10 @@ impl MmsgIo {
             send: config.tcp_socket_buffer_bytes,
         };
         let listen = sockets::bind_listen(config.listen, config.tcp, sizes, tcp_sizes)?;
-        let upstream = (0..config.upstream_sockets)
-            .map(|_| sockets::upstream_udp(config.upstream, sizes))
+        let servers = super::socket_servers(config);
+        let upstream = servers
+            .iter()
+            .map(|&server| sockets::upstream_udp(server, sizes))
             .collect::<Result<Vec<_>, _>>()?;
         let poll_err = |op| move |source| IoError::Poll { op, source };
         let epoll = Epoll::new().map_err(poll_err("epoll_create1"))?;
@@ -198,12 +199,8 @@ impl MmsgIo {
             listen: listen.udp,
             local: listen.addr,
             unreachable: Vec::with_capacity(upstream.len()),
-            upstream_v6: upstream
-                .first()
-                .and_then(|s| s.local_addr().ok())
-                .is_some_and(|a| a.is_ipv6()),
             upstream,
-            upstream_addr: config.upstream,
+            upstream_addr: servers,
             sizes,
             rx: RxBatch::new(config.batch, config.max_udp_payload),
             tx: (0..queues)
@@ -235,10 +232,8 @@ impl MmsgIo {
             Err(e) => {
                 // e.g. ECONNREFUSED on an upstream socket after an ICMP error.
                 self.stats.udp_rx_errors += 1;
-                if let (Some(socket), Some(server), true) =
-                    (which, self.upstream_addr, super::is_unreachable(&e))
-                {
-                    on_event(Event::UpstreamUnreachable { socket, server });
+                if let (Some(socket), true) = (which, super::is_unreachable(&e)) {
+                    on_event(Event::UpstreamUnreachable { socket });
                     return 1;
                 }
                 return 0;
@@ -255,11 +250,7 @@ impl MmsgIo {
             delivered += 1;
             on_event(match which {
                 None => Event::ClientDatagram { peer: from, data },
-                Some(socket) => Event::UpstreamDatagram {
-                    socket,
-                    from: super::canonical(from),
-                    data,
-                },
+                Some(socket) => Event::UpstreamDatagram { socket, from, data },
             });
         }
         delivered
@@ -327,8 +318,7 @@ impl MmsgIo {
             });
         }
         let mut at = 0;
-        let (mut dropped, mut failed) = (0, 0);
-        let mut unreachable = None;
+        let (mut dropped, mut failed, mut unreachable) = (0, 0, false);
         while at < hdrs.len() {
             // SAFETY: each header points at its own address in `msgs` and its own iovec in
             // `iovs`, each iovec at its payload inside `data`; all are borrowed here and not
@@ -351,11 +341,7 @@ impl MmsgIo {
                 Err(e) => {
                     // The first remaining datagram failed (bad address, ICMP error pending on
                     // a connected socket, too large): skip it and go on.
-                    if q > 0 && super::is_unreachable(&e) {
-                        // Connected: the peer; else the datagram's destination.
-                        let (addr, len, _, _) = &msgs[at];
-                        unreachable = self.upstream_addr.or_else(|| addr.get(*len));
-                    }
+                    unreachable |= super::is_unreachable(&e);
                     failed += 1;
                     at += 1;
                 }
@@ -370,10 +356,8 @@ impl MmsgIo {
         } else {
             self.stats.upstream_sends_dropped += failed;
             let socket = (q - 1) as u16;
-            if let Some(server) = unreachable.map(super::canonical)
-                && !self.unreachable.contains(&(socket, server))
-            {
-                self.unreachable.push((socket, server));
+            if unreachable && !self.unreachable.contains(&socket) {
+                self.unreachable.push(socket);
             }
         }
     }
@@ -387,8 +371,8 @@ impl ShardIo for MmsgIo {
     ) -> Result<usize, IoError> {
         let now = Instant::now();
         let mut n = 0;
-        for (socket, server) in self.unreachable.drain(..) {
-            on_event(Event::UpstreamUnreachable { socket, server });
+        for socket in self.unreachable.drain(..) {
+            on_event(Event::UpstreamUnreachable { socket });
             n += 1;
         }
         if self.tcp.has_pending() {
@@ -455,19 +439,15 @@ impl ShardIo for MmsgIo {
             .send_client(conn, data, &mut EpollPoller(&self.epoll), &mut self.stats);
     }
 
-    fn send_upstream_udp(&mut self, socket: u16, server: SocketAddr, data: &[u8]) {
+    fn send_upstream_udp(&mut self, socket: u16, data: &[u8]) {
         if usize::from(socket) >= self.upstream.len() {
             self.dropped(1, 1);
             return;
         }
-        let to = match self.upstream_addr {
-            Some(_) => None,
-            None => Some(sockets::upstream_dest(self.upstream_v6, server)),
-        };
-        self.queue(1 + usize::from(socket), to, data);
+        self.queue(1 + usize::from(socket), None, data);
     }
 
-    fn send_upstream_tcp(&mut self, server: SocketAddr, data: &[u8]) {
+    fn send_upstream_tcp(&mut self, server: u16, data: &[u8]) {
         self.tcp
             .send_upstream(server, data, &mut EpollPoller(&self.epoll), &mut self.stats);
     }
@@ -505,7 +485,7 @@ impl ShardIo for MmsgIo {
         if i >= self.upstream.len() {
             return Err(IoError::InvalidConfig("no such upstream socket"));
         }
-        let fresh = sockets::upstream_udp(self.upstream_addr, self.sizes)?;
+        let fresh = sockets::upstream_udp(self.upstream_addr[i], self.sizes)?;
         let token = TOKEN_UPSTREAM + u64::from(socket);
         let mut state = 0;
         self.epoll
@@ -520,7 +500,7 @@ impl ShardIo for MmsgIo {
         let mut state = sys::READ;
         let _ = self.epoll.sync(old.as_raw_fd(), token, 0, &mut state);
         drop(old);
-        self.unreachable.retain(|&(s, _)| s != socket);
+        self.unreachable.retain(|&s| s != socket);
         self.stats.upstream_sockets_replaced += 1;
         Ok(())
     }

@@ -8,16 +8,13 @@
 //! Each shard has:
 //!
 //! - a UDP listen socket and a TCP listener on [`IoConfig::listen`];
-//! - [`IoConfig::upstream_sockets`] UDP sockets bound to kernel-chosen (random) ephemeral
-//!   ports and `connect()`ed to [`IoConfig::upstream`] (the kernel drops datagrams from any
-//!   other source), each replaced by a fresh one when the core asks
-//!   ([`ShardIo::replace_upstream_udp`]: port rotation against off-path spoofing). Without a
-//!   fixed upstream (each query goes to the server its client addressed) the sockets are not
-//!   connected: dual-stack IPv6 sockets (IPv4 servers as IPv4-mapped addresses; IPv4 only
-//!   where the host has no IPv6) that send to each datagram's server and report each
-//!   datagram's source, which the core checks against the server its query went to;
-//! - pipelined TCP connections to the upstream servers, opened lazily: one with a fixed
-//!   upstream, else at most [`UPSTREAM_TCP_SERVERS`] at a time, one per server;
+//! - per upstream server of [`IoConfig::upstreams`], [`IoConfig::upstream_sockets`] UDP
+//!   sockets bound to kernel-chosen (random) ephemeral ports and `connect()`ed to it (the
+//!   kernel drops datagrams from any other source, and a port scan finds no open port),
+//!   each replaced by a fresh one when the core asks ([`ShardIo::replace_upstream_udp`]:
+//!   port rotation against off-path spoofing). Socket `k` belongs to server
+//!   `k / upstream_sockets`: no port is ever shared by two servers;
+//! - per upstream server, at most one pipelined TCP connection, opened lazily;
 //! - one readiness source: an io_uring ([`uring`]) or an epoll instance ([`mmsg`]).
 //!
 //! The shard loop is: [`ShardIo::poll`] (which hands every ready message to a callback as an
@@ -105,25 +102,22 @@ pub enum Event<'a> {
         /// The datagram's payload.
         data: &'a [u8],
     },
-    /// A datagram on upstream UDP socket `socket` (each with a random ephemeral source port).
+    /// A datagram on upstream UDP socket `socket` (sockets are `connect()`ed to their
+    /// server, each with a random ephemeral source port).
     UpstreamDatagram {
-        /// Index of the upstream socket, `0..upstream_sockets`.
+        /// Index of the upstream socket, `0..upstreams.len() * upstream_sockets`.
         socket: u16,
-        /// The source address (with a fixed upstream always the upstream: the socket is
-        /// connected; an IPv4-mapped source is given as IPv4).
+        /// The source address (always the socket's server: it is connected).
         from: SocketAddr,
         /// The datagram's payload.
         data: &'a [u8],
     },
-    /// Upstream UDP socket `socket` reported that `server` is unreachable (an ICMP port or
+    /// Upstream UDP socket `socket` reported that the upstream is unreachable (an ICMP port or
     /// host unreachable turned into `ECONNREFUSED`/`EHOSTUNREACH`/`ENETUNREACH` on the
-    /// connected socket, by a receive or a send; or, unconnected, a send to `server` that
-    /// failed).
+    /// connected socket, by a receive or a send).
     UpstreamUnreachable {
         /// Index of the upstream socket.
         socket: u16,
-        /// The server.
-        server: SocketAddr,
     },
     /// One complete DNS message from a TCP client (2-byte length prefix already stripped).
     TcpClientMessage {
@@ -136,8 +130,8 @@ pub enum Event<'a> {
     },
     /// One complete DNS message from an upstream server over TCP.
     TcpUpstreamMessage {
-        /// The server the connection goes to.
-        from: SocketAddr,
+        /// The server's index in [`IoConfig::upstreams`].
+        server: u16,
         /// The message, at least 12 bytes (a DNS header).
         data: &'a [u8],
     },
@@ -154,10 +148,9 @@ pub struct IoConfig {
     /// Address of the UDP listen socket and the TCP listener (port 0: a kernel-chosen port,
     /// the same for UDP and TCP; see [`ShardIo::local_addr`]).
     pub listen: SocketAddr,
-    /// The upstream resolver; None: each query goes to the server its client addressed
-    /// (unconnected upstream sockets, see the module doc).
-    pub upstream: Option<SocketAddr>,
-    /// Number of connected upstream UDP sockets (each with its own random source port).
+    /// The upstream servers (at least one; at most [`MAX_UPSTREAMS`]).
+    pub upstreams: Vec<SocketAddr>,
+    /// Connected UDP sockets per upstream server (each with its own random source port).
     pub upstream_sockets: u16,
     /// Datagrams per `recvmmsg` (mmsg) and the scale of the per-poll budget.
     pub batch: usize,
@@ -208,7 +201,7 @@ impl IoConfig {
     pub fn new(listen: SocketAddr, upstream: SocketAddr) -> Self {
         Self {
             listen,
-            upstream: Some(upstream),
+            upstreams: vec![upstream],
             upstream_sockets: 4,
             batch: 64,
             max_udp_payload: 4096,
@@ -233,6 +226,12 @@ impl IoConfig {
         let bad = |what| Err(IoError::InvalidConfig(what));
         if self.upstream_sockets == 0 {
             return bad("upstream_sockets must be at least 1");
+        }
+        if self.upstreams.is_empty() || self.upstreams.len() > MAX_UPSTREAMS {
+            return bad("upstreams: from 1 to MAX_UPSTREAMS servers");
+        }
+        if self.upstreams.len() * usize::from(self.upstream_sockets) > MAX_UPSTREAM_SOCKETS {
+            return bad("upstreams × upstream_sockets must be at most MAX_UPSTREAM_SOCKETS");
         }
         if self.batch == 0 || self.batch > 1024 {
             return bad("batch must be in 1..=1024");
@@ -415,12 +414,12 @@ pub trait ShardIo {
     /// Queues a message to a TCP client (adds the length prefix); dropped if the connection
     /// is gone. Also counts the message as answered for the pipeline limit.
     fn send_client_tcp(&mut self, conn: ConnId, data: &[u8]);
-    /// Queues a datagram to `server` on upstream socket `socket` (`0..upstream_sockets`).
-    /// A connected socket sends to its peer, which is `server`.
-    fn send_upstream_udp(&mut self, socket: u16, server: SocketAddr, data: &[u8]);
-    /// Queues a message on the shard's pipelined TCP connection to `server`, connecting it
-    /// if needed; messages sent before it is up are queued (bounded).
-    fn send_upstream_tcp(&mut self, server: SocketAddr, data: &[u8]);
+    /// Queues a datagram on upstream socket `socket` (to its server).
+    fn send_upstream_udp(&mut self, socket: u16, data: &[u8]);
+    /// Queues a message on the shard's pipelined TCP connection to upstream server `server`
+    /// (its index), connecting it if needed; messages sent before it is up are queued
+    /// (bounded).
+    fn send_upstream_tcp(&mut self, server: u16, data: &[u8]);
     /// Submits all queued sends in as few syscalls as possible.
     fn flush(&mut self) -> Result<(), IoError>;
     /// The backend in use.
@@ -438,26 +437,19 @@ pub trait ShardIo {
     fn replace_upstream_udp(&mut self, socket: u16) -> Result<(), IoError>;
 }
 
-/// Upstream servers a shard keeps TCP connections to at once (when each query goes to the
-/// server its client addressed); a message for another server takes the place of a
-/// connection with no query outstanding, else it is dropped (counted in
-/// [`IoStats::upstream_tcp_dropped`]).
-pub const UPSTREAM_TCP_SERVERS: usize = 8;
+/// Most upstream servers of a shard.
+pub const MAX_UPSTREAMS: usize = 64;
 
-/// An address as it is compared: an IPv4-mapped IPv6 address as IPv4, no flow label.
-pub(crate) fn canonical(addr: SocketAddr) -> SocketAddr {
-    match addr {
-        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
-            Some(v4) => SocketAddr::from((v4, v6.port())),
-            None => SocketAddr::V6(std::net::SocketAddrV6::new(
-                *v6.ip(),
-                v6.port(),
-                0,
-                v6.scope_id(),
-            )),
-        },
-        v4 => v4,
-    }
+/// Most upstream UDP sockets of a shard, all servers together.
+pub const MAX_UPSTREAM_SOCKETS: usize = 1024;
+
+/// The server of each upstream UDP socket: `upstream_sockets` for each server, in order.
+pub(crate) fn socket_servers(config: &IoConfig) -> Vec<SocketAddr> {
+    config
+        .upstreams
+        .iter()
+        .flat_map(|&s| std::iter::repeat_n(s, usize::from(config.upstream_sockets)))
+        .collect()
 }
 
 /// Whether a socket error on a connected upstream UDP socket is an ICMP unreachable.
@@ -506,10 +498,10 @@ impl ShardIo for Io {
     fn send_client_tcp(&mut self, conn: ConnId, data: &[u8]) {
         dispatch!(self, io => io.send_client_tcp(conn, data))
     }
-    fn send_upstream_udp(&mut self, socket: u16, server: SocketAddr, data: &[u8]) {
-        dispatch!(self, io => io.send_upstream_udp(socket, server, data))
+    fn send_upstream_udp(&mut self, socket: u16, data: &[u8]) {
+        dispatch!(self, io => io.send_upstream_udp(socket, data))
     }
-    fn send_upstream_tcp(&mut self, server: SocketAddr, data: &[u8]) {
+    fn send_upstream_tcp(&mut self, server: u16, data: &[u8]) {
         dispatch!(self, io => io.send_upstream_tcp(server, data))
     }
     fn flush(&mut self) -> Result<(), IoError> {

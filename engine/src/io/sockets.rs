@@ -141,15 +141,8 @@ pub fn bind_listen(
 }
 
 /// A UDP socket bound to a kernel-chosen ephemeral port and `connect()`ed to `upstream`:
-/// the kernel drops datagrams from any other source. Without an upstream, an unconnected
-/// socket that can send to any server (see [`upstream_udp_any`]).
-pub fn upstream_udp(
-    upstream: Option<SocketAddr>,
-    sizes: BufferSizes,
-) -> Result<UdpSocket, IoError> {
-    let Some(upstream) = upstream else {
-        return upstream_udp_any(sizes);
-    };
+/// the kernel drops datagrams from any other source.
+pub fn upstream_udp(upstream: SocketAddr, sizes: BufferSizes) -> Result<UdpSocket, IoError> {
     let socket = new_socket(upstream, Type::DGRAM, Protocol::UDP)?;
     set_buffers(&socket, sizes);
     let any: SocketAddr = match upstream {
@@ -163,56 +156,6 @@ pub fn upstream_udp(
         .connect(&SockAddr::from(upstream))
         .map_err(socket_err("connecting upstream socket to", upstream))?;
     Ok(socket.into())
-}
-
-/// An unconnected UDP socket on a kernel-chosen ephemeral port for every server: dual-stack
-/// IPv6 (IPv4 servers as IPv4-mapped addresses, see [`upstream_dest`]), or IPv4 where the
-/// host has no IPv6.
-fn upstream_udp_any(sizes: BufferSizes) -> Result<UdpSocket, IoError> {
-    let any6: SocketAddr = (Ipv6Addr::UNSPECIFIED, 0).into();
-    let socket = match Socket::new(
-        Domain::IPV6,
-        Type::DGRAM.nonblocking().cloexec(),
-        Some(Protocol::UDP),
-    ) {
-        Ok(socket) => {
-            socket
-                .set_only_v6(false)
-                .map_err(socket_err("clearing IPV6_V6ONLY on", any6))?;
-            socket
-        }
-        Err(e) if e.raw_os_error() == Some(libc::EAFNOSUPPORT) => new_socket(
-            (Ipv4Addr::UNSPECIFIED, 0).into(),
-            Type::DGRAM,
-            Protocol::UDP,
-        )?,
-        Err(source) => {
-            return Err(IoError::Socket {
-                op: "creating socket for",
-                addr: any6,
-                source,
-            });
-        }
-    };
-    set_buffers(&socket, sizes);
-    let any = if socket.domain().is_ok_and(|d| d == Domain::IPV6) {
-        any6
-    } else {
-        (Ipv4Addr::UNSPECIFIED, 0).into()
-    };
-    socket
-        .bind(&SockAddr::from(any))
-        .map_err(socket_err("binding upstream socket on", any))?;
-    Ok(socket.into())
-}
-
-/// The destination to give an unconnected upstream socket for `server`: on an IPv6 socket
-/// an IPv4 server as its IPv4-mapped address.
-pub(crate) fn upstream_dest(socket_v6: bool, server: SocketAddr) -> SocketAddr {
-    match server {
-        SocketAddr::V4(v4) if socket_v6 => SocketAddr::from((v4.ip().to_ipv6_mapped(), v4.port())),
-        other => other,
-    }
 }
 
 /// Starts a nonblocking TCP connection to `upstream` (it completes when writable).

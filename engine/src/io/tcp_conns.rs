@@ -127,8 +127,8 @@ struct ClientConn {
 
 #[derive(Debug)]
 struct UpstreamConn {
-    /// The server this slot connects to (None: the slot was never used).
-    server: Option<SocketAddr>,
+    /// The server it connects to.
+    server: SocketAddr,
     stream: Option<TcpStream>,
     connecting: bool,
     gen_: u64,
@@ -136,8 +136,6 @@ struct UpstreamConn {
     out: OutBuf,
     state: Interest,
     write_blocked: bool,
-    /// Messages sent on this connection and not answered (DNS over TCP: one answer each).
-    outstanding: usize,
 }
 
 /// Listener, client connections and the upstream connection of one shard.
@@ -160,11 +158,8 @@ pub(crate) struct TcpSide {
     dirty: Vec<ConnId>,
     resume: Vec<ConnId>,
     closed: Vec<ConnId>,
-    /// Connections to upstream servers: one with a fixed upstream, else up to
-    /// [`super::UPSTREAM_TCP_SERVERS`], one per server.
+    /// One connection per upstream server, by index.
     upstream: Vec<UpstreamConn>,
-    /// The fixed upstream (None: each message names its server).
-    upstream_addr: Option<SocketAddr>,
     idle: Duration,
     max_conns: usize,
     pipeline: usize,
@@ -203,13 +198,11 @@ impl TcpSide {
             dirty: Vec::new(),
             resume: Vec::new(),
             closed: Vec::new(),
-            upstream: (0..if config.upstream.is_some() {
-                1
-            } else {
-                super::UPSTREAM_TCP_SERVERS
-            })
-                .map(|_| UpstreamConn {
-                    server: config.upstream,
+            upstream: config
+                .upstreams
+                .iter()
+                .map(|&server| UpstreamConn {
+                    server,
                     stream: None,
                     connecting: false,
                     gen_: 0,
@@ -217,10 +210,8 @@ impl TcpSide {
                     out: OutBuf::new(config.max_upstream_tcp_queue),
                     state: 0,
                     write_blocked: false,
-                    outstanding: 0,
                 })
                 .collect(),
-            upstream_addr: config.upstream,
             idle: config.tcp_idle_timeout,
             max_conns: config.max_tcp_conns,
             pipeline: config.max_tcp_pipeline,
@@ -719,53 +710,22 @@ impl TcpSide {
         }
     }
 
-    /// The connection slot for messages to `server`: its own, else an unused one, else one
-    /// that owes no answer (closed to make room); None when every slot is busy with another
-    /// server.
-    fn upstream_slot(
-        &mut self,
-        server: SocketAddr,
-        poller: &mut dyn Poller,
-        stats: &mut IoStats,
-    ) -> Option<usize> {
-        if self.upstream_addr.is_some() {
-            return Some(0);
-        }
-        let same = |u: &UpstreamConn| u.server.is_some_and(|s| super::canonical(s) == server);
-        let server = super::canonical(server);
-        if let Some(i) = self.upstream.iter().position(same) {
-            return Some(i);
-        }
-        let i = self
-            .upstream
-            .iter()
-            .position(|u| u.stream.is_none())
-            .or_else(|| {
-                self.upstream
-                    .iter()
-                    .position(|u| u.outstanding == 0 && u.out.is_empty() && !u.connecting)
-            })?;
-        self.close_upstream(i, poller, stats);
-        self.upstream[i].server = Some(server);
-        Some(i)
-    }
-
-    /// Queues a message for `server`, connecting first if needed.
+    /// Queues a message for upstream server `i`, connecting first if needed.
     pub(crate) fn send_upstream(
         &mut self,
-        server: SocketAddr,
+        i: u16,
         data: &[u8],
         poller: &mut dyn Poller,
         stats: &mut IoStats,
     ) {
-        let Some(i) = self.upstream_slot(server, poller, stats) else {
+        let i = usize::from(i);
+        let Some(u) = self.upstream.get(i) else {
             stats.upstream_tcp_dropped += 1;
             stats.upstream_sends_dropped += 1;
             return;
         };
-        if self.upstream[i].stream.is_none() {
-            let addr = self.upstream[i].server.unwrap_or(server);
-            match sockets::upstream_tcp(addr) {
+        if u.stream.is_none() {
+            match sockets::upstream_tcp(u.server) {
                 Ok(stream) => {
                     let u = &mut self.upstream[i];
                     u.stream = Some(stream);
@@ -774,7 +734,6 @@ impl TcpSide {
                     u.out.clear();
                     u.state = 0;
                     u.write_blocked = false;
-                    u.outstanding = 0;
                     self.sync_upstream(i, poller, stats);
                 }
                 Err(_) => {
@@ -785,12 +744,8 @@ impl TcpSide {
                 }
             }
         }
-        let u = &mut self.upstream[i];
-        match u.out.push_frame(data) {
-            Ok(()) => {
-                stats.tcp_tx_messages += 1;
-                u.outstanding += 1;
-            }
+        match self.upstream[i].out.push_frame(data) {
+            Ok(()) => stats.tcp_tx_messages += 1,
             Err(_) => {
                 stats.upstream_tcp_dropped += 1;
                 stats.upstream_sends_dropped += 1;
@@ -836,7 +791,6 @@ impl TcpSide {
         u.dec.reset();
         u.out.clear();
         u.state = 0;
-        u.outstanding = 0;
     }
 
     fn upstream_ready(
@@ -874,7 +828,7 @@ impl TcpSide {
         let u = &mut self.upstream[i];
         let mut n = 0;
         if ready & READ != 0 {
-            let (Some(stream), Some(from)) = (u.stream.as_mut(), u.server) else {
+            let Some(stream) = u.stream.as_mut() else {
                 return 0;
             };
             // The upstream closing its side is as final as an error: nothing more will come.
@@ -883,8 +837,10 @@ impl TcpSide {
                 match u.dec.next_frame() {
                     Ok(Some(data)) => {
                         stats.tcp_rx_messages += 1;
-                        u.outstanding = u.outstanding.saturating_sub(1);
-                        on_event(Event::TcpUpstreamMessage { from, data });
+                        on_event(Event::TcpUpstreamMessage {
+                            server: i as u16,
+                            data,
+                        });
                         n += 1;
                     }
                     Ok(None) => break,
@@ -904,7 +860,7 @@ impl TcpSide {
         n
     }
 
-    /// Writes connection `i`'s upstream output; false if the connection was closed.
+    /// Writes upstream connection `i`'s output; false if the connection was closed.
     fn write_upstream(&mut self, i: usize, poller: &mut dyn Poller, stats: &mut IoStats) -> bool {
         let u = &mut self.upstream[i];
         let Some(stream) = u.stream.as_mut() else {

@@ -17,10 +17,9 @@
 //!   ring: group 0 for the listen socket, group 1 shared by the upstream sockets (so a flood of
 //!   clients cannot starve upstream answers of buffers). The listen socket uses `RecvMsg`
 //!   (`IORING_RECV_MULTISHOT`): each completion carries one datagram, laid out by the kernel
-//!   as `io_uring_recvmsg_out`, the source address, then the payload. Connected upstream
-//!   sockets (a fixed upstream) have a known source: a plain multishot `Recv` puts the
-//!   payload alone in the buffer (no `msghdr` to copy, no address); unconnected ones (each
-//!   query to the server its client addressed) use `RecvMsg` like the listen socket. After the callback for a datagram
+//!   as `io_uring_recvmsg_out`, the source address, then the payload. The upstream sockets
+//!   are connected, so their source is known: a plain multishot `Recv` puts the payload alone
+//!   in the buffer (no `msghdr` to copy, no address). After the callback for a datagram
 //!   returns, its buffer goes back to the ring (one entry write and a release store of the
 //!   tail). When the kernel ends a multishot (no `IORING_CQE_F_MORE`: buffers ran out
 //!   (`ENOBUFS`), an error, a cancel) it is re-armed at once, counted in
@@ -241,8 +240,6 @@ fn page_size() -> usize {
 /// it goes out on (0: listen, `1 + j`: upstream `j`), to attribute a failed completion.
 struct SendSlot {
     addr: RawSockAddr,
-    /// Length of `addr`; 0: none (a connected socket's peer).
-    addr_len: libc::socklen_t,
     file: usize,
 }
 
@@ -279,8 +276,8 @@ pub struct UringIo {
     _listen: UdpSocket,
     local: SocketAddr,
     upstream: Vec<UdpSocket>,
-    /// Whether the upstream sockets are unconnected IPv6 (dual-stack) sockets.
-    upstream_v6: bool,
+    /// The peer of each upstream socket (connected: the only source the kernel lets in).
+    upstream_peers: Vec<SocketAddr>,
     /// Whether the multishot receive of socket `i` (0: listen, `1 + j`: upstream `j`) is armed.
     armed: Vec<bool>,
     /// Generation of socket `i`'s receive, bumped when the socket is replaced: it is part of
@@ -288,9 +285,9 @@ pub struct UringIo {
     recv_gen: Vec<u32>,
     /// Receives of replaced sockets cancelled and not yet finished (drop waits for them).
     cancelling: usize,
-    /// The upstream (None: unconnected sockets) and socket buffer sizes, for replacement
+    /// The server of each upstream socket and the socket buffer sizes, for replacement
     /// sockets.
-    upstream_addr: Option<SocketAddr>,
+    upstream_addr: Vec<SocketAddr>,
     sizes: BufferSizes,
     sub: SubmitState,
     cqes: Vec<cqueue::Entry>,
@@ -448,7 +445,6 @@ impl UringIo {
                 .map(|_| {
                     UnsafeCell::new(SendSlot {
                         addr: RawSockAddr::zeroed(),
-                        addr_len: 0,
                         file: 0,
                     })
                 })
@@ -467,14 +463,16 @@ impl UringIo {
             send: config.tcp_socket_buffer_bytes,
         };
         let listen = sockets::bind_listen(config.listen, config.tcp, sizes, tcp_sizes)?;
-        let upstream = (0..config.upstream_sockets)
-            .map(|_| sockets::upstream_udp(config.upstream, sizes))
+        let servers = super::socket_servers(config);
+        let upstream = servers
+            .iter()
+            .map(|&server| sockets::upstream_udp(server, sizes))
             .collect::<Result<Vec<_>, _>>()?;
-        let upstream_v6 = config.upstream.is_none()
-            && upstream
-                .first()
-                .and_then(|s| s.local_addr().ok())
-                .is_some_and(|a| a.is_ipv6());
+        let upstream_peers = upstream
+            .iter()
+            .map(|s| s.peer_addr())
+            .collect::<io::Result<Vec<_>>>()
+            .map_err(setup("getpeername"))?;
         // Fixed file `i` is socket `i` (0: listen, `1 + j`: upstream `j`): no file lookup and
         // reference count per SQE.
         let fds: Vec<RawFd> = std::iter::once(listen.udp.as_raw_fd())
@@ -493,12 +491,12 @@ impl UringIo {
             armed: vec![false; 1 + upstream.len()],
             recv_gen: vec![0; 1 + upstream.len()],
             cancelling: 0,
-            upstream_addr: config.upstream,
+            upstream_addr: servers,
             sizes,
             _listen: listen.udp,
             local: listen.addr,
             upstream,
-            upstream_v6,
+            upstream_peers,
             sub: SubmitState::default(),
             cqes: Vec::with_capacity(budget),
             budget,
@@ -524,12 +522,9 @@ impl UringIo {
                 continue;
             }
             let fd = Fixed(idx as u32);
-            let hdr = self.recv_hdr.0.get().cast_const();
             let e = if idx == 0 {
-                opcode::RecvMsgMulti::new(fd, hdr, BGID_CLIENT).build()
-            } else if self.upstream_addr.is_none() {
-                // Unconnected: the source tells which server answered.
-                opcode::RecvMsgMulti::new(fd, hdr, BGID_UPSTREAM).build()
+                opcode::RecvMsgMulti::new(fd, self.recv_hdr.0.get().cast_const(), BGID_CLIENT)
+                    .build()
             } else {
                 // Connected sockets: the source is known, so a plain multishot recv (no
                 // `msghdr`, no address copy) will do.
@@ -601,10 +596,8 @@ impl UringIo {
         // the only writer, through the UnsafeCell's pointer.
         let addr = unsafe { &mut *cell };
         addr.file = idx;
-        addr.addr_len = 0;
         if let Some(to) = to {
             let len = addr.addr.set(to);
-            addr.addr_len = len;
             op = op
                 .dest_addr(addr.addr.as_mut_ptr().cast_const().cast())
                 .dest_addr_len(len);
@@ -662,19 +655,13 @@ impl UringIo {
                     self.stats.send_errors += 1;
                     // SAFETY: the send's completion is reaped, so the kernel is done with the
                     // slot and nothing else refers to it until it is back on the free list.
-                    let sent = unsafe { &*self.send.slots[usize::from(slot)].get() };
-                    let file = sent.file;
-                    // Connected: the peer; else the datagram's destination.
-                    let server = self.upstream_addr.or_else(|| sent.addr.get(sent.addr_len));
+                    let file = unsafe { &*self.send.slots[usize::from(slot)].get() }.file;
                     self.count_drop(file);
                     let err = io::Error::from_raw_os_error(-res);
-                    if let (true, true, Some(server)) =
-                        (file > 0, super::is_unreachable(&err), server)
-                    {
+                    if file > 0 && super::is_unreachable(&err) {
                         n = 1;
                         on_event(Event::UpstreamUnreachable {
                             socket: (file - 1) as u16,
-                            server: super::canonical(server),
                         });
                     }
                 }
@@ -715,14 +702,9 @@ impl UringIo {
                 libc::ECANCELED => {}
                 e => {
                     self.stats.udp_rx_errors += 1;
-                    if let (true, true, Some(server)) = (
-                        idx > 0,
-                        super::is_unreachable(&io::Error::from_raw_os_error(e)),
-                        self.upstream_addr,
-                    ) {
+                    if idx > 0 && super::is_unreachable(&io::Error::from_raw_os_error(e)) {
                         on_event(Event::UpstreamUnreachable {
                             socket: (idx - 1) as u16,
-                            server,
                         });
                         return 1;
                     }
@@ -736,15 +718,10 @@ impl UringIo {
         };
         let len = res as usize;
         let mut n = 0;
-        let bufs = if idx == 0 {
-            &mut self.client_bufs
-        } else {
-            &mut self.upstream_bufs
-        };
-        if idx == 0 || self.upstream_addr.is_none() {
+        if idx == 0 {
             // SAFETY: this completion handed buffer `bid` to us; it goes back to the ring only
             // below, after the last use of `buf`.
-            let buf = unsafe { bufs.buf(bid, len) };
+            let buf = unsafe { self.client_bufs.buf(bid, len) };
             // SAFETY: the template header is only read, never written after setup.
             let hdr = unsafe { &*self.recv_hdr.0.get() };
             match RecvMsgOut::parse(buf, hdr) {
@@ -754,15 +731,7 @@ impl UringIo {
                             self.stats.udp_rx += 1;
                             n = 1;
                             let data = out.payload_data();
-                            on_event(if idx == 0 {
-                                Event::ClientDatagram { peer, data }
-                            } else {
-                                Event::UpstreamDatagram {
-                                    socket: (idx - 1) as u16,
-                                    from: super::canonical(peer),
-                                    data,
-                                }
-                            });
+                            on_event(Event::ClientDatagram { peer, data });
                         }
                         None => self.stats.udp_rx_errors += 1,
                     }
@@ -770,24 +739,25 @@ impl UringIo {
                 Ok(_) => self.stats.udp_rx_truncated += 1,
                 Err(()) => self.stats.udp_rx_errors += 1,
             }
-        } else if let Some(from) = self.upstream_addr {
+            self.client_bufs.recycle(bid);
+        } else {
             // A plain receive: the buffer holds the payload alone. The buffer is larger than
             // `max_payload`, so a longer datagram shows as a longer result.
             if len > self.max_payload {
                 self.stats.udp_rx_truncated += 1;
             } else {
                 // SAFETY: as above: buffer `bid` is ours until the recycle below.
-                let data = unsafe { bufs.buf(bid, len) };
+                let data = unsafe { self.upstream_bufs.buf(bid, len) };
                 self.stats.udp_rx += 1;
                 n = 1;
                 on_event(Event::UpstreamDatagram {
                     socket: (idx - 1) as u16,
-                    from,
+                    from: self.upstream_peers[idx - 1],
                     data,
                 });
             }
+            self.upstream_bufs.recycle(bid);
         }
-        bufs.recycle(bid);
         n
     }
 }
@@ -885,19 +855,15 @@ impl ShardIo for UringIo {
         tcp.send_client(conn, data, &mut poller, stats);
     }
 
-    fn send_upstream_udp(&mut self, socket: u16, server: SocketAddr, data: &[u8]) {
+    fn send_upstream_udp(&mut self, socket: u16, data: &[u8]) {
         if usize::from(socket) >= self.upstream.len() {
             self.dropped(1);
             return;
         }
-        let to = match self.upstream_addr {
-            Some(_) => None,
-            None => Some(sockets::upstream_dest(self.upstream_v6, server)),
-        };
-        self.queue_send(1 + usize::from(socket), to, data);
+        self.queue_send(1 + usize::from(socket), None, data);
     }
 
-    fn send_upstream_tcp(&mut self, server: SocketAddr, data: &[u8]) {
+    fn send_upstream_tcp(&mut self, server: u16, data: &[u8]) {
         let (mut poller, tcp, stats) = self.poller();
         tcp.send_upstream(server, data, &mut poller, stats);
     }
@@ -955,7 +921,11 @@ impl ShardIo for UringIo {
             return Err(IoError::InvalidConfig("no such upstream socket"));
         }
         let idx = 1 + j;
-        let fresh = sockets::upstream_udp(self.upstream_addr, self.sizes)?;
+        let fresh = sockets::upstream_udp(self.upstream_addr[j], self.sizes)?;
+        let peer = fresh.peer_addr().map_err(|source| IoError::UringSetup {
+            op: "getpeername",
+            source,
+        })?;
         self.ring
             .submitter()
             .register_files_update(idx as u32, &[fresh.as_raw_fd()])
@@ -981,6 +951,7 @@ impl ShardIo for UringIo {
         }
         self.recv_gen[idx] = self.recv_gen[idx].wrapping_add(1);
         self.upstream[j] = fresh;
+        self.upstream_peers[j] = peer;
         self.arm_receives(false);
         self.stats.upstream_sockets_replaced += 1;
         Ok(())

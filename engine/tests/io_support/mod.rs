@@ -16,9 +16,9 @@ pub const DEADLINE: Duration = Duration::from_secs(10);
 pub enum Ev {
     Client(SocketAddr, Vec<u8>),
     Upstream(u16, SocketAddr, Vec<u8>),
-    Unreachable(u16, SocketAddr),
+    Unreachable(u16),
     TcpClient(ConnId, SocketAddr, Vec<u8>),
-    TcpUpstream(SocketAddr, Vec<u8>),
+    TcpUpstream(u16, Vec<u8>),
     TcpClosed(ConnId),
 }
 
@@ -32,8 +32,8 @@ impl From<Event<'_>> for Ev {
             Event::TcpClientMessage { conn, peer, data } => {
                 Ev::TcpClient(conn, peer, data.to_vec())
             }
-            Event::UpstreamUnreachable { socket, server } => Ev::Unreachable(socket, server),
-            Event::TcpUpstreamMessage { from, data } => Ev::TcpUpstream(from, data.to_vec()),
+            Event::UpstreamUnreachable { socket } => Ev::Unreachable(socket),
+            Event::TcpUpstreamMessage { server, data } => Ev::TcpUpstream(server, data.to_vec()),
             Event::TcpClientClosed { conn } => Ev::TcpClosed(conn),
         }
     }
