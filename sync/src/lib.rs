@@ -51,14 +51,18 @@
 //!    `--agent-socket` with [`conn::connect_with_backoff`] (a stop flag set at SIGTERM),
 //!    sends [`proto::Hello`], and loops: read with
 //!    [`proto::Decoder::read_from`] and [`proto::Decoder::decode`] (a read timeout of about
-//!    one heartbeat interval on the socket, so it also gets to send). On a
+//!    one heartbeat interval on the socket, so it also gets to send; the decoder keeps a
+//!    half-read frame across timeouts; a write timeout too, so a hung agent is noticed). On a
 //!    `PolicySnapshot`: compile it (the same code as the agent), `save` it, swap it in,
-//!    then send [`proto::SnapshotAck`]. Drain the engine's record queue into two
+//!    then send [`proto::SnapshotAck`]. Versions are comparable within one agent instance
+//!    only (the Hello's `instance`): a restarted agent may start again from 1. Drain the engine's record queue into two
 //!    [`replay::ReplayBuffer`]s (observations, flows; capacity a flag, overflow a metric) and
 //!    send `next_batch` through [`proto::Encoder::encode_observations`] /
 //!    [`proto::Encoder::encode_flows`]; on an ack, `ack(seq)`. When the connection ends,
 //!    `rewind()` both buffers and reconnect. Persist the FQDN cache
-//!    (`Kind::FQDN_CACHE`) now and then and at SIGTERM.
+//!    (`Kind::FQDN_CACHE`) now and then and at SIGTERM, and the unacknowledged replay items
+//!    (`Kind::REPLAY`, from [`replay::ReplayBuffer::iter`]) at SIGTERM, so a proxy restarted
+//!    while the agent is away still replays them.
 //!
 //! **Agent** (`dnsfence agent`):
 //! 1. [`conn::AgentListener::bind`] on `--agent-socket` (mode 0600, a stale socket file
@@ -75,8 +79,10 @@
 //!    peer silent for three.
 //!
 //! **Threading.** Every call in this crate is synchronous. [`state`] blocks on the disk
-//! (fsync) and [`proto::Decoder::read_from`] on the socket it is given (or returns
-//! `WouldBlock` from a nonblocking one); call both from control threads only. Encoding,
+//! (fsync), [`proto::Decoder::read_from`] on the socket it is given (or returns
+//! `WouldBlock` from a nonblocking one), [`conn::AgentListener::accept`] until a peer comes
+//! and [`conn::connect_with_backoff`] sleeps between attempts; call them from control
+//! threads only ([`conn::try_connect`] and [`conn::Backoff`] never wait, for an event loop). Encoding,
 //! decoding and the replay buffer do no I/O and never block; a `ReplayBuffer` is not shared
 //! (own it in the sync thread, or put it behind a mutex held only for a push).
 #![forbid(unsafe_code)]

@@ -495,6 +495,8 @@ struct BatchRef<'a, T> {
 
 /// How many bytes [`Decoder::read_from`] reads at most per call.
 const READ_CHUNK: usize = 64 << 10;
+/// The buffer capacity a decoder keeps once a large frame is decoded.
+const KEEP_CAPACITY: usize = 1 << 20;
 
 /// Turns a byte stream into messages, fed as bytes arrive (partial reads welcome).
 ///
@@ -561,6 +563,12 @@ impl Decoder {
         self.buf.len() - self.pos
     }
 
+    /// Bytes the buffer holds allocated (for a memory gauge): back to at most 1 MiB plus one
+    /// read once a large frame is decoded and the next bytes arrive.
+    pub fn buffer_capacity(&self) -> usize {
+        self.buf.capacity()
+    }
+
     /// The next complete message, `Ok(None)` when more bytes are needed. Call it until it
     /// returns `Ok(None)` after each feed. On a non-fatal error the bad frame has been
     /// skipped and the next call goes on; after a fatal one every call returns it again.
@@ -604,6 +612,10 @@ impl Decoder {
 
     fn compact(&mut self) {
         if self.pos == self.buf.len() {
+            // Nothing pending: give back what one large frame (a snapshot) made it grow to.
+            if self.buf.capacity() > KEEP_CAPACITY {
+                self.buf = Vec::new();
+            }
             self.buf.clear();
             self.pos = 0;
         } else if self.pos > 0 && self.pos >= self.buf.len() / 2 {

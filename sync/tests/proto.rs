@@ -490,3 +490,31 @@ proptest! {
         prop_assert_eq!(got, msgs);
     }
 }
+
+#[test]
+fn a_large_frame_does_not_pin_its_memory() {
+    let big = Message::PolicySnapshot(PolicySnapshot {
+        version: 1,
+        policy_files: vec![SourceFile {
+            path: "big.yaml".into(),
+            content: "x".repeat(4 << 20),
+        }],
+        endpoints: SourceFile {
+            path: "e.yaml".into(),
+            content: String::new(),
+        },
+        node: NodeFacts::default(),
+    });
+    let bytes = encode_all(std::slice::from_ref(&big));
+    let mut dec = Decoder::new();
+    dec.feed(&bytes);
+    assert_eq!(dec.decode().unwrap(), Some(big));
+    assert!(dec.buffer_capacity() >= 4 << 20);
+    dec.feed(&encode_all(&[Message::Heartbeat]));
+    assert!(
+        dec.buffer_capacity() <= 1 << 20,
+        "{}",
+        dec.buffer_capacity()
+    );
+    assert_eq!(dec.decode().unwrap(), Some(Message::Heartbeat));
+}
