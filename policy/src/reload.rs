@@ -32,6 +32,7 @@
 use std::io::Read;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use crate::endpoints::Endpoints;
 use crate::error::{LoadError, LoadErrorKind, LoadErrors};
@@ -181,14 +182,22 @@ struct PolicyFile {
     fail_closed: Vec<LabelSelector>,
     /// What became of the handled version when it was rejected (in whole or in part).
     rejected: Option<Outcome>,
+    /// The text whose verdict is in force: parsed again (by the standalone proxy, from the
+    /// agent's snapshot) it gives what is in force here. The last good version's text when
+    /// that one stays in force.
+    text: Option<Arc<str>>,
+    last_good_text: Option<Arc<str>>,
 }
 
 impl PolicyFile {
-    /// Puts `verdict` (of the version just read) in force; a rejection when it is not valid.
-    fn apply(&mut self, path: &Path, verdict: FileVerdict) -> Option<Rejection> {
+    /// Puts `verdict` (of the version just read, `text`) in force; a rejection when it is
+    /// not valid.
+    fn apply(&mut self, path: &Path, verdict: FileVerdict, text: Arc<str>) -> Option<Rejection> {
         let (errors, outcome) = match verdict {
             FileVerdict::Valid(policies) => {
                 self.last_good = Some(policies.clone());
+                self.last_good_text = Some(Arc::clone(&text));
+                self.text = Some(text);
                 self.policies = policies;
                 self.fail_closed.clear();
                 self.rejected = None;
@@ -201,17 +210,20 @@ impl PolicyFile {
             } => {
                 self.policies = policies;
                 self.fail_closed = fail_closed;
+                self.text = Some(text);
                 (errors, Outcome::PartlyLoaded)
             }
             FileVerdict::Unusable { scope, errors } => match &self.last_good {
                 Some(good) => {
                     self.policies = good.clone();
                     self.fail_closed.clear();
+                    self.text = self.last_good_text.clone();
                     (errors, Outcome::KeptLastGood)
                 }
                 None => {
                     self.policies.clear();
                     self.fail_closed = scope;
+                    self.text = Some(text);
                     (errors, Outcome::FailedClosed)
                 }
             },
@@ -231,9 +243,20 @@ struct EndpointsFile {
     path: PathBuf,
     seen: Option<Version>,
     handled: Option<Version>,
-    /// The registry in force: the last good one.
+    /// The registry in force: the last good one, and its text.
     endpoints: Endpoints,
+    text: Arc<str>,
     rejected: bool,
+}
+
+/// The texts whose verdicts are in force ([`Sources::in_force`]): what the agent sends the
+/// standalone proxy, which compiles the same snapshot from them ([`Sources::from_texts`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct InForce {
+    /// Each policy file, in load order, with the text in force for it.
+    pub policies: Vec<(PathBuf, Arc<str>)>,
+    /// The endpoints file and the text of the registry in force.
+    pub endpoints: Option<(PathBuf, Arc<str>)>,
 }
 
 /// The policy and endpoint sources of an agent, with what is in force for each file.
@@ -272,7 +295,10 @@ impl Sources {
                     file.handled = Some(Some(stamp));
                     match parse_policy_file(&path, &text) {
                         FileVerdict::Valid(policies) => {
+                            let text: Arc<str> = text.into();
                             file.last_good = Some(policies.clone());
+                            file.last_good_text = Some(Arc::clone(&text));
+                            file.text = Some(text);
                             file.policies = policies;
                         }
                         FileVerdict::Partial { errors: e, .. }
@@ -292,6 +318,7 @@ impl Sources {
                         seen: Some(Some(stamp)),
                         handled: Some(Some(stamp)),
                         endpoints,
+                        text: text.into(),
                         rejected: false,
                     }),
                     Err(e) => {
@@ -401,23 +428,31 @@ impl Sources {
             let Some(now) = settled(path, &mut file.seen, file.handled) else {
                 continue;
             };
-            let verdict = match now {
-                None => FileVerdict::Unusable {
-                    scope: vec![LabelSelector::default()],
-                    errors: LoadErrors(vec![read_error(path)]),
-                },
-                Some(stamp) => match read_version(path, stamp) {
-                    Ok(text) => parse_policy_file(path, &text),
-                    Err(ReadError::Unstable) => continue,
-                    Err(ReadError::Failed(e)) => FileVerdict::Unusable {
+            // (An unreadable file's text is empty: parsed again it fails closed for every
+            // endpoint, as here.)
+            let (verdict, text) = match now {
+                None => (
+                    FileVerdict::Unusable {
                         scope: vec![LabelSelector::default()],
-                        errors: LoadErrors(vec![e]),
+                        errors: LoadErrors(vec![read_error(path)]),
                     },
+                    String::new(),
+                ),
+                Some(stamp) => match read_version(path, stamp) {
+                    Ok(text) => (parse_policy_file(path, &text), text),
+                    Err(ReadError::Unstable) => continue,
+                    Err(ReadError::Failed(e)) => (
+                        FileVerdict::Unusable {
+                            scope: vec![LabelSelector::default()],
+                            errors: LoadErrors(vec![e]),
+                        },
+                        String::new(),
+                    ),
                 },
             };
             file.handled = Some(now);
             let before = file.rejected;
-            match file.apply(path, verdict) {
+            match file.apply(path, verdict, text.into()) {
                 None => report.loaded.push(path.clone()),
                 Some(rejection) => {
                     // A rejected version that leaves the last good one in force, as it
@@ -439,7 +474,7 @@ impl Sources {
                 None => Err(LoadErrors(vec![read_error(&ep.path)])),
                 Some(stamp) => match read_version(&ep.path, stamp) {
                     Ok(text) => Endpoints::from_yaml(&ep.path, &text).and_then(|e| {
-                        accept(&e).map(|()| e).map_err(|reason| {
+                        accept(&e).map(|()| (e, text)).map_err(|reason| {
                             LoadErrors(vec![LoadError::new(
                                 &ep.path,
                                 0,
@@ -465,10 +500,11 @@ impl Sources {
                         outcome: Outcome::KeptLastGoodEndpoints,
                     });
                 }
-                Ok(endpoints) => {
+                Ok((endpoints, text)) => {
                     ep.handled = Some(now);
                     ep.rejected = false;
                     ep.endpoints = endpoints;
+                    ep.text = text.into();
                     report.loaded.push(ep.path.clone());
                     changed = true;
                 }
@@ -495,6 +531,79 @@ impl Sources {
     pub fn set_node(&mut self, node: crate::cidr::NodeFacts) -> Snapshot {
         self.node = node;
         self.assemble()
+    }
+
+    /// The texts whose verdicts are in force, file by file.
+    pub fn in_force(&self) -> InForce {
+        InForce {
+            policies: self
+                .files
+                .iter()
+                .filter_map(|(path, f)| Some((path.clone(), Arc::clone(f.text.as_ref()?))))
+                .collect(),
+            endpoints: self
+                .endpoints
+                .as_ref()
+                .map(|e| (e.path.clone(), Arc::clone(&e.text))),
+        }
+    }
+
+    /// What the node knows of itself and its cluster, as last given to [`Sources::set_node`].
+    pub fn node(&self) -> &crate::cidr::NodeFacts {
+        &self.node
+    }
+
+    /// Sources made of texts (the standalone proxy's, from the agent's [`InForce`]), with no
+    /// file behind them: each text gets the verdict a file with it would get at a reload (a
+    /// valid one loads, a partly invalid one fails closed for what its invalid documents
+    /// select, an unusable one for its scope), and an endpoints text that does not load
+    /// leaves the registry empty, so every query is from an unknown source (refused unless
+    /// `--unknown-source allow`). Returns the snapshot and the rejections. Never call
+    /// [`Sources::check`] on them: there are no files to check.
+    pub fn from_texts(
+        in_force: &InForce,
+        node: crate::cidr::NodeFacts,
+    ) -> (Sources, Snapshot, Vec<Rejection>) {
+        let mut rejections = Vec::new();
+        let mut files = Vec::with_capacity(in_force.policies.len());
+        for (path, text) in &in_force.policies {
+            let mut file = PolicyFile::default();
+            let verdict = parse_policy_file(path, text);
+            if let Some(r) = file.apply(path, verdict, Arc::clone(text)) {
+                rejections.push(r);
+            }
+            files.push((path.clone(), file));
+        }
+        let endpoints = in_force.endpoints.as_ref().and_then(|(path, text)| {
+            match Endpoints::from_yaml(path, text) {
+                Ok(endpoints) => Some(EndpointsFile {
+                    path: path.clone(),
+                    seen: None,
+                    handled: None,
+                    endpoints,
+                    text: Arc::clone(text),
+                    rejected: false,
+                }),
+                Err(errors) => {
+                    rejections.push(Rejection {
+                        file: path.clone(),
+                        errors,
+                        outcome: Outcome::KeptLastGoodEndpoints,
+                    });
+                    None
+                }
+            }
+        });
+        let mut sources = Sources {
+            policy_paths: Vec::new(),
+            files,
+            endpoints,
+            duplicates: Vec::new(),
+            list_errors: Vec::new(),
+            node,
+        };
+        let snapshot = sources.assemble();
+        (sources, snapshot, rejections)
     }
 
     /// What the policies in force hold that dnsfence accepts but does not enforce, as
@@ -717,6 +826,61 @@ mod tests {
             parse_policy_file(f, &other),
             FileVerdict::Unusable { scope, .. } if scope == [LabelSelector::default()]
         ));
+    }
+
+    /// The standalone proxy compiles the agent's texts in force and gets the agent's verdicts:
+    /// a valid file, a file whose broken edit keeps its last good version, a partly invalid
+    /// file that fails closed for one endpoint, and the endpoints in force.
+    #[test]
+    fn texts_in_force_compile_to_the_same_verdicts() {
+        let d = dir();
+        let (a, b, c) = (
+            d.join("policies/a.yaml"),
+            d.join("policies/b.yaml"),
+            d.join("policies/c.yaml"),
+        );
+        std::fs::write(&a, cnp("a", "team-a", "a")).unwrap();
+        std::fs::write(&b, cnp("b", "team-b", "b")).unwrap();
+        std::fs::write(&c, cnp("c", "team-a", "a")).unwrap();
+        let (mut sources, _) = start(&d);
+        // b: broken (its last good version stays); c: an unsupported field (a fails closed).
+        put(&b, "spec: [unterminated");
+        put(
+            &c,
+            &cnp("c", "team-a", "a").replace(
+                "  - toPorts:",
+                "  - toGroups: [{aws: {securityGroupsIds: [sg-1]}}]\n  - toPorts:",
+            ),
+        );
+        let report = settle(&mut sources);
+        assert_eq!(report.rejections.len(), 2, "{report:?}");
+        let here = report.snapshot.expect("reloaded");
+        let in_force = sources.in_force();
+        assert_eq!(in_force.policies.len(), 3);
+        assert!(
+            in_force.policies[1].1.contains("*.b.test"),
+            "b's last good text"
+        );
+        let (_, there, rejections) = Sources::from_texts(&in_force, sources.node().clone());
+        assert_eq!(rejections.len(), 1, "c again: {rejections:?}");
+        for (ep, name, want) in [
+            ("a", "x.a.test", DnsVerdict::Deny),
+            ("a", "x.c.test", DnsVerdict::Deny),
+            ("b", "x.b.test", DnsVerdict::Allow),
+            ("b", "x.a.test", DnsVerdict::Deny),
+        ] {
+            assert_eq!(verdict(&here, ep, name), want, "{ep} {name} here");
+            assert_eq!(verdict(&there, ep, name), want, "{ep} {name} there");
+        }
+        assert_eq!(here.stats(), there.stats());
+        // A registry text that does not load leaves none: every query is unknown.
+        let broken = InForce {
+            endpoints: Some((d.join("endpoints.yaml"), "endpoints: [".into())),
+            ..in_force
+        };
+        let (_, none, rejections) = Sources::from_texts(&broken, sources.node().clone());
+        assert_eq!(none.stats().endpoints, 0);
+        assert_eq!(rejections.len(), 2);
     }
 
     #[test]
