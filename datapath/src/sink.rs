@@ -4,10 +4,20 @@
 //! (never per query). Each group of a batch is planned by the ledger, written to the map
 //! entry by entry, and committed; if the kernel refuses one update, the group's earlier
 //! updates are undone, so a group is in the map whole or not at all.
+//!
+//! **Two writers.** The agent and the standalone proxy write the same pinned map, each with
+//! its own ledger, which does not see the other's writes. So an entry's expiry in the map only
+//! grows whoever writes it (a write takes the later of the map's expiry and its own), and the
+//! expiry sweep removes an entry only if the map's expiry has passed too (else the other
+//! process extended it: the ledger takes the map's expiry back and keeps the entry).
+//! Revocation is each process's own: both get every policy snapshot (the proxy from the
+//! agent) and each removes the entries its ledger knows the new one does not justify; what
+//! the agent wrote while it knew, a restarted proxy learns from the map at start.
+use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use aya::maps::{HashMap, MapData};
+use aya::maps::{HashMap, Map, MapData};
 use dnsfence_engine::allow::{
     AllowBatch, AllowKey, AllowSink, Change, Ledger, LedgerConfig, LedgerStats,
 };
@@ -59,6 +69,8 @@ struct Inner {
     /// restarted agent judges restored entries by name.
     names: HashMap<MapData, AllowMapKey, NameValue>,
     changes: Vec<Change>,
+    /// The map's value of each change's key before the write (for undo).
+    previous: Vec<Option<u64>>,
     removed: Vec<AllowKey>,
 }
 
@@ -75,6 +87,39 @@ impl std::fmt::Debug for BpfAllow {
 }
 
 impl BpfAllow {
+    /// A sink over the allow maps pinned under `pin_dir` by an agent (the standalone
+    /// proxy's: it loads no program and takes no pin lock); what the map holds is taken
+    /// into the ledger, whose capacity is never above the map's.
+    pub fn open_pinned(
+        pin_dir: &Path,
+        mut config: LedgerConfig,
+    ) -> Result<BpfAllow, DatapathError> {
+        let open = |name: &'static str| {
+            let path = crate::loader::maps_dir(pin_dir).join(name);
+            MapData::from_pin(&path).map_err(|e| DatapathError::Map {
+                map: name,
+                reason: format!(
+                    "{}: {e} (is an agent installed with this --bpf-pin?)",
+                    path.display()
+                ),
+            })
+        };
+        let allow = open(names::ALLOW)?;
+        if let Ok(info) = allow.info() {
+            config.capacity = config.capacity.min(info.max_entries() as usize);
+        }
+        let map_err = |map: &'static str| {
+            move |e: aya::maps::MapError| DatapathError::Map {
+                map,
+                reason: e.to_string(),
+            }
+        };
+        let allow = HashMap::try_from(Map::HashMap(allow)).map_err(map_err(names::ALLOW))?;
+        let allow_names = HashMap::try_from(Map::HashMap(open(names::ALLOW_NAMES)?))
+            .map_err(map_err(names::ALLOW_NAMES))?;
+        BpfAllow::new(allow, allow_names, config)
+    }
+
     /// A sink over the pinned allow map; what the map holds is taken into the ledger.
     pub fn new(
         map: HashMap<MapData, AllowMapKey, u64>,
@@ -100,6 +145,7 @@ impl BpfAllow {
                 map,
                 names: names_map,
                 changes: Vec::new(),
+                previous: Vec::new(),
                 removed: Vec::new(),
             })),
         })
@@ -133,12 +179,28 @@ impl BpfAllow {
         let mut guard = self.lock();
         let inner = &mut *guard;
         inner.removed.clear();
+        let clock = Clock::now();
         let n = inner
             .ledger
-            .sweep(Instant::now(), budget, &mut inner.removed);
+            .sweep(clock.instant, budget, &mut inner.removed);
         for k in &inner.removed {
-            let _ = inner.map.remove(&AllowMapKey::from(k));
-            let _ = inner.names.remove(&AllowMapKey::from(k));
+            let key = AllowMapKey::from(k);
+            // Extended by the other writer: keep it, with the map's expiry.
+            if let Ok(expires) = inner.map.get(&key, 0)
+                && expires > clock.boot_ns
+            {
+                let name = inner
+                    .names
+                    .get(&key, 0)
+                    .ok()
+                    .and_then(|n| dnsfence_matcher::Name::from_wire(n.bytes()).ok());
+                inner
+                    .ledger
+                    .restore(*k, clock.to_instant(expires), name.as_ref());
+                continue;
+            }
+            let _ = inner.map.remove(&key);
+            let _ = inner.names.remove(&key);
         }
         n
     }
@@ -155,13 +217,14 @@ impl AllowSink for BpfAllow {
                 continue;
             }
             let mut failed_at = None;
+            inner.previous.clear();
             for (i, c) in inner.changes.iter().enumerate() {
                 let key = AllowMapKey::from(&c.key);
-                if inner
-                    .map
-                    .insert(key, clock.to_boot_ns(c.expires), 0)
-                    .is_err()
-                {
+                // The other writer may hold a later expiry: never shorten it.
+                let previous = inner.map.get(&key, 0).ok();
+                inner.previous.push(previous);
+                let expires = clock.to_boot_ns(c.expires).max(previous.unwrap_or(0));
+                if inner.map.insert(key, expires, 0).is_err() {
                     failed_at = Some(i);
                     break;
                 }
@@ -184,10 +247,10 @@ impl AllowSink for BpfAllow {
                 }
                 Some(i) => {
                     // Undo this group's earlier updates: the map holds all of it or none.
-                    for c in &inner.changes[..i] {
+                    for (c, previous) in inner.changes[..i].iter().zip(&inner.previous) {
                         let key = AllowMapKey::from(&c.key);
-                        let _ = match c.previous {
-                            Some(prev) => inner.map.insert(key, clock.to_boot_ns(prev), 0),
+                        let _ = match previous {
+                            Some(prev) => inner.map.insert(key, *prev, 0),
                             None => inner.map.remove(&key),
                         };
                     }

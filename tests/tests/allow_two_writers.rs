@@ -1,0 +1,106 @@
+//! The agent and the standalone proxy write one pinned allow map, each with its own ledger
+//! (root; a real pinned map): an entry's expiry only grows whoever writes it, and one
+//! process's expiry sweep never removes an entry the other extended.
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
+
+use dnsfence_datapath::{BpfAllow, Datapath, InstallConfig};
+use dnsfence_engine::allow::{AllowBatch, AllowKey, AllowSink, LedgerConfig, PortSpec};
+use dnsfence_matcher::Name;
+use dnsfence_policy::EndpointKey;
+use dnsfence_tests::bpf::{EXCLUSIVE, Env, require_root};
+
+fn key(ip: &str) -> AllowKey {
+    AllowKey {
+        endpoint: EndpointKey(7),
+        ip: ip.parse::<IpAddr>().expect("address"),
+        ports: PortSpec {
+            lo: 443,
+            hi: 443,
+            protos: PortSpec::TCP,
+        },
+    }
+}
+
+/// Writes `key` until `ttl` from now through `sink`; whether the group was written.
+fn write(sink: &mut BpfAllow, key: AllowKey, ttl: Duration) -> bool {
+    let mut batch = AllowBatch::with_capacity(4);
+    batch.begin_group(&Name::from_text("www.example.test").expect("name"));
+    batch.push(key, Instant::now() + ttl);
+    sink.write(Instant::now(), &mut batch);
+    batch.groups[0].ok
+}
+
+/// The entries in the pinned map now (a fresh sink's ledger is seeded from it), after a
+/// sweep of the expired ones as the map says.
+fn live_entries(pin: &std::path::Path) -> usize {
+    let fresh = BpfAllow::open_pinned(pin, LedgerConfig::default()).expect("open");
+    fresh.sweep(1024);
+    fresh.stats().entries
+}
+
+#[test]
+fn two_writers_never_shorten_or_sweep_each_others_entries() {
+    if !require_root("allow_two_writers") {
+        return;
+    }
+    let _serial = EXCLUSIVE.lock().unwrap_or_else(|e| e.into_inner());
+    let env = Env::new("twowriters", &["a"]);
+    let mut datapath = Datapath::install(&InstallConfig {
+        pin_dir: env.pin.clone(),
+        cgroup_root: env.cgroup_root.clone(),
+        allow_entries: 1024,
+        l3_entries: 1024,
+    })
+    .expect("install");
+    let mut agent = datapath.allow_sink(LedgerConfig::default()).expect("sink");
+    let mut proxy = BpfAllow::open_pinned(&env.pin, LedgerConfig::default()).expect("open");
+
+    // The agent opens for a minute; the proxy's shorter write of the same entry does not
+    // shorten it.
+    assert!(write(
+        &mut agent,
+        key("127.0.0.81"),
+        Duration::from_secs(60)
+    ));
+    assert!(write(
+        &mut proxy,
+        key("127.0.0.81"),
+        Duration::from_millis(300)
+    ));
+    // The proxy opens for 300 ms; the agent (whose ledger never saw it) extends it.
+    assert!(write(
+        &mut proxy,
+        key("127.0.0.82"),
+        Duration::from_millis(300)
+    ));
+    assert!(write(
+        &mut agent,
+        key("127.0.0.82"),
+        Duration::from_secs(60)
+    ));
+    // One only the proxy wrote expires.
+    assert!(write(
+        &mut proxy,
+        key("127.0.0.83"),
+        Duration::from_millis(300)
+    ));
+    assert_eq!(live_entries(&env.pin), 3);
+
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        proxy.sweep(1024),
+        3,
+        "the proxy's ledger sees three expired"
+    );
+    assert_eq!(
+        live_entries(&env.pin),
+        2,
+        "the agent's two minute-long entries stay in the map"
+    );
+    // The proxy's ledger took the map's expiry back: its next sweep removes nothing.
+    assert_eq!(proxy.sweep(1024), 0);
+    assert_eq!(proxy.stats().entries, 2);
+    drop(datapath);
+    let _ = Datapath::uninstall(&env.pin);
+}
