@@ -1,106 +1,36 @@
-//! `dnsfence agent`: the complete single-process deployment (policy, shards, consumer,
-//! metrics). Flags are resolved once into a [`Plan`]; the plan is what runs.
+//! `dnsfence agent`: the complete single-process deployment (policy and endpoint files,
+//! the eBPF datapath, shards, consumer, metrics), and the agent side of the sync with the
+//! standalone proxy (`ha.rs`). The data plane is shared with the proxy (`serve.rs`).
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use crossbeam_queue::ArrayQueue;
-use dnsfence_engine::allow::LedgerConfig;
-use dnsfence_engine::consumer::{self, ConsumerConfig, Observations};
-use dnsfence_engine::core::{CoreConfig, UnknownSource};
-use dnsfence_engine::io::{BackendChoice, IoConfig};
-use dnsfence_engine::shard::{self, PolicyHandle, ShardConfig, ShardStatus};
-use dnsfence_engine::wire::Rcode;
+use dnsfence_engine::shard::PolicyHandle;
 use dnsfence_policy::reload::{Outcome, Sources};
 use dnsfence_policy::{Endpoints, Snapshot};
 
 use crate::enforce::Enforcer;
-use crate::metrics;
+use crate::ha::{self, AgentSync};
+use crate::serve::{self, ServeArgs, Server, Start, UnknownFlag, parse_duration};
 
-/// I/O backend flag values.
-#[derive(Debug, Clone, Copy, clap::ValueEnum)]
-pub enum IoFlag {
-    /// io_uring, falling back to mmsg when the kernel or seccomp refuses it.
-    Auto,
-    /// io_uring only.
-    Uring,
-    /// recvmmsg/sendmmsg with epoll.
-    Mmsg,
-}
-
-/// DNS 0x20 toward the upstream.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Case0x20Flag {
-    /// On, switched off for an upstream that answers a few queries in another spelling
-    /// before it has ever echoed one exactly (it does not preserve case); logged once.
-    Auto,
-    /// On, whatever the upstream does (one that does not preserve case gets no answer
-    /// accepted).
-    On,
-    /// Off: names go upstream as the client spelled them.
-    Off,
-}
-
-/// Rcode for denied names.
-#[derive(Debug, Clone, Copy, clap::ValueEnum)]
-pub enum RejectFlag {
-    /// REFUSED (Cilium's default).
-    Refused,
-    /// NXDOMAIN.
-    Nxdomain,
-}
-
-/// Queries from sources the endpoint registry does not know.
-#[derive(Debug, Clone, Copy, clap::ValueEnum)]
-pub enum UnknownFlag {
-    /// REFUSED.
-    Deny,
-    /// Forwarded, unrestricted.
-    Allow,
-}
+/// The agent socket when `--agent-socket` is not given.
+pub const DEFAULT_AGENT_SOCKET: &str = "/run/dnsfence/agent.sock";
 
 /// Flags of `dnsfence agent` (shared/spec/interfaces.md; every tunable is a flag).
 #[derive(Debug, clap::Args)]
 pub struct AgentArgs {
-    /// Address to serve DNS on (UDP and TCP, SO_REUSEPORT); in eBPF mode, where redirected
-    /// DNS goes. Repeat it for one IPv4 and one IPv6 address (same port): each gets its own
-    /// shards, and IPv6 DNS of workloads is redirected to the IPv6 one.
-    #[arg(long, value_name = "ADDR:PORT", required_unless_present = "uninstall")]
-    pub listen: Vec<SocketAddr>,
-    /// Upstream DNS server: every query goes there. Default (eBPF mode only): each query goes
-    /// to the server its workload addressed, as the redirect recorded it, when that server is
-    /// one of the --dns-server ones (a query to another server is refused: its answers would
-    /// open egress); a query sent to the proxy's own address has no server (SERVFAIL).
-    #[arg(long, value_name = "ADDR:PORT")]
-    pub upstream: Option<SocketAddr>,
-    /// Without --upstream: a DNS server workloads may use, trusted to answer for them
-    /// (repeatable; e.g. the cluster DNS service address, the node's resolver). Default: the
-    /// nameservers of /etc/resolv.conf, port 53.
-    #[arg(long, value_name = "ADDR:PORT", conflicts_with = "upstream")]
-    pub dns_server: Vec<SocketAddr>,
-    /// Upstream timeout before SERVFAIL (e.g. 5s, 800ms).
-    #[arg(long, default_value = "5s", value_parser = parse_duration)]
-    pub upstream_timeout: Duration,
+    /// The data-plane flags (shared with `dnsfence proxy`).
+    #[command(flatten)]
+    pub serve: ServeArgs,
     /// CiliumNetworkPolicy / CiliumClusterwideNetworkPolicy files or directories.
     #[arg(long, value_name = "PATH", required_unless_present = "uninstall")]
     pub policy: Vec<PathBuf>,
     /// Endpoints file.
     #[arg(long, value_name = "FILE")]
     pub endpoints: Option<PathBuf>,
-    /// State directory (persisted policy and observations).
-    #[arg(long, value_name = "DIR")]
-    pub state_dir: Option<PathBuf>,
-    /// Where the eBPF programs and maps are pinned.
-    #[arg(long, value_name = "DIR", default_value = "/sys/fs/bpf/dnsfence")]
-    pub bpf_pin: PathBuf,
-    /// Run without eBPF: userspace verdicts and allow table only (unprivileged); nothing
-    /// redirects DNS or filters connections.
-    #[arg(long)]
-    pub no_bpf: bool,
     /// Detach the eBPF programs and remove everything pinned under --bpf-pin, then exit.
     #[arg(long, conflicts_with = "no_bpf")]
     pub uninstall: bool,
@@ -108,14 +38,6 @@ pub struct AgentArgs {
     /// cgroup paths are relative to it.
     #[arg(long, value_name = "DIR", default_value = "/sys/fs/cgroup")]
     pub cgroup_root: PathBuf,
-    /// Number of shard threads (default: one per CPU of --cpus, or per CPU the process may
-    /// run on).
-    #[arg(long)]
-    pub shards: Option<usize>,
-    /// CPUs to pin shards to, e.g. `0,2-3` (shard i gets the i-th CPU, round robin).
-    /// Default: the CPUs of the process's affinity mask (taskset, cgroup cpuset).
-    #[arg(long, value_name = "LIST", value_parser = parse_cpus)]
-    pub cpus: Option<CpuList>,
     /// The cluster's pod and service ranges (repeatable): `toEntities: cluster` covers them
     /// (with the node and the registered endpoints), `world` excludes them.
     #[arg(long, value_name = "CIDR", value_parser = parse_cidr)]
@@ -127,145 +49,16 @@ pub struct AgentArgs {
     /// (without it, that entity allows nothing).
     #[arg(long, value_name = "CIDR", value_parser = parse_cidr)]
     pub kube_apiserver: Vec<dnsfence_policy::cidr::Cidr>,
-    /// Do not pin shard threads to CPUs (without --cpus, they are pinned by default).
-    #[arg(long, conflicts_with = "cpus")]
-    pub no_pin: bool,
-    /// I/O backend.
-    #[arg(long = "io", value_enum, default_value = "auto")]
-    pub io: IoFlag,
-    /// Answer to denied names.
-    #[arg(long, value_enum, default_value = "refused")]
-    pub reject_rcode: RejectFlag,
-    /// Floor for allow-entry TTLs, in seconds: an answer with TTL 0 (or a few seconds) must
-    /// leave its client time to connect. Entries live 1.5 × max(TTL, floor): never shorter
-    /// than the client's cached answer.
-    #[arg(long, default_value_t = 60)]
-    pub min_ttl: u32,
-    /// Ceiling for allow-entry TTLs, in seconds. Answers that write allow entries carry no
-    /// TTL above it (higher ones are lowered to it), so a client never caches an address
-    /// longer than its entry lives.
-    #[arg(long, default_value_t = 86_400)]
-    pub max_ttl: u32,
-    /// Queries from unknown sources.
-    #[arg(long, value_enum, default_value = "deny")]
-    pub unknown_source: UnknownFlag,
-    /// Prometheus metrics (HTTP GET /metrics).
-    #[arg(long, value_name = "ADDR:PORT", default_value = "127.0.0.1:9967")]
-    pub metrics_listen: SocketAddr,
-    /// Disable the metrics listener.
-    #[arg(long)]
-    pub no_metrics: bool,
-    /// The DNS server queries are taken to be addressed to when the datapath does not say
-    /// (policy DNS rules name port 53 of the cluster DNS). Default: the upstream's IP, port 53
-    /// (without `--upstream`: the first `--listen` IP, port 53).
-    #[arg(long, value_name = "ADDR:PORT")]
-    pub policy_server: Option<SocketAddr>,
-    /// Randomise the letter case of forwarded names and accept only answers that echo it
-    /// (DNS 0x20; CoreDNS, unbound and BIND preserve case): one more bit per letter for an
-    /// off-path spoofer to guess.
-    #[arg(long, value_enum, default_value = "auto")]
-    pub upstream_0x20: Case0x20Flag,
-    /// Upstream UDP sockets per shard (random source ports).
-    #[arg(long, default_value_t = 4)]
-    pub upstream_sockets: u16,
-    /// Queries an upstream UDP socket sends before it is replaced by one on a fresh random
-    /// port (0: never).
-    #[arg(long, default_value_t = 256)]
-    pub upstream_socket_queries: u32,
-    /// Answers with unknown IDs on one upstream socket after which it is taken as under
-    /// attack and replaced at once, its queries re-sent from the new port (0: never).
-    #[arg(long, default_value_t = 32)]
-    pub upstream_unknown_id_burst: u32,
-    /// Most queries in flight upstream per shard.
-    #[arg(long, default_value_t = 8192)]
-    pub max_pending: usize,
-    /// Most queries in flight per endpoint per shard (unknown sources count as one).
-    #[arg(long, default_value_t = 4096)]
-    pub max_pending_per_endpoint: usize,
-    /// Datagrams per receive batch.
-    #[arg(long, default_value_t = 64)]
-    pub batch: usize,
-    /// TCP client idle timeout.
-    #[arg(long, default_value = "10s", value_parser = parse_duration)]
-    pub tcp_idle_timeout: Duration,
-    /// TCP client connections per shard; at the limit a new connection evicts the one that
-    /// has gone longest without progress.
-    #[arg(long, default_value_t = 1024)]
-    pub max_tcp_conns: usize,
-    /// TCP client connections per source address per shard; more are closed at once.
-    #[arg(long, default_value_t = 64)]
-    pub max_tcp_conns_per_source: usize,
-    /// Largest DNS message a TCP client may send, in bytes (12..=65535); a longer frame ends
-    /// the connection. Each connection's input buffer grows to at most this plus 2.
-    #[arg(long, default_value_t = 65535)]
-    pub max_tcp_message: usize,
-    /// Bytes of answers buffered per TCP connection beyond what the kernel took; a client
-    /// that does not read and goes over it is closed.
-    #[arg(long, default_value_t = 128 * 1024)]
-    pub max_tcp_out_bytes: usize,
-    /// SO_RCVBUF and SO_SNDBUF of each TCP client connection, in bytes (the kernel doubles
-    /// them): the kernel memory one connection can hold.
-    #[arg(long, default_value_t = 64 * 1024)]
-    pub tcp_socket_buffer_bytes: usize,
-    /// Queries of one TCP connection in flight at once; the connection is not read beyond.
-    #[arg(long, default_value_t = 32)]
-    pub max_tcp_pipeline: usize,
-    /// Append one JSON line per query to this file.
-    #[arg(long, value_name = "FILE")]
-    pub flow_log: Option<PathBuf>,
     /// How often policy and endpoint files are checked for changes. A changed file loads once
     /// it is the same at two checks in a row (one it keeps changing never replaces the last
     /// good state).
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
     pub reload_interval: Duration,
-    /// Capacity of the allow table: the eBPF allow map's size, or the userspace table's.
-    #[arg(long, default_value_t = 1 << 20)]
-    pub allow_entries: usize,
     /// Size of the L3 prefix map: the (endpoint, prefix) pairs of every endpoint's toCIDR,
     /// toCIDRSet, toEndpoints and toEntities rules. An endpoint whose entries do not fit is
     /// denied everything but DNS until they do (logged).
     #[arg(long, default_value_t = 65536)]
     pub l3_entries: u32,
-    /// Most allow entries one endpoint may hold; beyond it, answers that need new entries get
-    /// SERVFAIL (counted), so one workload cannot fill the table for the others.
-    #[arg(long, default_value_t = 1 << 16)]
-    pub max_allow_per_endpoint: usize,
-    /// Most allow entries one (endpoint, name) may hold (a name answering fresh addresses
-    /// every time cannot take its endpoint's whole quota).
-    #[arg(long, default_value_t = 256)]
-    pub max_allow_per_name: usize,
-    /// Most (endpoint, name) entries of the FQDN cache (the consumer's; oldest evicted beyond).
-    #[arg(long, default_value_t = 65536)]
-    pub fqdn_cache_entries: usize,
-    /// Most addresses the FQDN cache keeps per (endpoint, name).
-    #[arg(long, default_value_t = 256)]
-    pub max_ips_per_name: usize,
-    /// Capacity of the shard → consumer record queue.
-    #[arg(long, default_value_t = 8192)]
-    pub record_queue: usize,
-}
-
-/// Parses `5s`, `800ms`, `2m`, or a plain number of seconds.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let (number, unit) = match s.find(|c: char| !c.is_ascii_digit() && c != '.') {
-        Some(i) => s.split_at(i),
-        None => (s, "s"),
-    };
-    let value: f64 = number
-        .parse()
-        .map_err(|_| format!("invalid duration {s:?}"))?;
-    let secs = match unit {
-        "ms" => value / 1000.0,
-        "s" => value,
-        "m" => value * 60.0,
-        _ => return Err(format!("invalid duration unit in {s:?} (use ms, s or m)")),
-    };
-    // Durations are timeouts and intervals: from a millisecond to an hour.
-    if !(0.001..=3600.0).contains(&secs) {
-        return Err(format!("duration {s:?} out of range (1ms to 60m)"));
-    }
-    Duration::try_from_secs_f64(secs).map_err(|e| format!("invalid duration {s:?}: {e}"))
 }
 
 /// Parses a prefix or an address (`10.0.0.0/8`, `192.0.2.7`).
@@ -273,264 +66,9 @@ fn parse_cidr(s: &str) -> Result<dnsfence_policy::cidr::Cidr, String> {
     dnsfence_policy::cidr::Cidr::parse(s)
 }
 
-/// A list of CPUs from `--cpus`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CpuList(pub Vec<usize>);
-
-/// Parses a CPU list such as `0,2-3`.
-pub fn parse_cpus(s: &str) -> Result<CpuList, String> {
-    let mut cpus = Vec::new();
-    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        let bad = || format!("invalid CPU list {s:?}");
-        match part.split_once('-') {
-            Some((a, b)) => {
-                let (a, b): (usize, usize) =
-                    (a.parse().map_err(|_| bad())?, b.parse().map_err(|_| bad())?);
-                if a > b {
-                    return Err(bad());
-                }
-                cpus.extend(a..=b);
-            }
-            None => cpus.push(part.parse().map_err(|_| bad())?),
-        }
-    }
-    if cpus.is_empty() {
-        return Err(format!("empty CPU list {s:?}"));
-    }
-    Ok(CpuList(cpus))
-}
-
-/// The agent's runtime plan: flags resolved and checked once.
-struct Plan {
-    listen: Vec<SocketAddr>,
-    /// The upstream servers, and whether each query goes to the one its workload addressed
-    /// (else every query goes to the first).
-    upstreams: Vec<SocketAddr>,
-    addressed: bool,
-    shards: Vec<(IoConfig, CoreConfig, Option<usize>)>,
-    backend: BackendChoice,
-}
-
-fn plan(args: &AgentArgs) -> Result<Plan> {
-    if args.listen.is_empty() {
-        bail!("--listen is required");
-    }
-    let (upstreams, addressed) = match args.upstream {
-        Some(upstream) => (vec![upstream], false),
-        None if args.no_bpf => bail!(
-            "--upstream is required with --no-bpf (without the eBPF redirect the proxy cannot \
-             tell which server a query was addressed to)"
-        ),
-        None => {
-            let servers = match args.dns_server.is_empty() {
-                false => args.dns_server.clone(),
-                true => resolv_conf_servers(RESOLV_CONF)?,
-            };
-            if servers.is_empty() {
-                bail!(
-                    "no DNS server to forward to: {RESOLV_CONF} names none; give --upstream, \
-                     or --dns-server for each server workloads may use"
-                );
-            }
-            if servers.len() > dnsfence_engine::io::MAX_UPSTREAMS {
-                bail!(
-                    "--dns-server: at most {} servers",
-                    dnsfence_engine::io::MAX_UPSTREAMS
-                );
-            }
-            (servers, true)
-        }
-    };
-    let listens = args.listen.clone();
-    let families = (
-        listens.iter().filter(|a| a.is_ipv4()).count(),
-        listens.iter().filter(|a| a.is_ipv6()).count(),
-    );
-    if families.0 > 1 || families.1 > 1 {
-        bail!("--listen: at most one IPv4 and one IPv6 address");
-    }
-    if listens.iter().any(|a| a.port() != listens[0].port()) {
-        bail!("--listen: both addresses need the same port (the redirect target's port)");
-    }
-    if args.allow_entries > u32::MAX as usize {
-        bail!(
-            "--allow-entries must fit the allow map (at most {})",
-            u32::MAX
-        );
-    }
-    let available = std::thread::available_parallelism().map_or(1, |n| n.get());
-    // Pinned by default: to --cpus, else to the CPUs of the affinity mask.
-    let cpus: Option<Vec<usize>> = match (&args.cpus, args.no_pin) {
-        (Some(list), _) => Some(list.0.clone()),
-        (None, true) => None,
-        (None, false) => core_affinity::get_core_ids()
-            .map(|ids| ids.into_iter().map(|c| c.id).collect::<Vec<_>>())
-            .filter(|ids| !ids.is_empty()),
-    };
-    // One shard per CPU of the mask, but never more than the CPU quota allows
-    // (`available_parallelism` reads cgroup cpu.max: a pod limited to 2 CPUs on a 64-CPU node
-    // gets 2 shards, pinned to the first 2 CPUs of its mask).
-    let shards = args.shards.unwrap_or(match (&args.cpus, &cpus) {
-        (Some(list), _) => list.0.len(),
-        (None, Some(mask)) => mask.len().min(available),
-        (None, None) => available,
-    });
-    for &listen in &listens {
-        if listen.ip().is_unspecified() {
-            bail!(
-                "--listen {}: name the address to serve on (e.g. 127.0.0.1 or the node's DNS \
-             address); a wildcard socket may answer from another local address than the client \
-             asked, which clients drop",
-                listen
-            );
-        }
-        if listen.port() == 0 && (shards > 1 || listens.len() > 1) {
-            bail!(
-                "--listen with port 0 gives each shard its own port: name a port, or use --shards 1"
-            );
-        }
-    }
-    if shards == 0 {
-        bail!("--shards must be at least 1");
-    }
-    let mut plan = Plan {
-        listen: listens.clone(),
-        upstreams: upstreams.clone(),
-        addressed,
-        shards: Vec::with_capacity(shards * listens.len()),
-        backend: match args.io {
-            IoFlag::Auto => BackendChoice::Auto,
-            IoFlag::Uring => BackendChoice::Uring,
-            IoFlag::Mmsg => BackendChoice::Mmsg,
-        },
-    };
-    // Each listen address gets `shards` shards; shard i of each is pinned like the others' i.
-    for (listen, i) in listens
-        .iter()
-        .flat_map(|&l| (0..shards).map(move |i| (l, i)))
-    {
-        // Each server gets its own connected sockets (and TCP connection).
-        let mut io = IoConfig::new(listen, upstreams[0]);
-        io.upstreams = upstreams.clone();
-        io.upstream_sockets = args.upstream_sockets;
-        io.batch = args.batch;
-        io.tcp_idle_timeout = args.tcp_idle_timeout;
-        io.max_tcp_conns = args.max_tcp_conns;
-        io.max_tcp_conns_per_source = args.max_tcp_conns_per_source;
-        io.max_tcp_message = args.max_tcp_message;
-        io.max_tcp_out_bytes = args.max_tcp_out_bytes;
-        io.max_tcp_pipeline = args.max_tcp_pipeline;
-        io.tcp_socket_buffer_bytes = args.tcp_socket_buffer_bytes;
-        let mut core = CoreConfig::new(match addressed {
-            false => upstreams[0],
-            true => SocketAddr::new(listen.ip(), 53),
-        });
-        core.upstreams = upstreams.clone();
-        core.addressed = addressed;
-        core.upstream_sockets = args.upstream_sockets;
-        core.upstream_timeout = args.upstream_timeout;
-        core.reject_rcode = match args.reject_rcode {
-            RejectFlag::Refused => Rcode::Refused,
-            RejectFlag::Nxdomain => Rcode::NxDomain,
-        };
-        core.min_ttl = args.min_ttl;
-        core.max_ttl = args.max_ttl;
-        core.unknown_source = match args.unknown_source {
-            UnknownFlag::Deny => UnknownSource::Deny,
-            UnknownFlag::Allow => UnknownSource::Allow,
-        };
-        core.require_origin = !args.no_bpf;
-        core.max_pending = args.max_pending;
-        core.max_pending_per_endpoint = args.max_pending_per_endpoint.max(1);
-        core.flow_records = args.flow_log.is_some();
-        core.upstream_0x20 = args.upstream_0x20 != Case0x20Flag::Off;
-        core.upstream_0x20_fallback = args.upstream_0x20 == Case0x20Flag::Auto;
-        core.upstream_socket_queries = args.upstream_socket_queries;
-        core.upstream_unknown_id_burst = args.upstream_unknown_id_burst;
-        core.max_udp_payload = io.max_udp_payload.min(usize::from(u16::MAX)) as u16;
-        if !(1..65536).contains(&core.max_pending) {
-            bail!("--max-pending must be in 1..65535");
-        }
-        if let Some(server) = args.policy_server {
-            core.policy_server = server;
-        }
-        core.seed = os_random_key()?;
-        let cpu = cpus.as_ref().map(|cpus| cpus[i % cpus.len()]);
-        plan.shards.push((io, core, cpu));
-    }
-    Ok(plan)
-}
-
-/// Where the node's resolvers are listed.
-const RESOLV_CONF: &str = "/etc/resolv.conf";
-
-/// The `nameserver` addresses of a resolv.conf, port 53 (a scope suffix `%eth0` is dropped;
-/// the proxy forwards to link-local servers only when named with --dns-server).
-fn resolv_conf_servers(path: &str) -> Result<Vec<SocketAddr>> {
-    let text = std::fs::read_to_string(path).with_context(|| {
-        format!("read {path} for the DNS servers to trust (give --dns-server or --upstream)")
-    })?;
-    Ok(parse_resolv_conf(&text))
-}
-
-fn parse_resolv_conf(text: &str) -> Vec<SocketAddr> {
-    let mut servers = Vec::new();
-    for line in text.lines() {
-        let mut words = line.split_whitespace();
-        if words.next() != Some("nameserver") {
-            continue;
-        }
-        let Some(addr) = words.next() else { continue };
-        let addr = addr.split('%').next().unwrap_or(addr);
-        if let Ok(ip) = addr.parse::<std::net::IpAddr>() {
-            let server = SocketAddr::new(ip, 53);
-            if !servers.contains(&server) {
-                servers.push(server);
-            }
-        }
-    }
-    servers
-}
-
-/// The upstream, for messages.
-fn upstream_text(upstreams: &[SocketAddr], addressed: bool) -> String {
-    let list = upstreams
-        .iter()
-        .map(ToString::to_string)
-        .collect::<Vec<_>>()
-        .join(", ");
-    match addressed {
-        false => list,
-        true => format!("(the server each workload addressed, if one of: {list})"),
-    }
-}
-
-/// The listen addresses, for messages.
-fn listen_text(listen: &[SocketAddr]) -> String {
-    listen
-        .iter()
-        .map(ToString::to_string)
-        .collect::<Vec<_>>()
-        .join(" and ")
-}
-
-/// A 128-bit secret from the kernel's random pool (the key of a shard's ID generator).
-fn os_random_key() -> Result<[u64; 2]> {
-    use std::io::Read;
-    let mut bytes = [0u8; 16];
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut bytes))
-        .context("read /dev/urandom (upstream IDs must be unpredictable)")?;
-    let (a, b) = bytes.split_at(8);
-    Ok([
-        u64::from_le_bytes(a.try_into().expect("8 bytes")),
-        u64::from_le_bytes(b.try_into().expect("8 bytes")),
-    ])
-}
-
 /// Refuses combinations that would quietly widen enforcement (at start and at every reload
 /// of the endpoints): `without_ips` endpoints recognised by cgroup only.
-fn refuse_unenforceable(args: &AgentArgs, without_ips: usize) -> Result<(), String> {
+pub fn refuse_unenforceable(args: &ServeArgs, without_ips: usize) -> Result<(), String> {
     if args.no_bpf && without_ips > 0 && matches!(args.unknown_source, UnknownFlag::Allow) {
         return Err(format!(
             "{without_ips} endpoints have no source address (cgroup only) and cannot be \
@@ -544,7 +82,7 @@ fn refuse_unenforceable(args: &AgentArgs, without_ips: usize) -> Result<(), Stri
 /// Says, once the agent serves, what this configuration does not enforce.
 fn warn_about_limits(args: &AgentArgs, snapshot: &Snapshot) {
     let stats = snapshot.stats();
-    if !args.no_bpf {
+    if !args.serve.no_bpf {
         eprintln!(
             "dnsfence agent: eBPF datapath: DNS of {} cgroup endpoints redirected from {}, \
              egress of {} restricted endpoints filtered by the allow map ({} toFQDNs rules, \
@@ -553,7 +91,7 @@ fn warn_about_limits(args: &AgentArgs, snapshot: &Snapshot) {
             args.cgroup_root.display(),
             stats.restricted,
             stats.fqdn_rules,
-            args.bpf_pin.display()
+            args.serve.bpf_pin.display()
         );
     } else if stats.without_ips > 0 {
         eprintln!(
@@ -562,15 +100,12 @@ fn warn_about_limits(args: &AgentArgs, snapshot: &Snapshot) {
             stats.without_ips
         );
     }
-    if args.no_bpf && stats.fqdn_rules > 0 {
+    if args.serve.no_bpf && stats.fqdn_rules > 0 {
         eprintln!(
             "dnsfence agent: warning: --no-bpf: {} toFQDNs rules are tracked in the userspace \
              allow table but no connection filter enforces them",
             stats.fqdn_rules
         );
-    }
-    if args.state_dir.is_some() {
-        eprintln!("dnsfence agent: warning: --state-dir is not used yet (no state is persisted)");
     }
 }
 
@@ -591,15 +126,19 @@ fn outcome_text(outcome: Outcome) -> &'static str {
 
 /// Runs the agent until SIGTERM/SIGINT, then drains and exits 0.
 pub fn run(args: &AgentArgs) -> Result<()> {
+    const WHO: &str = "dnsfence agent";
     if args.uninstall {
-        let detached = dnsfence_datapath::Datapath::uninstall(&args.bpf_pin)?;
+        let detached = dnsfence_datapath::Datapath::uninstall(&args.serve.bpf_pin)?;
         eprintln!(
-            "dnsfence agent: uninstalled: {detached} programs detached, {} removed",
-            args.bpf_pin.display()
+            "{WHO}: uninstalled: {detached} programs detached, {} removed",
+            args.serve.bpf_pin.display()
         );
         return Ok(());
     }
-    let plan = plan(args)?;
+    if args.policy.is_empty() {
+        bail!("--policy is required");
+    }
+    let plan = serve::plan(&args.serve)?;
     let (mut sources, _) = Sources::load(&args.policy, args.endpoints.as_deref())
         .map_err(|e| anyhow::anyhow!("{e}"))
         .context("cannot load policy")?;
@@ -611,32 +150,29 @@ pub fn run(args: &AgentArgs) -> Result<()> {
     node.host.extend(args.node_ip.iter().copied());
     let mut snapshot = sources.set_node(node);
     snapshot.set_generation(1);
-    refuse_unenforceable(args, snapshot.stats().without_ips).map_err(anyhow::Error::msg)?;
+    refuse_unenforceable(&args.serve, snapshot.stats().without_ips).map_err(anyhow::Error::msg)?;
     // Accepted but not enforced (ingress sections, host policies): said once per note.
     let mut noted = std::collections::HashSet::new();
     for note in sources.notes() {
-        eprintln!("dnsfence agent: {note}");
+        eprintln!("{WHO}: {note}");
         noted.insert(note);
     }
     let policy = Arc::new(PolicyHandle::new(Arc::new(snapshot)));
-    let ledger = LedgerConfig {
-        capacity: args.allow_entries.max(1),
-        per_endpoint: args.max_allow_per_endpoint.max(1),
-        per_name: args.max_allow_per_name.max(1),
-    };
-    let enforcer = Arc::new(if args.no_bpf {
+    let ledger = args.serve.ledger();
+    let state = ha::open_state(args.serve.state_dir.as_deref())?;
+    let enforcer = Arc::new(if args.serve.no_bpf {
         Enforcer::userspace(ledger)
     } else {
         let install = dnsfence_datapath::InstallConfig {
-            pin_dir: args.bpf_pin.clone(),
+            pin_dir: args.serve.bpf_pin.clone(),
             cgroup_root: args.cgroup_root.clone(),
-            allow_entries: args.allow_entries as u32,
+            allow_entries: args.serve.allow_entries as u32,
             l3_entries: args.l3_entries,
         };
         Enforcer::bpf(&install, &plan.listen, ledger)?
     });
     for line in enforcer.apply(&policy.load())? {
-        eprintln!("dnsfence agent: {line}");
+        eprintln!("{WHO}: {line}");
     }
     let watch_stop = Arc::new(AtomicBool::new(false));
     let cgroup_watch = enforcer.watch_cgroups(Arc::clone(&policy), Arc::clone(&watch_stop));
@@ -644,116 +180,49 @@ pub fn run(args: &AgentArgs) -> Result<()> {
     for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         signal_hook::flag::register(signal, Arc::clone(&stop)).context("signal handler")?;
     }
-    let records = Arc::new(ArrayQueue::new(args.record_queue.max(1)));
-    // Everything that can fail on a taken port or a bad path, before any shard joins the
-    // listen port's SO_REUSEPORT group (where it would take a share of the queries).
-    let metrics_listener = match args.no_metrics {
-        true => None,
-        false => Some(
-            metrics::bind(args.metrics_listen)
-                .with_context(|| format!("metrics listener {}", args.metrics_listen))?,
-        ),
-    };
-    let flow_log: Option<Box<dyn std::io::Write + Send>> = match &args.flow_log {
-        None => None,
-        Some(path) => Some(Box::new(std::io::BufWriter::new(
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(path)
-                .with_context(|| format!("flow log {}", path.display()))?,
-        ))),
-    };
-
-    let mut statuses = Vec::new();
-    let mut threads = Vec::new();
-    let shard_stop = Arc::new(AtomicBool::new(false));
-    let shard_count = plan.shards.len();
-    let placement = match plan.shards.iter().all(|(_, _, cpu)| cpu.is_none()) {
-        true => "not pinned".to_owned(),
-        false => format!(
-            "on CPUs {}",
-            plan.shards
-                .iter()
-                .map(|(_, _, cpu)| cpu.map_or("-".to_owned(), |c| c.to_string()))
-                .collect::<Vec<_>>()
-                .join(",")
-        ),
-    };
-    for (index, (io, core, cpu)) in plan.shards.into_iter().enumerate() {
-        let status = Arc::new(ShardStatus::default());
-        statuses.push(Arc::clone(&status));
-        let allow = enforcer.sink();
-        let origin = enforcer.origin(&args.bpf_pin)?;
-        let config = ShardConfig {
-            index,
-            core,
-            io,
-            backend: plan.backend,
-            cpu,
-            allow,
-            origin,
-            policy: Arc::clone(&policy),
-            records: Arc::clone(&records),
-            stop: Arc::clone(&shard_stop),
-            status,
-        };
-        match shard::spawn(config) {
-            Ok(handle) => threads.push(handle),
-            Err(e) => {
-                shard_stop.store(true, Ordering::Relaxed);
-                for t in threads {
-                    let _ = t.join();
-                }
-                bail!("cannot listen on {}: {e}", listen_text(&plan.listen));
-            }
+    // The agent socket: where the standalone proxy gets policy and hands back what it
+    // learned. Named: it must bind. The default: a warning when it cannot (another agent on
+    // this node holds it, or no permission for /run/dnsfence).
+    let socket_path = args
+        .serve
+        .agent_socket
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_AGENT_SOCKET));
+    let sync = match AgentSync::bind(&socket_path, Arc::clone(&stop)) {
+        Ok(sync) => Some(sync),
+        Err(e) if args.serve.agent_socket.is_some() => return Err(e),
+        Err(e) => {
+            eprintln!(
+                "{WHO}: warning: no agent socket ({e:#}): a standalone proxy cannot sync with \
+                 this agent (--agent-socket names another path)"
+            );
+            None
         }
-    }
-
-    let observations = Arc::new(Mutex::new(Observations::with_cache_capacity(
-        args.fqdn_cache_entries.max(1),
-    )));
-    let consumer_stop = Arc::new(AtomicBool::new(false));
-    let consumer = {
-        let (records, observations, stop) = (
-            Arc::clone(&records),
-            Arc::clone(&observations),
-            Arc::clone(&consumer_stop),
-        );
-        let config = ConsumerConfig {
-            cache_entries: args.fqdn_cache_entries.max(1),
-            max_ips_per_name: args.max_ips_per_name.max(1),
-            flow_log,
-        };
-        std::thread::Builder::new()
-            .name("dnsf-consumer".into())
-            .spawn(move || consumer::run(records, observations, config, stop))
-            .context("consumer thread")?
     };
-
-    let reload = Arc::new(metrics::ReloadStatus::default());
-    if let Some(listener) = metrics_listener {
-        let state = metrics::State {
-            shards: statuses.clone(),
-            observations: Arc::clone(&observations),
-            policy: Arc::clone(&policy),
-            enforcer: Arc::clone(&enforcer),
-            reload: Arc::clone(&reload),
-            records_queued: Arc::clone(&records),
-        };
-        metrics::serve(listener, state, Arc::clone(&stop)).context("metrics thread")?;
+    let cache = ha::load_cache(WHO, state.as_ref(), &args.serve);
+    let mut server = Server::start(Start {
+        who: WHO,
+        args: &args.serve,
+        plan,
+        policy: Arc::clone(&policy),
+        enforcer: Arc::clone(&enforcer),
+        observations: cache,
+        forward: None,
+        stop: Arc::clone(&stop),
+        sync: sync
+            .as_ref()
+            .map_or_else(Default::default, |s| Arc::clone(&s.stats)),
+        pending: None,
+    })?;
+    let mut version = 1;
+    if let Some(sync) = &sync {
+        sync.publish(ha::policy_message(version, &sources));
+        sync.start(
+            Arc::clone(&server.observations),
+            ha::MergeLimits::of(&args.serve),
+        )?;
+        eprintln!("{WHO}: agent socket {}", socket_path.display());
     }
-    let backend = statuses[0]
-        .backend
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .map(|b| format!("{b:?}"));
-    eprintln!(
-        "dnsfence agent: serving {} with {shard_count} shards ({}, {placement}), upstream {}",
-        listen_text(&plan.listen),
-        backend.unwrap_or_default(),
-        upstream_text(&plan.upstreams, plan.addressed)
-    );
     warn_about_limits(args, &policy.load());
 
     // Control loop: hot reload and expiry sweeps until a signal arrives or a shard dies.
@@ -761,33 +230,22 @@ pub fn run(args: &AgentArgs) -> Result<()> {
     // be used is reported and never widens enforcement (dnsfence_policy::reload).
     let accept = |endpoints: &Endpoints| {
         let without_ips = endpoints.endpoints.iter().filter(|e| e.ips.is_empty());
-        refuse_unenforceable(args, without_ips.count())
+        refuse_unenforceable(&args.serve, without_ips.count())
     };
+    let reload = Arc::clone(&server.reload);
     let mut generation = 1;
     let mut last_check = Instant::now();
+    let mut persisted = Instant::now();
     let mut failed = None;
-    let mut case_logged = false;
     while !stop.load(Ordering::Relaxed) {
         std::thread::sleep(Duration::from_millis(50));
-        if !case_logged
-            && statuses.iter().any(|s| {
-                s.stats
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .upstream_0x20_disabled
-                    != 0
-            })
-        {
-            case_logged = true;
-            eprintln!(
-                "dnsfence agent: upstream {} does not preserve the letter case of questions: \
-                 DNS 0x20 switched off for it (--upstream-0x20 on keeps it)",
-                upstream_text(&plan.upstreams, plan.addressed)
-            );
-        }
-        if let Some(i) = threads.iter().position(|t| t.is_finished()) {
+        if let Some(i) = server.check() {
             failed = Some(i);
             break;
+        }
+        if persisted.elapsed() >= ha::CACHE_PERSIST_INTERVAL {
+            persisted = Instant::now();
+            ha::save_cache(WHO, state.as_ref(), &server.observations);
         }
         if last_check.elapsed() < args.reload_interval {
             continue;
@@ -798,7 +256,7 @@ pub fn run(args: &AgentArgs) -> Result<()> {
         for rejection in &report.rejections {
             reload.errors.fetch_add(1, Ordering::Relaxed);
             eprintln!(
-                "dnsfence agent: policy reload rejected {}: {}:\n{}",
+                "{WHO}: policy reload rejected {}: {}:\n{}",
                 rejection.file.display(),
                 outcome_text(rejection.outcome),
                 rejection.errors
@@ -814,17 +272,21 @@ pub fn run(args: &AgentArgs) -> Result<()> {
             // removes is no longer written even by a shard still on the old snapshot.
             let snapshot = Arc::new(snapshot);
             match enforcer.apply(&snapshot) {
-                Ok(lines) => lines.iter().for_each(|l| eprintln!("dnsfence agent: {l}")),
-                Err(e) => eprintln!("dnsfence agent: datapath update failed: {e:#}"),
+                Ok(lines) => lines.iter().for_each(|l| eprintln!("{WHO}: {l}")),
+                Err(e) => eprintln!("{WHO}: datapath update failed: {e:#}"),
             }
             policy.store(snapshot);
+            if let Some(sync) = &sync {
+                version += 1;
+                sync.publish(ha::policy_message(version, &sources));
+            }
             for note in sources.notes() {
                 if noted.insert(note.clone()) {
-                    eprintln!("dnsfence agent: {note}");
+                    eprintln!("{WHO}: {note}");
                 }
             }
             eprintln!(
-                "dnsfence agent: policy reloaded (generation {generation}){}",
+                "{WHO}: policy reloaded (generation {generation}){}",
                 match after.fail_closed {
                     0 => String::new(),
                     n => format!(
@@ -846,60 +308,18 @@ pub fn run(args: &AgentArgs) -> Result<()> {
     }
 
     if failed.is_none() {
-        eprintln!("dnsfence agent: stopping; draining in-flight queries");
+        eprintln!("{WHO}: stopping; draining in-flight queries");
     }
-    shard_stop.store(true, Ordering::Relaxed);
-    for t in threads {
-        let _ = t.join();
-    }
-    consumer_stop.store(true, Ordering::Relaxed);
-    let _ = consumer.join();
+    let observations = Arc::clone(&server.observations);
+    server.shutdown();
+    ha::save_cache(WHO, state.as_ref(), &observations);
     watch_stop.store(true, Ordering::Relaxed);
     if let Some(w) = cgroup_watch {
         let _ = w.join();
     }
+    drop(sync);
     match failed {
         Some(i) => bail!("shard {i} stopped unexpectedly; exiting so a supervisor restarts us"),
         None => Ok(()),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("5s"), Ok(Duration::from_secs(5)));
-        assert_eq!(parse_duration("800ms"), Ok(Duration::from_millis(800)));
-        assert_eq!(parse_duration("2"), Ok(Duration::from_secs(2)));
-        assert_eq!(parse_duration("1m"), Ok(Duration::from_secs(60)));
-        assert!(parse_duration("5h").is_err());
-        assert!(parse_duration("100000000000000000000").is_err());
-        assert!(parse_duration("0").is_err());
-        assert!(parse_duration("61m").is_err());
-        assert!(parse_duration("x").is_err());
-    }
-
-    #[test]
-    fn resolv_conf() {
-        let text = "# generated\nsearch example.test\nnameserver 127.0.0.53\n\
-                    nameserver fe80::1%eth0\nnameserver 10.0.0.2 # x\nnameserver 127.0.0.53\n\
-                    nameserver bogus\noptions edns0\n";
-        let want: Vec<SocketAddr> = ["127.0.0.53:53", "[fe80::1]:53", "10.0.0.2:53"]
-            .iter()
-            .map(|s| s.parse().unwrap())
-            .collect();
-        assert_eq!(parse_resolv_conf(text), want);
-        assert!(parse_resolv_conf("").is_empty());
-    }
-
-    #[test]
-    fn cpu_lists() {
-        assert_eq!(parse_cpus("0,2-4"), Ok(CpuList(vec![0, 2, 3, 4])));
-        assert_eq!(parse_cpus("1"), Ok(CpuList(vec![1])));
-        assert!(parse_cpus("3-1").is_err());
-        assert!(parse_cpus("a").is_err());
-        assert!(parse_cpus("").is_err());
     }
 }

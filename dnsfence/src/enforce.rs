@@ -23,8 +23,10 @@ pub enum Enforcer {
     Userspace(Arc<UserspaceAllowTable>),
     /// The eBPF datapath.
     Bpf {
-        /// The loaded programs and the maps the control plane writes.
-        datapath: Box<Mutex<Datapath>>,
+        /// The loaded programs and the maps the control plane writes (the agent's); None for
+        /// the standalone proxy, which only writes allow entries into the maps an agent
+        /// pinned.
+        datapath: Option<Box<Mutex<Datapath>>>,
         /// The allow-map sink the shards share.
         allow: BpfAllow,
     },
@@ -62,7 +64,23 @@ impl Enforcer {
         }
         let allow = datapath.allow_sink(ledger)?;
         Ok(Enforcer::Bpf {
-            datapath: Box::new(Mutex::new(datapath)),
+            datapath: Some(Box::new(Mutex::new(datapath))),
+            allow,
+        })
+    }
+
+    /// The standalone proxy's: the allow maps an agent pinned under `pin_dir` (no program
+    /// loaded or attached, no pin lock taken: the agent owns those).
+    pub fn attached(pin_dir: &Path, ledger: LedgerConfig) -> Result<Enforcer> {
+        let allow = BpfAllow::open_pinned(pin_dir, ledger).with_context(|| {
+            format!(
+                "eBPF datapath pinned under {} (start `dnsfence agent` once with this \
+                 --bpf-pin; --no-bpf runs without it)",
+                pin_dir.display()
+            )
+        })?;
+        Ok(Enforcer::Bpf {
+            datapath: None,
             allow,
         })
     }
@@ -92,11 +110,13 @@ impl Enforcer {
             Enforcer::Bpf { datapath, allow } => {
                 // Revoke first: a narrowing reload closes before the endpoint map changes.
                 let revoked = allow.revoke(Arc::clone(snapshot));
-                let sync = datapath
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .sync_endpoints(snapshot)?;
-                lines.extend(describe_sync(&sync));
+                if let Some(datapath) = datapath {
+                    let sync = datapath
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .sync_endpoints(snapshot)?;
+                    lines.extend(describe_sync(&sync));
+                }
                 revoked
             }
         };
@@ -116,10 +136,12 @@ impl Enforcer {
             }
             Enforcer::Bpf { datapath, allow } => {
                 allow.sweep(SWEEP_BUDGET);
-                let _ = datapath
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .sync_endpoints(snapshot);
+                if let Some(datapath) = datapath {
+                    let _ = datapath
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .sync_endpoints(snapshot);
+                }
             }
         }
     }
@@ -134,7 +156,10 @@ impl Enforcer {
         stop: Arc<std::sync::atomic::AtomicBool>,
     ) -> Option<std::thread::JoinHandle<()>> {
         use std::sync::atomic::Ordering;
-        let Enforcer::Bpf { .. } = **self else {
+        let Enforcer::Bpf {
+            datapath: Some(_), ..
+        } = **self
+        else {
             return None;
         };
         let watch = match dnsfence_datapath::DirWatch::new() {
@@ -151,7 +176,11 @@ impl Enforcer {
         std::thread::Builder::new()
             .name("dnsf-cgwatch".into())
             .spawn(move || {
-                let Enforcer::Bpf { datapath, .. } = &*me else {
+                let Enforcer::Bpf {
+                    datapath: Some(datapath),
+                    ..
+                } = &*me
+                else {
                     return;
                 };
                 let mut generation = 0;
@@ -198,10 +227,8 @@ impl Enforcer {
         match self {
             Enforcer::Userspace(_) => Vec::new(),
             Enforcer::Bpf { datapath, .. } => datapath
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .stats()
-                .into_iter()
+                .iter()
+                .flat_map(|d| d.lock().unwrap_or_else(|e| e.into_inner()).stats())
                 .map(|(s, n)| (s.name(), n))
                 .collect(),
         }

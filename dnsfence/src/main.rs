@@ -4,9 +4,12 @@
 mod agent;
 mod demo;
 mod enforce;
+mod ha;
 mod match_cmd;
 mod metrics;
 mod policy_cmd;
+mod proxy;
+mod serve;
 
 use std::process::ExitCode;
 
@@ -31,6 +34,8 @@ enum Command {
     Policy(policy_cmd::PolicyArgs),
     /// Run the complete single-process proxy (policy, shards, metrics).
     Agent(Box<agent::AgentArgs>),
+    /// Run the standalone HA proxy beside an agent (same --listen; policy from the agent).
+    Proxy(Box<proxy::ProxyArgs>),
     /// Prove it: load, SIGKILL and restart of an agent, and the verdict counts, on loopback.
     Demo(demo::DemoArgs),
 }
@@ -52,6 +57,13 @@ fn main() -> ExitCode {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("dnsfence agent: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Proxy(args) => match proxy::run(&args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("dnsfence proxy: {e:#}");
                 ExitCode::FAILURE
             }
         },

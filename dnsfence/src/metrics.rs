@@ -30,6 +30,10 @@ pub struct State {
     pub reload: Arc<ReloadStatus>,
     /// The record queue (its length is a gauge).
     pub records_queued: Arc<ArrayQueue<Record>>,
+    /// The agent ↔ proxy sync's counters.
+    pub sync: Arc<crate::ha::SyncStats>,
+    /// The standalone proxy's records kept for the agent.
+    pub pending: Option<Arc<crate::ha::Pending>>,
 }
 
 /// Where policy and endpoint reloads stand (written by the control loop).
@@ -390,6 +394,28 @@ pub fn render(state: &State) -> String {
     let _ = writeln!(out, "# TYPE dnsfence_ip_updates_total counter");
     let _ = writeln!(out, "dnsfence_ip_updates_total {}", obs.ip_updates);
     drop(obs);
+    let sync = &state.sync;
+    for (name, kind, value) in [
+        ("sync_connected", "gauge", &sync.connected),
+        ("sync_connections_total", "counter", &sync.connections),
+        ("sync_observations_total", "counter", &sync.observations),
+        ("sync_flows_total", "counter", &sync.flows),
+        ("sync_snapshots_total", "counter", &sync.snapshots),
+    ] {
+        let _ = writeln!(out, "# TYPE dnsfence_{name} {kind}");
+        let _ = writeln!(
+            out,
+            "dnsfence_{name} {}",
+            value.load(std::sync::atomic::Ordering::Relaxed)
+        );
+    }
+    if let Some(pending) = &state.pending {
+        let (held, overflowed) = pending.counts();
+        let _ = writeln!(out, "# TYPE dnsfence_sync_pending_records gauge");
+        let _ = writeln!(out, "dnsfence_sync_pending_records {held}");
+        let _ = writeln!(out, "# TYPE dnsfence_sync_overflow_total counter");
+        let _ = writeln!(out, "dnsfence_sync_overflow_total {overflowed}");
+    }
     let _ = writeln!(out, "# TYPE dnsfence_allow_entries gauge");
     let allow = state.enforcer.allow_stats();
     let _ = writeln!(out, "dnsfence_allow_entries {}", allow.entries);
@@ -494,6 +520,8 @@ mod tests {
             )),
             reload: Arc::default(),
             records_queued: Arc::new(ArrayQueue::new(1)),
+            sync: Arc::default(),
+            pending: None,
         }
     }
 

@@ -65,6 +65,9 @@ impl Observations {
     }
 }
 
+/// A hook that sees every record the consumer takes.
+pub type Forward = Box<dyn FnMut(&Record) + Send>;
+
 /// How the consumer runs.
 pub struct ConsumerConfig {
     /// Most (endpoint, name) entries kept; beyond it expired entries, then arbitrary ones,
@@ -74,6 +77,8 @@ pub struct ConsumerConfig {
     pub max_ips_per_name: usize,
     /// Where flow records go, one JSON line each (None: not logged).
     pub flow_log: Option<Box<dyn Write + Send>>,
+    /// Sees every record after it is applied (the standalone proxy keeps them for the agent).
+    pub forward: Option<Forward>,
 }
 
 /// Runs until `stop` is set and the queue is empty.
@@ -126,6 +131,9 @@ pub fn run(
                 }
             }
         }
+        if let Some(forward) = config.forward.as_mut() {
+            batch.iter().for_each(forward);
+        }
     }
     if let Some(log) = config.flow_log.as_mut() {
         let _ = log.flush();
@@ -150,6 +158,17 @@ fn write_flow(log: &mut dyn Write, flow: &Flow, started: Instant) {
         flow.rcode.map_or(-1, i32::from),
         flow.upstream_latency.map_or(-1, |d| d.as_micros() as i64),
     );
+}
+
+/// Applies one record to the aggregates, as the consumer does (the agent merges what the
+/// standalone proxy observed with it: a union, so merging one twice changes nothing).
+pub fn merge(
+    obs: &mut Observations,
+    record: &Record,
+    cache_entries: usize,
+    max_ips_per_name: usize,
+) {
+    apply(obs, record, cache_entries, max_ips_per_name);
 }
 
 fn apply(obs: &mut Observations, record: &Record, cache_entries: usize, max_ips_per_name: usize) {

@@ -201,12 +201,7 @@ fn run(mut config: ShardConfig, mut io: Io) {
         {
             break;
         }
-        let g = config.policy.generation();
-        if g != generation {
-            generation = g;
-            core.set_snapshot(config.policy.load());
-            config.status.generation.store(g, Ordering::Release);
-        }
+        refresh(&mut core, &config, &mut generation);
         // Sleep until a packet, the next timeout, or 100 ms (to notice stop and publish).
         let wait = core
             .poll_timeout()
@@ -218,6 +213,8 @@ fn run(mut config: ShardConfig, mut io: Io) {
             let now = Instant::now();
             match event {
                 Event::ClientDatagram { peer, data } => {
+                    // A snapshot stored while the shard waited applies to what woke it.
+                    refresh(&mut core, &config, &mut generation);
                     let origin = origins.as_mut().and_then(|o| o.origin(peer, Proto::Udp));
                     core.handle_client(now, Client::Udp(peer), origin, data)
                 }
@@ -225,6 +222,7 @@ fn run(mut config: ShardConfig, mut io: Io) {
                     core.handle_upstream(now, socket, from, data)
                 }
                 Event::TcpClientMessage { conn, peer, data } => {
+                    refresh(&mut core, &config, &mut generation);
                     let origin = origins
                         .as_mut()
                         .and_then(|o| conn_origins.get(o.as_mut(), conn, peer));
@@ -293,6 +291,16 @@ impl Drops {
             core.sends_dropped(client - self.client, upstream - self.upstream);
             (self.client, self.upstream) = (client, upstream);
         }
+    }
+}
+
+/// Takes the newest policy snapshot when there is one (an atomic load otherwise).
+fn refresh(core: &mut Core, config: &ShardConfig, generation: &mut u64) {
+    let g = config.policy.generation();
+    if g != *generation {
+        *generation = g;
+        core.set_snapshot(config.policy.load());
+        config.status.generation.store(g, Ordering::Release);
     }
 }
 

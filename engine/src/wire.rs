@@ -790,7 +790,9 @@ impl Addresses {
         &self.ips[..self.count]
     }
 
-    pub(crate) fn push(&mut self, ip: IpAddr) {
+    /// Adds an address (a duplicate is not added again; beyond the capacity it is counted in
+    /// the overflow and dropped).
+    pub fn push(&mut self, ip: IpAddr) {
         if self.ips().contains(&ip) {
             return;
         }

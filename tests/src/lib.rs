@@ -499,6 +499,9 @@ pub struct AgentConfig {
     pub bpf: Option<(PathBuf, PathBuf)>,
     /// Without `cpus`: leave the agent's default pinning on (else `--no-pin` is passed).
     pub pin_default: bool,
+    /// Run `dnsfence proxy` (the standalone HA proxy: no policy files; pass
+    /// `--agent-socket` and `--state-dir` in `extra`) instead of `dnsfence agent`.
+    pub proxy: bool,
 }
 
 impl AgentConfig {
@@ -515,6 +518,7 @@ impl AgentConfig {
             listen: None,
             bpf: None,
             pin_default: false,
+            proxy: false,
         }
     }
 
@@ -560,10 +564,13 @@ impl Agent {
         let addr = config.listen.unwrap_or_else(free_addr);
         let metrics = free_addr();
         let mut cmd = Command::new(bin("dnsfence"));
-        cmd.arg("agent");
+        cmd.arg(if config.proxy { "proxy" } else { "agent" });
         match &config.bpf {
             None => {
                 cmd.arg("--no-bpf");
+            }
+            Some((pin, _)) if config.proxy => {
+                cmd.arg("--bpf-pin").arg(pin);
             }
             Some((pin, cgroup_root)) => {
                 cmd.arg("--bpf-pin")
@@ -576,11 +583,13 @@ impl Agent {
         if let Some(upstream) = config.upstream {
             cmd.arg("--upstream").arg(upstream.to_string());
         }
-        cmd.arg("--policy")
-            .arg(&policy_path)
-            .arg("--endpoints")
-            .arg(&endpoints_path)
-            .arg("--shards")
+        if !config.proxy {
+            cmd.arg("--policy")
+                .arg(&policy_path)
+                .arg("--endpoints")
+                .arg(&endpoints_path);
+        }
+        cmd.arg("--shards")
             .arg(config.shards.to_string())
             .arg("--io")
             .arg(config.io.flag())
@@ -598,7 +607,12 @@ impl Agent {
             None => {}
         }
         cmd.args(&config.extra);
-        let process = Process::spawn("dnsfence-agent", cmd, dir.path());
+        let name = if config.proxy {
+            "dnsfence-proxy"
+        } else {
+            "dnsfence-agent"
+        };
+        let process = Process::spawn(name, cmd, dir.path());
         Agent {
             process,
             addr,
@@ -640,6 +654,15 @@ impl Agent {
     /// Sum over shards of a counter.
     pub fn metric_sum(&self, name: &str) -> f64 {
         self.metric(name).iter().map(|(_, v)| v).sum()
+    }
+
+    /// Waits (10 s at most, else panics with the metrics) until `metric` summed over its
+    /// shards is at least `want` (shards publish their counters every 100 ms or so).
+    pub fn wait_metric(&self, metric: &str, want: f64) {
+        let got = poll_until(Duration::from_secs(10), || {
+            (self.metric_sum(metric) >= want).then_some(())
+        });
+        assert!(got.is_some(), "{metric} < {want}: {}", self.metrics_text());
     }
 }
 

@@ -1,0 +1,852 @@
+//! High availability wiring (`../shared/spec/ha.md`): the agent side and the proxy side of
+//! the sync over the agent socket (`dnsfence_sync::proto`), and what both persist in
+//! `--state-dir` (`dnsfence_sync::state`).
+//!
+//! - The agent binds the socket ([`AgentSync`]); one thread accepts, one thread serves each
+//!   peer. A proxy gets the agent's policy texts in force ([`policy_message`]) at once and
+//!   after every reload; the observations and flow records it sends are merged into the
+//!   agent's FQDN cache and counters, and acknowledged.
+//! - The proxy runs one sync thread ([`ProxySync`]): connect with backoff, Hello, then
+//!   apply each snapshot (compile, persist, swap in) and acknowledge it; send what its
+//!   replay buffers hold and drop what the agent acknowledges. On a lost connection the
+//!   unacknowledged batches go again after the next connect.
+//! - Neither side ever blocks a shard on the other: shards only push records into their
+//!   queue; the consumer thread copies them into the replay buffers behind a lock held for
+//!   a push; every socket read and write has a timeout.
+
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result};
+use dnsfence_engine::consumer::{self, Observations};
+use dnsfence_engine::core::{IpUpdate, Record};
+use dnsfence_engine::wire::Addresses;
+use dnsfence_matcher::Name;
+use dnsfence_policy::EndpointKey;
+use dnsfence_policy::reload::{InForce, Sources};
+use dnsfence_sync::conn::{AgentListener, Backoff, connect_with_backoff};
+use dnsfence_sync::proto::{
+    self, Decoder, Encoder, Hello, Message, NodeFacts, Observation, PolicySnapshot, Role,
+    SourceFile,
+};
+use dnsfence_sync::replay::ReplayBuffer;
+use dnsfence_sync::state::{Kind, StateDir};
+
+use crate::serve::ServeArgs;
+
+/// How often each process writes its FQDN cache (and the proxy its replay buffers) to the
+/// state directory; both are also written at a clean exit.
+pub const CACHE_PERSIST_INTERVAL: Duration = Duration::from_secs(5);
+/// A side that has sent nothing for this long sends a heartbeat.
+const HEARTBEAT: Duration = Duration::from_secs(1);
+/// A peer silent for this long is gone.
+const PEER_TIMEOUT: Duration = Duration::from_secs(4);
+/// Reads wait at most this long (so a connection thread also gets to send and to stop).
+const READ_SLICE: Duration = Duration::from_millis(50);
+/// A write that takes longer than this ends the connection (the peer is stuck).
+const WRITE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Items per observations or flows batch.
+const BATCH: usize = 512;
+/// Batches in flight (sent, not acknowledged) per buffer.
+const IN_FLIGHT: usize = 4;
+
+/// State file names.
+const POLICY_FILE: &str = "policy";
+const CACHE_FILE: &str = "fqdn-cache";
+const REPLAY_FILE: &str = "replay";
+
+/// Wall-clock milliseconds since the Unix epoch.
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The `Instant` of a wall-clock time in ms (clamped to now: a clock step cannot put an
+/// observation in the future).
+fn instant_of(ms: u64) -> Instant {
+    let now = Instant::now();
+    let age = Duration::from_millis(unix_ms().saturating_sub(ms));
+    now.checked_sub(age).unwrap_or(now)
+}
+
+/// One framed connection with read and write timeouts.
+struct Conn {
+    stream: UnixStream,
+    decoder: Decoder,
+    encoder: Encoder,
+    out: Vec<u8>,
+    last_rx: Instant,
+    last_tx: Instant,
+}
+
+impl Conn {
+    fn new(stream: UnixStream) -> std::io::Result<Conn> {
+        stream.set_read_timeout(Some(READ_SLICE))?;
+        stream.set_write_timeout(Some(WRITE_TIMEOUT))?;
+        let now = Instant::now();
+        Ok(Conn {
+            stream,
+            decoder: Decoder::new(),
+            encoder: Encoder::new(),
+            out: Vec::new(),
+            last_rx: now,
+            last_tx: now,
+        })
+    }
+
+    /// Encodes into `out` with `encode`, then writes it whole.
+    fn send_with(
+        &mut self,
+        encode: impl FnOnce(&Encoder, &mut Vec<u8>) -> Result<(), proto::EncodeError>,
+    ) -> Result<()> {
+        use std::io::Write;
+        self.out.clear();
+        encode(&self.encoder, &mut self.out).context("encode")?;
+        self.stream.write_all(&self.out).context("write")?;
+        self.last_tx = Instant::now();
+        Ok(())
+    }
+
+    fn send(&mut self, msg: &Message) -> Result<()> {
+        self.send_with(|e, out| e.encode(msg, out))
+    }
+
+    /// The next message: decoded from what is buffered, else after one read (at most
+    /// [`READ_SLICE`]); `Ok(None)` when nothing complete arrived. An error ends the
+    /// connection (closed, broken, a fatal framing error, a peer silent for too long).
+    fn recv(&mut self) -> Result<Option<Message>> {
+        loop {
+            match self.decoder.decode() {
+                Ok(Some(msg)) => {
+                    self.last_rx = Instant::now();
+                    return Ok(Some(msg));
+                }
+                Ok(None) => {}
+                Err(e) if e.is_fatal() => return Err(e).context("decode"),
+                // A message type this version does not know, or a bad body: skipped.
+                Err(_) => continue,
+            }
+            match self.decoder.read_from(&mut self.stream) {
+                Ok(0) => anyhow::bail!("closed by the peer"),
+                Ok(_) => continue,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    if self.last_rx.elapsed() > PEER_TIMEOUT {
+                        anyhow::bail!("peer silent for {PEER_TIMEOUT:?}");
+                    }
+                    return Ok(None);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e).context("read"),
+            }
+        }
+    }
+
+    /// Sends a heartbeat when nothing else was sent for a while.
+    fn keep_alive(&mut self) -> Result<()> {
+        if self.last_tx.elapsed() >= HEARTBEAT {
+            self.send(&Message::Heartbeat)?;
+        }
+        Ok(())
+    }
+
+    /// Waits up to `within` for the peer's Hello.
+    fn hello(&mut self, within: Duration) -> Result<Hello> {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            match self.recv()? {
+                Some(Message::Hello(h)) => return Ok(h),
+                Some(other) => anyhow::bail!("expected Hello, got {:?}", other.message_type()),
+                None => {}
+            }
+        }
+        anyhow::bail!("no Hello within {within:?}")
+    }
+}
+
+/// The agent's policy texts in force, as the proxy compiles them.
+pub fn policy_message(version: u64, sources: &Sources) -> PolicySnapshot {
+    let in_force = sources.in_force();
+    let node = sources.node();
+    let text = |cidrs: &[dnsfence_policy::cidr::Cidr]| {
+        cidrs.iter().map(ToString::to_string).collect::<Vec<_>>()
+    };
+    PolicySnapshot {
+        version,
+        policy_files: in_force
+            .policies
+            .iter()
+            .map(|(path, text)| SourceFile {
+                path: path.display().to_string(),
+                content: text.to_string(),
+            })
+            .collect(),
+        endpoints: in_force.endpoints.as_ref().map_or(
+            SourceFile {
+                path: String::new(),
+                content: String::new(),
+            },
+            |(path, text)| SourceFile {
+                path: path.display().to_string(),
+                content: text.to_string(),
+            },
+        ),
+        node: NodeFacts {
+            cluster_cidrs: text(&node.cluster),
+            node_ips: text(&node.host),
+            kube_apiserver: text(&node.kube_apiserver),
+        },
+    }
+}
+
+/// Compiles a snapshot message as the agent did: the sources, and the lines to log for
+/// what did not load as it is.
+pub fn compile(msg: &PolicySnapshot) -> Result<(Sources, dnsfence_policy::Snapshot, Vec<String>)> {
+    let parse = |list: &[String]| -> Result<Vec<dnsfence_policy::cidr::Cidr>> {
+        list.iter()
+            .map(|s| dnsfence_policy::cidr::Cidr::parse(s).map_err(anyhow::Error::msg))
+            .collect()
+    };
+    let node = dnsfence_policy::cidr::NodeFacts {
+        cluster: parse(&msg.node.cluster_cidrs)?,
+        host: parse(&msg.node.node_ips)?,
+        kube_apiserver: parse(&msg.node.kube_apiserver)?,
+    };
+    let in_force = InForce {
+        policies: msg
+            .policy_files
+            .iter()
+            .map(|f| (PathBuf::from(&f.path), f.content.as_str().into()))
+            .collect(),
+        endpoints: (!msg.endpoints.path.is_empty()).then(|| {
+            (
+                PathBuf::from(&msg.endpoints.path),
+                msg.endpoints.content.as_str().into(),
+            )
+        }),
+    };
+    let (sources, snapshot, rejections) = Sources::from_texts(&in_force, node);
+    let lines = rejections
+        .iter()
+        .map(|r| format!("{} (as the agent has it): {}", r.file.display(), r.errors))
+        .collect();
+    Ok((sources, snapshot, lines))
+}
+
+/// Opens `--state-dir` (None without it). An error (another process holds it, no
+/// permission) stops the process: two processes sharing one state directory would
+/// overwrite each other's state.
+pub fn open_state(dir: Option<&Path>) -> Result<Option<StateDir>> {
+    let Some(dir) = dir else { return Ok(None) };
+    let state =
+        StateDir::open(dir).with_context(|| format!("state directory {}", dir.display()))?;
+    Ok(Some(state))
+}
+
+/// The FQDN cache persisted in `state` (empty when there is none, or when it is corrupt:
+/// said in one line; the cache is an observation log, never a source of allow entries).
+pub fn load_cache(who: &str, state: Option<&StateDir>, args: &ServeArgs) -> Observations {
+    let mut obs = Observations::with_cache_capacity(args.fqdn_cache_entries.max(1));
+    let Some(state) = state else { return obs };
+    let items: Vec<Observation> = match state.load(CACHE_FILE, Kind::FQDN_CACHE) {
+        Ok(None) => return obs,
+        Ok(Some(loaded)) => match serde_json::from_slice(&loaded.payload) {
+            Ok(items) => items,
+            Err(e) => {
+                eprintln!(
+                    "{who}: FQDN cache in {} unreadable ({e}); starting empty",
+                    state.path().display()
+                );
+                return obs;
+            }
+        },
+        Err(e) => {
+            eprintln!("{who}: {e}; starting with an empty FQDN cache");
+            return obs;
+        }
+    };
+    let n = items.len();
+    let limits = MergeLimits::of(args);
+    for item in &items {
+        merge(&mut obs, item, limits);
+    }
+    eprintln!(
+        "{who}: FQDN cache restored: {n} names from {}",
+        state.path().display()
+    );
+    obs
+}
+
+/// Writes the FQDN cache to `state` (unexpired addresses, with their remaining TTL).
+pub fn save_cache(who: &str, state: Option<&StateDir>, observations: &Mutex<Observations>) {
+    let Some(state) = state else { return };
+    let now = Instant::now();
+    let ms = unix_ms();
+    let items: Vec<Observation> = {
+        let obs = observations.lock().unwrap_or_else(|e| e.into_inner());
+        obs.cache
+            .iter()
+            .flat_map(|((endpoint, name), entry)| {
+                entry
+                    .addresses
+                    .iter()
+                    .filter(|(_, e)| **e > now)
+                    .map(move |(ip, e)| Observation {
+                        endpoint_key: endpoint.0,
+                        name: name.trim_end_matches('.').to_owned(),
+                        addresses: vec![*ip],
+                        ttl_secs: e.duration_since(now).as_secs().min(u64::from(u32::MAX)) as u32,
+                        observed_unix_ms: ms,
+                    })
+            })
+            .collect()
+    };
+    let payload = match serde_json::to_vec(&items) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("{who}: cannot encode the FQDN cache: {e}");
+            return;
+        }
+    };
+    if let Err(e) = state.save(CACHE_FILE, Kind::FQDN_CACHE, 1, &payload) {
+        eprintln!("{who}: cannot persist the FQDN cache: {e}");
+    }
+}
+
+/// The bounds of the FQDN cache a merge keeps.
+#[derive(Debug, Clone, Copy)]
+pub struct MergeLimits {
+    cache_entries: usize,
+    max_ips_per_name: usize,
+}
+
+impl MergeLimits {
+    /// From the flags.
+    pub fn of(args: &ServeArgs) -> MergeLimits {
+        MergeLimits {
+            cache_entries: args.fqdn_cache_entries.max(1),
+            max_ips_per_name: args.max_ips_per_name.max(1),
+        }
+    }
+}
+
+/// Merges one observation into an FQDN cache (a union: merging one twice changes nothing).
+/// An observation with a name that is not one is skipped.
+fn merge(obs: &mut Observations, item: &Observation, limits: MergeLimits) -> bool {
+    let Ok(name) = Name::from_text(&item.name) else {
+        return false;
+    };
+    let mut addresses = Addresses::default();
+    for &ip in &item.addresses {
+        addresses.push(ip);
+    }
+    let update = IpUpdate {
+        at: instant_of(item.observed_unix_ms),
+        endpoint: EndpointKey(item.endpoint_key),
+        name,
+        addresses,
+        ttl: item.ttl_secs,
+        rules: [0; 8],
+        rules_total: 0,
+    };
+    consumer::merge(
+        obs,
+        &Record::Addresses(update),
+        limits.cache_entries,
+        limits.max_ips_per_name,
+    );
+    true
+}
+
+/// The observation of an engine record (the proxy's buffer items).
+fn observation_of(update: &IpUpdate) -> Observation {
+    let age = update.at.elapsed().as_millis() as u64;
+    Observation {
+        endpoint_key: update.endpoint.0,
+        name: update.name.to_string().trim_end_matches('.').to_owned(),
+        addresses: update.addresses.ips().to_vec(),
+        ttl_secs: update.ttl,
+        observed_unix_ms: unix_ms().saturating_sub(age),
+    }
+}
+
+/// Counters of the sync, either side (metrics).
+#[derive(Debug, Default)]
+pub struct SyncStats {
+    /// Peers (agent side) or agents (proxy side) currently connected.
+    pub connected: AtomicU64,
+    /// Connections made, over the process's life.
+    pub connections: AtomicU64,
+    /// Observations merged (agent) or acknowledged (proxy).
+    pub observations: AtomicU64,
+    /// Flow records merged (agent) or acknowledged (proxy).
+    pub flows: AtomicU64,
+    /// Policy snapshots sent (agent) or applied (proxy).
+    pub snapshots: AtomicU64,
+}
+
+/// The agent side of the sync.
+pub struct AgentSync {
+    listener: Arc<AgentListener>,
+    latest: Arc<Mutex<Option<Arc<PolicySnapshot>>>>,
+    stop: Arc<AtomicBool>,
+    /// Its counters.
+    pub stats: Arc<SyncStats>,
+}
+
+impl AgentSync {
+    /// Binds the agent socket (its directory is created).
+    pub fn bind(path: &Path, stop: Arc<AtomicBool>) -> Result<AgentSync> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        let listener = AgentListener::bind(path)?;
+        listener.set_nonblocking(true).context("agent socket")?;
+        Ok(AgentSync {
+            listener: Arc::new(listener),
+            latest: Arc::new(Mutex::new(None)),
+            stop,
+            stats: Arc::new(SyncStats::default()),
+        })
+    }
+
+    /// The snapshot every proxy gets (now, and each connecting one).
+    pub fn publish(&self, snapshot: PolicySnapshot) {
+        *self.latest.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(snapshot));
+    }
+
+    /// Starts the accept thread: one thread per peer, merging into `observations`.
+    pub fn start(&self, observations: Arc<Mutex<Observations>>, limits: MergeLimits) -> Result<()> {
+        let (listener, latest, stop, stats) = (
+            Arc::clone(&self.listener),
+            Arc::clone(&self.latest),
+            Arc::clone(&self.stop),
+            Arc::clone(&self.stats),
+        );
+        std::thread::Builder::new()
+            .name("dnsf-sync-accept".into())
+            .spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    match listener.accept() {
+                        Ok((stream, peer)) => {
+                            let (latest, stop, stats, observations) = (
+                                Arc::clone(&latest),
+                                Arc::clone(&stop),
+                                Arc::clone(&stats),
+                                Arc::clone(&observations),
+                            );
+                            let _ = std::thread::Builder::new()
+                                .name("dnsf-sync-peer".into())
+                                .spawn(move || {
+                                    stats.connected.fetch_add(1, Ordering::Relaxed);
+                                    stats.connections.fetch_add(1, Ordering::Relaxed);
+                                    let r = serve_peer(
+                                        stream,
+                                        &latest,
+                                        &stop,
+                                        &stats,
+                                        &observations,
+                                        limits,
+                                    );
+                                    stats.connected.fetch_sub(1, Ordering::Relaxed);
+                                    if let Err(e) = r
+                                        && !stop.load(Ordering::Relaxed)
+                                    {
+                                        eprintln!(
+                                            "dnsfence agent: sync peer (pid {}) gone: {e:#}",
+                                            peer.pid
+                                        );
+                                    }
+                                });
+                        }
+                        Err(_) => std::thread::sleep(Duration::from_millis(50)),
+                    }
+                }
+            })
+            .context("agent socket thread")?;
+        Ok(())
+    }
+}
+
+/// One peer of the agent, until it goes or the agent stops.
+fn serve_peer(
+    stream: UnixStream,
+    latest: &Mutex<Option<Arc<PolicySnapshot>>>,
+    stop: &AtomicBool,
+    stats: &SyncStats,
+    observations: &Mutex<Observations>,
+    limits: MergeLimits,
+) -> Result<()> {
+    let mut conn = Conn::new(stream)?;
+    let hello = conn.hello(Duration::from_secs(2))?;
+    conn.send(&Message::Hello(Hello::new(Role::Agent)))?;
+    if hello.role == Role::Proxy {
+        eprintln!(
+            "dnsfence agent: standalone proxy (pid {}) connected",
+            hello.pid
+        );
+    }
+    let mut sent: Option<u64> = None;
+    while !stop.load(Ordering::Relaxed) {
+        if hello.role == Role::Proxy {
+            let snapshot = latest.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            if let Some(snapshot) = snapshot
+                && sent != Some(snapshot.version)
+            {
+                conn.send(&Message::PolicySnapshot((*snapshot).clone()))?;
+                sent = Some(snapshot.version);
+                stats.snapshots.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        match conn.recv()? {
+            Some(Message::Observations(batch)) => {
+                {
+                    let mut obs = observations.lock().unwrap_or_else(|e| e.into_inner());
+                    for item in &batch.items {
+                        merge(&mut obs, item, limits);
+                    }
+                }
+                stats
+                    .observations
+                    .fetch_add(batch.items.len() as u64, Ordering::Relaxed);
+                conn.send(&Message::ObservationsAck(proto::ObservationsAck {
+                    seq: batch.seq,
+                }))?;
+            }
+            Some(Message::Flows(batch)) => {
+                // Counted with the agent's own flows (the flow view across a failover).
+                {
+                    let mut obs = observations.lock().unwrap_or_else(|e| e.into_inner());
+                    for f in &batch.items {
+                        match f.verdict.as_str() {
+                            "Forward" => obs.flows_forwarded += 1,
+                            "Refuse" | "RefuseUnknownSource" => obs.flows_refused += 1,
+                            "Timeout" => obs.flows_timeout += 1,
+                            "Malformed" => obs.flows_malformed += 1,
+                            _ => obs.flows_overload += 1,
+                        }
+                    }
+                }
+                stats
+                    .flows
+                    .fetch_add(batch.items.len() as u64, Ordering::Relaxed);
+                conn.send(&Message::FlowsAck(proto::FlowsAck { seq: batch.seq }))?;
+            }
+            Some(_) | None => {}
+        }
+        conn.keep_alive()?;
+    }
+    Ok(())
+}
+
+/// What the proxy holds for the agent: observations and flow records not acknowledged yet.
+pub struct Pending {
+    /// Observations (allow entries the proxy wrote), oldest first.
+    pub observations: Mutex<ReplayBuffer<Observation>>,
+    /// Flow records.
+    pub flows: Mutex<ReplayBuffer<proto::FlowRecord>>,
+}
+
+impl Pending {
+    /// Empty buffers of `capacity` items each.
+    pub fn new(capacity: usize) -> Pending {
+        Pending {
+            observations: Mutex::new(ReplayBuffer::new(capacity)),
+            flows: Mutex::new(ReplayBuffer::new(capacity)),
+        }
+    }
+
+    /// The consumer's hook: every address record becomes an observation for the agent,
+    /// every flow record a flow record (the lock is held for the push only).
+    pub fn forward(self: &Arc<Self>) -> consumer::Forward {
+        let me = Arc::clone(self);
+        Box::new(move |record| match record {
+            Record::Addresses(update) => {
+                let item = observation_of(update);
+                me.observations
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(item);
+            }
+            Record::Flow(flow) => {
+                let item = proto::FlowRecord {
+                    unix_ms: unix_ms().saturating_sub(flow.at.elapsed().as_millis() as u64),
+                    client: flow.client,
+                    endpoint_key: flow.endpoint.map(|e| e.0),
+                    name: flow.name.to_string(),
+                    qtype: flow.qtype,
+                    verdict: format!("{:?}", flow.verdict),
+                    rcode: flow.rcode.map_or(0, u16::from),
+                    addresses: Vec::new(),
+                    ttl: 0,
+                    latency_us: flow.upstream_latency.map_or(0, |d| d.as_micros() as u64),
+                    served_by: "proxy".to_owned(),
+                };
+                me.flows
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(item);
+            }
+        })
+    }
+
+    /// Items held, overflowed (both buffers).
+    pub fn counts(&self) -> (usize, u64) {
+        let o = self.observations.lock().unwrap_or_else(|e| e.into_inner());
+        let f = self.flows.lock().unwrap_or_else(|e| e.into_inner());
+        (o.len() + f.len(), o.overflowed() + f.overflowed())
+    }
+
+    /// Restores what a previous run persisted (re-sent to the agent; merging twice is
+    /// harmless).
+    pub fn restore(&self, who: &str, state: &StateDir) {
+        #[derive(serde::Deserialize)]
+        struct Saved {
+            observations: Vec<Observation>,
+            flows: Vec<proto::FlowRecord>,
+        }
+        match state.load(REPLAY_FILE, Kind::REPLAY) {
+            Ok(None) => {}
+            Ok(Some(loaded)) => match serde_json::from_slice::<Saved>(&loaded.payload) {
+                Ok(saved) => {
+                    let n = saved.observations.len() + saved.flows.len();
+                    let mut o = self.observations.lock().unwrap_or_else(|e| e.into_inner());
+                    saved.observations.into_iter().for_each(|i| {
+                        o.push(i);
+                    });
+                    let mut f = self.flows.lock().unwrap_or_else(|e| e.into_inner());
+                    saved.flows.into_iter().for_each(|i| {
+                        f.push(i);
+                    });
+                    eprintln!("{who}: {n} records for the agent restored from the state directory");
+                }
+                Err(e) => eprintln!("{who}: replay file unreadable ({e}); nothing restored"),
+            },
+            Err(e) => eprintln!("{who}: {e}; nothing restored for the agent"),
+        }
+    }
+
+    /// Persists what is held (called every few seconds and at exit).
+    pub fn persist(&self, who: &str, state: &StateDir) {
+        #[derive(serde::Serialize)]
+        struct Saved<'a> {
+            observations: Vec<&'a Observation>,
+            flows: Vec<&'a proto::FlowRecord>,
+        }
+        let payload = {
+            let o = self.observations.lock().unwrap_or_else(|e| e.into_inner());
+            let f = self.flows.lock().unwrap_or_else(|e| e.into_inner());
+            serde_json::to_vec(&Saved {
+                observations: o.iter().collect(),
+                flows: f.iter().collect(),
+            })
+        };
+        match payload {
+            Ok(p) => {
+                if let Err(e) = state.save(REPLAY_FILE, Kind::REPLAY, 1, &p) {
+                    eprintln!("{who}: cannot persist the records for the agent: {e}");
+                }
+            }
+            Err(e) => eprintln!("{who}: cannot encode the records for the agent: {e}"),
+        }
+    }
+}
+
+/// Saves a policy snapshot message (the proxy serves from it at its next start).
+pub fn save_policy(state: &StateDir, msg: &PolicySnapshot) -> Result<()> {
+    let payload = serde_json::to_vec(msg).context("encode policy snapshot")?;
+    state
+        .save(POLICY_FILE, Kind::POLICY_SNAPSHOT, msg.version, &payload)
+        .context("persist policy snapshot")
+}
+
+/// The policy snapshot message persisted in `state`: `Ok(None)` when there is none, `Err`
+/// (one line, the file set aside) when it is corrupt or unreadable.
+pub fn load_policy(state: &StateDir) -> Result<Option<PolicySnapshot>> {
+    let Some(loaded) = state.load(POLICY_FILE, Kind::POLICY_SNAPSHOT)? else {
+        return Ok(None);
+    };
+    let msg = serde_json::from_slice(&loaded.payload)
+        .with_context(|| format!("{}: policy snapshot unreadable", state.path().display()))?;
+    Ok(Some(msg))
+}
+
+/// The proxy side of the sync: one thread, until `stop`.
+pub struct ProxySync {
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl ProxySync {
+    /// Starts the sync thread: connects to `path` (with backoff), applies each snapshot with
+    /// `apply` (compile, persist, swap in; an error is logged and the snapshot not
+    /// acknowledged), and sends what `pending` holds.
+    pub fn start(
+        path: PathBuf,
+        pending: Arc<Pending>,
+        mut apply: impl FnMut(&PolicySnapshot) -> Result<()> + Send + 'static,
+        stats: Arc<SyncStats>,
+        stop: Arc<AtomicBool>,
+    ) -> Result<ProxySync> {
+        let thread_stats = stats;
+        let thread = std::thread::Builder::new()
+            .name("dnsf-sync".into())
+            .spawn(move || {
+                let stats = thread_stats;
+                let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
+                let mut waiting_logged = false;
+                while !stop.load(Ordering::Relaxed) {
+                    if !waiting_logged {
+                        eprintln!(
+                            "dnsfence proxy: connecting to the agent at {}",
+                            path.display()
+                        );
+                        waiting_logged = true;
+                    }
+                    let Ok(stream) = connect_with_backoff(&path, &mut backoff, &stop) else {
+                        break;
+                    };
+                    stats.connected.store(1, Ordering::Relaxed);
+                    stats.connections.fetch_add(1, Ordering::Relaxed);
+                    let r = proxy_conn(stream, &pending, &mut apply, &stop, &stats);
+                    stats.connected.store(0, Ordering::Relaxed);
+                    // What was sent and not acknowledged goes again on the next connection.
+                    pending
+                        .observations
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .rewind();
+                    pending
+                        .flows
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .rewind();
+                    if let Err(e) = r
+                        && !stop.load(Ordering::Relaxed)
+                    {
+                        eprintln!("dnsfence proxy: agent connection lost: {e:#}; serving on");
+                        waiting_logged = false;
+                    }
+                }
+            })
+            .context("sync thread")?;
+        Ok(ProxySync { thread })
+    }
+
+    /// Waits for the sync thread (after `stop` was set).
+    pub fn join(self) {
+        let _ = self.thread.join();
+    }
+}
+
+/// One connection of the proxy to the agent.
+fn proxy_conn(
+    stream: UnixStream,
+    pending: &Pending,
+    apply: &mut dyn FnMut(&PolicySnapshot) -> Result<()>,
+    stop: &AtomicBool,
+    stats: &SyncStats,
+) -> Result<()> {
+    let mut conn = Conn::new(stream)?;
+    conn.send(&Message::Hello(Hello::new(Role::Proxy)))?;
+    let hello = conn.hello(Duration::from_secs(2))?;
+    anyhow::ensure!(
+        hello.role == Role::Agent,
+        "the peer is not an agent ({:?})",
+        hello.role
+    );
+    eprintln!("dnsfence proxy: connected to the agent (pid {})", hello.pid);
+    while !stop.load(Ordering::Relaxed) {
+        match conn.recv()? {
+            Some(Message::PolicySnapshot(msg)) => match apply(&msg) {
+                Ok(()) => {
+                    stats.snapshots.fetch_add(1, Ordering::Relaxed);
+                    conn.send(&Message::SnapshotAck(proto::SnapshotAck {
+                        version: msg.version,
+                    }))?;
+                }
+                Err(e) => eprintln!(
+                    "dnsfence proxy: policy snapshot {} not applied: {e:#}",
+                    msg.version
+                ),
+            },
+            Some(Message::ObservationsAck(ack)) => {
+                if let dnsfence_sync::replay::Ack::Acked { items, .. } = pending
+                    .observations
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .ack(ack.seq)
+                {
+                    stats
+                        .observations
+                        .fetch_add(items as u64, Ordering::Relaxed);
+                }
+            }
+            Some(Message::FlowsAck(ack)) => {
+                if let dnsfence_sync::replay::Ack::Acked { items, .. } = pending
+                    .flows
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .ack(ack.seq)
+                {
+                    stats.flows.fetch_add(items as u64, Ordering::Relaxed);
+                }
+            }
+            Some(_) | None => {}
+        }
+        // Send what is held, a few batches ahead of the acknowledgements. The buffer's lock
+        // is held while encoding one batch (a few hundred µs), never while writing.
+        loop {
+            let mut obs = pending
+                .observations
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            if obs.outstanding_batches() >= IN_FLIGHT {
+                break;
+            }
+            let Some(batch) = obs.next_batch(BATCH) else {
+                break;
+            };
+            let (seq, items) = (batch.seq, batch.items);
+            conn.out.clear();
+            conn.encoder
+                .encode_observations(seq, items, &mut conn.out)
+                .context("encode")?;
+            drop(obs);
+            write_out(&mut conn)?;
+        }
+        loop {
+            let mut flows = pending.flows.lock().unwrap_or_else(|e| e.into_inner());
+            if flows.outstanding_batches() >= IN_FLIGHT {
+                break;
+            }
+            let Some(batch) = flows.next_batch(BATCH) else {
+                break;
+            };
+            let (seq, items) = (batch.seq, batch.items);
+            conn.out.clear();
+            conn.encoder
+                .encode_flows(seq, items, &mut conn.out)
+                .context("encode")?;
+            drop(flows);
+            write_out(&mut conn)?;
+        }
+        conn.keep_alive()?;
+    }
+    Ok(())
+}
+
+/// Writes what `conn.out` holds.
+fn write_out(conn: &mut Conn) -> Result<()> {
+    use std::io::Write;
+    conn.stream.write_all(&conn.out).context("write")?;
+    conn.last_tx = Instant::now();
+    Ok(())
+}

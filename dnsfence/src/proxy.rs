@@ -1,0 +1,199 @@
+//! `dnsfence proxy`: the standalone HA proxy (`../shared/spec/ha.md`). The same data plane as
+//! the agent's (`serve.rs`) on the same `--listen` (SO_REUSEPORT: both serve), with policy
+//! from the agent over the agent socket, persisted in `--state-dir` so that it serves at
+//! once after a restart, even with no agent; allow entries written into the maps the agent
+//! pinned; what it learns kept for the agent until acknowledged (`ha.rs`).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use dnsfence_engine::shard::PolicyHandle;
+use dnsfence_policy::Snapshot;
+
+use crate::agent::DEFAULT_AGENT_SOCKET;
+use crate::enforce::Enforcer;
+use crate::ha::{self, Pending, ProxySync};
+use crate::serve::{self, ServeArgs, Server, Start, UnknownFlag};
+
+/// Flags of `dnsfence proxy`.
+#[derive(Debug, clap::Args)]
+pub struct ProxyArgs {
+    /// The data-plane flags (the same as the agent's; give the same --listen).
+    #[command(flatten)]
+    pub serve: ServeArgs,
+    /// Observations (and, with --flow-log, flow records) kept for the agent while it is
+    /// away, each; beyond it the oldest are dropped and counted.
+    #[arg(long, default_value_t = 1 << 20)]
+    pub replay_capacity: usize,
+    /// With no persisted policy, how long to wait for the agent's before serving (then
+    /// every query is refused until it comes).
+    #[arg(long, default_value = "5s", value_parser = crate::serve::parse_duration)]
+    pub first_policy_wait: Duration,
+}
+
+/// Runs the proxy until SIGTERM/SIGINT, then drains and exits 0.
+pub fn run(args: &ProxyArgs) -> Result<()> {
+    const WHO: &str = "dnsfence proxy";
+    let Some(state_dir) = &args.serve.state_dir else {
+        bail!("--state-dir is required: the proxy serves from the policy it persisted there");
+    };
+    let plan = serve::plan(&args.serve)?;
+    let state = Arc::new(ha::open_state(Some(state_dir))?.context("state directory")?);
+    // The policy in force: the one persisted, else none (every query refused) until the
+    // agent sends one. A corrupt state file is set aside, said in one line, and fails closed.
+    let (snapshot, version) = match ha::load_policy(&state) {
+        Ok(Some(msg)) => {
+            let (_, snapshot, lines) = ha::compile(&msg)?;
+            lines.iter().for_each(|l| eprintln!("{WHO}: {l}"));
+            eprintln!(
+                "{WHO}: serving the policy persisted in {} (snapshot {})",
+                state_dir.display(),
+                msg.version
+            );
+            (snapshot, Some(msg.version))
+        }
+        Ok(None) => {
+            eprintln!(
+                "{WHO}: no policy persisted in {}: every query is refused until the agent \
+                 sends one",
+                state_dir.display()
+            );
+            (Snapshot::empty(), None)
+        }
+        Err(e) => {
+            eprintln!("{WHO}: {e:#}; every query is refused until the agent sends a policy");
+            (Snapshot::empty(), None)
+        }
+    };
+    if version.is_none() && matches!(args.serve.unknown_source, UnknownFlag::Allow) {
+        // With no policy every client is an unknown source: allowed, it would be unrestricted.
+        bail!(
+            "no policy to serve with, and --unknown-source allow would forward everything: \
+             start the agent (or restore {}) first",
+            state_dir.display()
+        );
+    }
+    let policy = Arc::new(PolicyHandle::new(Arc::new(snapshot)));
+    let enforcer = Arc::new(if args.serve.no_bpf {
+        Enforcer::userspace(args.serve.ledger())
+    } else {
+        // The maps the agent pinned; nothing is revoked against the persisted snapshot (it
+        // may be older than the agent's policy that wrote them): only snapshots from the
+        // agent revoke.
+        Enforcer::attached(&args.serve.bpf_pin, args.serve.ledger())?
+    });
+    let stop = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(signal, Arc::clone(&stop)).context("signal handler")?;
+    }
+    let pending = Arc::new(Pending::new(args.replay_capacity.max(1)));
+    pending.restore(WHO, &state);
+    let cache = ha::load_cache(WHO, Some(&state), &args.serve);
+    let sync_stats = Arc::new(ha::SyncStats::default());
+    // Each snapshot from the agent: compiled, then the allow entries follow it, then the
+    // shards, then it is persisted (so a restart serves it) and acknowledged.
+    let generation = Arc::new(AtomicU64::new(1));
+    let apply = {
+        let (policy, enforcer, state, generation) = (
+            Arc::clone(&policy),
+            Arc::clone(&enforcer),
+            Arc::clone(&state),
+            Arc::clone(&generation),
+        );
+        move |msg: &dnsfence_sync::proto::PolicySnapshot| -> Result<()> {
+            let (_, mut snapshot, lines) = ha::compile(msg)?;
+            lines.iter().for_each(|l| eprintln!("{WHO}: {l}"));
+            snapshot.set_generation(generation.fetch_add(1, Ordering::Relaxed) + 1);
+            let snapshot = Arc::new(snapshot);
+            for line in enforcer.apply(&snapshot)? {
+                eprintln!("{WHO}: {line}");
+            }
+            policy.store(snapshot);
+            ha::save_policy(&state, msg)?;
+            eprintln!(
+                "{WHO}: policy snapshot {} from the agent in force",
+                msg.version
+            );
+            Ok(())
+        }
+    };
+    let socket = args
+        .serve
+        .agent_socket
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_AGENT_SOCKET));
+    let sync = ProxySync::start(
+        socket,
+        Arc::clone(&pending),
+        apply,
+        Arc::clone(&sync_stats),
+        Arc::clone(&stop),
+    )?;
+
+    // Ready before serving: with no persisted policy, wait (bounded) for the agent's, so
+    // that the proxy does not join the port only to refuse what the agent would answer.
+    if version.is_none() {
+        let deadline = Instant::now() + args.first_policy_wait;
+        while generation.load(Ordering::Relaxed) == 1
+            && Instant::now() < deadline
+            && !stop.load(Ordering::Relaxed)
+        {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+    let mut server = Server::start(Start {
+        who: WHO,
+        args: &args.serve,
+        plan,
+        policy: Arc::clone(&policy),
+        enforcer: Arc::clone(&enforcer),
+        observations: cache,
+        forward: Some(pending.forward()),
+        stop: Arc::clone(&stop),
+        sync: Arc::clone(&sync_stats),
+        pending: Some(Arc::clone(&pending)),
+    })?;
+
+    let mut failed = None;
+    let mut ticked = Instant::now();
+    let mut persisted = Instant::now();
+    while !stop.load(Ordering::Relaxed) {
+        std::thread::sleep(Duration::from_millis(50));
+        if let Some(i) = server.check() {
+            failed = Some(i);
+            break;
+        }
+        if ticked.elapsed() >= Duration::from_secs(1) {
+            ticked = Instant::now();
+            enforcer.tick(&policy.load());
+        }
+        if persisted.elapsed() >= ha::CACHE_PERSIST_INTERVAL {
+            persisted = Instant::now();
+            pending.persist(WHO, &state);
+            ha::save_cache(WHO, Some(&state), &server.observations);
+        }
+    }
+    if failed.is_none() {
+        eprintln!("{WHO}: stopping; draining in-flight queries");
+    }
+    stop.store(true, Ordering::Relaxed);
+    let observations = Arc::clone(&server.observations);
+    server.shutdown();
+    sync.join();
+    pending.persist(WHO, &state);
+    ha::save_cache(WHO, Some(&state), &observations);
+    let (held, overflowed) = pending.counts();
+    if held > 0 || overflowed > 0 {
+        eprintln!(
+            "{WHO}: {held} records kept for the agent in {} ({overflowed} dropped by overflow)",
+            state_dir.display()
+        );
+    }
+    match failed {
+        Some(i) => bail!("shard {i} stopped unexpectedly; exiting so a supervisor restarts us"),
+        None => Ok(()),
+    }
+}
