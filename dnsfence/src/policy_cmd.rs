@@ -73,6 +73,11 @@ enum PolicyCommand {
         /// toFQDNs answer could open it) or `unrestricted`. Repeatable.
         #[arg(long = "to", value_name = "ADDR:PORT/PROTO", value_parser = parse_target)]
         to: Vec<Target>,
+        /// L3/L4 destinations named by endpoint, `NAME:PORT/PROTO` (NAME as in --endpoint,
+        /// `namespace/name` or a unique name): checked as --to for each of its registered
+        /// addresses, printed `NAME(ADDR):PORT/PROTO`. Repeatable.
+        #[arg(long = "to-endpoint", value_name = "NAME:PORT/PROTO")]
+        to_endpoint: Vec<String>,
         /// As the agent's flags of the same names: what `toEntities` resolves to.
         #[arg(long, value_name = "CIDR", value_parser = dnsfence_policy::cidr::Cidr::parse)]
         cluster_cidr: Vec<dnsfence_policy::cidr::Cidr>,
@@ -83,9 +88,52 @@ enum PolicyCommand {
         #[arg(long, value_name = "CIDR", value_parser = dnsfence_policy::cidr::Cidr::parse)]
         kube_apiserver: Vec<dnsfence_policy::cidr::Cidr>,
         /// Names to check.
-        #[arg(required_unless_present = "to", value_name = "QNAME")]
+        #[arg(required_unless_present_any = ["to", "to_endpoint"], value_name = "QNAME")]
         names: Vec<String>,
     },
+}
+
+/// The `--to` destinations of `--to-endpoint` specs: one per registered address of each.
+fn endpoint_targets(endpoints_path: &Path, specs: &[String]) -> Result<Vec<Target>> {
+    if specs.is_empty() {
+        return Ok(Vec::new());
+    }
+    let registry =
+        dnsfence_policy::Endpoints::load(endpoints_path).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut targets = Vec::new();
+    for spec in specs {
+        let (name, port_proto) = spec
+            .rsplit_once(':')
+            .filter(|(_, pp)| pp.contains('/'))
+            .with_context(|| format!("--to-endpoint {spec:?}: expected NAME:PORT/PROTO"))?;
+        let found: Vec<_> = registry
+            .endpoints
+            .iter()
+            .filter(|e| e.name == name || format!("{}/{}", e.namespace, e.name) == name)
+            .collect();
+        let endpoint = match found.as_slice() {
+            [one] => one,
+            [] => bail!(
+                "--to-endpoint {spec:?}: no endpoint {name:?} in {}",
+                endpoints_path.display()
+            ),
+            _ => bail!("--to-endpoint {spec:?}: {name:?} is ambiguous; use namespace/name"),
+        };
+        if endpoint.ips.is_empty() {
+            bail!("--to-endpoint {spec:?}: {name:?} has no registered address");
+        }
+        for ip in &endpoint.ips {
+            let (port, proto) = port_proto.split_once('/').unwrap_or((port_proto, ""));
+            let port: u16 = port
+                .parse()
+                .with_context(|| format!("--to-endpoint {spec:?}: bad port {port:?}"))?;
+            let mut target = parse_target(&format!("{}/{proto}", SocketAddr::new(*ip, port)))
+                .map_err(|e| anyhow::anyhow!("--to-endpoint {spec:?}: {e}"))?;
+            target.text = format!("{name}({ip}):{port_proto}");
+            targets.push(target);
+        }
+    }
+    Ok(targets)
 }
 
 /// A `--to` destination.
@@ -149,6 +197,7 @@ pub fn run(args: &PolicyArgs) -> ExitCode {
             proto,
             server,
             to,
+            to_endpoint,
             cluster_cidr,
             node_ip,
             kube_apiserver,
@@ -164,9 +213,16 @@ pub fn run(args: &PolicyArgs) -> ExitCode {
                 ..Default::default()
             };
             node.host.extend(node_ip.iter().copied());
-            check(
-                policies, endpoints, endpoint, *port, proto, *server, to, &node, names,
-            )
+            match endpoint_targets(endpoints, to_endpoint) {
+                Ok(mut targets) => {
+                    targets.splice(0..0, to.iter().cloned());
+                    check(
+                        policies, endpoints, endpoint, *port, proto, *server, &targets, &node,
+                        names,
+                    )
+                }
+                Err(e) => Err(e),
+            }
         }
     };
     match result {

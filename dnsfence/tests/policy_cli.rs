@@ -367,3 +367,66 @@ fn check_resolves_entities_with_the_agents_node_flags() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn check_to_endpoint_checks_each_registered_address() {
+    let dir = std::env::temp_dir().join(format!("dnsfence-to-ep-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let policy = dir.join("p.yaml");
+    std::fs::write(
+        &policy,
+        r#"apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: peers, namespace: team-a}
+spec:
+  endpointSelector: {matchLabels: {app: other}}
+  egress:
+  - toEndpoints: [{matchLabels: {app: uploader}}]
+    toPorts: [{ports: [{port: "8080", protocol: TCP}]}]
+"#,
+    )
+    .unwrap();
+    let endpoints = testdata("spec-example-endpoints.yaml");
+    let args = |targets: &[&str]| {
+        let mut a = vec![
+            "policy",
+            "check",
+            "--policy",
+            policy.to_str().unwrap(),
+            "--endpoints",
+            &endpoints,
+            "--endpoint",
+            "team-a/other",
+        ];
+        for t in targets {
+            a.extend(["--to-endpoint", t]);
+        }
+        dnsfence(&a)
+    };
+    let out = args(&[
+        "team-a/uploader:8080/tcp",
+        "team-a/uploader:22/tcp",
+        "kube-dns:53/udp",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stdout),
+        "team-a/uploader(10.0.1.5):8080/tcp\tl3=allow\tby=l3-rule\n\
+         team-a/uploader(fd00::5):8080/tcp\tl3=allow\tby=l3-rule\n\
+         team-a/uploader(10.0.1.5):22/tcp\tl3=deny\tby=default-deny\n\
+         team-a/uploader(fd00::5):22/tcp\tl3=deny\tby=default-deny\n\
+         kube-dns(10.96.0.10):53/udp\tl3=deny\tby=default-deny\n"
+    );
+    // Ambiguous (uploader is in two namespaces), unknown, or malformed: exit 2, one line.
+    for bad in ["uploader:8080/tcp", "nobody:80/tcp", "team-a/uploader:8080"] {
+        let out = args(&[bad]);
+        assert_eq!(out.status.code(), Some(2), "{bad}: {}", text(&out.stderr));
+        assert_eq!(
+            text(&out.stderr).lines().count(),
+            1,
+            "{}",
+            text(&out.stderr)
+        );
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
