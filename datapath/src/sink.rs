@@ -17,7 +17,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use aya::maps::{HashMap, Map, MapData};
+use aya::maps::{HashMap, IterableMap, Map, MapData};
 use dnsfence_engine::allow::{
     AllowBatch, AllowKey, AllowSink, Change, Ledger, LedgerConfig, LedgerStats,
 };
@@ -74,10 +74,17 @@ struct Inner {
     removed: Vec<AllowKey>,
 }
 
+/// Second handles on the two maps, to read them whole without holding the writers' lock.
+struct Scan {
+    map: HashMap<MapData, AllowMapKey, u64>,
+    names: HashMap<MapData, AllowMapKey, NameValue>,
+}
+
 /// The allow sink of eBPF mode. Cloning shares it.
 #[derive(Clone)]
 pub struct BpfAllow {
     inner: Arc<Mutex<Inner>>,
+    scan: Arc<Mutex<Scan>>,
 }
 
 impl std::fmt::Debug for BpfAllow {
@@ -126,6 +133,37 @@ impl BpfAllow {
         names_map: HashMap<MapData, AllowMapKey, NameValue>,
         config: LedgerConfig,
     ) -> Result<BpfAllow, DatapathError> {
+        let map_err = |map: &'static str| {
+            move |e: std::io::Error| DatapathError::Map {
+                map,
+                reason: e.to_string(),
+            }
+        };
+        let reopen = |data: &MapData, map: &'static str| -> Result<MapData, DatapathError> {
+            use std::os::fd::AsFd;
+            let fd = data
+                .fd()
+                .as_fd()
+                .try_clone_to_owned()
+                .map_err(map_err(map))?;
+            MapData::from_fd(fd).map_err(|e| DatapathError::Map {
+                map,
+                reason: e.to_string(),
+            })
+        };
+        let scan = Scan {
+            map: HashMap::try_from(Map::HashMap(reopen(map.map(), names::ALLOW)?)).map_err(
+                |e| DatapathError::Map {
+                    map: names::ALLOW,
+                    reason: e.to_string(),
+                },
+            )?,
+            names: HashMap::try_from(Map::HashMap(reopen(names_map.map(), names::ALLOW_NAMES)?))
+                .map_err(|e| DatapathError::Map {
+                    map: names::ALLOW_NAMES,
+                    reason: e.to_string(),
+                })?,
+        };
         let mut ledger = Ledger::new(config);
         let clock = Clock::now();
         for item in map.iter() {
@@ -140,6 +178,7 @@ impl BpfAllow {
             ledger.restore(AllowKey::from(&k), clock.to_instant(expires), name.as_ref());
         }
         Ok(BpfAllow {
+            scan: Arc::new(Mutex::new(scan)),
             inner: Arc::new(Mutex::new(Inner {
                 ledger,
                 map,
@@ -160,8 +199,40 @@ impl BpfAllow {
         self.lock().ledger.stats()
     }
 
-    /// Takes a new policy snapshot: entries it does not justify leave the map now.
+    /// Takes into the ledger the map's entries it does not know: those the other writer (the
+    /// agent or the standalone proxy) wrote since this ledger was seeded, so that revocation
+    /// and the expiry sweep cover them too (review finding: an agent's reload left the
+    /// proxy's entries for a revoked name in the map until they expired). The map is read
+    /// through second handles, without the writers' lock; the ledger's lock is held for the
+    /// merge only (a hash lookup per entry). Returns how many were taken in.
+    pub fn adopt(&self) -> usize {
+        let entries: Vec<(AllowMapKey, u64, Option<NameValue>)> = {
+            let scan = self.scan.lock().unwrap_or_else(|e| e.into_inner());
+            scan.map
+                .iter()
+                .filter_map(Result::ok)
+                .map(|(k, expires)| {
+                    let name = scan.names.get(&k, 0).ok();
+                    (k, expires, name)
+                })
+                .collect()
+        };
+        let clock = Clock::now();
+        let mut guard = self.lock();
+        let before = guard.ledger.stats().entries;
+        for (k, expires, name) in &entries {
+            let name = name.and_then(|n| dnsfence_matcher::Name::from_wire(n.bytes()).ok());
+            guard
+                .ledger
+                .restore(AllowKey::from(k), clock.to_instant(*expires), name.as_ref());
+        }
+        guard.ledger.stats().entries - before
+    }
+
+    /// Takes a new policy snapshot: entries it does not justify leave the map now, whichever
+    /// writer wrote them.
     pub fn revoke(&self, snapshot: Arc<Snapshot>) -> usize {
+        self.adopt();
         let mut guard = self.lock();
         let inner = &mut *guard;
         inner.removed.clear();

@@ -16,6 +16,9 @@ use dnsfence_policy::Snapshot;
 /// Expired entries removed per tick (a slice: a shard's write waits at most for one).
 const SWEEP_BUDGET: usize = 4096;
 
+/// How often the other writer's entries are taken into the ledger for the sweep.
+const ADOPT_INTERVAL: Duration = Duration::from_secs(60);
+
 /// The enforcement backend of a running agent.
 pub enum Enforcer {
     /// `--no-bpf`: allow entries are kept (and revoked, and expired) but nothing filters
@@ -29,6 +32,8 @@ pub enum Enforcer {
         datapath: Option<Box<Mutex<Datapath>>>,
         /// The allow-map sink the shards share.
         allow: BpfAllow,
+        /// When the other writer's entries were last taken into the ledger.
+        adopted: Mutex<Instant>,
     },
 }
 
@@ -66,6 +71,7 @@ impl Enforcer {
         Ok(Enforcer::Bpf {
             datapath: Some(Box::new(Mutex::new(datapath))),
             allow,
+            adopted: Mutex::new(Instant::now()),
         })
     }
 
@@ -82,6 +88,7 @@ impl Enforcer {
         Ok(Enforcer::Bpf {
             datapath: None,
             allow,
+            adopted: Mutex::new(Instant::now()),
         })
     }
 
@@ -107,7 +114,9 @@ impl Enforcer {
         let mut lines = Vec::new();
         let revoked = match self {
             Enforcer::Userspace(table) => table.revoke(Arc::clone(snapshot)),
-            Enforcer::Bpf { datapath, allow } => {
+            Enforcer::Bpf {
+                datapath, allow, ..
+            } => {
                 // Revoke first: a narrowing reload closes before the endpoint map changes.
                 let revoked = allow.revoke(Arc::clone(snapshot));
                 if let Some(datapath) = datapath {
@@ -134,7 +143,19 @@ impl Enforcer {
             Enforcer::Userspace(table) => {
                 table.sweep(Instant::now(), SWEEP_BUDGET);
             }
-            Enforcer::Bpf { datapath, allow } => {
+            Enforcer::Bpf {
+                datapath,
+                allow,
+                adopted,
+            } => {
+                // Now and then, the other writer's entries join the sweep (one whose writer
+                // is gone would otherwise stay until this process restarts).
+                let mut last = adopted.lock().unwrap_or_else(|e| e.into_inner());
+                if last.elapsed() >= ADOPT_INTERVAL {
+                    *last = Instant::now();
+                    allow.adopt();
+                }
+                drop(last);
                 allow.sweep(SWEEP_BUDGET);
                 if let Some(datapath) = datapath {
                     let _ = datapath

@@ -626,7 +626,11 @@ impl Pending {
                     saved.flows.into_iter().for_each(|i| {
                         f.push(i);
                     });
-                    eprintln!("{who}: {n} records for the agent restored from the state directory");
+                    if n > 0 {
+                        eprintln!(
+                            "{who}: {n} records for the agent restored from the state directory"
+                        );
+                    }
                 }
                 Err(e) => eprintln!("{who}: replay file unreadable ({e}); nothing restored"),
             },
@@ -641,14 +645,27 @@ impl Pending {
             observations: Vec<&'a Observation>,
             flows: Vec<&'a proto::FlowRecord>,
         }
-        let payload = {
-            let o = self.observations.lock().unwrap_or_else(|e| e.into_inner());
-            let f = self.flows.lock().unwrap_or_else(|e| e.into_inner());
-            serde_json::to_vec(&Saved {
-                observations: o.iter().collect(),
-                flows: f.iter().collect(),
-            })
-        };
+        // Copied out under each lock (a memcpy-like clone), encoded outside: the consumer
+        // pushing into a buffer waits for the copy only (review finding: encoding a full
+        // buffer under the lock stalled it for a second).
+        let observations: Vec<Observation> = self
+            .observations
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .cloned()
+            .collect();
+        let flows: Vec<proto::FlowRecord> = self
+            .flows
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .cloned()
+            .collect();
+        let payload = serde_json::to_vec(&Saved {
+            observations: observations.iter().collect(),
+            flows: flows.iter().collect(),
+        });
         match payload {
             Ok(p) => {
                 if let Err(e) = state.save(REPLAY_FILE, Kind::REPLAY, 1, &p) {
@@ -754,6 +771,14 @@ fn proxy_conn(
     stop: &AtomicBool,
     stats: &SyncStats,
 ) -> Result<()> {
+    // The listener must be the agent's user (or root): whoever else binds the socket path
+    // (a shared directory, the agent away) must not push policy into the proxy.
+    match dnsfence_sync::conn::admitted_peer(&stream).context("agent socket credentials")? {
+        Some(_) => {}
+        None => anyhow::bail!(
+            "the process listening on the agent socket is another user: refusing its policy"
+        ),
+    }
     let mut conn = Conn::new(stream)?;
     conn.send(&Message::Hello(Hello::new(Role::Proxy)))?;
     let hello = conn.hello(Duration::from_secs(2))?;

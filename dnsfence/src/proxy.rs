@@ -18,6 +18,13 @@ use crate::enforce::Enforcer;
 use crate::ha::{self, Pending, ProxySync};
 use crate::serve::{self, ServeArgs, Server, Start, UnknownFlag};
 
+/// Most records per replay buffer: two full buffers of the largest records (flow records of
+/// about 400 bytes of JSON) stay under the state file's 256 MiB bound.
+const MAX_REPLAY: usize = 1 << 18;
+
+/// With a persisted policy, how long the proxy looks for the agent before serving from it.
+const AGENT_PROBE: Duration = Duration::from_millis(300);
+
 /// Flags of `dnsfence proxy`.
 #[derive(Debug, clap::Args)]
 pub struct ProxyArgs {
@@ -25,8 +32,9 @@ pub struct ProxyArgs {
     #[command(flatten)]
     pub serve: ServeArgs,
     /// Observations (and, with --flow-log, flow records) kept for the agent while it is
-    /// away, each; beyond it the oldest are dropped and counted.
-    #[arg(long, default_value_t = 1 << 20)]
+    /// away, each; beyond it the oldest are dropped and counted. At most 262144 (what the
+    /// state file holds in the worst case).
+    #[arg(long, default_value_t = 1 << 16)]
     pub replay_capacity: usize,
     /// With no persisted policy, how long to wait for the agent's before serving (then
     /// every query is refused until it comes).
@@ -49,7 +57,7 @@ pub fn run(args: &ProxyArgs) -> Result<()> {
             let (_, snapshot, lines) = ha::compile(&msg)?;
             lines.iter().for_each(|l| eprintln!("{WHO}: {l}"));
             eprintln!(
-                "{WHO}: serving the policy persisted in {} (snapshot {})",
+                "{WHO}: policy persisted in {} (snapshot {}) loaded; in force unless the agent sends its own",
                 state_dir.display(),
                 msg.version
             );
@@ -88,6 +96,9 @@ pub fn run(args: &ProxyArgs) -> Result<()> {
     let stop = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         signal_hook::flag::register(signal, Arc::clone(&stop)).context("signal handler")?;
+    }
+    if args.replay_capacity > MAX_REPLAY {
+        bail!("--replay-capacity: at most {MAX_REPLAY} (the state file's bound)");
     }
     let pending = Arc::new(Pending::new(args.replay_capacity.max(1)));
     pending.restore(WHO, &state);
@@ -133,16 +144,26 @@ pub fn run(args: &ProxyArgs) -> Result<()> {
         Arc::clone(&stop),
     )?;
 
-    // Ready before serving: with no persisted policy, wait (bounded) for the agent's, so
-    // that the proxy does not join the port only to refuse what the agent would answer.
-    if version.is_none() {
-        let deadline = Instant::now() + args.first_policy_wait;
-        while generation.load(Ordering::Relaxed) == 1
-            && Instant::now() < deadline
-            && !stop.load(Ordering::Relaxed)
+    // Ready before serving: when the agent answers (or there is no persisted policy), wait
+    // (bounded) for the agent's policy, so that the proxy does not join the port only to
+    // refuse what the agent would answer, nor answer with a persisted policy older than the
+    // agent's (review finding: a narrowed policy leaked for ~200 ms). The persisted policy
+    // serves only when no agent answers.
+    // While connected it waits as long as the agent takes (the agent serves meanwhile; a
+    // hung agent is dropped after the peer timeout).
+    let started = Instant::now();
+    while generation.load(Ordering::Relaxed) == 1 && !stop.load(Ordering::Relaxed) {
+        let connected = sync_stats.connected.load(Ordering::Relaxed) > 0;
+        let waited = started.elapsed();
+        if !connected
+            && match version {
+                Some(_) => waited >= AGENT_PROBE,
+                None => waited >= args.first_policy_wait,
+            }
         {
-            std::thread::sleep(Duration::from_millis(10));
+            break;
         }
+        std::thread::sleep(Duration::from_millis(5));
     }
     let mut server = Server::start(Start {
         who: WHO,

@@ -81,6 +81,15 @@ pub fn peer_of(stream: &UnixStream) -> io::Result<Peer> {
     })
 }
 
+/// The credentials of the process at the other end of `stream` when it is admitted (the same
+/// effective user as this process, or root), None when it is another user. The proxy checks
+/// the listener it connected to this way: whoever binds the socket path must not get to
+/// push policy into it.
+pub fn admitted_peer(stream: &UnixStream) -> io::Result<Option<Peer>> {
+    let peer = peer_of(stream)?;
+    Ok(admitted(peer.uid, rustix::process::geteuid().as_raw()).then_some(peer))
+}
+
 /// The agent's listening socket (`--agent-socket`).
 #[derive(Debug)]
 pub struct AgentListener {

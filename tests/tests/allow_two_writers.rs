@@ -104,3 +104,40 @@ fn two_writers_never_shorten_or_sweep_each_others_entries() {
     drop(datapath);
     let _ = Datapath::uninstall(&env.pin);
 }
+
+/// Review finding: a reload revokes what the new policy does not justify whichever process
+/// wrote it (the agent's ledger takes the proxy's entries in first).
+#[test]
+fn a_revocation_covers_the_other_writers_entries() {
+    if !require_root("allow_two_writers") {
+        return;
+    }
+    let _serial = EXCLUSIVE.lock().unwrap_or_else(|e| e.into_inner());
+    let env = Env::new("tworevoke", &["a"]);
+    let mut datapath = Datapath::install(&InstallConfig {
+        pin_dir: env.pin.clone(),
+        cgroup_root: env.cgroup_root.clone(),
+        allow_entries: 1024,
+        l3_entries: 1024,
+    })
+    .expect("install");
+    let mut agent = datapath.allow_sink(LedgerConfig::default()).expect("sink");
+    let mut proxy = BpfAllow::open_pinned(&env.pin, LedgerConfig::default()).expect("open");
+    assert!(write(
+        &mut agent,
+        key("127.0.0.91"),
+        Duration::from_secs(3600)
+    ));
+    assert!(write(
+        &mut proxy,
+        key("127.0.0.92"),
+        Duration::from_secs(3600)
+    ));
+    assert_eq!(live_entries(&env.pin), 2);
+    // A policy that justifies nothing: both entries go, the proxy's too.
+    let revoked = agent.revoke(std::sync::Arc::new(dnsfence_policy::Snapshot::empty()));
+    assert_eq!(revoked, 2);
+    assert_eq!(live_entries(&env.pin), 0);
+    drop(datapath);
+    let _ = Datapath::uninstall(&env.pin);
+}

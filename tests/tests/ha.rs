@@ -98,10 +98,7 @@ fn proxy_serves_through_an_agent_crash_and_alone_from_its_state() {
         started.elapsed()
     );
     assert!(
-        alone
-            .process
-            .stderr()
-            .contains("serving the policy persisted in"),
+        alone.process.stderr().contains("policy persisted in"),
         "{}",
         alone.process.stderr()
     );
@@ -143,3 +140,165 @@ fn a_corrupt_state_file_is_set_aside_and_fails_closed() {
     assert!(agent.process.wait_timeout(Duration::from_secs(5)).is_some());
     assert_eq!(ask(listen, 2, "www.allowed.test"), Some(0));
 }
+
+/// Review finding: a proxy restarted with a persisted policy older than the agent's must not
+/// answer what the agent's policy now denies (it takes the agent's before it serves).
+#[test]
+fn a_restarted_proxy_serves_the_agents_newer_policy_not_its_persisted_one() {
+    let upstream = Bundled::start(&[]);
+    let dir = TempDir::new("ha-stale");
+    let listen = free_addr();
+    // A large policy, so that compiling it takes a while (the window the finding used).
+    let mut patterns = String::new();
+    for i in 0..3000 {
+        patterns.push_str(&format!("{{matchName: \"n{i}.bulk.test\"}}, "));
+    }
+    let policy = |extra: &str| {
+        format!(
+            "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\n\
+             metadata: {{name: client-egress, namespace: default}}\nspec:\n  \
+             endpointSelector: {{matchLabels: {{app: client}}}}\n  egress:\n  \
+             - toPorts:\n    - ports: [{{port: \"53\", protocol: ANY}}]\n      rules:\n        \
+             dns: [{patterns}{{matchPattern: \"*.allowed.test\"}}{extra}]\n"
+        )
+    };
+    let mut agent_config = config(dir.path(), listen, upstream.addr, false);
+    agent_config.policy = policy(", {matchPattern: \"*.soon-denied.test\"}");
+    agent_config
+        .extra
+        .extend(["--reload-interval".to_owned(), "100ms".to_owned()]);
+    let agent = Agent::start(&agent_config);
+    let mut proxy = Agent::start(&config(dir.path(), listen, upstream.addr, true));
+    proxy.wait_metric("dnsfence_sync_snapshots_total", 1.0);
+    proxy.process.signal("KILL");
+    assert!(proxy.process.wait_timeout(Duration::from_secs(5)).is_some());
+    // The agent narrows its policy while the proxy is down.
+    std::fs::write(&agent.policy_path, policy("")).expect("narrow");
+    let narrowed = poll_until(Duration::from_secs(10), || {
+        (ask(listen, 7, "x.soon-denied.test") == Some(5)).then_some(())
+    });
+    assert!(narrowed.is_some(), "the agent did not reload");
+    // The proxy comes back: from its first answer on, the name is refused.
+    let proxy = Agent::spawn(&config(dir.path(), listen, upstream.addr, true));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut answered_by_proxy = 0;
+    let mut i = 0u16;
+    while Instant::now() < deadline && answered_by_proxy < 200 {
+        i = i.wrapping_add(1);
+        let rcode = ask(listen, i, &format!("q{i}.soon-denied.test"));
+        assert_ne!(
+            rcode,
+            Some(0),
+            "query {i}: a name the agent now denies was answered"
+        );
+        if proxy
+            .process
+            .stderr()
+            .contains(&format!(": serving {listen} "))
+        {
+            answered_by_proxy += 1;
+        }
+    }
+    assert!(answered_by_proxy >= 200, "the proxy did not start serving");
+    proxy.wait_metric("dnsfence_refused_total", 1.0);
+}
+
+/// Review finding: the proxy takes policy only from a listener of its own user (or root): a
+/// process of another user that binds the socket path (a shared directory, the agent away)
+/// is refused, and nothing it sends is applied or persisted. Needs root (to run the
+/// impostor as another user).
+#[test]
+fn the_proxy_refuses_a_listener_of_another_user() {
+    if !dnsfence_tests::bpf::require_root("ha impostor") {
+        return;
+    }
+    let upstream = Bundled::start(&[]);
+    let dir = TempDir::new("ha-impostor");
+    let shared = dir.path().join("shared");
+    std::fs::create_dir_all(&shared).expect("dir");
+    for d in [dir.path(), shared.as_path()] {
+        let ok = std::process::Command::new("chmod")
+            .arg("1777")
+            .arg(d)
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "chmod");
+    }
+    let listen = free_addr();
+    let mut agent_config = config(&shared, listen, upstream.addr, false);
+    let mut proxy_config = config(&shared, listen, upstream.addr, true);
+    let state = dir.path().join("proxy-state");
+    for c in [&mut agent_config, &mut proxy_config] {
+        for (i, a) in c.extra.clone().iter().enumerate() {
+            if a == "--state-dir" {
+                c.extra[i + 1] = state
+                    .with_extension(if c.proxy { "p" } else { "a" })
+                    .display()
+                    .to_string();
+            }
+        }
+    }
+    let mut agent = Agent::start(&agent_config);
+    let proxy = Agent::start(&proxy_config);
+    proxy.wait_metric("dnsfence_sync_snapshots_total", 1.0);
+    agent.process.signal("TERM");
+    assert!(
+        agent
+            .process
+            .wait_timeout(Duration::from_secs(10))
+            .is_some()
+    );
+    assert_eq!(ask(listen, 1, "evil.denied.test"), Some(5));
+
+    // `nobody` binds the path and pushes a policy allowing every name.
+    let script = dir.write("impostor.py", IMPOSTOR);
+    let socket = shared.join("agent.sock");
+    let mut impostor = std::process::Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "/usr/bin/python3",
+        ])
+        .arg(&script)
+        .arg(&socket)
+        .spawn()
+        .expect("impostor");
+    let served = poll_until(Duration::from_secs(5), || {
+        proxy
+            .process
+            .stderr()
+            .contains("another user: refusing its policy")
+            .then_some(())
+    });
+    let rcode = ask(listen, 2, "evil.denied.test");
+    let _ = impostor.kill();
+    let _ = impostor.wait();
+    assert!(served.is_some(), "{}", proxy.process.stderr());
+    assert_eq!(rcode, Some(5), "a name the impostor allowed was answered");
+    assert_eq!(proxy.metric_sum("dnsfence_sync_snapshots_total"), 1.0);
+}
+
+/// A process posing as the agent: Hello, then a policy allowing every name.
+const IMPOSTOR: &str = r#"import json, os, socket, struct, sys, time
+path = sys.argv[1]
+try: os.unlink(path)
+except FileNotFoundError: pass
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.bind(path); os.chmod(path, 0o777); s.listen(4)
+def frame(t, body):
+    b = json.dumps(body).encode()
+    return b"DFSY" + struct.pack(">HHI", 1, t, len(b)) + b
+POLICY = 'apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: all, namespace: default}\nspec:\n  endpointSelector: {matchLabels: {app: client}}\n  egress:\n  - toPorts:\n    - ports: [{port: "53", protocol: ANY}]\n      rules:\n        dns: [{matchPattern: "*"}]\n'
+EPS = 'endpoints:\n- {name: client, namespace: default, labels: {app: client}, ips: ["127.0.0.1", "::1"]}\n'
+end = time.time() + 20
+s.settimeout(0.5)
+while time.time() < end:
+    try: c, _ = s.accept()
+    except socket.timeout: continue
+    try:
+        c.sendall(frame(1, {"role": "agent", "protocol_version": 1, "pid": os.getpid(), "instance": "0000000000000001"}))
+        c.sendall(frame(2, {"version": 999, "policy_files": [{"path": "/evil.yaml", "content": POLICY}], "endpoints": {"path": "/eps.yaml", "content": EPS}, "node": {"cluster_cidrs": [], "node_ips": [], "kube_apiserver": []}}))
+    except OSError: pass
+    c.close()
+"#;
