@@ -176,6 +176,18 @@ fn ensure_bpffs(pin_dir: &Path) -> Result<(), DatapathError> {
 /// `/run/dnsfence/` named after the pin directory, absolute and in normal form (a trailing
 /// slash, `//` or `./` spell the same directory, so they are the same lock).
 fn lock_path(pin_dir: &Path) -> PathBuf {
+    run_file(pin_dir, "pin")
+}
+
+/// The lock the writers of a pin directory's allow map (agent and standalone proxy) take
+/// around a write or a sweep, so that a sweep's read-then-remove never falls between the
+/// other writer's read and write of the same entry.
+pub(crate) fn allow_lock_path(pin_dir: &Path) -> PathBuf {
+    run_file(pin_dir, "allow")
+}
+
+/// `/run/dnsfence/{prefix}{pin_dir as one name}.lock`.
+fn run_file(pin_dir: &Path, prefix: &str) -> PathBuf {
     let absolute = std::path::absolute(pin_dir).unwrap_or_else(|_| pin_dir.to_path_buf());
     let normal: PathBuf = absolute.components().collect();
     let name: String = normal
@@ -183,7 +195,7 @@ fn lock_path(pin_dir: &Path) -> PathBuf {
         .chars()
         .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
         .collect();
-    Path::new("/run/dnsfence").join(format!("pin{name}.lock"))
+    Path::new("/run/dnsfence").join(format!("{prefix}{name}.lock"))
 }
 
 /// An exclusive hold on a pin directory for the life of the process (the kernel drops it
@@ -549,7 +561,7 @@ impl Datapath {
                 reason: "sink already taken".into(),
             });
         };
-        BpfAllow::new(map, names_map, config)
+        BpfAllow::new(map, names_map, config, &self.pin_dir)
     }
 }
 

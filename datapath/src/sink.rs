@@ -69,9 +69,29 @@ struct Inner {
     /// restarted agent judges restored entries by name.
     names: HashMap<MapData, AllowMapKey, NameValue>,
     changes: Vec<Change>,
+    /// Taken (flock) around every map write and removal: the other writer holds it too.
+    writers: std::fs::File,
     /// The map's value of each change's key before the write (for undo).
     previous: Vec<Option<u64>>,
     removed: Vec<AllowKey>,
+}
+
+/// The writers' lock held (released on drop). A lock that cannot be taken (an error of
+/// flock) is not waited for: the write goes on, as it did before the lock existed.
+struct WritersLock<'a>(Option<&'a std::fs::File>);
+
+impl<'a> WritersLock<'a> {
+    fn take(file: &'a std::fs::File) -> WritersLock<'a> {
+        WritersLock(file.lock().ok().map(|()| file))
+    }
+}
+
+impl Drop for WritersLock<'_> {
+    fn drop(&mut self) {
+        if let Some(file) = self.0 {
+            let _ = file.unlock();
+        }
+    }
 }
 
 /// Second handles on the two maps, to read them whole without holding the writers' lock.
@@ -124,7 +144,7 @@ impl BpfAllow {
         let allow = HashMap::try_from(Map::HashMap(allow)).map_err(map_err(names::ALLOW))?;
         let allow_names = HashMap::try_from(Map::HashMap(open(names::ALLOW_NAMES)?))
             .map_err(map_err(names::ALLOW_NAMES))?;
-        BpfAllow::new(allow, allow_names, config)
+        BpfAllow::new(allow, allow_names, config, pin_dir)
     }
 
     /// A sink over the pinned allow map; what the map holds is taken into the ledger.
@@ -132,7 +152,24 @@ impl BpfAllow {
         map: HashMap<MapData, AllowMapKey, u64>,
         names_map: HashMap<MapData, AllowMapKey, NameValue>,
         config: LedgerConfig,
+        pin_dir: &Path,
     ) -> Result<BpfAllow, DatapathError> {
+        let lock_path = crate::loader::allow_lock_path(pin_dir);
+        if let Some(dir) = lock_path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| DatapathError::Map {
+                map: names::ALLOW,
+                reason: format!("creating {}: {e}", dir.display()),
+            })?;
+        }
+        let writers = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| DatapathError::Map {
+                map: names::ALLOW,
+                reason: format!("opening {}: {e}", lock_path.display()),
+            })?;
         let map_err = |map: &'static str| {
             move |e: std::io::Error| DatapathError::Map {
                 map,
@@ -184,6 +221,7 @@ impl BpfAllow {
                 map,
                 names: names_map,
                 changes: Vec::new(),
+                writers,
                 previous: Vec::new(),
                 removed: Vec::new(),
             })),
@@ -237,9 +275,12 @@ impl BpfAllow {
         let inner = &mut *guard;
         inner.removed.clear();
         inner.ledger.revoke(snapshot, &mut inner.removed);
-        for k in &inner.removed {
-            let _ = inner.map.remove(&AllowMapKey::from(k));
-            let _ = inner.names.remove(&AllowMapKey::from(k));
+        if !inner.removed.is_empty() {
+            let _writers = WritersLock::take(&inner.writers);
+            for k in &inner.removed {
+                let _ = inner.map.remove(&AllowMapKey::from(k));
+                let _ = inner.names.remove(&AllowMapKey::from(k));
+            }
         }
         inner.removed.len()
     }
@@ -254,6 +295,7 @@ impl BpfAllow {
         let n = inner
             .ledger
             .sweep(clock.instant, budget, &mut inner.removed);
+        let _writers = (!inner.removed.is_empty()).then(|| WritersLock::take(&inner.writers));
         for k in &inner.removed {
             let key = AllowMapKey::from(k);
             // Extended by the other writer: keep it, with the map's expiry.
@@ -282,6 +324,7 @@ impl AllowSink for BpfAllow {
         let clock = Clock::now();
         let mut guard = self.lock();
         let inner = &mut *guard;
+        let _writers = WritersLock::take(&inner.writers);
         for g in 0..batch.groups.len() {
             if inner.ledger.plan(batch, g, &mut inner.changes).is_err() {
                 batch.settle_group(g, false, &[]);

@@ -141,3 +141,102 @@ fn a_revocation_covers_the_other_writers_entries() {
     drop(datapath);
     let _ = Datapath::uninstall(&env.pin);
 }
+
+fn write_many(sink: &mut BpfAllow, keys: &[AllowKey], ttl: Duration) -> usize {
+    let mut ok = 0;
+    for (i, k) in keys.iter().enumerate() {
+        let mut batch = AllowBatch::with_capacity(4);
+        batch.begin_group(&Name::from_text(&format!("n{}.example.test", i % 100)).expect("name"));
+        batch.push(*k, Instant::now() + ttl);
+        sink.write(Instant::now(), &mut batch);
+        ok += usize::from(batch.groups[0].ok);
+    }
+    ok
+}
+
+/// Entries in the pinned map (a fresh sink's ledger is seeded from it).
+fn map_entries(pin: &std::path::Path) -> usize {
+    BpfAllow::open_pinned(pin, LedgerConfig::default())
+        .expect("open")
+        .stats()
+        .entries
+}
+
+/// Review finding: one writer's sweep (read the map's expiry, then remove) must never remove
+/// an entry the other writer wrote in between (its ledger would believe it lives, and its
+/// answers would be released with nothing behind them): both take the writers' lock. A race,
+/// so the test is probabilistic: without the lock it failed in about half of its runs here.
+#[test]
+fn a_sweep_never_removes_an_entry_the_other_writer_just_wrote() {
+    if !require_root("allow_two_writers") {
+        return;
+    }
+    let _serial = EXCLUSIVE.lock().unwrap_or_else(|e| e.into_inner());
+    let env = Env::new("tworace", &["a"]);
+    let mut datapath = Datapath::install(&InstallConfig {
+        pin_dir: env.pin.clone(),
+        cgroup_root: env.cgroup_root.clone(),
+        allow_entries: 65536,
+        l3_entries: 1024,
+    })
+    .expect("install");
+    let cfg = LedgerConfig {
+        capacity: 65536,
+        ..LedgerConfig::default()
+    };
+    let agent = datapath.allow_sink(cfg).expect("sink");
+    let mut proxy = Some(BpfAllow::open_pinned(&env.pin, cfg).expect("open"));
+    let mut lost_total = 0;
+    let mut rounds = 0;
+    for round in 0..60u32 {
+        rounds += 1;
+        let keys: Vec<AllowKey> = (0..2000u32)
+            .map(|i| key(&std::net::Ipv4Addr::from(0x0a00_0000 + round * 4096 + i).to_string()))
+            .collect();
+        let mut a = agent.clone();
+        assert_eq!(
+            write_many(&mut a, &keys, Duration::from_millis(20)),
+            keys.len()
+        );
+        std::thread::sleep(Duration::from_millis(40));
+        // The proxy writes in another order (answers arrive in any order).
+        let mut pkeys = keys.clone();
+        let mut x = 0x9e37_79b9u64 + u64::from(round);
+        for i in (1..pkeys.len()).rev() {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            pkeys.swap(i, (x >> 33) as usize % (i + 1));
+        }
+        let mut p = proxy.take().unwrap();
+        let barrier = std::sync::Arc::new(std::sync::Barrier::new(2));
+        let b2 = std::sync::Arc::clone(&barrier);
+        let writer = std::thread::spawn(move || {
+            b2.wait();
+            let n = write_many(&mut p, &pkeys, Duration::from_secs(600));
+            (p, n)
+        });
+        barrier.wait();
+        while agent.sweep(16) > 0 {}
+        let (p, n) = writer.join().unwrap();
+        assert_eq!(n, keys.len());
+        let in_map = map_entries(&env.pin);
+        let believed = p.stats().entries;
+        let lost = believed.saturating_sub(in_map);
+        lost_total += lost;
+        if lost > 0 {
+            eprintln!(
+                "round {round}: proxy's ledger holds {believed} live entries, the map {in_map}: {lost} just-written entries removed by the agent's sweep"
+            );
+            break;
+        }
+        let _ = p.revoke(std::sync::Arc::new(dnsfence_policy::Snapshot::empty()));
+        proxy = Some(p);
+    }
+    drop(datapath);
+    let _ = Datapath::uninstall(&env.pin);
+    assert_eq!(
+        lost_total, 0,
+        "entries lost to the sweep race in {rounds} rounds"
+    );
+}
