@@ -175,6 +175,24 @@ pub enum Destination {
     },
 }
 
+/// The written-entries memory, sized at start and written once so that its pages are in
+/// memory before the shard binds its sockets (its first writes would otherwise each pay a
+/// page fault on the answer path).
+fn prefaulted_written(n: usize) -> HashMap<(AllowKey, u64), Instant, foldhash::fast::RandomState> {
+    let mut map = HashMap::with_capacity_and_hasher(n, foldhash::fast::RandomState::default());
+    let now = Instant::now();
+    for i in 0..n as u64 {
+        let key = AllowKey {
+            endpoint: EndpointKey(i),
+            ip: std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+            ports: PortSpec::ALL,
+        };
+        map.insert((key, i), now);
+    }
+    map.clear();
+    map
+}
+
 /// Whether `a` and `b` name one server: address (an IPv4-mapped IPv6 address is its IPv4
 /// address) and port; IPv6 flow labels, which a sender chooses, do not count.
 pub fn same_server(a: SocketAddr, b: SocketAddr) -> bool {
@@ -631,10 +649,7 @@ impl Core {
         Core {
             rng_key: config.seed,
             rng_counter: 0,
-            written: HashMap::with_capacity_and_hasher(
-                config.allow_cache_entries,
-                foldhash::fast::RandomState::default(),
-            ),
+            written: prefaulted_written(config.allow_cache_entries),
             oldest: NO_SLOT,
             newest: NO_SLOT,
             held: Vec::with_capacity(256),
