@@ -14,6 +14,11 @@
  *                           the backstop for what bypasses the socket hooks: new TCP
  *                           connections (SYN), raw sockets, other protocols; and judges ICMP
  *                           and ICMPv6 by type (icmps rules, L3 rules without ports).
+ *  sk_reuseport/migrate     (attached to the proxies' listen sockets, not to the cgroup) picks
+ *                           the socket of a new datagram or connection among the active
+ *                           ones of the agent and the standalone proxy, so that a stopping
+ *                           process gets no new packets while it drains; also picks where
+ *                           the accept queue of a closing TCP listener goes.
  *
  * A process belongs to the endpoint whose cgroup is its nearest ancestor (or own) cgroup in
  * the endpoints map. Processes of no endpoint are not touched. Built with Debian clang from
@@ -50,6 +55,8 @@ static __u64 (*bpf_get_current_ancestor_cgroup_id)(int level) =
 	(void *)BPF_FUNC_get_current_ancestor_cgroup_id;
 static __u64 (*bpf_skb_ancestor_cgroup_id)(struct __sk_buff *skb, int level) =
 	(void *)BPF_FUNC_skb_ancestor_cgroup_id;
+static long (*bpf_sk_select_reuseport)(struct sk_reuseport_md *reuse, void *map, void *key,
+				       __u64 flags) = (void *)BPF_FUNC_sk_select_reuseport;
 static __u64 (*bpf_ktime_get_boot_ns)(void) = (void *)BPF_FUNC_ktime_get_boot_ns;
 static long (*bpf_skb_load_bytes)(const void *skb, __u32 offset, void *to,
 				  __u32 len) = (void *)BPF_FUNC_skb_load_bytes;
@@ -153,6 +160,30 @@ struct {
 	__type(value, __u64);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } df_stats SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_REUSEPORT_SOCKARRAY);
+	__uint(max_entries, DF_REUSE_SLOTS);
+	__type(key, __u32);
+	__type(value, __u32);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} df_reuse_socks SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, DF_REUSE_GROUPS * 2);
+	__type(key, __u32);
+	__type(value, struct df_reuse_owner);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} df_reuse_state SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct df_reuse_conf);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} df_reuse_conf SEC(".maps");
 
 static __always_inline void count(__u32 stat)
 {
@@ -670,4 +701,48 @@ int df_egress(struct __sk_buff *skb)
 		return 1;
 	count(DF_STAT_SKB_DENIED);
 	return 0;
+}
+
+static __always_inline __u32 reuse_active(__u32 group, __u32 owner)
+{
+	__u32 key = group * 2 + owner;
+	struct df_reuse_owner *o = bpf_map_lookup_elem(&df_reuse_state, &key);
+	return o ? o->active : 0;
+}
+
+/* Picks the socket of a new datagram (UDP), connection (TCP SYN) or migrated request (a
+ * closing listener's accept queue) among the active slots of its group, by the packet's hash:
+ * a draining socket gets nothing new. With no active slot (or none that selects) the program
+ * selects nothing and passes: the kernel then picks by hash among all the group's sockets,
+ * draining ones included, so a process left alone keeps serving rather than dropping. */
+SEC("sk_reuseport/migrate")
+int df_reuseport(struct sk_reuseport_md *md)
+{
+	struct bpf_sock *sk = md->sk;
+	__u32 group = (sk->protocol == IPPROTO_TCP ? 2 : 0) + (sk->family == AF_INET6 ? 1 : 0);
+	__u32 zero = 0;
+	__u64 agent = reuse_active(group, 0);
+	__u64 proxy = reuse_active(group, 1);
+	struct df_reuse_conf *conf = bpf_map_lookup_elem(&df_reuse_conf, &zero);
+	if (conf && conf->mode == DF_REUSE_PREFER_AGENT && agent)
+		proxy = 0;
+	__u64 mask = agent | proxy << DF_REUSE_OWNER_SLOTS;
+	__u32 n = __builtin_popcountll(mask);
+	if (!n)
+		return SK_PASS;
+	__u32 skip = md->hash % n;
+	/* The hash's pick first; if its socket is gone (a crashed process leaves its slots
+	 * active, the kernel empties their sockets), the next active ones. */
+	for (__u32 i = 0; i < DF_REUSE_GROUP_SLOTS; i++) {
+		if (!((mask >> i) & 1))
+			continue;
+		if (skip) {
+			skip--;
+			continue;
+		}
+		__u32 slot = group * DF_REUSE_GROUP_SLOTS + i;
+		if (bpf_sk_select_reuseport(md, &df_reuse_socks, &slot, 0) == 0)
+			return SK_PASS;
+	}
+	return SK_PASS;
 }

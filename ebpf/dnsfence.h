@@ -119,6 +119,34 @@ struct df_origin {
 	__u16 pad[3];
 };
 
+/* SO_REUSEPORT steering (df_reuseport): every serving socket of the agent and of the
+ * standalone proxy sits in df_reuse_socks (REUSEPORT_SOCKARRAY, value: the socket's fd when
+ * written, __u32) at a slot its process owns; df_reuse_state says which of them take new
+ * packets. Slots come in groups, one per (protocol, family) reuseport group: group
+ * (TCP ? 2 : 0) + (IPv6 ? 1 : 0), DF_REUSE_GROUP_SLOTS slots each; in a group the agent owns
+ * the first DF_REUSE_OWNER_SLOTS slots, the proxy the next ones (slot = group base + owner
+ * base + the shard's index among its process's shards on that listen address). */
+#define DF_REUSE_GROUP_SLOTS 64
+#define DF_REUSE_OWNER_SLOTS 32
+#define DF_REUSE_GROUPS 4
+#define DF_REUSE_SLOTS (DF_REUSE_GROUPS * DF_REUSE_GROUP_SLOTS)
+
+/* df_reuse_state: (group * 2 + owner (0: agent, 1: proxy)) -> the owner's active slots of
+ * the group, bit i for its slot i. One writer per entry (its owner), whole values. */
+struct df_reuse_owner {
+	__u32 active; /* bit i: slot i takes new packets (a polling, not stopping, shard) */
+	__u32 pid;    /* the owning process (for bpftool and debugging) */
+};
+
+/* df_reuse_conf.mode (one entry) */
+#define DF_REUSE_BALANCE 0      /* spread over every active socket */
+#define DF_REUSE_PREFER_AGENT 1 /* the agent's active sockets when it has any */
+
+struct df_reuse_conf {
+	__u32 mode;
+	__u32 pad;
+};
+
 /* stats: per-CPU counters, by index. */
 enum df_stat {
 	DF_STAT_REDIRECTED = 0,    /* DNS sockets rewritten to the proxy */

@@ -10,6 +10,7 @@
 pub mod loader;
 pub mod maps;
 pub mod origin;
+pub mod reuseport;
 pub mod sink;
 mod sys;
 
@@ -17,5 +18,6 @@ pub use loader::{
     Datapath, DatapathError, EndpointSync, InstallConfig, PinLock, cgroup_id, ensure_cgroup2,
 };
 pub use origin::BpfOrigins;
+pub use reuseport::Reuseport;
 pub use sink::BpfAllow;
 pub use sys::DirWatch;

@@ -28,7 +28,7 @@ use crate::sink::BpfAllow;
 use crate::sys;
 
 /// The object built from `ebpf/dnsfence.bpf.c` (checked current by `ebpf/build.sh --check`).
-static OBJECT: &[u8] = aya::include_bytes_aligned!("../../ebpf/dnsfence.bpf.o");
+pub(crate) static OBJECT: &[u8] = aya::include_bytes_aligned!("../../ebpf/dnsfence.bpf.o");
 
 /// The programs of the object, each attached once at the cgroup root.
 pub const PROGRAMS: [&str; 9] = [
@@ -107,7 +107,7 @@ fn fs_err<'p>(what: &'static str, path: &'p Path) -> impl FnOnce(io::Error) -> D
     }
 }
 
-fn map_err(map: &'static str) -> impl FnOnce(aya::maps::MapError) -> DatapathError {
+pub(crate) fn map_err(map: &'static str) -> impl FnOnce(aya::maps::MapError) -> DatapathError {
     move |e| DatapathError::Map {
         map,
         reason: e.to_string(),
@@ -624,7 +624,7 @@ fn l3_map_entry(
     ((64 + len, data), value, cut)
 }
 
-fn take(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, DatapathError> {
+pub(crate) fn take(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, DatapathError> {
     ebpf.take_map(name).ok_or(DatapathError::Map {
         map: name,
         reason: "not in the object".into(),

@@ -15,6 +15,38 @@ pub const MAX_L3_SPECS: usize = 4;
 /// `DF_EP_ENFORCE`: the endpoint is selected by an egress policy (default deny).
 pub const EP_ENFORCE: u32 = 1;
 
+/// Slots of `df_reuse_socks` per (protocol, family) reuseport group (`DF_REUSE_GROUP_SLOTS`).
+pub const REUSE_GROUP_SLOTS: u32 = 64;
+/// Slots a process owns in each group (`DF_REUSE_OWNER_SLOTS`): the agent the first ones, the
+/// standalone proxy the next.
+pub const REUSE_OWNER_SLOTS: u32 = 32;
+/// Groups: (TCP ? 2 : 0) + (IPv6 ? 1 : 0) (`DF_REUSE_GROUPS`).
+pub const REUSE_GROUPS: u32 = 4;
+/// `DF_REUSE_BALANCE`: spread over every active socket.
+pub const REUSE_BALANCE: u32 = 0;
+/// `DF_REUSE_PREFER_AGENT`: the agent's active sockets when it has any.
+pub const REUSE_PREFER_AGENT: u32 = 1;
+
+/// `struct df_reuse_owner`: `df_reuse_state[group * 2 + owner]`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReuseOwner {
+    /// Bit i: the owner's slot i of the group takes new packets.
+    pub active: u32,
+    /// The owning process.
+    pub pid: u32,
+}
+
+/// `struct df_reuse_conf`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReuseConf {
+    /// `REUSE_BALANCE` or `REUSE_PREFER_AGENT`.
+    pub mode: u32,
+    /// Zero.
+    pub pad: u32,
+}
+
 /// The names of the maps in the object.
 pub mod names {
     /// `df_config`.
@@ -35,8 +67,14 @@ pub mod names {
     pub const ORIGIN: &str = "df_origin";
     /// `df_stats`.
     pub const STATS: &str = "df_stats";
+    /// `df_reuse_socks` (REUSEPORT_SOCKARRAY: the serving sockets of agent and proxy).
+    pub const REUSE_SOCKS: &str = "df_reuse_socks";
+    /// `df_reuse_state` (which of those take new packets).
+    pub const REUSE_STATE: &str = "df_reuse_state";
+    /// `df_reuse_conf` (the steering mode).
+    pub const REUSE_CONF: &str = "df_reuse_conf";
     /// Every map.
-    pub const ALL: [&str; 9] = [
+    pub const ALL: [&str; 12] = [
         CONFIG,
         ENDPOINTS,
         ALLOW,
@@ -46,6 +84,9 @@ pub mod names {
         ORIGIN,
         STATS,
         CIDR,
+        REUSE_SOCKS,
+        REUSE_STATE,
+        REUSE_CONF,
     ];
 }
 
@@ -345,6 +386,10 @@ unsafe impl aya::Pod for CidrValue {}
 unsafe impl aya::Pod for OriginKey {}
 // SAFETY: as above.
 unsafe impl aya::Pod for OriginValue {}
+// SAFETY: as above.
+unsafe impl aya::Pod for ReuseOwner {}
+// SAFETY: as above.
+unsafe impl aya::Pod for ReuseConf {}
 
 #[cfg(test)]
 mod tests {
@@ -367,6 +412,8 @@ mod tests {
         assert_eq!(size_of::<aya::maps::lpm_trie::Key<CidrData>>(), 28);
         assert_eq!(size_of::<CidrValue>(), 8 + 2 * 8 * MAX_L3_SPECS);
         assert!(align_of::<AllowMapKey>() <= 8);
+        assert_eq!(size_of::<ReuseOwner>(), 8);
+        assert_eq!(size_of::<ReuseConf>(), 8);
     }
 
     /// The header's constants are the ones compiled into the object this crate embeds.
@@ -389,6 +436,11 @@ mod tests {
         assert_eq!(define("DF_PROTO_SCTP") as u8, PortSpec::SCTP);
         assert_eq!(define("DF_PROTO_ICMP") as u8, PortSpec::ICMP);
         assert_eq!(define("DF_PROTO_ICMPV6") as u8, PortSpec::ICMPV6);
+        assert_eq!(define("DF_REUSE_GROUP_SLOTS"), REUSE_GROUP_SLOTS);
+        assert_eq!(define("DF_REUSE_OWNER_SLOTS"), REUSE_OWNER_SLOTS);
+        assert_eq!(define("DF_REUSE_GROUPS"), REUSE_GROUPS);
+        assert_eq!(define("DF_REUSE_BALANCE"), REUSE_BALANCE);
+        assert_eq!(define("DF_REUSE_PREFER_AGENT"), REUSE_PREFER_AGENT);
     }
 
     #[test]

@@ -310,6 +310,9 @@ pub fn run(args: &AgentArgs) -> Result<()> {
     if failed.is_none() {
         eprintln!("{WHO}: stopping; draining in-flight queries");
     }
+    // The agent socket goes first: a proxy reconnecting while the shards drain must find
+    // no listener rather than one that no longer answers.
+    drop(sync);
     let observations = Arc::clone(&server.observations);
     server.shutdown();
     ha::save_cache(WHO, state.as_ref(), &observations);
@@ -317,7 +320,6 @@ pub fn run(args: &AgentArgs) -> Result<()> {
     if let Some(w) = cgroup_watch {
         let _ = w.join();
     }
-    drop(sync);
     match failed {
         Some(i) => bail!("shard {i} stopped unexpectedly; exiting so a supervisor restarts us"),
         None => Ok(()),

@@ -92,6 +92,19 @@ impl Enforcer {
         })
     }
 
+    /// Whose sockets these are in the port's steering: eBPF mode only (the agent installs
+    /// the datapath, the standalone proxy attaches to it).
+    pub fn owner(&self) -> Option<dnsfence_datapath::reuseport::Owner> {
+        use dnsfence_datapath::reuseport::Owner;
+        match self {
+            Enforcer::Userspace(_) => None,
+            Enforcer::Bpf { datapath, .. } => Some(match datapath {
+                Some(_) => Owner::Agent,
+                None => Owner::Proxy,
+            }),
+        }
+    }
+
     /// A sink for one shard.
     pub fn sink(&self) -> Box<dyn AllowSink + Send> {
         match self {

@@ -10,6 +10,7 @@ mod metrics;
 mod policy_cmd;
 mod proxy;
 mod serve;
+mod steer;
 
 use std::process::ExitCode;
 

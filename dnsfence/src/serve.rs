@@ -54,6 +54,16 @@ pub enum RejectFlag {
     Nxdomain,
 }
 
+/// How new queries are spread over the serving sockets of the agent and the standalone
+/// proxy (eBPF mode).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ReuseportFlag {
+    /// Over both processes' sockets.
+    Balance,
+    /// Over the agent's sockets while it serves, the proxy's otherwise.
+    PreferAgent,
+}
+
 /// Queries from sources the endpoint registry does not know.
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
 pub enum UnknownFlag {
@@ -101,6 +111,11 @@ pub struct ServeArgs {
     /// redirects DNS or filters connections.
     #[arg(long)]
     pub no_bpf: bool,
+    /// eBPF mode: how new queries are spread over the sockets of the agent and the
+    /// standalone proxy (an SK_REUSEPORT program; a stopping process gets none and drains).
+    /// Give both processes the same value: the last one to start applies it.
+    #[arg(long, value_enum, default_value = "balance")]
+    pub reuseport_mode: ReuseportFlag,
     /// Number of shard threads (default: one per CPU of --cpus, or per CPU the process may
     /// run on).
     #[arg(long)]
@@ -606,7 +621,14 @@ impl Server {
             ),
         };
         let upstream = upstream_text(&plan.upstreams, plan.addressed);
+        let reuseport = crate::steer::open(who, &enforcer, args);
+        let mut per_addr = std::collections::HashMap::new();
         for (index, (io, core, cpu)) in plan.shards.into_iter().enumerate() {
+            let on_addr = per_addr.entry(io.listen).or_insert(0usize);
+            let steering = reuseport
+                .as_ref()
+                .map(|r| crate::steer::shard(who, r, io.listen, *on_addr));
+            *on_addr += 1;
             let status = Arc::new(ShardStatus::default());
             statuses.push(Arc::clone(&status));
             let allow = enforcer.sink();
@@ -622,6 +644,7 @@ impl Server {
                 policy: Arc::clone(&policy),
                 records: Arc::clone(&records),
                 stop: Arc::clone(&shard_stop),
+                steering,
                 status,
             };
             match shard::spawn(config) {
@@ -716,8 +739,9 @@ impl Server {
         self.threads.iter().position(|t| t.is_finished())
     }
 
-    /// Stops the shards (each drains its in-flight queries, bounded by the upstream
-    /// timeout), then the consumer once the record queue is empty.
+    /// Stops the shards (each takes its sockets out of the port's steering, then drains what
+    /// they hold and its in-flight queries, bounded by the upstream timeout), then the
+    /// consumer once the record queue is empty.
     pub fn shutdown(self) {
         self.shard_stop.store(true, Ordering::Relaxed);
         for t in self.threads {

@@ -4,6 +4,12 @@
 //! the core, expire timeouts, commit the batch's allow entries, send everything the core has
 //! ready in one flush, hand records to the consumer queue, repeat. A policy reload is noticed
 //! by comparing one atomic generation per loop.
+//!
+//! Stopping is a drain: the shard takes its listen sockets out of the kernel's choice for
+//! new packets (its [`Steering`] in eBPF mode; without it, [`ShardIo::retire_listen_udp`]),
+//! keeps polling, and exits once nothing has come from a client for [`DRAIN_QUIET`] and
+//! every query in flight is answered (bounded by the upstream timeout): what the kernel had
+//! already queued on its sockets is answered, not dropped with them.
 #![forbid(unsafe_code)]
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -18,7 +24,24 @@ use dnsfence_policy::{Proto, Snapshot};
 
 use crate::allow::AllowSink;
 use crate::core::{Client, Core, CoreConfig, Destination, Origin, Record, Stats};
-use crate::io::{self, Backend, BackendChoice, Event, Io, IoConfig, IoError, IoStats, ShardIo};
+use crate::io::{
+    self, Backend, BackendChoice, Event, Io, IoConfig, IoError, IoStats, ListenFds, ShardIo,
+};
+
+/// A stopping shard exits once no client message has arrived for this long (and nothing is
+/// in flight): its sockets' queues are then empty, since no new packet is steered to them.
+pub const DRAIN_QUIET: Duration = Duration::from_millis(100);
+
+/// Takes a shard's listen sockets into and out of the set the kernel steers new packets of
+/// the shared listen port to (eBPF mode: the `SK_REUSEPORT` program of the datapath, over the
+/// sockets of every process serving the port). Called on the shard's own thread.
+pub trait Steering: Send {
+    /// The shard polls its sockets: they may take new packets.
+    fn join(&mut self, sockets: ListenFds<'_>);
+    /// The shard stops: its sockets take no new packets (while another process's can); it
+    /// goes on reading what they hold.
+    fn leave(&mut self, sockets: ListenFds<'_>);
+}
 
 /// The current policy snapshot, shared by the control plane and every shard.
 ///
@@ -137,8 +160,11 @@ pub struct ShardConfig {
     pub policy: Arc<PolicyHandle>,
     /// Records for the consumer.
     pub records: Arc<ArrayQueue<Record>>,
-    /// Set to stop; the shard drains its in-flight queries (bounded by the upstream timeout).
+    /// Set to stop; the shard drains its sockets and its in-flight queries (bounded by the
+    /// upstream timeout), then exits.
     pub stop: Arc<AtomicBool>,
+    /// Steering of the shared listen port (eBPF mode); None: plain `SO_REUSEPORT`.
+    pub steering: Option<Box<dyn Steering>>,
     /// Published counters.
     pub status: Arc<ShardStatus>,
 }
@@ -217,13 +243,22 @@ fn run(mut config: ShardConfig, opened: std::sync::mpsc::SyncSender<Result<(), I
     let mut published = Instant::now();
     let mut stopping: Option<Instant> = None;
     let mut drops = Drops::default();
+    let mut steering = config.steering.take();
+    let mut joined = false;
+    let mut last_client = Instant::now();
     loop {
         let now = Instant::now();
         if config.stop.load(Ordering::Relaxed) && stopping.is_none() {
             stopping = Some(now);
+            last_client = now;
+            match steering.as_mut() {
+                Some(s) => s.leave(io.listen_fds()),
+                None => io.retire_listen_udp(),
+            }
         }
         if let Some(since) = stopping
-            && (core.in_flight() == 0 || now.duration_since(since) > config.core.upstream_timeout)
+            && ((core.in_flight() == 0 && now.duration_since(last_client) >= DRAIN_QUIET)
+                || now.duration_since(since) > config.core.upstream_timeout)
         {
             break;
         }
@@ -235,10 +270,12 @@ fn run(mut config: ShardConfig, opened: std::sync::mpsc::SyncSender<Result<(), I
                 t.saturating_duration_since(now)
             })
             .min(Duration::from_millis(100));
+        let mut from_client = false;
         let polled = io.poll(Some(wait), &mut |event| {
             let now = Instant::now();
             match event {
                 Event::ClientDatagram { peer, data } => {
+                    from_client = true;
                     // A snapshot stored while the shard waited applies to what woke it.
                     refresh(&mut core, &config, &mut generation);
                     let origin = origins.as_mut().and_then(|o| o.origin(peer, Proto::Udp));
@@ -248,6 +285,7 @@ fn run(mut config: ShardConfig, opened: std::sync::mpsc::SyncSender<Result<(), I
                     core.handle_upstream(now, socket, from, data)
                 }
                 Event::TcpClientMessage { conn, peer, data } => {
+                    from_client = true;
                     refresh(&mut core, &config, &mut generation);
                     let origin = origins
                         .as_mut()
@@ -266,6 +304,17 @@ fn run(mut config: ShardConfig, opened: std::sync::mpsc::SyncSender<Result<(), I
             std::thread::yield_now();
         }
         let now = Instant::now();
+        if from_client {
+            last_client = now;
+        }
+        if !joined && stopping.is_none() {
+            // Polling: new packets may come here now (a process takes traffic only once its
+            // shards serve, not when its sockets join the SO_REUSEPORT group).
+            joined = true;
+            if let Some(s) = steering.as_mut() {
+                s.join(io.listen_fds());
+            }
+        }
         core.handle_timeout(now);
         core.commit_allows(now, config.allow.as_mut());
         replace_sockets(&mut core, &mut io);

@@ -453,3 +453,64 @@ fn each_upstream_server_has_its_own_connected_sockets() {
         );
     });
 }
+
+/// Everything `io` has received within `wait`, as (peer, payload).
+fn drain_clients(io: &mut io::Io, wait: Duration) -> Vec<(SocketAddr, Vec<u8>)> {
+    let mut got = Vec::new();
+    let end = std::time::Instant::now() + wait;
+    while std::time::Instant::now() < end {
+        io.poll(Some(Duration::from_millis(20)), &mut |e| {
+            if let Ev::Client(peer, data) = Ev::from(e) {
+                got.push((peer, data));
+            }
+        })
+        .expect("poll");
+    }
+    got
+}
+
+/// A retired listen socket (graceful stop without eBPF) gets no new datagram: the kernel's
+/// SO_REUSEPORT choice goes to the other socket of the port, while what the retired one
+/// already held is still read, and its answers still reach their clients.
+fn retired_listen_socket(listen: &str, choice: BackendChoice) {
+    let mut old = open(&config(listen, no_upstream()), choice);
+    let port = old.local_addr();
+    let mut new = open(&config(&port.to_string(), no_upstream()), choice);
+    let before: Vec<_> = (0..32).map(|_| client(port)).collect();
+    for (i, c) in before.iter().enumerate() {
+        c.send_to(format!("before {i}").as_bytes(), port).unwrap();
+    }
+    old.retire_listen_udp();
+    let after: Vec<_> = (0..64).map(|_| client(port)).collect();
+    for (i, c) in after.iter().enumerate() {
+        c.send_to(format!("after {i}").as_bytes(), port).unwrap();
+    }
+    let at_old = drain_clients(&mut old, Duration::from_millis(300));
+    let at_new = drain_clients(&mut new, Duration::from_millis(300));
+    assert!(
+        at_old.iter().all(|(_, d)| d.starts_with(b"before")),
+        "a new datagram reached the retired socket: {at_old:?}"
+    );
+    assert!(
+        !at_old.is_empty(),
+        "the hash sent none of 32 to the old socket"
+    );
+    assert_eq!(at_old.len() + at_new.len(), 96, "{at_old:?} {at_new:?}");
+    // The retired socket still answers what it held.
+    let (peer, data) = at_old[0].clone();
+    old.send_client_udp(peer, &data);
+    old.flush().unwrap();
+    let c = before
+        .iter()
+        .find(|c| c.local_addr().unwrap() == peer)
+        .expect("a client");
+    let mut buf = [0; 100];
+    let (n, from) = c.recv_from(&mut buf).unwrap();
+    assert_eq!((from, &buf[..n]), (port, &data[..]));
+}
+
+#[test]
+fn a_retired_listen_socket_takes_no_new_datagrams_and_keeps_its_queue() {
+    for_each_backend(|b| retired_listen_socket("127.0.0.1:0", b));
+    for_each_backend(|b| retired_listen_socket("[::1]:0", b));
+}

@@ -387,6 +387,17 @@ pub fn proc_status_of(path: &str, field: &str) -> Option<String> {
 /// `secs` seconds (1 s answer timeout) and returns its JSON report (`sent`, `answered`,
 /// `rcodes`, the per-second `timeline` with `p99_us`, ...). Panics when it fails.
 pub fn loadgen(server: SocketAddr, file: &Path, rate: u64, secs: f64) -> serde_json::Value {
+    loadgen_with(server, file, rate, secs, &[])
+}
+
+/// [`loadgen`] with further flags (e.g. `--at SECS:COMMAND`).
+pub fn loadgen_with(
+    server: SocketAddr,
+    file: &Path,
+    rate: u64,
+    secs: f64,
+    extra: &[&str],
+) -> serde_json::Value {
     let out = Command::new(bin("dnsfence-loadgen"))
         .arg("--server")
         .arg(server.to_string())
@@ -394,6 +405,7 @@ pub fn loadgen(server: SocketAddr, file: &Path, rate: u64, secs: f64) -> serde_j
         .arg(file)
         .args(["--rate", &rate.to_string(), "--duration", &secs.to_string()])
         .args(["--timeout", "1000", "--json", "--quiet"])
+        .args(extra)
         .output()
         .expect("run loadgen");
     assert!(

@@ -2,14 +2,15 @@
 //! signals, bounded in time): both serve one port; the proxy gets the agent's policy over
 //! the agent socket and persists it; while the agent is dead the proxy answers alone and keeps
 //! what it learns, which the restarted agent receives; a proxy started alone serves from its
-//! persisted state; a corrupt state file is set aside in one line and fails closed.
+//! persisted state; a corrupt state file is set aside in one line and fails closed; a
+//! graceful stop under load loses at most a bounded share of queries (plain sockets).
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use dnsfence_tests::dns::{self, TYPE_A};
 use dnsfence_tests::upstream::Bundled;
-use dnsfence_tests::{Agent, AgentConfig, IoBackend, TempDir, free_addr, poll_until};
+use dnsfence_tests::{Agent, AgentConfig, IoBackend, TempDir, free_addr, loadgen_with, poll_until};
 
 /// The agent (or, with `proxy`, the standalone proxy) on `listen`, syncing over `dir`'s
 /// socket, with its own state directory.
@@ -302,3 +303,60 @@ while time.time() < end:
     except OSError: pass
     c.close()
 "#;
+
+/// Without eBPF a stopping process `connect()`s its UDP listen sockets to themselves (the
+/// kernel's SO_REUSEPORT choice skips connected sockets), answers what they hold, then exits.
+/// A datagram the kernel steered to a socket in the instant before it was connected can still
+/// be lost: the bound asserted is 0.2 % of what was sent from the second of the SIGTERM on
+/// (measured: 0 lost in every run so far, at 5,000 qps; 44 to 134 before the drain).
+#[test]
+fn sigterm_without_bpf_loses_at_most_a_bound() {
+    let upstream = Bundled::start(&[]);
+    let dir = TempDir::new("ha-drain-nobpf");
+    let listen = free_addr();
+    let mut agent = Agent::start(&config(dir.path(), listen, upstream.addr, false));
+    let mut proxy = Agent::start(&config(dir.path(), listen, upstream.addr, true));
+    proxy.wait_metric("dnsfence_sync_snapshots_total", 1.0);
+    let names: String = (0..200).map(|i| format!("n{i}.allowed.test A\n")).collect();
+    let file = dir.write("names.txt", &names);
+    let stop_under_load = |who: &str, process: &mut dnsfence_tests::Process| {
+        let at = format!("1.0:kill -TERM {}", process.pid());
+        let report = loadgen_with(listen, &file, 5000, 3.0, &["--at", &at]);
+        assert!(
+            process.wait_timeout(Duration::from_secs(10)).is_some(),
+            "the {who} exits after its drain"
+        );
+        let n = |v: &serde_json::Value| v.as_u64().unwrap_or(0);
+        // Queries sent from the second of the SIGTERM on: what the stop can cost. (The ha
+        // tests run in parallel on few CPUs: an earlier second can time out from load alone.)
+        let (mut sent, mut lost) = (0, 0);
+        for second in report["timeline"].as_array().expect("timeline") {
+            if n(&second["t_s"]) >= 1 {
+                sent += n(&second["sent"]);
+                lost += n(&second["timeouts"]);
+            }
+        }
+        eprintln!(
+            "SIGTERM {who} (no eBPF): from the SIGTERM on, sent {sent}, lost {lost} (whole run: \
+             sent {}, lost {})",
+            n(&report["sent"]),
+            n(&report["timeouts"])
+        );
+        assert!(sent > 0, "{report}");
+        assert!(
+            lost * 500 <= sent,
+            "SIGTERM {who}: {lost} of {sent} lost: {report}"
+        );
+        assert_eq!(
+            report["rcodes"]["NOERROR"].as_u64(),
+            Some(n(&report["answered"])),
+            "{report}"
+        );
+    };
+    stop_under_load("agent", &mut agent.process);
+    // The agent returns before the proxy stops: someone must serve.
+    let agent = Agent::start(&config(dir.path(), listen, upstream.addr, false));
+    proxy.wait_metric("dnsfence_sync_snapshots_total", 2.0);
+    stop_under_load("proxy", &mut proxy.process);
+    drop(agent);
+}

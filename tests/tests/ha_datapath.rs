@@ -1,12 +1,14 @@
 //! The standalone proxy in eBPF mode (root; real cgroups, real kernel): while the agent is
 //! dead, a name first resolved through the proxy is reachable at once (the proxy wrote the
-//! pinned allow map itself), and the restarted agent receives it.
+//! pinned allow map itself), and the restarted agent receives it; and a graceful stop of
+//! either process under load loses no query (SK_REUSEPORT steering, then drain).
 use std::net::{IpAddr, SocketAddr, TcpListener};
 use std::time::Duration;
 
 use dnsfence_tests::bpf::{self, EXCLUSIVE, Env, TWO_ENDPOINTS, require_root};
 use dnsfence_tests::upstream::Bundled;
-use dnsfence_tests::{Agent, AgentConfig, TempDir, free_port};
+use dnsfence_tests::{Agent, AgentConfig, TempDir, bin, free_port};
+use serde_json::Value;
 
 const POLICY: &str = r#"apiVersion: cilium.io/v2
 kind: CiliumNetworkPolicy
@@ -79,4 +81,172 @@ fn the_proxy_opens_new_names_while_the_agent_is_dead() {
     agent.wait_metric("dnsfence_sync_observations_total", 1.0);
     drop(proxy);
     drop(agent);
+}
+
+/// `dnsfence-loadgen` inside endpoint `a`'s cgroup, asking the server `a` addresses (the
+/// redirect takes it to the port agent and proxy share), at `rate` qps for `secs` seconds,
+/// sending SIGTERM to `pid` at `at` seconds; its JSON report.
+fn load_with_sigterm(env: &Env, dir: &TempDir, rate: u64, secs: f64, at: f64, pid: u32) -> Value {
+    load_in_a(
+        env,
+        dir,
+        rate,
+        secs,
+        &["--at", &format!("{at}:kill -TERM {pid}")],
+    )
+}
+
+/// `dnsfence-loadgen` inside endpoint `a`'s cgroup through the redirect, with `extra` flags.
+fn load_in_a(env: &Env, dir: &TempDir, rate: u64, secs: f64, extra: &[&str]) -> Value {
+    let names: String = (0..200).map(|i| format!("n{i}.allowed.test A\n")).collect();
+    let file = dir.write("names.txt", &names);
+    let out = env.run_in(
+        Some("a"),
+        bin("dnsfence-loadgen").to_str().expect("utf-8"),
+        &[
+            "--server",
+            &bpf::server().to_string(),
+            "--queries",
+            file.to_str().expect("utf-8"),
+            "--rate",
+            &rate.to_string(),
+            "--duration",
+            &secs.to_string(),
+            "--timeout",
+            "1000",
+            "--json",
+            "--quiet",
+        ]
+        .into_iter()
+        .chain(extra.iter().copied())
+        .collect::<Vec<_>>(),
+    );
+    assert!(
+        out.status.success(),
+        "loadgen: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("loadgen JSON")
+}
+
+/// Every query sent was answered NOERROR: none lost, none failed.
+fn assert_none_lost(report: &Value, what: &str) {
+    let n = |v: &Value| v.as_u64().unwrap_or(0);
+    let (sent, answered, timeouts) = (
+        n(&report["sent"]),
+        n(&report["answered"]),
+        n(&report["timeouts"]),
+    );
+    eprintln!(
+        "{what}: sent {sent}, answered {answered}, lost {timeouts}, rcodes {}",
+        report["rcodes"]
+    );
+    assert!(sent > 0, "{what}: nothing sent: {report}");
+    assert_eq!(timeouts, 0, "{what}: queries lost: {report}");
+    assert_eq!(answered, sent, "{what}: {report}");
+    assert_eq!(
+        n(&report["rcodes"]["NOERROR"]),
+        sent,
+        "{what}: every answer NOERROR: {report}"
+    );
+}
+
+/// ha.md promise 5: a graceful stop (SIGTERM) of either process under constant load loses no
+/// query. The SK_REUSEPORT program steers new packets to the other process's sockets while
+/// the stopping one answers what its sockets hold and what it has in flight, then exits.
+#[test]
+fn sigterm_of_agent_or_proxy_under_load_loses_no_query() {
+    if !require_root("ha_datapath") {
+        return;
+    }
+    let _serial = EXCLUSIVE.lock().unwrap_or_else(|e| e.into_inner());
+    let env = Env::new("drain", &["a", "b"]);
+    let upstream = Bundled::start(&[]);
+    let port = free_port();
+    let dir = TempDir::new("ha-drain");
+    let mut agent = Agent::start(&config(&env, &dir, upstream.addr, port, false));
+    let mut proxy = Agent::start(&config(&env, &dir, upstream.addr, port, true));
+    proxy.wait_metric("dnsfence_sync_snapshots_total", 1.0);
+    for p in [&agent.process, &proxy.process] {
+        assert!(
+            !p.stderr().contains("SO_REUSEPORT steering"),
+            "{}",
+            p.stderr()
+        );
+    }
+
+    // The agent stops gracefully 1 s into 3 s of 5,000 qps: the proxy takes over.
+    let report = load_with_sigterm(&env, &dir, 5000, 3.0, 1.0, agent.process.pid());
+    assert!(
+        agent
+            .process
+            .wait_timeout(Duration::from_secs(10))
+            .is_some(),
+        "the agent exits after its drain"
+    );
+    assert_none_lost(&report, "SIGTERM agent");
+    proxy.process.assert_running();
+
+    // The agent returns; then the proxy stops gracefully.
+    let agent = Agent::start(&config(&env, &dir, upstream.addr, port, false));
+    proxy.wait_metric("dnsfence_sync_snapshots_total", 2.0);
+    let report = load_with_sigterm(&env, &dir, 5000, 3.0, 1.0, proxy.process.pid());
+    assert!(
+        proxy
+            .process
+            .wait_timeout(Duration::from_secs(10))
+            .is_some(),
+        "the proxy exits after its drain"
+    );
+    assert_none_lost(&report, "SIGTERM proxy");
+    let forwarded = agent.metric_sum("dnsfence_forwarded_total");
+    assert!(
+        forwarded > 0.0,
+        "the agent served: {}",
+        agent.metrics_text()
+    );
+    drop(agent);
+}
+
+/// `--reuseport-mode prefer-agent`: while the agent serves, the proxy gets no query; when the
+/// agent stops gracefully, the proxy takes over with none lost.
+#[test]
+fn prefer_agent_sends_everything_to_the_agent_while_it_serves() {
+    if !require_root("ha_datapath") {
+        return;
+    }
+    let _serial = EXCLUSIVE.lock().unwrap_or_else(|e| e.into_inner());
+    let env = Env::new("prefer", &["a", "b"]);
+    let upstream = Bundled::start(&[]);
+    let port = free_port();
+    let dir = TempDir::new("ha-prefer");
+    let with_mode = |proxy| {
+        let mut c = config(&env, &dir, upstream.addr, port, proxy);
+        c.extra
+            .extend(["--reuseport-mode".to_owned(), "prefer-agent".to_owned()]);
+        c
+    };
+    let mut agent = Agent::start(&with_mode(false));
+    let proxy = Agent::start(&with_mode(true));
+    proxy.wait_metric("dnsfence_sync_snapshots_total", 1.0);
+
+    let report = load_in_a(&env, &dir, 2000, 1.0, &[]);
+    assert_none_lost(&report, "prefer-agent, both serving");
+    let sent = report["sent"].as_u64().unwrap_or(0) as f64;
+    assert_eq!(
+        proxy.metric_sum("dnsfence_forwarded_total"),
+        0.0,
+        "the proxy got queries while the agent served"
+    );
+    agent.wait_metric("dnsfence_forwarded_total", sent);
+
+    let report = load_with_sigterm(&env, &dir, 5000, 2.0, 0.5, agent.process.pid());
+    assert!(
+        agent
+            .process
+            .wait_timeout(Duration::from_secs(10))
+            .is_some()
+    );
+    assert_none_lost(&report, "prefer-agent, SIGTERM agent");
+    assert!(proxy.metric_sum("dnsfence_forwarded_total") > 0.0);
 }

@@ -476,6 +476,14 @@ impl ShardIo for MmsgIo {
         self.local
     }
 
+    fn listen_fds(&self) -> super::ListenFds<'_> {
+        self.tcp.listen_fds(&self.listen, self.local)
+    }
+
+    fn retire_listen_udp(&mut self) {
+        let _ = sockets::retire_udp(&self.listen);
+    }
+
     fn upstream_local_addr(&self, socket: u16) -> Option<SocketAddr> {
         self.upstream.get(usize::from(socket))?.local_addr().ok()
     }

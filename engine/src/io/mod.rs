@@ -430,11 +430,30 @@ pub trait ShardIo {
     fn local_addr(&self) -> SocketAddr;
     /// The local address of upstream UDP socket `socket`.
     fn upstream_local_addr(&self, socket: u16) -> Option<SocketAddr>;
+    /// The listen sockets (UDP, and the TCP listener when there is one), for the steering
+    /// of the shared port ([`crate::shard::Steering`]).
+    fn listen_fds(&self) -> ListenFds<'_>;
+    /// Takes the UDP listen socket out of the kernel's choice for new datagrams without
+    /// closing it (no eBPF steering: `connect()`s it to itself, and the kernel's
+    /// `SO_REUSEPORT` selection skips connected sockets); what its queue holds can still be
+    /// read and answered. Best effort: an error leaves it as it was.
+    fn retire_listen_udp(&mut self);
     /// Closes upstream UDP socket `socket` and puts a fresh one in its place (same index, new
     /// kernel-chosen random port, connected to the upstream). Sends queued for it and not yet
     /// flushed go from the new socket; answers to the old port are lost. On error the old
     /// socket stays.
     fn replace_upstream_udp(&mut self, socket: u16) -> Result<(), IoError>;
+}
+
+/// A shard's listen sockets, borrowed from its I/O.
+#[derive(Debug, Clone, Copy)]
+pub struct ListenFds<'a> {
+    /// The UDP listen socket.
+    pub udp: std::os::fd::BorrowedFd<'a>,
+    /// The TCP listener, when TCP is on.
+    pub tcp: Option<std::os::fd::BorrowedFd<'a>>,
+    /// The bound address.
+    pub addr: SocketAddr,
 }
 
 /// Most upstream servers of a shard.
@@ -521,6 +540,12 @@ impl ShardIo for Io {
     }
     fn replace_upstream_udp(&mut self, socket: u16) -> Result<(), IoError> {
         dispatch!(self, io => io.replace_upstream_udp(socket))
+    }
+    fn listen_fds(&self) -> ListenFds<'_> {
+        dispatch!(self, io => io.listen_fds())
+    }
+    fn retire_listen_udp(&mut self) {
+        dispatch!(self, io => io.retire_listen_udp())
     }
 }
 

@@ -221,6 +221,20 @@ impl TcpSide {
         }
     }
 
+    /// The listen sockets of the shard: `udp` (the backend's) and this side's listener.
+    pub(crate) fn listen_fds<'a>(
+        &'a self,
+        udp: &'a std::net::UdpSocket,
+        addr: SocketAddr,
+    ) -> super::ListenFds<'a> {
+        use std::os::fd::AsFd;
+        super::ListenFds {
+            udp: udp.as_fd(),
+            tcp: self.listener.as_ref().map(|l| l.as_fd()),
+            addr,
+        }
+    }
+
     /// Registers the listener with the poller.
     pub(crate) fn start(&mut self, poller: &mut dyn Poller) -> io::Result<()> {
         if let Some(l) = &self.listener {

@@ -273,7 +273,7 @@ pub struct UringIo {
     recv_hdr: RecvHdr,
     send: SendSlots,
     /// The UDP listen socket (fixed file 0; the upstream sockets are `1..`).
-    _listen: UdpSocket,
+    listen: UdpSocket,
     local: SocketAddr,
     upstream: Vec<UdpSocket>,
     /// The peer of each upstream socket (connected: the only source the kernel lets in).
@@ -493,7 +493,7 @@ impl UringIo {
             cancelling: 0,
             upstream_addr: servers,
             sizes,
-            _listen: listen.udp,
+            listen: listen.udp,
             local: listen.addr,
             upstream,
             upstream_peers,
@@ -905,6 +905,14 @@ impl ShardIo for UringIo {
 
     fn local_addr(&self) -> SocketAddr {
         self.local
+    }
+
+    fn listen_fds(&self) -> super::ListenFds<'_> {
+        self.tcp.listen_fds(&self.listen, self.local)
+    }
+
+    fn retire_listen_udp(&mut self) {
+        let _ = sockets::retire_udp(&self.listen);
     }
 
     fn upstream_local_addr(&self, socket: u16) -> Option<SocketAddr> {
