@@ -183,10 +183,15 @@ except Exception as e:\n    print(type(e).__name__, e)\n";
             std::net::IpAddr::V4(_) => ("-4", format!("{ip}/32")),
             std::net::IpAddr::V6(_) => ("-6", format!("{ip}/128")),
         };
-        let out = run("ip", &[family, "addr", "add", &cidr, "dev", "lo"]);
+        // `nodad`: an IPv6 address is usable at once (it would otherwise be tentative while
+        // duplicate address detection runs, and a bind to it fail with EADDRNOTAVAIL: a
+        // fixed 50 ms wait flaked under load).
+        let mut args = vec![family, "addr", "add", &cidr, "dev", "lo"];
+        if ip.is_ipv6() {
+            args.push("nodad");
+        }
+        let out = run("ip", &args);
         assert!(out.status.success(), "ip addr add {cidr}: {out:?}");
-        // IPv6 addresses pass duplicate address detection first (none on lo, but wait for it).
-        std::thread::sleep(std::time::Duration::from_millis(50));
         LocalAddress { family, cidr }
     }
 
