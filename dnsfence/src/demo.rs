@@ -38,6 +38,10 @@ pub struct DemoArgs {
     /// Userspace mode even as root (no eBPF: the load generator asks the proxy directly).
     #[arg(long)]
     no_bpf: bool,
+    /// Extra DNS and toFQDNs patterns in the policy (names the load never asks), to run the
+    /// proof with a policy of realistic size (issue 8's test: 10,000).
+    #[arg(long, default_value_t = 0)]
+    patterns: u32,
 }
 
 const POLICY: &str = r#"apiVersion: cilium.io/v2
@@ -53,6 +57,18 @@ spec:
   - toFQDNs: [{matchPattern: "**.allowed.demo.test"}, {matchName: "api.demo.test"}]
     toPorts: [{ports: [{port: "443", protocol: TCP}]}]
 "#;
+
+/// The demo policy with `extra` more patterns in its DNS and toFQDNs rules.
+fn policy_text(extra: u32) -> String {
+    let mut more = String::new();
+    for i in 0..extra {
+        let _ = write!(more, ", {{matchPattern: \"*.svc{i}.bulk.demo.test\"}}");
+    }
+    POLICY.replace(
+        "{matchName: \"api.demo.test\"}]",
+        &format!("{{matchName: \"api.demo.test\"}}{more}]"),
+    )
+}
 
 const ENDPOINTS: &str = r#"endpoints:
 - name: demo
@@ -380,7 +396,7 @@ fn run_in(args: &DemoArgs, exe: &Path, loadgen: &Path, dir: &Path) -> Result<boo
     };
     let policy = dir.join("policy.yaml");
     let endpoints = dir.join("endpoints.yaml");
-    std::fs::write(&policy, POLICY)?;
+    std::fs::write(&policy, policy_text(args.patterns))?;
     std::fs::write(
         &endpoints,
         if bpf.is_some() {
