@@ -185,6 +185,14 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } df_reuse_conf SEC(".maps");
 
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 2);
+	__type(key, __u32);
+	__type(value, __u64);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} df_reuse_alive SEC(".maps");
+
 static __always_inline void count(__u32 stat)
 {
 	__u64 *v = bpf_map_lookup_elem(&df_stats, &stat);
@@ -710,6 +718,14 @@ static __always_inline __u32 reuse_active(__u32 group, __u32 owner)
 	return o ? o->active : 0;
 }
 
+/* Whether an owner beat within DF_REUSE_STALE_NS (or never beat: a process older than the
+ * heartbeat). */
+static __always_inline int reuse_alive(__u32 owner, __u64 now)
+{
+	__u64 *beat = bpf_map_lookup_elem(&df_reuse_alive, &owner);
+	return !beat || !*beat || now - *beat <= DF_REUSE_STALE_NS || *beat > now;
+}
+
 /* Picks the socket of a new datagram (UDP), connection (TCP SYN) or migrated request (a
  * closing listener's accept queue) among the active slots of its group, by the packet's hash:
  * a draining socket gets nothing new. With no active slot (or none that selects) the program
@@ -723,6 +739,15 @@ int df_reuseport(struct sk_reuseport_md *md)
 	__u32 zero = 0;
 	__u64 agent = reuse_active(group, 0);
 	__u64 proxy = reuse_active(group, 1);
+	/* A silent owner (crashed: its sockets linger while the kernel tears it down) gets
+	 * nothing new while the other has active sockets. */
+	__u64 now = bpf_ktime_get_boot_ns();
+	if (agent && proxy) {
+		if (!reuse_alive(0, now))
+			agent = 0;
+		else if (!reuse_alive(1, now))
+			proxy = 0;
+	}
 	struct df_reuse_conf *conf = bpf_map_lookup_elem(&df_reuse_conf, &zero);
 	if (conf && conf->mode == DF_REUSE_PREFER_AGENT && agent)
 		proxy = 0;

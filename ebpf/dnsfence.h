@@ -138,6 +138,12 @@ struct df_reuse_owner {
 	__u32 pid;    /* the owning process (for bpftool and debugging) */
 };
 
+/* df_reuse_alive: owner (0: agent, 1: proxy) -> when it last said it lives
+ * (CLOCK_BOOTTIME ns; 0: never, taken as alive). A process beats every few ms; one silent
+ * for DF_REUSE_STALE_NS (SIGKILLed, its sockets not yet closed while the kernel tears it
+ * down) gets no new packets while the other one has active sockets. */
+#define DF_REUSE_STALE_NS 20000000ULL
+
 /* df_reuse_conf.mode (one entry) */
 #define DF_REUSE_BALANCE 0      /* spread over every active socket */
 #define DF_REUSE_PREFER_AGENT 1 /* the agent's active sockets when it has any */

@@ -22,6 +22,9 @@ pub const REUSE_GROUP_SLOTS: u32 = 64;
 pub const REUSE_OWNER_SLOTS: u32 = 32;
 /// Groups: (TCP ? 2 : 0) + (IPv6 ? 1 : 0) (`DF_REUSE_GROUPS`).
 pub const REUSE_GROUPS: u32 = 4;
+/// `DF_REUSE_STALE_NS`: an owner silent for this long gets no new packets while the other
+/// has active sockets (`df_reuse_alive`).
+pub const REUSE_STALE_NS: u64 = 20_000_000;
 /// `DF_REUSE_BALANCE`: spread over every active socket.
 pub const REUSE_BALANCE: u32 = 0;
 /// `DF_REUSE_PREFER_AGENT`: the agent's active sockets when it has any.
@@ -73,8 +76,10 @@ pub mod names {
     pub const REUSE_STATE: &str = "df_reuse_state";
     /// `df_reuse_conf` (the steering mode).
     pub const REUSE_CONF: &str = "df_reuse_conf";
+    /// `df_reuse_alive` (owner -> its last heartbeat, CLOCK_BOOTTIME ns).
+    pub const REUSE_ALIVE: &str = "df_reuse_alive";
     /// Every map.
-    pub const ALL: [&str; 12] = [
+    pub const ALL: [&str; 13] = [
         CONFIG,
         ENDPOINTS,
         ALLOW,
@@ -87,6 +92,7 @@ pub mod names {
         REUSE_SOCKS,
         REUSE_STATE,
         REUSE_CONF,
+        REUSE_ALIVE,
     ];
 }
 
@@ -441,6 +447,14 @@ mod tests {
         assert_eq!(define("DF_REUSE_GROUPS"), REUSE_GROUPS);
         assert_eq!(define("DF_REUSE_BALANCE"), REUSE_BALANCE);
         assert_eq!(define("DF_REUSE_PREFER_AGENT"), REUSE_PREFER_AGENT);
+        let stale = header
+            .lines()
+            .find_map(|l| l.strip_prefix("#define DF_REUSE_STALE_NS "))
+            .expect("DF_REUSE_STALE_NS in dnsfence.h");
+        assert_eq!(
+            stale.trim().trim_end_matches("ULL").parse::<u64>(),
+            Ok(REUSE_STALE_NS)
+        );
     }
 
     #[test]

@@ -63,6 +63,7 @@ struct Maps {
     socks: ReusePortSockArray<MapData>,
     state: Array<MapData, ReuseOwner>,
     conf: Array<MapData, ReuseConf>,
+    alive: Array<MapData, u64>,
     /// This process's active slots, per group (it is the only writer of its entries).
     active: [u32; REUSE_GROUPS as usize],
 }
@@ -110,17 +111,34 @@ impl Reuseport {
         let state =
             Array::try_from(take(names::REUSE_STATE)?).map_err(map_err(names::REUSE_STATE))?;
         let conf = Array::try_from(take(names::REUSE_CONF)?).map_err(map_err(names::REUSE_CONF))?;
+        let alive =
+            Array::try_from(take(names::REUSE_ALIVE)?).map_err(map_err(names::REUSE_ALIVE))?;
         Ok(Reuseport {
             ebpf,
             maps: Mutex::new(Maps {
                 socks,
                 state,
                 conf,
+                alive,
                 active: [0; REUSE_GROUPS as usize],
             }),
             owner,
             mode,
         })
+    }
+
+    /// Says this process lives (`df_reuse_alive`): call it every few milliseconds. An owner
+    /// silent for `REUSE_STALE_NS` (a SIGKILLed process, whose sockets linger until the
+    /// kernel has torn it down) gets no new packets while the other has active sockets.
+    pub fn beat(&self) -> Result<(), DatapathError> {
+        let mut maps = self.maps.lock().unwrap_or_else(|e| e.into_inner());
+        let owner = match self.owner {
+            Owner::Agent => 0,
+            Owner::Proxy => 1,
+        };
+        maps.alive
+            .set(owner, crate::sys::boottime_ns(), 0)
+            .map_err(map_err(names::REUSE_ALIVE))
     }
 
     /// The process these sockets belong to.

@@ -12,6 +12,9 @@ use dnsfence_engine::shard::Steering;
 use crate::enforce::Enforcer;
 use crate::serve::{ReuseportFlag, ServeArgs};
 
+/// How often a process says it lives (a quarter of `REUSE_STALE_NS`).
+const HEARTBEAT: std::time::Duration = std::time::Duration::from_millis(5);
+
 /// The steering of a process: None without eBPF, or when the program cannot be loaded (then
 /// said in one line: the port is shared by plain `SO_REUSEPORT`, and a graceful stop may
 /// lose what its sockets hold).
@@ -22,7 +25,24 @@ pub fn open(who: &str, enforcer: &Enforcer, args: &ServeArgs) -> Option<Arc<Reus
         ReuseportFlag::PreferAgent => reuseport::Mode::PreferAgent,
     };
     match Reuseport::open(&args.bpf_pin, owner, mode) {
-        Ok(r) => Some(Arc::new(r)),
+        Ok(r) => {
+            let r = Arc::new(r);
+            // The heartbeat: while this process lives, its sockets stay in the choice; once
+            // it dies (SIGKILL) the other process takes every new packet within
+            // REUSE_STALE_NS, before the kernel has closed the dead sockets.
+            let beating = Arc::clone(&r);
+            let spawned = std::thread::Builder::new()
+                .name("dnsf-heartbeat".into())
+                .spawn(move || {
+                    while beating.beat().is_ok() {
+                        std::thread::sleep(HEARTBEAT);
+                    }
+                });
+            if let Err(e) = spawned {
+                eprintln!("{who}: warning: no steering heartbeat ({e})");
+            }
+            Some(r)
+        }
         Err(e) => {
             eprintln!(
                 "{who}: warning: no SO_REUSEPORT steering ({e}): a graceful stop may lose \
