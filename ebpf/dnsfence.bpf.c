@@ -731,33 +731,15 @@ static __always_inline int reuse_alive(__u32 owner, __u64 now)
  * a draining socket gets nothing new. With no active slot (or none that selects) the program
  * selects nothing and passes: the kernel then picks by hash among all the group's sockets,
  * draining ones included, so a process left alone keeps serving rather than dropping. */
-SEC("sk_reuseport/migrate")
-int df_reuseport(struct sk_reuseport_md *md)
+/* Selects, by the packet's hash, one of the sockets of `mask` (bit i: slot i of the group);
+ * whether one was selected (a set bit whose socket is gone selects nothing: the next set
+ * bits are tried). */
+static __always_inline int reuse_select(struct sk_reuseport_md *md, __u32 group, __u64 mask)
 {
-	struct bpf_sock *sk = md->sk;
-	__u32 group = (sk->protocol == IPPROTO_TCP ? 2 : 0) + (sk->family == AF_INET6 ? 1 : 0);
-	__u32 zero = 0;
-	__u64 agent = reuse_active(group, 0);
-	__u64 proxy = reuse_active(group, 1);
-	/* A silent owner (crashed: its sockets linger while the kernel tears it down) gets
-	 * nothing new while the other has active sockets. */
-	__u64 now = bpf_ktime_get_boot_ns();
-	if (agent && proxy) {
-		if (!reuse_alive(0, now))
-			agent = 0;
-		else if (!reuse_alive(1, now))
-			proxy = 0;
-	}
-	struct df_reuse_conf *conf = bpf_map_lookup_elem(&df_reuse_conf, &zero);
-	if (conf && conf->mode == DF_REUSE_PREFER_AGENT && agent)
-		proxy = 0;
-	__u64 mask = agent | proxy << DF_REUSE_OWNER_SLOTS;
 	__u32 n = __builtin_popcountll(mask);
 	if (!n)
-		return SK_PASS;
+		return 0;
 	__u32 skip = md->hash % n;
-	/* The hash's pick first; if its socket is gone (a crashed process leaves its slots
-	 * active, the kernel empties their sockets), the next active ones. */
 	for (__u32 i = 0; i < DF_REUSE_GROUP_SLOTS; i++) {
 		if (!((mask >> i) & 1))
 			continue;
@@ -767,7 +749,36 @@ int df_reuseport(struct sk_reuseport_md *md)
 		}
 		__u32 slot = group * DF_REUSE_GROUP_SLOTS + i;
 		if (bpf_sk_select_reuseport(md, &df_reuse_socks, &slot, 0) == 0)
-			return SK_PASS;
+			return 1;
 	}
+	return 0;
+}
+
+SEC("sk_reuseport/migrate")
+int df_reuseport(struct sk_reuseport_md *md)
+{
+	struct bpf_sock *sk = md->sk;
+	__u32 group = (sk->protocol == IPPROTO_TCP ? 2 : 0) + (sk->family == AF_INET6 ? 1 : 0);
+	__u32 zero = 0;
+	__u64 agent = reuse_active(group, 0);
+	__u64 proxy = reuse_active(group, 1);
+	/* A silent owner (crashed: its sockets linger while the kernel tears it down; or hung)
+	 * gets nothing new while the other has active sockets. */
+	__u64 now = bpf_ktime_get_boot_ns();
+	if (agent && proxy) {
+		if (!reuse_alive(0, now))
+			agent = 0;
+		else if (!reuse_alive(1, now))
+			proxy = 0;
+	}
+	struct df_reuse_conf *conf = bpf_map_lookup_elem(&df_reuse_conf, &zero);
+	if (conf && conf->mode == DF_REUSE_PREFER_AGENT && agent) {
+		/* The agent's sockets; if none of them can be selected (all gone), the proxy's. */
+		if (reuse_select(md, group, agent))
+			return SK_PASS;
+		reuse_select(md, group, proxy << DF_REUSE_OWNER_SLOTS);
+		return SK_PASS;
+	}
+	reuse_select(md, group, agent | proxy << DF_REUSE_OWNER_SLOTS);
 	return SK_PASS;
 }

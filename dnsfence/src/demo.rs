@@ -101,8 +101,13 @@ fn is_root() -> bool {
         .unwrap_or(false)
 }
 
-/// eBPF mode's own cgroup v2 mount, pin directory and blackhole route, removed on drop.
+/// eBPF mode's own cgroup v2 mount (with the `--cgroup-root` a subdirectory of it: a cgroup
+/// v2 mount is a view of the one system-wide hierarchy, so its root is the host's), pin
+/// directory and blackhole route, removed on drop.
 struct BpfSetup {
+    /// Where the hierarchy is mounted; its `cgroup.procs` is the hierarchy's root.
+    mount: std::path::PathBuf,
+    /// The agent's `--cgroup-root`: a cgroup of the demo's own.
     cgroup_root: std::path::PathBuf,
     pin: std::path::PathBuf,
     exe: std::path::PathBuf,
@@ -112,20 +117,20 @@ struct BpfSetup {
 impl BpfSetup {
     fn new(exe: &Path) -> Result<BpfSetup> {
         let id = std::process::id();
-        let cgroup_root = std::path::PathBuf::from(format!("/run/dnsfence-demo-{id}/cgroup"));
-        std::fs::create_dir_all(&cgroup_root)?;
+        let mount = std::path::PathBuf::from(format!("/run/dnsfence-demo-{id}/cgroup"));
+        std::fs::create_dir_all(&mount)?;
         let mounted = Command::new("mount")
             .args(["-t", "cgroup2", "none"])
-            .arg(&cgroup_root)
+            .arg(&mount)
             .status()
             .is_ok_and(|s| s.success());
         if !mounted {
-            let _ = std::fs::remove_dir_all(cgroup_root.parent().unwrap_or(&cgroup_root));
-            bail!(
-                "cannot mount a cgroup v2 hierarchy at {}",
-                cgroup_root.display()
-            );
+            let _ = std::fs::remove_dir_all(mount.parent().unwrap_or(&mount));
+            bail!("cannot mount a cgroup v2 hierarchy at {}", mount.display());
         }
+        // The programs attach here, never at the hierarchy's (the host's) root.
+        let cgroup_root = mount.join(format!("dnsfence-demo-{id}"));
+        std::fs::create_dir_all(&cgroup_root)?;
         let pin = std::path::PathBuf::from(format!("/sys/fs/bpf/dnsfence-demo-{id}"));
         let host = DEMO_SERVER.split(':').next().unwrap_or("192.0.2.53");
         let exists = Command::new("ip")
@@ -134,6 +139,7 @@ impl BpfSetup {
             .map(|o| !o.stdout.is_empty())
             .unwrap_or(false);
         let mut setup = BpfSetup {
+            mount,
             cgroup_root,
             pin,
             exe: exe.to_path_buf(),
@@ -159,14 +165,28 @@ impl BpfSetup {
 }
 
 impl Drop for BpfSetup {
+    /// Called once the agent and the proxy have exited (an agent still draining holds the
+    /// pin directory's lock, and the uninstall would fail).
     fn drop(&mut self) {
-        let _ = Command::new(&self.exe)
+        let out = Command::new(&self.exe)
             .args(["agent", "--uninstall", "--bpf-pin"])
             .arg(&self.pin)
             .output();
+        match out {
+            Ok(out) if out.status.success() => {}
+            Ok(out) => eprintln!(
+                "demo: warning: uninstalling {} failed: {} (run `dnsfence agent --uninstall \
+                 --bpf-pin {}`)",
+                self.pin.display(),
+                String::from_utf8_lossy(&out.stderr).trim(),
+                self.pin.display()
+            ),
+            Err(e) => eprintln!("demo: warning: cannot run the uninstall: {e}"),
+        }
         let _ = std::fs::remove_dir(self.workload());
-        let _ = Command::new("umount").arg(&self.cgroup_root).status();
-        if let Some(dir) = self.cgroup_root.parent() {
+        let _ = std::fs::remove_dir(&self.cgroup_root);
+        let _ = Command::new("umount").arg(&self.mount).status();
+        if let Some(dir) = self.mount.parent() {
             let _ = std::fs::remove_dir_all(dir);
         }
         if self.route_added {
@@ -487,7 +507,7 @@ fn run_in(args: &DemoArgs, exe: &Path, loadgen: &Path, dir: &Path) -> Result<boo
         if let Some(setup) = &bpf {
             // Restarts run from the load generator, inside the workload's cgroup: the agent
             // and the proxy move to the hierarchy's root first (they are not the workload).
-            let procs = setup.cgroup_root.join("cgroup.procs");
+            let procs = setup.mount.join("cgroup.procs");
             // (The shell moves itself, then runs the command, whose background process
             // inherits its cgroup.)
             command = format!(
@@ -610,6 +630,11 @@ fn run_in(args: &DemoArgs, exe: &Path, loadgen: &Path, dir: &Path) -> Result<boo
             .and_then(|s| s.trim().parse::<u32>().ok())
         {
             terminate(pid);
+            // Drained and gone before the uninstall (its pin lock goes with it).
+            let deadline = Instant::now() + Duration::from_secs(15);
+            while Path::new(&format!("/proc/{pid}")).exists() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
         }
     }
     drop(upstream_guard);

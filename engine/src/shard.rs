@@ -285,7 +285,10 @@ fn run(mut config: ShardConfig, opened: std::sync::mpsc::SyncSender<Result<(), I
                     core.handle_upstream(now, socket, from, data)
                 }
                 Event::TcpClientMessage { conn, peer, data } => {
-                    from_client = true;
+                    // Not counted against the drain's quiet: a client that keeps a
+                    // connection busy would hold the drain to its deadline (review finding);
+                    // its queries in flight are answered, then the connection closes with
+                    // the process, and the client reconnects to a serving one.
                     refresh(&mut core, &config, &mut generation);
                     let origin = origins
                         .as_mut()

@@ -311,7 +311,8 @@ pub fn http_get(addr: SocketAddr, path: &str) -> Result<String, String> {
     }
 }
 
-fn http_get_once(addr: SocketAddr, path: &str) -> Result<String, String> {
+/// One `GET` (no retry): the body of a 200 answer.
+pub fn http_get_once(addr: SocketAddr, path: &str) -> Result<String, String> {
     let mut s =
         TcpStream::connect_timeout(&addr, Duration::from_secs(2)).map_err(|e| e.to_string())?;
     s.set_read_timeout(Some(Duration::from_secs(3)))

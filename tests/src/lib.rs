@@ -618,6 +618,11 @@ impl Agent {
             }
             None => {}
         }
+        // Each agent its own sync socket: the default path is node-wide, and agents of tests
+        // running at once would otherwise find one another there.
+        if !config.extra.iter().any(|a| a == "--agent-socket") {
+            cmd.arg("--agent-socket").arg(dir.path().join("agent.sock"));
+        }
         cmd.args(&config.extra);
         let name = if config.proxy {
             "dnsfence-proxy"
@@ -637,16 +642,21 @@ impl Agent {
     }
 
     /// Starts an agent and waits until it answers a DNS query (a denied probe name, which
-    /// never reaches the upstream).
+    /// never reaches the upstream) and its own metrics listener answers. The DNS answer alone
+    /// is not enough: on a port shared with another process (SO_REUSEPORT) that one may answer
+    /// while this one is still starting; the metrics thread starts once its shards serve.
     pub fn start(config: &AgentConfig) -> Agent {
         let mut agent = Agent::spawn(config);
-        let addr = agent.addr;
+        let (addr, metrics) = (agent.addr, agent.metrics);
         let mut answered = 0;
+        let mut dns_ok = false;
         agent.process.wait_ready(Duration::from_secs(15), || {
-            let q = dns::query(0x5eed, "ready.probe.invalid", dns::TYPE_A, None);
-            let ok = dns::udp_exchange(addr, &q, Duration::from_millis(200)).is_some();
-            answered += u64::from(ok);
-            ok
+            if !dns_ok {
+                let q = dns::query(0x5eed, "ready.probe.invalid", dns::TYPE_A, None);
+                dns_ok = dns::udp_exchange(addr, &q, Duration::from_millis(200)).is_some();
+                answered += u64::from(dns_ok);
+            }
+            dns_ok && dns::http_get_once(metrics, "/metrics").is_ok()
         });
         agent.probes_answered = answered;
         agent

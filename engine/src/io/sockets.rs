@@ -140,21 +140,20 @@ pub fn bind_listen(
     Err(last.unwrap_or(IoError::ListenAddrInUse { addr, proto: "tcp" }))
 }
 
-/// `connect()`s a bound UDP listen socket to its own address (loopback when bound to the
-/// unspecified address), so that the kernel's `SO_REUSEPORT` selection no longer picks it for
-/// datagrams of other sources; its queue stays readable and it can still send to any peer.
+/// `connect()`s a bound UDP listen socket to its own address, so that the kernel's
+/// `SO_REUSEPORT` selection no longer picks it for datagrams of other sources; its queue
+/// stays readable and it can still send to any peer. A socket bound to the unspecified
+/// address is refused (connecting it would fix its source address to one local address, and
+/// answers to others would fail; the agent and the proxy never bind one).
 pub fn retire_udp(socket: &UdpSocket) -> io::Result<()> {
     let local = socket.local_addr()?;
-    let target = match local {
-        SocketAddr::V4(a) if a.ip().is_unspecified() => {
-            SocketAddr::from((Ipv4Addr::LOCALHOST, a.port()))
-        }
-        SocketAddr::V6(a) if a.ip().is_unspecified() => {
-            SocketAddr::from((Ipv6Addr::LOCALHOST, a.port()))
-        }
-        other => other,
-    };
-    socket.connect(target)
+    if local.ip().is_unspecified() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "a wildcard listen socket cannot be retired",
+        ));
+    }
+    socket.connect(local)
 }
 
 /// A UDP socket bound to a kernel-chosen ephemeral port and `connect()`ed to `upstream`:
