@@ -7,6 +7,9 @@
 //! - `lookup/rules/N`: `lookup_into` a reused `RuleSet` (every matching rule id).
 //! - `build/N`: `MatcherBuilder::build` from parsed patterns; `parse_build/N` from text.
 //! - `reference/{trie,alternation,regex_set}/N`: the trie against the Cilium-style regexes.
+//! - `cold/wire/N`: `Name::from_wire` then `is_match` over 1M distinct names (drawn from the
+//!   100k-pattern set, the same names for every N), each visited once per pass: a working set
+//!   far larger than the caches, so lookups pay for the trie's cache misses.
 //!
 //! Each lookup iteration is one name (cycling through 4,096 generated names, about half hits),
 //! so the reported time is the time per name. Setup prints each set's footprint to stderr.
@@ -140,5 +143,39 @@ fn reference(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, lookup, compile, reference);
+/// Distinct names of the cold group (a power of two).
+const COLD_NAMES: usize = 1 << 20;
+
+fn cold(c: &mut Criterion) {
+    let mut group = c.benchmark_group("cold");
+    group
+        .sample_size(20)
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(3));
+    // The same 1M names for every pattern count: those the 100k set generates (as the
+    // `dnsfence match` comparison in bench/RESULTS.md uses them).
+    let wire = queries(&patterns(100_000, SEED), COLD_NAMES, SEED + 2).wire;
+    for n in [10, 10_000, 100_000, 1_000_000] {
+        let m = build(&patterns(n, SEED));
+        let hits = wire
+            .iter()
+            .filter(|w| Name::from_wire(w).is_ok_and(|name| m.is_match(&name)))
+            .count();
+        eprintln!(
+            "cold: {n} patterns, {} heap bytes, hit rate {:.2} over {COLD_NAMES} names",
+            m.heap_bytes(),
+            hits as f64 / COLD_NAMES as f64
+        );
+        group.bench_function(BenchmarkId::new("wire", n), |b| {
+            let mut i = 0;
+            b.iter(|| {
+                i = (i + 1) & (COLD_NAMES - 1);
+                Name::from_wire(black_box(&wire[i])).is_ok_and(|name| m.is_match(&name))
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, lookup, compile, reference, cold);
 criterion_main!(benches);
