@@ -204,11 +204,35 @@ impl Name {
     ///
     /// # Panics
     /// If `i >= self.label_count()`.
+    #[inline]
     pub fn label(&self, i: usize) -> &[u8] {
         assert!(i < self.label_count(), "label index out of range");
         let start = usize::from(self.starts[i]);
         let len = usize::from(self.wire[start]);
         &self.wire[start + 1..start + 1 + len]
+    }
+
+    /// Label `i` (as [`Name::label`]) and its length byte and first 7 bytes as a
+    /// little-endian word, the bytes past the label zero (the trie keeps the same word per exact
+    /// edge: one compare decides a label of up to 7 bytes).
+    #[inline]
+    pub(crate) fn label_and_head(&self, i: usize) -> (&[u8], u64) {
+        let start = usize::from(self.starts[i]);
+        let len = usize::from(self.wire[start]);
+        let word = match self.wire[start..].first_chunk::<8>() {
+            Some(&bytes) => bytes,
+            None => {
+                // Near the end of the buffer: the label ends within these bytes.
+                let mut word = [0u8; 8];
+                let end = start + 1 + len;
+                word[..end - start].copy_from_slice(&self.wire[start..end]);
+                word
+            }
+        };
+        // Keep the length byte and at most 7 label bytes.
+        let keep = (len + 1).min(8);
+        let head = u64::from_le_bytes(word) & (u64::MAX >> (64 - 8 * keep));
+        (&self.wire[start + 1..start + 1 + len], head)
     }
 
     /// The lowercased wire form, root label included.

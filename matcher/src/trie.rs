@@ -7,10 +7,14 @@
 //! - an *any* child: the next label is a whole-label `*`,
 //! - *glob* children: the next label is a glob such as `api-*`.
 //!
-//! Exact children live in one open-addressing table keyed by (parent, label), so a lookup step
-//! costs one hash and one or two probes whatever the number of patterns. The trie is a tree: a
-//! node is reached by one path only, so a lookup visits each node at most once even when globs
-//! open several paths.
+//! Exact children live in one hash table keyed by (parent, label), made of 64-byte groups (one
+//! cache line each): 12 one-byte tags, 12 child ids and a count of the edges stored past the
+//! group. A lookup step hashes the label, compares its tag with the 12 tags of one group and,
+//! on a tag match, checks the candidate child node, which holds its own parent and label (the
+//! first 7 label bytes inline): about one cache line for a miss and two (the group, then the
+//! child node the walk reads next anyway) for a hit, whatever the number of patterns. The trie
+//! is a tree: a node is reached by one path only, so a lookup visits each node at most once even
+//! when globs open several paths.
 
 use std::collections::HashMap;
 use std::ops::ControlFlow;
@@ -25,7 +29,9 @@ pub struct RuleId(pub u32);
 
 const NONE: u32 = u32::MAX;
 
+/// A trie node: 32 bytes, aligned so that one never straddles two cache lines.
 #[derive(Debug, Clone, Copy)]
+#[repr(align(32))]
 struct Node {
     /// Rule set of patterns ending here, or `NONE`.
     terminal: u32,
@@ -33,14 +39,16 @@ struct Node {
     subtree: u32,
     /// Child through a whole-label `*`, or `NONE`.
     any: u32,
-    /// Range of this node's glob edges in `Matcher::globs`: first the `globs_star` globs that
-    /// start with `*`, then the others sorted by their first byte.
-    globs_start: u32,
-    globs_len: u32,
-    globs_star: u32,
-    /// Then `globs_suffix` globs that start with `*` but end with a literal byte, sorted by
-    /// their last byte; the rest start with a literal byte, sorted by it.
-    globs_suffix: u32,
+    /// This node's glob edges (index into `Matcher::glob_ranges`), or `NONE`: most nodes have
+    /// none, so their ranges live apart.
+    globs: u32,
+    /// For a child through an exact edge: its parent (`NONE` otherwise), ...
+    parent: u32,
+    /// ... the label's bytes in `Matcher::bytes` ...
+    label_off: u32,
+    /// ... and [`label_head`] of the label: its length byte and first 7 bytes, so a label of
+    /// up to 7 bytes is compared without reading `bytes`.
+    head: u64,
 }
 
 impl Node {
@@ -48,11 +56,27 @@ impl Node {
         terminal: NONE,
         subtree: NONE,
         any: NONE,
-        globs_start: 0,
-        globs_len: 0,
-        globs_star: 0,
-        globs_suffix: 0,
+        globs: NONE,
+        parent: NONE,
+        label_off: 0,
+        head: 0,
     };
+}
+
+// A node is half a cache line and a group a whole one; a change of layout should be deliberate.
+const _: () = assert!(std::mem::size_of::<Node>() == 32);
+const _: () = assert!(std::mem::size_of::<Group>() == 64);
+
+/// The glob edges of one node in `Matcher::globs`.
+#[derive(Debug, Clone, Copy)]
+struct GlobRange {
+    /// First the `star` globs with a star at both ends, ...
+    start: u32,
+    len: u32,
+    star: u32,
+    /// ... then `suffix` globs that start with `*` but end with a literal byte, sorted by
+    /// their last byte; the rest start with a literal byte, sorted by it.
+    suffix: u32,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -63,22 +87,54 @@ struct GlobEdge {
     child: u32,
 }
 
-/// A slot of the exact-edge table. `child == NONE` marks an empty slot.
+/// Edges per group of the exact-edge table.
+const GROUP: usize = 12;
+
+/// Average edges per group the table is sized for (load factor 2/3): few groups overflow.
+const GROUP_LOAD: usize = 8;
+
+/// One cache line of the exact-edge table: up to 12 edges, each as a one-byte tag from its
+/// hash (0: free) and its child node, which holds the parent and label to compare.
 #[derive(Debug, Clone, Copy)]
-struct Slot {
-    parent: u32,
-    child: u32,
-    /// Label bytes in `Matcher::bytes` (labels are stored once however many edges use them).
-    label_off: u32,
-    label_len: u8,
+#[repr(C, align(64))]
+struct Group {
+    /// Little-endian: bytes 0..12 the tags, bytes 12..16 the number of edges stored past this
+    /// group whose probe went through it (a lookup that finds no match here stops when it is 0).
+    header: u128,
+    children: [u32; GROUP],
 }
 
-const EMPTY_SLOT: Slot = Slot {
-    parent: 0,
-    child: NONE,
-    label_off: 0,
-    label_len: 0,
+impl Group {
+    fn tag(&self, j: usize) -> u8 {
+        (self.header >> (8 * j)) as u8
+    }
+
+    fn passed(&self) -> u32 {
+        (self.header >> 96) as u32
+    }
+}
+
+const EMPTY_GROUP: Group = Group {
+    header: 0,
+    children: [NONE; GROUP],
 };
+
+/// The tag of an edge hash: never 0 (which marks a free entry), from other bits than the
+/// group index.
+#[inline]
+fn tag(hash: u64) -> u8 {
+    ((hash >> 24) as u8).max(1)
+}
+
+/// A label's length and first 7 bytes as one word (little-endian: the length in the low byte),
+/// the rest zero. [`Name::label_and_head`] computes the same word from the name's wire form.
+fn label_head(label: &[u8]) -> u64 {
+    let mut word = [0u8; 8];
+    word[0] = label.len().min(255) as u8;
+    let n = label.len().min(7);
+    word[1..1 + n].copy_from_slice(&label[..n]);
+    u64::from_le_bytes(word)
+}
 
 /// Collects patterns with their rule ids, then compiles them into a [`Matcher`].
 #[derive(Debug, Default, Clone)]
@@ -211,6 +267,10 @@ impl Compiler {
                     return child;
                 }
                 let child = self.new_node();
+                let node = &mut self.nodes[child as usize];
+                node.parent = parent;
+                node.label_off = key.1;
+                node.head = label_head(bytes);
                 self.exact.insert(key, child);
                 child
             }
@@ -291,12 +351,15 @@ impl Compiler {
         self.globs
             .sort_by_key(|&(node, off, len, _)| (node, class(off, len)));
         let mut glob_edges = Vec::with_capacity(self.globs.len());
+        let mut glob_ranges = Vec::new();
         for group in self.globs.chunk_by(|a, b| a.0 == b.0) {
-            let n = &mut self.nodes[group[0].0 as usize];
-            n.globs_start = glob_edges.len() as u32;
-            n.globs_len = group.len() as u32;
-            n.globs_star = group.iter().filter(|g| class(g.1, g.2).0 == 0).count() as u32;
-            n.globs_suffix = group.iter().filter(|g| class(g.1, g.2).0 == 1).count() as u32;
+            self.nodes[group[0].0 as usize].globs = glob_ranges.len() as u32;
+            glob_ranges.push(GlobRange {
+                start: glob_edges.len() as u32,
+                len: group.len() as u32,
+                star: group.iter().filter(|g| class(g.1, g.2).0 == 0).count() as u32,
+                suffix: group.iter().filter(|g| class(g.1, g.2).0 == 1).count() as u32,
+            });
             glob_edges.extend(group.iter().map(|&(_, off, len, child)| GlobEdge {
                 off,
                 len,
@@ -304,10 +367,11 @@ impl Compiler {
             }));
         }
 
-        // Exact edges: open addressing, linear probing, load factor at most 3/4. The slot count
-        // need not be a power of two: the index comes from a multiply-shift of the hash.
-        let capacity = (self.exact.len() * 4 / 3 + 1).max(1);
-        let mut slots = vec![EMPTY_SLOT; capacity];
+        // Exact edges: groups of 12, probed group after group from the hash's home group,
+        // sized for 8 edges a group. The group count need not be a power of two: the index
+        // comes from a multiply-shift of the hash.
+        let group_count = self.exact.len().div_ceil(GROUP_LOAD).max(1);
+        let mut groups = vec![EMPTY_GROUP; group_count];
         let mut exact: Vec<_> = self
             .exact
             .iter()
@@ -316,22 +380,26 @@ impl Compiler {
         exact.sort_unstable();
         for (parent, off, len, child) in exact {
             let label = &self.bytes[off as usize..off as usize + usize::from(len)];
-            let mut i = slot_index(edge_hash(parent, label), capacity);
-            while slots[i].child != NONE {
-                i = if i + 1 == capacity { 0 } else { i + 1 };
+            let hash = edge_hash(parent, label_head(label), label);
+            let mut g = slot_index(hash, group_count);
+            loop {
+                let group = &mut groups[g];
+                if let Some(j) = (0..GROUP).find(|&j| group.tag(j) == 0) {
+                    group.header |= u128::from(tag(hash)) << (8 * j);
+                    group.children[j] = child;
+                    break;
+                }
+                assert!(group.passed() < u32::MAX, "exact-edge table overflow");
+                group.header += 1 << 96;
+                g = if g + 1 == group_count { 0 } else { g + 1 };
             }
-            slots[i] = Slot {
-                parent,
-                child,
-                label_off: off,
-                label_len: len,
-            };
         }
 
         Matcher {
             nodes: self.nodes.into_boxed_slice(),
-            slots: slots.into_boxed_slice(),
+            groups: groups.into_boxed_slice(),
             globs: glob_edges.into_boxed_slice(),
+            glob_ranges: glob_ranges.into_boxed_slice(),
             bytes: self.bytes.into_boxed_slice(),
             set_ranges: sets.ranges.into_boxed_slice(),
             set_rules: sets.rules.into_boxed_slice(),
@@ -369,25 +437,45 @@ impl RuleSets {
     }
 }
 
-/// FxHash-style mixing of the parent node and the label bytes.
+/// FxHash-style mixing of the parent node and the label: its [`label_head`] `head` (length and
+/// first 7 bytes), then the bytes after the 7th, 8 at a time.
 #[inline]
-fn edge_hash(parent: u32, label: &[u8]) -> u64 {
-    const K: u64 = 0xf135_7aea_2e62_a9c5;
-    let mut h = (u64::from(parent) << 8 | label.len() as u64).wrapping_mul(K);
-    let mut chunks = label.chunks_exact(8);
+fn edge_hash(parent: u32, head: u64, label: &[u8]) -> u64 {
+    let mut h = (u64::from(parent).wrapping_mul(HASH_K) ^ head)
+        .wrapping_mul(HASH_K)
+        .rotate_left(26);
+    if label.len() > 7 {
+        h = hash_tail(h, &label[7..]);
+    }
+    h.wrapping_mul(HASH_K)
+}
+
+const HASH_K: u64 = 0xf135_7aea_2e62_a9c5;
+
+/// [`edge_hash`] of the bytes after a label's 7th.
+#[inline]
+fn hash_tail(mut h: u64, tail: &[u8]) -> u64 {
+    let mut chunks = tail.chunks_exact(8);
     for chunk in &mut chunks {
         let word = u64::from_le_bytes(chunk.try_into().expect("8-byte chunk"));
-        h = (h ^ word).wrapping_mul(K).rotate_left(26);
+        h = (h ^ word).wrapping_mul(HASH_K).rotate_left(26);
     }
-    let rest = chunks.remainder();
-    if !rest.is_empty() {
-        let mut buf = [0u8; 8];
-        buf[..rest.len()].copy_from_slice(rest);
-        h = (h ^ u64::from_le_bytes(buf))
-            .wrapping_mul(K)
-            .rotate_left(26);
+    let mut word = 0u64;
+    for (k, &b) in chunks.remainder().iter().enumerate() {
+        word |= u64::from(b) << (8 * k);
     }
-    h.wrapping_mul(K)
+    (h ^ word).wrapping_mul(HASH_K).rotate_left(26)
+}
+
+/// Bytes 0..12 set: the tag bytes of a group's header.
+const TAG_BYTES: u128 = (1 << 96) - 1;
+const LOW7: u128 = 0x7f7f_7f7f_7f7f_7f7f_7f7f_7f7f_7f7f_7f7f;
+
+/// The high bit of each tag byte of `header` equal to `tag` (exact: no false positives).
+#[inline]
+fn tag_hits(header: u128, tag: u8) -> u128 {
+    let x = header ^ (u128::from(tag) * (TAG_BYTES / 0xff));
+    !(((x & LOW7).wrapping_add(LOW7)) | x | LOW7) & TAG_BYTES
 }
 
 #[inline]
@@ -399,8 +487,9 @@ fn slot_index(hash: u64, capacity: usize) -> usize {
 #[derive(Debug, Clone)]
 pub struct Matcher {
     nodes: Box<[Node]>,
-    slots: Box<[Slot]>,
+    groups: Box<[Group]>,
     globs: Box<[GlobEdge]>,
+    glob_ranges: Box<[GlobRange]>,
     bytes: Box<[u8]>,
     set_ranges: Box<[(u32, u32)]>,
     set_rules: Box<[RuleId]>,
@@ -480,8 +569,9 @@ impl Matcher {
     pub fn heap_bytes(&self) -> usize {
         use std::mem::size_of_val;
         size_of_val(&*self.nodes)
-            + size_of_val(&*self.slots)
+            + size_of_val(&*self.groups)
             + size_of_val(&*self.globs)
+            + size_of_val(&*self.glob_ranges)
             + size_of_val(&*self.bytes)
             + size_of_val(&*self.set_ranges)
             + size_of_val(&*self.set_rules)
@@ -521,21 +611,22 @@ impl Matcher {
         if n.subtree != NONE {
             f(n.subtree)?;
         }
-        let label = name.label(remaining - 1);
-        if let Some(child) = self.exact_child(node, label) {
+        let (label, head) = name.label_and_head(remaining - 1);
+        if let Some(child) = self.exact_child(node, label, head) {
             self.walk_from(name, child, remaining - 1, f)?;
         }
         if n.any != NONE {
             self.walk_from(name, n.any, remaining - 1, f)?;
         }
-        if n.globs_len == 0 {
+        if n.globs == NONE {
             // Most nodes have no glob edges.
             return ControlFlow::Continue(());
         }
-        let start = n.globs_start as usize;
-        let globs = &self.globs[start..start + n.globs_len as usize];
-        let (starred, rest) = globs.split_at(n.globs_star as usize);
-        let (by_last, by_first) = rest.split_at(n.globs_suffix as usize);
+        let r = &self.glob_ranges[n.globs as usize];
+        let start = r.start as usize;
+        let globs = &self.globs[start..start + r.len as usize];
+        let (starred, rest) = globs.split_at(r.star as usize);
+        let (by_last, by_first) = rest.split_at(r.suffix as usize);
         // Names have no empty labels, so `label` has a first and a last byte.
         let bytes = &self.bytes[..];
         let candidates = starred
@@ -551,22 +642,37 @@ impl Matcher {
         ControlFlow::Continue(())
     }
 
+    /// Whether the bytes after the 7th of `n`'s label (whose head matched) are `label`'s.
     #[inline]
-    fn exact_child(&self, parent: u32, label: &[u8]) -> Option<u32> {
-        let capacity = self.slots.len();
-        let mut i = slot_index(edge_hash(parent, label), capacity);
+    fn tail_eq(&self, n: &Node, label: &[u8]) -> bool {
+        self.bytes[n.label_off as usize + 7..][..label.len() - 7] == label[7..]
+    }
+
+    /// The child of `parent` through the exact label `label`, whose [`label_head`] is `head`.
+    #[inline]
+    fn exact_child(&self, parent: u32, label: &[u8], head: u64) -> Option<u32> {
+        let hash = edge_hash(parent, head, label);
+        let tag = tag(hash);
+        let count = self.groups.len();
+        let mut g = slot_index(hash, count);
         loop {
-            let slot = &self.slots[i];
-            if slot.child == NONE {
+            let group = &self.groups[g];
+            let mut hits = tag_hits(group.header, tag);
+            while hits != 0 {
+                let child = group.children[(hits.trailing_zeros() / 8) as usize];
+                let n = &self.nodes[child as usize];
+                if n.parent == parent
+                    && n.head == head
+                    && (label.len() <= 7 || self.tail_eq(n, label))
+                {
+                    return Some(child);
+                }
+                hits &= hits - 1;
+            }
+            if group.passed() == 0 {
                 return None;
             }
-            if slot.parent == parent
-                && usize::from(slot.label_len) == label.len()
-                && &self.bytes[slot.label_off as usize..][..label.len()] == label
-            {
-                return Some(slot.child);
-            }
-            i = if i + 1 == capacity { 0 } else { i + 1 };
+            g = if g + 1 == count { 0 } else { g + 1 };
         }
     }
 }
@@ -652,5 +758,83 @@ impl RuleSet {
     /// Whether the set is empty.
     pub fn is_empty(&self) -> bool {
         self.ids.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn name_label_head_is_the_trie_label_head() {
+        // Short and long labels, and labels at the end of a 255-byte name, where the name's
+        // 8-byte window would run past its buffer.
+        let long = format!(
+            "{}.{}.{}.{}.a.bc",
+            "a".repeat(63),
+            "b".repeat(63),
+            "c".repeat(63),
+            "d".repeat(56)
+        );
+        for text in [
+            "a",
+            "ab.cdefghi.jklmnop.q",
+            "Mixed-Case_1.example.com",
+            long.as_str(),
+        ] {
+            let name = Name::from_text(text).unwrap();
+            for i in 0..name.label_count() {
+                let (label, head) = name.label_and_head(i);
+                assert_eq!(label, name.label(i));
+                assert_eq!(head, label_head(label), "{text} label {i}");
+            }
+        }
+        assert_eq!(Name::from_text(&long).unwrap().wire().len(), 255);
+    }
+
+    #[test]
+    fn tag_hits_are_exact() {
+        let mut header = u128::from(7u32) << 96; // passed = 7: never taken for a tag
+        for (j, t) in [0u8, 1, 0x80, 0xff, 0x7f, 1, 2, 0, 0x81, 1, 0xfe, 1]
+            .into_iter()
+            .enumerate()
+        {
+            header |= u128::from(t) << (8 * j);
+        }
+        let group = Group {
+            header,
+            children: [NONE; GROUP],
+        };
+        for tag in 0..=255u8 {
+            let mut hits = tag_hits(header, tag);
+            for j in 0..GROUP {
+                assert_eq!(hits & 0x80 != 0, group.tag(j) == tag, "tag {tag} byte {j}");
+                hits >>= 8;
+            }
+            assert_eq!(hits, 0);
+        }
+    }
+
+    #[test]
+    fn groups_overflow_and_are_found() {
+        // Many children of one parent and of many parents: some groups overflow into the next
+        // ones, and every edge is still found; absent labels are not.
+        let mut b = MatcherBuilder::new();
+        for i in 0..5000 {
+            b.add(
+                Pattern::parse(&format!("h{i}.d{}.com", i % 7)).unwrap(),
+                RuleId(i),
+            );
+        }
+        let m = b.build();
+        assert!(
+            m.groups.iter().any(|g| g.passed() > 0),
+            "no group overflowed"
+        );
+        for i in 0..5000 {
+            assert!(m.is_match_text(&format!("h{i}.d{}.com", i % 7)));
+            assert!(!m.is_match_text(&format!("h{i}.d{}.com", (i + 1) % 7)));
+            assert!(!m.is_match_text(&format!("h{}.d{}.com", i + 5000, i % 7)));
+        }
     }
 }
