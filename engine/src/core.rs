@@ -18,7 +18,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use dnsfence_matcher::{MAX_WIRE_LEN, Name, RuleSet};
+use dnsfence_matcher::{MAX_WIRE_LEN, Name, RuleId, RuleSet};
 use dnsfence_policy::{DnsVerdict, EndpointId, EndpointKey, Proto, Snapshot};
 
 use crate::allow::{AllowBatch, AllowKey, AllowSink, PortSpec};
@@ -427,6 +427,11 @@ const MAX_EXPIRED_PER_CALL: usize = 512;
 /// Most records buffered between two drains by the shard.
 const RECORD_BUFFER: usize = 4096;
 
+/// toFQDNs rule ids a pending query keeps (as many as an `IpUpdate` carries).
+const FQDN_KEPT: usize = 8;
+/// `Pending::fqdn_len` when more rules matched than are kept.
+const FQDN_MORE: u8 = u8::MAX;
+
 #[derive(Clone)]
 struct Pending {
     client: Client,
@@ -441,6 +446,12 @@ struct Pending {
     key: Option<EndpointKey>,
     /// Whether answers must go through the allow table (a known, restricted endpoint).
     enforce: bool,
+    /// The toFQDNs rules (`RuleId`s of the query's snapshot) whose selectors match the
+    /// queried name, found by the query's one walk of its name (`Snapshot::judge`): the
+    /// answer path needs no second walk. `fqdn_len` of them, or `FQDN_MORE` when there were
+    /// more than `FQDN_KEPT` (the answer path then walks the name again).
+    fqdn: [u32; FQDN_KEPT],
+    fqdn_len: u8,
     /// Generation of the snapshot the query was judged by (see `Core::in_use`).
     generation: u64,
     upstream: Destination,
@@ -626,6 +637,8 @@ impl Core {
             endpoint: None,
             key: None,
             enforce: false,
+            fqdn: [0; FQDN_KEPT],
+            fqdn_len: 0,
             generation: 0,
             upstream: Destination::UpstreamTcp { server: 0 },
             upstream_id: 0,
@@ -805,10 +818,15 @@ impl Core {
                 // endpoint is unrestricted.
                 Err(_) if self.snapshot.is_restricted(ep) => DnsVerdict::Deny,
                 Err(_) => DnsVerdict::Unrestricted,
-                Ok(name) => {
-                    self.snapshot
-                        .dns_verdict(ep, self.policy_server(server), client.proto(), name)
-                }
+                // One walk of the name: the verdict, and the toFQDNs rules the answer needs
+                // (kept in the pending slot by `forward`).
+                Ok(name) => self.snapshot.judge(
+                    ep,
+                    self.policy_server(server),
+                    client.proto(),
+                    name,
+                    &mut self.rules,
+                ),
             }),
         };
         match verdict {
@@ -1017,6 +1035,19 @@ impl Core {
         p.endpoint = endpoint.map(|(ep, _)| ep);
         p.key = endpoint.map(|(_, key)| key);
         p.enforce = enforce;
+        // `enforce` means an Allow verdict, which only `Snapshot::judge` gives: `rules`
+        // holds this query's toFQDNs rules.
+        let rules = self.rules.as_slice();
+        p.fqdn_len = match enforce {
+            false => 0,
+            true if rules.len() > FQDN_KEPT => FQDN_MORE,
+            true => {
+                for (dst, rule) in p.fqdn.iter_mut().zip(rules) {
+                    *dst = rule.0;
+                }
+                rules.len() as u8
+            }
+        };
         p.generation = self.generation;
         p.upstream = destination;
         p.upstream_id = upstream_id;
@@ -1408,6 +1439,10 @@ impl Core {
         let (Some(endpoint), Some(key)) = (p.endpoint, p.key) else {
             return false;
         };
+        if p.fqdn_len == 0 || addresses.ips().is_empty() {
+            // No toFQDNs rule selects the name (or nothing to allow): no entry to write.
+            return false;
+        }
         let snapshot = if p.generation == self.generation {
             &self.snapshot
         } else {
@@ -1416,14 +1451,21 @@ impl Core {
                 None => return false,
             }
         };
-        if addresses.ips().is_empty() {
-            return false;
-        }
         let Ok(name) = Name::from_wire(&p.question[..usize::from(p.name_len)]) else {
             return false;
         };
-        if !snapshot.fqdn_rules(endpoint, &name, &mut self.rules) {
-            return false;
+        match p.fqdn_len {
+            FQDN_MORE => {
+                if !snapshot.fqdn_rules(endpoint, &name, &mut self.rules) {
+                    return false;
+                }
+            }
+            n => {
+                self.rules.clear();
+                for &rule in &p.fqdn[..usize::from(n)] {
+                    self.rules.insert(RuleId(rule));
+                }
+            }
         }
         let ttl = addresses
             .min_ttl

@@ -1640,3 +1640,48 @@ mod addressed_servers {
         );
     }
 }
+
+/// Issue 12 item 2: the query's one walk keeps the toFQDNs rules its answer needs in the
+/// pending slot (up to 8; more are found again at answer time). With 3 and with 10 rules
+/// selecting the name, each on its own port, the answer opens every one of those ports.
+#[test]
+fn every_matching_tofqdns_rule_opens_its_port_however_many() {
+    for rules in [3u16, 10] {
+        let mut policy = POLICY.replace(
+            r#"  - toFQDNs: [{matchPattern: "*.allowed.test"}]
+    toPorts: [{ports: [{port: "443", protocol: TCP}]}]
+"#,
+            "",
+        );
+        for i in 0..rules {
+            policy.push_str(&format!(
+                "  - toFQDNs: [{{matchPattern: \"*.allowed.test\"}}]\n    toPorts: [{{ports: [{{port: \"{}\", protocol: TCP}}]}}]\n",
+                1000 + i
+            ));
+        }
+        assert_eq!(policy.matches("toFQDNs").count(), usize::from(rules));
+        let mut h = Harness::new(config());
+        h.core.set_snapshot(Arc::new(snapshot_of(&policy)));
+        let (socket, fwd) = h.forward(0, &query(0x77, "www.allowed.test", TYPE_A));
+        let id = u16::from_be_bytes([fwd[0], fwd[1]]);
+        let ans = answer(
+            id,
+            "www.allowed.test",
+            TYPE_A,
+            &[("www.allowed.test", TYPE_A, 300, &rdata_a("127.1.7.7"))],
+        );
+        let out = h.answer(1, socket, &ans);
+        assert_eq!(rcode(to_client(&out)), 0);
+        for port in 1000..1000 + rules {
+            assert!(
+                h.table
+                    .is_allowed(ep(), ip("127.1.7.7"), port, PortSpec::TCP, h.at(2)),
+                "{rules} rules: port {port} not opened"
+            );
+        }
+        assert!(
+            !h.table
+                .is_allowed(ep(), ip("127.1.7.7"), 443, PortSpec::TCP, h.at(2))
+        );
+    }
+}

@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 
-use dnsfence_matcher::{Matcher, MatcherBuilder, Name, RuleId, RuleSet};
+use dnsfence_matcher::{Matcher, MatcherBuilder, Name, Pattern, RuleId, RuleSet};
 
 use crate::cidr::{Cidr, CidrBlock, Entity, L3Entry, NodeFacts, compile_table};
 use crate::endpoints::{Endpoint, Endpoints, canonical_cgroup, canonical_ip};
@@ -105,8 +105,8 @@ impl Servers {
 enum Names {
     /// `dns: []` somewhere in the entry: every name.
     All,
-    /// One matcher for every pattern of the entry.
-    Matcher(Matcher),
+    /// Its patterns, in the group's matcher under the entry's index as tag.
+    Listed,
 }
 
 /// All DNS rules of a group that share their ports and their L3 part, compiled together.
@@ -121,8 +121,12 @@ struct DnsEntry {
 #[derive(Debug)]
 struct Group {
     dns: Box<[DnsEntry]>,
-    /// Every toFQDNs selector of the group, tagged with its rule's `RuleId`.
-    fqdn: Matcher,
+    /// Every name pattern of the group in one matcher, so that a query's name is walked
+    /// once: a DNS entry's patterns tagged with the entry's index `i` (`RuleId(i)`), a
+    /// toFQDNs selector with `dns.len() + k`, `fqdn_ids[k]` being its rule's `RuleId`.
+    names: Matcher,
+    /// The group's toFQDNs rules, by tag (see `names`).
+    fqdn_ids: Box<[RuleId]>,
     /// The distinct port entries of the group's toFQDNs rules, sorted (a rule without
     /// `toPorts` contributes every port over any protocol): the datapath's port specs.
     fqdn_ports: Box<[PortProto]>,
@@ -304,7 +308,30 @@ impl Snapshot {
         proto: Proto,
         name: &Name,
     ) -> DnsVerdict {
-        self.verdict(ep, Some(server.ip()), server.port(), proto, name)
+        self.verdict(ep, Some(server.ip()), server.port(), proto, name, None)
+    }
+
+    /// [`Snapshot::dns_verdict`] and, into `fqdn` (cleared first), the toFQDNs rules whose
+    /// selectors match `name` ([`Snapshot::fqdn_rules`]), in one walk of the name: the data
+    /// plane's query path, which keeps the rules for the answer. `fqdn` is filled whatever
+    /// the verdict (empty for an unrestricted or unknown endpoint); allocation-free when it
+    /// came from [`Snapshot::rule_set`].
+    pub fn judge(
+        &self,
+        ep: EndpointId,
+        server: SocketAddr,
+        proto: Proto,
+        name: &Name,
+        fqdn: &mut RuleSet,
+    ) -> DnsVerdict {
+        self.verdict(
+            ep,
+            Some(server.ip()),
+            server.port(),
+            proto,
+            name,
+            Some(fqdn),
+        )
     }
 
     /// Like [`Snapshot::dns_verdict`] with the L3 part (`toEndpoints`) of DNS rules not
@@ -317,7 +344,30 @@ impl Snapshot {
         proto: Proto,
         name: &Name,
     ) -> DnsVerdict {
-        self.verdict(ep, None, port, proto, name)
+        self.verdict(ep, None, port, proto, name, None)
+    }
+
+    /// Whether DNS entry `dns` covers a query to `server_ip:port` over `proto` (`owner`: the
+    /// endpoint owning the server address, looked up once and only when needed).
+    #[inline]
+    fn covers(
+        &self,
+        dns: &DnsEntry,
+        server_ip: Option<IpAddr>,
+        port: u16,
+        proto: Proto,
+        owner: &mut Option<Option<EndpointId>>,
+    ) -> bool {
+        if !dns.ports.iter().any(|p| p.covers(port, proto)) {
+            return false;
+        }
+        if let Some(ip) = server_ip
+            && let Servers::Named { .. } = dns.servers
+        {
+            let owner = *owner.get_or_insert_with(|| self.endpoint_by_ip(ip));
+            return dns.servers.contains(owner, ip);
+        }
+        true
     }
 
     fn verdict(
@@ -327,38 +377,57 @@ impl Snapshot {
         port: u16,
         proto: Proto,
         name: &Name,
+        mut fqdn: Option<&mut RuleSet>,
     ) -> DnsVerdict {
+        if let Some(out) = fqdn.as_deref_mut() {
+            out.clear();
+        }
         let Some(entry) = self.endpoints.get(ep.0 as usize) else {
             return DnsVerdict::Deny;
         };
         let Some(group) = self.groups.get(entry.group as usize) else {
             return DnsVerdict::Unrestricted;
         };
-        // The endpoint owning the server address, looked up once and only when needed.
-        let mut server: Option<Option<EndpointId>> = None;
+        let mut owner = None;
         let mut covered = false;
-        for dns in group.dns.iter() {
-            if !dns.ports.iter().any(|p| p.covers(port, proto)) {
+        let mut allowed = false;
+        // The covering entries that list names: bit i for entry i < 64 (entries beyond are
+        // checked again when their tag matches; groups that large are rare).
+        let mut listed: u64 = 0;
+        let mut listed_beyond = false;
+        for (i, dns) in group.dns.iter().enumerate() {
+            if !self.covers(dns, server_ip, port, proto, &mut owner) {
                 continue;
             }
-            if let Some(ip) = server_ip
-                && let Servers::Named { .. } = dns.servers
-            {
-                let owner = *server.get_or_insert_with(|| self.endpoint_by_ip(ip));
-                if !dns.servers.contains(owner, ip) {
-                    continue;
-                }
-            }
             covered = true;
-            let allowed = match &dns.names {
-                Names::All => true,
-                Names::Matcher(m) => m.is_match(name),
-            };
-            if allowed {
-                return DnsVerdict::Allow;
+            match dns.names {
+                Names::All => allowed = true,
+                Names::Listed if i < 64 => listed |= 1 << i,
+                Names::Listed => listed_beyond = true,
             }
         }
-        if group.default_deny || covered {
+        let entries = group.dns.len();
+        let walk_dns = !allowed && (listed != 0 || listed_beyond);
+        if walk_dns || fqdn.is_some() {
+            group.names.for_each_match(name, |tag| {
+                let t = tag.0 as usize;
+                if t >= entries {
+                    if let Some(out) = fqdn.as_deref_mut() {
+                        out.insert(group.fqdn_ids[t - entries]);
+                    }
+                } else if !allowed {
+                    allowed = if t < 64 {
+                        listed & (1 << t) != 0
+                    } else {
+                        listed_beyond
+                            && self.covers(&group.dns[t], server_ip, port, proto, &mut owner)
+                    };
+                }
+            });
+        }
+        if allowed {
+            DnsVerdict::Allow
+        } else if group.default_deny || covered {
             DnsVerdict::Deny
         } else {
             // Default allow, and no DNS rule is about this query.
@@ -378,7 +447,15 @@ impl Snapshot {
         else {
             return false;
         };
-        group.fqdn.lookup_into(name, out);
+        let entries = group.dns.len();
+        group.names.for_each_match(name, |tag| {
+            if let Some(&rule) = (tag.0 as usize)
+                .checked_sub(entries)
+                .and_then(|k| group.fqdn_ids.get(k))
+            {
+                out.insert(rule);
+            }
+        });
         !out.is_empty()
     }
 
@@ -573,7 +650,8 @@ fn compile(
             if deny_all == NO_GROUP {
                 groups.push(Group {
                     dns: Box::new([]),
-                    fqdn: MatcherBuilder::new().build(),
+                    names: MatcherBuilder::new().build(),
+                    fqdn_ids: Box::new([]),
                     fqdn_ports: Box::new([]),
                     l3: Box::new([]),
                     default_deny: true,
@@ -732,10 +810,13 @@ fn compile_group(
             l3_deny.push((blocks_of(&r.to, endpoints, node), r.ports.clone()));
         }
     }
-    // (ports, servers) → (allows every name, builder of its patterns)
+    // (ports, servers) → (allows every name, its patterns)
     let mut index: HashMap<(Vec<PortProto>, Servers), usize> = HashMap::new();
-    let mut dns: Vec<(Vec<PortProto>, Servers, bool, MatcherBuilder)> = Vec::new();
-    let mut fqdn = MatcherBuilder::new();
+    let mut dns: Vec<(Vec<PortProto>, Servers, bool, Vec<Pattern>)> = Vec::new();
+    // toFQDNs selectors by local rule index, and the rules' ids.
+    let mut fqdn: Vec<(Pattern, usize)> = Vec::new();
+    let mut fqdn_ids: Vec<RuleId> = Vec::new();
+    let mut fqdn_local: HashMap<u32, usize> = HashMap::new();
     let mut fqdn_ports = Vec::new();
     for &s in selecting {
         let spec = &specs[s as usize];
@@ -743,8 +824,13 @@ fn compile_group(
             match rule {
                 EgressRule::Nothing | EgressRule::L3(_) => {}
                 EgressRule::Fqdn(f) => {
+                    let id = RuleId(spec.rule_ids[r]);
+                    let k = *fqdn_local.entry(id.0).or_insert_with(|| {
+                        fqdn_ids.push(id);
+                        fqdn_ids.len() - 1
+                    });
                     for p in &f.selectors {
-                        fqdn.add(p.clone(), RuleId(spec.rule_ids[r]));
+                        fqdn.push((p.clone(), k));
                     }
                     if f.ports.is_empty() {
                         fqdn_ports.push(PortProto::ALL);
@@ -756,36 +842,43 @@ fn compile_group(
                     for ports in &d.ports {
                         let key = (ports.ports.clone(), spec.servers[r].clone());
                         let slot = *index.entry(key).or_insert_with_key(|(p, sv)| {
-                            dns.push((p.clone(), sv.clone(), false, MatcherBuilder::new()));
+                            dns.push((p.clone(), sv.clone(), false, Vec::new()));
                             dns.len() - 1
                         });
                         let entry = &mut dns[slot];
                         if ports.names.is_empty() {
                             entry.2 = true;
                         }
-                        for p in &ports.names {
-                            entry.3.add(p.clone(), RuleId(0));
-                        }
+                        entry.3.extend(ports.names.iter().cloned());
                     }
                 }
             }
         }
     }
+    let mut names = MatcherBuilder::new();
+    for (i, (_, _, all, patterns)) in dns.iter().enumerate() {
+        // `dns: []` allows every name: its patterns need no walk.
+        if !*all {
+            for p in patterns {
+                names.add(p.clone(), RuleId(i as u32));
+            }
+        }
+    }
+    for (p, k) in fqdn {
+        names.add(p, RuleId((dns.len() + k) as u32));
+    }
     Some(Group {
         default_deny,
         dns: dns
             .into_iter()
-            .map(|(ports, servers, all, builder)| DnsEntry {
+            .map(|(ports, servers, all, _)| DnsEntry {
                 ports: ports.into_boxed_slice(),
                 servers,
-                names: if all {
-                    Names::All
-                } else {
-                    Names::Matcher(builder.build())
-                },
+                names: if all { Names::All } else { Names::Listed },
             })
             .collect(),
-        fqdn: fqdn.build(),
+        names: names.build(),
+        fqdn_ids: fqdn_ids.into_boxed_slice(),
         fqdn_ports: {
             fqdn_ports.sort_unstable();
             fqdn_ports.dedup();

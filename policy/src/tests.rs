@@ -89,12 +89,19 @@ endpoints:
     /// `ep` is `namespace/name`; `server` is `ip:port`.
     fn dns(s: &Snapshot, ep: &str, server: &str, proto: Proto, name: &str) -> DnsVerdict {
         let id = s.endpoint_by_name(ep).unwrap();
-        s.dns_verdict(
-            id,
-            server.parse().unwrap(),
-            proto,
-            &Name::from_text(name).unwrap(),
-        )
+        let (server, name) = (server.parse().unwrap(), Name::from_text(name).unwrap());
+        let verdict = s.dns_verdict(id, server, proto, &name);
+        // The data plane's one walk (`judge`) agrees with the two lookups it replaces.
+        let mut judged = s.rule_set();
+        assert_eq!(s.judge(id, server, proto, &name, &mut judged), verdict);
+        let mut walked = s.rule_set();
+        s.fqdn_rules(id, &name, &mut walked);
+        let mut a = judged.as_slice().to_vec();
+        let mut b = walked.as_slice().to_vec();
+        a.sort();
+        b.sort();
+        assert_eq!(a, b, "judge vs fqdn_rules for {name}");
+        verdict
     }
 
     /// The ports toFQDNs rules open for `name`, as `443/tcp,...` (`*` = all), or `None`.

@@ -186,12 +186,25 @@ fn l3(s: &Snapshot, from: &str, to: &str, port: u16, proto: PortProtocol) -> Opt
 }
 
 fn dns(s: &Snapshot, from: &str, server: &str, proto: Proto, qname: &str) -> DnsVerdict {
-    s.dns_verdict(
-        ep(s, from),
-        server.parse::<SocketAddr>().unwrap(),
-        proto,
-        &name(qname),
-    )
+    let server = server.parse::<SocketAddr>().unwrap();
+    let verdict = s.dns_verdict(ep(s, from), server, proto, &name(qname));
+    // The data plane's one walk (`judge`) agrees with the two lookups it replaces.
+    let mut judged = s.rule_set();
+    let one_walk = s.judge(ep(s, from), server, proto, &name(qname), &mut judged);
+    assert_eq!(one_walk, verdict, "judge vs dns_verdict: {from} {qname}");
+    let mut walked = s.rule_set();
+    s.fqdn_rules(ep(s, from), &name(qname), &mut walked);
+    let sorted = |r: &dnsfence_matcher::RuleSet| {
+        let mut v = r.as_slice().to_vec();
+        v.sort();
+        v
+    };
+    assert_eq!(
+        sorted(&judged),
+        sorted(&walked),
+        "judge vs fqdn_rules: {from} {qname}"
+    );
+    verdict
 }
 
 /// The ports of the toFQDNs rules that allow `from` to reach `qname`; None when no rule does.
