@@ -59,6 +59,11 @@ declare -A CMD=(
   [direct]=none
   [dnsfence-uring]="$HERE/peers/dnsfence.sh uring $PORT 127.0.0.1:$UP_PORT"
   [dnsfence-mmsg]="$HERE/peers/dnsfence.sh mmsg $PORT 127.0.0.1:$UP_PORT"
+  # Completion coalescing (--coalesce): not in the default set; name them in PEERS.
+  [dnsfence-uring-c20]="env DNSFENCE_ARGS=--coalesce=20us $HERE/peers/dnsfence.sh uring $PORT 127.0.0.1:$UP_PORT"
+  [dnsfence-uring-c50]="env DNSFENCE_ARGS=--coalesce=50us $HERE/peers/dnsfence.sh uring $PORT 127.0.0.1:$UP_PORT"
+  [dnsfence-uring-c100]="env DNSFENCE_ARGS=--coalesce=100us $HERE/peers/dnsfence.sh uring $PORT 127.0.0.1:$UP_PORT"
+  [dnsfence-uring-c200]="env DNSFENCE_ARGS=--coalesce=200us $HERE/peers/dnsfence.sh uring $PORT 127.0.0.1:$UP_PORT"
   [dnsdist]="$HERE/peers/dnsdist.sh $PORT 127.0.0.1:$UP_PORT"
   [unbound]="$HERE/peers/unbound.sh $PORT 127.0.0.1@$UP_PORT"
   [floor]="$HERE/peers/floor.sh $PORT $UP_PORT 32"

@@ -205,6 +205,28 @@ fn wildcard_listen_is_refused_with_one_line() {
     assert!(stderr.contains("name the address"), "{stderr}");
 }
 
+/// `--coalesce` (issue 12 item 4) reaches the shards: an agent coalescing completions answers
+/// every query, sequential ones included (each wait ends at its bound with one completion);
+/// an out-of-range value is refused at start.
+#[test]
+fn coalescing_agent_answers_and_bad_values_are_refused() {
+    let fake = FakeUpstream::start(FakeMode::Answer);
+    let config = AgentConfig::new(IoBackend::Uring, fake.addr).args(&["--coalesce", "2ms"]);
+    let mut agent = Agent::start(&config);
+    for i in 0..20u16 {
+        let q = dns::query(i, "www.allowed.test", TYPE_A, None);
+        let raw = dns::udp_exchange(agent.addr, &q, T).expect("answer");
+        assert_eq!(dns::rcode(&raw), rcode::NOERROR);
+    }
+    agent.process.assert_running();
+    let bad = AgentConfig::new(IoBackend::Uring, fake.addr).args(&["--coalesce", "11ms"]);
+    let mut bad = Agent::spawn(&bad);
+    let status = bad.process.wait_timeout(Duration::from_secs(10));
+    let stderr = bad.process.stderr();
+    assert_eq!(status.and_then(|s| s.code()), Some(2), "{stderr}");
+    assert!(stderr.contains("over 10ms"), "{stderr}");
+}
+
 #[test]
 fn two_agents_share_a_port() {
     let fake = FakeUpstream::start(FakeMode::Answer);

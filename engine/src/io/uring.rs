@@ -295,6 +295,13 @@ pub struct UringIo {
     max_payload: usize,
     tcp: TcpSide,
     stats: IoStats,
+    /// Completion coalescing ([`IoConfig::coalesce_wait`]; zero: off).
+    coalesce_wait: Duration,
+    coalesce_batch: u32,
+    /// Whether the kernel has `IORING_FEAT_MIN_TIMEOUT` (6.12+): a coalescing wait is then one
+    /// `io_uring_enter` with `min_wait_usec`, else a batch wait bounded by a timeout followed,
+    /// when nothing came, by a plain wait.
+    min_timeout: bool,
 }
 
 /// Submission bookkeeping: whether send SQEs wait for a submit, and submits forced by a full
@@ -503,7 +510,11 @@ impl UringIo {
             max_payload: config.max_udp_payload,
             tcp: TcpSide::new(config, listen.tcp),
             stats: IoStats::default(),
+            coalesce_wait: config.coalesce_wait,
+            coalesce_batch: config.coalesce_batch,
+            min_timeout: false,
         };
+        io.min_timeout = io.ring.params().is_feature_min_timeout();
         io.arm_receives(false);
         let mut poller = UringPoller {
             ring: &mut io.ring,
@@ -770,6 +781,57 @@ fn is_transient(e: &io::Error) -> bool {
     )
 }
 
+impl UringIo {
+    /// Submits and waits: for one completion or `timeout`; with coalescing, for
+    /// `coalesce_batch` completions at most `coalesce_wait`, then for the first one.
+    fn wait(&mut self, timeout: Option<Duration>) -> io::Result<usize> {
+        let submitter = self.ring.submitter();
+        let wait = self.coalesce_wait;
+        if wait.is_zero() || timeout.is_some_and(|t| t <= wait) {
+            return match timeout {
+                None => submitter.submit_and_wait(1),
+                Some(t) => {
+                    let ts = Timespec::from(t);
+                    submitter.submit_with_args(1, &SubmitArgs::new().timespec(&ts))
+                }
+            };
+        }
+        self.stats.coalesced_waits += 1;
+        let want = self.coalesce_batch as usize;
+        if self.min_timeout {
+            // The kernel waits up to `min_wait_usec` for `want` completions, returns then
+            // if at least one came, else waits for one (until `timeout`, if any).
+            let micros = u32::try_from(wait.as_micros()).unwrap_or(u32::MAX).max(1);
+            let args = SubmitArgs::new().min_wait_usec(micros);
+            return match timeout {
+                None => submitter.submit_with_args(want, &args),
+                Some(t) => {
+                    let ts = Timespec::from(t);
+                    submitter.submit_with_args(want, &args.timespec(&ts))
+                }
+            };
+        }
+        // Older kernels: the batch wait bounded by `wait`, then (nothing came) a plain wait.
+        let ts = Timespec::from(wait);
+        let first = submitter.submit_with_args(want, &SubmitArgs::new().timespec(&ts));
+        match first {
+            Err(e) if e.raw_os_error() == Some(libc::ETIME) => {}
+            other => return other,
+        }
+        if !self.ring.completion().is_empty() {
+            return Ok(0);
+        }
+        let submitter = self.ring.submitter();
+        match timeout {
+            None => submitter.submit_and_wait(1),
+            Some(t) => {
+                let ts = Timespec::from(t.saturating_sub(wait));
+                submitter.submit_with_args(1, &SubmitArgs::new().timespec(&ts))
+            }
+        }
+    }
+}
+
 impl ShardIo for UringIo {
     fn poll(
         &mut self,
@@ -801,14 +863,7 @@ impl ShardIo for UringIo {
             self.ring.submit()
         } else {
             self.stats.waits += 1;
-            match timeout {
-                None => self.ring.submit_and_wait(1),
-                Some(t) => {
-                    let ts = Timespec::from(t);
-                    let args = SubmitArgs::new().timespec(&ts);
-                    self.ring.submitter().submit_with_args(1, &args)
-                }
-            }
+            self.wait(timeout)
         };
         match r {
             Ok(_) => {
@@ -1052,5 +1107,105 @@ mod tests {
         r.recycle(2);
         assert_eq!(r.tail, 5);
         ring.submitter().unregister_buf_ring(7).unwrap();
+    }
+
+    /// Receive batches for 8 datagrams sent 3 ms apart, and the longest poll that got any, with coalescing `wait` (`min_timeout`: the kernel's min-wait, else
+    /// the fallback).
+    fn batches(wait: Duration, min_timeout: bool) -> (u64, Duration) {
+        let mut config = IoConfig::new(
+            "127.0.0.1:0".parse().unwrap(),
+            "127.0.0.1:9".parse().unwrap(),
+        );
+        config.tcp = false;
+        config.coalesce_wait = wait;
+        let mut io = UringIo::new(&config).unwrap();
+        io.min_timeout &= min_timeout;
+        let server = io.local_addr();
+        let client = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        // Armed and submitted before the first datagram.
+        io.poll(Some(Duration::ZERO), &mut |_| {}).unwrap();
+        let sender = std::thread::spawn(move || {
+            for i in 0..8u8 {
+                client.send_to(&[i; 12], server).unwrap();
+                std::thread::sleep(Duration::from_millis(3));
+            }
+        });
+        let mut got = 0;
+        let mut longest = Duration::ZERO;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while got < 8 && Instant::now() < deadline {
+            let start = Instant::now();
+            let n = io.poll(Some(Duration::from_secs(1)), &mut |_| {}).unwrap();
+            if n > 0 {
+                longest = longest.max(start.elapsed());
+            }
+            got += n;
+        }
+        sender.join().unwrap();
+        assert_eq!(got, 8);
+        let coalesced = io.stats().coalesced_waits;
+        assert_eq!(
+            coalesced > 0,
+            !wait.is_zero(),
+            "coalesced waits: {coalesced}"
+        );
+        (io.stats().udp_rx_batches, longest)
+    }
+
+    #[test]
+    fn coalescing_serves_several_datagrams_per_wake_up() {
+        let (plain, _) = batches(Duration::ZERO, true);
+        for min_timeout in [true, false] {
+            // 8 datagrams over 24 ms, a 100 ms coalescing wait for 16: one batch (two if
+            // the first datagram comes before the wait), where plain waits wake for each.
+            let (coalesced, longest) = batches(Duration::from_millis(100), min_timeout);
+            assert!(
+                coalesced <= 2 && plain >= 3,
+                "min_timeout {min_timeout}: {coalesced} batches coalesced, {plain} plain"
+            );
+            // The wait ends at its bound with what came (fewer than the batch asked for).
+            assert!(
+                longest >= Duration::from_millis(50) && longest < Duration::from_millis(900),
+                "min_timeout {min_timeout}: longest poll {longest:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn coalescing_wait_alone_returns_at_its_bound() {
+        // One datagram, a batch of 16 asked: the wait returns after `wait`, not `timeout`.
+        for min_timeout in [true, false] {
+            let mut config = IoConfig::new(
+                "127.0.0.1:0".parse().unwrap(),
+                "127.0.0.1:9".parse().unwrap(),
+            );
+            config.tcp = false;
+            config.coalesce_wait = Duration::from_millis(5);
+            let mut io = UringIo::new(&config).unwrap();
+            io.min_timeout &= min_timeout;
+            let server = io.local_addr();
+            io.poll(Some(Duration::ZERO), &mut |_| {}).unwrap();
+            let client = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+            client.send_to(&[0; 12], server).unwrap();
+            let start = Instant::now();
+            let n = io.poll(Some(Duration::from_secs(5)), &mut |_| {}).unwrap();
+            let took = start.elapsed();
+            assert_eq!(n, 1);
+            assert!(
+                took < Duration::from_secs(2),
+                "min_timeout {min_timeout}: {took:?}"
+            );
+            // Nothing at all: the poll's own timeout still ends it.
+            let start = Instant::now();
+            let n = io
+                .poll(Some(Duration::from_millis(30)), &mut |_| {})
+                .unwrap();
+            assert_eq!(n, 0);
+            let took = start.elapsed();
+            assert!(
+                took >= Duration::from_millis(25) && took < Duration::from_secs(2),
+                "min_timeout {min_timeout}: idle poll took {took:?}"
+            );
+        }
     }
 }
