@@ -14,6 +14,7 @@ use dnsfence_policy::{Endpoints, Snapshot};
 
 use crate::enforce::Enforcer;
 use crate::ha::{self, AgentSync};
+use crate::health::{Health, Role};
 use crate::serve::{self, ServeArgs, Server, Start, UnknownFlag, parse_duration};
 
 /// The agent socket when `--agent-socket` is not given.
@@ -200,6 +201,9 @@ pub fn run(args: &AgentArgs) -> Result<()> {
         }
     };
     let cache = ha::load_cache(WHO, state.as_ref(), &args.serve);
+    let health = Arc::new(Health::new(Role::Agent, Arc::clone(&stop)));
+    // The policy from the files is in force from the start (version 1 for the sync).
+    health.policy_loaded(1);
     let mut server = Server::start(Start {
         who: WHO,
         args: &args.serve,
@@ -208,11 +212,11 @@ pub fn run(args: &AgentArgs) -> Result<()> {
         enforcer: Arc::clone(&enforcer),
         observations: cache,
         forward: None,
-        stop: Arc::clone(&stop),
         sync: sync
             .as_ref()
             .map_or_else(Default::default, |s| Arc::clone(&s.stats)),
         pending: None,
+        health: Arc::clone(&health),
     })?;
     let mut version = 1;
     if let Some(sync) = &sync {
@@ -280,6 +284,7 @@ pub fn run(args: &AgentArgs) -> Result<()> {
                 version += 1;
                 sync.publish(ha::policy_message(version, &sources));
             }
+            health.policy_loaded(version);
             for note in sources.notes() {
                 if noted.insert(note.clone()) {
                     eprintln!("{WHO}: {note}");

@@ -5,6 +5,7 @@ mod agent;
 mod demo;
 mod enforce;
 mod ha;
+mod health;
 mod match_cmd;
 mod metrics;
 mod policy_cmd;

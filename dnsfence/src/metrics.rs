@@ -1,22 +1,35 @@
-//! Prometheus metrics over plain HTTP (`GET /metrics`): an acceptor thread and one short-lived
-//! thread per connection, bounded in number and time, so idle clients cannot stall a scrape.
+//! The process's HTTP endpoints: `GET /metrics` (OpenMetrics text, encoded by
+//! `prometheus-client` from typed families), `GET /healthz` and `GET /readyz` (`health.rs`),
+//! served by `oxhttp` (one short-lived thread per connection, at most [`MAX_CONNECTIONS`],
+//! headers bounded to 8 KiB, every read and write bounded by [`REQUEST_TIMEOUT`]).
+//!
+//! Nothing here touches the hot path: a scrape reads what the shards publish (their counters
+//! are copied into [`ShardStatus`] about every 100 ms, and their loop counters are atomics),
+//! and a [`Collector`] turns it into metric families when asked.
 
-use std::fmt::Write as _;
-use std::io::{Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use crossbeam_queue::ArrayQueue;
+use oxhttp::model::header::CONTENT_TYPE;
+use oxhttp::model::{Body, Method, Request, Response, StatusCode};
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::registry::Registry;
 
 use dnsfence_engine::consumer::Observations;
 use dnsfence_engine::core::{Record, Stats};
 use dnsfence_engine::io::IoStats;
 use dnsfence_engine::shard::{PolicyHandle, ShardStatus};
 
-/// What the metrics page reads.
+use crate::health::{Answer, Health, Observed, Role};
+
+/// What the endpoints read.
 pub struct State {
     /// Per-shard published status.
     pub shards: Vec<Arc<ShardStatus>>,
@@ -26,6 +39,10 @@ pub struct State {
     pub policy: Arc<PolicyHandle>,
     /// Where allow entries go (userspace table or eBPF maps).
     pub enforcer: Arc<crate::enforce::Enforcer>,
+    /// The allow table's capacity (`--allow-entries`).
+    pub allow_capacity: usize,
+    /// What denied queries are answered (`--reject-rcode`), as a label value.
+    pub reject_rcode: &'static str,
     /// Policy and endpoint reloads.
     pub reload: Arc<ReloadStatus>,
     /// The record queue (its length is a gauge).
@@ -34,6 +51,8 @@ pub struct State {
     pub sync: Arc<crate::ha::SyncStats>,
     /// The standalone proxy's records kept for the agent.
     pub pending: Option<Arc<crate::ha::Pending>>,
+    /// Liveness and readiness.
+    pub health: Arc<Health>,
 }
 
 /// Where policy and endpoint reloads stand (written by the control loop).
@@ -48,517 +67,954 @@ pub struct ReloadStatus {
     pub pending: AtomicU64,
 }
 
-/// Binds the metrics listener (before anything else starts, so a taken port fails early).
-pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    let listener = TcpListener::bind(addr)?;
-    listener.set_nonblocking(true)?;
-    Ok(listener)
+/// Most connections served at once (a thread each); more wait in the listen queue, so once
+/// this many idle clients are open, a scrape waits up to [`REQUEST_TIMEOUT`] for each further
+/// batch of this many ahead of it.
+pub const MAX_CONNECTIONS: usize = 128;
+/// How long one read or write of a connection may block (an idle client is answered 408 and
+/// closed after it).
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+/// Where the agent serves its endpoints without `--metrics-listen`.
+pub const AGENT_LISTEN: &str = "127.0.0.1:9967";
+/// Where the standalone proxy serves its endpoints without `--metrics-listen`.
+pub const PROXY_LISTEN: &str = "127.0.0.1:9968";
+
+/// The default address of `role`'s endpoints.
+pub fn default_listen(role: Role) -> SocketAddr {
+    let addr = match role {
+        Role::Agent => AGENT_LISTEN,
+        Role::Proxy => PROXY_LISTEN,
+    };
+    addr.parse().expect("a socket address")
 }
 
-/// Most connections served at once. One more evicts the oldest (its reader is shut down), so
-/// idle or trickling clients can delay a scrape by one accept at most, never stall it.
-pub const MAX_CONNECTIONS: usize = 32;
-/// How long a connection may take to send its request line and to take the reply.
-pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+/// The media type of `GET /metrics`.
+pub const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
-/// The connections being served: an id and a handle to shut each down.
-type Active = Arc<Mutex<std::collections::VecDeque<(u64, TcpStream)>>>;
+/// The listening endpoints: they answer 503 until [`Endpoints::install`] gives them the
+/// running process (bound first, so a taken port fails before anything starts).
+pub struct Endpoints {
+    installed: Arc<OnceLock<Installed>>,
+}
 
-/// Serves `listener` until `stop` is set: one acceptor thread, and one short-lived thread per
-/// connection (at most [`MAX_CONNECTIONS`]; each gets [`REQUEST_TIMEOUT`] to send its request).
-pub fn serve(listener: TcpListener, state: State, stop: Arc<AtomicBool>) -> std::io::Result<()> {
-    let state = Arc::new(state);
-    let active: Active = Arc::default();
-    std::thread::Builder::new()
-        .name("dnsf-metrics".into())
-        .spawn(move || {
-            let mut next_id = 0u64;
-            while !stop.load(Ordering::Relaxed) {
-                let stream = match listener.accept() {
-                    Ok((stream, _)) => stream,
-                    Err(_) => {
-                        std::thread::sleep(Duration::from_millis(10));
-                        continue;
-                    }
-                };
-                let id = next_id;
-                next_id += 1;
-                {
-                    let mut active = active.lock().unwrap_or_else(|e| e.into_inner());
-                    while active.len() >= MAX_CONNECTIONS {
-                        if let Some((_, oldest)) = active.pop_front() {
-                            let _ = oldest.shutdown(Shutdown::Both);
-                        }
-                    }
-                    match stream.try_clone() {
-                        Ok(handle) => active.push_back((id, handle)),
-                        Err(_) => continue,
-                    }
-                }
-                let (state, mine) = (Arc::clone(&state), Arc::clone(&active));
-                let spawned = std::thread::Builder::new()
-                    .name("dnsf-metrics-conn".into())
-                    .spawn(move || {
-                        answer(stream, &state);
-                        let mut mine = mine.lock().unwrap_or_else(|e| e.into_inner());
-                        mine.retain(|(i, _)| *i != id);
-                    });
-                if spawned.is_err() {
-                    let mut active = active.lock().unwrap_or_else(|e| e.into_inner());
-                    active.retain(|(i, _)| *i != id);
-                }
+struct Installed {
+    state: Arc<State>,
+    registry: Registry,
+}
+
+/// Binds `addr` and serves the endpoints there from now on (threads that live as long as the
+/// process).
+pub fn bind(addr: SocketAddr) -> std::io::Result<Endpoints> {
+    let installed: Arc<OnceLock<Installed>> = Arc::default();
+    let serving = Arc::clone(&installed);
+    oxhttp::Server::new(move |request| answer(request, serving.get()))
+        .bind(addr)
+        .with_global_timeout(REQUEST_TIMEOUT)
+        .with_max_concurrent_connections(MAX_CONNECTIONS)
+        .spawn()?;
+    Ok(Endpoints { installed })
+}
+
+impl Endpoints {
+    /// From now on the endpoints report on `state`.
+    pub fn install(&self, state: State) {
+        let state = Arc::new(state);
+        let mut registry = Registry::with_prefix("dnsfence");
+        registry.register_collector(Box::new(Collect(Arc::clone(&state))));
+        let _ = self.installed.set(Installed { state, registry });
+    }
+}
+
+fn text(status: StatusCode, content_type: &str, body: String) -> Response<Body> {
+    Response::builder()
+        .status(status)
+        .header(CONTENT_TYPE, content_type)
+        .body(Body::from(body))
+        .unwrap_or_else(|_| Response::new(Body::empty()))
+}
+
+fn probe(answer: Answer) -> Response<Body> {
+    let status = match answer.ok {
+        true => StatusCode::OK,
+        false => StatusCode::SERVICE_UNAVAILABLE,
+    };
+    text(status, "text/plain; charset=utf-8", answer.text)
+}
+
+/// One request's answer.
+fn answer(request: &mut Request<Body>, installed: Option<&Installed>) -> Response<Body> {
+    const PLAIN: &str = "text/plain; charset=utf-8";
+    let path = request.uri().path();
+    if !matches!(path, "/metrics" | "/healthz" | "/readyz") {
+        return text(
+            StatusCode::NOT_FOUND,
+            PLAIN,
+            "not found: try GET /metrics, /healthz or /readyz\n".to_owned(),
+        );
+    }
+    if !matches!(*request.method(), Method::GET | Method::HEAD) {
+        return text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            PLAIN,
+            "GET only\n".to_owned(),
+        );
+    }
+    let Some(Installed { state, registry }) = installed else {
+        let starting = "starting: the shards do not serve yet\n".to_owned();
+        return text(StatusCode::SERVICE_UNAVAILABLE, PLAIN, starting);
+    };
+    match path {
+        "/metrics" => {
+            let mut body = String::new();
+            match prometheus_client::encoding::text::encode(&mut body, registry) {
+                Ok(()) => text(StatusCode::OK, OPENMETRICS, body),
+                Err(_) => text(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    PLAIN,
+                    "encoding failed\n".to_owned(),
+                ),
             }
-        })?;
+        }
+        "/healthz" => probe(state.health.liveness(&observe(state), Instant::now())),
+        _ => probe(state.health.readiness(&observe(state), Instant::now())),
+    }
+}
+
+/// What the probes read.
+fn observe(state: &State) -> Observed {
+    Observed {
+        batches: state
+            .shards
+            .iter()
+            .map(|s| s.batches.load(Ordering::Relaxed))
+            .collect(),
+        generation: state.policy.load().generation(),
+        sync_connected: state.sync.connected.load(Ordering::Relaxed),
+    }
+}
+
+/// Reads the running process into metric families at each scrape.
+struct Collect(Arc<State>);
+
+impl std::fmt::Debug for Collect {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("dnsfence collector")
+    }
+}
+
+type Fmt = Result<(), std::fmt::Error>;
+
+/// A counter (`name` without `_total`: the encoder adds it).
+fn counter(e: &mut DescriptorEncoder, name: &str, help: &str, value: u64) -> Fmt {
+    let c = ConstCounter::new(value);
+    c.encode(e.encode_descriptor(name, help, None, c.metric_type())?)
+}
+
+/// A gauge.
+fn gauge<V>(e: &mut DescriptorEncoder, name: &str, help: &str, value: V) -> Fmt
+where
+    V: prometheus_client::encoding::EncodeGaugeValue,
+{
+    let g = ConstGauge::new(value);
+    g.encode(e.encode_descriptor(name, help, None, g.metric_type())?)
+}
+
+/// A family of counters (`name` without `_total`), one sample per label set.
+fn counters<L: EncodeLabelSet>(
+    e: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    samples: impl IntoIterator<Item = (L, u64)>,
+) -> Fmt {
+    let mut m = e.encode_descriptor(name, help, None, MetricType::Counter)?;
+    for (labels, value) in samples {
+        ConstCounter::new(value).encode(m.encode_family(&labels)?)?;
+    }
     Ok(())
 }
 
-/// Reads one request (within [`REQUEST_TIMEOUT`]) and answers it.
-fn answer(mut stream: TcpStream, state: &State) {
-    let deadline = Instant::now() + REQUEST_TIMEOUT;
-    let _ = stream.set_nonblocking(false);
-    let _ = stream.set_write_timeout(Some(REQUEST_TIMEOUT));
-    let mut request = [0u8; 1024];
-    let mut n = 0;
-    // Until the end of the headers, a full buffer, the peer's end, or the deadline.
-    while n < request.len() && !request[..n].windows(4).any(|w| w == b"\r\n\r\n") {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() || stream.set_read_timeout(Some(left)).is_err() {
-            return;
-        }
-        match stream.read(&mut request[n..]) {
-            Ok(0) => break,
-            Ok(read) => n += read,
-            Err(_) => return,
-        }
+/// A family of gauges, one sample per label set.
+fn gauges<L: EncodeLabelSet>(
+    e: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    samples: impl IntoIterator<Item = (L, u64)>,
+) -> Fmt {
+    let mut m = e.encode_descriptor(name, help, None, MetricType::Gauge)?;
+    for (labels, value) in samples {
+        ConstGauge::new(value).encode(m.encode_family(&labels)?)?;
     }
-    let ok = request[..n].starts_with(b"GET /metrics");
-    let (status, body) = if ok {
-        ("200 OK", render(state))
-    } else {
-        ("404 Not Found", "try GET /metrics\n".to_owned())
+    Ok(())
+}
+
+/// A per-shard counter of `T`: metric name (without `_total`), help text, accessor.
+type PerShard<T> = (&'static str, &'static str, fn(&T) -> u64);
+
+/// Each counter as `{name}_total{shard="i"}` over the shards' values.
+fn per_shard<T>(e: &mut DescriptorEncoder, counters_: &[PerShard<T>], shards: &[T]) -> Fmt {
+    for (name, help, get) in counters_ {
+        let samples = shards
+            .iter()
+            .enumerate()
+            .map(|(i, s)| ([("shard", i)], get(s)));
+        counters(e, name, help, samples)?;
+    }
+    Ok(())
+}
+
+/// The core's counters, one family each, per shard (the names the tests and scripts read).
+const CORE: &[PerShard<Stats>] = &[
+    ("queries", "Client queries received", |s| s.queries),
+    ("forwarded", "Queries forwarded upstream", |s| s.forwarded),
+    ("refused", "Queries refused by policy", |s| s.refused),
+    (
+        "refused_unknown_source",
+        "Queries refused: unknown source",
+        |s| s.refused_unknown_source,
+    ),
+    (
+        "origin_missing",
+        "Queries with no datapath origin record (eBPF mode; refused as unidentified)",
+        |s| s.origin_missing,
+    ),
+    (
+        "malformed_answered",
+        "Malformed queries answered FORMERR/NOTIMP",
+        |s| s.malformed_answered,
+    ),
+    ("malformed_dropped", "Malformed queries dropped", |s| {
+        s.malformed_dropped
+    }),
+    (
+        "responses_dropped",
+        "Responses (QR set) dropped unanswered",
+        |s| s.responses_dropped,
+    ),
+    (
+        "spoofing_suspected",
+        "Queries given up after repeated answers with their ID but another question",
+        |s| s.spoofing_suspected,
+    ),
+    (
+        "pending_full",
+        "Queries answered SERVFAIL: pending table full",
+        |s| s.pending_full,
+    ),
+    (
+        "no_upstream",
+        "Allowed queries answered SERVFAIL: no --upstream and the client addressed the proxy itself",
+        |s| s.no_upstream,
+    ),
+    (
+        "untrusted_server",
+        "Allowed queries refused: no --upstream and the client addressed a server not given by --dns-server",
+        |s| s.untrusted_server,
+    ),
+    (
+        "timeouts",
+        "Queries answered SERVFAIL after the upstream timeout",
+        |s| s.timeouts,
+    ),
+    ("answered", "Upstream answers relayed", |s| s.answered),
+    ("truncated", "Truncated answers relayed", |s| s.truncated),
+    (
+        "upstream_wrong_source",
+        "Upstream answers from another address than their socket's server",
+        |s| s.upstream_wrong_source,
+    ),
+    ("upstream_malformed", "Malformed upstream answers", |s| {
+        s.upstream_malformed
+    }),
+    (
+        "upstream_unknown_id",
+        "Upstream answers with no query in flight",
+        |s| s.upstream_unknown_id,
+    ),
+    (
+        "upstream_wrong_question",
+        "Upstream answers with a wrong question",
+        |s| s.upstream_wrong_question,
+    ),
+    ("answer_malformed", "Answers with unparsable records", |s| {
+        s.answer_malformed
+    }),
+    (
+        "off_chain_records",
+        "Address records off the CNAME chain (ignored)",
+        |s| s.off_chain_records,
+    ),
+    (
+        "addresses_overflow",
+        "Addresses beyond the 32 kept per answer (not allowed)",
+        |s| s.addresses_overflow,
+    ),
+    (
+        "ttl_clamped",
+        "Enforced answers whose TTLs were lowered to --max-ttl",
+        |s| s.ttl_clamped,
+    ),
+    ("allow_writes", "Allow entries written", |s| s.allow_writes),
+    ("allow_write_failures", "Failed allow write batches", |s| {
+        s.allow_write_failures
+    }),
+    (
+        "records_dropped",
+        "Records dropped: consumer queue full",
+        |s| s.records_dropped,
+    ),
+    (
+        "upstream_case_mismatch",
+        "Upstream answers matching the question but not its 0x20 spelling",
+        |s| s.upstream_case_mismatch,
+    ),
+    (
+        "case_mismatch_failed",
+        "Queries answered SERVFAIL: answer in another spelling from an upstream not known to preserve case",
+        |s| s.case_mismatch_failed,
+    ),
+    (
+        "upstream_0x20_disabled",
+        "Upstream servers DNS 0x20 was switched off for, per shard (they do not preserve case)",
+        |s| s.upstream_0x20_disabled,
+    ),
+    (
+        "upstream_sockets_rotated",
+        "Upstream sockets replaced by a fresh random port",
+        |s| s.upstream_sockets_rotated,
+    ),
+    (
+        "upstream_sockets_attacked",
+        "Upstream sockets replaced early after a burst of answers with unknown IDs",
+        |s| s.upstream_sockets_attacked,
+    ),
+    (
+        "upstream_socket_replace_failed",
+        "Upstream socket replacements that failed (old socket kept)",
+        |s| s.upstream_socket_replace_failed,
+    ),
+    (
+        "upstream_resent",
+        "Queries re-sent from a replacement upstream socket",
+        |s| s.upstream_resent,
+    ),
+    (
+        "upstream_socket_overrun",
+        "Queries sent on a retiring upstream socket: every socket was retiring (raise --upstream-sockets)",
+        |s| s.upstream_socket_overrun,
+    ),
+    (
+        "upstream_unreachable",
+        "Queries answered SERVFAIL at once: ICMP unreachable from the upstream",
+        |s| s.upstream_unreachable,
+    ),
+    (
+        "client_sends_dropped",
+        "Messages to clients dropped by the I/O layer",
+        |s| s.client_sends_dropped,
+    ),
+    (
+        "upstream_sends_dropped",
+        "Messages to the upstream dropped by the I/O layer",
+        |s| s.upstream_sends_dropped,
+    ),
+];
+
+/// The I/O layer's counters, per shard, as `dnsfence_io_*`.
+const IO: &[PerShard<IoStats>] = &[
+    (
+        "io_udp_rx",
+        "Datagrams received (clients and upstream)",
+        |s| s.udp_rx,
+    ),
+    ("io_udp_tx", "Datagrams sent", |s| s.udp_tx),
+    (
+        "io_udp_rx_truncated",
+        "Datagrams dropped: larger than the receive buffer",
+        |s| s.udp_rx_truncated,
+    ),
+    ("io_udp_rx_errors", "Receive errors", |s| s.udp_rx_errors),
+    ("io_send_errors", "Sends the kernel rejected", |s| {
+        s.send_errors
+    }),
+    (
+        "io_send_dropped",
+        "Sends dropped before the kernel (queue or buffer full)",
+        |s| s.send_dropped,
+    ),
+    ("io_tcp_accepted", "TCP client connections accepted", |s| {
+        s.tcp_accepted
+    }),
+    (
+        "io_tcp_limit_rejected",
+        "TCP connections closed at once: connection limit",
+        |s| s.tcp_limit_rejected,
+    ),
+    (
+        "io_tcp_source_limit_rejected",
+        "TCP connections closed at once: per-source connection limit",
+        |s| s.tcp_source_limit_rejected,
+    ),
+    (
+        "io_tcp_evicted",
+        "TCP connections closed to make room at the connection limit (longest idle)",
+        |s| s.tcp_evicted,
+    ),
+    (
+        "io_tcp_framing_errors",
+        "TCP connections ended by a frame that is not a query (bad length, QR set)",
+        |s| s.tcp_framing_errors,
+    ),
+    (
+        "io_tcp_idle_closed",
+        "TCP connections closed: idle timeout",
+        |s| s.tcp_idle_closed,
+    ),
+    (
+        "io_upstream_tcp_errors",
+        "Upstream TCP connection errors",
+        |s| s.upstream_tcp_errors,
+    ),
+];
+
+/// Sums `get` over the shards.
+fn sum<T>(shards: &[T], get: impl Fn(&T) -> u64) -> u64 {
+    shards.iter().map(get).sum()
+}
+
+impl Collector for Collect {
+    fn encode(&self, mut e: DescriptorEncoder) -> Fmt {
+        let state = &self.0;
+        let stats: Vec<Stats> = state
+            .shards
+            .iter()
+            .map(|s| *s.stats.lock().unwrap_or_else(|e| e.into_inner()))
+            .collect();
+        let io: Vec<IoStats> = state
+            .shards
+            .iter()
+            .map(|s| s.io.lock().unwrap_or_else(|e| e.into_inner()).clone())
+            .collect();
+        per_shard(&mut e, CORE, &stats)?;
+        per_shard(&mut e, IO, &io)?;
+        summaries(&mut e, state, &stats, &io)?;
+        shards(&mut e, state)?;
+        consumer(&mut e, state)?;
+        sync(&mut e, state)?;
+        allow(&mut e, state)?;
+        policy(&mut e, state)
+    }
+}
+
+/// The per-shard counters summed and split the way dashboards ask: every query by its
+/// verdict, the answers the proxy wrote itself by rcode, upstream errors, malformed input
+/// and dropped sends by kind.
+fn summaries(e: &mut DescriptorEncoder, state: &State, stats: &[Stats], io: &[IoStats]) -> Fmt {
+    let s = |get: fn(&Stats) -> u64| sum(stats, get);
+    counters(
+        e,
+        "query_verdicts",
+        "Client queries by verdict (they add up to dnsfence_queries_total)",
+        [
+            ("forwarded", s(|s| s.forwarded)),
+            ("denied", s(|s| s.refused)),
+            ("unknown_source", s(|s| s.refused_unknown_source)),
+            ("untrusted_server", s(|s| s.untrusted_server)),
+            ("no_upstream", s(|s| s.no_upstream)),
+            ("overload", s(|s| s.pending_full)),
+            (
+                "malformed",
+                s(|s| s.malformed_answered + s.malformed_dropped + s.responses_dropped),
+            ),
+        ]
+        .map(|(verdict, n)| ([("verdict", verdict)], n)),
+    )?;
+    let servfail = s(|s| {
+        s.no_upstream
+            + s.pending_full
+            + s.timeouts
+            + s.answer_malformed
+            + s.spoofing_suspected
+            + s.case_mismatch_failed
+            + s.upstream_unreachable
+            + s.allow_write_failures
+    });
+    counters(
+        e,
+        "local_answers",
+        "Answers the proxy wrote itself, by rcode (denials, failures; relayed upstream \
+         answers are dnsfence_answered_total, malformed queries dnsfence_malformed_total)",
+        [
+            (
+                state.reject_rcode,
+                s(|s| s.refused + s.refused_unknown_source + s.untrusted_server),
+            ),
+            ("SERVFAIL", servfail),
+        ]
+        .map(|(rcode, n)| ([("rcode", rcode)], n)),
+    )?;
+    counters(
+        e,
+        "upstream_errors",
+        "Upstream failures by kind",
+        [
+            ("timeout", s(|s| s.timeouts)),
+            ("unreachable", s(|s| s.upstream_unreachable)),
+            ("malformed", s(|s| s.upstream_malformed)),
+            ("bad_records", s(|s| s.answer_malformed)),
+            ("wrong_source", s(|s| s.upstream_wrong_source)),
+            ("unknown_id", s(|s| s.upstream_unknown_id)),
+            ("wrong_question", s(|s| s.upstream_wrong_question)),
+            ("spoofing_suspected", s(|s| s.spoofing_suspected)),
+            ("case_mismatch", s(|s| s.case_mismatch_failed)),
+            ("tcp", sum(io, |s| s.upstream_tcp_errors)),
+        ]
+        .map(|(kind, n)| ([("kind", kind)], n)),
+    )?;
+    counters(
+        e,
+        "malformed",
+        "Malformed input by reason",
+        [
+            ("query_answered", s(|s| s.malformed_answered)),
+            ("query_dropped", s(|s| s.malformed_dropped)),
+            ("response_to_listener", s(|s| s.responses_dropped)),
+            ("tcp_framing", sum(io, |s| s.tcp_framing_errors)),
+            ("upstream_answer", s(|s| s.upstream_malformed)),
+            ("answer_records", s(|s| s.answer_malformed)),
+        ]
+        .map(|(reason, n)| ([("reason", reason)], n)),
+    )?;
+    counters(
+        e,
+        "send_drops",
+        "Messages the I/O layer dropped, by destination",
+        [
+            ("client", s(|s| s.client_sends_dropped)),
+            ("upstream", s(|s| s.upstream_sends_dropped)),
+        ]
+        .map(|(to, n)| ([("to", to)], n)),
+    )
+}
+
+/// Per-shard load and placement.
+fn shards(e: &mut DescriptorEncoder, state: &State) -> Fmt {
+    counters(
+        e,
+        "shard_loop_iterations",
+        "Shard loop turns (each handles one batch of datagrams, or wakes every 100 ms)",
+        state
+            .shards
+            .iter()
+            .enumerate()
+            .map(|(i, s)| ([("shard", i)], s.batches.load(Ordering::Relaxed))),
+    )?;
+    gauges(
+        e,
+        "shard_policy_generation",
+        "The policy generation each shard judges new queries by",
+        state
+            .shards
+            .iter()
+            .enumerate()
+            .map(|(i, s)| ([("shard", i)], s.generation.load(Ordering::Acquire))),
+    )?;
+    let mut m = e.encode_descriptor(
+        "shard",
+        "Shards: the I/O backend in use and the CPU pinned to",
+        None,
+        MetricType::Info,
+    )?;
+    for (i, s) in state.shards.iter().enumerate() {
+        let backend = *s.backend.lock().unwrap_or_else(|e| e.into_inner());
+        let cpu = *s.cpu.lock().unwrap_or_else(|e| e.into_inner());
+        m.encode_info(&[
+            ("shard", i.to_string()),
+            (
+                "backend",
+                backend.map_or("none".to_owned(), |b| format!("{b:?}").to_lowercase()),
+            ),
+            ("cpu", cpu.map_or("none".to_owned(), |c| c.to_string())),
+        ])?;
+    }
+    Ok(())
+}
+
+/// The consumer's FQDN cache and record queue.
+fn consumer(e: &mut DescriptorEncoder, state: &State) -> Fmt {
+    let (entries, evictions, ip_updates) = {
+        let obs = state.observations.lock().unwrap_or_else(|e| e.into_inner());
+        (obs.cache.len(), obs.cache_evictions, obs.ip_updates)
     };
-    let _ = write!(
-        stream,
-        "HTTP/1.0 {status}\r\nContent-Type: text/plain; version=0.0.4\r\n\
-         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
+    gauge(
+        e,
+        "fqdn_cache_entries",
+        "FQDN cache entries",
+        entries as u64,
+    )?;
+    counter(
+        e,
+        "fqdn_cache_evictions",
+        "FQDN cache entries evicted (oldest first)",
+        evictions,
+    )?;
+    counter(e, "ip_updates", "Address observations taken", ip_updates)?;
+    gauge(
+        e,
+        "record_queue_length",
+        "Records waiting in the shard → consumer queue",
+        state.records_queued.len() as u64,
+    )
 }
 
-/// A per-shard counter of `T`: metric name, help text, accessor.
-type Counter<T> = (&'static str, &'static str, fn(&T) -> u64);
-
-/// Writes each counter as `{prefix}{name}_total{shard="i"}` over the shards' values.
-fn per_shard<T>(out: &mut String, prefix: &str, counters: &[Counter<T>], shards: &[T]) {
-    for (name, help, get) in counters {
-        let _ = writeln!(out, "# HELP {prefix}{name}_total {help}.");
-        let _ = writeln!(out, "# TYPE {prefix}{name}_total counter");
-        for (i, s) in shards.iter().enumerate() {
-            let _ = writeln!(out, "{prefix}{name}_total{{shard=\"{i}\"}} {}", get(s));
-        }
-    }
-}
-
-/// The Prometheus text exposition of every counter.
-pub fn render(state: &State) -> String {
-    let mut out = String::new();
-    let stats: Vec<Stats> = state
-        .shards
-        .iter()
-        .map(|s| *s.stats.lock().unwrap_or_else(|e| e.into_inner()))
-        .collect();
-    let counters: &[Counter<Stats>] = &[
-        ("queries", "Client queries received", |s| s.queries),
-        ("forwarded", "Queries forwarded upstream", |s| s.forwarded),
-        ("refused", "Queries refused by policy", |s| s.refused),
-        (
-            "refused_unknown_source",
-            "Queries refused: unknown source",
-            |s| s.refused_unknown_source,
-        ),
-        (
-            "origin_missing",
-            "Queries with no datapath origin record (eBPF mode; refused as unidentified)",
-            |s| s.origin_missing,
-        ),
-        (
-            "malformed_answered",
-            "Malformed queries answered FORMERR/NOTIMP",
-            |s| s.malformed_answered,
-        ),
-        ("malformed_dropped", "Malformed queries dropped", |s| {
-            s.malformed_dropped
-        }),
-        (
-            "responses_dropped",
-            "Responses (QR set) dropped unanswered",
-            |s| s.responses_dropped,
-        ),
-        (
-            "spoofing_suspected",
-            "Queries given up after repeated answers with their ID but another question",
-            |s| s.spoofing_suspected,
-        ),
-        (
-            "pending_full",
-            "Queries answered SERVFAIL: pending table full",
-            |s| s.pending_full,
-        ),
-        (
-            "no_upstream",
-            "Allowed queries answered SERVFAIL: no --upstream and the client addressed the proxy itself",
-            |s| s.no_upstream,
-        ),
-        (
-            "untrusted_server",
-            "Allowed queries refused: no --upstream and the client addressed a server not given by --dns-server",
-            |s| s.untrusted_server,
-        ),
-        (
-            "timeouts",
-            "Queries answered SERVFAIL after the upstream timeout",
-            |s| s.timeouts,
-        ),
-        ("answered", "Upstream answers relayed", |s| s.answered),
-        ("truncated", "Truncated answers relayed", |s| s.truncated),
-        (
-            "upstream_wrong_source",
-            "Upstream answers from another address than their socket's server",
-            |s| s.upstream_wrong_source,
-        ),
-        ("upstream_malformed", "Malformed upstream answers", |s| {
-            s.upstream_malformed
-        }),
-        (
-            "upstream_unknown_id",
-            "Upstream answers with no query in flight",
-            |s| s.upstream_unknown_id,
-        ),
-        (
-            "upstream_wrong_question",
-            "Upstream answers with a wrong question",
-            |s| s.upstream_wrong_question,
-        ),
-        ("answer_malformed", "Answers with unparsable records", |s| {
-            s.answer_malformed
-        }),
-        (
-            "off_chain_records",
-            "Address records off the CNAME chain (ignored)",
-            |s| s.off_chain_records,
-        ),
-        (
-            "addresses_overflow",
-            "Addresses beyond the 32 kept per answer (not allowed)",
-            |s| s.addresses_overflow,
-        ),
-        (
-            "ttl_clamped",
-            "Enforced answers whose TTLs were lowered to --max-ttl",
-            |s| s.ttl_clamped,
-        ),
-        ("allow_writes", "Allow entries written", |s| s.allow_writes),
-        ("allow_write_failures", "Failed allow write batches", |s| {
-            s.allow_write_failures
-        }),
-        (
-            "records_dropped",
-            "Records dropped: consumer queue full",
-            |s| s.records_dropped,
-        ),
-        (
-            "upstream_case_mismatch",
-            "Upstream answers matching the question but not its 0x20 spelling",
-            |s| s.upstream_case_mismatch,
-        ),
-        (
-            "case_mismatch_failed",
-            "Queries answered SERVFAIL: answer in another spelling from an upstream not known to preserve case",
-            |s| s.case_mismatch_failed,
-        ),
-        (
-            "upstream_0x20_disabled",
-            "Upstream servers DNS 0x20 was switched off for, per shard (they do not preserve case)",
-            |s| s.upstream_0x20_disabled,
-        ),
-        (
-            "upstream_sockets_rotated",
-            "Upstream sockets replaced by a fresh random port",
-            |s| s.upstream_sockets_rotated,
-        ),
-        (
-            "upstream_sockets_attacked",
-            "Upstream sockets replaced early after a burst of answers with unknown IDs",
-            |s| s.upstream_sockets_attacked,
-        ),
-        (
-            "upstream_socket_replace_failed",
-            "Upstream socket replacements that failed (old socket kept)",
-            |s| s.upstream_socket_replace_failed,
-        ),
-        (
-            "upstream_resent",
-            "Queries re-sent from a replacement upstream socket",
-            |s| s.upstream_resent,
-        ),
-        (
-            "upstream_socket_overrun",
-            "Queries sent on a retiring upstream socket: every socket was retiring (raise --upstream-sockets)",
-            |s| s.upstream_socket_overrun,
-        ),
-        (
-            "upstream_unreachable",
-            "Queries answered SERVFAIL at once: ICMP unreachable from the upstream",
-            |s| s.upstream_unreachable,
-        ),
-        (
-            "client_sends_dropped",
-            "Messages to clients dropped by the I/O layer",
-            |s| s.client_sends_dropped,
-        ),
-        (
-            "upstream_sends_dropped",
-            "Messages to the upstream dropped by the I/O layer",
-            |s| s.upstream_sends_dropped,
-        ),
-    ];
-    per_shard(&mut out, "dnsfence_", counters, &stats);
-    let io: Vec<IoStats> = state
-        .shards
-        .iter()
-        .map(|s| s.io.lock().unwrap_or_else(|e| e.into_inner()).clone())
-        .collect();
-    let io_counters: &[Counter<IoStats>] = &[
-        ("udp_rx", "Datagrams received (clients and upstream)", |s| {
-            s.udp_rx
-        }),
-        ("udp_tx", "Datagrams sent", |s| s.udp_tx),
-        (
-            "udp_rx_truncated",
-            "Datagrams dropped: larger than the receive buffer",
-            |s| s.udp_rx_truncated,
-        ),
-        ("udp_rx_errors", "Receive errors", |s| s.udp_rx_errors),
-        ("send_errors", "Sends the kernel rejected", |s| {
-            s.send_errors
-        }),
-        (
-            "send_dropped",
-            "Sends dropped before the kernel (queue or buffer full)",
-            |s| s.send_dropped,
-        ),
-        ("tcp_accepted", "TCP client connections accepted", |s| {
-            s.tcp_accepted
-        }),
-        (
-            "tcp_limit_rejected",
-            "TCP connections closed at once: connection limit",
-            |s| s.tcp_limit_rejected,
-        ),
-        (
-            "tcp_source_limit_rejected",
-            "TCP connections closed at once: per-source connection limit",
-            |s| s.tcp_source_limit_rejected,
-        ),
-        (
-            "tcp_evicted",
-            "TCP connections closed to make room at the connection limit (longest idle)",
-            |s| s.tcp_evicted,
-        ),
-        (
-            "tcp_framing_errors",
-            "TCP connections ended by a frame that is not a query (bad length, QR set)",
-            |s| s.tcp_framing_errors,
-        ),
-        (
-            "tcp_idle_closed",
-            "TCP connections closed: idle timeout",
-            |s| s.tcp_idle_closed,
-        ),
-        (
-            "upstream_tcp_errors",
-            "Upstream TCP connection errors",
-            |s| s.upstream_tcp_errors,
-        ),
-    ];
-    per_shard(&mut out, "dnsfence_io_", io_counters, &io);
-    let obs = state.observations.lock().unwrap_or_else(|e| e.into_inner());
-    let _ = writeln!(out, "# TYPE dnsfence_fqdn_cache_entries gauge");
-    let _ = writeln!(out, "dnsfence_fqdn_cache_entries {}", obs.cache.len());
-    let _ = writeln!(out, "# TYPE dnsfence_fqdn_cache_evictions_total counter");
-    let _ = writeln!(
-        out,
-        "dnsfence_fqdn_cache_evictions_total {}",
-        obs.cache_evictions
-    );
-    let _ = writeln!(out, "# TYPE dnsfence_ip_updates_total counter");
-    let _ = writeln!(out, "dnsfence_ip_updates_total {}", obs.ip_updates);
-    drop(obs);
+/// The agent ↔ proxy sync.
+fn sync(e: &mut DescriptorEncoder, state: &State) -> Fmt {
     let sync = &state.sync;
-    for (name, kind, value) in [
-        ("sync_connected", "gauge", &sync.connected),
-        ("sync_connections_total", "counter", &sync.connections),
-        ("sync_observations_total", "counter", &sync.observations),
-        ("sync_flows_total", "counter", &sync.flows),
-        ("sync_snapshots_total", "counter", &sync.snapshots),
-    ] {
-        let _ = writeln!(out, "# TYPE dnsfence_{name} {kind}");
-        let _ = writeln!(
-            out,
-            "dnsfence_{name} {}",
-            value.load(std::sync::atomic::Ordering::Relaxed)
-        );
-    }
+    let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    gauge(
+        e,
+        "sync_connected",
+        "Sync peers connected now (agent: proxies; proxy: the agent)",
+        load(&sync.connected),
+    )?;
+    counter(
+        e,
+        "sync_connections",
+        "Sync connections made",
+        load(&sync.connections),
+    )?;
+    counter(
+        e,
+        "sync_observations",
+        "Observations merged (agent) or acknowledged (proxy)",
+        load(&sync.observations),
+    )?;
+    counter(
+        e,
+        "sync_flows",
+        "Flow records merged (agent) or acknowledged (proxy)",
+        load(&sync.flows),
+    )?;
+    counter(
+        e,
+        "sync_snapshots",
+        "Policy snapshots sent (agent) or applied (proxy)",
+        load(&sync.snapshots),
+    )?;
     if let Some(pending) = &state.pending {
         let (held, overflowed) = pending.counts();
-        let _ = writeln!(out, "# TYPE dnsfence_sync_pending_records gauge");
-        let _ = writeln!(out, "dnsfence_sync_pending_records {held}");
-        let _ = writeln!(out, "# TYPE dnsfence_sync_overflow_total counter");
-        let _ = writeln!(out, "dnsfence_sync_overflow_total {overflowed}");
+        gauge(
+            e,
+            "sync_pending_records",
+            "Records kept for the agent until it acknowledges them (the replay backlog)",
+            held as u64,
+        )?;
+        counter(
+            e,
+            "sync_overflow",
+            "Records kept for the agent dropped by overflow (oldest first)",
+            overflowed,
+        )?;
     }
-    let _ = writeln!(out, "# TYPE dnsfence_allow_entries gauge");
+    let mut m = e.encode_descriptor(
+        "process",
+        "This process: agent or standalone proxy",
+        None,
+        MetricType::Info,
+    )?;
+    m.encode_info(&[("role", state.health.role().name())])
+}
+
+/// The allow table (userspace, or the eBPF allow map) and the datapath's counters.
+fn allow(e: &mut DescriptorEncoder, state: &State) -> Fmt {
     let allow = state.enforcer.allow_stats();
-    let _ = writeln!(out, "dnsfence_allow_entries {}", allow.entries);
-    let _ = writeln!(out, "# TYPE dnsfence_allow_refused_total counter");
-    for (reason, n) in [
-        ("full", allow.full),
-        ("endpoint_quota", allow.endpoint_quota),
-        ("name_quota", allow.name_quota),
-        ("map_error", allow.map_errors),
-    ] {
-        let _ = writeln!(
-            out,
-            "dnsfence_allow_refused_total{{reason=\"{reason}\"}} {n}"
-        );
-    }
-    let _ = writeln!(out, "# TYPE dnsfence_allow_removed_total counter");
-    for (reason, n) in [
-        ("expired", allow.expired),
-        ("revoked", allow.revoked),
-        ("unjustified", allow.unjustified),
-    ] {
-        let _ = writeln!(
-            out,
-            "dnsfence_allow_removed_total{{reason=\"{reason}\"}} {n}"
-        );
-    }
+    gauge(
+        e,
+        "allow_entries",
+        "Allow entries held",
+        allow.entries as u64,
+    )?;
+    gauge(
+        e,
+        "allow_capacity",
+        "Allow entries the table holds at most (--allow-entries)",
+        state.allow_capacity as u64,
+    )?;
+    gauge(
+        e,
+        "allow_fill_ratio",
+        "Allow entries held over the table's capacity",
+        allow.entries as f64 / state.allow_capacity.max(1) as f64,
+    )?;
+    counters(
+        e,
+        "allow_refused",
+        "Allow entry groups refused, by reason",
+        [
+            ("full", allow.full),
+            ("endpoint_quota", allow.endpoint_quota),
+            ("name_quota", allow.name_quota),
+            ("map_error", allow.map_errors),
+        ]
+        .map(|(reason, n)| ([("reason", reason)], n)),
+    )?;
+    counters(
+        e,
+        "allow_removed",
+        "Allow entries removed, by reason",
+        [
+            ("expired", allow.expired),
+            ("revoked", allow.revoked),
+            ("unjustified", allow.unjustified),
+        ]
+        .map(|(reason, n)| ([("reason", reason)], n)),
+    )?;
     let datapath = state.enforcer.datapath_stats();
     if !datapath.is_empty() {
-        let _ = writeln!(out, "# TYPE dnsfence_datapath_events_total counter");
-        for (event, n) in datapath {
-            let _ = writeln!(
-                out,
-                "dnsfence_datapath_events_total{{event=\"{event}\"}} {n}"
-            );
-        }
+        counters(
+            e,
+            "datapath_events",
+            "eBPF datapath events",
+            datapath
+                .into_iter()
+                .map(|(event, n)| ([("event", event)], n)),
+        )?;
     }
-    let _ = writeln!(out, "# TYPE dnsfence_policy_generation gauge");
-    let _ = writeln!(
-        out,
-        "dnsfence_policy_generation {}",
-        state.policy.load().generation()
-    );
+    Ok(())
+}
+
+/// The policy in force and its reloads.
+fn policy(e: &mut DescriptorEncoder, state: &State) -> Fmt {
+    let snapshot = state.policy.load();
+    let stats = snapshot.stats();
+    gauge(
+        e,
+        "policy_generation",
+        "The policy generation in force (1 at start, one more per reload)",
+        snapshot.generation(),
+    )?;
+    gauge(
+        e,
+        "policy_version",
+        "The sync's number of the policy in force (the agent's; 0: none yet)",
+        state.health.policy_version(),
+    )?;
+    gauge(
+        e,
+        "policy_in_force",
+        "1 when a policy is in force (0: the proxy refuses every query, waiting for the agent's)",
+        u64::from(state.health.policy_in_force()),
+    )?;
+    gauge(
+        e,
+        "policy_endpoints",
+        "Endpoints registered",
+        stats.endpoints as u64,
+    )?;
     let reload = &state.reload;
     let (rejected, pending) = (
         reload.rejected.load(Ordering::Relaxed),
         reload.pending.load(Ordering::Relaxed),
     );
-    let policy_gauges: [(&str, &str, u64); 5] = [
-        (
-            "dnsfence_policy_reload_errors_total",
-            "counter",
-            reload.errors.load(Ordering::Relaxed),
-        ),
-        (
-            "dnsfence_policy_stale",
-            "gauge",
-            u64::from(rejected + pending > 0),
-        ),
-        ("dnsfence_policy_files_rejected", "gauge", rejected),
-        ("dnsfence_policy_files_pending", "gauge", pending),
-        (
-            "dnsfence_policy_fail_closed_endpoints",
-            "gauge",
-            state.policy.load().stats().fail_closed as u64,
-        ),
-    ];
-    for (name, kind, value) in policy_gauges {
-        let _ = writeln!(out, "# TYPE {name} {kind}");
-        let _ = writeln!(out, "{name} {value}");
-    }
-    let _ = writeln!(out, "# TYPE dnsfence_record_queue_length gauge");
-    let _ = writeln!(
-        out,
-        "dnsfence_record_queue_length {}",
-        state.records_queued.len()
-    );
-    for (i, s) in state.shards.iter().enumerate() {
-        let backend = *s.backend.lock().unwrap_or_else(|e| e.into_inner());
-        let cpu = *s.cpu.lock().unwrap_or_else(|e| e.into_inner());
-        let _ = writeln!(
-            out,
-            "dnsfence_shard_info{{shard=\"{i}\",backend=\"{}\",cpu=\"{}\"}} 1",
-            backend.map_or("none".to_owned(), |b| format!("{b:?}").to_lowercase()),
-            cpu.map_or("none".to_owned(), |c| c.to_string())
-        );
-    }
-    out
+    counter(
+        e,
+        "policy_reload_errors",
+        "Policy or endpoint file versions rejected",
+        reload.errors.load(Ordering::Relaxed),
+    )?;
+    gauge(
+        e,
+        "policy_stale",
+        "1 when a file on disk is rejected or not loaded yet",
+        u64::from(rejected + pending > 0),
+    )?;
+    gauge(
+        e,
+        "policy_files_rejected",
+        "Files whose version on disk is rejected",
+        rejected,
+    )?;
+    gauge(
+        e,
+        "policy_files_pending",
+        "Files changed on disk and not loaded yet",
+        pending,
+    )?;
+    gauge(
+        e,
+        "policy_fail_closed_endpoints",
+        "Endpoints denied everything: a policy selecting them failed to load",
+        stats.fail_closed as u64,
+    )
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use dnsfence_policy::Snapshot;
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
 
-    fn state() -> State {
+    fn state(shards: usize) -> State {
         State {
-            shards: Vec::new(),
+            shards: (0..shards).map(|_| Arc::default()).collect(),
             observations: Arc::default(),
             policy: Arc::new(PolicyHandle::new(Arc::new(Snapshot::empty()))),
             enforcer: Arc::new(crate::enforce::Enforcer::userspace(
                 dnsfence_engine::allow::LedgerConfig::default(),
             )),
+            allow_capacity: 100,
+            reject_rcode: "REFUSED",
             reload: Arc::default(),
             records_queued: Arc::new(ArrayQueue::new(1)),
             sync: Arc::default(),
             pending: None,
+            health: Arc::new(Health::new(Role::Agent, Arc::default())),
         }
     }
 
-    fn scrape(addr: SocketAddr) -> std::io::Result<String> {
+    /// A port free now (the endpoints bind it themselves).
+    fn free_addr() -> SocketAddr {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    }
+
+    fn get(addr: SocketAddr, path: &str) -> std::io::Result<String> {
         let mut s = TcpStream::connect(addr)?;
         s.set_read_timeout(Some(Duration::from_secs(5)))?;
-        s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")?;
+        write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
         let mut text = String::new();
         s.read_to_string(&mut text)?;
         Ok(text)
     }
 
-    /// Idle connections (open, nothing sent) neither stall a scrape nor pile up: up to the cap
-    /// they are served side by side, beyond it the oldest is shut down.
+    fn status_line(text: &str) -> &str {
+        text.lines().next().unwrap_or_default()
+    }
+
+    /// The exposition is OpenMetrics: typed families, `_total` on every counter sample, one
+    /// `# EOF` at the end, and the per-shard values as the shards published them.
+    #[test]
+    fn exposition_is_openmetrics_with_the_shards_values() {
+        let state = state(2);
+        state.shards[1].stats.lock().unwrap().queries = 7;
+        state.shards[1].stats.lock().unwrap().refused = 3;
+        state.shards[0].stats.lock().unwrap().forwarded = 4;
+        state.shards[0].stats.lock().unwrap().queries = 4;
+        let endpoints = Endpoints {
+            installed: Arc::default(),
+        };
+        endpoints.install(state);
+        let installed = endpoints.installed.get().unwrap();
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &installed.registry).unwrap();
+        assert!(text.ends_with("# EOF\n"), "{text}");
+        assert!(text.contains("# TYPE dnsfence_queries counter\n"), "{text}");
+        assert!(
+            text.contains("dnsfence_queries_total{shard=\"0\"} 4\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("dnsfence_queries_total{shard=\"1\"} 7\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("dnsfence_query_verdicts_total{verdict=\"denied\"} 3\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("dnsfence_query_verdicts_total{verdict=\"forwarded\"} 4\n"),
+            "{text}"
+        );
+        assert!(text.contains("dnsfence_policy_generation 0\n"), "{text}");
+        assert!(
+            text.contains("dnsfence_process_info{role=\"agent\"} 1\n"),
+            "{text}"
+        );
+        // Every counter sample ends in _total.
+        let mut types = std::collections::HashMap::new();
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("# TYPE ") {
+                let (name, kind) = rest.split_once(' ').unwrap();
+                types.insert(name.to_owned(), kind.to_owned());
+            }
+        }
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let name = line.split(['{', ' ']).next().unwrap();
+            let family = name.strip_suffix("_total").unwrap_or(name);
+            if types.get(family).map(String::as_str) == Some("counter") {
+                assert!(name.ends_with("_total"), "{line}");
+            }
+        }
+    }
+
+    /// Before the process serves every endpoint answers 503; then 200; anything else 404.
+    #[test]
+    fn endpoints_answer_503_until_installed_then_200_and_404_elsewhere() {
+        let addr = free_addr();
+        let endpoints = bind(addr).unwrap();
+        for path in ["/metrics", "/healthz", "/readyz"] {
+            let text = get(addr, path).unwrap();
+            assert!(status_line(&text).contains(" 503 "), "{path}: {text}");
+        }
+        let state = state(1);
+        state.shards[0].batches.store(1, Ordering::Relaxed);
+        state.health.policy_loaded(1);
+        state.health.beat();
+        endpoints.install(state);
+        for path in ["/metrics", "/healthz", "/readyz"] {
+            let text = get(addr, path).unwrap();
+            assert!(status_line(&text).contains(" 200 "), "{path}: {text}");
+        }
+        let metrics = get(addr, "/metrics").unwrap();
+        assert!(metrics.contains(OPENMETRICS), "{metrics}");
+        for path in ["/", "/metricsx", "/metrics/../x"] {
+            let text = get(addr, path).unwrap();
+            assert!(status_line(&text).contains(" 404 "), "{path}: {text}");
+        }
+        // A header beyond the library's 8 KiB bound is refused, not buffered.
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let long = "x".repeat(64 * 1024);
+        let _ = write!(
+            s,
+            "GET /metrics HTTP/1.1\r\nHost: x\r\nX-Long: {long}\r\n\r\n"
+        );
+        let mut text = String::new();
+        let _ = s.read_to_string(&mut text);
+        assert!(
+            status_line(&text).contains(" 400 "),
+            "{}",
+            status_line(&text)
+        );
+    }
+
+    /// Idle connections (open, nothing sent) do not stall a scrape while they are fewer than
+    /// the connection bound; beyond it, each batch of that many ahead of the scrape delays
+    /// it by one read timeout at most (they are answered 408 and closed).
     #[test]
     fn idle_connections_do_not_stall_a_scrape() {
-        let listener = bind("127.0.0.1:0".parse().unwrap()).unwrap();
-        let addr = listener.local_addr().unwrap();
-        let stop = Arc::new(AtomicBool::new(false));
-        serve(listener, state(), Arc::clone(&stop)).unwrap();
-        for idle in [50, 4 * MAX_CONNECTIONS] {
+        let addr = free_addr();
+        let endpoints = bind(addr).unwrap();
+        endpoints.install(state(0));
+        for (idle, bound) in [
+            (MAX_CONNECTIONS - 14, Duration::from_secs(1)),
+            (
+                2 * MAX_CONNECTIONS,
+                2 * REQUEST_TIMEOUT + Duration::from_secs(1),
+            ),
+        ] {
             let conns: Vec<TcpStream> = (0..idle)
                 .map(|_| TcpStream::connect(addr).unwrap())
                 .collect();
-            // Let the acceptor take them all before the scrape.
             std::thread::sleep(Duration::from_millis(300));
             let started = Instant::now();
-            let text = scrape(addr).unwrap();
+            let text = get(addr, "/metrics").unwrap();
             let took = started.elapsed();
-            assert!(text.starts_with("HTTP/1.0 200 OK"), "{text}");
-            assert!(text.contains("dnsfence_policy_generation 0"), "{text}");
-            assert!(
-                took < Duration::from_secs(1),
-                "{idle} idle: scrape took {took:?}"
-            );
+            assert!(status_line(&text).contains(" 200 "), "{text}");
+            assert!(took < bound, "{idle} idle: scrape took {took:?}");
             drop(conns);
+            // Let the idle connections' threads end.
+            std::thread::sleep(REQUEST_TIMEOUT);
         }
-        stop.store(true, Ordering::Relaxed);
     }
 }

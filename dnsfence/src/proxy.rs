@@ -16,6 +16,7 @@ use dnsfence_policy::Snapshot;
 use crate::agent::DEFAULT_AGENT_SOCKET;
 use crate::enforce::Enforcer;
 use crate::ha::{self, Pending, ProxySync};
+use crate::health::{Health, Role};
 use crate::serve::{self, ServeArgs, Server, Start, UnknownFlag};
 
 /// Most records per replay buffer: two full buffers of the largest records (flow records of
@@ -104,15 +105,20 @@ pub fn run(args: &ProxyArgs) -> Result<()> {
     pending.restore(WHO, &state);
     let cache = ha::load_cache(WHO, Some(&state), &args.serve);
     let sync_stats = Arc::new(ha::SyncStats::default());
+    let health = Arc::new(Health::new(Role::Proxy, Arc::clone(&stop)));
+    if let Some(version) = version {
+        health.policy_loaded(version);
+    }
     // Each snapshot from the agent: compiled, then the allow entries follow it, then the
     // shards, then it is persisted (so a restart serves it) and acknowledged.
     let generation = Arc::new(AtomicU64::new(1));
     let apply = {
-        let (policy, enforcer, state, generation) = (
+        let (policy, enforcer, state, generation, health) = (
             Arc::clone(&policy),
             Arc::clone(&enforcer),
             Arc::clone(&state),
             Arc::clone(&generation),
+            Arc::clone(&health),
         );
         move |msg: &dnsfence_sync::proto::PolicySnapshot| -> Result<()> {
             let (_, mut snapshot, lines) = ha::compile(msg)?;
@@ -123,6 +129,7 @@ pub fn run(args: &ProxyArgs) -> Result<()> {
                 eprintln!("{WHO}: {line}");
             }
             policy.store(snapshot);
+            health.policy_loaded(msg.version);
             ha::save_policy(&state, msg)?;
             eprintln!(
                 "{WHO}: policy snapshot {} from the agent in force",
@@ -173,9 +180,9 @@ pub fn run(args: &ProxyArgs) -> Result<()> {
         enforcer: Arc::clone(&enforcer),
         observations: cache,
         forward: Some(pending.forward()),
-        stop: Arc::clone(&stop),
         sync: Arc::clone(&sync_stats),
         pending: Some(Arc::clone(&pending)),
+        health,
     })?;
 
     let mut failed = None;

@@ -156,10 +156,11 @@ pub struct ServeArgs {
     /// Queries from unknown sources.
     #[arg(long, value_enum, default_value = "deny")]
     pub unknown_source: UnknownFlag,
-    /// Prometheus metrics (HTTP GET /metrics).
-    #[arg(long, value_name = "ADDR:PORT", default_value = "127.0.0.1:9967")]
-    pub metrics_listen: SocketAddr,
-    /// Disable the metrics listener.
+    /// Prometheus metrics and health probes (HTTP GET /metrics, /healthz, /readyz). Default:
+    /// 127.0.0.1:9967 for the agent, 127.0.0.1:9968 for the proxy (both run on a node).
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub metrics_listen: Option<SocketAddr>,
+    /// Disable the metrics and health listener.
     #[arg(long)]
     pub no_metrics: bool,
     /// The DNS server queries are taken to be addressed to when the datapath does not say
@@ -576,6 +577,7 @@ pub struct Server {
     who: &'static str,
     upstream: String,
     case_logged: bool,
+    health: Arc<crate::health::Health>,
 }
 
 /// What a [`Server`] starts from.
@@ -594,12 +596,12 @@ pub struct Start<'a> {
     pub observations: Observations,
     /// Sees every record the consumer takes (the proxy's replay buffers).
     pub forward: Option<consumer::Forward>,
-    /// Set by SIGTERM/SIGINT (also stops the metrics thread).
-    pub stop: Arc<AtomicBool>,
     /// The sync's counters, and (proxy) the records kept for the agent, for the metrics.
     pub sync: Arc<crate::ha::SyncStats>,
     /// See [`crate::ha::Pending`].
     pub pending: Option<Arc<crate::ha::Pending>>,
+    /// Liveness and readiness (the control loop beats through [`Server::check`]).
+    pub health: Arc<crate::health::Health>,
 }
 
 impl Server {
@@ -616,16 +618,19 @@ impl Server {
             enforcer,
             observations,
             forward,
-            stop,
             sync,
             pending,
+            health,
         } = start;
         let records = Arc::new(ArrayQueue::new(args.record_queue.max(1)));
-        let metrics_listener = match args.no_metrics {
+        let metrics_listen = args
+            .metrics_listen
+            .unwrap_or_else(|| metrics::default_listen(health.role()));
+        let endpoints = match args.no_metrics {
             true => None,
             false => Some(
-                metrics::bind(args.metrics_listen)
-                    .with_context(|| format!("metrics listener {}", args.metrics_listen))?,
+                metrics::bind(metrics_listen)
+                    .with_context(|| format!("metrics listener {metrics_listen}"))?,
             ),
         };
         let flow_log: Option<Box<dyn std::io::Write + Send>> = match &args.flow_log {
@@ -714,18 +719,24 @@ impl Server {
         };
 
         let reload = Arc::new(metrics::ReloadStatus::default());
-        if let Some(listener) = metrics_listener {
-            let state = metrics::State {
+        health.beat();
+        if let Some(endpoints) = endpoints {
+            endpoints.install(metrics::State {
                 shards: statuses.clone(),
                 observations: Arc::clone(&observations),
                 policy: Arc::clone(&policy),
                 enforcer: Arc::clone(&enforcer),
+                allow_capacity: args.ledger().capacity,
+                reject_rcode: match args.reject_rcode {
+                    RejectFlag::Refused => "REFUSED",
+                    RejectFlag::Nxdomain => "NXDOMAIN",
+                },
                 reload: Arc::clone(&reload),
                 records_queued: Arc::clone(&records),
                 sync,
                 pending,
-            };
-            metrics::serve(listener, state, Arc::clone(&stop)).context("metrics thread")?;
+                health: Arc::clone(&health),
+            });
         }
         let backend = statuses[0]
             .backend
@@ -748,12 +759,15 @@ impl Server {
             who,
             upstream,
             case_logged: false,
+            health,
         })
     }
 
     /// The index of a shard thread that stopped (it should not: the process exits so that a
     /// supervisor restarts it). Also logs, once, that 0x20 was switched off for an upstream.
+    /// Called on each turn of the control loop: it is the loop's heartbeat for `/healthz`.
     pub fn check(&mut self) -> Option<usize> {
+        self.health.beat();
         if !self.case_logged
             && self.statuses.iter().any(|s| {
                 s.stats
@@ -770,7 +784,11 @@ impl Server {
                 self.who, self.upstream
             );
         }
-        self.threads.iter().position(|t| t.is_finished())
+        let dead = self.threads.iter().position(|t| t.is_finished());
+        if let Some(i) = dead {
+            self.health.shard_died(i);
+        }
+        dead
     }
 
     /// Stops the shards (each takes its sockets out of the port's steering, then drains what
