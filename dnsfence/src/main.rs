@@ -11,6 +11,7 @@ mod metrics;
 mod policy_cmd;
 mod proxy;
 mod serve;
+mod status_cmd;
 mod steer;
 
 use std::process::ExitCode;
@@ -38,6 +39,9 @@ enum Command {
     Agent(Box<agent::AgentArgs>),
     /// Run the standalone HA proxy beside an agent (same --listen; policy from the agent).
     Proxy(Box<proxy::ProxyArgs>),
+    /// Health, policy, shards, allow map and sync of the running agent and proxy (asked at
+    /// their metrics addresses); exits non-zero when one is unreachable, unhealthy or not ready.
+    Status(status_cmd::StatusArgs),
     /// Prove it: load, SIGKILL and restart of an agent, and the verdict counts, on loopback.
     Demo(demo::DemoArgs),
 }
@@ -47,6 +51,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Match(args) => match_cmd::run(&args),
         Command::Policy(args) => policy_cmd::run(&args),
+        Command::Status(args) => status_cmd::run(&args),
         Command::Demo(args) => match demo::run(&args) {
             Ok(true) => ExitCode::SUCCESS,
             Ok(false) => ExitCode::FAILURE,

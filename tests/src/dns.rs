@@ -313,6 +313,14 @@ pub fn http_get(addr: SocketAddr, path: &str) -> Result<String, String> {
 
 /// One `GET` (no retry): the body of a 200 answer.
 pub fn http_get_once(addr: SocketAddr, path: &str) -> Result<String, String> {
+    match http_get_status(addr, path)? {
+        (200, body) => Ok(body),
+        (code, _) => Err(format!("HTTP status: {code}")),
+    }
+}
+
+/// One `GET` (no retry): the status code and the body, whatever the status.
+pub fn http_get_status(addr: SocketAddr, path: &str) -> Result<(u16, String), String> {
     let mut s =
         TcpStream::connect_timeout(&addr, Duration::from_secs(2)).map_err(|e| e.to_string())?;
     s.set_read_timeout(Some(Duration::from_secs(3)))
@@ -321,13 +329,17 @@ pub fn http_get_once(addr: SocketAddr, path: &str) -> Result<String, String> {
     let mut text = String::new();
     s.read_to_string(&mut text).map_err(|e| e.to_string())?;
     let (head, body) = text.split_once("\r\n\r\n").ok_or("no HTTP header end")?;
-    if !head.starts_with("HTTP/1.0 200") && !head.starts_with("HTTP/1.1 200") {
-        return Err(format!(
-            "HTTP status: {}",
-            head.lines().next().unwrap_or_default()
-        ));
-    }
-    Ok(body.to_owned())
+    let code = head
+        .strip_prefix("HTTP/1.")
+        .and_then(|rest| rest.get(2..5))
+        .and_then(|code| code.parse().ok())
+        .ok_or_else(|| {
+            format!(
+                "no HTTP status: {}",
+                head.lines().next().unwrap_or_default()
+            )
+        })?;
+    Ok((code, body.to_owned()))
 }
 
 /// The samples of metric `name` in a Prometheus text page: (labels, value).

@@ -540,6 +540,22 @@ impl AgentConfig {
         self
     }
 
+    /// The agent (or, with `proxy`, the standalone proxy) of an HA pair on `listen`, syncing
+    /// over `dir`'s socket, each with its own state directory in `dir` (io_uring, userspace).
+    pub fn ha_pair(dir: &Path, listen: SocketAddr, upstream: SocketAddr, proxy: bool) -> Self {
+        let socket = dir.join("agent.sock");
+        let state = dir.join(if proxy { "proxy-state" } else { "agent-state" });
+        let mut c = AgentConfig::new(IoBackend::Uring, upstream).args(&[
+            "--agent-socket",
+            socket.to_str().expect("utf-8"),
+            "--state-dir",
+            state.to_str().expect("utf-8"),
+        ]);
+        c.listen = Some(listen);
+        c.proxy = proxy;
+        c
+    }
+
     /// Sets `--shards` (and `--cpus` when given).
     pub fn shards(mut self, shards: usize, cpus: Option<&str>) -> AgentConfig {
         self.shards = shards;
@@ -676,6 +692,20 @@ impl Agent {
     /// Sum over shards of a counter.
     pub fn metric_sum(&self, name: &str) -> f64 {
         self.metric(name).iter().map(|(_, v)| v).sum()
+    }
+
+    /// Waits (10 s at most, else panics with the last answer) until `GET path` answers
+    /// `code` (a probe: `/healthz`, `/readyz`), and returns the body.
+    pub fn wait_probe(&self, path: &str, code: u16) -> String {
+        let mut last = Err(String::new());
+        let got = poll_until(Duration::from_secs(10), || {
+            last = dns::http_get_status(self.metrics, path);
+            match &last {
+                Ok((c, body)) if *c == code => Some(body.clone()),
+                _ => None,
+            }
+        });
+        got.unwrap_or_else(|| panic!("GET {path} at {}: want {code}, got {last:?}", self.metrics))
     }
 
     /// Waits (10 s at most, else panics with the metrics) until `metric` summed over its

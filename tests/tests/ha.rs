@@ -10,22 +10,12 @@ use std::time::{Duration, Instant};
 
 use dnsfence_tests::dns::{self, TYPE_A};
 use dnsfence_tests::upstream::Bundled;
-use dnsfence_tests::{Agent, AgentConfig, IoBackend, TempDir, free_addr, loadgen_with, poll_until};
+use dnsfence_tests::{Agent, AgentConfig, TempDir, free_addr, loadgen_with, poll_until};
 
 /// The agent (or, with `proxy`, the standalone proxy) on `listen`, syncing over `dir`'s
 /// socket, with its own state directory.
 fn config(dir: &Path, listen: SocketAddr, upstream: SocketAddr, proxy: bool) -> AgentConfig {
-    let socket = dir.join("agent.sock");
-    let state = dir.join(if proxy { "proxy-state" } else { "agent-state" });
-    let mut c = AgentConfig::new(IoBackend::Uring, upstream).args(&[
-        "--agent-socket",
-        socket.to_str().expect("utf-8"),
-        "--state-dir",
-        state.to_str().expect("utf-8"),
-    ]);
-    c.listen = Some(listen);
-    c.proxy = proxy;
-    c
+    AgentConfig::ha_pair(dir, listen, upstream, proxy)
 }
 
 /// The rcode of `name` asked from a fresh source port (the kernel picks the process by the
