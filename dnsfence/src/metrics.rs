@@ -427,6 +427,12 @@ const IO: &[PerShard<IoStats>] = &[
         |s| s.udp_rx,
     ),
     ("io_udp_tx", "Datagrams sent", |s| s.udp_tx),
+    ("io_waits", "Polls that slept (wake-ups)", |s| s.waits),
+    (
+        "io_coalesced_waits",
+        "Polls that slept coalescing completions (--coalesce)",
+        |s| s.coalesced_waits,
+    ),
     (
         "io_udp_rx_truncated",
         "Datagrams dropped: larger than the receive buffer",

@@ -219,6 +219,15 @@ fn coalescing_agent_answers_and_bad_values_are_refused() {
         assert_eq!(dns::rcode(&raw), rcode::NOERROR);
     }
     agent.process.assert_running();
+    agent.wait_metric("dnsfence_io_coalesced_waits_total", 10.0);
+    // Without the flag, no wait coalesces.
+    let plain = Agent::start(&AgentConfig::new(IoBackend::Uring, fake.addr));
+    for i in 0..5u16 {
+        let q = dns::query(i, "www.allowed.test", TYPE_A, None);
+        dns::udp_exchange(plain.addr, &q, T).expect("answer");
+    }
+    plain.wait_metric("dnsfence_io_waits_total", 5.0);
+    assert_eq!(plain.metric_sum("dnsfence_io_coalesced_waits_total"), 0.0);
     let bad = AgentConfig::new(IoBackend::Uring, fake.addr).args(&["--coalesce", "11ms"]);
     let mut bad = Agent::spawn(&bad);
     let status = bad.process.wait_timeout(Duration::from_secs(10));
