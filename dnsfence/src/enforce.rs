@@ -51,8 +51,9 @@ impl Enforcer {
     ) -> Result<Enforcer> {
         let mut datapath = Datapath::install(install).with_context(|| {
             format!(
-                "eBPF datapath (pins under {}, cgroup root {}; needs root or CAP_BPF + \
-                 CAP_NET_ADMIN + CAP_SYS_ADMIN; --no-bpf runs without it)",
+                "eBPF datapath (pins under {}, cgroup root {}; needs CAP_BPF + CAP_NET_ADMIN + \
+                 CAP_PERFMON, and CAP_SYS_ADMIN where cgroup2 must be mounted; --no-bpf runs \
+                 without it)",
                 install.pin_dir.display(),
                 install.cgroup_root.display()
             )

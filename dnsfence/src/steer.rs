@@ -45,8 +45,8 @@ pub fn open(who: &str, enforcer: &Enforcer, args: &ServeArgs) -> Option<Arc<Reus
         }
         Err(e) => {
             eprintln!(
-                "{who}: warning: no SO_REUSEPORT steering ({e}): a graceful stop may lose \
-                 the queries its sockets hold"
+                "{who}: warning: no SO_REUSEPORT steering ({e}; it needs CAP_BPF + \
+                 CAP_PERFMON): a graceful stop may lose the queries its sockets hold"
             );
             None
         }

@@ -40,6 +40,53 @@ pub fn agent_config(
     config
 }
 
+/// The policy of the agent + proxy datapath tests: endpoint `a` may resolve `*.allowed.test`
+/// and reach those names on 443/TCP.
+pub const A_POLICY: &str = r#"apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: a-egress, namespace: default}
+spec:
+  endpointSelector: {matchLabels: {app: a}}
+  egress:
+  - toPorts:
+    - ports: [{port: "53", protocol: ANY}]
+      rules:
+        dns: [{matchPattern: "*.allowed.test"}]
+  - toFQDNs: [{matchPattern: "*.allowed.test"}]
+    toPorts: [{ports: [{port: "443", protocol: TCP}]}]
+"#;
+
+/// The agent (or with `proxy`, the standalone proxy) of an agent + proxy pair in eBPF mode on
+/// `env`: [`A_POLICY`], [`TWO_ENDPOINTS`], the sync socket and state directories under `dir`,
+/// both on 127.0.0.1:`port`.
+pub fn pair_config(
+    env: &Env,
+    dir: &crate::TempDir,
+    upstream: SocketAddr,
+    port: u16,
+    proxy: bool,
+) -> crate::AgentConfig {
+    let socket = dir.path().join("agent.sock");
+    let state = dir
+        .path()
+        .join(if proxy { "proxy-state" } else { "agent-state" });
+    let mut c = agent_config(
+        env,
+        upstream,
+        A_POLICY,
+        TWO_ENDPOINTS,
+        &[
+            "--agent-socket",
+            socket.to_str().expect("utf-8"),
+            "--state-dir",
+            state.to_str().expect("utf-8"),
+        ],
+    );
+    c.listen = Some(SocketAddr::from(([127, 0, 0, 1], port)));
+    c.proxy = proxy;
+    c
+}
+
 /// Serialises the datapath tests of one test binary (they share the blackhole route).
 pub static EXCLUSIVE: Mutex<()> = Mutex::new(());
 

@@ -514,6 +514,8 @@ pub struct AgentConfig {
     /// Run `dnsfence proxy` (the standalone HA proxy: no policy files; pass
     /// `--agent-socket` and `--state-dir` in `extra`) instead of `dnsfence agent`.
     pub proxy: bool,
+    /// A command the binary runs under (e.g. `setpriv --bounding-set=...`), empty: none.
+    pub wrapper: Vec<String>,
 }
 
 impl AgentConfig {
@@ -531,6 +533,7 @@ impl AgentConfig {
             bpf: None,
             pin_default: false,
             proxy: false,
+            wrapper: Vec::new(),
         }
     }
 
@@ -591,7 +594,14 @@ impl Agent {
         let endpoints_path = dir.write("endpoints.yaml", &config.endpoints);
         let addr = config.listen.unwrap_or_else(free_addr);
         let metrics = free_addr();
-        let mut cmd = Command::new(bin("dnsfence"));
+        let mut cmd = match config.wrapper.split_first() {
+            None => Command::new(bin("dnsfence")),
+            Some((program, args)) => {
+                let mut cmd = Command::new(program);
+                cmd.args(args).arg(bin("dnsfence"));
+                cmd
+            }
+        };
         cmd.arg(if config.proxy { "proxy" } else { "agent" });
         match &config.bpf {
             None => {

@@ -5,46 +5,10 @@
 use std::net::{IpAddr, SocketAddr, TcpListener};
 use std::time::Duration;
 
-use dnsfence_tests::bpf::{self, EXCLUSIVE, Env, TWO_ENDPOINTS, require_root};
+use dnsfence_tests::bpf::{self, EXCLUSIVE, Env, require_root};
 use dnsfence_tests::upstream::Bundled;
-use dnsfence_tests::{Agent, AgentConfig, TempDir, bin, free_port};
+use dnsfence_tests::{Agent, TempDir, bin, free_port};
 use serde_json::Value;
-
-const POLICY: &str = r#"apiVersion: cilium.io/v2
-kind: CiliumNetworkPolicy
-metadata: {name: a-egress, namespace: default}
-spec:
-  endpointSelector: {matchLabels: {app: a}}
-  egress:
-  - toPorts:
-    - ports: [{port: "53", protocol: ANY}]
-      rules:
-        dns: [{matchPattern: "*.allowed.test"}]
-  - toFQDNs: [{matchPattern: "*.allowed.test"}]
-    toPorts: [{ports: [{port: "443", protocol: TCP}]}]
-"#;
-
-fn config(env: &Env, dir: &TempDir, upstream: SocketAddr, port: u16, proxy: bool) -> AgentConfig {
-    let socket = dir.path().join("agent.sock");
-    let state = dir
-        .path()
-        .join(if proxy { "proxy-state" } else { "agent-state" });
-    let mut c = bpf::agent_config(
-        env,
-        upstream,
-        POLICY,
-        TWO_ENDPOINTS,
-        &[
-            "--agent-socket",
-            socket.to_str().expect("utf-8"),
-            "--state-dir",
-            state.to_str().expect("utf-8"),
-        ],
-    );
-    c.listen = Some(SocketAddr::from(([127, 0, 0, 1], port)));
-    c.proxy = proxy;
-    c
-}
 
 #[test]
 fn the_proxy_opens_new_names_while_the_agent_is_dead() {
@@ -56,8 +20,8 @@ fn the_proxy_opens_new_names_while_the_agent_is_dead() {
     let upstream = Bundled::start(&[]);
     let port = free_port();
     let dir = TempDir::new("ha-bpf");
-    let mut agent = Agent::start(&config(&env, &dir, upstream.addr, port, false));
-    let proxy = Agent::start(&config(&env, &dir, upstream.addr, port, true));
+    let mut agent = Agent::start(&bpf::pair_config(&env, &dir, upstream.addr, port, false));
+    let proxy = Agent::start(&bpf::pair_config(&env, &dir, upstream.addr, port, true));
     proxy.wait_metric("dnsfence_sync_snapshots_total", 1.0);
 
     agent.process.signal("KILL");
@@ -77,7 +41,7 @@ fn the_proxy_opens_new_names_while_the_agent_is_dead() {
     proxy.wait_metric("dnsfence_sync_pending_records", 1.0);
 
     // The agent returns and receives what the proxy learned.
-    let agent = Agent::start(&config(&env, &dir, upstream.addr, port, false));
+    let agent = Agent::start(&bpf::pair_config(&env, &dir, upstream.addr, port, false));
     agent.wait_metric("dnsfence_sync_observations_total", 1.0);
     drop(proxy);
     drop(agent);
@@ -164,8 +128,8 @@ fn sigterm_of_agent_or_proxy_under_load_loses_no_query() {
     let upstream = Bundled::start(&[]);
     let port = free_port();
     let dir = TempDir::new("ha-drain");
-    let mut agent = Agent::start(&config(&env, &dir, upstream.addr, port, false));
-    let mut proxy = Agent::start(&config(&env, &dir, upstream.addr, port, true));
+    let mut agent = Agent::start(&bpf::pair_config(&env, &dir, upstream.addr, port, false));
+    let mut proxy = Agent::start(&bpf::pair_config(&env, &dir, upstream.addr, port, true));
     proxy.wait_metric("dnsfence_sync_snapshots_total", 1.0);
     for p in [&agent.process, &proxy.process] {
         assert!(
@@ -188,7 +152,7 @@ fn sigterm_of_agent_or_proxy_under_load_loses_no_query() {
     proxy.process.assert_running();
 
     // The agent returns; then the proxy stops gracefully.
-    let agent = Agent::start(&config(&env, &dir, upstream.addr, port, false));
+    let agent = Agent::start(&bpf::pair_config(&env, &dir, upstream.addr, port, false));
     proxy.wait_metric("dnsfence_sync_snapshots_total", 2.0);
     let report = load_with_sigterm(&env, &dir, 5000, 3.0, 1.0, proxy.process.pid());
     assert!(
@@ -221,7 +185,7 @@ fn prefer_agent_sends_everything_to_the_agent_while_it_serves() {
     let port = free_port();
     let dir = TempDir::new("ha-prefer");
     let with_mode = |proxy| {
-        let mut c = config(&env, &dir, upstream.addr, port, proxy);
+        let mut c = bpf::pair_config(&env, &dir, upstream.addr, port, proxy);
         c.extra
             .extend(["--reuseport-mode".to_owned(), "prefer-agent".to_owned()]);
         c
