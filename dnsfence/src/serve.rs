@@ -132,8 +132,9 @@ pub struct ServeArgs {
     pub io: IoFlag,
     /// io_uring backend: a shard with nothing to do sleeps until `--coalesce-batch`
     /// completions have arrived or this long has passed (then serves what came), so that one
-    /// wake-up serves several queries at moderate load; a query waits at most twice this
-    /// (its receive and its answer). `0` (default): wake on every completion. Pays off only
+    /// wake-up serves several queries at moderate load; a UDP query waits at most twice this
+    /// (its receive and its answer), a TCP one once per step (accept, read, upstream connect,
+    /// answer). `0` (default): wake on every completion. Pays off only
     /// near 20k qps per shard (bench/RESULTS.md, "Low load"). `50us`, `1ms`, at most 10ms.
     #[arg(long, default_value = "0", value_parser = parse_coalesce)]
     pub coalesce: Duration,
