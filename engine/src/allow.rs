@@ -50,11 +50,12 @@ impl PortSpec {
     pub const ICMP: u8 = 8;
     /// ICMPv6 (the spec's range is of ICMPv6 types).
     pub const ICMPV6: u8 = 16;
-    /// Every port over every protocol (a toFQDNs rule without `toPorts`).
+    /// Every port over every protocol, ICMP and ICMPv6 (every type) included: a toFQDNs rule
+    /// without `toPorts` is an L3 allow of the names' addresses, as in Cilium.
     pub const ALL: PortSpec = PortSpec {
         lo: 0,
         hi: u16::MAX,
-        protos: PortSpec::TCP | PortSpec::UDP | PortSpec::SCTP,
+        protos: PortSpec::TCP | PortSpec::UDP | PortSpec::SCTP | PortSpec::ICMP | PortSpec::ICMPV6,
     };
 
     /// The spec of a policy port entry (`ANY` is TCP, UDP and SCTP, as in Cilium).

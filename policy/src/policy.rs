@@ -181,12 +181,9 @@ pub struct PortProto {
 }
 
 impl PortProto {
-    /// Every port over any protocol (a toFQDNs rule without `toPorts`).
-    pub const ALL: PortProto = PortProto {
-        port: 0,
-        end_port: u16::MAX,
-        proto: PortProtocol::Any,
-    };
+    /// Every port over every protocol, ICMP included (a toFQDNs rule without `toPorts`: an L3
+    /// allow of the names' addresses, as in Cilium). The same as [`PortProto::EVERY`].
+    pub const ALL: PortProto = PortProto::EVERY;
 
     /// Everything, ICMP included: what an L3 rule without `toPorts` or `icmps` allows (or an
     /// `egressDeny` without them denies) in the L3 table.

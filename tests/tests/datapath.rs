@@ -201,6 +201,10 @@ except Exception as e:\n    print(type(e).__name__, e)\n";
         Ok(()),
         "any port"
     );
+    // A toFQDNs rule without toPorts is an L3 allow, ICMP included (as in Cilium)...
+    assert_eq!(env.icmp(Some("b"), other, 8), Ok(true), "ping");
+    // ...and ICMP to an address no rule allows stays denied.
+    assert!(env.icmp_denied(Some("b"), www, 8));
     assert!(env.denied(Some("b"), SocketAddr::new(www, 443)));
     // A process outside both cgroups is untouched: not redirected (the blackhole eats its
     // query) and not filtered.
