@@ -1225,18 +1225,25 @@ fn parse_icmps(
                 continue;
             };
             let number = match &t.data {
-                YamlData::Value(Scalar::Integer(n)) => Some(*n),
+                YamlData::Value(Scalar::Integer(n)) => u8::try_from(*n).ok(),
                 YamlData::Value(Scalar::String(s)) if s.bytes().all(|b| b.is_ascii_digit()) => {
-                    s.parse::<i64>().ok()
+                    s.parse::<u8>().ok()
                 }
+                YamlData::Value(Scalar::String(s)) => icmp_type_named(v6, s),
                 _ => None,
             };
-            match number.and_then(|n| u8::try_from(n).ok()) {
+            match number {
                 Some(n) => out.push(PortProto::icmp(v6, n)),
                 None => diag.invalid(
                     t,
                     &type_path,
-                    "expected an ICMP type number 0-255 (type names are not supported)",
+                    if v6 {
+                        "expected an ICMPv6 type: a number 0-255 or one of Cilium's IPv6 type \
+                         names (e.g. EchoRequest, NeighborSolicitation)"
+                    } else {
+                        "expected an ICMP type: a number 0-255 or one of Cilium's IPv4 type \
+                         names (e.g. EchoRequest, DestinationUnreachable)"
+                    },
                 ),
             }
         }
@@ -1244,6 +1251,58 @@ fn parse_icmps(
     out.sort_unstable();
     out.dedup();
     Some(out)
+}
+
+/// The type number of an ICMP (`v6` false) or ICMPv6 type name as Cilium's `icmps` accept it
+/// (CamelCase; the numbers are IANA's). None for a name Cilium does not know in that family.
+fn icmp_type_named(v6: bool, name: &str) -> Option<u8> {
+    const V4: &[(&str, u8)] = &[
+        ("EchoReply", 0),
+        ("DestinationUnreachable", 3),
+        ("Redirect", 5),
+        ("Echo", 8),
+        ("EchoRequest", 8),
+        ("RouterAdvertisement", 9),
+        ("RouterSelection", 10),
+        ("TimeExceeded", 11),
+        ("ParameterProblem", 12),
+        ("Timestamp", 13),
+        ("TimestampReply", 14),
+        ("Photuris", 40),
+        ("ExtendedEchoRequest", 42),
+        ("ExtendedEchoReply", 43),
+    ];
+    const V6: &[(&str, u8)] = &[
+        ("DestinationUnreachable", 1),
+        ("PacketTooBig", 2),
+        ("TimeExceeded", 3),
+        ("ParameterProblem", 4),
+        ("EchoRequest", 128),
+        ("EchoReply", 129),
+        ("MulticastListenerQuery", 130),
+        ("MulticastListenerReport", 131),
+        ("MulticastListenerDone", 132),
+        ("RouterSolicitation", 133),
+        ("RouterAdvertisement", 134),
+        ("NeighborSolicitation", 135),
+        ("NeighborAdvertisement", 136),
+        ("RedirectMessage", 137),
+        ("RouterRenumbering", 138),
+        ("ICMPNodeInformationQuery", 139),
+        ("ICMPNodeInformationResponse", 140),
+        ("InverseNeighborDiscoverySolicitation", 141),
+        ("InverseNeighborDiscoveryAdvertisement", 142),
+        ("HomeAgentAddressDiscoveryRequest", 144),
+        ("HomeAgentAddressDiscoveryReply", 145),
+        ("MobilePrefixSolicitation", 146),
+        ("MobilePrefixAdvertisement", 147),
+        ("DuplicateAddressRequestCodeSuffix", 157),
+        ("DuplicateAddressConfirmationCodeSuffix", 158),
+        ("ExtendedEchoRequest", 160),
+        ("ExtendedEchoReply", 161),
+    ];
+    let table = if v6 { V6 } else { V4 };
+    table.iter().find(|(n, _)| *n == name).map(|&(_, t)| t)
 }
 
 /// `toEntities` of a rule (None when absent); names dnsfence cannot tell get a note.

@@ -1053,6 +1053,8 @@ spec:
   egress:
   - toCIDR: [10.7.0.0/16, "2001:db8::/32"]
     icmps: [{fields: [{type: 8, family: IPv4}, {type: "128", family: IPv6}]}]
+  - toCIDR: [10.6.0.0/16, "2001:db9::/32"]
+    icmps: [{fields: [{type: EchoRequest}, {type: NeighborSolicitation, family: IPv6}]}]
   - toCIDR: [10.8.0.0/16]
   - toCIDR: [10.9.0.0/16]
     toPorts: [{ports: [{port: "0", protocol: ANY}]}]
@@ -1066,6 +1068,11 @@ spec:
         );
         let ep = "team-a/uploader";
         assert_eq!(l3(&s, ep, "10.7.0.1", 8, Icmp), Some(true), "echo");
+        // Cilium's type names, per family: EchoRequest is 8 (IPv4), NeighborSolicitation 135.
+        assert_eq!(l3(&s, ep, "10.6.0.1", 8, Icmp), Some(true), "EchoRequest");
+        assert_eq!(l3(&s, ep, "10.6.0.1", 0, Icmp), None, "EchoReply not named");
+        assert_eq!(l3(&s, ep, "2001:db9::1", 135, Icmp6), Some(true));
+        assert_eq!(l3(&s, ep, "2001:db9::1", 128, Icmp6), None);
         assert_eq!(l3(&s, ep, "10.7.0.1", 13, Icmp), None, "timestamp");
         assert_eq!(l3(&s, ep, "10.7.0.1", 8, Tcp), None, "not TCP port 8");
         assert_eq!(l3(&s, ep, "2001:db8::1", 128, Icmp6), Some(true));
@@ -1094,19 +1101,22 @@ spec:
   - toCIDR: [10.0.0.0/8]
     icmps: [{fields: [{type: 8}]}]
     toPorts: [{ports: [{port: "80"}]}]
-  - icmps: [{fields: [{type: EchoRequest}, {type: 300}, {type: 8, family: IPv5}]}]
+  - icmps: [{fields: [{type: EchoRequst}, {type: 300}, {type: 8, family: IPv5}]}]
   - icmps: [{fields: []}]
+  - icmps: [{fields: [{type: NeighborSolicitation}, {type: PacketTooBig, family: IPv6}]}]
 "#;
         let err = PolicySet::from_yaml(Path::new("b.yaml"), bad)
             .unwrap_err()
             .to_string();
         for want in [
             "b.yaml:8: spec.egress[0]: icmps and toPorts cannot be combined",
-            "b.yaml:11: spec.egress[1].icmps[0].fields[0].type: expected an ICMP type number \
-             0-255 (type names are not supported)",
-            "b.yaml:11: spec.egress[1].icmps[0].fields[1].type: expected an ICMP type number",
+            "b.yaml:11: spec.egress[1].icmps[0].fields[0].type: expected an ICMP type: a number \
+             0-255 or one of Cilium's IPv4 type names",
+            "b.yaml:11: spec.egress[1].icmps[0].fields[1].type: expected an ICMP type",
             "b.yaml:11: spec.egress[1].icmps[0].fields[2].family: unknown family \"IPv5\"",
             "b.yaml:12: spec.egress[2].icmps[0].fields: empty list",
+            // An IPv6 name under the default family (IPv4) is no IPv4 type.
+            "b.yaml:13: spec.egress[3].icmps[0].fields[0].type: expected an ICMP type",
         ] {
             assert!(err.contains(want), "no {want:?} in\n{err}");
         }
