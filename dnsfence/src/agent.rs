@@ -204,6 +204,7 @@ pub fn run(args: &AgentArgs) -> Result<()> {
     let health = Arc::new(Health::new(Role::Agent, Arc::clone(&stop)));
     // The policy from the files is in force from the start (version 1 for the sync).
     health.policy_loaded(1);
+    let endpoints = crate::serve::bind_metrics(&args.serve, Role::Agent)?;
     let mut server = Server::start(Start {
         who: WHO,
         args: &args.serve,
@@ -217,6 +218,7 @@ pub fn run(args: &AgentArgs) -> Result<()> {
             .map_or_else(Default::default, |s| Arc::clone(&s.stats)),
         pending: None,
         health: Arc::clone(&health),
+        endpoints,
     })?;
     let mut version = 1;
     if let Some(sync) = &sync {

@@ -6,6 +6,7 @@ mod demo;
 mod enforce;
 mod ha;
 mod health;
+mod http;
 mod match_cmd;
 mod metrics;
 mod policy_cmd;
@@ -40,7 +41,8 @@ enum Command {
     /// Run the standalone HA proxy beside an agent (same --listen; policy from the agent).
     Proxy(Box<proxy::ProxyArgs>),
     /// Health, policy, shards, allow map and sync of the running agent and proxy (asked at
-    /// their metrics addresses); exits non-zero when one is unreachable, unhealthy or not ready.
+    /// their metrics addresses); exits non-zero when one is unreachable, not dnsfence, unhealthy
+    /// or not ready.
     Status(status_cmd::StatusArgs),
     /// Prove it: load, SIGKILL and restart of an agent, and the verdict counts, on loopback.
     Demo(demo::DemoArgs),

@@ -1,7 +1,8 @@
 //! The process's HTTP endpoints: `GET /metrics` (OpenMetrics text, encoded by
 //! `prometheus-client` from typed families), `GET /healthz` and `GET /readyz` (`health.rs`),
-//! served by `oxhttp` (one short-lived thread per connection, at most [`MAX_CONNECTIONS`],
-//! headers bounded to 8 KiB, every read and write bounded by [`REQUEST_TIMEOUT`]).
+//! served by the bounded HTTP/1.x server of `http.rs` (at most
+//! [`crate::http::MAX_CONNECTIONS`] connections, each closed [`crate::http::DEADLINE`] after
+//! its accept at the latest).
 //!
 //! Nothing here touches the hot path: a scrape reads what the shards publish (their counters
 //! are copied into [`ShardStatus`] about every 100 ms, and their loop counters are atomics),
@@ -10,11 +11,9 @@
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use crossbeam_queue::ArrayQueue;
-use oxhttp::model::header::CONTENT_TYPE;
-use oxhttp::model::{Body, Method, Request, Response, StatusCode};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
 use prometheus_client::metrics::MetricType;
@@ -28,6 +27,7 @@ use dnsfence_engine::io::IoStats;
 use dnsfence_engine::shard::{PolicyHandle, ShardStatus};
 
 use crate::health::{Answer, Health, Observed, Role};
+use crate::http::Response;
 
 /// What the endpoints read.
 pub struct State {
@@ -67,13 +67,6 @@ pub struct ReloadStatus {
     pub pending: AtomicU64,
 }
 
-/// Most connections served at once (a thread each); more wait in the listen queue, so once
-/// this many idle clients are open, a scrape waits up to [`REQUEST_TIMEOUT`] for each further
-/// batch of this many ahead of it.
-pub const MAX_CONNECTIONS: usize = 128;
-/// How long one read or write of a connection may block (an idle client is answered 408 and
-/// closed after it).
-pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
 /// Where the agent serves its endpoints without `--metrics-listen`.
 pub const AGENT_LISTEN: &str = "127.0.0.1:9967";
 /// Where the standalone proxy serves its endpoints without `--metrics-listen`.
@@ -107,11 +100,11 @@ struct Installed {
 pub fn bind(addr: SocketAddr) -> std::io::Result<Endpoints> {
     let installed: Arc<OnceLock<Installed>> = Arc::default();
     let serving = Arc::clone(&installed);
-    oxhttp::Server::new(move |request| answer(request, serving.get()))
-        .bind(addr)
-        .with_global_timeout(REQUEST_TIMEOUT)
-        .with_max_concurrent_connections(MAX_CONNECTIONS)
-        .spawn()?;
+    let listener = std::net::TcpListener::bind(addr)?;
+    crate::http::spawn(
+        listener,
+        Arc::new(move |method: &str, path: &str| answer(method, path, serving.get())),
+    )?;
     Ok(Endpoints { installed })
 }
 
@@ -125,54 +118,40 @@ impl Endpoints {
     }
 }
 
-fn text(status: StatusCode, content_type: &str, body: String) -> Response<Body> {
-    Response::builder()
-        .status(status)
-        .header(CONTENT_TYPE, content_type)
-        .body(Body::from(body))
-        .unwrap_or_else(|_| Response::new(Body::empty()))
-}
-
-fn probe(answer: Answer) -> Response<Body> {
+fn probe(answer: Answer) -> Response {
     let status = match answer.ok {
-        true => StatusCode::OK,
-        false => StatusCode::SERVICE_UNAVAILABLE,
+        true => 200,
+        false => 503,
     };
-    text(status, "text/plain; charset=utf-8", answer.text)
+    Response::text(status, answer.text)
 }
 
-/// One request's answer.
-fn answer(request: &mut Request<Body>, installed: Option<&Installed>) -> Response<Body> {
-    const PLAIN: &str = "text/plain; charset=utf-8";
-    let path = request.uri().path();
+/// The body of every endpoint's 503 before the process serves (`dnsfence status` knows it).
+pub const STARTING: &str = "starting: the shards do not serve yet\n";
+
+/// One request's answer (`HEAD` is answered as `GET`; the server leaves the body out).
+fn answer(method: &str, path: &str, installed: Option<&Installed>) -> Response {
     if !matches!(path, "/metrics" | "/healthz" | "/readyz") {
-        return text(
-            StatusCode::NOT_FOUND,
-            PLAIN,
-            "not found: try GET /metrics, /healthz or /readyz\n".to_owned(),
-        );
+        return Response::text(404, "not found: try GET /metrics, /healthz or /readyz\n");
     }
-    if !matches!(*request.method(), Method::GET | Method::HEAD) {
-        return text(
-            StatusCode::METHOD_NOT_ALLOWED,
-            PLAIN,
-            "GET only\n".to_owned(),
-        );
+    if !matches!(method, "GET" | "HEAD") {
+        return Response {
+            allow: Some("GET, HEAD"),
+            ..Response::text(405, "GET or HEAD only\n")
+        };
     }
     let Some(Installed { state, registry }) = installed else {
-        let starting = "starting: the shards do not serve yet\n".to_owned();
-        return text(StatusCode::SERVICE_UNAVAILABLE, PLAIN, starting);
+        return Response::text(503, STARTING);
     };
     match path {
         "/metrics" => {
             let mut body = String::new();
             match prometheus_client::encoding::text::encode(&mut body, registry) {
-                Ok(()) => text(StatusCode::OK, OPENMETRICS, body),
-                Err(_) => text(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    PLAIN,
-                    "encoding failed\n".to_owned(),
-                ),
+                Ok(()) => Response {
+                    content_type: OPENMETRICS,
+                    ..Response::text(200, body)
+                },
+                Err(_) => Response::text(500, "encoding failed\n"),
             }
         }
         "/healthz" => probe(state.health.liveness(&observe(state), Instant::now())),
@@ -856,9 +835,11 @@ fn policy(e: &mut DescriptorEncoder, state: &State) -> Fmt {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::http::{DEADLINE as REQUEST_TIMEOUT, MAX_CONNECTIONS};
     use dnsfence_policy::Snapshot;
     use std::io::{Read, Write};
     use std::net::TcpStream;
+    use std::time::Duration;
 
     fn state(shards: usize) -> State {
         State {
@@ -977,7 +958,7 @@ mod tests {
             let text = get(addr, path).unwrap();
             assert!(status_line(&text).contains(" 404 "), "{path}: {text}");
         }
-        // A header beyond the library's 8 KiB bound is refused, not buffered.
+        // A request head beyond 8 KiB is refused, not buffered.
         let mut s = TcpStream::connect(addr).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         let long = "x".repeat(64 * 1024);
@@ -994,33 +975,179 @@ mod tests {
         );
     }
 
-    /// Idle connections (open, nothing sent) do not stall a scrape while they are fewer than
-    /// the connection bound; beyond it, each batch of that many ahead of the scrape delays
-    /// it by one read timeout at most (they are answered 408 and closed).
-    #[test]
-    fn idle_connections_do_not_stall_a_scrape() {
+    /// Endpoints that answer 200 to the probes (one shard that has turned, a policy, a beat).
+    fn healthy() -> SocketAddr {
         let addr = free_addr();
         let endpoints = bind(addr).unwrap();
-        endpoints.install(state(0));
-        for (idle, bound) in [
-            (MAX_CONNECTIONS - 14, Duration::from_secs(1)),
-            (
-                2 * MAX_CONNECTIONS,
-                2 * REQUEST_TIMEOUT + Duration::from_secs(1),
-            ),
-        ] {
-            let conns: Vec<TcpStream> = (0..idle)
-                .map(|_| TcpStream::connect(addr).unwrap())
-                .collect();
-            std::thread::sleep(Duration::from_millis(300));
-            let started = Instant::now();
-            let text = get(addr, "/metrics").unwrap();
-            let took = started.elapsed();
-            assert!(status_line(&text).contains(" 200 "), "{text}");
-            assert!(took < bound, "{idle} idle: scrape took {took:?}");
-            drop(conns);
-            // Let the idle connections' threads end.
-            std::thread::sleep(REQUEST_TIMEOUT);
+        let state = state(1);
+        state.shards[0].batches.store(1, Ordering::Relaxed);
+        state.health.policy_loaded(1);
+        state.health.beat();
+        endpoints.install(state);
+        addr
+    }
+
+    /// Sends `request` on a fresh connection and reads the answer until the server closes:
+    /// the answer and how long the close took (an error: the connection was reset).
+    fn exchange(addr: SocketAddr, request: &[u8]) -> (String, Duration) {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(3 * REQUEST_TIMEOUT)).unwrap();
+        let started = Instant::now();
+        s.write_all(request).unwrap();
+        let mut answer = Vec::new();
+        let read = s.read_to_end(&mut answer);
+        let mut text = String::from_utf8_lossy(&answer).into_owned();
+        if let Err(e) = read {
+            text = format!("error after {text:?}: {e}");
         }
+        (text, started.elapsed())
+    }
+
+    /// Clients that send nothing, trickle a header a byte at a time, or trickle a request
+    /// body, as many as the connection bound and twice as many: a probe after them is
+    /// answered at once (the oldest connection is evicted; the acceptor never waits).
+    #[test]
+    fn slow_clients_at_and_above_the_bound_do_not_delay_a_probe() {
+        let addr = healthy();
+        for clients in [MAX_CONNECTIONS, 2 * MAX_CONNECTIONS] {
+            let mut conns = Vec::new();
+            for i in 0..clients {
+                let mut s = TcpStream::connect(addr).unwrap();
+                let start: &[u8] = match i % 3 {
+                    0 => b"GET /metrics HTTP/1.1\r\nHost: x\r\nX-Slow: ",
+                    1 => b"GET /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000000\r\n\r\n",
+                    _ => b"",
+                };
+                s.write_all(start).unwrap();
+                conns.push(s);
+            }
+            let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let trickle = {
+                let stop = Arc::clone(&stop);
+                std::thread::spawn(move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        for (i, s) in conns.iter_mut().enumerate() {
+                            if i % 3 != 2 {
+                                let _ = s.write_all(b"a");
+                            }
+                        }
+                        std::thread::sleep(Duration::from_millis(300));
+                    }
+                })
+            };
+            std::thread::sleep(Duration::from_millis(500));
+            let started = Instant::now();
+            let text = get(addr, "/healthz");
+            let took = started.elapsed();
+            stop.store(true, Ordering::Relaxed);
+            trickle.join().unwrap();
+            let text = text.unwrap();
+            assert!(status_line(&text).contains(" 200 "), "{text}");
+            assert!(
+                took < REQUEST_TIMEOUT / 2,
+                "{clients} slow clients: probe took {took:?}"
+            );
+        }
+    }
+
+    /// A client trickling its request head a byte at a time is answered 408 and closed at
+    /// the deadline; one trickling a body is refused at once and closed by the deadline.
+    #[test]
+    fn trickling_clients_are_closed_at_the_deadline() {
+        let addr = healthy();
+        let slow = |start: &'static [u8]| {
+            std::thread::spawn(move || {
+                let mut s = TcpStream::connect(addr).unwrap();
+                s.set_read_timeout(Some(3 * REQUEST_TIMEOUT)).unwrap();
+                let started = Instant::now();
+                s.write_all(start).unwrap();
+                let mut writer = s.try_clone().unwrap();
+                let trickle = std::thread::spawn(move || {
+                    let begun = Instant::now();
+                    while begun.elapsed() < 3 * REQUEST_TIMEOUT && writer.write_all(b"a").is_ok() {
+                        std::thread::sleep(Duration::from_millis(200));
+                    }
+                });
+                let mut answer = Vec::new();
+                let _ = s.read_to_end(&mut answer);
+                let took = started.elapsed();
+                let _ = s.shutdown(std::net::Shutdown::Both);
+                trickle.join().unwrap();
+                (String::from_utf8_lossy(&answer).into_owned(), took)
+            })
+        };
+        let header = slow(b"GET /metrics HTTP/1.1\r\nHost: x\r\nX-Slow: ");
+        let body = slow(b"GET /metrics HTTP/1.1\r\nContent-Length: 1000000000\r\n\r\n");
+        for (what, client, status) in [("header", header, " 408 "), ("body", body, " 400 ")] {
+            let (text, took) = client.join().unwrap();
+            assert!(status_line(&text).contains(status), "{what}: {text}");
+            assert!(
+                took < REQUEST_TIMEOUT + Duration::from_millis(500),
+                "{what}: closed after {took:?}"
+            );
+        }
+    }
+
+    /// A request with a body is refused; a method other than GET and HEAD is answered 405
+    /// with `Allow`.
+    #[test]
+    fn bodies_and_other_methods_are_refused() {
+        let addr = healthy();
+        for request in [
+            "GET /healthz HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello",
+            "GET /healthz HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        ] {
+            let (text, _) = exchange(addr, request.as_bytes());
+            assert!(status_line(&text).contains(" 400 "), "{request:?}: {text}");
+        }
+        let (text, _) = exchange(addr, b"DELETE /metrics HTTP/1.1\r\n\r\n");
+        assert!(status_line(&text).contains(" 405 "), "{text}");
+        assert!(text.contains("\r\nAllow: GET, HEAD\r\n"), "{text}");
+    }
+
+    /// One request per connection: a keep-alive client gets one answer and the close right
+    /// after it (nothing unsolicited later), and pipelined requests after the first are
+    /// ignored (read, so that the close does not reset the connection under the answer).
+    #[test]
+    fn one_answer_per_connection_then_the_close() {
+        let addr = healthy();
+        let first = "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n";
+        let next = "GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n";
+        // More pipelined than the server reads with the first request: it must read them
+        // before it closes, else the kernel resets the connection and the answer is lost.
+        let many = format!("{first}{}", next.repeat(1000));
+        for request in [first.to_owned(), format!("{first}{next}"), many] {
+            let (text, took) = exchange(addr, request.as_bytes());
+            let request = &request[..request.len().min(80)];
+            assert_eq!(text.matches("HTTP/1.1 ").count(), 1, "{request:?}: {text}");
+            assert!(status_line(&text).contains(" 200 "), "{text}");
+            assert!(text.contains("\r\nConnection: close\r\n"), "{text}");
+            assert!(text.ends_with("shards alive\n"), "{text}");
+            assert!(
+                took < REQUEST_TIMEOUT / 2,
+                "{request:?}: closed after {took:?}"
+            );
+        }
+    }
+
+    /// `HEAD` gets the headers of `GET` (its `Content-Length` too) and no body.
+    #[test]
+    fn head_has_no_body() {
+        let addr = healthy();
+        let (text, _) = exchange(addr, b"HEAD /metrics HTTP/1.0\r\n\r\n");
+        let (head, body) = text.split_once("\r\n\r\n").unwrap();
+        assert!(status_line(head).contains(" 200 "), "{text}");
+        let length: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("Content-Length: "))
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(length > 1000, "{head}");
+        assert!(
+            body.is_empty(),
+            "HEAD answered with {} bytes of body",
+            body.len()
+        );
     }
 }

@@ -143,6 +143,8 @@ pub fn run(args: &ProxyArgs) -> Result<()> {
         .agent_socket
         .clone()
         .unwrap_or_else(|| PathBuf::from(DEFAULT_AGENT_SOCKET));
+    // Probes get 503 while the proxy waits for its first policy below.
+    let endpoints = crate::serve::bind_metrics(&args.serve, Role::Proxy)?;
     let sync = ProxySync::start(
         socket,
         Arc::clone(&pending),
@@ -183,6 +185,7 @@ pub fn run(args: &ProxyArgs) -> Result<()> {
         sync: Arc::clone(&sync_stats),
         pending: Some(Arc::clone(&pending)),
         health,
+        endpoints,
     })?;
 
     let mut failed = None;

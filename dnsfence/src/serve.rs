@@ -603,12 +603,33 @@ pub struct Start<'a> {
     pub pending: Option<Arc<crate::ha::Pending>>,
     /// Liveness and readiness (the control loop beats through [`Server::check`]).
     pub health: Arc<crate::health::Health>,
+    /// The metrics listener, from [`bind_metrics`] (none with `--no-metrics`).
+    pub endpoints: Option<metrics::Endpoints>,
+}
+
+/// Binds the metrics listener of `role` (`--metrics-listen`, else its default; none with
+/// `--no-metrics`): it answers 503 until [`Server::start`] gives it the running process. Bound
+/// early, so that a taken port fails at once and probes get 503, not a refused connect, while
+/// the process prepares (the proxy waits for the agent's first policy).
+pub fn bind_metrics(
+    args: &ServeArgs,
+    role: crate::health::Role,
+) -> Result<Option<metrics::Endpoints>> {
+    if args.no_metrics {
+        return Ok(None);
+    }
+    let listen = args
+        .metrics_listen
+        .unwrap_or_else(|| metrics::default_listen(role));
+    let endpoints = metrics::bind(listen).with_context(|| format!("metrics listener {listen}"))?;
+    Ok(Some(endpoints))
 }
 
 impl Server {
-    /// Binds the metrics listener and opens the flow log (what can fail on a taken port or a
-    /// bad path, before any shard joins the listen port's SO_REUSEPORT group, where it would
-    /// take a share of the queries), then starts the shards, the consumer and the metrics.
+    /// Opens the flow log (what can fail on a bad path, before any shard joins the listen
+    /// port's SO_REUSEPORT group, where it would take a share of the queries; the metrics
+    /// listener is bound before, by [`bind_metrics`]), then starts the shards, the consumer
+    /// and the metrics.
     /// The policy is compiled before: a process takes queries only once it can answer them.
     pub fn start(start: Start<'_>) -> Result<Server> {
         let Start {
@@ -622,18 +643,9 @@ impl Server {
             sync,
             pending,
             health,
+            endpoints,
         } = start;
         let records = Arc::new(ArrayQueue::new(args.record_queue.max(1)));
-        let metrics_listen = args
-            .metrics_listen
-            .unwrap_or_else(|| metrics::default_listen(health.role()));
-        let endpoints = match args.no_metrics {
-            true => None,
-            false => Some(
-                metrics::bind(metrics_listen)
-                    .with_context(|| format!("metrics listener {metrics_listen}"))?,
-            ),
-        };
         let flow_log: Option<Box<dyn std::io::Write + Send>> = match &args.flow_log {
             None => None,
             Some(path) => Some(Box::new(std::io::BufWriter::new(

@@ -1,16 +1,16 @@
 //! `dnsfence status`: asks the agent's and the proxy's endpoints (`/healthz`, `/readyz`,
 //! `/metrics`) how they are and prints it; exits non-zero when one it checks is unreachable,
-//! unhealthy or not ready.
+//! not a dnsfence endpoint of the role named, unhealthy or not ready.
 
-use std::io::{Read, Write};
+use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::process::ExitCode;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
 use crate::health::Role;
-use crate::metrics::{AGENT_LISTEN, PROXY_LISTEN};
+use crate::metrics::{AGENT_LISTEN, PROXY_LISTEN, STARTING};
 
 /// Most bytes read from one answer (a metrics page is tens of KiB).
 const MAX_ANSWER: u64 = 8 << 20;
@@ -27,7 +27,7 @@ pub struct StatusArgs {
     /// Leave a process out (repeatable): `--skip proxy` where no standalone proxy runs.
     #[arg(long, value_enum)]
     pub skip: Vec<Process>,
-    /// How long each request may take.
+    /// How long each request may take, from the connect to the last byte of the answer.
     #[arg(long, default_value = "2s", value_parser = crate::serve::parse_duration)]
     pub timeout: Duration,
 }
@@ -43,6 +43,13 @@ pub enum Process {
 
 /// Runs `dnsfence status`.
 pub fn run(args: &StatusArgs) -> ExitCode {
+    if [Process::Agent, Process::Proxy]
+        .iter()
+        .all(|p| args.skip.contains(p))
+    {
+        eprintln!("dnsfence status: --skip agent --skip proxy leaves nothing to check");
+        return ExitCode::from(2);
+    }
     let mut all_ok = true;
     let mut agent_version = None;
     for (process, role, addr) in [
@@ -54,7 +61,11 @@ pub fn run(args: &StatusArgs) -> ExitCode {
         }
         let report = check(role, addr, args.timeout);
         if role == Role::Agent {
-            agent_version = report.metrics.as_ref().map(|m| m.one("policy_version"));
+            agent_version = report
+                .metrics
+                .as_ref()
+                .ok()
+                .map(|m| m.one("policy_version"));
         }
         all_ok &= report.ok();
         print!("{}", report.render(agent_version));
@@ -73,7 +84,8 @@ struct Report {
     unreachable: Option<String>,
     health: Option<Probe>,
     ready: Option<Probe>,
-    metrics: Option<Samples>,
+    /// The metrics page: parsed when it was a 200, else why not.
+    metrics: Result<Samples, String>,
 }
 
 /// A probe's status code and body.
@@ -95,7 +107,7 @@ fn check(role: Role, addr: SocketAddr, timeout: Duration) -> Report {
         unreachable: None,
         health: None,
         ready: None,
-        metrics: None,
+        metrics: Err("not asked".to_owned()),
     };
     let get = |path: &str| get(addr, path, timeout);
     match get("/healthz") {
@@ -106,28 +118,36 @@ fn check(role: Role, addr: SocketAddr, timeout: Duration) -> Report {
         }
     }
     report.ready = get("/readyz").ok().map(|(code, body)| Probe { code, body });
-    report.metrics = get("/metrics")
-        .ok()
-        .filter(|(code, _)| *code == 200)
-        .map(|(_, body)| Samples::parse(&body));
+    report.metrics = match get("/metrics") {
+        Ok((200, body)) => Ok(Samples::parse(&body)),
+        Ok((code, _)) => Err(format!("HTTP {code}")),
+        Err(e) => Err(format!("{e:#}")),
+    };
     report
 }
 
 impl Report {
-    /// Reachable, healthy, ready, and the role it says it has.
+    /// Reachable, a dnsfence process of the role named, healthy and ready.
     fn ok(&self) -> bool {
         self.unreachable.is_none()
             && self.health.as_ref().is_some_and(Probe::ok)
             && self.ready.as_ref().is_some_and(Probe::ok)
-            && self.role_seen().is_none_or(|r| r == self.role.name())
+            && self.role_seen() == Some(self.role.name())
     }
 
-    /// The role the process says it has (`dnsfence_process_info`).
+    /// The role the process says it has (`dnsfence_process_info` on a 200 `/metrics`).
     fn role_seen(&self) -> Option<&str> {
-        let m = self.metrics.as_ref()?;
+        let m = self.metrics.as_ref().ok()?;
         m.find("process_info")
             .next()
             .and_then(|s| label(&s.labels, "role"))
+    }
+
+    /// A dnsfence process before its shards serve (every endpoint answers 503 [`STARTING`]).
+    fn starting(&self) -> bool {
+        self.health
+            .as_ref()
+            .is_some_and(|p| p.code == 503 && p.body == STARTING)
     }
 
     fn render(&self, agent_version: Option<f64>) -> String {
@@ -135,6 +155,23 @@ impl Report {
         if let Some(why) = &self.unreachable {
             out.push_str(&format!("UNREACHABLE ({why})\n"));
             return out;
+        }
+        if self.starting() {
+            out.push_str("STARTING (HTTP 503: the shards do not serve yet)\n");
+            return out;
+        }
+        let Some(seen) = self.role_seen() else {
+            let why = match &self.metrics {
+                Ok(_) => "GET /metrics: no dnsfence_process_info".to_owned(),
+                Err(e) => format!("GET /metrics: {e}"),
+            };
+            out.push_str(&format!("FAILED: not a dnsfence endpoint ({why})\n"));
+            return out;
+        };
+        if seen != self.role.name() {
+            out.push_str(&format!(
+                "WRONG PROCESS: the {seen} answers at this address; it says: "
+            ));
         }
         let word = |p: &Option<Probe>, yes: &str, no: &str| match p {
             Some(p) if p.ok() => yes.to_owned(),
@@ -151,15 +188,7 @@ impl Report {
                 out.push_str(&format!("  {what}: {}\n", p.body.trim_end()));
             }
         }
-        if let Some(seen) = self.role_seen()
-            && seen != self.role.name()
-        {
-            out.push_str(&format!(
-                "  WRONG PROCESS: this address serves the {seen}'s metrics\n"
-            ));
-        }
-        let Some(m) = &self.metrics else {
-            out.push_str("  metrics: not available\n");
+        let Ok(m) = &self.metrics else {
             return out;
         };
         let version = m.one("policy_version");
@@ -213,17 +242,45 @@ impl Report {
     }
 }
 
-/// `GET path` over HTTP/1.0: the status code and the body.
+/// `GET path` over HTTP/1.0, all of it within `timeout`: the status code and the body.
 fn get(addr: SocketAddr, path: &str, timeout: Duration) -> Result<(u16, String)> {
-    let mut stream = TcpStream::connect_timeout(&addr, timeout).context("connect")?;
-    stream.set_read_timeout(Some(timeout))?;
-    stream.set_write_timeout(Some(timeout))?;
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").context("send")?;
-    let mut answer = Vec::new();
+    let deadline = Instant::now() + timeout;
+    let timed_out = || anyhow::anyhow!("timed out after {timeout:?}");
+    let left = || {
+        deadline
+            .checked_duration_since(Instant::now())
+            .filter(|d| !d.is_zero())
+            .ok_or_else(timed_out)
+    };
+    let mut stream = TcpStream::connect_timeout(&addr, left()?).map_err(|e| match e.kind() {
+        ErrorKind::TimedOut | ErrorKind::WouldBlock => timed_out().context("connect"),
+        _ => anyhow::Error::new(e).context("connect"),
+    })?;
+    stream.set_write_timeout(Some(left()?))?;
+    let request = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n");
     stream
-        .take(MAX_ANSWER)
-        .read_to_end(&mut answer)
-        .context("read")?;
+        .write_all(request.as_bytes())
+        .map_err(|e| match e.kind() {
+            ErrorKind::TimedOut | ErrorKind::WouldBlock => timed_out().context("send"),
+            _ => anyhow::Error::new(e).context("send"),
+        })?;
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 16 * 1024];
+    loop {
+        stream.set_read_timeout(Some(left().context("read")?))?;
+        match stream.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => answer.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(e) if matches!(e.kind(), ErrorKind::TimedOut | ErrorKind::WouldBlock) => {
+                return Err(timed_out().context("read"));
+            }
+            Err(e) => return Err(anyhow::Error::new(e).context("read")),
+        }
+        if answer.len() as u64 > MAX_ANSWER {
+            bail!("answer over {} MiB", MAX_ANSWER >> 20);
+        }
+    }
     let answer = String::from_utf8_lossy(&answer);
     let Some((head, body)) = answer.split_once("\r\n\r\n") else {
         bail!("not an HTTP answer");
@@ -311,5 +368,37 @@ mod tests {
         assert_eq!(backends, ["uring", "mmsg"]);
         assert_eq!(label("shard=\"1\",cpu=\"3\"", "cpu"), Some("3"));
         assert_eq!(label("shard=\"1\"", "cpu"), None);
+    }
+
+    /// The wrong process says so on its first line, and fails; a 200 page without
+    /// `dnsfence_process_info` is not dnsfence.
+    #[test]
+    fn wrong_process_and_foreign_pages_fail() {
+        let probe = || {
+            Some(Probe {
+                code: 200,
+                body: "ok\n".to_owned(),
+            })
+        };
+        let report = |metrics: &str| Report {
+            role: Role::Agent,
+            addr: "127.0.0.1:1".parse().unwrap(),
+            unreachable: None,
+            health: probe(),
+            ready: probe(),
+            metrics: Ok(Samples::parse(metrics)),
+        };
+        let proxy = report("dnsfence_process_info{role=\"proxy\"} 1\n# EOF\n");
+        assert!(!proxy.ok());
+        let first = proxy.render(None).lines().next().unwrap().to_owned();
+        assert!(
+            first.starts_with("agent 127.0.0.1:1: WRONG PROCESS: the proxy"),
+            "{first}"
+        );
+        let foreign = report("up 1\n");
+        assert!(!foreign.ok());
+        assert!(foreign.render(None).contains("not a dnsfence endpoint"));
+        let agent = report("dnsfence_process_info{role=\"agent\"} 1\n# EOF\n");
+        assert!(agent.ok(), "{}", agent.render(None));
     }
 }

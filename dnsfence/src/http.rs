@@ -1,0 +1,366 @@
+//! A small HTTP/1.x server for the metrics and health endpoints, bounded in connections, time
+//! and bytes so that no client can keep a probe from being answered.
+//!
+//! One acceptor thread and one short-lived thread per connection, at most
+//! [`MAX_CONNECTIONS`]: one more evicts the oldest (its socket is shut down, which ends its
+//! thread's read or write at once), so the acceptor never waits. Each connection has
+//! [`DEADLINE`] from its accept to the last byte of its answer: every read and write is given
+//! only what is left of it, so a client trickling a byte at a time is cut off too. One request
+//! per connection: the request head is bounded to [`MAX_HEAD`] bytes, a request with a body is
+//! refused (400), only `GET` and `HEAD` are served (405 with `Allow` otherwise), every answer
+//! has `Content-Length` and `Connection: close`, and bytes after the request head (pipelined
+//! requests) are read and ignored until the client closes. Nothing is printed per connection.
+
+use std::collections::VecDeque;
+use std::io::{ErrorKind, Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Most connections served at once; one more evicts the oldest.
+pub const MAX_CONNECTIONS: usize = 64;
+/// How long a connection may take from its accept to the last byte of its answer (a client
+/// that has not sent its request head by then is answered 408 and closed).
+pub const DEADLINE: Duration = Duration::from_secs(2);
+/// Most bytes of a request head (request line and headers); more is answered 400.
+pub const MAX_HEAD: usize = 8 * 1024;
+/// Most bytes read and ignored after the answer, waiting for the client to close (so that its
+/// unread bytes do not make the kernel reset the connection before the answer is read).
+const MAX_DRAIN: usize = 64 * 1024;
+
+/// What a connection's thread gets for its stack (an answer is built on the heap).
+const STACK: usize = 256 * 1024;
+
+/// An answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Response {
+    /// The status code.
+    pub status: u16,
+    /// The `Content-Type`.
+    pub content_type: &'static str,
+    /// The body (left out for `HEAD`; its length is the `Content-Length` either way).
+    pub body: String,
+    /// The `Allow` header, when there is one (405).
+    pub allow: Option<&'static str>,
+}
+
+/// The media type of plain-text answers.
+pub const PLAIN: &str = "text/plain; charset=utf-8";
+
+impl Response {
+    /// A plain-text answer.
+    pub fn text(status: u16, body: impl Into<String>) -> Response {
+        Response {
+            status,
+            content_type: PLAIN,
+            body: body.into(),
+            allow: None,
+        }
+    }
+
+    /// The whole answer on the wire (`HEAD`: without the body).
+    fn bytes(&self, head_only: bool) -> Vec<u8> {
+        let mut out = format!(
+            "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: close\r\n",
+            self.status,
+            reason(self.status),
+            self.content_type,
+            self.body.len()
+        );
+        if let Some(allow) = self.allow {
+            out.push_str(&format!("Allow: {allow}\r\n"));
+        }
+        out.push_str("\r\n");
+        if !head_only {
+            out.push_str(&self.body);
+        }
+        out.into_bytes()
+    }
+}
+
+fn reason(status: u16) -> &'static str {
+    match status {
+        200 => "OK",
+        400 => "Bad Request",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        408 => "Request Timeout",
+        500 => "Internal Server Error",
+        503 => "Service Unavailable",
+        _ => "",
+    }
+}
+
+/// What the handler is asked: the method (exactly as sent) and the path (without query).
+pub type Handler = dyn Fn(&str, &str) -> Response + Send + Sync;
+
+/// The open connections, oldest first: their ids and a handle to shut them down.
+type Open = Arc<Mutex<VecDeque<(u64, TcpStream)>>>;
+
+/// Serves `listener` with `handler` from now on (threads that live as long as the process).
+pub fn spawn(listener: TcpListener, handler: Arc<Handler>) -> std::io::Result<()> {
+    std::thread::Builder::new()
+        .name("dnsf-http".into())
+        .spawn(move || accept(&listener, &handler))?;
+    Ok(())
+}
+
+fn accept(listener: &TcpListener, handler: &Arc<Handler>) {
+    let open: Open = Arc::default();
+    let mut next_id = 0u64;
+    loop {
+        let stream = match listener.accept() {
+            Ok((stream, _)) => stream,
+            // Out of descriptors, or a connection reset in the queue: try again shortly.
+            Err(_) => {
+                std::thread::sleep(Duration::from_millis(10));
+                continue;
+            }
+        };
+        let accepted = Instant::now();
+        let Ok(handle) = stream.try_clone() else {
+            continue;
+        };
+        next_id += 1;
+        let id = next_id;
+        {
+            let mut open = open.lock().unwrap_or_else(|e| e.into_inner());
+            while open.len() >= MAX_CONNECTIONS {
+                if let Some((_, oldest)) = open.pop_front() {
+                    let _ = oldest.shutdown(Shutdown::Both);
+                }
+            }
+            open.push_back((id, handle));
+        }
+        let registered = Registered {
+            open: Arc::clone(&open),
+            id,
+        };
+        let handler = Arc::clone(handler);
+        // A failed spawn drops the closure: the connection is closed and unregistered.
+        let _ = std::thread::Builder::new()
+            .name("dnsf-http-conn".into())
+            .stack_size(STACK)
+            .spawn(move || {
+                let _registered = registered;
+                serve(stream, accepted + DEADLINE, &*handler);
+            });
+    }
+}
+
+/// A connection's entry in [`Open`], removed when its thread ends (or panics).
+struct Registered {
+    open: Open,
+    id: u64,
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        open.retain(|(id, _)| *id != self.id);
+    }
+}
+
+/// What is left until `deadline`, or a timeout error when nothing is.
+fn left(deadline: Instant) -> std::io::Result<Duration> {
+    match deadline.checked_duration_since(Instant::now()) {
+        Some(left) if !left.is_zero() => Ok(left),
+        _ => Err(ErrorKind::TimedOut.into()),
+    }
+}
+
+/// One read that returns by `deadline`.
+fn read_by(stream: &mut TcpStream, buf: &mut [u8], deadline: Instant) -> std::io::Result<usize> {
+    loop {
+        stream.set_read_timeout(Some(left(deadline)?))?;
+        match stream.read(buf) {
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(e) if e.kind() == ErrorKind::WouldBlock => return Err(ErrorKind::TimedOut.into()),
+            other => return other,
+        }
+    }
+}
+
+/// All of `bytes`, written by `deadline` (each write is given only what is left).
+fn write_by(stream: &mut TcpStream, mut bytes: &[u8], deadline: Instant) -> std::io::Result<()> {
+    while !bytes.is_empty() {
+        stream.set_write_timeout(Some(left(deadline)?))?;
+        match stream.write(bytes) {
+            Ok(0) => return Err(ErrorKind::WriteZero.into()),
+            Ok(n) => bytes = &bytes[n..],
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// One connection: its request head, the answer, then the close.
+fn serve(mut stream: TcpStream, deadline: Instant, handler: &Handler) {
+    let mut head = [0u8; MAX_HEAD];
+    let mut len = 0;
+    let end = loop {
+        if let Some(end) = head_end(&head[..len]) {
+            break end;
+        }
+        if len == head.len() {
+            let too_long = Response::text(400, "request head over 8 KiB\n");
+            return answer(stream, &too_long, false, deadline);
+        }
+        match read_by(&mut stream, &mut head[len..], deadline) {
+            Ok(0) => return,
+            Ok(n) => len += n,
+            Err(e) if e.kind() == ErrorKind::TimedOut => {
+                // Too slow: a 408 if the send buffer takes it at once, then the close.
+                let _ = stream.set_nonblocking(true);
+                let slow = Response::text(408, "request not received in time\n");
+                let _ = stream.write(&slow.bytes(false));
+                return;
+            }
+            Err(_) => return,
+        }
+    };
+    let (response, head_only) = match parse(&head[..end]) {
+        Ok(request) => (
+            handler(request.method, request.path),
+            request.method == "HEAD",
+        ),
+        Err(why) => (Response::text(400, format!("{why}\n")), false),
+    };
+    answer(stream, &response, head_only, deadline);
+}
+
+/// Writes `response`, closes the sending side, and reads (and ignores) what the client still
+/// sends until it closes, bounded by `deadline` and [`MAX_DRAIN`].
+fn answer(mut stream: TcpStream, response: &Response, head_only: bool, deadline: Instant) {
+    if write_by(&mut stream, &response.bytes(head_only), deadline).is_err() {
+        return;
+    }
+    let _ = stream.shutdown(Shutdown::Write);
+    let mut sink = [0u8; 4096];
+    let mut drained = 0;
+    while drained < MAX_DRAIN {
+        match read_by(&mut stream, &mut sink, deadline) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => drained += n,
+        }
+    }
+}
+
+/// Where the request head ends (after its empty line), if it does within `bytes`.
+fn head_end(bytes: &[u8]) -> Option<usize> {
+    let crlf = bytes
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map(|i| i + 4);
+    let lf = bytes.windows(2).position(|w| w == b"\n\n").map(|i| i + 2);
+    match (crlf, lf) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// A parsed request head.
+#[derive(Debug, PartialEq, Eq)]
+struct Request<'a> {
+    method: &'a str,
+    path: &'a str,
+}
+
+/// The request line and the headers: a request with a body, or not HTTP/1.x, is refused.
+fn parse(head: &[u8]) -> Result<Request<'_>, &'static str> {
+    let text = std::str::from_utf8(head).map_err(|_| "request head not UTF-8")?;
+    let mut lines = text.split('\n').map(|l| l.strip_suffix('\r').unwrap_or(l));
+    let line = lines.next().unwrap_or_default();
+    let mut words = line.split(' ');
+    let (Some(method), Some(target), Some(version), None) =
+        (words.next(), words.next(), words.next(), words.next())
+    else {
+        return Err("malformed request line");
+    };
+    if !matches!(version, "HTTP/1.0" | "HTTP/1.1") {
+        return Err("HTTP/1.0 or HTTP/1.1 only");
+    }
+    if method.is_empty() || !method.bytes().all(|b| b.is_ascii_alphabetic()) {
+        return Err("malformed method");
+    }
+    for line in lines.take_while(|l| !l.is_empty()) {
+        let Some((name, value)) = line.split_once(':') else {
+            return Err("malformed header");
+        };
+        if name.is_empty() || name.bytes().any(|b| b.is_ascii_whitespace()) {
+            return Err("malformed header");
+        }
+        if name.eq_ignore_ascii_case("transfer-encoding") {
+            return Err("a request body is not accepted");
+        }
+        if name.eq_ignore_ascii_case("content-length") {
+            match value.trim().parse::<u64>() {
+                Ok(0) => {}
+                Ok(_) => return Err("a request body is not accepted"),
+                Err(_) => return Err("malformed Content-Length"),
+            }
+        }
+    }
+    // Origin form (`/metrics?x`) or absolute form (`http://host/metrics`).
+    let path = match target.split_once("://") {
+        Some((_, rest)) => rest.find('/').map_or("/", |i| &rest[i..]),
+        None => target,
+    };
+    let path = path.split(['?', '#']).next().unwrap_or_default();
+    Ok(Request { method, path })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_request_heads() {
+        fn ok(head: &str) -> Result<Request<'_>, &'static str> {
+            parse(head.as_bytes())
+        }
+        assert_eq!(
+            ok("GET /metrics?x=1 HTTP/1.1\r\nHost: x\r\n\r\n"),
+            Ok(Request {
+                method: "GET",
+                path: "/metrics"
+            })
+        );
+        assert_eq!(
+            ok("HEAD http://h:1/readyz HTTP/1.0\n\n"),
+            Ok(Request {
+                method: "HEAD",
+                path: "/readyz"
+            })
+        );
+        assert!(ok("GET /x HTTP/1.1\r\nContent-Length: 0\r\n\r\n").is_ok());
+        for bad in [
+            "GET /x HTTP/1.1\r\nContent-Length: 1\r\n\r\n",
+            "GET /x HTTP/1.1\r\ncontent-length: x\r\n\r\n",
+            "GET /x HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "GET /x HTTP/2.0\r\n\r\n",
+            "GET  /x HTTP/1.1\r\n\r\n",
+            "GET /x\r\n\r\n",
+            "GET /x HTTP/1.1\r\nNo colon\r\n\r\n",
+            "GET /x HTTP/1.1\r\nBad name: y\r\n\r\n",
+        ] {
+            assert!(ok(bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(head_end(b"GET / HTTP/1.1\r\nA: b\r\n\r\nGET"), Some(24));
+        assert_eq!(head_end(b"GET / HTTP/1.1\nA: b\n\n"), Some(21));
+        assert_eq!(head_end(b"GET / HTTP/1.1\r\nA: b\r\n"), None);
+    }
+
+    #[test]
+    fn head_answers_have_no_body_but_its_length() {
+        let r = Response::text(200, "abc");
+        let full = String::from_utf8(r.bytes(false)).unwrap();
+        let head = String::from_utf8(r.bytes(true)).unwrap();
+        assert!(full.ends_with("\r\n\r\nabc"), "{full}");
+        assert!(
+            head.ends_with("Content-Length: 3\r\nConnection: close\r\n\r\n"),
+            "{head}"
+        );
+    }
+}
