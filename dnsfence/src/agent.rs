@@ -15,10 +15,14 @@ use dnsfence_policy::{Endpoints, Snapshot};
 use crate::enforce::Enforcer;
 use crate::ha::{self, AgentSync};
 use crate::health::{Health, Role};
+use crate::observe::{FlowHistory, ObserveServer};
 use crate::serve::{self, ServeArgs, Server, Start, UnknownFlag, parse_duration};
 
 /// The agent socket when `--agent-socket` is not given.
 pub const DEFAULT_AGENT_SOCKET: &str = "/run/dnsfence/agent.sock";
+/// The observe socket's file name, beside the agent socket when `--observe-socket` is not
+/// given (`/run/dnsfence/observe.sock` by default).
+pub const OBSERVE_SOCKET_NAME: &str = "observe.sock";
 
 /// Flags of `dnsfence agent` (shared/spec/interfaces.md; every tunable is a flag).
 #[derive(Debug, clap::Args)]
@@ -60,6 +64,10 @@ pub struct AgentArgs {
     /// denied everything but DNS until they do (logged).
     #[arg(long, default_value_t = 65536)]
     pub l3_entries: u32,
+    /// Where `dnsfence observe` asks for flows (mode 0600; the agent's user or root only).
+    /// Default: `observe.sock` beside the agent socket (/run/dnsfence/observe.sock).
+    #[arg(long, value_name = "PATH")]
+    pub observe_socket: Option<PathBuf>,
 }
 
 /// Parses a prefix or an address (`10.0.0.0/8`, `192.0.2.7`).
@@ -200,6 +208,41 @@ pub fn run(args: &AgentArgs) -> Result<()> {
             None
         }
     };
+    // The observe socket: where `dnsfence observe` gets the flow history. Named: it must
+    // bind; the default (beside the agent socket): a warning when it cannot.
+    let observe_path = args.observe_socket.clone().unwrap_or_else(|| {
+        socket_path
+            .parent()
+            .unwrap_or_else(|| std::path::Path::new("."))
+            .join(OBSERVE_SOCKET_NAME)
+    });
+    if args.serve.flow_history == 0 && args.observe_socket.is_some() {
+        bail!("--observe-socket: no flows to serve with --flow-history 0");
+    }
+    let observe = match args.serve.flow_history {
+        0 => None,
+        _ => match ObserveServer::bind(&observe_path) {
+            Ok(server) => Some(server),
+            Err(e) if args.observe_socket.is_some() => return Err(e),
+            Err(e) => {
+                eprintln!(
+                    "{WHO}: warning: no observe socket ({e:#}): `dnsfence observe` cannot \
+                     reach this agent (--observe-socket names another path)"
+                );
+                None
+            }
+        },
+    };
+    let sync_stats = sync
+        .as_ref()
+        .map_or_else(Default::default, |s| Arc::clone(&s.stats));
+    let history = (args.serve.flow_history > 0).then(|| {
+        Arc::new(FlowHistory::new(
+            args.serve.flow_history,
+            Arc::clone(&policy),
+            Arc::clone(&sync_stats),
+        ))
+    });
     let cache = ha::load_cache(WHO, state.as_ref(), &args.serve);
     let health = Arc::new(Health::new(Role::Agent, Arc::clone(&stop)));
     // The policy from the files is in force from the start (version 1 for the sync).
@@ -212,10 +255,8 @@ pub fn run(args: &AgentArgs) -> Result<()> {
         policy: Arc::clone(&policy),
         enforcer: Arc::clone(&enforcer),
         observations: cache,
-        forward: None,
-        sync: sync
-            .as_ref()
-            .map_or_else(Default::default, |s| Arc::clone(&s.stats)),
+        forward: history.as_ref().map(FlowHistory::forward),
+        sync: sync_stats,
         pending: None,
         health: Arc::clone(&health),
         endpoints,
@@ -225,9 +266,18 @@ pub fn run(args: &AgentArgs) -> Result<()> {
         sync.publish(ha::policy_message(version, &sources));
         sync.start(
             Arc::clone(&server.observations),
+            history.clone(),
             ha::MergeLimits::of(&args.serve),
         )?;
         eprintln!("{WHO}: agent socket {}", socket_path.display());
+    }
+    if let (Some(observe), Some(history)) = (observe, &history) {
+        observe.start(Arc::clone(history), Arc::clone(&stop))?;
+        eprintln!(
+            "{WHO}: observe socket {} (the last {} flows)",
+            observe_path.display(),
+            args.serve.flow_history
+        );
     }
     warn_about_limits(args, &policy.load());
 

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
 use dnsfence_engine::consumer::{self, Observations};
-use dnsfence_engine::core::{IpUpdate, Record};
+use dnsfence_engine::core::{IpUpdate, Record, Verdict};
 use dnsfence_engine::wire::Addresses;
 use dnsfence_matcher::Name;
 use dnsfence_policy::EndpointKey;
@@ -35,6 +35,7 @@ use dnsfence_sync::proto::{
 use dnsfence_sync::replay::ReplayBuffer;
 use dnsfence_sync::state::{Kind, StateDir};
 
+use crate::observe::FlowHistory;
 use crate::serve::ServeArgs;
 
 /// How often each process writes its FQDN cache (and the proxy its replay buffers) to the
@@ -391,6 +392,28 @@ pub struct SyncStats {
     pub flows: AtomicU64,
     /// Policy snapshots sent (agent) or applied (proxy).
     pub snapshots: AtomicU64,
+    /// Flows the agent's observe history overwrote, full (`crate::observe`).
+    pub flow_history_overwritten: AtomicU64,
+    /// Observe followers dropped for falling behind.
+    pub observe_clients_dropped: AtomicU64,
+}
+
+/// Samples of `dnsfence_flow_history_drops_total`, by reason.
+pub type FlowHistoryDrops = [([(&'static str, &'static str); 1], u64); 2];
+
+impl SyncStats {
+    /// The family `dnsfence_flow_history_drops_total{why}` for the metrics page: its name
+    /// (without the prefix and `_total`), help, and samples by reason.
+    pub fn flow_history_drops(&self) -> (&'static str, &'static str, FlowHistoryDrops) {
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let overwritten = load(&self.flow_history_overwritten);
+        let slow = load(&self.observe_clients_dropped);
+        let samples = [
+            ([("why", "overwritten")], overwritten),
+            ([("why", "slow_client")], slow),
+        ];
+        ("flow_history_drops", crate::observe::DROPS_HELP, samples)
+    }
 }
 
 /// The agent side of the sync.
@@ -423,8 +446,14 @@ impl AgentSync {
         *self.latest.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(snapshot));
     }
 
-    /// Starts the accept thread: one thread per peer, merging into `observations`.
-    pub fn start(&self, observations: Arc<Mutex<Observations>>, limits: MergeLimits) -> Result<()> {
+    /// Starts the accept thread: one thread per peer, merging into `observations` (and the
+    /// proxy's flows into `history`).
+    pub fn start(
+        &self,
+        observations: Arc<Mutex<Observations>>,
+        history: Option<Arc<FlowHistory>>,
+        limits: MergeLimits,
+    ) -> Result<()> {
         let (listener, latest, stop, stats) = (
             Arc::clone(&self.listener),
             Arc::clone(&self.latest),
@@ -437,11 +466,12 @@ impl AgentSync {
                 while !stop.load(Ordering::Relaxed) {
                     match listener.accept() {
                         Ok((stream, peer)) => {
-                            let (latest, stop, stats, observations) = (
+                            let (latest, stop, stats, observations, history) = (
                                 Arc::clone(&latest),
                                 Arc::clone(&stop),
                                 Arc::clone(&stats),
                                 Arc::clone(&observations),
+                                history.clone(),
                             );
                             let _ = std::thread::Builder::new()
                                 .name("dnsf-sync-peer".into())
@@ -454,6 +484,7 @@ impl AgentSync {
                                         &stop,
                                         &stats,
                                         &observations,
+                                        history.as_deref(),
                                         limits,
                                     );
                                     stats.connected.fetch_sub(1, Ordering::Relaxed);
@@ -483,6 +514,7 @@ fn serve_peer(
     stop: &AtomicBool,
     stats: &SyncStats,
     observations: &Mutex<Observations>,
+    history: Option<&FlowHistory>,
     limits: MergeLimits,
 ) -> Result<()> {
     let mut conn = Conn::new(stream)?;
@@ -534,6 +566,11 @@ fn serve_peer(
                             _ => obs.flows_overload += 1,
                         }
                     }
+                    // Into `dnsfence observe`'s history, tagged by the process that served
+                    // them (at least once: a batch re-sent after a lost ack shows twice).
+                    if let Some(history) = history {
+                        history.merge_proxy(&batch.items, &obs);
+                    }
                 }
                 stats
                     .flows
@@ -565,10 +602,11 @@ impl Pending {
     }
 
     /// The consumer's hook: every address record becomes an observation for the agent,
-    /// every flow record a flow record (the lock is held for the push only).
+    /// every flow record a flow record, with the answer's addresses as the proxy's FQDN
+    /// cache holds them (the lock is held for the push only).
     pub fn forward(self: &Arc<Self>) -> consumer::Forward {
         let me = Arc::clone(self);
-        Box::new(move |record| match record {
+        Box::new(move |record, obs| match record {
             Record::Addresses(update) => {
                 let item = observation_of(update);
                 me.observations
@@ -577,16 +615,22 @@ impl Pending {
                     .push(item);
             }
             Record::Flow(flow) => {
+                let name = flow.name.to_string();
+                let (addresses, ttl) = match (flow.verdict, flow.endpoint) {
+                    (Verdict::Forward, Some(key)) => consumer::answer_of(obs, key, &name, flow.at),
+                    _ => (Vec::new(), None),
+                };
                 let item = proto::FlowRecord {
                     unix_ms: unix_ms().saturating_sub(flow.at.elapsed().as_millis() as u64),
                     client: flow.client,
                     endpoint_key: flow.endpoint.map(|e| e.0),
-                    name: flow.name.to_string(),
+                    name,
                     qtype: flow.qtype,
                     verdict: format!("{:?}", flow.verdict),
                     rcode: flow.rcode.map_or(0, u16::from),
-                    addresses: Vec::new(),
-                    ttl: 0,
+                    dropped: flow.rcode.is_none(),
+                    addresses,
+                    ttl: ttl.unwrap_or(0),
                     latency_us: flow.upstream_latency.map_or(0, |d| d.as_micros() as u64),
                     served_by: "proxy".to_owned(),
                 };

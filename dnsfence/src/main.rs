@@ -9,6 +9,8 @@ mod health;
 mod http;
 mod match_cmd;
 mod metrics;
+mod observe;
+mod observe_cmd;
 mod policy_cmd;
 mod proxy;
 mod serve;
@@ -44,6 +46,9 @@ enum Command {
     /// their metrics addresses); exits non-zero when one is unreachable, not dnsfence, unhealthy
     /// or not ready.
     Status(status_cmd::StatusArgs),
+    /// DNS flows of the agent (and of the standalone proxy, once synced), like
+    /// `hubble observe --protocol dns`: history, then live with --follow.
+    Observe(observe_cmd::ObserveArgs),
     /// Prove it: load, SIGKILL and restart of an agent, and the verdict counts, on loopback.
     Demo(demo::DemoArgs),
 }
@@ -54,6 +59,7 @@ fn main() -> ExitCode {
         Command::Match(args) => match_cmd::run(&args),
         Command::Policy(args) => policy_cmd::run(&args),
         Command::Status(args) => status_cmd::run(&args),
+        Command::Observe(args) => observe_cmd::run(&args),
         Command::Demo(args) => match demo::run(&args) {
             Ok(true) => ExitCode::SUCCESS,
             Ok(false) => ExitCode::FAILURE,

@@ -685,6 +685,8 @@ fn sync(e: &mut DescriptorEncoder, state: &State) -> Fmt {
         "Policy snapshots sent (agent) or applied (proxy)",
         load(&sync.snapshots),
     )?;
+    let (name, help, drops) = sync.flow_history_drops();
+    counters(e, name, help, drops)?;
     if let Some(pending) = &state.pending {
         let (held, overflowed) = pending.counts();
         gauge(

@@ -32,7 +32,7 @@ pub struct ProxyArgs {
     /// The data-plane flags (the same as the agent's; give the same --listen).
     #[command(flatten)]
     pub serve: ServeArgs,
-    /// Observations (and, with --flow-log, flow records) kept for the agent while it is
+    /// Observations (and flow records, see --flow-history) kept for the agent while it is
     /// away, each; beyond it the oldest are dropped and counted. At most 262144 (what the
     /// state file holds in the worst case).
     #[arg(long, default_value_t = 1 << 16)]

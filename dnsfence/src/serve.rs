@@ -222,6 +222,12 @@ pub struct ServeArgs {
     /// Append one JSON line per query to this file.
     #[arg(long, value_name = "FILE")]
     pub flow_log: Option<PathBuf>,
+    /// DNS flows kept for `dnsfence observe`: the agent keeps the last N in memory (its own
+    /// and those the standalone proxy hands it after a resync) and serves them on
+    /// --observe-socket; the proxy makes flow records for the agent when N is not 0. 0: no
+    /// flow records (unless --flow-log), no history, no observe socket.
+    #[arg(long, value_name = "N", default_value_t = 8192)]
+    pub flow_history: usize,
     /// Capacity of the allow table: the eBPF allow map's size, or the userspace table's.
     /// Its books are sized and written at start (about 150 bytes an entry: no rehash and no
     /// page fault on the answer path later), so a larger table costs start-up CPU and memory
@@ -477,7 +483,7 @@ pub fn plan(args: &ServeArgs) -> Result<Plan> {
         core.require_origin = !args.no_bpf;
         core.max_pending = args.max_pending;
         core.max_pending_per_endpoint = args.max_pending_per_endpoint.max(1);
-        core.flow_records = args.flow_log.is_some();
+        core.flow_records = args.flow_log.is_some() || args.flow_history > 0;
         core.upstream_0x20 = args.upstream_0x20 != Case0x20Flag::Off;
         core.upstream_0x20_fallback = args.upstream_0x20 == Case0x20Flag::Auto;
         core.upstream_socket_queries = args.upstream_socket_queries;

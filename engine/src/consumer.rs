@@ -65,8 +65,11 @@ impl Observations {
     }
 }
 
-/// A hook that sees every record the consumer takes.
-pub type Forward = Box<dyn FnMut(&Record) + Send>;
+/// A hook that sees every record the consumer takes, once the whole batch it came in is
+/// applied, with the aggregates as they are then (the lock on them is held: keep it short).
+/// An answer's address record follows its flow record, usually in the same batch, so a
+/// flow's addresses are found in the FQDN cache ([`answer_of`]).
+pub type Forward = Box<dyn FnMut(&Record, &Observations) + Send>;
 
 /// How the consumer runs.
 pub struct ConsumerConfig {
@@ -77,7 +80,8 @@ pub struct ConsumerConfig {
     pub max_ips_per_name: usize,
     /// Where flow records go, one JSON line each (None: not logged).
     pub flow_log: Option<Box<dyn Write + Send>>,
-    /// Sees every record after it is applied (the standalone proxy keeps them for the agent).
+    /// Sees every record after its batch is applied (the standalone proxy keeps them for the
+    /// agent; the agent keeps flows for `dnsfence observe`).
     pub forward: Option<Forward>,
 }
 
@@ -112,7 +116,8 @@ pub fn run(
             continue;
         }
         {
-            // The lock covers the aggregates only, so a metrics scrape never waits on the log.
+            // The lock covers the aggregates and the hook (a push per record), never the log, so
+            // a metrics scrape never waits on a write.
             let mut obs = observations.lock().unwrap_or_else(|e| e.into_inner());
             for record in &batch {
                 apply(
@@ -122,6 +127,9 @@ pub fn run(
                     config.max_ips_per_name,
                 );
             }
+            if let Some(forward) = config.forward.as_mut() {
+                batch.iter().for_each(|record| forward(record, &obs));
+            }
         }
         if let Some(log) = config.flow_log.as_mut() {
             for record in &batch {
@@ -130,9 +138,6 @@ pub fn run(
                     unflushed = true;
                 }
             }
-        }
-        if let Some(forward) = config.forward.as_mut() {
-            batch.iter().for_each(forward);
         }
     }
     if let Some(log) = config.flow_log.as_mut() {
@@ -158,6 +163,36 @@ fn write_flow(log: &mut dyn Write, flow: &Flow, started: Instant) {
         flow.rcode.map_or(-1, i32::from),
         flow.upstream_latency.map_or(-1, |d| d.as_micros() as i64),
     );
+}
+
+/// The addresses the FQDN cache holds for what `endpoint` asked as `name` (text form, with or
+/// without its trailing dot) that were still live at `at`, sorted, and the smallest
+/// remaining lifetime among them in seconds (the answer's TTL raised to the floor the allow
+/// entries use). Empty for names that wrote no allow entry: only `toFQDNs` names of enforced
+/// endpoints are cached. Allocates the lookup key: for the consumer and the sync threads, never
+/// a shard.
+pub fn answer_of(
+    obs: &Observations,
+    endpoint: EndpointKey,
+    name: &str,
+    at: Instant,
+) -> (Vec<IpAddr>, Option<u32>) {
+    let mut text = String::with_capacity(name.len() + 1);
+    text.push_str(name);
+    if !text.ends_with('.') {
+        text.push('.');
+    }
+    let Some(entry) = obs.cache.get(&(endpoint, text.into_boxed_str())) else {
+        return (Vec::new(), None);
+    };
+    let live = entry.addresses.iter().filter(|(_, e)| **e > at);
+    let ttl = live
+        .clone()
+        .map(|(_, e)| e.duration_since(at).as_secs().min(u64::from(u32::MAX)) as u32)
+        .min();
+    let mut ips: Vec<IpAddr> = live.map(|(ip, _)| *ip).collect();
+    ips.sort_unstable();
+    (ips, ttl)
 }
 
 /// Applies one record to the aggregates, as the consumer does (the agent merges what the
@@ -288,6 +323,36 @@ mod tests {
         apply(&mut obs, &update(later, &[ip], 60), 16, 64);
         let entry = obs.cache.values().next().unwrap();
         assert_eq!(entry.addresses.keys().copied().collect::<Vec<_>>(), [ip]);
+    }
+
+    #[test]
+    fn a_flows_answer_comes_from_the_cache() {
+        let mut obs = Observations::default();
+        let t0 = Instant::now();
+        let (a, b) = (
+            std::net::IpAddr::from([10, 0, 0, 2]),
+            std::net::IpAddr::from([10, 0, 0, 1]),
+        );
+        apply(&mut obs, &update(t0, &[a, b], 300), 16, 64);
+        let (ips, ttl) = answer_of(&obs, EndpointKey(7), "x.attacker.test", t0);
+        assert_eq!((ips, ttl), (vec![b, a], Some(300)));
+        // With or without the trailing dot; another endpoint, or a time after they expired,
+        // has none.
+        let later = t0 + Duration::from_secs(100);
+        assert_eq!(
+            answer_of(&obs, EndpointKey(7), "x.attacker.test.", later).1,
+            Some(200)
+        );
+        assert!(
+            answer_of(&obs, EndpointKey(8), "x.attacker.test", t0)
+                .0
+                .is_empty()
+        );
+        let expired = t0 + Duration::from_secs(301);
+        assert_eq!(
+            answer_of(&obs, EndpointKey(7), "x.attacker.test", expired),
+            (Vec::new(), None)
+        );
     }
 
     #[test]

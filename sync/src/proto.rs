@@ -241,13 +241,17 @@ pub struct FlowRecord {
     pub name: String,
     /// The question type.
     pub qtype: u16,
-    /// The verdict as the flow log spells it (e.g. `FORWARDED`, `DROPPED`, `ERROR`).
+    /// The engine's verdict as the flow log spells it (`Forward`, `Refuse`, `Timeout`, ...;
+    /// `dnsfence observe` shows them as Cilium's `FORWARDED`, `DROPPED`, `ERROR`).
     pub verdict: String,
-    /// The rcode the client got.
+    /// The rcode the client got (see `dropped`).
     pub rcode: u16,
-    /// The answer's addresses, if any.
+    /// The client got no answer (`rcode` means nothing). Absent from older proxies' records.
+    #[serde(default)]
+    pub dropped: bool,
+    /// The answer's addresses as the sender's FQDN cache held them (`toFQDNs` names), if any.
     pub addresses: Vec<IpAddr>,
-    /// The answer's TTL (0 when none).
+    /// Their remaining lifetime in seconds (0 when none).
     pub ttl: u32,
     /// Query to answer, in µs.
     pub latency_us: u64,

@@ -33,11 +33,23 @@ fn flow(i: u64, endpoint_key: Option<u64>) -> FlowRecord {
         qtype: 28,
         verdict: "FORWARDED".into(),
         rcode: 0,
+        dropped: i % 2 == 1,
         addresses: vec!["fd00::5".parse().unwrap()],
         ttl: 60,
         latency_us: 1234,
         served_by: "proxy".into(),
     }
+}
+
+/// A flow record from a proxy that predates `dropped` decodes (as answered).
+#[test]
+fn a_flow_record_without_dropped_decodes() {
+    let mut v = serde_json::to_value(flow(1, Some(7))).unwrap();
+    assert_eq!(v["dropped"], true);
+    v.as_object_mut().unwrap().remove("dropped");
+    let back: FlowRecord = serde_json::from_value(v).unwrap();
+    assert!(!back.dropped);
+    assert_eq!(back.name, flow(1, Some(7)).name);
 }
 
 /// One message of every type (two Flows: with and without an endpoint).
