@@ -59,6 +59,8 @@ declare -A CMD=(
   [direct]=none
   [dnsfence-uring]="$HERE/peers/dnsfence.sh uring $PORT 127.0.0.1:$UP_PORT"
   [dnsfence-mmsg]="$HERE/peers/dnsfence.sh mmsg $PORT 127.0.0.1:$UP_PORT"
+  # Without the agent's flow history (--flow-history 0: no flow record per query).
+  [dnsfence-uring-noflows]="env DNSFENCE_ARGS=--flow-history=0 $HERE/peers/dnsfence.sh uring $PORT 127.0.0.1:$UP_PORT"
   # Completion coalescing (--coalesce): not in the default set; name them in PEERS.
   [dnsfence-uring-c20]="env DNSFENCE_ARGS=--coalesce=20us $HERE/peers/dnsfence.sh uring $PORT 127.0.0.1:$UP_PORT"
   [dnsfence-uring-c50]="env DNSFENCE_ARGS=--coalesce=50us $HERE/peers/dnsfence.sh uring $PORT 127.0.0.1:$UP_PORT"

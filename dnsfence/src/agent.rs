@@ -261,6 +261,9 @@ pub fn run(args: &AgentArgs) -> Result<()> {
         health: Arc::clone(&health),
         endpoints,
     })?;
+    if let Some(history) = &history {
+        history.attach(Arc::clone(&server.observations));
+    }
     let mut version = 1;
     if let Some(sync) = &sync {
         sync.publish(ha::policy_message(version, &sources));
