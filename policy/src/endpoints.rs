@@ -8,8 +8,9 @@ use crate::error::{LoadError, LoadErrorKind, LoadErrors};
 use crate::selector::{Labels, NAMESPACE_LABEL, normalize_key};
 use crate::yaml::{self, Diag, index, join, line};
 
-const FILE_FIELDS: &[&str] = &["endpoints"];
+const FILE_FIELDS: &[&str] = &["endpoints", "services"];
 const ENDPOINT_FIELDS: &[&str] = &["name", "namespace", "labels", "ips", "cgroup"];
+const SERVICE_FIELDS: &[&str] = &["name", "namespace", "labels", "selector", "ips", "backends"];
 
 /// One workload.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -28,11 +29,44 @@ pub struct Endpoint {
     pub line: usize,
 }
 
+/// A service: addresses that stand for the pods its selector picks (a Kubernetes Service's
+/// ClusterIPs and the addresses of its EndpointSlices). Not a workload: its addresses never
+/// identify a client. A `toEndpoints` selector reaches a service's addresses when it selects
+/// every pod the service's selector can pick (`LabelSelector::selects_every`), so a DNS rule
+/// written for `k8s-app: kube-dns` covers the kube-dns ClusterIP.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Service {
+    /// `name`, unique among services of its namespace.
+    pub name: String,
+    /// `namespace` (default `default`).
+    pub namespace: String,
+    /// The service's own `labels` (what `toServices.k8sServiceSelector` selects).
+    pub labels: Labels,
+    /// The labels its `selector` requires of its pods, plus `io.kubernetes.pod.namespace`:
+    /// every pod behind it carries at least these.
+    pub selector: Labels,
+    /// Its own addresses (ClusterIPs).
+    pub ips: Vec<IpAddr>,
+    /// The addresses of the pods behind it (EndpointSlices).
+    pub backends: Vec<IpAddr>,
+    /// Line of its entry.
+    pub line: usize,
+}
+
+impl Service {
+    /// Its addresses and its backends' addresses.
+    pub fn addresses(&self) -> impl Iterator<Item = IpAddr> + '_ {
+        self.ips.iter().chain(&self.backends).copied()
+    }
+}
+
 /// A validated endpoints file.
 #[derive(Debug, Clone, Default)]
 pub struct Endpoints {
     /// The endpoints, in file order.
     pub endpoints: Vec<Endpoint>,
+    /// The services, in file order.
+    pub services: Vec<Service>,
 }
 
 impl Endpoints {
@@ -54,7 +88,7 @@ impl Endpoints {
             return Err(LoadErrors(vec![empty]));
         }
         let mut errors = Vec::new();
-        let endpoints = parse(
+        let (endpoints, services) = parse(
             &mut Diag {
                 file,
                 errors: &mut errors,
@@ -63,7 +97,10 @@ impl Endpoints {
         );
         errors.sort_by_key(|e| e.line);
         if errors.is_empty() {
-            Ok(Endpoints { endpoints })
+            Ok(Endpoints {
+                endpoints,
+                services,
+            })
         } else {
             Err(LoadErrors(errors))
         }
@@ -83,9 +120,11 @@ pub(crate) fn canonical_cgroup(path: &str) -> &str {
     path.trim_matches('/')
 }
 
-fn parse(diag: &mut Diag<'_>, text: &str) -> Vec<Endpoint> {
+fn parse(diag: &mut Diag<'_>, text: &str) -> (Vec<Endpoint>, Vec<Service>) {
     let docs = yaml::parse_documents(diag, text);
     let mut out = Vec::new();
+    let mut services = Vec::new();
+    let mut service_names: HashMap<(String, String), usize> = HashMap::new();
     let mut names: HashMap<(String, String), usize> = HashMap::new();
     let mut ips: HashMap<IpAddr, (String, usize)> = HashMap::new();
     let mut cgroups: HashMap<String, (String, usize)> = HashMap::new();
@@ -93,6 +132,9 @@ fn parse(diag: &mut Diag<'_>, text: &str) -> Vec<Endpoint> {
         let Some(fields) = diag.mapping(doc, "", FILE_FIELDS, "") else {
             continue;
         };
+        if let Some(list) = fields.get_non_null("services") {
+            parse_services(diag, list, &mut service_names, &mut services);
+        }
         let Some(list) = fields.get_non_null("endpoints") else {
             continue;
         };
@@ -119,49 +161,15 @@ fn parse(diag: &mut Diag<'_>, text: &str) -> Vec<Endpoint> {
                     .string(n, &join(&path, "name"))
                     .filter(|s| valid_name(diag, n, &join(&path, "name"), s)),
             };
-            let namespace = match f.get_non_null("namespace") {
-                None => Some("default".to_string()),
-                Some(n) => diag
-                    .string(n, &join(&path, "namespace"))
-                    .filter(|s| valid_name(diag, n, &join(&path, "namespace"), s)),
-            };
-            let mut labels = Labels::new();
-            if let Some(l) = f.get_non_null("labels") {
-                let lpath = join(&path, "labels");
-                for (k, v) in diag.string_map(l, &lpath) {
-                    match normalize_key(&k) {
-                        Some(key) if !key.is_empty() && key != NAMESPACE_LABEL => {
-                            labels.insert(key.to_string(), v);
-                        }
-                        _ => diag.invalid(
-                            l,
-                            &join(&lpath, &k),
-                            "invalid label key (the namespace label comes from `namespace`)",
-                        ),
-                    }
-                }
-            }
-            let mut addrs = Vec::new();
-            if let Some(list) = f.get_non_null("ips") {
-                let ips_path = join(&path, "ips");
-                for (j, ip_node) in diag
-                    .sequence(list, &ips_path)
-                    .unwrap_or_default()
-                    .iter()
-                    .enumerate()
-                {
-                    let ip_path = index(&ips_path, j);
-                    let Some(text) = diag.string(ip_node, &ip_path) else {
-                        continue;
-                    };
-                    match text.trim().parse::<IpAddr>() {
-                        Ok(ip) => addrs.push((canonical_ip(ip), ip_node)),
-                        Err(_) => {
-                            diag.invalid(ip_node, &ip_path, format!("invalid IP address {text:?}"))
-                        }
-                    }
-                }
-            }
+            let namespace = namespace_of(diag, &f, &path);
+            let mut labels = f
+                .get_non_null("labels")
+                .map(|l| label_map(diag, l, &join(&path, "labels")))
+                .unwrap_or_default();
+            let addrs = f
+                .get_non_null("ips")
+                .map(|list| addresses(diag, list, &join(&path, "ips")))
+                .unwrap_or_default();
             let cgroup = f.get_non_null("cgroup").and_then(|c| {
                 let cpath = join(&path, "cgroup");
                 let text = diag.string(c, &cpath)?;
@@ -229,7 +237,161 @@ fn parse(diag: &mut Diag<'_>, text: &str) -> Vec<Endpoint> {
             });
         }
     }
-    out
+    (out, services)
+}
+
+/// The `namespace` of an entry (default `default`).
+fn namespace_of(diag: &mut Diag<'_>, f: &yaml::Fields<'_, '_>, path: &str) -> Option<String> {
+    match f.get_non_null("namespace") {
+        None => Some("default".to_string()),
+        Some(n) => diag
+            .string(n, &join(path, "namespace"))
+            .filter(|s| valid_name(diag, n, &join(path, "namespace"), s)),
+    }
+}
+
+/// A map of labels (`k8s:` prefixes stripped); the namespace label is refused (it comes from
+/// `namespace`), as are other sources (`reserved:`).
+fn label_map(diag: &mut Diag<'_>, node: &yaml::Node<'_>, path: &str) -> Labels {
+    let mut labels = Labels::new();
+    for (k, v) in diag.string_map(node, path) {
+        match normalize_key(&k) {
+            Some(key) if !key.is_empty() && key != NAMESPACE_LABEL => {
+                labels.insert(key.to_string(), v);
+            }
+            _ => diag.invalid(
+                node,
+                &join(path, &k),
+                "invalid label key (the namespace label comes from `namespace`)",
+            ),
+        }
+    }
+    labels
+}
+
+/// A list of IP addresses, each with its node.
+fn addresses<'n, 'a>(
+    diag: &mut Diag<'_>,
+    list: &'n yaml::Node<'a>,
+    path: &str,
+) -> Vec<(IpAddr, &'n yaml::Node<'a>)> {
+    let mut addrs = Vec::new();
+    for (j, ip_node) in diag
+        .sequence(list, path)
+        .unwrap_or_default()
+        .iter()
+        .enumerate()
+    {
+        let ip_path = index(path, j);
+        let Some(text) = diag.string(ip_node, &ip_path) else {
+            continue;
+        };
+        match text.trim().parse::<IpAddr>() {
+            Ok(ip) => addrs.push((canonical_ip(ip), ip_node)),
+            Err(_) => diag.invalid(ip_node, &ip_path, format!("invalid IP address {text:?}")),
+        }
+    }
+    addrs
+}
+
+/// The `services` list. Services may share addresses with each other and with endpoints (a
+/// pod behind a service is both); names are unique per namespace.
+fn parse_services(
+    diag: &mut Diag<'_>,
+    list: &yaml::Node<'_>,
+    names: &mut HashMap<(String, String), usize>,
+    out: &mut Vec<Service>,
+) {
+    let Some(items) = diag.sequence(list, "services") else {
+        return;
+    };
+    for (i, item) in items.iter().enumerate() {
+        let path = index("services", i);
+        let before = diag.errors.len();
+        let Some(f) = diag.mapping(item, &path, SERVICE_FIELDS, "") else {
+            continue;
+        };
+        let name = match f.get("name") {
+            None => {
+                diag.push(
+                    line(item),
+                    LoadErrorKind::Missing {
+                        field: join(&path, "name"),
+                    },
+                );
+                None
+            }
+            Some(n) => diag
+                .string(n, &join(&path, "name"))
+                .filter(|s| valid_name(diag, n, &join(&path, "name"), s)),
+        };
+        let namespace = namespace_of(diag, &f, &path);
+        let labels = f
+            .get_non_null("labels")
+            .map(|l| label_map(diag, l, &join(&path, "labels")))
+            .unwrap_or_default();
+        // A service without a selector stands for pods nobody can name: it matches no
+        // `toEndpoints` selector (an empty one would make it match every selector).
+        let selector = match f.get_non_null("selector") {
+            None => {
+                diag.push(
+                    line(item),
+                    LoadErrorKind::Missing {
+                        field: join(&path, "selector"),
+                    },
+                );
+                Labels::new()
+            }
+            Some(l) => {
+                let errors = diag.errors.len();
+                let sel = label_map(diag, l, &join(&path, "selector"));
+                if sel.is_empty() && diag.errors.len() == errors {
+                    diag.invalid(
+                        l,
+                        &join(&path, "selector"),
+                        "an empty selector names no pods",
+                    );
+                }
+                sel
+            }
+        };
+        let ips = f
+            .get_non_null("ips")
+            .map(|l| addresses(diag, l, &join(&path, "ips")))
+            .unwrap_or_default();
+        let backends = f
+            .get_non_null("backends")
+            .map(|l| addresses(diag, l, &join(&path, "backends")))
+            .unwrap_or_default();
+        let (Some(name), Some(namespace)) = (name, namespace) else {
+            continue;
+        };
+        let entry_line = line(item);
+        if let Some(first) = names.get(&(namespace.clone(), name.clone())) {
+            let n = f.get("name").unwrap_or(item);
+            diag.invalid(
+                n,
+                &join(&path, "name"),
+                format!("duplicate service {namespace}/{name} (first at line {first})"),
+            );
+        } else {
+            names.insert((namespace.clone(), name.clone()), entry_line);
+        }
+        if diag.errors.len() != before {
+            continue;
+        }
+        let mut selector = selector;
+        selector.insert(NAMESPACE_LABEL.to_string(), namespace.clone());
+        out.push(Service {
+            name,
+            namespace,
+            labels,
+            selector,
+            ips: ips.into_iter().map(|(ip, _)| ip).collect(),
+            backends: backends.into_iter().map(|(ip, _)| ip).collect(),
+            line: entry_line,
+        });
+    }
 }
 
 fn valid_name(diag: &mut Diag<'_>, node: &yaml::Node<'_>, field: &str, s: &str) -> bool {

@@ -33,6 +33,22 @@ impl Requirement {
         }
     }
 
+    /// Whether every label set that includes `labels` satisfies the requirement (a service's
+    /// selector: its pods carry at least these labels, and maybe others).
+    fn holds_for_supersets(&self, labels: &Labels) -> bool {
+        match self {
+            // No pod carries a `reserved:` label: its absence is certain.
+            Requirement::NotIn(k, _) | Requirement::DoesNotExist(k) if k.starts_with(RESERVED) => {
+                true
+            }
+            Requirement::In(..) | Requirement::Exists(_) => self.matches(labels),
+            // The key must be fixed to a value outside the list; absent, a pod may add it.
+            Requirement::NotIn(k, values) => labels.get(k).is_some_and(|v| !values.contains(v)),
+            // A pod may always carry one more label.
+            Requirement::DoesNotExist(_) => false,
+        }
+    }
+
     fn matches(&self, labels: &Labels) -> bool {
         match self {
             Requirement::In(k, values) => labels.get(k).is_some_and(|v| values.contains(v)),
@@ -53,6 +69,16 @@ impl LabelSelector {
     /// Whether `labels` satisfy every requirement.
     pub fn matches(&self, labels: &Labels) -> bool {
         self.requirements.iter().all(|r| r.matches(labels))
+    }
+
+    /// Whether the selector selects every label set that includes `labels`: every pod a
+    /// service with selector `labels` can pick, whatever other labels the pod has. Sound for
+    /// `NotIn` and `DoesNotExist` (never true for labels a pod could add), so a service's
+    /// addresses are reached only when all of its pods would be.
+    pub fn selects_every(&self, labels: &Labels) -> bool {
+        self.requirements
+            .iter()
+            .all(|r| r.holds_for_supersets(labels))
     }
 
     /// Whether some requirement is about `key`.

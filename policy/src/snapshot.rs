@@ -6,7 +6,7 @@ use std::net::{IpAddr, SocketAddr};
 use dnsfence_matcher::{Matcher, MatcherBuilder, Name, Pattern, RuleId, RuleSet};
 
 use crate::cidr::{Cidr, CidrBlock, Entity, L3Entry, NodeFacts, compile_table};
-use crate::endpoints::{Endpoint, Endpoints, canonical_cgroup, canonical_ip};
+use crate::endpoints::{Endpoints, canonical_cgroup, canonical_ip};
 use crate::policy::{EgressRule, L3Rule, L3Target, PolicySet, PortProto, PortProtocol, Proto};
 use crate::selector::LabelSelector;
 
@@ -208,7 +208,7 @@ impl Snapshot {
 
     /// Compiles validated policies against an endpoint registry.
     pub fn compile(policies: &PolicySet, endpoints: &Endpoints) -> Snapshot {
-        compile(policies, &endpoints.endpoints, &[], &NodeFacts::default())
+        compile(policies, endpoints, &[], &NodeFacts::default())
     }
 
     /// Like [`Snapshot::compile_fail_closed`], with what the node knows of itself and its
@@ -219,7 +219,7 @@ impl Snapshot {
         fail_closed: &[LabelSelector],
         node: &NodeFacts,
     ) -> Snapshot {
-        compile(policies, &endpoints.endpoints, fail_closed, node)
+        compile(policies, endpoints, fail_closed, node)
     }
 
     /// Like [`Snapshot::compile`], and every endpoint one of `fail_closed` selects is denied
@@ -230,12 +230,7 @@ impl Snapshot {
         endpoints: &Endpoints,
         fail_closed: &[LabelSelector],
     ) -> Snapshot {
-        compile(
-            policies,
-            &endpoints.endpoints,
-            fail_closed,
-            &NodeFacts::default(),
-        )
+        compile(policies, endpoints, fail_closed, &NodeFacts::default())
     }
 
     /// The endpoint that owns source address `ip` (IPv4-mapped IPv6 is looked up as IPv4).
@@ -571,22 +566,25 @@ struct FlatSpec<'p> {
 }
 
 /// The DNS servers a DNS rule's L3 selector names: registered endpoints by bit, the rest
-/// (CIDRs, entities, `reserved:` identities) as prefixes.
-fn servers_of(to: Option<&L3Target>, endpoints: &[Endpoint], node: &NodeFacts) -> Servers {
+/// (CIDRs, entities, `reserved:` identities, the addresses of the services whose pods the
+/// selector all selects) as prefixes.
+fn servers_of(to: Option<&L3Target>, reg: &Endpoints, node: &NodeFacts) -> Servers {
     let Some(to) = to else {
         return Servers::Any;
     };
-    let mut bits = vec![0u64; endpoints.len().div_ceil(64)];
+    let mut bits = vec![0u64; reg.endpoints.len().div_ceil(64)];
     let prefixes = match to {
         L3Target::Endpoints(selectors) => {
-            for (i, ep) in endpoints.iter().enumerate() {
+            for (i, ep) in reg.endpoints.iter().enumerate() {
                 if selectors.iter().any(|s| s.matches(&ep.labels)) {
                     bits[i / 64] |= 1 << (i % 64);
                 }
             }
-            reserved_blocks(selectors, endpoints, node)
+            let mut out = reserved_blocks(selectors, reg, node);
+            out.extend(service_blocks(selectors, reg));
+            out
         }
-        other => blocks_of(other, endpoints, node),
+        other => blocks_of(other, reg, node),
     };
     Servers::Named {
         endpoints: bits.into_boxed_slice(),
@@ -596,10 +594,11 @@ fn servers_of(to: Option<&L3Target>, endpoints: &[Endpoint], node: &NodeFacts) -
 
 fn compile(
     policies: &PolicySet,
-    endpoints: &[Endpoint],
+    reg: &Endpoints,
     fail_closed: &[LabelSelector],
     node: &NodeFacts,
 ) -> Snapshot {
+    let endpoints = reg.endpoints.as_slice();
     let mut rule_ports: Vec<Box<[PortProto]>> = Vec::new();
     let mut specs = Vec::new();
     for spec in policies.policies.iter().flat_map(|p| &p.specs) {
@@ -616,7 +615,7 @@ fn compile(
                     servers.push(Servers::Any);
                 }
                 EgressRule::Dns(d) => {
-                    servers.push(servers_of(d.to.as_ref(), endpoints, node));
+                    servers.push(servers_of(d.to.as_ref(), reg, node));
                 }
                 EgressRule::Nothing | EgressRule::L3(_) => servers.push(Servers::Any),
             }
@@ -663,7 +662,7 @@ fn compile(
             NO_GROUP
         } else {
             *group_of.entry(selecting).or_insert_with_key(|selecting| {
-                match compile_group(&specs, selecting, endpoints, node) {
+                match compile_group(&specs, selecting, reg, node) {
                     Some(g) => {
                         groups.push(g);
                         (groups.len() - 1) as u32
@@ -710,7 +709,7 @@ fn compile(
 /// entity NAME (nothing for an unknown name).
 fn reserved_blocks(
     selectors: &[LabelSelector],
-    endpoints: &[Endpoint],
+    reg: &Endpoints,
     node: &NodeFacts,
 ) -> Vec<CidrBlock> {
     let entities: Vec<Entity> = selectors
@@ -721,20 +720,39 @@ fn reserved_blocks(
     if entities.is_empty() {
         return Vec::new();
     }
-    blocks_of(&L3Target::Entities(entities), endpoints, node)
+    blocks_of(&L3Target::Entities(entities), reg, node)
+}
+
+/// The host prefixes of the services (addresses and backends) whose pods one of `selectors`
+/// all selects ([`LabelSelector::selects_every`]).
+fn service_blocks<'r>(
+    selectors: &'r [LabelSelector],
+    reg: &'r Endpoints,
+) -> impl Iterator<Item = CidrBlock> + 'r {
+    reg.services
+        .iter()
+        .filter(|svc| selectors.iter().any(|s| s.selects_every(&svc.selector)))
+        .flat_map(|svc| svc.addresses())
+        .map(|ip| CidrBlock {
+            cidr: Cidr::host(ip),
+            except: Vec::new(),
+        })
 }
 
 /// The prefixes an L3 target stands for: CIDR blocks as given, every address for no
 /// selector, the host prefixes of the registered endpoints a `toEndpoints` selects.
-fn blocks_of(to: &L3Target, endpoints: &[Endpoint], node: &NodeFacts) -> Vec<CidrBlock> {
+fn blocks_of(to: &L3Target, reg: &Endpoints, node: &NodeFacts) -> Vec<CidrBlock> {
     let block = |cidr| CidrBlock {
         cidr,
         except: Vec::new(),
     };
+    // The registered endpoints' and services' addresses.
     let registered = || {
-        endpoints
+        reg.endpoints
             .iter()
-            .flat_map(|ep| ep.ips.iter().map(|&ip| Cidr::host(ip)))
+            .flat_map(|ep| ep.ips.iter().copied())
+            .chain(reg.services.iter().flat_map(|svc| svc.addresses()))
+            .map(Cidr::host)
             .collect::<Vec<_>>()
     };
     // Inside the cluster: the node, the registered endpoints, the cluster ranges.
@@ -766,13 +784,14 @@ fn blocks_of(to: &L3Target, endpoints: &[Endpoint], node: &NodeFacts) -> Vec<Cid
         L3Target::Any => vec![block(Cidr::ALL4), block(Cidr::ALL6)],
         L3Target::Cidrs(blocks) => blocks.clone(),
         L3Target::Endpoints(selectors) => {
-            let mut out = reserved_blocks(selectors, endpoints, node);
+            let mut out = reserved_blocks(selectors, reg, node);
             out.extend(
-                endpoints
+                reg.endpoints
                     .iter()
                     .filter(|ep| selectors.iter().any(|s| s.matches(&ep.labels)))
                     .flat_map(|ep| ep.ips.iter().map(|&ip| block(Cidr::host(ip)))),
             );
+            out.extend(service_blocks(selectors, reg));
             out
         }
     }
@@ -783,7 +802,7 @@ fn blocks_of(to: &L3Target, endpoints: &[Endpoint], node: &NodeFacts) -> Vec<Cid
 fn compile_group(
     specs: &[FlatSpec<'_>],
     selecting: &[u32],
-    endpoints: &[Endpoint],
+    reg: &Endpoints,
     node: &NodeFacts,
 ) -> Option<Group> {
     let default_deny = selecting.iter().any(|&s| specs[s as usize].default_deny);
@@ -797,17 +816,17 @@ fn compile_group(
     let mut l3_deny = Vec::new();
     if !default_deny {
         // Default allow: every address, less what egressDeny denies.
-        l3_allow.push((blocks_of(&L3Target::Any, endpoints, node), Vec::new()));
+        l3_allow.push((blocks_of(&L3Target::Any, reg, node), Vec::new()));
     }
     for &s in selecting {
         let spec = &specs[s as usize];
         for rule in spec.rules {
             if let EgressRule::L3(r) = rule {
-                l3_allow.push((blocks_of(&r.to, endpoints, node), r.ports.clone()));
+                l3_allow.push((blocks_of(&r.to, reg, node), r.ports.clone()));
             }
         }
         for r in spec.deny {
-            l3_deny.push((blocks_of(&r.to, endpoints, node), r.ports.clone()));
+            l3_deny.push((blocks_of(&r.to, reg, node), r.ports.clone()));
         }
     }
     // (ports, servers) → (allows every name, its patterns)

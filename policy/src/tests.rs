@@ -1173,6 +1173,92 @@ spec:
         );
     }
 
+    /// Services stand for the pods their selector picks: a `toEndpoints` selector reaches a
+    /// service's addresses (ClusterIPs and backends) when it selects every pod the service can
+    /// pick, for DNS servers and for L3 alike; never when a pod behind it might not match.
+    #[test]
+    fn services_are_reached_by_selectors_that_select_all_their_pods() {
+        use crate::PortProtocol::Tcp as T;
+        use crate::cidr::NodeFacts;
+        let endpoints = format!(
+            "{ENDPOINTS}{}",
+            r#"
+services:
+- {name: kube-dns, namespace: kube-system, labels: {k8s-app: kube-dns}, selector: {k8s-app: kube-dns}, ips: ["10.96.0.10", "fd00:96::a"], backends: ["10.244.9.9"]}
+- {name: db, namespace: team-a, selector: {app: db, tier: data}, ips: ["10.96.5.5"]}
+- {name: db, namespace: team-b, selector: {app: db, tier: data}, ips: ["10.96.6.6"]}
+"#
+        );
+        let text = r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: svc, namespace: team-a}
+spec:
+  endpointSelector: {matchLabels: {app: uploader}}
+  egress:
+  - toEndpoints: [{matchLabels: {"k8s:io.kubernetes.pod.namespace": kube-system, k8s-app: kube-dns}}]
+    toPorts: [{ports: [{port: "53", protocol: ANY}], rules: {dns: [{matchPattern: "*"}]}}]
+  - toEndpoints: [{matchLabels: {app: db}}]
+    toPorts: [{ports: [{port: "5432", protocol: TCP}]}]
+  - toEndpoints: [{matchLabels: {app: db}, matchExpressions: [{key: tier, operator: NotIn, values: [cache]}]}]
+    toPorts: [{ports: [{port: "5433", protocol: TCP}]}]
+  - toEndpoints: [{matchLabels: {app: db}, matchExpressions: [{key: version, operator: NotIn, values: [v1]}]}]
+    toPorts: [{ports: [{port: "5434", protocol: TCP}]}]
+  - toEndpoints: [{matchLabels: {app: db}, matchExpressions: [{key: canary, operator: DoesNotExist}]}]
+    toPorts: [{ports: [{port: "5435", protocol: TCP}]}]
+  - toEndpoints: [{matchLabels: {app: db, version: v2}}]
+    toPorts: [{ports: [{port: "5436", protocol: TCP}]}]
+  - toEntities: [world]
+    toPorts: [{ports: [{port: "8080", protocol: TCP}]}]
+"#;
+        let p = PolicySet::from_yaml(Path::new("p.yaml"), text).unwrap_or_else(|e| panic!("{e}"));
+        let e =
+            Endpoints::from_yaml(Path::new("e.yaml"), &endpoints).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(e.services.len(), 3);
+        let s = Snapshot::compile_on(&p, &e, &[], &NodeFacts::default());
+        let ep = "team-a/uploader";
+        // DNS: the ClusterIPs and the backend, nothing else.
+        for server in ["10.96.0.10:53", "[fd00:96::a]:53", "10.244.9.9:53"] {
+            assert_eq!(dns(&s, ep, server, Udp, "example.com"), Allow, "{server}");
+        }
+        assert_eq!(dns(&s, ep, "10.96.0.11:53", Udp, "example.com"), Deny);
+        // Service addresses never identify a client.
+        assert!(s.endpoint_by_ip("10.96.5.5".parse().unwrap()).is_none());
+        // L3: the namespace is the policy's (team-a's db only).
+        assert_eq!(l3(&s, ep, "10.96.5.5", 5432, T), Some(true));
+        assert_eq!(l3(&s, ep, "10.96.6.6", 5432, T), None, "team-b's db");
+        // NotIn on a key the service fixes to another value: every pod matches.
+        assert_eq!(
+            l3(&s, ep, "10.96.5.5", 5433, T),
+            Some(true),
+            "tier NotIn cache"
+        );
+        // NotIn or DoesNotExist on a key a pod may carry, or a label the service does not
+        // fix: some pod behind it might not match, so not the service.
+        assert_eq!(l3(&s, ep, "10.96.5.5", 5434, T), None, "version NotIn v1");
+        assert_eq!(
+            l3(&s, ep, "10.96.5.5", 5435, T),
+            None,
+            "canary DoesNotExist"
+        );
+        assert_eq!(l3(&s, ep, "10.96.5.5", 5436, T), None, "version v2");
+        // Service addresses are inside the cluster: not `world`.
+        assert_eq!(l3(&s, ep, "10.96.5.5", 8080, T), None, "world");
+        assert_eq!(l3(&s, ep, "203.0.113.9", 8080, T), Some(true), "world");
+
+        // Without the service, the kube-dns ClusterIP is only a registered endpoint's address
+        // when the endpoints file says so (the old workaround): here it does, so drop the
+        // fake endpoint and the service to see the rule deny.
+        let bare = ENDPOINTS.replace(
+            r#"- {name: kube-dns, namespace: kube-system, labels: {k8s-app: kube-dns}, ips: ["10.96.0.10"]}"#,
+            "",
+        );
+        assert_ne!(bare, ENDPOINTS);
+        let e = Endpoints::from_yaml(Path::new("e.yaml"), &bare).unwrap();
+        let s = Snapshot::compile_on(&p, &e, &[], &NodeFacts::default());
+        assert_eq!(dns(&s, ep, "10.96.0.10:53", Udp, "example.com"), Deny);
+    }
+
     #[test]
     fn snapshot_is_send_and_sync() {
         fn check<T: Send + Sync>() {}
