@@ -247,6 +247,19 @@ struct EndpointsFile {
     endpoints: Endpoints,
     text: Arc<str>,
     rejected: bool,
+    /// Given by an API source ([`Sources::apply_objects`]), not read from a file: checks
+    /// leave it alone.
+    from_api: bool,
+}
+
+/// A policy object of an API source (the Kubernetes source): a text by name, with no file
+/// behind it, weighed like a file version each time its text changes.
+#[derive(Debug)]
+struct ApiObject {
+    path: PathBuf,
+    /// The text last handled (loaded or rejected).
+    handled: Arc<str>,
+    file: PolicyFile,
 }
 
 /// The texts whose verdicts are in force ([`Sources::in_force`]): what the agent sends the
@@ -266,6 +279,10 @@ pub struct Sources {
     /// Known policy files, in load order.
     files: Vec<(PathBuf, PolicyFile)>,
     endpoints: Option<EndpointsFile>,
+    /// Policy objects of an API source, sorted by name (after the files in load order).
+    objects: Vec<ApiObject>,
+    /// The registry text an API source gave last (loaded or rejected).
+    api_registry: Option<Arc<str>>,
     /// Duplicate-name errors of the snapshot in force (reported when they change).
     duplicates: Vec<LoadError>,
     /// Directories that could not be listed at the last check.
@@ -320,6 +337,7 @@ impl Sources {
                         endpoints,
                         text: text.into(),
                         rejected: false,
+                        from_api: false,
                     }),
                     Err(e) => {
                         errors.extend(e.0);
@@ -336,6 +354,8 @@ impl Sources {
             policy_paths: policy_paths.to_vec(),
             files,
             endpoints,
+            objects: Vec::new(),
+            api_registry: None,
             duplicates: Vec::new(),
             list_errors: Vec::new(),
             node: crate::cidr::NodeFacts::default(),
@@ -360,7 +380,12 @@ impl Sources {
         let files = self
             .files
             .iter()
-            .map(|(_, f)| (f.seen, f.handled, f.rejected.is_some()));
+            .map(|(_, f)| (f.seen, f.handled, f.rejected.is_some()))
+            .chain(
+                self.objects
+                    .iter()
+                    .map(|o| (None, None, o.file.rejected.is_some())),
+            );
         let endpoints = self
             .endpoints
             .iter()
@@ -468,6 +493,7 @@ impl Sources {
         }
 
         if let Some(ep) = &mut self.endpoints
+            && !ep.from_api
             && let Some(now) = settled(&ep.path, &mut ep.seen, ep.handled)
         {
             let parsed = match now {
@@ -540,6 +566,11 @@ impl Sources {
                 .files
                 .iter()
                 .filter_map(|(path, f)| Some((path.clone(), Arc::clone(f.text.as_ref()?))))
+                .chain(
+                    self.objects
+                        .iter()
+                        .filter_map(|o| Some((o.path.clone(), Arc::clone(o.file.text.as_ref()?)))),
+                )
                 .collect(),
             endpoints: self
                 .endpoints
@@ -583,6 +614,7 @@ impl Sources {
                     endpoints,
                     text: Arc::clone(text),
                     rejected: false,
+                    from_api: false,
                 }),
                 Err(errors) => {
                     rejections.push(Rejection {
@@ -598,12 +630,121 @@ impl Sources {
             policy_paths: Vec::new(),
             files,
             endpoints,
+            objects: Vec::new(),
+            api_registry: None,
             duplicates: Vec::new(),
             list_errors: Vec::new(),
             node,
         };
         let snapshot = sources.assemble();
         (sources, snapshot, rejections)
+    }
+
+    /// Puts in force the whole state of an API source (the Kubernetes source): each policy
+    /// text by name (an object absent from `state` is removed) and, when given, the endpoint
+    /// registry's text. An object whose text changed is weighed like a new file version (valid:
+    /// it replaces the object's policies; partly invalid: its valid documents apply and what
+    /// the invalid ones select is denied everything; unusable: the object's last good version
+    /// stays, or its scope is denied everything); a registry text that does not load, or that
+    /// `accept` refuses, leaves the last good registry in force. Unchanged texts cost nothing.
+    /// Files named at load keep being checked by [`Sources::check`]; an API registry replaces
+    /// an endpoints file (do not give both).
+    pub fn apply_objects(&mut self, state: &InForce, accept: EndpointsCheck<'_>) -> Report {
+        let mut report = Report::default();
+        let mut changed = false;
+        let before = self.objects.len();
+        self.objects
+            .retain(|o| state.policies.iter().any(|(p, _)| *p == o.path));
+        changed |= self.objects.len() != before;
+        for (path, text) in &state.policies {
+            let at = match self.objects.binary_search_by(|o| o.path.cmp(path)) {
+                Ok(i) if *self.objects[i].handled == **text => continue,
+                Ok(i) => i,
+                Err(i) => {
+                    self.objects.insert(
+                        i,
+                        ApiObject {
+                            path: path.clone(),
+                            handled: Arc::clone(text),
+                            file: PolicyFile::default(),
+                        },
+                    );
+                    i
+                }
+            };
+            let object = &mut self.objects[at];
+            object.handled = Arc::clone(text);
+            let was = object.file.rejected;
+            match object
+                .file
+                .apply(path, parse_policy_file(path, text), Arc::clone(text))
+            {
+                None => {
+                    report.loaded.push(path.clone());
+                    changed = true;
+                }
+                Some(rejection) => {
+                    let kept = Some(Outcome::KeptLastGood);
+                    changed |= !(object.file.rejected == kept && (was.is_none() || was == kept));
+                    report.rejections.push(rejection);
+                }
+            }
+        }
+        if let Some((path, text)) = &state.endpoints
+            && self.api_registry.as_deref() != Some(&**text)
+        {
+            self.api_registry = Some(Arc::clone(text));
+            let parsed = Endpoints::from_yaml(path, text).and_then(|e| {
+                accept(&e).map(|()| e).map_err(|reason| {
+                    LoadErrors(vec![LoadError::new(
+                        path,
+                        0,
+                        LoadErrorKind::Invalid {
+                            field: "endpoints".to_string(),
+                            reason,
+                        },
+                    )])
+                })
+            });
+            match parsed {
+                Ok(endpoints) => {
+                    self.endpoints = Some(EndpointsFile {
+                        path: path.clone(),
+                        seen: None,
+                        handled: None,
+                        endpoints,
+                        text: Arc::clone(text),
+                        rejected: false,
+                        from_api: true,
+                    });
+                    report.loaded.push(path.clone());
+                    changed = true;
+                }
+                Err(errors) => {
+                    if let Some(e) = self.endpoints.as_mut().filter(|e| e.from_api) {
+                        e.rejected = true;
+                    }
+                    report.rejections.push(Rejection {
+                        file: path.clone(),
+                        errors,
+                        outcome: Outcome::KeptLastGoodEndpoints,
+                    });
+                }
+            }
+        }
+        if changed {
+            let before = std::mem::take(&mut self.duplicates);
+            let snapshot = self.assemble();
+            for dup in self.duplicates.iter().filter(|d| !before.contains(d)) {
+                report.rejections.push(Rejection {
+                    file: dup.file.clone(),
+                    errors: LoadErrors(vec![dup.clone()]),
+                    outcome: Outcome::PartlyLoaded,
+                });
+            }
+            report.snapshot = Some(snapshot);
+        }
+        report
     }
 
     /// What the policies in force hold that dnsfence accepts but does not enforce, as
@@ -614,6 +755,11 @@ impl Sources {
                 .files
                 .iter()
                 .flat_map(|(_, f)| f.policies.iter().cloned())
+                .chain(
+                    self.objects
+                        .iter()
+                        .flat_map(|o| o.file.policies.iter().cloned()),
+                )
                 .collect(),
             files: Vec::new(),
         };
@@ -625,7 +771,8 @@ impl Sources {
     fn assemble(&mut self) -> Snapshot {
         let mut set = PolicySet::default();
         let mut fail_closed = Vec::new();
-        for (path, file) in &self.files {
+        let objects = self.objects.iter().map(|o| (&o.path, &o.file));
+        for (path, file) in self.files.iter().map(|(p, f)| (p, f)).chain(objects) {
             set.files.push(path.clone());
             set.policies.extend(file.policies.iter().cloned());
             fail_closed.extend(file.fail_closed.iter().cloned());
@@ -1039,6 +1186,113 @@ mod tests {
             DnsVerdict::Unrestricted
         );
         std::fs::remove_dir_all(d).unwrap();
+    }
+
+    /// An API source's objects: added, edited, broken (last good stays), removed; the
+    /// registry replaced and a broken registry keeping the last good one; unchanged texts
+    /// give no snapshot; files keep loading beside them; the proxy gets the same verdicts.
+    #[test]
+    fn api_objects_load_like_files_and_never_fail_open() {
+        let d = dir();
+        std::fs::write(d.join("policies/file.yaml"), cnp("f", "team-b", "b")).unwrap();
+        let (mut sources, _) =
+            Sources::load(&[d.join("policies")], None).unwrap_or_else(|e| panic!("{e}"));
+        let obj = |ns: &str, name: &str| PathBuf::from(format!("k8s/cnp/{ns}/{name}"));
+        let reg = |text: &str| Some((PathBuf::from("k8s/endpoints"), Arc::<str>::from(text)));
+        let mut state = InForce {
+            policies: vec![(obj("team-a", "a"), cnp("a", "team-a", "a").into())],
+            endpoints: reg(ENDPOINTS),
+        };
+        let report = sources.apply_objects(&state, &accept_all);
+        assert_eq!(report.loaded.len(), 2, "{report:?}");
+        let s = report.snapshot.expect("first state");
+        assert_eq!(verdict(&s, "team-a/a", "x.a.test"), DnsVerdict::Allow);
+        assert_eq!(
+            verdict(&s, "team-b/b", "x.f.test"),
+            DnsVerdict::Allow,
+            "file"
+        );
+        // The same state again: nothing to do.
+        let again = sources.apply_objects(&state, &accept_all);
+        assert!(
+            again.snapshot.is_none() && again.loaded.is_empty(),
+            "{again:?}"
+        );
+        // Edited: the new text replaces the old.
+        state.policies[0].1 = cnp("a", "team-a", "a")
+            .replace("*.a.test", "*.a2.test")
+            .into();
+        let s = sources.apply_objects(&state, &accept_all).snapshot.unwrap();
+        assert_eq!(verdict(&s, "team-a/a", "x.a2.test"), DnsVerdict::Allow);
+        assert_eq!(verdict(&s, "team-a/a", "x.a.test"), DnsVerdict::Deny);
+        // Broken: the last good version stays, reported once.
+        state.policies[0].1 = "spec: [unterminated".into();
+        let report = sources.apply_objects(&state, &accept_all);
+        assert_eq!(report.rejections.len(), 1);
+        assert_eq!(report.rejections[0].outcome, Outcome::KeptLastGood);
+        assert_eq!(sources.status().rejected, 1);
+        let s = sources.in_force();
+        assert!(
+            s.policies.iter().any(|(_, t)| t.contains("*.a2.test")),
+            "{s:?}"
+        );
+        assert!(
+            sources
+                .apply_objects(&state, &accept_all)
+                .rejections
+                .is_empty()
+        );
+        // A new object that never loaded: what it selects is denied everything.
+        state.policies.push((
+            obj("team-b", "bad"),
+            cnp("bad", "team-b", "b")
+                .replace("  - toPorts:", "  - toGroups: [{aws: {}}]\n  - toPorts:")
+                .into(),
+        ));
+        let s = sources.apply_objects(&state, &accept_all).snapshot.unwrap();
+        assert_eq!(verdict(&s, "team-b/b", "x.f.test"), DnsVerdict::Deny);
+        // Removed: the file's policy applies again.
+        state.policies.pop();
+        let s = sources.apply_objects(&state, &accept_all).snapshot.unwrap();
+        assert_eq!(verdict(&s, "team-b/b", "x.f.test"), DnsVerdict::Allow);
+        // A broken registry keeps the last good one; a refused one too.
+        state.endpoints = reg("endpoints: [");
+        let report = sources.apply_objects(&state, &accept_all);
+        assert!(report.snapshot.is_none());
+        assert_eq!(report.rejections[0].outcome, Outcome::KeptLastGoodEndpoints);
+        assert_eq!(sources.endpoints().unwrap().endpoints.len(), 2);
+        let relabelled = ENDPOINTS.replace("labels: {app: a}", "labels: {app: z}");
+        state.endpoints = reg(&relabelled);
+        let refuse = |_: &Endpoints| Err("no".to_string());
+        let report = sources.apply_objects(&state, &refuse);
+        assert!(report.snapshot.is_none() && report.rejections.len() == 1);
+        // A registry accepted: the relabelled endpoint is no longer selected.
+        state.endpoints = reg(&format!("{relabelled}# v2\n"));
+        let s = sources.apply_objects(&state, &accept_all).snapshot.unwrap();
+        assert_eq!(
+            verdict(&s, "team-a/a", "x.a2.test"),
+            DnsVerdict::Unrestricted
+        );
+        // Checks of the files leave the API registry alone.
+        let report = settle(&mut sources);
+        assert!(
+            report.snapshot.is_none() && report.rejections.is_empty(),
+            "{report:?}"
+        );
+        // (Only the broken object stays rejected.)
+        let status = Status {
+            rejected: 1,
+            pending: 0,
+        };
+        assert_eq!(sources.status(), status);
+        assert_eq!(sources.endpoints().unwrap().endpoints[0].labels["app"], "z");
+        // The proxy compiles the same verdicts from the texts in force.
+        let (_, there, _) = Sources::from_texts(&sources.in_force(), sources.node().clone());
+        assert_eq!(
+            verdict(&there, "team-a/a", "x.a2.test"),
+            DnsVerdict::Unrestricted
+        );
+        assert_eq!(verdict(&there, "team-b/b", "x.f.test"), DnsVerdict::Allow);
     }
 
     #[test]
