@@ -23,6 +23,7 @@ use prometheus_client::registry::Registry;
 
 use dnsfence_engine::consumer::Observations;
 use dnsfence_engine::core::{Record, Stats};
+use dnsfence_engine::histogram::{BOUNDS_US, Latency};
 use dnsfence_engine::io::IoStats;
 use dnsfence_engine::shard::{PolicyHandle, ShardStatus};
 
@@ -224,6 +225,83 @@ fn gauges<L: EncodeLabelSet>(
         ConstGauge::new(value).encode(m.encode_family(&labels)?)?;
     }
     Ok(())
+}
+
+/// A histogram of seconds from the shards' fixed-bucket latencies, summed.
+fn histogram(e: &mut DescriptorEncoder, name: &str, help: &str, h: &Latency) -> Fmt {
+    let buckets: Vec<(f64, u64)> = BOUNDS_US
+        .iter()
+        .map(|&us| us as f64 / 1e6)
+        .chain([f64::INFINITY])
+        .zip(h.buckets)
+        .collect();
+    let mut m = e.encode_descriptor(name, help, None, MetricType::Histogram)?;
+    m.encode_histogram::<prometheus_client::encoding::NoLabelSet>(
+        h.sum_us as f64 / 1e6,
+        h.count(),
+        &buckets,
+        None,
+    )
+}
+
+/// The upstream latency and datapath write histograms, and upstream answers by rcode.
+fn latencies(e: &mut DescriptorEncoder, stats: &[Stats]) -> Fmt {
+    let (mut upstream, mut write) = (Latency::default(), Latency::default());
+    let mut rcodes = [0u64; 16];
+    for s in stats {
+        upstream.add(&s.upstream_latency);
+        write.add(&s.write_latency);
+        for (sum, n) in rcodes.iter_mut().zip(s.upstream_rcodes) {
+            *sum += n;
+        }
+    }
+    histogram(
+        e,
+        "upstream_latency_seconds",
+        "Upstream latency of the answers relayed: from forwarding the query to its answer",
+        &upstream,
+    )?;
+    histogram(
+        e,
+        "datapath_write_seconds",
+        "Duration of each batched allow write (eBPF map or table); the answers that needed \
+         it are released after it",
+        &write,
+    )?;
+    // The common ones always (so rates start at zero), the rest once seen; 12-15 as one.
+    let other: u64 = rcodes[12..].iter().sum();
+    let samples = (0..12u8)
+        .map(|i| (rcode_name(i), rcodes[usize::from(i)]))
+        .filter(|&(name, n)| {
+            n > 0 || ["NOERROR", "SERVFAIL", "NXDOMAIN", "REFUSED"].contains(&name)
+        })
+        .chain((other > 0).then_some(("OTHER", other)))
+        .map(|(name, n)| ([("rcode", name)], n));
+    counters(
+        e,
+        "upstream_answers",
+        "Upstream answers relayed to clients, by rcode",
+        samples,
+    )
+}
+
+/// The mnemonic of a DNS rcode (RFC 1035, 2136, 6895).
+fn rcode_name(rcode: u8) -> &'static str {
+    match rcode {
+        0 => "NOERROR",
+        1 => "FORMERR",
+        2 => "SERVFAIL",
+        3 => "NXDOMAIN",
+        4 => "NOTIMP",
+        5 => "REFUSED",
+        6 => "YXDOMAIN",
+        7 => "YXRRSET",
+        8 => "NXRRSET",
+        9 => "NOTAUTH",
+        10 => "NOTZONE",
+        11 => "DSOTYPENI",
+        _ => "OTHER",
+    }
 }
 
 /// A per-shard counter of `T`: metric name (without `_total`), help text, accessor.
@@ -482,6 +560,7 @@ impl Collector for Collect {
         per_shard(&mut e, CORE, &stats)?;
         per_shard(&mut e, IO, &io)?;
         summaries(&mut e, state, &stats, &io)?;
+        latencies(&mut e, &stats)?;
         shards(&mut e, state)?;
         consumer(&mut e, state)?;
         sync(&mut e, state)?;
@@ -889,6 +968,12 @@ mod tests {
         state.shards[1].stats.lock().unwrap().refused = 3;
         state.shards[0].stats.lock().unwrap().forwarded = 4;
         state.shards[0].stats.lock().unwrap().queries = 4;
+        for (shard, us) in [(0, 80), (1, 80), (1, 3_000_000)] {
+            let mut s = state.shards[shard].stats.lock().unwrap();
+            s.upstream_latency.observe(Duration::from_micros(us));
+            s.upstream_rcodes[3] += 1;
+            s.upstream_rcodes[13 + shard] += 1;
+        }
         let endpoints = Endpoints {
             installed: Arc::default(),
         };
@@ -915,6 +1000,23 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("dnsfence_policy_generation 0\n"), "{text}");
+        // Latency histograms: summed over the shards, cumulative buckets in seconds.
+        for line in [
+            "# TYPE dnsfence_upstream_latency_seconds histogram\n",
+            "dnsfence_upstream_latency_seconds_count 3\n",
+            "dnsfence_upstream_latency_seconds_sum 3.00016\n",
+            "dnsfence_upstream_latency_seconds_bucket{le=\"0.00005\"} 0\n",
+            "dnsfence_upstream_latency_seconds_bucket{le=\"0.0001\"} 2\n",
+            "dnsfence_upstream_latency_seconds_bucket{le=\"2.5\"} 2\n",
+            "dnsfence_upstream_latency_seconds_bucket{le=\"+Inf\"} 3\n",
+            "dnsfence_datapath_write_seconds_count 0\n",
+            "dnsfence_upstream_answers_total{rcode=\"NXDOMAIN\"} 3\n",
+            "dnsfence_upstream_answers_total{rcode=\"NOERROR\"} 0\n",
+            "dnsfence_upstream_answers_total{rcode=\"OTHER\"} 3\n",
+        ] {
+            assert!(text.contains(line), "{line}in\n{text}");
+        }
+        assert!(!text.contains("rcode=\"NOTAUTH\""), "{text}");
         assert!(
             text.contains("dnsfence_process_info{role=\"agent\"} 1\n"),
             "{text}"

@@ -22,6 +22,7 @@ use dnsfence_matcher::{MAX_WIRE_LEN, Name, RuleId, RuleSet};
 use dnsfence_policy::{DnsVerdict, EndpointId, EndpointKey, Proto, Snapshot};
 
 use crate::allow::{AllowBatch, AllowKey, AllowSink, PortSpec};
+use crate::histogram::Latency;
 use crate::wire::{self, Addresses, Edns, Query, Rcode};
 
 /// What to do with queries from sources the endpoint registry does not know.
@@ -289,6 +290,14 @@ pub struct Flow {
 /// failure. Every answer the I/O layer could not send is counted in `client_sends_dropped`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Stats {
+    /// Upstream latency of the answers relayed (`answered`): from the query's forwarding to
+    /// its answer's arrival, as the shard's clock sees the two events.
+    pub upstream_latency: Latency,
+    /// Duration of each batched allow write (`allow_batches` with entries): the answers
+    /// held for it wait this long on top of their upstream latency (measured by the shard).
+    pub write_latency: Latency,
+    /// Upstream answers relayed, by rcode (the header's 4 bits).
+    pub upstream_rcodes: [u64; 16],
     /// Client queries received.
     pub queries: u64,
     /// Queries forwarded upstream.
@@ -1321,6 +1330,8 @@ impl Core {
         }
         let (client, enforce) = (p.client, p.enforce);
         let latency = now.saturating_duration_since(p.sent_at);
+        self.stats.upstream_latency.observe(latency);
+        self.stats.upstream_rcodes[usize::from(answer.rcode() & 0xf)] += 1;
 
         let mut held = false;
         if enforce && answer.rcode() == 0 && !answer.truncated() {
@@ -1781,6 +1792,16 @@ impl Core {
     /// Counts a record the shard could not queue to the consumer.
     pub fn record_dropped(&mut self) {
         self.stats.records_dropped += 1;
+    }
+
+    /// Whether [`Core::commit_allows`] has entries to write (the shard times such writes).
+    pub fn allows_pending(&self) -> bool {
+        !self.batch.is_empty()
+    }
+
+    /// Counts the duration of one batched allow write, as the shard measured it.
+    pub fn write_took(&mut self, d: Duration) {
+        self.stats.write_latency.observe(d);
     }
 }
 

@@ -2,6 +2,7 @@
 pub mod allow;
 pub mod consumer;
 pub mod core;
+pub mod histogram;
 pub mod io;
 pub mod shard;
 pub mod wire;

@@ -319,7 +319,15 @@ fn run(mut config: ShardConfig, opened: std::sync::mpsc::SyncSender<Result<(), I
             }
         }
         core.handle_timeout(now);
-        core.commit_allows(now, config.allow.as_mut());
+        if core.allows_pending() {
+            // Timed here (the core reads no clock): the answers held for this write wait
+            // that long.
+            let start = Instant::now();
+            core.commit_allows(now, config.allow.as_mut());
+            core.write_took(start.elapsed());
+        } else {
+            core.commit_allows(now, config.allow.as_mut());
+        }
         replace_sockets(&mut core, &mut io);
         send(&mut core, &mut io);
         drops.account(&mut core, &io);

@@ -100,6 +100,32 @@ fn counters_move_by_exactly_the_queries_sent() {
         0.0,
         "{after}"
     );
+    // Every relayed answer is in the upstream latency histogram and counted by its rcode;
+    // the allowed names' fresh addresses took batched writes, timed.
+    assert_eq!(
+        moved_total("dnsfence_upstream_latency_seconds_count"),
+        noerror,
+        "{after}"
+    );
+    // (Cumulative buckets: a loopback upstream answers well within 2.5 s.)
+    for le in [r#"le="2.5""#, r#"le="+Inf""#] {
+        let bucket = moved("dnsfence_upstream_latency_seconds_bucket", le);
+        assert_eq!(bucket, noerror, "{le}: {after}");
+    }
+    assert!(
+        moved_total("dnsfence_upstream_latency_seconds_sum") > 0.0,
+        "{after}"
+    );
+    assert_eq!(
+        moved("dnsfence_upstream_answers_total", r#"rcode="NOERROR""#),
+        noerror,
+        "{after}"
+    );
+    let writes = moved_total("dnsfence_datapath_write_seconds_count");
+    assert!(
+        writes >= 1.0 && writes <= noerror,
+        "{writes} writes: {after}"
+    );
     // Both shards took their share, and their loops turned.
     let per_shard = dns::metric_values(&after, "dnsfence_queries_total");
     assert_eq!(per_shard.len(), 2, "{per_shard:?}");
