@@ -1,6 +1,7 @@
 //! Test support shared by dnsfence's crates (a dev-dependency only).
 //!
 //! - [`fixtures`]: the policy and endpoints the engine's tests and the callgrind gate share.
+//! - [`kube`]: a programmable fake Kubernetes API server (LIST and WATCH) on loopback.
 //!
 //! [`CountingAllocator`] proves "no allocation per query": install it as the test binary's
 //! global allocator, warm the code up, then compare [`allocations`] before and after a loop.
@@ -15,6 +16,7 @@
 //! ```
 
 pub mod fixtures;
+pub mod kube;
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -1,0 +1,472 @@
+//! The pure part: a view of the cluster rendered as the texts dnsfence's policy loader reads.
+//!
+//! Every text is pretty JSON (the loader's YAML parser reads it; one field per line, so the
+//! loader's line numbers point somewhere useful). The output depends only on the view and the
+//! configuration, and is sorted, so an unchanged cluster renders byte-identical texts.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::api::DynamicObject;
+use serde_json::{Map, Value, json};
+
+use crate::{CgroupDriver, ClusterState, K8sConfig};
+
+/// Path of the endpoints text in a [`ClusterState`].
+pub const ENDPOINTS_PATH: &str = "k8s/endpoints";
+/// Directory of the CiliumNetworkPolicy texts (`<dir>/<namespace>/<name>`).
+pub const CNP_DIR: &str = "k8s/ciliumnetworkpolicies";
+/// Directory of the CiliumClusterwideNetworkPolicy texts (`<dir>/<name>`).
+pub const CCNP_DIR: &str = "k8s/ciliumclusterwidenetworkpolicies";
+
+/// The label Cilium derives from a pod's service account.
+pub const SERVICE_ACCOUNT_LABEL: &str = "io.cilium.k8s.policy.serviceaccount";
+/// The prefix of the labels Cilium derives from the pod's namespace's labels.
+pub const NAMESPACE_LABELS_PREFIX: &str = "io.cilium.k8s.namespace.labels.";
+/// The namespace label every endpoint gets from its `namespace` (the loader adds it).
+const POD_NAMESPACE_LABEL: &str = "io.kubernetes.pod.namespace";
+
+/// The objects a rendering reads: what the watchers' stores hold (in any order).
+#[derive(Debug, Clone, Default)]
+pub struct ClusterView {
+    /// Pods (this node's, and others' when [`K8sConfig::remote_pods`]).
+    pub pods: Vec<Arc<Pod>>,
+    /// Namespaces (their labels become `io.cilium.k8s.namespace.labels.*` pod labels).
+    pub namespaces: Vec<Arc<Namespace>>,
+    /// Services.
+    pub services: Vec<Arc<Service>>,
+    /// EndpointSlices (discovery.k8s.io/v1): the services' backends.
+    pub endpoint_slices: Vec<Arc<EndpointSlice>>,
+    /// CiliumNetworkPolicy objects (cilium.io/v2).
+    pub network_policies: Vec<Arc<DynamicObject>>,
+    /// CiliumClusterwideNetworkPolicy objects (cilium.io/v2).
+    pub clusterwide_policies: Vec<Arc<DynamicObject>>,
+}
+
+/// What a rendering left out, so that the loader accepts the rest.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RenderStats {
+    /// Pod labels dropped: identity-spoofing keys (`io.kubernetes.pod.namespace`,
+    /// `io.cilium.k8s.*`, `reserved:*`) and keys the loader cannot represent.
+    pub dropped_labels: u64,
+    /// Addresses dropped: claimed by a newer pod or another service, or not an IP address.
+    pub dropped_ips: u64,
+    /// cgroup paths dropped because another pod already had the same one.
+    pub dropped_cgroups: u64,
+    /// Pods left out: no usable address where one is required, or a duplicate name.
+    pub dropped_pods: u64,
+}
+
+/// A rendering: the texts (with generation 0) and what was left out.
+#[derive(Debug, Clone)]
+pub struct Rendered {
+    /// The texts; `generation` is 0 (the source numbers what it publishes).
+    pub state: ClusterState,
+    /// What was left out.
+    pub stats: RenderStats,
+}
+
+/// Renders `view` as the policy texts and the endpoints text.
+pub fn render(view: &ClusterView, config: &K8sConfig) -> Rendered {
+    let mut stats = RenderStats::default();
+    let mut policies = Vec::new();
+    for obj in &view.network_policies {
+        let ns = obj.metadata.namespace.as_deref().unwrap_or("default");
+        let name = obj.metadata.name.as_deref().unwrap_or_default();
+        let path = PathBuf::from(format!("{CNP_DIR}/{ns}/{name}"));
+        policies.push((path, policy_text(obj, "CiliumNetworkPolicy", Some(ns))));
+    }
+    for obj in &view.clusterwide_policies {
+        let name = obj.metadata.name.as_deref().unwrap_or_default();
+        let path = PathBuf::from(format!("{CCNP_DIR}/{name}"));
+        policies.push((
+            path,
+            policy_text(obj, "CiliumClusterwideNetworkPolicy", None),
+        ));
+    }
+    policies.sort_by(|a, b| a.0.cmp(&b.0));
+    policies.dedup_by(|a, b| a.0 == b.0);
+
+    let endpoints = endpoints_value(view, config, &mut stats);
+    let services = services_value(view, &mut stats);
+    let mut file = Map::new();
+    file.insert("endpoints".into(), Value::Array(endpoints));
+    file.insert("services".into(), Value::Array(services));
+    let text = pretty(&Value::Object(file));
+    Rendered {
+        state: ClusterState {
+            policies,
+            endpoints: (PathBuf::from(ENDPOINTS_PATH), text),
+            generation: 0,
+        },
+        stats,
+    }
+}
+
+fn pretty(value: &Value) -> Arc<str> {
+    let mut text = serde_json::to_string_pretty(value).unwrap_or_default();
+    text.push('\n');
+    text.into()
+}
+
+/// A Cilium policy object as the loader wants it: type, name, namespace, `spec`, `specs`.
+/// Every other metadata field, and `status`, is dropped.
+fn policy_text(obj: &DynamicObject, kind: &str, namespace: Option<&str>) -> Arc<str> {
+    let mut meta = Map::new();
+    if let Some(name) = &obj.metadata.name {
+        meta.insert("name".into(), Value::String(name.clone()));
+    }
+    if let Some(ns) = namespace {
+        meta.insert("namespace".into(), Value::String(ns.to_string()));
+    }
+    let mut doc = Map::new();
+    doc.insert("apiVersion".into(), Value::String("cilium.io/v2".into()));
+    doc.insert("kind".into(), Value::String(kind.into()));
+    doc.insert("metadata".into(), Value::Object(meta));
+    for field in ["spec", "specs"] {
+        if let Some(v) = obj.data.get(field) {
+            doc.insert(field.into(), v.clone());
+        }
+    }
+    pretty(&Value::Object(doc))
+}
+
+/// Whether the loader accepts `key` as a label key. Kubernetes label keys never contain ':'
+/// (the loader reads `src:key` as a Cilium label source), nor are they empty.
+fn representable_key(key: &str) -> bool {
+    !key.is_empty() && !key.contains(':') && key.trim() == key
+}
+
+/// Keys a pod must not set itself: they would claim another identity.
+fn spoofing_key(key: &str) -> bool {
+    key == POD_NAMESPACE_LABEL || key.starts_with("io.cilium.k8s.") || key.starts_with("reserved:")
+}
+
+/// A name the loader accepts (non-empty, no '/', no surrounding spaces).
+fn valid_name(s: &str) -> bool {
+    !s.is_empty() && !s.contains('/') && s.trim() == s
+}
+
+fn canonical_ip(text: &str) -> Option<IpAddr> {
+    let ip: IpAddr = text.trim().parse().ok()?;
+    Some(match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        IpAddr::V4(_) => ip,
+    })
+}
+
+/// The pod's cgroup v2 path below the cgroup root (kubelet's layout), from its UID and QoS
+/// class; `None` without either.
+pub fn pod_cgroup(pod: &Pod, config: &K8sConfig) -> Option<String> {
+    let uid = pod.metadata.uid.as_deref().filter(|u| !u.is_empty())?;
+    if uid.contains('/') || uid == "." || uid == ".." {
+        return None;
+    }
+    let qos = pod.status.as_ref()?.qos_class.as_deref()?;
+    let qos = match qos {
+        "Guaranteed" => None,
+        "Burstable" => Some("burstable"),
+        "BestEffort" => Some("besteffort"),
+        _ => return None,
+    };
+    let path = match config.cgroup_driver {
+        CgroupDriver::Systemd => {
+            let uid = uid.replace('-', "_");
+            match qos {
+                None => format!("kubepods.slice/kubepods-pod{uid}.slice"),
+                Some(q) => {
+                    format!("kubepods.slice/kubepods-{q}.slice/kubepods-{q}-pod{uid}.slice")
+                }
+            }
+        }
+        CgroupDriver::Cgroupfs => match qos {
+            None => format!("kubepods/pod{uid}"),
+            Some(q) => format!("kubepods/{q}/pod{uid}"),
+        },
+    };
+    let prefix = config.cgroup_prefix.trim_matches('/');
+    Some(if prefix.is_empty() {
+        path
+    } else {
+        format!("{prefix}/{path}")
+    })
+}
+
+/// One pod on its way into the endpoints list.
+struct Candidate<'a> {
+    pod: &'a Pod,
+    namespace: &'a str,
+    name: &'a str,
+    local: bool,
+    created: Option<&'a Time>,
+    ips: Vec<IpAddr>,
+}
+
+fn endpoints_value(view: &ClusterView, config: &K8sConfig, stats: &mut RenderStats) -> Vec<Value> {
+    let ns_labels: HashMap<&str, &BTreeMap<String, String>> = view
+        .namespaces
+        .iter()
+        .filter_map(|ns| Some((ns.metadata.name.as_deref()?, ns.metadata.labels.as_ref()?)))
+        .collect();
+
+    let mut candidates: Vec<Candidate<'_>> = Vec::new();
+    for pod in &view.pods {
+        let pod: &Pod = pod;
+        let Some(spec) = &pod.spec else { continue };
+        if spec.host_network == Some(true) {
+            continue;
+        }
+        let status = pod.status.as_ref();
+        if matches!(
+            status.and_then(|s| s.phase.as_deref()),
+            Some("Succeeded" | "Failed")
+        ) {
+            continue;
+        }
+        let local = spec.node_name.as_deref() == Some(config.node_name.as_str());
+        if !local && !config.remote_pods {
+            continue;
+        }
+        let namespace = pod.metadata.namespace.as_deref().unwrap_or("default");
+        let Some(name) = pod.metadata.name.as_deref() else {
+            continue;
+        };
+        if !valid_name(namespace) || !valid_name(name) {
+            stats.dropped_pods += 1;
+            continue;
+        }
+        let mut texts: Vec<&str> = status
+            .and_then(|s| s.pod_ips.as_ref())
+            .map(|ips| ips.iter().map(|p| p.ip.as_str()).collect())
+            .unwrap_or_default();
+        if texts.is_empty()
+            && let Some(ip) = status.and_then(|s| s.pod_ip.as_deref())
+        {
+            texts.push(ip);
+        }
+        let mut ips = Vec::new();
+        for t in texts {
+            match canonical_ip(t) {
+                Some(ip) if !ips.contains(&ip) => ips.push(ip),
+                Some(_) => {}
+                None => stats.dropped_ips += 1,
+            }
+        }
+        candidates.push(Candidate {
+            pod,
+            namespace,
+            name,
+            local,
+            created: pod.metadata.creation_timestamp.as_ref(),
+            ips,
+        });
+    }
+    // Deterministic order; a duplicate namespace/name (impossible in one cluster) keeps the
+    // first.
+    candidates.sort_by(|a, b| (a.namespace, a.name).cmp(&(b.namespace, b.name)));
+    let before = candidates.len();
+    candidates.dedup_by(|a, b| (a.namespace, a.name) == (b.namespace, b.name));
+    stats.dropped_pods += (before - candidates.len()) as u64;
+
+    // Each IP goes to its newest claimant (creation time, then namespace/name).
+    let mut owner: HashMap<IpAddr, usize> = HashMap::new();
+    for (i, c) in candidates.iter().enumerate() {
+        for ip in &c.ips {
+            owner
+                .entry(*ip)
+                .and_modify(|o| {
+                    let cur = &candidates[*o];
+                    if (c.created, c.namespace, c.name) > (cur.created, cur.namespace, cur.name) {
+                        *o = i;
+                    }
+                })
+                .or_insert(i);
+        }
+    }
+
+    let mut cgroups: HashSet<String> = HashSet::new();
+    let mut out = Vec::new();
+    for (i, c) in candidates.iter().enumerate() {
+        let before = c.ips.len();
+        let ips: Vec<IpAddr> = c
+            .ips
+            .iter()
+            .copied()
+            .filter(|ip| owner.get(ip) == Some(&i))
+            .collect();
+        stats.dropped_ips += (before - ips.len()) as u64;
+        if ips.is_empty() && (config.require_ips || !c.local) {
+            continue;
+        }
+        let mut cgroup = if c.local {
+            pod_cgroup(c.pod, config)
+        } else {
+            None
+        };
+        if let Some(cg) = &cgroup
+            && !cgroups.insert(cg.clone())
+        {
+            stats.dropped_cgroups += 1;
+            cgroup = None;
+        }
+        if ips.is_empty() && cgroup.is_none() {
+            // Nothing would recognise its traffic.
+            stats.dropped_pods += 1;
+            continue;
+        }
+
+        let mut labels: BTreeMap<String, String> = BTreeMap::new();
+        for (k, v) in c.pod.metadata.labels.iter().flatten() {
+            if spoofing_key(k) || !representable_key(k) {
+                stats.dropped_labels += 1;
+            } else {
+                labels.insert(k.clone(), v.clone());
+            }
+        }
+        let sa = c
+            .pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.service_account_name.as_deref())
+            .filter(|s| !s.is_empty())
+            .unwrap_or("default");
+        labels.insert(SERVICE_ACCOUNT_LABEL.into(), sa.into());
+        for (k, v) in ns_labels.get(c.namespace).copied().into_iter().flatten() {
+            let key = format!("{NAMESPACE_LABELS_PREFIX}{k}");
+            if representable_key(&key) {
+                labels.insert(key, v.clone());
+            } else {
+                stats.dropped_labels += 1;
+            }
+        }
+
+        let mut entry = Map::new();
+        entry.insert("name".into(), json!(c.name));
+        entry.insert("namespace".into(), json!(c.namespace));
+        entry.insert("labels".into(), json!(labels));
+        if !ips.is_empty() {
+            let ips: Vec<String> = ips.iter().map(ToString::to_string).collect();
+            entry.insert("ips".into(), json!(ips));
+        }
+        if let Some(cg) = cgroup {
+            entry.insert("cgroup".into(), json!(cg));
+        }
+        out.push(Value::Object(entry));
+    }
+    out
+}
+
+fn services_value(view: &ClusterView, stats: &mut RenderStats) -> Vec<Value> {
+    // Ready backend addresses per namespace/service name.
+    let mut backends: HashMap<(&str, &str), BTreeSet<IpAddr>> = HashMap::new();
+    for slice in &view.endpoint_slices {
+        let ns = slice.metadata.namespace.as_deref().unwrap_or("default");
+        let Some(service) = slice
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get("kubernetes.io/service-name"))
+        else {
+            continue;
+        };
+        let set = backends.entry((ns, service.as_str())).or_default();
+        for ep in &slice.endpoints {
+            if ep.conditions.as_ref().and_then(|c| c.ready) == Some(false) {
+                continue;
+            }
+            for a in &ep.addresses {
+                match canonical_ip(a) {
+                    Some(ip) => {
+                        set.insert(ip);
+                    }
+                    None => stats.dropped_ips += 1,
+                }
+            }
+        }
+    }
+
+    let mut services: Vec<&Service> = view.services.iter().map(|s| &**s).collect();
+    services.sort_by(|a, b| {
+        (&a.metadata.namespace, &a.metadata.name).cmp(&(&b.metadata.namespace, &b.metadata.name))
+    });
+    let mut seen_names = HashSet::new();
+    let mut seen_ips: HashSet<IpAddr> = HashSet::new();
+    let mut out = Vec::new();
+    for svc in services {
+        let ns = svc.metadata.namespace.as_deref().unwrap_or("default");
+        let Some(name) = svc.metadata.name.as_deref() else {
+            continue;
+        };
+        let Some(spec) = &svc.spec else { continue };
+        if spec.type_.as_deref() == Some("ExternalName") {
+            continue;
+        }
+        let Some(selector) = spec.selector.as_ref().filter(|s| !s.is_empty()) else {
+            continue;
+        };
+        if !valid_name(ns) || !valid_name(name) || !seen_names.insert((ns, name)) {
+            continue;
+        }
+        let mut ip_texts: Vec<&str> = spec
+            .cluster_ips
+            .iter()
+            .flatten()
+            .map(String::as_str)
+            .collect();
+        if ip_texts.is_empty()
+            && let Some(ip) = spec.cluster_ip.as_deref()
+        {
+            ip_texts.push(ip);
+        }
+        let mut ips = Vec::new();
+        for t in ip_texts {
+            if t == "None" || t.is_empty() {
+                continue;
+            }
+            match canonical_ip(t) {
+                Some(ip) if seen_ips.insert(ip) => ips.push(ip.to_string()),
+                _ => stats.dropped_ips += 1,
+            }
+        }
+        let backends: Vec<String> = backends
+            .get(&(ns, name))
+            .into_iter()
+            .flatten()
+            .map(ToString::to_string)
+            .collect();
+        if ips.is_empty() && backends.is_empty() {
+            continue;
+        }
+        let clean = |m: Option<&BTreeMap<String, String>>, stats: &mut RenderStats| {
+            let mut out = BTreeMap::new();
+            for (k, v) in m.into_iter().flatten() {
+                if representable_key(k) {
+                    out.insert(k.clone(), v.clone());
+                } else {
+                    stats.dropped_labels += 1;
+                }
+            }
+            out
+        };
+        let labels = clean(svc.metadata.labels.as_ref(), stats);
+        let selector = clean(Some(selector), stats);
+        let mut entry = Map::new();
+        entry.insert("name".into(), json!(name));
+        entry.insert("namespace".into(), json!(ns));
+        entry.insert("labels".into(), json!(labels));
+        entry.insert("selector".into(), json!(selector));
+        if !ips.is_empty() {
+            entry.insert("ips".into(), json!(ips));
+        }
+        if !backends.is_empty() {
+            entry.insert("backends".into(), json!(backends));
+        }
+        out.push(Value::Object(entry));
+    }
+    out
+}

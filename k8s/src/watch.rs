@@ -1,0 +1,521 @@
+//! The runtime thread: one watcher + reflector store per kind, and the loop that renders and
+//! publishes the stores' contents.
+
+use std::fmt::Debug;
+use std::hash::Hash;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::api::{Api, ApiResource, DynamicObject};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::runtime::reflector::{self, Store, store::Writer};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Client, Resource};
+use serde::de::DeserializeOwned;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::render::{ClusterView, render};
+use crate::{ClusterState, K8sConfig, K8sError, K8sSource, K8sStatus};
+
+/// A burst of events within this window gives one state.
+const DEBOUNCE: Duration = Duration::from_millis(15);
+/// At most one error line per this interval (the others are counted).
+const LOG_INTERVAL: Duration = Duration::from_secs(30);
+/// How often the API server is probed while the watchers report errors.
+const PROBE_INTERVAL: Duration = Duration::from_secs(2);
+
+/// What the caller's thread and the runtime thread share.
+#[derive(Default)]
+pub(crate) struct Shared {
+    inner: Mutex<Inner>,
+    cond: Condvar,
+}
+
+#[derive(Default)]
+struct Inner {
+    current: Option<ClusterState>,
+    taken: u64,
+    status: K8sStatus,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn take(&self, again: bool) -> Option<ClusterState> {
+        let mut inner = self.lock();
+        let current = inner.current.clone()?;
+        if !again && current.generation <= inner.taken {
+            return None;
+        }
+        inner.taken = current.generation;
+        Some(current)
+    }
+
+    pub(crate) fn wait(&self, timeout: Duration) -> Option<ClusterState> {
+        let deadline = Instant::now() + timeout;
+        let mut inner = self.lock();
+        while inner.current.is_none() {
+            let left = deadline.checked_duration_since(Instant::now())?;
+            inner = self
+                .cond
+                .wait_timeout(inner, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        drop(inner);
+        self.take(true)
+    }
+
+    pub(crate) fn status(&self) -> K8sStatus {
+        self.lock().status.clone()
+    }
+
+    fn update(&self, f: impl FnOnce(&mut K8sStatus)) {
+        f(&mut self.lock().status);
+    }
+
+    fn publish(&self, state: ClusterState) {
+        let mut inner = self.lock();
+        inner.status.synced = true;
+        inner.current = Some(state);
+        drop(inner);
+        self.cond.notify_all();
+    }
+}
+
+pub(crate) fn start(config: K8sConfig) -> Result<K8sSource, K8sError> {
+    let shared = Arc::new(Shared::default());
+    let (init_tx, init_rx) = std::sync::mpsc::channel::<Result<(), K8sError>>();
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    let thread_shared = shared.clone();
+    let thread = std::thread::Builder::new()
+        .name("dnsfence-k8s".into())
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    let _ = init_tx.send(Err(K8sError::Runtime(e.to_string())));
+                    return;
+                }
+            };
+            rt.block_on(async move {
+                let client = match make_client(&config).await {
+                    Ok(c) => {
+                        let _ = init_tx.send(Ok(()));
+                        c
+                    }
+                    Err(e) => {
+                        let _ = init_tx.send(Err(e));
+                        return;
+                    }
+                };
+                tokio::select! {
+                    () = run(client, config, thread_shared) => {}
+                    _ = stop_rx => {}
+                }
+            });
+            rt.shutdown_timeout(Duration::from_millis(500));
+        })
+        .map_err(|e| K8sError::Runtime(e.to_string()))?;
+    let init = init_rx
+        .recv()
+        .unwrap_or_else(|_| Err(K8sError::Runtime("the runtime thread ended".into())));
+    match init {
+        Ok(()) => Ok(K8sSource {
+            shared,
+            stop: Some(stop_tx),
+            thread: Some(thread),
+        }),
+        Err(e) => {
+            let _ = thread.join();
+            Err(e)
+        }
+    }
+}
+
+async fn make_client(config: &K8sConfig) -> Result<Client, K8sError> {
+    let cfg = match &config.kubeconfig {
+        Some(path) => {
+            let err = |e: &dyn std::fmt::Display| K8sError::Kubeconfig {
+                path: path.clone(),
+                message: e.to_string(),
+            };
+            let kc = Kubeconfig::read_from(path).map_err(|e| err(&e))?;
+            kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+                .await
+                .map_err(|e| err(&e))?
+        }
+        None => kube::Config::infer()
+            .await
+            .map_err(|e| K8sError::Infer(e.to_string()))?,
+    };
+    Client::try_from(cfg).map_err(|e| K8sError::Client(e.to_string()))
+}
+
+/// The watched kinds, in [`KINDS`] order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Pods,
+    Namespaces,
+    Services,
+    EndpointSlices,
+    NetworkPolicies,
+    ClusterwidePolicies,
+}
+
+const KINDS: [Kind; 6] = [
+    Kind::Pods,
+    Kind::Namespaces,
+    Kind::Services,
+    Kind::EndpointSlices,
+    Kind::NetworkPolicies,
+    Kind::ClusterwidePolicies,
+];
+
+impl Kind {
+    fn index(self) -> usize {
+        self as usize
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Pods => "pods",
+            Kind::Namespaces => "namespaces",
+            Kind::Services => "services",
+            Kind::EndpointSlices => "endpointslices.discovery.k8s.io",
+            Kind::NetworkPolicies => "ciliumnetworkpolicies.cilium.io",
+            Kind::ClusterwidePolicies => "ciliumclusterwidenetworkpolicies.cilium.io",
+        }
+    }
+
+    /// A Cilium CRD: may be absent from the cluster (404), then empty.
+    fn optional(self) -> bool {
+        matches!(self, Kind::NetworkPolicies | Kind::ClusterwidePolicies)
+    }
+}
+
+/// What a watcher task reports to the loop.
+#[derive(Debug)]
+enum Note {
+    /// A (re)list started.
+    Init(Kind),
+    /// A list completed; the store holds it.
+    InitDone(Kind),
+    /// An object was added, changed or deleted.
+    Changed(Kind),
+    /// The kind does not exist on the server (404).
+    Missing(Kind),
+    /// A list or watch failed (the watcher retries with backoff).
+    Error(Kind, String),
+    /// The API server answered a probe.
+    Reachable,
+}
+
+fn cilium_resource(kind: &str, plural: &str) -> ApiResource {
+    ApiResource {
+        group: "cilium.io".into(),
+        version: "v2".into(),
+        api_version: "cilium.io/v2".into(),
+        kind: kind.into(),
+        plural: plural.into(),
+    }
+}
+
+fn spawn_watch<K>(
+    api: Api<K>,
+    wc: watcher::Config,
+    writer: Writer<K>,
+    kind: Kind,
+    tx: mpsc::UnboundedSender<Note>,
+) where
+    K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    K::DynamicType: Eq + Hash + Clone,
+{
+    tokio::spawn(async move {
+        let stream = reflector::reflector(writer, watcher(api, wc).default_backoff());
+        let mut stream = std::pin::pin!(stream);
+        while let Some(event) = stream.next().await {
+            let note = match event {
+                Ok(watcher::Event::Init) => Note::Init(kind),
+                Ok(watcher::Event::InitApply(_)) => continue,
+                Ok(watcher::Event::InitDone) => Note::InitDone(kind),
+                Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_)) => Note::Changed(kind),
+                Err(e) if kind.optional() && not_found(&e) => Note::Missing(kind),
+                Err(e) => Note::Error(kind, e.to_string()),
+            };
+            if tx.send(note).is_err() {
+                break;
+            }
+        }
+    });
+}
+
+fn not_found(e: &watcher::Error) -> bool {
+    match e {
+        watcher::Error::InitialListFailed(e)
+        | watcher::Error::WatchStartFailed(e)
+        | watcher::Error::WatchFailed(e) => {
+            matches!(e, kube::Error::Api(status) if status.code == 404)
+        }
+        watcher::Error::WatchError(status) => status.code == 404,
+        _ => false,
+    }
+}
+
+/// The stores of every kind.
+struct Stores {
+    pods: Store<Pod>,
+    namespaces: Store<Namespace>,
+    services: Store<Service>,
+    endpoint_slices: Store<EndpointSlice>,
+    network_policies: Store<DynamicObject>,
+    clusterwide_policies: Store<DynamicObject>,
+}
+
+fn spawn_watchers(client: &Client, config: &K8sConfig, tx: &mpsc::UnboundedSender<Note>) -> Stores {
+    let pods_wc = if config.remote_pods {
+        watcher::Config::default()
+    } else {
+        watcher::Config::default().fields(&format!("spec.nodeName={}", config.node_name))
+    };
+    let (pods, w) = reflector::store();
+    spawn_watch(
+        Api::<Pod>::all(client.clone()),
+        pods_wc,
+        w,
+        Kind::Pods,
+        tx.clone(),
+    );
+    let (namespaces, w) = reflector::store();
+    spawn_watch(
+        Api::<Namespace>::all(client.clone()),
+        watcher::Config::default(),
+        w,
+        Kind::Namespaces,
+        tx.clone(),
+    );
+    let (services, w) = reflector::store();
+    spawn_watch(
+        Api::<Service>::all(client.clone()),
+        watcher::Config::default(),
+        w,
+        Kind::Services,
+        tx.clone(),
+    );
+    let (endpoint_slices, w) = reflector::store();
+    spawn_watch(
+        Api::<EndpointSlice>::all(client.clone()),
+        watcher::Config::default(),
+        w,
+        Kind::EndpointSlices,
+        tx.clone(),
+    );
+    let cnp = cilium_resource("CiliumNetworkPolicy", "ciliumnetworkpolicies");
+    let w = Writer::new(cnp.clone());
+    let network_policies = w.as_reader();
+    spawn_watch(
+        Api::<DynamicObject>::all_with(client.clone(), &cnp),
+        watcher::Config::default(),
+        w,
+        Kind::NetworkPolicies,
+        tx.clone(),
+    );
+    let ccnp = cilium_resource(
+        "CiliumClusterwideNetworkPolicy",
+        "ciliumclusterwidenetworkpolicies",
+    );
+    let w = Writer::new(ccnp.clone());
+    let clusterwide_policies = w.as_reader();
+    spawn_watch(
+        Api::<DynamicObject>::all_with(client.clone(), &ccnp),
+        watcher::Config::default(),
+        w,
+        Kind::ClusterwidePolicies,
+        tx.clone(),
+    );
+    Stores {
+        pods,
+        namespaces,
+        services,
+        endpoint_slices,
+        network_policies,
+        clusterwide_policies,
+    }
+}
+
+/// Error lines, at most one per [`LOG_INTERVAL`]; the others are counted.
+#[derive(Default)]
+struct LogLimit {
+    last: Option<Instant>,
+    suppressed: u64,
+}
+
+impl LogLimit {
+    fn log(&mut self, line: &str) {
+        let now = Instant::now();
+        if self
+            .last
+            .is_some_and(|t| now.duration_since(t) < LOG_INTERVAL)
+        {
+            self.suppressed += 1;
+            return;
+        }
+        if self.suppressed > 0 {
+            eprintln!(
+                "dnsfence: k8s: {line} ({} more errors in the last {}s)",
+                self.suppressed,
+                LOG_INTERVAL.as_secs()
+            );
+        } else {
+            eprintln!("dnsfence: k8s: {line}");
+        }
+        self.last = Some(now);
+        self.suppressed = 0;
+    }
+}
+
+/// The loop's view of the watchers.
+#[derive(Default)]
+struct Progress {
+    /// The kind's store holds a complete list.
+    synced: [bool; 6],
+    /// The kind answered 404 since its last complete list: rendered empty.
+    missing: [bool; 6],
+    /// The missing kind was logged.
+    missing_logged: [bool; 6],
+    /// The latest request of the kind failed.
+    failing: [bool; 6],
+}
+
+impl Progress {
+    fn ready(&self) -> bool {
+        KINDS
+            .iter()
+            .all(|k| self.synced[k.index()] || self.missing[k.index()])
+    }
+}
+
+async fn run(client: Client, config: K8sConfig, shared: Arc<Shared>) {
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let stores = spawn_watchers(&client, &config, &tx);
+    tokio::spawn(probe(client, shared.clone(), tx));
+
+    let mut progress = Progress::default();
+    let mut log = LogLimit::default();
+    let mut last: Option<ClusterState> = None;
+    while let Some(note) = rx.recv().await {
+        handle(note, &mut progress, &mut log, &shared);
+        // Debounce: take what else arrives within the window, then render once.
+        let deadline = tokio::time::Instant::now() + DEBOUNCE;
+        loop {
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Some(note)) => handle(note, &mut progress, &mut log, &shared),
+                Ok(None) => return,
+                Err(_) => break,
+            }
+        }
+        if !progress.ready() {
+            continue;
+        }
+        let empty_if = |kind: Kind, objs: Vec<Arc<DynamicObject>>| {
+            if progress.missing[kind.index()] {
+                Vec::new()
+            } else {
+                objs
+            }
+        };
+        let view = ClusterView {
+            pods: stores.pods.state(),
+            namespaces: stores.namespaces.state(),
+            services: stores.services.state(),
+            endpoint_slices: stores.endpoint_slices.state(),
+            network_policies: empty_if(Kind::NetworkPolicies, stores.network_policies.state()),
+            clusterwide_policies: empty_if(
+                Kind::ClusterwidePolicies,
+                stores.clusterwide_policies.state(),
+            ),
+        };
+        let rendered = render(&view, &config);
+        shared.update(|s| s.render = rendered.stats);
+        let mut state = rendered.state;
+        if let Some(prev) = &last
+            && prev.policies == state.policies
+            && prev.endpoints == state.endpoints
+        {
+            continue;
+        }
+        state.generation = last.as_ref().map_or(1, |p| p.generation + 1);
+        shared.publish(state.clone());
+        last = Some(state);
+    }
+}
+
+fn handle(note: Note, progress: &mut Progress, log: &mut LogLimit, shared: &Shared) {
+    let ok = |kind: Kind, progress: &mut Progress| {
+        progress.failing[kind.index()] = false;
+        let connected = !progress.failing.iter().any(|f| *f);
+        shared.update(|s| s.connected = connected);
+    };
+    match note {
+        Note::Init(kind) => {
+            if progress.synced[kind.index()] {
+                shared.update(|s| s.relists += 1);
+            }
+            ok(kind, progress);
+        }
+        Note::InitDone(kind) => {
+            progress.synced[kind.index()] = true;
+            progress.missing[kind.index()] = false;
+            ok(kind, progress);
+        }
+        Note::Changed(kind) => ok(kind, progress),
+        Note::Missing(kind) => {
+            progress.missing[kind.index()] = true;
+            if !progress.missing_logged[kind.index()] {
+                progress.missing_logged[kind.index()] = true;
+                eprintln!(
+                    "dnsfence: k8s: {} is not served (CRD not installed?): treated as empty, still watching",
+                    kind.name()
+                );
+            }
+            ok(kind, progress);
+        }
+        Note::Error(kind, message) => {
+            progress.failing[kind.index()] = true;
+            let line = format!("watching {}: {message}", kind.name());
+            log.log(&line);
+            shared.update(|s| {
+                s.connected = false;
+                s.watch_errors += 1;
+                s.last_error = Some(line);
+            });
+        }
+        Note::Reachable => {
+            progress.failing = [false; 6];
+            shared.update(|s| s.connected = true);
+        }
+    }
+}
+
+/// While the watchers report errors, asks the API server for `/version` now and then: a
+/// watch that resumes says nothing until the next change, so this is how `connected` comes
+/// back.
+async fn probe(client: Client, shared: Arc<Shared>, tx: mpsc::UnboundedSender<Note>) {
+    loop {
+        tokio::time::sleep(PROBE_INTERVAL).await;
+        if shared.status().connected {
+            continue;
+        }
+        if client.apiserver_version().await.is_ok() && tx.send(Note::Reachable).is_err() {
+            return;
+        }
+    }
+}
