@@ -216,6 +216,39 @@ fn initial_sync_renders_pods_namespaces_and_policies() {
 }
 
 #[test]
+fn nothing_is_published_before_every_watcher_listed() {
+    let (api, dir) = cluster();
+    api.apply(
+        Res::Pods,
+        pod("default", "a", "n1", Some("10.0.0.1"), Some("Burstable")),
+    );
+    let mut ccnp = cnp("", "slow", "a", "x.example");
+    ccnp["metadata"]
+        .as_object_mut()
+        .unwrap()
+        .remove("namespace");
+    api.apply(Res::CiliumClusterwideNetworkPolicies, ccnp);
+    api.list_delay(
+        Res::CiliumClusterwideNetworkPolicies,
+        Duration::from_millis(800),
+    );
+    let src = K8sSource::start(config(&dir.path().join("kubeconfig"), "n1")).expect("start");
+    let until = Instant::now() + Duration::from_millis(500);
+    while Instant::now() < until {
+        assert!(
+            src.latest().is_none(),
+            "published before the slow list completed"
+        );
+        assert!(!src.status().synced);
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let s = src.wait_synced(SYNC).expect("synced");
+    assert_eq!(s.generation, 1);
+    assert!(policy(&s, "k8s/ciliumclusterwidenetworkpolicies/slow").is_some());
+    assert!(endpoint(&s, "default", "a").is_some());
+}
+
+#[test]
 fn pod_added_relabelled_deleted() {
     let (api, dir) = cluster();
     api.apply(

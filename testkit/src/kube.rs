@@ -111,6 +111,7 @@ struct Data {
     cut: u64,
     down: bool,
     missing: HashSet<Res>,
+    list_delay: BTreeMap<Res, Duration>,
     log: Vec<String>,
 }
 
@@ -275,6 +276,11 @@ impl FakeApi {
         }
         drop(d);
         self.shared.changed.notify_all();
+    }
+
+    /// Holds every LIST of `res` for `delay` before answering (a slow or large list).
+    pub fn list_delay(&self, res: Res, delay: Duration) {
+        self.shared.lock().list_delay.insert(res, delay);
     }
 
     /// The requests so far, as `GET <path and query>` (a refused one ends with ` (down)`).
@@ -443,6 +449,13 @@ fn serve(stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
     ) {
         watch(stream, shared, res, &req, &selector, cut)
     } else {
+        let delay = shared.lock().list_delay.get(&res).copied();
+        if let Some(delay) = delay {
+            let until = Instant::now() + delay;
+            while Instant::now() < until && !shared.stop.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
         list(&mut stream, shared, res, &req, &selector)
     }
 }

@@ -1,0 +1,260 @@
+//! The pure rendering: views built in memory, texts checked with the policy loader.
+
+mod common;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use common::*;
+use dnsfence_k8s::k8s_openapi::api::core::v1::{Namespace, Pod, Service};
+use dnsfence_k8s::k8s_openapi::api::discovery::v1::EndpointSlice;
+use dnsfence_k8s::kube::api::DynamicObject;
+use dnsfence_k8s::{CgroupDriver, ClusterView, K8sConfig, pod_cgroup, render};
+use serde_json::{Value, json};
+
+fn cfg() -> K8sConfig {
+    config(Path::new("/nonexistent"), "n1")
+}
+
+fn typed<T: serde::de::DeserializeOwned>(v: Value) -> Arc<T> {
+    Arc::new(serde_json::from_value(v).expect("a valid object"))
+}
+
+#[test]
+fn cgroup_paths_per_driver_and_qos() {
+    let mut p = pod("ns", "p", "n1", Some("10.0.0.1"), Some("Guaranteed"));
+    p["metadata"]["uid"] = json!("aa-bb");
+    let mut c = cfg();
+    let cases = [
+        (
+            "Guaranteed",
+            "kubepods.slice/kubepods-podaa_bb.slice",
+            "kubepods/podaa-bb",
+        ),
+        (
+            "Burstable",
+            "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-podaa_bb.slice",
+            "kubepods/burstable/podaa-bb",
+        ),
+        (
+            "BestEffort",
+            "kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-podaa_bb.slice",
+            "kubepods/besteffort/podaa-bb",
+        ),
+    ];
+    for (qos, systemd, cgroupfs) in cases {
+        p["status"]["qosClass"] = json!(qos);
+        let pod: Arc<Pod> = typed(p.clone());
+        c.cgroup_driver = CgroupDriver::Systemd;
+        c.cgroup_prefix = String::new();
+        assert_eq!(pod_cgroup(&pod, &c).as_deref(), Some(systemd));
+        c.cgroup_driver = CgroupDriver::Cgroupfs;
+        assert_eq!(pod_cgroup(&pod, &c).as_deref(), Some(cgroupfs));
+        c.cgroup_prefix = "a/b".into();
+        assert_eq!(
+            pod_cgroup(&pod, &c).as_deref(),
+            Some(format!("a/b/{cgroupfs}").as_str())
+        );
+    }
+    p["status"].as_object_mut().unwrap().remove("qosClass");
+    assert_eq!(
+        pod_cgroup(&typed(p), &c),
+        None,
+        "no QoS class yet: no cgroup"
+    );
+}
+
+#[test]
+fn an_ip_claimed_twice_goes_to_the_newest_pod() {
+    let mut old = pod("ns", "old", "n1", Some("10.0.0.1"), Some("Burstable"));
+    old["metadata"]["creationTimestamp"] = json!("2025-01-01T00:00:00Z");
+    let mut new = pod("ns", "new", "n1", Some("10.0.0.1"), Some("Burstable"));
+    new["metadata"]["creationTimestamp"] = json!("2025-01-02T00:00:00Z");
+    let mut remote = pod("ns", "remote", "n2", Some("::ffff:10.0.0.1"), None);
+    remote["metadata"]["creationTimestamp"] = json!("2024-01-02T00:00:00Z");
+    let view = ClusterView {
+        pods: vec![typed(new), typed(old), typed(remote)],
+        ..Default::default()
+    };
+    let mut c = cfg();
+    c.remote_pods = true;
+    let r = render(&view, &c);
+    let s = &r.state;
+    assert_eq!(
+        endpoint(s, "ns", "new").unwrap()["ips"],
+        json!(["10.0.0.1"])
+    );
+    let old = endpoint(s, "ns", "old").expect("kept by its cgroup");
+    assert!(old.get("ips").is_none());
+    assert!(
+        endpoint(s, "ns", "remote").is_none(),
+        "a remote pod without an IP is nothing"
+    );
+    assert_eq!(r.stats.dropped_ips, 2);
+    load_endpoints(s);
+
+    c.require_ips = true;
+    let s = render(&view, &c).state;
+    assert!(
+        endpoint(&s, "ns", "old").is_none(),
+        "require_ips: no IP, no endpoint"
+    );
+}
+
+#[test]
+fn rendering_is_deterministic_and_drops_policy_metadata() {
+    let pods: Vec<Arc<Pod>> = (0..20)
+        .map(|i| {
+            typed(pod(
+                "ns",
+                &format!("p{i}"),
+                "n1",
+                Some(&format!("10.0.0.{i}")),
+                Some("Burstable"),
+            ))
+        })
+        .collect();
+    let mut policy = cnp("ns", "p", "x", "a.example");
+    policy["metadata"]["deletionTimestamp"] = json!("2025-01-01T00:00:00Z");
+    policy["metadata"]["managedFields"] = json!([{"manager": "kubectl"}]);
+    let view = ClusterView {
+        pods: pods.clone(),
+        network_policies: vec![typed::<DynamicObject>(policy)],
+        ..Default::default()
+    };
+    let mut reversed = view.clone();
+    reversed.pods.reverse();
+    let a = render(&view, &cfg()).state;
+    let b = render(&reversed, &cfg()).state;
+    assert_eq!(a, b);
+    let text = &a.policies[0].1;
+    assert!(!text.contains("deletionTimestamp") && !text.contains("managedFields"));
+    assert!(text.lines().count() > 10, "one field per line:\n{text}");
+    load_policies(&a);
+}
+
+/// A random view: overlapping IPs, shared UIDs, odd labels, every phase and QoS.
+fn random_view(rng: &mut fastrand::Rng) -> ClusterView {
+    let nss = ["default", "kube-system", "prod"];
+    let mut view = ClusterView::default();
+    for ns in nss {
+        let mut labels = serde_json::Map::new();
+        for _ in 0..rng.usize(0..3) {
+            labels.insert(
+                format!("k{}", rng.u8(0..4)),
+                json!(format!("v{}", rng.u8(0..3))),
+            );
+        }
+        if rng.bool() {
+            labels.insert("example.com/tier".into(), json!(""));
+        }
+        view.namespaces
+            .push(typed::<Namespace>(namespace(ns, Value::Object(labels))));
+    }
+    for i in 0..rng.usize(0..30) {
+        let ns = nss[rng.usize(0..nss.len())];
+        let ip = match rng.u8(0..4) {
+            0 => None,
+            1 => Some(format!("10.0.0.{}", rng.u8(0..8))),
+            2 => Some(format!("::ffff:10.0.0.{}", rng.u8(0..8))),
+            _ => Some(format!("fd00::{}", rng.u8(0..8))),
+        };
+        let qos = ["Guaranteed", "Burstable", "BestEffort", "Weird"];
+        let qos = rng.bool().then(|| qos[rng.usize(0..qos.len())]);
+        let node = if rng.u8(0..3) == 0 { "n2" } else { "n1" };
+        let mut p = pod(ns, &format!("p{}", rng.u8(0..20)), node, ip.as_deref(), qos);
+        p["metadata"]["uid"] = json!(format!("uid-{}", rng.u8(0..10)));
+        p["metadata"]["creationTimestamp"] =
+            json!(format!("2025-01-01T00:00:{:02}Z", rng.u8(0..60)));
+        let phases = ["Running", "Pending", "Succeeded", "Failed"];
+        p["status"]["phase"] = json!(phases[rng.usize(0..phases.len())]);
+        if rng.u8(0..8) == 0 {
+            p["spec"]["hostNetwork"] = json!(true);
+        }
+        let keys = [
+            "app",
+            "io.kubernetes.pod.namespace",
+            "io.cilium.k8s.policy.serviceaccount",
+            "io.cilium.k8s.namespace.labels.k1",
+            "example.com/role",
+            "a",
+        ];
+        let mut labels = serde_json::Map::new();
+        for _ in 0..rng.usize(0..4) {
+            labels.insert(keys[rng.usize(0..keys.len())].into(), json!(format!("{i}")));
+        }
+        p["metadata"]["labels"] = Value::Object(labels);
+        if rng.bool() {
+            p["status"]["podIPs"] = json!([{"ip": "10.1.0.1"}, {"ip": "fd00::1"}]);
+        }
+        view.pods.push(typed(p));
+    }
+    for i in 0..rng.usize(0..6) {
+        let ns = nss[rng.usize(0..nss.len())];
+        let ip = format!("10.96.0.{}", rng.u8(0..4));
+        view.services.push(typed::<Service>(json!({
+            "metadata": {"name": format!("s{i}"), "namespace": ns, "labels": {"a": "b"}},
+            "spec": {"selector": {"app": "x"}, "clusterIP": ip, "clusterIPs": [ip]},
+        })));
+        view.endpoint_slices.push(typed::<EndpointSlice>(json!({
+            "metadata": {"name": format!("s{i}-x"), "namespace": ns,
+                         "labels": {"kubernetes.io/service-name": format!("s{i}")}},
+            "addressType": "IPv4",
+            "endpoints": [{"addresses": [format!("10.0.0.{}", rng.u8(0..8))],
+                           "conditions": {"ready": rng.bool()}}],
+        })));
+    }
+    view
+}
+
+#[test]
+fn random_views_always_load() {
+    let mut rng = fastrand::Rng::with_seed(9);
+    for round in 0..300 {
+        let view = random_view(&mut rng);
+        let mut c = cfg();
+        c.remote_pods = rng.bool();
+        c.require_ips = rng.bool();
+        c.cgroup_driver = if rng.bool() {
+            CgroupDriver::Systemd
+        } else {
+            CgroupDriver::Cgroupfs
+        };
+        let r = render(&view, &c);
+        let loaded = load_endpoints(&r.state);
+        for e in &loaded.endpoints {
+            assert!(
+                !e.labels.keys().any(|k| k.starts_with("io.cilium.k8s.")
+                    && !k.starts_with("io.cilium.k8s.namespace.labels.")
+                    && k != "io.cilium.k8s.policy.serviceaccount"),
+                "round {round}: spoofed label kept: {:?}",
+                e.labels
+            );
+            assert!(
+                e.cgroup.is_some() || !e.ips.is_empty(),
+                "round {round}: an endpoint nothing recognises"
+            );
+        }
+        assert_eq!(render(&view, &c).state, r.state, "deterministic");
+    }
+}
+
+/// The full endpoints text, `services` included.
+// Needs the `services:` list in dnsfence-policy's endpoints file (issue 9 item 4, landing
+// separately on main). Once it has landed, drop the #[ignore]: every rendering must load.
+#[test]
+#[ignore = "needs `services:` support in dnsfence_policy::Endpoints (issue 9)"]
+fn random_views_always_load_with_services() {
+    let mut rng = fastrand::Rng::with_seed(10);
+    for _ in 0..300 {
+        let view = random_view(&mut rng);
+        let mut c = cfg();
+        c.remote_pods = rng.bool();
+        let r = render(&view, &c);
+        if let Err(e) =
+            dnsfence_policy::Endpoints::from_yaml(&r.state.endpoints.0, &r.state.endpoints.1)
+        {
+            panic!("{e}\n{}", r.state.endpoints.1);
+        }
+    }
+}
