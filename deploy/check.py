@@ -71,8 +71,10 @@ policy_dir = os.path.join(out, "policy")
 os.makedirs(policy_dir, exist_ok=True)
 for key, text in by_name[("ConfigMap", "dnsfence-policy")]["data"].items():
     open(os.path.join(policy_dir, key), "w").write(text)
-open(os.path.join(out, "endpoints.yaml"), "w").write(
-    by_name[("ConfigMap", "dnsfence-endpoints")]["data"]["endpoints.yaml"])
+# Workloads come from the Kubernetes API (--k8s); an endpoints file only if one is shipped.
+if ("ConfigMap", "dnsfence-endpoints") in by_name:
+    open(os.path.join(out, "endpoints.yaml"), "w").write(
+        by_name[("ConfigMap", "dnsfence-endpoints")]["data"]["endpoints.yaml"])
 config_keys = set(by_name[("ConfigMap", "dnsfence-config")]["data"])
 
 for name, cmd in (("dnsfence-agent", "agent"), ("dnsfence-proxy", "proxy")):

@@ -18,5 +18,9 @@ tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
 "$dnsfence" agent --help > "$tmp/agent.help"
 "$dnsfence" proxy --help > "$tmp/proxy.help"
 "$venv/bin/python" deploy/check.py "$tmp" "$tmp"
-"$dnsfence" policy validate --endpoints "$tmp/endpoints.yaml" "$tmp/policy"
+if [ -f "$tmp/endpoints.yaml" ]; then
+  "$dnsfence" policy validate --endpoints "$tmp/endpoints.yaml" "$tmp/policy"
+else
+  "$dnsfence" policy validate "$tmp/policy"
+fi
 echo "deploy/validate.sh: ok (${#manifests[@]} manifests, 2 Kubernetes versions)"

@@ -30,12 +30,40 @@ pub struct AgentArgs {
     /// The data-plane flags (shared with `dnsfence proxy`).
     #[command(flatten)]
     pub serve: ServeArgs,
-    /// CiliumNetworkPolicy / CiliumClusterwideNetworkPolicy files or directories.
-    #[arg(long, value_name = "PATH", required_unless_present = "uninstall")]
+    /// CiliumNetworkPolicy / CiliumClusterwideNetworkPolicy files or directories (with
+    /// --k8s: optional, applied beside the API's policies).
+    #[arg(long, value_name = "PATH", required_unless_present_any = ["uninstall", "k8s"])]
     pub policy: Vec<PathBuf>,
     /// Endpoints file.
     #[arg(long, value_name = "FILE")]
     pub endpoints: Option<PathBuf>,
+    /// Take workloads (pods), services and Cilium policies (CNP, CCNP) from the Kubernetes
+    /// API, watched (in-cluster configuration, or --kubeconfig). Replaces --endpoints. The
+    /// agent serves once the API gave a full state, and keeps the last one in force while
+    /// the API server is unreachable.
+    #[arg(long, conflicts_with_all = ["endpoints", "uninstall"])]
+    pub k8s: bool,
+    /// kubeconfig file for --k8s (default: the in-cluster service account).
+    #[arg(long, value_name = "FILE", requires = "k8s")]
+    pub kubeconfig: Option<PathBuf>,
+    /// This node's name for --k8s: the pods scheduled on it are its workloads. Default: the
+    /// NODE_NAME environment variable (the downward API), else the host name.
+    #[arg(long, value_name = "NAME", requires = "k8s")]
+    pub node_name: Option<String>,
+    /// The kubelet's cgroup driver (how pod cgroups are named below --cgroup-root).
+    #[arg(long, value_enum, default_value_t = CgroupDriverFlag::Systemd)]
+    pub k8s_cgroup_driver: CgroupDriverFlag,
+    /// Path below --cgroup-root where the kubelet's `kubepods` hierarchy starts (default:
+    /// at the root).
+    #[arg(long, value_name = "PATH", default_value = "")]
+    pub k8s_cgroup_prefix: String,
+    /// Watch this node's pods only: peers on other nodes are then reached through their
+    /// services only (toEndpoints). For very large clusters.
+    #[arg(long, requires = "k8s")]
+    pub k8s_local_pods_only: bool,
+    /// How long the agent waits at start for the API's first full state (then exits 1).
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    pub k8s_sync_timeout: Duration,
     /// Detach the eBPF programs and remove everything pinned under --bpf-pin, then exit.
     #[arg(long, conflicts_with = "no_bpf")]
     pub uninstall: bool,
@@ -68,6 +96,58 @@ pub struct AgentArgs {
     /// Default: `observe.sock` beside the agent socket (/run/dnsfence/observe.sock).
     #[arg(long, value_name = "PATH")]
     pub observe_socket: Option<PathBuf>,
+}
+
+/// `--k8s-cgroup-driver`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum CgroupDriverFlag {
+    /// `kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod<uid>.slice`.
+    Systemd,
+    /// `kubepods/burstable/pod<uid>`.
+    Cgroupfs,
+}
+
+/// Starts the Kubernetes source of `--k8s`.
+fn start_k8s(args: &AgentArgs) -> Result<dnsfence_k8s::K8sSource> {
+    let node_name = match &args.node_name {
+        Some(name) => name.clone(),
+        None => match std::env::var("NODE_NAME") {
+            Ok(name) if !name.is_empty() => name,
+            _ => std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .context("--node-name not given, NODE_NAME unset, and no host name")?
+                .trim()
+                .to_string(),
+        },
+    };
+    let config = dnsfence_k8s::K8sConfig {
+        kubeconfig: args.kubeconfig.clone(),
+        node_name,
+        cgroup_driver: match args.k8s_cgroup_driver {
+            CgroupDriverFlag::Systemd => dnsfence_k8s::CgroupDriver::Systemd,
+            CgroupDriverFlag::Cgroupfs => dnsfence_k8s::CgroupDriver::Cgroupfs,
+        },
+        cgroup_prefix: args.k8s_cgroup_prefix.trim_matches('/').to_string(),
+        remote_pods: !args.k8s_local_pods_only,
+        require_ips: args.serve.no_bpf,
+    };
+    eprintln!(
+        "dnsfence agent: watching the Kubernetes API (node {}, {} pods)",
+        config.node_name,
+        if config.remote_pods {
+            "all"
+        } else {
+            "this node's"
+        }
+    );
+    Ok(dnsfence_k8s::K8sSource::start(config)?)
+}
+
+/// The Kubernetes source's state as texts to put in force.
+fn api_state(state: dnsfence_k8s::ClusterState) -> dnsfence_policy::reload::InForce {
+    dnsfence_policy::reload::InForce {
+        policies: state.policies,
+        endpoints: Some(state.endpoints),
+    }
 }
 
 /// Parses a prefix or an address (`10.0.0.0/8`, `192.0.2.7`).
@@ -144,13 +224,46 @@ pub fn run(args: &AgentArgs) -> Result<()> {
         );
         return Ok(());
     }
-    if args.policy.is_empty() {
+    if args.policy.is_empty() && !args.k8s {
         bail!("--policy is required");
     }
     let plan = serve::plan(&args.serve)?;
     let (mut sources, _) = Sources::load(&args.policy, args.endpoints.as_deref())
         .map_err(|e| anyhow::anyhow!("{e}"))
         .context("cannot load policy")?;
+    let accept = |endpoints: &Endpoints| {
+        let without_ips = endpoints.endpoints.iter().filter(|e| e.ips.is_empty());
+        refuse_unenforceable(&args.serve, without_ips.count())
+    };
+    // The Kubernetes source: the agent serves only once the API gave a full state (until
+    // then the standalone proxy, or the pinned datapath alone, enforces the last one).
+    let k8s = match args.k8s {
+        false => None,
+        true => {
+            let source = start_k8s(args)?;
+            let Some(state) = source.wait_synced(args.k8s_sync_timeout) else {
+                let status = source.status();
+                bail!(
+                    "the Kubernetes API gave no full state within {:?} (connected: {}, {} \
+                     errors; last: {})",
+                    args.k8s_sync_timeout,
+                    status.connected,
+                    status.watch_errors,
+                    status.last_error.as_deref().unwrap_or("none")
+                );
+            };
+            let report = sources.apply_objects(&api_state(state), &accept);
+            for rejection in &report.rejections {
+                eprintln!(
+                    "{WHO}: {}: {}:\n{}",
+                    rejection.file.display(),
+                    outcome_text(rejection.outcome),
+                    rejection.errors
+                );
+            }
+            Some(source)
+        }
+    };
     let mut node = dnsfence_policy::cidr::NodeFacts {
         cluster: args.cluster_cidr.clone(),
         kube_apiserver: args.kube_apiserver.clone(),
@@ -287,10 +400,6 @@ pub fn run(args: &AgentArgs) -> Result<()> {
     // Control loop: hot reload and expiry sweeps until a signal arrives or a shard dies.
     // Each file reloads on its own and only as one consistent, settled version; what cannot
     // be used is reported and never widens enforcement (dnsfence_policy::reload).
-    let accept = |endpoints: &Endpoints| {
-        let without_ips = endpoints.endpoints.iter().filter(|e| e.ips.is_empty());
-        refuse_unenforceable(&args.serve, without_ips.count())
-    };
     let reload = Arc::clone(&server.reload);
     let mut generation = 1;
     let mut last_check = Instant::now();
@@ -306,56 +415,67 @@ pub fn run(args: &AgentArgs) -> Result<()> {
             persisted = Instant::now();
             ha::save_cache(WHO, state.as_ref(), &server.observations);
         }
-        if last_check.elapsed() < args.reload_interval {
-            continue;
+        // What changed: the API's newest state (at once: a new pod is enforced before its
+        // first query), and the files at each reload interval.
+        let mut reports = Vec::new();
+        if let Some(k8s) = &k8s {
+            reload.k8s.store(&k8s.status());
+            if let Some(state) = k8s.latest() {
+                reports.push(sources.apply_objects(&api_state(state), &accept));
+            }
         }
-        last_check = Instant::now();
-        enforcer.tick(&policy.load());
-        let report = sources.check(&accept);
-        for rejection in &report.rejections {
-            reload.errors.fetch_add(1, Ordering::Relaxed);
-            eprintln!(
-                "{WHO}: policy reload rejected {}: {}:\n{}",
-                rejection.file.display(),
-                outcome_text(rejection.outcome),
-                rejection.errors
-            );
+        if last_check.elapsed() >= args.reload_interval {
+            last_check = Instant::now();
+            enforcer.tick(&policy.load());
+            reports.push(sources.check(&accept));
         }
-        if let Some(mut snapshot) = report.snapshot {
-            generation += 1;
-            snapshot.set_generation(generation);
-            let before = policy.load().stats();
-            let after = snapshot.stats();
-            // The allow entries follow the new policy before the shards do: a name the
-            // reload allows is then written as soon as a shard forwards it, and a name it
-            // removes is no longer written even by a shard still on the old snapshot.
-            let snapshot = Arc::new(snapshot);
-            match enforcer.apply(&snapshot) {
-                Ok(lines) => lines.iter().for_each(|l| eprintln!("{WHO}: {l}")),
-                Err(e) => eprintln!("{WHO}: datapath update failed: {e:#}"),
+        for report in reports {
+            for rejection in &report.rejections {
+                reload.errors.fetch_add(1, Ordering::Relaxed);
+                eprintln!(
+                    "{WHO}: policy reload rejected {}: {}:\n{}",
+                    rejection.file.display(),
+                    outcome_text(rejection.outcome),
+                    rejection.errors
+                );
             }
-            policy.store(snapshot);
-            if let Some(sync) = &sync {
-                version += 1;
-                sync.publish(ha::policy_message(version, &sources));
-            }
-            health.policy_loaded(version);
-            for note in sources.notes() {
-                if noted.insert(note.clone()) {
-                    eprintln!("{WHO}: {note}");
+            if let Some(mut snapshot) = report.snapshot {
+                generation += 1;
+                snapshot.set_generation(generation);
+                let before = policy.load().stats();
+                let after = snapshot.stats();
+                // The allow entries follow the new policy before the shards do: a name the
+                // reload allows is then written as soon as a shard forwards it, and a name it
+                // removes is no longer written even by a shard still on the old snapshot.
+                let snapshot = Arc::new(snapshot);
+                match enforcer.apply(&snapshot) {
+                    Ok(lines) => lines.iter().for_each(|l| eprintln!("{WHO}: {l}")),
+                    Err(e) => eprintln!("{WHO}: datapath update failed: {e:#}"),
                 }
-            }
-            eprintln!(
-                "{WHO}: policy reloaded (generation {generation}){}",
-                match after.fail_closed {
-                    0 => String::new(),
-                    n => format!(
-                        "; {n} endpoints denied everything: a policy selecting them failed to load"
-                    ),
+                policy.store(snapshot);
+                if let Some(sync) = &sync {
+                    version += 1;
+                    sync.publish(ha::policy_message(version, &sources));
                 }
-            );
-            if (before.without_ips, before.fqdn_rules) != (after.without_ips, after.fqdn_rules) {
-                warn_about_limits(args, &policy.load());
+                health.policy_loaded(version);
+                for note in sources.notes() {
+                    if noted.insert(note.clone()) {
+                        eprintln!("{WHO}: {note}");
+                    }
+                }
+                eprintln!(
+                    "{WHO}: policy reloaded (generation {generation}){}",
+                    match after.fail_closed {
+                        0 => String::new(),
+                        n => format!(
+                            "; {n} endpoints denied everything: a policy selecting them failed to load"
+                        ),
+                    }
+                );
+                if (before.without_ips, before.fqdn_rules) != (after.without_ips, after.fqdn_rules)
+                {
+                    warn_about_limits(args, &policy.load());
+                }
             }
         }
         let status = sources.status();
@@ -373,6 +493,7 @@ pub fn run(args: &AgentArgs) -> Result<()> {
     // The agent socket goes first: a proxy reconnecting while the shards drain must find
     // no listener rather than one that no longer answers.
     drop(sync);
+    drop(k8s);
     let observations = Arc::clone(&server.observations);
     server.shutdown();
     ha::save_cache(WHO, state.as_ref(), &observations);

@@ -9,7 +9,7 @@
 //! and a [`Collector`] turns it into metric families when asked.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
@@ -66,6 +66,75 @@ pub struct ReloadStatus {
     pub rejected: AtomicU64,
     /// Files changed on disk and not loaded yet (still changing).
     pub pending: AtomicU64,
+    /// The Kubernetes source, when the agent has one.
+    pub k8s: K8sGauges,
+}
+
+/// The Kubernetes source (`--k8s`) as the agent's control loop last saw it.
+#[derive(Debug, Default)]
+pub struct K8sGauges {
+    enabled: AtomicBool,
+    connected: AtomicBool,
+    watch_errors: AtomicU64,
+    relists: AtomicU64,
+    /// What the rendering left out: labels, addresses, cgroups, pods.
+    left_out: [AtomicU64; 4],
+}
+
+impl K8sGauges {
+    /// Stores the source's status.
+    pub fn store(&self, status: &dnsfence_k8s::K8sStatus) {
+        self.enabled.store(true, Ordering::Relaxed);
+        self.connected.store(status.connected, Ordering::Relaxed);
+        self.watch_errors
+            .store(status.watch_errors, Ordering::Relaxed);
+        self.relists.store(status.relists, Ordering::Relaxed);
+        let r = &status.render;
+        for (g, v) in self.left_out.iter().zip([
+            r.dropped_labels,
+            r.dropped_ips,
+            r.dropped_cgroups,
+            r.dropped_pods,
+        ]) {
+            g.store(v, Ordering::Relaxed);
+        }
+    }
+}
+
+/// The Kubernetes source's families (only when the agent has one).
+fn k8s(e: &mut DescriptorEncoder, g: &K8sGauges) -> Fmt {
+    if !g.enabled.load(Ordering::Relaxed) {
+        return Ok(());
+    }
+    gauge(
+        e,
+        "k8s_connected",
+        "1 when the Kubernetes API server answered the latest request (0: the last state \
+         stays in force)",
+        u64::from(g.connected.load(Ordering::Relaxed)),
+    )?;
+    counter(
+        e,
+        "k8s_watch_errors",
+        "Kubernetes list and watch errors",
+        g.watch_errors.load(Ordering::Relaxed),
+    )?;
+    counter(
+        e,
+        "k8s_relists",
+        "Full relists after the first (410 Gone, watch desync)",
+        g.relists.load(Ordering::Relaxed),
+    )?;
+    gauges(
+        e,
+        "k8s_left_out",
+        "What the latest rendering of the cluster left out so that the rest loads \
+         (identity-spoofing or unrepresentable labels, contested addresses and cgroups, pods)",
+        ["labels", "addresses", "cgroups", "pods"]
+            .into_iter()
+            .zip(&g.left_out)
+            .map(|(what, v)| ([("what", what)], v.load(Ordering::Relaxed))),
+    )
 }
 
 /// Where the agent serves its endpoints without `--metrics-listen`.
@@ -877,6 +946,7 @@ fn policy(e: &mut DescriptorEncoder, state: &State) -> Fmt {
         stats.endpoints as u64,
     )?;
     let reload = &state.reload;
+    k8s(e, &reload.k8s)?;
     let (rejected, pending) = (
         reload.rejected.load(Ordering::Relaxed),
         reload.pending.load(Ordering::Relaxed),

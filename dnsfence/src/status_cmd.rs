@@ -202,6 +202,17 @@ impl Report {
                 _ => "",
             }
         ));
+        if m.find("k8s_connected").next().is_some() {
+            out.push_str(&format!(
+                "  kubernetes: {}, {} watch errors, {} relists\n",
+                match m.one("k8s_connected") {
+                    0.0 => "API server unreachable (the last state stays in force)",
+                    _ => "watching",
+                },
+                m.one("k8s_watch_errors_total"),
+                m.one("k8s_relists_total"),
+            ));
+        }
         let mut backends: Vec<&str> = m
             .find("shard_info")
             .filter_map(|s| label(&s.labels, "backend"))

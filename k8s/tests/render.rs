@@ -239,11 +239,8 @@ fn random_views_always_load() {
     }
 }
 
-/// The full endpoints text, `services` included.
-// Needs the `services:` list in dnsfence-policy's endpoints file (issue 9 item 4, landing
-// separately on main). Once it has landed, drop the #[ignore]: every rendering must load.
+/// The full endpoints text, `services` included: every rendering loads.
 #[test]
-#[ignore = "needs `services:` support in dnsfence_policy::Endpoints (issue 9)"]
 fn random_views_always_load_with_services() {
     let mut rng = fastrand::Rng::with_seed(10);
     for _ in 0..300 {

@@ -516,6 +516,9 @@ pub struct AgentConfig {
     pub proxy: bool,
     /// A command the binary runs under (e.g. `setpriv --bounding-set=...`), empty: none.
     pub wrapper: Vec<String>,
+    /// `--k8s --kubeconfig FILE` instead of the policy and endpoints files (the Kubernetes
+    /// source; pass `--node-name` in `extra`).
+    pub kubeconfig: Option<PathBuf>,
 }
 
 impl AgentConfig {
@@ -534,6 +537,7 @@ impl AgentConfig {
             pin_default: false,
             proxy: false,
             wrapper: Vec::new(),
+            kubeconfig: None,
         }
     }
 
@@ -621,7 +625,9 @@ impl Agent {
         if let Some(upstream) = config.upstream {
             cmd.arg("--upstream").arg(upstream.to_string());
         }
-        if !config.proxy {
+        if let Some(kubeconfig) = &config.kubeconfig {
+            cmd.arg("--k8s").arg("--kubeconfig").arg(kubeconfig);
+        } else if !config.proxy {
             cmd.arg("--policy")
                 .arg(&policy_path)
                 .arg("--endpoints")
