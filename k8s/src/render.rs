@@ -361,9 +361,14 @@ fn endpoints_value(view: &ClusterView, config: &K8sConfig, stats: &mut RenderSta
     out
 }
 
+/// The `endpointslice.kubernetes.io/managed-by` value of the slices Kubernetes derives from a
+/// service's selector: their addresses are the selected pods'.
+const SLICE_CONTROLLER: &str = "endpointslice-controller.k8s.io";
+
 fn services_value(view: &ClusterView, stats: &mut RenderStats) -> Vec<Value> {
-    // Ready backend addresses per namespace/service name.
-    let mut backends: HashMap<(&str, &str), BTreeSet<IpAddr>> = HashMap::new();
+    // Ready backend addresses per namespace/service name, and whether each came from the
+    // EndpointSlice controller (a slice anyone else wrote may list any address).
+    let mut backends: HashMap<(&str, &str), BTreeSet<(IpAddr, bool)>> = HashMap::new();
     for slice in &view.endpoint_slices {
         let ns = slice.metadata.namespace.as_deref().unwrap_or("default");
         let Some(service) = slice
@@ -374,6 +379,12 @@ fn services_value(view: &ClusterView, stats: &mut RenderStats) -> Vec<Value> {
         else {
             continue;
         };
+        let managed = slice
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get("endpointslice.kubernetes.io/managed-by"))
+            .is_some_and(|m| m == SLICE_CONTROLLER);
         let set = backends.entry((ns, service.as_str())).or_default();
         for ep in &slice.endpoints {
             if ep.conditions.as_ref().and_then(|c| c.ready) == Some(false) {
@@ -382,7 +393,7 @@ fn services_value(view: &ClusterView, stats: &mut RenderStats) -> Vec<Value> {
             for a in &ep.addresses {
                 match canonical_ip(a) {
                     Some(ip) => {
-                        set.insert(ip);
+                        set.insert((ip, managed));
                     }
                     None => stats.dropped_ips += 1,
                 }
@@ -406,9 +417,9 @@ fn services_value(view: &ClusterView, stats: &mut RenderStats) -> Vec<Value> {
         if spec.type_.as_deref() == Some("ExternalName") {
             continue;
         }
-        let Some(selector) = spec.selector.as_ref().filter(|s| !s.is_empty()) else {
-            continue;
-        };
+        // Without a selector the service stands for no pods: `toServices` may name it, no
+        // `toEndpoints` reaches it (the loader knows it by the missing `selector`).
+        let selector = spec.selector.as_ref().filter(|s| !s.is_empty());
         if !valid_name(ns) || !valid_name(name) || !seen_names.insert((ns, name)) {
             continue;
         }
@@ -433,12 +444,17 @@ fn services_value(view: &ClusterView, stats: &mut RenderStats) -> Vec<Value> {
                 _ => stats.dropped_ips += 1,
             }
         }
-        let backends: Vec<String> = backends
+        // A service with a selector stands for its pods (`toEndpoints` reaches its addresses
+        // by its selector): only the controller's slices, which list the selected pods. A
+        // slice written by hand beside it could name any address.
+        let mut backends: Vec<String> = backends
             .get(&(ns, name))
             .into_iter()
             .flatten()
-            .map(ToString::to_string)
+            .filter(|&&(_, managed)| managed || selector.is_none())
+            .map(|(ip, _)| ip.to_string())
             .collect();
+        backends.dedup();
         if ips.is_empty() && backends.is_empty() {
             continue;
         }
@@ -454,12 +470,18 @@ fn services_value(view: &ClusterView, stats: &mut RenderStats) -> Vec<Value> {
             out
         };
         let labels = clean(svc.metadata.labels.as_ref(), stats);
-        let selector = clean(Some(selector), stats);
         let mut entry = Map::new();
         entry.insert("name".into(), json!(name));
         entry.insert("namespace".into(), json!(ns));
         entry.insert("labels".into(), json!(labels));
-        entry.insert("selector".into(), json!(selector));
+        if let Some(selector) = selector {
+            let selector = clean(Some(selector), stats);
+            if selector.is_empty() {
+                // Every key unrepresentable: it stands for pods nobody can name here.
+                continue;
+            }
+            entry.insert("selector".into(), json!(selector));
+        }
         if !ips.is_empty() {
             entry.insert("ips".into(), json!(ips));
         }

@@ -502,7 +502,8 @@ fn services_with_endpoint_slices() {
         Res::EndpointSlices,
         json!({
             "metadata": {"name": "kube-dns-abc", "namespace": "kube-system",
-                         "labels": {"kubernetes.io/service-name": "kube-dns"}},
+                         "labels": {"kubernetes.io/service-name": "kube-dns",
+                                    "endpointslice.kubernetes.io/managed-by": "endpointslice-controller.k8s.io"}},
             "addressType": "IPv4",
             "endpoints": [
                 {"addresses": ["10.0.5.2"], "conditions": {"ready": true}},
@@ -532,31 +533,58 @@ fn services_with_endpoint_slices() {
             "spec": {"clusterIP": "10.96.0.20", "clusterIPs": ["10.96.0.20"]},
         }),
     );
+    // Slices written by hand: beside a selector service they are ignored (they could name
+    // any address as one of its pods); a selector-less service's backends are its slices.
+    for (name, service, ip) in [
+        ("forged", "kube-dns", "8.8.8.8"),
+        ("manual-1", "manual", "192.0.2.9"),
+    ] {
+        let ns = if service == "kube-dns" {
+            "kube-system"
+        } else {
+            "default"
+        };
+        api.apply(
+            Res::EndpointSlices,
+            json!({
+                "metadata": {"name": name, "namespace": ns,
+                             "labels": {"kubernetes.io/service-name": service}},
+                "addressType": "IPv4",
+                "endpoints": [{"addresses": [ip]}],
+            }),
+        );
+    }
     let src = K8sSource::start(config(&dir.path().join("kubeconfig"), "n1")).expect("start");
     let s = src.wait_synced(SYNC).expect("synced");
     let services = endpoints_json(&s)["services"].clone();
     assert_eq!(
         services,
         json!([{
+            "name": "manual", "namespace": "default", "labels": {},
+            "ips": ["10.96.0.20"], "backends": ["192.0.2.9"],
+        }, {
             "name": "kube-dns", "namespace": "kube-system",
             "labels": {"k8s-app": "kube-dns"}, "selector": {"k8s-app": "kube-dns"},
             "ips": ["10.96.0.10"], "backends": ["10.0.5.1", "10.0.5.2"],
         }]),
-        "headless without backends, ExternalName and selector-less services left out"
+        "headless without backends and ExternalName left out; a selector-less service without \
+         `selector`; a hand-written slice beside a selector service ignored"
     );
+    load_endpoints(&s);
 
     // A backend becoming ready shows.
     api.apply(
         Res::EndpointSlices,
         json!({
             "metadata": {"name": "kube-dns-abc", "namespace": "kube-system",
-                         "labels": {"kubernetes.io/service-name": "kube-dns"}},
+                         "labels": {"kubernetes.io/service-name": "kube-dns",
+                                    "endpointslice.kubernetes.io/managed-by": "endpointslice-controller.k8s.io"}},
             "addressType": "IPv4",
             "endpoints": [{"addresses": ["10.0.5.3"], "conditions": {"ready": true}}],
         }),
     );
     let s = wait_state(&src, CHANGE, "the new backend", |s| {
-        endpoints_json(s)["services"][0]["backends"] == json!(["10.0.5.3"])
+        endpoints_json(s)["services"][1]["backends"] == json!(["10.0.5.3"])
     });
     load_endpoints(&s);
 }

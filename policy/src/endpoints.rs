@@ -43,8 +43,10 @@ pub struct Service {
     /// The service's own `labels` (what `toServices.k8sServiceSelector` selects).
     pub labels: Labels,
     /// The labels its `selector` requires of its pods, plus `io.kubernetes.pod.namespace`:
-    /// every pod behind it carries at least these.
-    pub selector: Labels,
+    /// every pod behind it carries at least these. `None`: a service without a selector
+    /// (its backends are whatever its EndpointSlices list), which no `toEndpoints` reaches
+    /// (only `toServices` names it).
+    pub selector: Option<Labels>,
     /// Its own addresses (ClusterIPs).
     pub ips: Vec<IpAddr>,
     /// The addresses of the pods behind it (EndpointSlices).
@@ -330,31 +332,20 @@ fn parse_services(
             .get_non_null("labels")
             .map(|l| label_map(diag, l, &join(&path, "labels")))
             .unwrap_or_default();
-        // A service without a selector stands for pods nobody can name: it matches no
-        // `toEndpoints` selector (an empty one would make it match every selector).
-        let selector = match f.get_non_null("selector") {
-            None => {
-                diag.push(
-                    line(item),
-                    LoadErrorKind::Missing {
-                        field: join(&path, "selector"),
-                    },
+        // A service without a selector stands for no pods: only `toServices` reaches it.
+        // An empty selector is refused rather than read as "every pod of the namespace".
+        let selector = f.get_non_null("selector").map(|l| {
+            let errors = diag.errors.len();
+            let sel = label_map(diag, l, &join(&path, "selector"));
+            if sel.is_empty() && diag.errors.len() == errors {
+                diag.invalid(
+                    l,
+                    &join(&path, "selector"),
+                    "an empty selector names no pods (leave it out for a service without one)",
                 );
-                Labels::new()
             }
-            Some(l) => {
-                let errors = diag.errors.len();
-                let sel = label_map(diag, l, &join(&path, "selector"));
-                if sel.is_empty() && diag.errors.len() == errors {
-                    diag.invalid(
-                        l,
-                        &join(&path, "selector"),
-                        "an empty selector names no pods",
-                    );
-                }
-                sel
-            }
-        };
+            sel
+        });
         let ips = f
             .get_non_null("ips")
             .map(|l| addresses(diag, l, &join(&path, "ips")))
@@ -380,8 +371,10 @@ fn parse_services(
         if diag.errors.len() != before {
             continue;
         }
-        let mut selector = selector;
-        selector.insert(NAMESPACE_LABEL.to_string(), namespace.clone());
+        let selector = selector.map(|mut selector| {
+            selector.insert(NAMESPACE_LABEL.to_string(), namespace.clone());
+            selector
+        });
         out.push(Service {
             name,
             namespace,

@@ -23,7 +23,7 @@ pub use endpoints::{Endpoint, Endpoints, Service};
 pub use error::{LoadError, LoadErrorKind, LoadErrors};
 pub use policy::{
     DnsPorts, DnsRule, EgressRule, FileVerdict, FqdnRule, L3Rule, L3Target, Policy, PolicyKind,
-    PolicySet, PortProto, PortProtocol, Proto, Spec, Summary, parse_policy_file,
+    PolicySet, PortProto, PortProtocol, Proto, ServiceRef, Spec, Summary, parse_policy_file,
 };
 pub use selector::{LabelSelector, Labels, NAMESPACE_LABEL};
 pub use snapshot::{DnsVerdict, EndpointId, EndpointKey, Snapshot, SnapshotStats};

@@ -323,6 +323,44 @@ pub enum L3Target {
     Endpoints(Vec<LabelSelector>),
     /// `toEntities`.
     Entities(Vec<Entity>),
+    /// `toServices`: the addresses (ClusterIPs and backends) of the registry's services they
+    /// name; a service the registry does not know allows nothing.
+    Services(Vec<ServiceRef>),
+}
+
+impl ServiceRef {
+    /// Whether it names `svc`.
+    pub fn names(&self, svc: &crate::Service) -> bool {
+        let in_namespace = |ns: &Option<String>| ns.as_ref().is_none_or(|ns| *ns == svc.namespace);
+        match self {
+            ServiceRef::Named { namespace, name } => in_namespace(namespace) && *name == svc.name,
+            ServiceRef::Selector {
+                namespace,
+                selector,
+            } => in_namespace(namespace) && selector.matches(&svc.labels),
+        }
+    }
+}
+
+/// One `toServices` item.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ServiceRef {
+    /// `k8sService`: a service by name, in `namespace` (a CNP's own by default; `None`: a
+    /// CCNP's, any namespace).
+    Named {
+        /// `namespace`.
+        namespace: Option<String>,
+        /// `serviceName`.
+        name: String,
+    },
+    /// `k8sServiceSelector`: the services whose own labels `selector` matches, in
+    /// `namespace` (as for `Named`).
+    Selector {
+        /// `namespace`.
+        namespace: Option<String>,
+        /// `selector`.
+        selector: LabelSelector,
+    },
 }
 
 /// An L3/L4 rule (allow in `egress`, deny in `egressDeny`).
@@ -1423,8 +1461,8 @@ fn parse_egress(
     notes: &mut Vec<(usize, String)>,
 ) -> Option<Vec<EgressRule>> {
     let before = diag.errors.len();
-    let rules = parse_egress_rules(diag, node, path, namespace, default_allow, notes);
-    let services = parse_services(diag, node, path);
+    let services = parse_services(diag, node, path, namespace);
+    let rules = parse_egress_rules(diag, node, path, namespace, default_allow, services, notes);
     let auth = parse_auth(diag, node, path);
     if diag.errors.len() != before {
         return None;
@@ -1450,26 +1488,21 @@ fn parse_egress(
         ));
         return Some(vec![EgressRule::Nothing]);
     }
-    if let Some((at, what)) = services {
-        notes.push((
-            at,
-            format!(
-                "{}: {what} is not known to dnsfence (no Kubernetes source of services yet): \
-                 this rule allows nothing, its traffic stays denied (fail closed)",
-                join(path, "toServices")
-            ),
-        ));
-        return Some(vec![EgressRule::Nothing]);
-    }
     Some(rules)
 }
 
-/// `toServices` of an egress rule, validated: its line and what it names, for the note.
-fn parse_services(diag: &mut Diag<'_>, node: &Node<'_>, path: &str) -> Option<(usize, String)> {
+/// `toServices` of an egress rule, validated: what it names. A namespace left out is the
+/// policy's own (a CNP's), or any (a CCNP's).
+fn parse_services(
+    diag: &mut Diag<'_>,
+    node: &Node<'_>,
+    path: &str,
+    namespace: Option<&str>,
+) -> Option<Vec<ServiceRef>> {
     let list = node.data.as_mapping_get("toServices")?;
     let list_path = join(path, "toServices");
     let items = diag.non_empty_sequence(list, &list_path);
-    let mut named = Vec::new();
+    let mut refs = Vec::new();
     for (i, item) in items.iter().enumerate() {
         let at = index(&list_path, i);
         let Some(f) = diag.mapping(item, &at, SERVICE_FIELDS, "") else {
@@ -1492,9 +1525,9 @@ fn parse_services(diag: &mut Diag<'_>, node: &Node<'_>, path: &str) -> Option<(u
                     .get_non_null("namespace")
                     .and_then(|n| diag.string(n, &join(&svc_path, "namespace")));
                 if let Some(name) = name {
-                    named.push(match ns {
-                        Some(ns) => format!("service {ns}/{name}"),
-                        None => format!("service {name}"),
+                    refs.push(ServiceRef::Named {
+                        namespace: ns.or_else(|| namespace.map(str::to_string)),
+                        name,
                     });
                 }
             }
@@ -1503,26 +1536,27 @@ fn parse_services(diag: &mut Diag<'_>, node: &Node<'_>, path: &str) -> Option<(u
                 let Some(sf) = diag.mapping(sel, &sel_path, SERVICE_SELECTOR_FIELDS, "") else {
                     continue;
                 };
-                match sf.get("selector") {
-                    Some(s) => {
-                        selector::parse(diag, s, &join(&sel_path, "selector"));
+                let selector = match sf.get("selector") {
+                    Some(s) => selector::parse(diag, s, &join(&sel_path, "selector")),
+                    None => {
+                        missing(diag, sel, join(&sel_path, "selector"));
+                        None
                     }
-                    None => missing(diag, sel, join(&sel_path, "selector")),
+                };
+                let ns = sf
+                    .get_non_null("namespace")
+                    .and_then(|n| diag.string(n, &join(&sel_path, "namespace")));
+                if let Some(selector) = selector {
+                    refs.push(ServiceRef::Selector {
+                        namespace: ns.or_else(|| namespace.map(str::to_string)),
+                        selector,
+                    });
                 }
-                if let Some(n) = sf.get_non_null("namespace") {
-                    diag.string(n, &join(&sel_path, "namespace"));
-                }
-                named.push("a service selector".to_string());
             }
             _ => diag.invalid(item, &at, "needs one of k8sService and k8sServiceSelector"),
         }
     }
-    let at = node
-        .data
-        .as_mapping()
-        .and_then(|m| m.keys().find(|k| yaml::scalar_str(k) == Some("toServices")))
-        .map_or(line(list), line);
-    Some((at, named.join(", ")))
+    Some(refs)
 }
 
 /// `authentication` (or `auth`, its older spelling) of an egress rule, validated: when it asks
@@ -1560,6 +1594,7 @@ fn parse_egress_rules(
     path: &str,
     namespace: Option<&str>,
     default_allow: bool,
+    services: Option<Vec<ServiceRef>>,
     notes: &mut Vec<(usize, String)>,
 ) -> Option<Vec<EgressRule>> {
     let before = diag.errors.len();
@@ -1681,6 +1716,7 @@ fn parse_egress_rules(
     if cidrs.is_none()
         && entities.is_none()
         && to_endpoints.is_none()
+        && services.is_none()
         && port_rules.is_empty()
         && icmps.is_none()
     {
@@ -1719,7 +1755,7 @@ fn parse_egress_rules(
         (Some(blocks), _, _) => Some(L3Target::Cidrs(blocks)),
         (_, Some(e), _) => Some(L3Target::Entities(e)),
         (_, _, Some(sel)) => Some(L3Target::Endpoints(sel)),
-        (None, None, None) => None,
+        (None, None, None) => services.map(L3Target::Services),
     };
     let mut out = Vec::new();
     if !dns_ports.is_empty() {

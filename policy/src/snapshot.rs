@@ -731,7 +731,12 @@ fn service_blocks<'r>(
 ) -> impl Iterator<Item = CidrBlock> + 'r {
     reg.services
         .iter()
-        .filter(|svc| selectors.iter().any(|s| s.selects_every(&svc.selector)))
+        .filter(|svc| {
+            let Some(pods) = &svc.selector else {
+                return false;
+            };
+            selectors.iter().any(|s| s.selects_every(pods))
+        })
         .flat_map(|svc| svc.addresses())
         .map(|ip| CidrBlock {
             cidr: Cidr::host(ip),
@@ -783,6 +788,13 @@ fn blocks_of(to: &L3Target, reg: &Endpoints, node: &NodeFacts) -> Vec<CidrBlock>
         L3Target::Entities(entities) => entities.iter().flat_map(entity).collect(),
         L3Target::Any => vec![block(Cidr::ALL4), block(Cidr::ALL6)],
         L3Target::Cidrs(blocks) => blocks.clone(),
+        L3Target::Services(refs) => reg
+            .services
+            .iter()
+            .filter(|svc| refs.iter().any(|r| r.names(svc)))
+            .flat_map(|svc| svc.addresses())
+            .map(|ip| block(Cidr::host(ip)))
+            .collect(),
         L3Target::Endpoints(selectors) => {
             let mut out = reserved_blocks(selectors, reg, node);
             out.extend(

@@ -947,12 +947,15 @@ spec:
         assert_eq!(dns(&s, ep, "10.96.0.10:53", Proto::Tcp, "a.ok.com"), Deny);
     }
 
-    /// `toServices` (services are not known until a Kubernetes source exists) and mutual
-    /// authentication (dnsfence cannot do it) load with a note, and their rule allows nothing
-    /// while the rest of the policy works. `authentication.mode: disabled` asks for nothing.
+    /// `toServices` reaches the addresses (ClusterIPs and backends) of the services the
+    /// registry knows by name or by their own labels, in the policy's namespace unless it
+    /// names another, on the rule's ports; a service the registry does not know allows
+    /// nothing. Mutual authentication (dnsfence cannot do it) loads with a note and its rule
+    /// allows nothing while the rest of the policy works. `authentication.mode: disabled`
+    /// asks for nothing.
     #[test]
-    fn to_services_and_authentication_fail_closed_for_their_rule_only() {
-        use crate::PortProtocol::Tcp;
+    fn to_services_and_authentication() {
+        use crate::PortProtocol::{Tcp, Udp};
         let text = r#"
 apiVersion: cilium.io/v2
 kind: CiliumNetworkPolicy
@@ -961,8 +964,9 @@ spec:
   endpointSelector: {matchLabels: {app: uploader}}
   egress:
   - toServices:
-    - k8sService: {serviceName: db, namespace: team-a}
-    - k8sServiceSelector: {selector: {matchLabels: {external: "yes"}}}
+    - k8sService: {serviceName: db}
+    - k8sServiceSelector: {selector: {matchLabels: {external: "yes"}}, namespace: shared}
+    - k8sService: {serviceName: unknown}
     toPorts: [{ports: [{port: "5432", protocol: TCP}]}]
   - toEndpoints: [{matchLabels: {app: other}}]
     authentication: {mode: required}
@@ -971,16 +975,15 @@ spec:
   - toCIDR: [10.8.0.0/16]
     authentication: {mode: disabled}
   - toFQDNs: [{matchName: api.ok.com}]
+  - toServices: [{k8sService: {serviceName: dns, namespace: kube-system}}]
+    toPorts: [{ports: [{port: "53", protocol: ANY}], rules: {dns: [{matchName: via.service.com}]}}]
 "#;
         let p = PolicySet::from_yaml(Path::new("p.yaml"), text).unwrap_or_else(|e| panic!("{e}"));
         let notes = p.notes();
         let expected = [
-            "p.yaml:8: note: spec.egress[0].toServices: service team-a/db, a service selector \
-             is not known to dnsfence (no Kubernetes source of services yet): this rule allows \
-             nothing",
-            "p.yaml:13: note: spec.egress[1].authentication.mode: required: dnsfence cannot do \
+            "p.yaml:14: note: spec.egress[1].authentication.mode: required: dnsfence cannot do \
              mutual authentication: this rule allows nothing",
-            "p.yaml:15: note: spec.egress[2].auth.type: null: dnsfence cannot do mutual",
+            "p.yaml:16: note: spec.egress[2].auth.type: null: dnsfence cannot do mutual",
         ];
         assert_eq!(notes.len(), expected.len(), "{notes:#?}");
         for (note, want) in notes.iter().zip(expected) {
@@ -989,16 +992,78 @@ spec:
                 "{note}\n  does not start with\n{want}"
             );
         }
-        let e = Endpoints::from_yaml(Path::new("e.yaml"), ENDPOINTS).unwrap();
+        let endpoints = format!(
+            "{ENDPOINTS}{}",
+            r#"
+services:
+- {name: db, namespace: team-a, selector: {app: db}, ips: ["10.96.1.1"], backends: ["10.1.1.1"]}
+- {name: db, namespace: team-b, selector: {app: db}, ips: ["10.96.2.2"]}
+- {name: ext, namespace: shared, labels: {external: "yes"}, ips: ["10.96.3.3"], backends: ["203.0.113.7"]}
+- {name: ext2, namespace: team-a, labels: {external: "yes"}, ips: ["10.96.4.4"]}
+- {name: dns, namespace: kube-system, ips: ["10.96.0.53"]}
+"#
+        );
+        let e =
+            Endpoints::from_yaml(Path::new("e.yaml"), &endpoints).unwrap_or_else(|e| panic!("{e}"));
         let s = Snapshot::compile(&p, &e);
         let ep = "team-a/uploader";
-        // toServices + toPorts must not become "every destination on 5432".
+        // By name, in the policy's namespace: its ClusterIP and backend, on the port only.
+        assert_eq!(l3(&s, ep, "10.96.1.1", 5432, Tcp), Some(true));
+        assert_eq!(l3(&s, ep, "10.1.1.1", 5432, Tcp), Some(true), "backend");
+        assert_eq!(l3(&s, ep, "10.96.1.1", 5433, Tcp), None, "port");
+        assert_eq!(l3(&s, ep, "10.96.1.1", 5432, Udp), None, "protocol");
+        assert_eq!(l3(&s, ep, "10.96.2.2", 5432, Tcp), None, "team-b's db");
+        // By the service's own labels, in the namespace named.
+        assert_eq!(l3(&s, ep, "10.96.3.3", 5432, Tcp), Some(true));
+        assert_eq!(
+            l3(&s, ep, "203.0.113.7", 5432, Tcp),
+            Some(true),
+            "external backend"
+        );
+        assert_eq!(l3(&s, ep, "10.96.4.4", 5432, Tcp), None, "other namespace");
+        // toServices + toPorts is never "every destination on 5432".
         assert_eq!(l3(&s, ep, "8.8.8.8", 5432, Tcp), None);
+        // A DNS rule towards a service (without a selector: toServices only).
+        assert_eq!(
+            dns(
+                &s,
+                ep,
+                "10.96.0.53:53",
+                crate::Proto::Udp,
+                "via.service.com"
+            ),
+            Allow
+        );
+        assert_eq!(
+            dns(
+                &s,
+                ep,
+                "10.96.0.54:53",
+                crate::Proto::Udp,
+                "via.service.com"
+            ),
+            Deny
+        );
         assert_eq!(l3(&s, ep, "10.0.1.6", 80, Tcp), None, "auth: nothing");
         assert_eq!(l3(&s, ep, "10.7.0.1", 80, Tcp), None, "auth: nothing");
         assert_eq!(l3(&s, ep, "10.8.0.1", 80, Tcp), Some(true), "disabled");
         assert_eq!(fqdn(&s, ep, "api.ok.com").as_deref(), Some("*"));
         assert!(s.is_restricted(s.endpoint_by_name(ep).unwrap()));
+        // No services known (the file source without `services`): the rule allows nothing.
+        let bare = Endpoints::from_yaml(Path::new("e.yaml"), ENDPOINTS).unwrap();
+        let s = Snapshot::compile(&p, &bare);
+        assert_eq!(l3(&s, ep, "10.96.1.1", 5432, Tcp), None);
+        assert_eq!(l3(&s, ep, "8.8.8.8", 5432, Tcp), None);
+        assert_eq!(
+            dns(
+                &s,
+                ep,
+                "10.96.0.53:53",
+                crate::Proto::Udp,
+                "via.service.com"
+            ),
+            Deny
+        );
         // Validated like any field; mixed with another L3 selector, as Cilium refuses; and not
         // under default allow, where "nothing" would let the traffic through.
         let bad = r#"

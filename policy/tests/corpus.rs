@@ -61,6 +61,13 @@ endpoints:
   namespace: kube-system
   labels: {k8s-app: kube-dns}
   ips: [10.96.0.10]
+- name: app2
+  labels: {id: app2}
+  ips: [10.0.0.8]
+services:
+- name: myservice
+  ips: [10.96.7.7]
+  backends: [192.0.2.77]
 ";
 
 fn corpus_root() -> PathBuf {
@@ -360,11 +367,12 @@ fn sni_example_fails_closed() {
     );
 }
 
-/// The examples of what dnsfence accepts but cannot enforce load with a note, and the rule
-/// allows nothing: `toServices` (no Kubernetes source of services yet), mutual authentication,
-/// and a `port: "0"` (every port) entry with a `listener` (L7).
+/// Cilium's `toServices` example reaches the service the registry knows (its ClusterIP and
+/// backends, every port) and nothing else; the examples of what dnsfence accepts but cannot
+/// enforce load with a note, and the rule allows nothing: mutual authentication, and a
+/// `port: "0"` (every port) entry with a `listener` (L7).
 #[test]
-fn services_auth_and_listener_examples_load_and_fail_closed() {
+fn services_auth_and_listener_examples() {
     let notes = |relative: &str| {
         let path = corpus_root().join(relative);
         let text = std::fs::read_to_string(&path).unwrap();
@@ -374,11 +382,20 @@ fn services_auth_and_listener_examples_load_and_fail_closed() {
             .join("\n")
     };
     let p = "cilium/examples/policies/";
-    let services = notes(&format!("{p}l3/service/service.yaml"));
-    assert!(
-        services.contains("toServices: service default/myservice is not known to dnsfence"),
-        "{services}"
-    );
+    let services = format!("{p}l3/service/service.yaml");
+    assert_eq!(notes(&services), "");
+    let s = snapshot(&services);
+    for (ip, want) in [
+        ("10.96.7.7", Some(true)),
+        ("192.0.2.77", Some(true)),
+        ("10.0.0.1", None),
+    ] {
+        assert_eq!(
+            l3(&s, "default/app2", ip, 8080, PortProtocol::Tcp),
+            want,
+            "{ip}"
+        );
+    }
     let auth = notes(&format!("{p}auth/auth.yaml"));
     assert!(
         auth.contains("auth.type: null: dnsfence cannot do mutual authentication"),

@@ -118,6 +118,25 @@ fn the_agent_follows_pods_policies_and_services_from_the_api() {
     api.apply(Res::Services, kube_dns_service("127.0.0.53"));
     until(a, "127.0.0.2", "x.allowed.test", NOERROR);
 
+    // `toServices` names the Service itself (its ClusterIP is the DNS server).
+    api.apply(Res::Pods, pod("svc-user", "127.0.0.4", "svcuser"));
+    api.apply(
+        Res::CiliumNetworkPolicies,
+        json!({
+            "metadata": {"name": "svc-dns", "namespace": "shop"},
+            "spec": {
+                "endpointSelector": {"matchLabels": {"app": "svcuser"}},
+                "egress": [{
+                    "toServices": [{"k8sService": {"serviceName": "kube-dns", "namespace": "kube-system"}}],
+                    "toPorts": [{"ports": [{"port": "53", "protocol": "ANY"}],
+                        "rules": {"dns": [{"matchPattern": "*.svc.test"}]}}],
+                }],
+            },
+        }),
+    );
+    until(a, "127.0.0.4", "q.svc.test", NOERROR);
+    assert_eq!(ask(a, "127.0.0.4", "q.allowed.test"), Some(REFUSED));
+
     // A pod added: unknown (refused) before, served with its policy right after.
     assert_eq!(ask(a, "127.0.0.3", "y.allowed.test"), Some(REFUSED));
     api.apply(Res::Pods, pod("api", "127.0.0.3", "web"));
