@@ -10,7 +10,10 @@ use serde_json::{Value, json};
 
 /// The `dnsfence_*` series named in the dashboard's queries.
 fn dashboard_series() -> BTreeSet<String> {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/grafana/dnsfence.json");
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/grafana/dnsfence.json"
+    );
     let dashboard: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
     let mut exprs = Vec::new();
     for panel in dashboard["panels"].as_array().expect("panels") {
@@ -56,13 +59,21 @@ fn every_dashboard_series_exists() {
     let dir = TempDir::new("dashboard");
     let upstream = Bundled::start(&[]);
     let listen = free_addr();
-    let mut agent = AgentConfig::ha_pair(dir.path(), listen, upstream.addr, false)
-        .args(&["--node-name", "n1"]);
+    let mut agent =
+        AgentConfig::ha_pair(dir.path(), listen, upstream.addr, false).args(&["--node-name", "n1"]);
     agent.kubeconfig = Some(api.kubeconfig(dir.path()));
     let agent = Agent::start(&agent);
-    let proxy = Agent::start(&AgentConfig::ha_pair(dir.path(), listen, upstream.addr, true));
+    let proxy = Agent::start(&AgentConfig::ha_pair(
+        dir.path(),
+        listen,
+        upstream.addr,
+        true,
+    ));
     let mut seen = samples(&agent.metrics_text());
     seen.extend(samples(&proxy.metrics_text()));
     let missing: Vec<&String> = names.iter().filter(|n| !seen.contains(*n)).collect();
-    assert!(missing.is_empty(), "not exported: {missing:?}\nseen: {seen:?}");
+    assert!(
+        missing.is_empty(),
+        "not exported: {missing:?}\nseen: {seen:?}"
+    );
 }
