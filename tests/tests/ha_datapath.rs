@@ -214,3 +214,101 @@ fn prefer_agent_sends_everything_to_the_agent_while_it_serves() {
     assert_none_lost(&report, "prefer-agent, SIGTERM agent");
     assert!(proxy.metric_sum("dnsfence_forwarded_total") > 0.0);
 }
+
+/// A graceful stop loses no TCP query either: a client opening one connection per query (as
+/// stub resolvers do after a truncated answer) through the redirect, while the agent stops
+/// and then while the proxy stops. New connections go to the other process (the steering
+/// program covers the TCP listeners); those the stopping one accepted are answered first.
+#[test]
+fn sigterm_loses_no_tcp_query() {
+    if !require_root("ha_datapath") {
+        return;
+    }
+    let _serial = EXCLUSIVE.lock().unwrap_or_else(|e| e.into_inner());
+    let env = Env::new("drain-tcp", &["a", "b"]);
+    let upstream = Bundled::start(&[]);
+    let port = free_port();
+    let dir = TempDir::new("ha-drain-tcp");
+    let mut agent = Agent::start(&bpf::pair_config(&env, &dir, upstream.addr, port, false));
+    let mut proxy = Agent::start(&bpf::pair_config(&env, &dir, upstream.addr, port, true));
+    proxy.wait_metric("dnsfence_sync_snapshots_total", 1.0);
+
+    // `count` queries, each over its own TCP connection, one after another from endpoint
+    // a's cgroup, SIGTERM to `pid` after `after`; the status each one got.
+    let tcp_queries = |tag: &str, count: usize, after: Duration, pid: u32| -> Vec<String> {
+        let script = format!(
+            "for i in $(seq 1 {count}); do \
+               s=$(dig +tcp +tries=1 +time=3 @{server} -p {sport} t$i-{tag}.allowed.test A \
+                   | sed -n 's/.*status: \\([A-Z]*\\).*/\\1/p'); \
+               echo \"${{s:-LOST}}\"; \
+             done",
+            server = bpf::server().ip(),
+            sport = bpf::server().port(),
+        );
+        let killer = std::thread::spawn(move || {
+            std::thread::sleep(after);
+            let _ = std::process::Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status();
+        });
+        let out = env.run_in(Some("a"), "bash", &["-c", &script]);
+        killer.join().unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    };
+    let check = |what: &str, statuses: &[String], count: usize| {
+        let bad: Vec<(usize, &String)> = statuses
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| *s != "NOERROR")
+            .collect();
+        eprintln!(
+            "{what}: {} queries over TCP, {} not answered NOERROR",
+            statuses.len(),
+            bad.len()
+        );
+        assert_eq!(statuses.len(), count, "{what}: {statuses:?}");
+        assert!(bad.is_empty(), "{what}: {bad:?}");
+    };
+
+    // The agent stops 0.7 s into the run: later connections reach the proxy.
+    let statuses = tcp_queries(
+        "agent",
+        150,
+        Duration::from_millis(700),
+        agent.process.pid(),
+    );
+    assert!(
+        agent
+            .process
+            .wait_timeout(Duration::from_secs(10))
+            .is_some(),
+        "the agent exits after its drain"
+    );
+    check("SIGTERM agent", &statuses, 150);
+    proxy.process.assert_running();
+    let served_by_proxy = proxy.metric_sum("dnsfence_forwarded_total");
+    assert!(served_by_proxy > 0.0, "{}", proxy.metrics_text());
+
+    // The agent returns; then the proxy stops.
+    let agent = Agent::start(&bpf::pair_config(&env, &dir, upstream.addr, port, false));
+    proxy.wait_metric("dnsfence_sync_snapshots_total", 2.0);
+    let statuses = tcp_queries(
+        "proxy",
+        150,
+        Duration::from_millis(700),
+        proxy.process.pid(),
+    );
+    assert!(
+        proxy
+            .process
+            .wait_timeout(Duration::from_secs(10))
+            .is_some(),
+        "the proxy exits after its drain"
+    );
+    check("SIGTERM proxy", &statuses, 150);
+    assert!(agent.metric_sum("dnsfence_forwarded_total") > 0.0);
+    drop(agent);
+}
