@@ -23,7 +23,7 @@ use prometheus_client::registry::Registry;
 
 use dnsfence_engine::consumer::Observations;
 use dnsfence_engine::core::{Record, Stats};
-use dnsfence_engine::histogram::{BOUNDS_US, Latency};
+use dnsfence_engine::histogram::{Latency, Scale};
 use dnsfence_engine::io::IoStats;
 use dnsfence_engine::shard::{PolicyHandle, ShardStatus};
 
@@ -297,33 +297,38 @@ fn gauges<L: EncodeLabelSet>(
 }
 
 /// A histogram of seconds from the shards' fixed-bucket latencies, summed.
-fn histogram(e: &mut DescriptorEncoder, name: &str, help: &str, h: &Latency) -> Fmt {
-    let buckets: Vec<(f64, u64)> = BOUNDS_US
-        .iter()
-        .map(|&us| us as f64 / 1e6)
-        .chain([f64::INFINITY])
-        .zip(h.buckets)
-        .collect();
+fn histogram<S: Scale>(e: &mut DescriptorEncoder, name: &str, help: &str, h: &Latency<S>) -> Fmt {
+    let buckets: Vec<(f64, u64)> = h.seconds().collect();
     let mut m = e.encode_descriptor(name, help, None, MetricType::Histogram)?;
     m.encode_histogram::<prometheus_client::encoding::NoLabelSet>(
-        h.sum_us as f64 / 1e6,
+        h.sum_ns as f64 / 1e9,
         h.count(),
         &buckets,
         None,
     )
 }
 
-/// The upstream latency and datapath write histograms, and upstream answers by rcode.
+/// The latency histograms by phase (processing, upstream, datapath write), and upstream
+/// answers by rcode.
 fn latencies(e: &mut DescriptorEncoder, stats: &[Stats]) -> Fmt {
     let (mut upstream, mut write) = (Latency::default(), Latency::default());
+    let mut processing = Latency::default();
     let mut rcodes = [0u64; 16];
     for s in stats {
         upstream.add(&s.upstream_latency);
         write.add(&s.write_latency);
+        processing.add(&s.processing_latency);
         for (sum, n) in rcodes.iter_mut().zip(s.upstream_rcodes) {
             *sum += n;
         }
     }
+    histogram(
+        e,
+        "query_processing_seconds",
+        "Time each client query spends in the proxy before its refusal is written or its \
+         forward queued (parse, endpoint, policy walk)",
+        &processing,
+    )?;
     histogram(
         e,
         "upstream_latency_seconds",
@@ -1080,6 +1085,8 @@ mod tests {
             "dnsfence_upstream_latency_seconds_bucket{le=\"2.5\"} 2\n",
             "dnsfence_upstream_latency_seconds_bucket{le=\"+Inf\"} 3\n",
             "dnsfence_datapath_write_seconds_count 0\n",
+            "# TYPE dnsfence_query_processing_seconds histogram\n",
+            "dnsfence_query_processing_seconds_bucket{le=\"0.000001\"} 0\n",
             "dnsfence_upstream_answers_total{rcode=\"NXDOMAIN\"} 3\n",
             "dnsfence_upstream_answers_total{rcode=\"NOERROR\"} 0\n",
             "dnsfence_upstream_answers_total{rcode=\"OTHER\"} 3\n",

@@ -22,7 +22,7 @@ use dnsfence_matcher::{MAX_WIRE_LEN, Name, RuleId, RuleSet};
 use dnsfence_policy::{DnsVerdict, EndpointId, EndpointKey, Proto, Snapshot};
 
 use crate::allow::{AllowBatch, AllowKey, AllowSink, PortSpec};
-use crate::histogram::Latency;
+use crate::histogram::{Latency, Local, Network};
 use crate::wire::{self, Addresses, Edns, Query, Rcode};
 
 /// What to do with queries from sources the endpoint registry does not know.
@@ -292,10 +292,13 @@ pub struct Flow {
 pub struct Stats {
     /// Upstream latency of the answers relayed (`answered`): from the query's forwarding to
     /// its answer's arrival, as the shard's clock sees the two events.
-    pub upstream_latency: Latency,
+    pub upstream_latency: Latency<Network>,
     /// Duration of each batched allow write (`allow_batches` with entries): the answers
     /// held for it wait this long on top of their upstream latency (measured by the shard).
-    pub write_latency: Latency,
+    pub write_latency: Latency<Local>,
+    /// Time a client query spends in the core: parse, endpoint lookup, policy walk, and the
+    /// refusal written or the forward queued (measured by the shard).
+    pub processing_latency: Latency<Local>,
     /// Upstream answers relayed, by rcode (the header's 4 bits).
     pub upstream_rcodes: [u64; 16],
     /// Client queries received.
@@ -1802,6 +1805,12 @@ impl Core {
     /// Counts the duration of one batched allow write, as the shard measured it.
     pub fn write_took(&mut self, d: Duration) {
         self.stats.write_latency.observe(d);
+    }
+
+    /// Counts the time one client query took in [`Core::handle_client`], as the shard
+    /// measured it.
+    pub fn processing_took(&mut self, d: Duration) {
+        self.stats.processing_latency.observe(d);
     }
 }
 

@@ -116,6 +116,17 @@ fn counters_move_by_exactly_the_queries_sent() {
         moved_total("dnsfence_upstream_latency_seconds_sum") > 0.0,
         "{after}"
     );
+    // Every client query, allowed or denied, went through the processing histogram.
+    assert_eq!(
+        moved_total("dnsfence_query_processing_seconds_count"),
+        sent,
+        "{after}"
+    );
+    let processing = moved_total("dnsfence_query_processing_seconds_sum") / sent;
+    assert!(
+        processing > 0.0 && processing < 0.01,
+        "{processing} s per query: {after}"
+    );
     assert_eq!(
         moved("dnsfence_upstream_answers_total", r#"rcode="NOERROR""#),
         noerror,
