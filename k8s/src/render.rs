@@ -9,7 +9,7 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::DynamicObject;
@@ -46,6 +46,8 @@ pub struct ClusterView {
     pub network_policies: Vec<Arc<DynamicObject>>,
     /// CiliumClusterwideNetworkPolicy objects (cilium.io/v2).
     pub clusterwide_policies: Vec<Arc<DynamicObject>>,
+    /// Nodes: the others are `toEntities: remote-node`.
+    pub nodes: Vec<Arc<Node>>,
 }
 
 /// What a rendering left out, so that the loader accepts the rest.
@@ -94,9 +96,11 @@ pub fn render(view: &ClusterView, config: &K8sConfig) -> Rendered {
 
     let endpoints = endpoints_value(view, config, &mut stats);
     let services = services_value(view, &mut stats);
+    let nodes = nodes_value(view, config, &mut stats);
     let mut file = Map::new();
     file.insert("endpoints".into(), Value::Array(endpoints));
     file.insert("services".into(), Value::Array(services));
+    file.insert("nodes".into(), Value::Array(nodes));
     let text = pretty(&Value::Object(file));
     Rendered {
         state: ClusterState {
@@ -106,6 +110,38 @@ pub fn render(view: &ClusterView, config: &K8sConfig) -> Rendered {
         },
         stats,
     }
+}
+
+/// The cluster's other nodes (`remote-node`): name and addresses (internal and external).
+fn nodes_value(view: &ClusterView, config: &K8sConfig, stats: &mut RenderStats) -> Vec<Value> {
+    let mut nodes: Vec<&Node> = view.nodes.iter().map(|n| &**n).collect();
+    nodes.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
+    let mut out = Vec::new();
+    for node in nodes {
+        let Some(name) = node.metadata.name.as_deref() else {
+            continue;
+        };
+        if name == config.node_name || !valid_name(name) {
+            continue;
+        }
+        let mut ips = BTreeSet::new();
+        for a in node
+            .status
+            .iter()
+            .flat_map(|s| s.addresses.iter().flatten())
+            .filter(|a| a.type_ == "InternalIP" || a.type_ == "ExternalIP")
+        {
+            match canonical_ip(&a.address) {
+                Some(ip) => {
+                    ips.insert(ip);
+                }
+                None => stats.dropped_ips += 1,
+            }
+        }
+        let ips: Vec<String> = ips.iter().map(ToString::to_string).collect();
+        out.push(json!({"name": name, "ips": ips}));
+    }
+    out
 }
 
 fn pretty(value: &Value) -> Arc<str> {

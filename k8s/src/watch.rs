@@ -7,7 +7,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Api, ApiResource, DynamicObject};
 use kube::config::{KubeConfigOptions, Kubeconfig};
@@ -169,15 +169,17 @@ enum Kind {
     EndpointSlices,
     NetworkPolicies,
     ClusterwidePolicies,
+    Nodes,
 }
 
-const KINDS: [Kind; 6] = [
+const KINDS: [Kind; 7] = [
     Kind::Pods,
     Kind::Namespaces,
     Kind::Services,
     Kind::EndpointSlices,
     Kind::NetworkPolicies,
     Kind::ClusterwidePolicies,
+    Kind::Nodes,
 ];
 
 impl Kind {
@@ -193,6 +195,7 @@ impl Kind {
             Kind::EndpointSlices => "endpointslices.discovery.k8s.io",
             Kind::NetworkPolicies => "ciliumnetworkpolicies.cilium.io",
             Kind::ClusterwidePolicies => "ciliumclusterwidenetworkpolicies.cilium.io",
+            Kind::Nodes => "nodes",
         }
     }
 
@@ -278,6 +281,7 @@ struct Stores {
     endpoint_slices: Store<EndpointSlice>,
     network_policies: Store<DynamicObject>,
     clusterwide_policies: Store<DynamicObject>,
+    nodes: Store<Node>,
 }
 
 fn spawn_watchers(client: &Client, config: &K8sConfig, tx: &mpsc::UnboundedSender<Note>) -> Stores {
@@ -341,7 +345,16 @@ fn spawn_watchers(client: &Client, config: &K8sConfig, tx: &mpsc::UnboundedSende
         Kind::ClusterwidePolicies,
         tx.clone(),
     );
+    let (nodes, w) = reflector::store();
+    spawn_watch(
+        Api::<Node>::all(client.clone()),
+        watcher::Config::default(),
+        w,
+        Kind::Nodes,
+        tx.clone(),
+    );
     Stores {
+        nodes,
         pods,
         namespaces,
         services,
@@ -386,13 +399,13 @@ impl LogLimit {
 #[derive(Default)]
 struct Progress {
     /// The kind's store holds a complete list.
-    synced: [bool; 6],
+    synced: [bool; KINDS.len()],
     /// The kind answered 404 since its last complete list: rendered empty.
-    missing: [bool; 6],
+    missing: [bool; KINDS.len()],
     /// The missing kind was logged.
-    missing_logged: [bool; 6],
+    missing_logged: [bool; KINDS.len()],
     /// The latest request of the kind failed.
-    failing: [bool; 6],
+    failing: [bool; KINDS.len()],
 }
 
 impl Progress {
@@ -442,6 +455,7 @@ async fn run(client: Client, config: K8sConfig, shared: Arc<Shared>) {
                 Kind::ClusterwidePolicies,
                 stores.clusterwide_policies.state(),
             ),
+            nodes: stores.nodes.state(),
         };
         let rendered = render(&view, &config);
         shared.update(|s| s.render = rendered.stats);
@@ -499,7 +513,7 @@ fn handle(note: Note, progress: &mut Progress, log: &mut LogLimit, shared: &Shar
             });
         }
         Note::Reachable => {
-            progress.failing = [false; 6];
+            progress.failing = [false; KINDS.len()];
             shared.update(|s| s.connected = true);
         }
     }

@@ -588,3 +588,44 @@ fn services_with_endpoint_slices() {
     });
     load_endpoints(&s);
 }
+
+/// The cluster's other nodes (`toEntities: remote-node`): internal and external addresses,
+/// this node left out, a node added later shows.
+#[test]
+fn other_nodes_are_rendered_as_remote_nodes() {
+    let (api, dir) = cluster();
+    let node = |name: &str, ips: &[(&str, &str)]| {
+        let addresses: Vec<_> = ips
+            .iter()
+            .map(|(t, a)| json!({"type": t, "address": a}))
+            .collect();
+        json!({"metadata": {"name": name}, "status": {"addresses": addresses}})
+    };
+    api.apply(Res::Nodes, node("n1", &[("InternalIP", "172.16.0.1")]));
+    api.apply(
+        Res::Nodes,
+        node(
+            "n2",
+            &[
+                ("InternalIP", "172.16.0.2"),
+                ("ExternalIP", "203.0.113.2"),
+                ("Hostname", "n2.example"),
+            ],
+        ),
+    );
+    let src = K8sSource::start(config(&dir.path().join("kubeconfig"), "n1")).expect("start");
+    let s = src.wait_synced(SYNC).expect("synced");
+    assert_eq!(
+        endpoints_json(&s)["nodes"],
+        json!([{"name": "n2", "ips": ["172.16.0.2", "203.0.113.2"]}]),
+        "this node (n1) left out, hostnames ignored"
+    );
+    load_endpoints(&s);
+    api.apply(Res::Nodes, node("n3", &[("InternalIP", "fd00::3")]));
+    let s = wait_state(&src, CHANGE, "the new node", |s| {
+        endpoints_json(s)["nodes"]
+            .as_array()
+            .is_some_and(|n| n.len() == 2)
+    });
+    assert_eq!(endpoints_json(&s)["nodes"][1]["ips"], json!(["fd00::3"]));
+}

@@ -139,14 +139,18 @@ pub enum Entity {
     WorldV4,
     /// `world-ipv6`.
     WorldV6,
-    /// `cluster`: the node, the registered endpoints and the `--cluster-cidr` prefixes.
+    /// `cluster`: the node, the other nodes, the registered endpoints and services, and the
+    /// `--cluster-cidr` prefixes.
     Cluster,
     /// `host`: the node itself (loopback and `--node-ip`).
     Host,
     /// `kube-apiserver`: the `--kube-apiserver` prefixes (nothing without them).
     KubeApiserver,
-    /// `remote-node`, `init`, `health`, `unmanaged`, `ingress`: identities dnsfence cannot
-    /// tell; the rule allows nothing for them (fail closed).
+    /// `remote-node`: the other nodes of the cluster (the registry's `nodes`, which the
+    /// Kubernetes source fills; nothing without them).
+    RemoteNode,
+    /// `init`, `health`, `unmanaged`, `ingress`: identities dnsfence cannot tell; the rule
+    /// allows nothing for them (fail closed).
     Unknown,
 }
 
@@ -161,7 +165,8 @@ impl Entity {
             "cluster" => Entity::Cluster,
             "host" => Entity::Host,
             "kube-apiserver" => Entity::KubeApiserver,
-            "remote-node" | "init" | "health" | "unmanaged" | "ingress" => Entity::Unknown,
+            "remote-node" => Entity::RemoteNode,
+            "init" | "health" | "unmanaged" | "ingress" => Entity::Unknown,
             _ => return None,
         })
     }

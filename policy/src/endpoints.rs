@@ -8,7 +8,8 @@ use crate::error::{LoadError, LoadErrorKind, LoadErrors};
 use crate::selector::{Labels, NAMESPACE_LABEL, normalize_key};
 use crate::yaml::{self, Diag, index, join, line};
 
-const FILE_FIELDS: &[&str] = &["endpoints", "services"];
+const FILE_FIELDS: &[&str] = &["endpoints", "services", "nodes"];
+const NODE_FIELDS: &[&str] = &["name", "ips"];
 const ENDPOINT_FIELDS: &[&str] = &["name", "namespace", "labels", "ips", "cgroup"];
 const SERVICE_FIELDS: &[&str] = &["name", "namespace", "labels", "selector", "ips", "backends"];
 
@@ -62,6 +63,15 @@ impl Service {
     }
 }
 
+/// Another node of the cluster (`toEntities: remote-node`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Node {
+    /// `name`, unique.
+    pub name: String,
+    /// Its addresses.
+    pub ips: Vec<IpAddr>,
+}
+
 /// A validated endpoints file.
 #[derive(Debug, Clone, Default)]
 pub struct Endpoints {
@@ -69,6 +79,8 @@ pub struct Endpoints {
     pub endpoints: Vec<Endpoint>,
     /// The services, in file order.
     pub services: Vec<Service>,
+    /// The other nodes of the cluster, in file order.
+    pub nodes: Vec<Node>,
 }
 
 impl Endpoints {
@@ -90,7 +102,7 @@ impl Endpoints {
             return Err(LoadErrors(vec![empty]));
         }
         let mut errors = Vec::new();
-        let (endpoints, services) = parse(
+        let (endpoints, services, nodes) = parse(
             &mut Diag {
                 file,
                 errors: &mut errors,
@@ -102,6 +114,7 @@ impl Endpoints {
             Ok(Endpoints {
                 endpoints,
                 services,
+                nodes,
             })
         } else {
             Err(LoadErrors(errors))
@@ -122,11 +135,12 @@ pub(crate) fn canonical_cgroup(path: &str) -> &str {
     path.trim_matches('/')
 }
 
-fn parse(diag: &mut Diag<'_>, text: &str) -> (Vec<Endpoint>, Vec<Service>) {
+fn parse(diag: &mut Diag<'_>, text: &str) -> (Vec<Endpoint>, Vec<Service>, Vec<Node>) {
     let docs = yaml::parse_documents(diag, text);
     let mut out = Vec::new();
     let mut services = Vec::new();
     let mut service_names: HashMap<(String, String), usize> = HashMap::new();
+    let mut nodes = Vec::new();
     let mut names: HashMap<(String, String), usize> = HashMap::new();
     let mut ips: HashMap<IpAddr, (String, usize)> = HashMap::new();
     let mut cgroups: HashMap<String, (String, usize)> = HashMap::new();
@@ -136,6 +150,9 @@ fn parse(diag: &mut Diag<'_>, text: &str) -> (Vec<Endpoint>, Vec<Service>) {
         };
         if let Some(list) = fields.get_non_null("services") {
             parse_services(diag, list, &mut service_names, &mut services);
+        }
+        if let Some(list) = fields.get_non_null("nodes") {
+            parse_nodes(diag, list, &mut nodes);
         }
         let Some(list) = fields.get_non_null("endpoints") else {
             continue;
@@ -239,7 +256,50 @@ fn parse(diag: &mut Diag<'_>, text: &str) -> (Vec<Endpoint>, Vec<Service>) {
             });
         }
     }
-    (out, services)
+    (out, services, nodes)
+}
+
+/// The `nodes` list: the cluster's other nodes, names unique.
+fn parse_nodes(diag: &mut Diag<'_>, list: &yaml::Node<'_>, out: &mut Vec<Node>) {
+    let Some(items) = diag.sequence(list, "nodes") else {
+        return;
+    };
+    for (i, item) in items.iter().enumerate() {
+        let path = index("nodes", i);
+        let before = diag.errors.len();
+        let Some(f) = diag.mapping(item, &path, NODE_FIELDS, "") else {
+            continue;
+        };
+        let name = match f.get("name") {
+            None => {
+                diag.push(
+                    line(item),
+                    LoadErrorKind::Missing {
+                        field: join(&path, "name"),
+                    },
+                );
+                None
+            }
+            Some(n) => diag
+                .string(n, &join(&path, "name"))
+                .filter(|s| valid_name(diag, n, &join(&path, "name"), s)),
+        };
+        let ips = f
+            .get_non_null("ips")
+            .map(|l| addresses(diag, l, &join(&path, "ips")))
+            .unwrap_or_default();
+        let Some(name) = name else { continue };
+        if out.iter().any(|n: &Node| n.name == name) {
+            diag.invalid(item, &join(&path, "name"), format!("duplicate node {name}"));
+        }
+        if diag.errors.len() != before {
+            continue;
+        }
+        out.push(Node {
+            name,
+            ips: ips.into_iter().map(|(ip, _)| ip).collect(),
+        });
+    }
 }
 
 /// The `namespace` of an entry (default `default`).

@@ -19,7 +19,7 @@ mod yaml;
 
 use std::path::{Path, PathBuf};
 
-pub use endpoints::{Endpoint, Endpoints, Service};
+pub use endpoints::{Endpoint, Endpoints, Node, Service};
 pub use error::{LoadError, LoadErrorKind, LoadErrors};
 pub use policy::{
     DnsPorts, DnsRule, EgressRule, FileVerdict, FqdnRule, L3Rule, L3Target, Policy, PolicyKind,

@@ -760,9 +760,18 @@ fn blocks_of(to: &L3Target, reg: &Endpoints, node: &NodeFacts) -> Vec<CidrBlock>
             .map(Cidr::host)
             .collect::<Vec<_>>()
     };
-    // Inside the cluster: the node, the registered endpoints, the cluster ranges.
+    let remote_nodes = || {
+        reg.nodes
+            .iter()
+            .flat_map(|n| n.ips.iter().copied())
+            .map(Cidr::host)
+            .collect::<Vec<_>>()
+    };
+    // Inside the cluster: the node, the other nodes, the registered endpoints, the cluster
+    // ranges.
     let cluster = || {
         let mut all = registered();
+        all.extend(remote_nodes());
         all.extend(node.cluster.iter().copied());
         all.extend(node.host.iter().copied());
         all
@@ -782,6 +791,7 @@ fn blocks_of(to: &L3Target, reg: &Endpoints, node: &NodeFacts) -> Vec<CidrBlock>
         Entity::Cluster => cluster().into_iter().map(block).collect(),
         Entity::Host => node.host.iter().copied().map(block).collect(),
         Entity::KubeApiserver => node.kube_apiserver.iter().copied().map(block).collect(),
+        Entity::RemoteNode => remote_nodes().into_iter().map(block).collect(),
         Entity::Unknown => Vec::new(),
     };
     match to {

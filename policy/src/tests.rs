@@ -626,14 +626,19 @@ spec:
   - toEntities: [kube-apiserver]
     toPorts: [{ports: [{port: "6443", protocol: TCP}]}]
   - toEntities: [remote-node]
+    toPorts: [{ports: [{port: "10250", protocol: TCP}]}]
+  - toEntities: [health]
   egressDeny:
   - toEntities: [all]
     toPorts: [{ports: [{port: "25", protocol: TCP}]}]
 "#;
         let p = PolicySet::from_yaml(Path::new("p.yaml"), text).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(p.notes().len(), 1, "{:?}", p.notes());
-        assert!(p.notes()[0].contains("\"remote-node\" is not known to dnsfence"));
-        let e = Endpoints::from_yaml(Path::new("e.yaml"), ENDPOINTS).unwrap();
+        assert!(p.notes()[0].contains("\"health\" is not known to dnsfence"));
+        let with_nodes =
+            format!("{ENDPOINTS}nodes:\n- {{name: n2, ips: [\"172.16.0.2\", \"fd00:16::2\"]}}\n");
+        let e = Endpoints::from_yaml(Path::new("e.yaml"), &with_nodes)
+            .unwrap_or_else(|e| panic!("{e}"));
         let node = NodeFacts {
             cluster: vec![Cidr::parse("10.0.0.0/8").unwrap()],
             kube_apiserver: vec![Cidr::parse("192.0.2.10").unwrap()],
@@ -658,6 +663,12 @@ spec:
         assert_eq!(l3(&s, ep, "10.9.9.9", 8080, Tcp), Some(true));
         assert_eq!(l3(&s, ep, "10.0.1.6", 8080, Tcp), Some(true));
         assert_eq!(l3(&s, ep, "8.8.8.8", 8080, Tcp), None);
+        // remote-node: the registry's other nodes, on its port; they are inside the cluster.
+        assert_eq!(l3(&s, ep, "172.16.0.2", 10250, Tcp), Some(true));
+        assert_eq!(l3(&s, ep, "fd00:16::2", 10250, Tcp), Some(true));
+        assert_eq!(l3(&s, ep, "172.16.0.3", 10250, Tcp), None);
+        assert_eq!(l3(&s, ep, "172.16.0.2", 8080, Tcp), Some(true), "cluster");
+        assert_eq!(l3(&s, ep, "172.16.0.2", 443, Tcp), None, "not world");
         // host, kube-apiserver.
         assert_eq!(l3(&s, ep, "127.0.0.1", 9100, Tcp), Some(true));
         assert_eq!(l3(&s, ep, "192.0.2.10", 6443, Tcp), Some(true));
@@ -852,7 +863,7 @@ spec:
     toPorts: [{ports: [{port: "443", protocol: TCP}]}]
   - toEndpoints: [{matchLabels: {"reserved:kube-apiserver": ""}}]
     toPorts: [{ports: [{port: "6443", protocol: TCP}]}]
-  - toEndpoints: [{matchLabels: {"reserved:remote-node": ""}}]
+  - toEndpoints: [{matchLabels: {"reserved:init": ""}}]
   - toEndpoints: [{matchLabels: {"reserved:bogus": ""}}]
   - toEndpoints: [{matchLabels: {"reserved:host": "", app: other}}]
     toPorts: [{ports: [{port: "7000", protocol: TCP}]}]
@@ -873,7 +884,7 @@ spec:
         let p = PolicySet::from_yaml(Path::new("p.yaml"), text).unwrap_or_else(|e| panic!("{e}"));
         let notes = p.notes();
         let expected = [
-            "p.yaml:14: note: spec.egress[3].toEndpoints[0]: reserved:remote-node is an identity \
+            "p.yaml:14: note: spec.egress[3].toEndpoints[0]: reserved:init is an identity \
              dnsfence cannot tell",
             "p.yaml:15: note: spec.egress[4].toEndpoints[0]: reserved:bogus is no reserved \
              identity dnsfence knows",

@@ -43,15 +43,18 @@ pub enum Res {
     CiliumNetworkPolicies,
     /// cilium.io/v2 ciliumclusterwidenetworkpolicies.
     CiliumClusterwideNetworkPolicies,
+    /// core/v1 nodes.
+    Nodes,
 }
 
-const ALL: [Res; 6] = [
+const ALL: [Res; 7] = [
     Res::Pods,
     Res::Namespaces,
     Res::Services,
     Res::EndpointSlices,
     Res::CiliumNetworkPolicies,
     Res::CiliumClusterwideNetworkPolicies,
+    Res::Nodes,
 ];
 
 impl Res {
@@ -60,6 +63,7 @@ impl Res {
         match self {
             Res::Pods => "/api/v1/pods",
             Res::Namespaces => "/api/v1/namespaces",
+            Res::Nodes => "/api/v1/nodes",
             Res::Services => "/api/v1/services",
             Res::EndpointSlices => "/apis/discovery.k8s.io/v1/endpointslices",
             Res::CiliumNetworkPolicies => "/apis/cilium.io/v2/ciliumnetworkpolicies",
@@ -71,7 +75,7 @@ impl Res {
 
     fn api_version(self) -> &'static str {
         match self {
-            Res::Pods | Res::Namespaces | Res::Services => "v1",
+            Res::Pods | Res::Namespaces | Res::Services | Res::Nodes => "v1",
             Res::EndpointSlices => "discovery.k8s.io/v1",
             Res::CiliumNetworkPolicies | Res::CiliumClusterwideNetworkPolicies => "cilium.io/v2",
         }
@@ -81,6 +85,7 @@ impl Res {
         match self {
             Res::Pods => "Pod",
             Res::Namespaces => "Namespace",
+            Res::Nodes => "Node",
             Res::Services => "Service",
             Res::EndpointSlices => "EndpointSlice",
             Res::CiliumNetworkPolicies => "CiliumNetworkPolicy",
