@@ -61,6 +61,12 @@ pub struct AgentArgs {
     /// services only (toEndpoints). For very large clusters.
     #[arg(long, requires = "k8s")]
     pub k8s_local_pods_only: bool,
+    /// Cilium's CRDs may be absent from the cluster: a CNP or CCNP kind the API server does
+    /// not serve (404) before its first list counts as empty. Without it the agent waits for
+    /// them (a restarting API server answers 404 for a while: an agent starting then must not
+    /// start with no policy). After a list, a 404 always keeps what was listed.
+    #[arg(long, requires = "k8s")]
+    pub k8s_optional_crds: bool,
     /// How long the agent waits at start for the API's first full state (then exits 1).
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     pub k8s_sync_timeout: Duration,
@@ -129,6 +135,7 @@ fn start_k8s(args: &AgentArgs) -> Result<dnsfence_k8s::K8sSource> {
         cgroup_prefix: args.k8s_cgroup_prefix.trim_matches('/').to_string(),
         remote_pods: !args.k8s_local_pods_only,
         require_ips: args.serve.no_bpf,
+        optional_crds: args.k8s_optional_crds,
     };
     eprintln!(
         "dnsfence agent: watching the Kubernetes API (node {}, {} pods)",
@@ -259,6 +266,14 @@ pub fn run(args: &AgentArgs) -> Result<()> {
                     rejection.file.display(),
                     outcome_text(rejection.outcome),
                     rejection.errors
+                );
+            }
+            // Serving with no registry would leave every workload unknown (in eBPF mode:
+            // not enforced at all): the first one must load.
+            if sources.endpoints().is_none() {
+                bail!(
+                    "the Kubernetes API's first registry of workloads does not load (see above); \
+                     not serving"
                 );
             }
             Some(source)

@@ -77,8 +77,9 @@ pub struct K8sGauges {
     connected: AtomicBool,
     watch_errors: AtomicU64,
     relists: AtomicU64,
-    /// What the rendering left out: labels, addresses, cgroups, pods.
-    left_out: [AtomicU64; 4],
+    /// What the rendering left out: labels, addresses, cgroups, pods, services, refused
+    /// entries.
+    left_out: [AtomicU64; 6],
 }
 
 impl K8sGauges {
@@ -95,6 +96,8 @@ impl K8sGauges {
             r.dropped_ips,
             r.dropped_cgroups,
             r.dropped_pods,
+            r.dropped_services,
+            r.refused_entries,
         ]) {
             g.store(v, Ordering::Relaxed);
         }
@@ -129,11 +132,19 @@ fn k8s(e: &mut DescriptorEncoder, g: &K8sGauges) -> Fmt {
         e,
         "k8s_left_out",
         "What the latest rendering of the cluster left out so that the rest loads \
-         (identity-spoofing or unrepresentable labels, contested addresses and cgroups, pods)",
-        ["labels", "addresses", "cgroups", "pods"]
-            .into_iter()
-            .zip(&g.left_out)
-            .map(|(what, v)| ([("what", what)], v.load(Ordering::Relaxed))),
+         (identity-spoofing or unrepresentable labels, contested or unproven addresses, \
+         cgroups, pods, services selecting by identity keys, entries the loader refused)",
+        [
+            "labels",
+            "addresses",
+            "cgroups",
+            "pods",
+            "services",
+            "refused",
+        ]
+        .into_iter()
+        .zip(&g.left_out)
+        .map(|(what, v)| ([("what", what)], v.load(Ordering::Relaxed))),
     )
 }
 

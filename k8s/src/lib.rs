@@ -50,6 +50,11 @@ pub struct K8sConfig {
     pub remote_pods: bool,
     /// Leave out pods without an address (the agent sets this without BPF).
     pub require_ips: bool,
+    /// Cilium's CRDs may be absent: a Cilium kind the API server does not serve (404) before
+    /// its first complete list is an empty kind. Without it such a 404 is an error, and the
+    /// source does not sync until the kind is served. A 404 after a complete list is always
+    /// an error (the last list stays).
+    pub optional_crds: bool,
 }
 
 /// The cluster as texts for the policy loader.

@@ -4,9 +4,10 @@
 //! loader's line numbers point somewhere useful). The output depends only on the view and the
 //! configuration, and is sorted, so an unchanged cluster renders byte-identical texts.
 
+use dnsfence_policy::Endpoints;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::IpAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
@@ -62,6 +63,12 @@ pub struct RenderStats {
     pub dropped_cgroups: u64,
     /// Pods left out: no usable address where one is required, or a duplicate name.
     pub dropped_pods: u64,
+    /// Services left out: a selector on an identity key (a claim on another namespace's or
+    /// service account's pods).
+    pub dropped_services: u64,
+    /// Entries (pods, services, nodes) the policy loader refused on their own, left out so
+    /// that the rest loads (a rendering rule missed something: each one is a bug to report).
+    pub refused_entries: u64,
 }
 
 /// A rendering: the texts (with generation 0) and what was left out.
@@ -95,13 +102,32 @@ pub fn render(view: &ClusterView, config: &K8sConfig) -> Rendered {
     policies.dedup_by(|a, b| a.0 == b.0);
 
     let endpoints = endpoints_value(view, config, &mut stats);
-    let services = services_value(view, &mut stats);
+    let services = services_value(view, config, &mut stats);
     let nodes = nodes_value(view, config, &mut stats);
     let mut file = Map::new();
     file.insert("endpoints".into(), Value::Array(endpoints));
     file.insert("services".into(), Value::Array(services));
     file.insert("nodes".into(), Value::Array(nodes));
-    let text = pretty(&Value::Object(file));
+    let mut text = pretty(&Value::Object(file.clone()));
+    // The loader refuses a registry text whole, and the agent then keeps its last registry:
+    // one object a rendering rule missed must not freeze every workload's identity. So the
+    // text is checked as the loader reads it, and on a refusal each entry is checked alone
+    // and the ones refused are left out (counted).
+    let path = Path::new(ENDPOINTS_PATH);
+    if Endpoints::from_yaml(path, &text).is_err() {
+        for (list, entries) in file.iter_mut() {
+            let Value::Array(entries) = entries else {
+                continue;
+            };
+            entries.retain(|entry| {
+                let alone = pretty(&json!({ list.as_str(): [entry] }));
+                let ok = Endpoints::from_yaml(path, &alone).is_ok();
+                stats.refused_entries += u64::from(!ok);
+                ok
+            });
+        }
+        text = pretty(&Value::Object(file));
+    }
     Rendered {
         state: ClusterState {
             policies,
@@ -401,9 +427,32 @@ fn endpoints_value(view: &ClusterView, config: &K8sConfig, stats: &mut RenderSta
 /// service's selector: their addresses are the selected pods'.
 const SLICE_CONTROLLER: &str = "endpointslice-controller.k8s.io";
 
-fn services_value(view: &ClusterView, stats: &mut RenderStats) -> Vec<Value> {
-    // Ready backend addresses per namespace/service name, and whether each came from the
-    // EndpointSlice controller (a slice anyone else wrote may list any address).
+fn services_value(view: &ClusterView, config: &K8sConfig, stats: &mut RenderStats) -> Vec<Value> {
+    // The addresses of the pods in the view, by namespace and name: a selector service's
+    // backend counts only as the address of the pod its slice names.
+    let pod_ips: HashMap<(&str, &str), Vec<IpAddr>> = view
+        .pods
+        .iter()
+        .filter_map(|p| {
+            let ns = p.metadata.namespace.as_deref().unwrap_or("default");
+            let name = p.metadata.name.as_deref()?;
+            let status = p.status.as_ref()?;
+            let ips = status
+                .pod_ips
+                .iter()
+                .flatten()
+                .map(|i| i.ip.as_str())
+                .chain(status.pod_ip.as_deref())
+                .filter_map(canonical_ip)
+                .collect();
+            Some(((ns, name), ips))
+        })
+        .collect();
+    // Ready backend addresses per namespace/service name, and whether each may stand for a
+    // pod the service selects: named by its slice as a Pod of the service's namespace, and
+    // that pod's address when the pod is in the view (else, with only this node's pods
+    // watched, a slice of the EndpointSlice controller). A slice anyone else wrote may list
+    // any address as any pod.
     let mut backends: HashMap<(&str, &str), BTreeSet<(IpAddr, bool)>> = HashMap::new();
     for slice in &view.endpoint_slices {
         let ns = slice.metadata.namespace.as_deref().unwrap_or("default");
@@ -426,13 +475,23 @@ fn services_value(view: &ClusterView, stats: &mut RenderStats) -> Vec<Value> {
             if ep.conditions.as_ref().and_then(|c| c.ready) == Some(false) {
                 continue;
             }
+            // The pod this endpoint names, when it names one of the service's namespace.
+            let pod = ep.target_ref.as_ref().and_then(|r| {
+                let same_ns = r.namespace.as_deref().unwrap_or(ns) == ns;
+                (r.kind.as_deref() == Some("Pod") && same_ns).then_some(r.name.as_deref()?)
+            });
             for a in &ep.addresses {
-                match canonical_ip(a) {
-                    Some(ip) => {
-                        set.insert((ip, managed));
-                    }
-                    None => stats.dropped_ips += 1,
-                }
+                let Some(ip) = canonical_ip(a) else {
+                    stats.dropped_ips += 1;
+                    continue;
+                };
+                let of_pod = match pod.map(|name| pod_ips.get(&(ns, name))) {
+                    None => false,
+                    Some(Some(ips)) => ips.contains(&ip),
+                    // The pod is not in the view: only this node's pods are watched.
+                    Some(None) => managed && !config.remote_pods,
+                };
+                set.insert((ip, of_pod));
             }
         }
     }
@@ -487,7 +546,13 @@ fn services_value(view: &ClusterView, stats: &mut RenderStats) -> Vec<Value> {
             .get(&(ns, name))
             .into_iter()
             .flatten()
-            .filter(|&&(_, managed)| managed || selector.is_none())
+            .filter(|&&(_, of_pod)| {
+                let keep = of_pod || selector.is_none();
+                if !keep {
+                    stats.dropped_ips += 1;
+                }
+                keep
+            })
             .map(|(ip, _)| ip.to_string())
             .collect();
         backends.dedup();
@@ -497,7 +562,7 @@ fn services_value(view: &ClusterView, stats: &mut RenderStats) -> Vec<Value> {
         let clean = |m: Option<&BTreeMap<String, String>>, stats: &mut RenderStats| {
             let mut out = BTreeMap::new();
             for (k, v) in m.into_iter().flatten() {
-                if representable_key(k) {
+                if representable_key(k) && !spoofing_key(k) {
                     out.insert(k.clone(), v.clone());
                 } else {
                     stats.dropped_labels += 1;
@@ -505,6 +570,16 @@ fn services_value(view: &ClusterView, stats: &mut RenderStats) -> Vec<Value> {
             }
             out
         };
+        // A selector on a key the loader keeps for identity (the namespace, Cilium's derived
+        // labels) names pods by labels their owners set themselves: a service claiming
+        // another namespace's or a service account's pods. It is left out whole (stripping
+        // the key would widen what it stands for).
+        if let Some(sel) = selector
+            && sel.keys().any(|k| !representable_key(k) || spoofing_key(k))
+        {
+            stats.dropped_services += 1;
+            continue;
+        }
         let labels = clean(svc.metadata.labels.as_ref(), stats);
         let mut entry = Map::new();
         entry.insert("name".into(), json!(name));

@@ -26,6 +26,13 @@ const DEBOUNCE: Duration = Duration::from_millis(15);
 const LOG_INTERVAL: Duration = Duration::from_secs(30);
 /// How often the API server is probed while the watchers report errors.
 const PROBE_INTERVAL: Duration = Duration::from_secs(2);
+/// A list (or relist) still unanswered after this says the source is not connected: its
+/// kind's changes are not being seen.
+const LIST_STALL: Duration = Duration::from_secs(10);
+/// No byte from the API server for this long on one request fails it (kube's client has
+/// none by default, so a LIST whose server died without a reset would wait forever). Above
+/// the watches' own 290 s server-side timeout, so a quiet watch is never cut by it.
+const READ_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// What the caller's thread and the runtime thread share.
 #[derive(Default)]
@@ -157,6 +164,8 @@ async fn make_client(config: &K8sConfig) -> Result<Client, K8sError> {
             .await
             .map_err(|e| K8sError::Infer(e.to_string()))?,
     };
+    let mut cfg = cfg;
+    cfg.read_timeout = Some(READ_TIMEOUT);
     Client::try_from(cfg).map_err(|e| K8sError::Client(e.to_string()))
 }
 
@@ -220,6 +229,8 @@ enum Note {
     Error(Kind, String),
     /// The API server answered a probe.
     Reachable,
+    /// Time passes (every probe interval): stalled lists are noticed.
+    Tick,
 }
 
 fn cilium_resource(kind: &str, plural: &str) -> ApiResource {
@@ -406,6 +417,8 @@ struct Progress {
     missing_logged: [bool; KINDS.len()],
     /// The latest request of the kind failed.
     failing: [bool; KINDS.len()],
+    /// When the kind's current (re)list started; None when it is not listing.
+    listing_since: [Option<Instant>; KINDS.len()],
 }
 
 impl Progress {
@@ -425,17 +438,22 @@ async fn run(client: Client, config: K8sConfig, shared: Arc<Shared>) {
     let mut log = LogLimit::default();
     let mut last: Option<ClusterState> = None;
     while let Some(note) = rx.recv().await {
-        handle(note, &mut progress, &mut log, &shared);
+        // Only what can change the stores (or their use) calls for a rendering.
+        let mut dirty = !matches!(note, Note::Tick | Note::Reachable | Note::Error(..));
+        handle(note, &mut progress, &mut log, &shared, config.optional_crds);
         // Debounce: take what else arrives within the window, then render once.
         let deadline = tokio::time::Instant::now() + DEBOUNCE;
         loop {
             match tokio::time::timeout_at(deadline, rx.recv()).await {
-                Ok(Some(note)) => handle(note, &mut progress, &mut log, &shared),
+                Ok(Some(note)) => {
+                    dirty |= !matches!(note, Note::Tick | Note::Reachable | Note::Error(..));
+                    handle(note, &mut progress, &mut log, &shared, config.optional_crds);
+                }
                 Ok(None) => return,
                 Err(_) => break,
             }
         }
-        if !progress.ready() {
+        if !dirty || !progress.ready() {
             continue;
         }
         let empty_if = |kind: Kind, objs: Vec<Arc<DynamicObject>>| {
@@ -472,10 +490,23 @@ async fn run(client: Client, config: K8sConfig, shared: Arc<Shared>) {
     }
 }
 
-fn handle(note: Note, progress: &mut Progress, log: &mut LogLimit, shared: &Shared) {
+/// Whether a list has been waiting longer than [`LIST_STALL`].
+fn stalled(progress: &Progress) -> Option<Kind> {
+    KINDS.into_iter().find(|k| {
+        progress.listing_since[k.index()].is_some_and(|since| since.elapsed() > LIST_STALL)
+    })
+}
+
+fn handle(
+    note: Note,
+    progress: &mut Progress,
+    log: &mut LogLimit,
+    shared: &Shared,
+    optional_crds: bool,
+) {
     let ok = |kind: Kind, progress: &mut Progress| {
         progress.failing[kind.index()] = false;
-        let connected = !progress.failing.iter().any(|f| *f);
+        let connected = !progress.failing.iter().any(|f| *f) && stalled(progress).is_none();
         shared.update(|s| s.connected = connected);
     };
     match note {
@@ -483,24 +514,53 @@ fn handle(note: Note, progress: &mut Progress, log: &mut LogLimit, shared: &Shar
             if progress.synced[kind.index()] {
                 shared.update(|s| s.relists += 1);
             }
+            progress.listing_since[kind.index()] = Some(Instant::now());
             ok(kind, progress);
         }
         Note::InitDone(kind) => {
             progress.synced[kind.index()] = true;
             progress.missing[kind.index()] = false;
+            progress.listing_since[kind.index()] = None;
             ok(kind, progress);
         }
         Note::Changed(kind) => ok(kind, progress),
-        Note::Missing(kind) => {
+        // A Cilium kind not served. Before its first complete list, and only when the CRDs
+        // may be absent (--k8s-optional-crds), it is an empty kind. Otherwise it is an error
+        // and the store stays as listed: an API server that restarts serves custom resources
+        // as 404 until it registered their CRDs again, and emptying the kind then would drop
+        // every policy for that window (fail open).
+        Note::Missing(kind) if optional_crds && !progress.synced[kind.index()] => {
             progress.missing[kind.index()] = true;
+            progress.listing_since[kind.index()] = None;
             if !progress.missing_logged[kind.index()] {
                 progress.missing_logged[kind.index()] = true;
                 eprintln!(
-                    "dnsfence: k8s: {} is not served (CRD not installed?): treated as empty, still watching",
+                    "dnsfence: k8s: {} is not served (CRD not installed): treated as empty, still watching",
                     kind.name()
                 );
             }
             ok(kind, progress);
+        }
+        Note::Missing(kind) => handle(
+            Note::Error(
+                kind,
+                "404: not served (CRD not installed? --k8s-optional-crds makes an absent \
+                 Cilium CRD an empty kind); what was listed stays"
+                    .into(),
+            ),
+            progress,
+            log,
+            shared,
+            optional_crds,
+        ),
+        Note::Tick => {
+            if let Some(kind) = stalled(progress) {
+                log.log(&format!(
+                    "listing {} unanswered for more than {LIST_STALL:?}",
+                    kind.name()
+                ));
+                shared.update(|s| s.connected = false);
+            }
         }
         Note::Error(kind, message) => {
             progress.failing[kind.index()] = true;
@@ -514,7 +574,8 @@ fn handle(note: Note, progress: &mut Progress, log: &mut LogLimit, shared: &Shar
         }
         Note::Reachable => {
             progress.failing = [false; KINDS.len()];
-            shared.update(|s| s.connected = true);
+            let connected = stalled(progress).is_none();
+            shared.update(|s| s.connected = connected);
         }
     }
 }
@@ -525,6 +586,9 @@ fn handle(note: Note, progress: &mut Progress, log: &mut LogLimit, shared: &Shar
 async fn probe(client: Client, shared: Arc<Shared>, tx: mpsc::UnboundedSender<Note>) {
     loop {
         tokio::time::sleep(PROBE_INTERVAL).await;
+        if tx.send(Note::Tick).is_err() {
+            return;
+        }
         if shared.status().connected {
             continue;
         }

@@ -452,8 +452,24 @@ fn api_down_publishes_nothing_and_recovers() {
     });
 }
 
+/// Without `optional_crds`, a Cilium CRD the API server does not serve keeps the source from
+/// syncing (an API server that restarts answers 404 until it registered the CRDs again: an
+/// empty kind then would start an agent with no policy).
 #[test]
-fn missing_cilium_crds_sync_empty() {
+fn missing_cilium_crds_keep_the_source_unsynced_unless_optional() {
+    let (api, dir) = cluster();
+    api.missing(Res::CiliumNetworkPolicies, true);
+    let src = K8sSource::start(config(&dir.path().join("kubeconfig"), "n1")).expect("start");
+    assert!(src.wait_synced(Duration::from_secs(3)).is_none());
+    let status = src.status();
+    assert!(!status.synced && status.watch_errors >= 1, "{status:?}");
+    // Served at last: the source syncs.
+    api.missing(Res::CiliumNetworkPolicies, false);
+    assert!(src.wait_synced(Duration::from_secs(15)).is_some());
+}
+
+#[test]
+fn missing_cilium_crds_sync_empty_when_optional() {
     let (api, dir) = cluster();
     api.missing(Res::CiliumNetworkPolicies, true);
     api.missing(Res::CiliumClusterwideNetworkPolicies, true);
@@ -461,7 +477,9 @@ fn missing_cilium_crds_sync_empty() {
         Res::Pods,
         pod("default", "a", "n1", Some("10.0.0.1"), Some("Burstable")),
     );
-    let src = K8sSource::start(config(&dir.path().join("kubeconfig"), "n1")).expect("start");
+    let mut c = config(&dir.path().join("kubeconfig"), "n1");
+    c.optional_crds = true;
+    let src = K8sSource::start(c).expect("start");
     let s = src.wait_synced(SYNC).expect("synced without the CRDs");
     assert!(s.policies.is_empty());
     assert!(endpoint(&s, "default", "a").is_some());
@@ -506,9 +524,15 @@ fn services_with_endpoint_slices() {
                                     "endpointslice.kubernetes.io/managed-by": "endpointslice-controller.k8s.io"}},
             "addressType": "IPv4",
             "endpoints": [
-                {"addresses": ["10.0.5.2"], "conditions": {"ready": true}},
-                {"addresses": ["10.0.5.1"]},
-                {"addresses": ["10.0.5.3"], "conditions": {"ready": false}},
+                {"addresses": ["10.0.5.2"], "conditions": {"ready": true},
+                 "targetRef": {"kind": "Pod", "namespace": "kube-system", "name": "dns-2"}},
+                {"addresses": ["10.0.5.1"],
+                 "targetRef": {"kind": "Pod", "namespace": "kube-system", "name": "dns-1"}},
+                {"addresses": ["10.0.5.3"], "conditions": {"ready": false},
+                 "targetRef": {"kind": "Pod", "namespace": "kube-system", "name": "dns-3"}},
+                // Not a pod of the service's namespace: not one of its pods.
+                {"addresses": ["10.0.5.9"],
+                 "targetRef": {"kind": "Pod", "namespace": "other", "name": "dns-9"}},
             ],
         }),
     );
@@ -580,7 +604,8 @@ fn services_with_endpoint_slices() {
                          "labels": {"kubernetes.io/service-name": "kube-dns",
                                     "endpointslice.kubernetes.io/managed-by": "endpointslice-controller.k8s.io"}},
             "addressType": "IPv4",
-            "endpoints": [{"addresses": ["10.0.5.3"], "conditions": {"ready": true}}],
+            "endpoints": [{"addresses": ["10.0.5.3"], "conditions": {"ready": true},
+                           "targetRef": {"kind": "Pod", "namespace": "kube-system", "name": "dns-3"}}],
         }),
     );
     let s = wait_state(&src, CHANGE, "the new backend", |s| {

@@ -751,12 +751,18 @@ fn blocks_of(to: &L3Target, reg: &Endpoints, node: &NodeFacts) -> Vec<CidrBlock>
         cidr,
         except: Vec::new(),
     };
-    // The registered endpoints' and services' addresses.
+    // The registered endpoints' and services' addresses: ClusterIPs, and the backends of a
+    // service with a selector (its pods). A selector-less service's backends are whatever its
+    // EndpointSlices list, often outside the cluster: not `cluster`, still `world`.
     let registered = || {
+        let services = reg.services.iter().flat_map(|svc| {
+            let pods = svc.selector.is_some().then_some(&svc.backends);
+            svc.ips.iter().chain(pods.into_iter().flatten()).copied()
+        });
         reg.endpoints
             .iter()
             .flat_map(|ep| ep.ips.iter().copied())
-            .chain(reg.services.iter().flat_map(|svc| svc.addresses()))
+            .chain(services)
             .map(Cidr::host)
             .collect::<Vec<_>>()
     };

@@ -1034,6 +1034,31 @@ services:
         assert_eq!(l3(&s, ep, "10.96.4.4", 5432, Tcp), None, "other namespace");
         // toServices + toPorts is never "every destination on 5432".
         assert_eq!(l3(&s, ep, "8.8.8.8", 5432, Tcp), None);
+        // A selector-less service's backends are not `cluster` (its slices may list any
+        // address); a selector service's (its pods) are.
+        let cluster = PolicySet::from_yaml(
+            Path::new("c.yaml"),
+            "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: c, namespace: team-a}\n\
+             spec:\n  endpointSelector: {matchLabels: {app: uploader}}\n  egress:\n  \
+             - toEntities: [cluster]\n",
+        )
+        .unwrap();
+        let c = Snapshot::compile(&cluster, &e);
+        assert_eq!(
+            l3(&c, ep, "203.0.113.7", 80, Tcp),
+            None,
+            "selector-less backend"
+        );
+        assert_eq!(
+            l3(&c, ep, "10.96.3.3", 80, Tcp),
+            Some(true),
+            "its ClusterIP"
+        );
+        assert_eq!(
+            l3(&c, ep, "10.1.1.1", 80, Tcp),
+            Some(true),
+            "a selector service's pod"
+        );
         // A DNS rule towards a service (without a selector: toServices only).
         assert_eq!(
             dns(

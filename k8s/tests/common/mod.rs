@@ -16,6 +16,7 @@ pub fn config(kubeconfig: &Path, node: &str) -> K8sConfig {
         cgroup_prefix: String::new(),
         remote_pods: false,
         require_ips: false,
+        optional_crds: false,
     }
 }
 
