@@ -166,20 +166,7 @@ fn parse(diag: &mut Diag<'_>, text: &str) -> (Vec<Endpoint>, Vec<Service>, Vec<N
             let Some(f) = diag.mapping(item, &path, ENDPOINT_FIELDS, "") else {
                 continue;
             };
-            let name = match f.get("name") {
-                None => {
-                    diag.push(
-                        line(item),
-                        LoadErrorKind::Missing {
-                            field: join(&path, "name"),
-                        },
-                    );
-                    None
-                }
-                Some(n) => diag
-                    .string(n, &join(&path, "name"))
-                    .filter(|s| valid_name(diag, n, &join(&path, "name"), s)),
-            };
+            let name = name_of(diag, &f, item, &path);
             let namespace = namespace_of(diag, &f, &path);
             let mut labels = f
                 .get_non_null("labels")
@@ -270,20 +257,7 @@ fn parse_nodes(diag: &mut Diag<'_>, list: &yaml::Node<'_>, out: &mut Vec<Node>) 
         let Some(f) = diag.mapping(item, &path, NODE_FIELDS, "") else {
             continue;
         };
-        let name = match f.get("name") {
-            None => {
-                diag.push(
-                    line(item),
-                    LoadErrorKind::Missing {
-                        field: join(&path, "name"),
-                    },
-                );
-                None
-            }
-            Some(n) => diag
-                .string(n, &join(&path, "name"))
-                .filter(|s| valid_name(diag, n, &join(&path, "name"), s)),
-        };
+        let name = name_of(diag, &f, item, &path);
         let ips = f
             .get_non_null("ips")
             .map(|l| addresses(diag, l, &join(&path, "ips")))
@@ -299,6 +273,25 @@ fn parse_nodes(diag: &mut Diag<'_>, list: &yaml::Node<'_>, out: &mut Vec<Node>) 
             name,
             ips: ips.into_iter().map(|(ip, _)| ip).collect(),
         });
+    }
+}
+
+/// The required `name` of an entry (non-empty, no '/').
+fn name_of(
+    diag: &mut Diag<'_>,
+    f: &yaml::Fields<'_, '_>,
+    item: &yaml::Node<'_>,
+    path: &str,
+) -> Option<String> {
+    let field = join(path, "name");
+    match f.get("name") {
+        None => {
+            diag.push(line(item), LoadErrorKind::Missing { field });
+            None
+        }
+        Some(n) => diag
+            .string(n, &field)
+            .filter(|s| valid_name(diag, n, &field, s)),
     }
 }
 
@@ -373,20 +366,7 @@ fn parse_services(
         let Some(f) = diag.mapping(item, &path, SERVICE_FIELDS, "") else {
             continue;
         };
-        let name = match f.get("name") {
-            None => {
-                diag.push(
-                    line(item),
-                    LoadErrorKind::Missing {
-                        field: join(&path, "name"),
-                    },
-                );
-                None
-            }
-            Some(n) => diag
-                .string(n, &join(&path, "name"))
-                .filter(|s| valid_name(diag, n, &join(&path, "name"), s)),
-        };
+        let name = name_of(diag, &f, item, &path);
         let namespace = namespace_of(diag, &f, &path);
         let labels = f
             .get_non_null("labels")

@@ -291,6 +291,26 @@ pub struct Sources {
     node: crate::cidr::NodeFacts,
 }
 
+/// A registry text parsed and vetted by `accept` (whose refusal is an error of `path`).
+fn vetted_registry(
+    path: &Path,
+    text: &str,
+    accept: EndpointsCheck<'_>,
+) -> Result<Endpoints, LoadErrors> {
+    let endpoints = Endpoints::from_yaml(path, text)?;
+    accept(&endpoints).map_err(|reason| {
+        LoadErrors(vec![LoadError::new(
+            path,
+            0,
+            LoadErrorKind::Invalid {
+                field: "endpoints".to_string(),
+                reason,
+            },
+        )])
+    })?;
+    Ok(endpoints)
+}
+
 /// Checks an endpoint registry before it goes in force (the agent refuses registries it could
 /// not enforce); `Err` is the reason.
 pub type EndpointsCheck<'a> = &'a dyn Fn(&Endpoints) -> Result<(), String>;
@@ -499,18 +519,7 @@ impl Sources {
             let parsed = match now {
                 None => Err(LoadErrors(vec![read_error(&ep.path)])),
                 Some(stamp) => match read_version(&ep.path, stamp) {
-                    Ok(text) => Endpoints::from_yaml(&ep.path, &text).and_then(|e| {
-                        accept(&e).map(|()| (e, text)).map_err(|reason| {
-                            LoadErrors(vec![LoadError::new(
-                                &ep.path,
-                                0,
-                                LoadErrorKind::Invalid {
-                                    field: "endpoints".to_string(),
-                                    reason,
-                                },
-                            )])
-                        })
-                    }),
+                    Ok(text) => vetted_registry(&ep.path, &text, accept).map(|e| (e, text)),
                     Err(ReadError::Unstable) => Err(LoadErrors::default()),
                     Err(ReadError::Failed(e)) => Err(LoadErrors(vec![e])),
                 },
@@ -538,18 +547,24 @@ impl Sources {
         }
 
         if changed {
-            let before = std::mem::take(&mut self.duplicates);
-            let snapshot = self.assemble();
-            for dup in self.duplicates.iter().filter(|d| !before.contains(d)) {
-                report.rejections.push(Rejection {
-                    file: dup.file.clone(),
-                    errors: LoadErrors(vec![dup.clone()]),
-                    outcome: Outcome::PartlyLoaded,
-                });
-            }
-            report.snapshot = Some(snapshot);
+            self.reassemble(&mut report);
         }
         report
+    }
+
+    /// Compiles what is in force into `report`'s snapshot, reporting duplicate names new
+    /// since the last compilation.
+    fn reassemble(&mut self, report: &mut Report) {
+        let before = std::mem::take(&mut self.duplicates);
+        let snapshot = self.assemble();
+        for dup in self.duplicates.iter().filter(|d| !before.contains(d)) {
+            report.rejections.push(Rejection {
+                file: dup.file.clone(),
+                errors: LoadErrors(vec![dup.clone()]),
+                outcome: Outcome::PartlyLoaded,
+            });
+        }
+        report.snapshot = Some(snapshot);
     }
 
     /// Takes what the node knows of itself and its cluster (flags of the agent) and returns
@@ -694,19 +709,7 @@ impl Sources {
             && self.api_registry.as_deref() != Some(&**text)
         {
             self.api_registry = Some(Arc::clone(text));
-            let parsed = Endpoints::from_yaml(path, text).and_then(|e| {
-                accept(&e).map(|()| e).map_err(|reason| {
-                    LoadErrors(vec![LoadError::new(
-                        path,
-                        0,
-                        LoadErrorKind::Invalid {
-                            field: "endpoints".to_string(),
-                            reason,
-                        },
-                    )])
-                })
-            });
-            match parsed {
+            match vetted_registry(path, text, accept) {
                 Ok(endpoints) => {
                     self.endpoints = Some(EndpointsFile {
                         path: path.clone(),
@@ -733,16 +736,7 @@ impl Sources {
             }
         }
         if changed {
-            let before = std::mem::take(&mut self.duplicates);
-            let snapshot = self.assemble();
-            for dup in self.duplicates.iter().filter(|d| !before.contains(d)) {
-                report.rejections.push(Rejection {
-                    file: dup.file.clone(),
-                    errors: LoadErrors(vec![dup.clone()]),
-                    outcome: Outcome::PartlyLoaded,
-                });
-            }
-            report.snapshot = Some(snapshot);
+            self.reassemble(&mut report);
         }
         report
     }
