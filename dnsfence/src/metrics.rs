@@ -370,22 +370,11 @@ fn latencies(e: &mut DescriptorEncoder, stats: &[Stats]) -> Fmt {
     )
 }
 
-/// The mnemonic of a DNS rcode (RFC 1035, 2136, 6895).
+/// The label of a DNS rcode of the header's 4 bits: its mnemonic (RFC 1035, 2136, 8490).
 fn rcode_name(rcode: u8) -> &'static str {
     match rcode {
-        0 => "NOERROR",
-        1 => "FORMERR",
-        2 => "SERVFAIL",
-        3 => "NXDOMAIN",
-        4 => "NOTIMP",
-        5 => "REFUSED",
-        6 => "YXDOMAIN",
-        7 => "YXRRSET",
-        8 => "NXRRSET",
-        9 => "NOTAUTH",
-        10 => "NOTZONE",
         11 => "DSOTYPENI",
-        _ => "OTHER",
+        _ => crate::observe::rcode_mnemonic(u16::from(rcode)).unwrap_or("OTHER"),
     }
 }
 

@@ -517,9 +517,9 @@ pub fn qtype_name(qtype: u16) -> String {
     name.to_owned()
 }
 
-/// The mnemonic of an rcode (RFC 1035, 2136), else `RCODEn`.
-pub fn rcode_name(rcode: u16) -> String {
-    let name = match rcode {
+/// The mnemonic of an rcode of RFC 1035 and 2136 (0-10).
+pub fn rcode_mnemonic(rcode: u16) -> Option<&'static str> {
+    Some(match rcode {
         0 => "NOERROR",
         1 => "FORMERR",
         2 => "SERVFAIL",
@@ -531,9 +531,13 @@ pub fn rcode_name(rcode: u16) -> String {
         8 => "NXRRSET",
         9 => "NOTAUTH",
         10 => "NOTZONE",
-        _ => return format!("RCODE{rcode}"),
-    };
-    name.to_owned()
+        _ => return None,
+    })
+}
+
+/// The mnemonic of an rcode (RFC 1035, 2136), else `RCODEn`.
+pub fn rcode_name(rcode: u16) -> String {
+    rcode_mnemonic(rcode).map_or_else(|| format!("RCODE{rcode}"), str::to_owned)
 }
 
 /// `unix_ms` as RFC 3339 UTC with milliseconds (`2026-01-31T12:34:56.789Z`).
