@@ -4,7 +4,8 @@
 //! address and the test's client sends from it. Covered: a pod added, relabelled and deleted;
 //! a CNP added and edited; a DNS rule written `toEndpoints: k8s-app=kube-dns` satisfied by the
 //! kube-dns Service's ClusterIP; a 410 Gone and the relist; the API server down (verdicts
-//! unchanged) and back.
+//! unchanged) and back; and, from the review of the source, a Service of another namespace
+//! that once froze the registry.
 use std::net::{SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
 
@@ -232,4 +233,55 @@ fn no_full_state_no_service() {
         "{}",
         agent.process.stderr()
     );
+}
+
+/// A Service in namespace `dev` labelled `io.kubernetes.pod.namespace: x` (a valid label any
+/// namespace owner may set) makes every later endpoints text fail to load: the agent keeps
+/// the last registry, so a relabelled pod keeps its old policy and a new pod stays unknown.
+#[test]
+fn a_service_in_another_namespace_does_not_freeze_the_registry() {
+    let api = FakeApi::start();
+    let dir = TempDir::new("k8s-review-freeze");
+    api.apply(Res::Namespaces, json!({"metadata": {"name": "shop"}}));
+    api.apply(
+        Res::Namespaces,
+        json!({"metadata": {"name": "kube-system"}}),
+    );
+    api.apply(Res::Namespaces, json!({"metadata": {"name": "dev"}}));
+    api.apply(Res::Pods, pod("web", "127.0.0.2", "web"));
+    api.apply(
+        Res::CiliumNetworkPolicies,
+        cnp("web-dns", "web", "*.allowed.test"),
+    );
+    api.apply(Res::Services, kube_dns_service("127.0.0.53"));
+    let upstream = Bundled::start(&[]);
+    let mut config = AgentConfig::new(IoBackend::Uring, upstream.addr).args(&[
+        "--node-name",
+        "n1",
+        "--policy-server",
+        "127.0.0.53:53",
+    ]);
+    config.kubeconfig = Some(api.kubeconfig(dir.path()));
+    let agent = Agent::start(&config);
+    let a = agent.addr;
+    until(a, "127.0.0.2", "x.allowed.test", NOERROR);
+    assert_eq!(ask(a, "127.0.0.2", "x.denied.test"), Some(REFUSED));
+
+    // The owner of `dev` creates a Service.
+    api.apply(
+        Res::Services,
+        json!({
+            "metadata": {"name": "freeze", "namespace": "dev",
+                         "labels": {"io.kubernetes.pod.namespace": "kube-system"}},
+            "spec": {"selector": {"app": "x"}, "clusterIP": "10.96.7.7",
+                     "clusterIPs": ["10.96.7.7"], "type": "ClusterIP"},
+        }),
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    // Relabelled: no policy selects it any more, so it is not enforced.
+    api.apply(Res::Pods, pod("web", "127.0.0.2", "batch"));
+    until(a, "127.0.0.2", "x.denied.test", NOERROR);
+    // A new pod: known (here unrestricted) at once.
+    api.apply(Res::Pods, pod("api", "127.0.0.3", "batch"));
+    until(a, "127.0.0.3", "y.denied.test", NOERROR);
 }
