@@ -190,6 +190,31 @@ struct PolicyFile {
 }
 
 impl PolicyFile {
+    /// [`PolicyFile::apply`], recorded in `report` (loaded, or the rejection); whether what
+    /// is in force changed.
+    fn weigh(
+        &mut self,
+        path: &Path,
+        verdict: FileVerdict,
+        text: Arc<str>,
+        report: &mut Report,
+    ) -> bool {
+        let before = self.rejected;
+        match self.apply(path, verdict, text) {
+            None => {
+                report.loaded.push(path.to_path_buf());
+                true
+            }
+            Some(rejection) => {
+                report.rejections.push(rejection);
+                // A rejected version that leaves the last good one in force, as it already
+                // was, changes nothing. (A valid version in force is the last good one.)
+                let kept = Some(Outcome::KeptLastGood);
+                !(self.rejected == kept && (before.is_none() || before == kept))
+            }
+        }
+    }
+
     /// Puts `verdict` (of the version just read, `text`) in force; a rejection when it is
     /// not valid.
     fn apply(&mut self, path: &Path, verdict: FileVerdict, text: Arc<str>) -> Option<Rejection> {
@@ -496,20 +521,7 @@ impl Sources {
                 },
             };
             file.handled = Some(now);
-            let before = file.rejected;
-            match file.apply(path, verdict, text.into()) {
-                None => report.loaded.push(path.clone()),
-                Some(rejection) => {
-                    // A rejected version that leaves the last good one in force, as it
-                    // already was, changes nothing.
-                    // (A valid version in force is the last good one.)
-                    let kept = Some(Outcome::KeptLastGood);
-                    changed |= !(file.rejected == kept && (before.is_none() || before == kept));
-                    report.rejections.push(rejection);
-                    continue;
-                }
-            }
-            changed = true;
+            changed |= file.weigh(path, verdict, text.into(), &mut report);
         }
 
         if let Some(ep) = &mut self.endpoints
@@ -689,21 +701,10 @@ impl Sources {
             };
             let object = &mut self.objects[at];
             object.handled = Arc::clone(text);
-            let was = object.file.rejected;
-            match object
+            let verdict = parse_policy_file(path, text);
+            changed |= object
                 .file
-                .apply(path, parse_policy_file(path, text), Arc::clone(text))
-            {
-                None => {
-                    report.loaded.push(path.clone());
-                    changed = true;
-                }
-                Some(rejection) => {
-                    let kept = Some(Outcome::KeptLastGood);
-                    changed |= !(object.file.rejected == kept && (was.is_none() || was == kept));
-                    report.rejections.push(rejection);
-                }
-            }
+                .weigh(path, verdict, Arc::clone(text), &mut report);
         }
         if let Some((path, text)) = &state.endpoints
             && self.api_registry.as_deref() != Some(&**text)
