@@ -59,6 +59,8 @@ pub struct RunConfig {
     pub socket_buffer: usize,
     /// Timed shell commands.
     pub actions: Vec<Action>,
+    /// List every answer at least this late (µs) in the report; 0: none.
+    pub slow_us: u64,
 }
 
 impl Default for RunConfig {
@@ -72,6 +74,7 @@ impl Default for RunConfig {
             batch: 32,
             socket_buffer: 4 << 20,
             actions: Vec::new(),
+            slow_us: 0,
         }
     }
 }
@@ -232,6 +235,7 @@ pub fn run(
     let seconds = config.duration.as_secs_f64().ceil().max(1.0) as usize;
     let highest_us = (timeout_ns / 1000).max(1000) * 2;
     let mut stats = Collector::new(seconds, highest_us);
+    stats.list_slow(config.slow_us);
     let mut send = SendBatch::new(batch, queries.max_len().max(wire::HEADER_LEN));
     let mut recv = RecvBatch::new(batch.max(64), 4096);
     let none = RawAddr::none();
@@ -463,4 +467,5 @@ fn on_datagram(
     client.pending.seq[i] = 0;
     client.outstanding -= 1;
     stats.on_answer(sent_ns, now, rcode, msg[2] & 0x02 != 0);
+    stats.on_slow(sent_ns, now, socket);
 }

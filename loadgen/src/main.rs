@@ -94,6 +94,10 @@ struct LoadArgs {
     /// Socket send/receive buffer size in bytes (0: system default).
     #[arg(long, value_name = "BYTES", default_value_t = 4 << 20)]
     socket_buffer: usize,
+    /// List every answer at least this late (µs) in the JSON report: when its query was sent
+    /// (ms), its latency and its socket, to place a latency spike in time (first 10,000).
+    #[arg(long, value_name = "US", default_value_t = 0)]
+    slow_us: u64,
     /// Add an EDNS0 OPT record advertising this UDP payload size.
     #[arg(long, value_name = "SIZE")]
     edns: Option<u16>,
@@ -211,6 +215,7 @@ fn load(args: LoadArgs) -> Result<()> {
         batch: args.batch,
         socket_buffer: args.socket_buffer,
         actions,
+        slow_us: args.slow_us,
     };
     let progress = !args.json && !args.quiet && duration > Duration::from_secs(3);
     let mut on_second = |p: dnsfence_loadgen::stats::Progress| {

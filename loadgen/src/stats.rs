@@ -15,6 +15,9 @@ use serde::Serialize;
 use crate::scenario::Event;
 use crate::wire;
 
+/// How many slow answers a report lists at most (`--slow-us`); the rest are only counted.
+pub const SLOW_KEPT: usize = 10_000;
+
 /// Accumulates one second of the timeline.
 struct Second {
     sent: u64,
@@ -48,6 +51,9 @@ pub struct Collector {
     rcodes: [u64; 16],
     latency: Histogram<u64>,
     seconds: Vec<Second>,
+    slow_us: u64,
+    slow: Vec<SlowAnswer>,
+    slow_left_out: u64,
 }
 
 fn histogram(highest_us: u64, sigfig: u8) -> Histogram<u64> {
@@ -81,6 +87,9 @@ impl Collector {
                     latency: histogram(highest_us, 2),
                 })
                 .collect(),
+            slow_us: 0,
+            slow: Vec::new(),
+            slow_left_out: 0,
         }
     }
 
@@ -108,6 +117,34 @@ impl Collector {
         s.answered += 1;
         let _ = s.latency.record(us);
         self.second(now_ns).answered_rx += 1;
+    }
+
+    /// List answers at least `us` microseconds late one by one (0, the default: none). The list's
+    /// room is taken now, so the receive loop does not allocate.
+    pub fn list_slow(&mut self, us: u64) {
+        self.slow_us = us;
+        if us > 0 {
+            self.slow.reserve_exact(SLOW_KEPT);
+        }
+    }
+
+    /// An answer received at `now_ns` on socket `socket` to a query sent at `sent_ns`: listed
+    /// when at least `slow_us` late, so a latency spike can be placed in time to the
+    /// millisecond and on a socket (which process of a SO_REUSEPORT group served it).
+    pub fn on_slow(&mut self, sent_ns: u64, now_ns: u64, socket: usize) {
+        let us = now_ns.saturating_sub(sent_ns) / 1000;
+        if self.slow_us == 0 || us < self.slow_us {
+            return;
+        }
+        if self.slow.len() < SLOW_KEPT {
+            self.slow.push(SlowAnswer {
+                sent_ms: sent_ns as f64 / 1e6,
+                us,
+                socket,
+            });
+        } else {
+            self.slow_left_out += 1;
+        }
     }
 
     /// A query sent at `sent_ns` that was not answered in time.
@@ -210,8 +247,22 @@ impl Collector {
             },
             timeline,
             events,
+            slow_us: self.slow_us,
+            slow: self.slow.clone(),
+            slow_left_out: self.slow_left_out,
         }
     }
+}
+
+/// One answer at least `--slow-us` late.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct SlowAnswer {
+    /// When its query was sent, in milliseconds from the start of the run.
+    pub sent_ms: f64,
+    /// Its latency (µs).
+    pub us: u64,
+    /// The load generator's socket (source port index) it was sent from.
+    pub socket: usize,
 }
 
 /// One second's progress, for the live line on stderr.
@@ -341,6 +392,12 @@ pub struct Report {
     pub timeline: Vec<TimelineRow>,
     /// Scenario commands run.
     pub events: Vec<Event>,
+    /// The `--slow-us` threshold (0: none listed).
+    pub slow_us: u64,
+    /// Answers at least `slow_us` late, in the order received (the first `SLOW_KEPT`).
+    pub slow: Vec<SlowAnswer>,
+    /// Slow answers beyond `SLOW_KEPT`, counted only.
+    pub slow_left_out: u64,
 }
 
 impl Report {
@@ -387,6 +444,19 @@ impl Report {
             "mismatched {}  unexpected {}  malformed {}  truncated {}  send errors {}",
             self.mismatched, self.unexpected, self.malformed, self.truncated, self.send_errors
         );
+        if self.slow_us > 0 {
+            let _ = writeln!(
+                s,
+                "slow answers listed (>= {} us): {}{} (in the JSON report)",
+                self.slow_us,
+                self.slow.len(),
+                if self.slow_left_out > 0 {
+                    format!(", {} more counted only", self.slow_left_out)
+                } else {
+                    String::new()
+                }
+            );
+        }
         let _ = writeln!(
             s,
             "loadgen cpu {:.2} us/query  max send lag {} us",
@@ -466,5 +536,41 @@ mod tests {
         assert_eq!(r.timeline[2].p99_us, 0);
         assert_eq!(r.qps, 1.0);
         assert!(r.human().contains("answered 2"));
+    }
+
+    #[test]
+    fn lists_slow_answers() {
+        let mut c = Collector::new(2, 2_000_000);
+        c.on_slow(0, 5_000_000, 0); // no threshold: nothing listed
+        c.list_slow(1_000);
+        c.on_slow(1_000_000, 1_999_000, 3); // 999 µs: under
+        c.on_slow(1_500_000, 2_500_000, 1); // 1000 µs: listed
+        c.on_slow(1_200_000_000, 1_207_000_000, 2);
+        for _ in 0..SLOW_KEPT {
+            c.on_slow(0, 3_000_000, 0);
+        }
+        let r = c.report(
+            RunInfo {
+                server: "x".into(),
+                rate: 1.0,
+                duration_s: 2.0,
+                send_s: 2.0,
+                elapsed_s: 2.0,
+                sockets: 4,
+                timeout_ms: 2000,
+                cpu_s: 0.0,
+            },
+            vec![],
+        );
+        assert_eq!(r.slow.len(), SLOW_KEPT);
+        assert_eq!(r.slow_left_out, 2);
+        assert_eq!((r.slow[0].us, r.slow[0].socket), (1_000, 1));
+        assert!((r.slow[0].sent_ms - 1.5).abs() < 1e-9);
+        assert_eq!((r.slow[1].us, r.slow[1].socket), (7_000, 2));
+        assert!((r.slow[1].sent_ms - 1200.0).abs() < 1e-9);
+        assert!(
+            r.human()
+                .contains("slow answers listed (>= 1000 us): 10000, 2 more")
+        );
     }
 }
