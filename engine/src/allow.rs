@@ -472,11 +472,16 @@ impl Ledger {
         // on a page at random, paid a page fault under that lock: a 100-300 ms p99 in the
         // second a process started). The heap and the name bytes grow in order: their
         // pages are touched one at a time.
+        // That is start-up work: done at idle priority (see `startup`), so that a process
+        // starting beside one that serves does not take its CPU meanwhile.
         let room = config.capacity.min(1 << 22);
-        let mut entries = HashMap::with_capacity(room);
-        prefault_entries(&mut entries, room);
-        let mut names = NameTable::with_capacity(room);
-        names.prefault(room);
+        let (entries, names) = crate::startup::at_idle_priority(|| {
+            let mut entries = HashMap::with_capacity(room);
+            prefault_entries(&mut entries, room);
+            let mut names = NameTable::with_capacity(room);
+            names.prefault(room);
+            (entries, names)
+        });
         Ledger {
             config,
             entries,

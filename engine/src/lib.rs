@@ -5,4 +5,5 @@ pub mod core;
 pub mod histogram;
 pub mod io;
 pub mod shard;
+pub mod startup;
 pub mod wire;

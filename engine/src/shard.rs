@@ -216,7 +216,9 @@ fn run(mut config: ShardConfig, opened: std::sync::mpsc::SyncSender<Result<(), I
         *config.status.cpu.lock().unwrap_or_else(|e| e.into_inner()) = pinned.then_some(cpu);
     }
     let mut generation = config.policy.generation();
-    let mut core = Core::new(config.core.clone(), config.policy.load());
+    // Built at idle priority (see `startup`): the processes already serving keep the CPU.
+    let (core_config, snapshot) = (config.core.clone(), config.policy.load());
+    let mut core = crate::startup::at_idle_priority(move || Core::new(core_config, snapshot));
     config
         .status
         .generation
