@@ -265,6 +265,56 @@ pub fn compile_table(
         .collect()
 }
 
+/// An L3 table indexed for longest-prefix lookups: one hash probe per distinct prefix length
+/// of the address's family, longest first (a table usually has a few lengths), instead of a
+/// scan of every entry. Lookups do not allocate.
+#[derive(Debug, Default)]
+pub struct LpmTable {
+    /// (is IPv4, length, network bits → entry), longest first.
+    by_len: Vec<(bool, u8, std::collections::HashMap<u128, u32>)>,
+    entries: Vec<L3Entry>,
+}
+
+impl LpmTable {
+    /// Indexes `entries` (prefixes distinct, as [`compile_table`] gives them).
+    pub fn new(entries: Vec<L3Entry>) -> LpmTable {
+        let mut by_len: Vec<(bool, u8, std::collections::HashMap<u128, u32>)> = Vec::new();
+        for (i, e) in entries.iter().enumerate() {
+            let v4 = e.cidr.addr.is_ipv4();
+            let slot = match by_len
+                .iter()
+                .position(|(f, len, _)| *f == v4 && *len == e.cidr.len)
+            {
+                Some(slot) => slot,
+                None => {
+                    by_len.push((v4, e.cidr.len, std::collections::HashMap::new()));
+                    by_len.len() - 1
+                }
+            };
+            by_len[slot].2.insert(e.cidr.bits().0, i as u32);
+        }
+        by_len.sort_by_key(|b| std::cmp::Reverse(b.1));
+        LpmTable { by_len, entries }
+    }
+
+    /// Whether the table has no entry.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// The entry of the longest prefix containing `ip` (IPv4-mapped IPv6 as IPv4).
+    pub fn lookup(&self, ip: IpAddr) -> Option<&L3Entry> {
+        let host = Cidr::host(ip);
+        let (bits, _) = host.bits();
+        let v4 = host.addr.is_ipv4();
+        self.by_len
+            .iter()
+            .filter(|(f, _, _)| *f == v4)
+            .find_map(|(_, len, map)| map.get(&(bits & Cidr::mask(*len))))
+            .map(|&i| &self.entries[i as usize])
+    }
+}
+
 /// The blocks of a rule list by their prefix, so the blocks containing a prefix are found by
 /// looking up its ancestors (at most 33 or 129 lookups) instead of scanning every block: a
 /// table of n prefixes compiles in O(n × width), not O(n²).

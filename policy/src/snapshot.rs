@@ -5,7 +5,7 @@ use std::net::{IpAddr, SocketAddr};
 
 use dnsfence_matcher::{Matcher, MatcherBuilder, Name, Pattern, RuleId, RuleSet};
 
-use crate::cidr::{Cidr, CidrBlock, Entity, L3Entry, NodeFacts, compile_table};
+use crate::cidr::{Cidr, CidrBlock, Entity, L3Entry, LpmTable, NodeFacts, compile_table};
 use crate::endpoints::{Endpoints, canonical_cgroup, canonical_ip};
 use crate::policy::{EgressRule, L3Rule, L3Target, PolicySet, PortProto, PortProtocol, Proto};
 use crate::selector::LabelSelector;
@@ -132,6 +132,10 @@ struct Group {
     fqdn_ports: Box<[PortProto]>,
     /// The group's L3/L4 rules (allow and `egressDeny`) as a longest-prefix-match table.
     l3: Box<[L3Entry]>,
+    /// The same rules without the default allow of `enableDefaultDeny.egress: false`, indexed
+    /// for the DNS verdict: an `egressDeny` of the server denies the query, and an L3/L4 allow
+    /// of the server and port lets every name through (see `Snapshot::verdict`).
+    servers_l3: LpmTable,
     /// Whether some selecting spec asks for egress default deny. Without it (every selecting
     /// spec sets `enableDefaultDeny.egress: false`), the L3 table allows every address and
     /// the DNS rules judge only the queries they cover; `egressDeny` still wins.
@@ -383,9 +387,29 @@ impl Snapshot {
         let Some(group) = self.groups.get(entry.group as usize) else {
             return DnsVerdict::Unrestricted;
         };
+        // The L3/L4 rules about the server, as Cilium applies them to the DNS traffic its
+        // proxy sees: an `egressDeny` of the server and port denies the query whatever the DNS
+        // rules say (deny wins); an L3 or L4 allow of them (a rule without `rules.dns`) lets
+        // every name through, as Cilium's L3/L4-only rules wildcard the L7 rules of the port.
+        let server_l3 = match server_ip {
+            Some(ip) if !group.servers_l3.is_empty() => group.servers_l3.lookup(ip).and_then(|e| {
+                let covers = |ports: &[PortProto]| ports.iter().any(|p| p.covers(port, proto));
+                if covers(&e.deny) {
+                    Some(false)
+                } else if covers(&e.allow) {
+                    Some(true)
+                } else {
+                    None
+                }
+            }),
+            _ => None,
+        };
+        if server_l3 == Some(false) {
+            return DnsVerdict::Deny;
+        }
         let mut owner = None;
         let mut covered = false;
-        let mut allowed = false;
+        let mut allowed = server_l3 == Some(true);
         // The covering entries that list names: bit i for entry i < 64 (entries beyond are
         // checked again when their tag matches; groups that large are rare).
         let mut listed: u64 = 0;
@@ -653,6 +677,7 @@ fn compile(
                     fqdn_ids: Box::new([]),
                     fqdn_ports: Box::new([]),
                     l3: Box::new([]),
+                    servers_l3: LpmTable::default(),
                     default_deny: true,
                 });
                 deny_all = (groups.len() - 1) as u32;
@@ -744,8 +769,9 @@ fn service_blocks<'r>(
         })
 }
 
-/// The prefixes an L3 target stands for: CIDR blocks as given, every address for no
-/// selector, the host prefixes of the registered endpoints a `toEndpoints` selects.
+/// The prefixes an L3 target stands for: CIDR blocks less the cluster's addresses, every
+/// address for no selector, the host prefixes of the registered endpoints a `toEndpoints`
+/// selects.
 fn blocks_of(to: &L3Target, reg: &Endpoints, node: &NodeFacts) -> Vec<CidrBlock> {
     let block = |cidr| CidrBlock {
         cidr,
@@ -803,7 +829,33 @@ fn blocks_of(to: &L3Target, reg: &Endpoints, node: &NodeFacts) -> Vec<CidrBlock>
     match to {
         L3Target::Entities(entities) => entities.iter().flat_map(entity).collect(),
         L3Target::Any => vec![block(Cidr::ALL4), block(Cidr::ALL6)],
-        L3Target::Cidrs(blocks) => blocks.clone(),
+        // As in Cilium, CIDR rules select only destinations outside the cluster and not the
+        // host: a pod, a service address, a node has an identity of its own, reached only
+        // through `toEndpoints`, `toServices` or `toEntities`. So a block leaves out what
+        // `world` leaves out (allow and deny alike), and a block inside the cluster is none.
+        // One exception: a block inside the node's own addresses (`host`: loopback,
+        // `--node-ip`) is kept as written. It names the node on purpose, and dnsfence's
+        // endpoints include host processes (by cgroup), which Cilium's do not.
+        L3Target::Cidrs(blocks) => {
+            let inside = cluster();
+            let on_node = |b: &CidrBlock| node.host.iter().any(|h| h.contains(&b.cidr));
+            blocks
+                .iter()
+                .filter(|b| on_node(b) || !inside.iter().any(|c| c.contains(&b.cidr)))
+                .map(|b| CidrBlock {
+                    cidr: b.cidr,
+                    except: if on_node(b) {
+                        b.except.clone()
+                    } else {
+                        b.except
+                            .iter()
+                            .chain(inside.iter().filter(|c| b.cidr.contains(c)))
+                            .copied()
+                            .collect()
+                    },
+                })
+                .collect()
+        }
         L3Target::Services(refs) => reg
             .services
             .iter()
@@ -842,10 +894,6 @@ fn compile_group(
     }
     let mut l3_allow = Vec::new();
     let mut l3_deny = Vec::new();
-    if !default_deny {
-        // Default allow: every address, less what egressDeny denies.
-        l3_allow.push((blocks_of(&L3Target::Any, reg, node), Vec::new()));
-    }
     for &s in selecting {
         let spec = &specs[s as usize];
         for rule in spec.rules {
@@ -931,7 +979,14 @@ fn compile_group(
             fqdn_ports.dedup();
             fqdn_ports.into_boxed_slice()
         },
-        l3: compile_table(&l3_allow, &l3_deny).into_boxed_slice(),
+        servers_l3: LpmTable::new(compile_table(&l3_allow, &l3_deny)),
+        l3: {
+            if !default_deny {
+                // Default allow: every address, less what egressDeny denies.
+                l3_allow.push((blocks_of(&L3Target::Any, reg, node), Vec::new()));
+            }
+            compile_table(&l3_allow, &l3_deny).into_boxed_slice()
+        },
     })
 }
 

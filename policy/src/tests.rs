@@ -484,18 +484,251 @@ spec:
         );
         assert_eq!(l3(&s, ep, "8.8.8.8", 124, Udp), None);
         // toEndpoints: the peer's registered address, on its ports.
-        // (10.0.1.6 is also in 10.0.0.0/8, open on 5432 only.)
         let peer = "10.0.1.6";
         assert_eq!(l3(&s, ep, peer, 6380, Tcp), Some(true));
         assert_eq!(l3(&s, ep, peer, 6381, Tcp), None);
-        assert_eq!(l3(&s, ep, peer, 5432, Tcp), Some(true));
+        // 10.0.1.6 is also in 10.0.0.0/8 (open on 5432), but CIDR rules do not select the
+        // cluster's endpoints: Cilium's `ToCIDR` "Only connections destined for outside of
+        // the cluster and not targeting the host will be subject to CIDR rules"
+        // (pkg/policy/api/egress.go). Review finding: a namespace's "allow the corporate
+        // 10/8" opened every pod of the cluster.
+        assert_eq!(l3(&s, ep, peer, 5432, Tcp), None, "a pod is not a CIDR");
         // The other namespace's endpoints are not peers of a CNP's toEndpoints.
+        assert_eq!(l3(&s, ep, "10.0.2.5", 6380, Tcp), None, "not a peer");
         assert_eq!(
-            l3(&s, ep, "10.0.2.5", 6380, Tcp),
+            l3(&s, ep, "10.0.2.5", 5432, Tcp),
             None,
-            "not a peer: 10/8 opens 5432 only"
+            "a pod is not a CIDR"
         );
-        assert_eq!(l3(&s, ep, "10.0.2.5", 5432, Tcp), Some(true));
+        // An unregistered address of the block still is.
+        assert_eq!(l3(&s, ep, "10.0.2.99", 5432, Tcp), Some(true));
+    }
+
+    #[test]
+    fn egress_deny_of_the_server_denies_dns_whatever_the_dns_rules_say() {
+        // Review finding: egressDeny was never applied to DNS queries, a resolution and
+        // exfiltration channel Cilium closes ("Deny policies take precedence over allow
+        // policies", L4 deny over L7 allow: docs.cilium.io security/policy/deny).
+        let s = snapshot(
+            r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: p, namespace: team-a}
+spec:
+  endpointSelector: {matchLabels: {app: uploader}}
+  egress:
+  - toEndpoints: [{matchLabels: {"k8s:io.kubernetes.pod.namespace": kube-system, k8s-app: kube-dns}}]
+    toPorts: [{ports: [{port: "53", protocol: ANY}], rules: {dns: [{matchPattern: "*"}]}}]
+  - toPorts: [{ports: [{port: "53", protocol: ANY}], rules: {dns: [{matchPattern: "*"}]}}]
+  egressDeny:
+  - toEndpoints: [{matchLabels: {"k8s:io.kubernetes.pod.namespace": kube-system, k8s-app: kube-dns}}]
+  - toCIDR: [192.0.2.0/24]
+    toPorts: [{ports: [{port: "53", protocol: TCP}]}]
+"#,
+        );
+        let ep = "team-a/uploader";
+        let (kube_dns, other) = ("10.96.0.10:53", "198.51.100.1:53");
+        assert_eq!(
+            dns(&s, ep, kube_dns, Proto::Udp, "a.example"),
+            DnsVerdict::Deny
+        );
+        assert_eq!(
+            dns(&s, ep, kube_dns, Proto::Tcp, "a.example"),
+            DnsVerdict::Deny
+        );
+        assert_eq!(
+            dns(&s, ep, other, Proto::Udp, "a.example"),
+            DnsVerdict::Allow
+        );
+        // The deny's port and protocol count: 192.0.2.1 is denied over TCP only.
+        assert_eq!(
+            dns(&s, ep, "192.0.2.1:53", Proto::Tcp, "a.example"),
+            DnsVerdict::Deny
+        );
+        assert_eq!(
+            dns(&s, ep, "192.0.2.1:53", Proto::Udp, "a.example"),
+            DnsVerdict::Allow
+        );
+
+        // Default allow (enableDefaultDeny false) with "deny all DNS": every query refused.
+        let s = snapshot(
+            r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: p, namespace: team-a}
+spec:
+  endpointSelector: {matchLabels: {app: uploader}}
+  enableDefaultDeny: {egress: false}
+  egressDeny:
+  - toPorts: [{ports: [{port: "53", protocol: ANY}]}]
+"#,
+        );
+        for server in [kube_dns, other] {
+            assert_eq!(
+                dns(&s, ep, server, Proto::Udp, "x.example"),
+                DnsVerdict::Deny
+            );
+        }
+        assert_eq!(
+            dns(&s, ep, "198.51.100.1:5353", Proto::Udp, "x.example"),
+            DnsVerdict::Unrestricted,
+            "another port"
+        );
+    }
+
+    #[test]
+    fn an_l3_or_l4_allow_of_the_server_lets_every_name_through() {
+        // Review finding: toEndpoints kube-dns on port 53 without rules.dns refused every
+        // query. In Cilium such traffic is plain L4 allowed, and an L3/L4-only rule
+        // wildcards the L7 (DNS) rules of the same port and peer.
+        let s = snapshot(
+            r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: p, namespace: team-a}
+spec:
+  endpointSelector: {matchLabels: {app: uploader}}
+  egress:
+  - toEndpoints: [{matchLabels: {"k8s:io.kubernetes.pod.namespace": kube-system, k8s-app: kube-dns}}]
+    toPorts: [{ports: [{port: "53", protocol: UDP}]}]
+  - toEndpoints: [{matchLabels: {app: dns}}]
+    toPorts: [{ports: [{port: "53", protocol: ANY}], rules: {dns: [{matchName: ok.example}]}}]
+  - toCIDR: [198.51.100.0/24]
+  - toFQDNs: [{matchName: api.example.com}]
+"#,
+        );
+        let ep = "team-a/uploader";
+        let (kube_dns, local_dns) = ("10.96.0.10:53", "10.0.1.53:53");
+        assert_eq!(
+            dns(&s, ep, kube_dns, Proto::Udp, "any.example"),
+            DnsVerdict::Allow
+        );
+        assert_eq!(
+            dns(&s, ep, kube_dns, Proto::Tcp, "any.example"),
+            DnsVerdict::Deny,
+            "the L4 rule is UDP only"
+        );
+        // The DNS rule of another peer still judges its names.
+        assert_eq!(
+            dns(&s, ep, local_dns, Proto::Udp, "ok.example"),
+            DnsVerdict::Allow
+        );
+        assert_eq!(
+            dns(&s, ep, local_dns, Proto::Udp, "no.example"),
+            DnsVerdict::Deny
+        );
+        // An L3 rule without ports covers port 53 too.
+        assert_eq!(
+            dns(&s, ep, "198.51.100.7:53", Proto::Tcp, "x.example"),
+            DnsVerdict::Allow
+        );
+        assert_eq!(
+            dns(&s, ep, "203.0.113.7:53", Proto::Udp, "x.example"),
+            DnsVerdict::Deny
+        );
+        // The toFQDNs rules are still kept for the answer.
+        let id = s.endpoint_by_name(ep).unwrap();
+        let name = Name::from_text("api.example.com").unwrap();
+        let mut rules = s.rule_set();
+        let server: SocketAddr = kube_dns.parse().unwrap();
+        assert_eq!(
+            s.judge(id, server, Proto::Udp, &name, &mut rules),
+            DnsVerdict::Allow
+        );
+        assert_eq!(rules.as_slice().len(), 1);
+
+        // On the same peer and port, the L4-only rule wildcards the DNS rule.
+        let s = snapshot(
+            r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: p, namespace: team-a}
+spec:
+  endpointSelector: {matchLabels: {app: uploader}}
+  egress:
+  - toEndpoints: [{matchLabels: {app: dns}}]
+    toPorts: [{ports: [{port: "53", protocol: ANY}], rules: {dns: [{matchName: ok.example}]}}]
+  - toEndpoints: [{matchLabels: {app: dns}}]
+    toPorts: [{ports: [{port: "53", protocol: ANY}]}]
+"#,
+        );
+        assert_eq!(
+            dns(&s, ep, local_dns, Proto::Udp, "no.example"),
+            DnsVerdict::Allow
+        );
+    }
+
+    #[test]
+    fn cidr_rules_leave_out_the_cluster_and_the_node() {
+        use crate::PortProtocol::Tcp;
+        use crate::cidr::{Cidr, NodeFacts};
+        let policy = r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: l3, namespace: team-a}
+spec:
+  endpointSelector: {matchLabels: {app: uploader}}
+  egress:
+  - toCIDR: [0.0.0.0/0, "::/0"]
+  - toCIDRSet: [{cidr: 10.0.1.0/24}]
+  egressDeny:
+  - toCIDR: [10.0.2.0/24]
+"#;
+        let s = snapshot(policy);
+        let ep = "team-a/uploader";
+        // Registered endpoints (both namespaces) and the node's loopback are left out of
+        // 0.0.0.0/0, as they are of `world`; other addresses are in.
+        assert_eq!(
+            l3(&s, ep, "10.0.1.6", 443, Tcp),
+            None,
+            "own namespace's pod"
+        );
+        assert_eq!(
+            l3(&s, ep, "10.0.2.5", 443, Tcp),
+            None,
+            "other namespace's pod"
+        );
+        assert_eq!(l3(&s, ep, "127.0.0.1", 443, Tcp), None, "the host");
+        assert_eq!(l3(&s, ep, "::1", 443, Tcp), None, "the host (IPv6)");
+        // A block inside the node's own addresses names the node on purpose: kept.
+        let s = snapshot(&policy.replace(
+            "  egressDeny:",
+            "  - toCIDR: [127.0.0.0/24, \"::1/128\"]\n  egressDeny:",
+        ));
+        assert_eq!(
+            l3(&s, ep, "127.0.0.1", 443, Tcp),
+            Some(true),
+            "named loopback"
+        );
+        assert_eq!(
+            l3(&s, ep, "::1", 443, Tcp),
+            Some(true),
+            "named loopback (IPv6)"
+        );
+        assert_eq!(
+            l3(&s, ep, "127.0.1.1", 443, Tcp),
+            None,
+            "the rest of loopback"
+        );
+        let s = snapshot(policy);
+        assert_eq!(l3(&s, ep, "10.0.1.77", 443, Tcp), Some(true));
+        assert_eq!(l3(&s, ep, "203.0.113.9", 443, Tcp), Some(true));
+        // An egressDeny CIDR does not reach the pods in it either (Cilium: deny CIDRs select
+        // CIDR identities only), while it still denies the rest of its block.
+        assert_eq!(l3(&s, ep, "10.0.2.99", 443, Tcp), Some(false));
+        // A block inside a cluster range (`--cluster-cidr`) selects nothing.
+        let text = PolicySet::from_yaml(Path::new("p.yaml"), policy).unwrap();
+        let endpoints = Endpoints::from_yaml(Path::new("e.yaml"), ENDPOINTS).unwrap();
+        let node = NodeFacts {
+            cluster: vec![Cidr::parse("10.0.0.0/16").unwrap()],
+            ..NodeFacts::default()
+        };
+        let s = Snapshot::compile_on(&text, &endpoints, &[], &node);
+        let ep = s.endpoint_by_name(ep).unwrap();
+        let port = |ip: &str| s.l3_verdict(ep, ip.parse().unwrap(), 443, Tcp);
+        assert_eq!(port("10.0.1.77"), None, "inside the cluster range");
+        assert_eq!(port("10.0.2.99"), None, "deny inside the cluster range");
+        assert_eq!(port("10.1.0.1"), Some(true), "outside it");
     }
 
     #[test]
