@@ -102,6 +102,9 @@ const UNENFORCED_L7: &[&str] = &[
     "l7",
 ];
 const NAME_FIELDS: &[&str] = &["matchName", "matchPattern"];
+/// Cilium's derived labels of a pod's namespace (`io.cilium.k8s.namespace.labels.NAME`): a
+/// selector on them picks namespaces, so a CNP does not confine it to its own.
+const NAMESPACE_LABELS_PREFIX: &str = "io.cilium.k8s.namespace.labels.";
 
 /// The transport of a DNS query.
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Hash)]
@@ -854,7 +857,12 @@ fn parse_policy(diag: &mut Diag<'_>, doc: &Node<'_>) -> Option<Policy> {
     };
     let namespace = match (kind, meta.get_non_null("namespace")) {
         (PolicyKind::Namespaced, None) => Some("default".to_string()),
-        (PolicyKind::Namespaced, Some(ns)) => diag.string(ns, "metadata.namespace"),
+        // Kubernetes puts an object with an empty namespace in the request's namespace; in
+        // a file that is `default`, as when the field is absent (review: `""` selected no
+        // endpoint, so the policy silently enforced nothing).
+        (PolicyKind::Namespaced, Some(ns)) => diag
+            .string(ns, "metadata.namespace")
+            .map(|n| if n.is_empty() { "default".into() } else { n }),
         (PolicyKind::Clusterwide, None) => None,
         (PolicyKind::Clusterwide, Some(ns)) => {
             diag.invalid(
@@ -961,23 +969,26 @@ fn parse_spec(
             missing(diag, at, sel_path);
             None
         }
-        Some(sel) => selector::parse(diag, sel, &sel_path).and_then(|mut s| {
+        Some(sel) => selector::parse(diag, sel, &sel_path).map(|mut s| {
             note_reserved(&s, sel, &sel_path, notes);
             if let Some(ns) = namespace {
                 if s.requires_other_value(NAMESPACE_LABEL, ns) {
-                    diag.invalid(
-                        sel,
-                        &sel_path,
+                    // Cilium removes such a match ("EndpointSelector always applies in
+                    // namespace of the policy resource, removing illegal namespace match")
+                    // and enforces the policy in its own namespace: so does dnsfence.
+                    notes.push((
+                        line(sel),
                         format!(
-                            "selects another namespace than the policy's own ({ns}); a \
-                             CiliumNetworkPolicy only selects endpoints of its namespace"
+                            "{sel_path}: names another namespace than the policy's own; a \
+                             CiliumNetworkPolicy only selects endpoints of its namespace, so \
+                             that match is replaced by {NAMESPACE_LABEL}={ns}, as Cilium does"
                         ),
-                    );
-                    return None;
+                    ));
+                    s.drop_in_requirements(NAMESPACE_LABEL);
                 }
                 s.require(NAMESPACE_LABEL, ns);
             }
-            Some(s)
+            s
         }),
     };
     let egress_default_deny = fields
@@ -1102,10 +1113,13 @@ fn parse_to_endpoints(
                 continue;
             }
             note_reserved(&sel, item, &at, notes);
-            // Cilium: a CNP's peer selectors are confined to its namespace unless they
-            // name a namespace themselves.
+            // Cilium (`getEndpointSelector`): a CNP's peer selectors are confined to its
+            // namespace unless they name a namespace themselves, select by namespace labels
+            // (`io.cilium.k8s.namespace.labels.*`), or have a `reserved:` requirement.
             if let Some(ns) = namespace
                 && !sel.has_key(NAMESPACE_LABEL)
+                && !sel.has_key_prefix(NAMESPACE_LABELS_PREFIX)
+                && sel.reserved_keys().next().is_none()
             {
                 sel.require(NAMESPACE_LABEL, ns);
             }
@@ -1142,6 +1156,20 @@ fn parse_cidrs(
     let mut blocks = Vec::new();
     let prefix = |diag: &mut Diag<'_>, node: &Node<'_>, at: &str| -> Option<Cidr> {
         let text = diag.string(node, at)?;
+        let addr = text.trim().split('/').next().unwrap_or_default();
+        if let Ok(std::net::IpAddr::V6(v6)) = addr.parse::<std::net::IpAddr>()
+            && v6.to_ipv4_mapped().is_some()
+        {
+            // Cilium matches such a prefix against IPv6 destinations only (IPv4 traffic
+            // never does); dnsfence judges mapped destinations as IPv4, so it would open
+            // IPv4 (`::ffff:0:0/96` every address). Refused: write the IPv4 prefix.
+            diag.invalid(
+                node,
+                at,
+                format!("{text:?} is an IPv4-mapped IPv6 prefix: write the IPv4 prefix"),
+            );
+            return None;
+        }
         match Cidr::parse(text.trim()) {
             Ok(c) => Some(c),
             Err(e) => {
@@ -1409,6 +1437,17 @@ fn parse_deny(
                         &join(&rule.path, "rules"),
                         "L7 rules in egressDeny are not allowed (Cilium rejects them too)",
                     );
+                } else if let Some((at, what)) = &rule.l7 {
+                    // Cilium's deny rules have ports only (the API server prunes the rest):
+                    // the ports are denied whatever the L7 part says.
+                    notes.push((
+                        *at,
+                        format!(
+                            "{}: {what} has no meaning in egressDeny (Cilium's deny rules \
+                             have ports only): the ports are denied",
+                            rule.path
+                        ),
+                    ));
                 }
                 ports.extend(rule.ports);
             }
@@ -1834,6 +1873,24 @@ fn parse_port_rule<'n, 'a>(
             }
         }
     }
+    if let (Some(_), Some(list)) = (&dns, fields.get_non_null("ports")) {
+        // Cilium refuses both ("L7 rules can not be used when a port is 0", "DNS rules do
+        // not support port ranges"); dnsfence did apply them, to every port or to the range.
+        if ports.iter().any(|p| p.port == 0) {
+            diag.invalid(
+                list,
+                &ports_path,
+                "DNS rules need a port: port 0 (every port) cannot carry L7 rules (Cilium \
+                 rejects it too)",
+            );
+        } else if ports.iter().any(|p| p.end_port != p.port) {
+            diag.invalid(
+                list,
+                &ports_path,
+                "DNS rules do not support port ranges (endPort); Cilium rejects them too",
+            );
+        }
+    }
     if diag.errors.len() != before {
         return None;
     }
@@ -1912,7 +1969,14 @@ fn port_number(diag: &mut Diag<'_>, node: &Node<'_>, path: &str) -> Option<u16> 
     let value: Result<i64, String> = match &node.data {
         YamlData::Value(Scalar::Integer(i)) => Ok(*i),
         YamlData::Value(Scalar::String(s)) => {
-            if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
+            if s.len() > 1 && s.starts_with('0') && s.bytes().all(|b| b.is_ascii_digit()) {
+                // Cilium parses port strings with base 0: "053" is octal 43, "08" an error.
+                // Refused rather than guessed either way.
+                Err(format!(
+                    "port {s:?} has a leading zero, which Cilium reads as an octal number; \
+                     write the port without it"
+                ))
+            } else if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
                 s.parse::<i64>()
                     .map_err(|_| format!("port {s:?} is out of range 0-65535"))
             } else {

@@ -86,6 +86,19 @@ impl LabelSelector {
         self.requirements.iter().any(|r| r.key() == key)
     }
 
+    /// Whether some requirement's key starts with `prefix`.
+    pub(crate) fn has_key_prefix(&self, prefix: &str) -> bool {
+        self.requirements
+            .iter()
+            .any(|r| r.key().starts_with(prefix))
+    }
+
+    /// Removes the `In` requirements on `key` (matchLabels, or matchExpressions `In`).
+    pub(crate) fn drop_in_requirements(&mut self, key: &str) {
+        self.requirements
+            .retain(|r| !matches!(r, Requirement::In(k, _) if k == key));
+    }
+
     /// Whether some `In` requirement on `key` excludes `value`.
     pub(crate) fn requires_other_value(&self, key: &str, value: &str) -> bool {
         self.requirements.iter().any(|r| match r {

@@ -310,7 +310,7 @@ spec:
       rules: {dns: [{matchName: udp.com}]}
     - ports: [{port: 53, protocol: TCP}]
       rules: {dns: [{matchName: tcp.com}]}
-    - ports: [{port: "5300", endPort: 5399}]
+    - ports: [{port: "5300"}, {port: "5399"}]
       rules: {dns: [{matchPattern: "*.range.com"}]}
     - ports: [{port: "853", protocol: SCTP}]
       rules: {dns: []}
@@ -324,6 +324,7 @@ spec:
             ("1.1.1.1:53", Udp, "tcp.com", Deny),
             ("1.1.1.1:5300", Udp, "a.range.com", Allow),
             ("1.1.1.1:5399", Tcp, "a.range.com", Allow),
+            ("1.1.1.1:5398", Tcp, "a.range.com", Deny),
             ("1.1.1.1:5400", Tcp, "a.range.com", Deny),
             ("1.1.1.1:5350", Tcp, "range.com", Deny),
             ("1.1.1.1:853", Udp, "any.com", Deny), // SCTP covers neither UDP nor TCP
@@ -1179,7 +1180,6 @@ spec:
     toPorts: [{ports: [{port: "0", protocol: TCP}]}]
   - toFQDNs: [{matchName: api.ok.com}]
     toPorts: [{ports: [{port: 0, protocol: UDP}]}]
-  - toPorts: [{ports: [{port: "0", protocol: UDP}], rules: {dns: [{matchName: a.ok.com}]}}]
 "#,
         );
         let ep = "team-a/uploader";
@@ -1187,8 +1187,125 @@ spec:
         assert_eq!(l3(&s, ep, "10.7.0.1", 65535, Tcp), Some(true));
         assert_eq!(l3(&s, ep, "10.7.0.1", 53, U), None, "TCP only");
         assert_eq!(fqdn(&s, ep, "api.ok.com").as_deref(), Some("0-65535/udp"));
-        assert_eq!(dns(&s, ep, "10.96.0.10:5353", Udp, "a.ok.com"), Allow);
-        assert_eq!(dns(&s, ep, "10.96.0.10:53", Proto::Tcp, "a.ok.com"), Deny);
+        // DNS rules on port 0 (and on ranges) are refused, as Cilium refuses them:
+        // testdata/bad/cilium-port-rules.yaml.
+    }
+
+    /// Review findings 3, 5, 8, 9, 10: where a CNP's namespace applies, and what Cilium
+    /// does with deny rules' L7 parts.
+    #[test]
+    fn namespaces_of_cnp_selectors_follow_cilium() {
+        use crate::PortProtocol::Tcp;
+        // An empty namespace is the default one (Kubernetes: the request's), not none.
+        let s = snapshot(
+            r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: p, namespace: ""}
+spec:
+  endpointSelector: {}
+  egress: [{}]
+"#,
+        );
+        let e = Endpoints::from_yaml(
+            Path::new("e.yaml"),
+            "endpoints:\n- {name: c, namespace: default, labels: {app: c}, ips: [\"10.0.9.1\"]}\n",
+        )
+        .unwrap();
+        let p = PolicySet::from_yaml(
+            Path::new("p.yaml"),
+            "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: p, namespace: \"\"}\nspec:\n  endpointSelector: {}\n  egress: [{}]\n",
+        )
+        .unwrap();
+        let only_default = Snapshot::compile(&p, &e);
+        let c = only_default.endpoint_by_name("default/c").unwrap();
+        assert!(
+            only_default.is_restricted(c),
+            "namespace \"\" enforced nothing"
+        );
+        assert!(!s.is_restricted(s.endpoint_by_name("team-a/uploader").unwrap()));
+
+        // toEndpoints on namespace labels, or with a reserved: requirement, is not confined
+        // to the CNP's namespace (Cilium's getEndpointSelector); a plain one is.
+        let with_namespace_labels = ENDPOINTS.replace(
+            "labels: {app: batch, tier: jobs}",
+            "labels: {app: batch, tier: jobs, io.cilium.k8s.namespace.labels.team: b}",
+        );
+        assert_ne!(with_namespace_labels, ENDPOINTS);
+        let s = |policy: &str| {
+            Snapshot::compile(
+                &PolicySet::from_yaml(Path::new("p.yaml"), policy).unwrap(),
+                &Endpoints::from_yaml(Path::new("e.yaml"), &with_namespace_labels).unwrap(),
+            )
+        };
+        let s = s(r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: p, namespace: team-a}
+spec:
+  endpointSelector: {matchLabels: {app: uploader}}
+  egress:
+  - toEndpoints: [{matchLabels: {"k8s:io.cilium.k8s.namespace.labels.team": b}}]
+    toPorts: [{ports: [{port: "80", protocol: TCP}]}]
+  - toEndpoints: [{matchLabels: {app: batch}, matchExpressions: [{key: "reserved:init", operator: DoesNotExist}]}]
+    toPorts: [{ports: [{port: "81", protocol: TCP}]}]
+  - toEndpoints: [{matchLabels: {app: batch}}]
+    toPorts: [{ports: [{port: "82", protocol: TCP}]}]
+"#);
+        let ep = "team-a/uploader";
+        // team-b/batch (10.0.2.6) carries the namespace label.
+        assert_eq!(
+            l3(&s, ep, "10.0.2.6", 80, Tcp),
+            Some(true),
+            "namespace labels"
+        );
+        assert_eq!(l3(&s, ep, "10.0.2.5", 80, Tcp), None, "no namespace label");
+        assert_eq!(
+            l3(&s, ep, "10.0.2.6", 81, Tcp),
+            Some(true),
+            "reserved: requirement"
+        );
+        assert_eq!(l3(&s, ep, "10.0.2.6", 82, Tcp), None, "plain: confined");
+
+        // An endpointSelector naming another namespace: the match is replaced by the
+        // policy's own, with a note (Cilium: "removing illegal namespace match").
+        let text = r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: p, namespace: team-a}
+spec:
+  endpointSelector: {matchLabels: {"k8s:io.kubernetes.pod.namespace": team-b, app: uploader}}
+  egress: [{}]
+  egressDeny:
+  - toPorts: [{ports: [{port: "80", protocol: TCP}], rules: {http: [{method: GET}]}}]
+"#;
+        let p = PolicySet::from_yaml(Path::new("p.yaml"), text).unwrap_or_else(|e| panic!("{e}"));
+        let notes: Vec<&str> = p
+            .policies
+            .iter()
+            .flat_map(|p| &p.notes)
+            .map(|(_, n)| n.as_str())
+            .collect();
+        assert!(
+            notes
+                .iter()
+                .any(|n| n.contains("replaced by io.kubernetes.pod.namespace=team-a")),
+            "{notes:?}"
+        );
+        assert!(
+            notes
+                .iter()
+                .any(|n| n.contains("rules.http has no meaning in egressDeny")),
+            "{notes:?}"
+        );
+        let s = snapshot(text);
+        assert!(s.is_restricted(s.endpoint_by_name("team-a/uploader").unwrap()));
+        assert!(!s.is_restricted(s.endpoint_by_name("team-b/uploader").unwrap()));
+        assert_eq!(
+            l3(&s, ep, "203.0.113.1", 80, Tcp),
+            Some(false),
+            "the deny's ports"
+        );
     }
 
     /// `toServices` reaches the addresses (ClusterIPs and backends) of the services the
