@@ -908,6 +908,13 @@ fn allow(e: &mut DescriptorEncoder, state: &State) -> Fmt {
         ]
         .map(|(reason, n)| ([("reason", reason)], n)),
     )?;
+    counter(
+        e,
+        "allow_in_cluster",
+        "Allow entries refused or revoked because their address is inside the cluster (a name \
+         resolving to a pod, service or node)",
+        allow.in_cluster,
+    )?;
     let datapath = state.enforcer.datapath_stats();
     if !datapath.is_empty() {
         counters(

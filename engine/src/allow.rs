@@ -12,7 +12,8 @@
 //! - **justified by policy**: an entry is written, and kept, only while the newest snapshot
 //!   the ledger was given still lets its endpoint reach one of its names on its port spec
 //!   ([`Ledger::revoke`] prunes at a reload; writes judged by an older snapshot are
-//!   re-judged, so a query in flight across a reload cannot write what the new policy forbids);
+//!   re-judged, so a query in flight across a reload cannot write what the new policy forbids),
+//!   and never for an address inside the cluster (`Snapshot::in_cluster`: DNS rebinding);
 //! - **bounded per workload**: a node-wide capacity, a per-endpoint and a per-name quota, so
 //!   one workload resolving random names cannot fill the table for the others;
 //! - **swept in slices**: expired entries leave through a heap, a bounded number per call.
@@ -275,6 +276,9 @@ pub struct LedgerStats {
     pub map_errors: u64,
     /// Entries not written because the newest policy does not justify them.
     pub unjustified: u64,
+    /// Of those, entries refused because their address is inside the cluster
+    /// (`Snapshot::in_cluster`: a name resolving to a pod, service or node reaches nothing).
+    pub in_cluster: u64,
     /// Entries removed by a reload.
     pub revoked: u64,
     /// Entries removed on expiry.
@@ -526,12 +530,19 @@ impl Ledger {
         })
     }
 
-    /// Whether `name`, for `endpoint`, justifies `ports` under the ledger's snapshot. Without
-    /// a snapshot (none given yet) everything the core asks for is justified.
-    fn justified(&mut self, endpoint: EndpointKey, name: &Name, ports: PortSpec) -> bool {
+    /// Whether `name` justifies entry `key` (its endpoint, address and ports) under the
+    /// ledger's snapshot: a toFQDNs rule of the endpoint selects the name and opens the ports,
+    /// and the address is outside the cluster. Without a snapshot (none given yet)
+    /// everything the core asks for is justified.
+    fn justified(&mut self, key: &AllowKey, name: &Name) -> bool {
+        let (endpoint, ports) = (key.endpoint, key.ports);
         let Some(snapshot) = &self.snapshot else {
             return true;
         };
+        if snapshot.in_cluster(key.ip) {
+            self.stats.in_cluster += 1;
+            return false;
+        }
         let Some(ep) = snapshot.endpoint_by_key(endpoint) else {
             return false;
         };
@@ -548,12 +559,17 @@ impl Ledger {
         })
     }
 
-    /// Whether `endpoint` is enforced and `ports` is one of its port specs under the
-    /// ledger's snapshot (the check for entries restored without names).
-    fn spec_justified(&self, endpoint: EndpointKey, ports: PortSpec) -> bool {
+    /// Whether `key`'s endpoint is enforced, its ports one of the endpoint's port specs and
+    /// its address outside the cluster under the ledger's snapshot (the check for entries
+    /// restored without names).
+    fn spec_justified(&self, key: &AllowKey) -> bool {
+        let (endpoint, ports) = (key.endpoint, key.ports);
         let Some(snapshot) = &self.snapshot else {
             return true;
         };
+        if snapshot.in_cluster(key.ip) {
+            return false;
+        }
         snapshot.endpoint_by_key(endpoint).is_some_and(|ep| {
             snapshot.is_restricted(ep)
                 && snapshot
@@ -585,7 +601,7 @@ impl Ledger {
                 ..e.key
             };
             let name = &batch.names[e.name as usize];
-            let justified = self.justified(key.endpoint, name, key.ports);
+            let justified = self.justified(&key, name);
             self.justified_scratch.push(justified);
             if !justified {
                 self.stats.unjustified += 1;
@@ -792,13 +808,13 @@ impl Ledger {
             self.entries.iter().map(|(k, s)| (*k, s.names)).collect();
         for (key, names) in keys {
             let justified = if names == [NO_NAME; NAMES_PER_ENTRY] {
-                self.spec_justified(key.endpoint, key.ports)
+                self.spec_justified(&key)
             } else {
                 names.iter().any(|&id| {
                     let Some(name) = self.names.name(id) else {
                         return false;
                     };
-                    self.justified(key.endpoint, &name, key.ports)
+                    self.justified(&key, &name)
                 })
             };
             if !justified && self.remove(&key) {

@@ -179,6 +179,8 @@ pub struct Snapshot {
     /// any endpoint is in it.
     deny_all: u32,
     rule_ports: Box<[Box<[PortProto]>]>,
+    /// The cluster's addresses less loopback, for [`Snapshot::in_cluster`].
+    cluster: LpmTable,
 }
 
 /// The lookup key of a source address: IPv4 and IPv4-mapped IPv6 as the mapped form.
@@ -207,6 +209,7 @@ impl Snapshot {
             groups: Box::new([]),
             deny_all: NO_GROUP,
             rule_ports: Box::new([]),
+            cluster: LpmTable::default(),
         }
     }
 
@@ -534,6 +537,17 @@ impl Snapshot {
         }
     }
 
+    /// Whether `ip` is inside the cluster: a registered endpoint's or service's address,
+    /// another node's, one in `--cluster-cidr`, or the node's own (`--node-ip`; its loopback
+    /// excepted). A toFQDNs answer never opens such an address (the allow ledger refuses it):
+    /// as in Cilium, where those addresses carry identities of their own that no FQDN
+    /// selector selects, a name resolving into the cluster (DNS rebinding) reaches nothing
+    /// there. The node's loopback is the exception: node-local, it is where dnsfence's
+    /// host-process endpoints, and its tests, meet their servers.
+    pub fn in_cluster(&self, ip: IpAddr) -> bool {
+        !self.cluster.is_empty() && self.cluster.lookup(ip).is_some()
+    }
+
     /// Endpoints with a cgroup, as `(cgroup path, endpoint)` (canonical paths, see
     /// [`Snapshot::endpoint_by_cgroup`]).
     pub fn cgroups(&self) -> impl Iterator<Item = (&str, EndpointId)> + '_ {
@@ -727,6 +741,31 @@ fn compile(
         groups: groups.into_boxed_slice(),
         deny_all,
         rule_ports: rule_ports.into_boxed_slice(),
+        cluster: {
+            // The node's own loopback is left out (node-local: where host-process endpoints,
+            // and the tests, meet their servers); registered addresses count wherever they are.
+            let loopback = [Cidr::parse("127.0.0.0/8"), Cidr::parse("::1/128")];
+            let mut prefixes = registered(reg);
+            prefixes.extend(remote_nodes(reg));
+            prefixes.extend(node.cluster.iter().copied());
+            prefixes.extend(
+                node.host
+                    .iter()
+                    .filter(|h| !loopback.iter().flatten().any(|l| l.contains(h))),
+            );
+            prefixes.sort_unstable();
+            prefixes.dedup();
+            LpmTable::new(
+                prefixes
+                    .into_iter()
+                    .map(|cidr| L3Entry {
+                        cidr,
+                        allow: Vec::new(),
+                        deny: Vec::new(),
+                    })
+                    .collect(),
+            )
+        },
     }
 }
 
@@ -769,6 +808,41 @@ fn service_blocks<'r>(
         })
 }
 
+/// The registered endpoints' and services' addresses: ClusterIPs, and the backends of a
+/// service with a selector (its pods). A selector-less service's backends are whatever its
+/// EndpointSlices list, often outside the cluster: not `cluster`, still `world`.
+fn registered(reg: &Endpoints) -> Vec<Cidr> {
+    let services = reg.services.iter().flat_map(|svc| {
+        let pods = svc.selector.is_some().then_some(&svc.backends);
+        svc.ips.iter().chain(pods.into_iter().flatten()).copied()
+    });
+    reg.endpoints
+        .iter()
+        .flat_map(|ep| ep.ips.iter().copied())
+        .chain(services)
+        .map(Cidr::host)
+        .collect()
+}
+
+/// The cluster's other nodes' addresses (`remote-node`).
+fn remote_nodes(reg: &Endpoints) -> Vec<Cidr> {
+    reg.nodes
+        .iter()
+        .flat_map(|n| n.ips.iter().copied())
+        .map(Cidr::host)
+        .collect()
+}
+
+/// Inside the cluster: the registered endpoints and services, the other nodes, the cluster
+/// ranges, the node itself (what `world` leaves out).
+fn cluster_prefixes(reg: &Endpoints, node: &NodeFacts) -> Vec<Cidr> {
+    let mut all = registered(reg);
+    all.extend(remote_nodes(reg));
+    all.extend(node.cluster.iter().copied());
+    all.extend(node.host.iter().copied());
+    all
+}
+
 /// The prefixes an L3 target stands for: CIDR blocks less the cluster's addresses, every
 /// address for no selector, the host prefixes of the registered endpoints a `toEndpoints`
 /// selects.
@@ -777,37 +851,7 @@ fn blocks_of(to: &L3Target, reg: &Endpoints, node: &NodeFacts) -> Vec<CidrBlock>
         cidr,
         except: Vec::new(),
     };
-    // The registered endpoints' and services' addresses: ClusterIPs, and the backends of a
-    // service with a selector (its pods). A selector-less service's backends are whatever its
-    // EndpointSlices list, often outside the cluster: not `cluster`, still `world`.
-    let registered = || {
-        let services = reg.services.iter().flat_map(|svc| {
-            let pods = svc.selector.is_some().then_some(&svc.backends);
-            svc.ips.iter().chain(pods.into_iter().flatten()).copied()
-        });
-        reg.endpoints
-            .iter()
-            .flat_map(|ep| ep.ips.iter().copied())
-            .chain(services)
-            .map(Cidr::host)
-            .collect::<Vec<_>>()
-    };
-    let remote_nodes = || {
-        reg.nodes
-            .iter()
-            .flat_map(|n| n.ips.iter().copied())
-            .map(Cidr::host)
-            .collect::<Vec<_>>()
-    };
-    // Inside the cluster: the node, the other nodes, the registered endpoints, the cluster
-    // ranges.
-    let cluster = || {
-        let mut all = registered();
-        all.extend(remote_nodes());
-        all.extend(node.cluster.iter().copied());
-        all.extend(node.host.iter().copied());
-        all
-    };
+    let cluster = || cluster_prefixes(reg, node);
     let world = |family: Cidr| CidrBlock {
         cidr: family,
         except: cluster()
@@ -823,7 +867,7 @@ fn blocks_of(to: &L3Target, reg: &Endpoints, node: &NodeFacts) -> Vec<CidrBlock>
         Entity::Cluster => cluster().into_iter().map(block).collect(),
         Entity::Host => node.host.iter().copied().map(block).collect(),
         Entity::KubeApiserver => node.kube_apiserver.iter().copied().map(block).collect(),
-        Entity::RemoteNode => remote_nodes().into_iter().map(block).collect(),
+        Entity::RemoteNode => remote_nodes(reg).into_iter().map(block).collect(),
         Entity::Unknown => Vec::new(),
     };
     match to {

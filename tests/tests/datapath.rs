@@ -365,6 +365,10 @@ fn l3_rules_cidrs_peers_ports_and_egress_deny_over_fqdn() {
     // The address the upstream gives `denied-by-cidr.allowed.test`: an egressDeny covers it.
     let asked = dnsfence_tests::dig(upstream.addr, &["denied-by-cidr.allowed.test", "A"]);
     let deny_ip: IpAddr = asked.rdata("A")[0].parse().unwrap();
+    // The address it gives `rebind.allowed.test`: registered below as another workload's
+    // (DNS rebinding into the cluster).
+    let asked = dnsfence_tests::dig(upstream.addr, &["rebind.allowed.test", "A"]);
+    let rebind_ip: IpAddr = asked.rdata("A")[0].parse().unwrap();
     let policy = format!(
         r#"apiVersion: cilium.io/v2
 kind: CiliumNetworkPolicy
@@ -389,7 +393,8 @@ spec:
     let endpoints = format!(
         "endpoints:\n\
          - {{name: a, namespace: default, labels: {{app: a}}, cgroup: a}}\n\
-         - {{name: db, namespace: default, labels: {{app: db}}, ips: [\"127.{net}.201.1\"]}}\n"
+         - {{name: db, namespace: default, labels: {{app: db}}, ips: [\"127.{net}.201.1\"]}}\n\
+         - {{name: victim, namespace: prod, labels: {{app: victim}}, ips: [\"{rebind_ip}\"]}}\n"
     );
     let mut config = agent_config(&env, upstream.addr, &[]);
     config.policy = policy;
@@ -426,6 +431,13 @@ spec:
     let fine = resolve(&env, "a", "fine.allowed.test", false);
     let _l3 = listen(fine);
     assert_eq!(env.connect(Some("a"), SocketAddr::new(fine, 443)), Ok(()));
+    // An allowed name resolving to another workload's address opens nothing there: as in
+    // Cilium, a registered address is not selected by a toFQDNs rule (DNS rebinding into the
+    // cluster). The answer itself is released.
+    let rebound = resolve(&env, "a", "rebind.allowed.test", false);
+    assert_eq!(rebound, rebind_ip);
+    let _l4 = listen(rebind_ip);
+    assert!(env.denied(Some("a"), SocketAddr::new(rebind_ip, 443)));
 }
 
 #[test]

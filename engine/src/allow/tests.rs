@@ -282,3 +282,59 @@ fn tables_sized_at_start_never_rehash_up_to_the_capacity() {
     );
     assert_eq!(before, after, "a table grew (rehashed) below its capacity");
 }
+
+/// DNS rebinding: a name the policy allows resolving to an address inside the cluster (a
+/// pod, a service, another node, a `--cluster-cidr` range) opens nothing there, as in Cilium
+/// (those addresses carry their own identities, which no FQDN selector selects); a reload
+/// that registers a pod at an address already allowed revokes the entry. Loopback stays
+/// allowed (node-local; the tests' servers live there).
+#[test]
+fn an_answer_pointing_into_the_cluster_opens_nothing_there() {
+    let endpoints = |extra: &str| {
+        format!(
+            "{ENDPOINTS}- {{name: db, namespace: prod, labels: {{app: db}}, ips: [\"10.0.3.7\"]}}\n{extra}"
+        )
+    };
+    let compile = |eps: &str| {
+        let set = PolicySet::from_yaml(std::path::Path::new("p.yaml"), POLICY).unwrap();
+        let eps = Endpoints::from_yaml(std::path::Path::new("e.yaml"), eps).unwrap();
+        let node = dnsfence_policy::cidr::NodeFacts {
+            cluster: vec![dnsfence_policy::cidr::Cidr::parse("10.96.0.0/12").unwrap()],
+            ..Default::default()
+        };
+        Arc::new(Snapshot::compile_on(&set, &eps, &[], &node))
+    };
+    let table = UserspaceAllowTable::new(LedgerConfig::default());
+    table.revoke(compile(&endpoints("")));
+    let exp = Instant::now() + Duration::from_secs(60);
+    let mut b = batch(
+        &[
+            ("a.allowed.test", vec![key(client(), "10.0.3.7", HTTPS)]),
+            ("b.allowed.test", vec![key(client(), "10.96.0.10", HTTPS)]),
+            ("c.allowed.test", vec![key(client(), "203.0.113.5", HTTPS)]),
+            ("d.allowed.test", vec![key(client(), "198.51.100.9", HTTPS)]),
+            ("e.allowed.test", vec![key(client(), "127.0.4.1", HTTPS)]),
+            (
+                "f.allowed.test",
+                vec![key(client(), "::ffff:10.0.3.7", HTTPS)],
+            ),
+        ],
+        exp,
+    );
+    write(&table, &mut b);
+    let stats = table.ledger().stats();
+    assert_eq!((stats.entries, stats.in_cluster), (3, 3), "{stats:?}");
+    let now = Instant::now();
+    let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+    let allowed = |s: &str| table.is_allowed(client(), ip(s), 443, PortSpec::TCP, now);
+    assert!(!allowed("10.0.3.7"), "a pod");
+    assert!(!allowed("10.96.0.10"), "the cluster range");
+    assert!(allowed("203.0.113.5") && allowed("198.51.100.9") && allowed("127.0.4.1"));
+    // A pod registered later at 198.51.100.9: the reload revokes the entry.
+    let later =
+        endpoints("- {name: new, namespace: prod, labels: {app: new}, ips: [\"198.51.100.9\"]}\n");
+    assert_eq!(table.revoke(compile(&later)), 1);
+    let now = Instant::now();
+    assert!(!table.is_allowed(client(), ip("198.51.100.9"), 443, PortSpec::TCP, now));
+    assert!(table.is_allowed(client(), ip("203.0.113.5"), 443, PortSpec::TCP, now));
+}
