@@ -77,9 +77,11 @@ pub struct AgentArgs {
     /// cgroup paths are relative to it.
     #[arg(long, value_name = "DIR", default_value = "/sys/fs/cgroup")]
     pub cgroup_root: PathBuf,
-    /// The cluster's pod and service ranges (repeatable): `toEntities: cluster` covers them
-    /// (with the node and the registered endpoints), `world` excludes them.
-    #[arg(long, value_name = "CIDR", value_parser = parse_cidr)]
+    /// The cluster's pod and service ranges (repeatable, or comma-separated): `toEntities:
+    /// cluster` covers them (with the node and the registered endpoints); `world`, CIDR rules
+    /// and toFQDNs answers leave them out. Give them on large clusters: one range stands for
+    /// all its pods in every endpoint's L3 entries, instead of one entry per pod.
+    #[arg(long, value_name = "CIDR", value_parser = parse_cidr, value_delimiter = ',')]
     pub cluster_cidr: Vec<dnsfence_policy::cidr::Cidr>,
     /// The node's own addresses besides loopback (repeatable): `toEntities: host`.
     #[arg(long, value_name = "IP", value_parser = parse_cidr)]

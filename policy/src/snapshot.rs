@@ -840,7 +840,28 @@ fn cluster_prefixes(reg: &Endpoints, node: &NodeFacts) -> Vec<Cidr> {
     all.extend(remote_nodes(reg));
     all.extend(node.cluster.iter().copied());
     all.extend(node.host.iter().copied());
-    all
+    minimal(all)
+}
+
+/// `prefixes` less the ones another of them contains, sorted: with `--cluster-cidr` given,
+/// every pod inside the pod range is one prefix (the range), not one per pod, in `world` and
+/// in the exceptions of every CIDR block (so in the datapath's per-endpoint L3 entries).
+/// O(n × r) for r prefixes shorter than a host's (the ranges: a few).
+fn minimal(mut prefixes: Vec<Cidr>) -> Vec<Cidr> {
+    prefixes.sort_unstable_by_key(|c| (c.len, *c));
+    prefixes.dedup();
+    let mut ranges: Vec<Cidr> = Vec::new();
+    prefixes.retain(|c| {
+        if ranges.iter().any(|r| r.contains(c)) {
+            return false;
+        }
+        if c.len < if c.addr.is_ipv4() { 32 } else { 128 } {
+            ranges.push(*c);
+        }
+        true
+    });
+    prefixes.sort_unstable();
+    prefixes
 }
 
 /// The prefixes an L3 target stands for: CIDR blocks less the cluster's addresses, every

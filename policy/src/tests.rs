@@ -730,6 +730,26 @@ spec:
         assert_eq!(port("10.0.1.77"), None, "inside the cluster range");
         assert_eq!(port("10.0.2.99"), None, "deny inside the cluster range");
         assert_eq!(port("10.1.0.1"), Some(true), "outside it");
+        assert_eq!(
+            port("10.96.0.10"),
+            None,
+            "a pod outside the range is left out too"
+        );
+        // The pods inside the range cost no entry of their own: the range stands for them
+        // (the datapath's L3 entries are per endpoint, so this bounds them by the ranges).
+        let pods_inside = |s: &Snapshot| {
+            s.l3_table(ep)
+                .iter()
+                .filter(|e| {
+                    e.cidr.len == 32 && Cidr::parse("10.0.0.0/16").unwrap().contains(&e.cidr)
+                })
+                .count()
+        };
+        assert_eq!(pods_inside(&s), 0, "{:?}", s.l3_table(ep));
+        let without_range = snapshot(policy);
+        let ep2 = without_range.endpoint_by_name("team-a/uploader").unwrap();
+        assert_eq!(ep2, ep);
+        assert!(pods_inside(&without_range) >= 4);
     }
 
     #[test]
