@@ -87,6 +87,13 @@ enum PolicyCommand {
         /// As the agent's `--kube-apiserver`.
         #[arg(long, value_name = "CIDR", value_parser = dnsfence_policy::cidr::Cidr::parse)]
         kube_apiserver: Vec<dnsfence_policy::cidr::Cidr>,
+        /// Append `<TAB>by=RULE` to each name's line: why its query is forwarded or refused,
+        /// RULE one of `egressDeny` (a deny covers the server), `l3-rule` (an L3/L4 allow of
+        /// the server and port lets every name through), `dns-rule`, `default-deny`,
+        /// `default-allow` (no rule is about it under `enableDefaultDeny.egress: false`) or
+        /// `unrestricted`.
+        #[arg(long)]
+        explain: bool,
         /// Names to check.
         #[arg(required_unless_present_any = ["to", "to_endpoint"], value_name = "QNAME")]
         names: Vec<String>,
@@ -201,6 +208,7 @@ pub fn run(args: &PolicyArgs) -> ExitCode {
             cluster_cidr,
             node_ip,
             kube_apiserver,
+            explain,
             names,
         } => {
             let proto = match proto {
@@ -216,10 +224,13 @@ pub fn run(args: &PolicyArgs) -> ExitCode {
             match endpoint_targets(endpoints, to_endpoint) {
                 Ok(mut targets) => {
                     targets.splice(0..0, to.iter().cloned());
-                    check(
-                        policies, endpoints, endpoint, *port, proto, *server, &targets, &node,
-                        names,
-                    )
+                    let query = Query {
+                        port: *port,
+                        proto,
+                        server: *server,
+                        explain: *explain,
+                    };
+                    check(policies, endpoints, endpoint, query, &targets, &node, names)
                 }
                 Err(e) => Err(e),
             }
@@ -290,13 +301,20 @@ fn validate(paths: &[PathBuf], endpoints: Option<&PathBuf>) -> Result<ExitCode> 
 }
 
 #[allow(clippy::too_many_arguments)]
+/// How `policy check` asks about names: the query's port, transport and server, and whether
+/// to say why.
+struct Query {
+    port: u16,
+    proto: Proto,
+    server: Option<IpAddr>,
+    explain: bool,
+}
+
 fn check(
     policy_paths: &[PathBuf],
     endpoints_path: &Path,
     endpoint: &str,
-    port: u16,
-    proto: Proto,
-    server: Option<IpAddr>,
+    query: Query,
     targets: &[Target],
     node: &dnsfence_policy::cidr::NodeFacts,
     names: &[String],
@@ -328,11 +346,26 @@ fn check(
     let mut out = io::stdout().lock();
     let mut rules = snapshot.rule_set();
     for qname in names {
+        let Query {
+            port,
+            proto,
+            server,
+            explain,
+        } = query;
         let line = match Name::from_text(qname) {
-            Ok(name) => verdict_line(&snapshot, ep, port, proto, server, &name, &mut rules),
+            Ok(name) => {
+                let mut line = verdict_line(&snapshot, ep, port, proto, server, &name, &mut rules);
+                if explain {
+                    let why = snapshot.dns_reason(ep, server, port, proto, &name);
+                    line.push_str("\tby=");
+                    line.push_str(why.as_str());
+                }
+                line
+            }
             Err(e) => {
                 eprintln!("note: {qname:?} is not a valid name ({e}): it matches nothing");
-                "dns=deny\tfqdn=deny".to_string()
+                let by = if explain { "\tby=invalid-name" } else { "" };
+                format!("dns=deny\tfqdn=deny{by}")
             }
         };
         writeln!(out, "{qname}\t{line}").context("writing to stdout")?;

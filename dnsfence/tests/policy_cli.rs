@@ -430,3 +430,80 @@ spec:
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// `--explain` says why each query is forwarded or refused: the L3 rules about the server
+/// decide before the DNS rules (an egressDeny refuses, an L3/L4 allow lets every name
+/// through, as in Cilium), and the default line format stays as the spec gives it.
+#[test]
+fn check_explain_names_the_deciding_rule() {
+    let dir = std::env::temp_dir().join(format!("dnsfence-explain-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let policy = dir.join("p.yaml");
+    let endpoints = dir.join("e.yaml");
+    std::fs::write(
+        &policy,
+        r#"apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: p, namespace: team-a}
+spec:
+  endpointSelector: {matchLabels: {app: client}}
+  egress:
+  - toPorts:
+    - ports: [{port: "53", protocol: ANY}]
+      rules: {dns: [{matchPattern: "*.allowed.test"}]}
+  - toCIDR: [198.51.100.0/24]
+    toPorts: [{ports: [{port: "53", protocol: UDP}]}]
+  egressDeny:
+  - toCIDR: [192.0.2.0/24]
+"#,
+    )
+    .unwrap();
+    std::fs::write(
+        &endpoints,
+        "endpoints:\n- {name: client, namespace: team-a, labels: {app: client}, ips: [\"10.0.0.1\"]}\n\
+         - {name: free, namespace: team-b, labels: {app: free}, ips: [\"10.0.0.2\"]}\n",
+    )
+    .unwrap();
+    let (policy, endpoints) = (policy.to_str().unwrap(), endpoints.to_str().unwrap());
+    let run = |endpoint: &str, server: &str, names: &[&str]| {
+        let mut args = vec![
+            "policy",
+            "check",
+            "--policy",
+            policy,
+            "--endpoints",
+            endpoints,
+            "--endpoint",
+            endpoint,
+            "--server",
+            server,
+            "--explain",
+        ];
+        args.extend_from_slice(names);
+        let out = dnsfence(&args);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        text(&out.stdout).to_string()
+    };
+    assert_eq!(
+        run(
+            "team-a/client",
+            "203.0.113.53",
+            &["a.allowed.test", "evil.test"]
+        ),
+        "a.allowed.test\tdns=allow\tfqdn=deny\tby=dns-rule\n\
+         evil.test\tdns=deny\tfqdn=deny\tby=default-deny\n"
+    );
+    assert_eq!(
+        run("team-a/client", "198.51.100.53", &["evil.test"]),
+        "evil.test\tdns=allow\tfqdn=deny\tby=l3-rule\n"
+    );
+    assert_eq!(
+        run("team-a/client", "192.0.2.53", &["a.allowed.test"]),
+        "a.allowed.test\tdns=deny\tfqdn=deny\tby=egressDeny\n"
+    );
+    assert_eq!(
+        run("team-b/free", "192.0.2.53", &["evil.test"]),
+        "evil.test\tdns=allow\tfqdn=allow\tports=any\tby=unrestricted\n"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -26,7 +26,7 @@ pub use policy::{
     PolicySet, PortProto, PortProtocol, Proto, ServiceRef, Spec, Summary, parse_policy_file,
 };
 pub use selector::{LabelSelector, Labels, NAMESPACE_LABEL};
-pub use snapshot::{DnsVerdict, EndpointId, EndpointKey, Snapshot, SnapshotStats};
+pub use snapshot::{DnsReason, DnsVerdict, EndpointId, EndpointKey, Snapshot, SnapshotStats};
 
 /// Loads policy files/directories and (optionally) an endpoints file, and compiles them.
 /// Errors of both are collected; nothing is compiled when there is any.

@@ -142,6 +142,58 @@ struct Group {
     default_deny: bool,
 }
 
+impl Group {
+    /// What the group's explicit L3/L4 rules say of DNS to `ip:port` over `proto`:
+    /// `Some(false)` an egressDeny covers it, `Some(true)` an allow does, None neither.
+    #[inline]
+    fn server_l3(&self, ip: IpAddr, port: u16, proto: Proto) -> Option<bool> {
+        if self.servers_l3.is_empty() {
+            return None;
+        }
+        let e = self.servers_l3.lookup(ip)?;
+        let covers = |ports: &[PortProto]| ports.iter().any(|p| p.covers(port, proto));
+        if covers(&e.deny) {
+            Some(false)
+        } else if covers(&e.allow) {
+            Some(true)
+        } else {
+            None
+        }
+    }
+}
+
+/// Why a DNS query got its verdict ([`Snapshot::dns_reason`]), for tools such as
+/// `dnsfence policy check --explain`.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum DnsReason {
+    /// No egress policy selects the endpoint.
+    Unrestricted,
+    /// An `egressDeny` covers the server, port and transport: refused whatever the name.
+    EgressDeny,
+    /// An L3/L4 allow (no `rules.dns`) covers the server and port: every name forwarded.
+    L3Rule,
+    /// A DNS rule covering the query allows the name.
+    DnsRule,
+    /// Under default deny (or covered by DNS rules), no rule allows the query.
+    DefaultDeny,
+    /// Default allow (`enableDefaultDeny.egress: false`) and no rule is about the query.
+    DefaultAllow,
+}
+
+impl DnsReason {
+    /// `egressDeny`, `l3-rule`, `dns-rule`, `default-deny`, `default-allow`, `unrestricted`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DnsReason::Unrestricted => "unrestricted",
+            DnsReason::EgressDeny => "egressDeny",
+            DnsReason::L3Rule => "l3-rule",
+            DnsReason::DnsRule => "dns-rule",
+            DnsReason::DefaultDeny => "default-deny",
+            DnsReason::DefaultAllow => "default-allow",
+        }
+    }
+}
+
 /// Counts of a snapshot, for logs and metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct SnapshotStats {
@@ -349,6 +401,37 @@ impl Snapshot {
         self.verdict(ep, None, port, proto, name, None)
     }
 
+    /// Why [`Snapshot::dns_verdict`] (with `server`) or [`Snapshot::dns_verdict_any_server`]
+    /// (without) decides as it does for this query. For tools, not the data plane.
+    pub fn dns_reason(
+        &self,
+        ep: EndpointId,
+        server: Option<IpAddr>,
+        port: u16,
+        proto: Proto,
+        name: &Name,
+    ) -> DnsReason {
+        let group = self
+            .endpoints
+            .get(ep.0 as usize)
+            .map(|e| self.groups.get(e.group as usize));
+        if let Some(None) = group {
+            return DnsReason::Unrestricted;
+        }
+        if let (Some(Some(group)), Some(ip)) = (group, server) {
+            match group.server_l3(ip, port, proto) {
+                Some(false) => return DnsReason::EgressDeny,
+                Some(true) => return DnsReason::L3Rule,
+                None => {}
+            }
+        }
+        match self.verdict(ep, server, port, proto, name, None) {
+            DnsVerdict::Allow => DnsReason::DnsRule,
+            DnsVerdict::Deny => DnsReason::DefaultDeny,
+            DnsVerdict::Unrestricted => DnsReason::DefaultAllow,
+        }
+    }
+
     /// Whether DNS entry `dns` covers a query to `server_ip:port` over `proto` (`owner`: the
     /// endpoint owning the server address, looked up once and only when needed).
     #[inline]
@@ -394,19 +477,7 @@ impl Snapshot {
         // proxy sees: an `egressDeny` of the server and port denies the query whatever the DNS
         // rules say (deny wins); an L3 or L4 allow of them (a rule without `rules.dns`) lets
         // every name through, as Cilium's L3/L4-only rules wildcard the L7 rules of the port.
-        let server_l3 = match server_ip {
-            Some(ip) if !group.servers_l3.is_empty() => group.servers_l3.lookup(ip).and_then(|e| {
-                let covers = |ports: &[PortProto]| ports.iter().any(|p| p.covers(port, proto));
-                if covers(&e.deny) {
-                    Some(false)
-                } else if covers(&e.allow) {
-                    Some(true)
-                } else {
-                    None
-                }
-            }),
-            _ => None,
-        };
+        let server_l3 = server_ip.and_then(|ip| group.server_l3(ip, port, proto));
         if server_l3 == Some(false) {
             return DnsVerdict::Deny;
         }
