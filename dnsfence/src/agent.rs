@@ -83,8 +83,9 @@ pub struct AgentArgs {
     /// all its pods in every endpoint's L3 entries, instead of one entry per pod.
     #[arg(long, value_name = "CIDR", value_parser = parse_cidr, value_delimiter = ',')]
     pub cluster_cidr: Vec<dnsfence_policy::cidr::Cidr>,
-    /// The node's own addresses besides loopback (repeatable): `toEntities: host`.
-    #[arg(long, value_name = "IP", value_parser = parse_cidr)]
+    /// The node's own addresses besides loopback (repeatable, or comma-separated; addresses,
+    /// not prefixes): `toEntities: host`; CIDR rules and toFQDNs answers leave them out.
+    #[arg(long, value_name = "IP", value_parser = dnsfence_policy::cidr::Cidr::parse_host, value_delimiter = ',')]
     pub node_ip: Vec<dnsfence_policy::cidr::Cidr>,
     /// The Kubernetes API server's addresses (repeatable): `toEntities: kube-apiserver`
     /// (without it, that entity allows nothing).

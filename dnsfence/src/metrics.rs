@@ -480,6 +480,11 @@ const CORE: &[PerShard<Stats>] = &[
         |s| s.addresses_overflow,
     ),
     (
+        "addresses_in_cluster",
+        "Answer addresses inside the cluster, never allowed by a toFQDNs rule (DNS rebinding)",
+        |s| s.addresses_in_cluster,
+    ),
+    (
         "ttl_clamped",
         "Enforced answers whose TTLs were lowered to --max-ttl",
         |s| s.ttl_clamped,

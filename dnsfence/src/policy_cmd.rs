@@ -82,7 +82,7 @@ enum PolicyCommand {
         #[arg(long, value_name = "CIDR", value_parser = dnsfence_policy::cidr::Cidr::parse)]
         cluster_cidr: Vec<dnsfence_policy::cidr::Cidr>,
         /// As the agent's `--node-ip`.
-        #[arg(long, value_name = "IP", value_parser = dnsfence_policy::cidr::Cidr::parse)]
+        #[arg(long, value_name = "IP", value_parser = dnsfence_policy::cidr::Cidr::parse_host, value_delimiter = ',')]
         node_ip: Vec<dnsfence_policy::cidr::Cidr>,
         /// As the agent's `--kube-apiserver`.
         #[arg(long, value_name = "CIDR", value_parser = dnsfence_policy::cidr::Cidr::parse)]

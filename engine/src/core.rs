@@ -349,6 +349,9 @@ pub struct Stats {
     pub off_chain_records: u64,
     /// Addresses beyond the 32 kept from one answer (not allowed).
     pub addresses_overflow: u64,
+    /// Answer addresses inside the cluster (`Snapshot::in_cluster`), which a toFQDNs rule
+    /// never opens (DNS rebinding); the answer itself is released.
+    pub addresses_in_cluster: u64,
     /// Enforced answers whose TTLs were lowered to `max(max_ttl, min_ttl)` (their allow
     /// entries cannot outlive that, so the client must not cache longer).
     pub ttl_clamped: u64,
@@ -1512,6 +1515,12 @@ impl Core {
         };
         for &ip in addresses.ips() {
             let ip = crate::allow::canonical(ip);
+            // Judged here as well as by the ledger, which may have no snapshot yet (a
+            // standalone proxy serving its persisted policy before the agent's first).
+            if snapshot.in_cluster(ip) {
+                self.stats.addresses_in_cluster += 1;
+                continue;
+            }
             for &ports in &self.specs {
                 let entry = AllowKey {
                     endpoint: key,

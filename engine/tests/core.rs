@@ -234,7 +234,7 @@ fn unchanged_address_sets_cost_no_write() {
         TYPE_A,
         &[
             ("a.allowed.test", TYPE_A, 600, &rdata_a("127.0.0.9")),
-            ("a.allowed.test", TYPE_A, 600, &rdata_a("127.0.0.10")),
+            ("a.allowed.test", TYPE_A, 600, &rdata_a("127.0.0.11")),
         ],
     );
     h.answer(101, socket, &ans);
@@ -1684,4 +1684,32 @@ fn every_matching_tofqdns_rule_opens_its_port_however_many() {
                 .is_allowed(ep(), ip("127.1.7.7"), 443, PortSpec::TCP, h.at(2))
         );
     }
+}
+
+/// DNS rebinding: an allowed name whose answer points at a registered workload's address
+/// (here `default/open`, 127.0.0.20) gets no allow entry for it, even when the allow table
+/// has no snapshot of its own to judge by (a standalone proxy serving its persisted policy
+/// before the agent's first snapshot: review 2); the answer is released, and the answer's
+/// other addresses are allowed.
+#[test]
+fn an_answer_pointing_at_a_workload_opens_nothing_there() {
+    let mut h = Harness::new(config());
+    let q = query(0x4321, "rebind.allowed.test", TYPE_A);
+    let (socket, fwd) = h.forward(0, &q);
+    let upstream_id = u16::from_be_bytes([fwd[0], fwd[1]]);
+    let ans = answer(
+        upstream_id,
+        "rebind.allowed.test",
+        TYPE_A,
+        &[
+            ("rebind.allowed.test", TYPE_A, 300, &rdata_a("127.0.0.20")),
+            ("rebind.allowed.test", TYPE_A, 300, &rdata_a("127.1.2.4")),
+        ],
+    );
+    h.core.handle_upstream(h.at(5), socket, upstream(), &ans);
+    let out = h.drain(5);
+    assert_eq!(rcode(to_client(&out)), 0, "the answer is released");
+    assert!(!allowed_443(&h.table, ep(), ip("127.0.0.20"), h.at(6)));
+    assert!(allowed_443(&h.table, ep(), ip("127.1.2.4"), h.at(6)));
+    assert_eq!(h.core.stats().addresses_in_cluster, 1);
 }

@@ -54,6 +54,18 @@ impl Cidr {
         Ok(cidr)
     }
 
+    /// Parses one address (`192.0.2.7`, or a host prefix `192.0.2.7/32`) as a host prefix;
+    /// a shorter prefix is an error (the node's own addresses: `--node-ip`).
+    pub fn parse_host(text: &str) -> Result<Cidr, String> {
+        let cidr = Cidr::parse(text)?;
+        if cidr.len != if cidr.addr.is_ipv4() { 32 } else { 128 } {
+            return Err(format!(
+                "{text:?} is a prefix: give the node's addresses one by one"
+            ));
+        }
+        Ok(cidr)
+    }
+
     /// Every IPv4 address.
     pub const ALL4: Cidr = Cidr {
         addr: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
@@ -271,14 +283,14 @@ pub fn compile_table(
 #[derive(Debug, Default)]
 pub struct LpmTable {
     /// (is IPv4, length, network bits → entry), longest first.
-    by_len: Vec<(bool, u8, std::collections::HashMap<u128, u32>)>,
+    by_len: Vec<(bool, u8, std::collections::HashMap<u128, u32, Fast>)>,
     entries: Vec<L3Entry>,
 }
 
 impl LpmTable {
     /// Indexes `entries` (prefixes distinct, as [`compile_table`] gives them).
     pub fn new(entries: Vec<L3Entry>) -> LpmTable {
-        let mut by_len: Vec<(bool, u8, std::collections::HashMap<u128, u32>)> = Vec::new();
+        let mut by_len: Vec<(bool, u8, std::collections::HashMap<u128, u32, Fast>)> = Vec::new();
         for (i, e) in entries.iter().enumerate() {
             let v4 = e.cidr.addr.is_ipv4();
             let slot = match by_len
@@ -287,7 +299,7 @@ impl LpmTable {
             {
                 Some(slot) => slot,
                 None => {
-                    by_len.push((v4, e.cidr.len, std::collections::HashMap::new()));
+                    by_len.push((v4, e.cidr.len, std::collections::HashMap::default()));
                     by_len.len() - 1
                 }
             };
@@ -318,14 +330,28 @@ impl LpmTable {
 /// The blocks of a rule list by their prefix, so the blocks containing a prefix are found by
 /// looking up its ancestors (at most 33 or 129 lookups) instead of scanning every block: a
 /// table of n prefixes compiles in O(n × width), not O(n²).
+/// The compile-time tables' hasher: their keys are prefixes from policy files and the
+/// registry, not from packets.
+type Fast = foldhash::fast::RandomState;
+
+/// A prefix as a hash key: (is IPv4, length, network bits).
+type PrefixKey = (bool, u8, u128);
+
 struct BlockIndex {
     /// (is IPv4, length, network bits) -> (rule, block) indices.
-    by_prefix: std::collections::HashMap<(bool, u8, u128), Vec<(usize, usize)>>,
+    by_prefix: std::collections::HashMap<PrefixKey, Vec<(usize, usize)>, Fast>,
+    /// Every block's exceptions, as (rule, block, is IPv4, length, network bits): whether a
+    /// block's exception contains a prefix is one lookup per ancestor of the prefix, not a scan
+    /// of the block's exceptions (which leave out the cluster: one per pod without
+    /// `--cluster-cidr`, so a scan per prefix made a group's table O(pods²) to compile).
+    excepts: std::collections::HashSet<(usize, usize, bool, u8, u128), Fast>,
 }
 
 impl BlockIndex {
     fn new(rules: &[(Vec<CidrBlock>, Vec<PortProto>)]) -> BlockIndex {
-        let mut by_prefix: std::collections::HashMap<_, Vec<_>> = std::collections::HashMap::new();
+        let mut by_prefix: std::collections::HashMap<_, Vec<_>, Fast> =
+            std::collections::HashMap::default();
+        let mut excepts = std::collections::HashSet::default();
         for (r, (blocks, _)) in rules.iter().enumerate() {
             for (b, block) in blocks.iter().enumerate() {
                 let c = block.cidr;
@@ -333,9 +359,22 @@ impl BlockIndex {
                     .entry((c.addr.is_ipv4(), c.len, c.bits().0))
                     .or_default()
                     .push((r, b));
+                for e in &block.except {
+                    excepts.insert((r, b, e.addr.is_ipv4(), e.len, e.bits().0));
+                }
             }
         }
-        BlockIndex { by_prefix }
+        BlockIndex { by_prefix, excepts }
+    }
+
+    /// Whether block `b` of rule `r`, which contains `p`, has an exception containing `p`.
+    fn excepted(&self, r: usize, b: usize, p: &Cidr) -> bool {
+        let (bits, _) = p.bits();
+        let v4 = p.addr.is_ipv4();
+        (0..=p.len).any(|len| {
+            self.excepts
+                .contains(&(r, b, v4, len, bits & Cidr::mask(len)))
+        })
     }
 
     /// The ports of every rule with a block that covers `p` (inside it, in no exception).
@@ -349,7 +388,8 @@ impl BlockIndex {
         for len in 0..=p.len {
             let key = (p.addr.is_ipv4(), len, bits & Cidr::mask(len));
             for &(r, b) in self.by_prefix.get(&key).into_iter().flatten() {
-                if rules[r].0[b].covers(p) && !covering.contains(&r) {
+                // The block contains `p` (it is `p` or an ancestor of it).
+                if !covering.contains(&r) && !self.excepted(r, b, p) {
                     covering.push(r);
                 }
             }

@@ -864,6 +864,8 @@ fn parse_policy(diag: &mut Diag<'_>, doc: &Node<'_>) -> Option<Policy> {
             .string(ns, "metadata.namespace")
             .map(|n| if n.is_empty() { "default".into() } else { n }),
         (PolicyKind::Clusterwide, None) => None,
+        // Kubernetes reads an empty namespace as none.
+        (PolicyKind::Clusterwide, Some(ns)) if ns.data.as_str() == Some("") => None,
         (PolicyKind::Clusterwide, Some(ns)) => {
             diag.invalid(
                 ns,

@@ -136,6 +136,10 @@ struct Group {
     /// for the DNS verdict: an `egressDeny` of the server denies the query, and an L3/L4 allow
     /// of the server and port lets every name through (see `Snapshot::verdict`).
     servers_l3: LpmTable,
+    /// The explicit allows whose port entries wildcard the DNS rules of a port (Cilium's
+    /// `wildcardL3L4Rules`): entries without ports, port 0, or the very port; not port ranges,
+    /// and not `toServices` rules (Cilium's `AllowsWildcarding` excludes them).
+    servers_wildcard: LpmTable,
     /// Whether some selecting spec asks for egress default deny. Without it (every selecting
     /// spec sets `enableDefaultDeny.egress: false`), the L3 table allows every address and
     /// the DNS rules judge only the queries they cover; `egressDeny` still wins.
@@ -159,6 +163,17 @@ impl Group {
         } else {
             None
         }
+    }
+
+    /// Whether an explicit allow of `ip:port` over `proto` wildcards the DNS rules that cover
+    /// the query (see `servers_wildcard`).
+    #[inline]
+    fn server_wildcards(&self, ip: IpAddr, port: u16, proto: Proto) -> bool {
+        !self.servers_wildcard.is_empty()
+            && self
+                .servers_wildcard
+                .lookup(ip)
+                .is_some_and(|e| e.allow.iter().any(|p| p.covers(port, proto)))
     }
 }
 
@@ -411,25 +426,7 @@ impl Snapshot {
         proto: Proto,
         name: &Name,
     ) -> DnsReason {
-        let group = self
-            .endpoints
-            .get(ep.0 as usize)
-            .map(|e| self.groups.get(e.group as usize));
-        if let Some(None) = group {
-            return DnsReason::Unrestricted;
-        }
-        if let (Some(Some(group)), Some(ip)) = (group, server) {
-            match group.server_l3(ip, port, proto) {
-                Some(false) => return DnsReason::EgressDeny,
-                Some(true) => return DnsReason::L3Rule,
-                None => {}
-            }
-        }
-        match self.verdict(ep, server, port, proto, name, None) {
-            DnsVerdict::Allow => DnsReason::DnsRule,
-            DnsVerdict::Deny => DnsReason::DefaultDeny,
-            DnsVerdict::Unrestricted => DnsReason::DefaultAllow,
-        }
+        self.decide(ep, server, port, proto, name, None).1
     }
 
     /// Whether DNS entry `dns` covers a query to `server_ip:port` over `proto` (`owner`: the
@@ -455,6 +452,7 @@ impl Snapshot {
         true
     }
 
+    #[inline]
     fn verdict(
         &self,
         ep: EndpointId,
@@ -462,16 +460,29 @@ impl Snapshot {
         port: u16,
         proto: Proto,
         name: &Name,
-        mut fqdn: Option<&mut RuleSet>,
+        fqdn: Option<&mut RuleSet>,
     ) -> DnsVerdict {
+        self.decide(ep, server_ip, port, proto, name, fqdn).0
+    }
+
+    /// The verdict and why (see [`DnsReason`]).
+    fn decide(
+        &self,
+        ep: EndpointId,
+        server_ip: Option<IpAddr>,
+        port: u16,
+        proto: Proto,
+        name: &Name,
+        mut fqdn: Option<&mut RuleSet>,
+    ) -> (DnsVerdict, DnsReason) {
         if let Some(out) = fqdn.as_deref_mut() {
             out.clear();
         }
         let Some(entry) = self.endpoints.get(ep.0 as usize) else {
-            return DnsVerdict::Deny;
+            return (DnsVerdict::Deny, DnsReason::DefaultDeny);
         };
         let Some(group) = self.groups.get(entry.group as usize) else {
-            return DnsVerdict::Unrestricted;
+            return (DnsVerdict::Unrestricted, DnsReason::Unrestricted);
         };
         // The L3/L4 rules about the server, as Cilium applies them to the DNS traffic its
         // proxy sees: an `egressDeny` of the server and port denies the query whatever the DNS
@@ -479,11 +490,11 @@ impl Snapshot {
         // every name through, as Cilium's L3/L4-only rules wildcard the L7 rules of the port.
         let server_l3 = server_ip.and_then(|ip| group.server_l3(ip, port, proto));
         if server_l3 == Some(false) {
-            return DnsVerdict::Deny;
+            return (DnsVerdict::Deny, DnsReason::EgressDeny);
         }
         let mut owner = None;
         let mut covered = false;
-        let mut allowed = server_l3 == Some(true);
+        let mut allowed = false;
         // The covering entries that list names: bit i for entry i < 64 (entries beyond are
         // checked again when their tag matches; groups that large are rare).
         let mut listed: u64 = 0;
@@ -498,6 +509,18 @@ impl Snapshot {
                 Names::Listed if i < 64 => listed |= 1 << i,
                 Names::Listed => listed_beyond = true,
             }
+        }
+        let mut by_l3 = false;
+        if !allowed {
+            allowed = match server_ip {
+                // No DNS rule is about the query (Cilium: no proxy redirect for that peer and
+                // port): plain L3/L4 traffic, allowed if an L3/L4 allow covers it.
+                _ if !covered => server_l3 == Some(true),
+                // DNS rules are: an L3/L4-only allow of the very port wildcards them.
+                Some(ip) => group.server_wildcards(ip, port, proto),
+                None => false,
+            };
+            by_l3 = allowed;
         }
         let entries = group.dns.len();
         let walk_dns = !allowed && (listed != 0 || listed_beyond);
@@ -518,13 +541,15 @@ impl Snapshot {
                 }
             });
         }
-        if allowed {
-            DnsVerdict::Allow
+        if by_l3 {
+            (DnsVerdict::Allow, DnsReason::L3Rule)
+        } else if allowed {
+            (DnsVerdict::Allow, DnsReason::DnsRule)
         } else if group.default_deny || covered {
-            DnsVerdict::Deny
+            (DnsVerdict::Deny, DnsReason::DefaultDeny)
         } else {
             // Default allow, and no DNS rule is about this query.
-            DnsVerdict::Unrestricted
+            (DnsVerdict::Unrestricted, DnsReason::DefaultAllow)
         }
     }
 
@@ -763,6 +788,7 @@ fn compile(
                     fqdn_ports: Box::new([]),
                     l3: Box::new([]),
                     servers_l3: LpmTable::default(),
+                    servers_wildcard: LpmTable::default(),
                     default_deny: true,
                 });
                 deny_all = (groups.len() - 1) as u32;
@@ -1030,11 +1056,24 @@ fn compile_group(
     }
     let mut l3_allow = Vec::new();
     let mut l3_deny = Vec::new();
+    let mut wildcarding = Vec::new();
     for &s in selecting {
         let spec = &specs[s as usize];
         for rule in spec.rules {
             if let EgressRule::L3(r) = rule {
-                l3_allow.push((blocks_of(&r.to, reg, node), r.ports.clone()));
+                let blocks = blocks_of(&r.to, reg, node);
+                let ports: Vec<PortProto> = r
+                    .ports
+                    .iter()
+                    .filter(|p| {
+                        p.proto == PortProtocol::Every || p.port == 0 || p.port == p.end_port
+                    })
+                    .copied()
+                    .collect();
+                if !ports.is_empty() && !matches!(r.to, L3Target::Services(_)) {
+                    wildcarding.push((blocks.clone(), ports));
+                }
+                l3_allow.push((blocks, r.ports.clone()));
             }
         }
         for r in spec.deny {
@@ -1116,6 +1155,7 @@ fn compile_group(
             fqdn_ports.into_boxed_slice()
         },
         servers_l3: LpmTable::new(compile_table(&l3_allow, &l3_deny)),
+        servers_wildcard: LpmTable::new(compile_table(&wildcarding, &[])),
         l3: {
             if !default_deny {
                 // Default allow: every address, less what egressDeny denies.

@@ -657,6 +657,89 @@ spec:
             dns(&s, ep, local_dns, Proto::Udp, "no.example"),
             DnsVerdict::Allow
         );
+
+        // Review 2: only an allow of the very port (or of every port) wildcards the DNS rules
+        // covering a query, as Cilium's wildcardL3L4Rules does; a port range does not, so the
+        // DNS rule's names still apply. Where no DNS rule covers the query, any allow lets it
+        // through (plain L4 traffic: Cilium redirects nothing there).
+        let s = snapshot(
+            r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: p, namespace: team-a}
+spec:
+  endpointSelector: {matchLabels: {app: uploader}}
+  egress:
+  - toEndpoints: [{matchLabels: {app: dns}}]
+    toPorts: [{ports: [{port: "53", protocol: ANY}], rules: {dns: [{matchName: ok.example}]}}]
+  - toEndpoints: [{matchLabels: {app: dns}}]
+    toPorts: [{ports: [{port: "1", endPort: 10000, protocol: UDP}]}]
+  - toEndpoints: [{matchLabels: {"k8s:io.kubernetes.pod.namespace": kube-system, k8s-app: kube-dns}}]
+    toPorts: [{ports: [{port: "1", endPort: 10000, protocol: UDP}]}]
+"#,
+        );
+        assert_eq!(
+            dns(&s, ep, local_dns, Proto::Udp, "ok.example"),
+            DnsVerdict::Allow
+        );
+        assert_eq!(
+            dns(&s, ep, local_dns, Proto::Udp, "exfil.example"),
+            DnsVerdict::Deny,
+            "a range does not wildcard the DNS rule"
+        );
+        assert_eq!(
+            dns(&s, ep, kube_dns, Proto::Udp, "exfil.example"),
+            DnsVerdict::Allow,
+            "no DNS rule about kube-dns: plain L4"
+        );
+        assert_eq!(
+            s.dns_reason(
+                s.endpoint_by_name(ep).unwrap(),
+                Some("10.96.0.10".parse().unwrap()),
+                53,
+                Proto::Udp,
+                &Name::from_text("exfil.example").unwrap()
+            ),
+            crate::DnsReason::L3Rule
+        );
+    }
+
+    #[test]
+    fn to_services_does_not_wildcard_dns_rules() {
+        let text = r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: p, namespace: team-a}
+spec:
+  endpointSelector: {matchLabels: {app: uploader}}
+  egress:
+  - toPorts: [{ports: [{port: "53", protocol: UDP}], rules: {dns: [{matchPattern: "*.corp.example"}]}}]
+  - toServices: [{k8sService: {serviceName: kube-dns, namespace: kube-system}}]
+    toPorts: [{ports: [{port: "53", protocol: UDP}]}]
+"#;
+        let endpoints = format!(
+            "{ENDPOINTS}services:\n- {{name: kube-dns, namespace: kube-system, ips: [\"10.96.0.10\"]}}\n"
+        );
+        let s = Snapshot::compile(
+            &PolicySet::from_yaml(Path::new("p.yaml"), text).unwrap(),
+            &Endpoints::from_yaml(Path::new("e.yaml"), &endpoints)
+                .unwrap_or_else(|e| panic!("{e}")),
+        );
+        let ep = "team-a/uploader";
+        assert_eq!(
+            dns(&s, ep, "10.96.0.10:53", Proto::Udp, "a.corp.example"),
+            DnsVerdict::Allow
+        );
+        assert_eq!(
+            dns(
+                &s,
+                ep,
+                "10.96.0.10:53",
+                Proto::Udp,
+                "exfil.attacker.example"
+            ),
+            DnsVerdict::Deny
+        );
     }
 
     #[test]
