@@ -15,12 +15,21 @@
 //! Made to fail: with the allow ledger's tables created empty (`HashMap::new()` in
 //! `Ledger::new`), every run has seconds of 30 to 180 ms, seconds 5 and 11 in every run.
 //! Alone in its test binary (no other test competes for the CPUs).
+//!
+//! The limit: 20 ms on an optimised build, 40 ms on a debug one. A debug build multiplies
+//! every CPU burst of the process: on a slow 2-core VM (2026-12-02, 20-45 % steal) a debug
+//! agent showed a recurring 21-29 ms second (second 13, at 65,536 entries per shard) in
+//! every run, at the session's first commit (80b508c) as at its last, while the cliff this
+//! test guards measured 68-83 ms (second 5) and 130-174 ms (second 11) in every run there,
+//! with 42-44 ms in second 2.
 
 use dnsfence_tests::upstream::Bundled;
 use dnsfence_tests::{Agent, AgentConfig, IoBackend, TempDir, loadgen, release_build};
 
-/// The per-second p99 latency the flood must stay under.
-const P99_LIMIT_US: u64 = 20_000;
+/// The per-second p99 latency the flood must stay under (see the module documentation).
+fn p99_limit_us() -> u64 {
+    if release_build() { 20_000 } else { 40_000 }
+}
 /// Seconds of flood.
 const SECS: u64 = 15;
 /// Runs before a bad second counts (see the module documentation).
@@ -43,7 +52,7 @@ impl Run {
             .copied()
             .enumerate()
             .skip(1)
-            .filter(|&(_, p99)| p99 > P99_LIMIT_US)
+            .filter(|&(_, p99)| p99 > p99_limit_us())
             .collect()
     }
 }
@@ -117,7 +126,7 @@ fn unique_name_flood_has_no_per_second_p99_over_20ms() {
         if bad.is_empty() {
             return;
         }
-        eprintln!("run {attempt}: seconds over {P99_LIMIT_US} us: {bad:?}");
+        eprintln!("run {attempt}: seconds over {} us: {bad:?}", p99_limit_us());
         let seconds: Vec<usize> = bad.iter().map(|&(second, _)| second).collect();
         let common: Vec<usize> = match bad_in_every_run {
             None => seconds,
@@ -130,8 +139,9 @@ fn unique_name_flood_has_no_per_second_p99_over_20ms() {
         bad_in_every_run = Some(common);
     }
     panic!(
-        "seconds {:?} had p99 > {P99_LIMIT_US} us in every run (a latency cliff): {:?}",
+        "seconds {:?} had p99 > {} us in every run (a latency cliff): {:?}",
         bad_in_every_run.unwrap_or_default(),
+        p99_limit_us(),
         runs.iter().map(Run::bad_seconds).collect::<Vec<_>>()
     );
 }
