@@ -373,7 +373,20 @@ fn unique_name_flood(io: IoBackend) {
     assert_eq!(dns::rcode(&udp), rcode::NOERROR);
     let tcp = dns::tcp_exchange(a.addr, &q, T).expect("TCP answer");
     assert_eq!(dns::rcode(&tcp), rcode::NOERROR);
-    let q = dns::query(0x600e, "new.allowed.test", TYPE_A, None);
-    let udp = dns::udp_exchange(a.addr, &q, T).expect("UDP answer");
-    assert_eq!(dns::rcode(&udp), rcode::SERVFAIL);
+    // (Five names: the upstream answers from 198.18.0.0/15, so a name's address is already
+    // allowed, through some flood name's, about 1.5 % of the time; that one needs no entry.)
+    let rcodes: Vec<u8> = (0..5u16)
+        .map(|i| {
+            let q = dns::query(0x600e + i, &format!("new{i}.allowed.test"), TYPE_A, None);
+            dns::rcode(&dns::udp_exchange(a.addr, &q, T).expect("UDP answer"))
+        })
+        .collect();
+    let servfail = rcodes.iter().filter(|&&r| r == rcode::SERVFAIL).count();
+    assert!(
+        servfail >= 3
+            && rcodes
+                .iter()
+                .all(|&r| r == rcode::SERVFAIL || r == rcode::NOERROR),
+        "{rcodes:?}"
+    );
 }
