@@ -4,9 +4,13 @@
 //! rehash at each power of two (tens to hundreds of milliseconds at 10⁵ entries): such a
 //! pause shows as one bad second at the same table size in every run.
 //!
-//! The load: `dnsfence-loadgen` at 20k qps for 15 s (300k names) on an optimised build, 10k
-//! qps for 15 s (150k names) on a debug one (about as much CPU per second). The first second
-//! is not judged (start-up: fresh pages of the tables sized at start).
+//! The load: `dnsfence-loadgen` at 10k qps for 30 s (300k names) on an optimised build, 5k
+//! qps for 30 s (150k names) on a debug one (was 20k and 10k for 15 s: on a slow, noisy VM the
+//! debug agent then ran near saturation, and every CPU burst showed as a bad second; at 5k the
+//! same table sizes are reached and a rehash pause still takes 15 % of a second's queries).
+//! The first second is not judged (start-up: fresh pages of the tables sized at start).
+//! Made to fail at 5k qps: with the tables created empty, second 23 measured 166-170 ms in
+//! every run (2026-12-02).
 //!
 //! Fairness on a shared machine: a rehash is deterministic, scheduling noise is not. A rehash
 //! pauses at the same table size, so in the same second of every run at the same rate; noise
@@ -15,6 +19,9 @@
 //! Made to fail: with the allow ledger's tables created empty (`HashMap::new()` in
 //! `Ledger::new`), every run has seconds of 30 to 180 ms, seconds 5 and 11 in every run.
 //! Alone in its test binary (no other test competes for the CPUs).
+//!
+//! A bad second must also stand out of its run (over 3 times the run's median second): a run
+//! slowed throughout by the machine is noise, not a cliff.
 //!
 //! The limit: 20 ms on an optimised build, 40 ms on a debug one. A debug build multiplies
 //! every CPU burst of the process: on a slow 2-core VM (2026-12-02, 20-45 % steal) a debug
@@ -31,7 +38,7 @@ fn p99_limit_us() -> u64 {
     if release_build() { 20_000 } else { 40_000 }
 }
 /// Seconds of flood.
-const SECS: u64 = 15;
+const SECS: u64 = 30;
 /// Runs before a bad second counts (see the module documentation).
 const ATTEMPTS: usize = 2;
 
@@ -45,17 +52,26 @@ struct Run {
 }
 
 impl Run {
-    /// The seconds (after the first) whose p99 is over the limit.
+    /// The seconds (after the first) whose p99 is over the limit and stands out of the run:
+    /// over `OUTLIER` times the median of its seconds. A cliff is a pause in an otherwise
+    /// normal run (with the tables created empty: 4-18 times the median); a run slowed
+    /// throughout by the machine (CI, 2026-12-02: every second 25-60 ms) has no cliff.
     fn bad_seconds(&self) -> Vec<(usize, u64)> {
+        let mut judged: Vec<u64> = self.p99_us.iter().copied().skip(1).collect();
+        judged.sort_unstable();
+        let median = judged.get(judged.len() / 2).copied().unwrap_or(0);
         self.p99_us
             .iter()
             .copied()
             .enumerate()
             .skip(1)
-            .filter(|&(_, p99)| p99 > p99_limit_us())
+            .filter(|&(_, p99)| p99 > p99_limit_us() && p99 > OUTLIER * median)
             .collect()
     }
 }
+
+/// How many times the run's median p99 a bad second must be (see `Run::bad_seconds`).
+const OUTLIER: u64 = 3;
 
 fn flood(names: &std::path::Path, rate: u64) -> Run {
     // 10/8 answers: hardly two names share an address, so every answer is a new entry.
@@ -89,7 +105,7 @@ fn flood(names: &std::path::Path, rate: u64) -> Run {
 
 #[test]
 fn unique_name_flood_has_no_per_second_p99_over_20ms() {
-    let rate: u64 = if release_build() { 20_000 } else { 10_000 };
+    let rate: u64 = if release_build() { 10_000 } else { 5_000 };
     let names = rate * SECS;
     let dir = TempDir::new("flood-latency");
     let file: String = (0..names)
