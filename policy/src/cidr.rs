@@ -277,6 +277,21 @@ pub fn compile_table(
         .collect()
 }
 
+impl L3Entry {
+    /// What the entry says of the traffic `covers` picks among its port entries:
+    /// `Some(false)` a deny covers it (deny wins), `Some(true)` an allow does, None neither.
+    #[inline]
+    pub fn judge(&self, covers: impl Fn(&PortProto) -> bool) -> Option<bool> {
+        if self.deny.iter().any(&covers) {
+            Some(false)
+        } else if self.allow.iter().any(&covers) {
+            Some(true)
+        } else {
+            None
+        }
+    }
+}
+
 /// An L3 table indexed for longest-prefix lookups: one hash probe per distinct prefix length
 /// of the address's family, longest first (a table usually has a few lengths), instead of a
 /// scan of every entry. Lookups do not allocate.

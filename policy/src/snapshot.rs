@@ -154,15 +154,7 @@ impl Group {
         if self.servers_l3.is_empty() {
             return None;
         }
-        let e = self.servers_l3.lookup(ip)?;
-        let covers = |ports: &[PortProto]| ports.iter().any(|p| p.covers(port, proto));
-        if covers(&e.deny) {
-            Some(false)
-        } else if covers(&e.allow) {
-            Some(true)
-        } else {
-            None
-        }
+        self.servers_l3.lookup(ip)?.judge(|p| p.covers(port, proto))
     }
 
     /// Whether an explicit allow of `ip:port` over `proto` wildcards the DNS rules that cover
@@ -619,18 +611,7 @@ impl Snapshot {
             .iter()
             .filter(|e| e.cidr.contains(&host))
             .max_by_key(|e| e.cidr.len)?;
-        let covers = |ports: &[PortProto]| {
-            ports
-                .iter()
-                .any(|p| (p.port..=p.end_port).contains(&port) && p.proto.includes(proto))
-        };
-        if covers(&entry.deny) {
-            Some(false)
-        } else if covers(&entry.allow) {
-            Some(true)
-        } else {
-            None
-        }
+        entry.judge(|p| (p.port..=p.end_port).contains(&port) && p.proto.includes(proto))
     }
 
     /// Whether `ip` is inside the cluster: a registered endpoint's or service's address,
