@@ -114,6 +114,15 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } df_cidr SEC(".maps");
 
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, 65536);
+	__type(key, struct df_cluster_key);
+	__type(value, __u8);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} df_cluster SEC(".maps");
+
 /* Read only, for sockets redirected by programs of before df_sock_srv (an upgrade in place
  * keeps their answers restored); nothing writes it any more. */
 struct {
@@ -303,8 +312,26 @@ static __always_inline int spec_covers(const struct df_spec *spec, __u16 port, _
 	return (spec->protos & proto) && port >= spec->lo && port <= spec->hi;
 }
 
+/* Which side of the cluster's boundary addr is on: DF_CLUSTER_*. */
+static __always_inline int cluster_side(const struct df_addr *addr)
+{
+	struct df_cluster_key k = {};
+	k.prefixlen = 128;
+	__builtin_memcpy(k.addr, addr, 16);
+	__u8 *v = bpf_map_lookup_elem(&df_cluster, &k);
+	return v ? *v : DF_CLUSTER_OUTSIDE;
+}
+
+/* The DF_SCOPE_* bit of a spec (1 << scope): any, outside, inside. */
+static __always_inline __u8 scope_bit(const struct df_spec *spec)
+{
+	return spec->scope == DF_SCOPE_ANY ? 1 : spec->scope == DF_SCOPE_OUTSIDE ? 2 : 4;
+}
+
 /* The endpoint's L3/L4 rules for (addr, port, proto): -1 denied (egressDeny), 1 allowed,
- * 0 no rule decides. */
+ * 0 no rule decides. A covering spec applies when it is unscoped or addr is on its side of
+ * the cluster's boundary; where the side is unknown a deny applies and an allow does not
+ * (fail closed). The cluster map is looked up only when a scoped spec could decide. */
 static __always_inline int l3_verdict(const struct df_endpoint *ep, const struct df_addr *addr,
 				      __u16 port, __u8 proto)
 {
@@ -315,16 +342,27 @@ static __always_inline int l3_verdict(const struct df_endpoint *ep, const struct
 	struct df_cidr_val *v = bpf_map_lookup_elem(&df_cidr, &k);
 	if (!v)
 		return 0;
+	/* The scopes of the covering specs, as scope bits. */
+	__u8 deny = 0, allow = 0;
 #pragma unroll
 	for (int i = 0; i < DF_MAX_L3_SPECS; i++) {
 		if (i < v->ndeny && spec_covers(&v->deny[i], port, proto))
-			return -1;
-	}
-#pragma unroll
-	for (int i = 0; i < DF_MAX_L3_SPECS; i++) {
+			deny |= scope_bit(&v->deny[i]);
 		if (i < v->nallow && spec_covers(&v->allow[i], port, proto))
-			return 1;
+			allow |= scope_bit(&v->allow[i]);
 	}
+	if (deny & 1)
+		return -1;
+	int side = DF_CLUSTER_OUTSIDE;
+	if ((deny & 6) || (!(allow & 1) && (allow & 6)))
+		side = cluster_side(addr);
+	if ((deny & 2) && side != DF_CLUSTER_INSIDE)
+		return -1;
+	if ((deny & 4) && side != DF_CLUSTER_OUTSIDE)
+		return -1;
+	if ((allow & 1) || ((allow & 2) && side == DF_CLUSTER_OUTSIDE) ||
+	    ((allow & 4) && side == DF_CLUSTER_INSIDE))
+		return 1;
 	return 0;
 }
 

@@ -13,7 +13,7 @@
 #include <linux/types.h>
 
 /* Version of the map layouts: pinned maps live under <bpf-pin>/maps-v<DF_ABI>/. */
-#define DF_ABI 2
+#define DF_ABI 3
 
 /* Port specs (toPorts entries of toFQDNs rules) an endpoint may have; more fail closed. */
 #define DF_MAX_SPECS 8
@@ -37,13 +37,21 @@ struct df_addr {
 	__u32 w[4]; /* network order; IPv4 in w[3] with w[2] = htonl(0xffff) */
 };
 
-/* A port range and the protocols it applies to. */
+/* A port range and the protocols it applies to; in df_cidr values, also which addresses of
+ * the prefix (DF_SCOPE_*; zero elsewhere). */
 struct df_spec {
 	__u16 lo;
 	__u16 hi;
 	__u8 protos;
-	__u8 pad[3];
+	__u8 scope;
+	__u8 pad[2];
 };
+
+/* df_spec.scope: Cilium's `world` and CIDR rules take only destinations outside the cluster,
+ * `cluster` only those inside it; df_cluster says which side an address is on. */
+#define DF_SCOPE_ANY 0
+#define DF_SCOPE_OUTSIDE 1
+#define DF_SCOPE_INSIDE 2
 
 /* config[0]: where redirected DNS goes (the proxies' shared listen address). */
 struct df_config {
@@ -87,6 +95,21 @@ struct df_cidr_val {
 	struct df_spec allow[DF_MAX_L3_SPECS];
 	struct df_spec deny[DF_MAX_L3_SPECS];
 };
+
+/* cluster (LPM trie): address prefix -> DF_CLUSTER_*: the cluster's addresses (registered
+ * endpoints and services, the nodes, the cluster ranges; what `world` leaves out), one map
+ * for every endpoint. The longest match decides; no match is outside. IPv4 prefixes are
+ * mapped (96 + len). */
+struct df_cluster_key {
+	__u32 prefixlen;
+	__u8 addr[16];
+};
+
+#define DF_CLUSTER_OUTSIDE 0 /* an IPv4 shadow of IPv6 prefixes that contain ::ffff:0:0/96 */
+#define DF_CLUSTER_INSIDE 1
+/* The cluster's addresses did not all fit: an address not found may be inside. At ::/0
+ * (and the IPv4 shadow): scoped allows do not apply there, scoped denies do. */
+#define DF_CLUSTER_UNKNOWN 2
 
 /* allow_names (userspace only): an allow entry -> the question name that justified it (wire
  * form), so a restarted agent can judge restored entries by name against a changed policy. */

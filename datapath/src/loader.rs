@@ -21,7 +21,8 @@ use dnsfence_engine::allow::{LedgerConfig, PortSpec};
 use dnsfence_policy::Snapshot;
 
 use crate::maps::{
-    self, Addr, CidrData, CidrValue, Config, EP_ENFORCE, Endpoint, MAX_L3_SPECS, MAX_SPECS, Spec,
+    self, Addr, CLUSTER_INSIDE, CLUSTER_OUTSIDE, CLUSTER_UNKNOWN, CidrData, CidrValue, Config,
+    EP_ENFORCE, Endpoint, MAX_L3_SPECS, MAX_SPECS, SCOPE_ANY, SCOPE_INSIDE, SCOPE_OUTSIDE, Spec,
     Stat, names,
 };
 use crate::sink::BpfAllow;
@@ -125,6 +126,9 @@ pub struct InstallConfig {
     pub allow_entries: u32,
     /// Size of the L3 prefix trie (all endpoints' toCIDR/toEndpoints/toEntities prefixes).
     pub l3_entries: u32,
+    /// Size of the cluster map: the cluster's addresses, minimal (`--cluster-cidr` ranges
+    /// stand for the pods inside them), plus two.
+    pub cluster_entries: u32,
 }
 
 /// The maps directory of a pin directory.
@@ -257,6 +261,9 @@ pub struct Datapath {
     endpoints: HashMap<MapData, u64, Endpoint>,
     stats: PerCpuArray<MapData, u64>,
     cidr: LpmTrie<MapData, CidrData, CidrValue>,
+    cluster: LpmTrie<MapData, Addr, u8>,
+    /// The cluster map's real size.
+    cluster_capacity: usize,
     allow: Option<HashMap<MapData, maps::AllowMapKey, u64>>,
     allow_names: Option<HashMap<MapData, maps::AllowMapKey, maps::NameValue>>,
     /// The allow map's real size (a reused pinned map keeps the size it was created with).
@@ -295,6 +302,12 @@ pub struct EndpointSync {
     /// Endpoints with an L3 prefix carrying more than `MAX_L3_SPECS` port entries: extra
     /// allowed ports stay closed, extra denied ones make the prefix deny every port.
     pub too_many_l3_specs: Vec<String>,
+    /// Entries of the cluster map (the cluster's prefixes, and IPv4 shadows).
+    pub cluster_entries: usize,
+    /// The cluster's prefixes did not all fit in the cluster map: an address not found there
+    /// may be inside the cluster, so `world`, `cluster` and CIDR allows reach no address
+    /// missing from it and their denies reach all of them (fail closed) until they fit.
+    pub cluster_partial: bool,
 }
 
 impl Datapath {
@@ -314,6 +327,7 @@ impl Datapath {
             .map_max_entries(names::ALLOW, config.allow_entries.max(1))
             .map_max_entries(names::ALLOW_NAMES, config.allow_entries.max(1))
             .map_max_entries(names::CIDR, config.l3_entries.max(1))
+            .map_max_entries(names::CLUSTER, config.cluster_entries.max(4))
             .load(OBJECT)
             .map_err(|e| DatapathError::Load(format!("{e:#}")))?;
         let cgroup = fs::File::open(&config.cgroup_root)
@@ -344,9 +358,19 @@ impl Datapath {
             _ => config.allow_entries,
         };
         let cidr = take(&mut ebpf, names::CIDR)?;
+        let cluster = take(&mut ebpf, names::CLUSTER)?;
+        let cluster_capacity = match &cluster {
+            aya::maps::Map::LpmTrie(data) => data
+                .info()
+                .map(|i| i.max_entries())
+                .unwrap_or(config.cluster_entries),
+            _ => config.cluster_entries,
+        } as usize;
         let allow_names = take(&mut ebpf, names::ALLOW_NAMES)?;
         Ok(Datapath {
             cidr: LpmTrie::try_from(cidr).map_err(map_err(names::CIDR))?,
+            cluster: LpmTrie::try_from(cluster).map_err(map_err(names::CLUSTER))?,
+            cluster_capacity,
             config: Array::try_from(config_map).map_err(map_err(names::CONFIG))?,
             endpoints: HashMap::try_from(endpoints).map_err(map_err(names::ENDPOINTS))?,
             stats: PerCpuArray::try_from(stats).map_err(map_err(names::STATS))?,
@@ -419,6 +443,9 @@ impl Datapath {
             return Ok(sync);
         }
         self.synced_generation = snapshot.generation();
+        // The cluster's prefixes land before the L3 entries scoped by them, and stale ones go
+        // after (`finish_cluster`): no scoped allow ever meets a cluster address missing.
+        let stale_cluster = self.sync_cluster(snapshot, &mut sync)?;
         let mut wanted = std::collections::HashMap::new();
         let mut wanted_l3 = std::collections::HashMap::new();
         for (path, ep) in snapshot.cgroups() {
@@ -505,7 +532,74 @@ impl Datapath {
                 self.cidr.remove(&key).map_err(map_err(names::CIDR))?;
             }
         }
+        for key in stale_cluster {
+            self.cluster.remove(&key).map_err(map_err(names::CLUSTER))?;
+        }
         Ok(sync)
+    }
+
+    /// Writes the cluster map's wanted entries (the snapshot's [`Snapshot::inside_prefixes`],
+    /// and an IPv4 shadow where an IPv6 prefix contains `::ffff:0:0/96`); returns the stale
+    /// keys, for the caller to remove once the L3 entries are synced (or removes them first
+    /// when the map has no room for old and new together). When the wanted entries do not
+    /// all fit (two entries stay free for this), `::/0` and the IPv4 shadow say "unknown"
+    /// first, then as many prefixes as fit are written: every address found is inside, every
+    /// other one unknown (fail closed).
+    fn sync_cluster(
+        &mut self,
+        snapshot: &Snapshot,
+        sync: &mut EndpointSync,
+    ) -> Result<Vec<Key<Addr>>, DatapathError> {
+        use dnsfence_policy::cidr::Cidr;
+        let mut wanted = std::collections::HashMap::new();
+        for cidr in snapshot.inside_prefixes() {
+            wanted.insert(cluster_key(cidr), CLUSTER_INSIDE);
+        }
+        let (any, shadow) = (cluster_key(Cidr::ALL6), cluster_key(Cidr::ALL4));
+        if snapshot
+            .inside_prefixes()
+            .any(|c| c.addr.is_ipv6() && c.contains(&Cidr::ALL4))
+        {
+            wanted.entry(shadow).or_insert(CLUSTER_OUTSIDE);
+        }
+        sync.cluster_partial = wanted.len() > self.cluster_capacity.saturating_sub(2);
+        if sync.cluster_partial {
+            for marker in [any, shadow] {
+                wanted.insert(marker, CLUSTER_UNKNOWN);
+            }
+        }
+        let present: Vec<Key<Addr>> = self.cluster.keys().filter_map(Result::ok).collect();
+        let mut stale: Vec<Key<Addr>> = present
+            .iter()
+            .filter(|k| !wanted.contains_key(&(k.prefix_len(), k.data())))
+            .copied()
+            .collect();
+        let added = wanted.len() - (present.len() - stale.len());
+        if present.len() + added > self.cluster_capacity {
+            // No room for old and new together: the stale ones go first.
+            for key in stale.drain(..) {
+                self.cluster.remove(&key).map_err(map_err(names::CLUSTER))?;
+            }
+        }
+        let mut entries: Vec<_> = wanted.into_iter().collect();
+        // The markers first; then the shortest prefixes (in a partial map one range stands
+        // for more addresses than one host).
+        entries.sort_unstable_by_key(|&((len, _), value)| (value != CLUSTER_UNKNOWN, len));
+        let mut written = 0;
+        for ((len, addr), value) in entries {
+            let key = Key::new(len, addr);
+            if self.cluster.get(&key, 0).ok() == Some(value) {
+                written += 1;
+                continue;
+            }
+            match self.cluster.insert(&key, value, 0) {
+                Ok(()) => written += 1,
+                Err(_) if sync.cluster_partial && value != CLUSTER_UNKNOWN => {}
+                Err(e) => return Err(map_err(names::CLUSTER)(e)),
+            }
+        }
+        sync.cluster_entries = written;
+        Ok(stale)
     }
 
     /// The directories to watch so that an endpoint's cgroup is known the moment it appears
@@ -565,6 +659,12 @@ impl Datapath {
     }
 }
 
+/// A prefix as a `df_cluster` key: (prefixlen, address), IPv4 mapped.
+fn cluster_key(cidr: dnsfence_policy::cidr::Cidr) -> (u32, Addr) {
+    let len = u32::from(cidr.len) + if cidr.addr.is_ipv4() { 96 } else { 0 };
+    (len, Addr::of(cidr.addr))
+}
+
 /// In the trie IPv4 prefixes sit under `::ffff:0:0/96`, inside IPv6 prefixes such as `::/0`,
 /// but an IPv6 rule decides nothing for IPv4 (the policy's table keeps the families apart).
 /// When some IPv6 entry of `table` contains that region, an empty entry at `0.0.0.0/0` (no
@@ -607,21 +707,35 @@ fn l3_map_entry(
     let mut value = CidrValue::default();
     let mut cut = false;
     for (dst, p) in value.allow.iter_mut().zip(&entry.allow) {
-        *dst = PortSpec::of(p).into();
+        *dst = spec_of(p);
     }
     value.nallow = entry.allow.len().min(MAX_L3_SPECS) as u8;
     cut |= entry.allow.len() > MAX_L3_SPECS;
     if entry.deny.len() > MAX_L3_SPECS {
+        // Every port denied, on both sides of the cluster's boundary.
         value.deny[0] = PortSpec::of(&dnsfence_policy::PortProto::EVERY).into();
         value.ndeny = 1;
         cut = true;
     } else {
         for (dst, p) in value.deny.iter_mut().zip(&entry.deny) {
-            *dst = PortSpec::of(p).into();
+            *dst = spec_of(p);
         }
         value.ndeny = entry.deny.len() as u8;
     }
     ((64 + len, data), value, cut)
+}
+
+/// The `df_cidr` spec of an L3 port entry.
+fn spec_of(p: &dnsfence_policy::cidr::L3Port) -> Spec {
+    use dnsfence_policy::cidr::Scope;
+    Spec {
+        scope: match p.scope {
+            Scope::Any => SCOPE_ANY,
+            Scope::Outside => SCOPE_OUTSIDE,
+            Scope::Inside => SCOPE_INSIDE,
+        },
+        ..PortSpec::of(&p.ports).into()
+    }
 }
 
 pub(crate) fn take(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, DatapathError> {

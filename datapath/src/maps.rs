@@ -7,13 +7,26 @@ use dnsfence_engine::allow::{AllowKey, PortSpec};
 use dnsfence_policy::EndpointKey;
 
 /// Version of the map layouts; pinned maps live under `<bpf-pin>/maps-v<ABI>/`.
-pub const ABI: u32 = 2;
+pub const ABI: u32 = 3;
 /// Port specs per endpoint in `df_endpoints` (`DF_MAX_SPECS`).
 pub const MAX_SPECS: usize = 8;
 /// Port specs allowed, and denied, per L3 prefix entry (`DF_MAX_L3_SPECS`).
 pub const MAX_L3_SPECS: usize = 4;
 /// `DF_EP_ENFORCE`: the endpoint is selected by an egress policy (default deny).
 pub const EP_ENFORCE: u32 = 1;
+/// `DF_SCOPE_*`: which addresses of an L3 prefix a `df_cidr` spec applies to.
+pub const SCOPE_ANY: u8 = 0;
+/// `DF_SCOPE_OUTSIDE`: those outside the cluster (`world`, CIDR rules).
+pub const SCOPE_OUTSIDE: u8 = 1;
+/// `DF_SCOPE_INSIDE`: those inside it (`cluster`).
+pub const SCOPE_INSIDE: u8 = 2;
+/// `DF_CLUSTER_OUTSIDE`: a `df_cluster` value, the IPv4 shadow of an IPv6 prefix.
+pub const CLUSTER_OUTSIDE: u8 = 0;
+/// `DF_CLUSTER_INSIDE`: the prefix is inside the cluster.
+pub const CLUSTER_INSIDE: u8 = 1;
+/// `DF_CLUSTER_UNKNOWN`: the cluster's prefixes did not all fit; an address not found may be
+/// inside (scoped allows do not apply, scoped denies do).
+pub const CLUSTER_UNKNOWN: u8 = 2;
 
 /// Slots of `df_reuse_socks` per (protocol, family) reuseport group (`DF_REUSE_GROUP_SLOTS`).
 pub const REUSE_GROUP_SLOTS: u32 = 64;
@@ -62,6 +75,8 @@ pub mod names {
     pub const SOCK_DST: &str = "df_sock_dst";
     /// `df_cidr`.
     pub const CIDR: &str = "df_cidr";
+    /// `df_cluster`.
+    pub const CLUSTER: &str = "df_cluster";
     /// `df_allow_names`.
     pub const ALLOW_NAMES: &str = "df_allow_names";
     /// `df_sock_srv` (socket-local storage: the server a redirected socket addressed).
@@ -79,7 +94,7 @@ pub mod names {
     /// `df_reuse_alive` (owner -> its last heartbeat, CLOCK_BOOTTIME ns).
     pub const REUSE_ALIVE: &str = "df_reuse_alive";
     /// Every map.
-    pub const ALL: [&str; 13] = [
+    pub const ALL: [&str; 14] = [
         CONFIG,
         ENDPOINTS,
         ALLOW,
@@ -89,6 +104,7 @@ pub mod names {
         ORIGIN,
         STATS,
         CIDR,
+        CLUSTER,
         REUSE_SOCKS,
         REUSE_STATE,
         REUSE_CONF,
@@ -127,8 +143,10 @@ pub struct Spec {
     pub hi: u16,
     /// `DF_PROTO_*` bits (the same as [`PortSpec`]'s).
     pub protos: u8,
+    /// `SCOPE_*` in `df_cidr` values; zero elsewhere.
+    pub scope: u8,
     /// Zero.
-    pub pad: [u8; 3],
+    pub pad: [u8; 2],
 }
 
 impl From<PortSpec> for Spec {
@@ -137,7 +155,8 @@ impl From<PortSpec> for Spec {
             lo: p.lo,
             hi: p.hi,
             protos: p.protos,
-            pad: [0; 3],
+            scope: SCOPE_ANY,
+            pad: [0; 2],
         }
     }
 }
@@ -417,6 +436,8 @@ mod tests {
         // df_cidr_key is 4 + 24 (no padding: the data is bytes), df_cidr_val 8 + 2 * 4 * 8.
         assert_eq!(size_of::<aya::maps::lpm_trie::Key<CidrData>>(), 28);
         assert_eq!(size_of::<CidrValue>(), 8 + 2 * 8 * MAX_L3_SPECS);
+        // df_cluster_key is 4 + 16.
+        assert_eq!(size_of::<aya::maps::lpm_trie::Key<Addr>>(), 20);
         assert!(align_of::<AllowMapKey>() <= 8);
         assert_eq!(size_of::<ReuseOwner>(), 8);
         assert_eq!(size_of::<ReuseConf>(), 8);
@@ -437,6 +458,12 @@ mod tests {
         assert_eq!(define("DF_MAX_SPECS") as usize, MAX_SPECS);
         assert_eq!(define("DF_MAX_L3_SPECS") as usize, MAX_L3_SPECS);
         assert_eq!(define("DF_EP_ENFORCE"), EP_ENFORCE);
+        assert_eq!(define("DF_SCOPE_ANY") as u8, SCOPE_ANY);
+        assert_eq!(define("DF_SCOPE_OUTSIDE") as u8, SCOPE_OUTSIDE);
+        assert_eq!(define("DF_SCOPE_INSIDE") as u8, SCOPE_INSIDE);
+        assert_eq!(define("DF_CLUSTER_OUTSIDE") as u8, CLUSTER_OUTSIDE);
+        assert_eq!(define("DF_CLUSTER_INSIDE") as u8, CLUSTER_INSIDE);
+        assert_eq!(define("DF_CLUSTER_UNKNOWN") as u8, CLUSTER_UNKNOWN);
         assert_eq!(define("DF_PROTO_TCP") as u8, PortSpec::TCP);
         assert_eq!(define("DF_PROTO_UDP") as u8, PortSpec::UDP);
         assert_eq!(define("DF_PROTO_SCTP") as u8, PortSpec::SCTP);

@@ -80,7 +80,7 @@ pub struct AgentArgs {
     /// The cluster's pod and service ranges (repeatable, or comma-separated): `toEntities:
     /// cluster` covers them (with the node and the registered endpoints); `world`, CIDR rules
     /// and toFQDNs answers leave them out. Give them on large clusters: one range stands for
-    /// all its pods in every endpoint's L3 entries, instead of one entry per pod.
+    /// all its pods in the cluster map (--cluster-entries), instead of one entry per pod.
     #[arg(long, value_name = "CIDR", value_parser = parse_cidr, value_delimiter = ',')]
     pub cluster_cidr: Vec<dnsfence_policy::cidr::Cidr>,
     /// The node's own addresses besides loopback (repeatable, or comma-separated; addresses,
@@ -101,6 +101,12 @@ pub struct AgentArgs {
     /// denied everything but DNS until they do (logged).
     #[arg(long, default_value_t = 65536)]
     pub l3_entries: u32,
+    /// Size of the cluster map: the cluster's addresses (registered endpoints and services,
+    /// nodes, --cluster-cidr ranges, which stand for the pods inside them), shared by every
+    /// endpoint. `world`, `cluster` and CIDR rules look there. When they do not all fit,
+    /// those rules allow nothing and deny everything they cover (logged) until they do.
+    #[arg(long, default_value_t = 65536)]
+    pub cluster_entries: u32,
     /// Where `dnsfence observe` asks for flows (mode 0600; the agent's user or root only).
     /// Default: `observe.sock` beside the agent socket (/run/dnsfence/observe.sock).
     #[arg(long, value_name = "PATH")]
@@ -308,6 +314,7 @@ pub fn run(args: &AgentArgs) -> Result<()> {
             cgroup_root: args.cgroup_root.clone(),
             allow_entries: args.serve.allow_entries as u32,
             l3_entries: args.l3_entries,
+            cluster_entries: args.cluster_entries,
         };
         Enforcer::bpf(&install, &plan.listen, ledger)?
     });

@@ -287,6 +287,14 @@ fn describe_sync(sync: &EndpointSync) -> Vec<String> {
             sync.l3_failed_closed
         ));
     }
+    if sync.cluster_partial {
+        lines.push(format!(
+            "warning: the cluster map is full ({} entries written): world, cluster and CIDR \
+             rules allow nothing and deny everything they cover until the cluster's addresses \
+             fit (--cluster-entries, or --cluster-cidr ranges for the pods)",
+            sync.cluster_entries
+        ));
+    }
     if !sync.too_many_l3_specs.is_empty() {
         lines.push(format!(
             "warning: {} endpoints have an address prefix with more than {} port entries \

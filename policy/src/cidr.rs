@@ -220,6 +220,43 @@ impl Default for NodeFacts {
     }
 }
 
+/// Which addresses of a prefix a rule's block applies to: Cilium's `world` and CIDR rules
+/// select only destinations outside the cluster, `cluster` only those inside it. The
+/// datapath keeps the cluster's addresses once, in a map of their own (`df_cluster`), and
+/// looks there only when a matching port entry is scoped, so a `world` or CIDR rule costs a
+/// few L3 entries per endpoint whatever the size of the cluster.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, PartialOrd, Ord, Default)]
+pub enum Scope {
+    /// Every address of the prefix.
+    #[default]
+    Any,
+    /// Only addresses outside the cluster (not [`crate::Snapshot::inside`]).
+    Outside,
+    /// Only addresses inside the cluster.
+    Inside,
+}
+
+impl Scope {
+    /// As a bit set: Outside 1, Inside 2, Any both.
+    fn bits(self) -> u8 {
+        match self {
+            Scope::Any => 3,
+            Scope::Outside => 1,
+            Scope::Inside => 2,
+        }
+    }
+
+    /// Whether the scope holds an address that is (`inside`) or is not in the cluster.
+    #[inline]
+    pub fn holds(self, inside: bool) -> bool {
+        match self {
+            Scope::Any => true,
+            Scope::Outside => !inside,
+            Scope::Inside => inside,
+        }
+    }
+}
+
 /// A `toCIDRSet` entry (or a `toCIDR` one, without exceptions).
 #[derive(Clone, PartialEq, Eq, Hash, Debug)]
 pub struct CidrBlock {
@@ -227,27 +264,59 @@ pub struct CidrBlock {
     pub cidr: Cidr,
     /// `except`: prefixes inside it that the block does not cover.
     pub except: Vec<Cidr>,
+    /// Which of the prefix's addresses it covers: inside or outside the cluster, or all.
+    pub scope: Scope,
 }
 
 impl CidrBlock {
+    /// Every address of `cidr`.
+    pub fn new(cidr: Cidr) -> CidrBlock {
+        CidrBlock {
+            cidr,
+            except: Vec::new(),
+            scope: Scope::Any,
+        }
+    }
+
     /// Whether the block covers every address of `p` (p inside the prefix and inside no
-    /// exception). For prefixes of one disjoint table this is also "covers any address of p".
+    /// exception), as far as the prefixes go (its scope aside). For prefixes of one disjoint
+    /// table this is also "covers any address of p".
     pub fn covers(&self, p: &Cidr) -> bool {
         self.cidr.contains(p) && !self.except.iter().any(|e| e.contains(p))
     }
 }
 
+/// A port entry of an L3 table entry: the ports, and which of the prefix's addresses they
+/// apply to.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, PartialOrd, Ord)]
+pub struct L3Port {
+    /// Inside or outside the cluster, or both.
+    pub scope: Scope,
+    /// The ports and protocol.
+    pub ports: PortProto,
+}
+
+impl From<PortProto> for L3Port {
+    fn from(ports: PortProto) -> L3Port {
+        L3Port {
+            scope: Scope::Any,
+            ports,
+        }
+    }
+}
+
 /// One entry of an endpoint's L3 table: for every address whose longest matching prefix is
-/// `cidr`, the ports allowed and the ports denied (`egressDeny` wins).
+/// `cidr`, the ports allowed and the ports denied (`egressDeny` wins), each for the
+/// addresses of its scope.
 #[derive(Clone, PartialEq, Eq, Debug)]
 pub struct L3Entry {
     /// The prefix.
     pub cidr: Cidr,
     /// Ports allowed (an L3 rule without `toPorts` or `icmps` contributes
     /// [`PortProto::EVERY`]).
-    pub allow: Vec<PortProto>,
+    pub allow: Vec<L3Port>,
     /// Ports denied.
-    pub deny: Vec<PortProto>,
+    pub deny: Vec<L3Port>,
 }
 
 /// Compiles allow and deny rules (each: blocks and ports, empty ports = all) into a table of
@@ -278,13 +347,27 @@ pub fn compile_table(
 }
 
 impl L3Entry {
-    /// What the entry says of the traffic `covers` picks among its port entries:
-    /// `Some(false)` a deny covers it (deny wins), `Some(true)` an allow does, None neither.
+    /// What the entry says of the traffic `covers` picks among its port entries, for an
+    /// address that `inside` says is in the cluster or not (asked at most once, and only when
+    /// a scoped entry covers the traffic): `Some(false)` a deny covers it (deny wins),
+    /// `Some(true)` an allow does, None neither.
     #[inline]
-    pub fn judge(&self, covers: impl Fn(&PortProto) -> bool) -> Option<bool> {
-        if self.deny.iter().any(&covers) {
+    pub fn judge(
+        &self,
+        covers: impl Fn(&PortProto) -> bool,
+        inside: impl FnOnce() -> bool,
+    ) -> Option<bool> {
+        let mut inside = Some(inside);
+        let mut known = None;
+        let mut applies = |p: &L3Port| {
+            covers(&p.ports)
+                && (p.scope == Scope::Any
+                    || p.scope
+                        .holds(*known.get_or_insert_with(|| inside.take().is_none_or(|f| f()))))
+        };
+        if self.deny.iter().any(&mut applies) {
             Some(false)
-        } else if self.allow.iter().any(&covers) {
+        } else if self.allow.iter().any(&mut applies) {
             Some(true)
         } else {
             None
@@ -327,6 +410,23 @@ impl LpmTable {
     /// Whether the table has no entry.
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
+    }
+
+    /// The entries, in the order given.
+    pub fn entries(&self) -> &[L3Entry] {
+        &self.entries
+    }
+
+    /// The entry of the longest prefix that contains all of `p` (a prefix as long as `p` or
+    /// shorter).
+    pub fn covering(&self, p: &Cidr) -> Option<&L3Entry> {
+        let (bits, _) = p.bits();
+        let v4 = p.addr.is_ipv4();
+        self.by_len
+            .iter()
+            .filter(|(f, len, _)| *f == v4 && *len <= p.len)
+            .find_map(|(_, len, map)| map.get(&(bits & Cidr::mask(*len))))
+            .map(|&i| &self.entries[i as usize])
     }
 
     /// The entry of the longest prefix containing `ip` (IPv4-mapped IPv6 as IPv4).
@@ -392,25 +492,33 @@ impl BlockIndex {
         })
     }
 
-    /// The ports of every rule with a block that covers `p` (inside it, in no exception).
-    fn ports_covering(
-        &self,
-        rules: &[(Vec<CidrBlock>, Vec<PortProto>)],
-        p: &Cidr,
-    ) -> Vec<PortProto> {
+    /// The ports of every rule with a block that covers `p` (inside it, in no exception), each
+    /// scoped to the addresses the rule's covering blocks take (a rule covering `p` through a
+    /// `world` block and a `cluster` one covers all of it).
+    fn ports_covering(&self, rules: &[(Vec<CidrBlock>, Vec<PortProto>)], p: &Cidr) -> Vec<L3Port> {
         let (bits, _) = p.bits();
-        let mut covering = Vec::new();
+        // (rule, scope bits)
+        let mut covering: Vec<(usize, u8)> = Vec::new();
         for len in 0..=p.len {
             let key = (p.addr.is_ipv4(), len, bits & Cidr::mask(len));
             for &(r, b) in self.by_prefix.get(&key).into_iter().flatten() {
                 // The block contains `p` (it is `p` or an ancestor of it).
-                if !covering.contains(&r) && !self.excepted(r, b, p) {
-                    covering.push(r);
+                if self.excepted(r, b, p) {
+                    continue;
+                }
+                let scope = rules[r].0[b].scope.bits();
+                match covering.iter_mut().find(|(c, _)| *c == r) {
+                    Some((_, m)) => *m |= scope,
+                    None => covering.push((r, scope)),
                 }
             }
         }
         covering.sort_unstable();
-        union_ports(covering.into_iter().map(|r| rules[r].1.as_slice()))
+        union_scoped(
+            covering
+                .into_iter()
+                .map(|(r, m)| (m, rules[r].1.as_slice())),
+        )
     }
 }
 
@@ -430,16 +538,38 @@ fn union_ports<'a>(rules: impl Iterator<Item = &'a [PortProto]>) -> Vec<PortProt
     out
 }
 
+/// [`union_ports`] per scope, for rules given as (scope bits, ports): sorted by scope, then
+/// ports. Every port everywhere (or both inside and outside) is one unscoped `EVERY`.
+fn union_scoped<'a>(rules: impl Iterator<Item = (u8, &'a [PortProto])>) -> Vec<L3Port> {
+    let rules: Vec<(u8, &[PortProto])> = rules.collect();
+    let mut out = Vec::new();
+    let mut every = 0;
+    for scope in [Scope::Any, Scope::Outside, Scope::Inside] {
+        let of_scope = rules.iter().filter(|(m, _)| *m == scope.bits());
+        let ports = union_ports(of_scope.map(|(_, p)| *p));
+        if ports == [PortProto::EVERY] {
+            every |= scope.bits();
+        }
+        out.extend(ports.into_iter().map(|ports| L3Port { scope, ports }));
+    }
+    if every == 3 {
+        out = vec![PortProto::EVERY.into()];
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
-    /// The naive definition the index must agree with: every rule whose blocks cover `p`.
-    fn naive(rules: &[(Vec<CidrBlock>, Vec<PortProto>)], p: &Cidr) -> Vec<PortProto> {
-        super::union_ports(
-            rules
+    /// The naive definition the index must agree with: every rule whose blocks cover `p`,
+    /// in the scopes of the blocks that do.
+    fn naive(rules: &[(Vec<CidrBlock>, Vec<PortProto>)], p: &Cidr) -> Vec<L3Port> {
+        super::union_scoped(rules.iter().filter_map(|(blocks, ports)| {
+            let scope = blocks
                 .iter()
-                .filter(|(blocks, _)| blocks.iter().any(|b| b.covers(p)))
-                .map(|(_, ports)| ports.as_slice()),
-        )
+                .filter(|b| b.covers(p))
+                .fold(0, |m, b| m | b.scope.bits());
+            (scope != 0).then_some((scope, ports.as_slice()))
+        }))
     }
 
     #[test]
@@ -476,7 +606,12 @@ mod tests {
                             .normalised()
                         })
                         .collect();
-                    blocks.push(CidrBlock { cidr, except });
+                    let scope = [Scope::Any, Scope::Outside, Scope::Inside][(next() % 3) as usize];
+                    blocks.push(CidrBlock {
+                        cidr,
+                        except,
+                        scope,
+                    });
                 }
                 let ports = if r % 3 == 0 {
                     vec![]
@@ -542,29 +677,17 @@ mod tests {
         let allow = vec![
             (
                 vec![CidrBlock {
-                    cidr: c("10.0.0.0/8"),
                     except: vec![c("10.1.0.0/16")],
+                    ..CidrBlock::new(c("10.0.0.0/8"))
                 }],
                 vec![p443],
             ),
-            (
-                vec![CidrBlock {
-                    cidr: c("10.1.2.0/24"),
-                    except: vec![],
-                }],
-                vec![p53],
-            ),
+            (vec![CidrBlock::new(c("10.1.2.0/24"))], vec![p53]),
         ];
-        let deny = vec![(
-            vec![CidrBlock {
-                cidr: c("10.9.0.0/16"),
-                except: vec![],
-            }],
-            vec![],
-        )];
+        let deny = vec![(vec![CidrBlock::new(c("10.9.0.0/16"))], vec![])];
         let t = compile_table(&allow, &deny);
         let at = |s: &str| t.iter().find(|e| e.cidr == c(s)).unwrap().clone();
-        assert_eq!(at("10.0.0.0/8").allow, vec![p443]);
+        assert_eq!(at("10.0.0.0/8").allow, vec![p443.into()]);
         assert_eq!(
             at("10.1.0.0/16").allow,
             vec![],
@@ -572,10 +695,65 @@ mod tests {
         );
         assert_eq!(
             at("10.1.2.0/24").allow,
-            vec![p53],
+            vec![p53.into()],
             "not the excepted rule's 443"
         );
-        assert_eq!(at("10.9.0.0/16").allow, vec![p443], "inherits 443");
-        assert_eq!(at("10.9.0.0/16").deny, vec![PortProto::EVERY]);
+        assert_eq!(at("10.9.0.0/16").allow, vec![p443.into()], "inherits 443");
+        assert_eq!(at("10.9.0.0/16").deny, vec![PortProto::EVERY.into()]);
+    }
+
+    #[test]
+    fn scoped_ports_apply_only_on_their_side_of_the_cluster() {
+        use crate::policy::Proto;
+        let tcp = |port| PortProto {
+            port,
+            end_port: port,
+            proto: PortProtocol::Tcp,
+        };
+        let scoped = |cidr, scope| CidrBlock {
+            scope,
+            ..CidrBlock::new(cidr)
+        };
+        let allow = vec![
+            // world:443, cluster:5432, and one rule taking 10/8 on both sides (every port).
+            (vec![scoped(Cidr::ALL4, Scope::Outside)], vec![tcp(443)]),
+            (vec![scoped(Cidr::ALL4, Scope::Inside)], vec![tcp(5432)]),
+            (
+                vec![
+                    scoped(c("10.0.0.0/8"), Scope::Outside),
+                    scoped(c("10.0.0.0/8"), Scope::Inside),
+                ],
+                vec![],
+            ),
+        ];
+        let deny = vec![(
+            vec![scoped(c("10.9.0.0/16"), Scope::Outside)],
+            vec![tcp(443)],
+        )];
+        let t = LpmTable::new(compile_table(&allow, &deny));
+        let judge = |ip: &str, port, inside: bool| {
+            t.lookup(ip.parse().unwrap())
+                .and_then(|e| e.judge(|p| p.covers(port, Proto::Tcp), || inside))
+        };
+        assert_eq!(judge("1.1.1.1", 443, false), Some(true));
+        assert_eq!(judge("1.1.1.1", 443, true), None, "world reaches no pod");
+        assert_eq!(judge("1.1.1.1", 5432, true), Some(true));
+        assert_eq!(judge("1.1.1.1", 5432, false), None, "cluster is not world");
+        assert_eq!(judge("10.1.1.1", 22, true), Some(true));
+        assert_eq!(judge("10.1.1.1", 22, false), Some(true));
+        let ten = t.lookup("10.1.1.1".parse().unwrap()).unwrap();
+        assert_eq!(
+            ten.allow,
+            vec![PortProto::EVERY.into()],
+            "both sides: unscoped"
+        );
+        assert_eq!(
+            ten.judge(|p| p.covers(22, Proto::Tcp), || panic!("asked")),
+            Some(true),
+            "an unscoped entry never asks where the address is"
+        );
+        assert_eq!(judge("10.9.1.1", 443, false), Some(false), "denied outside");
+        assert_eq!(judge("10.9.1.1", 443, true), Some(true), "not inside");
+        assert_eq!(judge("10.9.1.1", 80, false), Some(true));
     }
 }

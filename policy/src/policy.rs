@@ -1185,10 +1185,7 @@ fn parse_cidrs(
         let items = diag.non_empty_sequence(list, &list_path);
         for (i, item) in items.iter().enumerate() {
             if let Some(cidr) = prefix(diag, item, &index(&list_path, i)) {
-                blocks.push(CidrBlock {
-                    cidr,
-                    except: Vec::new(),
-                });
+                blocks.push(CidrBlock::new(cidr));
             }
         }
     }
@@ -1226,7 +1223,10 @@ fn parse_cidrs(
                     }
                 }
             }
-            blocks.push(CidrBlock { cidr, except });
+            blocks.push(CidrBlock {
+                except,
+                ..CidrBlock::new(cidr)
+            });
         }
     }
     Some(blocks)

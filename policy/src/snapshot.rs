@@ -5,7 +5,7 @@ use std::net::{IpAddr, SocketAddr};
 
 use dnsfence_matcher::{Matcher, MatcherBuilder, Name, Pattern, RuleId, RuleSet};
 
-use crate::cidr::{Cidr, CidrBlock, Entity, L3Entry, LpmTable, NodeFacts, compile_table};
+use crate::cidr::{Cidr, CidrBlock, Entity, L3Entry, LpmTable, NodeFacts, Scope, compile_table};
 use crate::endpoints::{Endpoints, canonical_cgroup, canonical_ip};
 use crate::policy::{EgressRule, L3Rule, L3Target, PolicySet, PortProto, PortProtocol, Proto};
 use crate::selector::LabelSelector;
@@ -79,8 +79,9 @@ enum Servers {
 }
 
 impl Servers {
-    /// Whether the server at `ip`, owned by registered endpoint `owner`, is one of these.
-    fn contains(&self, owner: Option<EndpointId>, ip: IpAddr) -> bool {
+    /// Whether the server at `ip`, owned by registered endpoint `owner`, is one of these
+    /// (`inside`: whether `ip` is inside the cluster, asked only for a scoped prefix).
+    fn contains(&self, owner: Option<EndpointId>, ip: IpAddr, inside: impl Fn() -> bool) -> bool {
         match self {
             Servers::Any => true,
             Servers::Named {
@@ -93,7 +94,9 @@ impl Servers {
                         .is_some_and(|w| w & (1u64 << (ep.0 % 64)) != 0)
                 }) || (!prefixes.is_empty() && {
                     let host = Cidr::host(ip);
-                    prefixes.iter().any(|b| b.covers(&host))
+                    prefixes.iter().any(|b| {
+                        b.covers(&host) && (b.scope == Scope::Any || b.scope.holds(inside()))
+                    })
                 })
             }
         }
@@ -150,22 +153,36 @@ impl Group {
     /// What the group's explicit L3/L4 rules say of DNS to `ip:port` over `proto`:
     /// `Some(false)` an egressDeny covers it, `Some(true)` an allow does, None neither.
     #[inline]
-    fn server_l3(&self, ip: IpAddr, port: u16, proto: Proto) -> Option<bool> {
+    fn server_l3(
+        &self,
+        ip: IpAddr,
+        port: u16,
+        proto: Proto,
+        inside: impl FnOnce() -> bool,
+    ) -> Option<bool> {
         if self.servers_l3.is_empty() {
             return None;
         }
-        self.servers_l3.lookup(ip)?.judge(|p| p.covers(port, proto))
+        self.servers_l3
+            .lookup(ip)?
+            .judge(|p| p.covers(port, proto), inside)
     }
 
     /// Whether an explicit allow of `ip:port` over `proto` wildcards the DNS rules that cover
     /// the query (see `servers_wildcard`).
     #[inline]
-    fn server_wildcards(&self, ip: IpAddr, port: u16, proto: Proto) -> bool {
+    fn server_wildcards(
+        &self,
+        ip: IpAddr,
+        port: u16,
+        proto: Proto,
+        inside: impl FnOnce() -> bool,
+    ) -> bool {
         !self.servers_wildcard.is_empty()
             && self
                 .servers_wildcard
                 .lookup(ip)
-                .is_some_and(|e| e.allow.iter().any(|p| p.covers(port, proto)))
+                .is_some_and(|e| e.judge(|p| p.covers(port, proto), inside) == Some(true))
     }
 }
 
@@ -240,6 +257,8 @@ pub struct Snapshot {
     rule_ports: Box<[Box<[PortProto]>]>,
     /// The cluster's addresses less loopback, for [`Snapshot::in_cluster`].
     cluster: LpmTable,
+    /// What `world` leaves out, minimal: for [`Snapshot::inside`].
+    inside: LpmTable,
 }
 
 /// The lookup key of a source address: IPv4 and IPv4-mapped IPv6 as the mapped form.
@@ -269,6 +288,7 @@ impl Snapshot {
             deny_all: NO_GROUP,
             rule_ports: Box::new([]),
             cluster: LpmTable::default(),
+            inside: LpmTable::default(),
         }
     }
 
@@ -439,7 +459,7 @@ impl Snapshot {
             && let Servers::Named { .. } = dns.servers
         {
             let owner = *owner.get_or_insert_with(|| self.endpoint_by_ip(ip));
-            return dns.servers.contains(owner, ip);
+            return dns.servers.contains(owner, ip, || self.inside(ip));
         }
         true
     }
@@ -480,7 +500,8 @@ impl Snapshot {
         // proxy sees: an `egressDeny` of the server and port denies the query whatever the DNS
         // rules say (deny wins); an L3 or L4 allow of them (a rule without `rules.dns`) lets
         // every name through, as Cilium's L3/L4-only rules wildcard the L7 rules of the port.
-        let server_l3 = server_ip.and_then(|ip| group.server_l3(ip, port, proto));
+        let server_l3 =
+            server_ip.and_then(|ip| group.server_l3(ip, port, proto, || self.inside(ip)));
         if server_l3 == Some(false) {
             return (DnsVerdict::Deny, DnsReason::EgressDeny);
         }
@@ -509,7 +530,7 @@ impl Snapshot {
                 // port): plain L3/L4 traffic, allowed if an L3/L4 allow covers it.
                 _ if !covered => server_l3 == Some(true),
                 // DNS rules are: an L3/L4-only allow of the very port wildcards them.
-                Some(ip) => group.server_wildcards(ip, port, proto),
+                Some(ip) => group.server_wildcards(ip, port, proto, || self.inside(ip)),
                 None => false,
             };
             by_l3 = allowed;
@@ -611,7 +632,10 @@ impl Snapshot {
             .iter()
             .filter(|e| e.cidr.contains(&host))
             .max_by_key(|e| e.cidr.len)?;
-        entry.judge(|p| (p.port..=p.end_port).contains(&port) && p.proto.includes(proto))
+        entry.judge(
+            |p| (p.port..=p.end_port).contains(&port) && p.proto.includes(proto),
+            || self.inside(ip),
+        )
     }
 
     /// Whether `ip` is inside the cluster: a registered endpoint's or service's address,
@@ -623,6 +647,20 @@ impl Snapshot {
     /// host-process endpoints, and its tests, meet their servers.
     pub fn in_cluster(&self, ip: IpAddr) -> bool {
         !self.cluster.is_empty() && self.cluster.lookup(ip).is_some()
+    }
+
+    /// Whether `ip` is inside the cluster as `toEntities` sees it: what `cluster` takes and
+    /// `world` and the CIDR rules leave out (the node itself, its loopback included, the
+    /// other nodes, the registered endpoints and services, `--cluster-cidr`). The L3
+    /// tables' scoped port entries ([`crate::cidr::Scope`]) apply by it.
+    pub fn inside(&self, ip: IpAddr) -> bool {
+        self.inside.lookup(ip).is_some()
+    }
+
+    /// The prefixes of [`Snapshot::inside`], minimal (none inside another): what the
+    /// datapath's cluster map holds.
+    pub fn inside_prefixes(&self) -> impl Iterator<Item = Cidr> + '_ {
+        self.inside.entries().iter().map(|e| e.cidr)
     }
 
     /// Endpoints with a cgroup, as `(cgroup path, endpoint)` (canonical paths, see
@@ -683,7 +721,12 @@ struct FlatSpec<'p> {
 /// The DNS servers a DNS rule's L3 selector names: registered endpoints by bit, the rest
 /// (CIDRs, entities, `reserved:` identities, the addresses of the services whose pods the
 /// selector all selects) as prefixes.
-fn servers_of(to: Option<&L3Target>, reg: &Endpoints, node: &NodeFacts) -> Servers {
+fn servers_of(
+    to: Option<&L3Target>,
+    reg: &Endpoints,
+    node: &NodeFacts,
+    inside: &LpmTable,
+) -> Servers {
     let Some(to) = to else {
         return Servers::Any;
     };
@@ -695,11 +738,11 @@ fn servers_of(to: Option<&L3Target>, reg: &Endpoints, node: &NodeFacts) -> Serve
                     bits[i / 64] |= 1 << (i % 64);
                 }
             }
-            let mut out = reserved_blocks(selectors, reg, node);
+            let mut out = reserved_blocks(selectors, reg, node, inside);
             out.extend(service_blocks(selectors, reg));
             out
         }
-        other => blocks_of(other, reg, node),
+        other => blocks_of(other, reg, node, inside),
     };
     Servers::Named {
         endpoints: bits.into_boxed_slice(),
@@ -714,6 +757,8 @@ fn compile(
     node: &NodeFacts,
 ) -> Snapshot {
     let endpoints = reg.endpoints.as_slice();
+    // What `world` leaves out, once per compile (every group's scoped rules look it up).
+    let inside = prefix_set(cluster_prefixes(reg, node));
     let mut rule_ports: Vec<Box<[PortProto]>> = Vec::new();
     let mut specs = Vec::new();
     for spec in policies.policies.iter().flat_map(|p| &p.specs) {
@@ -730,7 +775,7 @@ fn compile(
                     servers.push(Servers::Any);
                 }
                 EgressRule::Dns(d) => {
-                    servers.push(servers_of(d.to.as_ref(), reg, node));
+                    servers.push(servers_of(d.to.as_ref(), reg, node, &inside));
                 }
                 EgressRule::Nothing | EgressRule::L3(_) => servers.push(Servers::Any),
             }
@@ -779,7 +824,7 @@ fn compile(
             NO_GROUP
         } else {
             *group_of.entry(selecting).or_insert_with_key(|selecting| {
-                match compile_group(&specs, selecting, reg, node) {
+                match compile_group(&specs, selecting, reg, node, &inside) {
                     Some(g) => {
                         groups.push(g);
                         (groups.len() - 1) as u32
@@ -833,18 +878,24 @@ fn compile(
             );
             prefixes.sort_unstable();
             prefixes.dedup();
-            LpmTable::new(
-                prefixes
-                    .into_iter()
-                    .map(|cidr| L3Entry {
-                        cidr,
-                        allow: Vec::new(),
-                        deny: Vec::new(),
-                    })
-                    .collect(),
-            )
+            prefix_set(prefixes)
         },
+        inside,
     }
+}
+
+/// A table of prefixes without ports (a set, looked up by longest match).
+fn prefix_set(prefixes: Vec<Cidr>) -> LpmTable {
+    LpmTable::new(
+        prefixes
+            .into_iter()
+            .map(|cidr| L3Entry {
+                cidr,
+                allow: Vec::new(),
+                deny: Vec::new(),
+            })
+            .collect(),
+    )
 }
 
 /// The prefixes of the `reserved:NAME` selectors among `selectors`: a lone one selects the
@@ -853,6 +904,7 @@ fn reserved_blocks(
     selectors: &[LabelSelector],
     reg: &Endpoints,
     node: &NodeFacts,
+    inside: &LpmTable,
 ) -> Vec<CidrBlock> {
     let entities: Vec<Entity> = selectors
         .iter()
@@ -862,7 +914,7 @@ fn reserved_blocks(
     if entities.is_empty() {
         return Vec::new();
     }
-    blocks_of(&L3Target::Entities(entities), reg, node)
+    blocks_of(&L3Target::Entities(entities), reg, node, inside)
 }
 
 /// The host prefixes of the services (addresses and backends) whose pods one of `selectors`
@@ -880,10 +932,7 @@ fn service_blocks<'r>(
             selectors.iter().any(|s| s.selects_every(pods))
         })
         .flat_map(|svc| svc.addresses())
-        .map(|ip| CidrBlock {
-            cidr: Cidr::host(ip),
-            except: Vec::new(),
-        })
+        .map(|ip| CidrBlock::new(Cidr::host(ip)))
 }
 
 /// The registered endpoints' and services' addresses: ClusterIPs, and the backends of a
@@ -922,8 +971,8 @@ fn cluster_prefixes(reg: &Endpoints, node: &NodeFacts) -> Vec<Cidr> {
 }
 
 /// `prefixes` less the ones another of them contains, sorted: with `--cluster-cidr` given,
-/// every pod inside the pod range is one prefix (the range), not one per pod, in `world` and
-/// in the exceptions of every CIDR block (so in the datapath's per-endpoint L3 entries).
+/// every pod inside the pod range is one prefix (the range), not one per pod, in the cluster
+/// table ([`Snapshot::inside`]) and so in the datapath's cluster map.
 /// O(n × r) for r prefixes shorter than a host's (the ranges: a few).
 fn minimal(mut prefixes: Vec<Cidr>) -> Vec<Cidr> {
     prefixes.sort_unstable_by_key(|c| (c.len, *c));
@@ -942,77 +991,83 @@ fn minimal(mut prefixes: Vec<Cidr>) -> Vec<Cidr> {
     prefixes
 }
 
-/// The prefixes an L3 target stands for: CIDR blocks less the cluster's addresses, every
-/// address for no selector, the host prefixes of the registered endpoints a `toEndpoints`
-/// selects.
-fn blocks_of(to: &L3Target, reg: &Endpoints, node: &NodeFacts) -> Vec<CidrBlock> {
-    let block = |cidr| CidrBlock {
-        cidr,
-        except: Vec::new(),
+/// The prefixes an L3 target stands for: CIDR blocks scoped to the addresses outside the
+/// cluster, every address for no selector, the host prefixes of the registered endpoints a
+/// `toEndpoints` selects. `inside`: the cluster's prefixes ([`cluster_prefixes`]).
+fn blocks_of(
+    to: &L3Target,
+    reg: &Endpoints,
+    node: &NodeFacts,
+    inside: &LpmTable,
+) -> Vec<CidrBlock> {
+    let scoped = |cidr, scope| CidrBlock {
+        scope,
+        ..CidrBlock::new(cidr)
     };
-    let cluster = || cluster_prefixes(reg, node);
-    let world = |family: Cidr| CidrBlock {
-        cidr: family,
-        except: cluster()
-            .into_iter()
-            .filter(|c| family.contains(c))
-            .collect(),
-    };
+    // `world` and `cluster` are every address on one side of the cluster's boundary: one
+    // scoped prefix per family, not the cluster's addresses as exceptions (one per pod
+    // without `--cluster-cidr`, in every enforced endpoint's L3 entries).
     let entity = |e: &Entity| match e {
-        Entity::All => vec![block(Cidr::ALL4), block(Cidr::ALL6)],
-        Entity::World => vec![world(Cidr::ALL4), world(Cidr::ALL6)],
-        Entity::WorldV4 => vec![world(Cidr::ALL4)],
-        Entity::WorldV6 => vec![world(Cidr::ALL6)],
-        Entity::Cluster => cluster().into_iter().map(block).collect(),
-        Entity::Host => node.host.iter().copied().map(block).collect(),
-        Entity::KubeApiserver => node.kube_apiserver.iter().copied().map(block).collect(),
-        Entity::RemoteNode => remote_nodes(reg).into_iter().map(block).collect(),
+        Entity::All => vec![CidrBlock::new(Cidr::ALL4), CidrBlock::new(Cidr::ALL6)],
+        Entity::World => vec![
+            scoped(Cidr::ALL4, Scope::Outside),
+            scoped(Cidr::ALL6, Scope::Outside),
+        ],
+        Entity::WorldV4 => vec![scoped(Cidr::ALL4, Scope::Outside)],
+        Entity::WorldV6 => vec![scoped(Cidr::ALL6, Scope::Outside)],
+        Entity::Cluster => vec![
+            scoped(Cidr::ALL4, Scope::Inside),
+            scoped(Cidr::ALL6, Scope::Inside),
+        ],
+        Entity::Host => node.host.iter().copied().map(CidrBlock::new).collect(),
+        Entity::KubeApiserver => node
+            .kube_apiserver
+            .iter()
+            .copied()
+            .map(CidrBlock::new)
+            .collect(),
+        Entity::RemoteNode => remote_nodes(reg).into_iter().map(CidrBlock::new).collect(),
         Entity::Unknown => Vec::new(),
     };
     match to {
         L3Target::Entities(entities) => entities.iter().flat_map(entity).collect(),
-        L3Target::Any => vec![block(Cidr::ALL4), block(Cidr::ALL6)],
+        L3Target::Any => vec![CidrBlock::new(Cidr::ALL4), CidrBlock::new(Cidr::ALL6)],
         // As in Cilium, CIDR rules select only destinations outside the cluster and not the
         // host: a pod, a service address, a node has an identity of its own, reached only
-        // through `toEndpoints`, `toServices` or `toEntities`. So a block leaves out what
-        // `world` leaves out (allow and deny alike), and a block inside the cluster is none.
+        // through `toEndpoints`, `toServices` or `toEntities`. So a block is scoped as `world`
+        // is (allow and deny alike), and a block inside the cluster is none.
         // One exception: a block inside the node's own addresses (`host`: loopback,
         // `--node-ip`) is kept as written. It names the node on purpose, and dnsfence's
         // endpoints include host processes (by cgroup), which Cilium's do not.
-        L3Target::Cidrs(blocks) => {
-            let inside = cluster();
-            let on_node = |b: &CidrBlock| node.host.iter().any(|h| h.contains(&b.cidr));
-            blocks
-                .iter()
-                .filter(|b| on_node(b) || !inside.iter().any(|c| c.contains(&b.cidr)))
-                .map(|b| CidrBlock {
-                    cidr: b.cidr,
-                    except: if on_node(b) {
-                        b.except.clone()
-                    } else {
-                        b.except
-                            .iter()
-                            .chain(inside.iter().filter(|c| b.cidr.contains(c)))
-                            .copied()
-                            .collect()
-                    },
-                })
-                .collect()
-        }
+        L3Target::Cidrs(blocks) => blocks
+            .iter()
+            .filter_map(|b| {
+                if node.host.iter().any(|h| h.contains(&b.cidr)) {
+                    Some(b.clone())
+                } else if inside.covering(&b.cidr).is_some() {
+                    None
+                } else {
+                    Some(CidrBlock {
+                        scope: Scope::Outside,
+                        ..b.clone()
+                    })
+                }
+            })
+            .collect(),
         L3Target::Services(refs) => reg
             .services
             .iter()
             .filter(|svc| refs.iter().any(|r| r.names(svc)))
             .flat_map(|svc| svc.addresses())
-            .map(|ip| block(Cidr::host(ip)))
+            .map(|ip| CidrBlock::new(Cidr::host(ip)))
             .collect(),
         L3Target::Endpoints(selectors) => {
-            let mut out = reserved_blocks(selectors, reg, node);
+            let mut out = reserved_blocks(selectors, reg, node, inside);
             out.extend(
                 reg.endpoints
                     .iter()
                     .filter(|ep| selectors.iter().any(|s| s.matches(&ep.labels)))
-                    .flat_map(|ep| ep.ips.iter().map(|&ip| block(Cidr::host(ip)))),
+                    .flat_map(|ep| ep.ips.iter().map(|&ip| CidrBlock::new(Cidr::host(ip)))),
             );
             out.extend(service_blocks(selectors, reg));
             out
@@ -1027,6 +1082,7 @@ fn compile_group(
     selecting: &[u32],
     reg: &Endpoints,
     node: &NodeFacts,
+    inside: &LpmTable,
 ) -> Option<Group> {
     let default_deny = selecting.iter().any(|&s| specs[s as usize].default_deny);
     let restricts = |s: &FlatSpec<'_>| {
@@ -1042,7 +1098,7 @@ fn compile_group(
         let spec = &specs[s as usize];
         for rule in spec.rules {
             if let EgressRule::L3(r) = rule {
-                let blocks = blocks_of(&r.to, reg, node);
+                let blocks = blocks_of(&r.to, reg, node, inside);
                 let ports: Vec<PortProto> = r
                     .ports
                     .iter()
@@ -1058,7 +1114,7 @@ fn compile_group(
             }
         }
         for r in spec.deny {
-            l3_deny.push((blocks_of(&r.to, reg, node), r.ports.clone()));
+            l3_deny.push((blocks_of(&r.to, reg, node, inside), r.ports.clone()));
         }
     }
     // (ports, servers) → (allows every name, its patterns)
@@ -1140,7 +1196,7 @@ fn compile_group(
         l3: {
             if !default_deny {
                 // Default allow: every address, less what egressDeny denies.
-                l3_allow.push((blocks_of(&L3Target::Any, reg, node), Vec::new()));
+                l3_allow.push((blocks_of(&L3Target::Any, reg, node, inside), Vec::new()));
             }
             compile_table(&l3_allow, &l3_deny).into_boxed_slice()
         },

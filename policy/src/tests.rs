@@ -818,8 +818,10 @@ spec:
             None,
             "a pod outside the range is left out too"
         );
-        // The pods inside the range cost no entry of their own: the range stands for them
-        // (the datapath's L3 entries are per endpoint, so this bounds them by the ranges).
+        // The pods cost no entry of their own, inside the range or not: the CIDR rules are
+        // scoped to the addresses outside the cluster, which the datapath looks up in one
+        // map of the cluster's addresses, so an endpoint's L3 entries (per endpoint in the
+        // datapath) are bounded by its rules, not by the size of the cluster.
         let pods_inside = |s: &Snapshot| {
             s.l3_table(ep)
                 .iter()
@@ -832,7 +834,200 @@ spec:
         let without_range = snapshot(policy);
         let ep2 = without_range.endpoint_by_name("team-a/uploader").unwrap();
         assert_eq!(ep2, ep);
-        assert!(pods_inside(&without_range) >= 4);
+        assert_eq!(pods_inside(&without_range), 0);
+        let many = (0..200)
+            .map(|i| {
+                format!(
+                    "- {{name: p{i}, namespace: team-b, labels: {{app: x}}, ips: [\"10.7.{}.{}\"]}}\n",
+                    i / 100,
+                    i % 100
+                )
+            })
+            .collect::<String>();
+        let grown = Snapshot::compile(
+            &text,
+            &Endpoints::from_yaml(Path::new("e.yaml"), &format!("{ENDPOINTS}{many}"))
+                .unwrap_or_else(|e| panic!("{e}")),
+        );
+        let ep3 = grown.endpoint_by_name("team-a/uploader").unwrap();
+        assert_eq!(
+            grown.l3_table(ep3).len(),
+            without_range.l3_table(ep2).len(),
+            "200 more pods, no more entries"
+        );
+        assert_eq!(
+            grown.l3_verdict(ep3, "10.7.1.5".parse().unwrap(), 443, Tcp),
+            None
+        );
+        assert_eq!(
+            grown.l3_verdict(ep3, "10.7.3.5".parse().unwrap(), 443, Tcp),
+            Some(true)
+        );
+    }
+
+    /// Random CIDR, entity and deny rules over random clusters: the compiled L3 table
+    /// (scoped port entries, longest match) gives the verdict of a direct reading of the
+    /// rules: a CIDR block or `world` takes an address outside the cluster (a block inside
+    /// the node's own addresses: its addresses), `cluster` one inside it, `all` any; a deny
+    /// wins over an allow.
+    #[test]
+    fn l3_tables_agree_with_a_direct_reading_of_the_rules() {
+        use crate::PortProtocol::{Tcp, Udp};
+        use crate::cidr::{Cidr, NodeFacts};
+        let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+        let mut next = move |n: usize| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x % n as u64) as usize
+        };
+        let blocks: [(&str, &[&str]); 8] = [
+            ("10.0.0.0/8", &[]),
+            ("10.0.0.0/8", &["10.1.0.0/16"]),
+            ("10.1.0.0/16", &["10.1.2.0/24"]),
+            ("10.1.2.0/24", &[]),
+            ("10.1.2.3/32", &[]),
+            ("0.0.0.0/0", &["192.0.2.0/25"]),
+            ("192.0.2.0/24", &[]),
+            ("127.0.0.0/8", &[]),
+        ];
+        let entities = ["world", "cluster", "all", "host", "world-ipv4"];
+        let ports = [
+            "",
+            "\n    toPorts: [{ports: [{port: \"443\", protocol: TCP}]}]",
+            "\n    toPorts: [{ports: [{port: \"53\", protocol: ANY}]}]",
+        ];
+        let pool = [
+            "10.1.2.3",
+            "10.1.2.9",
+            "10.1.9.9",
+            "10.2.0.1",
+            "10.200.0.1",
+            "127.0.0.1",
+            "192.0.2.7",
+            "192.0.2.200",
+            "198.51.100.1",
+            "203.0.113.5",
+        ];
+        let rule = |next: &mut dyn FnMut(usize) -> usize| -> (String, Vec<String>) {
+            // (YAML, and the rule as (kind, block index or entity, port index) for the reader)
+            let port = next(ports.len());
+            if next(3) == 0 {
+                let e = entities[next(entities.len())];
+                (
+                    format!("  - toEntities: [{e}]{}\n", ports[port]),
+                    vec![format!("e:{e}:{port}")],
+                )
+            } else {
+                let b = next(blocks.len());
+                let (cidr, except) = blocks[b];
+                (
+                    format!(
+                        "  - toCIDRSet: [{{cidr: {cidr}, except: [{}]}}]{}\n",
+                        except.join(", "),
+                        ports[port]
+                    ),
+                    vec![format!("c:{b}:{port}")],
+                )
+            }
+        };
+        for round in 0..300 {
+            let (mut allow, mut deny) = (Vec::new(), Vec::new());
+            let mut text = String::from(
+                "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: p, namespace: team-a}\nspec:\n  endpointSelector: {matchLabels: {app: uploader}}\n  egress:\n",
+            );
+            for _ in 0..1 + next(3) {
+                let (yaml, r) = rule(&mut next);
+                text += &yaml;
+                allow.extend(r);
+            }
+            if next(2) == 0 {
+                text += "  egressDeny:\n";
+                for _ in 0..1 + next(2) {
+                    let (yaml, r) = rule(&mut next);
+                    text += &yaml;
+                    deny.extend(r);
+                }
+            }
+            // The cluster: the subject, a few pods from the pool, maybe a range, a node IP.
+            let mut pods = vec!["10.50.0.1".to_string()];
+            let mut endpoints = String::from(
+                "endpoints:\n- {name: uploader, namespace: team-a, labels: {app: uploader}, ips: [\"10.50.0.1\"]}\n",
+            );
+            for i in 0..next(4) {
+                let ip = pool[next(pool.len())];
+                if pods.iter().any(|p| p == ip) {
+                    continue;
+                }
+                endpoints += &format!(
+                    "- {{name: p{i}, namespace: team-b, labels: {{app: x}}, ips: [\"{ip}\"]}}\n"
+                );
+                pods.push(ip.to_string());
+            }
+            let mut node = NodeFacts::default();
+            if next(2) == 0 {
+                node.cluster.push(Cidr::parse("10.1.0.0/16").unwrap());
+            }
+            if next(3) == 0 {
+                node.host.push(Cidr::parse("192.0.2.7").unwrap());
+            }
+            let policies = PolicySet::from_yaml(Path::new("p.yaml"), &text)
+                .unwrap_or_else(|e| panic!("{e}\n{text}"));
+            let registry = Endpoints::from_yaml(Path::new("e.yaml"), &endpoints).unwrap();
+            let s = Snapshot::compile_on(&policies, &registry, &[], &node);
+            let ep = s.endpoint_by_name("team-a/uploader").unwrap();
+            for ip in pool {
+                let addr: IpAddr = ip.parse().unwrap();
+                let host = Cidr::host(addr);
+                let inside = pods.iter().any(|p| p == ip)
+                    || node
+                        .cluster
+                        .iter()
+                        .chain(&node.host)
+                        .any(|c| c.contains(&host));
+                let on_node = |c: &Cidr| node.host.iter().any(|h| h.contains(c));
+                let takes = |r: &str, port: u16, proto| {
+                    let parts: Vec<&str> = r.split(':').collect();
+                    let port_ok = match parts[2] {
+                        "0" => true,
+                        "1" => port == 443 && proto == Tcp,
+                        _ => port == 53,
+                    };
+                    port_ok
+                        && match parts[0] {
+                            "e" => match parts[1] {
+                                "world" | "world-ipv4" => !inside,
+                                "cluster" => inside,
+                                "all" => true,
+                                _ => node.host.iter().any(|h| h.contains(&host)),
+                            },
+                            _ => {
+                                let (cidr, except) = blocks[parts[1].parse::<usize>().unwrap()];
+                                let cidr = Cidr::parse(cidr).unwrap();
+                                cidr.contains(&host)
+                                    && !except
+                                        .iter()
+                                        .any(|e| Cidr::parse(e).unwrap().contains(&host))
+                                    && (on_node(&cidr) || !inside)
+                            }
+                        }
+                };
+                for (port, proto) in [(443, Tcp), (53, Udp), (80, Tcp)] {
+                    let want = if deny.iter().any(|r| takes(r, port, proto)) {
+                        Some(false)
+                    } else if allow.iter().any(|r| takes(r, port, proto)) {
+                        Some(true)
+                    } else {
+                        None
+                    };
+                    assert_eq!(
+                        s.l3_verdict(ep, addr, port, proto),
+                        want,
+                        "round {round}: {ip}:{port}/{proto:?} (inside: {inside})\n{text}\n{endpoints}{node:?}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]

@@ -51,6 +51,7 @@ fn two_writers_never_shorten_or_sweep_each_others_entries() {
         cgroup_root: env.cgroup_root.clone(),
         allow_entries: 1024,
         l3_entries: 1024,
+        cluster_entries: 1024,
     })
     .expect("install");
     let mut agent = datapath.allow_sink(LedgerConfig::default()).expect("sink");
@@ -119,6 +120,7 @@ fn a_revocation_covers_the_other_writers_entries() {
         cgroup_root: env.cgroup_root.clone(),
         allow_entries: 1024,
         l3_entries: 1024,
+        cluster_entries: 1024,
     })
     .expect("install");
     let mut agent = datapath.allow_sink(LedgerConfig::default()).expect("sink");
@@ -178,6 +180,7 @@ fn a_sweep_never_removes_an_entry_the_other_writer_just_wrote() {
         cgroup_root: env.cgroup_root.clone(),
         allow_entries: 65536,
         l3_entries: 1024,
+        cluster_entries: 1024,
     })
     .expect("install");
     let cfg = LedgerConfig {

@@ -440,6 +440,133 @@ spec:
     assert!(env.denied(Some("a"), SocketAddr::new(rebind_ip, 443)));
 }
 
+/// `world` and CIDR rules reach the addresses outside the cluster only, `cluster` those
+/// inside it, as in Cilium, through the datapath's one cluster map: addresses outside
+/// loopback (TEST-NET-2 on `lo`), so the node-address exception does not apply. Two hundred
+/// registered pods cost no L3 entry (a trie of 16 holds the endpoint's entries); and when the
+/// cluster's addresses do not fit their map, those rules fail closed.
+#[test]
+fn world_and_cidr_rules_reach_outside_the_cluster_and_cluster_inside_it() {
+    if !require_root("datapath") {
+        return;
+    }
+    let _serial = EXCLUSIVE.lock().unwrap_or_else(|e| e.into_inner());
+    let env = Env::new("scope", &["a"]);
+    let net = 20 + (std::process::id() + 70) % 200;
+    let upstream = Bundled::start(&["--ttl", "60", "--ips", "1"]);
+    let policy = r#"apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: a-scope, namespace: default}
+spec:
+  endpointSelector: {matchLabels: {app: a}}
+  egress:
+  - toEntities: [world]
+    toPorts: [{ports: [{port: "8443", protocol: TCP}]}]
+  - toCIDR: [198.51.100.0/24]
+    toPorts: [{ports: [{port: "9443", protocol: TCP}]}]
+  - toEntities: [cluster]
+    toPorts: [{ports: [{port: "5432", protocol: TCP}]}]
+  egressDeny:
+  - toCIDR: [198.51.100.128/25]
+"#;
+    // Two registered pods in the CIDR rules' blocks, and 200 more elsewhere.
+    let mut endpoints = String::from(
+        "endpoints:\n\
+         - {name: a, namespace: default, labels: {app: a}, cgroup: a}\n\
+         - {name: pod1, namespace: prod, labels: {app: p}, ips: [\"198.51.100.10\"]}\n\
+         - {name: pod2, namespace: prod, labels: {app: p}, ips: [\"198.51.100.130\"]}\n",
+    );
+    for i in 0..200 {
+        endpoints += &format!(
+            "- {{name: bulk{i}, namespace: prod, labels: {{app: bulk}}, ips: [\"10.77.{}.{}\"]}}\n",
+            i / 100,
+            i % 100 + 1
+        );
+    }
+    let ip = |s: &str| -> IpAddr { s.parse().unwrap() };
+    let (out1, out2, pod1, pod2) = (
+        ip("198.51.100.20"),
+        ip("198.51.100.200"),
+        ip("198.51.100.10"),
+        ip("198.51.100.130"),
+    );
+    let _addrs: Vec<_> = [out1, out2, pod1, pod2]
+        .into_iter()
+        .map(|a| env.local_address(a))
+        .collect();
+    let _l = [
+        listen_on(out1, &[8443, 9443, 5432]),
+        listen_on(out2, &[8443, 9443]),
+        listen_on(pod1, &[8443, 9443, 5432]),
+        listen_on(pod2, &[5432]),
+    ];
+    let to = |ip, port| SocketAddr::new(ip, port);
+    let mut config = agent_config(&env, upstream.addr, &["--l3-entries", "16"]);
+    config.policy = policy.into();
+    config.endpoints = endpoints.clone();
+    let agent = Agent::start(&config);
+    assert!(
+        !agent.process.stderr().contains("map is full"),
+        "{}",
+        agent.process.stderr()
+    );
+    // Outside the cluster: world and the CIDR, not cluster.
+    assert_eq!(env.connect(Some("a"), to(out1, 8443)), Ok(()), "world");
+    assert_eq!(env.connect(Some("a"), to(out1, 9443)), Ok(()), "toCIDR");
+    assert!(
+        env.denied(Some("a"), to(out1, 5432)),
+        "cluster is not world"
+    );
+    // A registered pod inside the CIDR's block: cluster, not world nor the CIDR.
+    assert_eq!(env.connect(Some("a"), to(pod1, 5432)), Ok(()), "cluster");
+    assert!(
+        env.denied(Some("a"), to(pod1, 8443)),
+        "world reaches no pod"
+    );
+    assert!(
+        env.denied(Some("a"), to(pod1, 9443)),
+        "a CIDR reaches no pod"
+    );
+    // The egressDeny CIDR wins outside the cluster, and does not reach the pod inside it.
+    assert!(env.denied(Some("a"), to(out2, 8443)), "denied over world");
+    assert!(env.denied(Some("a"), to(out2, 9443)), "denied over toCIDR");
+    assert_eq!(
+        env.connect(Some("a"), to(pod2, 5432)),
+        Ok(()),
+        "deny CIDR, pod"
+    );
+    drop(agent);
+
+    // A cluster map too small for the 203 addresses: fail closed. World and the CIDR allow
+    // nothing, the deny CIDR denies what it covers; unscoped rules are untouched.
+    let mut config = agent_config(&env, upstream.addr, &["--cluster-entries", "8"]);
+    config.policy = policy.replace(
+        "  egressDeny:",
+        &format!("  - toCIDR: [127.{net}.3.1/32]\n    toPorts: [{{ports: [{{port: \"8443\", protocol: TCP}}]}}]\n  egressDeny:"),
+    );
+    config.endpoints = endpoints;
+    // A fresh pin directory: a reused cluster map keeps the size it was created with.
+    let _ = std::process::Command::new(dnsfence_tests::bin("dnsfence"))
+        .args(["agent", "--uninstall", "--bpf-pin"])
+        .arg(&env.pin)
+        .output();
+    let agent = Agent::start(&config);
+    assert!(
+        agent.process.stderr().contains("the cluster map is full"),
+        "{}",
+        agent.process.stderr()
+    );
+    assert!(env.denied(Some("a"), to(out1, 8443)), "world, map partial");
+    assert!(env.denied(Some("a"), to(out1, 9443)), "toCIDR, map partial");
+    let node = ip(&format!("127.{net}.3.1"));
+    let _lo = listen_on(node, &[8443]);
+    assert_eq!(
+        env.connect(Some("a"), to(node, 8443)),
+        Ok(()),
+        "an unscoped rule"
+    );
+}
+
 #[test]
 fn one_agent_per_pin_directory_and_no_uninstall_under_a_running_agent() {
     if !require_root("datapath") {
@@ -670,6 +797,7 @@ spec:
         cgroup_root: env.cgroup_root.clone(),
         allow_entries: 1024,
         l3_entries: 1024,
+        cluster_entries: 1024,
     })
     .unwrap();
     let v4: IpAddr = format!("127.{net}.9.1").parse().unwrap();
