@@ -19,7 +19,7 @@
 #define DF_MAX_SPECS 8
 /* Port specs allowed, and denied, per L3 prefix entry (more: allow fails closed, deny
  * becomes everything). */
-#define DF_MAX_L3_SPECS 4
+#define DF_MAX_L3_SPECS 8
 /* Cgroup levels below the attach point searched for an endpoint's cgroup. */
 #define DF_MAX_DEPTH 16
 

@@ -308,6 +308,10 @@ pub struct EndpointSync {
     /// may be inside the cluster, so `world`, `cluster` and CIDR allows reach no address
     /// missing from it and their denies reach all of them (fail closed) until they fit.
     pub cluster_partial: bool,
+    /// Not even the cluster map's "unknown" markers could be written: every endpoint with
+    /// world, cluster or CIDR rules is denied everything but DNS (counted in
+    /// `l3_failed_closed`) until a sync succeeds.
+    pub cluster_failed: bool,
 }
 
 impl Datapath {
@@ -445,7 +449,11 @@ impl Datapath {
         self.synced_generation = snapshot.generation();
         // The cluster's prefixes land before the L3 entries scoped by them, and stale ones go
         // after (`finish_cluster`): no scoped allow ever meets a cluster address missing.
-        let stale_cluster = self.sync_cluster(snapshot, &mut sync)?;
+        let (stale_cluster, cluster_trusted) = self.sync_cluster(snapshot, &mut sync)?;
+        sync.cluster_failed = !cluster_trusted;
+        // Endpoints with scoped L3 entries (world, cluster, CIDR rules): they fail closed
+        // when the cluster map could not be made right.
+        let mut scoped = std::collections::HashSet::new();
         let mut wanted = std::collections::HashMap::new();
         let mut wanted_l3 = std::collections::HashMap::new();
         for (path, ep) in snapshot.cgroups() {
@@ -476,6 +484,15 @@ impl Datapath {
             let mut truncated = false;
             let table = snapshot.l3_table(ep);
             for entry in table {
+                if !cluster_trusted
+                    && entry
+                        .allow
+                        .iter()
+                        .chain(&entry.deny)
+                        .any(|p| p.scope != dnsfence_policy::cidr::Scope::Any)
+                {
+                    scoped.insert(value.key);
+                }
                 let (key, value, cut) = l3_map_entry(value.key, entry);
                 truncated |= cut;
                 wanted_l3.insert(key, value);
@@ -502,9 +519,12 @@ impl Datapath {
         // entries do not all fit (the trie is full) fails closed: its L3 entries are removed
         // and it is enforced with no port spec, so only DNS to the proxy passes; it is never
         // left out of the endpoints map (that would leave it unenforced).
-        let mut degraded = std::collections::HashSet::new();
+        let mut degraded = scoped;
         for (&(len, data), value) in &wanted_l3 {
             let key = Key::new(len, data);
+            if degraded.contains(&u64::from_ne_bytes(data.endpoint)) {
+                continue;
+            }
             if self.cidr.get(&key, 0).ok() != Some(*value)
                 && self.cidr.insert(&key, *value, 0).is_err()
             {
@@ -542,23 +562,31 @@ impl Datapath {
     /// and an IPv4 shadow where an IPv6 prefix contains `::ffff:0:0/96`); returns the stale
     /// keys, for the caller to remove once the L3 entries are synced (or removes them first
     /// when the map has no room for old and new together). When the wanted entries do not
-    /// all fit (two entries stay free for this), `::/0` and the IPv4 shadow say "unknown"
-    /// first, then as many prefixes as fit are written: every address found is inside, every
-    /// other one unknown (fail closed).
+    /// all fit (two entries stay free for this), or an insert fails, `::/0` and the IPv4
+    /// shadow say "unknown" first, then as many prefixes as fit are written: every address
+    /// found is inside, every other one unknown (fail closed). Also returns whether the map
+    /// can be trusted: false when even the markers could not be written (the caller then
+    /// fails closed every endpoint with scoped entries).
     fn sync_cluster(
         &mut self,
         snapshot: &Snapshot,
         sync: &mut EndpointSync,
-    ) -> Result<Vec<Key<Addr>>, DatapathError> {
+    ) -> Result<(Vec<Key<Addr>>, bool), DatapathError> {
         use dnsfence_policy::cidr::Cidr;
         let mut wanted = std::collections::HashMap::new();
         for cidr in snapshot.inside_prefixes() {
             wanted.insert(cluster_key(cidr), CLUSTER_INSIDE);
         }
         let (any, shadow) = (cluster_key(Cidr::ALL6), cluster_key(Cidr::ALL4));
+        // IPv4 sits at ::ffff:0:0/96 in the map: an IPv6 prefix containing that region
+        // (::/64, say) must not make IPv4 addresses inside.
+        let mapped = Cidr {
+            addr: std::net::Ipv4Addr::UNSPECIFIED.to_ipv6_mapped().into(),
+            len: 96,
+        };
         if snapshot
             .inside_prefixes()
-            .any(|c| c.addr.is_ipv6() && c.contains(&Cidr::ALL4))
+            .any(|c| c.addr.is_ipv6() && c.contains(&mapped))
         {
             wanted.entry(shadow).or_insert(CLUSTER_OUTSIDE);
         }
@@ -586,20 +614,37 @@ impl Datapath {
         // for more addresses than one host).
         entries.sort_unstable_by_key(|&((len, _), value)| (value != CLUSTER_UNKNOWN, len));
         let mut written = 0;
+        let mut trusted = true;
         for ((len, addr), value) in entries {
             let key = Key::new(len, addr);
             if self.cluster.get(&key, 0).ok() == Some(value) {
                 written += 1;
                 continue;
             }
-            match self.cluster.insert(&key, value, 0) {
-                Ok(()) => written += 1,
-                Err(_) if sync.cluster_partial && value != CLUSTER_UNKNOWN => {}
-                Err(e) => return Err(map_err(names::CLUSTER)(e)),
+            if self.cluster.insert(&key, value, 0).is_ok() {
+                written += 1;
+                continue;
+            }
+            if value == CLUSTER_UNKNOWN {
+                trusted = false;
+                break;
+            }
+            if !sync.cluster_partial {
+                // Out of memory with the map thought complete: "unknown" from now on.
+                sync.cluster_partial = true;
+                for (len, addr) in [any, shadow] {
+                    let marker = self
+                        .cluster
+                        .insert(&Key::new(len, addr), CLUSTER_UNKNOWN, 0);
+                    trusted &= marker.is_ok();
+                }
+                if !trusted {
+                    break;
+                }
             }
         }
         sync.cluster_entries = written;
-        Ok(stale)
+        Ok((stale, trusted))
     }
 
     /// The directories to watch so that an endpoint's cgroup is known the moment it appears
@@ -712,8 +757,17 @@ fn l3_map_entry(
     value.nallow = entry.allow.len().min(MAX_L3_SPECS) as u8;
     cut |= entry.allow.len() > MAX_L3_SPECS;
     if entry.deny.len() > MAX_L3_SPECS {
-        // Every port denied, on both sides of the cluster's boundary.
-        value.deny[0] = PortSpec::of(&dnsfence_policy::PortProto::EVERY).into();
+        // Every port denied: on the denies' side of the cluster's boundary when they share
+        // one, else on both.
+        let first = entry.deny[0].scope;
+        value.deny[0] = spec_of(&dnsfence_policy::cidr::L3Port {
+            scope: if entry.deny.iter().all(|p| p.scope == first) {
+                first
+            } else {
+                dnsfence_policy::cidr::Scope::Any
+            },
+            ports: dnsfence_policy::PortProto::EVERY,
+        });
         value.ndeny = 1;
         cut = true;
     } else {
@@ -812,5 +866,45 @@ mod tests {
         assert!(matches!(err, DatapathError::NotCgroup2(_)), "{err}");
         assert!(err.to_string().contains("not a cgroup v2 hierarchy"));
         fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// More deny specs than a prefix holds deny every port, on the denies' side of the
+    /// cluster's boundary when they share one (a `world` deny list must not cut off the
+    /// pods), on both sides otherwise; scopes reach the map's specs.
+    #[test]
+    fn scoped_specs_and_deny_overflow() {
+        use dnsfence_policy::cidr::{Cidr, L3Entry, L3Port, Scope};
+        use dnsfence_policy::{PortProto, PortProtocol};
+        let tcp = |port, scope| L3Port {
+            scope,
+            ports: PortProto {
+                port,
+                end_port: port,
+                proto: PortProtocol::Tcp,
+            },
+        };
+        let entry = |deny: Vec<L3Port>| L3Entry {
+            cidr: Cidr::ALL4,
+            allow: vec![tcp(443, Scope::Inside), tcp(80, Scope::Any)],
+            deny,
+        };
+        let outside: Vec<L3Port> = (1..=9).map(|p| tcp(p, Scope::Outside)).collect();
+        let (_, v, cut) = l3_map_entry(1, &entry(outside.clone()));
+        assert!(cut);
+        assert_eq!((v.ndeny, v.deny[0].scope), (1, SCOPE_OUTSIDE));
+        assert_eq!((v.deny[0].lo, v.deny[0].hi), (0, u16::MAX));
+        assert_eq!(v.nallow, 2);
+        assert_eq!((v.allow[0].lo, v.allow[0].scope), (443, SCOPE_INSIDE));
+        assert_eq!((v.allow[1].lo, v.allow[1].scope), (80, SCOPE_ANY));
+        let mut mixed = outside;
+        mixed[0].scope = Scope::Inside;
+        let (_, v, _) = l3_map_entry(1, &entry(mixed));
+        assert_eq!((v.ndeny, v.deny[0].scope), (1, SCOPE_ANY));
+        let (_, v, cut) = l3_map_entry(1, &entry(vec![tcp(22, Scope::Outside)]));
+        assert!(!cut);
+        assert_eq!(
+            (v.ndeny, v.deny[0].lo, v.deny[0].scope),
+            (1, 22, SCOPE_OUTSIDE)
+        );
     }
 }

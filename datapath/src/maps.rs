@@ -11,7 +11,7 @@ pub const ABI: u32 = 3;
 /// Port specs per endpoint in `df_endpoints` (`DF_MAX_SPECS`).
 pub const MAX_SPECS: usize = 8;
 /// Port specs allowed, and denied, per L3 prefix entry (`DF_MAX_L3_SPECS`).
-pub const MAX_L3_SPECS: usize = 4;
+pub const MAX_L3_SPECS: usize = 8;
 /// `DF_EP_ENFORCE`: the endpoint is selected by an egress policy (default deny).
 pub const EP_ENFORCE: u32 = 1;
 /// `DF_SCOPE_*`: which addresses of an L3 prefix a `df_cidr` spec applies to.
@@ -433,7 +433,7 @@ mod tests {
         assert_eq!(size_of::<OriginKey>(), 24);
         assert_eq!(size_of::<OriginValue>(), 40);
         assert_eq!(size_of::<NameValue>(), 256);
-        // df_cidr_key is 4 + 24 (no padding: the data is bytes), df_cidr_val 8 + 2 * 4 * 8.
+        // df_cidr_key is 4 + 24 (no padding: the data is bytes), df_cidr_val 8 + 2 * 8 * 8.
         assert_eq!(size_of::<aya::maps::lpm_trie::Key<CidrData>>(), 28);
         assert_eq!(size_of::<CidrValue>(), 8 + 2 * 8 * MAX_L3_SPECS);
         // df_cluster_key is 4 + 16.

@@ -287,7 +287,13 @@ fn describe_sync(sync: &EndpointSync) -> Vec<String> {
             sync.l3_failed_closed
         ));
     }
-    if sync.cluster_partial {
+    if sync.cluster_failed {
+        lines.push(
+            "warning: the cluster map could not be written: endpoints with world, cluster or \
+             CIDR rules are denied everything but DNS until it can"
+                .to_string(),
+        );
+    } else if sync.cluster_partial {
         lines.push(format!(
             "warning: the cluster map is full ({} entries written): world, cluster and CIDR \
              rules allow nothing and deny everything they cover until the cluster's addresses \

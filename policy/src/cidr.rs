@@ -539,23 +539,39 @@ fn union_ports<'a>(rules: impl Iterator<Item = &'a [PortProto]>) -> Vec<PortProt
 }
 
 /// [`union_ports`] per scope, for rules given as (scope bits, ports): sorted by scope, then
-/// ports. Every port everywhere (or both inside and outside) is one unscoped `EVERY`.
+/// ports, and as few as the scopes allow (the datapath holds `DF_MAX_L3_SPECS` per prefix):
+/// a port on both sides of the cluster's boundary is one unscoped port, and a scoped port
+/// inside an unscoped one is left out.
 fn union_scoped<'a>(rules: impl Iterator<Item = (u8, &'a [PortProto])>) -> Vec<L3Port> {
     let rules: Vec<(u8, &[PortProto])> = rules.collect();
-    let mut out = Vec::new();
-    let mut every = 0;
-    for scope in [Scope::Any, Scope::Outside, Scope::Inside] {
-        let of_scope = rules.iter().filter(|(m, _)| *m == scope.bits());
-        let ports = union_ports(of_scope.map(|(_, p)| *p));
-        if ports == [PortProto::EVERY] {
-            every |= scope.bits();
-        }
-        out.extend(ports.into_iter().map(|ports| L3Port { scope, ports }));
+    let of = |scope: Scope| {
+        union_ports(
+            rules
+                .iter()
+                .filter(|(m, _)| *m == scope.bits())
+                .map(|(_, p)| *p),
+        )
+    };
+    let (mut any, mut outside, mut inside) =
+        (of(Scope::Any), of(Scope::Outside), of(Scope::Inside));
+    any.extend(outside.iter().filter(|p| inside.contains(p)));
+    if any.contains(&PortProto::EVERY) {
+        any = vec![PortProto::EVERY];
     }
-    if every == 3 {
-        out = vec![PortProto::EVERY.into()];
-    }
-    out
+    any.sort_unstable();
+    any.dedup();
+    let within = |p: &PortProto| {
+        any.iter()
+            .any(|a| a.port <= p.port && p.end_port <= a.end_port && a.proto.includes(p.proto))
+    };
+    outside.retain(|p| !within(p));
+    inside.retain(|p| !within(p));
+    let scoped =
+        |scope, ports: Vec<PortProto>| ports.into_iter().map(move |ports| L3Port { scope, ports });
+    scoped(Scope::Any, any.clone())
+        .chain(scoped(Scope::Outside, outside))
+        .chain(scoped(Scope::Inside, inside))
+        .collect()
 }
 
 #[cfg(test)]
@@ -751,6 +767,42 @@ mod tests {
             ten.judge(|p| p.covers(22, Proto::Tcp), || panic!("asked")),
             Some(true),
             "an unscoped entry never asks where the address is"
+        );
+        // world 80 + cluster 80 is 80 anywhere; world 443 inside an unscoped 0-1023 goes.
+        let merged = compile_table(
+            &[
+                (
+                    vec![scoped(Cidr::ALL4, Scope::Outside)],
+                    vec![tcp(80), tcp(443)],
+                ),
+                (
+                    vec![scoped(Cidr::ALL4, Scope::Inside)],
+                    vec![tcp(80), tcp(5432)],
+                ),
+                (
+                    vec![CidrBlock::new(Cidr::ALL4)],
+                    vec![PortProto {
+                        end_port: 1023,
+                        ..tcp(0)
+                    }],
+                ),
+            ],
+            &[],
+        );
+        assert_eq!(
+            merged[0].allow,
+            vec![
+                PortProto {
+                    end_port: 1023,
+                    ..tcp(0)
+                }
+                .into(),
+                tcp(80).into(),
+                L3Port {
+                    scope: Scope::Inside,
+                    ports: tcp(5432)
+                },
+            ]
         );
         assert_eq!(judge("10.9.1.1", 443, false), Some(false), "denied outside");
         assert_eq!(judge("10.9.1.1", 443, true), Some(true), "not inside");

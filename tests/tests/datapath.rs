@@ -565,6 +565,25 @@ spec:
         Ok(()),
         "an unscoped rule"
     );
+    drop(agent);
+
+    // An IPv6 cluster range containing ::ffff:0:0/96 (where the map keeps IPv4) does not
+    // make IPv4 addresses inside.
+    let _ = std::process::Command::new(dnsfence_tests::bin("dnsfence"))
+        .args(["agent", "--uninstall", "--bpf-pin"])
+        .arg(&env.pin)
+        .output();
+    let mut config = agent_config(&env, upstream.addr, &["--cluster-cidr", "::/64"]);
+    config.policy = policy.into();
+    config.endpoints =
+        "endpoints:\n- {name: a, namespace: default, labels: {app: a}, cgroup: a}\n".into();
+    let _agent = Agent::start(&config);
+    assert_eq!(
+        env.connect(Some("a"), to(out1, 8443)),
+        Ok(()),
+        "world, ::/64"
+    );
+    assert!(env.denied(Some("a"), to(out1, 5432)), "cluster, ::/64");
 }
 
 #[test]
