@@ -133,8 +133,10 @@ struct Group {
     /// The distinct port entries of the group's toFQDNs rules, sorted (a rule without
     /// `toPorts` contributes every port over any protocol): the datapath's port specs.
     fqdn_ports: Box<[PortProto]>,
-    /// The group's L3/L4 rules (allow and `egressDeny`) as a longest-prefix-match table.
-    l3: Box<[L3Entry]>,
+    /// The group's L3/L4 rules (allow and `egressDeny`) as a longest-prefix-match table, when
+    /// it differs from `servers_l3` (default allow adds an allow of every address); None
+    /// under default deny, where the two are the same table (compiled once).
+    l3: Option<LpmTable>,
     /// The same rules without the default allow of `enableDefaultDeny.egress: false`, indexed
     /// for the DNS verdict: an `egressDeny` of the server denies the query, and an L3/L4 allow
     /// of the server and port lets every name through (see `Snapshot::verdict`).
@@ -609,10 +611,15 @@ impl Snapshot {
     /// egressDeny): the longest prefix containing a destination gives the ports allowed and
     /// denied there. Empty for an unrestricted or unknown endpoint.
     pub fn l3_table(&self, ep: EndpointId) -> &[L3Entry] {
+        self.l3_lpm(ep).map_or(&[], LpmTable::entries)
+    }
+
+    /// The L3/L4 table of `ep`, indexed.
+    fn l3_lpm(&self, ep: EndpointId) -> Option<&LpmTable> {
         self.endpoints
             .get(ep.0 as usize)
             .and_then(|e| self.groups.get(e.group as usize))
-            .map_or(&[], |g| &g.l3)
+            .map(|g| g.l3.as_ref().unwrap_or(&g.servers_l3))
     }
 
     /// L3/L4 verdict for `ep` reaching `ip:port` over `proto` (for `Icmp` / `Icmp6`, `port` is
@@ -626,12 +633,7 @@ impl Snapshot {
         port: u16,
         proto: PortProtocol,
     ) -> Option<bool> {
-        let host = Cidr::host(ip);
-        let entry = self
-            .l3_table(ep)
-            .iter()
-            .filter(|e| e.cidr.contains(&host))
-            .max_by_key(|e| e.cidr.len)?;
+        let entry = self.l3_lpm(ep)?.lookup(ip)?;
         entry.judge(
             |p| (p.port..=p.end_port).contains(&port) && p.proto.includes(proto),
             || self.inside(ip),
@@ -812,7 +814,7 @@ fn compile(
                     names: MatcherBuilder::new().build(),
                     fqdn_ids: Box::new([]),
                     fqdn_ports: Box::new([]),
-                    l3: Box::new([]),
+                    l3: None,
                     servers_l3: LpmTable::default(),
                     servers_wildcard: LpmTable::default(),
                     default_deny: true,
@@ -1193,13 +1195,11 @@ fn compile_group(
         },
         servers_l3: LpmTable::new(compile_table(&l3_allow, &l3_deny)),
         servers_wildcard: LpmTable::new(compile_table(&wildcarding, &[])),
-        l3: {
-            if !default_deny {
-                // Default allow: every address, less what egressDeny denies.
-                l3_allow.push((blocks_of(&L3Target::Any, reg, node, inside), Vec::new()));
-            }
-            compile_table(&l3_allow, &l3_deny).into_boxed_slice()
-        },
+        l3: (!default_deny).then(|| {
+            // Default allow: every address, less what egressDeny denies.
+            l3_allow.push((blocks_of(&L3Target::Any, reg, node, inside), Vec::new()));
+            LpmTable::new(compile_table(&l3_allow, &l3_deny))
+        }),
     })
 }
 
