@@ -325,7 +325,8 @@ static __attribute__((noinline)) int cluster_side(const struct df_addr *addr)
 
 /* Whether a covering spec applies on addr's side of the cluster's boundary: an unscoped one
  * always; a scoped one where the side is its own, the side looked up once (*side < 0: not
- * yet); where the side is unknown a deny applies and an allow does not (fail closed). */
+ * yet); where the side is unknown, or a value is of no known kind, a deny applies and an
+ * allow does not (fail closed). */
 static __always_inline int scope_holds(const struct df_spec *spec, const struct df_addr *addr,
 				       int *side, int deny)
 {
@@ -333,11 +334,14 @@ static __always_inline int scope_holds(const struct df_spec *spec, const struct 
 		return 1;
 	if (*side < 0)
 		*side = cluster_side(addr);
-	if (*side == DF_CLUSTER_UNKNOWN)
+	/* Unknown (or any value but the two known sides), or a scope of no known kind. */
+	if (*side != DF_CLUSTER_OUTSIDE && *side != DF_CLUSTER_INSIDE)
 		return deny;
 	if (spec->scope == DF_SCOPE_OUTSIDE)
 		return *side == DF_CLUSTER_OUTSIDE;
-	return *side == DF_CLUSTER_INSIDE;
+	if (spec->scope == DF_SCOPE_INSIDE)
+		return *side == DF_CLUSTER_INSIDE;
+	return deny;
 }
 
 /* The endpoint's L3/L4 rules for (addr, port, proto): -1 denied (egressDeny), 1 allowed,

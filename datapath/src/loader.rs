@@ -449,7 +449,7 @@ impl Datapath {
         self.synced_generation = snapshot.generation();
         // The cluster's prefixes land before the L3 entries scoped by them, and stale ones go
         // after (`finish_cluster`): no scoped allow ever meets a cluster address missing.
-        let (stale_cluster, cluster_trusted) = self.sync_cluster(snapshot, &mut sync)?;
+        let (finish_cluster, cluster_trusted) = self.sync_cluster(snapshot, &mut sync)?;
         sync.cluster_failed = !cluster_trusted;
         // Endpoints with scoped L3 entries (world, cluster, CIDR rules): they fail closed
         // when the cluster map could not be made right.
@@ -552,99 +552,134 @@ impl Datapath {
                 self.cidr.remove(&key).map_err(map_err(names::CIDR))?;
             }
         }
-        for key in stale_cluster {
+        for key in finish_cluster.stale {
             self.cluster.remove(&key).map_err(map_err(names::CLUSTER))?;
+        }
+        // (Not when even "unknown" could not be written: what is there stays.)
+        let finals = if cluster_trusted {
+            finish_cluster.finals
+        } else {
+            Vec::new()
+        };
+        for ((len, addr), value) in finals {
+            let key = Key::new(len, addr);
+            match value {
+                Some(v) => self
+                    .cluster
+                    .insert(&key, v, 0)
+                    .map_err(map_err(names::CLUSTER))?,
+                None => {
+                    // Absent already is fine.
+                    let _ = self.cluster.remove(&key);
+                }
+            }
         }
         Ok(sync)
     }
 
-    /// Writes the cluster map's wanted entries (the snapshot's [`Snapshot::inside_prefixes`],
-    /// and an IPv4 shadow where an IPv6 prefix contains `::ffff:0:0/96`); returns the stale
-    /// keys, for the caller to remove once the L3 entries are synced (or removes them first
-    /// when the map has no room for old and new together). When the wanted entries do not
-    /// all fit (two entries stay free for this), or an insert fails, `::/0` and the IPv4
-    /// shadow say "unknown" first, then as many prefixes as fit are written: every address
-    /// found is inside, every other one unknown (fail closed). Also returns whether the map
-    /// can be trusted: false when even the markers could not be written (the caller then
-    /// fails closed every endpoint with scoped entries).
+    /// Writes the cluster map's prefixes (the snapshot's [`Snapshot::inside_prefixes`]) and
+    /// returns what is left for the caller to do once the L3 entries are synced, with
+    /// whether the map can be trusted (false: the caller fails closed every endpoint with
+    /// scoped entries).
+    ///
+    /// Besides the prefixes the map has two boundary keys: `::/0` ("unknown" when the
+    /// prefixes do not all fit: two entries stay free for the keys) and the IPv4 shadow at
+    /// `::ffff:0:0/96` ("outside" where an IPv6 prefix such as `::/64` contains that region,
+    /// "unknown" when partial). Any wrong answer is a hole for some rule (read inside, a
+    /// `cluster` allow opens; read outside, a `world` allow does), so while those keys change
+    /// both say "unknown" (scoped allows closed, scoped denies applied), from before the first
+    /// prefix is written until after the last stale one is removed; they get their final
+    /// values last ([`ClusterFinish`]). Pod churn changes neither key, so it never closes
+    /// `world` for the node: a new prefix is written at once, a stale one removed at the end.
     fn sync_cluster(
         &mut self,
         snapshot: &Snapshot,
         sync: &mut EndpointSync,
-    ) -> Result<(Vec<Key<Addr>>, bool), DatapathError> {
+    ) -> Result<(ClusterFinish, bool), DatapathError> {
         use dnsfence_policy::cidr::Cidr;
-        let mut wanted = std::collections::HashMap::new();
-        for cidr in snapshot.inside_prefixes() {
-            wanted.insert(cluster_key(cidr), CLUSTER_INSIDE);
-        }
         let (any, shadow) = (cluster_key(Cidr::ALL6), cluster_key(Cidr::ALL4));
+        let mut inside: Vec<(u32, Addr)> = snapshot.inside_prefixes().map(cluster_key).collect();
         // IPv4 sits at ::ffff:0:0/96 in the map: an IPv6 prefix containing that region
-        // (::/64, say) must not make IPv4 addresses inside.
+        // must not make IPv4 addresses inside.
         let mapped = Cidr {
             addr: std::net::Ipv4Addr::UNSPECIFIED.to_ipv6_mapped().into(),
             len: 96,
         };
-        if snapshot
+        let mut final_shadow = snapshot
             .inside_prefixes()
             .any(|c| c.addr.is_ipv6() && c.contains(&mapped))
-        {
-            wanted.entry(shadow).or_insert(CLUSTER_OUTSIDE);
+            .then_some(CLUSTER_OUTSIDE);
+        if let Some(i) = inside.iter().position(|k| *k == shadow) {
+            // 0.0.0.0/0 inside: the shadow key is that prefix.
+            inside.swap_remove(i);
+            final_shadow = Some(CLUSTER_INSIDE);
         }
-        sync.cluster_partial = wanted.len() > self.cluster_capacity.saturating_sub(2);
+        let room = self.cluster_capacity.saturating_sub(2);
+        sync.cluster_partial = inside.len() + usize::from(final_shadow.is_some()) > room;
+        let mut final_any = None;
         if sync.cluster_partial {
-            for marker in [any, shadow] {
-                wanted.insert(marker, CLUSTER_UNKNOWN);
-            }
+            final_any = Some(CLUSTER_UNKNOWN);
+            final_shadow = Some(CLUSTER_UNKNOWN);
         }
+        let current = |map: &LpmTrie<MapData, Addr, u8>, (len, addr): (u32, Addr)| {
+            map.get(&Key::new(len, addr), 0).ok()
+        };
+        let boundary_changes = current(&self.cluster, any) != final_any
+            || current(&self.cluster, shadow) != final_shadow;
+        let wanted: std::collections::HashSet<(u32, Addr)> = inside.iter().copied().collect();
         let present: Vec<Key<Addr>> = self.cluster.keys().filter_map(Result::ok).collect();
+        let is_boundary = |k: &Key<Addr>| [any, shadow].contains(&(k.prefix_len(), k.data()));
         let mut stale: Vec<Key<Addr>> = present
             .iter()
-            .filter(|k| !wanted.contains_key(&(k.prefix_len(), k.data())))
+            .filter(|k| !is_boundary(k) && !wanted.contains(&(k.prefix_len(), k.data())))
             .copied()
             .collect();
-        let added = wanted.len() - (present.len() - stale.len());
-        if present.len() + added > self.cluster_capacity {
-            // No room for old and new together: the stale ones go first.
+        let known: std::collections::HashSet<(u32, Addr)> =
+            present.iter().map(|k| (k.prefix_len(), k.data())).collect();
+        let new = wanted.iter().filter(|k| !known.contains(k)).count();
+        if present.len() + new + 2 > self.cluster_capacity {
+            // Perhaps no room for old and new together: the stale prefixes go first (they
+            // are outside in this snapshot already).
             for key in stale.drain(..) {
                 self.cluster.remove(&key).map_err(map_err(names::CLUSTER))?;
             }
         }
-        let mut entries: Vec<_> = wanted.into_iter().collect();
-        // The markers first; then the shortest prefixes (in a partial map one range stands
-        // for more addresses than one host).
-        entries.sort_unstable_by_key(|&((len, _), value)| (value != CLUSTER_UNKNOWN, len));
-        let mut written = 0;
         let mut trusted = true;
-        for ((len, addr), value) in entries {
-            let key = Key::new(len, addr);
-            if self.cluster.get(&key, 0).ok() == Some(value) {
-                written += 1;
-                continue;
-            }
-            if self.cluster.insert(&key, value, 0).is_ok() {
-                written += 1;
-                continue;
-            }
-            if value == CLUSTER_UNKNOWN {
-                trusted = false;
+        let unknown = |map: &mut LpmTrie<MapData, Addr, u8>| {
+            [any, shadow]
+                .into_iter()
+                .all(|(len, addr)| map.insert(&Key::new(len, addr), CLUSTER_UNKNOWN, 0).is_ok())
+        };
+        let mut finals = Vec::new();
+        if boundary_changes {
+            trusted = unknown(&mut self.cluster);
+            finals = vec![(any, final_any), (shadow, final_shadow)];
+        }
+        // The shortest first: in a partial map one range stands for more addresses than one
+        // host.
+        inside.sort_unstable_by_key(|&(len, addr)| (len, addr.0));
+        let mut written = 0;
+        for (len, addr) in inside {
+            if !trusted {
                 break;
             }
-            if !sync.cluster_partial {
+            let key = Key::new(len, addr);
+            if self.cluster.get(&key, 0).ok() == Some(CLUSTER_INSIDE)
+                || self.cluster.insert(&key, CLUSTER_INSIDE, 0).is_ok()
+            {
+                written += 1;
+            } else if !sync.cluster_partial {
                 // Out of memory with the map thought complete: "unknown" from now on.
                 sync.cluster_partial = true;
-                for (len, addr) in [any, shadow] {
-                    let marker = self
-                        .cluster
-                        .insert(&Key::new(len, addr), CLUSTER_UNKNOWN, 0);
-                    trusted &= marker.is_ok();
-                }
-                if !trusted {
-                    break;
-                }
+                trusted = unknown(&mut self.cluster);
+                finals = vec![
+                    (any, Some(CLUSTER_UNKNOWN)),
+                    (shadow, Some(CLUSTER_UNKNOWN)),
+                ];
             }
         }
         sync.cluster_entries = written;
-        Ok((stale, trusted))
+        Ok((ClusterFinish { stale, finals }, trusted))
     }
 
     /// The directories to watch so that an endpoint's cgroup is known the moment it appears
@@ -702,6 +737,13 @@ impl Datapath {
         };
         BpfAllow::new(map, names_map, config, &self.pin_dir)
     }
+}
+
+/// What is left of a cluster-map sync once the L3 entries are synced: the stale prefixes to
+/// remove, then the boundary keys' final values (None: removed).
+struct ClusterFinish {
+    stale: Vec<Key<Addr>>,
+    finals: Vec<((u32, Addr), Option<u8>)>,
 }
 
 /// A prefix as a `df_cluster` key: (prefixlen, address), IPv4 mapped.

@@ -835,6 +835,142 @@ spec:
     drop(dp);
 }
 
+/// The cluster map's boundary keys through partial -> full -> an IPv6 range over the IPv4
+/// region -> none: `::/0` says "unknown" exactly while the prefixes do not fit, the IPv4
+/// shadow "outside" exactly while an IPv6 range contains its region, and the prefixes are
+/// the snapshot's after each sync; `world` reaches an outside address in every full state.
+#[test]
+fn the_cluster_map_follows_partial_full_and_ipv6_range_states() {
+    use dnsfence_datapath::{Datapath, InstallConfig};
+    use dnsfence_policy::cidr::{Cidr, NodeFacts};
+    use dnsfence_policy::{Endpoints, PolicySet, Snapshot};
+    use std::path::Path;
+    if !require_root("datapath") {
+        return;
+    }
+    let _serial = EXCLUSIVE.lock().unwrap_or_else(|e| e.into_inner());
+    let env = Env::new("clmap", &["a"]);
+    let policy = PolicySet::from_yaml(
+        Path::new("p.yaml"),
+        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: a, namespace: default}\nspec:\n  endpointSelector: {matchLabels: {app: a}}\n  egress:\n  - toEntities: [world]\n    toPorts: [{ports: [{port: \"8443\", protocol: TCP}]}]\n",
+    )
+    .unwrap();
+    let mut generation = 0;
+    let mut snapshot = |pods: usize, v6_range: bool| {
+        let mut text = String::from(
+            "endpoints:\n- {name: a, namespace: default, labels: {app: a}, cgroup: a}\n",
+        );
+        for i in 0..pods {
+            text += &format!(
+                "- {{name: p{i}, namespace: prod, labels: {{app: p}}, ips: [\"10.78.0.{}\"]}}\n",
+                i + 1
+            );
+        }
+        let node = NodeFacts {
+            cluster: if v6_range {
+                vec![Cidr::parse("::/64").unwrap()]
+            } else {
+                Vec::new()
+            },
+            ..NodeFacts::default()
+        };
+        let e = Endpoints::from_yaml(Path::new("e.yaml"), &text).unwrap();
+        let mut s = Snapshot::compile_on(&policy, &e, &[], &node);
+        generation += 1;
+        s.set_generation(generation);
+        s
+    };
+    let mut dp = Datapath::install(&InstallConfig {
+        pin_dir: env.pin.clone(),
+        cgroup_root: env.cgroup_root.clone(),
+        allow_entries: 1024,
+        l3_entries: 1024,
+        cluster_entries: 8,
+    })
+    .unwrap();
+    // (prefix length, first address byte pair of the key, value) of every entry.
+    let dump = || -> Vec<(u32, String, u8)> {
+        let path = env.pin.join("maps-v3/df_cluster");
+        let out = std::process::Command::new("bpftool")
+            .args(["-j", "map", "dump", "pinned"])
+            .arg(&path)
+            .output()
+            .expect("bpftool");
+        let text = String::from_utf8_lossy(&out.stdout);
+        let entries: Vec<serde_json::Value> = serde_json::from_str(&text)
+            .unwrap_or_else(|e| panic!("bpftool dump {path:?}: {e}: {text}"));
+        let byte = |v: &serde_json::Value| {
+            u8::from_str_radix(v.as_str().unwrap().trim_start_matches("0x"), 16).unwrap()
+        };
+        let mut out: Vec<(u32, String, u8)> = entries
+            .iter()
+            .map(|e| {
+                let key: Vec<u8> = e["key"].as_array().unwrap().iter().map(byte).collect();
+                let len = u32::from_le_bytes(key[..4].try_into().unwrap());
+                let addr = std::net::Ipv6Addr::from(<[u8; 16]>::try_from(&key[4..20]).unwrap());
+                (len, addr.to_string(), byte(&e["value"][0]))
+            })
+            .collect();
+        out.sort();
+        out
+    };
+    let boundary = |d: &[(u32, String, u8)]| -> Vec<(u32, String, u8)> {
+        d.iter()
+            .filter(|(len, addr, _)| {
+                (*len, addr.as_str()) == (0, "::")
+                    || (*len, addr.as_str()) == (96, "::ffff:0.0.0.0")
+            })
+            .cloned()
+            .collect()
+    };
+    let out1: IpAddr = "198.51.100.41".parse().unwrap();
+    let _addr = env.local_address(out1);
+    let _l = listen_on(out1, &[8443]);
+    let world = || env.connect(Some("a"), SocketAddr::new(out1, 8443));
+
+    // 10 pods + loopback for 6 free entries: partial, fail closed.
+    let sync = dp.sync_endpoints(&snapshot(10, false)).unwrap();
+    assert!(sync.cluster_partial, "{sync:?}");
+    let d = dump();
+    assert_eq!(
+        boundary(&d),
+        [(0, "::".into(), 2), (96, "::ffff:0.0.0.0".into(), 2)],
+        "{d:?}"
+    );
+    assert_eq!(d.len(), 8, "{d:?}");
+    assert!(
+        env.denied(Some("a"), SocketAddr::new(out1, 8443)),
+        "partial"
+    );
+    // 4 pods: full, the boundary keys gone, every prefix there.
+    let sync = dp.sync_endpoints(&snapshot(4, false)).unwrap();
+    assert!(!sync.cluster_partial, "{sync:?}");
+    let d = dump();
+    assert_eq!(boundary(&d), [], "{d:?}");
+    // 4 pods, 127.0.0.0/8, ::1/128.
+    assert_eq!(d.len(), 6, "{d:?}");
+    assert_eq!(world(), Ok(()), "full");
+    // An IPv6 range over the IPv4 region (3 pods, 127.0.0.0/8, ::/64, the shadow: full):
+    // the shadow says outside.
+    let sync = dp.sync_endpoints(&snapshot(3, true)).unwrap();
+    assert!(!sync.cluster_partial, "{sync:?}");
+    let d = dump();
+    assert_eq!(boundary(&d), [(96, "::ffff:0.0.0.0".into(), 0)], "{d:?}");
+    assert!(
+        d.iter()
+            .any(|(len, addr, v)| (*len, addr.as_str(), *v) == (64, "::", 1)),
+        "{d:?}"
+    );
+    assert_eq!(world(), Ok(()), "::/64");
+    // And gone again with the range.
+    dp.sync_endpoints(&snapshot(4, false)).unwrap();
+    let d = dump();
+    assert_eq!(boundary(&d), [], "{d:?}");
+    assert_eq!(d.len(), 6, "{d:?}");
+    assert_eq!(world(), Ok(()), "no range");
+    drop(dp);
+}
+
 #[test]
 fn an_endpoint_whose_l3_entries_do_not_fit_fails_closed() {
     if !require_root("datapath") {
