@@ -2,7 +2,9 @@
 //!
 //! Layout under `--bpf-pin` (default `/sys/fs/bpf/dnsfence`):
 //! - `maps-v<ABI>/<map>`: the maps, pinned by name. A restarted agent reuses them as they
-//!   are (allow entries are not flushed); a new layout gets a new directory.
+//!   are (allow entries are not flushed); a new layout gets a new directory, into which
+//!   `install` copies the older layout's allow entries (where their layout is the same)
+//!   before its programs enforce, and then unpins the older directory.
 //! - `links/<program>@<n>`: one pinned bpf_link per program, attached at the cgroup root.
 //!   Pinned links keep the programs attached with no process alive. An upgrade attaches the
 //!   new programs first, then unpins (detaches) the older links: enforcement never pauses.
@@ -270,6 +272,25 @@ pub struct Datapath {
     allow_capacity: u32,
     /// The generation of the newest snapshot synced: an older one is not synced over it.
     synced_generation: u64,
+    /// What `install` carried over from an older map layout.
+    carried: Option<CarriedOver>,
+    /// Older layouts' map directories `install` unpinned, or why it could not.
+    removed_layouts: Vec<Result<PathBuf, String>>,
+}
+
+/// Allow entries `install` copied from an older layout's pinned maps (`maps-v<N>`, N < ABI)
+/// into the new ones, before the new programs were attached.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CarriedOver {
+    /// The older maps directory.
+    pub from: PathBuf,
+    /// Entries copied (or already present with a later expiry).
+    pub entries: usize,
+    /// Entries that did not fit in the new map (their addresses are allowed again by the
+    /// next answer naming them).
+    pub left: usize,
+    /// Why copying stopped early, if it did.
+    pub error: Option<String>,
 }
 
 impl std::fmt::Debug for Datapath {
@@ -302,7 +323,7 @@ pub struct EndpointSync {
     /// Endpoints with an L3 prefix carrying more than `MAX_L3_SPECS` port entries: extra
     /// allowed ports stay closed, extra denied ones make the prefix deny every port.
     pub too_many_l3_specs: Vec<String>,
-    /// Entries of the cluster map (the cluster's prefixes, and IPv4 shadows).
+    /// The cluster's prefixes written to the cluster map.
     pub cluster_entries: usize,
     /// The cluster's prefixes did not all fit in the cluster map: an address not found there
     /// may be inside the cluster, so `world`, `cluster` and CIDR allows reach no address
@@ -334,6 +355,9 @@ impl Datapath {
             .map_max_entries(names::CLUSTER, config.cluster_entries.max(4))
             .load(OBJECT)
             .map_err(|e| DatapathError::Load(format!("{e:#}")))?;
+        // Before the new programs enforce from the new maps: what an older layout's agent
+        // allowed stays allowed.
+        let carried = carry_allow_over(&config.pin_dir, &mut ebpf);
         let cgroup = fs::File::open(&config.cgroup_root)
             .map_err(fs_err("opening cgroup", &config.cgroup_root))?;
         let old_links = pinned_links(&links_dir)?;
@@ -350,26 +374,17 @@ impl Datapath {
         for path in old_links {
             unpin_link(&path)?;
         }
+        // No program uses an older layout's maps any more: unpin them (a process still
+        // holding one keeps it until it exits).
+        let removed_layouts = remove_older_layouts(&config.pin_dir);
         let config_map = take(&mut ebpf, names::CONFIG)?;
         let endpoints = take(&mut ebpf, names::ENDPOINTS)?;
         let stats = take(&mut ebpf, names::STATS)?;
         let allow = take(&mut ebpf, names::ALLOW)?;
-        let allow_capacity = match &allow {
-            aya::maps::Map::HashMap(data) => data
-                .info()
-                .map(|i| i.max_entries())
-                .unwrap_or(config.allow_entries),
-            _ => config.allow_entries,
-        };
+        let allow_capacity = capacity(&allow, config.allow_entries);
         let cidr = take(&mut ebpf, names::CIDR)?;
         let cluster = take(&mut ebpf, names::CLUSTER)?;
-        let cluster_capacity = match &cluster {
-            aya::maps::Map::LpmTrie(data) => data
-                .info()
-                .map(|i| i.max_entries())
-                .unwrap_or(config.cluster_entries),
-            _ => config.cluster_entries,
-        } as usize;
+        let cluster_capacity = capacity(&cluster, config.cluster_entries) as usize;
         let allow_names = take(&mut ebpf, names::ALLOW_NAMES)?;
         Ok(Datapath {
             cidr: LpmTrie::try_from(cidr).map_err(map_err(names::CIDR))?,
@@ -384,6 +399,8 @@ impl Datapath {
             _lock: lock,
             allow_capacity,
             synced_generation: 0,
+            carried,
+            removed_layouts,
             pin_dir: config.pin_dir.clone(),
             cgroup_root: config.cgroup_root.clone(),
         })
@@ -597,8 +614,8 @@ impl Datapath {
         sync: &mut EndpointSync,
     ) -> Result<(ClusterFinish, bool), DatapathError> {
         use dnsfence_policy::cidr::Cidr;
-        let (any, shadow) = (cluster_key(Cidr::ALL6), cluster_key(Cidr::ALL4));
-        let mut inside: Vec<(u32, Addr)> = snapshot.inside_prefixes().map(cluster_key).collect();
+        let (any, shadow) = (trie_key(Cidr::ALL6), trie_key(Cidr::ALL4));
+        let mut inside: Vec<(u32, Addr)> = snapshot.inside_prefixes().map(trie_key).collect();
         // IPv4 sits at ::ffff:0:0/96 in the map: an IPv6 prefix containing that region
         // must not make IPv4 addresses inside.
         let mapped = Cidr {
@@ -724,6 +741,16 @@ impl Datapath {
         self.allow_capacity
     }
 
+    /// What `install` carried over from an older map layout, if one was pinned.
+    pub fn carried_over(&self) -> Option<&CarriedOver> {
+        self.carried.as_ref()
+    }
+
+    /// Older layouts' map directories `install` unpinned (Err: which, and why not).
+    pub fn removed_layouts(&self) -> &[Result<PathBuf, String>] {
+        &self.removed_layouts
+    }
+
     /// The allow-map sink shared by the shards (call once): its ledger is seeded with the
     /// entries already in the pinned map, which stay as they are. The ledger's capacity is
     /// never above the map's.
@@ -739,6 +766,119 @@ impl Datapath {
     }
 }
 
+/// A map's real size: a reused pinned map keeps the size it was created with.
+fn capacity(map: &aya::maps::Map, asked: u32) -> u32 {
+    let data = match map {
+        aya::maps::Map::HashMap(data) | aya::maps::Map::LpmTrie(data) => data,
+        _ => return asked,
+    };
+    data.info().map(|i| i.max_entries()).unwrap_or(asked)
+}
+
+/// The oldest map layout whose allow maps (`df_allow`, `df_allow_names`: key, value and
+/// name layouts) are this one's: v3 only gave `df_spec`'s padding a `scope` byte, zero in
+/// allow keys.
+const ALLOW_LAYOUT_SINCE: u32 = 2;
+
+/// The older layouts' map directories under `pin_dir`, newest first.
+fn older_layouts(pin_dir: &Path) -> Vec<(u32, PathBuf)> {
+    let mut found: Vec<(u32, PathBuf)> = fs::read_dir(pin_dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name();
+            let version: u32 = name.to_str()?.strip_prefix("maps-v")?.parse().ok()?;
+            (version < maps::ABI).then(|| (version, e.path()))
+        })
+        .collect();
+    found.sort_by_key(|f| std::cmp::Reverse(f.0));
+    found
+}
+
+/// Copies the allow entries of the newest older layout with the same allow maps into the
+/// new maps of `ebpf`: an entry missing there, or there with an earlier expiry, is written.
+/// None when there is no such layout.
+fn carry_allow_over(pin_dir: &Path, ebpf: &mut Ebpf) -> Option<CarriedOver> {
+    let (_, from) = older_layouts(pin_dir)
+        .into_iter()
+        .find(|(v, dir)| *v >= ALLOW_LAYOUT_SINCE && dir.join(names::ALLOW).exists())?;
+    let mut carried = CarriedOver {
+        from: from.clone(),
+        entries: 0,
+        left: 0,
+        error: None,
+    };
+    if let Err(e) = carry_maps(&from, ebpf, &mut carried) {
+        carried.error = Some(e);
+    }
+    Some(carried)
+}
+
+fn carry_maps(from: &Path, ebpf: &mut Ebpf, carried: &mut CarriedOver) -> Result<(), String> {
+    let open = |name: &str| -> Result<aya::maps::Map, String> {
+        let path = from.join(name);
+        MapData::from_pin(&path)
+            .map(aya::maps::Map::HashMap)
+            .map_err(|e| format!("{}: {e}", path.display()))
+    };
+    let old_allow: HashMap<MapData, maps::AllowMapKey, u64> =
+        HashMap::try_from(open(names::ALLOW)?).map_err(|e| e.to_string())?;
+    // A missing names map only loses the names (restored entries are then judged by
+    // address alone, as entries of an agent without names were).
+    let old_names: Option<HashMap<MapData, maps::AllowMapKey, maps::NameValue>> =
+        open(names::ALLOW_NAMES)
+            .ok()
+            .and_then(|m| HashMap::try_from(m).ok());
+    let mut allow: HashMap<&mut MapData, maps::AllowMapKey, u64> = HashMap::try_from(
+        ebpf.map_mut(names::ALLOW)
+            .ok_or_else(|| format!("{} not in the object", names::ALLOW))?,
+    )
+    .map_err(|e| e.to_string())?;
+    let mut copied = Vec::new();
+    for item in old_allow.iter() {
+        let (key, expires) = item.map_err(|e| e.to_string())?;
+        if allow.get(&key, 0).is_ok_and(|now| now >= expires) {
+            carried.entries += 1;
+            continue;
+        }
+        match allow.insert(key, expires, 0) {
+            Ok(()) => {
+                carried.entries += 1;
+                copied.push(key);
+            }
+            Err(_) => carried.left += 1,
+        }
+    }
+    let Some(old_names) = old_names else {
+        return Ok(());
+    };
+    let mut names_map: HashMap<&mut MapData, maps::AllowMapKey, maps::NameValue> =
+        HashMap::try_from(
+            ebpf.map_mut(names::ALLOW_NAMES)
+                .ok_or_else(|| format!("{} not in the object", names::ALLOW_NAMES))?,
+        )
+        .map_err(|e| e.to_string())?;
+    for key in copied {
+        if let Ok(name) = old_names.get(&key, 0) {
+            names_map.insert(key, name, 0).map_err(|e| e.to_string())?;
+        }
+    }
+    Ok(())
+}
+
+/// Unpins the map directories of older layouts under `pin_dir`.
+fn remove_older_layouts(pin_dir: &Path) -> Vec<Result<PathBuf, String>> {
+    older_layouts(pin_dir)
+        .into_iter()
+        .map(|(_, dir)| {
+            fs::remove_dir_all(&dir)
+                .map(|()| dir.clone())
+                .map_err(|e| format!("{}: {e}", dir.display()))
+        })
+        .collect()
+}
+
 /// What is left of a cluster-map sync once the L3 entries are synced: the stale prefixes to
 /// remove, then the boundary keys' final values (None: removed).
 struct ClusterFinish {
@@ -746,8 +886,9 @@ struct ClusterFinish {
     finals: Vec<((u32, Addr), Option<u8>)>,
 }
 
-/// A prefix as a `df_cluster` key: (prefixlen, address), IPv4 mapped.
-fn cluster_key(cidr: dnsfence_policy::cidr::Cidr) -> (u32, Addr) {
+/// A prefix as a key of the LPM maps (`df_cluster`; `df_cidr` after the endpoint):
+/// (prefixlen, address), IPv4 mapped.
+fn trie_key(cidr: dnsfence_policy::cidr::Cidr) -> (u32, Addr) {
     let len = u32::from(cidr.len) + if cidr.addr.is_ipv4() { 96 } else { 0 };
     (len, Addr::of(cidr.addr))
 }
@@ -786,10 +927,10 @@ fn l3_map_entry(
     endpoint: u64,
     entry: &dnsfence_policy::cidr::L3Entry,
 ) -> ((u32, CidrData), CidrValue, bool) {
-    let len = u32::from(entry.cidr.len) + if entry.cidr.addr.is_ipv4() { 96 } else { 0 };
+    let (len, addr) = trie_key(entry.cidr);
     let data = CidrData {
         endpoint: endpoint.to_ne_bytes(),
-        addr: Addr::of(entry.cidr.addr),
+        addr,
     };
     let mut value = CidrValue::default();
     let mut cut = false;

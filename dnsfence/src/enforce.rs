@@ -59,6 +59,36 @@ impl Enforcer {
             )
         })?;
         datapath.set_proxy(listen)?;
+        if let Some(c) = datapath.carried_over() {
+            eprintln!(
+                "dnsfence agent: carried {} allow entries over from the older map layout at {}{}{}",
+                c.entries,
+                c.from.display(),
+                if c.left > 0 {
+                    format!(
+                        "; {} did not fit (allowed again by the next answer naming them)",
+                        c.left
+                    )
+                } else {
+                    String::new()
+                },
+                c.error
+                    .as_ref()
+                    .map(|e| format!("; stopped early: {e}"))
+                    .unwrap_or_default()
+            );
+        }
+        for removed in datapath.removed_layouts() {
+            match removed {
+                Ok(dir) => eprintln!(
+                    "dnsfence agent: unpinned the older map layout at {}",
+                    dir.display()
+                ),
+                Err(e) => {
+                    eprintln!("dnsfence agent: warning: could not unpin an older map layout: {e}")
+                }
+            }
+        }
         if (datapath.allow_capacity() as usize) < ledger.capacity {
             eprintln!(
                 "dnsfence agent: warning: the pinned allow map holds {} entries, fewer than \

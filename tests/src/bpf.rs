@@ -145,6 +145,15 @@ impl Env {
             let out = run("mount", &["-t", "cgroup2", "none", CGROUP2_MOUNT]);
             assert!(out.status.success(), "mount cgroup2: {out:?}");
         }
+        // bpffs, as the agent would mount it, so that a test may pin beside it first.
+        let bpffs = std::fs::read_to_string("/proc/mounts")
+            .unwrap_or_default()
+            .lines()
+            .any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf"));
+        if !bpffs {
+            let out = run("mount", &["-t", "bpf", "bpf", "/sys/fs/bpf"]);
+            assert!(out.status.success(), "mount bpffs: {out:?}");
+        }
         let id = format!("dnsfence-{tag}-{}", std::process::id());
         let cgroup_root = mount.join(&id);
         for c in clients {

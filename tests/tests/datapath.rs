@@ -719,6 +719,117 @@ fn a_reused_smaller_allow_map_is_reported_and_bounds_the_ledger() {
     assert_eq!(refused("map_error"), 0.0, "{text}");
 }
 
+/// An agent of a new map layout (ABI) carries the allow entries of the older layout's pinned
+/// maps over into its own before its programs enforce, judges them by their names like any
+/// restored entry, and unpins the older maps: an upgrade does not cut workloads off the
+/// addresses they resolved before it.
+#[test]
+fn an_upgrade_to_a_new_map_layout_carries_allow_entries_over() {
+    use dnsfence_datapath::maps::{ABI, Addr, AllowMapKey, NameValue, Spec};
+    use dnsfence_policy::EndpointKey;
+    if !require_root("datapath") {
+        return;
+    }
+    let _serial = EXCLUSIVE.lock().unwrap_or_else(|e| e.into_inner());
+    let env = Env::new("carry", &["a"]);
+    let upstream = Bundled::start(&["--ttl", "60", "--ips", "1"]);
+    let net = 20 + (std::process::id() + 190) % 200;
+    let kept: IpAddr = format!("127.{net}.10.1").parse().unwrap();
+    let gone: IpAddr = format!("127.{net}.10.2").parse().unwrap();
+    let _l = listen_on(kept, &[443]);
+    let _m = listen_on(gone, &[443]);
+    // The older layout's maps, as its agent left them (bpftool: no program of ours made
+    // them): one entry a's policy allows by name, one it does not.
+    let old = env.pin.join(format!("maps-v{}", ABI - 1));
+    std::fs::create_dir_all(&old).unwrap();
+    let bpftool = |args: &[&str]| {
+        let out = std::process::Command::new("bpftool")
+            .args(args)
+            .output()
+            .expect("bpftool");
+        assert!(out.status.success(), "bpftool {args:?}: {out:?}");
+    };
+    let hex = |bytes: &[u8]| -> Vec<String> { bytes.iter().map(|b| format!("{b:02x}")).collect() };
+    let allow = old.join("df_allow");
+    let names = old.join("df_allow_names");
+    for (path, value, name) in [(&allow, "8", "df_allow"), (&names, "256", "df_allow_names")] {
+        let path = path.to_str().unwrap();
+        bpftool(&[
+            "map", "create", path, "type", "hash", "key", "32", "value", value, "entries", "64",
+            "name", name,
+        ]);
+    }
+    let uptime: f64 = std::fs::read_to_string("/proc/uptime")
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let expires = ((uptime + 300.0) * 1e9) as u64;
+    let endpoint = EndpointKey::of("default", "a").0;
+    for (ip, name) in [(kept, "kept.allowed.test"), (gone, "gone.other.test")] {
+        let key = AllowMapKey {
+            endpoint,
+            addr: Addr::of(ip),
+            spec: Spec {
+                lo: 443,
+                hi: 443,
+                protos: 1,
+                ..Spec::default()
+            },
+        };
+        // The key's bytes, field by field, as `struct df_allow_key` lays them out.
+        let mut k = key.endpoint.to_ne_bytes().to_vec();
+        k.extend_from_slice(&key.addr.0);
+        k.extend_from_slice(&key.spec.lo.to_ne_bytes());
+        k.extend_from_slice(&key.spec.hi.to_ne_bytes());
+        k.extend_from_slice(&[key.spec.protos, 0, 0, 0]);
+        let mut wire = Vec::new();
+        for label in name.split('.') {
+            wire.push(label.len() as u8);
+            wire.extend_from_slice(label.as_bytes());
+        }
+        wire.push(0);
+        let v = NameValue::of(&wire).unwrap();
+        let mut n = vec![v.len];
+        n.extend_from_slice(&v.wire);
+        for (path, value) in [(&allow, expires.to_ne_bytes().to_vec()), (&names, n)] {
+            let mut args = vec![
+                "map".to_owned(),
+                "update".into(),
+                "pinned".into(),
+                path.to_str().unwrap().into(),
+                "key".into(),
+                "hex".into(),
+            ];
+            args.extend(hex(&k));
+            args.extend(["value".to_owned(), "hex".into()]);
+            args.extend(hex(&value));
+            bpftool(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        }
+    }
+    let agent = Agent::start(&agent_config(&env, upstream.addr, &[]));
+    let stderr = agent.process.stderr();
+    assert!(
+        stderr.contains(&format!(
+            "carried 2 allow entries over from the older map layout at {}",
+            old.display()
+        )),
+        "{stderr}"
+    );
+    assert!(!old.exists(), "the older maps are still pinned");
+    // Allowed with no DNS query since the upgrade; the other name's entry is revoked.
+    assert_eq!(env.connect(Some("a"), SocketAddr::new(kept, 443)), Ok(()));
+    assert!(
+        poll_until(Duration::from_secs(5), || env
+            .denied(Some("a"), SocketAddr::new(gone, 443))
+            .then_some(()))
+        .is_some(),
+        "an entry the policy does not allow by name survived the upgrade"
+    );
+}
+
 /// An IPv6 L3 prefix covers no IPv4 destination: in the `df_cidr` trie IPv4 prefixes live
 /// at `::ffff:0:0/96` and below, inside `::/0`, so an IPv6 rule short enough to contain that
 /// region must not decide for IPv4 (review2: `toCIDR: ::/0` opened every IPv4 address, and
