@@ -9,7 +9,8 @@
 #                 the same with DNSFENCE_PREPARE_AT_NORMAL_PRIORITY=1: start-up work at normal
 #                 priority instead of SCHED_IDLE (the A/B of engine::startup)
 # Prints the p99 of each second and, per run, the ratio of second 2's p99 to the median of the
-# others. SLOW_US=N also lists the answers at least N µs late (loadgen --slow-us): when their
+# others. PROXY_ARGS adds flags to the starting proxy (e.g. "--allow-entries 4096" to see what
+# the allow table's start-up work costs). SLOW_US=N also lists the answers at least N µs late (loadgen --slow-us): when their
 # query was sent (ms) and their latency (µs).
 #   [VARIANTS=...] [SLOW_US=N] bench/ha/startup.sh [RUNS]   (release build; loopback; ~6 s a run)
 set -euo pipefail
@@ -53,7 +54,7 @@ for run in $(seq 1 "$runs"); do
     case $variant in
       *-normal) env="DNSFENCE_PREPARE_AT_NORMAL_PRIORITY=1 " ;;
     esac
-    common="--no-bpf --upstream 127.0.0.1:$up --no-metrics --agent-socket $work/agent.sock --state-dir $work/state-$variant-$run"
+    common="--no-bpf --upstream 127.0.0.1:$up --no-metrics --agent-socket $work/agent.sock --state-dir $work/state-$variant-$run ${PROXY_ARGS:-}"
     case $variant in
       control) cmd="sleep 3" ;;
       other | other-normal) cmd="$env$bin/dnsfence proxy --listen 127.0.0.1:$other $common" ;;

@@ -13,7 +13,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
-use crossbeam_queue::ArrayQueue;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
 use prometheus_client::metrics::MetricType;
@@ -21,8 +20,8 @@ use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::Registry;
 
-use dnsfence_engine::consumer::Observations;
-use dnsfence_engine::core::{Record, Stats};
+use dnsfence_engine::consumer::{Observations, RecordQueue};
+use dnsfence_engine::core::Stats;
 use dnsfence_engine::histogram::{Latency, Scale};
 use dnsfence_engine::io::IoStats;
 use dnsfence_engine::shard::{PolicyHandle, ShardStatus};
@@ -47,7 +46,7 @@ pub struct State {
     /// Policy and endpoint reloads.
     pub reload: Arc<ReloadStatus>,
     /// The record queue (its length is a gauge).
-    pub records_queued: Arc<ArrayQueue<Record>>,
+    pub records_queued: Arc<RecordQueue>,
     /// The agent ↔ proxy sync's counters.
     pub sync: Arc<crate::ha::SyncStats>,
     /// The standalone proxy's records kept for the agent.
@@ -1020,7 +1019,7 @@ mod tests {
             allow_capacity: 100,
             reject_rcode: "REFUSED",
             reload: Arc::default(),
-            records_queued: Arc::new(ArrayQueue::new(1)),
+            records_queued: Arc::new(RecordQueue::new(1)),
             sync: Arc::default(),
             pending: None,
             health: Arc::new(Health::new(Role::Agent, Arc::default())),

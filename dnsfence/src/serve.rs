@@ -10,9 +10,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use crossbeam_queue::ArrayQueue;
 use dnsfence_engine::allow::LedgerConfig;
-use dnsfence_engine::consumer::{self, ConsumerConfig, Observations};
+use dnsfence_engine::consumer::{self, ConsumerConfig, Observations, RecordQueue};
 use dnsfence_engine::core::{CoreConfig, UnknownSource};
 use dnsfence_engine::io::{BackendChoice, IoConfig};
 use dnsfence_engine::shard::{self, PolicyHandle, ShardConfig, ShardStatus};
@@ -577,6 +576,7 @@ pub struct Server {
     shard_stop: Arc<AtomicBool>,
     consumer: std::thread::JoinHandle<()>,
     consumer_stop: Arc<AtomicBool>,
+    records: Arc<RecordQueue>,
     /// The consumer's aggregates (the FQDN cache).
     pub observations: Arc<Mutex<Observations>>,
     /// Policy and endpoint reloads (shown in the metrics).
@@ -651,7 +651,7 @@ impl Server {
             health,
             endpoints,
         } = start;
-        let records = Arc::new(ArrayQueue::new(args.record_queue.max(1)));
+        let records = Arc::new(RecordQueue::new(args.record_queue));
         let flow_log: Option<Box<dyn std::io::Write + Send>> = match &args.flow_log {
             None => None,
             Some(path) => Some(Box::new(std::io::BufWriter::new(
@@ -773,6 +773,7 @@ impl Server {
             shard_stop,
             consumer,
             consumer_stop,
+            records: Arc::clone(&records),
             observations,
             reload,
             who,
@@ -819,6 +820,7 @@ impl Server {
             let _ = t.join();
         }
         self.consumer_stop.store(true, Ordering::Relaxed);
+        self.records.wake();
         let _ = self.consumer.join();
     }
 }

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::io::Write;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use crossbeam_queue::ArrayQueue;
@@ -65,6 +65,106 @@ impl Observations {
     }
 }
 
+/// The shards → consumer queue: bounded and lock-free, with a doorbell so that the consumer
+/// may sleep long between rounds at low load without the queue overflowing in a burst.
+///
+/// The consumer sleeps [`IDLE_WAIT`] between rounds (a few wake-ups a second instead of one
+/// every 2 ms: each costs a context switch, about 1 % of a core on an idle VM). A shard that
+/// finds the queue a quarter full while the consumer sleeps wakes it ([`RecordQueue::nudge`],
+/// once per loop turn, a syscall only then), so the room left never runs out at any rate the
+/// consumer keeps up with.
+#[derive(Debug)]
+pub struct RecordQueue {
+    queue: ArrayQueue<Record>,
+    /// Set by the consumer before it sleeps; cleared by the consumer when it wakes or by the
+    /// shard that wakes it.
+    sleeping: AtomicBool,
+    consumer: OnceLock<std::thread::Thread>,
+    idle_wait: Duration,
+}
+
+/// How long the consumer sleeps between rounds unless a shard wakes it: the most its
+/// aggregates (FQDN cache, observations for the agent, flow log) lag behind the shards.
+pub const IDLE_WAIT: Duration = Duration::from_millis(20);
+
+impl RecordQueue {
+    /// A queue for `capacity` records (at least one).
+    pub fn new(capacity: usize) -> RecordQueue {
+        RecordQueue::with_idle_wait(capacity, IDLE_WAIT)
+    }
+
+    /// The same with the consumer's wait between rounds set (tests).
+    pub fn with_idle_wait(capacity: usize, idle_wait: Duration) -> RecordQueue {
+        RecordQueue {
+            queue: ArrayQueue::new(capacity.max(1)),
+            sleeping: AtomicBool::new(false),
+            consumer: OnceLock::new(),
+            idle_wait,
+        }
+    }
+
+    /// Queues a record; false (the record dropped) when the queue is full.
+    pub fn push(&self, record: Record) -> bool {
+        self.queue.push(record).is_ok()
+    }
+
+    /// Takes the oldest record.
+    pub fn pop(&self) -> Option<Record> {
+        self.queue.pop()
+    }
+
+    /// Records waiting.
+    pub fn len(&self) -> usize {
+        self.queue.len()
+    }
+
+    /// Whether no record waits.
+    pub fn is_empty(&self) -> bool {
+        self.queue.is_empty()
+    }
+
+    /// The queue's capacity.
+    pub fn capacity(&self) -> usize {
+        self.queue.capacity()
+    }
+
+    /// The fill at which a shard wakes a sleeping consumer.
+    fn high_water(&self) -> usize {
+        (self.queue.capacity() / 4).max(1)
+    }
+
+    /// Called by a shard after a turn's pushes: wakes the consumer when it sleeps while a
+    /// quarter of the queue is used.
+    pub fn nudge(&self) {
+        // SeqCst here and in `sleep`: either the consumer sees this turn's records before it
+        // sleeps, or this load sees it sleeping.
+        if self.sleeping.load(Ordering::SeqCst)
+            && self.queue.len() >= self.high_water()
+            && self.sleeping.swap(false, Ordering::SeqCst)
+        {
+            self.wake();
+        }
+    }
+
+    /// Wakes the consumer (when stopping).
+    pub fn wake(&self) {
+        if let Some(t) = self.consumer.get() {
+            t.unpark();
+        }
+    }
+
+    /// The consumer's wait between rounds: [`IDLE_WAIT`] (or as set), or until a shard or
+    /// [`RecordQueue::wake`] wakes it.
+    fn sleep(&self) {
+        let _ = self.consumer.set(std::thread::current());
+        self.sleeping.store(true, Ordering::SeqCst);
+        if self.queue.len() < self.high_water() {
+            std::thread::park_timeout(self.idle_wait);
+        }
+        self.sleeping.store(false, Ordering::SeqCst);
+    }
+}
+
 /// A hook that sees every record the consumer takes, once the whole batch it came in is
 /// applied, with the aggregates as they are then (the lock on them is held: keep it short).
 /// An answer's address record follows its flow record, usually in the same batch, so a
@@ -87,7 +187,7 @@ pub struct ConsumerConfig {
 
 /// Runs until `stop` is set and the queue is empty.
 pub fn run(
-    queue: Arc<ArrayQueue<Record>>,
+    queue: Arc<RecordQueue>,
     observations: Arc<Mutex<Observations>>,
     mut config: ConsumerConfig,
     stop: Arc<AtomicBool>,
@@ -104,7 +204,7 @@ pub fn run(
             }
         }
         if batch.is_empty() {
-            // Idle: make what was logged visible, then wait a little.
+            // Idle: make what was logged visible, then wait for more.
             if unflushed && let Some(log) = config.flow_log.as_mut() {
                 let _ = log.flush();
                 unflushed = false;
@@ -112,7 +212,7 @@ pub fn run(
             if stop.load(Ordering::Relaxed) && queue.is_empty() {
                 break;
             }
-            std::thread::sleep(Duration::from_millis(2));
+            queue.sleep();
             continue;
         }
         {
@@ -280,6 +380,62 @@ mod tests {
     use super::*;
     use crate::core::IpUpdate;
     use crate::wire::Addresses;
+
+    /// The doorbell: a consumer asleep for its whole wait stays asleep while the queue is
+    /// under a quarter full and is woken by the shard's nudge once it is; `wake` wakes it.
+    #[test]
+    fn a_quarter_full_queue_wakes_the_sleeping_consumer() {
+        let queue = Arc::new(RecordQueue::with_idle_wait(8, Duration::from_secs(60)));
+        // One consumer thread, asleep once per message on `go`; each wait's length comes
+        // back on `slept`.
+        let (go, go_rx) = std::sync::mpsc::channel::<()>();
+        let (slept_tx, slept) = std::sync::mpsc::channel();
+        let q = Arc::clone(&queue);
+        let consumer = std::thread::spawn(move || {
+            while go_rx.recv().is_ok() {
+                let start = Instant::now();
+                q.sleep();
+                slept_tx.send(start.elapsed()).unwrap();
+            }
+        });
+        let asleep = || {
+            go.send(()).unwrap();
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while !queue.sleeping.load(Ordering::SeqCst) {
+                assert!(Instant::now() < deadline, "the consumer never slept");
+                std::thread::yield_now();
+            }
+        };
+        let short = Duration::from_millis(200);
+        let record = || update(Instant::now(), &["192.0.2.1".parse().unwrap()], 60);
+        asleep();
+        assert!(queue.push(record()));
+        queue.nudge();
+        assert!(
+            slept.recv_timeout(short).is_err(),
+            "woken under a quarter full"
+        );
+        assert!(queue.push(record()));
+        queue.nudge();
+        let first = slept
+            .recv_timeout(Duration::from_secs(30))
+            .expect("not woken");
+        assert!(first < Duration::from_secs(30));
+        // Drained and asleep again: a nudge does not wake it, `wake` (the stop) does.
+        while queue.pop().is_some() {}
+        asleep();
+        queue.nudge();
+        assert!(
+            slept.recv_timeout(short).is_err(),
+            "woken by a nudge with an empty queue"
+        );
+        queue.wake();
+        slept
+            .recv_timeout(Duration::from_secs(30))
+            .expect("not woken by wake");
+        drop(go);
+        consumer.join().unwrap();
+    }
 
     fn update(at: Instant, ips: &[std::net::IpAddr], ttl: u32) -> Record {
         let mut addresses = Addresses::default();

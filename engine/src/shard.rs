@@ -17,13 +17,13 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam_queue::ArrayQueue;
+use crate::consumer::RecordQueue;
 use std::net::SocketAddr;
 
 use dnsfence_policy::{Proto, Snapshot};
 
 use crate::allow::AllowSink;
-use crate::core::{Client, Core, CoreConfig, Destination, Origin, Record, Stats};
+use crate::core::{Client, Core, CoreConfig, Destination, Origin, Stats};
 use crate::io::{
     self, Backend, BackendChoice, Event, Io, IoConfig, IoError, IoStats, ListenFds, ShardIo,
 };
@@ -159,7 +159,7 @@ pub struct ShardConfig {
     /// Policy.
     pub policy: Arc<PolicyHandle>,
     /// Records for the consumer.
-    pub records: Arc<ArrayQueue<Record>>,
+    pub records: Arc<RecordQueue>,
     /// Set to stop; the shard drains its sockets and its in-flight queries (bounded by the
     /// upstream timeout), then exits.
     pub stop: Arc<AtomicBool>,
@@ -336,10 +336,15 @@ fn run(mut config: ShardConfig, opened: std::sync::mpsc::SyncSender<Result<(), I
         replace_sockets(&mut core, &mut io);
         send(&mut core, &mut io);
         drops.account(&mut core, &io);
+        let mut queued = false;
         while let Some(record) = core.poll_record() {
-            if config.records.push(record).is_err() {
+            queued = true;
+            if !config.records.push(record) {
                 core.record_dropped();
             }
+        }
+        if queued {
+            config.records.nudge();
         }
         config.status.batches.fetch_add(1, Ordering::Relaxed);
         if now.duration_since(published) >= Duration::from_millis(100) {
