@@ -289,7 +289,10 @@ pub struct CarriedOver {
     /// Entries that did not fit in the new map (their addresses are allowed again by the
     /// next answer naming them).
     pub left: usize,
-    /// Why copying stopped early, if it did.
+    /// Entries copied whose name could not be (judged by address and ports alone).
+    pub without_name: usize,
+    /// Why copying stopped early, if it did: the older directory is then left pinned, for a
+    /// later start to try again.
     pub error: Option<String>,
 }
 
@@ -375,8 +378,15 @@ impl Datapath {
             unpin_link(&path)?;
         }
         // No program uses an older layout's maps any more: unpin them (a process still
-        // holding one keeps it until it exits).
-        let removed_layouts = remove_older_layouts(&config.pin_dir);
+        // holding one keeps it until it exits), except one whose entries could not all be
+        // carried over. A standalone proxy of the older version then cannot start again
+        // (its maps are gone) until it is upgraded: better than one that would attach the
+        // older steering program, take every query and allow through maps nothing enforces.
+        let keep = carried
+            .as_ref()
+            .filter(|c| c.error.is_some())
+            .map(|c| c.from.clone());
+        let removed_layouts = remove_older_layouts(&config.pin_dir, keep.as_deref());
         let config_map = take(&mut ebpf, names::CONFIG)?;
         let endpoints = take(&mut ebpf, names::ENDPOINTS)?;
         let stats = take(&mut ebpf, names::STATS)?;
@@ -807,6 +817,7 @@ fn carry_allow_over(pin_dir: &Path, ebpf: &mut Ebpf) -> Option<CarriedOver> {
         from: from.clone(),
         entries: 0,
         left: 0,
+        without_name: 0,
         error: None,
     };
     if let Err(e) = carry_maps(&from, ebpf, &mut carried) {
@@ -836,9 +847,14 @@ fn carry_maps(from: &Path, ebpf: &mut Ebpf, carried: &mut CarriedOver) -> Result
     )
     .map_err(|e| e.to_string())?;
     let mut copied = Vec::new();
+    let now = sys::boottime_ns();
     for item in old_allow.iter() {
         let (key, expires) = item.map_err(|e| e.to_string())?;
-        if allow.get(&key, 0).is_ok_and(|now| now >= expires) {
+        if expires <= now {
+            // Expired: nothing to carry (and no room taken from live entries).
+            continue;
+        }
+        if allow.get(&key, 0).is_ok_and(|have| have >= expires) {
             carried.entries += 1;
             continue;
         }
@@ -860,17 +876,21 @@ fn carry_maps(from: &Path, ebpf: &mut Ebpf, carried: &mut CarriedOver) -> Result
         )
         .map_err(|e| e.to_string())?;
     for key in copied {
-        if let Ok(name) = old_names.get(&key, 0) {
-            names_map.insert(key, name, 0).map_err(|e| e.to_string())?;
+        if let Ok(name) = old_names.get(&key, 0)
+            && names_map.insert(key, name, 0).is_err()
+        {
+            // The entry stays, judged by its address and ports until it expires.
+            carried.without_name += 1;
         }
     }
     Ok(())
 }
 
-/// Unpins the map directories of older layouts under `pin_dir`.
-fn remove_older_layouts(pin_dir: &Path) -> Vec<Result<PathBuf, String>> {
+/// Unpins the map directories of older layouts under `pin_dir`, but `keep`.
+fn remove_older_layouts(pin_dir: &Path, keep: Option<&Path>) -> Vec<Result<PathBuf, String>> {
     older_layouts(pin_dir)
         .into_iter()
+        .filter(|(_, dir)| Some(dir.as_path()) != keep)
         .map(|(_, dir)| {
             fs::remove_dir_all(&dir)
                 .map(|()| dir.clone())
@@ -1038,6 +1058,38 @@ fn unpin_link(path: &Path) -> Result<(), DatapathError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `install` copies allow entries from layouts since `ALLOW_LAYOUT_SINCE` byte for byte:
+    /// this pins the allow maps' layout of that ABI (2), in the header and in Rust. When it
+    /// fails, the allow layout changed: raise `ALLOW_LAYOUT_SINCE` to the new ABI (older
+    /// layouts are then unpinned without a copy) and pin the new layout here.
+    #[test]
+    fn the_allow_layout_is_the_one_carried_over() {
+        use std::mem::{offset_of, size_of};
+        assert_eq!(ALLOW_LAYOUT_SINCE, 2);
+        assert_eq!(size_of::<maps::AllowMapKey>(), 32);
+        assert_eq!(offset_of!(maps::AllowMapKey, endpoint), 0);
+        assert_eq!(offset_of!(maps::AllowMapKey, addr), 8);
+        assert_eq!(offset_of!(maps::AllowMapKey, spec), 24);
+        assert_eq!(size_of::<Spec>(), 8);
+        assert_eq!(offset_of!(Spec, lo), 0);
+        assert_eq!(offset_of!(Spec, hi), 2);
+        assert_eq!(offset_of!(Spec, protos), 4);
+        assert_eq!(size_of::<maps::NameValue>(), 256);
+        assert_eq!(offset_of!(maps::NameValue, wire), 1);
+        let header: String = include_str!("../../ebpf/dnsfence.h")
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ");
+        for block in [
+            "struct df_addr { __u32 w[4];",
+            "struct df_spec { __u16 lo; __u16 hi; __u8 protos; __u8 scope; __u8 pad[2]; };",
+            "struct df_allow_key { __u64 endpoint; struct df_addr addr; struct df_spec spec; };",
+            "struct df_name { __u8 len; __u8 wire[255]; };",
+        ] {
+            assert!(header.contains(block), "dnsfence.h no longer has `{block}`");
+        }
+    }
 
     /// A directory that is neither cgroup2 nor empty is refused, never mounted over (this
     /// runs without root: the refusal comes before any mount).

@@ -60,22 +60,23 @@ impl Enforcer {
         })?;
         datapath.set_proxy(listen)?;
         if let Some(c) = datapath.carried_over() {
+            let mut notes = String::new();
+            if c.left > 0 {
+                notes += &format!(
+                    "; {} did not fit (allowed again by the next answer naming them)",
+                    c.left
+                );
+            }
+            if c.without_name > 0 {
+                notes += &format!("; {} without their names", c.without_name);
+            }
+            if let Some(e) = &c.error {
+                notes += &format!("; stopped early ({e}): the older maps stay pinned");
+            }
             eprintln!(
-                "dnsfence agent: carried {} allow entries over from the older map layout at {}{}{}",
+                "dnsfence agent: carried {} allow entries over from the older map layout at {}{notes}",
                 c.entries,
                 c.from.display(),
-                if c.left > 0 {
-                    format!(
-                        "; {} did not fit (allowed again by the next answer naming them)",
-                        c.left
-                    )
-                } else {
-                    String::new()
-                },
-                c.error
-                    .as_ref()
-                    .map(|e| format!("; stopped early: {e}"))
-                    .unwrap_or_default()
             );
         }
         for removed in datapath.removed_layouts() {

@@ -768,7 +768,13 @@ fn an_upgrade_to_a_new_map_layout_carries_allow_entries_over() {
         .unwrap();
     let expires = ((uptime + 300.0) * 1e9) as u64;
     let endpoint = EndpointKey::of("default", "a").0;
-    for (ip, name) in [(kept, "kept.allowed.test"), (gone, "gone.other.test")] {
+    // And one that expired long ago: not carried.
+    let expired: IpAddr = format!("127.{net}.10.3").parse().unwrap();
+    for (ip, name, expires) in [
+        (kept, "kept.allowed.test", expires),
+        (gone, "gone.other.test", expires),
+        (expired, "old.allowed.test", 1),
+    ] {
         let key = AllowMapKey {
             endpoint,
             addr: Addr::of(ip),
@@ -827,6 +833,40 @@ fn an_upgrade_to_a_new_map_layout_carries_allow_entries_over() {
             .then_some(()))
         .is_some(),
         "an entry the policy does not allow by name survived the upgrade"
+    );
+    drop(agent);
+
+    // An older directory whose entries cannot be copied (here: another key size) is left
+    // pinned for a later start, and said so.
+    let env = Env::new("carry-bad", &["a"]);
+    let old = env.pin.join(format!("maps-v{}", ABI - 1));
+    std::fs::create_dir_all(&old).unwrap();
+    let path = old.join("df_allow");
+    bpftool(&[
+        "map",
+        "create",
+        path.to_str().unwrap(),
+        "type",
+        "hash",
+        "key",
+        "40",
+        "value",
+        "8",
+        "entries",
+        "4",
+        "name",
+        "df_allow",
+    ]);
+    let agent = Agent::start(&agent_config(&env, upstream.addr, &[]));
+    let stderr = agent.process.stderr();
+    assert!(
+        stderr.contains("carried 0 allow entries over")
+            && stderr.contains("the older maps stay pinned"),
+        "{stderr}"
+    );
+    assert!(
+        path.exists(),
+        "the older maps were unpinned although nothing was carried"
     );
 }
 
