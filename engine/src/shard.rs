@@ -359,6 +359,13 @@ fn run(mut config: ShardConfig, opened: std::sync::mpsc::SyncSender<Result<(), I
         send(&mut core, &mut io);
     }
     drops.account(&mut core, &io);
+    // Their flow records too (the consumer drains the queue before it stops).
+    while let Some(record) = core.poll_record() {
+        if !config.records.push(record) {
+            core.record_dropped();
+        }
+    }
+    config.records.nudge();
     publish(&config.status, &core, &io);
 }
 
