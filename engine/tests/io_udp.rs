@@ -514,3 +514,77 @@ fn a_retired_listen_socket_takes_no_new_datagrams_and_keeps_its_queue() {
     for_each_backend(|b| retired_listen_socket("127.0.0.1:0", b));
     for_each_backend(|b| retired_listen_socket("[::1]:0", b));
 }
+
+/// A burst of answers larger than the send queue, with flushes but no poll between (the
+/// shard's last loop at shutdown SERVFAILs everything in flight at once; an ICMP error fails
+/// a whole socket's queries): every datagram goes out, as on the mmsg backend, and a client
+/// query that arrived meanwhile is still delivered by the next poll (review of the io_uring
+/// backend: the ring dropped all but the first `send_queue` until a poll reaped them).
+#[test]
+fn a_burst_larger_than_the_send_queue_is_sent_whole() {
+    for_each_backend(|b| {
+        let mut c = config("127.0.0.1:0", no_upstream());
+        c.send_queue = 16;
+        let mut io = open(&c, b);
+        let server = io.local_addr();
+        let sink = client(server);
+        sink.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let peer = sink.local_addr().unwrap();
+        let asker = client(server);
+        // Receives armed (a first poll), then a query that lands while the burst goes out:
+        // on io_uring its completion comes up among the sends'.
+        assert_eq!(io.poll(Some(Duration::ZERO), &mut |_| {}).unwrap(), 0);
+        asker.send_to(b"late query", server).unwrap();
+        thread::sleep(Duration::from_millis(50));
+        const N: usize = 200;
+        for i in 0..N {
+            io.send_client_udp(peer, format!("answer {i}").as_bytes());
+            if i % 8 == 7 {
+                io.flush().unwrap();
+            }
+        }
+        io.flush().unwrap();
+        let mut got = 0;
+        let mut buf = [0; 64];
+        while got < N {
+            let (n, _) = sink.recv_from(&mut buf).expect("an answer missing");
+            assert_eq!(&buf[..n], format!("answer {got}").as_bytes());
+            got += 1;
+        }
+        assert_eq!(io.stats().send_dropped, 0);
+        let evs = poll_n(&mut io, 1);
+        assert!(
+            matches!(&evs[0], Ev::Client(p, d) if *p == asker.local_addr().unwrap() && d == b"late query"),
+            "{evs:?}"
+        );
+    });
+}
+
+/// A send that failed on an upstream socket replaced before its failure was reaped says
+/// nothing about the replacement: no `Unreachable` for the new socket (its queries would be
+/// failed for the old one's ICMP error).
+#[test]
+fn a_failed_send_of_a_replaced_socket_is_not_blamed_on_its_replacement() {
+    for_each_backend(|b| {
+        let closed = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let upstream = closed.local_addr().unwrap();
+        drop(closed);
+        let mut io = open(&config("127.0.0.1:0", upstream), b);
+        // No poll yet, so no receive is armed: the ICMP error of the first send waits on
+        // the socket for the second send, which fails with it.
+        io.send_upstream_udp(2, b"first");
+        io.flush().unwrap();
+        thread::sleep(Duration::from_millis(50));
+        io.send_upstream_udp(2, b"second");
+        io.flush().unwrap();
+        io.replace_upstream_udp(2).unwrap();
+        let mut evs = Vec::new();
+        for _ in 0..5 {
+            io.poll(Some(Duration::from_millis(20)), &mut |e| {
+                evs.push(Ev::from(e))
+            })
+            .unwrap();
+        }
+        assert!(!evs.contains(&Ev::Unreachable(2)), "{evs:?}");
+    });
+}

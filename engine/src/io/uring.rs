@@ -241,6 +241,9 @@ fn page_size() -> usize {
 struct SendSlot {
     addr: RawSockAddr,
     file: usize,
+    /// `recv_gen[file]` when queued: a failed send of a socket replaced since then says
+    /// nothing about its replacement.
+    generation: u32,
 }
 
 /// Send slots: headers in `slots`, payloads in `data` (slot `i` at `i * size`).
@@ -291,6 +294,9 @@ pub struct UringIo {
     sizes: BufferSizes,
     sub: SubmitState,
     cqes: Vec<cqueue::Entry>,
+    /// Completions reaped outside `poll` (while freeing send slots), handled first by the
+    /// next `poll`; at most `budget`.
+    deferred: Vec<cqueue::Entry>,
     budget: usize,
     max_payload: usize,
     tcp: TcpSide,
@@ -453,6 +459,7 @@ impl UringIo {
                     UnsafeCell::new(SendSlot {
                         addr: RawSockAddr::zeroed(),
                         file: 0,
+                        generation: 0,
                     })
                 })
                 .collect(),
@@ -505,7 +512,8 @@ impl UringIo {
             upstream,
             upstream_peers,
             sub: SubmitState::default(),
-            cqes: Vec::with_capacity(budget),
+            cqes: Vec::with_capacity(2 * budget),
+            deferred: Vec::with_capacity(budget),
             budget,
             max_payload: config.max_udp_payload,
             tcp: TcpSide::new(config, listen.tcp),
@@ -591,7 +599,7 @@ impl UringIo {
             self.dropped(idx);
             return;
         }
-        let Some(slot) = self.send.free.pop() else {
+        let Some(slot) = self.send.free.pop().or_else(|| self.reclaim_send_slots()) else {
             self.dropped(idx);
             return;
         };
@@ -607,6 +615,7 @@ impl UringIo {
         // the only writer, through the UnsafeCell's pointer.
         let addr = unsafe { &mut *cell };
         addr.file = idx;
+        addr.generation = self.recv_gen.get(idx).copied().unwrap_or(0);
         if let Some(to) = to {
             let len = addr.addr.set(to);
             op = op
@@ -625,6 +634,37 @@ impl UringIo {
             self.send.free.push(slot);
             self.dropped(idx);
         }
+    }
+
+    /// With every send slot in flight: submits what is queued (a UDP send mostly completes
+    /// inside that call) and takes the completions there are, freeing the slots of the sends
+    /// that succeeded and keeping every other completion (a failed send's too: it may report
+    /// an unreachable upstream) for the next `poll`. Never waits. A free slot, if one came
+    /// back: a burst of answers larger than the send queue (the last SERVFAILs at shutdown,
+    /// a whole socket's queries failed by an ICMP error) goes out whole, as on mmsg.
+    fn reclaim_send_slots(&mut self) -> Option<u16> {
+        let sends = self.sub.sends;
+        match self.sub.submit(&self.ring) {
+            Ok(_) => {
+                if sends {
+                    self.stats.udp_tx_batches += 1;
+                    self.sub.sends = false;
+                }
+            }
+            Err(e) if is_transient(&e) => {}
+            Err(_) => return None,
+        }
+        let room = self.deferred.capacity() - self.deferred.len();
+        let (free, deferred) = (&mut self.send.free, &mut self.deferred);
+        for cqe in self.ring.completion().take(room) {
+            let ud = cqe.user_data();
+            if ud & UD_KIND == UD_SEND && cqe.result() >= 0 {
+                free.push((ud & !UD_KIND) as u16);
+            } else {
+                deferred.push(cqe);
+            }
+        }
+        self.send.free.pop()
     }
 
     /// Handles one completion; returns the events delivered.
@@ -666,10 +706,14 @@ impl UringIo {
                     self.stats.send_errors += 1;
                     // SAFETY: the send's completion is reaped, so the kernel is done with the
                     // slot and nothing else refers to it until it is back on the free list.
-                    let file = unsafe { &*self.send.slots[usize::from(slot)].get() }.file;
+                    let sent = unsafe { &*self.send.slots[usize::from(slot)].get() };
+                    let (file, generation) = (sent.file, sent.generation);
                     self.count_drop(file);
                     let err = io::Error::from_raw_os_error(-res);
-                    if file > 0 && super::is_unreachable(&err) {
+                    if file > 0
+                        && super::is_unreachable(&err)
+                        && self.recv_gen.get(file) == Some(&generation)
+                    {
                         n = 1;
                         on_event(Event::UpstreamUnreachable {
                             socket: (file - 1) as u16,
@@ -884,6 +928,7 @@ impl ShardIo for UringIo {
         let now = Instant::now();
         let mut cqes = std::mem::take(&mut self.cqes);
         cqes.clear();
+        cqes.append(&mut self.deferred);
         cqes.extend(self.ring.completion().take(self.budget));
         let rx_before = self.stats.udp_rx;
         for cqe in &cqes {
