@@ -188,7 +188,8 @@ pub struct IoConfig {
     /// (the kernel doubles them): bounds the kernel memory a connection can hold.
     pub tcp_socket_buffer_bytes: usize,
     /// UDP sends that may be queued between flushes (mmsg: per socket, flushed early when
-    /// full; io_uring: send slots in flight, further sends dropped and counted).
+    /// full; io_uring: send slots in flight, reclaimed early from sends already finished
+    /// when all are taken, and beyond that further sends dropped and counted).
     pub send_queue: usize,
     /// io_uring submission queue size (the completion queue is 4 times larger).
     pub uring_entries: u32,
