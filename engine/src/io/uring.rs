@@ -636,13 +636,9 @@ impl UringIo {
         }
     }
 
-    /// With every send slot in flight: submits what is queued (a UDP send mostly completes
-    /// inside that call) and takes the completions there are, freeing the slots of the sends
-    /// that succeeded and keeping every other completion (a failed send's too: it may report
-    /// an unreachable upstream) for the next `poll`. Never waits. A free slot, if one came
-    /// back: a burst of answers larger than the send queue (the last SERVFAILs at shutdown,
-    /// a whole socket's queries failed by an ICMP error) goes out whole, as on mmsg.
-    fn reclaim_send_slots(&mut self) -> Option<u16> {
+    /// Submits the queued SQEs, counting a batch of sends when there were some. A transient
+    /// error leaves them queued for the next submit (Ok).
+    fn submit_queued(&mut self) -> io::Result<()> {
         let sends = self.sub.sends;
         match self.sub.submit(&self.ring) {
             Ok(_) => {
@@ -650,10 +646,21 @@ impl UringIo {
                     self.stats.udp_tx_batches += 1;
                     self.sub.sends = false;
                 }
+                Ok(())
             }
-            Err(e) if is_transient(&e) => {}
-            Err(_) => return None,
+            Err(e) if is_transient(&e) => Ok(()),
+            Err(e) => Err(e),
         }
+    }
+
+    /// With every send slot in flight: submits what is queued (a UDP send mostly completes
+    /// inside that call) and takes the completions there are, freeing the slots of the sends
+    /// that succeeded and keeping every other completion (a failed send's too: it may report
+    /// an unreachable upstream) for the next `poll`. Never waits. A free slot, if one came
+    /// back: a burst of answers larger than the send queue (the last SERVFAILs at shutdown,
+    /// a whole socket's queries failed by an ICMP error) goes out whole, as on mmsg.
+    fn reclaim_send_slots(&mut self) -> Option<u16> {
+        self.submit_queued().ok()?;
         let room = self.deferred.capacity() - self.deferred.len();
         let (free, deferred) = (&mut self.send.free, &mut self.deferred);
         for cqe in self.ring.completion().take(room) {
@@ -973,23 +980,10 @@ impl ShardIo for UringIo {
         let (mut poller, tcp, stats) = self.poller();
         tcp.flush(now, &mut poller, stats);
         if !self.ring.submission().is_empty() {
-            let sends = self.sub.sends;
-            match self.sub.submit(&self.ring) {
-                Ok(_) => {
-                    if sends {
-                        self.stats.udp_tx_batches += 1;
-                        self.sub.sends = false;
-                    }
-                }
-                // Left in the queue; the next poll submits it.
-                Err(e) if is_transient(&e) => {}
-                Err(source) => {
-                    return Err(IoError::Poll {
-                        op: "io_uring_enter",
-                        source,
-                    });
-                }
-            }
+            self.submit_queued().map_err(|source| IoError::Poll {
+                op: "io_uring_enter",
+                source,
+            })?;
         }
         self.sync_stats();
         Ok(())
