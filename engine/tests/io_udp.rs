@@ -588,3 +588,36 @@ fn a_failed_send_of_a_replaced_socket_is_not_blamed_on_its_replacement() {
         assert!(!evs.contains(&Ev::Unreachable(2)), "{evs:?}");
     });
 }
+
+/// Completions taken off the ring while reclaiming send slots and not yet handled by a poll
+/// are accounted for when the I/O is dropped: the drop (the end of a shard, right after its
+/// last burst of answers) does not wait out its bound for completions it already took.
+#[test]
+fn a_drop_right_after_a_send_burst_does_not_wait() {
+    for_each_backend(|b| {
+        let mut c = config("127.0.0.1:0", no_upstream());
+        c.send_queue = 16;
+        let mut io = open(&c, b);
+        let server = io.local_addr();
+        let sink = client(server);
+        let peer = sink.local_addr().unwrap();
+        assert_eq!(io.poll(Some(Duration::ZERO), &mut |_| {}).unwrap(), 0);
+        client(server).send_to(b"query", server).unwrap();
+        thread::sleep(Duration::from_millis(50));
+        // Every fourth to an address the IPv4 socket cannot send to: failed sends, whose
+        // completions are kept for the next poll.
+        let unsendable: SocketAddr = "[::1]:9".parse().unwrap();
+        for i in 0..100 {
+            let to = if i % 4 == 0 { unsendable } else { peer };
+            io.send_client_udp(to, format!("answer {i}").as_bytes());
+        }
+        io.flush().unwrap();
+        let start = std::time::Instant::now();
+        drop(io);
+        assert!(
+            start.elapsed() < Duration::from_secs(1),
+            "drop took {:?}",
+            start.elapsed()
+        );
+    });
+}

@@ -1082,6 +1082,26 @@ impl Drop for UringIo {
             }
         }
         let slots = self.send.slots.len();
+        // What a completion taken now, or taken earlier and not yet handled by a poll (while
+        // reclaiming send slots), says about the memory still in use.
+        let reap = |this: &mut UringIo, cqe: &cqueue::Entry| {
+            let ud = cqe.user_data();
+            match ud & UD_KIND {
+                UD_RECV if !cqueue::more(cqe.flags()) => {
+                    let idx = (ud & 0xffff_ffff) as usize;
+                    if idx < this.recv_gen.len() && ud == recv_user_data(idx, this.recv_gen[idx]) {
+                        this.armed[idx] = false;
+                    } else {
+                        this.cancelling = this.cancelling.saturating_sub(1);
+                    }
+                }
+                UD_SEND => this.send.free.push((ud & !UD_KIND) as u16),
+                _ => {}
+            }
+        };
+        for cqe in std::mem::take(&mut self.deferred) {
+            reap(self, &cqe);
+        }
         let mut idle = false;
         for _ in 0..200 {
             idle = !self.armed.iter().any(|&a| a)
@@ -1098,22 +1118,9 @@ impl Drop for UringIo {
                 // so the memory is leaked below.
                 break;
             }
-            for cqe in self.ring.completion() {
-                let ud = cqe.user_data();
-                match ud & UD_KIND {
-                    UD_RECV if !cqueue::more(cqe.flags()) => {
-                        let idx = (ud & 0xffff_ffff) as usize;
-                        if idx < self.recv_gen.len()
-                            && ud == recv_user_data(idx, self.recv_gen[idx])
-                        {
-                            self.armed[idx] = false;
-                        } else {
-                            self.cancelling = self.cancelling.saturating_sub(1);
-                        }
-                    }
-                    UD_SEND => self.send.free.push((ud & !UD_KIND) as u16),
-                    _ => {}
-                }
+            let taken: Vec<cqueue::Entry> = self.ring.completion().collect();
+            for cqe in &taken {
+                reap(self, cqe);
             }
         }
         if idle {
