@@ -28,7 +28,9 @@
 //!   address) and pushes a `Send` SQE (`IORING_OP_SEND` with the destination in `addr2`, i.e.
 //!   `sendto`: no `msghdr`/`iovec` for the kernel to copy in); [`ShardIo::flush`] submits
 //!   them all with one `io_uring_enter`. The slot is free again when its completion is reaped.
-//!   No free slot: the datagram is dropped and counted ([`IoStats::send_dropped`]). (Measured
+//!   No free slot: the finished sends' slots are reclaimed at once (a submit, no wait; the
+//!   other completions taken meanwhile are kept for the next poll), and only when none came
+//!   back is the datagram dropped and counted ([`IoStats::send_dropped`]). (Measured
 //!   against the alternatives: `SendMsg` costs an extra `msghdr` copy and import per datagram;
 //!   one `sendmmsg` per socket at flush would cost up to `1 + upstream_sockets` syscalls per
 //!   flush instead of one `io_uring_enter`, for a per-datagram cost no lower than `Send`;
@@ -297,6 +299,9 @@ pub struct UringIo {
     /// Completions reaped outside `poll` (while freeing send slots), handled first by the
     /// next `poll`; at most `budget`.
     deferred: Vec<cqueue::Entry>,
+    /// Upstream sockets (and their generations then) a send failure found unreachable
+    /// while reclaiming send slots, reported by the next `poll`; one entry per socket.
+    unreachable: Vec<(u16, u32)>,
     budget: usize,
     max_payload: usize,
     tcp: TcpSide,
@@ -502,6 +507,7 @@ impl UringIo {
             upstream_bufs,
             recv_hdr: RecvHdr(Box::new(UnsafeCell::new(hdr))),
             send,
+            unreachable: Vec::with_capacity(upstream.len()),
             armed: vec![false; 1 + upstream.len()],
             recv_gen: vec![0; 1 + upstream.len()],
             cancelling: 0,
@@ -660,18 +666,55 @@ impl UringIo {
     /// back: a burst of answers larger than the send queue (the last SERVFAILs at shutdown,
     /// a whole socket's queries failed by an ICMP error) goes out whole, as on mmsg.
     fn reclaim_send_slots(&mut self) -> Option<u16> {
+        if self.deferred.len() == self.deferred.capacity() {
+            // No room to keep what else would come up: not even the submit.
+            return None;
+        }
         self.submit_queued().ok()?;
-        let room = self.deferred.capacity() - self.deferred.len();
-        let (free, deferred) = (&mut self.send.free, &mut self.deferred);
-        for cqe in self.ring.completion().take(room) {
+        while self.deferred.len() < self.deferred.capacity() {
+            // One at a time: a completion taken is never lost for want of room.
+            let Some(cqe) = self.ring.completion().next() else {
+                break;
+            };
             let ud = cqe.user_data();
-            if ud & UD_KIND == UD_SEND && cqe.result() >= 0 {
-                free.push((ud & !UD_KIND) as u16);
+            if ud & UD_KIND == UD_SEND {
+                // Done with at once, failed or not (the slot comes back); an unreachable
+                // upstream is reported by the next poll.
+                if let Some(socket) = self.send_done((ud & !UD_KIND) as u16, cqe.result())
+                    && !self.unreachable.contains(&socket)
+                    && self.unreachable.len() < self.unreachable.capacity()
+                {
+                    self.unreachable.push(socket);
+                }
             } else {
-                deferred.push(cqe);
+                self.deferred.push(cqe);
             }
         }
         self.send.free.pop()
+    }
+
+    /// A send's completion: counts a failure, frees the slot, and says which upstream socket
+    /// (with its generation then) a failure reports unreachable, if one does and that socket
+    /// has not been replaced since.
+    fn send_done(&mut self, slot: u16, res: i32) -> Option<(u16, u32)> {
+        let mut unreachable = None;
+        if res < 0 {
+            self.stats.send_errors += 1;
+            // SAFETY: the send's completion is reaped, so the kernel is done with the slot
+            // and nothing else refers to it until it is back on the free list.
+            let sent = unsafe { &*self.send.slots[usize::from(slot)].get() };
+            let (file, generation) = (sent.file, sent.generation);
+            self.count_drop(file);
+            let err = io::Error::from_raw_os_error(-res);
+            if file > 0
+                && super::is_unreachable(&err)
+                && self.recv_gen.get(file) == Some(&generation)
+            {
+                unreachable = Some(((file - 1) as u16, generation));
+            }
+        }
+        self.send.free.push(slot);
+        unreachable
     }
 
     /// Handles one completion; returns the events delivered.
@@ -706,30 +749,13 @@ impl UringIo {
                 }
                 n
             }
-            UD_SEND => {
-                let slot = (ud & !UD_KIND) as u16;
-                let mut n = 0;
-                if res < 0 {
-                    self.stats.send_errors += 1;
-                    // SAFETY: the send's completion is reaped, so the kernel is done with the
-                    // slot and nothing else refers to it until it is back on the free list.
-                    let sent = unsafe { &*self.send.slots[usize::from(slot)].get() };
-                    let (file, generation) = (sent.file, sent.generation);
-                    self.count_drop(file);
-                    let err = io::Error::from_raw_os_error(-res);
-                    if file > 0
-                        && super::is_unreachable(&err)
-                        && self.recv_gen.get(file) == Some(&generation)
-                    {
-                        n = 1;
-                        on_event(Event::UpstreamUnreachable {
-                            socket: (file - 1) as u16,
-                        });
-                    }
+            UD_SEND => match self.send_done((ud & !UD_KIND) as u16, res) {
+                Some((socket, _)) => {
+                    on_event(Event::UpstreamUnreachable { socket });
+                    1
                 }
-                self.send.free.push(slot);
-                n
-            }
+                None => 0,
+            },
             UD_POLL_READ | UD_POLL_WRITE => {
                 let dir = if ud & UD_KIND == UD_POLL_READ {
                     READ
@@ -908,7 +934,9 @@ impl ShardIo for UringIo {
                 source,
             })?;
         let sends = self.sub.sends;
-        let r = if !self.ring.completion().is_empty() || timeout == Some(Duration::ZERO) {
+        // Completions already taken (while reclaiming send slots) are work at hand too.
+        let held = !self.deferred.is_empty() || !self.unreachable.is_empty();
+        let r = if held || !self.ring.completion().is_empty() || timeout == Some(Duration::ZERO) {
             // Submits, and runs pending task work if the kernel flagged some (`submit` adds
             // GETEVENTS when IORING_SQ_TASKRUN is set).
             self.ring.submit()
@@ -933,6 +961,14 @@ impl ShardIo for UringIo {
         }
 
         let now = Instant::now();
+        for i in 0..self.unreachable.len() {
+            let (socket, generation) = self.unreachable[i];
+            if self.recv_gen.get(1 + usize::from(socket)) == Some(&generation) {
+                n += 1;
+                on_event(Event::UpstreamUnreachable { socket });
+            }
+        }
+        self.unreachable.clear();
         let mut cqes = std::mem::take(&mut self.cqes);
         cqes.clear();
         cqes.append(&mut self.deferred);
@@ -1028,6 +1064,9 @@ impl ShardIo for UringIo {
             op: "getpeername",
             source,
         })?;
+        // Sends still queued for the old socket go out on it (a fixed file is resolved when
+        // the kernel issues the SQE): submitted before the table changes.
+        let _ = self.submit_queued();
         self.ring
             .submitter()
             .register_files_update(idx as u32, &[fresh.as_raw_fd()])
@@ -1044,12 +1083,8 @@ impl ShardIo for UringIo {
             self.cancelling += 1;
             self.armed[idx] = false;
             // Submitted now, so that the old socket closes without waiting for the next poll
-            // (queued sends go along; a transient error leaves them for the next poll).
-            let sends = self.sub.sends;
-            if self.sub.submit(&self.ring).is_ok() && sends {
-                self.stats.udp_tx_batches += 1;
-                self.sub.sends = false;
-            }
+            // (a transient error leaves it for the next poll).
+            let _ = self.submit_queued();
         }
         self.recv_gen[idx] = self.recv_gen[idx].wrapping_add(1);
         self.upstream[j] = fresh;
