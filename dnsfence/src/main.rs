@@ -54,6 +54,8 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // Before the threads and tables exist: small pages (engine::startup::small_pages_only).
+    dnsfence_engine::startup::small_pages_only();
     let cli = Cli::parse();
     match cli.command {
         Command::Match(args) => match_cmd::run(&args),

@@ -313,3 +313,28 @@ fn sigterm_in_flight(io: IoBackend) {
         "drain took {took:?} (timeout 1s)"
     );
 }
+
+/// The agent runs with transparent huge pages off (engine::startup::small_pages_only: the
+/// start-up p99 of a process joining a busy node, bench/RESULTS.md), and on again with
+/// `DNSFENCE_HUGE_PAGES` set. Read from the kernel: `THP_enabled` in /proc/PID/status.
+#[test]
+fn the_agent_runs_without_transparent_huge_pages() {
+    let thp = |pid: u32| -> Option<String> {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .ok()?
+            .lines()
+            .find_map(|l| l.strip_prefix("THP_enabled:").map(|v| v.trim().to_owned()))
+    };
+    if thp(std::process::id()).is_none() {
+        eprintln!("skipped: this kernel does not show THP_enabled");
+        return;
+    }
+    let fake = FakeUpstream::start(FakeMode::Answer);
+    let agent = Agent::start(&AgentConfig::new(IoBackend::Mmsg, fake.addr));
+    assert_eq!(thp(agent.process.pid()).as_deref(), Some("0"));
+    drop(agent);
+    let mut config = AgentConfig::new(IoBackend::Mmsg, fake.addr);
+    config.wrapper = vec!["env".into(), "DNSFENCE_HUGE_PAGES=1".into()];
+    let agent = Agent::start(&config);
+    assert_eq!(thp(agent.process.pid()).as_deref(), Some("1"));
+}
