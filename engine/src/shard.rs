@@ -336,16 +336,7 @@ fn run(mut config: ShardConfig, opened: std::sync::mpsc::SyncSender<Result<(), I
         replace_sockets(&mut core, &mut io);
         send(&mut core, &mut io);
         drops.account(&mut core, &io);
-        let mut queued = false;
-        while let Some(record) = core.poll_record() {
-            queued = true;
-            if !config.records.push(record) {
-                core.record_dropped();
-            }
-        }
-        if queued {
-            config.records.nudge();
-        }
+        hand_records(&mut core, &config.records);
         config.status.batches.fetch_add(1, Ordering::Relaxed);
         if now.duration_since(published) >= Duration::from_millis(100) {
             published = now;
@@ -360,13 +351,23 @@ fn run(mut config: ShardConfig, opened: std::sync::mpsc::SyncSender<Result<(), I
     }
     drops.account(&mut core, &io);
     // Their flow records too (the consumer drains the queue before it stops).
+    hand_records(&mut core, &config.records);
+    publish(&config.status, &core, &io);
+}
+
+/// Moves the core's records to the consumer's queue (a full queue: counted as dropped) and,
+/// when there were some, nudges the consumer.
+fn hand_records(core: &mut Core, records: &RecordQueue) {
+    let mut queued = false;
     while let Some(record) = core.poll_record() {
-        if !config.records.push(record) {
+        queued = true;
+        if !records.push(record) {
             core.record_dropped();
         }
     }
-    config.records.nudge();
-    publish(&config.status, &core, &io);
+    if queued {
+        records.nudge();
+    }
 }
 
 /// Replaces the upstream sockets the core retired (quota spent, or a burst of unknown IDs):

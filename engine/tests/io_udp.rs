@@ -515,6 +515,21 @@ fn a_retired_listen_socket_takes_no_new_datagrams_and_keeps_its_queue() {
     for_each_backend(|b| retired_listen_socket("[::1]:0", b));
 }
 
+/// The send-burst tests' start: 16 send slots, a client for the answers (`sink`), and one
+/// (`asker`) whose `query` lands once receives are armed (a first poll), so that on io_uring
+/// its completion comes up among the burst's.
+fn burst_setup(b: BackendChoice, query: &[u8]) -> (io::Io, UdpSocket, UdpSocket) {
+    let mut c = config("127.0.0.1:0", no_upstream());
+    c.send_queue = 16;
+    let mut io = open(&c, b);
+    let server = io.local_addr();
+    let (sink, asker) = (client(server), client(server));
+    assert_eq!(io.poll(Some(Duration::ZERO), &mut |_| {}).unwrap(), 0);
+    asker.send_to(query, server).unwrap();
+    thread::sleep(Duration::from_millis(50));
+    (io, sink, asker)
+}
+
 /// A burst of answers larger than the send queue, with flushes but no poll between (the
 /// shard's last loop at shutdown SERVFAILs everything in flight at once; an ICMP error fails
 /// a whole socket's queries): every datagram goes out, as on the mmsg backend, and a client
@@ -523,19 +538,9 @@ fn a_retired_listen_socket_takes_no_new_datagrams_and_keeps_its_queue() {
 #[test]
 fn a_burst_larger_than_the_send_queue_is_sent_whole() {
     for_each_backend(|b| {
-        let mut c = config("127.0.0.1:0", no_upstream());
-        c.send_queue = 16;
-        let mut io = open(&c, b);
-        let server = io.local_addr();
-        let sink = client(server);
+        let (mut io, sink, asker) = burst_setup(b, b"late query");
         sink.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         let peer = sink.local_addr().unwrap();
-        let asker = client(server);
-        // Receives armed (a first poll), then a query that lands while the burst goes out:
-        // on io_uring its completion comes up among the sends'.
-        assert_eq!(io.poll(Some(Duration::ZERO), &mut |_| {}).unwrap(), 0);
-        asker.send_to(b"late query", server).unwrap();
-        thread::sleep(Duration::from_millis(50));
         // Every fifth to an address the IPv4 socket cannot send to: failed sends, whose slots
         // must come back as well.
         let unsendable: SocketAddr = "[::1]:9".parse().unwrap();
@@ -605,15 +610,8 @@ fn a_failed_send_of_a_replaced_socket_is_not_blamed_on_its_replacement() {
 #[test]
 fn a_drop_right_after_a_send_burst_does_not_wait() {
     for_each_backend(|b| {
-        let mut c = config("127.0.0.1:0", no_upstream());
-        c.send_queue = 16;
-        let mut io = open(&c, b);
-        let server = io.local_addr();
-        let sink = client(server);
+        let (mut io, sink, _asker) = burst_setup(b, b"query");
         let peer = sink.local_addr().unwrap();
-        assert_eq!(io.poll(Some(Duration::ZERO), &mut |_| {}).unwrap(), 0);
-        client(server).send_to(b"query", server).unwrap();
-        thread::sleep(Duration::from_millis(50));
         // Every fourth to an address the IPv4 socket cannot send to: failed sends, whose
         // completions are kept for the next poll.
         let unsendable: SocketAddr = "[::1]:9".parse().unwrap();

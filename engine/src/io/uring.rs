@@ -661,8 +661,8 @@ impl UringIo {
 
     /// With every send slot in flight: submits what is queued (a UDP send mostly completes
     /// inside that call) and takes the completions there are, freeing the slots of the sends
-    /// that succeeded and keeping every other completion (a failed send's too: it may report
-    /// an unreachable upstream) for the next `poll`. Never waits. A free slot, if one came
+    /// (a failed one's unreachable upstream is kept for the next `poll` to report) and keeping
+    /// every other completion for the next `poll`. Never waits. A free slot, if one came
     /// back: a burst of answers larger than the send queue (the last SERVFAILs at shutdown,
     /// a whole socket's queries failed by an ICMP error) goes out whole, as on mmsg.
     fn reclaim_send_slots(&mut self) -> Option<u16> {
@@ -680,11 +680,11 @@ impl UringIo {
             if ud & UD_KIND == UD_SEND {
                 // Done with at once, failed or not (the slot comes back); an unreachable
                 // upstream is reported by the next poll.
-                if let Some(socket) = self.send_done((ud & !UD_KIND) as u16, cqe.result())
-                    && !self.unreachable.contains(&socket)
+                if let Some(found) = self.send_done((ud & !UD_KIND) as u16, cqe.result())
+                    && !self.unreachable.contains(&found)
                     && self.unreachable.len() < self.unreachable.capacity()
                 {
-                    self.unreachable.push(socket);
+                    self.unreachable.push(found);
                 }
             } else {
                 self.deferred.push(cqe);
