@@ -149,7 +149,13 @@ impl FakeApi {
             .expect("nonblocking listener");
         let addr = listener.local_addr().expect("local address");
         let shared = Arc::new(Shared {
-            data: Mutex::new(Data::default()),
+            // A real API server's resourceVersion is never 0: a watch from "0" means "from
+            // now", so a list of an empty cluster answering 0 would let a watch started after
+            // the next change miss it.
+            data: Mutex::new(Data {
+                rv: 1,
+                ..Data::default()
+            }),
             changed: Condvar::new(),
             stop: AtomicBool::new(false),
             threads: Mutex::new(Vec::new()),
