@@ -629,3 +629,78 @@ fn a_drop_right_after_a_send_burst_does_not_wait() {
         );
     });
 }
+
+/// A send queued (not yet flushed) when its socket is replaced goes out from the new socket,
+/// whose receive gets the answer; the old port is closed and would lose it.
+#[test]
+fn a_send_queued_before_a_socket_replacement_goes_from_the_new_socket() {
+    let echo = Echo::start();
+    for_each_backend(|b| {
+        let mut io = open(&config("127.0.0.1:0", echo.addr), b);
+        // One round trip first: the receives are armed and running.
+        io.send_upstream_udp(1, b"warm");
+        io.flush().unwrap();
+        assert_eq!(
+            poll_n(&mut io, 1),
+            [Ev::Upstream(1, echo.addr, b"warm".to_vec())]
+        );
+        io.send_upstream_udp(1, b"queued");
+        io.replace_upstream_udp(1).unwrap();
+        io.flush().unwrap();
+        assert_eq!(
+            poll_n(&mut io, 1),
+            [Ev::Upstream(1, echo.addr, b"queued".to_vec())]
+        );
+    });
+}
+
+/// An empty datagram from the upstream is a datagram (it ends io_uring's multishot receive,
+/// which must not lose what follows or count an error).
+#[test]
+fn an_empty_upstream_datagram_is_delivered_and_the_next_one_too() {
+    let echo = Echo::start();
+    for_each_backend(|b| {
+        let mut io = open(&config("127.0.0.1:0", echo.addr), b);
+        io.send_upstream_udp(2, b"");
+        io.flush().unwrap();
+        assert_eq!(poll_n(&mut io, 1), [Ev::Upstream(2, echo.addr, Vec::new())]);
+        io.send_upstream_udp(2, b"next");
+        io.flush().unwrap();
+        assert_eq!(
+            poll_n(&mut io, 1),
+            [Ev::Upstream(2, echo.addr, b"next".to_vec())]
+        );
+        assert_eq!(io.stats().udp_rx_errors, 0);
+        assert_eq!(io.stats().udp_rx, 2);
+    });
+}
+
+/// More sockets than `uring_entries`: every receive is queued at open without the ring
+/// submitting anything (which would tie it to the opening thread), and each socket receives.
+#[test]
+fn more_sockets_than_ring_entries_open_on_one_thread_and_serve_on_another() {
+    let echo = Echo::start();
+    let mut c = config("127.0.0.1:0", echo.addr);
+    c.uring_entries = 8;
+    c.upstream_sockets = 16;
+    c.tcp = false;
+    let io = open(&c, BackendChoice::Uring);
+    thread::spawn(move || {
+        let mut io = io;
+        for s in 0..16u16 {
+            io.send_upstream_udp(s, &s.to_be_bytes());
+        }
+        io.flush().unwrap();
+        let mut evs = poll_n(&mut io, 16);
+        evs.sort_by_key(|e| match e {
+            Ev::Upstream(s, ..) => *s,
+            _ => u16::MAX,
+        });
+        let want: Vec<_> = (0..16u16)
+            .map(|s| Ev::Upstream(s, echo.addr, s.to_be_bytes().to_vec()))
+            .collect();
+        assert_eq!(evs, want);
+    })
+    .join()
+    .unwrap();
+}

@@ -191,7 +191,8 @@ pub struct IoConfig {
     /// full; io_uring: send slots in flight, reclaimed early from sends already finished
     /// when all are taken, and beyond that further sends dropped and counted).
     pub send_queue: usize,
-    /// io_uring submission queue size (the completion queue is 4 times larger).
+    /// io_uring submission queue size (the completion queue is 4 times larger); raised to
+    /// the power of two that holds every socket's receive and two more.
     pub uring_entries: u32,
     /// Provided receive buffers per buffer group (a power of two, at most 32768).
     pub uring_recv_buffers: u16,
@@ -382,6 +383,9 @@ pub struct IoStats {
     pub uring_rearms: u64,
     /// Multishot receives ended because the buffer ring was empty (`ENOBUFS`).
     pub uring_enobufs: u64,
+    /// Times the kernel reported completions it could not keep (`EBADR` from
+    /// `io_uring_enter`); every receive was then cancelled and armed again.
+    pub uring_lost_completions: u64,
     /// `poll` calls that waited (`epoll_wait` / `io_uring_enter` with wait).
     pub waits: u64,
     /// Waits that coalesced completions ([`IoConfig::coalesce_wait`]).

@@ -150,6 +150,17 @@ struct BufRing {
     tail: u16,
 }
 
+/// The kernel's `struct io_uring_buf` (`BufRingEntry`'s layout) up to `resv`, which in entry
+/// 0 is the ring's tail.
+#[repr(C)]
+struct RawBuf {
+    addr: u64,
+    len: u32,
+    bid: u16,
+}
+
+const _: () = assert!(size_of::<BufRingEntry>() == 16 && align_of::<BufRingEntry>() >= 8);
+
 impl BufRing {
     /// Maps and registers a ring of `entries` (a power of two) buffers for group `bgid`,
     /// all of them given to the kernel.
@@ -192,12 +203,18 @@ impl BufRing {
         // between its head and the published tail; the entry at our (unpublished) tail is
         // not among them, so nothing reads it while we write it. The setters do not touch
         // the shared tail field that overlays entry 0.
-        let entry = unsafe { &mut *self.ring.as_ptr().add(idx) };
+        // Written field by field through a raw pointer (no `&mut` to the entry, whose last
+        // field is the shared tail in entry 0), in the kernel's `io_uring_buf` layout.
+        let entry = unsafe { self.ring.as_ptr().add(idx) }.cast::<RawBuf>();
         // SAFETY: `bid` < entries, so the buffer is inside the mapping.
         let addr = unsafe { self.bufs.as_ptr().add(usize::from(bid) * self.buf_size) };
-        entry.set_addr(addr as u64);
-        entry.set_len(self.buf_size as u32);
-        entry.set_bid(bid);
+        // SAFETY: `entry` points to a live, aligned `io_uring_buf` that only we write (see
+        // above); the three fields lie before `resv`, the tail's place in entry 0.
+        unsafe {
+            (&raw mut (*entry).addr).write(addr as u64);
+            (&raw mut (*entry).len).write(self.buf_size as u32);
+            (&raw mut (*entry).bid).write(bid);
+        }
         self.tail = self.tail.wrapping_add(1);
     }
 
@@ -349,26 +366,45 @@ impl SubmitState {
 ///
 /// `TASKRUN_FLAG`: the kernel sets `IORING_SQ_TASKRUN` while completion work is pending, and a
 /// plain submit then also runs it (the crate adds `GETEVENTS`).
+///
+/// At least room for every socket's receive and two more in the submission queue: the
+/// receives are all queued at open, before the ring may submit anything.
 fn build_ring(config: &IoConfig) -> Result<IoUring, IoError> {
+    let sockets = 1 + config.upstreams.len() * usize::from(config.upstream_sockets);
+    let entries = config.uring_entries.max(
+        u32::try_from(sockets + 2)
+            .unwrap_or(u32::MAX)
+            .next_power_of_two(),
+    );
     let r = IoUring::builder()
-        .setup_cqsize(config.uring_entries * 4)
+        .setup_cqsize(entries * 4)
         .setup_single_issuer()
         .setup_defer_taskrun()
         .setup_taskrun_flag()
         .setup_r_disabled()
-        .build(config.uring_entries);
+        .build(entries);
     match r {
         Ok(ring) => return Ok(ring),
         Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
         Err(e) => return Err(super::uring_error(e)),
     }
     IoUring::builder()
-        .setup_cqsize(config.uring_entries * 4)
+        .setup_cqsize(entries * 4)
         .setup_coop_taskrun()
         .setup_taskrun_flag()
         .setup_r_disabled()
-        .build(config.uring_entries)
-        .map_err(super::uring_error)
+        .build(entries)
+        .map_err(refused_if_unsupported)
+}
+
+/// `EINVAL` from a setup step a kernel older than this backend needs does not know (the
+/// fallback ring's flags, provided buffer rings): refused, so `Auto` takes mmsg.
+fn refused_if_unsupported(e: io::Error) -> IoError {
+    if e.raw_os_error() == Some(libc::EINVAL) {
+        IoError::UringRefused(e)
+    } else {
+        super::uring_error(e)
+    }
 }
 
 /// Pushes `entry`, submitting to make room if the queue is full; false if it could not.
@@ -452,7 +488,10 @@ impl UringIo {
         let setup = |op| move |source| IoError::UringSetup { op, source };
         let buf_size = RECVMSG_OUT + RawSockAddr::CAPACITY as usize + config.max_udp_payload;
         let client_bufs = BufRing::new(&ring, BGID_CLIENT, config.uring_recv_buffers, buf_size)
-            .map_err(setup("register_buf_ring"))?;
+            .map_err(|e| match e.raw_os_error() {
+                Some(libc::EINVAL) => refused_if_unsupported(e),
+                _ => setup("register_buf_ring")(e),
+            })?;
         let upstream_bufs = BufRing::new(&ring, BGID_UPSTREAM, config.uring_recv_buffers, buf_size)
             .map_err(setup("register_buf_ring"))?;
         let mut hdr = sys::zeroed_msghdr();
@@ -564,6 +603,31 @@ impl UringIo {
                 if rearm {
                     self.stats.uring_rearms += 1;
                 }
+            }
+        }
+    }
+
+    /// The kernel dropped completions (`EBADR`: it could not allocate room for an
+    /// overflowing one). A receive's final completion may be among them, leaving a socket
+    /// we think armed deaf: every armed receive is cancelled and, under a new generation,
+    /// armed again by the poll (the old ones' completions are stale and only give buffers
+    /// back; one whose final completion was lost keeps `cancelling` above 0, so drop leaks
+    /// the memory rather than free it under a request it cannot see end). A send's lost
+    /// completion keeps its slot out of use.
+    fn resync_receives(&mut self) {
+        self.stats.uring_lost_completions += 1;
+        for idx in 0..self.armed.len() {
+            if !self.armed[idx] {
+                continue;
+            }
+            let e = opcode::AsyncCancel::new(recv_user_data(idx, self.recv_gen[idx]))
+                .build()
+                .user_data(UD_CANCEL);
+            // SAFETY: a cancel SQE points to no memory.
+            if unsafe { try_push(&mut self.ring, &e, &mut self.sub) } {
+                self.cancelling += 1;
+                self.armed[idx] = false;
+                self.recv_gen[idx] = self.recv_gen[idx].wrapping_add(1);
             }
         }
     }
@@ -732,11 +796,15 @@ impl UringIo {
                 if idx < self.recv_gen.len()
                     && (ud >> 32) & 0xff_ffff != u64::from(self.recv_gen[idx] & 0xff_ffff)
                 {
-                    // The cancelled receive of a replaced socket: give its buffer back.
+                    // A cancelled receive (a replaced socket, a resync): give its buffer back.
                     if res >= 0
                         && let Some(bid) = cqueue::buffer_select(flags)
                     {
-                        self.upstream_bufs.recycle(bid);
+                        if idx == 0 {
+                            self.client_bufs.recycle(bid);
+                        } else {
+                            self.upstream_bufs.recycle(bid);
+                        }
                     }
                     if !cqueue::more(flags) {
                         self.cancelling = self.cancelling.saturating_sub(1);
@@ -801,6 +869,18 @@ impl UringIo {
             return 0;
         }
         let Some(bid) = cqueue::buffer_select(flags) else {
+            if res == 0 && idx > 0 {
+                // An empty datagram: the kernel ends the multishot receive with it and
+                // keeps the buffer (the receive is armed again at the end of the poll). It
+                // is a datagram all the same, as on mmsg.
+                self.stats.udp_rx += 1;
+                on_event(Event::UpstreamDatagram {
+                    socket: (idx - 1) as u16,
+                    from: self.upstream_peers[idx - 1],
+                    data: &[],
+                });
+                return 1;
+            }
             self.stats.udp_rx_errors += 1;
             return 0;
         };
@@ -952,6 +1032,7 @@ impl ShardIo for UringIo {
                 }
             }
             Err(e) if is_transient(&e) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EBADR) => self.resync_receives(),
             Err(source) => {
                 return Err(IoError::Poll {
                     op: "io_uring_enter",
@@ -1064,29 +1145,40 @@ impl ShardIo for UringIo {
             op: "getpeername",
             source,
         })?;
-        // Sends still queued for the old socket go out on it (a fixed file is resolved when
-        // the kernel issues the SQE): submitted before the table changes.
-        let _ = self.submit_queued();
-        self.ring
-            .submitter()
-            .register_files_update(idx as u32, &[fresh.as_raw_fd()])
-            .map_err(|source| IoError::UringSetup {
-                op: "register_files_update",
-                source,
-            })?;
         if self.armed[idx] {
             let e = opcode::AsyncCancel::new(recv_user_data(idx, self.recv_gen[idx]))
                 .build()
                 .user_data(UD_CANCEL);
             // SAFETY: a cancel SQE points to no memory.
-            unsafe { try_push(&mut self.ring, &e, &mut self.sub) };
+            if !unsafe { try_push(&mut self.ring, &e, &mut self.sub) } {
+                // Nothing changed: the old socket and its receive stay.
+                return Err(IoError::UringSetup {
+                    op: "io_uring cancel (submission queue full)",
+                    source: io::Error::from_raw_os_error(libc::EBUSY),
+                });
+            }
             self.cancelling += 1;
             self.armed[idx] = false;
-            // Submitted now, so that the old socket closes without waiting for the next poll
-            // (a transient error leaves it for the next poll).
-            let _ = self.submit_queued();
         }
+        // From here the old receive's completions are stale (their buffers go back).
         self.recv_gen[idx] = self.recv_gen[idx].wrapping_add(1);
+        // Sends still queued (not submitted) go out on the new socket, as on mmsg: a fixed
+        // file is resolved when the kernel issues the SQE, after this update.
+        let updated = self
+            .ring
+            .submitter()
+            .register_files_update(idx as u32, &[fresh.as_raw_fd()]);
+        if let Err(source) = updated {
+            // The old socket stays; its receive, cancelled above, is armed again.
+            self.arm_receives(false);
+            return Err(IoError::UringSetup {
+                op: "register_files_update",
+                source,
+            });
+        }
+        // Submitted now, so that the old socket closes without waiting for the next poll (a
+        // transient error leaves it for the next poll).
+        let _ = self.submit_queued();
         self.upstream[j] = fresh;
         self.upstream_peers[j] = peer;
         self.arm_receives(false);
@@ -1176,6 +1268,58 @@ impl Drop for UringIo {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// After lost completions (`EBADR`) every receive is cancelled and armed again: both
+    /// kinds of socket keep receiving, and the cancelled receives' ends are all seen, so
+    /// drop has nothing left to wait for.
+    #[test]
+    fn a_resync_after_lost_completions_keeps_every_socket_receiving() {
+        let echo = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        echo.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut config = IoConfig::new("127.0.0.1:0".parse().unwrap(), echo.local_addr().unwrap());
+        config.tcp = false;
+        let echoer = std::thread::spawn(move || {
+            let mut buf = [0; 64];
+            for _ in 0..2 {
+                let (n, from) = echo.recv_from(&mut buf).unwrap();
+                echo.send_to(&buf[..n], from).unwrap();
+            }
+        });
+        let mut io = UringIo::new(&config).unwrap();
+        let server = io.local_addr();
+        let client = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        for round in 0..2u8 {
+            client.send_to(&[round; 12], server).unwrap();
+            io.send_upstream_udp(0, &[round; 5]);
+            io.flush().unwrap();
+            let (mut from_client, mut from_upstream) = (0, 0);
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while (from_client, from_upstream) != (1, 1) && Instant::now() < deadline {
+                io.poll(Some(Duration::from_millis(10)), &mut |e| match e {
+                    Event::ClientDatagram { data, .. } if data == [round; 12] => from_client += 1,
+                    Event::UpstreamDatagram { data, .. } if data == [round; 5] => {
+                        from_upstream += 1
+                    }
+                    other => panic!("{other:?}"),
+                })
+                .unwrap();
+            }
+            assert_eq!((from_client, from_upstream), (1, 1), "round {round}");
+            if round == 0 {
+                io.resync_receives();
+            }
+        }
+        echoer.join().unwrap();
+        assert_eq!(io.stats().uring_lost_completions, 1);
+        for _ in 0..10 {
+            io.poll(Some(Duration::from_millis(5)), &mut |_| {})
+                .unwrap();
+        }
+        assert_eq!(io.cancelling, 0);
+        let start = Instant::now();
+        drop(io);
+        assert!(start.elapsed() < Duration::from_secs(1));
+    }
 
     #[test]
     fn buf_ring_hands_out_and_takes_back() {
