@@ -309,11 +309,13 @@ impl NameTable {
         }
     }
 
-    /// Writes every bucket of the index once (see [`Ledger::new`]).
+    /// Writes every page of the index once, in address order (see [`Ledger::new`] and
+    /// [`EntryTable::prefault`]).
     fn prefault(&mut self, n: usize) {
+        let stride = prefault_stride(self.index.capacity(), n);
         for i in 0..n as u64 {
-            let h = i.wrapping_mul(0x9e37_79b9_7f4a_7c15);
-            self.index.insert_unique(h, 0, |&v| u64::from(v));
+            self.index
+                .insert_unique(i * stride, 0, |_| unreachable!("within capacity"));
         }
         self.index.clear();
     }
@@ -414,30 +416,112 @@ struct Slot {
     names: [u32; NAMES_PER_ENTRY],
 }
 
-/// The ledger's hash maps: foldhash, seeded per process (as the shards' tables and the name
-/// index). SipHash, the standard default, cost about 0.3 µs an insert: 90 ms of start-up CPU
-/// to write a 262,144-entry table once, and its share of every allow write under the lock.
+/// The hash step that spreads `n` placeholder entries evenly over the buckets of a
+/// `hashbrown` table of `capacity` (its buckets are the power of two that holds it at a
+/// load of 7/8): entry `i` hashed `i * step` lands in bucket `i * step`, so that `n` inserts
+/// write the table in address order and touch each of its pages.
+fn prefault_stride(capacity: usize, n: usize) -> u64 {
+    let buckets = (capacity.max(1) * 8 / 7).next_power_of_two();
+    (buckets / n.max(1)).max(1) as u64
+}
+
+/// The ledger's small maps: foldhash, seeded per process (as the shards' tables and the
+/// name index). SipHash, the standard default, cost about 0.3 µs an insert.
 type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 
-/// Writes the buckets of `map` (`n` placeholder entries, then cleared; `n` within its
-/// capacity, so it never grows).
-fn prefault_entries(map: &mut FastMap<AllowKey, Slot>, n: usize) {
-    let now = Instant::now();
-    for i in 0..n as u64 {
-        let key = AllowKey {
-            endpoint: EndpointKey(i),
-            ip: IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
-            ports: PortSpec::ALL,
-        };
-        map.insert(
-            key,
-            Slot {
+/// The entries: a hash table (foldhash, seeded per process) whose memory is written once at
+/// start, in address order (see [`EntryTable::prefault`]).
+#[derive(Debug)]
+struct EntryTable {
+    table: hashbrown::HashTable<(AllowKey, Slot)>,
+    hasher: foldhash::fast::RandomState,
+}
+
+impl EntryTable {
+    fn with_capacity(n: usize) -> EntryTable {
+        EntryTable {
+            table: hashbrown::HashTable::with_capacity(n),
+            hasher: foldhash::fast::RandomState::default(),
+        }
+    }
+
+    fn hash(&self, key: &AllowKey) -> u64 {
+        use std::hash::BuildHasher;
+        self.hasher.hash_one(key)
+    }
+
+    fn len(&self) -> usize {
+        self.table.len()
+    }
+
+    #[cfg(test)]
+    fn capacity(&self) -> usize {
+        self.table.capacity()
+    }
+
+    fn get(&self, key: &AllowKey) -> Option<&Slot> {
+        self.table
+            .find(self.hash(key), |(k, _)| k == key)
+            .map(|(_, s)| s)
+    }
+
+    fn get_mut(&mut self, key: &AllowKey) -> Option<&mut Slot> {
+        let h = self.hash(key);
+        self.table.find_mut(h, |(k, _)| k == key).map(|(_, s)| s)
+    }
+
+    fn contains_key(&self, key: &AllowKey) -> bool {
+        self.get(key).is_some()
+    }
+
+    /// Adds `key`, or replaces its slot.
+    fn insert(&mut self, key: AllowKey, slot: Slot) {
+        use std::hash::BuildHasher;
+        let h = self.hash(&key);
+        let hasher = &self.hasher;
+        match self
+            .table
+            .entry(h, |(k, _)| *k == key, |(k, _)| hasher.hash_one(k))
+        {
+            hashbrown::hash_table::Entry::Occupied(mut o) => o.get_mut().1 = slot,
+            hashbrown::hash_table::Entry::Vacant(v) => {
+                v.insert((key, slot));
+            }
+        }
+    }
+
+    fn remove(&mut self, key: &AllowKey) -> Option<Slot> {
+        let h = self.hash(key);
+        let entry = self.table.find_entry(h, |(k, _)| k == key).ok()?;
+        Some(entry.remove().0.1)
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (&AllowKey, &Slot)> + '_ {
+        self.table.iter().map(|(k, s)| (k, s))
+    }
+
+    /// Writes every page of the table once: `n` placeholder entries (`n` within its
+    /// capacity, so it never grows) whose hashes spread them evenly over the buckets in
+    /// address order, then cleared. Random hashes (the real ones) made each insert a cache
+    /// and TLB miss: twice the time.
+    fn prefault(&mut self, n: usize) {
+        let stride = prefault_stride(self.table.capacity(), n);
+        let now = Instant::now();
+        for i in 0..n as u64 {
+            let key = AllowKey {
+                endpoint: EndpointKey(i),
+                ip: IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+                ports: PortSpec::ALL,
+            };
+            let slot = Slot {
                 expires: now,
                 names: [NO_NAME; NAMES_PER_ENTRY],
-            },
-        );
+            };
+            self.table
+                .insert_unique(i * stride, (key, slot), |_| unreachable!("within capacity"));
+        }
+        self.table.clear();
     }
-    map.clear();
 }
 
 /// One change a group makes, for a sink to mirror (and to undo if it cannot).
@@ -455,7 +539,7 @@ pub struct Change {
 #[derive(Debug)]
 pub struct Ledger {
     config: LedgerConfig,
-    entries: FastMap<AllowKey, Slot>,
+    entries: EntryTable,
     per_endpoint: FastMap<EndpointKey, u32>,
     names: NameTable,
     /// (expiry, key) of every write; stale items (extended or removed entries) are skipped.
@@ -485,8 +569,8 @@ impl Ledger {
         // starting beside one that serves does not take its CPU meanwhile.
         let room = config.capacity.min(1 << 22);
         let (entries, names) = crate::startup::at_idle_priority(|| {
-            let mut entries = FastMap::with_capacity_and_hasher(room, Default::default());
-            prefault_entries(&mut entries, room);
+            let mut entries = EntryTable::with_capacity(room);
+            entries.prefault(room);
             let mut names = NameTable::with_capacity(room);
             names.prefault(room);
             (entries, names)

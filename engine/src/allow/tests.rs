@@ -338,3 +338,24 @@ fn an_answer_pointing_into_the_cluster_opens_nothing_there() {
     assert!(!table.is_allowed(client(), ip("198.51.100.9"), 443, PortSpec::TCP, now));
     assert!(table.is_allowed(client(), ip("203.0.113.5"), 443, PortSpec::TCP, now));
 }
+
+/// The start-up prefault spreads its placeholder entries over the whole bucket array (each
+/// page written) without growing the tables, for capacities on both sides of a power of two.
+#[test]
+fn the_prefault_spans_every_bucket_without_growing() {
+    for n in [1usize, 7, 8, 1000, 4096, 4097, 65_536, 100_000] {
+        let mut entries = EntryTable::with_capacity(n);
+        let capacity = entries.capacity();
+        let buckets = (capacity * 8 / 7).next_power_of_two();
+        let stride = prefault_stride(capacity, n) as usize;
+        assert!(stride * (n - 1) < buckets, "n {n}: past the last bucket");
+        assert!(stride * n * 2 > buckets, "n {n}: half the buckets left out");
+        entries.prefault(n);
+        assert_eq!(entries.capacity(), capacity, "n {n}");
+        assert_eq!(entries.len(), 0);
+        let mut names = NameTable::with_capacity(n);
+        let capacity = names.index.capacity();
+        names.prefault(n);
+        assert_eq!(names.index.capacity(), capacity, "n {n}");
+    }
+}
