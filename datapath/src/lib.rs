@@ -15,8 +15,8 @@ pub mod sink;
 mod sys;
 
 pub use loader::{
-    CarriedOver, Datapath, DatapathError, EndpointSync, InstallConfig, PinLock, cgroup_id,
-    ensure_cgroup2,
+    CarriedOver, Datapath, DatapathError, EndpointSync, InstallConfig, PROGRAMS, PinLock,
+    cgroup_id, ensure_cgroup2,
 };
 pub use origin::BpfOrigins;
 pub use reuseport::Reuseport;

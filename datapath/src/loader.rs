@@ -5,9 +5,12 @@
 //!   are (allow entries are not flushed); a new layout gets a new directory, into which
 //!   `install` copies the older layout's allow entries (where their layout is the same)
 //!   before its programs enforce, and then unpins the older directory.
-//! - `links/<program>@<n>`: one pinned bpf_link per program, attached at the cgroup root.
-//!   Pinned links keep the programs attached with no process alive. An upgrade attaches the
-//!   new programs first, then unpins (detaches) the older links: enforcement never pauses.
+//! - `links/<program>@<n>-<object digest>-<cgroup id>`: one pinned bpf_link per program,
+//!   attached at the cgroup root. Pinned links keep the programs attached with no process
+//!   alive. An upgrade attaches the new programs first, then unpins (detaches) the older
+//!   links: enforcement never pauses. A restart of the same build on the same cgroup, whose
+//!   programs still use the pinned maps, keeps them as they are: no verifier work (about
+//!   0.1 s of CPU, half of an agent's start-up) on a node that is serving meanwhile.
 use std::fs;
 use std::io;
 use std::net::SocketAddr;
@@ -276,6 +279,8 @@ pub struct Datapath {
     carried: Option<CarriedOver>,
     /// Older layouts' map directories `install` unpinned, or why it could not.
     removed_layouts: Vec<Result<PathBuf, String>>,
+    /// Whether `install` kept the programs an earlier start of this build attached.
+    reused_programs: bool,
 }
 
 /// Allow entries `install` copied from an older layout's pinned maps (`maps-v<N>`, N < ABI)
@@ -363,19 +368,28 @@ impl Datapath {
         let carried = carry_allow_over(&config.pin_dir, &mut ebpf);
         let cgroup = fs::File::open(&config.cgroup_root)
             .map_err(fs_err("opening cgroup", &config.cgroup_root))?;
+        let cgroup_id = cgroup_id(&config.cgroup_root)
+            .map_err(fs_err("reading the cgroup id of", &config.cgroup_root))?;
         let old_links = pinned_links(&links_dir)?;
-        let stamp = sys::boottime_ns();
-        for program in PROGRAMS {
-            let link = attach(&mut ebpf, program, &cgroup)?;
-            let path = links_dir.join(format!("{program}@{stamp}"));
-            link.pin(&path).map_err(|e| DatapathError::Attach {
-                program,
-                reason: format!("pinning at {}: {e}", path.display()),
-            })?;
+        let suffix = link_suffix(object_digest(), cgroup_id);
+        // A restart of this very build: its programs are attached already, over these maps.
+        let kept = reusable_links(&old_links, &suffix, &maps_dir);
+        let reused_programs = kept.is_some();
+        let kept = kept.unwrap_or_default();
+        if !reused_programs {
+            let stamp = sys::boottime_ns();
+            for program in PROGRAMS {
+                let link = attach(&mut ebpf, program, &cgroup)?;
+                let path = links_dir.join(format!("{program}@{stamp}{suffix}"));
+                link.pin(&path).map_err(|e| DatapathError::Attach {
+                    program,
+                    reason: format!("pinning at {}: {e}", path.display()),
+                })?;
+            }
         }
-        // The new programs enforce: now detach the old ones.
-        for path in old_links {
-            unpin_link(&path)?;
+        // The new programs enforce (or the kept ones do): now detach the others.
+        for path in old_links.iter().filter(|p| !kept.contains(p)) {
+            unpin_link(path)?;
         }
         // No program uses an older layout's maps any more: unpin them (a process still
         // holding one keeps it until it exits), except one whose entries could not all be
@@ -411,6 +425,7 @@ impl Datapath {
             synced_generation: 0,
             carried,
             removed_layouts,
+            reused_programs,
             pin_dir: config.pin_dir.clone(),
             cgroup_root: config.cgroup_root.clone(),
         })
@@ -751,6 +766,13 @@ impl Datapath {
         self.allow_capacity
     }
 
+    /// Whether `install` kept the programs that an earlier start of this same build
+    /// attached to this cgroup over these same pinned maps, instead of loading (verifying)
+    /// and attaching them again: a restart costs no verifier work.
+    pub fn reused_programs(&self) -> bool {
+        self.reused_programs
+    }
+
     /// What `install` carried over from an older map layout, if one was pinned.
     pub fn carried_over(&self) -> Option<&CarriedOver> {
         self.carried.as_ref()
@@ -1032,6 +1054,65 @@ fn attach(
         let link = sa.take_link(id).map_err(|e| err(format!("{e}")))?;
         FdLink::try_from(link).map_err(|e| err(format!("{e}")))
     }
+}
+
+/// A digest of the object's bytes (FNV-1a, 64 bits): the same for every start of one build.
+fn object_digest() -> u64 {
+    OBJECT.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+/// The end of a link's pin name, `<program>@<boot ns><suffix>`: which object attached it
+/// to which cgroup.
+fn link_suffix(digest: u64, cgroup_id: u64) -> String {
+    format!("-{digest:016x}-{cgroup_id}")
+}
+
+/// The links an earlier install of this object on this cgroup pinned, one per program (its
+/// newest), if every program has one and each such program uses only maps pinned in
+/// `maps_dir` now (a map pin removed and made anew since means a new map, which the kept
+/// program would not see). None otherwise: the programs are loaded and attached anew.
+fn reusable_links(links: &[PathBuf], suffix: &str, maps_dir: &Path) -> Option<Vec<PathBuf>> {
+    let mut kept = Vec::with_capacity(PROGRAMS.len());
+    for program in PROGRAMS {
+        let newest = links
+            .iter()
+            .filter_map(|p| {
+                let name = p.file_name()?.to_str()?;
+                let stamp = name.strip_prefix(program)?.strip_prefix('@')?;
+                let stamp: u64 = stamp.strip_suffix(suffix)?.parse().ok()?;
+                Some((stamp, p))
+            })
+            .max_by_key(|(stamp, _)| *stamp)?;
+        kept.push(newest.1.clone());
+    }
+    let mut pinned_maps = std::collections::HashSet::new();
+    for entry in fs::read_dir(maps_dir).ok()? {
+        let map = MapData::from_pin(entry.ok()?.path()).ok()?;
+        pinned_maps.insert(map.info().ok()?.id());
+    }
+    let mut program_ids = Vec::with_capacity(kept.len());
+    for (path, program) in kept.iter().zip(PROGRAMS) {
+        let link = FdLink::from(PinnedLink::from_pin(path).ok()?);
+        program_ids.push((link.info().ok()?.program_id(), program));
+    }
+    let mut confirmed = 0;
+    for info in aya::programs::loaded_programs() {
+        let info = info.ok()?;
+        let Some(&(_, program)) = program_ids.iter().find(|(id, _)| *id == info.id()) else {
+            continue;
+        };
+        let maps = info.map_ids().ok()??;
+        if info.name_as_str() != Some(program)
+            || maps.is_empty()
+            || !maps.iter().all(|m| pinned_maps.contains(m))
+        {
+            return None;
+        }
+        confirmed += 1;
+    }
+    (confirmed == kept.len()).then_some(kept)
 }
 
 fn pinned_links(dir: &Path) -> Result<Vec<PathBuf>, DatapathError> {

@@ -59,6 +59,11 @@ impl Enforcer {
             )
         })?;
         datapath.set_proxy(listen)?;
+        if datapath.reused_programs() {
+            eprintln!(
+                "dnsfence agent: the programs this build attached before are still attached over                  the pinned maps: kept as they are (not loaded again)"
+            );
+        }
         if let Some(c) = datapath.carried_over() {
             let mut notes = String::new();
             if c.left > 0 {

@@ -1341,3 +1341,104 @@ spec:
     assert!(env.denied(Some("b"), SocketAddr::new(open, 9444)));
     assert!(env.denied(Some("b"), SocketAddr::new(denied, 9443)));
 }
+
+/// A restart of the same build keeps the programs it attached (no verifier work): the same
+/// link pins stay, and the kept programs enforce what the new process syncs into the pinned
+/// maps. Where a map pin was made anew since (the kept programs would not see it), the
+/// programs are loaded and attached again, and enforce through the new map.
+#[test]
+fn a_restart_of_the_same_build_keeps_its_programs_over_the_same_maps() {
+    use dnsfence_datapath::{Datapath, InstallConfig};
+    use dnsfence_policy::{Endpoints, PolicySet, Snapshot};
+    use std::path::Path;
+    if !require_root("datapath") {
+        return;
+    }
+    let _serial = EXCLUSIVE.lock().unwrap_or_else(|e| e.into_inner());
+    let env = Env::new("keep", &["a"]);
+    let net = 20 + (std::process::id() + 190) % 200;
+    let endpoints = "endpoints:\n- {name: a, namespace: default, labels: {app: a}, cgroup: a}\n";
+    let snapshot = |port: u16, generation| {
+        let text = format!(
+            r#"apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {{name: a, namespace: default}}
+spec:
+  endpointSelector: {{matchLabels: {{app: a}}}}
+  egress:
+  - toCIDR: ["127.{net}.9.0/24"]
+    toPorts: [{{ports: [{{port: "{port}", protocol: TCP}}]}}]
+"#
+        );
+        let p = PolicySet::from_yaml(Path::new("p.yaml"), &text).unwrap();
+        let e = Endpoints::from_yaml(Path::new("e.yaml"), endpoints).unwrap();
+        let mut s = Snapshot::compile(&p, &e);
+        s.set_generation(generation);
+        s
+    };
+    let install = || {
+        Datapath::install(&InstallConfig {
+            pin_dir: env.pin.clone(),
+            cgroup_root: env.cgroup_root.clone(),
+            allow_entries: 1024,
+            l3_entries: 1024,
+            cluster_entries: 1024,
+        })
+        .unwrap()
+    };
+    let links = || {
+        let mut names: Vec<String> = std::fs::read_dir(env.pin.join("links"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        names
+    };
+    let v4: IpAddr = format!("127.{net}.9.1").parse().unwrap();
+    let _l = listen_on(v4, &[9443, 9444]);
+    let (first, second) = (SocketAddr::new(v4, 9443), SocketAddr::new(v4, 9444));
+
+    let mut dp = install();
+    assert!(!dp.reused_programs(), "nothing was attached before");
+    dp.sync_endpoints(&snapshot(9443, 1)).unwrap();
+    assert_eq!(env.connect(Some("a"), first), Ok(()));
+    let attached = links();
+    assert_eq!(
+        attached.len(),
+        dnsfence_datapath::PROGRAMS.len(),
+        "{attached:?}"
+    );
+    drop(dp);
+
+    // The same build again: the same links, and what it syncs is enforced by them.
+    let mut dp = install();
+    assert!(dp.reused_programs());
+    assert_eq!(links(), attached);
+    dp.sync_endpoints(&snapshot(9444, 2)).unwrap();
+    assert!(
+        env.denied(Some("a"), first),
+        "the kept programs missed the new sync"
+    );
+    assert_eq!(env.connect(Some("a"), second), Ok(()));
+    drop(dp);
+
+    // A map pin made anew: the programs are attached again, over the new map.
+    std::fs::remove_file(
+        env.pin
+            .join(format!("maps-v{}", dnsfence_datapath::maps::ABI))
+            .join("df_endpoints"),
+    )
+    .unwrap();
+    let mut dp = install();
+    assert!(
+        !dp.reused_programs(),
+        "kept programs that use a map no longer pinned"
+    );
+    let now = links();
+    assert_eq!(now.len(), attached.len(), "{now:?}");
+    assert!(now.iter().all(|l| !attached.contains(l)), "{now:?}");
+    dp.sync_endpoints(&snapshot(9443, 3)).unwrap();
+    assert_eq!(env.connect(Some("a"), first), Ok(()));
+    assert!(env.denied(Some("a"), second));
+    drop(dp);
+}
