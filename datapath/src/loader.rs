@@ -373,7 +373,7 @@ impl Datapath {
         let old_links = pinned_links(&links_dir)?;
         let suffix = link_suffix(object_digest(), cgroup_id);
         // A restart of this very build: its programs are attached already, over these maps.
-        let kept = reusable_links(&old_links, &suffix, &maps_dir);
+        let kept = reusable_links(&old_links, &suffix, &maps_dir, cgroup_id);
         let reused_programs = kept.is_some();
         let kept = kept.unwrap_or_default();
         if !reused_programs {
@@ -1070,10 +1070,15 @@ fn link_suffix(digest: u64, cgroup_id: u64) -> String {
 }
 
 /// The links an earlier install of this object on this cgroup pinned, one per program (its
-/// newest), if every program has one and each such program uses only maps pinned in
-/// `maps_dir` now (a map pin removed and made anew since means a new map, which the kept
+/// newest), if every program has one, each is still attached to this cgroup, and each such
+/// program uses only maps pinned in `maps_dir` now (a map pin removed and made anew since means a new map, which the kept
 /// program would not see). None otherwise: the programs are loaded and attached anew.
-fn reusable_links(links: &[PathBuf], suffix: &str, maps_dir: &Path) -> Option<Vec<PathBuf>> {
+fn reusable_links(
+    links: &[PathBuf],
+    suffix: &str,
+    maps_dir: &Path,
+    cgroup_id: u64,
+) -> Option<Vec<PathBuf>> {
     let mut kept = Vec::with_capacity(PROGRAMS.len());
     for program in PROGRAMS {
         let newest = links
@@ -1094,12 +1099,20 @@ fn reusable_links(links: &[PathBuf], suffix: &str, maps_dir: &Path) -> Option<Ve
     }
     let mut program_ids = Vec::with_capacity(kept.len());
     for (path, program) in kept.iter().zip(PROGRAMS) {
-        let link = FdLink::from(PinnedLink::from_pin(path).ok()?);
-        program_ids.push((link.info().ok()?.program_id(), program));
+        // Still attached, to this cgroup (a detached link keeps its pin and its program but
+        // enforces nothing: its cgroup reads 0).
+        let link = sys::pinned_link_info(path).ok()?;
+        if link.link_type != sys::BPF_LINK_TYPE_CGROUP || link.cgroup_id != cgroup_id {
+            return None;
+        }
+        program_ids.push((link.prog_id, program));
     }
     let mut confirmed = 0;
     for info in aya::programs::loaded_programs() {
-        let info = info.ok()?;
+        // A program of someone else's that went away meanwhile: not ours.
+        let Ok(info) = info else {
+            continue;
+        };
         let Some(&(_, program)) = program_ids.iter().find(|(id, _)| *id == info.id()) else {
             continue;
         };

@@ -1,5 +1,6 @@
 //! The few syscalls of the datapath that aya does not make: the boot clock, filesystem
-//! magic numbers, mounting cgroup2 and bpffs, inotify on cgroup directories. Every `unsafe` of the crate besides the `Pod`
+//! magic numbers, mounting cgroup2 and bpffs, inotify on cgroup directories, what a pinned
+//! cgroup link is attached to. Every `unsafe` of the crate besides the `Pod`
 //! impls of `maps.rs` is here.
 use std::ffi::CString;
 use std::io;
@@ -22,6 +23,87 @@ pub fn boottime_ns() -> u64 {
     let rc = unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
     assert_eq!(rc, 0, "clock_gettime(CLOCK_BOOTTIME)");
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// What a pinned bpf_link is, as the kernel says (`struct bpf_link_info`, its cgroup arm).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LinkInfo {
+    /// `BPF_LINK_TYPE_*`.
+    pub link_type: u32,
+    /// The program it runs.
+    pub prog_id: u32,
+    /// For a cgroup link: the cgroup it is attached to, 0 once detached.
+    pub cgroup_id: u64,
+    /// For a cgroup link: `BPF_CGROUP_*`.
+    pub attach_type: u32,
+}
+
+/// `BPF_LINK_TYPE_CGROUP`.
+pub const BPF_LINK_TYPE_CGROUP: u32 = 3;
+
+/// The kernel's `struct bpf_link_info` up to its cgroup arm (the kernel fills as many bytes as
+/// it is given).
+#[repr(C, align(8))]
+#[derive(Default)]
+struct RawLinkInfo {
+    link_type: u32,
+    id: u32,
+    prog_id: u32,
+    _pad: u32,
+    cgroup_id: u64,
+    attach_type: u32,
+    _pad2: u32,
+}
+
+/// What the link pinned at `path` is (`BPF_OBJ_GET`, then `BPF_OBJ_GET_INFO_BY_FD`).
+pub fn pinned_link_info(path: &Path) -> io::Result<LinkInfo> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    const BPF_OBJ_GET: libc::c_long = 7;
+    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+    let c = c_path(path)?;
+    // The `obj` arm of `union bpf_attr`: pathname, bpf_fd, file_flags (zero-padded).
+    let mut attr = [0u64; 4];
+    attr[0] = c.as_ptr() as u64;
+    // SAFETY: `attr` is a valid, zero-padded bpf_attr for BPF_OBJ_GET whose pathname points
+    // to a NUL-terminated string that outlives the call; the kernel only reads it.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET,
+            attr.as_mut_ptr(),
+            std::mem::size_of_val(&attr),
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: BPF_OBJ_GET returned a new file descriptor that nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    let mut info = RawLinkInfo::default();
+    // The `info` arm: bpf_fd, info_len, info (pointer).
+    let mut attr = [0u64; 2];
+    attr[0] = u64::from(std::os::fd::AsRawFd::as_raw_fd(&fd) as u32)
+        | (std::mem::size_of::<RawLinkInfo>() as u64) << 32;
+    attr[1] = &mut info as *mut RawLinkInfo as u64;
+    // SAFETY: `attr` is a valid bpf_attr for BPF_OBJ_GET_INFO_BY_FD; the kernel writes at most
+    // `info_len` bytes to `info`, a live, writable struct of that size.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET_INFO_BY_FD,
+            attr.as_mut_ptr(),
+            std::mem::size_of_val(&attr),
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(LinkInfo {
+        link_type: info.link_type,
+        prog_id: info.prog_id,
+        cgroup_id: info.cgroup_id,
+        attach_type: info.attach_type,
+    })
 }
 
 fn c_path(path: &Path) -> io::Result<CString> {

@@ -61,7 +61,8 @@ impl Enforcer {
         datapath.set_proxy(listen)?;
         if datapath.reused_programs() {
             eprintln!(
-                "dnsfence agent: the programs this build attached before are still attached over                  the pinned maps: kept as they are (not loaded again)"
+                "dnsfence agent: the programs this build attached before are still attached \
+                 over the pinned maps: kept as they are (not loaded again)"
             );
         }
         if let Some(c) = datapath.carried_over() {

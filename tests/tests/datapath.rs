@@ -1422,6 +1422,55 @@ spec:
     assert_eq!(env.connect(Some("a"), second), Ok(()));
     drop(dp);
 
+    // A link detached behind our back (its pin stays, its cgroup reads 0): attached again.
+    let egress = attached
+        .iter()
+        .find(|l| l.starts_with("df_egress@"))
+        .unwrap();
+    let pinned = env.pin.join("links").join(egress);
+    let out = std::process::Command::new("bpftool")
+        .args(["link", "detach", "pinned"])
+        .arg(&pinned)
+        .output()
+        .expect("bpftool");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut dp = install();
+    assert!(!dp.reused_programs(), "kept a detached link");
+    let again = links();
+    assert!(again.iter().all(|l| !attached.contains(l)), "{again:?}");
+    dp.sync_endpoints(&snapshot(9444, 3)).unwrap();
+    assert!(
+        env.denied(Some("a"), first),
+        "egress not enforced after the detach"
+    );
+    assert_eq!(env.connect(Some("a"), second), Ok(()));
+    drop(dp);
+
+    // Another cgroup root on the same pin directory: its own programs, not the root's.
+    let other = env.cgroup_root.join("keep-other-root");
+    std::fs::create_dir_all(&other).unwrap();
+    let dp = Datapath::install(&InstallConfig {
+        pin_dir: env.pin.clone(),
+        cgroup_root: other.clone(),
+        allow_entries: 1024,
+        l3_entries: 1024,
+        cluster_entries: 1024,
+    })
+    .unwrap();
+    assert!(!dp.reused_programs(), "kept links of another cgroup");
+    drop(dp);
+    std::fs::remove_dir(&other).unwrap();
+    let mut dp = install();
+    assert!(!dp.reused_programs(), "the links are the other root's now");
+    dp.sync_endpoints(&snapshot(9444, 4)).unwrap();
+    assert!(env.denied(Some("a"), first));
+    drop(dp);
+    let attached = links();
+
     // A map pin made anew: the programs are attached again, over the new map.
     std::fs::remove_file(
         env.pin
@@ -1437,7 +1486,7 @@ spec:
     let now = links();
     assert_eq!(now.len(), attached.len(), "{now:?}");
     assert!(now.iter().all(|l| !attached.contains(l)), "{now:?}");
-    dp.sync_endpoints(&snapshot(9443, 3)).unwrap();
+    dp.sync_endpoints(&snapshot(9443, 5)).unwrap();
     assert_eq!(env.connect(Some("a"), first), Ok(()));
     assert!(env.denied(Some("a"), second));
     drop(dp);
