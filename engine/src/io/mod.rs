@@ -276,8 +276,11 @@ impl IoConfig {
         if !self.uring_recv_buffers.is_power_of_two() || self.uring_recv_buffers > 32768 {
             return bad("uring_recv_buffers must be a power of two, at most 32768");
         }
-        if self.uring_entries < 8 || !self.uring_entries.is_power_of_two() {
-            return bad("uring_entries must be a power of two, at least 8");
+        if self.uring_entries < 8
+            || self.uring_entries > 16384
+            || !self.uring_entries.is_power_of_two()
+        {
+            return bad("uring_entries must be a power of two in 8..=16384");
         }
         Ok(())
     }

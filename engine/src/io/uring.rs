@@ -1014,6 +1014,7 @@ impl ShardIo for UringIo {
                 source,
             })?;
         let sends = self.sub.sends;
+        let mut lost = false;
         // Completions already taken (while reclaiming send slots) are work at hand too.
         let held = !self.deferred.is_empty() || !self.unreachable.is_empty();
         let r = if held || !self.ring.completion().is_empty() || timeout == Some(Duration::ZERO) {
@@ -1032,7 +1033,9 @@ impl ShardIo for UringIo {
                 }
             }
             Err(e) if is_transient(&e) => {}
-            Err(e) if e.raw_os_error() == Some(libc::EBADR) => self.resync_receives(),
+            // Completions were lost: after handling those at hand (taken under the current
+            // generations), every receive is re-armed.
+            Err(e) if e.raw_os_error() == Some(libc::EBADR) => lost = true,
             Err(source) => {
                 return Err(IoError::Poll {
                     op: "io_uring_enter",
@@ -1061,6 +1064,9 @@ impl ShardIo for UringIo {
         self.cqes = cqes;
         if self.stats.udp_rx > rx_before {
             self.stats.udp_rx_batches += 1;
+        }
+        if lost {
+            self.resync_receives();
         }
         self.arm_receives(true);
         let (mut poller, tcp, stats) = self.poller();
@@ -1230,7 +1236,13 @@ impl Drop for UringIo {
             reap(self, &cqe);
         }
         let mut idle = false;
-        for _ in 0..200 {
+        // After lost completions a receive's end (or a send's) may never come: leak sooner.
+        let rounds = if self.stats.uring_lost_completions > 0 {
+            10
+        } else {
+            200
+        };
+        for _ in 0..rounds {
             idle = !self.armed.iter().any(|&a| a)
                 && self.cancelling == 0
                 && self.send.free.len() == slots;
