@@ -1071,8 +1071,9 @@ fn link_suffix(digest: u64, cgroup_id: u64) -> String {
 
 /// The links an earlier install of this object on this cgroup pinned, one per program (its
 /// newest), if every program has one, each is still attached to this cgroup, and each such
-/// program uses only maps pinned in `maps_dir` now (a map pin removed and made anew since means a new map, which the kept
-/// program would not see). None otherwise: the programs are loaded and attached anew.
+/// program uses only maps pinned in `maps_dir` now (a map pin removed and made anew since
+/// means a new map, which the kept program would not see). None otherwise: the programs are
+/// loaded and attached anew.
 fn reusable_links(
     links: &[PathBuf],
     suffix: &str,

@@ -64,19 +64,9 @@ pub fn pinned_link_info(path: &Path) -> io::Result<LinkInfo> {
     // The `obj` arm of `union bpf_attr`: pathname, bpf_fd, file_flags (zero-padded).
     let mut attr = [0u64; 4];
     attr[0] = c.as_ptr() as u64;
-    // SAFETY: `attr` is a valid, zero-padded bpf_attr for BPF_OBJ_GET whose pathname points
-    // to a NUL-terminated string that outlives the call; the kernel only reads it.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_GET,
-            attr.as_mut_ptr(),
-            std::mem::size_of_val(&attr),
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    // SAFETY: a zero-padded bpf_attr for BPF_OBJ_GET whose pathname points to a
+    // NUL-terminated string that outlives the call; the kernel only reads it.
+    let fd = unsafe { bpf(BPF_OBJ_GET, &mut attr) }?;
     // SAFETY: BPF_OBJ_GET returned a new file descriptor that nothing else owns.
     let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
     let mut info = RawLinkInfo::default();
@@ -85,25 +75,38 @@ pub fn pinned_link_info(path: &Path) -> io::Result<LinkInfo> {
     attr[0] = u64::from(std::os::fd::AsRawFd::as_raw_fd(&fd) as u32)
         | (std::mem::size_of::<RawLinkInfo>() as u64) << 32;
     attr[1] = &mut info as *mut RawLinkInfo as u64;
-    // SAFETY: `attr` is a valid bpf_attr for BPF_OBJ_GET_INFO_BY_FD; the kernel writes at most
-    // `info_len` bytes to `info`, a live, writable struct of that size.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_GET_INFO_BY_FD,
-            attr.as_mut_ptr(),
-            std::mem::size_of_val(&attr),
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
+    // SAFETY: a bpf_attr for BPF_OBJ_GET_INFO_BY_FD; the kernel writes at most `info_len`
+    // bytes to `info`, a live, writable struct of that size.
+    unsafe { bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr) }?;
     Ok(LinkInfo {
         link_type: info.link_type,
         prog_id: info.prog_id,
         cgroup_id: info.cgroup_id,
         attach_type: info.attach_type,
     })
+}
+
+/// The `bpf(2)` syscall with `attr` as its `union bpf_attr`; its non-negative result.
+///
+/// # Safety
+///
+/// `attr` must be a valid `bpf_attr` for `cmd`: every pointer in it valid for what the
+/// kernel reads or writes there, for the length of the call.
+unsafe fn bpf(cmd: libc::c_long, attr: &mut [u64]) -> io::Result<libc::c_long> {
+    // SAFETY: the caller vouches for `attr`; its size is passed with it.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr.as_mut_ptr(),
+            std::mem::size_of_val(attr),
+        )
+    };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(rc)
+    }
 }
 
 fn c_path(path: &Path) -> io::Result<CString> {
