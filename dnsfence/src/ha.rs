@@ -208,6 +208,19 @@ pub fn policy_message(version: u64, sources: &Sources) -> PolicySnapshot {
     }
 }
 
+/// Whether two snapshot messages carry the same policy: every text and node fact equal,
+/// whatever their version numbers.
+pub fn same_policy(a: &PolicySnapshot, b: &PolicySnapshot) -> bool {
+    // Destructured, so that a field added to the message is not silently left out.
+    let PolicySnapshot {
+        version: _,
+        policy_files,
+        endpoints,
+        node,
+    } = a;
+    *policy_files == b.policy_files && *endpoints == b.endpoints && *node == b.node
+}
+
 /// Compiles a snapshot message as the agent did: the sources, and the lines to log for
 /// what did not load as it is.
 pub fn compile(msg: &PolicySnapshot) -> Result<(Sources, dnsfence_policy::Snapshot, Vec<String>)> {

@@ -110,7 +110,11 @@ pub fn run(args: &ProxyArgs) -> Result<()> {
         health.policy_loaded(version);
     }
     // Each snapshot from the agent: compiled, then the allow entries follow it, then the
-    // shards, then it is persisted (so a restart serves it) and acknowledged.
+    // shards, then it is persisted (so a restart serves it) and acknowledged. One whose texts
+    // are those of the snapshot the agent last sent (a restarted agent sends its policy
+    // again, numbered from 1) changes nothing: it is persisted under its number and
+    // acknowledged, and the shards keep their tables (issue 8: an agent's restart cost the
+    // proxy serving beside it a compile, a walk of the allow ledger and every shard's cache).
     let generation = Arc::new(AtomicU64::new(1));
     let apply = {
         let (policy, enforcer, state, generation, health) = (
@@ -120,7 +124,24 @@ pub fn run(args: &ProxyArgs) -> Result<()> {
             Arc::clone(&generation),
             Arc::clone(&health),
         );
+        // The agent's last snapshot applied by this process (not the persisted one, which
+        // revoked nothing: the first from the agent is always applied).
+        let mut in_force: Option<dnsfence_sync::proto::PolicySnapshot> = None;
         move |msg: &dnsfence_sync::proto::PolicySnapshot| -> Result<()> {
+            if let Some(last) = &in_force
+                && ha::same_policy(last, msg)
+            {
+                if last.version != msg.version {
+                    ha::save_policy(&state, msg)?;
+                    in_force = Some(msg.clone());
+                }
+                health.policy_loaded(msg.version);
+                eprintln!(
+                    "{WHO}: policy snapshot {} from the agent: the policy in force, unchanged",
+                    msg.version
+                );
+                return Ok(());
+            }
             let (_, mut snapshot, lines) = ha::compile(msg)?;
             lines.iter().for_each(|l| eprintln!("{WHO}: {l}"));
             snapshot.set_generation(generation.fetch_add(1, Ordering::Relaxed) + 1);
@@ -131,6 +152,7 @@ pub fn run(args: &ProxyArgs) -> Result<()> {
             policy.store(snapshot);
             health.policy_loaded(msg.version);
             ha::save_policy(&state, msg)?;
+            in_force = Some(msg.clone());
             eprintln!(
                 "{WHO}: policy snapshot {} from the agent in force",
                 msg.version

@@ -519,6 +519,10 @@ pub struct AgentConfig {
     /// `--k8s --kubeconfig FILE` instead of the policy and endpoints files (the Kubernetes
     /// source; pass `--node-name` in `extra`).
     pub kubeconfig: Option<PathBuf>,
+    /// Where the policy and endpoints files are written (None: the agent's own directory,
+    /// new at each start). An agent restarted over the same directory reads the same paths,
+    /// as a restarted service would.
+    pub files_in: Option<PathBuf>,
 }
 
 impl AgentConfig {
@@ -538,6 +542,7 @@ impl AgentConfig {
             proxy: false,
             wrapper: Vec::new(),
             kubeconfig: None,
+            files_in: None,
         }
     }
 
@@ -594,8 +599,16 @@ impl Agent {
     /// Writes the files and spawns the agent without waiting for it.
     pub fn spawn(config: &AgentConfig) -> Agent {
         let dir = TempDir::new("agent");
-        let policy_path = dir.write("policy.yaml", &config.policy);
-        let endpoints_path = dir.write("endpoints.yaml", &config.endpoints);
+        let write = |name: &str, text: &str| match &config.files_in {
+            None => dir.write(name, text),
+            Some(files) => {
+                let path = files.join(name);
+                std::fs::write(&path, text).expect("write a file of the agent");
+                path
+            }
+        };
+        let policy_path = write("policy.yaml", &config.policy);
+        let endpoints_path = write("endpoints.yaml", &config.endpoints);
         let addr = config.listen.unwrap_or_else(free_addr);
         let metrics = free_addr();
         let mut cmd = match config.wrapper.split_first() {

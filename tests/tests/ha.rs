@@ -194,6 +194,65 @@ fn a_restarted_proxy_serves_the_agents_newer_policy_not_its_persisted_one() {
     proxy.wait_metric("dnsfence_refused_total", 1.0);
 }
 
+/// An agent restarted with the policy the proxy already has changes nothing in the proxy
+/// (its shards keep their tables: issue 8's restart second), and one restarted with another
+/// policy still has it applied.
+#[test]
+fn an_agent_restarted_with_the_same_policy_leaves_the_proxys_tables_alone() {
+    let upstream = Bundled::start(&[]);
+    let dir = TempDir::new("ha-same");
+    let listen = free_addr();
+    let mut wide = config(dir.path(), listen, upstream.addr, false);
+    wide.files_in = Some(dir.path().to_owned());
+    wide.policy = dnsfence_tests::POLICY.replace(
+        r#"{matchName: "allowed.test"}]"#,
+        r#"{matchName: "allowed.test"}, {matchPattern: "*.later-denied.test"}]"#,
+    );
+    assert_ne!(wide.policy, dnsfence_tests::POLICY);
+    let mut agent = Agent::start(&wide);
+    let proxy = Agent::start(&config(dir.path(), listen, upstream.addr, true));
+    proxy.wait_metric("dnsfence_sync_snapshots_total", 1.0);
+    let generation = proxy.metric_sum("dnsfence_policy_generation");
+    let kill = |agent: &mut Agent| {
+        agent.process.signal("KILL");
+        assert!(agent.process.wait_timeout(Duration::from_secs(5)).is_some());
+    };
+
+    // The same policy again: acknowledged, persisted, nothing recompiled or swapped.
+    kill(&mut agent);
+    let mut agent = Agent::start(&wide);
+    proxy.wait_metric("dnsfence_sync_snapshots_total", 2.0);
+    assert_eq!(
+        proxy.metric_sum("dnsfence_policy_generation"),
+        generation,
+        "{}",
+        proxy.process.stderr()
+    );
+    assert!(
+        proxy
+            .process
+            .stderr()
+            .contains("from the agent: the policy in force, unchanged"),
+        "{}",
+        proxy.process.stderr()
+    );
+    kill(&mut agent);
+    assert_eq!(ask(listen, 1, "a.later-denied.test"), Some(0));
+    assert_eq!(ask(listen, 2, "evil.denied.test"), Some(5));
+
+    // A narrower policy: applied, and the proxy alone refuses what it no longer allows.
+    let narrow = AgentConfig {
+        policy: dnsfence_tests::POLICY.to_owned(),
+        ..wide
+    };
+    let mut agent = Agent::start(&narrow);
+    proxy.wait_metric("dnsfence_sync_snapshots_total", 3.0);
+    assert!(proxy.metric_sum("dnsfence_policy_generation") > generation);
+    kill(&mut agent);
+    assert_eq!(ask(listen, 3, "b.later-denied.test"), Some(5));
+    assert_eq!(ask(listen, 4, "www.allowed.test"), Some(0));
+}
+
 /// Review finding: the proxy takes policy only from a listener of its own user (or root): a
 /// process of another user that binds the socket path (a shared directory, the agent away)
 /// is refused, and nothing it sends is applied or persisted. Needs root (to run the
