@@ -49,7 +49,10 @@ impl Enforcer {
         listen: &[SocketAddr],
         ledger: LedgerConfig,
     ) -> Result<Enforcer> {
-        let mut datapath = Datapath::install(install).with_context(|| {
+        // At idle priority (engine::startup): the kernel's BTF parsed and the verifier run
+        // while the proxy beside this agent serves on the same CPUs.
+        let installed = dnsfence_engine::startup::at_idle_priority(|| Datapath::install(install));
+        let mut datapath = installed.with_context(|| {
             format!(
                 "eBPF datapath (pins under {}, cgroup root {}; needs CAP_BPF + CAP_NET_ADMIN + \
                  CAP_PERFMON, and CAP_SYS_ADMIN where cgroup2 must be mounted; --no-bpf runs \

@@ -24,7 +24,11 @@ pub fn open(who: &str, enforcer: &Enforcer, args: &ServeArgs) -> Option<Arc<Reus
         ReuseportFlag::Balance => reuseport::Mode::Balance,
         ReuseportFlag::PreferAgent => reuseport::Mode::PreferAgent,
     };
-    match Reuseport::open(&args.bpf_pin, owner, mode) {
+    // At idle priority (engine::startup), like the rest of the start-up work: the kernel's
+    // BTF parsed and the program verified while the other process serves.
+    let opened =
+        dnsfence_engine::startup::at_idle_priority(|| Reuseport::open(&args.bpf_pin, owner, mode));
+    match opened {
         Ok(r) => {
             let r = Arc::new(r);
             // The heartbeat: while this process lives, its sockets stay in the choice; once

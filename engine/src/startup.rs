@@ -14,7 +14,7 @@
 
 use std::io;
 use std::sync::{Mutex, OnceLock, mpsc};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Environment variable that turns idle-priority preparation off (for A/B measurements).
 pub const NORMAL_PRIORITY_ENV: &str = "DNSFENCE_PREPARE_AT_NORMAL_PRIORITY";
@@ -38,22 +38,53 @@ pub fn small_pages_only() -> bool {
     unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) == 0 }
 }
 
-/// How long start-up work may stay at idle priority: after that it is raised to normal
-/// priority, so that a node whose CPUs are all busy (where `SCHED_IDLE` gets well under 1 % of
-/// a core) delays a start by this much at most, not by minutes.
+/// How long start-up work may stay at idle priority, counted from the first call of
+/// [`at_idle_priority`] in the process and shared by all of them: after that, work still
+/// running is raised to normal priority and later work runs at normal priority at once, so
+/// that a node whose CPUs are all busy (where `SCHED_IDLE` gets well under 1 % of a core)
+/// delays a start by this much at most, not by minutes nor by this much for each step.
 pub const IDLE_GRACE: Duration = Duration::from_millis(250);
 
-/// Runs `work` on a helper thread ("dnsf-prepare") under `SCHED_IDLE` for at most
-/// [`IDLE_GRACE`], then at normal priority, and returns its result; the calling thread waits,
-/// its priority unchanged. A panic in `work` is resumed here. Falls back to running `work` on
-/// the calling thread when the helper cannot be started, and at normal priority when the
-/// kernel refuses `SCHED_IDLE` or when this process could not raise a thread out of it
-/// (neither `CAP_SYS_NICE` nor an `RLIMIT_NICE` that allows nice 0): the grace must hold.
+/// Runs `work` on a helper thread ("dnsf-prepare") under `SCHED_IDLE` until the process's
+/// [`IDLE_GRACE`] is spent, then at normal priority, and returns its result; the calling
+/// thread waits, its priority unchanged. A panic in `work` is resumed here. Runs `work` on the
+/// calling thread at its own priority once the grace is spent, when the helper cannot be
+/// started, and when the kernel refuses `SCHED_IDLE` or this process could not raise a thread
+/// out of it (neither `CAP_SYS_NICE` nor an `RLIMIT_NICE` that allows nice 0): the grace must
+/// hold.
 pub fn at_idle_priority<T: Send>(work: impl FnOnce() -> T + Send) -> T {
+    static PROCESS: IdleWindow = IdleWindow::new(IDLE_GRACE);
     if std::env::var_os(NORMAL_PRIORITY_ENV).is_some() || !may_leave_idle() {
         return work();
     }
-    at_idle_priority_for(IDLE_GRACE, work)
+    PROCESS.run(work)
+}
+
+/// A grace shared by the calls made through it, counted from the first.
+struct IdleWindow {
+    grace: Duration,
+    first: OnceLock<Instant>,
+}
+
+impl IdleWindow {
+    const fn new(grace: Duration) -> IdleWindow {
+        IdleWindow {
+            grace,
+            first: OnceLock::new(),
+        }
+    }
+
+    /// `work` at idle priority for what is left of the grace, or on the calling thread
+    /// when none is.
+    fn run<T: Send>(&self, work: impl FnOnce() -> T + Send) -> T {
+        let left = self
+            .grace
+            .saturating_sub(self.first.get_or_init(Instant::now).elapsed());
+        if left.is_zero() {
+            return work();
+        }
+        at_idle_priority_for(left, work)
+    }
 }
 
 fn at_idle_priority_for<T: Send>(grace: Duration, work: impl FnOnce() -> T + Send) -> T {
@@ -156,7 +187,6 @@ pub fn current_thread_policy() -> io::Result<libc::c_int> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Instant;
 
     #[test]
     fn work_runs_at_idle_priority_and_the_caller_keeps_its_own() {
@@ -222,6 +252,42 @@ mod tests {
             "{raised_after:?}"
         );
         assert!(raised_after < Duration::from_secs(5), "{raised_after:?}");
+    }
+
+    #[test]
+    fn the_grace_is_one_for_all_the_work_of_a_window() {
+        let window = IdleWindow::new(Duration::from_millis(200));
+        let on = || {
+            (
+                current_thread_policy().unwrap(),
+                std::thread::current().name().map(str::to_owned),
+            )
+        };
+        let (policy, name) = window.run(on);
+        assert_eq!(policy, libc::SCHED_IDLE);
+        assert_eq!(name.as_deref(), Some("dnsf-prepare"));
+        // Still inside the window: idle, raised when the window closes (about 100 ms on,
+        // not 200).
+        std::thread::sleep(Duration::from_millis(100));
+        let entered = Instant::now();
+        let raised_after = window.run(|| {
+            while current_thread_policy().unwrap() == libc::SCHED_IDLE
+                && entered.elapsed() < Duration::from_secs(10)
+            {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            entered.elapsed()
+        });
+        assert!(
+            raised_after < Duration::from_millis(180),
+            "{raised_after:?}"
+        );
+        // Spent: on the calling thread, at its own priority.
+        let caller = std::thread::current().name().map(str::to_owned);
+        let (policy, name) = window.run(on);
+        assert_eq!(policy, current_thread_policy().unwrap());
+        assert_ne!(policy, libc::SCHED_IDLE);
+        assert_eq!(name, caller);
     }
 
     #[test]
