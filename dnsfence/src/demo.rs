@@ -42,6 +42,11 @@ pub struct DemoArgs {
     /// proof with a policy of realistic size (issue 8's test: 10,000).
     #[arg(long, default_value_t = 0)]
     patterns: u32,
+    /// List the allowed queries answered at least this late (µs; 0: none) in the load
+    /// generator's report, kept with `--keep` as `load-allowed.json` (when each was sent, its
+    /// latency): to place a transition second's spike in time.
+    #[arg(long, default_value_t = 0)]
+    slow_us: u64,
 }
 
 const POLICY: &str = r#"apiVersion: cilium.io/v2
@@ -577,6 +582,7 @@ fn run_in(args: &DemoArgs, exe: &Path, loadgen: &Path, dir: &Path) -> Result<boo
         ]
     };
     let mut allowed_args = load(&allowed, args.rate);
+    allowed_args.extend(["--slow-us".into(), args.slow_us.to_string()]);
     for step in &SCHEDULE {
         let (command, _, pid) = &starts[step.process];
         let action = match step.signal {
@@ -644,6 +650,12 @@ fn run_in(args: &DemoArgs, exe: &Path, loadgen: &Path, dir: &Path) -> Result<boo
                 .rev()
                 .find_map(|l| serde_json::from_str::<Value>(l).ok())
         });
+    for (name, out) in [
+        ("load-allowed.json", &allowed_out.stdout),
+        ("load-denied.json", &denied_out.stdout),
+    ] {
+        std::fs::write(dir.join(name), out).with_context(|| format!("writing {name}"))?;
+    }
     let allowed: Value =
         serde_json::from_slice(&allowed_out.stdout).context("load generator output (allowed)")?;
     let denied: Value =

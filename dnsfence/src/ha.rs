@@ -403,7 +403,8 @@ pub struct SyncStats {
     pub observations: AtomicU64,
     /// Flow records merged (agent) or acknowledged (proxy).
     pub flows: AtomicU64,
-    /// Policy snapshots sent (agent) or applied (proxy).
+    /// Policy snapshots sent (agent) or acknowledged (proxy: applied, or equal to the one in
+    /// force).
     pub snapshots: AtomicU64,
     /// Flows the agent's observe history overwrote, full (`crate::observe`).
     pub flow_history_overwritten: AtomicU64,

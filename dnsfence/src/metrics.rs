@@ -839,7 +839,7 @@ fn sync(e: &mut DescriptorEncoder, state: &State) -> Fmt {
     counter(
         e,
         "sync_snapshots",
-        "Policy snapshots sent (agent) or applied (proxy)",
+        "Policy snapshots sent (agent) or acknowledged (proxy: applied, or equal to the one in force)",
         load(&sync.snapshots),
     )?;
     let (name, help, drops) = sync.flow_history_drops();

@@ -142,6 +142,10 @@ pub fn run(args: &ProxyArgs) -> Result<()> {
                 );
                 return Ok(());
             }
+            // Unknown until all of it succeeds: a failure part-way (the shards may already
+            // judge by it, unpersisted) must not let a later message equal to the older
+            // policy be taken as in force (review finding).
+            in_force = None;
             let (_, mut snapshot, lines) = ha::compile(msg)?;
             lines.iter().for_each(|l| eprintln!("{WHO}: {l}"));
             snapshot.set_generation(generation.fetch_add(1, Ordering::Relaxed) + 1);

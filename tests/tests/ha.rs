@@ -253,6 +253,55 @@ fn an_agent_restarted_with_the_same_policy_leaves_the_proxys_tables_alone() {
     assert_eq!(ask(listen, 4, "www.allowed.test"), Some(0));
 }
 
+/// Review finding: a snapshot the proxy put in force but could not persist (its shards judge
+/// by it) must not leave the older policy recorded as in force: when the agent goes back to
+/// that policy, the proxy applies it again instead of keeping the wider one.
+#[test]
+fn a_snapshot_that_failed_part_way_is_not_mistaken_for_the_policy_in_force() {
+    let upstream = Bundled::start(&[]);
+    let dir = TempDir::new("ha-partway");
+    let listen = free_addr();
+    let mut narrow = config(dir.path(), listen, upstream.addr, false);
+    narrow.files_in = Some(dir.path().to_owned());
+    narrow
+        .extra
+        .extend(["--reload-interval".to_owned(), "100ms".to_owned()]);
+    let wide_policy = dnsfence_tests::POLICY.replace(
+        r#"{matchName: "allowed.test"}]"#,
+        r#"{matchName: "allowed.test"}, {matchPattern: "*.later-denied.test"}]"#,
+    );
+    assert_ne!(wide_policy, dnsfence_tests::POLICY);
+    let mut agent = Agent::start(&narrow);
+    let proxy = Agent::start(&config(dir.path(), listen, upstream.addr, true));
+    proxy.wait_metric("dnsfence_sync_snapshots_total", 1.0);
+
+    // From now on the proxy cannot persist its policy: a directory where the file goes.
+    let persisted = dir.path().join("proxy-state").join("policy");
+    std::fs::remove_file(&persisted).expect("the persisted policy");
+    std::fs::create_dir_all(persisted.join("in-the-way")).expect("a directory in the way");
+    let failures = |n: usize| {
+        poll_until(Duration::from_secs(10), || {
+            (proxy.process.stderr().matches("not applied").count() >= n).then_some(())
+        })
+        .unwrap_or_else(|| panic!("{}", proxy.process.stderr()))
+    };
+    // Wider (put in force, not persisted), then back to the narrow policy.
+    std::fs::write(&agent.policy_path, &wide_policy).expect("widen");
+    failures(1);
+    std::fs::write(&agent.policy_path, dnsfence_tests::POLICY).expect("narrow again");
+    failures(2);
+    agent.process.signal("KILL");
+    assert!(agent.process.wait_timeout(Duration::from_secs(5)).is_some());
+    // The proxy alone judges by the narrow policy.
+    assert_eq!(
+        ask(listen, 1, "a.later-denied.test"),
+        Some(5),
+        "{}",
+        proxy.process.stderr()
+    );
+    assert_eq!(ask(listen, 2, "www.allowed.test"), Some(0));
+}
+
 /// Review finding: the proxy takes policy only from a listener of its own user (or root): a
 /// process of another user that binds the socket path (a shared directory, the agent away)
 /// is refused, and nothing it sends is applied or persisted. Needs root (to run the
