@@ -29,6 +29,27 @@ fn ask(server: SocketAddr, id: u16, name: &str) -> Option<u8> {
     })
 }
 
+/// SIGKILLs `process` and waits (bounded) until it is gone.
+fn crash(process: &mut Agent) {
+    process.process.signal("KILL");
+    assert!(
+        process
+            .process
+            .wait_timeout(Duration::from_secs(5))
+            .is_some()
+    );
+}
+
+/// The tests' policy, also allowing `*.later-denied.test`.
+fn wider_policy() -> String {
+    let wide = dnsfence_tests::POLICY.replace(
+        r#"{matchName: "allowed.test"}]"#,
+        r#"{matchName: "allowed.test"}, {matchPattern: "*.later-denied.test"}]"#,
+    );
+    assert_ne!(wide, dnsfence_tests::POLICY);
+    wide
+}
+
 #[test]
 fn proxy_serves_through_an_agent_crash_and_alone_from_its_state() {
     let upstream = Bundled::start(&[]);
@@ -50,8 +71,7 @@ fn proxy_serves_through_an_agent_crash_and_alone_from_its_state() {
     proxy.wait_metric("dnsfence_forwarded_total", 1.0);
 
     // The agent crashes: the proxy answers alone, and keeps what it learns for the agent.
-    agent.process.signal("KILL");
-    assert!(agent.process.wait_timeout(Duration::from_secs(5)).is_some());
+    crash(&mut agent);
     for i in 0..50u16 {
         assert_eq!(
             ask(listen, i, &format!("down{i}.allowed.test")),
@@ -77,8 +97,7 @@ fn proxy_serves_through_an_agent_crash_and_alone_from_its_state() {
 
     // Both killed; the proxy restarted alone serves from its state, at once.
     drop(agent);
-    proxy.process.signal("KILL");
-    assert!(proxy.process.wait_timeout(Duration::from_secs(5)).is_some());
+    crash(&mut proxy);
     let started = Instant::now();
     let alone = Agent::start(&config(dir.path(), listen, upstream.addr, true));
     assert_eq!(ask(listen, 1, "alone.allowed.test"), Some(0));
@@ -127,8 +146,7 @@ fn a_corrupt_state_file_is_set_aside_and_fails_closed() {
     // The agent comes: the proxy takes its policy and answers.
     let mut agent = Agent::start(&config(dir.path(), listen, upstream.addr, false));
     proxy.wait_metric("dnsfence_sync_snapshots_total", 1.0);
-    agent.process.signal("KILL");
-    assert!(agent.process.wait_timeout(Duration::from_secs(5)).is_some());
+    crash(&mut agent);
     assert_eq!(ask(listen, 2, "www.allowed.test"), Some(0));
 }
 
@@ -161,8 +179,7 @@ fn a_restarted_proxy_serves_the_agents_newer_policy_not_its_persisted_one() {
     let agent = Agent::start(&agent_config);
     let mut proxy = Agent::start(&config(dir.path(), listen, upstream.addr, true));
     proxy.wait_metric("dnsfence_sync_snapshots_total", 1.0);
-    proxy.process.signal("KILL");
-    assert!(proxy.process.wait_timeout(Duration::from_secs(5)).is_some());
+    crash(&mut proxy);
     // The agent narrows its policy while the proxy is down.
     std::fs::write(&agent.policy_path, policy("")).expect("narrow");
     let narrowed = poll_until(Duration::from_secs(10), || {
@@ -204,22 +221,14 @@ fn an_agent_restarted_with_the_same_policy_leaves_the_proxys_tables_alone() {
     let listen = free_addr();
     let mut wide = config(dir.path(), listen, upstream.addr, false);
     wide.files_in = Some(dir.path().to_owned());
-    wide.policy = dnsfence_tests::POLICY.replace(
-        r#"{matchName: "allowed.test"}]"#,
-        r#"{matchName: "allowed.test"}, {matchPattern: "*.later-denied.test"}]"#,
-    );
-    assert_ne!(wide.policy, dnsfence_tests::POLICY);
+    wide.policy = wider_policy();
     let mut agent = Agent::start(&wide);
     let proxy = Agent::start(&config(dir.path(), listen, upstream.addr, true));
     proxy.wait_metric("dnsfence_sync_snapshots_total", 1.0);
     let generation = proxy.metric_sum("dnsfence_policy_generation");
-    let kill = |agent: &mut Agent| {
-        agent.process.signal("KILL");
-        assert!(agent.process.wait_timeout(Duration::from_secs(5)).is_some());
-    };
 
     // The same policy again: acknowledged, persisted, nothing recompiled or swapped.
-    kill(&mut agent);
+    crash(&mut agent);
     let mut agent = Agent::start(&wide);
     proxy.wait_metric("dnsfence_sync_snapshots_total", 2.0);
     assert_eq!(
@@ -236,7 +245,7 @@ fn an_agent_restarted_with_the_same_policy_leaves_the_proxys_tables_alone() {
         "{}",
         proxy.process.stderr()
     );
-    kill(&mut agent);
+    crash(&mut agent);
     assert_eq!(ask(listen, 1, "a.later-denied.test"), Some(0));
     assert_eq!(ask(listen, 2, "evil.denied.test"), Some(5));
 
@@ -248,7 +257,7 @@ fn an_agent_restarted_with_the_same_policy_leaves_the_proxys_tables_alone() {
     let mut agent = Agent::start(&narrow);
     proxy.wait_metric("dnsfence_sync_snapshots_total", 3.0);
     assert!(proxy.metric_sum("dnsfence_policy_generation") > generation);
-    kill(&mut agent);
+    crash(&mut agent);
     assert_eq!(ask(listen, 3, "b.later-denied.test"), Some(5));
     assert_eq!(ask(listen, 4, "www.allowed.test"), Some(0));
 }
@@ -266,11 +275,7 @@ fn a_snapshot_that_failed_part_way_is_not_mistaken_for_the_policy_in_force() {
     narrow
         .extra
         .extend(["--reload-interval".to_owned(), "100ms".to_owned()]);
-    let wide_policy = dnsfence_tests::POLICY.replace(
-        r#"{matchName: "allowed.test"}]"#,
-        r#"{matchName: "allowed.test"}, {matchPattern: "*.later-denied.test"}]"#,
-    );
-    assert_ne!(wide_policy, dnsfence_tests::POLICY);
+    let wide_policy = wider_policy();
     let mut agent = Agent::start(&narrow);
     let proxy = Agent::start(&config(dir.path(), listen, upstream.addr, true));
     proxy.wait_metric("dnsfence_sync_snapshots_total", 1.0);
@@ -290,8 +295,7 @@ fn a_snapshot_that_failed_part_way_is_not_mistaken_for_the_policy_in_force() {
     failures(1);
     std::fs::write(&agent.policy_path, dnsfence_tests::POLICY).expect("narrow again");
     failures(2);
-    agent.process.signal("KILL");
-    assert!(agent.process.wait_timeout(Duration::from_secs(5)).is_some());
+    crash(&mut agent);
     // The proxy alone judges by the narrow policy.
     assert_eq!(
         ask(listen, 1, "a.later-denied.test"),
