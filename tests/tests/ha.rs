@@ -29,15 +29,16 @@ fn ask(server: SocketAddr, id: u16, name: &str) -> Option<u8> {
     })
 }
 
-/// SIGKILLs `process` and waits (bounded) until it is gone.
-fn crash(process: &mut Agent) {
-    process.process.signal("KILL");
-    assert!(
-        process
-            .process
-            .wait_timeout(Duration::from_secs(5))
-            .is_some()
-    );
+/// The bundled upstream, a directory named after `name` and a free port to share.
+fn setup(name: &str) -> (Bundled, TempDir, SocketAddr) {
+    (Bundled::start(&[]), TempDir::new(name), free_addr())
+}
+
+/// Sends `signal` to `agent` and waits (bounded) until it is gone.
+fn stop(agent: &mut Agent, signal: &str) {
+    agent.process.signal(signal);
+    let gone = agent.process.wait_timeout(Duration::from_secs(10));
+    assert!(gone.is_some(), "still running after SIG{signal}");
 }
 
 /// The tests' policy, also allowing `*.later-denied.test`.
@@ -52,9 +53,7 @@ fn wider_policy() -> String {
 
 #[test]
 fn proxy_serves_through_an_agent_crash_and_alone_from_its_state() {
-    let upstream = Bundled::start(&[]);
-    let dir = TempDir::new("ha");
-    let listen = free_addr();
+    let (upstream, dir, listen) = setup("ha");
     let mut agent = Agent::start(&config(dir.path(), listen, upstream.addr, false));
     let mut proxy = Agent::start(&config(dir.path(), listen, upstream.addr, true));
     proxy.wait_metric("dnsfence_sync_snapshots_total", 1.0);
@@ -71,7 +70,7 @@ fn proxy_serves_through_an_agent_crash_and_alone_from_its_state() {
     proxy.wait_metric("dnsfence_forwarded_total", 1.0);
 
     // The agent crashes: the proxy answers alone, and keeps what it learns for the agent.
-    crash(&mut agent);
+    stop(&mut agent, "KILL");
     for i in 0..50u16 {
         assert_eq!(
             ask(listen, i, &format!("down{i}.allowed.test")),
@@ -97,7 +96,7 @@ fn proxy_serves_through_an_agent_crash_and_alone_from_its_state() {
 
     // Both killed; the proxy restarted alone serves from its state, at once.
     drop(agent);
-    crash(&mut proxy);
+    stop(&mut proxy, "KILL");
     let started = Instant::now();
     let alone = Agent::start(&config(dir.path(), listen, upstream.addr, true));
     assert_eq!(ask(listen, 1, "alone.allowed.test"), Some(0));
@@ -116,9 +115,7 @@ fn proxy_serves_through_an_agent_crash_and_alone_from_its_state() {
 
 #[test]
 fn a_corrupt_state_file_is_set_aside_and_fails_closed() {
-    let upstream = Bundled::start(&[]);
-    let dir = TempDir::new("ha-corrupt");
-    let listen = free_addr();
+    let (upstream, dir, listen) = setup("ha-corrupt");
     let state = dir.path().join("proxy-state");
     std::fs::create_dir_all(&state).expect("state dir");
     std::fs::write(state.join("policy"), b"DFSTATE\0 not really a state file").expect("write");
@@ -146,7 +143,7 @@ fn a_corrupt_state_file_is_set_aside_and_fails_closed() {
     // The agent comes: the proxy takes its policy and answers.
     let mut agent = Agent::start(&config(dir.path(), listen, upstream.addr, false));
     proxy.wait_metric("dnsfence_sync_snapshots_total", 1.0);
-    crash(&mut agent);
+    stop(&mut agent, "KILL");
     assert_eq!(ask(listen, 2, "www.allowed.test"), Some(0));
 }
 
@@ -154,9 +151,7 @@ fn a_corrupt_state_file_is_set_aside_and_fails_closed() {
 /// answer what the agent's policy now denies (it takes the agent's before it serves).
 #[test]
 fn a_restarted_proxy_serves_the_agents_newer_policy_not_its_persisted_one() {
-    let upstream = Bundled::start(&[]);
-    let dir = TempDir::new("ha-stale");
-    let listen = free_addr();
+    let (upstream, dir, listen) = setup("ha-stale");
     // A large policy, so that compiling it takes a while (the window the finding used).
     let mut patterns = String::new();
     for i in 0..3000 {
@@ -179,7 +174,7 @@ fn a_restarted_proxy_serves_the_agents_newer_policy_not_its_persisted_one() {
     let agent = Agent::start(&agent_config);
     let mut proxy = Agent::start(&config(dir.path(), listen, upstream.addr, true));
     proxy.wait_metric("dnsfence_sync_snapshots_total", 1.0);
-    crash(&mut proxy);
+    stop(&mut proxy, "KILL");
     // The agent narrows its policy while the proxy is down.
     std::fs::write(&agent.policy_path, policy("")).expect("narrow");
     let narrowed = poll_until(Duration::from_secs(10), || {
@@ -216,9 +211,7 @@ fn a_restarted_proxy_serves_the_agents_newer_policy_not_its_persisted_one() {
 /// policy still has it applied.
 #[test]
 fn an_agent_restarted_with_the_same_policy_leaves_the_proxys_tables_alone() {
-    let upstream = Bundled::start(&[]);
-    let dir = TempDir::new("ha-same");
-    let listen = free_addr();
+    let (upstream, dir, listen) = setup("ha-same");
     let mut wide = config(dir.path(), listen, upstream.addr, false);
     wide.files_in = Some(dir.path().to_owned());
     wide.policy = wider_policy();
@@ -228,7 +221,7 @@ fn an_agent_restarted_with_the_same_policy_leaves_the_proxys_tables_alone() {
     let generation = proxy.metric_sum("dnsfence_policy_generation");
 
     // The same policy again: acknowledged, persisted, nothing recompiled or swapped.
-    crash(&mut agent);
+    stop(&mut agent, "KILL");
     let mut agent = Agent::start(&wide);
     proxy.wait_metric("dnsfence_sync_snapshots_total", 2.0);
     assert_eq!(
@@ -245,7 +238,7 @@ fn an_agent_restarted_with_the_same_policy_leaves_the_proxys_tables_alone() {
         "{}",
         proxy.process.stderr()
     );
-    crash(&mut agent);
+    stop(&mut agent, "KILL");
     assert_eq!(ask(listen, 1, "a.later-denied.test"), Some(0));
     assert_eq!(ask(listen, 2, "evil.denied.test"), Some(5));
 
@@ -257,7 +250,7 @@ fn an_agent_restarted_with_the_same_policy_leaves_the_proxys_tables_alone() {
     let mut agent = Agent::start(&narrow);
     proxy.wait_metric("dnsfence_sync_snapshots_total", 3.0);
     assert!(proxy.metric_sum("dnsfence_policy_generation") > generation);
-    crash(&mut agent);
+    stop(&mut agent, "KILL");
     assert_eq!(ask(listen, 3, "b.later-denied.test"), Some(5));
     assert_eq!(ask(listen, 4, "www.allowed.test"), Some(0));
 }
@@ -267,9 +260,7 @@ fn an_agent_restarted_with_the_same_policy_leaves_the_proxys_tables_alone() {
 /// that policy, the proxy applies it again instead of keeping the wider one.
 #[test]
 fn a_snapshot_that_failed_part_way_is_not_mistaken_for_the_policy_in_force() {
-    let upstream = Bundled::start(&[]);
-    let dir = TempDir::new("ha-partway");
-    let listen = free_addr();
+    let (upstream, dir, listen) = setup("ha-partway");
     let mut narrow = config(dir.path(), listen, upstream.addr, false);
     narrow.files_in = Some(dir.path().to_owned());
     narrow
@@ -295,7 +286,7 @@ fn a_snapshot_that_failed_part_way_is_not_mistaken_for_the_policy_in_force() {
     failures(1);
     std::fs::write(&agent.policy_path, dnsfence_tests::POLICY).expect("narrow again");
     failures(2);
-    crash(&mut agent);
+    stop(&mut agent, "KILL");
     // The proxy alone judges by the narrow policy.
     assert_eq!(
         ask(listen, 1, "a.later-denied.test"),
@@ -344,13 +335,7 @@ fn the_proxy_refuses_a_listener_of_another_user() {
     let mut agent = Agent::start(&agent_config);
     let proxy = Agent::start(&proxy_config);
     proxy.wait_metric("dnsfence_sync_snapshots_total", 1.0);
-    agent.process.signal("TERM");
-    assert!(
-        agent
-            .process
-            .wait_timeout(Duration::from_secs(10))
-            .is_some()
-    );
+    stop(&mut agent, "TERM");
     assert_eq!(ask(listen, 1, "evil.denied.test"), Some(5));
 
     // `nobody` binds the path and pushes a policy allowing every name.
@@ -413,9 +398,7 @@ while time.time() < end:
 /// (measured: 0 lost in every run so far, at 5,000 qps; 44 to 134 before the drain).
 #[test]
 fn sigterm_without_bpf_loses_at_most_a_bound() {
-    let upstream = Bundled::start(&[]);
-    let dir = TempDir::new("ha-drain-nobpf");
-    let listen = free_addr();
+    let (upstream, dir, listen) = setup("ha-drain-nobpf");
     let mut agent = Agent::start(&config(dir.path(), listen, upstream.addr, false));
     let mut proxy = Agent::start(&config(dir.path(), listen, upstream.addr, true));
     proxy.wait_metric("dnsfence_sync_snapshots_total", 1.0);
