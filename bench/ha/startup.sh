@@ -5,11 +5,14 @@
 #   other         a standalone proxy starts on another port: it does not join the agent's port,
 #                 so what it costs the agent is CPU only
 #   proxy         a standalone proxy starts and joins the agent's port (SO_REUSEPORT)
-#   other-normal, proxy-normal
+#   agent         the agent restarts beside a standalone proxy serving alone (before the run
+#                 a proxy joins the port and the agent is SIGKILLed; at second 2 the agent
+#                 starts again, with the same policy, and serves on as the base agent)
+#   other-normal, proxy-normal, agent-normal
 #                 the same with DNSFENCE_PREPARE_AT_NORMAL_PRIORITY=1: start-up work at normal
 #                 priority instead of SCHED_IDLE (the A/B of engine::startup)
 # Prints the p99 of each second and, per run, the ratio of second 2's p99 to the median of the
-# others. PROXY_ARGS adds flags to the starting proxy (e.g. "--allow-entries 4096" to see what
+# others; at the end, each variant's median ratio over the runs. PROXY_ARGS adds flags to the starting proxy (e.g. "--allow-entries 4096" to see what
 # the allow table's start-up work costs). SLOW_US=N also lists the answers at least N µs late (loadgen --slow-us): when their
 # query was sent (ms) and their latency (µs).
 #   [VARIANTS=...] [SLOW_US=N] bench/ha/startup.sh [RUNS]   (release build; loopback; ~6 s a run)
@@ -44,10 +47,15 @@ printf 'endpoints:\n- {name: client, namespace: default, labels: {app: client}, 
 for i in $(seq 0 499); do echo "h$i.allowed.test A"; done > "$work/q.txt"
 "$bin/dnsfence-loadgen" upstream --listen "127.0.0.1:$up" > "$work/up.log" 2>&1 & pids+=($!)
 sleep 0.3
-"$bin/dnsfence" agent --no-bpf --listen "127.0.0.1:$listen" --upstream "127.0.0.1:$up" \
-  --policy "$work/policy.yaml" --endpoints "$work/endpoints.yaml" --no-metrics \
-  --agent-socket "$work/agent.sock" > "$work/agent.log" 2>&1 & pids+=($!)
+agent_cmd="$bin/dnsfence agent --no-bpf --listen 127.0.0.1:$listen --upstream 127.0.0.1:$up \
+  --policy $work/policy.yaml --endpoints $work/endpoints.yaml --no-metrics \
+  --agent-socket $work/agent.sock"
+$agent_cmd > "$work/agent.log" 2>&1 & agent_pid=$!
+pids+=("$agent_pid")
 sleep 1
+: > "$work/ratios"
+# Waits (bounded) until log $1 says its process serves.
+serving() { for _ in $(seq 1 100); do grep -q ": serving " "$1" 2>/dev/null && return 0; sleep 0.05; done; echo "not serving: $1" >&2; return 1; }
 for run in $(seq 1 "$runs"); do
   for variant in $variants; do
     env=""
@@ -59,22 +67,48 @@ for run in $(seq 1 "$runs"); do
       control) cmd="sleep 3" ;;
       other | other-normal) cmd="$env$bin/dnsfence proxy --listen 127.0.0.1:$other $common" ;;
       proxy | proxy-normal) cmd="$env$bin/dnsfence proxy --listen 127.0.0.1:$listen $common" ;;
+      agent | agent-normal)
+        # The proxy serves alone when the run starts; the agent comes back at second 2.
+        $bin/dnsfence proxy --listen "127.0.0.1:$listen" $common > "$work/alone-$run.log" 2>&1 &
+        alone=$!; pids+=("$alone")
+        serving "$work/alone-$run.log"
+        sleep 0.5
+        kill -KILL "$agent_pid"; wait "$agent_pid" 2>/dev/null || true
+        sleep 0.5
+        cmd="$env$agent_cmd" ;;
       *) echo "unknown variant $variant" >&2; exit 2 ;;
     esac
     "$bin/dnsfence-loadgen" --server "127.0.0.1:$listen" --queries "$work/q.txt" --rate 2000 \
       --duration 5 --json --quiet --slow-us "$slow_us" \
       --at "2:$cmd > $work/$variant.log 2>&1 & echo \$! > $work/v.pid" > "$work/lg.json"
-    python3 - "$work/lg.json" "$variant" "$slow_us" <<'PY'
+    python3 - "$work/lg.json" "$variant" "$slow_us" "$work/ratios" <<'PY'
 import json, statistics, sys
 r = json.load(open(sys.argv[1]))
 p99 = [t["p99_us"] for t in r["timeline"]]
 others = statistics.median(p99[1:2] + p99[3:])
 print(f"{sys.argv[2]:12} p99 per second (µs): {p99}  second 2 / others: {p99[2] / max(others, 1):.1f}x  lost: {r['timeouts']}")
+with open(sys.argv[4], "a") as f:
+    f.write(f"{sys.argv[2]} {p99[2] / max(others, 1)}\n")
 if int(sys.argv[3]) > 0:
     slow = " ".join(f"{s['sent_ms']:.0f}ms:{s['us']}us" for s in r["slow"][:60])
     print(f"{'':12} slow (>= {sys.argv[3]} µs): {len(r['slow'])}: {slow}")
 PY
-    kill "$(cat "$work/v.pid")" 2>/dev/null || true
+    case $variant in
+      agent | agent-normal)
+        # The restarted agent is the base from now on; the proxy goes.
+        agent_pid=$(cat "$work/v.pid"); pids+=("$agent_pid")
+        kill -TERM "$alone"; wait "$alone" 2>/dev/null || true ;;
+      *) kill "$(cat "$work/v.pid")" 2>/dev/null || true ;;
+    esac
     sleep 0.5
   done
 done
+python3 - "$work/ratios" <<'PY'
+import collections, statistics, sys
+by = collections.defaultdict(list)
+for line in open(sys.argv[1]):
+    v, r = line.split()
+    by[v].append(float(r))
+for v, rs in by.items():
+    print(f"{v:12} median second 2 / others over {len(rs)} runs: {statistics.median(rs):.2f}x  ({', '.join(f'{r:.1f}' for r in rs)})")
+PY

@@ -430,6 +430,10 @@ impl SyncStats {
     }
 }
 
+/// How long an accept loop waits for a peer before it looks at its stop flag again (a peer
+/// is taken the moment it connects).
+pub const ACCEPT_WAKE: Duration = Duration::from_millis(250);
+
 /// The agent side of the sync.
 pub struct AgentSync {
     listener: Arc<AgentListener>,
@@ -446,7 +450,9 @@ impl AgentSync {
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         }
         let listener = AgentListener::bind(path)?;
-        listener.set_nonblocking(true).context("agent socket")?;
+        listener
+            .set_accept_timeout(Some(ACCEPT_WAKE))
+            .context("agent socket")?;
         Ok(AgentSync {
             listener: Arc::new(listener),
             latest: Arc::new(Mutex::new(None)),
@@ -512,6 +518,9 @@ impl AgentSync {
                                     }
                                 });
                         }
+                        // Nobody came within ACCEPT_WAKE: look at the stop flag again.
+                        Err(e) if e.is_timeout() => {}
+                        // Out of descriptors, say: not in a tight loop.
                         Err(_) => std::thread::sleep(Duration::from_millis(50)),
                     }
                 }

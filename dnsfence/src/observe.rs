@@ -575,7 +575,9 @@ impl ObserveServer {
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         }
         let listener = AgentListener::bind(path).context("observe socket")?;
-        listener.set_nonblocking(true).context("observe socket")?;
+        listener
+            .set_accept_timeout(Some(crate::ha::ACCEPT_WAKE))
+            .context("observe socket")?;
         Ok(ObserveServer {
             listener: Arc::new(listener),
         })
@@ -590,9 +592,15 @@ impl ObserveServer {
             .name("dnsf-observe".into())
             .spawn(move || {
                 while !stop.load(Ordering::Relaxed) {
-                    let Ok((stream, _peer)) = listener.accept() else {
-                        std::thread::sleep(Duration::from_millis(50));
-                        continue;
+                    let (stream, _peer) = match listener.accept() {
+                        Ok(accepted) => accepted,
+                        // Nobody within ACCEPT_WAKE: look at the stop flag again.
+                        Err(e) if e.is_timeout() => continue,
+                        // Out of descriptors, say: not in a tight loop.
+                        Err(_) => {
+                            std::thread::sleep(Duration::from_millis(50));
+                            continue;
+                        }
                     };
                     if clients.fetch_add(1, Ordering::AcqRel) >= MAX_CLIENTS {
                         clients.fetch_sub(1, Ordering::AcqRel);

@@ -53,6 +53,18 @@ pub enum ConnError {
     },
 }
 
+impl ConnError {
+    /// Whether this is an accept (or a read) that ran out of time, or found nothing on a
+    /// nonblocking socket: nothing went wrong, there was nobody yet.
+    pub fn is_timeout(&self) -> bool {
+        matches!(
+            self,
+            ConnError::Io { source, .. }
+                if matches!(source.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut)
+        )
+    }
+}
+
 /// Who is at the other end of an accepted connection (from `SO_PEERCRED`: the peer's
 /// credentials when it connected).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -160,6 +172,14 @@ impl AgentListener {
     /// Sets the listener nonblocking (for an accept loop that also polls a stop flag).
     pub fn set_nonblocking(&self, nonblocking: bool) -> io::Result<()> {
         self.listener.set_nonblocking(nonblocking)
+    }
+
+    /// Bounds how long [`AgentListener::accept`] waits (`SO_RCVTIMEO`; None: forever): past
+    /// it, the accept fails with an error for which [`ConnError::is_timeout`] holds. For an
+    /// accept loop that also checks a stop flag, yet takes each peer the moment it comes
+    /// (a nonblocking listener polled with sleeps delays each by up to the sleep).
+    pub fn set_accept_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
+        socket2::SockRef::from(&self.listener).set_read_timeout(timeout)
     }
 
     /// The socket path.

@@ -116,6 +116,54 @@ fn a_nonblocking_listener_says_would_block() {
 }
 
 #[test]
+fn an_accept_timeout_bounds_the_wait_and_a_peer_is_taken_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("a.sock");
+    let listener = Arc::new(AgentListener::bind(&path).unwrap());
+    listener
+        .set_accept_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    // Nobody: an error that says so, after the timeout (not at once, not forever).
+    let (tx, rx) = std::sync::mpsc::channel();
+    let waiting = Arc::clone(&listener);
+    let started = Instant::now();
+    thread::spawn(move || {
+        let _ = tx.send(waiting.accept().map(|_| ()));
+    });
+    let err = rx
+        .recv_timeout(Duration::from_secs(5))
+        .expect("the accept still waits after 5 s")
+        .unwrap_err();
+    let waited = started.elapsed();
+    assert!(err.is_timeout(), "{err:?}");
+    assert!(
+        (Duration::from_millis(250)..Duration::from_secs(5)).contains(&waited),
+        "{waited:?}"
+    );
+    // A peer that comes while the accept waits is taken when it connects.
+    let connecting = thread::spawn(move || {
+        thread::sleep(Duration::from_millis(100));
+        let at = Instant::now();
+        (try_connect(&path).unwrap(), at)
+    });
+    let (_stream, _peer) = listener.accept().unwrap();
+    let accepted = Instant::now();
+    let (_client, connected_at) = connecting.join().unwrap();
+    assert!(
+        accepted.duration_since(connected_at) < Duration::from_millis(200),
+        "{:?}",
+        accepted.duration_since(connected_at)
+    );
+    // Other errors are not timeouts.
+    let other = ConnError::Io {
+        op: "accept",
+        path: "x".into(),
+        source: std::io::Error::other("out of descriptors"),
+    };
+    assert!(!other.is_timeout());
+}
+
+#[test]
 fn try_connect_never_waits() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("a.sock");

@@ -9,6 +9,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Mutex;
 
+use dnsfence_datapath::{Datapath, InstallConfig};
+use dnsfence_policy::{Endpoints, PolicySet, Snapshot};
+
 use crate::dns::{DigResult, parse_dig};
 
 /// Where the tests mount their cgroup v2 hierarchy when the host has none mounted there.
@@ -132,7 +135,43 @@ pub struct Env {
     pub pin: PathBuf,
 }
 
+/// A snapshot (numbered `generation`) for endpoint `a` of cgroup `a`: TCP `port` allowed to
+/// 127.`net`.9.0/24, and `extra` (YAML of more `spec` keys, e.g. an `egressDeny`) after it.
+pub fn cidr_snapshot(net: u32, port: u16, extra: &str, generation: u64) -> Snapshot {
+    let text = format!(
+        r#"apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {{name: a, namespace: default}}
+spec:
+  endpointSelector: {{matchLabels: {{app: a}}}}
+  egress:
+  - toCIDR: ["127.{net}.9.0/24"]
+    toPorts: [{{ports: [{{port: "{port}", protocol: TCP}}]}}]
+{extra}"#
+    );
+    let endpoints = "endpoints:\n- {name: a, namespace: default, labels: {app: a}, cgroup: a}\n";
+    let p = PolicySet::from_yaml(Path::new("p.yaml"), &text).expect("the test policy");
+    let e = Endpoints::from_yaml(Path::new("e.yaml"), endpoints).expect("the test endpoints");
+    let mut s = Snapshot::compile(&p, &e);
+    s.set_generation(generation);
+    s
+}
+
 impl Env {
+    /// The datapath installed at `root` (None: this environment's cgroup root) over this
+    /// environment's pins, 1,024 entries in the allow and L3 maps and `cluster_entries` in
+    /// the cluster map.
+    pub fn install(&self, root: Option<&Path>, cluster_entries: u32) -> Datapath {
+        Datapath::install(&InstallConfig {
+            pin_dir: self.pin.clone(),
+            cgroup_root: root.unwrap_or(&self.cgroup_root).to_owned(),
+            allow_entries: 1024,
+            l3_entries: 1024,
+            cluster_entries,
+        })
+        .expect("install the datapath")
+    }
+
     /// Sets up a subtree with the client cgroups `clients` (created below the root).
     pub fn new(tag: &str, clients: &[&str]) -> Env {
         let mount = Path::new(CGROUP2_MOUNT);

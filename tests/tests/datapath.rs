@@ -6,7 +6,9 @@
 use std::net::{IpAddr, SocketAddr, TcpListener};
 use std::time::Duration;
 
-use dnsfence_tests::bpf::{self, EXCLUSIVE, Env, TWO_ENDPOINTS, require_root, server};
+use dnsfence_tests::bpf::{
+    self, EXCLUSIVE, Env, TWO_ENDPOINTS, cidr_snapshot, require_root, server,
+};
 use dnsfence_tests::upstream::Bundled;
 use dnsfence_tests::{Agent, AgentConfig, poll_until};
 
@@ -929,47 +931,20 @@ spec:
 /// undone until the next tick). An older generation than the last synced one is ignored.
 #[test]
 fn an_older_snapshot_does_not_undo_a_newer_sync() {
-    use dnsfence_datapath::{Datapath, InstallConfig};
-    use dnsfence_policy::{Endpoints, PolicySet, Snapshot};
-    use std::path::Path;
     if !require_root("datapath") {
         return;
     }
     let _serial = EXCLUSIVE.lock().unwrap_or_else(|e| e.into_inner());
     let env = Env::new("gen", &["a"]);
     let net = 20 + (std::process::id() + 170) % 200;
-    let endpoints = "endpoints:\n- {name: a, namespace: default, labels: {app: a}, cgroup: a}\n";
-    let snapshot = |deny: &str, generation| {
-        let text = format!(
-            r#"apiVersion: cilium.io/v2
-kind: CiliumNetworkPolicy
-metadata: {{name: a, namespace: default}}
-spec:
-  endpointSelector: {{matchLabels: {{app: a}}}}
-  egress:
-  - toCIDR: ["127.{net}.9.0/24"]
-    toPorts: [{{ports: [{{port: "9443", protocol: TCP}}]}}]
-{deny}"#
-        );
-        let p = PolicySet::from_yaml(Path::new("p.yaml"), &text).unwrap();
-        let e = Endpoints::from_yaml(Path::new("e.yaml"), endpoints).unwrap();
-        let mut s = Snapshot::compile(&p, &e);
-        s.set_generation(generation);
-        s
-    };
-    let old = snapshot("", 1);
-    let new = snapshot(
+    let old = cidr_snapshot(net, 9443, "", 1);
+    let new = cidr_snapshot(
+        net,
+        9443,
         &format!("  egressDeny:\n  - toCIDR: [\"127.{net}.9.1/32\"]\n"),
         2,
     );
-    let mut dp = Datapath::install(&InstallConfig {
-        pin_dir: env.pin.clone(),
-        cgroup_root: env.cgroup_root.clone(),
-        allow_entries: 1024,
-        l3_entries: 1024,
-        cluster_entries: 1024,
-    })
-    .unwrap();
+    let mut dp = env.install(None, 1024);
     let v4: IpAddr = format!("127.{net}.9.1").parse().unwrap();
     let _l = listen_on(v4, &[9443]);
     let to = SocketAddr::new(v4, 9443);
@@ -992,7 +967,6 @@ spec:
 /// the snapshot's after each sync; `world` reaches an outside address in every full state.
 #[test]
 fn the_cluster_map_follows_partial_full_and_ipv6_range_states() {
-    use dnsfence_datapath::{Datapath, InstallConfig};
     use dnsfence_policy::cidr::{Cidr, NodeFacts};
     use dnsfence_policy::{Endpoints, PolicySet, Snapshot};
     use std::path::Path;
@@ -1031,14 +1005,7 @@ fn the_cluster_map_follows_partial_full_and_ipv6_range_states() {
         s.set_generation(generation);
         s
     };
-    let mut dp = Datapath::install(&InstallConfig {
-        pin_dir: env.pin.clone(),
-        cgroup_root: env.cgroup_root.clone(),
-        allow_entries: 1024,
-        l3_entries: 1024,
-        cluster_entries: 8,
-    })
-    .unwrap();
+    let mut dp = env.install(None, 8);
     // (prefix length, first address byte pair of the key, value) of every entry.
     let dump = || -> Vec<(u32, String, u8)> {
         let path = env.pin.join("maps-v3/df_cluster");
@@ -1348,44 +1315,14 @@ spec:
 /// programs are loaded and attached again, and enforce through the new map.
 #[test]
 fn a_restart_of_the_same_build_keeps_its_programs_over_the_same_maps() {
-    use dnsfence_datapath::{Datapath, InstallConfig};
-    use dnsfence_policy::{Endpoints, PolicySet, Snapshot};
-    use std::path::Path;
     if !require_root("datapath") {
         return;
     }
     let _serial = EXCLUSIVE.lock().unwrap_or_else(|e| e.into_inner());
     let env = Env::new("keep", &["a"]);
     let net = 20 + (std::process::id() + 190) % 200;
-    let endpoints = "endpoints:\n- {name: a, namespace: default, labels: {app: a}, cgroup: a}\n";
-    let snapshot = |port: u16, generation| {
-        let text = format!(
-            r#"apiVersion: cilium.io/v2
-kind: CiliumNetworkPolicy
-metadata: {{name: a, namespace: default}}
-spec:
-  endpointSelector: {{matchLabels: {{app: a}}}}
-  egress:
-  - toCIDR: ["127.{net}.9.0/24"]
-    toPorts: [{{ports: [{{port: "{port}", protocol: TCP}}]}}]
-"#
-        );
-        let p = PolicySet::from_yaml(Path::new("p.yaml"), &text).unwrap();
-        let e = Endpoints::from_yaml(Path::new("e.yaml"), endpoints).unwrap();
-        let mut s = Snapshot::compile(&p, &e);
-        s.set_generation(generation);
-        s
-    };
-    let install = || {
-        Datapath::install(&InstallConfig {
-            pin_dir: env.pin.clone(),
-            cgroup_root: env.cgroup_root.clone(),
-            allow_entries: 1024,
-            l3_entries: 1024,
-            cluster_entries: 1024,
-        })
-        .unwrap()
-    };
+    let snapshot = |port: u16, generation| cidr_snapshot(net, port, "", generation);
+    let install = || env.install(None, 1024);
     let links = || {
         let mut names: Vec<String> = std::fs::read_dir(env.pin.join("links"))
             .unwrap()
@@ -1453,14 +1390,7 @@ spec:
     // Another cgroup root on the same pin directory: its own programs, not the root's.
     let other = env.cgroup_root.join("keep-other-root");
     std::fs::create_dir_all(&other).unwrap();
-    let dp = Datapath::install(&InstallConfig {
-        pin_dir: env.pin.clone(),
-        cgroup_root: other.clone(),
-        allow_entries: 1024,
-        l3_entries: 1024,
-        cluster_entries: 1024,
-    })
-    .unwrap();
+    let dp = env.install(Some(&other), 1024);
     assert!(!dp.reused_programs(), "kept links of another cgroup");
     drop(dp);
     std::fs::remove_dir(&other).unwrap();
