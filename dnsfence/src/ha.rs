@@ -785,6 +785,11 @@ impl ProxySync {
             .spawn(move || {
                 let stats = thread_stats;
                 let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
+                // Between connections that ended before they were of use (the listener of
+                // another user, not an agent, a snapshot that could not be applied): the agent
+                // answers at once, so without this the proxy would reconnect in a tight loop
+                // (review finding).
+                let mut failing = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
                 let mut waiting_logged = false;
                 while !stop.load(Ordering::Relaxed) {
                     if !waiting_logged {
@@ -799,8 +804,15 @@ impl ProxySync {
                     };
                     stats.connected.store(1, Ordering::Relaxed);
                     stats.connections.fetch_add(1, Ordering::Relaxed);
-                    let r = proxy_conn(stream, &pending, &mut apply, &stop, &stats);
+                    let connected = Instant::now();
+                    let mut applied = false;
+                    let r = proxy_conn(stream, &pending, &mut apply, &stop, &stats, &mut applied);
                     stats.connected.store(0, Ordering::Relaxed);
+                    if applied || connected.elapsed() >= USEFUL_CONNECTION {
+                        failing.reset();
+                    } else {
+                        sleep_unless_stopped(failing.next_delay(), &stop);
+                    }
                     // What was sent and not acknowledged goes again on the next connection.
                     pending
                         .observations
@@ -830,13 +842,32 @@ impl ProxySync {
     }
 }
 
-/// One connection of the proxy to the agent.
+/// A connection that lasted this long was of use, even without a snapshot applied.
+const USEFUL_CONNECTION: Duration = Duration::from_secs(10);
+
+/// Sleeps `delay`, or less when `stop` is set meanwhile (checked every 100 ms).
+fn sleep_unless_stopped(delay: Duration, stop: &AtomicBool) {
+    let until = Instant::now() + delay;
+    while !stop.load(Ordering::Relaxed) {
+        let now = Instant::now();
+        if now >= until {
+            break;
+        }
+        std::thread::sleep((until - now).min(Duration::from_millis(100)));
+    }
+}
+
+/// One connection of the proxy to the agent; `applied` is set once it applied a snapshot.
+/// A snapshot that cannot be applied (or persisted) ends the connection: the agent sends its
+/// latest snapshot to each connection, so the next one tries it again (review finding: it
+/// sends each version once and never looks at acknowledgements).
 fn proxy_conn(
     stream: UnixStream,
     pending: &Pending,
     apply: &mut dyn FnMut(&PolicySnapshot) -> Result<()>,
     stop: &AtomicBool,
     stats: &SyncStats,
+    applied: &mut bool,
 ) -> Result<()> {
     // The listener must be the agent's user (or root): whoever else binds the socket path
     // (a shared directory, the agent away) must not push policy into the proxy.
@@ -859,13 +890,14 @@ fn proxy_conn(
         match conn.recv()? {
             Some(Message::PolicySnapshot(msg)) => match apply(&msg) {
                 Ok(()) => {
+                    *applied = true;
                     stats.snapshots.fetch_add(1, Ordering::Relaxed);
                     conn.send(&Message::SnapshotAck(proto::SnapshotAck {
                         version: msg.version,
                     }))?;
                 }
-                Err(e) => eprintln!(
-                    "dnsfence proxy: policy snapshot {} not applied: {e:#}",
+                Err(e) => anyhow::bail!(
+                    "policy snapshot {} not applied: {e:#}; it is asked for again",
                     msg.version
                 ),
             },

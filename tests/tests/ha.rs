@@ -275,17 +275,18 @@ fn a_snapshot_that_failed_part_way_is_not_mistaken_for_the_policy_in_force() {
     let persisted = dir.path().join("proxy-state").join("policy");
     std::fs::remove_file(&persisted).expect("the persisted policy");
     std::fs::create_dir_all(persisted.join("in-the-way")).expect("a directory in the way");
-    let failures = |n: usize| {
+    let failed = |version: u64| {
+        let line = format!("policy snapshot {version} not applied");
         poll_until(Duration::from_secs(10), || {
-            (proxy.process.stderr().matches("not applied").count() >= n).then_some(())
+            proxy.process.stderr().contains(&line).then_some(())
         })
         .unwrap_or_else(|| panic!("{}", proxy.process.stderr()))
     };
     // Wider (put in force, not persisted), then back to the narrow policy.
     std::fs::write(&agent.policy_path, &wide_policy).expect("widen");
-    failures(1);
+    failed(2);
     std::fs::write(&agent.policy_path, dnsfence_tests::POLICY).expect("narrow again");
-    failures(2);
+    failed(3);
     stop(&mut agent, "KILL");
     // The proxy alone judges by the narrow policy.
     assert_eq!(
@@ -295,6 +296,77 @@ fn a_snapshot_that_failed_part_way_is_not_mistaken_for_the_policy_in_force() {
         proxy.process.stderr()
     );
     assert_eq!(ask(listen, 2, "www.allowed.test"), Some(0));
+}
+
+/// Review finding: a snapshot the proxy could not persist was never sent again (the agent
+/// sends each version once), so a proxy restarted while the agent was away served the older
+/// persisted policy. Now the proxy drops the connection, and the next one brings the
+/// snapshot again until it is persisted.
+#[test]
+fn a_snapshot_that_could_not_be_persisted_is_asked_for_again() {
+    let (upstream, dir, listen) = setup("ha-retry");
+    let mut wide = config(dir.path(), listen, upstream.addr, false);
+    wide.files_in = Some(dir.path().to_owned());
+    wide.policy = wider_policy();
+    wide.extra
+        .extend(["--reload-interval".to_owned(), "100ms".to_owned()]);
+    let mut agent = Agent::start(&wide);
+    let mut proxy = Agent::start(&config(dir.path(), listen, upstream.addr, true));
+    proxy.wait_metric("dnsfence_sync_snapshots_total", 1.0);
+
+    // The temp file of the next save cannot be made: the persisted (wide) policy stays.
+    let obstacle = dir.path().join("proxy-state").join(".policy.tmp");
+    std::fs::create_dir_all(obstacle.join("in-the-way")).expect("a directory in the way");
+    std::fs::write(&agent.policy_path, dnsfence_tests::POLICY).expect("narrow");
+    let said = |what: &str| {
+        poll_until(Duration::from_secs(10), || {
+            proxy.process.stderr().contains(what).then_some(())
+        })
+        .unwrap_or_else(|| panic!("no {what:?} in: {}", proxy.process.stderr()))
+    };
+    said("policy snapshot 2 not applied");
+    // The disk comes back: the snapshot is applied and persisted on a later connection.
+    std::fs::remove_dir_all(&obstacle).expect("remove the obstacle");
+    said("policy snapshot 2 from the agent in force");
+
+    // Both gone; the proxy alone serves what it persisted: the narrow policy.
+    stop(&mut agent, "KILL");
+    stop(&mut proxy, "KILL");
+    let _alone = Agent::start(&config(dir.path(), listen, upstream.addr, true));
+    assert_eq!(ask(listen, 1, "a.later-denied.test"), Some(5));
+    assert_eq!(ask(listen, 2, "www.allowed.test"), Some(0));
+}
+
+/// Review finding: a connection that fails once made (a listener that is not an agent, or
+/// one that closes at once) is retried with a growing delay, not in a tight loop.
+#[test]
+fn a_connection_that_fails_at_once_is_retried_with_backoff() {
+    let (upstream, dir, listen) = setup("ha-backoff");
+    let socket = dir.path().join("agent.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&socket).expect("bind");
+    listener.set_nonblocking(true).expect("nonblocking");
+    let mut c = config(dir.path(), listen, upstream.addr, true);
+    c.extra
+        .extend(["--first-policy-wait".to_owned(), "100ms".to_owned()]);
+    // Not waited for: with no agent it serves only after --first-policy-wait.
+    let _proxy = Agent::spawn(&c);
+    // Accept and close at once, for 3 s.
+    let until = Instant::now() + Duration::from_secs(3);
+    let mut accepted = 0;
+    while Instant::now() < until {
+        match listener.accept() {
+            Ok((stream, _)) => {
+                accepted += 1;
+                drop(stream);
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(5)),
+        }
+    }
+    // 200 ms, doubling: about 4 connections in 3 s (a tight loop made hundreds).
+    assert!(
+        (1..=10).contains(&accepted),
+        "{accepted} connections in 3 s"
+    );
 }
 
 /// Review finding: the proxy takes policy only from a listener of its own user (or root): a
