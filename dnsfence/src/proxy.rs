@@ -54,16 +54,28 @@ pub fn run(args: &ProxyArgs) -> Result<()> {
     // The policy in force: the one persisted, else none (every query refused) until the
     // agent sends one. A corrupt state file is set aside, said in one line, and fails closed.
     let (snapshot, version) = match ha::load_policy(&state) {
-        Ok(Some(msg)) => {
-            let (_, snapshot, lines) = ha::compile(&msg)?;
-            lines.iter().for_each(|l| eprintln!("{WHO}: {l}"));
-            eprintln!(
-                "{WHO}: policy persisted in {} (snapshot {}) loaded; in force unless the agent sends its own",
-                state_dir.display(),
-                msg.version
-            );
-            (snapshot, Some(msg.version))
-        }
+        Ok(Some(msg)) => match ha::compile(&msg) {
+            Ok((_, snapshot, lines)) => {
+                lines.iter().for_each(|l| eprintln!("{WHO}: {l}"));
+                eprintln!(
+                    "{WHO}: policy persisted in {} (snapshot {}) loaded; in force unless the agent sends its own",
+                    state_dir.display(),
+                    msg.version
+                );
+                (snapshot, Some(msg.version))
+            }
+            // Intact but not for this build (written by another version, say): fail closed
+            // like a corrupt file, not exit (review finding).
+            Err(e) => {
+                eprintln!(
+                    "{WHO}: policy persisted in {} (snapshot {}) cannot be used: {e:#}; every \
+                     query is refused until the agent sends a policy",
+                    state_dir.display(),
+                    msg.version
+                );
+                (Snapshot::empty(), None)
+            }
+        },
         Ok(None) => {
             eprintln!(
                 "{WHO}: no policy persisted in {}: every query is refused until the agent \

@@ -42,7 +42,7 @@
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -60,6 +60,8 @@ pub const DEFAULT_MAX_PAYLOAD: u64 = 256 << 20;
 pub const KEEP_CORRUPT: usize = 3;
 
 const LOCK_FILE: &str = ".lock";
+/// Mode bits of a directory shared with others: sticky, group or other writable.
+const SHARED_BITS: u32 = 0o1000 | 0o022;
 const TMP_PREFIX: &str = ".";
 const TMP_SUFFIX: &str = ".tmp";
 const CORRUPT_INFIX: &str = ".corrupt-";
@@ -235,6 +237,20 @@ pub enum StateError {
         /// The path.
         path: PathBuf,
     },
+    /// The directory belongs to another user, or others may write it (sticky or group/other
+    /// writable): a state directory must be the process's own.
+    #[error(
+        "state dir {path:?} is not a directory of this process's own (mode {mode:o}, owner uid \
+         {owner}): give it a directory only it uses"
+    )]
+    Shared {
+        /// The path.
+        path: PathBuf,
+        /// Its mode bits.
+        mode: u32,
+        /// Its owner.
+        owner: u32,
+    },
     /// A name that is not a plain file name of `[A-Za-z0-9_.-]`, or starts with a dot.
     #[error("invalid state file name {name:?} (use [A-Za-z0-9_.-], not starting with '.')")]
     InvalidName {
@@ -307,7 +323,18 @@ impl StateDir {
         if !meta.is_dir() {
             return Err(StateError::NotADirectory { path });
         }
-        if meta.permissions().mode() & 0o777 != 0o700 {
+        // A directory of another user, or one others may write (`/tmp`, a home): refused,
+        // not made 0700 and cleaned of temp-named files (review finding).
+        let mode = meta.permissions().mode();
+        let euid = rustix::process::geteuid().as_raw();
+        if meta.uid() != euid || mode & (SHARED_BITS) != 0 {
+            return Err(StateError::Shared {
+                path,
+                mode: mode & 0o7777,
+                owner: meta.uid(),
+            });
+        }
+        if mode & 0o777 != 0o700 {
             fs::set_permissions(&path, fs::Permissions::from_mode(0o700))
                 .map_err(io_err("chmod 0700", &path))?;
         }
@@ -427,7 +454,13 @@ impl StateDir {
     }
 
     fn read_checked(&self, path: &Path, kind: Kind) -> Result<Option<Loaded>, Corruption> {
-        let mut f = match File::open(path) {
+        // Not through a symlink, and never waiting on a FIFO (whose open would block until
+        // a writer came): what is opened is checked to be a plain file right after.
+        let opened = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .open(path);
+        let mut f = match opened {
             Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(Corruption::Unreadable(e.to_string())),

@@ -298,6 +298,48 @@ fn a_snapshot_that_failed_part_way_is_not_mistaken_for_the_policy_in_force() {
     assert_eq!(ask(listen, 2, "www.allowed.test"), Some(0));
 }
 
+/// Review finding: a persisted policy that is intact but cannot be compiled (written by
+/// another version, say) made the proxy exit; it fails closed instead, in one line, and takes
+/// the agent's policy when the agent comes.
+#[test]
+fn a_persisted_policy_that_cannot_be_compiled_fails_closed() {
+    use dnsfence_sync::state::{Kind, StateDir};
+    let (upstream, dir, listen) = setup("ha-uncompilable");
+    let mut agent = Agent::start(&config(dir.path(), listen, upstream.addr, false));
+    let mut proxy = Agent::start(&config(dir.path(), listen, upstream.addr, true));
+    proxy.wait_metric("dnsfence_sync_snapshots_total", 1.0);
+    stop(&mut agent, "KILL");
+    stop(&mut proxy, "KILL");
+
+    // A node fact this build cannot parse, in a file with a good checksum.
+    let state = StateDir::open(dir.path().join("proxy-state")).expect("the proxy's state");
+    let loaded = state
+        .load("policy", Kind::POLICY_SNAPSHOT)
+        .expect("readable")
+        .expect("persisted");
+    let mut msg: serde_json::Value = serde_json::from_slice(&loaded.payload).expect("json");
+    msg["node"]["cluster_cidrs"] = serde_json::json!(["10.0.0.0/99"]);
+    let payload = serde_json::to_vec(&msg).expect("encode");
+    state
+        .save("policy", Kind::POLICY_SNAPSHOT, loaded.version, &payload)
+        .expect("save");
+    drop(state);
+
+    let mut c = config(dir.path(), listen, upstream.addr, true);
+    c.extra
+        .extend(["--first-policy-wait".to_owned(), "100ms".to_owned()]);
+    let proxy = Agent::start(&c);
+    assert_eq!(ask(listen, 1, "www.allowed.test"), Some(5));
+    let err = proxy.process.stderr();
+    assert!(
+        err.lines()
+            .any(|l| l.contains("cannot be used") && l.contains("every query is refused")),
+        "{err}"
+    );
+    let _agent = Agent::start(&config(dir.path(), listen, upstream.addr, false));
+    proxy.wait_metric("dnsfence_sync_snapshots_total", 1.0);
+}
+
 /// Review finding: a snapshot the proxy could not persist was never sent again (the agent
 /// sends each version once), so a proxy restarted while the agent was away served the older
 /// persisted policy. Now the proxy drops the connection, and the next one brings the
