@@ -14,6 +14,7 @@
 //!   queue; the consumer thread copies them into the replay buffers behind a lock held for
 //!   a push; every socket read and write has a timeout.
 
+use std::collections::VecDeque;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -613,7 +614,17 @@ pub struct Pending {
     pub observations: Mutex<ReplayBuffer<Observation>>,
     /// Flow records.
     pub flows: Mutex<ReplayBuffer<proto::FlowRecord>>,
+    /// Observations the agent acknowledged within [`KEEP_ACKED`], oldest first (at most the
+    /// buffer's capacity): an agent persists its cache only every
+    /// [`CACHE_PERSIST_INTERVAL`], so one that crashed meanwhile lost them; they go again to
+    /// the agent that comes next (review finding).
+    acked: Mutex<VecDeque<(Instant, Observation)>>,
+    capacity: usize,
 }
+
+/// How long acknowledged observations are kept for an agent that restarts: its persist
+/// interval, three times over.
+pub const KEEP_ACKED: Duration = Duration::from_secs(3 * CACHE_PERSIST_INTERVAL.as_secs());
 
 impl Pending {
     /// Empty buffers of `capacity` items each.
@@ -621,7 +632,52 @@ impl Pending {
         Pending {
             observations: Mutex::new(ReplayBuffer::new(capacity)),
             flows: Mutex::new(ReplayBuffer::new(capacity)),
+            acked: Mutex::new(VecDeque::new()),
+            capacity,
         }
+    }
+
+    /// The agent acknowledged observation batches up to `seq`: they leave the buffer and are
+    /// kept a while (see `acked`). Returns how many.
+    fn ack_observations(&self, seq: u64) -> usize {
+        let now = Instant::now();
+        let mut acked = self.acked.lock().unwrap_or_else(|e| e.into_inner());
+        let outcome = self
+            .observations
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .ack_with(seq, |o| acked.push_back((now, o)));
+        while acked.len() > self.capacity
+            || acked
+                .front()
+                .is_some_and(|(at, _)| now.duration_since(*at) > KEEP_ACKED)
+        {
+            acked.pop_front();
+        }
+        match outcome {
+            dnsfence_sync::replay::Ack::Acked { items, .. } => items,
+            _ => 0,
+        }
+    }
+
+    /// Another agent than the one that acknowledged them: what it acknowledged within
+    /// [`KEEP_ACKED`] goes again. Returns how many.
+    fn resend_acked(&self) -> usize {
+        let now = Instant::now();
+        let kept: Vec<Observation> = self
+            .acked
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain(..)
+            .filter(|(at, _)| now.duration_since(*at) <= KEEP_ACKED)
+            .map(|(_, o)| o)
+            .collect();
+        let n = kept.len();
+        let mut buffer = self.observations.lock().unwrap_or_else(|e| e.into_inner());
+        kept.into_iter().for_each(|o| {
+            buffer.push(o);
+        });
+        n
     }
 
     /// The consumer's hook: every address record becomes an observation for the agent,
@@ -791,6 +847,8 @@ impl ProxySync {
                 // (review finding).
                 let mut failing = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
                 let mut waiting_logged = false;
+                // The instance of the agent of the last connection (its Hello).
+                let mut last_agent = None;
                 while !stop.load(Ordering::Relaxed) {
                     if !waiting_logged {
                         eprintln!(
@@ -806,7 +864,15 @@ impl ProxySync {
                     stats.connections.fetch_add(1, Ordering::Relaxed);
                     let connected = Instant::now();
                     let mut applied = false;
-                    let r = proxy_conn(stream, &pending, &mut apply, &stop, &stats, &mut applied);
+                    let r = proxy_conn(
+                        stream,
+                        &pending,
+                        &mut apply,
+                        &stop,
+                        &stats,
+                        &mut applied,
+                        &mut last_agent,
+                    );
                     stats.connected.store(0, Ordering::Relaxed);
                     if applied || connected.elapsed() >= USEFUL_CONNECTION {
                         failing.reset();
@@ -868,6 +934,7 @@ fn proxy_conn(
     stop: &AtomicBool,
     stats: &SyncStats,
     applied: &mut bool,
+    last_agent: &mut Option<u64>,
 ) -> Result<()> {
     // The listener must be the agent's user (or root): whoever else binds the socket path
     // (a shared directory, the agent away) must not push policy into the proxy.
@@ -886,6 +953,16 @@ fn proxy_conn(
         hello.role
     );
     eprintln!("dnsfence proxy: connected to the agent (pid {})", hello.pid);
+    if last_agent.is_some_and(|last| last != hello.instance) {
+        let n = pending.resend_acked();
+        if n > 0 {
+            eprintln!(
+                "dnsfence proxy: the agent restarted: the {n} observations the last one \
+                 acknowledged within {KEEP_ACKED:?} go again (it may not have persisted them)"
+            );
+        }
+    }
+    *last_agent = Some(hello.instance);
     while !stop.load(Ordering::Relaxed) {
         match conn.recv()? {
             Some(Message::PolicySnapshot(msg)) => match apply(&msg) {
@@ -902,16 +979,10 @@ fn proxy_conn(
                 ),
             },
             Some(Message::ObservationsAck(ack)) => {
-                if let dnsfence_sync::replay::Ack::Acked { items, .. } = pending
+                let items = pending.ack_observations(ack.seq);
+                stats
                     .observations
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .ack(ack.seq)
-                {
-                    stats
-                        .observations
-                        .fetch_add(items as u64, Ordering::Relaxed);
-                }
+                    .fetch_add(items as u64, Ordering::Relaxed);
             }
             Some(Message::FlowsAck(ack)) => {
                 if let dnsfence_sync::replay::Ack::Acked { items, .. } = pending

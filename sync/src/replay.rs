@@ -126,6 +126,12 @@ impl<T> ReplayBuffer<T> {
     /// The peer has everything up to and including batch `seq`: removes the items of every
     /// outstanding batch numbered `seq` or lower.
     pub fn ack(&mut self, seq: u64) -> Ack {
+        self.ack_with(seq, drop)
+    }
+
+    /// [`ReplayBuffer::ack`], handing each removed item to `take`, oldest first (to keep
+    /// what a peer acknowledged but may not have persisted yet).
+    pub fn ack_with(&mut self, seq: u64, take: impl FnMut(T)) -> Ack {
         if seq >= self.next_seq {
             return Ack::Unknown;
         }
@@ -142,7 +148,7 @@ impl<T> ReplayBuffer<T> {
         if batches == 0 {
             return Ack::Stale;
         }
-        self.items.drain(..items);
+        self.items.drain(..items).for_each(take);
         self.in_flight -= items;
         Ack::Acked { batches, items }
     }

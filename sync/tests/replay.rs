@@ -60,6 +60,35 @@ fn overflow_of_items_already_sent() {
 }
 
 #[test]
+fn ack_with_hands_over_exactly_what_it_removes() {
+    let mut b = filled(10, 0..6);
+    let (s1, _) = batch(&mut b, 2);
+    let (s2, _) = batch(&mut b, 2);
+    let mut taken = Vec::new();
+    assert_eq!(
+        b.ack_with(s1, |i| taken.push(i)),
+        Ack::Acked {
+            batches: 1,
+            items: 2
+        }
+    );
+    assert_eq!(taken, [0, 1]);
+    // Stale and unknown acks hand nothing over.
+    assert_eq!(b.ack_with(s1, |i| taken.push(i)), Ack::Stale);
+    assert_eq!(b.ack_with(99, |i| taken.push(i)), Ack::Unknown);
+    assert_eq!(taken, [0, 1]);
+    assert_eq!(
+        b.ack_with(s2, |i| taken.push(i)),
+        Ack::Acked {
+            batches: 1,
+            items: 2
+        }
+    );
+    assert_eq!(taken, [0, 1, 2, 3]);
+    assert_eq!(b.iter().copied().collect::<Vec<_>>(), [4, 5]);
+}
+
+#[test]
 fn ack_removes_what_the_batches_held() {
     let mut b = filled(10, 0..6);
     assert_eq!(

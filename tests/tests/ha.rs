@@ -113,6 +113,41 @@ fn proxy_serves_through_an_agent_crash_and_alone_from_its_state() {
     );
 }
 
+/// Review finding: the agent acknowledges observations once merged and persists its cache
+/// only every few seconds, so an agent that crashed in between lost what the proxy had
+/// replayed to it. The proxy keeps what was acknowledged a while and sends it again to the
+/// next agent.
+#[test]
+fn what_a_crashed_agent_had_not_persisted_reaches_the_next_one() {
+    let (upstream, dir, listen) = setup("ha-unpersisted");
+    let mut agent = Agent::start(&config(dir.path(), listen, upstream.addr, false));
+    let proxy = Agent::start(&config(dir.path(), listen, upstream.addr, true));
+    proxy.wait_metric("dnsfence_sync_snapshots_total", 1.0);
+    stop(&mut agent, "KILL");
+    for i in 0..50u16 {
+        assert_eq!(ask(listen, i, &format!("away{i}.allowed.test")), Some(0));
+    }
+    proxy.wait_metric("dnsfence_sync_pending_records", 50.0);
+
+    // The agent returns, takes them all, and crashes before it persists its cache.
+    let mut agent = Agent::start(&config(dir.path(), listen, upstream.addr, false));
+    agent.wait_metric("dnsfence_fqdn_cache_entries", 50.0);
+    let drained = poll_until(Duration::from_secs(10), || {
+        (proxy.metric_sum("dnsfence_sync_pending_records") == 0.0).then_some(())
+    });
+    assert!(drained.is_some(), "{}", proxy.metrics_text());
+    stop(&mut agent, "KILL");
+
+    // The next agent has them.
+    let agent = Agent::start(&config(dir.path(), listen, upstream.addr, false));
+    agent.wait_metric("dnsfence_fqdn_cache_entries", 50.0);
+    assert!(
+        proxy.process.stderr().contains("the agent restarted: the"),
+        "{}",
+        proxy.process.stderr()
+    );
+}
+
 #[test]
 fn a_corrupt_state_file_is_set_aside_and_fails_closed() {
     let (upstream, dir, listen) = setup("ha-corrupt");
