@@ -622,6 +622,12 @@ pub struct Pending {
     capacity: usize,
 }
 
+/// Most addresses a flow record for the agent carries (the lowest): a name's cache entry may
+/// hold up to `--max-ips-per-name` (256), and records are held by count, so the replay
+/// buffer's size in bytes must not follow that flag (review finding: 65,536 such records
+/// were hundreds of MB).
+pub const FLOW_ADDRESSES: usize = 4;
+
 /// How long acknowledged observations are kept for an agent that restarts: its persist
 /// interval, three times over.
 pub const KEEP_ACKED: Duration = Duration::from_secs(3 * CACHE_PERSIST_INTERVAL.as_secs());
@@ -695,10 +701,11 @@ impl Pending {
             }
             Record::Flow(flow) => {
                 let name = flow.name.to_string();
-                let (addresses, ttl) = match (flow.verdict, flow.endpoint) {
+                let (mut addresses, ttl) = match (flow.verdict, flow.endpoint) {
                     (Verdict::Forward, Some(key)) => consumer::answer_of(obs, key, &name, flow.at),
                     _ => (Vec::new(), None),
                 };
+                addresses.truncate(FLOW_ADDRESSES);
                 let item = proto::FlowRecord {
                     unix_ms: unix_ms().saturating_sub(flow.at.elapsed().as_millis() as u64),
                     client: flow.client,

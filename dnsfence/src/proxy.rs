@@ -20,7 +20,8 @@ use crate::health::{Health, Role};
 use crate::serve::{self, ServeArgs, Server, Start, UnknownFlag};
 
 /// Most records per replay buffer: two full buffers of the largest records (flow records of
-/// about 400 bytes of JSON) stay under the state file's 256 MiB bound.
+/// a 253-byte name and `ha::FLOW_ADDRESSES` IPv6 addresses: about 650 bytes of JSON; an
+/// observation is a few hundred) stay under the state file's 256 MiB bound.
 const MAX_REPLAY: usize = 1 << 18;
 
 /// With a persisted policy, how long the proxy looks for the agent before serving from it.

@@ -251,6 +251,39 @@ fn follower_has(stdout: &Path, query: &str) -> bool {
         .any(|l| serde_json::from_str::<Value>(l).is_ok_and(|f| f["query"] == query))
 }
 
+/// Review finding: the proxy's flow records for the agent carried every address of the
+/// name (up to `--max-ips-per-name`), and its replay buffer holds records by count: a
+/// proxy flow now carries at most `FLOW_ADDRESSES` (4), the lowest.
+#[test]
+fn a_proxy_flow_carries_at_most_four_addresses() {
+    let upstream = Bundled::start(&["--ips", "10"]);
+    let dir = TempDir::new("observe-ha-many");
+    let listen = free_addr();
+    let socket = dir.path().join("observe.sock");
+    let agent_config = AgentConfig::ha_pair(dir.path(), listen, upstream.addr, false)
+        .args(&["--observe-socket", socket.to_str().expect("utf-8")]);
+    let mut agent = Agent::start(&agent_config);
+    let proxy = Agent::start(&AgentConfig::ha_pair(
+        dir.path(),
+        listen,
+        upstream.addr,
+        true,
+    ));
+    proxy.wait_metric("dnsfence_sync_snapshots_total", 1.0);
+    agent.process.signal("KILL");
+    assert!(agent.process.wait_timeout(Duration::from_secs(5)).is_some());
+    let (rcode, mut ips, _) = ask(listen, 1, "many.allowed.test");
+    assert_eq!(rcode, 0);
+    assert_eq!(ips.len(), 10, "{ips:?}");
+    proxy.wait_metric("dnsfence_forwarded_total", 1.0);
+
+    let _agent = Agent::start(&agent_config);
+    let all = wait_for(&socket, &["--last", "1000"], &["many.allowed.test."]);
+    let flow = find(&all, "many.allowed.test.").expect("the flow");
+    ips.sort_by_key(|ip| ip.parse::<IpAddr>().expect("an address"));
+    assert_forwarded(flow, "proxy", &ips[..4]);
+}
+
 #[test]
 fn proxy_flows_made_while_the_agent_was_down_appear_after_it_returns() {
     let upstream = Bundled::start(&[]);
