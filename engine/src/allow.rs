@@ -548,6 +548,10 @@ pub struct Ledger {
     rules: RuleSet,
     /// Per entry of the group planned last: whether the policy justifies it.
     justified_scratch: Vec<bool>,
+    /// Entries of the group planned last that need no change but do not know its name yet:
+    /// `commit` adds the name, so that a reload dropping the name that made the entry keeps
+    /// it for this one (review finding: only a name that pushed the expiry later was kept).
+    name_only: Vec<AllowKey>,
     /// Scratch of `plan`: new entries per endpoint, and per (endpoint, name).
     new_for: Vec<(EndpointKey, usize)>,
     new_for_name: Vec<(EndpointKey, u32, usize)>,
@@ -584,6 +588,7 @@ impl Ledger {
             snapshot: None,
             rules: RuleSet::with_max_rule(0),
             justified_scratch: Vec::with_capacity(64),
+            name_only: Vec::with_capacity(64),
             new_for: Vec::with_capacity(64),
             new_for_name: Vec::with_capacity(64),
             changes_scratch: Vec::with_capacity(64),
@@ -679,6 +684,7 @@ impl Ledger {
     ) -> Result<(), AllowError> {
         changes.clear();
         self.justified_scratch.clear();
+        self.name_only.clear();
         let mut new_total = 0usize;
         let mut new_for = std::mem::take(&mut self.new_for);
         let mut new_for_name = std::mem::take(&mut self.new_for_name);
@@ -707,6 +713,11 @@ impl Ledger {
                             expires: e.expires,
                             previous: Some(slot.expires),
                         });
+                    } else if !slot.names.iter().any(|&id| self.names.is(id, name))
+                        && slot.names.contains(&NO_NAME)
+                        && self.name_only.len() < self.name_only.capacity()
+                    {
+                        self.name_only.push(key);
                     }
                 }
                 None => {
@@ -787,6 +798,18 @@ impl Ledger {
             .group_entries(g)
             .first()
             .map(|e| &batch.names[e.name as usize]);
+        // Taken and put back (with its capacity: no allocation here).
+        let mut name_only = std::mem::take(&mut self.name_only);
+        for key in name_only.drain(..) {
+            if let Some(name) = name
+                && let Some(slot) = self.entries.get_mut(&key)
+                && !slot.names.iter().any(|&id| self.names.is(id, name))
+                && let Some(free) = slot.names.iter_mut().find(|n| **n == NO_NAME)
+            {
+                *free = self.names.acquire(key.endpoint, name);
+            }
+        }
+        self.name_only = name_only;
         for c in changes {
             match self.entries.get_mut(&c.key) {
                 Some(slot) => {

@@ -209,6 +209,61 @@ fn reload_revokes_what_the_new_policy_does_not_justify() {
     assert!(table.is_empty());
 }
 
+/// Review finding: an address two allowed names share was remembered only under the name
+/// that wrote it (or pushed its expiry later); a reload that dropped that name revoked it
+/// although the other name still allowed it.
+#[test]
+fn an_entry_two_names_share_stays_while_either_is_allowed() {
+    let both = POLICY.replace(
+        "  - toFQDNs: [{matchName: \"any.allowed.test\"}]\n",
+        "  - toFQDNs: [{matchName: \"a.names.test\"}, {matchName: \"b.names.test\"}]\n    \
+         toPorts: [{ports: [{port: \"443\", protocol: TCP}]}]\n",
+    );
+    assert_ne!(both, POLICY);
+    let table = UserspaceAllowTable::new(LedgerConfig::default());
+    table.revoke(snapshot(&both));
+    let now = Instant::now();
+    let shared = key(client(), "127.0.5.1", HTTPS);
+    // `a` first, for longer; then `b` for the same address, expiring sooner.
+    let mut first = batch(
+        &[("a.names.test", vec![shared])],
+        now + Duration::from_secs(300),
+    );
+    assert_eq!(write(&table, &mut first), [true]);
+    let mut second = batch(
+        &[("b.names.test", vec![shared])],
+        now + Duration::from_secs(60),
+    );
+    assert_eq!(write(&table, &mut second), [true]);
+    // Again with another address (the second time through must remember it too).
+    let again = key(client(), "127.0.5.2", HTTPS);
+    let mut third = batch(
+        &[("a.names.test", vec![again])],
+        now + Duration::from_secs(300),
+    );
+    assert_eq!(write(&table, &mut third), [true]);
+    let mut fourth = batch(
+        &[("b.names.test", vec![again])],
+        now + Duration::from_secs(60),
+    );
+    assert_eq!(write(&table, &mut fourth), [true]);
+    // `a` is no longer allowed: `b` still is, so the entries stay.
+    let only_b = both.replace("{matchName: \"a.names.test\"}, ", "");
+    assert_ne!(only_b, both);
+    assert_eq!(table.revoke(snapshot(&only_b)), 0);
+    let ip = "127.0.5.1".parse::<IpAddr>().unwrap();
+    assert!(table.is_allowed(client(), ip, 443, PortSpec::TCP, Instant::now()));
+    let ip2 = "127.0.5.2".parse::<IpAddr>().unwrap();
+    assert!(table.is_allowed(client(), ip2, 443, PortSpec::TCP, Instant::now()));
+    // Neither: they go.
+    let neither = only_b.replace(
+        "{matchName: \"b.names.test\"}",
+        "{matchName: \"c.names.test\"}",
+    );
+    assert_eq!(table.revoke(snapshot(&neither)), 2);
+    assert!(!table.is_allowed(client(), ip, 443, PortSpec::TCP, Instant::now()));
+}
+
 #[test]
 fn sweep_removes_expired_entries_in_slices() {
     let table = UserspaceAllowTable::new(LedgerConfig::default());
