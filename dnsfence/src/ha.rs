@@ -563,6 +563,15 @@ fn serve_peer(
             }
         }
         match conn.recv()? {
+            // Only a standalone proxy reports what it served (review finding: any peer of
+            // the agent's user, whatever its role, was merged).
+            Some(Message::Observations(_) | Message::Flows(_)) if hello.role != Role::Proxy => {
+                anyhow::bail!(
+                    "a {:?} peer (pid {}) sent observations or flows: only a proxy may",
+                    hello.role,
+                    hello.pid
+                );
+            }
             Some(Message::Observations(batch)) => {
                 {
                     let mut obs = observations.lock().unwrap_or_else(|e| e.into_inner());

@@ -148,6 +148,50 @@ fn what_a_crashed_agent_had_not_persisted_reaches_the_next_one() {
     );
 }
 
+/// Review finding: the agent merged observations from any peer of its user, whatever role
+/// its Hello gave; only a standalone proxy's are taken now, another's connection is closed.
+#[test]
+fn only_a_proxy_may_send_observations() {
+    use dnsfence_sync::proto::{Encoder, Hello, Message, Observation, Observations, Role};
+    use std::io::{Read, Write};
+    let (upstream, dir, listen) = setup("ha-roles");
+    let agent = Agent::start(&config(dir.path(), listen, upstream.addr, false));
+    let mut peer = poll_until(Duration::from_secs(10), || {
+        std::os::unix::net::UnixStream::connect(dir.path().join("agent.sock")).ok()
+    })
+    .expect("the agent socket");
+    let observation = Observation {
+        endpoint_key: dnsfence_policy::EndpointKey::of("default", "client").0,
+        name: "evil.denied.test".to_owned(),
+        addresses: vec!["192.0.2.9".parse().expect("address")],
+        ttl_secs: 300,
+        observed_unix_ms: 1,
+    };
+    let mut bytes = Vec::new();
+    for msg in [
+        Message::Hello(Hello::new(Role::Observer)),
+        Message::Observations(Observations {
+            seq: 1,
+            items: vec![observation],
+        }),
+    ] {
+        Encoder::new().encode(&msg, &mut bytes).expect("encode");
+    }
+    peer.write_all(&bytes).expect("send");
+    // The agent closes the connection (after its own Hello), and merged nothing.
+    peer.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let mut rest = Vec::new();
+    peer.read_to_end(&mut rest).expect("closed by the agent");
+    assert_eq!(agent.metric_sum("dnsfence_sync_observations_total"), 0.0);
+    assert_eq!(agent.metric_sum("dnsfence_fqdn_cache_entries"), 0.0);
+    assert!(
+        agent.process.stderr().contains("only a proxy may"),
+        "{}",
+        agent.process.stderr()
+    );
+}
+
 #[test]
 fn a_corrupt_state_file_is_set_aside_and_fails_closed() {
     let (upstream, dir, listen) = setup("ha-corrupt");
