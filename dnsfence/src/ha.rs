@@ -628,6 +628,10 @@ pub struct Pending {
     /// [`CACHE_PERSIST_INTERVAL`], so one that crashed meanwhile lost them; they go again to
     /// the agent that comes next (review finding).
     acked: Mutex<VecDeque<(Instant, Observation)>>,
+    /// When the last connection to an agent ended: `acked` is judged by it, so that an agent
+    /// that took long to come back (a crash loop's backoff) still gets what it acknowledged
+    /// in its last [`KEEP_ACKED`].
+    disconnected: Mutex<Option<Instant>>,
     capacity: usize,
 }
 
@@ -648,6 +652,7 @@ impl Pending {
             observations: Mutex::new(ReplayBuffer::new(capacity)),
             flows: Mutex::new(ReplayBuffer::new(capacity)),
             acked: Mutex::new(VecDeque::new()),
+            disconnected: Mutex::new(None),
             capacity,
         }
     }
@@ -675,20 +680,33 @@ impl Pending {
         }
     }
 
+    /// The connection to the agent ended (now).
+    fn disconnected(&self) {
+        *self.disconnected.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+    }
+
     /// Another agent than the one that acknowledged them: what it acknowledged within
-    /// [`KEEP_ACKED`] goes again. Returns how many.
+    /// [`KEEP_ACKED`] before the last connection ended goes again, the newest first into the
+    /// room the buffer has (never pushing out what no agent has yet). Returns how many.
     fn resend_acked(&self) -> usize {
-        let now = Instant::now();
-        let kept: Vec<Observation> = self
+        let end = self
+            .disconnected
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .unwrap_or_else(Instant::now);
+        let mut kept: Vec<Observation> = self
             .acked
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .drain(..)
-            .filter(|(at, _)| now.duration_since(*at) <= KEEP_ACKED)
+            .filter(|(at, _)| end.saturating_duration_since(*at) <= KEEP_ACKED)
             .map(|(_, o)| o)
             .collect();
-        let n = kept.len();
         let mut buffer = self.observations.lock().unwrap_or_else(|e| e.into_inner());
+        let room = buffer.capacity().saturating_sub(buffer.len());
+        let skip = kept.len().saturating_sub(room);
+        let n = kept.len() - skip;
+        kept.drain(..skip);
         kept.into_iter().for_each(|o| {
             buffer.push(o);
         });
@@ -847,7 +865,7 @@ impl ProxySync {
     pub fn start(
         path: PathBuf,
         pending: Arc<Pending>,
-        mut apply: impl FnMut(&PolicySnapshot) -> Result<()> + Send + 'static,
+        mut apply: impl FnMut(&PolicySnapshot) -> std::result::Result<(), ApplyError> + Send + 'static,
         stats: Arc<SyncStats>,
         stop: Arc<AtomicBool>,
     ) -> Result<ProxySync> {
@@ -890,6 +908,7 @@ impl ProxySync {
                         &mut last_agent,
                     );
                     stats.connected.store(0, Ordering::Relaxed);
+                    pending.disconnected();
                     if applied || connected.elapsed() >= USEFUL_CONNECTION {
                         failing.reset();
                     } else {
@@ -924,6 +943,20 @@ impl ProxySync {
     }
 }
 
+/// Why a policy snapshot from the agent was not taken whole.
+#[derive(Debug)]
+pub enum ApplyError {
+    /// It is not in force (it did not compile, or the allow entries could not follow it): a
+    /// newer version from the agent is waited for (the same one would fail again).
+    NotApplied(anyhow::Error),
+    /// It is in force but not persisted: the save is tried again every [`PERSIST_RETRY`]
+    /// (the same message again is cheap: it is the policy in force), acknowledged once saved.
+    NotPersisted(anyhow::Error),
+}
+
+/// How often a snapshot in force but not persisted is saved again.
+pub const PERSIST_RETRY: Duration = Duration::from_secs(1);
+
 /// A connection that lasted this long was of use, even without a snapshot applied.
 const USEFUL_CONNECTION: Duration = Duration::from_secs(10);
 
@@ -939,14 +972,15 @@ fn sleep_unless_stopped(delay: Duration, stop: &AtomicBool) {
     }
 }
 
-/// One connection of the proxy to the agent; `applied` is set once it applied a snapshot.
-/// A snapshot that cannot be applied (or persisted) ends the connection: the agent sends its
-/// latest snapshot to each connection, so the next one tries it again (review finding: it
-/// sends each version once and never looks at acknowledgements).
+/// One connection of the proxy to the agent; `applied` is set once a snapshot is in force.
+/// A snapshot in force but not persisted is saved again every [`PERSIST_RETRY`] and
+/// acknowledged once saved (review finding: the agent sends each version once and never
+/// looks at acknowledgements, so a failed save was never retried); one that cannot be applied
+/// is said once and the next version waited for; observations and flows go on meanwhile.
 fn proxy_conn(
     stream: UnixStream,
     pending: &Pending,
-    apply: &mut dyn FnMut(&PolicySnapshot) -> Result<()>,
+    apply: &mut dyn FnMut(&PolicySnapshot) -> std::result::Result<(), ApplyError>,
     stop: &AtomicBool,
     stats: &SyncStats,
     applied: &mut bool,
@@ -979,39 +1013,71 @@ fn proxy_conn(
         }
     }
     *last_agent = Some(hello.instance);
+    // A snapshot in force but not saved yet, and when its save was last tried.
+    let mut unsaved: Option<(PolicySnapshot, Instant)> = None;
     while !stop.load(Ordering::Relaxed) {
-        match conn.recv()? {
-            Some(Message::PolicySnapshot(msg)) => match apply(&msg) {
+        let incoming = conn.recv()?;
+        let retry = match &unsaved {
+            Some((msg, tried)) if tried.elapsed() >= PERSIST_RETRY => Some(msg.clone()),
+            _ => None,
+        };
+        let (snapshot, first) = match (incoming, retry) {
+            (Some(Message::PolicySnapshot(msg)), _) => (Some(msg), true),
+            (other, retry) => {
+                match other {
+                    Some(Message::ObservationsAck(ack)) => {
+                        let items = pending.ack_observations(ack.seq);
+                        stats
+                            .observations
+                            .fetch_add(items as u64, Ordering::Relaxed);
+                    }
+                    Some(Message::FlowsAck(ack)) => {
+                        if let dnsfence_sync::replay::Ack::Acked { items, .. } = pending
+                            .flows
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .ack(ack.seq)
+                        {
+                            stats.flows.fetch_add(items as u64, Ordering::Relaxed);
+                        }
+                    }
+                    _ => {}
+                }
+                (retry, false)
+            }
+        };
+        if let Some(msg) = snapshot {
+            match apply(&msg) {
                 Ok(()) => {
+                    unsaved = None;
                     *applied = true;
                     stats.snapshots.fetch_add(1, Ordering::Relaxed);
                     conn.send(&Message::SnapshotAck(proto::SnapshotAck {
                         version: msg.version,
                     }))?;
                 }
-                Err(e) => anyhow::bail!(
-                    "policy snapshot {} not applied: {e:#}; it is asked for again",
-                    msg.version
-                ),
-            },
-            Some(Message::ObservationsAck(ack)) => {
-                let items = pending.ack_observations(ack.seq);
-                stats
-                    .observations
-                    .fetch_add(items as u64, Ordering::Relaxed);
-            }
-            Some(Message::FlowsAck(ack)) => {
-                if let dnsfence_sync::replay::Ack::Acked { items, .. } = pending
-                    .flows
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .ack(ack.seq)
-                {
-                    stats.flows.fetch_add(items as u64, Ordering::Relaxed);
+                Err(ApplyError::NotPersisted(e)) => {
+                    *applied = true;
+                    if first {
+                        eprintln!(
+                            "dnsfence proxy: policy snapshot {} in force but not persisted: \
+                             {e:#}; saved again every {PERSIST_RETRY:?}",
+                            msg.version
+                        );
+                    }
+                    unsaved = Some((msg, Instant::now()));
+                }
+                Err(ApplyError::NotApplied(e)) => {
+                    unsaved = None;
+                    eprintln!(
+                        "dnsfence proxy: policy snapshot {} not applied: {e:#}; the policy \
+                         in force stays until the agent sends another",
+                        msg.version
+                    );
                 }
             }
-            Some(_) | None => {}
         }
+
         // Send what is held, a few batches ahead of the acknowledgements. The buffer's lock
         // is held while encoding one batch (a few hundred µs), never while writing.
         loop {
@@ -1060,4 +1126,48 @@ fn write_out(conn: &mut Conn) -> Result<()> {
     conn.stream.write_all(&conn.out).context("write")?;
     conn.last_tx = Instant::now();
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn observation(i: u8) -> Observation {
+        Observation {
+            endpoint_key: 1,
+            name: format!("n{i}.test"),
+            addresses: vec![std::net::IpAddr::from([192, 0, 2, i])],
+            ttl_secs: 60,
+            observed_unix_ms: 1,
+        }
+    }
+
+    /// What the agent acknowledged goes again only into the room the buffer has, the newest
+    /// first, never pushing out what no agent has yet.
+    #[test]
+    fn acknowledged_observations_go_again_only_into_free_room() {
+        let pending = Pending::new(4);
+        let seq = {
+            let mut b = pending.observations.lock().unwrap();
+            for i in 0..3 {
+                b.push(observation(i));
+            }
+            b.next_batch(10).unwrap().seq
+        };
+        assert_eq!(pending.ack_observations(seq), 3);
+        {
+            let mut b = pending.observations.lock().unwrap();
+            b.push(observation(10));
+            b.push(observation(11));
+        }
+        pending.disconnected();
+        assert_eq!(pending.resend_acked(), 2);
+        let b = pending.observations.lock().unwrap();
+        assert_eq!(b.overflowed(), 0);
+        let names: Vec<&str> = b.iter().map(|o| o.name.as_str()).collect();
+        assert_eq!(names, ["n10.test", "n11.test", "n1.test", "n2.test"]);
+        drop(b);
+        // Sent again once: nothing is kept for a third agent.
+        assert_eq!(pending.resend_acked(), 0);
+    }
 }

@@ -137,39 +137,53 @@ pub fn run(args: &ProxyArgs) -> Result<()> {
             Arc::clone(&generation),
             Arc::clone(&health),
         );
-        // The agent's last snapshot applied by this process (not the persisted one, which
-        // revoked nothing: the first from the agent is always applied).
-        let mut in_force: Option<dnsfence_sync::proto::PolicySnapshot> = None;
-        move |msg: &dnsfence_sync::proto::PolicySnapshot| -> Result<()> {
-            if let Some(last) = &in_force
+        // The agent's last snapshot in force in this process (not the persisted one, which
+        // revoked nothing: the first from the agent is always applied), and whether it is
+        // persisted yet.
+        let mut in_force: Option<(dnsfence_sync::proto::PolicySnapshot, bool)> = None;
+        move |msg: &dnsfence_sync::proto::PolicySnapshot| -> Result<(), ha::ApplyError> {
+            if let Some((last, persisted)) = &in_force
                 && ha::same_policy(last, msg)
             {
-                if last.version != msg.version {
-                    ha::save_policy(&state, msg)?;
-                    in_force = Some(msg.clone());
+                let retry = !*persisted;
+                if retry || last.version != msg.version {
+                    in_force = Some((msg.clone(), false));
+                    ha::save_policy(&state, msg).map_err(ha::ApplyError::NotPersisted)?;
+                    in_force = Some((msg.clone(), true));
                 }
                 health.policy_loaded(msg.version);
-                eprintln!(
-                    "{WHO}: policy snapshot {} from the agent: the policy in force, unchanged",
-                    msg.version
-                );
+                if retry {
+                    eprintln!(
+                        "{WHO}: policy snapshot {} from the agent in force, persisted now",
+                        msg.version
+                    );
+                } else {
+                    eprintln!(
+                        "{WHO}: policy snapshot {} from the agent: the policy in force, unchanged",
+                        msg.version
+                    );
+                }
                 return Ok(());
             }
-            // Unknown until all of it succeeds: a failure part-way (the shards may already
-            // judge by it, unpersisted) must not let a later message equal to the older
-            // policy be taken as in force (review finding).
+            // Unknown until it is in force: a failure part-way (the allow entries may already
+            // follow it) must not let a later message equal to the older policy be taken as
+            // in force (review finding).
             in_force = None;
-            let (_, mut snapshot, lines) = ha::compile(msg)?;
+            let (_, mut snapshot, lines) = ha::compile(msg).map_err(ha::ApplyError::NotApplied)?;
             lines.iter().for_each(|l| eprintln!("{WHO}: {l}"));
             snapshot.set_generation(generation.fetch_add(1, Ordering::Relaxed) + 1);
             let snapshot = Arc::new(snapshot);
-            for line in enforcer.apply(&snapshot)? {
+            for line in enforcer
+                .apply(&snapshot)
+                .map_err(ha::ApplyError::NotApplied)?
+            {
                 eprintln!("{WHO}: {line}");
             }
             policy.store(snapshot);
             health.policy_loaded(msg.version);
-            ha::save_policy(&state, msg)?;
-            in_force = Some(msg.clone());
+            in_force = Some((msg.clone(), false));
+            ha::save_policy(&state, msg).map_err(ha::ApplyError::NotPersisted)?;
+            in_force = Some((msg.clone(), true));
             eprintln!(
                 "{WHO}: policy snapshot {} from the agent in force",
                 msg.version

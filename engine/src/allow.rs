@@ -715,8 +715,9 @@ impl Ledger {
                         });
                     } else if !slot.names.iter().any(|&id| self.names.is(id, name))
                         && slot.names.contains(&NO_NAME)
-                        && self.name_only.len() < self.name_only.capacity()
                     {
+                        // Grows like `justified_scratch` (to the largest group seen, then
+                        // never again).
                         self.name_only.push(key);
                     }
                 }

@@ -231,8 +231,8 @@ pub enum StateError {
         /// The directory.
         path: PathBuf,
     },
-    /// The path exists and is not a directory.
-    #[error("state dir {path:?} exists and is not a directory")]
+    /// The path exists and is not a directory (a symlink is not followed).
+    #[error("state dir {path:?} exists and is not a directory (a symlink is not followed)")]
     NotADirectory {
         /// The path.
         path: PathBuf,
@@ -319,7 +319,8 @@ impl StateDir {
             }
             Err(e) => return Err(io_err("create", &path)(e)),
         }
-        let meta = fs::metadata(&path).map_err(io_err("stat", &path))?;
+        // Not followed if a symlink (one planted in a shared parent could point at /etc).
+        let meta = fs::symlink_metadata(&path).map_err(io_err("stat", &path))?;
         if !meta.is_dir() {
             return Err(StateError::NotADirectory { path });
         }

@@ -86,6 +86,15 @@ fn permissions_are_owner_only() {
         assert_eq!(left, shared);
         assert!(path.join(".someone.tmp").exists());
     }
+    // A symlink (planted in a shared parent, it could point at /etc) is not followed, even
+    // to a private directory of its own.
+    let private = tmp.path().join("private");
+    fs::create_dir(&private).unwrap();
+    fs::set_permissions(&private, fs::Permissions::from_mode(0o700)).unwrap();
+    let link = tmp.path().join("link");
+    std::os::unix::fs::symlink(&private, &link).unwrap();
+    let err = StateDir::open(&link).unwrap_err();
+    assert!(matches!(err, StateError::NotADirectory { .. }), "{err:?}");
     // Another user's (as root: a home directory, say) is refused too.
     if rustix::process::geteuid().is_root() {
         fs::set_permissions(&path, fs::Permissions::from_mode(0o700)).unwrap();

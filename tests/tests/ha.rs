@@ -196,7 +196,10 @@ fn only_a_proxy_may_send_observations() {
 fn a_corrupt_state_file_is_set_aside_and_fails_closed() {
     let (upstream, dir, listen) = setup("ha-corrupt");
     let state = dir.path().join("proxy-state");
-    std::fs::create_dir_all(&state).expect("state dir");
+    // Private whatever the umask (a directory others may write is refused).
+    std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
+        .create(&state)
+        .expect("state dir");
     std::fs::write(state.join("policy"), b"DFSTATE\0 not really a state file").expect("write");
     let mut c = config(dir.path(), listen, upstream.addr, true);
     c.extra
@@ -355,7 +358,7 @@ fn a_snapshot_that_failed_part_way_is_not_mistaken_for_the_policy_in_force() {
     std::fs::remove_file(&persisted).expect("the persisted policy");
     std::fs::create_dir_all(persisted.join("in-the-way")).expect("a directory in the way");
     let failed = |version: u64| {
-        let line = format!("policy snapshot {version} not applied");
+        let line = format!("policy snapshot {version} in force but not persisted");
         poll_until(Duration::from_secs(10), || {
             proxy.process.stderr().contains(&line).then_some(())
         })
@@ -419,12 +422,12 @@ fn a_persisted_policy_that_cannot_be_compiled_fails_closed() {
     proxy.wait_metric("dnsfence_sync_snapshots_total", 1.0);
 }
 
-/// Review finding: a snapshot the proxy could not persist was never sent again (the agent
+/// Review finding: a snapshot the proxy could not persist was never saved again (the agent
 /// sends each version once), so a proxy restarted while the agent was away served the older
-/// persisted policy. Now the proxy drops the connection, and the next one brings the
-/// snapshot again until it is persisted.
+/// persisted policy. Now the proxy keeps the connection (observations go on) and saves it
+/// again every second until it works.
 #[test]
-fn a_snapshot_that_could_not_be_persisted_is_asked_for_again() {
+fn a_snapshot_that_could_not_be_persisted_is_saved_again() {
     let (upstream, dir, listen) = setup("ha-retry");
     let mut wide = config(dir.path(), listen, upstream.addr, false);
     wide.files_in = Some(dir.path().to_owned());
@@ -445,10 +448,15 @@ fn a_snapshot_that_could_not_be_persisted_is_asked_for_again() {
         })
         .unwrap_or_else(|| panic!("no {what:?} in: {}", proxy.process.stderr()))
     };
-    said("policy snapshot 2 not applied");
-    // The disk comes back: the snapshot is applied and persisted on a later connection.
+    said("policy snapshot 2 in force but not persisted");
+    // Tried again on the same connection, said once.
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(proxy.metric_sum("dnsfence_sync_connections_total"), 1.0);
+    let err = proxy.process.stderr();
+    assert_eq!(err.matches("not persisted").count(), 1, "{err}");
+    // The disk comes back: the snapshot is persisted on a retry.
     std::fs::remove_dir_all(&obstacle).expect("remove the obstacle");
-    said("policy snapshot 2 from the agent in force");
+    said("policy snapshot 2 from the agent in force, persisted now");
 
     // Both gone; the proxy alone serves what it persisted: the narrow policy.
     stop(&mut agent, "KILL");
