@@ -41,6 +41,55 @@ fn stop(agent: &mut Agent, signal: &str) {
     assert!(gone.is_some(), "still running after SIG{signal}");
 }
 
+/// `n` names `PREFIX{i}.allowed.test` asked (and answered) while only the proxy serves,
+/// then waited for in the proxy's buffer for the agent.
+fn learn_alone(proxy: &Agent, listen: SocketAddr, prefix: &str, n: u16) {
+    for i in 0..n {
+        let name = format!("{prefix}{i}.allowed.test");
+        assert_eq!(ask(listen, i, &name), Some(0), "{name}");
+    }
+    proxy.wait_metric("dnsfence_sync_pending_records", f64::from(n));
+}
+
+/// Waits until the proxy's buffer for the agent is empty (all acknowledged).
+fn wait_drained(proxy: &Agent) {
+    let drained = poll_until(Duration::from_secs(10), || {
+        (proxy.metric_sum("dnsfence_sync_pending_records") == 0.0).then_some(())
+    });
+    assert!(drained.is_some(), "{}", proxy.metrics_text());
+}
+
+/// The agent, then the proxy once it has the agent's policy, on `listen`.
+fn pair(dir: &TempDir, listen: SocketAddr, upstream: SocketAddr) -> (Agent, Agent) {
+    let agent = Agent::start(&config(dir.path(), listen, upstream, false));
+    let proxy = Agent::start(&config(dir.path(), listen, upstream, true));
+    proxy.wait_metric("dnsfence_sync_snapshots_total", 1.0);
+    (agent, proxy)
+}
+
+/// Asserts that `process` said `what` on stderr (all of it shown when not).
+fn assert_said(process: &Agent, what: &str) {
+    let err = process.process.stderr();
+    assert!(err.contains(what), "no {what:?} in: {err}");
+}
+
+/// The agent with `policy`, its files in `dir` (the same paths on every restart, as a
+/// restarted service reads).
+fn fixed_files(dir: &Path, listen: SocketAddr, upstream: SocketAddr, policy: &str) -> AgentConfig {
+    let mut c = config(dir, listen, upstream, false);
+    c.files_in = Some(dir.to_owned());
+    c.policy = policy.to_owned();
+    c
+}
+
+/// The proxy, waiting only 100 ms for an agent's policy when it has none.
+fn impatient_proxy(dir: &Path, listen: SocketAddr, upstream: SocketAddr) -> AgentConfig {
+    let mut c = config(dir, listen, upstream, true);
+    c.extra
+        .extend(["--first-policy-wait".to_owned(), "100ms".to_owned()]);
+    c
+}
+
 /// The tests' policy, also allowing `*.later-denied.test`.
 fn wider_policy() -> String {
     let wide = dnsfence_tests::POLICY.replace(
@@ -54,9 +103,7 @@ fn wider_policy() -> String {
 #[test]
 fn proxy_serves_through_an_agent_crash_and_alone_from_its_state() {
     let (upstream, dir, listen) = setup("ha");
-    let mut agent = Agent::start(&config(dir.path(), listen, upstream.addr, false));
-    let mut proxy = Agent::start(&config(dir.path(), listen, upstream.addr, true));
-    proxy.wait_metric("dnsfence_sync_snapshots_total", 1.0);
+    let (mut agent, mut proxy) = pair(&dir, listen, upstream.addr);
 
     // Both serve the port.
     for i in 0..200u16 {
@@ -71,28 +118,18 @@ fn proxy_serves_through_an_agent_crash_and_alone_from_its_state() {
 
     // The agent crashes: the proxy answers alone, and keeps what it learns for the agent.
     stop(&mut agent, "KILL");
-    for i in 0..50u16 {
-        assert_eq!(
-            ask(listen, i, &format!("down{i}.allowed.test")),
-            Some(0),
-            "down{i}"
-        );
-    }
     assert_eq!(
         ask(listen, 99, "evil.denied.test"),
         Some(5),
         "denied: REFUSED"
     );
-    proxy.wait_metric("dnsfence_sync_pending_records", 50.0);
+    learn_alone(&proxy, listen, "down", 50);
 
     // The agent returns: it gets them all, and they leave the proxy's buffer.
     let agent = Agent::start(&config(dir.path(), listen, upstream.addr, false));
     agent.wait_metric("dnsfence_sync_observations_total", 50.0);
     agent.wait_metric("dnsfence_fqdn_cache_entries", 50.0);
-    let drained = poll_until(Duration::from_secs(10), || {
-        (proxy.metric_sum("dnsfence_sync_pending_records") == 0.0).then_some(())
-    });
-    assert!(drained.is_some(), "{}", proxy.metrics_text());
+    wait_drained(&proxy);
 
     // Both killed; the proxy restarted alone serves from its state, at once.
     drop(agent);
@@ -106,11 +143,7 @@ fn proxy_serves_through_an_agent_crash_and_alone_from_its_state() {
         "serving after {:?}",
         started.elapsed()
     );
-    assert!(
-        alone.process.stderr().contains("policy persisted in"),
-        "{}",
-        alone.process.stderr()
-    );
+    assert_said(&alone, "policy persisted in");
 }
 
 /// Review finding: the agent acknowledges observations once merged and persists its cache
@@ -120,32 +153,20 @@ fn proxy_serves_through_an_agent_crash_and_alone_from_its_state() {
 #[test]
 fn what_a_crashed_agent_had_not_persisted_reaches_the_next_one() {
     let (upstream, dir, listen) = setup("ha-unpersisted");
-    let mut agent = Agent::start(&config(dir.path(), listen, upstream.addr, false));
-    let proxy = Agent::start(&config(dir.path(), listen, upstream.addr, true));
-    proxy.wait_metric("dnsfence_sync_snapshots_total", 1.0);
+    let (mut agent, proxy) = pair(&dir, listen, upstream.addr);
     stop(&mut agent, "KILL");
-    for i in 0..50u16 {
-        assert_eq!(ask(listen, i, &format!("away{i}.allowed.test")), Some(0));
-    }
-    proxy.wait_metric("dnsfence_sync_pending_records", 50.0);
+    learn_alone(&proxy, listen, "away", 50);
 
     // The agent returns, takes them all, and crashes before it persists its cache.
     let mut agent = Agent::start(&config(dir.path(), listen, upstream.addr, false));
     agent.wait_metric("dnsfence_fqdn_cache_entries", 50.0);
-    let drained = poll_until(Duration::from_secs(10), || {
-        (proxy.metric_sum("dnsfence_sync_pending_records") == 0.0).then_some(())
-    });
-    assert!(drained.is_some(), "{}", proxy.metrics_text());
+    wait_drained(&proxy);
     stop(&mut agent, "KILL");
 
     // The next agent has them.
     let agent = Agent::start(&config(dir.path(), listen, upstream.addr, false));
     agent.wait_metric("dnsfence_fqdn_cache_entries", 50.0);
-    assert!(
-        proxy.process.stderr().contains("the agent restarted: the"),
-        "{}",
-        proxy.process.stderr()
-    );
+    assert_said(&proxy, "the agent restarted: the");
 }
 
 /// Review finding: the agent merged observations from any peer of its user, whatever role
@@ -185,11 +206,7 @@ fn only_a_proxy_may_send_observations() {
     peer.read_to_end(&mut rest).expect("closed by the agent");
     assert_eq!(agent.metric_sum("dnsfence_sync_observations_total"), 0.0);
     assert_eq!(agent.metric_sum("dnsfence_fqdn_cache_entries"), 0.0);
-    assert!(
-        agent.process.stderr().contains("only a proxy may"),
-        "{}",
-        agent.process.stderr()
-    );
+    assert_said(&agent, "only a proxy may");
 }
 
 #[test]
@@ -201,10 +218,7 @@ fn a_corrupt_state_file_is_set_aside_and_fails_closed() {
         .create(&state)
         .expect("state dir");
     std::fs::write(state.join("policy"), b"DFSTATE\0 not really a state file").expect("write");
-    let mut c = config(dir.path(), listen, upstream.addr, true);
-    c.extra
-        .extend(["--first-policy-wait".to_owned(), "100ms".to_owned()]);
-    let proxy = Agent::start(&c);
+    let proxy = Agent::start(&impatient_proxy(dir.path(), listen, upstream.addr));
     // Fail closed: an allowed name is refused (no policy), and said in one line.
     assert_eq!(ask(listen, 1, "www.allowed.test"), Some(5));
     let err = proxy.process.stderr();
@@ -294,9 +308,7 @@ fn a_restarted_proxy_serves_the_agents_newer_policy_not_its_persisted_one() {
 #[test]
 fn an_agent_restarted_with_the_same_policy_leaves_the_proxys_tables_alone() {
     let (upstream, dir, listen) = setup("ha-same");
-    let mut wide = config(dir.path(), listen, upstream.addr, false);
-    wide.files_in = Some(dir.path().to_owned());
-    wide.policy = wider_policy();
+    let wide = fixed_files(dir.path(), listen, upstream.addr, &wider_policy());
     let mut agent = Agent::start(&wide);
     let proxy = Agent::start(&config(dir.path(), listen, upstream.addr, true));
     proxy.wait_metric("dnsfence_sync_snapshots_total", 1.0);
@@ -312,14 +324,7 @@ fn an_agent_restarted_with_the_same_policy_leaves_the_proxys_tables_alone() {
         "{}",
         proxy.process.stderr()
     );
-    assert!(
-        proxy
-            .process
-            .stderr()
-            .contains("from the agent: the policy in force, unchanged"),
-        "{}",
-        proxy.process.stderr()
-    );
+    assert_said(&proxy, "from the agent: the policy in force, unchanged");
     stop(&mut agent, "KILL");
     assert_eq!(ask(listen, 1, "a.later-denied.test"), Some(0));
     assert_eq!(ask(listen, 2, "evil.denied.test"), Some(5));
@@ -343,8 +348,7 @@ fn an_agent_restarted_with_the_same_policy_leaves_the_proxys_tables_alone() {
 #[test]
 fn a_snapshot_that_failed_part_way_is_not_mistaken_for_the_policy_in_force() {
     let (upstream, dir, listen) = setup("ha-partway");
-    let mut narrow = config(dir.path(), listen, upstream.addr, false);
-    narrow.files_in = Some(dir.path().to_owned());
+    let mut narrow = fixed_files(dir.path(), listen, upstream.addr, dnsfence_tests::POLICY);
     narrow
         .extra
         .extend(["--reload-interval".to_owned(), "100ms".to_owned()]);
@@ -387,9 +391,7 @@ fn a_snapshot_that_failed_part_way_is_not_mistaken_for_the_policy_in_force() {
 fn a_persisted_policy_that_cannot_be_compiled_fails_closed() {
     use dnsfence_sync::state::{Kind, StateDir};
     let (upstream, dir, listen) = setup("ha-uncompilable");
-    let mut agent = Agent::start(&config(dir.path(), listen, upstream.addr, false));
-    let mut proxy = Agent::start(&config(dir.path(), listen, upstream.addr, true));
-    proxy.wait_metric("dnsfence_sync_snapshots_total", 1.0);
+    let (mut agent, mut proxy) = pair(&dir, listen, upstream.addr);
     stop(&mut agent, "KILL");
     stop(&mut proxy, "KILL");
 
@@ -407,10 +409,7 @@ fn a_persisted_policy_that_cannot_be_compiled_fails_closed() {
         .expect("save");
     drop(state);
 
-    let mut c = config(dir.path(), listen, upstream.addr, true);
-    c.extra
-        .extend(["--first-policy-wait".to_owned(), "100ms".to_owned()]);
-    let proxy = Agent::start(&c);
+    let proxy = Agent::start(&impatient_proxy(dir.path(), listen, upstream.addr));
     assert_eq!(ask(listen, 1, "www.allowed.test"), Some(5));
     let err = proxy.process.stderr();
     assert!(
@@ -429,9 +428,7 @@ fn a_persisted_policy_that_cannot_be_compiled_fails_closed() {
 #[test]
 fn a_snapshot_that_could_not_be_persisted_is_saved_again() {
     let (upstream, dir, listen) = setup("ha-retry");
-    let mut wide = config(dir.path(), listen, upstream.addr, false);
-    wide.files_in = Some(dir.path().to_owned());
-    wide.policy = wider_policy();
+    let mut wide = fixed_files(dir.path(), listen, upstream.addr, &wider_policy());
     wide.extra
         .extend(["--reload-interval".to_owned(), "100ms".to_owned()]);
     let mut agent = Agent::start(&wide);
@@ -474,11 +471,8 @@ fn a_connection_that_fails_at_once_is_retried_with_backoff() {
     let socket = dir.path().join("agent.sock");
     let listener = std::os::unix::net::UnixListener::bind(&socket).expect("bind");
     listener.set_nonblocking(true).expect("nonblocking");
-    let mut c = config(dir.path(), listen, upstream.addr, true);
-    c.extra
-        .extend(["--first-policy-wait".to_owned(), "100ms".to_owned()]);
     // Not waited for: with no agent it serves only after --first-policy-wait.
-    let _proxy = Agent::spawn(&c);
+    let _proxy = Agent::spawn(&impatient_proxy(dir.path(), listen, upstream.addr));
     // Accept and close at once, for 3 s.
     let until = Instant::now() + Duration::from_secs(3);
     let mut accepted = 0;
@@ -600,9 +594,7 @@ while time.time() < end:
 #[test]
 fn sigterm_without_bpf_loses_at_most_a_bound() {
     let (upstream, dir, listen) = setup("ha-drain-nobpf");
-    let mut agent = Agent::start(&config(dir.path(), listen, upstream.addr, false));
-    let mut proxy = Agent::start(&config(dir.path(), listen, upstream.addr, true));
-    proxy.wait_metric("dnsfence_sync_snapshots_total", 1.0);
+    let (mut agent, mut proxy) = pair(&dir, listen, upstream.addr);
     let names: String = (0..200).map(|i| format!("n{i}.allowed.test A\n")).collect();
     let file = dir.write("names.txt", &names);
     let stop_under_load = |who: &str, process: &mut dnsfence_tests::Process| {

@@ -251,34 +251,59 @@ fn follower_has(stdout: &Path, query: &str) -> bool {
         .any(|l| serde_json::from_str::<Value>(l).is_ok_and(|f| f["query"] == query))
 }
 
+/// An HA pair (the agent with its observe socket) whose agent was SIGKILLed once the proxy
+/// had its policy: only the proxy serves the port.
+struct AgentDown {
+    _upstream: Bundled,
+    _dir: TempDir,
+    listen: SocketAddr,
+    socket: PathBuf,
+    agent_config: AgentConfig,
+    proxy: Agent,
+}
+
+impl AgentDown {
+    fn start(upstream_args: &[&str], name: &str) -> AgentDown {
+        let upstream = Bundled::start(upstream_args);
+        let dir = TempDir::new(name);
+        let listen = free_addr();
+        let socket = dir.path().join("observe.sock");
+        let agent_config = AgentConfig::ha_pair(dir.path(), listen, upstream.addr, false)
+            .args(&["--observe-socket", socket.to_str().expect("utf-8")]);
+        let mut agent = Agent::start(&agent_config);
+        let proxy = Agent::start(&AgentConfig::ha_pair(
+            dir.path(),
+            listen,
+            upstream.addr,
+            true,
+        ));
+        proxy.wait_metric("dnsfence_sync_snapshots_total", 1.0);
+        agent.process.signal("KILL");
+        assert!(agent.process.wait_timeout(Duration::from_secs(5)).is_some());
+        AgentDown {
+            _upstream: upstream,
+            _dir: dir,
+            listen,
+            socket,
+            agent_config,
+            proxy,
+        }
+    }
+}
+
 /// Review finding: the proxy's flow records for the agent carried every address of the
 /// name (up to `--max-ips-per-name`), and its replay buffer holds records by count: a
 /// proxy flow now carries at most `FLOW_ADDRESSES` (4), the lowest.
 #[test]
 fn a_proxy_flow_carries_at_most_four_addresses() {
-    let upstream = Bundled::start(&["--ips", "10"]);
-    let dir = TempDir::new("observe-ha-many");
-    let listen = free_addr();
-    let socket = dir.path().join("observe.sock");
-    let agent_config = AgentConfig::ha_pair(dir.path(), listen, upstream.addr, false)
-        .args(&["--observe-socket", socket.to_str().expect("utf-8")]);
-    let mut agent = Agent::start(&agent_config);
-    let proxy = Agent::start(&AgentConfig::ha_pair(
-        dir.path(),
-        listen,
-        upstream.addr,
-        true,
-    ));
-    proxy.wait_metric("dnsfence_sync_snapshots_total", 1.0);
-    agent.process.signal("KILL");
-    assert!(agent.process.wait_timeout(Duration::from_secs(5)).is_some());
-    let (rcode, mut ips, _) = ask(listen, 1, "many.allowed.test");
+    let down = AgentDown::start(&["--ips", "10"], "observe-ha-many");
+    let (rcode, mut ips, _) = ask(down.listen, 1, "many.allowed.test");
     assert_eq!(rcode, 0);
     assert_eq!(ips.len(), 10, "{ips:?}");
-    proxy.wait_metric("dnsfence_forwarded_total", 1.0);
+    down.proxy.wait_metric("dnsfence_forwarded_total", 1.0);
 
-    let _agent = Agent::start(&agent_config);
-    let all = wait_for(&socket, &["--last", "1000"], &["many.allowed.test."]);
+    let _agent = Agent::start(&down.agent_config);
+    let all = wait_for(&down.socket, &["--last", "1000"], &["many.allowed.test."]);
     let flow = find(&all, "many.allowed.test.").expect("the flow");
     ips.sort_by_key(|ip| ip.parse::<IpAddr>().expect("an address"));
     assert_forwarded(flow, "proxy", &ips[..4]);
@@ -286,24 +311,8 @@ fn a_proxy_flow_carries_at_most_four_addresses() {
 
 #[test]
 fn proxy_flows_made_while_the_agent_was_down_appear_after_it_returns() {
-    let upstream = Bundled::start(&[]);
-    let dir = TempDir::new("observe-ha");
-    let listen = free_addr();
-    let socket = dir.path().join("observe.sock");
-    let agent_config = AgentConfig::ha_pair(dir.path(), listen, upstream.addr, false)
-        .args(&["--observe-socket", socket.to_str().expect("utf-8")]);
-    let mut agent = Agent::start(&agent_config);
-    let proxy = Agent::start(&AgentConfig::ha_pair(
-        dir.path(),
-        listen,
-        upstream.addr,
-        true,
-    ));
-    proxy.wait_metric("dnsfence_sync_snapshots_total", 1.0);
-
-    // The agent dies: only the proxy serves the port.
-    agent.process.signal("KILL");
-    assert!(agent.process.wait_timeout(Duration::from_secs(5)).is_some());
+    let down = AgentDown::start(&[], "observe-ha");
+    let (listen, socket, proxy) = (down.listen, &down.socket, &down.proxy);
     let (rcode, ips, _) = ask(listen, 1, "down.allowed.test");
     assert_eq!(rcode, 0);
     let (rcode, _, _) = ask(listen, 2, "down.denied.test");
@@ -311,14 +320,14 @@ fn proxy_flows_made_while_the_agent_was_down_appear_after_it_returns() {
     proxy.wait_metric("dnsfence_forwarded_total", 1.0);
     proxy.wait_metric("dnsfence_refused_total", 1.0);
     // Nobody saw them yet.
-    let (ok, _, err) = observe(&socket, &["--last", "10"]);
+    let (ok, _, err) = observe(socket, &["--last", "10"]);
     assert!(!ok, "the agent is down: observe must fail");
     assert_eq!(err.lines().count(), 1, "{err}");
 
     // The agent returns: the proxy replays them, and observe shows them, tagged `proxy`.
-    let _agent = Agent::start(&agent_config);
+    let _agent = Agent::start(&down.agent_config);
     let all = wait_for(
-        &socket,
+        socket,
         &["--last", "1000"],
         &["down.allowed.test.", "down.denied.test."],
     );
@@ -329,7 +338,7 @@ fn proxy_flows_made_while_the_agent_was_down_appear_after_it_returns() {
     assert_eq!(d["verdict"], "DROPPED", "{d}");
     assert_eq!(d["rcode"], "REFUSED", "{d}");
     // And `--name` finds them too (filters apply to the proxy's flows alike).
-    let only = flows(&socket, &["--last", "1000", "--name", "down.denied.test"]);
+    let only = flows(socket, &["--last", "1000", "--name", "down.denied.test"]);
     assert_eq!(only.len(), 1, "{only:#?}");
 }
 

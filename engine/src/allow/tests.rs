@@ -223,30 +223,17 @@ fn an_entry_two_names_share_stays_while_either_is_allowed() {
     let table = UserspaceAllowTable::new(LedgerConfig::default());
     table.revoke(snapshot(&both));
     let now = Instant::now();
-    let shared = key(client(), "127.0.5.1", HTTPS);
-    // `a` first, for longer; then `b` for the same address, expiring sooner.
-    let mut first = batch(
-        &[("a.names.test", vec![shared])],
-        now + Duration::from_secs(300),
-    );
-    assert_eq!(write(&table, &mut first), [true]);
-    let mut second = batch(
-        &[("b.names.test", vec![shared])],
-        now + Duration::from_secs(60),
-    );
-    assert_eq!(write(&table, &mut second), [true]);
-    // Again with another address (the second time through must remember it too).
-    let again = key(client(), "127.0.5.2", HTTPS);
-    let mut third = batch(
-        &[("a.names.test", vec![again])],
-        now + Duration::from_secs(300),
-    );
-    assert_eq!(write(&table, &mut third), [true]);
-    let mut fourth = batch(
-        &[("b.names.test", vec![again])],
-        now + Duration::from_secs(60),
-    );
-    assert_eq!(write(&table, &mut fourth), [true]);
+    // Per address: `a` first, for longer; then `b` for the same address, expiring sooner
+    // (twice: the second time through must remember the name too).
+    for ip in ["127.0.5.1", "127.0.5.2"] {
+        for (name, secs) in [("a.names.test", 300), ("b.names.test", 60)] {
+            let mut b = batch(
+                &[(name, vec![key(client(), ip, HTTPS)])],
+                now + Duration::from_secs(secs),
+            );
+            assert_eq!(write(&table, &mut b), [true], "{name} {ip}");
+        }
+    }
     // `a` is no longer allowed: `b` still is, so the entries stay.
     let only_b = both.replace("{matchName: \"a.names.test\"}, ", "");
     assert_ne!(only_b, both);
