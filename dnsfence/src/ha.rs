@@ -876,9 +876,8 @@ impl ProxySync {
                 let stats = thread_stats;
                 let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
                 // Between connections that ended before they were of use (the listener of
-                // another user, not an agent, a snapshot that could not be applied): the agent
-                // answers at once, so without this the proxy would reconnect in a tight loop
-                // (review finding).
+                // another user, a peer that is not an agent): the listener answers at once, so
+                // without this the proxy would reconnect in a tight loop (review finding).
                 let mut failing = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
                 let mut waiting_logged = false;
                 // The instance of the agent of the last connection (its Hello).
@@ -912,7 +911,7 @@ impl ProxySync {
                     if applied || connected.elapsed() >= USEFUL_CONNECTION {
                         failing.reset();
                     } else {
-                        sleep_unless_stopped(failing.next_delay(), &stop);
+                        dnsfence_sync::conn::sleep_unless_stopped(failing.next_delay(), &stop);
                     }
                     // What was sent and not acknowledged goes again on the next connection.
                     pending
@@ -960,18 +959,6 @@ pub const PERSIST_RETRY: Duration = Duration::from_secs(1);
 /// A connection that lasted this long was of use, even without a snapshot applied.
 const USEFUL_CONNECTION: Duration = Duration::from_secs(10);
 
-/// Sleeps `delay`, or less when `stop` is set meanwhile (checked every 100 ms).
-fn sleep_unless_stopped(delay: Duration, stop: &AtomicBool) {
-    let until = Instant::now() + delay;
-    while !stop.load(Ordering::Relaxed) {
-        let now = Instant::now();
-        if now >= until {
-            break;
-        }
-        std::thread::sleep((until - now).min(Duration::from_millis(100)));
-    }
-}
-
 /// One connection of the proxy to the agent; `applied` is set once a snapshot is in force.
 /// A snapshot in force but not persisted is saved again every [`PERSIST_RETRY`] and
 /// acknowledged once saved (review finding: the agent sends each version once and never
@@ -1016,36 +1003,34 @@ fn proxy_conn(
     // A snapshot in force but not saved yet, and when its save was last tried.
     let mut unsaved: Option<(PolicySnapshot, Instant)> = None;
     while !stop.load(Ordering::Relaxed) {
-        let incoming = conn.recv()?;
-        let retry = match &unsaved {
-            Some((msg, tried)) if tried.elapsed() >= PERSIST_RETRY => Some(msg.clone()),
-            _ => None,
-        };
-        let (snapshot, first) = match (incoming, retry) {
-            (Some(Message::PolicySnapshot(msg)), _) => (Some(msg), true),
-            (other, retry) => {
-                match other {
-                    Some(Message::ObservationsAck(ack)) => {
-                        let items = pending.ack_observations(ack.seq);
-                        stats
-                            .observations
-                            .fetch_add(items as u64, Ordering::Relaxed);
-                    }
-                    Some(Message::FlowsAck(ack)) => {
-                        if let dnsfence_sync::replay::Ack::Acked { items, .. } = pending
-                            .flows
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .ack(ack.seq)
-                        {
-                            stats.flows.fetch_add(items as u64, Ordering::Relaxed);
-                        }
-                    }
-                    _ => {}
-                }
-                (retry, false)
+        let (snapshot, first) = match conn.recv()? {
+            Some(Message::PolicySnapshot(msg)) => (Some(msg), true),
+            Some(Message::ObservationsAck(ack)) => {
+                let items = pending.ack_observations(ack.seq);
+                stats
+                    .observations
+                    .fetch_add(items as u64, Ordering::Relaxed);
+                (None, false)
             }
+            Some(Message::FlowsAck(ack)) => {
+                if let dnsfence_sync::replay::Ack::Acked { items, .. } = pending
+                    .flows
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .ack(ack.seq)
+                {
+                    stats.flows.fetch_add(items as u64, Ordering::Relaxed);
+                }
+                (None, false)
+            }
+            _ => (None, false),
         };
+        // Nothing new from the agent: the unsaved snapshot's save again, when due.
+        let snapshot = snapshot.or_else(|| {
+            unsaved
+                .take_if(|(_, tried)| tried.elapsed() >= PERSIST_RETRY)
+                .map(|(msg, _)| msg)
+        });
         if let Some(msg) = snapshot {
             match apply(&msg) {
                 Ok(()) => {

@@ -24,6 +24,13 @@ use crate::serve::{self, ServeArgs, Server, Start, UnknownFlag};
 /// observation is a few hundred) stay under the state file's 256 MiB bound.
 const MAX_REPLAY: usize = 1 << 18;
 
+/// The snapshot in force (and whether it is persisted) is now persisted.
+fn mark_persisted(in_force: &mut Option<(dnsfence_sync::proto::PolicySnapshot, bool)>) {
+    if let Some((_, persisted)) = in_force {
+        *persisted = true;
+    }
+}
+
 /// With a persisted policy, how long the proxy looks for the agent before serving from it.
 const AGENT_PROBE: Duration = Duration::from_millis(300);
 
@@ -149,7 +156,7 @@ pub fn run(args: &ProxyArgs) -> Result<()> {
                 if retry || last.version != msg.version {
                     in_force = Some((msg.clone(), false));
                     ha::save_policy(&state, msg).map_err(ha::ApplyError::NotPersisted)?;
-                    in_force = Some((msg.clone(), true));
+                    mark_persisted(&mut in_force);
                 }
                 health.policy_loaded(msg.version);
                 if retry {
@@ -183,7 +190,7 @@ pub fn run(args: &ProxyArgs) -> Result<()> {
             health.policy_loaded(msg.version);
             in_force = Some((msg.clone(), false));
             ha::save_policy(&state, msg).map_err(ha::ApplyError::NotPersisted)?;
-            in_force = Some((msg.clone(), true));
+            mark_persisted(&mut in_force);
             eprintln!(
                 "{WHO}: policy snapshot {} from the agent in force",
                 msg.version

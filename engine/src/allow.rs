@@ -416,6 +416,22 @@ struct Slot {
     names: [u32; NAMES_PER_ENTRY],
 }
 
+impl Slot {
+    /// Whether `name` is not among the entry's names and there is room for it.
+    fn would_learn(&self, names: &NameTable, name: &Name) -> bool {
+        !self.names.iter().any(|&id| names.is(id, name)) && self.names.contains(&NO_NAME)
+    }
+
+    /// Adds `name` (of `endpoint`) to the entry's names, if [`Slot::would_learn`].
+    fn remember(&mut self, names: &mut NameTable, endpoint: EndpointKey, name: &Name) {
+        if self.would_learn(names, name)
+            && let Some(free) = self.names.iter_mut().find(|n| **n == NO_NAME)
+        {
+            *free = names.acquire(endpoint, name);
+        }
+    }
+}
+
 /// The hash step that spreads `n` placeholder entries evenly over the buckets of a
 /// `hashbrown` table of `capacity` (its buckets are the power of two that holds it at a
 /// load of 7/8): entry `i` hashed `i * step` lands in bucket `i * step`, so that `n` inserts
@@ -713,9 +729,7 @@ impl Ledger {
                             expires: e.expires,
                             previous: Some(slot.expires),
                         });
-                    } else if !slot.names.iter().any(|&id| self.names.is(id, name))
-                        && slot.names.contains(&NO_NAME)
-                    {
+                    } else if slot.would_learn(&self.names, name) {
                         // Grows like `justified_scratch` (to the largest group seen, then
                         // never again).
                         self.name_only.push(key);
@@ -804,10 +818,8 @@ impl Ledger {
         for key in name_only.drain(..) {
             if let Some(name) = name
                 && let Some(slot) = self.entries.get_mut(&key)
-                && !slot.names.iter().any(|&id| self.names.is(id, name))
-                && let Some(free) = slot.names.iter_mut().find(|n| **n == NO_NAME)
             {
-                *free = self.names.acquire(key.endpoint, name);
+                slot.remember(&mut self.names, key.endpoint, name);
             }
         }
         self.name_only = name_only;
@@ -818,11 +830,7 @@ impl Ledger {
                     self.stats.extended += 1;
                     // Remember this name too (it may be the one a reload keeps).
                     if let Some(name) = name {
-                        let known = slot.names.iter().any(|&id| self.names.is(id, name));
-                        if !known && let Some(free) = slot.names.iter_mut().find(|n| **n == NO_NAME)
-                        {
-                            *free = self.names.acquire(c.key.endpoint, name);
-                        }
+                        slot.remember(&mut self.names, c.key.endpoint, name);
                     }
                 }
                 None => {

@@ -313,7 +313,6 @@ pub fn connect_with_backoff(
     backoff: &mut Backoff,
     stop: &AtomicBool,
 ) -> Result<UnixStream, ConnError> {
-    const SLICE: Duration = Duration::from_millis(100);
     loop {
         if stop.load(Ordering::Relaxed) {
             return Err(ConnError::Stopped {
@@ -324,13 +323,19 @@ pub fn connect_with_backoff(
             backoff.reset();
             return Ok(stream);
         }
-        let until = Instant::now() + backoff.next_delay();
-        loop {
-            let now = Instant::now();
-            if now >= until || stop.load(Ordering::Relaxed) {
-                break;
-            }
-            std::thread::sleep((until - now).min(SLICE));
+        sleep_unless_stopped(backoff.next_delay(), stop);
+    }
+}
+
+/// Sleeps `delay`, or less when `stop` is set meanwhile (checked at least every 100 ms).
+pub fn sleep_unless_stopped(delay: Duration, stop: &AtomicBool) {
+    const SLICE: Duration = Duration::from_millis(100);
+    let until = Instant::now() + delay;
+    loop {
+        let now = Instant::now();
+        if now >= until || stop.load(Ordering::Relaxed) {
+            break;
         }
+        std::thread::sleep((until - now).min(SLICE));
     }
 }
