@@ -13,7 +13,20 @@
 //! Revocation is each process's own: both get every policy snapshot (the proxy from the
 //! agent) and each removes the entries its ledger knows the new one does not justify; what
 //! the agent wrote while it knew, a restarted proxy learns from the map at start.
+//!
+//! **An entry both ledgers hold.** One address answered for two names, one per process (or a
+//! snapshot one process has and the other not yet): the first process's revocation removes
+//! the entry from the map while the second's ledger, whose name still justifies it, holds it,
+//! and would release its next answers for it with nothing behind them (review finding). So a
+//! writer that removes entries on revocation bumps the **writers' epoch**, a counter in the
+//! first bytes of the writers' lock file, mapped shared by both (read with no syscall). The
+//! other writer, on seeing it change, (1) has its shards forget what they remember as
+//! written (`AllowSink::epoch`), (2) plans every entry an answer needs as a rewrite until
+//! (3) its periodic repair has checked every entry of its ledger against the map and put
+//! back those missing. A removal by expiry bumps nothing: the sweep removes only what the
+//! map's own expiry says has passed, which no ledger outlives.
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -74,7 +87,14 @@ struct Inner {
     /// The map's value of each change's key before the write (for undo).
     previous: Vec<Option<u64>>,
     removed: Vec<AllowKey>,
+    /// The writers' epoch this ledger has taken in: when the shared one differs, the other
+    /// writer removed entries since, and the ledger verifies (see the module documentation).
+    seen_epoch: u64,
 }
+
+/// Keys the repair checks per turn of the ledger's lock (which it takes only to put back
+/// what is missing).
+const REPAIR_SLICE: usize = 4096;
 
 /// The writers' lock held (released on drop). A lock that cannot be taken (an error of
 /// flock) is not waited for: the write goes on, as it did before the lock existed.
@@ -105,6 +125,11 @@ struct Scan {
 pub struct BpfAllow {
     inner: Arc<Mutex<Inner>>,
     scan: Arc<Mutex<Scan>>,
+    /// The writers' epoch, shared with the other writer through the lock file.
+    epoch: Arc<sys::SharedWord>,
+    /// The writers' epoch the last repair checked the ledger for (or that this process's
+    /// own removal made).
+    repaired: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for BpfAllow {
@@ -164,6 +189,7 @@ impl BpfAllow {
         let writers = std::fs::OpenOptions::new()
             .create(true)
             .truncate(false)
+            .read(true)
             .write(true)
             .open(&lock_path)
             .map_err(|e| DatapathError::Map {
@@ -201,6 +227,11 @@ impl BpfAllow {
                     reason: e.to_string(),
                 })?,
         };
+        let epoch = sys::SharedWord::map(&writers).map_err(|e| DatapathError::Map {
+            map: names::ALLOW,
+            reason: format!("mapping {}: {e}", lock_path.display()),
+        })?;
+        let seen_epoch = epoch.word().load(Ordering::Acquire);
         let mut ledger = Ledger::new(config);
         let clock = Clock::now();
         for item in map.iter() {
@@ -215,6 +246,8 @@ impl BpfAllow {
             ledger.restore(AllowKey::from(&k), clock.to_instant(expires), name.as_ref());
         }
         Ok(BpfAllow {
+            epoch: Arc::new(epoch),
+            repaired: Arc::new(AtomicU64::new(seen_epoch)),
             scan: Arc::new(Mutex::new(scan)),
             inner: Arc::new(Mutex::new(Inner {
                 ledger,
@@ -224,6 +257,7 @@ impl BpfAllow {
                 writers,
                 previous: Vec::new(),
                 removed: Vec::new(),
+                seen_epoch,
             })),
         })
     }
@@ -281,8 +315,85 @@ impl BpfAllow {
                 let _ = inner.map.remove(&AllowMapKey::from(k));
                 let _ = inner.names.remove(&AllowMapKey::from(k));
             }
+            // The other writer may hold some of these for a name it still justifies: it
+            // checks its ledger against the map when it sees the epoch move.
+            let before = self.epoch.word().fetch_add(1, Ordering::AcqRel);
+            if before == inner.seen_epoch {
+                // Nothing unseen from the other writer: this bump needs no repair here.
+                inner.seen_epoch = before + 1;
+                let _ = self.repaired.compare_exchange(
+                    before,
+                    before + 1,
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                );
+            }
         }
         inner.removed.len()
+    }
+
+    /// When the other writer removed entries since the last check (the writers' epoch
+    /// moved): puts back into the map every entry of this ledger that is missing from it and
+    /// not expired, then ends verify mode. The map is read through the second handles,
+    /// without the ledger's lock, which is taken only to put back what is missing, a slice
+    /// at a time. Cheap when the epoch has not moved (two atomic loads). Returns how many
+    /// entries it put back.
+    pub fn repair(&self) -> usize {
+        let epoch = self.epoch.word().load(Ordering::Acquire);
+        if self.repaired.load(Ordering::Acquire) == epoch {
+            return 0;
+        }
+        let keys = {
+            let mut guard = self.lock();
+            if guard.seen_epoch != epoch {
+                guard.seen_epoch = epoch;
+                guard.ledger.set_verify(true);
+            }
+            guard.ledger.keys()
+        };
+        let mut repaired = 0;
+        let mut missing = Vec::new();
+        for slice in keys.chunks(REPAIR_SLICE) {
+            missing.clear();
+            {
+                let scan = self.scan.lock().unwrap_or_else(|e| e.into_inner());
+                missing.extend(
+                    slice
+                        .iter()
+                        .filter(|k| scan.map.get(&AllowMapKey::from(*k), 0).is_err()),
+                );
+            }
+            if missing.is_empty() {
+                continue;
+            }
+            let clock = Clock::now();
+            let mut guard = self.lock();
+            let inner = &mut *guard;
+            let _writers = WritersLock::take(&inner.writers);
+            for k in &missing {
+                let Some((expires, name)) = inner.ledger.entry(k) else {
+                    continue;
+                };
+                let key = AllowMapKey::from(k);
+                if expires <= clock.instant || inner.map.get(&key, 0).is_ok() {
+                    continue;
+                }
+                if inner.map.insert(key, clock.to_boot_ns(expires), 0).is_ok() {
+                    if let Some(value) = name.as_ref().and_then(|n| NameValue::of(n.wire())) {
+                        let _ = inner.names.insert(key, value, 0);
+                    }
+                    inner.ledger.count_repaired();
+                    repaired += 1;
+                }
+            }
+        }
+        let mut guard = self.lock();
+        if self.epoch.word().load(Ordering::Acquire) == epoch && guard.seen_epoch == epoch {
+            guard.ledger.set_verify(false);
+        }
+        drop(guard);
+        self.repaired.fetch_max(epoch, Ordering::AcqRel);
+        repaired
     }
 
     /// Removes up to `budget` expired entries (a slice: the shards' writes wait at most one
@@ -320,11 +431,22 @@ impl BpfAllow {
 }
 
 impl AllowSink for BpfAllow {
+    fn epoch(&self) -> u64 {
+        self.epoch.word().load(Ordering::Acquire)
+    }
+
     fn write(&mut self, _now: Instant, batch: &mut AllowBatch) {
         let clock = Clock::now();
         let mut guard = self.lock();
         let inner = &mut *guard;
         let _writers = WritersLock::take(&inner.writers);
+        let epoch = self.epoch.word().load(Ordering::Acquire);
+        if epoch != inner.seen_epoch {
+            // The other writer removed entries since: until the repair has checked them all,
+            // every entry an answer needs is written again (put back if missing).
+            inner.seen_epoch = epoch;
+            inner.ledger.set_verify(true);
+        }
         for g in 0..batch.groups.len() {
             if inner.ledger.plan(batch, g, &mut inner.changes).is_err() {
                 batch.settle_group(g, false, &[]);
@@ -345,14 +467,20 @@ impl AllowSink for BpfAllow {
             }
             match failed_at {
                 None => {
-                    // New entries get their name beside them (best effort: an entry without
-                    // one is judged by its port spec alone after a restart).
+                    // Entries new to the map get their name beside them (best effort: an entry
+                    // without one is judged by its port spec alone after a restart); one the
+                    // map held keeps the name its first writer gave it.
                     let name = batch
                         .group_entries(g)
                         .first()
                         .map(|e| &batch.names[e.name as usize]);
                     if let Some(value) = name.and_then(|n| NameValue::of(n.wire())) {
-                        for c in inner.changes.iter().filter(|c| c.previous.is_none()) {
+                        for (c, _) in inner
+                            .changes
+                            .iter()
+                            .zip(&inner.previous)
+                            .filter(|(_, previous)| previous.is_none())
+                        {
                             let _ = inner.names.insert(AllowMapKey::from(&c.key), value, 0);
                         }
                     }

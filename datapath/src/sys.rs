@@ -217,3 +217,64 @@ impl DirWatch {
         Ok(true)
     }
 }
+
+/// A 64-bit counter in the first bytes of a file, mapped shared: every process that maps
+/// the same file sees the same counter, and reads it with no syscall. The allow writers'
+/// epoch lives in their lock file (see `sink`).
+pub struct SharedWord {
+    ptr: std::ptr::NonNull<std::sync::atomic::AtomicU64>,
+}
+
+// SAFETY: the mapping is only ever accessed through the `AtomicU64` it holds, which is safe
+// to share and send between threads; it lives until `drop`.
+unsafe impl Send for SharedWord {}
+// SAFETY: as above (all access is atomic).
+unsafe impl Sync for SharedWord {}
+
+/// The length mapped: one page.
+const SHARED_WORD_LEN: usize = 4096;
+
+impl SharedWord {
+    /// Maps the first page of `file` (opened for reading and writing), growing the file to
+    /// a page if it is shorter (the added bytes read as zero).
+    pub fn map(file: &std::fs::File) -> io::Result<SharedWord> {
+        use std::os::fd::AsRawFd;
+        if file.metadata()?.len() < SHARED_WORD_LEN as u64 {
+            file.set_len(SHARED_WORD_LEN as u64)?;
+        }
+        // SAFETY: a fresh shared mapping of a file descriptor we own, of a length the file
+        // now has; the kernel picks the address; nothing else is touched.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                SHARED_WORD_LEN,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let ptr = std::ptr::NonNull::new(ptr.cast::<std::sync::atomic::AtomicU64>())
+            .ok_or_else(|| io::Error::other("mmap returned null"))?;
+        Ok(SharedWord { ptr })
+    }
+
+    /// The counter.
+    pub fn word(&self) -> &std::sync::atomic::AtomicU64 {
+        // SAFETY: the mapping is page-aligned (so aligned for a u64), one page long, and
+        // lives as long as `self`; other processes touch it only atomically too.
+        unsafe { self.ptr.as_ref() }
+    }
+}
+
+impl Drop for SharedWord {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the mapping `map` made; no reference to it outlives `self`.
+        unsafe {
+            libc::munmap(self.ptr.as_ptr().cast(), SHARED_WORD_LEN);
+        }
+    }
+}

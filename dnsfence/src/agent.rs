@@ -432,6 +432,7 @@ pub fn run(args: &AgentArgs) -> Result<()> {
     let mut failed = None;
     while !stop.load(Ordering::Relaxed) {
         std::thread::sleep(Duration::from_millis(50));
+        enforcer.repair();
         if let Some(i) = server.check() {
             failed = Some(i);
             break;

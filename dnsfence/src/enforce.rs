@@ -191,6 +191,21 @@ impl Enforcer {
         Ok(lines)
     }
 
+    /// (eBPF) Puts back the entries this process's policy justifies that the other writer
+    /// removed (see `BpfAllow::repair`): called every turn of the main loop, it costs two
+    /// atomic loads unless the other writer revoked something.
+    pub fn repair(&self) {
+        if let Enforcer::Bpf { allow, .. } = self {
+            let repaired = allow.repair();
+            if repaired > 0 {
+                eprintln!(
+                    "{repaired} allow entries put back: the other writer's reload removed them, \
+                     this process's policy still justifies them"
+                );
+            }
+        }
+    }
+
     /// Periodic work: one slice of the expiry sweep; (eBPF) endpoints whose cgroup appeared.
     pub fn tick(&self, snapshot: &Snapshot) {
         match self {

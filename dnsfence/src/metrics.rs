@@ -914,6 +914,13 @@ fn allow(e: &mut DescriptorEncoder, state: &State) -> Fmt {
     )?;
     counter(
         e,
+        "allow_repaired",
+        "Allow entries put back into the pinned map after the other writer (agent or standalone \
+         proxy) removed them while this process's policy still justified them",
+        allow.repaired,
+    )?;
+    counter(
+        e,
         "allow_in_cluster",
         "Allow entries refused or revoked because their address is inside the cluster (a name \
          resolving to a pod, service or node)",

@@ -253,6 +253,7 @@ pub fn run(args: &ProxyArgs) -> Result<()> {
     let mut persisted = Instant::now();
     while !stop.load(Ordering::Relaxed) {
         std::thread::sleep(Duration::from_millis(50));
+        enforcer.repair();
         if let Some(i) = server.check() {
             failed = Some(i);
             break;

@@ -233,6 +233,14 @@ pub trait AllowSink {
     /// Writes each group of `batch` whole or not at all, setting its `ok`; an entry already
     /// present keeps the later of its two expiries.
     fn write(&mut self, now: Instant, batch: &mut AllowBatch);
+
+    /// A number that changes whenever entries may have left the table behind this writer's
+    /// back (another process sharing the table revoked some): a shard that remembers
+    /// entries as written forgets them when it changes. Read once per poll of a shard, so
+    /// it must cost no syscall. A table only this process writes never changes it.
+    fn epoch(&self) -> u64 {
+        0
+    }
 }
 
 /// Bounds of a [`Ledger`]; each is a flag of `dnsfence agent`.
@@ -283,6 +291,11 @@ pub struct LedgerStats {
     pub revoked: u64,
     /// Entries removed on expiry.
     pub expired: u64,
+    /// Entries rewritten unchanged in verify mode (see [`Ledger::set_verify`]).
+    pub verified: u64,
+    /// Entries put back into a shared table after another writer removed them while this
+    /// ledger still held them.
+    pub repaired: u64,
 }
 
 /// An interned name: its endpoint, wire bytes and number of references.
@@ -573,6 +586,9 @@ pub struct Ledger {
     new_for_name: Vec<(EndpointKey, u32, usize)>,
     /// Scratch of `apply`.
     changes_scratch: Vec<Change>,
+    /// Whether an entry that needs no change is planned as a rewrite of its expiry (the
+    /// table mirrored may have lost it: see [`Ledger::set_verify`]).
+    verify: bool,
     stats: LedgerStats,
 }
 
@@ -608,8 +624,31 @@ impl Ledger {
             new_for: Vec::with_capacity(64),
             new_for_name: Vec::with_capacity(64),
             changes_scratch: Vec::with_capacity(64),
+            verify: false,
             stats: LedgerStats::default(),
         }
+    }
+
+    /// With `on`, every entry a group needs is planned as a change, even one the ledger holds
+    /// long enough: its expiry written again (a sink takes the later of the table's and
+    /// this), so an entry another writer of a shared table removed is put back before the
+    /// answer that needs it is released. A sink turns it on when it learns that the other
+    /// writer removed entries, and off once it has checked every entry of the ledger.
+    pub fn set_verify(&mut self, on: bool) {
+        self.verify = on;
+    }
+
+    /// The ledger's entries (their keys), for a sink that checks them against its table.
+    pub fn keys(&self) -> Vec<AllowKey> {
+        self.entries.iter().map(|(k, _)| *k).collect()
+    }
+
+    /// Entry `key`'s expiry and its first name, if the ledger holds it.
+    pub fn entry(&self, key: &AllowKey) -> Option<(Instant, Option<Name>)> {
+        self.entries.get(key).map(|slot| {
+            let name = slot.names.iter().find_map(|&id| self.names.name(id));
+            (slot.expires, name)
+        })
     }
 
     /// Counters.
@@ -729,6 +768,12 @@ impl Ledger {
                             expires: e.expires,
                             previous: Some(slot.expires),
                         });
+                    } else if self.verify {
+                        changes.push(Change {
+                            key,
+                            expires: slot.expires,
+                            previous: Some(slot.expires),
+                        });
                     } else if slot.would_learn(&self.names, name) {
                         // Grows like `justified_scratch` (to the largest group seen, then
                         // never again).
@@ -826,12 +871,17 @@ impl Ledger {
         for c in changes {
             match self.entries.get_mut(&c.key) {
                 Some(slot) => {
-                    slot.expires = slot.expires.max(c.expires);
-                    self.stats.extended += 1;
                     // Remember this name too (it may be the one a reload keeps).
                     if let Some(name) = name {
                         slot.remember(&mut self.names, c.key.endpoint, name);
                     }
+                    if c.expires <= slot.expires {
+                        // A rewrite of the expiry held (verify mode): nothing else changes.
+                        self.stats.verified += 1;
+                        continue;
+                    }
+                    slot.expires = c.expires;
+                    self.stats.extended += 1;
                 }
                 None => {
                     let id = name.map_or(NO_NAME, |n| self.names.acquire(c.key.endpoint, n));
@@ -895,6 +945,11 @@ impl Ledger {
             batch.settle_group(g, ok, self.planned_justified());
         }
         self.changes_scratch = changes;
+    }
+
+    /// Counts an entry a sink put back into its table (see [`LedgerStats::repaired`]).
+    pub fn count_repaired(&mut self) {
+        self.stats.repaired += 1;
     }
 
     /// Counts a group whose map write failed (its plan was not committed).

@@ -593,6 +593,8 @@ pub struct Core {
     /// first one already opened is still written, so the ledger learns it (a reload that
     /// drops the first name must not revoke what the second one justifies).
     written: HashMap<(AllowKey, u64), Instant, foldhash::fast::RandomState>,
+    /// The allow table's epoch `written` was filled under (see [`AllowSink::epoch`]).
+    allow_epoch: u64,
     /// Scratch: the distinct port specs of one answer's matching rules.
     specs: Vec<PortSpec>,
     /// The batch group `learn` began last.
@@ -678,6 +680,7 @@ impl Core {
             rng_key: config.seed,
             rng_counter: 0,
             written: prefaulted_written(config.allow_cache_entries),
+            allow_epoch: 0,
             oldest: NO_SLOT,
             newest: NO_SLOT,
             held: Vec::with_capacity(256),
@@ -724,6 +727,16 @@ impl Core {
         self.recount_endpoint_shares();
         // The reload may have revoked entries this shard remembers as written.
         self.written.clear();
+    }
+
+    /// Takes the allow table's epoch (read once per poll): when it changed, another writer
+    /// may have removed entries this shard remembers as written, so it forgets them and the
+    /// next answers that need them go to the sink (which puts back what is missing).
+    pub fn note_allow_epoch(&mut self, epoch: u64) {
+        if epoch != self.allow_epoch {
+            self.allow_epoch = epoch;
+            self.written.clear();
+        }
     }
 
     /// Rebuilds the per-endpoint counts for the current snapshot's numbering: every query in

@@ -265,6 +265,7 @@ fn run(mut config: ShardConfig, opened: std::sync::mpsc::SyncSender<Result<(), I
             break;
         }
         refresh(&mut core, &config, &mut generation);
+        core.note_allow_epoch(config.allow.epoch());
         // Sleep until a packet, the next timeout, or 100 ms (to notice stop and publish).
         let wait = core
             .poll_timeout()

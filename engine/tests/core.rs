@@ -241,6 +241,39 @@ fn unchanged_address_sets_cost_no_write() {
     assert_eq!(h.core.stats().allow_writes, 2);
 }
 
+/// The allow table's epoch moved (the other writer of a shared map removed entries): the
+/// shard forgets what it remembers as written, and the next answer goes to the sink.
+#[test]
+fn a_new_allow_epoch_makes_the_next_answer_write_again() {
+    let mut h = Harness::new(config());
+    let ask = |h: &mut Harness, i: u64| {
+        let (socket, fwd) = h.forward(i * 10, &query(7, "a.allowed.test", TYPE_A));
+        let id = u16::from_be_bytes([fwd[0], fwd[1]]);
+        let ans = answer(
+            id,
+            "a.allowed.test",
+            TYPE_A,
+            &[("a.allowed.test", TYPE_A, 600, &rdata_a("127.0.0.9"))],
+        );
+        h.answer(i * 10 + 1, socket, &ans);
+    };
+    ask(&mut h, 0);
+    ask(&mut h, 1);
+    assert_eq!(h.core.stats().allow_writes, 1);
+    h.core.note_allow_epoch(0);
+    ask(&mut h, 2);
+    assert_eq!(
+        h.core.stats().allow_writes,
+        1,
+        "the same epoch: nothing to write"
+    );
+    h.core.note_allow_epoch(1);
+    ask(&mut h, 3);
+    assert_eq!(h.core.stats().allow_writes, 2, "a new epoch: written again");
+    ask(&mut h, 4);
+    assert_eq!(h.core.stats().allow_writes, 2);
+}
+
 #[test]
 fn cname_chain_is_followed_and_off_chain_records_never_allowed() {
     let mut h = Harness::new(config());

@@ -243,3 +243,100 @@ fn a_sweep_never_removes_an_entry_the_other_writer_just_wrote() {
         "entries lost to the sweep race in {rounds} rounds"
     );
 }
+
+/// Writes `key` for `name` until `ttl` from now through `sink`; whether the group was
+/// written.
+fn write_for(sink: &mut BpfAllow, name: &str, key: AllowKey, ttl: Duration) -> bool {
+    let mut batch = AllowBatch::with_capacity(4);
+    batch.begin_group(&Name::from_text(name).expect("name"));
+    batch.push(key, Instant::now() + ttl);
+    sink.write(Instant::now(), &mut batch);
+    batch.groups[0].ok
+}
+
+/// A snapshot where endpoint default/a may reach `name` on TCP 443.
+fn fqdn_snapshot(name: &str) -> dnsfence_policy::Snapshot {
+    let text = format!(
+        r#"apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {{name: a, namespace: default}}
+spec:
+  endpointSelector: {{matchLabels: {{app: a}}}}
+  egress:
+  - toFQDNs: [{{matchName: "{name}"}}]
+    toPorts: [{{ports: [{{port: "443", protocol: TCP}}]}}]
+"#
+    );
+    let endpoints = "endpoints:\n- {name: a, namespace: default, labels: {app: a}, cgroup: a}\n";
+    let p = dnsfence_policy::PolicySet::from_yaml(std::path::Path::new("p.yaml"), &text)
+        .expect("the test policy");
+    let e = dnsfence_policy::Endpoints::from_yaml(std::path::Path::new("e.yaml"), endpoints)
+        .expect("the test endpoints");
+    dnsfence_policy::Snapshot::compile(&p, &e)
+}
+
+/// Review finding: one address answered for two names, one per writer. A reload that drops
+/// the first writer's name removed the entry from the map while the second writer's ledger,
+/// whose name the reload keeps, still held it: its next answers needed "no change" and were
+/// released with the address closed, until the TTL ran out. The second writer now puts the
+/// entry back: at once for an answer that needs it, and by its repair for the others.
+#[test]
+fn an_entry_one_writer_revokes_is_put_back_by_the_other_that_still_justifies_it() {
+    if !require_root("allow_two_writers") {
+        return;
+    }
+    let _serial = EXCLUSIVE.lock().unwrap_or_else(|e| e.into_inner());
+    let env = Env::new("tworepair", &["a"]);
+    let mut datapath = env.install(None, 1024);
+    let mut agent = datapath.allow_sink(LedgerConfig::default()).expect("sink");
+    let mut proxy = BpfAllow::open_pinned(&env.pin, LedgerConfig::default()).expect("open");
+    let endpoint = EndpointKey::of("default", "a");
+    let [k1, k2] = ["127.0.0.71", "127.0.0.72"].map(|ip| AllowKey {
+        endpoint,
+        ..key(ip)
+    });
+    for k in [k1, k2] {
+        assert!(write_for(
+            &mut agent,
+            "x.example.test",
+            k,
+            Duration::from_secs(3600)
+        ));
+        assert!(write_for(
+            &mut proxy,
+            "y.example.test",
+            k,
+            Duration::from_secs(3600)
+        ));
+    }
+    assert_eq!(map_entries(&env.pin), 2);
+    // The agent's reload keeps y and drops x: its entries, known to it by x, leave the map.
+    let keeps_y = std::sync::Arc::new(fqdn_snapshot("y.example.test"));
+    assert_eq!(agent.revoke(keeps_y), 2);
+    assert_eq!(map_entries(&env.pin), 0, "the reload removed both");
+    assert_eq!(agent.repair(), 0, "the agent's own removal needs no repair");
+    // The proxy's next answer for y needs k1: written again, not taken as "no change".
+    assert!(write_for(
+        &mut proxy,
+        "y.example.test",
+        k1,
+        Duration::from_secs(60)
+    ));
+    assert_eq!(map_entries(&env.pin), 1, "the answer's entry is back");
+    // k2, which no answer has needed since, comes back with the repair.
+    assert_eq!(proxy.repair(), 1);
+    assert_eq!(map_entries(&env.pin), 2);
+    assert_eq!(proxy.stats().repaired, 1);
+    // Checked: no more rewrites of entries the ledger holds long enough, nothing to repair.
+    let verified = proxy.stats().verified;
+    assert!(write_for(
+        &mut proxy,
+        "y.example.test",
+        k1,
+        Duration::from_secs(60)
+    ));
+    assert_eq!(proxy.stats().verified, verified);
+    assert_eq!(proxy.repair(), 0);
+    drop(datapath);
+    let _ = Datapath::uninstall(&env.pin);
+}
