@@ -80,6 +80,7 @@ taskset -c "$CPU_LOAD" "$BIN/dnsfence-loadgen" upstream --listen 127.0.0.1:$UP_P
 pids+=($!)
 taskset -c "$CPU_PROXY" "$BIN/dnsfence" agent --listen 127.0.0.1:$PORT --upstream 127.0.0.1:$UP_PORT \
   --policy "$WORK/policy.yaml" --endpoints "$WORK/endpoints.yaml" --shards 1 --cpus "$CPU_PROXY" \
+  --open-loopback-answers \
   --bpf-pin "$PIN" --cgroup-root "$CG" --metrics-listen $METRICS > "$WORK/agent.log" 2>&1 &
 agent=$!
 pids+=($agent)
@@ -132,6 +133,7 @@ echo "datapath counters: $(curl -s "http://$METRICS/metrics" | grep '^dnsfence_d
 kill "$agent"; wait "$agent" 2>/dev/null || true
 taskset -c "$CPU_PROXY" "$BIN/dnsfence" agent --no-bpf --listen 127.0.0.1:$PORT --upstream 127.0.0.1:$UP_PORT \
   --policy "$WORK/policy.yaml" --endpoints "$WORK/endpoints.yaml" --shards 1 --cpus "$CPU_PROXY" \
+  --open-loopback-answers \
   --metrics-listen $METRICS > "$WORK/agent-nobpf.log" 2>&1 &
 agent=$!
 pids+=($agent)

@@ -371,7 +371,7 @@ impl CoreAllowed {
             answers: names
                 .iter()
                 .enumerate()
-                .map(|(i, n)| answer_packet(n, [127, 0, 1, i as u8]))
+                .map(|(i, n)| answer_packet(n, [198, 18, 1, i as u8]))
                 .collect(),
             t0: Instant::now(),
             sent: 0,

@@ -49,7 +49,7 @@ for i in $(seq 0 499); do echo "h$i.allowed.test A"; done > "$work/q.txt"
 sleep 0.3
 agent_cmd="$bin/dnsfence agent --no-bpf --listen 127.0.0.1:$listen --upstream 127.0.0.1:$up \
   --policy $work/policy.yaml --endpoints $work/endpoints.yaml --no-metrics \
-  --agent-socket $work/agent.sock"
+  --agent-socket $work/agent.sock --open-loopback-answers"
 $agent_cmd > "$work/agent.log" 2>&1 & agent_pid=$!
 pids+=("$agent_pid")
 sleep 1

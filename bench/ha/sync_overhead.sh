@@ -36,7 +36,7 @@ printf 'endpoints:\n- {name: client, namespace: default, labels: {app: client}, 
 agent() {
   "$bin/dnsfence" agent --no-bpf --listen "127.0.0.1:$agent_port" --upstream "127.0.0.1:$up" \
     --policy "$work/policy.yaml" --endpoints "$work/endpoints.yaml" --no-metrics --no-pin \
-    --shards 1 --agent-socket "$work/agent.sock" > "$work/agent.log" 2>&1 &
+    --shards 1 --agent-socket "$work/agent.sock" --open-loopback-answers > "$work/agent.log" 2>&1 &
   echo $!
 }
 # The proxy gets the policy once and persists it; then it runs alone or with the agent.

@@ -87,6 +87,13 @@ pub struct AgentArgs {
     /// not prefixes): `toEntities: host`; CIDR rules and toFQDNs answers leave them out.
     #[arg(long, value_name = "IP", value_parser = dnsfence_policy::cidr::Cidr::parse_host, value_delimiter = ',')]
     pub node_ip: Vec<dnsfence_policy::cidr::Cidr>,
+    /// Let a toFQDNs answer in the node's loopback (127.0.0.0/8, ::1) open it. By default an
+    /// allowed name answered with a node-local address (unspecified, loopback, link-local:
+    /// the cloud metadata service among them) opens nothing, counted as
+    /// `addresses_in_cluster`: DNS rebinding onto the node. For nodes whose host-process
+    /// endpoints meet their servers on loopback (and for tests).
+    #[arg(long)]
+    pub open_loopback_answers: bool,
     /// The Kubernetes API server's addresses (repeatable): `toEntities: kube-apiserver`
     /// (without it, that entity allows nothing).
     #[arg(long, value_name = "CIDR", value_parser = parse_cidr)]
@@ -291,6 +298,7 @@ pub fn run(args: &AgentArgs) -> Result<()> {
     let mut node = dnsfence_policy::cidr::NodeFacts {
         cluster: args.cluster_cidr.clone(),
         kube_apiserver: args.kube_apiserver.clone(),
+        open_loopback: args.open_loopback_answers,
         ..Default::default()
     };
     node.host.extend(args.node_ip.iter().copied());

@@ -496,6 +496,9 @@ fn run_in(args: &DemoArgs, exe: &Path, loadgen: &Path, dir: &Path) -> Result<boo
         );
         if role == "agent" {
             v.extend([
+                // The bundled upstream answers in 127.0.0.0/8 (the demo's world is this
+                // node's loopback): opened as a host-process node would.
+                "--open-loopback-answers".to_owned(),
                 "--policy".to_owned(),
                 policy.display().to_string(),
                 "--endpoints".to_owned(),

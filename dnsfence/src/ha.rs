@@ -205,6 +205,7 @@ pub fn policy_message(version: u64, sources: &Sources) -> PolicySnapshot {
             cluster_cidrs: text(&node.cluster),
             node_ips: text(&node.host),
             kube_apiserver: text(&node.kube_apiserver),
+            open_loopback_answers: node.open_loopback,
         },
     }
 }
@@ -234,6 +235,7 @@ pub fn compile(msg: &PolicySnapshot) -> Result<(Sources, dnsfence_policy::Snapsh
         cluster: parse(&msg.node.cluster_cidrs)?,
         host: parse(&msg.node.node_ips)?,
         kube_apiserver: parse(&msg.node.kube_apiserver)?,
+        open_loopback: msg.node.open_loopback_answers,
     };
     let in_force = InForce {
         policies: msg

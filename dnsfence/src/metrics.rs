@@ -480,12 +480,15 @@ const CORE: &[PerShard<Stats>] = &[
     ),
     (
         "addresses_in_cluster",
-        "Answer addresses inside the cluster, never allowed by a toFQDNs rule (DNS rebinding)",
+        "Answer addresses inside the cluster or node-local (loopback unless \
+         --open-loopback-answers, link-local, unspecified), never allowed by a toFQDNs rule \
+         (DNS rebinding)",
         |s| s.addresses_in_cluster,
     ),
     (
         "ttl_clamped",
-        "Enforced answers whose TTLs were lowered to --max-ttl",
+        "Enforced answers whose TTLs were lowered to what their allow entries outlive (the \
+         answer's minimum TTL, raised to --min-ttl, capped at --max-ttl)",
         |s| s.ttl_clamped,
     ),
     ("allow_writes", "Allow entries written", |s| s.allow_writes),

@@ -248,7 +248,8 @@ pub trait AllowSink {
 pub struct LedgerConfig {
     /// Most entries on the node (the allow map's size).
     pub capacity: usize,
-    /// Most entries one endpoint may hold.
+    /// Most entries one endpoint may hold (and never more than are left free: its fair
+    /// share, see `Ledger::plan`).
     pub per_endpoint: usize,
     /// Most entries one (endpoint, name) may hold (a name answering fresh addresses each
     /// time cannot take the endpoint's whole quota).
@@ -821,9 +822,14 @@ impl Ledger {
                 capacity: self.config.capacity,
             });
         }
+        // An endpoint also stops at its fair share: it never holds more than is free (k
+        // endpoints filling the table together leave about 1/(k+1) of it to the others;
+        // review finding: at the default quota, a quarter of the table, four endpoints could
+        // take all of it).
+        let free = self.config.capacity.saturating_sub(self.entries.len());
         for &(endpoint, n) in new_for {
             let held = self.per_endpoint.get(&endpoint).copied().unwrap_or(0) as usize;
-            if held + n > self.config.per_endpoint {
+            if held + n > self.config.per_endpoint || held + n > free {
                 self.stats.endpoint_quota += 1;
                 return Err(AllowError::EndpointQuota {
                     quota: self.config.per_endpoint,

@@ -78,7 +78,9 @@ pub struct CoreConfig {
     /// Most queries in flight upstream at once; beyond it new queries get SERVFAIL.
     pub max_pending: usize,
     /// Most of those one endpoint may hold (unknown sources count as one endpoint), so a
-    /// workload querying names that never answer cannot starve the others.
+    /// workload querying names that never answer cannot starve the others. Besides, an
+    /// endpoint never holds as many as are free (its fair share: endpoints flooding together
+    /// leave a share free for the rest).
     pub max_pending_per_endpoint: usize,
     /// Most (endpoint, address) entries this shard remembers as written; beyond it the
     /// memory is cleared (which costs extra writes, never correctness).
@@ -352,8 +354,9 @@ pub struct Stats {
     /// Answer addresses inside the cluster (`Snapshot::in_cluster`), which a toFQDNs rule
     /// never opens (DNS rebinding); the answer itself is released.
     pub addresses_in_cluster: u64,
-    /// Enforced answers whose TTLs were lowered to `max(max_ttl, min_ttl)` (their allow
-    /// entries cannot outlive that, so the client must not cache longer).
+    /// Enforced answers whose TTLs were lowered: to the TTL their allow entries were written
+    /// for (the chain's minimum, raised to `min_ttl`, capped at `max(max_ttl, min_ttl)`),
+    /// which a client must not cache past; to the cap for answers that open nothing.
     pub ttl_clamped: u64,
     /// Allow entries written.
     pub allow_writes: u64,
@@ -729,6 +732,15 @@ impl Core {
         self.written.clear();
     }
 
+    /// The TTL an answer's allow entries are written for: the chain's minimum TTL raised to
+    /// `min_ttl`, capped at `max(max_ttl, min_ttl)`.
+    fn entry_ttl(&self, addresses: &wire::Addresses) -> u32 {
+        addresses
+            .min_ttl
+            .max(self.config.min_ttl)
+            .min(self.config.max_ttl.max(self.config.min_ttl))
+    }
+
     /// Takes the allow table's epoch (read once per poll): when it changed, another writer
     /// may have removed entries this shard remembers as written, so it forgets them and the
     /// next answers that need them go to the sink (which puts back what is missing).
@@ -1022,8 +1034,12 @@ impl Core {
     ) {
         let unknown = self.in_flight_by_endpoint.len() - 1;
         let bucket = endpoint.map_or(unknown, |(ep, _)| (ep.0 as usize).min(unknown));
-        let endpoint_full =
-            self.in_flight_by_endpoint[bucket] as usize >= self.config.max_pending_per_endpoint;
+        // Its quota, and its fair share: an endpoint takes a slot only while it holds fewer
+        // than are free, so k endpoints flooding together hold at most k/(k+1) of the table
+        // and the rest stays free for the others (review finding: at the default quota, half
+        // the table, two endpoints could take all of it).
+        let held = self.in_flight_by_endpoint[bucket] as usize;
+        let endpoint_full = held >= self.config.max_pending_per_endpoint || held >= self.free.len();
         let slot = if endpoint_full { None } else { self.free.pop() };
         let Some(slot) = slot else {
             self.stats.pending_full += 1;
@@ -1347,7 +1363,7 @@ impl Core {
         if answer.truncated() {
             self.stats.truncated += 1;
         }
-        let (client, enforce) = (p.client, p.enforce);
+        let (client, enforce, fqdn) = (p.client, p.enforce, p.fqdn_len != 0);
         let latency = now.saturating_duration_since(p.sent_at);
         self.stats.upstream_latency.observe(latency);
         self.stats.upstream_rcodes[usize::from(answer.rcode() & 0xf)] += 1;
@@ -1361,14 +1377,21 @@ impl Core {
                 self.stats.off_chain_records += addresses.off_chain as u64;
                 self.stats.addresses_overflow += addresses.overflow as u64;
                 held = self.learn(now, slot, &addresses);
-                // The entries live 1.5 × at most the cap: the client must not cache the
-                // addresses longer than the cap (else its connections fail while its
-                // answer is still fresh).
-                let cap = self.config.max_ttl.max(self.config.min_ttl);
-                if addresses.min_ttl > cap {
+                // The entries live 1.5 × the TTL `learn` wrote them for: the chain's
+                // minimum, raised to --min-ttl, capped at --max-ttl. No record of the answer
+                // may be cached longer than that (else connections fail while the answer is
+                // still fresh: a 7-day A record behind a 60 s CNAME, or a CNAME cached past
+                // its target's entry whose target name the client then asks directly).
+                // An answer no toFQDNs rule selects opens nothing: only the cap applies.
+                let limit = if fqdn {
+                    self.entry_ttl(&addresses)
+                } else {
+                    self.config.max_ttl.max(self.config.min_ttl)
+                };
+                if addresses.max_ttl > limit {
                     self.stats.ttl_clamped += 1;
                     let reply = &mut self.outbox.bytes[start..start + len];
-                    wire::clamp_ttls(reply, &answer, cap);
+                    wire::clamp_ttls(reply, &answer, limit);
                 }
             }
             self.addresses = Some(addresses);
@@ -1497,10 +1520,7 @@ impl Core {
                 }
             }
         }
-        let ttl = addresses
-            .min_ttl
-            .max(self.config.min_ttl)
-            .min(self.config.max_ttl.max(self.config.min_ttl));
+        let ttl = self.entry_ttl(addresses);
         // The entry must outlive the client's cached answer (now + ttl). It is written with
         // half a TTL of headroom, so answers of the next half TTL (an authoritative upstream
         // repeats the same TTL) find it fresh enough and need no write.

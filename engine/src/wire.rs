@@ -755,6 +755,8 @@ pub struct Addresses {
     count: usize,
     /// Minimum TTL over the chain's CNAME records and the address records, in seconds.
     pub min_ttl: u32,
+    /// Maximum TTL over the same records (0 without addresses).
+    pub max_ttl: u32,
     /// CNAME hops followed.
     pub chain: usize,
     /// Address records of the answer section that were not on the chain (ignored).
@@ -769,6 +771,7 @@ impl Default for Addresses {
             ips: [IpAddr::V4(Ipv4Addr::UNSPECIFIED); MAX_ADDRESSES],
             count: 0,
             min_ttl: u32::MAX,
+            max_ttl: 0,
             chain: 0,
             off_chain: 0,
             overflow: 0,
@@ -780,6 +783,7 @@ impl Addresses {
     fn reset(&mut self) {
         self.count = 0;
         self.min_ttl = u32::MAX;
+        self.max_ttl = 0;
         self.chain = 0;
         self.off_chain = 0;
         self.overflow = 0;
@@ -868,6 +872,7 @@ pub fn collect_addresses(
     target.buf[..answer.name_len].make_ascii_lowercase();
     let mut on_chain = [false; MAX_RECORDS];
     let mut chain_ttl = u32::MAX;
+    let mut chain_max = 0u32;
     let owned = |r: &Record, target: &FlatName| {
         name_is(packet, usize::from(r.owner_at), target.bytes()).ok_or(AnswerError::BadRecord)
     };
@@ -894,6 +899,7 @@ pub fn collect_addresses(
             }
             on_chain[i] = true;
             chain_ttl = chain_ttl.min(r.ttl);
+            chain_max = chain_max.max(r.ttl);
             out.chain += 1;
             target = name;
             continue;
@@ -919,6 +925,7 @@ pub fn collect_addresses(
             }
             out.push(ip);
             out.min_ttl = out.min_ttl.min(r.ttl);
+            out.max_ttl = out.max_ttl.max(r.ttl);
             on_chain[i] = true;
         }
         break;
@@ -930,8 +937,10 @@ pub fn collect_addresses(
         .count();
     if out.count > 0 {
         out.min_ttl = out.min_ttl.min(chain_ttl);
+        out.max_ttl = out.max_ttl.max(chain_max);
     } else {
         out.min_ttl = 0;
+        out.max_ttl = 0;
     }
     Ok(())
 }
@@ -1239,6 +1248,8 @@ mod tests {
         assert_eq!(addrs.ips().len(), 2);
         assert_eq!(addrs.ips()[0], "192.0.2.1".parse::<IpAddr>().unwrap());
         assert_eq!(addrs.min_ttl, 60);
+        // The CNAME's 300; not the off-chain record's 9999.
+        assert_eq!(addrs.max_ttl, 300);
         assert_eq!(addrs.chain, 1);
         assert_eq!(addrs.off_chain, 1);
     }

@@ -279,31 +279,38 @@ fn cname_chain_is_followed_and_off_chain_records_never_allowed() {
     let mut h = Harness::new(config());
     let (socket, fwd) = h.forward(0, &query(9, "svc.allowed.test", TYPE_AAAA));
     let id = u16::from_be_bytes([fwd[0], fwd[1]]);
-    let ans = answer(
-        id,
-        "svc.allowed.test",
-        TYPE_AAAA,
-        &[
-            (
-                "svc.allowed.test",
-                TYPE_CNAME,
-                120,
-                &rdata_name("edge.cdn.example"),
-            ),
-            ("victim.bank.example", TYPE_A, 9999, &rdata_a("127.6.6.6")),
-            (
-                "edge.cdn.example",
-                TYPE_CNAME,
-                60,
-                &rdata_name("node.cdn.example"),
-            ),
-            ("node.cdn.example", TYPE_AAAA, 300, &rdata_aaaa("fd00::1")),
-            ("svc.allowed.test", TYPE_A, 300, &rdata_a("127.0.0.7")),
-        ],
+    let (edge, node) = (
+        rdata_name("edge.cdn.example"),
+        rdata_name("node.cdn.example"),
     );
+    let (victim, fd1, a7) = (
+        rdata_a("127.6.6.6"),
+        rdata_aaaa("fd00::1"),
+        rdata_a("127.0.0.7"),
+    );
+    let records = |cap: u32| {
+        answer(
+            id,
+            "svc.allowed.test",
+            TYPE_AAAA,
+            &[
+                ("svc.allowed.test", TYPE_CNAME, 120.min(cap), &edge),
+                ("victim.bank.example", TYPE_A, 9999.min(cap), &victim),
+                ("edge.cdn.example", TYPE_CNAME, 60.min(cap), &node),
+                ("node.cdn.example", TYPE_AAAA, 300.min(cap), &fd1),
+                ("svc.allowed.test", TYPE_A, 300.min(cap), &a7),
+            ],
+        )
+    };
+    let ans = records(u32::MAX);
     let out = h.answer(1, socket, &ans);
     let reply = to_client(&out);
-    assert_eq!(&reply[12..], &ans[12..], "answer passed through unchanged");
+    // Passed through whole (off-chain records too), every TTL lowered to the chain's
+    // minimum, which the entries are written for: no record may be cached past its entry
+    // (review finding: only a chain whose minimum exceeded --max-ttl was lowered, so a
+    // 300 s record behind a 60 s CNAME reached the client as 300 s over a 90 s entry).
+    assert_eq!(&reply[12..], &records(60)[12..]);
+    assert_eq!(h.core.stats().ttl_clamped, 1);
     assert!(allowed_443(&h.table, ep(), ip("fd00::1"), h.at(89_000)));
     assert!(
         !allowed_443(&h.table, ep(), ip("fd00::1"), h.at(90_001)),
@@ -557,7 +564,8 @@ fn truncated_answers_pass_through_untouched() {
 #[test]
 fn pending_table_full_answers_servfail_and_memory_stays_bounded() {
     let mut h = Harness::new(config());
-    // A flood of unique names, never answered: at most max_pending (64) in flight.
+    // A flood of unique names, never answered: at most max_pending (64) in flight, and one
+    // endpoint at most its fair share of it (as many as are free: 32).
     let mut servfail = 0;
     for i in 0..1000u16 {
         let out = h.query(0, CLIENT, &query(i, &format!("n{i}.allowed.test"), TYPE_A));
@@ -566,11 +574,11 @@ fn pending_table_full_answers_servfail_and_memory_stays_bounded() {
             servfail += 1;
         }
     }
-    assert_eq!(servfail, 1000 - 64);
-    assert_eq!(h.core.in_flight(), 64);
-    assert_eq!(h.core.stats().pending_full, 936);
+    assert_eq!(servfail, 1000 - 32);
+    assert_eq!(h.core.in_flight(), 32);
+    assert_eq!(h.core.stats().pending_full, 968);
     h.core.handle_timeout(h.at(2000));
-    assert_eq!(h.drain(2000).len(), 64);
+    assert_eq!(h.drain(2000).len(), 32);
     assert_eq!(h.core.in_flight(), 0);
     h.forward(2001, &query(1, "again.allowed.test", TYPE_A));
 }
@@ -742,9 +750,10 @@ fn allow_entries_follow_the_workload_across_a_reload_that_renumbers_endpoints() 
             "reorder",
             &[("policy.yaml", POLICY), ("endpoints.yaml", eps)],
         );
-        let s = dnsfence_policy::load(
+        let s = dnsfence_policy::load_on(
             &[dir.join("policy.yaml")],
             Some(&dir.join("endpoints.yaml")),
+            &test_node(),
         )
         .unwrap();
         let _ = std::fs::remove_dir_all(&dir);
@@ -1263,6 +1272,29 @@ fn one_endpoint_cannot_take_the_whole_pending_table() {
     h.core.handle_timeout(h.at(2000));
     h.drain(2000);
     h.forward(2001, &query(99, "again.allowed.test", TYPE_A));
+}
+
+/// Review finding: the per-endpoint quota alone (default: half the table) let two endpoints
+/// take every slot. Each endpoint also stops at its fair share: it holds fewer than are free.
+#[test]
+fn endpoints_flooding_together_leave_a_share_free() {
+    let mut c = config();
+    c.max_pending = 64;
+    c.max_pending_per_endpoint = 64;
+    let mut h = Harness::new(c);
+    let flood = |h: &mut Harness, client: &str, name: &str| {
+        for i in 0..100u16 {
+            h.query(0, client, &query(i, &format!("s{i}.{name}"), TYPE_A));
+        }
+    };
+    flood(&mut h, CLIENT, "allowed.test");
+    assert_eq!(h.core.in_flight(), 32, "one endpoint: half the table");
+    flood(&mut h, OPEN_CLIENT, "example");
+    assert_eq!(h.core.in_flight(), 48, "two: a third each, a third free");
+    // The first one, even now, takes no more.
+    let out = h.query(0, CLIENT, &query(999, "more.allowed.test", TYPE_A));
+    assert_eq!(rcode(&out[0].1), Rcode::ServFail as u8);
+    assert_eq!(h.core.in_flight(), 48);
 }
 
 #[test]

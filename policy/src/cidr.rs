@@ -205,6 +205,10 @@ pub struct NodeFacts {
     pub host: Vec<Cidr>,
     /// `--kube-apiserver`.
     pub kube_apiserver: Vec<Cidr>,
+    /// `--open-loopback-answers`: a toFQDNs answer in the node's loopback opens it (by
+    /// default it opens nothing, like the other node-local addresses: see
+    /// [`crate::Snapshot::in_cluster`]).
+    pub open_loopback: bool,
 }
 
 impl Default for NodeFacts {
@@ -216,6 +220,7 @@ impl Default for NodeFacts {
                 Cidr::parse("::1/128").expect("valid"),
             ],
             kube_apiserver: Vec::new(),
+            open_loopback: false,
         }
     }
 }

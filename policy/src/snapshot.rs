@@ -640,13 +640,16 @@ impl Snapshot {
         )
     }
 
-    /// Whether `ip` is inside the cluster: a registered endpoint's or service's address,
-    /// another node's, one in `--cluster-cidr`, or the node's own (`--node-ip`; its loopback
-    /// excepted). A toFQDNs answer never opens such an address (the allow ledger refuses it):
-    /// as in Cilium, where those addresses carry identities of their own that no FQDN
-    /// selector selects, a name resolving into the cluster (DNS rebinding) reaches nothing
-    /// there. The node's loopback is the exception: node-local, it is where dnsfence's
-    /// host-process endpoints, and its tests, meet their servers.
+    /// Whether `ip` is inside the cluster or node-local: a registered endpoint's or
+    /// service's address, another node's, one in `--cluster-cidr`, the node's own
+    /// (`--node-ip`), or node-local (unspecified, loopback, link-local: the
+    /// cloud metadata service at 169.254.169.254 among them). A toFQDNs answer never opens
+    /// such an address (the allow ledger refuses it): as in Cilium, where those addresses
+    /// carry identities of their own that no FQDN selector selects, a name resolving into
+    /// the cluster or onto the node (DNS rebinding) reaches nothing there; a workload that
+    /// must reach one says so with an L3 rule (`toCIDR`, `toEntities`). Loopback is opened
+    /// only under `--open-loopback-answers` ([`NodeFacts::open_loopback`]: a node whose
+    /// host-process endpoints meet their servers there, and the tests).
     pub fn in_cluster(&self, ip: IpAddr) -> bool {
         !self.cluster.is_empty() && self.cluster.lookup(ip).is_some()
     }
@@ -867,17 +870,21 @@ fn compile(
         deny_all,
         rule_ports: rule_ports.into_boxed_slice(),
         cluster: {
-            // The node's own loopback is left out (node-local: where host-process endpoints,
-            // and the tests, meet their servers); registered addresses count wherever they are.
-            let loopback = [Cidr::parse("127.0.0.0/8"), Cidr::parse("::1/128")];
+            // Node-local addresses always; loopback unless opened by flag (then the node's
+            // own addresses in it are left out too). Registered addresses count wherever
+            // they are.
+            let loopback = LOOPBACK.map(Cidr::parse);
             let mut prefixes = registered(reg);
+            prefixes.extend(NODE_LOCAL.iter().filter_map(|c| {
+                let c = Cidr::parse(c).ok()?;
+                let is_loopback = loopback.iter().flatten().any(|l| *l == c);
+                (!is_loopback || !node.open_loopback).then_some(c)
+            }));
             prefixes.extend(remote_nodes(reg));
             prefixes.extend(node.cluster.iter().copied());
-            prefixes.extend(
-                node.host
-                    .iter()
-                    .filter(|h| !loopback.iter().flatten().any(|l| l.contains(h))),
-            );
+            prefixes.extend(node.host.iter().filter(|h| {
+                !node.open_loopback || !loopback.iter().flatten().any(|l| l.contains(h))
+            }));
             prefixes.sort_unstable();
             prefixes.dedup();
             prefix_set(prefixes)
@@ -885,6 +892,21 @@ fn compile(
         inside,
     }
 }
+
+/// The node's loopback prefixes.
+const LOOPBACK: [&str; 2] = ["127.0.0.0/8", "::1/128"];
+
+/// Addresses a toFQDNs answer never opens, whatever the policy (see
+/// [`Snapshot::in_cluster`]): unspecified (`0.0.0.0/8` reaches the node itself on Linux),
+/// loopback (unless `--open-loopback-answers`), link-local (the cloud metadata service).
+const NODE_LOCAL: [&str; 6] = [
+    "0.0.0.0/8",
+    "::/128",
+    "127.0.0.0/8",
+    "::1/128",
+    "169.254.0.0/16",
+    "fe80::/10",
+];
 
 /// A table of prefixes without ports (a set, looked up by longest match).
 fn prefix_set(prefixes: Vec<Cidr>) -> LpmTable {

@@ -172,6 +172,9 @@ pub struct NodeFacts {
     pub node_ips: Vec<String>,
     /// `--kube-apiserver` values.
     pub kube_apiserver: Vec<String>,
+    /// `--open-loopback-answers` (absent from messages of versions before it: false).
+    #[serde(default)]
+    pub open_loopback_answers: bool,
 }
 
 /// Agent → proxy: everything needed to compile the agent's policy snapshot.

@@ -82,6 +82,7 @@ fn every_message() -> Vec<Message> {
                 cluster_cidrs: vec!["10.0.0.0/8".into()],
                 node_ips: vec!["192.0.2.1".into()],
                 kube_apiserver: vec![],
+                open_loopback_answers: true,
             },
         }),
         Message::SnapshotAck(SnapshotAck { version: 7 }),

@@ -523,6 +523,9 @@ pub struct AgentConfig {
     /// new at each start). An agent restarted over the same directory reads the same paths,
     /// as a restarted service would.
     pub files_in: Option<PathBuf>,
+    /// `--open-loopback-answers` (an agent only; on by default: the tests' upstreams answer
+    /// in 127.0.0.0/8, and the tests connect there).
+    pub open_loopback: bool,
 }
 
 impl AgentConfig {
@@ -543,6 +546,7 @@ impl AgentConfig {
             wrapper: Vec::new(),
             kubeconfig: None,
             files_in: None,
+            open_loopback: true,
         }
     }
 
@@ -667,6 +671,9 @@ impl Agent {
         // running at once would otherwise find one another there.
         if !config.extra.iter().any(|a| a == "--agent-socket") {
             cmd.arg("--agent-socket").arg(dir.path().join("agent.sock"));
+        }
+        if config.open_loopback && !config.proxy {
+            cmd.arg("--open-loopback-answers");
         }
         cmd.args(&config.extra);
         let name = if config.proxy {

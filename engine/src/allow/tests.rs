@@ -28,7 +28,12 @@ endpoints:
 fn snapshot(policy: &str) -> Arc<Snapshot> {
     let set = PolicySet::from_yaml(std::path::Path::new("p.yaml"), policy).unwrap();
     let eps = Endpoints::from_yaml(std::path::Path::new("e.yaml"), ENDPOINTS).unwrap();
-    Arc::new(Snapshot::compile(&set, &eps))
+    // The tests' addresses are in 127.0.0.0/8: opened as by `--open-loopback-answers`.
+    let node = dnsfence_policy::cidr::NodeFacts {
+        open_loopback: true,
+        ..Default::default()
+    };
+    Arc::new(Snapshot::compile_on(&set, &eps, &[], &node))
 }
 
 fn client() -> EndpointKey {
@@ -134,25 +139,59 @@ fn endpoint_quota_refuses_only_that_endpoints_group() {
 #[test]
 fn name_quota_and_capacity() {
     let config = LedgerConfig {
-        capacity: 3,
+        capacity: 6,
         per_endpoint: 100,
         per_name: 2,
     };
     let table = UserspaceAllowTable::new(config);
     let exp = Instant::now() + Duration::from_secs(60);
     let k = |i: u8| key(client(), &format!("127.0.3.{i}"), HTTPS);
+    let o = |i: u8| key(other(), &format!("127.0.4.{i}"), HTTPS);
     let mut b = batch(
         &[
             ("a.allowed.test", vec![k(1), k(2)]),
             ("a.allowed.test", vec![k(3)]),
-            ("b.allowed.test", vec![k(4)]),
-            ("c.allowed.test", vec![k(5)]),
+            ("b.allowed.test", vec![o(1)]),
+            // Five more than the table has room for.
+            ("c.allowed.test", (2..7).map(o).collect()),
         ],
         exp,
     );
     assert_eq!(write(&table, &mut b), vec![true, false, true, false]);
     let stats = table.ledger().stats();
     assert_eq!((stats.name_quota, stats.full, stats.entries), (1, 1, 3));
+}
+
+/// Review finding: the per-endpoint quota alone (default: a quarter of the table) let four
+/// endpoints take all of it. An endpoint also stops at its fair share: it never holds more
+/// than is left free.
+#[test]
+fn endpoints_filling_the_table_together_leave_a_share_free() {
+    let config = LedgerConfig {
+        capacity: 90,
+        per_endpoint: 90,
+        per_name: 90,
+    };
+    let table = UserspaceAllowTable::new(config);
+    let exp = Instant::now() + Duration::from_secs(60);
+    let fill = |endpoint: EndpointKey, net: u8| {
+        let mut written = 0;
+        for i in 0..90u8 {
+            let mut b = batch(
+                &[(
+                    "a.allowed.test",
+                    vec![key(endpoint, &format!("127.0.{net}.{i}"), HTTPS)],
+                )],
+                exp,
+            );
+            written += usize::from(write(&table, &mut b)[0]);
+        }
+        written
+    };
+    assert_eq!(fill(client(), 5), 45, "alone: half the table");
+    assert_eq!(fill(other(), 6), 23, "the second: half of what is left");
+    assert_eq!(table.len(), 68, "a quarter stays free for the others");
+    assert_eq!(table.ledger().stats().endpoint_quota, 45 + 67);
 }
 
 #[test]
@@ -308,7 +347,9 @@ fn tables_sized_at_start_never_rehash_up_to_the_capacity() {
     let exp = Instant::now() + Duration::from_secs(60);
     for i in 0..5000u32 {
         let ip = std::net::Ipv4Addr::from(0x0a00_0000 | i);
-        let k = key(client(), &ip.to_string(), HTTPS);
+        // One entry per endpoint: no endpoint is held back at its fair share (without a
+        // snapshot, every endpoint's entries are justified).
+        let k = key(EndpointKey(u64::from(i)), &ip.to_string(), HTTPS);
         let name = format!("n{i}.allowed.test");
         assert_eq!(
             write(&table, &mut batch(&[(&name, vec![k])], exp)),
@@ -342,6 +383,7 @@ fn an_answer_pointing_into_the_cluster_opens_nothing_there() {
         let eps = Endpoints::from_yaml(std::path::Path::new("e.yaml"), eps).unwrap();
         let node = dnsfence_policy::cidr::NodeFacts {
             cluster: vec![dnsfence_policy::cidr::Cidr::parse("10.96.0.0/12").unwrap()],
+            open_loopback: true,
             ..Default::default()
         };
         Arc::new(Snapshot::compile_on(&set, &eps, &[], &node))
@@ -379,6 +421,69 @@ fn an_answer_pointing_into_the_cluster_opens_nothing_there() {
     let now = Instant::now();
     assert!(!table.is_allowed(client(), ip("198.51.100.9"), 443, PortSpec::TCP, now));
     assert!(table.is_allowed(client(), ip("203.0.113.5"), 443, PortSpec::TCP, now));
+}
+
+/// DNS rebinding onto the node: an allowed name answered with a node-local address
+/// (unspecified, loopback, link-local: the cloud metadata service) opens nothing by default;
+/// `--open-loopback-answers` opens loopback, and only loopback.
+#[test]
+fn an_answer_pointing_at_the_node_itself_opens_nothing_unless_loopback_is_opened() {
+    let node_local = [
+        "0.0.0.0",
+        "0.1.2.3",
+        "::",
+        "127.0.0.1",
+        "127.9.9.9",
+        "::1",
+        "::ffff:127.0.0.1",
+        "169.254.169.254",
+        "fe80::1",
+    ];
+    let outside = ["203.0.113.5", "10.1.2.3", "2001:db8::5", "169.255.0.1"];
+    for open_loopback in [false, true] {
+        let set = PolicySet::from_yaml(std::path::Path::new("p.yaml"), POLICY).unwrap();
+        let eps = Endpoints::from_yaml(std::path::Path::new("e.yaml"), ENDPOINTS).unwrap();
+        let node = dnsfence_policy::cidr::NodeFacts {
+            open_loopback,
+            ..Default::default()
+        };
+        let table = UserspaceAllowTable::new(LedgerConfig::default());
+        table.revoke(Arc::new(Snapshot::compile_on(&set, &eps, &[], &node)));
+        let exp = Instant::now() + Duration::from_secs(60);
+        let groups: Vec<(String, Vec<AllowKey>)> = node_local
+            .iter()
+            .chain(&outside)
+            .enumerate()
+            .map(|(i, ip)| (format!("n{i}.allowed.test"), vec![key(client(), ip, HTTPS)]))
+            .collect();
+        let groups: Vec<(&str, Vec<AllowKey>)> = groups
+            .iter()
+            .map(|(n, k)| (n.as_str(), k.clone()))
+            .collect();
+        let mut b = batch(&groups, exp);
+        write(&table, &mut b);
+        let now = Instant::now();
+        let allowed = |s: &str| {
+            table.is_allowed(
+                client(),
+                s.parse::<IpAddr>().unwrap(),
+                443,
+                PortSpec::TCP,
+                now,
+            )
+        };
+        for ip in node_local {
+            let loopback = ip.starts_with("127.") || ip == "::1" || ip == "::ffff:127.0.0.1";
+            assert_eq!(
+                allowed(ip),
+                open_loopback && loopback,
+                "{ip} with open_loopback {open_loopback}"
+            );
+        }
+        for ip in outside {
+            assert!(allowed(ip), "{ip}");
+        }
+    }
 }
 
 /// The start-up prefault spreads its placeholder entries over the whole bucket array (each

@@ -103,14 +103,24 @@ pub fn write_dir(tag: &str, files: &[(&str, &str)]) -> PathBuf {
     dir
 }
 
+/// The node facts of the tests: their upstreams answer in 127.0.0.0/8, opened as by
+/// `--open-loopback-answers`.
+pub fn test_node() -> dnsfence_policy::cidr::NodeFacts {
+    dnsfence_policy::cidr::NodeFacts {
+        open_loopback: true,
+        ..Default::default()
+    }
+}
+
 pub fn snapshot_of(policy: &str) -> Snapshot {
     let dir = write_dir(
         "policy",
         &[("policy.yaml", policy), ("endpoints.yaml", ENDPOINTS)],
     );
-    let snapshot = dnsfence_policy::load(
+    let snapshot = dnsfence_policy::load_on(
         &[dir.join("policy.yaml")],
         Some(&dir.join("endpoints.yaml")),
+        &test_node(),
     )
     .unwrap_or_else(|e| panic!("test policy: {e}"));
     let _ = std::fs::remove_dir_all(&dir);
