@@ -48,8 +48,16 @@ const HEARTBEAT: Duration = Duration::from_secs(1);
 const PEER_TIMEOUT: Duration = Duration::from_secs(4);
 /// Reads wait at most this long (so a connection thread also gets to send and to stop).
 const READ_SLICE: Duration = Duration::from_millis(50);
-/// A write that takes longer than this ends the connection (the peer is stuck).
+/// A write that makes no progress for this long ends the connection (the peer is stuck).
 const WRITE_TIMEOUT: Duration = Duration::from_secs(2);
+/// One `write` call waits at most this long; then what the peer sent meanwhile is read (it
+/// may itself be blocked writing to us: a multi-MiB snapshot one way and flow batches the
+/// other filled both socket buffers, and each side's write waited for the other's read
+/// until the timeout ended the connection, again at every reconnect; review finding).
+const WRITE_SLICE: Duration = Duration::from_millis(50);
+/// Bytes read ahead while writing or waiting, not decoded yet: beyond this the peer is not
+/// read (it waits for us), so the read-ahead is bounded whatever the peer sends.
+const READ_AHEAD: usize = 2 * proto::DEFAULT_MAX_FRAME as usize;
 /// Items per observations or flows batch.
 const BATCH: usize = 512;
 /// Batches in flight (sent, not acknowledged) per buffer.
@@ -88,7 +96,7 @@ struct Conn {
 impl Conn {
     fn new(stream: UnixStream) -> std::io::Result<Conn> {
         stream.set_read_timeout(Some(READ_SLICE))?;
-        stream.set_write_timeout(Some(WRITE_TIMEOUT))?;
+        stream.set_write_timeout(Some(WRITE_SLICE))?;
         let now = Instant::now();
         Ok(Conn {
             stream,
@@ -105,12 +113,96 @@ impl Conn {
         &mut self,
         encode: impl FnOnce(&Encoder, &mut Vec<u8>) -> Result<(), proto::EncodeError>,
     ) -> Result<()> {
-        use std::io::Write;
         self.out.clear();
         encode(&self.encoder, &mut self.out).context("encode")?;
-        self.stream.write_all(&self.out).context("write")?;
+        self.write_out()
+    }
+
+    /// Writes `out` whole. While the peer does not take it all, what it sends is read ahead
+    /// (see [`WRITE_SLICE`]); no progress for [`WRITE_TIMEOUT`] ends the connection.
+    fn write_out(&mut self) -> Result<()> {
+        use std::io::Write;
+        let mut at = 0;
+        let mut progress = Instant::now();
+        while at < self.out.len() {
+            match self.stream.write(&self.out[at..]) {
+                Ok(0) => anyhow::bail!("write: the peer closed"),
+                Ok(n) => {
+                    at += n;
+                    progress = Instant::now();
+                }
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    if progress.elapsed() > WRITE_TIMEOUT {
+                        anyhow::bail!("write: the peer took nothing for {WRITE_TIMEOUT:?}");
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e).context("write"),
+            }
+            if at < self.out.len() {
+                // Not all taken: read what the peer has sent, whether or not this write made
+                // progress (a peer whose own write progresses slowly never stops to read).
+                self.read_available()?;
+            }
+        }
         self.last_tx = Instant::now();
         Ok(())
+    }
+
+    /// Reads, without waiting, what the peer has sent into the decoder's buffer (up to
+    /// [`READ_AHEAD`] buffered), not decoding it.
+    fn read_available(&mut self) -> Result<()> {
+        self.stream.set_nonblocking(true).context("nonblocking")?;
+        let result = loop {
+            if self.decoder.buffered() >= READ_AHEAD {
+                break Ok(());
+            }
+            match self.decoder.read_from(&mut self.stream) {
+                Ok(0) => break Err(anyhow::anyhow!("closed by the peer")),
+                Ok(_) => self.last_rx = Instant::now(),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => break Err(e).context("read"),
+            }
+        };
+        self.stream.set_nonblocking(false).context("blocking")?;
+        result
+    }
+
+    /// Reads what the peer sent (at most [`READ_SLICE`] of waiting) into the decoder's
+    /// buffer without decoding it: [`Conn::recv`] decodes it later, in order. Nothing is read
+    /// beyond [`READ_AHEAD`] buffered (then it only waits).
+    fn read_ahead(&mut self) -> Result<()> {
+        if self.decoder.buffered() >= READ_AHEAD {
+            std::thread::sleep(READ_SLICE);
+            return Ok(());
+        }
+        match self.decoder.read_from(&mut self.stream) {
+            Ok(0) => anyhow::bail!("closed by the peer"),
+            Ok(_) => {
+                self.last_rx = Instant::now();
+                Ok(())
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock
+                        | std::io::ErrorKind::TimedOut
+                        | std::io::ErrorKind::Interrupted
+                ) =>
+            {
+                if self.last_rx.elapsed() > PEER_TIMEOUT {
+                    anyhow::bail!("peer silent for {PEER_TIMEOUT:?}");
+                }
+                Ok(())
+            }
+            Err(e) => Err(e).context("read"),
+        }
     }
 
     fn send(&mut self, msg: &Message) -> Result<()> {
@@ -962,6 +1054,30 @@ pub const PERSIST_RETRY: Duration = Duration::from_secs(1);
 const USEFUL_CONNECTION: Duration = Duration::from_secs(10);
 
 /// One connection of the proxy to the agent; `applied` is set once a snapshot is in force.
+/// Runs `apply(msg)` on a helper thread while the connection stays alive: heartbeats go
+/// out and what the agent sends is read ahead (review finding: a compile longer than the
+/// agent's [`PEER_TIMEOUT`], a large policy on a loaded node, ended the connection, again
+/// at every reconnect, so the proxy never took that policy).
+fn apply_alive(
+    conn: &mut Conn,
+    apply: &mut (dyn FnMut(&PolicySnapshot) -> std::result::Result<(), ApplyError> + Send),
+    msg: &PolicySnapshot,
+) -> Result<std::result::Result<(), ApplyError>> {
+    std::thread::scope(|s| {
+        let job = std::thread::Builder::new()
+            .name("dnsf-apply".into())
+            .spawn_scoped(s, || apply(msg))
+            .context("start the apply thread")?;
+        while !job.is_finished() {
+            // An error here ends the connection once the apply is done (the scope waits).
+            conn.keep_alive()?;
+            conn.read_ahead()?;
+        }
+        job.join()
+            .map_err(|_| anyhow::anyhow!("the policy apply panicked"))
+    })
+}
+
 /// A snapshot in force but not persisted is saved again every [`PERSIST_RETRY`] and
 /// acknowledged once saved (review finding: the agent sends each version once and never
 /// looks at acknowledgements, so a failed save was never retried); one that cannot be applied
@@ -969,7 +1085,7 @@ const USEFUL_CONNECTION: Duration = Duration::from_secs(10);
 fn proxy_conn(
     stream: UnixStream,
     pending: &Pending,
-    apply: &mut dyn FnMut(&PolicySnapshot) -> std::result::Result<(), ApplyError>,
+    apply: &mut (dyn FnMut(&PolicySnapshot) -> std::result::Result<(), ApplyError> + Send),
     stop: &AtomicBool,
     stats: &SyncStats,
     applied: &mut bool,
@@ -1034,7 +1150,7 @@ fn proxy_conn(
                 .map(|(msg, _)| msg)
         });
         if let Some(msg) = snapshot {
-            match apply(&msg) {
+            match apply_alive(&mut conn, &mut *apply, &msg)? {
                 Ok(()) => {
                     unsaved = None;
                     *applied = true;
@@ -1084,7 +1200,7 @@ fn proxy_conn(
                 .encode_observations(seq, items, &mut conn.out)
                 .context("encode")?;
             drop(obs);
-            write_out(&mut conn)?;
+            conn.write_out()?;
         }
         loop {
             let mut flows = pending.flows.lock().unwrap_or_else(|e| e.into_inner());
@@ -1100,24 +1216,84 @@ fn proxy_conn(
                 .encode_flows(seq, items, &mut conn.out)
                 .context("encode")?;
             drop(flows);
-            write_out(&mut conn)?;
+            conn.write_out()?;
         }
         conn.keep_alive()?;
     }
     Ok(())
 }
 
-/// Writes what `conn.out` holds.
-fn write_out(conn: &mut Conn) -> Result<()> {
-    use std::io::Write;
-    conn.stream.write_all(&conn.out).context("write")?;
-    conn.last_tx = Instant::now();
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A policy snapshot message of about `mib` MiB.
+    fn big_snapshot(version: u64, mib: usize) -> Message {
+        Message::PolicySnapshot(PolicySnapshot {
+            version,
+            policy_files: vec![SourceFile {
+                path: "p.yaml".into(),
+                content: "x".repeat(mib << 20),
+            }],
+            endpoints: SourceFile {
+                path: String::new(),
+                content: String::new(),
+            },
+            node: NodeFacts::default(),
+        })
+    }
+
+    /// Review finding: a multi-MiB frame each way at once filled both socket buffers, and
+    /// each side's write waited for the other's read until the write timeout ended the
+    /// connection. A side whose write waits reads ahead what the peer sends.
+    #[test]
+    fn both_sides_writing_large_frames_at_once_do_not_block_each_other() {
+        let (a, b) = UnixStream::pair().expect("socket pair");
+        let side = |stream: UnixStream, version: u64| {
+            std::thread::spawn(move || -> Result<u64> {
+                let mut conn = Conn::new(stream)?;
+                conn.send(&big_snapshot(version, 8))?;
+                let deadline = Instant::now() + Duration::from_secs(20);
+                while Instant::now() < deadline {
+                    if let Some(Message::PolicySnapshot(m)) = conn.recv()? {
+                        return Ok(m.version);
+                    }
+                }
+                anyhow::bail!("nothing received")
+            })
+        };
+        let (ta, tb) = (side(a, 1), side(b, 2));
+        assert_eq!(ta.join().expect("side a").expect("side a"), 2);
+        assert_eq!(tb.join().expect("side b").expect("side b"), 1);
+    }
+
+    /// Review finding: the proxy compiled a snapshot on its connection thread, silent the
+    /// while; one longer than the agent's peer timeout ended the connection. Heartbeats go
+    /// out while it runs.
+    #[test]
+    fn a_long_apply_keeps_the_connection_alive() {
+        let (a, b) = UnixStream::pair().expect("socket pair");
+        let applier = std::thread::spawn(move || {
+            let mut conn = Conn::new(a).expect("conn");
+            let msg = match big_snapshot(3, 0) {
+                Message::PolicySnapshot(m) => m,
+                _ => unreachable!(),
+            };
+            let mut slow = |_: &PolicySnapshot| {
+                std::thread::sleep(HEARTBEAT + Duration::from_millis(800));
+                Ok(())
+            };
+            apply_alive(&mut conn, &mut slow, &msg).expect("connection alive")
+        });
+        let mut peer = Conn::new(b).expect("conn");
+        let start = Instant::now();
+        let mut heartbeat = false;
+        while start.elapsed() < HEARTBEAT + Duration::from_millis(700) && !heartbeat {
+            heartbeat = matches!(peer.recv().expect("recv"), Some(Message::Heartbeat));
+        }
+        assert!(heartbeat, "no heartbeat while the apply ran");
+        assert!(applier.join().expect("applier").is_ok());
+    }
 
     fn observation(i: u8) -> Observation {
         Observation {
