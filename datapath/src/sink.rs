@@ -92,8 +92,7 @@ struct Inner {
     seen_epoch: u64,
 }
 
-/// Keys the repair checks per turn of the ledger's lock (which it takes only to put back
-/// what is missing).
+/// Keys the repair checks, and a revocation judges, per turn of the ledger's lock.
 const REPAIR_SLICE: usize = 4096;
 
 /// The writers' lock held (released on drop). A lock that cannot be taken (an error of
@@ -302,19 +301,33 @@ impl BpfAllow {
     }
 
     /// Takes a new policy snapshot: entries it does not justify leave the map now, whichever
-    /// writer wrote them.
+    /// writer wrote them. Writes are judged by the new snapshot at once; the entries held
+    /// are judged [`REPAIR_SLICE`] at a time, the ledger's lock (which every shard's write
+    /// needs) released between slices (review finding: the whole table was judged under it,
+    /// a quarter of a second for a full table, every answer needing a write waiting).
     pub fn revoke(&self, snapshot: Arc<Snapshot>) -> usize {
         self.adopt();
-        let mut guard = self.lock();
-        let inner = &mut *guard;
-        inner.removed.clear();
-        inner.ledger.revoke(snapshot, &mut inner.removed);
-        if !inner.removed.is_empty() {
+        let keys = self.lock().ledger.take_snapshot(snapshot);
+        let mut revoked = 0;
+        for slice in keys.chunks(REPAIR_SLICE) {
+            let mut guard = self.lock();
+            let inner = &mut *guard;
+            inner.removed.clear();
+            inner.ledger.revoke_keys(slice, &mut inner.removed);
+            if inner.removed.is_empty() {
+                continue;
+            }
+            revoked += inner.removed.len();
             let _writers = WritersLock::take(&inner.writers);
             for k in &inner.removed {
                 let _ = inner.map.remove(&AllowMapKey::from(k));
                 let _ = inner.names.remove(&AllowMapKey::from(k));
             }
+        }
+        if revoked > 0 {
+            let mut guard = self.lock();
+            let inner = &mut *guard;
+            let _writers = WritersLock::take(&inner.writers);
             // The other writer may hold some of these for a name it still justifies: it
             // checks its ledger against the map when it sees the epoch move.
             let before = self.epoch.word().fetch_add(1, Ordering::AcqRel);
@@ -329,7 +342,7 @@ impl BpfAllow {
                 );
             }
         }
-        inner.removed.len()
+        revoked
     }
 
     /// When the other writer removed entries since the last check (the writers' epoch

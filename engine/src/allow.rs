@@ -417,6 +417,8 @@ impl NameTable {
 }
 
 const NO_NAME: u32 = u32::MAX;
+/// Entries a revocation judges per turn of a shared ledger's lock.
+const REVOKE_SLICE: usize = 4096;
 /// Names remembered per allow entry.
 const NAMES_PER_ENTRY: usize = 4;
 
@@ -984,11 +986,27 @@ impl Ledger {
     /// Takes `snapshot` as the newest policy: removes every entry it does not justify
     /// (appending their keys to `removed`), and judges every later write by it.
     pub fn revoke(&mut self, snapshot: Arc<Snapshot>, removed: &mut Vec<AllowKey>) {
+        let keys = self.take_snapshot(snapshot);
+        self.revoke_keys(&keys, removed);
+    }
+
+    /// Judges every later write by `snapshot`, and returns the keys of the entries held now:
+    /// [`Ledger::revoke_keys`] then judges them, in slices if the caller likes (a ledger
+    /// shared by shards is locked for a slice at a time, not for the whole table).
+    pub fn take_snapshot(&mut self, snapshot: Arc<Snapshot>) -> Vec<AllowKey> {
         self.rules = snapshot.rule_set();
         self.snapshot = Some(snapshot);
-        let keys: Vec<(AllowKey, [u32; NAMES_PER_ENTRY])> =
-            self.entries.iter().map(|(k, s)| (*k, s.names)).collect();
-        for (key, names) in keys {
+        self.keys()
+    }
+
+    /// Removes those of `keys` the newest snapshot does not justify (appending them to
+    /// `removed`); keys no longer held are skipped.
+    pub fn revoke_keys(&mut self, keys: &[AllowKey], removed: &mut Vec<AllowKey>) {
+        for key in keys {
+            let Some(names) = self.entries.get(key).map(|s| s.names) else {
+                continue;
+            };
+            let key = *key;
             let justified = if names == [NO_NAME; NAMES_PER_ENTRY] {
                 self.spec_justified(&key)
             } else {
@@ -1086,9 +1104,15 @@ impl UserspaceAllowTable {
     }
 
     /// Takes a new policy snapshot: entries it does not justify are removed.
+    /// Takes a new snapshot and removes what it does not justify, judging the entries held
+    /// a slice at a time (the lock, which the shards' writes need, is released between
+    /// slices). Returns how many were removed.
     pub fn revoke(&self, snapshot: Arc<Snapshot>) -> usize {
+        let keys = self.ledger().take_snapshot(snapshot);
         let mut removed = Vec::new();
-        self.ledger().revoke(snapshot, &mut removed);
+        for slice in keys.chunks(REVOKE_SLICE) {
+            self.ledger().revoke_keys(slice, &mut removed);
+        }
         removed.len()
     }
 }

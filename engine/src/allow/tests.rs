@@ -194,6 +194,37 @@ fn endpoints_filling_the_table_together_leave_a_share_free() {
     assert_eq!(table.ledger().stats().endpoint_quota, 45 + 67);
 }
 
+/// A revocation judges the table a slice at a time: every slice is judged, whatever the
+/// table's size.
+#[test]
+fn a_revocation_over_many_slices_judges_every_entry() {
+    let n = 3 * REVOKE_SLICE + 17;
+    let table = UserspaceAllowTable::new(LedgerConfig {
+        capacity: 2 * n,
+        per_endpoint: 2 * n,
+        per_name: 2 * n,
+    });
+    table.revoke(snapshot(POLICY));
+    let exp = Instant::now() + Duration::from_secs(60);
+    for i in 0..n as u32 {
+        let ip = std::net::Ipv4Addr::from(0x0a00_0000 | i).to_string();
+        // Both endpoints, so that neither reaches its fair share; every third entry by the
+        // one name the narrower policy keeps on any port.
+        let endpoint = if i % 2 == 0 { client() } else { other() };
+        let (name, ports) = if i % 3 == 0 {
+            ("any.allowed.test", PortSpec::ALL)
+        } else {
+            ("a.allowed.test", HTTPS)
+        };
+        let mut b = batch(&[(name, vec![key(endpoint, &ip, ports)])], exp);
+        assert_eq!(write(&table, &mut b), vec![true], "{i}");
+    }
+    let any_port = n.div_ceil(3);
+    let narrower = POLICY.replace("  - toFQDNs: [{matchName: \"any.allowed.test\"}]\n", "");
+    assert_eq!(table.revoke(snapshot(&narrower)), any_port);
+    assert_eq!(table.len(), n - any_port);
+}
+
 #[test]
 fn reload_revokes_what_the_new_policy_does_not_justify() {
     let table = UserspaceAllowTable::new(LedgerConfig::default());
