@@ -185,16 +185,39 @@ impl BpfAllow {
                 reason: format!("creating {}: {e}", dir.display()),
             })?;
         }
-        let writers = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .read(true)
-            .write(true)
-            .open(&lock_path)
-            .map_err(|e| DatapathError::Map {
+        // The lock file's first page holds the writers' epoch, mapped by both processes:
+        // only they may write it (a truncation by anyone else would raise SIGBUS in both),
+        // and a symlink there is not followed.
+        let writers = {
+            use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+            let refuse = |reason: String| DatapathError::Map {
                 map: names::ALLOW,
-                reason: format!("opening {}: {e}", lock_path.display()),
-            })?;
+                reason: format!("{}: {reason}", lock_path.display()),
+            };
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .read(true)
+                .write(true)
+                .mode(0o600)
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(&lock_path)
+                .map_err(|e| refuse(format!("opening: {e}")))?;
+            let meta = file.metadata().map_err(|e| refuse(format!("stat: {e}")))?;
+            let euid = rustix::process::geteuid().as_raw();
+            if !meta.file_type().is_file()
+                || (meta.uid() != euid && meta.uid() != 0)
+                || meta.mode() & 0o022 != 0
+            {
+                return Err(refuse(format!(
+                    "not a regular file of this user or root writable by them only \
+                     (owner {}, mode {:o}): refusing it",
+                    meta.uid(),
+                    meta.mode() & 0o7777
+                )));
+            }
+            file
+        };
         let map_err = |map: &'static str| {
             move |e: std::io::Error| DatapathError::Map {
                 map,
@@ -308,7 +331,7 @@ impl BpfAllow {
     pub fn revoke(&self, snapshot: Arc<Snapshot>) -> usize {
         self.adopt();
         let keys = self.lock().ledger.take_snapshot(snapshot);
-        let mut revoked = 0;
+        let (mut revoked, mut taken_out) = (0, 0);
         for slice in keys.chunks(REPAIR_SLICE) {
             let mut guard = self.lock();
             let inner = &mut *guard;
@@ -320,11 +343,13 @@ impl BpfAllow {
             revoked += inner.removed.len();
             let _writers = WritersLock::take(&inner.writers);
             for k in &inner.removed {
-                let _ = inner.map.remove(&AllowMapKey::from(k));
+                // Only what this process took out of the map moves the epoch (the other
+                // writer, given the same policy, removed most of these already).
+                taken_out += usize::from(inner.map.remove(&AllowMapKey::from(k)).is_ok());
                 let _ = inner.names.remove(&AllowMapKey::from(k));
             }
         }
-        if revoked > 0 {
+        if taken_out > 0 {
             let mut guard = self.lock();
             let inner = &mut *guard;
             let _writers = WritersLock::take(&inner.writers);
@@ -358,7 +383,7 @@ impl BpfAllow {
         }
         let keys = {
             let mut guard = self.lock();
-            if guard.seen_epoch != epoch {
+            if epoch > guard.seen_epoch {
                 guard.seen_epoch = epoch;
                 guard.ledger.set_verify(true);
             }
@@ -384,19 +409,28 @@ impl BpfAllow {
             let inner = &mut *guard;
             let _writers = WritersLock::take(&inner.writers);
             for k in &missing {
-                let Some((expires, name)) = inner.ledger.entry(k) else {
-                    continue;
-                };
                 let key = AllowMapKey::from(k);
-                if expires <= clock.instant || inner.map.get(&key, 0).is_ok() {
+                if inner.map.get(&key, 0).is_ok() {
+                    // Written again meanwhile.
                     continue;
                 }
+                // Put back only what this process's newest policy justifies (an entry taken
+                // over from the other writer, or one this ledger holds from an older policy,
+                // is judged again); what is not put back leaves the ledger too, so that the
+                // next answer needing it is planned as new, never as "no change" with nothing
+                // in the map.
+                let Some((expires, name)) = inner.ledger.justified_entry(k, clock.instant) else {
+                    inner.ledger.drop_unrepaired(k);
+                    continue;
+                };
                 if inner.map.insert(key, clock.to_boot_ns(expires), 0).is_ok() {
                     if let Some(value) = name.as_ref().and_then(|n| NameValue::of(n.wire())) {
                         let _ = inner.names.insert(key, value, 0);
                     }
                     inner.ledger.count_repaired();
                     repaired += 1;
+                } else {
+                    inner.ledger.drop_unrepaired(k);
                 }
             }
         }
@@ -454,7 +488,7 @@ impl AllowSink for BpfAllow {
         let inner = &mut *guard;
         let _writers = WritersLock::take(&inner.writers);
         let epoch = self.epoch.word().load(Ordering::Acquire);
-        if epoch != inner.seen_epoch {
+        if epoch > inner.seen_epoch {
             // The other writer removed entries since: until the repair has checked them all,
             // every entry an answer needs is written again (put back if missing).
             inner.seen_epoch = epoch;

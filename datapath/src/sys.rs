@@ -235,12 +235,18 @@ unsafe impl Sync for SharedWord {}
 const SHARED_WORD_LEN: usize = 4096;
 
 impl SharedWord {
-    /// Maps the first page of `file` (opened for reading and writing), growing the file to
-    /// a page if it is shorter (the added bytes read as zero).
+    /// Maps the first page of `file` (opened for reading and writing), allocating it if the
+    /// file is shorter (the added bytes read as zero; allocated, not a hole, so that a full
+    /// tmpfs fails here instead of raising SIGBUS at the first touch of the page).
     pub fn map(file: &std::fs::File) -> io::Result<SharedWord> {
         use std::os::fd::AsRawFd;
         if file.metadata()?.len() < SHARED_WORD_LEN as u64 {
-            file.set_len(SHARED_WORD_LEN as u64)?;
+            rustix::fs::fallocate(
+                file,
+                rustix::fs::FallocateFlags::empty(),
+                0,
+                SHARED_WORD_LEN as u64,
+            )?;
         }
         // SAFETY: a fresh shared mapping of a file descriptor we own, of a length the file
         // now has; the kernel picks the address; nothing else is touched.

@@ -427,8 +427,15 @@ const CORE: &[PerShard<Stats>] = &[
     ),
     (
         "pending_full",
-        "Queries answered SERVFAIL: pending table full",
+        "Queries answered SERVFAIL: pending table full, or the endpoint's quota or fair share of \
+         it",
         |s| s.pending_full,
+    ),
+    (
+        "pending_fair_share",
+        "Of those, refused at the endpoint's fair share (below its quota, it held as many as \
+         were free)",
+        |s| s.pending_fair_share,
     ),
     (
         "no_upstream",
@@ -899,6 +906,7 @@ fn allow(e: &mut DescriptorEncoder, state: &State) -> Fmt {
         [
             ("full", allow.full),
             ("endpoint_quota", allow.endpoint_quota),
+            ("fair_share", allow.fair_share),
             ("name_quota", allow.name_quota),
             ("map_error", allow.map_errors),
         ]
@@ -921,6 +929,14 @@ fn allow(e: &mut DescriptorEncoder, state: &State) -> Fmt {
         "Allow entries put back into the pinned map after the other writer (agent or standalone \
          proxy) removed them while this process's policy still justified them",
         allow.repaired,
+    )?;
+    counter(
+        e,
+        "allow_repair_dropped",
+        "Allow entries the other writer removed that this process dropped from its books \
+         instead of putting back (its policy no longer justifies them, they expired, or the map \
+         refused them)",
+        allow.repair_dropped,
     )?;
     counter(
         e,

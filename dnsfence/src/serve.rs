@@ -187,7 +187,9 @@ pub struct ServeArgs {
     /// Most queries in flight upstream per shard.
     #[arg(long, default_value_t = 8192)]
     pub max_pending: usize,
-    /// Most queries in flight per endpoint per shard (unknown sources count as one).
+    /// Most queries in flight per endpoint per shard (unknown sources count as one). Besides,
+    /// an endpoint never holds as many as are free (its fair share: endpoints flooding
+    /// together leave a share free for the others; counted as `pending_fair_share`).
     #[arg(long, default_value_t = 4096)]
     pub max_pending_per_endpoint: usize,
     /// Datagrams per receive batch.
@@ -234,7 +236,9 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 1 << 18)]
     pub allow_entries: usize,
     /// Most allow entries one endpoint may hold; beyond it, answers that need new entries get
-    /// SERVFAIL (counted), so one workload cannot fill the table for the others.
+    /// SERVFAIL (counted), so one workload cannot fill the table for the others. Besides, an
+    /// endpoint never holds more than the table has free (its fair share; counted as
+    /// `fair_share`).
     #[arg(long, default_value_t = 1 << 16)]
     pub max_allow_per_endpoint: usize,
     /// Most allow entries one (endpoint, name) may hold (a name answering fresh addresses

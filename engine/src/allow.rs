@@ -217,6 +217,14 @@ pub enum AllowError {
         /// The quota.
         quota: usize,
     },
+    /// The endpoint, below its quota, holds as many entries as the table has free.
+    #[error("endpoint's fair share of the allow table reached ({held} held, {free} free)")]
+    FairShare {
+        /// Entries it holds.
+        held: usize,
+        /// Entries free in the table.
+        free: usize,
+    },
     /// The name holds its quota of entries for this endpoint.
     #[error("per-name allow quota reached ({quota} entries)")]
     NameQuota {
@@ -279,6 +287,9 @@ pub struct LedgerStats {
     pub full: u64,
     /// Groups refused at an endpoint's quota.
     pub endpoint_quota: u64,
+    /// Groups refused at an endpoint's fair share (below its quota, it held as many entries
+    /// as the table had free).
+    pub fair_share: u64,
     /// Groups refused at a name's quota.
     pub name_quota: u64,
     /// Groups refused because the map write failed.
@@ -295,8 +306,12 @@ pub struct LedgerStats {
     /// Entries rewritten unchanged in verify mode (see [`Ledger::set_verify`]).
     pub verified: u64,
     /// Entries put back into a shared table after another writer removed them while this
-    /// ledger still held them.
+    /// ledger still held them (and its newest snapshot justifies them).
     pub repaired: u64,
+    /// Entries another writer removed that this ledger dropped instead of putting back: its
+    /// snapshot does not justify them (or it has none yet), they expired, or the table
+    /// refused them.
+    pub repair_dropped: u64,
 }
 
 /// An interned name: its endpoint, wire bytes and number of references.
@@ -646,12 +661,28 @@ impl Ledger {
         self.entries.iter().map(|(k, _)| *k).collect()
     }
 
-    /// Entry `key`'s expiry and its first name, if the ledger holds it.
-    pub fn entry(&self, key: &AllowKey) -> Option<(Instant, Option<Name>)> {
-        self.entries.get(key).map(|slot| {
-            let name = slot.names.iter().find_map(|&id| self.names.name(id));
-            (slot.expires, name)
-        })
+    /// Entry `key`'s expiry and its first name, if the ledger holds it, it lives at `now` and
+    /// the newest snapshot justifies it (None as well without a snapshot: nothing can be
+    /// judged then). What a sink puts back into its table must pass this (review finding:
+    /// the repair put back entries taken over from the other writer, never judged).
+    pub fn justified_entry(
+        &mut self,
+        key: &AllowKey,
+        now: Instant,
+    ) -> Option<(Instant, Option<Name>)> {
+        self.snapshot.as_ref()?;
+        let slot = *self.entries.get(key)?;
+        if slot.expires <= now || !self.entry_justified(key, slot.names) {
+            return None;
+        }
+        let name = slot.names.iter().find_map(|&id| self.names.name(id));
+        Some((slot.expires, name))
+    }
+
+    /// Drops entry `key` from the books (its table lost it, and it is not put back); the
+    /// next answer that needs it plans it as new. Whether it was held.
+    pub fn forget(&mut self, key: &AllowKey) -> bool {
+        self.remove(key)
     }
 
     /// Counters.
@@ -831,11 +862,15 @@ impl Ledger {
         let free = self.config.capacity.saturating_sub(self.entries.len());
         for &(endpoint, n) in new_for {
             let held = self.per_endpoint.get(&endpoint).copied().unwrap_or(0) as usize;
-            if held + n > self.config.per_endpoint || held + n > free {
+            if held + n > self.config.per_endpoint {
                 self.stats.endpoint_quota += 1;
                 return Err(AllowError::EndpointQuota {
                     quota: self.config.per_endpoint,
                 });
+            }
+            if held + n > free {
+                self.stats.fair_share += 1;
+                return Err(AllowError::FairShare { held, free });
             }
         }
         for &(endpoint, name, n) in new_for_name {
@@ -960,6 +995,14 @@ impl Ledger {
         self.stats.repaired += 1;
     }
 
+    /// Forgets an entry a sink's table lost and that it does not put back (see
+    /// [`LedgerStats::repair_dropped`]).
+    pub fn drop_unrepaired(&mut self, key: &AllowKey) {
+        if self.remove(key) {
+            self.stats.repair_dropped += 1;
+        }
+    }
+
     /// Counts a group whose map write failed (its plan was not committed).
     pub fn map_failed(&mut self) {
         self.stats.map_errors += 1;
@@ -999,6 +1042,21 @@ impl Ledger {
         self.keys()
     }
 
+    /// Whether the newest snapshot justifies entry `key` with `names`: by one of its names,
+    /// or by its port spec alone for an entry restored without one.
+    fn entry_justified(&mut self, key: &AllowKey, names: [u32; NAMES_PER_ENTRY]) -> bool {
+        if names == [NO_NAME; NAMES_PER_ENTRY] {
+            self.spec_justified(key)
+        } else {
+            names.iter().any(|&id| {
+                let Some(name) = self.names.name(id) else {
+                    return false;
+                };
+                self.justified(key, &name)
+            })
+        }
+    }
+
     /// Removes those of `keys` the newest snapshot does not justify (appending them to
     /// `removed`); keys no longer held are skipped.
     pub fn revoke_keys(&mut self, keys: &[AllowKey], removed: &mut Vec<AllowKey>) {
@@ -1007,17 +1065,7 @@ impl Ledger {
                 continue;
             };
             let key = *key;
-            let justified = if names == [NO_NAME; NAMES_PER_ENTRY] {
-                self.spec_justified(&key)
-            } else {
-                names.iter().any(|&id| {
-                    let Some(name) = self.names.name(id) else {
-                        return false;
-                    };
-                    self.justified(&key, &name)
-                })
-            };
-            if !justified && self.remove(&key) {
+            if !self.entry_justified(&key, names) && self.remove(&key) {
                 self.stats.revoked += 1;
                 removed.push(key);
             }

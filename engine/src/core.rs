@@ -323,6 +323,9 @@ pub struct Stats {
     /// Queries answered SERVFAIL because the pending table, or the endpoint's share of it,
     /// was full.
     pub pending_full: u64,
+    /// Of those, refused at the endpoint's fair share: below its quota, it already held as
+    /// many as were free.
+    pub pending_fair_share: u64,
     /// Queries answered SERVFAIL after the upstream timeout.
     pub timeouts: u64,
     /// Upstream answers relayed to clients.
@@ -1039,10 +1042,14 @@ impl Core {
         // and the rest stays free for the others (review finding: at the default quota, half
         // the table, two endpoints could take all of it).
         let held = self.in_flight_by_endpoint[bucket] as usize;
-        let endpoint_full = held >= self.config.max_pending_per_endpoint || held >= self.free.len();
+        let fair_share = held >= self.free.len() && !self.free.is_empty();
+        let endpoint_full = held >= self.config.max_pending_per_endpoint || fair_share;
         let slot = if endpoint_full { None } else { self.free.pop() };
         let Some(slot) = slot else {
             self.stats.pending_full += 1;
+            if fair_share && held < self.config.max_pending_per_endpoint {
+                self.stats.pending_fair_share += 1;
+            }
             let key = endpoint.map(|(_, key)| key);
             let servfail = Rcode::ServFail;
             self.reply_in_place(now, client, key, query, packet, servfail, Verdict::Overload);
@@ -1389,9 +1396,10 @@ impl Core {
                     self.config.max_ttl.max(self.config.min_ttl)
                 };
                 if addresses.max_ttl > limit {
-                    self.stats.ttl_clamped += 1;
                     let reply = &mut self.outbox.bytes[start..start + len];
-                    wire::clamp_ttls(reply, &answer, limit);
+                    if wire::clamp_ttls(reply, &answer, limit) {
+                        self.stats.ttl_clamped += 1;
+                    }
                 }
             }
             self.addresses = Some(addresses);

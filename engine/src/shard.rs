@@ -287,6 +287,10 @@ fn run(mut config: ShardConfig, opened: std::sync::mpsc::SyncSender<Result<(), I
                     core.processing_took(now.elapsed());
                 }
                 Event::UpstreamDatagram { socket, from, data } => {
+                    // Read again per answer (one atomic load): the other writer's removal
+                    // while this shard waited must not let an answer pass on its memory of
+                    // what is written (review finding).
+                    core.note_allow_epoch(config.allow.epoch());
                     core.handle_upstream(now, socket, from, data)
                 }
                 Event::TcpClientMessage { conn, peer, data } => {
@@ -303,6 +307,7 @@ fn run(mut config: ShardConfig, opened: std::sync::mpsc::SyncSender<Result<(), I
                 }
                 Event::UpstreamUnreachable { socket } => core.handle_upstream_error(now, socket),
                 Event::TcpUpstreamMessage { server, data } => {
+                    core.note_allow_epoch(config.allow.epoch());
                     core.handle_upstream_tcp(now, server, data)
                 }
                 Event::TcpClientClosed { .. } => {}

@@ -755,7 +755,9 @@ pub struct Addresses {
     count: usize,
     /// Minimum TTL over the chain's CNAME records and the address records, in seconds.
     pub min_ttl: u32,
-    /// Maximum TTL over the same records (0 without addresses).
+    /// Maximum TTL as written over every record of the answer section, whatever its type or
+    /// place (a TTL with the top bit set counts as written: huge), u32::MAX when the walk
+    /// stopped before the last record: what [`clamp_ttls`] may have to lower.
     pub max_ttl: u32,
     /// CNAME hops followed.
     pub chain: usize,
@@ -845,8 +847,10 @@ pub fn collect_addresses(
         if rdata_at + rdlen > packet.len() {
             return Err(AnswerError::BadRecord);
         }
+        out.max_ttl = out.max_ttl.max(ttl);
         if rclass == CLASS_IN && matches!(rtype, TYPE_A | TYPE_AAAA | TYPE_CNAME) {
             if count == MAX_RECORDS {
+                out.max_ttl = u32::MAX;
                 break;
             }
             // A TTL with the top bit set is treated as zero (RFC 2181 §8).
@@ -872,7 +876,6 @@ pub fn collect_addresses(
     target.buf[..answer.name_len].make_ascii_lowercase();
     let mut on_chain = [false; MAX_RECORDS];
     let mut chain_ttl = u32::MAX;
-    let mut chain_max = 0u32;
     let owned = |r: &Record, target: &FlatName| {
         name_is(packet, usize::from(r.owner_at), target.bytes()).ok_or(AnswerError::BadRecord)
     };
@@ -899,7 +902,6 @@ pub fn collect_addresses(
             }
             on_chain[i] = true;
             chain_ttl = chain_ttl.min(r.ttl);
-            chain_max = chain_max.max(r.ttl);
             out.chain += 1;
             target = name;
             continue;
@@ -925,7 +927,6 @@ pub fn collect_addresses(
             }
             out.push(ip);
             out.min_ttl = out.min_ttl.min(r.ttl);
-            out.max_ttl = out.max_ttl.max(r.ttl);
             on_chain[i] = true;
         }
         break;
@@ -937,35 +938,43 @@ pub fn collect_addresses(
         .count();
     if out.count > 0 {
         out.min_ttl = out.min_ttl.min(chain_ttl);
-        out.max_ttl = out.max_ttl.max(chain_max);
     } else {
         out.min_ttl = 0;
-        out.max_ttl = 0;
     }
     Ok(())
 }
 
-/// Lowers to `cap` every TTL of the answer section above it (TTLs with the top bit set,
-/// which mean zero, are left alone). The answer's allow entries live at most 1.5 × `cap`, so
-/// a client must not cache its addresses longer than `cap`. `answer` is the parse of
-/// `packet`; a record that does not fit ends the walk (the packet was validated before).
-pub fn clamp_ttls(packet: &mut [u8], answer: &Answer, cap: u32) {
+/// Lowers to `cap` every TTL of the answer section above it, and writes 0 over a TTL with
+/// the top bit set (which means zero, RFC 2181 §8, but a client reading it as a plain u32
+/// would cache it for ever). The answer's allow entries live 1.5 × at most `cap`, so a
+/// client must not cache its records longer than `cap`. `answer` is the parse of `packet`;
+/// a record that does not fit ends the walk (the packet was validated before). Returns
+/// whether a TTL changed.
+pub fn clamp_ttls(packet: &mut [u8], answer: &Answer, cap: u32) -> bool {
     let mut pos = answer.question_end;
+    let mut changed = false;
     for _ in 0..answer.answers {
         let Some(after_owner) = skip_name(packet, pos) else {
-            return;
+            break;
         };
         let (Some(ttl), Some(rdlen)) = (
             u32_at(packet, after_owner + 4),
             u16_at(packet, after_owner + 8),
         ) else {
-            return;
+            break;
         };
-        if ttl > cap && ttl <= i32::MAX as u32 {
-            packet[after_owner + 4..after_owner + 8].copy_from_slice(&cap.to_be_bytes());
+        let new = if ttl > i32::MAX as u32 {
+            0
+        } else {
+            ttl.min(cap)
+        };
+        if new != ttl {
+            packet[after_owner + 4..after_owner + 8].copy_from_slice(&new.to_be_bytes());
+            changed = true;
         }
         pos = after_owner + 10 + usize::from(rdlen);
     }
+    changed
 }
 
 /// Copies the client's spelling of the question name over the answer's (same name, other
@@ -1248,8 +1257,8 @@ mod tests {
         assert_eq!(addrs.ips().len(), 2);
         assert_eq!(addrs.ips()[0], "192.0.2.1".parse::<IpAddr>().unwrap());
         assert_eq!(addrs.min_ttl, 60);
-        // The CNAME's 300; not the off-chain record's 9999.
-        assert_eq!(addrs.max_ttl, 300);
+        // Every record's, the off-chain one's 9999 too (the clamp lowers them all).
+        assert_eq!(addrs.max_ttl, 9999);
         assert_eq!(addrs.chain, 1);
         assert_eq!(addrs.off_chain, 1);
     }
@@ -1267,7 +1276,8 @@ mod tests {
             ],
         );
         let a = parse_answer(&p).unwrap();
-        clamp_ttls(&mut p, &a, 86_400);
+        assert!(clamp_ttls(&mut p, &a, 86_400));
+        assert!(!clamp_ttls(&mut p, &a, 86_400), "nothing left to lower");
         let a = parse_answer(&p).unwrap();
         let mut addrs = Addresses::default();
         collect_addresses(&p, &a, &mut addrs).unwrap();
@@ -1282,8 +1292,8 @@ mod tests {
         let tail = &p[p.len() - 4 - 2 - 4..p.len() - 4 - 2];
         assert_eq!(
             tail,
-            0x8000_0000u32.to_be_bytes(),
-            "top bit set: left alone"
+            0u32.to_be_bytes(),
+            "top bit set: written as the zero it means"
         );
         assert_eq!(
             addrs.min_ttl, 0,

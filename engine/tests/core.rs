@@ -241,6 +241,48 @@ fn unchanged_address_sets_cost_no_write() {
     assert_eq!(h.core.stats().allow_writes, 2);
 }
 
+/// DNS rebinding onto the node, judged by the core itself (a standalone proxy serving its
+/// persisted policy writes through a ledger with no snapshot yet): with the node's default
+/// facts, a node-local answer is released but opens nothing.
+#[test]
+fn node_local_answers_open_nothing_by_default() {
+    let mut h = Harness::new(config());
+    let dir = write_dir(
+        "rebind",
+        &[("policy.yaml", POLICY), ("endpoints.yaml", ENDPOINTS)],
+    );
+    let defaults = dnsfence_policy::load(
+        &[dir.join("policy.yaml")],
+        Some(&dir.join("endpoints.yaml")),
+    )
+    .unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    h.core.set_snapshot(Arc::new(defaults));
+    let (socket, fwd) = h.forward(0, &query(7, "meta.allowed.test", TYPE_A));
+    let id = u16::from_be_bytes([fwd[0], fwd[1]]);
+    let ans = answer(
+        id,
+        "meta.allowed.test",
+        TYPE_A,
+        &[
+            (
+                "meta.allowed.test",
+                TYPE_A,
+                600,
+                &rdata_a("169.254.169.254"),
+            ),
+            ("meta.allowed.test", TYPE_A, 600, &rdata_a("127.0.0.9")),
+            ("meta.allowed.test", TYPE_A, 600, &rdata_a("203.0.113.9")),
+        ],
+    );
+    let out = h.answer(1, socket, &ans);
+    assert_eq!(to_client(&out)[0..2], [0, 7], "the answer is released");
+    assert_eq!(h.core.stats().addresses_in_cluster, 2);
+    assert!(!allowed_443(&h.table, ep(), ip("169.254.169.254"), h.at(2)));
+    assert!(!allowed_443(&h.table, ep(), ip("127.0.0.9"), h.at(2)));
+    assert!(allowed_443(&h.table, ep(), ip("203.0.113.9"), h.at(2)));
+}
+
 /// The allow table's epoch moved (the other writer of a shared map removed entries): the
 /// shard forgets what it remembers as written, and the next answer goes to the sink.
 #[test]
@@ -1295,6 +1337,9 @@ fn endpoints_flooding_together_leave_a_share_free() {
     let out = h.query(0, CLIENT, &query(999, "more.allowed.test", TYPE_A));
     assert_eq!(rcode(&out[0].1), Rcode::ServFail as u8);
     assert_eq!(h.core.in_flight(), 48);
+    let s = h.core.stats();
+    assert_eq!(s.pending_fair_share, s.pending_full, "{s:?}");
+    assert!(s.pending_fair_share > 0);
 }
 
 #[test]

@@ -257,7 +257,8 @@ pub struct Snapshot {
     /// any endpoint is in it.
     deny_all: u32,
     rule_ports: Box<[Box<[PortProto]>]>,
-    /// The cluster's addresses less loopback, for [`Snapshot::in_cluster`].
+    /// The cluster's and the node's addresses a toFQDNs answer never opens, for
+    /// [`Snapshot::in_cluster`].
     cluster: LpmTable,
     /// What `world` leaves out, minimal: for [`Snapshot::inside`].
     inside: LpmTable,
@@ -898,14 +899,20 @@ const LOOPBACK: [&str; 2] = ["127.0.0.0/8", "::1/128"];
 
 /// Addresses a toFQDNs answer never opens, whatever the policy (see
 /// [`Snapshot::in_cluster`]): unspecified (`0.0.0.0/8` reaches the node itself on Linux),
-/// loopback (unless `--open-loopback-answers`), link-local (the cloud metadata service).
-const NODE_LOCAL: [&str; 6] = [
+/// loopback (unless `--open-loopback-answers`), link-local (most clouds' metadata service,
+/// 169.254.169.254), and the other clouds' node services: AWS's metadata over IPv6
+/// (`fd00:ec2::254`), Azure's WireServer (168.63.129.16), Alibaba's metadata
+/// (100.100.100.200). A workload that must reach one says so with an L3 rule.
+const NODE_LOCAL: [&str; 9] = [
     "0.0.0.0/8",
     "::/128",
     "127.0.0.0/8",
     "::1/128",
     "169.254.0.0/16",
     "fe80::/10",
+    "fd00:ec2::254/128",
+    "168.63.129.16/32",
+    "100.100.100.200/32",
 ];
 
 /// A table of prefixes without ports (a set, looked up by longest match).

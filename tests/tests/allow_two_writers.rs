@@ -254,7 +254,7 @@ fn write_for(sink: &mut BpfAllow, name: &str, key: AllowKey, ttl: Duration) -> b
     batch.groups[0].ok
 }
 
-/// A snapshot where endpoint default/a may reach `name` on TCP 443.
+/// A snapshot where endpoint default/a may reach `name` on TCP 443 (loopback opened).
 fn fqdn_snapshot(name: &str) -> dnsfence_policy::Snapshot {
     let text = format!(
         r#"apiVersion: cilium.io/v2
@@ -272,7 +272,12 @@ spec:
         .expect("the test policy");
     let e = dnsfence_policy::Endpoints::from_yaml(std::path::Path::new("e.yaml"), endpoints)
         .expect("the test endpoints");
-    dnsfence_policy::Snapshot::compile(&p, &e)
+    // The test's addresses are in 127.0.0.0/8: opened as by `--open-loopback-answers`.
+    let node = dnsfence_policy::cidr::NodeFacts {
+        open_loopback: true,
+        ..Default::default()
+    };
+    dnsfence_policy::Snapshot::compile_on(&p, &e, &[], &node)
 }
 
 /// Review finding: one address answered for two names, one per writer. A reload that drops
@@ -291,29 +296,26 @@ fn an_entry_one_writer_revokes_is_put_back_by_the_other_that_still_justifies_it(
     let mut agent = datapath.allow_sink(LedgerConfig::default()).expect("sink");
     let mut proxy = BpfAllow::open_pinned(&env.pin, LedgerConfig::default()).expect("open");
     let endpoint = EndpointKey::of("default", "a");
-    let [k1, k2] = ["127.0.0.71", "127.0.0.72"].map(|ip| AllowKey {
+    let [k1, k2, k3] = ["127.0.0.71", "127.0.0.72", "127.0.0.73"].map(|ip| AllowKey {
         endpoint,
         ..key(ip)
     });
+    let hour = Duration::from_secs(3600);
     for k in [k1, k2] {
-        assert!(write_for(
-            &mut agent,
-            "x.example.test",
-            k,
-            Duration::from_secs(3600)
-        ));
-        assert!(write_for(
-            &mut proxy,
-            "y.example.test",
-            k,
-            Duration::from_secs(3600)
-        ));
+        assert!(write_for(&mut agent, "x.example.test", k, hour));
+        assert!(write_for(&mut proxy, "y.example.test", k, hour));
     }
     assert_eq!(map_entries(&env.pin), 2);
-    // The agent's reload keeps y and drops x: its entries, known to it by x, leave the map.
+    // The proxy has the new policy (it keeps y, drops x): nothing of its own goes.
     let keeps_y = std::sync::Arc::new(fqdn_snapshot("y.example.test"));
-    assert_eq!(agent.revoke(keeps_y), 2);
-    assert_eq!(map_entries(&env.pin), 0, "the reload removed both");
+    assert_eq!(proxy.revoke(std::sync::Arc::clone(&keeps_y)), 0);
+    // k3 only the agent wrote, for x; the proxy takes it into its books (its periodic
+    // adopt), unjudged.
+    assert!(write_for(&mut agent, "x.example.test", k3, hour));
+    assert_eq!(proxy.adopt(), 1);
+    // The agent's reload: its entries, known to it by x, leave the map.
+    assert_eq!(agent.revoke(keeps_y), 3);
+    assert_eq!(map_entries(&env.pin), 0, "the reload removed all three");
     assert_eq!(agent.repair(), 0, "the agent's own removal needs no repair");
     // The proxy's next answer for y needs k1: written again, not taken as "no change".
     assert!(write_for(
@@ -323,10 +325,12 @@ fn an_entry_one_writer_revokes_is_put_back_by_the_other_that_still_justifies_it(
         Duration::from_secs(60)
     ));
     assert_eq!(map_entries(&env.pin), 1, "the answer's entry is back");
-    // k2, which no answer has needed since, comes back with the repair.
+    // k2, which no answer has needed since, comes back with the repair; k3, which the
+    // proxy's policy does not justify (x), does not, and leaves its books.
     assert_eq!(proxy.repair(), 1);
     assert_eq!(map_entries(&env.pin), 2);
-    assert_eq!(proxy.stats().repaired, 1);
+    let stats = proxy.stats();
+    assert_eq!((stats.repaired, stats.repair_dropped), (1, 1), "{stats:?}");
     // Checked: no more rewrites of entries the ledger holds long enough, nothing to repair.
     let verified = proxy.stats().verified;
     assert!(write_for(

@@ -346,7 +346,6 @@ print('sent')\n";
     );
 }
 
-/// Listeners on `ip` at `ports`.
 /// DNS rebinding onto the node: an allowed name answered with a loopback address opens
 /// nothing unless the agent runs with `--open-loopback-answers` (the other tests do: their
 /// upstream answers in 127.0.0.0/8); the answer itself still reaches the client.
@@ -375,6 +374,7 @@ fn a_loopback_answer_opens_nothing_without_open_loopback_answers() {
     }
 }
 
+/// Listeners on `ip` at `ports`.
 fn listen_on(ip: IpAddr, ports: &[u16]) -> Vec<TcpListener> {
     ports
         .iter()
@@ -746,7 +746,7 @@ fn a_reused_smaller_allow_map_is_reported_and_bounds_the_ledger() {
             .map(|(_, v)| *v)
             .sum::<f64>()
     };
-    assert!(refused("endpoint_quota") >= 1.0, "{text}");
+    assert!(refused("fair_share") >= 1.0, "{text}");
     assert_eq!(refused("map_error"), 0.0, "{text}");
 }
 

@@ -191,7 +191,8 @@ fn endpoints_filling_the_table_together_leave_a_share_free() {
     assert_eq!(fill(client(), 5), 45, "alone: half the table");
     assert_eq!(fill(other(), 6), 23, "the second: half of what is left");
     assert_eq!(table.len(), 68, "a quarter stays free for the others");
-    assert_eq!(table.ledger().stats().endpoint_quota, 45 + 67);
+    let stats = table.ledger().stats();
+    assert_eq!((stats.fair_share, stats.endpoint_quota), (45 + 67, 0));
 }
 
 /// A revocation judges the table a slice at a time: every slice is judged, whatever the
@@ -469,6 +470,10 @@ fn an_answer_pointing_at_the_node_itself_opens_nothing_unless_loopback_is_opened
         "::ffff:127.0.0.1",
         "169.254.169.254",
         "fe80::1",
+        "fd00:ec2::254",
+        "168.63.129.16",
+        "100.100.100.200",
+        "::ffff:169.254.169.254",
     ];
     let outside = ["203.0.113.5", "10.1.2.3", "2001:db8::5", "169.255.0.1"];
     for open_loopback in [false, true] {
