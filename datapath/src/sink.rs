@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 
 use aya::maps::{HashMap, IterableMap, Map, MapData};
 use dnsfence_engine::allow::{
-    AllowBatch, AllowKey, AllowSink, Change, Ledger, LedgerConfig, LedgerStats,
+    AllowBatch, AllowKey, AllowSink, Change, Ledger, LedgerConfig, LedgerStats, REVOKE_SLICE,
 };
 use dnsfence_policy::Snapshot;
 
@@ -91,9 +91,6 @@ struct Inner {
     /// writer removed entries since, and the ledger verifies (see the module documentation).
     seen_epoch: u64,
 }
-
-/// Keys the repair checks, and a revocation judges, per turn of the ledger's lock.
-const REPAIR_SLICE: usize = 4096;
 
 /// The writers' lock held (released on drop). A lock that cannot be taken (an error of
 /// flock) is not waited for: the write goes on, as it did before the lock existed.
@@ -205,6 +202,14 @@ impl BpfAllow {
                 .map_err(|e| refuse(format!("opening: {e}")))?;
             let meta = file.metadata().map_err(|e| refuse(format!("stat: {e}")))?;
             let euid = rustix::process::geteuid().as_raw();
+            // One of ours that others may write (an older build's, made under a looser
+            // umask): made private, not refused.
+            if meta.file_type().is_file() && meta.uid() == euid && meta.mode() & 0o022 != 0 {
+                use std::os::unix::fs::PermissionsExt;
+                file.set_permissions(std::fs::Permissions::from_mode(0o600))
+                    .map_err(|e| refuse(format!("chmod 0600: {e}")))?;
+            }
+            let meta = file.metadata().map_err(|e| refuse(format!("stat: {e}")))?;
             if !meta.file_type().is_file()
                 || (meta.uid() != euid && meta.uid() != 0)
                 || meta.mode() & 0o022 != 0
@@ -325,14 +330,14 @@ impl BpfAllow {
 
     /// Takes a new policy snapshot: entries it does not justify leave the map now, whichever
     /// writer wrote them. Writes are judged by the new snapshot at once; the entries held
-    /// are judged [`REPAIR_SLICE`] at a time, the ledger's lock (which every shard's write
+    /// are judged [`REVOKE_SLICE`] at a time, the ledger's lock (which every shard's write
     /// needs) released between slices (review finding: the whole table was judged under it,
     /// a quarter of a second for a full table, every answer needing a write waiting).
     pub fn revoke(&self, snapshot: Arc<Snapshot>) -> usize {
         self.adopt();
         let keys = self.lock().ledger.take_snapshot(snapshot);
-        let (mut revoked, mut taken_out) = (0, 0);
-        for slice in keys.chunks(REPAIR_SLICE) {
+        let mut revoked = 0;
+        for slice in keys.chunks(REVOKE_SLICE) {
             let mut guard = self.lock();
             let inner = &mut *guard;
             inner.removed.clear();
@@ -342,32 +347,39 @@ impl BpfAllow {
             }
             revoked += inner.removed.len();
             let _writers = WritersLock::take(&inner.writers);
+            let mut taken_out = 0;
             for k in &inner.removed {
                 // Only what this process took out of the map moves the epoch (the other
                 // writer, given the same policy, removed most of these already).
                 taken_out += usize::from(inner.map.remove(&AllowMapKey::from(k)).is_ok());
                 let _ = inner.names.remove(&AllowMapKey::from(k));
             }
-        }
-        if taken_out > 0 {
-            let mut guard = self.lock();
-            let inner = &mut *guard;
-            let _writers = WritersLock::take(&inner.writers);
-            // The other writer may hold some of these for a name it still justifies: it
-            // checks its ledger against the map when it sees the epoch move.
-            let before = self.epoch.word().fetch_add(1, Ordering::AcqRel);
-            if before == inner.seen_epoch {
-                // Nothing unseen from the other writer: this bump needs no repair here.
-                inner.seen_epoch = before + 1;
-                let _ = self.repaired.compare_exchange(
-                    before,
-                    before + 1,
-                    Ordering::AcqRel,
-                    Ordering::Acquire,
-                );
+            if taken_out > 0 {
+                // In the same hold of the writers' lock as the removals (review finding: a
+                // bump after the last slice left the other writer's shards trusting their
+                // memory for the whole revocation, and for ever if this process died
+                // before it).
+                self.bump_epoch(&mut inner.seen_epoch);
             }
         }
         revoked
+    }
+
+    /// Moves the writers' epoch after this process took entries out of the map (called
+    /// with the writers' lock held): the other writer may hold some of them for a name it
+    /// still justifies, and checks its ledger against the map when it sees the epoch move.
+    fn bump_epoch(&self, seen_epoch: &mut u64) {
+        let before = self.epoch.word().fetch_add(1, Ordering::AcqRel);
+        if before == *seen_epoch {
+            // Nothing unseen from the other writer: this bump needs no repair here.
+            *seen_epoch = before + 1;
+            let _ = self.repaired.compare_exchange(
+                before,
+                before + 1,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            );
+        }
     }
 
     /// When the other writer removed entries since the last check (the writers' epoch
@@ -391,7 +403,7 @@ impl BpfAllow {
         };
         let mut repaired = 0;
         let mut missing = Vec::new();
-        for slice in keys.chunks(REPAIR_SLICE) {
+        for slice in keys.chunks(REVOKE_SLICE) {
             missing.clear();
             {
                 let scan = self.scan.lock().unwrap_or_else(|e| e.into_inner());

@@ -240,13 +240,21 @@ impl SharedWord {
     /// tmpfs fails here instead of raising SIGBUS at the first touch of the page).
     pub fn map(file: &std::fs::File) -> io::Result<SharedWord> {
         use std::os::fd::AsRawFd;
-        if file.metadata()?.len() < SHARED_WORD_LEN as u64 {
-            rustix::fs::fallocate(
-                file,
-                rustix::fs::FallocateFlags::empty(),
-                0,
-                SHARED_WORD_LEN as u64,
-            )?;
+        // Always (a hole left by an older build's `set_len` is allocated too); where the
+        // filesystem cannot, the length at least.
+        match rustix::fs::fallocate(
+            file,
+            rustix::fs::FallocateFlags::empty(),
+            0,
+            SHARED_WORD_LEN as u64,
+        ) {
+            Ok(()) => {}
+            Err(rustix::io::Errno::OPNOTSUPP) => {
+                if file.metadata()?.len() < SHARED_WORD_LEN as u64 {
+                    file.set_len(SHARED_WORD_LEN as u64)?;
+                }
+            }
+            Err(e) => return Err(e.into()),
         }
         // SAFETY: a fresh shared mapping of a file descriptor we own, of a length the file
         // now has; the kernel picks the address; nothing else is touched.

@@ -214,15 +214,8 @@ impl Conn {
     /// connection (closed, broken, a fatal framing error, a peer silent for too long).
     fn recv(&mut self) -> Result<Option<Message>> {
         loop {
-            match self.decoder.decode() {
-                Ok(Some(msg)) => {
-                    self.last_rx = Instant::now();
-                    return Ok(Some(msg));
-                }
-                Ok(None) => {}
-                Err(e) if e.is_fatal() => return Err(e).context("decode"),
-                // A message type this version does not know, or a bad body: skipped.
-                Err(_) => continue,
+            if let Some(msg) = self.decode_buffered()? {
+                return Ok(Some(msg));
             }
             match self.decoder.read_from(&mut self.stream) {
                 Ok(0) => anyhow::bail!("closed by the peer"),
@@ -240,6 +233,22 @@ impl Conn {
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e).context("read"),
+            }
+        }
+    }
+
+    /// The next message already buffered (none is read): `Ok(None)` when no complete one is.
+    fn decode_buffered(&mut self) -> Result<Option<Message>> {
+        loop {
+            match self.decoder.decode() {
+                Ok(Some(msg)) => {
+                    self.last_rx = Instant::now();
+                    return Ok(Some(msg));
+                }
+                Ok(None) => return Ok(None),
+                Err(e) if e.is_fatal() => return Err(e).context("decode"),
+                // A message type this version does not know, or a bad body: skipped.
+                Err(_) => {}
             }
         }
     }
@@ -1058,23 +1067,32 @@ const USEFUL_CONNECTION: Duration = Duration::from_secs(10);
 /// out and what the agent sends is read ahead (review finding: a compile longer than the
 /// agent's [`PEER_TIMEOUT`], a large policy on a loaded node, ended the connection, again
 /// at every reconnect, so the proxy never took that policy).
+///
+/// Returns the apply's outcome and, beside it, the connection's error if it broke meanwhile
+/// (the apply is always waited for and joined: its outcome counts whatever happened to the
+/// connection, and a panic in it ends the connection, not the sync thread).
 fn apply_alive(
     conn: &mut Conn,
     apply: &mut (dyn FnMut(&PolicySnapshot) -> std::result::Result<(), ApplyError> + Send),
     msg: &PolicySnapshot,
-) -> Result<std::result::Result<(), ApplyError>> {
+) -> Result<(std::result::Result<(), ApplyError>, Option<anyhow::Error>)> {
     std::thread::scope(|s| {
         let job = std::thread::Builder::new()
             .name("dnsf-apply".into())
             .spawn_scoped(s, || apply(msg))
             .context("start the apply thread")?;
+        let mut broken = None;
         while !job.is_finished() {
-            // An error here ends the connection once the apply is done (the scope waits).
-            conn.keep_alive()?;
-            conn.read_ahead()?;
+            if broken.is_some() {
+                std::thread::sleep(READ_SLICE);
+            } else if let Err(e) = conn.keep_alive().and_then(|()| conn.read_ahead()) {
+                broken = Some(e);
+            }
         }
-        job.join()
-            .map_err(|_| anyhow::anyhow!("the policy apply panicked"))
+        let outcome = job
+            .join()
+            .map_err(|_| anyhow::anyhow!("the policy apply panicked"))?;
+        Ok((outcome, broken))
     })
 }
 
@@ -1121,28 +1139,35 @@ fn proxy_conn(
     // A snapshot in force but not saved yet, and when its save was last tried.
     let mut unsaved: Option<(PolicySnapshot, Instant)> = None;
     while !stop.load(Ordering::Relaxed) {
-        let (snapshot, first) = match conn.recv()? {
-            Some(Message::PolicySnapshot(msg)) => (Some(msg), true),
-            Some(Message::ObservationsAck(ack)) => {
-                let items = pending.ack_observations(ack.seq);
-                stats
-                    .observations
-                    .fetch_add(items as u64, Ordering::Relaxed);
-                (None, false)
-            }
-            Some(Message::FlowsAck(ack)) => {
-                if let dnsfence_sync::replay::Ack::Acked { items, .. } = pending
-                    .flows
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .ack(ack.seq)
-                {
-                    stats.flows.fetch_add(items as u64, Ordering::Relaxed);
+        // The next message, then whatever else is already buffered (read ahead during a
+        // long apply): acknowledgements are taken, and of several snapshots only the newest
+        // is applied (review finding: each was compiled in turn, the proxy falling further
+        // behind).
+        let (mut snapshot, mut first) = (None, false);
+        let mut next = conn.recv()?;
+        while let Some(msg) = next {
+            match msg {
+                Message::PolicySnapshot(msg) => (snapshot, first) = (Some(msg), true),
+                Message::ObservationsAck(ack) => {
+                    let items = pending.ack_observations(ack.seq);
+                    stats
+                        .observations
+                        .fetch_add(items as u64, Ordering::Relaxed);
                 }
-                (None, false)
+                Message::FlowsAck(ack) => {
+                    if let dnsfence_sync::replay::Ack::Acked { items, .. } = pending
+                        .flows
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .ack(ack.seq)
+                    {
+                        stats.flows.fetch_add(items as u64, Ordering::Relaxed);
+                    }
+                }
+                _ => {}
             }
-            _ => (None, false),
-        };
+            next = conn.decode_buffered()?;
+        }
         // Nothing new from the agent: the unsaved snapshot's save again, when due.
         let snapshot = snapshot.or_else(|| {
             unsaved
@@ -1150,14 +1175,17 @@ fn proxy_conn(
                 .map(|(msg, _)| msg)
         });
         if let Some(msg) = snapshot {
-            match apply_alive(&mut conn, &mut *apply, &msg)? {
+            let (outcome, broken) = apply_alive(&mut conn, &mut *apply, &msg)?;
+            match outcome {
                 Ok(()) => {
                     unsaved = None;
                     *applied = true;
                     stats.snapshots.fetch_add(1, Ordering::Relaxed);
-                    conn.send(&Message::SnapshotAck(proto::SnapshotAck {
-                        version: msg.version,
-                    }))?;
+                    if broken.is_none() {
+                        conn.send(&Message::SnapshotAck(proto::SnapshotAck {
+                            version: msg.version,
+                        }))?;
+                    }
                 }
                 Err(ApplyError::NotPersisted(e)) => {
                     *applied = true;
@@ -1178,6 +1206,9 @@ fn proxy_conn(
                         msg.version
                     );
                 }
+            }
+            if let Some(e) = broken {
+                return Err(e);
             }
         }
 
@@ -1267,6 +1298,35 @@ mod tests {
         assert_eq!(tb.join().expect("side b").expect("side b"), 1);
     }
 
+    /// Review finding: a connection error while the apply ran returned at once, and a panic
+    /// of the apply then took the sync thread down with it (the scope re-panics an unjoined
+    /// panic). The apply is always joined: its panic is an error, the connection's error is
+    /// returned beside its outcome.
+    #[test]
+    fn an_apply_that_panics_after_the_connection_broke_is_an_error() {
+        let (a, b) = UnixStream::pair().expect("socket pair");
+        drop(b);
+        let mut conn = Conn::new(a).expect("conn");
+        let msg = match big_snapshot(4, 0) {
+            Message::PolicySnapshot(m) => m,
+            _ => unreachable!(),
+        };
+        let mut panics = |_: &PolicySnapshot| -> std::result::Result<(), ApplyError> {
+            std::thread::sleep(Duration::from_millis(200));
+            panic!("apply failed");
+        };
+        let r = apply_alive(&mut conn, &mut panics, &msg);
+        assert!(r.is_err_and(|e| e.to_string().contains("panicked")));
+        // And an apply that succeeds is reported with the connection's error beside it.
+        let mut fine = |_: &PolicySnapshot| -> std::result::Result<(), ApplyError> {
+            std::thread::sleep(Duration::from_millis(200));
+            Ok(())
+        };
+        let (outcome, broken) = apply_alive(&mut conn, &mut fine, &msg).expect("joined");
+        assert!(outcome.is_ok());
+        assert!(broken.is_some(), "the peer is gone");
+    }
+
     /// Review finding: the proxy compiled a snapshot on its connection thread, silent the
     /// while; one longer than the agent's peer timeout ended the connection. Heartbeats go
     /// out while it runs.
@@ -1292,7 +1352,7 @@ mod tests {
             heartbeat = matches!(peer.recv().expect("recv"), Some(Message::Heartbeat));
         }
         assert!(heartbeat, "no heartbeat while the apply ran");
-        assert!(applier.join().expect("applier").is_ok());
+        assert!(applier.join().expect("applier").0.is_ok());
     }
 
     fn observation(i: u8) -> Observation {

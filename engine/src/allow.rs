@@ -432,8 +432,9 @@ impl NameTable {
 }
 
 const NO_NAME: u32 = u32::MAX;
-/// Entries a revocation judges per turn of a shared ledger's lock.
-const REVOKE_SLICE: usize = 4096;
+/// Entries a revocation judges (and a sink's repair checks) per turn of a shared ledger's
+/// lock.
+pub const REVOKE_SLICE: usize = 4096;
 /// Names remembered per allow entry.
 const NAMES_PER_ENTRY: usize = 4;
 
@@ -445,6 +446,9 @@ struct Slot {
     /// entry even if that further name still justifies it: fail closed, until it is answered
     /// again).
     names: [u32; NAMES_PER_ENTRY],
+    /// Written (or confirmed) by this process's answers, not only taken in from a shared
+    /// table (`restore`): a ledger with no snapshot yet puts back only these.
+    own: bool,
 }
 
 impl Slot {
@@ -563,6 +567,7 @@ impl EntryTable {
             let slot = Slot {
                 expires: now,
                 names: [NO_NAME; NAMES_PER_ENTRY],
+                own: false,
             };
             self.table
                 .insert_unique(i * stride, (key, slot), |_| unreachable!("within capacity"));
@@ -662,27 +667,25 @@ impl Ledger {
     }
 
     /// Entry `key`'s expiry and its first name, if the ledger holds it, it lives at `now` and
-    /// the newest snapshot justifies it (None as well without a snapshot: nothing can be
-    /// judged then). What a sink puts back into its table must pass this (review finding:
-    /// the repair put back entries taken over from the other writer, never judged).
+    /// the newest snapshot justifies it; without a snapshot yet (a standalone proxy serving
+    /// its persisted policy before the agent's first), if this process's answers wrote it.
+    /// What a sink puts back into its table must pass this (review finding: the repair put
+    /// back entries taken over from the other writer, never judged).
     pub fn justified_entry(
         &mut self,
         key: &AllowKey,
         now: Instant,
     ) -> Option<(Instant, Option<Name>)> {
-        self.snapshot.as_ref()?;
         let slot = *self.entries.get(key)?;
-        if slot.expires <= now || !self.entry_justified(key, slot.names) {
+        let justified = match self.snapshot {
+            None => slot.own,
+            Some(_) => self.entry_justified(key, slot.names),
+        };
+        if slot.expires <= now || !justified {
             return None;
         }
         let name = slot.names.iter().find_map(|&id| self.names.name(id));
         Some((slot.expires, name))
-    }
-
-    /// Drops entry `key` from the books (its table lost it, and it is not put back); the
-    /// next answer that needs it plans it as new. Whether it was held.
-    pub fn forget(&mut self, key: &AllowKey) -> bool {
-        self.remove(key)
     }
 
     /// Counters.
@@ -918,6 +921,7 @@ impl Ledger {
                     if let Some(name) = name {
                         slot.remember(&mut self.names, c.key.endpoint, name);
                     }
+                    slot.own = true;
                     if c.expires <= slot.expires {
                         // A rewrite of the expiry held (verify mode): nothing else changes.
                         self.stats.verified += 1;
@@ -937,6 +941,7 @@ impl Ledger {
                                 names[0] = id;
                                 names
                             },
+                            own: true,
                         },
                     );
                     *self.per_endpoint.entry(c.key.endpoint).or_insert(0) += 1;
@@ -971,7 +976,14 @@ impl Ledger {
         if let Some(name) = name {
             names[0] = self.names.acquire(key.endpoint, name);
         }
-        self.entries.insert(key, Slot { expires, names });
+        self.entries.insert(
+            key,
+            Slot {
+                expires,
+                names,
+                own: false,
+            },
+        );
         *self.per_endpoint.entry(key.endpoint).or_insert(0) += 1;
         self.expiries.push(Reverse((expires, key)));
     }
@@ -1151,7 +1163,6 @@ impl UserspaceAllowTable {
         self.ledger().sweep(now, budget, &mut removed)
     }
 
-    /// Takes a new policy snapshot: entries it does not justify are removed.
     /// Takes a new snapshot and removes what it does not justify, judging the entries held
     /// a slice at a time (the lock, which the shards' writes need, is released between
     /// slices). Returns how many were removed.

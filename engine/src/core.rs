@@ -1389,8 +1389,9 @@ impl Core {
                 // may be cached longer than that (else connections fail while the answer is
                 // still fresh: a 7-day A record behind a 60 s CNAME, or a CNAME cached past
                 // its target's entry whose target name the client then asks directly).
-                // An answer no toFQDNs rule selects opens nothing: only the cap applies.
-                let limit = if fqdn {
+                // An answer no toFQDNs rule selects, or one without addresses (NODATA, or
+                // another type behind a CNAME), opens nothing: only the cap applies.
+                let limit = if fqdn && !addresses.ips().is_empty() {
                     self.entry_ttl(&addresses)
                 } else {
                     self.config.max_ttl.max(self.config.min_ttl)

@@ -508,8 +508,10 @@ const KEEP_CAPACITY: usize = 1 << 20;
 /// Turns a byte stream into messages, fed as bytes arrive (partial reads welcome).
 ///
 /// Memory: the buffer holds what was fed and not yet decoded: at most the largest frame plus
-/// one read (or feed) when the caller decodes after each one. A frame header over the limit
-/// is refused as soon as its 12 bytes are in, before its body is waited for.
+/// one read (or feed) when the caller decodes after each one; a caller that reads ahead
+/// without decoding (dnsfence's sync while it writes or applies) bounds it itself. A frame
+/// header over the limit is refused as soon as its 12 bytes are in and `decode` is called,
+/// before its body is waited for.
 #[derive(Debug)]
 pub struct Decoder {
     buf: Vec<u8>,

@@ -344,3 +344,43 @@ fn an_entry_one_writer_revokes_is_put_back_by_the_other_that_still_justifies_it(
     drop(datapath);
     let _ = Datapath::uninstall(&env.pin);
 }
+
+/// Review finding: a standalone proxy serving its persisted policy has no snapshot in its
+/// ledger until the agent's first arrives. Its repair then puts back what its own answers
+/// wrote, and drops what it only took in from the map (it cannot judge those).
+#[test]
+fn without_a_snapshot_the_repair_puts_back_only_its_own_entries() {
+    if !require_root("allow_two_writers") {
+        return;
+    }
+    let _serial = EXCLUSIVE.lock().unwrap_or_else(|e| e.into_inner());
+    let env = Env::new("tworepair0", &["a"]);
+    let mut datapath = env.install(None, 1024);
+    let mut agent = datapath.allow_sink(LedgerConfig::default()).expect("sink");
+    let hour = Duration::from_secs(3600);
+    // The agent's entry is in the map when the proxy opens it: taken in, not its own.
+    assert!(write_for(
+        &mut agent,
+        "x.example.test",
+        key("127.0.0.61"),
+        hour
+    ));
+    let mut proxy = BpfAllow::open_pinned(&env.pin, LedgerConfig::default()).expect("open");
+    assert!(write_for(
+        &mut proxy,
+        "y.example.test",
+        key("127.0.0.62"),
+        hour
+    ));
+    assert_eq!(map_entries(&env.pin), 2);
+    // A reload that justifies nothing: the agent takes both out (the proxy's too).
+    let none = std::sync::Arc::new(dnsfence_policy::Snapshot::empty());
+    assert_eq!(agent.revoke(none), 2);
+    assert_eq!(map_entries(&env.pin), 0);
+    assert_eq!(proxy.repair(), 1, "the proxy's own entry is back");
+    assert_eq!(map_entries(&env.pin), 1);
+    let stats = proxy.stats();
+    assert_eq!((stats.repaired, stats.repair_dropped), (1, 1), "{stats:?}");
+    drop(datapath);
+    let _ = Datapath::uninstall(&env.pin);
+}
