@@ -14,13 +14,16 @@
 # Prints the p99 of each second and, per run, the ratio of second 2's p99 to the median of the
 # others; at the end, each variant's median ratio over the runs. PROXY_ARGS adds flags to the starting proxy (e.g. "--allow-entries 4096" to see what
 # the allow table's start-up work costs). SLOW_US=N also lists the answers at least N µs late (loadgen --slow-us): when their
-# query was sent (ms) and their latency (µs).
-#   [VARIANTS=...] [SLOW_US=N] bench/ha/startup.sh [RUNS]   (release build; loopback; ~6 s a run)
+# query was sent (ms) and their latency (µs). PIN=1 places the load generator and the upstream on
+# CPU 0 and every dnsfence process on CPU 1 (the peer harness's layout): on a 2-CPU VM the load
+# generator's own bursts of CPU (and the upstream's) otherwise land on the serving CPU too.
+#   [VARIANTS=...] [SLOW_US=N] [PIN=1] bench/ha/startup.sh [RUNS]   (release build; loopback; ~6 s a run)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 runs=${1:-3}
 variants=${VARIANTS:-control other proxy}
 slow_us=${SLOW_US:-0}
+if [ "${PIN:-0}" = 1 ]; then lg="taskset -c 0"; df="taskset -c 1"; else lg=""; df=""; fi
 cargo build --quiet --release -p dnsfence -p dnsfence-loadgen
 target=${CARGO_TARGET_DIR:-target}
 bin="$target/release"
@@ -45,9 +48,9 @@ spec:
 P
 printf 'endpoints:\n- {name: client, namespace: default, labels: {app: client}, ips: ["127.0.0.1"]}\n' > "$work/endpoints.yaml"
 for i in $(seq 0 499); do echo "h$i.allowed.test A"; done > "$work/q.txt"
-"$bin/dnsfence-loadgen" upstream --listen "127.0.0.1:$up" > "$work/up.log" 2>&1 & pids+=($!)
+$lg "$bin/dnsfence-loadgen" upstream --listen "127.0.0.1:$up" > "$work/up.log" 2>&1 & pids+=($!)
 sleep 0.3
-agent_cmd="$bin/dnsfence agent --no-bpf --listen 127.0.0.1:$listen --upstream 127.0.0.1:$up \
+agent_cmd="$df $bin/dnsfence agent --no-bpf --listen 127.0.0.1:$listen --upstream 127.0.0.1:$up \
   --policy $work/policy.yaml --endpoints $work/endpoints.yaml --no-metrics \
   --agent-socket $work/agent.sock --open-loopback-answers"
 $agent_cmd > "$work/agent.log" 2>&1 & agent_pid=$!
@@ -65,11 +68,11 @@ for run in $(seq 1 "$runs"); do
     common="--no-bpf --upstream 127.0.0.1:$up --no-metrics --agent-socket $work/agent.sock --state-dir $work/state-$variant-$run ${PROXY_ARGS:-}"
     case $variant in
       control) cmd="sleep 3" ;;
-      other | other-normal) cmd="$env$bin/dnsfence proxy --listen 127.0.0.1:$other $common" ;;
-      proxy | proxy-normal) cmd="$env$bin/dnsfence proxy --listen 127.0.0.1:$listen $common" ;;
+      other | other-normal) cmd="$env$df $bin/dnsfence proxy --listen 127.0.0.1:$other $common" ;;
+      proxy | proxy-normal) cmd="$env$df $bin/dnsfence proxy --listen 127.0.0.1:$listen $common" ;;
       agent | agent-normal)
         # The proxy serves alone when the run starts; the agent comes back at second 2.
-        $bin/dnsfence proxy --listen "127.0.0.1:$listen" $common > "$work/alone-$run.log" 2>&1 &
+        $df $bin/dnsfence proxy --listen "127.0.0.1:$listen" $common > "$work/alone-$run.log" 2>&1 &
         alone=$!; pids+=("$alone")
         serving "$work/alone-$run.log"
         sleep 0.5
@@ -78,7 +81,7 @@ for run in $(seq 1 "$runs"); do
         cmd="$env$agent_cmd" ;;
       *) echo "unknown variant $variant" >&2; exit 2 ;;
     esac
-    "$bin/dnsfence-loadgen" --server "127.0.0.1:$listen" --queries "$work/q.txt" --rate 2000 \
+    $lg "$bin/dnsfence-loadgen" --server "127.0.0.1:$listen" --queries "$work/q.txt" --rate 2000 \
       --duration 5 --json --quiet --slow-us "$slow_us" \
       --at "2:$cmd > $work/$variant.log 2>&1 & echo \$! > $work/v.pid" > "$work/lg.json"
     python3 - "$work/lg.json" "$variant" "$slow_us" "$work/ratios" <<'PY'

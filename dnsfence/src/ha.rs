@@ -164,7 +164,14 @@ impl Conn {
             }
             match self.decoder.read_from(&mut self.stream) {
                 Ok(0) => break Err(anyhow::anyhow!("closed by the peer")),
-                Ok(_) => self.last_rx = Instant::now(),
+                Ok(_) => {
+                    self.last_rx = Instant::now();
+                    // A bad frame header ends the connection now, not after what follows
+                    // it has been buffered.
+                    if let Err(e) = self.decoder.check_buffered() {
+                        break Err(e).context("decode");
+                    }
+                }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break Ok(()),
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(e) => break Err(e).context("read"),
@@ -186,6 +193,7 @@ impl Conn {
             Ok(0) => anyhow::bail!("closed by the peer"),
             Ok(_) => {
                 self.last_rx = Instant::now();
+                self.decoder.check_buffered().context("decode")?;
                 Ok(())
             }
             Err(e)

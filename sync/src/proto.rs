@@ -517,6 +517,9 @@ pub struct Decoder {
     buf: Vec<u8>,
     /// Start of the undecoded bytes in `buf`.
     pos: usize,
+    /// Bytes after `pos` whose frame headers [`Decoder::check_buffered`] has validated (up
+    /// to a frame boundary).
+    checked: usize,
     max_frame: u32,
     failed: Option<DecodeError>,
 }
@@ -538,6 +541,7 @@ impl Decoder {
         Decoder {
             buf: Vec::new(),
             pos: 0,
+            checked: 0,
             max_frame,
             failed: None,
         }
@@ -609,13 +613,49 @@ impl Decoder {
             Some(ty) => decode_body(ty, body),
         };
         self.pos += end;
+        self.checked = self.checked.saturating_sub(end);
         result.map(Some)
+    }
+
+    /// Validates the header of every frame buffered and not decoded yet, without decoding
+    /// anything: for a caller that reads ahead (bytes fed, not decoded), so that a bad magic,
+    /// version or length is refused as soon as its 12 bytes are in, as `decode` would,
+    /// instead of after whatever follows has been buffered. A fatal error is kept, as by
+    /// `decode`. Each frame's header is checked once.
+    pub fn check_buffered(&mut self) -> Result<(), DecodeError> {
+        if let Some(e) = &self.failed {
+            return Err(e.clone());
+        }
+        loop {
+            let avail = &self.buf[self.pos + self.checked..];
+            let Some(header) = avail.first_chunk::<HEADER_LEN>() else {
+                let n = avail.len().min(MAGIC.len());
+                if avail[..n] != MAGIC[..n] {
+                    let mut found = [0u8; 4];
+                    found[..n].copy_from_slice(&avail[..n]);
+                    return Err(self.fail(DecodeError::BadMagic { found }));
+                }
+                return Ok(());
+            };
+            match parse_header(header, self.max_frame) {
+                Ok((_, len)) => {
+                    let end = HEADER_LEN + len as usize;
+                    if avail.len() < end {
+                        // Its body is still coming; the next header is checked once it is in.
+                        return Ok(());
+                    }
+                    self.checked += end;
+                }
+                Err(e) => return Err(self.fail(e)),
+            }
+        }
     }
 
     fn fail(&mut self, e: DecodeError) -> DecodeError {
         self.failed = Some(e.clone());
         self.buf = Vec::new();
         self.pos = 0;
+        self.checked = 0;
         e
     }
 

@@ -306,6 +306,46 @@ fn oversize_length_is_rejected_from_the_header_alone() {
     assert_eq!(dec.decode().unwrap(), Some(Message::Heartbeat));
 }
 
+/// A reader that buffers ahead without decoding (the sync while it writes or applies)
+/// checks the headers of what it buffered: a bad one behind good frames is refused at once,
+/// good frames and a body still coming pass, and the frames decode afterwards as usual.
+#[test]
+fn buffered_headers_are_checked_without_decoding() {
+    let good = encode_all(&every_message());
+    let mut dec = Decoder::with_max_frame(1 << 20);
+    dec.feed(&good);
+    // And the first half of another frame.
+    let more = encode_all(&[Message::Heartbeat, Message::Heartbeat]);
+    dec.feed(&more[..more.len() / 2 + 7]);
+    assert_eq!(dec.check_buffered(), Ok(()));
+    assert_eq!(dec.check_buffered(), Ok(()), "checked again: nothing new");
+    assert_eq!(decode_all(&mut dec).len(), every_message().len() + 1);
+    dec.feed(&more[more.len() / 2 + 7..]);
+    assert_eq!(dec.check_buffered(), Ok(()));
+    assert_eq!(dec.decode().unwrap(), Some(Message::Heartbeat));
+
+    let mut dec = Decoder::with_max_frame(1000);
+    dec.feed(&good);
+    dec.feed(&header(PROTOCOL_VERSION, MessageType::Flows as u16, 1001));
+    let fresh = {
+        let mut d = Decoder::with_max_frame(1000);
+        d.feed(&good);
+        d.check_buffered()
+    };
+    assert_eq!(fresh, Ok(()), "the good frames alone pass");
+    let err = dec.check_buffered().unwrap_err();
+    assert!(err.is_fatal(), "{err:?}");
+    assert_eq!(dec.decode().unwrap_err(), err, "sticky, as decode's own");
+    // A wrong magic is refused from its first bytes.
+    let mut dec = Decoder::new();
+    dec.feed(&good);
+    dec.feed(b"GE");
+    assert!(matches!(
+        dec.check_buffered(),
+        Err(DecodeError::BadMagic { .. })
+    ));
+}
+
 #[test]
 fn the_encoder_refuses_what_the_peer_would() {
     let enc = Encoder::with_max_frame(100);
