@@ -90,6 +90,53 @@ struct Inner {
     /// The writers' epoch this ledger has taken in: when the shared one differs, the other
     /// writer removed entries since, and the ledger verifies (see the module documentation).
     seen_epoch: u64,
+    /// The removal ring's head this process's repair has read up to.
+    ring_seen: u64,
+}
+
+/// Words of the shared region (the writers' lock file, see `sys::SharedRegion`): the
+/// writers' epoch; how many keys the removal ring has ever been given; the epoch of the last
+/// bump that gave the ring its keys (a bump without them, from a build without the ring,
+/// leaves it behind: the other writer then checks its whole ledger).
+const EPOCH: usize = 0;
+const RING_HEAD: usize = 1;
+const RING_EPOCH: usize = 2;
+
+/// An allow key in a ring slot: endpoint, address (IPv4 mapped), ports, family.
+fn slot_of(k: &AllowKey) -> [u8; sys::SLOT_LEN] {
+    let mut b = [0u8; sys::SLOT_LEN];
+    b[0..8].copy_from_slice(&k.endpoint.0.to_le_bytes());
+    let (v6, family) = match k.ip {
+        std::net::IpAddr::V4(a) => (a.to_ipv6_mapped(), 4),
+        std::net::IpAddr::V6(a) => (a, 6),
+    };
+    b[8..24].copy_from_slice(&v6.octets());
+    b[24..26].copy_from_slice(&k.ports.lo.to_le_bytes());
+    b[26..28].copy_from_slice(&k.ports.hi.to_le_bytes());
+    b[28] = k.ports.protos;
+    b[29] = family;
+    b
+}
+
+/// The key of a ring slot (None for a slot that holds none).
+fn key_of(b: &[u8; sys::SLOT_LEN]) -> Option<AllowKey> {
+    let word =
+        |r: std::ops::Range<usize>| b[r].iter().rev().fold(0u64, |v, &x| v << 8 | u64::from(x));
+    let v6 = std::net::Ipv6Addr::from(<[u8; 16]>::try_from(&b[8..24]).ok()?);
+    let ip = match b[29] {
+        4 => std::net::IpAddr::V4(v6.to_ipv4_mapped()?),
+        6 => std::net::IpAddr::V6(v6),
+        _ => return None,
+    };
+    Some(AllowKey {
+        endpoint: dnsfence_policy::EndpointKey(word(0..8)),
+        ip,
+        ports: dnsfence_engine::allow::PortSpec {
+            lo: word(24..26) as u16,
+            hi: word(26..28) as u16,
+            protos: b[28],
+        },
+    })
 }
 
 /// The writers' lock held (released on drop). A lock that cannot be taken (an error of
@@ -122,10 +169,13 @@ pub struct BpfAllow {
     inner: Arc<Mutex<Inner>>,
     scan: Arc<Mutex<Scan>>,
     /// The writers' epoch, shared with the other writer through the lock file.
-    epoch: Arc<sys::SharedWord>,
+    shared: Arc<sys::SharedRegion>,
     /// The writers' epoch the last repair checked the ledger for (or that this process's
     /// own removal made).
     repaired: Arc<AtomicU64>,
+    /// Repairs that read the removal ring, and that scanned the whole ledger.
+    ring_scans: Arc<AtomicU64>,
+    full_scans: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for BpfAllow {
@@ -254,11 +304,12 @@ impl BpfAllow {
                     reason: e.to_string(),
                 })?,
         };
-        let epoch = sys::SharedWord::map(&writers).map_err(|e| DatapathError::Map {
+        let shared = sys::SharedRegion::map(&writers).map_err(|e| DatapathError::Map {
             map: names::ALLOW,
             reason: format!("mapping {}: {e}", lock_path.display()),
         })?;
-        let seen_epoch = epoch.word().load(Ordering::Acquire);
+        let seen_epoch = shared.word(EPOCH).load(Ordering::Acquire);
+        let ring_seen = shared.word(RING_HEAD).load(Ordering::Acquire);
         let mut ledger = Ledger::new(config);
         let clock = Clock::now();
         for item in map.iter() {
@@ -273,8 +324,10 @@ impl BpfAllow {
             ledger.restore(AllowKey::from(&k), clock.to_instant(expires), name.as_ref());
         }
         Ok(BpfAllow {
-            epoch: Arc::new(epoch),
+            shared: Arc::new(shared),
             repaired: Arc::new(AtomicU64::new(seen_epoch)),
+            ring_scans: Arc::new(AtomicU64::new(0)),
+            full_scans: Arc::new(AtomicU64::new(0)),
             scan: Arc::new(Mutex::new(scan)),
             inner: Arc::new(Mutex::new(Inner {
                 ledger,
@@ -285,12 +338,21 @@ impl BpfAllow {
                 previous: Vec::new(),
                 removed: Vec::new(),
                 seen_epoch,
+                ring_seen,
             })),
         })
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Repairs so far that read the removal ring, and that scanned the whole ledger.
+    pub fn repair_scans(&self) -> (u64, u64) {
+        (
+            self.ring_scans.load(Ordering::Relaxed),
+            self.full_scans.load(Ordering::Relaxed),
+        )
     }
 
     /// The ledger's counters.
@@ -348,10 +410,17 @@ impl BpfAllow {
             revoked += inner.removed.len();
             let _writers = WritersLock::take(&inner.writers);
             let mut taken_out = 0;
+            let head = self.shared.word(RING_HEAD);
             for k in &inner.removed {
                 // Only what this process took out of the map moves the epoch (the other
-                // writer, given the same policy, removed most of these already).
-                taken_out += usize::from(inner.map.remove(&AllowMapKey::from(k)).is_ok());
+                // writer, given the same policy, removed most of these already), and goes
+                // into the removal ring for the other writer's repair.
+                if inner.map.remove(&AllowMapKey::from(k)).is_ok() {
+                    taken_out += 1;
+                    let at = head.load(Ordering::Acquire);
+                    self.shared.write_slot(at, &slot_of(k));
+                    head.store(at + 1, Ordering::Release);
+                }
                 let _ = inner.names.remove(&AllowMapKey::from(k));
             }
             if taken_out > 0 {
@@ -359,7 +428,7 @@ impl BpfAllow {
                 // bump after the last slice left the other writer's shards trusting their
                 // memory for the whole revocation, and for ever if this process died
                 // before it).
-                self.bump_epoch(&mut inner.seen_epoch);
+                self.bump_epoch(&mut inner.seen_epoch, &mut inner.ring_seen);
             }
         }
         revoked
@@ -368,38 +437,74 @@ impl BpfAllow {
     /// Moves the writers' epoch after this process took entries out of the map (called
     /// with the writers' lock held): the other writer may hold some of them for a name it
     /// still justifies, and checks its ledger against the map when it sees the epoch move.
-    fn bump_epoch(&self, seen_epoch: &mut u64) {
-        let before = self.epoch.word().fetch_add(1, Ordering::AcqRel);
+    fn bump_epoch(&self, seen_epoch: &mut u64, ring_seen: &mut u64) {
+        let before = self.shared.word(EPOCH).fetch_add(1, Ordering::AcqRel);
+        self.shared
+            .word(RING_EPOCH)
+            .store(before + 1, Ordering::Release);
         if before == *seen_epoch {
-            // Nothing unseen from the other writer: this bump needs no repair here.
+            // Nothing unseen from the other writer (its ring keys and bump come together,
+            // under the lock held now).
             *seen_epoch = before + 1;
-            let _ = self.repaired.compare_exchange(
-                before,
-                before + 1,
-                Ordering::AcqRel,
-                Ordering::Acquire,
-            );
+            // And when the repair is caught up too, this bump needs none, and the ring's
+            // keys up to here are this process's own or checked (else the repair, pending,
+            // reads them from where it stopped).
+            if self
+                .repaired
+                .compare_exchange(before, before + 1, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+            {
+                *ring_seen = self.shared.word(RING_HEAD).load(Ordering::Acquire);
+            }
         }
     }
 
     /// When the other writer removed entries since the last check (the writers' epoch
-    /// moved): puts back into the map every entry of this ledger that is missing from it and
-    /// not expired, then ends verify mode. The map is read through the second handles,
-    /// without the ledger's lock, which is taken only to put back what is missing, a slice
-    /// at a time. Cheap when the epoch has not moved (two atomic loads). Returns how many
-    /// entries it put back.
+    /// moved): checks the entries it removed (read from the removal ring; the whole ledger
+    /// when the ring no longer holds them all) against this ledger and the map, puts back
+    /// what this ledger holds and its newest snapshot justifies, drops the rest from the
+    /// ledger, then ends verify mode. The map is read through the second handles, without
+    /// the ledger's lock, which is taken only to put back what is missing, a slice at a
+    /// time. Cheap when the epoch has not moved (two atomic loads). Returns how many entries
+    /// it put back.
     pub fn repair(&self) -> usize {
-        let epoch = self.epoch.word().load(Ordering::Acquire);
+        let epoch = self.shared.word(EPOCH).load(Ordering::Acquire);
         if self.repaired.load(Ordering::Acquire) == epoch {
             return 0;
         }
         let keys = {
             let mut guard = self.lock();
-            if epoch > guard.seen_epoch {
-                guard.seen_epoch = epoch;
-                guard.ledger.set_verify(true);
+            let inner = &mut *guard;
+            if epoch > inner.seen_epoch {
+                inner.seen_epoch = epoch;
+                inner.ledger.set_verify(true);
             }
-            guard.ledger.keys()
+            // The keys removed since the last repair, from the ring, when it holds them all
+            // (every bump since gave its keys, none was overwritten); else the whole ledger.
+            let ring: Option<Vec<AllowKey>> = {
+                let _writers = WritersLock::take(&inner.writers);
+                let head = self.shared.word(RING_HEAD).load(Ordering::Acquire);
+                let complete = self.shared.word(RING_EPOCH).load(Ordering::Acquire)
+                    == self.shared.word(EPOCH).load(Ordering::Acquire)
+                    && head >= inner.ring_seen
+                    && head - inner.ring_seen <= sys::RING_SLOTS as u64;
+                let from = std::mem::replace(&mut inner.ring_seen, head);
+                complete.then(|| {
+                    (from..head)
+                        .filter_map(|i| key_of(&self.shared.read_slot(i)))
+                        .collect()
+                })
+            };
+            match ring {
+                Some(keys) => {
+                    self.ring_scans.fetch_add(1, Ordering::Relaxed);
+                    keys
+                }
+                None => {
+                    self.full_scans.fetch_add(1, Ordering::Relaxed);
+                    inner.ledger.keys()
+                }
+            }
         };
         let mut repaired = 0;
         let mut missing = Vec::new();
@@ -447,7 +552,7 @@ impl BpfAllow {
             }
         }
         let mut guard = self.lock();
-        if self.epoch.word().load(Ordering::Acquire) == epoch && guard.seen_epoch == epoch {
+        if self.shared.word(EPOCH).load(Ordering::Acquire) == epoch && guard.seen_epoch == epoch {
             guard.ledger.set_verify(false);
         }
         drop(guard);
@@ -491,7 +596,7 @@ impl BpfAllow {
 
 impl AllowSink for BpfAllow {
     fn epoch(&self) -> u64 {
-        self.epoch.word().load(Ordering::Acquire)
+        self.shared.word(EPOCH).load(Ordering::Acquire)
     }
 
     fn write(&mut self, _now: Instant, batch: &mut AllowBatch) {
@@ -499,7 +604,7 @@ impl AllowSink for BpfAllow {
         let mut guard = self.lock();
         let inner = &mut *guard;
         let _writers = WritersLock::take(&inner.writers);
-        let epoch = self.epoch.word().load(Ordering::Acquire);
+        let epoch = self.shared.word(EPOCH).load(Ordering::Acquire);
         if epoch > inner.seen_epoch {
             // The other writer removed entries since: until the repair has checked them all,
             // every entry an answer needs is written again (put back if missing).
@@ -560,5 +665,28 @@ impl AllowSink for BpfAllow {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A key goes through a ring slot unchanged, either family; an empty slot is no key.
+    #[test]
+    fn ring_slots_hold_keys_of_both_families() {
+        for ip in ["203.0.113.7", "2001:db8::7", "::ffff:10.0.0.1", "0.0.0.0"] {
+            let k = AllowKey {
+                endpoint: dnsfence_policy::EndpointKey(0x0123_4567_89ab_cdef),
+                ip: ip.parse().expect("address"),
+                ports: dnsfence_engine::allow::PortSpec {
+                    lo: 443,
+                    hi: 8443,
+                    protos: dnsfence_engine::allow::PortSpec::TCP,
+                },
+            };
+            assert_eq!(key_of(&slot_of(&k)), Some(k), "{ip}");
+        }
+        assert_eq!(key_of(&[0; sys::SLOT_LEN]), None);
     }
 }

@@ -218,27 +218,35 @@ impl DirWatch {
     }
 }
 
-/// A 64-bit counter in the first bytes of a file, mapped shared: every process that maps
-/// the same file sees the same counter, and reads it with no syscall. The allow writers'
-/// epoch lives in their lock file (see `sink`).
-pub struct SharedWord {
-    ptr: std::ptr::NonNull<std::sync::atomic::AtomicU64>,
+/// The first bytes of a file, mapped shared by every process that maps the same file: a few
+/// 64-bit words (read and written atomically, with no syscall) and a ring of fixed-size slots
+/// (read and written while the caller holds a lock the other processes also take: the allow
+/// writers' flock). The allow writers' epoch and the ring of the entries their revocations
+/// removed live in their lock file (see `sink`).
+pub struct SharedRegion {
+    ptr: std::ptr::NonNull<u8>,
 }
 
-// SAFETY: the mapping is only ever accessed through the `AtomicU64` it holds, which is safe
-// to share and send between threads; it lives until `drop`.
-unsafe impl Send for SharedWord {}
-// SAFETY: as above (all access is atomic).
-unsafe impl Sync for SharedWord {}
+// SAFETY: the mapping is accessed only through atomics (the words) and volatile copies made
+// under the writers' lock (the slots); it lives until `drop`.
+unsafe impl Send for SharedRegion {}
+// SAFETY: as above.
+unsafe impl Sync for SharedRegion {}
 
-/// The length mapped: one page.
-const SHARED_WORD_LEN: usize = 4096;
+/// Words at the start of the region.
+pub const SHARED_WORDS: usize = 8;
+/// Bytes of one ring slot.
+pub const SLOT_LEN: usize = 32;
+/// The length mapped: 64 KiB (the words, then the ring).
+const SHARED_LEN: usize = 64 << 10;
+/// Slots in the ring.
+pub const RING_SLOTS: usize = (SHARED_LEN - SHARED_WORDS * 8) / SLOT_LEN;
 
-impl SharedWord {
-    /// Maps the first page of `file` (opened for reading and writing), allocating it if the
-    /// file is shorter (the added bytes read as zero; allocated, not a hole, so that a full
-    /// tmpfs fails here instead of raising SIGBUS at the first touch of the page).
-    pub fn map(file: &std::fs::File) -> io::Result<SharedWord> {
+impl SharedRegion {
+    /// Maps the first [`SHARED_LEN`] bytes of `file` (opened for reading and writing),
+    /// allocating them if the file is shorter (the added bytes read as zero; allocated, not a
+    /// hole, so that a full tmpfs fails here instead of raising SIGBUS at the first touch).
+    pub fn map(file: &std::fs::File) -> io::Result<SharedRegion> {
         use std::os::fd::AsRawFd;
         // Always (a hole left by an older build's `set_len` is allocated too); where the
         // filesystem cannot, the length at least.
@@ -246,12 +254,12 @@ impl SharedWord {
             file,
             rustix::fs::FallocateFlags::empty(),
             0,
-            SHARED_WORD_LEN as u64,
+            SHARED_LEN as u64,
         ) {
             Ok(()) => {}
             Err(rustix::io::Errno::OPNOTSUPP) => {
-                if file.metadata()?.len() < SHARED_WORD_LEN as u64 {
-                    file.set_len(SHARED_WORD_LEN as u64)?;
+                if file.metadata()?.len() < SHARED_LEN as u64 {
+                    file.set_len(SHARED_LEN as u64)?;
                 }
             }
             Err(e) => return Err(e.into()),
@@ -261,7 +269,7 @@ impl SharedWord {
         let ptr = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
-                SHARED_WORD_LEN,
+                SHARED_LEN,
                 libc::PROT_READ | libc::PROT_WRITE,
                 libc::MAP_SHARED,
                 file.as_raw_fd(),
@@ -271,24 +279,54 @@ impl SharedWord {
         if ptr == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
         }
-        let ptr = std::ptr::NonNull::new(ptr.cast::<std::sync::atomic::AtomicU64>())
+        let ptr = std::ptr::NonNull::new(ptr.cast::<u8>())
             .ok_or_else(|| io::Error::other("mmap returned null"))?;
-        Ok(SharedWord { ptr })
+        Ok(SharedRegion { ptr })
     }
 
-    /// The counter.
-    pub fn word(&self) -> &std::sync::atomic::AtomicU64 {
-        // SAFETY: the mapping is page-aligned (so aligned for a u64), one page long, and
-        // lives as long as `self`; other processes touch it only atomically too.
-        unsafe { self.ptr.as_ref() }
+    /// Word `i` (< [`SHARED_WORDS`]).
+    pub fn word(&self, i: usize) -> &std::sync::atomic::AtomicU64 {
+        assert!(i < SHARED_WORDS, "shared word {i}");
+        // SAFETY: the mapping is page-aligned, so word `i` (8-aligned, within the first
+        // SHARED_WORDS * 8 bytes) is aligned and in bounds; it lives as long as `self`, and
+        // other processes touch it only atomically too.
+        unsafe {
+            &*self
+                .ptr
+                .as_ptr()
+                .add(i * 8)
+                .cast::<std::sync::atomic::AtomicU64>()
+        }
+    }
+
+    /// Writes ring slot `i % RING_SLOTS`. Call with the writers' lock held.
+    pub fn write_slot(&self, i: u64, bytes: &[u8; SLOT_LEN]) {
+        let at = SHARED_WORDS * 8 + (i % RING_SLOTS as u64) as usize * SLOT_LEN;
+        for (k, b) in bytes.iter().enumerate() {
+            // SAFETY: `at + k` is within the mapping (the ring ends at SHARED_LEN); a
+            // volatile byte store to memory other processes may read (under the same lock).
+            unsafe { self.ptr.as_ptr().add(at + k).write_volatile(*b) };
+        }
+    }
+
+    /// Reads ring slot `i % RING_SLOTS`. Call with the writers' lock held.
+    pub fn read_slot(&self, i: u64) -> [u8; SLOT_LEN] {
+        let at = SHARED_WORDS * 8 + (i % RING_SLOTS as u64) as usize * SLOT_LEN;
+        let mut out = [0u8; SLOT_LEN];
+        for (k, b) in out.iter_mut().enumerate() {
+            // SAFETY: `at + k` is within the mapping; a volatile byte load of memory other
+            // processes write only under the same lock.
+            *b = unsafe { self.ptr.as_ptr().add(at + k).read_volatile() };
+        }
+        out
     }
 }
 
-impl Drop for SharedWord {
+impl Drop for SharedRegion {
     fn drop(&mut self) {
         // SAFETY: unmaps exactly the mapping `map` made; no reference to it outlives `self`.
         unsafe {
-            libc::munmap(self.ptr.as_ptr().cast(), SHARED_WORD_LEN);
+            libc::munmap(self.ptr.as_ptr().cast(), SHARED_LEN);
         }
     }
 }

@@ -331,6 +331,11 @@ fn an_entry_one_writer_revokes_is_put_back_by_the_other_that_still_justifies_it(
     assert_eq!(map_entries(&env.pin), 2);
     let stats = proxy.stats();
     assert_eq!((stats.repaired, stats.repair_dropped), (1, 1), "{stats:?}");
+    assert_eq!(
+        proxy.repair_scans(),
+        (1, 0),
+        "the three keys read from the removal ring, not the whole ledger"
+    );
     // Checked: no more rewrites of entries the ledger holds long enough, nothing to repair.
     let verified = proxy.stats().verified;
     assert!(write_for(
@@ -381,6 +386,53 @@ fn without_a_snapshot_the_repair_puts_back_only_its_own_entries() {
     assert_eq!(map_entries(&env.pin), 1);
     let stats = proxy.stats();
     assert_eq!((stats.repaired, stats.repair_dropped), (1, 1), "{stats:?}");
+    drop(datapath);
+    let _ = Datapath::uninstall(&env.pin);
+}
+
+/// A revocation that takes out more entries than the removal ring holds: the other writer's
+/// repair cannot know them all from the ring and checks its whole ledger instead.
+#[test]
+fn a_removal_ring_overrun_falls_back_to_the_whole_ledger() {
+    if !require_root("allow_two_writers") {
+        return;
+    }
+    let _serial = EXCLUSIVE.lock().unwrap_or_else(|e| e.into_inner());
+    let env = Env::new("tworing", &["a"]);
+    let mut datapath = Datapath::install(&InstallConfig {
+        pin_dir: env.pin.clone(),
+        cgroup_root: env.cgroup_root.clone(),
+        allow_entries: 8192,
+        l3_entries: 1024,
+        cluster_entries: 1024,
+    })
+    .expect("install");
+    let cfg = LedgerConfig {
+        capacity: 8192,
+        per_endpoint: 8192,
+        per_name: 8192,
+    };
+    let mut agent = datapath.allow_sink(cfg).expect("sink");
+    let mut proxy = BpfAllow::open_pinned(&env.pin, cfg).expect("open");
+    let endpoint = EndpointKey::of("default", "a");
+    let at = |i: u32| AllowKey {
+        endpoint,
+        ..key(&std::net::Ipv4Addr::from(0x7f00_1000 + i).to_string())
+    };
+    let hour = Duration::from_secs(3600);
+    // 2,500 entries of the agent's, for x (more than the ring's 2,046 slots); the proxy
+    // holds the first for y too.
+    for i in 0..2500 {
+        assert!(write_for(&mut agent, "x.example.test", at(i), hour), "{i}");
+    }
+    assert!(write_for(&mut proxy, "y.example.test", at(0), hour));
+    let keeps_y = std::sync::Arc::new(fqdn_snapshot("y.example.test"));
+    assert_eq!(agent.revoke(keeps_y), 2500);
+    assert_eq!(map_entries(&env.pin), 0);
+    assert_eq!(agent.repair(), 0);
+    assert_eq!(proxy.repair(), 1);
+    assert_eq!(proxy.repair_scans(), (0, 1), "the ring was overrun");
+    assert_eq!(map_entries(&env.pin), 1);
     drop(datapath);
     let _ = Datapath::uninstall(&env.pin);
 }
