@@ -191,7 +191,7 @@ fn lock_path(pin_dir: &Path) -> PathBuf {
 /// The lock the writers of a pin directory's allow map (agent and standalone proxy) take
 /// around a write or a sweep, so that a sweep's read-then-remove never falls between the
 /// other writer's read and write of the same entry.
-pub(crate) fn allow_lock_path(pin_dir: &Path) -> PathBuf {
+pub fn allow_lock_path(pin_dir: &Path) -> PathBuf {
     run_file(pin_dir, "allow")
 }
 

@@ -19,12 +19,14 @@
 //! the entry from the map while the second's ledger, whose name still justifies it, holds it,
 //! and would release its next answers for it with nothing behind them (review finding). So a
 //! writer that removes entries on revocation bumps the **writers' epoch**, a counter in the
-//! first bytes of the writers' lock file, mapped shared by both (read with no syscall). The
-//! other writer, on seeing it change, (1) has its shards forget what they remember as
-//! written (`AllowSink::epoch`), (2) plans every entry an answer needs as a rewrite until
-//! (3) its periodic repair has checked every entry of its ledger against the map and put
-//! back those missing. A removal by expiry bumps nothing: the sweep removes only what the
-//! map's own expiry says has passed, which no ledger outlives.
+//! first bytes of the writers' lock file, mapped shared by both (read with no syscall), and
+//! writes the keys it takes out into a ring beside it. The other writer, on seeing the epoch
+//! change, (1) has its shards forget what they remember as written (`AllowSink::epoch`),
+//! (2) plans every entry an answer needs as a rewrite until (3) its periodic repair has
+//! checked the removed keys (the whole ledger when the ring does not hold them all) against
+//! its ledger and the map, and put back those its policy still justifies. A removal by
+//! expiry bumps nothing: the sweep removes only what the map's own expiry says has passed,
+//! which no ledger outlives.
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -90,17 +92,46 @@ struct Inner {
     /// The writers' epoch this ledger has taken in: when the shared one differs, the other
     /// writer removed entries since, and the ledger verifies (see the module documentation).
     seen_epoch: u64,
-    /// The removal ring's head this process's repair has read up to.
-    ring_seen: u64,
+    /// Where this process's repair last read the removal ring.
+    ring_mark: RingMark,
+    /// Scratch of `revoke`: the removed keys the map still held.
+    present: Vec<AllowKey>,
 }
 
 /// Words of the shared region (the writers' lock file, see `sys::SharedRegion`): the
-/// writers' epoch; how many keys the removal ring has ever been given; the epoch of the last
-/// bump that gave the ring its keys (a bump without them, from a build without the ring,
-/// leaves it behind: the other writer then checks its whole ledger).
+/// writers' epoch; how many keys the removal ring has ever been given; how many bumps gave
+/// theirs (a bump without them, from a build without the ring or a writer that could not
+/// take the lock, leaves it behind the epoch: the other writer then checks its whole ledger).
 const EPOCH: usize = 0;
 const RING_HEAD: usize = 1;
-const RING_EPOCH: usize = 2;
+const KEYED: usize = 2;
+
+/// The shared words as a repair last read them: the ring holds every key removed since iff
+/// every bump since gave its keys and fewer keys than the ring's slots were written.
+#[derive(Debug, Clone, Copy)]
+struct RingMark {
+    epoch: u64,
+    keyed: u64,
+    head: u64,
+}
+
+impl RingMark {
+    fn now(shared: &sys::SharedRegion) -> RingMark {
+        RingMark {
+            epoch: shared.word(EPOCH).load(Ordering::Acquire),
+            keyed: shared.word(KEYED).load(Ordering::Acquire),
+            head: shared.word(RING_HEAD).load(Ordering::Acquire),
+        }
+    }
+
+    /// Whether the ring holds every key removed between `self` and `now`.
+    fn covers(self, now: RingMark) -> bool {
+        let bumps = now.epoch.checked_sub(self.epoch);
+        let keyed = now.keyed.checked_sub(self.keyed);
+        let written = now.head.checked_sub(self.head);
+        bumps.is_some() && bumps == keyed && written.is_some_and(|n| n <= sys::RING_SLOTS as u64)
+    }
+}
 
 /// An allow key in a ring slot: endpoint, address (IPv4 mapped), ports, family.
 fn slot_of(k: &AllowKey) -> [u8; sys::SLOT_LEN] {
@@ -146,6 +177,11 @@ struct WritersLock<'a>(Option<&'a std::fs::File>);
 impl<'a> WritersLock<'a> {
     fn take(file: &'a std::fs::File) -> WritersLock<'a> {
         WritersLock(file.lock().ok().map(|()| file))
+    }
+
+    /// Whether the lock is held (the removal ring is written and read only then).
+    fn held(&self) -> bool {
+        self.0.is_some()
     }
 }
 
@@ -232,7 +268,8 @@ impl BpfAllow {
                 reason: format!("creating {}: {e}", dir.display()),
             })?;
         }
-        // The lock file's first page holds the writers' epoch, mapped by both processes:
+        // The lock file's first 64 KiB hold the writers' epoch and removal ring, mapped by
+        // both processes:
         // only they may write it (a truncation by anyone else would raise SIGBUS in both),
         // and a symlink there is not followed.
         let writers = {
@@ -309,7 +346,7 @@ impl BpfAllow {
             reason: format!("mapping {}: {e}", lock_path.display()),
         })?;
         let seen_epoch = shared.word(EPOCH).load(Ordering::Acquire);
-        let ring_seen = shared.word(RING_HEAD).load(Ordering::Acquire);
+        let ring_mark = RingMark::now(&shared);
         let mut ledger = Ledger::new(config);
         let clock = Clock::now();
         for item in map.iter() {
@@ -338,7 +375,8 @@ impl BpfAllow {
                 previous: Vec::new(),
                 removed: Vec::new(),
                 seen_epoch,
-                ring_seen,
+                ring_mark,
+                present: Vec::new(),
             })),
         })
     }
@@ -408,27 +446,37 @@ impl BpfAllow {
                 continue;
             }
             revoked += inner.removed.len();
-            let _writers = WritersLock::take(&inner.writers);
-            let mut taken_out = 0;
-            let head = self.shared.word(RING_HEAD);
+            let writers = WritersLock::take(&inner.writers);
+            // Only what the map still holds is taken out here and moves the epoch (the other
+            // writer, given the same policy, removed most of these already).
+            inner.present.clear();
             for k in &inner.removed {
-                // Only what this process took out of the map moves the epoch (the other
-                // writer, given the same policy, removed most of these already), and goes
-                // into the removal ring for the other writer's repair.
-                if inner.map.remove(&AllowMapKey::from(k)).is_ok() {
-                    taken_out += 1;
-                    let at = head.load(Ordering::Acquire);
-                    self.shared.write_slot(at, &slot_of(k));
-                    head.store(at + 1, Ordering::Release);
+                if inner.map.get(&AllowMapKey::from(k), 0).is_ok() {
+                    inner.present.push(*k);
                 }
-                let _ = inner.names.remove(&AllowMapKey::from(k));
             }
-            if taken_out > 0 {
-                // In the same hold of the writers' lock as the removals (review finding: a
-                // bump after the last slice left the other writer's shards trusting their
-                // memory for the whole revocation, and for ever if this process died
-                // before it).
-                self.bump_epoch(&mut inner.seen_epoch, &mut inner.ring_seen);
+            if !inner.present.is_empty() {
+                // The keys into the removal ring and the bump first, then the removals, all
+                // in one hold of the writers' lock (review findings: a bump after the last
+                // slice left the other writer trusting its memory for the whole revocation;
+                // a process dying between removals and bump left removals nobody checks;
+                // now it can only leave keys the other writer finds still present).
+                let keyed = writers.held();
+                if keyed {
+                    let head = self.shared.word(RING_HEAD);
+                    for k in &inner.present {
+                        let at = head.load(Ordering::Acquire);
+                        self.shared.write_slot(at, &slot_of(k));
+                        head.store(at + 1, Ordering::Release);
+                    }
+                }
+                self.bump_epoch(&mut inner.seen_epoch, &mut inner.ring_mark, keyed);
+                for k in &inner.present {
+                    let _ = inner.map.remove(&AllowMapKey::from(k));
+                }
+            }
+            for k in &inner.removed {
+                let _ = inner.names.remove(&AllowMapKey::from(k));
             }
         }
         revoked
@@ -437,11 +485,11 @@ impl BpfAllow {
     /// Moves the writers' epoch after this process took entries out of the map (called
     /// with the writers' lock held): the other writer may hold some of them for a name it
     /// still justifies, and checks its ledger against the map when it sees the epoch move.
-    fn bump_epoch(&self, seen_epoch: &mut u64, ring_seen: &mut u64) {
+    fn bump_epoch(&self, seen_epoch: &mut u64, ring_mark: &mut RingMark, keyed: bool) {
         let before = self.shared.word(EPOCH).fetch_add(1, Ordering::AcqRel);
-        self.shared
-            .word(RING_EPOCH)
-            .store(before + 1, Ordering::Release);
+        if keyed {
+            self.shared.word(KEYED).fetch_add(1, Ordering::AcqRel);
+        }
         if before == *seen_epoch {
             // Nothing unseen from the other writer (its ring keys and bump come together,
             // under the lock held now).
@@ -454,7 +502,7 @@ impl BpfAllow {
                 .compare_exchange(before, before + 1, Ordering::AcqRel, Ordering::Acquire)
                 .is_ok()
             {
-                *ring_seen = self.shared.word(RING_HEAD).load(Ordering::Acquire);
+                *ring_mark = RingMark::now(&self.shared);
             }
         }
     }
@@ -482,18 +530,17 @@ impl BpfAllow {
             // The keys removed since the last repair, from the ring, when it holds them all
             // (every bump since gave its keys, none was overwritten); else the whole ledger.
             let ring: Option<Vec<AllowKey>> = {
-                let _writers = WritersLock::take(&inner.writers);
-                let head = self.shared.word(RING_HEAD).load(Ordering::Acquire);
-                let complete = self.shared.word(RING_EPOCH).load(Ordering::Acquire)
-                    == self.shared.word(EPOCH).load(Ordering::Acquire)
-                    && head >= inner.ring_seen
-                    && head - inner.ring_seen <= sys::RING_SLOTS as u64;
-                let from = std::mem::replace(&mut inner.ring_seen, head);
-                complete.then(|| {
-                    (from..head)
-                        .filter_map(|i| key_of(&self.shared.read_slot(i)))
+                let writers = WritersLock::take(&inner.writers);
+                let now = RingMark::now(&self.shared);
+                let mark = std::mem::replace(&mut inner.ring_mark, now);
+                if writers.held() && mark.covers(now) {
+                    // A slot that does not decode (torn, or not a key): the whole ledger.
+                    (mark.head..now.head)
+                        .map(|i| key_of(&self.shared.read_slot(i)))
                         .collect()
-                })
+                } else {
+                    None
+                }
             };
             match ring {
                 Some(keys) => {

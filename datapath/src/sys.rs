@@ -219,16 +219,15 @@ impl DirWatch {
 }
 
 /// The first bytes of a file, mapped shared by every process that maps the same file: a few
-/// 64-bit words (read and written atomically, with no syscall) and a ring of fixed-size slots
-/// (read and written while the caller holds a lock the other processes also take: the allow
-/// writers' flock). The allow writers' epoch and the ring of the entries their revocations
-/// removed live in their lock file (see `sink`).
+/// 64-bit words and a ring of fixed-size slots, all read and written as atomic 64-bit words
+/// (sound whoever else touches them; a slot's words are consistent with one another only
+/// under a lock the processes share: the allow writers' flock). The allow writers' epoch and
+/// the ring of the entries their revocations removed live in their lock file (see `sink`).
 pub struct SharedRegion {
     ptr: std::ptr::NonNull<u8>,
 }
 
-// SAFETY: the mapping is accessed only through atomics (the words) and volatile copies made
-// under the writers' lock (the slots); it lives until `drop`.
+// SAFETY: the mapping is accessed only through atomic 64-bit words; it lives until `drop`.
 unsafe impl Send for SharedRegion {}
 // SAFETY: as above.
 unsafe impl Sync for SharedRegion {}
@@ -284,39 +283,47 @@ impl SharedRegion {
         Ok(SharedRegion { ptr })
     }
 
-    /// Word `i` (< [`SHARED_WORDS`]).
-    pub fn word(&self, i: usize) -> &std::sync::atomic::AtomicU64 {
-        assert!(i < SHARED_WORDS, "shared word {i}");
-        // SAFETY: the mapping is page-aligned, so word `i` (8-aligned, within the first
-        // SHARED_WORDS * 8 bytes) is aligned and in bounds; it lives as long as `self`, and
-        // other processes touch it only atomically too.
+    /// The 64-bit word at byte offset `at` (8-aligned, within the mapping).
+    fn at(&self, at: usize) -> &std::sync::atomic::AtomicU64 {
+        assert!(
+            at.is_multiple_of(8) && at + 8 <= SHARED_LEN,
+            "shared word at {at}"
+        );
+        // SAFETY: the mapping is page-aligned, so an 8-aligned offset within it is an aligned,
+        // in-bounds u64; it lives as long as `self`, and every process touches it only
+        // through atomics.
         unsafe {
             &*self
                 .ptr
                 .as_ptr()
-                .add(i * 8)
+                .add(at)
                 .cast::<std::sync::atomic::AtomicU64>()
         }
     }
 
-    /// Writes ring slot `i % RING_SLOTS`. Call with the writers' lock held.
+    /// Word `i` (< [`SHARED_WORDS`]).
+    pub fn word(&self, i: usize) -> &std::sync::atomic::AtomicU64 {
+        assert!(i < SHARED_WORDS, "shared word {i}");
+        self.at(i * 8)
+    }
+
+    /// Writes ring slot `i % RING_SLOTS` (consistent for a reader under the same lock).
     pub fn write_slot(&self, i: u64, bytes: &[u8; SLOT_LEN]) {
-        let at = SHARED_WORDS * 8 + (i % RING_SLOTS as u64) as usize * SLOT_LEN;
-        for (k, b) in bytes.iter().enumerate() {
-            // SAFETY: `at + k` is within the mapping (the ring ends at SHARED_LEN); a
-            // volatile byte store to memory other processes may read (under the same lock).
-            unsafe { self.ptr.as_ptr().add(at + k).write_volatile(*b) };
+        use std::sync::atomic::Ordering;
+        let base = SHARED_WORDS * 8 + (i % RING_SLOTS as u64) as usize * SLOT_LEN;
+        for (w, chunk) in bytes.chunks_exact(8).enumerate() {
+            let v = u64::from_le_bytes(chunk.try_into().expect("8 bytes"));
+            self.at(base + w * 8).store(v, Ordering::Relaxed);
         }
     }
 
-    /// Reads ring slot `i % RING_SLOTS`. Call with the writers' lock held.
+    /// Reads ring slot `i % RING_SLOTS` (consistent under the writers' lock).
     pub fn read_slot(&self, i: u64) -> [u8; SLOT_LEN] {
-        let at = SHARED_WORDS * 8 + (i % RING_SLOTS as u64) as usize * SLOT_LEN;
+        use std::sync::atomic::Ordering;
+        let base = SHARED_WORDS * 8 + (i % RING_SLOTS as u64) as usize * SLOT_LEN;
         let mut out = [0u8; SLOT_LEN];
-        for (k, b) in out.iter_mut().enumerate() {
-            // SAFETY: `at + k` is within the mapping; a volatile byte load of memory other
-            // processes write only under the same lock.
-            *b = unsafe { self.ptr.as_ptr().add(at + k).read_volatile() };
+        for (w, chunk) in out.chunks_exact_mut(8).enumerate() {
+            chunk.copy_from_slice(&self.at(base + w * 8).load(Ordering::Relaxed).to_le_bytes());
         }
         out
     }

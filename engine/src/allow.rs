@@ -656,7 +656,7 @@ impl Ledger {
     /// long enough: its expiry written again (a sink takes the later of the table's and
     /// this), so an entry another writer of a shared table removed is put back before the
     /// answer that needs it is released. A sink turns it on when it learns that the other
-    /// writer removed entries, and off once it has checked every entry of the ledger.
+    /// writer removed entries, and off once it has checked them against the ledger.
     pub fn set_verify(&mut self, on: bool) {
         self.verify = on;
     }

@@ -436,3 +436,71 @@ fn a_removal_ring_overrun_falls_back_to_the_whole_ledger() {
     drop(datapath);
     let _ = Datapath::uninstall(&env.pin);
 }
+
+/// Review finding: a writer that bumps the epoch without giving the ring its keys (an older
+/// build, or one that could not take the lock) followed by a bump that gave them made the
+/// ring look complete, and the keys of the first were never checked. The repair counts the
+/// bumps that gave keys against all bumps since it last looked.
+#[test]
+fn a_bump_without_keys_makes_the_repair_check_the_whole_ledger() {
+    use std::os::unix::fs::FileExt;
+    if !require_root("allow_two_writers") {
+        return;
+    }
+    let _serial = EXCLUSIVE.lock().unwrap_or_else(|e| e.into_inner());
+    let env = Env::new("tworingold", &["a"]);
+    let mut datapath = env.install(None, 1024);
+    let mut agent = datapath.allow_sink(LedgerConfig::default()).expect("sink");
+    let mut proxy = BpfAllow::open_pinned(&env.pin, LedgerConfig::default()).expect("open");
+    let endpoint = EndpointKey::of("default", "a");
+    let [k1, k2] = ["127.0.0.51", "127.0.0.52"].map(|ip| AllowKey {
+        endpoint,
+        ..key(ip)
+    });
+    let hour = Duration::from_secs(3600);
+    assert!(write_for(&mut agent, "x.example.test", k1, hour));
+    assert!(write_for(&mut proxy, "y.example.test", k1, hour));
+    assert!(write_for(&mut proxy, "z.example.test", k2, hour));
+    // An older build's agent takes k1 out: removed from the map, the epoch moved, no keys.
+    let map = dnsfence_datapath::loader::maps_dir(&env.pin).join("df_allow");
+    let mut k = endpoint.0.to_ne_bytes().to_vec();
+    k.extend_from_slice(&dnsfence_datapath::maps::Addr::of(k1.ip).0);
+    k.extend_from_slice(&443u16.to_ne_bytes());
+    k.extend_from_slice(&443u16.to_ne_bytes());
+    k.extend_from_slice(&[PortSpec::TCP, 0, 0, 0]);
+    let mut args = vec![
+        "map".to_owned(),
+        "delete".into(),
+        "pinned".into(),
+        map.display().to_string(),
+        "key".into(),
+        "hex".into(),
+    ];
+    args.extend(k.iter().map(|b| format!("{b:02x}")));
+    let out = std::process::Command::new("bpftool")
+        .args(&args)
+        .output()
+        .expect("bpftool");
+    assert!(out.status.success(), "{out:?}");
+    let lock = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(dnsfence_datapath::loader::allow_lock_path(&env.pin))
+        .expect("the writers' lock file");
+    let mut epoch = [0u8; 8];
+    lock.read_exact_at(&mut epoch, 0).expect("read the epoch");
+    let bumped = u64::from_ne_bytes(epoch) + 1;
+    lock.write_all_at(&bumped.to_ne_bytes(), 0)
+        .expect("bump the epoch");
+    assert_eq!(map_entries(&env.pin), 1);
+    // The proxy takes the same snapshot and takes out k2 (z) itself: a bump with its keys.
+    let keeps_y = std::sync::Arc::new(fqdn_snapshot("y.example.test"));
+    assert_eq!(proxy.revoke(keeps_y), 1);
+    assert_eq!(map_entries(&env.pin), 0);
+    // The ring holds k2 only: the repair must look at the whole ledger to find k1.
+    assert_eq!(proxy.repair(), 1);
+    assert_eq!(proxy.repair_scans(), (0, 1));
+    assert_eq!(map_entries(&env.pin), 1);
+    drop(datapath);
+    let _ = Datapath::uninstall(&env.pin);
+}

@@ -105,9 +105,11 @@ fn policy_churn_never_fails_open() {
     eprintln!(
         "churn: {writes} writes; {denied} denied and {allowed} allowed names asked; {wrong} wrong"
     );
-    // The file is whole again (the writer's last write finished).
+    // The file is whole again (the writer's last write finished), and it churned: the writer
+    // aims at 20 writes a second; a CI machine whose two CPUs also run the agent and this
+    // test's queries gave it 11.7 (350 in 30 s), so the floor is 8.
     assert!(
-        writes as f64 >= churn_time().as_secs_f64() * 15.0,
+        writes as f64 >= churn_time().as_secs_f64() * 8.0,
         "{writes} writes"
     );
     assert!(
