@@ -247,17 +247,9 @@ fn unchanged_address_sets_cost_no_write() {
 #[test]
 fn node_local_answers_open_nothing_by_default() {
     let mut h = Harness::new(config());
-    let dir = write_dir(
-        "rebind",
-        &[("policy.yaml", POLICY), ("endpoints.yaml", ENDPOINTS)],
-    );
-    let defaults = dnsfence_policy::load(
-        &[dir.join("policy.yaml")],
-        Some(&dir.join("endpoints.yaml")),
-    )
-    .unwrap();
-    let _ = std::fs::remove_dir_all(&dir);
-    h.core.set_snapshot(Arc::new(defaults));
+    let defaults = dnsfence_policy::cidr::NodeFacts::default();
+    h.core
+        .set_snapshot(Arc::new(snapshot_on(POLICY, &defaults)));
     let (socket, fwd) = h.forward(0, &query(7, "meta.allowed.test", TYPE_A));
     let id = u16::from_be_bytes([fwd[0], fwd[1]]);
     let ans = answer(

@@ -592,11 +592,8 @@ impl Decoder {
         let avail = &self.buf[self.pos..];
         let Some(header) = avail.first_chunk::<HEADER_LEN>() else {
             // Fail early on a wrong magic, even before the whole header is in.
-            let n = avail.len().min(MAGIC.len());
-            if avail[..n] != MAGIC[..n] {
-                let mut found = [0u8; 4];
-                found[..n].copy_from_slice(&avail[..n]);
-                return Err(self.fail(DecodeError::BadMagic { found }));
+            if let Some(e) = bad_partial_magic(avail) {
+                return Err(self.fail(e));
             }
             return Ok(None);
         };
@@ -629,11 +626,8 @@ impl Decoder {
         loop {
             let avail = &self.buf[self.pos + self.checked..];
             let Some(header) = avail.first_chunk::<HEADER_LEN>() else {
-                let n = avail.len().min(MAGIC.len());
-                if avail[..n] != MAGIC[..n] {
-                    let mut found = [0u8; 4];
-                    found[..n].copy_from_slice(&avail[..n]);
-                    return Err(self.fail(DecodeError::BadMagic { found }));
+                if let Some(e) = bad_partial_magic(avail) {
+                    return Err(self.fail(e));
                 }
                 return Ok(());
             };
@@ -672,6 +666,16 @@ impl Decoder {
             self.pos = 0;
         }
     }
+}
+
+/// The error of a header's first bytes (fewer than a whole header) that are not the magic.
+fn bad_partial_magic(avail: &[u8]) -> Option<DecodeError> {
+    let n = avail.len().min(MAGIC.len());
+    (avail[..n] != MAGIC[..n]).then(|| {
+        let mut found = [0u8; 4];
+        found[..n].copy_from_slice(&avail[..n]);
+        DecodeError::BadMagic { found }
+    })
 }
 
 fn parse_header(h: &[u8; HEADER_LEN], max: u32) -> Result<(u16, u32), DecodeError> {

@@ -149,12 +149,17 @@ spec:
     toPorts: [{{ports: [{{port: "{port}", protocol: TCP}}]}}]
 {extra}"#
     );
-    let endpoints = "endpoints:\n- {name: a, namespace: default, labels: {app: a}, cgroup: a}\n";
-    let p = PolicySet::from_yaml(Path::new("p.yaml"), &text).expect("the test policy");
-    let e = Endpoints::from_yaml(Path::new("e.yaml"), endpoints).expect("the test endpoints");
-    let mut s = Snapshot::compile(&p, &e);
+    let mut s = compile_a(&text, &dnsfence_policy::cidr::NodeFacts::default());
     s.set_generation(generation);
     s
+}
+
+/// `policy` over one endpoint, default/a in cgroup `a`, with `node`'s facts.
+pub fn compile_a(policy: &str, node: &dnsfence_policy::cidr::NodeFacts) -> Snapshot {
+    let endpoints = "endpoints:\n- {name: a, namespace: default, labels: {app: a}, cgroup: a}\n";
+    let p = PolicySet::from_yaml(Path::new("p.yaml"), policy).expect("the test policy");
+    let e = Endpoints::from_yaml(Path::new("e.yaml"), endpoints).expect("the test endpoints");
+    Snapshot::compile_on(&p, &e, &[], node)
 }
 
 impl Env {
@@ -168,6 +173,19 @@ impl Env {
             allow_entries: 1024,
             l3_entries: 1024,
             cluster_entries,
+        })
+        .expect("install the datapath")
+    }
+
+    /// The datapath installed over this environment's pins and cgroup root with `allow_entries`
+    /// in the allow map (1,024 in the L3 and cluster maps).
+    pub fn install_allow(&self, allow_entries: u32) -> Datapath {
+        Datapath::install(&InstallConfig {
+            pin_dir: self.pin.clone(),
+            cgroup_root: self.cgroup_root.clone(),
+            allow_entries,
+            l3_entries: 1024,
+            cluster_entries: 1024,
         })
         .expect("install the datapath")
     }

@@ -4,7 +4,7 @@
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
-use dnsfence_datapath::{BpfAllow, Datapath, InstallConfig};
+use dnsfence_datapath::{BpfAllow, Datapath};
 use dnsfence_engine::allow::{AllowBatch, AllowKey, AllowSink, LedgerConfig, PortSpec};
 use dnsfence_matcher::Name;
 use dnsfence_policy::EndpointKey;
@@ -46,14 +46,7 @@ fn two_writers_never_shorten_or_sweep_each_others_entries() {
     }
     let _serial = EXCLUSIVE.lock().unwrap_or_else(|e| e.into_inner());
     let env = Env::new("twowriters", &["a"]);
-    let mut datapath = Datapath::install(&InstallConfig {
-        pin_dir: env.pin.clone(),
-        cgroup_root: env.cgroup_root.clone(),
-        allow_entries: 1024,
-        l3_entries: 1024,
-        cluster_entries: 1024,
-    })
-    .expect("install");
+    let mut datapath = env.install_allow(1024);
     let mut agent = datapath.allow_sink(LedgerConfig::default()).expect("sink");
     let mut proxy = BpfAllow::open_pinned(&env.pin, LedgerConfig::default()).expect("open");
 
@@ -115,14 +108,7 @@ fn a_revocation_covers_the_other_writers_entries() {
     }
     let _serial = EXCLUSIVE.lock().unwrap_or_else(|e| e.into_inner());
     let env = Env::new("tworevoke", &["a"]);
-    let mut datapath = Datapath::install(&InstallConfig {
-        pin_dir: env.pin.clone(),
-        cgroup_root: env.cgroup_root.clone(),
-        allow_entries: 1024,
-        l3_entries: 1024,
-        cluster_entries: 1024,
-    })
-    .expect("install");
+    let mut datapath = env.install_allow(1024);
     let mut agent = datapath.allow_sink(LedgerConfig::default()).expect("sink");
     let mut proxy = BpfAllow::open_pinned(&env.pin, LedgerConfig::default()).expect("open");
     assert!(write(
@@ -175,14 +161,7 @@ fn a_sweep_never_removes_an_entry_the_other_writer_just_wrote() {
     }
     let _serial = EXCLUSIVE.lock().unwrap_or_else(|e| e.into_inner());
     let env = Env::new("tworace", &["a"]);
-    let mut datapath = Datapath::install(&InstallConfig {
-        pin_dir: env.pin.clone(),
-        cgroup_root: env.cgroup_root.clone(),
-        allow_entries: 65536,
-        l3_entries: 1024,
-        cluster_entries: 1024,
-    })
-    .expect("install");
+    let mut datapath = env.install_allow(65536);
     let cfg = LedgerConfig {
         capacity: 65536,
         ..LedgerConfig::default()
@@ -267,17 +246,12 @@ spec:
     toPorts: [{{ports: [{{port: "443", protocol: TCP}}]}}]
 "#
     );
-    let endpoints = "endpoints:\n- {name: a, namespace: default, labels: {app: a}, cgroup: a}\n";
-    let p = dnsfence_policy::PolicySet::from_yaml(std::path::Path::new("p.yaml"), &text)
-        .expect("the test policy");
-    let e = dnsfence_policy::Endpoints::from_yaml(std::path::Path::new("e.yaml"), endpoints)
-        .expect("the test endpoints");
     // The test's addresses are in 127.0.0.0/8: opened as by `--open-loopback-answers`.
     let node = dnsfence_policy::cidr::NodeFacts {
         open_loopback: true,
         ..Default::default()
     };
-    dnsfence_policy::Snapshot::compile_on(&p, &e, &[], &node)
+    dnsfence_tests::bpf::compile_a(&text, &node)
 }
 
 /// Review finding: one address answered for two names, one per writer. A reload that drops
@@ -399,14 +373,7 @@ fn a_removal_ring_overrun_falls_back_to_the_whole_ledger() {
     }
     let _serial = EXCLUSIVE.lock().unwrap_or_else(|e| e.into_inner());
     let env = Env::new("tworing", &["a"]);
-    let mut datapath = Datapath::install(&InstallConfig {
-        pin_dir: env.pin.clone(),
-        cgroup_root: env.cgroup_root.clone(),
-        allow_entries: 8192,
-        l3_entries: 1024,
-        cluster_entries: 1024,
-    })
-    .expect("install");
+    let mut datapath = env.install_allow(8192);
     let cfg = LedgerConfig {
         capacity: 8192,
         per_endpoint: 8192,

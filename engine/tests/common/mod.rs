@@ -113,6 +113,11 @@ pub fn test_node() -> dnsfence_policy::cidr::NodeFacts {
 }
 
 pub fn snapshot_of(policy: &str) -> Snapshot {
+    snapshot_on(policy, &test_node())
+}
+
+/// `policy` over the test endpoints, with `node`'s facts.
+pub fn snapshot_on(policy: &str, node: &dnsfence_policy::cidr::NodeFacts) -> Snapshot {
     let dir = write_dir(
         "policy",
         &[("policy.yaml", policy), ("endpoints.yaml", ENDPOINTS)],
@@ -120,7 +125,7 @@ pub fn snapshot_of(policy: &str) -> Snapshot {
     let snapshot = dnsfence_policy::load_on(
         &[dir.join("policy.yaml")],
         Some(&dir.join("endpoints.yaml")),
-        &test_node(),
+        node,
     )
     .unwrap_or_else(|e| panic!("test policy: {e}"));
     let _ = std::fs::remove_dir_all(&dir);
