@@ -348,18 +348,25 @@ impl BpfAllow {
         let seen_epoch = shared.word(EPOCH).load(Ordering::Acquire);
         let ring_mark = RingMark::now(&shared);
         let mut ledger = Ledger::new(config);
-        let clock = Clock::now();
-        for item in map.iter() {
-            let (k, expires) = item.map_err(|e| DatapathError::Map {
-                map: names::ALLOW,
-                reason: e.to_string(),
-            })?;
-            let name = names_map
-                .get(&k, 0)
-                .ok()
-                .and_then(|n| dnsfence_matcher::Name::from_wire(n.bytes()).ok());
-            ledger.restore(AllowKey::from(&k), clock.to_instant(expires), name.as_ref());
-        }
+        // Start-up work (a few map syscalls per entry: milliseconds for thousands), at idle
+        // priority like the ledger's own: a process starting beside one that serves must
+        // not hold a CPU its shards wait for (seen: 3 ms runs of a starting agent's main
+        // thread delaying the proxy's shards).
+        dnsfence_engine::startup::at_idle_priority(|| -> Result<(), DatapathError> {
+            let clock = Clock::now();
+            for item in map.iter() {
+                let (k, expires) = item.map_err(|e| DatapathError::Map {
+                    map: names::ALLOW,
+                    reason: e.to_string(),
+                })?;
+                let name = names_map
+                    .get(&k, 0)
+                    .ok()
+                    .and_then(|n| dnsfence_matcher::Name::from_wire(n.bytes()).ok());
+                ledger.restore(AllowKey::from(&k), clock.to_instant(expires), name.as_ref());
+            }
+            Ok(())
+        })?;
         Ok(BpfAllow {
             shared: Arc::new(shared),
             repaired: Arc::new(AtomicU64::new(seen_epoch)),
