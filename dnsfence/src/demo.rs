@@ -16,7 +16,7 @@
 
 use std::fmt::Write as _;
 use std::net::{SocketAddr, UdpSocket};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -47,6 +47,47 @@ pub struct DemoArgs {
     /// latency): to place a transition second's spike in time.
     #[arg(long, default_value_t = 0)]
     slow_us: u64,
+    /// Place the load generator and the upstream on CPU 0 and the agent and the proxy on the
+    /// other CPUs (with `taskset`), as the peer benchmark places its processes: the
+    /// transition seconds then measure what a start or a stop costs the serving CPUs, not
+    /// the harness's own bursts of CPU landing on them (a 2-CPU VM's main noise).
+    #[arg(long)]
+    place: bool,
+}
+
+/// Where `--place` puts the harness and the served processes: `taskset -c` CPU lists.
+struct Placement {
+    harness: String,
+    serving: String,
+}
+
+impl Placement {
+    fn of(args: &DemoArgs) -> Result<Option<Placement>> {
+        if !args.place {
+            return Ok(None);
+        }
+        let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+        if cpus < 2 {
+            bail!("--place needs at least 2 CPUs (this machine offers {cpus})");
+        }
+        Ok(Some(Placement {
+            harness: "0".into(),
+            serving: format!("1-{}", cpus - 1),
+        }))
+    }
+}
+
+/// `program args` run on `cpus` (through `taskset -c`) when placed.
+fn placed(cpus: Option<&str>, program: &Path, args: &[String]) -> (PathBuf, Vec<String>) {
+    match cpus {
+        None => (program.to_path_buf(), args.to_vec()),
+        Some(cpus) => {
+            let mut v = vec!["-c".to_owned(), cpus.to_owned()];
+            v.push(program.display().to_string());
+            v.extend(args.iter().cloned());
+            (PathBuf::from("taskset"), v)
+        }
+    }
 }
 
 const POLICY: &str = r#"apiVersion: cilium.io/v2
@@ -458,7 +499,11 @@ fn run_in(args: &DemoArgs, exe: &Path, loadgen: &Path, dir: &Path) -> Result<boo
     .map(|s| s.to_string())
     .collect();
     let upstream_log = dir.join("upstream.log");
-    let upstream_guard = spawn("upstream", loadgen, &upstream_args, &upstream_log)?;
+    let placement = Placement::of(args)?;
+    let harness = placement.as_ref().map(|p| p.harness.as_str());
+    let serving = placement.as_ref().map(|p| p.serving.as_str());
+    let (program, upstream_args) = placed(harness, loadgen, &upstream_args);
+    let upstream_guard = spawn("upstream", &program, &upstream_args, &upstream_log)?;
     wait_for(upstream, "probe.allowed.demo.test", "the upstream")?;
 
     let socket = dir.join("agent.sock").display().to_string();
@@ -511,7 +556,8 @@ fn run_in(args: &DemoArgs, exe: &Path, loadgen: &Path, dir: &Path) -> Result<boo
     for role in ["agent", "proxy"] {
         let log = dir.join(format!("{role}.log"));
         let pid = dir.join(format!("{role}.pid"));
-        let mut command = start_command(exe, &common(role), &log, &pid);
+        let (program, role_args) = placed(serving, exe, &common(role));
+        let mut command = start_command(&program, &role_args, &log, &pid);
         if let Some(setup) = &bpf {
             // Restarts run from the load generator, inside the workload's cgroup: the agent
             // and the proxy move to the hierarchy's root first (they are not the workload).
@@ -568,6 +614,12 @@ fn run_in(args: &DemoArgs, exe: &Path, loadgen: &Path, dir: &Path) -> Result<boo
         args.duration,
         schedule.join(", ")
     );
+    if let Some(p) = &placement {
+        println!(
+            "placement: load generator and upstream on CPU {}, agent and proxy on CPUs {}",
+            p.harness, p.serving
+        );
+    }
     let load = |queries: &Path, rate: u32| -> Vec<String> {
         vec![
             "--server".into(),
@@ -599,6 +651,8 @@ fn run_in(args: &DemoArgs, exe: &Path, loadgen: &Path, dir: &Path) -> Result<boo
     }
     // In eBPF mode the load generator is the workload: it runs in the endpoint's cgroup.
     let workload = |args: &[String]| -> Command {
+        let (loadgen, args) = placed(harness, loadgen, args);
+        let (loadgen, args) = (loadgen.as_path(), args.as_slice());
         match &bpf {
             None => {
                 let mut c = Command::new(loadgen);
@@ -788,7 +842,28 @@ fn report(
 
 #[cfg(test)]
 mod tests {
-    use super::shell_quote;
+    use super::{placed, shell_quote};
+
+    /// A placed command runs on its CPUs: `taskset -c` runs it there (checked by what the
+    /// placed process itself reports), an unplaced one runs as given.
+    #[test]
+    fn a_placed_command_runs_on_its_cpus() {
+        let sh = std::path::Path::new("/bin/sh");
+        let args = ["-c".to_owned(), "grep Cpus_allowed_list /proc/self/status".to_owned()];
+        let (program, with) = placed(Some("0"), sh, &args);
+        let out = std::process::Command::new(&program)
+            .args(&with)
+            .output()
+            .expect("taskset");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            text.trim_end().ends_with("\t0"),
+            "{text:?} ({})",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let (program, with) = placed(None, sh, &args);
+        assert_eq!((program.as_path(), with.as_slice()), (sh, &args[..]));
+    }
 
     #[test]
     fn shell_quoting_survives_quotes() {
