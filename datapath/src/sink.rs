@@ -98,6 +98,16 @@ struct Inner {
     present: Vec<AllowKey>,
 }
 
+/// Takes in the writers' epoch read under the lock: when the other writer removed entries
+/// since this ledger last looked (`seen`), every entry an answer needs is written again (put
+/// back if missing) until the repair has checked them all.
+fn observe_epoch(seen: &mut u64, ledger: &mut Ledger, epoch: u64) {
+    if epoch > *seen {
+        *seen = epoch;
+        ledger.set_verify(true);
+    }
+}
+
 /// Words of the shared region (the writers' lock file, see `sys::SharedRegion`): the
 /// writers' epoch; how many keys the removal ring has ever been given; how many bumps gave
 /// theirs (a bump without them, from a build without the ring or a writer that could not
@@ -530,10 +540,7 @@ impl BpfAllow {
         let keys = {
             let mut guard = self.lock();
             let inner = &mut *guard;
-            if epoch > inner.seen_epoch {
-                inner.seen_epoch = epoch;
-                inner.ledger.set_verify(true);
-            }
+            observe_epoch(&mut inner.seen_epoch, &mut inner.ledger, epoch);
             // The keys removed since the last repair, from the ring, when it holds them all
             // (every bump since gave its keys, none was overwritten); else the whole ledger.
             let ring: Option<Vec<AllowKey>> = {
@@ -659,12 +666,7 @@ impl AllowSink for BpfAllow {
         let inner = &mut *guard;
         let _writers = WritersLock::take(&inner.writers);
         let epoch = self.shared.word(EPOCH).load(Ordering::Acquire);
-        if epoch > inner.seen_epoch {
-            // The other writer removed entries since: until the repair has checked them all,
-            // every entry an answer needs is written again (put back if missing).
-            inner.seen_epoch = epoch;
-            inner.ledger.set_verify(true);
-        }
+        observe_epoch(&mut inner.seen_epoch, &mut inner.ledger, epoch);
         for g in 0..batch.groups.len() {
             if inner.ledger.plan(batch, g, &mut inner.changes).is_err() {
                 batch.settle_group(g, false, &[]);
