@@ -195,6 +195,23 @@ pub fn allow_lock_path(pin_dir: &Path) -> PathBuf {
     run_file(pin_dir, "allow")
 }
 
+/// Removes the lock files of `pin_dir` (its pin lock and its writers' lock). Only for a pin
+/// directory no process uses or will use again (a test's or a demo's, after its uninstall and
+/// once its processes have exited): a writer still running keeps the removed writers' lock
+/// open and mapped while a new one would create another, and pin directories that differ
+/// only in punctuation share lock files (their names keep letters and digits only). Without
+/// this, each such directory left two files behind (64 KiB for the writers' lock): a test
+/// run left thousands. Missing files are not an error.
+pub fn remove_lock_files(pin_dir: &Path) -> io::Result<()> {
+    for lock in [allow_lock_path(pin_dir), lock_path(pin_dir)] {
+        match fs::remove_file(&lock) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
 /// `/run/dnsfence/{prefix}{pin_dir as one name}.lock`.
 fn run_file(pin_dir: &Path, prefix: &str) -> PathBuf {
     let absolute = std::path::absolute(pin_dir).unwrap_or_else(|_| pin_dir.to_path_buf());
@@ -222,14 +239,28 @@ impl PinLock {
         if let Some(dir) = path.parent() {
             fs::create_dir_all(dir).map_err(fs_err("creating", dir))?;
         }
-        let mut file = fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
-            .map_err(fs_err("opening", &path))?;
-        if file.try_lock().is_err() {
+        // `remove_lock_files` may remove the file between its opening and its locking here:
+        // that file is no longer the lock (another taker may hold the new one): take it
+        // again; still moving after three tries, it counts as busy.
+        let mut tries = 0;
+        let (mut file, locked) = loop {
+            let file = fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&path)
+                .map_err(fs_err("opening", &path))?;
+            tries += 1;
+            let locked = file.try_lock().is_ok();
+            if !locked || is_at(&file, &path) {
+                break (file, locked);
+            }
+            if tries == 3 {
+                break (file, false);
+            }
+        };
+        if !locked {
             let mut pid = String::new();
             let _ = file.read_to_string(&mut pid);
             let pid = pid.trim();
@@ -246,6 +277,14 @@ impl PinLock {
         let _ = file.rewind();
         let _ = write!(file, "{}", std::process::id());
         Ok(PinLock { _file: file })
+    }
+}
+
+/// Whether `path` names the file `file` has open (it was not removed or replaced since).
+fn is_at(file: &fs::File, path: &Path) -> bool {
+    match (file.metadata(), fs::metadata(path)) {
+        (Ok(open), Ok(named)) => open.dev() == named.dev() && open.ino() == named.ino(),
+        _ => false,
     }
 }
 

@@ -66,13 +66,26 @@ impl Placement {
         if !args.place {
             return Ok(None);
         }
-        let cpus = std::thread::available_parallelism().map_or(1, usize::from);
-        if cpus < 2 {
-            bail!("--place needs at least 2 CPUs (this machine offers {cpus})");
+        // The CPUs this process may run on (taskset, cpuset), by id: the first for the
+        // harness, the others for the served processes.
+        let cpus: Vec<usize> = core_affinity::get_core_ids()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|c| c.id)
+            .collect();
+        let [harness, serving @ ..] = cpus.as_slice() else {
+            bail!("--place: cannot read this process's CPUs");
+        };
+        if serving.is_empty() {
+            bail!("--place needs at least 2 CPUs (this process may use CPU {harness} only)");
         }
         Ok(Some(Placement {
-            harness: "0".into(),
-            serving: format!("1-{}", cpus - 1),
+            harness: harness.to_string(),
+            serving: serving
+                .iter()
+                .map(usize::to_string)
+                .collect::<Vec<_>>()
+                .join(","),
         }))
     }
 }
@@ -219,7 +232,10 @@ impl Drop for BpfSetup {
             .arg(&self.pin)
             .output();
         match out {
-            Ok(out) if out.status.success() => {}
+            Ok(out) if out.status.success() => {
+                // The demo's own pin directory, never used again: its lock files go too.
+                let _ = dnsfence_datapath::loader::remove_lock_files(&self.pin);
+            }
             Ok(out) => eprintln!(
                 "demo: warning: uninstalling {} failed: {} (run `dnsfence agent --uninstall \
                  --bpf-pin {}`)",
@@ -849,15 +865,22 @@ mod tests {
     #[test]
     fn a_placed_command_runs_on_its_cpus() {
         let sh = std::path::Path::new("/bin/sh");
-        let args = ["-c".to_owned(), "grep Cpus_allowed_list /proc/self/status".to_owned()];
-        let (program, with) = placed(Some("0"), sh, &args);
+        let args = [
+            "-c".to_owned(),
+            "grep Cpus_allowed_list /proc/self/status".to_owned(),
+        ];
+        // The last CPU this process may use (placed alone there).
+        let cpu = core_affinity::get_core_ids()
+            .and_then(|ids| ids.last().map(|c| c.id.to_string()))
+            .expect("this process's CPUs");
+        let (program, with) = placed(Some(&cpu), sh, &args);
         let out = std::process::Command::new(&program)
             .args(&with)
             .output()
             .expect("taskset");
         let text = String::from_utf8_lossy(&out.stdout);
         assert!(
-            text.trim_end().ends_with("\t0"),
+            text.trim_end().ends_with(&format!("\t{cpu}")),
             "{text:?} ({})",
             String::from_utf8_lossy(&out.stderr)
         );

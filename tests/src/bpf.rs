@@ -438,6 +438,8 @@ impl Drop for Env {
             .args(["agent", "--uninstall", "--bpf-pin"])
             .arg(&self.pin)
             .output();
+        // This pin directory is never used again: its lock files go too.
+        let _ = dnsfence_datapath::loader::remove_lock_files(&self.pin);
         remove_cgroup_tree(&self.cgroup_root);
     }
 }

@@ -338,6 +338,24 @@ print('sent')\n";
         .unwrap();
     assert!(out.status.success(), "{out:?}");
     assert!(!env.pin.exists());
+    // Its lock files stay (another process may still hold them) until the pin directory's
+    // owner removes them (a test run left thousands of them in /run/dnsfence).
+    dnsfence_datapath::loader::remove_lock_files(&env.pin).unwrap();
+    let allow_lock = dnsfence_datapath::loader::allow_lock_path(&env.pin);
+    let run_dir = allow_lock.parent().unwrap();
+    let pin_name = allow_lock
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .trim_start_matches("allow")
+        .to_owned();
+    let left: Vec<_> = std::fs::read_dir(run_dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(&pin_name))
+        .collect();
+    assert!(left.is_empty(), "lock files left: {left:?}");
     assert!(!env.attached().contains("df_"), "{}", env.attached());
     assert_eq!(env.connect(Some("a"), SocketAddr::new(www, 80)), Ok(()));
     assert_eq!(
