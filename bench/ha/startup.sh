@@ -17,6 +17,7 @@
 # query was sent (ms) and their latency (µs). PIN=1 places the load generator and the upstream on
 # CPU 0 and every dnsfence process on CPU 1 (the peer harness's layout): on a 2-CPU VM the load
 # generator's own bursts of CPU (and the upstream's) otherwise land on the serving CPU too.
+# SETSID=1 starts the new process in its own session (see below).
 #   [VARIANTS=...] [SLOW_US=N] [PIN=1] bench/ha/startup.sh [RUNS]   (release build; loopback; ~6 s a run)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -24,6 +25,10 @@ runs=${1:-3}
 variants=${VARIANTS:-control other proxy}
 slow_us=${SLOW_US:-0}
 if [ "${PIN:-0}" = 1 ]; then lg="taskset -c 0"; df="taskset -c 1"; else lg=""; df=""; fi
+# SETSID=1: the process that starts at second 2 runs in a session of its own (its own
+# autogroup, as a separate service or pod is its own scheduling group): its idle-priority
+# work then competes as its group, whose weight its threads' policies do not lower.
+if [ "${SETSID:-0}" = 1 ]; then df="setsid $df"; fi
 cargo build --quiet --release -p dnsfence -p dnsfence-loadgen
 target=${CARGO_TARGET_DIR:-target}
 bin="$target/release"
