@@ -94,6 +94,13 @@ pub struct AgentArgs {
     /// endpoints meet their servers on loopback (and for tests).
     #[arg(long)]
     pub open_loopback_answers: bool,
+    /// Ranges a toFQDNs answer never opens (repeatable, or comma-separated), besides the
+    /// cluster's (--cluster-cidr) and the node-local ones, whatever the policy and
+    /// --open-loopback-answers say: networks DNS rebinding must not reach (an on-premises
+    /// range, a metadata address this list of clouds lacks). Counted as
+    /// `addresses_in_cluster`; an L3 rule (toCIDR) still opens them. Synced to the proxy.
+    #[arg(long, value_name = "CIDR", value_parser = parse_cidr, value_delimiter = ',')]
+    pub deny_answer_cidr: Vec<dnsfence_policy::cidr::Cidr>,
     /// The Kubernetes API server's addresses (repeatable): `toEntities: kube-apiserver`
     /// (without it, that entity allows nothing).
     #[arg(long, value_name = "CIDR", value_parser = parse_cidr)]
@@ -299,6 +306,7 @@ pub fn run(args: &AgentArgs) -> Result<()> {
         cluster: args.cluster_cidr.clone(),
         kube_apiserver: args.kube_apiserver.clone(),
         open_loopback: args.open_loopback_answers,
+        deny_answers: args.deny_answer_cidr.clone(),
         ..Default::default()
     };
     node.host.extend(args.node_ip.iter().copied());

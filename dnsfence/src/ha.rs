@@ -315,6 +315,7 @@ pub fn policy_message(version: u64, sources: &Sources) -> PolicySnapshot {
             node_ips: text(&node.host),
             kube_apiserver: text(&node.kube_apiserver),
             open_loopback_answers: node.open_loopback,
+            deny_answer_cidrs: text(&node.deny_answers),
         },
     }
 }
@@ -345,6 +346,7 @@ pub fn compile(msg: &PolicySnapshot) -> Result<(Sources, dnsfence_policy::Snapsh
         host: parse(&msg.node.node_ips)?,
         kube_apiserver: parse(&msg.node.kube_apiserver)?,
         open_loopback: msg.node.open_loopback_answers,
+        deny_answers: parse(&msg.node.deny_answer_cidrs)?,
     };
     let in_force = InForce {
         policies: msg
@@ -1280,6 +1282,40 @@ mod tests {
             },
             node: NodeFacts::default(),
         })
+    }
+
+    /// The proxy compiles the agent's `--deny-answer-cidr` ranges from the snapshot message:
+    /// its answers open nothing there either; a range that does not parse fails the compile
+    /// (the last good snapshot stays in force).
+    #[test]
+    fn the_proxy_takes_the_agents_deny_answer_ranges() {
+        let msg = |deny: &[&str]| PolicySnapshot {
+            version: 1,
+            policy_files: vec![SourceFile {
+                path: "p.yaml".into(),
+                content:
+                    "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: p}\n\
+                          spec:\n  endpointSelector: {}\n  egress:\n  - toFQDNs: [{matchPattern: \
+                          '*.example.com'}]\n"
+                        .into(),
+            }],
+            endpoints: SourceFile {
+                path: String::new(),
+                content: String::new(),
+            },
+            node: NodeFacts {
+                deny_answer_cidrs: deny.iter().map(|s| (*s).to_owned()).collect(),
+                ..NodeFacts::default()
+            },
+        };
+        let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
+        let (_, snapshot, _) = compile(&msg(&["203.0.113.0/24", "2001:db8::/32"])).unwrap();
+        assert!(snapshot.in_cluster(ip("203.0.113.9")));
+        assert!(snapshot.in_cluster(ip("2001:db8::1")));
+        assert!(!snapshot.in_cluster(ip("198.51.100.1")));
+        let (_, snapshot, _) = compile(&msg(&[])).unwrap();
+        assert!(!snapshot.in_cluster(ip("203.0.113.9")));
+        assert!(compile(&msg(&["203.0.113.0/33"])).is_err());
     }
 
     /// Review finding: a multi-MiB frame each way at once filled both socket buffers, and

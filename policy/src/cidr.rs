@@ -209,6 +209,10 @@ pub struct NodeFacts {
     /// default it opens nothing, like the other node-local addresses: see
     /// [`crate::Snapshot::in_cluster`]).
     pub open_loopback: bool,
+    /// `--deny-answer-cidr`: ranges a toFQDNs answer never opens, besides the cluster's and
+    /// the node-local ones (networks that must not be reachable by DNS rebinding: an
+    /// on-premises range, another cloud's metadata address). An L3 rule still opens them.
+    pub deny_answers: Vec<Cidr>,
 }
 
 impl Default for NodeFacts {
@@ -221,6 +225,7 @@ impl Default for NodeFacts {
             ],
             kube_apiserver: Vec::new(),
             open_loopback: false,
+            deny_answers: Vec::new(),
         }
     }
 }

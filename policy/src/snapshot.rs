@@ -650,7 +650,8 @@ impl Snapshot {
     /// the cluster or onto the node (DNS rebinding) reaches nothing there; a workload that
     /// must reach one says so with an L3 rule (`toCIDR`, `toEntities`). Loopback is opened
     /// only under `--open-loopback-answers` ([`NodeFacts::open_loopback`]: a node whose
-    /// host-process endpoints meet their servers there, and the tests).
+    /// host-process endpoints meet their servers there, and the tests). The ranges of
+    /// `--deny-answer-cidr` ([`NodeFacts::deny_answers`]) count too, whatever else opens.
     pub fn in_cluster(&self, ip: IpAddr) -> bool {
         !self.cluster.is_empty() && self.cluster.lookup(ip).is_some()
     }
@@ -883,6 +884,7 @@ fn compile(
             }));
             prefixes.extend(remote_nodes(reg));
             prefixes.extend(node.cluster.iter().copied());
+            prefixes.extend(node.deny_answers.iter().copied());
             prefixes.extend(node.host.iter().filter(|h| {
                 !node.open_loopback || !loopback.iter().flatten().any(|l| l.contains(h))
             }));

@@ -175,6 +175,9 @@ pub struct NodeFacts {
     /// `--open-loopback-answers` (absent from messages of versions before it: false).
     #[serde(default)]
     pub open_loopback_answers: bool,
+    /// `--deny-answer-cidr` values (absent from messages of versions before it: none).
+    #[serde(default)]
+    pub deny_answer_cidrs: Vec<String>,
 }
 
 /// Agent → proxy: everything needed to compile the agent's policy snapshot.

@@ -83,6 +83,7 @@ fn every_message() -> Vec<Message> {
                 node_ips: vec!["192.0.2.1".into()],
                 kube_apiserver: vec![],
                 open_loopback_answers: true,
+                deny_answer_cidrs: vec!["203.0.113.0/24".into()],
             },
         }),
         Message::SnapshotAck(SnapshotAck { version: 7 }),

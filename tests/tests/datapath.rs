@@ -366,7 +366,8 @@ print('sent')\n";
 
 /// DNS rebinding onto the node: an allowed name answered with a loopback address opens
 /// nothing unless the agent runs with `--open-loopback-answers` (the other tests do: their
-/// upstream answers in 127.0.0.0/8); the answer itself still reaches the client.
+/// upstream answers in 127.0.0.0/8), nor, even then, when `--deny-answer-cidr` covers it; the
+/// answer itself still reaches the client.
 #[test]
 fn a_loopback_answer_opens_nothing_without_open_loopback_answers() {
     if !require_root("datapath") {
@@ -377,17 +378,24 @@ fn a_loopback_answer_opens_nothing_without_open_loopback_answers() {
     let net = 20 + (std::process::id() + 140) % 200;
     let prefix4 = format!("127.{net}.0.0/16");
     let upstream = Bundled::start(&["--ttl", "60", "--ips", "1", "--prefix4", &prefix4]);
-    for open in [false, true] {
+    for (open, deny) in [(false, false), (true, false), (true, true)] {
         let mut config = agent_config(&env, upstream.addr, &[]);
         config.open_loopback = open;
+        if deny {
+            config = config.args(&["--deny-answer-cidr", &format!("10.0.0.0/8,{prefix4}")]);
+        }
         let mut agent = Agent::start(&config);
-        let name = format!("rebind-{open}.allowed.test");
+        let name = format!("rebind-{open}-{deny}.allowed.test");
         let www = resolve(&env, "a", &name, false);
         let _l = listen(www);
         let reached = env.connect(Some("a"), SocketAddr::new(www, 443)).is_ok();
-        assert_eq!(reached, open, "{www} reached with open_loopback {open}");
+        let opens = open && !deny;
+        assert_eq!(
+            reached, opens,
+            "{www} reached with open_loopback {open}, deny {deny}"
+        );
         let counted = agent.metric_sum("dnsfence_addresses_in_cluster_total");
-        assert_eq!(counted > 0.0, !open, "{}", agent.metrics_text());
+        assert_eq!(counted > 0.0, !opens, "{}", agent.metrics_text());
         agent.process.terminate(Duration::from_secs(5));
     }
 }

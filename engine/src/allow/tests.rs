@@ -457,7 +457,8 @@ fn an_answer_pointing_into_the_cluster_opens_nothing_there() {
 
 /// DNS rebinding onto the node: an allowed name answered with a node-local address
 /// (unspecified, loopback, link-local: the cloud metadata service) opens nothing by default;
-/// `--open-loopback-answers` opens loopback, and only loopback.
+/// `--open-loopback-answers` opens loopback, and only loopback; `--deny-answer-cidr` ranges
+/// open nothing, loopback included when it is given there.
 #[test]
 fn an_answer_pointing_at_the_node_itself_opens_nothing_unless_loopback_is_opened() {
     let node_local = [
@@ -476,11 +477,16 @@ fn an_answer_pointing_at_the_node_itself_opens_nothing_unless_loopback_is_opened
         "::ffff:169.254.169.254",
     ];
     let outside = ["203.0.113.5", "10.1.2.3", "2001:db8::5", "169.255.0.1"];
-    for open_loopback in [false, true] {
+    let denied = ["127.0.0.0/8", "10.1.0.0/16"];
+    for (open_loopback, deny) in [(false, &[][..]), (true, &[][..]), (true, &denied[..])] {
         let set = PolicySet::from_yaml(std::path::Path::new("p.yaml"), POLICY).unwrap();
         let eps = Endpoints::from_yaml(std::path::Path::new("e.yaml"), ENDPOINTS).unwrap();
         let node = dnsfence_policy::cidr::NodeFacts {
             open_loopback,
+            deny_answers: deny
+                .iter()
+                .map(|c| dnsfence_policy::cidr::Cidr::parse(c).unwrap())
+                .collect(),
             ..Default::default()
         };
         let table = UserspaceAllowTable::new(LedgerConfig::default());
@@ -512,12 +518,14 @@ fn an_answer_pointing_at_the_node_itself_opens_nothing_unless_loopback_is_opened
             let loopback = ip.starts_with("127.") || ip == "::1" || ip == "::ffff:127.0.0.1";
             assert_eq!(
                 allowed(ip),
-                open_loopback && loopback,
-                "{ip} with open_loopback {open_loopback}"
+                // The deny list holds 127.0.0.0/8, not ::1.
+                open_loopback && loopback && (deny.is_empty() || ip == "::1"),
+                "{ip} with open_loopback {open_loopback}, deny {deny:?}"
             );
         }
         for ip in outside {
-            assert!(allowed(ip), "{ip}");
+            let in_denied = ip.starts_with("10.1.") && !deny.is_empty();
+            assert_eq!(allowed(ip), !in_denied, "{ip}, deny {deny:?}");
         }
     }
 }
