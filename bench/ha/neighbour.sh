@@ -12,33 +12,11 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 runs=${1:-3}
 nices=${NICES:-0 -10}
-cargo build --quiet --release -p dnsfence -p dnsfence-loadgen
-target=${CARGO_TARGET_DIR:-target}
-bin="$target/release"
-work=$(mktemp -d /tmp/dnsfence-ha-neighbour.XXXXXX)
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
-trap cleanup EXIT
-port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+source bench/ha/common.sh neighbour
 up=$(port)
-cat > "$work/policy.yaml" <<'P'
-apiVersion: cilium.io/v2
-kind: CiliumNetworkPolicy
-metadata: {name: client, namespace: default}
-spec:
-  endpointSelector: {matchLabels: {app: client}}
-  egress:
-  - toPorts:
-    - ports: [{port: "53", protocol: ANY}]
-      rules:
-        dns: [{matchPattern: "*.allowed.test"}]
-  - toFQDNs: [{matchPattern: "*.allowed.test"}]
-P
-printf 'endpoints:\n- {name: client, namespace: default, labels: {app: client}, ips: ["127.0.0.1"]}\n' > "$work/endpoints.yaml"
-for i in $(seq 0 499); do echo "h$i.allowed.test A"; done > "$work/q.txt"
+fixtures "*.allowed.test"
 taskset -c 0 "$bin/dnsfence-loadgen" upstream --listen "127.0.0.1:$up" > "$work/up.log" 2>&1 & pids+=($!)
 sleep 0.3
-serving() { for _ in $(seq 1 100); do grep -q ": serving " "$1" 2>/dev/null && return 0; sleep 0.05; done; echo "not serving: $1" >&2; return 1; }
 : > "$work/p99s"
 for run in $(seq 1 "$runs"); do
   for nice in $nices; do

@@ -29,30 +29,9 @@ if [ "${PIN:-0}" = 1 ]; then lg="taskset -c 0"; df="taskset -c 1"; else lg=""; d
 # autogroup, as a separate service or pod is its own scheduling group): its idle-priority
 # work then competes as its group, whose weight its threads' policies do not lower.
 if [ "${SETSID:-0}" = 1 ]; then df="setsid $df"; fi
-cargo build --quiet --release -p dnsfence -p dnsfence-loadgen
-target=${CARGO_TARGET_DIR:-target}
-bin="$target/release"
-work=$(mktemp -d /tmp/dnsfence-ha-startup.XXXXXX)
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
-trap cleanup EXIT
-port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+source bench/ha/common.sh startup
 up=$(port); listen=$(port); other=$(port)
-cat > "$work/policy.yaml" <<'P'
-apiVersion: cilium.io/v2
-kind: CiliumNetworkPolicy
-metadata: {name: client, namespace: default}
-spec:
-  endpointSelector: {matchLabels: {app: client}}
-  egress:
-  - toPorts:
-    - ports: [{port: "53", protocol: ANY}]
-      rules:
-        dns: [{matchPattern: "*.allowed.test"}]
-  - toFQDNs: [{matchPattern: "*.allowed.test"}]
-P
-printf 'endpoints:\n- {name: client, namespace: default, labels: {app: client}, ips: ["127.0.0.1"]}\n' > "$work/endpoints.yaml"
-for i in $(seq 0 499); do echo "h$i.allowed.test A"; done > "$work/q.txt"
+fixtures "*.allowed.test"
 $lg "$bin/dnsfence-loadgen" upstream --listen "127.0.0.1:$up" > "$work/up.log" 2>&1 & pids+=($!)
 sleep 0.3
 agent_cmd="$df $bin/dnsfence agent --no-bpf --listen 127.0.0.1:$listen --upstream 127.0.0.1:$up \
@@ -63,7 +42,6 @@ pids+=("$agent_pid")
 sleep 1
 : > "$work/ratios"
 # Waits (bounded) until log $1 says its process serves.
-serving() { for _ in $(seq 1 100); do grep -q ": serving " "$1" 2>/dev/null && return 0; sleep 0.05; done; echo "not serving: $1" >&2; return 1; }
 for run in $(seq 1 "$runs"); do
   for variant in $variants; do
     env=""

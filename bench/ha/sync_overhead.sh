@@ -9,29 +9,9 @@ cd "$(dirname "$0")/../.."
 runs=${1:-3}
 qps=${2:-10000}
 secs=5
-cargo build --quiet --release -p dnsfence -p dnsfence-loadgen
-target=${CARGO_TARGET_DIR:-target}
-bin="$target/release"
-work=$(mktemp -d /tmp/dnsfence-ha-sync.XXXXXX)
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
-trap cleanup EXIT
-port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+source bench/ha/common.sh sync
 up=$(port); proxy_port=$(port); agent_port=$(port)
-cat > "$work/policy.yaml" <<'P'
-apiVersion: cilium.io/v2
-kind: CiliumNetworkPolicy
-metadata: {name: client, namespace: default}
-spec:
-  endpointSelector: {matchLabels: {app: client}}
-  egress:
-  - toPorts:
-    - ports: [{port: "53", protocol: ANY}]
-      rules:
-        dns: [{matchPattern: "**.allowed.test"}]
-  - toFQDNs: [{matchPattern: "**.allowed.test"}]
-P
-printf 'endpoints:\n- {name: client, namespace: default, labels: {app: client}, ips: ["127.0.0.1"]}\n' > "$work/endpoints.yaml"
+fixtures "**.allowed.test"
 "$bin/dnsfence-loadgen" upstream --listen "127.0.0.1:$up" > "$work/up.log" 2>&1 & pids+=($!)
 agent() {
   "$bin/dnsfence" agent --no-bpf --listen "127.0.0.1:$agent_port" --upstream "127.0.0.1:$up" \
