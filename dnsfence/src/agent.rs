@@ -98,7 +98,9 @@ pub struct AgentArgs {
     /// cluster's (--cluster-cidr) and the node-local ones, whatever the policy and
     /// --open-loopback-answers say: networks DNS rebinding must not reach (an on-premises
     /// range, a metadata address this list of clouds lacks). Counted as
-    /// `addresses_in_cluster`; an L3 rule (toCIDR) still opens them. Synced to the proxy.
+    /// `addresses_in_cluster`; an L3 rule (toCIDR, toEntities: world) still opens them.
+    /// Synced to the proxy: upgrade the proxy first (an older one ignores them; the agent
+    /// says so when it connects).
     #[arg(long, value_name = "CIDR", value_parser = parse_cidr, value_delimiter = ',')]
     pub deny_answer_cidr: Vec<dnsfence_policy::cidr::Cidr>,
     /// The Kubernetes API server's addresses (repeatable): `toEntities: kube-apiserver`

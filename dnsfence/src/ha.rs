@@ -644,6 +644,21 @@ impl AgentSync {
     }
 }
 
+/// What of `snapshot` a proxy that said `hello` would ignore, as a line for the log: an older
+/// build does not know `deny_answer_cidrs` (its answers would open those ranges).
+fn ignored_by_peer(hello: &Hello, snapshot: &PolicySnapshot) -> Option<String> {
+    (!snapshot.node.deny_answer_cidrs.is_empty() && !hello.has(proto::FEATURE_DENY_ANSWERS)).then(
+        || {
+            format!(
+                "the standalone proxy (pid {}) is an older build that ignores --deny-answer-cidr: \
+                 its answers may open {} until it is upgraded",
+                hello.pid,
+                snapshot.node.deny_answer_cidrs.join(", ")
+            )
+        },
+    )
+}
+
 /// One peer of the agent, until it goes or the agent stops.
 fn serve_peer(
     stream: UnixStream,
@@ -664,12 +679,17 @@ fn serve_peer(
         );
     }
     let mut sent: Option<u64> = None;
+    let mut warned = false;
     while !stop.load(Ordering::Relaxed) {
         if hello.role == Role::Proxy {
             let snapshot = latest.lock().unwrap_or_else(|e| e.into_inner()).clone();
             if let Some(snapshot) = snapshot
                 && sent != Some(snapshot.version)
             {
+                if !warned && let Some(line) = ignored_by_peer(&hello, &snapshot) {
+                    eprintln!("dnsfence agent: warning: {line}");
+                    warned = true;
+                }
                 conn.send(&Message::PolicySnapshot((*snapshot).clone()))?;
                 sent = Some(snapshot.version);
                 stats.snapshots.fetch_add(1, Ordering::Relaxed);
@@ -1316,6 +1336,19 @@ mod tests {
         let (_, snapshot, _) = compile(&msg(&[])).unwrap();
         assert!(!snapshot.in_cluster(ip("203.0.113.9")));
         assert!(compile(&msg(&["203.0.113.0/33"])).is_err());
+        // The agent's message carries them as it was given them.
+        let with = msg(&["203.0.113.0/24", "2001:db8::/32"]);
+        let (sources, _, _) = compile(&with).unwrap();
+        assert_eq!(policy_message(2, &sources).node, with.node);
+        // An older proxy (no features in its Hello) is said to ignore them, a current one not.
+        let mut hello = Hello::new(Role::Proxy);
+        let with = msg(&["203.0.113.0/24"]);
+        assert_eq!(ignored_by_peer(&hello, &with), None);
+        assert_eq!(ignored_by_peer(&hello, &msg(&[])), None);
+        hello.features.clear();
+        let line = ignored_by_peer(&hello, &with).expect("an older proxy ignores them");
+        assert!(line.contains("203.0.113.0/24"), "{line}");
+        assert_eq!(ignored_by_peer(&hello, &msg(&[])), None);
     }
 
     /// Review finding: a multi-MiB frame each way at once filled both socket buffers, and

@@ -123,17 +123,35 @@ pub struct Hello {
     /// the peer restarted (and lost what it had not persisted).
     #[serde(with = "hex_u64")]
     pub instance: u64,
+    /// What the sender's build honours beyond [`PROTOCOL_VERSION`] ([`FEATURES`]): fields an
+    /// older peer would ignore (absent from older builds' Hellos, and left out when empty).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub features: Vec<String>,
 }
 
+/// The proxy applies the snapshot's `deny_answer_cidrs` (an older one ignores them: its
+/// answers would open those ranges).
+pub const FEATURE_DENY_ANSWERS: &str = "deny-answer-cidrs";
+
+/// The features of this build ([`Hello::features`]).
+pub const FEATURES: &[&str] = &[FEATURE_DENY_ANSWERS];
+
 impl Hello {
-    /// A Hello for this process: [`PROTOCOL_VERSION`], its pid and [`process_instance`].
+    /// A Hello for this process: [`PROTOCOL_VERSION`], its pid, [`process_instance`] and
+    /// [`FEATURES`].
     pub fn new(role: Role) -> Hello {
         Hello {
             role,
             protocol_version: PROTOCOL_VERSION,
             pid: std::process::id(),
             instance: process_instance(),
+            features: FEATURES.iter().map(|f| (*f).to_owned()).collect(),
         }
+    }
+
+    /// Whether the sender honours `feature`.
+    pub fn has(&self, feature: &str) -> bool {
+        self.features.iter().any(|f| f == feature)
     }
 }
 

@@ -4,10 +4,10 @@ use std::io::{self, Read};
 use std::net::{IpAddr, SocketAddr};
 
 use dnsfence_sync::proto::{
-    DEFAULT_MAX_FRAME, DecodeError, Decoder, EncodeError, Encoder, FlowRecord, Flows, FlowsAck,
-    HEADER_LEN, Hello, MAGIC, Message, MessageType, NodeFacts, Observation, Observations,
-    ObservationsAck, PROTOCOL_VERSION, PolicySnapshot, Role, SnapshotAck, SourceFile,
-    process_instance,
+    DEFAULT_MAX_FRAME, DecodeError, Decoder, EncodeError, Encoder, FEATURE_DENY_ANSWERS,
+    FlowRecord, Flows, FlowsAck, HEADER_LEN, Hello, MAGIC, Message, MessageType, NodeFacts,
+    Observation, Observations, ObservationsAck, PROTOCOL_VERSION, PolicySnapshot, Role,
+    SnapshotAck, SourceFile, process_instance,
 };
 use proptest::prelude::*;
 
@@ -61,6 +61,7 @@ fn every_message() -> Vec<Message> {
             protocol_version: PROTOCOL_VERSION,
             pid: u32::MAX,
             instance: u64::MAX,
+            features: Vec::new(),
         }),
         Message::PolicySnapshot(PolicySnapshot {
             version: 7,
@@ -165,16 +166,26 @@ fn the_body_is_json_with_hex_keys() {
     assert_eq!(body["items"][0]["endpoint_key"], "0123456789abcdef");
     assert_eq!(body["items"][0]["client"], "10.0.1.5:40000");
     assert_eq!(body["items"][0]["addresses"][0], "fd00::5");
-    let hello = encode_all(&[Message::Hello(Hello {
+    // Without features, a Hello is what older builds send and read.
+    let old = br#"{"role":"proxy","protocol_version":1,"pid":9,"instance":"0000000000000001"}"#;
+    let mut hello = Hello {
         role: Role::Proxy,
         protocol_version: 1,
         pid: 9,
         instance: 1,
-    })]);
+        features: Vec::new(),
+    };
+    let bytes = encode_all(&[Message::Hello(hello.clone())]);
+    assert_eq!(&bytes[HEADER_LEN..], old);
+    assert_eq!(serde_json::from_slice::<Hello>(old).unwrap(), hello);
+    assert!(!hello.has(FEATURE_DENY_ANSWERS));
+    hello.features = vec![FEATURE_DENY_ANSWERS.into()];
+    let bytes = encode_all(&[Message::Hello(hello.clone())]);
     assert_eq!(
-        &hello[HEADER_LEN..],
-        br#"{"role":"proxy","protocol_version":1,"pid":9,"instance":"0000000000000001"}"#
+        &bytes[HEADER_LEN..],
+        br#"{"role":"proxy","protocol_version":1,"pid":9,"instance":"0000000000000001","features":["deny-answer-cidrs"]}"#
     );
+    assert!(Hello::new(Role::Proxy).has(FEATURE_DENY_ANSWERS));
     assert_eq!(&encode_all(&[Message::Heartbeat])[HEADER_LEN..], b"{}");
 }
 

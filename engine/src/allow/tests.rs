@@ -530,6 +530,46 @@ fn an_answer_pointing_at_the_node_itself_opens_nothing_unless_loopback_is_opened
     }
 }
 
+/// An entry written before its range was given to `--deny-answer-cidr` goes at the reload
+/// that gives it (the agent restarted with the flag, or the proxy's next snapshot).
+#[test]
+fn a_reload_that_denies_a_range_revokes_its_entries() {
+    let set = PolicySet::from_yaml(std::path::Path::new("p.yaml"), POLICY).unwrap();
+    let eps = Endpoints::from_yaml(std::path::Path::new("e.yaml"), ENDPOINTS).unwrap();
+    let compile = |deny: &[&str]| {
+        let node = dnsfence_policy::cidr::NodeFacts {
+            deny_answers: deny
+                .iter()
+                .map(|c| dnsfence_policy::cidr::Cidr::parse(c).unwrap())
+                .collect(),
+            ..Default::default()
+        };
+        Arc::new(Snapshot::compile_on(&set, &eps, &[], &node))
+    };
+    let table = UserspaceAllowTable::new(LedgerConfig::default());
+    table.revoke(compile(&[]));
+    let exp = Instant::now() + Duration::from_secs(60);
+    let mut b = batch(
+        &[
+            ("a.allowed.test", vec![key(client(), "10.1.2.3", HTTPS)]),
+            ("b.allowed.test", vec![key(client(), "203.0.113.5", HTTPS)]),
+        ],
+        exp,
+    );
+    write(&table, &mut b);
+    let allowed = |s: &str| {
+        let ip = s.parse::<IpAddr>().unwrap();
+        table.is_allowed(client(), ip, 443, PortSpec::TCP, Instant::now())
+    };
+    assert!(allowed("10.1.2.3") && allowed("203.0.113.5"));
+    table.revoke(compile(&["10.1.0.0/16"]));
+    assert!(
+        !allowed("10.1.2.3"),
+        "a denied range's entry outlived the reload"
+    );
+    assert!(allowed("203.0.113.5"));
+}
+
 /// The start-up prefault spreads its placeholder entries over the whole bucket array (each
 /// page written) without growing the tables, for capacities on both sides of a power of two.
 #[test]
