@@ -8,6 +8,7 @@
 #   agent         the agent restarts beside a standalone proxy serving alone (before the run
 #                 a proxy joins the port and the agent is SIGKILLed; at second 2 the agent
 #                 starts again, with the same policy, and serves on as the base agent)
+#   crash         a standalone proxy serving beside the agent is SIGKILLed
 #   other-normal, proxy-normal, agent-normal
 #                 the same with DNSFENCE_PREPARE_AT_NORMAL_PRIORITY=1: start-up work at normal
 #                 priority instead of SCHED_IDLE (the A/B of engine::startup)
@@ -52,6 +53,15 @@ for run in $(seq 1 "$runs"); do
     case $variant in
       control) cmd="sleep 3" ;;
       other | other-normal) cmd="$env$df $bin/dnsfence proxy --listen 127.0.0.1:$other $common" ;;
+      crash)
+        # A proxy joins the agent's port before the run; at second 2 it is SIGKILLed (what
+        # the agent pays for the kernel tearing the dead process down, and what sat in its
+        # socket queue is lost: counted, not in the p99).
+        $df $bin/dnsfence proxy --listen "127.0.0.1:$listen" $common > "$work/victim-$run.log" 2>&1 &
+        victim=$!; pids+=("$victim")
+        serving "$work/victim-$run.log"
+        sleep 0.5
+        cmd="kill -KILL $victim" ;;
       proxy | proxy-normal) cmd="$env$df $bin/dnsfence proxy --listen 127.0.0.1:$listen $common" ;;
       agent | agent-normal)
         # The proxy serves alone when the run starts; the agent comes back at second 2.
