@@ -47,8 +47,9 @@ pub struct DemoArgs {
     /// latency): to place a transition second's spike in time.
     #[arg(long, default_value_t = 0)]
     slow_us: u64,
-    /// Place the load generator and the upstream on CPU 0 and the agent and the proxy on the
-    /// other CPUs (with `taskset`), as the peer benchmark places its processes: the
+    /// Place the load generator and the upstream on the first CPU this process may use and
+    /// the agent and the proxy on the others (with `taskset`), as the peer benchmark places
+    /// its processes: the
     /// transition seconds then measure what a start or a stop costs the serving CPUs, not
     /// the harness's own bursts of CPU landing on them (a 2-CPU VM's main noise).
     #[arg(long)]
