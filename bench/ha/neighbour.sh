@@ -12,6 +12,9 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 runs=${1:-3}
 nices=${NICES:-0 -10}
+if [ "$(id -u)" != 0 ] && [ "$nices" != 0 ]; then
+  echo "a negative nice value needs root (or NICES=0)" >&2; exit 2
+fi
 source bench/ha/common.sh neighbour
 up=$(port)
 fixtures "*.allowed.test"
@@ -24,12 +27,16 @@ for run in $(seq 1 "$runs"); do
     taskset -c 1 "$bin/dnsfence" agent --no-bpf --listen "127.0.0.1:$listen" --upstream "127.0.0.1:$up" \
       --policy "$work/policy.yaml" --endpoints "$work/endpoints.yaml" --no-metrics --shards 1 \
       --agent-socket "$work/agent-$run$nice.sock" --state-dir "$work/state-$run$nice" \
-      --open-loopback-answers > "$work/agent.log" 2>&1 &
+      --open-loopback-answers > "$work/agent-$run$nice.log" 2>&1 &
     agent=$!; pids+=("$agent")
-    serving "$work/agent.log"
+    serving "$work/agent-$run$nice.log"
+    reniced=0
     for t in /proc/$agent/task/*; do
-      if [ "$(cat "$t/comm")" = dnsf-shard-0 ]; then renice -n "$nice" -p "$(basename "$t")" > /dev/null; fi
+      if [ "$(cat "$t/comm")" = dnsf-shard-0 ]; then
+        renice -n "$nice" -p "$(basename "$t")" > /dev/null && reniced=1
+      fi
     done
+    if [ "$reniced" != 1 ]; then echo "the shard thread was not reniced to $nice" >&2; exit 1; fi
     sleep 0.5
     for neighbour in none same other; do
       hog=""
@@ -42,7 +49,7 @@ for run in $(seq 1 "$runs"); do
       taskset -c 0 "$bin/dnsfence-loadgen" --server "127.0.0.1:$listen" --queries "$work/q.txt" \
         --rate 2000 --duration 4 --json --quiet > "$work/lg.json"
       if [ -n "$hog" ]; then
-        # setsid forks when it leads a process group: kill the loop by its own pid too.
+        # The loop itself is timeout's child.
         pkill -P "$hog" 2>/dev/null || true
         kill "$hog" 2>/dev/null || true; wait "$hog" 2>/dev/null || true
       fi

@@ -18,7 +18,7 @@
 # query was sent (ms) and their latency (µs). PIN=1 places the load generator and the upstream on
 # CPU 0 and every dnsfence process on CPU 1 (the peer harness's layout): on a 2-CPU VM the load
 # generator's own bursts of CPU (and the upstream's) otherwise land on the serving CPU too.
-# SETSID=1 starts the new process in its own session (see below).
+# SETSID=1 runs every dnsfence process in a session of its own (see below).
 #   [VARIANTS=...] [SLOW_US=N] [PIN=1] bench/ha/startup.sh [RUNS]   (release build; loopback; ~6 s a run)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -26,8 +26,8 @@ runs=${1:-3}
 variants=${VARIANTS:-control other proxy}
 slow_us=${SLOW_US:-0}
 if [ "${PIN:-0}" = 1 ]; then lg="taskset -c 0"; df="taskset -c 1"; else lg=""; df=""; fi
-# SETSID=1: the process that starts at second 2 runs in a session of its own (its own
-# autogroup, as a separate service or pod is its own scheduling group): its idle-priority
+# SETSID=1: every dnsfence process runs in a session of its own (its own autogroup, as a
+# separate service or pod is its own scheduling group): a starting process's idle-priority
 # work then competes as its group, whose weight its threads' policies do not lower.
 if [ "${SETSID:-0}" = 1 ]; then df="setsid $df"; fi
 source bench/ha/common.sh startup
@@ -42,7 +42,6 @@ $agent_cmd > "$work/agent.log" 2>&1 & agent_pid=$!
 pids+=("$agent_pid")
 sleep 1
 : > "$work/ratios"
-# Waits (bounded) until log $1 says its process serves.
 for run in $(seq 1 "$runs"); do
   for variant in $variants; do
     env=""
@@ -58,7 +57,7 @@ for run in $(seq 1 "$runs"); do
         # the agent pays for the kernel tearing the dead process down, and what sat in its
         # socket queue is lost: counted, not in the p99).
         $df $bin/dnsfence proxy --listen "127.0.0.1:$listen" $common > "$work/victim-$run.log" 2>&1 &
-        victim=$!; pids+=("$victim")
+        victim=$!
         serving "$work/victim-$run.log"
         sleep 0.5
         cmd="kill -KILL $victim" ;;
@@ -94,6 +93,8 @@ PY
         # The restarted agent is the base from now on; the proxy goes.
         agent_pid=$(cat "$work/v.pid"); pids+=("$agent_pid")
         kill -TERM "$alone"; wait "$alone" 2>/dev/null || true ;;
+      # The command was `sleep` or `kill`, long gone: its pid may be another process's now.
+      control | crash) ;;
       *) kill "$(cat "$work/v.pid")" 2>/dev/null || true ;;
     esac
     sleep 0.5

@@ -20,7 +20,7 @@ agent() {
   echo $!
 }
 # The proxy gets the policy once and persists it; then it runs alone or with the agent.
-a=$(agent); sleep 1
+a=$(agent); pids+=("$a"); sleep 1
 "$bin/dnsfence" proxy --no-bpf --listen "127.0.0.1:$proxy_port" --upstream "127.0.0.1:$up" \
   --no-metrics --no-pin --shards 1 --agent-socket "$work/agent.sock" --state-dir "$work/state" \
   > "$work/proxy.log" 2>&1 & proxy=$!; pids+=($proxy)
@@ -31,7 +31,7 @@ tick=$(getconf CLK_TCK)
 for run in $(seq 1 "$runs"); do
   for mode in alone connected; do
     a=""
-    if [ "$mode" = connected ]; then a=$(agent); sleep 1.5; fi
+    if [ "$mode" = connected ]; then a=$(agent); pids+=("$a"); sleep 1.5; fi
     seq "$((run * 10000000))" 1 "$((run * 10000000 + qps * secs))" \
       | sed "s/.*/n&.$mode.allowed.test A/" > "$work/q.txt"
     before=$(cpu)

@@ -49,9 +49,9 @@ pub struct DemoArgs {
     slow_us: u64,
     /// Place the load generator and the upstream on the first CPU this process may use and
     /// the agent and the proxy on the others (with `taskset`), as the peer benchmark places
-    /// its processes: the
-    /// transition seconds then measure what a start or a stop costs the serving CPUs, not
-    /// the harness's own bursts of CPU landing on them (a 2-CPU VM's main noise).
+    /// its processes: the transition seconds then measure what a start or a stop costs the
+    /// serving CPUs, not the harness's own bursts of CPU landing on them (a 2-CPU VM's main
+    /// noise).
     #[arg(long)]
     place: bool,
 }
@@ -862,7 +862,8 @@ mod tests {
     use super::{placed, shell_quote};
 
     /// A placed command runs on its CPUs: `taskset -c` runs it there (checked by what the
-    /// placed process itself reports), an unplaced one runs as given.
+    /// placed process itself reports), an unplaced one runs as given. Needs `taskset`
+    /// (util-linux), as `--place` does.
     #[test]
     fn a_placed_command_runs_on_its_cpus() {
         let sh = std::path::Path::new("/bin/sh");
