@@ -17,10 +17,12 @@ agent() {
   "$bin/dnsfence" agent --no-bpf --listen "127.0.0.1:$agent_port" --upstream "127.0.0.1:$up" \
     --policy "$work/policy.yaml" --endpoints "$work/endpoints.yaml" --no-metrics --no-pin \
     --shards 1 --agent-socket "$work/agent.sock" --open-loopback-answers > "$work/agent.log" 2>&1 &
-  echo $!
+  # A child of this shell (not of a command substitution's subshell), so that `wait` waits
+  # for its drain.
+  a=$!; pids+=("$a")
 }
 # The proxy gets the policy once and persists it; then it runs alone or with the agent.
-a=$(agent); pids+=("$a"); sleep 1
+agent; sleep 1
 "$bin/dnsfence" proxy --no-bpf --listen "127.0.0.1:$proxy_port" --upstream "127.0.0.1:$up" \
   --no-metrics --no-pin --shards 1 --agent-socket "$work/agent.sock" --state-dir "$work/state" \
   > "$work/proxy.log" 2>&1 & proxy=$!; pids+=($proxy)
@@ -31,7 +33,7 @@ tick=$(getconf CLK_TCK)
 for run in $(seq 1 "$runs"); do
   for mode in alone connected; do
     a=""
-    if [ "$mode" = connected ]; then a=$(agent); pids+=("$a"); sleep 1.5; fi
+    if [ "$mode" = connected ]; then agent; sleep 1.5; fi
     seq "$((run * 10000000))" 1 "$((run * 10000000 + qps * secs))" \
       | sed "s/.*/n&.$mode.allowed.test A/" > "$work/q.txt"
     before=$(cpu)
