@@ -167,25 +167,22 @@ impl Env {
     /// environment's pins, 1,024 entries in the allow and L3 maps and `cluster_entries` in
     /// the cluster map.
     pub fn install(&self, root: Option<&Path>, cluster_entries: u32) -> Datapath {
-        Datapath::install(&InstallConfig {
-            pin_dir: self.pin.clone(),
-            cgroup_root: root.unwrap_or(&self.cgroup_root).to_owned(),
-            allow_entries: 1024,
-            l3_entries: 1024,
-            cluster_entries,
-        })
-        .expect("install the datapath")
+        self.install_sized(root, 1024, cluster_entries)
     }
 
     /// The datapath installed over this environment's pins and cgroup root with `allow_entries`
     /// in the allow map (1,024 in the L3 and cluster maps).
     pub fn install_allow(&self, allow_entries: u32) -> Datapath {
+        self.install_sized(None, allow_entries, 1024)
+    }
+
+    fn install_sized(&self, root: Option<&Path>, allow_entries: u32, cluster: u32) -> Datapath {
         Datapath::install(&InstallConfig {
             pin_dir: self.pin.clone(),
-            cgroup_root: self.cgroup_root.clone(),
+            cgroup_root: root.unwrap_or(&self.cgroup_root).to_owned(),
             allow_entries,
             l3_entries: 1024,
-            cluster_entries: 1024,
+            cluster_entries: cluster,
         })
         .expect("install the datapath")
     }

@@ -455,6 +455,18 @@ fn an_answer_pointing_into_the_cluster_opens_nothing_there() {
     assert!(table.is_allowed(client(), ip("203.0.113.5"), 443, PortSpec::TCP, now));
 }
 
+/// Node facts with `--open-loopback-answers` as given and `deny` as `--deny-answer-cidr`.
+fn node_facts(open_loopback: bool, deny: &[&str]) -> dnsfence_policy::cidr::NodeFacts {
+    dnsfence_policy::cidr::NodeFacts {
+        open_loopback,
+        deny_answers: deny
+            .iter()
+            .map(|c| dnsfence_policy::cidr::Cidr::parse(c).unwrap())
+            .collect(),
+        ..Default::default()
+    }
+}
+
 /// DNS rebinding onto the node: an allowed name answered with a node-local address
 /// (unspecified, loopback, link-local: the cloud metadata service) opens nothing by default;
 /// `--open-loopback-answers` opens loopback, and only loopback; `--deny-answer-cidr` ranges
@@ -481,14 +493,7 @@ fn an_answer_pointing_at_the_node_itself_opens_nothing_unless_loopback_is_opened
     for (open_loopback, deny) in [(false, &[][..]), (true, &[][..]), (true, &denied[..])] {
         let set = PolicySet::from_yaml(std::path::Path::new("p.yaml"), POLICY).unwrap();
         let eps = Endpoints::from_yaml(std::path::Path::new("e.yaml"), ENDPOINTS).unwrap();
-        let node = dnsfence_policy::cidr::NodeFacts {
-            open_loopback,
-            deny_answers: deny
-                .iter()
-                .map(|c| dnsfence_policy::cidr::Cidr::parse(c).unwrap())
-                .collect(),
-            ..Default::default()
-        };
+        let node = node_facts(open_loopback, deny);
         let table = UserspaceAllowTable::new(LedgerConfig::default());
         table.revoke(Arc::new(Snapshot::compile_on(&set, &eps, &[], &node)));
         let exp = Instant::now() + Duration::from_secs(60);
@@ -537,14 +542,12 @@ fn a_reload_that_denies_a_range_revokes_its_entries() {
     let set = PolicySet::from_yaml(std::path::Path::new("p.yaml"), POLICY).unwrap();
     let eps = Endpoints::from_yaml(std::path::Path::new("e.yaml"), ENDPOINTS).unwrap();
     let compile = |deny: &[&str]| {
-        let node = dnsfence_policy::cidr::NodeFacts {
-            deny_answers: deny
-                .iter()
-                .map(|c| dnsfence_policy::cidr::Cidr::parse(c).unwrap())
-                .collect(),
-            ..Default::default()
-        };
-        Arc::new(Snapshot::compile_on(&set, &eps, &[], &node))
+        Arc::new(Snapshot::compile_on(
+            &set,
+            &eps,
+            &[],
+            &node_facts(false, deny),
+        ))
     };
     let table = UserspaceAllowTable::new(LedgerConfig::default());
     table.revoke(compile(&[]));
