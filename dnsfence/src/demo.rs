@@ -345,6 +345,7 @@ fn spawn(name: &'static str, program: &Path, args: &[String], log: &Path) -> Res
 
 /// One step of the schedule: at second `at`, `signal` the process (`KILL` or `TERM`) or, with
 /// None, start it again.
+#[derive(Debug, Clone, Copy)]
 struct Step {
     at: u32,
     process: &'static str,
@@ -765,6 +766,37 @@ fn graceful_seconds() -> Vec<u64> {
         .collect()
 }
 
+/// Issue 8's benchmark target, set beside the proof (not part of it: a noisy machine moves
+/// it): each transition second's p99 against the median p99 of the quiet seconds, those
+/// with no event in them or in the second before (the first and the last second, partial,
+/// left out). Returns that median (µs) and, per step of the schedule, its ratio (`None`
+/// without a p99 for that second).
+fn transition_ratios(p99_by_second: &[(u64, u64)]) -> (u64, Vec<(Step, Option<f64>)>) {
+    let event_at = |t: u64| SCHEDULE.iter().any(|s| u64::from(s.at) == t);
+    let last = p99_by_second.iter().map(|&(t, _)| t).max().unwrap_or(0);
+    let mut quiet: Vec<u64> = p99_by_second
+        .iter()
+        .filter(|&&(t, p99)| {
+            t > 0 && t < last && p99 > 0 && !event_at(t) && !event_at(t.saturating_sub(1))
+        })
+        .map(|&(_, p99)| p99)
+        .collect();
+    quiet.sort_unstable();
+    let steady = quiet.get(quiet.len() / 2).copied().unwrap_or(0);
+    let ratios = SCHEDULE
+        .iter()
+        .map(|s| {
+            let p99 = p99_by_second
+                .iter()
+                .find(|&&(t, _)| t == u64::from(s.at))
+                .map(|&(_, p99)| p99)
+                .filter(|&p| p > 0 && steady > 0);
+            (*s, p99.map(|p| p as f64 / steady as f64))
+        })
+        .collect();
+    (steady, ratios)
+}
+
 fn report(
     allowed: &Value,
     denied: &Value,
@@ -803,6 +835,34 @@ fn report(
             event.join(", ")
         );
     }
+    let p99s: Vec<(u64, u64)> = timeline
+        .iter()
+        .map(|row| (count(row, &["t_s"]), count(row, &["p99_us"])))
+        .collect();
+    let (steady, ratios) = transition_ratios(&p99s);
+    let within = ratios
+        .iter()
+        .filter(|(_, r)| r.is_some_and(|r| r <= 2.0))
+        .count();
+    println!();
+    println!(
+        "p99 of each transition second against the quiet seconds' median ({steady} µs; issue \
+         8's benchmark target is at most 2x, not part of the proof):"
+    );
+    let line: Vec<String> = ratios
+        .iter()
+        .map(|(s, r)| {
+            let what = match s.signal {
+                Some("KILL") => "killed",
+                Some(_) => "stopped",
+                None => "started",
+            };
+            let r = r.map_or("-".to_owned(), |r| format!("{r:.1}x"));
+            format!("{} {what} ({} s) {r}", s.process, s.at)
+        })
+        .collect();
+    println!("  {}", line.join(", "));
+    println!("  within 2x: {within} of {}", ratios.len());
     let sent = count(allowed, &["sent"]) + count(denied, &["sent"]);
     let lost = count(allowed, &["timeouts"]) + count(denied, &["timeouts"]);
     let bound = (CRASH_LOSS_BOUND * sent as f64).floor() as u64;
@@ -859,7 +919,7 @@ fn report(
 
 #[cfg(test)]
 mod tests {
-    use super::{placed, shell_quote};
+    use super::{SCHEDULE, placed, shell_quote};
 
     /// A placed command runs on its CPUs: `taskset -c` runs it there (checked by what the
     /// placed process itself reports), an unplaced one runs as given. Needs `taskset`
@@ -888,6 +948,41 @@ mod tests {
         );
         let (program, with) = placed(None, sh, &args);
         assert_eq!((program.as_path(), with.as_slice()), (sh, &args[..]));
+    }
+
+    /// The quiet seconds leave out every event second and the one after it, and the first
+    /// and last (partial) seconds; each step gets its own second's p99 over their median.
+    #[test]
+    fn transition_seconds_are_measured_against_the_quiet_ones() {
+        // Quiet seconds' p99s: 100 except at 1 (first quiet, 90) and 12 (300); event
+        // seconds 1,000 + t; the seconds after an event 5,000 (they must not count); second 0
+        // and the last are partial (1 µs, 1,000,000 µs).
+        let events: Vec<u64> = SCHEDULE.iter().map(|s| u64::from(s.at)).collect();
+        let p99s: Vec<(u64, u64)> = (0..=22u64)
+            .map(|t| {
+                let p99 = match t {
+                    0 => 1,
+                    22 => 1_000_000,
+                    t if events.contains(&t) => 1_000 + t,
+                    t if events.contains(&(t - 1)) => 5_000,
+                    1 => 90,
+                    12 => 300,
+                    _ => 100,
+                };
+                (t, p99)
+            })
+            .collect();
+        let (steady, ratios) = super::transition_ratios(&p99s);
+        assert_eq!(steady, 100);
+        assert_eq!(ratios.len(), SCHEDULE.len());
+        for (step, r) in &ratios {
+            let want = (1_000 + u64::from(step.at)) as f64 / 100.0;
+            assert_eq!(*r, Some(want), "{step:?}");
+        }
+        // A second without a p99 (nothing answered) has no ratio.
+        let missing: Vec<(u64, u64)> = p99s.iter().filter(|&&(t, _)| t != 3).copied().collect();
+        let (_, ratios) = super::transition_ratios(&missing);
+        assert_eq!(ratios.iter().filter(|(_, r)| r.is_none()).count(), 1);
     }
 
     #[test]
