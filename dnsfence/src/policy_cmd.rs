@@ -22,6 +22,10 @@ pub struct PolicyArgs {
 }
 
 #[derive(Debug, clap::Subcommand)]
+#[expect(
+    clippy::large_enum_variant,
+    reason = "parsed once per run: its size costs nothing"
+)]
 enum PolicyCommand {
     /// Validate CiliumNetworkPolicy / CiliumClusterwideNetworkPolicy files or directories.
     ///
@@ -70,7 +74,9 @@ enum PolicyCommand {
         /// type as PORT: `10.0.0.5:8/icmp` is an echo request). Prints
         /// `TARGET<TAB>l3=allow|deny<TAB>by=RULE` per destination, RULE one of `egressDeny`,
         /// `l3-rule` (toCIDR, toCIDRSet, toEndpoints, toPorts only), `default-deny` (only a
-        /// toFQDNs answer could open it) or `unrestricted`. Repeatable.
+        /// toFQDNs answer could open it), `default-deny-fqdn-never` (no toFQDNs answer opens
+        /// it either: an address of the cluster, of the node or of --deny-answer-cidr; only an
+        /// L3 rule could) or `unrestricted`. Repeatable.
         #[arg(long = "to", value_name = "ADDR:PORT/PROTO", value_parser = parse_target)]
         to: Vec<Target>,
         /// L3/L4 destinations named by endpoint, `NAME:PORT/PROTO` (NAME as in --endpoint,
@@ -87,6 +93,12 @@ enum PolicyCommand {
         /// As the agent's `--kube-apiserver`.
         #[arg(long, value_name = "CIDR", value_parser = dnsfence_policy::cidr::Cidr::parse)]
         kube_apiserver: Vec<dnsfence_policy::cidr::Cidr>,
+        /// As the agent's `--deny-answer-cidr`: ranges no toFQDNs answer opens.
+        #[arg(long, value_name = "CIDR", value_parser = dnsfence_policy::cidr::Cidr::parse, value_delimiter = ',')]
+        deny_answer_cidr: Vec<dnsfence_policy::cidr::Cidr>,
+        /// As the agent's `--open-loopback-answers`.
+        #[arg(long)]
+        open_loopback_answers: bool,
         /// Append `<TAB>by=RULE` to each name's line: why its query is forwarded or refused,
         /// RULE one of `egressDeny` (a deny covers the server), `l3-rule` (an L3/L4 allow of
         /// the server and port lets every name through), `dns-rule`, `default-deny`,
@@ -208,6 +220,8 @@ pub fn run(args: &PolicyArgs) -> ExitCode {
             cluster_cidr,
             node_ip,
             kube_apiserver,
+            deny_answer_cidr,
+            open_loopback_answers,
             explain,
             names,
         } => {
@@ -218,6 +232,8 @@ pub fn run(args: &PolicyArgs) -> ExitCode {
             let mut node = dnsfence_policy::cidr::NodeFacts {
                 cluster: cluster_cidr.clone(),
                 kube_apiserver: kube_apiserver.clone(),
+                open_loopback: *open_loopback_answers,
+                deny_answers: deny_answer_cidr.clone(),
                 ..Default::default()
             };
             node.host.extend(node_ip.iter().copied());
@@ -377,6 +393,7 @@ fn check(
             match snapshot.l3_verdict(ep, t.addr.ip(), t.addr.port(), t.proto) {
                 Some(false) => ("deny", "egressDeny"),
                 Some(true) => ("allow", "l3-rule"),
+                None if snapshot.in_cluster(t.addr.ip()) => ("deny", "default-deny-fqdn-never"),
                 None => ("deny", "default-deny"),
             }
         };

@@ -362,10 +362,63 @@ fn check_resolves_entities_with_the_agents_node_flags() {
     assert_eq!(run(&[]), "10.9.9.9:443/tcp\tl3=allow\tby=l3-rule\n");
     assert_eq!(
         run(&["--cluster-cidr", "10.0.0.0/8"]),
-        "10.9.9.9:443/tcp\tl3=deny\tby=default-deny\n",
-        "a cluster range is not world"
+        "10.9.9.9:443/tcp\tl3=deny\tby=default-deny-fqdn-never\n",
+        "a cluster range is not world, nor opened by a toFQDNs answer"
     );
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// `--to` tells a default-deny that a toFQDNs answer could open from one it never opens (the
+/// node's own addresses, loopback unless --open-loopback-answers, the cluster's ranges and
+/// --deny-answer-cidr), with the agent's flags.
+#[test]
+fn check_says_which_addresses_no_fqdn_answer_opens() {
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "--endpoint",
+            "team-a/uploader",
+            "--to",
+            "127.0.0.1:443/tcp",
+            "--to",
+            "[::ffff:127.0.0.1]:443/tcp",
+            "--to",
+            "198.51.100.7:443/tcp",
+            "--to",
+            "[2001:db8::7]:443/tcp",
+            "--to",
+            "169.254.169.254:80/tcp",
+        ];
+        args.extend_from_slice(extra);
+        let out = check(&args, &[]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        text(&out.stdout)
+            .lines()
+            .map(|l| l.rsplit_once("by=").unwrap().1.to_owned())
+            .collect::<Vec<_>>()
+    };
+    let (never, deny) = ("default-deny-fqdn-never", "default-deny");
+    assert_eq!(run(&[]), [never, never, deny, deny, never]);
+    assert_eq!(
+        run(&["--open-loopback-answers"]),
+        [deny, deny, deny, deny, never]
+    );
+    assert_eq!(
+        run(&[
+            "--open-loopback-answers",
+            "--deny-answer-cidr",
+            "198.51.100.0/24,2001:db8::/32"
+        ]),
+        [deny, deny, never, never, never]
+    );
+    // Loopback stays closed under --open-loopback-answers when a denied range covers it.
+    assert_eq!(
+        run(&[
+            "--open-loopback-answers",
+            "--deny-answer-cidr",
+            "127.0.0.0/8"
+        ]),
+        [never, never, deny, deny, never]
+    );
 }
 
 #[test]
@@ -413,9 +466,9 @@ spec:
         text(&out.stdout),
         "team-a/uploader(10.0.1.5):8080/tcp\tl3=allow\tby=l3-rule\n\
          team-a/uploader(fd00::5):8080/tcp\tl3=allow\tby=l3-rule\n\
-         team-a/uploader(10.0.1.5):22/tcp\tl3=deny\tby=default-deny\n\
-         team-a/uploader(fd00::5):22/tcp\tl3=deny\tby=default-deny\n\
-         kube-dns(10.96.0.10):53/udp\tl3=deny\tby=default-deny\n"
+         team-a/uploader(10.0.1.5):22/tcp\tl3=deny\tby=default-deny-fqdn-never\n\
+         team-a/uploader(fd00::5):22/tcp\tl3=deny\tby=default-deny-fqdn-never\n\
+         kube-dns(10.96.0.10):53/udp\tl3=deny\tby=default-deny-fqdn-never\n"
     );
     // Ambiguous (uploader is in two namespaces), unknown, or malformed: exit 2, one line.
     for bad in ["uploader:8080/tcp", "nobody:80/tcp", "team-a/uploader:8080"] {
