@@ -142,3 +142,20 @@ pub(crate) fn zeroed_msghdr() -> libc::msghdr {
     // (null pointers, zero lengths), the documented way to initialise it.
     unsafe { std::mem::zeroed() }
 }
+
+/// The running kernel's release (`uname -r`), `None` if `uname` fails.
+pub(crate) fn kernel_release() -> Option<String> {
+    // SAFETY: utsname is a plain C struct of byte arrays; all-zero is a valid value.
+    let mut u: libc::utsname = unsafe { std::mem::zeroed() };
+    // SAFETY: `u` is a valid, writable utsname for the call to fill.
+    if unsafe { libc::uname(&mut u) } != 0 {
+        return None;
+    }
+    let bytes: Vec<u8> = u
+        .release
+        .iter()
+        .take_while(|&&c| c != 0)
+        .map(|&c| c as u8)
+        .collect();
+    Some(String::from_utf8_lossy(&bytes).into_owned())
+}

@@ -1,8 +1,9 @@
 //! The io_uring backend: one ring per shard (raw `io-uring` crate, no runtime).
 //!
 //! - **Ring**: created with `IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN` (kernel
-//!   6.1+; `COOP_TASKRUN` before that) and `IORING_SETUP_R_DISABLED`. [`UringIo::new`] (called
-//!   on whatever thread opens the shard) sets everything up and queues the first SQEs but
+//!   6.1+; `COOP_TASKRUN` on 6.0; refused before 6.0, which lacks multishot `recvmsg`) and
+//!   `IORING_SETUP_R_DISABLED`. [`UringIo::new`] (called on whatever thread opens the shard)
+//!   sets everything up and queues the first SQEs but
 //!   submits nothing; the first [`ShardIo::poll`] or [`ShardIo::flush`] enables the ring
 //!   (`IORING_REGISTER_ENABLE_RINGS`), which makes the calling thread, the shard's, its only
 //!   submitter. This matters for cost: the kernel runs a request's completion work (the
@@ -388,6 +389,15 @@ fn build_ring(config: &IoConfig) -> Result<IoUring, IoError> {
         Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
         Err(e) => return Err(super::uring_error(e)),
     }
+    // A kernel without DEFER_TASKRUN (before 6.1) may still predate multishot `recvmsg`
+    // (6.0): 5.19 sets up this ring and its buffer rings, then fails every receive with
+    // EINVAL, re-armed each poll (a shard spinning deaf). Refused up front instead, so `Auto`
+    // takes mmsg and `--io uring` says why.
+    if !kernel_at_least(sys::kernel_release().as_deref().unwrap_or(""), 6, 0) {
+        return Err(IoError::UringRefused(io::Error::from_raw_os_error(
+            libc::ENOSYS,
+        )));
+    }
     IoUring::builder()
         .setup_cqsize(entries * 4)
         .setup_coop_taskrun()
@@ -395,6 +405,18 @@ fn build_ring(config: &IoConfig) -> Result<IoUring, IoError> {
         .setup_r_disabled()
         .build(entries)
         .map_err(refused_if_unsupported)
+}
+
+/// Whether a kernel release string (`uname -r`: `6.1.0-18-amd64`, `5.19.17`) is at least
+/// `major.minor`; an unreadable one is not.
+fn kernel_at_least(release: &str, major: u32, minor: u32) -> bool {
+    let mut parts = release
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|p| p.parse::<u32>());
+    match (parts.next(), parts.next()) {
+        (Some(Ok(ma)), Some(Ok(mi))) => (ma, mi) >= (major, minor),
+        _ => false,
+    }
 }
 
 /// `EINVAL` from a setup step a kernel older than this backend needs does not know (the
@@ -1331,6 +1353,26 @@ mod tests {
         let start = Instant::now();
         drop(io);
         assert!(start.elapsed() < Duration::from_secs(1));
+    }
+
+    #[test]
+    fn kernel_releases_are_compared_by_major_and_minor() {
+        for (release, ok) in [
+            ("6.0.0", true),
+            ("6.18.44-fc-v657", true),
+            ("6.1.0-18-amd64", true),
+            ("10.0", true),
+            ("5.19.17-300.fc36.x86_64", false),
+            ("5.4.0", false),
+            ("6", false),
+            ("", false),
+            ("x.y", false),
+        ] {
+            assert_eq!(super::kernel_at_least(release, 6, 0), ok, "{release}");
+        }
+        // This machine's release reads (the tests run on 6.0 or later).
+        let here = super::sys::kernel_release().expect("uname");
+        assert!(super::kernel_at_least(&here, 6, 0), "{here}");
     }
 
     #[test]
