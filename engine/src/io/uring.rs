@@ -341,7 +341,15 @@ struct SubmitState {
     forced_batches: u64,
     /// Whether the ring was enabled (it is created disabled; see [`SubmitState::enable`]).
     enabled: bool,
+    /// Cancels of forgotten TCP polls that found the submission queue full: pushed again by
+    /// the next polls (an armed poll holds its socket open, so a closed connection's FIN
+    /// would wait for the peer). At most [`CANCEL_RETRIES`]; capacity reserved at open.
+    cancels: Vec<u64>,
 }
+
+/// How many cancels of forgotten polls wait for room at most (beyond: the poll stays armed
+/// until the peer acts or the ring goes, its completion ignored as stale).
+const CANCEL_RETRIES: usize = 256;
 
 impl SubmitState {
     /// Enables the ring on first use: the calling thread becomes its only submitter (with
@@ -352,6 +360,20 @@ impl SubmitState {
             self.enabled = true;
         }
         Ok(())
+    }
+
+    /// Pushes the cancels that waited for room, as many as fit now.
+    fn retry_cancels(&mut self, ring: &mut IoUring) {
+        while let Some(&target) = self.cancels.last() {
+            let e = opcode::AsyncCancel::new(target)
+                .build()
+                .user_data(UD_CANCEL);
+            // SAFETY: a cancel SQE points to no memory.
+            if unsafe { ring.submission().push(&e) }.is_err() {
+                return;
+            }
+            self.cancels.pop();
+        }
     }
 
     /// Submits the queued SQEs (enabling the ring first if needed).
@@ -484,12 +506,17 @@ impl Poller for UringPoller<'_> {
     fn forget(&mut self, _fd: RawFd, token: u64, state: &mut Interest) {
         for (dir, ud) in [(READ, UD_POLL_READ), (WRITE, UD_POLL_WRITE)] {
             if *state & dir != 0 {
-                let e = opcode::AsyncCancel::new(ud | (token & TOKEN_MASK))
+                let target = ud | (token & TOKEN_MASK);
+                let e = opcode::AsyncCancel::new(target)
                     .build()
                     .user_data(UD_CANCEL);
-                // SAFETY: a cancel SQE points to no memory. If it cannot be queued the poll
-                // stays armed until the ring goes; its completion is then ignored as stale.
-                unsafe { try_push(self.ring, &e, self.sub) };
+                // SAFETY: a cancel SQE points to no memory. If it cannot be queued it waits
+                // for the next polls (bounded); the poll's completion is ignored as stale.
+                if !unsafe { try_push(self.ring, &e, self.sub) }
+                    && self.sub.cancels.len() < self.sub.cancels.capacity()
+                {
+                    self.sub.cancels.push(target);
+                }
             }
         }
         *state = 0;
@@ -578,7 +605,10 @@ impl UringIo {
             local: listen.addr,
             upstream,
             upstream_peers,
-            sub: SubmitState::default(),
+            sub: SubmitState {
+                cancels: Vec::with_capacity(CANCEL_RETRIES),
+                ..SubmitState::default()
+            },
             cqes: Vec::with_capacity(2 * budget),
             deferred: Vec::with_capacity(budget),
             budget,
@@ -1024,6 +1054,7 @@ impl ShardIo for UringIo {
             n += tcp.deliver_pending(now, &mut poller, stats, on_event);
         }
         self.arm_receives(true);
+        self.sub.retry_cancels(&mut self.ring);
         let mut timeout = if n > 0 { Some(Duration::ZERO) } else { timeout };
         if let Some(deadline) = self.tcp.next_deadline() {
             let until = deadline.saturating_duration_since(now);
@@ -1353,6 +1384,44 @@ mod tests {
         let start = Instant::now();
         drop(io);
         assert!(start.elapsed() < Duration::from_secs(1));
+    }
+
+    /// A forgotten poll's cancel that found no room is pushed by a later poll: the poll then
+    /// ends (ECANCELED), which releases its socket.
+    #[test]
+    fn a_cancel_without_room_is_pushed_later() {
+        let mut ring = IoUring::new(4).unwrap();
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let target = UD_POLL_READ | 7;
+        let poll = opcode::PollAdd::new(Fd(a.as_raw_fd()), libc::POLLIN as u32)
+            .build()
+            .user_data(target);
+        // SAFETY: a poll SQE points to no memory.
+        unsafe { ring.submission().push(&poll).unwrap() };
+        ring.submit().unwrap();
+        // The submission queue full, nothing submitted.
+        for _ in 0..4 {
+            let nop = opcode::Nop::new().build().user_data(UD_CANCEL);
+            // SAFETY: a nop points to no memory.
+            unsafe { ring.submission().push(&nop).unwrap() };
+        }
+        let mut sub = SubmitState {
+            cancels: Vec::with_capacity(CANCEL_RETRIES),
+            ..SubmitState::default()
+        };
+        sub.cancels.push(target);
+        sub.retry_cancels(&mut ring);
+        assert_eq!(sub.cancels, [target], "no room: kept");
+        ring.submit().unwrap();
+        sub.retry_cancels(&mut ring);
+        assert!(sub.cancels.is_empty());
+        ring.submit_and_wait(6).unwrap();
+        let polled: Vec<i32> = ring
+            .completion()
+            .filter(|c| c.user_data() == target)
+            .map(|c| c.result())
+            .collect();
+        assert_eq!(polled, [-libc::ECANCELED]);
     }
 
     #[test]
