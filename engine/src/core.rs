@@ -1234,15 +1234,21 @@ impl Core {
         if s.retiring.is_some() {
             self.retiring -= 1;
         }
+        if !ok {
+            // The old socket stays in service, and keeps its counts (review finding: reset,
+            // they gave whoever forges answers to its port a fresh budget of ID guesses per
+            // failed replacement): its next unknown ID, or its next query past the quota,
+            // asks for a replacement again.
+            s.retiring = None;
+            s.replace_queued = false;
+            self.stats.upstream_socket_replace_failed += 1;
+            return;
+        }
         *s = UpSocket {
             server: s.server,
             in_flight: s.in_flight,
             ..UpSocket::default()
         };
-        if !ok {
-            self.stats.upstream_socket_replace_failed += 1;
-            return;
-        }
         self.stats.upstream_sockets_rotated += 1;
         let mut slot = self.oldest;
         while slot != NO_SLOT {
@@ -1356,7 +1362,15 @@ impl Core {
                 }
                 return;
             }
-            self.case[usize::from(server)].exact += 1;
+            // Proof that the upstream preserves case only when the spelling could not have
+            // survived a case-normalising upstream unchanged (review finding: a name without
+            // letters, or spelled all lowercase by chance, locked the fallback off for good,
+            // and every later answer of a lowercasing upstream was dropped as a forgery).
+            // (Scanned only until the first proof.)
+            let case = &mut self.case[usize::from(server)];
+            if case.exact > 0 || wire::has_mixed_case(answer.name_wire(packet)) {
+                case.exact += 1;
+            }
         }
         self.ids[channel][usize::from(answer.id)] = NO_SLOT;
         self.unlink(slot);
@@ -1410,6 +1424,15 @@ impl Core {
                 self.servfail(now, slot, Verdict::BadAnswer);
                 self.free_slot(slot);
                 return;
+            }
+        } else if enforce {
+            // An answer that opens nothing (truncated, or an error with records: an NXDOMAIN
+            // behind a CNAME) is capped too (review finding): a stub that keeps the records
+            // of a truncated answer, or the CNAME of an NXDOMAIN, must not hold them longer
+            // than any answer's entries live.
+            let reply = &mut self.outbox.bytes[start..start + len];
+            if wire::clamp_ttls(reply, &answer, self.config.max_ttl.max(self.config.min_ttl)) {
+                self.stats.ttl_clamped += 1;
             }
         }
         self.stats.answered += 1;
@@ -1488,8 +1511,11 @@ impl Core {
             return;
         };
         s.unknown = s.unknown.saturating_add(1);
-        if burst != 0 && s.unknown == burst {
-            self.stats.upstream_sockets_attacked += 1;
+        if burst != 0 && s.unknown >= burst {
+            // Past the burst (a replacement that failed): asked again, counted once.
+            if s.unknown == burst {
+                self.stats.upstream_sockets_attacked += 1;
+            }
             self.queue_replace(now, channel as u16);
         }
     }

@@ -607,6 +607,14 @@ pub fn is_0x20_spelling(received: &[u8], name: &[u8], seed: u64) -> bool {
     differ == 0
 }
 
+/// Whether a wire name has both an uppercase and a lowercase ASCII letter: only such a 0x20
+/// spelling, echoed exactly, shows that an upstream preserves case (one that lowercases or
+/// uppercases names echoes a spelling without letters, or all of one case, unchanged).
+/// Label length bytes (below 64) are never letters.
+pub fn has_mixed_case(name: &[u8]) -> bool {
+    name.iter().any(u8::is_ascii_uppercase) && name.iter().any(u8::is_ascii_lowercase)
+}
+
 /// Case-insensitive comparison of two uncompressed wire names.
 pub fn names_equal(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.eq_ignore_ascii_case(b)

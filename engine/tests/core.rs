@@ -945,6 +945,37 @@ fn max_ttl_caps_huge_ttls() {
     ));
 }
 
+/// Answers that open nothing are capped as well: a truncated answer's records and an
+/// NXDOMAIN's CNAME reach the client with at most --max-ttl.
+#[test]
+fn max_ttl_caps_answers_that_open_nothing() {
+    let mut h = Harness::new(config());
+    for (i, (flags, rcode_bits)) in [(0x02u8, 0u8), (0x00, 3)].into_iter().enumerate() {
+        let name = format!("t{i}.allowed.test");
+        let (socket, fwd) = h.forward(0, &query(i as u16, &name, TYPE_A));
+        let id = u16::from_be_bytes([fwd[0], fwd[1]]);
+        let target = rdata_name("gone.example");
+        let mut ans = answer(
+            id,
+            &name,
+            TYPE_A,
+            &[(&name, TYPE_CNAME, 604_800, target.as_slice())],
+        );
+        ans[2] |= flags; // TC
+        ans[3] |= rcode_bits;
+        let out = h.answer(1, socket, &ans);
+        let reply = to_client(&out);
+        assert_eq!(rcode(reply), rcode_bits);
+        let ttl_at = reply.len() - target.len() - 2 - 4;
+        assert_eq!(
+            reply[ttl_at..ttl_at + 4],
+            86_400u32.to_be_bytes(),
+            "answer {i}"
+        );
+    }
+    assert_eq!(h.core.stats().ttl_clamped, 2);
+}
+
 /// The answer the upstream would send to forwarded query `fwd`: its ID and question as sent
 /// (case kept), one A record.
 fn echo_answer(fwd: &[u8], ip_addr: &str) -> Vec<u8> {
@@ -1074,6 +1105,41 @@ fn one_exact_echo_disables_the_fallback_for_good() {
     assert!(!allowed_443(&h.table, ep(), ip("6.6.6.6"), h.at(2)));
 }
 
+/// An exact echo proves that the upstream preserves case only for a spelling a lowercasing
+/// upstream would have changed: a name without letters (asked by an unrestricted client)
+/// echoed by such an upstream does not lock the fallback off.
+#[test]
+fn an_echo_without_mixed_case_proves_nothing() {
+    let mut c = config();
+    c.upstream_0x20 = true;
+    let mut h = Harness::new(c);
+    let lowercased = |fwd: &[u8]| {
+        let mut a = echo_answer(fwd, "127.0.0.48");
+        a[12..].make_ascii_lowercase();
+        a
+    };
+    let digits = query(0x51, "1.2.3.4.5", TYPE_A);
+    let out = h.query(0, OPEN_CLIENT, &digits);
+    let [(Destination::UpstreamUdp { socket }, fwd)] = out.as_slice() else {
+        panic!("expected a forward: {out:?}");
+    };
+    assert_eq!(
+        h.answer(0, *socket, &lowercased(fwd)).len(),
+        1,
+        "answered to the client"
+    );
+    // The lowercasing upstream still gets its fallback.
+    for i in 0..dnsfence_engine::core::CASE_FALLBACK_AFTER {
+        let name = format!("mixedcase{i}.allowed.test");
+        let (socket, fwd) = h.forward(u64::from(i), &query(i as u16, &name, TYPE_A));
+        h.answer(u64::from(i), socket, &lowercased(&fwd));
+    }
+    assert_eq!(h.core.stats().upstream_0x20_disabled, 1);
+    assert!(wire::has_mixed_case(b"\x03aBc\x00"));
+    assert!(!wire::has_mixed_case(b"\x03abc\x01\x31\x00"));
+    assert!(!wire::has_mixed_case(b"\x03ABC\x00"));
+}
+
 #[test]
 fn upstream_0x20_on_without_fallback_never_switches_off() {
     let mut c = config();
@@ -1189,6 +1255,37 @@ fn a_failed_replacement_keeps_the_old_socket_in_service() {
     assert_eq!((replaced, out.len()), (vec![0], 0));
     assert_eq!(h.core.stats().upstream_socket_replace_failed, 1);
     h.forward(1, &query(2, "two.allowed.test", TYPE_A));
+}
+
+/// A socket under attack whose replacement failed keeps its count of unknown IDs: the next
+/// forged answer asks for a replacement again (not 32 more), and the quota still holds.
+#[test]
+fn a_failed_replacement_gives_a_guesser_no_fresh_budget() {
+    let mut c = config();
+    c.upstream_sockets = 1;
+    c.upstream_unknown_id_burst = 4;
+    let mut h = Harness::new(c);
+    let (socket, fwd) = h.forward(0, &query(1, "target.allowed.test", TYPE_A));
+    let id = u16::from_be_bytes([fwd[0], fwd[1]]);
+    let forge = |guess: u16| {
+        let mut forged = echo_answer(&fwd, "6.6.6.6");
+        forged[0..2].copy_from_slice(&guess.to_be_bytes());
+        forged
+    };
+    let mut guesses = (0..=u16::MAX).filter(|&g| g != id);
+    for guess in guesses.by_ref().take(4) {
+        h.answer(1, socket, &forge(guess));
+    }
+    let (replaced, _) = replace_all(&mut h, false);
+    assert_eq!(replaced, vec![socket]);
+    assert_eq!(h.core.stats().upstream_socket_replace_failed, 1);
+    // Still in service: the query in flight is answered from the old port.
+    h.answer(2, socket, &forge(guesses.next().unwrap()));
+    let (replaced, _) = replace_all(&mut h, true);
+    assert_eq!(replaced, vec![socket], "one more guess asks again");
+    assert_eq!(h.core.stats().upstream_sockets_attacked, 1);
+    let out = h.answer(3, socket, &echo_answer(&fwd, "127.0.0.53"));
+    assert_eq!(rcode(to_client(&out)), 0);
 }
 
 #[test]
