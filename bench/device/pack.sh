@@ -58,8 +58,8 @@ done
 
 cp "$ROOT/bench/peer/gen-policy.py" "$ROOT/bench/peer/gen-queries.py" "$ROOT/bench/peer/policy.py" \
   "$ROOT/bench/peer/upstream/root.zone" "$KIT/harness/"
-cp "$HERE/run.sh" "$HERE/report.py" "$KIT/"
-chmod +x "$KIT/run.sh" "$KIT/report.py" "$KIT"/bin/*
+cp "$HERE/run.sh" "$HERE/ha.sh" "$HERE/report.py" "$KIT/"
+chmod +x "$KIT/run.sh" "$KIT/ha.sh" "$KIT/report.py" "$KIT"/bin/*
 
 # Every binary must start from the kit alone (a missing library fails here, not on the device).
 export LD_LIBRARY_PATH=$KIT/lib
