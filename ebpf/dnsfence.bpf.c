@@ -444,11 +444,20 @@ static __always_inline enum verdict decide(struct bpf_sock *sk, const struct df_
 	return permitted(ep, dst, port, proto) ? PASS : DENY;
 }
 
+/* A sendmsg hook given port 0: the kernel refuses port 0 in a msg_name before the hook, so
+ * this is a connected socket's send that carried control messages (IP_TOS, ECN, PKTINFO:
+ * the kernel then runs the hook with a zeroed address). Its destination was judged, and
+ * redirected, at connect, as for its sends without control messages, which run no hook. */
+static __always_inline int connected_send(struct bpf_sock_addr *ctx, __u32 denied_stat)
+{
+	return denied_stat == DF_STAT_SENDMSG_DENIED && ctx->user_port == 0;
+}
+
 static __always_inline int sock_addr4(struct bpf_sock_addr *ctx, __u32 denied_stat)
 {
 	__u64 cgroup = 0;
 	struct df_endpoint *ep = current_endpoint(&cgroup);
-	if (!ep)
+	if (!ep || connected_send(ctx, denied_stat))
 		return 1;
 	struct df_addr dst;
 	const struct df_addr *to = 0;
@@ -474,7 +483,7 @@ static __always_inline int sock_addr6(struct bpf_sock_addr *ctx, __u32 denied_st
 {
 	__u64 cgroup = 0;
 	struct df_endpoint *ep = current_endpoint(&cgroup);
-	if (!ep)
+	if (!ep || connected_send(ctx, denied_stat))
 		return 1;
 	struct df_addr dst;
 	const struct df_addr *to = 0;
@@ -605,6 +614,10 @@ int df_egress(struct __sk_buff *skb)
 	__u32 protocol;
 	__u32 l4;
 	__u16 frag = 0;
+	/* IPv4 options or an IPv6 routing header: the packet may be routed to an address other
+	 * than the one connect/sendmsg judged (a source route's first hop is the header's
+	 * destination, reached by UDP and by established TCP, which pass here unjudged). */
+	__u32 routed = 0;
 	/* Raw sockets (SOCK_RAW) pass no connect/sendmsg hook: every packet of theirs is judged
 	 * here, whatever its TCP flags or fragment offset. */
 	struct bpf_sock *sk = skb->sk;
@@ -631,6 +644,7 @@ int df_egress(struct __sk_buff *skb)
 		addr_from4(&dst, ip.daddr);
 		protocol = ip.protocol;
 		l4 = (__u32)ip.ihl * 4;
+		routed = ip.ihl > 5;
 		frag = ip.frag_off & bpf_htons(0x1fff);
 	} else if (skb->protocol == bpf_htons(ETH_P_IPV6)) {
 		struct ipv6hdr ip6;
@@ -652,6 +666,8 @@ int df_egress(struct __sk_buff *skb)
 				break;
 			if (bpf_skb_load_bytes(skb, l4, ext, sizeof(ext)))
 				return enforce ? 0 : 1;
+			if (protocol == IPPROTO_ROUTING)
+				routed = 1;
 			__u32 next = ext[0];
 			if (protocol == IPPROTO_FRAGMENT) {
 				/* Offset (13 bits) in bytes 2-3: a later fragment has no ports. */
@@ -666,6 +682,13 @@ int df_egress(struct __sk_buff *skb)
 		}
 	} else {
 		return 1;
+	}
+
+	/* An enforced endpoint's source-routed packets are refused, to the proxy included: no
+	 * workload needs IP options or a routing header, and the hooks judged another address. */
+	if (enforce && routed) {
+		count(DF_STAT_SKB_DENIED);
+		return 0;
 	}
 
 	/* Later fragments carry no ports; the first one was judged (a raw socket's are not:

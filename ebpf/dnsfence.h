@@ -20,7 +20,8 @@
 /* Port specs allowed, and denied, per L3 prefix entry (more: allow fails closed, deny
  * becomes everything). */
 #define DF_MAX_L3_SPECS 8
-/* Cgroup levels below the attach point searched for an endpoint's cgroup. */
+/* Cgroup levels below the hierarchy's root searched for an endpoint's cgroup (the ancestor
+ * helpers count from the root, not from the attach point). */
 #define DF_MAX_DEPTH 16
 
 /* Protocol bits of a port spec. For the ICMP bits the spec's range is of ICMP types. */

@@ -320,6 +320,11 @@ pub struct Datapath {
     removed_layouts: Vec<Result<PathBuf, String>>,
     /// Whether `install` kept the programs an earlier start of this build attached.
     reused_programs: bool,
+    /// Links of older programs `install` left attached over fresh maps: detached by the
+    /// first `sync_endpoints`, once the new programs know the endpoints.
+    detach_after_sync: Vec<PathBuf>,
+    /// How many levels `cgroup_root` lies below the cgroup2 hierarchy's root.
+    root_depth: usize,
 }
 
 /// Allow entries `install` copied from an older layout's pinned maps (`maps-v<N>`, N < ABI)
@@ -362,6 +367,9 @@ pub struct EndpointSync {
     /// Endpoints with more than `MAX_SPECS` distinct port specs: the extra specs are not
     /// opened (fail closed).
     pub too_many_specs: Vec<String>,
+    /// Endpoints whose cgroup lies deeper than `MAX_DEPTH` levels below the hierarchy's
+    /// root: the programs never look that deep, so they are neither redirected nor enforced.
+    pub too_deep: Vec<String>,
     /// L3 prefix entries written (all endpoints).
     pub l3_entries: usize,
     /// Endpoints whose L3 entries did not fit in the trie: enforced with nothing allowed but
@@ -380,6 +388,9 @@ pub struct EndpointSync {
     /// world, cluster or CIDR rules is denied everything but DNS (counted in
     /// `l3_failed_closed`) until a sync succeeds.
     pub cluster_failed: bool,
+    /// Older programs of an upgrade that could not be detached once the endpoints were
+    /// written (they keep judging from their own maps).
+    pub detach_errors: Vec<String>,
 }
 
 impl Datapath {
@@ -394,6 +405,9 @@ impl Datapath {
         for dir in [&config.pin_dir, &maps_dir, &links_dir] {
             fs::create_dir_all(dir).map_err(fs_err("creating", dir))?;
         }
+        // Maps of this layout made now (an upgrade from an older layout, or a first install):
+        // the new programs see no endpoint until the first `sync_endpoints`.
+        let fresh_maps = !maps_dir.join(names::ENDPOINTS).exists();
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&maps_dir)
             .map_max_entries(names::ALLOW, config.allow_entries.max(1))
@@ -426,9 +440,19 @@ impl Datapath {
                 })?;
             }
         }
-        // The new programs enforce (or the kept ones do): now detach the others.
+        // The new programs enforce (or the kept ones do): now detach the others. Over fresh
+        // maps they enforce only once `sync_endpoints` has written the endpoints (review
+        // finding: an upgrade to a new layout left every workload unredirected and
+        // unenforced from here to the first sync, the allow map's walks included): the
+        // older programs, still judging from their own maps, stay attached until then
+        // (both judge meanwhile: a connection needs both to allow it).
+        let mut detach_after_sync = Vec::new();
         for path in old_links.iter().filter(|p| !kept.contains(p)) {
-            unpin_link(path)?;
+            if fresh_maps {
+                detach_after_sync.push(path.clone());
+            } else {
+                unpin_link(path)?;
+            }
         }
         // No program uses an older layout's maps any more: unpin them (a process still
         // holding one keeps it until it exits), except one whose entries could not all be
@@ -465,6 +489,8 @@ impl Datapath {
             carried,
             removed_layouts,
             reused_programs,
+            detach_after_sync,
+            root_depth: cgroup_depth(&config.cgroup_root),
             pin_dir: config.pin_dir.clone(),
             cgroup_root: config.cgroup_root.clone(),
         })
@@ -544,6 +570,10 @@ impl Datapath {
                 sync.missing.push(name);
                 continue;
             };
+            if self.root_depth + path.split('/').filter(|c| !c.is_empty()).count() > maps::MAX_DEPTH
+            {
+                sync.too_deep.push(name.clone());
+            }
             let ports = snapshot.fqdn_ports(ep);
             if ports.len() > MAX_SPECS {
                 sync.too_many_specs.push(name);
@@ -655,7 +685,19 @@ impl Datapath {
                 }
             }
         }
+        // The endpoints are written: the older programs of an upgrade can go.
+        for path in std::mem::take(&mut self.detach_after_sync) {
+            if let Err(e) = unpin_link(&path) {
+                sync.detach_errors.push(e.to_string());
+            }
+        }
         Ok(sync)
+    }
+
+    /// Links of older programs still attached until the first `sync_endpoints` (see
+    /// `install`).
+    pub fn awaiting_detach(&self) -> usize {
+        self.detach_after_sync.len()
     }
 
     /// Writes the cluster map's prefixes (the snapshot's [`Snapshot::inside_prefixes`]) and
@@ -1176,6 +1218,22 @@ fn pinned_links(dir: &Path) -> Result<Vec<PathBuf>, DatapathError> {
     }
     out.sort();
     Ok(out)
+}
+
+/// How many levels `dir` lies below the root of its cgroup2 mount (its ancestors on the same
+/// cgroup2 filesystem): the level the programs' ancestor lookups count by. (An agent in a
+/// cgroup namespace sees a deeper root as its mount's: its figure is then too low.)
+fn cgroup_depth(dir: &Path) -> usize {
+    let mut dir = fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
+    let mut depth = 0;
+    while let Some(parent) = dir.parent() {
+        if sys::fs_magic(parent).ok() != Some(sys::CGROUP2_MAGIC) {
+            break;
+        }
+        depth += 1;
+        dir = parent.to_path_buf();
+    }
+    depth
 }
 
 fn unpin_link(path: &Path) -> Result<(), DatapathError> {

@@ -10,6 +10,9 @@ use dnsfence_policy::EndpointKey;
 pub const ABI: u32 = 3;
 /// Port specs per endpoint in `df_endpoints` (`DF_MAX_SPECS`).
 pub const MAX_SPECS: usize = 8;
+/// The deepest cgroup level (below the hierarchy's root) the programs look an endpoint up at
+/// (`DF_MAX_DEPTH`).
+pub const MAX_DEPTH: usize = 16;
 /// Port specs allowed, and denied, per L3 prefix entry (`DF_MAX_L3_SPECS`).
 pub const MAX_L3_SPECS: usize = 8;
 /// `DF_EP_ENFORCE`: the endpoint is selected by an egress policy (default deny).
@@ -456,6 +459,7 @@ mod tests {
         };
         assert_eq!(define("DF_ABI"), ABI);
         assert_eq!(define("DF_MAX_SPECS") as usize, MAX_SPECS);
+        assert_eq!(define("DF_MAX_DEPTH") as usize, MAX_DEPTH);
         assert_eq!(define("DF_MAX_L3_SPECS") as usize, MAX_L3_SPECS);
         assert_eq!(define("DF_EP_ENFORCE"), EP_ENFORCE);
         assert_eq!(define("DF_SCOPE_ANY") as u8, SCOPE_ANY);

@@ -327,6 +327,21 @@ impl Enforcer {
 
 fn describe_sync(sync: &EndpointSync) -> Vec<String> {
     let mut lines = Vec::new();
+    if !sync.too_deep.is_empty() {
+        lines.push(format!(
+            "warning: the cgroups of {} endpoints lie deeper than {} levels below the cgroup \
+             hierarchy's root, where the programs do not look: NOT redirected or enforced: {}",
+            sync.too_deep.len(),
+            dnsfence_datapath::maps::MAX_DEPTH,
+            sync.too_deep.join(", ")
+        ));
+    }
+    for e in &sync.detach_errors {
+        lines.push(format!(
+            "warning: an older program of the upgrade stays attached (it keeps judging from \
+             the older maps): {e}"
+        ));
+    }
     if !sync.missing.is_empty() {
         lines.push(format!(
             "warning: the cgroups of {} endpoints do not exist yet (not redirected or \

@@ -365,6 +365,30 @@ fn check_resolves_entities_with_the_agents_node_flags() {
         "10.9.9.9:443/tcp\tl3=deny\tby=default-deny-fqdn-never\n",
         "a cluster range is not world, nor opened by a toFQDNs answer"
     );
+    // The unspecified addresses reach the node itself (the kernel delivers a datagram sent
+    // to 0.0.0.0 or :: over loopback): not world either.
+    for unspecified in [
+        "0.0.0.0:443/tcp",
+        "[::]:443/tcp",
+        "[::ffff:0.0.0.0]:443/tcp",
+    ] {
+        let out = dnsfence(&[
+            "policy",
+            "check",
+            "--policy",
+            policy.to_str().unwrap(),
+            "--endpoints",
+            &endpoints,
+            "--endpoint",
+            "team-a/uploader",
+            "--to",
+            unspecified,
+        ]);
+        assert_eq!(
+            text(&out.stdout),
+            format!("{unspecified}\tl3=deny\tby=default-deny-fqdn-never\n")
+        );
+    }
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

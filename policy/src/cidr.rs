@@ -201,7 +201,8 @@ impl Entity {
 pub struct NodeFacts {
     /// `--cluster-cidr`: pod and service ranges of the cluster.
     pub cluster: Vec<Cidr>,
-    /// The node's own addresses: loopback, plus `--node-ip`.
+    /// The node's own addresses: loopback, the unspecified addresses (a datagram sent to
+    /// 0.0.0.0 or `::` is delivered to the node itself, over loopback), plus `--node-ip`.
     pub host: Vec<Cidr>,
     /// `--kube-apiserver`.
     pub kube_apiserver: Vec<Cidr>,
@@ -222,6 +223,8 @@ impl Default for NodeFacts {
             host: vec![
                 Cidr::parse("127.0.0.0/8").expect("valid"),
                 Cidr::parse("::1/128").expect("valid"),
+                Cidr::parse("0.0.0.0/8").expect("valid"),
+                Cidr::parse("::/128").expect("valid"),
             ],
             kube_apiserver: Vec::new(),
             open_loopback: false,

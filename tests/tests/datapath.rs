@@ -776,6 +776,117 @@ fn a_reused_smaller_allow_map_is_reported_and_bounds_the_ledger() {
     assert_eq!(refused("map_error"), 0.0, "{text}");
 }
 
+/// The programs look an endpoint's cgroup up at most `DF_MAX_DEPTH` (16) levels below the
+/// hierarchy's root: an endpoint deeper than that is neither redirected nor enforced, and the
+/// agent says so (review finding: it was silent).
+#[test]
+fn an_endpoint_too_deep_for_the_programs_is_reported() {
+    if !require_root("datapath") {
+        return;
+    }
+    let _serial = EXCLUSIVE.lock().unwrap_or_else(|e| e.into_inner());
+    // The tests' cgroup root is one level below the hierarchy's: 15 more levels reach 16.
+    let at = |name: &str, levels: usize| vec![name; levels].join("/");
+    let (fits, deep) = (at("d", 15), at("e", 16));
+    let env = Env::new("deep", &["a", &fits, &deep]);
+    let upstream = Bundled::start(&["--ttl", "60", "--ips", "1"]);
+    let endpoints = format!(
+        "endpoints:\n- {{name: a, namespace: default, labels: {{app: a}}, cgroup: a}}\n\
+         - {{name: fits, namespace: default, labels: {{app: a}}, cgroup: {fits}}}\n\
+         - {{name: deep, namespace: default, labels: {{app: a}}, cgroup: {deep}}}\n"
+    );
+    let agent = Agent::start(&bpf::agent_config(
+        &env,
+        upstream.addr,
+        POLICY,
+        &endpoints,
+        &[],
+    ));
+    let stderr = agent.process.stderr();
+    assert!(
+        stderr.contains(
+            "the cgroups of 1 endpoints lie deeper than 16 levels below the cgroup hierarchy's \
+             root, where the programs do not look: NOT redirected or enforced: default/deep"
+        ),
+        "{stderr}"
+    );
+    // As it says: 16 levels down the DNS is redirected (refused here), 17 down it is not.
+    assert_eq!(
+        env.dig(Some(&fits), server(), &["evil.test"]).status,
+        "REFUSED"
+    );
+    assert_ne!(
+        env.dig(Some(&deep), server(), &["evil.test"]).status,
+        "REFUSED"
+    );
+}
+
+/// A workload's connects in a loop for argv[3] seconds: prints how many reached
+/// argv[1]:argv[2], and how many were tried.
+const CONNECT_LOOP: &str = r#"import socket,sys,time
+end=time.time()+float(sys.argv[3]); ok=0; tries=0
+while time.time()<end:
+    tries+=1
+    try:
+        socket.create_connection((sys.argv[1],int(sys.argv[2])),timeout=0.5).close(); ok+=1
+    except Exception:
+        time.sleep(0.0005)
+print(ok, tries)
+"#;
+
+/// Review finding (fixed): an agent of a new map layout attached its programs over fresh,
+/// empty maps and detached the older programs at once, so until its first endpoint sync (after
+/// two walks of the allow map) no workload was redirected or enforced. The older programs now
+/// stay attached, judging from their own maps, until the endpoints are written.
+#[test]
+fn a_new_map_layout_takes_over_without_a_gap_in_enforcement() {
+    use dnsfence_datapath::maps::ABI;
+    if !require_root("datapath") {
+        return;
+    }
+    let _serial = EXCLUSIVE.lock().unwrap_or_else(|e| e.into_inner());
+    let env = Env::new("gap", &["a"]);
+    let upstream = Bundled::start(&["--ttl", "60", "--ips", "1"]);
+    let net = 20 + (std::process::id() + 230) % 200;
+    let never: IpAddr = format!("127.{net}.30.1").parse().unwrap();
+    let _l = listen_on(never, &[443]);
+    let first = Agent::start(&agent_config(&env, upstream.addr, &[]));
+    assert!(env.denied(Some("a"), SocketAddr::new(never, 443)));
+    // Gone without uninstalling: its pinned programs keep enforcing. Its maps become an
+    // older layout's, as an agent of the previous version would have left them.
+    drop(first);
+    let current = env.pin.join(format!("maps-v{ABI}"));
+    let older = env.pin.join(format!("maps-v{}", ABI - 1));
+    std::fs::rename(&current, &older).unwrap();
+    assert!(env.denied(Some("a"), SocketAddr::new(never, 443)));
+    let (ip, port) = (never.to_string(), "443".to_owned());
+    let (reached, tried) = std::thread::scope(|s| {
+        let probe =
+            s.spawn(|| env.run_in(Some("a"), "python3", &["-c", CONNECT_LOOP, &ip, &port, "4"]));
+        std::thread::sleep(Duration::from_millis(500));
+        let second = Agent::start(&agent_config(&env, upstream.addr, &[]));
+        let out = probe.join().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        assert!(
+            second.process.stderr().contains("carried"),
+            "{}",
+            second.process.stderr()
+        );
+        let mut it = text.split(' ').map(|n| {
+            n.parse::<u64>()
+                .unwrap_or_else(|_| panic!("{text:?} {out:?}"))
+        });
+        (it.next().unwrap(), it.next().unwrap())
+    });
+    assert!(tried > 100, "{tried} connects tried");
+    assert_eq!(
+        reached, 0,
+        "connects reached a never-resolved address during the upgrade"
+    );
+    assert!(!older.exists(), "the older maps are still pinned");
+    assert!(env.denied(Some("a"), SocketAddr::new(never, 443)));
+}
+
 /// An agent of a new map layout (ABI) carries the allow entries of the older layout's pinned
 /// maps over into its own before its programs enforce, judges them by their names like any
 /// restored entry, and unpins the older maps: an upgrade does not cut workloads off the
@@ -1060,7 +1171,7 @@ fn the_cluster_map_follows_partial_full_and_ipv6_range_states() {
         s.set_generation(generation);
         s
     };
-    let mut dp = env.install(None, 8);
+    let mut dp = env.install(None, 10);
     // (prefix length, first address byte pair of the key, value) of every entry.
     let dump = || -> Vec<(u32, String, u8)> {
         let path = env.pin.join("maps-v3/df_cluster");
@@ -1101,7 +1212,7 @@ fn the_cluster_map_follows_partial_full_and_ipv6_range_states() {
     let _l = listen_on(out1, &[8443]);
     let world = || env.connect(Some("a"), SocketAddr::new(out1, 8443));
 
-    // 10 pods + loopback for 6 free entries: partial, fail closed.
+    // 10 pods + the node's 4 prefixes for 8 free entries: partial, fail closed.
     let sync = dp.sync_endpoints(&snapshot(10, false)).unwrap();
     assert!(sync.cluster_partial, "{sync:?}");
     let d = dump();
@@ -1110,7 +1221,7 @@ fn the_cluster_map_follows_partial_full_and_ipv6_range_states() {
         [(0, "::".into(), 2), (96, "::ffff:0.0.0.0".into(), 2)],
         "{d:?}"
     );
-    assert_eq!(d.len(), 8, "{d:?}");
+    assert_eq!(d.len(), 10, "{d:?}");
     assert!(
         env.denied(Some("a"), SocketAddr::new(out1, 8443)),
         "partial"
@@ -1120,10 +1231,11 @@ fn the_cluster_map_follows_partial_full_and_ipv6_range_states() {
     assert!(!sync.cluster_partial, "{sync:?}");
     let d = dump();
     assert_eq!(boundary(&d), [], "{d:?}");
-    // 4 pods, 127.0.0.0/8, ::1/128.
-    assert_eq!(d.len(), 6, "{d:?}");
+    // 4 pods, 127.0.0.0/8, ::1/128, 0.0.0.0/8, ::/128.
+    assert_eq!(d.len(), 8, "{d:?}");
     assert_eq!(world(), Ok(()), "full");
-    // An IPv6 range over the IPv4 region (3 pods, 127.0.0.0/8, ::/64, the shadow: full):
+    // An IPv6 range over the IPv4 region (3 pods, 127.0.0.0/8, 0.0.0.0/8, ::/64, the shadow:
+    // full):
     // the shadow says outside.
     let sync = dp.sync_endpoints(&snapshot(3, true)).unwrap();
     assert!(!sync.cluster_partial, "{sync:?}");
@@ -1139,7 +1251,7 @@ fn the_cluster_map_follows_partial_full_and_ipv6_range_states() {
     dp.sync_endpoints(&snapshot(4, false)).unwrap();
     let d = dump();
     assert_eq!(boundary(&d), [], "{d:?}");
-    assert_eq!(d.len(), 6, "{d:?}");
+    assert_eq!(d.len(), 8, "{d:?}");
     assert_eq!(world(), Ok(()), "no range");
     drop(dp);
 }
@@ -1468,10 +1580,14 @@ fn a_restart_of_the_same_build_keeps_its_programs_over_the_same_maps() {
         !dp.reused_programs(),
         "kept programs that use a map no longer pinned"
     );
+    // Over a fresh map the older programs stay attached until the endpoints are synced.
+    assert_eq!(dp.awaiting_detach(), attached.len());
+    assert_eq!(links().len(), 2 * attached.len());
+    dp.sync_endpoints(&snapshot(9443, 5)).unwrap();
+    assert_eq!(dp.awaiting_detach(), 0);
     let now = links();
     assert_eq!(now.len(), attached.len(), "{now:?}");
     assert!(now.iter().all(|l| !attached.contains(l)), "{now:?}");
-    dp.sync_endpoints(&snapshot(9443, 5)).unwrap();
     assert_eq!(env.connect(Some("a"), first), Ok(()));
     assert!(env.denied(Some("a"), second));
     drop(dp);

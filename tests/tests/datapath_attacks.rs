@@ -262,3 +262,99 @@ print(before, '/', ask('t2.allowed.test'))\n"
         "a's TCP connection, before and after b's flood"
     );
 }
+
+/// Endpoint `a` may resolve `*.allowed.test` and send UDP to the world on port 9999.
+const WORLD_UDP_POLICY: &str = r#"apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: a-egress, namespace: default}
+spec:
+  endpointSelector: {matchLabels: {app: a}}
+  egress:
+  - toPorts:
+    - ports: [{port: "53", protocol: ANY}]
+      rules:
+        dns: [{matchPattern: "*.allowed.test"}]
+  - toEntities: [world]
+    toPorts: [{ports: [{port: "9999", protocol: UDP}]}]
+"#;
+
+/// One UDP datagram to argv[1]:argv[2] (argv[3]: `lsrr` with an IPv4 loose source route
+/// through 127.0.0.99, `srh` with an IPv6 segment routing header through ::1, `tos` from a
+/// socket connected there and sent with an IP_TOS control message, else plain); prints
+/// `sent` or the error's name.
+const UDP_SEND: &str = r#"import socket,struct,sys
+host,port,how=sys.argv[1],int(sys.argv[2]),sys.argv[3]
+fam=socket.AF_INET6 if ':' in host else socket.AF_INET
+s=socket.socket(fam,socket.SOCK_DGRAM)
+try:
+    if how=='lsrr':
+        s.setsockopt(socket.IPPROTO_IP,socket.IP_OPTIONS,bytes([0x83,7,4,127,0,0,99,1]))
+    if how=='srh':
+        srh=bytes([0,4,4,1,1,0,0,0])+bytes(16)+socket.inet_pton(socket.AF_INET6,'::1')
+        s.setsockopt(socket.IPPROTO_IPV6,socket.IPV6_RTHDR,srh)
+    q=struct.pack('!HHHHHH',7,0x100,0,0,0,0)
+    if how=='tos':
+        lvl,opt=(socket.IPPROTO_IPV6,socket.IPV6_TCLASS) if fam==socket.AF_INET6 else (socket.IPPROTO_IP,socket.IP_TOS)
+        s.connect((host,port)); s.sendmsg([q],[(lvl,opt,struct.pack('i',0x10))])
+    else:
+        s.sendto(q,(host,port))
+    print('sent')
+except Exception as e:
+    print(type(e).__name__)
+"#;
+
+/// Review findings (fixed): a source route (IPv4 options, an IPv6 routing header) sent an
+/// enforced endpoint's UDP, and established TCP, to its first hop, which no hook judged; a
+/// datagram to 0.0.0.0 reached the node's own services under a `world` rule; and a connected
+/// socket's send with a control message (IP_TOS, ECN) was refused, the kernel running the
+/// sendmsg hook with a zeroed address.
+#[test]
+fn source_routes_unspecified_addresses_and_control_messages() {
+    if !require_root("datapath_attacks") {
+        return;
+    }
+    let _serial = EXCLUSIVE.lock().unwrap_or_else(|e| e.into_inner());
+    let env = Env::new("routes", &["a", "b", "c"]);
+    let upstream = Bundled::start(&["--ttl", "300", "--prefix4", "127.77.0.0/16"]);
+    let _agent = Agent::start(&bpf::agent_config(
+        &env,
+        upstream.addr,
+        WORLD_UDP_POLICY,
+        TWO_ENDPOINTS,
+        &[],
+    ));
+    let send = |client, host: &str, port: &str, how: &str| {
+        python(&env, client, UDP_SEND, &[host, port, how])
+    };
+    let dns = bpf::server();
+    let (dns_ip, dns_port) = (dns.ip().to_string(), dns.port().to_string());
+    // Plain sends: the redirected DNS and the world on 9999 go; the node does not.
+    assert_eq!(send(Some("a"), &dns_ip, &dns_port, "plain"), "sent");
+    assert_eq!(send(Some("a"), "2001:db8::1", "9999", "plain"), "sent");
+    assert_eq!(
+        send(Some("a"), "192.0.2.9", "9998", "plain"),
+        "PermissionError"
+    );
+    // 0.0.0.0 and :: are the node, not the world.
+    assert_eq!(
+        send(Some("a"), "0.0.0.0", "9999", "plain"),
+        "PermissionError"
+    );
+    assert_eq!(send(Some("a"), "::", "9999", "plain"), "PermissionError");
+    // A source route's first hop is the packet's destination: refused, whatever the hooks
+    // judged (the redirected DNS, a world address).
+    assert_eq!(
+        send(Some("a"), &dns_ip, &dns_port, "lsrr"),
+        "PermissionError"
+    );
+    assert_eq!(
+        send(Some("a"), "2001:db8::1", "9999", "srh"),
+        "PermissionError"
+    );
+    // A connected socket's send with a control message goes where connect put it.
+    assert_eq!(send(Some("a"), &dns_ip, &dns_port, "tos"), "sent");
+    assert_eq!(send(Some("a"), "2001:db8::1", "9999", "tos"), "sent");
+    // Processes of no endpoint are untouched.
+    assert_eq!(send(Some("c"), &dns_ip, &dns_port, "lsrr"), "sent");
+    assert_eq!(send(Some("c"), "0.0.0.0", "9999", "plain"), "sent");
+}
