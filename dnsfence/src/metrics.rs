@@ -601,6 +601,11 @@ const IO: &[PerShard<IoStats>] = &[
         |s| s.tcp_limit_rejected,
     ),
     (
+        "io_tcp_no_descriptor",
+        "TCP accepts that failed for want of a file descriptor (longest idle closed, or the new one refused)",
+        |s| s.tcp_no_descriptor,
+    ),
+    (
         "io_tcp_source_limit_rejected",
         "TCP connections closed at once: per-source connection limit",
         |s| s.tcp_source_limit_rejected,

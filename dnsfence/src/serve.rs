@@ -502,7 +502,33 @@ pub fn plan(args: &ServeArgs) -> Result<Plan> {
         let cpu = cpus.as_ref().map(|cpus| cpus[i % cpus.len()]);
         plan.shards.push((io, core, cpu));
     }
+    fd_budget(&plan);
     Ok(plan)
+}
+
+/// Raises the open-files limit to its hard limit and says when even that is below what the
+/// shards may hold (a socket per TCP client up to `--max-tcp-conns` each, their upstream
+/// sockets, and room for the rest): past it, accepts fail with EMFILE (each shard then closes
+/// its longest-idle client, or refuses the new one) and so do upstream connects and state saves.
+fn fd_budget(plan: &Plan) {
+    let needed: u64 = 256
+        + plan
+            .shards
+            .iter()
+            .map(|(io, _, _)| {
+                (io.max_tcp_conns + io.upstreams.len() * (usize::from(io.upstream_sockets) + 1) + 8)
+                    as u64
+            })
+            .sum::<u64>();
+    match dnsfence_engine::io::raise_fd_limit() {
+        Ok((soft, _)) if soft < needed => eprintln!(
+            "dnsfence: warning: the open-files limit is {soft}, below the {needed} the shards \
+             may hold (--max-tcp-conns per shard): raise it (systemd LimitNOFILE=) or lower \
+             --max-tcp-conns"
+        ),
+        Ok(_) => {}
+        Err(e) => eprintln!("dnsfence: warning: reading the open-files limit: {e}"),
+    }
 }
 
 /// Where the node's resolvers are listed.

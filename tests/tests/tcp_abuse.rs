@@ -21,6 +21,57 @@ both_backends! {
     idle_connections_past_the_limit_evict_the_idle_longest => from_many_addresses,
     trickled_frame_is_closed_at_the_idle_timeout => trickle,
     reconnecting_flood_leaves_tcp_answered => reconnecting_flood,
+    out_of_descriptors_the_shard_neither_spins_nor_stops_serving => out_of_descriptors,
+}
+
+/// CPU seconds (user + system) process `pid` has used.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+    // Fields after the command name (which may hold spaces): state is the first.
+    let rest = &stat[stat.rfind(')').expect("comm") + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap();
+    ticks / 100.0
+}
+
+/// Review finding (fixed): a process out of file descriptors could not accept, the pending
+/// connection kept the listener ready, and the shard spun at 100 % of its CPU. Now each such
+/// accept closes the client connection longest without progress (or refuses the new one) and
+/// the agent keeps answering; it also says when the open-files limit is below what its shards
+/// may hold.
+fn out_of_descriptors(io: IoBackend) {
+    let fake = FakeUpstream::start(FakeMode::Answer);
+    let mut config = AgentConfig::new(io, fake.addr);
+    config.wrapper = ["prlimit", "--nofile=160:160", "--"]
+        .map(str::to_owned)
+        .to_vec();
+    let agent = Agent::start(&config);
+    let stderr = agent.process.stderr();
+    assert!(stderr.contains("the open-files limit is 160"), "{stderr}");
+    // 400 idle connections from 8 addresses (50 each, under the per-source quota, and under
+    // --max-tcp-conns): the descriptors run out first.
+    let conns: Vec<TcpStream> = (0..400)
+        .filter_map(|i| connect_from([127, 0, 0, 2 + (i % 8) as u8], agent.addr))
+        .collect();
+    assert!(conns.len() >= 380, "only {} connected", conns.len());
+    let short = poll_until(Duration::from_secs(10), || {
+        let n = agent.metric_sum("dnsfence_io_tcp_no_descriptor_total");
+        (n > 0.0).then_some(n)
+    });
+    assert!(short.is_some(), "the agent never ran out of descriptors");
+    std::thread::sleep(Duration::from_millis(500));
+    let before = cpu_seconds(agent.process.pid());
+    std::thread::sleep(Duration::from_secs(1));
+    let used = cpu_seconds(agent.process.pid()) - before;
+    assert!(
+        used < 0.3,
+        "{io:?}: {used} CPU-s in 1 s with descriptors exhausted"
+    );
+    legit_tcp_answered(&agent);
+    let q = dns::query(0x2000, "www.allowed.test", TYPE_A, None);
+    let reply = dns::udp_exchange(agent.addr, &q, T).expect("UDP answered");
+    assert_eq!(dns::rcode(&reply), rcode::NOERROR);
+    drop(conns);
 }
 
 /// A TCP connection from `source` (a loopback address) to the agent, or None if the connect

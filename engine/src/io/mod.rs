@@ -76,6 +76,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 pub use mmsg::MmsgIo;
+pub use sys::raise_fd_limit;
 pub use uring::UringIo;
 
 /// Identifies one TCP client connection of a shard: its slot (low 16 bits) and a generation
@@ -399,6 +400,9 @@ pub struct IoStats {
     pub tcp_closed: u64,
     /// TCP client connections accepted and closed at once because `max_tcp_conns` is 0.
     pub tcp_limit_rejected: u64,
+    /// Accepts that failed for want of a file descriptor (`EMFILE`, `ENFILE`): each closed
+    /// the client connection longest without progress, or refused the new one.
+    pub tcp_no_descriptor: u64,
     /// TCP client connections accepted and closed at once: their source address already had
     /// `max_tcp_conns_per_source` connections.
     pub tcp_source_limit_rejected: u64,

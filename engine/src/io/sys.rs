@@ -159,3 +159,26 @@ pub(crate) fn kernel_release() -> Option<String> {
         .collect();
     Some(String::from_utf8_lossy(&bytes).into_owned())
 }
+
+/// Raises this process's soft limit on open files (`RLIMIT_NOFILE`) to its hard limit, as a
+/// server holding a socket per TCP client must (systemd's default soft limit is 1,024).
+/// Returns the (soft, hard) limits in force after.
+pub fn raise_fd_limit() -> io::Result<(u64, u64)> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `limit` is a valid rlimit for the call to write.
+    cvt(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) })?;
+    if limit.rlim_cur < limit.rlim_max {
+        let raised = libc::rlimit {
+            rlim_cur: limit.rlim_max,
+            rlim_max: limit.rlim_max,
+        };
+        // SAFETY: `raised` is a valid rlimit the call reads.
+        if cvt(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) }).is_ok() {
+            limit = raised;
+        }
+    }
+    Ok((limit.rlim_cur, limit.rlim_max))
+}

@@ -166,6 +166,10 @@ pub(crate) struct TcpSide {
     max_message: usize,
     max_out: usize,
     next_sweep: Instant,
+    /// A descriptor held in reserve (`/dev/null`) for when the process runs out: closed to
+    /// accept and close a pending connection, then taken again (a listener whose queue holds
+    /// a connection it cannot accept stays ready, and the shard would spin on it).
+    spare: Option<std::fs::File>,
 }
 
 /// Why a client connection is closed (for the counters).
@@ -180,6 +184,9 @@ enum CloseReason {
 
 impl TcpSide {
     pub(crate) fn new(config: &IoConfig, listener: Option<TcpListener>) -> Self {
+        let spare_fd = listener
+            .as_ref()
+            .and_then(|_| std::fs::File::open("/dev/null").ok());
         Self {
             listener,
             listener_state: 0,
@@ -212,6 +219,7 @@ impl TcpSide {
                     write_blocked: false,
                 })
                 .collect(),
+            spare: spare_fd,
             idle: config.tcp_idle_timeout,
             max_conns: config.max_tcp_conns,
             pipeline: config.max_tcp_pipeline,
@@ -410,7 +418,26 @@ impl TcpSide {
                 Ok(s) => s,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                // ECONNABORTED, EMFILE, ...: try again at the next readiness.
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {
+                    // Out of descriptors (review finding: the listener stayed ready and the
+                    // shard spun). A connection gone longest without progress makes room, as
+                    // at --max-tcp-conns; with none, the new one is accepted on the spare
+                    // descriptor and closed at once (the client sees a reset).
+                    stats.tcp_no_descriptor += 1;
+                    if let Some(victim) = self.eviction_victim() {
+                        self.close_client(victim, CloseReason::Evicted, poller, stats);
+                        continue;
+                    }
+                    if let Some(spare) = self.spare.take() {
+                        drop(spare);
+                        if let Some(listener) = &self.listener {
+                            drop(listener.accept());
+                        }
+                        self.spare = std::fs::File::open("/dev/null").ok();
+                    }
+                    break;
+                }
+                // ECONNABORTED, ...: try again at the next readiness.
                 Err(_) => break,
             };
             if stream.set_nonblocking(true).is_err() {
