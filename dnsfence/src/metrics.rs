@@ -543,6 +543,11 @@ const CORE: &[PerShard<Stats>] = &[
         |s| s.upstream_resent,
     ),
     (
+        "upstream_tcp_resent",
+        "Queries re-sent on a new TCP connection: theirs to the upstream was lost before the answer",
+        |s| s.upstream_tcp_resent,
+    ),
+    (
         "upstream_socket_overrun",
         "Queries sent on a retiring upstream socket: every socket was retiring (raise --upstream-sockets)",
         |s| s.upstream_socket_overrun,

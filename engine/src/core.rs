@@ -389,8 +389,12 @@ pub struct Stats {
     /// `--upstream-sockets`). Such a port lives past its quota, at most `RETIRE_GRACE` more.
     pub upstream_socket_overrun: u64,
     /// Queries answered SERVFAIL at once because the upstream socket reported an ICMP error
-    /// (port unreachable: `ECONNREFUSED`).
+    /// (port unreachable: `ECONNREFUSED`), or because their TCP connection to the upstream
+    /// was lost a second time.
     pub upstream_unreachable: u64,
+    /// Queries re-sent on a new TCP connection because theirs to the upstream was lost
+    /// before the answer (once per query, as RFC 7766 asks of a client).
+    pub upstream_tcp_resent: u64,
     /// Messages to clients the I/O layer dropped (queue or buffer full, send error, closed
     /// connection).
     pub client_sends_dropped: u64,
@@ -480,6 +484,8 @@ struct Pending {
     sent_at: Instant,
     /// Answers with this query's ID but another question.
     mismatches: u8,
+    /// Re-sent once already because its TCP connection to the upstream was lost.
+    tcp_resent: bool,
     /// Index into `Core::in_flight_by_endpoint` this query is counted under.
     bucket: u32,
     /// Seed of the 0x20 spelling sent upstream, when `case_applied`.
@@ -667,6 +673,7 @@ impl Core {
             upstream_id: 0,
             sent_at: Instant::now(),
             mismatches: 0,
+            tcp_resent: false,
             bucket: 0,
             case_seed: 0,
             case_applied: false,
@@ -1104,6 +1111,7 @@ impl Core {
         p.upstream_id = upstream_id;
         p.sent_at = now;
         p.mismatches = 0;
+        p.tcp_resent = false;
         p.prev = self.newest;
         p.next = NO_SLOT;
         match self.newest {
@@ -1278,6 +1286,31 @@ impl Core {
                 self.stats.upstream_unreachable += 1;
                 self.servfail(now, slot, Verdict::Unreachable);
                 self.free_slot(slot);
+            }
+            slot = next;
+        }
+    }
+
+    /// The shard's TCP connection to upstream server `server` was lost (or could not be
+    /// opened): each query sent on it and not answered is re-sent on a new connection, once;
+    /// one lost a second time is answered SERVFAIL at once (it used to wait for the upstream
+    /// timeout).
+    pub fn handle_upstream_tcp_closed(&mut self, now: Instant, server: u16) {
+        let channel = self.sockets.len();
+        let mut slot = self.oldest;
+        while slot != NO_SLOT {
+            let p = &mut self.pending[slot as usize];
+            let next = p.next;
+            if p.upstream == (Destination::UpstreamTcp { server }) {
+                if p.tcp_resent {
+                    self.stats.upstream_unreachable += 1;
+                    let id = p.upstream_id;
+                    self.give_up(now, channel, id, slot, Verdict::Unreachable);
+                } else {
+                    p.tcp_resent = true;
+                    self.stats.upstream_tcp_resent += 1;
+                    self.push_upstream_query(slot, None);
+                }
             }
             slot = next;
         }

@@ -310,6 +310,7 @@ fn run(mut config: ShardConfig, opened: std::sync::mpsc::SyncSender<Result<(), I
                     core.note_allow_epoch(config.allow.epoch());
                     core.handle_upstream_tcp(now, server, data)
                 }
+                Event::TcpUpstreamClosed { server } => core.handle_upstream_tcp_closed(now, server),
                 Event::TcpClientClosed { .. } => {}
             }
         });

@@ -711,6 +711,46 @@ fn tcp_clients_are_forwarded_over_tcp() {
     assert_eq!(&out[0].1[0..2], &[0, 0x55]);
 }
 
+/// Review finding (fixed): a query whose TCP connection to the upstream was lost before the
+/// answer waited for the upstream timeout. It is re-sent once, the same bytes; lost again, it
+/// is answered SERVFAIL at once. A query on another server's connection is untouched.
+#[test]
+fn a_lost_upstream_tcp_connection_resends_once_then_fails() {
+    let mut c = config();
+    c.upstreams = vec![upstream(), "127.0.0.1:5399".parse().unwrap()];
+    let mut h = Harness::new(c);
+    let client = Client::Tcp {
+        conn: 8,
+        peer: CLIENT.parse().unwrap(),
+    };
+    h.core.handle_client(
+        h.at(0),
+        client,
+        None,
+        &query(0x56, "lost.allowed.test", TYPE_A),
+    );
+    let sent = h.drain(0);
+    let [(Destination::UpstreamTcp { server }, bytes)] = sent.as_slice() else {
+        panic!("{sent:?}");
+    };
+    let other = 1 - *server;
+    h.core.handle_upstream_tcp_closed(h.at(1), other);
+    assert!(h.drain(1).is_empty(), "another server's connection");
+    h.core.handle_upstream_tcp_closed(h.at(1), *server);
+    assert_eq!(
+        h.drain(1),
+        [(Destination::UpstreamTcp { server: *server }, bytes.clone())]
+    );
+    assert_eq!(h.core.stats().upstream_tcp_resent, 1);
+    h.core.handle_upstream_tcp_closed(h.at(2), *server);
+    let out = h.drain(2);
+    assert_eq!(out.len(), 1, "{out:?}");
+    assert_eq!(out[0].0, Destination::Client(client));
+    assert_eq!(rcode(&out[0].1), Rcode::ServFail as u8);
+    assert_eq!(h.core.stats().upstream_unreachable, 1);
+    assert!(h.core.poll_timeout().is_none(), "nothing left in flight");
+}
+
 #[test]
 fn edns_opt_is_kept_in_refusals_and_forwarded() {
     let mut h = Harness::new(config());

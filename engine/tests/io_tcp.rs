@@ -482,13 +482,61 @@ fn upstream_tcp_connection_refused_is_counted() {
         io.send_upstream_tcp(0, &msg(1, 0));
         io.flush().unwrap();
         let start = std::time::Instant::now();
-        while io.stats().upstream_tcp_errors == 0 {
+        let mut evs = Vec::new();
+        while io.stats().upstream_tcp_errors == 0 || evs.is_empty() {
             assert!(start.elapsed() < DEADLINE, "{:?}", io.stats());
-            io.poll(Some(Duration::from_millis(20)), &mut |_| {})
-                .unwrap();
+            io.poll(Some(Duration::from_millis(20)), &mut |e| {
+                evs.push(Ev::from(e))
+            })
+            .unwrap();
         }
         assert_eq!(io.stats().upstream_tcp_connects, 0);
         assert_eq!(io.stats().upstream_tcp_dropped, 1);
+        // The core learns that what it sent there is lost.
+        assert_eq!(evs, [Ev::TcpUpstreamLost(0)]);
+    });
+}
+
+/// A server that reads one query and closes its connection without answering: the shard is
+/// told once (its core re-sends on a new connection), and a new connection is opened for
+/// what is sent next.
+#[test]
+fn an_upstream_tcp_connection_closed_before_the_answer_is_reported() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for s in listener.incoming() {
+            let Ok(mut s) = s else { return };
+            let _ = read_frame(&mut s);
+            drop(s);
+        }
+    });
+    for_each_backend(|b| {
+        let mut io = open(&config("127.0.0.1:0", addr), b);
+        io.send_upstream_tcp(0, &msg(1, 10));
+        io.flush().unwrap();
+        let start = std::time::Instant::now();
+        let mut evs = Vec::new();
+        while evs.is_empty() {
+            assert!(start.elapsed() < DEADLINE, "{:?}", io.stats());
+            io.poll(Some(Duration::from_millis(20)), &mut |e| {
+                evs.push(Ev::from(e))
+            })
+            .unwrap();
+        }
+        assert_eq!(evs, [Ev::TcpUpstreamLost(0)]);
+        io.send_upstream_tcp(0, &msg(2, 10));
+        io.flush().unwrap();
+        let mut evs = Vec::new();
+        while evs.is_empty() {
+            assert!(start.elapsed() < DEADLINE, "{:?}", io.stats());
+            io.poll(Some(Duration::from_millis(20)), &mut |e| {
+                evs.push(Ev::from(e))
+            })
+            .unwrap();
+        }
+        assert_eq!(evs, [Ev::TcpUpstreamLost(0)]);
+        assert_eq!(io.stats().upstream_tcp_connects, 2);
     });
 }
 

@@ -136,6 +136,13 @@ pub enum Event<'a> {
         /// The message, at least 12 bytes (a DNS header).
         data: &'a [u8],
     },
+    /// The shard's TCP connection to upstream server `server` closed (by the server, an
+    /// error, a framing error) or could not be opened: whatever was sent on it and not
+    /// answered will not be. Delivered once per connection lost.
+    TcpUpstreamClosed {
+        /// The server's index in [`IoConfig::upstreams`].
+        server: u16,
+    },
     /// A TCP client connection went away (closed, idle timeout, framing error, evicted).
     TcpClientClosed {
         /// The connection; its id is never reused (see [`ConnId`]).

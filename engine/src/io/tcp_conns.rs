@@ -160,6 +160,9 @@ pub(crate) struct TcpSide {
     closed: Vec<ConnId>,
     /// One connection per upstream server, by index.
     upstream: Vec<UpstreamConn>,
+    /// Upstream servers whose connection was lost (or not opened) since the last delivery,
+    /// each once ([`Event::TcpUpstreamClosed`]); capacity reserved at start.
+    upstream_lost: Vec<u16>,
     idle: Duration,
     max_conns: usize,
     pipeline: usize,
@@ -205,6 +208,7 @@ impl TcpSide {
             dirty: Vec::new(),
             resume: Vec::new(),
             closed: Vec::new(),
+            upstream_lost: Vec::with_capacity(config.upstreams.len()),
             upstream: config
                 .upstreams
                 .iter()
@@ -282,7 +286,15 @@ impl TcpSide {
     /// Whether events are waiting to be delivered without any readiness (closes, resumed
     /// connections with buffered messages).
     pub(crate) fn has_pending(&self) -> bool {
-        !self.closed.is_empty() || !self.resume.is_empty()
+        !self.closed.is_empty() || !self.resume.is_empty() || !self.upstream_lost.is_empty()
+    }
+
+    /// Notes that upstream `i`'s connection is lost, for the next delivery.
+    fn upstream_lost(&mut self, i: usize) {
+        let i = i as u16;
+        if !self.upstream_lost.contains(&i) && self.upstream_lost.len() < self.upstream.len() {
+            self.upstream_lost.push(i);
+        }
     }
 
     /// Delivers what needs no readiness: buffered messages of connections that were paused
@@ -303,6 +315,10 @@ impl TcpSide {
         }
         for id in self.closed.drain(..) {
             on_event(Event::TcpClientClosed { conn: id });
+            n += 1;
+        }
+        for server in self.upstream_lost.drain(..) {
+            on_event(Event::TcpUpstreamClosed { server });
             n += 1;
         }
         n
@@ -781,6 +797,7 @@ impl TcpSide {
                     stats.upstream_tcp_errors += 1;
                     stats.upstream_tcp_dropped += 1;
                     stats.upstream_sends_dropped += 1;
+                    self.upstream_lost(i);
                     return;
                 }
             }
@@ -832,6 +849,9 @@ impl TcpSide {
         u.dec.reset();
         u.out.clear();
         u.state = 0;
+        // The core re-sends (once) or fails what it sent on it (review finding: those
+        // queries waited for the upstream timeout).
+        self.upstream_lost(i);
     }
 
     fn upstream_ready(

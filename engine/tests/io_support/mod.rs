@@ -20,6 +20,7 @@ pub enum Ev {
     TcpClient(ConnId, SocketAddr, Vec<u8>),
     TcpUpstream(u16, Vec<u8>),
     TcpClosed(ConnId),
+    TcpUpstreamLost(u16),
 }
 
 impl From<Event<'_>> for Ev {
@@ -35,6 +36,7 @@ impl From<Event<'_>> for Ev {
             Event::UpstreamUnreachable { socket } => Ev::Unreachable(socket),
             Event::TcpUpstreamMessage { server, data } => Ev::TcpUpstream(server, data.to_vec()),
             Event::TcpClientClosed { conn } => Ev::TcpClosed(conn),
+            Event::TcpUpstreamClosed { server } => Ev::TcpUpstreamLost(server),
         }
     }
 }
