@@ -61,6 +61,8 @@ static __u64 (*bpf_ktime_get_boot_ns)(void) = (void *)BPF_FUNC_ktime_get_boot_ns
 static long (*bpf_skb_load_bytes)(const void *skb, __u32 offset, void *to,
 				  __u32 len) = (void *)BPF_FUNC_skb_load_bytes;
 static struct bpf_sock *(*bpf_sk_fullsock)(struct bpf_sock *sk) = (void *)BPF_FUNC_sk_fullsock;
+static long (*bpf_loop)(__u32 nr_loops, void *callback_fn, void *callback_ctx, __u64 flags) =
+	(void *)BPF_FUNC_loop;
 static void *(*bpf_sk_storage_get)(void *map, void *sk, void *value,
 				   __u64 flags) = (void *)BPF_FUNC_sk_storage_get;
 
@@ -602,6 +604,53 @@ int df_getpeername6(struct bpf_sock_addr *ctx)
 	return restore6(ctx);
 }
 
+/* The walk over IPv4 options (see ipv4_source_routed). */
+struct opt_walk {
+	struct __sk_buff *skb;
+	__u32 len;
+	__u32 at;
+	__u32 routed;
+};
+
+static long opt_step(__u32 index, void *data)
+{
+	struct opt_walk *w = data;
+	__u8 type, olen;
+	if (w->at >= w->len)
+		return 1;
+	if (bpf_skb_load_bytes(w->skb, sizeof(struct iphdr) + (w->at & 63), &type, 1))
+		goto bad;
+	if (type == 0) /* end of options */
+		return 1;
+	if (type == 1) { /* no-op */
+		w->at++;
+		return 0;
+	}
+	if (type == 0x83 || type == 0x89) /* LSRR, SSRR */
+		goto bad;
+	if (bpf_skb_load_bytes(w->skb, sizeof(struct iphdr) + ((w->at + 1) & 63), &olen, 1) ||
+	    olen < 2)
+		goto bad;
+	w->at += olen;
+	return 0;
+bad:
+	w->routed = 1;
+	return 1;
+}
+
+/* Whether IPv4 options (`len` bytes after the fixed header, at most 40) hold a loose or
+ * strict source route; unreadable or malformed options count as one (refused). One callback
+ * per option through bpf_loop: an unrolled walk of 40 bytes cost the verifier seconds. */
+static __always_inline __u32 ipv4_source_routed(struct __sk_buff *skb, __u32 len)
+{
+	if (len > 40)
+		return 1;
+	struct opt_walk w = {.skb = skb, .len = len};
+	if (bpf_loop(40, opt_step, &w, 0) < 0)
+		return 1;
+	return w.routed;
+}
+
 /* The egress backstop and the origin recorder. */
 SEC("cgroup_skb/egress")
 int df_egress(struct __sk_buff *skb)
@@ -614,9 +663,11 @@ int df_egress(struct __sk_buff *skb)
 	__u32 protocol;
 	__u32 l4;
 	__u16 frag = 0;
-	/* IPv4 options or an IPv6 routing header: the packet may be routed to an address other
-	 * than the one connect/sendmsg judged (a source route's first hop is the header's
-	 * destination, reached by UDP and by established TCP, which pass here unjudged). */
+	/* A source route (IPv4 LSRR/SSRR, an IPv6 routing header with segments left): the packet
+	 * is routed to an address other than the one connect/sendmsg judged (its first hop is
+	 * the header's destination, reached by UDP and by established TCP, which pass here
+	 * unjudged). Other options (timestamps, record route, CIPSO labels, which a server
+	 * echoes to clients that sent them) are not routing. */
 	__u32 routed = 0;
 	/* Raw sockets (SOCK_RAW) pass no connect/sendmsg hook: every packet of theirs is judged
 	 * here, whatever its TCP flags or fragment offset. */
@@ -644,7 +695,8 @@ int df_egress(struct __sk_buff *skb)
 		addr_from4(&dst, ip.daddr);
 		protocol = ip.protocol;
 		l4 = (__u32)ip.ihl * 4;
-		routed = ip.ihl > 5;
+		if (ip.ihl > 5)
+			routed = ipv4_source_routed(skb, l4 - sizeof(ip));
 		frag = ip.frag_off & bpf_htons(0x1fff);
 	} else if (skb->protocol == bpf_htons(ETH_P_IPV6)) {
 		struct ipv6hdr ip6;
@@ -666,8 +718,8 @@ int df_egress(struct __sk_buff *skb)
 				break;
 			if (bpf_skb_load_bytes(skb, l4, ext, sizeof(ext)))
 				return enforce ? 0 : 1;
-			if (protocol == IPPROTO_ROUTING)
-				routed = 1;
+			if (protocol == IPPROTO_ROUTING && ext[3] != 0)
+				routed = 1; /* segments left: not the final destination */
 			__u32 next = ext[0];
 			if (protocol == IPPROTO_FRAGMENT) {
 				/* Offset (13 bits) in bytes 2-3: a later fragment has no ports. */
@@ -685,7 +737,7 @@ int df_egress(struct __sk_buff *skb)
 	}
 
 	/* An enforced endpoint's source-routed packets are refused, to the proxy included: no
-	 * workload needs IP options or a routing header, and the hooks judged another address. */
+	 * workload needs a source route, and the hooks judged another address. */
 	if (enforce && routed) {
 		count(DF_STAT_SKB_DENIED);
 		return 0;

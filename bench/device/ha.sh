@@ -33,7 +33,7 @@ for i in $(seq 1 "$DEMOS"); do
   rc=0
   timeout 120 "$D/bin/dnsfence" demo --place --patterns "$PATTERNS" --rate "$RATE" "${MODE[@]}" \
     > "$log" 2>&1 || rc=$?
-  ratios=$(grep -A1 '^p99 of each transition second' "$log" | tail -1 || true)
+  ratios=$(grep -A1 '^p99 of each transition' "$log" | tail -1 || true)
   counts=$(grep -o 'within 2x: [0-9]* of [0-9]*' "$log" || true)
   steady=$(grep -o "quiet seconds' median ([0-9]* µs" "$log" | grep -o '[0-9]* µs' || true)
   verdict=$(grep '^proof ' "$log" || echo "no verdict (rc $rc)")

@@ -405,9 +405,6 @@ impl Datapath {
         for dir in [&config.pin_dir, &maps_dir, &links_dir] {
             fs::create_dir_all(dir).map_err(fs_err("creating", dir))?;
         }
-        // Maps of this layout made now (an upgrade from an older layout, or a first install):
-        // the new programs see no endpoint until the first `sync_endpoints`.
-        let fresh_maps = !maps_dir.join(names::ENDPOINTS).exists();
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&maps_dir)
             .map_max_entries(names::ALLOW, config.allow_entries.max(1))
@@ -424,6 +421,13 @@ impl Datapath {
         let cgroup_id = cgroup_id(&config.cgroup_root)
             .map_err(fs_err("reading the cgroup id of", &config.cgroup_root))?;
         let old_links = pinned_links(&links_dir)?;
+        // No endpoint in this layout's map (made now by an upgrade from an older layout, or
+        // left empty by a start of it that stopped before its first sync): the new programs
+        // see no endpoint until the first `sync_endpoints`.
+        let fresh_maps = ebpf
+            .map(names::ENDPOINTS)
+            .and_then(|m| HashMap::<_, u64, Endpoint>::try_from(m).ok())
+            .is_none_or(|m| m.keys().next().is_none());
         let suffix = link_suffix(object_digest(), cgroup_id);
         // A restart of this very build: its programs are attached already, over these maps.
         let kept = reusable_links(&old_links, &suffix, &maps_dir, cgroup_id);
@@ -454,9 +458,9 @@ impl Datapath {
                 unpin_link(path)?;
             }
         }
-        // No program uses an older layout's maps any more: unpin them (a process still
-        // holding one keeps it until it exits), except one whose entries could not all be
-        // carried over. A standalone proxy of the older version then cannot start again
+        // Unpin an older layout's maps (a program still attached to them, until the first
+        // sync, or a process holding one keeps them until it goes), except one whose entries
+        // could not all be carried over. A standalone proxy of the older version then cannot start again
         // (its maps are gone) until it is upgraded: better than one that would attach the
         // older steering program, take every query and allow through maps nothing enforces.
         let keep = carried
@@ -688,7 +692,11 @@ impl Datapath {
         // The endpoints are written: the older programs of an upgrade can go.
         for path in std::mem::take(&mut self.detach_after_sync) {
             if let Err(e) = unpin_link(&path) {
+                // Tried again at the next sync (while the pin is there).
                 sync.detach_errors.push(e.to_string());
+                if path.exists() {
+                    self.detach_after_sync.push(path);
+                }
             }
         }
         Ok(sync)
@@ -1220,11 +1228,21 @@ fn pinned_links(dir: &Path) -> Result<Vec<PathBuf>, DatapathError> {
     Ok(out)
 }
 
-/// How many levels `dir` lies below the root of its cgroup2 mount (its ancestors on the same
-/// cgroup2 filesystem): the level the programs' ancestor lookups count by. (An agent in a
-/// cgroup namespace sees a deeper root as its mount's: its figure is then too low.)
+/// How many levels `dir` lies below the root of the cgroup2 hierarchy: the level the
+/// programs' ancestor lookups count by. Read from `/proc/self/mountinfo` (the mount's root
+/// within the hierarchy, not `/` for a bind mount of a subtree, plus the levels below the
+/// mount point); else the levels below the mount point, by `statfs` of its ancestors. (An
+/// agent in a cgroup namespace sees its namespace's root as the hierarchy's: its figure is
+/// then too low.)
 fn cgroup_depth(dir: &Path) -> usize {
-    let mut dir = fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
+    let dir = fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
+    if let Some(depth) = fs::read_to_string("/proc/self/mountinfo")
+        .ok()
+        .and_then(|info| depth_in(&info, &dir))
+    {
+        return depth;
+    }
+    let mut dir = dir;
     let mut depth = 0;
     while let Some(parent) = dir.parent() {
         if sys::fs_magic(parent).ok() != Some(sys::CGROUP2_MAGIC) {
@@ -1234,6 +1252,30 @@ fn cgroup_depth(dir: &Path) -> usize {
         dir = parent.to_path_buf();
     }
     depth
+}
+
+/// [`cgroup_depth`] from the text of a `mountinfo` file: the cgroup2 mount whose mount point
+/// holds `dir` most closely, its root's levels plus `dir`'s below the mount point.
+fn depth_in(mountinfo: &str, dir: &Path) -> Option<usize> {
+    let unescape = |s: &str| s.replace("\\040", " ").replace("\\011", "\t");
+    let levels = |p: &Path| {
+        p.components()
+            .filter(|c| matches!(c, std::path::Component::Normal(_)))
+            .count()
+    };
+    mountinfo
+        .lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split(' ').collect();
+            let dash = fields.iter().position(|f| *f == "-")?;
+            (fields.get(dash + 1) == Some(&"cgroup2")).then_some(())?;
+            let root = PathBuf::from(unescape(fields.get(3)?));
+            let point = PathBuf::from(unescape(fields.get(4)?));
+            let below = dir.strip_prefix(&point).ok()?;
+            Some((levels(&point), levels(&root) + levels(below)))
+        })
+        .max_by_key(|&(point_levels, _)| point_levels)
+        .map(|(_, depth)| depth)
 }
 
 fn unpin_link(path: &Path) -> Result<(), DatapathError> {
@@ -1250,6 +1292,25 @@ fn unpin_link(path: &Path) -> Result<(), DatapathError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The depth of a cgroup counts from the hierarchy's root: a bind mount of a subtree
+    /// (its root field not `/`) adds the subtree's levels; the closest mount wins; other
+    /// filesystems do not count.
+    #[test]
+    fn cgroup_depth_counts_from_the_hierarchy_root() {
+        let info = "\
+25 1 0:22 / /sys/fs/cgroup rw,nosuid shared:4 - cgroup2 cgroup2 rw
+30 25 0:22 /kubepods.slice/pod\\040x /host/cg rw - cgroup2 cgroup2 rw
+31 1 8:1 / /host rw - ext4 /dev/sda1 rw
+";
+        let depth = |dir: &str| depth_in(info, Path::new(dir));
+        assert_eq!(depth("/sys/fs/cgroup"), Some(0));
+        assert_eq!(depth("/sys/fs/cgroup/a/b"), Some(2));
+        assert_eq!(depth("/host/cg"), Some(2));
+        assert_eq!(depth("/host/cg/c"), Some(3));
+        assert_eq!(depth("/host/other"), None);
+        assert_eq!(depth("/elsewhere"), None);
+    }
 
     /// `install` copies allow entries from layouts since `ALLOW_LAYOUT_SINCE` byte for byte:
     /// this pins the allow maps' layout of that ABI (2), in the header and in Rust. When it

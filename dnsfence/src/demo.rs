@@ -767,10 +767,11 @@ fn graceful_seconds() -> Vec<u64> {
 }
 
 /// Issue 8's benchmark target, set beside the proof (not part of it: a noisy machine moves
-/// it): each transition second's p99 against the median p99 of the quiet seconds, those
-/// with no event in them or in the second before (the first and the last second, partial,
-/// left out). Returns that median (µs) and, per step of the schedule, its ratio (`None`
-/// without a p99 for that second).
+/// it): each transition's p99, the worse of its second and the next (a start's takeover and
+/// its cold first queries often land in the next), against the median p99 of the quiet
+/// seconds, those with no event in them or in the second before (the first and the last
+/// second, partial, left out). Returns that median (µs) and, per step of the schedule, its
+/// ratio (`None` without a p99 for the step's own second).
 fn transition_ratios(p99_by_second: &[(u64, u64)]) -> (u64, Vec<(Step, Option<f64>)>) {
     let event_at = |t: u64| SCHEDULE.iter().any(|s| u64::from(s.at) == t);
     let last = p99_by_second.iter().map(|&(t, _)| t).max().unwrap_or(0);
@@ -786,11 +787,16 @@ fn transition_ratios(p99_by_second: &[(u64, u64)]) -> (u64, Vec<(Step, Option<f6
     let ratios = SCHEDULE
         .iter()
         .map(|s| {
-            let p99 = p99_by_second
-                .iter()
-                .find(|&&(t, _)| t == u64::from(s.at))
-                .map(|&(_, p99)| p99)
-                .filter(|&p| p > 0 && steady > 0);
+            let at = |t: u64| {
+                p99_by_second
+                    .iter()
+                    .find(|&&(second, _)| second == t)
+                    .map(|&(_, p99)| p99)
+            };
+            let t = u64::from(s.at);
+            let p99 = at(t)
+                .filter(|&p| p > 0 && steady > 0)
+                .map(|p| p.max(at(t + 1).unwrap_or(0)));
             (*s, p99.map(|p| p as f64 / steady as f64))
         })
         .collect();
@@ -846,8 +852,9 @@ fn report(
         .count();
     println!();
     println!(
-        "p99 of each transition second against the quiet seconds' median ({steady} µs; issue \
-         8's benchmark target is at most 2x, not part of the proof):"
+        "p99 of each transition (its second or the next, the worse) against the quiet \
+         seconds' median ({steady} µs; issue 8's benchmark target is at most 2x, not part of \
+         the proof):"
     );
     let line: Vec<String> = ratios
         .iter()
@@ -976,9 +983,15 @@ mod tests {
         assert_eq!(steady, 100);
         assert_eq!(ratios.len(), SCHEDULE.len());
         for (step, r) in &ratios {
-            let want = (1_000 + u64::from(step.at)) as f64 / 100.0;
+            // The worse of the step's second and the next.
+            let t = u64::from(step.at) as usize;
+            let want = p99s[t].1.max(p99s[t + 1].1) as f64 / 100.0;
             assert_eq!(*r, Some(want), "{step:?}");
         }
+        // The agent's restart at 14 follows its stop at 13 (1,013 µs): 13 takes 14's 1,014 µs;
+        // a start followed by a quiet-after second takes that second's 5,000.
+        let of = |at: u32| ratios.iter().find(|(s, _)| s.at == at).unwrap().1;
+        assert_eq!((of(13), of(14)), (Some(10.14), Some(50.0)));
         // A second without a p99 (nothing answered) has no ratio.
         let missing: Vec<(u64, u64)> = p99s.iter().filter(|&&(t, _)| t != 3).copied().collect();
         let (_, ratios) = super::transition_ratios(&missing);

@@ -34,7 +34,28 @@ pub enum Enforcer {
         allow: BpfAllow,
         /// When the other writer's entries were last taken into the ledger.
         adopted: Mutex<Instant>,
+        /// What the last endpoint sync had to say (a later sync says what changed).
+        reported: Mutex<Vec<String>>,
     },
+}
+
+/// Prints what a sync (of the ticks, of the cgroup watcher) says, unless the last sync said
+/// the same: an endpoint found too deep, or missing, after start is said once.
+fn report_sync(
+    reported: &Mutex<Vec<String>>,
+    result: Result<EndpointSync, dnsfence_datapath::DatapathError>,
+) {
+    let lines = match result {
+        Ok(sync) => describe_sync(&sync),
+        Err(e) => vec![format!("warning: syncing the endpoints map: {e}")],
+    };
+    let mut last = reported.lock().unwrap_or_else(|e| e.into_inner());
+    if *last != lines {
+        for line in &lines {
+            eprintln!("dnsfence agent: {line}");
+        }
+        *last = lines;
+    }
 }
 
 impl Enforcer {
@@ -113,6 +134,7 @@ impl Enforcer {
             datapath: Some(Box::new(Mutex::new(datapath))),
             allow,
             adopted: Mutex::new(Instant::now()),
+            reported: Mutex::new(Vec::new()),
         })
     }
 
@@ -130,6 +152,7 @@ impl Enforcer {
             datapath: None,
             allow,
             adopted: Mutex::new(Instant::now()),
+            reported: Mutex::new(Vec::new()),
         })
     }
 
@@ -178,7 +201,11 @@ impl Enforcer {
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())
                         .sync_endpoints(snapshot)?;
-                    lines.extend(describe_sync(&sync));
+                    let described = describe_sync(&sync);
+                    if let Enforcer::Bpf { reported, .. } = self {
+                        *reported.lock().unwrap_or_else(|e| e.into_inner()) = described.clone();
+                    }
+                    lines.extend(described);
                 }
                 revoked
             }
@@ -216,6 +243,7 @@ impl Enforcer {
                 datapath,
                 allow,
                 adopted,
+                reported,
             } => {
                 // Now and then, the other writer's entries join the sweep (one whose writer
                 // is gone would otherwise stay until this process restarts).
@@ -227,10 +255,11 @@ impl Enforcer {
                 drop(last);
                 allow.sweep(SWEEP_BUDGET);
                 if let Some(datapath) = datapath {
-                    let _ = datapath
+                    let sync = datapath
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())
                         .sync_endpoints(snapshot);
+                    report_sync(reported, sync);
                 }
             }
         }
@@ -268,6 +297,7 @@ impl Enforcer {
             .spawn(move || {
                 let Enforcer::Bpf {
                     datapath: Some(datapath),
+                    reported,
                     ..
                 } = &*me
                 else {
@@ -290,7 +320,7 @@ impl Enforcer {
                         Ok(true) => {
                             let snapshot = policy.load();
                             let mut dp = datapath.lock().unwrap_or_else(|e| e.into_inner());
-                            let _ = dp.sync_endpoints(&snapshot);
+                            report_sync(reported, dp.sync_endpoints(&snapshot));
                             // Directories that appeared may hold endpoint cgroups to come.
                             for dir in dp.watch_dirs(&snapshot) {
                                 let _ = watch.add(&dir);

@@ -1258,6 +1258,12 @@ impl Core {
             ..UpSocket::default()
         };
         self.stats.upstream_sockets_rotated += 1;
+        // Queries of this turn still queued for the socket are re-sent below with the others:
+        // dropped here, so that none goes twice (review finding: the second answer was an
+        // unknown ID on the new port, counted toward its attack burst).
+        self.outbox
+            .ready
+            .retain(|(to, _, _)| *to != Destination::UpstreamUdp { socket });
         let mut slot = self.oldest;
         while slot != NO_SLOT {
             let p = &self.pending[slot as usize];

@@ -1328,6 +1328,38 @@ fn a_failed_replacement_gives_a_guesser_no_fresh_budget() {
     assert_eq!(rcode(to_client(&out)), 0);
 }
 
+/// A query forwarded in the turn its socket is replaced (its transmit still queued) goes out
+/// once, from the new port, not twice.
+#[test]
+fn a_query_queued_when_its_socket_is_replaced_goes_once() {
+    let mut c = config();
+    c.upstream_sockets = 1;
+    c.upstream_unknown_id_burst = 2;
+    let mut h = Harness::new(c);
+    let (_, fwd) = h.forward(0, &query(1, "first.allowed.test", TYPE_A));
+    let id = u16::from_be_bytes([fwd[0], fwd[1]]);
+    // Queued, not drained: the shard replaces sockets before it drains transmits.
+    h.core.handle_client(
+        h.at(1),
+        Client::Udp(CLIENT.parse().unwrap()),
+        None,
+        &query(2, "second.allowed.test", TYPE_A),
+    );
+    for guess in [id.wrapping_add(1), id.wrapping_add(2)] {
+        let mut forged = echo_answer(&fwd, "6.6.6.6");
+        forged[0..2].copy_from_slice(&guess.to_be_bytes());
+        h.core.handle_upstream(h.at(1), 0, upstream(), &forged);
+    }
+    let (replaced, out) = replace_all(&mut h, true);
+    assert_eq!(replaced, vec![0]);
+    let mut names: Vec<String> = out
+        .iter()
+        .map(|(_, b)| String::from_utf8_lossy(&b[13..18]).to_ascii_lowercase())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["first", "secon"], "{out:?}");
+}
+
 #[test]
 fn a_burst_of_unknown_ids_retires_the_socket_at_once() {
     let mut c = config();

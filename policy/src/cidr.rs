@@ -223,7 +223,7 @@ impl Default for NodeFacts {
             host: vec![
                 Cidr::parse("127.0.0.0/8").expect("valid"),
                 Cidr::parse("::1/128").expect("valid"),
-                Cidr::parse("0.0.0.0/8").expect("valid"),
+                Cidr::parse("0.0.0.0/32").expect("valid"),
                 Cidr::parse("::/128").expect("valid"),
             ],
             kube_apiserver: Vec::new(),

@@ -279,7 +279,7 @@ spec:
 "#;
 
 /// One UDP datagram to argv[1]:argv[2] (argv[3]: `lsrr` with an IPv4 loose source route
-/// through 127.0.0.99, `srh` with an IPv6 segment routing header through ::1, `tos` from a
+/// through 127.0.0.99, `ts` with an IPv4 timestamp option, `srh` with an IPv6 segment routing header through ::1, `tos` from a
 /// socket connected there and sent with an IP_TOS control message, else plain); prints
 /// `sent` or the error's name.
 const UDP_SEND: &str = r#"import socket,struct,sys
@@ -289,6 +289,8 @@ s=socket.socket(fam,socket.SOCK_DGRAM)
 try:
     if how=='lsrr':
         s.setsockopt(socket.IPPROTO_IP,socket.IP_OPTIONS,bytes([0x83,7,4,127,0,0,99,1]))
+    if how=='ts':
+        s.setsockopt(socket.IPPROTO_IP,socket.IP_OPTIONS,bytes([0x44,8,5,0,0,0,0,0]))
     if how=='srh':
         srh=bytes([0,4,4,1,1,0,0,0])+bytes(16)+socket.inet_pton(socket.AF_INET6,'::1')
         s.setsockopt(socket.IPPROTO_IPV6,socket.IPV6_RTHDR,srh)
@@ -351,6 +353,9 @@ fn source_routes_unspecified_addresses_and_control_messages() {
         send(Some("a"), "2001:db8::1", "9999", "srh"),
         "PermissionError"
     );
+    // Options that do not route (a timestamp option; a server echoes its clients' options)
+    // pass.
+    assert_eq!(send(Some("a"), &dns_ip, &dns_port, "ts"), "sent");
     // A connected socket's send with a control message goes where connect put it.
     assert_eq!(send(Some("a"), &dns_ip, &dns_port, "tos"), "sent");
     assert_eq!(send(Some("a"), "2001:db8::1", "9999", "tos"), "sent");

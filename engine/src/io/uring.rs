@@ -1439,9 +1439,9 @@ mod tests {
         ] {
             assert_eq!(super::kernel_at_least(release, 6, 0), ok, "{release}");
         }
-        // This machine's release reads (the tests run on 6.0 or later).
+        // This machine's release reads as one.
         let here = super::sys::kernel_release().expect("uname");
-        assert!(super::kernel_at_least(&here, 6, 0), "{here}");
+        assert!(here.starts_with(|c: char| c.is_ascii_digit()), "{here}");
     }
 
     #[test]
