@@ -628,8 +628,9 @@ static long opt_step(__u32 index, void *data)
 	}
 	if (type == 0x83 || type == 0x89) /* LSRR, SSRR */
 		goto bad;
-	if (bpf_skb_load_bytes(w->skb, sizeof(struct iphdr) + ((w->at + 1) & 63), &olen, 1) ||
-	    olen < 2)
+	if (w->at + 1 >= w->len ||
+	    bpf_skb_load_bytes(w->skb, sizeof(struct iphdr) + ((w->at + 1) & 63), &olen, 1) ||
+	    olen < 2 || w->at + olen > w->len)
 		goto bad;
 	w->at += olen;
 	return 0;
@@ -663,7 +664,7 @@ int df_egress(struct __sk_buff *skb)
 	__u32 protocol;
 	__u32 l4;
 	__u16 frag = 0;
-	/* A source route (IPv4 LSRR/SSRR, an IPv6 routing header with segments left): the packet
+	/* A source route (IPv4 LSRR/SSRR, any IPv6 routing header): the packet
 	 * is routed to an address other than the one connect/sendmsg judged (its first hop is
 	 * the header's destination, reached by UDP and by established TCP, which pass here
 	 * unjudged). Other options (timestamps, record route, CIPSO labels, which a server
@@ -718,8 +719,10 @@ int df_egress(struct __sk_buff *skb)
 				break;
 			if (bpf_skb_load_bytes(skb, l4, ext, sizeof(ext)))
 				return enforce ? 0 : 1;
-			if (protocol == IPPROTO_ROUTING && ext[3] != 0)
-				routed = 1; /* segments left: not the final destination */
+			/* Any routing header: with segments left 0 a type-4 header still puts its
+			 * segment, not the judged address, in the destination (review finding). */
+			if (protocol == IPPROTO_ROUTING)
+				routed = 1;
 			__u32 next = ext[0];
 			if (protocol == IPPROTO_FRAGMENT) {
 				/* Offset (13 bits) in bytes 2-3: a later fragment has no ports. */

@@ -1303,6 +1303,11 @@ impl Core {
     /// timeout).
     pub fn handle_upstream_tcp_closed(&mut self, now: Instant, server: u16) {
         let channel = self.sockets.len();
+        // Queries of this turn still queued for that server go with the re-sends below, once
+        // (review finding: they went twice).
+        self.outbox
+            .ready
+            .retain(|(to, _, _)| *to != Destination::UpstreamTcp { server });
         let mut slot = self.oldest;
         while slot != NO_SLOT {
             let p = &mut self.pending[slot as usize];

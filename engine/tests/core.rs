@@ -749,6 +749,33 @@ fn a_lost_upstream_tcp_connection_resends_once_then_fails() {
     assert_eq!(rcode(&out[0].1), Rcode::ServFail as u8);
     assert_eq!(h.core.stats().upstream_unreachable, 1);
     assert!(h.core.poll_timeout().is_none(), "nothing left in flight");
+    // A query forwarded in the turn the connection is lost (still queued) goes once.
+    h.core.handle_client(
+        h.at(3),
+        client,
+        None,
+        &query(0x57, "queued.allowed.test", TYPE_A),
+    );
+    let server = match h.core.poll_transmit() {
+        Some(t) => match t.to {
+            Destination::UpstreamTcp { server } => server,
+            other => panic!("{other:?}"),
+        },
+        None => panic!("not forwarded"),
+    };
+    h.core.handle_client(
+        h.at(3),
+        client,
+        None,
+        &query(0x58, "queued2.allowed.test", TYPE_A),
+    );
+    h.core.handle_upstream_tcp_closed(h.at(3), server);
+    let out = h.drain(3);
+    let to_server = out
+        .iter()
+        .filter(|(d, _)| *d == Destination::UpstreamTcp { server })
+        .count();
+    assert!(to_server <= 2, "{out:?}");
 }
 
 #[test]

@@ -1,8 +1,10 @@
 //! The agent socket: a listener that admits only its own user (or root), and a client that
 //! reconnects with capped, jittered exponential backoff.
 //!
-//! Peer credentials come from `SO_PEERCRED` through `rustix` (a safe wrapper), so this crate
-//! keeps `#![forbid(unsafe_code)]`.
+//! Peer credentials come from `SO_PEERCRED`, read raw (the crate's one `unsafe` block):
+//! rustix's wrapper holds the pid as a `NonZeroI32`, and a peer in another pid namespace
+//! (the agent and the proxy as separate pods, without `hostPID`) has pid 0 from here (review
+//! finding: that was undefined behaviour; in practice every connection was refused).
 //!
 //! # Threads
 //!
@@ -83,13 +85,38 @@ pub fn admitted(peer: u32, own: u32) -> bool {
     peer == own || peer == 0
 }
 
-/// The credentials of the peer of a connected unix stream socket.
+/// The credentials of the peer of a connected unix stream socket (`pid` 0: a process of
+/// another pid namespace, whose pid this one cannot name).
+#[allow(unsafe_code)]
 pub fn peer_of(stream: &UnixStream) -> io::Result<Peer> {
-    let cred = rustix::net::sockopt::socket_peercred(stream)?;
+    use std::os::fd::AsRawFd;
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: `cred` is a plain C struct the kernel writes at most `len` bytes into, `len`
+    // is its size, and the descriptor is the stream's own (borrowed for the call).
+    let r = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if len as usize != std::mem::size_of::<libc::ucred>() {
+        return Err(io::Error::other("SO_PEERCRED: short answer"));
+    }
     Ok(Peer {
-        pid: cred.pid.as_raw_nonzero().get(),
-        uid: cred.uid.as_raw(),
-        gid: cred.gid.as_raw(),
+        pid: cred.pid,
+        uid: cred.uid,
+        gid: cred.gid,
     })
 }
 

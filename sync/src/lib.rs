@@ -85,7 +85,9 @@
 //! threads only ([`conn::try_connect`] and [`conn::Backoff`] never wait, for an event loop). Encoding,
 //! decoding and the replay buffer do no I/O and never block; a `ReplayBuffer` is not shared
 //! (own it in the sync thread, or put it behind a mutex held only for a push).
-#![forbid(unsafe_code)]
+//!
+//! `unsafe`: one `getsockopt(SO_PEERCRED)` in [`conn`] (`conn::peer_of`), nowhere else.
+#![deny(unsafe_code)]
 
 pub mod conn;
 pub mod proto;

@@ -279,7 +279,8 @@ spec:
 "#;
 
 /// One UDP datagram to argv[1]:argv[2] (argv[3]: `lsrr` with an IPv4 loose source route
-/// through 127.0.0.99, `ts` with an IPv4 timestamp option, `srh` with an IPv6 segment routing header through ::1, `tos` from a
+/// through 127.0.0.99, `ts` with an IPv4 timestamp option, `srh` (`srh0`: with no segment
+/// left) with an IPv6 segment routing header through ::1, `tos` from a
 /// socket connected there and sent with an IP_TOS control message, else plain); prints
 /// `sent` or the error's name.
 const UDP_SEND: &str = r#"import socket,struct,sys
@@ -293,6 +294,9 @@ try:
         s.setsockopt(socket.IPPROTO_IP,socket.IP_OPTIONS,bytes([0x44,8,5,0,0,0,0,0]))
     if how=='srh':
         srh=bytes([0,4,4,1,1,0,0,0])+bytes(16)+socket.inet_pton(socket.AF_INET6,'::1')
+        s.setsockopt(socket.IPPROTO_IPV6,socket.IPV6_RTHDR,srh)
+    if how=='srh0':
+        srh=bytes([0,2,4,0,0,0,0,0])+socket.inet_pton(socket.AF_INET6,'::1')
         s.setsockopt(socket.IPPROTO_IPV6,socket.IPV6_RTHDR,srh)
     q=struct.pack('!HHHHHH',7,0x100,0,0,0,0)
     if how=='tos':
@@ -351,6 +355,11 @@ fn source_routes_unspecified_addresses_and_control_messages() {
     );
     assert_eq!(
         send(Some("a"), "2001:db8::1", "9999", "srh"),
+        "PermissionError"
+    );
+    // A segment routing header with no segment left still sends to its segment.
+    assert_eq!(
+        send(Some("a"), "2001:db8::1", "9999", "srh0"),
         "PermissionError"
     );
     // Options that do not route (a timestamp option; a server echoes its clients' options)

@@ -100,6 +100,26 @@ fn wider_policy() -> String {
     wide
 }
 
+/// The agent and the proxy in different pid namespaces (separate pods without `hostPID`):
+/// each sees the other's pid as 0 through `SO_PEERCRED`. Review finding (fixed): rustix's
+/// wrapper took that pid for a `NonZeroI32` (undefined behaviour) and the proxy never got a
+/// policy. Needs root (`unshare --pid`).
+#[test]
+fn an_agent_and_a_proxy_in_separate_pid_namespaces_sync() {
+    if !dnsfence_tests::bpf::require_root("ha (unshare --pid)") {
+        return;
+    }
+    let (upstream, dir, listen) = setup("ha-pidns");
+    let _agent = Agent::start(&config(dir.path(), listen, upstream.addr, false));
+    let mut c = config(dir.path(), listen, upstream.addr, true);
+    c.wrapper = ["unshare", "--pid", "--fork", "--kill-child", "--"]
+        .map(str::to_owned)
+        .to_vec();
+    let proxy = Agent::start(&c);
+    proxy.wait_metric("dnsfence_sync_snapshots_total", 1.0);
+    assert_said(&proxy, "from the agent in force");
+}
+
 #[test]
 fn proxy_serves_through_an_agent_crash_and_alone_from_its_state() {
     let (upstream, dir, listen) = setup("ha");

@@ -173,7 +173,13 @@ pub(crate) struct TcpSide {
     /// accept and close a pending connection, then taken again (a listener whose queue holds
     /// a connection it cannot accept stays ready, and the shard would spin on it).
     spare: Option<std::fs::File>,
+    /// Out of descriptors with no connection to close and no spare: the listener is not
+    /// watched until then (it would stay ready, and the shard spin on it).
+    accept_paused_until: Option<Instant>,
 }
+
+/// How long a listener that could not accept for want of a descriptor is left unwatched.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
 /// Why a client connection is closed (for the counters).
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -224,6 +230,7 @@ impl TcpSide {
                 })
                 .collect(),
             spare: spare_fd,
+            accept_paused_until: None,
             idle: config.tcp_idle_timeout,
             max_conns: config.max_tcp_conns,
             pipeline: config.max_tcp_pipeline,
@@ -280,7 +287,11 @@ impl TcpSide {
 
     /// When the backend should wake up next for the idle sweep (None: no connections).
     pub(crate) fn next_deadline(&self) -> Option<Instant> {
-        (self.live > 0).then_some(self.next_sweep)
+        let sweep = (self.live > 0).then_some(self.next_sweep);
+        match (sweep, self.accept_paused_until) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     /// Whether events are waiting to be delivered without any readiness (closes, resumed
@@ -436,20 +447,40 @@ impl TcpSide {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {
                     // Out of descriptors (review finding: the listener stayed ready and the
-                    // shard spun). A connection gone longest without progress makes room, as
-                    // at --max-tcp-conns; with none, the new one is accepted on the spare
-                    // descriptor and closed at once (the client sees a reset).
+                    // shard spun). Of the process's own (EMFILE), a connection gone longest
+                    // without progress makes room, as at --max-tcp-conns; else the new one is
+                    // accepted on the spare descriptor and closed at once (the client sees a
+                    // reset); else (the spare taken by another thread or process meanwhile,
+                    // or the system's table full) the listener rests for ACCEPT_BACKOFF.
                     stats.tcp_no_descriptor += 1;
-                    if let Some(victim) = self.eviction_victim() {
+                    if e.raw_os_error() == Some(libc::EMFILE)
+                        && let Some(victim) = self.eviction_victim()
+                    {
                         self.close_client(victim, CloseReason::Evicted, poller, stats);
                         continue;
                     }
+                    if self.spare.is_none() {
+                        self.spare = std::fs::File::open("/dev/null").ok();
+                    }
+                    let mut taken = false;
                     if let Some(spare) = self.spare.take() {
                         drop(spare);
                         if let Some(listener) = &self.listener {
-                            drop(listener.accept());
+                            taken = listener.accept().is_ok();
                         }
                         self.spare = std::fs::File::open("/dev/null").ok();
+                    }
+                    if !taken {
+                        self.accept_paused_until = Some(now + ACCEPT_BACKOFF);
+                        if let Some(l) = &self.listener {
+                            let _ = poller.sync(
+                                l.as_raw_fd(),
+                                token(KIND_LISTENER, 0, 0),
+                                0,
+                                &mut self.listener_state,
+                            );
+                        }
+                        return;
                     }
                     break;
                 }
@@ -970,6 +1001,17 @@ impl TcpSide {
     /// Closes client connections idle for longer than the timeout (checked a few times per
     /// timeout period).
     pub(crate) fn sweep(&mut self, now: Instant, poller: &mut dyn Poller, stats: &mut IoStats) {
+        if self.accept_paused_until.is_some_and(|until| now >= until) {
+            self.accept_paused_until = None;
+            if let Some(l) = &self.listener {
+                let _ = poller.sync(
+                    l.as_raw_fd(),
+                    token(KIND_LISTENER, 0, 0),
+                    READ,
+                    &mut self.listener_state,
+                );
+            }
+        }
         if self.live == 0 || now < self.next_sweep {
             return;
         }
