@@ -184,9 +184,25 @@ fn key_of(b: &[u8; sys::SLOT_LEN]) -> Option<AllowKey> {
 /// flock) is not waited for: the write goes on, as it did before the lock existed.
 struct WritersLock<'a>(Option<&'a std::fs::File>);
 
+/// How long a writer waits for the other to release the writers' lock before writing without
+/// it (the other writer then checks its whole ledger: the keyless epoch bump).
+const LOCK_PATIENCE: std::time::Duration = std::time::Duration::from_millis(5);
+
 impl<'a> WritersLock<'a> {
+    /// Takes the lock, waiting at most [`LOCK_PATIENCE`] (review finding: a blocking flock
+    /// held by a stopped, frozen or dying other writer stalled every shard needing a write,
+    /// behind the ledger's mutex, for as long as it lasted).
     fn take(file: &'a std::fs::File) -> WritersLock<'a> {
-        WritersLock(file.lock().ok().map(|()| file))
+        let deadline = std::time::Instant::now() + LOCK_PATIENCE;
+        loop {
+            match file.try_lock() {
+                Ok(()) => return WritersLock(Some(file)),
+                Err(std::fs::TryLockError::WouldBlock) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_micros(100));
+                }
+                Err(_) => return WritersLock(None),
+            }
+        }
     }
 
     /// Whether the lock is held (the removal ring is written and read only then).

@@ -471,3 +471,35 @@ fn a_bump_without_keys_makes_the_repair_check_the_whole_ledger() {
     drop(datapath);
     let _ = Datapath::uninstall(&env.pin);
 }
+
+/// A writer holding the writers' lock for long (stopped, frozen, being killed) does not stall
+/// the other's writes: after a few milliseconds it writes without the lock (review finding:
+/// a blocking flock, taken behind the ledger's mutex, stalled every shard needing a write).
+#[test]
+fn a_writer_stuck_holding_the_lock_does_not_stall_the_other() {
+    if !require_root("allow_two_writers") {
+        return;
+    }
+    let _serial = EXCLUSIVE.lock().unwrap_or_else(|e| e.into_inner());
+    let env = Env::new("stucklock", &["a"]);
+    let mut datapath = env.install_allow(1024);
+    let mut agent = datapath.allow_sink(LedgerConfig::default()).expect("sink");
+    // The other writer, stuck with the lock (held here, in another open file description).
+    let held = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(dnsfence_datapath::loader::allow_lock_path(&env.pin))
+        .expect("the writers' lock file");
+    held.lock().expect("flock");
+    let start = Instant::now();
+    assert!(write(
+        &mut agent,
+        key("127.0.0.91"),
+        Duration::from_secs(60)
+    ));
+    let took = start.elapsed();
+    assert!(took < Duration::from_millis(500), "a write waited {took:?}");
+    assert_eq!(live_entries(&env.pin), 1);
+    held.unlock().expect("unlock");
+    drop(datapath);
+}
