@@ -875,6 +875,16 @@ static __always_inline int reuse_select(struct sk_reuseport_md *md, __u32 group,
 		if (bpf_sk_select_reuseport(md, &df_reuse_socks, &slot, 0) == 0)
 			return 1;
 	}
+	/* The hashed socket and those after it are gone: the ones before it (review finding:
+	 * the search did not wrap, and the packet fell to the kernel's choice, draining sockets
+	 * included). */
+	for (__u32 i = 0; i < DF_REUSE_GROUP_SLOTS; i++) {
+		if (!((mask >> i) & 1))
+			continue;
+		__u32 slot = group * DF_REUSE_GROUP_SLOTS + i;
+		if (bpf_sk_select_reuseport(md, &df_reuse_socks, &slot, 0) == 0)
+			return 1;
+	}
 	return 0;
 }
 

@@ -690,11 +690,23 @@ impl AllowSink for BpfAllow {
             }
             let mut failed_at = None;
             inner.previous.clear();
+            // Entries new to the map get their name beside them, written first: whoever reads
+            // the entry (the other writer's adopt, a start's seeding, without the lock) finds
+            // its name too (review finding: read between the two, it stayed nameless). Best
+            // effort: an entry without one is judged by its port spec alone after a restart;
+            // one the map held keeps the name its first writer gave it.
+            let name = batch
+                .group_entries(g)
+                .first()
+                .and_then(|e| NameValue::of(batch.names[e.name as usize].wire()));
             for (i, c) in inner.changes.iter().enumerate() {
                 let key = AllowMapKey::from(&c.key);
                 // The other writer may hold a later expiry: never shorten it.
                 let previous = inner.map.get(&key, 0).ok();
                 inner.previous.push(previous);
+                if let (None, Some(value)) = (previous, name) {
+                    let _ = inner.names.insert(key, value, 0);
+                }
                 let expires = clock.to_boot_ns(c.expires).max(previous.unwrap_or(0));
                 if inner.map.insert(key, expires, 0).is_err() {
                     failed_at = Some(i);
@@ -703,33 +715,20 @@ impl AllowSink for BpfAllow {
             }
             match failed_at {
                 None => {
-                    // Entries new to the map get their name beside them (best effort: an entry
-                    // without one is judged by its port spec alone after a restart); one the
-                    // map held keeps the name its first writer gave it.
-                    let name = batch
-                        .group_entries(g)
-                        .first()
-                        .map(|e| &batch.names[e.name as usize]);
-                    if let Some(value) = name.and_then(|n| NameValue::of(n.wire())) {
-                        for (c, _) in inner
-                            .changes
-                            .iter()
-                            .zip(&inner.previous)
-                            .filter(|(_, previous)| previous.is_none())
-                        {
-                            let _ = inner.names.insert(AllowMapKey::from(&c.key), value, 0);
-                        }
-                    }
                     inner.ledger.commit(batch, g, &inner.changes);
                     batch.settle_group(g, true, inner.ledger.planned_justified());
                 }
                 Some(i) => {
-                    // Undo this group's earlier updates: the map holds all of it or none.
-                    for (c, previous) in inner.changes[..i].iter().zip(&inner.previous) {
+                    // Undo this group's earlier updates: the map holds all of it or none (the
+                    // failed entry's name, written before it, goes too).
+                    for (c, previous) in inner.changes[..=i].iter().zip(&inner.previous) {
                         let key = AllowMapKey::from(&c.key);
                         let _ = match previous {
                             Some(prev) => inner.map.insert(key, *prev, 0),
-                            None => inner.map.remove(&key),
+                            None => {
+                                let _ = inner.names.remove(&key);
+                                inner.map.remove(&key)
+                            }
                         };
                     }
                     inner.ledger.map_failed();

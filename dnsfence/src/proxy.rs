@@ -180,6 +180,10 @@ pub fn run(args: &ProxyArgs) -> Result<()> {
             lines.iter().for_each(|l| eprintln!("{WHO}: {l}"));
             snapshot.set_generation(generation.fetch_add(1, Ordering::Relaxed) + 1);
             let snapshot = Arc::new(snapshot);
+            // Persisted before it is put in force (review finding: a crash between the two
+            // left the older, maybe wider, policy on disk for a restart without the agent);
+            // a failed save does not hold it back, and is retried.
+            let saved = ha::save_policy(&state, msg);
             for line in enforcer
                 .apply(&snapshot)
                 .map_err(ha::ApplyError::NotApplied)?
@@ -189,7 +193,7 @@ pub fn run(args: &ProxyArgs) -> Result<()> {
             policy.store(snapshot);
             health.policy_loaded(msg.version);
             in_force = Some((msg.clone(), false));
-            ha::save_policy(&state, msg).map_err(ha::ApplyError::NotPersisted)?;
+            saved.map_err(ha::ApplyError::NotPersisted)?;
             mark_persisted(&mut in_force);
             eprintln!(
                 "{WHO}: policy snapshot {} from the agent in force",

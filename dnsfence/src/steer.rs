@@ -35,10 +35,24 @@ pub fn open(who: &str, enforcer: &Enforcer, args: &ServeArgs) -> Option<Arc<Reus
             // it dies (SIGKILL) the other process takes every new packet within
             // REUSE_STALE_NS, before the kernel has closed the dead sockets.
             let beating = Arc::clone(&r);
+            let who_beats = who.to_owned();
             let spawned = std::thread::Builder::new()
                 .name("dnsf-heartbeat".into())
                 .spawn(move || {
-                    while beating.beat().is_ok() {
+                    // A failed beat is said (once per run of failures) and tried again: a
+                    // heartbeat that stopped at its first error left a live process looking
+                    // dead to the steering, given no new packet beside the other (review
+                    // finding).
+                    let mut failing = false;
+                    loop {
+                        match beating.beat() {
+                            Ok(()) => failing = false,
+                            Err(e) if !failing => {
+                                failing = true;
+                                eprintln!("{who_beats}: warning: steering heartbeat: {e}");
+                            }
+                            Err(_) => {}
+                        }
                         std::thread::sleep(HEARTBEAT);
                     }
                 });

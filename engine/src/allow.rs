@@ -521,10 +521,6 @@ impl EntryTable {
         self.table.find_mut(h, |(k, _)| k == key).map(|(_, s)| s)
     }
 
-    fn contains_key(&self, key: &AllowKey) -> bool {
-        self.get(key).is_some()
-    }
-
     /// Adds `key`, or replaces its slot.
     fn insert(&mut self, key: AllowKey, slot: Slot) {
         use std::hash::BuildHasher;
@@ -969,7 +965,16 @@ impl Ledger {
             ip: canonical(key.ip),
             ..key
         };
-        if self.entries.contains_key(&key) {
+        if let Some(slot) = self.entries.get_mut(&key) {
+            // Known without a name (read from the map before its writer put the name beside
+            // it): it takes the name now, and is judged by it from here on (review finding:
+            // it stayed nameless, judged by port spec alone, and a repair put back what a
+            // revocation of its name removed).
+            if let Some(name) = name
+                && slot.names == [NO_NAME; NAMES_PER_ENTRY]
+            {
+                slot.names[0] = self.names.acquire(key.endpoint, name);
+            }
             return;
         }
         let mut names = [NO_NAME; NAMES_PER_ENTRY];

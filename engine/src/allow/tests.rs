@@ -593,3 +593,26 @@ fn the_prefault_spans_every_bucket_without_growing() {
         assert_eq!(names.index.capacity(), capacity, "n {n}");
     }
 }
+
+/// An entry restored without its name (read from the map between its writer's two inserts)
+/// takes the name when restored again with it, and is judged by it: a reload that drops that
+/// name revokes it although another rule still opens its port spec (review finding: it
+/// stayed nameless, kept by port spec alone).
+#[test]
+fn a_nameless_restored_entry_takes_its_name_later() {
+    let mut ledger = Ledger::new(LedgerConfig::default());
+    let mut removed = Vec::new();
+    ledger.revoke(snapshot(POLICY), &mut removed);
+    let k = key(client(), "127.0.5.1", HTTPS);
+    let exp = Instant::now() + Duration::from_secs(60);
+    ledger.restore(k, exp, None);
+    ledger.restore(k, exp, Some(&Name::from_text("gone.allowed.test").unwrap()));
+    // Another rule keeps 443/TCP open for the endpoint; gone.allowed.test is no longer one.
+    let narrower = POLICY.replace(
+        "toFQDNs: [{matchPattern: \"*.allowed.test\"}]",
+        "toFQDNs: [{matchPattern: \"*.kept.test\"}]",
+    );
+    assert_ne!(narrower, POLICY);
+    ledger.revoke(snapshot(&narrower), &mut removed);
+    assert_eq!(removed, [k], "judged by its name, not its port spec");
+}
