@@ -190,7 +190,16 @@ fn parse_cidr(s: &str) -> Result<dnsfence_policy::cidr::Cidr, String> {
 /// Refuses combinations that would quietly widen enforcement (at start and at every reload
 /// of the endpoints): `without_ips` endpoints recognised by cgroup only.
 pub fn refuse_unenforceable(args: &ServeArgs, without_ips: usize) -> Result<(), String> {
-    if args.no_bpf && without_ips > 0 && matches!(args.unknown_source, UnknownFlag::Allow) {
+    unenforceable(
+        args.no_bpf,
+        matches!(args.unknown_source, UnknownFlag::Allow),
+        without_ips,
+    )
+}
+
+/// [`refuse_unenforceable`] from the two flags it depends on.
+pub fn unenforceable(no_bpf: bool, unknown_allow: bool, without_ips: usize) -> Result<(), String> {
+    if no_bpf && without_ips > 0 && unknown_allow {
         return Err(format!(
             "{without_ips} endpoints have no source address (cgroup only) and cannot be \
              recognised without the eBPF datapath; with --unknown-source allow they would be \

@@ -61,8 +61,22 @@ pub fn run(args: &ProxyArgs) -> Result<()> {
     let state = Arc::new(ha::open_state(Some(state_dir))?.context("state directory")?);
     // The policy in force: the one persisted, else none (every query refused) until the
     // agent sends one. A corrupt state file is set aside, said in one line, and fails closed.
+    // What the agent refuses to serve (cgroup-only endpoints under --no-bpf and
+    // --unknown-source allow: unrestricted), the proxy refuses to put in force (review
+    // finding: it did not check).
+    let unenforceable = {
+        let no_bpf = args.serve.no_bpf;
+        let unknown_allow = matches!(args.serve.unknown_source, UnknownFlag::Allow);
+        move |snapshot: &Snapshot| {
+            crate::agent::unenforceable(no_bpf, unknown_allow, snapshot.stats().without_ips)
+                .map_err(anyhow::Error::msg)
+        }
+    };
     let (snapshot, version) = match ha::load_policy(&state) {
-        Ok(Some(msg)) => match ha::compile(&msg) {
+        Ok(Some(msg)) => match ha::compile(&msg).and_then(|compiled| {
+            unenforceable(&compiled.1)?;
+            Ok(compiled)
+        }) {
             Ok((_, snapshot, lines)) => {
                 lines.iter().for_each(|l| eprintln!("{WHO}: {l}"));
                 eprintln!(
@@ -177,6 +191,7 @@ pub fn run(args: &ProxyArgs) -> Result<()> {
             // in force (review finding).
             in_force = None;
             let (_, mut snapshot, lines) = ha::compile(msg).map_err(ha::ApplyError::NotApplied)?;
+            unenforceable(&snapshot).map_err(ha::ApplyError::NotApplied)?;
             lines.iter().for_each(|l| eprintln!("{WHO}: {l}"));
             snapshot.set_generation(generation.fetch_add(1, Ordering::Relaxed) + 1);
             let snapshot = Arc::new(snapshot);
@@ -226,6 +241,12 @@ pub fn run(args: &ProxyArgs) -> Result<()> {
     // hung agent is dropped after the peer timeout).
     let started = Instant::now();
     while generation.load(Ordering::Relaxed) == 1 && !stop.load(Ordering::Relaxed) {
+        // An agent policy this proxy cannot put in force (another version's, say) leaves
+        // the persisted one to serve, rather than a proxy that never joins the port (review
+        // finding).
+        if version.is_some() && sync_stats.snapshots_refused.load(Ordering::Relaxed) > 0 {
+            break;
+        }
         let connected = sync_stats.connected.load(Ordering::Relaxed) > 0;
         let waited = started.elapsed();
         if !connected

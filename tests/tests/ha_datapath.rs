@@ -312,3 +312,40 @@ fn sigterm_loses_no_tcp_query() {
     assert!(agent.metric_sum("dnsfence_forwarded_total") > 0.0);
     drop(agent);
 }
+
+/// A proxy started with `--no-bpf --unknown-source allow` over a persisted policy whose
+/// endpoints are cgroup-only (as an eBPF-mode agent sends them) would leave them unrestricted:
+/// it refuses that policy, as the agent refuses the same combination (review finding: the
+/// proxy did not check), and with no other policy it does not start.
+#[test]
+fn a_proxy_refuses_a_policy_it_cannot_enforce() {
+    if !require_root("ha_datapath") {
+        return;
+    }
+    let _serial = EXCLUSIVE.lock().unwrap_or_else(|e| e.into_inner());
+    let env = Env::new("ha-unenf", &["a", "b"]);
+    let upstream = Bundled::start(&[]);
+    let port = free_port();
+    let dir = TempDir::new("ha-unenf");
+    let agent = Agent::start(&bpf::pair_config(&env, &dir, upstream.addr, port, false));
+    let proxy = Agent::start(&bpf::pair_config(&env, &dir, upstream.addr, port, true));
+    proxy.wait_metric("dnsfence_sync_snapshots_total", 1.0);
+    drop(proxy);
+    drop(agent);
+    // The same state directory, without the datapath and with unknown sources allowed.
+    let mut c = bpf::pair_config(&env, &dir, upstream.addr, port, true);
+    c.bpf = None;
+    c.extra
+        .extend(["--unknown-source".to_owned(), "allow".to_owned()]);
+    let mut proxy = Agent::spawn(&c);
+    let status = proxy.process.wait_timeout(Duration::from_secs(10));
+    let stderr = proxy.process.stderr();
+    assert!(
+        status.is_some_and(|s| !s.success()),
+        "still serving, or exited 0: {stderr}"
+    );
+    assert!(
+        stderr.contains("cannot be recognised without the eBPF datapath"),
+        "{stderr}"
+    );
+}
