@@ -497,6 +497,19 @@ fn upstream_tcp_connection_refused_is_counted() {
     });
 }
 
+/// Polls until some events come (at most `DEADLINE` from `start`).
+fn poll_some(io: &mut Io, start: std::time::Instant) -> Vec<Ev> {
+    let mut evs = Vec::new();
+    while evs.is_empty() {
+        assert!(start.elapsed() < DEADLINE, "{:?}", io.stats());
+        io.poll(Some(Duration::from_millis(20)), &mut |e| {
+            evs.push(Ev::from(e))
+        })
+        .unwrap();
+    }
+    evs
+}
+
 /// A server that reads one query and closes its connection without answering: the shard is
 /// told once (its core re-sends on a new connection), and a new connection is opened for
 /// what is sent next.
@@ -516,26 +529,10 @@ fn an_upstream_tcp_connection_closed_before_the_answer_is_reported() {
         io.send_upstream_tcp(0, &msg(1, 10));
         io.flush().unwrap();
         let start = std::time::Instant::now();
-        let mut evs = Vec::new();
-        while evs.is_empty() {
-            assert!(start.elapsed() < DEADLINE, "{:?}", io.stats());
-            io.poll(Some(Duration::from_millis(20)), &mut |e| {
-                evs.push(Ev::from(e))
-            })
-            .unwrap();
-        }
-        assert_eq!(evs, [Ev::TcpUpstreamLost(0)]);
+        assert_eq!(poll_some(&mut io, start), [Ev::TcpUpstreamLost(0)]);
         io.send_upstream_tcp(0, &msg(2, 10));
         io.flush().unwrap();
-        let mut evs = Vec::new();
-        while evs.is_empty() {
-            assert!(start.elapsed() < DEADLINE, "{:?}", io.stats());
-            io.poll(Some(Duration::from_millis(20)), &mut |e| {
-                evs.push(Ev::from(e))
-            })
-            .unwrap();
-        }
-        assert_eq!(evs, [Ev::TcpUpstreamLost(0)]);
+        assert_eq!(poll_some(&mut io, start), [Ev::TcpUpstreamLost(0)]);
         assert_eq!(io.stats().upstream_tcp_connects, 2);
     });
 }

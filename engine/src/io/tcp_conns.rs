@@ -472,14 +472,7 @@ impl TcpSide {
                     }
                     if !taken {
                         self.accept_paused_until = Some(now + ACCEPT_BACKOFF);
-                        if let Some(l) = &self.listener {
-                            let _ = poller.sync(
-                                l.as_raw_fd(),
-                                token(KIND_LISTENER, 0, 0),
-                                0,
-                                &mut self.listener_state,
-                            );
-                        }
+                        self.watch_listener(0, poller);
                         return;
                     }
                     break;
@@ -552,12 +545,17 @@ impl TcpSide {
             stats.tcp_accepted += 1;
             self.sync_client(slot, poller, stats);
         }
+        // One-shot pollers need re-arming; epoll keeps the registration.
+        self.watch_listener(READ, poller);
+    }
+
+    /// Sets what the listener is watched for (READ, or nothing while accepts rest).
+    fn watch_listener(&mut self, want: Interest, poller: &mut dyn Poller) {
         if let Some(l) = &self.listener {
-            // One-shot pollers need re-arming; epoll keeps the registration.
             let _ = poller.sync(
                 l.as_raw_fd(),
                 token(KIND_LISTENER, 0, 0),
-                READ,
+                want,
                 &mut self.listener_state,
             );
         }
@@ -1003,14 +1001,7 @@ impl TcpSide {
     pub(crate) fn sweep(&mut self, now: Instant, poller: &mut dyn Poller, stats: &mut IoStats) {
         if self.accept_paused_until.is_some_and(|until| now >= until) {
             self.accept_paused_until = None;
-            if let Some(l) = &self.listener {
-                let _ = poller.sync(
-                    l.as_raw_fd(),
-                    token(KIND_LISTENER, 0, 0),
-                    READ,
-                    &mut self.listener_state,
-                );
-            }
+            self.watch_listener(READ, poller);
         }
         if self.live == 0 || now < self.next_sweep {
             return;
