@@ -440,8 +440,10 @@ impl StateDir {
     /// the disk.
     pub fn load(&self, name: &str, kind: Kind) -> Result<Option<Loaded>, StateError> {
         let path = self.file_path(name)?;
-        self.read_checked(&path, kind)
-            .map_err(|reason| self.set_aside(name, &path, reason))
+        self.read_checked(&path, kind).map_err(|e| match e {
+            Unread::Corrupt(reason) => self.set_aside(name, &path, reason),
+            Unread::Io(source) => io_err("open", &path)(source),
+        })
     }
 
     /// Removes the state `name`, if present (and fsyncs the directory).
@@ -454,7 +456,7 @@ impl StateDir {
         }
     }
 
-    fn read_checked(&self, path: &Path, kind: Kind) -> Result<Option<Loaded>, Corruption> {
+    fn read_checked(&self, path: &Path, kind: Kind) -> Result<Option<Loaded>, Unread> {
         // Not through a symlink, and never waiting on a FIFO (whose open would block until
         // a writer came): what is opened is checked to be a plain file right after.
         let opened = OpenOptions::new()
@@ -464,8 +466,21 @@ impl StateDir {
         let mut f = match opened {
             Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(Corruption::Unreadable(e.to_string())),
+            // A symlink (O_NOFOLLOW), a socket: not a state file.
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ELOOP | libc::ENXIO)) => {
+                return Err(Unread::Corrupt(Corruption::Unreadable(e.to_string())));
+            }
+            // Permissions, descriptors, the disk: not the file's fault (review finding: a
+            // good policy file was moved aside, and later pruned, for an EACCES).
+            Err(e) => return Err(Unread::Io(e)),
         };
+        self.read_opened(&mut f, kind)
+            .map(Some)
+            .map_err(Unread::Corrupt)
+    }
+
+    /// The content of an opened state file, checked.
+    fn read_opened(&self, f: &mut File, kind: Kind) -> Result<Loaded, Corruption> {
         let meta = f
             .metadata()
             .map_err(|e| Corruption::Unreadable(e.to_string()))?;
@@ -480,7 +495,7 @@ impl StateDir {
                 needed: (HEADER_LEN + TRAILER_LEN) as u64,
             });
         }
-        read_exact(&mut f, &mut header, file_len)?;
+        read_exact(f, &mut header, file_len)?;
         let h = parse_header(&header, kind, self.max_payload)?;
         let expected = HEADER_LEN as u64 + h.payload_len + TRAILER_LEN as u64;
         if file_len < expected {
@@ -497,9 +512,9 @@ impl StateDir {
         }
         // Bounded: payload_len <= max_payload and the file really has that many bytes.
         let mut payload = vec![0u8; h.payload_len as usize];
-        read_exact(&mut f, &mut payload, file_len)?;
+        read_exact(f, &mut payload, file_len)?;
         let mut trailer = [0u8; TRAILER_LEN];
-        read_exact(&mut f, &mut trailer, file_len)?;
+        read_exact(f, &mut trailer, file_len)?;
         let stored = u32::from_le_bytes(trailer);
         let mut crc = crc32fast::Hasher::new();
         crc.update(&header);
@@ -508,10 +523,10 @@ impl StateDir {
         if stored != computed {
             return Err(Corruption::BadChecksum { stored, computed });
         }
-        Ok(Some(Loaded {
+        Ok(Loaded {
             version: h.version,
             payload,
-        }))
+        })
     }
 
     /// Renames a corrupt file to `<name>.corrupt-<secs>[-<n>]` and prunes old ones.
@@ -674,6 +689,12 @@ fn parse_header(h: &[u8; HEADER_LEN], kind: Kind, max: u64) -> Result<Header, Co
         version: u64_at(16),
         payload_len,
     })
+}
+
+/// Why a state file was not read: its content (set aside), or the system (left in place).
+enum Unread {
+    Corrupt(Corruption),
+    Io(io::Error),
 }
 
 fn read_exact(f: &mut File, buf: &mut [u8], file_len: u64) -> Result<(), Corruption> {

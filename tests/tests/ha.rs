@@ -263,6 +263,43 @@ fn a_corrupt_state_file_is_set_aside_and_fails_closed() {
     assert_eq!(ask(listen, 2, "www.allowed.test"), Some(0));
 }
 
+/// A state file the proxy cannot open for a reason not its own (here: another user's, mode
+/// 0600) is not corrupt: the proxy says why and fails closed, and the file stays where it is
+/// (HA review finding: it was moved aside, later pruned, for an EACCES). Needs root (the
+/// proxy runs as nobody).
+#[test]
+fn a_state_file_that_cannot_be_opened_is_not_set_aside() {
+    use std::os::unix::fs::{PermissionsExt, chown};
+    if !dnsfence_tests::bpf::require_root("ha (setpriv)") {
+        return;
+    }
+    let (upstream, dir, listen) = setup("ha-eacces");
+    let state = dir.path().join("proxy-state");
+    std::fs::create_dir_all(&state).expect("state dir");
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+    chown(&state, Some(65534), Some(65534)).expect("chown");
+    let policy = state.join("policy");
+    std::fs::write(&policy, b"root's, unreadable to the proxy").expect("write");
+    std::fs::set_permissions(&policy, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let mut c = impatient_proxy(dir.path(), listen, upstream.addr);
+    c.wrapper = [
+        "setpriv",
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+        "--",
+    ]
+    .map(str::to_owned)
+    .to_vec();
+    let proxy = Agent::start(&c);
+    assert_eq!(ask(listen, 1, "www.allowed.test"), Some(5), "fails closed");
+    let err = proxy.process.stderr();
+    assert!(!err.contains("moved aside"), "{err}");
+    assert!(err.contains("Permission denied"), "{err}");
+    assert!(policy.exists(), "the file was moved");
+}
+
 /// Review finding: a proxy restarted with a persisted policy older than the agent's must not
 /// answer what the agent's policy now denies (it takes the agent's before it serves).
 #[test]
