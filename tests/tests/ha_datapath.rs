@@ -197,12 +197,16 @@ fn prefer_agent_sends_everything_to_the_agent_while_it_serves() {
     let report = load_in_a(&env, &dir, 2000, 1.0, &[]);
     assert_none_lost(&report, "prefer-agent, both serving");
     let sent = report["sent"].as_u64().unwrap_or(0) as f64;
-    assert_eq!(
-        proxy.metric_sum("dnsfence_forwarded_total"),
-        0.0,
-        "the proxy got queries while the agent served"
+    // The agent takes them all, but for the moments its steering heartbeat (every 5 ms) is
+    // older than the 20 ms after which an owner counts as gone: a VM stealing its CPU for
+    // that long (seen in CI: 25 of 2,000 queries, 12 ms of load) hands the proxy what
+    // comes meanwhile, as it should for a hung agent. `balance` would give it about half.
+    let to_proxy = proxy.metric_sum("dnsfence_forwarded_total");
+    assert!(
+        to_proxy <= sent * 0.05,
+        "the proxy got {to_proxy} of {sent} queries while the agent served"
     );
-    agent.wait_metric("dnsfence_forwarded_total", sent);
+    agent.wait_metric("dnsfence_forwarded_total", sent - to_proxy);
 
     let report = load_with_sigterm(&env, &dir, 5000, 2.0, 0.5, agent.process.pid());
     assert!(
