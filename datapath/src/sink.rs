@@ -185,20 +185,51 @@ fn key_of(b: &[u8; sys::SLOT_LEN]) -> Option<AllowKey> {
 struct WritersLock<'a>(Option<&'a std::fs::File>);
 
 /// How long a writer waits for the other to release the writers' lock before writing without
-/// it (the other writer then checks its whole ledger: the keyless epoch bump).
-const LOCK_PATIENCE: std::time::Duration = std::time::Duration::from_millis(5);
+/// it: far longer than any hold of a working writer (a slice of 4,096 removals, a sweep), so
+/// that only one stopped, frozen or dying while holding it is written past (a write made
+/// without the lock then races nothing: the stuck holder sweeps and revokes nothing meanwhile).
+const LOCK_PATIENCE: std::time::Duration = std::time::Duration::from_secs(1);
+/// After a wait ran out, the next takes try once without waiting for this long: a stuck
+/// holder costs one wait, not one per batch.
+const LOCK_BACKOFF: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Until when (ns on [`lock_clock`]) takes do not wait: set when a wait ran out.
+static LOCK_BACKOFF_UNTIL: AtomicU64 = AtomicU64::new(0);
+
+/// Nanoseconds since the first call, for [`LOCK_BACKOFF_UNTIL`].
+fn lock_clock() -> u64 {
+    static BASE: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    BASE.get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_nanos() as u64
+}
 
 impl<'a> WritersLock<'a> {
     /// Takes the lock, waiting at most [`LOCK_PATIENCE`] (review finding: a blocking flock
     /// held by a stopped, frozen or dying other writer stalled every shard needing a write,
-    /// behind the ledger's mutex, for as long as it lasted).
+    /// behind the ledger's mutex, for as long as it lasted), not at all during a back-off.
     fn take(file: &'a std::fs::File) -> WritersLock<'a> {
-        let deadline = std::time::Instant::now() + LOCK_PATIENCE;
+        let patience = if lock_clock() < LOCK_BACKOFF_UNTIL.load(Ordering::Relaxed) {
+            std::time::Duration::ZERO
+        } else {
+            LOCK_PATIENCE
+        };
+        let deadline = std::time::Instant::now() + patience;
         loop {
             match file.try_lock() {
-                Ok(()) => return WritersLock(Some(file)),
+                Ok(()) => {
+                    LOCK_BACKOFF_UNTIL.store(0, Ordering::Relaxed);
+                    return WritersLock(Some(file));
+                }
                 Err(std::fs::TryLockError::WouldBlock) if std::time::Instant::now() < deadline => {
-                    std::thread::sleep(std::time::Duration::from_micros(100));
+                    std::thread::sleep(std::time::Duration::from_micros(200));
+                }
+                Err(std::fs::TryLockError::WouldBlock) => {
+                    LOCK_BACKOFF_UNTIL.store(
+                        lock_clock() + LOCK_BACKOFF.as_nanos() as u64,
+                        Ordering::Relaxed,
+                    );
+                    return WritersLock(None);
                 }
                 Err(_) => return WritersLock(None),
             }

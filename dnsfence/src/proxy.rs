@@ -241,12 +241,6 @@ pub fn run(args: &ProxyArgs) -> Result<()> {
     // hung agent is dropped after the peer timeout).
     let started = Instant::now();
     while generation.load(Ordering::Relaxed) == 1 && !stop.load(Ordering::Relaxed) {
-        // An agent policy this proxy cannot put in force (another version's, say) leaves
-        // the persisted one to serve, rather than a proxy that never joins the port (review
-        // finding).
-        if version.is_some() && sync_stats.snapshots_refused.load(Ordering::Relaxed) > 0 {
-            break;
-        }
         let connected = sync_stats.connected.load(Ordering::Relaxed) > 0;
         let waited = started.elapsed();
         if !connected
