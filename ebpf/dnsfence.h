@@ -159,7 +159,8 @@ struct df_origin {
  * the group, bit i for its slot i. One writer per entry (its owner), whole values. */
 struct df_reuse_owner {
 	__u32 active; /* bit i: slot i takes new packets (a polling, not stopping, shard) */
-	__u32 pid;    /* the owning process (for bpftool and debugging) */
+	__u32 pid;    /* a token of the owning process (its pid mixed with random bits: a pid
+		       * repeats across pid namespaces) */
 };
 
 /* df_reuse_alive: owner (0: agent, 1: proxy) -> when it last said it lives

@@ -52,7 +52,8 @@ pub const REUSE_PREFER_AGENT: u32 = 1;
 pub struct ReuseOwner {
     /// Bit i: the owner's slot i of the group takes new packets.
     pub active: u32,
-    /// The owning process.
+    /// A token of the owning process (its pid mixed with random bits: a pid repeats across
+    /// pid namespaces).
     pub pid: u32,
 }
 

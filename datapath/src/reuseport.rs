@@ -196,7 +196,7 @@ impl Reuseport {
         }
         let value = ReuseOwner {
             active: *mask,
-            pid: std::process::id(),
+            pid: owner_token(),
         };
         let key = group * 2
             + match self.owner {
@@ -219,9 +219,33 @@ impl Reuseport {
     }
 }
 
+/// This process's mark in its owner entry (the field bpftool shows as `pid`): its pid mixed
+/// with random bits, never 0. A pid alone repeats across pid namespaces (review finding: two
+/// proxies of a rollout, each pid 1 in its own pod, took each other's entry for their own, and
+/// the old one leaving cleared the new one's active sockets).
+fn owner_token() -> u32 {
+    static TOKEN: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *TOKEN.get_or_init(|| {
+        use std::hash::{BuildHasher, Hasher};
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u32(std::process::id());
+        h.write_u64(crate::sys::boottime_ns());
+        let bits = h.finish();
+        ((bits as u32) ^ ((bits >> 32) as u32)).max(1)
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The mark is the same for the process's whole life, and not its pid alone.
+    #[test]
+    fn the_owner_token_is_stable_and_not_zero() {
+        let t = owner_token();
+        assert_ne!(t, 0);
+        assert_eq!(owner_token(), t);
+    }
 
     #[test]
     fn slots_are_per_group_and_owner() {
