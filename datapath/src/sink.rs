@@ -193,23 +193,16 @@ const LOCK_PATIENCE: std::time::Duration = std::time::Duration::from_secs(1);
 /// holder costs one wait, not one per batch.
 const LOCK_BACKOFF: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// Until when (ns on [`lock_clock`]) takes do not wait: set when a wait ran out.
+/// Until when (CLOCK_BOOTTIME ns, `sys::boottime_ns`) takes do not wait: set when a wait ran
+/// out.
 static LOCK_BACKOFF_UNTIL: AtomicU64 = AtomicU64::new(0);
-
-/// Nanoseconds since the first call, for [`LOCK_BACKOFF_UNTIL`].
-fn lock_clock() -> u64 {
-    static BASE: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
-    BASE.get_or_init(std::time::Instant::now)
-        .elapsed()
-        .as_nanos() as u64
-}
 
 impl<'a> WritersLock<'a> {
     /// Takes the lock, waiting at most [`LOCK_PATIENCE`] (review finding: a blocking flock
     /// held by a stopped, frozen or dying other writer stalled every shard needing a write,
     /// behind the ledger's mutex, for as long as it lasted), not at all during a back-off.
     fn take(file: &'a std::fs::File) -> WritersLock<'a> {
-        let patience = if lock_clock() < LOCK_BACKOFF_UNTIL.load(Ordering::Relaxed) {
+        let patience = if sys::boottime_ns() < LOCK_BACKOFF_UNTIL.load(Ordering::Relaxed) {
             std::time::Duration::ZERO
         } else {
             LOCK_PATIENCE
@@ -226,7 +219,7 @@ impl<'a> WritersLock<'a> {
                 }
                 Err(std::fs::TryLockError::WouldBlock) => {
                     LOCK_BACKOFF_UNTIL.store(
-                        lock_clock() + LOCK_BACKOFF.as_nanos() as u64,
+                        sys::boottime_ns() + LOCK_BACKOFF.as_nanos() as u64,
                         Ordering::Relaxed,
                     );
                     return WritersLock(None);

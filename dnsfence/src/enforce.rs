@@ -192,7 +192,10 @@ impl Enforcer {
         let revoked = match self {
             Enforcer::Userspace(table) => table.revoke(Arc::clone(snapshot)),
             Enforcer::Bpf {
-                datapath, allow, ..
+                datapath,
+                allow,
+                reported,
+                ..
             } => {
                 // Revoke first: a narrowing reload closes before the endpoint map changes.
                 let revoked = allow.revoke(Arc::clone(snapshot));
@@ -202,9 +205,7 @@ impl Enforcer {
                         .unwrap_or_else(|e| e.into_inner())
                         .sync_endpoints(snapshot)?;
                     let described = describe_sync(&sync);
-                    if let Enforcer::Bpf { reported, .. } = self {
-                        *reported.lock().unwrap_or_else(|e| e.into_inner()) = described.clone();
-                    }
+                    *reported.lock().unwrap_or_else(|e| e.into_inner()) = described.clone();
                     lines.extend(described);
                 }
                 revoked

@@ -556,6 +556,11 @@ struct Outbox {
 }
 
 impl Outbox {
+    /// Drops the transmits queued for `to` (their queries are about to be pushed again).
+    fn drop_queued(&mut self, to: Destination) {
+        self.ready.retain(|(d, _, _)| *d != to);
+    }
+
     fn with_capacity(bytes: usize) -> Outbox {
         Outbox {
             bytes: Vec::with_capacity(bytes),
@@ -1261,9 +1266,7 @@ impl Core {
         // Queries of this turn still queued for the socket are re-sent below with the others:
         // dropped here, so that none goes twice (review finding: the second answer was an
         // unknown ID on the new port, counted toward its attack burst).
-        self.outbox
-            .ready
-            .retain(|(to, _, _)| *to != Destination::UpstreamUdp { socket });
+        self.outbox.drop_queued(Destination::UpstreamUdp { socket });
         let mut slot = self.oldest;
         while slot != NO_SLOT {
             let p = &self.pending[slot as usize];
@@ -1305,9 +1308,7 @@ impl Core {
         let channel = self.sockets.len();
         // Queries of this turn still queued for that server go with the re-sends below, once
         // (review finding: they went twice).
-        self.outbox
-            .ready
-            .retain(|(to, _, _)| *to != Destination::UpstreamTcp { server });
+        self.outbox.drop_queued(Destination::UpstreamTcp { server });
         let mut slot = self.oldest;
         while slot != NO_SLOT {
             let p = &mut self.pending[slot as usize];
