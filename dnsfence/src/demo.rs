@@ -399,7 +399,11 @@ const SCHEDULE: [Step; 8] = [
 /// Lost queries allowed on a crash: what sat in the dead process's socket queue.
 const CRASH_LOSS_BOUND: f64 = 0.002;
 
-/// Runs the demo; exit status follows the proof.
+/// How many of each process's last log lines a failed demo prints.
+const FAILURE_LOG_LINES: usize = 40;
+
+/// Runs the demo; exit status follows the proof. A failed proof (or a failed run) prints the
+/// end of each process's log and keeps the directory.
 pub fn run(args: &DemoArgs) -> Result<bool> {
     let last = SCHEDULE.iter().map(|s| s.at).max().unwrap_or(0);
     if args.duration < last + 3 {
@@ -419,7 +423,23 @@ pub fn run(args: &DemoArgs) -> Result<bool> {
     let dir = std::env::temp_dir().join(format!("dnsfence-demo-{}", std::process::id()));
     std::fs::create_dir_all(&dir).with_context(|| format!("{}", dir.display()))?;
     let result = run_in(args, &exe, &loadgen, &dir);
-    if args.keep {
+    let failed = !matches!(result, Ok(true));
+    if failed {
+        // What a failure needs to be understood (a rare one may not come back): the last
+        // lines each process wrote, and the whole directory kept.
+        for role in ["agent", "proxy", "upstream"] {
+            let log = dir.join(format!("{role}.log"));
+            if let Ok(text) = std::fs::read_to_string(&log) {
+                let lines: Vec<&str> = text.lines().collect();
+                let tail = &lines[lines.len().saturating_sub(FAILURE_LOG_LINES)..];
+                eprintln!("demo: last {} lines of {}:", tail.len(), log.display());
+                for line in tail {
+                    eprintln!("  {line}");
+                }
+            }
+        }
+    }
+    if args.keep || failed {
         eprintln!("demo: logs kept in {}", dir.display());
     } else {
         let _ = std::fs::remove_dir_all(&dir);
