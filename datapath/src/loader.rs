@@ -883,7 +883,7 @@ impl Datapath {
                 reason: "sink already taken".into(),
             });
         };
-        BpfAllow::new(map, names_map, config, &self.pin_dir)
+        BpfAllow::new(map, names_map, config, &self.pin_dir).map(BpfAllow::publishing)
     }
 }
 

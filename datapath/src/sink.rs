@@ -27,6 +27,16 @@
 //! its ledger and the map, and put back those its policy still justifies. A removal by
 //! expiry bumps nothing: the sweep removes only what the map's own expiry says has passed,
 //! which no ledger outlives.
+//!
+//! **A proxy behind the agent's policy.** The agent's policy is the newest there is (the
+//! proxy gets its policy from the agent, or serves the one it persisted from it). So the
+//! agent publishes the identity of each policy it puts in force (`Snapshot::policy_id`) in
+//! the shared region before it removes anything under it, and a proxy whose own policy is
+//! another defers its repair until it has the agent's (review finding: a proxy on an older
+//! snapshot, or cut off from the agent, put back every entry the agent's newer policy
+//! revoked, within 50 ms, for as long as it lagged). Meanwhile its answers still write what
+//! they need (verify mode), and what it held and the agent removed stays out (fail closed)
+//! until the repair, under the agent's policy, puts back what that policy justifies.
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -115,6 +125,9 @@ fn observe_epoch(seen: &mut u64, ledger: &mut Ledger, epoch: u64) {
 const EPOCH: usize = 0;
 const RING_HEAD: usize = 1;
 const KEYED: usize = 2;
+/// The identity of the policy the agent put in force last (`Snapshot::policy_id`; 0: none
+/// published, as by a build before it), stored before the agent removes anything under it.
+const AGENT_POLICY: usize = 3;
 
 /// The shared words as a repair last read them: the ring holds every key removed since iff
 /// every bump since gave its keys and fewer keys than the ring's slots were written.
@@ -262,6 +275,13 @@ pub struct BpfAllow {
     /// Repairs that read the removal ring, and that scanned the whole ledger.
     ring_scans: Arc<AtomicU64>,
     full_scans: Arc<AtomicU64>,
+    /// Whether this is the agent's sink: it publishes its policy's identity (`AGENT_POLICY`)
+    /// and never defers a repair; the standalone proxy's follows.
+    publishes: bool,
+    /// The identity of this process's newest policy (`Snapshot::policy_id`; 0: not known).
+    policy: Arc<AtomicU64>,
+    /// Repairs put off because the agent's policy was not this process's.
+    deferred: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for BpfAllow {
@@ -422,6 +442,9 @@ impl BpfAllow {
             repaired: Arc::new(AtomicU64::new(seen_epoch)),
             ring_scans: Arc::new(AtomicU64::new(0)),
             full_scans: Arc::new(AtomicU64::new(0)),
+            publishes: false,
+            policy: Arc::new(AtomicU64::new(0)),
+            deferred: Arc::new(AtomicU64::new(0)),
             scan: Arc::new(Mutex::new(scan)),
             inner: Arc::new(Mutex::new(Inner {
                 ledger,
@@ -450,9 +473,41 @@ impl BpfAllow {
         )
     }
 
+    /// Makes this the agent's sink (`Datapath::allow_sink`): each snapshot it revokes under
+    /// publishes its policy identity to the other writer, and its repairs never wait.
+    pub(crate) fn publishing(mut self) -> BpfAllow {
+        self.publishes = true;
+        self
+    }
+
+    /// Sets this process's policy identity without revoking anything: the standalone proxy
+    /// serving the snapshot it persisted (its repairs go on while the agent's policy is that
+    /// one, and wait while it is another).
+    pub fn follow_policy(&self, id: u64) {
+        self.policy.store(id, Ordering::Release);
+    }
+
+    /// Repairs put off so far because the agent's policy was not this process's.
+    pub fn repairs_deferred(&self) -> u64 {
+        self.deferred.load(Ordering::Relaxed)
+    }
+
+    /// Whether the agent published a policy other than this process's: then what it removed
+    /// may be what this process's older policy would put back (see the module
+    /// documentation). Never for the agent's own sink.
+    fn behind_agent(&self) -> bool {
+        if self.publishes {
+            return false;
+        }
+        let agents = self.shared.word(AGENT_POLICY).load(Ordering::Acquire);
+        agents != 0 && agents != self.policy.load(Ordering::Acquire)
+    }
+
     /// The ledger's counters.
     pub fn stats(&self) -> LedgerStats {
-        self.lock().ledger.stats()
+        let mut stats = self.lock().ledger.stats();
+        stats.repairs_deferred = self.repairs_deferred();
+        stats
     }
 
     /// Takes into the ledger the map's entries it does not know: those the other writer (the
@@ -491,6 +546,15 @@ impl BpfAllow {
     /// needs) released between slices (review finding: the whole table was judged under it,
     /// a quarter of a second for a full table, every answer needing a write waiting).
     pub fn revoke(&self, snapshot: Arc<Snapshot>) -> usize {
+        let id = snapshot.policy_id();
+        if id != 0 {
+            self.policy.store(id, Ordering::Release);
+            if self.publishes {
+                // Before anything is removed under it: a proxy that sees the removals (the
+                // epoch's bump, after this) sees the identity too.
+                self.shared.word(AGENT_POLICY).store(id, Ordering::Release);
+            }
+        }
         self.adopt();
         let keys = self.lock().ledger.take_snapshot(snapshot);
         let mut revoked = 0;
@@ -577,26 +641,32 @@ impl BpfAllow {
         if self.repaired.load(Ordering::Acquire) == epoch {
             return 0;
         }
-        let keys = {
+        if self.behind_agent() {
+            // Not now: the removals since the last repair stay to be read (the ring mark
+            // stays), the ledger stays in verify mode (see the module documentation).
+            self.deferred.fetch_add(1, Ordering::Relaxed);
+            return 0;
+        }
+        // `mark`: where this repair starts reading the ring (put back if it is deferred).
+        let (keys, mark) = {
             let mut guard = self.lock();
             let inner = &mut *guard;
             observe_epoch(&mut inner.seen_epoch, &mut inner.ledger, epoch);
             // The keys removed since the last repair, from the ring, when it holds them all
             // (every bump since gave its keys, none was overwritten); else the whole ledger.
-            let ring: Option<Vec<AllowKey>> = {
-                let writers = WritersLock::take(&inner.writers);
-                let now = RingMark::now(&self.shared);
-                let mark = std::mem::replace(&mut inner.ring_mark, now);
-                if writers.held() && mark.covers(now) {
-                    // A slot that does not decode (torn, or not a key): the whole ledger.
-                    (mark.head..now.head)
-                        .map(|i| key_of(&self.shared.read_slot(i)))
-                        .collect()
-                } else {
-                    None
-                }
+            let writers = WritersLock::take(&inner.writers);
+            let now = RingMark::now(&self.shared);
+            let mark = std::mem::replace(&mut inner.ring_mark, now);
+            let ring: Option<Vec<AllowKey>> = if writers.held() && mark.covers(now) {
+                // A slot that does not decode (torn, or not a key): the whole ledger.
+                (mark.head..now.head)
+                    .map(|i| key_of(&self.shared.read_slot(i)))
+                    .collect()
+            } else {
+                None
             };
-            match ring {
+            drop(writers);
+            let keys = match ring {
                 Some(keys) => {
                     self.ring_scans.fetch_add(1, Ordering::Relaxed);
                     keys
@@ -605,7 +675,8 @@ impl BpfAllow {
                     self.full_scans.fetch_add(1, Ordering::Relaxed);
                     inner.ledger.keys()
                 }
-            }
+            };
+            (keys, mark)
         };
         let mut repaired = 0;
         let mut missing = Vec::new();
@@ -626,6 +697,15 @@ impl BpfAllow {
             let mut guard = self.lock();
             let inner = &mut *guard;
             let _writers = WritersLock::take(&inner.writers);
+            if self.behind_agent() {
+                // The agent put a newer policy in force since the check above (it publishes
+                // before it removes, and removes under the writers' lock held here): the
+                // rest waits for this process to have it; the keys are read again then
+                // (those put back already are skipped as present).
+                inner.ring_mark = mark;
+                self.deferred.fetch_add(1, Ordering::Relaxed);
+                return repaired;
+            }
             for k in &missing {
                 let key = AllowMapKey::from(k);
                 if inner.map.get(&key, 0).is_ok() {

@@ -323,6 +323,7 @@ pub fn run(args: &AgentArgs) -> Result<()> {
     node.host.extend(args.node_ip.iter().copied());
     let mut snapshot = sources.set_node(node);
     snapshot.set_generation(1);
+    snapshot.set_policy_id(ha::policy_id(&ha::policy_message(0, &sources)));
     refuse_unenforceable(&args.serve, snapshot.stats().without_ips).map_err(anyhow::Error::msg)?;
     // Accepted but not enforced (ingress sections, host policies): said once per note.
     let mut noted = std::collections::HashSet::new();
@@ -495,6 +496,8 @@ pub fn run(args: &AgentArgs) -> Result<()> {
             if let Some(mut snapshot) = report.snapshot {
                 generation += 1;
                 snapshot.set_generation(generation);
+                // Published to the standalone proxy's allow writer with the revocations.
+                snapshot.set_policy_id(ha::policy_id(&ha::policy_message(0, &sources)));
                 let before = policy.load().stats();
                 let after = snapshot.stats();
                 // The allow entries follow the new policy before the shards do: a name the

@@ -219,6 +219,14 @@ impl Enforcer {
         Ok(lines)
     }
 
+    /// (eBPF) Sets this process's policy identity without revoking (the standalone proxy on
+    /// its persisted snapshot; see `BpfAllow::follow_policy`).
+    pub fn follow_policy(&self, id: u64) {
+        if let Enforcer::Bpf { allow, .. } = self {
+            allow.follow_policy(id);
+        }
+    }
+
     /// (eBPF) Puts back the entries this process's policy justifies that the other writer
     /// removed (see `BpfAllow::repair`): called every turn of the main loop, it costs two
     /// atomic loads unless the other writer revoked something.

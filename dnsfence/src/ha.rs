@@ -333,6 +333,50 @@ pub fn same_policy(a: &PolicySnapshot, b: &PolicySnapshot) -> bool {
     *policy_files == b.policy_files && *endpoints == b.endpoints && *node == b.node
 }
 
+/// The identity of the policy a snapshot message carries (`Snapshot::policy_id`): the first
+/// 64 bits of a SHA-256 over every text and node fact, each length-prefixed, so that the
+/// agent and a proxy given the same texts agree whatever the versions (and exactly when
+/// [`same_policy`] holds, short of a collision). Never 0 (the "not known" value).
+pub fn policy_id(msg: &PolicySnapshot) -> u64 {
+    use sha2::{Digest, Sha256};
+    fn put(hash: &mut Sha256, bytes: &[u8]) {
+        hash.update((bytes.len() as u64).to_le_bytes());
+        hash.update(bytes);
+    }
+    fn put_list(hash: &mut Sha256, list: &[String]) {
+        hash.update((list.len() as u64).to_le_bytes());
+        list.iter().for_each(|s| put(hash, s.as_bytes()));
+    }
+    // Destructured as in `same_policy`: a field added to the message is not left out.
+    let PolicySnapshot {
+        version: _,
+        policy_files,
+        endpoints,
+        node,
+    } = msg;
+    let NodeFacts {
+        cluster_cidrs,
+        node_ips,
+        kube_apiserver,
+        open_loopback_answers,
+        deny_answer_cidrs,
+    } = node;
+    let mut hash = Sha256::new();
+    hash.update((policy_files.len() as u64).to_le_bytes());
+    for file in policy_files.iter().chain(std::iter::once(endpoints)) {
+        put(&mut hash, file.path.as_bytes());
+        put(&mut hash, file.content.as_bytes());
+    }
+    for list in [cluster_cidrs, node_ips, kube_apiserver, deny_answer_cidrs] {
+        put_list(&mut hash, list);
+    }
+    hash.update([u8::from(*open_loopback_answers)]);
+    let digest = hash.finalize();
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest[..8]);
+    u64::from_le_bytes(first).max(1)
+}
+
 /// Compiles a snapshot message as the agent did: the sources, and the lines to log for
 /// what did not load as it is.
 pub fn compile(msg: &PolicySnapshot) -> Result<(Sources, dnsfence_policy::Snapshot, Vec<String>)> {
@@ -361,7 +405,8 @@ pub fn compile(msg: &PolicySnapshot) -> Result<(Sources, dnsfence_policy::Snapsh
             )
         }),
     };
-    let (sources, snapshot, rejections) = Sources::from_texts(&in_force, node);
+    let (sources, mut snapshot, rejections) = Sources::from_texts(&in_force, node);
+    snapshot.set_policy_id(policy_id(msg));
     let lines = rejections
         .iter()
         .map(|r| format!("{} (as the agent has it): {}", r.file.display(), r.errors))
@@ -1302,6 +1347,53 @@ mod tests {
             },
             node: NodeFacts::default(),
         })
+    }
+
+    /// The agent and the proxy give the same policy the same identity (the agent from its
+    /// sources, the proxy from the message it was sent, under another version number), and
+    /// any other text or node fact another one.
+    #[test]
+    fn a_policy_has_one_identity_in_the_agent_and_the_proxy() {
+        let msg = PolicySnapshot {
+            version: 7,
+            policy_files: vec![SourceFile {
+                path: "p.yaml".into(),
+                content:
+                    "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: p}\n\
+                          spec:\n  endpointSelector: {}\n  egress:\n  - toFQDNs: [{matchPattern: \
+                          '*.example.com'}]\n"
+                        .into(),
+            }],
+            endpoints: SourceFile {
+                path: String::new(),
+                content: String::new(),
+            },
+            node: NodeFacts::default(),
+        };
+        let (sources, snapshot, _) = compile(&msg).unwrap();
+        let id = policy_id(&msg);
+        assert_ne!(id, 0);
+        assert_eq!(snapshot.policy_id(), id, "the proxy's compile carries it");
+        assert_eq!(policy_id(&policy_message(1, &sources)), id, "the agent's");
+        let changed = |f: &dyn Fn(&mut PolicySnapshot)| {
+            let mut other = msg.clone();
+            f(&mut other);
+            policy_id(&other)
+        };
+        assert_eq!(changed(&|m| m.version = 99), id);
+        assert_ne!(changed(&|m| m.policy_files[0].content.push(' ')), id);
+        assert_ne!(changed(&|m| m.policy_files[0].path = "q.yaml".into()), id);
+        assert_ne!(changed(&|m| m.endpoints.path = "e.yaml".into()), id);
+        assert_ne!(changed(&|m| m.node.open_loopback_answers = true), id);
+        assert_ne!(
+            changed(&|m| m.node.cluster_cidrs = vec!["10.0.0.0/8".into()]),
+            id
+        );
+        // A value moved from one list to the next is another policy too.
+        assert_ne!(
+            changed(&|m| m.node.node_ips = vec!["10.0.0.0/8".into()]),
+            changed(&|m| m.node.cluster_cidrs = vec!["10.0.0.0/8".into()])
+        );
     }
 
     /// The proxy compiles the agent's `--deny-answer-cidr` ranges from the snapshot message:

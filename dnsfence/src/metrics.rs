@@ -950,6 +950,13 @@ fn allow(e: &mut DescriptorEncoder, state: &State) -> Fmt {
     )?;
     counter(
         e,
+        "allow_repairs_deferred",
+        "Repairs of the pinned allow map this standalone proxy put off because the agent \
+         removed entries under a policy the proxy does not have yet (it repairs once it has it)",
+        allow.repairs_deferred,
+    )?;
+    counter(
+        e,
         "allow_in_cluster",
         "Allow entries refused or revoked because their address is inside the cluster (a name \
          resolving to a pod, service or node)",

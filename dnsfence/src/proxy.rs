@@ -128,6 +128,8 @@ pub fn run(args: &ProxyArgs) -> Result<()> {
         // agent revoke.
         Enforcer::attached(&args.serve.bpf_pin, args.serve.ledger())?
     });
+    // Its repairs of what the agent removes wait while the agent's policy is another.
+    enforcer.follow_policy(policy.load().policy_id());
     let stop = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         signal_hook::flag::register(signal, Arc::clone(&stop)).context("signal handler")?;

@@ -312,6 +312,10 @@ pub struct LedgerStats {
     /// snapshot does not justify them (or it has none yet), they expired, or the table
     /// refused them.
     pub repair_dropped: u64,
+    /// Repairs of a shared table put off because the other writer, the agent, removed its
+    /// entries under a policy this process does not have yet (set by the sink, not the
+    /// ledger).
+    pub repairs_deferred: u64,
 }
 
 /// An interned name: its endpoint, wire bytes and number of references.

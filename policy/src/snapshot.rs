@@ -245,6 +245,9 @@ pub struct SnapshotStats {
 #[derive(Debug)]
 pub struct Snapshot {
     generation: u64,
+    /// The identity of the policy texts and node facts this was compiled from, the same in
+    /// every process that compiles them (0: not known). See [`Snapshot::policy_id`].
+    policy_id: u64,
     endpoints: Box<[EndpointEntry]>,
     /// Source addresses (IPv4 as IPv4-mapped IPv6) sorted, for a binary search per query:
     /// no hashing, and a few cache lines for the endpoints of a node.
@@ -283,6 +286,7 @@ impl Snapshot {
     pub fn empty() -> Snapshot {
         Snapshot {
             generation: 0,
+            policy_id: 0,
             endpoints: Box::new([]),
             by_ip: Box::new([]),
             by_key: Box::new([]),
@@ -691,6 +695,20 @@ impl Snapshot {
         self.generation = generation;
     }
 
+    /// The identity of the policy this snapshot was compiled from (its texts in force and
+    /// node facts), equal in the agent and in a standalone proxy that compiled the same
+    /// texts, whatever their generations; 0 when whoever built it gave none. The allow
+    /// writers compare it: a proxy does not put back what the agent removed under a policy
+    /// the proxy does not have yet.
+    pub fn policy_id(&self) -> u64 {
+        self.policy_id
+    }
+
+    /// Sets the policy identity (before the snapshot is shared).
+    pub fn set_policy_id(&mut self, id: u64) {
+        self.policy_id = id;
+    }
+
     /// Counts, for logs and metrics.
     pub fn stats(&self) -> SnapshotStats {
         SnapshotStats {
@@ -864,6 +882,7 @@ fn compile(
     by_key.sort_unstable_by_key(|&(k, _)| k);
     Snapshot {
         generation: 0,
+        policy_id: 0,
         endpoints: entries.into_boxed_slice(),
         by_ip: by_ip.into_boxed_slice(),
         by_key: by_key.into_boxed_slice(),

@@ -2,6 +2,7 @@
 //! (root; a real pinned map): an entry's expiry only grows whoever writes it, and one
 //! process's expiry sweep never removes an entry the other extended.
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use dnsfence_datapath::{BpfAllow, Datapath};
@@ -235,6 +236,16 @@ fn write_for(sink: &mut BpfAllow, name: &str, key: AllowKey, ttl: Duration) -> b
 
 /// A snapshot where endpoint default/a may reach `name` on TCP 443 (loopback opened).
 fn fqdn_snapshot(name: &str) -> dnsfence_policy::Snapshot {
+    fqdn_snapshot_of(&[name])
+}
+
+/// A snapshot where endpoint default/a may reach `names` on TCP 443 (loopback opened).
+fn fqdn_snapshot_of(names: &[&str]) -> dnsfence_policy::Snapshot {
+    let names: Vec<String> = names
+        .iter()
+        .map(|n| format!("{{matchName: \"{n}\"}}"))
+        .collect();
+    let names = names.join(", ");
     let text = format!(
         r#"apiVersion: cilium.io/v2
 kind: CiliumNetworkPolicy
@@ -242,7 +253,7 @@ metadata: {{name: a, namespace: default}}
 spec:
   endpointSelector: {{matchLabels: {{app: a}}}}
   egress:
-  - toFQDNs: [{{matchName: "{name}"}}]
+  - toFQDNs: [{names}]
     toPorts: [{{ports: [{{port: "443", protocol: TCP}}]}}]
 "#
     );
@@ -320,6 +331,84 @@ fn an_entry_one_writer_revokes_is_put_back_by_the_other_that_still_justifies_it(
     ));
     assert_eq!(proxy.stats().verified, verified);
     assert_eq!(proxy.repair(), 0);
+    drop(datapath);
+    let _ = Datapath::uninstall(&env.pin);
+}
+
+/// `snapshot` marked as compiled from the policy texts numbered `id` (as `ha::policy_id`
+/// marks the agent's and the proxy's).
+fn with_id(mut snapshot: dnsfence_policy::Snapshot, id: u64) -> Arc<dnsfence_policy::Snapshot> {
+    snapshot.set_policy_id(id);
+    Arc::new(snapshot)
+}
+
+/// Review finding (HA): a proxy whose policy is older than the agent's (the agent's new
+/// snapshot not compiled yet, or the proxy cut off from the agent) put back, at its next
+/// repair (every 50 ms), every entry the agent's newer policy revoked that the proxy's older
+/// one still justified, for as long as it lagged. The agent publishes the identity of the
+/// policy it revokes under; the proxy's repair waits until it has that policy, then puts
+/// back only what that policy justifies.
+#[test]
+fn a_proxy_behind_the_agents_policy_puts_nothing_back_until_it_has_that_policy() {
+    if !require_root("allow_two_writers") {
+        return;
+    }
+    let _serial = EXCLUSIVE.lock().unwrap_or_else(|e| e.into_inner());
+    let env = Env::new("twobehind", &["a"]);
+    let mut datapath = env.install(None, 1024);
+    let mut agent = datapath.allow_sink(LedgerConfig::default()).expect("sink");
+    let mut proxy = BpfAllow::open_pinned(&env.pin, LedgerConfig::default()).expect("open");
+    let endpoint = EndpointKey::of("default", "a");
+    let [k1, k2] = ["127.0.0.51", "127.0.0.52"].map(|ip| AllowKey {
+        endpoint,
+        ..key(ip)
+    });
+    let hour = Duration::from_secs(3600);
+    // Policy 1 allows x and y, in both processes.
+    let xy = with_id(fqdn_snapshot_of(&["x.example.test", "y.example.test"]), 1);
+    assert_eq!(agent.revoke(Arc::clone(&xy)), 0);
+    assert_eq!(proxy.revoke(xy), 0);
+    // k1 answered for x by the agent and for y by the proxy; k2 for y by the proxy only.
+    assert!(write_for(&mut agent, "x.example.test", k1, hour));
+    assert!(write_for(&mut proxy, "y.example.test", k1, hour));
+    assert!(write_for(&mut proxy, "y.example.test", k2, hour));
+    assert_eq!(map_entries(&env.pin), 2);
+
+    // The agent's policy 2 keeps y only: its x entry k1 leaves the map (k2, taken into its
+    // books by name y, stays).
+    let y = with_id(fqdn_snapshot("y.example.test"), 2);
+    assert_eq!(agent.revoke(Arc::clone(&y)), 1);
+    assert_eq!(map_entries(&env.pin), 1);
+    // The proxy, still on policy 1, waits: k1 stays out (fail closed) for now.
+    assert_eq!(proxy.repair(), 0, "the repair waits for the agent's policy");
+    assert_eq!(map_entries(&env.pin), 1);
+    assert_eq!(proxy.stats().repairs_deferred, 1);
+    assert_eq!(agent.repair(), 0);
+    // Policy 2 reaches the proxy: the repair judges the removed key by it, and y justifies k1.
+    assert_eq!(proxy.revoke(y), 0);
+    assert_eq!(
+        proxy.repair(),
+        1,
+        "k1 is back, justified by y under policy 2"
+    );
+    assert_eq!(map_entries(&env.pin), 2);
+
+    // The agent's policy 3 allows nothing: both entries leave the map.
+    let none = with_id(dnsfence_policy::Snapshot::empty(), 3);
+    assert_eq!(agent.revoke(Arc::clone(&none)), 2);
+    assert_eq!(map_entries(&env.pin), 0);
+    // The proxy, on policy 2 (which justifies both), puts neither back.
+    for _ in 0..3 {
+        assert_eq!(proxy.repair(), 0, "nothing put back under an older policy");
+    }
+    assert_eq!(map_entries(&env.pin), 0);
+    assert!(proxy.stats().repairs_deferred >= 2);
+    // Policy 3 reaches the proxy: its books follow, nothing comes back.
+    assert_eq!(proxy.revoke(none), 2);
+    assert_eq!(proxy.repair(), 0);
+    assert_eq!(map_entries(&env.pin), 0);
+    let stats = proxy.stats();
+    assert_eq!(stats.repaired, 1, "{stats:?}");
     drop(datapath);
     let _ = Datapath::uninstall(&env.pin);
 }

@@ -353,3 +353,52 @@ fn a_proxy_refuses_a_policy_it_cannot_enforce() {
         "{stderr}"
     );
 }
+
+/// Review finding (HA): a standalone proxy whose policy is older than the agent's put back,
+/// within 50 ms and for as long as it lagged, every allow entry the agent's newer policy had
+/// revoked that its own older one still justified. Here the proxy is cut off from the agent
+/// (the restarted agent listens on another agent socket, so the proxy keeps the policy it
+/// has) while the agent starts with a policy that no longer allows the name: the agent
+/// revokes the proxy's entry, and it stays revoked.
+#[test]
+fn a_proxy_behind_the_agents_policy_does_not_undo_its_revocation() {
+    if !require_root("ha_datapath") {
+        return;
+    }
+    let _serial = EXCLUSIVE.lock().unwrap_or_else(|e| e.into_inner());
+    let env = Env::new("ha-behind", &["a", "b"]);
+    let upstream = Bundled::start(&[]);
+    let port = free_port();
+    let dir = TempDir::new("ha-behind");
+    let mut agent = Agent::start(&bpf::pair_config(&env, &dir, upstream.addr, port, false));
+    let proxy = Agent::start(&bpf::pair_config(&env, &dir, upstream.addr, port, true));
+    proxy.wait_metric("dnsfence_sync_snapshots_total", 1.0);
+    agent.process.signal("KILL");
+    assert!(agent.process.wait_timeout(Duration::from_secs(5)).is_some());
+    // The proxy alone answers, and writes the entry.
+    let ip: IpAddr = env.resolve("a", "revoked-later.allowed.test", "A", &["+tries=2"]);
+    let _listener = TcpListener::bind((ip, 443)).expect("listen on the answer's address");
+    assert_eq!(env.connect(Some("a"), SocketAddr::new(ip, 443)), Ok(()));
+
+    // The agent returns with a policy that allows only *.other.test, on an agent socket the
+    // proxy does not know: it revokes the proxy's entry at start.
+    let elsewhere = TempDir::new("ha-behind-agent");
+    let mut narrowed = bpf::pair_config(&env, &elsewhere, upstream.addr, port, false);
+    narrowed.policy = bpf::A_POLICY.replace("allowed.test", "other.test");
+    let agent = Agent::start(&narrowed);
+    let closed = dnsfence_tests::poll_until(Duration::from_secs(5), || {
+        env.denied(Some("a"), SocketAddr::new(ip, 443))
+            .then_some(())
+    });
+    assert!(closed.is_some(), "the agent's policy revokes the entry");
+    // The proxy, still on the older policy, repairs every 50 ms: the entry stays out.
+    std::thread::sleep(Duration::from_millis(1000));
+    assert!(
+        env.denied(Some("a"), SocketAddr::new(ip, 443)),
+        "the proxy put back what the agent's newer policy revoked"
+    );
+    assert!(proxy.metric_sum("dnsfence_allow_repairs_deferred_total") >= 1.0);
+    assert_eq!(proxy.metric_sum("dnsfence_allow_repaired_total"), 0.0);
+    drop(agent);
+    drop(proxy);
+}
