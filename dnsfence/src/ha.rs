@@ -805,7 +805,7 @@ pub struct Pending {
     /// buffer's capacity): an agent persists its cache only every
     /// [`CACHE_PERSIST_INTERVAL`], so one that crashed meanwhile lost them; they go again to
     /// the agent that comes next (review finding).
-    acked: Mutex<VecDeque<(Instant, Observation)>>,
+    acked: Mutex<Acked>,
     /// When the last connection to an agent ended: `acked` is judged by it, so that an agent
     /// that took long to come back (a crash loop's backoff) still gets what it acknowledged
     /// in its last [`KEEP_ACKED`].
@@ -819,6 +819,21 @@ pub struct Pending {
 /// were hundreds of MB).
 pub const FLOW_ADDRESSES: usize = 4;
 
+/// Acknowledged observations kept a while (see `Pending::acked`), and what they weigh
+/// (`Observation::json_bound`; held under the observation buffer's byte bound too).
+#[derive(Default)]
+struct Acked {
+    items: VecDeque<(Instant, Observation)>,
+    bytes: usize,
+}
+
+/// The most each replay buffer (observations, flow records) may weigh, in bytes of JSON
+/// (`Observation::json_bound`, `FlowRecord::json_bound`): both fit the state file's bound
+/// (`dnsfence_sync::state::DEFAULT_MAX_PAYLOAD`, 256 MiB) together, whatever
+/// `--replay-capacity` and `--max-ips-per-name` allow (review finding: 2^18 observations
+/// of 256 addresses each were gigabytes, in memory and in a save that could only fail).
+pub const REPLAY_BYTES: usize = 120 << 20;
+
 /// How long acknowledged observations are kept for an agent that restarts: its persist
 /// interval, three times over.
 pub const KEEP_ACKED: Duration = Duration::from_secs(3 * CACHE_PERSIST_INTERVAL.as_secs());
@@ -826,10 +841,23 @@ pub const KEEP_ACKED: Duration = Duration::from_secs(3 * CACHE_PERSIST_INTERVAL.
 impl Pending {
     /// Empty buffers of `capacity` items each.
     pub fn new(capacity: usize) -> Pending {
+        Pending::with_byte_bound(capacity, REPLAY_BYTES)
+    }
+
+    /// Empty buffers of `capacity` items each, weighing at most `max_bytes` each.
+    pub fn with_byte_bound(capacity: usize, max_bytes: usize) -> Pending {
         Pending {
-            observations: Mutex::new(ReplayBuffer::new(capacity)),
-            flows: Mutex::new(ReplayBuffer::new(capacity)),
-            acked: Mutex::new(VecDeque::new()),
+            observations: Mutex::new(ReplayBuffer::with_byte_bound(
+                capacity,
+                max_bytes,
+                Observation::json_bound,
+            )),
+            flows: Mutex::new(ReplayBuffer::with_byte_bound(
+                capacity,
+                max_bytes,
+                proto::FlowRecord::json_bound,
+            )),
+            acked: Mutex::new(Acked::default()),
             disconnected: Mutex::new(None),
             capacity,
         }
@@ -839,18 +867,26 @@ impl Pending {
     /// kept a while (see `acked`). Returns how many.
     fn ack_observations(&self, seq: u64) -> usize {
         let now = Instant::now();
-        let mut acked = self.acked.lock().unwrap_or_else(|e| e.into_inner());
-        let outcome = self
-            .observations
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .ack_with(seq, |o| acked.push_back((now, o)));
-        while acked.len() > self.capacity
+        let mut guard = self.acked.lock().unwrap_or_else(|e| e.into_inner());
+        let acked = &mut *guard;
+        let mut buffer = self.observations.lock().unwrap_or_else(|e| e.into_inner());
+        let max_bytes = buffer.max_bytes();
+        let outcome = buffer.ack_with(seq, |o| {
+            acked.bytes += o.json_bound();
+            acked.items.push_back((now, o));
+        });
+        drop(buffer);
+        while acked.items.len() > self.capacity
+            || acked.bytes > max_bytes
             || acked
+                .items
                 .front()
                 .is_some_and(|(at, _)| now.duration_since(*at) > KEEP_ACKED)
         {
-            acked.pop_front();
+            match acked.items.pop_front() {
+                Some((_, o)) => acked.bytes -= o.json_bound(),
+                None => break,
+            }
         }
         match outcome {
             dnsfence_sync::replay::Ack::Acked { items, .. } => items,
@@ -872,19 +908,34 @@ impl Pending {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .unwrap_or_else(Instant::now);
-        let mut kept: Vec<Observation> = self
-            .acked
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .drain(..)
-            .filter(|(at, _)| end.saturating_duration_since(*at) <= KEEP_ACKED)
-            .map(|(_, o)| o)
-            .collect();
+        let mut kept: Vec<Observation> = {
+            let mut acked = self.acked.lock().unwrap_or_else(|e| e.into_inner());
+            acked.bytes = 0;
+            acked
+                .items
+                .drain(..)
+                .filter(|(at, _)| end.saturating_duration_since(*at) <= KEEP_ACKED)
+                .map(|(_, o)| o)
+                .collect()
+        };
         let mut buffer = self.observations.lock().unwrap_or_else(|e| e.into_inner());
-        let room = buffer.capacity().saturating_sub(buffer.len());
-        let skip = kept.len().saturating_sub(room);
-        let n = kept.len() - skip;
-        kept.drain(..skip);
+        // The newest that fit the room, in items and in bytes.
+        let mut items = buffer.capacity().saturating_sub(buffer.len());
+        let mut bytes = buffer.max_bytes().saturating_sub(buffer.bytes());
+        let n = kept
+            .iter()
+            .rev()
+            .take_while(|o| {
+                let weight = o.json_bound();
+                let fits = items > 0 && weight <= bytes;
+                if fits {
+                    items -= 1;
+                    bytes -= weight;
+                }
+                fits
+            })
+            .count();
+        kept.drain(..kept.len() - n);
         kept.into_iter().for_each(|o| {
             buffer.push(o);
         });
@@ -1561,5 +1612,143 @@ mod tests {
         drop(b);
         // Sent again once: nothing is kept for a third agent.
         assert_eq!(pending.resend_acked(), 0);
+    }
+
+    /// An observation of `n` IPv6 addresses.
+    fn heavy(i: u16, n: u16) -> Observation {
+        Observation {
+            endpoint_key: 1,
+            name: format!("heavy{i}.test"),
+            addresses: (0..n)
+                .map(|a| std::net::IpAddr::from([0xffff, 0xffff, 0xffff, 0xffff, 0xffff, i, a, 1]))
+                .collect(),
+            ttl_secs: 60,
+            observed_unix_ms: 1,
+        }
+    }
+
+    /// Review finding: the replay buffers were bounded by count only, so observations of
+    /// hundreds of addresses (`--max-ips-per-name`) made them gigabytes, and their save, over
+    /// the state file's bound, could only fail (nothing persisted at all). Now each buffer
+    /// holds what fits its byte bound, the oldest dropped and counted, and what it holds
+    /// always persists; acknowledged observations kept for a restarting agent are bounded
+    /// the same way, and go again only into the room the buffer has in bytes.
+    #[test]
+    fn the_replay_buffers_hold_what_fits_the_state_file() {
+        let bound = 64 << 10;
+        let pending = Pending::with_byte_bound(1000, bound);
+        {
+            let mut b = pending.observations.lock().unwrap();
+            for i in 0..100 {
+                b.push(heavy(i, 256));
+            }
+            assert!(b.bytes() <= bound);
+            assert!(b.len() < 100 && b.len() >= 4, "{}", b.len());
+            assert_eq!(b.overflowed() as usize + b.len(), 100);
+        }
+        {
+            let mut f = pending.flows.lock().unwrap();
+            for i in 0..1000 {
+                f.push(proto::FlowRecord {
+                    unix_ms: 1,
+                    client: "[::1]:5353".parse().unwrap(),
+                    endpoint_key: Some(1),
+                    name: format!("{i}.").repeat(50),
+                    qtype: 1,
+                    verdict: "Forward".into(),
+                    rcode: 0,
+                    dropped: false,
+                    addresses: Vec::new(),
+                    ttl: 60,
+                    latency_us: 1,
+                    served_by: "proxy".into(),
+                });
+            }
+            assert!(f.bytes() <= bound && f.overflowed() > 0);
+        }
+        // What it holds persists, within both bounds.
+        let dir =
+            std::env::temp_dir().join(format!("dnsfence-replay-bound-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+        let state = StateDir::open(&dir).unwrap();
+        pending.persist("test", &state);
+        let saved = state
+            .load(REPLAY_FILE, Kind::REPLAY)
+            .unwrap()
+            .expect("persisted");
+        assert!(saved.payload.len() <= 2 * bound, "{}", saved.payload.len());
+        let restored = Pending::with_byte_bound(1000, bound);
+        restored.restore("test", &state);
+        assert_eq!(
+            restored.observations.lock().unwrap().len(),
+            pending.observations.lock().unwrap().len()
+        );
+        drop(state);
+        let _ = std::fs::remove_dir_all(&dir);
+
+        // Acknowledged: kept within the bound, and sent again into the room in bytes only.
+        let seq = pending
+            .observations
+            .lock()
+            .unwrap()
+            .next_batch(1000)
+            .unwrap()
+            .seq;
+        let held = pending.ack_observations(seq);
+        assert!(held >= 4);
+        {
+            let acked = pending.acked.lock().unwrap();
+            assert!(acked.bytes <= bound && acked.items.len() == held);
+            assert_eq!(
+                acked.bytes,
+                acked
+                    .items
+                    .iter()
+                    .map(|(_, o)| o.json_bound())
+                    .sum::<usize>()
+            );
+        }
+        {
+            // Half the byte room taken by what no agent has yet.
+            let mut b = pending.observations.lock().unwrap();
+            for i in 200..200 + held as u16 / 2 {
+                b.push(heavy(i, 256));
+            }
+        }
+        pending.disconnected();
+        let again = pending.resend_acked();
+        let b = pending.observations.lock().unwrap();
+        assert_eq!(
+            b.overflowed() as usize,
+            100 - held,
+            "nothing unsent pushed out"
+        );
+        assert!(again > 0 && again < held, "{again} of {held}");
+        assert!(b.bytes() <= bound);
+        drop(b);
+        // Acknowledgements of several buffers' worth keep one buffer's worth.
+        for round in 0..3u16 {
+            let seq = {
+                let mut b = pending.observations.lock().unwrap();
+                for i in 0..100 {
+                    b.push(heavy(1000 + round * 100 + i, 256));
+                }
+                b.next_batch(1000).unwrap().seq
+            };
+            assert!(pending.ack_observations(seq) > 0);
+        }
+        let acked = pending.acked.lock().unwrap();
+        assert!(acked.bytes <= bound, "{}", acked.bytes);
+        assert_eq!(
+            acked.bytes,
+            acked
+                .items
+                .iter()
+                .map(|(_, o)| o.json_bound())
+                .sum::<usize>()
+        );
     }
 }

@@ -19,9 +19,9 @@ use crate::ha::{self, Pending, ProxySync};
 use crate::health::{Health, Role};
 use crate::serve::{self, ServeArgs, Server, Start, UnknownFlag};
 
-/// Most records per replay buffer: two full buffers of the largest records (flow records of
-/// a 253-byte name and `ha::FLOW_ADDRESSES` IPv6 addresses: about 650 bytes of JSON; an
-/// observation is a few hundred) stay under the state file's 256 MiB bound.
+/// Most records per replay buffer. Each buffer is bounded in bytes as well
+/// (`ha::REPLAY_BYTES`), so two full buffers stay under the state file's 256 MiB bound
+/// whatever their records weigh (an observation may carry `--max-ips-per-name` addresses).
 const MAX_REPLAY: usize = 1 << 18;
 
 /// The snapshot in force (and whether it is persisted) is now persisted.
@@ -41,8 +41,8 @@ pub struct ProxyArgs {
     #[command(flatten)]
     pub serve: ServeArgs,
     /// Observations (and flow records, see --flow-history) kept for the agent while it is
-    /// away, each; beyond it the oldest are dropped and counted. At most 262144 (what the
-    /// state file holds in the worst case).
+    /// away, each; beyond it, or beyond 120 MiB of records each, the oldest are dropped and
+    /// counted. At most 262144.
     #[arg(long, default_value_t = 1 << 16)]
     pub replay_capacity: usize,
     /// With no persisted policy, how long to wait for the agent's before serving (then

@@ -235,6 +235,52 @@ pub struct Observation {
     pub observed_unix_ms: u64,
 }
 
+/// The most bytes `s` takes as a JSON string (quotes and escapes included).
+fn json_str_bound(s: &str) -> usize {
+    2 + s
+        .bytes()
+        .map(|b| match b {
+            b'"' | b'\\' => 2,
+            0..0x20 => 6,
+            _ => 1,
+        })
+        .sum::<usize>()
+}
+
+/// The most bytes an address takes in a JSON list (quotes and a comma included).
+fn json_ip_bound(ip: &IpAddr) -> usize {
+    match ip {
+        // "255.255.255.255",
+        IpAddr::V4(_) => 18,
+        // "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff", (eight groups at most: only the
+        // IPv4-mapped form prints a dotted quad, and it is shorter)
+        IpAddr::V6(_) => 42,
+    }
+}
+
+impl Observation {
+    /// An upper bound on the length of its JSON encoding, plus one for the comma that
+    /// separates it from the next in a list: the replay buffer's weight of it, so that what
+    /// the buffer holds always fits the state file (an observation may carry hundreds of
+    /// addresses).
+    pub fn json_bound(&self) -> usize {
+        // Field names, punctuation and the numbers at their longest: about 120 bytes.
+        160 + json_str_bound(&self.name) + self.addresses.iter().map(json_ip_bound).sum::<usize>()
+    }
+}
+
+impl FlowRecord {
+    /// As [`Observation::json_bound`].
+    pub fn json_bound(&self) -> usize {
+        // Field names, punctuation, the numbers and the client address (a scoped IPv6
+        // socket address: 66 bytes) at their longest: about 290 bytes.
+        384 + json_str_bound(&self.name)
+            + json_str_bound(&self.verdict)
+            + json_str_bound(&self.served_by)
+            + self.addresses.iter().map(json_ip_bound).sum::<usize>()
+    }
+}
+
 /// Proxy → agent: a batch of observations.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Observations {

@@ -10,7 +10,10 @@
 //! merged as a union, so that is harmless; flow records may be logged twice).
 //!
 //! When full, a push drops the oldest item (sent or not) and counts it in
-//! [`ReplayBuffer::overflowed`]: never silently. Every item pushed is therefore, at any time,
+//! [`ReplayBuffer::overflowed`]: never silently. Full means `capacity` items, or, for a
+//! buffer made by [`ReplayBuffer::with_byte_bound`], items whose weights (an upper bound on
+//! each one's persisted size: an observation may carry hundreds of addresses) add up to the
+//! byte bound, so that what the buffer holds always fits the state file it is persisted to. Every item pushed is therefore, at any time,
 //! acknowledged, counted as overflowed, or still held.
 //!
 //! Sequence numbers start at 1 and only grow over the life of the buffer (across rewinds), so
@@ -26,6 +29,10 @@ use std::collections::VecDeque;
 pub struct ReplayBuffer<T> {
     items: VecDeque<T>,
     capacity: usize,
+    /// The most the held items may weigh, and what they weigh now.
+    max_bytes: usize,
+    bytes: usize,
+    weigh: fn(&T) -> usize,
     /// How many items at the front belong to batches sent and not yet acknowledged.
     in_flight: usize,
     /// Unacknowledged batches, oldest first: (sequence number, items of it still held).
@@ -65,9 +72,24 @@ impl<T> ReplayBuffer<T> {
     /// An empty buffer holding at most `capacity` items (with 0, every push overflows).
     /// Allocates as items arrive, up to `capacity`.
     pub fn new(capacity: usize) -> ReplayBuffer<T> {
+        ReplayBuffer::with_byte_bound(capacity, usize::MAX, |_| 0)
+    }
+
+    /// An empty buffer holding at most `capacity` items whose weights (`weigh`: for a buffer
+    /// that is persisted, at least the length of an item's encoding) add up to at most
+    /// `max_bytes`. An item heavier than `max_bytes` by itself is dropped at its push
+    /// (counted as overflowed).
+    pub fn with_byte_bound(
+        capacity: usize,
+        max_bytes: usize,
+        weigh: fn(&T) -> usize,
+    ) -> ReplayBuffer<T> {
         ReplayBuffer {
             items: VecDeque::new(),
             capacity,
+            max_bytes,
+            bytes: 0,
+            weigh,
             in_flight: 0,
             batches: VecDeque::new(),
             next_seq: 1,
@@ -79,23 +101,26 @@ impl<T> ReplayBuffer<T> {
     /// dropped (and counted in [`ReplayBuffer::overflowed`]) to make room, or, at capacity 0,
     /// the item itself.
     pub fn push(&mut self, item: T) -> bool {
-        if self.capacity == 0 {
+        let weight = (self.weigh)(&item);
+        if self.capacity == 0 || weight > self.max_bytes {
             self.overflowed += 1;
             return false;
         }
         let mut kept_all = true;
-        while self.items.len() >= self.capacity {
+        while self.items.len() >= self.capacity || self.max_bytes - self.bytes < weight {
             self.drop_oldest();
             kept_all = false;
         }
         self.items.push_back(item);
+        self.bytes += weight;
         kept_all
     }
 
     fn drop_oldest(&mut self) {
-        if self.items.pop_front().is_none() {
+        let Some(oldest) = self.items.pop_front() else {
             return;
-        }
+        };
+        self.bytes -= (self.weigh)(&oldest);
         self.overflowed += 1;
         if self.in_flight > 0 {
             self.in_flight -= 1;
@@ -148,7 +173,12 @@ impl<T> ReplayBuffer<T> {
         if batches == 0 {
             return Ack::Stale;
         }
-        self.items.drain(..items).for_each(take);
+        let (weigh, mut freed, mut take) = (self.weigh, 0, take);
+        self.items.drain(..items).for_each(|item| {
+            freed += weigh(&item);
+            take(item);
+        });
+        self.bytes -= freed;
         self.in_flight -= items;
         Ack::Acked { batches, items }
     }
@@ -188,6 +218,16 @@ impl<T> ReplayBuffer<T> {
     /// The most items held.
     pub fn capacity(&self) -> usize {
         self.capacity
+    }
+
+    /// What the held items weigh (see [`ReplayBuffer::with_byte_bound`]; 0 without a bound).
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// The most the held items may weigh.
+    pub fn max_bytes(&self) -> usize {
+        self.max_bytes
     }
 
     /// Items dropped because the buffer was full, over its whole life (a metric:

@@ -583,3 +583,120 @@ fn a_large_frame_does_not_pin_its_memory() {
     );
     assert_eq!(dec.decode().unwrap(), Some(Message::Heartbeat));
 }
+
+/// Any address, its longest spellings included (IPv4-mapped IPv6 prints a dotted quad).
+fn ip() -> impl Strategy<Value = IpAddr> {
+    prop_oneof![
+        any::<[u8; 4]>().prop_map(IpAddr::from),
+        any::<[u8; 16]>().prop_map(IpAddr::from),
+        Just(
+            "ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255"
+                .parse()
+                .unwrap()
+        ),
+        Just("::ffff:255.255.255.255".parse().unwrap()),
+    ]
+}
+
+/// Any socket address, scoped IPv6 with the largest scope included.
+fn socket_addr() -> impl Strategy<Value = SocketAddr> {
+    (ip(), any::<u16>(), any::<u32>(), any::<u32>()).prop_map(|(ip, port, flow, scope)| match ip {
+        IpAddr::V4(v4) => SocketAddr::from((v4, port)),
+        IpAddr::V6(v6) => SocketAddr::V6(std::net::SocketAddrV6::new(v6, port, flow, scope)),
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2000))]
+
+    /// The replay buffer's weight of an item is at least its JSON encoding and the comma
+    /// after it (what the buffer holds must fit the state file it is persisted to): names
+    /// full of quotes, backslashes and control characters, the longest address spellings,
+    /// the largest numbers.
+    #[test]
+    fn json_bounds_cover_the_encoding(
+        name in "(\\PC|[\"\\\\\\x00-\\x1f]){0,80}",
+        verdict in "(\\PC|[\"\\x00-\\x1f]){0,12}",
+        served_by in "(\\PC|[\"\\x00-\\x1f]){0,12}",
+        addresses in proptest::collection::vec(ip(), 0..40),
+        client in socket_addr(),
+        numbers in any::<(u64, u64, u64, u32, u16, u16, bool)>(),
+        key in proptest::option::of(any::<u64>()),
+    ) {
+        let (a, b, c, ttl, qtype, rcode, dropped) = numbers;
+        let observation = Observation {
+            endpoint_key: a,
+            name: name.clone(),
+            addresses: addresses.clone(),
+            ttl_secs: ttl,
+            observed_unix_ms: b,
+        };
+        let encoded = serde_json::to_vec(&observation).unwrap().len() + 1;
+        prop_assert!(encoded <= observation.json_bound(), "{} > {}", encoded, observation.json_bound());
+        let flow = FlowRecord {
+            unix_ms: a,
+            client,
+            endpoint_key: key,
+            name,
+            qtype,
+            verdict,
+            rcode,
+            dropped,
+            addresses,
+            ttl,
+            latency_us: c,
+            served_by,
+        };
+        let encoded = serde_json::to_vec(&flow).unwrap().len() + 1;
+        prop_assert!(encoded <= flow.json_bound(), "{} > {}", encoded, flow.json_bound());
+    }
+}
+
+/// The worst cases one at a time, each of which a looser bound misses: a name of control
+/// characters only, every address at its longest spelling, every number at its largest.
+#[test]
+fn json_bounds_cover_the_worst_cases() {
+    let long: IpAddr = "ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255"
+        .parse()
+        .unwrap();
+    let client = SocketAddr::V6(std::net::SocketAddrV6::new(
+        "ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255"
+            .parse()
+            .unwrap(),
+        u16::MAX,
+        u32::MAX,
+        u32::MAX,
+    ));
+    for name in ["\u{1}".repeat(253), "\"".repeat(253), String::new()] {
+        for addresses in [vec![long; 256], vec![IpAddr::from([255; 4]); 256], vec![]] {
+            let observation = Observation {
+                endpoint_key: u64::MAX,
+                name: name.clone(),
+                addresses: addresses.clone(),
+                ttl_secs: u32::MAX,
+                observed_unix_ms: u64::MAX,
+            };
+            let encoded = serde_json::to_vec(&observation).unwrap().len() + 1;
+            assert!(encoded <= observation.json_bound());
+            // Tight: within the fixed part's slack.
+            assert!(observation.json_bound() - encoded <= 64, "{encoded}");
+            let flow = FlowRecord {
+                unix_ms: u64::MAX,
+                client,
+                endpoint_key: Some(u64::MAX),
+                name: name.clone(),
+                qtype: u16::MAX,
+                verdict: "\u{1f}".repeat(16),
+                rcode: u16::MAX,
+                dropped: false,
+                addresses,
+                ttl: u32::MAX,
+                latency_us: u64::MAX,
+                served_by: "\\".repeat(16),
+            };
+            let encoded = serde_json::to_vec(&flow).unwrap().len() + 1;
+            assert!(encoded <= flow.json_bound());
+            assert!(flow.json_bound() - encoded <= 128, "{encoded}");
+        }
+    }
+}

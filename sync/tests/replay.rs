@@ -173,10 +173,17 @@ fn rewind_resends_everything_unacknowledged_in_order() {
     assert_eq!(b.overflowed(), 0);
 }
 
+/// An item's weight under a byte bound in these tests.
+fn weight(x: &u32) -> usize {
+    (*x % 16) as usize
+}
+
 /// The obvious implementation: every item carries the batch it was sent in, if any.
 #[derive(Debug, Default)]
 struct Model {
     capacity: usize,
+    /// The byte bound (None: none), items weighing [`weight`].
+    max_bytes: Option<usize>,
     items: Vec<(u32, Option<u64>)>,
     outstanding: Vec<u64>,
     next_seq: u64,
@@ -185,17 +192,26 @@ struct Model {
 
 impl Model {
     fn push(&mut self, x: u32) -> bool {
-        if self.capacity == 0 {
+        let max = self.max_bytes.unwrap_or(usize::MAX);
+        if self.capacity == 0 || weight(&x) > max {
             self.overflowed += 1;
             return false;
         }
-        let full = self.items.len() == self.capacity;
-        if full {
+        let mut full = false;
+        while self.items.len() == self.capacity || self.bytes() + weight(&x) > max {
             self.items.remove(0);
             self.overflowed += 1;
+            full = true;
         }
         self.items.push((x, None));
         !full
+    }
+
+    fn bytes(&self) -> usize {
+        match self.max_bytes {
+            Some(_) => self.items.iter().map(|(x, _)| weight(x)).sum(),
+            None => 0,
+        }
     }
 
     fn next_batch(&mut self, max: usize) -> Option<(u64, Vec<u32>)> {
@@ -266,9 +282,16 @@ proptest! {
     #![proptest_config(ProptestConfig::with_cases(3000))]
 
     #[test]
-    fn matches_the_model(capacity in 0usize..8, ops in proptest::collection::vec(op(), 0..80)) {
-        let mut real = ReplayBuffer::new(capacity);
-        let mut model = Model { capacity, next_seq: 1, ..Model::default() };
+    fn matches_the_model(
+        capacity in 0usize..8,
+        max_bytes in proptest::option::of(0usize..40),
+        ops in proptest::collection::vec(op(), 0..80),
+    ) {
+        let mut real = match max_bytes {
+            Some(max) => ReplayBuffer::with_byte_bound(capacity, max, weight),
+            None => ReplayBuffer::new(capacity),
+        };
+        let mut model = Model { capacity, max_bytes, next_seq: 1, ..Model::default() };
         let (mut pushed, mut acked) = (0u64, 0u64);
         for op in ops {
             match op {
@@ -302,6 +325,8 @@ proptest! {
             prop_assert_eq!(real.overflowed(), model.overflowed);
             prop_assert_eq!(real.next_seq(), model.next_seq);
             prop_assert!(real.len() <= capacity);
+            prop_assert_eq!(real.bytes(), model.bytes());
+            prop_assert!(real.bytes() <= max_bytes.unwrap_or(usize::MAX));
             // Nothing is lost silently: every item pushed is acknowledged, counted as
             // overflowed, or still held.
             prop_assert_eq!(pushed, acked + real.overflowed() + real.len() as u64);
