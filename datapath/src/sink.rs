@@ -34,9 +34,18 @@
 //! the shared region before it removes anything under it, and a proxy whose own policy is
 //! another defers its repair until it has the agent's (review finding: a proxy on an older
 //! snapshot, or cut off from the agent, put back every entry the agent's newer policy
-//! revoked, within 50 ms, for as long as it lagged). Meanwhile its answers still write what
-//! they need (verify mode), and what it held and the agent removed stays out (fail closed)
-//! until the repair, under the agent's policy, puts back what that policy justifies.
+//! revoked, within 50 ms, for as long as it lagged). Meanwhile what it held and the agent
+//! removed stays out (fail closed) until the repair, under the agent's policy, puts back
+//! what that policy justifies, except what the proxy's own answers write again (verify
+//! mode) under its older policy: the lag of a proxy's policy behind the agent's, which the
+//! sync bounds, not the repair. The identity is published before the agent's revocation
+//! adopts the map's entries, after one hold of the writers' lock, and the proxy takes a
+//! new identity as its own only once its ledger judges by that policy; a repair checks it
+//! again under both locks before it puts anything back (and without the writers' lock,
+//! after a stuck holder, it puts nothing back). Known limit: an agent of a build before
+//! this, started after a newer one, leaves the newer one's identity in place, and the
+//! proxy's repairs wait (said in its log, `dnsfence_allow_behind_agent`) until a newer
+//! agent returns or the node restarts.
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -493,9 +502,9 @@ impl BpfAllow {
     }
 
     /// Whether the agent published a policy other than this process's: then what it removed
-    /// may be what this process's older policy would put back (see the module
-    /// documentation). Never for the agent's own sink.
-    fn behind_agent(&self) -> bool {
+    /// may be what this process's older policy would put back, and its repairs wait (see
+    /// the module documentation). Never for the agent's own sink.
+    pub fn behind_agent(&self) -> bool {
         if self.publishes {
             return false;
         }
@@ -507,6 +516,7 @@ impl BpfAllow {
     pub fn stats(&self) -> LedgerStats {
         let mut stats = self.lock().ledger.stats();
         stats.repairs_deferred = self.repairs_deferred();
+        stats.behind_agent = self.behind_agent();
         stats
     }
 
@@ -547,16 +557,28 @@ impl BpfAllow {
     /// a quarter of a second for a full table, every answer needing a write waiting).
     pub fn revoke(&self, snapshot: Arc<Snapshot>) -> usize {
         let id = snapshot.policy_id();
-        if id != 0 {
-            self.policy.store(id, Ordering::Release);
-            if self.publishes {
-                // Before anything is removed under it: a proxy that sees the removals (the
-                // epoch's bump, after this) sees the identity too.
-                self.shared.word(AGENT_POLICY).store(id, Ordering::Release);
-            }
+        if id != 0 && self.publishes {
+            // Before anything is removed under it: a proxy that sees the removals (the
+            // epoch's bump, after this) sees the identity too. Then one hold of the writers'
+            // lock: a proxy's repair slice that checked the older identity under it (and may
+            // be putting back what that policy justifies) ends before the adopt below reads
+            // the map, so its entries are judged by this policy too (review finding).
+            self.shared.word(AGENT_POLICY).store(id, Ordering::Release);
+            drop(WritersLock::take(&self.lock().writers));
         }
         self.adopt();
-        let keys = self.lock().ledger.take_snapshot(snapshot);
+        let keys = {
+            let mut guard = self.lock();
+            let keys = guard.ledger.take_snapshot(snapshot);
+            if id != 0 {
+                // Under the ledger's lock, once the ledger judges by this policy: a repair
+                // that sees this identity (it checks under the same lock before putting
+                // anything back) judges by it too (review finding: stored before, a repair
+                // between the two put back what the older snapshot justified).
+                self.policy.store(id, Ordering::Release);
+            }
+            keys
+        };
         let mut revoked = 0;
         for slice in keys.chunks(REVOKE_SLICE) {
             let mut guard = self.lock();
@@ -696,12 +718,14 @@ impl BpfAllow {
             let clock = Clock::now();
             let mut guard = self.lock();
             let inner = &mut *guard;
-            let _writers = WritersLock::take(&inner.writers);
-            if self.behind_agent() {
+            let writers = WritersLock::take(&inner.writers);
+            if !writers.held() || self.behind_agent() {
                 // The agent put a newer policy in force since the check above (it publishes
-                // before it removes, and removes under the writers' lock held here): the
-                // rest waits for this process to have it; the keys are read again then
-                // (those put back already are skipped as present).
+                // before it removes, and removes under the writers' lock held here; without
+                // the lock, after a stuck holder, that order is not known, so not now
+                // either): the rest waits; the keys are read again then (those put back
+                // already are skipped as present, and judged by the agent's revocation,
+                // which adopts the map's entries after a hold of this lock).
                 inner.ring_mark = mark;
                 self.deferred.fetch_add(1, Ordering::Relaxed);
                 return repaired;

@@ -323,7 +323,7 @@ pub fn run(args: &AgentArgs) -> Result<()> {
     node.host.extend(args.node_ip.iter().copied());
     let mut snapshot = sources.set_node(node);
     snapshot.set_generation(1);
-    snapshot.set_policy_id(ha::policy_id(&ha::policy_message(0, &sources)));
+    snapshot.set_policy_id(ha::policy_message(0, &sources).policy_id);
     refuse_unenforceable(&args.serve, snapshot.stats().without_ips).map_err(anyhow::Error::msg)?;
     // Accepted but not enforced (ingress sections, host policies): said once per note.
     let mut noted = std::collections::HashSet::new();
@@ -497,7 +497,7 @@ pub fn run(args: &AgentArgs) -> Result<()> {
                 generation += 1;
                 snapshot.set_generation(generation);
                 // Published to the standalone proxy's allow writer with the revocations.
-                snapshot.set_policy_id(ha::policy_id(&ha::policy_message(0, &sources)));
+                snapshot.set_policy_id(ha::policy_message(0, &sources).policy_id);
                 let before = policy.load().stats();
                 let after = snapshot.stats();
                 // The allow entries follow the new policy before the shards do: a name the

@@ -36,6 +36,9 @@ pub enum Enforcer {
         adopted: Mutex<Instant>,
         /// What the last endpoint sync had to say (a later sync says what changed).
         reported: Mutex<Vec<String>>,
+        /// Whether the last repair found the agent's policy another than this process's
+        /// (said once each way in the log).
+        behind: std::sync::atomic::AtomicBool,
     },
 }
 
@@ -135,6 +138,7 @@ impl Enforcer {
             allow,
             adopted: Mutex::new(Instant::now()),
             reported: Mutex::new(Vec::new()),
+            behind: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -153,6 +157,7 @@ impl Enforcer {
             allow,
             adopted: Mutex::new(Instant::now()),
             reported: Mutex::new(Vec::new()),
+            behind: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -231,7 +236,19 @@ impl Enforcer {
     /// removed (see `BpfAllow::repair`): called every turn of the main loop, it costs two
     /// atomic loads unless the other writer revoked something.
     pub fn repair(&self) {
-        if let Enforcer::Bpf { allow, .. } = self {
+        if let Enforcer::Bpf { allow, behind, .. } = self {
+            let now = allow.behind_agent();
+            if now != behind.swap(now, std::sync::atomic::Ordering::Relaxed) {
+                eprintln!(
+                    "{}",
+                    if now {
+                        "the agent's policy is newer than this process's: repairs of what it \
+                         removes from the allow map wait until this process has it"
+                    } else {
+                        "this process has the agent's policy: repairs of the allow map go on"
+                    }
+                );
+            }
             let repaired = allow.repair();
             if repaired > 0 {
                 eprintln!(
@@ -253,6 +270,7 @@ impl Enforcer {
                 allow,
                 adopted,
                 reported,
+                ..
             } => {
                 // Now and then, the other writer's entries join the sweep (one whose writer
                 // is gone would otherwise stay until this process restarts).

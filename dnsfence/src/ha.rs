@@ -283,8 +283,15 @@ impl Conn {
     }
 }
 
-/// The agent's policy texts in force, as the proxy compiles them.
+/// The agent's policy texts in force, as the proxy compiles them, with their identity.
 pub fn policy_message(version: u64, sources: &Sources) -> PolicySnapshot {
+    let mut msg = policy_texts(version, sources);
+    msg.policy_id = policy_id(&msg);
+    msg
+}
+
+/// [`policy_message`] without the identity.
+fn policy_texts(version: u64, sources: &Sources) -> PolicySnapshot {
     let in_force = sources.in_force();
     let node = sources.node();
     let text = |cidrs: &[dnsfence_policy::cidr::Cidr]| {
@@ -317,6 +324,7 @@ pub fn policy_message(version: u64, sources: &Sources) -> PolicySnapshot {
             open_loopback_answers: node.open_loopback,
             deny_answer_cidrs: text(&node.deny_answers),
         },
+        policy_id: 0,
     }
 }
 
@@ -329,14 +337,17 @@ pub fn same_policy(a: &PolicySnapshot, b: &PolicySnapshot) -> bool {
         policy_files,
         endpoints,
         node,
+        policy_id: _,
     } = a;
     *policy_files == b.policy_files && *endpoints == b.endpoints && *node == b.node
 }
 
 /// The identity of the policy a snapshot message carries (`Snapshot::policy_id`): the first
 /// 64 bits of a SHA-256 over every text and node fact, each length-prefixed, so that the
-/// agent and a proxy given the same texts agree whatever the versions (and exactly when
-/// [`same_policy`] holds, short of a collision). Never 0 (the "not known" value).
+/// agent and a proxy given the same texts agree whatever the snapshots' version numbers (and
+/// exactly when [`same_policy`] holds, short of a collision). Never 0 (the "not known"
+/// value). The agent sends it with the texts ([`sent_policy_id`]): builds that know other
+/// message fields would hash them otherwise.
 pub fn policy_id(msg: &PolicySnapshot) -> u64 {
     use sha2::{Digest, Sha256};
     fn put(hash: &mut Sha256, bytes: &[u8]) {
@@ -353,6 +364,7 @@ pub fn policy_id(msg: &PolicySnapshot) -> u64 {
         policy_files,
         endpoints,
         node,
+        policy_id: _,
     } = msg;
     let NodeFacts {
         cluster_cidrs,
@@ -375,6 +387,16 @@ pub fn policy_id(msg: &PolicySnapshot) -> u64 {
     let mut first = [0u8; 8];
     first.copy_from_slice(&digest[..8]);
     u64::from_le_bytes(first).max(1)
+}
+
+/// The identity of the policy in a message from the agent: the one the agent sent (a proxy
+/// of another build might hash the texts otherwise, and then wait on an identity it never
+/// matches), or, from an agent before it, [`policy_id`].
+pub fn sent_policy_id(msg: &PolicySnapshot) -> u64 {
+    match msg.policy_id {
+        0 => policy_id(msg),
+        sent => sent,
+    }
 }
 
 /// Compiles a snapshot message as the agent did: the sources, and the lines to log for
@@ -406,7 +428,7 @@ pub fn compile(msg: &PolicySnapshot) -> Result<(Sources, dnsfence_policy::Snapsh
         }),
     };
     let (sources, mut snapshot, rejections) = Sources::from_texts(&in_force, node);
-    snapshot.set_policy_id(policy_id(msg));
+    snapshot.set_policy_id(sent_policy_id(msg));
     let lines = rejections
         .iter()
         .map(|r| format!("{} (as the agent has it): {}", r.file.display(), r.errors))
@@ -1397,6 +1419,7 @@ mod tests {
                 content: String::new(),
             },
             node: NodeFacts::default(),
+            policy_id: 0,
         })
     }
 
@@ -1420,12 +1443,29 @@ mod tests {
                 content: String::new(),
             },
             node: NodeFacts::default(),
+            policy_id: 0,
         };
         let (sources, snapshot, _) = compile(&msg).unwrap();
         let id = policy_id(&msg);
         assert_ne!(id, 0);
         assert_eq!(snapshot.policy_id(), id, "the proxy's compile carries it");
         assert_eq!(policy_id(&policy_message(1, &sources)), id, "the agent's");
+        assert_eq!(
+            policy_message(1, &sources).policy_id,
+            id,
+            "sent with the texts"
+        );
+        // The identity the agent sent is the one the proxy takes (another build may hash
+        // the texts otherwise); an agent before it sends 0, and the proxy computes it.
+        let mut sent = msg.clone();
+        sent.policy_id = 42;
+        assert_eq!(compile(&sent).unwrap().1.policy_id(), 42);
+        assert_eq!(sent_policy_id(&sent), 42);
+        assert_eq!(sent_policy_id(&msg), id);
+        assert!(
+            same_policy(&sent, &msg),
+            "the same texts are the same policy"
+        );
         let changed = |f: &dyn Fn(&mut PolicySnapshot)| {
             let mut other = msg.clone();
             f(&mut other);
@@ -1470,6 +1510,7 @@ mod tests {
                 deny_answer_cidrs: deny.iter().map(|s| (*s).to_owned()).collect(),
                 ..NodeFacts::default()
             },
+            policy_id: 0,
         };
         let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
         let (_, snapshot, _) = compile(&msg(&["203.0.113.0/24", "2001:db8::/32"])).unwrap();

@@ -955,6 +955,13 @@ fn allow(e: &mut DescriptorEncoder, state: &State) -> Fmt {
          removed entries under a policy the proxy does not have yet (it repairs once it has it)",
         allow.repairs_deferred,
     )?;
+    gauge(
+        e,
+        "allow_behind_agent",
+        "1 while the agent's policy is another than this standalone proxy's (its snapshot not \
+         applied yet, or the proxy cut off from the agent): repairs of the pinned allow map wait",
+        u64::from(allow.behind_agent),
+    )?;
     counter(
         e,
         "allow_in_cluster",

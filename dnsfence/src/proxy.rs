@@ -168,6 +168,9 @@ pub fn run(args: &ProxyArgs) -> Result<()> {
             if let Some((last, persisted)) = &in_force
                 && ha::same_policy(last, msg)
             {
+                // The same texts: the agent's identity for them is this process's now (an
+                // agent of another build may give them another).
+                enforcer.follow_policy(ha::sent_policy_id(msg));
                 let retry = !*persisted;
                 if retry || last.version != msg.version {
                     in_force = Some((msg.clone(), false));

@@ -314,8 +314,11 @@ pub struct LedgerStats {
     pub repair_dropped: u64,
     /// Repairs of a shared table put off because the other writer, the agent, removed its
     /// entries under a policy this process does not have yet (set by the sink, not the
-    /// ledger).
+    /// ledger). Counts repair turns (every 50 ms while it lasts), not episodes.
     pub repairs_deferred: u64,
+    /// Whether the agent's policy (published in the shared region) is now another than this
+    /// process's, so that its repairs wait (set by the sink; always false for the agent).
+    pub behind_agent: bool,
 }
 
 /// An interned name: its endpoint, wire bytes and number of references.

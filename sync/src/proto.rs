@@ -210,6 +210,12 @@ pub struct PolicySnapshot {
     pub endpoints: SourceFile,
     /// Node facts.
     pub node: NodeFacts,
+    /// The identity the agent gives this policy (the allow writers compare it, see
+    /// `BpfAllow` in the datapath crate): sent, so that a proxy of another build, which
+    /// might hash the texts otherwise, takes the agent's (0 from agents before it: the
+    /// proxy computes it).
+    #[serde(default)]
+    pub policy_id: u64,
 }
 
 /// Proxy → agent: the snapshot `version` is compiled, persisted and in force.

@@ -86,6 +86,7 @@ fn every_message() -> Vec<Message> {
                 open_loopback_answers: true,
                 deny_answer_cidrs: vec!["203.0.113.0/24".into()],
             },
+            policy_id: u64::MAX - 3,
         }),
         Message::SnapshotAck(SnapshotAck { version: 7 }),
         Message::Observations(Observations {
@@ -569,6 +570,7 @@ fn a_large_frame_does_not_pin_its_memory() {
             content: String::new(),
         },
         node: NodeFacts::default(),
+        policy_id: 0,
     });
     let bytes = encode_all(std::slice::from_ref(&big));
     let mut dec = Decoder::new();

@@ -371,8 +371,11 @@ fn a_proxy_behind_the_agents_policy_does_not_undo_its_revocation() {
     let port = free_port();
     let dir = TempDir::new("ha-behind");
     let mut agent = Agent::start(&bpf::pair_config(&env, &dir, upstream.addr, port, false));
-    let proxy = Agent::start(&bpf::pair_config(&env, &dir, upstream.addr, port, true));
+    let mut proxy = Agent::start(&bpf::pair_config(&env, &dir, upstream.addr, port, true));
     proxy.wait_metric("dnsfence_sync_snapshots_total", 1.0);
+    // Given the agent's policy, the proxy has the identity the agent published for it (else
+    // its repairs would wait for ever).
+    assert_eq!(proxy.metric_sum("dnsfence_allow_behind_agent"), 0.0);
     agent.process.signal("KILL");
     assert!(agent.process.wait_timeout(Duration::from_secs(5)).is_some());
     // The proxy alone answers, and writes the entry.
@@ -398,7 +401,13 @@ fn a_proxy_behind_the_agents_policy_does_not_undo_its_revocation() {
         "the proxy put back what the agent's newer policy revoked"
     );
     assert!(proxy.metric_sum("dnsfence_allow_repairs_deferred_total") >= 1.0);
+    assert_eq!(proxy.metric_sum("dnsfence_allow_behind_agent"), 1.0);
     assert_eq!(proxy.metric_sum("dnsfence_allow_repaired_total"), 0.0);
     drop(agent);
-    drop(proxy);
+    proxy.process.terminate(Duration::from_secs(10));
+    let stderr = proxy.process.stderr();
+    assert!(
+        stderr.contains("the agent's policy is newer than this process's"),
+        "{stderr}"
+    );
 }
