@@ -53,9 +53,12 @@ pub const MAGIC: [u8; 4] = *b"DFSY";
 pub const PROTOCOL_VERSION: u16 = 1;
 /// Bytes of a frame header.
 pub const HEADER_LEN: usize = 12;
-/// The default bound on a frame body (64 MiB: a policy snapshot with 100k patterns is a few
-/// MiB).
-pub const DEFAULT_MAX_FRAME: u32 = 64 << 20;
+/// The default bound on a frame body: 256 MiB, the bound of a state file, so that any
+/// policy snapshot the proxy could persist can be sent (a snapshot with 100k patterns is a
+/// few MiB; a large cluster's rendered policies and endpoints tens of MiB: at 64 MiB one
+/// could never be sent, review finding). Peers are the node's agent and proxy only (peer
+/// credentials are checked), and a frame is buffered only as its bytes arrive.
+pub const DEFAULT_MAX_FRAME: u32 = 256 << 20;
 
 /// The message types, as numbered on the wire. Never renumber; only add.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

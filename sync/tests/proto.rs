@@ -702,3 +702,31 @@ fn json_bounds_cover_the_worst_cases() {
         }
     }
 }
+
+/// Review finding: frames were bounded at 64 MiB while a state file holds 256 MiB, so a large
+/// cluster's policy snapshot (rendered policies and endpoints: tens of MiB) that the proxy
+/// could persist could never be sent. A 100 MiB snapshot goes through with the defaults.
+#[test]
+fn a_snapshot_the_proxy_could_persist_can_be_sent() {
+    let big = Message::PolicySnapshot(PolicySnapshot {
+        version: 1,
+        policy_files: vec![SourceFile {
+            path: "cluster.yaml".into(),
+            content: "x".repeat(100 << 20),
+        }],
+        endpoints: SourceFile {
+            path: String::new(),
+            content: String::new(),
+        },
+        node: NodeFacts::default(),
+        policy_id: 1,
+    });
+    let bytes = encode_all(std::slice::from_ref(&big));
+    let mut dec = Decoder::new();
+    dec.feed(&bytes);
+    drop(bytes);
+    assert!(
+        dec.decode().unwrap() == Some(big),
+        "the snapshot decodes whole"
+    );
+}
