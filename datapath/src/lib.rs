@@ -7,6 +7,7 @@
 //!
 //! [`AllowSink`]: dnsfence_engine::allow::AllowSink
 //! [`OriginSource`]: dnsfence_engine::shard::OriginSource
+pub mod fill;
 pub mod loader;
 pub mod maps;
 pub mod origin;
@@ -14,6 +15,7 @@ pub mod reuseport;
 pub mod sink;
 mod sys;
 
+pub use fill::EndpointFill;
 pub use loader::{
     CarriedOver, Datapath, DatapathError, EndpointSync, InstallConfig, PROGRAMS, PinLock,
     cgroup_id, ensure_cgroup2,

@@ -578,22 +578,9 @@ impl Datapath {
             {
                 sync.too_deep.push(name.clone());
             }
-            let ports = snapshot.fqdn_ports(ep);
-            if ports.len() > MAX_SPECS {
+            let (value, too_many_specs) = endpoint_value(snapshot, ep);
+            if too_many_specs {
                 sync.too_many_specs.push(name);
-            }
-            let mut value = Endpoint {
-                key: snapshot.endpoint_key(ep).0,
-                flags: if snapshot.is_restricted(ep) {
-                    EP_ENFORCE
-                } else {
-                    0
-                },
-                nspecs: ports.len().min(MAX_SPECS) as u32,
-                specs: [Spec::default(); MAX_SPECS],
-            };
-            for (dst, p) in value.specs.iter_mut().zip(ports) {
-                *dst = PortSpec::of(p).into();
             }
             wanted.insert(id, value);
             let mut truncated = false;
@@ -885,6 +872,29 @@ impl Datapath {
         };
         BpfAllow::new(map, names_map, config, &self.pin_dir).map(BpfAllow::publishing)
     }
+}
+
+/// The `df_endpoints` value of endpoint `ep` (before any degradation for L3 entries that
+/// did not fit), and whether it has more port specs than the entry holds.
+pub(crate) fn endpoint_value(
+    snapshot: &Snapshot,
+    ep: dnsfence_policy::EndpointId,
+) -> (Endpoint, bool) {
+    let ports = snapshot.fqdn_ports(ep);
+    let mut value = Endpoint {
+        key: snapshot.endpoint_key(ep).0,
+        flags: if snapshot.is_restricted(ep) {
+            EP_ENFORCE
+        } else {
+            0
+        },
+        nspecs: ports.len().min(MAX_SPECS) as u32,
+        specs: [Spec::default(); MAX_SPECS],
+    };
+    for (dst, p) in value.specs.iter_mut().zip(ports) {
+        *dst = PortSpec::of(p).into();
+    }
+    (value, ports.len() > MAX_SPECS)
 }
 
 /// A map's real size: a reused pinned map keeps the size it was created with.

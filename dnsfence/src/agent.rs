@@ -57,6 +57,10 @@ pub struct AgentArgs {
     /// at the root).
     #[arg(long, value_name = "PATH", default_value = "")]
     pub k8s_cgroup_prefix: String,
+    /// The cluster's name (Cilium's `cluster-name`): every pod's
+    /// `io.cilium.k8s.policy.cluster` label, which policies may select on.
+    #[arg(long, value_name = "NAME", default_value = "default", requires = "k8s")]
+    pub k8s_cluster_name: String,
     /// Watch this node's pods only: peers on other nodes are then reached through their
     /// services only (toEndpoints). For very large clusters.
     #[arg(long, requires = "k8s")]
@@ -161,6 +165,7 @@ fn start_k8s(args: &AgentArgs) -> Result<dnsfence_k8s::K8sSource> {
         remote_pods: !args.k8s_local_pods_only,
         require_ips: args.serve.no_bpf,
         optional_crds: args.k8s_optional_crds,
+        cluster_name: args.k8s_cluster_name.clone(),
     };
     eprintln!(
         "dnsfence agent: watching the Kubernetes API (node {}, {} pods)",
@@ -558,7 +563,7 @@ pub fn run(args: &AgentArgs) -> Result<()> {
         let _ = w.join();
     }
     match failed {
-        Some(i) => bail!("shard {i} stopped unexpectedly; exiting so a supervisor restarts us"),
+        Some(what) => bail!("{what} stopped unexpectedly; exiting so a supervisor restarts us"),
         None => Ok(()),
     }
 }

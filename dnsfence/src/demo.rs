@@ -549,14 +549,14 @@ fn run_in(args: &DemoArgs, exe: &Path, loadgen: &Path, dir: &Path) -> Result<boo
         let mut v: Vec<String> = match &bpf {
             None => vec!["--no-bpf".to_owned()],
             Some(setup) => {
-                let mut v = vec!["--bpf-pin".to_owned(), setup.pin.display().to_string()];
-                if role == "agent" {
-                    v.extend([
-                        "--cgroup-root".to_owned(),
-                        setup.cgroup_root.display().to_string(),
-                    ]);
-                }
-                v
+                // The proxy's --cgroup-root: where it finds endpoint cgroups created again
+                // while the agent is away.
+                vec![
+                    "--bpf-pin".to_owned(),
+                    setup.pin.display().to_string(),
+                    "--cgroup-root".to_owned(),
+                    setup.cgroup_root.display().to_string(),
+                ]
             }
         };
         v.insert(0, role.to_owned());

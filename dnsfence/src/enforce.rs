@@ -8,7 +8,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use dnsfence_datapath::{BpfAllow, BpfOrigins, Datapath, EndpointSync, InstallConfig};
+use dnsfence_datapath::{
+    BpfAllow, BpfOrigins, Datapath, EndpointFill, EndpointSync, InstallConfig,
+};
 use dnsfence_engine::allow::{AllowSink, LedgerConfig, LedgerStats, UserspaceAllowTable};
 use dnsfence_engine::shard::OriginSource;
 use dnsfence_policy::Snapshot;
@@ -39,6 +41,9 @@ pub enum Enforcer {
         /// Whether the last repair found the agent's policy another than this process's
         /// (said once each way in the log).
         behind: std::sync::atomic::AtomicBool,
+        /// The standalone proxy's handle on the endpoints map (None for the agent, whose
+        /// sync owns it).
+        fill: Option<Box<Mutex<EndpointFill>>>,
     },
 }
 
@@ -139,12 +144,14 @@ impl Enforcer {
             adopted: Mutex::new(Instant::now()),
             reported: Mutex::new(Vec::new()),
             behind: std::sync::atomic::AtomicBool::new(false),
+            fill: None,
         })
     }
 
     /// The standalone proxy's: the allow maps an agent pinned under `pin_dir` (no program
-    /// loaded or attached, no pin lock taken: the agent owns those).
-    pub fn attached(pin_dir: &Path, ledger: LedgerConfig) -> Result<Enforcer> {
+    /// loaded or attached, no pin lock taken: the agent owns those), and the endpoints map
+    /// for the entries of endpoint cgroups below `cgroup_root` created while no agent runs.
+    pub fn attached(pin_dir: &Path, cgroup_root: &Path, ledger: LedgerConfig) -> Result<Enforcer> {
         let allow = BpfAllow::open_pinned(pin_dir, ledger).with_context(|| {
             format!(
                 "eBPF datapath pinned under {} (start `dnsfence agent` once with this \
@@ -152,12 +159,15 @@ impl Enforcer {
                 pin_dir.display()
             )
         })?;
+        let fill = EndpointFill::open(pin_dir, cgroup_root)
+            .with_context(|| format!("eBPF datapath pinned under {}", pin_dir.display()))?;
         Ok(Enforcer::Bpf {
             datapath: None,
             allow,
             adopted: Mutex::new(Instant::now()),
             reported: Mutex::new(Vec::new()),
             behind: std::sync::atomic::AtomicBool::new(false),
+            fill: Some(Box::new(Mutex::new(fill))),
         })
     }
 
@@ -222,6 +232,30 @@ impl Enforcer {
             ));
         }
         Ok(lines)
+    }
+
+    /// (eBPF, standalone proxy) Writes the endpoints-map entry of every endpoint cgroup of
+    /// `snapshot` that has none (created again while no agent runs; see `EndpointFill`),
+    /// and says which.
+    pub fn fill_endpoints(&self, snapshot: &Snapshot) {
+        if let Enforcer::Bpf {
+            fill: Some(fill), ..
+        } = self
+        {
+            match fill
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .fill(snapshot)
+            {
+                Ok(names) if names.is_empty() => {}
+                Ok(names) => eprintln!(
+                    "dnsfence proxy: endpoint cgroups created again while no agent runs, \
+                     enforced: {}",
+                    names.join(", ")
+                ),
+                Err(e) => eprintln!("dnsfence proxy: endpoints map: {e}"),
+            }
+        }
     }
 
     /// (eBPF) Sets this process's policy identity without revoking (the standalone proxy on

@@ -32,6 +32,9 @@ impl Role {
     }
 }
 
+/// `Health::dead_shard` when the consumer thread ended.
+const CONSUMER_DIED: u64 = u64::MAX;
+
 /// What the process says about itself, written by its control loop and its sync.
 #[derive(Debug)]
 pub struct Health {
@@ -39,7 +42,8 @@ pub struct Health {
     born: Instant,
     /// Milliseconds from `born` to the control loop's last beat.
     beat_ms: AtomicU64,
-    /// 1 + the index of a shard thread that ended (0: none).
+    /// 1 + the index of a shard thread that ended (0: none; [`CONSUMER_DIED`]: the
+    /// consumer thread).
     dead_shard: AtomicU64,
     /// A policy is in force (the agent's files; the proxy's persisted one or the agent's).
     policy_in_force: AtomicBool,
@@ -111,6 +115,12 @@ impl Health {
     /// Shard `index`'s thread ended.
     pub fn shard_died(&self, index: usize) {
         self.dead_shard.store(index as u64 + 1, Ordering::Relaxed);
+    }
+
+    /// The consumer thread ended (the FQDN cache, the flow history and the proxy's records
+    /// for the agent stopped with it).
+    pub fn consumer_died(&self) {
+        self.dead_shard.store(CONSUMER_DIED, Ordering::Relaxed);
     }
 
     /// A policy is in force now, numbered `version` by the sync (0: not numbered).
@@ -186,8 +196,10 @@ impl Health {
 
     /// What makes the process unhealthy, if anything.
     fn problems(&self, seen: &Observed, now: Instant) -> Option<String> {
-        if let Some(i) = self.dead_shard.load(Ordering::Relaxed).checked_sub(1) {
-            return Some(format!("shard {i} stopped"));
+        match self.dead_shard.load(Ordering::Relaxed) {
+            0 => {}
+            CONSUMER_DIED => return Some("the consumer thread stopped".to_owned()),
+            n => return Some(format!("shard {} stopped", n - 1)),
         }
         let beat = self.born + Duration::from_millis(self.beat_ms.load(Ordering::Relaxed));
         let silent = now.saturating_duration_since(beat);
@@ -282,6 +294,17 @@ mod tests {
             live,
             Answer::new(false, "unhealthy: shard 0 stopped\n".into())
         );
+        // A dead consumer too (review finding: it was not reported).
+        let h = Health::new(Role::Proxy, Arc::default());
+        h.policy_loaded(1);
+        h.beat_at(late);
+        assert!(h.liveness(&seen(&[4], 0), late).ok);
+        h.consumer_died();
+        assert_eq!(
+            h.liveness(&seen(&[5], 0), late),
+            Answer::new(false, "unhealthy: the consumer thread stopped\n".into())
+        );
+        assert!(!h.readiness(&seen(&[6], 0), late).ok);
     }
 
     #[test]

@@ -31,6 +31,10 @@ fn mark_persisted(in_force: &mut Option<(dnsfence_sync::proto::PolicySnapshot, b
     }
 }
 
+/// How often, while no agent is connected, the proxy looks for endpoint cgroups without an
+/// endpoints-map entry (a stat per endpoint cgroup of the node).
+const FILL_INTERVAL: Duration = Duration::from_millis(200);
+
 /// With a persisted policy, how long the proxy looks for the agent before serving from it.
 const AGENT_PROBE: Duration = Duration::from_millis(300);
 
@@ -49,6 +53,11 @@ pub struct ProxyArgs {
     /// every query is refused until it comes).
     #[arg(long, default_value = "5s", value_parser = crate::serve::parse_duration)]
     pub first_policy_wait: Duration,
+    /// The agent's --cgroup-root (eBPF mode): while no agent is connected, an endpoint
+    /// cgroup created again under a new id (a service restart, a pod's sandbox) gets its
+    /// endpoints-map entry from the proxy, so that it is enforced before the agent returns.
+    #[arg(long, value_name = "DIR", default_value = "/sys/fs/cgroup")]
+    pub cgroup_root: PathBuf,
 }
 
 /// Runs the proxy until SIGTERM/SIGINT, then drains and exits 0.
@@ -126,7 +135,7 @@ pub fn run(args: &ProxyArgs) -> Result<()> {
         // The maps the agent pinned; nothing is revoked against the persisted snapshot (it
         // may be older than the agent's policy that wrote them): only snapshots from the
         // agent revoke.
-        Enforcer::attached(&args.serve.bpf_pin, args.serve.ledger())?
+        Enforcer::attached(&args.serve.bpf_pin, &args.cgroup_root, args.serve.ledger())?
     });
     // Its repairs of what the agent removes wait while the agent's policy is another.
     enforcer.follow_policy(policy.load().policy_id());
@@ -275,9 +284,15 @@ pub fn run(args: &ProxyArgs) -> Result<()> {
     let mut failed = None;
     let mut ticked = Instant::now();
     let mut persisted = Instant::now();
+    let mut filled = Instant::now();
     while !stop.load(Ordering::Relaxed) {
         std::thread::sleep(Duration::from_millis(50));
         enforcer.repair();
+        // No agent to pick up endpoint cgroups created again meanwhile: the proxy does.
+        if filled.elapsed() >= FILL_INTERVAL && sync_stats.connected.load(Ordering::Relaxed) == 0 {
+            filled = Instant::now();
+            enforcer.fill_endpoints(&policy.load());
+        }
         if let Some(i) = server.check() {
             failed = Some(i);
             break;
@@ -309,7 +324,7 @@ pub fn run(args: &ProxyArgs) -> Result<()> {
         );
     }
     match failed {
-        Some(i) => bail!("shard {i} stopped unexpectedly; exiting so a supervisor restarts us"),
+        Some(what) => bail!("{what} stopped unexpectedly; exiting so a supervisor restarts us"),
         None => Ok(()),
     }
 }

@@ -598,6 +598,24 @@ pub fn os_random_key() -> Result<[u64; 2]> {
     ])
 }
 
+/// A thread of the data plane that ended (see [`Server::check`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stopped {
+    /// Shard `i`.
+    Shard(usize),
+    /// The consumer of the shards' records.
+    Consumer,
+}
+
+impl std::fmt::Display for Stopped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Stopped::Shard(i) => write!(f, "shard {i}"),
+            Stopped::Consumer => f.write_str("the consumer thread"),
+        }
+    }
+}
+
 /// The running data plane of a process: shards, the consumer and the metrics listener.
 pub struct Server {
     /// Per-shard published status.
@@ -684,13 +702,24 @@ impl Server {
         let records = Arc::new(RecordQueue::new(args.record_queue));
         let flow_log: Option<Box<dyn std::io::Write + Send>> = match &args.flow_log {
             None => None,
-            Some(path) => Some(Box::new(std::io::BufWriter::new(
-                std::fs::OpenOptions::new()
+            // 0600: every workload's queries and addresses are in it (review finding: made
+            // under the umask, others could read it; one an older build made is made
+            // private too).
+            Some(path) => {
+                use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+                let file = std::fs::OpenOptions::new()
                     .create(true)
                     .append(true)
+                    .mode(0o600)
                     .open(path)
-                    .with_context(|| format!("flow log {}", path.display()))?,
-            ))),
+                    .with_context(|| format!("flow log {}", path.display()))?;
+                let mode = file.metadata().map(|m| m.permissions().mode()).unwrap_or(0);
+                if mode & 0o077 != 0 {
+                    file.set_permissions(std::fs::Permissions::from_mode(0o600))
+                        .with_context(|| format!("flow log {}: chmod 0600", path.display()))?;
+                }
+                Some(Box::new(std::io::BufWriter::new(file)))
+            }
         };
 
         let mut statuses = Vec::new();
@@ -813,10 +842,10 @@ impl Server {
         })
     }
 
-    /// The index of a shard thread that stopped (it should not: the process exits so that a
-    /// supervisor restarts it). Also logs, once, that 0x20 was switched off for an upstream.
+    /// A thread that stopped, a shard or the consumer (it should not: the process exits so
+    /// that a supervisor restarts it). Also logs, once, that 0x20 was switched off for an upstream.
     /// Called on each turn of the control loop: it is the loop's heartbeat for `/healthz`.
-    pub fn check(&mut self) -> Option<usize> {
+    pub fn check(&mut self) -> Option<Stopped> {
         self.health.beat();
         if !self.case_logged
             && self.statuses.iter().any(|s| {
@@ -834,11 +863,18 @@ impl Server {
                 self.who, self.upstream
             );
         }
-        let dead = self.threads.iter().position(|t| t.is_finished());
-        if let Some(i) = dead {
+        if let Some(i) = self.threads.iter().position(|t| t.is_finished()) {
             self.health.shard_died(i);
+            return Some(Stopped::Shard(i));
         }
-        dead
+        // Review finding: a consumer that panicked (in a forward hook, say) left the process
+        // healthy and ready while its FQDN cache, flow history and the proxy's records for
+        // the agent stopped.
+        if self.consumer.is_finished() {
+            self.health.consumer_died();
+            return Some(Stopped::Consumer);
+        }
+        None
     }
 
     /// Stops the shards (each takes its sockets out of the port's steering, then drains what

@@ -38,7 +38,8 @@ pub enum CgroupDriver {
 /// What to watch and how to render it.
 #[derive(Debug, Clone)]
 pub struct K8sConfig {
-    /// `None`: in-cluster configuration (`kube::Config::infer()`); else this kubeconfig file.
+    /// `None`: the in-cluster configuration (the pod's service account, never
+    /// `$KUBECONFIG` or `~/.kube/config`); else this kubeconfig file.
     pub kubeconfig: Option<PathBuf>,
     /// Pods with `spec.nodeName` equal to this are this node's workloads (with a cgroup).
     pub node_name: String,
@@ -55,6 +56,9 @@ pub struct K8sConfig {
     /// source does not sync until the kind is served. A 404 after a complete list is always
     /// an error (the last list stays).
     pub optional_crds: bool,
+    /// The cluster's name, every pod's `io.cilium.k8s.policy.cluster` label (Cilium's
+    /// `cluster-name`, `default` unless set).
+    pub cluster_name: String,
 }
 
 /// The cluster as texts for the policy loader.
@@ -98,8 +102,8 @@ pub enum K8sError {
         /// Why.
         message: String,
     },
-    /// No in-cluster (or default kubeconfig) configuration.
-    #[error("no Kubernetes configuration: {0}")]
+    /// No in-cluster configuration (not in a pod: give `--kubeconfig`).
+    #[error("no in-cluster Kubernetes configuration (outside a pod, give --kubeconfig): {0}")]
     Infer(String),
     /// The client could not be built (TLS, authentication).
     #[error("Kubernetes client: {0}")]

@@ -27,6 +27,9 @@ pub const CCNP_DIR: &str = "k8s/ciliumclusterwidenetworkpolicies";
 
 /// The label Cilium derives from a pod's service account.
 pub const SERVICE_ACCOUNT_LABEL: &str = "io.cilium.k8s.policy.serviceaccount";
+/// The label of every pod naming its cluster, as Cilium gives every endpoint (review
+/// finding: a policy selecting by it selected no pod, which left them unrestricted).
+pub const CLUSTER_LABEL: &str = "io.cilium.k8s.policy.cluster";
 /// The prefix of the labels Cilium derives from the pod's namespace's labels.
 pub const NAMESPACE_LABELS_PREFIX: &str = "io.cilium.k8s.namespace.labels.";
 /// The namespace label every endpoint gets from its `namespace` (the loader adds it).
@@ -398,6 +401,7 @@ fn endpoints_value(view: &ClusterView, config: &K8sConfig, stats: &mut RenderSta
             .filter(|s| !s.is_empty())
             .unwrap_or("default");
         labels.insert(SERVICE_ACCOUNT_LABEL.into(), sa.into());
+        labels.insert(CLUSTER_LABEL.into(), config.cluster_name.clone());
         for (k, v) in ns_labels.get(c.namespace).copied().into_iter().flatten() {
             let key = format!("{NAMESPACE_LABELS_PREFIX}{k}");
             if representable_key(&key) {
@@ -429,7 +433,11 @@ const SLICE_CONTROLLER: &str = "endpointslice-controller.k8s.io";
 
 fn services_value(view: &ClusterView, config: &K8sConfig, stats: &mut RenderStats) -> Vec<Value> {
     // The addresses of the pods in the view, by namespace and name: a selector service's
-    // backend counts only as the address of the pod its slice names.
+    // backend counts only as the address of the pod its slice names. A pod that is no
+    // endpoint (host network: its address is its node's; finished) stands for no address
+    // (review finding: a service backed by a host-network DaemonSet made its nodes'
+    // addresses reachable by `toEndpoints`, every port with no `toPorts`; in Cilium those
+    // are `host` / `remote-node`).
     let pod_ips: HashMap<(&str, &str), Vec<IpAddr>> = view
         .pods
         .iter()
@@ -437,6 +445,11 @@ fn services_value(view: &ClusterView, config: &K8sConfig, stats: &mut RenderStat
             let ns = p.metadata.namespace.as_deref().unwrap_or("default");
             let name = p.metadata.name.as_deref()?;
             let status = p.status.as_ref()?;
+            let endpoint = p
+                .spec
+                .as_ref()
+                .is_some_and(|s| s.host_network != Some(true))
+                && !matches!(status.phase.as_deref(), Some("Succeeded" | "Failed"));
             let ips = status
                 .pod_ips
                 .iter()
@@ -444,9 +457,18 @@ fn services_value(view: &ClusterView, config: &K8sConfig, stats: &mut RenderStat
                 .map(|i| i.ip.as_str())
                 .chain(status.pod_ip.as_deref())
                 .filter_map(canonical_ip)
+                .filter(|_| endpoint)
                 .collect();
             Some(((ns, name), ips))
         })
+        .collect();
+    // Every node's addresses (this one's too): never a pod's, whatever a slice says (the
+    // pod a slice names may be out of the view, with only this node's pods watched).
+    let node_ips: HashSet<IpAddr> = view
+        .nodes
+        .iter()
+        .flat_map(|n| n.status.iter().flat_map(|s| s.addresses.iter().flatten()))
+        .filter_map(|a| canonical_ip(&a.address))
         .collect();
     // Ready backend addresses per namespace/service name, and whether each may stand for a
     // pod the service selects: named by its slice as a Pod of the service's namespace, and
@@ -485,12 +507,13 @@ fn services_value(view: &ClusterView, config: &K8sConfig, stats: &mut RenderStat
                     stats.dropped_ips += 1;
                     continue;
                 };
-                let of_pod = match pod.map(|name| pod_ips.get(&(ns, name))) {
-                    None => false,
-                    Some(Some(ips)) => ips.contains(&ip),
-                    // The pod is not in the view: only this node's pods are watched.
-                    Some(None) => managed && !config.remote_pods,
-                };
+                let of_pod = !node_ips.contains(&ip)
+                    && match pod.map(|name| pod_ips.get(&(ns, name))) {
+                        None => false,
+                        Some(Some(ips)) => ips.contains(&ip),
+                        // The pod is not in the view: only this node's pods are watched.
+                        Some(None) => managed && !config.remote_pods,
+                    };
                 set.insert((ip, of_pod));
             }
         }

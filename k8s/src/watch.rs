@@ -160,9 +160,10 @@ async fn make_client(config: &K8sConfig) -> Result<Client, K8sError> {
                 .await
                 .map_err(|e| err(&e))?
         }
-        None => kube::Config::infer()
-            .await
-            .map_err(|e| K8sError::Infer(e.to_string()))?,
+        // The pod's service account only (review finding: `Config::infer` took
+        // $KUBECONFIG or ~/.kube/config first, so an agent on a control-plane node, run by
+        // systemd as root, used root's admin kubeconfig, or another cluster's).
+        None => kube::Config::incluster().map_err(|e| K8sError::Infer(e.to_string()))?,
     };
     let mut cfg = cfg;
     cfg.read_timeout = Some(READ_TIMEOUT);

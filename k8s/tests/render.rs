@@ -175,6 +175,7 @@ fn random_view(rng: &mut fastrand::Rng) -> ClusterView {
             "app",
             "io.kubernetes.pod.namespace",
             "io.cilium.k8s.policy.serviceaccount",
+            "io.cilium.k8s.policy.cluster",
             "io.cilium.k8s.namespace.labels.k1",
             "example.com/role",
             "a",
@@ -226,9 +227,17 @@ fn random_views_always_load() {
             assert!(
                 !e.labels.keys().any(|k| k.starts_with("io.cilium.k8s.")
                     && !k.starts_with("io.cilium.k8s.namespace.labels.")
-                    && k != "io.cilium.k8s.policy.serviceaccount"),
+                    && k != "io.cilium.k8s.policy.serviceaccount"
+                    && k != "io.cilium.k8s.policy.cluster"),
                 "round {round}: spoofed label kept: {:?}",
                 e.labels
+            );
+            assert_eq!(
+                e.labels
+                    .get("io.cilium.k8s.policy.cluster")
+                    .map(String::as_str),
+                Some("default"),
+                "round {round}: every pod carries its cluster's name"
             );
             assert!(
                 e.cgroup.is_some() || !e.ips.is_empty(),

@@ -610,3 +610,130 @@ fn a_relist_that_never_answers_is_noticed() {
         "pod b never seen after 12 s, and the status says connected: {status:?}"
     );
 }
+
+// ---------------------------------------------------------------------------------------
+// Review finding (2026-12-03): a selector Service backed by a host-network DaemonSet
+// (node-local-dns, an ingress controller) has its pods' addresses, which are their nodes',
+// in the controller's EndpointSlice. They were taken as pods the Service selects, so
+// `toEndpoints` of the DaemonSet's labels reached the nodes' addresses, every port with no
+// `toPorts` (the kubelet, ssh). In Cilium those are `host` / `remote-node`.
+// ---------------------------------------------------------------------------------------
+
+fn with_host_network_backend(remote_pods: bool) -> (ClusterView, K8sConfig) {
+    let mut view = base_view();
+    view.namespaces
+        .push(typed::<Namespace>(namespace("kube-system", json!({}))));
+    let mut dns = pod(
+        "kube-system",
+        "node-dns-x1",
+        "n2",
+        Some("192.168.1.12"),
+        Some("Burstable"),
+    );
+    dns["metadata"]["labels"] = json!({"k8s-app": "node-dns"});
+    dns["spec"]["hostNetwork"] = json!(true);
+    // Watched only with the other nodes' pods (it runs on n2).
+    if remote_pods {
+        view.pods.push(typed::<Pod>(dns));
+    }
+    view.nodes.push(typed(json!({
+        "metadata": {"name": "n2"},
+        "status": {"addresses": [{"type": "InternalIP", "address": "192.168.1.12"}]},
+    })));
+    view.services.push(service(
+        "kube-system",
+        "node-dns",
+        json!({}),
+        json!({"k8s-app": "node-dns"}),
+        "10.96.0.10",
+    ));
+    view.endpoint_slices.push(managed_slice(
+        "kube-system",
+        "node-dns",
+        "node-dns-x1",
+        "192.168.1.12",
+    ));
+    let mut config = cfg();
+    config.remote_pods = remote_pods;
+    (view, config)
+}
+
+#[test]
+fn a_host_network_backend_does_not_make_its_node_an_endpoint() {
+    let policy = r#"
+apiVersion: cilium.io/v2
+kind: CiliumClusterwideNetworkPolicy
+metadata: {name: to-node-dns}
+spec:
+  endpointSelector: {matchLabels: {app: client}}
+  egress:
+  - toEndpoints: [{matchLabels: {k8s-app: node-dns, k8s:io.kubernetes.pod.namespace: kube-system}}]
+"#;
+    // With every pod watched, and with this node's only (the DaemonSet's pod on n2 is then
+    // out of the view): the node's address is no backend either way.
+    for remote_pods in [true, false] {
+        let (view, config) = with_host_network_backend(remote_pods);
+        let r = render(&view, &config);
+        let e = Endpoints::from_yaml(&r.state.endpoints.0, &r.state.endpoints.1)
+            .unwrap_or_else(|e| panic!("endpoints text: {e}\n{}", r.state.endpoints.1));
+        let p = PolicySet::from_yaml(Path::new("p.yaml"), policy).unwrap_or_else(|e| panic!("{e}"));
+        let s = Snapshot::compile_on(&p, &e, &[], &NodeFacts::default());
+        if remote_pods {
+            assert!(s.endpoint_by_name("prod/client").is_some());
+        }
+        let Some(client) = s.endpoint_by_name("prod/client") else {
+            continue;
+        };
+        for port in [22, 10250] {
+            assert_eq!(
+                s.l3_verdict(
+                    client,
+                    "192.168.1.12".parse().unwrap(),
+                    port,
+                    PortProtocol::Tcp
+                ),
+                None,
+                "the node's address reached on {port} (remote pods watched: {remote_pods})"
+            );
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Review finding (2026-12-03): Cilium gives every endpoint `io.cilium.k8s.policy.cluster`
+// (the cluster's name, `default` unless set); the rendered pods lacked it, so a policy
+// selecting by it (ClusterMesh set-ups write them) selected no pod and left every pod
+// unrestricted. A pod cannot claim another cluster (the key is stripped from its labels).
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn a_policy_selecting_the_cluster_label_selects_the_clusters_pods() {
+    let policy = r#"
+apiVersion: cilium.io/v2
+kind: CiliumClusterwideNetworkPolicy
+metadata: {name: cluster-wide}
+spec:
+  endpointSelector: {matchLabels: {k8s:io.cilium.k8s.policy.cluster: default}}
+  egress:
+  - toFQDNs: [{matchName: api.example.com}]
+    toPorts: [{ports: [{port: "443", protocol: TCP}]}]
+"#;
+    let mut view = base_view();
+    let mut other = pod("dev", "other", "n2", Some("10.0.2.9"), Some("Burstable"));
+    other["metadata"]["labels"] = json!({"app": "other", "io.cilium.k8s.policy.cluster": "c2"});
+    view.pods.push(typed::<Pod>(other));
+    let s = compile(&view, policy);
+    for ep in ["prod/client", "prod/api", "dev/evil", "dev/other"] {
+        let id = s.endpoint_by_name(ep).expect("endpoint");
+        assert!(
+            s.is_restricted(id),
+            "{ep} is not selected by its cluster's label"
+        );
+    }
+    // Another cluster name selects none of them.
+    let s = compile(&view, &policy.replace("cluster: default", "cluster: c2"));
+    for ep in ["prod/client", "dev/other"] {
+        let id = s.endpoint_by_name(ep).expect("endpoint");
+        assert!(!s.is_restricted(id), "{ep} claimed cluster c2");
+    }
+}

@@ -127,6 +127,7 @@ fn initial_sync_renders_pods_namespaces_and_policies() {
         json!({
             "app": "burst",
             "io.cilium.k8s.policy.serviceaccount": "sa",
+            "io.cilium.k8s.policy.cluster": "default",
             "io.cilium.k8s.namespace.labels.team": "a",
             "io.cilium.k8s.namespace.labels.kubernetes.io/metadata.name": "prod",
         }),

@@ -628,8 +628,11 @@ impl Agent {
             None => {
                 cmd.arg("--no-bpf");
             }
-            Some((pin, _)) if config.proxy => {
-                cmd.arg("--bpf-pin").arg(pin);
+            Some((pin, cgroup_root)) if config.proxy => {
+                cmd.arg("--bpf-pin")
+                    .arg(pin)
+                    .arg("--cgroup-root")
+                    .arg(cgroup_root);
             }
             Some((pin, cgroup_root)) => {
                 cmd.arg("--bpf-pin")

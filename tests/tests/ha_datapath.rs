@@ -411,3 +411,61 @@ fn a_proxy_behind_the_agents_policy_does_not_undo_its_revocation() {
         "{stderr}"
     );
 }
+
+/// Review finding (HA): while the agent was away nobody wrote the endpoints-map entry of an
+/// endpoint cgroup created again under a new id (a service restart, a pod's sandbox): the
+/// restarted workload was not enforced at all until the agent returned. The proxy, while no
+/// agent is connected, writes it (the agent's entry for the same endpoint, copied).
+#[test]
+fn an_endpoint_cgroup_created_again_while_the_agent_is_away_is_enforced() {
+    if !require_root("ha_datapath") {
+        return;
+    }
+    let _serial = EXCLUSIVE.lock().unwrap_or_else(|e| e.into_inner());
+    let env = Env::new("ha-recreate", &["a", "b"]);
+    let upstream = Bundled::start(&[]);
+    let port = free_port();
+    let dir = TempDir::new("ha-recreate");
+    let mut agent = Agent::start(&bpf::pair_config(&env, &dir, upstream.addr, port, false));
+    let mut proxy = Agent::start(&bpf::pair_config(&env, &dir, upstream.addr, port, true));
+    proxy.wait_metric("dnsfence_sync_snapshots_total", 1.0);
+    // An address a's policy never opened.
+    let closed = SocketAddr::from(([127, 0, 0, 77], 443));
+    let _closed_listener = TcpListener::bind(closed).expect("listen");
+    assert!(env.denied(Some("a"), closed), "a is enforced");
+    agent.process.signal("KILL");
+    assert!(agent.process.wait_timeout(Duration::from_secs(5)).is_some());
+
+    // The workload restarts: its cgroup is created again, under a new id.
+    use std::os::unix::fs::MetadataExt;
+    let cgroup = env.cgroup("a");
+    let old_id = std::fs::metadata(&cgroup).expect("cgroup a").ino();
+    std::fs::remove_dir(&cgroup).expect("remove cgroup a");
+    std::fs::create_dir(&cgroup).expect("create cgroup a again");
+    assert_ne!(std::fs::metadata(&cgroup).expect("cgroup a").ino(), old_id);
+    let enforced = dnsfence_tests::poll_until(Duration::from_secs(5), || {
+        env.denied(Some("a"), closed).then_some(())
+    });
+    assert!(
+        enforced.is_some(),
+        "the restarted workload is not enforced while the agent is away"
+    );
+    // As a: its DNS is judged by a's policy, and what it resolves opens for it.
+    let ip: IpAddr = env.resolve("a", "after-restart.allowed.test", "A", &["+tries=2"]);
+    let _listener = TcpListener::bind((ip, 443)).expect("listen on the answer's address");
+    assert_eq!(env.connect(Some("a"), SocketAddr::new(ip, 443)), Ok(()));
+    assert!(env.denied(Some("a"), closed));
+
+    // The agent returns and keeps it (its own sync of the same entry).
+    let agent = Agent::start(&bpf::pair_config(&env, &dir, upstream.addr, port, false));
+    proxy.wait_metric("dnsfence_sync_snapshots_total", 2.0);
+    assert!(env.denied(Some("a"), closed));
+    assert_eq!(env.connect(Some("a"), SocketAddr::new(ip, 443)), Ok(()));
+    drop(agent);
+    proxy.process.terminate(Duration::from_secs(10));
+    let stderr = proxy.process.stderr();
+    assert!(
+        stderr.contains("created again while no agent runs, enforced: default/a"),
+        "{stderr}"
+    );
+}

@@ -285,3 +285,35 @@ fn a_service_in_another_namespace_does_not_freeze_the_registry() {
     api.apply(Res::Pods, pod("api", "127.0.0.3", "batch"));
     until(a, "127.0.0.3", "y.denied.test", NOERROR);
 }
+
+/// Review finding: without `--kubeconfig` the agent took `$KUBECONFIG` (or `~/.kube/config`)
+/// before the in-cluster configuration, so an agent on a control-plane node, run as root,
+/// used root's admin kubeconfig (or another cluster's). Only the pod's service account is
+/// taken: outside a pod, without `--kubeconfig`, it says so and exits.
+#[test]
+fn without_kubeconfig_only_the_in_cluster_configuration_is_taken() {
+    let api = FakeApi::start();
+    let dir = TempDir::new("k8s-incluster");
+    let kubeconfig = api.kubeconfig(dir.path());
+    let upstream = Bundled::start(&[]);
+    let mut cmd = std::process::Command::new(dnsfence_tests::bin("dnsfence"));
+    cmd.args(["agent", "--no-bpf", "--k8s", "--node-name", "n1"])
+        .args(["--k8s-sync-timeout", "2s", "--io", "mmsg", "--shards", "1"])
+        .arg("--listen")
+        .arg(dnsfence_tests::free_addr().to_string())
+        .arg("--metrics-listen")
+        .arg(dnsfence_tests::free_addr().to_string())
+        .arg("--upstream")
+        .arg(upstream.addr.to_string())
+        .env("KUBECONFIG", &kubeconfig)
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .env_remove("KUBERNETES_SERVICE_PORT");
+    let mut agent = dnsfence_tests::Process::spawn("agent", cmd, dir.path());
+    let status = agent.wait_timeout(Duration::from_secs(10));
+    let stderr = agent.stderr();
+    assert_eq!(status.and_then(|s| s.code()), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("no in-cluster Kubernetes configuration"),
+        "{stderr}"
+    );
+}

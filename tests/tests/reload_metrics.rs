@@ -217,6 +217,13 @@ fn flow_log_has_a_line_per_query() {
     assert_eq!(lines[1]["name"], "flow.denied.test.");
     assert_eq!(lines[1]["verdict"], "Refuse");
     assert_eq!(lines[1]["rcode"], i64::from(rcode::REFUSED));
+    // Every workload's queries are in it: readable by its owner only (review finding).
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&log)
+        .expect("flow log")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "flow log mode {mode:o}");
     drop(agent);
     let _ = std::fs::remove_file(&log);
 }

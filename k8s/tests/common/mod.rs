@@ -17,6 +17,7 @@ pub fn config(kubeconfig: &Path, node: &str) -> K8sConfig {
         remote_pods: false,
         require_ips: false,
         optional_crds: false,
+        cluster_name: "default".into(),
     }
 }
 

@@ -1,0 +1,100 @@
+//! The standalone proxy's share of the endpoints map, while no agent syncs it.
+//!
+//! The agent writes `df_endpoints` (one entry per endpoint cgroup id) and its cgroup watcher
+//! picks up a cgroup created again under a new id (a service restart, a pod's sandbox)
+//! within milliseconds. While the agent is away nobody did: such a cgroup had no entry, and
+//! its processes were not enforced at all until the agent returned (review finding: the
+//! proxy kept enforcement going for the names it answered, not for a workload restarted
+//! meanwhile). [`EndpointFill`] closes that gap from the proxy: for each endpoint cgroup of
+//! its snapshot that exists and has no entry, it writes the entry the agent wrote for the
+//! same endpoint under its earlier cgroup id (copied as it is, so a degraded endpoint stays
+//! degraded), or, for an endpoint the map holds no entry of, the one its snapshot gives. It
+//! never changes or removes an entry: the agent's sync, when it returns, makes the map its
+//! own again (and removes the entries of cgroups that are gone).
+use std::collections::HashMap as StdHashMap;
+use std::path::{Path, PathBuf};
+
+use aya::maps::{HashMap, Map, MapData};
+use dnsfence_policy::Snapshot;
+
+use crate::loader::{DatapathError, cgroup_id, endpoint_value, map_err, maps_dir};
+use crate::maps::{Endpoint, names};
+
+/// `BPF_NOEXIST`: an update that fails when the key is present.
+const NO_EXIST: u64 = 1;
+
+/// The proxy's handle on the pinned endpoints map.
+pub struct EndpointFill {
+    map: HashMap<MapData, u64, Endpoint>,
+    cgroup_root: PathBuf,
+}
+
+impl std::fmt::Debug for EndpointFill {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EndpointFill")
+            .field("cgroup_root", &self.cgroup_root)
+            .finish_non_exhaustive()
+    }
+}
+
+impl EndpointFill {
+    /// Opens the endpoints map an agent pinned under `pin_dir`; endpoint cgroup paths are
+    /// taken below `cgroup_root` (the agent's `--cgroup-root`).
+    pub fn open(pin_dir: &Path, cgroup_root: &Path) -> Result<EndpointFill, DatapathError> {
+        let path = maps_dir(pin_dir).join(names::ENDPOINTS);
+        let data = MapData::from_pin(&path).map_err(|e| DatapathError::Map {
+            map: names::ENDPOINTS,
+            reason: format!(
+                "{}: {e} (is an agent installed with this --bpf-pin?)",
+                path.display()
+            ),
+        })?;
+        let map = HashMap::try_from(Map::HashMap(data)).map_err(map_err(names::ENDPOINTS))?;
+        Ok(EndpointFill {
+            map,
+            cgroup_root: cgroup_root.to_owned(),
+        })
+    }
+
+    /// Writes the entry of every endpoint cgroup of `snapshot` that exists and has none (see
+    /// the module documentation). Returns the endpoint names written.
+    pub fn fill(&mut self, snapshot: &Snapshot) -> Result<Vec<String>, DatapathError> {
+        let mut missing = Vec::new();
+        for (path, ep) in snapshot.cgroups() {
+            let dir = self.cgroup_root.join(path.trim_start_matches('/'));
+            let Ok(id) = cgroup_id(&dir) else {
+                continue;
+            };
+            if self.map.get(&id, 0).is_err() {
+                missing.push((id, ep));
+            }
+        }
+        if missing.is_empty() {
+            return Ok(Vec::new());
+        }
+        // What the agent wrote for each endpoint, under whichever of its cgroup ids.
+        let written: StdHashMap<u64, Endpoint> = self
+            .map
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(_, value)| (value.key, value))
+            .collect();
+        let mut filled = Vec::new();
+        for (id, ep) in missing {
+            let key = snapshot.endpoint_key(ep).0;
+            let value = match written.get(&key) {
+                Some(value) => *value,
+                None => endpoint_value(snapshot, ep).0,
+            };
+            // Only where there is still none (BPF_NOEXIST): an agent's sync meanwhile wins.
+            if let Err(e) = self.map.insert(id, value, NO_EXIST) {
+                if self.map.get(&id, 0).is_ok() {
+                    continue;
+                }
+                return Err(map_err(names::ENDPOINTS)(e));
+            }
+            filled.push(snapshot.endpoint_name(ep).to_string());
+        }
+        Ok(filled)
+    }
+}
