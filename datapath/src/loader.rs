@@ -1162,6 +1162,23 @@ fn object_digest() -> u64 {
     })
 }
 
+/// The cgroup ids the links pinned under `pin_dir` are attached to, as their pin names say
+/// (see [`link_suffix`]); empty when none is pinned.
+pub(crate) fn attached_cgroups(pin_dir: &Path) -> Vec<u64> {
+    let mut ids: Vec<u64> = fs::read_dir(links_dir(pin_dir))
+        .into_iter()
+        .flatten()
+        .filter_map(Result::ok)
+        .filter_map(|e| {
+            let name = e.file_name();
+            name.to_str()?.rsplit_once('-')?.1.parse().ok()
+        })
+        .collect();
+    ids.sort_unstable();
+    ids.dedup();
+    ids
+}
+
 /// The end of a link's pin name, `<program>@<boot ns><suffix>`: which object attached it
 /// to which cgroup.
 fn link_suffix(digest: u64, cgroup_id: u64) -> String {

@@ -142,8 +142,8 @@ pub enum CgroupDriverFlag {
     Cgroupfs,
 }
 
-/// Starts the Kubernetes source of `--k8s`.
-fn start_k8s(args: &AgentArgs) -> Result<dnsfence_k8s::K8sSource> {
+/// Starts the Kubernetes source of `--k8s`; also says the node name it took.
+fn start_k8s(args: &AgentArgs) -> Result<(dnsfence_k8s::K8sSource, String)> {
     let node_name = match &args.node_name {
         Some(name) => name.clone(),
         None => match std::env::var("NODE_NAME") {
@@ -156,7 +156,7 @@ fn start_k8s(args: &AgentArgs) -> Result<dnsfence_k8s::K8sSource> {
     };
     let config = dnsfence_k8s::K8sConfig {
         kubeconfig: args.kubeconfig.clone(),
-        node_name,
+        node_name: node_name.clone(),
         cgroup_driver: match args.k8s_cgroup_driver {
             CgroupDriverFlag::Systemd => dnsfence_k8s::CgroupDriver::Systemd,
             CgroupDriverFlag::Cgroupfs => dnsfence_k8s::CgroupDriver::Cgroupfs,
@@ -176,7 +176,7 @@ fn start_k8s(args: &AgentArgs) -> Result<dnsfence_k8s::K8sSource> {
             "this node's"
         }
     );
-    Ok(dnsfence_k8s::K8sSource::start(config)?)
+    Ok((dnsfence_k8s::K8sSource::start(config)?, node_name))
 }
 
 /// The Kubernetes source's state as texts to put in force.
@@ -286,7 +286,7 @@ pub fn run(args: &AgentArgs) -> Result<()> {
     let k8s = match args.k8s {
         false => None,
         true => {
-            let source = start_k8s(args)?;
+            let (source, node_name) = start_k8s(args)?;
             let Some(state) = source.wait_synced(args.k8s_sync_timeout) else {
                 let status = source.status();
                 bail!(
@@ -298,6 +298,16 @@ pub fn run(args: &AgentArgs) -> Result<()> {
                     status.last_error.as_deref().unwrap_or("none")
                 );
             };
+            // Review finding: a node name that is not the Node object's (the host name often
+            // is not) made no pod this node's, so none was enforced, and nothing said so.
+            if !source.status().render.local_node {
+                eprintln!(
+                    "{WHO}: warning: the Kubernetes API has no Node named {:?}: no pod is \
+                     this node's, so none is enforced here (give --node-name, or NODE_NAME \
+                     from the downward API, the Node's name)",
+                    node_name
+                );
+            }
             let report = sources.apply_objects(&api_state(state), &accept);
             for rejection in &report.rejections {
                 eprintln!(

@@ -43,8 +43,15 @@ pub enum Enforcer {
         behind: std::sync::atomic::AtomicBool,
         /// The standalone proxy's handle on the endpoints map (None for the agent, whose
         /// sync owns it).
-        fill: Option<Box<Mutex<EndpointFill>>>,
+        fill: Option<Box<Mutex<Fill>>>,
     },
+}
+
+/// The standalone proxy's endpoint filling, and the last reason it could not fill that it
+/// said (said again only when it changes).
+pub struct Fill {
+    fill: EndpointFill,
+    said: Option<String>,
 }
 
 /// Prints what a sync (of the ticks, of the cgroup watcher) says, unless the last sync said
@@ -167,7 +174,7 @@ impl Enforcer {
             adopted: Mutex::new(Instant::now()),
             reported: Mutex::new(Vec::new()),
             behind: std::sync::atomic::AtomicBool::new(false),
-            fill: Some(Box::new(Mutex::new(fill))),
+            fill: Some(Box::new(Mutex::new(Fill { fill, said: None }))),
         })
     }
 
@@ -234,28 +241,49 @@ impl Enforcer {
         Ok(lines)
     }
 
-    /// (eBPF, standalone proxy) Writes the endpoints-map entry of every endpoint cgroup of
-    /// `snapshot` that has none (created again while no agent runs; see `EndpointFill`),
-    /// and says which.
+    /// (eBPF, standalone proxy; call while no agent is connected) Writes the endpoints-map
+    /// entry of every endpoint cgroup of `snapshot` that has none (created again while the
+    /// agent is away; see `EndpointFill`), unless the agent's published policy is another
+    /// than this process's or its programs are attached elsewhere than `--cgroup-root`; says
+    /// what it wrote, and each new reason it could not (once).
     pub fn fill_endpoints(&self, snapshot: &Snapshot) {
-        if let Enforcer::Bpf {
-            fill: Some(fill), ..
+        let Enforcer::Bpf {
+            fill: Some(fill),
+            allow,
+            ..
         } = self
-        {
-            match fill
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .fill(snapshot)
-            {
-                Ok(names) if names.is_empty() => {}
-                Ok(names) => eprintln!(
-                    "dnsfence proxy: endpoint cgroups created again while no agent runs, \
-                     enforced: {}",
-                    names.join(", ")
-                ),
-                Err(e) => eprintln!("dnsfence proxy: endpoints map: {e}"),
-            }
+        else {
+            return;
+        };
+        // A path the agent's newer policy gives another endpoint, or none, must not get the
+        // older one's entry (review finding).
+        if allow.behind_agent() {
+            return;
         }
+        let mut state = fill.lock().unwrap_or_else(|e| e.into_inner());
+        let problem = match state.fill.root_is_the_agents() {
+            Err(why) => Some(format!("endpoint cgroups are not filled: {why}")),
+            Ok(()) => {
+                let filled = state.fill.fill(snapshot);
+                if !filled.written.is_empty() {
+                    eprintln!(
+                        "dnsfence proxy: endpoint cgroups without an entry while no agent \
+                         runs, enforced: {}",
+                        filled.written.join(", ")
+                    );
+                }
+                (!filled.failed.is_empty()).then(|| {
+                    format!(
+                        "endpoints map: entries refused: {}",
+                        filled.failed.join("; ")
+                    )
+                })
+            }
+        };
+        if problem.is_some() && problem != state.said {
+            eprintln!("dnsfence proxy: {}", problem.as_deref().unwrap_or_default());
+        }
+        state.said = problem;
     }
 
     /// (eBPF) Sets this process's policy identity without revoking (the standalone proxy on

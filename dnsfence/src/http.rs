@@ -2,8 +2,12 @@
 //! and bytes so that no client can keep a probe from being answered.
 //!
 //! One acceptor thread and one short-lived thread per connection, at most
-//! [`MAX_CONNECTIONS`]: one more evicts the oldest (its socket is shut down, which ends its
-//! thread's read or write at once), so the acceptor never waits. Each connection has
+//! [`MAX_CONNECTIONS`]: one more evicts the oldest that is still reading its request head
+//! (its socket is shut down, which ends its thread's read at once), so the acceptor never
+//! waits; one being answered is never evicted (review finding: a flood of new connections
+//! evicted the kubelet's probe mid-answer). When every slot is answering, or
+//! [`MAX_THREADS`] connection threads are still alive (a handler waiting on a lock outlives
+//! its socket's eviction), the new connection is answered 503 without a thread and closed. Each connection has
 //! [`DEADLINE`] from its accept to the last byte of its answer: every read and write is given
 //! only what is left of it, so a client trickling a byte at a time is cut off too. One request
 //! per connection: the request head is bounded to [`MAX_HEAD`] bytes, a request with a body is
@@ -14,11 +18,14 @@
 use std::collections::VecDeque;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// Most connections served at once; one more evicts the oldest.
+/// Most connections served at once; one more evicts the oldest still reading its request.
 pub const MAX_CONNECTIONS: usize = 64;
+/// Most connection threads alive at once, evicted ones still running included.
+pub const MAX_THREADS: usize = 2 * MAX_CONNECTIONS;
 /// How long a connection may take from its accept to the last byte of its answer (a client
 /// that has not sent its request head by then is answered 408 and closed).
 pub const DEADLINE: Duration = Duration::from_secs(2);
@@ -94,8 +101,9 @@ fn reason(status: u16) -> &'static str {
 /// What the handler is asked: the method (exactly as sent) and the path (without query).
 pub type Handler = dyn Fn(&str, &str) -> Response + Send + Sync;
 
-/// The open connections, oldest first: their ids and a handle to shut them down.
-type Open = Arc<Mutex<VecDeque<(u64, TcpStream)>>>;
+/// The open connections, oldest first: their ids, a handle to shut them down, and whether
+/// they are still reading their request head (only those may be evicted).
+type Open = Arc<Mutex<VecDeque<(u64, TcpStream, Arc<AtomicBool>)>>>;
 
 /// Serves `listener` with `handler` from now on (threads that live as long as the process).
 pub fn spawn(listener: TcpListener, handler: Arc<Handler>) -> std::io::Result<()> {
@@ -107,6 +115,7 @@ pub fn spawn(listener: TcpListener, handler: Arc<Handler>) -> std::io::Result<()
 
 fn accept(listener: &TcpListener, handler: &Arc<Handler>) {
     let open: Open = Arc::default();
+    let live = Arc::new(AtomicUsize::new(0));
     let mut next_id = 0u64;
     loop {
         let stream = match listener.accept() {
@@ -123,18 +132,29 @@ fn accept(listener: &TcpListener, handler: &Arc<Handler>) {
         };
         next_id += 1;
         let id = next_id;
+        let reading = Arc::new(AtomicBool::new(true));
         {
             let mut open = open.lock().unwrap_or_else(|e| e.into_inner());
             while open.len() >= MAX_CONNECTIONS {
-                if let Some((_, oldest)) = open.pop_front() {
+                let Some(i) = open.iter().position(|(_, _, r)| r.load(Ordering::Acquire)) else {
+                    break;
+                };
+                if let Some((_, oldest, _)) = open.remove(i) {
                     let _ = oldest.shutdown(Shutdown::Both);
                 }
             }
-            open.push_back((id, handle));
+            if open.len() >= MAX_CONNECTIONS || live.load(Ordering::Acquire) >= MAX_THREADS {
+                drop(open);
+                busy(stream);
+                continue;
+            }
+            open.push_back((id, handle, Arc::clone(&reading)));
         }
+        live.fetch_add(1, Ordering::AcqRel);
         let registered = Registered {
             open: Arc::clone(&open),
             id,
+            live: Arc::clone(&live),
         };
         let handler = Arc::clone(handler);
         // A failed spawn drops the closure: the connection is closed and unregistered.
@@ -143,22 +163,33 @@ fn accept(listener: &TcpListener, handler: &Arc<Handler>) {
             .stack_size(STACK)
             .spawn(move || {
                 let _registered = registered;
-                serve(stream, accepted + DEADLINE, &*handler);
+                serve(stream, accepted + DEADLINE, &reading, &*handler);
             });
     }
 }
 
-/// A connection's entry in [`Open`], removed when its thread ends (or panics).
+/// A connection's entry in [`Open`] and its count in the live threads, both taken back when
+/// its thread ends (or panics; a failed spawn drops it at once).
 struct Registered {
     open: Open,
     id: u64,
+    live: Arc<AtomicUsize>,
 }
 
 impl Drop for Registered {
     fn drop(&mut self) {
         let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
-        open.retain(|(id, _)| *id != self.id);
+        open.retain(|(id, _, _)| *id != self.id);
+        self.live.fetch_sub(1, Ordering::AcqRel);
     }
+}
+
+/// Every slot is answering: a 503 if the send buffer takes it at once, then the close (no
+/// thread, no wait).
+fn busy(stream: TcpStream) {
+    let _ = stream.set_nonblocking(true);
+    let busy = Response::text(503, "busy: every connection slot is answering\n");
+    let _ = (&stream).write(&busy.bytes(false));
 }
 
 /// What is left until `deadline`, or a timeout error when nothing is.
@@ -195,14 +226,21 @@ fn write_by(stream: &mut TcpStream, mut bytes: &[u8], deadline: Instant) -> std:
     Ok(())
 }
 
-/// One connection: its request head, the answer, then the close.
-fn serve(mut stream: TcpStream, deadline: Instant, handler: &Handler) {
+/// One connection: its request head, the answer, then the close. `reading` is cleared once
+/// the head is in (the connection may no longer be evicted).
+fn serve(mut stream: TcpStream, deadline: Instant, reading: &AtomicBool, handler: &Handler) {
     let mut head = [0u8; MAX_HEAD];
     let mut len = 0;
+    // Where the last look for the head's end stopped: only the new bytes (and the three
+    // before them) are looked at again (a client sending a byte at a time made each read
+    // scan the whole head).
+    let mut scanned: usize = 0;
     let end = loop {
-        if let Some(end) = head_end(&head[..len]) {
-            break end;
+        let from = scanned.saturating_sub(3);
+        if let Some(end) = head_end(&head[from..len]) {
+            break from + end;
         }
+        scanned = len;
         if len == head.len() {
             let too_long = Response::text(400, "request head over 8 KiB\n");
             return answer(stream, &too_long, false, deadline);
@@ -220,6 +258,7 @@ fn serve(mut stream: TcpStream, deadline: Instant, handler: &Handler) {
             Err(_) => return,
         }
     };
+    reading.store(false, Ordering::Release);
     let (response, head_only) = match parse(&head[..end]) {
         Ok(request) => (
             handler(request.method, request.path),
@@ -350,6 +389,83 @@ mod tests {
         assert_eq!(head_end(b"GET / HTTP/1.1\r\nA: b\r\n\r\nGET"), Some(24));
         assert_eq!(head_end(b"GET / HTTP/1.1\nA: b\n\n"), Some(21));
         assert_eq!(head_end(b"GET / HTTP/1.1\r\nA: b\r\n"), None);
+    }
+
+    /// The test server: `/slow` answers after 300 ms, anything else at once.
+    fn server() -> std::net::SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        spawn(
+            listener,
+            Arc::new(|_: &str, path: &str| {
+                if path == "/slow" {
+                    std::thread::sleep(Duration::from_millis(300));
+                }
+                Response::text(200, format!("ok {path}\n"))
+            }),
+        )
+        .unwrap();
+        addr
+    }
+
+    fn get(stream: &mut TcpStream, path: &str) {
+        stream
+            .write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+            .unwrap();
+    }
+
+    fn answer_of(stream: &mut TcpStream) -> String {
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let mut out = String::new();
+        let _ = stream.read_to_string(&mut out);
+        out
+    }
+
+    /// Review finding: a flood of new connections evicted the oldest connection whatever it
+    /// was doing, a probe being answered included. Only connections still reading their
+    /// request are evicted; one being answered gets its answer.
+    #[test]
+    fn a_connection_being_answered_is_never_evicted() {
+        let addr = server();
+        let mut probe = TcpStream::connect(addr).unwrap();
+        get(&mut probe, "/slow");
+        std::thread::sleep(Duration::from_millis(50));
+        // Twice as many idle connections as there are slots, all newer than the probe.
+        let idle: Vec<TcpStream> = (0..2 * MAX_CONNECTIONS)
+            .map(|_| TcpStream::connect(addr).unwrap())
+            .collect();
+        let text = answer_of(&mut probe);
+        assert!(text.starts_with("HTTP/1.1 200"), "{text:?}");
+        assert!(text.ends_with("ok /slow\n"), "{text:?}");
+        drop(idle);
+        // And the server still answers.
+        let mut next = TcpStream::connect(addr).unwrap();
+        get(&mut next, "/x");
+        assert!(answer_of(&mut next).ends_with("ok /x\n"));
+    }
+
+    /// When every slot is answering, a new connection gets a 503 at once (no thread, no
+    /// wait), and the ones being answered finish.
+    #[test]
+    fn every_slot_answering_turns_new_connections_away() {
+        let addr = server();
+        let mut busy: Vec<TcpStream> = (0..MAX_CONNECTIONS)
+            .map(|_| {
+                let mut s = TcpStream::connect(addr).unwrap();
+                get(&mut s, "/slow");
+                s
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(100));
+        let mut late = TcpStream::connect(addr).unwrap();
+        get(&mut late, "/x");
+        let text = answer_of(&mut late);
+        assert!(text.starts_with("HTTP/1.1 503"), "{text:?}");
+        for s in &mut busy {
+            assert!(answer_of(s).ends_with("ok /slow\n"));
+        }
     }
 
     #[test]

@@ -72,6 +72,9 @@ pub struct RenderStats {
     /// Entries (pods, services, nodes) the policy loader refused on their own, left out so
     /// that the rest loads (a rendering rule missed something: each one is a bug to report).
     pub refused_entries: u64,
+    /// Whether the API has a Node named `K8sConfig::node_name` (else no pod is this node's,
+    /// none gets a cgroup and none is enforced: a `--node-name` that is not the Node's name).
+    pub local_node: bool,
 }
 
 /// A rendering: the texts (with generation 0) and what was left out.
@@ -85,7 +88,13 @@ pub struct Rendered {
 
 /// Renders `view` as the policy texts and the endpoints text.
 pub fn render(view: &ClusterView, config: &K8sConfig) -> Rendered {
-    let mut stats = RenderStats::default();
+    let mut stats = RenderStats {
+        local_node: view
+            .nodes
+            .iter()
+            .any(|n| n.metadata.name.as_deref() == Some(config.node_name.as_str())),
+        ..RenderStats::default()
+    };
     let mut policies = Vec::new();
     for obj in &view.network_policies {
         let ns = obj.metadata.namespace.as_deref().unwrap_or("default");

@@ -465,7 +465,66 @@ fn an_endpoint_cgroup_created_again_while_the_agent_is_away_is_enforced() {
     proxy.process.terminate(Duration::from_secs(10));
     let stderr = proxy.process.stderr();
     assert!(
-        stderr.contains("created again while no agent runs, enforced: default/a"),
+        stderr.contains("without an entry while no agent runs, enforced: default/a"),
         "{stderr}"
     );
+}
+
+/// Review finding: an endpoint whose entry the agent had removed (its cgroup was gone) got,
+/// from the proxy, an entry computed from its policy, without the L3 entries the agent had
+/// removed with it: an `egressDeny` over an answer's address was gone. The proxy now fails
+/// such an endpoint closed (DNS to the proxy only) until the agent returns.
+#[test]
+fn a_computed_entry_fails_closed_without_the_agents_l3_entries() {
+    if !require_root("ha_datapath") {
+        return;
+    }
+    let _serial = EXCLUSIVE.lock().unwrap_or_else(|e| e.into_inner());
+    let env = Env::new("ha-computed", &["a", "b"]);
+    let upstream = Bundled::start(&[]);
+    let port = free_port();
+    let dir = TempDir::new("ha-computed");
+    // a may reach *.allowed.test, but never 127.0.0.0/8 (where the upstream answers).
+    let policy = format!(
+        "{}  egressDeny:\n  - toCIDR: [127.0.0.0/8]\n",
+        bpf::A_POLICY
+    );
+    let config = |proxy: bool| {
+        let mut c = bpf::pair_config(&env, &dir, upstream.addr, port, proxy);
+        c.policy = policy.clone();
+        c
+    };
+    let mut agent = Agent::start(&config(false));
+    let mut proxy = Agent::start(&config(true));
+    proxy.wait_metric("dnsfence_sync_snapshots_total", 1.0);
+    let ip: IpAddr = env.resolve("a", "denied-by-cidr.allowed.test", "A", &["+tries=2"]);
+    let _listener = TcpListener::bind((ip, 443)).expect("listen on the answer's address");
+    assert!(
+        env.denied(Some("a"), SocketAddr::new(ip, 443)),
+        "the agent's egressDeny"
+    );
+    // a's cgroup goes while the agent runs (its entry and L3 entries go with it), then the
+    // agent dies and a's cgroup comes back.
+    let cgroup = env.cgroup("a");
+    std::fs::remove_dir(&cgroup).expect("remove cgroup a");
+    std::thread::sleep(Duration::from_millis(500));
+    agent.process.signal("KILL");
+    assert!(agent.process.wait_timeout(Duration::from_secs(5)).is_some());
+    std::fs::create_dir(&cgroup).expect("create cgroup a again");
+    let filled = dnsfence_tests::poll_until(Duration::from_secs(5), || {
+        proxy
+            .process
+            .stderr()
+            .contains("without an entry while no agent runs, enforced: default/a")
+            .then_some(())
+    });
+    assert!(filled.is_some(), "{}", proxy.process.stderr());
+    // DNS still answered; the address the egressDeny covers stays closed (fail closed).
+    let again: IpAddr = env.resolve("a", "denied-by-cidr.allowed.test", "A", &["+tries=2"]);
+    assert_eq!(again, ip);
+    assert!(
+        env.denied(Some("a"), SocketAddr::new(ip, 443)),
+        "the egressDeny is gone from the entry the proxy wrote"
+    );
+    proxy.process.terminate(Duration::from_secs(10));
 }

@@ -317,3 +317,29 @@ fn without_kubeconfig_only_the_in_cluster_configuration_is_taken() {
         "{stderr}"
     );
 }
+
+/// Review finding: a node name that is not the Node object's (the host name often is not)
+/// made no pod this node's, so none was enforced, and nothing said so. The agent says so.
+#[test]
+fn a_node_name_the_api_does_not_know_is_said() {
+    let api = FakeApi::start();
+    api.apply(
+        Res::Nodes,
+        json!({"metadata": {"name": "n1"}, "status": {"addresses": []}}),
+    );
+    let upstream = Bundled::start(&[]);
+    for (node, warned) in [("n1", false), ("n1.example.internal", true)] {
+        let dir = TempDir::new("k8s-node");
+        let mut config =
+            AgentConfig::new(IoBackend::Uring, upstream.addr).args(&["--node-name", node]);
+        config.kubeconfig = Some(api.kubeconfig(dir.path()));
+        let mut agent = Agent::start(&config);
+        let stderr = agent.process.stderr();
+        assert_eq!(
+            stderr.contains("the Kubernetes API has no Node named"),
+            warned,
+            "--node-name {node}: {stderr}"
+        );
+        agent.process.terminate(Duration::from_secs(5));
+    }
+}
