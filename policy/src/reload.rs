@@ -187,6 +187,11 @@ struct PolicyFile {
     /// that one stays in force.
     text: Option<Arc<str>>,
     last_good_text: Option<Arc<str>>,
+    /// An object of an API source, not a file: each version is whole (never half-written),
+    /// so an unusable one fails its scope closed rather than keep the last good version in
+    /// force (review finding: an update narrowing a CNP that dnsfence could not read kept
+    /// the wider version for as long as it stood).
+    atomic: bool,
 }
 
 impl PolicyFile {
@@ -239,13 +244,13 @@ impl PolicyFile {
                 (errors, Outcome::PartlyLoaded)
             }
             FileVerdict::Unusable { scope, errors } => match &self.last_good {
-                Some(good) => {
+                Some(good) if !self.atomic => {
                     self.policies = good.clone();
                     self.fail_closed.clear();
                     self.text = self.last_good_text.clone();
                     (errors, Outcome::KeptLastGood)
                 }
-                None => {
+                _ => {
                     self.policies.clear();
                     self.fail_closed = scope;
                     self.text = Some(text);
@@ -671,8 +676,8 @@ impl Sources {
     /// text by name (an object absent from `state` is removed) and, when given, the endpoint
     /// registry's text. An object whose text changed is weighed like a new file version (valid:
     /// it replaces the object's policies; partly invalid: its valid documents apply and what
-    /// the invalid ones select is denied everything; unusable: the object's last good version
-    /// stays, or its scope is denied everything); a registry text that does not load, or that
+    /// the invalid ones select is denied everything; unusable: its scope is denied everything,
+    /// whatever version was good before, since an object is never half-written); a registry text that does not load, or that
     /// `accept` refuses, leaves the last good registry in force. Unchanged texts cost nothing.
     /// Files named at load keep being checked by [`Sources::check`]; an API registry replaces
     /// an endpoints file (do not give both).
@@ -693,7 +698,10 @@ impl Sources {
                         ApiObject {
                             path: path.clone(),
                             handled: Arc::clone(text),
-                            file: PolicyFile::default(),
+                            file: PolicyFile {
+                                atomic: true,
+                                ..PolicyFile::default()
+                            },
                         },
                     );
                     i
@@ -1220,23 +1228,33 @@ mod tests {
         let s = sources.apply_objects(&state, &accept_all).snapshot.unwrap();
         assert_eq!(verdict(&s, "team-a/a", "x.a2.test"), DnsVerdict::Allow);
         assert_eq!(verdict(&s, "team-a/a", "x.a.test"), DnsVerdict::Deny);
-        // Broken: the last good version stays, reported once.
-        state.policies[0].1 = "spec: [unterminated".into();
+        // Broken (review finding: the last good version stayed, wider than the update): an
+        // object is never half-written, so what it may concern, its namespace, is denied
+        // everything, reported once; the rest stays.
+        let good = state.policies[0].1.clone();
+        state.policies[0].1 = good.replace("endpointSelector", "endpointSelektor").into();
         let report = sources.apply_objects(&state, &accept_all);
         assert_eq!(report.rejections.len(), 1);
-        assert_eq!(report.rejections[0].outcome, Outcome::KeptLastGood);
+        assert_eq!(report.rejections[0].outcome, Outcome::FailedClosed);
         assert_eq!(sources.status().rejected, 1);
-        let s = sources.in_force();
-        assert!(
-            s.policies.iter().any(|(_, t)| t.contains("*.a2.test")),
-            "{s:?}"
-        );
+        let s = report.snapshot.expect("a new state");
+        assert_eq!(verdict(&s, "team-a/a", "x.a2.test"), DnsVerdict::Deny);
+        assert_eq!(verdict(&s, "team-b/b", "x.f.test"), DnsVerdict::Allow);
+        // The proxy gets the broken text, and fails the same scope closed.
+        let (_, there, _) = Sources::from_texts(&sources.in_force(), sources.node().clone());
+        assert_eq!(verdict(&there, "team-a/a", "x.a2.test"), DnsVerdict::Deny);
+        assert_eq!(verdict(&there, "team-b/b", "x.f.test"), DnsVerdict::Allow);
         assert!(
             sources
                 .apply_objects(&state, &accept_all)
                 .rejections
                 .is_empty()
         );
+        // (A file's broken version may be half-written: there the last good one stays, see
+        // the tests of files above.) Fixed again:
+        state.policies[0].1 = good;
+        let s = sources.apply_objects(&state, &accept_all).snapshot.unwrap();
+        assert_eq!(verdict(&s, "team-a/a", "x.a2.test"), DnsVerdict::Allow);
         // A new object that never loaded: what it selects is denied everything.
         state.policies.push((
             obj("team-b", "bad"),
@@ -1274,9 +1292,9 @@ mod tests {
             report.snapshot.is_none() && report.rejections.is_empty(),
             "{report:?}"
         );
-        // (Only the broken object stays rejected.)
+        // (Nothing stays rejected.)
         let status = Status {
-            rejected: 1,
+            rejected: 0,
             pending: 0,
         };
         assert_eq!(sources.status(), status);
