@@ -2,12 +2,15 @@
 //! and bytes so that no client can keep a probe from being answered.
 //!
 //! One acceptor thread and one short-lived thread per connection, at most
-//! [`MAX_CONNECTIONS`]: one more evicts the oldest that is still reading its request head
-//! (its socket is shut down, which ends its thread's read at once), so the acceptor never
-//! waits; one being answered is never evicted (review finding: a flood of new connections
-//! evicted the kubelet's probe mid-answer). When every slot is answering, or
-//! [`MAX_THREADS`] connection threads are still alive (a handler waiting on a lock outlives
-//! its socket's eviction), the new connection is answered 503 without a thread and closed. Each connection has
+//! [`MAX_CONNECTIONS`]: one more evicts the oldest that is not in its handler (still reading
+//! its request head, or writing its answer and waiting for the client to close: its socket
+//! is shut down, which ends its thread's read or write at once), so the acceptor never
+//! waits; one whose answer is being made is never evicted (review finding: a flood of new
+//! connections evicted the kubelet's probe mid-answer), and a client that never reads its
+//! answer nor closes holds no slot against others (second review: 64 such connections
+//! turned every probe away for 2 s). When every slot is in its handler, or [`MAX_THREADS`]
+//! connection threads are still alive (a handler waiting on a lock outlives its socket's
+//! eviction), the new connection is answered 503 without a thread and closed. Each connection has
 //! [`DEADLINE`] from its accept to the last byte of its answer: every read and write is given
 //! only what is left of it, so a client trickling a byte at a time is cut off too. One request
 //! per connection: the request head is bounded to [`MAX_HEAD`] bytes, a request with a body is
@@ -22,7 +25,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// Most connections served at once; one more evicts the oldest still reading its request.
+/// Most connections served at once; one more evicts the oldest not in its handler.
 pub const MAX_CONNECTIONS: usize = 64;
 /// Most connection threads alive at once, evicted ones still running included.
 pub const MAX_THREADS: usize = 2 * MAX_CONNECTIONS;
@@ -102,7 +105,7 @@ fn reason(status: u16) -> &'static str {
 pub type Handler = dyn Fn(&str, &str) -> Response + Send + Sync;
 
 /// The open connections, oldest first: their ids, a handle to shut them down, and whether
-/// they are still reading their request head (only those may be evicted).
+/// they may be evicted (all but those in their handler).
 type Open = Arc<Mutex<VecDeque<(u64, TcpStream, Arc<AtomicBool>)>>>;
 
 /// Serves `listener` with `handler` from now on (threads that live as long as the process).
@@ -132,9 +135,15 @@ fn accept(listener: &TcpListener, handler: &Arc<Handler>) {
         };
         next_id += 1;
         let id = next_id;
-        let reading = Arc::new(AtomicBool::new(true));
+        let evictable = Arc::new(AtomicBool::new(true));
         {
             let mut open = open.lock().unwrap_or_else(|e| e.into_inner());
+            // No thread to serve it: refused before anything is evicted for it.
+            if live.load(Ordering::Acquire) >= MAX_THREADS {
+                drop(open);
+                busy(stream, "too many connection threads alive");
+                continue;
+            }
             while open.len() >= MAX_CONNECTIONS {
                 let Some(i) = open.iter().position(|(_, _, r)| r.load(Ordering::Acquire)) else {
                     break;
@@ -143,12 +152,12 @@ fn accept(listener: &TcpListener, handler: &Arc<Handler>) {
                     let _ = oldest.shutdown(Shutdown::Both);
                 }
             }
-            if open.len() >= MAX_CONNECTIONS || live.load(Ordering::Acquire) >= MAX_THREADS {
+            if open.len() >= MAX_CONNECTIONS {
                 drop(open);
-                busy(stream);
+                busy(stream, "every connection slot is answering");
                 continue;
             }
-            open.push_back((id, handle, Arc::clone(&reading)));
+            open.push_back((id, handle, Arc::clone(&evictable)));
         }
         live.fetch_add(1, Ordering::AcqRel);
         let registered = Registered {
@@ -163,7 +172,7 @@ fn accept(listener: &TcpListener, handler: &Arc<Handler>) {
             .stack_size(STACK)
             .spawn(move || {
                 let _registered = registered;
-                serve(stream, accepted + DEADLINE, &reading, &*handler);
+                serve(stream, accepted + DEADLINE, &evictable, &*handler);
             });
     }
 }
@@ -184,11 +193,11 @@ impl Drop for Registered {
     }
 }
 
-/// Every slot is answering: a 503 if the send buffer takes it at once, then the close (no
-/// thread, no wait).
-fn busy(stream: TcpStream) {
+/// No connection can be served now (`why`): a 503 if the send buffer takes it at once,
+/// then the close (no thread, no wait).
+fn busy(stream: TcpStream, why: &str) {
     let _ = stream.set_nonblocking(true);
-    let busy = Response::text(503, "busy: every connection slot is answering\n");
+    let busy = Response::text(503, format!("busy: {why}\n"));
     let _ = (&stream).write(&busy.bytes(false));
 }
 
@@ -226,9 +235,9 @@ fn write_by(stream: &mut TcpStream, mut bytes: &[u8], deadline: Instant) -> std:
     Ok(())
 }
 
-/// One connection: its request head, the answer, then the close. `reading` is cleared once
-/// the head is in (the connection may no longer be evicted).
-fn serve(mut stream: TcpStream, deadline: Instant, reading: &AtomicBool, handler: &Handler) {
+/// One connection: its request head, the answer, then the close. `evictable` is cleared
+/// while the handler makes the answer.
+fn serve(mut stream: TcpStream, deadline: Instant, evictable: &AtomicBool, handler: &Handler) {
     let mut head = [0u8; MAX_HEAD];
     let mut len = 0;
     // Where the last look for the head's end stopped: only the new bytes (and the three
@@ -258,12 +267,13 @@ fn serve(mut stream: TcpStream, deadline: Instant, reading: &AtomicBool, handler
             Err(_) => return,
         }
     };
-    reading.store(false, Ordering::Release);
     let (response, head_only) = match parse(&head[..end]) {
-        Ok(request) => (
-            handler(request.method, request.path),
-            request.method == "HEAD",
-        ),
+        Ok(request) => {
+            evictable.store(false, Ordering::Release);
+            let response = handler(request.method, request.path);
+            evictable.store(true, Ordering::Release);
+            (response, request.method == "HEAD")
+        }
         Err(why) => (Response::text(400, format!("{why}\n")), false),
     };
     answer(stream, &response, head_only, deadline);
@@ -444,6 +454,27 @@ mod tests {
         let mut next = TcpStream::connect(addr).unwrap();
         get(&mut next, "/x");
         assert!(answer_of(&mut next).ends_with("ok /x\n"));
+    }
+
+    /// Second review finding: connections that sent a request and then neither read their
+    /// answer nor closed held every slot for the whole deadline, and probes got 503. Only a
+    /// connection whose handler runs holds its slot.
+    #[test]
+    fn clients_that_never_read_their_answers_hold_no_slot() {
+        let addr = server();
+        let stuck: Vec<TcpStream> = (0..MAX_CONNECTIONS)
+            .map(|_| {
+                let mut s = TcpStream::connect(addr).unwrap();
+                get(&mut s, "/x");
+                s
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(100));
+        let mut probe = TcpStream::connect(addr).unwrap();
+        get(&mut probe, "/healthz");
+        let text = answer_of(&mut probe);
+        assert!(text.ends_with("ok /healthz\n"), "{text:?}");
+        drop(stuck);
     }
 
     /// When every slot is answering, a new connection gets a 503 at once (no thread, no

@@ -40,6 +40,8 @@ pub const CLIENT_QUEUE: usize = 4096;
 pub const MAX_CLIENTS: usize = 16;
 /// The longest request line.
 const MAX_REQUEST: u64 = 64 * 1024;
+/// Most filters of each kind (verdicts, endpoints, names) in one request.
+pub const MAX_FILTERS: usize = 32;
 /// How long a client has to send its request, and a write to it may take.
 const IO_TIMEOUT: Duration = Duration::from_secs(2);
 /// How often a follower with nothing to send checks that its client is still there.
@@ -141,8 +143,20 @@ pub struct Filter {
 }
 
 impl Filter {
-    /// The filters of `request`; an unknown verdict is an error (one line).
+    /// The filters of `request`; an unknown verdict, or more than [`MAX_FILTERS`] of a kind,
+    /// is an error (one line).
     pub fn of(request: &Request) -> Result<Filter, String> {
+        // Every flow is matched against them on the consumer's thread, under its locks
+        // (review finding: thousands of names in a 64 KiB request slowed it for everyone).
+        for (what, n) in [
+            ("verdict", request.verdict.len()),
+            ("endpoint", request.endpoint.len()),
+            ("name", request.name.len()),
+        ] {
+            if n > MAX_FILTERS {
+                return Err(format!("{n} {what} filters: at most {MAX_FILTERS}"));
+            }
+        }
         let verdicts = request
             .verdict
             .iter()
@@ -786,6 +800,21 @@ mod tests {
             })
             .is_err()
         );
+        // At most MAX_FILTERS of a kind (review finding: thousands slowed the consumer).
+        let names = |n: usize| Request {
+            name: (0..n).map(|i| format!("n{i}.test")).collect(),
+            ..Request::default()
+        };
+        assert!(Filter::of(&names(MAX_FILTERS)).is_ok());
+        let Err(e) = Filter::of(&names(MAX_FILTERS + 1)) else {
+            panic!("{} names accepted", MAX_FILTERS + 1);
+        };
+        assert!(e.contains("at most 32"), "{e}");
+        let endpoints = Request {
+            endpoint: vec!["default/x".into(); MAX_FILTERS + 1],
+            ..Request::default()
+        };
+        assert!(Filter::of(&endpoints).is_err());
     }
 
     #[test]

@@ -706,17 +706,38 @@ impl Server {
             // under the umask, others could read it; one an older build made is made
             // private too).
             Some(path) => {
-                use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+                use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+                // Only a regular file of this user, not reached through a symlink, is made
+                // private (review: `--flow-log /dev/null` made the host's /dev/null 0600,
+                // and a log another user owns made the start fail); any other is said, and
+                // used as it is.
+                let linked =
+                    std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink());
                 let file = std::fs::OpenOptions::new()
                     .create(true)
                     .append(true)
                     .mode(0o600)
                     .open(path)
                     .with_context(|| format!("flow log {}", path.display()))?;
-                let mode = file.metadata().map(|m| m.permissions().mode()).unwrap_or(0);
-                if mode & 0o077 != 0 {
-                    file.set_permissions(std::fs::Permissions::from_mode(0o600))
-                        .with_context(|| format!("flow log {}: chmod 0600", path.display()))?;
+                let meta = file
+                    .metadata()
+                    .with_context(|| format!("flow log {}", path.display()))?;
+                // The effective user: the owner of this process's /proc entry.
+                let euid = std::fs::metadata("/proc/self").map(|m| m.uid()).ok();
+                let mine = !linked && Some(meta.uid()) == euid;
+                if meta.file_type().is_file() && meta.mode() & 0o077 != 0 {
+                    let private = mine
+                        && file
+                            .set_permissions(std::fs::Permissions::from_mode(0o600))
+                            .is_ok();
+                    if !private {
+                        eprintln!(
+                            "{who}: warning: flow log {} (mode {:o}) is readable by others: \
+                             every workload's queries are in it",
+                            path.display(),
+                            meta.mode() & 0o777
+                        );
+                    }
                 }
                 Some(Box::new(std::io::BufWriter::new(file)))
             }

@@ -25,6 +25,7 @@ pub use render::{
     CCNP_DIR, CNP_DIR, ClusterView, ENDPOINTS_PATH, NAMESPACE_LABELS_PREFIX, RenderStats, Rendered,
     SERVICE_ACCOUNT_LABEL, pod_cgroup, render,
 };
+pub use watch::trim_pod;
 
 /// The kubelet's cgroup driver: how pod cgroups are named.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -618,11 +618,16 @@ fn services_value(view: &ClusterView, config: &K8sConfig, stats: &mut RenderStat
         entry.insert("namespace".into(), json!(ns));
         entry.insert("labels".into(), json!(labels));
         if let Some(selector) = selector {
-            let selector = clean(Some(selector), stats);
+            let mut selector = clean(Some(selector), stats);
             if selector.is_empty() {
                 // Every key unrepresentable: it stands for pods nobody can name here.
                 continue;
             }
+            // Every pod it selects carries its cluster's name: a `toEndpoints` naming the
+            // cluster label selects every pod of the service, so it reaches the service's
+            // address too (review: a ClusterMesh-style DNS rule refused every query sent
+            // to kube-dns's ClusterIP).
+            selector.insert(CLUSTER_LABEL.into(), config.cluster_name.clone());
             entry.insert("selector".into(), json!(selector));
         }
         if !ips.is_empty() {

@@ -244,18 +244,56 @@ fn cilium_resource(kind: &str, plural: &str) -> ApiResource {
     }
 }
 
+/// What the stores keep of an object: everything but its managed fields and annotations,
+/// which rendering never reads (review finding: whole objects were kept, so a tenant's
+/// pods with hundreds of KB of annotations, unschedulable and costing no node anything,
+/// could push every node's agent out of memory at once).
+fn trim_meta<K: Resource>(object: &mut K) {
+    let meta = object.meta_mut();
+    meta.managed_fields = None;
+    meta.annotations = None;
+}
+
+/// [`trim_meta`], and of a pod also what rendering never reads of its spec and status:
+/// containers, volumes, scheduling constraints, conditions, container statuses.
+pub fn trim_pod(pod: &mut Pod) {
+    trim_meta(pod);
+    if let Some(spec) = &mut pod.spec {
+        spec.containers.clear();
+        spec.init_containers = None;
+        spec.ephemeral_containers = None;
+        spec.volumes = None;
+        spec.affinity = None;
+        spec.tolerations = None;
+        spec.topology_spread_constraints = None;
+        spec.node_selector = None;
+        spec.readiness_gates = None;
+        spec.resource_claims = None;
+        spec.resources = None;
+    }
+    if let Some(status) = &mut pod.status {
+        status.conditions = None;
+        status.container_statuses = None;
+        status.init_container_statuses = None;
+        status.ephemeral_container_statuses = None;
+        status.resource_claim_statuses = None;
+        status.message = None;
+    }
+}
+
 fn spawn_watch<K>(
     api: Api<K>,
     wc: watcher::Config,
     writer: Writer<K>,
     kind: Kind,
     tx: mpsc::UnboundedSender<Note>,
+    trim: fn(&mut K),
 ) where
     K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
     K::DynamicType: Eq + Hash + Clone,
 {
     tokio::spawn(async move {
-        let stream = reflector::reflector(writer, watcher(api, wc).default_backoff());
+        let stream = reflector::reflector(writer, watcher(api, wc).default_backoff().modify(trim));
         let mut stream = std::pin::pin!(stream);
         while let Some(event) = stream.next().await {
             let note = match event {
@@ -309,6 +347,7 @@ fn spawn_watchers(client: &Client, config: &K8sConfig, tx: &mpsc::UnboundedSende
         w,
         Kind::Pods,
         tx.clone(),
+        trim_pod,
     );
     let (namespaces, w) = reflector::store();
     spawn_watch(
@@ -317,6 +356,7 @@ fn spawn_watchers(client: &Client, config: &K8sConfig, tx: &mpsc::UnboundedSende
         w,
         Kind::Namespaces,
         tx.clone(),
+        trim_meta,
     );
     let (services, w) = reflector::store();
     spawn_watch(
@@ -325,6 +365,7 @@ fn spawn_watchers(client: &Client, config: &K8sConfig, tx: &mpsc::UnboundedSende
         w,
         Kind::Services,
         tx.clone(),
+        trim_meta,
     );
     let (endpoint_slices, w) = reflector::store();
     spawn_watch(
@@ -333,6 +374,7 @@ fn spawn_watchers(client: &Client, config: &K8sConfig, tx: &mpsc::UnboundedSende
         w,
         Kind::EndpointSlices,
         tx.clone(),
+        trim_meta,
     );
     let cnp = cilium_resource("CiliumNetworkPolicy", "ciliumnetworkpolicies");
     let w = Writer::new(cnp.clone());
@@ -343,6 +385,7 @@ fn spawn_watchers(client: &Client, config: &K8sConfig, tx: &mpsc::UnboundedSende
         w,
         Kind::NetworkPolicies,
         tx.clone(),
+        trim_meta,
     );
     let ccnp = cilium_resource(
         "CiliumClusterwideNetworkPolicy",
@@ -356,6 +399,7 @@ fn spawn_watchers(client: &Client, config: &K8sConfig, tx: &mpsc::UnboundedSende
         w,
         Kind::ClusterwidePolicies,
         tx.clone(),
+        trim_meta,
     );
     let (nodes, w) = reflector::store();
     spawn_watch(
@@ -364,6 +408,7 @@ fn spawn_watchers(client: &Client, config: &K8sConfig, tx: &mpsc::UnboundedSende
         w,
         Kind::Nodes,
         tx.clone(),
+        trim_meta,
     );
     Stores {
         nodes,

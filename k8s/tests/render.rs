@@ -208,6 +208,35 @@ fn random_view(rng: &mut fastrand::Rng) -> ClusterView {
     view
 }
 
+/// What the stores keep of a pod (`trim_pod`: no managed fields, annotations, containers,
+/// volumes, conditions...) renders exactly as the whole pod (review finding: whole objects
+/// were kept, a memory attack on every node's agent).
+#[test]
+fn trimmed_pods_render_as_whole_ones() {
+    let mut rng = fastrand::Rng::with_seed(11);
+    for round in 0..200 {
+        let view = random_view(&mut rng);
+        let mut trimmed = view.clone();
+        trimmed.pods = view
+            .pods
+            .iter()
+            .map(|p| {
+                let mut p = (**p).clone();
+                p.metadata.annotations = Some([("big".to_string(), "x".repeat(1000))].into());
+                dnsfence_k8s::trim_pod(&mut p);
+                assert!(p.metadata.annotations.is_none());
+                Arc::new(p)
+            })
+            .collect();
+        let mut c = cfg();
+        c.remote_pods = rng.bool();
+        let whole = render(&view, &c);
+        let kept = render(&trimmed, &c);
+        assert_eq!(whole.state, kept.state, "round {round}");
+        assert_eq!(whole.stats, kept.stats, "round {round}");
+    }
+}
+
 #[test]
 fn random_views_always_load() {
     let mut rng = fastrand::Rng::with_seed(9);

@@ -737,3 +737,82 @@ spec:
         assert!(!s.is_restricted(id), "{ep} claimed cluster c2");
     }
 }
+
+/// Second review: a `toEndpoints` naming the cluster label selects every pod of a service
+/// whose pods all carry it, so it reaches the service's address (a service's selector now
+/// carries the label too): a ClusterMesh-style DNS rule refused every query to kube-dns's
+/// ClusterIP.
+#[test]
+fn a_selector_with_the_cluster_label_reaches_a_service_address() {
+    let policy = r#"
+apiVersion: cilium.io/v2
+kind: CiliumClusterwideNetworkPolicy
+metadata: {name: to-dns}
+spec:
+  endpointSelector: {matchLabels: {app: client}}
+  egress:
+  - toEndpoints: [{matchLabels: {k8s-app: dns, io.cilium.k8s.policy.cluster: default, k8s:io.kubernetes.pod.namespace: prod}}]
+    toPorts: [{ports: [{port: "53", protocol: TCP}]}]
+"#;
+    let mut view = base_view();
+    let mut dns = pod("prod", "dns-1", "n2", Some("10.0.1.9"), Some("Burstable"));
+    dns["metadata"]["labels"] = json!({"k8s-app": "dns"});
+    view.pods.push(typed::<Pod>(dns));
+    view.services.push(service(
+        "prod",
+        "dns",
+        json!({}),
+        json!({"k8s-app": "dns"}),
+        "10.96.0.53",
+    ));
+    view.endpoint_slices
+        .push(managed_slice("prod", "dns", "dns-1", "10.0.1.9"));
+    let s = compile(&view, policy);
+    assert_eq!(l3(&s, "prod/client", "10.0.1.9", 53), Some(true), "the pod");
+    assert_eq!(
+        l3(&s, "prod/client", "10.96.0.53", 53),
+        Some(true),
+        "the service's address"
+    );
+    // Another cluster's name reaches neither.
+    let s = compile(&view, &policy.replace("cluster: default", "cluster: c2"));
+    assert_eq!(l3(&s, "prod/client", "10.96.0.53", 53), None);
+}
+
+/// Second review: the host-network/finished part of the backend check, on its own (the
+/// node-address check covers host-network pods too): a finished pod's address, still in
+/// its service's slice, is no backend (it may be any other pod's, or nobody's, by now).
+#[test]
+fn a_finished_pods_address_is_no_backend() {
+    let policy = r#"
+apiVersion: cilium.io/v2
+kind: CiliumClusterwideNetworkPolicy
+metadata: {name: to-batch}
+spec:
+  endpointSelector: {matchLabels: {app: client}}
+  egress:
+  - toEndpoints: [{matchLabels: {app: batch, k8s:io.kubernetes.pod.namespace: prod}}]
+"#;
+    let mut view = base_view();
+    let mut done = pod(
+        "prod",
+        "batch-1",
+        "n2",
+        Some("10.0.1.50"),
+        Some("Burstable"),
+    );
+    done["metadata"]["labels"] = json!({"app": "batch"});
+    done["status"]["phase"] = json!("Succeeded");
+    view.pods.push(typed::<Pod>(done));
+    view.services.push(service(
+        "prod",
+        "batch",
+        json!({}),
+        json!({"app": "batch"}),
+        "10.96.0.60",
+    ));
+    view.endpoint_slices
+        .push(managed_slice("prod", "batch", "batch-1", "10.0.1.50"));
+    let s = compile(&view, policy);
+    assert_eq!(l3(&s, "prod/client", "10.0.1.50", 8080), None);
+}

@@ -589,7 +589,7 @@ fn services_with_endpoint_slices() {
             "ips": ["10.96.0.20"], "backends": ["192.0.2.9"],
         }, {
             "name": "kube-dns", "namespace": "kube-system",
-            "labels": {"k8s-app": "kube-dns"}, "selector": {"k8s-app": "kube-dns"},
+            "labels": {"k8s-app": "kube-dns"}, "selector": {"io.cilium.k8s.policy.cluster": "default", "k8s-app": "kube-dns"},
             "ips": ["10.96.0.10"], "backends": ["10.0.5.1", "10.0.5.2"],
         }]),
         "headless without backends and ExternalName left out; a selector-less service without \

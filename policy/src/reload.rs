@@ -1191,7 +1191,7 @@ mod tests {
         std::fs::remove_dir_all(d).unwrap();
     }
 
-    /// An API source's objects: added, edited, broken (last good stays), removed; the
+    /// An API source's objects: added, edited, broken (its namespace fails closed), removed; the
     /// registry replaced and a broken registry keeping the last good one; unchanged texts
     /// give no snapshot; files keep loading beside them; the proxy gets the same verdicts.
     #[test]

@@ -256,3 +256,38 @@ fn reload_refuses_what_start_refuses() {
         agent.process.stderr()
     );
 }
+
+/// A flow log an older build made under the umask is made private at start; one reached
+/// through a symlink is left as it is (said), never the link's target changed (review: a
+/// `--flow-log /dev/null` made the host's /dev/null 0600).
+#[test]
+fn an_existing_flow_log_is_made_private_but_not_through_a_link() {
+    use std::os::unix::fs::PermissionsExt;
+    let fake = FakeUpstream::start(FakeMode::Answer);
+    let dir = std::env::temp_dir().join(format!("dnsfence-flowperm-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let log = dir.join("flows.jsonl");
+    let target = dir.join("target.jsonl");
+    let link = dir.join("link.jsonl");
+    for f in [&log, &target] {
+        std::fs::write(f, "").unwrap();
+        std::fs::set_permissions(f, std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
+    std::os::unix::fs::symlink(&target, &link).unwrap();
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    for (path, want) in [(&log, 0o600), (&link, 0o644)] {
+        let arg = path.display().to_string();
+        let mut agent =
+            Agent::start(&AgentConfig::new(IoBackend::Mmsg, fake.addr).args(&["--flow-log", &arg]));
+        let stderr = agent.process.stderr();
+        assert_eq!(mode(path), want, "{arg}: {stderr}");
+        assert_eq!(
+            stderr.contains("is readable by others"),
+            want != 0o600,
+            "{arg}: {stderr}"
+        );
+        agent.process.terminate(Duration::from_secs(5));
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
