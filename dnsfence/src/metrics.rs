@@ -225,6 +225,12 @@ fn answer(method: &str, path: &str, installed: Option<&Installed>) -> Response {
     };
     match path {
         "/metrics" => {
+            // At most a few pages made at once: making one waits on the consumer's and the
+            // ledger's locks, and scrapes piling up behind a long hold would fill every
+            // connection slot the probes need (review finding).
+            let Some(_scrape) = Scrape::begin() else {
+                return Response::text(503, "busy: other scrapes are being answered\n");
+            };
             let mut body = String::new();
             match prometheus_client::encoding::text::encode(&mut body, registry) {
                 Ok(()) => Response {
@@ -236,6 +242,38 @@ fn answer(method: &str, path: &str, installed: Option<&Installed>) -> Response {
         }
         "/healthz" => probe(state.health.liveness(&observe(state), Instant::now())),
         _ => probe(state.health.readiness(&observe(state), Instant::now())),
+    }
+}
+
+/// Most `/metrics` pages made at once (a Prometheus server or two, and `dnsfence status`).
+pub const MAX_SCRAPES: usize = 4;
+
+/// `/metrics` pages being made now.
+static SCRAPES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// One `/metrics` page being made, counted until dropped.
+struct Scrape(&'static std::sync::atomic::AtomicUsize);
+
+impl Scrape {
+    /// A scrape, unless [`MAX_SCRAPES`] are being made.
+    fn begin() -> Option<Scrape> {
+        Scrape::begin_on(&SCRAPES)
+    }
+
+    /// A scrape counted in `count`, unless it holds [`MAX_SCRAPES`].
+    fn begin_on(count: &'static std::sync::atomic::AtomicUsize) -> Option<Scrape> {
+        count
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < MAX_SCRAPES).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Scrape(count))
+    }
+}
+
+impl Drop for Scrape {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -1243,6 +1281,19 @@ mod tests {
             text = format!("error after {text:?}: {e}");
         }
         (text, started.elapsed())
+    }
+
+    /// At most MAX_SCRAPES pages are made at once; the next is turned away until one ends.
+    #[test]
+    fn scrapes_are_bounded() {
+        static COUNT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let held: Vec<Scrape> = (0..MAX_SCRAPES)
+            .map(|_| Scrape::begin_on(&COUNT).expect("room"))
+            .collect();
+        assert!(Scrape::begin_on(&COUNT).is_none());
+        drop(held);
+        assert!(Scrape::begin_on(&COUNT).is_some());
+        assert_eq!(COUNT.load(Ordering::Relaxed), 0);
     }
 
     /// Clients that send nothing, trickle a header a byte at a time, or trickle a request

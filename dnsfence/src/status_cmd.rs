@@ -88,6 +88,24 @@ struct Report {
     metrics: Result<Samples, String>,
 }
 
+/// What a peer's text may show on the terminal: control characters (escape sequences a
+/// process squatting the port could send to root's terminal, review finding) as `?`, and at
+/// most [`SHOWN`] characters.
+fn printable(text: &str) -> String {
+    let mut out: String = text
+        .chars()
+        .take(SHOWN)
+        .map(|c| if c.is_control() && c != '\n' { '?' } else { c })
+        .collect();
+    if text.chars().nth(SHOWN).is_some() {
+        out.push_str("...");
+    }
+    out.replace('\n', "\n    ")
+}
+
+/// Most characters of a peer's text shown.
+const SHOWN: usize = 400;
+
 /// A probe's status code and body.
 struct Probe {
     code: u16,
@@ -163,14 +181,15 @@ impl Report {
         let Some(seen) = self.role_seen() else {
             let why = match &self.metrics {
                 Ok(_) => "GET /metrics: no dnsfence_process_info".to_owned(),
-                Err(e) => format!("GET /metrics: {e}"),
+                Err(e) => printable(&format!("GET /metrics: {e}")),
             };
             out.push_str(&format!("FAILED: not a dnsfence endpoint ({why})\n"));
             return out;
         };
         if seen != self.role.name() {
             out.push_str(&format!(
-                "WRONG PROCESS: the {seen} answers at this address; it says: "
+                "WRONG PROCESS: the {} answers at this address; it says: ",
+                printable(seen)
             ));
         }
         let word = |p: &Option<Probe>, yes: &str, no: &str| match p {
@@ -185,7 +204,7 @@ impl Report {
         ));
         for (what, probe) in [("health", &self.health), ("readiness", &self.ready)] {
             if let Some(p) = probe {
-                out.push_str(&format!("  {what}: {}\n", p.body.trim_end()));
+                out.push_str(&format!("  {what}: {}\n", printable(p.body.trim_end())));
             }
         }
         let Ok(m) = &self.metrics else {
@@ -222,7 +241,7 @@ impl Report {
         backends.dedup();
         out.push_str(&format!(
             "  shards: {shards}, I/O backend {}\n",
-            backends.join(", ")
+            printable(&backends.join(", "))
         ));
         let (entries, capacity) = (m.one("allow_entries"), m.one("allow_capacity"));
         out.push_str(&format!(
@@ -411,5 +430,35 @@ mod tests {
         assert!(foreign.render(None).contains("not a dnsfence endpoint"));
         let agent = report("dnsfence_process_info{role=\"agent\"} 1\n# EOF\n");
         assert!(agent.ok(), "{}", agent.render(None));
+    }
+
+    /// A probe's body reaches the terminal without its control characters (a process
+    /// squatting the port could send escape sequences), and bounded.
+    #[test]
+    fn probe_bodies_are_shown_without_control_characters() {
+        let mut r = Report {
+            role: Role::Agent,
+            addr: "127.0.0.1:1".parse().unwrap(),
+            unreachable: None,
+            health: Some(Probe {
+                code: 200,
+                body: "ok\x1b]2;pwned\x07\x1b[2J done\n".to_owned(),
+            }),
+            ready: None,
+            metrics: Ok(Samples::parse(
+                "dnsfence_process_info{role=\"agent\"} 1\n# EOF\n",
+            )),
+        };
+        let text = r.render(None);
+        assert!(
+            !text.chars().any(|c| c == '\x1b' || c == '\x07'),
+            "{text:?}"
+        );
+        assert!(text.contains("ok?]2;pwned??[2J done"), "{text:?}");
+        r.health = Some(Probe {
+            code: 200,
+            body: "x".repeat(10_000),
+        });
+        assert!(r.render(None).len() < 2_000);
     }
 }
