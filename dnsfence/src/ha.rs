@@ -587,6 +587,9 @@ pub struct SyncStats {
     /// Policy snapshots sent (agent) or acknowledged (proxy: applied, or equal to the one in
     /// force).
     pub snapshots: AtomicU64,
+    /// Policy snapshots from the agent the proxy could not put in force (they did not compile
+    /// here, or named what this proxy cannot enforce): the policy in force stays.
+    pub snapshots_refused: AtomicU64,
     /// Flows the agent's observe history overwrote, full (`crate::observe`).
     pub flow_history_overwritten: AtomicU64,
     /// Observe followers dropped for falling behind.
@@ -1348,6 +1351,7 @@ fn proxy_conn(
                 }
                 Err(ApplyError::NotApplied(e)) => {
                     unsaved = None;
+                    stats.snapshots_refused.fetch_add(1, Ordering::Relaxed);
                     eprintln!(
                         "dnsfence proxy: policy snapshot {} not applied: {e:#}; the policy \
                          in force stays until the agent sends another",

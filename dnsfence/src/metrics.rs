@@ -900,6 +900,13 @@ fn sync(e: &mut DescriptorEncoder, state: &State) -> Fmt {
         "Policy snapshots sent (agent) or acknowledged (proxy: applied, or equal to the one in force)",
         load(&sync.snapshots),
     )?;
+    counter(
+        e,
+        "sync_snapshots_refused",
+        "Policy snapshots from the agent this proxy could not put in force (the policy in force \
+         stays)",
+        load(&sync.snapshots_refused),
+    )?;
     let (name, help, drops) = sync.flow_history_drops();
     counters(e, name, help, drops)?;
     if let Some(pending) = &state.pending {

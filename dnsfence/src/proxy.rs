@@ -252,9 +252,15 @@ pub fn run(args: &ProxyArgs) -> Result<()> {
     // agent's (review finding: a narrowed policy leaked for ~200 ms). The persisted policy
     // serves only when no agent answers.
     // While connected it waits as long as the agent takes (the agent serves meanwhile; a
-    // hung agent is dropped after the peer timeout).
+    // hung agent is dropped after the peer timeout), but not past a snapshot it cannot put in
+    // force (review finding: it waited for ever, and when the agent then went, DNS stopped
+    // until the proxy had started): it serves the policy it has, as it does when that
+    // happens later.
     let started = Instant::now();
-    while generation.load(Ordering::Relaxed) == 1 && !stop.load(Ordering::Relaxed) {
+    while generation.load(Ordering::Relaxed) == 1
+        && !stop.load(Ordering::Relaxed)
+        && sync_stats.snapshots_refused.load(Ordering::Relaxed) == 0
+    {
         let connected = sync_stats.connected.load(Ordering::Relaxed) > 0;
         let waited = started.elapsed();
         if !connected

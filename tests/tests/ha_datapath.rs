@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use dnsfence_tests::bpf::{self, EXCLUSIVE, Env, require_root};
 use dnsfence_tests::upstream::Bundled;
-use dnsfence_tests::{Agent, TempDir, bin, free_port};
+use dnsfence_tests::{Agent, AgentConfig, TempDir, bin, free_port};
 use serde_json::Value;
 
 #[test]
@@ -352,6 +352,56 @@ fn a_proxy_refuses_a_policy_it_cannot_enforce() {
         stderr.contains("cannot be recognised without the eBPF datapath"),
         "{stderr}"
     );
+}
+
+/// HA review leftover: a proxy starting beside a connected agent waited for the agent's
+/// policy for as long as the connection lasted, even when it could not put that policy in
+/// force (here: cgroup-only endpoints, which a `--no-bpf --unknown-source allow` proxy
+/// refuses), so it never served, and when the agent then went, DNS stopped until the proxy
+/// had started. It now serves the policy it has (its persisted one), as it does when such a
+/// snapshot comes later.
+#[test]
+fn a_proxy_serves_its_own_policy_when_the_agents_first_cannot_be_applied() {
+    if !require_root("ha_datapath") {
+        return;
+    }
+    let _serial = EXCLUSIVE.lock().unwrap_or_else(|e| e.into_inner());
+    let env = Env::new("ha-refused", &["a", "b"]);
+    let upstream = Bundled::start(&[]);
+    let port = free_port();
+    let dir = TempDir::new("ha-refused");
+    let listen = SocketAddr::from(([127, 0, 0, 1], port));
+    // First a userspace pair: the proxy persists a policy of endpoints known by address.
+    let agent = Agent::start(&AgentConfig::ha_pair(
+        dir.path(),
+        listen,
+        upstream.addr,
+        false,
+    ));
+    let proxy = Agent::start(&AgentConfig::ha_pair(
+        dir.path(),
+        listen,
+        upstream.addr,
+        true,
+    ));
+    proxy.wait_metric("dnsfence_sync_snapshots_total", 1.0);
+    drop(proxy);
+    drop(agent);
+    // Then an eBPF agent whose endpoints are cgroups only, on the same agent socket.
+    let agent = Agent::start(&bpf::pair_config(&env, &dir, upstream.addr, port, false));
+    let mut proxy = Agent::spawn(
+        &AgentConfig::ha_pair(dir.path(), listen, upstream.addr, true)
+            .args(&["--unknown-source", "allow"]),
+    );
+    let serving = dnsfence_tests::poll_until(Duration::from_secs(10), || {
+        proxy.process.stderr().contains(": serving ").then_some(())
+    });
+    let stderr = proxy.process.stderr();
+    assert!(serving.is_some(), "the proxy never served: {stderr}");
+    assert!(stderr.contains("not applied"), "{stderr}");
+    assert!(proxy.metric_sum("dnsfence_sync_snapshots_refused_total") >= 1.0);
+    proxy.process.terminate(Duration::from_secs(10));
+    drop(agent);
 }
 
 /// Review finding (HA): a standalone proxy whose policy is older than the agent's put back,
