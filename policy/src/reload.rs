@@ -866,8 +866,25 @@ mod tests {
         - {name: a, namespace: team-a, labels: {app: a}, ips: [10.0.0.1]}\n\
         - {name: b, namespace: team-b, labels: {app: b}, ips: [10.0.0.2]}\n";
 
-    /// A fresh directory with a `policies/` subdirectory.
+    /// A fresh directory with a `policies/` subdirectory (those earlier test processes left
+    /// are removed first, once).
     fn dir() -> PathBuf {
+        static SWEPT: std::sync::Once = std::sync::Once::new();
+        SWEPT.call_once(|| {
+            let entries = std::fs::read_dir(std::env::temp_dir());
+            for entry in entries.into_iter().flatten().filter_map(Result::ok) {
+                let name = entry.file_name();
+                let pid = name
+                    .to_str()
+                    .and_then(|n| n.strip_prefix("dnsfence-reload-"))
+                    .and_then(|rest| rest.split('-').next()?.parse::<u32>().ok());
+                if pid.is_some_and(|pid| {
+                    pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists()
+                }) {
+                    let _ = std::fs::remove_dir_all(entry.path());
+                }
+            }
+        });
         static N: AtomicUsize = AtomicUsize::new(0);
         let d = std::env::temp_dir().join(format!(
             "dnsfence-reload-{}-{}",
