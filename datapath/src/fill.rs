@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 use aya::maps::{HashMap, Map, MapData};
 use dnsfence_policy::Snapshot;
 
-use crate::loader::{DatapathError, cgroup_id, endpoint_value, map_err, maps_dir};
+use crate::loader::{DatapathError, cgroup_id, endpoint_value, map_err, open_pinned_map};
 use crate::maps::{EP_ENFORCE, Endpoint, names};
 
 /// `BPF_NOEXIST`: an update that fails when the key is present.
@@ -59,14 +59,7 @@ impl EndpointFill {
     /// Opens the endpoints map an agent pinned under `pin_dir`; endpoint cgroup paths are
     /// taken below `cgroup_root` (the agent's `--cgroup-root`).
     pub fn open(pin_dir: &Path, cgroup_root: &Path) -> Result<EndpointFill, DatapathError> {
-        let path = maps_dir(pin_dir).join(names::ENDPOINTS);
-        let data = MapData::from_pin(&path).map_err(|e| DatapathError::Map {
-            map: names::ENDPOINTS,
-            reason: format!(
-                "{}: {e} (is an agent installed with this --bpf-pin?)",
-                path.display()
-            ),
-        })?;
+        let data = open_pinned_map(pin_dir, names::ENDPOINTS)?;
         let map = HashMap::try_from(Map::HashMap(data)).map_err(map_err(names::ENDPOINTS))?;
         Ok(EndpointFill {
             map,

@@ -1162,6 +1162,22 @@ fn object_digest() -> u64 {
     })
 }
 
+/// The map `name` an agent pinned under `pin_dir`, for the standalone proxy (which loads no
+/// program): a missing pin says so, with a hint.
+pub(crate) fn open_pinned_map(
+    pin_dir: &Path,
+    name: &'static str,
+) -> Result<MapData, DatapathError> {
+    let path = maps_dir(pin_dir).join(name);
+    MapData::from_pin(&path).map_err(|e| DatapathError::Map {
+        map: name,
+        reason: format!(
+            "{}: {e} (is an agent installed with this --bpf-pin?)",
+            path.display()
+        ),
+    })
+}
+
 /// The cgroup ids the links pinned under `pin_dir` are attached to, as their pin names say
 /// (see [`link_suffix`]); empty when none is pinned.
 pub(crate) fn attached_cgroups(pin_dir: &Path) -> Vec<u64> {

@@ -307,16 +307,7 @@ impl BpfAllow {
         pin_dir: &Path,
         mut config: LedgerConfig,
     ) -> Result<BpfAllow, DatapathError> {
-        let open = |name: &'static str| {
-            let path = crate::loader::maps_dir(pin_dir).join(name);
-            MapData::from_pin(&path).map_err(|e| DatapathError::Map {
-                map: name,
-                reason: format!(
-                    "{}: {e} (is an agent installed with this --bpf-pin?)",
-                    path.display()
-                ),
-            })
-        };
+        let open = |name| crate::loader::open_pinned_map(pin_dir, name);
         let allow = open(names::ALLOW)?;
         if let Ok(info) = allow.info() {
             config.capacity = config.capacity.min(info.max_entries() as usize);

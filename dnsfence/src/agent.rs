@@ -338,7 +338,9 @@ pub fn run(args: &AgentArgs) -> Result<()> {
     node.host.extend(args.node_ip.iter().copied());
     let mut snapshot = sources.set_node(node);
     snapshot.set_generation(1);
-    snapshot.set_policy_id(ha::policy_message(0, &sources).policy_id);
+    // The texts in force once: their identity now, and what the proxy gets below.
+    let mut message = ha::policy_message(0, &sources);
+    snapshot.set_policy_id(message.policy_id);
     refuse_unenforceable(&args.serve, snapshot.stats().without_ips).map_err(anyhow::Error::msg)?;
     // Accepted but not enforced (ingress sections, host policies): said once per note.
     let mut noted = std::collections::HashSet::new();
@@ -447,7 +449,8 @@ pub fn run(args: &AgentArgs) -> Result<()> {
     }
     let mut version = 1;
     if let Some(sync) = &sync {
-        sync.publish(ha::policy_message(version, &sources));
+        message.version = version;
+        sync.publish(message);
         sync.start(
             Arc::clone(&server.observations),
             history.clone(),
@@ -511,8 +514,10 @@ pub fn run(args: &AgentArgs) -> Result<()> {
             if let Some(mut snapshot) = report.snapshot {
                 generation += 1;
                 snapshot.set_generation(generation);
-                // Published to the standalone proxy's allow writer with the revocations.
-                snapshot.set_policy_id(ha::policy_message(0, &sources).policy_id);
+                // Published to the standalone proxy's allow writer with the revocations; the
+                // same message, numbered, goes to the proxy.
+                let mut message = ha::policy_message(0, &sources);
+                snapshot.set_policy_id(message.policy_id);
                 let before = policy.load().stats();
                 let after = snapshot.stats();
                 // The allow entries follow the new policy before the shards do: a name the
@@ -526,7 +531,8 @@ pub fn run(args: &AgentArgs) -> Result<()> {
                 policy.store(snapshot);
                 if let Some(sync) = &sync {
                     version += 1;
-                    sync.publish(ha::policy_message(version, &sources));
+                    message.version = version;
+                    sync.publish(message);
                 }
                 health.policy_loaded(version);
                 for note in sources.notes() {

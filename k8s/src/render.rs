@@ -281,6 +281,19 @@ struct Candidate<'a> {
     ips: Vec<IpAddr>,
 }
 
+/// Whether `pod` is an endpoint of its own: it has a spec, it is not on its node's network
+/// (its address is then its node's: `host` / `remote-node` in Cilium), and it has not
+/// finished.
+fn is_endpoint(pod: &Pod) -> bool {
+    pod.spec
+        .as_ref()
+        .is_some_and(|s| s.host_network != Some(true))
+        && !matches!(
+            pod.status.as_ref().and_then(|s| s.phase.as_deref()),
+            Some("Succeeded" | "Failed")
+        )
+}
+
 fn endpoints_value(view: &ClusterView, config: &K8sConfig, stats: &mut RenderStats) -> Vec<Value> {
     let ns_labels: HashMap<&str, &BTreeMap<String, String>> = view
         .namespaces
@@ -291,17 +304,10 @@ fn endpoints_value(view: &ClusterView, config: &K8sConfig, stats: &mut RenderSta
     let mut candidates: Vec<Candidate<'_>> = Vec::new();
     for pod in &view.pods {
         let pod: &Pod = pod;
-        let Some(spec) = &pod.spec else { continue };
-        if spec.host_network == Some(true) {
+        let Some(spec) = pod.spec.as_ref().filter(|_| is_endpoint(pod)) else {
             continue;
-        }
+        };
         let status = pod.status.as_ref();
-        if matches!(
-            status.and_then(|s| s.phase.as_deref()),
-            Some("Succeeded" | "Failed")
-        ) {
-            continue;
-        }
         let local = spec.node_name.as_deref() == Some(config.node_name.as_str());
         if !local && !config.remote_pods {
             continue;
@@ -454,11 +460,7 @@ fn services_value(view: &ClusterView, config: &K8sConfig, stats: &mut RenderStat
             let ns = p.metadata.namespace.as_deref().unwrap_or("default");
             let name = p.metadata.name.as_deref()?;
             let status = p.status.as_ref()?;
-            let endpoint = p
-                .spec
-                .as_ref()
-                .is_some_and(|s| s.host_network != Some(true))
-                && !matches!(status.phase.as_deref(), Some("Succeeded" | "Failed"));
+            let endpoint = is_endpoint(p);
             let ips = status
                 .pod_ips
                 .iter()
