@@ -480,7 +480,7 @@ pub fn run(args: &AgentArgs) -> Result<()> {
         std::thread::sleep(Duration::from_millis(50));
         enforcer.repair();
         if let Some(i) = server.check() {
-            failed = Some(i);
+            failed = Some(i.to_string());
             break;
         }
         if persisted.elapsed() >= ha::CACHE_PERSIST_INTERVAL {
@@ -491,7 +491,15 @@ pub fn run(args: &AgentArgs) -> Result<()> {
         // first query), and the files at each reload interval.
         let mut reports = Vec::new();
         if let Some(k8s) = &k8s {
-            reload.k8s.store(&k8s.status());
+            let status = k8s.status();
+            reload.k8s.store(&status);
+            // A dead watcher would leave its kind as it was, the status connected (review
+            // finding): the standalone proxy serves while the supervisor restarts us.
+            if let Some(why) = status.stopped {
+                eprintln!("{WHO}: the Kubernetes source stopped: {why}");
+                failed = Some("the Kubernetes source".to_string());
+                break;
+            }
             if let Some(state) = k8s.latest() {
                 reports.push(sources.apply_objects(&api_state(state), &accept));
             }

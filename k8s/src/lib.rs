@@ -6,7 +6,8 @@
 //! two Cilium kinds) on one thread with a single-threaded tokio runtime. A state is published
 //! once every watcher has finished its initial list, then after each change (debounced), and
 //! only when a text changed. A relist (410 Gone) replaces a store at once (the reflector swaps
-//! it when the list is complete), so no half-listed view is ever rendered. While the API server
+//! it when the list is complete), so no half-listed view is ever rendered; so does a watch event
+//! that cannot be decoded (kube's watcher would skip it). While the API server
 //! cannot be reached nothing is published: the last state stays in force.
 //!
 //! The rendering itself is [`render()`], a pure function of a [`ClusterView`].
@@ -22,8 +23,8 @@ use std::time::Duration;
 pub use k8s_openapi;
 pub use kube;
 pub use render::{
-    CCNP_DIR, CNP_DIR, ClusterView, ENDPOINTS_PATH, NAMESPACE_LABELS_PREFIX, RenderStats, Rendered,
-    SERVICE_ACCOUNT_LABEL, pod_cgroup, render,
+    CCNP_DIR, CNP_DIR, ClusterView, ENDPOINTS_PATH, MIRROR_ANNOTATION, NAMESPACE_LABELS_PREFIX,
+    RenderStats, Rendered, SERVICE_ACCOUNT_LABEL, pod_cgroup, render,
 };
 pub use watch::trim_pod;
 
@@ -90,6 +91,9 @@ pub struct K8sStatus {
     pub last_error: Option<String>,
     /// What the latest rendering left out.
     pub render: RenderStats,
+    /// The source, or one of its watchers, stopped (a panic): nothing it should see is seen
+    /// any more. The agent exits on it, for its supervisor to restart it.
+    pub stopped: Option<String>,
 }
 
 /// Errors starting the source.
@@ -149,6 +153,7 @@ impl K8sSource {
 
 impl Drop for K8sSource {
     fn drop(&mut self) {
+        self.shared.stopping();
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }

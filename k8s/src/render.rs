@@ -234,11 +234,26 @@ fn canonical_ip(text: &str) -> Option<IpAddr> {
     })
 }
 
-/// The pod's cgroup v2 path below the cgroup root (kubelet's layout), from its UID and QoS
-/// class; `None` without either.
+/// The annotation the kubelet puts on the API's copy (the mirror pod) of a static pod: the
+/// UID the kubelet runs that pod under (the manifest's hash unless it gives one), which names
+/// its cgroup; the mirror pod's own UID names nothing on the node.
+pub const MIRROR_ANNOTATION: &str = "kubernetes.io/config.mirror";
+
+/// The pod's cgroup v2 path below the cgroup root (kubelet's layout), from its UID (a mirror
+/// pod's: its static pod's, [`MIRROR_ANNOTATION`]) and QoS class; `None` without either.
 pub fn pod_cgroup(pod: &Pod, config: &K8sConfig) -> Option<String> {
-    let uid = pod.metadata.uid.as_deref().filter(|u| !u.is_empty())?;
-    if uid.contains('/') || uid == "." || uid == ".." {
+    // Review finding: a static pod on the pod network was rendered under its mirror pod's
+    // UID, a cgroup that does not exist, and so ran unenforced.
+    let mirror = pod
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(MIRROR_ANNOTATION));
+    let uid = match mirror {
+        Some(hash) => hash.as_str(),
+        None => pod.metadata.uid.as_deref()?,
+    };
+    if uid.is_empty() || uid.contains('/') || uid == "." || uid == ".." {
         return None;
     }
     let qos = pod.status.as_ref()?.qos_class.as_deref()?;
@@ -279,6 +294,8 @@ struct Candidate<'a> {
     local: bool,
     created: Option<&'a Time>,
     ips: Vec<IpAddr>,
+    /// A local pod's cgroup path.
+    cgroup: Option<String>,
 }
 
 /// Whether `pod` is an endpoint of its own: it has a spec, it is not on its node's network
@@ -344,6 +361,7 @@ fn endpoints_value(view: &ClusterView, config: &K8sConfig, stats: &mut RenderSta
             local,
             created: pod.metadata.creation_timestamp.as_ref(),
             ips,
+            cgroup: if local { pod_cgroup(pod, config) } else { None },
         });
     }
     // Deterministic order; a duplicate namespace/name (impossible in one cluster) keeps the
@@ -369,7 +387,26 @@ fn endpoints_value(view: &ClusterView, config: &K8sConfig, stats: &mut RenderSta
         }
     }
 
-    let mut cgroups: HashSet<String> = HashSet::new();
+    // A cgroup goes to its oldest claimant (creation time, then namespace/name). Only mirror
+    // pods can share one (UIDs are unique): anyone allowed to create pods can write the mirror
+    // annotation, and such a pod, which the kubelet deletes, must not take over the static
+    // pod's cgroup with its own labels while it exists (it is newer).
+    let mut cgroup_owner: HashMap<&str, usize> = HashMap::new();
+    for (i, c) in candidates.iter().enumerate() {
+        let Some(cg) = &c.cgroup else {
+            continue;
+        };
+        cgroup_owner
+            .entry(cg.as_str())
+            .and_modify(|o| {
+                let cur = &candidates[*o];
+                if (c.created, c.namespace, c.name) < (cur.created, cur.namespace, cur.name) {
+                    *o = i;
+                }
+            })
+            .or_insert(i);
+    }
+
     let mut out = Vec::new();
     for (i, c) in candidates.iter().enumerate() {
         let before = c.ips.len();
@@ -383,13 +420,9 @@ fn endpoints_value(view: &ClusterView, config: &K8sConfig, stats: &mut RenderSta
         if ips.is_empty() && (config.require_ips || !c.local) {
             continue;
         }
-        let mut cgroup = if c.local {
-            pod_cgroup(c.pod, config)
-        } else {
-            None
-        };
-        if let Some(cg) = &cgroup
-            && !cgroups.insert(cg.clone())
+        let mut cgroup = c.cgroup.as_deref();
+        if let Some(cg) = cgroup
+            && cgroup_owner.get(cg) != Some(&i)
         {
             stats.dropped_cgroups += 1;
             cgroup = None;

@@ -3,6 +3,7 @@
 
 use std::fmt::Debug;
 use std::hash::Hash;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -17,7 +18,7 @@ use kube::{Client, Resource};
 use serde::de::DeserializeOwned;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::render::{ClusterView, render};
+use crate::render::{ClusterView, MIRROR_ANNOTATION, render};
 use crate::{ClusterState, K8sConfig, K8sError, K8sSource, K8sStatus};
 
 /// A burst of events within this window gives one state.
@@ -33,12 +34,17 @@ const LIST_STALL: Duration = Duration::from_secs(10);
 /// none by default, so a LIST whose server died without a reset would wait forever). Above
 /// the watches' own 290 s server-side timeout, so a quiet watch is never cut by it.
 const READ_TIMEOUT: Duration = Duration::from_secs(300);
+/// A watch restarted for a fresh list because an event could not be applied waits this long
+/// first: a kind whose events keep failing relists at most once per second.
+const RELIST_PAUSE: Duration = Duration::from_secs(1);
 
 /// What the caller's thread and the runtime thread share.
 #[derive(Default)]
 pub(crate) struct Shared {
     inner: Mutex<Inner>,
     cond: Condvar,
+    /// Set when the owner drops the source: what ends after it has not failed.
+    stopping: AtomicBool,
 }
 
 #[derive(Default)]
@@ -86,12 +92,42 @@ impl Shared {
         f(&mut self.lock().status);
     }
 
+    pub(crate) fn stopping(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+    }
+
     fn publish(&self, state: ClusterState) {
         let mut inner = self.lock();
         inner.status.synced = true;
         inner.current = Some(state);
         drop(inner);
         self.cond.notify_all();
+    }
+}
+
+/// Marks the source stopped ([`K8sStatus::stopped`]) when dropped, unless the owner is
+/// dropping the source: held by the runtime thread and by each task on it, so a panic there
+/// (or a task that ends) is seen by the agent instead of leaving a kind, or the whole source,
+/// silently frozen while the status still says connected (review finding).
+struct Alive {
+    shared: Arc<Shared>,
+    what: String,
+}
+
+impl Drop for Alive {
+    fn drop(&mut self) {
+        if self.shared.stopping.load(Ordering::SeqCst) {
+            return;
+        }
+        let why = if std::thread::panicking() {
+            "panicked"
+        } else {
+            "ended"
+        };
+        let line = format!("{} {why}", self.what);
+        self.shared.update(|s| {
+            s.stopped.get_or_insert(line);
+        });
     }
 }
 
@@ -103,12 +139,17 @@ pub(crate) fn start(config: K8sConfig) -> Result<K8sSource, K8sError> {
     let thread = std::thread::Builder::new()
         .name("dnsfence-k8s".into())
         .spawn(move || {
+            let alive = Alive {
+                shared: thread_shared.clone(),
+                what: "the source's thread".into(),
+            };
             let rt = match tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
             {
                 Ok(rt) => rt,
                 Err(e) => {
+                    alive.shared.stopping();
                     let _ = init_tx.send(Err(K8sError::Runtime(e.to_string())));
                     return;
                 }
@@ -120,6 +161,7 @@ pub(crate) fn start(config: K8sConfig) -> Result<K8sSource, K8sError> {
                         c
                     }
                     Err(e) => {
+                        thread_shared.stopping();
                         let _ = init_tx.send(Err(e));
                         return;
                     }
@@ -130,6 +172,7 @@ pub(crate) fn start(config: K8sConfig) -> Result<K8sSource, K8sError> {
                 }
             });
             rt.shutdown_timeout(Duration::from_millis(500));
+            drop(alive);
         })
         .map_err(|e| K8sError::Runtime(e.to_string()))?;
     let init = init_rx
@@ -255,9 +298,16 @@ fn trim_meta<K: Resource>(object: &mut K) {
 }
 
 /// [`trim_meta`], and of a pod also what rendering never reads of its spec and status:
-/// containers, volumes, scheduling constraints, conditions, container statuses.
+/// containers, volumes, scheduling constraints, conditions, container statuses. Of its
+/// annotations only [`MIRROR_ANNOTATION`] stays (it names a static pod's cgroup).
 pub fn trim_pod(pod: &mut Pod) {
+    let mirror = pod
+        .metadata
+        .annotations
+        .as_mut()
+        .and_then(|a| a.remove_entry(MIRROR_ANNOTATION));
     trim_meta(pod);
+    pod.metadata.annotations = mirror.map(|m| [m].into());
     if let Some(spec) = &mut pod.spec {
         spec.containers.clear();
         spec.init_containers = None;
@@ -284,31 +334,79 @@ pub fn trim_pod(pod: &mut Pod) {
 fn spawn_watch<K>(
     api: Api<K>,
     wc: watcher::Config,
-    writer: Writer<K>,
+    mut writer: Writer<K>,
     kind: Kind,
     tx: mpsc::UnboundedSender<Note>,
     trim: fn(&mut K),
+    shared: Arc<Shared>,
 ) where
     K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
     K::DynamicType: Eq + Hash + Clone,
 {
     tokio::spawn(async move {
-        let stream = reflector::reflector(writer, watcher(api, wc).default_backoff().modify(trim));
-        let mut stream = std::pin::pin!(stream);
-        while let Some(event) = stream.next().await {
-            let note = match event {
-                Ok(watcher::Event::Init) => Note::Init(kind),
-                Ok(watcher::Event::InitApply(_)) => continue,
-                Ok(watcher::Event::InitDone) => Note::InitDone(kind),
-                Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_)) => Note::Changed(kind),
-                Err(e) if kind.optional() && not_found(&e) => Note::Missing(kind),
-                Err(e) => Note::Error(kind, e.to_string()),
-            };
-            if tx.send(note).is_err() {
-                break;
+        let _alive = Alive {
+            shared,
+            what: format!("watching {}", kind.name()),
+        };
+        // The store is written here rather than by kube's `reflector`, so that it outlives a
+        // watcher: a watch event that cannot be applied restarts the watcher, whose fresh list
+        // then replaces the store whole (when complete, as any relist).
+        loop {
+            let stream = watcher(api.clone(), wc.clone())
+                .default_backoff()
+                .modify(trim);
+            let mut stream = std::pin::pin!(stream);
+            let mut relist = false;
+            while let Some(event) = stream.next().await {
+                let note = match event {
+                    Ok(event) => {
+                        writer.apply_watcher_event(&event);
+                        match event {
+                            watcher::Event::Init => Note::Init(kind),
+                            watcher::Event::InitApply(_) => continue,
+                            watcher::Event::InitDone => Note::InitDone(kind),
+                            watcher::Event::Apply(_) | watcher::Event::Delete(_) => {
+                                Note::Changed(kind)
+                            }
+                        }
+                    }
+                    Err(e) if kind.optional() && not_found(&e) => Note::Missing(kind),
+                    Err(e) if lost_event(&e) => {
+                        relist = true;
+                        Note::Error(
+                            kind,
+                            format!("{e}: an event could not be read; listing again"),
+                        )
+                    }
+                    Err(e) => Note::Error(kind, e.to_string()),
+                };
+                if tx.send(note).is_err() {
+                    return;
+                }
+                if relist {
+                    break;
+                }
             }
+            if !relist {
+                return;
+            }
+            tokio::time::sleep(RELIST_PAUSE).await;
         }
     });
+}
+
+/// Whether `e` is a watch event that kube could not decode, which its watcher skips and goes
+/// on (review finding: the change was lost until the next relist, maybe hours away: a deleted
+/// pod stayed an endpoint, an edited policy stayed as it was). Such a line reaches us as a
+/// decoding error, or, since every JSON object reads as a `Status` with all fields
+/// defaulted, as an API error without a code. A transport error is none of these: the watcher
+/// resumes from the last resourceVersion it saw and misses nothing.
+fn lost_event(e: &watcher::Error) -> bool {
+    match e {
+        watcher::Error::WatchFailed(kube::Error::SerdeError(_)) => true,
+        watcher::Error::WatchFailed(kube::Error::Api(status)) => status.code == 0,
+        _ => false,
+    }
 }
 
 fn not_found(e: &watcher::Error) -> bool {
@@ -334,7 +432,12 @@ struct Stores {
     nodes: Store<Node>,
 }
 
-fn spawn_watchers(client: &Client, config: &K8sConfig, tx: &mpsc::UnboundedSender<Note>) -> Stores {
+fn spawn_watchers(
+    client: &Client,
+    config: &K8sConfig,
+    tx: &mpsc::UnboundedSender<Note>,
+    shared: &Arc<Shared>,
+) -> Stores {
     let pods_wc = if config.remote_pods {
         watcher::Config::default()
     } else {
@@ -348,6 +451,7 @@ fn spawn_watchers(client: &Client, config: &K8sConfig, tx: &mpsc::UnboundedSende
         Kind::Pods,
         tx.clone(),
         trim_pod,
+        shared.clone(),
     );
     let (namespaces, w) = reflector::store();
     spawn_watch(
@@ -357,6 +461,7 @@ fn spawn_watchers(client: &Client, config: &K8sConfig, tx: &mpsc::UnboundedSende
         Kind::Namespaces,
         tx.clone(),
         trim_meta,
+        shared.clone(),
     );
     let (services, w) = reflector::store();
     spawn_watch(
@@ -366,6 +471,7 @@ fn spawn_watchers(client: &Client, config: &K8sConfig, tx: &mpsc::UnboundedSende
         Kind::Services,
         tx.clone(),
         trim_meta,
+        shared.clone(),
     );
     let (endpoint_slices, w) = reflector::store();
     spawn_watch(
@@ -375,6 +481,7 @@ fn spawn_watchers(client: &Client, config: &K8sConfig, tx: &mpsc::UnboundedSende
         Kind::EndpointSlices,
         tx.clone(),
         trim_meta,
+        shared.clone(),
     );
     let cnp = cilium_resource("CiliumNetworkPolicy", "ciliumnetworkpolicies");
     let w = Writer::new(cnp.clone());
@@ -386,6 +493,7 @@ fn spawn_watchers(client: &Client, config: &K8sConfig, tx: &mpsc::UnboundedSende
         Kind::NetworkPolicies,
         tx.clone(),
         trim_meta,
+        shared.clone(),
     );
     let ccnp = cilium_resource(
         "CiliumClusterwideNetworkPolicy",
@@ -400,6 +508,7 @@ fn spawn_watchers(client: &Client, config: &K8sConfig, tx: &mpsc::UnboundedSende
         Kind::ClusterwidePolicies,
         tx.clone(),
         trim_meta,
+        shared.clone(),
     );
     let (nodes, w) = reflector::store();
     spawn_watch(
@@ -409,6 +518,7 @@ fn spawn_watchers(client: &Client, config: &K8sConfig, tx: &mpsc::UnboundedSende
         Kind::Nodes,
         tx.clone(),
         trim_meta,
+        shared.clone(),
     );
     Stores {
         nodes,
@@ -477,8 +587,12 @@ impl Progress {
 
 async fn run(client: Client, config: K8sConfig, shared: Arc<Shared>) {
     let (tx, mut rx) = mpsc::unbounded_channel();
-    let stores = spawn_watchers(&client, &config, &tx);
-    tokio::spawn(probe(client, shared.clone(), tx));
+    let stores = spawn_watchers(&client, &config, &tx, &shared);
+    let probe_alive = Alive {
+        shared: shared.clone(),
+        what: "the source's probe task".into(),
+    };
+    tokio::spawn(probe(client, shared.clone(), tx, probe_alive));
 
     let mut progress = Progress::default();
     let mut log = LogLimit::default();
@@ -629,7 +743,12 @@ fn handle(
 /// While the watchers report errors, asks the API server for `/version` now and then: a
 /// watch that resumes says nothing until the next change, so this is how `connected` comes
 /// back.
-async fn probe(client: Client, shared: Arc<Shared>, tx: mpsc::UnboundedSender<Note>) {
+async fn probe(
+    client: Client,
+    shared: Arc<Shared>,
+    tx: mpsc::UnboundedSender<Note>,
+    _alive: Alive,
+) {
     loop {
         tokio::time::sleep(PROBE_INTERVAL).await;
         if tx.send(Note::Tick).is_err() {
@@ -641,5 +760,63 @@ async fn probe(client: Client, shared: Arc<Shared>, tx: mpsc::UnboundedSender<No
         if client.apiserver_version().await.is_ok() && tx.send(Note::Reachable).is_err() {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::CgroupDriver;
+    use dnsfence_testkit::kube::{FakeApi, Res};
+    use serde_json::json;
+
+    fn panics(_: &mut Namespace) {
+        panic!("a trim that panics (test)");
+    }
+
+    /// A watcher task that dies (here: a panic while it trims an object) is seen in the
+    /// status; before, its kind stayed frozen at its last list and nothing said so.
+    #[test]
+    fn a_watcher_that_dies_marks_the_source_stopped() {
+        let api = FakeApi::start();
+        api.apply(Res::Namespaces, json!({"metadata": {"name": "a"}}));
+        let dir = tempfile::tempdir().expect("temp dir");
+        let config = K8sConfig {
+            kubeconfig: Some(api.kubeconfig(dir.path())),
+            node_name: "n1".into(),
+            cgroup_driver: CgroupDriver::Systemd,
+            cgroup_prefix: String::new(),
+            remote_pods: true,
+            require_ips: false,
+            optional_crds: false,
+            cluster_name: "default".into(),
+        };
+        let shared = Arc::new(Shared::default());
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            let client = make_client(&config).await.expect("client");
+            let (tx, mut rx) = mpsc::unbounded_channel();
+            let (_store, writer) = reflector::store();
+            spawn_watch(
+                Api::<Namespace>::all(client),
+                watcher::Config::default(),
+                writer,
+                Kind::Namespaces,
+                tx,
+                panics,
+                shared.clone(),
+            );
+            // The task's sender goes with it.
+            tokio::time::timeout(Duration::from_secs(10), async {
+                while rx.recv().await.is_some() {}
+            })
+            .await
+            .expect("the watcher task ended");
+        });
+        let stopped = shared.status().stopped.expect("stopped");
+        assert!(stopped.starts_with("watching namespaces"), "{stopped}");
     }
 }

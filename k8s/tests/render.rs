@@ -9,7 +9,7 @@ use common::*;
 use dnsfence_k8s::k8s_openapi::api::core::v1::{Namespace, Pod, Service};
 use dnsfence_k8s::k8s_openapi::api::discovery::v1::EndpointSlice;
 use dnsfence_k8s::kube::api::DynamicObject;
-use dnsfence_k8s::{CgroupDriver, ClusterView, K8sConfig, pod_cgroup, render};
+use dnsfence_k8s::{CgroupDriver, ClusterView, K8sConfig, MIRROR_ANNOTATION, pod_cgroup, render};
 use serde_json::{Value, json};
 
 fn cfg() -> K8sConfig {
@@ -62,6 +62,44 @@ fn cgroup_paths_per_driver_and_qos() {
         None,
         "no QoS class yet: no cgroup"
     );
+}
+
+/// A static pod runs under the UID its mirror pod's annotation names (the manifest's hash),
+/// not the mirror pod's own: its cgroup was a path that does not exist, so it ran unenforced.
+/// A pod that forges the annotation (anyone who may create pods can) takes nothing from the
+/// older static pod.
+#[test]
+fn a_mirror_pod_names_its_static_pods_cgroup_and_a_forgery_takes_none() {
+    let hash = "d41d8cd98f00b204e9800998ecf8427e";
+    let mut real = pod(
+        "kube-system",
+        "proxy-n1",
+        "n1",
+        Some("10.0.0.1"),
+        Some("Burstable"),
+    );
+    real["metadata"]["annotations"] = json!({MIRROR_ANNOTATION: hash, "other": "x"});
+    real["metadata"]["creationTimestamp"] = json!("2025-01-01T00:00:00Z");
+    let cg = format!("kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{hash}.slice");
+    assert_eq!(pod_cgroup(&typed(real.clone()), &cfg()), Some(cg.clone()));
+
+    let mut forged = pod("a", "forged", "n1", Some("10.0.0.2"), Some("Burstable"));
+    forged["metadata"]["annotations"] = json!({MIRROR_ANNOTATION: hash});
+    forged["metadata"]["creationTimestamp"] = json!("2025-01-02T00:00:00Z");
+    let view = ClusterView {
+        pods: vec![typed(forged), typed(real)],
+        ..Default::default()
+    };
+    let r = render(&view, &cfg());
+    let s = &r.state;
+    assert_eq!(
+        endpoint(s, "kube-system", "proxy-n1").unwrap()["cgroup"],
+        json!(cg)
+    );
+    let forged = endpoint(s, "a", "forged").expect("kept by its address");
+    assert!(forged.get("cgroup").is_none(), "{forged}");
+    assert_eq!(r.stats.dropped_cgroups, 1);
+    load_endpoints(s);
 }
 
 #[test]
@@ -164,6 +202,10 @@ fn random_view(rng: &mut fastrand::Rng) -> ClusterView {
         let node = if rng.u8(0..3) == 0 { "n2" } else { "n1" };
         let mut p = pod(ns, &format!("p{}", rng.u8(0..20)), node, ip.as_deref(), qos);
         p["metadata"]["uid"] = json!(format!("uid-{}", rng.u8(0..10)));
+        if rng.u8(0..4) == 0 {
+            p["metadata"]["annotations"] =
+                json!({MIRROR_ANNOTATION: format!("uid-{}", rng.u8(0..10))});
+        }
         p["metadata"]["creationTimestamp"] =
             json!(format!("2025-01-01T00:00:{:02}Z", rng.u8(0..60)));
         let phases = ["Running", "Pending", "Succeeded", "Failed"];
@@ -222,9 +264,19 @@ fn trimmed_pods_render_as_whole_ones() {
             .iter()
             .map(|p| {
                 let mut p = (**p).clone();
-                p.metadata.annotations = Some([("big".to_string(), "x".repeat(1000))].into());
+                let mirror = p
+                    .metadata
+                    .annotations
+                    .as_ref()
+                    .and_then(|a| a.get(MIRROR_ANNOTATION))
+                    .cloned();
+                p.metadata
+                    .annotations
+                    .get_or_insert_default()
+                    .insert("big".to_string(), "x".repeat(1000));
                 dnsfence_k8s::trim_pod(&mut p);
-                assert!(p.metadata.annotations.is_none());
+                let kept = mirror.map(|m| [(MIRROR_ANNOTATION.to_string(), m)].into());
+                assert_eq!(p.metadata.annotations, kept);
                 Arc::new(p)
             })
             .collect();

@@ -297,6 +297,43 @@ fn pod_added_relabelled_deleted() {
     assert!(src.latest().is_none(), "nothing changed for this node");
 }
 
+/// kube's watcher skips a watch event it cannot decode and goes on: the change was lost until
+/// the next relist (a deleted pod stayed an endpoint). The source lists again at once instead.
+#[test]
+fn an_unreadable_watch_event_relists() {
+    let (api, dir) = cluster();
+    for (name, ip) in [("a", "10.0.0.1"), ("b", "10.0.0.2")] {
+        api.apply(
+            Res::Pods,
+            pod("default", name, "n1", Some(ip), Some("Burstable")),
+        );
+    }
+    let src = K8sSource::start(config(&dir.path().join("kubeconfig"), "n1")).expect("start");
+    let first = src.wait_synced(SYNC).expect("synced");
+    assert!(endpoint(&first, "default", "a").is_some());
+    let relists = src.status().relists;
+
+    assert!(api.delete_unreadable(Res::Pods, "default", "a"));
+    // A later change that is read: pod a must go as well, not only b change.
+    let mut b = pod("default", "b", "n1", Some("10.0.0.2"), Some("Burstable"));
+    b["metadata"]["labels"] = json!({"app": "b", "tier": "web"});
+    api.apply(Res::Pods, b);
+    let s = wait_state(
+        &src,
+        Duration::from_secs(5),
+        "pod a gone, b relabelled",
+        |s| {
+            endpoint(s, "default", "a").is_none()
+                && endpoint(s, "default", "b").is_some_and(|e| e["labels"]["tier"] == "web")
+        },
+    );
+    assert!(endpoint(&s, "default", "b").is_some());
+    let status = src.status();
+    assert!(status.relists > relists, "{status:?}");
+    assert!(status.watch_errors >= 1, "{status:?}");
+    assert!(status.stopped.is_none(), "{status:?}");
+}
+
 #[test]
 fn cnp_added_edited_deleted() {
     let (api, dir) = cluster();

@@ -101,6 +101,8 @@ struct Change {
     kind: &'static str,
     prev: Option<Value>,
     object: Value,
+    /// Sent to watches as an event no client can decode (see [`FakeApi::delete_unreadable`]).
+    unreadable: bool,
 }
 
 #[derive(Default)]
@@ -225,6 +227,7 @@ impl FakeApi {
             kind,
             prev,
             object,
+            unreadable: false,
         });
         drop(d);
         self.shared.changed.notify_all();
@@ -233,6 +236,17 @@ impl FakeApi {
 
     /// Deletes an object (`namespace` `""` for a cluster-scoped one); whether it existed.
     pub fn delete(&self, res: Res, namespace: &str, name: &str) -> bool {
+        self.remove(res, namespace, name, false)
+    }
+
+    /// [`FakeApi::delete`], but open watches get the `DELETED` event with an object that is
+    /// no `res` (its `metadata.name` a number), as a client meets an event it cannot decode
+    /// (a server newer than its schema, a corrupted stream). Lists are not affected.
+    pub fn delete_unreadable(&self, res: Res, namespace: &str, name: &str) -> bool {
+        self.remove(res, namespace, name, true)
+    }
+
+    fn remove(&self, res: Res, namespace: &str, name: &str, unreadable: bool) -> bool {
         let mut d = self.shared.lock();
         let key = (namespace.to_string(), name.to_string());
         let Some(mut object) = d.objects.get_mut(&res).and_then(|m| m.remove(&key)) else {
@@ -247,6 +261,7 @@ impl FakeApi {
             kind: "DELETED",
             prev: Some(object.clone()),
             object,
+            unreadable,
         });
         drop(d);
         self.shared.changed.notify_all();
@@ -670,7 +685,12 @@ fn watch(
                     (true, false) => "DELETED",
                     (false, false) => continue,
                 };
-                events.push(json!({"type": kind, "object": c.object}));
+                let object = if c.unreadable {
+                    json!({"kind": res.kind(), "apiVersion": res.api_version(), "metadata": {"name": 7}})
+                } else {
+                    c.object.clone()
+                };
+                events.push(json!({"type": kind, "object": object}));
             }
             if events.is_empty() && bookmarks {
                 let object = json!({
