@@ -78,13 +78,31 @@ enum ReadError {
     Failed(LoadError),
 }
 
+/// Opens `path` for reading if it is a regular file (review finding: a FIFO at a policy path
+/// blocked `open` for ever, and with it the agent's control loop: no reload, no repair, no
+/// `/healthz` beat). It is opened without blocking and then judged on the open file, so a swap
+/// between a check and the open cannot block either.
+fn open_regular(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)?;
+    if !file.metadata()?.is_file() {
+        return Err(std::io::Error::other(
+            "not a regular file (a FIFO, socket or device): not read",
+        ));
+    }
+    Ok(file)
+}
+
 /// Reads `path` once into memory, as the version `stamp`: the open file and the path must
 /// still show `stamp` after the read, and the text must have its length.
 fn read_version(path: &Path, stamp: Stamp) -> Result<String, ReadError> {
     let failed = |e: std::io::Error| {
         ReadError::Failed(LoadError::new(path, 0, LoadErrorKind::Io(e.to_string())))
     };
-    let mut file = std::fs::File::open(path).map_err(failed)?;
+    let mut file = open_regular(path).map_err(failed)?;
     let mut bytes = Vec::with_capacity(usize::try_from(stamp.len).unwrap_or(0) + 1);
     file.read_to_end(&mut bytes).map_err(failed)?;
     let held = file.metadata().map(|m| Stamp::of(&m)).map_err(failed)?;
@@ -100,7 +118,7 @@ fn read_now(path: &Path) -> Result<(Stamp, String), LoadError> {
     for _ in 0..20 {
         let Some(stamp) = version(path) else {
             // Let the read say why.
-            return Err(match std::fs::File::open(path) {
+            return Err(match open_regular(path) {
                 Err(e) => LoadError::new(path, 0, LoadErrorKind::Io(e.to_string())),
                 Ok(_) => LoadError::new(path, 0, LoadErrorKind::Unstable),
             });
@@ -801,7 +819,7 @@ fn settled(path: &Path, seen: &mut Option<Version>, handled: Option<Version>) ->
 
 /// Why `path` cannot be read (for a file that cannot be stat'ed).
 fn read_error(path: &Path) -> LoadError {
-    let reason = match std::fs::File::open(path) {
+    let reason = match open_regular(path) {
         Err(e) => e.to_string(),
         Ok(_) => "cannot stat".to_string(),
     };
@@ -1088,6 +1106,41 @@ mod tests {
             DnsVerdict::Unrestricted
         );
         assert!(!sources.status().stale());
+        std::fs::remove_dir_all(d).unwrap();
+    }
+
+    /// A FIFO at a policy path is refused with a reason (the last good version stays); it
+    /// blocked the reload's `open` for ever, and with it the agent's control loop.
+    #[test]
+    fn a_fifo_is_refused_not_waited_on() {
+        let d = dir();
+        // Named as a file (in a directory, only regular files are policy files).
+        let p = d.join("a.yaml");
+        let e = d.join("endpoints.yaml");
+        std::fs::write(&p, cnp("a", "team-a", "a")).unwrap();
+        std::fs::write(&e, ENDPOINTS).unwrap();
+        let (mut sources, _) =
+            Sources::load(std::slice::from_ref(&p), Some(&e)).unwrap_or_else(|e| panic!("{e}"));
+        std::fs::remove_file(&p).unwrap();
+        let made = std::process::Command::new("mkfifo")
+            .arg(&p)
+            .status()
+            .unwrap();
+        assert!(made.success());
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(settle(&mut sources));
+        });
+        let Ok(report) = rx.recv_timeout(std::time::Duration::from_secs(5)) else {
+            // Let the blocked reader go before failing.
+            let _ = std::fs::OpenOptions::new().write(true).open(&p);
+            panic!("the check blocked on the FIFO");
+        };
+        assert!(report.snapshot.is_none(), "{report:?}");
+        assert_eq!(report.rejections.len(), 1, "{report:?}");
+        assert_eq!(report.rejections[0].outcome, Outcome::KeptLastGood);
+        let errors = report.rejections[0].errors.to_string();
+        assert!(errors.contains("not a regular file"), "{errors}");
         std::fs::remove_dir_all(d).unwrap();
     }
 
