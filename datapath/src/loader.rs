@@ -134,6 +134,8 @@ pub struct InstallConfig {
     /// Size of the cluster map: the cluster's addresses, minimal (`--cluster-cidr` ranges
     /// stand for the pods inside them), plus two.
     pub cluster_entries: u32,
+    /// Size of the endpoints map: the node's endpoint cgroups.
+    pub endpoint_entries: u32,
 }
 
 /// The maps directory of a pin directory.
@@ -391,6 +393,12 @@ pub struct EndpointSync {
     /// Older programs of an upgrade that could not be detached once the endpoints were
     /// written (they keep judging from their own maps).
     pub detach_errors: Vec<String>,
+    /// Endpoints whose entry the map refused (full: more endpoint cgroups than
+    /// `endpoint_entries`; out of memory), with why: a new one is neither redirected nor
+    /// enforced, one already there keeps its previous entry, until a sync writes it. The rest
+    /// of the sync goes on (review finding: the first refusal ended it, leaving every later
+    /// endpoint, the stale L3 entries and the cluster map's final keys unwritten).
+    pub refused: Vec<String>,
 }
 
 impl Datapath {
@@ -411,6 +419,7 @@ impl Datapath {
             .map_max_entries(names::ALLOW_NAMES, config.allow_entries.max(1))
             .map_max_entries(names::CIDR, config.l3_entries.max(1))
             .map_max_entries(names::CLUSTER, config.cluster_entries.max(4))
+            .map_max_entries(names::ENDPOINTS, config.endpoint_entries.max(1))
             .load(OBJECT)
             .map_err(|e| DatapathError::Load(format!("{e:#}")))?;
         // Before the new programs enforce from the new maps: what an older layout's agent
@@ -580,9 +589,9 @@ impl Datapath {
             }
             let (value, too_many_specs) = endpoint_value(snapshot, ep);
             if too_many_specs {
-                sync.too_many_specs.push(name);
+                sync.too_many_specs.push(name.clone());
             }
-            wanted.insert(id, value);
+            wanted.insert(id, (value, name));
             let mut truncated = false;
             let table = snapshot.l3_table(ep);
             for entry in table {
@@ -634,16 +643,17 @@ impl Datapath {
             }
         }
         sync.l3_entries = wanted_l3.len();
-        for (id, mut value) in wanted {
+        for (id, (mut value, name)) in wanted {
             if degraded.contains(&value.key) {
                 value.flags = EP_ENFORCE;
                 value.nspecs = 0;
                 sync.l3_failed_closed += 1;
             }
-            if self.endpoints.get(&id, 0).ok() != Some(value) {
-                self.endpoints
-                    .insert(id, value, 0)
-                    .map_err(map_err(names::ENDPOINTS))?;
+            if self.endpoints.get(&id, 0).ok() != Some(value)
+                && let Err(e) = self.endpoints.insert(id, value, 0)
+            {
+                sync.refused.push(format!("{name} ({e})"));
+                continue;
             }
             sync.written += 1;
         }

@@ -127,6 +127,10 @@ pub struct AgentArgs {
     /// those rules allow nothing and deny everything they cover (logged) until they do.
     #[arg(long, default_value_t = 65536)]
     pub cluster_entries: u32,
+    /// Size of the endpoints map: the node's endpoint cgroups (pods, services). An endpoint
+    /// whose entry does not fit is neither redirected nor enforced until it does (logged).
+    #[arg(long, default_value_t = 65536)]
+    pub endpoint_entries: u32,
     /// Where `dnsfence observe` asks for flows (mode 0600; the agent's user or root only).
     /// Default: `observe.sock` beside the agent socket (/run/dnsfence/observe.sock).
     #[arg(long, value_name = "PATH")]
@@ -360,6 +364,7 @@ pub fn run(args: &AgentArgs) -> Result<()> {
             allow_entries: args.serve.allow_entries as u32,
             l3_entries: args.l3_entries,
             cluster_entries: args.cluster_entries,
+            endpoint_entries: args.endpoint_entries,
         };
         Enforcer::bpf(&install, &plan.listen, ledger)?
     });

@@ -461,6 +461,15 @@ fn describe_sync(sync: &EndpointSync) -> Vec<String> {
              the older maps): {e}"
         ));
     }
+    if !sync.refused.is_empty() {
+        lines.push(format!(
+            "warning: the endpoints map refused the entries of {} endpoints (a new one is NOT \
+             redirected or enforced, one already there keeps its previous entry, until they \
+             fit: --endpoint-entries): {}",
+            sync.refused.len(),
+            sync.refused.join(", ")
+        ));
+    }
     if !sync.missing.is_empty() {
         lines.push(format!(
             "warning: the cgroups of {} endpoints do not exist yet (not redirected or \

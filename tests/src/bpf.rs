@@ -183,6 +183,7 @@ impl Env {
             allow_entries,
             l3_entries: 1024,
             cluster_entries: cluster,
+            endpoint_entries: 65536,
         })
         .expect("install the datapath")
     }

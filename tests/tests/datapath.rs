@@ -1304,6 +1304,38 @@ fn an_endpoint_whose_l3_entries_do_not_fit_fails_closed() {
     );
 }
 
+/// An endpoint whose entry the endpoints map refuses (full) is reported by name, and the
+/// others are still written: the first refusal ended the whole sync (at start the agent did
+/// not start; at a reload every later endpoint, the stale L3 entries and the cluster map's
+/// final keys stayed unwritten).
+#[test]
+fn an_endpoint_the_endpoints_map_refuses_leaves_the_others_enforced() {
+    if !require_root("datapath") {
+        return;
+    }
+    let _serial = EXCLUSIVE.lock().unwrap_or_else(|e| e.into_inner());
+    let env = Env::new("epfull", &["a", "b"]);
+    let upstream = Bundled::start(&["--ttl", "60"]);
+    let config = agent_config(&env, upstream.addr, &["--endpoint-entries", "1"]);
+    let agent = Agent::start(&config);
+    let stderr = agent.process.stderr();
+    assert!(
+        stderr.contains("the endpoints map refused the entries of 1 endpoints"),
+        "{stderr}"
+    );
+    let written = if stderr.contains("default/a (") {
+        "b"
+    } else {
+        assert!(stderr.contains("default/b ("), "{stderr}");
+        "a"
+    };
+    // Redirected and judged: neither policy allows this name.
+    assert_eq!(
+        env.dig(Some(written), server(), &["evil.test"]).status,
+        "REFUSED"
+    );
+}
+
 /// `icmps` in the egress program: ICMP and ICMPv6 of an enforced endpoint are judged by type
 /// against its L3 table (they used to be refused whatever the policy said). An L3 rule
 /// without ports allows ICMP, `toPorts` with protocol ANY does not, an `egressDeny` with
