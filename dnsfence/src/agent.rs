@@ -293,6 +293,9 @@ pub fn run(args: &AgentArgs) -> Result<()> {
             let (source, node_name) = start_k8s(args)?;
             let Some(state) = source.wait_synced(args.k8s_sync_timeout) else {
                 let status = source.status();
+                if let Some(why) = status.stopped {
+                    bail!("the Kubernetes source stopped before its first full state: {why}");
+                }
                 bail!(
                     "the Kubernetes API gave no full state within {:?} (connected: {}, {} \
                      errors; last: {})",

@@ -5,9 +5,10 @@
 //! [`K8sSource::start`] runs the watchers (pods, namespaces, services, EndpointSlices and the
 //! two Cilium kinds) on one thread with a single-threaded tokio runtime. A state is published
 //! once every watcher has finished its initial list, then after each change (debounced), and
-//! only when a text changed. A relist (410 Gone) replaces a store at once (the reflector swaps
-//! it when the list is complete), so no half-listed view is ever rendered; so does a watch event
-//! that cannot be decoded (kube's watcher would skip it). While the API server
+//! only when a text changed. A relist (410 Gone) replaces a store at once (the store is swapped
+//! when the list is complete), so no half-listed view is ever rendered; a watch event that
+//! cannot be decoded (kube's watcher would skip it) starts such a relist, with backoff. A
+//! watcher or the thread that stops is reported ([`K8sStatus::stopped`]). While the API server
 //! cannot be reached nothing is published: the last state stays in force.
 //!
 //! The rendering itself is [`render()`], a pure function of a [`ClusterView`].

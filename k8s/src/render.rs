@@ -239,19 +239,32 @@ fn canonical_ip(text: &str) -> Option<IpAddr> {
 /// its cgroup; the mirror pod's own UID names nothing on the node.
 pub const MIRROR_ANNOTATION: &str = "kubernetes.io/config.mirror";
 
+/// The static pod UID a mirror pod names, when it has a usable one (a UUID or the kubelet's
+/// hex hash: at most 64 letters, digits, `-` or `_`).
+pub fn mirror_uid(pod: &Pod) -> Option<&str> {
+    let value = pod.metadata.annotations.as_ref()?.get(MIRROR_ANNOTATION)?;
+    let usable = (1..=64).contains(&value.len())
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    usable.then_some(value.as_str())
+}
+
 /// The pod's cgroup v2 path below the cgroup root (kubelet's layout), from its UID (a mirror
 /// pod's: its static pod's, [`MIRROR_ANNOTATION`]) and QoS class; `None` without either.
 pub fn pod_cgroup(pod: &Pod, config: &K8sConfig) -> Option<String> {
     // Review finding: a static pod on the pod network was rendered under its mirror pod's
     // UID, a cgroup that does not exist, and so ran unenforced.
-    let mirror = pod
+    let has_mirror = pod
         .metadata
         .annotations
         .as_ref()
-        .and_then(|a| a.get(MIRROR_ANNOTATION));
-    let uid = match mirror {
-        Some(hash) => hash.as_str(),
-        None => pod.metadata.uid.as_deref()?,
+        .is_some_and(|a| a.contains_key(MIRROR_ANNOTATION));
+    let uid = match (has_mirror, mirror_uid(pod)) {
+        (_, Some(uid)) => uid,
+        // Not one the kubelet writes: no cgroup rather than the mirror pod's own UID's.
+        (true, None) => return None,
+        (false, None) => pod.metadata.uid.as_deref()?,
     };
     if uid.is_empty() || uid.contains('/') || uid == "." || uid == ".." {
         return None;
@@ -296,6 +309,26 @@ struct Candidate<'a> {
     ips: Vec<IpAddr>,
     /// A local pod's cgroup path.
     cgroup: Option<String>,
+}
+
+/// How strongly `pod` claims its cgroup, strongest first: by its own UID (0; a mirror value
+/// equal to a real pod's UID is forged), as a mirror pod the kubelet of `node` would have
+/// made (1: owned by that Node, not being deleted), as any other mirror pod (2).
+fn claim(pod: &Pod, node: &str, node_uid: Option<&str>) -> u8 {
+    if mirror_uid(pod).is_none() {
+        return 0;
+    }
+    let owned = pod
+        .metadata
+        .owner_references
+        .iter()
+        .flatten()
+        .any(|o| o.kind == "Node" && o.name == node && node_uid.is_none_or(|uid| o.uid == uid));
+    if owned && pod.metadata.deletion_timestamp.is_none() {
+        1
+    } else {
+        2
+    }
 }
 
 /// Whether `pod` is an endpoint of its own: it has a spec, it is not on its node's network
@@ -387,20 +420,37 @@ fn endpoints_value(view: &ClusterView, config: &K8sConfig, stats: &mut RenderSta
         }
     }
 
-    // A cgroup goes to its oldest claimant (creation time, then namespace/name). Only mirror
-    // pods can share one (UIDs are unique): anyone allowed to create pods can write the mirror
-    // annotation, and such a pod, which the kubelet deletes, must not take over the static
-    // pod's cgroup with its own labels while it exists (it is newer).
+    // A cgroup claimed twice: only a mirror annotation can name another pod's (UIDs are
+    // unique), and anyone allowed to create a pod can write one (the kubelet deletes such a
+    // pod, but a finalizer keeps it). The cgroup goes to the strongest claim (`claim`), then
+    // the oldest, then by namespace/name; only among the entries that will be written, so
+    // that a claim which is then left out does not leave the cgroup to nobody.
+    let node_uid = view
+        .nodes
+        .iter()
+        .find(|n| n.metadata.name.as_deref() == Some(config.node_name.as_str()))
+        .and_then(|n| n.metadata.uid.as_deref());
     let mut cgroup_owner: HashMap<&str, usize> = HashMap::new();
     for (i, c) in candidates.iter().enumerate() {
         let Some(cg) = &c.cgroup else {
             continue;
         };
+        if config.require_ips && !c.ips.iter().any(|ip| owner.get(ip) == Some(&i)) {
+            continue;
+        }
+        let rank = |j: usize| {
+            let c = &candidates[j];
+            (
+                claim(c.pod, &config.node_name, node_uid),
+                c.created,
+                c.namespace,
+                c.name,
+            )
+        };
         cgroup_owner
             .entry(cg.as_str())
             .and_modify(|o| {
-                let cur = &candidates[*o];
-                if (c.created, c.namespace, c.name) < (cur.created, cur.namespace, cur.name) {
+                if rank(i) < rank(*o) {
                     *o = i;
                 }
             })

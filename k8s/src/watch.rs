@@ -18,7 +18,7 @@ use kube::{Client, Resource};
 use serde::de::DeserializeOwned;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::render::{ClusterView, MIRROR_ANNOTATION, render};
+use crate::render::{ClusterView, MIRROR_ANNOTATION, mirror_uid, render};
 use crate::{ClusterState, K8sConfig, K8sError, K8sSource, K8sStatus};
 
 /// A burst of events within this window gives one state.
@@ -35,8 +35,12 @@ const LIST_STALL: Duration = Duration::from_secs(10);
 /// the watches' own 290 s server-side timeout, so a quiet watch is never cut by it.
 const READ_TIMEOUT: Duration = Duration::from_secs(300);
 /// A watch restarted for a fresh list because an event could not be applied waits this long
-/// first: a kind whose events keep failing relists at most once per second.
+/// first, doubled at each restart up to [`RELIST_PAUSE_MAX`] (every node's agent meets the
+/// same bad line at once: their lists must not hit the API server together every second), with
+/// up to half of it added at random; back to the first pause after [`RELIST_QUIET`] without.
 const RELIST_PAUSE: Duration = Duration::from_secs(1);
+const RELIST_PAUSE_MAX: Duration = Duration::from_secs(60);
+const RELIST_QUIET: Duration = Duration::from_secs(600);
 
 /// What the caller's thread and the runtime thread share.
 #[derive(Default)]
@@ -73,6 +77,9 @@ impl Shared {
         let deadline = Instant::now() + timeout;
         let mut inner = self.lock();
         while inner.current.is_none() {
+            if inner.status.stopped.is_some() {
+                return None;
+            }
             let left = deadline.checked_duration_since(Instant::now())?;
             inner = self
                 .cond
@@ -128,6 +135,8 @@ impl Drop for Alive {
         self.shared.update(|s| {
             s.stopped.get_or_insert(line);
         });
+        // A caller waiting for the first state gives up (see `Shared::wait`).
+        self.shared.cond.notify_all();
     }
 }
 
@@ -154,23 +163,33 @@ pub(crate) fn start(config: K8sConfig) -> Result<K8sSource, K8sError> {
                     return;
                 }
             };
-            rt.block_on(async move {
-                let client = match make_client(&config).await {
-                    Ok(c) => {
-                        let _ = init_tx.send(Ok(()));
-                        c
+            let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                rt.block_on(async move {
+                    let client = match make_client(&config).await {
+                        Ok(c) => {
+                            let _ = init_tx.send(Ok(()));
+                            c
+                        }
+                        Err(e) => {
+                            thread_shared.stopping();
+                            let _ = init_tx.send(Err(e));
+                            return;
+                        }
+                    };
+                    tokio::select! {
+                        () = run(client, config, thread_shared) => {}
+                        _ = stop_rx => {}
                     }
-                    Err(e) => {
-                        thread_shared.stopping();
-                        let _ = init_tx.send(Err(e));
-                        return;
-                    }
-                };
-                tokio::select! {
-                    () = run(client, config, thread_shared) => {}
-                    _ = stop_rx => {}
-                }
-            });
+                })
+            }));
+            // Said before the runtime goes (its tasks' guards would name a watcher).
+            if ran.is_err() && !alive.shared.stopping.load(Ordering::SeqCst) {
+                alive.shared.update(|s| {
+                    s.stopped
+                        .get_or_insert_with(|| "the source's thread panicked".into());
+                });
+                alive.shared.cond.notify_all();
+            }
             rt.shutdown_timeout(Duration::from_millis(500));
             drop(alive);
         })
@@ -301,11 +320,8 @@ fn trim_meta<K: Resource>(object: &mut K) {
 /// containers, volumes, scheduling constraints, conditions, container statuses. Of its
 /// annotations only [`MIRROR_ANNOTATION`] stays (it names a static pod's cgroup).
 pub fn trim_pod(pod: &mut Pod) {
-    let mirror = pod
-        .metadata
-        .annotations
-        .as_mut()
-        .and_then(|a| a.remove_entry(MIRROR_ANNOTATION));
+    // Only a usable value (bounded): rendering ignores any other.
+    let mirror = mirror_uid(pod).map(|uid| (MIRROR_ANNOTATION.to_string(), uid.to_string()));
     trim_meta(pod);
     pod.metadata.annotations = mirror.map(|m| [m].into());
     if let Some(spec) = &mut pod.spec {
@@ -351,12 +367,14 @@ fn spawn_watch<K>(
         // The store is written here rather than by kube's `reflector`, so that it outlives a
         // watcher: a watch event that cannot be applied restarts the watcher, whose fresh list
         // then replaces the store whole (when complete, as any relist).
+        let mut pause = RELIST_PAUSE;
+        let mut last_restart: Option<tokio::time::Instant> = None;
         loop {
+            let mut relist = false;
             let stream = watcher(api.clone(), wc.clone())
                 .default_backoff()
                 .modify(trim);
-            let mut stream = std::pin::pin!(stream);
-            let mut relist = false;
+            let mut stream = Box::pin(stream);
             while let Some(event) = stream.next().await {
                 let note = match event {
                     Ok(event) => {
@@ -387,12 +405,28 @@ fn spawn_watch<K>(
                     break;
                 }
             }
+            // The old watch's connection goes before the pause.
+            drop(stream);
             if !relist {
                 return;
             }
-            tokio::time::sleep(RELIST_PAUSE).await;
+            if last_restart.is_some_and(|t| t.elapsed() > RELIST_QUIET) {
+                pause = RELIST_PAUSE;
+            }
+            let jitter = pause.mul_f64(random_fraction() / 2.0);
+            tokio::time::sleep(pause + jitter).await;
+            pause = (pause * 2).min(RELIST_PAUSE_MAX);
+            last_restart = Some(tokio::time::Instant::now());
         }
     });
+}
+
+/// A number in [0, 1), different in every process and call (std's per-process hash keys).
+fn random_fraction() -> f64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(0);
+    (h.finish() >> 11) as f64 / (1u64 << 53) as f64
 }
 
 /// Whether `e` is a watch event that kube could not decode, which its watcher skips and goes

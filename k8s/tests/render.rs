@@ -66,40 +66,72 @@ fn cgroup_paths_per_driver_and_qos() {
 
 /// A static pod runs under the UID its mirror pod's annotation names (the manifest's hash),
 /// not the mirror pod's own: its cgroup was a path that does not exist, so it ran unenforced.
-/// A pod that forges the annotation (anyone who may create pods can) takes nothing from the
-/// older static pod.
+/// A pod that forges the annotation (anyone who may create pods can) takes no cgroup from a
+/// pod that claims it by its own UID, nor from the node's mirror pod, even when older.
 #[test]
 fn a_mirror_pod_names_its_static_pods_cgroup_and_a_forgery_takes_none() {
+    let cg = |uid: &str| {
+        format!("kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{uid}.slice")
+    };
+    let mirror = |ns: &str, name: &str, uid: &str, created: &str, owned: bool| {
+        let mut p = pod(ns, name, "n1", None, Some("Burstable"));
+        p["metadata"]["annotations"] = json!({MIRROR_ANNOTATION: uid, "other": "x"});
+        p["metadata"]["creationTimestamp"] = json!(created);
+        if owned {
+            p["metadata"]["ownerReferences"] =
+                json!([{"apiVersion": "v1", "kind": "Node", "name": "n1", "uid": "node-uid-1"}]);
+        }
+        p
+    };
+    let node = typed::<dnsfence_k8s::k8s_openapi::api::core::v1::Node>(
+        json!({"metadata": {"name": "n1", "uid": "node-uid-1"}}),
+    );
     let hash = "d41d8cd98f00b204e9800998ecf8427e";
-    let mut real = pod(
+    let real = mirror(
         "kube-system",
         "proxy-n1",
-        "n1",
-        Some("10.0.0.1"),
-        Some("Burstable"),
+        hash,
+        "2025-01-02T00:00:00Z",
+        true,
     );
-    real["metadata"]["annotations"] = json!({MIRROR_ANNOTATION: hash, "other": "x"});
-    real["metadata"]["creationTimestamp"] = json!("2025-01-01T00:00:00Z");
-    let cg = format!("kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{hash}.slice");
-    assert_eq!(pod_cgroup(&typed(real.clone()), &cfg()), Some(cg.clone()));
-
-    let mut forged = pod("a", "forged", "n1", Some("10.0.0.2"), Some("Burstable"));
-    forged["metadata"]["annotations"] = json!({MIRROR_ANNOTATION: hash});
-    forged["metadata"]["creationTimestamp"] = json!("2025-01-02T00:00:00Z");
+    assert_eq!(pod_cgroup(&typed(real.clone()), &cfg()), Some(cg(hash)));
+    // Older, sorted first, owned by a Node of that name but not this one's UID.
+    let mut forged = mirror("a", "forged", hash, "2025-01-01T00:00:00Z", true);
+    forged["metadata"]["ownerReferences"][0]["uid"] = json!("other");
+    // A running pod, and an older forgery naming its UID.
+    let victim = pod("prod", "victim", "n1", Some("10.0.0.3"), Some("Burstable"));
+    let victim_uid = victim["metadata"]["uid"].as_str().unwrap().to_string();
+    let thief = mirror("a", "thief", &victim_uid, "2024-01-01T00:00:00Z", true);
     let view = ClusterView {
-        pods: vec![typed(forged), typed(real)],
+        pods: vec![typed(forged), typed(real), typed(thief), typed(victim)],
+        nodes: vec![node],
         ..Default::default()
     };
     let r = render(&view, &cfg());
     let s = &r.state;
     assert_eq!(
         endpoint(s, "kube-system", "proxy-n1").unwrap()["cgroup"],
-        json!(cg)
+        json!(cg(hash))
     );
-    let forged = endpoint(s, "a", "forged").expect("kept by its address");
-    assert!(forged.get("cgroup").is_none(), "{forged}");
-    assert_eq!(r.stats.dropped_cgroups, 1);
+    let victim_cg = cg(&victim_uid.replace('-', "_"));
+    assert_eq!(
+        endpoint(s, "prod", "victim").unwrap()["cgroup"],
+        json!(victim_cg)
+    );
+    // Without a cgroup or an address of their own, the forgeries are nothing.
+    assert!(endpoint(s, "a", "forged").is_none());
+    assert!(endpoint(s, "a", "thief").is_none());
+    assert_eq!(r.stats.dropped_cgroups, 2);
     load_endpoints(s);
+
+    // A value the kubelet never writes names no cgroup, and is not kept.
+    let mut odd = mirror("a", "odd", &"a".repeat(65), "2025-01-01T00:00:00Z", true);
+    assert_eq!(pod_cgroup(&typed(odd.clone()), &cfg()), None);
+    odd["metadata"]["annotations"][MIRROR_ANNOTATION] = json!("../x");
+    let mut odd: Pod = typed::<Pod>(odd).as_ref().clone();
+    assert_eq!(pod_cgroup(&odd, &cfg()), None);
+    dnsfence_k8s::trim_pod(&mut odd);
+    assert_eq!(odd.metadata.annotations, None);
 }
 
 #[test]
