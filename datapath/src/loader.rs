@@ -314,6 +314,8 @@ pub struct Datapath {
     allow_names: Option<HashMap<MapData, maps::AllowMapKey, maps::NameValue>>,
     /// The allow map's real size (a reused pinned map keeps the size it was created with).
     allow_capacity: u32,
+    /// The endpoints map's real size (likewise).
+    endpoint_capacity: u32,
     /// The generation of the newest snapshot synced: an older one is not synced over it.
     synced_generation: u64,
     /// What `install` carried over from an older map layout.
@@ -479,6 +481,7 @@ impl Datapath {
         let removed_layouts = remove_older_layouts(&config.pin_dir, keep.as_deref());
         let config_map = take(&mut ebpf, names::CONFIG)?;
         let endpoints = take(&mut ebpf, names::ENDPOINTS)?;
+        let endpoint_capacity = capacity(&endpoints, config.endpoint_entries);
         let stats = take(&mut ebpf, names::STATS)?;
         let allow = take(&mut ebpf, names::ALLOW)?;
         let allow_capacity = capacity(&allow, config.allow_entries);
@@ -498,6 +501,7 @@ impl Datapath {
             _ebpf: ebpf,
             _lock: lock,
             allow_capacity,
+            endpoint_capacity,
             synced_generation: 0,
             carried,
             removed_layouts,
@@ -686,7 +690,15 @@ impl Datapath {
                 }
             }
         }
-        // The endpoints are written: the older programs of an upgrade can go.
+        // Refused entries are sorted: the log says a sync's result once, not again for
+        // another order (review finding).
+        sync.refused.sort();
+        // The endpoints are written: the older programs of an upgrade can go. Not while an
+        // endpoint's entry was refused: the older programs are all that enforce it (review
+        // finding).
+        if !sync.refused.is_empty() {
+            return Ok(sync);
+        }
         for path in std::mem::take(&mut self.detach_after_sync) {
             if let Err(e) = unpin_link(&path) {
                 // Tried again at the next sync (while the pin is there).
@@ -850,6 +862,11 @@ impl Datapath {
     /// the size it was created with; `--uninstall` and a restart resize it).
     pub fn allow_capacity(&self) -> u32 {
         self.allow_capacity
+    }
+
+    /// The endpoints map's real size (as [`Datapath::allow_capacity`]).
+    pub fn endpoint_capacity(&self) -> u32 {
+        self.endpoint_capacity
     }
 
     /// Whether `install` kept the programs that an earlier start of this same build

@@ -129,7 +129,7 @@ pub struct AgentArgs {
     pub cluster_entries: u32,
     /// Size of the endpoints map: the node's endpoint cgroups (pods, services). An endpoint
     /// whose entry does not fit is neither redirected nor enforced until it does (logged).
-    #[arg(long, default_value_t = 65536)]
+    #[arg(long, default_value_t = 65536, value_parser = clap::value_parser!(u32).range(1..))]
     pub endpoint_entries: u32,
     /// Where `dnsfence observe` asks for flows (mode 0600; the agent's user or root only).
     /// Default: `observe.sock` beside the agent socket (/run/dnsfence/observe.sock).

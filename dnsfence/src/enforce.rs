@@ -135,6 +135,15 @@ impl Enforcer {
                 }
             }
         }
+        if datapath.endpoint_capacity() < install.endpoint_entries {
+            eprintln!(
+                "dnsfence agent: warning: the pinned endpoints map holds {} entries, fewer than \
+                 --endpoint-entries {}: it was created with that size and is reused as it is \
+                 (run `dnsfence agent --uninstall` while no agent runs to recreate it)",
+                datapath.endpoint_capacity(),
+                install.endpoint_entries
+            );
+        }
         if (datapath.allow_capacity() as usize) < ledger.capacity {
             eprintln!(
                 "dnsfence agent: warning: the pinned allow map holds {} entries, fewer than \
@@ -462,12 +471,17 @@ fn describe_sync(sync: &EndpointSync) -> Vec<String> {
         ));
     }
     if !sync.refused.is_empty() {
+        const SHOWN: usize = 20;
+        let more = match sync.refused.len().saturating_sub(SHOWN) {
+            0 => String::new(),
+            n => format!(" and {n} more"),
+        };
         lines.push(format!(
             "warning: the endpoints map refused the entries of {} endpoints (a new one is NOT \
              redirected or enforced, one already there keeps its previous entry, until they \
-             fit: --endpoint-entries): {}",
+             fit: --endpoint-entries, recreated by `dnsfence agent --uninstall`): {}{more}",
             sync.refused.len(),
-            sync.refused.join(", ")
+            sync.refused[..sync.refused.len().min(SHOWN)].join(", ")
         ));
     }
     if !sync.missing.is_empty() {

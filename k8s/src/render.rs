@@ -262,7 +262,8 @@ pub fn pod_cgroup(pod: &Pod, config: &K8sConfig) -> Option<String> {
         .is_some_and(|a| a.contains_key(MIRROR_ANNOTATION));
     let uid = match (has_mirror, mirror_uid(pod)) {
         (_, Some(uid)) => uid,
-        // Not one the kubelet writes: no cgroup rather than the mirror pod's own UID's.
+        // Not one the kubelet writes (`trim_pod` keeps it empty): no cgroup rather than the
+        // mirror pod's own UID's.
         (true, None) => return None,
         (false, None) => pod.metadata.uid.as_deref()?,
     };
@@ -312,11 +313,12 @@ struct Candidate<'a> {
 }
 
 /// How strongly `pod` claims its cgroup, strongest first: by its own UID (0; a mirror value
-/// equal to a real pod's UID is forged), as a mirror pod the kubelet of `node` would have
-/// made (1: owned by that Node, not being deleted), as any other mirror pod (2).
-fn claim(pod: &Pod, node: &str, node_uid: Option<&str>) -> u8 {
+/// equal to a real pod's UID is forged), as a mirror pod of `node` (owned by that Node, as the
+/// kubelet makes them since Kubernetes 1.17) not being deleted (1), as one being deleted (2).
+/// A mirror pod the Node does not own claims nothing: none the kubelet made.
+fn claim(pod: &Pod, node: &str, node_uid: Option<&str>) -> Option<u8> {
     if mirror_uid(pod).is_none() {
-        return 0;
+        return Some(0);
     }
     let owned = pod
         .metadata
@@ -324,10 +326,10 @@ fn claim(pod: &Pod, node: &str, node_uid: Option<&str>) -> u8 {
         .iter()
         .flatten()
         .any(|o| o.kind == "Node" && o.name == node && node_uid.is_none_or(|uid| o.uid == uid));
-    if owned && pod.metadata.deletion_timestamp.is_none() {
-        1
-    } else {
-        2
+    match (owned, pod.metadata.deletion_timestamp.is_none()) {
+        (false, _) => None,
+        (true, true) => Some(1),
+        (true, false) => Some(2),
     }
 }
 
@@ -436,6 +438,9 @@ fn endpoints_value(view: &ClusterView, config: &K8sConfig, stats: &mut RenderSta
             continue;
         };
         if config.require_ips && !c.ips.iter().any(|ip| owner.get(ip) == Some(&i)) {
+            continue;
+        }
+        if claim(c.pod, &config.node_name, node_uid).is_none() {
             continue;
         }
         let rank = |j: usize| {

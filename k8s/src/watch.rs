@@ -34,12 +34,13 @@ const LIST_STALL: Duration = Duration::from_secs(10);
 /// none by default, so a LIST whose server died without a reset would wait forever). Above
 /// the watches' own 290 s server-side timeout, so a quiet watch is never cut by it.
 const READ_TIMEOUT: Duration = Duration::from_secs(300);
-/// A watch restarted for a fresh list because an event could not be applied waits this long
-/// first, doubled at each restart up to [`RELIST_PAUSE_MAX`] (every node's agent meets the
-/// same bad line at once: their lists must not hit the API server together every second), with
-/// up to half of it added at random; back to the first pause after [`RELIST_QUIET`] without.
-const RELIST_PAUSE: Duration = Duration::from_secs(1);
-const RELIST_PAUSE_MAX: Duration = Duration::from_secs(60);
+/// A watch restarted for a fresh list because an event could not be applied goes on for about
+/// this long first (half to one and a half times it, at random: every node's agent meets the
+/// same bad line at once, and their lists must not hit the API server together), doubled at
+/// each restart up to [`RELIST_PAUSE_MAX`]; back to the first pause after [`RELIST_QUIET`]
+/// without a restart.
+const RELIST_PAUSE: Duration = Duration::from_secs(4);
+const RELIST_PAUSE_MAX: Duration = Duration::from_secs(300);
 const RELIST_QUIET: Duration = Duration::from_secs(600);
 
 /// What the caller's thread and the runtime thread share.
@@ -320,8 +321,17 @@ fn trim_meta<K: Resource>(object: &mut K) {
 /// containers, volumes, scheduling constraints, conditions, container statuses. Of its
 /// annotations only [`MIRROR_ANNOTATION`] stays (it names a static pod's cgroup).
 pub fn trim_pod(pod: &mut Pod) {
-    // Only a usable value (bounded): rendering ignores any other.
-    let mirror = mirror_uid(pod).map(|uid| (MIRROR_ANNOTATION.to_string(), uid.to_string()));
+    // Only a usable value (bounded); another is kept empty, still saying "a mirror pod" (its
+    // own UID names no cgroup).
+    let mirror = pod
+        .metadata
+        .annotations
+        .as_ref()
+        .is_some_and(|a| a.contains_key(MIRROR_ANNOTATION))
+        .then(|| {
+            let uid = mirror_uid(pod).unwrap_or_default();
+            (MIRROR_ANNOTATION.to_string(), uid.to_string())
+        });
     trim_meta(pod);
     pod.metadata.annotations = mirror.map(|m| [m].into());
     if let Some(spec) = &mut pod.spec {
@@ -366,16 +376,28 @@ fn spawn_watch<K>(
         };
         // The store is written here rather than by kube's `reflector`, so that it outlives a
         // watcher: a watch event that cannot be applied restarts the watcher, whose fresh list
-        // then replaces the store whole (when complete, as any relist).
+        // then replaces the store whole (when complete, as any relist). Until the restart the
+        // old watch goes on (review finding: a kind paused for its relist saw no new pod).
         let mut pause = RELIST_PAUSE;
         let mut last_restart: Option<tokio::time::Instant> = None;
         loop {
-            let mut relist = false;
             let stream = watcher(api.clone(), wc.clone())
                 .default_backoff()
                 .modify(trim);
             let mut stream = Box::pin(stream);
-            while let Some(event) = stream.next().await {
+            let mut restart_at: Option<tokio::time::Instant> = None;
+            loop {
+                let event = match restart_at {
+                    None => stream.next().await,
+                    Some(at) => tokio::select! {
+                        event = stream.next() => event,
+                        () = tokio::time::sleep_until(at) => break,
+                    },
+                };
+                // A watcher's stream does not end (it retries with backoff).
+                let Some(event) = event else {
+                    return;
+                };
                 let note = match event {
                     Ok(event) => {
                         writer.apply_watcher_event(&event);
@@ -390,10 +412,21 @@ fn spawn_watch<K>(
                     }
                     Err(e) if kind.optional() && not_found(&e) => Note::Missing(kind),
                     Err(e) if lost_event(&e) => {
-                        relist = true;
+                        let at = *restart_at.get_or_insert_with(|| {
+                            if last_restart.is_some_and(|t| t.elapsed() > RELIST_QUIET) {
+                                pause = RELIST_PAUSE;
+                            }
+                            // Spread over the pause: every node's agent meets the same line.
+                            let wait = pause.mul_f64(0.5 + random_fraction());
+                            pause = (pause * 2).min(RELIST_PAUSE_MAX);
+                            tokio::time::Instant::now() + wait
+                        });
                         Note::Error(
                             kind,
-                            format!("{e}: an event could not be read; listing again"),
+                            format!(
+                                "{e}: an event could not be read; listing again in {:?}",
+                                at.saturating_duration_since(tokio::time::Instant::now())
+                            ),
                         )
                     }
                     Err(e) => Note::Error(kind, e.to_string()),
@@ -401,21 +434,9 @@ fn spawn_watch<K>(
                 if tx.send(note).is_err() {
                     return;
                 }
-                if relist {
-                    break;
-                }
             }
-            // The old watch's connection goes before the pause.
+            // The old watch's connection goes before the new one.
             drop(stream);
-            if !relist {
-                return;
-            }
-            if last_restart.is_some_and(|t| t.elapsed() > RELIST_QUIET) {
-                pause = RELIST_PAUSE;
-            }
-            let jitter = pause.mul_f64(random_fraction() / 2.0);
-            tokio::time::sleep(pause + jitter).await;
-            pause = (pause * 2).min(RELIST_PAUSE_MAX);
             last_restart = Some(tokio::time::Instant::now());
         }
     });

@@ -98,12 +98,20 @@ fn a_mirror_pod_names_its_static_pods_cgroup_and_a_forgery_takes_none() {
     // Older, sorted first, owned by a Node of that name but not this one's UID.
     let mut forged = mirror("a", "forged", hash, "2025-01-01T00:00:00Z", true);
     forged["metadata"]["ownerReferences"][0]["uid"] = json!("other");
+    // Older still, and owned by no Node: no kubelet made it.
+    let unowned = mirror("a", "unowned", hash, "2020-01-01T00:00:00Z", false);
     // A running pod, and an older forgery naming its UID.
     let victim = pod("prod", "victim", "n1", Some("10.0.0.3"), Some("Burstable"));
     let victim_uid = victim["metadata"]["uid"].as_str().unwrap().to_string();
     let thief = mirror("a", "thief", &victim_uid, "2024-01-01T00:00:00Z", true);
     let view = ClusterView {
-        pods: vec![typed(forged), typed(real), typed(thief), typed(victim)],
+        pods: vec![
+            typed(forged),
+            typed(real),
+            typed(thief),
+            typed(victim),
+            typed(unowned),
+        ],
         nodes: vec![node],
         ..Default::default()
     };
@@ -121,7 +129,20 @@ fn a_mirror_pod_names_its_static_pods_cgroup_and_a_forgery_takes_none() {
     // Without a cgroup or an address of their own, the forgeries are nothing.
     assert!(endpoint(s, "a", "forged").is_none());
     assert!(endpoint(s, "a", "thief").is_none());
-    assert_eq!(r.stats.dropped_cgroups, 2);
+    assert!(endpoint(s, "a", "unowned").is_none());
+    assert_eq!(r.stats.dropped_cgroups, 3);
+    // Alone, a mirror pod no Node owns still gets no cgroup.
+    let alone = ClusterView {
+        pods: vec![typed(mirror(
+            "a",
+            "unowned",
+            hash,
+            "2020-01-01T00:00:00Z",
+            false,
+        ))],
+        ..Default::default()
+    };
+    assert!(endpoint(&render(&alone, &cfg()).state, "a", "unowned").is_none());
     load_endpoints(s);
 
     // A value the kubelet never writes names no cgroup, and is not kept.
@@ -131,7 +152,9 @@ fn a_mirror_pod_names_its_static_pods_cgroup_and_a_forgery_takes_none() {
     let mut odd: Pod = typed::<Pod>(odd).as_ref().clone();
     assert_eq!(pod_cgroup(&odd, &cfg()), None);
     dnsfence_k8s::trim_pod(&mut odd);
-    assert_eq!(odd.metadata.annotations, None);
+    let kept = [(MIRROR_ANNOTATION.to_string(), String::new())].into();
+    assert_eq!(odd.metadata.annotations, Some(kept));
+    assert_eq!(pod_cgroup(&odd, &cfg()), None);
 }
 
 #[test]

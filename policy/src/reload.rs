@@ -84,17 +84,26 @@ enum ReadError {
 /// between a check and the open cannot block either.
 fn open_regular(path: &Path) -> std::io::Result<std::fs::File> {
     use std::os::unix::fs::OpenOptionsExt;
+    let not_regular =
+        || std::io::Error::other("not a regular file (a FIFO, socket or device): not read");
+    // Judged before the open too: opening some devices does something (review finding).
+    if !std::fs::metadata(path)?.is_file() {
+        return Err(not_regular());
+    }
     let file = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
         .open(path)?;
     if !file.metadata()?.is_file() {
-        return Err(std::io::Error::other(
-            "not a regular file (a FIFO, socket or device): not read",
-        ));
+        return Err(not_regular());
     }
     Ok(file)
 }
+
+/// The largest policy or endpoints file read (review finding: a sparse file of a terabyte
+/// aborted the process on the allocation of its size, at every reload and restart; a large
+/// one stalled the control loop).
+pub const MAX_FILE_BYTES: u64 = 64 << 20;
 
 /// Reads `path` once into memory, as the version `stamp`: the open file and the path must
 /// still show `stamp` after the read, and the text must have its length.
@@ -102,9 +111,19 @@ fn read_version(path: &Path, stamp: Stamp) -> Result<String, ReadError> {
     let failed = |e: std::io::Error| {
         ReadError::Failed(LoadError::new(path, 0, LoadErrorKind::Io(e.to_string())))
     };
+    if stamp.len > MAX_FILE_BYTES {
+        return Err(failed(std::io::Error::other(format!(
+            "{} bytes, over the {} MiB a policy or endpoints file may have: not read",
+            stamp.len,
+            MAX_FILE_BYTES >> 20
+        ))));
+    }
     let mut file = open_regular(path).map_err(failed)?;
     let mut bytes = Vec::with_capacity(usize::try_from(stamp.len).unwrap_or(0) + 1);
-    file.read_to_end(&mut bytes).map_err(failed)?;
+    file.by_ref()
+        .take(MAX_FILE_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(failed)?;
     let held = file.metadata().map(|m| Stamp::of(&m)).map_err(failed)?;
     if held != stamp || version(path) != Some(stamp) || bytes.len() as u64 != stamp.len {
         return Err(ReadError::Unstable);
@@ -1141,6 +1160,33 @@ mod tests {
         assert_eq!(report.rejections[0].outcome, Outcome::KeptLastGood);
         let errors = report.rejections[0].errors.to_string();
         assert!(errors.contains("not a regular file"), "{errors}");
+        std::fs::remove_dir_all(d).unwrap();
+    }
+
+    /// A file over the size bound is refused with its size (the last good version stays);
+    /// a sparse file of a terabyte aborted the process allocating its size.
+    #[test]
+    fn a_huge_file_is_refused_not_read() {
+        let d = dir();
+        let p = d.join("a.yaml");
+        let e = d.join("endpoints.yaml");
+        std::fs::write(&p, cnp("a", "team-a", "a")).unwrap();
+        std::fs::write(&e, ENDPOINTS).unwrap();
+        let (mut sources, _) =
+            Sources::load(std::slice::from_ref(&p), Some(&e)).unwrap_or_else(|e| panic!("{e}"));
+        std::thread::sleep(std::time::Duration::from_millis(15));
+        let f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
+        f.set_len(1 << 40).unwrap();
+        drop(f);
+        let report = settle(&mut sources);
+        assert!(report.snapshot.is_none(), "{report:?}");
+        assert_eq!(report.rejections.len(), 1, "{report:?}");
+        assert_eq!(report.rejections[0].outcome, Outcome::KeptLastGood);
+        let errors = report.rejections[0].errors.to_string();
+        assert!(
+            errors.contains("1099511627776 bytes, over the 64 MiB"),
+            "{errors}"
+        );
         std::fs::remove_dir_all(d).unwrap();
     }
 

@@ -176,14 +176,30 @@ impl Env {
         self.install_sized(None, allow_entries, 1024)
     }
 
+    /// The datapath installed over this environment's pins and cgroup root with
+    /// `endpoint_entries` in a new endpoints map (1,024 in the others).
+    pub fn install_endpoints(&self, endpoint_entries: u32) -> Datapath {
+        self.install_with(None, 1024, 1024, endpoint_entries)
+    }
+
     fn install_sized(&self, root: Option<&Path>, allow_entries: u32, cluster: u32) -> Datapath {
+        self.install_with(root, allow_entries, cluster, 65536)
+    }
+
+    fn install_with(
+        &self,
+        root: Option<&Path>,
+        allow_entries: u32,
+        cluster: u32,
+        endpoint_entries: u32,
+    ) -> Datapath {
         Datapath::install(&InstallConfig {
             pin_dir: self.pin.clone(),
             cgroup_root: root.unwrap_or(&self.cgroup_root).to_owned(),
             allow_entries,
             l3_entries: 1024,
             cluster_entries: cluster,
-            endpoint_entries: 65536,
+            endpoint_entries,
         })
         .expect("install the datapath")
     }

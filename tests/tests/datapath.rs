@@ -1519,6 +1519,72 @@ spec:
     assert!(env.denied(Some("b"), SocketAddr::new(denied, 9443)));
 }
 
+/// Over a new endpoints map the older programs stay attached until every endpoint's entry is
+/// written: not when one was refused, which only they still enforce (review finding: the
+/// sync that went on past a refusal detached them, and the refused endpoint ran unenforced).
+#[test]
+fn older_programs_stay_while_an_endpoint_entry_is_refused() {
+    if !require_root("datapath") {
+        return;
+    }
+    let _serial = EXCLUSIVE.lock().unwrap_or_else(|e| e.into_inner());
+    let env = Env::new("refusedetach", &["a", "b"]);
+    let net = 20 + (std::process::id() + 195) % 200;
+    let policy = format!(
+        r#"apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {{name: ab, namespace: default}}
+spec:
+  endpointSelector: {{matchExpressions: [{{key: app, operator: Exists}}]}}
+  egress:
+  - toCIDR: ["127.{net}.9.0/24"]
+    toPorts: [{{ports: [{{port: "9443", protocol: TCP}}]}}]
+"#
+    );
+    let p = dnsfence_policy::PolicySet::from_yaml(std::path::Path::new("p.yaml"), &policy)
+        .expect("the test policy");
+    let e = dnsfence_policy::Endpoints::from_yaml(std::path::Path::new("e.yaml"), TWO_ENDPOINTS)
+        .expect("the test endpoints");
+    let snapshot = |generation| {
+        let mut s = dnsfence_policy::Snapshot::compile_on(
+            &p,
+            &e,
+            &[],
+            &dnsfence_policy::cidr::NodeFacts::default(),
+        );
+        s.set_generation(generation);
+        s
+    };
+    let v4: IpAddr = format!("127.{net}.9.1").parse().unwrap();
+    let _l = listen_on(v4, &[9443, 9444]);
+    let closed = SocketAddr::new(v4, 9444);
+
+    let mut dp = env.install(None, 1024);
+    dp.sync_endpoints(&snapshot(1)).unwrap();
+    assert!(env.denied(Some("a"), closed) && env.denied(Some("b"), closed));
+    drop(dp);
+    // A new endpoints map of one entry: the older programs stay attached over the old maps.
+    std::fs::remove_file(
+        env.pin
+            .join(format!("maps-v{}", dnsfence_datapath::maps::ABI))
+            .join("df_endpoints"),
+    )
+    .unwrap();
+    let mut dp = env.install_endpoints(1);
+    let waiting = dp.awaiting_detach();
+    assert!(waiting > 0);
+    let sync = dp.sync_endpoints(&snapshot(2)).unwrap();
+    assert_eq!(sync.refused.len(), 1, "{sync:?}");
+    assert_eq!(
+        dp.awaiting_detach(),
+        waiting,
+        "detached with an endpoint refused"
+    );
+    // Both still enforced: the refused one by the older programs.
+    assert!(env.denied(Some("a"), closed) && env.denied(Some("b"), closed));
+    drop(dp);
+}
+
 /// A restart of the same build keeps the programs it attached (no verifier work): the same
 /// link pins stay, and the kept programs enforce what the new process syncs into the pinned
 /// maps. Where a map pin was made anew since (the kept programs would not see it), the
